@@ -1,0 +1,116 @@
+//! Cancellation shared between a job's stages, its heartbeat and its sandbox: a cancel from the
+//! coordinator, the job's deadline, or an executor shutdown.
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Why work was stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelReason {
+    /// The coordinator asked (`cancelIds`): reported with markFailed, recorded as canceled.
+    Canceled,
+    /// The job's deadline passed: reported with markErrored.
+    Deadline,
+    /// The executor is shutting down and the grace period is over.
+    Shutdown,
+}
+
+impl std::fmt::Display for CancelReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CancelReason::Canceled => "canceled",
+            CancelReason::Deadline => "deadline",
+            CancelReason::Shutdown => "shutdown",
+        })
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    reason: Mutex<Option<CancelReason>>,
+    cv: Condvar,
+}
+
+/// A cloneable cancellation token with an optional deadline.
+#[derive(Debug, Clone, Default)]
+pub struct Cancel {
+    inner: Arc<Inner>,
+    deadline: Option<Instant>,
+}
+
+impl Cancel {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A token that also fires at `deadline`.
+    pub fn with_deadline(deadline: Option<Instant>) -> Self {
+        Cancel { inner: Arc::default(), deadline }
+    }
+
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// Cancels; the first reason sticks.
+    pub fn cancel(&self, reason: CancelReason) {
+        let mut r = self.inner.reason.lock().unwrap_or_else(|p| p.into_inner());
+        if r.is_none() {
+            *r = Some(reason);
+        }
+        self.inner.cv.notify_all();
+    }
+
+    /// The reason, if cancelled or past the deadline.
+    pub fn check(&self) -> Option<CancelReason> {
+        let r = *self.inner.reason.lock().unwrap_or_else(|p| p.into_inner());
+        r.or_else(|| match self.deadline {
+            Some(d) if Instant::now() >= d => Some(CancelReason::Deadline),
+            _ => None,
+        })
+    }
+
+    /// Sleeps up to `timeout`, waking early when cancelled or at the deadline.
+    pub fn wait(&self, timeout: Duration) -> Option<CancelReason> {
+        let mut until = Instant::now() + timeout;
+        if let Some(d) = self.deadline {
+            until = until.min(d);
+        }
+        let mut r = self.inner.reason.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if r.is_some() {
+                return *r;
+            }
+            let now = Instant::now();
+            if now >= until {
+                drop(r);
+                return self.check();
+            }
+            r = self.inner.cv.wait_timeout(r, until - now).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cancel_wakes_waiters_and_first_reason_sticks() {
+        let c = Cancel::new();
+        let c2 = c.clone();
+        let t = std::thread::spawn(move || c2.wait(Duration::from_secs(10)));
+        std::thread::sleep(Duration::from_millis(20));
+        c.cancel(CancelReason::Canceled);
+        c.cancel(CancelReason::Shutdown);
+        assert_eq!(t.join().unwrap(), Some(CancelReason::Canceled));
+        assert_eq!(c.check(), Some(CancelReason::Canceled));
+    }
+
+    #[test]
+    fn deadline_fires() {
+        let c = Cancel::with_deadline(Some(Instant::now() + Duration::from_millis(30)));
+        assert_eq!(c.check(), None);
+        assert_eq!(c.wait(Duration::from_secs(5)), Some(CancelReason::Deadline));
+    }
+}

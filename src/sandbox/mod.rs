@@ -1,0 +1,132 @@
+//! The sandbox runtimes behind one trait: `shell` (no isolation, development only), `oci`
+//! (a container per step) and `microvm` (a QEMU microVM per job). `vm-boot` starts a sandbox and
+//! records it in the run document; `run-steps`, `upload` and `complete` find it again from there.
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use crate::cancel::{Cancel, CancelReason};
+
+/// A running sandbox as recorded in the run document. Everything a later process needs to reach
+/// it again, and nothing secret.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SandboxRecord {
+    /// `shell`, `oci` or `microvm`.
+    pub runtime: String,
+    /// `<prefix>-<uuid>`: the janitor removes sandboxes with the prefix that no live job owns.
+    pub name: String,
+    /// The runtime's private directory for this sandbox.
+    pub state_dir: PathBuf,
+    /// A long-lived process the sandbox depends on (QEMU, a supervisor), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<i32>,
+    /// Runtime-specific facts (images resolved, disks, sockets).
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub details: serde_json::Value,
+}
+
+/// Resource limits for one job's sandbox. Zero means unbounded.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Limits {
+    pub cpus: u32,
+    pub memory_bytes: u64,
+    pub disk_bytes: u64,
+    pub pids: u64,
+}
+
+/// What `vm-boot` asks of a runtime.
+#[derive(Debug, Clone)]
+pub struct BootRequest<'a> {
+    /// `"<id>"` or `"<id>-<queue>"`.
+    pub job_uid: &'a str,
+    /// Host directory holding the workspace (seen as `/data` inside).
+    pub workspace: &'a Path,
+    /// The distinct images the job's steps name, in step order.
+    pub images: Vec<String>,
+    pub limits: &'a Limits,
+    /// Sandbox name prefix (`EXECUTOR_VM_PREFIX`, default `executor`).
+    pub name_prefix: &'a str,
+}
+
+/// One step to run inside a sandbox.
+#[derive(Debug, Clone)]
+pub struct StepSpec<'a> {
+    pub key: &'a str,
+    pub image: &'a str,
+    /// The step's script, relative to the workspace.
+    pub script: &'a str,
+    /// Working directory relative to the workspace (`/data/<dir>` inside).
+    pub dir: &'a str,
+    /// `NAME=value` strings: the step's whole environment besides a minimal PATH and HOME.
+    pub env: &'a [String],
+}
+
+/// Which stream a piece of step output came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// Receives a step's output as it arrives, in arrival order.
+pub trait OutputSink {
+    fn output(&mut self, stream: Stream, data: &[u8]);
+}
+
+/// How a step ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepEnd {
+    Exited(i32),
+    /// Killed by a signal it did not ask for (an OOM kill, for example).
+    Signaled(i32),
+    /// Stopped by the executor; every process of the step is gone.
+    Stopped(CancelReason),
+}
+
+/// A sandbox backend.
+pub trait Runtime: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Checks that the runtime can work on this host; returns what it checked.
+    fn check(&self) -> Result<Vec<String>>;
+    /// Starts a sandbox for one job.
+    fn boot(&self, req: &BootRequest) -> Result<SandboxRecord>;
+    /// The argv a log entry shows for a step (redacted by the caller).
+    fn step_command(&self, sandbox: &SandboxRecord, step: &StepSpec) -> Vec<String>;
+    /// Runs one step to its end, streaming its output; `cancel` stops it and all it started.
+    fn run_step(
+        &self,
+        sandbox: &SandboxRecord,
+        step: &StepSpec,
+        sink: &mut dyn OutputSink,
+        cancel: &Cancel,
+    ) -> Result<StepEnd>;
+    /// Makes what the steps wrote visible in the host workspace (a no-op where it already is).
+    fn sync_workspace(&self, sandbox: &SandboxRecord, workspace: &Path) -> Result<()>;
+    /// Stops the sandbox and removes what it left; safe to call twice.
+    fn teardown(&self, sandbox: &SandboxRecord) -> Result<()>;
+    /// Removes sandboxes named with `prefix` that are not in `live`; returns their names.
+    fn janitor(&self, prefix: &str, live: &HashSet<String>) -> Result<Vec<String>>;
+}
+
+/// Host-wide settings the runtimes need, from the executor's configuration.
+#[derive(Debug, Clone)]
+pub struct RuntimeOptions {
+    /// `$EXECUTOR_STATE_DIR` (default `/var/lib/executor`): `sandboxes/`, `images/`, `vm/` live here.
+    pub state_dir: PathBuf,
+    /// The shell runtime runs only with this explicit opt-in (`EXECUTOR_ALLOW_UNISOLATED=1`).
+    pub allow_unisolated: bool,
+}
+
+impl RuntimeOptions {
+    /// Where runtimes keep per-sandbox state.
+    pub fn sandboxes_dir(&self) -> PathBuf {
+        self.state_dir.join("sandboxes")
+    }
+    /// The image store.
+    pub fn images_dir(&self) -> PathBuf {
+        self.state_dir.join("images")
+    }
+}

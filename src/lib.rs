@@ -11,6 +11,7 @@ pub mod exit;
 pub mod protocol;
 pub mod redact;
 pub mod sandbox;
+pub mod server;
 
 use cli::{Cli, Command};
 
@@ -38,5 +39,6 @@ pub fn main() -> i32 {
 fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::GenerateDocs { out } => docs::generate(&out).map(|_| exit::OK),
+        Command::Queue(args) => cli::queue::run(args),
     }
 }

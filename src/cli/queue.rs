@@ -35,7 +35,7 @@ pub enum QueueCommand {
     /// The executors' shared secret comes from EXECUTOR_FRONTEND_PASSWORD (or --secret-file) and
     /// must be at least 20 characters; the admin API's token comes from EXECUTOR_QUEUE_ADMIN_TOKEN
     /// (or --admin-token-file), also at least 20 characters and different from the secret.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Submit a job (the protocol's job JSON without id and token, plus "queue"); prints its id
     Submit {
         /// Queue to submit to (overrides "queue" in the file; default batches)

@@ -73,6 +73,9 @@ CREATE TABLE executors (
 /// The failure message of a job whose executor stopped heartbeating too often.
 pub const TOO_MANY_RESETS: &str = "job processor died while handling this message too many times";
 
+/// `(job id, queue)` pairs.
+pub type JobRefs = Vec<(i64, String)>;
+
 /// SHA-256 of a job token (or any secret), hex.
 pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
@@ -385,7 +388,7 @@ impl Store {
         info: &ExecutorInfo,
         jobs: &[(i64, String)],
         now: i64,
-    ) -> Result<(Vec<(i64, String)>, Vec<(i64, String)>)> {
+    ) -> Result<(JobRefs, JobRefs)> {
         let tx = self.conn.transaction()?;
         tx.execute(
             "INSERT INTO executors (name, queue_name, queue_names, os, architecture, docker_version, \

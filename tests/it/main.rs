@@ -2,3 +2,5 @@
 //! loopback. Each area has its own module.
 
 mod common;
+mod coordinator;
+mod server;

@@ -2,15 +2,19 @@
 //! Sourcegraph's executor protocol, and that coordinator itself (`executor queue`).
 #![deny(unsafe_code)]
 
+pub mod api;
 pub mod cancel;
 pub mod cli;
+pub mod config;
 pub mod docs;
 mod docs_extra;
 pub mod document;
 pub mod exit;
+pub mod logs;
 pub mod protocol;
 pub mod redact;
 pub mod sandbox;
+pub mod workspace;
 
 use cli::{Cli, Command};
 

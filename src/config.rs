@@ -58,6 +58,7 @@ pub struct RawSettings {
     pub allow_unisolated: Option<String>,
     pub vm_prefix: Option<String>,
     pub shutdown_grace: Option<String>,
+    pub heartbeat_interval: Option<String>,
     pub artifacts_max_size: Option<String>,
 }
 
@@ -91,6 +92,8 @@ pub struct Settings {
     pub vm_prefix: String,
     /// How long `loop` lets running jobs finish after SIGTERM before killing them.
     pub shutdown_grace: Duration,
+    /// How often `loop` heartbeats (the contract's 5 s; lower it for faster cancels).
+    pub heartbeat_interval: Duration,
     /// Largest artifact archive `upload` sends.
     pub artifacts_max_bytes: u64,
 }
@@ -192,6 +195,12 @@ impl Settings {
                 raw.shutdown_grace.as_deref(),
                 "30s",
             )?,
+            heartbeat_interval: parse_duration_var(
+                "EXECUTOR_HEARTBEAT_INTERVAL",
+                raw.heartbeat_interval.as_deref(),
+                "5s",
+            )?
+            .max(Duration::from_millis(100)),
             artifacts_max_bytes,
         })
     }

@@ -13,7 +13,9 @@ pub mod exit;
 pub mod logs;
 pub mod protocol;
 pub mod redact;
+pub mod run_loop;
 pub mod sandbox;
+pub mod stage;
 pub mod workspace;
 
 use cli::{Cli, Command};
@@ -42,5 +44,6 @@ pub fn main() -> i32 {
 fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::GenerateDocs { out } => docs::generate(&out).map(|_| exit::OK),
+        Command::Executor(cmd) => cli::executor::run(*cmd),
     }
 }

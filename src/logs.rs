@@ -52,6 +52,9 @@ const APPEND_UNKNOWN: u8 = 0;
 const APPEND_YES: u8 = 1;
 const APPEND_NO: u8 = 2;
 
+/// Called with each entry's key when it starts.
+pub type EntryHook = Arc<dyn Fn(&str) + Send + Sync>;
+
 /// Creates the log entries of one job.
 #[derive(Clone)]
 pub struct JobLogger {
@@ -59,7 +62,7 @@ pub struct JobLogger {
     redactor: Redactor,
     append: Arc<AtomicU8>,
     /// Called with each entry's key when it starts (the loop's progress view).
-    on_entry: Option<Arc<dyn Fn(&str) + Send + Sync>>,
+    on_entry: Option<EntryHook>,
 }
 
 impl JobLogger {
@@ -67,7 +70,7 @@ impl JobLogger {
         JobLogger { transport, redactor, append: Arc::new(AtomicU8::new(APPEND_UNKNOWN)), on_entry: None }
     }
 
-    pub fn on_entry(mut self, f: Arc<dyn Fn(&str) + Send + Sync>) -> Self {
+    pub fn on_entry(mut self, f: EntryHook) -> Self {
         self.on_entry = Some(f);
         self
     }

@@ -242,13 +242,15 @@ impl Client {
                     )
                 }
                 Err(ureq::Error::Transport(t)) => {
-                    let retry = !matches!(
-                        t.kind(),
+                    let retry = match t.kind() {
                         ureq::ErrorKind::InvalidUrl
-                            | ureq::ErrorKind::UnknownScheme
-                            | ureq::ErrorKind::TooManyRedirects
-                            | ureq::ErrorKind::InsecureRequestHttpsOnly
-                    ) && !(t.kind() == ureq::ErrorKind::Dns && attempt >= 2);
+                        | ureq::ErrorKind::UnknownScheme
+                        | ureq::ErrorKind::TooManyRedirects
+                        | ureq::ErrorKind::InsecureRequestHttpsOnly => false,
+                        // DNS not-found is given up after 3 attempts.
+                        ureq::ErrorKind::Dns => attempt < 2,
+                        _ => true,
+                    };
                     (retry, ApiError::Transport { route: route.clone(), message: t.to_string() }, None)
                 }
             };
@@ -536,9 +538,12 @@ mod tests {
     use std::sync::Mutex;
 
     /// A tiny loopback HTTP server answering canned statuses and recording requests.
+    /// (request line, lower-cased headers, body) of each request.
+    type Seen = Arc<Mutex<Vec<(String, Vec<(String, String)>, String)>>>;
+
     struct Fake {
         url: String,
-        seen: Arc<Mutex<Vec<(String, Vec<(String, String)>, String)>>>,
+        seen: Seen,
     }
 
     fn fake(answers: Vec<(u16, &'static str)>) -> Fake {

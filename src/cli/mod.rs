@@ -4,6 +4,8 @@
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
+pub mod executor;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "executor",
@@ -29,6 +31,8 @@ pub enum Command {
         #[arg(long, default_value = ".")]
         out: PathBuf,
     },
+    #[command(flatten)]
+    Executor(Box<executor::ExecutorCommand>),
 }
 
 /// The clap command tree, for the generated man pages and completions.

@@ -5,13 +5,14 @@
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
+use std::io::{Read, Seek, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
 use super::{Incomplete, JobCtx};
 use crate::document::{ArtifactsRecord, RunDocument};
 use crate::logs::LogEntry;
+use crate::redact::Redactor;
 
 pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
     if ctx.job.artifacts.is_empty() || doc.artifacts.as_ref().is_some_and(|a| a.uploaded) {
@@ -53,7 +54,8 @@ fn pack_and_send(ctx: &JobCtx, ws: &Path, entry: &mut LogEntry) -> Result<Artifa
         .suffix(".tar.gz")
         .tempfile_in(&tmp_dir)
         .with_context(|| format!("creating a temporary file in {}", tmp_dir.display()))?;
-    let names = pack(ws, &files, tmp.as_file(), ctx.settings.artifacts_max_bytes)?;
+    let names =
+        pack(ws, &files, tmp.as_file(), ctx.settings.artifacts_max_bytes, ctx.logger.redactor(), &tmp_dir)?;
     let mut hasher = Sha256::new();
     let mut f = std::fs::File::open(tmp.path()).context("reopening the artifact archive")?;
     let mut buf = vec![0u8; 64 << 10];
@@ -148,8 +150,33 @@ fn walk(ws: &Path, rel: &Path, out: &mut BTreeSet<PathBuf>, entry: &mut LogEntry
     Ok(())
 }
 
-/// Writes the tar.gz; fails once the files add up to more than `cap` bytes.
-fn pack(ws: &Path, files: &BTreeSet<PathBuf>, out: &std::fs::File, cap: u64) -> Result<Vec<String>> {
+/// Copies `f` through the redactor into a temporary file: no secret leaves in an artifact either.
+fn redacted_copy(mut f: std::fs::File, redactor: &Redactor, tmp_dir: &Path) -> Result<std::fs::File> {
+    let mut out = tempfile::tempfile_in(tmp_dir)
+        .with_context(|| format!("creating a temporary file in {}", tmp_dir.display()))?;
+    let mut stream = redactor.stream();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        out.write_all(&stream.push(&buf[..n]))?;
+    }
+    out.write_all(&stream.finish())?;
+    out.seek(std::io::SeekFrom::Start(0))?;
+    Ok(out)
+}
+
+/// Writes the tar.gz of the files, redacted; fails once they add up to more than `cap` bytes.
+fn pack(
+    ws: &Path,
+    files: &BTreeSet<PathBuf>,
+    out: &std::fs::File,
+    cap: u64,
+    redactor: &Redactor,
+    tmp_dir: &Path,
+) -> Result<Vec<String>> {
     let gz = flate2::write::GzEncoder::new(out, flate2::Compression::fast());
     let mut tar = tar::Builder::new(gz);
     tar.follow_symlinks(false);
@@ -162,14 +189,20 @@ fn pack(ws: &Path, files: &BTreeSet<PathBuf>, out: &std::fs::File, cap: u64) -> 
             .open(ws.join(rel))
             .with_context(|| format!("opening artifact {}", rel.display()))?;
         let meta = f.metadata().with_context(|| format!("artifact {}", rel.display()))?;
-        total += meta.len();
+        if meta.len() > cap {
+            bail!("the artifacts exceed the cap of {cap} bytes (at {})", rel.display());
+        }
+        let f = redacted_copy(f, redactor, tmp_dir)
+            .with_context(|| format!("redacting artifact {}", rel.display()))?;
+        let len = f.metadata().context("artifact copy")?.len();
+        total += len;
         if total > cap {
             bail!("the artifacts exceed the cap of {cap} bytes (at {})", rel.display());
         }
         let mut header = tar::Header::new_gnu();
         header.set_metadata(&meta);
-        header.set_size(meta.len());
-        tar.append_data(&mut header, rel, f.take(meta.len()))
+        header.set_size(len);
+        tar.append_data(&mut header, rel, f.take(len))
             .with_context(|| format!("packing {}", rel.display()))?;
         names.push(rel.display().to_string());
     }

@@ -26,6 +26,7 @@ end
 
 complete -c executor -n "__fish_executor_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c executor -n "__fish_executor_needs_command" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_needs_command" -f -a "queue" -d 'The coordinator: serve the job queue, or talk to its admin API'
 complete -c executor -n "__fish_executor_needs_command" -f -a "generate-docs" -d 'Write the man pages and shell completions generated from these definitions'
 complete -c executor -n "__fish_executor_needs_command" -f -a "dequeue" -d 'Take one job from the coordinator and write its new run document (exit 4: no job)'
 complete -c executor -n "__fish_executor_needs_command" -f -a "prepare-workspace" -d 'Create the job\'s workspace: repository, files, one script per step'
@@ -37,6 +38,82 @@ complete -c executor -n "__fish_executor_needs_command" -f -a "loop" -d 'Run job
 complete -c executor -n "__fish_executor_needs_command" -f -a "validate" -d 'Check the configuration, the coordinator\'s acceptance of the secret and the runtime\'s tools'
 complete -c executor -n "__fish_executor_needs_command" -f -a "janitor" -d 'Remove workspaces and sandboxes that no live job owns (one pass)'
 complete -c executor -n "__fish_executor_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors artifacts help" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors artifacts help" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors artifacts help" -f -a "serve" -d 'Run the coordinator: the executor protocol, the admin API and /metrics, backed by SQLite'
+complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors artifacts help" -f -a "submit" -d 'Submit a job (the protocol\'s job JSON without id and token, plus "queue"); prints its id'
+complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors artifacts help" -f -a "jobs" -d 'List jobs, newest first'
+complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors artifacts help" -f -a "show" -d 'Show a job with its log entries'
+complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors artifacts help" -f -a "logs" -d 'Print a job\'s log entries; with --follow, until the job finishes'
+complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors artifacts help" -f -a "cancel" -d 'Cancel a job (a running one ends when its executor notices)'
+complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors artifacts help" -f -a "executors" -d 'List the executors that heartbeated, with their versions and whether they are active'
+complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors artifacts help" -f -a "artifacts" -d 'Download a job\'s artifacts tarball (stdout unless -o; never to a terminal)'
+complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors artifacts help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l listen -d 'Address to listen on (port 0 picks a free port; see --addr-file)' -r
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l data-dir -d 'Directory of the SQLite database and the artifacts' -r -F
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l addr-file -d 'Write the base URL here (atomically) once the socket listens' -r -F
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l queue -d 'A queue to serve (repeatable; replaces the default set batches, codeintel)' -r
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l stalled-max-age -d 'A processing job without a heartbeat for this long goes back to the queue' -r
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l max-resets -d 'How often a stalled job is requeued before it fails' -r
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l max-retries -d 'How often an errored job (markErrored) is retried before it fails (contract: 0)' -r
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l log-cap-bytes -d 'Cap on a job\'s stored log output, over all its entries' -r
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l artifact-max-bytes -d 'Cap on a job\'s artifacts upload' -r
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l secret-file -d 'File holding the executors\' shared secret (instead of EXECUTOR_FRONTEND_PASSWORD)' -r -F
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l admin-token-file -d 'File holding the admin API token (instead of EXECUTOR_QUEUE_ADMIN_TOKEN)' -r -F
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l tls-cert -d 'PEM certificate chain: serve HTTPS' -r -F
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l tls-key -d 'PEM private key of --tls-cert' -r -F
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from submit" -l queue -d 'Queue to submit to (overrides "queue" in the file; default batches)' -r
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from submit" -l url -d 'Base URL of the coordinator' -r
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from submit" -l ca-cert -d 'PEM file of the CA that signed the coordinator\'s TLS certificate (default: the web PKI)' -r -F
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from submit" -l json -d 'Print JSON instead of tables'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from submit" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from submit" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from jobs" -l queue -r
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from jobs" -l state -d 'queued, processing, completed, errored, failed or canceled' -r
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from jobs" -l limit -d 'At most this many jobs (default 100)' -r
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from jobs" -l url -d 'Base URL of the coordinator' -r
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from jobs" -l ca-cert -d 'PEM file of the CA that signed the coordinator\'s TLS certificate (default: the web PKI)' -r -F
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from jobs" -l json -d 'Print JSON instead of tables'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from jobs" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from jobs" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from show" -l url -d 'Base URL of the coordinator' -r
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from show" -l ca-cert -d 'PEM file of the CA that signed the coordinator\'s TLS certificate (default: the web PKI)' -r -F
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from show" -l json -d 'Print JSON instead of tables'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from show" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from show" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from logs" -l url -d 'Base URL of the coordinator' -r
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from logs" -l ca-cert -d 'PEM file of the CA that signed the coordinator\'s TLS certificate (default: the web PKI)' -r -F
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from logs" -s f -l follow
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from logs" -l json -d 'Print JSON instead of tables'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from logs" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from logs" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from cancel" -l url -d 'Base URL of the coordinator' -r
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from cancel" -l ca-cert -d 'PEM file of the CA that signed the coordinator\'s TLS certificate (default: the web PKI)' -r -F
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from cancel" -l json -d 'Print JSON instead of tables'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from cancel" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from cancel" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from executors" -l url -d 'Base URL of the coordinator' -r
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from executors" -l ca-cert -d 'PEM file of the CA that signed the coordinator\'s TLS certificate (default: the web PKI)' -r -F
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from executors" -l json -d 'Print JSON instead of tables'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from executors" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from executors" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from artifacts" -s o -l output -r -F
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from artifacts" -l url -d 'Base URL of the coordinator' -r
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from artifacts" -l ca-cert -d 'PEM file of the CA that signed the coordinator\'s TLS certificate (default: the web PKI)' -r -F
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from artifacts" -l json -d 'Print JSON instead of tables'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from artifacts" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from artifacts" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from help" -f -a "serve" -d 'Run the coordinator: the executor protocol, the admin API and /metrics, backed by SQLite'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from help" -f -a "submit" -d 'Submit a job (the protocol\'s job JSON without id and token, plus "queue"); prints its id'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from help" -f -a "jobs" -d 'List jobs, newest first'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from help" -f -a "show" -d 'Show a job with its log entries'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from help" -f -a "logs" -d 'Print a job\'s log entries; with --follow, until the job finishes'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from help" -f -a "cancel" -d 'Cancel a job (a running one ends when its executor notices)'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from help" -f -a "executors" -d 'List the executors that heartbeated, with their versions and whether they are active'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from help" -f -a "artifacts" -d 'Download a job\'s artifacts tarball (stdout unless -o; never to a terminal)'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c executor -n "__fish_executor_using_subcommand generate-docs" -l out -d 'Directory that receives man/ and completions/' -r -F
 complete -c executor -n "__fish_executor_using_subcommand generate-docs" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand generate-docs" -s V -l version -d 'Print version'
@@ -268,14 +345,23 @@ complete -c executor -n "__fish_executor_using_subcommand janitor" -l heartbeat-
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand janitor" -s V -l version -d 'Print version'
-complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "generate-docs" -d 'Write the man pages and shell completions generated from these definitions'
-complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "dequeue" -d 'Take one job from the coordinator and write its new run document (exit 4: no job)'
-complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "prepare-workspace" -d 'Create the job\'s workspace: repository, files, one script per step'
-complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "vm-boot" -d 'Start the job\'s sandbox with the chosen runtime and record it in the document'
-complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "run-steps" -d 'Run the job\'s steps in its sandbox, streaming each as a log entry'
-complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "upload" -d 'Pack the job\'s artifacts into a tar.gz and send them to the coordinator'
-complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "complete" -d 'Report the outcome, tear down the sandbox and delete the workspace (safe to run twice)'
-complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "loop" -d 'Run jobs continuously: the stages in-process, with heartbeats, cancellation and draining'
-complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "validate" -d 'Check the configuration, the coordinator\'s acceptance of the secret and the runtime\'s tools'
-complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "janitor" -d 'Remove workspaces and sandboxes that no live job owns (one pass)'
-complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "queue" -d 'The coordinator: serve the job queue, or talk to its admin API'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "generate-docs" -d 'Write the man pages and shell completions generated from these definitions'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "dequeue" -d 'Take one job from the coordinator and write its new run document (exit 4: no job)'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "prepare-workspace" -d 'Create the job\'s workspace: repository, files, one script per step'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "vm-boot" -d 'Start the job\'s sandbox with the chosen runtime and record it in the document'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "run-steps" -d 'Run the job\'s steps in its sandbox, streaming each as a log entry'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "upload" -d 'Pack the job\'s artifacts into a tar.gz and send them to the coordinator'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "complete" -d 'Report the outcome, tear down the sandbox and delete the workspace (safe to run twice)'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "loop" -d 'Run jobs continuously: the stages in-process, with heartbeats, cancellation and draining'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "validate" -d 'Check the configuration, the coordinator\'s acceptance of the secret and the runtime\'s tools'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "janitor" -d 'Remove workspaces and sandboxes that no live job owns (one pass)'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from queue" -f -a "serve" -d 'Run the coordinator: the executor protocol, the admin API and /metrics, backed by SQLite'
+complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from queue" -f -a "submit" -d 'Submit a job (the protocol\'s job JSON without id and token, plus "queue"); prints its id'
+complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from queue" -f -a "jobs" -d 'List jobs, newest first'
+complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from queue" -f -a "show" -d 'Show a job with its log entries'
+complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from queue" -f -a "logs" -d 'Print a job\'s log entries; with --follow, until the job finishes'
+complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from queue" -f -a "cancel" -d 'Cancel a job (a running one ends when its executor notices)'
+complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from queue" -f -a "executors" -d 'List the executors that heartbeated, with their versions and whether they are active'
+complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from queue" -f -a "artifacts" -d 'Download a job\'s artifacts tarball (stdout unless -o; never to a terminal)'

@@ -17,6 +17,7 @@ pub mod run_loop;
 pub mod sandbox;
 pub mod stage;
 pub mod workspace;
+pub mod server;
 
 use cli::{Cli, Command};
 
@@ -45,5 +46,6 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::GenerateDocs { out } => docs::generate(&out).map(|_| exit::OK),
         Command::Executor(cmd) => cli::executor::run(*cmd),
+        Command::Queue(args) => cli::queue::run(args),
     }
 }

@@ -15,9 +15,9 @@ pub mod protocol;
 pub mod redact;
 pub mod run_loop;
 pub mod sandbox;
+pub mod server;
 pub mod stage;
 pub mod workspace;
-pub mod server;
 
 use cli::{Cli, Command};
 

@@ -241,7 +241,15 @@ fn flush(
 fn ticker(shared: &Shared, transport: &dyn LogTransport, append: &AtomicU8) {
     let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
     loop {
-        st = shared.wake.wait_timeout(st, UPDATE_INTERVAL).unwrap_or_else(|p| p.into_inner()).0;
+        // Checked before waiting too: `close` may have run before this thread first got the lock.
+        if st.closed {
+            return;
+        }
+        st = shared
+            .wake
+            .wait_timeout_while(st, UPDATE_INTERVAL, |s| !s.closed)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
         if st.closed {
             return;
         }

@@ -41,7 +41,10 @@ fn entry<'a>(job: &'a Value, key: &str) -> Option<&'a Value> {
 }
 
 fn keys(job: &Value) -> Vec<String> {
-    job["logs"].as_array().map(|a| a.iter().map(|e| e["key"].as_str().unwrap_or("").to_string()).collect()).unwrap_or_default()
+    job["logs"]
+        .as_array()
+        .map(|a| a.iter().map(|e| e["key"].as_str().unwrap_or("").to_string()).collect())
+        .unwrap_or_default()
 }
 
 fn artifacts(c: &Coordinator, id: i64) -> Vec<(String, Vec<u8>)> {
@@ -152,7 +155,8 @@ fn six_stages_piped_by_hand_complete_a_job() {
     let d: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(d["completion"]["reported"], "completed", "{d:#}");
     assert!(d.get("outcome").is_none());
-    let stages: Vec<&str> = d["history"].as_array().unwrap().iter().map(|h| h["stage"].as_str().unwrap()).collect();
+    let stages: Vec<&str> =
+        d["history"].as_array().unwrap().iter().map(|h| h["stage"].as_str().unwrap()).collect();
     assert_eq!(stages, ["prepare-workspace", "vm-boot", "run-steps", "upload", "complete"]);
 
     let job = c.wait_state(id, &["completed"], Duration::from_secs(10));
@@ -284,7 +288,11 @@ fn garbage_wrong_version_foreign_and_incomplete_documents_exit_3() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("prepare-workspace"));
     // Another coordinator's secret does not open it.
     let mut cmd = exe(&c, dir);
-    cmd.env("EXECUTOR_FRONTEND_PASSWORD", "another-secret-of-enough-length").args(["complete", "-i", d.to_str().unwrap()]);
+    cmd.env("EXECUTOR_FRONTEND_PASSWORD", "another-secret-of-enough-length").args([
+        "complete",
+        "-i",
+        d.to_str().unwrap(),
+    ]);
     let o = common::run(&mut cmd);
     assert_eq!(o.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&o.stderr).contains("shared secret"));
@@ -352,7 +360,8 @@ fn loop_cancel_stops_a_long_step_within_2s() {
     let c = Coordinator::start();
     let state = tempfile::tempdir().unwrap();
     let mut lp = spawn_loop(&c, state.path(), &[("EXECUTOR_NUM_TOTAL_JOBS", "1")]);
-    let id = c.submit(json!({"dockerSteps": [{"image": "alpine", "commands": ["echo started", "sleep 30"]}]}));
+    let id =
+        c.submit(json!({"dockerSteps": [{"image": "alpine", "commands": ["echo started", "sleep 30"]}]}));
     wait_for_output(&c, id, "step.docker.0", "stdout: started");
     let t = Instant::now();
     let (code, body) = c.request("POST", &format!("/api/jobs/{id}/cancel"), Some(&c.admin_auth()), None);
@@ -370,8 +379,11 @@ fn loop_cancel_stops_a_long_step_within_2s() {
 fn loop_deadline_errors_the_job() {
     let c = Coordinator::start();
     let state = tempfile::tempdir().unwrap();
-    let mut lp =
-        spawn_loop(&c, state.path(), &[("EXECUTOR_NUM_TOTAL_JOBS", "1"), ("EXECUTOR_MAXIMUM_RUNTIME_PER_JOB", "1s")]);
+    let mut lp = spawn_loop(
+        &c,
+        state.path(),
+        &[("EXECUTOR_NUM_TOTAL_JOBS", "1"), ("EXECUTOR_MAXIMUM_RUNTIME_PER_JOB", "1s")],
+    );
     let id = c.submit(json!({"dockerSteps": [{"image": "alpine", "commands": ["sleep 30"]}]}));
     let job = c.wait_state(id, &["failed", "errored"], Duration::from_secs(15));
     assert_eq!(job["failureMessage"], "job exceeded maximum execution time of 1s", "{job:#}");
@@ -395,19 +407,25 @@ fn loop_sigterm_drains_then_kills_and_a_second_signal_is_immediate() {
 
     // One that does not is killed after the grace period and reported.
     let mut lp = spawn_loop(&c, state.path(), &[("EXECUTOR_SHUTDOWN_GRACE", "1s")]);
-    let id = c.submit(json!({"dockerSteps": [{"image": "alpine", "commands": ["echo started", "sleep 30"]}]}));
+    let id =
+        c.submit(json!({"dockerSteps": [{"image": "alpine", "commands": ["echo started", "sleep 30"]}]}));
     wait_for_output(&c, id, "step.docker.0", "stdout: started");
     let t = Instant::now();
     signal(&lp, "TERM");
     let (st, err) = wait_exit(&mut lp, Duration::from_secs(15));
     assert!(st.success(), "{err}");
-    assert!(t.elapsed() >= Duration::from_secs(1) && t.elapsed() < Duration::from_secs(6), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() >= Duration::from_secs(1) && t.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        t.elapsed()
+    );
     let job = c.wait_state(id, &["failed", "errored"], Duration::from_secs(1));
     assert!(job["failureMessage"].as_str().unwrap().contains("shut down"), "{job:#}");
 
     // A second signal does not wait for the grace period.
     let mut lp = spawn_loop(&c, state.path(), &[("EXECUTOR_SHUTDOWN_GRACE", "60s")]);
-    let id = c.submit(json!({"dockerSteps": [{"image": "alpine", "commands": ["echo started", "sleep 30"]}]}));
+    let id =
+        c.submit(json!({"dockerSteps": [{"image": "alpine", "commands": ["echo started", "sleep 30"]}]}));
     wait_for_output(&c, id, "step.docker.0", "stdout: started");
     let t = Instant::now();
     signal(&lp, "TERM");

@@ -4,4 +4,5 @@
 mod common;
 mod coordinator;
 mod package;
+mod pipeline;
 mod server;

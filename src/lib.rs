@@ -8,6 +8,7 @@ pub mod docs;
 mod docs_extra;
 pub mod document;
 pub mod exit;
+pub mod git;
 pub mod protocol;
 pub mod redact;
 pub mod sandbox;

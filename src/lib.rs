@@ -9,6 +9,7 @@ mod docs_extra;
 pub mod document;
 pub mod exit;
 pub mod git;
+pub mod githttp;
 pub mod protocol;
 pub mod redact;
 pub mod sandbox;

@@ -56,7 +56,13 @@ impl ObjectCache {
 
     /// Brings the cache up to date with `commit` and returns its path. On a damaged cache it
     /// starts the cache afresh once (saying so in the log) before giving up.
-    pub(crate) fn update(&self, git: &Git, log: &mut dyn CommandLog, url: &str, req: &CloneRequest) -> Result<PathBuf> {
+    pub(crate) fn update(
+        &self,
+        git: &Git,
+        log: &mut dyn CommandLog,
+        url: &str,
+        req: &CloneRequest,
+    ) -> Result<PathBuf> {
         if !is_object_name(&req.commit) {
             bail!("only full commit hashes are cached, not {:?}", req.commit);
         }
@@ -68,7 +74,10 @@ impl ObjectCache {
                 super::log_line(
                     log,
                     "setup.git.cache",
-                    &format!("object cache {} is damaged ({e:#}); starting it afresh with a full fetch\n", dir.display()),
+                    &format!(
+                        "object cache {} is damaged ({e:#}); starting it afresh with a full fetch\n",
+                        dir.display()
+                    ),
                 );
                 remove_repo(&dir)?;
                 self.fetch_into(git, log, &dir, url, req)?;
@@ -78,14 +87,22 @@ impl ObjectCache {
         }
     }
 
-    fn fetch_into(&self, git: &Git, log: &mut dyn CommandLog, dir: &Path, url: &str, req: &CloneRequest) -> Result<()> {
+    fn fetch_into(
+        &self,
+        git: &Git,
+        log: &mut dyn CommandLog,
+        dir: &Path,
+        url: &str,
+        req: &CloneRequest,
+    ) -> Result<()> {
         let d = dir.to_string_lossy().into_owned();
         if !dir.join("HEAD").exists() {
             if dir.exists() {
                 remove_repo(dir)?;
             }
             git.run(log, "setup.git.cache-init", &["init", "--bare", "--quiet", &d], &[])?;
-            for (k, v) in [("gc.auto", "0"), ("uploadpack.allowAnySHA1InWant", "true"), ("core.fsync", "all")] {
+            for (k, v) in [("gc.auto", "0"), ("uploadpack.allowAnySHA1InWant", "true"), ("core.fsync", "all")]
+            {
                 git.run(log, "setup.git.cache-init", &["-C", &d, "config", "--local", k, v], &[])?;
             }
         }
@@ -94,7 +111,18 @@ impl ObjectCache {
         git.run(
             log,
             "setup.git.cache-fetch",
-            &["-C", &d, "-c", "protocol.version=2", "fetch", "--progress", "--no-tags", "--no-write-fetch-head", url, &refspec],
+            &[
+                "-C",
+                &d,
+                "-c",
+                "protocol.version=2",
+                "fetch",
+                "--progress",
+                "--no-tags",
+                "--no-write-fetch-head",
+                url,
+                &refspec,
+            ],
             &auth,
         )?;
         let object = format!("{}^{{commit}}", req.commit);

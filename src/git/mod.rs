@@ -136,7 +136,11 @@ pub fn clone(req: &CloneRequest, log: &mut dyn CommandLog) -> Result<()> {
         (Some(cache), false) => match cache.update(&git, log, &url, req) {
             Ok(path) => Some(path),
             Err(e) => {
-                log_line(log, "setup.git.cache", &format!("object cache unusable, fetching from the coordinator: {e:#}\n"));
+                log_line(
+                    log,
+                    "setup.git.cache",
+                    &format!("object cache unusable, fetching from the coordinator: {e:#}\n"),
+                );
                 None
             }
         },
@@ -192,7 +196,12 @@ pub fn clone(req: &CloneRequest, log: &mut dyn CommandLog) -> Result<()> {
     let checkout_auth = if req.sparse.is_empty() { Vec::new() } else { req.auth.env() };
     git.run(log, "setup.git.checkout", &checkout, &checkout_auth)?;
     check_size(req)?;
-    git.run(log, "setup.git.set-remote", &["-C", &r, "remote", "set-url", "origin", &req.repository_name], &[])?;
+    git.run(
+        log,
+        "setup.git.set-remote",
+        &["-C", &r, "remote", "set-url", "origin", &req.repository_name],
+        &[],
+    )?;
     Ok(())
 }
 
@@ -473,3 +482,6 @@ mod tests {
         assert_eq!(remote_url("http://h:1/", "/a/b/"), "http://h:1/.executors/git/a/b");
     }
 }
+
+#[cfg(test)]
+mod http_tests;

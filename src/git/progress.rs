@@ -57,8 +57,14 @@ fn parse(line: &str) -> Option<(String, u64)> {
 mod tests {
     #[test]
     fn parses_git_progress() {
-        assert_eq!(super::parse("Receiving objects:  45% (450/1000), 1.2 MiB"), Some(("Receiving objects".into(), 45)));
-        assert_eq!(super::parse("remote: Counting objects: 100% (3/3), done."), Some(("Counting objects".into(), 100)));
+        assert_eq!(
+            super::parse("Receiving objects:  45% (450/1000), 1.2 MiB"),
+            Some(("Receiving objects".into(), 45))
+        );
+        assert_eq!(
+            super::parse("remote: Counting objects: 100% (3/3), done."),
+            Some(("Counting objects".into(), 100))
+        );
         assert_eq!(super::parse("From http://x"), None);
     }
 }

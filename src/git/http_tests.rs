@@ -71,9 +71,12 @@ fn fixture(root: &Path) -> (PathBuf, Vec<String>) {
     (repo, vec![c1, c2, c3])
 }
 
+/// key, argv, output, exit code
+type Entry = (String, Option<Vec<String>>, String, Option<i32>);
+
 #[derive(Default)]
 struct MemLog {
-    entries: Vec<(String, Option<Vec<String>>, String, Option<i32>)>,
+    entries: Vec<Entry>,
 }
 
 struct MemWriter<'a> {

@@ -13,6 +13,7 @@ pub mod githttp;
 pub mod protocol;
 pub mod redact;
 pub mod sandbox;
+pub mod server;
 
 use cli::{Cli, Command};
 
@@ -40,5 +41,6 @@ pub fn main() -> i32 {
 fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::GenerateDocs { out } => docs::generate(&out).map(|_| exit::OK),
+        Command::Queue(args) => cli::queue::run(args),
     }
 }

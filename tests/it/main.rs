@@ -2,4 +2,6 @@
 //! loopback. Each area has its own module.
 
 mod common;
+mod coordinator;
 mod package;
+mod server;

@@ -3,5 +3,6 @@
 
 mod common;
 mod coordinator;
+mod gitserve;
 mod package;
 mod server;

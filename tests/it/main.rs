@@ -3,6 +3,7 @@
 
 mod common;
 mod coordinator;
+mod gitserve;
 mod package;
 mod pipeline;
 mod server;

@@ -60,6 +60,7 @@ pub struct RawSettings {
     pub shutdown_grace: Option<String>,
     pub heartbeat_interval: Option<String>,
     pub artifacts_max_size: Option<String>,
+    pub git_timeout: Option<String>,
 }
 
 /// Validated settings.
@@ -96,6 +97,8 @@ pub struct Settings {
     pub heartbeat_interval: Duration,
     /// Largest artifact archive `upload` sends.
     pub artifacts_max_bytes: u64,
+    /// Limit for each git command of a clone.
+    pub git_timeout: Duration,
 }
 
 /// What a command needs besides the secret.
@@ -202,6 +205,7 @@ impl Settings {
             )?
             .max(Duration::from_millis(100)),
             artifacts_max_bytes,
+            git_timeout: parse_duration_var("EXECUTOR_GIT_TIMEOUT", raw.git_timeout.as_deref(), "10m")?,
         })
     }
 

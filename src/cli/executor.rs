@@ -77,6 +77,9 @@ pub struct ConfigArgs {
     /// Largest artifact archive `upload` sends [default: 100M]
     #[arg(long, env = "EXECUTOR_ARTIFACTS_MAX_SIZE", value_name = "SIZE")]
     pub artifacts_max_size: Option<String>,
+    /// Limit for each git command of a clone [default: 10m]
+    #[arg(long, env = "EXECUTOR_GIT_TIMEOUT", value_name = "DURATION")]
+    pub git_timeout: Option<String>,
 }
 
 impl ConfigArgs {
@@ -106,6 +109,7 @@ impl ConfigArgs {
             shutdown_grace: self.shutdown_grace.clone(),
             heartbeat_interval: self.heartbeat_interval.clone(),
             artifacts_max_size: self.artifacts_max_size.clone(),
+            git_timeout: self.git_timeout.clone(),
         }
     }
 }

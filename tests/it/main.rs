@@ -3,7 +3,8 @@
 
 mod common;
 mod coordinator;
-mod gitserve;
+pub mod gitserve;
 mod package;
 mod pipeline;
 mod server;
+mod workspace;

@@ -8,6 +8,7 @@ pub mod docs;
 mod docs_extra;
 pub mod document;
 pub mod exit;
+pub mod image;
 pub mod protocol;
 pub mod redact;
 pub mod sandbox;
@@ -38,5 +39,6 @@ pub fn main() -> i32 {
 fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::GenerateDocs { out } => docs::generate(&out).map(|_| exit::OK),
+        Command::Image(args) => image::cli::run(args),
     }
 }

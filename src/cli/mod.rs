@@ -1,6 +1,8 @@
 //! Every clap type of the binary. Nothing outside `cli` knows clap: each command's flags are
 //! turned into the settings structs of the module that does the work.
 
+pub mod image;
+
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -22,6 +24,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Manage the local image store (import, build, list, remove)
+    Image(image::ImageArgs),
     /// Write the man pages and shell completions generated from these definitions
     #[command(hide = true)]
     GenerateDocs {

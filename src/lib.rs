@@ -12,6 +12,7 @@ pub mod image;
 pub mod protocol;
 pub mod redact;
 pub mod sandbox;
+mod sys;
 
 use cli::{Cli, Command};
 

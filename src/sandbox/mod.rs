@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 
 use crate::cancel::{Cancel, CancelReason};
 
+pub mod oci;
+
 /// A running sandbox as recorded in the run document. Everything a later process needs to reach
 /// it again, and nothing secret.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -118,6 +120,9 @@ pub struct RuntimeOptions {
     pub state_dir: PathBuf,
     /// The shell runtime runs only with this explicit opt-in (`EXECUTOR_ALLOW_UNISOLATED=1`).
     pub allow_unisolated: bool,
+    /// The OCI runtime the `oci` sandbox drives: `runc` (default), `crun` or `runsc`
+    /// (`EXECUTOR_OCI_RUNTIME`, `--oci-runtime`).
+    pub oci_runtime: String,
 }
 
 impl RuntimeOptions {

@@ -4,3 +4,4 @@
 mod common;
 mod package;
 mod oci;
+mod image;

@@ -11,6 +11,9 @@ use std::path::{Component, Path, PathBuf};
 
 use super::{ImageMeta, ImageStore, ResolvedImage};
 
+/// Directories the sandbox mounts over.
+const MOUNT_POINTS: &[&str] = &["proc", "sys", "dev", "tmp", "data"];
+
 /// The largest JSON document (manifest, index, config) read from a tarball.
 const MAX_JSON: u64 = 4 << 20;
 
@@ -113,6 +116,13 @@ pub fn import(store: &ImageStore, name: &str, file: &Path) -> Result<ResolvedIma
             .with_context(|| format!("applying layer {} of {}", i + 1, file.display()))?;
     }
     bar.finish_and_clear();
+    // Mount points the runtime needs, so that it never has to create them in the shared tree.
+    for d in MOUNT_POINTS {
+        let p = tree.join(d);
+        if fs::symlink_metadata(&p).is_err() {
+            fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
+        }
+    }
     super::shift_ownership(&tree)?;
     let meta = ImageMeta {
         digest,

@@ -95,9 +95,20 @@ impl Fixture {
 
     /// Writes `script` as a step script and runs it.
     pub fn run(&self, sb: &SandboxRecord, script: &str, env: &[String], cancel: &Cancel) -> (StepEnd, Collect) {
+        self.run_in(sb, "busybox", script, env, cancel)
+    }
+
+    pub fn run_in(
+        &self,
+        sb: &SandboxRecord,
+        image: &str,
+        script: &str,
+        env: &[String],
+        cancel: &Cancel,
+    ) -> (StepEnd, Collect) {
         let name = format!(".step-{}.sh", uuid::Uuid::new_v4().simple());
         std::fs::write(self.workspace().join(&name), script).unwrap();
-        let step = StepSpec { key: "step.0", image: "busybox", script: &name, dir: "repo", env };
+        let step = StepSpec { key: "step.0", image, script: &name, dir: "repo", env };
         let mut sink = Collect::default();
         let end = self.rt.run_step(sb, &step, &mut sink, cancel).unwrap();
         (end, sink)
@@ -264,4 +275,315 @@ fn oci_janitor_removes_what_a_crashed_executor_left() {
     assert!(kept.state_dir.exists());
     f.rt.teardown(&kept).unwrap();
     assert_clean(&f, &kept);
+}
+
+/// One hostile step: what it tries, what its output must show, and what contains it.
+struct Probe {
+    name: &'static str,
+    script: String,
+    /// Every string must appear in stdout+stderr.
+    expect: Vec<&'static str>,
+    /// None of these may appear.
+    forbid: Vec<String>,
+    end: fn(&StepEnd) -> bool,
+    by: &'static str,
+}
+
+fn probe(name: &'static str, script: impl Into<String>, expect: &[&'static str], by: &'static str) -> Probe {
+    Probe { name, script: script.into(), expect: expect.to_vec(), forbid: vec![], end: |_| true, by }
+}
+
+/// Compiles the probe helper (tests/it/fixtures/probe.c) statically into `dest`.
+fn compile_probe(dest: &Path) -> bool {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/fixtures/probe.c");
+    let out = std::process::Command::new("gcc").args(["-static", "-O1", "-o"]).arg(dest).arg(&src).output();
+    matches!(out, Ok(o) if o.status.success())
+}
+
+/// Imports an image whose busybox is setuid root (inside the container), for the escalation probe.
+fn import_suid_image(f: &Fixture) {
+    let bb = std::fs::read(which::which("busybox").unwrap()).unwrap();
+    let mut layer = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(bb.len() as u64);
+    h.set_mode(0o4755);
+    h.set_entry_type(tar::EntryType::Regular);
+    layer.append_data(&mut h, "bin/busybox", &bb[..]).unwrap();
+    for applet in ["sh", "ls", "grep"] {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        layer.append_link(&mut h, format!("bin/{applet}"), "busybox").unwrap();
+    }
+    let layer = layer.into_inner().unwrap();
+    let mut t = tar::Builder::new(Vec::new());
+    for (name, data) in [
+        ("manifest.json", br#"[{"Config":"c.json","Layers":["l/layer.tar"]}]"#.to_vec()),
+        ("c.json", b"{}".to_vec()),
+        ("l/layer.tar", layer),
+    ] {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        t.append_data(&mut h, name, &data[..]).unwrap();
+    }
+    let file = f.tmp.path().join("suid.tar");
+    std::fs::write(&file, t.into_inner().unwrap()).unwrap();
+    let out = common::run(
+        common::executor().args(["image", "import", "suid"]).arg(&file).env("EXECUTOR_STATE_DIR", f.state()),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn probe_suite(oci: &str, test: &str) {
+    if !can_run(test, oci) {
+        return;
+    }
+    let f = Fixture::new(oci);
+    if !compile_probe(&f.workspace().join("probe")) {
+        common::skip(test, "gcc with static libc (build-essential) is needed to build the probe helper");
+        return;
+    }
+    import_suid_image(&f);
+    // Host-side things the job must not reach.
+    let secret = format!("probe-secret-{}", uuid::Uuid::new_v4().simple());
+    std::env::set_var("EXECUTOR_PROBE_SHARED_SECRET", &secret);
+    let host_file = f.tmp.path().join("coordinator-data.db");
+    std::fs::write(&host_file, &secret).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let host_pid = std::process::id();
+    let shadow_before = std::fs::symlink_metadata("/etc/shadow").ok().map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        (m.uid(), m.mode())
+    });
+
+    // gVisor's own threads (the Sentry, one stub per guest process) count against the job's
+    // process limit, so runsc needs more room.
+    let pids = if oci == "runsc" { 256 } else { 64 };
+    let limits = Limits { cpus: 1, memory_bytes: 128 << 20, disk_bytes: 32 << 20, pids };
+    let ws = f.workspace();
+    let sb = f
+        .rt
+        .boot(&BootRequest {
+            job_uid: "probe",
+            workspace: &ws,
+            images: vec!["busybox".into(), "suid".into()],
+            limits: &limits,
+            name_prefix: "ocitest",
+        })
+        .unwrap();
+
+    let hf = host_file.display();
+    let state = f.state();
+    let st = state.display();
+    let probes = vec![
+        Probe {
+            forbid: vec![secret.clone()],
+            ..probe(
+                "read a host file outside the workspace",
+                format!("cat {hf} {st}/images/refs.json /etc/shadow 2>&1; ls {st} 2>&1"),
+                &["No such file or directory"],
+                "mount namespace: the root is the image, only /data is shared",
+            )
+        },
+        Probe {
+            forbid: vec![secret.clone(), "EXECUTOR_".into()],
+            ..probe(
+                "find the shared secret in env, /proc, command lines or fds",
+                "env; cat /proc/*/environ /proc/*/cmdline 2>/dev/null | tr '\\0' '\\n'; echo fds: $(ls /proc/self/fd)",
+                &["fds: 0 1 2 3"],
+                "the step's environment is built from scratch; no executor fd is inherited",
+            )
+        },
+        Probe {
+            forbid: vec!["it-".into(), "cargo".into()],
+            ..probe(
+                "see or signal a host process",
+                format!("echo procs: $(ls /proc | grep -c '^[0-9]'); cat /proc/*/cmdline | tr '\\0' ' '; /data/probe kill-pid {host_pid}"),
+                &["kill-pid: ESRCH"],
+                "pid namespace",
+            )
+        },
+        probe(
+            "ptrace a process",
+            format!("/data/probe ptrace-init; /data/probe ptrace-pid {host_pid}"),
+            &["ptrace-init: EPERM", "ptrace-pid: EPERM"],
+            "seccomp (ptrace denied)",
+        ),
+        probe(
+            "mount anything",
+            "/data/probe mount; /data/probe cgroup-mount; mount -t tmpfs none /mnt 2>&1; echo",
+            &["mount: EPERM", "cgroup-mount: EPERM"],
+            "seccomp (mount denied), no CAP_SYS_ADMIN",
+        ),
+        probe(
+            "create a user namespace",
+            "/data/probe userns; /data/probe clone-userns",
+            &["userns: EPERM", "clone-userns: EPERM"],
+            "seccomp (unshare/clone with CLONE_NEWUSER denied)",
+        ),
+        probe(
+            "load a kernel module, kexec",
+            "/data/probe init-module; /data/probe finit-module; /data/probe kexec",
+            &["init-module: EPERM", "finit-module: EPERM", "kexec: EPERM"],
+            "seccomp",
+        ),
+        probe(
+            "bpf, keyctl, perf_event_open, open_by_handle_at",
+            "/data/probe bpf; /data/probe keyctl; /data/probe perf; /data/probe open-by-handle",
+            &["bpf: EPERM", "keyctl: EPERM", "perf: EPERM", "open-by-handle: EPERM"],
+            "seccomp",
+        ),
+        probe(
+            "write /proc/sys, /sys, /proc/sysrq-trigger",
+            "echo 1 > /proc/sys/kernel/sysrq; echo b > /proc/sysrq-trigger; echo x > /sys/kernel/uevent_helper; \
+             echo 1 > /sys/class/net/lo/mtu; echo done",
+            &["Read-only file system", "done"],
+            "read-only /proc/sys, /proc/sysrq-trigger and /sys",
+        ),
+        probe(
+            "open /dev/kvm, /dev/mem or a host block device",
+            "cat /dev/kvm /dev/mem /dev/sda /dev/vda 2>&1; /data/probe mknod; echo devs: $(ls /dev)",
+            &["'/dev/kvm': No such file", "'/dev/mem': No such file", "mknod: E"],
+            "a private /dev with the standard set only; no CAP_MKNOD; device cgroup",
+        ),
+        probe(
+            "open a raw socket",
+            "/data/probe raw-socket; /data/probe packet-socket",
+            &["raw-socket: EPERM", "packet-socket: EPERM"],
+            "no CAP_NET_RAW",
+        ),
+        probe(
+            "connect to the host's loopback",
+            format!("/data/probe connect {port}; ip link 2>/dev/null || cat /proc/net/dev"),
+            &["connect: ECONNREFUSED"],
+            "network namespace with only its own lo",
+        ),
+        probe(
+            "abuse a cgroup release_agent",
+            "ls /sys/fs/cgroup 2>&1; cat /sys/fs/cgroup/*/release_agent 2>&1; /data/probe cgroup-mount",
+            &["cgroup-mount: EPERM"],
+            "no cgroupfs mounted, mount denied, /sys read-only",
+        ),
+        Probe {
+            forbid: vec!["CapEff:\t0000003".into(), "CapEff:\t000001".into()],
+            ..probe(
+                "escalate through a setuid binary in the image",
+                "ls -ln /bin/busybox 2>&1; /data/probe nnp; /bin/busybox grep -E 'NoNewPrivs|CapEff' /proc/self/status",
+                &["no_new_privs=1", "CapEff:\t0000000000000000"],
+                "no_new_privs, no capabilities, root only inside the user namespace",
+            )
+        },
+        Probe {
+            end: |e| !matches!(e, StepEnd::Exited(0)),
+            ..probe(
+                "fork bomb",
+                format!("i=0; while [ $i -lt {} ]; do sleep 3 & i=$((i+1)); done; wait", pids * 3),
+                &["hit the job's process limit"],
+                "pids cgroup (the job's process limit)",
+            )
+        },
+        Probe {
+            end: |e| matches!(e, StepEnd::Signaled(9)),
+            ..probe(
+                "memory bomb",
+                "dd if=/dev/zero of=/dev/null bs=300M count=1",
+                &["hit the job's memory limit"],
+                "memory cgroup (job limit 128 MiB): OOM kill",
+            )
+        },
+        probe(
+            "fill the disk past the cap",
+            "i=0; while [ $i -lt 40 ]; do dd if=/dev/zero of=/tmp/f$i bs=1M count=1 2>/dev/null || { echo tmp-full; break; }; \
+             i=$((i+1)); done; dd if=/dev/zero of=/data/fill bs=1M count=64; echo rc=$?",
+            &["tmp-full", "rc=153"],
+            "tmpfs size for /tmp; RLIMIT_FSIZE per file in /data (SIGXFSZ)",
+        ),
+        probe(
+            "exhaust file descriptors",
+            "/data/probe fds",
+            &["opened 10", "fds: EMFILE"],
+            "RLIMIT_NOFILE 1024",
+        ),
+        Probe {
+            end: |e| matches!(e, StepEnd::Stopped(CancelReason::Deadline)),
+            ..probe(
+                "spin the CPU",
+                "echo spinning; while :; do :; done",
+                &["spinning"],
+                "cpu cgroup quota (1 CPU); the deadline kills it",
+            )
+        },
+        probe(
+            "leave a daemonised child behind",
+            "setsid sleep 1000 </dev/null >/dev/null 2>&1 & (nohup sleep 1001 >/dev/null 2>&1 &); echo left",
+            &["left"],
+            "pid namespace: its init exited, the kernel killed the rest; then the job cgroup is emptied",
+        ),
+        probe(
+            "symlink in the workspace to a host file",
+            "ln -sf /etc/shadow /data/leak; ln -sf / /data/root-link; echo linked",
+            &["linked"],
+            "the runtime never follows workspace symlinks on the host (owner changes use lchown)",
+        ),
+    ];
+
+    let mut table = vec![format!("{:<52} {:<10} BY", "PROBE", "CONTAINED")];
+    let mut failures = Vec::new();
+    for p in &probes {
+        let cancel = if p.name == "spin the CPU" {
+            Cancel::with_deadline(Some(Instant::now() + Duration::from_secs(2)))
+        } else {
+            Cancel::with_deadline(Some(Instant::now() + Duration::from_secs(60)))
+        };
+        let image = if p.name.contains("setuid") { "suid" } else { "busybox" };
+        let (end, out) = f.run_in(&sb, image, &p.script, &[], &cancel);
+        let text = format!("{}{}", out.stdout(), out.stderr());
+        let mut why = Vec::new();
+        for e in &p.expect {
+            if !text.contains(e) {
+                why.push(format!("missing {e:?}"));
+            }
+        }
+        for e in &p.forbid {
+            if text.contains(e.as_str()) {
+                why.push(format!("shows {e:?}"));
+            }
+        }
+        if !(p.end)(&end) {
+            why.push(format!("ended {end:?}"));
+        }
+        let leftover = executor::sandbox::oci::cgroup::JobCgroup::new(&sb.name).pids();
+        if !leftover.is_empty() {
+            why.push(format!("processes left: {leftover:?}"));
+        }
+        table.push(format!("{:<52} {:<10} {}", p.name, if why.is_empty() { "yes" } else { "NO" }, p.by));
+        if !why.is_empty() {
+            failures.push(format!("{}: {}\n--- output ---\n{text}", p.name, why.join(", ")));
+        }
+    }
+    assert!(listener.accept().is_err(), "the host listener got a connection from the sandbox");
+    f.rt.sync_workspace(&sb, &f.workspace()).unwrap();
+    let shadow_after = std::fs::symlink_metadata("/etc/shadow").ok().map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        (m.uid(), m.mode())
+    });
+    assert_eq!(shadow_before, shadow_after, "a host file changed through a workspace symlink");
+    assert!(f.workspace().join("leak").is_symlink());
+    f.rt.teardown(&sb).unwrap();
+    assert_clean(&f, &sb);
+    eprintln!("probe table ({oci}):\n{}", table.join("\n"));
+    assert!(failures.is_empty(), "uncontained probes with {oci}:\n{}", failures.join("\n\n"));
+}
+
+#[test]
+fn oci_runc_escape_probes_are_contained() {
+    probe_suite("runc", "oci_runc_escape_probes_are_contained");
+}
+
+#[test]
+fn oci_runsc_escape_probes_are_contained() {
+    probe_suite("runsc", "oci_runsc_escape_probes_are_contained");
 }

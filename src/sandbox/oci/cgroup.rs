@@ -35,6 +35,12 @@ pub fn layout() -> Layout {
 pub struct Counters {
     pub oom_kills: u64,
     pub pids_max: u64,
+    /// Times memory usage reached the job's limit (v1 `memory.failcnt`; v2 `memory.events max`).
+    pub mem_failcnt: u64,
+    /// Most processes the job had at once (0 where the kernel does not say).
+    pub pids_peak: u64,
+    /// The job's process limit (0 for none).
+    pub pids_limit: u64,
 }
 
 /// A job's cgroup, `executor/<sandbox>` in each hierarchy.
@@ -112,9 +118,25 @@ impl JobCgroup {
         Ok(())
     }
 
+    /// The job's counters. On v1 the kernel counts fork failures and OOM kills in the step's
+    /// own cgroup (see [`child_counters`](Self::child_counters)); the job's cgroup keeps
+    /// `memory.failcnt` and `pids.peak`.
     pub fn counters(&self) -> Counters {
+        self.counters_at(&self.rel)
+    }
+
+    /// The counters of a step's container cgroup while it exists.
+    pub fn child_counters(&self, container: &str) -> Counters {
+        self.counters_at(&format!("{}/{container}", self.rel))
+    }
+
+    fn counters_at(&self, rel: &str) -> Counters {
+        let dir = |c: &str| match self.layout {
+            Layout::V1 => Path::new(ROOT).join(c).join(rel),
+            Layout::V2 => Path::new(ROOT).join(rel),
+        };
         let read = |c: &str, file: &str, key: &str| -> u64 {
-            fs::read_to_string(self.dir(c).join(file))
+            fs::read_to_string(dir(c).join(file))
                 .ok()
                 .and_then(|s| {
                     s.lines().find_map(|l| l.strip_prefix(key).and_then(|v| v.trim().parse().ok()))
@@ -125,10 +147,16 @@ impl JobCgroup {
             Layout::V1 => Counters {
                 oom_kills: read("memory", "memory.oom_control", "oom_kill "),
                 pids_max: read("pids", "pids.events", "max "),
+                mem_failcnt: read("memory", "memory.failcnt", ""),
+                pids_peak: read("pids", "pids.peak", ""),
+                pids_limit: read("pids", "pids.max", ""),
             },
             Layout::V2 => Counters {
                 oom_kills: read("", "memory.events", "oom_kill "),
                 pids_max: read("", "pids.events", "max "),
+                mem_failcnt: read("", "memory.events", "max "),
+                pids_peak: read("", "pids.peak", ""),
+                pids_limit: read("", "pids.max", ""),
             },
         }
     }

@@ -342,7 +342,11 @@ impl Runtime for OciRuntime {
 
         let mut open = readers.len();
         let mut stopped = None;
+        let mut seen = cgroup::Counters::default();
         let status = loop {
+            let now = cg.child_counters(&id);
+            seen.oom_kills = seen.oom_kills.max(now.oom_kills);
+            seen.pids_max = seen.pids_max.max(now.pids_max);
             if stopped.is_none() {
                 if let Some(reason) = cancel.check() {
                     stopped = Some(reason);
@@ -375,17 +379,25 @@ impl Runtime for OciRuntime {
         let _ = self.quiet(del);
         let _ = fs::remove_dir_all(&bundle);
 
+        let after = cg.counters();
+        let limits_note = |what: &str| format!("\nexecutor: the step hit the job's {what}\n");
+        let pids_hit = seen.pids_max > 0
+            || after.pids_max > before.pids_max
+            || (after.pids_limit > 0 && before.pids_peak < after.pids_limit && after.pids_peak >= after.pids_limit);
+        if pids_hit {
+            let msg = format!("process limit ({} processes): a fork failed", after.pids_limit);
+            sink.output(Stream::Stderr, limits_note(&msg).as_bytes());
+        }
         if let Some(reason) = stopped {
             return Ok(StepEnd::Stopped(reason));
         }
-        let after = cg.counters();
-        let limits_note = |what: &str| format!("\nexecutor: the step hit the job's {what}\n");
-        if after.oom_kills > before.oom_kills {
+        let killed = status.code() == Some(128 + libc::SIGKILL) || status.signal() == Some(libc::SIGKILL);
+        let oom = seen.oom_kills > 0
+            || after.oom_kills > before.oom_kills
+            || (killed && after.mem_failcnt > before.mem_failcnt);
+        if oom {
             sink.output(Stream::Stderr, limits_note("memory limit and was killed (out of memory)").as_bytes());
             return Ok(StepEnd::Signaled(libc::SIGKILL));
-        }
-        if after.pids_max > before.pids_max {
-            sink.output(Stream::Stderr, limits_note("process limit (fork failed)").as_bytes());
         }
         Ok(match (status.code(), status.signal()) {
             // runc and crun report a step killed by signal N as 128+N.

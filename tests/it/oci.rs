@@ -82,13 +82,19 @@ impl Fixture {
     }
 
     pub fn boot(&self, limits: &Limits) -> SandboxRecord {
+        self.boot_as("ocitest", limits)
+    }
+
+    /// Boots with `prefix`: the janitor acts on every sandbox of a prefix on the host, so a test
+    /// that runs it uses a prefix of its own.
+    pub fn boot_as(&self, prefix: &str, limits: &Limits) -> SandboxRecord {
         let ws = self.workspace();
         let req = BootRequest {
             job_uid: "1",
             workspace: &ws,
             images: vec!["busybox".into()],
             limits,
-            name_prefix: "ocitest",
+            name_prefix: prefix,
         };
         self.rt.boot(&req).unwrap()
     }
@@ -224,7 +230,7 @@ fn cancel_kills(oci: &str, test: &str) {
     assert!(executor::sandbox::oci::cgroup::JobCgroup::new(&sb.name).pids().is_empty());
 
     // A deadline stops the next step the same way.
-    let deadline = Cancel::with_deadline(Some(Instant::now() + Duration::from_millis(500)));
+    let deadline = Cancel::with_deadline(Some(Instant::now() + Duration::from_secs(3)));
     let (end, out) = f.run(&sb, "echo tick; while :; do :; done", &[], &deadline);
     assert_eq!(end, StepEnd::Stopped(CancelReason::Deadline));
     assert_eq!(out.stdout(), "tick\n");
@@ -248,8 +254,8 @@ fn oci_janitor_removes_what_a_crashed_executor_left() {
         return;
     }
     let f = Fixture::new("runc");
-    let kept = f.boot(&limits());
-    let crashed = f.boot(&limits());
+    let kept = f.boot_as("ocijanitor", &limits());
+    let crashed = f.boot_as("ocijanitor", &limits());
     // A step of the "crashed" executor still running when it died.
     let rt = f.rt.clone();
     let crashed2 = crashed.clone();
@@ -268,7 +274,7 @@ fn oci_janitor_removes_what_a_crashed_executor_left() {
     }
     assert!(!cg.pids().is_empty(), "the step did not start");
     let live: HashSet<String> = [kept.name.clone()].into();
-    let removed = f.rt.janitor("ocitest", &live).unwrap();
+    let removed = f.rt.janitor("ocijanitor", &live).unwrap();
     assert_eq!(removed, vec![crashed.name.clone()]);
     let _ = runner.join().unwrap();
     assert_clean(&f, &crashed);

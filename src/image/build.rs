@@ -17,7 +17,8 @@ const SKELETON: &[&str] = &["bin", "dev", "etc", "proc", "sys", "tmp", "data", "
 /// Builds the busybox test image as `name`.
 pub fn build_busybox(store: &ImageStore, name: &str) -> Result<ResolvedImage> {
     super::Reference::parse(name)?;
-    let busybox = which::which("busybox").context("busybox is not installed (Debian package busybox-static)")?;
+    let busybox =
+        which::which("busybox").context("busybox is not installed (Debian package busybox-static)")?;
     if !is_static(&busybox)? {
         bail!("{} is not statically linked: install busybox-static", busybox.display());
     }
@@ -40,7 +41,10 @@ pub fn build_busybox(store: &ImageStore, name: &str) -> Result<ResolvedImage> {
     if let Ok(git) = which::which("git") {
         add_binary_with_libraries(&root, &git, Path::new("usr/bin/git"))?;
     }
-    fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n")?;
+    fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
+    )?;
     fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n")?;
     fs::write(root.join("etc/hosts"), "127.0.0.1 localhost\n::1 localhost\n")?;
     commit(store, &root, name, "build-busybox")
@@ -49,7 +53,8 @@ pub fn build_busybox(store: &ImageStore, name: &str) -> Result<ResolvedImage> {
 /// Builds a minimal Debian bookworm image with debootstrap as `name`.
 pub fn build_base(store: &ImageStore, name: &str, mirror: Option<&str>) -> Result<ResolvedImage> {
     super::Reference::parse(name)?;
-    let debootstrap = which::which("debootstrap").context("debootstrap is not installed (Debian package debootstrap)")?;
+    let debootstrap =
+        which::which("debootstrap").context("debootstrap is not installed (Debian package debootstrap)")?;
     let staging = store.staging("base")?;
     let root = staging.path().join("tree");
     let mut cmd = Command::new(debootstrap);
@@ -110,7 +115,8 @@ fn is_static(path: &Path) -> Result<bool> {
 /// Copies `bin` to `dest` inside `root` with every library `ldd` lists, at the same paths.
 fn add_binary_with_libraries(root: &Path, bin: &Path, dest: &Path) -> Result<()> {
     copy_into(root, bin, dest)?;
-    let out = Command::new("ldd").arg(bin).output().with_context(|| format!("running ldd {}", bin.display()))?;
+    let out =
+        Command::new("ldd").arg(bin).output().with_context(|| format!("running ldd {}", bin.display()))?;
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
         let path = match line.split_once("=>") {

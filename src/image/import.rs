@@ -92,11 +92,17 @@ pub fn import(store: &ImageStore, name: &str, file: &Path) -> Result<ResolvedIma
             }
         }
         let config_path = safe_join(&src, &blob_path(&manifest.config.digest)?)?;
-        let layers =
-            manifest.layers.iter().map(|l| safe_join(&src, &blob_path(&l.digest)?)).collect::<Result<Vec<_>>>()?;
+        let layers = manifest
+            .layers
+            .iter()
+            .map(|l| safe_join(&src, &blob_path(&l.digest)?))
+            .collect::<Result<Vec<_>>>()?;
         (desc.digest, config_path, layers)
     } else {
-        bail!("{} is neither a docker save tarball (manifest.json) nor an OCI layout (index.json)", file.display());
+        bail!(
+            "{} is neither a docker save tarball (manifest.json) nor an OCI layout (index.json)",
+            file.display()
+        );
     };
 
     let cfg: ImageConfigFile = serde_json::from_slice(&read_limited(&config_path)?)
@@ -139,7 +145,10 @@ pub fn import(store: &ImageStore, name: &str, file: &Path) -> Result<ResolvedIma
 
 fn blob_path(digest: &str) -> Result<String> {
     match digest.split_once(':') {
-        Some((alg, hex)) if alg.bytes().all(|b| b.is_ascii_alphanumeric()) && hex.bytes().all(|b| b.is_ascii_hexdigit()) => {
+        Some((alg, hex))
+            if alg.bytes().all(|b| b.is_ascii_alphanumeric())
+                && hex.bytes().all(|b| b.is_ascii_hexdigit()) =>
+        {
             Ok(format!("blobs/{alg}/{hex}"))
         }
         _ => bail!("malformed digest {digest:?}"),
@@ -185,7 +194,8 @@ fn unpack_outer(file: &Path, dest: &Path) -> Result<()> {
                 if let Some(p) = path.parent() {
                     fs::create_dir_all(p)?;
                 }
-                let mut out = fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+                let mut out =
+                    fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
                 std::io::copy(&mut entry, &mut out)?;
             }
             // Old docker save tarballs link identical layers; those links are skipped since
@@ -241,7 +251,9 @@ fn check_parents(root: &Path, rel: &Path) -> Result<()> {
             Ok(md) if md.file_type().is_symlink() => {
                 bail!("refusing entry {:?}: its parent {:?} is a symlink", rel.display().to_string(), c)
             }
-            Ok(md) if !md.is_dir() => bail!("refusing entry {:?}: a parent is not a directory", rel.display().to_string()),
+            Ok(md) if !md.is_dir() => {
+                bail!("refusing entry {:?}: a parent is not a directory", rel.display().to_string())
+            }
             _ => {}
         }
     }
@@ -250,7 +262,9 @@ fn check_parents(root: &Path, rel: &Path) -> Result<()> {
 
 fn remove_any(path: &Path) -> Result<()> {
     match fs::symlink_metadata(path) {
-        Ok(md) if md.is_dir() => fs::remove_dir_all(path).with_context(|| format!("removing {}", path.display())),
+        Ok(md) if md.is_dir() => {
+            fs::remove_dir_all(path).with_context(|| format!("removing {}", path.display()))
+        }
         Ok(_) => fs::remove_file(path).with_context(|| format!("removing {}", path.display())),
         Err(_) => Ok(()),
     }
@@ -298,7 +312,8 @@ pub fn apply_layer(reader: impl Read + 'static, root: &Path) -> Result<u64> {
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 remove_any(&path)?;
-                let mut out = fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+                let mut out =
+                    fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
                 size += std::io::copy(&mut entry, &mut out)?;
             }
             tar::EntryType::Symlink => {
@@ -320,13 +335,18 @@ pub fn apply_layer(reader: impl Read + 'static, root: &Path) -> Result<u64> {
                 check_parents(root, &target_rel)?;
                 let src = root.join(&target_rel);
                 let md = fs::symlink_metadata(&src).with_context(|| {
-                    format!("hard link {:?} names {:?}, which the tree does not hold", rel.display().to_string(), target_rel)
+                    format!(
+                        "hard link {:?} names {:?}, which the tree does not hold",
+                        rel.display().to_string(),
+                        target_rel
+                    )
                 })?;
                 if md.is_dir() {
                     bail!("refusing hard link {:?} to a directory", rel.display().to_string());
                 }
                 remove_any(&path)?;
-                fs::hard_link(&src, &path).with_context(|| format!("creating hard link {}", path.display()))?;
+                fs::hard_link(&src, &path)
+                    .with_context(|| format!("creating hard link {}", path.display()))?;
                 continue;
             }
             tar::EntryType::Char | tar::EntryType::Block => {

@@ -114,7 +114,10 @@ impl Reference {
             bail!("image reference {s:?} has an invalid name");
         }
         if let Some(t) = &tag {
-            if t.is_empty() || t.len() > 128 || !t.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
+            if t.is_empty()
+                || t.len() > 128
+                || !t.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            {
                 bail!("image reference {s:?} has an invalid tag");
             }
         }
@@ -132,7 +135,8 @@ impl ImageStore {
     pub fn open(dir: &Path) -> Result<ImageStore> {
         for sub in ["", "rootfs", "tmp", "users"] {
             let d = dir.join(sub);
-            fs::create_dir_all(&d).with_context(|| format!("creating image store directory {}", d.display()))?;
+            fs::create_dir_all(&d)
+                .with_context(|| format!("creating image store directory {}", d.display()))?;
         }
         // The container's mapped root must be able to reach the trees below `rootfs/`.
         for sub in ["", "rootfs"] {
@@ -202,7 +206,8 @@ impl ImageStore {
         let refs = self.read_refs()?;
         let digest = match &r.digest {
             Some(d) => {
-                let known = refs.iter().any(|(k, v)| v == d && k.rsplit_once(':').map(|(n, _)| n) == Some(&r.name));
+                let known =
+                    refs.iter().any(|(k, v)| v == d && k.rsplit_once(':').map(|(n, _)| n) == Some(&r.name));
                 if !known {
                     bail!("unknown image {reference:?}: the store has no image {} with digest {d}", r.name);
                 }
@@ -271,7 +276,8 @@ impl ImageStore {
             }
             // Rename first so that a half-deleted tree is never visible under its digest.
             let doomed = self.tmp_dir().join(format!("rm-{}", uuid::Uuid::new_v4().simple()));
-            fs::rename(entry.path(), &doomed).with_context(|| format!("moving {}", entry.path().display()))?;
+            fs::rename(entry.path(), &doomed)
+                .with_context(|| format!("moving {}", entry.path().display()))?;
             let _ = fs::remove_file(self.meta_path(&digest));
             fs::remove_dir_all(&doomed).with_context(|| format!("removing {}", doomed.display()))?;
             removed.push(digest);
@@ -328,7 +334,12 @@ impl ImageStore {
 
     /// Moves a finished tree into the store under `meta.digest` (keeping an existing identical
     /// tree) and points `reference` at it.
-    pub(crate) fn commit_tree(&self, tree: &Path, meta: &ImageMeta, reference: &str) -> Result<ResolvedImage> {
+    pub(crate) fn commit_tree(
+        &self,
+        tree: &Path,
+        meta: &ImageMeta,
+        reference: &str,
+    ) -> Result<ResolvedImage> {
         let r = Reference::parse(reference)?;
         if r.digest.is_some() {
             bail!("image name {reference:?} must not carry a digest");

@@ -144,8 +144,12 @@ fn image_import_docker_save_and_oci_layout_then_ls_and_rm() {
 
     let out = image(&state, &["ls", "--json"]);
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let names: Vec<String> =
-        list.as_array().unwrap().iter().map(|e| format!("{}:{}", e["name"].as_str().unwrap(), e["tag"].as_str().unwrap())).collect();
+    let names: Vec<String> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| format!("{}:{}", e["name"].as_str().unwrap(), e["tag"].as_str().unwrap()))
+        .collect();
     assert_eq!(names, ["demo-oci:latest", "demo:1"]);
     let out = image(&state, &["ls"]);
     let table = String::from_utf8_lossy(&out.stdout);
@@ -165,9 +169,17 @@ fn image_import_refuses_hostile_tarballs() {
     let tmp = tempfile::tempdir().unwrap();
     let state = tmp.path().join("state");
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("escape", tar_bytes(|b| add_raw(b, tar::EntryType::Regular, "../../outside", "")), "escapes the image root"),
+        (
+            "escape",
+            tar_bytes(|b| add_raw(b, tar::EntryType::Regular, "../../outside", "")),
+            "escapes the image root",
+        ),
         ("device", tar_bytes(|b| add_raw(b, tar::EntryType::Char, "dev/mem", "")), "refusing device node"),
-        ("hardlink", tar_bytes(|b| add_raw(b, tar::EntryType::Link, "shadow", "../../etc/shadow")), "out of the image tree"),
+        (
+            "hardlink",
+            tar_bytes(|b| add_raw(b, tar::EntryType::Link, "shadow", "../../etc/shadow")),
+            "out of the image tree",
+        ),
         (
             "symlink-parent",
             tar_bytes(|b| {
@@ -205,7 +217,8 @@ fn image_concurrent_imports_and_builds_share_one_tree() {
     let children: Vec<_> = (0..4)
         .map(|i| {
             let mut c = common::executor();
-            c.args(["image", "import", &format!("same:{i}"), docker.to_str().unwrap()]).env("EXECUTOR_STATE_DIR", &state);
+            c.args(["image", "import", &format!("same:{i}"), docker.to_str().unwrap()])
+                .env("EXECUTOR_STATE_DIR", &state);
             c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
             c.spawn().unwrap()
         })
@@ -222,7 +235,11 @@ fn image_concurrent_imports_and_builds_share_one_tree() {
     }
     let store = executor::image::ImageStore::open(&state.join("images")).unwrap();
     assert_eq!(store.list().unwrap().len(), 6);
-    let trees = std::fs::read_dir(state.join("images/rootfs")).unwrap().flatten().filter(|e| e.path().is_dir()).count();
+    let trees = std::fs::read_dir(state.join("images/rootfs"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .count();
     assert_eq!(trees, 2, "one tree per distinct image");
     let a = store.resolve("bb:0").unwrap();
     assert_eq!(a.digest, store.resolve("bb:1").unwrap().digest, "busybox builds are reproducible");

@@ -2,6 +2,6 @@
 //! loopback. Each area has its own module.
 
 mod common;
-mod package;
-mod oci;
 mod image;
+mod oci;
+mod package;

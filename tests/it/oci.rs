@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use executor::cancel::{Cancel, CancelReason};
 use executor::sandbox::oci::OciRuntime;
-use executor::sandbox::{BootRequest, Limits, OutputSink, Runtime, RuntimeOptions, SandboxRecord, StepEnd, StepSpec, Stream};
+use executor::sandbox::{
+    BootRequest, Limits, OutputSink, Runtime, RuntimeOptions, SandboxRecord, StepEnd, StepSpec, Stream,
+};
 
 use crate::common;
 
@@ -17,7 +19,6 @@ use crate::common;
 pub struct Fixture {
     pub tmp: tempfile::TempDir,
     pub rt: OciRuntime,
-    pub oci: String,
 }
 
 #[derive(Default)]
@@ -70,7 +71,7 @@ impl Fixture {
         assert!(out.status.success(), "build-busybox: {}", String::from_utf8_lossy(&out.stderr));
         std::fs::create_dir_all(tmp.path().join("ws/repo")).unwrap();
         let opts = RuntimeOptions { state_dir: state, allow_unisolated: false, oci_runtime: oci.to_string() };
-        Fixture { rt: OciRuntime::new(opts).unwrap(), tmp, oci: oci.to_string() }
+        Fixture { rt: OciRuntime::new(opts).unwrap(), tmp }
     }
 
     pub fn workspace(&self) -> PathBuf {
@@ -100,7 +101,13 @@ impl Fixture {
     }
 
     /// Writes `script` as a step script and runs it.
-    pub fn run(&self, sb: &SandboxRecord, script: &str, env: &[String], cancel: &Cancel) -> (StepEnd, Collect) {
+    pub fn run(
+        &self,
+        sb: &SandboxRecord,
+        script: &str,
+        env: &[String],
+        cancel: &Cancel,
+    ) -> (StepEnd, Collect) {
         self.run_in(sb, "busybox", script, env, cancel)
     }
 
@@ -135,7 +142,11 @@ fn assert_clean(f: &Fixture, sb: &SandboxRecord) {
     assert!(!users.exists(), "image use record left");
     let ps = std::process::Command::new("ps").args(["-eo", "args"]).output().unwrap();
     assert!(!String::from_utf8_lossy(&ps.stdout).contains(&sb.name), "a process of {} is left", sb.name);
-    assert_eq!(std::fs::read_dir(f.state().join("images/tmp")).unwrap().count(), 0, "temp files left in the store");
+    assert_eq!(
+        std::fs::read_dir(f.state().join("images/tmp")).unwrap().count(),
+        0,
+        "temp files left in the store"
+    );
 }
 
 fn steps_run_isolated(oci: &str, test: &str) {
@@ -164,7 +175,10 @@ fn steps_run_isolated(oci: &str, test: &str) {
     // The environment is the step's plus PATH and HOME (the shell adds PWD, SHLVL).
     let vars: Vec<&str> = stdout.lines().filter_map(|l| l.split_once('=').map(|(k, _)| k)).collect();
     for v in &vars {
-        assert!(["GREETING", "HOME", "PATH", "PWD", "SHLVL", "OLDPWD"].contains(v), "unexpected variable {v}");
+        assert!(
+            ["GREETING", "HOME", "PATH", "PWD", "SHLVL", "OLDPWD"].contains(v),
+            "unexpected variable {v}"
+        );
     }
     f.rt.sync_workspace(&sb, &f.workspace()).unwrap();
     let out_file = f.workspace().join("repo/output.txt");
@@ -370,9 +384,8 @@ fn probe_suite(oci: &str, test: &str) {
     let pids = if oci == "runsc" { 256 } else { 64 };
     let limits = Limits { cpus: 1, memory_bytes: 128 << 20, disk_bytes: 32 << 20, pids };
     let ws = f.workspace();
-    let sb = f
-        .rt
-        .boot(&BootRequest {
+    let sb =
+        f.rt.boot(&BootRequest {
             job_uid: "probe",
             workspace: &ws,
             images: vec!["busybox".into(), "suid".into()],

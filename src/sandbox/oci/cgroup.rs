@@ -94,10 +94,12 @@ impl JobCgroup {
             }
             Layout::V2 => {
                 let parent = Path::new(ROOT).join(PARENT);
-                fs::create_dir_all(&parent).with_context(|| format!("creating cgroup {}", parent.display()))?;
+                fs::create_dir_all(&parent)
+                    .with_context(|| format!("creating cgroup {}", parent.display()))?;
                 for d in [Path::new(ROOT), parent.as_path()] {
                     let f = d.join("cgroup.subtree_control");
-                    fs::write(&f, "+memory +pids +cpu").with_context(|| format!("enabling controllers in {}", f.display()))?;
+                    fs::write(&f, "+memory +pids +cpu")
+                        .with_context(|| format!("enabling controllers in {}", f.display()))?;
                 }
                 let d = self.dir("");
                 fs::create_dir_all(&d).with_context(|| format!("creating cgroup {}", d.display()))?;
@@ -138,9 +140,7 @@ impl JobCgroup {
         let read = |c: &str, file: &str, key: &str| -> u64 {
             fs::read_to_string(dir(c).join(file))
                 .ok()
-                .and_then(|s| {
-                    s.lines().find_map(|l| l.strip_prefix(key).and_then(|v| v.trim().parse().ok()))
-                })
+                .and_then(|s| s.lines().find_map(|l| l.strip_prefix(key).and_then(|v| v.trim().parse().ok())))
                 .unwrap_or(0)
         };
         match self.layout {
@@ -170,7 +170,11 @@ impl JobCgroup {
                 out.extend(s.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
             }
             if let Ok(rd) = fs::read_dir(&d) {
-                stack.extend(rd.flatten().filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false)).map(|e| e.path()));
+                stack.extend(
+                    rd.flatten()
+                        .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+                        .map(|e| e.path()),
+                );
             }
         }
         out
@@ -185,7 +189,8 @@ impl JobCgroup {
                 return true;
             }
             for p in pids {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
+                let _ =
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }

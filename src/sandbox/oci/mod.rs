@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 
 use crate::cancel::Cancel;
 use crate::image::{ImageStore, ID_BASE};
-use crate::sandbox::{BootRequest, Limits, OutputSink, Runtime, RuntimeOptions, SandboxRecord, StepEnd, StepSpec, Stream};
+use crate::sandbox::{
+    BootRequest, Limits, OutputSink, Runtime, RuntimeOptions, SandboxRecord, StepEnd, StepSpec, Stream,
+};
 
 /// The OCI runtimes this backend can drive.
 pub const OCI_RUNTIMES: &[&str] = &["runc", "crun", "runsc"];
@@ -36,7 +38,10 @@ const KILL_GRACE: Duration = Duration::from_secs(2);
 
 /// `EXECUTOR_OCI_RUNTIME`, or the default.
 pub fn oci_runtime_from_env() -> String {
-    std::env::var("EXECUTOR_OCI_RUNTIME").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| DEFAULT_OCI_RUNTIME.into())
+    std::env::var("EXECUTOR_OCI_RUNTIME")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| DEFAULT_OCI_RUNTIME.into())
 }
 
 /// What `boot` records in [`SandboxRecord::details`].
@@ -72,7 +77,8 @@ pub struct OciRuntime {
 impl OciRuntime {
     /// A runtime driving `opts.oci_runtime` (`runc`, `crun` or `runsc`; empty means `runc`).
     pub fn new(opts: RuntimeOptions) -> Result<OciRuntime> {
-        let oci_runtime = if opts.oci_runtime.is_empty() { DEFAULT_OCI_RUNTIME } else { opts.oci_runtime.as_str() };
+        let oci_runtime =
+            if opts.oci_runtime.is_empty() { DEFAULT_OCI_RUNTIME } else { opts.oci_runtime.as_str() };
         if !OCI_RUNTIMES.contains(&oci_runtime) {
             bail!("unknown OCI runtime {oci_runtime:?} (want one of {})", OCI_RUNTIMES.join(", "));
         }
@@ -98,7 +104,9 @@ impl OciRuntime {
                 cmd.args(["--platform=ptrace", "--network=none", "--oci-seccomp"]);
                 cmd.arg("--debug-log").arg(state_dir.join("runsc-logs/"));
             }
-            "crun" if cgroup::layout() == cgroup::Layout::V1 && Path::new("/sys/fs/cgroup/unified").exists() => {
+            "crun"
+                if cgroup::layout() == cgroup::Layout::V1 && Path::new("/sys/fs/cgroup/unified").exists() =>
+            {
                 crate::sys::hide_unified_cgroup(&mut cmd);
             }
             _ => {}
@@ -143,7 +151,8 @@ impl OciRuntime {
 /// Changes the owner of every entry below `root` (and `root`) without following symlinks or
 /// leaving the filesystem.
 fn chown_tree(root: &Path, owner: impl Fn(u32, u32) -> (u32, u32)) -> Result<()> {
-    let dev = fs::symlink_metadata(root).with_context(|| format!("inspecting workspace {}", root.display()))?.dev();
+    let dev =
+        fs::symlink_metadata(root).with_context(|| format!("inspecting workspace {}", root.display()))?.dev();
     let mut stack = vec![root.to_path_buf()];
     while let Some(p) = stack.pop() {
         let md = match fs::symlink_metadata(&p) {
@@ -203,7 +212,10 @@ impl Runtime for OciRuntime {
         let mut out = Vec::new();
         let bin = which::which(&self.oci_runtime)
             .with_context(|| format!("the OCI runtime {} is not installed", self.oci_runtime))?;
-        let v = Command::new(&bin).arg("--version").output().with_context(|| format!("running {}", bin.display()))?;
+        let v = Command::new(&bin)
+            .arg("--version")
+            .output()
+            .with_context(|| format!("running {}", bin.display()))?;
         let version = String::from_utf8_lossy(&v.stdout).lines().next().unwrap_or("").to_string();
         out.push(format!("{}: {version}", bin.display()));
         if !nix::unistd::geteuid().is_root() {
@@ -268,7 +280,8 @@ impl Runtime for OciRuntime {
     }
 
     fn step_command(&self, sandbox: &SandboxRecord, step: &StepSpec) -> Vec<String> {
-        let which = Self::details(sandbox).map(|d| d.oci_runtime).unwrap_or_else(|_| self.oci_runtime.clone());
+        let which =
+            Self::details(sandbox).map(|d| d.oci_runtime).unwrap_or_else(|_| self.oci_runtime.clone());
         vec![which, "run".into(), step.image.to_string(), "/bin/sh".into(), format!("/data/{}", step.script)]
     }
 
@@ -281,10 +294,9 @@ impl Runtime for OciRuntime {
     ) -> Result<StepEnd> {
         let d = Self::details(sandbox)?;
         let which = d.oci_runtime.as_str();
-        let image = d
-            .images
-            .get(step.image)
-            .with_context(|| format!("step {} names image {:?}, which the sandbox did not boot with", step.key, step.image))?;
+        let image = d.images.get(step.image).with_context(|| {
+            format!("step {} names image {:?}, which the sandbox did not boot with", step.key, step.image)
+        })?;
         let script = safe_rel(step.script, "step script")?;
         let dir = safe_rel(step.dir, "step directory")?;
         Self::shift_workspace(&sandbox.state_dir, &d)?;
@@ -383,7 +395,9 @@ impl Runtime for OciRuntime {
         let limits_note = |what: &str| format!("\nexecutor: the step hit the job's {what}\n");
         let pids_hit = seen.pids_max > 0
             || after.pids_max > before.pids_max
-            || (after.pids_limit > 0 && before.pids_peak < after.pids_limit && after.pids_peak >= after.pids_limit);
+            || (after.pids_limit > 0
+                && before.pids_peak < after.pids_limit
+                && after.pids_peak >= after.pids_limit);
         if pids_hit {
             let msg = format!("process limit ({} processes): a fork failed", after.pids_limit);
             sink.output(Stream::Stderr, limits_note(&msg).as_bytes());
@@ -396,7 +410,10 @@ impl Runtime for OciRuntime {
             || after.oom_kills > before.oom_kills
             || (killed && after.mem_failcnt > before.mem_failcnt);
         if oom {
-            sink.output(Stream::Stderr, limits_note("memory limit and was killed (out of memory)").as_bytes());
+            sink.output(
+                Stream::Stderr,
+                limits_note("memory limit and was killed (out of memory)").as_bytes(),
+            );
             return Ok(StepEnd::Signaled(libc::SIGKILL));
         }
         Ok(match (status.code(), status.signal()) {
@@ -457,16 +474,17 @@ impl Runtime for OciRuntime {
                 if !owned(&name) || !marker.exists() {
                     continue;
                 }
-                let record: SandboxRecord = match fs::read(&marker).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
-                    Some(r) => r,
-                    None => SandboxRecord {
-                        runtime: "oci".into(),
-                        name: name.clone(),
-                        state_dir: e.path(),
-                        pid: None,
-                        details: serde_json::Value::Null,
-                    },
-                };
+                let record: SandboxRecord =
+                    match fs::read(&marker).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
+                        Some(r) => r,
+                        None => SandboxRecord {
+                            runtime: "oci".into(),
+                            name: name.clone(),
+                            state_dir: e.path(),
+                            pid: None,
+                            details: serde_json::Value::Null,
+                        },
+                    };
                 self.teardown(&record).with_context(|| format!("removing stale sandbox {name}"))?;
                 removed.push(name);
             }
@@ -494,7 +512,14 @@ impl Runtime for OciRuntime {
 impl OciRuntime {
     /// Stops a running step: the runtime's kill, then SIGKILL to every process in the job's
     /// cgroup, then the runtime process itself if it has not exited within the grace period.
-    fn stop_step(&self, which: &str, state_dir: &Path, id: &str, cg: &cgroup::JobCgroup, child: &mut std::process::Child) {
+    fn stop_step(
+        &self,
+        which: &str,
+        state_dir: &Path,
+        id: &str,
+        cg: &cgroup::JobCgroup,
+        child: &mut std::process::Child,
+    ) {
         let mut kill = self.runtime_cmd(which, state_dir);
         kill.args(["kill", "--all", id, "KILL"]);
         let _ = self.quiet(kill);
@@ -506,6 +531,9 @@ impl OciRuntime {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 }

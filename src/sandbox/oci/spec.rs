@@ -122,9 +122,19 @@ pub fn bundle_config(c: &StepContainer) -> Value {
 
     // 4. /proc and /sys: paths that reveal or change the host are masked or read-only.
     let masked = json!([
-        "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
-        "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/proc/kmsg", "/sys/firmware",
-        "/sys/devices/virtual/powercap", "/sys/kernel"
+        "/proc/acpi",
+        "/proc/asound",
+        "/proc/kcore",
+        "/proc/keys",
+        "/proc/latency_stats",
+        "/proc/timer_list",
+        "/proc/timer_stats",
+        "/proc/sched_debug",
+        "/proc/scsi",
+        "/proc/kmsg",
+        "/sys/firmware",
+        "/sys/devices/virtual/powercap",
+        "/sys/kernel"
     ]);
     let readonly = json!(["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]);
 
@@ -229,7 +239,12 @@ mod tests {
     #[test]
     fn config_isolates_every_way_the_issue_lists() {
         let v = bundle_config(&sample());
-        let ns: Vec<&str> = v["linux"]["namespaces"].as_array().unwrap().iter().map(|n| n["type"].as_str().unwrap()).collect();
+        let ns: Vec<&str> = v["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["type"].as_str().unwrap())
+            .collect();
         assert_eq!(ns, ["user", "pid", "mount", "network", "ipc", "uts", "cgroup"]);
         assert_eq!(v["linux"]["uidMappings"][0]["containerID"], 0);
         assert_ne!(v["linux"]["uidMappings"][0]["hostID"], 0);
@@ -239,10 +254,21 @@ mod tests {
             assert_eq!(v["process"]["capabilities"][set], json!([]), "{set}");
         }
         let denied = v["linux"]["seccomp"]["syscalls"][0]["names"].as_array().unwrap();
-        for s in ["mount", "ptrace", "kexec_load", "init_module", "finit_module", "bpf", "keyctl", "perf_event_open", "open_by_handle_at"] {
+        for s in [
+            "mount",
+            "ptrace",
+            "kexec_load",
+            "init_module",
+            "finit_module",
+            "bpf",
+            "keyctl",
+            "perf_event_open",
+            "open_by_handle_at",
+        ] {
             assert!(denied.iter().any(|d| d == s), "{s} not denied");
         }
-        let dests: Vec<&str> = v["mounts"].as_array().unwrap().iter().map(|m| m["destination"].as_str().unwrap()).collect();
+        let dests: Vec<&str> =
+            v["mounts"].as_array().unwrap().iter().map(|m| m["destination"].as_str().unwrap()).collect();
         assert!(dests.contains(&"/tmp") && dests.contains(&"/data"));
         assert_eq!(v["process"]["cwd"], "/data/repo");
         assert!(v["linux"]["readonlyPaths"].as_array().unwrap().iter().any(|p| p == "/proc/sysrq-trigger"));
@@ -250,7 +276,10 @@ mod tests {
 
     #[test]
     fn environment_is_only_the_steps_plus_path_and_home() {
-        assert_eq!(step_env(&["A=1".into()]), vec![format!("PATH={DEFAULT_PATH}"), "HOME=/tmp".into(), "A=1".into()]);
+        assert_eq!(
+            step_env(&["A=1".into()]),
+            vec![format!("PATH={DEFAULT_PATH}"), "HOME=/tmp".into(), "A=1".into()]
+        );
         assert_eq!(step_env(&["PATH=/x".into(), "HOME=/h".into()]), vec!["PATH=/x", "HOME=/h"]);
     }
 }

@@ -13,6 +13,7 @@ pub mod protocol;
 pub mod redact;
 pub mod sandbox;
 mod sys;
+pub mod server;
 
 use cli::{Cli, Command};
 
@@ -41,5 +42,6 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::GenerateDocs { out } => docs::generate(&out).map(|_| exit::OK),
         Command::Image(args) => image::cli::run(args),
+        Command::Queue(args) => cli::queue::run(args),
     }
 }

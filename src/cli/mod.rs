@@ -2,6 +2,7 @@
 //! turned into the settings structs of the module that does the work.
 
 pub mod image;
+pub mod queue;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -26,6 +27,8 @@ pub struct Cli {
 pub enum Command {
     /// Manage the local image store (import, build, list, remove)
     Image(image::ImageArgs),
+    /// The coordinator: serve the job queue, or talk to its admin API
+    Queue(queue::QueueArgs),
     /// Write the man pages and shell completions generated from these definitions
     #[command(hide = true)]
     GenerateDocs {

@@ -4,4 +4,6 @@
 mod common;
 mod image;
 mod oci;
+mod coordinator;
 mod package;
+mod server;

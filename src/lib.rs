@@ -12,8 +12,8 @@ pub mod image;
 pub mod protocol;
 pub mod redact;
 pub mod sandbox;
-mod sys;
 pub mod server;
+mod sys;
 
 use cli::{Cli, Command};
 

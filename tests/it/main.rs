@@ -2,8 +2,8 @@
 //! loopback. Each area has its own module.
 
 mod common;
+mod coordinator;
 mod image;
 mod oci;
-mod coordinator;
 mod package;
 mod server;

@@ -606,3 +606,8 @@ fn oci_runc_escape_probes_are_contained() {
 fn oci_runsc_escape_probes_are_contained() {
     probe_suite("runsc", "oci_runsc_escape_probes_are_contained");
 }
+
+#[test]
+fn oci_crun_escape_probes_are_contained() {
+    probe_suite("crun", "oci_crun_escape_probes_are_contained");
+}

@@ -6,4 +6,5 @@ mod coordinator;
 mod image;
 mod oci;
 mod package;
+mod pipeline;
 mod server;

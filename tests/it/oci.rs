@@ -611,3 +611,158 @@ fn oci_runsc_escape_probes_are_contained() {
 fn oci_crun_escape_probes_are_contained() {
     probe_suite("crun", "oci_crun_escape_probes_are_contained");
 }
+
+/// An image with busybox (all applets), the probe helper at /usr/bin/probe and a setuid busybox.
+fn import_probe_image(f: &Fixture) {
+    let bb_path = which::which("busybox").unwrap();
+    let bb = std::fs::read(&bb_path).unwrap();
+    let probe = f.tmp.path().join("probe-bin");
+    assert!(compile_probe(&probe), "gcc -static failed");
+    let probe = std::fs::read(&probe).unwrap();
+    let list = std::process::Command::new(&bb_path).arg("--list").output().unwrap();
+    let mut layer = tar::Builder::new(Vec::new());
+    let mut add = |path: &str, data: &[u8], mode: u32| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(mode);
+        h.set_entry_type(tar::EntryType::Regular);
+        layer.append_data(&mut h, path, data).unwrap();
+    };
+    add("bin/busybox", &bb, 0o755);
+    add("bin/suid/busybox", &bb, 0o4755);
+    add("usr/bin/probe", &probe, 0o755);
+    for applet in String::from_utf8_lossy(&list.stdout).lines().filter(|a| !a.is_empty() && *a != "busybox") {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        layer.append_link(&mut h, format!("bin/{applet}"), "busybox").unwrap();
+    }
+    let layer = layer.into_inner().unwrap();
+    let mut t = tar::Builder::new(Vec::new());
+    for (name, data) in [
+        ("manifest.json", br#"[{"Config":"c.json","Layers":["l/layer.tar"]}]"#.to_vec()),
+        ("c.json", br#"{"config":{"Env":["PATH=/usr/bin:/bin"]}}"#.to_vec()),
+        ("l/layer.tar", layer),
+    ] {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        t.append_data(&mut h, name, &data[..]).unwrap();
+    }
+    let file = f.tmp.path().join("probe-image.tar");
+    std::fs::write(&file, t.into_inner().unwrap()).unwrap();
+    let out = common::run(
+        common::executor()
+            .args(["image", "import", "probe:1"])
+            .arg(&file)
+            .env("EXECUTOR_STATE_DIR", f.state()),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn job_log(job: &serde_json::Value) -> String {
+    job["logs"]
+        .as_array()
+        .map(|a| a.iter().map(|e| format!("[{}] {}\n", e["key"], e["out"].as_str().unwrap_or(""))).collect())
+        .unwrap_or_default()
+}
+
+/// The escape probes as real jobs: the coordinator queues them, `executor loop` runs them in the
+/// oci runtime with runc, and the job logs the coordinator stored show how each was contained.
+#[test]
+fn oci_probes_run_as_real_jobs_through_the_coordinator() {
+    let test = "oci_probes_run_as_real_jobs_through_the_coordinator";
+    if !can_run(test, "runc") {
+        return;
+    }
+    if std::process::Command::new("gcc").arg("--version").output().is_err() {
+        common::skip(test, "gcc (build-essential) is needed to build the probe helper");
+        return;
+    }
+    let c = crate::coordinator::Coordinator::start();
+    let f = Fixture::new("runc");
+    import_probe_image(&f);
+    let port = c.url.rsplit(':').next().unwrap().trim_end_matches('/').to_string();
+    let data_dir = c.data_dir.path().display().to_string();
+    let state = f.state().display().to_string();
+    let prefix = format!("ocijob{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let contained: Vec<(&str, String, &str)> = vec![
+        ("hostfile", format!("cat {data_dir}/db/* {state}/images/refs.json 2>&1; ls {data_dir} 2>&1"), "No such file"),
+        ("secrets", "env; cat /proc/*/environ /proc/*/cmdline 2>/dev/null | tr '\\0' '\\n'; echo fds: $(ls /proc/self/fd)".into(), "fds: 0 1 2 3"),
+        ("ptrace", "probe ptrace-init".into(), "ptrace-init: EPERM"),
+        ("mount", "probe mount".into(), "mount: EPERM"),
+        ("module", "probe init-module".into(), "init-module: EPERM"),
+        ("sysrq", "echo b > /proc/sysrq-trigger; echo 1 > /proc/sys/kernel/sysrq".into(), "can't create /proc/sysrq-trigger"),
+        ("devices", "cat /dev/kvm /dev/mem 2>&1".into(), "'/dev/kvm': No such file"),
+        ("rawsocket", "probe raw-socket".into(), "raw-socket: EPERM"),
+        ("coordinator", format!("probe connect {port}"), "connect: ECONNREFUSED"),
+        ("userns", "probe userns".into(), "userns: EPERM"),
+        ("setuid", "/bin/suid/busybox grep CapEff /proc/self/status; probe nnp".into(), "CapEff:\t0000000000000000"),
+        ("daemon", "setsid sleep 1000 </dev/null >/dev/null 2>&1 & echo left".into(), "left"),
+    ];
+    let steps: Vec<serde_json::Value> = contained
+        .iter()
+        .map(|(k, script, _)| serde_json::json!({"key": k, "image": "probe:1", "dir": "", "env": [], "commands": [script, "true"]}))
+        .collect();
+    let probes = c.submit(serde_json::json!({"dockerSteps": steps}));
+    let symlink = c.submit(serde_json::json!({"dockerSteps": [
+        {"key": "link", "image": "probe:1", "dir": "", "env": [], "commands": ["ln -s /etc/shadow /data/shadow-link"]}
+    ], "artifacts": ["shadow-link"]}));
+    let membomb = c.submit(serde_json::json!({"dockerSteps": [
+        {"key": "bomb", "image": "probe:1", "dir": "", "env": [], "commands": ["dd if=/dev/zero of=/dev/null bs=400M count=1"]}
+    ]}));
+
+    let run_loop = |jobs: &str, max_runtime: &str| {
+        let mut cmd = common::executor();
+        c.executor_env(&mut cmd);
+        cmd.env("EXECUTOR_QUEUE_NAME", "batches")
+            .env("EXECUTOR_RUNTIME", "oci")
+            .env("EXECUTOR_OCI_RUNTIME", "runc")
+            .env("EXECUTOR_STATE_DIR", f.state())
+            .env("EXECUTOR_VM_PREFIX", &prefix)
+            .env("EXECUTOR_JOB_MEMORY", "200M")
+            .env("EXECUTOR_JOB_NUM_CPUS", "1")
+            .env("EXECUTOR_NUM_TOTAL_JOBS", jobs)
+            .env("EXECUTOR_MAXIMUM_RUNTIME_PER_JOB", max_runtime)
+            .env("EXECUTOR_HEARTBEAT_INTERVAL", "300ms")
+            .arg("loop");
+        let out = common::run(&mut cmd);
+        assert!(out.status.success(), "loop: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run_loop("3", "60s");
+
+    let job = c.wait_state(probes, &["completed", "failed", "errored"], Duration::from_secs(60));
+    let log = job_log(&job);
+    assert_eq!(job["state"], "completed", "{log}");
+    for (key, _, want) in &contained {
+        let entry = job["logs"].as_array().unwrap().iter().find(|e| e["key"] == format!("step.docker.{key}"));
+        let out = entry.and_then(|e| e["out"].as_str()).unwrap_or_default();
+        assert!(out.contains(want), "probe {key} should show {want:?}:\n{out}");
+    }
+    assert!(!log.contains("_REMOVED"), "a secret reached a sandbox (the redactor caught it):\n{log}");
+    assert!(!log.contains(&c.secret) && !log.contains("EXECUTOR_"), "{log}");
+
+    let job = c.wait_state(symlink, &["completed", "failed", "errored"], Duration::from_secs(60));
+    let log = job_log(&job);
+    assert!(log.contains("artifact shadow-link goes through the symlink shadow-link: refusing"), "{log}");
+    assert!(!log.contains("root:"), "{log}");
+
+    let job = c.wait_state(membomb, &["completed", "failed", "errored"], Duration::from_secs(60));
+    assert_ne!(job["state"], "completed");
+    assert!(job_log(&job).contains("hit the job's memory limit"), "{}", job_log(&job));
+
+    let spinner = c.submit(serde_json::json!({"dockerSteps": [
+        {"key": "spin", "image": "probe:1", "dir": "", "env": [], "commands": ["echo spinning; while :; do :; done"]}
+    ]}));
+    run_loop("1", "2s");
+    let job = c.wait_state(spinner, &["failed", "errored"], Duration::from_secs(30));
+    assert_eq!(job["failureMessage"], "job exceeded maximum execution time of 2s", "{job:#}");
+
+    // Nothing of any job is left: sandboxes, cgroups, image use records, processes, workspaces.
+    let left = |dir: &str| std::fs::read_dir(f.state().join(dir)).map(|r| r.count()).unwrap_or(0);
+    assert_eq!((left("sandboxes"), left("images/users"), left("workspaces")), (0, 0, 0));
+    let cgroups = executor::sandbox::oci::cgroup::existing_jobs();
+    assert!(!cgroups.iter().any(|n| n.starts_with(&prefix)), "{cgroups:?}");
+    let ps = std::process::Command::new("ps").args(["-eo", "args"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&ps.stdout).contains(&prefix));
+}

@@ -766,3 +766,22 @@ fn oci_probes_run_as_real_jobs_through_the_coordinator() {
     let ps = std::process::Command::new("ps").args(["-eo", "args"]).output().unwrap();
     assert!(!String::from_utf8_lossy(&ps.stdout).contains(&prefix));
 }
+
+#[test]
+fn oci_check_reports_every_oci_runtime() {
+    if !can_run("oci_check_reports_every_oci_runtime", "runc") {
+        return;
+    }
+    let f = Fixture::new("runc");
+    let lines = f.rt.check().unwrap();
+    for which in ["runc", "crun", "runsc"] {
+        assert!(lines.iter().any(|l| l.starts_with(&format!("oci runtime {which}: "))), "{lines:?}");
+    }
+    assert!(
+        lines.iter().any(|l| l.starts_with("oci runtime runc: ") && l.ends_with(", selected")),
+        "{lines:?}"
+    );
+    let opts = RuntimeOptions { state_dir: f.state(), allow_unisolated: false, oci_runtime: "docker".into() };
+    let err = OciRuntime::new(opts).unwrap_err();
+    assert!(format!("{err:#}").contains("unknown OCI runtime \"docker\""), "{err:#}");
+}

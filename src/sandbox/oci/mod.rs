@@ -210,14 +210,20 @@ impl Runtime for OciRuntime {
 
     fn check(&self) -> Result<Vec<String>> {
         let mut out = Vec::new();
-        let bin = which::which(&self.oci_runtime)
-            .with_context(|| format!("the OCI runtime {} is not installed", self.oci_runtime))?;
-        let v = Command::new(&bin)
-            .arg("--version")
-            .output()
-            .with_context(|| format!("running {}", bin.display()))?;
-        let version = String::from_utf8_lossy(&v.stdout).lines().next().unwrap_or("").to_string();
-        out.push(format!("{}: {version}", bin.display()));
+        // Every OCI runtime this host has, so an operator sees which `--oci-runtime` would work.
+        for which in OCI_RUNTIMES {
+            let version = which::which(which).ok().and_then(|bin| {
+                let v = Command::new(&bin).arg("--version").stdin(Stdio::null()).output().ok()?;
+                let line = String::from_utf8_lossy(&v.stdout).lines().next().unwrap_or("").to_string();
+                Some(format!("{} ({line})", bin.display()))
+            });
+            let chosen = if *which == self.oci_runtime { ", selected" } else { "" };
+            match version {
+                Some(v) => out.push(format!("oci runtime {which}: {v}{chosen}")),
+                None if chosen.is_empty() => out.push(format!("oci runtime {which}: not installed")),
+                None => bail!("the selected OCI runtime {which} is not installed"),
+            }
+        }
         if !nix::unistd::geteuid().is_root() {
             bail!("the oci runtime needs root (it maps container root to host uids from {ID_BASE})");
         }

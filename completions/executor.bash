@@ -118,11 +118,17 @@ _executor() {
             executor__subcmd__help__subcmd__queue,executors)
                 cmd="executor__subcmd__help__subcmd__queue__subcmd__executors"
                 ;;
+            executor__subcmd__help__subcmd__queue,files)
+                cmd="executor__subcmd__help__subcmd__queue__subcmd__files"
+                ;;
             executor__subcmd__help__subcmd__queue,jobs)
                 cmd="executor__subcmd__help__subcmd__queue__subcmd__jobs"
                 ;;
             executor__subcmd__help__subcmd__queue,logs)
                 cmd="executor__subcmd__help__subcmd__queue__subcmd__logs"
+                ;;
+            executor__subcmd__help__subcmd__queue,repo)
+                cmd="executor__subcmd__help__subcmd__queue__subcmd__repo"
                 ;;
             executor__subcmd__help__subcmd__queue,serve)
                 cmd="executor__subcmd__help__subcmd__queue__subcmd__serve"
@@ -132,6 +138,21 @@ _executor() {
                 ;;
             executor__subcmd__help__subcmd__queue,submit)
                 cmd="executor__subcmd__help__subcmd__queue__subcmd__submit"
+                ;;
+            executor__subcmd__help__subcmd__queue__subcmd__files,ls)
+                cmd="executor__subcmd__help__subcmd__queue__subcmd__files__subcmd__ls"
+                ;;
+            executor__subcmd__help__subcmd__queue__subcmd__files,put)
+                cmd="executor__subcmd__help__subcmd__queue__subcmd__files__subcmd__put"
+                ;;
+            executor__subcmd__help__subcmd__queue__subcmd__repo,add)
+                cmd="executor__subcmd__help__subcmd__queue__subcmd__repo__subcmd__add"
+                ;;
+            executor__subcmd__help__subcmd__queue__subcmd__repo,ls)
+                cmd="executor__subcmd__help__subcmd__queue__subcmd__repo__subcmd__ls"
+                ;;
+            executor__subcmd__help__subcmd__queue__subcmd__repo,rm)
+                cmd="executor__subcmd__help__subcmd__queue__subcmd__repo__subcmd__rm"
                 ;;
             executor__subcmd__image,build-base)
                 cmd="executor__subcmd__image__subcmd__build__subcmd__base"
@@ -178,6 +199,9 @@ _executor() {
             executor__subcmd__queue,executors)
                 cmd="executor__subcmd__queue__subcmd__executors"
                 ;;
+            executor__subcmd__queue,files)
+                cmd="executor__subcmd__queue__subcmd__files"
+                ;;
             executor__subcmd__queue,help)
                 cmd="executor__subcmd__queue__subcmd__help"
                 ;;
@@ -186,6 +210,9 @@ _executor() {
                 ;;
             executor__subcmd__queue,logs)
                 cmd="executor__subcmd__queue__subcmd__logs"
+                ;;
+            executor__subcmd__queue,repo)
+                cmd="executor__subcmd__queue__subcmd__repo"
                 ;;
             executor__subcmd__queue,serve)
                 cmd="executor__subcmd__queue__subcmd__serve"
@@ -196,6 +223,24 @@ _executor() {
             executor__subcmd__queue,submit)
                 cmd="executor__subcmd__queue__subcmd__submit"
                 ;;
+            executor__subcmd__queue__subcmd__files,help)
+                cmd="executor__subcmd__queue__subcmd__files__subcmd__help"
+                ;;
+            executor__subcmd__queue__subcmd__files,ls)
+                cmd="executor__subcmd__queue__subcmd__files__subcmd__ls"
+                ;;
+            executor__subcmd__queue__subcmd__files,put)
+                cmd="executor__subcmd__queue__subcmd__files__subcmd__put"
+                ;;
+            executor__subcmd__queue__subcmd__files__subcmd__help,help)
+                cmd="executor__subcmd__queue__subcmd__files__subcmd__help__subcmd__help"
+                ;;
+            executor__subcmd__queue__subcmd__files__subcmd__help,ls)
+                cmd="executor__subcmd__queue__subcmd__files__subcmd__help__subcmd__ls"
+                ;;
+            executor__subcmd__queue__subcmd__files__subcmd__help,put)
+                cmd="executor__subcmd__queue__subcmd__files__subcmd__help__subcmd__put"
+                ;;
             executor__subcmd__queue__subcmd__help,artifacts)
                 cmd="executor__subcmd__queue__subcmd__help__subcmd__artifacts"
                 ;;
@@ -204,6 +249,9 @@ _executor() {
                 ;;
             executor__subcmd__queue__subcmd__help,executors)
                 cmd="executor__subcmd__queue__subcmd__help__subcmd__executors"
+                ;;
+            executor__subcmd__queue__subcmd__help,files)
+                cmd="executor__subcmd__queue__subcmd__help__subcmd__files"
                 ;;
             executor__subcmd__queue__subcmd__help,help)
                 cmd="executor__subcmd__queue__subcmd__help__subcmd__help"
@@ -214,6 +262,9 @@ _executor() {
             executor__subcmd__queue__subcmd__help,logs)
                 cmd="executor__subcmd__queue__subcmd__help__subcmd__logs"
                 ;;
+            executor__subcmd__queue__subcmd__help,repo)
+                cmd="executor__subcmd__queue__subcmd__help__subcmd__repo"
+                ;;
             executor__subcmd__queue__subcmd__help,serve)
                 cmd="executor__subcmd__queue__subcmd__help__subcmd__serve"
                 ;;
@@ -222,6 +273,45 @@ _executor() {
                 ;;
             executor__subcmd__queue__subcmd__help,submit)
                 cmd="executor__subcmd__queue__subcmd__help__subcmd__submit"
+                ;;
+            executor__subcmd__queue__subcmd__help__subcmd__files,ls)
+                cmd="executor__subcmd__queue__subcmd__help__subcmd__files__subcmd__ls"
+                ;;
+            executor__subcmd__queue__subcmd__help__subcmd__files,put)
+                cmd="executor__subcmd__queue__subcmd__help__subcmd__files__subcmd__put"
+                ;;
+            executor__subcmd__queue__subcmd__help__subcmd__repo,add)
+                cmd="executor__subcmd__queue__subcmd__help__subcmd__repo__subcmd__add"
+                ;;
+            executor__subcmd__queue__subcmd__help__subcmd__repo,ls)
+                cmd="executor__subcmd__queue__subcmd__help__subcmd__repo__subcmd__ls"
+                ;;
+            executor__subcmd__queue__subcmd__help__subcmd__repo,rm)
+                cmd="executor__subcmd__queue__subcmd__help__subcmd__repo__subcmd__rm"
+                ;;
+            executor__subcmd__queue__subcmd__repo,add)
+                cmd="executor__subcmd__queue__subcmd__repo__subcmd__add"
+                ;;
+            executor__subcmd__queue__subcmd__repo,help)
+                cmd="executor__subcmd__queue__subcmd__repo__subcmd__help"
+                ;;
+            executor__subcmd__queue__subcmd__repo,ls)
+                cmd="executor__subcmd__queue__subcmd__repo__subcmd__ls"
+                ;;
+            executor__subcmd__queue__subcmd__repo,rm)
+                cmd="executor__subcmd__queue__subcmd__repo__subcmd__rm"
+                ;;
+            executor__subcmd__queue__subcmd__repo__subcmd__help,add)
+                cmd="executor__subcmd__queue__subcmd__repo__subcmd__help__subcmd__add"
+                ;;
+            executor__subcmd__queue__subcmd__repo__subcmd__help,help)
+                cmd="executor__subcmd__queue__subcmd__repo__subcmd__help__subcmd__help"
+                ;;
+            executor__subcmd__queue__subcmd__repo__subcmd__help,ls)
+                cmd="executor__subcmd__queue__subcmd__repo__subcmd__help__subcmd__ls"
+                ;;
+            executor__subcmd__queue__subcmd__repo__subcmd__help,rm)
+                cmd="executor__subcmd__queue__subcmd__repo__subcmd__help__subcmd__rm"
                 ;;
             *)
                 ;;
@@ -698,7 +788,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__help__subcmd__queue)
-            opts="serve submit jobs show logs cancel executors artifacts"
+            opts="serve submit jobs show logs cancel executors repo files artifacts"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -753,6 +843,48 @@ _executor() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        executor__subcmd__help__subcmd__queue__subcmd__files)
+            opts="put ls"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__help__subcmd__queue__subcmd__files__subcmd__ls)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__help__subcmd__queue__subcmd__files__subcmd__put)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         executor__subcmd__help__subcmd__queue__subcmd__jobs)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
@@ -770,6 +902,62 @@ _executor() {
         executor__subcmd__help__subcmd__queue__subcmd__logs)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__help__subcmd__queue__subcmd__repo)
+            opts="add ls rm"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__help__subcmd__queue__subcmd__repo__subcmd__add)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__help__subcmd__queue__subcmd__repo__subcmd__ls)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__help__subcmd__queue__subcmd__repo__subcmd__rm)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -1424,7 +1612,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__queue)
-            opts="-h -V --help --version serve submit jobs show logs cancel executors artifacts help"
+            opts="-h -V --help --version serve submit jobs show logs cancel executors repo files artifacts help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1511,8 +1699,122 @@ _executor() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        executor__subcmd__queue__subcmd__files)
+            opts="-h -V --help --version put ls help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__files__subcmd__help)
+            opts="put ls help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__files__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__files__subcmd__help__subcmd__ls)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__files__subcmd__help__subcmd__put)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__files__subcmd__ls)
+            opts="-h -V --url --ca-cert --json --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --ca-cert)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__files__subcmd__put)
+            opts="-h -V --url --ca-cert --json --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --ca-cert)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         executor__subcmd__queue__subcmd__help)
-            opts="serve submit jobs show logs cancel executors artifacts help"
+            opts="serve submit jobs show logs cancel executors repo files artifacts help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1567,6 +1869,48 @@ _executor() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        executor__subcmd__queue__subcmd__help__subcmd__files)
+            opts="put ls"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__help__subcmd__files__subcmd__ls)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__help__subcmd__files__subcmd__put)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         executor__subcmd__queue__subcmd__help__subcmd__help)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
@@ -1598,6 +1942,62 @@ _executor() {
         executor__subcmd__queue__subcmd__help__subcmd__logs)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__help__subcmd__repo)
+            opts="add ls rm"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__help__subcmd__repo__subcmd__add)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__help__subcmd__repo__subcmd__ls)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__help__subcmd__repo__subcmd__rm)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -1688,6 +2088,156 @@ _executor() {
         executor__subcmd__queue__subcmd__logs)
             opts="-f -h -V --follow --url --ca-cert --json --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --ca-cert)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__repo)
+            opts="-h -V --help --version add ls rm help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__repo__subcmd__add)
+            opts="-h -V --url --ca-cert --json --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --ca-cert)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__repo__subcmd__help)
+            opts="add ls rm help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__repo__subcmd__help__subcmd__add)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__repo__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__repo__subcmd__help__subcmd__ls)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__repo__subcmd__help__subcmd__rm)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__repo__subcmd__ls)
+            opts="-h -V --url --ca-cert --json --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --ca-cert)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__repo__subcmd__rm)
+            opts="-h -V --url --ca-cert --json --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi

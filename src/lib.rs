@@ -10,6 +10,8 @@ pub mod docs;
 mod docs_extra;
 pub mod document;
 pub mod exit;
+pub mod git;
+pub mod githttp;
 pub mod image;
 pub mod logs;
 pub mod protocol;

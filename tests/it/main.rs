@@ -3,6 +3,7 @@
 
 mod common;
 mod coordinator;
+mod gitserve;
 mod image;
 mod oci;
 mod package;

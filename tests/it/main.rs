@@ -4,6 +4,8 @@
 mod common;
 mod coordinator;
 pub mod gitserve;
+mod image;
+mod oci;
 mod package;
 mod pipeline;
 mod server;

@@ -8,9 +8,11 @@ pub mod docs;
 mod docs_extra;
 pub mod document;
 pub mod exit;
+pub mod guest;
 pub mod protocol;
 pub mod redact;
 pub mod sandbox;
+pub mod vm;
 
 use cli::{Cli, Command};
 
@@ -38,5 +40,8 @@ pub fn main() -> i32 {
 fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::GenerateDocs { out } => docs::generate(&out).map(|_| exit::OK),
+        Command::Install(cli::vm::InstallCommand::Vm(args)) => vm::cmd::install_vm(args),
+        Command::TestVm(args) => vm::cmd::test_vm(args),
+        Command::GuestAgent(args) => vm::cmd::guest_agent(args),
     }
 }

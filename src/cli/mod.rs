@@ -4,6 +4,8 @@
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
+pub mod vm;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "executor",
@@ -29,6 +31,14 @@ pub enum Command {
         #[arg(long, default_value = ".")]
         out: PathBuf,
     },
+    /// Install what a runtime needs on this host
+    #[command(subcommand)]
+    Install(vm::InstallCommand),
+    /// Boot a microVM, run a command in it and print the phases of the boot with their times
+    TestVm(vm::TestVmArgs),
+    /// The guest agent: PID 1 inside a microVM (not for use on a host)
+    #[command(hide = true)]
+    GuestAgent(vm::GuestAgentArgs),
 }
 
 /// The clap command tree, for the generated man pages and completions.

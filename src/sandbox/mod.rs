@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 
 use crate::cancel::{Cancel, CancelReason};
 
+pub mod microvm;
+
 /// A running sandbox as recorded in the run document. Everything a later process needs to reach
 /// it again, and nothing secret.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -118,6 +120,10 @@ pub struct RuntimeOptions {
     pub state_dir: PathBuf,
     /// The shell runtime runs only with this explicit opt-in (`EXECUTOR_ALLOW_UNISOLATED=1`).
     pub allow_unisolated: bool,
+    /// microvm: `--accel` / `EXECUTOR_VM_ACCEL`.
+    pub vm_accel: microvm::Accel,
+    /// microvm: `EXECUTOR_VM_ALLOW_TCG=1` lets `auto` fall back to slow software emulation.
+    pub vm_allow_tcg: bool,
 }
 
 impl RuntimeOptions {

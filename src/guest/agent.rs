@@ -32,17 +32,17 @@ fn send(port: &Port, frame: &Frame) {
     let _ = frame.write_to(&mut *f);
 }
 
+/// Milliseconds since the kernel started (CLOCK_BOOTTIME needs no /proc).
 fn uptime_ms() -> u64 {
-    fs::read_to_string("/proc/uptime")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
-        .map(|s| (s * 1000.0) as u64)
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
         .unwrap_or(0)
 }
 
 fn mount_fs(src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> Result<()> {
     fs::create_dir_all(target).with_context(|| format!("creating {target}"))?;
-    mount(Some(src), target, Some(fstype), flags, data).with_context(|| format!("mounting {fstype} on {target}"))
+    mount(Some(src), target, Some(fstype), flags, data)
+        .with_context(|| format!("mounting {fstype} on {target}"))
 }
 
 fn load_modules() -> Result<()> {
@@ -105,6 +105,12 @@ fn cmdline_value(key: &str) -> Option<String> {
     cmdline.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('=').map(str::to_string))
 }
 
+fn debug_time(what: &str, since: u64) {
+    if cmdline_value("executor.debug").is_some() {
+        eprintln!("executor guest-agent: {what} after {} ms", uptime_ms().saturating_sub(since));
+    }
+}
+
 /// Everything before serving: filesystems, modules, devices, disks. Returns the number of images.
 fn setup() -> Result<u32> {
     mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, None)?;
@@ -112,7 +118,9 @@ fn setup() -> Result<u32> {
     mount_fs("sysfs", "/sys", "sysfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None)?;
     mount_fs("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
     mount_fs("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
+    let t = uptime_ms();
     load_modules()?;
+    debug_time("modules loaded", t);
     let images: u32 = cmdline_value("executor.images").and_then(|v| v.parse().ok()).unwrap_or(0);
     if cmdline_value("executor.workspace").as_deref() == Some("1") {
         let dev = wait_for("the workspace disk", Duration::from_secs(30), || find_disk("workspace"))?;
@@ -120,9 +128,16 @@ fn setup() -> Result<u32> {
     } else {
         fs::create_dir_all("/data").context("creating /data")?;
     }
+    debug_time("workspace mounted", t);
     for i in 0..images {
         let dev = wait_for("an image disk", Duration::from_secs(30), || find_disk(&format!("image{i}")))?;
-        mount_fs(&dev.to_string_lossy(), &format!("/images/{i}"), "ext4", MsFlags::MS_RDONLY, Some("noload"))?;
+        mount_fs(
+            &dev.to_string_lossy(),
+            &format!("/images/{i}"),
+            "ext4",
+            MsFlags::MS_RDONLY,
+            Some("noload"),
+        )?;
     }
     Ok(images)
 }
@@ -212,8 +227,12 @@ impl Agent {
         match frame.kind {
             Kind::Hello => {
                 let Ok(h) = frame.parse::<Hello>() else { return };
-                let reply =
-                    Hello { version: PROTOCOL_VERSION, nonce: h.nonce, start_ms: self.start_ms, ready_ms: self.ready_ms };
+                let reply = Hello {
+                    version: PROTOCOL_VERSION,
+                    nonce: h.nonce,
+                    start_ms: self.start_ms,
+                    ready_ms: self.ready_ms,
+                };
                 if let Ok(f) = Frame::json(Kind::Hello, &reply) {
                     send(&self.port, &f);
                 }
@@ -237,7 +256,9 @@ impl Agent {
                 thread::spawn(move || {
                     let id = req.id;
                     if let Err(e) = run_step(&port, req, &canceled) {
-                        if let Ok(f) = Frame::json(Kind::Error, &ErrorReport { id, message: format!("{e:#}") }) {
+                        if let Ok(f) =
+                            Frame::json(Kind::Error, &ErrorReport { id, message: format!("{e:#}") })
+                        {
                             send(&port, &f);
                         }
                     }
@@ -259,11 +280,17 @@ impl Agent {
                     return self.error(c.id, "a step is still running".into());
                 }
                 let done = Arc::new(AtomicBool::new(false));
-                self.running = Some(Running { id: c.id, canceled: Arc::new(AtomicBool::new(false)), done: done.clone() });
+                self.running = Some(Running {
+                    id: c.id,
+                    canceled: Arc::new(AtomicBool::new(false)),
+                    done: done.clone(),
+                });
                 let port = self.port.clone();
                 thread::spawn(move || {
                     if let Err(e) = sync_data(&port, c.id) {
-                        if let Ok(f) = Frame::json(Kind::Error, &ErrorReport { id: c.id, message: format!("{e:#}") }) {
+                        if let Ok(f) =
+                            Frame::json(Kind::Error, &ErrorReport { id: c.id, message: format!("{e:#}") })
+                        {
                             send(&port, &f);
                         }
                     }
@@ -326,13 +353,21 @@ fn step_root(id: u32, image: u32) -> Result<PathBuf> {
     let opts = format!("lowerdir=/images/{image},upperdir={},workdir={}", upper.display(), work.display());
     mount(Some("overlay"), &root, Some("overlay"), MsFlags::empty(), Some(opts.as_str()))
         .context("mounting the step's root overlay")?;
-    for d in ["data", "proc", "dev", "tmp"] {
+    for d in ["data", "proc", "sys", "dev", "tmp"] {
         fs::create_dir_all(root.join(d)).with_context(|| format!("creating /{d} in the step's root"))?;
     }
     mount(Some("/data"), &root.join("data"), None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
         .context("binding /data into the step's root")?;
     mount(Some("proc"), &root.join("proc"), Some("proc"), MsFlags::empty(), None::<&str>)
         .context("mounting /proc in the step's root")?;
+    mount(
+        Some("sysfs"),
+        &root.join("sys"),
+        Some("sysfs"),
+        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID,
+        None::<&str>,
+    )
+    .context("mounting /sys in the step's root")?;
     mount(Some("devtmpfs"), &root.join("dev"), Some("devtmpfs"), MsFlags::MS_NOSUID, None::<&str>)
         .context("mounting /dev in the step's root")?;
     mount(Some("tmpfs"), &root.join("tmp"), Some("tmpfs"), MsFlags::MS_NOSUID, Some("mode=1777"))
@@ -341,7 +376,7 @@ fn step_root(id: u32, image: u32) -> Result<PathBuf> {
 }
 
 fn drop_step_root(root: &Path) {
-    for d in ["tmp", "dev", "proc", "data", ""] {
+    for d in ["tmp", "dev", "sys", "proc", "data", ""] {
         let _ = umount2(&root.join(d), MntFlags::MNT_DETACH);
     }
     if let Some(base) = root.parent() {
@@ -364,7 +399,13 @@ fn run_step(port: &Port, req: RunRequest, canceled: &AtomicBool) -> Result<()> {
 fn spawn_and_wait(port: &Port, req: &RunRequest, root: &Path, canceled: &AtomicBool) -> Result<ExitReport> {
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/init"));
     let mut cmd = Command::new(exe);
-    cmd.arg("guest-agent").arg("--exec-root").arg(root).arg("--exec-cwd").arg(&req.cwd).arg("--").args(&req.argv);
+    cmd.arg("guest-agent")
+        .arg("--exec-root")
+        .arg(root)
+        .arg("--exec-cwd")
+        .arg(&req.cwd)
+        .arg("--")
+        .args(&req.argv);
     cmd.env_clear();
     for kv in &req.env {
         if let Some((k, v)) = kv.split_once('=') {
@@ -385,13 +426,13 @@ fn spawn_and_wait(port: &Port, req: &RunRequest, root: &Path, canceled: &AtomicB
         let id = req.id;
         thread::spawn(move || pump(p, id, Kind::Stderr, o))
     });
-    let finished = Arc::new(AtomicBool::new(false));
+    let (stop_ticker, ticks) = mpsc::channel::<()>();
     let ticker = {
-        let (p, f, id) = (port.clone(), finished.clone(), req.id);
-        thread::spawn(move || {
-            while !f.load(Ordering::SeqCst) {
-                send(&p, &Frame::data(Kind::Alive, id, b""));
-                thread::sleep(Duration::from_secs(1));
+        let (p, id) = (port.clone(), req.id);
+        thread::spawn(move || loop {
+            send(&p, &Frame::data(Kind::Alive, id, b""));
+            if ticks.recv_timeout(Duration::from_secs(1)) != Err(mpsc::RecvTimeoutError::Timeout) {
+                return;
             }
         })
     };
@@ -401,7 +442,7 @@ fn spawn_and_wait(port: &Port, req: &RunRequest, root: &Path, canceled: &AtomicB
     for t in [out, err].into_iter().flatten() {
         let _ = t.join();
     }
-    finished.store(true, Ordering::SeqCst);
+    drop(stop_ticker);
     let _ = ticker.join();
     reap();
     let status = status?;
@@ -418,8 +459,11 @@ pub fn exec_step(root: &Path, cwd: &str, argv: &[String]) -> Result<i32> {
     nix::unistd::chroot(root).with_context(|| format!("entering {}", root.display()))?;
     nix::unistd::chdir(cwd).with_context(|| format!("changing to {cwd}"))?;
     let _ = nix::unistd::setsid();
-    let args: Vec<CString> =
-        argv.iter().map(|a| CString::new(a.as_bytes())).collect::<Result<_, _>>().context("argument with NUL")?;
+    let args: Vec<CString> = argv
+        .iter()
+        .map(|a| CString::new(a.as_bytes()))
+        .collect::<Result<_, _>>()
+        .context("argument with NUL")?;
     let Some(prog) = args.first() else { bail!("empty command") };
     let e = nix::unistd::execvp(prog, &args).map(|_| ()).unwrap_err();
     bail!("running {}: {e}", argv[0])
@@ -467,7 +511,8 @@ fn sync_data(port: &Port, id: u32) -> Result<()> {
             if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
                 tar.append_dir_all(&name, &path).with_context(|| format!("packing {}", path.display()))?;
             } else {
-                tar.append_path_with_name(&path, &name).with_context(|| format!("packing {}", path.display()))?;
+                tar.append_path_with_name(&path, &name)
+                    .with_context(|| format!("packing {}", path.display()))?;
             }
         }
         tar.finish().context("finishing the workspace tar")?;

@@ -152,7 +152,8 @@ impl Frame {
 
     /// The JSON body of a control frame.
     pub fn parse<T: for<'de> Deserialize<'de>>(&self) -> Result<T> {
-        serde_json::from_slice(&self.body).with_context(|| format!("agent {:?} message is malformed", self.kind))
+        serde_json::from_slice(&self.body)
+            .with_context(|| format!("agent {:?} message is malformed", self.kind))
     }
 
     /// The request id and bytes of a data frame.
@@ -218,7 +219,8 @@ impl Decoder {
             return Ok(None);
         }
         let kind_byte = self.buf[4];
-        let kind = Kind::from_u8(kind_byte).with_context(|| format!("agent sent unknown frame kind {kind_byte}"))?;
+        let kind =
+            Kind::from_u8(kind_byte).with_context(|| format!("agent sent unknown frame kind {kind_byte}"))?;
         let body = self.buf[5..4 + len].to_vec();
         self.buf.drain(..4 + len);
         Ok(Some(Frame { kind, body }))
@@ -260,7 +262,8 @@ mod tests {
 
     #[test]
     fn frames_round_trip_across_split_reads() {
-        let hello = Frame::json(Kind::Hello, &Hello { version: 1, nonce: 7, start_ms: 0, ready_ms: 0 }).unwrap();
+        let hello =
+            Frame::json(Kind::Hello, &Hello { version: 1, nonce: 7, start_ms: 0, ready_ms: 0 }).unwrap();
         let data = Frame::data(Kind::Stdout, 3, b"hello world");
         let mut bytes = hello.encode().unwrap();
         bytes.extend(data.encode().unwrap());

@@ -12,7 +12,8 @@ use crate::sandbox::{OutputSink, RuntimeOptions, StepEnd, Stream};
 
 /// The runtime options the VM flags describe.
 pub fn runtime_options(state_dir: std::path::PathBuf, vm: &VmArgs) -> Result<RuntimeOptions> {
-    let accel: Accel = vm.accel.parse().map_err(|e: anyhow::Error| exit::ExitError::new(exit::USAGE, e.to_string()))?;
+    let accel: Accel =
+        vm.accel.parse().map_err(|e: anyhow::Error| exit::ExitError::new(exit::USAGE, e.to_string()))?;
     Ok(RuntimeOptions { state_dir, allow_unisolated: false, vm_accel: accel, vm_allow_tcg: vm.allow_tcg })
 }
 

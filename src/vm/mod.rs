@@ -20,7 +20,8 @@ use std::process::{Command, Stdio};
 pub const DEFAULT_KERNEL_PACKAGE: &str = "linux-image-cloud-amd64";
 
 /// Modules the guest loads, in this order (the package ships no modules.dep).
-pub const MODULES: &[&str] = &["virtio_ring", "virtio", "virtio_mmio", "virtio_blk", "virtio_console", "overlay"];
+pub const MODULES: &[&str] =
+    &["virtio_ring", "virtio", "virtio_mmio", "virtio_blk", "virtio_console", "overlay"];
 
 /// What `install vm` recorded: where the kernel and initramfs are and what they were built from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -67,7 +68,11 @@ pub struct InstallOptions {
 }
 
 fn run_cmd(cmd: &mut Command, what: &str) -> Result<String> {
-    let out = cmd.stderr(Stdio::piped()).stdout(Stdio::piped()).output().with_context(|| format!("running {what}"))?;
+    let out = cmd
+        .stderr(Stdio::piped())
+        .stdout(Stdio::piped())
+        .output()
+        .with_context(|| format!("running {what}"))?;
     if !out.status.success() {
         bail!("{what} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
@@ -79,7 +84,8 @@ fn resolve_kernel_package(name: &str) -> Result<String> {
     if name.starts_with("linux-image-") && name.chars().nth(12).is_some_and(|c| c.is_ascii_digit()) {
         return Ok(name.to_string());
     }
-    let out = run_cmd(Command::new("apt-cache").args(["depends", name]), &format!("apt-cache depends {name}"))?;
+    let out =
+        run_cmd(Command::new("apt-cache").args(["depends", name]), &format!("apt-cache depends {name}"))?;
     out.lines()
         .filter_map(|l| l.trim().strip_prefix("Depends:"))
         .map(str::trim)
@@ -124,7 +130,8 @@ fn sha256_file(h: &mut Sha256, path: &Path) -> Result<()> {
 
 /// The shared libraries `ldd` names for `exe`, as absolute paths.
 fn shared_libraries(exe: &Path) -> Result<Vec<PathBuf>> {
-    let out = Command::new("ldd").arg(exe).output().with_context(|| format!("running ldd on {}", exe.display()))?;
+    let out =
+        Command::new("ldd").arg(exe).output().with_context(|| format!("running ldd on {}", exe.display()))?;
     let text = String::from_utf8_lossy(&out.stdout);
     let mut libs = Vec::new();
     for line in text.lines() {
@@ -154,11 +161,34 @@ fn busybox() -> Result<PathBuf> {
     bail!("no static busybox found at /bin/busybox (install the busybox-static package)")
 }
 
+/// The agent without debug information (a debug build carries tens of MB of it), when `strip`
+/// is there; the binary as it is otherwise.
+fn stripped(agent: &Path) -> Result<Vec<u8>> {
+    let tmp = tempfile::NamedTempFile::new().context("creating a temporary file")?;
+    let ok = Command::new("strip")
+        .arg("--strip-debug")
+        .arg("-o")
+        .arg(tmp.path())
+        .arg(agent)
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    let from = if ok { tmp.path() } else { agent };
+    fs::read(from).with_context(|| format!("reading {}", from.display()))
+}
+
 /// Builds the initramfs: the agent as /init, its libraries, busybox, the modules.
-fn build_initramfs(out: &Path, agent: &Path, libs: &[PathBuf], busybox: &Path, modules: &[PathBuf]) -> Result<()> {
-    let mut w = cpio::CpioWriter::new(flate2::write::GzEncoder::new(
+fn build_initramfs(
+    out: &Path,
+    agent: &Path,
+    libs: &[PathBuf],
+    busybox: &Path,
+    modules: &[PathBuf],
+) -> Result<()> {
+    // Uncompressed: under TCG, inflating in the guest costs more than QEMU copying the bytes.
+    let mut w = cpio::CpioWriter::new(std::io::BufWriter::new(
         fs::File::create(out).with_context(|| format!("creating {}", out.display()))?,
-        flate2::Compression::fast(),
     ));
     let mut dirs: Vec<String> = vec![
         "bin".into(),
@@ -189,7 +219,7 @@ fn build_initramfs(out: &Path, agent: &Path, libs: &[PathBuf], busybox: &Path, m
     for d in &dirs {
         w.dir(d).map_err(io)?;
     }
-    let agent_bytes = fs::read(agent).with_context(|| format!("reading {}", agent.display()))?;
+    let agent_bytes = stripped(agent)?;
     w.file("init", 0o755, &agent_bytes).map_err(io)?;
     for lib in libs {
         let bytes = fs::read(lib).with_context(|| format!("reading {}", lib.display()))?;
@@ -210,8 +240,8 @@ fn build_initramfs(out: &Path, agent: &Path, libs: &[PathBuf], busybox: &Path, m
         order.push('\n');
     }
     w.file("lib/modules/executor/order", 0o644, order.as_bytes()).map_err(io)?;
-    let gz = w.finish().map_err(io)?;
-    gz.finish().map_err(io)?;
+    let mut f = w.finish().map_err(io)?;
+    f.flush().map_err(io)?;
     Ok(())
 }
 
@@ -238,8 +268,11 @@ pub fn install(opts: &InstallOptions) -> Result<Vec<String>> {
             .prefix(".kernel-")
             .tempdir_in(&dir)
             .with_context(|| format!("creating a temporary directory in {}", dir.display()))?;
-        run_cmd(Command::new("apt-get").arg("download").arg(&package).current_dir(tmp.path()), "apt-get download")
-            .with_context(|| format!("downloading {package}"))?;
+        run_cmd(
+            Command::new("apt-get").arg("download").arg(&package).current_dir(tmp.path()),
+            "apt-get download",
+        )
+        .with_context(|| format!("downloading {package}"))?;
         let deb = fs::read_dir(tmp.path())?
             .flatten()
             .map(|e| e.path())
@@ -271,21 +304,32 @@ pub fn install(opts: &InstallOptions) -> Result<Vec<String>> {
         sha256_file(&mut h, f)?;
     }
     let inputs = hex::encode(h.finalize());
-    let initramfs = dir.join(format!("initramfs-{}.cpio.gz", &inputs[..16]));
+    let initramfs = dir.join(format!("initramfs-{}.cpio", &inputs[..16]));
     if !opts.force && initramfs.is_file() && old.as_ref().is_some_and(|m| m.initramfs_inputs == inputs) {
         did.push(format!("initramfs: up to date at {}", initramfs.display()));
     } else {
         let tmp = initramfs.with_extension("tmp");
         build_initramfs(&tmp, &agent, &libs, &bb, &modules)?;
         fs::rename(&tmp, &initramfs).with_context(|| format!("installing {}", initramfs.display()))?;
-        did.push(format!("initramfs: built {} (agent {}, {} libraries)", initramfs.display(), agent.display(), libs.len()));
+        did.push(format!(
+            "initramfs: built {} (agent {}, {} libraries)",
+            initramfs.display(),
+            agent.display(),
+            libs.len()
+        ));
     }
     if let Some(o) = &old {
         if o.initramfs != initramfs && o.initramfs.starts_with(&dir) {
             let _ = fs::remove_file(&o.initramfs);
         }
     }
-    let m = Manifest { kernel_package: package, kernel_version: version, vmlinux, initramfs, initramfs_inputs: inputs };
+    let m = Manifest {
+        kernel_package: package,
+        kernel_version: version,
+        vmlinux,
+        initramfs,
+        initramfs_inputs: inputs,
+    };
     let text = serde_json::to_vec_pretty(&m).context("encoding the vm manifest")?;
     crate::document::write_atomic(&manifest_path(&opts.state_dir), &text)?;
     Ok(did)

@@ -2,3 +2,4 @@
 //! loopback. Each area has its own module.
 
 mod common;
+mod microvm;

@@ -4,6 +4,7 @@
 
 use anyhow::{bail, Context, Result};
 use std::io::{ErrorKind, Read};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -16,14 +17,21 @@ pub struct Channel {
 }
 
 impl Channel {
-    /// Connects to QEMU's socket, retrying until `timeout` (QEMU creates it as it starts).
+    /// Connects to QEMU's socket, retrying until `timeout` (QEMU creates it as it starts). The
+    /// socket is reached through an open handle on its directory, so that a long state directory
+    /// does not hit the 108-byte limit of a socket address.
     pub fn connect(sock: &Path, timeout: Duration) -> Result<Channel> {
         let start = Instant::now();
+        let dir = sock.parent().unwrap_or(Path::new("."));
+        let name = sock.file_name().with_context(|| format!("{} names no socket", sock.display()))?;
+        let handle = std::fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+        let short = Path::new("/proc/self/fd").join(handle.as_raw_fd().to_string()).join(name);
         loop {
-            match UnixStream::connect(sock) {
+            match UnixStream::connect(&short) {
                 Ok(stream) => return Ok(Channel { stream, dec: Decoder::new() }),
                 Err(e) if start.elapsed() >= timeout => {
-                    return Err(e).with_context(|| format!("connecting to the agent socket {}", sock.display()))
+                    return Err(e)
+                        .with_context(|| format!("connecting to the agent socket {}", sock.display()))
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(5)),
             }
@@ -66,7 +74,10 @@ impl Channel {
     pub fn handshake(&mut self, timeout: Duration) -> Result<Hello> {
         let nonce: u64 = rand::random();
         let until = Instant::now() + timeout;
-        self.send(&Frame::json(Kind::Hello, &Hello { version: PROTOCOL_VERSION, nonce, start_ms: 0, ready_ms: 0 })?)?;
+        self.send(&Frame::json(
+            Kind::Hello,
+            &Hello { version: PROTOCOL_VERSION, nonce, start_ms: 0, ready_ms: 0 },
+        )?)?;
         let mut resend = Instant::now() + Duration::from_millis(500);
         loop {
             let now = Instant::now();
@@ -87,7 +98,10 @@ impl Channel {
                     let h: Hello = f.parse()?;
                     if h.nonce == nonce {
                         if h.version != PROTOCOL_VERSION {
-                            bail!("the guest agent speaks protocol {} (host speaks {PROTOCOL_VERSION})", h.version);
+                            bail!(
+                                "the guest agent speaks protocol {} (host speaks {PROTOCOL_VERSION})",
+                                h.version
+                            );
                         }
                         return Ok(h);
                     }

@@ -133,7 +133,10 @@ impl MicroVm {
                 if probe.works {
                     Ok((Accel::Kvm, format!("the KVM boot probe passed ({})", probe.detail)))
                 } else if self.opts.vm_allow_tcg {
-                    Ok((Accel::Tcg, format!("KVM is unusable ({}); TCG allowed by EXECUTOR_VM_ALLOW_TCG", probe.detail)))
+                    Ok((
+                        Accel::Tcg,
+                        format!("KVM is unusable ({}); TCG allowed by EXECUTOR_VM_ALLOW_TCG", probe.detail),
+                    ))
                 } else {
                     bail!(
                         "KVM is unusable here ({}) and TCG is not allowed (set EXECUTOR_VM_ALLOW_TCG=1 or --accel tcg \
@@ -149,7 +152,9 @@ impl MicroVm {
     pub fn kvm_probe(&self) -> Result<KvmProbe> {
         let manifest = crate::vm::installed(&self.opts.state_dir)?;
         let path = self.vm_dir().join("kvm-probe.json");
-        if let Some(p) = fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str::<KvmProbe>(&t).ok()) {
+        if let Some(p) =
+            fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str::<KvmProbe>(&t).ok())
+        {
             if p.kernel_version == manifest.kernel_version {
                 return Ok(p);
             }
@@ -215,7 +220,8 @@ impl MicroVm {
             pid: None,
             details: serde_json::Value::Null,
         };
-        match self.boot_in(&mut rec, &manifest, workspace, images, accel, accel_reason, limits, boot_timeout) {
+        match self.boot_in(&mut rec, &manifest, workspace, images, accel, accel_reason, limits, boot_timeout)
+        {
             Ok(()) => Ok(rec),
             Err(e) => {
                 let _ = self.teardown(&rec);
@@ -239,9 +245,6 @@ impl MicroVm {
         let t0 = Instant::now();
         let dir = rec.state_dir.clone();
         let socket = dir.join("agent.sock");
-        if socket.as_os_str().len() > 100 {
-            bail!("agent socket path {} is too long for a unix socket", socket.display());
-        }
         let mut det = VmDetails {
             accel,
             accel_reason,
@@ -251,7 +254,11 @@ impl MicroVm {
         };
         if let Some(ws) = workspace {
             let used = disk::tree_bytes(ws)?;
-            let size = if limits.disk_bytes > 0 { limits.disk_bytes.max(used + (64 << 20)) } else { used * 2 + (1 << 30) };
+            let size = if limits.disk_bytes > 0 {
+                limits.disk_bytes.max(used + (64 << 20))
+            } else {
+                used * 2 + (1 << 30)
+            };
             det.workspace_disk = dir.join("workspace.ext4");
             det.workspace_disk_bytes = size.next_multiple_of(1 << 20);
             disk::make_ext4(ws, &det.workspace_disk, det.workspace_disk_bytes, "workspace")?;
@@ -271,13 +278,31 @@ impl MicroVm {
             det.images.len(),
             u8::from(workspace.is_some())
         );
+        if std::env::var_os("EXECUTOR_VM_DEBUG").is_some() {
+            cmdline = cmdline.replace(" quiet", "") + " executor.debug=1";
+        }
         if let Some(khz) = tsc_khz() {
             cmdline.push_str(&format!(" tsc_early_khz={khz}"));
         }
         cmdline.push_str(" -- guest-agent");
         let mut cmd = Command::new(QEMU);
-        cmd.args(["-name", &rec.name, "-M", "microvm,x-option-roms=off,rtc=off", "-nodefaults", "-no-user-config"]);
-        cmd.args(["-display", "none", "-no-reboot", "-m", &format!("{}M", mem >> 20), "-smp", &cpus.to_string()]);
+        cmd.args([
+            "-name",
+            &rec.name,
+            "-M",
+            "microvm,x-option-roms=off,rtc=off",
+            "-nodefaults",
+            "-no-user-config",
+        ]);
+        cmd.args([
+            "-display",
+            "none",
+            "-no-reboot",
+            "-m",
+            &format!("{}M", mem >> 20),
+            "-smp",
+            &cpus.to_string(),
+        ]);
         match accel {
             Accel::Kvm => cmd.args(["-accel", "kvm", "-cpu", "host"]),
             _ => cmd.args(["-accel", "tcg", "-cpu", "max"]),
@@ -286,17 +311,22 @@ impl MicroVm {
         cmd.args(["-append", &cmdline]);
         cmd.arg("-serial").arg(format!("file:{}", det.console.display()));
         if workspace.is_some() {
-            cmd.arg("-drive").arg(format!("id=workspace,file={},format=raw,if=none", det.workspace_disk.display()));
+            cmd.arg("-drive")
+                .arg(format!("id=workspace,file={},format=raw,if=none", det.workspace_disk.display()));
             cmd.args(["-device", "virtio-blk-device,drive=workspace,serial=workspace"]);
         }
         for (i, img) in det.images.iter().enumerate() {
-            cmd.arg("-drive").arg(format!("id=image{i},file={},format=raw,if=none,readonly=on", img.disk.display()));
+            cmd.arg("-drive")
+                .arg(format!("id=image{i},file={},format=raw,if=none,readonly=on", img.disk.display()));
             cmd.args(["-device", &format!("virtio-blk-device,drive=image{i},serial=image{i}")]);
         }
         cmd.args(["-device", "virtio-serial-device"]);
-        cmd.arg("-chardev").arg(format!("socket,id=agent,path={},server=on,wait=off", socket.display()));
+        // Relative to QEMU's working directory (the sandbox's): a socket address holds 108 bytes.
+        cmd.current_dir(&dir);
+        cmd.args(["-chardev", "socket,id=agent,path=agent.sock,server=on,wait=off"]);
         cmd.args(["-device", &format!("virtserialport,chardev=agent,name={PORT_NAME}")]);
-        let log = fs::File::create(dir.join("qemu.log")).with_context(|| format!("creating {}", dir.display()))?;
+        let log =
+            fs::File::create(dir.join("qemu.log")).with_context(|| format!("creating {}", dir.display()))?;
         cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         // Its own process group: a signal to the executor's group does not reach the VM.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
@@ -334,7 +364,8 @@ impl MicroVm {
         let det: VmDetails = serde_json::from_value(rec.details.clone()).unwrap_or_default();
         let t = Instant::now();
         let cancel = Cancel::with_deadline(Some(Instant::now() + timeout));
-        let req = RunRequest { id: 1, image: u32::MAX, argv: argv.to_vec(), cwd: "/".into(), env: base_env() };
+        let req =
+            RunRequest { id: 1, image: u32::MAX, argv: argv.to_vec(), cwd: "/".into(), env: base_env() };
         let res = self.request(&rec, req, sink, &cancel);
         let elapsed = t.elapsed();
         let _ = self.teardown(&rec);
@@ -350,7 +381,8 @@ impl MicroVm {
         let det = Self::details(sandbox)?;
         let mut ch = Channel::connect(&det.socket, Duration::from_secs(5))
             .with_context(|| format!("reaching VM {}", sandbox.name))?;
-        ch.handshake(Duration::from_secs(15)).with_context(|| format!("greeting the agent of VM {}", sandbox.name))?;
+        ch.handshake(Duration::from_secs(15))
+            .with_context(|| format!("greeting the agent of VM {}", sandbox.name))?;
         Ok(ch)
     }
 
@@ -392,7 +424,10 @@ impl MicroVm {
                     }
                     last_seen = Instant::now();
                     if !data.is_empty() && f.kind != Kind::Alive {
-                        sink.output(if f.kind == Kind::Stdout { Stream::Stdout } else { Stream::Stderr }, data);
+                        sink.output(
+                            if f.kind == Kind::Stdout { Stream::Stdout } else { Stream::Stderr },
+                            data,
+                        );
                     }
                 }
                 Kind::Exit => {
@@ -406,7 +441,9 @@ impl MicroVm {
                     return Ok(match (r.code, r.signal) {
                         (Some(c), _) => StepEnd::Exited(c),
                         (None, Some(s)) => StepEnd::Signaled(s),
-                        (None, None) => bail!("the agent of VM {} reported an exit with no status", sandbox.name),
+                        (None, None) => {
+                            bail!("the agent of VM {} reported an exit with no status", sandbox.name)
+                        }
                     });
                 }
                 Kind::Error => {
@@ -428,7 +465,8 @@ fn printable(s: &str) -> String {
 
 fn qemu_failed(dir: &Path, e: anyhow::Error) -> anyhow::Error {
     let log = fs::read_to_string(dir.join("qemu.log")).unwrap_or_default();
-    let tail: String = log.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("; ");
+    let tail: String =
+        log.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("; ");
     if tail.is_empty() {
         e
     } else {
@@ -458,7 +496,11 @@ fn inside_data(rel: &str) -> Result<String> {
     if rel.split('/').any(|c| c == "..") || rel.starts_with('/') {
         bail!("path {rel:?} leaves the workspace");
     }
-    Ok(if rel.is_empty() || rel == "." { "/data".into() } else { format!("/data/{}", rel.trim_end_matches('/')) })
+    Ok(if rel.is_empty() || rel == "." {
+        "/data".into()
+    } else {
+        format!("/data/{}", rel.trim_end_matches('/'))
+    })
 }
 
 fn process_is(pid: i32, name: &str) -> bool {
@@ -492,7 +534,8 @@ impl Runtime for MicroVm {
 
     fn check(&self) -> Result<Vec<String>> {
         let mut out = Vec::new();
-        let qemu = which::which(QEMU).with_context(|| format!("{QEMU} not found (install qemu-system-x86)"))?;
+        let qemu =
+            which::which(QEMU).with_context(|| format!("{QEMU} not found (install qemu-system-x86)"))?;
         out.push(format!("qemu: {}", qemu.display()));
         which::which("mkfs.ext4").context("mkfs.ext4 not found (install e2fsprogs)")?;
         out.push("mkfs.ext4: found".into());
@@ -558,7 +601,10 @@ impl Runtime for MicroVm {
         let mut last_seen = Instant::now();
         loop {
             if last_seen.elapsed() > SILENCE_LIMIT {
-                bail!("the agent of VM {} was silent for {SILENCE_LIMIT:?} while sending the workspace", sandbox.name);
+                bail!(
+                    "the agent of VM {} was silent for {SILENCE_LIMIT:?} while sending the workspace",
+                    sandbox.name
+                );
             }
             let Some(f) = ch.recv(Duration::from_millis(200))? else { continue };
             match f.kind {
@@ -583,7 +629,11 @@ impl Runtime for MicroVm {
                 Kind::Error => {
                     let r: ErrorReport = f.parse()?;
                     if r.id == id {
-                        bail!("the agent of VM {} could not send the workspace: {}", sandbox.name, printable(&r.message));
+                        bail!(
+                            "the agent of VM {} could not send the workspace: {}",
+                            sandbox.name,
+                            printable(&r.message)
+                        );
                     }
                 }
                 _ => {}
@@ -599,7 +649,9 @@ impl Runtime for MicroVm {
         }
         cgroup::Cgroup::remove(&sandbox.name);
         // Only a directory of ours: the record could have been altered.
-        if sandbox.state_dir.join(MARKER).is_file() && sandbox.state_dir.starts_with(self.opts.sandboxes_dir()) {
+        if sandbox.state_dir.join(MARKER).is_file()
+            && sandbox.state_dir.starts_with(self.opts.sandboxes_dir())
+        {
             fs::remove_dir_all(&sandbox.state_dir)
                 .with_context(|| format!("removing {}", sandbox.state_dir.display()))?;
         }
@@ -631,7 +683,8 @@ impl Runtime for MicroVm {
             for e in dirs.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if name.starts_with(&want) && !live.contains(&name) && e.path().join(MARKER).is_file() {
-                    fs::remove_dir_all(e.path()).with_context(|| format!("removing {}", e.path().display()))?;
+                    fs::remove_dir_all(e.path())
+                        .with_context(|| format!("removing {}", e.path().display()))?;
                     cgroup::Cgroup::remove(&name);
                     if !removed.contains(&name) {
                         removed.push(name);

@@ -255,14 +255,15 @@ impl Agent {
                 let port = self.port.clone();
                 thread::spawn(move || {
                     let id = req.id;
-                    if let Err(e) = run_step(&port, req, &canceled) {
-                        if let Ok(f) =
-                            Frame::json(Kind::Error, &ErrorReport { id, message: format!("{e:#}") })
-                        {
-                            send(&port, &f);
-                        }
-                    }
+                    let frame = match run_step(&port, req, &canceled) {
+                        Ok(report) => Frame::json(Kind::Exit, &report),
+                        Err(e) => Frame::json(Kind::Error, &ErrorReport { id, message: format!("{e:#}") }),
+                    };
+                    // Free before answering: the host sends its next request as soon as it reads this.
                     done.store(true, Ordering::SeqCst);
+                    if let Ok(f) = frame {
+                        send(&port, &f);
+                    }
                 });
             }
             Kind::Cancel => {
@@ -287,14 +288,16 @@ impl Agent {
                 });
                 let port = self.port.clone();
                 thread::spawn(move || {
-                    if let Err(e) = sync_data(&port, c.id) {
-                        if let Ok(f) =
+                    let frame = match sync_data(&port, c.id) {
+                        Ok(bytes) => Frame::json(Kind::SyncEnd, &SyncEnd { id: c.id, bytes }),
+                        Err(e) => {
                             Frame::json(Kind::Error, &ErrorReport { id: c.id, message: format!("{e:#}") })
-                        {
-                            send(&port, &f);
                         }
-                    }
+                    };
                     done.store(true, Ordering::SeqCst);
+                    if let Ok(f) = frame {
+                        send(&port, &f);
+                    }
                 });
             }
             Kind::Shutdown => {
@@ -384,16 +387,14 @@ fn drop_step_root(root: &Path) {
     }
 }
 
-fn run_step(port: &Port, req: RunRequest, canceled: &AtomicBool) -> Result<()> {
+fn run_step(port: &Port, req: RunRequest, canceled: &AtomicBool) -> Result<ExitReport> {
     let id = req.id;
     let root = if req.image == u32::MAX { None } else { Some(step_root(id, req.image)?) };
     let result = spawn_and_wait(port, &req, root.as_deref().unwrap_or(Path::new("/")), canceled);
     if let Some(r) = &root {
         drop_step_root(r);
     }
-    let report = result?;
-    send(port, &Frame::json(Kind::Exit, &report)?);
-    Ok(())
+    result
 }
 
 fn spawn_and_wait(port: &Port, req: &RunRequest, root: &Path, canceled: &AtomicBool) -> Result<ExitReport> {
@@ -470,7 +471,7 @@ pub fn exec_step(root: &Path, cwd: &str, argv: &[String]) -> Result<i32> {
 }
 
 /// Streams a tar of /data to the host in `SyncData` frames, after flushing the disk.
-fn sync_data(port: &Port, id: u32) -> Result<()> {
+fn sync_data(port: &Port, id: u32) -> Result<u64> {
     nix::unistd::sync();
     struct Chunker<'a> {
         port: &'a Port,
@@ -518,8 +519,7 @@ fn sync_data(port: &Port, id: u32) -> Result<()> {
         tar.finish().context("finishing the workspace tar")?;
     }
     chunker.flush().context("sending the workspace")?;
-    send(port, &Frame::json(Kind::SyncEnd, &SyncEnd { id, bytes: chunker.total })?);
-    Ok(())
+    Ok(chunker.total)
 }
 
 fn power_off() -> ! {

@@ -12,6 +12,7 @@ pub mod guest;
 pub mod protocol;
 pub mod redact;
 pub mod sandbox;
+pub mod server;
 pub mod vm;
 
 use cli::{Cli, Command};
@@ -43,5 +44,6 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Install(cli::vm::InstallCommand::Vm(args)) => vm::cmd::install_vm(args),
         Command::TestVm(args) => vm::cmd::test_vm(args),
         Command::GuestAgent(args) => vm::cmd::guest_agent(args),
+        Command::Queue(args) => cli::queue::run(args),
     }
 }

@@ -1,6 +1,8 @@
 //! Every clap type of the binary. Nothing outside `cli` knows clap: each command's flags are
 //! turned into the settings structs of the module that does the work.
 
+pub mod queue;
+
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -24,6 +26,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The coordinator: serve the job queue, or talk to its admin API
+    Queue(queue::QueueArgs),
     /// Write the man pages and shell completions generated from these definitions
     #[command(hide = true)]
     GenerateDocs {

@@ -2,4 +2,7 @@
 //! loopback. Each area has its own module.
 
 mod common;
+mod coordinator;
 mod microvm;
+mod package;
+mod server;

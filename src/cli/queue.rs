@@ -1,0 +1,203 @@
+//! The clap types of `executor queue ...` (the coordinator and its admin client), and their
+//! conversion into `server::ServeConfig` / `server::client::ClientCommand`.
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::server::{self, client};
+
+#[derive(Debug, Args)]
+pub struct QueueArgs {
+    #[command(subcommand)]
+    pub command: QueueCommand,
+}
+
+/// Options every client command shares.
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// Base URL of the coordinator
+    #[arg(long, env = "EXECUTOR_FRONTEND_URL", global = true, hide_env_values = true)]
+    pub url: Option<String>,
+    /// PEM file of the CA that signed the coordinator's TLS certificate (default: the web PKI)
+    #[arg(long, env = "EXECUTOR_QUEUE_CA_CERT", global = true)]
+    pub ca_cert: Option<PathBuf>,
+    /// Print JSON instead of tables
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QueueCommand {
+    /// Run the coordinator: the executor protocol, the admin API and /metrics, backed by SQLite
+    ///
+    /// The executors' shared secret comes from EXECUTOR_FRONTEND_PASSWORD (or --secret-file) and
+    /// must be at least 20 characters; the admin API's token comes from EXECUTOR_QUEUE_ADMIN_TOKEN
+    /// (or --admin-token-file), also at least 20 characters and different from the secret.
+    Serve(Box<ServeArgs>),
+    /// Submit a job (the protocol's job JSON without id and token, plus "queue"); prints its id
+    Submit {
+        /// Queue to submit to (overrides "queue" in the file; default batches)
+        #[arg(long)]
+        queue: Option<String>,
+        /// Job file, or - for stdin
+        file: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List jobs, newest first
+    Jobs {
+        #[arg(long)]
+        queue: Option<String>,
+        /// queued, processing, completed, errored, failed or canceled
+        #[arg(long)]
+        state: Option<String>,
+        /// At most this many jobs (default 100)
+        #[arg(long)]
+        limit: Option<u32>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show a job with its log entries
+    Show {
+        id: i64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print a job's log entries; with --follow, until the job finishes
+    Logs {
+        id: i64,
+        #[arg(long, short)]
+        follow: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Cancel a job (a running one ends when its executor notices)
+    Cancel {
+        id: i64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List the executors that heartbeated, with their versions and whether they are active
+    Executors {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Download a job's artifacts tarball (stdout unless -o; never to a terminal)
+    Artifacts {
+        id: i64,
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port; see --addr-file)
+    #[arg(long, default_value = "127.0.0.1:3190")]
+    pub listen: String,
+    /// Directory of the SQLite database and the artifacts
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// Write the base URL here (atomically) once the socket listens
+    #[arg(long)]
+    pub addr_file: Option<PathBuf>,
+    /// A queue to serve (repeatable; replaces the default set batches, codeintel)
+    #[arg(long = "queue")]
+    pub queues: Vec<String>,
+    /// A processing job without a heartbeat for this long goes back to the queue
+    #[arg(long, default_value = "25s", value_parser = server::parse_duration)]
+    pub stalled_max_age: Duration,
+    /// How often a stalled job is requeued before it fails
+    #[arg(long, default_value_t = 3)]
+    pub max_resets: i64,
+    /// How often an errored job (markErrored) is retried before it fails (contract: 0)
+    #[arg(long, default_value_t = 0)]
+    pub max_retries: i64,
+    /// Cap on a job's stored log output, over all its entries
+    #[arg(long, default_value_t = server::DEFAULT_LOG_CAP)]
+    pub log_cap_bytes: u64,
+    /// Cap on a job's artifacts upload
+    #[arg(long, default_value_t = server::DEFAULT_ARTIFACT_MAX)]
+    pub artifact_max_bytes: u64,
+    /// File holding the executors' shared secret (instead of EXECUTOR_FRONTEND_PASSWORD)
+    #[arg(long)]
+    pub secret_file: Option<PathBuf>,
+    /// File holding the admin API token (instead of EXECUTOR_QUEUE_ADMIN_TOKEN)
+    #[arg(long)]
+    pub admin_token_file: Option<PathBuf>,
+    /// PEM certificate chain: serve HTTPS
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    pub fn into_config(self) -> Result<server::ServeConfig> {
+        let secret =
+            server::read_secret(self.secret_file.as_deref(), "EXECUTOR_FRONTEND_PASSWORD", "shared secret")?
+                .unwrap_or_default();
+        let admin_token = server::read_secret(
+            self.admin_token_file.as_deref(),
+            "EXECUTOR_QUEUE_ADMIN_TOKEN",
+            "admin token",
+        )?
+        .unwrap_or_default();
+        let queues = if self.queues.is_empty() {
+            server::DEFAULT_QUEUES.iter().map(|s| s.to_string()).collect()
+        } else {
+            let mut q = self.queues;
+            q.dedup();
+            q
+        };
+        Ok(server::ServeConfig {
+            listen: self.listen,
+            data_dir: self.data_dir,
+            addr_file: self.addr_file,
+            queues,
+            stalled_max_age: self.stalled_max_age,
+            max_resets: self.max_resets,
+            max_retries: self.max_retries,
+            log_cap_bytes: self.log_cap_bytes,
+            artifact_max_bytes: self.artifact_max_bytes,
+            secret,
+            admin_token,
+            tls: self.tls_cert.zip(self.tls_key),
+        })
+    }
+}
+
+fn options(c: ClientArgs) -> client::ClientOptions {
+    client::ClientOptions {
+        url: c.url.unwrap_or_default(),
+        token: std::env::var("EXECUTOR_QUEUE_ADMIN_TOKEN").unwrap_or_default(),
+        ca_cert: c.ca_cert,
+        json: c.json,
+    }
+}
+
+/// Runs `executor queue ...`.
+pub fn run(args: QueueArgs) -> Result<i32> {
+    use client::ClientCommand as C;
+    let (opts, cmd) = match args.command {
+        QueueCommand::Serve(s) => {
+            server::serve(s.into_config()?)?;
+            return Ok(crate::exit::OK);
+        }
+        QueueCommand::Submit { queue, file, client } => (options(client), C::Submit { queue, file }),
+        QueueCommand::Jobs { queue, state, limit, client } => {
+            (options(client), C::Jobs { queue, state, limit })
+        }
+        QueueCommand::Show { id, client } => (options(client), C::Show { id }),
+        QueueCommand::Logs { id, follow, client } => (options(client), C::Logs { id, follow }),
+        QueueCommand::Cancel { id, client } => (options(client), C::Cancel { id }),
+        QueueCommand::Executors { client } => (options(client), C::Executors),
+        QueueCommand::Artifacts { id, output, client } => (options(client), C::Artifacts { id, output }),
+    };
+    client::run(&opts, cmd)
+}

@@ -1,0 +1,408 @@
+//! The admin API client behind `executor queue submit|jobs|show|logs|cancel|executors|artifacts`,
+//! and how those commands print (tables for people, `--json` for scripts).
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use std::io::{BufRead, IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Where the server is and how to reach it.
+#[derive(Clone)]
+pub struct ClientOptions {
+    pub url: String,
+    pub token: String,
+    pub ca_cert: Option<PathBuf>,
+    pub json: bool,
+}
+
+impl std::fmt::Debug for ClientOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientOptions").field("url", &self.url).field("token", &"<redacted>").finish()
+    }
+}
+
+/// One client command.
+#[derive(Debug, Clone)]
+pub enum ClientCommand {
+    Submit { queue: Option<String>, file: PathBuf },
+    Jobs { queue: Option<String>, state: Option<String>, limit: Option<u32> },
+    Show { id: i64 },
+    Logs { id: i64, follow: bool },
+    Cancel { id: i64 },
+    Executors,
+    Artifacts { id: i64, output: Option<PathBuf> },
+}
+
+/// A client of the admin API.
+pub struct AdminClient {
+    base: String,
+    token: String,
+    agent: ureq::Agent,
+}
+
+fn tls_config(ca_cert: &Path) -> Result<Arc<rustls::ClientConfig>> {
+    let pem =
+        std::fs::read(ca_cert).with_context(|| format!("reading CA certificate {}", ca_cert.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        let cert = cert.with_context(|| format!("parsing CA certificate {}", ca_cert.display()))?;
+        roots.add(cert).with_context(|| format!("adding CA certificate {}", ca_cert.display()))?;
+    }
+    if roots.is_empty() {
+        bail!("no certificate in {}", ca_cert.display());
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("configuring TLS")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+impl AdminClient {
+    pub fn new(url: &str, token: &str, ca_cert: Option<&Path>) -> Result<AdminClient> {
+        if url.is_empty() {
+            bail!("no coordinator URL: set EXECUTOR_FRONTEND_URL or pass --url");
+        }
+        if token.is_empty() {
+            bail!("no admin token: set EXECUTOR_QUEUE_ADMIN_TOKEN");
+        }
+        let mut builder = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(10));
+        if let Some(ca) = ca_cert {
+            builder = builder.tls_config(tls_config(ca)?);
+        }
+        Ok(AdminClient {
+            base: url.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+            agent: builder.build(),
+        })
+    }
+
+    fn request(&self, method: &str, path: &str) -> ureq::Request {
+        self.agent
+            .request(method, &format!("{}{path}", self.base))
+            .set("Authorization", &format!("Bearer {}", self.token))
+    }
+
+    fn call(&self, what: &str, req: ureq::Request, body: Option<&Value>) -> Result<ureq::Response> {
+        let r = match body {
+            Some(b) => req.set("Content-Type", "application/json").send_string(&b.to_string()),
+            None => req.call(),
+        };
+        match r {
+            Ok(resp) => Ok(resp),
+            Err(ureq::Error::Status(code, resp)) => {
+                let text = resp.into_string().unwrap_or_default();
+                let msg = serde_json::from_str::<Value>(&text)
+                    .ok()
+                    .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_string))
+                    .unwrap_or(text);
+                bail!("{what}: the coordinator answered {code}: {msg}")
+            }
+            Err(e) => {
+                Err(anyhow::Error::new(e)
+                    .context(format!("{what}: reaching the coordinator at {}", self.base)))
+            }
+        }
+    }
+
+    fn json(&self, what: &str, req: ureq::Request, body: Option<&Value>) -> Result<Value> {
+        let resp = self.call(what, req, body)?;
+        let text = resp.into_string().with_context(|| format!("{what}: reading the coordinator's answer"))?;
+        serde_json::from_str(&text).with_context(|| format!("{what}: the coordinator's answer is not JSON"))
+    }
+
+    /// Submits a job; returns its id.
+    pub fn submit(&self, job: &Value) -> Result<i64> {
+        let v = self.json("submitting the job", self.request("POST", "/api/jobs"), Some(job))?;
+        v.get("id").and_then(Value::as_i64).context("submitting the job: the answer has no id")
+    }
+
+    pub fn jobs(&self, queue: Option<&str>, state: Option<&str>, limit: Option<u32>) -> Result<Value> {
+        let mut req = self.request("GET", "/api/jobs");
+        if let Some(q) = queue {
+            req = req.query("queue", q);
+        }
+        if let Some(s) = state {
+            req = req.query("state", s);
+        }
+        if let Some(l) = limit {
+            req = req.query("limit", &l.to_string());
+        }
+        self.json("listing jobs", req, None)
+    }
+
+    pub fn job(&self, id: i64) -> Result<Value> {
+        self.json(&format!("showing job {id}"), self.request("GET", &format!("/api/jobs/{id}")), None)
+    }
+
+    pub fn cancel(&self, id: i64) -> Result<Value> {
+        self.json(
+            &format!("cancelling job {id}"),
+            self.request("POST", &format!("/api/jobs/{id}/cancel")),
+            None,
+        )
+    }
+
+    pub fn executors(&self) -> Result<Value> {
+        self.json("listing executors", self.request("GET", "/api/executors"), None)
+    }
+
+    /// Calls `each` for every log line (one entry state per line) until the stream ends.
+    pub fn logs(&self, id: i64, follow: bool, mut each: impl FnMut(Value) -> Result<()>) -> Result<()> {
+        let what = format!("reading the logs of job {id}");
+        let req = self
+            .request("GET", &format!("/api/jobs/{id}/logs"))
+            .query("follow", if follow { "true" } else { "false" });
+        let resp = self.call(&what, req, None)?;
+        let reader = std::io::BufReader::new(resp.into_reader());
+        for line in reader.lines() {
+            let line = line.with_context(|| what.clone())?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            each(serde_json::from_str(&line).with_context(|| format!("{what}: a line is not JSON"))?)?;
+        }
+        Ok(())
+    }
+
+    /// Copies a job's artifacts tarball into `out`.
+    pub fn artifacts(&self, id: i64, out: &mut dyn Write) -> Result<u64> {
+        let what = format!("fetching the artifacts of job {id}");
+        let resp = self.call(&what, self.request("GET", &format!("/api/jobs/{id}/artifacts")), None)?;
+        let mut reader = resp.into_reader();
+        std::io::copy(&mut reader, out).with_context(|| what.clone())
+    }
+}
+
+fn s(v: &Value, key: &str) -> String {
+    match v.get(key) {
+        None | Some(Value::Null) => "-".into(),
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+    }
+}
+
+/// Left-aligned columns separated by two spaces.
+fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<String>| {
+        let mut l = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(c);
+            } else {
+                l.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row.clone());
+    }
+    out
+}
+
+fn print_json(v: &Value) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, v)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn summary_row(j: &Value) -> Vec<String> {
+    vec![
+        s(j, "id"),
+        s(j, "queue"),
+        s(j, "state"),
+        s(j, "repositoryName"),
+        s(j, "executorName"),
+        s(j, "createdAt"),
+        s(j, "failureMessage"),
+    ]
+}
+
+const SUMMARY_HEADERS: &[&str] = &["ID", "QUEUE", "STATE", "REPOSITORY", "EXECUTOR", "CREATED", "FAILURE"];
+
+fn print_log_entry(e: &Value, out: &mut dyn Write) -> Result<()> {
+    let exit = match e.get("exitCode") {
+        Some(Value::Number(n)) => format!("exit {n}"),
+        _ => "running".into(),
+    };
+    writeln!(out, "==> [{}] {} ({exit})", s(e, "entryId"), s(e, "key"))?;
+    if let Some(text) = e.get("out").and_then(Value::as_str) {
+        out.write_all(text.as_bytes())?;
+        if !text.ends_with('\n') {
+            writeln!(out)?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs one client command; returns the exit status.
+pub fn run(opts: &ClientOptions, cmd: ClientCommand) -> Result<i32> {
+    let client = AdminClient::new(&opts.url, &opts.token, opts.ca_cert.as_deref())?;
+    let mut stdout = std::io::stdout().lock();
+    match cmd {
+        ClientCommand::Submit { queue, file } => {
+            let text = if file.as_os_str() == "-" {
+                let mut t = String::new();
+                std::io::stdin().read_to_string(&mut t).context("reading the job from stdin")?;
+                t
+            } else {
+                std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading job file {}", file.display()))?
+            };
+            let mut job: Value = serde_json::from_str(&text)
+                .with_context(|| format!("job file {} is not JSON", file.display()))?;
+            if let Some(q) = queue {
+                match job.as_object_mut() {
+                    Some(obj) => {
+                        obj.insert("queue".into(), Value::String(q));
+                    }
+                    None => bail!("job file {} must hold a JSON object", file.display()),
+                }
+            }
+            let id = client.submit(&job)?;
+            if opts.json {
+                writeln!(stdout, "{}", serde_json::json!({ "id": id }))?;
+            } else {
+                writeln!(stdout, "{id}")?;
+            }
+        }
+        ClientCommand::Jobs { queue, state, limit } => {
+            let v = client.jobs(queue.as_deref(), state.as_deref(), limit)?;
+            if opts.json {
+                print_json(&v)?;
+            } else {
+                let rows: Vec<Vec<String>> =
+                    v["jobs"].as_array().map(|a| a.iter().map(summary_row).collect()).unwrap_or_default();
+                stdout.write_all(table(SUMMARY_HEADERS, &rows).as_bytes())?;
+            }
+        }
+        ClientCommand::Show { id } => {
+            let v = client.job(id)?;
+            if opts.json {
+                print_json(&v)?;
+            } else {
+                let fields = [
+                    "id",
+                    "queue",
+                    "state",
+                    "failureMessage",
+                    "numResets",
+                    "numFailures",
+                    "executorName",
+                    "createdAt",
+                    "startedAt",
+                    "finishedAt",
+                    "cancel",
+                ];
+                let rows: Vec<Vec<String>> = fields.iter().map(|f| vec![f.to_string(), s(&v, f)]).collect();
+                stdout.write_all(table(&["FIELD", "VALUE"], &rows).as_bytes())?;
+                match v.get("artifacts") {
+                    Some(a) if !a.is_null() => {
+                        writeln!(stdout, "artifacts: {} bytes, sha256 {}", s(a, "bytes"), s(a, "sha256"))?
+                    }
+                    _ => writeln!(stdout, "artifacts: none")?,
+                }
+                for e in v["logs"].as_array().cloned().unwrap_or_default() {
+                    print_log_entry(&e, &mut stdout)?;
+                }
+            }
+        }
+        ClientCommand::Logs { id, follow } => {
+            client.logs(id, follow, |e| {
+                if opts.json {
+                    writeln!(stdout, "{e}")?;
+                } else {
+                    print_log_entry(&e, &mut stdout)?;
+                }
+                stdout.flush()?;
+                Ok(())
+            })?;
+        }
+        ClientCommand::Cancel { id } => {
+            let v = client.cancel(id)?;
+            if opts.json {
+                print_json(&v)?;
+            } else {
+                stdout.write_all(table(SUMMARY_HEADERS, &[summary_row(&v)]).as_bytes())?;
+            }
+        }
+        ClientCommand::Executors => {
+            let v = client.executors()?;
+            if opts.json {
+                print_json(&v)?;
+            } else {
+                let rows: Vec<Vec<String>> = v["executors"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(|e| {
+                                let queues = e["queueNames"]
+                                    .as_array()
+                                    .map(|q| q.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(","))
+                                    .unwrap_or_default();
+                                vec![
+                                    s(e, "hostname"),
+                                    queues,
+                                    format!("{}/{}", s(e, "os"), s(e, "architecture")),
+                                    s(e, "executorVersion"),
+                                    s(e, "active"),
+                                    s(e, "lastSeenAt"),
+                                ]
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                stdout.write_all(
+                    table(&["HOSTNAME", "QUEUES", "PLATFORM", "VERSION", "ACTIVE", "LAST SEEN"], &rows)
+                        .as_bytes(),
+                )?;
+            }
+        }
+        ClientCommand::Artifacts { id, output } => match output {
+            Some(path) => {
+                let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                let mut tmp = tempfile::NamedTempFile::new_in(dir)
+                    .with_context(|| format!("creating a file in {}", dir.display()))?;
+                client.artifacts(id, tmp.as_file_mut())?;
+                tmp.persist(&path).with_context(|| format!("writing {}", path.display()))?;
+            }
+            None => {
+                if std::io::stdout().is_terminal() {
+                    bail!("refusing to write the binary artifacts of job {id} to a terminal; use -o FILE or a pipe");
+                }
+                client.artifacts(id, &mut stdout)?;
+            }
+        },
+    }
+    stdout.flush()?;
+    Ok(crate::exit::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align() {
+        let t = table(
+            &["ID", "STATE"],
+            &[vec!["1".into(), "queued".into()], vec!["100".into(), "failed".into()]],
+        );
+        assert_eq!(t, "ID   STATE\n1    queued\n100  failed\n");
+    }
+}

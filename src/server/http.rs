@@ -1,0 +1,1249 @@
+//! The coordinator's HTTP side: listener (plain or TLS), authentication, the `/.executors/`
+//! protocol routes, the admin API, `/metrics`, long polls, log follows and the stalled-job
+//! resetter. Every 4xx/5xx answer is `{"error": "..."}`.
+
+use anyhow::{Context, Result};
+use axum::body::Body;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::Router;
+use http_body_util::BodyExt;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{watch, Notify};
+
+use super::metrics::Metrics;
+use super::store::{self, CancelResult, ExecutorInfo, LogError, Outcome, Store};
+use super::{ServeConfig, ACTIVE_WINDOW, MAX_WAIT};
+use crate::protocol::{self, Job};
+
+/// Shared server state.
+struct App {
+    cfg: Arc<ServeConfig>,
+    store: Mutex<Store>,
+    /// Fired when a job may have become dequeueable (submit, reset, retry).
+    jobs_changed: Notify,
+    /// Fired when a log entry or a job's state changed (for log follows).
+    logs_changed: Notify,
+    shutdown: watch::Sender<bool>,
+    metrics: Metrics,
+    secret_digest: [u8; 32],
+    admin_digest: [u8; 32],
+    artifact_dir: std::path::PathBuf,
+    json_limit: usize,
+}
+
+type Shared = Arc<App>;
+
+/// An error answer: status plus a message for `{"error": ...}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+fn api_err(status: StatusCode, message: impl Into<String>) -> ApiError {
+    ApiError { status, message: message.into() }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "error": self.message });
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        eprintln!("executor queue: internal error: {e:#}");
+        api_err(StatusCode::INTERNAL_SERVER_ERROR, format!("internal error: {e:#}"))
+    }
+}
+
+type ApiResult<T> = std::result::Result<T, ApiError>;
+
+/// Runs `f` on the store from a blocking thread.
+async fn db<T, F>(app: &Shared, f: F) -> ApiResult<T>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut Store) -> Result<T> + Send + 'static,
+{
+    let app = app.clone();
+    let r = tokio::task::spawn_blocking(move || {
+        let mut guard = app.store.lock().map_err(|_| anyhow::anyhow!("store lock poisoned"))?;
+        f(&mut guard)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("store task failed: {e}"))?;
+    Ok(r?)
+}
+
+fn digest(s: &[u8]) -> [u8; 32] {
+    Sha256::digest(s).into()
+}
+
+/// Constant-time comparison (of digests, so the length of the secret does not leak either).
+fn secret_matches(given: &str, want: &[u8; 32]) -> bool {
+    let got = digest(given.as_bytes());
+    got.iter().zip(want.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+/// `Authorization: <scheme> <token>`; anything else is 401.
+fn parse_auth(headers: &HeaderMap) -> ApiResult<(String, String)> {
+    let unauthorized = || api_err(StatusCode::UNAUTHORIZED, "missing or malformed Authorization header");
+    let value = headers.get(header::AUTHORIZATION).ok_or_else(unauthorized)?;
+    let value = value.to_str().map_err(|_| unauthorized())?;
+    let mut parts = value.split(' ');
+    let (Some(scheme), Some(token), None) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(unauthorized());
+    };
+    if scheme.is_empty() || token.is_empty() {
+        return Err(unauthorized());
+    }
+    Ok((scheme.to_string(), token.to_string()))
+}
+
+fn executor_auth(app: &App, headers: &HeaderMap) -> ApiResult<()> {
+    let (scheme, token) = parse_auth(headers)?;
+    if scheme != protocol::SCHEME_EXECUTOR || !secret_matches(&token, &app.secret_digest) {
+        return Err(api_err(StatusCode::UNAUTHORIZED, "invalid executor credentials"));
+    }
+    Ok(())
+}
+
+fn admin_auth(app: &App, headers: &HeaderMap) -> ApiResult<()> {
+    let (scheme, token) = parse_auth(headers)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(api_err(
+            StatusCode::UNAUTHORIZED,
+            "the admin API needs Authorization: Bearer <admin token>",
+        ));
+    }
+    if !secret_matches(&token, &app.admin_digest) {
+        return Err(api_err(StatusCode::FORBIDDEN, "invalid admin token"));
+    }
+    Ok(())
+}
+
+/// Who calls a job route.
+struct JobCaller {
+    id: i64,
+    executor: String,
+}
+
+async fn job_auth(app: &Shared, headers: &HeaderMap, queue: &str) -> ApiResult<JobCaller> {
+    let (scheme, token) = parse_auth(headers)?;
+    let id = headers
+        .get(protocol::HEADER_JOB_ID)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .ok_or_else(|| {
+            api_err(StatusCode::BAD_REQUEST, "missing or non-integer X-Sourcegraph-Job-ID header")
+        })?;
+    let executor = headers
+        .get(protocol::HEADER_EXECUTOR_NAME)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| api_err(StatusCode::BAD_REQUEST, "missing X-Sourcegraph-Executor-Name header"))?;
+    if scheme.eq_ignore_ascii_case("bearer") {
+        let raw = hex::decode(&token).map_err(|_| api_err(StatusCode::UNAUTHORIZED, "invalid token"))?;
+        let hash = store::sha256_hex(&raw);
+        let found = db(app, move |s| s.job_for_token(&hash)).await?;
+        let Some((token_job, token_queue, _repo)) = found else {
+            return Err(api_err(StatusCode::UNAUTHORIZED, "invalid token"));
+        };
+        if token_job != id || token_queue != queue {
+            return Err(api_err(StatusCode::FORBIDDEN, "invalid token"));
+        }
+    } else if scheme == protocol::SCHEME_EXECUTOR {
+        if !secret_matches(&token, &app.secret_digest) {
+            return Err(api_err(StatusCode::FORBIDDEN, "invalid executor credentials"));
+        }
+    } else {
+        return Err(api_err(StatusCode::UNAUTHORIZED, format!("unknown Authorization scheme {scheme:?}")));
+    }
+    let name = executor.clone();
+    if !db(app, move |s| s.executor_known(&name)).await? {
+        return Err(api_err(
+            StatusCode::UNAUTHORIZED,
+            format!("unknown executor {executor:?}; heartbeat first"),
+        ));
+    }
+    Ok(JobCaller { id, executor })
+}
+
+/// Reads a JSON body of at most `limit` bytes.
+async fn read_json<T: serde::de::DeserializeOwned>(body: Body, limit: usize) -> ApiResult<T> {
+    let bytes = read_limited(body, limit).await?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| api_err(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
+}
+
+async fn read_limited(body: Body, limit: usize) -> ApiResult<bytes::Bytes> {
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            Err(api_err(StatusCode::PAYLOAD_TOO_LARGE, format!("request body is larger than {limit} bytes")))
+        }
+        Err(e) => Err(api_err(StatusCode::BAD_REQUEST, format!("reading the request body: {e}"))),
+    }
+}
+
+fn known_queue(app: &App, queue: &str) -> ApiResult<()> {
+    if app.cfg.queues.iter().any(|q| q == queue) {
+        Ok(())
+    } else {
+        Err(api_err(StatusCode::NOT_FOUND, format!("unknown queue {queue:?}")))
+    }
+}
+
+fn path_param(p: std::result::Result<Path<String>, PathRejection>) -> ApiResult<String> {
+    p.map(|Path(s)| s).map_err(|e| api_err(StatusCode::BAD_REQUEST, format!("invalid path: {e}")))
+}
+
+fn query_params(
+    q: std::result::Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> ApiResult<HashMap<String, String>> {
+    q.map(|Query(m)| m).map_err(|e| api_err(StatusCode::BAD_REQUEST, format!("invalid query string: {e}")))
+}
+
+fn job_id_param(p: std::result::Result<Path<String>, PathRejection>) -> ApiResult<i64> {
+    let s = path_param(p)?;
+    match s.parse::<i64>() {
+        Ok(id) if id > 0 => Ok(id),
+        _ => Err(api_err(
+            StatusCode::BAD_REQUEST,
+            format!("invalid job id {s:?}: expected a positive integer"),
+        )),
+    }
+}
+
+fn json_response(status: StatusCode, value: &impl serde::Serialize) -> ApiResult<Response> {
+    let body = serde_json::to_vec(value).map_err(|e| anyhow::anyhow!("encoding the response: {e}"))?;
+    Ok((status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Protocol routes
+
+async fn test_auth(State(app): State<Shared>, headers: HeaderMap) -> ApiResult<Response> {
+    executor_auth(&app, &headers)?;
+    Ok((StatusCode::OK, "ok").into_response())
+}
+
+fn wait_param(query: &HashMap<String, String>) -> ApiResult<Duration> {
+    match query.get("wait") {
+        None => Ok(Duration::ZERO),
+        Some(w) => super::parse_duration(w)
+            .map(|d| d.min(MAX_WAIT))
+            .map_err(|e| api_err(StatusCode::BAD_REQUEST, format!("invalid wait parameter: {e}"))),
+    }
+}
+
+async fn dequeue_single(
+    State(app): State<Shared>,
+    queue: std::result::Result<Path<String>, PathRejection>,
+    query: std::result::Result<Query<HashMap<String, String>>, QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let queue = path_param(queue)?;
+    known_queue(&app, &queue)?;
+    executor_auth(&app, &headers)?;
+    let wait = wait_param(&query_params(query)?)?;
+    let req: protocol::DequeueRequest = read_json(body, app.json_limit).await?;
+    dequeue(app, vec![queue], req, wait, false).await
+}
+
+async fn dequeue_multi(
+    State(app): State<Shared>,
+    query: std::result::Result<Query<HashMap<String, String>>, QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    executor_auth(&app, &headers)?;
+    let wait = wait_param(&query_params(query)?)?;
+    let req: protocol::DequeueRequest = read_json(body, app.json_limit).await?;
+    for q in &req.queues {
+        if !app.cfg.queues.contains(q) {
+            return Err(api_err(StatusCode::BAD_REQUEST, format!("unknown queue {q:?}")));
+        }
+    }
+    let queues = req.queues.clone();
+    dequeue(app, queues, req, wait, true).await
+}
+
+fn queue_weight(queue: &str) -> u32 {
+    // Sourcegraph's defaults: batches 4, codeintel 1.
+    if queue == "batches" {
+        4
+    } else {
+        1
+    }
+}
+
+async fn dequeue(
+    app: Shared,
+    queues: Vec<String>,
+    req: protocol::DequeueRequest,
+    wait: Duration,
+    multi: bool,
+) -> ApiResult<Response> {
+    let started = Instant::now();
+    if req.executor_name.is_empty() {
+        return Err(api_err(StatusCode::BAD_REQUEST, "executorName must not be empty"));
+    }
+    let v2 = protocol::wants_v2_payload(&req.version).map_err(|e| api_err(StatusCode::BAD_REQUEST, e))?;
+    if queues.is_empty() {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    let deadline = started + wait;
+    let mut shutdown = app.shutdown.subscribe();
+    loop {
+        let notified = app.jobs_changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let (qs, name) = (queues.clone(), req.executor_name.clone());
+        let got = db(&app, move |s| s.dequeue(&qs, &name, store::now_ms(), queue_weight)).await?;
+        if let Some(d) = got {
+            let mut job: Job = serde_json::from_str(&d.payload)
+                .with_context(|| format!("stored payload of job {} is unreadable", d.id))?;
+            job.id = d.id;
+            job.token = d.token;
+            job.queue = if multi { d.queue } else { String::new() };
+            job.version = if v2 { 2 } else { 0 };
+            app.metrics.dequeue_job.observe(started.elapsed());
+            app.logs_changed.notify_waiters();
+            return json_response(StatusCode::OK, &job);
+        }
+        let now = Instant::now();
+        if now >= deadline || *shutdown.borrow() {
+            app.metrics.dequeue_empty.observe(started.elapsed());
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        }
+        tokio::select! {
+            _ = &mut notified => {}
+            _ = tokio::time::sleep_until(deadline.into()) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
+fn parse_ids(ids: &[String], queue: &str) -> ApiResult<Vec<(i64, String)>> {
+    ids.iter()
+        .map(|s| match protocol::split_uid(s) {
+            Some((id, None)) => Ok((id, queue.to_string())),
+            Some((id, Some(q))) if q == queue => Ok((id, queue.to_string())),
+            _ => Err(api_err(StatusCode::BAD_REQUEST, format!("invalid job id {s:?} for queue {queue:?}"))),
+        })
+        .collect()
+}
+
+fn telemetry_info(name: &str, t: &protocol::ExecutorTelemetry) -> ExecutorInfo {
+    ExecutorInfo {
+        hostname: name.to_string(),
+        queue_name: None,
+        queue_names: Vec::new(),
+        os: t.os.clone(),
+        architecture: t.architecture.clone(),
+        docker_version: t.docker_version.clone(),
+        executor_version: t.executor_version.clone(),
+        git_version: t.git_version.clone(),
+        ignite_version: t.ignite_version.clone(),
+        src_cli_version: t.src_cli_version.clone(),
+    }
+}
+
+async fn heartbeat_single(
+    State(app): State<Shared>,
+    queue: std::result::Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let queue = path_param(queue)?;
+    known_queue(&app, &queue)?;
+    executor_auth(&app, &headers)?;
+    let req: protocol::HeartbeatRequestV1 = read_json(body, app.json_limit).await?;
+    if req.executor_name.is_empty() {
+        return Err(api_err(StatusCode::BAD_REQUEST, "executorName must not be empty"));
+    }
+    let ids = parse_ids(&req.job_ids, &queue)?;
+    let mut info = telemetry_info(&req.executor_name, &req.telemetry);
+    info.queue_name = Some(queue.clone());
+    info.queue_names = vec![queue];
+    let (known, cancel) = db(&app, move |s| s.heartbeat(&info, &ids, store::now_ms())).await?;
+    let resp = protocol::HeartbeatResponse {
+        known_ids: known.iter().map(|(id, _)| id.to_string()).collect(),
+        cancel_ids: cancel.iter().map(|(id, _)| id.to_string()).collect(),
+    };
+    json_response(StatusCode::OK, &resp)
+}
+
+async fn heartbeat_multi(State(app): State<Shared>, headers: HeaderMap, body: Body) -> ApiResult<Response> {
+    executor_auth(&app, &headers)?;
+    let req: protocol::HeartbeatRequest = read_json(body, app.json_limit).await?;
+    if req.executor_name.is_empty() {
+        return Err(api_err(StatusCode::BAD_REQUEST, "executorName must not be empty"));
+    }
+    if req.queue_names.is_empty() {
+        return Err(api_err(StatusCode::BAD_REQUEST, "queueNames must not be empty"));
+    }
+    for q in &req.queue_names {
+        if !app.cfg.queues.contains(q) {
+            return Err(api_err(StatusCode::BAD_REQUEST, format!("unknown queue {q:?}")));
+        }
+    }
+    let mut ids = Vec::new();
+    for group in &req.job_ids_by_queue {
+        if !req.queue_names.contains(&group.queue_name) {
+            return Err(api_err(
+                StatusCode::BAD_REQUEST,
+                format!("job ids for queue {:?}, which is not in queueNames", group.queue_name),
+            ));
+        }
+        ids.extend(parse_ids(&group.job_ids, &group.queue_name)?);
+    }
+    let mut info = telemetry_info(&req.executor_name, &req.telemetry);
+    info.queue_names = req.queue_names.clone();
+    let (known, cancel) = db(&app, move |s| s.heartbeat(&info, &ids, store::now_ms())).await?;
+    let resp = protocol::HeartbeatResponse {
+        known_ids: known.iter().map(|(id, q)| format!("{id}-{q}")).collect(),
+        cancel_ids: cancel.iter().map(|(id, q)| format!("{id}-{q}")).collect(),
+    };
+    json_response(StatusCode::OK, &resp)
+}
+
+/// The body's `{executorName, jobId}` must agree with the authenticated headers.
+fn check_op(caller: &JobCaller, op: &protocol::JobOperationRequest) -> ApiResult<()> {
+    if op.job_id != caller.id {
+        return Err(api_err(
+            StatusCode::BAD_REQUEST,
+            format!("jobId {} in the body does not match X-Sourcegraph-Job-ID {}", op.job_id, caller.id),
+        ));
+    }
+    if !op.executor_name.is_empty() && op.executor_name != caller.executor {
+        return Err(api_err(
+            StatusCode::BAD_REQUEST,
+            "executorName in the body does not match X-Sourcegraph-Executor-Name",
+        ));
+    }
+    Ok(())
+}
+
+async fn add_log_entry(
+    State(app): State<Shared>,
+    queue: std::result::Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let queue = path_param(queue)?;
+    known_queue(&app, &queue)?;
+    let caller = job_auth(&app, &headers, &queue).await?;
+    let req: protocol::AddExecutionLogEntryRequest = read_json(body, app.json_limit).await?;
+    check_op(&caller, &req.op)?;
+    let cap = app.cfg.log_cap_bytes;
+    let r = db(&app, move |s| s.add_log(caller.id, &caller.executor, &req.entry, cap)).await?;
+    app.logs_changed.notify_waiters();
+    match r {
+        Ok(entry_id) => json_response(StatusCode::OK, &entry_id),
+        Err(_) => Err(api_err(StatusCode::INTERNAL_SERVER_ERROR, "unknown job")),
+    }
+}
+
+async fn update_log_entry(
+    State(app): State<Shared>,
+    queue: std::result::Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let queue = path_param(queue)?;
+    known_queue(&app, &queue)?;
+    let caller = job_auth(&app, &headers, &queue).await?;
+    let req: protocol::UpdateExecutionLogEntryRequest = read_json(body, app.json_limit).await?;
+    check_op(&caller, &req.op)?;
+    let cap = app.cfg.log_cap_bytes;
+    let entry_id = req.entry_id;
+    let r = db(&app, move |s| {
+        s.update_log(caller.id, &caller.executor, req.entry_id, &req.entry, req.append, cap)
+    })
+    .await?;
+    app.logs_changed.notify_waiters();
+    match r {
+        Ok(()) => Ok(StatusCode::NO_CONTENT.into_response()),
+        Err(LogError::UnknownJob) => Err(api_err(StatusCode::INTERNAL_SERVER_ERROR, "unknown job")),
+        Err(LogError::UnknownEntry) => {
+            Err(api_err(StatusCode::NOT_FOUND, format!("unknown log entry {entry_id}")))
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum MarkKind {
+    Complete,
+    Errored,
+    Failed,
+}
+
+async fn mark(
+    app: Shared,
+    kind: MarkKind,
+    queue: std::result::Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let queue = path_param(queue)?;
+    known_queue(&app, &queue)?;
+    let caller = job_auth(&app, &headers, &queue).await?;
+    let req: protocol::MarkErrorRequest = read_json(body, app.json_limit).await?;
+    check_op(&caller, &req.op)?;
+    let outcome = match kind {
+        MarkKind::Complete => Outcome::Complete,
+        MarkKind::Errored => Outcome::Errored(req.error_message),
+        MarkKind::Failed => Outcome::Failed(req.error_message),
+    };
+    let retries = app.cfg.max_retries;
+    let id = caller.id;
+    let done = db(&app, move |s| s.mark(id, &caller.executor, &outcome, retries, store::now_ms())).await?;
+    if !done {
+        return Err(api_err(
+            StatusCode::NOT_FOUND,
+            format!("unknown job {id}: not processing or not this executor's"),
+        ));
+    }
+    app.logs_changed.notify_waiters();
+    app.jobs_changed.notify_waiters();
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn mark_complete(
+    State(app): State<Shared>,
+    queue: std::result::Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    mark(app, MarkKind::Complete, queue, headers, body).await
+}
+
+async fn mark_errored(
+    State(app): State<Shared>,
+    queue: std::result::Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    mark(app, MarkKind::Errored, queue, headers, body).await
+}
+
+async fn mark_failed(
+    State(app): State<Shared>,
+    queue: std::result::Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    mark(app, MarkKind::Failed, queue, headers, body).await
+}
+
+async fn put_artifacts(
+    State(app): State<Shared>,
+    queue: std::result::Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let queue = path_param(queue)?;
+    known_queue(&app, &queue)?;
+    let caller = job_auth(&app, &headers, &queue).await?;
+    let max = app.cfg.artifact_max_bytes;
+    let too_large =
+        || api_err(StatusCode::PAYLOAD_TOO_LARGE, format!("artifacts are larger than {max} bytes"));
+    if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+    {
+        if len > max {
+            return Err(too_large());
+        }
+    }
+    let (id, executor) = (caller.id, caller.executor.clone());
+    if !db(&app, move |s| s.is_owned(id, &executor)).await? {
+        return Err(api_err(
+            StatusCode::NOT_FOUND,
+            format!("unknown job {id}: not processing or not this executor's"),
+        ));
+    }
+    let tmp = app.artifact_dir.join(format!(".upload-{id}-{}", uuid::Uuid::new_v4()));
+    let result = receive_to_file(body, &tmp, max).await;
+    let (bytes, sha) = match result {
+        Ok(Some(v)) => v,
+        Ok(None) => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(too_large());
+        }
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e);
+        }
+    };
+    let dest = app.artifact_dir.join(format!("{id}.tar.gz"));
+    let dir = app.artifact_dir.clone();
+    let executor = caller.executor;
+    let tmp2 = tmp.clone();
+    let stored = db(&app, move |s| {
+        if !s.is_owned(id, &executor)? {
+            return Ok(false);
+        }
+        std::fs::rename(&tmp2, &dest).with_context(|| format!("moving artifacts of job {id} into place"))?;
+        if let Ok(d) = std::fs::File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        s.set_artifacts(id, &executor, bytes as i64, &sha)
+    })
+    .await;
+    match stored {
+        Ok(true) => Ok(StatusCode::NO_CONTENT.into_response()),
+        Ok(false) => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            Err(api_err(
+                StatusCode::NOT_FOUND,
+                format!("unknown job {id}: not processing or not this executor's"),
+            ))
+        }
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            Err(e)
+        }
+    }
+}
+
+/// Streams `body` into `path` (fsynced). `None` when it exceeds `max` bytes.
+async fn receive_to_file(body: Body, path: &std::path::Path, max: u64) -> ApiResult<Option<(u64, String)>> {
+    let mut file =
+        tokio::fs::File::create(path).await.with_context(|| format!("creating {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut total: u64 = 0;
+    let mut body = body;
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|e| api_err(StatusCode::BAD_REQUEST, format!("reading the upload: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            total += data.len() as u64;
+            if total > max {
+                return Ok(None);
+            }
+            hasher.update(&data);
+            file.write_all(&data).await.with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
+    file.sync_all().await.with_context(|| format!("syncing {}", path.display()))?;
+    Ok(Some((total, hex::encode(hasher.finalize()))))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Admin API
+
+const JOB_FIELDS: &[&str] = &[
+    "version",
+    "id",
+    "token",
+    "queue",
+    "repositoryName",
+    "repositoryDirectory",
+    "commit",
+    "fetchTags",
+    "shallowClone",
+    "sparseCheckout",
+    "files",
+    "dockerSteps",
+    "cliSteps",
+    "redactedValues",
+    "dockerAuthConfig",
+    "artifacts",
+];
+
+/// A relative path that stays inside the workspace.
+fn check_relative(what: &str, p: &str, allow_empty: bool) -> std::result::Result<(), String> {
+    if p.is_empty() {
+        return if allow_empty { Ok(()) } else { Err(format!("{what} must not be empty")) };
+    }
+    let path = std::path::Path::new(p);
+    if path.is_absolute()
+        || path
+            .components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir))
+        || p.contains('\0')
+    {
+        return Err(format!("{what} {p:?} must be a relative path inside the workspace"));
+    }
+    Ok(())
+}
+
+/// Validates a submitted job. Returns (queue, normalised payload, repository name).
+fn validate_submission(
+    value: serde_json::Value,
+    queues: &[String],
+) -> std::result::Result<(String, String, String), String> {
+    let serde_json::Value::Object(mut obj) = value else {
+        return Err("the job must be a JSON object".into());
+    };
+    let queue = match obj.remove("queue") {
+        None | Some(serde_json::Value::Null) => "batches".to_string(),
+        Some(serde_json::Value::String(q)) => q,
+        Some(other) => return Err(format!("queue must be a string, got {other}")),
+    };
+    if !queues.contains(&queue) {
+        return Err(format!("unknown queue {queue:?} (this server has {})", queues.join(", ")));
+    }
+    for key in obj.keys() {
+        if !JOB_FIELDS.contains(&key.as_str()) {
+            return Err(format!("unknown job field {key:?}"));
+        }
+    }
+    if obj.get("id").is_some_and(|v| v.as_i64() != Some(0)) {
+        return Err("a submitted job must not carry an id: the server assigns it".into());
+    }
+    if obj.get("token").is_some_and(|v| v.as_str() != Some("")) {
+        return Err("a submitted job must not carry a token: the server makes one at dequeue".into());
+    }
+    let version = obj.get("version").cloned().unwrap_or(serde_json::Value::from(0));
+    if version != 0 && version != 1 && version != 2 {
+        return Err(format!("version must be 1 or 2, got {version}"));
+    }
+    let mut job: Job =
+        serde_json::from_value(serde_json::Value::Object(obj)).map_err(|e| format!("invalid job: {e}"))?;
+    check_relative("repositoryDirectory", &job.repository_directory, true)?;
+    for path in job.files.keys() {
+        check_relative("file path", path, false)?;
+    }
+    for (i, step) in job.docker_steps.iter().enumerate() {
+        check_relative(&format!("dockerSteps[{i}].dir"), &step.dir, true)?;
+        if step.image.is_empty() {
+            return Err(format!("dockerSteps[{i}].image must not be empty"));
+        }
+        for e in &step.env {
+            if !e.contains('=') {
+                return Err(format!("dockerSteps[{i}].env entry {e:?} is not NAME=value"));
+            }
+        }
+    }
+    for (i, step) in job.cli_steps.iter().enumerate() {
+        check_relative(&format!("cliSteps[{i}].dir"), &step.dir, true)?;
+    }
+    for a in &job.artifacts {
+        check_relative("artifact path", a, false)?;
+    }
+    if !job.repository_name.is_empty() && job.commit.is_empty() {
+        return Err("commit must be set when repositoryName is".into());
+    }
+    job.version = 2;
+    job.id = 0;
+    job.token = String::new();
+    job.queue = String::new();
+    let payload = serde_json::to_string(&job).map_err(|e| format!("encoding the job: {e}"))?;
+    Ok((queue, payload, job.repository_name))
+}
+
+async fn submit_job(State(app): State<Shared>, headers: HeaderMap, body: Body) -> ApiResult<Response> {
+    admin_auth(&app, &headers)?;
+    let value: serde_json::Value = read_json(body, app.json_limit).await?;
+    let (queue, payload, repo) =
+        validate_submission(value, &app.cfg.queues).map_err(|e| api_err(StatusCode::BAD_REQUEST, e))?;
+    let id = db(&app, move |s| s.submit(&queue, &payload, &repo, store::now_ms())).await?;
+    app.metrics.jobs_submitted.fetch_add(1, Ordering::Relaxed);
+    app.jobs_changed.notify_waiters();
+    json_response(StatusCode::CREATED, &serde_json::json!({ "id": id }))
+}
+
+async fn list_jobs(
+    State(app): State<Shared>,
+    query: std::result::Result<Query<HashMap<String, String>>, QueryRejection>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    admin_auth(&app, &headers)?;
+    let q = query_params(query)?;
+    let queue = q.get("queue").cloned();
+    if let Some(queue) = &queue {
+        if !app.cfg.queues.contains(queue) {
+            return Err(api_err(StatusCode::BAD_REQUEST, format!("unknown queue {queue:?}")));
+        }
+    }
+    let state = q.get("state").cloned();
+    if let Some(state) = &state {
+        if !store::STATES.contains(&state.as_str()) {
+            return Err(api_err(
+                StatusCode::BAD_REQUEST,
+                format!("unknown state {state:?} (one of {})", store::STATES.join(", ")),
+            ));
+        }
+    }
+    let limit = match q.get("limit") {
+        None => 100,
+        Some(l) => match l.parse::<i64>() {
+            Ok(n) if (1..=100_000).contains(&n) => n,
+            _ => return Err(api_err(StatusCode::BAD_REQUEST, format!("invalid limit {l:?}: 1 to 100000"))),
+        },
+    };
+    let jobs = db(&app, move |s| s.list(queue.as_deref(), state.as_deref(), limit)).await?;
+    json_response(StatusCode::OK, &serde_json::json!({ "jobs": jobs }))
+}
+
+/// The stored payload as the admin API shows it: `redactedValues` replaced by their count and
+/// every string with a secret in it redacted.
+fn admin_payload(payload: &str) -> Result<serde_json::Value> {
+    let mut v: serde_json::Value = serde_json::from_str(payload).context("stored payload is unreadable")?;
+    let secrets: BTreeMap<String, String> =
+        v.get("redactedValues").and_then(|r| serde_json::from_value(r.clone()).ok()).unwrap_or_default();
+    let redactor = crate::redact::Redactor::new(secrets.iter());
+    fn walk(v: &mut serde_json::Value, r: &crate::redact::Redactor) {
+        match v {
+            serde_json::Value::String(s) => *s = r.redact_str(s),
+            serde_json::Value::Array(a) => a.iter_mut().for_each(|x| walk(x, r)),
+            serde_json::Value::Object(o) => o.values_mut().for_each(|x| walk(x, r)),
+            _ => {}
+        }
+    }
+    if let Some(obj) = v.as_object_mut() {
+        obj.remove("redactedValues");
+        obj.remove("id");
+        obj.remove("token");
+        obj.insert("redactedValueCount".into(), secrets.len().into());
+    }
+    walk(&mut v, &redactor);
+    Ok(v)
+}
+
+async fn show_job(
+    State(app): State<Shared>,
+    id: std::result::Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    admin_auth(&app, &headers)?;
+    let id = job_id_param(id)?;
+    let found = db(&app, move |s| Ok(s.job(id)?.map(|j| (j, s.logs(id))))).await?;
+    let Some((job, logs)) = found else { return Err(api_err(StatusCode::NOT_FOUND, format!("no job {id}"))) };
+    let logs = logs?;
+    let mut v = serde_json::to_value(&job.summary).map_err(|e| anyhow::anyhow!("encoding job {id}: {e}"))?;
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("job".into(), admin_payload(&job.payload)?);
+        obj.insert("logs".into(), serde_json::to_value(&logs).map_err(|e| anyhow::anyhow!("{e}"))?);
+        obj.insert(
+            "artifacts".into(),
+            serde_json::to_value(&job.artifacts).map_err(|e| anyhow::anyhow!("{e}"))?,
+        );
+    }
+    json_response(StatusCode::OK, &v)
+}
+
+async fn cancel_job(
+    State(app): State<Shared>,
+    id: std::result::Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    admin_auth(&app, &headers)?;
+    let id = job_id_param(id)?;
+    match db(&app, move |s| s.cancel(id, store::now_ms())).await? {
+        CancelResult::NotFound => Err(api_err(StatusCode::NOT_FOUND, format!("no job {id}"))),
+        CancelResult::AlreadyFinal(state) => {
+            Err(api_err(StatusCode::CONFLICT, format!("job {id} already finished: it is {state}")))
+        }
+        CancelResult::Done(summary) => {
+            app.logs_changed.notify_waiters();
+            json_response(StatusCode::OK, &summary)
+        }
+    }
+}
+
+async fn list_executors(State(app): State<Shared>, headers: HeaderMap) -> ApiResult<Response> {
+    admin_auth(&app, &headers)?;
+    let active = ACTIVE_WINDOW.as_millis() as i64;
+    let rows = db(&app, move |s| s.executors(store::now_ms(), active)).await?;
+    json_response(StatusCode::OK, &serde_json::json!({ "executors": rows }))
+}
+
+async fn get_artifacts(
+    State(app): State<Shared>,
+    id: std::result::Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    admin_auth(&app, &headers)?;
+    let id = job_id_param(id)?;
+    let detail = db(&app, move |s| s.job(id)).await?;
+    let Some(detail) = detail else { return Err(api_err(StatusCode::NOT_FOUND, format!("no job {id}"))) };
+    if detail.artifacts.is_none() {
+        return Err(api_err(StatusCode::NOT_FOUND, format!("job {id} has no artifacts")));
+    }
+    let path = app.artifact_dir.join(format!("{id}.tar.gz"));
+    let file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| api_err(StatusCode::NOT_FOUND, format!("artifacts of job {id} are gone: {e}")))?;
+    let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+    let stream = tokio_util::io::ReaderStream::new(file);
+    Ok((
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static("application/gzip")),
+            (header::CONTENT_LENGTH, HeaderValue::from(len)),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+struct FollowState {
+    app: Shared,
+    id: i64,
+    follow: bool,
+    sent: HashMap<i64, String>,
+    pending: VecDeque<bytes::Bytes>,
+    done: bool,
+    shutdown: watch::Receiver<bool>,
+}
+
+async fn follow_step(
+    mut st: FollowState,
+) -> Option<(std::result::Result<bytes::Bytes, std::io::Error>, FollowState)> {
+    loop {
+        if let Some(line) = st.pending.pop_front() {
+            return Some((Ok(line), st));
+        }
+        if st.done {
+            return None;
+        }
+        let app = st.app.clone();
+        let notified = app.logs_changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let id = st.id;
+        let fetched = db(&app, move |s| Ok((s.logs(id)?, s.state(id)?))).await;
+        let (logs, state) = match fetched {
+            Ok(v) => v,
+            Err(e) => return Some((Err(std::io::Error::other(e.message)), FollowState { done: true, ..st })),
+        };
+        for entry in logs {
+            let Ok(mut line) = serde_json::to_string(&entry) else { continue };
+            if st.sent.get(&entry.entry_id) != Some(&line) {
+                st.sent.insert(entry.entry_id, line.clone());
+                line.push('\n');
+                st.pending.push_back(bytes::Bytes::from(line));
+            }
+        }
+        let finished = state.as_deref().map(|s| store::FINAL_STATES.contains(&s)).unwrap_or(true);
+        if !st.follow || finished || *st.shutdown.borrow() {
+            st.done = true;
+            continue;
+        }
+        if st.pending.is_empty() {
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = st.shutdown.changed() => {}
+            }
+        }
+    }
+}
+
+async fn job_logs(
+    State(app): State<Shared>,
+    id: std::result::Result<Path<String>, PathRejection>,
+    query: std::result::Result<Query<HashMap<String, String>>, QueryRejection>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    admin_auth(&app, &headers)?;
+    let id = job_id_param(id)?;
+    let q = query_params(query)?;
+    let follow = match q.get("follow").map(String::as_str) {
+        None | Some("false") | Some("0") => false,
+        Some("true") | Some("1") | Some("") => true,
+        Some(other) => {
+            return Err(api_err(StatusCode::BAD_REQUEST, format!("invalid follow value {other:?}")))
+        }
+    };
+    if db(&app, move |s| s.state(id)).await?.is_none() {
+        return Err(api_err(StatusCode::NOT_FOUND, format!("no job {id}")));
+    }
+    let shutdown = app.shutdown.subscribe();
+    let st = FollowState {
+        app,
+        id,
+        follow,
+        sent: HashMap::new(),
+        pending: VecDeque::new(),
+        done: false,
+        shutdown,
+    };
+    let stream = futures_util::stream::unfold(st, follow_step);
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"))],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+async fn metrics(State(app): State<Shared>) -> ApiResult<Response> {
+    let since = store::now_ms() - ACTIVE_WINDOW.as_millis() as i64;
+    let (counts, active) = db(&app, move |s| Ok((s.counts()?, s.active_executors(since)?))).await?;
+    let text = app.metrics.render(&counts, &app.cfg.queues, active);
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))],
+        text,
+    )
+        .into_response())
+}
+
+async fn not_found(method: Method, uri: Uri) -> ApiError {
+    api_err(StatusCode::NOT_FOUND, format!("no route for {method} {}", uri.path()))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    api_err(StatusCode::METHOD_NOT_ALLOWED, format!("method {method} is not allowed on {}", uri.path()))
+}
+
+fn router(app: Shared) -> Router {
+    Router::new()
+        .route("/.executors/test/auth", get(test_auth))
+        .route("/.executors/queue/dequeue", post(dequeue_multi))
+        .route("/.executors/queue/heartbeat", post(heartbeat_multi))
+        .route("/.executors/queue/:queue/dequeue", post(dequeue_single))
+        .route("/.executors/queue/:queue/heartbeat", post(heartbeat_single))
+        .route("/.executors/queue/:queue/addExecutionLogEntry", post(add_log_entry))
+        .route("/.executors/queue/:queue/updateExecutionLogEntry", post(update_log_entry))
+        .route("/.executors/queue/:queue/markComplete", post(mark_complete))
+        .route("/.executors/queue/:queue/markErrored", post(mark_errored))
+        .route("/.executors/queue/:queue/markFailed", post(mark_failed))
+        .route("/.executors/queue/:queue/artifacts", put(put_artifacts))
+        .route("/api/jobs", post(submit_job).get(list_jobs))
+        .route("/api/jobs/:id", get(show_job))
+        .route("/api/jobs/:id/logs", get(job_logs))
+        .route("/api/jobs/:id/cancel", post(cancel_job))
+        .route("/api/jobs/:id/artifacts", get(get_artifacts))
+        .route("/api/executors", get(list_executors))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        // Bodies are limited per route by `read_limited` and the artifact cap.
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(app)
+}
+
+async fn stalled_resetter(app: Shared) {
+    let age = app.cfg.stalled_max_age;
+    let period = (age / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+    let age_text = super::format_duration(age);
+    let mut shutdown = app.shutdown.subscribe();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = shutdown.changed() => return,
+        }
+        let (max, text) = (app.cfg.max_resets, age_text.clone());
+        let now = store::now_ms();
+        let cutoff = now - age.as_millis() as i64;
+        match db(&app, move |s| s.reset_stalled(cutoff, max, &text, now)).await {
+            Ok(resets) if !resets.is_empty() => {
+                for r in &resets {
+                    eprintln!(
+                        "executor queue: job {} ({}) stalled: no heartbeat for {age_text}; now {}",
+                        r.id, r.queue, r.new_state
+                    );
+                }
+                app.metrics.jobs_reset.fetch_add(resets.len() as u64, Ordering::Relaxed);
+                app.jobs_changed.notify_waiters();
+                app.logs_changed.notify_waiters();
+            }
+            Ok(_) => {}
+            Err(e) => eprintln!("executor queue: stalled-job sweep failed: {}", e.message),
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+fn load_tls(cert: &std::path::Path, key: &std::path::Path) -> Result<tokio_rustls::TlsAcceptor> {
+    let cert_pem =
+        std::fs::read(cert).with_context(|| format!("reading TLS certificate {}", cert.display()))?;
+    let certs = rustls_pemfile::certs(&mut cert_pem.as_slice())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .with_context(|| format!("parsing TLS certificate {}", cert.display()))?;
+    if certs.is_empty() {
+        anyhow::bail!("no certificate in {}", cert.display());
+    }
+    let key_pem = std::fs::read(key).with_context(|| format!("reading TLS key {}", key.display()))?;
+    let key_der = rustls_pemfile::private_key(&mut key_pem.as_slice())
+        .with_context(|| format!("parsing TLS key {}", key.display()))?
+        .with_context(|| format!("no private key in {}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("configuring TLS")?
+        .with_no_client_auth()
+        .with_single_cert(certs, key_der)
+        .with_context(|| {
+            format!("TLS certificate {} does not match key {}", cert.display(), key.display())
+        })?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+fn write_addr_file(path: &std::path::Path, url: &str) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("creating a file in {}", dir.display()))?;
+    std::io::Write::write_all(&mut tmp, format!("{url}\n").as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    tmp.persist(path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Binds, announces the address, and serves until a signal.
+pub async fn serve(cfg: Arc<ServeConfig>) -> Result<()> {
+    let tls = match &cfg.tls {
+        Some((cert, key)) => Some(load_tls(cert, key)?),
+        None => None,
+    };
+    let data_dir = cfg.data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&data_dir)).await??;
+    let artifact_dir = cfg.data_dir.join("artifacts");
+    std::fs::create_dir_all(&artifact_dir).with_context(|| format!("creating {}", artifact_dir.display()))?;
+    // Leftovers of uploads interrupted by a crash.
+    if let Ok(rd) = std::fs::read_dir(&artifact_dir) {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with(".upload-") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    let (shutdown_tx, _) = watch::channel(false);
+    let json_limit = (cfg.log_cap_bytes.saturating_mul(2) + (1 << 20)).max(8 << 20) as usize;
+    let app = Arc::new(App {
+        secret_digest: digest(cfg.secret.as_bytes()),
+        admin_digest: digest(cfg.admin_token.as_bytes()),
+        cfg: cfg.clone(),
+        store: Mutex::new(store),
+        jobs_changed: Notify::new(),
+        logs_changed: Notify::new(),
+        shutdown: shutdown_tx,
+        metrics: Metrics::default(),
+        artifact_dir,
+        json_limit,
+    });
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .with_context(|| format!("listening on {}", cfg.listen))?;
+    let local = listener.local_addr().context("reading the listening address")?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://{local}");
+    if let Some(path) = &cfg.addr_file {
+        write_addr_file(path, &url)?;
+    }
+    eprintln!(
+        "executor queue: serving {} on {url} (data in {})",
+        cfg.queues.join(", "),
+        cfg.data_dir.display()
+    );
+    tokio::spawn(stalled_resetter(app.clone()));
+    let routes = router(app.clone());
+    let shutdown_app = app.clone();
+    let on_signal = async move {
+        shutdown_signal().await;
+        eprintln!("executor queue: shutting down");
+        let _ = shutdown_app.shutdown.send(true);
+    };
+    match tls {
+        None => {
+            axum::serve(listener, routes).with_graceful_shutdown(on_signal).await.context("serving HTTP")?;
+        }
+        Some(acceptor) => {
+            tokio::pin!(on_signal);
+            loop {
+                let (tcp, _) = tokio::select! {
+                    _ = &mut on_signal => break,
+                    r = listener.accept() => match r {
+                        Ok(v) => v,
+                        Err(e) => {
+                            eprintln!("executor queue: accept failed: {e}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                };
+                let acceptor = acceptor.clone();
+                let svc = hyper_util::service::TowerToHyperService::new(routes.clone());
+                tokio::spawn(async move {
+                    let Ok(Ok(tls)) =
+                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+                    else {
+                        return;
+                    };
+                    let io = hyper_util::rt::TokioIo::new(tls);
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn submissions_are_validated() {
+        let qs = vec!["batches".to_string(), "codeintel".to_string()];
+        let ok = serde_json::json!({"repositoryName": "r", "commit": "c",
+            "dockerSteps": [{"image": "alpine", "commands": ["true"], "dir": "", "env": ["A=b"]}]});
+        let (q, payload, repo) = validate_submission(ok.clone(), &qs).unwrap();
+        assert_eq!((q.as_str(), repo.as_str()), ("batches", "r"));
+        assert!(payload.contains("\"version\":2"));
+        let bad = |patch: serde_json::Value| {
+            let mut v = ok.clone();
+            for (k, val) in patch.as_object().unwrap() {
+                v[k] = val.clone();
+            }
+            validate_submission(v, &qs).unwrap_err()
+        };
+        assert!(bad(serde_json::json!({"queue": "nope"})).contains("unknown queue"));
+        assert!(bad(serde_json::json!({"token": "abc"})).contains("token"));
+        assert!(bad(serde_json::json!({"id": 5})).contains("id"));
+        assert!(bad(serde_json::json!({"files": {"../x": {"content": "a"}}})).contains("relative"));
+        assert!(bad(serde_json::json!({"repositoryDirectory": "/etc"})).contains("relative"));
+        assert!(bad(serde_json::json!({"dockerStep": []})).contains("unknown job field"));
+        assert!(bad(serde_json::json!({"dockerSteps": 3})).contains("invalid job"));
+        assert!(validate_submission(serde_json::json!([1]), &qs).is_err());
+    }
+
+    #[test]
+    fn admin_view_hides_secrets() {
+        let payload = r#"{"version":2,"dockerSteps":[{"image":"a","commands":["echo s3cr3t-value"],"dir":"","env":[]}],
+            "redactedValues":{"s3cr3t-value":"PASSWORD_REMOVED"}}"#;
+        let v = admin_payload(payload).unwrap();
+        let text = v.to_string();
+        assert!(!text.contains("s3cr3t-value"), "{text}");
+        assert!(text.contains("PASSWORD_REMOVED"));
+        assert_eq!(v["redactedValueCount"], 1);
+    }
+
+    #[test]
+    fn secrets_compare_by_digest() {
+        let want = digest(b"correct horse battery staple");
+        assert!(secret_matches("correct horse battery staple", &want));
+        assert!(!secret_matches("correct horse battery stapl", &want));
+    }
+}

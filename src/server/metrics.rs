@@ -1,0 +1,116 @@
+//! Prometheus text metrics of the coordinator: jobs per queue and state, dequeue latency,
+//! active executors, and a few counters. No client library: the exposition format is simple.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+const BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+/// A fixed-bucket histogram of durations.
+#[derive(Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; 16],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        for (i, le) in BUCKETS.iter().enumerate() {
+            if secs <= *le {
+                self.buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        for (i, le) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels},le=\"{le}\"}} {}",
+                self.buckets[i].load(Ordering::Relaxed)
+            );
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+    }
+}
+
+/// The server's counters.
+#[derive(Default)]
+pub struct Metrics {
+    /// Dequeues that returned a job: time from request to answer (long-poll wait included).
+    pub dequeue_job: Histogram,
+    /// Dequeues that answered 204.
+    pub dequeue_empty: Histogram,
+    pub jobs_submitted: AtomicU64,
+    pub jobs_reset: AtomicU64,
+}
+
+impl Metrics {
+    /// Renders everything; `counts` and `active` come from the store at scrape time.
+    pub fn render(&self, counts: &[(String, String, i64)], queues: &[String], active: i64) -> String {
+        let mut out = String::new();
+        out.push_str(
+            "# HELP executor_queue_jobs Jobs per queue and state.\n# TYPE executor_queue_jobs gauge\n",
+        );
+        for q in queues {
+            for s in super::store::STATES {
+                let n = counts.iter().find(|(cq, cs, _)| cq == q && cs == s).map(|c| c.2).unwrap_or(0);
+                let _ = writeln!(out, "executor_queue_jobs{{queue=\"{q}\",state=\"{s}\"}} {n}");
+            }
+        }
+        out.push_str(
+            "# HELP executor_queue_dequeue_duration_seconds Time to answer a dequeue, by result.\n\
+             # TYPE executor_queue_dequeue_duration_seconds histogram\n",
+        );
+        self.dequeue_job.render(&mut out, "executor_queue_dequeue_duration_seconds", "result=\"job\"");
+        self.dequeue_empty.render(&mut out, "executor_queue_dequeue_duration_seconds", "result=\"empty\"");
+        out.push_str(
+            "# HELP executor_queue_active_executors Executors seen in the last 15 s.\n\
+             # TYPE executor_queue_active_executors gauge\n",
+        );
+        let _ = writeln!(out, "executor_queue_active_executors {active}");
+        for (name, help, v) in [
+            ("executor_queue_jobs_submitted_total", "Jobs submitted since start.", &self.jobs_submitted),
+            (
+                "executor_queue_stalled_resets_total",
+                "Stalled jobs reset or failed since start.",
+                &self.jobs_reset,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_is_cumulative() {
+        let m = Metrics::default();
+        m.dequeue_job.observe(Duration::from_micros(700));
+        m.dequeue_job.observe(Duration::from_millis(20));
+        let text = m.render(&[("batches".into(), "queued".into(), 3)], &["batches".into()], 1);
+        assert!(text.contains("executor_queue_jobs{queue=\"batches\",state=\"queued\"} 3"), "{text}");
+        assert!(text.contains("executor_queue_jobs{queue=\"batches\",state=\"failed\"} 0"));
+        assert!(text.contains("result=\"job\",le=\"0.001\"} 1"));
+        assert!(text.contains("result=\"job\",le=\"0.025\"} 2"));
+        assert!(text.contains("executor_queue_active_executors 1"));
+    }
+}

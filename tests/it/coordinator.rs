@@ -1,0 +1,315 @@
+//! Test fixture: a real `executor queue serve` on 127.0.0.1 with random secrets and a temporary
+//! data directory, plus helpers to submit jobs and to act as an executor. Used by every area.
+#![allow(dead_code)]
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A running coordinator. Dropping it kills the server.
+pub struct Coordinator {
+    pub url: String,
+    pub secret: String,
+    pub admin_token: String,
+    pub data_dir: tempfile::TempDir,
+    child: Option<Child>,
+    extra_args: Vec<String>,
+}
+
+fn random_secret(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+impl Coordinator {
+    /// 127.0.0.1:0, random secrets, default queues.
+    pub fn start() -> Coordinator {
+        Self::start_with(&[])
+    }
+
+    /// Like `start`, with extra `serve` flags (e.g. `--stalled-max-age 1s`).
+    pub fn start_with(extra_args: &[&str]) -> Coordinator {
+        let mut c = Coordinator {
+            url: String::new(),
+            secret: random_secret("secret"),
+            admin_token: random_secret("admin"),
+            data_dir: tempfile::tempdir().expect("creating the coordinator's data dir"),
+            child: None,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        };
+        c.spawn("127.0.0.1:0");
+        c
+    }
+
+    fn spawn(&mut self, listen: &str) {
+        let addr_file = self.data_dir.path().join("addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let mut cmd = Command::new(crate::common::bin());
+        for (k, _) in std::env::vars() {
+            if k.starts_with("EXECUTOR_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.args(["queue", "serve", "--listen", listen, "--data-dir"])
+            .arg(self.data_dir.path().join("db"))
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .args(&self.extra_args)
+            .env("EXECUTOR_FRONTEND_PASSWORD", &self.secret)
+            .env("EXECUTOR_QUEUE_ADMIN_TOKEN", &self.admin_token)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(if std::env::var_os("COORDINATOR_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            });
+        let mut child = cmd.spawn().expect("starting executor queue serve");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&addr_file) {
+                if text.ends_with('\n') {
+                    self.url = text.trim().to_string();
+                    break;
+                }
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("executor queue serve exited early: {status}");
+            }
+            assert!(Instant::now() < deadline, "executor queue serve did not announce its address");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.child = Some(child);
+    }
+
+    /// The ureq agent used by the helpers (trusting the fixture's CA when TLS is on).
+    pub fn agent(&self) -> ureq::Agent {
+        ureq::AgentBuilder::new().timeout(Duration::from_secs(90)).build()
+    }
+
+    /// `Authorization` value of the admin API.
+    pub fn admin_auth(&self) -> String {
+        format!("Bearer {}", self.admin_token)
+    }
+
+    /// `Authorization` value of the executor routes.
+    pub fn executor_auth(&self) -> String {
+        format!("token-executor {}", self.secret)
+    }
+
+    /// Submits a job through the admin API; the queue is `job["queue"]` or batches.
+    pub fn submit(&self, job: Value) -> i64 {
+        let resp = self
+            .agent()
+            .post(&format!("{}/api/jobs", self.url))
+            .set("Authorization", &self.admin_auth())
+            .set("Content-Type", "application/json")
+            .send_string(&job.to_string())
+            .unwrap_or_else(|e| panic!("submitting {job}: {}", describe(e)));
+        assert_eq!(resp.status(), 201);
+        let v: Value = serde_json::from_str(&resp.into_string().unwrap()).unwrap();
+        v["id"].as_i64().expect("id in the submit answer")
+    }
+
+    /// GET /api/jobs/{id}.
+    pub fn job(&self, id: i64) -> Value {
+        let resp = self
+            .agent()
+            .get(&format!("{}/api/jobs/{id}", self.url))
+            .set("Authorization", &self.admin_auth())
+            .call()
+            .unwrap_or_else(|e| panic!("reading job {id}: {}", describe(e)));
+        serde_json::from_str(&resp.into_string().unwrap()).unwrap()
+    }
+
+    /// Polls the job until its state is one of `states`; panics with the job at the timeout.
+    pub fn wait_state(&self, id: i64, states: &[&str], timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let job = self.job(id);
+            if states.iter().any(|s| job["state"] == *s) {
+                return job;
+            }
+            if Instant::now() >= deadline {
+                panic!("job {id} did not reach {states:?} within {timeout:?}: {job:#}");
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// SIGKILLs the server.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Restarts on the same data dir, on the same port if it is still free.
+    pub fn restart(&mut self) {
+        self.kill();
+        let old = self.url.rsplit("://").next().unwrap_or("").to_string();
+        for _ in 0..50 {
+            let free = std::net::TcpListener::bind(&old).is_ok();
+            if free {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let listen = if std::net::TcpListener::bind(&old).is_ok() { old } else { "127.0.0.1:0".to_string() };
+        self.spawn(&listen);
+    }
+
+    /// Sets `EXECUTOR_FRONTEND_URL` and `EXECUTOR_FRONTEND_PASSWORD`.
+    pub fn executor_env(&self, cmd: &mut Command) {
+        cmd.env("EXECUTOR_FRONTEND_URL", &self.url).env("EXECUTOR_FRONTEND_PASSWORD", &self.secret);
+    }
+
+    /// Sets `EXECUTOR_FRONTEND_URL` and `EXECUTOR_QUEUE_ADMIN_TOKEN`.
+    pub fn admin_env(&self, cmd: &mut Command) {
+        cmd.env("EXECUTOR_FRONTEND_URL", &self.url).env("EXECUTOR_QUEUE_ADMIN_TOKEN", &self.admin_token);
+    }
+
+    /// A minimal valid job (no repository, one step).
+    pub fn simple_job() -> Value {
+        serde_json::json!({
+            "dockerSteps": [{"key": "hello", "image": "alpine", "commands": ["echo hello"], "dir": "", "env": []}]
+        })
+    }
+
+    /// A raw request with the given auth; returns (status, body text). Never panics on 4xx/5xx.
+    pub fn request(&self, method: &str, path: &str, auth: Option<&str>, body: Option<&str>) -> (u16, String) {
+        let mut req = self.agent().request(method, &format!("{}{path}", self.url));
+        if let Some(a) = auth {
+            req = req.set("Authorization", a);
+        }
+        let r = match body {
+            Some(b) => req.set("Content-Type", "application/json").send_string(b),
+            None => req.call(),
+        };
+        match r {
+            Ok(resp) => (resp.status(), resp.into_string().unwrap_or_default()),
+            Err(ureq::Error::Status(code, resp)) => (code, resp.into_string().unwrap_or_default()),
+            Err(e) => panic!("{method} {path}: {e}"),
+        }
+    }
+
+    /// A protocol client acting as one executor.
+    pub fn executor(&self, name: &str) -> ExecutorClient {
+        ExecutorClient {
+            url: self.url.clone(),
+            secret: self.secret.clone(),
+            name: name.to_string(),
+            agent: self.agent(),
+        }
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn describe(e: ureq::Error) -> String {
+    match e {
+        ureq::Error::Status(code, resp) => {
+            format!("status {code}: {}", resp.into_string().unwrap_or_default())
+        }
+        other => other.to_string(),
+    }
+}
+
+/// A minimal executor speaking the protocol, for tests.
+pub struct ExecutorClient {
+    pub url: String,
+    pub secret: String,
+    pub name: String,
+    pub agent: ureq::Agent,
+}
+
+impl ExecutorClient {
+    fn post(&self, path: &str, body: &Value) -> (u16, String) {
+        let r = self
+            .agent
+            .post(&format!("{}/.executors/queue/{path}", self.url))
+            .set("Authorization", &format!("token-executor {}", self.secret))
+            .set("Content-Type", "application/json")
+            .send_string(&body.to_string());
+        match r {
+            Ok(resp) => (resp.status(), resp.into_string().unwrap_or_default()),
+            Err(ureq::Error::Status(code, resp)) => (code, resp.into_string().unwrap_or_default()),
+            Err(e) => panic!("POST {path}: {e}"),
+        }
+    }
+
+    /// Single-queue heartbeat with these job ids; returns the response JSON.
+    pub fn heartbeat(&self, queue: &str, ids: &[i64]) -> Value {
+        let (code, body) = self.post(
+            &format!("{queue}/heartbeat"),
+            &serde_json::json!({"executorName": self.name, "version": "V2", "jobIds": ids, "os": "linux",
+                "architecture": "amd64", "executorVersion": "0.1.0"}),
+        );
+        assert_eq!(code, 200, "heartbeat: {body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// Single-queue dequeue (`wait` like "5s", or "" for none); `None` on 204.
+    pub fn dequeue(&self, queue: &str, wait: &str) -> Option<Value> {
+        let path =
+            if wait.is_empty() { format!("{queue}/dequeue") } else { format!("{queue}/dequeue?wait={wait}") };
+        let (code, body) =
+            self.post(&path, &serde_json::json!({"executorName": self.name, "version": "5.2.0"}));
+        match code {
+            200 => Some(serde_json::from_str(&body).unwrap()),
+            204 => None,
+            _ => panic!("dequeue: {code} {body}"),
+        }
+    }
+
+    /// A job route call with the job's token; returns (status, body).
+    pub fn job_call(&self, queue: &str, job: &Value, route: &str, body: Value) -> (u16, String) {
+        let id = job["id"].as_i64().unwrap();
+        let r = self
+            .agent
+            .post(&format!("{}/.executors/queue/{queue}/{route}", self.url))
+            .set("Authorization", &format!("Bearer {}", job["token"].as_str().unwrap()))
+            .set("X-Sourcegraph-Job-ID", &id.to_string())
+            .set("X-Sourcegraph-Executor-Name", &self.name)
+            .set("Content-Type", "application/json")
+            .send_string(&body.to_string());
+        match r {
+            Ok(resp) => (resp.status(), resp.into_string().unwrap_or_default()),
+            Err(ureq::Error::Status(code, resp)) => (code, resp.into_string().unwrap_or_default()),
+            Err(e) => panic!("{route}: {e}"),
+        }
+    }
+
+    /// PUT the artifacts tarball of `job`; returns the status.
+    pub fn put_artifacts(&self, queue: &str, job: &Value, bytes: &[u8]) -> u16 {
+        let r = self
+            .agent
+            .put(&format!("{}/.executors/queue/{queue}/artifacts", self.url))
+            .set("Authorization", &format!("Bearer {}", job["token"].as_str().unwrap()))
+            .set("X-Sourcegraph-Job-ID", &job["id"].as_i64().unwrap().to_string())
+            .set("X-Sourcegraph-Executor-Name", &self.name)
+            .send_bytes(bytes);
+        match r {
+            Ok(resp) => resp.status(),
+            Err(ureq::Error::Status(code, _)) => code,
+            Err(e) => panic!("PUT artifacts: {e}"),
+        }
+    }
+
+    /// markComplete / markErrored / markFailed; returns the status.
+    pub fn mark(&self, queue: &str, job: &Value, route: &str, message: &str) -> u16 {
+        let id = job["id"].as_i64().unwrap();
+        self.job_call(
+            queue,
+            job,
+            route,
+            serde_json::json!({"executorName": self.name, "jobId": id, "errorMessage": message}),
+        )
+        .0
+    }
+}

@@ -294,6 +294,8 @@ fn base_env(req: &CloneRequest) -> Vec<(String, String)> {
         ("GIT_CONFIG_GLOBAL".into(), "/dev/null".into()),
         ("HOME".into(), "/nonexistent".into()),
         ("LC_ALL".into(), "C".into()),
+        // What `-c` would set, without changing the contract's argv: no advice noise in the logs.
+        ("GIT_CONFIG_PARAMETERS".into(), "'advice.detachedhead'='false' 'init.defaultbranch'='main'".into()),
     ];
     if let Some(ca) = &req.ca_file {
         env.push(("GIT_SSL_CAINFO".into(), ca.to_string_lossy().into_owned()));

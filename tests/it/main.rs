@@ -3,9 +3,11 @@
 
 mod common;
 mod coordinator;
-mod gitserve;
+pub mod gitserve;
 mod image;
+mod microvm;
 mod oci;
 mod package;
 mod pipeline;
 mod server;
+mod workspace;

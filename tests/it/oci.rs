@@ -70,7 +70,7 @@ impl Fixture {
         );
         assert!(out.status.success(), "build-busybox: {}", String::from_utf8_lossy(&out.stderr));
         std::fs::create_dir_all(tmp.path().join("ws/repo")).unwrap();
-        let opts = RuntimeOptions { state_dir: state, allow_unisolated: false, oci_runtime: oci.to_string() };
+        let opts = RuntimeOptions { state_dir: state, oci_runtime: oci.to_string(), ..Default::default() };
         Fixture { rt: OciRuntime::new(opts).unwrap(), tmp }
     }
 
@@ -784,7 +784,7 @@ fn oci_check_reports_every_oci_runtime() {
         lines.iter().any(|l| l.starts_with("oci runtime runc: ") && l.ends_with(", selected")),
         "{lines:?}"
     );
-    let opts = RuntimeOptions { state_dir: f.state(), allow_unisolated: false, oci_runtime: "docker".into() };
+    let opts = RuntimeOptions { state_dir: f.state(), oci_runtime: "docker".into(), ..Default::default() };
     let err = OciRuntime::new(opts).unwrap_err();
     assert!(format!("{err:#}").contains("unknown OCI runtime \"docker\""), "{err:#}");
 }

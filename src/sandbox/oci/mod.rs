@@ -392,10 +392,14 @@ impl Runtime for OciRuntime {
         }
         // Whatever the step left behind (a daemon that escaped its session) dies with it.
         cg.kill_all(50);
-        let mut del = self.runtime_cmd(which, &sandbox.state_dir);
-        del.args(["delete", "--force", &id]);
-        let _ = self.quiet(del);
-        let _ = fs::remove_dir_all(&bundle);
+        // A teardown or janitor may have removed the sandbox meanwhile; the runtime would
+        // recreate its state directory, so only a sandbox that still exists is cleaned here.
+        if sandbox.state_dir.join(MARKER).exists() {
+            let mut del = self.runtime_cmd(which, &sandbox.state_dir);
+            del.args(["delete", "--force", &id]);
+            let _ = self.quiet(del);
+            let _ = fs::remove_dir_all(&bundle);
+        }
 
         let after = cg.counters();
         let limits_note = |what: &str| format!("\nexecutor: the step hit the job's {what}\n");
@@ -461,11 +465,21 @@ impl Runtime for OciRuntime {
             }
         }
         self.store()?.remove_user(&sandbox.name)?;
-        match fs::remove_dir_all(&sandbox.state_dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+        // The marker goes first: a step still finishing in another process sees the sandbox gone.
+        let _ = fs::remove_file(sandbox.state_dir.join(MARKER));
+        let mut last = None;
+        for _ in 0..10 {
+            match fs::remove_dir_all(&sandbox.state_dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => last = Some(e),
+                _ => return Ok(()),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        match last {
+            Some(e) => {
                 Err(e).with_context(|| format!("removing sandbox directory {}", sandbox.state_dir.display()))
             }
-            _ => Ok(()),
+            None => Ok(()),
         }
     }
 

@@ -669,7 +669,10 @@ impl Runtime for MicroVm {
                     continue;
                 }
                 if let Some(name) = args.windows(2).find(|w| w[0] == "-name").map(|w| w[1].clone()) {
-                    if name.starts_with(&want) && !live.contains(&name) {
+                    // Only VMs of this state directory: QEMU processes are host-wide, and another
+                    // executor's (or another state directory's) VMs are not ours to judge.
+                    let ours = self.opts.sandboxes_dir().join(&name).exists();
+                    if name.starts_with(&want) && !live.contains(&name) && ours {
                         kill_vm(pid, &name);
                         cgroup::Cgroup::remove(&name);
                         removed.push(name);

@@ -509,9 +509,14 @@ impl Runtime for OciRuntime {
                 removed.push(name);
             }
         }
-        // Cgroups and image use records whose state directory is already gone.
-        let stale: Vec<String> =
-            cgroup::existing_jobs().into_iter().filter(|n| owned(n) && !removed.contains(n)).collect();
+        // Cgroups of sandboxes of this state directory that lost their marker (a crash between
+        // the steps of boot or teardown). The cgroup hierarchy is host-wide: a cgroup with no
+        // directory here belongs to another executor (or another state directory) and is left
+        // alone, whatever its name.
+        let stale: Vec<String> = cgroup::existing_jobs()
+            .into_iter()
+            .filter(|n| owned(n) && !removed.contains(n) && dir.join(n).exists())
+            .collect();
         for name in stale {
             let cg = cgroup::JobCgroup::new(&name);
             cg.kill_all(100);

@@ -49,7 +49,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let mut mine = Vec::new();
                 for _ in 0..(jobs * 2 / clients) {
                     let t0 = Instant::now();
-                    let r = a.get(&format!("{url}/.executors/test/auth")).set("Authorization", &exec_auth).call();
+                    let r =
+                        a.get(&format!("{url}/.executors/test/auth")).set("Authorization", &exec_auth).call();
                     assert!(r.is_ok(), "test/auth failed");
                     mine.push(t0.elapsed());
                 }

@@ -153,25 +153,37 @@ async fn job_auth(app: &Shared, headers: &HeaderMap, queue: &str) -> ApiResult<J
         .map(str::to_string)
         .filter(|v| !v.is_empty())
         .ok_or_else(|| api_err(StatusCode::BAD_REQUEST, "missing X-Sourcegraph-Executor-Name header"))?;
-    if scheme.eq_ignore_ascii_case("bearer") {
+    let bearer = scheme.eq_ignore_ascii_case("bearer");
+    if !bearer && scheme != protocol::SCHEME_EXECUTOR {
+        return Err(api_err(StatusCode::UNAUTHORIZED, format!("unknown Authorization scheme {scheme:?}")));
+    }
+    let hash = if bearer {
         let raw = hex::decode(&token).map_err(|_| api_err(StatusCode::UNAUTHORIZED, "invalid token"))?;
-        let hash = store::sha256_hex(&raw);
-        let found = db(app, move |s| s.job_for_token(&hash)).await?;
+        Some(store::sha256_hex(&raw))
+    } else {
+        None
+    };
+    // One store round trip for both lookups.
+    let name = executor.clone();
+    let (found, known) = db(app, move |s| {
+        let found = match hash {
+            Some(h) => s.job_for_token(&h)?,
+            None => None,
+        };
+        Ok((found, s.executor_known(&name)?))
+    })
+    .await?;
+    if bearer {
         let Some((token_job, token_queue, _repo)) = found else {
             return Err(api_err(StatusCode::UNAUTHORIZED, "invalid token"));
         };
         if token_job != id || token_queue != queue {
             return Err(api_err(StatusCode::FORBIDDEN, "invalid token"));
         }
-    } else if scheme == protocol::SCHEME_EXECUTOR {
-        if !secret_matches(&token, &app.secret_digest) {
-            return Err(api_err(StatusCode::FORBIDDEN, "invalid executor credentials"));
-        }
-    } else {
-        return Err(api_err(StatusCode::UNAUTHORIZED, format!("unknown Authorization scheme {scheme:?}")));
+    } else if !secret_matches(&token, &app.secret_digest) {
+        return Err(api_err(StatusCode::FORBIDDEN, "invalid executor credentials"));
     }
-    let name = executor.clone();
-    if !db(app, move |s| s.executor_known(&name)).await? {
+    if !known {
         return Err(api_err(
             StatusCode::UNAUTHORIZED,
             format!("unknown executor {executor:?}; heartbeat first"),

@@ -5,6 +5,12 @@
 pub fn man_section(name: &str) -> Option<&'static str> {
     match name {
         "executor" => Some(EXIT_STATUS),
+        "executor-dequeue"
+        | "executor-prepare-workspace"
+        | "executor-vm-boot"
+        | "executor-run-steps"
+        | "executor-upload"
+        | "executor-complete" => Some(RUN_DOCUMENT),
         _ => None,
     }
 }
@@ -28,4 +34,21 @@ dequeue: no job was available
 .TP
 75
 a temporary infrastructure failure (the coordinator could not be reached); try again
+"#;
+
+const RUN_DOCUMENT: &str = r#".SH "RUN DOCUMENT"
+Each stage reads one JSON run document (\fB--input\fR or standard input) and writes the updated
+document (\fB--output\fR, atomically, or standard output); nothing else goes to standard output.
+\fBdequeue\fR writes version, executor, job (a redacted summary), sealedJob (the job sealed with
+a key derived from the shared secret) and deadline; \fBprepare-workspace\fR adds workspace;
+\fBvm-boot\fR adds sandbox; \fBrun-steps\fR adds steps; \fBupload\fR adds artifacts;
+\fBcomplete\fR adds completion. A stage that fails records the first failure in outcome
+(stage, kind errored|failed|canceled, redacted message) and still writes the document; later stages
+skip; \fBcomplete\fR reports it (markErrored, or markFailed for failed and canceled), tears down
+the sandbox, removes the workspace, and is safe to run twice. While a stage works it heartbeats for
+its job. See docs/run-document.md.
+.SH "EXIT STATUS"
+0 done (or skipped after an earlier failure; for complete: reported completed); 1 the job failed,
+the document says why; 2 usage; 3 unreadable, foreign or incomplete input document (nothing
+written); 4 dequeue found no job; 75 the coordinator could not be reached, try again.
 "#;

@@ -2,16 +2,24 @@
 //! Sourcegraph's executor protocol, and that coordinator itself (`executor queue`).
 #![deny(unsafe_code)]
 
+pub mod api;
 pub mod cancel;
 pub mod cli;
+pub mod config;
 pub mod docs;
 mod docs_extra;
 pub mod document;
 pub mod exit;
+pub mod git;
+pub mod githttp;
+pub mod logs;
 pub mod protocol;
 pub mod redact;
+pub mod run_loop;
 pub mod sandbox;
 pub mod server;
+pub mod stage;
+pub mod workspace;
 
 use cli::{Cli, Command};
 
@@ -39,6 +47,7 @@ pub fn main() -> i32 {
 fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::GenerateDocs { out } => docs::generate(&out).map(|_| exit::OK),
+        Command::Executor(cmd) => cli::executor::run(*cmd),
         Command::Queue(args) => cli::queue::run(args),
     }
 }

@@ -6,6 +6,8 @@ pub mod queue;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
+pub mod executor;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "executor",
@@ -33,6 +35,8 @@ pub enum Command {
         #[arg(long, default_value = ".")]
         out: PathBuf,
     },
+    #[command(flatten)]
+    Executor(Box<executor::ExecutorCommand>),
 }
 
 /// The clap command tree, for the generated man pages and completions.

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 
 use crate::cancel::{Cancel, CancelReason};
 
+pub mod shell;
+
 /// A running sandbox as recorded in the run document. Everything a later process needs to reach
 /// it again, and nothing secret.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -128,5 +130,30 @@ impl RuntimeOptions {
     /// The image store.
     pub fn images_dir(&self) -> PathBuf {
         self.state_dir.join("images")
+    }
+}
+
+/// Runtimes `auto` tries, in order of preference; `shell` is never picked automatically.
+pub const AUTO_ORDER: &[&str] = &["microvm", "oci"];
+
+/// Opens the runtime called `name` (`shell`, `oci`, `microvm`, or `auto`: the first of
+/// [`AUTO_ORDER`] whose `check` passes on this host).
+pub fn open(name: &str, opts: &RuntimeOptions) -> Result<Box<dyn Runtime>> {
+    match name {
+        "shell" => Ok(Box::new(shell::ShellRuntime::new(opts))),
+        "auto" => {
+            let mut why = Vec::new();
+            for candidate in AUTO_ORDER {
+                match open(candidate, opts).and_then(|rt| rt.check().map(|_| rt)) {
+                    Ok(rt) => return Ok(rt),
+                    Err(e) => why.push(format!("{candidate}: {e:#}")),
+                }
+            }
+            anyhow::bail!(
+                "no sandbox runtime works on this host ({}); the shell runtime (no isolation) must be chosen explicitly",
+                why.join("; ")
+            )
+        }
+        other => anyhow::bail!("the {other:?} runtime is not available in this build"),
     }
 }

@@ -3,5 +3,8 @@
 
 mod common;
 mod coordinator;
+pub mod gitserve;
 mod package;
+mod pipeline;
 mod server;
+mod workspace;

@@ -1,0 +1,367 @@
+# Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
+function __fish_executor_global_optspecs
+    string join \n h/help V/version
+end
+
+function __fish_executor_needs_command
+    # Figure out if the current invocation already has a command.
+    set -l cmd (commandline -opc)
+    set -e cmd[1]
+    argparse -s (__fish_executor_global_optspecs) -- $cmd 2>/dev/null
+    or return
+    if set -q argv[1]
+        # Also print the command, so this can be used to figure out what it is.
+        echo $argv[1]
+        return 1
+    end
+    return 0
+end
+
+function __fish_executor_using_subcommand
+    set -l cmd (__fish_executor_needs_command)
+    test -z "$cmd"
+    and return 1
+    contains -- $cmd[1] $argv
+end
+
+complete -c executor -n "__fish_executor_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c executor -n "__fish_executor_needs_command" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_needs_command" -f -a "queue" -d 'The coordinator: serve the job queue, or talk to its admin API'
+complete -c executor -n "__fish_executor_needs_command" -f -a "generate-docs" -d 'Write the man pages and shell completions generated from these definitions'
+complete -c executor -n "__fish_executor_needs_command" -f -a "dequeue" -d 'Take one job from the coordinator and write its new run document (exit 4: no job)'
+complete -c executor -n "__fish_executor_needs_command" -f -a "prepare-workspace" -d 'Create the job\'s workspace: repository, files, one script per step'
+complete -c executor -n "__fish_executor_needs_command" -f -a "vm-boot" -d 'Start the job\'s sandbox with the chosen runtime and record it in the document'
+complete -c executor -n "__fish_executor_needs_command" -f -a "run-steps" -d 'Run the job\'s steps in its sandbox, streaming each as a log entry'
+complete -c executor -n "__fish_executor_needs_command" -f -a "upload" -d 'Pack the job\'s artifacts into a tar.gz and send them to the coordinator'
+complete -c executor -n "__fish_executor_needs_command" -f -a "complete" -d 'Report the outcome, tear down the sandbox and delete the workspace (safe to run twice)'
+complete -c executor -n "__fish_executor_needs_command" -f -a "loop" -d 'Run jobs continuously: the stages in-process, with heartbeats, cancellation and draining'
+complete -c executor -n "__fish_executor_needs_command" -f -a "validate" -d 'Check the configuration, the coordinator\'s acceptance of the secret and the runtime\'s tools'
+complete -c executor -n "__fish_executor_needs_command" -f -a "janitor" -d 'Remove workspaces and sandboxes that no live job owns (one pass)'
+complete -c executor -n "__fish_executor_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors artifacts help" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors artifacts help" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors artifacts help" -f -a "serve" -d 'Run the coordinator: the executor protocol, the admin API and /metrics, backed by SQLite'
+complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors artifacts help" -f -a "submit" -d 'Submit a job (the protocol\'s job JSON without id and token, plus "queue"); prints its id'
+complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors artifacts help" -f -a "jobs" -d 'List jobs, newest first'
+complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors artifacts help" -f -a "show" -d 'Show a job with its log entries'
+complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors artifacts help" -f -a "logs" -d 'Print a job\'s log entries; with --follow, until the job finishes'
+complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors artifacts help" -f -a "cancel" -d 'Cancel a job (a running one ends when its executor notices)'
+complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors artifacts help" -f -a "executors" -d 'List the executors that heartbeated, with their versions and whether they are active'
+complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors artifacts help" -f -a "artifacts" -d 'Download a job\'s artifacts tarball (stdout unless -o; never to a terminal)'
+complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors artifacts help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l listen -d 'Address to listen on (port 0 picks a free port; see --addr-file)' -r
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l data-dir -d 'Directory of the SQLite database and the artifacts' -r -F
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l addr-file -d 'Write the base URL here (atomically) once the socket listens' -r -F
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l queue -d 'A queue to serve (repeatable; replaces the default set batches, codeintel)' -r
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l stalled-max-age -d 'A processing job without a heartbeat for this long goes back to the queue' -r
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l max-resets -d 'How often a stalled job is requeued before it fails' -r
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l max-retries -d 'How often an errored job (markErrored) is retried before it fails (contract: 0)' -r
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l log-cap-bytes -d 'Cap on a job\'s stored log output, over all its entries' -r
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l artifact-max-bytes -d 'Cap on a job\'s artifacts upload' -r
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l secret-file -d 'File holding the executors\' shared secret (instead of EXECUTOR_FRONTEND_PASSWORD)' -r -F
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l admin-token-file -d 'File holding the admin API token (instead of EXECUTOR_QUEUE_ADMIN_TOKEN)' -r -F
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l tls-cert -d 'PEM certificate chain: serve HTTPS' -r -F
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l tls-key -d 'PEM private key of --tls-cert' -r -F
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from submit" -l queue -d 'Queue to submit to (overrides "queue" in the file; default batches)' -r
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from submit" -l url -d 'Base URL of the coordinator' -r
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from submit" -l ca-cert -d 'PEM file of the CA that signed the coordinator\'s TLS certificate (default: the web PKI)' -r -F
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from submit" -l json -d 'Print JSON instead of tables'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from submit" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from submit" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from jobs" -l queue -r
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from jobs" -l state -d 'queued, processing, completed, errored, failed or canceled' -r
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from jobs" -l limit -d 'At most this many jobs (default 100)' -r
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from jobs" -l url -d 'Base URL of the coordinator' -r
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from jobs" -l ca-cert -d 'PEM file of the CA that signed the coordinator\'s TLS certificate (default: the web PKI)' -r -F
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from jobs" -l json -d 'Print JSON instead of tables'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from jobs" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from jobs" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from show" -l url -d 'Base URL of the coordinator' -r
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from show" -l ca-cert -d 'PEM file of the CA that signed the coordinator\'s TLS certificate (default: the web PKI)' -r -F
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from show" -l json -d 'Print JSON instead of tables'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from show" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from show" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from logs" -l url -d 'Base URL of the coordinator' -r
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from logs" -l ca-cert -d 'PEM file of the CA that signed the coordinator\'s TLS certificate (default: the web PKI)' -r -F
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from logs" -s f -l follow
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from logs" -l json -d 'Print JSON instead of tables'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from logs" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from logs" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from cancel" -l url -d 'Base URL of the coordinator' -r
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from cancel" -l ca-cert -d 'PEM file of the CA that signed the coordinator\'s TLS certificate (default: the web PKI)' -r -F
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from cancel" -l json -d 'Print JSON instead of tables'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from cancel" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from cancel" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from executors" -l url -d 'Base URL of the coordinator' -r
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from executors" -l ca-cert -d 'PEM file of the CA that signed the coordinator\'s TLS certificate (default: the web PKI)' -r -F
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from executors" -l json -d 'Print JSON instead of tables'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from executors" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from executors" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from artifacts" -s o -l output -r -F
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from artifacts" -l url -d 'Base URL of the coordinator' -r
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from artifacts" -l ca-cert -d 'PEM file of the CA that signed the coordinator\'s TLS certificate (default: the web PKI)' -r -F
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from artifacts" -l json -d 'Print JSON instead of tables'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from artifacts" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from artifacts" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from help" -f -a "serve" -d 'Run the coordinator: the executor protocol, the admin API and /metrics, backed by SQLite'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from help" -f -a "submit" -d 'Submit a job (the protocol\'s job JSON without id and token, plus "queue"); prints its id'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from help" -f -a "jobs" -d 'List jobs, newest first'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from help" -f -a "show" -d 'Show a job with its log entries'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from help" -f -a "logs" -d 'Print a job\'s log entries; with --follow, until the job finishes'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from help" -f -a "cancel" -d 'Cancel a job (a running one ends when its executor notices)'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from help" -f -a "executors" -d 'List the executors that heartbeated, with their versions and whether they are active'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from help" -f -a "artifacts" -d 'Download a job\'s artifacts tarball (stdout unless -o; never to a terminal)'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c executor -n "__fish_executor_using_subcommand generate-docs" -l out -d 'Directory that receives man/ and completions/' -r -F
+complete -c executor -n "__fish_executor_using_subcommand generate-docs" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand generate-docs" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -s o -l output -d 'Write the new run document to FILE (atomically) instead of standard output' -r -F
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l wait -d 'Wait up to DURATION for a job, with the coordinator\'s long poll where it offers one' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l password-file -d 'Read the shared secret from this file instead of EXECUTOR_FRONTEND_PASSWORD' -r -F
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l frontend-ca -d 'PEM file of CA certificates trusted for an https coordinator, besides the public roots' -r -F
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l queue -d 'The queue to take jobs from (batches or codeintel)' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l queues -d 'Several queues, comma-separated (multi-queue mode)' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l poll-interval -d 'Pause between empty dequeues [default: 1s]' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l max-jobs -d 'Jobs run at once by `loop` [default: 1]' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l num-total-jobs -d '`loop` stops after dequeuing this many jobs (0: no limit) [default: 0]' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l max-active-time -d '`loop` stops dequeuing after this long (0: no limit) [default: 0]' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l max-runtime -d 'Deadline of each job, from its dequeue [default: 30m]' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l cleanup-interval -d 'Period of the janitor in `loop` [default: 1m]' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l keep-workspaces -d 'Keep workspaces after `complete`, for debugging' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l job-cpus -d 'CPUs of each job\'s sandbox (0: unbounded) [default: 4]' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l job-memory -d 'Memory of each job\'s sandbox, like 12G (0: unbounded) [default: 12G]' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -s i -l input -d 'Read the run document from FILE instead of standard input' -r -F
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -s o -l output -d 'Write the updated run document to FILE (atomically) instead of standard output' -r -F
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l password-file -d 'Read the shared secret from this file instead of EXECUTOR_FRONTEND_PASSWORD' -r -F
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l frontend-ca -d 'PEM file of CA certificates trusted for an https coordinator, besides the public roots' -r -F
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l queue -d 'The queue to take jobs from (batches or codeintel)' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l queues -d 'Several queues, comma-separated (multi-queue mode)' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l poll-interval -d 'Pause between empty dequeues [default: 1s]' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l max-jobs -d 'Jobs run at once by `loop` [default: 1]' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l num-total-jobs -d '`loop` stops after dequeuing this many jobs (0: no limit) [default: 0]' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l max-active-time -d '`loop` stops dequeuing after this long (0: no limit) [default: 0]' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l max-runtime -d 'Deadline of each job, from its dequeue [default: 30m]' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l cleanup-interval -d 'Period of the janitor in `loop` [default: 1m]' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l keep-workspaces -d 'Keep workspaces after `complete`, for debugging' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l job-cpus -d 'CPUs of each job\'s sandbox (0: unbounded) [default: 4]' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l job-memory -d 'Memory of each job\'s sandbox, like 12G (0: unbounded) [default: 12G]' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -s i -l input -d 'Read the run document from FILE instead of standard input' -r -F
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -s o -l output -d 'Write the updated run document to FILE (atomically) instead of standard output' -r -F
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l password-file -d 'Read the shared secret from this file instead of EXECUTOR_FRONTEND_PASSWORD' -r -F
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l frontend-ca -d 'PEM file of CA certificates trusted for an https coordinator, besides the public roots' -r -F
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l queue -d 'The queue to take jobs from (batches or codeintel)' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l queues -d 'Several queues, comma-separated (multi-queue mode)' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l poll-interval -d 'Pause between empty dequeues [default: 1s]' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l max-jobs -d 'Jobs run at once by `loop` [default: 1]' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l num-total-jobs -d '`loop` stops after dequeuing this many jobs (0: no limit) [default: 0]' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l max-active-time -d '`loop` stops dequeuing after this long (0: no limit) [default: 0]' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l max-runtime -d 'Deadline of each job, from its dequeue [default: 30m]' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l cleanup-interval -d 'Period of the janitor in `loop` [default: 1m]' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l keep-workspaces -d 'Keep workspaces after `complete`, for debugging' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l job-cpus -d 'CPUs of each job\'s sandbox (0: unbounded) [default: 4]' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l job-memory -d 'Memory of each job\'s sandbox, like 12G (0: unbounded) [default: 12G]' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -s i -l input -d 'Read the run document from FILE instead of standard input' -r -F
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -s o -l output -d 'Write the updated run document to FILE (atomically) instead of standard output' -r -F
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l password-file -d 'Read the shared secret from this file instead of EXECUTOR_FRONTEND_PASSWORD' -r -F
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l frontend-ca -d 'PEM file of CA certificates trusted for an https coordinator, besides the public roots' -r -F
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l queue -d 'The queue to take jobs from (batches or codeintel)' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l queues -d 'Several queues, comma-separated (multi-queue mode)' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l poll-interval -d 'Pause between empty dequeues [default: 1s]' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l max-jobs -d 'Jobs run at once by `loop` [default: 1]' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l num-total-jobs -d '`loop` stops after dequeuing this many jobs (0: no limit) [default: 0]' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l max-active-time -d '`loop` stops dequeuing after this long (0: no limit) [default: 0]' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l max-runtime -d 'Deadline of each job, from its dequeue [default: 30m]' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l cleanup-interval -d 'Period of the janitor in `loop` [default: 1m]' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l keep-workspaces -d 'Keep workspaces after `complete`, for debugging' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l job-cpus -d 'CPUs of each job\'s sandbox (0: unbounded) [default: 4]' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l job-memory -d 'Memory of each job\'s sandbox, like 12G (0: unbounded) [default: 12G]' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand upload" -s i -l input -d 'Read the run document from FILE instead of standard input' -r -F
+complete -c executor -n "__fish_executor_using_subcommand upload" -s o -l output -d 'Write the updated run document to FILE (atomically) instead of standard output' -r -F
+complete -c executor -n "__fish_executor_using_subcommand upload" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l password-file -d 'Read the shared secret from this file instead of EXECUTOR_FRONTEND_PASSWORD' -r -F
+complete -c executor -n "__fish_executor_using_subcommand upload" -l frontend-ca -d 'PEM file of CA certificates trusted for an https coordinator, besides the public roots' -r -F
+complete -c executor -n "__fish_executor_using_subcommand upload" -l queue -d 'The queue to take jobs from (batches or codeintel)' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l queues -d 'Several queues, comma-separated (multi-queue mode)' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l poll-interval -d 'Pause between empty dequeues [default: 1s]' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l max-jobs -d 'Jobs run at once by `loop` [default: 1]' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l num-total-jobs -d '`loop` stops after dequeuing this many jobs (0: no limit) [default: 0]' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l max-active-time -d '`loop` stops dequeuing after this long (0: no limit) [default: 0]' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l max-runtime -d 'Deadline of each job, from its dequeue [default: 30m]' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l cleanup-interval -d 'Period of the janitor in `loop` [default: 1m]' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l keep-workspaces -d 'Keep workspaces after `complete`, for debugging' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l job-cpus -d 'CPUs of each job\'s sandbox (0: unbounded) [default: 4]' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l job-memory -d 'Memory of each job\'s sandbox, like 12G (0: unbounded) [default: 12G]' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
+complete -c executor -n "__fish_executor_using_subcommand upload" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand upload" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand complete" -s i -l input -d 'Read the run document from FILE instead of standard input' -r -F
+complete -c executor -n "__fish_executor_using_subcommand complete" -s o -l output -d 'Write the updated run document to FILE (atomically) instead of standard output' -r -F
+complete -c executor -n "__fish_executor_using_subcommand complete" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l password-file -d 'Read the shared secret from this file instead of EXECUTOR_FRONTEND_PASSWORD' -r -F
+complete -c executor -n "__fish_executor_using_subcommand complete" -l frontend-ca -d 'PEM file of CA certificates trusted for an https coordinator, besides the public roots' -r -F
+complete -c executor -n "__fish_executor_using_subcommand complete" -l queue -d 'The queue to take jobs from (batches or codeintel)' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l queues -d 'Several queues, comma-separated (multi-queue mode)' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l poll-interval -d 'Pause between empty dequeues [default: 1s]' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l max-jobs -d 'Jobs run at once by `loop` [default: 1]' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l num-total-jobs -d '`loop` stops after dequeuing this many jobs (0: no limit) [default: 0]' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l max-active-time -d '`loop` stops dequeuing after this long (0: no limit) [default: 0]' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l max-runtime -d 'Deadline of each job, from its dequeue [default: 30m]' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l cleanup-interval -d 'Period of the janitor in `loop` [default: 1m]' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l keep-workspaces -d 'Keep workspaces after `complete`, for debugging' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l job-cpus -d 'CPUs of each job\'s sandbox (0: unbounded) [default: 4]' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l job-memory -d 'Memory of each job\'s sandbox, like 12G (0: unbounded) [default: 12G]' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
+complete -c executor -n "__fish_executor_using_subcommand complete" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand complete" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand loop" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l password-file -d 'Read the shared secret from this file instead of EXECUTOR_FRONTEND_PASSWORD' -r -F
+complete -c executor -n "__fish_executor_using_subcommand loop" -l frontend-ca -d 'PEM file of CA certificates trusted for an https coordinator, besides the public roots' -r -F
+complete -c executor -n "__fish_executor_using_subcommand loop" -l queue -d 'The queue to take jobs from (batches or codeintel)' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l queues -d 'Several queues, comma-separated (multi-queue mode)' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l poll-interval -d 'Pause between empty dequeues [default: 1s]' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l max-jobs -d 'Jobs run at once by `loop` [default: 1]' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l num-total-jobs -d '`loop` stops after dequeuing this many jobs (0: no limit) [default: 0]' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l max-active-time -d '`loop` stops dequeuing after this long (0: no limit) [default: 0]' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l max-runtime -d 'Deadline of each job, from its dequeue [default: 30m]' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l cleanup-interval -d 'Period of the janitor in `loop` [default: 1m]' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l keep-workspaces -d 'Keep workspaces after `complete`, for debugging' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l job-cpus -d 'CPUs of each job\'s sandbox (0: unbounded) [default: 4]' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l job-memory -d 'Memory of each job\'s sandbox, like 12G (0: unbounded) [default: 12G]' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
+complete -c executor -n "__fish_executor_using_subcommand loop" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand loop" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand validate" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l password-file -d 'Read the shared secret from this file instead of EXECUTOR_FRONTEND_PASSWORD' -r -F
+complete -c executor -n "__fish_executor_using_subcommand validate" -l frontend-ca -d 'PEM file of CA certificates trusted for an https coordinator, besides the public roots' -r -F
+complete -c executor -n "__fish_executor_using_subcommand validate" -l queue -d 'The queue to take jobs from (batches or codeintel)' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l queues -d 'Several queues, comma-separated (multi-queue mode)' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l poll-interval -d 'Pause between empty dequeues [default: 1s]' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l max-jobs -d 'Jobs run at once by `loop` [default: 1]' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l num-total-jobs -d '`loop` stops after dequeuing this many jobs (0: no limit) [default: 0]' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l max-active-time -d '`loop` stops dequeuing after this long (0: no limit) [default: 0]' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l max-runtime -d 'Deadline of each job, from its dequeue [default: 30m]' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l cleanup-interval -d 'Period of the janitor in `loop` [default: 1m]' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l keep-workspaces -d 'Keep workspaces after `complete`, for debugging' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l job-cpus -d 'CPUs of each job\'s sandbox (0: unbounded) [default: 4]' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l job-memory -d 'Memory of each job\'s sandbox, like 12G (0: unbounded) [default: 12G]' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
+complete -c executor -n "__fish_executor_using_subcommand validate" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand validate" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l password-file -d 'Read the shared secret from this file instead of EXECUTOR_FRONTEND_PASSWORD' -r -F
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l frontend-ca -d 'PEM file of CA certificates trusted for an https coordinator, besides the public roots' -r -F
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l queue -d 'The queue to take jobs from (batches or codeintel)' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l queues -d 'Several queues, comma-separated (multi-queue mode)' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l poll-interval -d 'Pause between empty dequeues [default: 1s]' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l max-jobs -d 'Jobs run at once by `loop` [default: 1]' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l num-total-jobs -d '`loop` stops after dequeuing this many jobs (0: no limit) [default: 0]' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l max-active-time -d '`loop` stops dequeuing after this long (0: no limit) [default: 0]' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l max-runtime -d 'Deadline of each job, from its dequeue [default: 30m]' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l cleanup-interval -d 'Period of the janitor in `loop` [default: 1m]' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l keep-workspaces -d 'Keep workspaces after `complete`, for debugging' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l job-cpus -d 'CPUs of each job\'s sandbox (0: unbounded) [default: 4]' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l job-memory -d 'Memory of each job\'s sandbox, like 12G (0: unbounded) [default: 12G]' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand janitor" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "queue" -d 'The coordinator: serve the job queue, or talk to its admin API'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "generate-docs" -d 'Write the man pages and shell completions generated from these definitions'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "dequeue" -d 'Take one job from the coordinator and write its new run document (exit 4: no job)'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "prepare-workspace" -d 'Create the job\'s workspace: repository, files, one script per step'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "vm-boot" -d 'Start the job\'s sandbox with the chosen runtime and record it in the document'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "run-steps" -d 'Run the job\'s steps in its sandbox, streaming each as a log entry'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "upload" -d 'Pack the job\'s artifacts into a tar.gz and send them to the coordinator'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "complete" -d 'Report the outcome, tear down the sandbox and delete the workspace (safe to run twice)'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "loop" -d 'Run jobs continuously: the stages in-process, with heartbeats, cancellation and draining'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "validate" -d 'Check the configuration, the coordinator\'s acceptance of the secret and the runtime\'s tools'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "janitor" -d 'Remove workspaces and sandboxes that no live job owns (one pass)'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from queue" -f -a "serve" -d 'Run the coordinator: the executor protocol, the admin API and /metrics, backed by SQLite'
+complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from queue" -f -a "submit" -d 'Submit a job (the protocol\'s job JSON without id and token, plus "queue"); prints its id'
+complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from queue" -f -a "jobs" -d 'List jobs, newest first'
+complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from queue" -f -a "show" -d 'Show a job with its log entries'
+complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from queue" -f -a "logs" -d 'Print a job\'s log entries; with --follow, until the job finishes'
+complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from queue" -f -a "cancel" -d 'Cancel a job (a running one ends when its executor notices)'
+complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from queue" -f -a "executors" -d 'List the executors that heartbeated, with their versions and whether they are active'
+complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from queue" -f -a "artifacts" -d 'Download a job\'s artifacts tarball (stdout unless -o; never to a terminal)'

@@ -1,0 +1,700 @@
+//! The coordinator client: one function per route of the executor protocol, the contract's auth
+//! headers, and jittered exponential retries (transport errors, 5xx except 501, 429; never other
+//! 4xx). Blocking (ureq), over HTTP or HTTPS (rustls, with an optional private CA).
+
+use std::io::Read;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use rand::Rng;
+
+use crate::config::{Secret, Settings};
+use crate::protocol::{
+    AddExecutionLogEntryRequest, DequeueRequest, ExecutionLogEntry, ExecutorTelemetry, HeartbeatRequest,
+    HeartbeatRequestV1, HeartbeatResponse, Job, JobOperationRequest, MarkErrorRequest, QueueJobIds,
+    UpdateExecutionLogEntryRequest, HEADER_EXECUTOR_NAME, HEADER_JOB_ID, SCHEME_EXECUTOR,
+};
+
+/// The executor's version on the wire: semver, so the coordinator sends v2 job payloads.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Largest response body read (a job with inline files can be big, but not unbounded).
+const MAX_BODY: u64 = 128 << 20;
+
+/// A failed call, typed so that callers can tell a lost job (404 on mark*) or an unsupported
+/// extension (4xx on an append) from a broken connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{route}: unexpected status code {status}{detail}")]
+    Status { route: String, status: u16, detail: String },
+    #[error("{route}: {message}")]
+    Transport { route: String, message: String },
+}
+
+impl ApiError {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ApiError::Status { status, .. } => Some(*status),
+            ApiError::Transport { .. } => None,
+        }
+    }
+}
+
+/// The contract's retry policy (section 3.8).
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub base: Duration,
+    pub max: Duration,
+    pub retry_after_max: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 20,
+            base: Duration::from_millis(50),
+            max: Duration::from_secs(1),
+            retry_after_max: Duration::from_secs(3),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Full jitter: a random delay between 0 and min(max, base * 2^attempt).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let cap = self.base.saturating_mul(1u32 << attempt.min(16)).min(self.max);
+        let ms = cap.as_millis() as u64;
+        Duration::from_millis(if ms == 0 { 0 } else { rand::thread_rng().gen_range(0..=ms) })
+    }
+}
+
+/// Whether a status is worth retrying.
+pub fn retryable_status(status: u16) -> bool {
+    status == 429 || (500..600).contains(&status) && status != 501
+}
+
+/// The per-job credentials of job routes.
+#[derive(Debug, Clone)]
+pub struct JobAuth {
+    pub id: i64,
+    pub token: Secret,
+    /// The route's `{queue}`.
+    pub queue: String,
+}
+
+impl JobAuth {
+    pub fn for_job(job: &Job, queue: &str) -> Self {
+        JobAuth { id: job.id, token: Secret::new(job.token.clone()), queue: queue.to_string() }
+    }
+}
+
+enum Auth<'a> {
+    Executor,
+    Job(&'a JobAuth),
+}
+
+enum Body<'a> {
+    None,
+    Json(Vec<u8>),
+    File(&'a Path, &'a str),
+}
+
+/// A client for one coordinator, as one executor (name).
+#[derive(Clone)]
+pub struct Client {
+    agent: ureq::Agent,
+    base: String,
+    secret: Secret,
+    executor_name: String,
+    retry: RetryPolicy,
+    telemetry: Arc<ExecutorTelemetry>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("base", &self.base).field("executor", &self.executor_name).finish()
+    }
+}
+
+/// `<hostname>-<uuid v4>`.
+pub fn new_executor_name() -> String {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "executor".into());
+    format!("{host}-{}", uuid::Uuid::new_v4())
+}
+
+impl Client {
+    /// A client for `base_url` (no trailing slash) with the settings' CA and secret.
+    pub fn new(settings: &Settings, base_url: &str, executor_name: &str) -> Result<Client> {
+        let mut builder = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(10))
+            .timeout_read(Duration::from_secs(90))
+            .timeout_write(Duration::from_secs(90))
+            .redirects(0)
+            .user_agent(&format!("executor/{VERSION}"));
+        if base_url.starts_with("https://") {
+            builder = builder.tls_config(Arc::new(tls_config(settings.frontend_ca.as_deref())?));
+        }
+        Ok(Client {
+            agent: builder.build(),
+            base: base_url.trim_end_matches('/').to_string(),
+            secret: settings.password.clone(),
+            executor_name: executor_name.to_string(),
+            retry: RetryPolicy::default(),
+            telemetry: Arc::new(telemetry()),
+        })
+    }
+
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    pub fn executor_name(&self) -> &str {
+        &self.executor_name
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        auth: Auth,
+        body: Body,
+        timeout: Option<Duration>,
+    ) -> Result<(u16, Vec<u8>), ApiError> {
+        let route = format!("{method} {}", path.split('?').next().unwrap_or(path));
+        let url = format!("{}{}", self.base, path);
+        let mut attempt = 0;
+        loop {
+            let mut req = self.agent.request(method, &url);
+            if let Some(t) = timeout {
+                req = req.timeout(t);
+            }
+            req = match auth {
+                Auth::Executor => {
+                    req.set("Authorization", &format!("{SCHEME_EXECUTOR} {}", self.secret.expose()))
+                }
+                Auth::Job(job) => {
+                    let value = if job.token.expose().is_empty() {
+                        format!("{SCHEME_EXECUTOR} {}", self.secret.expose())
+                    } else {
+                        format!("Bearer {}", job.token.expose())
+                    };
+                    req.set("Authorization", &value)
+                        .set(HEADER_JOB_ID, &job.id.to_string())
+                        .set(HEADER_EXECUTOR_NAME, &self.executor_name)
+                }
+            };
+            let res = match &body {
+                Body::None => req.call(),
+                Body::Json(b) => req.set("Content-Type", "application/json").send_bytes(b),
+                Body::File(p, ctype) => match std::fs::File::open(p) {
+                    Ok(f) => {
+                        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+                        req.set("Content-Type", ctype).set("Content-Length", &len.to_string()).send(f)
+                    }
+                    Err(e) => {
+                        return Err(ApiError::Transport {
+                            route,
+                            message: format!("opening {}: {e}", p.display()),
+                        })
+                    }
+                },
+            };
+            let (retry, err, retry_after) = match res {
+                Ok(resp) => {
+                    let status = resp.status();
+                    let mut bytes = Vec::new();
+                    resp.into_reader().take(MAX_BODY).read_to_end(&mut bytes).map_err(|e| {
+                        ApiError::Transport {
+                            route: route.clone(),
+                            message: format!("reading the response: {e}"),
+                        }
+                    })?;
+                    if status == 200 || status == 201 || status == 204 {
+                        return Ok((status, bytes));
+                    }
+                    // 1xx/3xx: the contract treats anything but 200/204 as an error.
+                    (false, ApiError::Status { route: route.clone(), status, detail: String::new() }, None)
+                }
+                Err(ureq::Error::Status(status, resp)) => {
+                    let retry_after = resp
+                        .header("Retry-After")
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .map(Duration::from_secs);
+                    let mut text = String::new();
+                    let _ = resp.into_reader().take(2048).read_to_string(&mut text);
+                    let detail = error_detail(&text);
+                    (
+                        retryable_status(status),
+                        ApiError::Status { route: route.clone(), status, detail },
+                        retry_after,
+                    )
+                }
+                Err(ureq::Error::Transport(t)) => {
+                    let retry = match t.kind() {
+                        ureq::ErrorKind::InvalidUrl
+                        | ureq::ErrorKind::UnknownScheme
+                        | ureq::ErrorKind::TooManyRedirects
+                        | ureq::ErrorKind::InsecureRequestHttpsOnly => false,
+                        // DNS not-found is given up after 3 attempts.
+                        ureq::ErrorKind::Dns => attempt < 2,
+                        _ => true,
+                    };
+                    (retry, ApiError::Transport { route: route.clone(), message: t.to_string() }, None)
+                }
+            };
+            attempt += 1;
+            if !retry || attempt >= self.retry.max_attempts {
+                return Err(err);
+            }
+            let delay = match retry_after {
+                Some(d) if d <= self.retry.retry_after_max => d,
+                _ => self.retry.delay(attempt),
+            };
+            std::thread::sleep(delay);
+        }
+    }
+
+    fn post_json<T: serde::Serialize>(
+        &self,
+        path: &str,
+        auth: Auth,
+        body: &T,
+        timeout: Option<Duration>,
+    ) -> Result<(u16, Vec<u8>), ApiError> {
+        let bytes = serde_json::to_vec(body).map_err(|e| ApiError::Transport {
+            route: path.to_string(),
+            message: format!("encoding the request: {e}"),
+        })?;
+        self.call("POST", path, auth, Body::Json(bytes), timeout)
+    }
+
+    /// `GET /.executors/test/auth`: whether the coordinator accepts the shared secret.
+    pub fn test_auth(&self) -> Result<(), ApiError> {
+        self.call("GET", "/.executors/test/auth", Auth::Executor, Body::None, None).map(|_| ())
+    }
+
+    /// Dequeues one job (`None` = no job). `wait` asks for the coordinator's long poll; a
+    /// coordinator that does not offer it answers at once.
+    pub fn dequeue(
+        &self,
+        queues: &[String],
+        multi: bool,
+        settings: &Settings,
+        wait: Option<Duration>,
+    ) -> Result<Option<Job>, ApiError> {
+        let req = DequeueRequest {
+            queues: if multi { queues.to_vec() } else { Vec::new() },
+            executor_name: self.executor_name.clone(),
+            version: VERSION.to_string(),
+            num_cpus: settings.job_cpus as i64,
+            memory: settings.job_memory.clone(),
+            disk_space: settings.disk_space.clone(),
+        };
+        let mut path = if multi {
+            "/.executors/queue/dequeue".to_string()
+        } else {
+            format!("/.executors/queue/{}/dequeue", queues.first().map(String::as_str).unwrap_or(""))
+        };
+        let mut timeout = None;
+        if let Some(w) = wait.filter(|w| !w.is_zero()) {
+            path.push_str(&format!("?wait={}ms", w.as_millis()));
+            timeout = Some(w + Duration::from_secs(30));
+        }
+        let (status, body) = self.post_json(&path, Auth::Executor, &req, timeout)?;
+        if status == 204 || body.iter().all(|b| b.is_ascii_whitespace()) {
+            return Ok(None);
+        }
+        let job: Job = serde_json::from_slice(&body).map_err(|e| ApiError::Transport {
+            route: "POST dequeue".into(),
+            message: format!("the coordinator sent a job that does not decode: {e}"),
+        })?;
+        Ok(Some(job))
+    }
+
+    /// Heartbeats with the running job uids (`"<id>"` or `"<id>-<queue>"`).
+    pub fn heartbeat(
+        &self,
+        queues: &[String],
+        multi: bool,
+        uids: &[String],
+    ) -> Result<HeartbeatResponse, ApiError> {
+        let telemetry = (*self.telemetry).clone();
+        let (status, body) = if multi {
+            let mut groups: Vec<QueueJobIds> = Vec::new();
+            for uid in uids {
+                let (id, queue) = uid.split_once('-').ok_or_else(|| ApiError::Transport {
+                    route: "POST heartbeat".into(),
+                    message: format!("job uid {uid:?} names no queue"),
+                })?;
+                match groups.iter_mut().find(|g| g.queue_name == queue) {
+                    Some(g) => g.job_ids.push(id.to_string()),
+                    None => groups.push(QueueJobIds { queue_name: queue.into(), job_ids: vec![id.into()] }),
+                }
+            }
+            groups.sort_by(|a, b| a.queue_name.cmp(&b.queue_name));
+            let req = HeartbeatRequest {
+                version: String::new(),
+                executor_name: self.executor_name.clone(),
+                queue_names: queues.to_vec(),
+                job_ids_by_queue: groups,
+                telemetry,
+            };
+            self.post_json("/.executors/queue/heartbeat", Auth::Executor, &req, None)?
+        } else {
+            let req = HeartbeatRequestV1 {
+                version: "V2".into(),
+                executor_name: self.executor_name.clone(),
+                job_ids: uids.to_vec(),
+                telemetry,
+            };
+            let path =
+                format!("/.executors/queue/{}/heartbeat", queues.first().map(String::as_str).unwrap_or(""));
+            self.post_json(&path, Auth::Executor, &req.to_wire(), None)?
+        };
+        if status == 204 || body.is_empty() {
+            return Ok(HeartbeatResponse::default());
+        }
+        serde_json::from_slice(&body).map_err(|e| ApiError::Transport {
+            route: "POST heartbeat".into(),
+            message: format!("the heartbeat answer does not decode: {e}"),
+        })
+    }
+
+    /// The minimal heartbeat that registers the executor before its first dequeue.
+    pub fn ping(&self, queues: &[String], multi: bool) -> Result<(), ApiError> {
+        if multi {
+            let req = HeartbeatRequest {
+                executor_name: self.executor_name.clone(),
+                queue_names: queues.to_vec(),
+                ..Default::default()
+            };
+            self.post_json("/.executors/queue/heartbeat", Auth::Executor, &req, None).map(|_| ())
+        } else {
+            let req = HeartbeatRequestV1 { executor_name: self.executor_name.clone(), ..Default::default() };
+            let path =
+                format!("/.executors/queue/{}/heartbeat", queues.first().map(String::as_str).unwrap_or(""));
+            self.post_json(&path, Auth::Executor, &req.to_wire(), None).map(|_| ())
+        }
+    }
+
+    fn op(&self, job: &JobAuth) -> JobOperationRequest {
+        JobOperationRequest { executor_name: self.executor_name.clone(), job_id: job.id }
+    }
+
+    /// `addExecutionLogEntry`: returns the entry id.
+    pub fn add_log_entry(&self, job: &JobAuth, entry: &ExecutionLogEntry) -> Result<i64, ApiError> {
+        let req = AddExecutionLogEntryRequest { op: self.op(job), entry: entry.clone() };
+        let path = format!("/.executors/queue/{}/addExecutionLogEntry", job.queue);
+        let (_, body) = self.post_json(&path, Auth::Job(job), &req, None)?;
+        let text = String::from_utf8_lossy(&body);
+        text.trim().parse::<i64>().map_err(|_| ApiError::Transport {
+            route: "POST addExecutionLogEntry".into(),
+            message: format!("the entry id {:?} is not a number", text.chars().take(40).collect::<String>()),
+        })
+    }
+
+    /// `updateExecutionLogEntry`; with `append`, `entry.out` is a delta (our extension).
+    pub fn update_log_entry(
+        &self,
+        job: &JobAuth,
+        entry_id: i64,
+        entry: &ExecutionLogEntry,
+        append: bool,
+    ) -> Result<(), ApiError> {
+        let req = UpdateExecutionLogEntryRequest { op: self.op(job), entry_id, entry: entry.clone(), append };
+        let path = format!("/.executors/queue/{}/updateExecutionLogEntry", job.queue);
+        self.post_json(&path, Auth::Job(job), &req, None).map(|_| ())
+    }
+
+    /// markComplete / markErrored / markFailed. `Ok(false)` on 404: the job is no longer ours.
+    pub fn mark(&self, job: &JobAuth, mark: Mark, message: &str) -> Result<bool, ApiError> {
+        let path = format!("/.executors/queue/{}/{}", job.queue, mark.route());
+        let res = match mark {
+            Mark::Complete => self.post_json(&path, Auth::Job(job), &self.op(job), None),
+            Mark::Errored | Mark::Failed => {
+                let req = MarkErrorRequest { op: self.op(job), error_message: message.to_string() };
+                self.post_json(&path, Auth::Job(job), &req, None)
+            }
+        };
+        match res {
+            Ok(_) => Ok(true),
+            Err(e) if e.status() == Some(404) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `PUT /.executors/queue/{queue}/artifacts`: the job's artifacts as a tar.gz.
+    /// `GET /.executors/files/{bucket}/{key}`: a file of the coordinator's files store.
+    pub fn fetch_file(&self, job: &JobAuth, bucket: &str, key: &str) -> Result<Vec<u8>, ApiError> {
+        let path = format!("/.executors/files/{bucket}/{key}");
+        self.call("GET", &path, Auth::Job(job), Body::None, None).map(|(_, body)| body)
+    }
+
+    pub fn upload_artifacts(&self, job: &JobAuth, archive: &Path) -> Result<(), ApiError> {
+        let path = format!("/.executors/queue/{}/artifacts", job.queue);
+        self.call("PUT", &path, Auth::Job(job), Body::File(archive, "application/gzip"), None).map(|_| ())
+    }
+}
+
+/// The kind of terminal call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mark {
+    Complete,
+    Errored,
+    Failed,
+}
+
+impl Mark {
+    fn route(self) -> &'static str {
+        match self {
+            Mark::Complete => "markComplete",
+            Mark::Errored => "markErrored",
+            Mark::Failed => "markFailed",
+        }
+    }
+    /// The word the run document records.
+    pub fn word(self) -> &'static str {
+        match self {
+            Mark::Complete => "completed",
+            Mark::Errored => "errored",
+            Mark::Failed => "failed",
+        }
+    }
+}
+
+fn error_detail(text: &str) -> String {
+    let msg = serde_json::from_str::<crate::protocol::ErrorBody>(text)
+        .map(|b| b.error)
+        .unwrap_or_else(|_| text.trim().to_string());
+    let msg: String = msg.chars().filter(|c| !c.is_control()).take(200).collect();
+    if msg.is_empty() {
+        String::new()
+    } else {
+        format!(": {msg}")
+    }
+}
+
+/// rustls with the public web roots plus the operator's private CA, if any.
+fn tls_config(ca: Option<&Path>) -> Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca {
+        let pem =
+            std::fs::read(path).with_context(|| format!("reading the frontend CA {}", path.display()))?;
+        let mut n = 0;
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            let cert = cert.with_context(|| format!("parsing the frontend CA {}", path.display()))?;
+            roots.add(cert).with_context(|| format!("adding a certificate of {}", path.display()))?;
+            n += 1;
+        }
+        if n == 0 {
+            anyhow::bail!("the frontend CA {} holds no PEM certificate", path.display());
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("configuring TLS")?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// What heartbeats report about this host; gathered once.
+fn telemetry() -> ExecutorTelemetry {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        a => a,
+    };
+    let git_version = std::process::Command::new("git")
+        .arg("version")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().trim_start_matches("git version ").to_string())
+        .unwrap_or_default();
+    ExecutorTelemetry {
+        os: std::env::consts::OS.into(),
+        architecture: arch.into(),
+        executor_version: VERSION.into(),
+        git_version,
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::TcpListener;
+    use std::sync::Mutex;
+
+    /// A tiny loopback HTTP server answering canned statuses and recording requests.
+    /// (request line, lower-cased headers, body) of each request.
+    type Seen = Arc<Mutex<Vec<(String, Vec<(String, String)>, String)>>>;
+
+    struct Fake {
+        url: String,
+        seen: Seen,
+    }
+
+    fn fake(answers: Vec<(u16, &'static str)>) -> Fake {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen2 = seen.clone();
+        std::thread::spawn(move || {
+            let mut answers = answers.into_iter();
+            for stream in l.incoming() {
+                let mut s = stream.unwrap();
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+                let mut headers = Vec::new();
+                let mut len = 0usize;
+                loop {
+                    let mut h = String::new();
+                    r.read_line(&mut h).unwrap();
+                    let h = h.trim_end().to_string();
+                    if h.is_empty() {
+                        break;
+                    }
+                    let (k, v) = h.split_once(": ").unwrap();
+                    if k.eq_ignore_ascii_case("content-length") {
+                        len = v.parse().unwrap();
+                    }
+                    headers.push((k.to_ascii_lowercase(), v.to_string()));
+                }
+                let mut body = vec![0; len];
+                r.read_exact(&mut body).unwrap();
+                seen2.lock().unwrap().push((
+                    line.trim().to_string(),
+                    headers,
+                    String::from_utf8(body).unwrap(),
+                ));
+                let (status, body) = answers.next().unwrap_or((500, ""));
+                let resp = format!(
+                    "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                s.write_all(resp.as_bytes()).unwrap();
+            }
+        });
+        Fake { url, seen }
+    }
+
+    fn settings() -> Settings {
+        Settings::from_raw(
+            crate::config::RawSettings {
+                frontend_url: Some("http://127.0.0.1:1".into()),
+                queue_name: Some("batches".into()),
+                ..Default::default()
+            },
+            Secret::new("a-shared-secret-of-24-chars"),
+            crate::config::Needs::Coordinator,
+        )
+        .unwrap()
+    }
+
+    fn client(url: &str) -> Client {
+        Client::new(&settings(), url, "host-1").unwrap().with_retry(RetryPolicy {
+            max_attempts: 4,
+            base: Duration::from_millis(1),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn retries_5xx_and_429_but_not_4xx_or_501() {
+        let f = fake(vec![(503, ""), (429, ""), (204, "")]);
+        let c = client(&f.url);
+        assert!(c.dequeue(&["batches".into()], false, &settings(), None).unwrap().is_none());
+        assert_eq!(f.seen.lock().unwrap().len(), 3);
+
+        let f = fake(vec![(400, r#"{"error":"bad json"}"#), (204, "")]);
+        let err = client(&f.url).dequeue(&["batches".into()], false, &settings(), None).unwrap_err();
+        assert_eq!(err.status(), Some(400));
+        assert!(err.to_string().contains("bad json"), "{err}");
+        assert_eq!(f.seen.lock().unwrap().len(), 1);
+
+        let f = fake(vec![(501, ""), (204, "")]);
+        assert_eq!(client(&f.url).test_auth().unwrap_err().status(), Some(501));
+        assert_eq!(f.seen.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn job_routes_carry_the_contract_headers_and_404_means_lost() {
+        let f = fake(vec![(200, "3"), (404, "")]);
+        let c = client(&f.url);
+        let job = JobAuth { id: 42, token: Secret::new("ab".repeat(20)), queue: "batches".into() };
+        let entry = ExecutionLogEntry {
+            key: "step.docker.0".into(),
+            start_time: chrono::Utc::now(),
+            ..Default::default()
+        };
+        assert_eq!(c.add_log_entry(&job, &entry).unwrap(), 3);
+        assert!(!c.mark(&job, Mark::Complete, "").unwrap());
+        let seen = f.seen.lock().unwrap();
+        let (line, headers, body) = &seen[0];
+        assert_eq!(line, "POST /.executors/queue/batches/addExecutionLogEntry HTTP/1.1");
+        let h = |k: &str| headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap_or_default();
+        assert_eq!(h("authorization"), format!("Bearer {}", "ab".repeat(20)));
+        assert_eq!(h("x-sourcegraph-job-id"), "42");
+        assert_eq!(h("x-sourcegraph-executor-name"), "host-1");
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["jobId"], 42);
+        assert_eq!(v["executorName"], "host-1");
+        assert_eq!(v["key"], "step.docker.0");
+        assert_eq!(seen[1].0, "POST /.executors/queue/batches/markComplete HTTP/1.1");
+    }
+
+    #[test]
+    fn dequeue_and_heartbeat_shapes() {
+        let f = fake(vec![
+            (200, r#"{"version":2,"id":7,"token":"t"}"#),
+            (200, r#"{"knownIds":["7-batches"],"cancelIds":null}"#),
+        ]);
+        let c = client(&f.url);
+        let job = c
+            .dequeue(&["batches".into(), "codeintel".into()], true, &settings(), Some(Duration::from_secs(2)))
+            .unwrap()
+            .unwrap();
+        assert_eq!(job.id, 7);
+        let hb = c.heartbeat(&["batches".into(), "codeintel".into()], true, &["7-batches".into()]).unwrap();
+        assert_eq!(hb.known_ids, vec!["7-batches"]);
+        let seen = f.seen.lock().unwrap();
+        assert_eq!(seen[0].0, "POST /.executors/queue/dequeue?wait=2000ms HTTP/1.1");
+        let auth = seen[0].1.iter().find(|(k, _)| k == "authorization").unwrap().1.clone();
+        assert_eq!(auth, "token-executor a-shared-secret-of-24-chars");
+        let d: serde_json::Value = serde_json::from_str(&seen[0].2).unwrap();
+        assert_eq!(d["queues"], serde_json::json!(["batches", "codeintel"]));
+        assert_eq!(d["version"], VERSION);
+        let v: serde_json::Value = serde_json::from_str(&seen[1].2).unwrap();
+        assert_eq!(v["jobIdsByQueue"], serde_json::json!([{"queueName":"batches","jobIds":["7"]}]));
+    }
+
+    #[test]
+    fn transport_errors_are_retried_then_reported() {
+        // A port nobody listens on: connection refused on every attempt.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        drop(l);
+        let err = client(&url).test_auth().unwrap_err();
+        assert!(matches!(err, ApiError::Transport { .. }), "{err}");
+        assert!(!err.to_string().contains("a-shared-secret"), "{err}");
+    }
+}

@@ -1,0 +1,464 @@
+//! Execution log entries as the contract streams them: add the entry, send updates about once a
+//! second while output arrives, then a final update with `exitCode` and `durationMs`. Output is
+//! redacted on the raw bytes (a secret split across reads or lines is still caught), then framed
+//! into `stdout: ` / `stderr: ` lines. Memory stays bounded however much a step prints: updates
+//! carry deltas (`"append": true`) where the coordinator offers it, and the producer waits for a
+//! flush when too much is pending; against a coordinator without appends the full output is
+//! resent, capped at [`FULL_OUTPUT_CAP`].
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Result};
+use chrono::Utc;
+
+use crate::api::{ApiError, Client, JobAuth};
+use crate::protocol::ExecutionLogEntry;
+use crate::redact::{Redactor, StreamRedactor};
+use crate::sandbox::{OutputSink, Stream};
+
+/// How often a running entry is updated.
+pub const UPDATE_INTERVAL: Duration = Duration::from_secs(1);
+/// Pending output above which the producer flushes (and so waits for the coordinator).
+pub const PENDING_CAP: usize = 1 << 20;
+/// Longest partial line held back before it is sent as a line of its own.
+pub const MAX_LINE: usize = 64 << 10;
+/// Most output kept for full-replacement updates (coordinators without appends).
+pub const FULL_OUTPUT_CAP: usize = 8 << 20;
+
+/// Where log entries go.
+pub trait LogTransport: Send + Sync {
+    fn add(&self, entry: &ExecutionLogEntry) -> Result<i64, ApiError>;
+    fn update(&self, id: i64, entry: &ExecutionLogEntry, append: bool) -> Result<(), ApiError>;
+}
+
+/// The coordinator, with one job's credentials.
+pub struct CoordinatorLogs {
+    pub client: Client,
+    pub job: JobAuth,
+}
+
+impl LogTransport for CoordinatorLogs {
+    fn add(&self, entry: &ExecutionLogEntry) -> Result<i64, ApiError> {
+        self.client.add_log_entry(&self.job, entry)
+    }
+    fn update(&self, id: i64, entry: &ExecutionLogEntry, append: bool) -> Result<(), ApiError> {
+        self.client.update_log_entry(&self.job, id, entry, append)
+    }
+}
+
+const APPEND_UNKNOWN: u8 = 0;
+const APPEND_YES: u8 = 1;
+const APPEND_NO: u8 = 2;
+
+/// Called with each entry's key when it starts.
+pub type EntryHook = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// Creates the log entries of one job.
+#[derive(Clone)]
+pub struct JobLogger {
+    transport: Arc<dyn LogTransport>,
+    redactor: Redactor,
+    append: Arc<AtomicU8>,
+    /// Called with each entry's key when it starts (the loop's progress view).
+    on_entry: Option<EntryHook>,
+}
+
+impl JobLogger {
+    pub fn new(transport: Arc<dyn LogTransport>, redactor: Redactor) -> Self {
+        JobLogger { transport, redactor, append: Arc::new(AtomicU8::new(APPEND_UNKNOWN)), on_entry: None }
+    }
+
+    pub fn on_entry(mut self, f: EntryHook) -> Self {
+        self.on_entry = Some(f);
+        self
+    }
+
+    pub fn redactor(&self) -> &Redactor {
+        &self.redactor
+    }
+
+    /// Adds an entry; `command` is redacted here (`None` for `setup.fs.*`-style entries).
+    pub fn entry(&self, key: &str, command: Option<Vec<String>>) -> Result<LogEntry> {
+        if let Some(f) = &self.on_entry {
+            f(key);
+        }
+        let command = command.map(|c| c.iter().map(|a| self.redactor.redact_str(a)).collect());
+        let head =
+            ExecutionLogEntry { key: key.to_string(), command, start_time: Utc::now(), ..Default::default() };
+        let id = self.transport.add(&head).map_err(|e| anyhow!("adding the log entry {key}: {e}"))?;
+        let state = Arc::new(Shared {
+            state: Mutex::new(State {
+                head,
+                id,
+                pending: Vec::new(),
+                full: Vec::new(),
+                truncated: false,
+                stdout: Framer::new(self.redactor.stream(), "stdout: "),
+                stderr: Framer::new(self.redactor.stream(), "stderr: "),
+                last_error: None,
+                closed: false,
+            }),
+            wake: Condvar::new(),
+        });
+        let ticker = {
+            let state = state.clone();
+            let transport = self.transport.clone();
+            let append = self.append.clone();
+            std::thread::Builder::new()
+                .name(format!("log-{key}"))
+                .spawn(move || ticker(&state, &*transport, &append))
+                .map_err(|e| anyhow!("starting the log updater of {key}: {e}"))?
+        };
+        Ok(LogEntry {
+            shared: state,
+            transport: self.transport.clone(),
+            append: self.append.clone(),
+            started: Instant::now(),
+            ticker: Some(ticker),
+        })
+    }
+}
+
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+}
+
+struct State {
+    head: ExecutionLogEntry,
+    id: i64,
+    /// Framed, redacted output not yet sent.
+    pending: Vec<u8>,
+    /// Everything sent so far, while appends are not known to work (bounded).
+    full: Vec<u8>,
+    truncated: bool,
+    stdout: Framer,
+    stderr: Framer,
+    last_error: Option<String>,
+    closed: bool,
+}
+
+/// Redacts one stream and frames it into prefixed lines.
+struct Framer {
+    redactor: StreamRedactor,
+    prefix: &'static str,
+    partial: Vec<u8>,
+}
+
+impl Framer {
+    fn new(redactor: StreamRedactor, prefix: &'static str) -> Self {
+        Framer { redactor, prefix, partial: Vec::new() }
+    }
+
+    fn push(&mut self, data: &[u8], out: &mut Vec<u8>) {
+        let clean = self.redactor.push(data);
+        self.frame(&clean, out);
+    }
+
+    fn frame(&mut self, mut clean: &[u8], out: &mut Vec<u8>) {
+        while let Some(nl) = clean.iter().position(|&b| b == b'\n') {
+            out.extend_from_slice(self.prefix.as_bytes());
+            out.extend_from_slice(&self.partial);
+            out.extend_from_slice(&clean[..=nl]);
+            self.partial.clear();
+            clean = &clean[nl + 1..];
+        }
+        self.partial.extend_from_slice(clean);
+        if self.partial.len() >= MAX_LINE {
+            out.extend_from_slice(self.prefix.as_bytes());
+            out.append(&mut self.partial);
+            out.push(b'\n');
+        }
+    }
+
+    fn finish(&mut self, out: &mut Vec<u8>) {
+        let rest = self.redactor.finish();
+        self.frame(&rest, out);
+        if !self.partial.is_empty() {
+            out.extend_from_slice(self.prefix.as_bytes());
+            out.append(&mut self.partial);
+            out.push(b'\n');
+        }
+    }
+}
+
+/// Sends what is pending (and, when `last`, the exit code and duration).
+fn flush(
+    st: &mut State,
+    transport: &dyn LogTransport,
+    append: &AtomicU8,
+    last: Option<(i32, i64)>,
+) -> Result<()> {
+    if st.pending.is_empty() && last.is_none() {
+        return Ok(());
+    }
+    let delta = std::mem::take(&mut st.pending);
+    let mut entry = st.head.clone();
+    if let Some((code, ms)) = last {
+        entry.exit_code = Some(code);
+        entry.duration_ms = Some(ms);
+    }
+    let mode = append.load(Ordering::Relaxed);
+    if mode != APPEND_NO {
+        entry.out = if delta.is_empty() { None } else { Some(String::from_utf8_lossy(&delta).into_owned()) };
+        match transport.update(st.id, &entry, true) {
+            Ok(()) => {
+                append.store(APPEND_YES, Ordering::Relaxed);
+                st.full = Vec::new();
+                return Ok(());
+            }
+            // A coordinator that does not know appends (a Sourcegraph instance) refuses the body.
+            Err(e) if mode == APPEND_UNKNOWN && matches!(e.status(), Some(400..=499)) => {
+                append.store(APPEND_NO, Ordering::Relaxed);
+            }
+            Err(e) => {
+                // Keep the delta for the next try.
+                let mut rest = delta;
+                rest.extend_from_slice(&st.pending);
+                st.pending = rest;
+                return Err(anyhow!("updating the log entry {}: {e}", st.head.key));
+            }
+        }
+    }
+    // Full replacement: resend everything, bounded.
+    let room = FULL_OUTPUT_CAP.saturating_sub(st.full.len());
+    if delta.len() > room {
+        st.full.extend_from_slice(&delta[..room]);
+        st.truncated = true;
+    } else {
+        st.full.extend_from_slice(&delta);
+    }
+    let mut out = String::from_utf8_lossy(&st.full).into_owned();
+    if st.truncated {
+        out.push_str("stderr: [executor: output truncated here: more than 8 MiB]\n");
+    }
+    entry.out = if out.is_empty() { None } else { Some(out) };
+    transport.update(st.id, &entry, false).map_err(|e| anyhow!("updating the log entry {}: {e}", st.head.key))
+}
+
+fn ticker(shared: &Shared, transport: &dyn LogTransport, append: &AtomicU8) {
+    let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        // Checked before waiting too: `close` may have run before this thread first got the lock.
+        if st.closed {
+            return;
+        }
+        st = shared
+            .wake
+            .wait_timeout_while(st, UPDATE_INTERVAL, |s| !s.closed)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+        if st.closed {
+            return;
+        }
+        if let Err(e) = flush(&mut st, transport, append, None) {
+            // A failed non-final update is only a warning; the final one decides.
+            st.last_error = Some(format!("{e:#}"));
+        }
+    }
+}
+
+/// One open log entry: an [`OutputSink`] for a step, or a place for setup lines.
+pub struct LogEntry {
+    shared: Arc<Shared>,
+    transport: Arc<dyn LogTransport>,
+    append: Arc<AtomicU8>,
+    started: Instant,
+    ticker: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LogEntry {
+    /// Writes one line of the executor's own (it is redacted too).
+    pub fn line(&mut self, text: &str) {
+        let mut t = text.to_string();
+        t.push('\n');
+        self.output(Stream::Stdout, t.as_bytes());
+    }
+
+    /// Ends the entry: the rest of the output, then `exitCode` and `durationMs`.
+    pub fn finish(mut self, exit_code: i32) -> Result<()> {
+        self.close(exit_code)
+    }
+
+    fn close(&mut self, exit_code: i32) -> Result<()> {
+        let ms = self.started.elapsed().as_millis() as i64;
+        let res = {
+            let mut st = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+            if st.closed {
+                return Ok(());
+            }
+            st.closed = true;
+            let State { stdout, stderr, pending, .. } = &mut *st;
+            stdout.finish(pending);
+            stderr.finish(pending);
+            let mut res = flush(&mut st, &*self.transport, &self.append, Some((exit_code, ms)));
+            if res.is_err() {
+                // One retry of the final update after a pause: it decides whether the job's log is whole.
+                std::thread::sleep(Duration::from_millis(200));
+                res = flush(&mut st, &*self.transport, &self.append, Some((exit_code, ms)));
+            }
+            self.shared.wake.notify_all();
+            res
+        };
+        if let Some(t) = self.ticker.take() {
+            let _ = t.join();
+        }
+        res
+    }
+}
+
+impl OutputSink for LogEntry {
+    fn output(&mut self, stream: Stream, data: &[u8]) {
+        let mut st = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        let State { stdout, stderr, pending, .. } = &mut *st;
+        match stream {
+            Stream::Stdout => stdout.push(data, pending),
+            Stream::Stderr => stderr.push(data, pending),
+        }
+        if st.pending.len() >= PENDING_CAP {
+            // Back-pressure: the step waits while its output goes out.
+            if let Err(e) = flush(&mut st, &*self.transport, &self.append, None) {
+                st.last_error = Some(format!("{e:#}"));
+                if st.pending.len() >= 4 * PENDING_CAP {
+                    // The coordinator is not taking output: keep the newest, say so.
+                    let drop_to = st.pending.len() - PENDING_CAP;
+                    st.pending.drain(..drop_to);
+                    st.pending.extend_from_slice(
+                        b"stderr: [executor: output dropped while the coordinator was unreachable]\n",
+                    );
+                }
+            }
+        }
+    }
+}
+
+impl Drop for LogEntry {
+    fn drop(&mut self) {
+        if self.ticker.is_some() {
+            // An entry dropped without finish (an error path) still gets its final update.
+            let _ = self.close(-1);
+        }
+    }
+}
+
+#[cfg(test)]
+pub mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    /// Records entries in memory, as a coordinator would store them.
+    #[derive(Default)]
+    pub struct MemoryLogs {
+        pub entries: Mutex<Vec<ExecutionLogEntry>>,
+        pub refuse_append: bool,
+        pub updates: Mutex<usize>,
+    }
+
+    impl LogTransport for MemoryLogs {
+        fn add(&self, entry: &ExecutionLogEntry) -> Result<i64, ApiError> {
+            let mut e = self.entries.lock().unwrap();
+            e.push(entry.clone());
+            Ok(e.len() as i64)
+        }
+        fn update(&self, id: i64, entry: &ExecutionLogEntry, append: bool) -> Result<(), ApiError> {
+            if append && self.refuse_append {
+                return Err(ApiError::Status { route: "u".into(), status: 400, detail: String::new() });
+            }
+            *self.updates.lock().unwrap() += 1;
+            let mut e = self.entries.lock().unwrap();
+            let slot = &mut e[id as usize - 1];
+            let old = slot.out.take().unwrap_or_default();
+            let mut next = entry.clone();
+            if append {
+                next.out = Some(old + entry.out.as_deref().unwrap_or(""));
+            }
+            *slot = next;
+            Ok(())
+        }
+    }
+
+    fn logger(t: Arc<MemoryLogs>) -> JobLogger {
+        let mut m = BTreeMap::new();
+        m.insert("hunter2hunter2".to_string(), "PASSWORD_REMOVED".to_string());
+        JobLogger::new(t, Redactor::for_job("the-shared-secret-0123456789", &m))
+    }
+
+    #[test]
+    fn frames_redacts_and_finishes() {
+        for refuse_append in [false, true] {
+            let t = Arc::new(MemoryLogs { refuse_append, ..Default::default() });
+            let l = logger(t.clone());
+            let mut e = l
+                .entry("step.docker.0", Some(vec!["sh".into(), "-c".into(), "echo hunter2hunter2".into()]))
+                .unwrap();
+            e.output(Stream::Stdout, b"hello hunt");
+            e.output(Stream::Stderr, b"warn\n");
+            e.output(Stream::Stdout, b"er2hunter2 world\nthe-shared-");
+            e.output(Stream::Stdout, b"secret-0123456789\npartial");
+            e.finish(3).unwrap();
+            let entries = t.entries.lock().unwrap();
+            let got = &entries[0];
+            assert_eq!(got.command.as_ref().unwrap()[2], "echo PASSWORD_REMOVED");
+            assert_eq!(
+                got.out.as_deref().unwrap(),
+                "stderr: warn\nstdout: hello PASSWORD_REMOVED world\nstdout: SECRET_REMOVED\nstdout: partial\n",
+                "refuse_append={refuse_append}"
+            );
+            assert_eq!(got.exit_code, Some(3));
+            assert!(got.duration_ms.is_some());
+        }
+    }
+
+    #[test]
+    fn big_output_is_flushed_in_bounded_chunks() {
+        let t = Arc::new(MemoryLogs::default());
+        let l = logger(t.clone());
+        let mut e = l.entry("step.docker.0", None).unwrap();
+        let line = vec![b'x'; 999];
+        let mut chunk = Vec::new();
+        for _ in 0..64 {
+            chunk.extend_from_slice(&line);
+            chunk.push(b'\n');
+        }
+        for _ in 0..100 {
+            e.output(Stream::Stdout, &chunk);
+        }
+        {
+            let st = e.shared.state.lock().unwrap();
+            assert!(st.pending.len() < PENDING_CAP + chunk.len() + 64 * 8);
+            assert!(st.full.is_empty(), "appends work, so nothing is kept");
+        }
+        e.finish(0).unwrap();
+        let entries = t.entries.lock().unwrap();
+        assert_eq!(entries[0].out.as_ref().unwrap().len(), 100 * 64 * (999 + 1 + 8));
+        assert!(*t.updates.lock().unwrap() >= 6);
+    }
+
+    #[test]
+    fn updates_arrive_while_the_step_runs() {
+        let t = Arc::new(MemoryLogs::default());
+        let l = logger(t.clone());
+        let mut e = l.entry("step.docker.0", None).unwrap();
+        e.output(Stream::Stdout, b"early\n");
+        std::thread::sleep(UPDATE_INTERVAL + Duration::from_millis(300));
+        assert_eq!(t.entries.lock().unwrap()[0].out.as_deref(), Some("stdout: early\n"));
+        e.finish(0).unwrap();
+    }
+
+    #[test]
+    fn full_replacement_is_capped() {
+        let t = Arc::new(MemoryLogs { refuse_append: true, ..Default::default() });
+        let l = logger(t.clone());
+        let mut e = l.entry("k", None).unwrap();
+        let chunk = vec![b'y'; 1 << 20];
+        for _ in 0..12 {
+            e.output(Stream::Stdout, &chunk);
+        }
+        e.finish(0).unwrap();
+        let out = t.entries.lock().unwrap()[0].out.clone().unwrap();
+        assert!(out.len() <= FULL_OUTPUT_CAP + 100, "{}", out.len());
+        assert!(out.ends_with("truncated here: more than 8 MiB]\n"));
+    }
+}

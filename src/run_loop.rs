@@ -1,0 +1,456 @@
+//! `executor loop`: the stages in-process for up to N jobs at once, with one heartbeat for all of
+//! them (cancelIds stop a job, a job missing from knownIds is dropped), per-job deadlines, a
+//! janitor, `EXECUTOR_NUM_TOTAL_JOBS` / `EXECUTOR_MAX_ACTIVE_TIME` for ephemeral hosts, and a
+//! graceful drain on SIGTERM/SIGINT (a grace period, then running jobs are killed and reported;
+//! a second signal is immediate). Logs go to stderr; on a terminal, a live view of the jobs.
+
+use anyhow::{Context, Result};
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::api::{new_executor_name, Client};
+use crate::cancel::{Cancel, CancelReason};
+use crate::config::Settings;
+use crate::document::{FailureKind, RunDocument};
+use crate::stage::{self, JobCtx, Stage};
+
+/// Log lines and, on a terminal, one spinner per running job.
+#[derive(Clone)]
+pub struct Ui {
+    multi: Option<indicatif::MultiProgress>,
+}
+
+impl Ui {
+    pub fn new() -> Ui {
+        use std::io::IsTerminal;
+        let multi = std::io::stderr().is_terminal().then(indicatif::MultiProgress::new);
+        Ui { multi }
+    }
+
+    pub fn log(&self, msg: &str) {
+        let line = format!("{} executor: {msg}", chrono::Utc::now().format("%H:%M:%S%.3f"));
+        match &self.multi {
+            Some(m) => {
+                let _ = m.println(line);
+            }
+            None => eprintln!("{line}"),
+        }
+    }
+
+    fn job_bar(&self, uid: &str) -> Option<indicatif::ProgressBar> {
+        let m = self.multi.as_ref()?;
+        let bar = m.add(indicatif::ProgressBar::new_spinner());
+        if let Ok(style) =
+            indicatif::ProgressStyle::with_template("{spinner} job {prefix}: {wide_msg} {elapsed}")
+        {
+            bar.set_style(style);
+        }
+        bar.set_prefix(uid.to_string());
+        bar.enable_steady_tick(Duration::from_millis(120));
+        Some(bar)
+    }
+}
+
+impl Default for Ui {
+    fn default() -> Self {
+        Ui::new()
+    }
+}
+
+struct Slot {
+    cancel: Cancel,
+    workspace: Option<PathBuf>,
+}
+
+#[derive(Default)]
+struct Running {
+    jobs: HashMap<String, Slot>,
+}
+
+/// SIGTERM/SIGINT as messages, without blocking them for child processes.
+fn signals() -> Result<Receiver<&'static str>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                use tokio::signal::unix::{signal, SignalKind};
+                let (mut term, mut int) =
+                    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+                        (Ok(t), Ok(i)) => (t, i),
+                        (Err(e), _) | (_, Err(e)) => {
+                            let _ = ready_tx.send(Err(e.to_string()));
+                            return;
+                        }
+                    };
+                let _ = ready_tx.send(Ok(()));
+                loop {
+                    let name = tokio::select! {
+                        _ = term.recv() => "SIGTERM",
+                        _ = int.recv() => "SIGINT",
+                    };
+                    if tx.send(name).is_err() {
+                        return;
+                    }
+                }
+            });
+        })
+        .context("starting the signal handler")?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok(rx),
+        Ok(Err(e)) => anyhow::bail!("installing signal handlers: {e}"),
+        Err(_) => anyhow::bail!("installing signal handlers failed"),
+    }
+}
+
+/// The concrete runtime name for `settings.runtime`, checked to work here.
+pub fn resolve_runtime(settings: &Settings) -> Result<String> {
+    let rt = crate::sandbox::open(&settings.runtime, &settings.runtime_options())?;
+    rt.check().with_context(|| format!("the {} runtime cannot run here", rt.name()))?;
+    Ok(rt.name().to_string())
+}
+
+/// One janitor pass: workspaces and sandboxes that no live job owns. `me` is this executor's
+/// name (its own dead workspaces go at once); others' go once their deadline is long past.
+pub fn janitor_pass(settings: &Settings, me: &str, live_ws: &HashSet<PathBuf>) -> Result<Vec<String>> {
+    let grace = Duration::from_secs(60);
+    let (removed, claimed) = crate::workspace::sweep(&settings.workspaces_dir(), me, live_ws, grace)?;
+    let mut out: Vec<String> = removed.iter().map(|p| format!("workspace {}", p.display())).collect();
+    let mut runtimes: Vec<&str> = vec!["shell"];
+    for r in crate::sandbox::AUTO_ORDER {
+        runtimes.push(r);
+    }
+    for name in runtimes {
+        if let Ok(rt) = crate::sandbox::open(name, &settings.runtime_options()) {
+            match rt.janitor(&settings.vm_prefix, &claimed) {
+                Ok(names) => out.extend(names.into_iter().map(|n| format!("{name} sandbox {n}"))),
+                Err(e) => out.push(format!("{name} janitor failed: {e:#}")),
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Runs the loop until a stop condition; returns the exit status.
+pub fn run(settings: Settings) -> Result<i32> {
+    let settings = Arc::new(settings);
+    let ui = Ui::new();
+    let name = new_executor_name();
+    let client = Client::new(&settings, settings.frontend_url()?, &name)?;
+    let runtime = resolve_runtime(&settings)?;
+    if runtime == "shell" {
+        ui.log(crate::sandbox::shell::WARNING);
+    }
+    let sig = signals()?;
+    ui.log(&format!(
+        "executor {name} polling {} at {} ({} runtime, up to {} jobs)",
+        settings.queues.join(","),
+        client.base_url(),
+        runtime,
+        settings.max_jobs
+    ));
+
+    // Ping until the coordinator answers: job routes need the executor to be known.
+    let ping_started = Instant::now();
+    loop {
+        match client.ping(&settings.queues, settings.multi_queue) {
+            Ok(()) => break,
+            Err(e) => {
+                if ping_started.elapsed() > Duration::from_secs(60) || e.status().is_some() {
+                    ui.log(&format!("cannot reach the coordinator yet: {e}"));
+                }
+            }
+        }
+        if let Ok(s) = sig.recv_timeout(Duration::from_secs(1)) {
+            ui.log(&format!("{s} before the coordinator answered: exiting"));
+            return Ok(crate::exit::JOB_FAILED);
+        }
+    }
+
+    let running = Arc::new((Mutex::new(Running::default()), Condvar::new()));
+    let stop_bg = Arc::new((Mutex::new(false), Condvar::new()));
+    let heartbeat = spawn_heartbeat(&settings, &client, &running, &stop_bg, &ui);
+    let janitor = spawn_janitor(&settings, &name, &running, &stop_bg, &ui);
+
+    let started = Instant::now();
+    let mut dequeued: u64 = 0;
+    let mut signal_seen: Option<&'static str> = None;
+    let mut threads: Vec<std::thread::JoinHandle<()>> = Vec::new();
+    let long_poll = Duration::from_secs(2);
+    loop {
+        if let Ok(s) = sig.try_recv() {
+            signal_seen = Some(s);
+            ui.log(&format!(
+                "{s}: no more dequeues; draining running jobs (grace {:?})",
+                settings.shutdown_grace
+            ));
+            break;
+        }
+        if settings.num_total_jobs > 0 && dequeued >= settings.num_total_jobs {
+            ui.log(&format!("dequeued {dequeued} jobs (EXECUTOR_NUM_TOTAL_JOBS): finishing"));
+            break;
+        }
+        if settings.max_active_time.is_some_and(|m| started.elapsed() >= m) {
+            ui.log("EXECUTOR_MAX_ACTIVE_TIME reached: finishing");
+            break;
+        }
+        {
+            let (m, cv) = &*running;
+            let guard = m.lock().unwrap_or_else(|p| p.into_inner());
+            if guard.jobs.len() >= settings.max_jobs {
+                let _ = cv.wait_timeout(guard, Duration::from_millis(200)).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+        }
+        let t = Instant::now();
+        match stage::dequeue::run(&settings, &client, &runtime, Some(long_poll)) {
+            Ok(Some(doc)) => {
+                dequeued += 1;
+                threads.retain(|t| !t.is_finished());
+                threads.push(start_job(&settings, doc, &running, &ui)?);
+                continue;
+            }
+            Ok(None) if t.elapsed() >= long_poll / 2 => continue,
+            Ok(None) => {}
+            Err(e) => ui.log(&format!("dequeue failed: {e}")),
+        }
+        match sig.recv_timeout(settings.poll_interval) {
+            Ok(s) => {
+                signal_seen = Some(s);
+                ui.log(&format!(
+                    "{s}: no more dequeues; draining running jobs (grace {:?})",
+                    settings.shutdown_grace
+                ));
+                break;
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => std::thread::sleep(settings.poll_interval),
+        }
+    }
+
+    // Drain.
+    let grace_end = signal_seen.map(|_| Instant::now() + settings.shutdown_grace);
+    let mut killed = false;
+    loop {
+        let n = running.0.lock().unwrap_or_else(|p| p.into_inner()).jobs.len();
+        if n == 0 {
+            break;
+        }
+        let second = sig.try_recv().ok();
+        let grace_over = grace_end.is_some_and(|g| Instant::now() >= g);
+        if !killed && (second.is_some() || grace_over) {
+            let why = match second {
+                Some(s) => format!("second signal ({s})"),
+                None => "grace period over".to_string(),
+            };
+            ui.log(&format!("{why}: stopping {n} running jobs and reporting them"));
+            for slot in running.0.lock().unwrap_or_else(|p| p.into_inner()).jobs.values() {
+                slot.cancel.cancel(CancelReason::Shutdown);
+            }
+            killed = true;
+        }
+        let (m, cv) = &*running;
+        let guard = m.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = cv.wait_timeout(guard, Duration::from_millis(100)).unwrap_or_else(|p| p.into_inner());
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    {
+        let (m, cv) = &*stop_bg;
+        *m.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        cv.notify_all();
+    }
+    let _ = heartbeat.join();
+    let _ = janitor.join();
+    ui.log(&format!("stopped after {dequeued} jobs"));
+    Ok(crate::exit::OK)
+}
+
+fn wait_or_stop(stop: &(Mutex<bool>, Condvar), d: Duration) -> bool {
+    let (m, cv) = stop;
+    let g = m.lock().unwrap_or_else(|p| p.into_inner());
+    let (g, _) = cv.wait_timeout_while(g, d, |s| !*s).unwrap_or_else(|p| p.into_inner());
+    *g
+}
+
+fn spawn_heartbeat(
+    settings: &Arc<Settings>,
+    client: &Client,
+    running: &Arc<(Mutex<Running>, Condvar)>,
+    stop: &Arc<(Mutex<bool>, Condvar)>,
+    ui: &Ui,
+) -> std::thread::JoinHandle<()> {
+    let (settings, client, running, stop, ui) =
+        (settings.clone(), client.clone(), running.clone(), stop.clone(), ui.clone());
+    std::thread::spawn(move || loop {
+        let uids: Vec<String> = {
+            let r = running.0.lock().unwrap_or_else(|p| p.into_inner());
+            let mut v: Vec<String> = r.jobs.keys().cloned().collect();
+            v.sort();
+            v
+        };
+        match client.heartbeat(&settings.queues, settings.multi_queue, &uids) {
+            Ok(resp) => {
+                let r = running.0.lock().unwrap_or_else(|p| p.into_inner());
+                for id in &resp.cancel_ids {
+                    if let Some(slot) = r.jobs.get(id) {
+                        ui.log(&format!("job {id}: canceled by the coordinator"));
+                        slot.cancel.cancel(CancelReason::Canceled);
+                    }
+                }
+                for uid in &uids {
+                    if !resp.known_ids.contains(uid) && !resp.cancel_ids.contains(uid) {
+                        // The contract drops it from the heartbeat and lets it run; its final
+                        // mark* will find it is no longer ours.
+                        ui.log(&format!("job {uid}: the coordinator no longer knows it as ours"));
+                    }
+                }
+            }
+            Err(e) => ui.log(&format!("heartbeat failed: {e}")),
+        }
+        if wait_or_stop(&stop, settings.heartbeat_interval) {
+            return;
+        }
+    })
+}
+
+fn spawn_janitor(
+    settings: &Arc<Settings>,
+    me: &str,
+    running: &Arc<(Mutex<Running>, Condvar)>,
+    stop: &Arc<(Mutex<bool>, Condvar)>,
+    ui: &Ui,
+) -> std::thread::JoinHandle<()> {
+    let (settings, me, running, stop, ui) =
+        (settings.clone(), me.to_string(), running.clone(), stop.clone(), ui.clone());
+    std::thread::spawn(move || loop {
+        let live: HashSet<PathBuf> = {
+            let r = running.0.lock().unwrap_or_else(|p| p.into_inner());
+            r.jobs.values().filter_map(|s| s.workspace.clone()).collect()
+        };
+        match janitor_pass(&settings, &me, &live) {
+            Ok(removed) => {
+                for r in removed {
+                    ui.log(&format!("janitor: removed {r}"));
+                }
+            }
+            Err(e) => ui.log(&format!("janitor: {e:#}")),
+        }
+        if wait_or_stop(&stop, settings.cleanup_interval.max(Duration::from_secs(1))) {
+            return;
+        }
+    })
+}
+
+fn start_job(
+    settings: &Arc<Settings>,
+    doc: RunDocument,
+    running: &Arc<(Mutex<Running>, Condvar)>,
+    ui: &Ui,
+) -> Result<std::thread::JoinHandle<()>> {
+    let uid = doc.job.uid.clone();
+    let cancel = Cancel::with_deadline(stage::deadline_instant(&doc));
+    running
+        .0
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .jobs
+        .insert(uid.clone(), Slot { cancel: cancel.clone(), workspace: None });
+    let (settings, running, ui) = (settings.clone(), running.clone(), ui.clone());
+    std::thread::Builder::new()
+        .name(format!("job-{uid}"))
+        .spawn(move || {
+            run_job(&settings, doc, cancel, &running, &ui);
+            let (m, cv) = &*running;
+            m.lock().unwrap_or_else(|p| p.into_inner()).jobs.remove(&uid);
+            cv.notify_all();
+        })
+        .context("starting a job thread")
+}
+
+fn run_job(
+    settings: &Arc<Settings>,
+    mut doc: RunDocument,
+    cancel: Cancel,
+    running: &Arc<(Mutex<Running>, Condvar)>,
+    ui: &Ui,
+) {
+    let uid = doc.job.uid.clone();
+    let t0 = Instant::now();
+    ui.log(&format!("job {uid}: dequeued ({} steps)", doc.job.steps.len()));
+    let mut ctx = match JobCtx::new(settings.clone(), &doc, Some(cancel)) {
+        Ok(c) => c,
+        Err(e) => {
+            ui.log(&format!("job {uid}: cannot start: {e:#}"));
+            return;
+        }
+    };
+    let bar = ui.job_bar(&uid);
+    if let Some(b) = bar.clone() {
+        ctx.logger = ctx.logger.clone().on_entry(Arc::new(move |key: &str| b.set_message(key.to_string())));
+    }
+    for st in Stage::ALL {
+        let res = if st == Stage::Complete {
+            complete_with_retries(&ctx, &mut doc, ui)
+        } else {
+            stage::run_stage(st, &ctx, &mut doc)
+        };
+        if let Err(e) = res {
+            if st == Stage::Complete {
+                ui.log(&format!("job {uid}: could not report: {e:#}"));
+            } else {
+                doc.fail(st.name(), FailureKind::Errored, ctx.redact(&format!("{e:#}")));
+            }
+        }
+        if st == Stage::PrepareWorkspace {
+            if let Some(ws) = &doc.workspace {
+                if let Some(slot) = running.0.lock().unwrap_or_else(|p| p.into_inner()).jobs.get_mut(&uid) {
+                    slot.workspace = Some(ws.path.clone());
+                }
+            }
+        }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let what = match (&doc.completion, &doc.outcome) {
+        (Some(c), Some(f)) => format!("{} ({}: {})", c.reported, f.stage, f.message),
+        (Some(c), None) => c.reported.clone(),
+        (None, _) => "not reported".into(),
+    };
+    let lost = doc.completion.as_ref().is_some_and(|c| !c.accepted);
+    ui.log(&format!(
+        "job {uid}: {what}{} in {:.2}s",
+        if lost { " (not accepted: the job is no longer ours)" } else { "" },
+        t0.elapsed().as_secs_f64()
+    ));
+}
+
+fn complete_with_retries(ctx: &JobCtx, doc: &mut RunDocument, ui: &Ui) -> Result<stage::StageResult> {
+    let mut delay = Duration::from_secs(1);
+    let mut attempt = 0;
+    loop {
+        match stage::run_stage(Stage::Complete, ctx, doc) {
+            Ok(r) => return Ok(r),
+            Err(e) if attempt < 4 => {
+                ui.log(&format!("job {}: reporting failed, retrying: {e:#}", doc.job.uid));
+                std::thread::sleep(delay);
+                delay *= 2;
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}

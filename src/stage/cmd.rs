@@ -1,0 +1,146 @@
+//! The stage subcommands as processes: read the document, heartbeat for its job while working,
+//! run the stage, write the document, and map the result to the documented exit status. Also
+//! `validate` and `janitor`.
+
+use anyhow::{Context, Result};
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{run_stage, Incomplete, JobCtx, JobHeartbeat, Stage, StageResult};
+use crate::api::{new_executor_name, Client};
+use crate::config::Settings;
+use crate::document;
+use crate::exit::{self, ExitError};
+
+/// `executor dequeue`.
+pub fn dequeue(settings: Settings, output: Option<&Path>, wait: Option<Duration>) -> Result<i32> {
+    let runtime = crate::run_loop::resolve_runtime(&settings)
+        .map_err(|e| ExitError::new(exit::USAGE, format!("{e:#}")))?;
+    let client = Client::new(&settings, settings.frontend_url()?, &new_executor_name())?;
+    client
+        .ping(&settings.queues, settings.multi_queue)
+        .map_err(|e| api_exit(e, "registering with the coordinator"))?;
+    match super::dequeue::run(&settings, &client, &runtime, wait) {
+        Ok(Some(doc)) => {
+            eprintln!("executor: dequeued job {} as {}", doc.job.uid, doc.executor.name);
+            document::write(&doc, output)?;
+            Ok(exit::OK)
+        }
+        Ok(None) => {
+            eprintln!("executor: no job in {}", settings.queues.join(","));
+            Ok(exit::NO_JOB)
+        }
+        Err(e) => Err(api_exit(e, "dequeuing").into()),
+    }
+}
+
+fn api_exit(e: crate::api::ApiError, what: &str) -> ExitError {
+    match e.status() {
+        Some(401) | Some(403) => {
+            ExitError::new(exit::USAGE, format!("{what}: the coordinator refused the shared secret ({e})"))
+        }
+        _ => ExitError::new(exit::TEMPFAIL, format!("{what}: {e}")),
+    }
+}
+
+/// A stage subcommand.
+pub fn stage(stage: Stage, settings: Settings, input: Option<&Path>, output: Option<&Path>) -> Result<i32> {
+    let mut doc = document::read(input)?;
+    let settings = Arc::new(settings);
+    let ctx = JobCtx::new(settings.clone(), &doc, None)?;
+    let heartbeat = doc.completion.is_none().then(|| {
+        JobHeartbeat::start(ctx.client.clone(), &doc, ctx.cancel.clone(), settings.heartbeat_interval)
+    });
+    let res = run_stage(stage, &ctx, &mut doc);
+    drop(heartbeat);
+    match res {
+        Err(e) if e.downcast_ref::<Incomplete>().is_some() => {
+            Err(ExitError::new(exit::BAD_DOCUMENT, format!("{}: {e}", stage.name())).into())
+        }
+        Err(e) => {
+            // `complete` could not report: the document keeps what was torn down; run it again.
+            document::write(&doc, output)?;
+            Err(e)
+        }
+        Ok(r) => {
+            document::write(&doc, output)?;
+            if let (StageResult::Failed, Some(f)) = (r, &doc.outcome) {
+                eprintln!("executor: {} failed: {}", stage.name(), f.message);
+            }
+            Ok(match (stage, r) {
+                (Stage::Complete, _) => match &doc.completion {
+                    Some(c) if c.reported == "completed" && c.accepted => exit::OK,
+                    Some(c) => {
+                        eprintln!(
+                            "executor: job {} reported {}{}",
+                            doc.job.uid,
+                            c.reported,
+                            if c.accepted { "" } else { " (not accepted: no longer ours)" }
+                        );
+                        exit::JOB_FAILED
+                    }
+                    None => exit::TEMPFAIL,
+                },
+                (_, StageResult::Failed) => exit::JOB_FAILED,
+                _ => exit::OK,
+            })
+        }
+    }
+}
+
+/// `executor validate`: prints each check; fails on the first problem.
+pub fn validate(settings: Settings) -> Result<i32> {
+    let url = settings.frontend_url()?.to_string();
+    println!(
+        "ok: configuration (coordinator {url}, queues {}, runtime {})",
+        settings.queues.join(","),
+        settings.runtime
+    );
+    let client = Client::new(&settings, &url, &new_executor_name())?;
+    match client.test_auth() {
+        Ok(()) => println!("ok: the coordinator at {url} accepts the shared secret"),
+        Err(e) if matches!(e.status(), Some(401) | Some(403)) => {
+            return Err(ExitError::new(
+                exit::JOB_FAILED,
+                format!("the coordinator at {url} refused the shared secret: is EXECUTOR_FRONTEND_PASSWORD right? ({e})"),
+            )
+            .into())
+        }
+        Err(e) => return Err(ExitError::new(exit::TEMPFAIL, format!("reaching the coordinator at {url}: {e}")).into()),
+    }
+    let rt = crate::sandbox::open(&settings.runtime, &settings.runtime_options())
+        .map_err(|e| ExitError::new(exit::JOB_FAILED, format!("runtime {}: {e:#}", settings.runtime)))?;
+    let checked =
+        rt.check().map_err(|e| ExitError::new(exit::JOB_FAILED, format!("runtime {}: {e:#}", rt.name())))?;
+    for c in checked {
+        println!("ok: {c}");
+    }
+    let git = std::process::Command::new("git").arg("version").output();
+    match git {
+        Ok(o) if o.status.success() => println!("ok: {}", String::from_utf8_lossy(&o.stdout).trim()),
+        _ => {
+            return Err(ExitError::new(
+                exit::JOB_FAILED,
+                "git is not installed (needed to clone repositories)",
+            )
+            .into())
+        }
+    }
+    std::fs::create_dir_all(&settings.state_dir)
+        .with_context(|| format!("creating the state directory {}", settings.state_dir.display()))?;
+    println!("ok: state directory {}", settings.state_dir.display());
+    println!("All checks passed!");
+    Ok(exit::OK)
+}
+
+/// `executor janitor`: one pass, printing what it removed.
+pub fn janitor(settings: Settings) -> Result<i32> {
+    let removed = crate::run_loop::janitor_pass(&settings, "", &HashSet::new())?;
+    for r in &removed {
+        println!("removed {r}");
+    }
+    eprintln!("executor: janitor removed {} items", removed.len());
+    Ok(exit::OK)
+}

@@ -1,0 +1,101 @@
+//! `complete`: always tears down the sandbox, removes the workspace (unless keep-workspaces) and
+//! reports the outcome: markComplete, or markErrored / markFailed by the contract's table. Safe to
+//! run twice: what is gone stays gone, and a job already reported is not reported again.
+
+use anyhow::Result;
+use chrono::Utc;
+
+use super::JobCtx;
+use crate::api::Mark;
+use crate::document::{CompletionRecord, FailureKind, RunDocument};
+use crate::exit::{ExitError, TEMPFAIL};
+
+/// The mark* call for the document's outcome, and its message.
+pub fn mark_for(doc: &RunDocument) -> (Mark, String) {
+    match &doc.outcome {
+        None => (Mark::Complete, String::new()),
+        Some(f) => match f.kind {
+            FailureKind::Errored => (Mark::Errored, f.message.clone()),
+            FailureKind::Failed | FailureKind::Canceled => (Mark::Failed, f.message.clone()),
+        },
+    }
+}
+
+pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
+    let mut sandbox_removed =
+        doc.sandbox.is_none() || doc.completion.as_ref().is_some_and(|c| c.sandbox_removed);
+    if let (Some(sb), false) = (doc.sandbox.clone(), sandbox_removed) {
+        let mut entry = ctx.logger.entry(&format!("teardown.{}.remove", sb.runtime), None).ok();
+        match ctx.runtime(doc).and_then(|rt| rt.teardown(&sb)) {
+            Ok(()) => {
+                sandbox_removed = true;
+                if let Some(e) = entry.as_mut() {
+                    e.line(&format!("removed sandbox {}", sb.name));
+                }
+            }
+            Err(err) => {
+                let msg = ctx.redact(&format!("tearing down sandbox {}: {err:#}", sb.name));
+                eprintln!("executor: {msg}");
+                if let Some(e) = entry.as_mut() {
+                    e.line(&format!("error: {msg}"));
+                }
+            }
+        }
+        if let Some(e) = entry {
+            let _ = e.finish(if sandbox_removed { 0 } else { 1 });
+        }
+    }
+    let mut workspace_removed =
+        doc.workspace.is_none() || doc.completion.as_ref().is_some_and(|c| c.workspace_removed);
+    if let (Some(ws), false) = (doc.workspace.clone(), workspace_removed) {
+        let mut entry = ctx.logger.entry("teardown.fs", None).ok();
+        if ctx.settings.keep_workspaces {
+            if let Some(e) = entry.as_mut() {
+                e.line(&format!("keeping the workspace at {} (keep-workspaces)", ws.path.display()));
+            }
+        } else {
+            match crate::workspace::remove(&ws.path) {
+                Ok(()) => workspace_removed = true,
+                Err(err) => {
+                    eprintln!("executor: {err:#}");
+                    if let Some(e) = entry.as_mut() {
+                        e.line(&format!("error: {err:#}"));
+                    }
+                }
+            }
+        }
+        // The contract finalizes teardown.fs with 0 whatever happened.
+        if let Some(e) = entry {
+            let _ = e.finish(0);
+        }
+    }
+    if let Some(c) = doc.completion.as_mut() {
+        c.sandbox_removed = sandbox_removed;
+        c.workspace_removed = workspace_removed;
+        return Ok(());
+    }
+    let (mark, message) = mark_for(doc);
+    match ctx.client.mark(&ctx.auth, mark, &message) {
+        Ok(accepted) => {
+            if !accepted {
+                eprintln!(
+                    "executor: the coordinator no longer knows job {} as ours (reset or taken over); its {} was not recorded",
+                    doc.job.uid,
+                    mark.word()
+                );
+            }
+            doc.completion = Some(CompletionRecord {
+                reported: mark.word().into(),
+                accepted,
+                at: Utc::now(),
+                sandbox_removed,
+                workspace_removed,
+            });
+            Ok(())
+        }
+        Err(e) => {
+            Err(ExitError::new(TEMPFAIL, format!("reporting job {} as {}: {e}", doc.job.uid, mark.word()))
+                .into())
+        }
+    }
+}

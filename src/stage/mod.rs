@@ -1,0 +1,226 @@
+//! The pipeline stages, one file each, and what they share: the job's context (settings, client,
+//! opened job, logger, cancel token) and [`run_stage`], which records a failure in the document
+//! instead of losing it and makes later stages skip. `loop` and the subcommands both call these.
+
+pub mod cmd;
+pub mod complete;
+pub mod dequeue;
+pub mod prepare_workspace;
+pub mod run_steps;
+pub mod upload;
+pub mod vm_boot;
+
+use anyhow::{Context, Result};
+use chrono::Utc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::api::{Client, JobAuth};
+use crate::cancel::{Cancel, CancelReason};
+use crate::config::Settings;
+use crate::document::{FailureKind, RunDocument, StageRecord};
+use crate::logs::{CoordinatorLogs, JobLogger};
+use crate::protocol::Job;
+use crate::redact::Redactor;
+
+/// The stages after `dequeue`, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    PrepareWorkspace,
+    VmBoot,
+    RunSteps,
+    Upload,
+    Complete,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 5] =
+        [Stage::PrepareWorkspace, Stage::VmBoot, Stage::RunSteps, Stage::Upload, Stage::Complete];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::PrepareWorkspace => "prepare-workspace",
+            Stage::VmBoot => "vm-boot",
+            Stage::RunSteps => "run-steps",
+            Stage::Upload => "upload",
+            Stage::Complete => "complete",
+        }
+    }
+}
+
+/// A failure whose kind is not the default (errored).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct StageFailure {
+    pub kind: FailureKind,
+    pub message: String,
+}
+
+/// A document that lacks what a stage needs (stages run out of order): exit status 3, and the
+/// job is left as it was.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Incomplete(pub String);
+
+/// Everything a stage needs about one job.
+pub struct JobCtx {
+    pub settings: Arc<Settings>,
+    pub client: Client,
+    pub job: Job,
+    pub auth: JobAuth,
+    pub logger: JobLogger,
+    pub cancel: Cancel,
+}
+
+impl JobCtx {
+    /// Opens the document's job with the shared secret and connects to its coordinator as the
+    /// executor that dequeued it. `cancel` gets the document's deadline.
+    pub fn new(settings: Arc<Settings>, doc: &RunDocument, cancel: Option<Cancel>) -> Result<JobCtx> {
+        let job = doc.open_job(settings.password.expose()).map_err(|e| {
+            crate::document::UnreadableDocument(format!("the run document's job cannot be opened: {e:#}"))
+        })?;
+        let client = Client::new(&settings, &doc.executor.frontend_url, &doc.executor.name)
+            .with_context(|| format!("connecting to {}", doc.executor.frontend_url))?;
+        let auth = JobAuth::for_job(&job, &doc.executor.queue);
+        let redactor =
+            Redactor::for_job_with_token(settings.password.expose(), &job.token, &job.redacted_values);
+        let logger =
+            JobLogger::new(Arc::new(CoordinatorLogs { client: client.clone(), job: auth.clone() }), redactor);
+        let cancel = cancel.unwrap_or_else(|| Cancel::with_deadline(deadline_instant(doc)));
+        Ok(JobCtx { settings, client, job, auth, logger, cancel })
+    }
+
+    pub fn redact(&self, s: &str) -> String {
+        self.logger.redactor().redact_str(s)
+    }
+
+    /// The runtime that the document names.
+    pub fn runtime(&self, doc: &RunDocument) -> Result<Box<dyn crate::sandbox::Runtime>> {
+        let name = doc.sandbox.as_ref().map(|s| s.runtime.as_str()).unwrap_or(&doc.executor.runtime);
+        crate::sandbox::open(name, &self.settings.runtime_options())
+    }
+}
+
+/// The document's deadline as an `Instant`.
+pub fn deadline_instant(doc: &RunDocument) -> Option<Instant> {
+    doc.deadline.map(|d| {
+        let left = (d - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        Instant::now() + left
+    })
+}
+
+/// How a stage ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StageResult {
+    Done,
+    /// An earlier stage had failed; nothing was done.
+    Skipped,
+    /// This stage failed; the document says why.
+    Failed,
+}
+
+/// Runs one stage on the document: skips when an earlier one failed, records a failure,
+/// appends the stage to the history. `Err` only for [`Incomplete`] documents and for a
+/// `complete` that could not reach the coordinator.
+pub fn run_stage(stage: Stage, ctx: &JobCtx, doc: &mut RunDocument) -> Result<StageResult> {
+    if stage != Stage::Complete && doc.failed() {
+        return Ok(StageResult::Skipped);
+    }
+    let started_at = Utc::now();
+    let res = match stage {
+        Stage::PrepareWorkspace => prepare_workspace::run(ctx, doc),
+        Stage::VmBoot => vm_boot::run(ctx, doc),
+        Stage::RunSteps => run_steps::run(ctx, doc),
+        Stage::Upload => upload::run(ctx, doc),
+        Stage::Complete => complete::run(ctx, doc),
+    };
+    let out = match res {
+        Ok(()) => StageResult::Done,
+        Err(e) if e.downcast_ref::<Incomplete>().is_some() || stage == Stage::Complete => return Err(e),
+        Err(e) => {
+            let (kind, message) = classify(ctx, &e);
+            doc.fail(stage.name(), kind, ctx.redact(&message));
+            StageResult::Failed
+        }
+    };
+    doc.history.push(StageRecord { stage: stage.name().into(), started_at, finished_at: Utc::now() });
+    Ok(out)
+}
+
+fn classify(ctx: &JobCtx, e: &anyhow::Error) -> (FailureKind, String) {
+    if let Some(f) = e.downcast_ref::<StageFailure>() {
+        return (f.kind, f.message.clone());
+    }
+    match ctx.cancel.check() {
+        Some(CancelReason::Canceled) => (FailureKind::Canceled, "job canceled".into()),
+        Some(CancelReason::Deadline) => (FailureKind::Errored, deadline_message(&ctx.settings)),
+        Some(CancelReason::Shutdown) => {
+            (FailureKind::Errored, "executor shut down while the job was running".into())
+        }
+        None => (FailureKind::Errored, format!("{e:#}")),
+    }
+}
+
+/// The contract's message for a job past its deadline.
+pub fn deadline_message(settings: &Settings) -> String {
+    format!(
+        "job exceeded maximum execution time of {}",
+        crate::config::format_duration(settings.max_runtime_per_job)
+    )
+}
+
+/// Heartbeats for one job while a stage process works on it (the loop has its own, for all its
+/// jobs). A `cancelIds` entry for the job cancels `cancel`. Stops when dropped.
+pub struct JobHeartbeat {
+    stop: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    pub lost: Arc<AtomicBool>,
+}
+
+impl JobHeartbeat {
+    pub fn start(client: Client, doc: &RunDocument, cancel: Cancel, interval: Duration) -> JobHeartbeat {
+        let stop = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let lost = Arc::new(AtomicBool::new(false));
+        let queues = vec![doc.executor.queue.clone()];
+        let multi = doc.executor.multi_queue;
+        let uid = doc.job.uid.clone();
+        let (stop2, lost2) = (stop.clone(), lost.clone());
+        let thread = std::thread::Builder::new()
+            .name("heartbeat".into())
+            .spawn(move || loop {
+                match client.heartbeat(&queues, multi, std::slice::from_ref(&uid)) {
+                    Ok(r) => {
+                        if r.cancel_ids.contains(&uid) {
+                            eprintln!("executor: the coordinator canceled job {uid}");
+                            cancel.cancel(CancelReason::Canceled);
+                        }
+                        if !r.known_ids.contains(&uid) && !lost2.swap(true, Ordering::Relaxed) {
+                            eprintln!("executor: the coordinator no longer knows job {uid} as ours");
+                        }
+                    }
+                    Err(e) => eprintln!("executor: heartbeat for job {uid} failed: {e}"),
+                }
+                let (m, cv) = &*stop2;
+                let guard = m.lock().unwrap_or_else(|p| p.into_inner());
+                let (guard, _) =
+                    cv.wait_timeout_while(guard, interval, |s| !*s).unwrap_or_else(|p| p.into_inner());
+                if *guard {
+                    return;
+                }
+            })
+            .ok();
+        JobHeartbeat { stop, thread, lost }
+    }
+}
+
+impl Drop for JobHeartbeat {
+    fn drop(&mut self) {
+        let (m, cv) = &*self.stop;
+        *m.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        cv.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! `run-steps`: runs the job's steps in order inside its sandbox, each streamed as the log entry
+//! `step.docker.<key|index>`. The first failing step ends the job; a cancel or the deadline stops
+//! the running step and everything it started.
+
+use anyhow::{Context, Result};
+use std::time::Instant;
+
+use super::{deadline_message, Incomplete, JobCtx, StageFailure};
+use crate::cancel::CancelReason;
+use crate::document::{FailureKind, RunDocument, StepRecord};
+use crate::sandbox::{StepEnd, StepSpec};
+
+/// The log key of docker step `index`.
+pub fn step_key(key: &str, index: usize) -> String {
+    if key.is_empty() {
+        format!("step.docker.{index}")
+    } else {
+        format!("step.docker.{key}")
+    }
+}
+
+pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
+    let ws = doc.workspace.clone().ok_or_else(|| {
+        Incomplete("the run document has no workspace: run `executor prepare-workspace` first".into())
+    })?;
+    let sandbox = doc
+        .sandbox
+        .clone()
+        .ok_or_else(|| Incomplete("the run document has no sandbox: run `executor vm-boot` first".into()))?;
+    if ws.scripts.len() != ctx.job.docker_steps.len() {
+        return Err(Incomplete(format!(
+            "the run document's workspace has {} scripts for {} steps",
+            ws.scripts.len(),
+            ctx.job.docker_steps.len()
+        ))
+        .into());
+    }
+    let runtime = ctx.runtime(doc)?;
+    // A document resumed after an interruption restarts after the steps already done.
+    let mut i = doc.steps.iter().take_while(|s| s.exit_code == Some(0)).count();
+    doc.steps.truncate(i);
+    while i < ctx.job.docker_steps.len() {
+        let step = &ctx.job.docker_steps[i];
+        if let Some(reason) = ctx.cancel.check() {
+            return Err(stopped(ctx, reason, &step_key(&step.key, i)));
+        }
+        let key = step_key(&step.key, i);
+        let spec = StepSpec {
+            key: &key,
+            image: &step.image,
+            script: &ws.scripts[i],
+            dir: &step.dir,
+            env: &step.env,
+        };
+        let mut entry = ctx.logger.entry(&key, Some(runtime.step_command(&sandbox, &spec)))?;
+        let started = Instant::now();
+        let end = runtime.run_step(&sandbox, &spec, &mut entry, &ctx.cancel);
+        let duration_ms = started.elapsed().as_millis() as i64;
+        let (code, ended_by) = match &end {
+            Ok(StepEnd::Exited(c)) => (*c, None),
+            Ok(StepEnd::Signaled(s)) => (128 + s, Some("killed".to_string())),
+            Ok(StepEnd::Stopped(r)) => (-1, Some(r.to_string())),
+            Err(_) => (-1, None),
+        };
+        if let Err(e) = &end {
+            entry.line(&format!("error: {}", ctx.redact(&format!("{e:#}"))));
+        }
+        let flushed = entry.finish(code);
+        doc.steps.push(StepRecord { key: key.clone(), exit_code: Some(code), duration_ms, ended_by });
+        match end.with_context(|| format!("running {key}"))? {
+            StepEnd::Exited(0) => {}
+            StepEnd::Exited(c) => anyhow::bail!("running {key}: command failed with exit code {c}"),
+            StepEnd::Signaled(s) => anyhow::bail!("running {key}: killed by signal {s}"),
+            StepEnd::Stopped(r) => return Err(stopped(ctx, r, &key)),
+        }
+        flushed?;
+        i += 1;
+        if step.key.ends_with(".pre") {
+            if let Some(next) = skip_to(&ws.path, &step.dir)? {
+                match ctx.job.docker_steps.iter().position(|s| s.key == next) {
+                    Some(j) if j > i => i = j,
+                    Some(_) => {}
+                    None => anyhow::bail!(
+                        "skip.json after {key} names step {next:?}, which the job does not have"
+                    ),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn stopped(ctx: &JobCtx, reason: CancelReason, key: &str) -> anyhow::Error {
+    match reason {
+        CancelReason::Canceled => {
+            StageFailure { kind: FailureKind::Canceled, message: "job canceled".into() }.into()
+        }
+        CancelReason::Deadline => {
+            StageFailure { kind: FailureKind::Errored, message: deadline_message(&ctx.settings) }.into()
+        }
+        CancelReason::Shutdown => StageFailure {
+            kind: FailureKind::Errored,
+            message: format!("executor shut down while {key} was running"),
+        }
+        .into(),
+    }
+}
+
+/// The batches skip protocol: after a `.pre` step, `<dir>/skip.json` may name the next step.
+fn skip_to(ws: &std::path::Path, dir: &str) -> Result<Option<String>> {
+    let rel = if dir.is_empty() { "skip.json".to_string() } else { format!("{dir}/skip.json") };
+    let path = crate::workspace::files::confined(ws, &rel)?;
+    let meta = match std::fs::symlink_metadata(&path) {
+        Ok(m) => m,
+        Err(_) => return Ok(None),
+    };
+    if !meta.is_file() || meta.len() > 64 << 10 {
+        anyhow::bail!("{rel} is not a small regular file");
+    }
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {rel}"))?;
+    std::fs::remove_file(&path).with_context(|| format!("removing {rel}"))?;
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Skip {
+        next_step: String,
+    }
+    let skip: Skip =
+        serde_json::from_str(&text).with_context(|| format!("{rel} is not {{\"nextStep\": ...}}"))?;
+    Ok(Some(skip.next_step))
+}

@@ -1,0 +1,52 @@
+//! `vm-boot`: starts the job's sandbox with the runtime the document names and records it.
+
+use anyhow::{Context, Result};
+
+use super::{Incomplete, JobCtx};
+use crate::document::RunDocument;
+use crate::sandbox::BootRequest;
+
+pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
+    let ws = doc.workspace.as_ref().ok_or_else(|| {
+        Incomplete("the run document has no workspace: run `executor prepare-workspace` first".into())
+    })?;
+    if doc.sandbox.is_some() {
+        return Ok(());
+    }
+    let runtime = ctx.runtime(doc)?;
+    let mut entry = ctx.logger.entry(&format!("setup.{}.start", runtime.name()), None)?;
+    let mut images: Vec<String> = Vec::new();
+    for s in &ctx.job.docker_steps {
+        if !images.contains(&s.image) {
+            images.push(s.image.clone());
+        }
+    }
+    let limits = ctx.settings.limits();
+    let req = BootRequest {
+        job_uid: &doc.job.uid,
+        workspace: &ws.path,
+        images,
+        limits: &limits,
+        name_prefix: &ctx.settings.vm_prefix,
+    };
+    if runtime.name() == "shell" {
+        entry.line(crate::sandbox::shell::WARNING);
+    }
+    match runtime.boot(&req).with_context(|| format!("starting the {} sandbox", runtime.name())) {
+        Ok(record) => {
+            entry.line(&format!("started sandbox {}", record.name));
+            let _ = entry.finish(0);
+            if let Some(mut owner) = crate::workspace::read_owner(&ws.path) {
+                owner.sandbox = Some(record.name.clone());
+                crate::workspace::write_owner(&ws.path, &owner)?;
+            }
+            doc.sandbox = Some(record);
+            Ok(())
+        }
+        Err(e) => {
+            entry.line(&format!("error: {}", ctx.redact(&format!("{e:#}"))));
+            let _ = entry.finish(1);
+            Err(e)
+        }
+    }
+}

@@ -1,0 +1,336 @@
+//! Job workspaces under `$EXECUTOR_STATE_DIR/workspaces`: creating one, writing the job's inline
+//! files and step scripts into it (confined, see [`files`]), the owner record the janitor reads,
+//! and removal. Cloning the repository is [`clone_repository`]'s place.
+
+pub mod files;
+pub mod scripts;
+
+use anyhow::{Context, Result};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::logs::JobLogger;
+use crate::protocol::Job;
+
+/// Who owns a workspace, written beside it (outside the job's reach) as `<name>.owner.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Owner {
+    pub executor: String,
+    pub job_uid: String,
+    pub deadline: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub sandbox: Option<String>,
+}
+
+fn owner_path(ws: &Path) -> PathBuf {
+    let mut name = ws.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".owner.json");
+    ws.with_file_name(name)
+}
+
+/// Creates a fresh workspace directory for the job and records its owner.
+pub fn create(workspaces_dir: &Path, owner: &Owner) -> Result<PathBuf> {
+    std::fs::create_dir_all(workspaces_dir)
+        .with_context(|| format!("creating {}", workspaces_dir.display()))?;
+    let safe_uid: String =
+        owner.job_uid.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+    let rand = uuid::Uuid::new_v4().simple().to_string();
+    let ws = workspaces_dir.join(format!("workspace-{safe_uid}-{}", &rand[..12]));
+    std::fs::create_dir(&ws).with_context(|| format!("creating the workspace {}", ws.display()))?;
+    write_owner(&ws, owner)?;
+    Ok(ws)
+}
+
+/// Rewrites the owner record (vm-boot adds the sandbox name).
+pub fn write_owner(ws: &Path, owner: &Owner) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(owner).context("encoding the workspace owner")?;
+    crate::document::write_atomic(&owner_path(ws), &bytes)
+}
+
+pub fn read_owner(ws: &Path) -> Option<Owner> {
+    std::fs::read(owner_path(ws)).ok().and_then(|b| serde_json::from_slice(&b).ok())
+}
+
+/// Removes the workspace and its owner record; fine when they are already gone.
+pub fn remove(ws: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(ws) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing the workspace {}", ws.display())),
+    }
+    match std::fs::remove_file(owner_path(ws)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing the owner record of {}", ws.display())),
+    }
+}
+
+/// What a clone needs besides the job: where the coordinator is, who we are, and the limits.
+pub struct CloneContext<'a> {
+    pub frontend_url: &'a str,
+    pub executor_name: &'a str,
+    pub ca_file: Option<&'a Path>,
+    /// Root of the per-repository object caches (`$EXECUTOR_STATE_DIR/cache/git`).
+    pub cache_dir: Option<PathBuf>,
+    /// Workspace size cap in bytes (0 = none).
+    pub max_bytes: u64,
+    pub git_timeout: std::time::Duration,
+}
+
+/// Clones the job's repository into the workspace (the `setup.git.*` entries, see
+/// `docs/workspace.md`). Returns whether there was a repository to clone.
+pub fn clone_repository(job: &Job, ws: &Path, logger: &JobLogger, cx: &CloneContext) -> Result<bool> {
+    if job.repository_name.is_empty() {
+        return Ok(false);
+    }
+    let dir = if job.repository_directory.trim_matches('/').is_empty() {
+        ws.to_path_buf()
+    } else {
+        files::confined(ws, &job.repository_directory)
+            .with_context(|| format!("repositoryDirectory {:?}", job.repository_directory))?
+    };
+    let req = crate::git::CloneRequest {
+        frontend_url: cx.frontend_url.to_string(),
+        repository_name: job.repository_name.clone(),
+        commit: job.commit.clone(),
+        fetch_tags: job.fetch_tags,
+        shallow: job.shallow_clone,
+        sparse: job.sparse_checkout.clone(),
+        dir,
+        auth: crate::git::GitAuth {
+            token: job.token.clone(),
+            job_id: job.id,
+            executor_name: cx.executor_name.to_string(),
+        },
+        cache: cx.cache_dir.clone().map(crate::git::ObjectCache::new),
+        step_timeout: cx.git_timeout,
+        ca_file: cx.ca_file.map(Path::to_path_buf),
+        max_bytes: cx.max_bytes,
+        workspace: ws.to_path_buf(),
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    crate::git::clone(&req, &mut GitLog { logger, error: None })
+        .with_context(|| format!("cloning {} at {}", job.repository_name, job.commit))?;
+    Ok(true)
+}
+
+/// The clone's log entries, through the job's logger.
+struct GitLog<'a> {
+    logger: &'a JobLogger,
+    error: Option<anyhow::Error>,
+}
+
+struct GitEntry {
+    entry: Option<crate::logs::LogEntry>,
+}
+
+impl crate::git::CommandLog for GitLog<'_> {
+    fn start(&mut self, key: &str, command: Option<Vec<String>>) -> Box<dyn crate::git::LogWriter + '_> {
+        match self.logger.entry(key, command) {
+            Ok(entry) => Box::new(GitEntry { entry: Some(entry) }),
+            Err(e) => {
+                // The clone goes on; the logger reports its own failures when the job completes.
+                self.error = Some(e);
+                Box::new(GitEntry { entry: None })
+            }
+        }
+    }
+}
+
+impl crate::git::LogWriter for GitEntry {
+    fn output(&mut self, stream: crate::sandbox::Stream, data: &[u8]) {
+        if let Some(e) = self.entry.as_mut() {
+            crate::sandbox::OutputSink::output(e, stream, data);
+        }
+    }
+    fn finish(&mut self, exit_code: i32) {
+        if let Some(e) = self.entry.take() {
+            let _ = e.finish(exit_code);
+        }
+    }
+}
+
+/// Where a job file's bytes come from when it references the coordinator's files store.
+pub type FileFetcher<'a> = &'a dyn Fn(&str, &str) -> Result<Vec<u8>>;
+
+/// Writes the job's inline files and one script per docker step (log entry `setup.fs.extras`).
+/// Returns the scripts, relative to the workspace.
+pub fn write_files_and_scripts(
+    job: &Job,
+    ws: &Path,
+    logger: &JobLogger,
+    fetch: FileFetcher,
+) -> Result<Vec<String>> {
+    let scripts: Vec<(String, String)> = job
+        .docker_steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            (
+                scripts::script_path(job.id, i, &job.repository_name, &job.commit),
+                scripts::script_body(&s.commands),
+            )
+        })
+        .collect();
+    if job.files.is_empty() && scripts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut entry = logger.entry("setup.fs.extras", None)?;
+    let res = (|| -> Result<()> {
+        files::ensure_parent(ws, &format!("{}/x", scripts::SCRIPTS_DIR))?;
+        for (rel, f) in &job.files {
+            let t = Instant::now();
+            let fetched;
+            let content: &[u8] = if !f.bucket.is_empty() && !f.key.is_empty() {
+                fetched = fetch(&f.bucket, &f.key).with_context(|| {
+                    format!("fetching job file {rel:?} from the files store ({}/{})", f.bucket, f.key)
+                })?;
+                &fetched
+            } else {
+                &f.content
+            };
+            let path = files::write_file(ws, rel, content, 0o777)
+                .with_context(|| format!("writing job file {rel:?}"))?;
+            if let Some(m) = f.modified_at {
+                files::set_mtime(&path, m)?;
+            }
+            entry.line(&format!("Wrote {rel} in {:?}", t.elapsed()));
+        }
+        for (rel, body) in &scripts {
+            let t = Instant::now();
+            files::write_file(ws, rel, body.as_bytes(), 0o777)?;
+            entry.line(&format!("Wrote {rel} in {:?}", t.elapsed()));
+        }
+        Ok(())
+    })();
+    match res {
+        Ok(()) => {
+            entry.finish(0)?;
+            Ok(scripts.into_iter().map(|(p, _)| p).collect())
+        }
+        Err(e) => {
+            entry.line(&format!("error: {e:#}"));
+            let _ = entry.finish(1);
+            Err(e)
+        }
+    }
+}
+
+/// One janitor pass over the workspaces directory. A workspace is removed when its owner is
+/// `me` and it is not in `live`, or (whoever owns it) when its deadline passed more than `grace`
+/// ago, or when it has no owner record and is older than `grace`. Returns the removed paths and
+/// the sandbox names that live workspaces claim (so the sandbox janitor keeps them).
+pub fn sweep(
+    workspaces_dir: &Path,
+    me: &str,
+    live: &HashSet<PathBuf>,
+    grace: std::time::Duration,
+) -> Result<(Vec<PathBuf>, HashSet<String>)> {
+    let mut removed = Vec::new();
+    let mut claimed = HashSet::new();
+    let rd = match std::fs::read_dir(workspaces_dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((removed, claimed)),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", workspaces_dir.display())),
+    };
+    let now = Utc::now();
+    let grace_c = chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX);
+    for ent in rd.flatten() {
+        let path = ent.path();
+        let name = ent.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("workspace-") || name.ends_with(".owner.json") {
+            continue;
+        }
+        if live.contains(&path) {
+            if let Some(s) = read_owner(&path).and_then(|o| o.sandbox) {
+                claimed.insert(s);
+            }
+            continue;
+        }
+        let dead = match read_owner(&path) {
+            Some(o) if o.executor == me => true,
+            Some(o) => match o.deadline {
+                Some(d) => d + grace_c < now,
+                None => false,
+            },
+            None => ent
+                .metadata()
+                .and_then(|m| m.modified())
+                .map(|m| m.elapsed().map(|e| e > grace).unwrap_or(false))
+                .unwrap_or(false),
+        };
+        if dead {
+            remove(&path)?;
+            removed.push(path);
+        } else if let Some(s) = read_owner(&path).and_then(|o| o.sandbox) {
+            claimed.insert(s);
+        }
+    }
+    Ok((removed, claimed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn owner(exec: &str, deadline: Option<DateTime<Utc>>) -> Owner {
+        Owner { executor: exec.into(), job_uid: "7".into(), deadline, sandbox: Some(format!("sb-{exec}")) }
+    }
+
+    #[test]
+    fn sweep_keeps_live_and_foreign_unexpired_workspaces() {
+        let d = tempfile::tempdir().unwrap();
+        let future = Some(Utc::now() + chrono::Duration::hours(1));
+        let past = Some(Utc::now() - chrono::Duration::hours(1));
+        let mine_live = create(d.path(), &owner("me", future)).unwrap();
+        let mine_dead = create(d.path(), &owner("me", future)).unwrap();
+        let other_running = create(d.path(), &owner("other", future)).unwrap();
+        let other_expired = create(d.path(), &owner("gone", past)).unwrap();
+        let live: HashSet<PathBuf> = [mine_live.clone()].into_iter().collect();
+        let (removed, claimed) = sweep(d.path(), "me", &live, Duration::from_secs(60)).unwrap();
+        assert!(mine_live.exists() && other_running.exists());
+        assert!(!mine_dead.exists() && !other_expired.exists());
+        assert_eq!(removed.len(), 2);
+        assert!(claimed.contains("sb-me") && claimed.contains("sb-other"));
+        assert!(read_owner(&mine_dead).is_none());
+        remove(&mine_dead).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod clone_tests {
+    use super::*;
+
+    #[test]
+    fn repository_directory_is_confined() {
+        let ws = tempfile::tempdir().unwrap();
+        let logger = crate::logs::JobLogger::new(
+            std::sync::Arc::new(crate::logs::tests::MemoryLogs::default()),
+            crate::redact::Redactor::default(),
+        );
+        let cx = CloneContext {
+            frontend_url: "http://127.0.0.1:1",
+            executor_name: "e",
+            ca_file: None,
+            cache_dir: None,
+            max_bytes: 0,
+            git_timeout: std::time::Duration::from_secs(5),
+        };
+        for bad in ["../out", "/abs", "a/../../b"] {
+            let job = Job {
+                id: 1,
+                repository_name: "r".into(),
+                repository_directory: bad.into(),
+                commit: "c".into(),
+                ..Default::default()
+            };
+            let err = format!("{:#}", clone_repository(&job, ws.path(), &logger, &cx).unwrap_err());
+            assert!(err.contains("repositoryDirectory") && err.contains("outside"), "{bad}: {err}");
+        }
+    }
+}

@@ -1175,6 +1175,27 @@ pub async fn serve(cfg: Arc<ServeConfig>) -> Result<()> {
         cfg.data_dir.display()
     );
     tokio::spawn(stalled_resetter(app.clone()));
+    let data_dir = cfg.data_dir.clone();
+    let checkpointer = tokio::task::spawn_blocking(move || store::Checkpointer::open(&data_dir)).await??;
+    let checkpointer = Arc::new(Mutex::new(checkpointer));
+    let mut stop = app.shutdown.subscribe();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = stop.changed() => return,
+            }
+            let c = checkpointer.clone();
+            let r = tokio::task::spawn_blocking(move || match c.lock() {
+                Ok(c) => c.checkpoint(),
+                Err(_) => Ok(()),
+            })
+            .await;
+            if let Ok(Err(e)) = r {
+                eprintln!("executor queue: {e:#}");
+            }
+        }
+    });
     let routes = router(app.clone());
     let shutdown_app = app.clone();
     let on_signal = async move {

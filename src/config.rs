@@ -57,6 +57,9 @@ pub struct RawSettings {
     pub state_dir: Option<PathBuf>,
     pub allow_unisolated: Option<String>,
     pub vm_prefix: Option<String>,
+    pub oci_runtime: Option<String>,
+    pub vm_accel: Option<String>,
+    pub vm_allow_tcg: Option<String>,
     pub shutdown_grace: Option<String>,
     pub heartbeat_interval: Option<String>,
     pub artifacts_max_size: Option<String>,
@@ -91,6 +94,12 @@ pub struct Settings {
     pub state_dir: PathBuf,
     pub allow_unisolated: bool,
     pub vm_prefix: String,
+    /// The OCI runtime of the `oci` sandbox: `runc`, `crun` or `runsc`.
+    pub oci_runtime: String,
+    /// The microvm runtime's accelerator policy.
+    pub vm_accel: crate::sandbox::microvm::Accel,
+    /// Whether the microvm runtime may fall back to TCG (slow software emulation).
+    pub vm_allow_tcg: bool,
     /// How long `loop` lets running jobs finish after SIGTERM before killing them.
     pub shutdown_grace: Duration,
     /// How often `loop` heartbeats (the contract's 5 s; lower it for faster cancels).
@@ -161,6 +170,14 @@ impl Settings {
         {
             bail!("EXECUTOR_VM_PREFIX {vm_prefix:?} must be letters, digits, '-' or '_'");
         }
+        let oci_runtime = raw
+            .oci_runtime
+            .unwrap_or_else(|| crate::sandbox::oci::DEFAULT_OCI_RUNTIME.into())
+            .trim()
+            .to_ascii_lowercase();
+        if !crate::sandbox::oci::OCI_RUNTIMES.contains(&oci_runtime.as_str()) {
+            bail!("EXECUTOR_OCI_RUNTIME {oci_runtime:?} is not one of runc, crun, runsc");
+        }
         let state_dir = raw.state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
         if !state_dir.is_absolute() {
             bail!("EXECUTOR_STATE_DIR {} must be an absolute path", state_dir.display());
@@ -193,6 +210,15 @@ impl Settings {
             state_dir,
             allow_unisolated: parse_bool("EXECUTOR_ALLOW_UNISOLATED", raw.allow_unisolated.as_deref())?,
             vm_prefix,
+            oci_runtime,
+            vm_accel: raw
+                .vm_accel
+                .as_deref()
+                .unwrap_or("auto")
+                .trim()
+                .parse()
+                .map_err(|e: anyhow::Error| anyhow::anyhow!("EXECUTOR_VM_ACCEL: {e}"))?,
+            vm_allow_tcg: parse_bool("EXECUTOR_VM_ALLOW_TCG", raw.vm_allow_tcg.as_deref())?,
             shutdown_grace: parse_duration_var(
                 "EXECUTOR_SHUTDOWN_GRACE",
                 raw.shutdown_grace.as_deref(),
@@ -219,6 +245,9 @@ impl Settings {
         crate::sandbox::RuntimeOptions {
             state_dir: self.state_dir.clone(),
             allow_unisolated: self.allow_unisolated,
+            oci_runtime: self.oci_runtime.clone(),
+            vm_accel: self.vm_accel,
+            vm_allow_tcg: self.vm_allow_tcg,
         }
     }
 
@@ -428,6 +457,7 @@ mod tests {
         assert_eq!(s.job_cpus, 4);
         assert_eq!(s.limits().memory_bytes, 12 << 30);
         assert_eq!(s.runtime, "auto");
+        assert_eq!(s.oci_runtime, "runc");
         assert!(!s.allow_unisolated);
     }
 

@@ -12,6 +12,8 @@ pub mod document;
 pub mod exit;
 pub mod git;
 pub mod githttp;
+pub mod guest;
+pub mod image;
 pub mod logs;
 pub mod protocol;
 pub mod redact;
@@ -19,6 +21,8 @@ pub mod run_loop;
 pub mod sandbox;
 pub mod server;
 pub mod stage;
+mod sys;
+pub mod vm;
 pub mod workspace;
 
 use cli::{Cli, Command};
@@ -47,7 +51,11 @@ pub fn main() -> i32 {
 fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::GenerateDocs { out } => docs::generate(&out).map(|_| exit::OK),
+        Command::Image(args) => image::cli::run(args),
         Command::Executor(cmd) => cli::executor::run(*cmd),
+        Command::Install(cli::vm::InstallCommand::Vm(args)) => vm::cmd::install_vm(args),
+        Command::TestVm(args) => vm::cmd::test_vm(args),
+        Command::GuestAgent(args) => vm::cmd::guest_agent(args),
         Command::Queue(args) => cli::queue::run(args),
     }
 }

@@ -1,12 +1,14 @@
 //! Every clap type of the binary. Nothing outside `cli` knows clap: each command's flags are
 //! turned into the settings structs of the module that does the work.
 
+pub mod image;
 pub mod queue;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 pub mod executor;
+pub mod vm;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -26,6 +28,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Manage the local image store (import, build, list, remove)
+    Image(image::ImageArgs),
     /// The coordinator: serve the job queue, or talk to its admin API
     Queue(queue::QueueArgs),
     /// Write the man pages and shell completions generated from these definitions
@@ -37,6 +41,14 @@ pub enum Command {
     },
     #[command(flatten)]
     Executor(Box<executor::ExecutorCommand>),
+    /// Install what a runtime needs on this host
+    #[command(subcommand)]
+    Install(vm::InstallCommand),
+    /// Boot a microVM, run a command in it and print the phases of the boot with their times
+    TestVm(vm::TestVmArgs),
+    /// The guest agent: PID 1 inside a microVM (not for use on a host)
+    #[command(hide = true)]
+    GuestAgent(vm::GuestAgentArgs),
 }
 
 /// The clap command tree, for the generated man pages and completions.

@@ -4,6 +4,9 @@
 mod common;
 mod coordinator;
 pub mod gitserve;
+mod image;
+mod microvm;
+mod oci;
 mod package;
 mod pipeline;
 mod server;

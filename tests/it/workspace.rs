@@ -194,17 +194,16 @@ fn hostile_repository_and_paths_fail_cleanly() {
         assert_eq!(code, 400, "{path}: {body}");
     }
     // The checked-out symlink can only be caught by the executor.
-    for (files, why) in [(json!({"evil/passwd": {"content": "pwned"}}), "symlink")] {
-        let id =
-            c.submit(json!({"repositoryName": "evil", "commit": commit, "files": files, "dockerSteps": []}));
-        let (d, o) = ex.prepare();
-        let err = String::from_utf8_lossy(&o.stderr).into_owned();
-        assert_eq!(o.status.code(), Some(1), "{err}");
-        assert!(err.contains(why), "{why}: {err}");
-        ex.finish(&d);
-        let job = c.wait_state(id, &["failed", "errored"], std::time::Duration::from_secs(10));
-        assert!(job["failureMessage"].as_str().unwrap().contains(why), "{job}");
-    }
+    let id = c.submit(
+        json!({"repositoryName": "evil", "commit": commit, "files": {"evil/passwd": {"content": "pwned"}}, "dockerSteps": []}),
+    );
+    let (d, o) = ex.prepare();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("symlink"), "{err}");
+    ex.finish(&d);
+    let job = c.wait_state(id, &["failed", "errored"], std::time::Duration::from_secs(10));
+    assert!(job["failureMessage"].as_str().unwrap().contains("symlink"), "{job}");
     assert_eq!(
         std::fs::read_dir(&outside).unwrap().count(),
         0,

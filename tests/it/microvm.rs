@@ -302,3 +302,119 @@ fn microvm_janitor_removes_vms_no_live_job_owns_and_guest_garbage_is_refused() {
     rt.teardown(&live).unwrap();
     assert!(rt.janitor(&prefix, &HashSet::new()).unwrap().is_empty());
 }
+
+/// The artifacts the coordinator holds for job `id`, as (path, bytes).
+fn coordinator_artifacts(c: &crate::coordinator::Coordinator, id: i64) -> Vec<(String, Vec<u8>)> {
+    use std::io::Read;
+    let resp = c
+        .agent()
+        .get(&format!("{}/api/jobs/{id}/artifacts", c.url))
+        .set("Authorization", &c.admin_auth())
+        .call()
+        .unwrap_or_else(|e| panic!("artifacts of job {id}: {e}"));
+    let mut bytes = Vec::new();
+    resp.into_reader().read_to_end(&mut bytes).unwrap();
+    let mut out = Vec::new();
+    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(bytes.as_slice()));
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = e.path().unwrap().display().to_string();
+        let mut data = Vec::new();
+        e.read_to_end(&mut data).unwrap();
+        out.push((name, data));
+    }
+    out
+}
+
+/// Processes whose command line carries `needle`.
+fn processes_with(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if !e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(needle) {
+            found.push(cmd);
+        }
+    }
+    found
+}
+
+#[test]
+fn microvm_loop_runs_a_coordinator_job_in_a_guest_and_uploads_its_artifact() {
+    let name = "microvm_loop_runs_a_coordinator_job_in_a_guest_and_uploads_its_artifact";
+    if let Some(why) = missing() {
+        return common::skip(name, &why);
+    }
+    let state = state_dir();
+    let c = crate::coordinator::Coordinator::start();
+    let prefix = format!("mvl{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let _dog = watchdog(state.clone(), prefix.clone(), Duration::from_secs(240));
+    let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let id = c.submit(serde_json::json!({
+        "queue": "batches",
+        "files": {"in.txt": {"content": "hello-from-the-job"}},
+        "dockerSteps": [
+            {"key": "build", "image": IMAGE, "dir": "", "env": ["GREETING=hi"],
+             "commands": ["mkdir -p out", "tr a-z A-Z < in.txt > out/result.txt",
+                          "uname -r > out/kernel.txt", "echo $GREETING from $(uname -r)"]}
+        ],
+        "artifacts": ["out/*.txt"]
+    }));
+    let mut cmd = common::executor();
+    c.executor_env(&mut cmd);
+    cmd.arg("loop")
+        .env("EXECUTOR_QUEUE_NAME", "batches")
+        .env("EXECUTOR_RUNTIME", "microvm")
+        .env("EXECUTOR_VM_ALLOW_TCG", "1")
+        .env("EXECUTOR_VM_PREFIX", &prefix)
+        .env("EXECUTOR_STATE_DIR", &state)
+        .env("EXECUTOR_NUM_TOTAL_JOBS", "1")
+        .env("EXECUTOR_HEARTBEAT_INTERVAL", "1s")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut lp = cmd.spawn().expect("starting executor loop");
+    let job = c.wait_state(id, &["completed", "failed", "errored", "canceled"], Duration::from_secs(200));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = lp.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = lp.kill();
+            panic!("executor loop did not exit after the job");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut lp.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "loop: {status}: {err}");
+    assert_eq!(job["state"], "completed", "{job:#}\n{err}");
+
+    let logs = job["logs"].as_array().unwrap();
+    let boot = logs.iter().find(|e| e["key"] == "setup.microvm.start").expect("setup.microvm.start");
+    let sandbox = boot["out"].as_str().unwrap().split("started sandbox ").nth(1).unwrap().trim().to_string();
+    assert!(sandbox.starts_with(&prefix), "{sandbox}");
+    let step = logs.iter().find(|e| e["key"] == "step.docker.build").expect("step.docker.build");
+    let out = step["out"].as_str().unwrap();
+    assert!(out.contains("hi from "), "{out}");
+    assert!(!out.contains(host_kernel.trim()), "the step ran on the host kernel: {out}");
+
+    let arts = coordinator_artifacts(&c, id);
+    let get =
+        |n: &str| arts.iter().find(|(p, _)| p == n).map(|(_, d)| String::from_utf8_lossy(d).into_owned());
+    assert_eq!(get("out/result.txt").as_deref(), Some("HELLO-FROM-THE-JOB"), "{arts:?}");
+    let guest_kernel = get("out/kernel.txt").unwrap();
+    assert!(out.contains(guest_kernel.trim()) && guest_kernel.trim() != host_kernel.trim(), "{guest_kernel}");
+
+    // Nothing of the VM is left: no QEMU with its name, no sandbox directory.
+    let down = logs.iter().find(|e| e["key"] == "teardown.microvm.remove").expect("teardown.microvm.remove");
+    assert_eq!(down["exitCode"], 0, "{down:#}");
+    assert!(processes_with(&sandbox).is_empty(), "{:?}", processes_with(&sandbox));
+    let left: Vec<_> = std::fs::read_dir(state.join("sandboxes"))
+        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    assert!(!left.iter().any(|n: &String| n.starts_with(&prefix)), "{left:?}");
+}

@@ -24,8 +24,11 @@ pub fn runtime_options(state_dir: std::path::PathBuf, vm: &VmArgs) -> Result<Run
 }
 
 pub fn install_vm(args: InstallVmArgs) -> Result<i32> {
+    // The manifest records absolute paths: QEMU runs in the sandbox's directory.
+    let state_dir = std::path::absolute(&args.state_dir)
+        .with_context(|| format!("resolving the state directory {}", args.state_dir.display()))?;
     let did = crate::vm::install(&crate::vm::InstallOptions {
-        state_dir: args.state_dir,
+        state_dir,
         kernel_package: args.kernel_package,
         force: args.force,
     })?;

@@ -98,13 +98,22 @@ fn microvm_install_vm_is_idempotent_and_test_vm_boots_the_guest_kernel() {
         return common::skip("microvm_install_vm_is_idempotent_and_test_vm_boots_the_guest_kernel", &why);
     }
     let state = state_dir();
-    let again = common::run(common::executor().args(["install", "vm"]).env("EXECUTOR_STATE_DIR", &state));
+    // Again, with the state directory given relative to the working directory.
+    let again = common::run(
+        common::executor()
+            .args(["install", "vm"])
+            .current_dir(state.parent().unwrap())
+            .env("EXECUTOR_STATE_DIR", state.file_name().unwrap()),
+    );
     let said = String::from_utf8_lossy(&again.stderr);
     assert!(again.status.success(), "{said}");
     assert!(said.contains("already installed") && said.contains("up to date"), "{said}");
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(state.join("vm/manifest.json")).unwrap()).unwrap();
     let kernel = manifest["kernelVersion"].as_str().unwrap().to_string();
+    for f in ["vmlinux", "initramfs"] {
+        assert!(Path::new(manifest[f].as_str().unwrap()).is_absolute(), "{manifest:#}");
+    }
 
     // Without the operator's permission, auto refuses to fall back to TCG here.
     let refused = common::run(

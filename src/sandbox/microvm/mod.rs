@@ -115,7 +115,11 @@ pub struct MicroVm {
 }
 
 impl MicroVm {
-    pub fn new(opts: RuntimeOptions) -> Self {
+    pub fn new(mut opts: RuntimeOptions) -> Self {
+        // QEMU runs in the sandbox directory: every path it is given must be absolute.
+        if let Ok(abs) = std::path::absolute(&opts.state_dir) {
+            opts.state_dir = abs;
+        }
         MicroVm { opts }
     }
 

@@ -89,6 +89,9 @@ pub struct VmDetails {
     /// Step images in disk order: the agent mounts disk `i` at `/images/i`.
     pub images: Vec<ImageDisk>,
     pub phases: BootPhases,
+    /// The account QEMU dropped to with `-runas` (none: it runs as the executor's user).
+    #[serde(default)]
+    pub run_as: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -311,6 +314,21 @@ impl MicroVm {
         };
         cmd.arg("-kernel").arg(&manifest.vmlinux).arg("-initrd").arg(&manifest.initramfs);
         cmd.args(["-append", &cmdline]);
+        // QEMU opens the kernel, disks, console and socket as root, then drops to the VM account
+        // before the guest runs: a guest that breaks out of QEMU holds no root on the host.
+        if nix::unistd::geteuid().is_root() {
+            match crate::vm::vm_user_uid() {
+                Some(_) => {
+                    cmd.args(["-runas", crate::vm::VM_USER]);
+                    det.run_as = Some(crate::vm::VM_USER.to_string());
+                }
+                None => eprintln!(
+                    "executor: QEMU of {} runs as root: no user {} (run `executor install vm`)",
+                    rec.name,
+                    crate::vm::VM_USER
+                ),
+            }
+        }
         cmd.arg("-serial").arg(format!("file:{}", det.console.display()));
         if workspace.is_some() {
             cmd.arg("-drive")

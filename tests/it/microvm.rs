@@ -199,19 +199,6 @@ fn microvm_job_runs_in_a_guest_round_trips_the_workspace_and_stops_on_cancel_and
     assert_eq!(rec.runtime, "microvm");
     let pid = rec.pid.unwrap();
     assert!(Path::new(&format!("/proc/{pid}")).exists());
-    // QEMU dropped root (`install vm` made its account): its real, effective and saved uids.
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let uids: Vec<u32> = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .unwrap()
-        .split_whitespace()
-        .map(|u| u.parse().unwrap())
-        .collect();
-    assert!(uids.len() == 4 && uids.iter().all(|&u| u != 0), "QEMU runs as root: {uids:?}");
-    if nix::unistd::geteuid().is_root() {
-        assert_eq!(rec.details["runAs"], "executor-vm", "{:#}", rec.details);
-    }
     let deadline = || Cancel::with_deadline(Some(Instant::now() + Duration::from_secs(90)));
 
     let env = vec!["GREETING=hello".to_string()];

@@ -89,9 +89,6 @@ pub struct VmDetails {
     /// Step images in disk order: the agent mounts disk `i` at `/images/i`.
     pub images: Vec<ImageDisk>,
     pub phases: BootPhases,
-    /// The account QEMU dropped to with `-runas` (none: it runs as the executor's user).
-    #[serde(default)]
-    pub run_as: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -314,21 +311,6 @@ impl MicroVm {
         };
         cmd.arg("-kernel").arg(&manifest.vmlinux).arg("-initrd").arg(&manifest.initramfs);
         cmd.args(["-append", &cmdline]);
-        // QEMU opens the kernel, disks, console and socket as root, then drops to the VM account
-        // before the guest runs: a guest that breaks out of QEMU holds no root on the host.
-        if nix::unistd::geteuid().is_root() {
-            match crate::vm::vm_user_uid() {
-                Some(_) => {
-                    cmd.args(["-runas", crate::vm::VM_USER]);
-                    det.run_as = Some(crate::vm::VM_USER.to_string());
-                }
-                None => eprintln!(
-                    "executor: QEMU of {} runs as root: no user {} (run `executor install vm`)",
-                    rec.name,
-                    crate::vm::VM_USER
-                ),
-            }
-        }
         cmd.arg("-serial").arg(format!("file:{}", det.console.display()));
         if workspace.is_some() {
             cmd.arg("-drive")
@@ -363,7 +345,10 @@ impl MicroVm {
         let t_spawn = Instant::now();
         let mut ch = Channel::connect(&socket, Duration::from_secs(10)).map_err(|e| qemu_failed(&dir, e))?;
         det.phases.qemu_start_ms = t_spawn.elapsed().as_millis() as u64;
-        let hello = ch.handshake(boot_timeout).map_err(|e| qemu_failed(&dir, e))?;
+        let hello = ch
+            .handshake(boot_timeout)
+            .with_context(|| format!("waiting for the agent of VM {} to start", rec.name))
+            .map_err(|e| qemu_failed(&dir, e))?;
         det.phases.kernel_boot_ms = hello.start_ms;
         det.phases.agent_ready_ms = hello.ready_ms.saturating_sub(hello.start_ms);
         det.phases.total_ms = t0.elapsed().as_millis() as u64;
@@ -435,7 +420,12 @@ impl MicroVm {
             if last_seen.elapsed() > SILENCE_LIMIT {
                 bail!("the agent of VM {} was silent for {SILENCE_LIMIT:?}", sandbox.name);
             }
-            let Some(f) = ch.recv(Duration::from_millis(100))? else { continue };
+            let Some(f) = ch
+                .recv(Duration::from_millis(100))
+                .with_context(|| format!("running request {id} in VM {}", sandbox.name))?
+            else {
+                continue;
+            };
             match f.kind {
                 Kind::Stdout | Kind::Stderr | Kind::Alive => {
                     let (fid, data) = f.split_data()?;

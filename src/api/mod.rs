@@ -249,6 +249,8 @@ impl Client {
                         | ureq::ErrorKind::InsecureRequestHttpsOnly => false,
                         // DNS not-found is given up after 3 attempts.
                         ureq::ErrorKind::Dns => attempt < 2,
+                        // An unknown TLS authority does not get better by asking again.
+                        _ if t.to_string().to_ascii_lowercase().contains("certificate") => false,
                         _ => true,
                     };
                     (retry, ApiError::Transport { route: route.clone(), message: t.to_string() }, None)

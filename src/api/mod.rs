@@ -507,8 +507,13 @@ fn tls_config(ca: Option<&Path>) -> Result<rustls::ClientConfig> {
         .with_no_client_auth())
 }
 
-/// What heartbeats report about this host; gathered once.
+/// What heartbeats report about this host; gathered once per process.
 fn telemetry() -> ExecutorTelemetry {
+    static CACHE: std::sync::OnceLock<ExecutorTelemetry> = std::sync::OnceLock::new();
+    CACHE.get_or_init(gather_telemetry).clone()
+}
+
+fn gather_telemetry() -> ExecutorTelemetry {
     let arch = match std::env::consts::ARCH {
         "x86_64" => "amd64",
         "aarch64" => "arm64",

@@ -28,6 +28,9 @@ _executor() {
             executor,help)
                 cmd="executor__subcmd__help"
                 ;;
+            executor,image)
+                cmd="executor__subcmd__image"
+                ;;
             executor,janitor)
                 cmd="executor__subcmd__janitor"
                 ;;
@@ -64,6 +67,9 @@ _executor() {
             executor__subcmd__help,help)
                 cmd="executor__subcmd__help__subcmd__help"
                 ;;
+            executor__subcmd__help,image)
+                cmd="executor__subcmd__help__subcmd__image"
+                ;;
             executor__subcmd__help,janitor)
                 cmd="executor__subcmd__help__subcmd__janitor"
                 ;;
@@ -88,6 +94,21 @@ _executor() {
             executor__subcmd__help,vm-boot)
                 cmd="executor__subcmd__help__subcmd__vm__subcmd__boot"
                 ;;
+            executor__subcmd__help__subcmd__image,build-base)
+                cmd="executor__subcmd__help__subcmd__image__subcmd__build__subcmd__base"
+                ;;
+            executor__subcmd__help__subcmd__image,build-busybox)
+                cmd="executor__subcmd__help__subcmd__image__subcmd__build__subcmd__busybox"
+                ;;
+            executor__subcmd__help__subcmd__image,import)
+                cmd="executor__subcmd__help__subcmd__image__subcmd__import"
+                ;;
+            executor__subcmd__help__subcmd__image,ls)
+                cmd="executor__subcmd__help__subcmd__image__subcmd__ls"
+                ;;
+            executor__subcmd__help__subcmd__image,rm)
+                cmd="executor__subcmd__help__subcmd__image__subcmd__rm"
+                ;;
             executor__subcmd__help__subcmd__queue,artifacts)
                 cmd="executor__subcmd__help__subcmd__queue__subcmd__artifacts"
                 ;;
@@ -97,11 +118,17 @@ _executor() {
             executor__subcmd__help__subcmd__queue,executors)
                 cmd="executor__subcmd__help__subcmd__queue__subcmd__executors"
                 ;;
+            executor__subcmd__help__subcmd__queue,files)
+                cmd="executor__subcmd__help__subcmd__queue__subcmd__files"
+                ;;
             executor__subcmd__help__subcmd__queue,jobs)
                 cmd="executor__subcmd__help__subcmd__queue__subcmd__jobs"
                 ;;
             executor__subcmd__help__subcmd__queue,logs)
                 cmd="executor__subcmd__help__subcmd__queue__subcmd__logs"
+                ;;
+            executor__subcmd__help__subcmd__queue,repo)
+                cmd="executor__subcmd__help__subcmd__queue__subcmd__repo"
                 ;;
             executor__subcmd__help__subcmd__queue,serve)
                 cmd="executor__subcmd__help__subcmd__queue__subcmd__serve"
@@ -112,6 +139,57 @@ _executor() {
             executor__subcmd__help__subcmd__queue,submit)
                 cmd="executor__subcmd__help__subcmd__queue__subcmd__submit"
                 ;;
+            executor__subcmd__help__subcmd__queue__subcmd__files,ls)
+                cmd="executor__subcmd__help__subcmd__queue__subcmd__files__subcmd__ls"
+                ;;
+            executor__subcmd__help__subcmd__queue__subcmd__files,put)
+                cmd="executor__subcmd__help__subcmd__queue__subcmd__files__subcmd__put"
+                ;;
+            executor__subcmd__help__subcmd__queue__subcmd__repo,add)
+                cmd="executor__subcmd__help__subcmd__queue__subcmd__repo__subcmd__add"
+                ;;
+            executor__subcmd__help__subcmd__queue__subcmd__repo,ls)
+                cmd="executor__subcmd__help__subcmd__queue__subcmd__repo__subcmd__ls"
+                ;;
+            executor__subcmd__help__subcmd__queue__subcmd__repo,rm)
+                cmd="executor__subcmd__help__subcmd__queue__subcmd__repo__subcmd__rm"
+                ;;
+            executor__subcmd__image,build-base)
+                cmd="executor__subcmd__image__subcmd__build__subcmd__base"
+                ;;
+            executor__subcmd__image,build-busybox)
+                cmd="executor__subcmd__image__subcmd__build__subcmd__busybox"
+                ;;
+            executor__subcmd__image,help)
+                cmd="executor__subcmd__image__subcmd__help"
+                ;;
+            executor__subcmd__image,import)
+                cmd="executor__subcmd__image__subcmd__import"
+                ;;
+            executor__subcmd__image,ls)
+                cmd="executor__subcmd__image__subcmd__ls"
+                ;;
+            executor__subcmd__image,rm)
+                cmd="executor__subcmd__image__subcmd__rm"
+                ;;
+            executor__subcmd__image__subcmd__help,build-base)
+                cmd="executor__subcmd__image__subcmd__help__subcmd__build__subcmd__base"
+                ;;
+            executor__subcmd__image__subcmd__help,build-busybox)
+                cmd="executor__subcmd__image__subcmd__help__subcmd__build__subcmd__busybox"
+                ;;
+            executor__subcmd__image__subcmd__help,help)
+                cmd="executor__subcmd__image__subcmd__help__subcmd__help"
+                ;;
+            executor__subcmd__image__subcmd__help,import)
+                cmd="executor__subcmd__image__subcmd__help__subcmd__import"
+                ;;
+            executor__subcmd__image__subcmd__help,ls)
+                cmd="executor__subcmd__image__subcmd__help__subcmd__ls"
+                ;;
+            executor__subcmd__image__subcmd__help,rm)
+                cmd="executor__subcmd__image__subcmd__help__subcmd__rm"
+                ;;
             executor__subcmd__queue,artifacts)
                 cmd="executor__subcmd__queue__subcmd__artifacts"
                 ;;
@@ -120,6 +198,9 @@ _executor() {
                 ;;
             executor__subcmd__queue,executors)
                 cmd="executor__subcmd__queue__subcmd__executors"
+                ;;
+            executor__subcmd__queue,files)
+                cmd="executor__subcmd__queue__subcmd__files"
                 ;;
             executor__subcmd__queue,help)
                 cmd="executor__subcmd__queue__subcmd__help"
@@ -130,6 +211,9 @@ _executor() {
             executor__subcmd__queue,logs)
                 cmd="executor__subcmd__queue__subcmd__logs"
                 ;;
+            executor__subcmd__queue,repo)
+                cmd="executor__subcmd__queue__subcmd__repo"
+                ;;
             executor__subcmd__queue,serve)
                 cmd="executor__subcmd__queue__subcmd__serve"
                 ;;
@@ -138,6 +222,24 @@ _executor() {
                 ;;
             executor__subcmd__queue,submit)
                 cmd="executor__subcmd__queue__subcmd__submit"
+                ;;
+            executor__subcmd__queue__subcmd__files,help)
+                cmd="executor__subcmd__queue__subcmd__files__subcmd__help"
+                ;;
+            executor__subcmd__queue__subcmd__files,ls)
+                cmd="executor__subcmd__queue__subcmd__files__subcmd__ls"
+                ;;
+            executor__subcmd__queue__subcmd__files,put)
+                cmd="executor__subcmd__queue__subcmd__files__subcmd__put"
+                ;;
+            executor__subcmd__queue__subcmd__files__subcmd__help,help)
+                cmd="executor__subcmd__queue__subcmd__files__subcmd__help__subcmd__help"
+                ;;
+            executor__subcmd__queue__subcmd__files__subcmd__help,ls)
+                cmd="executor__subcmd__queue__subcmd__files__subcmd__help__subcmd__ls"
+                ;;
+            executor__subcmd__queue__subcmd__files__subcmd__help,put)
+                cmd="executor__subcmd__queue__subcmd__files__subcmd__help__subcmd__put"
                 ;;
             executor__subcmd__queue__subcmd__help,artifacts)
                 cmd="executor__subcmd__queue__subcmd__help__subcmd__artifacts"
@@ -148,6 +250,9 @@ _executor() {
             executor__subcmd__queue__subcmd__help,executors)
                 cmd="executor__subcmd__queue__subcmd__help__subcmd__executors"
                 ;;
+            executor__subcmd__queue__subcmd__help,files)
+                cmd="executor__subcmd__queue__subcmd__help__subcmd__files"
+                ;;
             executor__subcmd__queue__subcmd__help,help)
                 cmd="executor__subcmd__queue__subcmd__help__subcmd__help"
                 ;;
@@ -156,6 +261,9 @@ _executor() {
                 ;;
             executor__subcmd__queue__subcmd__help,logs)
                 cmd="executor__subcmd__queue__subcmd__help__subcmd__logs"
+                ;;
+            executor__subcmd__queue__subcmd__help,repo)
+                cmd="executor__subcmd__queue__subcmd__help__subcmd__repo"
                 ;;
             executor__subcmd__queue__subcmd__help,serve)
                 cmd="executor__subcmd__queue__subcmd__help__subcmd__serve"
@@ -166,6 +274,45 @@ _executor() {
             executor__subcmd__queue__subcmd__help,submit)
                 cmd="executor__subcmd__queue__subcmd__help__subcmd__submit"
                 ;;
+            executor__subcmd__queue__subcmd__help__subcmd__files,ls)
+                cmd="executor__subcmd__queue__subcmd__help__subcmd__files__subcmd__ls"
+                ;;
+            executor__subcmd__queue__subcmd__help__subcmd__files,put)
+                cmd="executor__subcmd__queue__subcmd__help__subcmd__files__subcmd__put"
+                ;;
+            executor__subcmd__queue__subcmd__help__subcmd__repo,add)
+                cmd="executor__subcmd__queue__subcmd__help__subcmd__repo__subcmd__add"
+                ;;
+            executor__subcmd__queue__subcmd__help__subcmd__repo,ls)
+                cmd="executor__subcmd__queue__subcmd__help__subcmd__repo__subcmd__ls"
+                ;;
+            executor__subcmd__queue__subcmd__help__subcmd__repo,rm)
+                cmd="executor__subcmd__queue__subcmd__help__subcmd__repo__subcmd__rm"
+                ;;
+            executor__subcmd__queue__subcmd__repo,add)
+                cmd="executor__subcmd__queue__subcmd__repo__subcmd__add"
+                ;;
+            executor__subcmd__queue__subcmd__repo,help)
+                cmd="executor__subcmd__queue__subcmd__repo__subcmd__help"
+                ;;
+            executor__subcmd__queue__subcmd__repo,ls)
+                cmd="executor__subcmd__queue__subcmd__repo__subcmd__ls"
+                ;;
+            executor__subcmd__queue__subcmd__repo,rm)
+                cmd="executor__subcmd__queue__subcmd__repo__subcmd__rm"
+                ;;
+            executor__subcmd__queue__subcmd__repo__subcmd__help,add)
+                cmd="executor__subcmd__queue__subcmd__repo__subcmd__help__subcmd__add"
+                ;;
+            executor__subcmd__queue__subcmd__repo__subcmd__help,help)
+                cmd="executor__subcmd__queue__subcmd__repo__subcmd__help__subcmd__help"
+                ;;
+            executor__subcmd__queue__subcmd__repo__subcmd__help,ls)
+                cmd="executor__subcmd__queue__subcmd__repo__subcmd__help__subcmd__ls"
+                ;;
+            executor__subcmd__queue__subcmd__repo__subcmd__help,rm)
+                cmd="executor__subcmd__queue__subcmd__repo__subcmd__help__subcmd__rm"
+                ;;
             *)
                 ;;
         esac
@@ -173,7 +320,7 @@ _executor() {
 
     case "${cmd}" in
         executor)
-            opts="-h -V --help --version queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help"
+            opts="-h -V --help --version image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -187,7 +334,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__complete)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --state-dir --allow-unisolated --vm-prefix --shutdown-grace --heartbeat-interval --artifacts-max-size --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --state-dir --allow-unisolated --vm-prefix --oci-runtime --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -285,6 +432,10 @@ _executor() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --oci-runtime)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --shutdown-grace)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -297,6 +448,10 @@ _executor() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --git-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -305,7 +460,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__dequeue)
-            opts="-o -h -V --output --wait --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --state-dir --allow-unisolated --vm-prefix --shutdown-grace --heartbeat-interval --artifacts-max-size --help --version"
+            opts="-o -h -V --output --wait --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --state-dir --allow-unisolated --vm-prefix --oci-runtime --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -399,6 +554,10 @@ _executor() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --oci-runtime)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --shutdown-grace)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -408,6 +567,10 @@ _executor() {
                     return 0
                     ;;
                 --artifacts-max-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --git-timeout)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -437,7 +600,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__help)
-            opts="queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help"
+            opts="image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -506,6 +669,90 @@ _executor() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        executor__subcmd__help__subcmd__image)
+            opts="import build-base build-busybox ls rm"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__help__subcmd__image__subcmd__build__subcmd__base)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__help__subcmd__image__subcmd__build__subcmd__busybox)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__help__subcmd__image__subcmd__import)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__help__subcmd__image__subcmd__ls)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__help__subcmd__image__subcmd__rm)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         executor__subcmd__help__subcmd__janitor)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -549,7 +796,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__help__subcmd__queue)
-            opts="serve submit jobs show logs cancel executors artifacts"
+            opts="serve submit jobs show logs cancel executors repo files artifacts"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -604,6 +851,48 @@ _executor() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        executor__subcmd__help__subcmd__queue__subcmd__files)
+            opts="put ls"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__help__subcmd__queue__subcmd__files__subcmd__ls)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__help__subcmd__queue__subcmd__files__subcmd__put)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         executor__subcmd__help__subcmd__queue__subcmd__jobs)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
@@ -621,6 +910,62 @@ _executor() {
         executor__subcmd__help__subcmd__queue__subcmd__logs)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__help__subcmd__queue__subcmd__repo)
+            opts="add ls rm"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__help__subcmd__queue__subcmd__repo__subcmd__add)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__help__subcmd__queue__subcmd__repo__subcmd__ls)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__help__subcmd__queue__subcmd__repo__subcmd__rm)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -730,8 +1075,218 @@ _executor() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        executor__subcmd__image)
+            opts="-h -V --state-dir --help --version import build-base build-busybox ls rm help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --state-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__image__subcmd__build__subcmd__base)
+            opts="-h -V --mirror --state-dir --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --mirror)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --state-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__image__subcmd__build__subcmd__busybox)
+            opts="-h -V --state-dir --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --state-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__image__subcmd__help)
+            opts="import build-base build-busybox ls rm help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__image__subcmd__help__subcmd__build__subcmd__base)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__image__subcmd__help__subcmd__build__subcmd__busybox)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__image__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__image__subcmd__help__subcmd__import)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__image__subcmd__help__subcmd__ls)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__image__subcmd__help__subcmd__rm)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__image__subcmd__import)
+            opts="-h -V --state-dir --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --state-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__image__subcmd__ls)
+            opts="-h -V --json --state-dir --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --state-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__image__subcmd__rm)
+            opts="-h -V --state-dir --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --state-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         executor__subcmd__janitor)
-            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --state-dir --allow-unisolated --vm-prefix --shutdown-grace --heartbeat-interval --artifacts-max-size --help --version"
+            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --state-dir --allow-unisolated --vm-prefix --oci-runtime --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -813,6 +1368,10 @@ _executor() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --oci-runtime)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --shutdown-grace)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -822,6 +1381,10 @@ _executor() {
                     return 0
                     ;;
                 --artifacts-max-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --git-timeout)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -833,7 +1396,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__loop)
-            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --state-dir --allow-unisolated --vm-prefix --shutdown-grace --heartbeat-interval --artifacts-max-size --help --version"
+            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --state-dir --allow-unisolated --vm-prefix --oci-runtime --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -915,6 +1478,10 @@ _executor() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --oci-runtime)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --shutdown-grace)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -927,6 +1494,10 @@ _executor() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --git-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -935,7 +1506,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__prepare__subcmd__workspace)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --state-dir --allow-unisolated --vm-prefix --shutdown-grace --heartbeat-interval --artifacts-max-size --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --state-dir --allow-unisolated --vm-prefix --oci-runtime --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1033,6 +1604,10 @@ _executor() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --oci-runtime)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --shutdown-grace)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -1045,6 +1620,10 @@ _executor() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --git-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1053,7 +1632,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__queue)
-            opts="-h -V --help --version serve submit jobs show logs cancel executors artifacts help"
+            opts="-h -V --help --version serve submit jobs show logs cancel executors repo files artifacts help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1140,8 +1719,122 @@ _executor() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        executor__subcmd__queue__subcmd__files)
+            opts="-h -V --help --version put ls help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__files__subcmd__help)
+            opts="put ls help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__files__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__files__subcmd__help__subcmd__ls)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__files__subcmd__help__subcmd__put)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__files__subcmd__ls)
+            opts="-h -V --url --ca-cert --json --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --ca-cert)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__files__subcmd__put)
+            opts="-h -V --url --ca-cert --json --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --ca-cert)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         executor__subcmd__queue__subcmd__help)
-            opts="serve submit jobs show logs cancel executors artifacts help"
+            opts="serve submit jobs show logs cancel executors repo files artifacts help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1196,6 +1889,48 @@ _executor() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        executor__subcmd__queue__subcmd__help__subcmd__files)
+            opts="put ls"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__help__subcmd__files__subcmd__ls)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__help__subcmd__files__subcmd__put)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         executor__subcmd__queue__subcmd__help__subcmd__help)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
@@ -1227,6 +1962,62 @@ _executor() {
         executor__subcmd__queue__subcmd__help__subcmd__logs)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__help__subcmd__repo)
+            opts="add ls rm"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__help__subcmd__repo__subcmd__add)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__help__subcmd__repo__subcmd__ls)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__help__subcmd__repo__subcmd__rm)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -1317,6 +2108,156 @@ _executor() {
         executor__subcmd__queue__subcmd__logs)
             opts="-f -h -V --follow --url --ca-cert --json --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --ca-cert)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__repo)
+            opts="-h -V --help --version add ls rm help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__repo__subcmd__add)
+            opts="-h -V --url --ca-cert --json --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --ca-cert)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__repo__subcmd__help)
+            opts="add ls rm help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__repo__subcmd__help__subcmd__add)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__repo__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__repo__subcmd__help__subcmd__ls)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__repo__subcmd__help__subcmd__rm)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__repo__subcmd__ls)
+            opts="-h -V --url --ca-cert --json --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --ca-cert)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__repo__subcmd__rm)
+            opts="-h -V --url --ca-cert --json --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -1451,7 +2392,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__run__subcmd__steps)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --state-dir --allow-unisolated --vm-prefix --shutdown-grace --heartbeat-interval --artifacts-max-size --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --state-dir --allow-unisolated --vm-prefix --oci-runtime --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1549,6 +2490,10 @@ _executor() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --oci-runtime)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --shutdown-grace)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -1558,6 +2503,10 @@ _executor() {
                     return 0
                     ;;
                 --artifacts-max-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --git-timeout)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1569,7 +2518,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__upload)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --state-dir --allow-unisolated --vm-prefix --shutdown-grace --heartbeat-interval --artifacts-max-size --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --state-dir --allow-unisolated --vm-prefix --oci-runtime --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1667,6 +2616,10 @@ _executor() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --oci-runtime)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --shutdown-grace)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -1676,6 +2629,10 @@ _executor() {
                     return 0
                     ;;
                 --artifacts-max-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --git-timeout)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1687,7 +2644,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__validate)
-            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --state-dir --allow-unisolated --vm-prefix --shutdown-grace --heartbeat-interval --artifacts-max-size --help --version"
+            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --state-dir --allow-unisolated --vm-prefix --oci-runtime --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1769,6 +2726,10 @@ _executor() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --oci-runtime)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --shutdown-grace)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -1781,6 +2742,10 @@ _executor() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --git-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1789,7 +2754,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__vm__subcmd__boot)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --state-dir --allow-unisolated --vm-prefix --shutdown-grace --heartbeat-interval --artifacts-max-size --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --state-dir --allow-unisolated --vm-prefix --oci-runtime --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1887,6 +2852,10 @@ _executor() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --oci-runtime)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --shutdown-grace)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -1896,6 +2865,10 @@ _executor() {
                     return 0
                     ;;
                 --artifacts-max-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --git-timeout)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

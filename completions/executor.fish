@@ -26,6 +26,7 @@ end
 
 complete -c executor -n "__fish_executor_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c executor -n "__fish_executor_needs_command" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_needs_command" -f -a "image" -d 'Manage the local image store (import, build, list, remove)'
 complete -c executor -n "__fish_executor_needs_command" -f -a "queue" -d 'The coordinator: serve the job queue, or talk to its admin API'
 complete -c executor -n "__fish_executor_needs_command" -f -a "generate-docs" -d 'Write the man pages and shell completions generated from these definitions'
 complete -c executor -n "__fish_executor_needs_command" -f -a "dequeue" -d 'Take one job from the coordinator and write its new run document (exit 4: no job)'
@@ -38,17 +39,51 @@ complete -c executor -n "__fish_executor_needs_command" -f -a "loop" -d 'Run job
 complete -c executor -n "__fish_executor_needs_command" -f -a "validate" -d 'Check the configuration, the coordinator\'s acceptance of the secret and the runtime\'s tools'
 complete -c executor -n "__fish_executor_needs_command" -f -a "janitor" -d 'Remove workspaces and sandboxes that no live job owns (one pass)'
 complete -c executor -n "__fish_executor_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
-complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors artifacts help" -s h -l help -d 'Print help'
-complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors artifacts help" -s V -l version -d 'Print version'
-complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors artifacts help" -f -a "serve" -d 'Run the coordinator: the executor protocol, the admin API and /metrics, backed by SQLite'
-complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors artifacts help" -f -a "submit" -d 'Submit a job (the protocol\'s job JSON without id and token, plus "queue"); prints its id'
-complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors artifacts help" -f -a "jobs" -d 'List jobs, newest first'
-complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors artifacts help" -f -a "show" -d 'Show a job with its log entries'
-complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors artifacts help" -f -a "logs" -d 'Print a job\'s log entries; with --follow, until the job finishes'
-complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors artifacts help" -f -a "cancel" -d 'Cancel a job (a running one ends when its executor notices)'
-complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors artifacts help" -f -a "executors" -d 'List the executors that heartbeated, with their versions and whether they are active'
-complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors artifacts help" -f -a "artifacts" -d 'Download a job\'s artifacts tarball (stdout unless -o; never to a terminal)'
-complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors artifacts help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox ls rm help" -l state-dir -d 'State directory; the store is its images/ subdirectory' -r -F
+complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox ls rm help" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox ls rm help" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox ls rm help" -f -a "import" -d 'Import a `docker save` or OCI image-layout tarball as NAME'
+complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox ls rm help" -f -a "build-base" -d 'Build a minimal Debian bookworm image (bash, coreutils, git, ca-certificates) with debootstrap'
+complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox ls rm help" -f -a "build-busybox" -d 'Build a tiny image from the host\'s static busybox, plus git and the libraries it links'
+complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox ls rm help" -f -a "ls" -d 'List the images in the store'
+complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox ls rm help" -f -a "rm" -d 'Remove an image name; its tree goes once no name and no live sandbox uses it'
+complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox ls rm help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from import" -l state-dir -d 'State directory; the store is its images/ subdirectory' -r -F
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from import" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from import" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from build-base" -l mirror -d 'Debian mirror for debootstrap (its default when unset)' -r
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from build-base" -l state-dir -d 'State directory; the store is its images/ subdirectory' -r -F
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from build-base" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from build-base" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from build-busybox" -l state-dir -d 'State directory; the store is its images/ subdirectory' -r -F
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from build-busybox" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from build-busybox" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from ls" -l state-dir -d 'State directory; the store is its images/ subdirectory' -r -F
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from ls" -l json -d 'Print JSON instead of a table'
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from ls" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from ls" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from rm" -l state-dir -d 'State directory; the store is its images/ subdirectory' -r -F
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from rm" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from rm" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from help" -f -a "import" -d 'Import a `docker save` or OCI image-layout tarball as NAME'
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from help" -f -a "build-base" -d 'Build a minimal Debian bookworm image (bash, coreutils, git, ca-certificates) with debootstrap'
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from help" -f -a "build-busybox" -d 'Build a tiny image from the host\'s static busybox, plus git and the libraries it links'
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from help" -f -a "ls" -d 'List the images in the store'
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from help" -f -a "rm" -d 'Remove an image name; its tree goes once no name and no live sandbox uses it'
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors repo files artifacts help" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors repo files artifacts help" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors repo files artifacts help" -f -a "serve" -d 'Run the coordinator: the executor protocol, the admin API and /metrics, backed by SQLite'
+complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors repo files artifacts help" -f -a "submit" -d 'Submit a job (the protocol\'s job JSON without id and token, plus "queue"); prints its id'
+complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors repo files artifacts help" -f -a "jobs" -d 'List jobs, newest first'
+complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors repo files artifacts help" -f -a "show" -d 'Show a job with its log entries'
+complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors repo files artifacts help" -f -a "logs" -d 'Print a job\'s log entries; with --follow, until the job finishes'
+complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors repo files artifacts help" -f -a "cancel" -d 'Cancel a job (a running one ends when its executor notices)'
+complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors repo files artifacts help" -f -a "executors" -d 'List the executors that heartbeated, with their versions and whether they are active'
+complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors repo files artifacts help" -f -a "repo" -d 'Register, list and remove the git repositories the coordinator serves to jobs'
+complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors repo files artifacts help" -f -a "files" -d 'The files store jobs reference by bucket and key'
+complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors repo files artifacts help" -f -a "artifacts" -d 'Download a job\'s artifacts tarball (stdout unless -o; never to a terminal)'
+complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors repo files artifacts help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l listen -d 'Address to listen on (port 0 picks a free port; see --addr-file)' -r
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l data-dir -d 'Directory of the SQLite database and the artifacts' -r -F
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l addr-file -d 'Write the base URL here (atomically) once the socket listens' -r -F
@@ -99,6 +134,17 @@ complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from executors" -l json -d 'Print JSON instead of tables'
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from executors" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from executors" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from repo" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from repo" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from repo" -f -a "add" -d 'Serve the git repository at PATH (on the coordinator\'s host) as NAME'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from repo" -f -a "ls" -d 'List the served repositories'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from repo" -f -a "rm" -d 'Stop serving a repository'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from repo" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from files" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from files" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from files" -f -a "put" -d 'Store FILE as BUCKET/KEY; a job\'s files entry {"bucket", "key"} then fetches it'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from files" -f -a "ls" -d 'List the stored files'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from files" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from artifacts" -s o -l output -r -F
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from artifacts" -l url -d 'Base URL of the coordinator' -r
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from artifacts" -l ca-cert -d 'PEM file of the CA that signed the coordinator\'s TLS certificate (default: the web PKI)' -r -F
@@ -112,6 +158,8 @@ complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from help" -f -a "logs" -d 'Print a job\'s log entries; with --follow, until the job finishes'
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from help" -f -a "cancel" -d 'Cancel a job (a running one ends when its executor notices)'
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from help" -f -a "executors" -d 'List the executors that heartbeated, with their versions and whether they are active'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from help" -f -a "repo" -d 'Register, list and remove the git repositories the coordinator serves to jobs'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from help" -f -a "files" -d 'The files store jobs reference by bucket and key'
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from help" -f -a "artifacts" -d 'Download a job\'s artifacts tarball (stdout unless -o; never to a terminal)'
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c executor -n "__fish_executor_using_subcommand generate-docs" -l out -d 'Directory that receives man/ and completions/' -r -F
@@ -138,9 +186,11 @@ complete -c executor -n "__fish_executor_using_subcommand dequeue" -l runtime -d
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l oci-runtime -d 'OCI runtime of the oci sandbox: runc, crun or runsc (gVisor) [default: runc]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -s i -l input -d 'Read the run document from FILE instead of standard input' -r -F
@@ -164,9 +214,11 @@ complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l 
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l oci-runtime -d 'OCI runtime of the oci sandbox: runc, crun or runsc (gVisor) [default: runc]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -s i -l input -d 'Read the run document from FILE instead of standard input' -r -F
@@ -190,9 +242,11 @@ complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l runtime -d
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l oci-runtime -d 'OCI runtime of the oci sandbox: runc, crun or runsc (gVisor) [default: runc]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -s i -l input -d 'Read the run document from FILE instead of standard input' -r -F
@@ -216,9 +270,11 @@ complete -c executor -n "__fish_executor_using_subcommand run-steps" -l runtime 
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l oci-runtime -d 'OCI runtime of the oci sandbox: runc, crun or runsc (gVisor) [default: runc]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand upload" -s i -l input -d 'Read the run document from FILE instead of standard input' -r -F
@@ -242,9 +298,11 @@ complete -c executor -n "__fish_executor_using_subcommand upload" -l runtime -d 
 complete -c executor -n "__fish_executor_using_subcommand upload" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand upload" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l oci-runtime -d 'OCI runtime of the oci sandbox: runc, crun or runsc (gVisor) [default: runc]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand upload" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand complete" -s i -l input -d 'Read the run document from FILE instead of standard input' -r -F
@@ -268,9 +326,11 @@ complete -c executor -n "__fish_executor_using_subcommand complete" -l runtime -
 complete -c executor -n "__fish_executor_using_subcommand complete" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand complete" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l oci-runtime -d 'OCI runtime of the oci sandbox: runc, crun or runsc (gVisor) [default: runc]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand complete" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand loop" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
@@ -292,9 +352,11 @@ complete -c executor -n "__fish_executor_using_subcommand loop" -l runtime -d 'S
 complete -c executor -n "__fish_executor_using_subcommand loop" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand loop" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l oci-runtime -d 'OCI runtime of the oci sandbox: runc, crun or runsc (gVisor) [default: runc]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand loop" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand validate" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
@@ -316,9 +378,11 @@ complete -c executor -n "__fish_executor_using_subcommand validate" -l runtime -
 complete -c executor -n "__fish_executor_using_subcommand validate" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand validate" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l oci-runtime -d 'OCI runtime of the oci sandbox: runc, crun or runsc (gVisor) [default: runc]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand validate" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
@@ -340,23 +404,31 @@ complete -c executor -n "__fish_executor_using_subcommand janitor" -l runtime -d
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l oci-runtime -d 'OCI runtime of the oci sandbox: runc, crun or runsc (gVisor) [default: runc]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand janitor" -s V -l version -d 'Print version'
-complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "queue" -d 'The coordinator: serve the job queue, or talk to its admin API'
-complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "generate-docs" -d 'Write the man pages and shell completions generated from these definitions'
-complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "dequeue" -d 'Take one job from the coordinator and write its new run document (exit 4: no job)'
-complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "prepare-workspace" -d 'Create the job\'s workspace: repository, files, one script per step'
-complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "vm-boot" -d 'Start the job\'s sandbox with the chosen runtime and record it in the document'
-complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "run-steps" -d 'Run the job\'s steps in its sandbox, streaming each as a log entry'
-complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "upload" -d 'Pack the job\'s artifacts into a tar.gz and send them to the coordinator'
-complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "complete" -d 'Report the outcome, tear down the sandbox and delete the workspace (safe to run twice)'
-complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "loop" -d 'Run jobs continuously: the stages in-process, with heartbeats, cancellation and draining'
-complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "validate" -d 'Check the configuration, the coordinator\'s acceptance of the secret and the runtime\'s tools'
-complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "janitor" -d 'Remove workspaces and sandboxes that no live job owns (one pass)'
-complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "image" -d 'Manage the local image store (import, build, list, remove)'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "queue" -d 'The coordinator: serve the job queue, or talk to its admin API'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "generate-docs" -d 'Write the man pages and shell completions generated from these definitions'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "dequeue" -d 'Take one job from the coordinator and write its new run document (exit 4: no job)'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "prepare-workspace" -d 'Create the job\'s workspace: repository, files, one script per step'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "vm-boot" -d 'Start the job\'s sandbox with the chosen runtime and record it in the document'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "run-steps" -d 'Run the job\'s steps in its sandbox, streaming each as a log entry'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "upload" -d 'Pack the job\'s artifacts into a tar.gz and send them to the coordinator'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "complete" -d 'Report the outcome, tear down the sandbox and delete the workspace (safe to run twice)'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "loop" -d 'Run jobs continuously: the stages in-process, with heartbeats, cancellation and draining'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "validate" -d 'Check the configuration, the coordinator\'s acceptance of the secret and the runtime\'s tools'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "janitor" -d 'Remove workspaces and sandboxes that no live job owns (one pass)'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from image" -f -a "import" -d 'Import a `docker save` or OCI image-layout tarball as NAME'
+complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from image" -f -a "build-base" -d 'Build a minimal Debian bookworm image (bash, coreutils, git, ca-certificates) with debootstrap'
+complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from image" -f -a "build-busybox" -d 'Build a tiny image from the host\'s static busybox, plus git and the libraries it links'
+complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from image" -f -a "ls" -d 'List the images in the store'
+complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from image" -f -a "rm" -d 'Remove an image name; its tree goes once no name and no live sandbox uses it'
 complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from queue" -f -a "serve" -d 'Run the coordinator: the executor protocol, the admin API and /metrics, backed by SQLite'
 complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from queue" -f -a "submit" -d 'Submit a job (the protocol\'s job JSON without id and token, plus "queue"); prints its id'
 complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from queue" -f -a "jobs" -d 'List jobs, newest first'
@@ -364,4 +436,6 @@ complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_
 complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from queue" -f -a "logs" -d 'Print a job\'s log entries; with --follow, until the job finishes'
 complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from queue" -f -a "cancel" -d 'Cancel a job (a running one ends when its executor notices)'
 complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from queue" -f -a "executors" -d 'List the executors that heartbeated, with their versions and whether they are active'
+complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from queue" -f -a "repo" -d 'Register, list and remove the git repositories the coordinator serves to jobs'
+complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from queue" -f -a "files" -d 'The files store jobs reference by bucket and key'
 complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from queue" -f -a "artifacts" -d 'Download a job\'s artifacts tarball (stdout unless -o; never to a terminal)'

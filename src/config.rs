@@ -57,9 +57,11 @@ pub struct RawSettings {
     pub state_dir: Option<PathBuf>,
     pub allow_unisolated: Option<String>,
     pub vm_prefix: Option<String>,
+    pub oci_runtime: Option<String>,
     pub shutdown_grace: Option<String>,
     pub heartbeat_interval: Option<String>,
     pub artifacts_max_size: Option<String>,
+    pub git_timeout: Option<String>,
 }
 
 /// Validated settings.
@@ -90,12 +92,16 @@ pub struct Settings {
     pub state_dir: PathBuf,
     pub allow_unisolated: bool,
     pub vm_prefix: String,
+    /// The OCI runtime of the `oci` sandbox: `runc`, `crun` or `runsc`.
+    pub oci_runtime: String,
     /// How long `loop` lets running jobs finish after SIGTERM before killing them.
     pub shutdown_grace: Duration,
     /// How often `loop` heartbeats (the contract's 5 s; lower it for faster cancels).
     pub heartbeat_interval: Duration,
     /// Largest artifact archive `upload` sends.
     pub artifacts_max_bytes: u64,
+    /// Limit for each git command of a clone.
+    pub git_timeout: Duration,
 }
 
 /// What a command needs besides the secret.
@@ -158,6 +164,14 @@ impl Settings {
         {
             bail!("EXECUTOR_VM_PREFIX {vm_prefix:?} must be letters, digits, '-' or '_'");
         }
+        let oci_runtime = raw
+            .oci_runtime
+            .unwrap_or_else(|| crate::sandbox::oci::DEFAULT_OCI_RUNTIME.into())
+            .trim()
+            .to_ascii_lowercase();
+        if !crate::sandbox::oci::OCI_RUNTIMES.contains(&oci_runtime.as_str()) {
+            bail!("EXECUTOR_OCI_RUNTIME {oci_runtime:?} is not one of runc, crun, runsc");
+        }
         let state_dir = raw.state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
         if !state_dir.is_absolute() {
             bail!("EXECUTOR_STATE_DIR {} must be an absolute path", state_dir.display());
@@ -190,6 +204,7 @@ impl Settings {
             state_dir,
             allow_unisolated: parse_bool("EXECUTOR_ALLOW_UNISOLATED", raw.allow_unisolated.as_deref())?,
             vm_prefix,
+            oci_runtime,
             shutdown_grace: parse_duration_var(
                 "EXECUTOR_SHUTDOWN_GRACE",
                 raw.shutdown_grace.as_deref(),
@@ -202,6 +217,7 @@ impl Settings {
             )?
             .max(Duration::from_millis(100)),
             artifacts_max_bytes,
+            git_timeout: parse_duration_var("EXECUTOR_GIT_TIMEOUT", raw.git_timeout.as_deref(), "10m")?,
         })
     }
 
@@ -215,6 +231,7 @@ impl Settings {
         crate::sandbox::RuntimeOptions {
             state_dir: self.state_dir.clone(),
             allow_unisolated: self.allow_unisolated,
+            oci_runtime: self.oci_runtime.clone(),
         }
     }
 
@@ -424,6 +441,7 @@ mod tests {
         assert_eq!(s.job_cpus, 4);
         assert_eq!(s.limits().memory_bytes, 12 << 30);
         assert_eq!(s.runtime, "auto");
+        assert_eq!(s.oci_runtime, "runc");
         assert!(!s.allow_unisolated);
     }
 

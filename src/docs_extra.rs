@@ -5,6 +5,7 @@
 pub fn man_section(name: &str) -> Option<&'static str> {
     match name {
         "executor" => Some(EXIT_STATUS),
+        "executor-image" => Some(OCI_SETUP_ORDER),
         "executor-dequeue"
         | "executor-prepare-workspace"
         | "executor-vm-boot"
@@ -71,4 +72,42 @@ finish, then they are killed and reported errored; the loop exits 0. A second si
 reports them at once.
 \fBEXECUTOR_NUM_TOTAL_JOBS\fR and \fBEXECUTOR_MAX_ACTIVE_TIME\fR stop dequeuing the same way,
 without a grace limit, for ephemeral hosts.
+"#;
+
+/// The `oci` sandbox, in the order `sandbox::oci` builds it (docs/sandbox-oci.md says more).
+const OCI_SETUP_ORDER: &str = r#".SH "OCI SANDBOX SET-UP ORDER"
+With \fB--runtime oci\fR each step runs in a fresh container made by \fBrunc\fR (default),
+\fBcrun\fR or \fBrunsc\fR (\fB--oci-runtime\fR, \fBEXECUTOR_OCI_RUNTIME\fR). \fBvm-boot\fR resolves
+every step image in the image store (an unknown image fails the job, naming it), records the
+images as in use, creates the job cgroup \fBexecutor/<sandbox>\fR with the job's memory, CPU
+and process limits (cgroup v1 or v2), and gives the workspace to the container's root. Each step
+then gets a container set up in this order:
+.IP 1. 4
+namespaces: user, pid, mount, network, ipc, uts, cgroup, all new; container uid and gid 0..65535
+map to host 2000000000..2000065535, never to host root
+.IP 2. 4
+root: the image tree, read-only
+.IP 3. 4
+mounts: /proc, a private /dev (null, zero, full, random, urandom, tty, ptmx), /dev/pts, /dev/shm,
+/dev/mqueue, /sys read-only, a size-limited tmpfs /tmp, the workspace read-write at /data
+.IP 4. 4
+/proc and /sys: kcore, keys, timer_list, sched_debug, /sys/firmware, /sys/kernel and others
+masked; /proc/sys, /proc/sysrq-trigger, /proc/bus, /proc/fs, /proc/irq read-only
+.IP 5. 4
+cgroup: a child of the job cgroup; devices denied but the standard set
+.IP 6. 4
+seccomp: mount and the new mount API, setns, ptrace, process_vm_*, kexec, module loading, bpf,
+keyctl, perf_event_open, open_by_handle_at, reboot, swap, clock changes and user namespaces
+(unshare or clone with CLONE_NEWUSER) fail with EPERM; clone3 fails with ENOSYS
+.IP 7. 4
+capabilities: none; no_new_privs
+.IP 8. 4
+rlimits: 1024 open files, no core files, 64 KiB locked memory, files no larger than the disk cap
+.IP 9. 4
+process: container root in /data/<dir>, running the step script with only the step's
+environment plus PATH and HOME=/tmp
+.PP
+A cancel or the deadline kills the container and every process in the job cgroup within 2 s.
+\fBcomplete\fR (teardown) and \fBjanitor\fR remove containers, cgroups, bundles and image use
+records, and give the workspace back to its owner.
 "#;

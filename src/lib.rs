@@ -10,6 +10,9 @@ pub mod docs;
 mod docs_extra;
 pub mod document;
 pub mod exit;
+pub mod git;
+pub mod githttp;
+pub mod image;
 pub mod logs;
 pub mod protocol;
 pub mod redact;
@@ -17,6 +20,7 @@ pub mod run_loop;
 pub mod sandbox;
 pub mod server;
 pub mod stage;
+mod sys;
 pub mod workspace;
 
 use cli::{Cli, Command};
@@ -45,6 +49,7 @@ pub fn main() -> i32 {
 fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::GenerateDocs { out } => docs::generate(&out).map(|_| exit::OK),
+        Command::Image(args) => image::cli::run(args),
         Command::Executor(cmd) => cli::executor::run(*cmd),
         Command::Queue(args) => cli::queue::run(args),
     }

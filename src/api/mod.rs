@@ -438,6 +438,12 @@ impl Client {
     }
 
     /// `PUT /.executors/queue/{queue}/artifacts`: the job's artifacts as a tar.gz.
+    /// `GET /.executors/files/{bucket}/{key}`: a file of the coordinator's files store.
+    pub fn fetch_file(&self, job: &JobAuth, bucket: &str, key: &str) -> Result<Vec<u8>, ApiError> {
+        let path = format!("/.executors/files/{bucket}/{key}");
+        self.call("GET", &path, Auth::Job(job), Body::None, None).map(|(_, body)| body)
+    }
+
     pub fn upload_artifacts(&self, job: &JobAuth, archive: &Path) -> Result<(), ApiError> {
         let path = format!("/.executors/queue/{}/artifacts", job.queue);
         self.call("PUT", &path, Auth::Job(job), Body::File(archive, "application/gzip"), None).map(|_| ())

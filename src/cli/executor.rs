@@ -68,6 +68,9 @@ pub struct ConfigArgs {
     /// Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]
     #[arg(long, env = "EXECUTOR_VM_PREFIX", value_name = "PREFIX")]
     pub vm_prefix: Option<String>,
+    /// OCI runtime of the oci sandbox: runc, crun or runsc (gVisor) [default: runc]
+    #[arg(long, env = "EXECUTOR_OCI_RUNTIME", value_name = "NAME")]
+    pub oci_runtime: Option<String>,
     /// After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]
     #[arg(long, env = "EXECUTOR_SHUTDOWN_GRACE", value_name = "DURATION")]
     pub shutdown_grace: Option<String>,
@@ -77,6 +80,9 @@ pub struct ConfigArgs {
     /// Largest artifact archive `upload` sends [default: 100M]
     #[arg(long, env = "EXECUTOR_ARTIFACTS_MAX_SIZE", value_name = "SIZE")]
     pub artifacts_max_size: Option<String>,
+    /// Limit for each git command of a clone [default: 10m]
+    #[arg(long, env = "EXECUTOR_GIT_TIMEOUT", value_name = "DURATION")]
+    pub git_timeout: Option<String>,
 }
 
 impl ConfigArgs {
@@ -103,9 +109,11 @@ impl ConfigArgs {
             state_dir: self.state_dir.clone(),
             allow_unisolated: self.allow_unisolated.clone(),
             vm_prefix: self.vm_prefix.clone(),
+            oci_runtime: self.oci_runtime.clone(),
             shutdown_grace: self.shutdown_grace.clone(),
             heartbeat_interval: self.heartbeat_interval.clone(),
             artifacts_max_size: self.artifacts_max_size.clone(),
+            git_timeout: self.git_timeout.clone(),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Every clap type of the binary. Nothing outside `cli` knows clap: each command's flags are
 //! turned into the settings structs of the module that does the work.
 
+pub mod image;
 pub mod queue;
 
 use clap::{Parser, Subcommand};
@@ -26,6 +27,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Manage the local image store (import, build, list, remove)
+    Image(image::ImageArgs),
     /// The coordinator: serve the job queue, or talk to its admin API
     Queue(queue::QueueArgs),
     /// Write the man pages and shell completions generated from these definitions

@@ -84,11 +84,61 @@ pub enum QueueCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Register, list and remove the git repositories the coordinator serves to jobs
+    #[command(subcommand)]
+    Repo(RepoCommand),
+    /// The files store jobs reference by bucket and key
+    #[command(subcommand)]
+    Files(FilesCommand),
     /// Download a job's artifacts tarball (stdout unless -o; never to a terminal)
     Artifacts {
         id: i64,
         #[arg(long, short)]
         output: Option<PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// `executor queue repo ...`
+#[derive(Debug, Subcommand)]
+pub enum RepoCommand {
+    /// Serve the git repository at PATH (on the coordinator's host) as NAME
+    ///
+    /// Executors clone it at /.executors/git/NAME with the token of a job whose repositoryName is
+    /// NAME; no other credential reads it.
+    Add {
+        name: String,
+        path: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List the served repositories
+    Ls {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Stop serving a repository
+    Rm {
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// `executor queue files ...`
+#[derive(Debug, Subcommand)]
+pub enum FilesCommand {
+    /// Store FILE as BUCKET/KEY; a job's files entry {"bucket", "key"} then fetches it
+    Put {
+        bucket: String,
+        key: String,
+        file: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List the stored files
+    Ls {
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -198,6 +248,15 @@ pub fn run(args: QueueArgs) -> Result<i32> {
         QueueCommand::Cancel { id, client } => (options(client), C::Cancel { id }),
         QueueCommand::Executors { client } => (options(client), C::Executors),
         QueueCommand::Artifacts { id, output, client } => (options(client), C::Artifacts { id, output }),
+        QueueCommand::Repo(RepoCommand::Add { name, path, client }) => {
+            (options(client), C::RepoAdd { name, path })
+        }
+        QueueCommand::Repo(RepoCommand::Ls { client }) => (options(client), C::RepoLs),
+        QueueCommand::Repo(RepoCommand::Rm { name, client }) => (options(client), C::RepoRm { name }),
+        QueueCommand::Files(FilesCommand::Put { bucket, key, file, client }) => {
+            (options(client), C::FilePut { bucket, key, file })
+        }
+        QueueCommand::Files(FilesCommand::Ls { client }) => (options(client), C::FileLs),
     };
     client::run(&opts, cmd)
 }

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use crate::cancel::{Cancel, CancelReason};
 
+pub mod oci;
 pub mod shell;
 
 /// A running sandbox as recorded in the run document. Everything a later process needs to reach
@@ -120,6 +121,9 @@ pub struct RuntimeOptions {
     pub state_dir: PathBuf,
     /// The shell runtime runs only with this explicit opt-in (`EXECUTOR_ALLOW_UNISOLATED=1`).
     pub allow_unisolated: bool,
+    /// The OCI runtime the `oci` sandbox drives: `runc` (default), `crun` or `runsc`
+    /// (`EXECUTOR_OCI_RUNTIME`, `--oci-runtime`).
+    pub oci_runtime: String,
 }
 
 impl RuntimeOptions {
@@ -141,6 +145,7 @@ pub const AUTO_ORDER: &[&str] = &["microvm", "oci"];
 pub fn open(name: &str, opts: &RuntimeOptions) -> Result<Box<dyn Runtime>> {
     match name {
         "shell" => Ok(Box::new(shell::ShellRuntime::new(opts))),
+        "oci" => Ok(Box::new(oci::OciRuntime::new(opts.clone())?)),
         "auto" => {
             let mut why = Vec::new();
             for candidate in AUTO_ORDER {

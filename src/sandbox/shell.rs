@@ -313,8 +313,11 @@ mod tests {
         let ws = d.path().join("ws");
         std::fs::create_dir_all(ws.join(".sourcegraph-executor")).unwrap();
         std::fs::write(ws.join(".sourcegraph-executor/s.sh"), script).unwrap();
-        let rt =
-            ShellRuntime::new(&RuntimeOptions { state_dir: d.path().join("state"), allow_unisolated: true });
+        let rt = ShellRuntime::new(&RuntimeOptions {
+            state_dir: d.path().join("state"),
+            allow_unisolated: true,
+            oci_runtime: String::new(),
+        });
         let limits = super::super::Limits::default();
         let sb = rt
             .boot(&BootRequest {
@@ -335,7 +338,11 @@ mod tests {
     #[test]
     fn refuses_without_opt_in() {
         let d = tempfile::tempdir().unwrap();
-        let rt = ShellRuntime::new(&RuntimeOptions { state_dir: d.path().into(), allow_unisolated: false });
+        let rt = ShellRuntime::new(&RuntimeOptions {
+            state_dir: d.path().into(),
+            allow_unisolated: false,
+            oci_runtime: String::new(),
+        });
         let limits = super::super::Limits::default();
         let err = rt
             .boot(&BootRequest {

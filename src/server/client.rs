@@ -33,6 +33,11 @@ pub enum ClientCommand {
     Cancel { id: i64 },
     Executors,
     Artifacts { id: i64, output: Option<PathBuf> },
+    RepoAdd { name: String, path: PathBuf },
+    RepoLs,
+    RepoRm { name: String },
+    FilePut { bucket: String, key: String, file: PathBuf },
+    FileLs,
 }
 
 /// A client of the admin API.
@@ -167,6 +172,40 @@ impl AdminClient {
             each(serde_json::from_str(&line).with_context(|| format!("{what}: a line is not JSON"))?)?;
         }
         Ok(())
+    }
+
+    /// Registers the git repository at `path` (on the coordinator's host) as `name`.
+    pub fn repo_add(&self, name: &str, path: &Path) -> Result<Value> {
+        let body = serde_json::json!({ "name": name, "path": path.to_string_lossy() });
+        self.json(&format!("registering repository {name}"), self.request("POST", "/api/repos"), Some(&body))
+    }
+
+    pub fn repos(&self) -> Result<Value> {
+        self.json("listing repositories", self.request("GET", "/api/repos"), None)
+    }
+
+    pub fn repo_rm(&self, name: &str) -> Result<()> {
+        let req = self.request("DELETE", "/api/repos").query("name", name);
+        self.call(&format!("removing repository {name}"), req, None).map(|_| ())
+    }
+
+    /// Stores `bytes` as `bucket/key` in the coordinator's files store.
+    pub fn file_put(&self, bucket: &str, key: &str, bytes: &[u8]) -> Result<Value> {
+        let what = format!("storing file {bucket}/{key}");
+        let resp = match self.request("PUT", &format!("/api/files/{bucket}/{key}")).send_bytes(bytes) {
+            Ok(r) => r,
+            Err(ureq::Error::Status(code, resp)) => {
+                let text = resp.into_string().unwrap_or_default();
+                bail!("{what}: the coordinator answered {code}: {text}")
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("{what}: reaching the coordinator"))),
+        };
+        let text = resp.into_string().with_context(|| what.clone())?;
+        serde_json::from_str(&text).with_context(|| format!("{what}: the answer is not JSON"))
+    }
+
+    pub fn files(&self) -> Result<Value> {
+        self.json("listing files", self.request("GET", "/api/files"), None)
     }
 
     /// Copies a job's artifacts tarball into `out`.
@@ -371,6 +410,59 @@ pub fn run(opts: &ClientOptions, cmd: ClientCommand) -> Result<i32> {
                     table(&["HOSTNAME", "QUEUES", "PLATFORM", "VERSION", "ACTIVE", "LAST SEEN"], &rows)
                         .as_bytes(),
                 )?;
+            }
+        }
+        ClientCommand::RepoAdd { name, path } => {
+            let abs = std::fs::canonicalize(&path)
+                .with_context(|| format!("repository path {}", path.display()))?;
+            let v = client.repo_add(&name, &abs)?;
+            if opts.json {
+                print_json(&v)?;
+            } else {
+                writeln!(stdout, "serving {} as {name}", abs.display())?;
+            }
+        }
+        ClientCommand::RepoLs => {
+            let v = client.repos()?;
+            if opts.json {
+                print_json(&v)?;
+            } else {
+                let rows: Vec<Vec<String>> = v["repos"]
+                    .as_array()
+                    .map(|a| a.iter().map(|r| vec![s(r, "name"), s(r, "path"), s(r, "addedAt")]).collect())
+                    .unwrap_or_default();
+                stdout.write_all(table(&["NAME", "PATH", "ADDED"], &rows).as_bytes())?;
+            }
+        }
+        ClientCommand::RepoRm { name } => {
+            client.repo_rm(&name)?;
+            if !opts.json {
+                writeln!(stdout, "no longer serving {name}")?;
+            }
+        }
+        ClientCommand::FilePut { bucket, key, file } => {
+            let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let v = client.file_put(&bucket, &key, &bytes)?;
+            if opts.json {
+                print_json(&v)?;
+            } else {
+                writeln!(stdout, "{bucket}/{key}: {} bytes, sha256 {}", s(&v, "size"), s(&v, "sha256"))?;
+            }
+        }
+        ClientCommand::FileLs => {
+            let v = client.files()?;
+            if opts.json {
+                print_json(&v)?;
+            } else {
+                let rows: Vec<Vec<String>> = v["files"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(|f| vec![s(f, "bucket"), s(f, "key"), s(f, "size"), s(f, "sha256")])
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                stdout.write_all(table(&["BUCKET", "KEY", "SIZE", "SHA256"], &rows).as_bytes())?;
             }
         }
         ClientCommand::Artifacts { id, output } => match output {

@@ -1022,6 +1022,11 @@ fn router(app: Shared) -> Router {
         .route("/api/jobs/:id/cancel", post(cancel_job))
         .route("/api/jobs/:id/artifacts", get(get_artifacts))
         .route("/api/executors", get(list_executors))
+        .route("/.executors/git/*path", get(git_route).post(git_route))
+        .route("/.executors/files/:bucket/*key", get(files_get))
+        .route("/api/repos", get(list_repos).post(add_repo).delete(remove_repo))
+        .route("/api/files", get(list_files))
+        .route("/api/files/:bucket/*key", put(put_file))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -1245,5 +1250,231 @@ mod tests {
         let want = digest(b"correct horse battery staple");
         assert!(secret_matches("correct horse battery staple", &want));
         assert!(!secret_matches("correct horse battery stapl", &want));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Repositories (git smart HTTP) and the files store
+
+/// Job authentication for routes that are not under a queue (git, files): the bearer job token
+/// with the job and executor headers. Returns the caller, the token's queue and repository.
+async fn token_auth(app: &Shared, headers: &HeaderMap) -> ApiResult<(JobCaller, String, String)> {
+    let (scheme, token) = parse_auth(headers)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(api_err(
+            StatusCode::UNAUTHORIZED,
+            "this route needs the job's token (Authorization: Bearer)",
+        ));
+    }
+    let id = headers
+        .get(protocol::HEADER_JOB_ID)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .ok_or_else(|| {
+            api_err(StatusCode::BAD_REQUEST, "missing or non-integer X-Sourcegraph-Job-ID header")
+        })?;
+    let executor = headers
+        .get(protocol::HEADER_EXECUTOR_NAME)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| api_err(StatusCode::BAD_REQUEST, "missing X-Sourcegraph-Executor-Name header"))?;
+    let raw = hex::decode(&token).map_err(|_| api_err(StatusCode::UNAUTHORIZED, "invalid token"))?;
+    let hash = store::sha256_hex(&raw);
+    let Some((token_job, queue, repo)) = db(app, move |s| s.job_for_token(&hash)).await? else {
+        return Err(api_err(StatusCode::UNAUTHORIZED, "invalid token"));
+    };
+    if token_job != id {
+        return Err(api_err(StatusCode::FORBIDDEN, "invalid token"));
+    }
+    Ok((JobCaller { id, executor }, queue, repo))
+}
+
+/// `GET .../info/refs?service=git-upload-pack` and `POST .../git-upload-pack` of a registered
+/// repository, for the token of a job whose `repositoryName` is that repository.
+async fn git_route(
+    State(app): State<Shared>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let path = uri.path().strip_prefix("/.executors/git/").unwrap_or("");
+    let Some((name, route)) = crate::githttp::GitRoute::split(path) else {
+        return Err(api_err(StatusCode::NOT_FOUND, format!("no git route for {}", uri.path())));
+    };
+    let (_caller, _queue, token_repo) = token_auth(&app, &headers).await?;
+    if token_repo != name {
+        return Err(api_err(StatusCode::FORBIDDEN, "invalid token for this repository"));
+    }
+    let lookup = name.to_string();
+    let Some(dir) = db(&app, move |s| s.repo_path(&lookup)).await? else {
+        return Err(api_err(StatusCode::NOT_FOUND, format!("repository {name:?} is not served here")));
+    };
+    let dir = std::path::PathBuf::from(dir);
+    Ok(crate::githttp::serve(&dir, route, &method, uri.query(), &headers, body).await)
+}
+
+/// Checks a files-store bucket or key: plain path segments only.
+fn file_name_ok(what: &str, s: &str) -> ApiResult<()> {
+    let ok = !s.is_empty()
+        && s.len() <= 1024
+        && s.split('/').all(|seg| {
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && seg.chars().all(|c| c.is_ascii_alphanumeric() || "-_.~@+=".contains(c))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(api_err(StatusCode::BAD_REQUEST, format!("malformed {what} {s:?}")))
+    }
+}
+
+fn file_blob_path(app: &App, sha256: &str) -> std::path::PathBuf {
+    app.cfg.data_dir.join("files").join(sha256)
+}
+
+/// `GET`/`HEAD /.executors/files/{bucket}/{key}`: a file the job's own payload references.
+async fn files_get(
+    State(app): State<Shared>,
+    params: std::result::Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let (bucket, key) = params
+        .map(|Path(p)| p)
+        .map_err(|e| api_err(StatusCode::BAD_REQUEST, format!("invalid path: {e}")))?;
+    file_name_ok("bucket", &bucket)?;
+    file_name_ok("key", &key)?;
+    let (caller, _queue, _repo) = token_auth(&app, &headers).await?;
+    let (b, k) = (bucket.clone(), key.clone());
+    let (payload, file) = db(&app, move |s| Ok((s.payload(caller.id)?, s.file(&b, &k)?))).await?;
+    let referenced = payload
+        .and_then(|p| serde_json::from_str::<serde_json::Value>(&p).ok())
+        .and_then(|v| v.get("files").and_then(|f| f.as_object()).cloned())
+        .map(|files| {
+            files.values().any(|f| {
+                f.get("bucket").and_then(|x| x.as_str()) == Some(bucket.as_str())
+                    && f.get("key").and_then(|x| x.as_str()) == Some(key.as_str())
+            })
+        })
+        .unwrap_or(false);
+    if !referenced {
+        return Err(api_err(StatusCode::FORBIDDEN, "the job does not reference this file"));
+    }
+    let Some((sha, size)) = file else {
+        return Err(api_err(StatusCode::NOT_FOUND, format!("no file {bucket}/{key}")));
+    };
+    let f = tokio::fs::File::open(file_blob_path(&app, &sha))
+        .await
+        .with_context(|| format!("opening the stored file {bucket}/{key}"))?;
+    Ok((
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream")),
+            (header::CONTENT_LENGTH, HeaderValue::from(size)),
+        ],
+        Body::from_stream(tokio_util::io::ReaderStream::new(f)),
+    )
+        .into_response())
+}
+
+/// `PUT /api/files/{bucket}/{key}`: stores a file (admin), content-addressed on disk.
+async fn put_file(
+    State(app): State<Shared>,
+    params: std::result::Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    admin_auth(&app, &headers)?;
+    let (bucket, key) = params
+        .map(|Path(p)| p)
+        .map_err(|e| api_err(StatusCode::BAD_REQUEST, format!("invalid path: {e}")))?;
+    file_name_ok("bucket", &bucket)?;
+    file_name_ok("key", &key)?;
+    let bytes = read_limited(body, app.cfg.artifact_max_bytes as usize).await?;
+    let sha = hex::encode(Sha256::digest(&bytes));
+    let dir = app.cfg.data_dir.join("files");
+    let dest = file_blob_path(&app, &sha);
+    let size = bytes.len() as i64;
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        crate::document::write_atomic(&dest, &bytes)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("file store task failed: {e}"))??;
+    let (b, k, s2) = (bucket.clone(), key.clone(), sha.clone());
+    db(&app, move |s| s.put_file(&b, &k, &s2, size, store::now_ms())).await?;
+    json_response(
+        StatusCode::CREATED,
+        &serde_json::json!({"bucket": bucket, "key": key, "sha256": sha, "size": size}),
+    )
+}
+
+async fn list_files(State(app): State<Shared>, headers: HeaderMap) -> ApiResult<Response> {
+    admin_auth(&app, &headers)?;
+    let files = db(&app, |s| s.files()).await?;
+    json_response(StatusCode::OK, &serde_json::json!({ "files": files }))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddRepo {
+    name: String,
+    path: String,
+}
+
+/// `POST /api/repos {"name", "path"}`: serves the git repository at `path` (on this host) as
+/// `name`. The path must be an existing git repository.
+async fn add_repo(State(app): State<Shared>, headers: HeaderMap, body: Body) -> ApiResult<Response> {
+    admin_auth(&app, &headers)?;
+    let req: AddRepo = read_json(body, app.json_limit).await?;
+    crate::git::validate_repository_name(&req.name)
+        .map_err(|e| api_err(StatusCode::BAD_REQUEST, format!("{e:#}")))?;
+    let path = std::path::PathBuf::from(&req.path);
+    if !path.is_absolute() {
+        return Err(api_err(
+            StatusCode::BAD_REQUEST,
+            format!("repository path {:?} must be absolute", req.path),
+        ));
+    }
+    let check = tokio::process::Command::new("git")
+        .arg("-C")
+        .arg(&path)
+        .args(["rev-parse", "--git-dir"])
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .output()
+        .await
+        .context("running git rev-parse")?;
+    if !check.status.success() {
+        return Err(api_err(StatusCode::BAD_REQUEST, format!("{} is not a git repository", path.display())));
+    }
+    let (name, p) = (req.name.clone(), path.to_string_lossy().into_owned());
+    db(&app, move |s| s.add_repo(&name, &p, store::now_ms())).await?;
+    json_response(StatusCode::CREATED, &serde_json::json!({"name": req.name, "path": req.path}))
+}
+
+async fn list_repos(State(app): State<Shared>, headers: HeaderMap) -> ApiResult<Response> {
+    admin_auth(&app, &headers)?;
+    let repos = db(&app, |s| s.repos()).await?;
+    json_response(StatusCode::OK, &serde_json::json!({ "repos": repos }))
+}
+
+/// `DELETE /api/repos?name=NAME`.
+async fn remove_repo(
+    State(app): State<Shared>,
+    query: std::result::Result<Query<HashMap<String, String>>, QueryRejection>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    admin_auth(&app, &headers)?;
+    let q = query_params(query)?;
+    let name = q.get("name").cloned().ok_or_else(|| api_err(StatusCode::BAD_REQUEST, "missing ?name="))?;
+    let n = name.clone();
+    if db(&app, move |s| s.remove_repo(&n)).await? {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(api_err(StatusCode::NOT_FOUND, format!("repository {name:?} is not registered")))
     }
 }

@@ -27,8 +27,19 @@ pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
     // Recorded before anything can fail, so that `complete` removes it whatever happens next.
     doc.workspace =
         Some(WorkspaceRecord { path: path.clone(), scripts: Vec::new(), repository_cloned: false });
-    let cloned = workspace::clone_repository(&ctx.job, &path, &ctx.logger)?;
-    let scripts = workspace::write_files_and_scripts(&ctx.job, &path, &ctx.logger)?;
+    let cx = workspace::CloneContext {
+        frontend_url: ctx.client.base_url(),
+        executor_name: ctx.client.executor_name(),
+        ca_file: ctx.settings.frontend_ca.as_deref(),
+        cache_dir: Some(ctx.settings.state_dir.join("cache").join("git")),
+        max_bytes: ctx.settings.limits().disk_bytes,
+        git_timeout: ctx.settings.git_timeout,
+    };
+    let cloned = workspace::clone_repository(&ctx.job, &path, &ctx.logger, &cx)?;
+    let fetch = |bucket: &str, key: &str| -> Result<Vec<u8>> {
+        ctx.client.fetch_file(&ctx.auth, bucket, key).map_err(|e| anyhow::anyhow!("{e}"))
+    };
+    let scripts = workspace::write_files_and_scripts(&ctx.job, &path, &ctx.logger, &fetch)?;
     doc.workspace = Some(WorkspaceRecord { path, scripts, repository_cloned: cloned });
     Ok(())
 }

@@ -5,7 +5,7 @@
 pub mod files;
 pub mod scripts;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
@@ -69,23 +69,102 @@ pub fn remove(ws: &Path) -> Result<()> {
     }
 }
 
-/// Clones the job's repository into the workspace. The coordinator's git serving and the clone
-/// sequence (`setup.git.*`) are their own piece of work; until they land, a job that names a
-/// repository fails here with a message that says so, and jobs without one work fully.
-pub fn clone_repository(job: &Job, _ws: &Path, _logger: &JobLogger) -> Result<bool> {
+/// What a clone needs besides the job: where the coordinator is, who we are, and the limits.
+pub struct CloneContext<'a> {
+    pub frontend_url: &'a str,
+    pub executor_name: &'a str,
+    pub ca_file: Option<&'a Path>,
+    /// Root of the per-repository object caches (`$EXECUTOR_STATE_DIR/cache/git`).
+    pub cache_dir: Option<PathBuf>,
+    /// Workspace size cap in bytes (0 = none).
+    pub max_bytes: u64,
+    pub git_timeout: std::time::Duration,
+}
+
+/// Clones the job's repository into the workspace (the `setup.git.*` entries, see
+/// `docs/workspace.md`). Returns whether there was a repository to clone.
+pub fn clone_repository(job: &Job, ws: &Path, logger: &JobLogger, cx: &CloneContext) -> Result<bool> {
     if job.repository_name.is_empty() {
         return Ok(false);
     }
-    bail!(
-        "job {} names repository {:?}, but this executor cannot clone repositories yet",
-        job.id,
-        job.repository_name
-    )
+    let dir = if job.repository_directory.trim_matches('/').is_empty() {
+        ws.to_path_buf()
+    } else {
+        files::confined(ws, &job.repository_directory)
+            .with_context(|| format!("repositoryDirectory {:?}", job.repository_directory))?
+    };
+    let req = crate::git::CloneRequest {
+        frontend_url: cx.frontend_url.to_string(),
+        repository_name: job.repository_name.clone(),
+        commit: job.commit.clone(),
+        fetch_tags: job.fetch_tags,
+        shallow: job.shallow_clone,
+        sparse: job.sparse_checkout.clone(),
+        dir,
+        auth: crate::git::GitAuth {
+            token: job.token.clone(),
+            job_id: job.id,
+            executor_name: cx.executor_name.to_string(),
+        },
+        cache: cx.cache_dir.clone().map(crate::git::ObjectCache::new),
+        step_timeout: cx.git_timeout,
+        ca_file: cx.ca_file.map(Path::to_path_buf),
+        max_bytes: cx.max_bytes,
+        workspace: ws.to_path_buf(),
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    crate::git::clone(&req, &mut GitLog { logger, error: None })
+        .with_context(|| format!("cloning {} at {}", job.repository_name, job.commit))?;
+    Ok(true)
 }
+
+/// The clone's log entries, through the job's logger.
+struct GitLog<'a> {
+    logger: &'a JobLogger,
+    error: Option<anyhow::Error>,
+}
+
+struct GitEntry {
+    entry: Option<crate::logs::LogEntry>,
+}
+
+impl crate::git::CommandLog for GitLog<'_> {
+    fn start(&mut self, key: &str, command: Option<Vec<String>>) -> Box<dyn crate::git::LogWriter + '_> {
+        match self.logger.entry(key, command) {
+            Ok(entry) => Box::new(GitEntry { entry: Some(entry) }),
+            Err(e) => {
+                // The clone goes on; the logger reports its own failures when the job completes.
+                self.error = Some(e);
+                Box::new(GitEntry { entry: None })
+            }
+        }
+    }
+}
+
+impl crate::git::LogWriter for GitEntry {
+    fn output(&mut self, stream: crate::sandbox::Stream, data: &[u8]) {
+        if let Some(e) = self.entry.as_mut() {
+            crate::sandbox::OutputSink::output(e, stream, data);
+        }
+    }
+    fn finish(&mut self, exit_code: i32) {
+        if let Some(e) = self.entry.take() {
+            let _ = e.finish(exit_code);
+        }
+    }
+}
+
+/// Where a job file's bytes come from when it references the coordinator's files store.
+pub type FileFetcher<'a> = &'a dyn Fn(&str, &str) -> Result<Vec<u8>>;
 
 /// Writes the job's inline files and one script per docker step (log entry `setup.fs.extras`).
 /// Returns the scripts, relative to the workspace.
-pub fn write_files_and_scripts(job: &Job, ws: &Path, logger: &JobLogger) -> Result<Vec<String>> {
+pub fn write_files_and_scripts(
+    job: &Job,
+    ws: &Path,
+    logger: &JobLogger,
+    fetch: FileFetcher,
+) -> Result<Vec<String>> {
     let scripts: Vec<(String, String)> = job
         .docker_steps
         .iter()
@@ -105,14 +184,16 @@ pub fn write_files_and_scripts(job: &Job, ws: &Path, logger: &JobLogger) -> Resu
         files::ensure_parent(ws, &format!("{}/x", scripts::SCRIPTS_DIR))?;
         for (rel, f) in &job.files {
             let t = Instant::now();
-            if !f.bucket.is_empty() && !f.key.is_empty() {
-                bail!(
-                    "file {rel:?} is in the coordinator's files store ({}/{}), which this executor cannot fetch yet",
-                    f.bucket,
-                    f.key
-                );
-            }
-            let path = files::write_file(ws, rel, &f.content, 0o777)
+            let fetched;
+            let content: &[u8] = if !f.bucket.is_empty() && !f.key.is_empty() {
+                fetched = fetch(&f.bucket, &f.key).with_context(|| {
+                    format!("fetching job file {rel:?} from the files store ({}/{})", f.bucket, f.key)
+                })?;
+                &fetched
+            } else {
+                &f.content
+            };
+            let path = files::write_file(ws, rel, content, 0o777)
                 .with_context(|| format!("writing job file {rel:?}"))?;
             if let Some(m) = f.modified_at {
                 files::set_mtime(&path, m)?;
@@ -218,5 +299,38 @@ mod tests {
         assert!(claimed.contains("sb-me") && claimed.contains("sb-other"));
         assert!(read_owner(&mine_dead).is_none());
         remove(&mine_dead).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod clone_tests {
+    use super::*;
+
+    #[test]
+    fn repository_directory_is_confined() {
+        let ws = tempfile::tempdir().unwrap();
+        let logger = crate::logs::JobLogger::new(
+            std::sync::Arc::new(crate::logs::tests::MemoryLogs::default()),
+            crate::redact::Redactor::default(),
+        );
+        let cx = CloneContext {
+            frontend_url: "http://127.0.0.1:1",
+            executor_name: "e",
+            ca_file: None,
+            cache_dir: None,
+            max_bytes: 0,
+            git_timeout: std::time::Duration::from_secs(5),
+        };
+        for bad in ["../out", "/abs", "a/../../b"] {
+            let job = Job {
+                id: 1,
+                repository_name: "r".into(),
+                repository_directory: bad.into(),
+                commit: "c".into(),
+                ..Default::default()
+            };
+            let err = format!("{:#}", clone_repository(&job, ws.path(), &logger, &cx).unwrap_err());
+            assert!(err.contains("repositoryDirectory") && err.contains("outside"), "{bad}: {err}");
+        }
     }
 }

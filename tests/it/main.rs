@@ -3,6 +3,10 @@
 
 mod common;
 mod coordinator;
+pub mod gitserve;
+mod image;
+mod oci;
 mod package;
 mod pipeline;
 mod server;
+mod workspace;

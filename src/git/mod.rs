@@ -1,0 +1,487 @@
+//! Cloning a job's repository: the contract's `setup.git.*` sequence, the job token passed to git
+//! only through the git child's environment (never argv, `.git/config`, logs or steps), and a
+//! per-repository object cache on the executor host so the next job fetches only what is new.
+
+mod cache;
+mod progress;
+
+pub use cache::ObjectCache;
+
+use anyhow::{anyhow, bail, Context, Result};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::sandbox::Stream;
+
+/// Receives the log entries of the clone (one per git command).
+pub trait CommandLog {
+    /// Starts an entry with `key` and the argv shown for it.
+    fn start(&mut self, key: &str, command: Option<Vec<String>>) -> Box<dyn LogWriter + '_>;
+}
+
+/// One log entry being written.
+pub trait LogWriter {
+    fn output(&mut self, stream: Stream, data: &[u8]);
+    fn finish(&mut self, exit_code: i32);
+}
+
+/// How the executor authenticates to the coordinator's git routes for one job.
+#[derive(Clone)]
+pub struct GitAuth {
+    pub token: String,
+    pub job_id: i64,
+    pub executor_name: String,
+}
+
+impl std::fmt::Debug for GitAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GitAuth").field("token", &"[redacted]").field("job_id", &self.job_id).finish()
+    }
+}
+
+impl GitAuth {
+    /// `GIT_CONFIG_*` variables that add the job headers to every HTTP request of one git
+    /// process. They live only in that child's environment.
+    fn env(&self) -> Vec<(String, String)> {
+        let headers = [
+            format!("Authorization: Bearer {}", self.token),
+            format!("{}: {}", crate::protocol::HEADER_JOB_ID, self.job_id),
+            format!("{}: {}", crate::protocol::HEADER_EXECUTOR_NAME, self.executor_name),
+        ];
+        let mut env = vec![("GIT_CONFIG_COUNT".to_string(), headers.len().to_string())];
+        for (i, h) in headers.iter().enumerate() {
+            env.push((format!("GIT_CONFIG_KEY_{i}"), "http.extraHeader".into()));
+            env.push((format!("GIT_CONFIG_VALUE_{i}"), h.clone()));
+        }
+        env
+    }
+}
+
+/// What to clone and where.
+#[derive(Debug, Clone)]
+pub struct CloneRequest {
+    /// The coordinator's base URL (`EXECUTOR_FRONTEND_URL`).
+    pub frontend_url: String,
+    pub repository_name: String,
+    pub commit: String,
+    pub fetch_tags: bool,
+    pub shallow: bool,
+    pub sparse: Vec<String>,
+    /// The clone target (workspace joined with `repositoryDirectory`, already confined).
+    pub dir: PathBuf,
+    pub auth: GitAuth,
+    /// Per-repository object cache root; `None` disables the cache.
+    pub cache: Option<ObjectCache>,
+    /// Limit for each git command.
+    pub step_timeout: Duration,
+    /// CA bundle for an https coordinator with a private CA.
+    pub ca_file: Option<PathBuf>,
+    /// Workspace size cap in bytes (0 = none), checked after the fetch and the checkout.
+    pub max_bytes: u64,
+    /// The workspace root, for the size cap.
+    pub workspace: PathBuf,
+    /// Show a progress bar on stderr (a terminal).
+    pub progress: bool,
+}
+
+/// The coordinator URL of a repository: `<frontend>/.executors/git/<name>`.
+pub fn remote_url(frontend_url: &str, repository_name: &str) -> String {
+    format!("{}/.executors/git/{}", frontend_url.trim_end_matches('/'), repository_name.trim_matches('/'))
+}
+
+/// Checks a repository name before it is put in a URL or a cache path.
+pub fn validate_repository_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 512 {
+        bail!("repository name {name:?} must have 1 to 512 characters");
+    }
+    let ok = name.split('/').all(|seg| {
+        !seg.is_empty()
+            && seg != "."
+            && seg != ".."
+            && seg.chars().all(|c| c.is_ascii_alphanumeric() || "-_.~@+".contains(c))
+    });
+    if !ok {
+        bail!("repository name {name:?} is not a path of plain segments (letters, digits, - _ . ~ @ +)");
+    }
+    Ok(())
+}
+
+/// Checks that a commit is a full or abbreviated hex object name or a plain ref name.
+pub fn validate_commit(commit: &str) -> Result<()> {
+    if commit.is_empty() || commit.len() > 256 || commit.starts_with('-') {
+        bail!("commit {commit:?} is not a revision");
+    }
+    if !commit.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c)) || commit.contains("..") {
+        bail!("commit {commit:?} is not a revision");
+    }
+    Ok(())
+}
+
+/// Runs the clone sequence; each git command is one log entry.
+pub fn clone(req: &CloneRequest, log: &mut dyn CommandLog) -> Result<()> {
+    validate_repository_name(&req.repository_name)?;
+    validate_commit(&req.commit)?;
+    std::fs::create_dir_all(&req.dir).with_context(|| format!("creating {}", req.dir.display()))?;
+    let url = remote_url(&req.frontend_url, &req.repository_name);
+    let r = req.dir.to_string_lossy().into_owned();
+    let git = Git { req, base_env: base_env(req) };
+
+    git.run(log, "setup.git.init", &["-C", &r, "init"], &[])?;
+
+    // With a usable cache, the workspace fetches from the cache (a local pack transfer: no file
+    // is shared between the cache and the workspace); otherwise from the coordinator.
+    let cached = match (&req.cache, req.shallow || !req.sparse.is_empty()) {
+        (Some(cache), false) => match cache.update(&git, log, &url, req) {
+            Ok(path) => Some(path),
+            Err(e) => {
+                log_line(
+                    log,
+                    "setup.git.cache",
+                    &format!("object cache unusable, fetching from the coordinator: {e:#}\n"),
+                );
+                None
+            }
+        },
+        _ => None,
+    };
+    let origin = match &cached {
+        Some(p) => p.to_string_lossy().into_owned(),
+        None => url.clone(),
+    };
+    git.run(log, "setup.git.add-remote", &["-C", &r, "remote", "add", "origin", &origin], &[])?;
+    git.run(log, "setup.git.disable-gc", &["-C", &r, "config", "--local", "gc.auto", "0"], &[])?;
+
+    let fetch = fetch_args(&r, req);
+    let fetch_refs: Vec<&str> = fetch.iter().map(String::as_str).collect();
+    let auth = if cached.is_some() { Vec::new() } else { req.auth.env() };
+    let fetched = git.run(log, "setup.git.fetch", &fetch_refs, &auth);
+    match (fetched, &cached, &req.cache) {
+        (Ok(()), _, _) => {}
+        (Err(e), Some(_), Some(cache)) => {
+            // The cache answered but could not serve the commit (damaged, or missing objects):
+            // drop it and fetch from the coordinator.
+            log_line(
+                log,
+                "setup.git.cache",
+                &format!("fetch from the object cache failed ({e:#}); removing the cache and fetching from the coordinator\n"),
+            );
+            cache.discard(&req.frontend_url, &req.repository_name)?;
+            git.run(log, "setup.git.set-remote", &["-C", &r, "remote", "set-url", "origin", &url], &[])?;
+            let auth = req.auth.env();
+            git.run(log, "setup.git.fetch", &fetch_refs, &auth).map_err(|e| missing_commit(e, req))?;
+        }
+        (Err(e), _, _) => return Err(missing_commit(e, req)),
+    }
+    check_size(req)?;
+
+    if !req.sparse.is_empty() {
+        git.run(
+            log,
+            "setup.git.sparse-checkout-config",
+            &["-C", &r, "config", "--local", "core.sparseCheckout", "1"],
+            &[],
+        )?;
+        let mut args = vec!["-C", &r, "sparse-checkout", "set", "--no-cone", "--"];
+        args.extend(req.sparse.iter().map(String::as_str));
+        git.run(log, "setup.git.sparse-checkout-set", &args, &[])?;
+    }
+    let checkout: Vec<&str> = if req.sparse.is_empty() {
+        vec!["-C", &r, "checkout", "--progress", "--force", &req.commit]
+    } else {
+        vec!["-C", &r, "-c", "protocol.version=2", "checkout", "--progress", "--force", &req.commit]
+    };
+    // A sparse (partial) checkout fetches blobs lazily from origin, so it needs the job headers.
+    let checkout_auth = if req.sparse.is_empty() { Vec::new() } else { req.auth.env() };
+    git.run(log, "setup.git.checkout", &checkout, &checkout_auth)?;
+    check_size(req)?;
+    git.run(
+        log,
+        "setup.git.set-remote",
+        &["-C", &r, "remote", "set-url", "origin", &req.repository_name],
+        &[],
+    )?;
+    Ok(())
+}
+
+/// The fetch argv, flags inserted before `origin` in the contract's order.
+fn fetch_args(r: &str, req: &CloneRequest) -> Vec<String> {
+    let mut a: Vec<String> =
+        ["-C", r, "-c", "protocol.version=2", "fetch", "--progress", "--no-recurse-submodules"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    if req.fetch_tags {
+        a.push("--tags".into());
+    }
+    if req.shallow {
+        if !req.fetch_tags {
+            a.push("--no-tags".into());
+        }
+        a.push("--depth=1".into());
+    }
+    if !req.sparse.is_empty() {
+        a.push("--filter=blob:none".into());
+    }
+    a.push("origin".into());
+    a.push(req.commit.clone());
+    a
+}
+
+fn missing_commit(e: anyhow::Error, req: &CloneRequest) -> anyhow::Error {
+    let text = format!("{e:#}");
+    if text.contains("not our ref")
+        || text.contains("couldn't find remote ref")
+        || text.contains("unadvertised object")
+        || text.contains("not a valid object")
+    {
+        anyhow!("commit {} does not exist in repository {}: {e:#}", req.commit, req.repository_name)
+    } else {
+        e
+    }
+}
+
+fn check_size(req: &CloneRequest) -> Result<()> {
+    if req.max_bytes == 0 {
+        return Ok(());
+    }
+    let used = dir_size(&req.workspace);
+    if used > req.max_bytes {
+        bail!(
+            "repository {} at {} needs {} bytes in the workspace, over the workspace cap of {} bytes",
+            req.repository_name,
+            req.commit,
+            used,
+            req.max_bytes
+        );
+    }
+    Ok(())
+}
+
+/// Bytes used by regular files below `dir` (symlinks not followed).
+pub fn dir_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let Ok(md) = e.path().symlink_metadata() else { continue };
+            if md.is_dir() {
+                stack.push(e.path());
+            } else if md.is_file() {
+                total += md.len();
+            }
+        }
+    }
+    total
+}
+
+fn log_line(log: &mut dyn CommandLog, key: &str, line: &str) {
+    let mut w = log.start(key, None);
+    w.output(Stream::Stderr, line.as_bytes());
+    w.finish(0);
+}
+
+/// The environment of every git command: nothing of the host's but PATH, and no host or user
+/// git configuration.
+fn base_env(req: &CloneRequest) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("PATH".to_string(), std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into())),
+        ("GIT_TERMINAL_PROMPT".into(), "0".into()),
+        ("GIT_LFS_SKIP_SMUDGE".into(), "1".into()),
+        ("GIT_CONFIG_NOSYSTEM".into(), "1".into()),
+        ("GIT_CONFIG_GLOBAL".into(), "/dev/null".into()),
+        ("HOME".into(), "/nonexistent".into()),
+        ("LC_ALL".into(), "C".into()),
+    ];
+    if let Some(ca) = &req.ca_file {
+        env.push(("GIT_SSL_CAINFO".into(), ca.to_string_lossy().into_owned()));
+    }
+    env
+}
+
+/// Runs git commands with the clone's environment, timeouts and logging.
+pub(crate) struct Git<'a> {
+    req: &'a CloneRequest,
+    base_env: Vec<(String, String)>,
+}
+
+impl Git<'_> {
+    /// Runs `git <args>` as the log entry `key`. `secret_env` is added to the child's
+    /// environment only. Fails with `failed <key>: ...` on a non-zero exit or the timeout.
+    pub(crate) fn run(
+        &self,
+        log: &mut dyn CommandLog,
+        key: &str,
+        args: &[&str],
+        secret_env: &[(String, String)],
+    ) -> Result<()> {
+        let mut argv = vec!["git".to_string()];
+        argv.extend(args.iter().map(|s| s.to_string()));
+        let mut entry = log.start(key, Some(argv.clone()));
+        let mut cmd = Command::new("git");
+        cmd.args(args).env_clear().stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        for (k, v) in self.base_env.iter().chain(secret_env) {
+            cmd.env(k, v);
+        }
+        process_group(&mut cmd);
+        let started = Instant::now();
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                entry.output(Stream::Stderr, format!("cannot start git: {e}\n").as_bytes());
+                entry.finish(1);
+                bail!("failed {key}: cannot start git: {e}");
+            }
+        };
+        let (tx, rx) = std::sync::mpsc::channel::<(Stream, Vec<u8>)>();
+        let mut readers = Vec::new();
+        for (stream, pipe) in [
+            (Stream::Stdout, child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>)),
+            (Stream::Stderr, child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>)),
+        ] {
+            let Some(mut pipe) = pipe else { continue };
+            let tx = tx.clone();
+            readers.push(std::thread::spawn(move || {
+                let mut buf = vec![0u8; 16 << 10];
+                loop {
+                    match pipe.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if tx.send((stream, buf[..n].to_vec())).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            }));
+        }
+        drop(tx);
+        let mut bar = progress::Progress::new(self.req.progress, key);
+        // Keeps only the tail of stderr for the error message.
+        let mut tail: Vec<u8> = Vec::new();
+        let mut timed_out = false;
+        loop {
+            let left = self.req.step_timeout.saturating_sub(started.elapsed());
+            match rx.recv_timeout(left.min(Duration::from_millis(200))) {
+                Ok((stream, data)) => {
+                    bar.feed(&data);
+                    entry.output(stream, &data);
+                    if stream == Stream::Stderr {
+                        tail.extend_from_slice(&data);
+                        if tail.len() > 4096 {
+                            tail.drain(..tail.len() - 4096);
+                        }
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if started.elapsed() >= self.req.step_timeout {
+                        timed_out = true;
+                        kill_group(&child);
+                        break;
+                    }
+                }
+            }
+        }
+        for r in readers {
+            let _ = r.join();
+        }
+        let status = child.wait().with_context(|| format!("waiting for git ({key})"))?;
+        bar.finish();
+        let code = status.code().unwrap_or(-1);
+        if timed_out {
+            entry.output(Stream::Stderr, format!("timed out after {:?}\n", self.req.step_timeout).as_bytes());
+            entry.finish(code);
+            bail!("failed {key}: git timed out after {} s", self.req.step_timeout.as_secs());
+        }
+        entry.finish(code);
+        if !status.success() {
+            let text = String::from_utf8_lossy(&tail);
+            let last: Vec<&str> =
+                text.split(['\n', '\r']).map(str::trim).filter(|l| !l.is_empty()).rev().take(3).collect();
+            let last: Vec<&str> = last.into_iter().rev().collect();
+            bail!("failed {key}: git exited with status {code}: {}", last.join("; "));
+        }
+        Ok(())
+    }
+}
+
+fn process_group(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    cmd.process_group(0);
+}
+
+fn kill_group(child: &std::process::Child) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req() -> CloneRequest {
+        CloneRequest {
+            frontend_url: "http://127.0.0.1:1/".into(),
+            repository_name: "github.com/acme/widgets".into(),
+            commit: "4b1d".into(),
+            fetch_tags: false,
+            shallow: false,
+            sparse: vec![],
+            dir: "/w/r".into(),
+            auth: GitAuth { token: "t".repeat(40), job_id: 7, executor_name: "e".into() },
+            cache: None,
+            step_timeout: Duration::from_secs(1),
+            ca_file: None,
+            max_bytes: 0,
+            workspace: "/w".into(),
+            progress: false,
+        }
+    }
+
+    #[test]
+    fn fetch_flags_follow_the_contract_order() {
+        let mut r = req();
+        let base = "-C /w/r -c protocol.version=2 fetch --progress --no-recurse-submodules";
+        assert_eq!(fetch_args("/w/r", &r).join(" "), format!("{base} origin 4b1d"));
+        r.fetch_tags = true;
+        assert_eq!(fetch_args("/w/r", &r).join(" "), format!("{base} --tags origin 4b1d"));
+        r.fetch_tags = false;
+        r.shallow = true;
+        assert_eq!(fetch_args("/w/r", &r).join(" "), format!("{base} --no-tags --depth=1 origin 4b1d"));
+        r.fetch_tags = true;
+        r.sparse = vec!["a/*".into()];
+        assert_eq!(
+            fetch_args("/w/r", &r).join(" "),
+            format!("{base} --tags --depth=1 --filter=blob:none origin 4b1d")
+        );
+    }
+
+    #[test]
+    fn auth_travels_only_in_git_config_env() {
+        let env = req().auth.env();
+        assert_eq!(env[0], ("GIT_CONFIG_COUNT".to_string(), "3".to_string()));
+        assert!(env.iter().any(|(_, v)| v == &format!("Authorization: Bearer {}", "t".repeat(40))));
+        assert!(env.iter().any(|(_, v)| v == "X-Sourcegraph-Job-ID: 7"));
+        assert!(!format!("{:?}", req().auth).contains(&"t".repeat(40)));
+    }
+
+    #[test]
+    fn names_and_commits_are_checked() {
+        assert!(validate_repository_name("github.com/acme/widgets").is_ok());
+        for bad in ["", "../x", "a//b", "a/../b", "a b", "a?b", "/abs"] {
+            assert!(validate_repository_name(bad).is_err(), "{bad}");
+        }
+        assert!(validate_commit("4b1d").is_ok());
+        assert!(validate_commit("refs/heads/main").is_ok());
+        for bad in ["", "--upload-pack=x", "a..b", "a b"] {
+            assert!(validate_commit(bad).is_err(), "{bad}");
+        }
+        assert_eq!(remote_url("http://h:1/", "/a/b/"), "http://h:1/.executors/git/a/b");
+    }
+}
+
+#[cfg(test)]
+mod http_tests;

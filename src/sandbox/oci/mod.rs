@@ -1,0 +1,545 @@
+//! The `oci` runtime: one fresh container per step, made by an OCI runtime from the distribution
+//! (`runc` by default, `crun`, or gVisor's `runsc`), with the step's image as a read-only root
+//! and the workspace at `/data`. The sandbox of a job is its state directory (the runtime's
+//! container state, the bundles), its cgroup (the job's limits) and a use record in the image
+//! store; `teardown` and `janitor` remove all three.
+
+pub mod cgroup;
+pub mod spec;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashSet};
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::cancel::Cancel;
+use crate::image::{ImageStore, ID_BASE};
+use crate::sandbox::{
+    BootRequest, Limits, OutputSink, Runtime, RuntimeOptions, SandboxRecord, StepEnd, StepSpec, Stream,
+};
+
+/// The OCI runtimes this backend can drive.
+pub const OCI_RUNTIMES: &[&str] = &["runc", "crun", "runsc"];
+/// The OCI runtime used when none is configured.
+pub const DEFAULT_OCI_RUNTIME: &str = "runc";
+/// Marks a sandbox state directory as this runtime's.
+const MARKER: &str = "oci-sandbox.json";
+/// Present while the workspace is owned by the container's root.
+const SHIFTED: &str = "workspace-shifted";
+/// How long a kill may take before the step is reported as not stopped.
+const KILL_GRACE: Duration = Duration::from_secs(2);
+
+/// `EXECUTOR_OCI_RUNTIME`, or the default.
+pub fn oci_runtime_from_env() -> String {
+    std::env::var("EXECUTOR_OCI_RUNTIME")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| DEFAULT_OCI_RUNTIME.into())
+}
+
+/// What `boot` records in [`SandboxRecord::details`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OciDetails {
+    pub oci_runtime: String,
+    pub workspace: PathBuf,
+    /// Owner of the workspace before the job, restored by `sync_workspace`.
+    pub workspace_uid: u32,
+    pub workspace_gid: u32,
+    /// Image reference -> resolved root tree.
+    pub images: BTreeMap<String, OciImage>,
+    pub cgroup: String,
+    pub tmp_bytes: u64,
+    pub max_file_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OciImage {
+    pub digest: String,
+    pub rootfs: PathBuf,
+}
+
+/// The `oci` runtime.
+#[derive(Debug, Clone)]
+pub struct OciRuntime {
+    opts: RuntimeOptions,
+    oci_runtime: String,
+}
+
+impl OciRuntime {
+    /// A runtime driving `opts.oci_runtime` (`runc`, `crun` or `runsc`; empty means `runc`).
+    pub fn new(opts: RuntimeOptions) -> Result<OciRuntime> {
+        let oci_runtime =
+            if opts.oci_runtime.is_empty() { DEFAULT_OCI_RUNTIME } else { opts.oci_runtime.as_str() };
+        if !OCI_RUNTIMES.contains(&oci_runtime) {
+            bail!("unknown OCI runtime {oci_runtime:?} (want one of {})", OCI_RUNTIMES.join(", "));
+        }
+        let oci_runtime = oci_runtime.to_string();
+        Ok(OciRuntime { opts, oci_runtime })
+    }
+
+    fn store(&self) -> Result<ImageStore> {
+        ImageStore::open(&self.opts.images_dir())
+    }
+
+    fn details(sandbox: &SandboxRecord) -> Result<OciDetails> {
+        serde_json::from_value(sandbox.details.clone())
+            .with_context(|| format!("sandbox {} has no oci details", sandbox.name))
+    }
+
+    /// The OCI runtime command with its global flags (state root, platform).
+    fn runtime_cmd(&self, which: &str, state_dir: &Path) -> Command {
+        let mut cmd = Command::new(which);
+        cmd.arg("--root").arg(state_dir.join("runtime"));
+        match which {
+            "runsc" => {
+                cmd.args(["--platform=ptrace", "--network=none", "--oci-seccomp"]);
+                cmd.arg("--debug-log").arg(state_dir.join("runsc-logs/"));
+            }
+            "crun"
+                if cgroup::layout() == cgroup::Layout::V1 && Path::new("/sys/fs/cgroup/unified").exists() =>
+            {
+                crate::sys::hide_unified_cgroup(&mut cmd);
+            }
+            _ => {}
+        }
+        cmd.stdin(Stdio::null());
+        cmd
+    }
+
+    fn quiet(&self, mut cmd: Command) -> Result<std::process::Output> {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.output().context("running the OCI runtime")
+    }
+
+    /// Deletes every container of the sandbox (they are its steps) by their state directories.
+    fn delete_containers(&self, which: &str, state_dir: &Path) {
+        let mut ids = Vec::new();
+        if let Ok(out) = self.quiet({
+            let mut c = self.runtime_cmd(which, state_dir);
+            c.args(["list", "-q"]);
+            c
+        }) {
+            ids.extend(String::from_utf8_lossy(&out.stdout).lines().map(|l| l.trim().to_string()));
+        }
+        for id in ids.into_iter().filter(|i| !i.is_empty()) {
+            let mut c = self.runtime_cmd(which, state_dir);
+            c.args(["delete", "--force", &id]);
+            let _ = self.quiet(c);
+        }
+    }
+
+    /// Gives the workspace to the container's root (host `ID_BASE`) if it is not already.
+    fn shift_workspace(state_dir: &Path, d: &OciDetails) -> Result<()> {
+        let marker = state_dir.join(SHIFTED);
+        if marker.exists() {
+            return Ok(());
+        }
+        chown_tree(&d.workspace, |_, _| (ID_BASE, ID_BASE))?;
+        fs::write(&marker, b"").with_context(|| format!("writing {}", marker.display()))
+    }
+}
+
+/// Changes the owner of every entry below `root` (and `root`) without following symlinks or
+/// leaving the filesystem.
+fn chown_tree(root: &Path, owner: impl Fn(u32, u32) -> (u32, u32)) -> Result<()> {
+    let dev =
+        fs::symlink_metadata(root).with_context(|| format!("inspecting workspace {}", root.display()))?.dev();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let md = match fs::symlink_metadata(&p) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("inspecting {}", p.display())),
+        };
+        if md.dev() != dev {
+            continue;
+        }
+        let (u, g) = owner(md.uid(), md.gid());
+        if (u, g) != (md.uid(), md.gid()) {
+            std::os::unix::fs::lchown(&p, Some(u), Some(g))
+                .with_context(|| format!("changing the owner of {}", p.display()))?;
+        }
+        if md.is_dir() {
+            for e in fs::read_dir(&p).with_context(|| format!("reading {}", p.display()))? {
+                stack.push(e?.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks that every directory above `path` can be searched by the container's mapped root.
+fn check_reachable(path: &Path) -> Result<()> {
+    let mut cur = PathBuf::new();
+    for c in path.components() {
+        cur.push(c);
+        let md = fs::metadata(&cur).with_context(|| format!("inspecting {}", cur.display()))?;
+        let searchable = md.mode() & 0o001 != 0 || (md.uid() == ID_BASE && md.mode() & 0o100 != 0);
+        if md.is_dir() && !searchable {
+            bail!(
+                "{} is not searchable by the container's root (host uid {ID_BASE}): the image store must \
+                 sit below directories with o+x",
+                cur.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn safe_rel(rel: &str, what: &str) -> Result<String> {
+    let p = Path::new(rel);
+    if p.components().any(|c| !matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir)) {
+        bail!("{what} {rel:?} is not a relative path inside the workspace");
+    }
+    Ok(rel.trim_start_matches("./").trim_end_matches('/').to_string())
+}
+
+impl Runtime for OciRuntime {
+    fn name(&self) -> &'static str {
+        "oci"
+    }
+
+    fn check(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        // Every OCI runtime this host has, so an operator sees which `--oci-runtime` would work.
+        for which in OCI_RUNTIMES {
+            let version = which::which(which).ok().and_then(|bin| {
+                let v = Command::new(&bin).arg("--version").stdin(Stdio::null()).output().ok()?;
+                let line = String::from_utf8_lossy(&v.stdout).lines().next().unwrap_or("").to_string();
+                Some(format!("{} ({line})", bin.display()))
+            });
+            let chosen = if *which == self.oci_runtime { ", selected" } else { "" };
+            match version {
+                Some(v) => out.push(format!("oci runtime {which}: {v}{chosen}")),
+                None if chosen.is_empty() => out.push(format!("oci runtime {which}: not installed")),
+                None => bail!("the selected OCI runtime {which} is not installed"),
+            }
+        }
+        if !nix::unistd::geteuid().is_root() {
+            bail!("the oci runtime needs root (it maps container root to host uids from {ID_BASE})");
+        }
+        out.push(format!("cgroup layout: {:?}", cgroup::layout()));
+        let store = self.store()?;
+        check_reachable(&store.dir().join("rootfs"))?;
+        out.push(format!("image store {}: {} images", store.dir().display(), store.list()?.len()));
+        Ok(out)
+    }
+
+    fn boot(&self, req: &BootRequest) -> Result<SandboxRecord> {
+        let which = self.oci_runtime.as_str();
+        which::which(which).with_context(|| format!("the OCI runtime {which} is not installed"))?;
+        let store = self.store()?;
+        // Every image first: an unknown image fails the job before anything is created.
+        let mut images = BTreeMap::new();
+        for r in &req.images {
+            let img = store.resolve(r)?;
+            check_reachable(&img.rootfs)?;
+            images.insert(r.clone(), OciImage { digest: img.digest, rootfs: img.rootfs });
+        }
+        let name = format!("{}-{}", req.name_prefix, uuid::Uuid::new_v4().simple());
+        let state_dir = self.opts.sandboxes_dir().join(&name);
+        fs::create_dir_all(state_dir.join("runtime"))
+            .with_context(|| format!("creating sandbox directory {}", state_dir.display()))?;
+        let ws_md = fs::metadata(req.workspace)
+            .with_context(|| format!("inspecting workspace {}", req.workspace.display()))?;
+        let cg = cgroup::JobCgroup::new(&name);
+        let limits = req.limits;
+        let details = OciDetails {
+            oci_runtime: which.to_string(),
+            workspace: req.workspace.to_path_buf(),
+            workspace_uid: ws_md.uid(),
+            workspace_gid: ws_md.gid(),
+            images: images.clone(),
+            cgroup: cg.rel.clone(),
+            tmp_bytes: if limits.disk_bytes > 0 { limits.disk_bytes.min(1 << 30) } else { 256 << 20 },
+            max_file_bytes: limits.disk_bytes,
+        };
+        let record = SandboxRecord {
+            runtime: "oci".into(),
+            name: name.clone(),
+            state_dir: state_dir.clone(),
+            pid: None,
+            details: serde_json::to_value(&details)?,
+        };
+        // The marker goes first, so that a crash from here on leaves something the janitor finds.
+        crate::document::write_atomic(&state_dir.join(MARKER), &serde_json::to_vec_pretty(&record)?)?;
+        let setup = (|| -> Result<()> {
+            let digests: Vec<String> = images.values().map(|i| i.digest.clone()).collect();
+            store.add_user(&name, &digests)?;
+            cg.create(&Limits { pids: if limits.pids > 0 { limits.pids } else { 4096 }, ..limits.clone() })?;
+            Self::shift_workspace(&state_dir, &details)
+        })();
+        if let Err(e) = setup {
+            let _ = self.teardown(&record);
+            return Err(e.context(format!("booting oci sandbox for job {}", req.job_uid)));
+        }
+        Ok(record)
+    }
+
+    fn step_command(&self, sandbox: &SandboxRecord, step: &StepSpec) -> Vec<String> {
+        let which =
+            Self::details(sandbox).map(|d| d.oci_runtime).unwrap_or_else(|_| self.oci_runtime.clone());
+        vec![which, "run".into(), step.image.to_string(), "/bin/sh".into(), format!("/data/{}", step.script)]
+    }
+
+    fn run_step(
+        &self,
+        sandbox: &SandboxRecord,
+        step: &StepSpec,
+        sink: &mut dyn OutputSink,
+        cancel: &Cancel,
+    ) -> Result<StepEnd> {
+        let d = Self::details(sandbox)?;
+        let which = d.oci_runtime.as_str();
+        let image = d.images.get(step.image).with_context(|| {
+            format!("step {} names image {:?}, which the sandbox did not boot with", step.key, step.image)
+        })?;
+        let script = safe_rel(step.script, "step script")?;
+        let dir = safe_rel(step.dir, "step directory")?;
+        Self::shift_workspace(&sandbox.state_dir, &d)?;
+
+        let id = format!("{}-{}", sandbox.name, &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let bundle = sandbox.state_dir.join("bundles").join(&id);
+        fs::create_dir_all(&bundle).with_context(|| format!("creating bundle {}", bundle.display()))?;
+        let cg = cgroup::JobCgroup::new(&sandbox.name);
+        let container = spec::StepContainer {
+            rootfs: image.rootfs.clone(),
+            workspace: d.workspace.clone(),
+            cwd: if dir.is_empty() { "/data".into() } else { format!("/data/{dir}") },
+            args: vec!["/bin/sh".into(), format!("/data/{script}")],
+            env: step.env.to_vec(),
+            cgroups_path: cg.child_path(&id),
+            tmp_bytes: d.tmp_bytes,
+            max_file_bytes: d.max_file_bytes,
+            max_open_files: 1024,
+        };
+        let config = spec::bundle_config(&container);
+        fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(&config)?)
+            .with_context(|| format!("writing {}", bundle.join("config.json").display()))?;
+
+        let before = cg.counters();
+        let mut cmd = self.runtime_cmd(which, &sandbox.state_dir);
+        cmd.arg("run").arg("--bundle").arg(&bundle).arg(&id);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).env_clear().env("PATH", spec::DEFAULT_PATH);
+        cmd.process_group(0);
+        let mut child = cmd.spawn().with_context(|| format!("starting {which} for step {}", step.key))?;
+
+        let (tx, rx) = mpsc::channel::<Option<(Stream, Vec<u8>)>>();
+        let mut readers = Vec::new();
+        for (stream, pipe) in [
+            (Stream::Stdout, child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>)),
+            (Stream::Stderr, child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>)),
+        ] {
+            let Some(mut pipe) = pipe else { continue };
+            let tx = tx.clone();
+            readers.push(std::thread::spawn(move || {
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    match pipe.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if tx.send(Some((stream, buf[..n].to_vec()))).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                let _ = tx.send(None);
+            }));
+        }
+        drop(tx);
+
+        let mut open = readers.len();
+        let mut stopped = None;
+        let mut seen = cgroup::Counters::default();
+        let status = loop {
+            let now = cg.child_counters(&id);
+            seen.oom_kills = seen.oom_kills.max(now.oom_kills);
+            seen.pids_max = seen.pids_max.max(now.pids_max);
+            if stopped.is_none() {
+                if let Some(reason) = cancel.check() {
+                    stopped = Some(reason);
+                    self.stop_step(which, &sandbox.state_dir, &id, &cg, &mut child);
+                }
+            }
+            if open > 0 {
+                match rx.recv_timeout(Duration::from_millis(50)) {
+                    Ok(Some((s, data))) => sink.output(s, &data),
+                    Ok(None) => open -= 1,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => open = 0,
+                }
+                continue;
+            }
+            match child.try_wait().context("waiting for the OCI runtime")? {
+                Some(st) => break st,
+                None => {
+                    let _ = cancel.wait(Duration::from_millis(20));
+                }
+            }
+        };
+        for r in readers {
+            let _ = r.join();
+        }
+        // Whatever the step left behind (a daemon that escaped its session) dies with it.
+        cg.kill_all(50);
+        let mut del = self.runtime_cmd(which, &sandbox.state_dir);
+        del.args(["delete", "--force", &id]);
+        let _ = self.quiet(del);
+        let _ = fs::remove_dir_all(&bundle);
+
+        let after = cg.counters();
+        let limits_note = |what: &str| format!("\nexecutor: the step hit the job's {what}\n");
+        let pids_hit = seen.pids_max > 0
+            || after.pids_max > before.pids_max
+            || (after.pids_limit > 0
+                && before.pids_peak < after.pids_limit
+                && after.pids_peak >= after.pids_limit);
+        if pids_hit {
+            let msg = format!("process limit ({} processes): a fork failed", after.pids_limit);
+            sink.output(Stream::Stderr, limits_note(&msg).as_bytes());
+        }
+        if let Some(reason) = stopped {
+            return Ok(StepEnd::Stopped(reason));
+        }
+        let killed = status.code() == Some(128 + libc::SIGKILL) || status.signal() == Some(libc::SIGKILL);
+        let oom = seen.oom_kills > 0
+            || after.oom_kills > before.oom_kills
+            || (killed && after.mem_failcnt > before.mem_failcnt);
+        if oom {
+            sink.output(
+                Stream::Stderr,
+                limits_note("memory limit and was killed (out of memory)").as_bytes(),
+            );
+            return Ok(StepEnd::Signaled(libc::SIGKILL));
+        }
+        Ok(match (status.code(), status.signal()) {
+            // runc and crun report a step killed by signal N as 128+N.
+            (Some(c), _) if c > 128 && c < 128 + 65 && (c - 128) == libc::SIGXFSZ => {
+                sink.output(Stream::Stderr, limits_note("file size limit").as_bytes());
+                StepEnd::Signaled(c - 128)
+            }
+            (Some(c), _) => StepEnd::Exited(c),
+            (None, Some(s)) => StepEnd::Signaled(s),
+            (None, None) => StepEnd::Exited(-1),
+        })
+    }
+
+    fn sync_workspace(&self, sandbox: &SandboxRecord, workspace: &Path) -> Result<()> {
+        let d = Self::details(sandbox)?;
+        let marker = sandbox.state_dir.join(SHIFTED);
+        if !marker.exists() || !workspace.exists() {
+            return Ok(());
+        }
+        // Every process of the job is gone, so nothing can swap a path while the owner changes.
+        cgroup::JobCgroup::new(&sandbox.name).kill_all(50);
+        chown_tree(workspace, |_, _| (d.workspace_uid, d.workspace_gid))?;
+        fs::remove_file(&marker).with_context(|| format!("removing {}", marker.display()))
+    }
+
+    fn teardown(&self, sandbox: &SandboxRecord) -> Result<()> {
+        let d = Self::details(sandbox).ok();
+        let which = d.as_ref().map(|d| d.oci_runtime.clone()).unwrap_or_else(|| self.oci_runtime.clone());
+        let cg = cgroup::JobCgroup::new(&sandbox.name);
+        cg.kill_all(100);
+        if sandbox.state_dir.exists() {
+            self.delete_containers(&which, &sandbox.state_dir);
+        }
+        cg.remove()?;
+        if let Some(d) = &d {
+            if d.workspace.exists() {
+                self.sync_workspace(sandbox, &d.workspace)?;
+            }
+        }
+        self.store()?.remove_user(&sandbox.name)?;
+        match fs::remove_dir_all(&sandbox.state_dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("removing sandbox directory {}", sandbox.state_dir.display()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn janitor(&self, prefix: &str, live: &HashSet<String>) -> Result<Vec<String>> {
+        let mut removed = Vec::new();
+        let dir = self.opts.sandboxes_dir();
+        let owned = |n: &str| n.starts_with(&format!("{prefix}-")) && !live.contains(n);
+        if let Ok(rd) = fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                let marker = e.path().join(MARKER);
+                if !owned(&name) || !marker.exists() {
+                    continue;
+                }
+                let record: SandboxRecord =
+                    match fs::read(&marker).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
+                        Some(r) => r,
+                        None => SandboxRecord {
+                            runtime: "oci".into(),
+                            name: name.clone(),
+                            state_dir: e.path(),
+                            pid: None,
+                            details: serde_json::Value::Null,
+                        },
+                    };
+                self.teardown(&record).with_context(|| format!("removing stale sandbox {name}"))?;
+                removed.push(name);
+            }
+        }
+        // Cgroups and image use records whose state directory is already gone.
+        let stale: Vec<String> =
+            cgroup::existing_jobs().into_iter().filter(|n| owned(n) && !removed.contains(n)).collect();
+        for name in stale {
+            let cg = cgroup::JobCgroup::new(&name);
+            cg.kill_all(100);
+            cg.remove()?;
+            removed.push(name);
+        }
+        let store = self.store()?;
+        for name in store.users()?.into_iter().filter(|n| owned(n)) {
+            store.remove_user(&name)?;
+            if !removed.contains(&name) {
+                removed.push(name);
+            }
+        }
+        Ok(removed)
+    }
+}
+
+impl OciRuntime {
+    /// Stops a running step: the runtime's kill, then SIGKILL to every process in the job's
+    /// cgroup, then the runtime process itself if it has not exited within the grace period.
+    fn stop_step(
+        &self,
+        which: &str,
+        state_dir: &Path,
+        id: &str,
+        cg: &cgroup::JobCgroup,
+        child: &mut std::process::Child,
+    ) {
+        let mut kill = self.runtime_cmd(which, state_dir);
+        kill.args(["kill", "--all", id, "KILL"]);
+        let _ = self.quiet(kill);
+        let start = Instant::now();
+        while start.elapsed() < KILL_GRACE {
+            cg.kill_all(1);
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}

@@ -1,0 +1,22 @@
+//! The only place for unsafe code: hooks that run in a child process between fork and exec.
+#![allow(unsafe_code)]
+
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+/// Makes `cmd` start in a private mount namespace where the hybrid layout's cgroup v2 mount
+/// (`/sys/fs/cgroup/unified`) is detached, so that crun treats the host as plain cgroup v1.
+/// The host's own mount table is untouched.
+pub fn hide_unified_cgroup(cmd: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec and only makes raw syscalls
+    // (unshare, mount, umount2) through nix, which neither allocate nor take locks.
+    unsafe {
+        cmd.pre_exec(|| {
+            use nix::mount::{mount, umount2, MntFlags, MsFlags};
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
+            mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)?;
+            umount2("/sys/fs/cgroup/unified", MntFlags::MNT_DETACH)?;
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,787 @@
+//! The `oci` runtime through the `Runtime` trait: steps in real containers (runc, crun, runsc)
+//! with the busybox image built by the real binary, output, limits, cancel, teardown, janitor,
+//! and the escape probes.
+
+use std::collections::HashSet;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use executor::cancel::{Cancel, CancelReason};
+use executor::sandbox::oci::OciRuntime;
+use executor::sandbox::{
+    BootRequest, Limits, OutputSink, Runtime, RuntimeOptions, SandboxRecord, StepEnd, StepSpec, Stream,
+};
+
+use crate::common;
+
+/// A state directory with the busybox image, and a workspace.
+pub struct Fixture {
+    pub tmp: tempfile::TempDir,
+    pub rt: OciRuntime,
+}
+
+#[derive(Default)]
+pub struct Collect {
+    pub out: Vec<u8>,
+    pub err: Vec<u8>,
+    pub first_at: Option<Instant>,
+}
+
+impl OutputSink for Collect {
+    fn output(&mut self, stream: Stream, data: &[u8]) {
+        self.first_at.get_or_insert_with(Instant::now);
+        match stream {
+            Stream::Stdout => self.out.extend_from_slice(data),
+            Stream::Stderr => self.err.extend_from_slice(data),
+        }
+    }
+}
+
+impl Collect {
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.out).into_owned()
+    }
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.err).into_owned()
+    }
+}
+
+/// Whether this machine can run OCI containers; prints the skip notice when not.
+pub fn can_run(test: &str, oci: &str) -> bool {
+    if !common::is_root() {
+        common::skip(test, "needs root for user-namespaced containers");
+        return false;
+    }
+    if which::which(oci).is_err() {
+        common::skip(test, &format!("{oci} is not installed (scripts/install-deps installs it)"));
+        return false;
+    }
+    true
+}
+
+impl Fixture {
+    pub fn new(oci: &str) -> Fixture {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        let state = tmp.path().join("state");
+        let out = common::run(
+            common::executor().args(["image", "build-busybox"]).env("EXECUTOR_STATE_DIR", &state),
+        );
+        assert!(out.status.success(), "build-busybox: {}", String::from_utf8_lossy(&out.stderr));
+        std::fs::create_dir_all(tmp.path().join("ws/repo")).unwrap();
+        let opts = RuntimeOptions { state_dir: state, allow_unisolated: false, oci_runtime: oci.to_string() };
+        Fixture { rt: OciRuntime::new(opts).unwrap(), tmp }
+    }
+
+    pub fn workspace(&self) -> PathBuf {
+        self.tmp.path().join("ws")
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.tmp.path().join("state")
+    }
+
+    pub fn boot(&self, limits: &Limits) -> SandboxRecord {
+        self.boot_as("ocitest", limits)
+    }
+
+    /// Boots with `prefix`: the janitor acts on every sandbox of a prefix on the host, so a test
+    /// that runs it uses a prefix of its own.
+    pub fn boot_as(&self, prefix: &str, limits: &Limits) -> SandboxRecord {
+        let ws = self.workspace();
+        let req = BootRequest {
+            job_uid: "1",
+            workspace: &ws,
+            images: vec!["busybox".into()],
+            limits,
+            name_prefix: prefix,
+        };
+        self.rt.boot(&req).unwrap()
+    }
+
+    /// Writes `script` as a step script and runs it.
+    pub fn run(
+        &self,
+        sb: &SandboxRecord,
+        script: &str,
+        env: &[String],
+        cancel: &Cancel,
+    ) -> (StepEnd, Collect) {
+        self.run_in(sb, "busybox", script, env, cancel)
+    }
+
+    pub fn run_in(
+        &self,
+        sb: &SandboxRecord,
+        image: &str,
+        script: &str,
+        env: &[String],
+        cancel: &Cancel,
+    ) -> (StepEnd, Collect) {
+        let name = format!(".step-{}.sh", uuid::Uuid::new_v4().simple());
+        std::fs::write(self.workspace().join(&name), script).unwrap();
+        let step = StepSpec { key: "step.0", image, script: &name, dir: "repo", env };
+        let mut sink = Collect::default();
+        let end = self.rt.run_step(sb, &step, &mut sink, cancel).unwrap();
+        (end, sink)
+    }
+}
+
+fn limits() -> Limits {
+    Limits { cpus: 1, memory_bytes: 256 << 20, disk_bytes: 64 << 20, pids: 128 }
+}
+
+fn assert_clean(f: &Fixture, sb: &SandboxRecord) {
+    assert!(!sb.state_dir.exists(), "state dir left: {}", sb.state_dir.display());
+    for h in ["memory", "pids", "cpu", "freezer", "devices"] {
+        let p = Path::new("/sys/fs/cgroup").join(h).join("executor").join(&sb.name);
+        assert!(!p.exists(), "cgroup left: {}", p.display());
+    }
+    let users = f.state().join("images/users").join(&sb.name);
+    assert!(!users.exists(), "image use record left");
+    let ps = std::process::Command::new("ps").args(["-eo", "args"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&ps.stdout).contains(&sb.name), "a process of {} is left", sb.name);
+    assert_eq!(
+        std::fs::read_dir(f.state().join("images/tmp")).unwrap().count(),
+        0,
+        "temp files left in the store"
+    );
+}
+
+fn steps_run_isolated(oci: &str, test: &str) {
+    if !can_run(test, oci) {
+        return;
+    }
+    let f = Fixture::new(oci);
+    std::fs::write(f.workspace().join("repo/input.txt"), "from the host\n").unwrap();
+    let sb = f.boot(&limits());
+    let cancel = Cancel::new();
+    let env = vec!["GREETING=hello".to_string()];
+    let (end, out) = f.run(
+        &sb,
+        "echo \"$GREETING\"; pwd; id -u; cat input.txt; echo made > output.txt; env | sort; echo to-stderr >&2; \
+         touch /etc/x 2>/dev/null || echo root-is-read-only; echo tmp > /tmp/t && echo tmp-writable; \
+         git --version; exit 3",
+        &env,
+        &cancel,
+    );
+    let stdout = out.stdout();
+    assert_eq!(end, StepEnd::Exited(3), "{stdout} {}", out.stderr());
+    assert!(stdout.starts_with("hello\n/data/repo\n0\nfrom the host\n"), "{stdout}");
+    assert!(stdout.contains("root-is-read-only") && stdout.contains("tmp-writable"), "{stdout}");
+    assert!(stdout.contains("git version"), "{stdout}");
+    assert_eq!(out.stderr(), "to-stderr\n");
+    // The environment is the step's plus PATH and HOME (the shell adds PWD, SHLVL).
+    let vars: Vec<&str> = stdout.lines().filter_map(|l| l.split_once('=').map(|(k, _)| k)).collect();
+    for v in &vars {
+        assert!(
+            ["GREETING", "HOME", "PATH", "PWD", "SHLVL", "OLDPWD"].contains(v),
+            "unexpected variable {v}"
+        );
+    }
+    f.rt.sync_workspace(&sb, &f.workspace()).unwrap();
+    let out_file = f.workspace().join("repo/output.txt");
+    assert_eq!(std::fs::read_to_string(&out_file).unwrap(), "made\n");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&out_file).unwrap().uid(), 0, "workspace owner restored");
+    f.rt.teardown(&sb).unwrap();
+    f.rt.teardown(&sb).unwrap();
+    assert_clean(&f, &sb);
+}
+
+#[test]
+fn oci_runc_runs_steps_isolated() {
+    steps_run_isolated("runc", "oci_runc_runs_steps_isolated");
+}
+
+#[test]
+fn oci_crun_runs_steps_isolated() {
+    steps_run_isolated("crun", "oci_crun_runs_steps_isolated");
+}
+
+#[test]
+fn oci_runsc_runs_steps_isolated() {
+    steps_run_isolated("runsc", "oci_runsc_runs_steps_isolated");
+}
+
+#[test]
+fn oci_unknown_image_fails_boot_naming_it() {
+    if !can_run("oci_unknown_image_fails_boot_naming_it", "runc") {
+        return;
+    }
+    let f = Fixture::new("runc");
+    let ws = f.workspace();
+    let req = BootRequest {
+        job_uid: "1",
+        workspace: &ws,
+        images: vec!["busybox".into(), "no-such-image:1.0".into()],
+        limits: &limits(),
+        name_prefix: "ocitest",
+    };
+    let err = f.rt.boot(&req).unwrap_err();
+    assert!(format!("{err:#}").contains("unknown image \"no-such-image:1.0\""), "{err:#}");
+    assert_eq!(std::fs::read_dir(f.state().join("sandboxes")).map(|r| r.count()).unwrap_or(0), 0);
+}
+
+fn cancel_kills(oci: &str, test: &str) {
+    if !can_run(test, oci) {
+        return;
+    }
+    let f = Fixture::new(oci);
+    let sb = f.boot(&limits());
+    let cancel = Cancel::new();
+    let c2 = cancel.clone();
+    let started = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(700));
+        c2.cancel(CancelReason::Canceled);
+        Instant::now()
+    });
+    let (end, _) = f.run(&sb, "sleep 1000 & (sleep 1000 &) ; echo started; sleep 1000", &[], &cancel);
+    let took = started.join().unwrap().elapsed();
+    assert_eq!(end, StepEnd::Stopped(CancelReason::Canceled));
+    assert!(took < Duration::from_secs(2), "the kill took {took:?}");
+    assert!(executor::sandbox::oci::cgroup::JobCgroup::new(&sb.name).pids().is_empty());
+
+    // A deadline stops the next step the same way.
+    let deadline = Cancel::with_deadline(Some(Instant::now() + Duration::from_secs(3)));
+    let (end, out) = f.run(&sb, "echo tick; while :; do :; done", &[], &deadline);
+    assert_eq!(end, StepEnd::Stopped(CancelReason::Deadline));
+    assert_eq!(out.stdout(), "tick\n");
+    f.rt.teardown(&sb).unwrap();
+    assert_clean(&f, &sb);
+}
+
+#[test]
+fn oci_runc_cancel_and_deadline_kill_everything() {
+    cancel_kills("runc", "oci_runc_cancel_and_deadline_kill_everything");
+}
+
+#[test]
+fn oci_runsc_cancel_and_deadline_kill_everything() {
+    cancel_kills("runsc", "oci_runsc_cancel_and_deadline_kill_everything");
+}
+
+#[test]
+fn oci_janitor_removes_what_a_crashed_executor_left() {
+    if !can_run("oci_janitor_removes_what_a_crashed_executor_left", "runc") {
+        return;
+    }
+    let f = Fixture::new("runc");
+    let kept = f.boot_as("ocijanitor", &limits());
+    let crashed = f.boot_as("ocijanitor", &limits());
+    // A step of the "crashed" executor still running when it died.
+    let rt = f.rt.clone();
+    let crashed2 = crashed.clone();
+    let script = ".janitor-step.sh";
+    std::fs::write(f.workspace().join(script), "echo up; sleep 1000").unwrap();
+    let runner = std::thread::spawn(move || {
+        let step = StepSpec { key: "s", image: "busybox", script, dir: "", env: &[] };
+        let mut sink = Collect::default();
+        let cancel = Cancel::with_deadline(Some(Instant::now() + Duration::from_secs(20)));
+        rt.run_step(&crashed2, &step, &mut sink, &cancel)
+    });
+    let cg = executor::sandbox::oci::cgroup::JobCgroup::new(&crashed.name);
+    let t = Instant::now();
+    while cg.pids().is_empty() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!cg.pids().is_empty(), "the step did not start");
+    let live: HashSet<String> = [kept.name.clone()].into();
+    let removed = f.rt.janitor("ocijanitor", &live).unwrap();
+    assert_eq!(removed, vec![crashed.name.clone()]);
+    let _ = runner.join().unwrap();
+    assert_clean(&f, &crashed);
+    assert!(kept.state_dir.exists());
+    f.rt.teardown(&kept).unwrap();
+    assert_clean(&f, &kept);
+}
+
+/// One hostile step: what it tries, what its output must show, and what contains it.
+struct Probe {
+    name: &'static str,
+    script: String,
+    /// Every string must appear in stdout+stderr.
+    expect: Vec<&'static str>,
+    /// None of these may appear.
+    forbid: Vec<String>,
+    end: fn(&StepEnd) -> bool,
+    by: &'static str,
+}
+
+fn probe(name: &'static str, script: impl Into<String>, expect: &[&'static str], by: &'static str) -> Probe {
+    Probe { name, script: script.into(), expect: expect.to_vec(), forbid: vec![], end: |_| true, by }
+}
+
+/// Compiles the probe helper (tests/it/fixtures/probe.c) statically into `dest`.
+fn compile_probe(dest: &Path) -> bool {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/fixtures/probe.c");
+    let out = std::process::Command::new("gcc").args(["-static", "-O1", "-o"]).arg(dest).arg(&src).output();
+    matches!(out, Ok(o) if o.status.success())
+}
+
+/// Imports an image whose busybox is setuid root (inside the container), for the escalation probe.
+fn import_suid_image(f: &Fixture) {
+    let bb = std::fs::read(which::which("busybox").unwrap()).unwrap();
+    let mut layer = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(bb.len() as u64);
+    h.set_mode(0o4755);
+    h.set_entry_type(tar::EntryType::Regular);
+    layer.append_data(&mut h, "bin/busybox", &bb[..]).unwrap();
+    for applet in ["sh", "ls", "grep"] {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        layer.append_link(&mut h, format!("bin/{applet}"), "busybox").unwrap();
+    }
+    let layer = layer.into_inner().unwrap();
+    let mut t = tar::Builder::new(Vec::new());
+    for (name, data) in [
+        ("manifest.json", br#"[{"Config":"c.json","Layers":["l/layer.tar"]}]"#.to_vec()),
+        ("c.json", b"{}".to_vec()),
+        ("l/layer.tar", layer),
+    ] {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        t.append_data(&mut h, name, &data[..]).unwrap();
+    }
+    let file = f.tmp.path().join("suid.tar");
+    std::fs::write(&file, t.into_inner().unwrap()).unwrap();
+    let out = common::run(
+        common::executor().args(["image", "import", "suid"]).arg(&file).env("EXECUTOR_STATE_DIR", f.state()),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn probe_suite(oci: &str, test: &str) {
+    if !can_run(test, oci) {
+        return;
+    }
+    let f = Fixture::new(oci);
+    if !compile_probe(&f.workspace().join("probe")) {
+        common::skip(test, "gcc with static libc (build-essential) is needed to build the probe helper");
+        return;
+    }
+    import_suid_image(&f);
+    // Host-side things the job must not reach.
+    let secret = format!("probe-secret-{}", uuid::Uuid::new_v4().simple());
+    std::env::set_var("EXECUTOR_PROBE_SHARED_SECRET", &secret);
+    let host_file = f.tmp.path().join("coordinator-data.db");
+    std::fs::write(&host_file, &secret).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let host_pid = std::process::id();
+    let shadow_before = std::fs::symlink_metadata("/etc/shadow").ok().map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        (m.uid(), m.mode())
+    });
+
+    // gVisor's own threads (the Sentry, one stub per guest process) count against the job's
+    // process limit, so runsc needs more room.
+    let pids = if oci == "runsc" { 256 } else { 64 };
+    let limits = Limits { cpus: 1, memory_bytes: 128 << 20, disk_bytes: 32 << 20, pids };
+    let ws = f.workspace();
+    let sb =
+        f.rt.boot(&BootRequest {
+            job_uid: "probe",
+            workspace: &ws,
+            images: vec!["busybox".into(), "suid".into()],
+            limits: &limits,
+            name_prefix: "ocitest",
+        })
+        .unwrap();
+
+    let hf = host_file.display();
+    let state = f.state();
+    let st = state.display();
+    let probes = vec![
+        Probe {
+            forbid: vec![secret.clone()],
+            ..probe(
+                "read a host file outside the workspace",
+                format!("cat {hf} {st}/images/refs.json /etc/shadow 2>&1; ls {st} 2>&1"),
+                &["No such file or directory"],
+                "mount namespace: the root is the image, only /data is shared",
+            )
+        },
+        Probe {
+            forbid: vec![secret.clone(), "EXECUTOR_".into()],
+            ..probe(
+                "find the shared secret in env, /proc, command lines or fds",
+                "env; cat /proc/*/environ /proc/*/cmdline 2>/dev/null | tr '\\0' '\\n'; echo fds: $(ls /proc/self/fd)",
+                &["fds: 0 1 2 3"],
+                "the step's environment is built from scratch; no executor fd is inherited",
+            )
+        },
+        Probe {
+            forbid: vec!["it-".into(), "cargo".into()],
+            ..probe(
+                "see or signal a host process",
+                format!("echo procs: $(ls /proc | grep -c '^[0-9]'); cat /proc/*/cmdline | tr '\\0' ' '; /data/probe kill-pid {host_pid}"),
+                &["kill-pid: ESRCH"],
+                "pid namespace",
+            )
+        },
+        probe(
+            "ptrace a process",
+            format!("/data/probe ptrace-init; /data/probe ptrace-pid {host_pid}"),
+            &["ptrace-init: EPERM", "ptrace-pid: EPERM"],
+            "seccomp (ptrace denied)",
+        ),
+        probe(
+            "mount anything",
+            "/data/probe mount; /data/probe cgroup-mount; mount -t tmpfs none /mnt 2>&1; echo",
+            &["mount: EPERM", "cgroup-mount: EPERM"],
+            "seccomp (mount denied), no CAP_SYS_ADMIN",
+        ),
+        probe(
+            "create a user namespace",
+            "/data/probe userns; /data/probe clone-userns",
+            &["userns: EPERM", "clone-userns: EPERM"],
+            "seccomp (unshare/clone with CLONE_NEWUSER denied)",
+        ),
+        probe(
+            "load a kernel module, kexec",
+            "/data/probe init-module; /data/probe finit-module; /data/probe kexec",
+            &["init-module: EPERM", "finit-module: EPERM", "kexec: EPERM"],
+            "seccomp",
+        ),
+        probe(
+            "bpf, keyctl, perf_event_open, open_by_handle_at",
+            "/data/probe bpf; /data/probe keyctl; /data/probe perf; /data/probe open-by-handle",
+            &["bpf: EPERM", "keyctl: EPERM", "perf: EPERM", "open-by-handle: EPERM"],
+            "seccomp",
+        ),
+        probe(
+            "write /proc/sys, /sys, /proc/sysrq-trigger",
+            "echo 1 > /proc/sys/kernel/sysrq; echo b > /proc/sysrq-trigger; echo x > /sys/kernel/uevent_helper; \
+             echo 1 > /sys/class/net/lo/mtu; echo done",
+            &["Read-only file system", "done"],
+            "read-only /proc/sys, /proc/sysrq-trigger and /sys",
+        ),
+        probe(
+            "open /dev/kvm, /dev/mem or a host block device",
+            "cat /dev/kvm /dev/mem /dev/sda /dev/vda 2>&1; /data/probe mknod; echo devs: $(ls /dev)",
+            &["'/dev/kvm': No such file", "'/dev/mem': No such file", "mknod: E"],
+            "a private /dev with the standard set only; no CAP_MKNOD; device cgroup",
+        ),
+        probe(
+            "open a raw socket",
+            "/data/probe raw-socket; /data/probe packet-socket",
+            &["raw-socket: EPERM", "packet-socket: EPERM"],
+            "no CAP_NET_RAW",
+        ),
+        probe(
+            "connect to the host's loopback",
+            format!("/data/probe connect {port}; ip link 2>/dev/null || cat /proc/net/dev"),
+            &["connect: ECONNREFUSED"],
+            "network namespace with only its own lo",
+        ),
+        probe(
+            "abuse a cgroup release_agent",
+            "ls /sys/fs/cgroup 2>&1; cat /sys/fs/cgroup/*/release_agent 2>&1; /data/probe cgroup-mount",
+            &["cgroup-mount: EPERM"],
+            "no cgroupfs mounted, mount denied, /sys read-only",
+        ),
+        Probe {
+            forbid: vec!["CapEff:\t0000003".into(), "CapEff:\t000001".into()],
+            ..probe(
+                "escalate through a setuid binary in the image",
+                "ls -ln /bin/busybox 2>&1; /data/probe nnp; /bin/busybox grep -E 'NoNewPrivs|CapEff' /proc/self/status",
+                &["no_new_privs=1", "CapEff:\t0000000000000000"],
+                "no_new_privs, no capabilities, root only inside the user namespace",
+            )
+        },
+        Probe {
+            end: |e| !matches!(e, StepEnd::Exited(0)),
+            ..probe(
+                "fork bomb",
+                format!("i=0; while [ $i -lt {} ]; do sleep 3 & i=$((i+1)); done; wait", pids * 3),
+                &["hit the job's process limit"],
+                "pids cgroup (the job's process limit)",
+            )
+        },
+        Probe {
+            end: |e| matches!(e, StepEnd::Signaled(9)),
+            ..probe(
+                "memory bomb",
+                "dd if=/dev/zero of=/dev/null bs=300M count=1",
+                &["hit the job's memory limit"],
+                "memory cgroup (job limit 128 MiB): OOM kill",
+            )
+        },
+        probe(
+            "fill the disk past the cap",
+            "i=0; while [ $i -lt 40 ]; do dd if=/dev/zero of=/tmp/f$i bs=1M count=1 2>/dev/null || { echo tmp-full; break; }; \
+             i=$((i+1)); done; dd if=/dev/zero of=/data/fill bs=1M count=64; echo rc=$?",
+            &["tmp-full", "rc=153"],
+            "tmpfs size for /tmp; RLIMIT_FSIZE per file in /data (SIGXFSZ)",
+        ),
+        probe(
+            "exhaust file descriptors",
+            "/data/probe fds",
+            &["opened 10", "fds: EMFILE"],
+            "RLIMIT_NOFILE 1024",
+        ),
+        Probe {
+            end: |e| matches!(e, StepEnd::Stopped(CancelReason::Deadline)),
+            ..probe(
+                "spin the CPU",
+                "echo spinning; while :; do :; done",
+                &["spinning"],
+                "cpu cgroup quota (1 CPU); the deadline kills it",
+            )
+        },
+        probe(
+            "leave a daemonised child behind",
+            "setsid sleep 1000 </dev/null >/dev/null 2>&1 & (nohup sleep 1001 >/dev/null 2>&1 &); echo left",
+            &["left"],
+            "pid namespace: its init exited, the kernel killed the rest; then the job cgroup is emptied",
+        ),
+        probe(
+            "symlink in the workspace to a host file",
+            "ln -sf /etc/shadow /data/leak; ln -sf / /data/root-link; echo linked",
+            &["linked"],
+            "the runtime never follows workspace symlinks on the host (owner changes use lchown)",
+        ),
+    ];
+
+    let mut table = vec![format!("{:<52} {:<10} BY", "PROBE", "CONTAINED")];
+    let mut failures = Vec::new();
+    for p in &probes {
+        let cancel = if p.name == "spin the CPU" {
+            Cancel::with_deadline(Some(Instant::now() + Duration::from_secs(2)))
+        } else {
+            Cancel::with_deadline(Some(Instant::now() + Duration::from_secs(60)))
+        };
+        let image = if p.name.contains("setuid") { "suid" } else { "busybox" };
+        let (end, out) = f.run_in(&sb, image, &p.script, &[], &cancel);
+        let text = format!("{}{}", out.stdout(), out.stderr());
+        let mut why = Vec::new();
+        for e in &p.expect {
+            if !text.contains(e) {
+                why.push(format!("missing {e:?}"));
+            }
+        }
+        for e in &p.forbid {
+            if text.contains(e.as_str()) {
+                why.push(format!("shows {e:?}"));
+            }
+        }
+        if !(p.end)(&end) {
+            why.push(format!("ended {end:?}"));
+        }
+        let leftover = executor::sandbox::oci::cgroup::JobCgroup::new(&sb.name).pids();
+        if !leftover.is_empty() {
+            why.push(format!("processes left: {leftover:?}"));
+        }
+        table.push(format!("{:<52} {:<10} {}", p.name, if why.is_empty() { "yes" } else { "NO" }, p.by));
+        if !why.is_empty() {
+            failures.push(format!("{}: {}\n--- output ---\n{text}", p.name, why.join(", ")));
+        }
+    }
+    assert!(listener.accept().is_err(), "the host listener got a connection from the sandbox");
+    f.rt.sync_workspace(&sb, &f.workspace()).unwrap();
+    let shadow_after = std::fs::symlink_metadata("/etc/shadow").ok().map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        (m.uid(), m.mode())
+    });
+    assert_eq!(shadow_before, shadow_after, "a host file changed through a workspace symlink");
+    assert!(f.workspace().join("leak").is_symlink());
+    f.rt.teardown(&sb).unwrap();
+    assert_clean(&f, &sb);
+    eprintln!("probe table ({oci}):\n{}", table.join("\n"));
+    assert!(failures.is_empty(), "uncontained probes with {oci}:\n{}", failures.join("\n\n"));
+}
+
+#[test]
+fn oci_runc_escape_probes_are_contained() {
+    probe_suite("runc", "oci_runc_escape_probes_are_contained");
+}
+
+#[test]
+fn oci_runsc_escape_probes_are_contained() {
+    probe_suite("runsc", "oci_runsc_escape_probes_are_contained");
+}
+
+#[test]
+fn oci_crun_escape_probes_are_contained() {
+    probe_suite("crun", "oci_crun_escape_probes_are_contained");
+}
+
+/// An image with busybox (all applets), the probe helper at /usr/bin/probe and a setuid busybox.
+fn import_probe_image(f: &Fixture) {
+    let bb_path = which::which("busybox").unwrap();
+    let bb = std::fs::read(&bb_path).unwrap();
+    let probe = f.tmp.path().join("probe-bin");
+    assert!(compile_probe(&probe), "gcc -static failed");
+    let probe = std::fs::read(&probe).unwrap();
+    let list = std::process::Command::new(&bb_path).arg("--list").output().unwrap();
+    let mut layer = tar::Builder::new(Vec::new());
+    let mut add = |path: &str, data: &[u8], mode: u32| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(mode);
+        h.set_entry_type(tar::EntryType::Regular);
+        layer.append_data(&mut h, path, data).unwrap();
+    };
+    add("bin/busybox", &bb, 0o755);
+    add("bin/suid/busybox", &bb, 0o4755);
+    add("usr/bin/probe", &probe, 0o755);
+    for applet in String::from_utf8_lossy(&list.stdout).lines().filter(|a| !a.is_empty() && *a != "busybox") {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        layer.append_link(&mut h, format!("bin/{applet}"), "busybox").unwrap();
+    }
+    let layer = layer.into_inner().unwrap();
+    let mut t = tar::Builder::new(Vec::new());
+    for (name, data) in [
+        ("manifest.json", br#"[{"Config":"c.json","Layers":["l/layer.tar"]}]"#.to_vec()),
+        ("c.json", br#"{"config":{"Env":["PATH=/usr/bin:/bin"]}}"#.to_vec()),
+        ("l/layer.tar", layer),
+    ] {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        t.append_data(&mut h, name, &data[..]).unwrap();
+    }
+    let file = f.tmp.path().join("probe-image.tar");
+    std::fs::write(&file, t.into_inner().unwrap()).unwrap();
+    let out = common::run(
+        common::executor()
+            .args(["image", "import", "probe:1"])
+            .arg(&file)
+            .env("EXECUTOR_STATE_DIR", f.state()),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn job_log(job: &serde_json::Value) -> String {
+    job["logs"]
+        .as_array()
+        .map(|a| a.iter().map(|e| format!("[{}] {}\n", e["key"], e["out"].as_str().unwrap_or(""))).collect())
+        .unwrap_or_default()
+}
+
+/// The escape probes as real jobs: the coordinator queues them, `executor loop` runs them in the
+/// oci runtime with runc, and the job logs the coordinator stored show how each was contained.
+#[test]
+fn oci_probes_run_as_real_jobs_through_the_coordinator() {
+    let test = "oci_probes_run_as_real_jobs_through_the_coordinator";
+    if !can_run(test, "runc") {
+        return;
+    }
+    if std::process::Command::new("gcc").arg("--version").output().is_err() {
+        common::skip(test, "gcc (build-essential) is needed to build the probe helper");
+        return;
+    }
+    let c = crate::coordinator::Coordinator::start();
+    let f = Fixture::new("runc");
+    import_probe_image(&f);
+    let port = c.url.rsplit(':').next().unwrap().trim_end_matches('/').to_string();
+    let data_dir = c.data_dir.path().display().to_string();
+    let state = f.state().display().to_string();
+    let prefix = format!("ocijob{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let contained: Vec<(&str, String, &str)> = vec![
+        ("hostfile", format!("cat {data_dir}/db/* {state}/images/refs.json 2>&1; ls {data_dir} 2>&1"), "No such file"),
+        ("secrets", "env; cat /proc/*/environ /proc/*/cmdline 2>/dev/null | tr '\\0' '\\n'; echo fds: $(ls /proc/self/fd)".into(), "fds: 0 1 2 3"),
+        ("ptrace", "probe ptrace-init".into(), "ptrace-init: EPERM"),
+        ("mount", "probe mount".into(), "mount: EPERM"),
+        ("module", "probe init-module".into(), "init-module: EPERM"),
+        ("sysrq", "echo b > /proc/sysrq-trigger; echo 1 > /proc/sys/kernel/sysrq".into(), "can't create /proc/sysrq-trigger"),
+        ("devices", "cat /dev/kvm /dev/mem 2>&1".into(), "'/dev/kvm': No such file"),
+        ("rawsocket", "probe raw-socket".into(), "raw-socket: EPERM"),
+        ("coordinator", format!("probe connect {port}"), "connect: ECONNREFUSED"),
+        ("userns", "probe userns".into(), "userns: EPERM"),
+        ("setuid", "/bin/suid/busybox grep CapEff /proc/self/status; probe nnp".into(), "CapEff:\t0000000000000000"),
+        ("daemon", "setsid sleep 1000 </dev/null >/dev/null 2>&1 & echo left".into(), "left"),
+    ];
+    let steps: Vec<serde_json::Value> = contained
+        .iter()
+        .map(|(k, script, _)| serde_json::json!({"key": k, "image": "probe:1", "dir": "", "env": [], "commands": [script, "true"]}))
+        .collect();
+    let probes = c.submit(serde_json::json!({"dockerSteps": steps}));
+    let symlink = c.submit(serde_json::json!({"dockerSteps": [
+        {"key": "link", "image": "probe:1", "dir": "", "env": [], "commands": ["ln -s /etc/shadow /data/shadow-link"]}
+    ], "artifacts": ["shadow-link"]}));
+    let membomb = c.submit(serde_json::json!({"dockerSteps": [
+        {"key": "bomb", "image": "probe:1", "dir": "", "env": [], "commands": ["dd if=/dev/zero of=/dev/null bs=400M count=1"]}
+    ]}));
+
+    let run_loop = |jobs: &str, max_runtime: &str| {
+        let mut cmd = common::executor();
+        c.executor_env(&mut cmd);
+        cmd.env("EXECUTOR_QUEUE_NAME", "batches")
+            .env("EXECUTOR_RUNTIME", "oci")
+            .env("EXECUTOR_OCI_RUNTIME", "runc")
+            .env("EXECUTOR_STATE_DIR", f.state())
+            .env("EXECUTOR_VM_PREFIX", &prefix)
+            .env("EXECUTOR_JOB_MEMORY", "200M")
+            .env("EXECUTOR_JOB_NUM_CPUS", "1")
+            .env("EXECUTOR_NUM_TOTAL_JOBS", jobs)
+            .env("EXECUTOR_MAXIMUM_RUNTIME_PER_JOB", max_runtime)
+            .env("EXECUTOR_HEARTBEAT_INTERVAL", "300ms")
+            .arg("loop");
+        let out = common::run(&mut cmd);
+        assert!(out.status.success(), "loop: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run_loop("3", "60s");
+
+    let job = c.wait_state(probes, &["completed", "failed", "errored"], Duration::from_secs(60));
+    let log = job_log(&job);
+    assert_eq!(job["state"], "completed", "{log}");
+    for (key, _, want) in &contained {
+        let entry = job["logs"].as_array().unwrap().iter().find(|e| e["key"] == format!("step.docker.{key}"));
+        let out = entry.and_then(|e| e["out"].as_str()).unwrap_or_default();
+        assert!(out.contains(want), "probe {key} should show {want:?}:\n{out}");
+    }
+    assert!(!log.contains("_REMOVED"), "a secret reached a sandbox (the redactor caught it):\n{log}");
+    assert!(!log.contains(&c.secret) && !log.contains("EXECUTOR_"), "{log}");
+
+    let job = c.wait_state(symlink, &["completed", "failed", "errored"], Duration::from_secs(60));
+    let log = job_log(&job);
+    assert!(log.contains("artifact shadow-link goes through the symlink shadow-link: refusing"), "{log}");
+    assert!(!log.contains("root:"), "{log}");
+
+    let job = c.wait_state(membomb, &["completed", "failed", "errored"], Duration::from_secs(60));
+    assert_ne!(job["state"], "completed");
+    assert!(job_log(&job).contains("hit the job's memory limit"), "{}", job_log(&job));
+
+    let spinner = c.submit(serde_json::json!({"dockerSteps": [
+        {"key": "spin", "image": "probe:1", "dir": "", "env": [], "commands": ["echo spinning; while :; do :; done"]}
+    ]}));
+    run_loop("1", "2s");
+    let job = c.wait_state(spinner, &["failed", "errored"], Duration::from_secs(30));
+    assert_eq!(job["failureMessage"], "job exceeded maximum execution time of 2s", "{job:#}");
+
+    // Nothing of any job is left: sandboxes, cgroups, image use records, processes, workspaces.
+    let left = |dir: &str| std::fs::read_dir(f.state().join(dir)).map(|r| r.count()).unwrap_or(0);
+    assert_eq!((left("sandboxes"), left("images/users"), left("workspaces")), (0, 0, 0));
+    let cgroups = executor::sandbox::oci::cgroup::existing_jobs();
+    assert!(!cgroups.iter().any(|n| n.starts_with(&prefix)), "{cgroups:?}");
+    let ps = std::process::Command::new("ps").args(["-eo", "args"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&ps.stdout).contains(&prefix));
+}
+
+#[test]
+fn oci_check_reports_every_oci_runtime() {
+    if !can_run("oci_check_reports_every_oci_runtime", "runc") {
+        return;
+    }
+    let f = Fixture::new("runc");
+    let lines = f.rt.check().unwrap();
+    for which in ["runc", "crun", "runsc"] {
+        assert!(lines.iter().any(|l| l.starts_with(&format!("oci runtime {which}: "))), "{lines:?}");
+    }
+    assert!(
+        lines.iter().any(|l| l.starts_with("oci runtime runc: ") && l.ends_with(", selected")),
+        "{lines:?}"
+    );
+    let opts = RuntimeOptions { state_dir: f.state(), allow_unisolated: false, oci_runtime: "docker".into() };
+    let err = OciRuntime::new(opts).unwrap_err();
+    assert!(format!("{err:#}").contains("unknown OCI runtime \"docker\""), "{err:#}");
+}

@@ -12,6 +12,7 @@ pub fn man_section(name: &str) -> Option<&'static str> {
         | "executor-run-steps"
         | "executor-upload"
         | "executor-complete" => Some(RUN_DOCUMENT),
+        "executor-loop" => Some(LOOP),
         _ => None,
     }
 }
@@ -52,6 +53,25 @@ its job. See docs/run-document.md.
 0 done (or skipped after an earlier failure; for complete: reported completed); 1 the job failed,
 the document says why; 2 usage; 3 unreadable, foreign or incomplete input document (nothing
 written); 4 dequeue found no job; 75 the coordinator could not be reached, try again.
+"#;
+
+const LOOP: &str = r#".SH "BEHAVIOUR"
+Runs up to \fBEXECUTOR_MAXIMUM_NUM_JOBS\fR jobs at once, each through the same stage functions as
+the subcommands (prepare-workspace, vm-boot, run-steps, upload, complete), in-process. It pings the
+coordinator until it answers, then dequeues (with the coordinator's long poll where offered, else
+every \fBEXECUTOR_QUEUE_POLL_INTERVAL\fR). One heartbeat every \fBEXECUTOR_HEARTBEAT_INTERVAL\fR
+(5s) lists the running jobs: a job in cancelIds is stopped (its step and everything it started are
+killed) and reported failed, which the coordinator records as canceled; a job missing from knownIds
+is dropped from the heartbeat and runs on. A job past \fBEXECUTOR_MAXIMUM_RUNTIME_PER_JOB\fR is
+killed and reported errored. A janitor removes, every \fBEXECUTOR_CLEANUP_TASK_INTERVAL\fR,
+workspaces and sandboxes that no live job owns. Logs go to standard error; on a terminal, one
+spinner per running job shows its current log entry.
+.SH "SIGNALS"
+SIGTERM or SIGINT: stop dequeuing; running jobs get \fBEXECUTOR_SHUTDOWN_GRACE\fR (30s) to
+finish, then they are killed and reported errored; the loop exits 0. A second signal kills and
+reports them at once.
+\fBEXECUTOR_NUM_TOTAL_JOBS\fR and \fBEXECUTOR_MAX_ACTIVE_TIME\fR stop dequeuing the same way,
+without a grace limit, for ephemeral hosts.
 "#;
 
 /// The `oci` sandbox, in the order `sandbox::oci` builds it (docs/sandbox-oci.md says more).

@@ -63,6 +63,8 @@ impl Default for Ui {
 struct Slot {
     cancel: Cancel,
     workspace: Option<PathBuf>,
+    /// The coordinator no longer lists it in knownIds: it runs on, out of the heartbeat.
+    dropped: bool,
 }
 
 #[derive(Default)]
@@ -71,7 +73,7 @@ struct Running {
 }
 
 /// SIGTERM/SIGINT as messages, without blocking them for child processes.
-fn signals() -> Result<Receiver<&'static str>> {
+pub fn signals() -> Result<Receiver<&'static str>> {
     let (tx, rx) = std::sync::mpsc::channel();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     std::thread::Builder::new()
@@ -297,13 +299,14 @@ fn spawn_heartbeat(
     std::thread::spawn(move || loop {
         let uids: Vec<String> = {
             let r = running.0.lock().unwrap_or_else(|p| p.into_inner());
-            let mut v: Vec<String> = r.jobs.keys().cloned().collect();
+            let mut v: Vec<String> =
+                r.jobs.iter().filter(|(_, s)| !s.dropped).map(|(k, _)| k.clone()).collect();
             v.sort();
             v
         };
         match client.heartbeat(&settings.queues, settings.multi_queue, &uids) {
             Ok(resp) => {
-                let r = running.0.lock().unwrap_or_else(|p| p.into_inner());
+                let mut r = running.0.lock().unwrap_or_else(|p| p.into_inner());
                 for id in &resp.cancel_ids {
                     if let Some(slot) = r.jobs.get(id) {
                         ui.log(&format!("job {id}: canceled by the coordinator"));
@@ -314,7 +317,10 @@ fn spawn_heartbeat(
                     if !resp.known_ids.contains(uid) && !resp.cancel_ids.contains(uid) {
                         // The contract drops it from the heartbeat and lets it run; its final
                         // mark* will find it is no longer ours.
-                        ui.log(&format!("job {uid}: the coordinator no longer knows it as ours"));
+                        ui.log(&format!("job {uid}: the coordinator no longer knows it as ours; dropped"));
+                        if let Some(slot) = r.jobs.get_mut(uid) {
+                            slot.dropped = true;
+                        }
                     }
                 }
             }
@@ -367,7 +373,7 @@ fn start_job(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .jobs
-        .insert(uid.clone(), Slot { cancel: cancel.clone(), workspace: None });
+        .insert(uid.clone(), Slot { cancel: cancel.clone(), workspace: None, dropped: false });
     let (settings, running, ui) = (settings.clone(), running.clone(), ui.clone());
     std::thread::Builder::new()
         .name(format!("job-{uid}"))

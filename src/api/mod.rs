@@ -249,6 +249,8 @@ impl Client {
                         | ureq::ErrorKind::InsecureRequestHttpsOnly => false,
                         // DNS not-found is given up after 3 attempts.
                         ureq::ErrorKind::Dns => attempt < 2,
+                        // An unknown TLS authority does not get better by asking again.
+                        _ if t.to_string().to_ascii_lowercase().contains("certificate") => false,
                         _ => true,
                     };
                     (retry, ApiError::Transport { route: route.clone(), message: t.to_string() }, None)
@@ -511,8 +513,13 @@ fn tls_config(ca: Option<&Path>) -> Result<rustls::ClientConfig> {
         .with_no_client_auth())
 }
 
-/// What heartbeats report about this host; gathered once.
+/// What heartbeats report about this host; gathered once per process.
 fn telemetry() -> ExecutorTelemetry {
+    static CACHE: std::sync::OnceLock<ExecutorTelemetry> = std::sync::OnceLock::new();
+    CACHE.get_or_init(gather_telemetry).clone()
+}
+
+fn gather_telemetry() -> ExecutorTelemetry {
     let arch = match std::env::consts::ARCH {
         "x86_64" => "amd64",
         "aarch64" => "arm64",

@@ -8,11 +8,11 @@ mod progress;
 pub use cache::ObjectCache;
 
 use anyhow::{anyhow, bail, Context, Result};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::sandbox::pipes::PipeEvent;
 use crate::sandbox::Stream;
 
 /// Receives the log entries of the clone (one per git command).
@@ -363,37 +363,15 @@ impl Git<'_> {
                 bail!("failed {key}: cannot start git: {e}");
             }
         };
-        let (tx, rx) = std::sync::mpsc::channel::<(Stream, Vec<u8>)>();
-        let mut readers = Vec::new();
-        for (stream, pipe) in [
-            (Stream::Stdout, child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>)),
-            (Stream::Stderr, child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>)),
-        ] {
-            let Some(mut pipe) = pipe else { continue };
-            let tx = tx.clone();
-            readers.push(std::thread::spawn(move || {
-                let mut buf = vec![0u8; 16 << 10];
-                loop {
-                    match pipe.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if tx.send((stream, buf[..n].to_vec())).is_err() {
-                                break;
-                            }
-                        }
-                    }
-                }
-            }));
-        }
-        drop(tx);
+        let mut pipes = crate::sandbox::pipes::Pipes::spawn(&mut child);
         let mut bar = progress::Progress::new(self.req.progress, key);
         // Keeps only the tail of stderr for the error message.
         let mut tail: Vec<u8> = Vec::new();
         let mut timed_out = false;
         loop {
             let left = self.req.step_timeout.saturating_sub(started.elapsed());
-            match rx.recv_timeout(left.min(Duration::from_millis(200))) {
-                Ok((stream, data)) => {
+            match pipes.next(left.min(Duration::from_millis(200))) {
+                PipeEvent::Data(stream, data) => {
                     bar.feed(&data);
                     entry.output(stream, &data);
                     if stream == Stream::Stderr {
@@ -403,8 +381,8 @@ impl Git<'_> {
                         }
                     }
                 }
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                PipeEvent::Closed => break,
+                PipeEvent::Idle => {
                     if started.elapsed() >= self.req.step_timeout {
                         timed_out = true;
                         kill_group(&child);
@@ -413,9 +391,7 @@ impl Git<'_> {
                 }
             }
         }
-        for r in readers {
-            let _ = r.join();
-        }
+        pipes.join();
         let status = child.wait().with_context(|| format!("waiting for git ({key})"))?;
         bar.finish();
         let code = status.code().unwrap_or(-1);

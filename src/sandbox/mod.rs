@@ -11,6 +11,7 @@ use crate::cancel::{Cancel, CancelReason};
 
 pub mod microvm;
 pub mod oci;
+pub mod pipes;
 pub mod shell;
 
 /// A running sandbox as recorded in the run document. Everything a later process needs to reach

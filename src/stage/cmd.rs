@@ -53,6 +53,17 @@ pub fn stage(stage: Stage, settings: Settings, input: Option<&Path>, output: Opt
     let heartbeat = doc.completion.is_none().then(|| {
         JobHeartbeat::start(ctx.client.clone(), &doc, ctx.cancel.clone(), settings.heartbeat_interval)
     });
+    // SIGTERM/SIGINT stop the stage's work (a running step and all it started) and the failure
+    // is recorded, instead of leaving the job to the stalled-job reset.
+    if let Ok(sig) = crate::run_loop::signals() {
+        let cancel = ctx.cancel.clone();
+        std::thread::spawn(move || {
+            if let Ok(s) = sig.recv() {
+                eprintln!("executor: {s}: stopping");
+                cancel.cancel(crate::cancel::CancelReason::Shutdown);
+            }
+        });
+    }
     let res = run_stage(stage, &ctx, &mut doc);
     drop(heartbeat);
     match res {

@@ -99,3 +99,33 @@ pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::document::{ExecutorIdentity, RunDocument};
+
+    #[test]
+    fn outcome_maps_to_the_contracts_mark_calls() {
+        let id = ExecutorIdentity {
+            name: "h-1".into(),
+            frontend_url: "http://127.0.0.1:1".into(),
+            queue: "batches".into(),
+            multi_queue: false,
+            runtime: "shell".into(),
+            version: "0.1.0".into(),
+        };
+        let job = crate::protocol::Job { id: 3, ..Default::default() };
+        let mut doc = RunDocument::new(id, &job, &"s".repeat(24), None).unwrap();
+        assert_eq!(mark_for(&doc), (Mark::Complete, String::new()));
+        for (kind, mark) in [
+            (FailureKind::Errored, Mark::Errored),
+            (FailureKind::Failed, Mark::Failed),
+            (FailureKind::Canceled, Mark::Failed),
+        ] {
+            doc.outcome = None;
+            doc.fail("run-steps", kind, "why");
+            assert_eq!(mark_for(&doc), (mark, "why".to_string()));
+        }
+    }
+}

@@ -128,3 +128,21 @@ fn skip_to(ws: &std::path::Path, dir: &str) -> Result<Option<String>> {
         serde_json::from_str(&text).with_context(|| format!("{rel} is not {{\"nextStep\": ...}}"))?;
     Ok(Some(skip.next_step))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_and_skip_protocol() {
+        assert_eq!(step_key("", 2), "step.docker.2");
+        assert_eq!(step_key("step.0.pre", 0), "step.docker.step.0.pre");
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(skip_to(d.path(), "").unwrap(), None);
+        std::fs::create_dir(d.path().join("sub")).unwrap();
+        std::fs::write(d.path().join("sub/skip.json"), r#"{"nextStep":"step.2.pre"}"#).unwrap();
+        assert_eq!(skip_to(d.path(), "sub").unwrap().as_deref(), Some("step.2.pre"));
+        assert!(!d.path().join("sub/skip.json").exists(), "skip.json is consumed");
+        assert!(skip_to(d.path(), "../x").is_err());
+    }
+}

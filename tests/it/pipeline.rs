@@ -506,3 +506,125 @@ fn committed_man_pages_and_completions_match_the_binary() {
         }
     }
 }
+
+/// A CA and a certificate for 127.0.0.1 made with openssl; `None` (and a skip notice) without it.
+fn make_ca(dir: &Path, test: &str) -> Option<(String, String, String)> {
+    let p = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    let (ca, cert, key) = (p("ca.pem"), p("cert.pem"), p("key.pem"));
+    std::fs::write(p("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    let ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+    let steps = [
+        format!("req -x509 {ec} -days 1 -subj /CN=test-ca -keyout {} -out {ca}", p("ca.key")),
+        format!("req {ec} -subj /CN=127.0.0.1 -keyout {key} -out {}", p("req.csr")),
+        format!(
+            "x509 -req -in {} -CA {ca} -CAkey {} -CAcreateserial -days 1 -extfile {} -out {cert}",
+            p("req.csr"),
+            p("ca.key"),
+            p("ext.cnf")
+        ),
+    ];
+    for step in steps {
+        let args: Vec<&str> = step.split(' ').collect();
+        match Command::new("openssl").args(&args).stderr(Stdio::null()).status() {
+            Ok(s) if s.success() => {}
+            Ok(s) => panic!("openssl {step}: {s}"),
+            Err(e) => {
+                common::skip(test, &format!("no openssl binary: {e}"));
+                return None;
+            }
+        }
+    }
+    Some((ca, cert, key))
+}
+
+#[test]
+fn https_coordinator_with_a_private_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((ca, cert, key)) = make_ca(dir.path(), "https_coordinator_with_a_private_ca") else { return };
+    let c = Coordinator::start_with(&["--tls-cert", &cert, "--tls-key", &key]);
+    assert!(c.url.starts_with("https://"));
+    let state = tempfile::tempdir().unwrap();
+    // Without the CA: refused at once (an unknown authority is not retried).
+    let t = Instant::now();
+    let o = stage(&c, state.path(), &["validate"]);
+    assert!(!o.status.success());
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    let mut cmd = exe(&c, state.path());
+    cmd.env("EXECUTOR_FRONTEND_CA", &ca).arg("validate");
+    let o = common::run(&mut cmd);
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // A whole job over https (the fixture's own agent does not trust the CA: submit by the CLI).
+    let job = dir.path().join("job.json");
+    std::fs::write(&job, Coordinator::simple_job().to_string()).unwrap();
+    let mut cmd = common::executor();
+    c.admin_env(&mut cmd);
+    let o = common::run(cmd.args(["queue", "submit", "--ca-cert", &ca]).arg(&job));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut cmd = exe(&c, state.path());
+    cmd.env("EXECUTOR_FRONTEND_CA", &ca).env("EXECUTOR_NUM_TOTAL_JOBS", "1").arg("loop");
+    let o = common::run(&mut cmd);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("job 1: completed"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn dequeue_wait_uses_the_long_poll() {
+    let c = Coordinator::start();
+    let state = tempfile::tempdir().unwrap();
+    let mut cmd = exe(&c, state.path());
+    cmd.args(["dequeue", "--wait", "10s"]).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    let t = Instant::now();
+    let id = c.submit(Coordinator::simple_job());
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(t.elapsed() < Duration::from_secs(3), "the long poll answered after {:?}", t.elapsed());
+    let d: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(d["job"]["id"], id);
+    assert_eq!(d["executor"]["runtime"], "shell");
+    // The job stays ours while nothing heartbeats only until the stall timeout: complete it now.
+    let mut cmd = exe(&c, state.path());
+    cmd.arg("complete").stdin(Stdio::piped()).stdout(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), &o.stdout).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success());
+    c.wait_state(id, &["completed"], Duration::from_secs(5));
+}
+
+#[test]
+fn sigterm_to_a_stage_stops_the_step_and_records_it() {
+    let c = Coordinator::start();
+    let state = tempfile::tempdir().unwrap();
+    let id =
+        c.submit(json!({"dockerSteps": [{"image": "alpine", "commands": ["echo started", "sleep 30"]}]}));
+    let d = state.path().join("doc.json");
+    let ds = d.to_str().unwrap();
+    for s in ["dequeue", "prepare-workspace", "vm-boot"] {
+        let args: Vec<&str> = if s == "dequeue" { vec![s, "-o", ds] } else { vec![s, "-i", ds, "-o", ds] };
+        assert!(stage(&c, state.path(), &args).status.success(), "{s}");
+    }
+    let mut cmd = exe(&c, state.path());
+    cmd.args(["run-steps", "-i", ds, "-o", ds]).stderr(Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    wait_for_output(&c, id, "step.docker.0", "stdout: started");
+    signal(&child, "TERM");
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
+    let doc = doc(&d);
+    assert_eq!(doc["steps"][0]["endedBy"], "shutdown");
+    assert!(doc["outcome"]["message"].as_str().unwrap().contains("shut down"));
+    let o = stage(&c, state.path(), &["complete", "-i", ds]);
+    assert_eq!(o.status.code(), Some(1));
+    c.wait_state(id, &["failed", "errored"], Duration::from_secs(5));
+}

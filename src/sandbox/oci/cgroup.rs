@@ -147,7 +147,10 @@ impl JobCgroup {
             Layout::V1 => Counters {
                 oom_kills: read("memory", "memory.oom_control", "oom_kill "),
                 pids_max: read("pids", "pids.events", "max "),
-                mem_failcnt: read("memory", "memory.failcnt", ""),
+                // With memory+swap limited to the same size, the kernel charges memsw first and
+                // counts the failure there: both counters say the limit was reached.
+                mem_failcnt: read("memory", "memory.failcnt", "")
+                    + read("memory", "memory.memsw.failcnt", ""),
                 pids_peak: read("pids", "pids.peak", ""),
                 pids_limit: read("pids", "pids.max", ""),
             },

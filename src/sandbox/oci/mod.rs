@@ -11,16 +11,15 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
-use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::cancel::Cancel;
 use crate::image::{ImageStore, ID_BASE};
+use crate::sandbox::pipes::PipeEvent;
 use crate::sandbox::{
     BootRequest, Limits, OutputSink, Runtime, RuntimeOptions, SandboxRecord, StepEnd, StepSpec, Stream,
 };
@@ -333,32 +332,9 @@ impl Runtime for OciRuntime {
         cmd.process_group(0);
         let mut child = cmd.spawn().with_context(|| format!("starting {which} for step {}", step.key))?;
 
-        let (tx, rx) = mpsc::channel::<Option<(Stream, Vec<u8>)>>();
-        let mut readers = Vec::new();
-        for (stream, pipe) in [
-            (Stream::Stdout, child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>)),
-            (Stream::Stderr, child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>)),
-        ] {
-            let Some(mut pipe) = pipe else { continue };
-            let tx = tx.clone();
-            readers.push(std::thread::spawn(move || {
-                let mut buf = vec![0u8; 16 * 1024];
-                loop {
-                    match pipe.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if tx.send(Some((stream, buf[..n].to_vec()))).is_err() {
-                                break;
-                            }
-                        }
-                    }
-                }
-                let _ = tx.send(None);
-            }));
-        }
-        drop(tx);
+        let mut pipes = crate::sandbox::pipes::Pipes::spawn(&mut child);
 
-        let mut open = readers.len();
+        let mut open = true;
         let mut stopped = None;
         let mut seen = cgroup::Counters::default();
         let status = loop {
@@ -371,12 +347,11 @@ impl Runtime for OciRuntime {
                     self.stop_step(which, &sandbox.state_dir, &id, &cg, &mut child);
                 }
             }
-            if open > 0 {
-                match rx.recv_timeout(Duration::from_millis(50)) {
-                    Ok(Some((s, data))) => sink.output(s, &data),
-                    Ok(None) => open -= 1,
-                    Err(mpsc::RecvTimeoutError::Timeout) => {}
-                    Err(mpsc::RecvTimeoutError::Disconnected) => open = 0,
+            if open {
+                match pipes.next(Duration::from_millis(50)) {
+                    PipeEvent::Data(s, data) => sink.output(s, &data),
+                    PipeEvent::Idle => {}
+                    PipeEvent::Closed => open = false,
                 }
                 continue;
             }
@@ -387,9 +362,7 @@ impl Runtime for OciRuntime {
                 }
             }
         };
-        for r in readers {
-            let _ = r.join();
-        }
+        pipes.join();
         // Whatever the step left behind (a daemon that escaped its session) dies with it.
         cg.kill_all(50);
         // A teardown or janitor may have removed the sandbox meanwhile; the runtime would

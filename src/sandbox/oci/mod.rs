@@ -372,6 +372,10 @@ impl Runtime for OciRuntime {
             del.args(["delete", "--force", &id]);
             let _ = self.quiet(del);
             let _ = fs::remove_dir_all(&bundle);
+        } else {
+            // Torn down while the step ran: whatever the dying runtime wrote after the teardown
+            // (its state, the bundle) is ours to remove.
+            let _ = fs::remove_dir_all(&sandbox.state_dir);
         }
 
         let after = cg.counters();

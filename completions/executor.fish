@@ -38,6 +38,9 @@ complete -c executor -n "__fish_executor_needs_command" -f -a "complete" -d 'Rep
 complete -c executor -n "__fish_executor_needs_command" -f -a "loop" -d 'Run jobs continuously: the stages in-process, with heartbeats, cancellation and draining'
 complete -c executor -n "__fish_executor_needs_command" -f -a "validate" -d 'Check the configuration, the coordinator\'s acceptance of the secret and the runtime\'s tools'
 complete -c executor -n "__fish_executor_needs_command" -f -a "janitor" -d 'Remove workspaces and sandboxes that no live job owns (one pass)'
+complete -c executor -n "__fish_executor_needs_command" -f -a "install" -d 'Install what a runtime needs on this host'
+complete -c executor -n "__fish_executor_needs_command" -f -a "test-vm" -d 'Boot a microVM, run a command in it and print the phases of the boot with their times'
+complete -c executor -n "__fish_executor_needs_command" -f -a "guest-agent" -d 'The guest agent: PID 1 inside a microVM (not for use on a host)'
 complete -c executor -n "__fish_executor_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox ls rm help" -l state-dir -d 'State directory; the store is its images/ subdirectory' -r -F
 complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox ls rm help" -s h -l help -d 'Print help'
@@ -187,6 +190,8 @@ complete -c executor -n "__fish_executor_using_subcommand dequeue" -l state-dir 
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l oci-runtime -d 'OCI runtime of the oci sandbox: runc, crun or runsc (gVisor) [default: runc]' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l vm-accel -d 'microvm accelerator: kvm, tcg, or auto (KVM where the cached boot probe passed, else TCG if allowed) [default: auto]' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l vm-allow-tcg -d 'Let the microvm runtime fall back to TCG software emulation (slow) where KVM does not work' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
@@ -215,6 +220,8 @@ complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l 
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l oci-runtime -d 'OCI runtime of the oci sandbox: runc, crun or runsc (gVisor) [default: runc]' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l vm-accel -d 'microvm accelerator: kvm, tcg, or auto (KVM where the cached boot probe passed, else TCG if allowed) [default: auto]' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l vm-allow-tcg -d 'Let the microvm runtime fall back to TCG software emulation (slow) where KVM does not work' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
@@ -243,6 +250,8 @@ complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l state-dir 
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l oci-runtime -d 'OCI runtime of the oci sandbox: runc, crun or runsc (gVisor) [default: runc]' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l vm-accel -d 'microvm accelerator: kvm, tcg, or auto (KVM where the cached boot probe passed, else TCG if allowed) [default: auto]' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l vm-allow-tcg -d 'Let the microvm runtime fall back to TCG software emulation (slow) where KVM does not work' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
@@ -271,6 +280,8 @@ complete -c executor -n "__fish_executor_using_subcommand run-steps" -l state-di
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l oci-runtime -d 'OCI runtime of the oci sandbox: runc, crun or runsc (gVisor) [default: runc]' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l vm-accel -d 'microvm accelerator: kvm, tcg, or auto (KVM where the cached boot probe passed, else TCG if allowed) [default: auto]' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l vm-allow-tcg -d 'Let the microvm runtime fall back to TCG software emulation (slow) where KVM does not work' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
@@ -299,6 +310,8 @@ complete -c executor -n "__fish_executor_using_subcommand upload" -l state-dir -
 complete -c executor -n "__fish_executor_using_subcommand upload" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l oci-runtime -d 'OCI runtime of the oci sandbox: runc, crun or runsc (gVisor) [default: runc]' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l vm-accel -d 'microvm accelerator: kvm, tcg, or auto (KVM where the cached boot probe passed, else TCG if allowed) [default: auto]' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l vm-allow-tcg -d 'Let the microvm runtime fall back to TCG software emulation (slow) where KVM does not work' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
@@ -327,6 +340,8 @@ complete -c executor -n "__fish_executor_using_subcommand complete" -l state-dir
 complete -c executor -n "__fish_executor_using_subcommand complete" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l oci-runtime -d 'OCI runtime of the oci sandbox: runc, crun or runsc (gVisor) [default: runc]' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l vm-accel -d 'microvm accelerator: kvm, tcg, or auto (KVM where the cached boot probe passed, else TCG if allowed) [default: auto]' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l vm-allow-tcg -d 'Let the microvm runtime fall back to TCG software emulation (slow) where KVM does not work' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
@@ -353,6 +368,8 @@ complete -c executor -n "__fish_executor_using_subcommand loop" -l state-dir -d 
 complete -c executor -n "__fish_executor_using_subcommand loop" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l oci-runtime -d 'OCI runtime of the oci sandbox: runc, crun or runsc (gVisor) [default: runc]' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l vm-accel -d 'microvm accelerator: kvm, tcg, or auto (KVM where the cached boot probe passed, else TCG if allowed) [default: auto]' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l vm-allow-tcg -d 'Let the microvm runtime fall back to TCG software emulation (slow) where KVM does not work' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
@@ -379,6 +396,8 @@ complete -c executor -n "__fish_executor_using_subcommand validate" -l state-dir
 complete -c executor -n "__fish_executor_using_subcommand validate" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l oci-runtime -d 'OCI runtime of the oci sandbox: runc, crun or runsc (gVisor) [default: runc]' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l vm-accel -d 'microvm accelerator: kvm, tcg, or auto (KVM where the cached boot probe passed, else TCG if allowed) [default: auto]' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l vm-allow-tcg -d 'Let the microvm runtime fall back to TCG software emulation (slow) where KVM does not work' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
@@ -405,25 +424,52 @@ complete -c executor -n "__fish_executor_using_subcommand janitor" -l state-dir 
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l oci-runtime -d 'OCI runtime of the oci sandbox: runc, crun or runsc (gVisor) [default: runc]' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l vm-accel -d 'microvm accelerator: kvm, tcg, or auto (KVM where the cached boot probe passed, else TCG if allowed) [default: auto]' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l vm-allow-tcg -d 'Let the microvm runtime fall back to TCG software emulation (slow) where KVM does not work' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand janitor" -s V -l version -d 'Print version'
-complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "image" -d 'Manage the local image store (import, build, list, remove)'
-complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "queue" -d 'The coordinator: serve the job queue, or talk to its admin API'
-complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "generate-docs" -d 'Write the man pages and shell completions generated from these definitions'
-complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "dequeue" -d 'Take one job from the coordinator and write its new run document (exit 4: no job)'
-complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "prepare-workspace" -d 'Create the job\'s workspace: repository, files, one script per step'
-complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "vm-boot" -d 'Start the job\'s sandbox with the chosen runtime and record it in the document'
-complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "run-steps" -d 'Run the job\'s steps in its sandbox, streaming each as a log entry'
-complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "upload" -d 'Pack the job\'s artifacts into a tar.gz and send them to the coordinator'
-complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "complete" -d 'Report the outcome, tear down the sandbox and delete the workspace (safe to run twice)'
-complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "loop" -d 'Run jobs continuously: the stages in-process, with heartbeats, cancellation and draining'
-complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "validate" -d 'Check the configuration, the coordinator\'s acceptance of the secret and the runtime\'s tools'
-complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "janitor" -d 'Remove workspaces and sandboxes that no live job owns (one pass)'
-complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm help" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm help" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm help" -f -a "vm" -d 'Fetch the guest kernel from Debian\'s packages and build the initramfs with the guest agent'
+complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from vm" -l state-dir -d 'State directory (vm/ is created below it)' -r -F
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from vm" -l kernel-package -d 'Kernel package: a linux-image-<version>-cloud-amd64 package or the metapackage naming one' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from vm" -l force -d 'Rebuild even what is up to date'
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from vm" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from vm" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from help" -f -a "vm" -d 'Fetch the guest kernel from Debian\'s packages and build the initramfs with the guest agent'
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c executor -n "__fish_executor_using_subcommand test-vm" -l state-dir -d 'State directory holding vm/ (see `executor install vm`)' -r -F
+complete -c executor -n "__fish_executor_using_subcommand test-vm" -l accel -d 'Accelerator: kvm, tcg, or auto (KVM where the cached boot probe passed, else TCG if allowed)' -r
+complete -c executor -n "__fish_executor_using_subcommand test-vm" -l timeout -d 'Seconds the boot and the command may take together' -r
+complete -c executor -n "__fish_executor_using_subcommand test-vm" -l allow-tcg -d 'Allow `--accel auto` to fall back to TCG software emulation (slow)'
+complete -c executor -n "__fish_executor_using_subcommand test-vm" -l json -d 'Print the phases as one JSON object on stdout instead of text on stderr'
+complete -c executor -n "__fish_executor_using_subcommand test-vm" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand test-vm" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand guest-agent" -l exec-root -d 'Internal: run a step\'s command inside this root (the agent\'s step helper)' -r -F
+complete -c executor -n "__fish_executor_using_subcommand guest-agent" -l exec-cwd -d 'Internal: working directory of the step inside its root' -r
+complete -c executor -n "__fish_executor_using_subcommand guest-agent" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand guest-agent" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor install test-vm guest-agent help" -f -a "image" -d 'Manage the local image store (import, build, list, remove)'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor install test-vm guest-agent help" -f -a "queue" -d 'The coordinator: serve the job queue, or talk to its admin API'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor install test-vm guest-agent help" -f -a "generate-docs" -d 'Write the man pages and shell completions generated from these definitions'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor install test-vm guest-agent help" -f -a "dequeue" -d 'Take one job from the coordinator and write its new run document (exit 4: no job)'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor install test-vm guest-agent help" -f -a "prepare-workspace" -d 'Create the job\'s workspace: repository, files, one script per step'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor install test-vm guest-agent help" -f -a "vm-boot" -d 'Start the job\'s sandbox with the chosen runtime and record it in the document'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor install test-vm guest-agent help" -f -a "run-steps" -d 'Run the job\'s steps in its sandbox, streaming each as a log entry'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor install test-vm guest-agent help" -f -a "upload" -d 'Pack the job\'s artifacts into a tar.gz and send them to the coordinator'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor install test-vm guest-agent help" -f -a "complete" -d 'Report the outcome, tear down the sandbox and delete the workspace (safe to run twice)'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor install test-vm guest-agent help" -f -a "loop" -d 'Run jobs continuously: the stages in-process, with heartbeats, cancellation and draining'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor install test-vm guest-agent help" -f -a "validate" -d 'Check the configuration, the coordinator\'s acceptance of the secret and the runtime\'s tools'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor install test-vm guest-agent help" -f -a "janitor" -d 'Remove workspaces and sandboxes that no live job owns (one pass)'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor install test-vm guest-agent help" -f -a "install" -d 'Install what a runtime needs on this host'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor install test-vm guest-agent help" -f -a "test-vm" -d 'Boot a microVM, run a command in it and print the phases of the boot with their times'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor install test-vm guest-agent help" -f -a "guest-agent" -d 'The guest agent: PID 1 inside a microVM (not for use on a host)'
+complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor install test-vm guest-agent help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from image" -f -a "import" -d 'Import a `docker save` or OCI image-layout tarball as NAME'
 complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from image" -f -a "build-base" -d 'Build a minimal Debian bookworm image (bash, coreutils, git, ca-certificates) with debootstrap'
 complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from image" -f -a "build-busybox" -d 'Build a tiny image from the host\'s static busybox, plus git and the libraries it links'
@@ -439,3 +485,4 @@ complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_
 complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from queue" -f -a "repo" -d 'Register, list and remove the git repositories the coordinator serves to jobs'
 complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from queue" -f -a "files" -d 'The files store jobs reference by bucket and key'
 complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from queue" -f -a "artifacts" -d 'Download a job\'s artifacts tarball (stdout unless -o; never to a terminal)'
+complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from install" -f -a "vm" -d 'Fetch the guest kernel from Debian\'s packages and build the initramfs with the guest agent'

@@ -111,7 +111,7 @@ fn main() -> Result<()> {
         }
         let runs = if which == "runsc" { n.min(15) } else { n };
         let opts =
-            RuntimeOptions { state_dir: state.clone(), allow_unisolated: false, oci_runtime: which.into() };
+            RuntimeOptions { state_dir: state.clone(), oci_runtime: which.into(), ..Default::default() };
         let rt = OciRuntime::new(opts)?;
         let limits = Limits { cpus: 2, memory_bytes: 1 << 30, disk_bytes: 0, pids: 1024 };
         let sb = rt.boot(&BootRequest {

@@ -58,6 +58,8 @@ pub struct RawSettings {
     pub allow_unisolated: Option<String>,
     pub vm_prefix: Option<String>,
     pub oci_runtime: Option<String>,
+    pub vm_accel: Option<String>,
+    pub vm_allow_tcg: Option<String>,
     pub shutdown_grace: Option<String>,
     pub heartbeat_interval: Option<String>,
     pub artifacts_max_size: Option<String>,
@@ -94,6 +96,10 @@ pub struct Settings {
     pub vm_prefix: String,
     /// The OCI runtime of the `oci` sandbox: `runc`, `crun` or `runsc`.
     pub oci_runtime: String,
+    /// The microvm runtime's accelerator policy.
+    pub vm_accel: crate::sandbox::microvm::Accel,
+    /// Whether the microvm runtime may fall back to TCG (slow software emulation).
+    pub vm_allow_tcg: bool,
     /// How long `loop` lets running jobs finish after SIGTERM before killing them.
     pub shutdown_grace: Duration,
     /// How often `loop` heartbeats (the contract's 5 s; lower it for faster cancels).
@@ -205,6 +211,14 @@ impl Settings {
             allow_unisolated: parse_bool("EXECUTOR_ALLOW_UNISOLATED", raw.allow_unisolated.as_deref())?,
             vm_prefix,
             oci_runtime,
+            vm_accel: raw
+                .vm_accel
+                .as_deref()
+                .unwrap_or("auto")
+                .trim()
+                .parse()
+                .map_err(|e: anyhow::Error| anyhow::anyhow!("EXECUTOR_VM_ACCEL: {e}"))?,
+            vm_allow_tcg: parse_bool("EXECUTOR_VM_ALLOW_TCG", raw.vm_allow_tcg.as_deref())?,
             shutdown_grace: parse_duration_var(
                 "EXECUTOR_SHUTDOWN_GRACE",
                 raw.shutdown_grace.as_deref(),
@@ -232,6 +246,8 @@ impl Settings {
             state_dir: self.state_dir.clone(),
             allow_unisolated: self.allow_unisolated,
             oci_runtime: self.oci_runtime.clone(),
+            vm_accel: self.vm_accel,
+            vm_allow_tcg: self.vm_allow_tcg,
         }
     }
 

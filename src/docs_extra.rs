@@ -79,7 +79,7 @@ const OCI_SETUP_ORDER: &str = r#".SH "OCI SANDBOX SET-UP ORDER"
 With \fB--runtime oci\fR each step runs in a fresh container made by \fBrunc\fR (default),
 \fBcrun\fR or \fBrunsc\fR (\fB--oci-runtime\fR, \fBEXECUTOR_OCI_RUNTIME\fR). \fBvm-boot\fR resolves
 every step image in the image store (an unknown image fails the job, naming it), records the
-images as in use, creates the job cgroup \fBexecutor/<sandbox>\fR with the job's memory, CPU
+images as in use, creates the job cgroup \fBexecutor-oci/<sandbox>\fR with the job's memory, CPU
 and process limits (cgroup v1 or v2), and gives the workspace to the container's root. Each step
 then gets a container set up in this order:
 .IP 1. 4

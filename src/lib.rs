@@ -12,6 +12,7 @@ pub mod document;
 pub mod exit;
 pub mod git;
 pub mod githttp;
+pub mod guest;
 pub mod image;
 pub mod logs;
 pub mod protocol;
@@ -21,6 +22,7 @@ pub mod sandbox;
 pub mod server;
 pub mod stage;
 mod sys;
+pub mod vm;
 pub mod workspace;
 
 use cli::{Cli, Command};
@@ -51,6 +53,9 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::GenerateDocs { out } => docs::generate(&out).map(|_| exit::OK),
         Command::Image(args) => image::cli::run(args),
         Command::Executor(cmd) => cli::executor::run(*cmd),
+        Command::Install(cli::vm::InstallCommand::Vm(args)) => vm::cmd::install_vm(args),
+        Command::TestVm(args) => vm::cmd::test_vm(args),
+        Command::GuestAgent(args) => vm::cmd::guest_agent(args),
         Command::Queue(args) => cli::queue::run(args),
     }
 }

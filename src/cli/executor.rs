@@ -71,6 +71,12 @@ pub struct ConfigArgs {
     /// OCI runtime of the oci sandbox: runc, crun or runsc (gVisor) [default: runc]
     #[arg(long, env = "EXECUTOR_OCI_RUNTIME", value_name = "NAME")]
     pub oci_runtime: Option<String>,
+    /// microvm accelerator: kvm, tcg, or auto (KVM where the cached boot probe passed, else TCG if allowed) [default: auto]
+    #[arg(long = "vm-accel", env = "EXECUTOR_VM_ACCEL", value_name = "ACCEL")]
+    pub vm_accel: Option<String>,
+    /// Let the microvm runtime fall back to TCG software emulation (slow) where KVM does not work
+    #[arg(long = "vm-allow-tcg", env = "EXECUTOR_VM_ALLOW_TCG", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub vm_allow_tcg: Option<String>,
     /// After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]
     #[arg(long, env = "EXECUTOR_SHUTDOWN_GRACE", value_name = "DURATION")]
     pub shutdown_grace: Option<String>,
@@ -110,6 +116,8 @@ impl ConfigArgs {
             allow_unisolated: self.allow_unisolated.clone(),
             vm_prefix: self.vm_prefix.clone(),
             oci_runtime: self.oci_runtime.clone(),
+            vm_accel: self.vm_accel.clone(),
+            vm_allow_tcg: self.vm_allow_tcg.clone(),
             shutdown_grace: self.shutdown_grace.clone(),
             heartbeat_interval: self.heartbeat_interval.clone(),
             artifacts_max_size: self.artifacts_max_size.clone(),

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 pub mod executor;
+pub mod vm;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -40,6 +41,14 @@ pub enum Command {
     },
     #[command(flatten)]
     Executor(Box<executor::ExecutorCommand>),
+    /// Install what a runtime needs on this host
+    #[command(subcommand)]
+    Install(vm::InstallCommand),
+    /// Boot a microVM, run a command in it and print the phases of the boot with their times
+    TestVm(vm::TestVmArgs),
+    /// The guest agent: PID 1 inside a microVM (not for use on a host)
+    #[command(hide = true)]
+    GuestAgent(vm::GuestAgentArgs),
 }
 
 /// The clap command tree, for the generated man pages and completions.

@@ -1,14 +1,15 @@
 //! The per-repository object cache on the executor host: a bare repository per
-//! (coordinator, repository) that only the executor's own git writes, updated under an exclusive
-//! lock, from which workspaces fetch over a local pack transfer (no object file is shared, so a
-//! job can never alter what another job reads).
+//! (coordinator, repository) that only the executor's own git writes, under an exclusive lock.
+//! Workspaces receive *copies* of its pack files (no hard links, no alternates), so nothing a job
+//! does to its workspace can change what another job reads, and a workspace works unchanged in a
+//! sandbox where the cache's path does not exist.
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use super::{CloneRequest, CommandLog, Git};
+use super::{CommandLog, Git, LogWriter};
 
 #[derive(Debug, Clone)]
 pub struct ObjectCache {
@@ -19,6 +20,9 @@ pub struct ObjectCache {
 struct CacheLock {
     _lock: nix::fcntl::Flock<File>,
 }
+
+/// Repacks the cache when it holds more packs than this (each warm update adds one).
+const MAX_PACKS: usize = 16;
 
 impl ObjectCache {
     /// A cache below `root` (`$EXECUTOR_STATE_DIR/cache/git`).
@@ -39,6 +43,11 @@ impl ObjectCache {
         self.root.join(format!("{}.git", Self::name(frontend_url, repository_name)))
     }
 
+    /// Whether the cache holds this repository.
+    pub fn exists(&self, frontend_url: &str, repository_name: &str) -> bool {
+        self.repo_dir(frontend_url, repository_name).join("HEAD").is_file()
+    }
+
     fn lock(&self, frontend_url: &str, repository_name: &str) -> Result<CacheLock> {
         std::fs::create_dir_all(&self.root).with_context(|| format!("creating {}", self.root.display()))?;
         let path = self.root.join(format!("{}.lock", Self::name(frontend_url, repository_name)));
@@ -54,60 +63,21 @@ impl ObjectCache {
         Ok(CacheLock { _lock: lock })
     }
 
-    /// Brings the cache up to date with `commit` and returns its path. On a damaged cache it
-    /// starts the cache afresh once (saying so in the log) before giving up.
-    pub(crate) fn update(
+    /// Brings the cache up to date with the job's commit from the coordinator (entry
+    /// `setup.git.cache-fetch`: git negotiates with what the cache has, so only new objects
+    /// travel), then copies its packs into the workspace's object directory.
+    pub(crate) fn update_into(
         &self,
         git: &Git,
         log: &mut dyn CommandLog,
         url: &str,
-        req: &CloneRequest,
-    ) -> Result<PathBuf> {
-        if !is_object_name(&req.commit) {
-            bail!("only full commit hashes are cached, not {:?}", req.commit);
-        }
+        objects: &Path,
+    ) -> Result<()> {
+        let req = git.req;
         let _lock = self.lock(&req.frontend_url, &req.repository_name)?;
         let dir = self.repo_dir(&req.frontend_url, &req.repository_name);
-        match self.fetch_into(git, log, &dir, url, req) {
-            Ok(()) => Ok(dir),
-            Err(e) if dir.exists() => {
-                super::log_line(
-                    log,
-                    "setup.git.cache",
-                    &format!(
-                        "object cache {} is damaged ({e:#}); starting it afresh with a full fetch\n",
-                        dir.display()
-                    ),
-                );
-                remove_repo(&dir)?;
-                self.fetch_into(git, log, &dir, url, req)?;
-                Ok(dir)
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    fn fetch_into(
-        &self,
-        git: &Git,
-        log: &mut dyn CommandLog,
-        dir: &Path,
-        url: &str,
-        req: &CloneRequest,
-    ) -> Result<()> {
         let d = dir.to_string_lossy().into_owned();
-        if !dir.join("HEAD").exists() {
-            if dir.exists() {
-                remove_repo(dir)?;
-            }
-            git.run(log, "setup.git.cache-init", &["init", "--bare", "--quiet", &d], &[])?;
-            for (k, v) in [("gc.auto", "0"), ("uploadpack.allowAnySHA1InWant", "true"), ("core.fsync", "all")]
-            {
-                git.run(log, "setup.git.cache-init", &["-C", &d, "config", "--local", k, v], &[])?;
-            }
-        }
         let refspec = format!("+{}:refs/executor/{}", req.commit, req.commit);
-        let auth = req.auth.env();
         git.run(
             log,
             "setup.git.cache-fetch",
@@ -123,18 +93,127 @@ impl ObjectCache {
                 url,
                 &refspec,
             ],
-            &auth,
-        )?;
+            &req.auth.env(),
+        )
+        .map_err(|e| super::missing_commit(e, req))?;
         let object = format!("{}^{{commit}}", req.commit);
-        git.run(log, "setup.git.cache-verify", &["-C", &d, "cat-file", "-e", &object], &[])?;
+        git.quiet(&["-C", &d, "cat-file", "-e", &object])
+            .context("the cache lacks the commit after its fetch")?;
+        if count_packs(&dir.join("objects"))? > MAX_PACKS {
+            git.quiet(&["-C", &d, "repack", "-a", "-d", "-q"]).context("repacking the object cache")?;
+        }
+        let (n, bytes) = copy_objects(&dir.join("objects"), objects)?;
+        let mut w = log.start("setup.git.cache", None);
+        let line = format!("copied {n} object files ({bytes} bytes) from the object cache\n");
+        w.output(crate::sandbox::Stream::Stdout, line.as_bytes());
+        w.finish(0);
         Ok(())
     }
 
-    /// Removes the cache of one repository (after a workspace could not fetch from it).
+    /// Seeds an absent cache with the packs of a workspace that was just fetched and checked out
+    /// (before any step ran, so they are the coordinator's, verified by git). Returns the bytes
+    /// copied, or `None` when another job seeded it first.
+    pub(crate) fn seed(&self, git: &Git, req: &super::CloneRequest) -> Result<Option<u64>> {
+        let _lock = self.lock(&req.frontend_url, &req.repository_name)?;
+        let dir = self.repo_dir(&req.frontend_url, &req.repository_name);
+        if dir.join("HEAD").is_file() {
+            return Ok(None);
+        }
+        if dir.exists() {
+            remove_repo(&dir)?;
+        }
+        let tmp = dir.with_extension(format!("seed-{}", uuid::Uuid::new_v4().simple()));
+        let t = tmp.to_string_lossy().into_owned();
+        let res = (|| -> Result<u64> {
+            git.quiet(&["init", "--bare", "--quiet", &t])?;
+            for (k, v) in [("gc.auto", "0"), ("uploadpack.allowAnySHA1InWant", "true")] {
+                git.quiet(&["-C", &t, "config", "--local", k, v])?;
+            }
+            let (_, bytes) = copy_objects(&req.dir.join(".git").join("objects"), &tmp.join("objects"))?;
+            git.quiet(&["-C", &t, "update-ref", &format!("refs/executor/{}", req.commit), &req.commit])?;
+            git.quiet(&["-C", &t, "cat-file", "-e", &format!("{}^{{commit}}", req.commit)])?;
+            Ok(bytes)
+        })();
+        match res {
+            Ok(bytes) => {
+                std::fs::rename(&tmp, &dir)
+                    .with_context(|| format!("renaming {} into place", tmp.display()))?;
+                Ok(Some(bytes))
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                Err(e)
+            }
+        }
+    }
+
+    /// Removes the cache of one repository.
     pub fn discard(&self, frontend_url: &str, repository_name: &str) -> Result<()> {
         let _lock = self.lock(frontend_url, repository_name)?;
         remove_repo(&self.repo_dir(frontend_url, repository_name))
     }
+}
+
+fn count_packs(objects: &Path) -> Result<usize> {
+    let rd = std::fs::read_dir(objects.join("pack"))
+        .with_context(|| format!("listing {}/pack", objects.display()))?;
+    Ok(rd.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "pack")).count())
+}
+
+/// Copies every pack (with its index) and every loose object from one object directory into
+/// another, each through a temporary name so that git never sees half a file (small fetches
+/// leave loose objects rather than a pack). Returns (files, bytes).
+fn copy_objects(from: &Path, to: &Path) -> Result<(usize, u64)> {
+    let src = from.join("pack");
+    let dst = to.join("pack");
+    std::fs::create_dir_all(&dst).with_context(|| format!("creating {}", dst.display()))?;
+    let mut files = 0;
+    let mut bytes = 0;
+    let mut copy = |f: &Path, dir: &Path| -> Result<()> {
+        let Some(name) = f.file_name() else { return Ok(()) };
+        let tmp = dir.join(format!(".tmp-{}", name.to_string_lossy()));
+        bytes += std::fs::copy(f, &tmp).with_context(|| format!("copying {}", f.display()))?;
+        std::fs::rename(&tmp, dir.join(name)).with_context(|| format!("renaming into {}", dir.display()))?;
+        files += 1;
+        Ok(())
+    };
+    if src.is_dir() {
+        for e in std::fs::read_dir(&src).with_context(|| format!("listing {}", src.display()))? {
+            let pack = e?.path();
+            if pack.extension().is_none_or(|x| x != "pack") {
+                continue;
+            }
+            if !pack.with_extension("idx").is_file() {
+                bail!("pack {} has no index", pack.display());
+            }
+            // The pack first, its index last: git only uses a pack once its index is there.
+            for ext in ["pack", "rev", "idx"] {
+                let f = pack.with_extension(ext);
+                if f.is_file() {
+                    copy(&f, &dst)?;
+                }
+            }
+        }
+    }
+    for e in std::fs::read_dir(from).with_context(|| format!("listing {}", from.display()))? {
+        let d = e?.path();
+        let is_fanout = d
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.len() == 2 && n.chars().all(|c| c.is_ascii_hexdigit()));
+        if !is_fanout || !d.is_dir() {
+            continue;
+        }
+        let out = to.join(d.file_name().unwrap_or_default());
+        std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+        for o in std::fs::read_dir(&d).with_context(|| format!("listing {}", d.display()))? {
+            let o = o?.path();
+            if o.is_file() && !o.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')) {
+                copy(&o, &out)?;
+            }
+        }
+    }
+    Ok((files, bytes))
 }
 
 fn remove_repo(dir: &Path) -> Result<()> {
@@ -147,8 +226,30 @@ fn remove_repo(dir: &Path) -> Result<()> {
     std::fs::remove_dir_all(&trash).with_context(|| format!("removing {}", trash.display()))
 }
 
-fn is_object_name(s: &str) -> bool {
+pub(crate) fn is_object_name(s: &str) -> bool {
     (s.len() == 40 || s.len() == 64) && s.chars().all(|c| c.is_ascii_hexdigit())
+}
+
+/// A log that drops everything, for the cache's own bookkeeping commands.
+struct NullLog;
+struct NullWriter;
+
+impl CommandLog for NullLog {
+    fn start(&mut self, _key: &str, _command: Option<Vec<String>>) -> Box<dyn LogWriter + '_> {
+        Box::new(NullWriter)
+    }
+}
+
+impl LogWriter for NullWriter {
+    fn output(&mut self, _stream: crate::sandbox::Stream, _data: &[u8]) {}
+    fn finish(&mut self, _exit_code: i32) {}
+}
+
+impl Git<'_> {
+    /// Runs a bookkeeping git command without a log entry.
+    pub(crate) fn quiet(&self, args: &[&str]) -> Result<()> {
+        self.run(&mut NullLog, "cache", args, &[])
+    }
 }
 
 #[cfg(test)]
@@ -163,5 +264,21 @@ mod tests {
         assert_ne!(c.repo_dir("http://a", "r"), c.repo_dir("http://a", "s"));
         assert!(is_object_name(&"a".repeat(40)));
         assert!(!is_object_name("main"));
+    }
+
+    #[test]
+    fn copies_packs_and_loose_objects_and_refuses_a_pack_without_index() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(a.path().join("pack")).unwrap();
+        std::fs::write(a.path().join("pack/pack-1.pack"), b"PACK").unwrap();
+        std::fs::write(a.path().join("pack/pack-1.idx"), b"IDX").unwrap();
+        std::fs::create_dir_all(a.path().join("ab")).unwrap();
+        std::fs::write(a.path().join("ab/cdef"), b"LOOSE").unwrap();
+        assert_eq!(copy_objects(a.path(), b.path()).unwrap(), (3, 12));
+        assert_eq!(std::fs::read(b.path().join("ab/cdef")).unwrap(), b"LOOSE");
+        assert_eq!(std::fs::read(b.path().join("pack/pack-1.idx")).unwrap(), b"IDX");
+        std::fs::write(a.path().join("pack/pack-2.pack"), b"PACK").unwrap();
+        assert!(copy_objects(a.path(), b.path()).is_err());
     }
 }

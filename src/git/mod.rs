@@ -8,11 +8,11 @@ mod progress;
 pub use cache::ObjectCache;
 
 use anyhow::{anyhow, bail, Context, Result};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::sandbox::pipes::PipeEvent;
 use crate::sandbox::Stream;
 
 /// Receives the log entries of the clone (one per git command).
@@ -120,62 +120,73 @@ pub fn validate_commit(commit: &str) -> Result<()> {
 }
 
 /// Runs the clone sequence; each git command is one log entry.
+///
+/// With the object cache (full clones of a commit hash): when the cache holds the repository,
+/// it is brought up to date from the coordinator (only new objects travel) and its packs are
+/// copied into the workspace before the fetch, which then finds the commit locally. When it does
+/// not, the workspace fetches from the coordinator as plain git would, and its freshly verified
+/// packs seed the cache. A cache that fails in any way is removed and the clone starts again
+/// from the coordinator, with a log line that says so.
 pub fn clone(req: &CloneRequest, log: &mut dyn CommandLog) -> Result<()> {
     validate_repository_name(&req.repository_name)?;
     validate_commit(&req.commit)?;
     std::fs::create_dir_all(&req.dir).with_context(|| format!("creating {}", req.dir.display()))?;
     let url = remote_url(&req.frontend_url, &req.repository_name);
-    let r = req.dir.to_string_lossy().into_owned();
     let git = Git { req, base_env: base_env(req) };
-
-    git.run(log, "setup.git.init", &["-C", &r, "init"], &[])?;
-
-    // With a usable cache, the workspace fetches from the cache (a local pack transfer: no file
-    // is shared between the cache and the workspace); otherwise from the coordinator.
-    let cached = match (&req.cache, req.shallow || !req.sparse.is_empty()) {
-        (Some(cache), false) => match cache.update(&git, log, &url, req) {
-            Ok(path) => Some(path),
-            Err(e) => {
-                log_line(
-                    log,
-                    "setup.git.cache",
-                    &format!("object cache unusable, fetching from the coordinator: {e:#}\n"),
-                );
-                None
+    let cache = req
+        .cache
+        .as_ref()
+        .filter(|_| !req.shallow && req.sparse.is_empty() && cache::is_object_name(&req.commit));
+    if let Some(cache) = cache {
+        if cache.exists(&req.frontend_url, &req.repository_name) {
+            match attempt(&git, log, &url, Some(cache)) {
+                Ok(()) => return Ok(()),
+                Err(e) if is_missing_commit(&e) => return Err(e),
+                Err(e) => {
+                    log_line(
+                        log,
+                        "setup.git.cache",
+                        &format!(
+                            "the object cache of {} failed ({e:#}); removing it and cloning from the coordinator\n",
+                            req.repository_name
+                        ),
+                    );
+                    cache.discard(&req.frontend_url, &req.repository_name)?;
+                    empty_dir(&req.dir)?;
+                }
             }
-        },
-        _ => None,
-    };
-    let origin = match &cached {
-        Some(p) => p.to_string_lossy().into_owned(),
-        None => url.clone(),
-    };
-    git.run(log, "setup.git.add-remote", &["-C", &r, "remote", "add", "origin", &origin], &[])?;
-    git.run(log, "setup.git.disable-gc", &["-C", &r, "config", "--local", "gc.auto", "0"], &[])?;
-
-    let fetch = fetch_args(&r, req);
-    let fetch_refs: Vec<&str> = fetch.iter().map(String::as_str).collect();
-    let auth = if cached.is_some() { Vec::new() } else { req.auth.env() };
-    let fetched = git.run(log, "setup.git.fetch", &fetch_refs, &auth);
-    match (fetched, &cached, &req.cache) {
-        (Ok(()), _, _) => {}
-        (Err(e), Some(_), Some(cache)) => {
-            // The cache answered but could not serve the commit (damaged, or missing objects):
-            // drop it and fetch from the coordinator.
-            log_line(
+        }
+    }
+    attempt(&git, log, &url, None)?;
+    if let Some(cache) = cache {
+        match cache.seed(&git, req) {
+            Ok(Some(bytes)) => log_line(
                 log,
                 "setup.git.cache",
-                &format!("fetch from the object cache failed ({e:#}); removing the cache and fetching from the coordinator\n"),
-            );
-            cache.discard(&req.frontend_url, &req.repository_name)?;
-            git.run(log, "setup.git.set-remote", &["-C", &r, "remote", "set-url", "origin", &url], &[])?;
-            let auth = req.auth.env();
-            git.run(log, "setup.git.fetch", &fetch_refs, &auth).map_err(|e| missing_commit(e, req))?;
+                &format!("seeded the object cache with {bytes} bytes of objects\n"),
+            ),
+            Ok(None) => {}
+            // The clone is done and correct; a cache that could not be seeded only costs the next job.
+            Err(e) => log_line(log, "setup.git.cache", &format!("could not seed the object cache: {e:#}\n")),
         }
-        (Err(e), _, _) => return Err(missing_commit(e, req)),
     }
-    check_size(req)?;
+    Ok(())
+}
 
+/// One pass of the sequence, from the cache's objects or not.
+fn attempt(git: &Git, log: &mut dyn CommandLog, url: &str, cache: Option<&ObjectCache>) -> Result<()> {
+    let req = git.req;
+    let r = req.dir.to_string_lossy().into_owned();
+    git.run(log, "setup.git.init", &["-C", &r, "init"], &[])?;
+    if let Some(cache) = cache {
+        cache.update_into(git, log, url, &req.dir.join(".git").join("objects"))?;
+    }
+    git.run(log, "setup.git.add-remote", &["-C", &r, "remote", "add", "origin", url], &[])?;
+    git.run(log, "setup.git.disable-gc", &["-C", &r, "config", "--local", "gc.auto", "0"], &[])?;
+    let fetch = fetch_args(&r, req);
+    let fetch_refs: Vec<&str> = fetch.iter().map(String::as_str).collect();
+    git.run(log, "setup.git.fetch", &fetch_refs, &req.auth.env()).map_err(|e| missing_commit(e, req))?;
+    check_size(req)?;
     if !req.sparse.is_empty() {
         git.run(
             log,
@@ -205,6 +216,17 @@ pub fn clone(req: &CloneRequest, log: &mut dyn CommandLog) -> Result<()> {
     Ok(())
 }
 
+/// Removes everything inside `dir` (a failed attempt's repository), keeping `dir`.
+fn empty_dir(dir: &Path) -> Result<()> {
+    for e in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let p = e?.path();
+        let md = p.symlink_metadata()?;
+        if md.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) }
+            .with_context(|| format!("removing {}", p.display()))?;
+    }
+    Ok(())
+}
+
 /// The fetch argv, flags inserted before `origin` in the contract's order.
 fn fetch_args(r: &str, req: &CloneRequest) -> Vec<String> {
     let mut a: Vec<String> =
@@ -227,6 +249,10 @@ fn fetch_args(r: &str, req: &CloneRequest) -> Vec<String> {
     a.push("origin".into());
     a.push(req.commit.clone());
     a
+}
+
+fn is_missing_commit(e: &anyhow::Error) -> bool {
+    format!("{e:#}").contains(" does not exist in repository ")
 }
 
 fn missing_commit(e: anyhow::Error, req: &CloneRequest) -> anyhow::Error {
@@ -294,6 +320,8 @@ fn base_env(req: &CloneRequest) -> Vec<(String, String)> {
         ("GIT_CONFIG_GLOBAL".into(), "/dev/null".into()),
         ("HOME".into(), "/nonexistent".into()),
         ("LC_ALL".into(), "C".into()),
+        // What `-c` would set, without changing the contract's argv: no advice noise in the logs.
+        ("GIT_CONFIG_PARAMETERS".into(), "'advice.detachedhead'='false' 'init.defaultbranch'='main'".into()),
     ];
     if let Some(ca) = &req.ca_file {
         env.push(("GIT_SSL_CAINFO".into(), ca.to_string_lossy().into_owned()));
@@ -335,37 +363,15 @@ impl Git<'_> {
                 bail!("failed {key}: cannot start git: {e}");
             }
         };
-        let (tx, rx) = std::sync::mpsc::channel::<(Stream, Vec<u8>)>();
-        let mut readers = Vec::new();
-        for (stream, pipe) in [
-            (Stream::Stdout, child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>)),
-            (Stream::Stderr, child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>)),
-        ] {
-            let Some(mut pipe) = pipe else { continue };
-            let tx = tx.clone();
-            readers.push(std::thread::spawn(move || {
-                let mut buf = vec![0u8; 16 << 10];
-                loop {
-                    match pipe.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if tx.send((stream, buf[..n].to_vec())).is_err() {
-                                break;
-                            }
-                        }
-                    }
-                }
-            }));
-        }
-        drop(tx);
+        let mut pipes = crate::sandbox::pipes::Pipes::spawn(&mut child);
         let mut bar = progress::Progress::new(self.req.progress, key);
         // Keeps only the tail of stderr for the error message.
         let mut tail: Vec<u8> = Vec::new();
         let mut timed_out = false;
         loop {
             let left = self.req.step_timeout.saturating_sub(started.elapsed());
-            match rx.recv_timeout(left.min(Duration::from_millis(200))) {
-                Ok((stream, data)) => {
+            match pipes.next(left.min(Duration::from_millis(200))) {
+                PipeEvent::Data(stream, data) => {
                     bar.feed(&data);
                     entry.output(stream, &data);
                     if stream == Stream::Stderr {
@@ -375,8 +381,8 @@ impl Git<'_> {
                         }
                     }
                 }
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                PipeEvent::Closed => break,
+                PipeEvent::Idle => {
                     if started.elapsed() >= self.req.step_timeout {
                         timed_out = true;
                         kill_group(&child);
@@ -385,9 +391,7 @@ impl Git<'_> {
                 }
             }
         }
-        for r in readers {
-            let _ = r.join();
-        }
+        pipes.join();
         let status = child.wait().with_context(|| format!("waiting for git ({key})"))?;
         bar.finish();
         let code = status.code().unwrap_or(-1);

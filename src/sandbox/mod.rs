@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use crate::cancel::{Cancel, CancelReason};
 
+pub mod microvm;
 pub mod oci;
+pub mod pipes;
 pub mod shell;
 
 /// A running sandbox as recorded in the run document. Everything a later process needs to reach
@@ -124,6 +126,22 @@ pub struct RuntimeOptions {
     /// The OCI runtime the `oci` sandbox drives: `runc` (default), `crun` or `runsc`
     /// (`EXECUTOR_OCI_RUNTIME`, `--oci-runtime`).
     pub oci_runtime: String,
+    /// microvm: `--accel` / `EXECUTOR_VM_ACCEL`.
+    pub vm_accel: microvm::Accel,
+    /// microvm: `EXECUTOR_VM_ALLOW_TCG=1` lets `auto` fall back to slow software emulation.
+    pub vm_allow_tcg: bool,
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        RuntimeOptions {
+            state_dir: PathBuf::from("/var/lib/executor"),
+            allow_unisolated: false,
+            oci_runtime: "runc".into(),
+            vm_accel: microvm::Accel::Auto,
+            vm_allow_tcg: false,
+        }
+    }
 }
 
 impl RuntimeOptions {
@@ -137,27 +155,45 @@ impl RuntimeOptions {
     }
 }
 
-/// Runtimes `auto` tries, in order of preference; `shell` is never picked automatically.
+/// The isolating runtimes, in `auto`'s order of preference; `shell` is never picked automatically.
 pub const AUTO_ORDER: &[&str] = &["microvm", "oci"];
 
-/// Opens the runtime called `name` (`shell`, `oci`, `microvm`, or `auto`: the first of
-/// [`AUTO_ORDER`] whose `check` passes on this host).
+/// The `auto` choice: `microvm` where the KVM boot probe passed (TCG is never picked
+/// automatically: it is too slow to choose silently), `oci` otherwise. Returns the runtime and why.
+pub fn choose_auto(opts: &RuntimeOptions) -> Result<(Box<dyn Runtime>, String)> {
+    let vm = microvm::MicroVm::new(RuntimeOptions { vm_accel: microvm::Accel::Auto, ..opts.clone() });
+    let microvm_no = match vm.check() {
+        Ok(_) => match vm.kvm_probe() {
+            Ok(p) if p.works => {
+                return Ok((
+                    Box::new(microvm::MicroVm::new(opts.clone())),
+                    format!("KVM works ({})", p.detail),
+                ))
+            }
+            Ok(p) => format!("KVM is unusable: {}", p.detail),
+            Err(e) => format!("{e:#}"),
+        },
+        Err(e) => format!("{e:#}"),
+    };
+    let oci = oci::OciRuntime::new(opts.clone())?;
+    match oci.check() {
+        Ok(_) => Ok((Box::new(oci), format!("no microVM ({microvm_no}); containers with {}", opts.oci_runtime))),
+        Err(e) => anyhow::bail!(
+            "no sandbox runtime works on this host (microvm: {microvm_no}; oci: {e:#}); the shell runtime (no isolation) must be chosen explicitly"
+        ),
+    }
+}
+
+/// Opens the runtime called `name` (`shell`, `oci`, `microvm`, or `auto`: see [`choose_auto`]).
 pub fn open(name: &str, opts: &RuntimeOptions) -> Result<Box<dyn Runtime>> {
     match name {
         "shell" => Ok(Box::new(shell::ShellRuntime::new(opts))),
         "oci" => Ok(Box::new(oci::OciRuntime::new(opts.clone())?)),
+        "microvm" => Ok(Box::new(microvm::MicroVm::new(opts.clone()))),
         "auto" => {
-            let mut why = Vec::new();
-            for candidate in AUTO_ORDER {
-                match open(candidate, opts).and_then(|rt| rt.check().map(|_| rt)) {
-                    Ok(rt) => return Ok(rt),
-                    Err(e) => why.push(format!("{candidate}: {e:#}")),
-                }
-            }
-            anyhow::bail!(
-                "no sandbox runtime works on this host ({}); the shell runtime (no isolation) must be chosen explicitly",
-                why.join("; ")
-            )
+            let (rt, why) = choose_auto(opts)?;
+            eprintln!("executor: runtime auto picked {}: {why}", rt.name());
+            Ok(rt)
         }
         other => anyhow::bail!("the {other:?} runtime is not available in this build"),
     }

@@ -316,7 +316,7 @@ mod tests {
         let rt = ShellRuntime::new(&RuntimeOptions {
             state_dir: d.path().join("state"),
             allow_unisolated: true,
-            oci_runtime: String::new(),
+            ..Default::default()
         });
         let limits = super::super::Limits::default();
         let sb = rt
@@ -341,7 +341,7 @@ mod tests {
         let rt = ShellRuntime::new(&RuntimeOptions {
             state_dir: d.path().into(),
             allow_unisolated: false,
-            oci_runtime: String::new(),
+            ..Default::default()
         });
         let limits = super::super::Limits::default();
         let err = rt

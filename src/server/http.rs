@@ -153,25 +153,37 @@ async fn job_auth(app: &Shared, headers: &HeaderMap, queue: &str) -> ApiResult<J
         .map(str::to_string)
         .filter(|v| !v.is_empty())
         .ok_or_else(|| api_err(StatusCode::BAD_REQUEST, "missing X-Sourcegraph-Executor-Name header"))?;
-    if scheme.eq_ignore_ascii_case("bearer") {
+    let bearer = scheme.eq_ignore_ascii_case("bearer");
+    if !bearer && scheme != protocol::SCHEME_EXECUTOR {
+        return Err(api_err(StatusCode::UNAUTHORIZED, format!("unknown Authorization scheme {scheme:?}")));
+    }
+    let hash = if bearer {
         let raw = hex::decode(&token).map_err(|_| api_err(StatusCode::UNAUTHORIZED, "invalid token"))?;
-        let hash = store::sha256_hex(&raw);
-        let found = db(app, move |s| s.job_for_token(&hash)).await?;
+        Some(store::sha256_hex(&raw))
+    } else {
+        None
+    };
+    // One store round trip for both lookups.
+    let name = executor.clone();
+    let (found, known) = db(app, move |s| {
+        let found = match hash {
+            Some(h) => s.job_for_token(&h)?,
+            None => None,
+        };
+        Ok((found, s.executor_known(&name)?))
+    })
+    .await?;
+    if bearer {
         let Some((token_job, token_queue, _repo)) = found else {
             return Err(api_err(StatusCode::UNAUTHORIZED, "invalid token"));
         };
         if token_job != id || token_queue != queue {
             return Err(api_err(StatusCode::FORBIDDEN, "invalid token"));
         }
-    } else if scheme == protocol::SCHEME_EXECUTOR {
-        if !secret_matches(&token, &app.secret_digest) {
-            return Err(api_err(StatusCode::FORBIDDEN, "invalid executor credentials"));
-        }
-    } else {
-        return Err(api_err(StatusCode::UNAUTHORIZED, format!("unknown Authorization scheme {scheme:?}")));
+    } else if !secret_matches(&token, &app.secret_digest) {
+        return Err(api_err(StatusCode::FORBIDDEN, "invalid executor credentials"));
     }
-    let name = executor.clone();
-    if !db(app, move |s| s.executor_known(&name)).await? {
+    if !known {
         return Err(api_err(
             StatusCode::UNAUTHORIZED,
             format!("unknown executor {executor:?}; heartbeat first"),
@@ -1163,6 +1175,27 @@ pub async fn serve(cfg: Arc<ServeConfig>) -> Result<()> {
         cfg.data_dir.display()
     );
     tokio::spawn(stalled_resetter(app.clone()));
+    let data_dir = cfg.data_dir.clone();
+    let checkpointer = tokio::task::spawn_blocking(move || store::Checkpointer::open(&data_dir)).await??;
+    let checkpointer = Arc::new(Mutex::new(checkpointer));
+    let mut stop = app.shutdown.subscribe();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = stop.changed() => return,
+            }
+            let c = checkpointer.clone();
+            let r = tokio::task::spawn_blocking(move || match c.lock() {
+                Ok(c) => c.checkpoint(),
+                Err(_) => Ok(()),
+            })
+            .await;
+            if let Ok(Err(e)) = r {
+                eprintln!("executor queue: {e:#}");
+            }
+        }
+    });
     let routes = router(app.clone());
     let shutdown_app = app.clone();
     let on_signal = async move {

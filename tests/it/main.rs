@@ -5,6 +5,7 @@ mod common;
 mod coordinator;
 pub mod gitserve;
 mod image;
+mod microvm;
 mod oci;
 mod package;
 mod pipeline;

@@ -70,7 +70,7 @@ impl Fixture {
         );
         assert!(out.status.success(), "build-busybox: {}", String::from_utf8_lossy(&out.stderr));
         std::fs::create_dir_all(tmp.path().join("ws/repo")).unwrap();
-        let opts = RuntimeOptions { state_dir: state, allow_unisolated: false, oci_runtime: oci.to_string() };
+        let opts = RuntimeOptions { state_dir: state, oci_runtime: oci.to_string(), ..Default::default() };
         Fixture { rt: OciRuntime::new(opts).unwrap(), tmp }
     }
 
@@ -135,7 +135,8 @@ fn limits() -> Limits {
 fn assert_clean(f: &Fixture, sb: &SandboxRecord) {
     assert!(!sb.state_dir.exists(), "state dir left: {}", sb.state_dir.display());
     for h in ["memory", "pids", "cpu", "freezer", "devices"] {
-        let p = Path::new("/sys/fs/cgroup").join(h).join("executor").join(&sb.name);
+        let p =
+            Path::new("/sys/fs/cgroup").join(h).join(executor::sandbox::oci::cgroup::PARENT).join(&sb.name);
         assert!(!p.exists(), "cgroup left: {}", p.display());
     }
     let users = f.state().join("images/users").join(&sb.name);
@@ -268,8 +269,10 @@ fn oci_janitor_removes_what_a_crashed_executor_left() {
         return;
     }
     let f = Fixture::new("runc");
-    let kept = f.boot_as("ocijanitor", &limits());
-    let crashed = f.boot_as("ocijanitor", &limits());
+    // A prefix of this run's own, so a leftover of an earlier run is not counted.
+    let prefix = format!("ocijan{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let kept = f.boot_as(&prefix, &limits());
+    let crashed = f.boot_as(&prefix, &limits());
     // A step of the "crashed" executor still running when it died.
     let rt = f.rt.clone();
     let crashed2 = crashed.clone();
@@ -288,7 +291,7 @@ fn oci_janitor_removes_what_a_crashed_executor_left() {
     }
     assert!(!cg.pids().is_empty(), "the step did not start");
     let live: HashSet<String> = [kept.name.clone()].into();
-    let removed = f.rt.janitor("ocijanitor", &live).unwrap();
+    let removed = f.rt.janitor(&prefix, &live).unwrap_or_else(|e| panic!("janitor: {e:#}"));
     assert_eq!(removed, vec![crashed.name.clone()]);
     let _ = runner.join().unwrap();
     assert_clean(&f, &crashed);
@@ -781,7 +784,7 @@ fn oci_check_reports_every_oci_runtime() {
         lines.iter().any(|l| l.starts_with("oci runtime runc: ") && l.ends_with(", selected")),
         "{lines:?}"
     );
-    let opts = RuntimeOptions { state_dir: f.state(), allow_unisolated: false, oci_runtime: "docker".into() };
+    let opts = RuntimeOptions { state_dir: f.state(), oci_runtime: "docker".into(), ..Default::default() };
     let err = OciRuntime::new(opts).unwrap_err();
     assert!(format!("{err:#}").contains("unknown OCI runtime \"docker\""), "{err:#}");
 }

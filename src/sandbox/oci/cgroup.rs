@@ -11,7 +11,7 @@ use crate::sandbox::Limits;
 
 const ROOT: &str = "/sys/fs/cgroup";
 /// The parent of every job cgroup.
-pub const PARENT: &str = "executor";
+pub const PARENT: &str = "executor-oci";
 /// v1 hierarchies where the job's cgroup is created and limits are set.
 const V1_LIMITED: &[&str] = &["memory", "pids", "cpu"];
 
@@ -43,7 +43,7 @@ pub struct Counters {
     pub pids_limit: u64,
 }
 
-/// A job's cgroup, `executor/<sandbox>` in each hierarchy.
+/// A job's cgroup, `executor-oci/<sandbox>` in each hierarchy.
 #[derive(Debug, Clone)]
 pub struct JobCgroup {
     pub rel: String,
@@ -147,7 +147,10 @@ impl JobCgroup {
             Layout::V1 => Counters {
                 oom_kills: read("memory", "memory.oom_control", "oom_kill "),
                 pids_max: read("pids", "pids.events", "max "),
-                mem_failcnt: read("memory", "memory.failcnt", ""),
+                // With memory+swap limited to the same size, the kernel charges memsw first and
+                // counts the failure there: both counters say the limit was reached.
+                mem_failcnt: read("memory", "memory.failcnt", "")
+                    + read("memory", "memory.memsw.failcnt", ""),
                 pids_peak: read("pids", "pids.peak", ""),
                 pids_limit: read("pids", "pids.max", ""),
             },

@@ -11,16 +11,15 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
-use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::cancel::Cancel;
 use crate::image::{ImageStore, ID_BASE};
+use crate::sandbox::pipes::PipeEvent;
 use crate::sandbox::{
     BootRequest, Limits, OutputSink, Runtime, RuntimeOptions, SandboxRecord, StepEnd, StepSpec, Stream,
 };
@@ -333,32 +332,9 @@ impl Runtime for OciRuntime {
         cmd.process_group(0);
         let mut child = cmd.spawn().with_context(|| format!("starting {which} for step {}", step.key))?;
 
-        let (tx, rx) = mpsc::channel::<Option<(Stream, Vec<u8>)>>();
-        let mut readers = Vec::new();
-        for (stream, pipe) in [
-            (Stream::Stdout, child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>)),
-            (Stream::Stderr, child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>)),
-        ] {
-            let Some(mut pipe) = pipe else { continue };
-            let tx = tx.clone();
-            readers.push(std::thread::spawn(move || {
-                let mut buf = vec![0u8; 16 * 1024];
-                loop {
-                    match pipe.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if tx.send(Some((stream, buf[..n].to_vec()))).is_err() {
-                                break;
-                            }
-                        }
-                    }
-                }
-                let _ = tx.send(None);
-            }));
-        }
-        drop(tx);
+        let mut pipes = crate::sandbox::pipes::Pipes::spawn(&mut child);
 
-        let mut open = readers.len();
+        let mut open = true;
         let mut stopped = None;
         let mut seen = cgroup::Counters::default();
         let status = loop {
@@ -371,12 +347,11 @@ impl Runtime for OciRuntime {
                     self.stop_step(which, &sandbox.state_dir, &id, &cg, &mut child);
                 }
             }
-            if open > 0 {
-                match rx.recv_timeout(Duration::from_millis(50)) {
-                    Ok(Some((s, data))) => sink.output(s, &data),
-                    Ok(None) => open -= 1,
-                    Err(mpsc::RecvTimeoutError::Timeout) => {}
-                    Err(mpsc::RecvTimeoutError::Disconnected) => open = 0,
+            if open {
+                match pipes.next(Duration::from_millis(50)) {
+                    PipeEvent::Data(s, data) => sink.output(s, &data),
+                    PipeEvent::Idle => {}
+                    PipeEvent::Closed => open = false,
                 }
                 continue;
             }
@@ -387,15 +362,17 @@ impl Runtime for OciRuntime {
                 }
             }
         };
-        for r in readers {
-            let _ = r.join();
-        }
+        pipes.join();
         // Whatever the step left behind (a daemon that escaped its session) dies with it.
         cg.kill_all(50);
-        let mut del = self.runtime_cmd(which, &sandbox.state_dir);
-        del.args(["delete", "--force", &id]);
-        let _ = self.quiet(del);
-        let _ = fs::remove_dir_all(&bundle);
+        // A teardown or janitor may have removed the sandbox meanwhile; the runtime would
+        // recreate its state directory, so only a sandbox that still exists is cleaned here.
+        if sandbox.state_dir.join(MARKER).exists() {
+            let mut del = self.runtime_cmd(which, &sandbox.state_dir);
+            del.args(["delete", "--force", &id]);
+            let _ = self.quiet(del);
+            let _ = fs::remove_dir_all(&bundle);
+        }
 
         let after = cg.counters();
         let limits_note = |what: &str| format!("\nexecutor: the step hit the job's {what}\n");
@@ -461,11 +438,21 @@ impl Runtime for OciRuntime {
             }
         }
         self.store()?.remove_user(&sandbox.name)?;
-        match fs::remove_dir_all(&sandbox.state_dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+        // The marker goes first: a step still finishing in another process sees the sandbox gone.
+        let _ = fs::remove_file(sandbox.state_dir.join(MARKER));
+        let mut last = None;
+        for _ in 0..10 {
+            match fs::remove_dir_all(&sandbox.state_dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => last = Some(e),
+                _ => return Ok(()),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        match last {
+            Some(e) => {
                 Err(e).with_context(|| format!("removing sandbox directory {}", sandbox.state_dir.display()))
             }
-            _ => Ok(()),
+            None => Ok(()),
         }
     }
 
@@ -495,9 +482,14 @@ impl Runtime for OciRuntime {
                 removed.push(name);
             }
         }
-        // Cgroups and image use records whose state directory is already gone.
-        let stale: Vec<String> =
-            cgroup::existing_jobs().into_iter().filter(|n| owned(n) && !removed.contains(n)).collect();
+        // Cgroups of sandboxes of this state directory that lost their marker (a crash between
+        // the steps of boot or teardown). The cgroup hierarchy is host-wide: a cgroup with no
+        // directory here belongs to another executor (or another state directory) and is left
+        // alone, whatever its name.
+        let stale: Vec<String> = cgroup::existing_jobs()
+            .into_iter()
+            .filter(|n| owned(n) && !removed.contains(n) && dir.join(n).exists())
+            .collect();
         for name in stale {
             let cg = cgroup::JobCgroup::new(&name);
             cg.kill_all(100);

@@ -1,0 +1,530 @@
+//! The guest agent: `executor guest-agent` as PID 1 of the microVM. It mounts the guest's
+//! filesystems, loads the virtio modules, mounts the workspace disk at /data and the image disks
+//! read-only, then serves the host over the virtio-serial port (see `protocol`).
+
+use anyhow::{bail, Context, Result};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::protocol::*;
+
+/// Where the initramfs keeps the modules to load, and the file listing their load order.
+pub const MODULES_DIR: &str = "/lib/modules/executor";
+pub const MODULES_ORDER: &str = "/lib/modules/executor/order";
+
+type Port = Arc<Mutex<File>>;
+
+fn send(port: &Port, frame: &Frame) {
+    // A write fails while no host is connected; the host resynchronises with a hello.
+    let mut f = port.lock().unwrap_or_else(|p| p.into_inner());
+    let _ = frame.write_to(&mut *f);
+}
+
+/// Milliseconds since the kernel started (CLOCK_BOOTTIME needs no /proc).
+fn uptime_ms() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
+        .unwrap_or(0)
+}
+
+fn mount_fs(src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> Result<()> {
+    fs::create_dir_all(target).with_context(|| format!("creating {target}"))?;
+    mount(Some(src), target, Some(fstype), flags, data)
+        .with_context(|| format!("mounting {fstype} on {target}"))
+}
+
+fn load_modules() -> Result<()> {
+    let order = match fs::read_to_string(MODULES_ORDER) {
+        Ok(o) => o,
+        Err(_) => return Ok(()),
+    };
+    for name in order.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let path = Path::new(MODULES_DIR).join(name);
+        let f = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        match nix::kmod::finit_module(&f, c"", nix::kmod::ModuleInitFlags::empty()) {
+            Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+            Err(e) => bail!("loading module {name}: {e}"),
+        }
+    }
+    Ok(())
+}
+
+fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if start.elapsed() > limit {
+            bail!("{what} did not appear within {limit:?}");
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn find_port() -> Option<PathBuf> {
+    for e in fs::read_dir("/sys/class/virtio-ports").ok()?.flatten() {
+        let name = fs::read_to_string(e.path().join("name")).unwrap_or_default();
+        if name.trim() == PORT_NAME {
+            let dev = Path::new("/dev").join(e.file_name());
+            if dev.exists() {
+                return Some(dev);
+            }
+        }
+    }
+    None
+}
+
+fn find_disk(serial: &str) -> Option<PathBuf> {
+    for e in fs::read_dir("/sys/block").ok()?.flatten() {
+        let s = fs::read_to_string(e.path().join("serial")).unwrap_or_default();
+        if s.trim() == serial {
+            let dev = Path::new("/dev").join(e.file_name());
+            if dev.exists() {
+                return Some(dev);
+            }
+        }
+    }
+    None
+}
+
+fn cmdline_value(key: &str) -> Option<String> {
+    let cmdline = fs::read_to_string("/proc/cmdline").ok()?;
+    cmdline.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('=').map(str::to_string))
+}
+
+fn debug_time(what: &str, since: u64) {
+    if cmdline_value("executor.debug").is_some() {
+        eprintln!("executor guest-agent: {what} after {} ms", uptime_ms().saturating_sub(since));
+    }
+}
+
+/// Everything before serving: filesystems, modules, devices, disks. Returns the number of images.
+fn setup() -> Result<u32> {
+    mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, None)?;
+    mount_fs("proc", "/proc", "proc", MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None)?;
+    mount_fs("sysfs", "/sys", "sysfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None)?;
+    mount_fs("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
+    mount_fs("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
+    let t = uptime_ms();
+    load_modules()?;
+    debug_time("modules loaded", t);
+    let images: u32 = cmdline_value("executor.images").and_then(|v| v.parse().ok()).unwrap_or(0);
+    if cmdline_value("executor.workspace").as_deref() == Some("1") {
+        let dev = wait_for("the workspace disk", Duration::from_secs(30), || find_disk("workspace"))?;
+        mount_fs(&dev.to_string_lossy(), "/data", "ext4", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, None)?;
+    } else {
+        fs::create_dir_all("/data").context("creating /data")?;
+    }
+    debug_time("workspace mounted", t);
+    for i in 0..images {
+        let dev = wait_for("an image disk", Duration::from_secs(30), || find_disk(&format!("image{i}")))?;
+        mount_fs(
+            &dev.to_string_lossy(),
+            &format!("/images/{i}"),
+            "ext4",
+            MsFlags::MS_RDONLY,
+            Some("noload"),
+        )?;
+    }
+    Ok(images)
+}
+
+/// The agent's main function, as PID 1 of the guest. It never returns normally: it powers off.
+pub fn run() -> Result<i32> {
+    let start_ms = uptime_ms();
+    let images = match setup() {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("executor guest-agent: {e:#}");
+            power_off();
+        }
+    };
+    let port_path = match wait_for("the agent port", Duration::from_secs(30), find_port) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("executor guest-agent: {e:#}");
+            power_off();
+        }
+    };
+    let ready_ms = uptime_ms();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&port_path)
+        .with_context(|| format!("opening {}", port_path.display()))?;
+    let reader = file.try_clone().context("duplicating the agent port")?;
+    let port: Port = Arc::new(Mutex::new(file));
+    let (tx, rx) = mpsc::channel::<Frame>();
+    thread::spawn(move || read_loop(reader, tx));
+    let mut agent = Agent { port, images, start_ms, ready_ms, running: None };
+    for frame in rx {
+        agent.handle(frame);
+    }
+    power_off();
+}
+
+fn read_loop(file: File, tx: mpsc::Sender<Frame>) {
+    loop {
+        // A fresh decoder per connection: a half frame from a host that went away is dropped.
+        let mut r = FrameReader::new(&file);
+        loop {
+            match r.read_frame() {
+                Ok(Some(f)) => {
+                    if tx.send(f).is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    eprintln!("executor guest-agent: {e:#}");
+                    break;
+                }
+            }
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+struct Running {
+    id: u32,
+    canceled: Arc<AtomicBool>,
+    done: Arc<AtomicBool>,
+}
+
+struct Agent {
+    port: Port,
+    images: u32,
+    start_ms: u64,
+    ready_ms: u64,
+    running: Option<Running>,
+}
+
+impl Agent {
+    fn busy(&self) -> bool {
+        self.running.as_ref().is_some_and(|r| !r.done.load(Ordering::SeqCst))
+    }
+
+    fn error(&self, id: u32, message: String) {
+        if let Ok(f) = Frame::json(Kind::Error, &ErrorReport { id, message }) {
+            send(&self.port, &f);
+        }
+    }
+
+    fn handle(&mut self, frame: Frame) {
+        match frame.kind {
+            Kind::Hello => {
+                let Ok(h) = frame.parse::<Hello>() else { return };
+                let reply = Hello {
+                    version: PROTOCOL_VERSION,
+                    nonce: h.nonce,
+                    start_ms: self.start_ms,
+                    ready_ms: self.ready_ms,
+                };
+                if let Ok(f) = Frame::json(Kind::Hello, &reply) {
+                    send(&self.port, &f);
+                }
+            }
+            Kind::Run => {
+                let req = match frame.parse::<RunRequest>() {
+                    Ok(r) => r,
+                    Err(e) => return self.error(0, format!("{e:#}")),
+                };
+                if self.busy() {
+                    return self.error(req.id, "another request is running".into());
+                }
+                if req.image != u32::MAX && req.image >= self.images {
+                    return self.error(req.id, format!("no image disk {}", req.image));
+                }
+                reap();
+                let canceled = Arc::new(AtomicBool::new(false));
+                let done = Arc::new(AtomicBool::new(false));
+                self.running = Some(Running { id: req.id, canceled: canceled.clone(), done: done.clone() });
+                let port = self.port.clone();
+                thread::spawn(move || {
+                    let id = req.id;
+                    let frame = match run_step(&port, req, &canceled) {
+                        Ok(report) => Frame::json(Kind::Exit, &report),
+                        Err(e) => Frame::json(Kind::Error, &ErrorReport { id, message: format!("{e:#}") }),
+                    };
+                    // Free before answering: the host sends its next request as soon as it reads this.
+                    done.store(true, Ordering::SeqCst);
+                    if let Ok(f) = frame {
+                        send(&port, &f);
+                    }
+                });
+            }
+            Kind::Cancel => {
+                let Ok(c) = frame.parse::<Control>() else { return };
+                if let Some(r) = &self.running {
+                    if r.id == c.id && !r.done.load(Ordering::SeqCst) {
+                        r.canceled.store(true, Ordering::SeqCst);
+                        kill_all();
+                    }
+                }
+            }
+            Kind::Sync => {
+                let Ok(c) = frame.parse::<Control>() else { return };
+                if self.busy() {
+                    return self.error(c.id, "a step is still running".into());
+                }
+                let done = Arc::new(AtomicBool::new(false));
+                self.running = Some(Running {
+                    id: c.id,
+                    canceled: Arc::new(AtomicBool::new(false)),
+                    done: done.clone(),
+                });
+                let port = self.port.clone();
+                thread::spawn(move || {
+                    let frame = match sync_data(&port, c.id) {
+                        Ok(bytes) => Frame::json(Kind::SyncEnd, &SyncEnd { id: c.id, bytes }),
+                        Err(e) => {
+                            Frame::json(Kind::Error, &ErrorReport { id: c.id, message: format!("{e:#}") })
+                        }
+                    };
+                    done.store(true, Ordering::SeqCst);
+                    if let Ok(f) = frame {
+                        send(&port, &f);
+                    }
+                });
+            }
+            Kind::Shutdown => {
+                kill_all();
+                power_off();
+            }
+            // Guest-to-host kinds coming the other way are ignored.
+            _ => {}
+        }
+    }
+}
+
+/// Kills every process of the guest but the agent: the guest runs one job, so "every process
+/// of the step" is everything else. Kernel threads ignore the signal.
+fn kill_all() {
+    let Ok(dir) = fs::read_dir("/proc") else { return };
+    for e in dir.flatten() {
+        if let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) {
+            if pid > 1 {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Collects orphans that were re-parented to the agent (PID 1).
+fn reap() {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    while let Ok(s) = waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+        if s == WaitStatus::StillAlive {
+            break;
+        }
+    }
+}
+
+fn pump(port: Port, id: u32, kind: Kind, mut r: impl Read) {
+    let mut buf = vec![0u8; MAX_CHUNK];
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => send(&port, &Frame::data(kind, id, &buf[..n])),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Mounts the step's root: the image read-only under a tmpfs overlay (each step starts from
+/// the pristine image), the workspace at /data, and fresh /proc, /dev and /tmp.
+fn step_root(id: u32, image: u32) -> Result<PathBuf> {
+    let base = PathBuf::from(format!("/run/steps/{id}"));
+    let (upper, work, root) = (base.join("upper"), base.join("work"), base.join("root"));
+    for d in [&upper, &work, &root] {
+        fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let opts = format!("lowerdir=/images/{image},upperdir={},workdir={}", upper.display(), work.display());
+    mount(Some("overlay"), &root, Some("overlay"), MsFlags::empty(), Some(opts.as_str()))
+        .context("mounting the step's root overlay")?;
+    for d in ["data", "proc", "sys", "dev", "tmp"] {
+        fs::create_dir_all(root.join(d)).with_context(|| format!("creating /{d} in the step's root"))?;
+    }
+    mount(Some("/data"), &root.join("data"), None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+        .context("binding /data into the step's root")?;
+    mount(Some("proc"), &root.join("proc"), Some("proc"), MsFlags::empty(), None::<&str>)
+        .context("mounting /proc in the step's root")?;
+    mount(
+        Some("sysfs"),
+        &root.join("sys"),
+        Some("sysfs"),
+        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID,
+        None::<&str>,
+    )
+    .context("mounting /sys in the step's root")?;
+    mount(Some("devtmpfs"), &root.join("dev"), Some("devtmpfs"), MsFlags::MS_NOSUID, None::<&str>)
+        .context("mounting /dev in the step's root")?;
+    mount(Some("tmpfs"), &root.join("tmp"), Some("tmpfs"), MsFlags::MS_NOSUID, Some("mode=1777"))
+        .context("mounting /tmp in the step's root")?;
+    Ok(root)
+}
+
+fn drop_step_root(root: &Path) {
+    for d in ["tmp", "dev", "sys", "proc", "data", ""] {
+        let _ = umount2(&root.join(d), MntFlags::MNT_DETACH);
+    }
+    if let Some(base) = root.parent() {
+        let _ = fs::remove_dir_all(base);
+    }
+}
+
+fn run_step(port: &Port, req: RunRequest, canceled: &AtomicBool) -> Result<ExitReport> {
+    let id = req.id;
+    let root = if req.image == u32::MAX { None } else { Some(step_root(id, req.image)?) };
+    let result = spawn_and_wait(port, &req, root.as_deref().unwrap_or(Path::new("/")), canceled);
+    if let Some(r) = &root {
+        drop_step_root(r);
+    }
+    result
+}
+
+fn spawn_and_wait(port: &Port, req: &RunRequest, root: &Path, canceled: &AtomicBool) -> Result<ExitReport> {
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/init"));
+    let mut cmd = Command::new(exe);
+    cmd.arg("guest-agent")
+        .arg("--exec-root")
+        .arg(root)
+        .arg("--exec-cwd")
+        .arg(&req.cwd)
+        .arg("--")
+        .args(&req.argv);
+    cmd.env_clear();
+    for kv in &req.env {
+        if let Some((k, v)) = kv.split_once('=') {
+            if !k.is_empty() {
+                cmd.env(k, v);
+            }
+        }
+    }
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().context("starting the step")?;
+    let out = child.stdout.take().map(|o| {
+        let p = port.clone();
+        let id = req.id;
+        thread::spawn(move || pump(p, id, Kind::Stdout, o))
+    });
+    let err = child.stderr.take().map(|o| {
+        let p = port.clone();
+        let id = req.id;
+        thread::spawn(move || pump(p, id, Kind::Stderr, o))
+    });
+    let (stop_ticker, ticks) = mpsc::channel::<()>();
+    let ticker = {
+        let (p, id) = (port.clone(), req.id);
+        thread::spawn(move || loop {
+            send(&p, &Frame::data(Kind::Alive, id, b""));
+            if ticks.recv_timeout(Duration::from_secs(1)) != Err(mpsc::RecvTimeoutError::Timeout) {
+                return;
+            }
+        })
+    };
+    let status = child.wait().context("waiting for the step");
+    // What the step left running dies with it, so that its pipes close and nothing outlives it.
+    kill_all();
+    for t in [out, err].into_iter().flatten() {
+        let _ = t.join();
+    }
+    drop(stop_ticker);
+    let _ = ticker.join();
+    reap();
+    let status = status?;
+    Ok(ExitReport {
+        id: req.id,
+        code: status.code(),
+        signal: status.signal(),
+        canceled: canceled.load(Ordering::SeqCst),
+    })
+}
+
+/// The step helper: enters the step's root and becomes the step's command.
+pub fn exec_step(root: &Path, cwd: &str, argv: &[String]) -> Result<i32> {
+    nix::unistd::chroot(root).with_context(|| format!("entering {}", root.display()))?;
+    nix::unistd::chdir(cwd).with_context(|| format!("changing to {cwd}"))?;
+    let _ = nix::unistd::setsid();
+    let args: Vec<CString> = argv
+        .iter()
+        .map(|a| CString::new(a.as_bytes()))
+        .collect::<Result<_, _>>()
+        .context("argument with NUL")?;
+    let Some(prog) = args.first() else { bail!("empty command") };
+    let e = nix::unistd::execvp(prog, &args).map(|_| ()).unwrap_err();
+    bail!("running {}: {e}", argv[0])
+}
+
+/// Streams a tar of /data to the host in `SyncData` frames, after flushing the disk.
+fn sync_data(port: &Port, id: u32) -> Result<u64> {
+    nix::unistd::sync();
+    struct Chunker<'a> {
+        port: &'a Port,
+        id: u32,
+        buf: Vec<u8>,
+        total: u64,
+    }
+    impl Write for Chunker<'_> {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.buf.extend_from_slice(b);
+            while self.buf.len() >= MAX_CHUNK {
+                let rest = self.buf.split_off(MAX_CHUNK);
+                send(self.port, &Frame::data(Kind::SyncData, self.id, &self.buf));
+                self.total += self.buf.len() as u64;
+                self.buf = rest;
+            }
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            if !self.buf.is_empty() {
+                send(self.port, &Frame::data(Kind::SyncData, self.id, &self.buf));
+                self.total += self.buf.len() as u64;
+                self.buf.clear();
+            }
+            Ok(())
+        }
+    }
+    let mut chunker = Chunker { port, id, buf: Vec::new(), total: 0 };
+    {
+        let mut tar = tar::Builder::new(&mut chunker);
+        tar.follow_symlinks(false);
+        for e in fs::read_dir("/data").context("listing /data")?.flatten() {
+            let name = e.file_name();
+            if name == "lost+found" {
+                continue;
+            }
+            let path = e.path();
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                tar.append_dir_all(&name, &path).with_context(|| format!("packing {}", path.display()))?;
+            } else {
+                tar.append_path_with_name(&path, &name)
+                    .with_context(|| format!("packing {}", path.display()))?;
+            }
+        }
+        tar.finish().context("finishing the workspace tar")?;
+    }
+    chunker.flush().context("sending the workspace")?;
+    Ok(chunker.total)
+}
+
+fn power_off() -> ! {
+    nix::unistd::sync();
+    let _ = umount2("/data", MntFlags::MNT_DETACH);
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+    std::process::exit(1)
+}

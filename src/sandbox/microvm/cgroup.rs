@@ -1,0 +1,74 @@
+//! QEMU's own cgroup, with memory, process and CPU limits: v1 controllers where they are
+//! mounted separately (these machines), the unified v2 hierarchy otherwise.
+
+use anyhow::{Context, Result};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+const ROOT: &str = "/sys/fs/cgroup";
+
+/// The directories made for one VM, to put QEMU in and to remove afterwards.
+#[derive(Debug, Clone, Default)]
+pub struct Cgroup {
+    pub dirs: Vec<PathBuf>,
+}
+
+fn write(path: &Path, value: &str) -> Result<()> {
+    fs::write(path, value).with_context(|| format!("writing {value} to {}", path.display()))
+}
+
+impl Cgroup {
+    /// Creates `executor/<name>` with the limits; `Ok(None)` where no cgroup is writable.
+    pub fn create(name: &str, memory_bytes: u64, pids: u64, cpus: u32) -> Result<Option<Cgroup>> {
+        let root = Path::new(ROOT);
+        let v2 = root.join("cgroup.controllers").is_file();
+        let mut cg = Cgroup::default();
+        if v2 {
+            let dir = root.join("executor").join(name);
+            if fs::create_dir_all(&dir).is_err() {
+                return Ok(None);
+            }
+            let _ = fs::write(root.join("executor/cgroup.subtree_control"), "+memory +pids +cpu");
+            cg.dirs.push(dir.clone());
+            write(&dir.join("memory.max"), &memory_bytes.to_string())?;
+            write(&dir.join("pids.max"), &pids.to_string())?;
+            write(&dir.join("cpu.max"), &format!("{} 100000", u64::from(cpus) * 100_000))?;
+            return Ok(Some(cg));
+        }
+        for ctrl in ["memory", "pids", "cpu"] {
+            let base = root.join(ctrl);
+            if !base.join("tasks").is_file() {
+                continue;
+            }
+            let dir = base.join("executor").join(name);
+            if fs::create_dir_all(&dir).is_err() {
+                continue;
+            }
+            cg.dirs.push(dir.clone());
+            match ctrl {
+                "memory" => write(&dir.join("memory.limit_in_bytes"), &memory_bytes.to_string())?,
+                "pids" => write(&dir.join("pids.max"), &pids.to_string())?,
+                _ => {
+                    write(&dir.join("cpu.cfs_period_us"), "100000")?;
+                    write(&dir.join("cpu.cfs_quota_us"), &(u64::from(cpus) * 100_000).to_string())?;
+                }
+            }
+        }
+        Ok(if cg.dirs.is_empty() { None } else { Some(cg) })
+    }
+
+    pub fn add(&self, pid: i32) -> Result<()> {
+        for d in &self.dirs {
+            write(&d.join("cgroup.procs"), &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Removes the directories of the VM named `name` (they must be empty of processes).
+    pub fn remove(name: &str) {
+        let root = Path::new(ROOT);
+        for sub in ["executor", "memory/executor", "pids/executor", "cpu/executor", "cpu,cpuacct/executor"] {
+            let _ = fs::remove_dir(root.join(sub).join(name));
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! The host end of the agent channel: a unix socket that QEMU bridges to the guest's
+//! virtio-serial port. Everything read from it is hostile: reads are bounded by the frame limit
+//! and by time, and frames of an earlier connection are told apart by the hello nonce.
+
+use anyhow::{bail, Context, Result};
+use std::io::{ErrorKind, Read};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::guest::protocol::*;
+
+pub struct Channel {
+    stream: UnixStream,
+    dec: Decoder,
+}
+
+impl Channel {
+    /// Connects to QEMU's socket, retrying until `timeout` (QEMU creates it as it starts). The
+    /// socket is reached through an open handle on its directory, so that a long state directory
+    /// does not hit the 108-byte limit of a socket address.
+    pub fn connect(sock: &Path, timeout: Duration) -> Result<Channel> {
+        let start = Instant::now();
+        let dir = sock.parent().unwrap_or(Path::new("."));
+        let name = sock.file_name().with_context(|| format!("{} names no socket", sock.display()))?;
+        let handle = std::fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+        let short = Path::new("/proc/self/fd").join(handle.as_raw_fd().to_string()).join(name);
+        loop {
+            match UnixStream::connect(&short) {
+                Ok(stream) => return Ok(Channel { stream, dec: Decoder::new() }),
+                Err(e) if start.elapsed() >= timeout => {
+                    return Err(e)
+                        .with_context(|| format!("connecting to the agent socket {}", sock.display()))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    }
+
+    pub fn send(&mut self, frame: &Frame) -> Result<()> {
+        let mut s = &self.stream;
+        frame.write_to(&mut s)
+    }
+
+    /// The next frame within `timeout`; `None` when none came in time.
+    pub fn recv(&mut self, timeout: Duration) -> Result<Option<Frame>> {
+        let until = Instant::now() + timeout;
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            if let Some(f) = self.dec.next_frame()? {
+                return Ok(Some(f));
+            }
+            let now = Instant::now();
+            if now >= until {
+                return Ok(None);
+            }
+            self.stream
+                .set_read_timeout(Some((until - now).max(Duration::from_millis(1))))
+                .context("setting the agent socket timeout")?;
+            let want = buf.len().min(self.dec.room()).max(1);
+            match self.stream.read(&mut buf[..want]) {
+                Ok(0) => bail!("the agent channel closed (the VM stopped)"),
+                Ok(n) => self.dec.feed(&buf[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e).context("reading the agent channel"),
+            }
+        }
+    }
+
+    /// Says hello and waits for the agent's answer carrying the same nonce, dropping whatever an
+    /// earlier connection left in the pipe.
+    pub fn handshake(&mut self, timeout: Duration) -> Result<Hello> {
+        let nonce: u64 = rand::random();
+        let until = Instant::now() + timeout;
+        self.send(&Frame::json(
+            Kind::Hello,
+            &Hello { version: PROTOCOL_VERSION, nonce, start_ms: 0, ready_ms: 0 },
+        )?)?;
+        let mut resend = Instant::now() + Duration::from_millis(500);
+        loop {
+            let now = Instant::now();
+            if now >= until {
+                bail!("the guest agent did not answer within {timeout:?}");
+            }
+            // The guest may still be booting and drop what was sent before its port opened.
+            if now >= resend {
+                self.send(&Frame::json(
+                    Kind::Hello,
+                    &Hello { version: PROTOCOL_VERSION, nonce, start_ms: 0, ready_ms: 0 },
+                )?)?;
+                resend = now + Duration::from_millis(500);
+            }
+            let wait = (until - now).min(resend.saturating_duration_since(now)).max(Duration::from_millis(1));
+            if let Some(f) = self.recv(wait)? {
+                if f.kind == Kind::Hello {
+                    let h: Hello = f.parse()?;
+                    if h.nonce == nonce {
+                        if h.version != PROTOCOL_VERSION {
+                            bail!(
+                                "the guest agent speaks protocol {} (host speaks {PROTOCOL_VERSION})",
+                                h.version
+                            );
+                        }
+                        return Ok(h);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! Disks of a microVM: ext4 images built from host directories with `mkfs.ext4 -d` (no loop
+//! mount, no root needed). Image disks are cached by the image's digest and shared read-only.
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// Bytes used by the files below `dir` (not following symlinks).
+pub fn tree_bytes(dir: &Path) -> Result<u64> {
+    let mut total = 0u64;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).with_context(|| format!("listing {}", d.display()))?.flatten() {
+            let md = e.metadata().with_context(|| format!("reading {}", e.path().display()))?;
+            total += md.len().max(4096);
+            if md.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// A key that changes when any name, size or modification time below `dir` changes.
+pub fn tree_key(dir: &Path) -> Result<String> {
+    let mut h = Sha256::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let mut entries: Vec<_> =
+            fs::read_dir(&d).with_context(|| format!("listing {}", d.display()))?.flatten().collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let md = e.metadata().with_context(|| format!("reading {}", e.path().display()))?;
+            h.update(e.path().as_os_str().as_encoded_bytes());
+            h.update(md.len().to_le_bytes());
+            h.update(md.mtime().to_le_bytes());
+            h.update(md.mtime_nsec().to_le_bytes());
+            h.update(md.mode().to_le_bytes());
+            if md.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Makes an ext4 image of `size` bytes at `out` holding a copy of `dir`.
+pub fn make_ext4(dir: &Path, out: &Path, size: u64, label: &str) -> Result<()> {
+    let f = fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    f.set_len(size).with_context(|| format!("sizing {}", out.display()))?;
+    drop(f);
+    let o = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", label, "-E", "root_owner=0:0", "-O", "^has_journal", "-m", "0", "-d"])
+        .arg(dir)
+        .arg(out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .context("running mkfs.ext4 (install e2fsprogs)")?;
+    if !o.status.success() {
+        let _ = fs::remove_file(out);
+        bail!("mkfs.ext4 -d {} failed: {}", dir.display(), String::from_utf8_lossy(&o.stderr).trim());
+    }
+    Ok(())
+}
+
+/// The read-only disk of an image, built once per digest under `cache`.
+pub fn image_disk(cache: &Path, digest: &str, rootfs: &Path) -> Result<PathBuf> {
+    let safe: String = digest.chars().filter(|c| c.is_ascii_alphanumeric()).take(64).collect();
+    if safe.is_empty() {
+        bail!("image digest {digest:?} is not usable as a file name");
+    }
+    let out = cache.join(format!("{safe}.ext4"));
+    if out.is_file() {
+        return Ok(out);
+    }
+    fs::create_dir_all(cache).with_context(|| format!("creating {}", cache.display()))?;
+    let size = (tree_bytes(rootfs)? * 5 / 4 + (64 << 20)).next_multiple_of(1 << 20);
+    let tmp = tempfile::Builder::new()
+        .prefix(".disk-")
+        .tempfile_in(cache)
+        .with_context(|| format!("creating a temporary file in {}", cache.display()))?
+        .into_temp_path();
+    make_ext4(rootfs, &tmp, size, "image")?;
+    tmp.persist(&out).with_context(|| format!("installing {}", out.display()))?;
+    Ok(out)
+}

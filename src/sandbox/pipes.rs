@@ -1,0 +1,76 @@
+//! A child's stdout and stderr read on two threads into one channel, so a caller sees output in
+//! arrival order while it also watches a deadline, a cancel or the child itself.
+
+use std::io::Read;
+use std::process::Child;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::Stream;
+
+/// What [`Pipes::next`] saw.
+pub enum PipeEvent {
+    Data(Stream, Vec<u8>),
+    /// Nothing within the timeout.
+    Idle,
+    /// Both pipes reached their end (or were never there).
+    Closed,
+}
+
+pub struct Pipes {
+    rx: mpsc::Receiver<Option<(Stream, Vec<u8>)>>,
+    open: usize,
+    readers: Vec<JoinHandle<()>>,
+}
+
+impl Pipes {
+    /// Takes the child's piped stdout and stderr and starts reading them.
+    pub fn spawn(child: &mut Child) -> Pipes {
+        let (tx, rx) = mpsc::channel();
+        let mut readers = Vec::new();
+        for (stream, pipe) in [
+            (Stream::Stdout, child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>)),
+            (Stream::Stderr, child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>)),
+        ] {
+            let Some(mut pipe) = pipe else { continue };
+            let tx = tx.clone();
+            readers.push(std::thread::spawn(move || {
+                let mut buf = vec![0u8; 16 << 10];
+                loop {
+                    match pipe.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if tx.send(Some((stream, buf[..n].to_vec()))).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                let _ = tx.send(None);
+            }));
+        }
+        Pipes { rx, open: readers.len(), readers }
+    }
+
+    /// Waits up to `timeout` for the next piece of output.
+    pub fn next(&mut self, timeout: Duration) -> PipeEvent {
+        while self.open > 0 {
+            match self.rx.recv_timeout(timeout) {
+                Ok(Some((s, data))) => return PipeEvent::Data(s, data),
+                Ok(None) => self.open -= 1,
+                Err(mpsc::RecvTimeoutError::Timeout) => return PipeEvent::Idle,
+                Err(mpsc::RecvTimeoutError::Disconnected) => self.open = 0,
+            }
+        }
+        PipeEvent::Closed
+    }
+
+    /// Waits for the reader threads (after the pipes closed, or the child was killed).
+    pub fn join(self) {
+        drop(self.rx);
+        for r in self.readers {
+            let _ = r.join();
+        }
+    }
+}

@@ -1,0 +1,351 @@
+//! `executor install vm`: what a microVM needs, from Debian's packages only. The guest kernel
+//! (a `linux-image-*-cloud-amd64` package fetched with `apt-get download` and unpacked with
+//! `dpkg -x`, its LZ4 `vmlinuz` unpacked to an uncompressed `vmlinux` for a fast PVH boot) and an
+//! initramfs holding the guest agent (this binary, with its shared libraries), busybox and the
+//! virtio modules. Files live under `$EXECUTOR_STATE_DIR/vm`; running it again does only what is
+//! out of date.
+
+pub mod cmd;
+pub mod cpio;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// The metapackage whose dependency names the current cloud kernel.
+pub const DEFAULT_KERNEL_PACKAGE: &str = "linux-image-cloud-amd64";
+
+/// Modules the guest loads, in this order (the package ships no modules.dep).
+pub const MODULES: &[&str] =
+    &["virtio_ring", "virtio", "virtio_mmio", "virtio_blk", "virtio_console", "overlay"];
+
+/// What `install vm` recorded: where the kernel and initramfs are and what they were built from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Manifest {
+    pub kernel_package: String,
+    pub kernel_version: String,
+    pub vmlinux: PathBuf,
+    pub initramfs: PathBuf,
+    /// sha256 over everything the initramfs was built from.
+    pub initramfs_inputs: String,
+}
+
+pub fn vm_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("vm")
+}
+
+fn manifest_path(state_dir: &Path) -> PathBuf {
+    vm_dir(state_dir).join("manifest.json")
+}
+
+/// The installed kernel and initramfs, or an error saying to run `executor install vm`.
+pub fn installed(state_dir: &Path) -> Result<Manifest> {
+    let path = manifest_path(state_dir);
+    let text = fs::read_to_string(&path)
+        .with_context(|| format!("no guest kernel at {} (run `executor install vm`)", path.display()))?;
+    let m: Manifest = serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))?;
+    for f in [&m.vmlinux, &m.initramfs] {
+        if !f.is_file() {
+            bail!("{} is missing (run `executor install vm`)", f.display());
+        }
+    }
+    Ok(m)
+}
+
+/// Settings of `install vm`.
+#[derive(Debug, Clone)]
+pub struct InstallOptions {
+    pub state_dir: PathBuf,
+    /// A `linux-image-*` package, or the metapackage to resolve.
+    pub kernel_package: String,
+    /// Rebuild even what is up to date.
+    pub force: bool,
+}
+
+fn run_cmd(cmd: &mut Command, what: &str) -> Result<String> {
+    let out = cmd
+        .stderr(Stdio::piped())
+        .stdout(Stdio::piped())
+        .output()
+        .with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!("{what} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Resolves a metapackage to the versioned `linux-image-<version>-cloud-amd64` it depends on.
+fn resolve_kernel_package(name: &str) -> Result<String> {
+    if name.starts_with("linux-image-") && name.chars().nth(12).is_some_and(|c| c.is_ascii_digit()) {
+        return Ok(name.to_string());
+    }
+    let out =
+        run_cmd(Command::new("apt-cache").args(["depends", name]), &format!("apt-cache depends {name}"))?;
+    out.lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends:"))
+        .map(str::trim)
+        .find(|d| d.starts_with("linux-image-") && d.chars().nth(12).is_some_and(|c| c.is_ascii_digit()))
+        .map(str::to_string)
+        .with_context(|| format!("package {name} names no linux-image-<version> package"))
+}
+
+/// Finds the LZ4 (legacy frame) payload of a bzImage and decompresses it to an ELF vmlinux.
+pub fn extract_vmlinux(vmlinuz: &Path, out: &Path) -> Result<()> {
+    let data = fs::read(vmlinuz).with_context(|| format!("reading {}", vmlinuz.display()))?;
+    const LZ4_LEGACY: &[u8] = &[0x02, 0x21, 0x4c, 0x18];
+    let mut from = 0;
+    while let Some(pos) = data[from..].windows(4).position(|w| w == LZ4_LEGACY) {
+        let at = from + pos;
+        let mut child = Command::new("lz4")
+            .args(["-dc"])
+            .stdin(Stdio::piped())
+            .stdout(fs::File::create(out).with_context(|| format!("creating {}", out.display()))?)
+            .stderr(Stdio::null())
+            .spawn()
+            .context("running lz4 (install the lz4 package)")?;
+        if let Some(mut stdin) = child.stdin.take() {
+            // lz4 stops reading at the end of its frame; the kernel's trailer is not ours to judge.
+            let _ = stdin.write_all(&data[at..]);
+        }
+        let _ = child.wait();
+        let head = fs::read(out).map(|b| b.get(..4).map(|h| h.to_vec())).unwrap_or_default();
+        if head.as_deref() == Some(b"\x7fELF") {
+            return Ok(());
+        }
+        from = at + 1;
+    }
+    bail!("no LZ4 kernel payload found in {}", vmlinuz.display())
+}
+
+fn sha256_file(h: &mut Sha256, path: &Path) -> Result<()> {
+    h.update(path.as_os_str().as_encoded_bytes());
+    h.update(fs::read(path).with_context(|| format!("reading {}", path.display()))?);
+    Ok(())
+}
+
+/// The shared libraries `ldd` names for `exe`, as absolute paths.
+fn shared_libraries(exe: &Path) -> Result<Vec<PathBuf>> {
+    let out =
+        Command::new("ldd").arg(exe).output().with_context(|| format!("running ldd on {}", exe.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut libs = Vec::new();
+    for line in text.lines() {
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        if let Some(p) = path.filter(|p| p.starts_with('/')) {
+            libs.push(PathBuf::from(p));
+        }
+    }
+    Ok(libs)
+}
+
+fn busybox() -> Result<PathBuf> {
+    let candidates = ["/bin/busybox", "/usr/bin/busybox"];
+    for c in candidates {
+        let p = Path::new(c);
+        if p.is_file() {
+            let out = Command::new("ldd").arg(p).output();
+            let dynamic = out.map(|o| String::from_utf8_lossy(&o.stdout).contains("=>")).unwrap_or(false);
+            if !dynamic {
+                return Ok(p.to_path_buf());
+            }
+        }
+    }
+    bail!("no static busybox found at /bin/busybox (install the busybox-static package)")
+}
+
+/// The agent without debug information (a debug build carries tens of MB of it), when `strip`
+/// is there; the binary as it is otherwise.
+fn stripped(agent: &Path) -> Result<Vec<u8>> {
+    let tmp = tempfile::NamedTempFile::new().context("creating a temporary file")?;
+    let ok = Command::new("strip")
+        .arg("--strip-debug")
+        .arg("-o")
+        .arg(tmp.path())
+        .arg(agent)
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    let from = if ok { tmp.path() } else { agent };
+    fs::read(from).with_context(|| format!("reading {}", from.display()))
+}
+
+/// Builds the initramfs: the agent as /init, its libraries, busybox, the modules.
+fn build_initramfs(
+    out: &Path,
+    agent: &Path,
+    libs: &[PathBuf],
+    busybox: &Path,
+    modules: &[PathBuf],
+) -> Result<()> {
+    // Uncompressed: under TCG, inflating in the guest costs more than QEMU copying the bytes.
+    let mut w = cpio::CpioWriter::new(std::io::BufWriter::new(
+        fs::File::create(out).with_context(|| format!("creating {}", out.display()))?,
+    ));
+    let mut dirs: Vec<String> = vec![
+        "bin".into(),
+        "dev".into(),
+        "proc".into(),
+        "sys".into(),
+        "run".into(),
+        "tmp".into(),
+        "data".into(),
+        "images".into(),
+        "lib".into(),
+        "lib/modules".into(),
+        "lib/modules/executor".into(),
+    ];
+    for lib in libs {
+        let mut p = PathBuf::new();
+        if let Some(parent) = lib.parent() {
+            for c in parent.components().skip(1) {
+                p.push(c);
+                let s = p.to_string_lossy().into_owned();
+                if !dirs.contains(&s) {
+                    dirs.push(s);
+                }
+            }
+        }
+    }
+    let io = |e: std::io::Error| anyhow::anyhow!("writing {}: {e}", out.display());
+    for d in &dirs {
+        w.dir(d).map_err(io)?;
+    }
+    let agent_bytes = stripped(agent)?;
+    w.file("init", 0o755, &agent_bytes).map_err(io)?;
+    for lib in libs {
+        let bytes = fs::read(lib).with_context(|| format!("reading {}", lib.display()))?;
+        let name = lib.to_string_lossy();
+        w.file(name.trim_start_matches('/'), 0o755, &bytes).map_err(io)?;
+    }
+    let bb = fs::read(busybox).with_context(|| format!("reading {}", busybox.display()))?;
+    w.file("bin/busybox", 0o755, &bb).map_err(io)?;
+    for applet in ["sh", "cat", "echo", "ls", "poweroff", "uname", "sleep", "true"] {
+        w.symlink(&format!("bin/{applet}"), "busybox").map_err(io)?;
+    }
+    let mut order = String::new();
+    for m in modules {
+        let name = m.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let bytes = fs::read(m).with_context(|| format!("reading {}", m.display()))?;
+        w.file(&format!("lib/modules/executor/{name}"), 0o644, &bytes).map_err(io)?;
+        order.push_str(&name);
+        order.push('\n');
+    }
+    w.file("lib/modules/executor/order", 0o644, order.as_bytes()).map_err(io)?;
+    let mut f = w.finish().map_err(io)?;
+    f.flush().map_err(io)?;
+    Ok(())
+}
+
+/// Installs or refreshes the guest kernel and initramfs; returns what it did, one line each.
+pub fn install(opts: &InstallOptions) -> Result<Vec<String>> {
+    let dir = vm_dir(&opts.state_dir);
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut did = Vec::new();
+    let old: Option<Manifest> =
+        fs::read_to_string(manifest_path(&opts.state_dir)).ok().and_then(|t| serde_json::from_str(&t).ok());
+    let package = resolve_kernel_package(&opts.kernel_package)?;
+    let version = package
+        .strip_prefix("linux-image-")
+        .map(str::to_string)
+        .with_context(|| format!("{package} is not a linux-image package"))?;
+    let kdir = dir.join("kernel").join(&version);
+    let vmlinux = kdir.join("vmlinux");
+    let mod_dir = kdir.join("modules");
+    let have_kernel = vmlinux.is_file() && MODULES.iter().all(|m| mod_dir.join(format!("{m}.ko")).is_file());
+    if have_kernel && !opts.force {
+        did.push(format!("kernel {version}: already installed at {}", vmlinux.display()));
+    } else {
+        let tmp = tempfile::Builder::new()
+            .prefix(".kernel-")
+            .tempdir_in(&dir)
+            .with_context(|| format!("creating a temporary directory in {}", dir.display()))?;
+        run_cmd(
+            Command::new("apt-get").arg("download").arg(&package).current_dir(tmp.path()),
+            "apt-get download",
+        )
+        .with_context(|| format!("downloading {package}"))?;
+        let deb = fs::read_dir(tmp.path())?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == "deb"))
+            .with_context(|| format!("apt-get download left no .deb for {package}"))?;
+        let root = tmp.path().join("root");
+        run_cmd(Command::new("dpkg").arg("-x").arg(&deb).arg(&root), "dpkg -x")?;
+        fs::create_dir_all(&mod_dir).with_context(|| format!("creating {}", mod_dir.display()))?;
+        let vmlinuz = root.join("boot").join(format!("vmlinuz-{version}"));
+        let tmp_vmlinux = kdir.join("vmlinux.tmp");
+        extract_vmlinux(&vmlinuz, &tmp_vmlinux)?;
+        let kmods = root.join("lib/modules").join(&version).join("kernel");
+        for m in MODULES {
+            let found = find_file(&kmods, &format!("{m}.ko"))
+                .with_context(|| format!("module {m} not found in {package}"))?;
+            fs::copy(&found, mod_dir.join(format!("{m}.ko")))
+                .with_context(|| format!("copying module {m}"))?;
+        }
+        fs::rename(&tmp_vmlinux, &vmlinux).with_context(|| format!("installing {}", vmlinux.display()))?;
+        did.push(format!("kernel {version}: downloaded {package} and unpacked {}", vmlinux.display()));
+    }
+    let agent = std::env::current_exe().context("locating this executable")?;
+    let libs = shared_libraries(&agent)?;
+    let bb = busybox()?;
+    let modules: Vec<PathBuf> = MODULES.iter().map(|m| mod_dir.join(format!("{m}.ko"))).collect();
+    let mut h = Sha256::new();
+    h.update(version.as_bytes());
+    for f in std::iter::once(&agent).chain(&libs).chain(std::iter::once(&bb)).chain(&modules) {
+        sha256_file(&mut h, f)?;
+    }
+    let inputs = hex::encode(h.finalize());
+    let initramfs = dir.join(format!("initramfs-{}.cpio", &inputs[..16]));
+    if !opts.force && initramfs.is_file() && old.as_ref().is_some_and(|m| m.initramfs_inputs == inputs) {
+        did.push(format!("initramfs: up to date at {}", initramfs.display()));
+    } else {
+        let tmp = initramfs.with_extension("tmp");
+        build_initramfs(&tmp, &agent, &libs, &bb, &modules)?;
+        fs::rename(&tmp, &initramfs).with_context(|| format!("installing {}", initramfs.display()))?;
+        did.push(format!(
+            "initramfs: built {} (agent {}, {} libraries)",
+            initramfs.display(),
+            agent.display(),
+            libs.len()
+        ));
+    }
+    if let Some(o) = &old {
+        if o.initramfs != initramfs && o.initramfs.starts_with(&dir) {
+            let _ = fs::remove_file(&o.initramfs);
+        }
+    }
+    let m = Manifest {
+        kernel_package: package,
+        kernel_version: version,
+        vmlinux,
+        initramfs,
+        initramfs_inputs: inputs,
+    };
+    let text = serde_json::to_vec_pretty(&m).context("encoding the vm manifest")?;
+    crate::document::write_atomic(&manifest_path(&opts.state_dir), &text)?;
+    Ok(did)
+}
+
+fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
+    for e in fs::read_dir(dir).ok()?.flatten() {
+        let p = e.path();
+        let ft = e.file_type().ok()?;
+        if ft.is_dir() {
+            if let Some(f) = find_file(&p, name) {
+                return Some(f);
+            }
+        } else if e.file_name().to_str() == Some(name) {
+            return Some(p);
+        }
+    }
+    None
+}

@@ -1,0 +1,429 @@
+//! The microvm runtime: real QEMU guests under TCG (KVM is not usable on these machines), the
+//! guest agent, the workspace round trip, cancel and deadline, teardown, janitor, escape probes.
+//! Every VM has a host-side watchdog so that a hung guest fails the test instead of hanging it.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use executor::cancel::{Cancel, CancelReason};
+use executor::sandbox::microvm::{Accel, MicroVm};
+use executor::sandbox::{
+    BootRequest, Limits, OutputSink, Runtime, RuntimeOptions, StepEnd, StepSpec, Stream,
+};
+
+use crate::common;
+
+static INSTALL: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+/// Why this machine cannot boot a VM, if it cannot.
+fn missing() -> Option<String> {
+    for bin in ["qemu-system-x86_64", "mkfs.ext4", "apt-get", "dpkg", "lz4"] {
+        if which::which(bin).is_err() {
+            return Some(format!("{bin} is not installed (scripts/apt-packages/microvm.txt)"));
+        }
+    }
+    if !Path::new("/bin/busybox").is_file() {
+        return Some("busybox-static is not installed".into());
+    }
+    None
+}
+
+/// The shared state directory with `install vm` done once for the whole test run.
+fn state_dir() -> PathBuf {
+    let mut g = INSTALL.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(p) = &*g {
+        return p.clone();
+    }
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("microvm-state");
+    let out = common::run(common::executor().args(["install", "vm"]).env("EXECUTOR_STATE_DIR", &dir));
+    assert!(out.status.success(), "install vm failed: {}", String::from_utf8_lossy(&out.stderr));
+    // The step image of these tests, from the image store.
+    let out = common::run(
+        common::executor().args(["image", "build-busybox", IMAGE]).env("EXECUTOR_STATE_DIR", &dir),
+    );
+    assert!(out.status.success(), "build-busybox failed: {}", String::from_utf8_lossy(&out.stderr));
+    *g = Some(dir.clone());
+    dir
+}
+
+fn runtime(state: &Path) -> MicroVm {
+    MicroVm::new(RuntimeOptions {
+        state_dir: state.to_path_buf(),
+        allow_unisolated: false,
+        oci_runtime: "runc".into(),
+        vm_accel: Accel::Auto,
+        vm_allow_tcg: true,
+    })
+}
+
+/// The step image of these tests (`executor image build-busybox`).
+const IMAGE: &str = "microvm-busybox";
+
+#[derive(Default)]
+struct Collect {
+    out: Vec<u8>,
+    err: Vec<u8>,
+}
+
+impl OutputSink for Collect {
+    fn output(&mut self, stream: Stream, data: &[u8]) {
+        match stream {
+            Stream::Stdout => self.out.extend_from_slice(data),
+            Stream::Stderr => self.err.extend_from_slice(data),
+        }
+    }
+}
+
+/// Kills the test's VMs if the test is still running after `limit`.
+fn watchdog(state: PathBuf, prefix: String, limit: Duration) -> std::sync::mpsc::Sender<()> {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if rx.recv_timeout(limit) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+            eprintln!("watchdog: killing the VMs of {prefix} after {limit:?}");
+            let _ = runtime(&state).janitor(&prefix, &HashSet::new());
+        }
+    });
+    tx
+}
+
+fn step<'a>(key: &'a str, image: &'a str, script: &'a str, env: &'a [String]) -> StepSpec<'a> {
+    StepSpec { key, image, script, dir: "", env }
+}
+
+#[test]
+fn microvm_install_vm_is_idempotent_and_test_vm_boots_the_guest_kernel() {
+    if let Some(why) = missing() {
+        return common::skip("microvm_install_vm_is_idempotent_and_test_vm_boots_the_guest_kernel", &why);
+    }
+    let state = state_dir();
+    // Again, with the state directory given relative to the working directory.
+    let again = common::run(
+        common::executor()
+            .args(["install", "vm"])
+            .current_dir(state.parent().unwrap())
+            .env("EXECUTOR_STATE_DIR", state.file_name().unwrap()),
+    );
+    let said = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{said}");
+    assert!(said.contains("already installed") && said.contains("up to date"), "{said}");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(state.join("vm/manifest.json")).unwrap()).unwrap();
+    let kernel = manifest["kernelVersion"].as_str().unwrap().to_string();
+    for f in ["vmlinux", "initramfs"] {
+        assert!(Path::new(manifest[f].as_str().unwrap()).is_absolute(), "{manifest:#}");
+    }
+
+    // Without the operator's permission, auto refuses to fall back to TCG here.
+    let refused = common::run(
+        common::executor()
+            .args(["test-vm", "--timeout", "5", "--", "true"])
+            .env("EXECUTOR_STATE_DIR", &state),
+    );
+    let said = String::from_utf8_lossy(&refused.stderr);
+    if said.contains("KVM is unusable") {
+        assert!(!refused.status.success());
+        assert!(said.contains("EXECUTOR_VM_ALLOW_TCG"), "{said}");
+    }
+
+    let out = common::run(
+        common::executor()
+            .args(["test-vm", "--json", "--accel", "tcg", "--timeout", "90", "--", "uname -r"])
+            .env("EXECUTOR_STATE_DIR", &state),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains(&kernel), "the guest runs its own kernel {kernel}: {err}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["exitCode"], 0);
+    assert!(v["phases"]["totalMs"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn microvm_job_runs_in_a_guest_round_trips_the_workspace_and_stops_on_cancel_and_deadline() {
+    let name = "microvm_job_runs_in_a_guest_round_trips_the_workspace_and_stops_on_cancel_and_deadline";
+    if let Some(why) = missing() {
+        return common::skip(name, &why);
+    }
+    let state = state_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let image = IMAGE.to_string();
+    let ws = tmp.path().join("workspace");
+    std::fs::create_dir_all(ws.join("src")).unwrap();
+    std::fs::write(ws.join("src/input.txt"), "from the host\n").unwrap();
+
+    // Something listening on the host's loopback that the guest must not reach.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let secret = "hunter2-shared-secret-value";
+    let host_marker = tmp.path().join("host-only-file");
+    std::fs::write(&host_marker, secret).unwrap();
+
+    std::fs::write(
+        ws.join("step0.sh"),
+        format!(
+            "set -e\n\
+             echo out: $(cat /data/src/input.txt)\n\
+             echo err-line >&2\n\
+             uname -r\n\
+             mkdir -p /data/out && echo artifact-$GREETING > /data/out/result.txt\n\
+             rm /data/src/input.txt\n\
+             echo comms=$(cat /proc/[0-9]*/comm 2>/dev/null | sort -u | tr '\\n' ' ')\n\
+             echo nets=$(ls /sys/class/net | tr '\\n' ' ')\n\
+             if [ -e {marker} ]; then echo HOSTFILE-VISIBLE; fi\n\
+             if env | grep -q hunter2; then echo SECRET-VISIBLE; fi\n\
+             if nc -w 2 127.0.0.1 {port} </dev/null; then echo LOOPBACK-REACHED; else echo loopback-closed; fi\n",
+            marker = host_marker.display(),
+        ),
+    )
+    .unwrap();
+    std::fs::write(ws.join("step1.sh"), "echo failing; exit 3\n").unwrap();
+    std::fs::write(ws.join("step2.sh"), "echo started; sleep 300 & sleep 300\n").unwrap();
+    std::fs::write(ws.join("step3.sh"), "echo started; sleep 300\n").unwrap();
+
+    let prefix = format!("mvt{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let _dog = watchdog(state.clone(), prefix.clone(), Duration::from_secs(240));
+    let rt = runtime(&state);
+    let limits = Limits { cpus: 1, memory_bytes: 512 << 20, disk_bytes: 0, pids: 0 };
+    let rec = rt
+        .boot(&BootRequest {
+            job_uid: "1",
+            workspace: &ws,
+            images: vec![image.clone()],
+            limits: &limits,
+            name_prefix: &prefix,
+        })
+        .expect("boot");
+    assert_eq!(rec.runtime, "microvm");
+    let pid = rec.pid.unwrap();
+    assert!(Path::new(&format!("/proc/{pid}")).exists());
+    let deadline = || Cancel::with_deadline(Some(Instant::now() + Duration::from_secs(90)));
+
+    let env = vec!["GREETING=hello".to_string()];
+    let mut c = Collect::default();
+    let end = rt.run_step(&rec, &step("0", &image, "step0.sh", &env), &mut c, &deadline()).unwrap();
+    let out = String::from_utf8_lossy(&c.out).into_owned();
+    assert_eq!(end, StepEnd::Exited(0), "stdout: {out} stderr: {}", String::from_utf8_lossy(&c.err));
+    assert!(out.contains("out: from the host"), "{out}");
+    assert!(String::from_utf8_lossy(&c.err).starts_with("err-line\n"), "{}", String::from_utf8_lossy(&c.err));
+    let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert!(!out.contains(host_kernel.trim()), "the step ran on the host kernel: {out}");
+    assert!(!out.contains("HOSTFILE-VISIBLE") && !out.contains("SECRET-VISIBLE"), "{out}");
+    assert!(out.contains("loopback-closed") && !out.contains("LOOPBACK-REACHED"), "{out}");
+    assert!(out.lines().any(|l| l == "nets=lo"), "the guest has a network device: {out}");
+    let comms = out.split("comms=").nth(1).unwrap().lines().next().unwrap();
+    assert!(comms.contains("sh") && !comms.contains("qemu") && !comms.contains("cargo"), "{comms}");
+    assert!(listener.accept().is_err(), "the guest reached the host's loopback");
+
+    let mut c = Collect::default();
+    let end = rt.run_step(&rec, &step("1", &image, "step1.sh", &[]), &mut c, &deadline()).unwrap();
+    assert_eq!(end, StepEnd::Exited(3));
+    assert_eq!(String::from_utf8_lossy(&c.out).trim(), "failing");
+
+    // Cancel: the step and its background child are stopped.
+    let cancel = deadline();
+    let canceller = {
+        let c = cancel.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(3));
+            c.cancel(CancelReason::Canceled);
+        })
+    };
+    let t = Instant::now();
+    let mut c = Collect::default();
+    let end = rt.run_step(&rec, &step("2", &image, "step2.sh", &[]), &mut c, &cancel).unwrap();
+    canceller.join().unwrap();
+    assert_eq!(end, StepEnd::Stopped(CancelReason::Canceled));
+    assert!(t.elapsed() < Duration::from_secs(60));
+    assert!(String::from_utf8_lossy(&c.out).contains("started"));
+
+    // Deadline.
+    let mut c = Collect::default();
+    let short = Cancel::with_deadline(Some(Instant::now() + Duration::from_secs(4)));
+    let end = rt.run_step(&rec, &step("3", &image, "step3.sh", &[]), &mut c, &short).unwrap();
+    assert_eq!(end, StepEnd::Stopped(CancelReason::Deadline));
+
+    // The VM still serves after a cancel: nothing of the killed steps is left running.
+    std::fs::write(ws.join("ignored-by-guest.sh"), "echo never").unwrap();
+    let mut c = Collect::default();
+    let end = rt.run_step(&rec, &step("4", &image, "step1.sh", &[]), &mut c, &deadline()).unwrap();
+    assert_eq!(end, StepEnd::Exited(3));
+
+    rt.sync_workspace(&rec, &ws).unwrap();
+    assert_eq!(std::fs::read_to_string(ws.join("out/result.txt")).unwrap(), "artifact-hello\n");
+    assert!(!ws.join("src/input.txt").exists(), "a file the step removed came back");
+    assert!(!ws.join("ignored-by-guest.sh").exists(), "the workspace is the guest's, not a merge");
+    assert!(ws.join("step0.sh").exists());
+
+    rt.teardown(&rec).unwrap();
+    assert!(!rec.state_dir.exists());
+    assert!(!std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default().starts_with(b"qemu"));
+    rt.teardown(&rec).unwrap();
+}
+
+#[test]
+fn microvm_janitor_removes_vms_no_live_job_owns_and_guest_garbage_is_refused() {
+    let name = "microvm_janitor_removes_vms_no_live_job_owns_and_guest_garbage_is_refused";
+    if let Some(why) = missing() {
+        return common::skip(name, &why);
+    }
+    let state = state_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let ws = tmp.path().join("ws");
+    std::fs::create_dir_all(&ws).unwrap();
+    let prefix = format!("mvj{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let _dog = watchdog(state.clone(), prefix.clone(), Duration::from_secs(180));
+    let rt = runtime(&state);
+    let limits = Limits::default();
+    let req =
+        BootRequest { job_uid: "2", workspace: &ws, images: vec![], limits: &limits, name_prefix: &prefix };
+    let live = rt.boot(&req).expect("boot live");
+    let ghost = rt.boot(&req).expect("boot ghost");
+    let live_set: HashSet<String> = [live.name.clone()].into_iter().collect();
+    let removed = rt.janitor(&prefix, &live_set).unwrap();
+    assert_eq!(removed, vec![ghost.name.clone()]);
+    assert!(!ghost.state_dir.exists());
+    assert!(live.state_dir.exists());
+    // Another prefix is not ours to touch.
+    assert!(rt.janitor("someone-else", &HashSet::new()).unwrap().is_empty());
+
+    // A peer that speaks garbage on the agent socket: the host refuses it instead of hanging.
+    let sock_dir = tempfile::tempdir().unwrap();
+    let sock = sock_dir.path().join("agent.sock");
+    let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    std::thread::spawn(move || {
+        if let Ok((mut s, _)) = l.accept() {
+            let _ = std::io::Write::write_all(&mut s, &[0xff; 64]);
+            std::thread::sleep(Duration::from_secs(5));
+        }
+    });
+    let mut fake = live.clone();
+    let mut det = fake.details.clone();
+    det["socket"] = serde_json::Value::String(sock.to_string_lossy().into_owned());
+    fake.details = det;
+    let t = Instant::now();
+    let err = rt.sync_workspace(&fake, &ws).unwrap_err();
+    assert!(format!("{err:#}").contains("frame length"), "{err:#}");
+    assert!(t.elapsed() < Duration::from_secs(5));
+
+    rt.teardown(&live).unwrap();
+    assert!(rt.janitor(&prefix, &HashSet::new()).unwrap().is_empty());
+}
+
+/// The artifacts the coordinator holds for job `id`, as (path, bytes).
+fn coordinator_artifacts(c: &crate::coordinator::Coordinator, id: i64) -> Vec<(String, Vec<u8>)> {
+    use std::io::Read;
+    let resp = c
+        .agent()
+        .get(&format!("{}/api/jobs/{id}/artifacts", c.url))
+        .set("Authorization", &c.admin_auth())
+        .call()
+        .unwrap_or_else(|e| panic!("artifacts of job {id}: {e}"));
+    let mut bytes = Vec::new();
+    resp.into_reader().read_to_end(&mut bytes).unwrap();
+    let mut out = Vec::new();
+    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(bytes.as_slice()));
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = e.path().unwrap().display().to_string();
+        let mut data = Vec::new();
+        e.read_to_end(&mut data).unwrap();
+        out.push((name, data));
+    }
+    out
+}
+
+/// Processes whose command line carries `needle`.
+fn processes_with(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if !e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(needle) {
+            found.push(cmd);
+        }
+    }
+    found
+}
+
+#[test]
+fn microvm_loop_runs_a_coordinator_job_in_a_guest_and_uploads_its_artifact() {
+    let name = "microvm_loop_runs_a_coordinator_job_in_a_guest_and_uploads_its_artifact";
+    if let Some(why) = missing() {
+        return common::skip(name, &why);
+    }
+    let state = state_dir();
+    let c = crate::coordinator::Coordinator::start();
+    let prefix = format!("mvl{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let _dog = watchdog(state.clone(), prefix.clone(), Duration::from_secs(240));
+    let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let id = c.submit(serde_json::json!({
+        "queue": "batches",
+        "files": {"in.txt": {"content": "hello-from-the-job"}},
+        "dockerSteps": [
+            {"key": "build", "image": IMAGE, "dir": "", "env": ["GREETING=hi"],
+             "commands": ["mkdir -p out", "tr a-z A-Z < in.txt > out/result.txt",
+                          "uname -r > out/kernel.txt", "echo $GREETING from $(uname -r)"]}
+        ],
+        "artifacts": ["out/*.txt"]
+    }));
+    let mut cmd = common::executor();
+    c.executor_env(&mut cmd);
+    cmd.arg("loop")
+        .env("EXECUTOR_QUEUE_NAME", "batches")
+        .env("EXECUTOR_RUNTIME", "microvm")
+        .env("EXECUTOR_VM_ALLOW_TCG", "1")
+        .env("EXECUTOR_VM_PREFIX", &prefix)
+        .env("EXECUTOR_STATE_DIR", &state)
+        .env("EXECUTOR_NUM_TOTAL_JOBS", "1")
+        .env("EXECUTOR_HEARTBEAT_INTERVAL", "1s")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut lp = cmd.spawn().expect("starting executor loop");
+    let job = c.wait_state(id, &["completed", "failed", "errored", "canceled"], Duration::from_secs(200));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = lp.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = lp.kill();
+            panic!("executor loop did not exit after the job");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut lp.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "loop: {status}: {err}");
+    assert_eq!(job["state"], "completed", "{job:#}\n{err}");
+
+    let logs = job["logs"].as_array().unwrap();
+    let boot = logs.iter().find(|e| e["key"] == "setup.microvm.start").expect("setup.microvm.start");
+    let sandbox = boot["out"].as_str().unwrap().split("started sandbox ").nth(1).unwrap().trim().to_string();
+    assert!(sandbox.starts_with(&prefix), "{sandbox}");
+    let step = logs.iter().find(|e| e["key"] == "step.docker.build").expect("step.docker.build");
+    let out = step["out"].as_str().unwrap();
+    assert!(out.contains("hi from "), "{out}");
+    assert!(!out.contains(host_kernel.trim()), "the step ran on the host kernel: {out}");
+
+    let arts = coordinator_artifacts(&c, id);
+    let get =
+        |n: &str| arts.iter().find(|(p, _)| p == n).map(|(_, d)| String::from_utf8_lossy(d).into_owned());
+    assert_eq!(get("out/result.txt").as_deref(), Some("HELLO-FROM-THE-JOB"), "{arts:?}");
+    let guest_kernel = get("out/kernel.txt").unwrap();
+    assert!(out.contains(guest_kernel.trim()) && guest_kernel.trim() != host_kernel.trim(), "{guest_kernel}");
+
+    // Nothing of the VM is left: no QEMU with its name, no sandbox directory.
+    let down = logs.iter().find(|e| e["key"] == "teardown.microvm.remove").expect("teardown.microvm.remove");
+    assert_eq!(down["exitCode"], 0, "{down:#}");
+    assert!(processes_with(&sandbox).is_empty(), "{:?}", processes_with(&sandbox));
+    let left: Vec<_> = std::fs::read_dir(state.join("sandboxes"))
+        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    assert!(!left.iter().any(|n: &String| n.starts_with(&prefix)), "{left:?}");
+}

@@ -426,7 +426,7 @@ pub mod tests {
             chunk.extend_from_slice(&line);
             chunk.push(b'\n');
         }
-        for _ in 0..100 {
+        for _ in 0..300 {
             e.output(Stream::Stdout, &chunk);
         }
         {
@@ -436,8 +436,8 @@ pub mod tests {
         }
         e.finish(0).unwrap();
         let entries = t.entries.lock().unwrap();
-        assert_eq!(entries[0].out.as_ref().unwrap().len(), 100 * 64 * (999 + 1 + 8));
-        assert!(*t.updates.lock().unwrap() >= 6);
+        assert_eq!(entries[0].out.as_ref().unwrap().len(), 300 * 64 * (999 + 1 + 8));
+        assert!(*t.updates.lock().unwrap() >= 4);
     }
 
     #[test]

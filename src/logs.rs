@@ -21,7 +21,7 @@ use crate::sandbox::{OutputSink, Stream};
 /// How often a running entry is updated.
 pub const UPDATE_INTERVAL: Duration = Duration::from_secs(1);
 /// Pending output above which the producer flushes (and so waits for the coordinator).
-pub const PENDING_CAP: usize = 1 << 20;
+pub const PENDING_CAP: usize = 4 << 20;
 /// Longest partial line held back before it is sent as a line of its own.
 pub const MAX_LINE: usize = 64 << 10;
 /// Most output kept for full-replacement updates (coordinators without appends).
@@ -194,7 +194,9 @@ fn flush(
     if st.pending.is_empty() && last.is_none() {
         return Ok(());
     }
-    let delta = std::mem::take(&mut st.pending);
+    // Framed output is almost always UTF-8: the bytes become the string without a copy.
+    let mut delta = String::from_utf8(std::mem::take(&mut st.pending))
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
     let mut entry = st.head.clone();
     if let Some((code, ms)) = last {
         entry.exit_code = Some(code);
@@ -202,7 +204,7 @@ fn flush(
     }
     let mode = append.load(Ordering::Relaxed);
     if mode != APPEND_NO {
-        entry.out = if delta.is_empty() { None } else { Some(String::from_utf8_lossy(&delta).into_owned()) };
+        entry.out = if delta.is_empty() { None } else { Some(delta) };
         match transport.update(st.id, &entry, true) {
             Ok(()) => {
                 append.store(APPEND_YES, Ordering::Relaxed);
@@ -215,20 +217,22 @@ fn flush(
             }
             Err(e) => {
                 // Keep the delta for the next try.
-                let mut rest = delta;
+                let mut rest = entry.out.take().map(String::into_bytes).unwrap_or_default();
                 rest.extend_from_slice(&st.pending);
                 st.pending = rest;
                 return Err(anyhow!("updating the log entry {}: {e}", st.head.key));
             }
         }
+        delta = entry.out.take().unwrap_or_default();
     }
     // Full replacement: resend everything, bounded.
+    let delta = delta.as_bytes();
     let room = FULL_OUTPUT_CAP.saturating_sub(st.full.len());
     if delta.len() > room {
         st.full.extend_from_slice(&delta[..room]);
         st.truncated = true;
     } else {
-        st.full.extend_from_slice(&delta);
+        st.full.extend_from_slice(delta);
     }
     let mut out = String::from_utf8_lossy(&st.full).into_owned();
     if st.truncated {
@@ -422,7 +426,7 @@ pub mod tests {
             chunk.extend_from_slice(&line);
             chunk.push(b'\n');
         }
-        for _ in 0..100 {
+        for _ in 0..300 {
             e.output(Stream::Stdout, &chunk);
         }
         {
@@ -432,8 +436,8 @@ pub mod tests {
         }
         e.finish(0).unwrap();
         let entries = t.entries.lock().unwrap();
-        assert_eq!(entries[0].out.as_ref().unwrap().len(), 100 * 64 * (999 + 1 + 8));
-        assert!(*t.updates.lock().unwrap() >= 6);
+        assert_eq!(entries[0].out.as_ref().unwrap().len(), 300 * 64 * (999 + 1 + 8));
+        assert!(*t.updates.lock().unwrap() >= 4);
     }
 
     #[test]

@@ -194,6 +194,29 @@ impl Coordinator {
         }
     }
 
+    /// The artifacts the coordinator holds for job `id`, as (path, bytes).
+    pub fn artifacts(&self, id: i64) -> Vec<(String, Vec<u8>)> {
+        use std::io::Read;
+        let resp = self
+            .agent()
+            .get(&format!("{}/api/jobs/{id}/artifacts", self.url))
+            .set("Authorization", &self.admin_auth())
+            .call()
+            .unwrap_or_else(|e| panic!("artifacts of job {id}: {e}"));
+        let mut bytes = Vec::new();
+        resp.into_reader().read_to_end(&mut bytes).unwrap();
+        let mut out = Vec::new();
+        let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(bytes.as_slice()));
+        for e in ar.entries().unwrap() {
+            let mut e = e.unwrap();
+            let name = e.path().unwrap().display().to_string();
+            let mut data = Vec::new();
+            e.read_to_end(&mut data).unwrap();
+            out.push((name, data));
+        }
+        out
+    }
+
     /// A protocol client acting as one executor.
     pub fn executor(&self, name: &str) -> ExecutorClient {
         ExecutorClient {

@@ -312,29 +312,6 @@ fn microvm_janitor_removes_vms_no_live_job_owns_and_guest_garbage_is_refused() {
     assert!(rt.janitor(&prefix, &HashSet::new()).unwrap().is_empty());
 }
 
-/// The artifacts the coordinator holds for job `id`, as (path, bytes).
-fn coordinator_artifacts(c: &crate::coordinator::Coordinator, id: i64) -> Vec<(String, Vec<u8>)> {
-    use std::io::Read;
-    let resp = c
-        .agent()
-        .get(&format!("{}/api/jobs/{id}/artifacts", c.url))
-        .set("Authorization", &c.admin_auth())
-        .call()
-        .unwrap_or_else(|e| panic!("artifacts of job {id}: {e}"));
-    let mut bytes = Vec::new();
-    resp.into_reader().read_to_end(&mut bytes).unwrap();
-    let mut out = Vec::new();
-    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(bytes.as_slice()));
-    for e in ar.entries().unwrap() {
-        let mut e = e.unwrap();
-        let name = e.path().unwrap().display().to_string();
-        let mut data = Vec::new();
-        e.read_to_end(&mut data).unwrap();
-        out.push((name, data));
-    }
-    out
-}
-
 /// Processes whose command line carries `needle`.
 fn processes_with(needle: &str) -> Vec<String> {
     let mut found = Vec::new();
@@ -411,7 +388,7 @@ fn microvm_loop_runs_a_coordinator_job_in_a_guest_and_uploads_its_artifact() {
     assert!(out.contains("hi from "), "{out}");
     assert!(!out.contains(host_kernel.trim()), "the step ran on the host kernel: {out}");
 
-    let arts = coordinator_artifacts(&c, id);
+    let arts = c.artifacts(id);
     let get =
         |n: &str| arts.iter().find(|(p, _)| p == n).map(|(_, d)| String::from_utf8_lossy(d).into_owned());
     assert_eq!(get("out/result.txt").as_deref(), Some("HELLO-FROM-THE-JOB"), "{arts:?}");

@@ -47,27 +47,6 @@ fn keys(job: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn artifacts(c: &Coordinator, id: i64) -> Vec<(String, Vec<u8>)> {
-    let resp = c
-        .agent()
-        .get(&format!("{}/api/jobs/{id}/artifacts", c.url))
-        .set("Authorization", &c.admin_auth())
-        .call()
-        .unwrap_or_else(|e| panic!("artifacts of job {id}: {e}"));
-    let mut bytes = Vec::new();
-    resp.into_reader().read_to_end(&mut bytes).unwrap();
-    let mut out = Vec::new();
-    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(bytes.as_slice()));
-    for e in ar.entries().unwrap() {
-        let mut e = e.unwrap();
-        let name = e.path().unwrap().display().to_string();
-        let mut data = Vec::new();
-        e.read_to_end(&mut data).unwrap();
-        out.push((name, data));
-    }
-    out
-}
-
 fn workspaces_left(state: &Path) -> Vec<String> {
     std::fs::read_dir(state.join("workspaces"))
         .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
@@ -179,7 +158,7 @@ fn six_stages_piped_by_hand_complete_a_job() {
     assert!(out.contains("stdout: hi built\n"), "{out}");
     assert!(out.contains("stderr: + echo hi built\n"), "commands are traced: {out}");
     assert!(entry(&job, "step.docker.1").unwrap()["out"].as_str().unwrap().contains("stdout: result.txt\n"));
-    let files = artifacts(&c, id);
+    let files = c.artifacts(id);
     assert_eq!(files, vec![("out/result.txt".to_string(), b"HELLO-FILE".to_vec())]);
     assert!(workspaces_left(state.path()).is_empty(), "{:?}", workspaces_left(state.path()));
 }
@@ -333,7 +312,7 @@ fn secrets_never_reach_logs_documents_or_artifacts() {
     }
     let job = c.wait_state(id, &["completed"], Duration::from_secs(5));
     let logs = serde_json::to_string(&job["logs"]).unwrap();
-    let files = artifacts(&c, id);
+    let files = c.artifacts(id);
     assert_eq!(files.len(), 1);
     let leak = String::from_utf8(files[0].1.clone()).unwrap();
     // The trace of `set -x` shows the pieces the script printed separately, never a whole secret.
@@ -507,40 +486,12 @@ fn committed_man_pages_and_completions_match_the_binary() {
     }
 }
 
-/// A CA and a certificate for 127.0.0.1 made with openssl; `None` (and a skip notice) without it.
-fn make_ca(dir: &Path, test: &str) -> Option<(String, String, String)> {
-    let p = |name: &str| dir.join(name).to_str().unwrap().to_string();
-    let (ca, cert, key) = (p("ca.pem"), p("cert.pem"), p("key.pem"));
-    std::fs::write(p("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-    let ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
-    let steps = [
-        format!("req -x509 {ec} -days 1 -subj /CN=test-ca -keyout {} -out {ca}", p("ca.key")),
-        format!("req {ec} -subj /CN=127.0.0.1 -keyout {key} -out {}", p("req.csr")),
-        format!(
-            "x509 -req -in {} -CA {ca} -CAkey {} -CAcreateserial -days 1 -extfile {} -out {cert}",
-            p("req.csr"),
-            p("ca.key"),
-            p("ext.cnf")
-        ),
-    ];
-    for step in steps {
-        let args: Vec<&str> = step.split(' ').collect();
-        match Command::new("openssl").args(&args).stderr(Stdio::null()).status() {
-            Ok(s) if s.success() => {}
-            Ok(s) => panic!("openssl {step}: {s}"),
-            Err(e) => {
-                common::skip(test, &format!("no openssl binary: {e}"));
-                return None;
-            }
-        }
-    }
-    Some((ca, cert, key))
-}
-
 #[test]
 fn https_coordinator_with_a_private_ca() {
     let dir = tempfile::tempdir().unwrap();
-    let Some((ca, cert, key)) = make_ca(dir.path(), "https_coordinator_with_a_private_ca") else { return };
+    let Some((ca, cert, key)) = common::make_ca(dir.path(), "https_coordinator_with_a_private_ca") else {
+        return;
+    };
     let c = Coordinator::start_with(&["--tls-cert", &cert, "--tls-key", &key]);
     assert!(c.url.starts_with("https://"));
     let state = tempfile::tempdir().unwrap();

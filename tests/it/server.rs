@@ -725,34 +725,10 @@ fn queue_metrics_count_jobs_and_executors() {
 #[test]
 fn queue_serves_https_with_a_given_certificate() {
     let dir = tempfile::tempdir().unwrap();
-    let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
-    let (ca, cert, key) = (p("ca.pem"), p("cert.pem"), p("key.pem"));
-    std::fs::write(p("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-    let ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
-    let steps = [
-        format!("req -x509 {ec} -days 1 -subj /CN=test-ca -keyout {} -out {ca}", p("ca.key")),
-        format!("req {ec} -subj /CN=127.0.0.1 -keyout {key} -out {}", p("req.csr")),
-        format!(
-            "x509 -req -in {} -CA {ca} -CAkey {} -CAcreateserial -days 1 -extfile {} -out {cert}",
-            p("req.csr"),
-            p("ca.key"),
-            p("ext.cnf")
-        ),
-    ];
-    for step in steps {
-        let args: Vec<&str> = step.split(' ').collect();
-        match std::process::Command::new("openssl").args(&args).stderr(std::process::Stdio::null()).status() {
-            Ok(s) if s.success() => {}
-            Ok(s) => panic!("openssl {step}: {s}"),
-            Err(e) => {
-                common::skip(
-                    "queue_serves_https_with_a_given_certificate",
-                    &format!("no openssl binary: {e}"),
-                );
-                return;
-            }
-        }
-    }
+    let Some((ca, cert, key)) = common::make_ca(dir.path(), "queue_serves_https_with_a_given_certificate")
+    else {
+        return;
+    };
     let c = Coordinator::start_with(&["--tls-cert", &cert, "--tls-key", &key]);
     assert!(c.url.starts_with("https://127.0.0.1:"), "{}", c.url);
     let mut cmd = common::executor();

@@ -37,6 +37,10 @@ pub struct Counters {
     pub pids_max: u64,
     /// Times memory usage reached the job's limit (v1 `memory.failcnt`; v2 `memory.events max`).
     pub mem_failcnt: u64,
+    /// The most memory the job used (v1 `memory.max_usage_in_bytes`; v2 `memory.peak`).
+    pub mem_peak: u64,
+    /// The job's memory limit (0 for none).
+    pub mem_limit: u64,
     /// Most processes the job had at once (0 where the kernel does not say).
     pub pids_peak: u64,
     /// The job's process limit (0 for none).
@@ -151,6 +155,8 @@ impl JobCgroup {
                 // counts the failure there: both counters say the limit was reached.
                 mem_failcnt: read("memory", "memory.failcnt", "")
                     + read("memory", "memory.memsw.failcnt", ""),
+                mem_peak: read("memory", "memory.max_usage_in_bytes", ""),
+                mem_limit: read("memory", "memory.limit_in_bytes", ""),
                 pids_peak: read("pids", "pids.peak", ""),
                 pids_limit: read("pids", "pids.max", ""),
             },
@@ -158,6 +164,8 @@ impl JobCgroup {
                 oom_kills: read("", "memory.events", "oom_kill "),
                 pids_max: read("", "pids.events", "max "),
                 mem_failcnt: read("", "memory.events", "max "),
+                mem_peak: read("", "memory.peak", ""),
+                mem_limit: read("", "memory.max", ""),
                 pids_peak: read("", "pids.peak", ""),
                 pids_limit: read("", "pids.max", ""),
             },

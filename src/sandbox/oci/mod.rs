@@ -395,7 +395,10 @@ impl Runtime for OciRuntime {
         let killed = status.code() == Some(128 + libc::SIGKILL) || status.signal() == Some(libc::SIGKILL);
         let oom = seen.oom_kills > 0
             || after.oom_kills > before.oom_kills
-            || (killed && after.mem_failcnt > before.mem_failcnt);
+            || (killed && after.mem_failcnt > before.mem_failcnt)
+            // gVisor enforces the limit inside its sandbox and may kill the step before the
+            // kernel counts anything: a SIGKILL nobody sent, with the job at its limit.
+            || (killed && after.mem_limit > 0 && after.mem_peak >= after.mem_limit / 10 * 9);
         if oom {
             sink.output(
                 Stream::Stderr,

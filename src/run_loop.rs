@@ -6,7 +6,6 @@
 
 use anyhow::{Context, Result};
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -62,7 +61,6 @@ impl Default for Ui {
 
 struct Slot {
     cancel: Cancel,
-    workspace: Option<PathBuf>,
     /// The coordinator no longer lists it in knownIds: it runs on, out of the heartbeat.
     dropped: bool,
 }
@@ -124,10 +122,12 @@ pub fn resolve_runtime(settings: &Settings) -> Result<String> {
 }
 
 /// One janitor pass: workspaces and sandboxes that no live job owns. `me` is this executor's
-/// name (its own dead workspaces go at once); others' go once their deadline is long past.
-pub fn janitor_pass(settings: &Settings, me: &str, live_ws: &HashSet<PathBuf>) -> Result<Vec<String>> {
+/// name and `live` the uids of the jobs it runs (its own other workspaces go at once); others'
+/// go once their deadline is long past. Boots wait while a pass runs (`janitor_lock`).
+pub fn janitor_pass(settings: &Settings, me: &str, live: &HashSet<String>) -> Result<Vec<String>> {
     let grace = Duration::from_secs(60);
-    let (removed, claimed) = crate::workspace::sweep(&settings.workspaces_dir(), me, live_ws, grace)?;
+    let _lock = crate::workspace::janitor_lock(&settings.state_dir, true)?;
+    let (removed, claimed) = crate::workspace::sweep(&settings.workspaces_dir(), me, live, grace)?;
     let mut out: Vec<String> = removed.iter().map(|p| format!("workspace {}", p.display())).collect();
     let mut runtimes: Vec<&str> = vec!["shell"];
     for r in crate::sandbox::AUTO_ORDER {
@@ -342,10 +342,8 @@ fn spawn_janitor(
     let (settings, me, running, stop, ui) =
         (settings.clone(), me.to_string(), running.clone(), stop.clone(), ui.clone());
     std::thread::spawn(move || loop {
-        let live: HashSet<PathBuf> = {
-            let r = running.0.lock().unwrap_or_else(|p| p.into_inner());
-            r.jobs.values().filter_map(|s| s.workspace.clone()).collect()
-        };
+        let live: HashSet<String> =
+            running.0.lock().unwrap_or_else(|p| p.into_inner()).jobs.keys().cloned().collect();
         match janitor_pass(&settings, &me, &live) {
             Ok(removed) => {
                 for r in removed {
@@ -373,12 +371,12 @@ fn start_job(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .jobs
-        .insert(uid.clone(), Slot { cancel: cancel.clone(), workspace: None, dropped: false });
+        .insert(uid.clone(), Slot { cancel: cancel.clone(), dropped: false });
     let (settings, running, ui) = (settings.clone(), running.clone(), ui.clone());
     std::thread::Builder::new()
         .name(format!("job-{uid}"))
         .spawn(move || {
-            run_job(&settings, doc, cancel, &running, &ui);
+            run_job(&settings, doc, cancel, &ui);
             let (m, cv) = &*running;
             m.lock().unwrap_or_else(|p| p.into_inner()).jobs.remove(&uid);
             cv.notify_all();
@@ -386,13 +384,7 @@ fn start_job(
         .context("starting a job thread")
 }
 
-fn run_job(
-    settings: &Arc<Settings>,
-    mut doc: RunDocument,
-    cancel: Cancel,
-    running: &Arc<(Mutex<Running>, Condvar)>,
-    ui: &Ui,
-) {
+fn run_job(settings: &Arc<Settings>, mut doc: RunDocument, cancel: Cancel, ui: &Ui) {
     let uid = doc.job.uid.clone();
     let t0 = Instant::now();
     ui.log(&format!("job {uid}: dequeued ({} steps)", doc.job.steps.len()));
@@ -418,13 +410,6 @@ fn run_job(
                 ui.log(&format!("job {uid}: could not report: {e:#}"));
             } else {
                 doc.fail(st.name(), FailureKind::Errored, ctx.redact(&format!("{e:#}")));
-            }
-        }
-        if st == Stage::PrepareWorkspace {
-            if let Some(ws) = &doc.workspace {
-                if let Some(slot) = running.0.lock().unwrap_or_else(|p| p.into_inner()).jobs.get_mut(&uid) {
-                    slot.workspace = Some(ws.path.clone());
-                }
             }
         }
     }

@@ -32,6 +32,8 @@ pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
     if runtime.name() == "shell" {
         entry.line(crate::sandbox::shell::WARNING);
     }
+    // Held until the owner record names the new sandbox, so no janitor pass sees it unclaimed.
+    let _janitor = crate::workspace::janitor_lock(&ctx.settings.state_dir, false)?;
     match runtime.boot(&req).with_context(|| format!("starting the {} sandbox", runtime.name())) {
         Ok(record) => {
             entry.line(&format!("started sandbox {}", record.name));

@@ -220,14 +220,31 @@ pub fn write_files_and_scripts(
     }
 }
 
+/// Serialises janitor passes against sandbox boots on one state directory (the lock file sits
+/// in it), across processes: a boot holds it shared from before its sandbox exists until the workspace's owner
+/// record names that sandbox; a janitor pass holds it exclusively, so that it never finds a
+/// sandbox that no owner record claims yet.
+pub fn janitor_lock(state_dir: &Path, exclusive: bool) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    std::fs::create_dir_all(state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
+    let path = state_dir.join("janitor.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let how = if exclusive { nix::fcntl::FlockArg::LockExclusive } else { nix::fcntl::FlockArg::LockShared };
+    nix::fcntl::Flock::lock(f, how).map_err(|(_, e)| anyhow::anyhow!("locking {}: {e}", path.display()))
+}
+
 /// One janitor pass over the workspaces directory. A workspace is removed when its owner is
-/// `me` and it is not in `live`, or (whoever owns it) when its deadline passed more than `grace`
+/// `me` and its job is not in `live` (the uids of the jobs `me` runs now), or (whoever owns it) when its deadline passed more than `grace`
 /// ago, or when it has no owner record and is older than `grace`. Returns the removed paths and
 /// the sandbox names that live workspaces claim (so the sandbox janitor keeps them).
 pub fn sweep(
     workspaces_dir: &Path,
     me: &str,
-    live: &HashSet<PathBuf>,
+    live: &HashSet<String>,
     grace: std::time::Duration,
 ) -> Result<(Vec<PathBuf>, HashSet<String>)> {
     let mut removed = Vec::new();
@@ -245,14 +262,8 @@ pub fn sweep(
         if !name.starts_with("workspace-") || name.ends_with(".owner.json") {
             continue;
         }
-        if live.contains(&path) {
-            if let Some(s) = read_owner(&path).and_then(|o| o.sandbox) {
-                claimed.insert(s);
-            }
-            continue;
-        }
         let dead = match read_owner(&path) {
-            Some(o) if o.executor == me => true,
+            Some(o) if o.executor == me => !live.contains(&o.job_uid),
             Some(o) => match o.deadline {
                 Some(d) => d + grace_c < now,
                 None => false,
@@ -278,8 +289,13 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    fn owner(exec: &str, deadline: Option<DateTime<Utc>>) -> Owner {
-        Owner { executor: exec.into(), job_uid: "7".into(), deadline, sandbox: Some(format!("sb-{exec}")) }
+    fn owner(exec: &str, uid: &str, deadline: Option<DateTime<Utc>>) -> Owner {
+        Owner {
+            executor: exec.into(),
+            job_uid: uid.into(),
+            deadline,
+            sandbox: Some(format!("sb-{exec}-{uid}")),
+        }
     }
 
     #[test]
@@ -287,18 +303,37 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let future = Some(Utc::now() + chrono::Duration::hours(1));
         let past = Some(Utc::now() - chrono::Duration::hours(1));
-        let mine_live = create(d.path(), &owner("me", future)).unwrap();
-        let mine_dead = create(d.path(), &owner("me", future)).unwrap();
-        let other_running = create(d.path(), &owner("other", future)).unwrap();
-        let other_expired = create(d.path(), &owner("gone", past)).unwrap();
-        let live: HashSet<PathBuf> = [mine_live.clone()].into_iter().collect();
+        let mine_live = create(d.path(), &owner("me", "1", future)).unwrap();
+        let mine_dead = create(d.path(), &owner("me", "2", future)).unwrap();
+        let other_running = create(d.path(), &owner("other", "1", future)).unwrap();
+        let other_expired = create(d.path(), &owner("gone", "3", past)).unwrap();
+        // A running job is live from its dequeue on, before its workspace path is known.
+        let live: HashSet<String> = ["1".to_string()].into_iter().collect();
         let (removed, claimed) = sweep(d.path(), "me", &live, Duration::from_secs(60)).unwrap();
         assert!(mine_live.exists() && other_running.exists());
         assert!(!mine_dead.exists() && !other_expired.exists());
         assert_eq!(removed.len(), 2);
-        assert!(claimed.contains("sb-me") && claimed.contains("sb-other"));
+        assert!(claimed.contains("sb-me-1") && claimed.contains("sb-other-1"));
         assert!(read_owner(&mine_dead).is_none());
         remove(&mine_dead).unwrap();
+    }
+
+    #[test]
+    fn janitor_lock_excludes_boots_and_boots_share_it() {
+        let d = tempfile::tempdir().unwrap();
+        let boot_a = janitor_lock(d.path(), false).unwrap();
+        let _boot_b = janitor_lock(d.path(), false).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let dir = d.path().to_path_buf();
+        let janitor = std::thread::spawn(move || {
+            let _pass = janitor_lock(&dir, true).unwrap();
+            tx.send(()).unwrap();
+        });
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err(), "a pass ran during a boot");
+        drop(boot_a);
+        drop(_boot_b);
+        rx.recv_timeout(Duration::from_secs(5)).expect("the pass runs once the boots end");
+        janitor.join().unwrap();
     }
 }
 

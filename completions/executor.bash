@@ -25,9 +25,6 @@ _executor() {
             executor,generate-docs)
                 cmd="executor__subcmd__generate__subcmd__docs"
                 ;;
-            executor,guest-agent)
-                cmd="executor__subcmd__guest__subcmd__agent"
-                ;;
             executor,help)
                 cmd="executor__subcmd__help"
                 ;;
@@ -72,9 +69,6 @@ _executor() {
                 ;;
             executor__subcmd__help,generate-docs)
                 cmd="executor__subcmd__help__subcmd__generate__subcmd__docs"
-                ;;
-            executor__subcmd__help,guest-agent)
-                cmd="executor__subcmd__help__subcmd__guest__subcmd__agent"
                 ;;
             executor__subcmd__help,help)
                 cmd="executor__subcmd__help__subcmd__help"
@@ -353,7 +347,7 @@ _executor() {
 
     case "${cmd}" in
         executor)
-            opts="-h -V --help --version image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor install test-vm guest-agent help"
+            opts="-h -V --help --version image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor install test-vm help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -648,30 +642,8 @@ _executor() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
-        executor__subcmd__guest__subcmd__agent)
-            opts="-h -V --exec-root --exec-cwd --help --version"
-            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
-                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
-                return 0
-            fi
-            case "${prev}" in
-                --exec-root)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                --exec-cwd)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                *)
-                    COMPREPLY=()
-                    ;;
-            esac
-            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
-            return 0
-            ;;
         executor__subcmd__help)
-            opts="image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor install test-vm guest-agent help"
+            opts="image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor install test-vm help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -713,20 +685,6 @@ _executor() {
             return 0
             ;;
         executor__subcmd__help__subcmd__generate__subcmd__docs)
-            opts=""
-            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
-                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
-                return 0
-            fi
-            case "${prev}" in
-                *)
-                    COMPREPLY=()
-                    ;;
-            esac
-            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
-            return 0
-            ;;
-        executor__subcmd__help__subcmd__guest__subcmd__agent)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )

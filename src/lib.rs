@@ -55,7 +55,6 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Executor(cmd) => cli::executor::run(*cmd),
         Command::Install(cli::vm::InstallCommand::Vm(args)) => vm::cmd::install_vm(args),
         Command::TestVm(args) => vm::cmd::test_vm(args),
-        Command::GuestAgent(args) => vm::cmd::guest_agent(args),
         Command::Queue(args) => cli::queue::run(args),
     }
 }

@@ -46,9 +46,6 @@ pub enum Command {
     Install(vm::InstallCommand),
     /// Boot a microVM, run a command in it and print the phases of the boot with their times
     TestVm(vm::TestVmArgs),
-    /// The guest agent: PID 1 inside a microVM (not for use on a host)
-    #[command(hide = true)]
-    GuestAgent(vm::GuestAgentArgs),
 }
 
 /// The clap command tree, for the generated man pages and completions.

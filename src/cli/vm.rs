@@ -1,4 +1,4 @@
-//! Clap types of the microVM commands: `install vm`, `test-vm` and the hidden `guest-agent`.
+//! Clap types of the microVM commands: `install vm` and `test-vm`.
 
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
@@ -55,17 +55,4 @@ pub struct TestVmArgs {
     /// The command to run in the guest's initramfs (busybox applets are on PATH)
     #[arg(last = true, default_value = "uname -a")]
     pub command: Vec<String>,
-}
-
-#[derive(Debug, Args)]
-pub struct GuestAgentArgs {
-    /// Internal: run a step's command inside this root (the agent's step helper)
-    #[arg(long, requires = "exec_cwd")]
-    pub exec_root: Option<PathBuf>,
-    /// Internal: working directory of the step inside its root
-    #[arg(long)]
-    pub exec_cwd: Option<String>,
-    /// Internal: the step's command
-    #[arg(last = true)]
-    pub argv: Vec<String>,
 }

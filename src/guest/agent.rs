@@ -1,6 +1,6 @@
-//! The guest agent: `executor guest-agent` as PID 1 of the microVM. It mounts the guest's
-//! filesystems, loads the virtio modules, mounts the workspace disk at /data and the image disks
-//! read-only, then serves the host over the virtio-serial port (see `protocol`).
+//! The guest agent: the `executor-guest-agent` binary as PID 1 (`/init`) of the microVM. It mounts
+//! the guest's filesystems, loads the virtio modules, mounts the workspace disk at /data and the
+//! image disks read-only, then serves the host over the virtio-serial port (see `protocol`).
 
 use anyhow::{bail, Context, Result};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -107,7 +107,7 @@ fn cmdline_value(key: &str) -> Option<String> {
 
 fn debug_time(what: &str, since: u64) {
     if cmdline_value("executor.debug").is_some() {
-        eprintln!("executor guest-agent: {what} after {} ms", uptime_ms().saturating_sub(since));
+        eprintln!("executor-guest-agent: {what} after {} ms", uptime_ms().saturating_sub(since));
     }
 }
 
@@ -142,20 +142,54 @@ fn setup() -> Result<u32> {
     Ok(images)
 }
 
+/// The entry point of `executor-guest-agent` (its arguments without the program name): the step
+/// helper with `--exec-root R --exec-cwd C -- argv...`, otherwise the agent itself, which runs
+/// only as PID 1. Arguments the kernel passes to init are ignored.
+pub fn main(args: Vec<String>) -> i32 {
+    if args.first().map(String::as_str) == Some("--exec-root") {
+        let res = match (args.get(1), args.get(2).map(String::as_str), args.get(3), args.get(4)) {
+            (Some(root), Some("--exec-cwd"), Some(cwd), Some(dashes)) if dashes == "--" => {
+                exec_step(Path::new(root), cwd, &args[5..])
+            }
+            _ => {
+                Err(anyhow::anyhow!("usage: executor-guest-agent --exec-root ROOT --exec-cwd DIR -- ARGV..."))
+            }
+        };
+        return match res {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("executor-guest-agent: {e:#}");
+                127
+            }
+        };
+    }
+    if std::process::id() != 1 {
+        eprintln!("executor-guest-agent: runs only as PID 1 inside a microVM");
+        return 2;
+    }
+    match run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("executor-guest-agent: {e:#}");
+            power_off()
+        }
+    }
+}
+
 /// The agent's main function, as PID 1 of the guest. It never returns normally: it powers off.
-pub fn run() -> Result<i32> {
+fn run() -> Result<i32> {
     let start_ms = uptime_ms();
     let images = match setup() {
         Ok(n) => n,
         Err(e) => {
-            eprintln!("executor guest-agent: {e:#}");
+            eprintln!("executor-guest-agent: {e:#}");
             power_off();
         }
     };
     let port_path = match wait_for("the agent port", Duration::from_secs(30), find_port) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("executor guest-agent: {e:#}");
+            eprintln!("executor-guest-agent: {e:#}");
             power_off();
         }
     };
@@ -169,6 +203,14 @@ pub fn run() -> Result<i32> {
     let port: Port = Arc::new(Mutex::new(file));
     let (tx, rx) = mpsc::channel::<Frame>();
     thread::spawn(move || read_loop(reader, tx));
+    // A hello nobody asked for (nonce 0): should what the host sent before this port was open be
+    // lost, this tells it to say its hello again now rather than at its next resend. Its own
+    // thread: a write waits while no host is connected.
+    let announce = Hello { version: PROTOCOL_VERSION, nonce: 0, start_ms, ready_ms };
+    if let Ok(f) = Frame::json(Kind::Hello, &announce) {
+        let port = port.clone();
+        thread::spawn(move || send(&port, &f));
+    }
     let mut agent = Agent { port, images, start_ms, ready_ms, running: None };
     for frame in rx {
         agent.handle(frame);
@@ -189,7 +231,7 @@ fn read_loop(file: File, tx: mpsc::Sender<Frame>) {
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    eprintln!("executor guest-agent: {e:#}");
+                    eprintln!("executor-guest-agent: {e:#}");
                     break;
                 }
             }
@@ -400,13 +442,7 @@ fn run_step(port: &Port, req: RunRequest, canceled: &AtomicBool) -> Result<ExitR
 fn spawn_and_wait(port: &Port, req: &RunRequest, root: &Path, canceled: &AtomicBool) -> Result<ExitReport> {
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/init"));
     let mut cmd = Command::new(exe);
-    cmd.arg("guest-agent")
-        .arg("--exec-root")
-        .arg(root)
-        .arg("--exec-cwd")
-        .arg(&req.cwd)
-        .arg("--")
-        .args(&req.argv);
+    cmd.arg("--exec-root").arg(root).arg("--exec-cwd").arg(&req.cwd).arg("--").args(&req.argv);
     cmd.env_clear();
     for kv in &req.env {
         if let Some((k, v)) = kv.split_once('=') {

@@ -1,11 +1,11 @@
-//! The microVM commands: `install vm`, `test-vm` and the hidden `guest-agent`, from their clap
-//! arguments to the modules that do the work.
+//! The microVM commands: `install vm` and `test-vm`, from their clap arguments to the modules that
+//! do the work. (The guest agent is its own binary, `executor-guest-agent`.)
 
 use anyhow::{bail, Context, Result};
 use std::io::Write;
 use std::time::Duration;
 
-use crate::cli::vm::{GuestAgentArgs, InstallVmArgs, TestVmArgs, VmArgs};
+use crate::cli::vm::{InstallVmArgs, TestVmArgs, VmArgs};
 use crate::exit;
 use crate::sandbox::microvm::{Accel, MicroVm};
 use crate::sandbox::{OutputSink, RuntimeOptions, StepEnd, Stream};
@@ -80,14 +80,4 @@ pub fn test_vm(args: TestVmArgs) -> Result<i32> {
         eprintln!("test-vm: command         {:>6} ms, exit {code}", run.as_millis());
     }
     Ok(if code == 0 { exit::OK } else { exit::JOB_FAILED })
-}
-
-pub fn guest_agent(args: GuestAgentArgs) -> Result<i32> {
-    if let (Some(root), Some(cwd)) = (&args.exec_root, &args.exec_cwd) {
-        return crate::guest::agent::exec_step(root, cwd, &args.argv);
-    }
-    if std::process::id() != 1 {
-        bail!("guest-agent runs only as PID 1 inside a microVM");
-    }
-    crate::guest::agent::run().context("guest agent")
 }

@@ -24,6 +24,7 @@ fn deb_contains_binary_docs_units_and_private_config() {
     let listing = String::from_utf8(listing.stdout).unwrap();
     for want in [
         "./usr/bin/executor",
+        "./usr/lib/executor/executor-guest-agent",
         "./usr/share/man/man1/executor.1.gz",
         "./usr/share/bash-completion/completions/executor",
         "./usr/share/zsh/vendor-completions/_executor",

@@ -11,6 +11,13 @@ use std::time::{Duration, Instant};
 
 use crate::guest::protocol::*;
 
+/// How often the host says hello again while the agent does not answer. QEMU holds what the
+/// host sends until the agent opens its port, so this is only a fallback; each hello sent is
+/// answered once the agent runs.
+const HELLO_RESEND: Duration = Duration::from_secs(2);
+/// How long one write to the agent may wait for the guest to take it.
+const WRITE_LIMIT: Duration = Duration::from_secs(10);
+
 pub struct Channel {
     stream: UnixStream,
     dec: Decoder,
@@ -28,7 +35,13 @@ impl Channel {
         let short = Path::new("/proc/self/fd").join(handle.as_raw_fd().to_string()).join(name);
         loop {
             match UnixStream::connect(&short) {
-                Ok(stream) => return Ok(Channel { stream, dec: Decoder::new() }),
+                Ok(stream) => {
+                    // A guest that stops reading must not hold the host in a write forever.
+                    stream
+                        .set_write_timeout(Some(WRITE_LIMIT))
+                        .context("setting the agent socket timeout")?;
+                    return Ok(Channel { stream, dec: Decoder::new() });
+                }
                 Err(e) if start.elapsed() >= timeout => {
                     return Err(e)
                         .with_context(|| format!("connecting to the agent socket {}", sock.display()))
@@ -70,41 +83,47 @@ impl Channel {
     }
 
     /// Says hello and waits for the agent's answer carrying the same nonce, dropping whatever an
-    /// earlier connection left in the pipe.
+    /// earlier connection left in the pipe. The agent also says hello unasked (nonce 0) when it
+    /// opens its port; any hello that is not the answer makes the host say its own again at once
+    /// (besides every [`HELLO_RESEND`]), in case what it sent before was lost.
     pub fn handshake(&mut self, timeout: Duration) -> Result<Hello> {
-        let nonce: u64 = rand::random();
+        let nonce: u64 = rand::random::<u64>().max(1);
         let until = Instant::now() + timeout;
         self.send(&Frame::json(
             Kind::Hello,
             &Hello { version: PROTOCOL_VERSION, nonce, start_ms: 0, ready_ms: 0 },
         )?)?;
-        let mut resend = Instant::now() + Duration::from_millis(500);
+        let mut last_sent = Instant::now();
+        let mut resend = last_sent + HELLO_RESEND;
         loop {
             let now = Instant::now();
             if now >= until {
                 bail!("the guest agent did not answer within {timeout:?}");
             }
-            // The guest may still be booting and drop what was sent before its port opened.
             if now >= resend {
                 self.send(&Frame::json(
                     Kind::Hello,
                     &Hello { version: PROTOCOL_VERSION, nonce, start_ms: 0, ready_ms: 0 },
                 )?)?;
-                resend = now + Duration::from_millis(500);
+                last_sent = now;
+                resend = now + HELLO_RESEND;
             }
             let wait = (until - now).min(resend.saturating_duration_since(now)).max(Duration::from_millis(1));
             if let Some(f) = self.recv(wait)? {
                 if f.kind == Kind::Hello {
                     let h: Hello = f.parse()?;
-                    if h.nonce == nonce {
-                        if h.version != PROTOCOL_VERSION {
-                            bail!(
-                                "the guest agent speaks protocol {} (host speaks {PROTOCOL_VERSION})",
-                                h.version
-                            );
-                        }
-                        return Ok(h);
+                    if h.nonce != nonce {
+                        // At most every 50 ms: a guest sending hellos in a loop sets no pace.
+                        resend = resend.min(last_sent + Duration::from_millis(50));
+                        continue;
                     }
+                    if h.version != PROTOCOL_VERSION {
+                        bail!(
+                            "the guest agent speaks protocol {} (host speaks {PROTOCOL_VERSION})",
+                            h.version
+                        );
+                    }
+                    return Ok(h);
                 }
             }
         }

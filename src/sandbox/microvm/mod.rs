@@ -26,6 +26,11 @@ use channel::Channel;
 
 /// The QEMU binary; the small `-microvm` build is KVM-only, so TCG needs the full one.
 pub const QEMU: &str = "qemu-system-x86_64";
+/// The machine: no option ROMs. ACPI stays: the guest finds its virtio-mmio devices through it
+/// (the Debian kernel cannot take them from its command line). The CMOS RTC stays too: without
+/// it the kernel waits about two seconds of TCG time for an RTC update that never comes, and the
+/// guest's clock starts in 1970.
+pub const MACHINE: &str = "microvm,x-option-roms=off";
 /// The file in a sandbox directory that marks it as this runtime's.
 const MARKER: &str = "microvm";
 /// How long the agent may stay silent while a request runs (it sends `Alive` every second).
@@ -112,6 +117,10 @@ pub struct BootPhases {
 
 pub struct MicroVm {
     opts: RuntimeOptions,
+    /// The agent connection this process used last (VM name, socket, channel), kept for its
+    /// next request to the same VM: a fresh connection costs the guest a port reopening and a
+    /// hello round trip. Only a connection left clean (handshake done, or request answered).
+    idle: std::sync::Mutex<Option<(String, PathBuf, Channel)>>,
 }
 
 impl MicroVm {
@@ -120,7 +129,21 @@ impl MicroVm {
         if let Ok(abs) = std::path::absolute(&opts.state_dir) {
             opts.state_dir = abs;
         }
-        MicroVm { opts }
+        MicroVm { opts, idle: std::sync::Mutex::new(None) }
+    }
+
+    fn keep_idle(&self, sandbox: &SandboxRecord, socket: &Path, ch: Channel) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        *idle = Some((sandbox.name.clone(), socket.to_path_buf(), ch));
+    }
+
+    fn take_idle(&self, sandbox: &SandboxRecord, socket: &Path) -> Option<Channel> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.as_ref().is_some_and(|(name, sock, _)| *name == sandbox.name && sock == socket) {
+            idle.take().map(|(_, _, ch)| ch)
+        } else {
+            None
+        }
     }
 
     fn vm_dir(&self) -> PathBuf {
@@ -300,27 +323,10 @@ impl MicroVm {
 
         let cpus = if limits.cpus > 0 { limits.cpus } else { 1 };
         let mem = if limits.memory_bytes > 0 { limits.memory_bytes } else { DEFAULT_MEMORY };
-        let mut cmdline = format!(
-            "console=ttyS0 quiet panic=-1 reboot=t executor.images={} executor.workspace={}",
-            det.images.len(),
-            u8::from(workspace.is_some())
-        );
-        if std::env::var_os("EXECUTOR_VM_DEBUG").is_some() {
-            cmdline = cmdline.replace(" quiet", "") + " executor.debug=1";
-        }
-        if let Some(khz) = tsc_khz() {
-            cmdline.push_str(&format!(" tsc_early_khz={khz}"));
-        }
-        cmdline.push_str(" -- guest-agent");
+        let debug = std::env::var_os("EXECUTOR_VM_DEBUG").is_some();
+        let cmdline = kernel_cmdline(det.images.len(), workspace.is_some(), debug, tsc_khz());
         let mut cmd = Command::new(QEMU);
-        cmd.args([
-            "-name",
-            &rec.name,
-            "-M",
-            "microvm,x-option-roms=off,rtc=off",
-            "-nodefaults",
-            "-no-user-config",
-        ]);
+        cmd.args(["-name", &rec.name, "-M", MACHINE, "-nodefaults", "-no-user-config"]);
         cmd.args([
             "-display",
             "none",
@@ -357,7 +363,7 @@ impl MicroVm {
         cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         // Its own process group: a signal to the executor's group does not reach the VM.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let child = cmd.spawn().with_context(|| format!("starting {QEMU} (install qemu-system-x86)"))?;
+        let mut child = cmd.spawn().with_context(|| format!("starting {QEMU} (install qemu-system-x86)"))?;
         let pid = child.id() as i32;
         rec.pid = Some(pid);
         rec.details = serde_json::to_value(&det).context("encoding the vm details")?;
@@ -368,16 +374,18 @@ impl MicroVm {
             Err(e) => return Err(e.context(format!("creating the cgroup of VM {}", rec.name))),
         }
         let t_spawn = Instant::now();
-        let mut ch = Channel::connect(&socket, Duration::from_secs(10)).map_err(|e| qemu_failed(&dir, e))?;
+        let mut ch = Channel::connect(&socket, Duration::from_secs(10))
+            .map_err(|e| qemu_failed(&dir, &mut child, e))?;
         det.phases.qemu_start_ms = t_spawn.elapsed().as_millis() as u64;
         let hello = ch
             .handshake(boot_timeout)
             .with_context(|| format!("waiting for the agent of VM {} to start", rec.name))
-            .map_err(|e| qemu_failed(&dir, e))?;
+            .map_err(|e| qemu_failed(&dir, &mut child, e))?;
         det.phases.kernel_boot_ms = hello.start_ms;
         det.phases.agent_ready_ms = hello.ready_ms.saturating_sub(hello.start_ms);
         det.phases.total_ms = t0.elapsed().as_millis() as u64;
         rec.details = serde_json::to_value(&det).context("encoding the vm details")?;
+        self.keep_idle(rec, &socket, ch);
         Ok(())
     }
 
@@ -409,6 +417,9 @@ impl MicroVm {
 
     fn connect(&self, sandbox: &SandboxRecord) -> Result<Channel> {
         let det = Self::details(sandbox)?;
+        if let Some(ch) = self.take_idle(sandbox, &det.socket) {
+            return Ok(ch);
+        }
         let mut ch = Channel::connect(&det.socket, Duration::from_secs(5))
             .with_context(|| format!("reaching VM {}", sandbox.name))?;
         ch.handshake(Duration::from_secs(15))
@@ -473,13 +484,17 @@ impl MicroVm {
                     if let Some((reason, _)) = canceled {
                         return Ok(StepEnd::Stopped(reason));
                     }
-                    return Ok(match (r.code, r.signal) {
+                    let end = match (r.code, r.signal) {
                         (Some(c), _) => StepEnd::Exited(c),
                         (None, Some(s)) => StepEnd::Signaled(s),
                         (None, None) => {
                             bail!("the agent of VM {} reported an exit with no status", sandbox.name)
                         }
-                    });
+                    };
+                    if let Ok(det) = Self::details(sandbox) {
+                        self.keep_idle(sandbox, &det.socket, ch);
+                    }
+                    return Ok(end);
                 }
                 Kind::Error => {
                     let r: ErrorReport = f.parse()?;
@@ -498,15 +513,44 @@ fn printable(s: &str) -> String {
     s.chars().take(500).map(|c| if c.is_control() { ' ' } else { c }).collect()
 }
 
-fn qemu_failed(dir: &Path, e: anyhow::Error) -> anyhow::Error {
-    let log = fs::read_to_string(dir.join("qemu.log")).unwrap_or_default();
-    let tail: String =
-        log.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("; ");
-    if tail.is_empty() {
-        e
-    } else {
-        e.context(format!("qemu said: {}", printable(&tail)))
+/// The last `lines` lines of at most the last 64 KiB of a file, joined with "; ".
+fn file_tail(path: &Path, lines: usize) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut text = Vec::new();
+    if let Ok(mut f) = fs::File::open(path) {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 << 10)));
+        let _ = f.take(64 << 10).read_to_end(&mut text);
     }
+    let text = String::from_utf8_lossy(&text);
+    let mut tail: Vec<&str> =
+        text.lines().map(str::trim).filter(|l| !l.is_empty()).rev().take(lines).collect();
+    tail.reverse();
+    tail.join("; ")
+}
+
+/// A boot failure with what tells its cause: whether QEMU is gone (a guest that panicked or
+/// powered off ends it, and the host's connection is then reset), QEMU's own last words and the
+/// guest console's last lines (the kernel's and the agent's; no step has run yet).
+fn qemu_failed(dir: &Path, child: &mut std::process::Child, e: anyhow::Error) -> anyhow::Error {
+    let mut e = e;
+    // A reset connection comes as QEMU exits: give it a moment to be seen gone.
+    for _ in 0..20 {
+        if let Ok(Some(status)) = child.try_wait() {
+            e = e.context(format!("QEMU exited ({status})"));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let console = file_tail(&dir.join("console.log"), 3);
+    if !console.is_empty() {
+        e = e.context(format!("guest console: {}", printable(&console)));
+    }
+    let log = file_tail(&dir.join("qemu.log"), 5);
+    if !log.is_empty() {
+        e = e.context(format!("qemu said: {}", printable(&log)));
+    }
+    e
 }
 
 fn base_env() -> Vec<String> {
@@ -523,6 +567,33 @@ fn tsc_khz() -> Option<u64> {
     let info = fs::read_to_string("/proc/cpuinfo").ok()?;
     let mhz: f64 = info.lines().find(|l| l.starts_with("cpu MHz"))?.split(':').nth(1)?.trim().parse().ok()?;
     Some((mhz * 1000.0) as u64)
+}
+
+/// The guest kernel's command line. Each parameter is there for boot time or for a boot that
+/// must not hang; `scripts/bench-vm` boots its bare baseline with the same line.
+/// - `tsc_early_khz`: microvm has no HPET or PM timer to calibrate the TSC against (without it
+///   about one boot in twenty hangs);
+/// - `tsc=reliable`: keeps the TSC as the clocksource. Under TCG it is the host's clock, and the
+///   clocksource watchdog, comparing it with jiffies that lag behind, would otherwise switch the
+///   guest to jiffies (4 ms resolution) half-way through the boot;
+/// - `no_timer_check`: a loaded host may delay TCG's timer interrupts past the kernel's IO-APIC
+///   timer check, which then panics the guest;
+/// - `cryptomgr.notests`: the crypto self-tests cost about half a second under TCG;
+/// - `panic=-1 reboot=t` with QEMU's `-no-reboot`: a panic ends QEMU.
+fn kernel_cmdline(images: usize, workspace: bool, debug: bool, tsc_khz: Option<u64>) -> String {
+    let mut line = String::from("console=ttyS0");
+    if !debug {
+        line.push_str(" quiet");
+    }
+    line.push_str(" panic=-1 reboot=t tsc=reliable no_timer_check cryptomgr.notests");
+    if let Some(khz) = tsc_khz {
+        line.push_str(&format!(" tsc_early_khz={khz}"));
+    }
+    line.push_str(&format!(" executor.images={images} executor.workspace={}", u8::from(workspace)));
+    if debug {
+        line.push_str(" executor.debug=1");
+    }
+    line
 }
 
 /// A relative path from the job that must stay below /data.
@@ -678,6 +749,9 @@ impl Runtime for MicroVm {
     }
 
     fn teardown(&self, sandbox: &SandboxRecord) -> Result<()> {
+        if let Ok(det) = Self::details(sandbox) {
+            drop(self.take_idle(sandbox, &det.socket));
+        }
         if let Some(pid) = sandbox.pid {
             kill_vm(pid, &sandbox.name);
         }
@@ -779,6 +853,23 @@ mod tests {
         assert!(inside_data("../etc").is_err());
         assert!(inside_data("a/../../b").is_err());
         assert!(inside_data("/etc").is_err());
+    }
+
+    #[test]
+    fn kernel_cmdline_carries_the_boot_parameters() {
+        let l = kernel_cmdline(2, true, false, Some(1_996_250));
+        for p in ["console=ttyS0", " quiet", "panic=-1", "reboot=t", "tsc=reliable", "no_timer_check"] {
+            assert!(l.contains(p), "{p} missing from {l}");
+        }
+        assert!(l.contains("tsc_early_khz=1996250") && l.contains("cryptomgr.notests"), "{l}");
+        assert!(l.ends_with("executor.images=2 executor.workspace=1"), "{l}");
+        let d = kernel_cmdline(0, false, true, None);
+        assert!(
+            !d.contains("quiet") && !d.contains("tsc_early_khz") && d.ends_with("executor.debug=1"),
+            "{d}"
+        );
+        // Nothing for init: the agent binary is /init and takes no arguments from the kernel.
+        assert!(!l.contains(" -- "), "{l}");
     }
 
     #[test]

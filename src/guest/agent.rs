@@ -6,7 +6,6 @@ use anyhow::{bail, Context, Result};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::process::ExitStatusExt;
@@ -142,27 +141,9 @@ fn setup() -> Result<u32> {
     Ok(images)
 }
 
-/// The entry point of `executor-guest-agent` (its arguments without the program name): the step
-/// helper with `--exec-root R --exec-cwd C -- argv...`, otherwise the agent itself, which runs
-/// only as PID 1. Arguments the kernel passes to init are ignored.
-pub fn main(args: Vec<String>) -> i32 {
-    if args.first().map(String::as_str) == Some("--exec-root") {
-        let res = match (args.get(1), args.get(2).map(String::as_str), args.get(3), args.get(4)) {
-            (Some(root), Some("--exec-cwd"), Some(cwd), Some(dashes)) if dashes == "--" => {
-                exec_step(Path::new(root), cwd, &args[5..])
-            }
-            _ => {
-                Err(anyhow::anyhow!("usage: executor-guest-agent --exec-root ROOT --exec-cwd DIR -- ARGV..."))
-            }
-        };
-        return match res {
-            Ok(code) => code,
-            Err(e) => {
-                eprintln!("executor-guest-agent: {e:#}");
-                127
-            }
-        };
-    }
+/// The entry point of `executor-guest-agent`, which runs only as PID 1 (arguments the kernel
+/// passes to init are ignored).
+pub fn main() -> i32 {
     if std::process::id() != 1 {
         eprintln!("executor-guest-agent: runs only as PID 1 inside a microVM");
         return 2;
@@ -440,9 +421,10 @@ fn run_step(port: &Port, req: RunRequest, canceled: &AtomicBool) -> Result<ExitR
 }
 
 fn spawn_and_wait(port: &Port, req: &RunRequest, root: &Path, canceled: &AtomicBool) -> Result<ExitReport> {
-    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/init"));
-    let mut cmd = Command::new(exe);
-    cmd.arg("--exec-root").arg(root).arg("--exec-cwd").arg(&req.cwd).arg("--").args(&req.argv);
+    let Some((program, args)) = req.argv.split_first() else { bail!("the step has an empty command") };
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    crate::sys::enter_root(&mut cmd, root, &req.cwd).context("the step's root or directory")?;
     cmd.env_clear();
     for kv in &req.env {
         if let Some((k, v)) = kv.split_once('=') {
@@ -452,7 +434,15 @@ fn spawn_and_wait(port: &Port, req: &RunRequest, root: &Path, canceled: &AtomicB
         }
     }
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().context("starting the step")?;
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            // As a shell says it: on the step's stderr, with status 127.
+            let msg = format!("executor-guest-agent: cannot start {program} in {}: {e}\n", req.cwd);
+            send(port, &Frame::data(Kind::Stderr, req.id, msg.as_bytes()));
+            return Ok(ExitReport { id: req.id, code: Some(127), signal: None, canceled: false });
+        }
+    };
     let out = child.stdout.take().map(|o| {
         let p = port.clone();
         let id = req.id;
@@ -489,21 +479,6 @@ fn spawn_and_wait(port: &Port, req: &RunRequest, root: &Path, canceled: &AtomicB
         signal: status.signal(),
         canceled: canceled.load(Ordering::SeqCst),
     })
-}
-
-/// The step helper: enters the step's root and becomes the step's command.
-pub fn exec_step(root: &Path, cwd: &str, argv: &[String]) -> Result<i32> {
-    nix::unistd::chroot(root).with_context(|| format!("entering {}", root.display()))?;
-    nix::unistd::chdir(cwd).with_context(|| format!("changing to {cwd}"))?;
-    let _ = nix::unistd::setsid();
-    let args: Vec<CString> = argv
-        .iter()
-        .map(|a| CString::new(a.as_bytes()))
-        .collect::<Result<_, _>>()
-        .context("argument with NUL")?;
-    let Some(prog) = args.first() else { bail!("empty command") };
-    let e = nix::unistd::execvp(prog, &args).map(|_| ()).unwrap_err();
-    bail!("running {}: {e}", argv[0])
 }
 
 /// Streams a tar of /data to the host in `SyncData` frames, after flushing the disk.

@@ -2,6 +2,7 @@
 #![allow(unsafe_code)]
 
 use std::ffi::CString;
+use std::os::fd::RawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -41,4 +42,22 @@ pub fn enter_root(cmd: &mut Command, root: &Path, cwd: &str) -> std::io::Result<
         });
     }
     Ok(())
+}
+
+/// Makes `cmd` start in the directory open as `dir` (fchdir: it needs no search permission on
+/// the directories above, which may be closed to the user the command runs as) and inherit the
+/// descriptors `keep` across exec (they are open with close-on-exec until then).
+pub fn start_in_dir_keeping(cmd: &mut Command, dir: RawFd, keep: Vec<RawFd>) {
+    // SAFETY: the closure runs in the forked child before exec and only makes raw syscalls
+    // (fchdir, fcntl) through nix on descriptors the parent holds open; iterating the vector
+    // moved in does not allocate.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::fchdir(dir)?;
+            for fd in &keep {
+                nix::fcntl::fcntl(*fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))?;
+            }
+            Ok(())
+        });
+    }
 }

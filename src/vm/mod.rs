@@ -372,7 +372,40 @@ pub fn install(opts: &InstallOptions) -> Result<Vec<String>> {
     };
     let text = serde_json::to_vec_pretty(&m).context("encoding the vm manifest")?;
     crate::document::write_atomic(&manifest_path(&opts.state_dir), &text)?;
+    did.push(ensure_vm_user()?);
     Ok(did)
+}
+
+/// The system account QEMU runs as when the executor runs as root.
+pub const VM_USER: &str = "executor-vm";
+
+/// Creates [`VM_USER`] (no home, no shell, its own group) when running as root; says what it did.
+fn ensure_vm_user() -> Result<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok("vm user: not root, QEMU runs as the invoking user".into());
+    }
+    if let Ok(Some(u)) = nix::unistd::User::from_name(VM_USER) {
+        return Ok(format!("vm user: {VM_USER} (uid {}) already exists", u.uid));
+    }
+    run_cmd(
+        Command::new("useradd").args([
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent",
+            "--shell",
+            "/usr/sbin/nologin",
+            VM_USER,
+        ]),
+        "useradd",
+    )
+    .with_context(|| format!("creating the system user {VM_USER}"))?;
+    let u = nix::unistd::User::from_name(VM_USER)
+        .ok()
+        .flatten()
+        .with_context(|| format!("useradd did not create {VM_USER}"))?;
+    Ok(format!("vm user: created system user {VM_USER} (uid {}); QEMU runs as it", u.uid))
 }
 
 fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {

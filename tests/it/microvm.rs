@@ -199,6 +199,25 @@ fn microvm_job_runs_in_a_guest_round_trips_the_workspace_and_stops_on_cancel_and
     assert_eq!(rec.runtime, "microvm");
     let pid = rec.pid.unwrap();
     assert!(Path::new(&format!("/proc/{pid}")).exists());
+    // QEMU never holds root (`install vm` made its user): its real, effective, saved and fs uids.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uids: Vec<u32> = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .unwrap()
+        .split_whitespace()
+        .map(|u| u.parse().unwrap())
+        .collect();
+    assert!(uids.len() == 4 && uids.iter().all(|&u| u != 0), "QEMU runs as root: {uids:?}");
+    if nix::unistd::geteuid().is_root() {
+        assert_eq!(rec.details["qemuUser"], "executor-vm", "{:#}", rec.details);
+        // Its directory (disks, socket, console) is its own and closed to everyone else.
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::metadata(&rec.state_dir).unwrap();
+        assert_eq!((md.uid(), md.mode() & 0o777), (uids[0], 0o700));
+        let disk = std::fs::metadata(rec.state_dir.join("workspace.ext4")).unwrap();
+        assert_eq!((disk.uid(), disk.mode() & 0o077), (uids[0], 0));
+    }
     let deadline = || Cancel::with_deadline(Some(Instant::now() + Duration::from_secs(90)));
 
     let env = vec!["GREETING=hello".to_string()];

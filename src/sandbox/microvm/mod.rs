@@ -15,6 +15,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::fs;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -94,6 +95,9 @@ pub struct VmDetails {
     /// Step images in disk order: the agent mounts disk `i` at `/images/i`.
     pub images: Vec<ImageDisk>,
     pub phases: BootPhases,
+    /// The unprivileged user QEMU runs as (none: it runs as the executor's own user).
+    #[serde(default)]
+    pub qemu_user: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -340,22 +344,47 @@ impl MicroVm {
             Accel::Kvm => cmd.args(["-accel", "kvm", "-cpu", "host"]),
             _ => cmd.args(["-accel", "tcg", "-cpu", "max"]),
         };
-        cmd.arg("-kernel").arg(&manifest.vmlinux).arg("-initrd").arg(&manifest.initramfs);
+        // QEMU runs as the VM user where there is one (see `qemu_user`); it reaches nothing of the
+        // host by path but its own sandbox directory (its working directory, entered by an open
+        // handle, so the directories above may stay closed to it). The kernel, the initramfs and
+        // the shared image disks are handed over as open descriptors: read-only, the images
+        // through QEMU's fd sets so that their files need not be readable by the user.
+        let user = qemu_user(accel)?;
+        if let Some(u) = &user {
+            give_to(&dir, u, 0o700)?;
+            if workspace.is_some() {
+                give_to(&det.workspace_disk, u, 0o600)?;
+            }
+            det.qemu_user = Some(u.name.clone());
+        }
+        let open_ro =
+            |p: &Path| fs::File::open(p).with_context(|| format!("opening {} for QEMU", p.display()));
+        let (kernel, initrd) = (open_ro(&manifest.vmlinux)?, open_ro(&manifest.initramfs)?);
+        let dir_handle = open_ro(&dir)?;
+        let image_files = det.images.iter().map(|i| open_ro(&i.disk)).collect::<Result<Vec<_>>>()?;
+        let fd_path = |f: &fs::File| format!("/proc/self/fd/{}", f.as_raw_fd());
+        cmd.arg("-kernel").arg(fd_path(&kernel)).arg("-initrd").arg(fd_path(&initrd));
         cmd.args(["-append", &cmdline]);
-        cmd.arg("-serial").arg(format!("file:{}", det.console.display()));
+        cmd.args(["-serial", "file:console.log"]);
         if workspace.is_some() {
-            cmd.arg("-drive")
-                .arg(format!("id=workspace,file={},format=raw,if=none", det.workspace_disk.display()));
+            cmd.args(["-drive", "id=workspace,file=workspace.ext4,format=raw,if=none"]);
             cmd.args(["-device", "virtio-blk-device,drive=workspace,serial=workspace"]);
         }
-        for (i, img) in det.images.iter().enumerate() {
+        for (i, f) in image_files.iter().enumerate() {
+            cmd.arg("-add-fd").arg(format!("fd={},set={},opaque=image{i}", f.as_raw_fd(), i + 1));
             cmd.arg("-drive")
-                .arg(format!("id=image{i},file={},format=raw,if=none,readonly=on", img.disk.display()));
+                .arg(format!("id=image{i},file=/dev/fdset/{},format=raw,if=none,readonly=on", i + 1));
             cmd.args(["-device", &format!("virtio-blk-device,drive=image{i},serial=image{i}")]);
         }
         cmd.args(["-device", "virtio-serial-device"]);
+        let mut keep: Vec<i32> = vec![kernel.as_raw_fd(), initrd.as_raw_fd()];
+        keep.extend(image_files.iter().map(|f| f.as_raw_fd()));
+        crate::sys::start_in_dir_keeping(&mut cmd, dir_handle.as_raw_fd(), keep);
+        if let Some(u) = &user {
+            std::os::unix::process::CommandExt::uid(&mut cmd, u.uid);
+            std::os::unix::process::CommandExt::gid(&mut cmd, u.gid);
+        }
         // Relative to QEMU's working directory (the sandbox's): a socket address holds 108 bytes.
-        cmd.current_dir(&dir);
         cmd.args(["-chardev", "socket,id=agent,path=agent.sock,server=on,wait=off"]);
         cmd.args(["-device", &format!("virtserialport,chardev=agent,name={PORT_NAME}")]);
         let log =
@@ -364,6 +393,7 @@ impl MicroVm {
         // Its own process group: a signal to the executor's group does not reach the VM.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let mut child = cmd.spawn().with_context(|| format!("starting {QEMU} (install qemu-system-x86)"))?;
+        drop((kernel, initrd, dir_handle, image_files));
         let pid = child.id() as i32;
         rec.pid = Some(pid);
         rec.details = serde_json::to_value(&det).context("encoding the vm details")?;
@@ -567,6 +597,44 @@ fn tsc_khz() -> Option<u64> {
     let info = fs::read_to_string("/proc/cpuinfo").ok()?;
     let mhz: f64 = info.lines().find(|l| l.starts_with("cpu MHz"))?.split(':').nth(1)?.trim().parse().ok()?;
     Some((mhz * 1000.0) as u64)
+}
+
+/// The account QEMU runs as.
+struct QemuUser {
+    name: String,
+    uid: u32,
+    gid: u32,
+}
+
+/// The user QEMU runs as: none when the executor is not root (QEMU then runs as the executor's
+/// own unprivileged user); the VM user `install vm` made, when the executor is root. Under KVM its
+/// group is `kvm` where that group exists, for /dev/kvm. A root executor without that user is
+/// refused rather than giving QEMU root.
+fn qemu_user(accel: Accel) -> Result<Option<QemuUser>> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(None);
+    }
+    let name = crate::vm::VM_USER;
+    let u = nix::unistd::User::from_name(name)
+        .ok()
+        .flatten()
+        .with_context(|| format!("no user {name} for QEMU to run as (run `executor install vm` as root)"))?;
+    let mut gid = u.gid.as_raw();
+    if accel == Accel::Kvm {
+        if let Ok(Some(g)) = nix::unistd::Group::from_name("kvm") {
+            gid = g.gid.as_raw();
+        }
+    }
+    Ok(Some(QemuUser { name: name.to_string(), uid: u.uid.as_raw(), gid }))
+}
+
+/// Hands `path` to the QEMU user with `mode`: its sandbox directory and its workspace disk.
+fn give_to(path: &Path, user: &QemuUser, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    nix::unistd::chown(path, Some(user.uid.into()), Some(user.gid.into()))
+        .with_context(|| format!("giving {} to user {}", path.display(), user.name))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", path.display()))
 }
 
 /// The guest kernel's command line. Each parameter is there for boot time or for a boot that

@@ -78,6 +78,12 @@ impl Fixture {
         self.tmp.path().join("ws")
     }
 
+    /// Gives the workspace its own filesystem of `bytes`, as `prepare-workspace` does.
+    pub fn mount_workspace_disk(&self, bytes: u64) {
+        executor::workspace::disk::mount(&self.workspace(), bytes).unwrap();
+        std::fs::create_dir_all(self.workspace().join("repo")).unwrap();
+    }
+
     pub fn state(&self) -> PathBuf {
         self.tmp.path().join("state")
     }
@@ -125,6 +131,12 @@ impl Fixture {
         let mut sink = Collect::default();
         let end = self.rt.run_step(sb, &step, &mut sink, cancel).unwrap();
         (end, sink)
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = executor::workspace::disk::unmount(&self.workspace());
     }
 }
 
@@ -363,6 +375,7 @@ fn probe_suite(oci: &str, test: &str) {
         return;
     }
     let f = Fixture::new(oci);
+    f.mount_workspace_disk(32 << 20);
     if !compile_probe(&f.workspace().join("probe")) {
         common::skip(test, "gcc with static libc (build-essential) is needed to build the probe helper");
         return;
@@ -519,14 +532,16 @@ fn probe_suite(oci: &str, test: &str) {
         probe(
             "fill the disk past the cap",
             "i=0; while [ $i -lt 40 ]; do dd if=/dev/zero of=/tmp/f$i bs=1M count=1 2>/dev/null || { echo tmp-full; break; }; \
-             i=$((i+1)); done; dd if=/dev/zero of=/data/fill bs=1M count=64; echo rc=$?",
-            &["tmp-full", "rc=153"],
-            "tmpfs size for /tmp; RLIMIT_FSIZE per file in /data (SIGXFSZ)",
+             i=$((i+1)); done; i=0; while [ $i -lt 40 ]; do dd if=/dev/zero of=/data/f$i bs=1M count=1 2>/dev/null || \
+             { echo data-full; break; }; i=$((i+1)); done; echo files=$i; rm -f /data/f*; \
+             dd if=/dev/zero of=/data/fill bs=1M count=64; echo rc=$?",
+            &["tmp-full", "data-full", "No space left on device", "rc=1", "hit the job's workspace disk limit of 32 MiB"],
+            "tmpfs size for /tmp; the workspace is its own 32 MiB filesystem (ENOSPC)",
         ),
         probe(
             "exhaust file descriptors",
             "/data/probe fds",
-            &["opened 10", "fds: EMFILE"],
+            &["opened 10", "fds: EMFILE", "hit the job's open file limit of 1024"],
             "RLIMIT_NOFILE 1024",
         ),
         Probe {
@@ -562,6 +577,8 @@ fn probe_suite(oci: &str, test: &str) {
         };
         let image = if p.name.contains("setuid") { "suid" } else { "busybox" };
         let (end, out) = f.run_in(&sb, image, &p.script, &[], &cancel);
+        // The disk probe leaves the workspace full; the next probe's script needs room.
+        let _ = std::fs::remove_file(f.workspace().join("fill"));
         let text = format!("{}{}", out.stdout(), out.stderr());
         let mut why = Vec::new();
         for e in &p.expect {

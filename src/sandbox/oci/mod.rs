@@ -34,6 +34,37 @@ const MARKER: &str = "oci-sandbox.json";
 const SHIFTED: &str = "workspace-shifted";
 /// How long a kill may take before the step is reported as not stopped.
 const KILL_GRACE: Duration = Duration::from_secs(2);
+/// RLIMIT_NOFILE of a step.
+const MAX_OPEN_FILES: u64 = 1024;
+/// A workspace disk with less room than this after a step was filled by it.
+const DISK_FULL_BELOW: u64 = 1 << 20;
+
+/// Passes a step's output on and watches it for the kernel's word that a process ran out of
+/// file descriptors (EMFILE), which no counter records.
+struct FdWatch<'a> {
+    inner: &'a mut dyn OutputSink,
+    tail: Vec<u8>,
+    seen: bool,
+}
+
+const EMFILE_TEXT: &[u8] = b"Too many open files";
+
+impl OutputSink for FdWatch<'_> {
+    fn output(&mut self, stream: Stream, data: &[u8]) {
+        if !self.seen {
+            self.tail.extend_from_slice(data);
+            self.seen = self.tail.windows(EMFILE_TEXT.len()).any(|w| w == EMFILE_TEXT);
+            let keep = EMFILE_TEXT.len() - 1;
+            if self.tail.len() > keep {
+                self.tail.drain(..self.tail.len() - keep);
+            }
+        }
+        self.inner.output(stream, data);
+    }
+    fn limit_hit(&mut self, what: &str) {
+        self.inner.limit_hit(what);
+    }
+}
 
 /// `EXECUTOR_OCI_RUNTIME`, or the default.
 pub fn oci_runtime_from_env() -> String {
@@ -57,6 +88,12 @@ pub struct OciDetails {
     pub cgroup: String,
     pub tmp_bytes: u64,
     pub max_file_bytes: u64,
+    /// The workspace's own filesystem size (its disk limit), 0 when it is a plain directory.
+    #[serde(default)]
+    pub workspace_disk_bytes: u64,
+    /// The job's CPU limit (0 for none).
+    #[serde(default)]
+    pub cpus: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -261,6 +298,12 @@ impl Runtime for OciRuntime {
             cgroup: cg.rel.clone(),
             tmp_bytes: if limits.disk_bytes > 0 { limits.disk_bytes.min(1 << 30) } else { 256 << 20 },
             max_file_bytes: limits.disk_bytes,
+            workspace_disk_bytes: if crate::workspace::disk::is_mounted(req.workspace) {
+                limits.disk_bytes
+            } else {
+                0
+            },
+            cpus: limits.cpus,
         };
         let record = SandboxRecord {
             runtime: "oci".into(),
@@ -319,7 +362,7 @@ impl Runtime for OciRuntime {
             cgroups_path: cg.child_path(&id),
             tmp_bytes: d.tmp_bytes,
             max_file_bytes: d.max_file_bytes,
-            max_open_files: 1024,
+            max_open_files: MAX_OPEN_FILES,
         };
         let config = spec::bundle_config(&container);
         fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(&config)?)
@@ -333,6 +376,15 @@ impl Runtime for OciRuntime {
         let mut child = cmd.spawn().with_context(|| format!("starting {which} for step {}", step.key))?;
 
         let mut pipes = crate::sandbox::pipes::Pipes::spawn(&mut child);
+        let mut sink = FdWatch { inner: sink, tail: Vec::new(), seen: false };
+        let disk_free = || {
+            if d.workspace_disk_bytes > 0 {
+                crate::workspace::disk::available_bytes(&d.workspace)
+            } else {
+                None
+            }
+        };
+        let mut least_free = disk_free();
 
         let mut open = true;
         let mut stopped = None;
@@ -341,6 +393,9 @@ impl Runtime for OciRuntime {
             let now = cg.child_counters(&id);
             seen.oom_kills = seen.oom_kills.max(now.oom_kills);
             seen.pids_max = seen.pids_max.max(now.pids_max);
+            if let Some(free) = disk_free() {
+                least_free = Some(least_free.map_or(free, |l| l.min(free)));
+            }
             if stopped.is_none() {
                 if let Some(reason) = cancel.check() {
                     stopped = Some(reason);
@@ -379,15 +434,37 @@ impl Runtime for OciRuntime {
         }
 
         let after = cg.counters();
-        let limits_note = |what: &str| format!("\nexecutor: the step hit the job's {what}\n");
+        if let Some(free) = disk_free() {
+            least_free = Some(least_free.map_or(free, |l| l.min(free)));
+        }
+        let fds_hit = sink.seen;
+        let sink = sink.inner;
+        if least_free.is_some_and(|f| f < DISK_FULL_BELOW) {
+            sink.limit_hit(&format!(
+                "workspace disk limit of {} (EXECUTOR_FIRECRACKER_DISK_SPACE): /data filled up",
+                crate::workspace::disk::human(d.workspace_disk_bytes)
+            ));
+        }
+        if fds_hit {
+            sink.limit_hit(&format!("open file limit of {MAX_OPEN_FILES} per process: Too many open files"));
+        }
+        let throttled = after.cpu_throttled.saturating_sub(before.cpu_throttled);
+        let periods = after.cpu_periods.saturating_sub(before.cpu_periods);
+        // Throttled in more than a tenth of its periods: the quota held the step back, not luck.
+        if d.cpus > 0 && throttled > 0 && throttled * 10 >= periods {
+            sink.limit_hit(&format!(
+                "CPU limit of {} CPU{}: throttled in {throttled} of {periods} scheduling periods",
+                d.cpus,
+                if d.cpus == 1 { "" } else { "s" }
+            ));
+        }
         let pids_hit = seen.pids_max > 0
             || after.pids_max > before.pids_max
             || (after.pids_limit > 0
                 && before.pids_peak < after.pids_limit
                 && after.pids_peak >= after.pids_limit);
         if pids_hit {
-            let msg = format!("process limit ({} processes): a fork failed", after.pids_limit);
-            sink.output(Stream::Stderr, limits_note(&msg).as_bytes());
+            sink.limit_hit(&format!("process limit of {} processes: a fork failed", after.pids_limit));
         }
         if let Some(reason) = stopped {
             return Ok(StepEnd::Stopped(reason));
@@ -400,16 +477,21 @@ impl Runtime for OciRuntime {
             // kernel counts anything: a SIGKILL nobody sent, with the job at its limit.
             || (killed && after.mem_limit > 0 && after.mem_peak >= after.mem_limit / 10 * 9);
         if oom {
-            sink.output(
-                Stream::Stderr,
-                limits_note("memory limit and was killed (out of memory)").as_bytes(),
-            );
+            let of = if after.mem_limit > 0 && after.mem_limit < 1 << 60 {
+                format!(" of {}", crate::workspace::disk::human(after.mem_limit))
+            } else {
+                String::new()
+            };
+            sink.limit_hit(&format!("memory limit{of} and was killed (out of memory)"));
             return Ok(StepEnd::Signaled(libc::SIGKILL));
         }
         Ok(match (status.code(), status.signal()) {
             // runc and crun report a step killed by signal N as 128+N.
             (Some(c), _) if c > 128 && c < 128 + 65 && (c - 128) == libc::SIGXFSZ => {
-                sink.output(Stream::Stderr, limits_note("file size limit").as_bytes());
+                sink.limit_hit(&format!(
+                    "file size limit of {} per file",
+                    crate::workspace::disk::human(d.max_file_bytes)
+                ));
                 StepEnd::Signaled(c - 128)
             }
             (Some(c), _) => StepEnd::Exited(c),

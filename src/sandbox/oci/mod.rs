@@ -429,8 +429,9 @@ impl Runtime for OciRuntime {
             let _ = fs::remove_dir_all(&bundle);
         } else {
             // Torn down while the step ran: whatever the dying runtime wrote after the teardown
-            // (its state, the bundle) is ours to remove.
-            let _ = fs::remove_dir_all(&sandbox.state_dir);
+            // (its state, the bundle) is ours to remove. The teardown may be removing the same
+            // tree at this moment, so a removal that races it is tried again.
+            let _ = remove_dir_retrying(&sandbox.state_dir);
         }
 
         let after = cg.counters();
@@ -529,20 +530,8 @@ impl Runtime for OciRuntime {
         self.store()?.remove_user(&sandbox.name)?;
         // The marker goes first: a step still finishing in another process sees the sandbox gone.
         let _ = fs::remove_file(sandbox.state_dir.join(MARKER));
-        let mut last = None;
-        for _ in 0..10 {
-            match fs::remove_dir_all(&sandbox.state_dir) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => last = Some(e),
-                _ => return Ok(()),
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        match last {
-            Some(e) => {
-                Err(e).with_context(|| format!("removing sandbox directory {}", sandbox.state_dir.display()))
-            }
-            None => Ok(()),
-        }
+        remove_dir_retrying(&sandbox.state_dir)
+            .with_context(|| format!("removing sandbox directory {}", sandbox.state_dir.display()))
     }
 
     fn janitor(&self, prefix: &str, live: &HashSet<String>) -> Result<Vec<String>> {
@@ -623,4 +612,19 @@ impl OciRuntime {
             nix::sys::signal::Signal::SIGKILL,
         );
     }
+}
+
+/// Removes a directory tree that another process may be writing into or removing at the same
+/// time: a failed pass (a file appeared, an entry vanished under it) is tried again, 10 times
+/// 20 ms apart. Gone already is success.
+fn remove_dir_retrying(dir: &Path) -> std::io::Result<()> {
+    let mut last = None;
+    for _ in 0..10 {
+        match fs::remove_dir_all(dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => last = Some(e),
+            _ => return Ok(()),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    last.map_or(Ok(()), Err)
 }

@@ -966,3 +966,106 @@ fn oci_resource_bombs_fail_real_jobs_naming_the_limit() {
     let cgroups = executor::sandbox::oci::cgroup::existing_jobs();
     assert!(!cgroups.iter().any(|n| n.starts_with(&prefix)), "{cgroups:?}");
 }
+
+/// Host uids of the processes in a sandbox's job cgroup.
+fn host_uids(sb: &SandboxRecord) -> Vec<u32> {
+    executor::sandbox::oci::cgroup::JobCgroup::new(&sb.name)
+        .pids()
+        .into_iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .filter_map(|s| {
+            s.lines().find(|l| l.starts_with("Uid:")).and_then(|l| l.split_whitespace().nth(2)?.parse().ok())
+        })
+        .collect()
+}
+
+/// Two sandboxes running at once: their container roots are different unprivileged host uid
+/// ranges (each its own slot, released at teardown), and each still owns its image's files.
+fn uid_ranges_are_per_job(oci: &str, test: &str) {
+    if !can_run(test, oci) {
+        return;
+    }
+    let f = Fixture::new(oci);
+    let ws_b = f.tmp.path().join("ws-b");
+    std::fs::create_dir_all(ws_b.join("repo")).unwrap();
+    let a = f.boot(&limits());
+    let b =
+        f.rt.boot(&BootRequest {
+            job_uid: "2",
+            workspace: &ws_b,
+            images: vec!["busybox".into()],
+            limits: &limits(),
+            name_prefix: "ocitest",
+        })
+        .unwrap();
+    let base = |sb: &SandboxRecord| sb.details["uidBase"].as_u64().unwrap() as u32;
+    let (ba, bb) = (base(&a), base(&b));
+    let count = executor::image::ID_COUNT;
+    assert!(ba >= executor::image::ID_BASE + count && bb >= executor::image::ID_BASE + count, "{ba} {bb}");
+    assert!(ba + count <= bb || bb + count <= ba, "ranges overlap: {ba} {bb}");
+
+    let ws_a = f.workspace();
+    let script = "stat -c 'image-owner=%u' /bin/busybox; touch /data/mine; echo ready; sleep 2";
+    std::fs::write(ws_b.join(".s.sh"), script).unwrap();
+    let rt = f.rt.clone();
+    let b2 = b.clone();
+    let other = std::thread::spawn(move || {
+        let step = StepSpec { key: "b", image: "busybox", script: ".s.sh", dir: "repo", env: &[] };
+        let mut sink = Collect::default();
+        let end = rt.run_step(&b2, &step, &mut sink, &Cancel::new()).unwrap();
+        (end, sink.stdout())
+    });
+    let rt = f.rt.clone();
+    let a2 = a.clone();
+    std::fs::write(f.workspace().join(".s.sh"), script).unwrap();
+    let mine = std::thread::spawn(move || {
+        let step = StepSpec { key: "a", image: "busybox", script: ".s.sh", dir: "repo", env: &[] };
+        let mut sink = Collect::default();
+        let end = rt.run_step(&a2, &step, &mut sink, &Cancel::new()).unwrap();
+        (end, sink.stdout())
+    });
+    // While both run: every process of each job is a host uid of its own range.
+    let t = Instant::now();
+    let (mut ua, mut ub) = (Vec::new(), Vec::new());
+    // Sampled once both steps run their script (runc's own init is briefly host root before it
+    // execs the step).
+    while !(ws_a.join("mine").exists() && ws_b.join("mine").exists()) && t.elapsed() < Duration::from_secs(20)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    while (ua.is_empty() || ub.is_empty()) && t.elapsed() < Duration::from_secs(20) {
+        ua = host_uids(&a);
+        ub = host_uids(&b);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (uids, base) in [(&ua, ba), (&ub, bb)] {
+        assert!(!uids.is_empty(), "no process seen");
+        assert!(uids.iter().all(|u| *u >= base && *u < base + count), "{uids:?} outside {base}");
+    }
+    eprintln!("{test}: job a runs as host uids {ua:?}, job b as {ub:?}");
+    for (h, ws, base) in [(mine, &ws_a, ba), (other, &ws_b, bb)] {
+        let (end, out) = h.join().unwrap();
+        assert_eq!(end, StepEnd::Exited(0), "{out}");
+        assert!(out.contains("image-owner=0\n"), "the image belongs to container root: {out}");
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(ws.join("mine")).unwrap().uid(), base);
+    }
+    f.rt.teardown(&a).unwrap();
+    f.rt.teardown(&b).unwrap();
+    assert_clean(&f, &a);
+    assert_clean(&f, &b);
+    let slots = std::fs::read_dir(f.state().join("uid-ranges"))
+        .unwrap()
+        .filter(|e| e.as_ref().map(|e| e.file_name() != ".lock").unwrap_or(false));
+    assert_eq!(slots.count(), 0, "a uid range is still taken");
+}
+
+#[test]
+fn oci_runc_uid_ranges_are_per_job() {
+    uid_ranges_are_per_job("runc", "oci_runc_uid_ranges_are_per_job");
+}
+
+#[test]
+fn oci_crun_uid_ranges_are_per_job() {
+    uid_ranges_are_per_job("crun", "oci_crun_uid_ranges_are_per_job");
+}

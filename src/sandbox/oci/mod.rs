@@ -6,6 +6,7 @@
 
 pub mod cgroup;
 pub mod spec;
+pub mod uids;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -18,7 +19,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::cancel::Cancel;
-use crate::image::{ImageStore, ID_BASE};
+use crate::image::{ImageStore, ID_BASE, ID_COUNT};
 use crate::sandbox::pipes::PipeEvent;
 use crate::sandbox::{
     BootRequest, Limits, OutputSink, Runtime, RuntimeOptions, SandboxRecord, StepEnd, StepSpec, Stream,
@@ -94,6 +95,14 @@ pub struct OciDetails {
     /// The job's CPU limit (0 for none).
     #[serde(default)]
     pub cpus: u32,
+    /// Host uid/gid of container root: the sandbox's own range (uids.rs), or `ID_BASE` when the
+    /// host cannot make idmapped mounts.
+    #[serde(default = "shared_uid_base")]
+    pub uid_base: u32,
+}
+
+fn shared_uid_base() -> u32 {
+    ID_BASE
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -101,6 +110,10 @@ pub struct OciDetails {
 pub struct OciImage {
     pub digest: String,
     pub rootfs: PathBuf,
+    /// The sandbox's idmapped, read-only mount of `rootfs` (`roots/<digest>` in its state
+    /// directory), where the image's files belong to the sandbox's own uid range.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<PathBuf>,
 }
 
 /// The `oci` runtime.
@@ -173,13 +186,51 @@ impl OciRuntime {
         }
     }
 
-    /// Gives the workspace to the container's root (host `ID_BASE`) if it is not already.
+    /// Gives the sandbox a host uid range of its own (uids.rs) and an idmapped read-only mount
+    /// of each image in it, where the image's files (stored owned by `ID_BASE + n`) belong to
+    /// that range. On failure nothing of it is left and the sandbox keeps the shared range.
+    fn map_ids(&self, name: &str, state_dir: &Path, d: &mut OciDetails) -> Result<()> {
+        let ranges = uids::UidRanges::new(&self.opts.state_dir);
+        let slot = ranges.allocate(name)?;
+        let base = uids::base(slot);
+        let res = (|| -> Result<BTreeMap<String, OciImage>> {
+            let userns = crate::sys::userns_fd(ID_BASE, base, ID_COUNT)
+                .context("making a user namespace for the idmapped image mounts")?;
+            let mut images = d.images.clone();
+            for img in images.values_mut().filter(|_| d.oci_runtime != "runsc") {
+                let hex: String = img.digest.chars().filter(|c| c.is_ascii_hexdigit()).take(64).collect();
+                let root = state_dir.join("roots").join(hex);
+                if !root.exists() {
+                    fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+                    crate::sys::idmapped_bind(&img.rootfs, &root, &userns).with_context(|| {
+                        format!("idmapped mount of {} on {}", img.rootfs.display(), root.display())
+                    })?;
+                }
+                img.root = Some(root);
+            }
+            Ok(images)
+        })();
+        match res {
+            Ok(images) => {
+                d.images = images;
+                d.uid_base = base;
+                Ok(())
+            }
+            Err(e) => {
+                unmount_roots(state_dir);
+                ranges.release(name)?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Gives the workspace to the container's root (the sandbox's uid base) if it is not already.
     fn shift_workspace(state_dir: &Path, d: &OciDetails) -> Result<()> {
         let marker = state_dir.join(SHIFTED);
         if marker.exists() {
             return Ok(());
         }
-        chown_tree(&d.workspace, |_, _| (ID_BASE, ID_BASE))?;
+        chown_tree(&d.workspace, |_, _| (d.uid_base, d.uid_base))?;
         fs::write(&marker, b"").with_context(|| format!("writing {}", marker.display()))
     }
 }
@@ -279,7 +330,7 @@ impl Runtime for OciRuntime {
         for r in &req.images {
             let img = store.resolve(r)?;
             check_reachable(&img.rootfs)?;
-            images.insert(r.clone(), OciImage { digest: img.digest, rootfs: img.rootfs });
+            images.insert(r.clone(), OciImage { digest: img.digest, rootfs: img.rootfs, root: None });
         }
         let name = format!("{}-{}", req.name_prefix, uuid::Uuid::new_v4().simple());
         let state_dir = self.opts.sandboxes_dir().join(&name);
@@ -304,8 +355,9 @@ impl Runtime for OciRuntime {
                 0
             },
             cpus: limits.cpus,
+            uid_base: ID_BASE,
         };
-        let record = SandboxRecord {
+        let mut record = SandboxRecord {
             runtime: "oci".into(),
             name: name.clone(),
             state_dir: state_dir.clone(),
@@ -314,10 +366,19 @@ impl Runtime for OciRuntime {
         };
         // The marker goes first, so that a crash from here on leaves something the janitor finds.
         crate::document::write_atomic(&state_dir.join(MARKER), &serde_json::to_vec_pretty(&record)?)?;
+        let mut details = details;
         let setup = (|| -> Result<()> {
             let digests: Vec<String> = images.values().map(|i| i.digest.clone()).collect();
             store.add_user(&name, &digests)?;
             cg.create(&Limits { pids: if limits.pids > 0 { limits.pids } else { 4096 }, ..limits.clone() })?;
+            if let Err(e) = self.map_ids(&name, &state_dir, &mut details) {
+                eprintln!(
+                    "executor: sandbox {name} gets no uid range of its own ({e:#}): its container root is \
+                     host uid {ID_BASE}, shared with every other job in the same case"
+                );
+            }
+            record.details = serde_json::to_value(&details)?;
+            crate::document::write_atomic(&state_dir.join(MARKER), &serde_json::to_vec_pretty(&record)?)?;
             Self::shift_workspace(&state_dir, &details)
         })();
         if let Err(e) = setup {
@@ -354,7 +415,8 @@ impl Runtime for OciRuntime {
         fs::create_dir_all(&bundle).with_context(|| format!("creating bundle {}", bundle.display()))?;
         let cg = cgroup::JobCgroup::new(&sandbox.name);
         let container = spec::StepContainer {
-            rootfs: image.rootfs.clone(),
+            rootfs: image.root.clone().unwrap_or_else(|| image.rootfs.clone()),
+            id_base: d.uid_base,
             workspace: d.workspace.clone(),
             cwd: if dir.is_empty() { "/data".into() } else { format!("/data/{dir}") },
             args: vec!["/bin/sh".into(), format!("/data/{script}")],
@@ -431,6 +493,7 @@ impl Runtime for OciRuntime {
             // Torn down while the step ran: whatever the dying runtime wrote after the teardown
             // (its state, the bundle) is ours to remove. The teardown may be removing the same
             // tree at this moment, so a removal that races it is tried again.
+            unmount_roots(&sandbox.state_dir);
             let _ = remove_dir_retrying(&sandbox.state_dir);
         }
 
@@ -528,6 +591,13 @@ impl Runtime for OciRuntime {
             }
         }
         self.store()?.remove_user(&sandbox.name)?;
+        // The image mounts go before anything below them is removed; then the uid range is free.
+        unmount_roots(&sandbox.state_dir);
+        let roots = sandbox.state_dir.join("roots");
+        if !mounts_below(&roots).is_empty() {
+            bail!("an image is still mounted in {}", roots.display());
+        }
+        uids::UidRanges::new(&self.opts.state_dir).release(&sandbox.name)?;
         // The marker goes first: a step still finishing in another process sees the sandbox gone.
         let _ = fs::remove_file(sandbox.state_dir.join(MARKER));
         remove_dir_retrying(&sandbox.state_dir)
@@ -574,6 +644,14 @@ impl Runtime for OciRuntime {
             cg.remove()?;
             removed.push(name);
         }
+        // uid ranges of sandboxes of this state directory that are gone.
+        let freed =
+            uids::UidRanges::new(&self.opts.state_dir).reclaim(|n| owned(n) && !dir.join(n).exists())?;
+        for name in freed {
+            if !removed.contains(&name) {
+                removed.push(name);
+            }
+        }
         let store = self.store()?;
         for name in store.users()?.into_iter().filter(|n| owned(n)) {
             store.remove_user(&name)?;
@@ -614,6 +692,43 @@ impl OciRuntime {
     }
 }
 
+/// Unmounts every image mount (`roots/*`) of a sandbox, lazily: a dying runtime may still hold
+/// one, and the mount then goes with it.
+fn unmount_roots(state_dir: &Path) {
+    for p in mounts_below(&state_dir.join("roots")) {
+        let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// Mount points at or below `dir` in this mount namespace (a bind mount has the device of its
+/// source, so only the mount table tells).
+fn mounts_below(dir: &Path) -> Vec<PathBuf> {
+    let table = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    table
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| PathBuf::from(unescape_mountinfo(m)))
+        .filter(|m| m.starts_with(dir))
+        .collect()
+}
+
+/// mountinfo writes space, tab, newline and backslash in paths as `\ooo` octal escapes.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Removes a directory tree that another process may be writing into or removing at the same
 /// time: a failed pass (a file appeared, an entry vanished under it) is tried again, 10 times
 /// 20 ms apart. Gone already is success.
@@ -627,4 +742,42 @@ fn remove_dir_retrying(dir: &Path) -> std::io::Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     last.map_or(Ok(()), Err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_paths_are_unescaped() {
+        assert_eq!(unescape_mountinfo("/a\\040b/c\\134d"), "/a b/c\\d");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+        assert_eq!(unescape_mountinfo("/end\\04"), "/end\\04");
+    }
+
+    #[test]
+    fn idmapped_image_mounts_belong_to_the_sandbox_range_and_go_at_teardown() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!(
+                "SKIPPED idmapped_image_mounts_belong_to_the_sandbox_range_and_go_at_teardown: needs root"
+            );
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("tree");
+        fs::create_dir_all(src.join("bin")).unwrap();
+        std::os::unix::fs::chown(src.join("bin"), Some(ID_BASE + 5), Some(ID_BASE + 5)).unwrap();
+        let base = uids::base(3);
+        let userns = crate::sys::userns_fd(ID_BASE, base, ID_COUNT).unwrap();
+        let dst = d.path().join("state/roots/x");
+        fs::create_dir_all(&dst).unwrap();
+        crate::sys::idmapped_bind(&src, &dst, &userns).unwrap();
+        let md = fs::metadata(dst.join("bin")).unwrap();
+        assert_eq!((md.uid(), md.gid()), (base + 5, base + 5));
+        assert!(fs::write(dst.join("new"), "x").is_err(), "the image mount is read-only");
+        assert_eq!(mounts_below(&d.path().join("state")), vec![dst.clone()]);
+        unmount_roots(&d.path().join("state"));
+        assert!(mounts_below(&d.path().join("state")).is_empty());
+        assert_eq!(fs::metadata(src.join("bin")).unwrap().uid(), ID_BASE + 5, "the store is unchanged");
+    }
 }

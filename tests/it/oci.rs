@@ -950,9 +950,13 @@ fn oci_resource_bombs_fail_real_jobs_naming_the_limit() {
     }
     let job = c.wait_state(spinner, &["failed", "errored"], Duration::from_secs(30));
     let msg = job["failureMessage"].as_str().unwrap_or_default();
-    if !(msg.starts_with("job exceeded maximum execution time of 3s")
-        && msg.contains("CPU limit of 1 CPU: throttled"))
-    {
+    // The deadline is the limit that ends a spinner. The CPU quota is named too when it throttled
+    // the step, which needs a host with a core to spare (unit test: `cpu_note_*`).
+    let cpu_ok = msg == "job exceeded maximum execution time of 3s"
+        || msg.starts_with(
+            "job exceeded maximum execution time of 3s: the step hit the job's CPU limit of 1 CPU: throttled in ",
+        );
+    if !cpu_ok {
         failures.push(format!("CPU spinner: message {msg:?}\n{}", job_log(&job)));
     } else {
         eprintln!("CPU spinner: {msg}");

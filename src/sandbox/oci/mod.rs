@@ -475,7 +475,9 @@ impl Runtime for OciRuntime {
             match child.try_wait().context("waiting for the OCI runtime")? {
                 Some(st) => break st,
                 None => {
-                    let _ = cancel.wait(Duration::from_millis(20));
+                    // The runtime exits a few ms after the step's pipes close (it removes the
+                    // container first): a short poll, not to add its period to every step.
+                    let _ = cancel.wait(Duration::from_millis(2));
                 }
             }
         };
@@ -485,9 +487,16 @@ impl Runtime for OciRuntime {
         // A teardown or janitor may have removed the sandbox meanwhile; the runtime would
         // recreate its state directory, so only a sandbox that still exists is cleaned here.
         if sandbox.state_dir.join(MARKER).exists() {
-            let mut del = self.runtime_cmd(which, &sandbox.state_dir);
-            del.args(["delete", "--force", &id]);
-            let _ = self.quiet(del);
+            // `run` deletes its container when it exits normally; another runtime process (about
+            // 10 ms) is only needed when it left state behind (it was killed, or failed).
+            let left = fs::read_dir(sandbox.state_dir.join("runtime"))
+                .map(|rd| rd.flatten().any(|e| e.file_name().to_string_lossy().contains(id.as_str())))
+                .unwrap_or(false);
+            if left {
+                let mut del = self.runtime_cmd(which, &sandbox.state_dir);
+                del.args(["delete", "--force", &id]);
+                let _ = self.quiet(del);
+            }
             let _ = fs::remove_dir_all(&bundle);
         } else {
             // Torn down while the step ran: whatever the dying runtime wrote after the teardown
@@ -512,15 +521,8 @@ impl Runtime for OciRuntime {
         if fds_hit {
             sink.limit_hit(&format!("open file limit of {MAX_OPEN_FILES} per process: Too many open files"));
         }
-        let throttled = after.cpu_throttled.saturating_sub(before.cpu_throttled);
-        let periods = after.cpu_periods.saturating_sub(before.cpu_periods);
-        // Throttled in more than a tenth of its periods: the quota held the step back, not luck.
-        if d.cpus > 0 && throttled > 0 && throttled * 10 >= periods {
-            sink.limit_hit(&format!(
-                "CPU limit of {} CPU{}: throttled in {throttled} of {periods} scheduling periods",
-                d.cpus,
-                if d.cpus == 1 { "" } else { "s" }
-            ));
+        if let Some(note) = cpu_note(d.cpus, &before, &after) {
+            sink.limit_hit(&note);
         }
         let pids_hit = seen.pids_max > 0
             || after.pids_max > before.pids_max
@@ -692,6 +694,20 @@ impl OciRuntime {
     }
 }
 
+/// The CPU limit's note for a step whose quota throttled it in at least a tenth of its CFS
+/// periods (the quota held it back, not luck). A step on a host too busy to give it its quota
+/// is never throttled, and gets no note.
+fn cpu_note(cpus: u32, before: &cgroup::Counters, after: &cgroup::Counters) -> Option<String> {
+    let throttled = after.cpu_throttled.saturating_sub(before.cpu_throttled);
+    let periods = after.cpu_periods.saturating_sub(before.cpu_periods);
+    (cpus > 0 && throttled > 0 && throttled * 10 >= periods).then(|| {
+        format!(
+            "CPU limit of {cpus} CPU{}: throttled in {throttled} of {periods} scheduling periods",
+            if cpus == 1 { "" } else { "s" }
+        )
+    })
+}
+
 /// Unmounts every image mount (`roots/*`) of a sandbox, lazily: a dying runtime may still hold
 /// one, and the mount then goes with it.
 fn unmount_roots(state_dir: &Path) {
@@ -747,6 +763,26 @@ fn remove_dir_retrying(dir: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_note_only_when_the_quota_held_the_step_back() {
+        let at = |periods, throttled| cgroup::Counters {
+            cpu_periods: periods,
+            cpu_throttled: throttled,
+            ..Default::default()
+        };
+        assert_eq!(
+            cpu_note(1, &at(10, 2), &at(40, 29)).as_deref(),
+            Some("CPU limit of 1 CPU: throttled in 27 of 30 scheduling periods")
+        );
+        assert_eq!(
+            cpu_note(2, &at(0, 0), &at(10, 1)).as_deref(),
+            Some("CPU limit of 2 CPUs: throttled in 1 of 10 scheduling periods")
+        );
+        assert_eq!(cpu_note(1, &at(0, 0), &at(30, 2)), None, "throttled now and then is luck");
+        assert_eq!(cpu_note(1, &at(0, 0), &at(30, 0)), None);
+        assert_eq!(cpu_note(0, &at(0, 0), &at(30, 30)), None, "no CPU limit");
+    }
 
     #[test]
     fn mountinfo_paths_are_unescaped() {

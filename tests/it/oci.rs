@@ -135,8 +135,20 @@ impl Fixture {
 }
 
 impl Drop for Fixture {
+    /// A failed test never tore its sandboxes down: no mount of it (workspace disk, image
+    /// roots) may outlive its temporary directory.
     fn drop(&mut self) {
         let _ = executor::workspace::disk::unmount(&self.workspace());
+        let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut points: Vec<PathBuf> = table
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4).map(PathBuf::from))
+            .filter(|m| m.starts_with(self.tmp.path()))
+            .collect();
+        points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for p in points {
+            let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
+        }
     }
 }
 

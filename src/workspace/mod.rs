@@ -277,17 +277,8 @@ pub fn write_files_and_scripts(
 /// in it), across processes: a boot holds it shared from before its sandbox exists until the workspace's owner
 /// record names that sandbox; a janitor pass holds it exclusively, so that it never finds a
 /// sandbox that no owner record claims yet.
-pub fn janitor_lock(state_dir: &Path, exclusive: bool) -> Result<nix::fcntl::Flock<std::fs::File>> {
-    std::fs::create_dir_all(state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
-    let path = state_dir.join("janitor.lock");
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    let how = if exclusive { nix::fcntl::FlockArg::LockExclusive } else { nix::fcntl::FlockArg::LockShared };
-    nix::fcntl::Flock::lock(f, how).map_err(|(_, e)| anyhow::anyhow!("locking {}: {e}", path.display()))
+pub fn janitor_lock(state_dir: &Path, exclusive: bool) -> Result<crate::lockfile::Held> {
+    crate::lockfile::lock(&state_dir.join("janitor.lock"), exclusive)
 }
 
 /// One janitor pass over the workspaces directory. A workspace is removed when its owner is

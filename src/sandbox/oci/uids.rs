@@ -30,17 +30,8 @@ impl UidRanges {
         UidRanges { dir: state_dir.join("uid-ranges") }
     }
 
-    fn lock(&self) -> Result<nix::fcntl::Flock<fs::File>> {
-        fs::create_dir_all(&self.dir).with_context(|| format!("creating {}", self.dir.display()))?;
-        let path = self.dir.join(".lock");
-        let f = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
-            .map_err(|(_, e)| anyhow::anyhow!("locking {}: {e}", path.display()))
+    fn lock(&self) -> Result<crate::lockfile::Held> {
+        crate::lockfile::lock(&self.dir.join(".lock"), true)
     }
 
     /// Takes the lowest free slot for `sandbox`.

@@ -57,8 +57,8 @@ fn bare_config(rootfs: &Path, ws: &Path) -> serde_json::Value {
     })
 }
 
-/// `runtime run` of the bare bundle; returns the time to the first stdout byte.
-fn bare_run(which: &str, root: &Path, bundle: &Path, id: &str) -> Result<Duration> {
+/// `runtime run` of the bare bundle; returns the time to the first stdout byte and to its exit.
+fn bare_run(which: &str, root: &Path, bundle: &Path, id: &str) -> Result<(Duration, Duration)> {
     let mut cmd = if which == "crun" {
         // The same hybrid-cgroup workaround the executor applies (docs/sandbox-oci.md).
         let mut c = Command::new("unshare");
@@ -83,10 +83,11 @@ fn bare_run(which: &str, root: &Path, bundle: &Path, id: &str) -> Result<Duratio
     let mut rest = Vec::new();
     let _ = out.read_to_end(&mut rest);
     child.wait()?;
+    let total = t0.elapsed();
     if n == 0 {
         bail!("{which} run printed nothing");
     }
-    Ok(t)
+    Ok((t, total))
 }
 
 fn main() -> Result<()> {
@@ -101,8 +102,8 @@ fn main() -> Result<()> {
     std::fs::write(ws.join("step.sh"), "echo x\n")?;
 
     println!(
-        "{:<6} {:>5} {:>22} {:>22} {:>12}",
-        "oci", "runs", "executor p50/p90 ms", "bare p50/p90 ms", "ratio p50"
+        "{:<6} {:>5} {:>22} {:>22} {:>10} {:>26}",
+        "oci", "runs", "executor p50/p90 ms", "bare p50/p90 ms", "ratio p50", "whole step p50 exec/bare"
     );
     for which in ["runc", "crun", "runsc"] {
         if which::which(which).is_err() {
@@ -127,28 +128,34 @@ fn main() -> Result<()> {
         let root = tmp.path().join(format!("bare-root-{which}"));
 
         let (mut ex, mut bare) = (Vec::new(), Vec::new());
+        let (mut ex_total, mut bare_total) = (Vec::new(), Vec::new());
         // Alternate the two so that machine noise hits both alike; the first pair warms caches.
         for i in 0..runs + 1 {
             let step = StepSpec { key: "bench", image: "busybox", script: "step.sh", dir: "", env: &[] };
             let mut sink = First(None);
             let t0 = Instant::now();
             rt.run_step(&sb, &step, &mut sink, &Cancel::new())?;
+            let total = t0.elapsed();
             let first = sink.0.context("the step printed nothing")?;
-            let b = bare_run(which, &root, &bundle, &format!("bare-{which}-{i}"))?;
+            let (b, b_total) = bare_run(which, &root, &bundle, &format!("bare-{which}-{i}"))?;
             if i > 0 {
                 ex.push(first - t0);
                 bare.push(b);
+                ex_total.push(total);
+                bare_total.push(b_total);
             }
         }
         rt.teardown(&sb)?;
         rt.janitor("benchoci", &HashSet::new())?;
         let (e50, e90) = (percentile(&mut ex, 0.5), percentile(&mut ex, 0.9));
         let (b50, b90) = (percentile(&mut bare, 0.5), percentile(&mut bare, 0.9));
+        let (t_ex, t_bare) = (percentile(&mut ex_total, 0.5), percentile(&mut bare_total, 0.5));
         println!(
-            "{which:<6} {runs:>5} {:>22} {:>22} {:>11.2}x",
+            "{which:<6} {runs:>5} {:>22} {:>22} {:>9.2}x {:>26}",
             format!("{:.1} / {:.1}", ms(e50), ms(e90)),
             format!("{:.1} / {:.1}", ms(b50), ms(b90)),
-            ms(e50) / ms(b50)
+            ms(e50) / ms(b50),
+            format!("{:.1} / {:.1}", ms(t_ex), ms(t_bare)),
         );
     }
     Ok(())

@@ -14,6 +14,7 @@ pub mod git;
 pub mod githttp;
 pub mod guest;
 pub mod image;
+pub mod lockfile;
 pub mod logs;
 pub mod protocol;
 pub mod redact;

@@ -6,7 +6,6 @@
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use super::{CommandLog, Git, LogWriter};
@@ -18,7 +17,7 @@ pub struct ObjectCache {
 
 /// An exclusive lock on one repository's cache, released on drop.
 struct CacheLock {
-    _lock: nix::fcntl::Flock<File>,
+    _lock: crate::lockfile::Held,
 }
 
 /// Repacks the cache when it holds more packs than this (each warm update adds one).
@@ -49,18 +48,8 @@ impl ObjectCache {
     }
 
     fn lock(&self, frontend_url: &str, repository_name: &str) -> Result<CacheLock> {
-        std::fs::create_dir_all(&self.root).with_context(|| format!("creating {}", self.root.display()))?;
         let path = self.root.join(format!("{}.lock", Self::name(frontend_url, repository_name)));
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
-            .map_err(|(_, e)| e)
-            .with_context(|| format!("locking {}", path.display()))?;
-        Ok(CacheLock { _lock: lock })
+        Ok(CacheLock { _lock: crate::lockfile::lock(&path, true)? })
     }
 
     /// Brings the cache up to date with the job's commit from the coordinator (entry

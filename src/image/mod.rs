@@ -168,16 +168,8 @@ impl ImageStore {
     }
 
     /// Takes the store's exclusive lock until the guard drops.
-    pub(crate) fn lock(&self) -> Result<nix::fcntl::Flock<fs::File>> {
-        let path = self.dir.join(".lock");
-        let f = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
-            .map_err(|(_, e)| anyhow::anyhow!("locking {}: {e}", path.display()))
+    pub(crate) fn lock(&self) -> Result<crate::lockfile::Held> {
+        crate::lockfile::lock(&self.dir.join(".lock"), true)
     }
 
     fn read_refs(&self) -> Result<BTreeMap<String, String>> {

@@ -79,6 +79,11 @@ pub enum Stream {
 /// Receives a step's output as it arrives, in arrival order.
 pub trait OutputSink {
     fn output(&mut self, stream: Stream, data: &[u8]);
+    /// The step hit one of the job's limits; `what` names it (`memory limit of 200 MiB ...`).
+    /// By default a line on the step's stderr; `run-steps` also puts it in the job's failure.
+    fn limit_hit(&mut self, what: &str) {
+        self.output(Stream::Stderr, format!("\nexecutor: the step hit the job's {what}\n").as_bytes());
+    }
 }
 
 /// How a step ended.

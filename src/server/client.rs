@@ -289,6 +289,54 @@ fn print_log_entry(e: &Value, out: &mut dyn Write) -> Result<()> {
     Ok(())
 }
 
+/// Prints a log follow for people: an entry's header once, then only its new output as it
+/// arrives (a header again when another entry spoke in between), and its exit when it ends.
+#[derive(Default)]
+struct FollowView {
+    last: Option<i64>,
+    ended: std::collections::HashSet<i64>,
+    /// Whether the output printed last ended a line.
+    at_line_start: bool,
+}
+
+impl FollowView {
+    fn print(&mut self, e: &Value, out: &mut dyn Write) -> Result<()> {
+        let id = e["entryId"].as_i64().unwrap_or_default();
+        let append = e["append"].as_bool().unwrap_or(false);
+        let text = e["out"].as_str().unwrap_or("");
+        if !self.at_line_start && self.last.is_some() && (self.last != Some(id) || !append) {
+            writeln!(out)?;
+            self.at_line_start = true;
+        }
+        if !append {
+            writeln!(out, "==> [{id}] {}", s(e, "key"))?;
+            self.ended.remove(&id);
+        } else if self.last != Some(id) && !text.is_empty() {
+            writeln!(out, "==> [{id}] {} (continued)", s(e, "key"))?;
+        }
+        if !text.is_empty() {
+            out.write_all(text.as_bytes())?;
+            self.at_line_start = text.ends_with('\n');
+        }
+        self.last = Some(id);
+        if let Some(code) = e.get("exitCode").and_then(Value::as_i64) {
+            if self.ended.insert(id) {
+                if !self.at_line_start {
+                    writeln!(out)?;
+                    self.at_line_start = true;
+                }
+                let took = e
+                    .get("durationMs")
+                    .and_then(Value::as_i64)
+                    .map(|d| format!(", {d} ms"))
+                    .unwrap_or_default();
+                writeln!(out, "==> [{id}] {}: exit {code}{took}", s(e, "key"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Runs one client command; returns the exit status.
 pub fn run(opts: &ClientOptions, cmd: ClientCommand) -> Result<i32> {
     let client = AdminClient::new(&opts.url, &opts.token, opts.ca_cert.as_deref())?;
@@ -362,11 +410,12 @@ pub fn run(opts: &ClientOptions, cmd: ClientCommand) -> Result<i32> {
             }
         }
         ClientCommand::Logs { id, follow } => {
+            let mut view = FollowView::default();
             client.logs(id, follow, |e| {
                 if opts.json {
                     writeln!(stdout, "{e}")?;
                 } else {
-                    print_log_entry(&e, &mut stdout)?;
+                    view.print(&e, &mut stdout)?;
                 }
                 stdout.flush()?;
                 Ok(())

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
+use std::collections::HashMap;
 use std::path::Path;
 
 use crate::protocol::ExecutionLogEntry;
@@ -83,6 +84,17 @@ CREATE TABLE files (
     size INTEGER NOT NULL,
     created_at INTEGER NOT NULL,
     PRIMARY KEY (bucket, key)
+);
+"#,
+    // Appended log output goes into rows of its own, so an append costs its own size instead of
+    // a rewrite of the entry's whole output (`log_entries.out` keeps what a full update set).
+    r#"
+CREATE TABLE log_chunks (
+    job_id INTEGER NOT NULL,
+    entry_id INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (job_id, entry_id, seq)
 );
 "#,
 ];
@@ -398,6 +410,7 @@ impl Store {
             return Ok(None);
         }
         tx.execute("DELETE FROM log_entries WHERE job_id = ?1", [id])?;
+        tx.execute("DELETE FROM log_chunks WHERE job_id = ?1", [id])?;
         tx.commit()?;
         Ok(Some(Dequeued { id, queue, payload, token }))
     }
@@ -489,31 +502,31 @@ impl Store {
         Self::owned(&tx, id, executor)
     }
 
-    /// Stores `out` for one entry within the job's log budget. Returns the stored text and
-    /// whether it was truncated.
-    fn fit_out(
-        tx: &Transaction<'_>,
-        id: i64,
-        entry_id: Option<i64>,
-        out: &str,
-        already_truncated: bool,
-        cap: u64,
-    ) -> Result<(String, bool, i64)> {
-        let others: i64 = tx.query_row(
-            "SELECT COALESCE(SUM(LENGTH(CAST(out AS BLOB))), 0) - COALESCE(SUM(CASE WHEN truncated = 1 \
-             THEN LENGTH(CAST(?3 AS BLOB)) ELSE 0 END), 0) FROM log_entries WHERE job_id = ?1 AND entry_id IS NOT ?2",
-            params![id, entry_id, truncation_marker(cap)],
-            |r| r.get(0),
-        )?;
-        let budget = (cap as i64 - others).max(0) as usize;
-        if already_truncated {
-            return Ok((String::new(), true, others));
-        }
+    /// Bytes of log output the job holds (markers not counted).
+    fn log_bytes(tx: &Transaction<'_>, id: i64) -> Result<i64> {
+        Ok(tx.query_row("SELECT log_bytes FROM jobs WHERE id = ?1", [id], |r| r.get(0))?)
+    }
+
+    /// Fits `out` into a budget of `budget` bytes: the kept text (with the marker when cut), whether
+    /// it was cut, and how many bytes of output it keeps.
+    fn fit(out: &str, budget: i64, cap: u64) -> (String, bool, i64) {
+        let budget = budget.max(0) as usize;
         if out.len() <= budget {
-            return Ok((out.to_string(), false, others + out.len() as i64));
+            return (out.to_string(), false, out.len() as i64);
         }
         let kept = cut_at_boundary(out, budget);
-        Ok((format!("{kept}{}", truncation_marker(cap)), true, others + kept.len() as i64))
+        (format!("{kept}{}", truncation_marker(cap)), true, kept.len() as i64)
+    }
+
+    /// The output bytes one entry holds, in its row and its appended chunks, markers not counted.
+    fn entry_bytes(tx: &Transaction<'_>, id: i64, entry_id: i64, cap: u64) -> Result<i64> {
+        Ok(tx.query_row(
+            "SELECT LENGTH(CAST(out AS BLOB)) + (SELECT COALESCE(SUM(LENGTH(CAST(data AS BLOB))), 0) \
+             FROM log_chunks WHERE job_id = ?1 AND entry_id = ?2) - truncated * LENGTH(CAST(?3 AS BLOB)) \
+             FROM log_entries WHERE job_id = ?1 AND entry_id = ?2",
+            params![id, entry_id, truncation_marker(cap)],
+            |r| r.get(0),
+        )?)
     }
 
     /// addExecutionLogEntry: returns the new 1-based entry id.
@@ -533,8 +546,8 @@ impl Store {
             [id],
             |r| r.get(0),
         )?;
-        let (out, truncated, total) =
-            Self::fit_out(&tx, id, None, entry.out.as_deref().unwrap_or(""), false, cap)?;
+        let used = Self::log_bytes(&tx, id)?;
+        let (out, truncated, kept) = Self::fit(entry.out.as_deref().unwrap_or(""), cap as i64 - used, cap);
         tx.execute(
             "INSERT INTO log_entries (job_id, entry_id, key, command, start_time, exit_code, out, truncated, duration_ms) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -550,7 +563,7 @@ impl Store {
                 entry.duration_ms
             ],
         )?;
-        tx.execute("UPDATE jobs SET log_bytes = ?2 WHERE id = ?1", params![id, total])?;
+        tx.execute("UPDATE jobs SET log_bytes = ?2 WHERE id = ?1", params![id, used + kept])?;
         tx.commit()?;
         Ok(Ok(entry_id))
     }
@@ -569,33 +582,50 @@ impl Store {
         if !Self::owned(&tx, id, executor)? {
             return Ok(Err(LogError::UnknownJob));
         }
-        let current: Option<(String, bool)> = tx
+        let current: Option<bool> = tx
             .query_row(
-                "SELECT out, truncated FROM log_entries WHERE job_id = ?1 AND entry_id = ?2",
+                "SELECT truncated FROM log_entries WHERE job_id = ?1 AND entry_id = ?2",
                 params![id, entry_id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| r.get(0),
             )
             .optional()?;
-        let Some((old_out, old_truncated)) = current else { return Ok(Err(LogError::UnknownEntry)) };
+        let Some(mut truncated) = current else { return Ok(Err(LogError::UnknownEntry)) };
         let delta = entry.out.as_deref().unwrap_or("");
-        let (out, truncated, total) = if append {
-            if old_truncated {
-                (old_out, true, -1)
-            } else {
-                let joined = format!("{old_out}{delta}");
-                Self::fit_out(&tx, id, Some(entry_id), &joined, false, cap)?
+        let used = Self::log_bytes(&tx, id)?;
+        if append {
+            // Past a cut nothing more is kept; otherwise the delta becomes a chunk of its own.
+            if !truncated && !delta.is_empty() {
+                let (data, cut, kept) = Self::fit(delta, cap as i64 - used, cap);
+                tx.execute(
+                    "INSERT INTO log_chunks (job_id, entry_id, seq, data) VALUES (?1, ?2, \
+                     (SELECT COALESCE(MAX(seq), 0) + 1 FROM log_chunks WHERE job_id = ?1 AND entry_id = ?2), ?3)",
+                    params![id, entry_id, data],
+                )?;
+                truncated = cut;
+                tx.execute("UPDATE jobs SET log_bytes = ?2 WHERE id = ?1", params![id, used + kept])?;
             }
-        } else if old_truncated
-            && delta.len() as i64 >= old_out.len() as i64 - truncation_marker(cap).len() as i64
-        {
-            // A full replacement that is at least as long as what was kept: keep the cut.
-            (old_out, true, -1)
         } else {
-            Self::fit_out(&tx, id, Some(entry_id), delta, false, cap)?
-        };
+            let held = Self::entry_bytes(&tx, id, entry_id, cap)?;
+            // A full replacement at least as long as what a cut kept keeps the cut; any other
+            // replaces the entry's output, chunks included.
+            if !(truncated && delta.len() as i64 >= held) {
+                let others = used - held;
+                let (out, cut, kept) = Self::fit(delta, cap as i64 - others, cap);
+                tx.execute(
+                    "DELETE FROM log_chunks WHERE job_id = ?1 AND entry_id = ?2",
+                    params![id, entry_id],
+                )?;
+                tx.execute(
+                    "UPDATE log_entries SET out = ?3 WHERE job_id = ?1 AND entry_id = ?2",
+                    params![id, entry_id, out],
+                )?;
+                truncated = cut;
+                tx.execute("UPDATE jobs SET log_bytes = ?2 WHERE id = ?1", params![id, others + kept])?;
+            }
+        }
         tx.execute(
-            "UPDATE log_entries SET key = ?3, command = ?4, start_time = ?5, exit_code = ?6, out = ?7, \
-             truncated = ?8, duration_ms = ?9 WHERE job_id = ?1 AND entry_id = ?2",
+            "UPDATE log_entries SET key = ?3, command = ?4, start_time = ?5, exit_code = ?6, \
+             truncated = ?7, duration_ms = ?8 WHERE job_id = ?1 AND entry_id = ?2",
             params![
                 id,
                 entry_id,
@@ -603,14 +633,10 @@ impl Store {
                 entry.command.as_ref().map(serde_json::to_string).transpose()?,
                 entry.start_time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
                 entry.exit_code,
-                out,
                 truncated,
                 entry.duration_ms
             ],
         )?;
-        if total >= 0 {
-            tx.execute("UPDATE jobs SET log_bytes = ?2 WHERE id = ?1", params![id, total])?;
-        }
         tx.commit()?;
         Ok(Ok(()))
     }
@@ -787,9 +813,20 @@ impl Store {
                 r.get::<_, Option<i64>>(6)?,
             ))
         })?;
+        let rows: Vec<_> = rows.collect::<rusqlite::Result<_>>()?;
+        let mut chunks = self.conn.prepare_cached(
+            "SELECT entry_id, data FROM log_chunks WHERE job_id = ?1 ORDER BY entry_id, seq",
+        )?;
+        let mut appended: HashMap<i64, String> = HashMap::new();
+        for c in chunks.query_map([id], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))? {
+            let (entry_id, data) = c?;
+            appended.entry(entry_id).or_default().push_str(&data);
+        }
         let mut out = Vec::new();
-        for row in rows {
-            let (entry_id, key, command, start, exit_code, text, duration_ms) = row?;
+        for (entry_id, key, command, start, exit_code, mut text, duration_ms) in rows {
+            if let Some(more) = appended.remove(&entry_id) {
+                text.push_str(&more);
+            }
             let command = command
                 .map(|c| serde_json::from_str::<Vec<String>>(&c))
                 .transpose()
@@ -974,6 +1011,31 @@ mod tests {
         s.update_log(a, "e", e2, &entry("more"), true, 10).unwrap().unwrap();
         assert_eq!(s.logs(a).unwrap()[1].entry.out, logs[1].entry.out, "nothing past the marker");
         assert_eq!(s.update_log(a, "e", 9, &entry(""), false, 10).unwrap(), Err(LogError::UnknownEntry));
+    }
+
+    #[test]
+    fn appended_chunks_read_back_in_order_and_share_the_budget_with_replacements() {
+        let mut s = Store::open_in_memory().unwrap();
+        let a = s.submit("batches", "{}", "r", 0).unwrap();
+        s.dequeue(&q(&["batches"]), "e", 1, |_| 1).unwrap().unwrap();
+        let e1 = s.add_log(a, "e", &entry("a"), 20).unwrap().unwrap();
+        for part in ["b", "c", "d", "e"] {
+            s.update_log(a, "e", e1, &entry(part), true, 20).unwrap().unwrap();
+        }
+        assert_eq!(s.logs(a).unwrap()[0].entry.out.as_deref(), Some("abcde"));
+        // A full replacement drops the chunks and frees their budget for the next entry.
+        s.update_log(a, "e", e1, &entry("xy"), false, 20).unwrap().unwrap();
+        assert_eq!(s.logs(a).unwrap()[0].entry.out.as_deref(), Some("xy"));
+        let e2 = s.add_log(a, "e", &entry("0123456789"), 20).unwrap().unwrap();
+        s.update_log(a, "e", e2, &entry("abcdefghij"), true, 20).unwrap().unwrap();
+        let logs = s.logs(a).unwrap();
+        let marker = truncation_marker(20);
+        assert_eq!(logs[1].entry.out.as_deref(), Some(format!("0123456789abcdefgh{marker}").as_str()));
+        // A shorter replacement of the cut entry is kept whole: it fits the budget again.
+        s.update_log(a, "e", e2, &entry("short"), false, 20).unwrap().unwrap();
+        assert_eq!(s.logs(a).unwrap()[1].entry.out.as_deref(), Some("short"));
+        s.update_log(a, "e", e2, &entry("+more"), true, 20).unwrap().unwrap();
+        assert_eq!(s.logs(a).unwrap()[1].entry.out.as_deref(), Some("short+more"));
     }
 
     #[test]

@@ -23,7 +23,12 @@ pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
         deadline: doc.deadline,
         sandbox: None,
     };
-    let path = workspace::create(&ctx.settings.workspaces_dir(), &owner)?;
+    let (path, _cap) = workspace::create_for_job(
+        &ctx.settings.workspaces_dir(),
+        &owner,
+        ctx.settings.limits().disk_bytes,
+        &ctx.logger,
+    )?;
     // Recorded before anything can fail, so that `complete` removes it whatever happens next.
     doc.workspace =
         Some(WorkspaceRecord { path: path.clone(), scripts: Vec::new(), repository_cloned: false });

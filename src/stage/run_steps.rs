@@ -8,7 +8,7 @@ use std::time::Instant;
 use super::{deadline_message, Incomplete, JobCtx, StageFailure};
 use crate::cancel::CancelReason;
 use crate::document::{FailureKind, RunDocument, StepRecord};
-use crate::sandbox::{StepEnd, StepSpec};
+use crate::sandbox::{OutputSink, StepEnd, StepSpec};
 
 /// The log key of docker step `index`.
 pub fn step_key(key: &str, index: usize) -> String {
@@ -54,7 +54,13 @@ pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
         };
         let mut entry = ctx.logger.entry(&key, Some(runtime.step_command(&sandbox, &spec)))?;
         let started = Instant::now();
-        let end = runtime.run_step(&sandbox, &spec, &mut entry, &ctx.cancel);
+        let mut noted = LimitNotes { entry: &mut entry, hit: Vec::new() };
+        let end = runtime.run_step(&sandbox, &spec, &mut noted, &ctx.cancel);
+        let because = if noted.hit.is_empty() {
+            String::new()
+        } else {
+            format!(": the step hit the job's {}", noted.hit.join("; and the job's "))
+        };
         let duration_ms = started.elapsed().as_millis() as i64;
         let (code, ended_by) = match &end {
             Ok(StepEnd::Exited(c)) => (*c, None),
@@ -69,8 +75,15 @@ pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
         doc.steps.push(StepRecord { key: key.clone(), exit_code: Some(code), duration_ms, ended_by });
         match end.with_context(|| format!("running {key}"))? {
             StepEnd::Exited(0) => {}
-            StepEnd::Exited(c) => anyhow::bail!("running {key}: command failed with exit code {c}"),
-            StepEnd::Signaled(s) => anyhow::bail!("running {key}: killed by signal {s}"),
+            StepEnd::Exited(c) => anyhow::bail!("running {key}: command failed with exit code {c}{because}"),
+            StepEnd::Signaled(s) => anyhow::bail!("running {key}: killed by signal {s}{because}"),
+            StepEnd::Stopped(CancelReason::Deadline) if !because.is_empty() => {
+                return Err(StageFailure {
+                    kind: FailureKind::Errored,
+                    message: format!("{}{because}", deadline_message(&ctx.settings)),
+                }
+                .into())
+            }
             StepEnd::Stopped(r) => return Err(stopped(ctx, r, &key)),
         }
         flushed?;
@@ -88,6 +101,22 @@ pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The step's log entry, remembering which of the job's limits the runtime said it hit.
+struct LimitNotes<'a> {
+    entry: &'a mut crate::logs::LogEntry,
+    hit: Vec<String>,
+}
+
+impl OutputSink for LimitNotes<'_> {
+    fn output(&mut self, stream: crate::sandbox::Stream, data: &[u8]) {
+        self.entry.output(stream, data);
+    }
+    fn limit_hit(&mut self, what: &str) {
+        self.entry.limit_hit(what);
+        self.hit.push(what.to_string());
+    }
 }
 
 fn stopped(ctx: &JobCtx, reason: CancelReason, key: &str) -> anyhow::Error {

@@ -1,4 +1,5 @@
-//! The only place for unsafe code: hooks that run in a child process between fork and exec.
+//! The only place for unsafe code: hooks that run in a child process between fork and exec, and
+//! the new mount API syscalls (open_tree, mount_setattr, move_mount) for idmapped mounts.
 #![allow(unsafe_code)]
 
 use std::ffi::CString;
@@ -60,4 +61,120 @@ pub fn start_in_dir_keeping(cmd: &mut Command, dir: RawFd, keep: Vec<RawFd>) {
             Ok(())
         });
     }
+}
+
+/// A user namespace whose uid and gid maps are both `inner outer count`, held by an fd: what an
+/// idmapped mount ([`idmapped_bind`]) takes. A short-lived child unshares it; the namespace
+/// lives on through the fd after the child is gone.
+pub fn userns_fd(inner: u32, outer: u32, count: u32) -> std::io::Result<std::os::fd::OwnedFd> {
+    let mut cmd = Command::new("sleep");
+    cmd.arg("30")
+        .env_clear()
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: the closure runs in the forked (single-threaded) child before exec and only makes
+    // the unshare syscall through nix, which neither allocates nor takes locks.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER)?;
+            Ok(())
+        });
+    }
+    // `spawn` returns once the child has exec'd, so its namespace exists by then.
+    let mut child = cmd.spawn()?;
+    let pid = child.id();
+    let res = (|| {
+        let line = format!("{inner} {outer} {count}\n");
+        std::fs::write(format!("/proc/{pid}/uid_map"), &line)?;
+        std::fs::write(format!("/proc/{pid}/gid_map"), &line)?;
+        let f = std::fs::File::open(format!("/proc/{pid}/ns/user"))?;
+        Ok(std::os::fd::OwnedFd::from(f))
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    res
+}
+
+/// `struct mount_attr` of mount_setattr(2).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const AT_RECURSIVE: libc::c_uint = 0x8000;
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NOSUID: u64 = 0x2;
+const MOUNT_ATTR_NODEV: u64 = 0x4;
+const MOUNT_ATTR_IDMAP: u64 = 0x10_0000;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+
+/// Bind-mounts `src` on `dst` read-only, nosuid, nodev and idmapped through `userns` (files
+/// owned by `inner + n` on disk appear owned by `outer + n`), with open_tree, mount_setattr and
+/// move_mount (Linux 5.12+).
+pub fn idmapped_bind(
+    src: &std::path::Path,
+    dst: &std::path::Path,
+    userns: &std::os::fd::OwnedFd,
+) -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    let src = std::ffi::CString::new(src.as_os_str().as_bytes())?;
+    let dst = std::ffi::CString::new(dst.as_os_str().as_bytes())?;
+    let empty = c"";
+    // SAFETY: open_tree reads the NUL-terminated path `src`, which outlives the call; it returns
+    // a new fd or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            src.as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | AT_RECURSIVE,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by open_tree and is owned by nothing else.
+    let tree = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_IDMAP | MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: userns.as_raw_fd() as u64,
+    };
+    // SAFETY: mount_setattr reads `attr` (of the size passed) and the empty path, both live for
+    // the call; `tree` is an open detached mount.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_EMPTY_PATH as libc::c_uint | AT_RECURSIVE,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: move_mount reads the two NUL-terminated paths, which live for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_FDCWD,
+            dst.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -1,7 +1,9 @@
 //! Job workspaces under `$EXECUTOR_STATE_DIR/workspaces`: creating one, writing the job's inline
 //! files and step scripts into it (confined, see [`files`]), the owner record the janitor reads,
-//! and removal. Cloning the repository is [`clone_repository`]'s place.
+//! and removal. Cloning the repository is [`clone_repository`]'s place; the workspace's own
+//! size-capped filesystem is [`disk`]'s.
 
+pub mod disk;
 pub mod files;
 pub mod scripts;
 
@@ -32,6 +34,41 @@ fn owner_path(ws: &Path) -> PathBuf {
     ws.with_file_name(name)
 }
 
+/// Creates a fresh workspace for the job, records its owner and, with a cap (`disk_bytes`
+/// above 0), gives it its own filesystem of that size (see [`disk`]). Where that cannot be
+/// done (the executor is not root, no loop device) the workspace is a plain directory, the
+/// clone's size is checked afterwards instead, and the setup log entry `setup.fs.workspace`
+/// says so.
+pub fn create_for_job(
+    workspaces_dir: &Path,
+    owner: &Owner,
+    disk_bytes: u64,
+    logger: &JobLogger,
+) -> Result<(PathBuf, disk::Cap)> {
+    let ws = create(workspaces_dir, owner)?;
+    if disk_bytes == 0 {
+        return Ok((ws, disk::Cap::Unlimited));
+    }
+    let why_not = if !nix::unistd::geteuid().is_root() {
+        "the executor is not root, so it cannot mount one".to_string()
+    } else {
+        match disk::mount(&ws, disk_bytes) {
+            Ok(took) => return Ok((ws, disk::Cap::Mounted { bytes: disk_bytes, took })),
+            Err(e) => format!("{e:#}"),
+        }
+    };
+    let msg = format!(
+        "workspace disk limit {}: no filesystem of its own ({why_not}); only the repository's size \
+         is checked, after the clone, and steps are bounded per file only",
+        disk::human(disk_bytes)
+    );
+    eprintln!("executor: job {}: {msg}", owner.job_uid);
+    let mut entry = logger.entry("setup.fs.workspace", None)?;
+    entry.line(&msg);
+    entry.finish(0)?;
+    Ok((ws, disk::Cap::PostHoc { bytes: disk_bytes, reason: why_not }))
+}
+
 /// Creates a fresh workspace directory for the job and records its owner.
 pub fn create(workspaces_dir: &Path, owner: &Owner) -> Result<PathBuf> {
     std::fs::create_dir_all(workspaces_dir)
@@ -55,8 +92,11 @@ pub fn read_owner(ws: &Path) -> Option<Owner> {
     std::fs::read(owner_path(ws)).ok().and_then(|b| serde_json::from_slice(&b).ok())
 }
 
-/// Removes the workspace and its owner record; fine when they are already gone.
+/// Removes the workspace (its filesystem first, if it has one) and its owner record; fine when
+/// they are already gone.
 pub fn remove(ws: &Path) -> Result<()> {
+    // Never delete through a mount: the disk goes first, whole.
+    disk::unmount(ws)?;
     match std::fs::remove_dir_all(ws) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -93,6 +133,7 @@ pub fn clone_repository(job: &Job, ws: &Path, logger: &JobLogger, cx: &CloneCont
         files::confined(ws, &job.repository_directory)
             .with_context(|| format!("repositoryDirectory {:?}", job.repository_directory))?
     };
+    let mounted = disk::is_mounted(ws);
     let req = crate::git::CloneRequest {
         frontend_url: cx.frontend_url.to_string(),
         repository_name: job.repository_name.clone(),
@@ -109,12 +150,24 @@ pub fn clone_repository(job: &Job, ws: &Path, logger: &JobLogger, cx: &CloneCont
         cache: cx.cache_dir.clone().map(crate::git::ObjectCache::new),
         step_timeout: cx.git_timeout,
         ca_file: cx.ca_file.map(Path::to_path_buf),
-        max_bytes: cx.max_bytes,
+        // On its own filesystem the workspace cannot outgrow the cap: no walk afterwards.
+        max_bytes: if mounted { 0 } else { cx.max_bytes },
         workspace: ws.to_path_buf(),
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
-    crate::git::clone(&req, &mut GitLog { logger, error: None })
-        .with_context(|| format!("cloning {} at {}", job.repository_name, job.commit))?;
+    crate::git::clone(&req, &mut GitLog { logger, error: None }).map_err(|e| {
+        if mounted && cx.max_bytes > 0 && disk::is_disk_full(&e) {
+            e.context(format!(
+                "repository {} at {} does not fit in the workspace disk limit of {} \
+                 (EXECUTOR_FIRECRACKER_DISK_SPACE)",
+                job.repository_name,
+                job.commit,
+                disk::human(cx.max_bytes)
+            ))
+        } else {
+            e.context(format!("cloning {} at {}", job.repository_name, job.commit))
+        }
+    })?;
     Ok(true)
 }
 
@@ -224,17 +277,8 @@ pub fn write_files_and_scripts(
 /// in it), across processes: a boot holds it shared from before its sandbox exists until the workspace's owner
 /// record names that sandbox; a janitor pass holds it exclusively, so that it never finds a
 /// sandbox that no owner record claims yet.
-pub fn janitor_lock(state_dir: &Path, exclusive: bool) -> Result<nix::fcntl::Flock<std::fs::File>> {
-    std::fs::create_dir_all(state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
-    let path = state_dir.join("janitor.lock");
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    let how = if exclusive { nix::fcntl::FlockArg::LockExclusive } else { nix::fcntl::FlockArg::LockShared };
-    nix::fcntl::Flock::lock(f, how).map_err(|(_, e)| anyhow::anyhow!("locking {}: {e}", path.display()))
+pub fn janitor_lock(state_dir: &Path, exclusive: bool) -> Result<crate::lockfile::Held> {
+    crate::lockfile::lock(&state_dir.join("janitor.lock"), exclusive)
 }
 
 /// One janitor pass over the workspaces directory. A workspace is removed when its owner is
@@ -259,6 +303,15 @@ pub fn sweep(
     for ent in rd.flatten() {
         let path = ent.path();
         let name = ent.file_name().to_string_lossy().into_owned();
+        if let Some(dir) = name.strip_suffix(".img").filter(|n| n.starts_with("workspace-")) {
+            // A disk whose workspace is gone (a crash inside `remove`).
+            let dir = workspaces_dir.join(dir);
+            if !dir.exists() {
+                disk::unmount(&dir)?;
+                removed.push(path);
+            }
+            continue;
+        }
         if !name.starts_with("workspace-") || name.ends_with(".owner.json") {
             continue;
         }
@@ -316,6 +369,26 @@ mod tests {
         assert!(claimed.contains("sb-me-1") && claimed.contains("sb-other-1"));
         assert!(read_owner(&mine_dead).is_none());
         remove(&mine_dead).unwrap();
+    }
+
+    #[test]
+    fn sweep_unmounts_a_crashed_executors_workspace_disk() {
+        if !nix::unistd::geteuid().is_root() || which::which("mkfs.ext4").is_err() {
+            eprintln!("SKIPPED sweep_unmounts_a_crashed_executors_workspace_disk: needs root and mkfs.ext4");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let past = Some(Utc::now() - chrono::Duration::hours(1));
+        let crashed = create(d.path(), &owner("gone", "7", past)).unwrap();
+        disk::mount(&crashed, 16 << 20).unwrap();
+        std::fs::write(crashed.join("file"), "x").unwrap();
+        // A disk whose workspace directory is gone.
+        let orphan = d.path().join("workspace-9-orphan.img");
+        std::fs::write(&orphan, "").unwrap();
+        let (removed, _) = sweep(d.path(), "me", &HashSet::new(), Duration::from_secs(60)).unwrap();
+        assert_eq!(removed.len(), 2, "{removed:?}");
+        assert!(!crashed.exists() && !disk::image_path(&crashed).exists() && !orphan.exists());
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
     }
 
     #[test]

@@ -78,6 +78,12 @@ impl Fixture {
         self.tmp.path().join("ws")
     }
 
+    /// Gives the workspace its own filesystem of `bytes`, as `prepare-workspace` does.
+    pub fn mount_workspace_disk(&self, bytes: u64) {
+        executor::workspace::disk::mount(&self.workspace(), bytes).unwrap();
+        std::fs::create_dir_all(self.workspace().join("repo")).unwrap();
+    }
+
     pub fn state(&self) -> PathBuf {
         self.tmp.path().join("state")
     }
@@ -125,6 +131,24 @@ impl Fixture {
         let mut sink = Collect::default();
         let end = self.rt.run_step(sb, &step, &mut sink, cancel).unwrap();
         (end, sink)
+    }
+}
+
+impl Drop for Fixture {
+    /// A failed test never tore its sandboxes down: no mount of it (workspace disk, image
+    /// roots) may outlive its temporary directory.
+    fn drop(&mut self) {
+        let _ = executor::workspace::disk::unmount(&self.workspace());
+        let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut points: Vec<PathBuf> = table
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4).map(PathBuf::from))
+            .filter(|m| m.starts_with(self.tmp.path()))
+            .collect();
+        points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for p in points {
+            let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
+        }
     }
 }
 
@@ -363,6 +387,7 @@ fn probe_suite(oci: &str, test: &str) {
         return;
     }
     let f = Fixture::new(oci);
+    f.mount_workspace_disk(32 << 20);
     if !compile_probe(&f.workspace().join("probe")) {
         common::skip(test, "gcc with static libc (build-essential) is needed to build the probe helper");
         return;
@@ -519,14 +544,16 @@ fn probe_suite(oci: &str, test: &str) {
         probe(
             "fill the disk past the cap",
             "i=0; while [ $i -lt 40 ]; do dd if=/dev/zero of=/tmp/f$i bs=1M count=1 2>/dev/null || { echo tmp-full; break; }; \
-             i=$((i+1)); done; dd if=/dev/zero of=/data/fill bs=1M count=64; echo rc=$?",
-            &["tmp-full", "rc=153"],
-            "tmpfs size for /tmp; RLIMIT_FSIZE per file in /data (SIGXFSZ)",
+             i=$((i+1)); done; i=0; while [ $i -lt 40 ]; do dd if=/dev/zero of=/data/f$i bs=1M count=1 2>/dev/null || \
+             { echo data-full; break; }; i=$((i+1)); done; echo files=$i; rm -f /data/f*; \
+             dd if=/dev/zero of=/data/fill bs=1M count=64; echo rc=$?",
+            &["tmp-full", "data-full", "No space left on device", "rc=1", "hit the job's workspace disk limit of 32 MiB"],
+            "tmpfs size for /tmp; the workspace is its own 32 MiB filesystem (ENOSPC)",
         ),
         probe(
             "exhaust file descriptors",
             "/data/probe fds",
-            &["opened 10", "fds: EMFILE"],
+            &["opened 10", "fds: EMFILE", "hit the job's open file limit of 1024"],
             "RLIMIT_NOFILE 1024",
         ),
         Probe {
@@ -562,6 +589,8 @@ fn probe_suite(oci: &str, test: &str) {
         };
         let image = if p.name.contains("setuid") { "suid" } else { "busybox" };
         let (end, out) = f.run_in(&sb, image, &p.script, &[], &cancel);
+        // The disk probe leaves the workspace full; the next probe's script needs room.
+        let _ = std::fs::remove_file(f.workspace().join("fill"));
         let text = format!("{}{}", out.stdout(), out.stderr());
         let mut why = Vec::new();
         for e in &p.expect {
@@ -711,9 +740,6 @@ fn oci_probes_run_as_real_jobs_through_the_coordinator() {
     let symlink = c.submit(serde_json::json!({"dockerSteps": [
         {"key": "link", "image": "probe:1", "dir": "", "env": [], "commands": ["ln -s /etc/shadow /data/shadow-link"]}
     ], "artifacts": ["shadow-link"]}));
-    let membomb = c.submit(serde_json::json!({"dockerSteps": [
-        {"key": "bomb", "image": "probe:1", "dir": "", "env": [], "commands": ["dd if=/dev/zero of=/dev/null bs=400M count=1"]}
-    ]}));
 
     let run_loop = |jobs: &str, max_runtime: &str| {
         let mut cmd = common::executor();
@@ -732,7 +758,7 @@ fn oci_probes_run_as_real_jobs_through_the_coordinator() {
         let out = common::run(&mut cmd);
         assert!(out.status.success(), "loop: {}", String::from_utf8_lossy(&out.stderr));
     };
-    run_loop("3", "60s");
+    run_loop("2", "60s");
 
     let job = c.wait_state(probes, &["completed", "failed", "errored"], Duration::from_secs(60));
     let log = job_log(&job);
@@ -749,17 +775,6 @@ fn oci_probes_run_as_real_jobs_through_the_coordinator() {
     let log = job_log(&job);
     assert!(log.contains("artifact shadow-link goes through the symlink shadow-link: refusing"), "{log}");
     assert!(!log.contains("root:"), "{log}");
-
-    let job = c.wait_state(membomb, &["completed", "failed", "errored"], Duration::from_secs(60));
-    assert_ne!(job["state"], "completed");
-    assert!(job_log(&job).contains("hit the job's memory limit"), "{}", job_log(&job));
-
-    let spinner = c.submit(serde_json::json!({"dockerSteps": [
-        {"key": "spin", "image": "probe:1", "dir": "", "env": [], "commands": ["echo spinning; while :; do :; done"]}
-    ]}));
-    run_loop("1", "2s");
-    let job = c.wait_state(spinner, &["failed", "errored"], Duration::from_secs(30));
-    assert_eq!(job["failureMessage"], "job exceeded maximum execution time of 2s", "{job:#}");
 
     // Nothing of any job is left: sandboxes, cgroups, image use records, processes, workspaces.
     let left = |dir: &str| std::fs::read_dir(f.state().join(dir)).map(|r| r.count()).unwrap_or(0);
@@ -787,4 +802,286 @@ fn oci_check_reports_every_oci_runtime() {
     let opts = RuntimeOptions { state_dir: f.state(), oci_runtime: "docker".into(), ..Default::default() };
     let err = OciRuntime::new(opts).unwrap_err();
     assert!(format!("{err:#}").contains("unknown OCI runtime \"docker\""), "{err:#}");
+}
+
+/// Samples how long the host takes to start and reap a process, every 100 ms until stopped.
+struct Responsiveness {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<Duration>>,
+}
+
+impl Responsiveness {
+    fn start() -> Responsiveness {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut samples = Vec::new();
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                let ok = std::process::Command::new("true").status().map(|st| st.success()).unwrap_or(false);
+                assert!(ok, "the host could not run `true`");
+                samples.push(t.elapsed());
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            samples
+        });
+        Responsiveness { stop, thread }
+    }
+
+    /// (p50, max) of the samples.
+    fn finish(self) -> (Duration, Duration, usize) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut v = self.thread.join().unwrap();
+        v.sort();
+        (v[v.len() / 2], v[v.len() - 1], v.len())
+    }
+}
+
+/// A fork bomb, a memory bomb, a disk fill, file-descriptor exhaustion, a CPU spinner and a
+/// repository larger than the workspace disk, each as a real job through the coordinator and
+/// `executor loop` with runc: every job fails with a message that names the limit it hit, and the
+/// host keeps answering meanwhile.
+#[test]
+fn oci_resource_bombs_fail_real_jobs_naming_the_limit() {
+    let test = "oci_resource_bombs_fail_real_jobs_naming_the_limit";
+    if !can_run(test, "runc") {
+        return;
+    }
+    if std::process::Command::new("gcc").arg("--version").output().is_err() {
+        common::skip(test, "gcc (build-essential) is needed to build the probe helper");
+        return;
+    }
+    if which::which("mkfs.ext4").is_err() {
+        common::skip(test, "mkfs.ext4 (e2fsprogs) is needed for the workspace disk");
+        return;
+    }
+    let c = crate::coordinator::Coordinator::start();
+    let f = Fixture::new("runc");
+    import_probe_image(&f);
+    // A repository whose content (incompressible) is larger than the workspace disk.
+    let repo = f.tmp.path().join("big-repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    let mut noise = vec![0u8; 40 << 20];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut noise).unwrap();
+    std::fs::write(repo.join("noise.bin"), &noise).unwrap();
+    let git = |args: &str| {
+        let o = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("git -c user.name=t -c user.email=t@t {args}"))
+            .current_dir(&repo)
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "git {args}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    git("init -q -b main . && git add -A && git -c user.name=t -c user.email=t@t commit -qm big");
+    let commit = git("rev-parse HEAD");
+    let mut cmd = common::executor();
+    c.admin_env(&mut cmd);
+    let o = common::run(cmd.args(["queue", "repo", "add", "github.com/acme/big"]).arg(&repo));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let prefix = format!("ocibomb{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let step = |key: &str, cmd: &str| serde_json::json!({"dockerSteps": [{"key": key, "image": "probe:1", "dir": "", "env": [], "commands": [cmd]}]});
+    let jobs = [
+        (
+            "fork bomb",
+            c.submit(step("fork", "while :; do sleep 30 & done")),
+            "process limit of 4096 processes",
+        ),
+        (
+            "memory bomb",
+            c.submit(step("mem", "dd if=/dev/zero of=/dev/null bs=1500M count=1")),
+            "memory limit of 1 GiB",
+        ),
+        (
+            "disk fill",
+            c.submit(step("disk", "dd if=/dev/zero of=/data/fill bs=1M")),
+            "workspace disk limit of 32 MiB",
+        ),
+        ("fd exhaustion", c.submit(step("fds", "probe fds")), "open file limit of 1024 per process"),
+        (
+            "repository over the disk",
+            c.submit(serde_json::json!({"repositoryName": "github.com/acme/big", "commit": commit,
+                "dockerSteps": [{"image": "probe:1", "commands": ["true"]}]})),
+            "does not fit in the workspace disk limit of 32 MiB",
+        ),
+    ];
+    let run_loop = |jobs: usize, max_runtime: &str| {
+        let mut cmd = common::executor();
+        c.executor_env(&mut cmd);
+        cmd.env("EXECUTOR_QUEUE_NAME", "batches")
+            .env("EXECUTOR_RUNTIME", "oci")
+            .env("EXECUTOR_OCI_RUNTIME", "runc")
+            .env("EXECUTOR_STATE_DIR", f.state())
+            .env("EXECUTOR_VM_PREFIX", &prefix)
+            .env("EXECUTOR_JOB_MEMORY", "1G")
+            .env("EXECUTOR_JOB_NUM_CPUS", "1")
+            .env("EXECUTOR_FIRECRACKER_DISK_SPACE", "32M")
+            .env("EXECUTOR_MAXIMUM_NUM_JOBS", "2")
+            .env("EXECUTOR_NUM_TOTAL_JOBS", jobs.to_string())
+            .env("EXECUTOR_MAXIMUM_RUNTIME_PER_JOB", max_runtime)
+            .env("EXECUTOR_HEARTBEAT_INTERVAL", "300ms")
+            .arg("loop");
+        let out = common::run(&mut cmd);
+        assert!(out.status.success(), "loop: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let host = Responsiveness::start();
+    let t = Instant::now();
+    run_loop(jobs.len(), "60s");
+    let bombs_took = t.elapsed();
+    let spinner = c.submit(step(
+        "spin",
+        // Sixteen spinners: more than the CPU limit even when other work shares the host's cores,
+        // so the quota throttles them whatever the load.
+        "echo spinning; i=0; while [ $i -lt 15 ]; do sh -c 'while :; do :; done' & i=$((i+1)); done; sh -c 'while :; do :; done'",
+    ));
+    run_loop(1, "3s");
+    let (p50, max, n) = host.finish();
+    eprintln!(
+        "{test}: {} jobs in {bombs_took:?}; host `true` while they ran: p50 {p50:?}, max {max:?} ({n} samples)",
+        jobs.len() + 1
+    );
+    // Liveness, not speed: the host still starts processes while every limit is being hit.
+    assert!(max < Duration::from_secs(5), "the host stalled for {max:?}");
+
+    let mut failures = Vec::new();
+    for (what, id, want) in &jobs {
+        let job = c.wait_state(*id, &["completed", "failed", "errored"], Duration::from_secs(30));
+        let msg = job["failureMessage"].as_str().unwrap_or_default();
+        if job["state"] == "completed" || !msg.contains(want) {
+            failures.push(format!(
+                "{what}: state {}, message {msg:?}, want {want:?}\n{}",
+                job["state"],
+                job_log(&job)
+            ));
+        } else {
+            eprintln!("{what}: {msg}");
+        }
+    }
+    let job = c.wait_state(spinner, &["failed", "errored"], Duration::from_secs(30));
+    let msg = job["failureMessage"].as_str().unwrap_or_default();
+    // The deadline is the limit that ends a spinner. The CPU quota is named too when it throttled
+    // the step, which needs a host with a core to spare (unit test: `cpu_note_*`).
+    let cpu_ok = msg == "job exceeded maximum execution time of 3s"
+        || msg.starts_with(
+            "job exceeded maximum execution time of 3s: the step hit the job's CPU limit of 1 CPU: throttled in ",
+        );
+    if !cpu_ok {
+        failures.push(format!("CPU spinner: message {msg:?}\n{}", job_log(&job)));
+    } else {
+        eprintln!("CPU spinner: {msg}");
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+
+    let left = |dir: &str| std::fs::read_dir(f.state().join(dir)).map(|r| r.count()).unwrap_or(0);
+    assert_eq!((left("sandboxes"), left("images/users"), left("workspaces")), (0, 0, 0));
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&f.state().display().to_string()), "a workspace disk is still mounted");
+    let cgroups = executor::sandbox::oci::cgroup::existing_jobs();
+    assert!(!cgroups.iter().any(|n| n.starts_with(&prefix)), "{cgroups:?}");
+}
+
+/// Host uids of the processes in a sandbox's job cgroup.
+fn host_uids(sb: &SandboxRecord) -> Vec<u32> {
+    executor::sandbox::oci::cgroup::JobCgroup::new(&sb.name)
+        .pids()
+        .into_iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .filter_map(|s| {
+            s.lines().find(|l| l.starts_with("Uid:")).and_then(|l| l.split_whitespace().nth(2)?.parse().ok())
+        })
+        .collect()
+}
+
+/// Two sandboxes running at once: their container roots are different unprivileged host uid
+/// ranges (each its own slot, released at teardown), and each still owns its image's files.
+fn uid_ranges_are_per_job(oci: &str, test: &str) {
+    if !can_run(test, oci) {
+        return;
+    }
+    let f = Fixture::new(oci);
+    let ws_b = f.tmp.path().join("ws-b");
+    std::fs::create_dir_all(ws_b.join("repo")).unwrap();
+    let a = f.boot(&limits());
+    let b =
+        f.rt.boot(&BootRequest {
+            job_uid: "2",
+            workspace: &ws_b,
+            images: vec!["busybox".into()],
+            limits: &limits(),
+            name_prefix: "ocitest",
+        })
+        .unwrap();
+    let base = |sb: &SandboxRecord| sb.details["uidBase"].as_u64().unwrap() as u32;
+    let (ba, bb) = (base(&a), base(&b));
+    let count = executor::image::ID_COUNT;
+    assert!(ba >= executor::image::ID_BASE + count && bb >= executor::image::ID_BASE + count, "{ba} {bb}");
+    assert!(ba + count <= bb || bb + count <= ba, "ranges overlap: {ba} {bb}");
+
+    let ws_a = f.workspace();
+    let script = "stat -c 'image-owner=%u' /bin/busybox; touch /data/mine; echo ready; sleep 2";
+    std::fs::write(ws_b.join(".s.sh"), script).unwrap();
+    let rt = f.rt.clone();
+    let b2 = b.clone();
+    let other = std::thread::spawn(move || {
+        let step = StepSpec { key: "b", image: "busybox", script: ".s.sh", dir: "repo", env: &[] };
+        let mut sink = Collect::default();
+        let end = rt.run_step(&b2, &step, &mut sink, &Cancel::new()).unwrap();
+        (end, sink.stdout())
+    });
+    let rt = f.rt.clone();
+    let a2 = a.clone();
+    std::fs::write(f.workspace().join(".s.sh"), script).unwrap();
+    let mine = std::thread::spawn(move || {
+        let step = StepSpec { key: "a", image: "busybox", script: ".s.sh", dir: "repo", env: &[] };
+        let mut sink = Collect::default();
+        let end = rt.run_step(&a2, &step, &mut sink, &Cancel::new()).unwrap();
+        (end, sink.stdout())
+    });
+    // While both run: every process of each job is a host uid of its own range.
+    let t = Instant::now();
+    let (mut ua, mut ub) = (Vec::new(), Vec::new());
+    // Sampled once both steps run their script (runc's own init is briefly host root before it
+    // execs the step).
+    while !(ws_a.join("mine").exists() && ws_b.join("mine").exists()) && t.elapsed() < Duration::from_secs(20)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    while (ua.is_empty() || ub.is_empty()) && t.elapsed() < Duration::from_secs(20) {
+        ua = host_uids(&a);
+        ub = host_uids(&b);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (uids, base) in [(&ua, ba), (&ub, bb)] {
+        assert!(!uids.is_empty(), "no process seen");
+        assert!(uids.iter().all(|u| *u >= base && *u < base + count), "{uids:?} outside {base}");
+    }
+    eprintln!("{test}: job a runs as host uids {ua:?}, job b as {ub:?}");
+    for (h, ws, base) in [(mine, &ws_a, ba), (other, &ws_b, bb)] {
+        let (end, out) = h.join().unwrap();
+        assert_eq!(end, StepEnd::Exited(0), "{out}");
+        assert!(out.contains("image-owner=0\n"), "the image belongs to container root: {out}");
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(ws.join("mine")).unwrap().uid(), base);
+    }
+    f.rt.teardown(&a).unwrap();
+    f.rt.teardown(&b).unwrap();
+    assert_clean(&f, &a);
+    assert_clean(&f, &b);
+    let slots = std::fs::read_dir(f.state().join("uid-ranges"))
+        .unwrap()
+        .filter(|e| e.as_ref().map(|e| e.file_name() != ".lock").unwrap_or(false));
+    assert_eq!(slots.count(), 0, "a uid range is still taken");
+}
+
+#[test]
+fn oci_runc_uid_ranges_are_per_job() {
+    uid_ranges_are_per_job("runc", "oci_runc_uid_ranges_are_per_job");
+}
+
+#[test]
+fn oci_crun_uid_ranges_are_per_job() {
+    uid_ranges_are_per_job("crun", "oci_crun_uid_ranges_are_per_job");
 }

@@ -421,7 +421,8 @@ fn loop_sigterm_drains_then_kills_and_a_second_signal_is_immediate() {
 fn sigkilled_executor_job_is_reset_and_finished_by_another() {
     let c = Coordinator::start_with(&["--stalled-max-age", "1s"]);
     let state = tempfile::tempdir().unwrap();
-    let mut first = spawn_loop(&c, state.path(), &[]);
+    // No workspace disk for the executor killed here: its mount would outlive the test's temp dir.
+    let mut first = spawn_loop(&c, state.path(), &[("EXECUTOR_FIRECRACKER_DISK_SPACE", "0")]);
     let id = c.submit(json!({"dockerSteps": [{"image": "alpine", "commands": ["echo started", "sleep 2", "echo finished"]}]}));
     wait_for_output(&c, id, "step.docker.0", "stdout: started");
     let first_name = c.job(id)["executorName"].clone();

@@ -637,25 +637,45 @@ fn queue_follows_logs_until_the_job_ends() {
     ex.heartbeat("batches", &[]);
     let job = ex.dequeue("batches", "").unwrap();
     ex.job_call("batches", &job, "addExecutionLogEntry", entry_body("follow-1", id, "one\n"));
-    let mut cmd = common::executor();
-    c.admin_env(&mut cmd);
-    cmd.args(["queue", "logs", &id.to_string(), "--follow", "--json"]).stdout(std::process::Stdio::piped());
-    let child = cmd.spawn().unwrap();
+    let follow = |json: bool| {
+        let mut cmd = common::executor();
+        c.admin_env(&mut cmd);
+        cmd.args(["queue", "logs", &id.to_string(), "--follow"]).stdout(std::process::Stdio::piped());
+        if json {
+            cmd.arg("--json");
+        }
+        cmd.spawn().unwrap()
+    };
+    let (as_json, as_text) = (follow(true), follow(false));
     std::thread::sleep(Duration::from_millis(300));
     let mut upd = entry_body("follow-1", id, "two\n");
     upd["entryId"] = json!(1);
     upd["append"] = json!(true);
+    assert_eq!(ex.job_call("batches", &job, "updateExecutionLogEntry", upd.clone()).0, 204);
+    std::thread::sleep(Duration::from_millis(300));
+    upd["out"] = json!("three\n");
     upd["exitCode"] = json!(0);
+    upd["durationMs"] = json!(7);
     assert_eq!(ex.job_call("batches", &job, "updateExecutionLogEntry", upd).0, 204);
-    std::thread::sleep(Duration::from_millis(200));
+    std::thread::sleep(Duration::from_millis(300));
     assert_eq!(ex.mark("batches", &job, "markComplete", ""), 204);
-    let out = child.wait_with_output().unwrap();
+    let out = as_json.wait_with_output().unwrap();
     assert!(out.status.success());
     let lines: Vec<Value> =
         String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    // The whole entry once, then only what each update added.
     assert_eq!(lines.first().unwrap()["out"], "one\n");
-    assert_eq!(lines.last().unwrap()["out"], "one\ntwo\n");
+    assert!(lines.first().unwrap().get("append").is_none());
+    let appended: String = lines[1..].iter().map(|l| l["out"].as_str().unwrap()).collect();
+    assert_eq!(appended, "two\nthree\n");
+    assert!(lines[1..].iter().all(|l| l["append"] == true && l["entryId"] == 1), "{lines:?}");
     assert_eq!(lines.last().unwrap()["exitCode"], 0);
+    let out = as_text.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "==> [1] step.docker.0\none\ntwo\nthree\n==> [1] step.docker.0: exit 0, 7 ms\n"
+    );
 }
 
 #[test]

@@ -45,6 +45,9 @@ pub struct Counters {
     pub pids_peak: u64,
     /// The job's process limit (0 for none).
     pub pids_limit: u64,
+    /// CFS periods the job ran in, and those in which its CPU quota throttled it.
+    pub cpu_periods: u64,
+    pub cpu_throttled: u64,
 }
 
 /// A job's cgroup, `executor-oci/<sandbox>` in each hierarchy.
@@ -159,6 +162,8 @@ impl JobCgroup {
                 mem_limit: read("memory", "memory.limit_in_bytes", ""),
                 pids_peak: read("pids", "pids.peak", ""),
                 pids_limit: read("pids", "pids.max", ""),
+                cpu_periods: read("cpu", "cpu.stat", "nr_periods "),
+                cpu_throttled: read("cpu", "cpu.stat", "nr_throttled "),
             },
             Layout::V2 => Counters {
                 oom_kills: read("", "memory.events", "oom_kill "),
@@ -168,6 +173,8 @@ impl JobCgroup {
                 mem_limit: read("", "memory.max", ""),
                 pids_peak: read("", "pids.peak", ""),
                 pids_limit: read("", "pids.max", ""),
+                cpu_periods: read("", "cpu.stat", "nr_periods "),
+                cpu_throttled: read("", "cpu.stat", "nr_throttled "),
             },
         }
     }

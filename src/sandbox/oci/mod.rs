@@ -6,6 +6,7 @@
 
 pub mod cgroup;
 pub mod spec;
+pub mod uids;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -18,7 +19,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::cancel::Cancel;
-use crate::image::{ImageStore, ID_BASE};
+use crate::image::{ImageStore, ID_BASE, ID_COUNT};
 use crate::sandbox::pipes::PipeEvent;
 use crate::sandbox::{
     BootRequest, Limits, OutputSink, Runtime, RuntimeOptions, SandboxRecord, StepEnd, StepSpec, Stream,
@@ -34,6 +35,37 @@ const MARKER: &str = "oci-sandbox.json";
 const SHIFTED: &str = "workspace-shifted";
 /// How long a kill may take before the step is reported as not stopped.
 const KILL_GRACE: Duration = Duration::from_secs(2);
+/// RLIMIT_NOFILE of a step.
+const MAX_OPEN_FILES: u64 = 1024;
+/// A workspace disk with less room than this after a step was filled by it.
+const DISK_FULL_BELOW: u64 = 1 << 20;
+
+/// Passes a step's output on and watches it for the kernel's word that a process ran out of
+/// file descriptors (EMFILE), which no counter records.
+struct FdWatch<'a> {
+    inner: &'a mut dyn OutputSink,
+    tail: Vec<u8>,
+    seen: bool,
+}
+
+const EMFILE_TEXT: &[u8] = b"Too many open files";
+
+impl OutputSink for FdWatch<'_> {
+    fn output(&mut self, stream: Stream, data: &[u8]) {
+        if !self.seen {
+            self.tail.extend_from_slice(data);
+            self.seen = self.tail.windows(EMFILE_TEXT.len()).any(|w| w == EMFILE_TEXT);
+            let keep = EMFILE_TEXT.len() - 1;
+            if self.tail.len() > keep {
+                self.tail.drain(..self.tail.len() - keep);
+            }
+        }
+        self.inner.output(stream, data);
+    }
+    fn limit_hit(&mut self, what: &str) {
+        self.inner.limit_hit(what);
+    }
+}
 
 /// `EXECUTOR_OCI_RUNTIME`, or the default.
 pub fn oci_runtime_from_env() -> String {
@@ -57,6 +89,20 @@ pub struct OciDetails {
     pub cgroup: String,
     pub tmp_bytes: u64,
     pub max_file_bytes: u64,
+    /// The workspace's own filesystem size (its disk limit), 0 when it is a plain directory.
+    #[serde(default)]
+    pub workspace_disk_bytes: u64,
+    /// The job's CPU limit (0 for none).
+    #[serde(default)]
+    pub cpus: u32,
+    /// Host uid/gid of container root: the sandbox's own range (uids.rs), or `ID_BASE` when the
+    /// host cannot make idmapped mounts.
+    #[serde(default = "shared_uid_base")]
+    pub uid_base: u32,
+}
+
+fn shared_uid_base() -> u32 {
+    ID_BASE
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -64,6 +110,10 @@ pub struct OciDetails {
 pub struct OciImage {
     pub digest: String,
     pub rootfs: PathBuf,
+    /// The sandbox's idmapped, read-only mount of `rootfs` (`roots/<digest>` in its state
+    /// directory), where the image's files belong to the sandbox's own uid range.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<PathBuf>,
 }
 
 /// The `oci` runtime.
@@ -136,13 +186,51 @@ impl OciRuntime {
         }
     }
 
-    /// Gives the workspace to the container's root (host `ID_BASE`) if it is not already.
+    /// Gives the sandbox a host uid range of its own (uids.rs) and an idmapped read-only mount
+    /// of each image in it, where the image's files (stored owned by `ID_BASE + n`) belong to
+    /// that range. On failure nothing of it is left and the sandbox keeps the shared range.
+    fn map_ids(&self, name: &str, state_dir: &Path, d: &mut OciDetails) -> Result<()> {
+        let ranges = uids::UidRanges::new(&self.opts.state_dir);
+        let slot = ranges.allocate(name)?;
+        let base = uids::base(slot);
+        let res = (|| -> Result<BTreeMap<String, OciImage>> {
+            let userns = crate::sys::userns_fd(ID_BASE, base, ID_COUNT)
+                .context("making a user namespace for the idmapped image mounts")?;
+            let mut images = d.images.clone();
+            for img in images.values_mut().filter(|_| d.oci_runtime != "runsc") {
+                let hex: String = img.digest.chars().filter(|c| c.is_ascii_hexdigit()).take(64).collect();
+                let root = state_dir.join("roots").join(hex);
+                if !root.exists() {
+                    fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+                    crate::sys::idmapped_bind(&img.rootfs, &root, &userns).with_context(|| {
+                        format!("idmapped mount of {} on {}", img.rootfs.display(), root.display())
+                    })?;
+                }
+                img.root = Some(root);
+            }
+            Ok(images)
+        })();
+        match res {
+            Ok(images) => {
+                d.images = images;
+                d.uid_base = base;
+                Ok(())
+            }
+            Err(e) => {
+                unmount_roots(state_dir);
+                ranges.release(name)?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Gives the workspace to the container's root (the sandbox's uid base) if it is not already.
     fn shift_workspace(state_dir: &Path, d: &OciDetails) -> Result<()> {
         let marker = state_dir.join(SHIFTED);
         if marker.exists() {
             return Ok(());
         }
-        chown_tree(&d.workspace, |_, _| (ID_BASE, ID_BASE))?;
+        chown_tree(&d.workspace, |_, _| (d.uid_base, d.uid_base))?;
         fs::write(&marker, b"").with_context(|| format!("writing {}", marker.display()))
     }
 }
@@ -242,7 +330,7 @@ impl Runtime for OciRuntime {
         for r in &req.images {
             let img = store.resolve(r)?;
             check_reachable(&img.rootfs)?;
-            images.insert(r.clone(), OciImage { digest: img.digest, rootfs: img.rootfs });
+            images.insert(r.clone(), OciImage { digest: img.digest, rootfs: img.rootfs, root: None });
         }
         let name = format!("{}-{}", req.name_prefix, uuid::Uuid::new_v4().simple());
         let state_dir = self.opts.sandboxes_dir().join(&name);
@@ -261,8 +349,15 @@ impl Runtime for OciRuntime {
             cgroup: cg.rel.clone(),
             tmp_bytes: if limits.disk_bytes > 0 { limits.disk_bytes.min(1 << 30) } else { 256 << 20 },
             max_file_bytes: limits.disk_bytes,
+            workspace_disk_bytes: if crate::workspace::disk::is_mounted(req.workspace) {
+                limits.disk_bytes
+            } else {
+                0
+            },
+            cpus: limits.cpus,
+            uid_base: ID_BASE,
         };
-        let record = SandboxRecord {
+        let mut record = SandboxRecord {
             runtime: "oci".into(),
             name: name.clone(),
             state_dir: state_dir.clone(),
@@ -271,10 +366,19 @@ impl Runtime for OciRuntime {
         };
         // The marker goes first, so that a crash from here on leaves something the janitor finds.
         crate::document::write_atomic(&state_dir.join(MARKER), &serde_json::to_vec_pretty(&record)?)?;
+        let mut details = details;
         let setup = (|| -> Result<()> {
             let digests: Vec<String> = images.values().map(|i| i.digest.clone()).collect();
             store.add_user(&name, &digests)?;
             cg.create(&Limits { pids: if limits.pids > 0 { limits.pids } else { 4096 }, ..limits.clone() })?;
+            if let Err(e) = self.map_ids(&name, &state_dir, &mut details) {
+                eprintln!(
+                    "executor: sandbox {name} gets no uid range of its own ({e:#}): its container root is \
+                     host uid {ID_BASE}, shared with every other job in the same case"
+                );
+            }
+            record.details = serde_json::to_value(&details)?;
+            crate::document::write_atomic(&state_dir.join(MARKER), &serde_json::to_vec_pretty(&record)?)?;
             Self::shift_workspace(&state_dir, &details)
         })();
         if let Err(e) = setup {
@@ -311,7 +415,8 @@ impl Runtime for OciRuntime {
         fs::create_dir_all(&bundle).with_context(|| format!("creating bundle {}", bundle.display()))?;
         let cg = cgroup::JobCgroup::new(&sandbox.name);
         let container = spec::StepContainer {
-            rootfs: image.rootfs.clone(),
+            rootfs: image.root.clone().unwrap_or_else(|| image.rootfs.clone()),
+            id_base: d.uid_base,
             workspace: d.workspace.clone(),
             cwd: if dir.is_empty() { "/data".into() } else { format!("/data/{dir}") },
             args: vec!["/bin/sh".into(), format!("/data/{script}")],
@@ -319,7 +424,7 @@ impl Runtime for OciRuntime {
             cgroups_path: cg.child_path(&id),
             tmp_bytes: d.tmp_bytes,
             max_file_bytes: d.max_file_bytes,
-            max_open_files: 1024,
+            max_open_files: MAX_OPEN_FILES,
         };
         let config = spec::bundle_config(&container);
         fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(&config)?)
@@ -333,6 +438,15 @@ impl Runtime for OciRuntime {
         let mut child = cmd.spawn().with_context(|| format!("starting {which} for step {}", step.key))?;
 
         let mut pipes = crate::sandbox::pipes::Pipes::spawn(&mut child);
+        let mut sink = FdWatch { inner: sink, tail: Vec::new(), seen: false };
+        let disk_free = || {
+            if d.workspace_disk_bytes > 0 {
+                crate::workspace::disk::available_bytes(&d.workspace)
+            } else {
+                None
+            }
+        };
+        let mut least_free = disk_free();
 
         let mut open = true;
         let mut stopped = None;
@@ -341,6 +455,9 @@ impl Runtime for OciRuntime {
             let now = cg.child_counters(&id);
             seen.oom_kills = seen.oom_kills.max(now.oom_kills);
             seen.pids_max = seen.pids_max.max(now.pids_max);
+            if let Some(free) = disk_free() {
+                least_free = Some(least_free.map_or(free, |l| l.min(free)));
+            }
             if stopped.is_none() {
                 if let Some(reason) = cancel.check() {
                     stopped = Some(reason);
@@ -358,7 +475,9 @@ impl Runtime for OciRuntime {
             match child.try_wait().context("waiting for the OCI runtime")? {
                 Some(st) => break st,
                 None => {
-                    let _ = cancel.wait(Duration::from_millis(20));
+                    // The runtime exits a few ms after the step's pipes close (it removes the
+                    // container first): a short poll, not to add its period to every step.
+                    let _ = cancel.wait(Duration::from_millis(2));
                 }
             }
         };
@@ -368,26 +487,50 @@ impl Runtime for OciRuntime {
         // A teardown or janitor may have removed the sandbox meanwhile; the runtime would
         // recreate its state directory, so only a sandbox that still exists is cleaned here.
         if sandbox.state_dir.join(MARKER).exists() {
-            let mut del = self.runtime_cmd(which, &sandbox.state_dir);
-            del.args(["delete", "--force", &id]);
-            let _ = self.quiet(del);
+            // `run` deletes its container when it exits normally; another runtime process (about
+            // 10 ms) is only needed when it left state behind (it was killed, or failed).
+            let left = fs::read_dir(sandbox.state_dir.join("runtime"))
+                .map(|rd| rd.flatten().any(|e| e.file_name().to_string_lossy().contains(id.as_str())))
+                .unwrap_or(false);
+            if left {
+                let mut del = self.runtime_cmd(which, &sandbox.state_dir);
+                del.args(["delete", "--force", &id]);
+                let _ = self.quiet(del);
+            }
             let _ = fs::remove_dir_all(&bundle);
         } else {
             // Torn down while the step ran: whatever the dying runtime wrote after the teardown
-            // (its state, the bundle) is ours to remove.
-            let _ = fs::remove_dir_all(&sandbox.state_dir);
+            // (its state, the bundle) is ours to remove. The teardown may be removing the same
+            // tree at this moment, so a removal that races it is tried again.
+            unmount_roots(&sandbox.state_dir);
+            let _ = remove_dir_retrying(&sandbox.state_dir);
         }
 
         let after = cg.counters();
-        let limits_note = |what: &str| format!("\nexecutor: the step hit the job's {what}\n");
+        if let Some(free) = disk_free() {
+            least_free = Some(least_free.map_or(free, |l| l.min(free)));
+        }
+        let fds_hit = sink.seen;
+        let sink = sink.inner;
+        if least_free.is_some_and(|f| f < DISK_FULL_BELOW) {
+            sink.limit_hit(&format!(
+                "workspace disk limit of {} (EXECUTOR_FIRECRACKER_DISK_SPACE): /data filled up",
+                crate::workspace::disk::human(d.workspace_disk_bytes)
+            ));
+        }
+        if fds_hit {
+            sink.limit_hit(&format!("open file limit of {MAX_OPEN_FILES} per process: Too many open files"));
+        }
+        if let Some(note) = cpu_note(d.cpus, &before, &after) {
+            sink.limit_hit(&note);
+        }
         let pids_hit = seen.pids_max > 0
             || after.pids_max > before.pids_max
             || (after.pids_limit > 0
                 && before.pids_peak < after.pids_limit
                 && after.pids_peak >= after.pids_limit);
         if pids_hit {
-            let msg = format!("process limit ({} processes): a fork failed", after.pids_limit);
-            sink.output(Stream::Stderr, limits_note(&msg).as_bytes());
+            sink.limit_hit(&format!("process limit of {} processes: a fork failed", after.pids_limit));
         }
         if let Some(reason) = stopped {
             return Ok(StepEnd::Stopped(reason));
@@ -400,16 +543,21 @@ impl Runtime for OciRuntime {
             // kernel counts anything: a SIGKILL nobody sent, with the job at its limit.
             || (killed && after.mem_limit > 0 && after.mem_peak >= after.mem_limit / 10 * 9);
         if oom {
-            sink.output(
-                Stream::Stderr,
-                limits_note("memory limit and was killed (out of memory)").as_bytes(),
-            );
+            let of = if after.mem_limit > 0 && after.mem_limit < 1 << 60 {
+                format!(" of {}", crate::workspace::disk::human(after.mem_limit))
+            } else {
+                String::new()
+            };
+            sink.limit_hit(&format!("memory limit{of} and was killed (out of memory)"));
             return Ok(StepEnd::Signaled(libc::SIGKILL));
         }
         Ok(match (status.code(), status.signal()) {
             // runc and crun report a step killed by signal N as 128+N.
             (Some(c), _) if c > 128 && c < 128 + 65 && (c - 128) == libc::SIGXFSZ => {
-                sink.output(Stream::Stderr, limits_note("file size limit").as_bytes());
+                sink.limit_hit(&format!(
+                    "file size limit of {} per file",
+                    crate::workspace::disk::human(d.max_file_bytes)
+                ));
                 StepEnd::Signaled(c - 128)
             }
             (Some(c), _) => StepEnd::Exited(c),
@@ -445,22 +593,17 @@ impl Runtime for OciRuntime {
             }
         }
         self.store()?.remove_user(&sandbox.name)?;
+        // The image mounts go before anything below them is removed; then the uid range is free.
+        unmount_roots(&sandbox.state_dir);
+        let roots = sandbox.state_dir.join("roots");
+        if !mounts_below(&roots).is_empty() {
+            bail!("an image is still mounted in {}", roots.display());
+        }
+        uids::UidRanges::new(&self.opts.state_dir).release(&sandbox.name)?;
         // The marker goes first: a step still finishing in another process sees the sandbox gone.
         let _ = fs::remove_file(sandbox.state_dir.join(MARKER));
-        let mut last = None;
-        for _ in 0..10 {
-            match fs::remove_dir_all(&sandbox.state_dir) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => last = Some(e),
-                _ => return Ok(()),
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        match last {
-            Some(e) => {
-                Err(e).with_context(|| format!("removing sandbox directory {}", sandbox.state_dir.display()))
-            }
-            None => Ok(()),
-        }
+        remove_dir_retrying(&sandbox.state_dir)
+            .with_context(|| format!("removing sandbox directory {}", sandbox.state_dir.display()))
     }
 
     fn janitor(&self, prefix: &str, live: &HashSet<String>) -> Result<Vec<String>> {
@@ -503,6 +646,14 @@ impl Runtime for OciRuntime {
             cg.remove()?;
             removed.push(name);
         }
+        // uid ranges of sandboxes of this state directory that are gone.
+        let freed =
+            uids::UidRanges::new(&self.opts.state_dir).reclaim(|n| owned(n) && !dir.join(n).exists())?;
+        for name in freed {
+            if !removed.contains(&name) {
+                removed.push(name);
+            }
+        }
         let store = self.store()?;
         for name in store.users()?.into_iter().filter(|n| owned(n)) {
             store.remove_user(&name)?;
@@ -540,5 +691,129 @@ impl OciRuntime {
             nix::unistd::Pid::from_raw(child.id() as i32),
             nix::sys::signal::Signal::SIGKILL,
         );
+    }
+}
+
+/// The CPU limit's note for a step whose quota throttled it in at least a tenth of its CFS
+/// periods (the quota held it back, not luck). A step on a host too busy to give it its quota
+/// is never throttled, and gets no note.
+fn cpu_note(cpus: u32, before: &cgroup::Counters, after: &cgroup::Counters) -> Option<String> {
+    let throttled = after.cpu_throttled.saturating_sub(before.cpu_throttled);
+    let periods = after.cpu_periods.saturating_sub(before.cpu_periods);
+    (cpus > 0 && throttled > 0 && throttled * 10 >= periods).then(|| {
+        format!(
+            "CPU limit of {cpus} CPU{}: throttled in {throttled} of {periods} scheduling periods",
+            if cpus == 1 { "" } else { "s" }
+        )
+    })
+}
+
+/// Unmounts every image mount (`roots/*`) of a sandbox, lazily: a dying runtime may still hold
+/// one, and the mount then goes with it.
+fn unmount_roots(state_dir: &Path) {
+    for p in mounts_below(&state_dir.join("roots")) {
+        let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// Mount points at or below `dir` in this mount namespace (a bind mount has the device of its
+/// source, so only the mount table tells).
+fn mounts_below(dir: &Path) -> Vec<PathBuf> {
+    let table = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    table
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| PathBuf::from(unescape_mountinfo(m)))
+        .filter(|m| m.starts_with(dir))
+        .collect()
+}
+
+/// mountinfo writes space, tab, newline and backslash in paths as `\ooo` octal escapes.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Removes a directory tree that another process may be writing into or removing at the same
+/// time: a failed pass (a file appeared, an entry vanished under it) is tried again, 10 times
+/// 20 ms apart. Gone already is success.
+fn remove_dir_retrying(dir: &Path) -> std::io::Result<()> {
+    let mut last = None;
+    for _ in 0..10 {
+        match fs::remove_dir_all(dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => last = Some(e),
+            _ => return Ok(()),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    last.map_or(Ok(()), Err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_note_only_when_the_quota_held_the_step_back() {
+        let at = |periods, throttled| cgroup::Counters {
+            cpu_periods: periods,
+            cpu_throttled: throttled,
+            ..Default::default()
+        };
+        assert_eq!(
+            cpu_note(1, &at(10, 2), &at(40, 29)).as_deref(),
+            Some("CPU limit of 1 CPU: throttled in 27 of 30 scheduling periods")
+        );
+        assert_eq!(
+            cpu_note(2, &at(0, 0), &at(10, 1)).as_deref(),
+            Some("CPU limit of 2 CPUs: throttled in 1 of 10 scheduling periods")
+        );
+        assert_eq!(cpu_note(1, &at(0, 0), &at(30, 2)), None, "throttled now and then is luck");
+        assert_eq!(cpu_note(1, &at(0, 0), &at(30, 0)), None);
+        assert_eq!(cpu_note(0, &at(0, 0), &at(30, 30)), None, "no CPU limit");
+    }
+
+    #[test]
+    fn mountinfo_paths_are_unescaped() {
+        assert_eq!(unescape_mountinfo("/a\\040b/c\\134d"), "/a b/c\\d");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+        assert_eq!(unescape_mountinfo("/end\\04"), "/end\\04");
+    }
+
+    #[test]
+    fn idmapped_image_mounts_belong_to_the_sandbox_range_and_go_at_teardown() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!(
+                "SKIPPED idmapped_image_mounts_belong_to_the_sandbox_range_and_go_at_teardown: needs root"
+            );
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("tree");
+        fs::create_dir_all(src.join("bin")).unwrap();
+        std::os::unix::fs::chown(src.join("bin"), Some(ID_BASE + 5), Some(ID_BASE + 5)).unwrap();
+        let base = uids::base(3);
+        let userns = crate::sys::userns_fd(ID_BASE, base, ID_COUNT).unwrap();
+        let dst = d.path().join("state/roots/x");
+        fs::create_dir_all(&dst).unwrap();
+        crate::sys::idmapped_bind(&src, &dst, &userns).unwrap();
+        let md = fs::metadata(dst.join("bin")).unwrap();
+        assert_eq!((md.uid(), md.gid()), (base + 5, base + 5));
+        assert!(fs::write(dst.join("new"), "x").is_err(), "the image mount is read-only");
+        assert_eq!(mounts_below(&d.path().join("state")), vec![dst.clone()]);
+        unmount_roots(&d.path().join("state"));
+        assert!(mounts_below(&d.path().join("state")).is_empty());
+        assert_eq!(fs::metadata(src.join("bin")).unwrap().uid(), ID_BASE + 5, "the store is unchanged");
     }
 }

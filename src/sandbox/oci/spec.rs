@@ -5,7 +5,7 @@
 use serde_json::{json, Value};
 use std::path::PathBuf;
 
-use crate::image::{ID_BASE, ID_COUNT};
+use crate::image::ID_COUNT;
 
 /// The default PATH inside a step when the step's env does not set one.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -15,8 +15,10 @@ pub const HOME: &str = "/tmp";
 /// Everything a step's container is made from.
 #[derive(Debug, Clone)]
 pub struct StepContainer {
-    /// The image's read-only root tree.
+    /// The image's read-only root tree (the sandbox's idmapped mount of it).
     pub rootfs: PathBuf,
+    /// Host uid/gid that container root maps to: the sandbox's own range (see uids.rs).
+    pub id_base: u32,
     /// Host directory mounted read-write at `/data`.
     pub workspace: PathBuf,
     /// Working directory inside (`/data/<dir>`).
@@ -99,7 +101,7 @@ pub fn bundle_config(c: &StepContainer) -> Value {
         .iter()
         .map(|t| json!({ "type": t }))
         .collect();
-    let id_map = json!([{ "containerID": 0, "hostID": ID_BASE, "size": ID_COUNT }]);
+    let id_map = json!([{ "containerID": 0, "hostID": c.id_base, "size": ID_COUNT }]);
 
     // 2. Root filesystem: the image tree, read-only.
     let root = json!({ "path": c.rootfs, "readonly": true });
@@ -225,6 +227,7 @@ mod tests {
     fn sample() -> StepContainer {
         StepContainer {
             rootfs: "/img/rootfs".into(),
+            id_base: crate::image::ID_BASE + ID_COUNT,
             workspace: "/ws".into(),
             cwd: "/data/repo".into(),
             args: vec!["/bin/sh".into(), "/data/step.sh".into()],
@@ -247,7 +250,8 @@ mod tests {
             .collect();
         assert_eq!(ns, ["user", "pid", "mount", "network", "ipc", "uts", "cgroup"]);
         assert_eq!(v["linux"]["uidMappings"][0]["containerID"], 0);
-        assert_ne!(v["linux"]["uidMappings"][0]["hostID"], 0);
+        assert_eq!(v["linux"]["uidMappings"][0]["hostID"], crate::image::ID_BASE + ID_COUNT);
+        assert_eq!(v["linux"]["gidMappings"][0]["hostID"], crate::image::ID_BASE + ID_COUNT);
         assert_eq!(v["root"]["readonly"], true);
         assert_eq!(v["process"]["noNewPrivileges"], true);
         for set in ["bounding", "effective", "inheritable", "permitted", "ambient"] {

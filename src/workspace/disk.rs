@@ -1,0 +1,215 @@
+//! The workspace's own filesystem: a sparse ext4 image beside the workspace directory,
+//! loop-mounted on it, so that a job can never use more disk than its cap
+//! (`EXECUTOR_FIRECRACKER_DISK_SPACE`), however many files it writes. Mounting needs root; an
+//! executor that cannot mount falls back to checking the clone's size afterwards and says so.
+
+use anyhow::{bail, Context, Result};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The smallest cap a filesystem is made for; below it mkfs cannot lay out an ext4.
+pub const MIN_DISK_BYTES: u64 = 8 << 20;
+
+/// How a workspace's size is bounded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cap {
+    /// No cap configured.
+    Unlimited,
+    /// The workspace is its own filesystem of `bytes`; making and mounting it took `took`.
+    Mounted { bytes: u64, took: Duration },
+    /// The workspace is a plain directory: only the clone's size is checked, after the clone.
+    PostHoc { bytes: u64, reason: String },
+}
+
+/// The image file of workspace `ws`: `<name>.img` beside it, outside the job's reach.
+pub fn image_path(ws: &Path) -> PathBuf {
+    let mut name = ws.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".img");
+    ws.with_file_name(name)
+}
+
+/// Whether `ws` is the root of a filesystem other than its parent's (our mount).
+pub fn is_mounted(ws: &Path) -> bool {
+    let parent = match ws.parent() {
+        Some(p) => p,
+        None => return false,
+    };
+    match (std::fs::symlink_metadata(ws), std::fs::symlink_metadata(parent)) {
+        (Ok(w), Ok(p)) => w.is_dir() && w.dev() != p.dev(),
+        _ => false,
+    }
+}
+
+/// Bytes the filesystem of `path` still has for unprivileged writers.
+pub fn available_bytes(path: &Path) -> Option<u64> {
+    let st = nix::sys::statvfs::statvfs(path).ok()?;
+    Some(st.blocks_available() as u64 * st.fragment_size() as u64)
+}
+
+/// Gives the empty directory `ws` a filesystem of `bytes`: a sparse image file beside it,
+/// `mkfs.ext4` (no journal, lazily initialised inode tables, nothing reserved for root), mounted
+/// with `loop,nosuid,nodev`. The filesystem's root keeps the directory's owner and mode.
+pub fn mount(ws: &Path, bytes: u64) -> Result<Duration> {
+    let t = Instant::now();
+    if bytes < MIN_DISK_BYTES {
+        bail!("the workspace disk limit of {bytes} bytes is below the {MIN_DISK_BYTES} bytes a filesystem needs");
+    }
+    let md =
+        std::fs::symlink_metadata(ws).with_context(|| format!("inspecting workspace {}", ws.display()))?;
+    let img = image_path(ws);
+    let res = (|| -> Result<()> {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&img)
+            .with_context(|| format!("creating the workspace disk {}", img.display()))?;
+        f.set_len(bytes).with_context(|| format!("sizing the workspace disk {}", img.display()))?;
+        drop(f);
+        let root_owner = format!("lazy_itable_init=1,nodiscard,root_owner={}:{}", md.uid(), md.gid());
+        run(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "workspace", "-O", "^has_journal,^resize_inode", "-m", "0", "-E"])
+            .arg(&root_owner)
+            .arg(&img))
+        .context("running mkfs.ext4 (install e2fsprogs)")?;
+        // noinit_itable: the kernel does not zero the inode tables in the background, which
+        // would write them all out into the sparse image.
+        run(Command::new("mount")
+            .args(["-t", "ext4", "-o", "loop,nosuid,nodev,noinit_itable"])
+            .arg(&img)
+            .arg(ws))
+        .with_context(|| format!("mounting {} on {}", img.display(), ws.display()))?;
+        // The job sees an empty workspace, as without a disk.
+        let lf = ws.join("lost+found");
+        std::fs::remove_dir(&lf).with_context(|| format!("removing {}", lf.display()))?;
+        std::fs::set_permissions(ws, std::fs::Permissions::from_mode(md.mode() & 0o7777))
+            .with_context(|| format!("setting the mode of {}", ws.display()))?;
+        Ok(())
+    })();
+    if let Err(e) = res {
+        let _ = unmount(ws);
+        return Err(e);
+    }
+    Ok(t.elapsed())
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).output()?;
+    if !out.status.success() {
+        bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Unmounts the workspace's filesystem (lazily when something still holds it; the loop device
+/// goes with its last user) and deletes its image. Fine when neither exists.
+pub fn unmount(ws: &Path) -> Result<()> {
+    if is_mounted(ws) {
+        let flags = nix::mount::MntFlags::empty();
+        let mut res = nix::mount::umount2(ws, flags);
+        for _ in 0..10 {
+            if res != Err(nix::errno::Errno::EBUSY) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            res = nix::mount::umount2(ws, flags);
+        }
+        if res == Err(nix::errno::Errno::EBUSY) {
+            res = nix::mount::umount2(ws, nix::mount::MntFlags::MNT_DETACH);
+        }
+        match res {
+            Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+            Err(e) => bail!("unmounting the workspace disk from {}: {e}", ws.display()),
+        }
+        if is_mounted(ws) {
+            bail!("the workspace disk is still mounted on {}", ws.display());
+        }
+    }
+    let img = image_path(ws);
+    match std::fs::remove_file(&img) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing the workspace disk {}", img.display())),
+    }
+}
+
+/// Whether an error from filling the workspace says the disk was full.
+pub fn is_disk_full(e: &anyhow::Error) -> bool {
+    let text = format!("{e:#}");
+    text.contains("No space left on device")
+        || e.chain().any(|c| {
+            c.downcast_ref::<std::io::Error>().and_then(|io| io.raw_os_error()) == Some(libc::ENOSPC)
+        })
+}
+
+/// A size for people: `20 GiB`, `512 MiB`, `1000 bytes`.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [(&str, u64); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    for (unit, size) in UNITS {
+        if bytes >= size {
+            return if bytes.is_multiple_of(size) {
+                format!("{} {unit}", bytes / size)
+            } else {
+                format!("{:.1} {unit}", bytes as f64 / size as f64)
+            };
+        }
+    }
+    format!("{bytes} bytes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_well() {
+        assert_eq!(human(20 << 30), "20 GiB");
+        assert_eq!(human(64 << 20), "64 MiB");
+        assert_eq!(human(1536 << 10), "1.5 MiB");
+        assert_eq!(human(1000), "1000 bytes");
+    }
+
+    #[test]
+    fn full_disk_errors_are_recognised() {
+        let io = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        assert!(is_disk_full(&anyhow::Error::new(io).context("copying objects")));
+        assert!(is_disk_full(&anyhow::anyhow!(
+            "git exited with status 128: fatal: write error: No space left on device"
+        )));
+        assert!(!is_disk_full(&anyhow::anyhow!("git exited with status 128: fatal: not a git repository")));
+    }
+
+    #[test]
+    fn a_mounted_workspace_is_capped_and_unmounts_clean() {
+        if !nix::unistd::geteuid().is_root() || which::which("mkfs.ext4").is_err() {
+            eprintln!("SKIPPED a_mounted_workspace_is_capped_and_unmounts_clean: needs root and mkfs.ext4");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let ws = d.path().join("workspace-t");
+        std::fs::create_dir(&ws).unwrap();
+        assert!(!is_mounted(&ws));
+        assert!(mount(&ws, 4 << 20).is_err(), "below the minimum");
+        mount(&ws, 16 << 20).unwrap();
+        assert!(is_mounted(&ws) && image_path(&ws).exists());
+        assert_eq!(std::fs::read_dir(&ws).unwrap().count(), 0, "lost+found is gone");
+        let big = vec![1u8; 1 << 20];
+        let mut err = None;
+        for i in 0..32 {
+            if let Err(e) = std::fs::write(ws.join(format!("f{i}")), &big) {
+                err = Some(e);
+                break;
+            }
+        }
+        assert_eq!(err.and_then(|e| e.raw_os_error()), Some(libc::ENOSPC));
+        assert!(available_bytes(&ws).unwrap() < 1 << 20);
+        // Busy (a file held open): unmounted lazily, the image still goes.
+        let held = std::fs::File::open(ws.join("f0")).unwrap();
+        unmount(&ws).unwrap();
+        drop(held);
+        assert!(!is_mounted(&ws) && !image_path(&ws).exists());
+        assert_eq!(std::fs::read_dir(&ws).unwrap().count(), 0);
+        unmount(&ws).unwrap();
+    }
+}

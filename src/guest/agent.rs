@@ -52,10 +52,12 @@ fn load_modules() -> Result<()> {
     for name in order.lines().map(str::trim).filter(|l| !l.is_empty()) {
         let path = Path::new(MODULES_DIR).join(name);
         let f = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        let t = uptime_ms();
         match nix::kmod::finit_module(&f, c"", nix::kmod::ModuleInitFlags::empty()) {
             Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
             Err(e) => bail!("loading module {name}: {e}"),
         }
+        debug_time(&format!("module {name} loaded"), t);
     }
     Ok(())
 }
@@ -105,7 +107,8 @@ fn cmdline_value(key: &str) -> Option<String> {
 }
 
 fn debug_time(what: &str, since: u64) {
-    if cmdline_value("executor.debug").is_some() {
+    static DEBUG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *DEBUG.get_or_init(|| cmdline_value("executor.debug").is_some()) {
         eprintln!("executor-guest-agent: {what} after {} ms", uptime_ms().saturating_sub(since));
     }
 }

@@ -22,6 +22,36 @@ use super::protocol::*;
 /// Where the initramfs keeps the modules to load, and the file listing their load order.
 pub const MODULES_DIR: &str = "/lib/modules/executor";
 pub const MODULES_ORDER: &str = "/lib/modules/executor/order";
+/// Modules loaded in the background once the agent answered the host's first hello (overlay:
+/// steps need it, the boot does not), so that their load overlaps the host's own work.
+pub const MODULES_LATE: &str = "/lib/modules/executor/late";
+
+/// The loader of the late modules, joined by the first step that needs them.
+static LATE: Mutex<Option<thread::JoinHandle<Result<()>>>> = Mutex::new(None);
+
+/// Starts loading the late modules, once.
+fn start_late_modules() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        let t = uptime_ms();
+        let h = thread::spawn(move || {
+            let res = load_modules(MODULES_LATE);
+            debug_time("late modules loaded", t);
+            res
+        });
+        *LATE.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
+    });
+}
+
+/// Waits for the late modules (started if the host never said hello, which cannot happen).
+fn late_modules_loaded() -> Result<()> {
+    start_late_modules();
+    let handle = LATE.lock().unwrap_or_else(|p| p.into_inner()).take();
+    match handle {
+        Some(h) => h.join().map_err(|_| anyhow::anyhow!("loading the late modules panicked"))?,
+        None => Ok(()),
+    }
+}
 
 type Port = Arc<Mutex<File>>;
 
@@ -44,8 +74,8 @@ fn mount_fs(src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<
         .with_context(|| format!("mounting {fstype} on {target}"))
 }
 
-fn load_modules() -> Result<()> {
-    let order = match fs::read_to_string(MODULES_ORDER) {
+fn load_modules(list: &str) -> Result<()> {
+    let order = match fs::read_to_string(list) {
         Ok(o) => o,
         Err(_) => return Ok(()),
     };
@@ -121,7 +151,7 @@ fn setup() -> Result<u32> {
     mount_fs("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
     mount_fs("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
     let t = uptime_ms();
-    load_modules()?;
+    load_modules(MODULES_ORDER)?;
     debug_time("modules loaded", t);
     let images: u32 = cmdline_value("executor.images").and_then(|v| v.parse().ok()).unwrap_or(0);
     if cmdline_value("executor.workspace").as_deref() == Some("1") {
@@ -262,6 +292,8 @@ impl Agent {
                 if let Ok(f) = Frame::json(Kind::Hello, &reply) {
                     send(&self.port, &f);
                 }
+                // The host has its answer: what only steps need loads while it goes on.
+                start_late_modules();
             }
             Kind::Run => {
                 let req = match frame.parse::<RunRequest>() {
@@ -374,6 +406,7 @@ fn pump(port: Port, id: u32, kind: Kind, mut r: impl Read) {
 /// Mounts the step's root: the image read-only under a tmpfs overlay (each step starts from
 /// the pristine image), the workspace at /data, and fresh /proc, /dev and /tmp.
 fn step_root(id: u32, image: u32) -> Result<PathBuf> {
+    late_modules_loaded().context("loading the overlay module")?;
     let base = PathBuf::from(format!("/run/steps/{id}"));
     let (upper, work, root) = (base.join("upper"), base.join("work"), base.join("root"));
     for d in [&upper, &work, &root] {

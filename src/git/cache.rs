@@ -20,6 +20,10 @@ struct CacheLock {
     _lock: crate::lockfile::Held,
 }
 
+/// The workspace ref that marks the job's commit as complete (copied from the cache) during the
+/// workspace's fetch.
+pub(crate) const HINT_REF: &str = "refs/executor/from-cache";
+
 /// Repacks the cache when it holds more packs than this (each warm update adds one).
 const MAX_PACKS: usize = 16;
 

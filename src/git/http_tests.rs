@@ -244,6 +244,9 @@ fn cache_serves_the_second_job_and_survives_damage() {
     // Workspace objects are its own copies, not links into the cache.
     let linked = sh(&tmp.path().join("ws2/repo"), "find .git/objects -type f -links +1 | wc -l");
     assert_eq!(linked, "0");
+    // The fetch's hint ref is gone, and the history the hint vouched for is all there.
+    assert_eq!(sh(&tmp.path().join("ws2/repo"), "git for-each-ref refs/executor"), "");
+    sh(&tmp.path().join("ws2/repo"), "git fsck --no-progress");
 
     // Damage: remove every object of the cache but keep its refs.
     sh(&cache_dir, "rm -rf objects/pack/* objects/??");

@@ -180,12 +180,23 @@ fn attempt(git: &Git, log: &mut dyn CommandLog, url: &str, cache: Option<&Object
     git.run(log, "setup.git.init", &["-C", &r, "init"], &[])?;
     if let Some(cache) = cache {
         cache.update_into(git, log, url, &req.dir.join(".git").join("objects"))?;
+        // The cache's own fetch checked that the commit's history is complete there (against
+        // the cache's refs, as git trusts any repository's refs). A ref to the commit tells the
+        // workspace's fetch the same; without one, that fetch walks the whole history again to
+        // check connectivity (1.1-1.5 s of a 1.8 s warm clone of 20,000 commits). The ref is
+        // removed after the fetch. A cache missing objects of the commit's tree fails the
+        // checkout, which sends the clone back to the coordinator; objects missing only from
+        // older history (deleted by hand from the cache) are not noticed here.
+        git.quiet(&["-C", &r, "update-ref", cache::HINT_REF, &req.commit])?;
     }
     git.run(log, "setup.git.add-remote", &["-C", &r, "remote", "add", "origin", url], &[])?;
     git.run(log, "setup.git.disable-gc", &["-C", &r, "config", "--local", "gc.auto", "0"], &[])?;
     let fetch = fetch_args(&r, req);
     let fetch_refs: Vec<&str> = fetch.iter().map(String::as_str).collect();
     git.run(log, "setup.git.fetch", &fetch_refs, &req.auth.env()).map_err(|e| missing_commit(e, req))?;
+    if cache.is_some() {
+        git.quiet(&["-C", &r, "update-ref", "-d", cache::HINT_REF])?;
+    }
     check_size(req)?;
     if !req.sparse.is_empty() {
         git.run(

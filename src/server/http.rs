@@ -27,7 +27,7 @@ use crate::protocol::{self, Job};
 /// Shared server state.
 struct App {
     cfg: Arc<ServeConfig>,
-    store: Mutex<Store>,
+    store: DbWorker,
     /// Fired when a job may have become dequeueable (submit, reset, retry).
     jobs_changed: Notify,
     /// Fired when a log entry or a job's state changed (for log follows).
@@ -75,14 +75,41 @@ where
     T: Send + 'static,
     F: FnOnce(&mut Store) -> Result<T> + Send + 'static,
 {
-    let app = app.clone();
-    let r = tokio::task::spawn_blocking(move || {
-        let mut guard = app.store.lock().map_err(|_| anyhow::anyhow!("store lock poisoned"))?;
-        f(&mut guard)
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("store task failed: {e}"))?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    app.store
+        .tasks
+        .send(Box::new(move |s: &mut Store| {
+            let _ = tx.send(f(s));
+        }))
+        .map_err(|_| anyhow::anyhow!("the store is closed"))?;
+    let r = rx.await.map_err(|_| anyhow::anyhow!("a store task failed"))?;
     Ok(r?)
+}
+
+type DbTask = Box<dyn FnOnce(&mut Store) + Send>;
+
+/// The one thread that owns the SQLite connection and runs the requests' store calls in the
+/// order they arrive. A mutex handed the connection to whichever blocked thread woke first, so
+/// under 16 busy executors some requests waited behind dozens of later ones (dequeue p99 25 ms
+/// against p50 3 ms); a queue serves them first come, first served.
+struct DbWorker {
+    tasks: std::sync::mpsc::Sender<DbTask>,
+}
+
+impl DbWorker {
+    fn start(mut store: Store) -> Result<DbWorker> {
+        let (tasks, rx) = std::sync::mpsc::channel::<DbTask>();
+        std::thread::Builder::new()
+            .name("queue-store".into())
+            .spawn(move || {
+                for task in rx {
+                    // A panicking call fails its own request (its answer channel drops), not the store.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| task(&mut store)));
+                }
+            })
+            .context("starting the store thread")?;
+        Ok(DbWorker { tasks })
+    }
 }
 
 fn digest(s: &[u8]) -> [u8; 32] {
@@ -1188,7 +1215,7 @@ pub async fn serve(cfg: Arc<ServeConfig>) -> Result<()> {
         secret_digest: digest(cfg.secret.as_bytes()),
         admin_digest: digest(cfg.admin_token.as_bytes()),
         cfg: cfg.clone(),
-        store: Mutex::new(store),
+        store: DbWorker::start(store)?,
         jobs_changed: Notify::new(),
         logs_changed: Notify::new(),
         shutdown: shutdown_tx,

@@ -304,9 +304,10 @@ pub fn sweep(
         let path = ent.path();
         let name = ent.file_name().to_string_lossy().into_owned();
         if let Some(dir) = name.strip_suffix(".img").filter(|n| n.starts_with("workspace-")) {
-            // A disk whose workspace is gone (a crash inside `remove`).
+            // A disk whose workspace is gone (a crash inside `remove`); not one that this pass
+            // already removed with its workspace, listed before it.
             let dir = workspaces_dir.join(dir);
-            if !dir.exists() {
+            if !dir.exists() && path.exists() {
                 disk::unmount(&dir)?;
                 removed.push(path);
             }

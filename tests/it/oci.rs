@@ -60,6 +60,18 @@ pub fn can_run(test: &str, oci: &str) -> bool {
     true
 }
 
+/// `can_run` with runc, and gcc to build the probe helper the probe jobs run.
+fn can_run_probe_jobs(test: &str) -> bool {
+    if !can_run(test, "runc") {
+        return false;
+    }
+    if std::process::Command::new("gcc").arg("--version").output().is_err() {
+        common::skip(test, "gcc (build-essential) is needed to build the probe helper");
+        return false;
+    }
+    true
+}
+
 impl Fixture {
     pub fn new(oci: &str) -> Fixture {
         let tmp = tempfile::tempdir().unwrap();
@@ -704,11 +716,7 @@ fn job_log(job: &serde_json::Value) -> String {
 #[test]
 fn oci_probes_run_as_real_jobs_through_the_coordinator() {
     let test = "oci_probes_run_as_real_jobs_through_the_coordinator";
-    if !can_run(test, "runc") {
-        return;
-    }
-    if std::process::Command::new("gcc").arg("--version").output().is_err() {
-        common::skip(test, "gcc (build-essential) is needed to build the probe helper");
+    if !can_run_probe_jobs(test) {
         return;
     }
     let c = crate::coordinator::Coordinator::start();
@@ -844,11 +852,7 @@ impl Responsiveness {
 #[test]
 fn oci_resource_bombs_fail_real_jobs_naming_the_limit() {
     let test = "oci_resource_bombs_fail_real_jobs_naming_the_limit";
-    if !can_run(test, "runc") {
-        return;
-    }
-    if std::process::Command::new("gcc").arg("--version").output().is_err() {
-        common::skip(test, "gcc (build-essential) is needed to build the probe helper");
+    if !can_run_probe_jobs(test) {
         return;
     }
     if which::which("mkfs.ext4").is_err() {

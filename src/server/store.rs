@@ -507,6 +507,11 @@ impl Store {
         Ok(tx.query_row("SELECT log_bytes FROM jobs WHERE id = ?1", [id], |r| r.get(0))?)
     }
 
+    fn set_log_bytes(tx: &Transaction<'_>, id: i64, bytes: i64) -> Result<()> {
+        tx.execute("UPDATE jobs SET log_bytes = ?2 WHERE id = ?1", params![id, bytes])?;
+        Ok(())
+    }
+
     /// Fits `out` into a budget of `budget` bytes: the kept text (with the marker when cut), whether
     /// it was cut, and how many bytes of output it keeps.
     fn fit(out: &str, budget: i64, cap: u64) -> (String, bool, i64) {
@@ -563,7 +568,7 @@ impl Store {
                 entry.duration_ms
             ],
         )?;
-        tx.execute("UPDATE jobs SET log_bytes = ?2 WHERE id = ?1", params![id, used + kept])?;
+        Self::set_log_bytes(&tx, id, used + kept)?;
         tx.commit()?;
         Ok(Ok(entry_id))
     }
@@ -602,7 +607,7 @@ impl Store {
                     params![id, entry_id, data],
                 )?;
                 truncated = cut;
-                tx.execute("UPDATE jobs SET log_bytes = ?2 WHERE id = ?1", params![id, used + kept])?;
+                Self::set_log_bytes(&tx, id, used + kept)?;
             }
         } else {
             let held = Self::entry_bytes(&tx, id, entry_id, cap)?;
@@ -620,7 +625,7 @@ impl Store {
                     params![id, entry_id, out],
                 )?;
                 truncated = cut;
-                tx.execute("UPDATE jobs SET log_bytes = ?2 WHERE id = ?1", params![id, others + kept])?;
+                Self::set_log_bytes(&tx, id, others + kept)?;
             }
         }
         tx.execute(

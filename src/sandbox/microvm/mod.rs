@@ -228,8 +228,9 @@ impl MicroVm {
     }
 
     /// Boots a VM named `<prefix>-<uuid>`; when the agent channel breaks before the agent said
-    /// hello (about one boot in eight under load: the connection is reset; the cause is not found
-    /// yet, see docs/sandbox-microvm.md), that VM is torn down and one fresh VM is booted instead.
+    /// hello (QEMU exited: the guest died during boot, seen under heavy load before
+    /// `no_timer_check`; see docs/sandbox-microvm.md), that VM is torn down and one fresh VM is
+    /// booted instead.
     #[allow(clippy::too_many_arguments)]
     fn boot_retrying(
         &self,

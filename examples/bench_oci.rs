@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use executor::cancel::Cancel;
+use executor::base::cancel::Cancel;
 use executor::image::{build, ImageStore, ID_BASE, ID_COUNT};
 use executor::sandbox::oci::OciRuntime;
 use executor::sandbox::{BootRequest, Limits, OutputSink, Runtime, RuntimeOptions, StepSpec, Stream};

@@ -6,33 +6,12 @@ use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::api::{Client, Resources};
+use crate::base::secret::Secret;
+use crate::base::units::{parse_duration, parse_size};
 use crate::protocol::{MIN_SECRET_LEN, SOURCEGRAPH_QUEUES};
-
-/// A secret string whose `Debug` and `Display` say `[redacted]`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Secret(s.into())
-    }
-    /// The secret itself, for an `Authorization` header or a redactor; never for a log.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
-
-impl std::fmt::Display for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
+use crate::sandbox::microvm::Accel;
+use crate::sandbox::RuntimeChoice;
 
 /// Unvalidated settings as the command line and the environment give them (flags win; clap
 /// fills each field from its `EXECUTOR_*` variable when the flag is absent).
@@ -90,14 +69,14 @@ pub struct Settings {
     pub job_memory: String,
     pub disk_space: String,
     /// `auto`, `shell`, `oci` or `microvm`.
-    pub runtime: String,
+    pub runtime: RuntimeChoice,
     pub state_dir: PathBuf,
     pub allow_unisolated: bool,
     pub vm_prefix: String,
     /// The OCI runtime of the `oci` sandbox: `runc`, `crun` or `runsc`.
     pub oci_runtime: String,
     /// The microvm runtime's accelerator policy.
-    pub vm_accel: crate::sandbox::microvm::Accel,
+    pub vm_accel: Accel,
     /// Whether the microvm runtime may fall back to TCG (slow software emulation).
     pub vm_allow_tcg: bool,
     /// How long `loop` lets running jobs finish after SIGTERM before killing them.
@@ -160,10 +139,14 @@ impl Settings {
         let artifacts = raw.artifacts_max_size.unwrap_or_else(|| "100M".into());
         let artifacts_max_bytes =
             parse_size(&artifacts).with_context(|| format!("EXECUTOR_ARTIFACTS_MAX_SIZE {artifacts:?}"))?;
-        let runtime = raw.runtime.unwrap_or_else(|| "auto".into()).trim().to_ascii_lowercase();
-        if !["auto", "shell", "oci", "microvm"].contains(&runtime.as_str()) {
-            bail!("EXECUTOR_RUNTIME {runtime:?} is not one of auto, shell, oci, microvm");
-        }
+        let runtime: RuntimeChoice = raw
+            .runtime
+            .as_deref()
+            .unwrap_or("auto")
+            .trim()
+            .to_ascii_lowercase()
+            .parse()
+            .map_err(|e: anyhow::Error| anyhow::anyhow!("EXECUTOR_RUNTIME {e}"))?;
         let vm_prefix = raw.vm_prefix.unwrap_or_else(|| "executor".into());
         if vm_prefix.is_empty()
             || !vm_prefix.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
@@ -238,6 +221,20 @@ impl Settings {
     /// The coordinator's URL, for commands that need it.
     pub fn frontend_url(&self) -> Result<&str> {
         self.frontend_url.as_deref().context("EXECUTOR_FRONTEND_URL (--frontend-url) is not set")
+    }
+
+    /// A coordinator client for `base_url` with this executor's CA and shared secret.
+    pub fn client(&self, base_url: &str, executor_name: &str) -> Result<Client> {
+        Client::new(self.frontend_ca.as_deref(), &self.password, base_url, executor_name)
+    }
+
+    /// What a job may use here, as each dequeue reports it.
+    pub fn resources(&self) -> Resources {
+        Resources {
+            num_cpus: self.job_cpus as i64,
+            memory: self.job_memory.clone(),
+            disk_space: self.disk_space.clone(),
+        }
     }
 
     /// The options every sandbox runtime gets.
@@ -354,80 +351,6 @@ fn parse_duration_var(var: &str, v: Option<&str>, default: &str) -> Result<Durat
     parse_duration(s).with_context(|| format!("{var} {s:?}"))
 }
 
-/// Parses a Go-style duration: `0`, `500ms`, `30s`, `1h30m`, `1.5s`.
-pub fn parse_duration(s: &str) -> Result<Duration> {
-    let s = s.trim();
-    if s == "0" {
-        return Ok(Duration::ZERO);
-    }
-    if s.is_empty() {
-        bail!("empty duration");
-    }
-    let mut total = 0f64;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
-        if num_end == 0 {
-            bail!("not a duration (like 30s, 5m, 1h30m)");
-        }
-        let n: f64 = rest[..num_end].parse().map_err(|_| anyhow::anyhow!("not a duration"))?;
-        rest = &rest[num_end..];
-        let unit_end = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
-        let scale = match &rest[..unit_end] {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            "" => bail!("a duration needs a unit (ms, s, m, h)"),
-            u => bail!("unknown duration unit {u:?}"),
-        };
-        total += n * scale;
-        rest = &rest[unit_end..];
-    }
-    if !total.is_finite() || total > 1e10 {
-        bail!("duration out of range");
-    }
-    Ok(Duration::from_secs_f64(total))
-}
-
-/// Formats a duration the way Go prints it (`30m0s`, `1.5s`), for messages that mirror Go's.
-pub fn format_duration(d: Duration) -> String {
-    let secs = d.as_secs();
-    let (h, m, s) = (secs / 3600, (secs / 60) % 60, secs % 60);
-    let frac = d.subsec_millis();
-    let s_part =
-        if frac > 0 { format!("{s}.{frac:03}").trim_end_matches('0').to_string() } else { s.to_string() };
-    if h > 0 {
-        format!("{h}h{m}m{s_part}s")
-    } else if m > 0 {
-        format!("{m}m{s_part}s")
-    } else {
-        format!("{s_part}s")
-    }
-}
-
-/// Parses a size such as `12G`, `512M`, `100MB`, `1024`; `K`/`M`/`G`/`T` are powers of 1024.
-pub fn parse_size(s: &str) -> Result<u64> {
-    let t = s.trim();
-    let num_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    if num_end == 0 {
-        bail!("not a size (like 512M or 12G)");
-    }
-    let n: u64 = t[..num_end].parse().context("size out of range")?;
-    let unit = t[num_end..].trim().to_ascii_uppercase();
-    let mult: u64 = match unit.trim_end_matches("IB").trim_end_matches('B') {
-        "" => 1,
-        "K" => 1 << 10,
-        "M" => 1 << 20,
-        "G" => 1 << 30,
-        "T" => 1 << 40,
-        _ => bail!("unknown size unit {:?}", &t[num_end..]),
-    };
-    n.checked_mul(mult).context("size out of range")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -456,7 +379,7 @@ mod tests {
         assert_eq!(s.max_active_time, None);
         assert_eq!(s.job_cpus, 4);
         assert_eq!(s.limits().memory_bytes, 12 << 30);
-        assert_eq!(s.runtime, "auto");
+        assert_eq!(s.runtime, RuntimeChoice::Auto);
         assert_eq!(s.oci_runtime, "runc");
         assert!(!s.allow_unisolated);
     }
@@ -487,9 +410,15 @@ mod tests {
         r.frontend_url = Some("ftp://x".into());
         assert!(Settings::from_raw(r, pw(), Needs::Coordinator).is_err());
         let mut r = raw();
-        r.maximum_runtime_per_job = Some("10".into());
+        r.maximum_runtime_per_job = Some("10x".into());
         let e = format!("{:#}", Settings::from_raw(r, pw(), Needs::Coordinator).unwrap_err());
         assert!(e.contains("EXECUTOR_MAXIMUM_RUNTIME_PER_JOB"), "{e}");
+        // The one duration syntax of the project: a bare number is seconds, as for the coordinator.
+        let mut r = raw();
+        r.poll_interval = Some("5".into());
+        r.maximum_runtime_per_job = Some("1h30m".into());
+        let s = Settings::from_raw(r, pw(), Needs::Coordinator).unwrap();
+        assert_eq!((s.poll_interval, s.max_runtime_per_job), (Duration::from_secs(5), Duration::from_secs(5400)));
         let mut r = raw();
         r.runtime = Some("docker".into());
         assert!(Settings::from_raw(r, pw(), Needs::Coordinator).is_err());
@@ -508,21 +437,5 @@ mod tests {
         let s = Settings::from_raw(r, pw(), Needs::Coordinator).unwrap();
         assert_eq!(s.queues, vec!["codeintel", "batches"]);
         assert!(s.multi_queue);
-    }
-
-    #[test]
-    fn durations_and_sizes() {
-        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
-        assert!(parse_duration("5").is_err());
-        assert!(parse_duration("5x").is_err());
-        assert_eq!(format_duration(Duration::from_secs(1800)), "30m0s");
-        assert_eq!(format_duration(Duration::from_millis(1500)), "1.5s");
-        assert_eq!(format_duration(Duration::from_secs(3)), "3s");
-        assert_eq!(parse_size("12G").unwrap(), 12 << 30);
-        assert_eq!(parse_size("100MB").unwrap(), 100 << 20);
-        assert_eq!(parse_size("1024").unwrap(), 1024);
-        assert!(parse_size("lots").is_err());
     }
 }

@@ -1,61 +1,54 @@
 //! `executor`: runs untrusted jobs in disposable sandboxes for a coordinator that speaks
 //! Sourcegraph's executor protocol, and that coordinator itself (`executor queue`).
+//!
+//! The modules form layers that only point down (`layers::LAYERS` is the table a test checks
+//! every `crate::` path against), bottom to top:
+//!
+//! | layer | modules | what they own |
+//! |---|---|---|
+//! | 0 base | `base` (fs, proc, units, lock, cancel, redact, secret, exit, sys) | utilities that know no job |
+//! | 1 wire | `protocol`, `guest`, `githttp` | the executor protocol's types, the guest agent's frames, git's smart HTTP |
+//! | 2 documents and client | `document`, `api` | the run document (and its sandbox records), the coordinator client |
+//! | 3 job I/O | `logs`, `git` | execution log entries, cloning |
+//! | 4 job resources | `workspace`, `image`, `vm` | workspaces, the image store, the microVM guest's kernel and initramfs |
+//! | 5 sandboxes | `sandbox` | the `Runtime` trait and its backends |
+//! | 6 settings | `config` | the executor's validated settings |
+//! | 7 work | `stage`, `server` | the pipeline stages; the coordinator beside them |
+//! | 8 the loop | `run_loop` | many jobs at once, heartbeats, janitor, shutdown |
+//! | 9 cli | `cli` | every clap type and the commands behind them |
 #![deny(unsafe_code)]
 
-pub mod api;
-pub mod cancel;
-pub mod cli;
-pub mod config;
-pub mod docs;
-mod docs_extra;
-pub mod document;
-pub mod exit;
-pub mod git;
+pub mod base;
+
 pub mod githttp;
 pub mod guest;
-pub mod image;
-pub mod lockfile;
-pub mod logs;
 pub mod protocol;
-pub mod redact;
-pub mod run_loop;
-pub mod sandbox;
-pub mod server;
-pub mod stage;
-mod sys;
+
+pub mod api;
+pub mod document;
+
+pub mod git;
+pub mod logs;
+
+pub mod image;
 pub mod vm;
 pub mod workspace;
 
-use cli::{Cli, Command};
+pub mod sandbox;
+
+pub mod config;
+
+pub mod server;
+pub mod stage;
+
+pub mod run_loop;
+
+pub mod cli;
+
+#[cfg(test)]
+mod layers;
 
 /// Parses the arguments, runs the command and returns the exit status.
 pub fn main() -> i32 {
-    let cli = match <Cli as clap::Parser>::try_parse() {
-        Ok(cli) => cli,
-        Err(e) => {
-            let _ = e.print();
-            return match e.kind() {
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => exit::OK,
-                _ => exit::USAGE,
-            };
-        }
-    };
-    match run(cli) {
-        Ok(code) => code,
-        Err(err) => {
-            eprintln!("executor: {err:#}");
-            exit::code_for(&err)
-        }
-    }
-}
-
-fn run(cli: Cli) -> anyhow::Result<i32> {
-    match cli.command {
-        Command::GenerateDocs { out } => docs::generate(&out).map(|_| exit::OK),
-        Command::Image(args) => image::cli::run(args),
-        Command::Executor(cmd) => cli::executor::run(*cmd),
-        Command::Install(cli::vm::InstallCommand::Vm(args)) => vm::cmd::install_vm(args),
-        Command::TestVm(args) => vm::cmd::test_vm(args),
-        Command::Queue(args) => cli::queue::run(args),
-    }
+    cli::main()
 }

@@ -14,9 +14,9 @@ use anyhow::{anyhow, Result};
 use chrono::Utc;
 
 use crate::api::{ApiError, Client, JobAuth};
+use crate::base::proc::{OutputSink, Stream};
+use crate::base::redact::{Redactor, StreamRedactor};
 use crate::protocol::ExecutionLogEntry;
-use crate::redact::{Redactor, StreamRedactor};
-use crate::sandbox::{OutputSink, Stream};
 
 /// How often a running entry is updated.
 pub const UPDATE_INTERVAL: Duration = Duration::from_secs(1);

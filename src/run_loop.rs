@@ -11,9 +11,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::api::{new_executor_name, Client};
-use crate::cancel::{Cancel, CancelReason};
+use crate::base::cancel::{Cancel, CancelReason};
 use crate::config::Settings;
 use crate::document::{FailureKind, RunDocument};
+use crate::sandbox::RuntimeKind;
 use crate::stage::{self, JobCtx, Stage};
 
 /// Log lines and, on a terminal, one spinner per running job.
@@ -114,11 +115,11 @@ pub fn signals() -> Result<Receiver<&'static str>> {
     }
 }
 
-/// The concrete runtime name for `settings.runtime`, checked to work here.
-pub fn resolve_runtime(settings: &Settings) -> Result<String> {
-    let rt = crate::sandbox::open(&settings.runtime, &settings.runtime_options())?;
+/// The concrete runtime for `settings.runtime`, checked to work here.
+pub fn resolve_runtime(settings: &Settings) -> Result<RuntimeKind> {
+    let rt = crate::sandbox::open_choice(settings.runtime, &settings.runtime_options())?;
     rt.check().with_context(|| format!("the {} runtime cannot run here", rt.name()))?;
-    Ok(rt.name().to_string())
+    Ok(rt.kind())
 }
 
 /// One janitor pass: workspaces and sandboxes that no live job owns. `me` is this executor's
@@ -129,11 +130,7 @@ pub fn janitor_pass(settings: &Settings, me: &str, live: &HashSet<String>) -> Re
     let _lock = crate::workspace::janitor_lock(&settings.state_dir, true)?;
     let (removed, claimed) = crate::workspace::sweep(&settings.workspaces_dir(), me, live, grace)?;
     let mut out: Vec<String> = removed.iter().map(|p| format!("workspace {}", p.display())).collect();
-    let mut runtimes: Vec<&str> = vec!["shell"];
-    for r in crate::sandbox::AUTO_ORDER {
-        runtimes.push(r);
-    }
-    for name in runtimes {
+    for name in RuntimeKind::ALL {
         if let Ok(rt) = crate::sandbox::open(name, &settings.runtime_options()) {
             match rt.janitor(&settings.vm_prefix, &claimed) {
                 Ok(names) => out.extend(names.into_iter().map(|n| format!("{name} sandbox {n}"))),
@@ -149,9 +146,9 @@ pub fn run(settings: Settings) -> Result<i32> {
     let settings = Arc::new(settings);
     let ui = Ui::new();
     let name = new_executor_name();
-    let client = Client::new(&settings, settings.frontend_url()?, &name)?;
+    let client = settings.client(settings.frontend_url()?, &name)?;
     let runtime = resolve_runtime(&settings)?;
-    if runtime == "shell" {
+    if runtime == RuntimeKind::Shell {
         ui.log(crate::sandbox::shell::WARNING);
     }
     let sig = signals()?;
@@ -176,7 +173,7 @@ pub fn run(settings: Settings) -> Result<i32> {
         }
         if let Ok(s) = sig.recv_timeout(Duration::from_secs(1)) {
             ui.log(&format!("{s} before the coordinator answered: exiting"));
-            return Ok(crate::exit::JOB_FAILED);
+            return Ok(crate::base::exit::JOB_FAILED);
         }
     }
 
@@ -216,7 +213,7 @@ pub fn run(settings: Settings) -> Result<i32> {
             }
         }
         let t = Instant::now();
-        match stage::dequeue::run(&settings, &client, &runtime, Some(long_poll)) {
+        match stage::dequeue::run(&settings, &client, runtime, Some(long_poll)) {
             Ok(Some(doc)) => {
                 dequeued += 1;
                 threads.retain(|t| !t.is_finished());
@@ -277,7 +274,7 @@ pub fn run(settings: Settings) -> Result<i32> {
     let _ = heartbeat.join();
     let _ = janitor.join();
     ui.log(&format!("stopped after {dequeued} jobs"));
-    Ok(crate::exit::OK)
+    Ok(crate::base::exit::OK)
 }
 
 fn wait_or_stop(stop: &(Mutex<bool>, Condvar), d: Duration) -> bool {

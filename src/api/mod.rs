@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use rand::Rng;
 
-use crate::config::{Secret, Settings};
+use crate::base::secret::Secret;
 use crate::protocol::{
     AddExecutionLogEntryRequest, DequeueRequest, ExecutionLogEntry, ExecutorTelemetry, HeartbeatRequest,
     HeartbeatRequestV1, HeartbeatResponse, Job, JobOperationRequest, MarkErrorRequest, QueueJobIds,
@@ -40,6 +40,15 @@ impl ApiError {
             ApiError::Transport { .. } => None,
         }
     }
+}
+
+/// What a job may use on this executor, sent with each dequeue (`numCPUs`, `memory`,
+/// `diskSpace`): codeintel turns them into the steps' `VM_*` variables.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resources {
+    pub num_cpus: i64,
+    pub memory: String,
+    pub disk_space: String,
 }
 
 /// The contract's retry policy (section 3.8).
@@ -130,8 +139,9 @@ pub fn new_executor_name() -> String {
 }
 
 impl Client {
-    /// A client for `base_url` (no trailing slash) with the settings' CA and secret.
-    pub fn new(settings: &Settings, base_url: &str, executor_name: &str) -> Result<Client> {
+    /// A client for `base_url` (no trailing slash) that trusts the extra CA certificates in the
+    /// PEM file `ca` (if any) and authenticates with the executors' shared `secret`.
+    pub fn new(ca: Option<&Path>, secret: &Secret, base_url: &str, executor_name: &str) -> Result<Client> {
         let mut builder = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(10))
             .timeout_read(Duration::from_secs(90))
@@ -139,12 +149,12 @@ impl Client {
             .redirects(0)
             .user_agent(&format!("executor/{VERSION}"));
         if base_url.starts_with("https://") {
-            builder = builder.tls_config(Arc::new(tls_config(settings.frontend_ca.as_deref())?));
+            builder = builder.tls_config(Arc::new(tls_config(ca)?));
         }
         Ok(Client {
             agent: builder.build(),
             base: base_url.trim_end_matches('/').to_string(),
-            secret: settings.password.clone(),
+            secret: secret.clone(),
             executor_name: executor_name.to_string(),
             retry: RetryPolicy::default(),
             telemetry: Arc::new(telemetry()),
@@ -293,16 +303,16 @@ impl Client {
         &self,
         queues: &[String],
         multi: bool,
-        settings: &Settings,
+        resources: &Resources,
         wait: Option<Duration>,
     ) -> Result<Option<Job>, ApiError> {
         let req = DequeueRequest {
             queues: if multi { queues.to_vec() } else { Vec::new() },
             executor_name: self.executor_name.clone(),
             version: VERSION.to_string(),
-            num_cpus: settings.job_cpus as i64,
-            memory: settings.job_memory.clone(),
-            disk_space: settings.disk_space.clone(),
+            num_cpus: resources.num_cpus,
+            memory: resources.memory.clone(),
+            disk_space: resources.disk_space.clone(),
         };
         let mut path = if multi {
             "/.executors/queue/dequeue".to_string()
@@ -604,36 +614,25 @@ mod tests {
         Fake { url, seen }
     }
 
-    fn settings() -> Settings {
-        Settings::from_raw(
-            crate::config::RawSettings {
-                frontend_url: Some("http://127.0.0.1:1".into()),
-                queue_name: Some("batches".into()),
-                ..Default::default()
-            },
-            Secret::new("a-shared-secret-of-24-chars"),
-            crate::config::Needs::Coordinator,
-        )
-        .unwrap()
+    fn resources() -> Resources {
+        Resources { num_cpus: 4, memory: "12G".into(), disk_space: "20G".into() }
     }
 
     fn client(url: &str) -> Client {
-        Client::new(&settings(), url, "host-1").unwrap().with_retry(RetryPolicy {
-            max_attempts: 4,
-            base: Duration::from_millis(1),
-            ..Default::default()
-        })
+        Client::new(None, &Secret::new("a-shared-secret-of-24-chars"), url, "host-1")
+            .unwrap()
+            .with_retry(RetryPolicy { max_attempts: 4, base: Duration::from_millis(1), ..Default::default() })
     }
 
     #[test]
     fn retries_5xx_and_429_but_not_4xx_or_501() {
         let f = fake(vec![(503, ""), (429, ""), (204, "")]);
         let c = client(&f.url);
-        assert!(c.dequeue(&["batches".into()], false, &settings(), None).unwrap().is_none());
+        assert!(c.dequeue(&["batches".into()], false, &resources(), None).unwrap().is_none());
         assert_eq!(f.seen.lock().unwrap().len(), 3);
 
         let f = fake(vec![(400, r#"{"error":"bad json"}"#), (204, "")]);
-        let err = client(&f.url).dequeue(&["batches".into()], false, &settings(), None).unwrap_err();
+        let err = client(&f.url).dequeue(&["batches".into()], false, &resources(), None).unwrap_err();
         assert_eq!(err.status(), Some(400));
         assert!(err.to_string().contains("bad json"), "{err}");
         assert_eq!(f.seen.lock().unwrap().len(), 1);
@@ -677,7 +676,12 @@ mod tests {
         ]);
         let c = client(&f.url);
         let job = c
-            .dequeue(&["batches".into(), "codeintel".into()], true, &settings(), Some(Duration::from_secs(2)))
+            .dequeue(
+                &["batches".into(), "codeintel".into()],
+                true,
+                &resources(),
+                Some(Duration::from_secs(2)),
+            )
             .unwrap()
             .unwrap();
         assert_eq!(job.id, 7);

@@ -188,9 +188,10 @@ pub enum ExecutorCommand {
 
 /// Validates the flags into settings and runs the command; returns the exit status.
 pub fn run(cmd: ExecutorCommand) -> anyhow::Result<i32> {
+    use super::stages as cmd;
+    use crate::base::exit::{ExitError, USAGE};
     use crate::config::{Needs, Settings};
-    use crate::exit::{ExitError, USAGE};
-    use crate::stage::{cmd, Stage};
+    use crate::stage::Stage;
     let load = |c: &ConfigArgs, needs: Needs| {
         Settings::load(c.raw(), needs)
             .map_err(|e| anyhow::Error::new(ExitError::new(USAGE, format!("{e:#}"))))
@@ -199,7 +200,7 @@ pub fn run(cmd: ExecutorCommand) -> anyhow::Result<i32> {
         ExecutorCommand::Dequeue(a) => {
             let wait = match a.wait.as_deref() {
                 Some(w) => Some(
-                    crate::config::parse_duration(w)
+                    crate::base::units::parse_duration(w)
                         .map_err(|e| ExitError::new(USAGE, format!("--wait {w:?}: {e:#}")))?,
                 ),
                 None => None,
@@ -223,5 +224,5 @@ fn stage(
     load: impl Fn(&ConfigArgs, crate::config::Needs) -> anyhow::Result<crate::config::Settings>,
 ) -> anyhow::Result<i32> {
     let settings = load(&a.config, crate::config::Needs::DocumentOnly)?;
-    crate::stage::cmd::stage(stage, settings, a.io.input.as_deref(), a.io.output.as_deref())
+    super::stages::stage(stage, settings, a.io.input.as_deref(), a.io.output.as_deref())
 }

@@ -1,4 +1,5 @@
-//! The clap types of `executor image ...`: the local image store.
+//! `executor image ...`: its clap types, and the command that runs them against the local image
+//! store (parsed flags in, the store's answer on stdout).
 
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
@@ -46,4 +47,57 @@ pub enum ImageCommand {
         /// Image name, `name` or `name:tag`
         name: String,
     },
+}
+
+use anyhow::Result;
+use std::io::Write;
+
+use crate::image::ImageStore;
+
+/// Runs one `executor image` command and returns the exit status.
+pub fn run(args: ImageArgs) -> Result<i32> {
+    let store = ImageStore::open(&args.state_dir.join("images"))?;
+    let mut out = std::io::stdout().lock();
+    match args.command {
+        ImageCommand::Import { name, file } => {
+            let img = crate::image::import::import(&store, &name, &file)?;
+            writeln!(out, "{} {}", img.reference, img.digest)?;
+        }
+        ImageCommand::BuildBase { name, mirror } => {
+            let img = crate::image::build::build_base(&store, &name, mirror.as_deref())?;
+            writeln!(out, "{} {}", img.reference, img.digest)?;
+        }
+        ImageCommand::BuildBusybox { name } => {
+            let img = crate::image::build::build_busybox(&store, &name)?;
+            writeln!(out, "{} {}", img.reference, img.digest)?;
+        }
+        ImageCommand::Ls { json } => {
+            let list = store.list()?;
+            if json {
+                serde_json::to_writer_pretty(&mut out, &list)?;
+                writeln!(out)?;
+            } else {
+                writeln!(out, "{:<30} {:<12} {:<19} {:>10}  CREATED", "NAME", "TAG", "DIGEST", "SIZE")?;
+                for e in list {
+                    let short = e.digest.trim_start_matches("sha256:").get(..12).unwrap_or("");
+                    writeln!(
+                        out,
+                        "{:<30} {:<12} sha256:{short:<12} {:>10}  {}",
+                        e.name,
+                        e.tag,
+                        crate::base::units::format_bytes(e.size),
+                        e.created
+                    )?;
+                }
+            }
+        }
+        ImageCommand::Rm { name } => {
+            let removed = store.remove(&name)?;
+            writeln!(out, "removed {name}")?;
+            for d in removed {
+                writeln!(out, "deleted {d}")?;
+            }
+        }
+    }
+    Ok(crate::base::exit::OK)
 }

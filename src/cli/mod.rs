@@ -1,10 +1,15 @@
 //! Every clap type of the binary. Nothing outside `cli` knows clap: each command's flags are
 //! turned into the settings structs of the module that does the work.
 
+pub mod docs;
+mod docs_extra;
 pub mod image;
 pub mod queue;
+mod stages;
 
 use clap::{Parser, Subcommand};
+
+use crate::base::exit;
 use std::path::PathBuf;
 
 pub mod executor;
@@ -51,4 +56,36 @@ pub enum Command {
 /// The clap command tree, for the generated man pages and completions.
 pub fn command() -> clap::Command {
     <Cli as clap::CommandFactory>::command()
+}
+
+/// Parses the arguments, runs the command and returns the exit status.
+pub(crate) fn main() -> i32 {
+    let cli = match <Cli as clap::Parser>::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => exit::OK,
+                _ => exit::USAGE,
+            };
+        }
+    };
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("executor: {err:#}");
+            exit::code_for(&err)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::GenerateDocs { out } => docs::generate(&out).map(|_| exit::OK),
+        Command::Image(args) => image::run(args),
+        Command::Executor(cmd) => executor::run(*cmd),
+        Command::Install(vm::InstallCommand::Vm(args)) => vm::install_vm(args),
+        Command::TestVm(args) => vm::test_vm(args),
+        Command::Queue(args) => queue::run(args),
+    }
 }

@@ -159,7 +159,7 @@ pub struct ServeArgs {
     #[arg(long = "queue")]
     pub queues: Vec<String>,
     /// A processing job without a heartbeat for this long goes back to the queue
-    #[arg(long, default_value = "25s", value_parser = server::parse_duration)]
+    #[arg(long, default_value = "25s", value_parser = crate::base::units::parse_duration)]
     pub stalled_max_age: Duration,
     /// How often a stalled job is requeued before it fails
     #[arg(long, default_value_t = 3)]
@@ -237,7 +237,7 @@ pub fn run(args: QueueArgs) -> Result<i32> {
     let (opts, cmd) = match args.command {
         QueueCommand::Serve(s) => {
             server::serve(s.into_config()?)?;
-            return Ok(crate::exit::OK);
+            return Ok(crate::base::exit::OK);
         }
         QueueCommand::Submit { queue, file, client } => (options(client), C::Submit { queue, file }),
         QueueCommand::Jobs { queue, state, limit, client } => {

@@ -17,7 +17,7 @@ pub struct ObjectCache {
 
 /// An exclusive lock on one repository's cache, released on drop.
 struct CacheLock {
-    _lock: crate::lockfile::Held,
+    _lock: crate::base::lock::Held,
 }
 
 /// The workspace ref that marks the job's commit as complete (copied from the cache) during the
@@ -53,7 +53,7 @@ impl ObjectCache {
 
     fn lock(&self, frontend_url: &str, repository_name: &str) -> Result<CacheLock> {
         let path = self.root.join(format!("{}.lock", Self::name(frontend_url, repository_name)));
-        Ok(CacheLock { _lock: crate::lockfile::lock(&path, true)? })
+        Ok(CacheLock { _lock: crate::base::lock::lock(&path, true)? })
     }
 
     /// Brings the cache up to date with the job's commit from the coordinator (entry
@@ -98,7 +98,7 @@ impl ObjectCache {
         let (n, bytes) = copy_objects(&dir.join("objects"), objects)?;
         let mut w = log.start("setup.git.cache", None);
         let line = format!("copied {n} object files ({bytes} bytes) from the object cache\n");
-        w.output(crate::sandbox::Stream::Stdout, line.as_bytes());
+        w.output(crate::base::proc::Stream::Stdout, line.as_bytes());
         w.finish(0);
         Ok(())
     }
@@ -234,7 +234,7 @@ impl CommandLog for NullLog {
 }
 
 impl LogWriter for NullWriter {
-    fn output(&mut self, _stream: crate::sandbox::Stream, _data: &[u8]) {}
+    fn output(&mut self, _stream: crate::base::proc::Stream, _data: &[u8]) {}
     fn finish(&mut self, _exit_code: i32) {}
 }
 

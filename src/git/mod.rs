@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::sandbox::pipes::PipeEvent;
-use crate::sandbox::Stream;
+use crate::base::proc::PipeEvent;
+use crate::base::proc::Stream;
 
 /// Receives the log entries of the clone (one per git command).
 pub trait CommandLog {
@@ -380,7 +380,7 @@ impl Git<'_> {
                 bail!("failed {key}: cannot start git: {e}");
             }
         };
-        let mut pipes = crate::sandbox::pipes::Pipes::spawn(&mut child);
+        let mut pipes = crate::base::proc::Pipes::spawn(&mut child);
         let mut bar = progress::Progress::new(self.req.progress, key);
         // Keeps only the tail of stderr for the error message.
         let mut tail: Vec<u8> = Vec::new();

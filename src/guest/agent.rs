@@ -460,7 +460,7 @@ fn spawn_and_wait(port: &Port, req: &RunRequest, root: &Path, canceled: &AtomicB
     let Some((program, args)) = req.argv.split_first() else { bail!("the step has an empty command") };
     let mut cmd = Command::new(program);
     cmd.args(args);
-    crate::sys::enter_root(&mut cmd, root, &req.cwd).context("the step's root or directory")?;
+    crate::base::sys::enter_root(&mut cmd, root, &req.cwd).context("the step's root or directory")?;
     cmd.env_clear();
     for kv in &req.env {
         if let Some((k, v)) = kv.split_once('=') {

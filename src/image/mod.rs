@@ -11,7 +11,6 @@
 //! - `.lock`: taken exclusively (flock) while refs change or trees are collected.
 
 pub mod build;
-pub mod cli;
 pub mod import;
 
 use anyhow::{bail, Context, Result};
@@ -168,8 +167,8 @@ impl ImageStore {
     }
 
     /// Takes the store's exclusive lock until the guard drops.
-    pub(crate) fn lock(&self) -> Result<crate::lockfile::Held> {
-        crate::lockfile::lock(&self.dir.join(".lock"), true)
+    pub(crate) fn lock(&self) -> Result<crate::base::lock::Held> {
+        crate::base::lock::lock(&self.dir.join(".lock"), true)
     }
 
     fn read_refs(&self) -> Result<BTreeMap<String, String>> {
@@ -183,7 +182,7 @@ impl ImageStore {
 
     fn write_refs(&self, refs: &BTreeMap<String, String>) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(refs)?;
-        crate::document::write_atomic(&self.refs_path(), &bytes)
+        crate::base::fs::write_atomic(&self.refs_path(), &bytes)
     }
 
     fn read_meta(&self, digest: &str) -> Result<ImageMeta> {
@@ -291,7 +290,7 @@ impl ImageStore {
     pub fn add_user(&self, user: &str, digests: &[String]) -> Result<()> {
         let _lock = self.lock()?;
         let path = self.dir.join("users").join(user);
-        crate::document::write_atomic(&path, digests.join("\n").as_bytes())
+        crate::base::fs::write_atomic(&path, digests.join("\n").as_bytes())
     }
 
     /// Drops the record made by [`add_user`](Self::add_user); missing is fine.
@@ -343,7 +342,7 @@ impl ImageStore {
         if dest.exists() {
             fs::remove_dir_all(tree).with_context(|| format!("removing {}", tree.display()))?;
         } else {
-            crate::document::write_atomic(&self.meta_path(&meta.digest), &serde_json::to_vec_pretty(meta)?)?;
+            crate::base::fs::write_atomic(&self.meta_path(&meta.digest), &serde_json::to_vec_pretty(meta)?)?;
             fs::rename(tree, &dest)
                 .with_context(|| format!("moving {} to {}", tree.display(), dest.display()))?;
         }

@@ -3,35 +3,16 @@
 //! records it in the run document; `run-steps`, `upload` and `complete` find it again from there.
 
 use anyhow::Result;
-use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use crate::cancel::{Cancel, CancelReason};
+use crate::base::cancel::{Cancel, CancelReason};
+pub use crate::base::proc::{OutputSink, Stream};
+pub use crate::document::sandbox::{RuntimeChoice, RuntimeKind, SandboxDetails, SandboxRecord};
 
 pub mod microvm;
 pub mod oci;
-pub mod pipes;
 pub mod shell;
-
-/// A running sandbox as recorded in the run document. Everything a later process needs to reach
-/// it again, and nothing secret.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct SandboxRecord {
-    /// `shell`, `oci` or `microvm`.
-    pub runtime: String,
-    /// `<prefix>-<uuid>`: the janitor removes sandboxes with the prefix that no live job owns.
-    pub name: String,
-    /// The runtime's private directory for this sandbox.
-    pub state_dir: PathBuf,
-    /// A long-lived process the sandbox depends on (QEMU, a supervisor), if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pid: Option<i32>,
-    /// Runtime-specific facts (images resolved, disks, sockets).
-    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
-    pub details: serde_json::Value,
-}
 
 /// Resource limits for one job's sandbox. Zero means unbounded.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -69,23 +50,6 @@ pub struct StepSpec<'a> {
     pub env: &'a [String],
 }
 
-/// Which stream a piece of step output came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stream {
-    Stdout,
-    Stderr,
-}
-
-/// Receives a step's output as it arrives, in arrival order.
-pub trait OutputSink {
-    fn output(&mut self, stream: Stream, data: &[u8]);
-    /// The step hit one of the job's limits; `what` names it (`memory limit of 200 MiB ...`).
-    /// By default a line on the step's stderr; `run-steps` also puts it in the job's failure.
-    fn limit_hit(&mut self, what: &str) {
-        self.output(Stream::Stderr, format!("\nexecutor: the step hit the job's {what}\n").as_bytes());
-    }
-}
-
 /// How a step ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StepEnd {
@@ -98,7 +62,10 @@ pub enum StepEnd {
 
 /// A sandbox backend.
 pub trait Runtime: Send + Sync {
-    fn name(&self) -> &'static str;
+    fn kind(&self) -> RuntimeKind;
+    fn name(&self) -> &'static str {
+        self.kind().name()
+    }
     /// Checks that the runtime can work on this host; returns what it checked.
     fn check(&self) -> Result<Vec<String>>;
     /// Starts a sandbox for one job.
@@ -160,9 +127,6 @@ impl RuntimeOptions {
     }
 }
 
-/// The isolating runtimes, in `auto`'s order of preference; `shell` is never picked automatically.
-pub const AUTO_ORDER: &[&str] = &["microvm", "oci"];
-
 /// The `auto` choice: `microvm` where the KVM boot probe passed (TCG is never picked
 /// automatically: it is too slow to choose silently), `oci` otherwise. Returns the runtime and why.
 pub fn choose_auto(opts: &RuntimeOptions) -> Result<(Box<dyn Runtime>, String)> {
@@ -189,17 +153,23 @@ pub fn choose_auto(opts: &RuntimeOptions) -> Result<(Box<dyn Runtime>, String)> 
     }
 }
 
-/// Opens the runtime called `name` (`shell`, `oci`, `microvm`, or `auto`: see [`choose_auto`]).
-pub fn open(name: &str, opts: &RuntimeOptions) -> Result<Box<dyn Runtime>> {
-    match name {
-        "shell" => Ok(Box::new(shell::ShellRuntime::new(opts))),
-        "oci" => Ok(Box::new(oci::OciRuntime::new(opts.clone())?)),
-        "microvm" => Ok(Box::new(microvm::MicroVm::new(opts.clone()))),
-        "auto" => {
+/// Opens the runtime `kind`.
+pub fn open(kind: RuntimeKind, opts: &RuntimeOptions) -> Result<Box<dyn Runtime>> {
+    match kind {
+        RuntimeKind::Shell => Ok(Box::new(shell::ShellRuntime::new(opts))),
+        RuntimeKind::Oci => Ok(Box::new(oci::OciRuntime::new(opts.clone())?)),
+        RuntimeKind::Microvm => Ok(Box::new(microvm::MicroVm::new(opts.clone()))),
+    }
+}
+
+/// Opens the runtime an operator chose (`auto`: see [`choose_auto`]).
+pub fn open_choice(choice: RuntimeChoice, opts: &RuntimeOptions) -> Result<Box<dyn Runtime>> {
+    match choice {
+        RuntimeChoice::Only(kind) => open(kind, opts),
+        RuntimeChoice::Auto => {
             let (rt, why) = choose_auto(opts)?;
             eprintln!("executor: runtime auto picked {}: {why}", rt.name());
             Ok(rt)
         }
-        other => anyhow::bail!("the {other:?} runtime is not available in this build"),
     }
 }

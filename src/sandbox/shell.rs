@@ -16,8 +16,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{BootRequest, OutputSink, Runtime, RuntimeOptions, SandboxRecord, StepEnd, StepSpec, Stream};
-use crate::cancel::Cancel;
+use super::{
+    BootRequest, OutputSink, Runtime, RuntimeKind, RuntimeOptions, SandboxDetails, SandboxRecord, StepEnd,
+    StepSpec, Stream,
+};
+use crate::base::cancel::Cancel;
+use crate::document::sandbox::ShellDetails;
 
 /// The warning printed whenever a sandbox is started by this runtime.
 pub const WARNING: &str =
@@ -34,12 +38,10 @@ impl ShellRuntime {
     }
 
     fn workspace(sandbox: &SandboxRecord) -> Result<PathBuf> {
-        sandbox
-            .details
-            .get("workspace")
-            .and_then(|v| v.as_str())
-            .map(PathBuf::from)
-            .with_context(|| format!("sandbox {} records no workspace", sandbox.name))
+        match &sandbox.details {
+            SandboxDetails::Shell(d) => Ok(d.workspace.clone()),
+            _ => bail!("sandbox {} records no workspace", sandbox.name),
+        }
     }
 }
 
@@ -72,8 +74,8 @@ fn kill_group(pgid: i32) {
 }
 
 impl Runtime for ShellRuntime {
-    fn name(&self) -> &'static str {
-        "shell"
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Shell
     }
 
     fn check(&self) -> Result<Vec<String>> {
@@ -105,11 +107,10 @@ impl Runtime for ShellRuntime {
         std::fs::write(state_dir.join("shell"), req.job_uid)
             .with_context(|| format!("writing {}", state_dir.join("shell").display()))?;
         Ok(SandboxRecord {
-            runtime: "shell".into(),
             name,
             state_dir,
             pid: None,
-            details: serde_json::json!({ "workspace": req.workspace }),
+            details: SandboxDetails::Shell(ShellDetails { workspace: req.workspace.to_path_buf() }),
         })
     }
 
@@ -126,11 +127,11 @@ impl Runtime for ShellRuntime {
         cancel: &Cancel,
     ) -> Result<StepEnd> {
         let ws = Self::workspace(sandbox)?;
-        let script = crate::workspace::files::confined(&ws, step.script)?;
+        let script = crate::base::fs::confined(&ws, step.script)?;
         let cwd = if step.dir.is_empty() || step.dir == "." {
             ws.clone()
         } else {
-            let p = crate::workspace::files::ensure_parent(&ws, &format!("{}/x", step.dir))
+            let p = crate::base::fs::ensure_parent(&ws, &format!("{}/x", step.dir))
                 .with_context(|| format!("step {}: working directory {:?}", step.key, step.dir))?;
             p.parent().map(Path::to_path_buf).unwrap_or(ws.clone())
         };
@@ -290,7 +291,7 @@ impl<R: Read> PipeSlot for Option<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cancel::CancelReason;
+    use crate::base::cancel::CancelReason;
 
     struct Collect(Vec<(Stream, Vec<u8>)>);
     impl OutputSink for Collect {

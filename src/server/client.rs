@@ -531,7 +531,7 @@ pub fn run(opts: &ClientOptions, cmd: ClientCommand) -> Result<i32> {
         },
     }
     stdout.flush()?;
-    Ok(crate::exit::OK)
+    Ok(crate::base::exit::OK)
 }
 
 #[cfg(test)]

@@ -281,9 +281,9 @@ async fn test_auth(State(app): State<Shared>, headers: HeaderMap) -> ApiResult<R
 fn wait_param(query: &HashMap<String, String>) -> ApiResult<Duration> {
     match query.get("wait") {
         None => Ok(Duration::ZERO),
-        Some(w) => super::parse_duration(w)
+        Some(w) => crate::base::units::parse_duration(w)
             .map(|d| d.min(MAX_WAIT))
-            .map_err(|e| api_err(StatusCode::BAD_REQUEST, format!("invalid wait parameter: {e}"))),
+            .map_err(|e| api_err(StatusCode::BAD_REQUEST, format!("invalid wait parameter: {e:#}"))),
     }
 }
 
@@ -835,8 +835,8 @@ fn admin_payload(payload: &str) -> Result<serde_json::Value> {
     let mut v: serde_json::Value = serde_json::from_str(payload).context("stored payload is unreadable")?;
     let secrets: BTreeMap<String, String> =
         v.get("redactedValues").and_then(|r| serde_json::from_value(r.clone()).ok()).unwrap_or_default();
-    let redactor = crate::redact::Redactor::new(secrets.iter());
-    fn walk(v: &mut serde_json::Value, r: &crate::redact::Redactor) {
+    let redactor = crate::base::redact::Redactor::new(secrets.iter());
+    fn walk(v: &mut serde_json::Value, r: &crate::base::redact::Redactor) {
         match v {
             serde_json::Value::String(s) => *s = r.redact_str(s),
             serde_json::Value::Array(a) => a.iter_mut().for_each(|x| walk(x, r)),
@@ -1113,7 +1113,7 @@ fn router(app: Shared) -> Router {
 async fn stalled_resetter(app: Shared) {
     let age = app.cfg.stalled_max_age;
     let period = (age / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
-    let age_text = super::format_duration(age);
+    let age_text = crate::base::units::format_duration(age);
     let mut shutdown = app.shutdown.subscribe();
     loop {
         tokio::select! {
@@ -1522,7 +1522,7 @@ async fn put_file(
     let size = bytes.len() as i64;
     tokio::task::spawn_blocking(move || -> Result<()> {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        crate::document::write_atomic(&dest, &bytes)
+        crate::base::fs::write_atomic(&dest, &bytes)
     })
     .await
     .map_err(|e| anyhow::anyhow!("file store task failed: {e}"))??;

@@ -64,7 +64,8 @@ pub fn read_secret(file: Option<&Path>, env: &str, what: &str) -> Result<Option<
 
 /// Checks the secrets and queue names.
 pub fn validate(cfg: &ServeConfig) -> Result<()> {
-    check(cfg).map_err(|e| crate::exit::ExitError::new(crate::exit::USAGE, format!("{e:#}")).into())
+    check(cfg)
+        .map_err(|e| crate::base::exit::ExitError::new(crate::base::exit::USAGE, format!("{e:#}")).into())
 }
 
 fn check(cfg: &ServeConfig) -> Result<()> {
@@ -92,35 +93,6 @@ fn check(cfg: &ServeConfig) -> Result<()> {
     Ok(())
 }
 
-/// Parses `250ms`, `30s`, `5m`, `1h` or a bare number of seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let t = text.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 =
-        num.parse().map_err(|_| format!("duration {text:?} is not a number with a unit (e.g. 30s)"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "ms" => n / 1000.0,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("duration {text:?} has an unknown unit {unit:?} (use ms, s, m or h)")),
-    };
-    if !secs.is_finite() || !(0.0..=1.0e9).contains(&secs) {
-        return Err(format!("duration {text:?} is out of range"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
-
-/// Shows a duration the way it was most likely written.
-pub fn format_duration(d: Duration) -> String {
-    if d.subsec_millis() != 0 || d.as_secs() == 0 {
-        format!("{}ms", d.as_millis())
-    } else {
-        format!("{}s", d.as_secs())
-    }
-}
-
 /// Runs the server until SIGINT/SIGTERM.
 pub fn serve(cfg: ServeConfig) -> Result<()> {
     validate(&cfg)?;
@@ -130,21 +102,4 @@ pub fn serve(cfg: ServeConfig) -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     rt.block_on(http::serve(Arc::new(cfg)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("25s"), Ok(Duration::from_secs(25)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
-        assert!(parse_duration("3 weeks").is_err());
-        assert!(parse_duration("").is_err());
-        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
-        assert_eq!(format_duration(Duration::from_secs(25)), "25s");
-    }
 }

@@ -7,8 +7,8 @@ use chrono::Utc;
 
 use super::JobCtx;
 use crate::api::Mark;
+use crate::base::exit::{ExitError, TEMPFAIL};
 use crate::document::{CompletionRecord, FailureKind, RunDocument};
-use crate::exit::{ExitError, TEMPFAIL};
 
 /// The mark* call for the document's outcome, and its message.
 pub fn mark_for(doc: &RunDocument) -> (Mark, String) {
@@ -25,7 +25,7 @@ pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
     let mut sandbox_removed =
         doc.sandbox.is_none() || doc.completion.as_ref().is_some_and(|c| c.sandbox_removed);
     if let (Some(sb), false) = (doc.sandbox.clone(), sandbox_removed) {
-        let mut entry = ctx.logger.entry(&format!("teardown.{}.remove", sb.runtime), None).ok();
+        let mut entry = ctx.logger.entry(&format!("teardown.{}.remove", sb.runtime()), None).ok();
         match ctx.runtime(doc).and_then(|rt| rt.teardown(&sb)) {
             Ok(()) => {
                 sandbox_removed = true;
@@ -112,7 +112,7 @@ mod tests {
             frontend_url: "http://127.0.0.1:1".into(),
             queue: "batches".into(),
             multi_queue: false,
-            runtime: "shell".into(),
+            runtime: crate::sandbox::RuntimeKind::Shell,
             version: "0.1.0".into(),
         };
         let job = crate::protocol::Job { id: 3, ..Default::default() };

@@ -8,16 +8,18 @@ use std::time::Duration;
 use crate::api::{ApiError, Client, VERSION};
 use crate::config::Settings;
 use crate::document::{ExecutorIdentity, RunDocument};
+use crate::sandbox::RuntimeKind;
 
 /// Dequeues one job and returns its new document, or `None` when the coordinator has none.
 /// `runtime` is the concrete runtime name recorded for the later stages.
 pub fn run(
     settings: &Settings,
     client: &Client,
-    runtime: &str,
+    runtime: RuntimeKind,
     wait: Option<Duration>,
 ) -> Result<Option<RunDocument>, ApiError> {
-    let Some(job) = client.dequeue(&settings.queues, settings.multi_queue, settings, wait)? else {
+    let Some(job) = client.dequeue(&settings.queues, settings.multi_queue, &settings.resources(), wait)?
+    else {
         return Ok(None);
     };
     let queue = if job.queue.is_empty() {
@@ -30,7 +32,7 @@ pub fn run(
         frontend_url: client.base_url().to_string(),
         queue,
         multi_queue: settings.multi_queue,
-        runtime: runtime.to_string(),
+        runtime,
         version: VERSION.to_string(),
     };
     let deadline = chrono::Duration::from_std(settings.max_runtime_per_job).ok().map(|d| Utc::now() + d);

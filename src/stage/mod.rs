@@ -2,7 +2,6 @@
 //! opened job, logger, cancel token) and [`run_stage`], which records a failure in the document
 //! instead of losing it and makes later stages skip. `loop` and the subcommands both call these.
 
-pub mod cmd;
 pub mod complete;
 pub mod dequeue;
 pub mod prepare_workspace;
@@ -17,12 +16,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::api::{Client, JobAuth};
-use crate::cancel::{Cancel, CancelReason};
+use crate::base::cancel::{Cancel, CancelReason};
+use crate::base::redact::Redactor;
 use crate::config::Settings;
 use crate::document::{FailureKind, RunDocument, StageRecord};
 use crate::logs::{CoordinatorLogs, JobLogger};
 use crate::protocol::Job;
-use crate::redact::Redactor;
 
 /// The stages after `dequeue`, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,9 +77,13 @@ impl JobCtx {
     /// executor that dequeued it. `cancel` gets the document's deadline.
     pub fn new(settings: Arc<Settings>, doc: &RunDocument, cancel: Option<Cancel>) -> Result<JobCtx> {
         let job = doc.open_job(settings.password.expose()).map_err(|e| {
-            crate::document::UnreadableDocument(format!("the run document's job cannot be opened: {e:#}"))
+            crate::base::exit::ExitError::new(
+                crate::base::exit::BAD_DOCUMENT,
+                format!("the run document's job cannot be opened: {e:#}"),
+            )
         })?;
-        let client = Client::new(&settings, &doc.executor.frontend_url, &doc.executor.name)
+        let client = settings
+            .client(&doc.executor.frontend_url, &doc.executor.name)
             .with_context(|| format!("connecting to {}", doc.executor.frontend_url))?;
         let auth = JobAuth::for_job(&job, &doc.executor.queue);
         let redactor =
@@ -97,8 +100,8 @@ impl JobCtx {
 
     /// The runtime that the document names.
     pub fn runtime(&self, doc: &RunDocument) -> Result<Box<dyn crate::sandbox::Runtime>> {
-        let name = doc.sandbox.as_ref().map(|s| s.runtime.as_str()).unwrap_or(&doc.executor.runtime);
-        crate::sandbox::open(name, &self.settings.runtime_options())
+        let kind = doc.sandbox.as_ref().map(|s| s.runtime()).unwrap_or(doc.executor.runtime);
+        crate::sandbox::open(kind, &self.settings.runtime_options())
     }
 }
 
@@ -166,7 +169,7 @@ fn classify(ctx: &JobCtx, e: &anyhow::Error) -> (FailureKind, String) {
 pub fn deadline_message(settings: &Settings) -> String {
     format!(
         "job exceeded maximum execution time of {}",
-        crate::config::format_duration(settings.max_runtime_per_job)
+        crate::base::units::format_duration(settings.max_runtime_per_job)
     )
 }
 

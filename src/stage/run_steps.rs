@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use std::time::Instant;
 
 use super::{deadline_message, Incomplete, JobCtx, StageFailure};
-use crate::cancel::CancelReason;
+use crate::base::cancel::CancelReason;
 use crate::document::{FailureKind, RunDocument, StepRecord};
 use crate::sandbox::{OutputSink, StepEnd, StepSpec};
 
@@ -138,7 +138,7 @@ fn stopped(ctx: &JobCtx, reason: CancelReason, key: &str) -> anyhow::Error {
 /// The batches skip protocol: after a `.pre` step, `<dir>/skip.json` may name the next step.
 fn skip_to(ws: &std::path::Path, dir: &str) -> Result<Option<String>> {
     let rel = if dir.is_empty() { "skip.json".to_string() } else { format!("{dir}/skip.json") };
-    let path = crate::workspace::files::confined(ws, &rel)?;
+    let path = crate::base::fs::confined(ws, &rel)?;
     let meta = match std::fs::symlink_metadata(&path) {
         Ok(m) => m,
         Err(_) => return Ok(None),

@@ -10,9 +10,9 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
 use super::{Incomplete, JobCtx};
+use crate::base::redact::Redactor;
 use crate::document::{ArtifactsRecord, RunDocument};
 use crate::logs::LogEntry;
-use crate::redact::Redactor;
 
 pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
     if ctx.job.artifacts.is_empty() || doc.artifacts.as_ref().is_some_and(|a| a.uploaded) {

@@ -29,7 +29,7 @@ pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
         limits: &limits,
         name_prefix: &ctx.settings.vm_prefix,
     };
-    if runtime.name() == "shell" {
+    if runtime.kind() == crate::sandbox::RuntimeKind::Shell {
         entry.line(crate::sandbox::shell::WARNING);
     }
     // Held until the owner record names the new sandbox, so no janitor pass sees it unclaimed.

@@ -5,7 +5,6 @@
 //! this one, with its shared libraries), busybox and the virtio modules. Files live under `$EXECUTOR_STATE_DIR/vm`; running it again does only what is
 //! out of date.
 
-pub mod cmd;
 pub mod cpio;
 
 use anyhow::{bail, Context, Result};
@@ -379,7 +378,7 @@ pub fn install(opts: &InstallOptions) -> Result<Vec<String>> {
         initramfs_inputs: inputs,
     };
     let text = serde_json::to_vec_pretty(&m).context("encoding the vm manifest")?;
-    crate::document::write_atomic(&manifest_path(&opts.state_dir), &text)?;
+    crate::base::fs::write_atomic(&manifest_path(&opts.state_dir), &text)?;
     did.push(ensure_vm_user()?);
     Ok(did)
 }

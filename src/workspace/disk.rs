@@ -143,32 +143,9 @@ pub fn is_disk_full(e: &anyhow::Error) -> bool {
         })
 }
 
-/// A size for people: `20 GiB`, `512 MiB`, `1000 bytes`.
-pub fn human(bytes: u64) -> String {
-    const UNITS: [(&str, u64); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
-    for (unit, size) in UNITS {
-        if bytes >= size {
-            return if bytes.is_multiple_of(size) {
-                format!("{} {unit}", bytes / size)
-            } else {
-                format!("{:.1} {unit}", bytes as f64 / size as f64)
-            };
-        }
-    }
-    format!("{bytes} bytes")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_read_well() {
-        assert_eq!(human(20 << 30), "20 GiB");
-        assert_eq!(human(64 << 20), "64 MiB");
-        assert_eq!(human(1536 << 10), "1.5 MiB");
-        assert_eq!(human(1000), "1000 bytes");
-    }
 
     #[test]
     fn full_disk_errors_are_recognised() {

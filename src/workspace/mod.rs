@@ -4,7 +4,6 @@
 //! size-capped filesystem is [`disk`]'s.
 
 pub mod disk;
-pub mod files;
 pub mod scripts;
 
 use anyhow::{Context, Result};
@@ -60,7 +59,7 @@ pub fn create_for_job(
     let msg = format!(
         "workspace disk limit {}: no filesystem of its own ({why_not}); only the repository's size \
          is checked, after the clone, and steps are bounded per file only",
-        disk::human(disk_bytes)
+        crate::base::units::format_bytes(disk_bytes)
     );
     eprintln!("executor: job {}: {msg}", owner.job_uid);
     let mut entry = logger.entry("setup.fs.workspace", None)?;
@@ -85,7 +84,7 @@ pub fn create(workspaces_dir: &Path, owner: &Owner) -> Result<PathBuf> {
 /// Rewrites the owner record (vm-boot adds the sandbox name).
 pub fn write_owner(ws: &Path, owner: &Owner) -> Result<()> {
     let bytes = serde_json::to_vec_pretty(owner).context("encoding the workspace owner")?;
-    crate::document::write_atomic(&owner_path(ws), &bytes)
+    crate::base::fs::write_atomic(&owner_path(ws), &bytes)
 }
 
 pub fn read_owner(ws: &Path) -> Option<Owner> {
@@ -130,7 +129,7 @@ pub fn clone_repository(job: &Job, ws: &Path, logger: &JobLogger, cx: &CloneCont
     let dir = if job.repository_directory.trim_matches('/').is_empty() {
         ws.to_path_buf()
     } else {
-        files::confined(ws, &job.repository_directory)
+        crate::base::fs::confined(ws, &job.repository_directory)
             .with_context(|| format!("repositoryDirectory {:?}", job.repository_directory))?
     };
     let mounted = disk::is_mounted(ws);
@@ -162,7 +161,7 @@ pub fn clone_repository(job: &Job, ws: &Path, logger: &JobLogger, cx: &CloneCont
                  (EXECUTOR_FIRECRACKER_DISK_SPACE)",
                 job.repository_name,
                 job.commit,
-                disk::human(cx.max_bytes)
+                crate::base::units::format_bytes(cx.max_bytes)
             ))
         } else {
             e.context(format!("cloning {} at {}", job.repository_name, job.commit))
@@ -195,9 +194,9 @@ impl crate::git::CommandLog for GitLog<'_> {
 }
 
 impl crate::git::LogWriter for GitEntry {
-    fn output(&mut self, stream: crate::sandbox::Stream, data: &[u8]) {
+    fn output(&mut self, stream: crate::base::proc::Stream, data: &[u8]) {
         if let Some(e) = self.entry.as_mut() {
-            crate::sandbox::OutputSink::output(e, stream, data);
+            crate::base::proc::OutputSink::output(e, stream, data);
         }
     }
     fn finish(&mut self, exit_code: i32) {
@@ -234,7 +233,7 @@ pub fn write_files_and_scripts(
     }
     let mut entry = logger.entry("setup.fs.extras", None)?;
     let res = (|| -> Result<()> {
-        files::ensure_parent(ws, &format!("{}/x", scripts::SCRIPTS_DIR))?;
+        crate::base::fs::ensure_parent(ws, &format!("{}/x", scripts::SCRIPTS_DIR))?;
         for (rel, f) in &job.files {
             let t = Instant::now();
             let fetched;
@@ -246,16 +245,16 @@ pub fn write_files_and_scripts(
             } else {
                 &f.content
             };
-            let path = files::write_file(ws, rel, content, 0o777)
+            let path = crate::base::fs::write_file(ws, rel, content, 0o777)
                 .with_context(|| format!("writing job file {rel:?}"))?;
             if let Some(m) = f.modified_at {
-                files::set_mtime(&path, m)?;
+                crate::base::fs::set_mtime(&path, m)?;
             }
             entry.line(&format!("Wrote {rel} in {:?}", t.elapsed()));
         }
         for (rel, body) in &scripts {
             let t = Instant::now();
-            files::write_file(ws, rel, body.as_bytes(), 0o777)?;
+            crate::base::fs::write_file(ws, rel, body.as_bytes(), 0o777)?;
             entry.line(&format!("Wrote {rel} in {:?}", t.elapsed()));
         }
         Ok(())
@@ -277,8 +276,8 @@ pub fn write_files_and_scripts(
 /// in it), across processes: a boot holds it shared from before its sandbox exists until the workspace's owner
 /// record names that sandbox; a janitor pass holds it exclusively, so that it never finds a
 /// sandbox that no owner record claims yet.
-pub fn janitor_lock(state_dir: &Path, exclusive: bool) -> Result<crate::lockfile::Held> {
-    crate::lockfile::lock(&state_dir.join("janitor.lock"), exclusive)
+pub fn janitor_lock(state_dir: &Path, exclusive: bool) -> Result<crate::base::lock::Held> {
+    crate::base::lock::lock(&state_dir.join("janitor.lock"), exclusive)
 }
 
 /// One janitor pass over the workspaces directory. A workspace is removed when its owner is
@@ -420,7 +419,7 @@ mod clone_tests {
         let ws = tempfile::tempdir().unwrap();
         let logger = crate::logs::JobLogger::new(
             std::sync::Arc::new(crate::logs::tests::MemoryLogs::default()),
-            crate::redact::Redactor::default(),
+            crate::base::redact::Redactor::default(),
         );
         let cx = CloneContext {
             frontend_url: "http://127.0.0.1:1",

@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use executor::cancel::{Cancel, CancelReason};
+use executor::base::cancel::{Cancel, CancelReason};
 use executor::sandbox::microvm::{Accel, MicroVm};
 use executor::sandbox::{
-    BootRequest, Limits, OutputSink, Runtime, RuntimeOptions, StepEnd, StepSpec, Stream,
+    BootRequest, Limits, OutputSink, Runtime, RuntimeOptions, SandboxDetails, StepEnd, StepSpec, Stream,
 };
 
 use crate::common;
@@ -196,7 +196,7 @@ fn microvm_job_runs_in_a_guest_round_trips_the_workspace_and_stops_on_cancel_and
             name_prefix: &prefix,
         })
         .expect("boot");
-    assert_eq!(rec.runtime, "microvm");
+    assert_eq!(rec.runtime(), executor::sandbox::RuntimeKind::Microvm);
     let pid = rec.pid.unwrap();
     assert!(Path::new(&format!("/proc/{pid}")).exists());
     // QEMU never holds root (`install vm` made its user): its real, effective, saved and fs uids.
@@ -210,7 +210,8 @@ fn microvm_job_runs_in_a_guest_round_trips_the_workspace_and_stops_on_cancel_and
         .collect();
     assert!(uids.len() == 4 && uids.iter().all(|&u| u != 0), "QEMU runs as root: {uids:?}");
     if nix::unistd::geteuid().is_root() {
-        assert_eq!(rec.details["qemuUser"], "executor-vm", "{:#}", rec.details);
+        let SandboxDetails::Microvm(Some(det)) = &rec.details else { panic!("{:?}", rec.details) };
+        assert_eq!(det.qemu_user.as_deref(), Some("executor-vm"), "{det:?}");
         // Its directory (disks, socket, console) is its own and closed to everyone else.
         use std::os::unix::fs::MetadataExt;
         let md = std::fs::metadata(&rec.state_dir).unwrap();
@@ -319,9 +320,9 @@ fn microvm_janitor_removes_vms_no_live_job_owns_and_guest_garbage_is_refused() {
         }
     });
     let mut fake = live.clone();
-    let mut det = fake.details.clone();
-    det["socket"] = serde_json::Value::String(sock.to_string_lossy().into_owned());
-    fake.details = det;
+    if let SandboxDetails::Microvm(Some(det)) = &mut fake.details {
+        det.socket = sock.clone();
+    }
     let t = Instant::now();
     let err = rt.sync_workspace(&fake, &ws).unwrap_err();
     assert!(format!("{err:#}").contains("frame length"), "{err:#}");

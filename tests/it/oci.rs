@@ -7,10 +7,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use executor::cancel::{Cancel, CancelReason};
+use executor::base::cancel::{Cancel, CancelReason};
 use executor::sandbox::oci::OciRuntime;
 use executor::sandbox::{
-    BootRequest, Limits, OutputSink, Runtime, RuntimeOptions, SandboxRecord, StepEnd, StepSpec, Stream,
+    BootRequest, Limits, OutputSink, Runtime, RuntimeOptions, SandboxDetails, SandboxRecord, StepEnd,
+    StepSpec, Stream,
 };
 
 use crate::common;
@@ -1018,7 +1019,10 @@ fn uid_ranges_are_per_job(oci: &str, test: &str) {
             name_prefix: "ocitest",
         })
         .unwrap();
-    let base = |sb: &SandboxRecord| sb.details["uidBase"].as_u64().unwrap() as u32;
+    let base = |sb: &SandboxRecord| match &sb.details {
+        SandboxDetails::Oci(Some(d)) => d.uid_base,
+        other => panic!("{other:?}"),
+    };
     let (ba, bb) = (base(&a), base(&b));
     let count = executor::image::ID_COUNT;
     assert!(ba >= executor::image::ID_BASE + count && bb >= executor::image::ID_BASE + count, "{ba} {bb}");

@@ -35,7 +35,7 @@ fn deb_contains_binary_docs_units_and_private_config() {
         assert!(listing.contains(want), "{want} missing from the package:\n{listing}");
     }
     // Every visible subcommand has its page.
-    for (name, _) in executor::docs::render().unwrap() {
+    for (name, _) in executor::cli::docs::render().unwrap() {
         if name.ends_with(".1") {
             assert!(listing.contains(&format!("{name}.gz")), "man page {name} missing");
         }

@@ -20,8 +20,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{BootRequest, OutputSink, Runtime, RuntimeOptions, SandboxRecord, StepEnd, StepSpec, Stream};
-use crate::cancel::Cancel;
+use super::{
+    BootRequest, OutputSink, Runtime, RuntimeKind, RuntimeOptions, SandboxDetails, SandboxRecord, StepEnd,
+    StepSpec, Stream,
+};
+use crate::base::cancel::Cancel;
+pub use crate::document::sandbox::{Accel, BootPhases, ImageDisk, VmDetails};
 use crate::guest::protocol::*;
 use channel::Channel;
 
@@ -40,39 +44,6 @@ const DEFAULT_MEMORY: u64 = 512 << 20;
 /// QEMU's own memory on top of the guest's, for its cgroup limit.
 const QEMU_OVERHEAD: u64 = 384 << 20;
 
-/// Which accelerator QEMU uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Accel {
-    /// KVM where the cached boot probe proved it works, else TCG if allowed.
-    #[default]
-    Auto,
-    Kvm,
-    Tcg,
-}
-
-impl std::str::FromStr for Accel {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "auto" => Ok(Accel::Auto),
-            "kvm" => Ok(Accel::Kvm),
-            "tcg" => Ok(Accel::Tcg),
-            _ => bail!("unknown accelerator {s:?} (auto, kvm or tcg)"),
-        }
-    }
-}
-
-impl std::fmt::Display for Accel {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Accel::Auto => "auto",
-            Accel::Kvm => "kvm",
-            Accel::Tcg => "tcg",
-        })
-    }
-}
-
 /// The cached answer of the KVM boot probe.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -80,43 +51,6 @@ pub struct KvmProbe {
     pub works: bool,
     pub detail: String,
     pub kernel_version: String,
-}
-
-/// Facts about one VM kept in the sandbox record's `details`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct VmDetails {
-    pub accel: Accel,
-    pub accel_reason: String,
-    pub socket: PathBuf,
-    pub console: PathBuf,
-    pub workspace_disk: PathBuf,
-    pub workspace_disk_bytes: u64,
-    /// Step images in disk order: the agent mounts disk `i` at `/images/i`.
-    pub images: Vec<ImageDisk>,
-    pub phases: BootPhases,
-    /// The unprivileged user QEMU runs as (none: it runs as the executor's own user).
-    #[serde(default)]
-    pub qemu_user: Option<String>,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ImageDisk {
-    pub reference: String,
-    pub digest: String,
-    pub disk: PathBuf,
-}
-
-/// Milliseconds spent in each boot phase.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct BootPhases {
-    pub disk_build_ms: u64,
-    pub qemu_start_ms: u64,
-    pub kernel_boot_ms: u64,
-    pub agent_ready_ms: u64,
-    pub total_ms: u64,
 }
 
 pub struct MicroVm {
@@ -216,7 +150,7 @@ impl MicroVm {
         };
         let p = KvmProbe { works, detail, kernel_version: manifest.kernel_version };
         fs::create_dir_all(self.vm_dir()).ok();
-        let _ = crate::document::write_atomic(&path, &serde_json::to_vec_pretty(&p).unwrap_or_default());
+        let _ = crate::base::fs::write_atomic(&path, &serde_json::to_vec_pretty(&p).unwrap_or_default());
         Ok(p)
     }
 
@@ -269,11 +203,10 @@ impl MicroVm {
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         fs::write(dir.join(MARKER), name).with_context(|| format!("writing {}", dir.display()))?;
         let mut rec = SandboxRecord {
-            runtime: "microvm".into(),
             name: name.to_string(),
             state_dir: dir.clone(),
             pid: None,
-            details: serde_json::Value::Null,
+            details: SandboxDetails::Microvm(None),
         };
         match self.boot_in(&mut rec, &manifest, workspace, images, accel, accel_reason, limits, boot_timeout)
         {
@@ -380,7 +313,7 @@ impl MicroVm {
         cmd.args(["-device", "virtio-serial-device"]);
         let mut keep: Vec<i32> = vec![kernel.as_raw_fd(), initrd.as_raw_fd()];
         keep.extend(image_files.iter().map(|f| f.as_raw_fd()));
-        crate::sys::start_in_dir_keeping(&mut cmd, dir_handle.as_raw_fd(), keep);
+        crate::base::sys::start_in_dir_keeping(&mut cmd, dir_handle.as_raw_fd(), keep);
         if let Some(u) = &user {
             std::os::unix::process::CommandExt::uid(&mut cmd, u.uid);
             std::os::unix::process::CommandExt::gid(&mut cmd, u.gid);
@@ -397,7 +330,7 @@ impl MicroVm {
         drop((kernel, initrd, dir_handle, image_files));
         let pid = child.id() as i32;
         rec.pid = Some(pid);
-        rec.details = serde_json::to_value(&det).context("encoding the vm details")?;
+        rec.details = SandboxDetails::Microvm(Some(det.clone()));
         let pids = if limits.pids > 0 { limits.pids } else { 256 };
         match cgroup::Cgroup::create(&rec.name, mem + QEMU_OVERHEAD, pids, cpus) {
             Ok(Some(cg)) => cg.add(pid).with_context(|| format!("moving QEMU {pid} into its cgroup"))?,
@@ -415,7 +348,7 @@ impl MicroVm {
         det.phases.kernel_boot_ms = hello.start_ms;
         det.phases.agent_ready_ms = hello.ready_ms.saturating_sub(hello.start_ms);
         det.phases.total_ms = t0.elapsed().as_millis() as u64;
-        rec.details = serde_json::to_value(&det).context("encoding the vm details")?;
+        rec.details = SandboxDetails::Microvm(Some(det.clone()));
         self.keep_idle(rec, &socket, ch);
         Ok(())
     }
@@ -430,7 +363,7 @@ impl MicroVm {
         let (accel, why) = self.choose_accel()?;
         let rec =
             self.boot_retrying("executor-test", None, &[], accel, why, &super::Limits::default(), timeout)?;
-        let det: VmDetails = serde_json::from_value(rec.details.clone()).unwrap_or_default();
+        let det = Self::details(&rec).unwrap_or_default();
         let t = Instant::now();
         let cancel = Cancel::with_deadline(Some(Instant::now() + timeout));
         let req =
@@ -442,8 +375,10 @@ impl MicroVm {
     }
 
     fn details(sandbox: &SandboxRecord) -> Result<VmDetails> {
-        serde_json::from_value(sandbox.details.clone())
-            .with_context(|| format!("sandbox {} has no microvm details", sandbox.name))
+        match &sandbox.details {
+            SandboxDetails::Microvm(Some(d)) => Ok(d.clone()),
+            _ => bail!("sandbox {} has no microvm details", sandbox.name),
+        }
     }
 
     fn connect(&self, sandbox: &SandboxRecord) -> Result<Channel> {
@@ -469,7 +404,7 @@ impl MicroVm {
         let id = req.id;
         ch.send(&Frame::json(Kind::Run, &req)?)?;
         let mut last_seen = Instant::now();
-        let mut canceled: Option<(crate::cancel::CancelReason, Instant)> = None;
+        let mut canceled: Option<(crate::base::cancel::CancelReason, Instant)> = None;
         loop {
             if canceled.is_none() {
                 if let Some(reason) = cancel.check() {
@@ -703,8 +638,8 @@ fn kill_vm(pid: i32, name: &str) {
 }
 
 impl Runtime for MicroVm {
-    fn name(&self) -> &'static str {
-        "microvm"
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Microvm
     }
 
     fn check(&self) -> Result<Vec<String>> {

@@ -9,7 +9,6 @@ pub mod spec;
 pub mod uids;
 
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -18,11 +17,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::cancel::Cancel;
+use crate::base::cancel::Cancel;
+use crate::base::proc::PipeEvent;
+pub use crate::document::sandbox::{OciDetails, OciImage};
 use crate::image::{ImageStore, ID_BASE, ID_COUNT};
-use crate::sandbox::pipes::PipeEvent;
 use crate::sandbox::{
-    BootRequest, Limits, OutputSink, Runtime, RuntimeOptions, SandboxRecord, StepEnd, StepSpec, Stream,
+    BootRequest, Limits, OutputSink, Runtime, RuntimeKind, RuntimeOptions, SandboxDetails, SandboxRecord,
+    StepEnd, StepSpec, Stream,
 };
 
 /// The OCI runtimes this backend can drive.
@@ -75,47 +76,6 @@ pub fn oci_runtime_from_env() -> String {
         .unwrap_or_else(|| DEFAULT_OCI_RUNTIME.into())
 }
 
-/// What `boot` records in [`SandboxRecord::details`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct OciDetails {
-    pub oci_runtime: String,
-    pub workspace: PathBuf,
-    /// Owner of the workspace before the job, restored by `sync_workspace`.
-    pub workspace_uid: u32,
-    pub workspace_gid: u32,
-    /// Image reference -> resolved root tree.
-    pub images: BTreeMap<String, OciImage>,
-    pub cgroup: String,
-    pub tmp_bytes: u64,
-    pub max_file_bytes: u64,
-    /// The workspace's own filesystem size (its disk limit), 0 when it is a plain directory.
-    #[serde(default)]
-    pub workspace_disk_bytes: u64,
-    /// The job's CPU limit (0 for none).
-    #[serde(default)]
-    pub cpus: u32,
-    /// Host uid/gid of container root: the sandbox's own range (uids.rs), or `ID_BASE` when the
-    /// host cannot make idmapped mounts.
-    #[serde(default = "shared_uid_base")]
-    pub uid_base: u32,
-}
-
-fn shared_uid_base() -> u32 {
-    ID_BASE
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct OciImage {
-    pub digest: String,
-    pub rootfs: PathBuf,
-    /// The sandbox's idmapped, read-only mount of `rootfs` (`roots/<digest>` in its state
-    /// directory), where the image's files belong to the sandbox's own uid range.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub root: Option<PathBuf>,
-}
-
 /// The `oci` runtime.
 #[derive(Debug, Clone)]
 pub struct OciRuntime {
@@ -140,8 +100,10 @@ impl OciRuntime {
     }
 
     fn details(sandbox: &SandboxRecord) -> Result<OciDetails> {
-        serde_json::from_value(sandbox.details.clone())
-            .with_context(|| format!("sandbox {} has no oci details", sandbox.name))
+        match &sandbox.details {
+            SandboxDetails::Oci(Some(d)) => Ok(d.clone()),
+            _ => bail!("sandbox {} has no oci details", sandbox.name),
+        }
     }
 
     /// The OCI runtime command with its global flags (state root, platform).
@@ -156,7 +118,7 @@ impl OciRuntime {
             "crun"
                 if cgroup::layout() == cgroup::Layout::V1 && Path::new("/sys/fs/cgroup/unified").exists() =>
             {
-                crate::sys::hide_unified_cgroup(&mut cmd);
+                crate::base::sys::hide_unified_cgroup(&mut cmd);
             }
             _ => {}
         }
@@ -194,7 +156,7 @@ impl OciRuntime {
         let slot = ranges.allocate(name)?;
         let base = uids::base(slot);
         let res = (|| -> Result<BTreeMap<String, OciImage>> {
-            let userns = crate::sys::userns_fd(ID_BASE, base, ID_COUNT)
+            let userns = crate::base::sys::userns_fd(ID_BASE, base, ID_COUNT)
                 .context("making a user namespace for the idmapped image mounts")?;
             let mut images = d.images.clone();
             for img in images.values_mut().filter(|_| d.oci_runtime != "runsc") {
@@ -202,7 +164,7 @@ impl OciRuntime {
                 let root = state_dir.join("roots").join(hex);
                 if !root.exists() {
                     fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-                    crate::sys::idmapped_bind(&img.rootfs, &root, &userns).with_context(|| {
+                    crate::base::sys::idmapped_bind(&img.rootfs, &root, &userns).with_context(|| {
                         format!("idmapped mount of {} on {}", img.rootfs.display(), root.display())
                     })?;
                 }
@@ -291,8 +253,8 @@ fn safe_rel(rel: &str, what: &str) -> Result<String> {
 }
 
 impl Runtime for OciRuntime {
-    fn name(&self) -> &'static str {
-        "oci"
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Oci
     }
 
     fn check(&self) -> Result<Vec<String>> {
@@ -358,14 +320,13 @@ impl Runtime for OciRuntime {
             uid_base: ID_BASE,
         };
         let mut record = SandboxRecord {
-            runtime: "oci".into(),
             name: name.clone(),
             state_dir: state_dir.clone(),
             pid: None,
-            details: serde_json::to_value(&details)?,
+            details: SandboxDetails::Oci(Some(details.clone())),
         };
         // The marker goes first, so that a crash from here on leaves something the janitor finds.
-        crate::document::write_atomic(&state_dir.join(MARKER), &serde_json::to_vec_pretty(&record)?)?;
+        crate::base::fs::write_atomic(&state_dir.join(MARKER), &serde_json::to_vec_pretty(&record)?)?;
         let mut details = details;
         let setup = (|| -> Result<()> {
             let digests: Vec<String> = images.values().map(|i| i.digest.clone()).collect();
@@ -377,8 +338,8 @@ impl Runtime for OciRuntime {
                      host uid {ID_BASE}, shared with every other job in the same case"
                 );
             }
-            record.details = serde_json::to_value(&details)?;
-            crate::document::write_atomic(&state_dir.join(MARKER), &serde_json::to_vec_pretty(&record)?)?;
+            record.details = SandboxDetails::Oci(Some(details.clone()));
+            crate::base::fs::write_atomic(&state_dir.join(MARKER), &serde_json::to_vec_pretty(&record)?)?;
             Self::shift_workspace(&state_dir, &details)
         })();
         if let Err(e) = setup {
@@ -437,7 +398,7 @@ impl Runtime for OciRuntime {
         cmd.process_group(0);
         let mut child = cmd.spawn().with_context(|| format!("starting {which} for step {}", step.key))?;
 
-        let mut pipes = crate::sandbox::pipes::Pipes::spawn(&mut child);
+        let mut pipes = crate::base::proc::Pipes::spawn(&mut child);
         let mut sink = FdWatch { inner: sink, tail: Vec::new(), seen: false };
         let disk_free = || {
             if d.workspace_disk_bytes > 0 {
@@ -515,7 +476,7 @@ impl Runtime for OciRuntime {
         if least_free.is_some_and(|f| f < DISK_FULL_BELOW) {
             sink.limit_hit(&format!(
                 "workspace disk limit of {} (EXECUTOR_FIRECRACKER_DISK_SPACE): /data filled up",
-                crate::workspace::disk::human(d.workspace_disk_bytes)
+                crate::base::units::format_bytes(d.workspace_disk_bytes)
             ));
         }
         if fds_hit {
@@ -544,7 +505,7 @@ impl Runtime for OciRuntime {
             || (killed && after.mem_limit > 0 && after.mem_peak >= after.mem_limit / 10 * 9);
         if oom {
             let of = if after.mem_limit > 0 && after.mem_limit < 1 << 60 {
-                format!(" of {}", crate::workspace::disk::human(after.mem_limit))
+                format!(" of {}", crate::base::units::format_bytes(after.mem_limit))
             } else {
                 String::new()
             };
@@ -556,7 +517,7 @@ impl Runtime for OciRuntime {
             (Some(c), _) if c > 128 && c < 128 + 65 && (c - 128) == libc::SIGXFSZ => {
                 sink.limit_hit(&format!(
                     "file size limit of {} per file",
-                    crate::workspace::disk::human(d.max_file_bytes)
+                    crate::base::units::format_bytes(d.max_file_bytes)
                 ));
                 StepEnd::Signaled(c - 128)
             }
@@ -621,11 +582,10 @@ impl Runtime for OciRuntime {
                     match fs::read(&marker).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
                         Some(r) => r,
                         None => SandboxRecord {
-                            runtime: "oci".into(),
                             name: name.clone(),
                             state_dir: e.path(),
                             pid: None,
-                            details: serde_json::Value::Null,
+                            details: SandboxDetails::Oci(None),
                         },
                     };
                 self.teardown(&record).with_context(|| format!("removing stale sandbox {name}"))?;
@@ -804,10 +764,10 @@ mod tests {
         fs::create_dir_all(src.join("bin")).unwrap();
         std::os::unix::fs::chown(src.join("bin"), Some(ID_BASE + 5), Some(ID_BASE + 5)).unwrap();
         let base = uids::base(3);
-        let userns = crate::sys::userns_fd(ID_BASE, base, ID_COUNT).unwrap();
+        let userns = crate::base::sys::userns_fd(ID_BASE, base, ID_COUNT).unwrap();
         let dst = d.path().join("state/roots/x");
         fs::create_dir_all(&dst).unwrap();
-        crate::sys::idmapped_bind(&src, &dst, &userns).unwrap();
+        crate::base::sys::idmapped_bind(&src, &dst, &userns).unwrap();
         let md = fs::metadata(dst.join("bin")).unwrap();
         assert_eq!((md.uid(), md.gid()), (base + 5, base + 5));
         assert!(fs::write(dst.join("new"), "x").is_err(), "the image mount is read-only");

@@ -30,8 +30,8 @@ impl UidRanges {
         UidRanges { dir: state_dir.join("uid-ranges") }
     }
 
-    fn lock(&self) -> Result<crate::lockfile::Held> {
-        crate::lockfile::lock(&self.dir.join(".lock"), true)
+    fn lock(&self) -> Result<crate::base::lock::Held> {
+        crate::base::lock::lock(&self.dir.join(".lock"), true)
     }
 
     /// Takes the lowest free slot for `sandbox`.
@@ -42,7 +42,7 @@ impl UidRanges {
             if p.exists() {
                 continue;
             }
-            crate::document::write_atomic(&p, sandbox.as_bytes())?;
+            crate::base::fs::write_atomic(&p, sandbox.as_bytes())?;
             return Ok(k);
         }
         bail!("all {SLOTS} uid ranges in {} are taken", self.dir.display())

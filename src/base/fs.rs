@@ -1,5 +1,6 @@
-//! Writing into a workspace without ever leaving it: relative paths only, no `..`, and no
-//! symlink followed on the way (a hostile repository may have checked one out).
+//! File writes: atomic replacement of a whole file, and writing below a root (a workspace)
+//! without ever leaving it: relative paths only, no `..`, and no symlink followed on the way (a
+//! hostile repository may have checked one out).
 
 use anyhow::{bail, Context, Result};
 use std::io::Write;
@@ -82,6 +83,23 @@ pub fn write_file(root: &Path, rel: &str, content: &[u8], mode: u32) -> Result<P
     f.set_permissions(std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("chmod {}", full.display()))?;
     Ok(full)
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory, so that a reader
+/// never sees half a file and a crash leaves the old one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".executor-doc-")
+        .tempfile_in(dir)
+        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    tmp.write_all(bytes).with_context(|| format!("writing {}", path.display()))?;
+    tmp.as_file().sync_all().with_context(|| format!("syncing {}", path.display()))?;
+    tmp.persist(path).map_err(|e| e.error).with_context(|| format!("renaming into {}", path.display()))?;
+    Ok(())
 }
 
 /// Sets a file's modification time (for `modifiedAt`).

@@ -1,5 +1,6 @@
-//! A child's stdout and stderr read on two threads into one channel, so a caller sees output in
-//! arrival order while it also watches a deadline, a cancel or the child itself.
+//! Process output: which stream a piece came from, the sink that receives it, and a child's
+//! stdout and stderr read on two threads into one channel, so a caller sees output in arrival
+//! order while it also watches a deadline, a cancel or the child itself.
 
 use std::io::Read;
 use std::process::Child;
@@ -7,7 +8,22 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::Stream;
+/// Which stream a piece of output came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// Receives a step's output as it arrives, in arrival order.
+pub trait OutputSink {
+    fn output(&mut self, stream: Stream, data: &[u8]);
+    /// The step hit one of the job's limits; `what` names it (`memory limit of 200 MiB ...`).
+    /// By default a line on the step's stderr; `run-steps` also puts it in the job's failure.
+    fn limit_hit(&mut self, what: &str) {
+        self.output(Stream::Stderr, format!("\nexecutor: the step hit the job's {what}\n").as_bytes());
+    }
+}
 
 /// What [`Pipes::next`] saw.
 pub enum PipeEvent {

@@ -14,7 +14,11 @@ use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
+use crate::base::exit::{ExitError, BAD_DOCUMENT};
+
+pub mod sandbox;
 use crate::protocol::Job;
+pub use sandbox::SandboxRecord;
 
 /// The document format this build reads and writes.
 pub const DOCUMENT_VERSION: u32 = 1;
@@ -35,7 +39,7 @@ pub struct RunDocument {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workspace: Option<WorkspaceRecord>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sandbox: Option<crate::sandbox::SandboxRecord>,
+    pub sandbox: Option<SandboxRecord>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub steps: Vec<StepRecord>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -62,7 +66,7 @@ pub struct ExecutorIdentity {
     pub queue: String,
     /// Whether the executor dequeued in multi-queue mode (heartbeats use `<id>-<queue>` ids).
     pub multi_queue: bool,
-    pub runtime: String,
+    pub runtime: sandbox::RuntimeKind,
     pub version: String,
 }
 
@@ -210,7 +214,7 @@ impl RunDocument {
 
 /// The redacted summary of a job.
 pub fn summarize(job: &Job, secret: &str) -> JobSummary {
-    let redactor = crate::redact::Redactor::for_job(secret, &job.redacted_values);
+    let redactor = crate::base::redact::Redactor::for_job(secret, &job.redacted_values);
     JobSummary {
         id: job.id,
         uid: job.uid(),
@@ -271,10 +275,10 @@ pub fn unseal_job(sealed: &str, secret: &str) -> Result<Job> {
     serde_json::from_slice(&plain).context("the sealed job is not a valid job")
 }
 
-/// Why a document could not be read; maps to exit status 3.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct UnreadableDocument(pub String);
+/// Why a document could not be read: exit status 3.
+fn unreadable(message: String) -> ExitError {
+    ExitError::new(BAD_DOCUMENT, message)
+}
 
 /// Reads a document from `path` or, when `None` or `-`, from stdin.
 pub fn read(path: Option<&Path>) -> Result<RunDocument> {
@@ -286,8 +290,8 @@ pub fn read(path: Option<&Path>) -> Result<RunDocument> {
         }
         _ => std::io::stdin().lock().take(MAX_DOCUMENT_BYTES + 1).read_to_end(&mut bytes),
     };
-    res.map_err(|e| UnreadableDocument(format!("reading the run document from {what}: {e}")))?;
-    parse(&bytes).map_err(|e| UnreadableDocument(format!("run document from {what}: {e:#}")).into())
+    res.map_err(|e| unreadable(format!("reading the run document from {what}: {e}")))?;
+    parse(&bytes).map_err(|e| unreadable(format!("run document from {what}: {e:#}")).into())
 }
 
 /// Parses and checks a document.
@@ -314,7 +318,7 @@ pub fn write(doc: &RunDocument, path: Option<&Path>) -> Result<()> {
     let mut bytes = serde_json::to_vec_pretty(doc).context("encoding the run document")?;
     bytes.push(b'\n');
     match path {
-        Some(p) if p != Path::new("-") => write_atomic(p, &bytes),
+        Some(p) if p != Path::new("-") => crate::base::fs::write_atomic(p, &bytes),
         _ => {
             let mut out = std::io::stdout().lock();
             match out.write_all(&bytes).and_then(|_| out.flush()) {
@@ -327,23 +331,6 @@ pub fn write(doc: &RunDocument, path: Option<&Path>) -> Result<()> {
     }
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same directory, so that a reader
-/// never sees half a file and a crash leaves the old one.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".executor-doc-")
-        .tempfile_in(dir)
-        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-    tmp.write_all(bytes).with_context(|| format!("writing {}", path.display()))?;
-    tmp.as_file().sync_all().with_context(|| format!("syncing {}", path.display()))?;
-    tmp.persist(path).map_err(|e| e.error).with_context(|| format!("renaming into {}", path.display()))?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -354,7 +341,7 @@ mod tests {
             frontend_url: "http://127.0.0.1:1".into(),
             queue: "batches".into(),
             multi_queue: false,
-            runtime: "shell".into(),
+            runtime: sandbox::RuntimeKind::Shell,
             version: "0.1.0".into(),
         }
     }

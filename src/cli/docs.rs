@@ -40,7 +40,7 @@ fn render_man(cmd: &clap::Command, name: &str, files: &mut Vec<(String, Vec<u8>)
     clap_mangen::Man::new(cmd.clone())
         .render(&mut buf)
         .with_context(|| format!("rendering the man page of {name}"))?;
-    if let Some(extra) = crate::docs_extra::man_section(name) {
+    if let Some(extra) = super::docs_extra::man_section(name) {
         buf.extend_from_slice(extra.as_bytes());
     }
     files.push((format!("{name}.1"), buf));

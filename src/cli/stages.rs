@@ -8,21 +8,21 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{run_stage, Incomplete, JobCtx, JobHeartbeat, Stage, StageResult};
-use crate::api::{new_executor_name, Client};
+use crate::api::new_executor_name;
+use crate::base::exit::{self, ExitError};
 use crate::config::Settings;
 use crate::document;
-use crate::exit::{self, ExitError};
+use crate::stage::{run_stage, Incomplete, JobCtx, JobHeartbeat, Stage, StageResult};
 
 /// `executor dequeue`.
 pub fn dequeue(settings: Settings, output: Option<&Path>, wait: Option<Duration>) -> Result<i32> {
     let runtime = crate::run_loop::resolve_runtime(&settings)
         .map_err(|e| ExitError::new(exit::USAGE, format!("{e:#}")))?;
-    let client = Client::new(&settings, settings.frontend_url()?, &new_executor_name())?;
+    let client = settings.client(settings.frontend_url()?, &new_executor_name())?;
     client
         .ping(&settings.queues, settings.multi_queue)
         .map_err(|e| api_exit(e, "registering with the coordinator"))?;
-    match super::dequeue::run(&settings, &client, &runtime, wait) {
+    match crate::stage::dequeue::run(&settings, &client, runtime, wait) {
         Ok(Some(doc)) => {
             eprintln!("executor: dequeued job {} as {}", doc.job.uid, doc.executor.name);
             document::write(&doc, output)?;
@@ -60,7 +60,7 @@ pub fn stage(stage: Stage, settings: Settings, input: Option<&Path>, output: Opt
         std::thread::spawn(move || {
             if let Ok(s) = sig.recv() {
                 eprintln!("executor: {s}: stopping");
-                cancel.cancel(crate::cancel::CancelReason::Shutdown);
+                cancel.cancel(crate::base::cancel::CancelReason::Shutdown);
             }
         });
     }
@@ -109,7 +109,7 @@ pub fn validate(settings: Settings) -> Result<i32> {
         settings.queues.join(","),
         settings.runtime
     );
-    let client = Client::new(&settings, &url, &new_executor_name())?;
+    let client = settings.client(&url, &new_executor_name())?;
     match client.test_auth() {
         Ok(()) => println!("ok: the coordinator at {url} accepts the shared secret"),
         Err(e) if matches!(e.status(), Some(401) | Some(403)) => {
@@ -121,7 +121,7 @@ pub fn validate(settings: Settings) -> Result<i32> {
         }
         Err(e) => return Err(ExitError::new(exit::TEMPFAIL, format!("reaching the coordinator at {url}: {e}")).into()),
     }
-    let rt = crate::sandbox::open(&settings.runtime, &settings.runtime_options())
+    let rt = crate::sandbox::open_choice(settings.runtime, &settings.runtime_options())
         .map_err(|e| ExitError::new(exit::JOB_FAILED, format!("runtime {}: {e:#}", settings.runtime)))?;
     let checked =
         rt.check().map_err(|e| ExitError::new(exit::JOB_FAILED, format!("runtime {}: {e:#}", rt.name())))?;

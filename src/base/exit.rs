@@ -33,9 +33,6 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
         if let Some(e) = cause.downcast_ref::<ExitError>() {
             return e.code;
         }
-        if cause.downcast_ref::<crate::document::UnreadableDocument>().is_some() {
-            return BAD_DOCUMENT;
-        }
     }
     JOB_FAILED
 }

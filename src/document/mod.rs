@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
+use crate::base::cancel::CancelReason;
 use crate::base::exit::{ExitError, BAD_DOCUMENT};
 
 pub mod sandbox;
@@ -114,9 +115,21 @@ pub struct StepRecord {
     pub key: String,
     pub exit_code: Option<i32>,
     pub duration_ms: i64,
-    /// How the step ended when it did not exit by itself: `deadline`, `canceled`, `killed`.
+    /// How the step ended when it did not exit by itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ended_by: Option<String>,
+    pub ended_by: Option<EndedBy>,
+}
+
+/// Why a step ended when it did not exit by itself; in JSON `killed`, `canceled`, `deadline` or
+/// `shutdown`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EndedBy {
+    /// Killed by a signal it did not ask for (an OOM kill, for example).
+    Killed,
+    /// Stopped by the executor.
+    #[serde(untagged)]
+    Stopped(CancelReason),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -382,6 +395,20 @@ mod tests {
         let doc = RunDocument::new(identity(), &job(), &secret, None).unwrap();
         let bytes = serde_json::to_vec(&doc).unwrap();
         assert_eq!(parse(&bytes).unwrap(), doc);
+    }
+
+    #[test]
+    fn ended_by_reads_as_before() {
+        for (e, text) in [
+            (EndedBy::Killed, "killed"),
+            (EndedBy::Stopped(CancelReason::Canceled), "canceled"),
+            (EndedBy::Stopped(CancelReason::Deadline), "deadline"),
+            (EndedBy::Stopped(CancelReason::Shutdown), "shutdown"),
+        ] {
+            assert_eq!(serde_json::to_value(e).unwrap(), text);
+            assert_eq!(serde_json::from_value::<EndedBy>(text.into()).unwrap(), e);
+        }
+        assert!(serde_json::from_value::<EndedBy>("exploded".into()).is_err());
     }
 
     #[test]

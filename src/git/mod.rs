@@ -7,7 +7,7 @@ mod progress;
 
 pub use cache::ObjectCache;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -262,10 +262,19 @@ fn fetch_args(r: &str, req: &CloneRequest) -> Vec<String> {
     a
 }
 
-fn is_missing_commit(e: &anyhow::Error) -> bool {
-    format!("{e:#}").contains(" does not exist in repository ")
+/// A clone failure a caller branches on.
+#[derive(Debug, thiserror::Error)]
+pub enum CloneError {
+    /// The coordinator does not have the commit: no retry elsewhere can help.
+    #[error("commit {commit} does not exist in repository {repository}: {detail}")]
+    MissingCommit { commit: String, repository: String, detail: String },
 }
 
+fn is_missing_commit(e: &anyhow::Error) -> bool {
+    matches!(e.downcast_ref::<CloneError>(), Some(CloneError::MissingCommit { .. }))
+}
+
+/// Turns git's own words for an unknown commit into [`CloneError::MissingCommit`].
 fn missing_commit(e: anyhow::Error, req: &CloneRequest) -> anyhow::Error {
     let text = format!("{e:#}");
     if text.contains("not our ref")
@@ -273,7 +282,11 @@ fn missing_commit(e: anyhow::Error, req: &CloneRequest) -> anyhow::Error {
         || text.contains("unadvertised object")
         || text.contains("not a valid object")
     {
-        anyhow!("commit {} does not exist in repository {}: {e:#}", req.commit, req.repository_name)
+        anyhow::Error::new(CloneError::MissingCommit {
+            commit: req.commit.clone(),
+            repository: req.repository_name.clone(),
+            detail: text,
+        })
     } else {
         e
     }

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use super::{deadline_message, Incomplete, JobCtx, StageFailure};
 use crate::base::cancel::CancelReason;
-use crate::document::{FailureKind, RunDocument, StepRecord};
+use crate::document::{EndedBy, FailureKind, RunDocument, StepRecord};
 use crate::sandbox::{OutputSink, StepEnd, StepSpec};
 
 /// The log key of docker step `index`.
@@ -64,8 +64,8 @@ pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
         let duration_ms = started.elapsed().as_millis() as i64;
         let (code, ended_by) = match &end {
             Ok(StepEnd::Exited(c)) => (*c, None),
-            Ok(StepEnd::Signaled(s)) => (128 + s, Some("killed".to_string())),
-            Ok(StepEnd::Stopped(r)) => (-1, Some(r.to_string())),
+            Ok(StepEnd::Signaled(s)) => (128 + s, Some(EndedBy::Killed)),
+            Ok(StepEnd::Stopped(r)) => (-1, Some(EndedBy::Stopped(*r))),
             Err(_) => (-1, None),
         };
         if let Err(e) = &end {

@@ -53,6 +53,37 @@ pub struct KvmProbe {
     pub kernel_version: String,
 }
 
+/// What one VM boot needs besides its name.
+struct VmBoot<'a> {
+    workspace: Option<&'a Path>,
+    images: &'a [String],
+    accel: Accel,
+    accel_reason: String,
+    limits: &'a super::Limits,
+    timeout: Duration,
+}
+
+impl<'a> VmBoot<'a> {
+    fn new(
+        workspace: Option<&'a Path>,
+        images: &'a [String],
+        accel: Accel,
+        accel_reason: String,
+        limits: &'a super::Limits,
+        timeout: Duration,
+    ) -> Self {
+        VmBoot { workspace, images, accel, accel_reason, limits, timeout }
+    }
+}
+
+/// The agent never said hello: the channel broke or stayed silent while the guest booted (QEMU
+/// exited: the guest died during boot). A caller may boot a fresh VM instead.
+#[derive(Debug, thiserror::Error)]
+#[error("waiting for the agent of VM {vm} to start")]
+pub struct AgentSilent {
+    pub vm: String,
+}
+
 pub struct MicroVm {
     opts: RuntimeOptions,
     /// The agent connection this process used last (VM name, socket, channel), kept for its
@@ -131,14 +162,10 @@ impl MicroVm {
             (false, "/dev/kvm is KVM-PVM, which cannot run an unmodified guest kernel".to_string())
         } else {
             let start = Instant::now();
+            let limits = super::Limits::default();
             let res = self.boot_vm(
                 &format!("probe-{}", uuid::Uuid::new_v4()),
-                None,
-                &[],
-                Accel::Kvm,
-                String::new(),
-                &super::Limits::default(),
-                Duration::from_secs(15),
+                &VmBoot::new(None, &[], Accel::Kvm, String::new(), &limits, Duration::from_secs(15)),
             );
             match res {
                 Ok(rec) => {
@@ -165,39 +192,19 @@ impl MicroVm {
     /// hello (QEMU exited: the guest died during boot, seen under heavy load before
     /// `no_timer_check`; see docs/sandbox-microvm.md), that VM is torn down and one fresh VM is
     /// booted instead.
-    #[allow(clippy::too_many_arguments)]
-    fn boot_retrying(
-        &self,
-        prefix: &str,
-        workspace: Option<&Path>,
-        images: &[String],
-        accel: Accel,
-        accel_reason: String,
-        limits: &super::Limits,
-        boot_timeout: Duration,
-    ) -> Result<SandboxRecord> {
+    fn boot_retrying(&self, prefix: &str, boot: &VmBoot) -> Result<SandboxRecord> {
         let name = format!("{prefix}-{}", uuid::Uuid::new_v4());
-        match self.boot_vm(&name, workspace, images, accel, accel_reason.clone(), limits, boot_timeout) {
-            Err(e) if format!("{e:#}").contains("waiting for the agent of VM") => {
+        match self.boot_vm(&name, boot) {
+            Err(e) if e.downcast_ref::<AgentSilent>().is_some() => {
                 eprintln!("executor: {e:#}; booting a fresh VM");
                 let name = format!("{prefix}-{}", uuid::Uuid::new_v4());
-                self.boot_vm(&name, workspace, images, accel, accel_reason, limits, boot_timeout)
+                self.boot_vm(&name, boot)
             }
             other => other,
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn boot_vm(
-        &self,
-        name: &str,
-        workspace: Option<&Path>,
-        images: &[String],
-        accel: Accel,
-        accel_reason: String,
-        limits: &super::Limits,
-        boot_timeout: Duration,
-    ) -> Result<SandboxRecord> {
+    fn boot_vm(&self, name: &str, boot: &VmBoot) -> Result<SandboxRecord> {
         let manifest = crate::vm::installed(&self.opts.state_dir)?;
         let dir = self.opts.sandboxes_dir().join(name);
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -208,8 +215,7 @@ impl MicroVm {
             pid: None,
             details: SandboxDetails::Microvm(None),
         };
-        match self.boot_in(&mut rec, &manifest, workspace, images, accel, accel_reason, limits, boot_timeout)
-        {
+        match self.boot_in(&mut rec, &manifest, boot) {
             Ok(()) => Ok(rec),
             Err(e) => {
                 let _ = self.teardown(&rec);
@@ -218,18 +224,9 @@ impl MicroVm {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn boot_in(
-        &self,
-        rec: &mut SandboxRecord,
-        manifest: &crate::vm::Manifest,
-        workspace: Option<&Path>,
-        images: &[String],
-        accel: Accel,
-        accel_reason: String,
-        limits: &super::Limits,
-        boot_timeout: Duration,
-    ) -> Result<()> {
+    fn boot_in(&self, rec: &mut SandboxRecord, manifest: &crate::vm::Manifest, boot: &VmBoot) -> Result<()> {
+        let VmBoot { workspace, images, accel, ref accel_reason, limits, timeout: boot_timeout } = *boot;
+        let accel_reason = accel_reason.clone();
         let t0 = Instant::now();
         let dir = rec.state_dir.clone();
         let socket = dir.join("agent.sock");
@@ -343,7 +340,7 @@ impl MicroVm {
         det.phases.qemu_start_ms = t_spawn.elapsed().as_millis() as u64;
         let hello = ch
             .handshake(boot_timeout)
-            .with_context(|| format!("waiting for the agent of VM {} to start", rec.name))
+            .context(AgentSilent { vm: rec.name.clone() })
             .map_err(|e| qemu_failed(&dir, &mut child, e))?;
         det.phases.kernel_boot_ms = hello.start_ms;
         det.phases.agent_ready_ms = hello.ready_ms.saturating_sub(hello.start_ms);
@@ -361,8 +358,10 @@ impl MicroVm {
         timeout: Duration,
     ) -> Result<(BootPhases, StepEnd, Duration, Accel)> {
         let (accel, why) = self.choose_accel()?;
-        let rec =
-            self.boot_retrying("executor-test", None, &[], accel, why, &super::Limits::default(), timeout)?;
+        let rec = self.boot_retrying(
+            "executor-test",
+            &VmBoot::new(None, &[], accel, why, &super::Limits::default(), timeout),
+        )?;
         let det = Self::details(&rec).unwrap_or_default();
         let t = Instant::now();
         let cancel = Cancel::with_deadline(Some(Instant::now() + timeout));
@@ -659,8 +658,11 @@ impl Runtime for MicroVm {
     fn boot(&self, req: &BootRequest) -> Result<SandboxRecord> {
         let (accel, why) = self.choose_accel()?;
         let timeout = if accel == Accel::Kvm { Duration::from_secs(20) } else { Duration::from_secs(120) };
-        self.boot_retrying(req.name_prefix, Some(req.workspace), &req.images, accel, why, req.limits, timeout)
-            .with_context(|| format!("booting a VM for job {}", req.job_uid))
+        self.boot_retrying(
+            req.name_prefix,
+            &VmBoot::new(Some(req.workspace), &req.images, accel, why, req.limits, timeout),
+        )
+        .with_context(|| format!("booting a VM for job {}", req.job_uid))
     }
 
     fn step_command(&self, sandbox: &SandboxRecord, step: &StepSpec) -> Vec<String> {

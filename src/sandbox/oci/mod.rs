@@ -76,6 +76,95 @@ pub fn oci_runtime_from_env() -> String {
         .unwrap_or_else(|| DEFAULT_OCI_RUNTIME.into())
 }
 
+/// What [`OciRuntime::supervise`] saw of one step.
+struct StepRun {
+    status: Option<std::process::ExitStatus>,
+    /// Set when the executor stopped the step.
+    stopped: Option<crate::base::cancel::CancelReason>,
+    /// Cgroup counters of the step's own child cgroup, as high as they were seen.
+    seen: cgroup::Counters,
+    /// The least free space seen on the workspace disk (when it has its own).
+    least_free: Option<u64>,
+}
+
+impl StepRun {
+    fn note_disk(&mut self, d: &OciDetails) {
+        if d.workspace_disk_bytes > 0 {
+            if let Some(free) = crate::workspace::disk::available_bytes(&d.workspace) {
+                self.least_free = Some(self.least_free.map_or(free, |l| l.min(free)));
+            }
+        }
+    }
+}
+
+/// How a step ended, and which of the job's limits it hit (told to `sink`), from what was seen
+/// of it and its cgroup's counters before and after.
+fn judge(
+    d: &OciDetails,
+    run: &StepRun,
+    before: &cgroup::Counters,
+    after: &cgroup::Counters,
+    fds_hit: bool,
+    sink: &mut dyn OutputSink,
+) -> StepEnd {
+    if run.least_free.is_some_and(|f| f < DISK_FULL_BELOW) {
+        sink.limit_hit(&format!(
+            "workspace disk limit of {} (EXECUTOR_FIRECRACKER_DISK_SPACE): /data filled up",
+            crate::base::units::format_bytes(d.workspace_disk_bytes)
+        ));
+    }
+    if fds_hit {
+        sink.limit_hit(&format!("open file limit of {MAX_OPEN_FILES} per process: Too many open files"));
+    }
+    if let Some(note) = cpu_note(d.cpus, before, after) {
+        sink.limit_hit(&note);
+    }
+    let pids_hit = run.seen.pids_max > 0
+        || after.pids_max > before.pids_max
+        || (after.pids_limit > 0
+            && before.pids_peak < after.pids_limit
+            && after.pids_peak >= after.pids_limit);
+    if pids_hit {
+        sink.limit_hit(&format!("process limit of {} processes: a fork failed", after.pids_limit));
+    }
+    if let Some(reason) = run.stopped {
+        return StepEnd::Stopped(reason);
+    }
+    let (code, signal) = match run.status {
+        Some(st) => (st.code(), st.signal()),
+        None => (None, None),
+    };
+    let killed = code == Some(128 + libc::SIGKILL) || signal == Some(libc::SIGKILL);
+    let oom = run.seen.oom_kills > 0
+        || after.oom_kills > before.oom_kills
+        || (killed && after.mem_failcnt > before.mem_failcnt)
+        // gVisor enforces the limit inside its sandbox and may kill the step before the
+        // kernel counts anything: a SIGKILL nobody sent, with the job at its limit.
+        || (killed && after.mem_limit > 0 && after.mem_peak >= after.mem_limit / 10 * 9);
+    if oom {
+        let of = if after.mem_limit > 0 && after.mem_limit < 1 << 60 {
+            format!(" of {}", crate::base::units::format_bytes(after.mem_limit))
+        } else {
+            String::new()
+        };
+        sink.limit_hit(&format!("memory limit{of} and was killed (out of memory)"));
+        return StepEnd::Signaled(libc::SIGKILL);
+    }
+    match (code, signal) {
+        // runc and crun report a step killed by signal N as 128+N.
+        (Some(c), _) if c > 128 && c < 128 + 65 && (c - 128) == libc::SIGXFSZ => {
+            sink.limit_hit(&format!(
+                "file size limit of {} per file",
+                crate::base::units::format_bytes(d.max_file_bytes)
+            ));
+            StepEnd::Signaled(c - 128)
+        }
+        (Some(c), _) => StepEnd::Exited(c),
+        (None, Some(s)) => StepEnd::Signaled(s),
+        (None, None) => StepEnd::Exited(-1),
+    }
+}
+
 /// The `oci` runtime.
 #[derive(Debug, Clone)]
 pub struct OciRuntime {
@@ -97,6 +186,115 @@ impl OciRuntime {
 
     fn store(&self) -> Result<ImageStore> {
         ImageStore::open(&self.opts.images_dir())
+    }
+
+    /// Writes the bundle of one step container (a fresh id under the sandbox's `bundles/`).
+    fn write_bundle(sandbox: &SandboxRecord, d: &OciDetails, step: &StepSpec) -> Result<(String, PathBuf)> {
+        let image = d.images.get(step.image).with_context(|| {
+            format!("step {} names image {:?}, which the sandbox did not boot with", step.key, step.image)
+        })?;
+        let script = safe_rel(step.script, "step script")?;
+        let dir = safe_rel(step.dir, "step directory")?;
+        Self::shift_workspace(&sandbox.state_dir, d)?;
+        let id = format!("{}-{}", sandbox.name, &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let bundle = sandbox.state_dir.join("bundles").join(&id);
+        fs::create_dir_all(&bundle).with_context(|| format!("creating bundle {}", bundle.display()))?;
+        let container = spec::StepContainer {
+            rootfs: image.root.clone().unwrap_or_else(|| image.rootfs.clone()),
+            id_base: d.uid_base,
+            workspace: d.workspace.clone(),
+            cwd: if dir.is_empty() { "/data".into() } else { format!("/data/{dir}") },
+            args: vec!["/bin/sh".into(), format!("/data/{script}")],
+            env: step.env.to_vec(),
+            cgroups_path: cgroup::JobCgroup::new(&sandbox.name).child_path(&id),
+            tmp_bytes: d.tmp_bytes,
+            max_file_bytes: d.max_file_bytes,
+            max_open_files: MAX_OPEN_FILES,
+        };
+        let config = spec::bundle_config(&container);
+        fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(&config)?)
+            .with_context(|| format!("writing {}", bundle.join("config.json").display()))?;
+        Ok((id, bundle))
+    }
+
+    /// Streams the step's output until the runtime exits, watching its cgroup, the workspace
+    /// disk and `cancel` (which stops the step and all it started).
+    #[allow(clippy::too_many_arguments)]
+    fn supervise(
+        &self,
+        sandbox: &SandboxRecord,
+        d: &OciDetails,
+        id: &str,
+        cg: &cgroup::JobCgroup,
+        child: &mut std::process::Child,
+        sink: &mut FdWatch,
+        cancel: &Cancel,
+    ) -> Result<StepRun> {
+        let mut pipes = crate::base::proc::Pipes::spawn(child);
+        let mut run =
+            StepRun { status: None, stopped: None, seen: cgroup::Counters::default(), least_free: None };
+        run.note_disk(d);
+        let mut open = true;
+        let status = loop {
+            let now = cg.child_counters(id);
+            run.seen.oom_kills = run.seen.oom_kills.max(now.oom_kills);
+            run.seen.pids_max = run.seen.pids_max.max(now.pids_max);
+            run.note_disk(d);
+            if run.stopped.is_none() {
+                if let Some(reason) = cancel.check() {
+                    run.stopped = Some(reason);
+                    self.stop_step(&d.oci_runtime, &sandbox.state_dir, id, cg, child);
+                }
+            }
+            if open {
+                match pipes.next(Duration::from_millis(50)) {
+                    PipeEvent::Data(s, data) => sink.output(s, &data),
+                    PipeEvent::Idle => {}
+                    PipeEvent::Closed => open = false,
+                }
+                continue;
+            }
+            match child.try_wait() {
+                Ok(Some(st)) => break st,
+                Ok(None) => {
+                    // The runtime exits a few ms after the step's pipes close (it removes the
+                    // container first): a short poll, not to add its period to every step.
+                    let _ = cancel.wait(Duration::from_millis(2));
+                }
+                Err(e) => {
+                    pipes.join();
+                    return Err(e).context("waiting for the OCI runtime");
+                }
+            }
+        };
+        pipes.join();
+        run.status = Some(status);
+        Ok(run)
+    }
+
+    /// Removes what the step's container left in the sandbox (its runtime state, its bundle).
+    fn remove_step(&self, sandbox: &SandboxRecord, which: &str, id: &str, bundle: &Path) {
+        // A teardown or janitor may have removed the sandbox meanwhile; the runtime would
+        // recreate its state directory, so only a sandbox that still exists is cleaned here.
+        if sandbox.state_dir.join(MARKER).exists() {
+            // `run` deletes its container when it exits normally; another runtime process (about
+            // 10 ms) is only needed when it left state behind (it was killed, or failed).
+            let left = fs::read_dir(sandbox.state_dir.join("runtime"))
+                .map(|rd| rd.flatten().any(|e| e.file_name().to_string_lossy().contains(id)))
+                .unwrap_or(false);
+            if left {
+                let mut del = self.runtime_cmd(which, &sandbox.state_dir);
+                del.args(["delete", "--force", id]);
+                let _ = self.quiet(del);
+            }
+            let _ = fs::remove_dir_all(bundle);
+        } else {
+            // Torn down while the step ran: whatever the dying runtime wrote after the teardown
+            // (its state, the bundle) is ours to remove. The teardown may be removing the same
+            // tree at this moment, so a removal that races it is tried again.
+            unmount_roots(&sandbox.state_dir);
+            let _ = remove_dir_retrying(&sandbox.state_dir);
+        }
     }
 
     fn details(sandbox: &SandboxRecord) -> Result<OciDetails> {
@@ -364,167 +562,23 @@ impl Runtime for OciRuntime {
     ) -> Result<StepEnd> {
         let d = Self::details(sandbox)?;
         let which = d.oci_runtime.as_str();
-        let image = d.images.get(step.image).with_context(|| {
-            format!("step {} names image {:?}, which the sandbox did not boot with", step.key, step.image)
-        })?;
-        let script = safe_rel(step.script, "step script")?;
-        let dir = safe_rel(step.dir, "step directory")?;
-        Self::shift_workspace(&sandbox.state_dir, &d)?;
-
-        let id = format!("{}-{}", sandbox.name, &uuid::Uuid::new_v4().simple().to_string()[..8]);
-        let bundle = sandbox.state_dir.join("bundles").join(&id);
-        fs::create_dir_all(&bundle).with_context(|| format!("creating bundle {}", bundle.display()))?;
+        let (id, bundle) = Self::write_bundle(sandbox, &d, step)?;
         let cg = cgroup::JobCgroup::new(&sandbox.name);
-        let container = spec::StepContainer {
-            rootfs: image.root.clone().unwrap_or_else(|| image.rootfs.clone()),
-            id_base: d.uid_base,
-            workspace: d.workspace.clone(),
-            cwd: if dir.is_empty() { "/data".into() } else { format!("/data/{dir}") },
-            args: vec!["/bin/sh".into(), format!("/data/{script}")],
-            env: step.env.to_vec(),
-            cgroups_path: cg.child_path(&id),
-            tmp_bytes: d.tmp_bytes,
-            max_file_bytes: d.max_file_bytes,
-            max_open_files: MAX_OPEN_FILES,
-        };
-        let config = spec::bundle_config(&container);
-        fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(&config)?)
-            .with_context(|| format!("writing {}", bundle.join("config.json").display()))?;
-
         let before = cg.counters();
         let mut cmd = self.runtime_cmd(which, &sandbox.state_dir);
         cmd.arg("run").arg("--bundle").arg(&bundle).arg(&id);
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).env_clear().env("PATH", spec::DEFAULT_PATH);
         cmd.process_group(0);
         let mut child = cmd.spawn().with_context(|| format!("starting {which} for step {}", step.key))?;
-
-        let mut pipes = crate::base::proc::Pipes::spawn(&mut child);
-        let mut sink = FdWatch { inner: sink, tail: Vec::new(), seen: false };
-        let disk_free = || {
-            if d.workspace_disk_bytes > 0 {
-                crate::workspace::disk::available_bytes(&d.workspace)
-            } else {
-                None
-            }
-        };
-        let mut least_free = disk_free();
-
-        let mut open = true;
-        let mut stopped = None;
-        let mut seen = cgroup::Counters::default();
-        let status = loop {
-            let now = cg.child_counters(&id);
-            seen.oom_kills = seen.oom_kills.max(now.oom_kills);
-            seen.pids_max = seen.pids_max.max(now.pids_max);
-            if let Some(free) = disk_free() {
-                least_free = Some(least_free.map_or(free, |l| l.min(free)));
-            }
-            if stopped.is_none() {
-                if let Some(reason) = cancel.check() {
-                    stopped = Some(reason);
-                    self.stop_step(which, &sandbox.state_dir, &id, &cg, &mut child);
-                }
-            }
-            if open {
-                match pipes.next(Duration::from_millis(50)) {
-                    PipeEvent::Data(s, data) => sink.output(s, &data),
-                    PipeEvent::Idle => {}
-                    PipeEvent::Closed => open = false,
-                }
-                continue;
-            }
-            match child.try_wait().context("waiting for the OCI runtime")? {
-                Some(st) => break st,
-                None => {
-                    // The runtime exits a few ms after the step's pipes close (it removes the
-                    // container first): a short poll, not to add its period to every step.
-                    let _ = cancel.wait(Duration::from_millis(2));
-                }
-            }
-        };
-        pipes.join();
+        let mut watch = FdWatch { inner: sink, tail: Vec::new(), seen: false };
+        let run = self.supervise(sandbox, &d, &id, &cg, &mut child, &mut watch, cancel);
         // Whatever the step left behind (a daemon that escaped its session) dies with it.
         cg.kill_all(50);
-        // A teardown or janitor may have removed the sandbox meanwhile; the runtime would
-        // recreate its state directory, so only a sandbox that still exists is cleaned here.
-        if sandbox.state_dir.join(MARKER).exists() {
-            // `run` deletes its container when it exits normally; another runtime process (about
-            // 10 ms) is only needed when it left state behind (it was killed, or failed).
-            let left = fs::read_dir(sandbox.state_dir.join("runtime"))
-                .map(|rd| rd.flatten().any(|e| e.file_name().to_string_lossy().contains(id.as_str())))
-                .unwrap_or(false);
-            if left {
-                let mut del = self.runtime_cmd(which, &sandbox.state_dir);
-                del.args(["delete", "--force", &id]);
-                let _ = self.quiet(del);
-            }
-            let _ = fs::remove_dir_all(&bundle);
-        } else {
-            // Torn down while the step ran: whatever the dying runtime wrote after the teardown
-            // (its state, the bundle) is ours to remove. The teardown may be removing the same
-            // tree at this moment, so a removal that races it is tried again.
-            unmount_roots(&sandbox.state_dir);
-            let _ = remove_dir_retrying(&sandbox.state_dir);
-        }
-
+        self.remove_step(sandbox, which, &id, &bundle);
+        let mut run = run?;
         let after = cg.counters();
-        if let Some(free) = disk_free() {
-            least_free = Some(least_free.map_or(free, |l| l.min(free)));
-        }
-        let fds_hit = sink.seen;
-        let sink = sink.inner;
-        if least_free.is_some_and(|f| f < DISK_FULL_BELOW) {
-            sink.limit_hit(&format!(
-                "workspace disk limit of {} (EXECUTOR_FIRECRACKER_DISK_SPACE): /data filled up",
-                crate::base::units::format_bytes(d.workspace_disk_bytes)
-            ));
-        }
-        if fds_hit {
-            sink.limit_hit(&format!("open file limit of {MAX_OPEN_FILES} per process: Too many open files"));
-        }
-        if let Some(note) = cpu_note(d.cpus, &before, &after) {
-            sink.limit_hit(&note);
-        }
-        let pids_hit = seen.pids_max > 0
-            || after.pids_max > before.pids_max
-            || (after.pids_limit > 0
-                && before.pids_peak < after.pids_limit
-                && after.pids_peak >= after.pids_limit);
-        if pids_hit {
-            sink.limit_hit(&format!("process limit of {} processes: a fork failed", after.pids_limit));
-        }
-        if let Some(reason) = stopped {
-            return Ok(StepEnd::Stopped(reason));
-        }
-        let killed = status.code() == Some(128 + libc::SIGKILL) || status.signal() == Some(libc::SIGKILL);
-        let oom = seen.oom_kills > 0
-            || after.oom_kills > before.oom_kills
-            || (killed && after.mem_failcnt > before.mem_failcnt)
-            // gVisor enforces the limit inside its sandbox and may kill the step before the
-            // kernel counts anything: a SIGKILL nobody sent, with the job at its limit.
-            || (killed && after.mem_limit > 0 && after.mem_peak >= after.mem_limit / 10 * 9);
-        if oom {
-            let of = if after.mem_limit > 0 && after.mem_limit < 1 << 60 {
-                format!(" of {}", crate::base::units::format_bytes(after.mem_limit))
-            } else {
-                String::new()
-            };
-            sink.limit_hit(&format!("memory limit{of} and was killed (out of memory)"));
-            return Ok(StepEnd::Signaled(libc::SIGKILL));
-        }
-        Ok(match (status.code(), status.signal()) {
-            // runc and crun report a step killed by signal N as 128+N.
-            (Some(c), _) if c > 128 && c < 128 + 65 && (c - 128) == libc::SIGXFSZ => {
-                sink.limit_hit(&format!(
-                    "file size limit of {} per file",
-                    crate::base::units::format_bytes(d.max_file_bytes)
-                ));
-                StepEnd::Signaled(c - 128)
-            }
-            (Some(c), _) => StepEnd::Exited(c),
-            (None, Some(s)) => StepEnd::Signaled(s),
-            (None, None) => StepEnd::Exited(-1),
-        })
+        run.note_disk(&d);
+        Ok(judge(&d, &run, &before, &after, watch.seen, watch.inner))
     }
 
     fn sync_workspace(&self, sandbox: &SandboxRecord, workspace: &Path) -> Result<()> {

@@ -1,12 +1,16 @@
 //! Execution log entries as the contract streams them: add the entry, send updates about once a
 //! second while output arrives, then a final update with `exitCode` and `durationMs`. Output is
 //! redacted on the raw bytes (a secret split across reads or lines is still caught), then framed
-//! into `stdout: ` / `stderr: ` lines. Memory stays bounded however much a step prints: updates
-//! carry deltas (`"append": true`) where the coordinator offers it, and the producer waits for a
-//! flush when too much is pending; against a coordinator without appends the full output is
-//! resent, capped at [`FULL_OUTPUT_CAP`].
+//! into `stdout: ` / `stderr: ` lines.
+//!
+//! Every update carries the entry's whole output, as the contract says (Sourcegraph replaces the
+//! stored entry with each update and ignores fields it does not know), capped at
+//! [`FULL_OUTPUT_CAP`]. Only a coordinator that advertised the append extension at dequeue
+//! (`X-Executor-Extensions: log-append`, which only `executor queue serve` sends) gets deltas
+//! (`"append": true`) instead; a refused update is an error, never a hint to switch modes.
+//! Memory stays bounded however much a step prints: the producer waits for a flush when too
+//! much is pending.
 
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -48,10 +52,6 @@ impl LogTransport for CoordinatorLogs {
     }
 }
 
-const APPEND_UNKNOWN: u8 = 0;
-const APPEND_YES: u8 = 1;
-const APPEND_NO: u8 = 2;
-
 /// Called with each entry's key when it starts.
 pub type EntryHook = Arc<dyn Fn(&str) + Send + Sync>;
 
@@ -60,14 +60,17 @@ pub type EntryHook = Arc<dyn Fn(&str) + Send + Sync>;
 pub struct JobLogger {
     transport: Arc<dyn LogTransport>,
     redactor: Redactor,
-    append: Arc<AtomicU8>,
+    /// Whether the coordinator advertised the append extension.
+    append: bool,
     /// Called with each entry's key when it starts (the loop's progress view).
     on_entry: Option<EntryHook>,
 }
 
 impl JobLogger {
-    pub fn new(transport: Arc<dyn LogTransport>, redactor: Redactor) -> Self {
-        JobLogger { transport, redactor, append: Arc::new(AtomicU8::new(APPEND_UNKNOWN)), on_entry: None }
+    /// A logger sending full entries on every update, or deltas where `append` says the
+    /// coordinator advertised the extension.
+    pub fn new(transport: Arc<dyn LogTransport>, redactor: Redactor, append: bool) -> Self {
+        JobLogger { transport, redactor, append, on_entry: None }
     }
 
     pub fn on_entry(mut self, f: EntryHook) -> Self {
@@ -105,16 +108,16 @@ impl JobLogger {
         let ticker = {
             let state = state.clone();
             let transport = self.transport.clone();
-            let append = self.append.clone();
+            let append = self.append;
             std::thread::Builder::new()
                 .name(format!("log-{key}"))
-                .spawn(move || ticker(&state, &*transport, &append))
+                .spawn(move || ticker(&state, &*transport, append))
                 .map_err(|e| anyhow!("starting the log updater of {key}: {e}"))?
         };
         Ok(LogEntry {
             shared: state,
             transport: self.transport.clone(),
-            append: self.append.clone(),
+            append: self.append,
             started: Instant::now(),
             ticker: Some(ticker),
         })
@@ -131,7 +134,7 @@ struct State {
     id: i64,
     /// Framed, redacted output not yet sent.
     pending: Vec<u8>,
-    /// Everything sent so far, while appends are not known to work (bounded).
+    /// Everything sent so far, when updates carry the whole output (bounded).
     full: Vec<u8>,
     truncated: bool,
     stdout: Framer,
@@ -185,64 +188,57 @@ impl Framer {
 }
 
 /// Sends what is pending (and, when `last`, the exit code and duration).
-fn flush(
-    st: &mut State,
-    transport: &dyn LogTransport,
-    append: &AtomicU8,
-    last: Option<(i32, i64)>,
-) -> Result<()> {
+fn flush(st: &mut State, transport: &dyn LogTransport, append: bool, last: Option<(i32, i64)>) -> Result<()> {
     if st.pending.is_empty() && last.is_none() {
         return Ok(());
     }
-    // Framed output is almost always UTF-8: the bytes become the string without a copy.
-    let mut delta = String::from_utf8(std::mem::take(&mut st.pending))
-        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
     let mut entry = st.head.clone();
     if let Some((code, ms)) = last {
         entry.exit_code = Some(code);
         entry.duration_ms = Some(ms);
     }
-    let mode = append.load(Ordering::Relaxed);
-    if mode != APPEND_NO {
+    if append {
+        // Framed output is almost always UTF-8: the bytes become the string without a copy.
+        let delta = String::from_utf8(std::mem::take(&mut st.pending))
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
         entry.out = if delta.is_empty() { None } else { Some(delta) };
-        match transport.update(st.id, &entry, true) {
-            Ok(()) => {
-                append.store(APPEND_YES, Ordering::Relaxed);
-                st.full = Vec::new();
-                return Ok(());
-            }
-            // A coordinator that does not know appends (a Sourcegraph instance) refuses the body.
-            Err(e) if mode == APPEND_UNKNOWN && matches!(e.status(), Some(400..=499)) => {
-                append.store(APPEND_NO, Ordering::Relaxed);
-            }
+        return match transport.update(st.id, &entry, true) {
+            Ok(()) => Ok(()),
             Err(e) => {
                 // Keep the delta for the next try.
                 let mut rest = entry.out.take().map(String::into_bytes).unwrap_or_default();
                 rest.extend_from_slice(&st.pending);
                 st.pending = rest;
-                return Err(anyhow!("updating the log entry {}: {e}", st.head.key));
+                Err(anyhow!("updating the log entry {}: {e}", st.head.key))
             }
-        }
-        delta = entry.out.take().unwrap_or_default();
+        };
     }
-    // Full replacement: resend everything, bounded.
-    let delta = delta.as_bytes();
+    // The whole output so far, bounded; kept in `full` only once it was sent.
     let room = FULL_OUTPUT_CAP.saturating_sub(st.full.len());
-    if delta.len() > room {
-        st.full.extend_from_slice(&delta[..room]);
-        st.truncated = true;
-    } else {
-        st.full.extend_from_slice(delta);
+    let take = st.pending.len().min(room);
+    let mut out = Vec::with_capacity(st.full.len() + take + 64);
+    out.extend_from_slice(&st.full);
+    out.extend_from_slice(&st.pending[..take]);
+    let truncated = st.truncated || take < st.pending.len();
+    let mut text =
+        String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+    if truncated {
+        text.push_str(TRUNCATED);
     }
-    let mut out = String::from_utf8_lossy(&st.full).into_owned();
-    if st.truncated {
-        out.push_str("stderr: [executor: output truncated here: more than 8 MiB]\n");
-    }
-    entry.out = if out.is_empty() { None } else { Some(out) };
-    transport.update(st.id, &entry, false).map_err(|e| anyhow!("updating the log entry {}: {e}", st.head.key))
+    entry.out = if text.is_empty() { None } else { Some(text) };
+    transport
+        .update(st.id, &entry, false)
+        .map_err(|e| anyhow!("updating the log entry {}: {e}", st.head.key))?;
+    st.full.extend_from_slice(&st.pending[..take]);
+    st.pending.clear();
+    st.truncated = truncated;
+    Ok(())
 }
 
-fn ticker(shared: &Shared, transport: &dyn LogTransport, append: &AtomicU8) {
+/// The line that ends a full output cut at [`FULL_OUTPUT_CAP`].
+const TRUNCATED: &str = "stderr: [executor: output truncated here: more than 8 MiB]\n";
+
+fn ticker(shared: &Shared, transport: &dyn LogTransport, append: bool) {
     let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
     loop {
         // Checked before waiting too: `close` may have run before this thread first got the lock.
@@ -268,7 +264,7 @@ fn ticker(shared: &Shared, transport: &dyn LogTransport, append: &AtomicU8) {
 pub struct LogEntry {
     shared: Arc<Shared>,
     transport: Arc<dyn LogTransport>,
-    append: Arc<AtomicU8>,
+    append: bool,
     started: Instant,
     ticker: Option<std::thread::JoinHandle<()>>,
 }
@@ -297,11 +293,11 @@ impl LogEntry {
             let State { stdout, stderr, pending, .. } = &mut *st;
             stdout.finish(pending);
             stderr.finish(pending);
-            let mut res = flush(&mut st, &*self.transport, &self.append, Some((exit_code, ms)));
+            let mut res = flush(&mut st, &*self.transport, self.append, Some((exit_code, ms)));
             if res.is_err() {
                 // One retry of the final update after a pause: it decides whether the job's log is whole.
                 std::thread::sleep(Duration::from_millis(200));
-                res = flush(&mut st, &*self.transport, &self.append, Some((exit_code, ms)));
+                res = flush(&mut st, &*self.transport, self.append, Some((exit_code, ms)));
             }
             self.shared.wake.notify_all();
             res
@@ -323,7 +319,7 @@ impl OutputSink for LogEntry {
         }
         if st.pending.len() >= PENDING_CAP {
             // Back-pressure: the step waits while its output goes out.
-            if let Err(e) = flush(&mut st, &*self.transport, &self.append, None) {
+            if let Err(e) = flush(&mut st, &*self.transport, self.append, None) {
                 st.last_error = Some(format!("{e:#}"));
                 if st.pending.len() >= 4 * PENDING_CAP {
                     // The coordinator is not taking output: keep the newest, say so.
@@ -352,12 +348,14 @@ pub mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
-    /// Records entries in memory, as a coordinator would store them.
+    /// Records entries in memory, as a coordinator would store them: with `sourcegraph`, as
+    /// Sourcegraph does (an update replaces the entry; `append` is a field it does not know).
     #[derive(Default)]
     pub struct MemoryLogs {
         pub entries: Mutex<Vec<ExecutionLogEntry>>,
-        pub refuse_append: bool,
+        pub sourcegraph: bool,
         pub updates: Mutex<usize>,
+        pub bytes_sent: Mutex<usize>,
     }
 
     impl LogTransport for MemoryLogs {
@@ -367,10 +365,9 @@ pub mod tests {
             Ok(e.len() as i64)
         }
         fn update(&self, id: i64, entry: &ExecutionLogEntry, append: bool) -> Result<(), ApiError> {
-            if append && self.refuse_append {
-                return Err(ApiError::Status { route: "u".into(), status: 400, detail: String::new() });
-            }
             *self.updates.lock().unwrap() += 1;
+            *self.bytes_sent.lock().unwrap() += entry.out.as_ref().map_or(0, String::len);
+            let append = append && !self.sourcegraph;
             let mut e = self.entries.lock().unwrap();
             let slot = &mut e[id as usize - 1];
             let old = slot.out.take().unwrap_or_default();
@@ -384,15 +381,16 @@ pub mod tests {
     }
 
     fn logger(t: Arc<MemoryLogs>) -> JobLogger {
+        let append = !t.sourcegraph;
         let mut m = BTreeMap::new();
         m.insert("hunter2hunter2".to_string(), "PASSWORD_REMOVED".to_string());
-        JobLogger::new(t, Redactor::for_job("the-shared-secret-0123456789", &m))
+        JobLogger::new(t, Redactor::for_job("the-shared-secret-0123456789", &m), append)
     }
 
     #[test]
     fn frames_redacts_and_finishes() {
-        for refuse_append in [false, true] {
-            let t = Arc::new(MemoryLogs { refuse_append, ..Default::default() });
+        for sourcegraph in [false, true] {
+            let t = Arc::new(MemoryLogs { sourcegraph, ..Default::default() });
             let l = logger(t.clone());
             let mut e = l
                 .entry("step.docker.0", Some(vec!["sh".into(), "-c".into(), "echo hunter2hunter2".into()]))
@@ -408,7 +406,7 @@ pub mod tests {
             assert_eq!(
                 got.out.as_deref().unwrap(),
                 "stderr: warn\nstdout: hello PASSWORD_REMOVED world\nstdout: SECRET_REMOVED\nstdout: partial\n",
-                "refuse_append={refuse_append}"
+                "sourcegraph={sourcegraph}"
             );
             assert_eq!(got.exit_code, Some(3));
             assert!(got.duration_ms.is_some());
@@ -453,7 +451,7 @@ pub mod tests {
 
     #[test]
     fn full_replacement_is_capped() {
-        let t = Arc::new(MemoryLogs { refuse_append: true, ..Default::default() });
+        let t = Arc::new(MemoryLogs { sourcegraph: true, ..Default::default() });
         let l = logger(t.clone());
         let mut e = l.entry("k", None).unwrap();
         let chunk = vec![b'y'; 1 << 20];
@@ -464,5 +462,46 @@ pub mod tests {
         let out = t.entries.lock().unwrap()[0].out.clone().unwrap();
         assert!(out.len() <= FULL_OUTPUT_CAP + 100, "{}", out.len());
         assert!(out.ends_with("truncated here: more than 8 MiB]\n"));
+    }
+
+    /// The data loss Sourcegraph's semantics caused when updates carried deltas: every line a
+    /// step prints over several update intervals must be in the stored entry.
+    #[test]
+    fn a_replacing_coordinator_keeps_every_line() {
+        for sourcegraph in [true, false] {
+            let t = Arc::new(MemoryLogs { sourcegraph, ..Default::default() });
+            let l = logger(t.clone());
+            let mut e = l.entry("step.docker.0", None).unwrap();
+            for i in 0..300 {
+                e.output(Stream::Stdout, format!("line {i}\n").as_bytes());
+                if i % 100 == 99 {
+                    std::thread::sleep(UPDATE_INTERVAL + Duration::from_millis(200));
+                }
+            }
+            e.finish(0).unwrap();
+            let out = t.entries.lock().unwrap()[0].out.clone().unwrap_or_default();
+            let lines: Vec<&str> = out.lines().collect();
+            assert_eq!(lines.len(), 300, "sourcegraph={sourcegraph}: {} lines kept", lines.len());
+            assert!(lines.iter().enumerate().all(|(i, l)| *l == format!("stdout: line {i}")));
+            assert!(*t.updates.lock().unwrap() >= 3, "updates arrived while the step ran");
+        }
+    }
+
+    /// What full resends cost: a step printing 10 MiB in one go sends it whole at most a few
+    /// times (the pending cap flushes at 4 MiB), so about 8 MiB (the cap) per update.
+    #[test]
+    fn full_resends_send_the_whole_output_bounded() {
+        let t = Arc::new(MemoryLogs { sourcegraph: true, ..Default::default() });
+        let l = logger(t.clone());
+        let mut e = l.entry("k", None).unwrap();
+        let line = [vec![b'z'; 1023], vec![b'\n']].concat();
+        for _ in 0..(10 << 10) {
+            e.output(Stream::Stdout, &line);
+        }
+        e.finish(0).unwrap();
+        let sent = *t.bytes_sent.lock().unwrap();
+        let updates = *t.updates.lock().unwrap();
+        assert!(sent <= updates * (FULL_OUTPUT_CAP + 100), "{sent} bytes in {updates} updates");
+        assert!(t.entries.lock().unwrap()[0].out.as_ref().unwrap().ends_with(TRUNCATED));
     }
 }

@@ -14,11 +14,18 @@ use crate::base::secret::Secret;
 use crate::protocol::{
     AddExecutionLogEntryRequest, DequeueRequest, ExecutionLogEntry, ExecutorTelemetry, HeartbeatRequest,
     HeartbeatRequestV1, HeartbeatResponse, Job, JobOperationRequest, MarkErrorRequest, QueueJobIds,
-    UpdateExecutionLogEntryRequest, HEADER_EXECUTOR_NAME, HEADER_JOB_ID, SCHEME_EXECUTOR,
+    UpdateExecutionLogEntryRequest, EXTENSION_LOG_APPEND, HEADER_EXECUTOR_NAME, HEADER_EXTENSIONS,
+    HEADER_JOB_ID, SCHEME_EXECUTOR,
 };
 
-/// The executor's version on the wire: semver, so the coordinator sends v2 job payloads.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The Sourcegraph release whose executor protocol this executor implements (the contract
+/// covers 5.1 to 5.3).
+pub const PROTOCOL_VERSION: &str = "5.3.0";
+
+/// The executor's version on the wire: the protocol version it speaks, which earns v2 job
+/// payloads (`>= 4.3.0`) and is compared with the instance's on Sourcegraph's admin page, with
+/// this build in the semver build metadata (ignored by every comparison): `5.3.0+executor.0.1.0`.
+pub const VERSION: &str = concat!("5.3.0+executor.", env!("CARGO_PKG_VERSION"));
 
 /// Largest response body read (a job with inline files can be big, but not unbounded).
 const MAX_BODY: u64 = 128 << 20;
@@ -49,6 +56,28 @@ pub struct Resources {
     pub num_cpus: i64,
     pub memory: String,
     pub disk_space: String,
+}
+
+/// A successful response.
+struct Reply {
+    status: u16,
+    body: Vec<u8>,
+    extensions: Extensions,
+}
+
+/// The protocol extensions a coordinator advertised ([`HEADER_EXTENSIONS`]); Sourcegraph
+/// advertises none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Extensions {
+    /// Log entry updates may carry deltas (`"append": true`).
+    pub log_append: bool,
+}
+
+impl Extensions {
+    pub fn parse(header: &str) -> Extensions {
+        let names = || header.split(',').map(str::trim);
+        Extensions { log_append: names().any(|n| n.eq_ignore_ascii_case(EXTENSION_LOG_APPEND)) }
+    }
 }
 
 /// The contract's retry policy (section 3.8).
@@ -182,6 +211,18 @@ impl Client {
         body: Body,
         timeout: Option<Duration>,
     ) -> Result<(u16, Vec<u8>), ApiError> {
+        self.call_reply(method, path, auth, body, timeout).map(|r| (r.status, r.body))
+    }
+
+    /// [`Client::call`], with the extensions the response advertised.
+    fn call_reply(
+        &self,
+        method: &str,
+        path: &str,
+        auth: Auth,
+        body: Body,
+        timeout: Option<Duration>,
+    ) -> Result<Reply, ApiError> {
         let route = format!("{method} {}", path.split('?').next().unwrap_or(path));
         let url = format!("{}{}", self.base, path);
         let mut attempt = 0;
@@ -224,6 +265,7 @@ impl Client {
             let (retry, err, retry_after) = match res {
                 Ok(resp) => {
                     let status = resp.status();
+                    let extensions = Extensions::parse(resp.header(HEADER_EXTENSIONS).unwrap_or(""));
                     let mut bytes = Vec::new();
                     resp.into_reader().take(MAX_BODY).read_to_end(&mut bytes).map_err(|e| {
                         ApiError::Transport {
@@ -232,7 +274,7 @@ impl Client {
                         }
                     })?;
                     if status == 200 || status == 201 || status == 204 {
-                        return Ok((status, bytes));
+                        return Ok(Reply { status, body: bytes, extensions });
                     }
                     // 1xx/3xx: the contract treats anything but 200/204 as an error.
                     (false, ApiError::Status { route: route.clone(), status, detail: String::new() }, None)
@@ -305,7 +347,7 @@ impl Client {
         multi: bool,
         resources: &Resources,
         wait: Option<Duration>,
-    ) -> Result<Option<Job>, ApiError> {
+    ) -> Result<Option<(Job, Extensions)>, ApiError> {
         let req = DequeueRequest {
             queues: if multi { queues.to_vec() } else { Vec::new() },
             executor_name: self.executor_name.clone(),
@@ -324,15 +366,19 @@ impl Client {
             path.push_str(&format!("?wait={}ms", w.as_millis()));
             timeout = Some(w + Duration::from_secs(30));
         }
-        let (status, body) = self.post_json(&path, Auth::Executor, &req, timeout)?;
-        if status == 204 || body.iter().all(|b| b.is_ascii_whitespace()) {
+        let bytes = serde_json::to_vec(&req).map_err(|e| ApiError::Transport {
+            route: path.clone(),
+            message: format!("encoding the request: {e}"),
+        })?;
+        let reply = self.call_reply("POST", &path, Auth::Executor, Body::Json(bytes), timeout)?;
+        if reply.status == 204 || reply.body.iter().all(|b| b.is_ascii_whitespace()) {
             return Ok(None);
         }
-        let job: Job = serde_json::from_slice(&body).map_err(|e| ApiError::Transport {
+        let job: Job = serde_json::from_slice(&reply.body).map_err(|e| ApiError::Transport {
             route: "POST dequeue".into(),
             message: format!("the coordinator sent a job that does not decode: {e}"),
         })?;
-        Ok(Some(job))
+        Ok(Some((job, reply.extensions)))
     }
 
     /// Heartbeats with the running job uids (`"<id>"` or `"<id>-<queue>"`).
@@ -669,13 +715,21 @@ mod tests {
     }
 
     #[test]
+    fn extensions_are_read_from_the_header_only() {
+        assert!(Extensions::parse("log-append").log_append);
+        assert!(Extensions::parse("other, Log-Append").log_append);
+        assert!(!Extensions::parse("").log_append);
+        assert!(!Extensions::parse("log-append-v2").log_append);
+    }
+
+    #[test]
     fn dequeue_and_heartbeat_shapes() {
         let f = fake(vec![
             (200, r#"{"version":2,"id":7,"token":"t"}"#),
             (200, r#"{"knownIds":["7-batches"],"cancelIds":null}"#),
         ]);
         let c = client(&f.url);
-        let job = c
+        let (job, extensions) = c
             .dequeue(
                 &["batches".into(), "codeintel".into()],
                 true,
@@ -685,6 +739,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(job.id, 7);
+        assert!(!extensions.log_append, "nothing advertised, nothing assumed");
         let hb = c.heartbeat(&["batches".into(), "codeintel".into()], true, &["7-batches".into()]).unwrap();
         assert_eq!(hb.known_ids, vec!["7-batches"]);
         let seen = f.seen.lock().unwrap();
@@ -694,6 +749,8 @@ mod tests {
         let d: serde_json::Value = serde_json::from_str(&seen[0].2).unwrap();
         assert_eq!(d["queues"], serde_json::json!(["batches", "codeintel"]));
         assert_eq!(d["version"], VERSION);
+        assert!(VERSION.starts_with(PROTOCOL_VERSION) && VERSION.contains(env!("CARGO_PKG_VERSION")));
+        assert_eq!(crate::protocol::wants_v2_payload(VERSION), Ok(true), "our version earns v2 payloads");
         let v: serde_json::Value = serde_json::from_str(&seen[1].2).unwrap();
         assert_eq!(v["jobIdsByQueue"], serde_json::json!([{"queueName":"batches","jobIds":["7"]}]));
     }

@@ -69,6 +69,10 @@ pub struct ExecutorIdentity {
     pub multi_queue: bool,
     pub runtime: sandbox::RuntimeKind,
     pub version: String,
+    /// The coordinator advertised the log-append extension at dequeue; without it every log
+    /// update carries the entry's whole output.
+    #[serde(default)]
+    pub log_append: bool,
 }
 
 /// A redacted view of the job for people reading the document.
@@ -356,6 +360,7 @@ mod tests {
             multi_queue: false,
             runtime: sandbox::RuntimeKind::Shell,
             version: "0.1.0".into(),
+            log_append: false,
         }
     }
 

@@ -19,6 +19,12 @@ pub const SCHEME_EXECUTOR: &str = "token-executor";
 pub const HEADER_JOB_ID: &str = "X-Sourcegraph-Job-ID";
 /// Header naming the executor on job routes.
 pub const HEADER_EXECUTOR_NAME: &str = "X-Sourcegraph-Executor-Name";
+/// Response header of a dequeue in which `executor queue serve` (and nothing of Sourcegraph's)
+/// lists the protocol extensions it accepts, comma-separated. An executor uses an extension only
+/// when it is listed here: it never infers one from an error.
+pub const HEADER_EXTENSIONS: &str = "X-Executor-Extensions";
+/// The extension for `updateExecutionLogEntry` bodies with `"append": true` (`out` is a delta).
+pub const EXTENSION_LOG_APPEND: &str = "log-append";
 
 /// Body of both dequeue routes. `queues` is only sent in multi-queue mode.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -114,6 +114,7 @@ mod tests {
             multi_queue: false,
             runtime: crate::sandbox::RuntimeKind::Shell,
             version: "0.1.0".into(),
+            log_append: false,
         };
         let job = crate::protocol::Job { id: 3, ..Default::default() };
         let mut doc = RunDocument::new(id, &job, &"s".repeat(24), None).unwrap();

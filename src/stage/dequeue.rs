@@ -18,7 +18,8 @@ pub fn run(
     runtime: RuntimeKind,
     wait: Option<Duration>,
 ) -> Result<Option<RunDocument>, ApiError> {
-    let Some(job) = client.dequeue(&settings.queues, settings.multi_queue, &settings.resources(), wait)?
+    let Some((job, extensions)) =
+        client.dequeue(&settings.queues, settings.multi_queue, &settings.resources(), wait)?
     else {
         return Ok(None);
     };
@@ -34,6 +35,7 @@ pub fn run(
         multi_queue: settings.multi_queue,
         runtime,
         version: VERSION.to_string(),
+        log_append: extensions.log_append,
     };
     let deadline = chrono::Duration::from_std(settings.max_runtime_per_job).ok().map(|d| Utc::now() + d);
     let doc = RunDocument::new(identity, &job, settings.password.expose(), deadline).map_err(|e| {

@@ -88,8 +88,11 @@ impl JobCtx {
         let auth = JobAuth::for_job(&job, &doc.executor.queue);
         let redactor =
             Redactor::for_job_with_token(settings.password.expose(), &job.token, &job.redacted_values);
-        let logger =
-            JobLogger::new(Arc::new(CoordinatorLogs { client: client.clone(), job: auth.clone() }), redactor);
+        let logger = JobLogger::new(
+            Arc::new(CoordinatorLogs { client: client.clone(), job: auth.clone() }),
+            redactor,
+            doc.executor.log_append,
+        );
         let cancel = cancel.unwrap_or_else(|| Cancel::with_deadline(deadline_instant(doc)));
         Ok(JobCtx { settings, client, job, auth, logger, cancel })
     }

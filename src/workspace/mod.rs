@@ -420,6 +420,7 @@ mod clone_tests {
         let logger = crate::logs::JobLogger::new(
             std::sync::Arc::new(crate::logs::tests::MemoryLogs::default()),
             crate::base::redact::Redactor::default(),
+            true,
         );
         let cx = CloneContext {
             frontend_url: "http://127.0.0.1:1",

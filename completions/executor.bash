@@ -46,6 +46,9 @@ _executor() {
             executor,queue)
                 cmd="executor__subcmd__queue"
                 ;;
+            executor,run)
+                cmd="executor__subcmd__loop"
+                ;;
             executor,run-steps)
                 cmd="executor__subcmd__run__subcmd__steps"
                 ;;
@@ -347,7 +350,7 @@ _executor() {
 
     case "${cmd}" in
         executor)
-            opts="-h -V --help --version image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor install test-vm help"
+            opts="-h -V --help --version image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop run validate janitor install test-vm help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -361,7 +364,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__complete)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -447,6 +450,14 @@ _executor() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --use-firecracker)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --vm-startup-script)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --state-dir)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -495,7 +506,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__dequeue)
-            opts="-o -h -V --output --wait --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --help --version"
+            opts="-o -h -V --output --wait --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -574,6 +585,14 @@ _executor() {
                     return 0
                     ;;
                 --runtime)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --use-firecracker)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --vm-startup-script)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1449,7 +1468,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__janitor)
-            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --help --version"
+            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1516,6 +1535,14 @@ _executor() {
                     return 0
                     ;;
                 --runtime)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --use-firecracker)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --vm-startup-script)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1567,7 +1594,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__loop)
-            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --help --version"
+            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1637,6 +1664,14 @@ _executor() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --use-firecracker)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --vm-startup-script)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --state-dir)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -1685,7 +1720,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__prepare__subcmd__workspace)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1768,6 +1803,14 @@ _executor() {
                     return 0
                     ;;
                 --runtime)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --use-firecracker)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --vm-startup-script)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2579,7 +2622,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__run__subcmd__steps)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2662,6 +2705,14 @@ _executor() {
                     return 0
                     ;;
                 --runtime)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --use-firecracker)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --vm-startup-script)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2739,7 +2790,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__upload)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2822,6 +2873,14 @@ _executor() {
                     return 0
                     ;;
                 --runtime)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --use-firecracker)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --vm-startup-script)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2873,7 +2932,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__validate)
-            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --help --version"
+            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2943,6 +3002,14 @@ _executor() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --use-firecracker)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --vm-startup-script)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --state-dir)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -2991,7 +3058,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__vm__subcmd__boot)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -3074,6 +3141,14 @@ _executor() {
                     return 0
                     ;;
                 --runtime)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --use-firecracker)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --vm-startup-script)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

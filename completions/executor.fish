@@ -36,6 +36,7 @@ complete -c executor -n "__fish_executor_needs_command" -f -a "run-steps" -d 'Ru
 complete -c executor -n "__fish_executor_needs_command" -f -a "upload" -d 'Pack the job\'s artifacts into a tar.gz and send them to the coordinator'
 complete -c executor -n "__fish_executor_needs_command" -f -a "complete" -d 'Report the outcome, tear down the sandbox and delete the workspace (safe to run twice)'
 complete -c executor -n "__fish_executor_needs_command" -f -a "loop" -d 'Run jobs continuously: the stages in-process, with heartbeats, cancellation and draining'
+complete -c executor -n "__fish_executor_needs_command" -f -a "run" -d 'Run jobs continuously: the stages in-process, with heartbeats, cancellation and draining'
 complete -c executor -n "__fish_executor_needs_command" -f -a "validate" -d 'Check the configuration, the coordinator\'s acceptance of the secret and the runtime\'s tools'
 complete -c executor -n "__fish_executor_needs_command" -f -a "janitor" -d 'Remove workspaces and sandboxes that no live job owns (one pass)'
 complete -c executor -n "__fish_executor_needs_command" -f -a "install" -d 'Install what a runtime needs on this host'
@@ -185,6 +186,8 @@ complete -c executor -n "__fish_executor_using_subcommand dequeue" -l job-cpus -
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l job-memory -d 'Memory of each job\'s sandbox, like 12G (0: unbounded) [default: 12G]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l use-firecracker -d 'Sourcegraph\'s switch: true picks microvm, false oci, when --runtime is not given' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l vm-startup-script -d 'A script run inside the sandbox before the first step (in the first step\'s image), logged as setup.startup-script' -r -F
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
@@ -215,6 +218,8 @@ complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l 
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l job-memory -d 'Memory of each job\'s sandbox, like 12G (0: unbounded) [default: 12G]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l use-firecracker -d 'Sourcegraph\'s switch: true picks microvm, false oci, when --runtime is not given' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l vm-startup-script -d 'A script run inside the sandbox before the first step (in the first step\'s image), logged as setup.startup-script' -r -F
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
@@ -245,6 +250,8 @@ complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l job-cpus -
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l job-memory -d 'Memory of each job\'s sandbox, like 12G (0: unbounded) [default: 12G]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l use-firecracker -d 'Sourcegraph\'s switch: true picks microvm, false oci, when --runtime is not given' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l vm-startup-script -d 'A script run inside the sandbox before the first step (in the first step\'s image), logged as setup.startup-script' -r -F
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
@@ -275,6 +282,8 @@ complete -c executor -n "__fish_executor_using_subcommand run-steps" -l job-cpus
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l job-memory -d 'Memory of each job\'s sandbox, like 12G (0: unbounded) [default: 12G]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l use-firecracker -d 'Sourcegraph\'s switch: true picks microvm, false oci, when --runtime is not given' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l vm-startup-script -d 'A script run inside the sandbox before the first step (in the first step\'s image), logged as setup.startup-script' -r -F
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
@@ -305,6 +314,8 @@ complete -c executor -n "__fish_executor_using_subcommand upload" -l job-cpus -d
 complete -c executor -n "__fish_executor_using_subcommand upload" -l job-memory -d 'Memory of each job\'s sandbox, like 12G (0: unbounded) [default: 12G]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l use-firecracker -d 'Sourcegraph\'s switch: true picks microvm, false oci, when --runtime is not given' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l vm-startup-script -d 'A script run inside the sandbox before the first step (in the first step\'s image), logged as setup.startup-script' -r -F
 complete -c executor -n "__fish_executor_using_subcommand upload" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand upload" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
@@ -335,6 +346,8 @@ complete -c executor -n "__fish_executor_using_subcommand complete" -l job-cpus 
 complete -c executor -n "__fish_executor_using_subcommand complete" -l job-memory -d 'Memory of each job\'s sandbox, like 12G (0: unbounded) [default: 12G]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l use-firecracker -d 'Sourcegraph\'s switch: true picks microvm, false oci, when --runtime is not given' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l vm-startup-script -d 'A script run inside the sandbox before the first step (in the first step\'s image), logged as setup.startup-script' -r -F
 complete -c executor -n "__fish_executor_using_subcommand complete" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand complete" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
@@ -363,6 +376,8 @@ complete -c executor -n "__fish_executor_using_subcommand loop" -l job-cpus -d '
 complete -c executor -n "__fish_executor_using_subcommand loop" -l job-memory -d 'Memory of each job\'s sandbox, like 12G (0: unbounded) [default: 12G]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l use-firecracker -d 'Sourcegraph\'s switch: true picks microvm, false oci, when --runtime is not given' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l vm-startup-script -d 'A script run inside the sandbox before the first step (in the first step\'s image), logged as setup.startup-script' -r -F
 complete -c executor -n "__fish_executor_using_subcommand loop" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand loop" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
@@ -373,8 +388,38 @@ complete -c executor -n "__fish_executor_using_subcommand loop" -l shutdown-grac
 complete -c executor -n "__fish_executor_using_subcommand loop" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
-complete -c executor -n "__fish_executor_using_subcommand loop" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand loop" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c executor -n "__fish_executor_using_subcommand loop" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand run" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l password-file -d 'Read the shared secret from this file instead of EXECUTOR_FRONTEND_PASSWORD' -r -F
+complete -c executor -n "__fish_executor_using_subcommand run" -l frontend-ca -d 'PEM file of CA certificates trusted for an https coordinator, besides the public roots' -r -F
+complete -c executor -n "__fish_executor_using_subcommand run" -l queue -d 'The queue to take jobs from (batches or codeintel)' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l queues -d 'Several queues, comma-separated (multi-queue mode)' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l poll-interval -d 'Pause between empty dequeues [default: 1s]' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l max-jobs -d 'Jobs run at once by `loop` [default: 1]' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l num-total-jobs -d '`loop` stops after dequeuing this many jobs (0: no limit) [default: 0]' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l max-active-time -d '`loop` stops dequeuing after this long (0: no limit) [default: 0]' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l max-runtime -d 'Deadline of each job, from its dequeue [default: 30m]' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l cleanup-interval -d 'Period of the janitor in `loop` [default: 1m]' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l keep-workspaces -d 'Keep workspaces after `complete`, for debugging' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l job-cpus -d 'CPUs of each job\'s sandbox (0: unbounded) [default: 4]' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l job-memory -d 'Memory of each job\'s sandbox, like 12G (0: unbounded) [default: 12G]' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l use-firecracker -d 'Sourcegraph\'s switch: true picks microvm, false oci, when --runtime is not given' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l vm-startup-script -d 'A script run inside the sandbox before the first step (in the first step\'s image), logged as setup.startup-script' -r -F
+complete -c executor -n "__fish_executor_using_subcommand run" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
+complete -c executor -n "__fish_executor_using_subcommand run" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l oci-runtime -d 'OCI runtime of the oci sandbox: runc, crun or runsc (gVisor) [default: runc]' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l vm-accel -d 'microvm accelerator: kvm, tcg, or auto (KVM where the cached boot probe passed, else TCG if allowed) [default: auto]' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l vm-allow-tcg -d 'Let the microvm runtime fall back to TCG software emulation (slow) where KVM does not work' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c executor -n "__fish_executor_using_subcommand run" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand validate" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l password-file -d 'Read the shared secret from this file instead of EXECUTOR_FRONTEND_PASSWORD' -r -F
 complete -c executor -n "__fish_executor_using_subcommand validate" -l frontend-ca -d 'PEM file of CA certificates trusted for an https coordinator, besides the public roots' -r -F
@@ -391,6 +436,8 @@ complete -c executor -n "__fish_executor_using_subcommand validate" -l job-cpus 
 complete -c executor -n "__fish_executor_using_subcommand validate" -l job-memory -d 'Memory of each job\'s sandbox, like 12G (0: unbounded) [default: 12G]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l use-firecracker -d 'Sourcegraph\'s switch: true picks microvm, false oci, when --runtime is not given' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l vm-startup-script -d 'A script run inside the sandbox before the first step (in the first step\'s image), logged as setup.startup-script' -r -F
 complete -c executor -n "__fish_executor_using_subcommand validate" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand validate" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
@@ -419,6 +466,8 @@ complete -c executor -n "__fish_executor_using_subcommand janitor" -l job-cpus -
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l job-memory -d 'Memory of each job\'s sandbox, like 12G (0: unbounded) [default: 12G]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l use-firecracker -d 'Sourcegraph\'s switch: true picks microvm, false oci, when --runtime is not given' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l vm-startup-script -d 'A script run inside the sandbox before the first step (in the first step\'s image), logged as setup.startup-script' -r -F
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r

@@ -33,6 +33,8 @@ pub struct RawSettings {
     pub job_memory: Option<String>,
     pub disk_space: Option<String>,
     pub runtime: Option<String>,
+    pub use_firecracker: Option<String>,
+    pub vm_startup_script: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
     pub allow_unisolated: Option<String>,
     pub vm_prefix: Option<String>,
@@ -68,8 +70,10 @@ pub struct Settings {
     pub job_cpus: u32,
     pub job_memory: String,
     pub disk_space: String,
-    /// `auto`, `shell`, `oci` or `microvm`.
+    /// `auto`, `shell`, `oci` or `microvm` (`EXECUTOR_RUNTIME`, else `EXECUTOR_USE_FIRECRACKER`).
     pub runtime: RuntimeChoice,
+    /// A host script run inside the sandbox before the first step.
+    pub vm_startup_script: Option<PathBuf>,
     pub state_dir: PathBuf,
     pub allow_unisolated: bool,
     pub vm_prefix: String,
@@ -139,11 +143,18 @@ impl Settings {
         let artifacts = raw.artifacts_max_size.unwrap_or_else(|| "100M".into());
         let artifacts_max_bytes =
             parse_size(&artifacts).with_context(|| format!("EXECUTOR_ARTIFACTS_MAX_SIZE {artifacts:?}"))?;
+        let firecracker = parse_opt_bool("EXECUTOR_USE_FIRECRACKER", raw.use_firecracker.as_deref())?;
+        let implied = match firecracker {
+            Some(true) => "microvm",
+            Some(false) => "oci",
+            None => "auto",
+        };
         let runtime: RuntimeChoice = raw
             .runtime
             .as_deref()
-            .unwrap_or("auto")
-            .trim()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .unwrap_or(implied)
             .to_ascii_lowercase()
             .parse()
             .map_err(|e: anyhow::Error| anyhow::anyhow!("EXECUTOR_RUNTIME {e}"))?;
@@ -161,6 +172,12 @@ impl Settings {
         if !crate::sandbox::oci::OCI_RUNTIMES.contains(&oci_runtime.as_str()) {
             bail!("EXECUTOR_OCI_RUNTIME {oci_runtime:?} is not one of runc, crun, runsc");
         }
+        let vm_startup_script = match raw.vm_startup_script.filter(|p| !p.as_os_str().is_empty()) {
+            Some(p) if !p.is_file() => {
+                bail!("EXECUTOR_VM_STARTUP_SCRIPT_PATH {} is not a file", p.display())
+            }
+            other => other,
+        };
         let state_dir = raw.state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
         if !state_dir.is_absolute() {
             bail!("EXECUTOR_STATE_DIR {} must be an absolute path", state_dir.display());
@@ -190,6 +207,7 @@ impl Settings {
             job_memory,
             disk_space,
             runtime,
+            vm_startup_script,
             state_dir,
             allow_unisolated: parse_bool("EXECUTOR_ALLOW_UNISOLATED", raw.allow_unisolated.as_deref())?,
             vm_prefix,
@@ -338,6 +356,14 @@ fn parse_num(var: &str, v: Option<&str>, default: u64) -> Result<u64> {
     }
 }
 
+/// A boolean that may be absent (`None`), unlike [`parse_bool`]'s false default.
+fn parse_opt_bool(var: &str, v: Option<&str>) -> Result<Option<bool>> {
+    match v.map(str::trim).filter(|s| !s.is_empty()) {
+        None => Ok(None),
+        Some(s) => parse_bool(var, Some(s)).map(Some),
+    }
+}
+
 fn parse_bool(var: &str, v: Option<&str>) -> Result<bool> {
     match v.map(|s| s.trim().to_ascii_lowercase()).as_deref() {
         None | Some("") | Some("0") | Some("false") | Some("no") | Some("off") => Ok(false),
@@ -364,6 +390,25 @@ mod tests {
             frontend_url: Some("http://127.0.0.1:3080/".into()),
             queue_name: Some("batches".into()),
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn use_firecracker_picks_the_runtime_unless_one_is_named() {
+        for (fc, rt, want) in [
+            (Some("true"), None, RuntimeChoice::Only(crate::sandbox::RuntimeKind::Microvm)),
+            (Some("false"), None, RuntimeChoice::Only(crate::sandbox::RuntimeKind::Oci)),
+            (None, None, RuntimeChoice::Auto),
+            (Some("true"), Some("oci"), RuntimeChoice::Only(crate::sandbox::RuntimeKind::Oci)),
+        ] {
+            let mut r = raw();
+            r.use_firecracker = fc.map(Into::into);
+            r.runtime = rt.map(Into::into);
+            assert_eq!(
+                Settings::from_raw(r, pw(), Needs::Coordinator).unwrap().runtime,
+                want,
+                "{fc:?} {rt:?}"
+            );
         }
     }
 
@@ -425,6 +470,14 @@ mod tests {
         let mut r = raw();
         r.runtime = Some("docker".into());
         assert!(Settings::from_raw(r, pw(), Needs::Coordinator).is_err());
+        let mut r = raw();
+        r.use_firecracker = Some("maybe".into());
+        let e = format!("{:#}", Settings::from_raw(r, pw(), Needs::Coordinator).unwrap_err());
+        assert!(e.contains("EXECUTOR_USE_FIRECRACKER"), "{e}");
+        let mut r = raw();
+        r.vm_startup_script = Some("/nonexistent/startup.sh".into());
+        let e = format!("{:#}", Settings::from_raw(r, pw(), Needs::Coordinator).unwrap_err());
+        assert!(e.contains("EXECUTOR_VM_STARTUP_SCRIPT_PATH"), "{e}");
         let mut r = raw();
         r.frontend_url = None;
         assert!(Settings::from_raw(r.clone(), pw(), Needs::Coordinator).is_err());

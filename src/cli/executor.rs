@@ -59,6 +59,12 @@ pub struct ConfigArgs {
     /// Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]
     #[arg(long, env = "EXECUTOR_RUNTIME", value_name = "NAME")]
     pub runtime: Option<String>,
+    /// Sourcegraph's switch: true picks microvm, false oci, when --runtime is not given
+    #[arg(long, env = "EXECUTOR_USE_FIRECRACKER", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub use_firecracker: Option<String>,
+    /// A script run inside the sandbox before the first step (in the first step's image), logged as setup.startup-script
+    #[arg(long, env = "EXECUTOR_VM_STARTUP_SCRIPT_PATH", value_name = "FILE")]
+    pub vm_startup_script: Option<PathBuf>,
     /// Where workspaces, sandboxes and images live [default: /var/lib/executor]
     #[arg(long, env = "EXECUTOR_STATE_DIR", value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
@@ -112,6 +118,8 @@ impl ConfigArgs {
             job_memory: fallback(&self.job_memory, "EXECUTOR_FIRECRACKER_MEMORY"),
             disk_space: self.disk_space.clone(),
             runtime: self.runtime.clone(),
+            use_firecracker: self.use_firecracker.clone(),
+            vm_startup_script: self.vm_startup_script.clone(),
             state_dir: self.state_dir.clone(),
             allow_unisolated: self.allow_unisolated.clone(),
             vm_prefix: self.vm_prefix.clone(),
@@ -179,6 +187,9 @@ pub enum ExecutorCommand {
     /// Report the outcome, tear down the sandbox and delete the workspace (safe to run twice)
     Complete(StageArgs),
     /// Run jobs continuously: the stages in-process, with heartbeats, cancellation and draining
+    ///
+    /// `executor run` is the same command, under the name Sourcegraph's executor gives it.
+    #[command(visible_alias = "run")]
     Loop(ConfigOnly),
     /// Check the configuration, the coordinator's acceptance of the secret and the runtime's tools
     Validate(ConfigOnly),

@@ -3,6 +3,7 @@
 
 pub mod docs;
 mod docs_extra;
+mod env_check;
 pub mod image;
 pub mod queue;
 mod stages;
@@ -80,6 +81,12 @@ pub(crate) fn main() -> i32 {
 }
 
 fn run(cli: Cli) -> anyhow::Result<i32> {
+    if !matches!(cli.command, Command::GenerateDocs { .. }) {
+        let env = std::env::vars_os().filter_map(|(k, _)| k.into_string().ok());
+        for line in env_check::report(&env_check::known_variables(&command()), env) {
+            eprintln!("executor: warning: {line}");
+        }
+    }
     match cli.command {
         Command::GenerateDocs { out } => docs::generate(&out).map(|_| exit::OK),
         Command::Image(args) => image::run(args),

@@ -128,9 +128,9 @@ pub fn validate(settings: Settings) -> Result<i32> {
     for c in checked {
         println!("ok: {c}");
     }
-    let git = std::process::Command::new("git").arg("version").output();
-    match git {
-        Ok(o) if o.status.success() => println!("ok: {}", String::from_utf8_lossy(&o.stdout).trim()),
+    let git = std::process::Command::new("git").arg("version").env_clear().env("PATH", GIT_PATH).output();
+    let text = match git {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
         _ => {
             return Err(ExitError::new(
                 exit::JOB_FAILED,
@@ -138,12 +138,34 @@ pub fn validate(settings: Settings) -> Result<i32> {
             )
             .into())
         }
+    };
+    match git_version(&text) {
+        Some(v) if v >= MIN_GIT => println!("ok: {text}"),
+        Some((major, minor)) => {
+            return Err(ExitError::new(
+                exit::JOB_FAILED,
+                format!("git {major}.{minor} is too old: clones need git 2.26 or newer ({text})"),
+            )
+            .into())
+        }
+        None => println!("warning: cannot read git's version from {text:?}; clones need git 2.26 or newer"),
     }
     std::fs::create_dir_all(&settings.state_dir)
         .with_context(|| format!("creating the state directory {}", settings.state_dir.display()))?;
     println!("ok: state directory {}", settings.state_dir.display());
     println!("All checks passed!");
     Ok(exit::OK)
+}
+
+/// The oldest git that clones as the contract says (Sourcegraph's executor checks the same).
+const MIN_GIT: (u32, u32) = (2, 26);
+const GIT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// `(major, minor)` of `git version 2.39.5` (or `git version 2.43.0.windows.1`).
+fn git_version(text: &str) -> Option<(u32, u32)> {
+    let v = text.strip_prefix("git version ")?.split_whitespace().next()?;
+    let mut parts = v.split('.');
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
 /// `executor janitor`: one pass, printing what it removed.
@@ -154,4 +176,19 @@ pub fn janitor(settings: Settings) -> Result<i32> {
     }
     eprintln!("executor: janitor removed {} items", removed.len());
     Ok(exit::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn git_versions_are_read_and_compared() {
+        assert_eq!(git_version("git version 2.39.5"), Some((2, 39)));
+        assert_eq!(git_version("git version 2.43.0.windows.1"), Some((2, 43)));
+        assert_eq!(git_version("git version 2.9.1"), Some((2, 9)));
+        assert!(git_version("git version 2.9.1").unwrap() < MIN_GIT, "2.9 is older than 2.26");
+        assert!(git_version("git version 2.26.0").unwrap() >= MIN_GIT);
+        assert_eq!(git_version("hub version 2.14"), None);
+    }
 }

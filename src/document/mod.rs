@@ -111,6 +111,10 @@ pub struct WorkspaceRecord {
     pub scripts: Vec<String>,
     #[serde(default)]
     pub repository_cloned: bool,
+    /// The operator's startup script (`EXECUTOR_VM_STARTUP_SCRIPT_PATH`) copied into the
+    /// workspace, relative to it; run before the first step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub startup_script: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,10 +1,10 @@
 //! `prepare-workspace`: creates the job's workspace, clones its repository (where the job names
 //! one) and writes its files and one script per step.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use super::JobCtx;
-use crate::document::{RunDocument, WorkspaceRecord};
+use crate::document::{FailureKind, RunDocument, WorkspaceRecord};
 use crate::workspace;
 
 pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
@@ -15,7 +15,12 @@ pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
         }
     }
     if !ctx.job.cli_steps.is_empty() {
-        anyhow::bail!("job {} has cliSteps (src-cli steps), which this executor does not run", ctx.job.id);
+        let message = cli_steps_refused(ctx.job.id);
+        if let Ok(mut entry) = ctx.logger.entry("setup.cli-steps", None) {
+            entry.line(&message);
+            let _ = entry.finish(1);
+        }
+        return Err(super::StageFailure { kind: FailureKind::Failed, message }.into());
     }
     let owner = workspace::Owner {
         executor: doc.executor.name.clone(),
@@ -30,8 +35,12 @@ pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
         &ctx.logger,
     )?;
     // Recorded before anything can fail, so that `complete` removes it whatever happens next.
-    doc.workspace =
-        Some(WorkspaceRecord { path: path.clone(), scripts: Vec::new(), repository_cloned: false });
+    doc.workspace = Some(WorkspaceRecord {
+        path: path.clone(),
+        scripts: Vec::new(),
+        repository_cloned: false,
+        startup_script: None,
+    });
     let cx = workspace::CloneContext {
         frontend_url: ctx.client.base_url(),
         executor_name: ctx.client.executor_name(),
@@ -45,6 +54,40 @@ pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
         ctx.client.fetch_file(&ctx.auth, bucket, key).map_err(|e| anyhow::anyhow!("{e}"))
     };
     let scripts = workspace::write_files_and_scripts(&ctx.job, &path, &ctx.logger, &fetch)?;
-    doc.workspace = Some(WorkspaceRecord { path, scripts, repository_cloned: cloned });
+    let startup_script = match &ctx.settings.vm_startup_script {
+        Some(host) => Some(copy_startup_script(host, &path)?),
+        None => None,
+    };
+    doc.workspace = Some(WorkspaceRecord { path, scripts, repository_cloned: cloned, startup_script });
     Ok(())
+}
+
+/// Largest startup script copied into a workspace.
+const MAX_STARTUP_SCRIPT: u64 = 1 << 20;
+
+/// Copies the operator's startup script into the workspace's scripts directory.
+fn copy_startup_script(host: &std::path::Path, ws: &std::path::Path) -> Result<String> {
+    use std::io::Read;
+    let mut body = Vec::new();
+    std::fs::File::open(host)
+        .and_then(|f| f.take(MAX_STARTUP_SCRIPT + 1).read_to_end(&mut body))
+        .with_context(|| format!("reading the startup script {}", host.display()))?;
+    if body.len() as u64 > MAX_STARTUP_SCRIPT {
+        anyhow::bail!("the startup script {} is larger than 1 MiB", host.display());
+    }
+    let rel = format!("{}/startup-script.sh", workspace::scripts::SCRIPTS_DIR);
+    crate::base::fs::ensure_parent(ws, &rel)?;
+    crate::base::fs::write_file(ws, &rel, &body, 0o755)?;
+    Ok(rel)
+}
+
+/// Why a job with `cliSteps` is refused, and what to do instead.
+pub fn cli_steps_refused(id: i64) -> String {
+    format!(
+        "job {id} has cliSteps: the legacy `src batch exec` path, which needs a container engine inside \
+         the sandbox, and this executor does not run it. Sourcegraph sends cliSteps only in v1 payloads \
+         (instances before 4.3, or executors reporting an older version); from 4.3 on, batch changes run \
+         natively as docker steps (batcheshelper pre/run/post), which this executor runs: upgrade the \
+         instance, and check that nothing rewrites the executor's version"
+    )
 }

@@ -39,6 +39,9 @@ pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
     // A document resumed after an interruption restarts after the steps already done.
     let mut i = doc.steps.iter().take_while(|s| s.exit_code == Some(0)).count();
     doc.steps.truncate(i);
+    if let (0, Some(script)) = (i, &ws.startup_script) {
+        run_startup_script(ctx, &*runtime, &sandbox, script)?;
+    }
     while i < ctx.job.docker_steps.len() {
         let step = &ctx.job.docker_steps[i];
         if let Some(reason) = ctx.cancel.check() {
@@ -101,6 +104,39 @@ pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Runs the operator's startup script (entry `setup.startup-script`) in the first step's image,
+/// from the workspace root, with no environment of the job's.
+fn run_startup_script(
+    ctx: &JobCtx,
+    runtime: &dyn crate::sandbox::Runtime,
+    sandbox: &crate::sandbox::SandboxRecord,
+    script: &str,
+) -> Result<()> {
+    let Some(first) = ctx.job.docker_steps.first() else { return Ok(()) };
+    let key = "setup.startup-script";
+    let spec = StepSpec { key, image: &first.image, script, dir: "", env: &[] };
+    let mut entry = ctx.logger.entry(key, Some(runtime.step_command(sandbox, &spec)))?;
+    let end = runtime.run_step(sandbox, &spec, &mut entry, &ctx.cancel);
+    let code = match &end {
+        Ok(StepEnd::Exited(c)) => *c,
+        Ok(StepEnd::Signaled(s)) => 128 + s,
+        _ => -1,
+    };
+    if let Err(e) = &end {
+        entry.line(&format!("error: {}", ctx.redact(&format!("{e:#}"))));
+    }
+    let flushed = entry.finish(code);
+    match end.context("failed to run startup script")? {
+        StepEnd::Exited(0) => {}
+        StepEnd::Exited(c) => {
+            anyhow::bail!("failed to run startup script: command failed with exit code {c}")
+        }
+        StepEnd::Signaled(s) => anyhow::bail!("failed to run startup script: killed by signal {s}"),
+        StepEnd::Stopped(r) => return Err(stopped(ctx, r, key)),
+    }
+    flushed
 }
 
 /// The step's log entry, remembering which of the job's limits the runtime said it hit.

@@ -1157,18 +1157,21 @@ async fn shutdown_signal() {
 }
 
 fn load_tls(cert: &std::path::Path, key: &std::path::Path) -> Result<tokio_rustls::TlsAcceptor> {
+    use rustls::pki_types::{pem, pem::PemObject, CertificateDer, PrivateKeyDer};
     let cert_pem =
         std::fs::read(cert).with_context(|| format!("reading TLS certificate {}", cert.display()))?;
-    let certs = rustls_pemfile::certs(&mut cert_pem.as_slice())
+    let certs = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<std::result::Result<Vec<_>, _>>()
         .with_context(|| format!("parsing TLS certificate {}", cert.display()))?;
     if certs.is_empty() {
         anyhow::bail!("no certificate in {}", cert.display());
     }
     let key_pem = std::fs::read(key).with_context(|| format!("reading TLS key {}", key.display()))?;
-    let key_der = rustls_pemfile::private_key(&mut key_pem.as_slice())
-        .with_context(|| format!("parsing TLS key {}", key.display()))?
-        .with_context(|| format!("no private key in {}", key.display()))?;
+    let key_der = match PrivateKeyDer::from_pem_slice(&key_pem) {
+        Ok(k) => k,
+        Err(pem::Error::NoItemsFound) => anyhow::bail!("no private key in {}", key.display()),
+        Err(e) => return Err(e).with_context(|| format!("parsing TLS key {}", key.display())),
+    };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

@@ -203,7 +203,7 @@ pub(super) async fn show_job(
     let Some((job, logs)) = found else {
         return Err(http_err(StatusCode::NOT_FOUND, format!("no job {id}")));
     };
-    let mut v = serde_json::to_value(&job.summary).map_err(|e| anyhow::anyhow!("encoding job {id}: {e}"))?;
+    let mut v = serde_json::to_value(&job.row).map_err(|e| anyhow::anyhow!("encoding job {id}: {e}"))?;
     if let Some(obj) = v.as_object_mut() {
         obj.insert("job".into(), admin_payload(&job.payload)?);
         obj.insert("logs".into(), serde_json::to_value(&logs).map_err(|e| anyhow::anyhow!("{e}"))?);

@@ -229,4 +229,66 @@ mod tests {
         }
         assert_eq!(parse_auth(&HeaderMap::new()).unwrap_err().status, StatusCode::UNAUTHORIZED);
     }
+
+    fn parts(headers: &[(&str, &str)]) -> Parts {
+        let mut req = axum::http::Request::builder().uri("/.executors/git/r/info/refs");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.body(()).unwrap().into_parts().0
+    }
+
+    async fn status<T: FromRequestParts<Shared, Rejection = HttpError>>(
+        app: &Shared,
+        headers: &[(&str, &str)],
+    ) -> Option<StatusCode> {
+        T::from_request_parts(&mut parts(headers), app).await.err().map(|e| e.status)
+    }
+
+    #[tokio::test]
+    async fn the_executor_and_admin_extractors_answer_as_the_contract_says() {
+        let app = super::super::App::for_tests();
+        let secret = format!("token-executor {}", app.cfg.secret);
+        let admin = format!("Bearer {}", app.cfg.admin_token);
+        let auth = header::AUTHORIZATION.as_str();
+        assert_eq!(status::<ExecutorSecret>(&app, &[(auth, &secret)]).await, None);
+        assert_eq!(status::<ExecutorSecret>(&app, &[]).await, Some(StatusCode::UNAUTHORIZED));
+        assert_eq!(status::<ExecutorSecret>(&app, &[(auth, &admin)]).await, Some(StatusCode::UNAUTHORIZED));
+        assert_eq!(status::<AdminToken>(&app, &[(auth, &admin)]).await, None);
+        assert_eq!(status::<AdminToken>(&app, &[(auth, &secret)]).await, Some(StatusCode::UNAUTHORIZED));
+        let wrong = format!("bearer {}", app.cfg.secret);
+        assert_eq!(status::<AdminToken>(&app, &[(auth, &wrong)]).await, Some(StatusCode::FORBIDDEN));
+    }
+
+    #[tokio::test]
+    async fn a_job_token_opens_only_its_own_job() {
+        let app = super::super::App::for_tests();
+        let d = db(&app, |s| {
+            s.submit("batches", "{}", "repo", 1)?;
+            s.dequeue(&["batches".to_string()], "e", 2, |_| 1)
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        let (auth, id, name) =
+            (header::AUTHORIZATION.as_str(), protocol::HEADER_JOB_ID, protocol::HEADER_EXECUTOR_NAME);
+        let bearer = format!("Bearer {}", d.token);
+        let job = d.id.to_string();
+        let ok =
+            JobToken::from_request_parts(&mut parts(&[(auth, &bearer), (id, &job), (name, "e")]), &app).await;
+        let caller = ok.map_err(|e| e.message).unwrap();
+        assert_eq!((caller.id, caller.repository.as_str()), (d.id, "repo"));
+        let other = (d.id + 1).to_string();
+        let cases: &[(&[(&str, &str)], StatusCode)] = &[
+            (&[(auth, &bearer), (id, &other), (name, "e")], StatusCode::FORBIDDEN),
+            (&[(auth, "Bearer 00ff"), (id, &job), (name, "e")], StatusCode::UNAUTHORIZED),
+            (&[(auth, "Bearer zz"), (id, &job), (name, "e")], StatusCode::UNAUTHORIZED),
+            (&[(auth, &bearer), (name, "e")], StatusCode::BAD_REQUEST),
+            (&[(auth, &bearer), (id, &job)], StatusCode::BAD_REQUEST),
+            (&[(auth, "token-executor x"), (id, &job), (name, "e")], StatusCode::UNAUTHORIZED),
+        ];
+        for (headers, want) in cases {
+            assert_eq!(status::<JobToken>(&app, headers).await, Some(*want), "{headers:?}");
+        }
+    }
 }

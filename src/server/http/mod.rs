@@ -56,6 +56,46 @@ struct App {
 
 type Shared = Arc<App>;
 
+impl App {
+    fn new(cfg: Arc<ServeConfig>, store: StoreThread, artifact_dir: std::path::PathBuf) -> App {
+        let (shutdown, _) = watch::channel(false);
+        let json_limit = (cfg.log_cap_bytes.saturating_mul(2) + (1 << 20)).max(8 << 20) as usize;
+        App {
+            secret_digest: auth::digest(cfg.secret.as_bytes()),
+            admin_digest: auth::digest(cfg.admin_token.as_bytes()),
+            cfg,
+            store,
+            jobs_changed: Notify::new(),
+            logs_changed: Notify::new(),
+            shutdown,
+            metrics: Metrics::default(),
+            artifact_dir,
+            json_limit,
+        }
+    }
+
+    /// An app on an in-memory store serving `batches`, for unit tests.
+    #[cfg(test)]
+    fn for_tests() -> Shared {
+        let cfg = ServeConfig {
+            listen: "127.0.0.1:0".into(),
+            data_dir: std::path::PathBuf::from("/nonexistent"),
+            addr_file: None,
+            queues: vec!["batches".into()],
+            stalled_max_age: Duration::from_secs(25),
+            max_resets: 3,
+            max_retries: 0,
+            log_cap_bytes: 1 << 20,
+            artifact_max_bytes: 1 << 20,
+            secret: "executor-secret-0123456789abcdef".into(),
+            admin_token: "admin-token-0123456789abcdef0123".into(),
+            tls: None,
+        };
+        let store = StoreThread::start(Store::open_in_memory().unwrap()).unwrap();
+        Arc::new(App::new(Arc::new(cfg), store, std::path::PathBuf::from("/nonexistent")))
+    }
+}
+
 /// An error answer: status plus a message for `{"error": ...}`. (Not `api::ApiError`, the
 /// client's error.)
 #[derive(Debug)]
@@ -284,20 +324,11 @@ pub async fn serve(cfg: Arc<ServeConfig>) -> Result<()> {
             }
         }
     }
-    let (shutdown_tx, _) = watch::channel(false);
-    let json_limit = (cfg.log_cap_bytes.saturating_mul(2) + (1 << 20)).max(8 << 20) as usize;
-    let app = Arc::new(App {
-        secret_digest: auth::digest(cfg.secret.as_bytes()),
-        admin_digest: auth::digest(cfg.admin_token.as_bytes()),
-        cfg: cfg.clone(),
-        store: StoreThread::start(store).context("starting the store thread")?,
-        jobs_changed: Notify::new(),
-        logs_changed: Notify::new(),
-        shutdown: shutdown_tx,
-        metrics: Metrics::default(),
+    let app = Arc::new(App::new(
+        cfg.clone(),
+        StoreThread::start(store).context("starting the store thread")?,
         artifact_dir,
-        json_limit,
-    });
+    ));
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
         .with_context(|| format!("listening on {}", cfg.listen))?;

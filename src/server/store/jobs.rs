@@ -41,7 +41,7 @@ pub struct ArtifactInfo {
 /// A job with everything the admin API shows.
 #[derive(Debug, Clone)]
 pub struct JobDetail {
-    pub summary: JobRow,
+    pub row: JobRow,
     pub payload: String,
     pub artifacts: Option<ArtifactInfo>,
 }
@@ -110,10 +110,10 @@ pub struct Reset {
     pub new_state: JobState,
 }
 
-const SUMMARY_COLS: &str = "id, queue, state, repository_name, failure_message, num_resets, num_failures, \
+const ROW_COLS: &str = "id, queue, state, repository_name, failure_message, num_resets, num_failures, \
      executor_name, created_at, started_at, finished_at, cancel";
 
-fn summary_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
+fn job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
     Ok(JobRow {
         id: row.get(0)?,
         queue: row.get(1)?,
@@ -358,8 +358,7 @@ impl Store {
             }
             Some(other) => return Ok(CancelResult::AlreadyFinal(other)),
         }
-        let summary =
-            tx.query_row(&format!("SELECT {SUMMARY_COLS} FROM jobs WHERE id = ?1"), [id], summary_from_row)?;
+        let summary = tx.query_row(&format!("SELECT {ROW_COLS} FROM jobs WHERE id = ?1"), [id], job_row)?;
         tx.commit()?;
         Ok(CancelResult::Done(summary))
     }
@@ -418,15 +417,15 @@ impl Store {
             .conn
             .query_row(
                 &format!(
-                    "SELECT {SUMMARY_COLS}, payload, artifact_bytes, artifact_sha256 FROM jobs WHERE id = ?1"
+                    "SELECT {ROW_COLS}, payload, artifact_bytes, artifact_sha256 FROM jobs WHERE id = ?1"
                 ),
                 [id],
                 |r| {
-                    let summary = summary_from_row(r)?;
+                    let row = job_row(r)?;
                     let bytes: Option<i64> = r.get(13)?;
                     let sha: Option<String> = r.get(14)?;
                     Ok(JobDetail {
-                        summary,
+                        row,
                         payload: r.get(12)?,
                         artifacts: match (bytes, sha) {
                             (Some(bytes), Some(sha256)) => Some(ArtifactInfo { bytes, sha256 }),
@@ -450,10 +449,10 @@ impl Store {
     /// Jobs, newest first, filtered by queue and state.
     pub fn list(&self, queue: Option<&str>, state: Option<JobState>, limit: i64) -> Result<Vec<JobRow>> {
         let mut stmt = self.conn.prepare(&format!(
-            "SELECT {SUMMARY_COLS} FROM jobs WHERE (?1 IS NULL OR queue = ?1) AND (?2 IS NULL OR state = ?2) \
+            "SELECT {ROW_COLS} FROM jobs WHERE (?1 IS NULL OR queue = ?1) AND (?2 IS NULL OR state = ?2) \
              ORDER BY id DESC LIMIT ?3"
         ))?;
-        let rows = stmt.query_map(params![queue, state, limit], summary_from_row)?;
+        let rows = stmt.query_map(params![queue, state, limit], job_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
@@ -565,7 +564,7 @@ mod tests {
         s.dequeue(&q(&["batches"]), "e", 2, |_| 1).unwrap().unwrap();
         assert!(!s.mark(a, "other", &Outcome::Errored("x".into()), 0, 3).unwrap());
         assert!(s.mark(a, "e", &Outcome::Errored("boom".into()), 0, 3).unwrap());
-        let j = s.job(a).unwrap().unwrap().summary;
+        let j = s.job(a).unwrap().unwrap().row;
         assert_eq!((j.state, j.num_failures), (JobState::Failed, 1));
         assert_eq!(j.failure_message.as_deref(), Some("boom"));
 
@@ -594,7 +593,7 @@ mod tests {
             let want = if round < 2 { JobState::Queued } else { JobState::Failed };
             assert_eq!(r, vec![Reset { id: a, queue: "batches".into(), new_state: want }]);
         }
-        let j = s.job(a).unwrap().unwrap().summary;
+        let j = s.job(a).unwrap().unwrap().row;
         assert_eq!(j.num_resets, 2);
         assert!(j.failure_message.unwrap().starts_with(TOO_MANY_RESETS));
     }

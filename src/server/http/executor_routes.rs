@@ -218,6 +218,14 @@ fn check_op(caller: &JobCaller, op: &protocol::JobOperationRequest) -> HttpResul
     Ok(())
 }
 
+/// Wakes the log follows after a log call the store answered, a refusal included; a failure of
+/// the store changed nothing to follow.
+fn notify_unless_failed<T>(app: &Shared, r: &Result<T, StoreError>) {
+    if r.as_ref().err().is_none_or(StoreError::is_refusal) {
+        app.logs_changed.notify_waiters();
+    }
+}
+
 pub(super) async fn add_log_entry(
     State(app): State<Shared>,
     caller: JobCaller,
@@ -227,7 +235,7 @@ pub(super) async fn add_log_entry(
     check_op(&caller, &req.op)?;
     let cap = app.cfg.log_cap_bytes;
     let r = app.store.call(move |s| s.add_log(caller.id, &caller.executor, &req.entry, cap)).await;
-    app.logs_changed.notify_waiters();
+    notify_unless_failed(&app, &r);
     match r {
         Ok(entry_id) => json_response(StatusCode::OK, &entry_id),
         Err(StoreError::UnknownJob) => Err(http_err(StatusCode::INTERNAL_SERVER_ERROR, "unknown job")),
@@ -247,7 +255,7 @@ pub(super) async fn update_log_entry(
         .store
         .call(move |s| s.update_log(caller.id, &caller.executor, req.entry_id, &req.entry, req.append, cap))
         .await;
-    app.logs_changed.notify_waiters();
+    notify_unless_failed(&app, &r);
     match r {
         Ok(()) => Ok(StatusCode::NO_CONTENT.into_response()),
         Err(StoreError::UnknownJob) => Err(http_err(StatusCode::INTERNAL_SERVER_ERROR, "unknown job")),

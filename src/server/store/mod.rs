@@ -140,6 +140,14 @@ pub enum StoreError {
     Panicked,
 }
 
+impl StoreError {
+    /// Whether this is the store's answer about the request (`UnknownJob`, `UnknownEntry`)
+    /// rather than a failure of the store.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, StoreError::UnknownJob | StoreError::UnknownEntry(_))
+    }
+}
+
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 fn db_err(what: impl Into<String>) -> impl FnOnce(rusqlite::Error) -> StoreError {

@@ -546,13 +546,14 @@ fn error_detail(text: &str) -> String {
 
 /// rustls with the public web roots plus the operator's private CA, if any.
 fn tls_config(ca: Option<&Path>) -> Result<rustls::ClientConfig> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = ca {
         let pem =
             std::fs::read(path).with_context(|| format!("reading the frontend CA {}", path.display()))?;
         let mut n = 0;
-        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        for cert in CertificateDer::pem_slice_iter(&pem) {
             let cert = cert.with_context(|| format!("parsing the frontend CA {}", path.display()))?;
             roots.add(cert).with_context(|| format!("adding a certificate of {}", path.display()))?;
             n += 1;

@@ -48,10 +48,11 @@ pub struct AdminClient {
 }
 
 fn tls_config(ca_cert: &Path) -> Result<Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
     let pem =
         std::fs::read(ca_cert).with_context(|| format!("reading CA certificate {}", ca_cert.display()))?;
     let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+    for cert in CertificateDer::pem_slice_iter(&pem) {
         let cert = cert.with_context(|| format!("parsing CA certificate {}", ca_cert.display()))?;
         roots.add(cert).with_context(|| format!("adding CA certificate {}", ca_cert.display()))?;
     }

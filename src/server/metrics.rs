@@ -57,14 +57,19 @@ pub struct Metrics {
 
 impl Metrics {
     /// Renders everything; `counts` and `active` come from the store at scrape time.
-    pub fn render(&self, counts: &[(String, String, i64)], queues: &[String], active: i64) -> String {
+    pub fn render(
+        &self,
+        counts: &[(String, super::store::JobState, i64)],
+        queues: &[String],
+        active: i64,
+    ) -> String {
         let mut out = String::new();
         out.push_str(
             "# HELP executor_queue_jobs Jobs per queue and state.\n# TYPE executor_queue_jobs gauge\n",
         );
         for q in queues {
-            for s in super::store::STATES {
-                let n = counts.iter().find(|(cq, cs, _)| cq == q && cs == s).map(|c| c.2).unwrap_or(0);
+            for s in super::store::JobState::ALL {
+                let n = counts.iter().find(|(cq, cs, _)| cq == q && *cs == s).map(|c| c.2).unwrap_or(0);
                 let _ = writeln!(out, "executor_queue_jobs{{queue=\"{q}\",state=\"{s}\"}} {n}");
             }
         }
@@ -106,7 +111,11 @@ mod tests {
         let m = Metrics::default();
         m.dequeue_job.observe(Duration::from_micros(700));
         m.dequeue_job.observe(Duration::from_millis(20));
-        let text = m.render(&[("batches".into(), "queued".into(), 3)], &["batches".into()], 1);
+        let text = m.render(
+            &[("batches".into(), crate::server::store::JobState::Queued, 3)],
+            &["batches".into()],
+            1,
+        );
         assert!(text.contains("executor_queue_jobs{queue=\"batches\",state=\"queued\"} 3"), "{text}");
         assert!(text.contains("executor_queue_jobs{queue=\"batches\",state=\"failed\"} 0"));
         assert!(text.contains("result=\"job\",le=\"0.001\"} 1"));

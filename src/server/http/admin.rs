@@ -1,0 +1,321 @@
+//! The admin API under `/api/jobs` and `/api/executors` (submit, list, show, cancel, artifacts,
+//! executors), and the unauthenticated `/metrics`. Submitted jobs are validated here.
+
+use anyhow::{Context, Result};
+use axum::body::Body;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+
+use super::auth::AdminToken;
+use super::{db, http_err, job_id_param, json_response, query_params, read_json, HttpResult, Shared};
+use crate::protocol::Job;
+use crate::server::store::{self, CancelResult, JobState};
+use crate::server::ACTIVE_WINDOW;
+
+const JOB_FIELDS: &[&str] = &[
+    "version",
+    "id",
+    "token",
+    "queue",
+    "repositoryName",
+    "repositoryDirectory",
+    "commit",
+    "fetchTags",
+    "shallowClone",
+    "sparseCheckout",
+    "files",
+    "dockerSteps",
+    "cliSteps",
+    "redactedValues",
+    "dockerAuthConfig",
+    "artifacts",
+];
+
+/// A relative path that stays inside the workspace.
+fn check_relative(what: &str, p: &str, allow_empty: bool) -> std::result::Result<(), String> {
+    if p.is_empty() {
+        return if allow_empty { Ok(()) } else { Err(format!("{what} must not be empty")) };
+    }
+    let path = std::path::Path::new(p);
+    if path.is_absolute()
+        || path
+            .components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir))
+        || p.contains('\0')
+    {
+        return Err(format!("{what} {p:?} must be a relative path inside the workspace"));
+    }
+    Ok(())
+}
+
+/// Validates a submitted job. Returns (queue, normalised payload, repository name).
+fn validate_submission(
+    value: serde_json::Value,
+    queues: &[String],
+) -> std::result::Result<(String, String, String), String> {
+    let serde_json::Value::Object(mut obj) = value else {
+        return Err("the job must be a JSON object".into());
+    };
+    let queue = match obj.remove("queue") {
+        None | Some(serde_json::Value::Null) => "batches".to_string(),
+        Some(serde_json::Value::String(q)) => q,
+        Some(other) => return Err(format!("queue must be a string, got {other}")),
+    };
+    if !queues.contains(&queue) {
+        return Err(format!("unknown queue {queue:?} (this server has {})", queues.join(", ")));
+    }
+    for key in obj.keys() {
+        if !JOB_FIELDS.contains(&key.as_str()) {
+            return Err(format!("unknown job field {key:?}"));
+        }
+    }
+    if obj.get("id").is_some_and(|v| v.as_i64() != Some(0)) {
+        return Err("a submitted job must not carry an id: the server assigns it".into());
+    }
+    if obj.get("token").is_some_and(|v| v.as_str() != Some("")) {
+        return Err("a submitted job must not carry a token: the server makes one at dequeue".into());
+    }
+    let version = obj.get("version").cloned().unwrap_or(serde_json::Value::from(0));
+    if version != 0 && version != 1 && version != 2 {
+        return Err(format!("version must be 1 or 2, got {version}"));
+    }
+    let mut job: Job =
+        serde_json::from_value(serde_json::Value::Object(obj)).map_err(|e| format!("invalid job: {e}"))?;
+    check_relative("repositoryDirectory", &job.repository_directory, true)?;
+    for path in job.files.keys() {
+        check_relative("file path", path, false)?;
+    }
+    for (i, step) in job.docker_steps.iter().enumerate() {
+        check_relative(&format!("dockerSteps[{i}].dir"), &step.dir, true)?;
+        if step.image.is_empty() {
+            return Err(format!("dockerSteps[{i}].image must not be empty"));
+        }
+        for e in &step.env {
+            if !e.contains('=') {
+                return Err(format!("dockerSteps[{i}].env entry {e:?} is not NAME=value"));
+            }
+        }
+    }
+    for (i, step) in job.cli_steps.iter().enumerate() {
+        check_relative(&format!("cliSteps[{i}].dir"), &step.dir, true)?;
+    }
+    for a in &job.artifacts {
+        check_relative("artifact path", a, false)?;
+    }
+    if !job.repository_name.is_empty() && job.commit.is_empty() {
+        return Err("commit must be set when repositoryName is".into());
+    }
+    job.version = 2;
+    job.id = 0;
+    job.token = String::new();
+    job.queue = String::new();
+    let payload = serde_json::to_string(&job).map_err(|e| format!("encoding the job: {e}"))?;
+    Ok((queue, payload, job.repository_name))
+}
+
+pub(super) async fn submit_job(State(app): State<Shared>, _: AdminToken, body: Body) -> HttpResult<Response> {
+    let value: serde_json::Value = read_json(body, app.json_limit).await?;
+    let (queue, payload, repo) =
+        validate_submission(value, &app.cfg.queues).map_err(|e| http_err(StatusCode::BAD_REQUEST, e))?;
+    let id = db(&app, move |s| s.submit(&queue, &payload, &repo, store::now_ms())).await?;
+    app.metrics.jobs_submitted.fetch_add(1, Ordering::Relaxed);
+    app.jobs_changed.notify_waiters();
+    json_response(StatusCode::CREATED, &serde_json::json!({ "id": id }))
+}
+
+pub(super) async fn list_jobs(
+    State(app): State<Shared>,
+    _: AdminToken,
+    query: std::result::Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> HttpResult<Response> {
+    let q = query_params(query)?;
+    let queue = q.get("queue").cloned();
+    if let Some(queue) = &queue {
+        if !app.cfg.queues.contains(queue) {
+            return Err(http_err(StatusCode::BAD_REQUEST, format!("unknown queue {queue:?}")));
+        }
+    }
+    let state = q.get("state").cloned();
+    let state = match state {
+        None => None,
+        Some(name) => match JobState::from_name(&name) {
+            Some(state) => Some(state),
+            None => {
+                let names: Vec<_> = JobState::ALL.iter().map(|s| s.as_str()).collect();
+                return Err(http_err(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown state {name:?} (one of {})", names.join(", ")),
+                ));
+            }
+        },
+    };
+    let limit = match q.get("limit") {
+        None => 100,
+        Some(l) => match l.parse::<i64>() {
+            Ok(n) if (1..=100_000).contains(&n) => n,
+            _ => return Err(http_err(StatusCode::BAD_REQUEST, format!("invalid limit {l:?}: 1 to 100000"))),
+        },
+    };
+    let jobs = db(&app, move |s| s.list(queue.as_deref(), state, limit)).await?;
+    json_response(StatusCode::OK, &serde_json::json!({ "jobs": jobs }))
+}
+
+/// The stored payload as the admin API shows it: `redactedValues` replaced by their count and
+/// every string with a secret in it redacted.
+fn admin_payload(payload: &str) -> Result<serde_json::Value> {
+    let mut v: serde_json::Value = serde_json::from_str(payload).context("stored payload is unreadable")?;
+    let secrets: BTreeMap<String, String> =
+        v.get("redactedValues").and_then(|r| serde_json::from_value(r.clone()).ok()).unwrap_or_default();
+    let redactor = crate::base::redact::Redactor::new(secrets.iter());
+    fn walk(v: &mut serde_json::Value, r: &crate::base::redact::Redactor) {
+        match v {
+            serde_json::Value::String(s) => *s = r.redact_str(s),
+            serde_json::Value::Array(a) => a.iter_mut().for_each(|x| walk(x, r)),
+            serde_json::Value::Object(o) => o.values_mut().for_each(|x| walk(x, r)),
+            _ => {}
+        }
+    }
+    if let Some(obj) = v.as_object_mut() {
+        obj.remove("redactedValues");
+        obj.remove("id");
+        obj.remove("token");
+        obj.insert("redactedValueCount".into(), secrets.len().into());
+    }
+    walk(&mut v, &redactor);
+    Ok(v)
+}
+
+pub(super) async fn show_job(
+    State(app): State<Shared>,
+    _: AdminToken,
+    id: std::result::Result<Path<String>, PathRejection>,
+) -> HttpResult<Response> {
+    let id = job_id_param(id)?;
+    let found = db(&app, move |s| match s.job(id)? {
+        Some(job) => Ok(Some((job, s.logs(id)?))),
+        None => Ok(None),
+    })
+    .await?;
+    let Some((job, logs)) = found else {
+        return Err(http_err(StatusCode::NOT_FOUND, format!("no job {id}")));
+    };
+    let mut v = serde_json::to_value(&job.row).map_err(|e| anyhow::anyhow!("encoding job {id}: {e}"))?;
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("job".into(), admin_payload(&job.payload)?);
+        obj.insert("logs".into(), serde_json::to_value(&logs).map_err(|e| anyhow::anyhow!("{e}"))?);
+        obj.insert(
+            "artifacts".into(),
+            serde_json::to_value(&job.artifacts).map_err(|e| anyhow::anyhow!("{e}"))?,
+        );
+    }
+    json_response(StatusCode::OK, &v)
+}
+
+pub(super) async fn cancel_job(
+    State(app): State<Shared>,
+    _: AdminToken,
+    id: std::result::Result<Path<String>, PathRejection>,
+) -> HttpResult<Response> {
+    let id = job_id_param(id)?;
+    match db(&app, move |s| s.cancel(id, store::now_ms())).await? {
+        CancelResult::NotFound => Err(http_err(StatusCode::NOT_FOUND, format!("no job {id}"))),
+        CancelResult::AlreadyFinal(state) => {
+            Err(http_err(StatusCode::CONFLICT, format!("job {id} already finished: it is {state}")))
+        }
+        CancelResult::Done(summary) => {
+            app.logs_changed.notify_waiters();
+            json_response(StatusCode::OK, &summary)
+        }
+    }
+}
+
+pub(super) async fn list_executors(State(app): State<Shared>, _: AdminToken) -> HttpResult<Response> {
+    let active = ACTIVE_WINDOW.as_millis() as i64;
+    let rows = db(&app, move |s| s.executors(store::now_ms(), active)).await?;
+    json_response(StatusCode::OK, &serde_json::json!({ "executors": rows }))
+}
+
+pub(super) async fn get_artifacts(
+    State(app): State<Shared>,
+    _: AdminToken,
+    id: std::result::Result<Path<String>, PathRejection>,
+) -> HttpResult<Response> {
+    let id = job_id_param(id)?;
+    let detail = db(&app, move |s| s.job(id)).await?;
+    let Some(detail) = detail else { return Err(http_err(StatusCode::NOT_FOUND, format!("no job {id}"))) };
+    if detail.artifacts.is_none() {
+        return Err(http_err(StatusCode::NOT_FOUND, format!("job {id} has no artifacts")));
+    }
+    let path = app.artifact_dir.join(format!("{id}.tar.gz"));
+    let file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| http_err(StatusCode::NOT_FOUND, format!("artifacts of job {id} are gone: {e}")))?;
+    let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+    let stream = tokio_util::io::ReaderStream::new(file);
+    Ok((
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static("application/gzip")),
+            (header::CONTENT_LENGTH, HeaderValue::from(len)),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+pub(super) async fn metrics(State(app): State<Shared>) -> HttpResult<Response> {
+    let since = store::now_ms() - ACTIVE_WINDOW.as_millis() as i64;
+    let (counts, active) = db(&app, move |s| Ok((s.counts()?, s.active_executors(since)?))).await?;
+    let text = app.metrics.render(&counts, &app.cfg.queues, active);
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))],
+        text,
+    )
+        .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn submissions_are_validated() {
+        let qs = vec!["batches".to_string(), "codeintel".to_string()];
+        let ok = serde_json::json!({"repositoryName": "r", "commit": "c",
+            "dockerSteps": [{"image": "alpine", "commands": ["true"], "dir": "", "env": ["A=b"]}]});
+        let (q, payload, repo) = validate_submission(ok.clone(), &qs).unwrap();
+        assert_eq!((q.as_str(), repo.as_str()), ("batches", "r"));
+        assert!(payload.contains("\"version\":2"));
+        let bad = |patch: serde_json::Value| {
+            let mut v = ok.clone();
+            for (k, val) in patch.as_object().unwrap() {
+                v[k] = val.clone();
+            }
+            validate_submission(v, &qs).unwrap_err()
+        };
+        assert!(bad(serde_json::json!({"queue": "nope"})).contains("unknown queue"));
+        assert!(bad(serde_json::json!({"token": "abc"})).contains("token"));
+        assert!(bad(serde_json::json!({"id": 5})).contains("id"));
+        assert!(bad(serde_json::json!({"files": {"../x": {"content": "a"}}})).contains("relative"));
+        assert!(bad(serde_json::json!({"repositoryDirectory": "/etc"})).contains("relative"));
+        assert!(bad(serde_json::json!({"dockerStep": []})).contains("unknown job field"));
+        assert!(bad(serde_json::json!({"dockerSteps": 3})).contains("invalid job"));
+        assert!(validate_submission(serde_json::json!([1]), &qs).is_err());
+    }
+
+    #[test]
+    fn admin_view_hides_secrets() {
+        let payload = r#"{"version":2,"dockerSteps":[{"image":"a","commands":["echo s3cr3t-value"],"dir":"","env":[]}],
+            "redactedValues":{"s3cr3t-value":"PASSWORD_REMOVED"}}"#;
+        let v = admin_payload(payload).unwrap();
+        let text = v.to_string();
+        assert!(!text.contains("s3cr3t-value"), "{text}");
+        assert!(text.contains("PASSWORD_REMOVED"));
+        assert_eq!(v["redactedValueCount"], 1);
+    }
+}

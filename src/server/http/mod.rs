@@ -1,0 +1,408 @@
+//! The coordinator's HTTP side: the shared state, the error answer (`HttpError`, always
+//! `{"error": "..."}`), request helpers, the router, the stalled-job resetter and the listener
+//! (plain or TLS). The routes live beside this file by concern: `auth.rs` (extractors),
+//! `executor_routes.rs` (the `/.executors/queue/` protocol), `admin.rs` (the admin API and
+//! `/metrics`), `follow.rs` (log follows), `git.rs` (repositories) and `files.rs` (the files store).
+
+mod admin;
+mod auth;
+mod executor_routes;
+mod files;
+mod follow;
+mod git;
+
+use anyhow::{Context, Result};
+use axum::body::Body;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query};
+use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::Router;
+use http_body_util::BodyExt;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+
+use super::metrics::Metrics;
+use super::store::{self, Store, StoreError, StoreThread};
+use super::ServeConfig;
+use admin::{cancel_job, get_artifacts, list_executors, list_jobs, metrics, show_job, submit_job};
+use executor_routes::{
+    add_log_entry, dequeue_multi, dequeue_single, heartbeat_multi, heartbeat_single, mark_complete,
+    mark_errored, mark_failed, put_artifacts, test_auth, update_log_entry,
+};
+use files::{files_get, list_files, put_file};
+use follow::job_logs;
+use git::{add_repo, git_route, list_repos, remove_repo};
+
+/// Shared server state.
+struct App {
+    cfg: Arc<ServeConfig>,
+    store: StoreThread,
+    /// Fired when a job may have become dequeueable (submit, reset, retry).
+    jobs_changed: Notify,
+    /// Fired when a log entry or a job's state changed (for log follows).
+    logs_changed: Notify,
+    shutdown: watch::Sender<bool>,
+    metrics: Metrics,
+    secret_digest: [u8; 32],
+    admin_digest: [u8; 32],
+    artifact_dir: std::path::PathBuf,
+    json_limit: usize,
+}
+
+type Shared = Arc<App>;
+
+impl App {
+    fn new(cfg: Arc<ServeConfig>, store: StoreThread, artifact_dir: std::path::PathBuf) -> App {
+        let (shutdown, _) = watch::channel(false);
+        let json_limit = (cfg.log_cap_bytes.saturating_mul(2) + (1 << 20)).max(8 << 20) as usize;
+        App {
+            secret_digest: auth::digest(cfg.secret.as_bytes()),
+            admin_digest: auth::digest(cfg.admin_token.as_bytes()),
+            cfg,
+            store,
+            jobs_changed: Notify::new(),
+            logs_changed: Notify::new(),
+            shutdown,
+            metrics: Metrics::default(),
+            artifact_dir,
+            json_limit,
+        }
+    }
+
+    /// An app on an in-memory store serving `batches`, for unit tests.
+    #[cfg(test)]
+    fn for_tests() -> Shared {
+        let cfg = ServeConfig {
+            listen: "127.0.0.1:0".into(),
+            data_dir: std::path::PathBuf::from("/nonexistent"),
+            addr_file: None,
+            queues: vec!["batches".into()],
+            stalled_max_age: Duration::from_secs(25),
+            max_resets: 3,
+            max_retries: 0,
+            log_cap_bytes: 1 << 20,
+            artifact_max_bytes: 1 << 20,
+            secret: "executor-secret-0123456789abcdef".into(),
+            admin_token: "admin-token-0123456789abcdef0123".into(),
+            tls: None,
+        };
+        let store = StoreThread::start(Store::open_in_memory().unwrap()).unwrap();
+        Arc::new(App::new(Arc::new(cfg), store, std::path::PathBuf::from("/nonexistent")))
+    }
+}
+
+/// An error answer: status plus a message for `{"error": ...}`. (Not `api::ApiError`, the
+/// client's error.)
+#[derive(Debug)]
+pub(super) struct HttpError {
+    status: StatusCode,
+    message: String,
+}
+
+fn http_err(status: StatusCode, message: impl Into<String>) -> HttpError {
+    HttpError { status, message: message.into() }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "error": self.message });
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+impl From<anyhow::Error> for HttpError {
+    fn from(e: anyhow::Error) -> Self {
+        eprintln!("executor queue: internal error: {e:#}");
+        http_err(StatusCode::INTERNAL_SERVER_ERROR, format!("internal error: {e:#}"))
+    }
+}
+
+type HttpResult<T> = std::result::Result<T, HttpError>;
+
+impl From<StoreError> for HttpError {
+    fn from(e: StoreError) -> Self {
+        anyhow::Error::from(e).into()
+    }
+}
+
+/// Runs `f` on the store thread.
+async fn db<T, F>(app: &Shared, f: F) -> HttpResult<T>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut Store) -> store::Result<T> + Send + 'static,
+{
+    Ok(app.store.call(f).await?)
+}
+
+/// Reads a JSON body of at most `limit` bytes.
+async fn read_json<T: serde::de::DeserializeOwned>(body: Body, limit: usize) -> HttpResult<T> {
+    let bytes = read_limited(body, limit).await?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| http_err(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
+}
+
+async fn read_limited(body: Body, limit: usize) -> HttpResult<bytes::Bytes> {
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            Err(http_err(StatusCode::PAYLOAD_TOO_LARGE, format!("request body is larger than {limit} bytes")))
+        }
+        Err(e) => Err(http_err(StatusCode::BAD_REQUEST, format!("reading the request body: {e}"))),
+    }
+}
+
+fn path_param(p: std::result::Result<Path<String>, PathRejection>) -> HttpResult<String> {
+    p.map(|Path(s)| s).map_err(|e| http_err(StatusCode::BAD_REQUEST, format!("invalid path: {e}")))
+}
+
+fn query_params(
+    q: std::result::Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> HttpResult<HashMap<String, String>> {
+    q.map(|Query(m)| m).map_err(|e| http_err(StatusCode::BAD_REQUEST, format!("invalid query string: {e}")))
+}
+
+fn job_id_param(p: std::result::Result<Path<String>, PathRejection>) -> HttpResult<i64> {
+    let s = path_param(p)?;
+    match s.parse::<i64>() {
+        Ok(id) if id > 0 => Ok(id),
+        _ => Err(http_err(
+            StatusCode::BAD_REQUEST,
+            format!("invalid job id {s:?}: expected a positive integer"),
+        )),
+    }
+}
+
+fn json_response(status: StatusCode, value: &impl serde::Serialize) -> HttpResult<Response> {
+    let body = serde_json::to_vec(value).map_err(|e| anyhow::anyhow!("encoding the response: {e}"))?;
+    Ok((status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response())
+}
+
+async fn not_found(method: Method, uri: Uri) -> HttpError {
+    http_err(StatusCode::NOT_FOUND, format!("no route for {method} {}", uri.path()))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> HttpError {
+    http_err(StatusCode::METHOD_NOT_ALLOWED, format!("method {method} is not allowed on {}", uri.path()))
+}
+
+fn router(app: Shared) -> Router {
+    Router::new()
+        .route("/.executors/test/auth", get(test_auth))
+        .route("/.executors/queue/dequeue", post(dequeue_multi))
+        .route("/.executors/queue/heartbeat", post(heartbeat_multi))
+        .route("/.executors/queue/:queue/dequeue", post(dequeue_single))
+        .route("/.executors/queue/:queue/heartbeat", post(heartbeat_single))
+        .route("/.executors/queue/:queue/addExecutionLogEntry", post(add_log_entry))
+        .route("/.executors/queue/:queue/updateExecutionLogEntry", post(update_log_entry))
+        .route("/.executors/queue/:queue/markComplete", post(mark_complete))
+        .route("/.executors/queue/:queue/markErrored", post(mark_errored))
+        .route("/.executors/queue/:queue/markFailed", post(mark_failed))
+        .route("/.executors/queue/:queue/artifacts", put(put_artifacts))
+        .route("/api/jobs", post(submit_job).get(list_jobs))
+        .route("/api/jobs/:id", get(show_job))
+        .route("/api/jobs/:id/logs", get(job_logs))
+        .route("/api/jobs/:id/cancel", post(cancel_job))
+        .route("/api/jobs/:id/artifacts", get(get_artifacts))
+        .route("/api/executors", get(list_executors))
+        .route("/.executors/git/*path", get(git_route).post(git_route))
+        .route("/.executors/files/:bucket/*key", get(files_get))
+        .route("/api/repos", get(list_repos).post(add_repo).delete(remove_repo))
+        .route("/api/files", get(list_files))
+        .route("/api/files/:bucket/*key", put(put_file))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        // Bodies are limited per route by `read_limited` and the artifact cap.
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(app)
+}
+
+async fn stalled_resetter(app: Shared) {
+    let age = app.cfg.stalled_max_age;
+    let period = (age / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+    let age_text = crate::base::units::format_duration(age);
+    let mut shutdown = app.shutdown.subscribe();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = shutdown.changed() => return,
+        }
+        let (max, text) = (app.cfg.max_resets, age_text.clone());
+        let now = store::now_ms();
+        let cutoff = now - age.as_millis() as i64;
+        match db(&app, move |s| s.reset_stalled(cutoff, max, &text, now)).await {
+            Ok(resets) if !resets.is_empty() => {
+                for r in &resets {
+                    eprintln!(
+                        "executor queue: job {} ({}) stalled: no heartbeat for {age_text}; now {}",
+                        r.id, r.queue, r.new_state
+                    );
+                }
+                app.metrics.jobs_reset.fetch_add(resets.len() as u64, Ordering::Relaxed);
+                app.jobs_changed.notify_waiters();
+                app.logs_changed.notify_waiters();
+            }
+            Ok(_) => {}
+            Err(e) => eprintln!("executor queue: stalled-job sweep failed: {}", e.message),
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+fn load_tls(cert: &std::path::Path, key: &std::path::Path) -> Result<tokio_rustls::TlsAcceptor> {
+    use rustls::pki_types::{pem, pem::PemObject, CertificateDer, PrivateKeyDer};
+    let cert_pem =
+        std::fs::read(cert).with_context(|| format!("reading TLS certificate {}", cert.display()))?;
+    let certs = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .with_context(|| format!("parsing TLS certificate {}", cert.display()))?;
+    if certs.is_empty() {
+        anyhow::bail!("no certificate in {}", cert.display());
+    }
+    let key_pem = std::fs::read(key).with_context(|| format!("reading TLS key {}", key.display()))?;
+    let key_der = match PrivateKeyDer::from_pem_slice(&key_pem) {
+        Ok(k) => k,
+        Err(pem::Error::NoItemsFound) => anyhow::bail!("no private key in {}", key.display()),
+        Err(e) => return Err(e).with_context(|| format!("parsing TLS key {}", key.display())),
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("configuring TLS")?
+        .with_no_client_auth()
+        .with_single_cert(certs, key_der)
+        .with_context(|| {
+            format!("TLS certificate {} does not match key {}", cert.display(), key.display())
+        })?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+fn write_addr_file(path: &std::path::Path, url: &str) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("creating a file in {}", dir.display()))?;
+    std::io::Write::write_all(&mut tmp, format!("{url}\n").as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    tmp.persist(path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Binds, announces the address, and serves until a signal.
+pub async fn serve(cfg: Arc<ServeConfig>) -> Result<()> {
+    let tls = match &cfg.tls {
+        Some((cert, key)) => Some(load_tls(cert, key)?),
+        None => None,
+    };
+    let data_dir = cfg.data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&data_dir)).await??;
+    let artifact_dir = cfg.data_dir.join("artifacts");
+    std::fs::create_dir_all(&artifact_dir).with_context(|| format!("creating {}", artifact_dir.display()))?;
+    // Leftovers of uploads interrupted by a crash.
+    if let Ok(rd) = std::fs::read_dir(&artifact_dir) {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with(".upload-") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    let app = Arc::new(App::new(
+        cfg.clone(),
+        StoreThread::start(store).context("starting the store thread")?,
+        artifact_dir,
+    ));
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .with_context(|| format!("listening on {}", cfg.listen))?;
+    let local = listener.local_addr().context("reading the listening address")?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://{local}");
+    if let Some(path) = &cfg.addr_file {
+        write_addr_file(path, &url)?;
+    }
+    eprintln!(
+        "executor queue: serving {} on {url} (data in {})",
+        cfg.queues.join(", "),
+        cfg.data_dir.display()
+    );
+    tokio::spawn(stalled_resetter(app.clone()));
+    let data_dir = cfg.data_dir.clone();
+    let checkpointer = tokio::task::spawn_blocking(move || store::Checkpointer::open(&data_dir)).await??;
+    let checkpointer = Arc::new(Mutex::new(checkpointer));
+    let mut stop = app.shutdown.subscribe();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = stop.changed() => return,
+            }
+            let c = checkpointer.clone();
+            let r = tokio::task::spawn_blocking(move || match c.lock() {
+                Ok(c) => c.checkpoint(),
+                Err(_) => Ok(()),
+            })
+            .await;
+            if let Ok(Err(e)) = r {
+                eprintln!("executor queue: {e:#}");
+            }
+        }
+    });
+    let routes = router(app.clone());
+    let shutdown_app = app.clone();
+    let on_signal = async move {
+        shutdown_signal().await;
+        eprintln!("executor queue: shutting down");
+        let _ = shutdown_app.shutdown.send(true);
+    };
+    match tls {
+        None => {
+            axum::serve(listener, routes).with_graceful_shutdown(on_signal).await.context("serving HTTP")?;
+        }
+        Some(acceptor) => {
+            tokio::pin!(on_signal);
+            loop {
+                let (tcp, _) = tokio::select! {
+                    _ = &mut on_signal => break,
+                    r = listener.accept() => match r {
+                        Ok(v) => v,
+                        Err(e) => {
+                            eprintln!("executor queue: accept failed: {e}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                };
+                let acceptor = acceptor.clone();
+                let svc = hyper_util::service::TowerToHyperService::new(routes.clone());
+                tokio::spawn(async move {
+                    let Ok(Ok(tls)) =
+                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+                    else {
+                        return;
+                    };
+                    let io = hyper_util::rt::TokioIo::new(tls);
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+                });
+            }
+        }
+    }
+    Ok(())
+}

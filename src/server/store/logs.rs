@@ -1,0 +1,307 @@
+//! Execution log entries: add, update (replace or append, appends kept as chunks of their own)
+//! and read back, within the per-job cap on stored output.
+
+use rusqlite::{params, OptionalExtension, Transaction};
+use serde::Serialize;
+use std::collections::HashMap;
+
+use super::{Result, Store, StoreError};
+use crate::protocol::ExecutionLogEntry;
+
+/// A stored log entry with its 1-based id.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredLogEntry {
+    pub entry_id: i64,
+    #[serde(flatten)]
+    pub entry: ExecutionLogEntry,
+}
+
+/// Cuts `s` to at most `max` bytes at a character boundary.
+fn cut_at_boundary(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while end > 0 && !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// The marker that ends a truncated entry's output.
+pub fn truncation_marker(cap: u64) -> String {
+    format!("\n[executor: log truncated at {cap} bytes]\n")
+}
+
+impl Store {
+    /// Bytes of log output the job holds (markers not counted).
+    fn log_bytes(tx: &Transaction<'_>, id: i64) -> Result<i64> {
+        Ok(tx.query_row("SELECT log_bytes FROM jobs WHERE id = ?1", [id], |r| r.get(0))?)
+    }
+
+    fn set_log_bytes(tx: &Transaction<'_>, id: i64, bytes: i64) -> Result<()> {
+        tx.execute("UPDATE jobs SET log_bytes = ?2 WHERE id = ?1", params![id, bytes])?;
+        Ok(())
+    }
+
+    /// Fits `out` into a budget of `budget` bytes: the kept text (with the marker when cut), whether
+    /// it was cut, and how many bytes of output it keeps.
+    fn fit(out: &str, budget: i64, cap: u64) -> (String, bool, i64) {
+        let budget = budget.max(0) as usize;
+        if out.len() <= budget {
+            return (out.to_string(), false, out.len() as i64);
+        }
+        let kept = cut_at_boundary(out, budget);
+        (format!("{kept}{}", truncation_marker(cap)), true, kept.len() as i64)
+    }
+
+    /// The output bytes one entry holds, in its row and its appended chunks, markers not counted.
+    fn entry_bytes(tx: &Transaction<'_>, id: i64, entry_id: i64, cap: u64) -> Result<i64> {
+        Ok(tx.query_row(
+            "SELECT LENGTH(CAST(out AS BLOB)) + (SELECT COALESCE(SUM(LENGTH(CAST(data AS BLOB))), 0) \
+             FROM log_chunks WHERE job_id = ?1 AND entry_id = ?2) - truncated * LENGTH(CAST(?3 AS BLOB)) \
+             FROM log_entries WHERE job_id = ?1 AND entry_id = ?2",
+            params![id, entry_id, truncation_marker(cap)],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// addExecutionLogEntry: returns the new 1-based entry id; `UnknownJob` when the job is not
+    /// `executor`'s processing job.
+    pub fn add_log(&mut self, id: i64, executor: &str, entry: &ExecutionLogEntry, cap: u64) -> Result<i64> {
+        let tx = self.conn.transaction()?;
+        if !Self::owned(&tx, id, executor)? {
+            return Err(StoreError::UnknownJob);
+        }
+        let entry_id: i64 = tx.query_row(
+            "SELECT COALESCE(MAX(entry_id), 0) + 1 FROM log_entries WHERE job_id = ?1",
+            [id],
+            |r| r.get(0),
+        )?;
+        let used = Self::log_bytes(&tx, id)?;
+        let (out, truncated, kept) = Self::fit(entry.out.as_deref().unwrap_or(""), cap as i64 - used, cap);
+        tx.execute(
+            "INSERT INTO log_entries (job_id, entry_id, key, command, start_time, exit_code, out, truncated, duration_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                id,
+                entry_id,
+                entry.key,
+                entry.command.as_ref().map(serde_json::to_string).transpose()?,
+                entry.start_time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+                entry.exit_code,
+                out,
+                truncated,
+                entry.duration_ms
+            ],
+        )?;
+        Self::set_log_bytes(&tx, id, used + kept)?;
+        tx.commit()?;
+        Ok(entry_id)
+    }
+
+    /// updateExecutionLogEntry: replaces the entry, or with `append` appends `out` to it;
+    /// `UnknownJob` as `add_log`, `UnknownEntry` when the job has no such entry.
+    pub fn update_log(
+        &mut self,
+        id: i64,
+        executor: &str,
+        entry_id: i64,
+        entry: &ExecutionLogEntry,
+        append: bool,
+        cap: u64,
+    ) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        if !Self::owned(&tx, id, executor)? {
+            return Err(StoreError::UnknownJob);
+        }
+        let current: Option<bool> = tx
+            .query_row(
+                "SELECT truncated FROM log_entries WHERE job_id = ?1 AND entry_id = ?2",
+                params![id, entry_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(mut truncated) = current else { return Err(StoreError::UnknownEntry(entry_id)) };
+        let delta = entry.out.as_deref().unwrap_or("");
+        let used = Self::log_bytes(&tx, id)?;
+        if append {
+            // Past a cut nothing more is kept; otherwise the delta becomes a chunk of its own.
+            if !truncated && !delta.is_empty() {
+                let (data, cut, kept) = Self::fit(delta, cap as i64 - used, cap);
+                tx.execute(
+                    "INSERT INTO log_chunks (job_id, entry_id, seq, data) VALUES (?1, ?2, \
+                     (SELECT COALESCE(MAX(seq), 0) + 1 FROM log_chunks WHERE job_id = ?1 AND entry_id = ?2), ?3)",
+                    params![id, entry_id, data],
+                )?;
+                truncated = cut;
+                Self::set_log_bytes(&tx, id, used + kept)?;
+            }
+        } else {
+            let held = Self::entry_bytes(&tx, id, entry_id, cap)?;
+            // A full replacement at least as long as what a cut kept keeps the cut; any other
+            // replaces the entry's output, chunks included.
+            if !(truncated && delta.len() as i64 >= held) {
+                let others = used - held;
+                let (out, cut, kept) = Self::fit(delta, cap as i64 - others, cap);
+                tx.execute(
+                    "DELETE FROM log_chunks WHERE job_id = ?1 AND entry_id = ?2",
+                    params![id, entry_id],
+                )?;
+                tx.execute(
+                    "UPDATE log_entries SET out = ?3 WHERE job_id = ?1 AND entry_id = ?2",
+                    params![id, entry_id, out],
+                )?;
+                truncated = cut;
+                Self::set_log_bytes(&tx, id, others + kept)?;
+            }
+        }
+        tx.execute(
+            "UPDATE log_entries SET key = ?3, command = ?4, start_time = ?5, exit_code = ?6, \
+             truncated = ?7, duration_ms = ?8 WHERE job_id = ?1 AND entry_id = ?2",
+            params![
+                id,
+                entry_id,
+                entry.key,
+                entry.command.as_ref().map(serde_json::to_string).transpose()?,
+                entry.start_time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+                entry.exit_code,
+                truncated,
+                entry.duration_ms
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A job's log entries in order.
+    pub fn logs(&self, id: i64) -> Result<Vec<StoredLogEntry>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT entry_id, key, command, start_time, exit_code, out, duration_ms FROM log_entries \
+             WHERE job_id = ?1 ORDER BY entry_id",
+        )?;
+        let rows = stmt.query_map([id], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Option<String>>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, Option<i32>>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, Option<i64>>(6)?,
+            ))
+        })?;
+        let rows: Vec<_> = rows.collect::<rusqlite::Result<_>>()?;
+        let mut chunks = self.conn.prepare_cached(
+            "SELECT entry_id, data FROM log_chunks WHERE job_id = ?1 ORDER BY entry_id, seq",
+        )?;
+        let mut appended: HashMap<i64, String> = HashMap::new();
+        for c in chunks.query_map([id], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))? {
+            let (entry_id, data) = c?;
+            appended.entry(entry_id).or_default().push_str(&data);
+        }
+        let mut out = Vec::new();
+        for (entry_id, key, command, start, exit_code, mut text, duration_ms) in rows {
+            if let Some(more) = appended.remove(&entry_id) {
+                text.push_str(&more);
+            }
+            let command =
+                command.map(|c| serde_json::from_str::<Vec<String>>(&c)).transpose().map_err(|e| {
+                    StoreError::Corrupt {
+                        what: format!("log entry {entry_id} of job {id}: stored command is not a list"),
+                        source: Box::new(e),
+                    }
+                })?;
+            let start_time = chrono::DateTime::parse_from_rfc3339(&start)
+                .map_err(|e| StoreError::Corrupt {
+                    what: format!("log entry {entry_id} of job {id}: stored start time {start:?}"),
+                    source: Box::new(e),
+                })?
+                .with_timezone(&chrono::Utc);
+            out.push(StoredLogEntry {
+                entry_id,
+                entry: ExecutionLogEntry {
+                    key,
+                    command,
+                    start_time,
+                    exit_code,
+                    out: if text.is_empty() { None } else { Some(text) },
+                    duration_ms,
+                },
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(out: &str) -> ExecutionLogEntry {
+        ExecutionLogEntry {
+            key: "step.0".into(),
+            command: Some(vec!["sh".into()]),
+            start_time: chrono::Utc::now(),
+            exit_code: None,
+            out: Some(out.into()),
+            duration_ms: None,
+        }
+    }
+
+    fn q(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn logs_append_and_cap_with_a_marker() {
+        let mut s = Store::open_in_memory().unwrap();
+        let a = s.submit("batches", "{}", "r", 0).unwrap();
+        s.dequeue(&q(&["batches"]), "e", 1, |_| 1).unwrap().unwrap();
+        assert!(matches!(s.add_log(a, "x", &entry("hi"), 10), Err(StoreError::UnknownJob)));
+        let e1 = s.add_log(a, "e", &entry("abc"), 10).unwrap();
+        assert_eq!(e1, 1);
+        s.update_log(a, "e", e1, &entry("def"), true, 10).unwrap();
+        assert_eq!(s.logs(a).unwrap()[0].entry.out.as_deref(), Some("abcdef"));
+        s.update_log(a, "e", e1, &entry("abcdefgh"), false, 10).unwrap();
+        let e2 = s.add_log(a, "e", &entry("123456"), 10).unwrap();
+        assert_eq!(e2, 2);
+        let logs = s.logs(a).unwrap();
+        assert_eq!(logs[1].entry.out.as_deref(), Some(format!("12{}", truncation_marker(10)).as_str()));
+        s.update_log(a, "e", e2, &entry("more"), true, 10).unwrap();
+        assert_eq!(s.logs(a).unwrap()[1].entry.out, logs[1].entry.out, "nothing past the marker");
+        assert!(matches!(s.update_log(a, "e", 9, &entry(""), false, 10), Err(StoreError::UnknownEntry(9))));
+    }
+
+    #[test]
+    fn appended_chunks_read_back_in_order_and_share_the_budget_with_replacements() {
+        let mut s = Store::open_in_memory().unwrap();
+        let a = s.submit("batches", "{}", "r", 0).unwrap();
+        s.dequeue(&q(&["batches"]), "e", 1, |_| 1).unwrap().unwrap();
+        let e1 = s.add_log(a, "e", &entry("a"), 20).unwrap();
+        for part in ["b", "c", "d", "e"] {
+            s.update_log(a, "e", e1, &entry(part), true, 20).unwrap();
+        }
+        assert_eq!(s.logs(a).unwrap()[0].entry.out.as_deref(), Some("abcde"));
+        // A full replacement drops the chunks and frees their budget for the next entry.
+        s.update_log(a, "e", e1, &entry("xy"), false, 20).unwrap();
+        assert_eq!(s.logs(a).unwrap()[0].entry.out.as_deref(), Some("xy"));
+        let e2 = s.add_log(a, "e", &entry("0123456789"), 20).unwrap();
+        s.update_log(a, "e", e2, &entry("abcdefghij"), true, 20).unwrap();
+        let logs = s.logs(a).unwrap();
+        let marker = truncation_marker(20);
+        assert_eq!(logs[1].entry.out.as_deref(), Some(format!("0123456789abcdefgh{marker}").as_str()));
+        // A shorter replacement of the cut entry is kept whole: it fits the budget again.
+        s.update_log(a, "e", e2, &entry("short"), false, 20).unwrap();
+        assert_eq!(s.logs(a).unwrap()[1].entry.out.as_deref(), Some("short"));
+        s.update_log(a, "e", e2, &entry("+more"), true, 20).unwrap();
+        assert_eq!(s.logs(a).unwrap()[1].entry.out.as_deref(), Some("short+more"));
+    }
+
+    #[test]
+    fn cut_respects_utf8() {
+        assert_eq!(cut_at_boundary("héllo", 2), "h");
+        assert_eq!(cut_at_boundary("abc", 5), "abc");
+    }
+}

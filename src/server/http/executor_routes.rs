@@ -5,7 +5,7 @@ use anyhow::Context;
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
@@ -102,7 +102,13 @@ async fn dequeue(
             job.version = if v2 { 2 } else { 0 };
             app.metrics.dequeue_job.observe(started.elapsed());
             app.logs_changed.notify_waiters();
-            return json_response(StatusCode::OK, &job);
+            let mut resp = json_response(StatusCode::OK, &job)?;
+            // The extensions this coordinator accepts: an executor uses one only when listed here.
+            resp.headers_mut().insert(
+                protocol::HEADER_EXTENSIONS,
+                HeaderValue::from_static(protocol::EXTENSION_LOG_APPEND),
+            );
+            return Ok(resp);
         }
         let now = Instant::now();
         if now >= deadline || *shutdown.borrow() {

@@ -16,7 +16,6 @@
 //! | 7 work | `stage`, `server` | the pipeline stages; the coordinator beside them |
 //! | 8 the loop | `run_loop` | many jobs at once, heartbeats, janitor, shutdown |
 //! | 9 cli | `cli` | every clap type and the commands behind them |
-#![deny(unsafe_code)]
 
 pub mod base;
 

@@ -418,7 +418,10 @@ mod tests {
         r.poll_interval = Some("5".into());
         r.maximum_runtime_per_job = Some("1h30m".into());
         let s = Settings::from_raw(r, pw(), Needs::Coordinator).unwrap();
-        assert_eq!((s.poll_interval, s.max_runtime_per_job), (Duration::from_secs(5), Duration::from_secs(5400)));
+        assert_eq!(
+            (s.poll_interval, s.max_runtime_per_job),
+            (Duration::from_secs(5), Duration::from_secs(5400))
+        );
         let mut r = raw();
         r.runtime = Some("docker".into());
         assert!(Settings::from_raw(r, pw(), Needs::Coordinator).is_err());

@@ -6,7 +6,7 @@
 //!
 //! | layer | modules | what they own |
 //! |---|---|---|
-//! | 0 base | `base` (fs, proc, units, lock, cancel, redact, secret, exit, sys) | utilities that know no job |
+//! | 0 base | `base` (fs, proc, units, lock, cancel, redact, secret, exit, skip, sys) | utilities that know no job |
 //! | 1 wire | `protocol`, `guest`, `githttp` | the executor protocol's types, the guest agent's frames, git's smart HTTP |
 //! | 2 documents and client | `document`, `api` | the run document (and its sandbox records), the coordinator client |
 //! | 3 job I/O | `logs`, `git` | execution log entries, cloning |
@@ -16,7 +16,6 @@
 //! | 7 work | `stage`, `server` | the pipeline stages; the coordinator beside them |
 //! | 8 the loop | `run_loop` | many jobs at once, heartbeats, janitor, shutdown |
 //! | 9 cli | `cli` | every clap type and the commands behind them |
-#![deny(unsafe_code)]
 
 pub mod base;
 

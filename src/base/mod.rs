@@ -8,5 +8,6 @@ pub mod lock;
 pub mod proc;
 pub mod redact;
 pub mod secret;
+pub mod skip;
 pub(crate) mod sys;
 pub mod units;

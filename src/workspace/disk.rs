@@ -159,9 +159,12 @@ mod tests {
 
     #[test]
     fn a_mounted_workspace_is_capped_and_unmounts_clean() {
-        if !nix::unistd::geteuid().is_root() || which::which("mkfs.ext4").is_err() {
-            eprintln!("SKIPPED a_mounted_workspace_is_capped_and_unmounts_clean: needs root and mkfs.ext4");
-            return;
+        let test = "a_mounted_workspace_is_capped_and_unmounts_clean";
+        if !crate::base::skip::is_root() {
+            return crate::base::skip::skip(test, "root", "needs root to loop-mount the disk");
+        }
+        if which::which("mkfs.ext4").is_err() {
+            return crate::base::skip::skip(test, "ext4", "mkfs.ext4 (e2fsprogs) is not installed");
         }
         let d = tempfile::tempdir().unwrap();
         let ws = d.path().join("workspace-t");

@@ -373,9 +373,12 @@ mod tests {
 
     #[test]
     fn sweep_unmounts_a_crashed_executors_workspace_disk() {
-        if !nix::unistd::geteuid().is_root() || which::which("mkfs.ext4").is_err() {
-            eprintln!("SKIPPED sweep_unmounts_a_crashed_executors_workspace_disk: needs root and mkfs.ext4");
-            return;
+        let test = "sweep_unmounts_a_crashed_executors_workspace_disk";
+        if !crate::base::skip::is_root() {
+            return crate::base::skip::skip(test, "root", "needs root to loop-mount the disk");
+        }
+        if which::which("mkfs.ext4").is_err() {
+            return crate::base::skip::skip(test, "ext4", "mkfs.ext4 (e2fsprogs) is not installed");
         }
         let d = tempfile::tempdir().unwrap();
         let past = Some(Utc::now() - chrono::Duration::hours(1));

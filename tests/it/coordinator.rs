@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -44,12 +44,7 @@ impl Coordinator {
     fn spawn(&mut self, listen: &str) {
         let addr_file = self.data_dir.path().join("addr");
         let _ = std::fs::remove_file(&addr_file);
-        let mut cmd = Command::new(crate::common::bin());
-        for (k, _) in std::env::vars() {
-            if k.starts_with("EXECUTOR_") {
-                cmd.env_remove(k);
-            }
-        }
+        let mut cmd = crate::common::executor();
         cmd.args(["queue", "serve", "--listen", listen, "--data-dir"])
             .arg(self.data_dir.path().join("db"))
             .arg("--addr-file")
@@ -57,7 +52,6 @@ impl Coordinator {
             .args(&self.extra_args)
             .env("EXECUTOR_FRONTEND_PASSWORD", &self.secret)
             .env("EXECUTOR_QUEUE_ADMIN_TOKEN", &self.admin_token)
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(if std::env::var_os("COORDINATOR_LOG").is_some() {
                 Stdio::inherit()
@@ -65,20 +59,22 @@ impl Coordinator {
                 Stdio::null()
             });
         let mut child = cmd.spawn().expect("starting executor queue serve");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(text) = std::fs::read_to_string(&addr_file) {
-                if text.ends_with('\n') {
-                    self.url = text.trim().to_string();
-                    break;
+        crate::common::wait_until(
+            "executor queue serve to announce its address",
+            Duration::from_secs(20),
+            || {
+                if let Ok(text) = std::fs::read_to_string(&addr_file) {
+                    if text.ends_with('\n') {
+                        self.url = text.trim().to_string();
+                        return true;
+                    }
                 }
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("executor queue serve exited early: {status}");
-            }
-            assert!(Instant::now() < deadline, "executor queue serve did not announce its address");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("executor queue serve exited early: {status}");
+                }
+                false
+            },
+        );
         self.child = Some(child);
     }
 
@@ -124,17 +120,13 @@ impl Coordinator {
 
     /// Polls the job until its state is one of `states`; panics with the job at the timeout.
     pub fn wait_state(&self, id: i64, states: &[&str], timeout: Duration) -> Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let job = self.job(id);
-            if states.iter().any(|s| job["state"] == *s) {
-                return job;
-            }
-            if Instant::now() >= deadline {
-                panic!("job {id} did not reach {states:?} within {timeout:?}: {job:#}");
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
+        let mut job = Value::Null;
+        let reached = crate::common::poll_until(timeout, || {
+            job = self.job(id);
+            states.iter().any(|s| job["state"] == *s)
+        });
+        assert!(reached, "job {id} did not reach {states:?} within {timeout:?}: {job:#}");
+        job
     }
 
     /// SIGKILLs the server.
@@ -149,13 +141,8 @@ impl Coordinator {
     pub fn restart(&mut self) {
         self.kill();
         let old = self.url.rsplit("://").next().unwrap_or("").to_string();
-        for _ in 0..50 {
-            let free = std::net::TcpListener::bind(&old).is_ok();
-            if free {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        // The old port frees up shortly after the kill; a new one does if it does not.
+        crate::common::poll_until(Duration::from_secs(1), || std::net::TcpListener::bind(&old).is_ok());
         let listen = if std::net::TcpListener::bind(&old).is_ok() { old } else { "127.0.0.1:0".to_string() };
         self.spawn(&listen);
     }

@@ -1,44 +1,29 @@
 //! The coordinator serves registered repositories over git's smart HTTP protocol to the token of
 //! a job on that repository only, and serves stored files to jobs that reference them.
 
-use crate::common;
+use crate::common::{self, Exec};
 use crate::coordinator::Coordinator;
 use serde_json::json;
 use std::path::Path;
 use std::process::Command;
 
-fn sh(dir: &Path, script: &str) -> String {
-    let o = Command::new("bash")
-        .arg("-ec")
-        .arg(script)
-        .current_dir(dir)
-        .env("GIT_AUTHOR_NAME", "t")
-        .env("GIT_AUTHOR_EMAIL", "t@t")
-        .env("GIT_COMMITTER_NAME", "t")
-        .env("GIT_COMMITTER_EMAIL", "t@t")
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{script}: {}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8(o.stdout).unwrap().trim().to_string()
-}
-
 /// Makes a repository with two commits; returns (path, first commit, second commit).
 pub fn make_repo(root: &Path, name: &str) -> (std::path::PathBuf, String, String) {
     let repo = root.join(name);
     std::fs::create_dir_all(&repo).unwrap();
-    sh(&repo, "git init -q -b main . && echo one > a.txt && git add -A && git commit -qm one");
-    let c1 = sh(&repo, "git rev-parse HEAD");
-    sh(&repo, "echo two > a.txt && mkdir -p sub && echo s > sub/s.txt && git add -A && git commit -qm two");
-    let c2 = sh(&repo, "git rev-parse HEAD");
+    common::sh(&repo, "git init -q -b main . && echo one > a.txt && git add -A && git commit -qm one");
+    let c1 = common::sh(&repo, "git rev-parse HEAD");
+    common::sh(
+        &repo,
+        "echo two > a.txt && mkdir -p sub && echo s > sub/s.txt && git add -A && git commit -qm two",
+    );
+    let c2 = common::sh(&repo, "git rev-parse HEAD");
     (repo, c1, c2)
 }
 
-fn queue_cli(c: &Coordinator, args: &[&str]) -> std::process::Output {
-    let mut cmd = common::executor();
-    c.admin_env(&mut cmd);
-    cmd.arg("queue").args(args);
-    common::run(&mut cmd)
+/// `executor queue ...` with the admin token.
+fn queue_cli(c: &Coordinator) -> Exec {
+    Exec::new().with(|cmd| c.admin_env(cmd)).arg("queue")
 }
 
 /// `git ls-remote` through the coordinator with the given headers; returns (success, stderr).
@@ -77,17 +62,18 @@ fn repositories_are_served_only_to_their_jobs() {
     let (repo_a, _, c2) = make_repo(tmp.path(), "a");
     let (repo_b, _, _) = make_repo(tmp.path(), "b");
     for (name, path) in [("github.com/acme/a", &repo_a), ("github.com/acme/b", &repo_b)] {
-        let o = queue_cli(&c, &["repo", "add", name, path.to_str().unwrap()]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        queue_cli(&c).args(["repo", "add", name, path.to_str().unwrap()]).run();
     }
-    let o = queue_cli(&c, &["repo", "ls", "--json"]);
+    let o = queue_cli(&c).args(["repo", "ls", "--json"]).run();
     let listed: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(listed["repos"].as_array().unwrap().len(), 2);
-    let o = queue_cli(&c, &["repo", "add", "bad/../name", repo_a.to_str().unwrap()]);
-    assert!(!o.status.success());
-    let o = queue_cli(&c, &["repo", "add", "x", tmp.path().to_str().unwrap()]);
-    assert!(!o.status.success(), "a directory that is not a repository must be refused");
-    assert!(String::from_utf8_lossy(&o.stderr).contains("not a git repository"));
+    queue_cli(&c).args(["repo", "add", "bad/../name", repo_a.to_str().unwrap()]).fails().run();
+    // A directory that is not a repository must be refused.
+    queue_cli(&c)
+        .args(["repo", "add", "x", tmp.path().to_str().unwrap()])
+        .fails()
+        .stderr_has("not a git repository")
+        .run();
 
     c.submit(json!({"repositoryName": "github.com/acme/a", "commit": c2, "dockerSteps": []}));
     c.submit(json!({"repositoryName": "github.com/acme/unregistered", "commit": c2, "dockerSteps": []}));
@@ -101,7 +87,7 @@ fn repositories_are_served_only_to_their_jobs() {
     // A full fetch of one commit by its hash, with protocol v2.
     let clone = tmp.path().join("clone");
     std::fs::create_dir(&clone).unwrap();
-    sh(&clone, "git init -q .");
+    common::sh(&clone, "git init -q .");
     let mut fetch = Command::new("git");
     fetch.current_dir(&clone).env("GIT_CONFIG_GLOBAL", "/dev/null").env("GIT_CONFIG_COUNT", "3");
     for (i, h) in job_headers(&job_a, "exec-1").iter().enumerate() {
@@ -113,8 +99,8 @@ fn repositories_are_served_only_to_their_jobs() {
         .arg(&c2)
         .output()
         .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(sh(&clone, "git rev-parse FETCH_HEAD"), c2);
+    common::assert_ok(&o);
+    assert_eq!(common::sh(&clone, "git rev-parse FETCH_HEAD"), c2);
 
     // Another job's token, for another repository: 403.
     let (ok, err) = ls_remote(&c, "github.com/acme/b", &job_headers(&job_a, "exec-1"));
@@ -139,10 +125,8 @@ fn repositories_are_served_only_to_their_jobs() {
     let (ok, err) = ls_remote(&c, "github.com/acme/a", &job_headers(&job_a, "exec-1"));
     assert!(!ok && unauthorized(&err), "{err}");
 
-    let o = queue_cli(&c, &["repo", "rm", "github.com/acme/b"]);
-    assert!(o.status.success());
-    let o = queue_cli(&c, &["repo", "rm", "github.com/acme/b"]);
-    assert!(!o.status.success());
+    queue_cli(&c).args(["repo", "rm", "github.com/acme/b"]).run();
+    queue_cli(&c).args(["repo", "rm", "github.com/acme/b"]).fails().run();
 }
 
 #[test]
@@ -151,10 +135,8 @@ fn files_are_served_to_jobs_that_reference_them() {
     let tmp = tempfile::tempdir().unwrap();
     let f = tmp.path().join("input.bin");
     std::fs::write(&f, b"file store bytes\x00\x01").unwrap();
-    let o = queue_cli(&c, &["files", "put", "batch-changes", "spec1/file1", f.to_str().unwrap()]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = queue_cli(&c, &["files", "put", "batch-changes", "../escape", f.to_str().unwrap()]);
-    assert!(!o.status.success());
+    queue_cli(&c).args(["files", "put", "batch-changes", "spec1/file1", f.to_str().unwrap()]).run();
+    queue_cli(&c).args(["files", "put", "batch-changes", "../escape", f.to_str().unwrap()]).fails().run();
 
     c.submit(
         json!({"files": {"in.bin": {"bucket": "batch-changes", "key": "spec1/file1"}}, "dockerSteps": []}),

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::Digest;
 
-use crate::common;
+use crate::common::{self, Exec};
 
 fn tar_bytes(build: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
@@ -101,8 +101,20 @@ fn oci_layout() -> (Vec<u8>, String) {
     (t, format!("sha256:{md}"))
 }
 
+/// `executor image ARGS` on the state directory `state`.
+fn image_exec(state: &Path, args: &[&str]) -> Exec {
+    Exec::new().arg("image").args(args).env("EXECUTOR_STATE_DIR", state)
+}
+
+/// Runs `executor image ARGS` whatever its status.
 fn image(state: &Path, args: &[&str]) -> std::process::Output {
-    common::run(common::executor().arg("image").args(args).env("EXECUTOR_STATE_DIR", state))
+    image_exec(state, args).any_status().run()
+}
+
+/// Runs `executor image ARGS`, which must succeed.
+#[track_caller]
+fn image_ok(state: &Path, args: &[&str]) -> std::process::Output {
+    image_exec(state, args).run()
 }
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
@@ -119,10 +131,8 @@ fn image_import_docker_save_and_oci_layout_then_ls_and_rm() {
     let (oci, oci_digest) = oci_layout();
     let oci = write(tmp.path(), "oci.tar", &oci);
 
-    let out = image(&state, &["import", "demo:1", docker.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = image(&state, &["import", "demo-oci", oci.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    image_ok(&state, &["import", "demo:1", docker.to_str().unwrap()]);
+    let out = image_ok(&state, &["import", "demo-oci", oci.to_str().unwrap()]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), format!("demo-oci:latest {oci_digest}\n"));
 
     let store = executor::image::ImageStore::open(&state.join("images")).unwrap();
@@ -155,9 +165,7 @@ fn image_import_docker_save_and_oci_layout_then_ls_and_rm() {
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.starts_with("NAME") && table.contains("demo-oci"), "{table}");
 
-    let out = image(&state, &["rm", "demo-oci"]);
-    assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("deleted {oci_digest}")));
+    image_exec(&state, &["rm", "demo-oci"]).stdout_has(format!("deleted {oci_digest}")).run();
     let out = image(&state, &["rm", "demo-oci"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown image \"demo-oci\""));
@@ -230,8 +238,7 @@ fn image_concurrent_imports_and_builds_share_one_tree() {
         }))
         .collect();
     for c in children {
-        let out = c.wait_with_output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        common::assert_ok(&c.wait_with_output().unwrap());
     }
     let store = executor::image::ImageStore::open(&state.join("images")).unwrap();
     assert_eq!(store.list().unwrap().len(), 6);

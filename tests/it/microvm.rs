@@ -13,7 +13,7 @@ use executor::sandbox::{
     BootRequest, Limits, OutputSink, Runtime, RuntimeOptions, SandboxDetails, StepEnd, StepSpec, Stream,
 };
 
-use crate::common;
+use crate::common::{self, Exec};
 
 static INSTALL: Mutex<Option<PathBuf>> = Mutex::new(None);
 
@@ -37,13 +37,9 @@ fn state_dir() -> PathBuf {
         return p.clone();
     }
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("microvm-state");
-    let out = common::run(common::executor().args(["install", "vm"]).env("EXECUTOR_STATE_DIR", &dir));
-    assert!(out.status.success(), "install vm failed: {}", String::from_utf8_lossy(&out.stderr));
+    Exec::new().args(["install", "vm"]).env("EXECUTOR_STATE_DIR", &dir).run();
     // The step image of these tests, from the image store.
-    let out = common::run(
-        common::executor().args(["image", "build-busybox", IMAGE]).env("EXECUTOR_STATE_DIR", &dir),
-    );
-    assert!(out.status.success(), "build-busybox failed: {}", String::from_utf8_lossy(&out.stderr));
+    Exec::new().args(["image", "build-busybox", IMAGE]).env("EXECUTOR_STATE_DIR", &dir).run();
     *g = Some(dir.clone());
     dir
 }
@@ -95,19 +91,21 @@ fn step<'a>(key: &'a str, image: &'a str, script: &'a str, env: &'a [String]) ->
 #[test]
 fn microvm_install_vm_is_idempotent_and_test_vm_boots_the_guest_kernel() {
     if let Some(why) = missing() {
-        return common::skip("microvm_install_vm_is_idempotent_and_test_vm_boots_the_guest_kernel", &why);
+        return common::skip(
+            "microvm_install_vm_is_idempotent_and_test_vm_boots_the_guest_kernel",
+            "microvm",
+            &why,
+        );
     }
     let state = state_dir();
     // Again, with the state directory given relative to the working directory.
-    let again = common::run(
-        common::executor()
-            .args(["install", "vm"])
-            .current_dir(state.parent().unwrap())
-            .env("EXECUTOR_STATE_DIR", state.file_name().unwrap()),
-    );
-    let said = String::from_utf8_lossy(&again.stderr);
-    assert!(again.status.success(), "{said}");
-    assert!(said.contains("already installed") && said.contains("up to date"), "{said}");
+    Exec::new()
+        .args(["install", "vm"])
+        .current_dir(state.parent().unwrap())
+        .env("EXECUTOR_STATE_DIR", state.file_name().unwrap())
+        .stderr_has("already installed")
+        .stderr_has("up to date")
+        .run();
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(state.join("vm/manifest.json")).unwrap()).unwrap();
     let kernel = manifest["kernelVersion"].as_str().unwrap().to_string();
@@ -127,13 +125,11 @@ fn microvm_install_vm_is_idempotent_and_test_vm_boots_the_guest_kernel() {
         assert!(said.contains("EXECUTOR_VM_ALLOW_TCG"), "{said}");
     }
 
-    let out = common::run(
-        common::executor()
-            .args(["test-vm", "--json", "--accel", "tcg", "--timeout", "90", "--", "uname -r"])
-            .env("EXECUTOR_STATE_DIR", &state),
-    );
+    let out = Exec::new()
+        .args(["test-vm", "--json", "--accel", "tcg", "--timeout", "90", "--", "uname -r"])
+        .env("EXECUTOR_STATE_DIR", &state)
+        .run();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
     assert!(err.contains(&kernel), "the guest runs its own kernel {kernel}: {err}");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["exitCode"], 0);
@@ -144,7 +140,7 @@ fn microvm_install_vm_is_idempotent_and_test_vm_boots_the_guest_kernel() {
 fn microvm_job_runs_in_a_guest_round_trips_the_workspace_and_stops_on_cancel_and_deadline() {
     let name = "microvm_job_runs_in_a_guest_round_trips_the_workspace_and_stops_on_cancel_and_deadline";
     if let Some(why) = missing() {
-        return common::skip(name, &why);
+        return common::skip(name, "microvm", &why);
     }
     let state = state_dir();
     let tmp = tempfile::tempdir().unwrap();
@@ -287,7 +283,7 @@ fn microvm_job_runs_in_a_guest_round_trips_the_workspace_and_stops_on_cancel_and
 fn microvm_janitor_removes_vms_no_live_job_owns_and_guest_garbage_is_refused() {
     let name = "microvm_janitor_removes_vms_no_live_job_owns_and_guest_garbage_is_refused";
     if let Some(why) = missing() {
-        return common::skip(name, &why);
+        return common::skip(name, "microvm", &why);
     }
     let state = state_dir();
     let tmp = tempfile::tempdir().unwrap();
@@ -352,7 +348,7 @@ fn processes_with(needle: &str) -> Vec<String> {
 fn microvm_loop_runs_a_coordinator_job_in_a_guest_and_uploads_its_artifact() {
     let name = "microvm_loop_runs_a_coordinator_job_in_a_guest_and_uploads_its_artifact";
     if let Some(why) = missing() {
-        return common::skip(name, &why);
+        return common::skip(name, "microvm", &why);
     }
     let state = state_dir();
     let c = crate::coordinator::Coordinator::start();
@@ -383,20 +379,8 @@ fn microvm_loop_runs_a_coordinator_job_in_a_guest_and_uploads_its_artifact() {
         .stderr(std::process::Stdio::piped());
     let mut lp = cmd.spawn().expect("starting executor loop");
     let job = c.wait_state(id, &["completed", "failed", "errored", "canceled"], Duration::from_secs(200));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(st) = lp.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = lp.kill();
-            panic!("executor loop did not exit after the job");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut lp.stderr.take().unwrap(), &mut err).unwrap();
-    assert!(status.success(), "loop: {status}: {err}");
+    // The loop exits after its one job.
+    let err = common::wait_exit_ok(&mut lp, Duration::from_secs(30));
     assert_eq!(job["state"], "completed", "{job:#}\n{err}");
 
     let logs = job["logs"].as_array().unwrap();

@@ -14,7 +14,7 @@ use executor::sandbox::{
     StepSpec, Stream,
 };
 
-use crate::common;
+use crate::common::{self, Exec};
 
 /// A state directory with the busybox image, and a workspace.
 pub struct Fixture {
@@ -51,11 +51,11 @@ impl Collect {
 /// Whether this machine can run OCI containers; prints the skip notice when not.
 pub fn can_run(test: &str, oci: &str) -> bool {
     if !common::is_root() {
-        common::skip(test, "needs root for user-namespaced containers");
+        common::skip(test, "root", "needs root for user-namespaced containers");
         return false;
     }
     if which::which(oci).is_err() {
-        common::skip(test, &format!("{oci} is not installed (scripts/install-deps installs it)"));
+        common::skip(test, oci, &format!("{oci} is not installed (scripts/install-deps installs it)"));
         return false;
     }
     true
@@ -67,7 +67,7 @@ fn can_run_probe_jobs(test: &str) -> bool {
         return false;
     }
     if std::process::Command::new("gcc").arg("--version").output().is_err() {
-        common::skip(test, "gcc (build-essential) is needed to build the probe helper");
+        common::skip(test, "gcc", "gcc (build-essential) is needed to build the probe helper");
         return false;
     }
     true
@@ -78,10 +78,7 @@ impl Fixture {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
         let state = tmp.path().join("state");
-        let out = common::run(
-            common::executor().args(["image", "build-busybox"]).env("EXECUTOR_STATE_DIR", &state),
-        );
-        assert!(out.status.success(), "build-busybox: {}", String::from_utf8_lossy(&out.stderr));
+        Exec::new().args(["image", "build-busybox"]).env("EXECUTOR_STATE_DIR", &state).run();
         std::fs::create_dir_all(tmp.path().join("ws/repo")).unwrap();
         let opts = RuntimeOptions { state_dir: state, oci_runtime: oci.to_string(), ..Default::default() };
         Fixture { rt: OciRuntime::new(opts).unwrap(), tmp }
@@ -322,11 +319,9 @@ fn oci_janitor_removes_what_a_crashed_executor_left() {
         rt.run_step(&crashed2, &step, &mut sink, &cancel)
     });
     let cg = executor::sandbox::oci::cgroup::JobCgroup::new(&crashed.name);
-    let t = Instant::now();
-    while cg.pids().is_empty() && t.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(!cg.pids().is_empty(), "the step did not start");
+    common::wait_until("the crashed executor's step to start", Duration::from_secs(10), || {
+        !cg.pids().is_empty()
+    });
     let live: HashSet<String> = [kept.name.clone()].into();
     let removed = f.rt.janitor(&prefix, &live).unwrap_or_else(|e| panic!("janitor: {e:#}"));
     assert_eq!(removed, vec![crashed.name.clone()]);
@@ -389,10 +384,7 @@ fn import_suid_image(f: &Fixture) {
     }
     let file = f.tmp.path().join("suid.tar");
     std::fs::write(&file, t.into_inner().unwrap()).unwrap();
-    let out = common::run(
-        common::executor().args(["image", "import", "suid"]).arg(&file).env("EXECUTOR_STATE_DIR", f.state()),
-    );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    Exec::new().args(["image", "import", "suid"]).arg(&file).env("EXECUTOR_STATE_DIR", f.state()).run();
 }
 
 fn probe_suite(oci: &str, test: &str) {
@@ -402,7 +394,11 @@ fn probe_suite(oci: &str, test: &str) {
     let f = Fixture::new(oci);
     f.mount_workspace_disk(32 << 20);
     if !compile_probe(&f.workspace().join("probe")) {
-        common::skip(test, "gcc with static libc (build-essential) is needed to build the probe helper");
+        common::skip(
+            test,
+            "gcc",
+            "gcc with static libc (build-essential) is needed to build the probe helper",
+        );
         return;
     }
     import_suid_image(&f);
@@ -696,13 +692,7 @@ fn import_probe_image(f: &Fixture) {
     }
     let file = f.tmp.path().join("probe-image.tar");
     std::fs::write(&file, t.into_inner().unwrap()).unwrap();
-    let out = common::run(
-        common::executor()
-            .args(["image", "import", "probe:1"])
-            .arg(&file)
-            .env("EXECUTOR_STATE_DIR", f.state()),
-    );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    Exec::new().args(["image", "import", "probe:1"]).arg(&file).env("EXECUTOR_STATE_DIR", f.state()).run();
 }
 
 fn job_log(job: &serde_json::Value) -> String {
@@ -764,8 +754,7 @@ fn oci_probes_run_as_real_jobs_through_the_coordinator() {
             .env("EXECUTOR_MAXIMUM_RUNTIME_PER_JOB", max_runtime)
             .env("EXECUTOR_HEARTBEAT_INTERVAL", "300ms")
             .arg("loop");
-        let out = common::run(&mut cmd);
-        assert!(out.status.success(), "loop: {}", String::from_utf8_lossy(&out.stderr));
+        common::assert_ok(&common::run(&mut cmd));
     };
     run_loop("2", "60s");
 
@@ -857,7 +846,7 @@ fn oci_resource_bombs_fail_real_jobs_naming_the_limit() {
         return;
     }
     if which::which("mkfs.ext4").is_err() {
-        common::skip(test, "mkfs.ext4 (e2fsprogs) is needed for the workspace disk");
+        common::skip(test, "ext4", "mkfs.ext4 (e2fsprogs) is needed for the workspace disk");
         return;
     }
     let c = crate::coordinator::Coordinator::start();
@@ -869,23 +858,13 @@ fn oci_resource_bombs_fail_real_jobs_naming_the_limit() {
     let mut noise = vec![0u8; 40 << 20];
     std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut noise).unwrap();
     std::fs::write(repo.join("noise.bin"), &noise).unwrap();
-    let git = |args: &str| {
-        let o = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!("git -c user.name=t -c user.email=t@t {args}"))
-            .current_dir(&repo)
-            .env("GIT_CONFIG_GLOBAL", "/dev/null")
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "git {args}: {}", String::from_utf8_lossy(&o.stderr));
-        String::from_utf8_lossy(&o.stdout).trim().to_string()
-    };
-    git("init -q -b main . && git add -A && git -c user.name=t -c user.email=t@t commit -qm big");
-    let commit = git("rev-parse HEAD");
-    let mut cmd = common::executor();
-    c.admin_env(&mut cmd);
-    let o = common::run(cmd.args(["queue", "repo", "add", "github.com/acme/big"]).arg(&repo));
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::sh(&repo, "git init -q -b main . && git add -A && git commit -qm big");
+    let commit = common::sh(&repo, "git rev-parse HEAD");
+    Exec::new()
+        .with(|cmd| c.admin_env(cmd))
+        .args(["queue", "repo", "add", "github.com/acme/big"])
+        .arg(&repo)
+        .run();
 
     let prefix = format!("ocibomb{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let step = |key: &str, cmd: &str| serde_json::json!({"dockerSteps": [{"key": key, "image": "probe:1", "dir": "", "env": [], "commands": [cmd]}]});
@@ -929,8 +908,7 @@ fn oci_resource_bombs_fail_real_jobs_naming_the_limit() {
             .env("EXECUTOR_MAXIMUM_RUNTIME_PER_JOB", max_runtime)
             .env("EXECUTOR_HEARTBEAT_INTERVAL", "300ms")
             .arg("loop");
-        let out = common::run(&mut cmd);
-        assert!(out.status.success(), "loop: {}", String::from_utf8_lossy(&out.stderr));
+        common::assert_ok(&common::run(&mut cmd));
     };
     let host = Responsiveness::start();
     let t = Instant::now();
@@ -1049,19 +1027,17 @@ fn uid_ranges_are_per_job(oci: &str, test: &str) {
         (end, sink.stdout())
     });
     // While both run: every process of each job is a host uid of its own range.
-    let t = Instant::now();
     let (mut ua, mut ub) = (Vec::new(), Vec::new());
     // Sampled once both steps run their script (runc's own init is briefly host root before it
     // execs the step).
-    while !(ws_a.join("mine").exists() && ws_b.join("mine").exists()) && t.elapsed() < Duration::from_secs(20)
-    {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    while (ua.is_empty() || ub.is_empty()) && t.elapsed() < Duration::from_secs(20) {
+    common::wait_until("both steps to run their script", Duration::from_secs(20), || {
+        ws_a.join("mine").exists() && ws_b.join("mine").exists()
+    });
+    common::poll_until(Duration::from_secs(20), || {
         ua = host_uids(&a);
         ub = host_uids(&b);
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        !(ua.is_empty() || ub.is_empty())
+    });
     for (uids, base) in [(&ua, ba), (&ub, bb)] {
         assert!(!uids.is_empty(), "no process seen");
         assert!(uids.iter().all(|u| *u >= base && *u < base + count), "{uids:?} outside {base}");

@@ -1,22 +1,24 @@
 //! The Debian package: built from the test binary, it carries the binary, a man page for every
 //! subcommand, the three completions, both systemd units and their 0600 configuration files.
 
-use crate::common;
+use crate::common::{self, Exec};
 use std::process::Command;
 
 #[test]
 fn deb_contains_binary_docs_units_and_private_config() {
     if which::which("dpkg-deb").is_err() {
-        common::skip("deb_contains_binary_docs_units_and_private_config", "dpkg-deb is not installed");
+        common::skip(
+            "deb_contains_binary_docs_units_and_private_config",
+            "dpkg-deb",
+            "dpkg-deb is not installed",
+        );
         return;
     }
     let out = tempfile::tempdir().unwrap();
     let root = env!("CARGO_MANIFEST_DIR");
-    let o = Command::new(format!("{root}/scripts/build-deb"))
+    let o = Exec::program(format!("{root}/scripts/build-deb"))
         .args(["--binary", common::bin().to_str().unwrap(), "--out", out.path().to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "build-deb failed: {}", String::from_utf8_lossy(&o.stderr));
+        .run();
     let deb = String::from_utf8(o.stdout).unwrap().trim().to_string();
     assert!(deb.ends_with(".deb"), "{deb}");
 

@@ -2,10 +2,9 @@
 //! from files), failures, bad documents, redaction, and `executor loop` with cancel, deadline,
 //! SIGTERM drain and a SIGKILLed executor. All with the shell runtime (explicit opt-in).
 
-use crate::common;
+use crate::common::{self, Exec};
 use crate::coordinator::Coordinator;
 use serde_json::{json, Value};
-use std::io::Read;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -26,10 +25,20 @@ fn configure(cmd: &mut Command, c: &Coordinator, state: &Path) {
         .env("EXECUTOR_HEARTBEAT_INTERVAL", "300ms");
 }
 
+/// A stage (or any subcommand) of the executor, as `exe` configures it.
+fn executor(c: &Coordinator, state: &Path) -> Exec {
+    Exec::new().with(|cmd| configure(cmd, c, state))
+}
+
+/// Runs a stage whatever its status.
 fn stage(c: &Coordinator, state: &Path, args: &[&str]) -> Output {
-    let mut cmd = exe(c, state);
-    cmd.args(args);
-    common::run(&mut cmd)
+    executor(c, state).args(args).any_status().run()
+}
+
+/// Runs a stage that must succeed.
+#[track_caller]
+fn stage_ok(c: &Coordinator, state: &Path, args: &[&str]) -> Output {
+    executor(c, state).args(args).run()
 }
 
 fn doc(path: &Path) -> Value {
@@ -54,15 +63,12 @@ fn workspaces_left(state: &Path) -> Vec<String> {
 }
 
 fn wait_for_output(c: &Coordinator, id: i64, key: &str, needle: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let job = c.job(id);
-        if entry(&job, key).and_then(|e| e["out"].as_str()).is_some_and(|o| o.contains(needle)) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "job {id} never printed {needle:?} in {key}: {job:#}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut job = Value::Null;
+    let printed = common::poll_until(Duration::from_secs(20), || {
+        job = c.job(id);
+        entry(&job, key).and_then(|e| e["out"].as_str()).is_some_and(|o| o.contains(needle))
+    });
+    assert!(printed, "job {id} never printed {needle:?} in {key}: {job:#}");
 }
 
 fn spawn_loop(c: &Coordinator, state: &Path, env: &[(&str, &str)]) -> Child {
@@ -71,31 +77,8 @@ fn spawn_loop(c: &Coordinator, state: &Path, env: &[(&str, &str)]) -> Child {
     cmd.spawn().expect("starting executor loop")
 }
 
-fn wait_exit(child: &mut Child, within: Duration) -> (std::process::ExitStatus, String) {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                let _ = e.read_to_string(&mut err);
-            }
-            return (st, err);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                let _ = e.read_to_string(&mut err);
-            }
-            panic!("executor loop did not exit within {within:?}; stderr:\n{err}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn signal(child: &Child, sig: &str) {
-    let st = Command::new("kill").args(["-s", sig, &child.id().to_string()]).status().unwrap();
-    assert!(st.success());
+    Exec::program("kill").args(["-s", sig, &child.id().to_string()]).run();
 }
 
 fn sample_job() -> Value {
@@ -120,16 +103,9 @@ fn six_stages_piped_by_hand_complete_a_job() {
     let pipeline = format!(
         "{b} dequeue | {b} prepare-workspace | {b} vm-boot | {b} run-steps | {b} upload | {b} complete"
     );
-    let mut sh = Command::new("/bin/sh");
-    for (k, _) in std::env::vars() {
-        if k.starts_with("EXECUTOR_") {
-            sh.env_remove(k);
-        }
-    }
-    configure(&mut sh, &c, state.path());
-    let out = sh.args(["-c", &pipeline]).stdin(Stdio::null()).output().unwrap();
+    let out =
+        Exec::program("/bin/sh").with(|sh| configure(sh, &c, state.path())).args(["-c", &pipeline]).run();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "pipeline failed: {stderr}");
     assert!(stderr.contains("NO ISOLATION"), "the shell runtime must say so loudly: {stderr}");
     let d: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(d["completion"]["reported"], "completed", "{d:#}");
@@ -173,11 +149,9 @@ fn document_saved_after_vm_boot_resumes_later_and_complete_twice_is_safe() {
     let id = c.submit(job);
     let d = state.path().join("doc.json");
     let ds = d.to_str().unwrap();
-    let o = stage(&c, state.path(), &["dequeue", "-o", ds]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    stage_ok(&c, state.path(), &["dequeue", "-o", ds]);
     for s in ["prepare-workspace", "vm-boot"] {
-        let o = stage(&c, state.path(), &[s, "-i", ds, "-o", ds]);
-        assert!(o.status.success(), "{s}: {}", String::from_utf8_lossy(&o.stderr));
+        stage_ok(&c, state.path(), &[s, "-i", ds, "-o", ds]);
     }
     let saved = doc(&d);
     let ws = saved["workspace"]["path"].as_str().unwrap().to_string();
@@ -187,16 +161,14 @@ fn document_saved_after_vm_boot_resumes_later_and_complete_twice_is_safe() {
     // Later (a new process, nothing in memory): the rest of the stages.
     std::thread::sleep(Duration::from_millis(500));
     for s in ["run-steps", "upload", "complete"] {
-        let o = stage(&c, state.path(), &[s, "-i", ds, "-o", ds]);
-        assert!(o.status.success(), "{s}: {}", String::from_utf8_lossy(&o.stderr));
+        stage_ok(&c, state.path(), &[s, "-i", ds, "-o", ds]);
     }
     let done = doc(&d);
     assert_eq!(done["completion"]["reported"], "completed");
     assert_eq!(done["completion"]["workspaceRemoved"], true);
     assert!(!Path::new(&ws).exists());
     c.wait_state(id, &["completed"], Duration::from_secs(5));
-    let again = stage(&c, state.path(), &["complete", "-i", ds]);
-    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    let again = stage_ok(&c, state.path(), &["complete", "-i", ds]);
     let again: Value = serde_json::from_slice(&again.stdout).unwrap();
     assert_eq!(again["completion"], done["completion"]);
     assert_eq!(c.job(id)["state"], "completed");
@@ -215,7 +187,7 @@ fn failing_step_errors_the_job_and_keeps_its_output() {
     }));
     let d = state.path().join("doc.json");
     let ds = d.to_str().unwrap();
-    assert!(stage(&c, state.path(), &["dequeue", "-o", ds]).status.success());
+    stage_ok(&c, state.path(), &["dequeue", "-o", ds]);
     let mut codes = Vec::new();
     for s in ["prepare-workspace", "vm-boot", "run-steps", "upload", "complete"] {
         codes.push(stage(&c, state.path(), &[s, "-i", ds, "-o", ds]).status.code().unwrap());
@@ -260,7 +232,7 @@ fn garbage_wrong_version_foreign_and_incomplete_documents_exit_3() {
     }
     c.submit(Coordinator::simple_job());
     let d = dir.join("doc.json");
-    assert!(stage(&c, dir, &["dequeue", "-o", d.to_str().unwrap()]).status.success());
+    stage_ok(&c, dir, &["dequeue", "-o", d.to_str().unwrap()]);
     // Out of order: run-steps before prepare-workspace and vm-boot.
     let o = stage(&c, dir, &["run-steps", "-i", d.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(3));
@@ -303,11 +275,10 @@ fn secrets_never_reach_logs_documents_or_artifacts() {
     let d = state.path().join("doc.json");
     let ds = d.to_str().unwrap();
     let mut docs = Vec::new();
-    assert!(stage(&c, state.path(), &["dequeue", "-o", ds]).status.success());
+    stage_ok(&c, state.path(), &["dequeue", "-o", ds]);
     docs.push(std::fs::read_to_string(&d).unwrap());
     for s in ["prepare-workspace", "vm-boot", "run-steps", "upload", "complete"] {
-        let o = stage(&c, state.path(), &[s, "-i", ds, "-o", ds]);
-        assert!(o.status.success(), "{s}: {}", String::from_utf8_lossy(&o.stderr));
+        stage_ok(&c, state.path(), &[s, "-i", ds, "-o", ds]);
         docs.push(std::fs::read_to_string(&d).unwrap());
     }
     let job = c.wait_state(id, &["completed"], Duration::from_secs(5));
@@ -349,8 +320,7 @@ fn loop_cancel_stops_a_long_step_within_2s() {
     let took = t.elapsed();
     assert!(took < Duration::from_secs(2), "canceled after {took:?}");
     assert!(entry(&job, "teardown.fs").is_some(), "{job:#}");
-    let (st, err) = wait_exit(&mut lp, Duration::from_secs(10));
-    assert!(st.success(), "{err}");
+    let err = common::wait_exit_ok(&mut lp, Duration::from_secs(10));
     assert!(err.contains("canceled by the coordinator"), "{err}");
 }
 
@@ -366,8 +336,7 @@ fn loop_deadline_errors_the_job() {
     let id = c.submit(json!({"dockerSteps": [{"image": "alpine", "commands": ["sleep 30"]}]}));
     let job = c.wait_state(id, &["failed", "errored"], Duration::from_secs(15));
     assert_eq!(job["failureMessage"], "job exceeded maximum execution time of 1s", "{job:#}");
-    let (st, err) = wait_exit(&mut lp, Duration::from_secs(10));
-    assert!(st.success(), "{err}");
+    common::wait_exit_ok(&mut lp, Duration::from_secs(10));
     assert!(workspaces_left(state.path()).is_empty());
 }
 
@@ -380,8 +349,7 @@ fn loop_sigterm_drains_then_kills_and_a_second_signal_is_immediate() {
     let id = c.submit(json!({"dockerSteps": [{"image": "alpine", "commands": ["echo started", "sleep 1", "echo finished"]}]}));
     wait_for_output(&c, id, "step.docker.0", "stdout: started");
     signal(&lp, "TERM");
-    let (st, err) = wait_exit(&mut lp, Duration::from_secs(15));
-    assert!(st.success(), "{err}");
+    common::wait_exit_ok(&mut lp, Duration::from_secs(15));
     c.wait_state(id, &["completed"], Duration::from_secs(1));
 
     // One that does not is killed after the grace period and reported.
@@ -391,8 +359,7 @@ fn loop_sigterm_drains_then_kills_and_a_second_signal_is_immediate() {
     wait_for_output(&c, id, "step.docker.0", "stdout: started");
     let t = Instant::now();
     signal(&lp, "TERM");
-    let (st, err) = wait_exit(&mut lp, Duration::from_secs(15));
-    assert!(st.success(), "{err}");
+    common::wait_exit_ok(&mut lp, Duration::from_secs(15));
     assert!(
         t.elapsed() >= Duration::from_secs(1) && t.elapsed() < Duration::from_secs(6),
         "{:?}",
@@ -410,8 +377,7 @@ fn loop_sigterm_drains_then_kills_and_a_second_signal_is_immediate() {
     signal(&lp, "TERM");
     std::thread::sleep(Duration::from_millis(200));
     signal(&lp, "INT");
-    let (st, err) = wait_exit(&mut lp, Duration::from_secs(10));
-    assert!(st.success(), "{err}");
+    common::wait_exit_ok(&mut lp, Duration::from_secs(10));
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     c.wait_state(id, &["failed", "errored"], Duration::from_secs(1));
     assert!(workspaces_left(state.path()).is_empty());
@@ -432,8 +398,7 @@ fn sigkilled_executor_job_is_reset_and_finished_by_another() {
     let job = c.wait_state(id, &["completed"], Duration::from_secs(30));
     assert_ne!(job["executorName"], first_name, "{job:#}");
     assert!(entry(&job, "step.docker.0").unwrap()["out"].as_str().unwrap().contains("stdout: finished"));
-    let (st, err) = wait_exit(&mut second, Duration::from_secs(10));
-    assert!(st.success(), "{err}");
+    common::wait_exit_ok(&mut second, Duration::from_secs(10));
 }
 
 #[test]
@@ -448,9 +413,8 @@ fn shell_runtime_needs_the_opt_in_and_validate_reports() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("EXECUTOR_ALLOW_UNISOLATED"));
     assert_eq!(c.job(id)["state"], "queued", "no job is taken by an executor that cannot run it");
 
-    let o = stage(&c, state.path(), &["validate"]);
+    let o = stage_ok(&c, state.path(), &["validate"]);
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{out}{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.contains("accepts the shared secret") && out.contains("All checks passed!"), "{out}");
     assert!(!out.contains(&c.secret));
     let mut cmd = exe(&c, state.path());
@@ -464,8 +428,7 @@ fn shell_runtime_needs_the_opt_in_and_validate_reports() {
 #[test]
 fn committed_man_pages_and_completions_match_the_binary() {
     let out = tempfile::tempdir().unwrap();
-    let o = common::run(common::executor().args(["generate-docs", "--out"]).arg(out.path()));
-    assert!(o.status.success());
+    Exec::new().args(["generate-docs", "--out"]).arg(out.path()).run();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     for dir in ["man", "completions"] {
         let mut generated: Vec<String> = std::fs::read_dir(out.path().join(dir))
@@ -501,31 +464,17 @@ fn https_coordinator_with_a_private_ca() {
     let o = stage(&c, state.path(), &["validate"]);
     assert!(!o.status.success());
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
-    let mut cmd = exe(&c, state.path());
-    cmd.env("EXECUTOR_FRONTEND_CA", &ca).arg("validate");
-    let o = common::run(&mut cmd);
-    assert!(
-        o.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    executor(&c, state.path()).env("EXECUTOR_FRONTEND_CA", &ca).arg("validate").run();
     // A whole job over https (the fixture's own agent does not trust the CA: submit by the CLI).
     let job = dir.path().join("job.json");
     std::fs::write(&job, Coordinator::simple_job().to_string()).unwrap();
-    let mut cmd = common::executor();
-    c.admin_env(&mut cmd);
-    let o = common::run(cmd.args(["queue", "submit", "--ca-cert", &ca]).arg(&job));
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let mut cmd = exe(&c, state.path());
-    cmd.env("EXECUTOR_FRONTEND_CA", &ca).env("EXECUTOR_NUM_TOTAL_JOBS", "1").arg("loop");
-    let o = common::run(&mut cmd);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("job 1: completed"),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    Exec::new().with(|cmd| c.admin_env(cmd)).args(["queue", "submit", "--ca-cert", &ca]).arg(&job).run();
+    executor(&c, state.path())
+        .env("EXECUTOR_FRONTEND_CA", &ca)
+        .env("EXECUTOR_NUM_TOTAL_JOBS", "1")
+        .arg("loop")
+        .stderr_has("job 1: completed")
+        .run();
 }
 
 #[test]
@@ -539,18 +488,13 @@ fn dequeue_wait_uses_the_long_poll() {
     let t = Instant::now();
     let id = c.submit(Coordinator::simple_job());
     let o = child.wait_with_output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::assert_ok(&o);
     assert!(t.elapsed() < Duration::from_secs(3), "the long poll answered after {:?}", t.elapsed());
     let d: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(d["job"]["id"], id);
     assert_eq!(d["executor"]["runtime"], "shell");
     // The job stays ours while nothing heartbeats only until the stall timeout: complete it now.
-    let mut cmd = exe(&c, state.path());
-    cmd.arg("complete").stdin(Stdio::piped()).stdout(Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    std::io::Write::write_all(child.stdin.as_mut().unwrap(), &o.stdout).unwrap();
-    let o = child.wait_with_output().unwrap();
-    assert!(o.status.success());
+    executor(&c, state.path()).arg("complete").stdin(o.stdout).run();
     c.wait_state(id, &["completed"], Duration::from_secs(5));
 }
 
@@ -564,7 +508,7 @@ fn sigterm_to_a_stage_stops_the_step_and_records_it() {
     let ds = d.to_str().unwrap();
     for s in ["dequeue", "prepare-workspace", "vm-boot"] {
         let args: Vec<&str> = if s == "dequeue" { vec![s, "-o", ds] } else { vec![s, "-i", ds, "-o", ds] };
-        assert!(stage(&c, state.path(), &args).status.success(), "{s}");
+        stage_ok(&c, state.path(), &args);
     }
     let mut cmd = exe(&c, state.path());
     cmd.args(["run-steps", "-i", ds, "-o", ds]).stderr(Stdio::piped());

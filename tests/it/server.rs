@@ -2,7 +2,7 @@
 //! success and failure statuses, the admin API and CLI, durability across SIGKILL, races,
 //! stalled jobs, cancellation, long polls, the log cap and TLS.
 
-use crate::common;
+use crate::common::{self, Exec};
 use crate::coordinator::Coordinator;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -644,25 +644,30 @@ fn queue_follows_logs_until_the_job_ends() {
         if json {
             cmd.arg("--json");
         }
-        cmd.spawn().unwrap()
+        Follower::start(cmd.spawn().unwrap())
     };
     let (as_json, as_text) = (follow(true), follow(false));
-    std::thread::sleep(Duration::from_millis(300));
+    // Each update goes out once both followers have printed the one before, so that each is
+    // seen on its own.
+    let both_printed = |text: &str| {
+        common::wait_until(&format!("both followers to print {text:?}"), Duration::from_secs(10), || {
+            as_json.printed().contains(text) && as_text.printed().contains(text)
+        })
+    };
+    both_printed("one");
     let mut upd = entry_body("follow-1", id, "two\n");
     upd["entryId"] = json!(1);
     upd["append"] = json!(true);
     assert_eq!(ex.job_call("batches", &job, "updateExecutionLogEntry", upd.clone()).0, 204);
-    std::thread::sleep(Duration::from_millis(300));
+    both_printed("two");
     upd["out"] = json!("three\n");
     upd["exitCode"] = json!(0);
     upd["durationMs"] = json!(7);
     assert_eq!(ex.job_call("batches", &job, "updateExecutionLogEntry", upd).0, 204);
-    std::thread::sleep(Duration::from_millis(300));
+    both_printed("three");
     assert_eq!(ex.mark("batches", &job, "markComplete", ""), 204);
-    let out = as_json.wait_with_output().unwrap();
-    assert!(out.status.success());
-    let lines: Vec<Value> =
-        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let stdout = as_json.finish();
+    let lines: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     // The whole entry once, then only what each update added.
     assert_eq!(lines.first().unwrap()["out"], "one\n");
     assert!(lines.first().unwrap().get("append").is_none());
@@ -670,12 +675,48 @@ fn queue_follows_logs_until_the_job_ends() {
     assert_eq!(appended, "two\nthree\n");
     assert!(lines[1..].iter().all(|l| l["append"] == true && l["entryId"] == 1), "{lines:?}");
     assert_eq!(lines.last().unwrap()["exitCode"], 0);
-    let out = as_text.wait_with_output().unwrap();
-    assert!(out.status.success());
-    assert_eq!(
-        String::from_utf8(out.stdout).unwrap(),
-        "==> [1] step.docker.0\none\ntwo\nthree\n==> [1] step.docker.0: exit 0, 7 ms\n"
-    );
+    let stdout = as_text.finish();
+    assert_eq!(stdout, "==> [1] step.docker.0\none\ntwo\nthree\n==> [1] step.docker.0: exit 0, 7 ms\n");
+}
+
+/// A child whose stdout a thread collects while it runs, so that a test can wait for what it
+/// has printed so far.
+struct Follower {
+    child: std::process::Child,
+    out: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl Follower {
+    fn start(mut child: std::process::Child) -> Follower {
+        let mut stdout = child.stdout.take().expect("a piped stdout");
+        let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = out.clone();
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut stdout, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Follower { child, out, reader }
+    }
+
+    fn printed(&self) -> String {
+        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
+    }
+
+    /// Waits for the child to exit 0; all it printed.
+    #[track_caller]
+    fn finish(mut self) -> String {
+        let status = self.child.wait().unwrap();
+        self.reader.join().unwrap();
+        let out = String::from_utf8(self.out.lock().unwrap().clone()).unwrap();
+        assert!(status.success(), "{status}; stdout:\n{out}");
+        out
+    }
 }
 
 #[test]
@@ -690,8 +731,10 @@ fn queue_cli_submits_lists_shows_and_cancels() {
         cmd.arg("queue").args(args);
         common::run(&mut cmd)
     };
-    let out = cli(&["submit", "--queue", "codeintel", file.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Exec::new()
+        .with(|cmd| c.admin_env(cmd))
+        .args(["queue", "submit", "--queue", "codeintel", file.to_str().unwrap()])
+        .run();
     let id: i64 = String::from_utf8(out.stdout).unwrap().trim().parse().unwrap();
     assert_eq!(c.job(id)["queue"], "codeintel");
     let out = cli(&["jobs"]);
@@ -751,13 +794,10 @@ fn queue_serves_https_with_a_given_certificate() {
     };
     let c = Coordinator::start_with(&["--tls-cert", &cert, "--tls-key", &key]);
     assert!(c.url.starts_with("https://127.0.0.1:"), "{}", c.url);
-    let mut cmd = common::executor();
-    c.admin_env(&mut cmd);
     let job = dir.path().join("job.json");
     std::fs::write(&job, Coordinator::simple_job().to_string()).unwrap();
-    cmd.args(["queue", "submit", "--ca-cert", &ca]).arg(&job);
-    let out = common::run(&mut cmd);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out =
+        Exec::new().with(|cmd| c.admin_env(cmd)).args(["queue", "submit", "--ca-cert", &ca]).arg(&job).run();
     assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), "1");
     // Without trusting the CA the client refuses.
     let mut cmd = common::executor();

@@ -2,39 +2,42 @@
 //! everything a job or an operator sees, hostile repositories, files from the files store, and the
 //! object cache across jobs.
 
-use crate::common;
+use crate::common::{self, Exec};
 use crate::coordinator::Coordinator;
 use crate::gitserve::make_repo;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-struct Exec<'a> {
+struct Stages<'a> {
     c: &'a Coordinator,
     state: tempfile::TempDir,
 }
 
-impl Exec<'_> {
-    fn new(c: &Coordinator) -> Exec<'_> {
-        Exec { c, state: tempfile::tempdir().unwrap() }
+impl Stages<'_> {
+    fn new(c: &Coordinator) -> Stages<'_> {
+        Stages { c, state: tempfile::tempdir().unwrap() }
     }
 
-    fn stage(&self, args: &[&str]) -> Output {
-        let mut cmd = common::executor();
-        self.c.executor_env(&mut cmd);
-        cmd.env("EXECUTOR_QUEUE_NAME", "batches")
+    /// A stage, as an executor configured for the shell runtime runs it.
+    fn exec(&self) -> Exec {
+        Exec::new()
+            .with(|cmd| self.c.executor_env(cmd))
+            .env("EXECUTOR_QUEUE_NAME", "batches")
             .env("EXECUTOR_RUNTIME", "shell")
             .env("EXECUTOR_ALLOW_UNISOLATED", "1")
             .env("EXECUTOR_STATE_DIR", self.state.path())
-            .args(args);
-        common::run(&mut cmd)
+    }
+
+    /// Runs a stage whatever its status.
+    fn stage(&self, args: &[&str]) -> Output {
+        self.exec().args(args).any_status().run()
     }
 
     /// dequeue + prepare-workspace; returns (document path, prepare's output).
     fn prepare(&self) -> (PathBuf, Output) {
         let d = self.state.path().join(format!("doc-{}.json", uuid::Uuid::new_v4()));
-        let o = self.stage(&["dequeue", "-o", d.to_str().unwrap()]);
-        assert!(o.status.success(), "dequeue: {}", String::from_utf8_lossy(&o.stderr));
+        self.exec().args(["dequeue", "-o", d.to_str().unwrap()]).run();
         let o = self.stage(&["prepare-workspace", "-i", d.to_str().unwrap(), "-o", d.to_str().unwrap()]);
         (d, o)
     }
@@ -55,22 +58,14 @@ fn workspace(d: &Path) -> PathBuf {
 }
 
 fn git(dir: &Path, args: &[&str]) -> String {
-    let o = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(args)
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8(o.stdout).unwrap().trim().to_string()
+    common::sh(dir, &format!("git {}", args.join(" ")))
 }
 
 fn register(c: &Coordinator, name: &str, path: &Path) {
-    let mut cmd = common::executor();
-    c.admin_env(&mut cmd);
-    let o = common::run(cmd.args(["queue", "repo", "add", name, path.to_str().unwrap()]));
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    Exec::new()
+        .with(|cmd| c.admin_env(cmd))
+        .args(["queue", "repo", "add", name, path.to_str().unwrap()])
+        .run();
 }
 
 fn log_keys(job: &Value) -> Vec<String> {
@@ -83,14 +78,14 @@ fn clone_variants_produce_the_right_tree() {
     let tmp = tempfile::tempdir().unwrap();
     let (repo, c1, c2) = make_repo(tmp.path(), "origin");
     register(&c, "github.com/acme/w", &repo);
-    let ex = Exec::new(&c);
+    let ex = Stages::new(&c);
 
     // Plain, at the older commit, in a repositoryDirectory.
     let id = c
         .submit(json!({"repositoryName": "github.com/acme/w", "commit": c1, "repositoryDirectory": "src/w",
         "dockerSteps": [{"image": "x", "commands": ["true"]}]}));
     let (d, o) = ex.prepare();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::assert_ok(&o);
     let r = workspace(&d).join("src/w");
     assert_eq!(git(&r, &["rev-parse", "HEAD"]), c1);
     assert_eq!(std::fs::read_to_string(r.join("a.txt")).unwrap(), "one\n");
@@ -115,14 +110,14 @@ fn clone_variants_produce_the_right_tree() {
         json!({"repositoryName": "github.com/acme/w", "commit": c2, "shallowClone": true, "dockerSteps": []}),
     );
     let (d, o) = ex.prepare();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::assert_ok(&o);
     assert_eq!(git(&workspace(&d), &["rev-list", "--count", "HEAD"]), "1");
     ex.finish(&d);
 
     // Sparse.
     c.submit(json!({"repositoryName": "github.com/acme/w", "commit": c2, "sparseCheckout": ["sub/"], "dockerSteps": []}));
     let (d, o) = ex.prepare();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::assert_ok(&o);
     let ws = workspace(&d);
     assert!(ws.join("sub/s.txt").exists() && !ws.join("a.txt").exists());
     ex.finish(&d);
@@ -148,11 +143,11 @@ fn token_never_reaches_config_logs_documents_or_steps() {
     let tmp = tempfile::tempdir().unwrap();
     let (repo, _, c2) = make_repo(tmp.path(), "origin");
     register(&c, "github.com/acme/w", &repo);
-    let ex = Exec::new(&c);
+    let ex = Stages::new(&c);
     let id = c.submit(json!({"repositoryName": "github.com/acme/w", "commit": c2,
         "dockerSteps": [{"image": "x", "commands": ["env", "cat .git/config", "cat /proc/$PPID/environ | tr '\\0' '\\n'"]}]}));
     let (d, o) = ex.prepare();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::assert_ok(&o);
     let token =
         executor::document::unseal_job(doc(&d)["sealedJob"].as_str().unwrap(), &c.secret).unwrap().token;
     assert_eq!(token.len(), 40);
@@ -177,16 +172,10 @@ fn hostile_repository_and_paths_fail_cleanly() {
     let repo = tmp.path().join("evil");
     std::fs::create_dir(&repo).unwrap();
     std::os::unix::fs::symlink(&outside, repo.join("evil")).unwrap();
-    let o = Command::new("bash")
-        .arg("-ec")
-        .arg("git init -q . && git add -A && git -c user.name=t -c user.email=t@t commit -qm evil && git rev-parse HEAD")
-        .current_dir(&repo)
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .output()
-        .unwrap();
-    let commit = String::from_utf8(o.stdout).unwrap().trim().to_string();
+    let commit =
+        common::sh(&repo, "git init -q . && git add -A && git commit -qm evil && git rev-parse HEAD");
     register(&c, "evil", &repo);
-    let ex = Exec::new(&c);
+    let ex = Stages::new(&c);
 
     for (path, _) in [("/tmp/abs", "absolute"), ("a/../../x", "..")] {
         let job = json!({"repositoryName": "evil", "commit": commit, "files": {path: {"content": "x"}}});
@@ -218,7 +207,7 @@ fn missing_commit_and_files_store_and_cache() {
     let tmp = tempfile::tempdir().unwrap();
     let (repo, c1, c2) = make_repo(tmp.path(), "origin");
     register(&c, "github.com/acme/w", &repo);
-    let ex = Exec::new(&c);
+    let ex = Stages::new(&c);
 
     let missing = "0123456789012345678901234567890123456789";
     let id = c.submit(json!({"repositoryName": "github.com/acme/w", "commit": missing, "dockerSteps": []}));
@@ -235,15 +224,14 @@ fn missing_commit_and_files_store_and_cache() {
     // A file from the files store, with its modifiedAt.
     let f = tmp.path().join("payload");
     std::fs::write(&f, b"from the store").unwrap();
-    let mut cmd = common::executor();
-    c.admin_env(&mut cmd);
-    assert!(common::run(cmd.args(["queue", "files", "put", "batch-changes", "s/f", f.to_str().unwrap()]))
-        .status
-        .success());
+    Exec::new()
+        .with(|cmd| c.admin_env(cmd))
+        .args(["queue", "files", "put", "batch-changes", "s/f", f.to_str().unwrap()])
+        .run();
     c.submit(json!({"repositoryName": "github.com/acme/w", "commit": c1, "dockerSteps": [],
         "files": {"in/f.txt": {"bucket": "batch-changes", "key": "s/f", "modifiedAt": "2021-02-03T04:05:06Z"}}}));
     let (d, o) = ex.prepare();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::assert_ok(&o);
     let written = workspace(&d).join("in/f.txt");
     assert_eq!(std::fs::read(&written).unwrap(), b"from the store");
     let mtime = std::fs::metadata(&written).unwrap().modified().unwrap();
@@ -253,7 +241,7 @@ fn missing_commit_and_files_store_and_cache() {
     // The second job on the repository fetched into and from the object cache.
     let id = c.submit(json!({"repositoryName": "github.com/acme/w", "commit": c2, "dockerSteps": []}));
     let (d, o) = ex.prepare();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::assert_ok(&o);
     assert_eq!(git(&workspace(&d), &["rev-parse", "HEAD"]), c2);
     ex.finish(&d);
     let keys = log_keys(&c.wait_state(id, &["completed"], std::time::Duration::from_secs(10)));

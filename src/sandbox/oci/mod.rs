@@ -807,11 +807,12 @@ mod tests {
 
     #[test]
     fn idmapped_image_mounts_belong_to_the_sandbox_range_and_go_at_teardown() {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!(
-                "SKIPPED idmapped_image_mounts_belong_to_the_sandbox_range_and_go_at_teardown: needs root"
+        if !crate::base::skip::is_root() {
+            return crate::base::skip::skip(
+                "idmapped_image_mounts_belong_to_the_sandbox_range_and_go_at_teardown",
+                "root",
+                "needs root for idmapped mounts",
             );
-            return;
         }
         let d = tempfile::tempdir().unwrap();
         let src = d.path().join("tree");

@@ -148,6 +148,28 @@ fn telemetry_info(name: &str, t: &protocol::ExecutorTelemetry) -> ExecutorInfo {
     }
 }
 
+/// Largest `prometheusMetrics` an executor may send; a bigger heartbeat is refused with 413.
+pub(super) const MAX_EXECUTOR_METRICS: usize = 256 << 10;
+
+/// Keeps an executor's latest metrics for `/metrics` (a ping's empty text keeps the last).
+fn keep_metrics(app: &Shared, executor: &str, text: &str) -> HttpResult<()> {
+    if text.len() > MAX_EXECUTOR_METRICS {
+        return Err(http_err(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the heartbeat's prometheusMetrics holds {} bytes, more than the {} accepted",
+                text.len(),
+                MAX_EXECUTOR_METRICS
+            ),
+        ));
+    }
+    if !text.is_empty() {
+        let mut m = app.executor_metrics.lock().unwrap_or_else(|p| p.into_inner());
+        m.insert(executor.to_string(), (store::now_ms(), text.to_string()));
+    }
+    Ok(())
+}
+
 pub(super) async fn heartbeat_single(
     State(app): State<Shared>,
     KnownQueue(queue): KnownQueue,
@@ -158,6 +180,7 @@ pub(super) async fn heartbeat_single(
     if req.executor_name.is_empty() {
         return Err(http_err(StatusCode::BAD_REQUEST, "executorName must not be empty"));
     }
+    keep_metrics(&app, &req.executor_name, &req.telemetry.prometheus_metrics)?;
     let ids = parse_ids(&req.job_ids, &queue)?;
     let mut info = telemetry_info(&req.executor_name, &req.telemetry);
     info.queue_name = Some(queue.clone());
@@ -179,6 +202,7 @@ pub(super) async fn heartbeat_multi(
     if req.executor_name.is_empty() {
         return Err(http_err(StatusCode::BAD_REQUEST, "executorName must not be empty"));
     }
+    keep_metrics(&app, &req.executor_name, &req.telemetry.prometheus_metrics)?;
     if req.queue_names.is_empty() {
         return Err(http_err(StatusCode::BAD_REQUEST, "queueNames must not be empty"));
     }

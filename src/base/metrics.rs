@@ -37,8 +37,25 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// A registry of `defs`; a family without labels starts with its one series at zero.
     pub fn new(defs: &'static [Def]) -> Registry {
-        Registry { defs, series: Mutex::new(vec![BTreeMap::new(); defs.len()]) }
+        let series = defs
+            .iter()
+            .map(|d| {
+                let mut m = BTreeMap::new();
+                if d.labels.is_empty() {
+                    let s = match d.kind {
+                        Kind::Histogram(b) => {
+                            Series::Histogram { buckets: vec![0; b.len()], sum: 0.0, count: 0 }
+                        }
+                        _ => Series::Value(0.0),
+                    };
+                    m.insert(Vec::new(), s);
+                }
+                m
+            })
+            .collect();
+        Registry { defs, series: Mutex::new(series) }
     }
 
     /// Applies `f` to the series of `name` with these label values (in the order of the
@@ -245,6 +262,7 @@ mod tests {
         assert!(text.contains("t_seconds_sum{k=\"a\"} 6\n"), "{text}");
         assert!(text.contains("t_seconds_count{k=\"a\"} 3\n"), "{text}");
         assert_eq!(r.value("t_running", &[]), Some(3.0));
+        assert!(Registry::new(DEFS).render().contains("\nt_running 0\n"));
     }
 
     #[test]

@@ -458,7 +458,7 @@ fn parse_prometheus(text: &str) -> Result<Vec<Sample>, String> {
             continue;
         }
         // name{labels} value [timestamp]
-        let name_end = line.find(|c: char| c == '{' || c == ' ').ok_or_else(|| at("no value".into()))?;
+        let name_end = line.find(['{', ' ']).ok_or_else(|| at("no value".into()))?;
         let name = &line[..name_end];
         if !valid_name(name, true) {
             return Err(at("bad metric name".into()));

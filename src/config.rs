@@ -243,7 +243,13 @@ impl Settings {
 
     /// A coordinator client for `base_url` with this executor's CA and shared secret.
     pub fn client(&self, base_url: &str, executor_name: &str) -> Result<Client> {
-        Client::new(self.frontend_ca.as_deref(), &self.password, base_url, executor_name)
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+        let sources = crate::api::metrics::Sources {
+            node_exporter: var("NODE_EXPORTER_URL"),
+            registry_exporter: var("DOCKER_REGISTRY_NODE_EXPORTER_URL"),
+        };
+        Ok(Client::new(self.frontend_ca.as_deref(), &self.password, base_url, executor_name)?
+            .with_metrics_sources(sources))
     }
 
     /// What a job may use here, as each dequeue reports it.

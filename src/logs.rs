@@ -45,11 +45,21 @@ pub struct CoordinatorLogs {
 
 impl LogTransport for CoordinatorLogs {
     fn add(&self, entry: &ExecutionLogEntry) -> Result<i64, ApiError> {
-        self.client.add_log_entry(&self.job, entry)
+        let id = self.client.add_log_entry(&self.job, entry)?;
+        count_sent(entry);
+        Ok(id)
     }
     fn update(&self, id: i64, entry: &ExecutionLogEntry, append: bool) -> Result<(), ApiError> {
-        self.client.update_log_entry(&self.job, id, entry, append)
+        self.client.update_log_entry(&self.job, id, entry, append)?;
+        count_sent(entry);
+        Ok(())
     }
+}
+
+/// Adds the output bytes of an entry the coordinator accepted to the log-bytes metric.
+fn count_sent(entry: &ExecutionLogEntry) {
+    let n = entry.out.as_ref().map_or(0, String::len);
+    crate::api::metrics::registry().add(crate::api::metrics::LOG_BYTES, &[], n as f64);
 }
 
 /// Called with each entry's key when it starts.

@@ -10,7 +10,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::api::{new_executor_name, Client};
+use crate::api::{metrics, new_executor_name, Client};
 use crate::base::cancel::{Cancel, CancelReason};
 use crate::config::Settings;
 use crate::document::{FailureKind, RunDocument};
@@ -222,7 +222,10 @@ pub fn run(settings: Settings) -> Result<i32> {
             }
             Ok(None) if t.elapsed() >= long_poll / 2 => continue,
             Ok(None) => {}
-            Err(e) => ui.log(&format!("dequeue failed: {e}")),
+            Err(e) => {
+                metrics::registry().add(metrics::DEQUEUE_ERRORS, &[], 1.0);
+                ui.log(&format!("dequeue failed: {e}"))
+            }
         }
         match sig.recv_timeout(settings.poll_interval) {
             Ok(s) => {
@@ -321,7 +324,10 @@ fn spawn_heartbeat(
                     }
                 }
             }
-            Err(e) => ui.log(&format!("heartbeat failed: {e}")),
+            Err(e) => {
+                metrics::registry().add(metrics::HEARTBEAT_ERRORS, &[], 1.0);
+                ui.log(&format!("heartbeat failed: {e}"))
+            }
         }
         if wait_or_stop(&stop, settings.heartbeat_interval) {
             return;
@@ -363,19 +369,21 @@ fn start_job(
 ) -> Result<std::thread::JoinHandle<()>> {
     let uid = doc.job.uid.clone();
     let cancel = Cancel::with_deadline(stage::deadline_instant(&doc));
-    running
-        .0
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .jobs
-        .insert(uid.clone(), Slot { cancel: cancel.clone(), dropped: false });
+    {
+        let mut r = running.0.lock().unwrap_or_else(|p| p.into_inner());
+        r.jobs.insert(uid.clone(), Slot { cancel: cancel.clone(), dropped: false });
+        metrics::registry().set(metrics::RUNNING, &[], r.jobs.len() as f64);
+    }
     let (settings, running, ui) = (settings.clone(), running.clone(), ui.clone());
     std::thread::Builder::new()
         .name(format!("job-{uid}"))
         .spawn(move || {
             run_job(&settings, doc, cancel, &ui);
             let (m, cv) = &*running;
-            m.lock().unwrap_or_else(|p| p.into_inner()).jobs.remove(&uid);
+            let mut r = m.lock().unwrap_or_else(|p| p.into_inner());
+            r.jobs.remove(&uid);
+            metrics::registry().set(metrics::RUNNING, &[], r.jobs.len() as f64);
+            drop(r);
             cv.notify_all();
         })
         .context("starting a job thread")
@@ -418,6 +426,8 @@ fn run_job(settings: &Arc<Settings>, mut doc: RunDocument, cancel: Cancel, ui: &
         (Some(c), None) => c.reported.clone(),
         (None, _) => "not reported".into(),
     };
+    let outcome = doc.completion.as_ref().map_or("not_reported", |c| c.reported.as_str());
+    metrics::registry().add(metrics::JOBS, &[&doc.executor.queue, outcome], 1.0);
     let lost = doc.completion.as_ref().is_some_and(|c| !c.accepted);
     ui.log(&format!(
         "job {uid}: {what}{} in {:.2}s",

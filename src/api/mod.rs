@@ -2,6 +2,8 @@
 //! headers, and jittered exponential retries (transport errors, 5xx except 501, 429; never other
 //! 4xx). Blocking (ureq), over HTTP or HTTPS (rustls, with an optional private CA).
 
+pub mod metrics;
+
 use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
@@ -149,6 +151,7 @@ pub struct Client {
     executor_name: String,
     retry: RetryPolicy,
     telemetry: Arc<ExecutorTelemetry>,
+    metrics_sources: Arc<metrics::Sources>,
 }
 
 impl std::fmt::Debug for Client {
@@ -187,7 +190,14 @@ impl Client {
             executor_name: executor_name.to_string(),
             retry: RetryPolicy::default(),
             telemetry: Arc::new(telemetry()),
+            metrics_sources: Arc::new(metrics::Sources::default()),
         })
+    }
+
+    /// Exporters whose metrics each heartbeat forwards after the executor's own.
+    pub fn with_metrics_sources(mut self, sources: metrics::Sources) -> Self {
+        self.metrics_sources = Arc::new(sources);
+        self
     }
 
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
@@ -388,7 +398,8 @@ impl Client {
         multi: bool,
         uids: &[String],
     ) -> Result<HeartbeatResponse, ApiError> {
-        let telemetry = (*self.telemetry).clone();
+        let mut telemetry = (*self.telemetry).clone();
+        telemetry.prometheus_metrics = metrics::gather(&self.metrics_sources);
         let (status, body) = if multi {
             let mut groups: Vec<QueueJobIds> = Vec::new();
             for uid in uids {
@@ -582,22 +593,52 @@ fn gather_telemetry() -> ExecutorTelemetry {
         "aarch64" => "arm64",
         a => a,
     };
-    let git_version = std::process::Command::new("git")
-        .arg("version")
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().trim_start_matches("git version ").to_string())
-        .unwrap_or_default();
     ExecutorTelemetry {
         os: std::env::consts::OS.into(),
         architecture: arch.into(),
         executor_version: VERSION.into(),
-        git_version,
-        ..Default::default()
+        git_version: tool_version("git", &["version"], "git version "),
+        // Only when src-cli is installed: jobs of this executor never call it themselves.
+        src_cli_version: tool_version("src", &["version", "-client-only"], "Current version: "),
+        // No Docker daemon and no ignite: steps run in this executor's own sandboxes.
+        docker_version: String::new(),
+        ignite_version: String::new(),
+        prometheus_metrics: String::new(),
     }
+}
+
+/// The first line a tool prints for `args`, without `prefix`; empty when it is missing, fails
+/// or takes longer than 5 s.
+fn tool_version(tool: &str, args: &[&str], prefix: &str) -> String {
+    let Ok(path) = which::which(tool) else {
+        return String::new();
+    };
+    let child = std::process::Command::new(path)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    let Ok(mut child) = child else {
+        return String::new();
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => break,
+            Ok(None) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return String::new();
+            }
+        }
+    }
+    let mut out = String::new();
+    if let Some(mut so) = child.stdout.take() {
+        let _ = so.read_to_string(&mut out);
+    }
+    out.lines().next().unwrap_or("").trim().trim_start_matches(prefix).to_string()
 }
 
 #[cfg(test)]

@@ -102,9 +102,88 @@ impl Metrics {
     }
 }
 
+/// The metrics executors sent in their heartbeats, as one exposition: each family once (HELP
+/// and TYPE from the first executor that described it), every sample with `executor="<name>"`
+/// added to its own labels. Families named like the coordinator's own (`executor_queue_`) are
+/// left out so that no family appears twice.
+pub fn merge_executor_metrics(per_executor: &[(String, String)]) -> String {
+    use crate::base::metrics::{add_label, line_name};
+    struct Family {
+        help: Option<String>,
+        kind: Option<String>,
+        samples: Vec<String>,
+    }
+    let mut order: Vec<String> = Vec::new();
+    let mut fams: std::collections::HashMap<String, Family> = std::collections::HashMap::new();
+    for (executor, text) in per_executor {
+        let mut current: Option<String> = None;
+        for line in text.lines() {
+            let Some(name) = line_name(line) else { continue };
+            let family = if line.starts_with('#') {
+                name.to_string()
+            } else {
+                match &current {
+                    Some(c)
+                        if name == c || name.strip_prefix(c.as_str()).is_some_and(|r| r.starts_with('_')) =>
+                    {
+                        c.clone()
+                    }
+                    _ => name.to_string(),
+                }
+            };
+            if family.starts_with("executor_queue_") {
+                continue;
+            }
+            current = Some(family.clone());
+            let f = fams.entry(family.clone()).or_insert_with(|| {
+                order.push(family.clone());
+                Family { help: None, kind: None, samples: Vec::new() }
+            });
+            if line.starts_with("# HELP ") {
+                f.help.get_or_insert_with(|| line.to_string());
+            } else if line.starts_with("# TYPE ") {
+                f.kind.get_or_insert_with(|| line.to_string());
+            } else {
+                f.samples.push(add_label(line, "executor", executor));
+            }
+        }
+    }
+    let mut out = String::new();
+    for name in order {
+        let Some(f) = fams.get(&name) else { continue };
+        for l in f.help.iter().chain(f.kind.iter()).chain(f.samples.iter()) {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn executor_metrics_merge_by_family_with_an_executor_label() {
+        let a = "# HELP executor_jobs_total Jobs.\n# TYPE executor_jobs_total counter\n\
+                 executor_jobs_total{queue=\"batches\",outcome=\"completed\"} 2\n\
+                 # TYPE executor_step_duration_seconds histogram\n\
+                 executor_step_duration_seconds_bucket{le=\"+Inf\"} 1\nexecutor_step_duration_seconds_count 1\n\
+                 executor_queue_jobs 99\n";
+        let b = "# HELP executor_jobs_total Jobs.\n# TYPE executor_jobs_total counter\n\
+                 executor_jobs_total{queue=\"batches\",outcome=\"failed\"} 1\nnode_load1 0.5\n";
+        let text = merge_executor_metrics(&[("e-a".into(), a.into()), ("e-b".into(), b.into())]);
+        assert_eq!(
+            text,
+            "# HELP executor_jobs_total Jobs.\n# TYPE executor_jobs_total counter\n\
+             executor_jobs_total{executor=\"e-a\",queue=\"batches\",outcome=\"completed\"} 2\n\
+             executor_jobs_total{executor=\"e-b\",queue=\"batches\",outcome=\"failed\"} 1\n\
+             # TYPE executor_step_duration_seconds histogram\n\
+             executor_step_duration_seconds_bucket{executor=\"e-a\",le=\"+Inf\"} 1\n\
+             executor_step_duration_seconds_count{executor=\"e-a\"} 1\n\
+             node_load1{executor=\"e-b\"} 0.5\n"
+        );
+    }
 
     #[test]
     fn histogram_is_cumulative() {

@@ -65,6 +65,12 @@ pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
             format!(": the step hit the job's {}", noted.hit.join("; and the job's "))
         };
         let duration_ms = started.elapsed().as_millis() as i64;
+        let result = if matches!(end, Ok(StepEnd::Exited(0))) { "success" } else { "failure" };
+        crate::api::metrics::registry().observe(
+            crate::api::metrics::STEP_SECONDS,
+            &[runtime.name(), result],
+            started.elapsed().as_secs_f64(),
+        );
         let (code, ended_by) = match &end {
             Ok(StepEnd::Exited(c)) => (*c, None),
             Ok(StepEnd::Signaled(s)) => (128 + s, Some(EndedBy::Killed)),

@@ -34,7 +34,14 @@ pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
     }
     // Held until the owner record names the new sandbox, so no janitor pass sees it unclaimed.
     let _janitor = crate::workspace::janitor_lock(&ctx.settings.state_dir, false)?;
-    match runtime.boot(&req).with_context(|| format!("starting the {} sandbox", runtime.name())) {
+    let started = std::time::Instant::now();
+    let booted = runtime.boot(&req).with_context(|| format!("starting the {} sandbox", runtime.name()));
+    crate::api::metrics::registry().observe(
+        crate::api::metrics::BOOT_SECONDS,
+        &[runtime.name(), if booted.is_ok() { "success" } else { "failure" }],
+        started.elapsed().as_secs_f64(),
+    );
+    match booted {
         Ok(record) => {
             entry.line(&format!("started sandbox {}", record.name));
             let _ = entry.finish(0);

@@ -267,10 +267,23 @@ pub(super) async fn get_artifacts(
         .into_response())
 }
 
+/// How long an executor's last metrics stay on `/metrics` after its last heartbeat.
+const EXECUTOR_METRICS_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(300);
+
 pub(super) async fn metrics(State(app): State<Shared>) -> HttpResult<Response> {
     let since = store::now_ms() - ACTIVE_WINDOW.as_millis() as i64;
     let (counts, active) = db(&app, move |s| Ok((s.counts()?, s.active_executors(since)?))).await?;
-    let text = app.metrics.render(&counts, &app.cfg.queues, active);
+    let mut text = app.metrics.render(&counts, &app.cfg.queues, active);
+    let latest: Vec<(String, String)> = {
+        let mut m = app.executor_metrics.lock().unwrap_or_else(|p| p.into_inner());
+        // An executor silent for this long is gone; its last numbers go with it.
+        let oldest = store::now_ms() - EXECUTOR_METRICS_MAX_AGE.as_millis() as i64;
+        m.retain(|_, (at, _)| *at >= oldest);
+        let mut v: Vec<(String, String)> = m.iter().map(|(k, (_, t))| (k.clone(), t.clone())).collect();
+        v.sort();
+        v
+    };
+    text.push_str(&crate::server::metrics::merge_executor_metrics(&latest));
     Ok((
         StatusCode::OK,
         [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))],

@@ -148,6 +148,32 @@ fn telemetry_info(name: &str, t: &protocol::ExecutorTelemetry) -> ExecutorInfo {
     }
 }
 
+/// Largest `prometheusMetrics` an executor may send; a bigger heartbeat is refused with 413.
+pub(super) const MAX_EXECUTOR_METRICS: usize = 256 << 10;
+
+/// Refuses metrics over [`MAX_EXECUTOR_METRICS`].
+fn check_metrics(text: &str) -> HttpResult<()> {
+    if text.len() > MAX_EXECUTOR_METRICS {
+        return Err(http_err(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the heartbeat's prometheusMetrics holds {} bytes, more than the {} accepted",
+                text.len(),
+                MAX_EXECUTOR_METRICS
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Keeps an executor's latest metrics for `/metrics` (a ping's empty text keeps the last).
+fn keep_metrics(app: &Shared, executor: &str, text: String) {
+    if !text.is_empty() {
+        let mut m = app.executor_metrics.lock().unwrap_or_else(|p| p.into_inner());
+        m.insert(executor.to_string(), (store::now_ms(), text));
+    }
+}
+
 pub(super) async fn heartbeat_single(
     State(app): State<Shared>,
     KnownQueue(queue): KnownQueue,
@@ -158,11 +184,13 @@ pub(super) async fn heartbeat_single(
     if req.executor_name.is_empty() {
         return Err(http_err(StatusCode::BAD_REQUEST, "executorName must not be empty"));
     }
+    check_metrics(&req.telemetry.prometheus_metrics)?;
     let ids = parse_ids(&req.job_ids, &queue)?;
     let mut info = telemetry_info(&req.executor_name, &req.telemetry);
     info.queue_name = Some(queue.clone());
     info.queue_names = vec![queue];
     let (known, cancel) = db(&app, move |s| s.heartbeat(&info, &ids, store::now_ms())).await?;
+    keep_metrics(&app, &req.executor_name, req.telemetry.prometheus_metrics);
     let resp = protocol::HeartbeatResponse {
         known_ids: known.iter().map(|(id, _)| id.to_string()).collect(),
         cancel_ids: cancel.iter().map(|(id, _)| id.to_string()).collect(),
@@ -179,6 +207,7 @@ pub(super) async fn heartbeat_multi(
     if req.executor_name.is_empty() {
         return Err(http_err(StatusCode::BAD_REQUEST, "executorName must not be empty"));
     }
+    check_metrics(&req.telemetry.prometheus_metrics)?;
     if req.queue_names.is_empty() {
         return Err(http_err(StatusCode::BAD_REQUEST, "queueNames must not be empty"));
     }
@@ -200,6 +229,7 @@ pub(super) async fn heartbeat_multi(
     let mut info = telemetry_info(&req.executor_name, &req.telemetry);
     info.queue_names = req.queue_names.clone();
     let (known, cancel) = db(&app, move |s| s.heartbeat(&info, &ids, store::now_ms())).await?;
+    keep_metrics(&app, &req.executor_name, req.telemetry.prometheus_metrics);
     let resp = protocol::HeartbeatResponse {
         known_ids: known.iter().map(|(id, q)| format!("{id}-{q}")).collect(),
         cancel_ids: cancel.iter().map(|(id, q)| format!("{id}-{q}")).collect(),

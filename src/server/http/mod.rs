@@ -48,6 +48,8 @@ struct App {
     logs_changed: Notify,
     shutdown: watch::Sender<bool>,
     metrics: Metrics,
+    /// The latest `prometheusMetrics` of each executor, with when it came (ms).
+    executor_metrics: std::sync::Mutex<std::collections::HashMap<String, (i64, String)>>,
     secret_digest: [u8; 32],
     admin_digest: [u8; 32],
     artifact_dir: std::path::PathBuf,
@@ -69,6 +71,7 @@ impl App {
             logs_changed: Notify::new(),
             shutdown,
             metrics: Metrics::default(),
+            executor_metrics: Default::default(),
             artifact_dir,
             json_limit,
         }

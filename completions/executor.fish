@@ -494,6 +494,12 @@ complete -c executor -n "__fish_executor_using_subcommand install; and __fish_se
 complete -c executor -n "__fish_executor_using_subcommand test-vm" -l state-dir -d 'State directory holding vm/ (see `executor install vm`)' -r -F
 complete -c executor -n "__fish_executor_using_subcommand test-vm" -l accel -d 'Accelerator: kvm, tcg, or auto (KVM where the cached boot probe passed, else TCG if allowed)' -r
 complete -c executor -n "__fish_executor_using_subcommand test-vm" -l timeout -d 'Seconds the boot and the command may take together' -r
+complete -c executor -n "__fish_executor_using_subcommand test-vm" -l repo -d 'Clone this repository from the coordinator into the VM\'s workspace (/data, where the command then runs), as a job\'s would be; needs EXECUTOR_FRONTEND_URL and the shared secret' -r
+complete -c executor -n "__fish_executor_using_subcommand test-vm" -l revision -d 'The commit (or ref) of --repo to check out' -r
+complete -c executor -n "__fish_executor_using_subcommand test-vm" -l frontend-url -d 'The coordinator serving --repo' -r
+complete -c executor -n "__fish_executor_using_subcommand test-vm" -l frontend-ca -d 'PEM file of CA certificates trusted for an https coordinator' -r -F
+complete -c executor -n "__fish_executor_using_subcommand test-vm" -l password-file -d 'Read the shared secret from this file instead of EXECUTOR_FRONTEND_PASSWORD' -r -F
+complete -c executor -n "__fish_executor_using_subcommand test-vm" -l queue -d 'The queue whose heartbeat route registers this executor before the clone' -r
 complete -c executor -n "__fish_executor_using_subcommand test-vm" -l allow-tcg -d 'Allow `--accel auto` to fall back to TCG software emulation (slow)'
 complete -c executor -n "__fish_executor_using_subcommand test-vm" -l json -d 'Print the phases as one JSON object on stdout instead of text on stderr'
 complete -c executor -n "__fish_executor_using_subcommand test-vm" -s h -l help -d 'Print help'

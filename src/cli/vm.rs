@@ -53,6 +53,25 @@ pub struct TestVmArgs {
     /// Print the phases as one JSON object on stdout instead of text on stderr
     #[arg(long)]
     pub json: bool,
+    /// Clone this repository from the coordinator into the VM's workspace (/data, where the
+    /// command then runs), as a job's would be; needs EXECUTOR_FRONTEND_URL and the shared secret
+    #[arg(long, value_name = "NAME", requires = "revision")]
+    pub repo: Option<String>,
+    /// The commit (or ref) of --repo to check out
+    #[arg(long, value_name = "REV", requires = "repo")]
+    pub revision: Option<String>,
+    /// The coordinator serving --repo
+    #[arg(long, env = "EXECUTOR_FRONTEND_URL", value_name = "URL")]
+    pub frontend_url: Option<String>,
+    /// PEM file of CA certificates trusted for an https coordinator
+    #[arg(long, env = "EXECUTOR_FRONTEND_CA", value_name = "FILE")]
+    pub frontend_ca: Option<PathBuf>,
+    /// Read the shared secret from this file instead of EXECUTOR_FRONTEND_PASSWORD
+    #[arg(long, env = "EXECUTOR_FRONTEND_PASSWORD_FILE", value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+    /// The queue whose heartbeat route registers this executor before the clone
+    #[arg(long = "queue", env = "EXECUTOR_QUEUE_NAME", value_name = "NAME", default_value = "batches")]
+    pub queue: String,
     /// The command to run in the guest's initramfs (busybox applets are on PATH)
     #[arg(last = true, default_value = "uname -a")]
     pub command: Vec<String>,
@@ -105,14 +124,23 @@ impl OutputSink for Passthrough {
 }
 
 pub fn test_vm(args: TestVmArgs) -> Result<i32> {
-    let opts = runtime_options(args.state_dir, &args.vm)?;
+    let opts = runtime_options(args.state_dir.clone(), &args.vm)?;
     let rt = MicroVm::new(opts);
     let argv = if args.command.len() == 1 {
         vec!["/bin/sh".to_string(), "-c".to_string(), args.command[0].clone()]
     } else {
         args.command.clone()
     };
-    let (phases, end, run, accel) = rt.test_vm(&argv, &mut Passthrough, Duration::from_secs(args.timeout))?;
+    let workspace = match (&args.repo, &args.revision) {
+        (Some(repo), Some(rev)) => Some(clone_for_test_vm(&args, repo, rev)?),
+        _ => None,
+    };
+    let (phases, end, run, accel) = rt.test_vm(
+        &argv,
+        workspace.as_ref().map(|w| w.path()),
+        &mut Passthrough,
+        Duration::from_secs(args.timeout),
+    )?;
     let code = match end {
         StepEnd::Exited(c) => c,
         StepEnd::Signaled(s) => 128 + s,
@@ -136,4 +164,71 @@ pub fn test_vm(args: TestVmArgs) -> Result<i32> {
         eprintln!("test-vm: command         {:>6} ms, exit {code}", run.as_millis());
     }
     Ok(if code == 0 { exit::OK } else { exit::JOB_FAILED })
+}
+
+/// Clones `repo` at `rev` from the coordinator into a fresh workspace, authenticated as the
+/// contract's fallback for callers without a job token: the shared secret, from an executor
+/// that heartbeated first (Sourcegraph's `test-vm` does the same).
+fn clone_for_test_vm(args: &TestVmArgs, repo: &str, rev: &str) -> Result<tempfile::TempDir> {
+    let url = args
+        .frontend_url
+        .as_deref()
+        .filter(|u| !u.is_empty())
+        .context("--repo needs the coordinator: set EXECUTOR_FRONTEND_URL (--frontend-url)")?
+        .trim_end_matches('/');
+    let secret = crate::config::load_password(args.password_file.as_deref())?;
+    let name = crate::api::new_executor_name();
+    let client = crate::api::Client::new(args.frontend_ca.as_deref(), &secret, url, &name)?;
+    client
+        .ping(std::slice::from_ref(&args.queue), false)
+        .map_err(|e| anyhow::anyhow!("registering with the coordinator at {url}: {e}"))?;
+    let dir = args.state_dir.join("workspaces");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let ws = tempfile::Builder::new()
+        .prefix("test-vm-")
+        .tempdir_in(&dir)
+        .with_context(|| format!("creating a workspace in {}", dir.display()))?;
+    let job = crate::protocol::Job {
+        repository_name: repo.to_string(),
+        commit: rev.to_string(),
+        ..Default::default()
+    };
+    let redactor = crate::base::redact::Redactor::for_job(secret.expose(), &Default::default());
+    let logger = crate::logs::JobLogger::new(std::sync::Arc::new(StderrLogs), redactor, true);
+    let cx = crate::workspace::CloneContext {
+        frontend_url: url,
+        executor_name: &name,
+        secret: Some(&secret),
+        ca_file: args.frontend_ca.as_deref(),
+        cache_dir: None,
+        max_bytes: 0,
+        git_timeout: Duration::from_secs(600),
+    };
+    crate::workspace::clone_repository(&job, ws.path(), &logger, &cx)
+        .with_context(|| format!("cloning {repo} at {rev}"))?;
+    eprintln!("test-vm: cloned {repo} at {rev}");
+    Ok(ws)
+}
+
+/// Prints the clone's log entries on stderr as they arrive (the logger sends deltas here).
+struct StderrLogs;
+
+impl crate::logs::LogTransport for StderrLogs {
+    fn add(&self, entry: &crate::protocol::ExecutionLogEntry) -> Result<i64, crate::api::ApiError> {
+        let command = entry.command.as_ref().map(|c| c.join(" ")).unwrap_or_default();
+        eprintln!("test-vm: {} {command}", entry.key);
+        Ok(1)
+    }
+    fn update(
+        &self,
+        _id: i64,
+        entry: &crate::protocol::ExecutionLogEntry,
+        _append: bool,
+    ) -> Result<(), crate::api::ApiError> {
+        if let Some(out) = &entry.out {
+            let mut err = std::io::stderr().lock();
+            let _ = err.write_all(out.as_bytes());
+        }
+        Ok(())
+    }
 }

@@ -110,7 +110,7 @@ fn request(server: &Server, ws: &Path, commit: &str) -> CloneRequest {
         shallow: false,
         sparse: vec![],
         dir: ws.join("repo"),
-        auth: GitAuth { token: TOKEN.into(), job_id: 1, executor_name: "e".into() },
+        auth: GitAuth { token: TOKEN.into(), job_id: 1, executor_name: "e".into(), secret: None },
         cache: None,
         step_timeout: Duration::from_secs(60),
         ca_file: None,

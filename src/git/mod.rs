@@ -30,9 +30,13 @@ pub trait LogWriter {
 /// How the executor authenticates to the coordinator's git routes for one job.
 #[derive(Clone)]
 pub struct GitAuth {
+    /// The job's token (hex); empty on old coordinators and for `test-vm`.
     pub token: String,
     pub job_id: i64,
     pub executor_name: String,
+    /// The executors' shared secret, sent (`token-executor`) only when `token` is empty, as
+    /// the contract's fallback says.
+    pub secret: Option<crate::base::secret::Secret>,
 }
 
 impl std::fmt::Debug for GitAuth {
@@ -45,8 +49,14 @@ impl GitAuth {
     /// `GIT_CONFIG_*` variables that add the job headers to every HTTP request of one git
     /// process. They live only in that child's environment.
     fn env(&self) -> Vec<(String, String)> {
+        let authorization = match &self.secret {
+            Some(secret) if self.token.is_empty() => {
+                format!("Authorization: {} {}", crate::protocol::SCHEME_EXECUTOR, secret.expose())
+            }
+            _ => format!("Authorization: Bearer {}", self.token),
+        };
         let headers = [
-            format!("Authorization: Bearer {}", self.token),
+            authorization,
             format!("{}: {}", crate::protocol::HEADER_JOB_ID, self.job_id),
             format!("{}: {}", crate::protocol::HEADER_EXECUTOR_NAME, self.executor_name),
         ];
@@ -465,7 +475,12 @@ mod tests {
             shallow: false,
             sparse: vec![],
             dir: "/w/r".into(),
-            auth: GitAuth { token: "t".repeat(40), job_id: 7, executor_name: "e".into() },
+            auth: GitAuth {
+                token: "t".repeat(40),
+                job_id: 7,
+                executor_name: "e".into(),
+                secret: Some(crate::base::secret::Secret::new("s".repeat(24))),
+            },
             cache: None,
             step_timeout: Duration::from_secs(1),
             ca_file: None,
@@ -499,7 +514,13 @@ mod tests {
         assert_eq!(env[0], ("GIT_CONFIG_COUNT".to_string(), "3".to_string()));
         assert!(env.iter().any(|(_, v)| v == &format!("Authorization: Bearer {}", "t".repeat(40))));
         assert!(env.iter().any(|(_, v)| v == "X-Sourcegraph-Job-ID: 7"));
+        assert!(!env.iter().any(|(_, v)| v.contains("token-executor")), "the secret only without a token");
         assert!(!format!("{:?}", req().auth).contains(&"t".repeat(40)));
+        let mut fallback = req().auth;
+        fallback.token.clear();
+        let env = fallback.env();
+        assert!(env.iter().any(|(_, v)| v == &format!("Authorization: token-executor {}", "s".repeat(24))));
+        assert!(!format!("{fallback:?}").contains(&"s".repeat(24)));
     }
 
     #[test]

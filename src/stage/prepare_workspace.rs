@@ -44,6 +44,7 @@ pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
     let cx = workspace::CloneContext {
         frontend_url: ctx.client.base_url(),
         executor_name: ctx.client.executor_name(),
+        secret: Some(&ctx.settings.password),
         ca_file: ctx.settings.frontend_ca.as_deref(),
         cache_dir: Some(ctx.settings.state_dir.join("cache").join("git")),
         max_bytes: ctx.settings.limits().disk_bytes,

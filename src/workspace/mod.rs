@@ -112,6 +112,8 @@ pub fn remove(ws: &Path) -> Result<()> {
 pub struct CloneContext<'a> {
     pub frontend_url: &'a str,
     pub executor_name: &'a str,
+    /// The shared secret, used only for a job without a token (the contract's fallback).
+    pub secret: Option<&'a crate::base::secret::Secret>,
     pub ca_file: Option<&'a Path>,
     /// Root of the per-repository object caches (`$EXECUTOR_STATE_DIR/cache/git`).
     pub cache_dir: Option<PathBuf>,
@@ -145,6 +147,7 @@ pub fn clone_repository(job: &Job, ws: &Path, logger: &JobLogger, cx: &CloneCont
             token: job.token.clone(),
             job_id: job.id,
             executor_name: cx.executor_name.to_string(),
+            secret: cx.secret.cloned(),
         },
         cache: cx.cache_dir.clone().map(crate::git::ObjectCache::new),
         step_timeout: cx.git_timeout,
@@ -428,6 +431,7 @@ mod clone_tests {
         let cx = CloneContext {
             frontend_url: "http://127.0.0.1:1",
             executor_name: "e",
+            secret: None,
             ca_file: None,
             cache_dir: None,
             max_bytes: 0,

@@ -108,10 +108,25 @@ fn repositories_are_served_only_to_their_jobs() {
     // No token: 401.
     let (ok, err) = ls_remote(&c, "github.com/acme/a", &[]);
     assert!(!ok && unauthorized(&err), "{err}");
-    // The shared secret is no job token.
+    // The contract's fallback for callers without a job token (Sourcegraph's test-vm): the shared
+    // secret from an executor that heartbeated reads a served repository; a wrong secret, an
+    // executor never seen, or no executor headers do not.
+    let secret = |s: &str, name: &str| {
+        vec![
+            format!("Authorization: token-executor {s}"),
+            "X-Sourcegraph-Job-ID: 0".to_string(),
+            format!("X-Sourcegraph-Executor-Name: {name}"),
+        ]
+    };
+    let (ok, err) = ls_remote(&c, "github.com/acme/b", &secret(&c.secret, "exec-1"));
+    assert!(ok, "{err}");
+    let (ok, err) = ls_remote(&c, "github.com/acme/a", &secret(&"x".repeat(c.secret.len()), "exec-1"));
+    assert!(!ok && err.contains("403"), "{err}");
+    let (ok, err) = ls_remote(&c, "github.com/acme/a", &secret(&c.secret, "never-seen"));
+    assert!(!ok && unauthorized(&err), "{err}");
     let (ok, err) =
         ls_remote(&c, "github.com/acme/a", &[format!("Authorization: token-executor {}", c.secret)]);
-    assert!(!ok && unauthorized(&err), "{err}");
+    assert!(!ok && err.contains("400"), "{err}");
     // A job on a repository nobody registered: 404.
     let (ok, err) = ls_remote(&c, "github.com/acme/unregistered", &job_headers(&job_u, "exec-1"));
     assert!(!ok && (err.contains("404") || err.contains("not found")), "{err}");

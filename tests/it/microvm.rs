@@ -408,3 +408,45 @@ fn microvm_loop_runs_a_coordinator_job_in_a_guest_and_uploads_its_artifact() {
         .unwrap_or_default();
     assert!(!left.iter().any(|n: &String| n.starts_with(&prefix)), "{left:?}");
 }
+
+/// `test-vm --repo NAME --revision REV` clones the repository from the coordinator (with the
+/// contract's shared-secret fallback, as Sourcegraph's test-vm does) into the VM's /data.
+#[test]
+fn test_vm_clones_a_repository_into_its_workspace() {
+    let name = "test_vm_clones_a_repository_into_its_workspace";
+    if let Some(why) = missing() {
+        return common::skip(name, "microvm", &why);
+    }
+    let state = state_dir();
+    let c = crate::coordinator::Coordinator::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (repo, c1, c2) = crate::gitserve::make_repo(tmp.path(), "widgets");
+    Exec::new()
+        .with(|cmd| c.admin_env(cmd))
+        .args(["queue", "repo", "add", "github.com/acme/widgets", repo.to_str().unwrap()])
+        .run();
+    let test_vm = |rev: &str| {
+        Exec::new()
+            .args(["test-vm", "--accel", "tcg", "--timeout", "120", "--repo", "github.com/acme/widgets"])
+            .args(["--revision", rev, "--", "cat a.txt; cat sub/s.txt 2>&1; git rev-parse HEAD 2>&1; pwd"])
+            .env("EXECUTOR_STATE_DIR", &state)
+            .env("EXECUTOR_FRONTEND_URL", &c.url)
+            .env("EXECUTOR_FRONTEND_PASSWORD", &c.secret)
+    };
+    let out = test_vm(&c2).stderr_has("test-vm: cloned github.com/acme/widgets at").run();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("\ntwo\ns\n") && err.contains("/data"), "the second commit's tree in /data: {err}");
+    assert!(!err.contains(&c.secret), "the secret never printed");
+    let out = test_vm(&c1).run();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("\none\n") && err.contains("sub/s.txt"), "the first commit has no sub/: {err}");
+    // Without the coordinator's secret there is no clone, and the error says why.
+    Exec::new()
+        .args(["test-vm", "--accel", "tcg", "--repo", "github.com/acme/widgets", "--revision", &c2])
+        .env("EXECUTOR_STATE_DIR", &state)
+        .env("EXECUTOR_FRONTEND_URL", &c.url)
+        .env("EXECUTOR_FRONTEND_PASSWORD", "a-wrong-secret-of-enough-length")
+        .fails()
+        .stderr_has("registering with the coordinator")
+        .run();
+}

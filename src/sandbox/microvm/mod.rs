@@ -350,23 +350,26 @@ impl MicroVm {
         Ok(())
     }
 
-    /// Boots a VM with no workspace and runs `argv` in its initramfs (for `test-vm`).
+    /// Boots a VM (with `workspace` as its `/data`, if given) and runs `argv` in its initramfs,
+    /// from `/data` when there is a workspace (for `test-vm`).
     pub fn test_vm(
         &self,
         argv: &[String],
+        workspace: Option<&Path>,
         sink: &mut dyn OutputSink,
         timeout: Duration,
     ) -> Result<(BootPhases, StepEnd, Duration, Accel)> {
         let (accel, why) = self.choose_accel()?;
         let rec = self.boot_retrying(
             "executor-test",
-            &VmBoot::new(None, &[], accel, why, &super::Limits::default(), timeout),
+            &VmBoot::new(workspace, &[], accel, why, &super::Limits::default(), timeout),
         )?;
         let det = Self::details(&rec).unwrap_or_default();
         let t = Instant::now();
         let cancel = Cancel::with_deadline(Some(Instant::now() + timeout));
+        let cwd = if workspace.is_some() { "/data" } else { "/" };
         let req =
-            RunRequest { id: 1, image: u32::MAX, argv: argv.to_vec(), cwd: "/".into(), env: base_env() };
+            RunRequest { id: 1, image: u32::MAX, argv: argv.to_vec(), cwd: cwd.into(), env: base_env() };
         let res = self.request(&rec, req, sink, &cancel);
         let elapsed = t.elapsed();
         let _ = self.teardown(&rec);

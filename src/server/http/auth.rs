@@ -174,11 +174,44 @@ impl FromRequestParts<Shared> for JobCaller {
 }
 
 /// The caller of a route outside a queue (git, files): `Authorization: Bearer <job token>` with
-/// the job and executor headers; the shared secret does not open these routes.
+/// the job and executor headers; the shared secret does not open the files routes (the git
+/// routes take it as the contract's fallback: [`GitCaller`]).
 pub(super) struct JobToken {
     pub id: i64,
     /// The repository of the token's job.
     pub repository: String,
+}
+
+/// The caller of the git routes: a job's token (which reads only its job's repository), or the
+/// contract's fallback for callers without one (Sourcegraph's `test-vm`): `token-executor
+/// <secret>` from an executor that has heartbeated, which reads any served repository.
+pub(super) enum GitCaller {
+    Job(JobToken),
+    Executor,
+}
+
+#[axum::async_trait]
+impl FromRequestParts<Shared> for GitCaller {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &Shared) -> HttpResult<Self> {
+        let (scheme, token) = parse_auth(&parts.headers)?;
+        if scheme != protocol::SCHEME_EXECUTOR {
+            return JobToken::from_request_parts(parts, app).await.map(GitCaller::Job);
+        }
+        let (_id, executor) = job_headers(&parts.headers)?;
+        if !secret_matches(&token, &app.secret_digest) {
+            return Err(http_err(StatusCode::FORBIDDEN, "invalid executor credentials"));
+        }
+        let name = executor.clone();
+        if !db(app, move |s| s.executor_known(&name)).await? {
+            return Err(http_err(
+                StatusCode::UNAUTHORIZED,
+                format!("unknown executor {executor:?}; heartbeat first"),
+            ));
+        }
+        Ok(GitCaller::Executor)
+    }
 }
 
 #[axum::async_trait]

@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use std::collections::HashMap;
 
-use super::auth::{AdminToken, JobToken};
+use super::auth::{AdminToken, GitCaller};
 use super::{db, http_err, json_response, query_params, read_json, HttpError, HttpResult, Shared};
 use crate::githttp::GitRoute;
 use crate::server::store;
@@ -37,18 +37,21 @@ impl FromRequestParts<Shared> for GitTarget {
 }
 
 /// `GET .../info/refs?service=git-upload-pack` and `POST .../git-upload-pack` of a registered
-/// repository, for the token of a job whose `repositoryName` is that repository.
+/// repository, for the token of a job whose `repositoryName` is that repository (or an executor
+/// using the contract's shared-secret fallback).
 pub(super) async fn git_route(
     State(app): State<Shared>,
     GitTarget { name, route }: GitTarget,
-    caller: JobToken,
+    caller: GitCaller,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> HttpResult<Response> {
-    if caller.repository != name {
-        return Err(http_err(StatusCode::FORBIDDEN, "invalid token for this repository"));
+    if let GitCaller::Job(job) = &caller {
+        if job.repository != name {
+            return Err(http_err(StatusCode::FORBIDDEN, "invalid token for this repository"));
+        }
     }
     let lookup = name.clone();
     let Some(dir) = db(&app, move |s| s.repo_path(&lookup)).await? else {

@@ -2,6 +2,7 @@
 //! loopback. Each area has its own module.
 
 mod common;
+mod console;
 mod coordinator;
 pub mod gitserve;
 mod image;

@@ -25,6 +25,11 @@ fn escape_into(buf: &mut String, s: &str) {
     }
 }
 
+/// A path on this server: `/...`, but not `//host` or `/\host` (which browsers read as another host).
+fn is_local_path(v: &str) -> bool {
+    v.starts_with('/') && !v.starts_with("//") && !v.starts_with("/\\")
+}
+
 impl Html {
     /// A document: the doctype and nothing else yet.
     pub fn document() -> Html {
@@ -41,11 +46,7 @@ impl Html {
             self.buf.push(' ');
             self.buf.push_str(name);
             self.buf.push_str("=\"");
-            let safe = if URL_ATTRS.contains(name) && !(value.starts_with('/') && !value.starts_with("//")) {
-                "#"
-            } else {
-                value
-            };
+            let safe = if URL_ATTRS.contains(name) && !is_local_path(value) { "#" } else { value };
             escape_into(&mut self.buf, safe);
             self.buf.push('"');
         }
@@ -166,10 +167,11 @@ mod tests {
         let mut h = Html::fragment();
         h.elem("a", &[("href", "javascript:alert(1)")], "x");
         h.elem("a", &[("href", "//evil.example/")], "y");
+        h.elem("a", &[("href", "/\\evil.example/")], "w");
         h.elem("a", &[("href", "/admin/jobs?repository=a%20b")], "z");
         assert_eq!(
             h.finish(),
-            "<a href=\"#\">x</a><a href=\"#\">y</a><a href=\"/admin/jobs?repository=a%20b\">z</a>"
+            "<a href=\"#\">x</a><a href=\"#\">y</a><a href=\"#\">w</a><a href=\"/admin/jobs?repository=a%20b\">z</a>"
         );
     }
 

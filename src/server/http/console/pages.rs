@@ -162,7 +162,7 @@ fn when(t: Option<&str>) -> String {
 fn duration_between(start: Option<&str>, end: Option<&str>) -> String {
     let parse = |t: &str| chrono::DateTime::parse_from_rfc3339(t).ok();
     let (Some(a), Some(b)) =
-        (start.and_then(parse), end.map(|e| parse(e)).unwrap_or_else(|| Some(chrono::Utc::now().into())))
+        (start.and_then(parse), end.map(parse).unwrap_or_else(|| Some(chrono::Utc::now().into())))
     else {
         return "—".into();
     };

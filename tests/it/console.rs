@@ -347,7 +347,7 @@ fn console_in_a_browser_shows_executors_and_follows_a_live_log() {
     let Some(b) = Browser::start("console_in_a_browser_shows_executors_and_follows_a_live_log") else {
         return;
     };
-    let c = Coordinator::start_with(&["--active-window", "2s"]);
+    let c = Coordinator::start_with(&["--active-window", "3s"]);
     let repo = tempfile::tempdir().unwrap();
     common::sh(repo.path(), "git init -q . && git commit -q --allow-empty -m init");
     let (code, body) = c.request(
@@ -386,6 +386,7 @@ fn console_in_a_browser_shows_executors_and_follows_a_live_log() {
         entry("exec-live-1", id, "step.docker.build", "line one\n"),
     );
     assert_eq!(code, 200);
+    ex.heartbeat("batches", &[id]);
     b.goto(&format!("{}/admin/executors", c.url));
     assert!(b.text("#active-executors").contains(&format!("#{id}")), "its running job is listed");
     b.screenshot("executors");
@@ -450,9 +451,9 @@ fn console_in_a_browser_shows_executors_and_follows_a_live_log() {
     b.goto(&format!("{}/admin/files", c.url));
     b.screenshot("files");
 
-    // Without heartbeats it turns inactive after the active window (2 s here).
+    // Without heartbeats it turns inactive after the active window (3 s here).
     b.goto(&format!("{}/admin/executors", c.url));
-    wait_until("the executor to turn inactive", Duration::from_secs(10), || {
+    wait_until("the executor to turn inactive", Duration::from_secs(20), || {
         b.script("location.reload(); return null;");
         std::thread::sleep(Duration::from_millis(200));
         b.text("#inactive-executors").contains("exec-live-1")
@@ -550,6 +551,12 @@ fn console_in_a_browser_cancels_requeues_and_keeps_hostile_text_inert() {
     assert_eq!(again["id"], id);
     assert_ne!(again["token"], job["token"], "a new run with a new token");
     inert(&b);
+
+    // The dialog check sees a dialog when there is one.
+    b.script("setTimeout(function () { alert('probe'); }, 0); return null;");
+    wait_until("the probe dialog", Duration::from_secs(5), || b.dialog_open());
+    b.cmd("POST", "/alert/dismiss", Some(json!({})));
+    assert!(!b.dialog_open());
 }
 
 fn inert_list(b: &Browser, script: &str, img: &str) {

@@ -422,6 +422,27 @@ fn console_in_a_browser_shows_executors_and_follows_a_live_log() {
     assert_eq!(b.script("return window.stillTheSamePage === true;"), json!(true), "no reload");
     b.screenshot("job-running");
 
+    // A step printing fast: every chunk arrives, in order, whatever bursts the stream gathers.
+    let mut want = b.text("#entry-1 pre");
+    let burst = Instant::now();
+    for i in 0..300 {
+        let chunk = format!("\x1b[3{}mfast {i}\x1b[0m\n", i % 8);
+        want.push_str(&format!("fast {i}\n"));
+        let (code, _) = ex.job_call(
+            "batches",
+            &job,
+            "updateExecutionLogEntry",
+            append("exec-live-1", id, "step.docker.build", &chunk),
+        );
+        assert_eq!(code, 204);
+    }
+    wait_until("the burst on the page", Duration::from_secs(10), || {
+        b.text("#entry-1 pre").len() >= want.len()
+    });
+    eprintln!("console live log: 300 appends sent and shown in {:?}", burst.elapsed());
+    assert_eq!(b.text("#entry-1 pre"), want);
+    assert_eq!(b.script("return document.querySelectorAll('#entry-1 pre .fg-5').length;"), json!(37));
+
     // A second step and the end of the job arrive live too.
     let (code, _) = ex.job_call(
         "batches",

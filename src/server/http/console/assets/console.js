@@ -1,6 +1,6 @@
-// The admin console's only script: follows a running job's log over server-sent events
-// (GET /admin/jobs/{id}/events) and appends what each step prints. Text is added with
-// textContent and the classes come from the server's fixed set, so nothing is parsed as HTML.
+//! The admin console's only script: follows a running job's log over server-sent events
+//! (GET /admin/jobs/{id}/events) and appends what each step prints. Text is added with
+//! textContent and the classes come from the server's fixed set, so nothing is parsed as HTML.
 "use strict";
 (function () {
   var log = document.getElementById("log");

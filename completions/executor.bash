@@ -2508,7 +2508,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__queue__subcmd__serve)
-            opts="-h -V --listen --data-dir --addr-file --queue --stalled-max-age --max-resets --max-retries --log-cap-bytes --artifact-max-bytes --secret-file --admin-token-file --tls-cert --tls-key --help --version"
+            opts="-h -V --listen --data-dir --addr-file --queue --stalled-max-age --active-window --max-resets --max-retries --log-cap-bytes --artifact-max-bytes --secret-file --admin-token-file --tls-cert --tls-key --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2531,6 +2531,10 @@ _executor() {
                     return 0
                     ;;
                 --stalled-max-age)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --active-window)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -92,6 +92,7 @@ complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l addr-file -d 'Write the base URL here (atomically) once the socket listens' -r -F
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l queue -d 'A queue to serve (repeatable; replaces the default set batches, codeintel)' -r
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l stalled-max-age -d 'A processing job without a heartbeat for this long goes back to the queue' -r
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l active-window -d 'An executor counts as active while its last heartbeat is at most this old' -r
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l max-resets -d 'How often a stalled job is requeued before it fails' -r
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l max-retries -d 'How often an errored job (markErrored) is retried before it fails (contract: 0)' -r
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l log-cap-bytes -d 'Cap on a job\'s stored log output, over all its entries' -r

@@ -161,6 +161,9 @@ pub struct ServeArgs {
     /// A processing job without a heartbeat for this long goes back to the queue
     #[arg(long, default_value = "25s", value_parser = crate::base::units::parse_duration)]
     pub stalled_max_age: Duration,
+    /// An executor counts as active while its last heartbeat is at most this old
+    #[arg(long, default_value = "15s", value_parser = crate::base::units::parse_duration)]
+    pub active_window: Duration,
     /// How often a stalled job is requeued before it fails
     #[arg(long, default_value_t = 3)]
     pub max_resets: i64,
@@ -218,6 +221,7 @@ impl ServeArgs {
             secret,
             admin_token,
             tls: self.tls_cert.zip(self.tls_key),
+            active_window: self.active_window,
         })
     }
 }

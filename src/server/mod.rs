@@ -20,7 +20,7 @@ pub const DEFAULT_LOG_CAP: u64 = 16 * 1024 * 1024;
 pub const DEFAULT_ARTIFACT_MAX: u64 = 100 * 1024 * 1024;
 /// Longest a dequeue may wait for a job.
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
-/// An executor is active when seen within this long (3 x the 5 s heartbeat).
+/// By default an executor is active when seen within this long (3 x the 5 s heartbeat).
 pub const ACTIVE_WINDOW: Duration = Duration::from_secs(15);
 
 /// Everything `serve` needs, validated.
@@ -38,6 +38,8 @@ pub struct ServeConfig {
     pub secret: String,
     pub admin_token: String,
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// An executor is active when it heartbeated within this long.
+    pub active_window: Duration,
 }
 
 impl std::fmt::Debug for ServeConfig {
@@ -86,6 +88,9 @@ fn check(cfg: &ServeConfig) -> Result<()> {
         if q.is_empty() || q.len() > 64 || !q.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             bail!("queue name {q:?} must be 1 to 64 letters, digits or underscores");
         }
+    }
+    if cfg.active_window.is_zero() {
+        bail!("--active-window must be longer than zero");
     }
     if cfg.max_resets < 0 || cfg.max_retries < 0 {
         bail!("--max-resets and --max-retries must not be negative");

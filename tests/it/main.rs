@@ -3,6 +3,7 @@
 
 mod common;
 mod conformance;
+mod console;
 mod coordinator;
 pub mod gitserve;
 mod image;

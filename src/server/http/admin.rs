@@ -14,7 +14,6 @@ use super::auth::AdminToken;
 use super::{db, http_err, job_id_param, json_response, query_params, read_json, HttpResult, Shared};
 use crate::protocol::Job;
 use crate::server::store::{self, CancelResult, JobState};
-use crate::server::ACTIVE_WINDOW;
 
 const JOB_FIELDS: &[&str] = &[
     "version",
@@ -166,7 +165,7 @@ pub(super) async fn list_jobs(
 
 /// The stored payload as the admin API shows it: `redactedValues` replaced by their count and
 /// every string with a secret in it redacted.
-fn admin_payload(payload: &str) -> Result<serde_json::Value> {
+pub(super) fn admin_payload(payload: &str) -> Result<serde_json::Value> {
     let mut v: serde_json::Value = serde_json::from_str(payload).context("stored payload is unreadable")?;
     let secrets: BTreeMap<String, String> =
         v.get("redactedValues").and_then(|r| serde_json::from_value(r.clone()).ok()).unwrap_or_default();
@@ -234,7 +233,7 @@ pub(super) async fn cancel_job(
 }
 
 pub(super) async fn list_executors(State(app): State<Shared>, _: AdminToken) -> HttpResult<Response> {
-    let active = ACTIVE_WINDOW.as_millis() as i64;
+    let active = app.cfg.active_window.as_millis() as i64;
     let rows = db(&app, move |s| s.executors(store::now_ms(), active)).await?;
     json_response(StatusCode::OK, &serde_json::json!({ "executors": rows }))
 }
@@ -245,7 +244,12 @@ pub(super) async fn get_artifacts(
     id: std::result::Result<Path<String>, PathRejection>,
 ) -> HttpResult<Response> {
     let id = job_id_param(id)?;
-    let detail = db(&app, move |s| s.job(id)).await?;
+    artifacts_of(&app, id).await
+}
+
+/// The stored artifacts tarball of job `id` as a streamed answer.
+pub(super) async fn artifacts_of(app: &Shared, id: i64) -> HttpResult<Response> {
+    let detail = db(app, move |s| s.job(id)).await?;
     let Some(detail) = detail else { return Err(http_err(StatusCode::NOT_FOUND, format!("no job {id}"))) };
     if detail.artifacts.is_none() {
         return Err(http_err(StatusCode::NOT_FOUND, format!("job {id} has no artifacts")));
@@ -271,7 +275,7 @@ pub(super) async fn get_artifacts(
 const EXECUTOR_METRICS_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(300);
 
 pub(super) async fn metrics(State(app): State<Shared>) -> HttpResult<Response> {
-    let since = store::now_ms() - ACTIVE_WINDOW.as_millis() as i64;
+    let since = store::now_ms() - app.cfg.active_window.as_millis() as i64;
     let (counts, active) = db(&app, move |s| Ok((s.counts()?, s.active_executors(since)?))).await?;
     let mut text = app.metrics.render(&counts, &app.cfg.queues, active);
     let latest: Vec<(String, String)> = {

@@ -18,7 +18,7 @@ pub(super) fn digest(s: &[u8]) -> [u8; 32] {
 }
 
 /// Constant-time comparison (of digests, so the length of the secret does not leak either).
-fn secret_matches(given: &str, want: &[u8; 32]) -> bool {
+pub(super) fn secret_matches(given: &str, want: &[u8; 32]) -> bool {
     let got = digest(given.as_bytes());
     got.iter().zip(want.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }

@@ -2,10 +2,12 @@
 //! `{"error": "..."}`), request helpers, the router, the stalled-job resetter and the listener
 //! (plain or TLS). The routes live beside this file by concern: `auth.rs` (extractors),
 //! `executor_routes.rs` (the `/.executors/queue/` protocol), `admin.rs` (the admin API and
-//! `/metrics`), `follow.rs` (log follows), `git.rs` (repositories) and `files.rs` (the files store).
+//! `/metrics`), `follow.rs` (log follows), `git.rs` (repositories), `files.rs` (the files store) and
+//! `console/` (the admin console's pages under `/admin/`).
 
 mod admin;
 mod auth;
+mod console;
 mod executor_routes;
 mod files;
 mod follow;
@@ -39,7 +41,7 @@ use follow::job_logs;
 use git::{add_repo, git_route, list_repos, remove_repo};
 
 /// Shared server state.
-struct App {
+pub(crate) struct App {
     cfg: Arc<ServeConfig>,
     store: StoreThread,
     /// Fired when a job may have become dequeueable (submit, reset, retry).
@@ -54,9 +56,11 @@ struct App {
     admin_digest: [u8; 32],
     artifact_dir: std::path::PathBuf,
     json_limit: usize,
+    /// The admin console's sessions.
+    console: console::Sessions,
 }
 
-type Shared = Arc<App>;
+pub(crate) type Shared = Arc<App>;
 
 impl App {
     fn new(cfg: Arc<ServeConfig>, store: StoreThread, artifact_dir: std::path::PathBuf) -> App {
@@ -74,6 +78,7 @@ impl App {
             executor_metrics: Default::default(),
             artifact_dir,
             json_limit,
+            console: console::Sessions::default(),
         }
     }
 
@@ -93,6 +98,7 @@ impl App {
             secret: "executor-secret-0123456789abcdef".into(),
             admin_token: "admin-token-0123456789abcdef0123".into(),
             tls: None,
+            active_window: super::ACTIVE_WINDOW,
         };
         let store = StoreThread::start(Store::open_in_memory().unwrap()).unwrap();
         Arc::new(App::new(Arc::new(cfg), store, std::path::PathBuf::from("/nonexistent")))
@@ -102,7 +108,7 @@ impl App {
 /// An error answer: status plus a message for `{"error": ...}`. (Not `api::ApiError`, the
 /// client's error.)
 #[derive(Debug)]
-pub(super) struct HttpError {
+pub(crate) struct HttpError {
     status: StatusCode,
     message: String,
 }
@@ -134,7 +140,7 @@ impl From<StoreError> for HttpError {
 }
 
 /// Runs `f` on the store thread.
-async fn db<T, F>(app: &Shared, f: F) -> HttpResult<T>
+pub(crate) async fn db<T, F>(app: &Shared, f: F) -> HttpResult<T>
 where
     T: Send + 'static,
     F: FnOnce(&mut Store) -> store::Result<T> + Send + 'static,
@@ -149,7 +155,7 @@ async fn read_json<T: serde::de::DeserializeOwned>(body: Body, limit: usize) -> 
         .map_err(|e| http_err(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
 }
 
-async fn read_limited(body: Body, limit: usize) -> HttpResult<bytes::Bytes> {
+pub(crate) async fn read_limited(body: Body, limit: usize) -> HttpResult<bytes::Bytes> {
     match http_body_util::Limited::new(body, limit).collect().await {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
@@ -159,17 +165,17 @@ async fn read_limited(body: Body, limit: usize) -> HttpResult<bytes::Bytes> {
     }
 }
 
-fn path_param(p: std::result::Result<Path<String>, PathRejection>) -> HttpResult<String> {
+pub(crate) fn path_param(p: std::result::Result<Path<String>, PathRejection>) -> HttpResult<String> {
     p.map(|Path(s)| s).map_err(|e| http_err(StatusCode::BAD_REQUEST, format!("invalid path: {e}")))
 }
 
-fn query_params(
+pub(crate) fn query_params(
     q: std::result::Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> HttpResult<HashMap<String, String>> {
     q.map(|Query(m)| m).map_err(|e| http_err(StatusCode::BAD_REQUEST, format!("invalid query string: {e}")))
 }
 
-fn job_id_param(p: std::result::Result<Path<String>, PathRejection>) -> HttpResult<i64> {
+pub(crate) fn job_id_param(p: std::result::Result<Path<String>, PathRejection>) -> HttpResult<i64> {
     let s = path_param(p)?;
     match s.parse::<i64>() {
         Ok(id) if id > 0 => Ok(id),
@@ -218,11 +224,29 @@ fn router(app: Shared) -> Router {
         .route("/api/files", get(list_files))
         .route("/api/files/:bucket/*key", put(put_file))
         .route("/metrics", get(metrics))
+        .route("/admin", get(|| async { console_redirect() }))
+        .route("/admin/", get(console::home))
+        .route("/admin/sign-in", post(console::sign_in))
+        .route("/admin/sign-out", post(console::sign_out))
+        .route("/admin/executors", get(console::executors))
+        .route("/admin/jobs", get(console::jobs))
+        .route("/admin/jobs/:id", get(console::job))
+        .route("/admin/jobs/:id/events", get(console::job_events))
+        .route("/admin/jobs/:id/artifacts", get(console::artifacts))
+        .route("/admin/jobs/:id/cancel", post(console::cancel))
+        .route("/admin/jobs/:id/requeue", post(console::requeue))
+        .route("/admin/repos", get(console::repos))
+        .route("/admin/files", get(console::files))
+        .route("/admin/assets/:name", get(console::asset))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Bodies are limited per route by `read_limited` and the artifact cap.
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(app)
+}
+
+fn console_redirect() -> Response {
+    (StatusCode::MOVED_PERMANENTLY, [(header::LOCATION, HeaderValue::from_static("/admin/"))]).into_response()
 }
 
 async fn stalled_resetter(app: Shared) {

@@ -102,6 +102,16 @@ pub enum CancelResult {
     Done(JobRow),
 }
 
+/// What requeueing a job did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RequeueResult {
+    NotFound,
+    /// The job has not finished: it is in this state.
+    NotFinal(JobState),
+    /// The finished job is queued again.
+    Done(JobRow),
+}
+
 /// What a stalled-job sweep did to one job.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reset {
@@ -110,10 +120,11 @@ pub struct Reset {
     pub new_state: JobState,
 }
 
-const ROW_COLS: &str = "id, queue, state, repository_name, failure_message, num_resets, num_failures, \
+pub(super) const ROW_COLS: &str =
+    "id, queue, state, repository_name, failure_message, num_resets, num_failures, \
      executor_name, created_at, started_at, finished_at, cancel";
 
-fn job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
+pub(super) fn job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
     Ok(JobRow {
         id: row.get(0)?,
         queue: row.get(1)?,
@@ -361,6 +372,28 @@ impl Store {
         let summary = tx.query_row(&format!("SELECT {ROW_COLS} FROM jobs WHERE id = ?1"), [id], job_row)?;
         tx.commit()?;
         Ok(CancelResult::Done(summary))
+    }
+
+    /// Puts a finished job (completed, failed, canceled) back in its queue as if just submitted:
+    /// the next dequeue runs it again from the start (its old log goes at that dequeue).
+    pub fn requeue(&mut self, id: i64) -> Result<RequeueResult> {
+        let tx = self.conn.transaction()?;
+        let state: Option<JobState> =
+            tx.query_row("SELECT state FROM jobs WHERE id = ?1", [id], |r| r.get(0)).optional()?;
+        match state {
+            None => return Ok(RequeueResult::NotFound),
+            Some(s) if !s.is_final() => return Ok(RequeueResult::NotFinal(s)),
+            Some(_) => {}
+        }
+        tx.execute(
+            "UPDATE jobs SET state = 'queued', cancel = 0, failure_message = NULL, executor_name = NULL, \
+             token_sha256 = NULL, started_at = NULL, finished_at = NULL, last_heartbeat_at = NULL, \
+             num_resets = 0, num_failures = 0 WHERE id = ?1",
+            [id],
+        )?;
+        let row = tx.query_row(&format!("SELECT {ROW_COLS} FROM jobs WHERE id = ?1"), [id], job_row)?;
+        tx.commit()?;
+        Ok(RequeueResult::Done(row))
     }
 
     /// Requeues (or fails, past `max_resets`) every processing job whose last heartbeat is

@@ -6,15 +6,18 @@
 //! second connection (`Checkpointer`) copies the WAL back into the database file off that thread.
 //! What the calls do lives beside this file: `jobs.rs` (the job state machine, job tokens as
 //! SHA-256 only, executors, artifacts), `logs.rs` (execution log entries with the per-job size
-//! cap) and `repos.rs` (served repositories and the files store).
+//! cap), `repos.rs` (served repositories and the files store) and `console.rs` (the admin
+//! console's paged queries).
 
+mod console;
 mod jobs;
 mod logs;
 mod repos;
 
+pub use console::{JobFilter, JobPageRow};
 pub use jobs::{
     ArtifactInfo, CancelResult, Dequeued, ExecutorInfo, ExecutorRow, JobDetail, JobRefs, JobRow, Outcome,
-    Reset, TOO_MANY_RESETS,
+    RequeueResult, Reset, TOO_MANY_RESETS,
 };
 pub use logs::{truncation_marker, StoredLogEntry};
 pub use repos::{FileRow, RepoRow};
@@ -103,6 +106,13 @@ CREATE TABLE log_chunks (
     data TEXT NOT NULL,
     PRIMARY KEY (job_id, entry_id, seq)
 );
+"#,
+    // The admin console's jobs page: newest first under each filter, by index alone.
+    r#"
+CREATE INDEX jobs_queue_id ON jobs (queue, id);
+CREATE INDEX jobs_state_id ON jobs (state, id);
+CREATE INDEX jobs_repository_id ON jobs (repository_name, id);
+CREATE INDEX jobs_executor_state ON jobs (executor_name, state);
 "#,
 ];
 

@@ -1,0 +1,215 @@
+//! The admin console under `/admin/`: server-rendered pages (executors, jobs, a job with its
+//! live log, repositories, files) written with the escaping `html::Html` builder, a sign-in with
+//! the admin token that opens a server-side session (cookie: HttpOnly, SameSite=Strict, Secure
+//! under TLS, 12 h), a CSRF token on every form that changes state, and strict security headers
+//! on every answer. CSS and the one script (live logs) are compiled in.
+
+mod ansi;
+mod html;
+mod pages;
+
+use axum::body::Body;
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use super::{read_limited, Shared};
+
+pub(super) use pages::{
+    artifacts, asset, cancel, executors, files, home, job, job_events, jobs, repos, requeue, sign_in,
+    sign_out,
+};
+
+/// How long a session lasts after sign-in.
+pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
+/// The session cookie's name.
+const COOKIE: &str = "executor_console";
+/// The largest form body the console reads.
+const FORM_LIMIT: usize = 16 * 1024;
+
+/// One signed-in browser.
+#[derive(Clone)]
+struct Session {
+    csrf: String,
+    expires: Instant,
+}
+
+/// The server-side sessions, by the SHA-256 of the cookie's value (a leaked table does not
+/// leak cookies). Kept in memory: a restart signs everyone out.
+#[derive(Default)]
+pub(super) struct Sessions {
+    map: Mutex<HashMap<[u8; 32], Session>>,
+}
+
+fn random_hex(bytes: usize) -> String {
+    use rand::RngCore;
+    let mut raw = vec![0u8; bytes];
+    rand::thread_rng().fill_bytes(&mut raw);
+    hex::encode(raw)
+}
+
+impl Sessions {
+    /// Opens a session; returns (cookie value, CSRF token).
+    fn open(&self) -> (String, String) {
+        let (id, csrf) = (random_hex(32), random_hex(32));
+        let now = Instant::now();
+        if let Ok(mut map) = self.map.lock() {
+            map.retain(|_, s| s.expires > now);
+            map.insert(
+                super::auth::digest(id.as_bytes()),
+                Session { csrf: csrf.clone(), expires: now + SESSION_TTL },
+            );
+        }
+        (id, csrf)
+    }
+
+    fn get(&self, id: &str) -> Option<Session> {
+        let map = self.map.lock().ok()?;
+        map.get(&super::auth::digest(id.as_bytes())).filter(|s| s.expires > Instant::now()).cloned()
+    }
+
+    fn close(&self, id: &str) {
+        if let Ok(mut map) = self.map.lock() {
+            map.remove(&super::auth::digest(id.as_bytes()));
+        }
+    }
+}
+
+/// The session cookie's value in the request, if any.
+fn cookie_value(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == COOKIE)
+        .map(|(_, v)| v.to_string())
+}
+
+/// Constant-time equality of two strings' digests.
+fn same(a: &str, b: &str) -> bool {
+    let (x, y) = (super::auth::digest(a.as_bytes()), super::auth::digest(b.as_bytes()));
+    x.iter().zip(y.iter()).fold(0u8, |acc, (p, q)| acc | (p ^ q)) == 0
+}
+
+/// A signed-in browser: the pages' extractor. Without a live session the answer is a redirect
+/// to the sign-in form.
+pub(super) struct ConsoleSession {
+    id: String,
+    csrf: String,
+}
+
+#[axum::async_trait]
+impl FromRequestParts<Shared> for ConsoleSession {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, app: &Shared) -> Result<Self, Response> {
+        let id = cookie_value(&parts.headers).ok_or_else(|| see_other("/admin/"))?;
+        let s = app.console.get(&id).ok_or_else(|| see_other("/admin/"))?;
+        Ok(ConsoleSession { id, csrf: s.csrf })
+    }
+}
+
+impl ConsoleSession {
+    /// Reads a form body and checks its `csrf` field against the session's (403 otherwise).
+    async fn form(&self, body: Body) -> Result<HashMap<String, String>, Response> {
+        let bytes = read_limited(body, FORM_LIMIT).await.map_err(IntoResponse::into_response)?;
+        let form: HashMap<String, String> = html::parse_form(&bytes).into_iter().collect();
+        match form.get("csrf") {
+            Some(token) if same(token, &self.csrf) => Ok(form),
+            _ => Err(page_response(
+                StatusCode::FORBIDDEN,
+                pages::message_page(
+                    "Refused",
+                    "missing or invalid CSRF token: reload the page and try again",
+                ),
+            )),
+        }
+    }
+}
+
+/// The headers every console answer carries.
+fn secure(resp: &mut Response) {
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; \
+             form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'",
+        ),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.entry(header::CACHE_CONTROL).or_insert(HeaderValue::from_static("no-store"));
+}
+
+/// An HTML page with the console's headers.
+fn page_response(status: StatusCode, body: String) -> Response {
+    let mut resp =
+        (status, [(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"))], body)
+            .into_response();
+    secure(&mut resp);
+    resp
+}
+
+/// 303 See Other to a console path.
+fn see_other(location: &'static str) -> Response {
+    see_other_to(location.to_string())
+}
+
+fn see_other_to(location: String) -> Response {
+    let mut resp = StatusCode::SEE_OTHER.into_response();
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    secure(&mut resp);
+    resp
+}
+
+/// The `Set-Cookie` value that opens (`Some`) or ends (`None`) a session.
+fn set_cookie(value: Option<&str>, tls: bool) -> String {
+    let secure = if tls { "; Secure" } else { "" };
+    match value {
+        Some(v) => format!(
+            "{COOKIE}={v}; Path=/admin; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
+            SESSION_TTL.as_secs()
+        ),
+        None => format!("{COOKIE}=; Path=/admin; HttpOnly; SameSite=Strict; Max-Age=0{secure}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_open_close_and_compare() {
+        let s = Sessions::default();
+        let (id, csrf) = s.open();
+        assert_eq!((id.len(), csrf.len()), (64, 64));
+        assert_eq!(s.get(&id).map(|x| x.csrf), Some(csrf.clone()));
+        assert!(s.get(&csrf).is_none());
+        s.close(&id);
+        assert!(s.get(&id).is_none());
+        assert!(same("abc", "abc") && !same("abc", "abd"));
+    }
+
+    #[test]
+    fn the_cookie_is_found_among_others_and_set_strictly() {
+        let mut h = HeaderMap::new();
+        h.insert(header::COOKIE, HeaderValue::from_static("a=1; executor_console=xyz; b=2"));
+        assert_eq!(cookie_value(&h).as_deref(), Some("xyz"));
+        let c = set_cookie(Some("v"), true);
+        for part in ["HttpOnly", "SameSite=Strict", "Secure", "Path=/admin", "Max-Age=43200"] {
+            assert!(c.contains(part), "{c}");
+        }
+        assert!(!set_cookie(Some("v"), false).contains("Secure"));
+        assert!(set_cookie(None, false).contains("Max-Age=0"));
+    }
+}

@@ -245,11 +245,8 @@ pub fn write_files_and_scripts(
             } else {
                 &f.content
             };
-            let path = crate::base::fs::write_file(ws, rel, content, 0o777)
+            crate::base::fs::write_file_at(ws, rel, content, 0o777, f.modified_at)
                 .with_context(|| format!("writing job file {rel:?}"))?;
-            if let Some(m) = f.modified_at {
-                crate::base::fs::set_mtime(&path, m)?;
-            }
             entry.line(&format!("Wrote {rel} in {:?}", t.elapsed()));
         }
         for (rel, body) in &scripts {

@@ -582,7 +582,7 @@ fn gather_telemetry() -> ExecutorTelemetry {
         "aarch64" => "arm64",
         a => a,
     };
-    let git_version = std::process::Command::new("git")
+    let git_version = crate::base::proc::command("git")
         .arg("version")
         .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

@@ -1069,3 +1069,80 @@ fn oci_runc_uid_ranges_are_per_job() {
 fn oci_crun_uid_ranges_are_per_job() {
     uid_ranges_are_per_job("crun", "oci_crun_uid_ranges_are_per_job");
 }
+
+/// Finding 3 of the security review: children inherited the executor's environment, with the
+/// coordinator's shared secret in it. Every kind of child an OCI job starts (git for the clone,
+/// mkfs.ext4 and mount for the workspace disk, the OCI runtime) is wrapped by a script first in
+/// PATH that saves `/proc/self/environ` as the child starts, then execs the real program.
+#[test]
+fn oci_children_never_see_the_executors_environment() {
+    let test = "oci_children_never_see_the_executors_environment";
+    if !can_run(test, "runc") {
+        return;
+    }
+    if which::which("mkfs.ext4").is_err() {
+        common::skip(test, "ext4", "mkfs.ext4 (e2fsprogs) is needed for the workspace disk");
+        return;
+    }
+    let c = crate::coordinator::Coordinator::start();
+    let f = Fixture::new("runc");
+    let repo = f.tmp.path().join("env-repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(repo.join("README"), "hi\n").unwrap();
+    common::sh(&repo, "git init -q -b main . && git add -A && git commit -qm one");
+    let commit = common::sh(&repo, "git rev-parse HEAD");
+    Exec::new().with(|cmd| c.admin_env(cmd)).args(["queue", "repo", "add", "github.com/acme/env"]).arg(&repo).run();
+
+    let wrap = f.tmp.path().join("wrap");
+    let seen = f.tmp.path().join("seen");
+    std::fs::create_dir_all(&wrap).unwrap();
+    std::fs::create_dir_all(&seen).unwrap();
+    let kinds = ["git", "mkfs.ext4", "mount", "runc"];
+    for name in kinds {
+        let real = which::which(name).unwrap();
+        let script = format!(
+            "#!/bin/sh\ncat /proc/$$/environ > '{}/{name}.'$$\nexec '{}' \"$@\"\n",
+            seen.display(),
+            real.display()
+        );
+        std::fs::write(wrap.join(name), script).unwrap();
+        std::fs::set_permissions(wrap.join(name), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let id = c.submit(serde_json::json!({"repositoryName": "github.com/acme/env", "commit": commit,
+        "dockerSteps": [{"image": "busybox", "commands": ["cat README"]}]}));
+    let path = format!("{}:{}", wrap.display(), std::env::var("PATH").unwrap_or_default());
+    let marker = "unrelated-env-marker-7f3a";
+    let mut cmd = common::executor();
+    c.executor_env(&mut cmd);
+    cmd.env("PATH", &path)
+        .env("SOME_OPERATOR_TOKEN", marker)
+        .env("EXECUTOR_QUEUE_NAME", "batches")
+        .env("EXECUTOR_RUNTIME", "oci")
+        .env("EXECUTOR_OCI_RUNTIME", "runc")
+        .env("EXECUTOR_STATE_DIR", f.state())
+        .env("EXECUTOR_VM_PREFIX", format!("ocienv{}", &uuid::Uuid::new_v4().simple().to_string()[..8]))
+        .env("EXECUTOR_FIRECRACKER_DISK_SPACE", "32M")
+        .env("EXECUTOR_NUM_TOTAL_JOBS", "1")
+        .env("EXECUTOR_MAXIMUM_RUNTIME_PER_JOB", "60s")
+        .env("EXECUTOR_HEARTBEAT_INTERVAL", "300ms")
+        .arg("loop");
+    common::assert_ok(&common::run(&mut cmd));
+    let job = c.wait_state(id, &["completed", "failed", "errored"], Duration::from_secs(30));
+    assert_eq!(job["state"], "completed", "{}", job_log(&job));
+
+    for name in kinds {
+        let mut n = 0;
+        for e in std::fs::read_dir(&seen).unwrap() {
+            let e = e.unwrap();
+            if !e.file_name().to_string_lossy().starts_with(&format!("{name}.")) {
+                continue;
+            }
+            n += 1;
+            let env = String::from_utf8_lossy(&std::fs::read(e.path()).unwrap()).replace('\0', "\n");
+            for secret in [c.secret.as_str(), marker, "EXECUTOR_"] {
+                assert!(!env.contains(secret), "{name} started with {secret:?} in its environment:\n{env}");
+            }
+        }
+        assert!(n > 0, "the executor never started {name}");
+    }
+}

@@ -68,9 +68,8 @@ pub fn start_in_dir_keeping(cmd: &mut Command, dir: RawFd, keep: Vec<RawFd>) {
 /// idmapped mount ([`idmapped_bind`]) takes. A short-lived child unshares it; the namespace
 /// lives on through the fd after the child is gone.
 pub fn userns_fd(inner: u32, outer: u32, count: u32) -> std::io::Result<std::os::fd::OwnedFd> {
-    let mut cmd = Command::new("sleep");
+    let mut cmd = crate::base::proc::command("sleep");
     cmd.arg("30")
-        .env_clear()
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());

@@ -17,7 +17,7 @@ use std::collections::HashSet;
 use std::fs;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use super::{
@@ -260,7 +260,7 @@ impl MicroVm {
         let mem = if limits.memory_bytes > 0 { limits.memory_bytes } else { DEFAULT_MEMORY };
         let debug = std::env::var_os("EXECUTOR_VM_DEBUG").is_some();
         let cmdline = kernel_cmdline(det.images.len(), workspace.is_some(), debug, tsc_khz());
-        let mut cmd = Command::new(QEMU);
+        let mut cmd = crate::base::proc::command(QEMU);
         cmd.args(["-name", &rec.name, "-M", MACHINE, "-nodefaults", "-no-user-config"]);
         cmd.args([
             "-display",

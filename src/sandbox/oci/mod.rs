@@ -306,7 +306,7 @@ impl OciRuntime {
 
     /// The OCI runtime command with its global flags (state root, platform).
     fn runtime_cmd(&self, which: &str, state_dir: &Path) -> Command {
-        let mut cmd = Command::new(which);
+        let mut cmd = crate::base::proc::command(which);
         cmd.arg("--root").arg(state_dir.join("runtime"));
         match which {
             "runsc" => {
@@ -470,7 +470,8 @@ impl Runtime for OciRuntime {
         // Every OCI runtime this host has, so an operator sees which `--oci-runtime` would work.
         for which in OCI_RUNTIMES {
             let version = which::which(which).ok().and_then(|bin| {
-                let v = Command::new(&bin).arg("--version").stdin(Stdio::null()).output().ok()?;
+                let v =
+                    crate::base::proc::command(&bin).arg("--version").stdin(Stdio::null()).output().ok()?;
                 let line = String::from_utf8_lossy(&v.stdout).lines().next().unwrap_or("").to_string();
                 Some(format!("{} ({line})", bin.display()))
             });

@@ -267,6 +267,37 @@ impl Beneath {
     }
 }
 
+/// Creates `dir` (and its missing parents) readable by its owner only, and makes an existing one
+/// so: for directories that hold secrets or job data (the coordinator's data directory).
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    let m = std::fs::symlink_metadata(dir)?;
+    if !m.is_dir() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a directory"));
+    }
+    if m.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// Makes the regular file `path` readable by its owner only, creating it empty if it is missing;
+/// a symlink is refused.
+pub fn private_file(path: &Path) -> std::io::Result<()> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    if f.metadata()?.permissions().mode() & 0o077 != 0 {
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}
+
 /// Writes `bytes` to `path` through a temporary file in the same directory, so that a reader
 /// never sees half a file and a crash leaves the old one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {

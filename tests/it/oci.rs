@@ -1091,7 +1091,11 @@ fn oci_children_never_see_the_executors_environment() {
     std::fs::write(repo.join("README"), "hi\n").unwrap();
     common::sh(&repo, "git init -q -b main . && git add -A && git commit -qm one");
     let commit = common::sh(&repo, "git rev-parse HEAD");
-    Exec::new().with(|cmd| c.admin_env(cmd)).args(["queue", "repo", "add", "github.com/acme/env"]).arg(&repo).run();
+    Exec::new()
+        .with(|cmd| c.admin_env(cmd))
+        .args(["queue", "repo", "add", "github.com/acme/env"])
+        .arg(&repo)
+        .run();
 
     let wrap = f.tmp.path().join("wrap");
     let seen = f.tmp.path().join("seen");

@@ -397,8 +397,14 @@ pub(super) async fn put_artifacts(
 
 /// Streams `body` into `path` (fsynced). `None` when it exceeds `max` bytes.
 async fn receive_to_file(body: Body, path: &std::path::Path, max: u64) -> HttpResult<Option<(u64, String)>> {
-    let mut file =
-        tokio::fs::File::create(path).await.with_context(|| format!("creating {}", path.display()))?;
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .await
+        .with_context(|| format!("creating {}", path.display()))?;
     let mut hasher = Sha256::new();
     let mut total: u64 = 0;
     let mut body = body;

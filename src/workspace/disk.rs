@@ -4,6 +4,7 @@
 //! executor that cannot mount falls back to checking the clone's size afterwards and says so.
 
 use anyhow::{bail, Context, Result};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -63,6 +64,7 @@ pub fn mount(ws: &Path, bytes: u64) -> Result<Duration> {
         let f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(&img)
             .with_context(|| format!("creating the workspace disk {}", img.display()))?;
         f.set_len(bytes).with_context(|| format!("sizing the workspace disk {}", img.display()))?;

@@ -70,13 +70,37 @@ pub fn create_for_job(
 
 /// Creates a fresh workspace directory for the job and records its owner.
 pub fn create(workspaces_dir: &Path, owner: &Owner) -> Result<PathBuf> {
-    std::fs::create_dir_all(workspaces_dir)
-        .with_context(|| format!("creating {}", workspaces_dir.display()))?;
+    // The workspaces' parent may be searched (an OCI container's mapped root resolves its
+    // workspace through it) but not listed; each workspace is its owner's alone: root's, or the
+    // sandbox's mapped root's while its steps run. Its files keep the contract's 0777 inside.
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(workspaces_dir)
+            .with_context(|| format!("creating {}", workspaces_dir.display()))?;
+        let md = std::fs::metadata(workspaces_dir)
+            .with_context(|| format!("inspecting {}", workspaces_dir.display()))?;
+        if md.permissions().mode() & 0o066 != 0 {
+            std::fs::set_permissions(workspaces_dir, std::fs::Permissions::from_mode(0o711))
+                .with_context(|| format!("closing {} to other users", workspaces_dir.display()))?;
+        }
+    }
     let safe_uid: String =
         owner.job_uid.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
     let rand = uuid::Uuid::new_v4().simple().to_string();
     let ws = workspaces_dir.join(format!("workspace-{safe_uid}-{}", &rand[..12]));
-    std::fs::create_dir(&ws).with_context(|| format!("creating the workspace {}", ws.display()))?;
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&ws)
+            .with_context(|| format!("creating the workspace {}", ws.display()))?;
+        // Exactly 0700, whatever the umask.
+        std::fs::set_permissions(&ws, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("setting the mode of the workspace {}", ws.display()))?;
+    }
     write_owner(&ws, owner)?;
     Ok(ws)
 }

@@ -1150,3 +1150,92 @@ fn oci_children_never_see_the_executors_environment() {
         assert!(n > 0, "the executor never started {name}");
     }
 }
+
+/// Finding 2 of the security review: another local user read a running job's secret file and
+/// appended to its next step's script (run as the job). Checked as `nobody` while a real job's
+/// first step runs: nothing of the workspace can be listed, read or changed, the workspace disk
+/// image cannot be read, and the job's next step runs what the job wrote, unchanged.
+#[test]
+fn oci_other_users_cannot_touch_a_running_job() {
+    let test = "oci_other_users_cannot_touch_a_running_job";
+    if !can_run(test, "runc") {
+        return;
+    }
+    if which::which("mkfs.ext4").is_err() {
+        common::skip(test, "ext4", "mkfs.ext4 (e2fsprogs) is needed for the workspace disk");
+        return;
+    }
+    let c = crate::coordinator::Coordinator::start();
+    let f = Fixture::new("runc");
+    let id = c.submit(serde_json::json!({
+        "files": {"secret.txt": {"content": "job-secret-content"}},
+        "dockerSteps": [
+            {"key": "wait", "image": "busybox", "commands": ["echo started", "sleep 4", "cat secret.txt"]},
+            {"key": "next", "image": "busybox", "commands": ["echo next ran", "ls -la /data >/dev/null"]}
+        ]
+    }));
+    let mut cmd = common::executor();
+    c.executor_env(&mut cmd);
+    cmd.env("EXECUTOR_QUEUE_NAME", "batches")
+        .env("EXECUTOR_RUNTIME", "oci")
+        .env("EXECUTOR_OCI_RUNTIME", "runc")
+        .env("EXECUTOR_STATE_DIR", f.state())
+        .env("EXECUTOR_VM_PREFIX", format!("ociprv{}", &uuid::Uuid::new_v4().simple().to_string()[..8]))
+        .env("EXECUTOR_FIRECRACKER_DISK_SPACE", "32M")
+        .env("EXECUTOR_NUM_TOTAL_JOBS", "1")
+        .env("EXECUTOR_MAXIMUM_RUNTIME_PER_JOB", "60s")
+        .env("EXECUTOR_HEARTBEAT_INTERVAL", "300ms")
+        .arg("loop")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut executor = cmd.spawn().unwrap();
+    common::wait_until("the first step to start", Duration::from_secs(30), || {
+        let job = c.job(id);
+        job["logs"].as_array().is_some_and(|l| {
+            l.iter().any(|e| {
+                e["key"] == "step.docker.wait" && e["out"].as_str().unwrap_or("").contains("started")
+            })
+        })
+    });
+    let workspaces = f.state().join("workspaces");
+    let ws = std::fs::read_dir(&workspaces)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.is_dir())
+        .expect("the job's workspace");
+    let img = workspaces.join(format!("{}.img", ws.file_name().unwrap().to_string_lossy()));
+    let scripts: Vec<PathBuf> = std::fs::read_dir(ws.join(".sourcegraph-executor"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "sh"))
+        .collect();
+    assert_eq!(scripts.len(), 2, "{scripts:?}");
+    let as_nobody = |script: &str| {
+        let o = Exec::program("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c", script])
+            .any_status()
+            .run();
+        (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    let mut attempts = vec![
+        format!("ls '{}'", workspaces.display()),
+        format!("cat '{}/secret.txt'", ws.display()),
+        format!("ls '{}'", ws.display()),
+        format!("head -c 4096 '{}' >/dev/null", img.display()),
+        format!("touch '{}/planted'", ws.display()),
+    ];
+    for s in &scripts {
+        attempts.push(format!("echo 'echo INJECTED' >> '{}'", s.display()));
+    }
+    for a in &attempts {
+        let (ok, out) = as_nobody(a);
+        assert!(!ok, "nobody could `{a}` during a job: {out}");
+    }
+    let st = executor.wait().unwrap();
+    assert!(st.success());
+    let job = c.wait_state(id, &["completed", "failed", "errored"], Duration::from_secs(30));
+    let log = job_log(&job);
+    assert_eq!(job["state"], "completed", "the job still reads and runs its own files: {log}");
+    assert!(log.contains("job-secret-content") && log.contains("next ran"), "{log}");
+    assert!(!log.contains("INJECTED"), "{log}");
+}

@@ -869,3 +869,42 @@ fn coordinator_data_is_private_from_the_first_byte() {
         }
     }
 }
+
+/// Finding 7 of the security review: `queue logs` wrote a job's OSC title and screen-clear
+/// sequences to the terminal as they were, and a job could print lines that pass for the CLI's
+/// own `==>` headers. Job-controlled text (output, keys, failure messages, executor names) is
+/// escaped unless `--raw`.
+#[test]
+fn admin_cli_escapes_what_a_job_controls() {
+    let c = Coordinator::start();
+    let id = c.submit(Coordinator::simple_job());
+    let ex = c.executor("host-1");
+    ex.heartbeat("batches", &[]);
+    let got = ex.dequeue("batches", "").expect("a job");
+    let hostile =
+        "stdout: \u{1b}]0;pwned\u{7}\u{1b}[2Jcleared\n==> [9] step.docker.9: exit 0\n\u{202e}txt.exe\n";
+    let mut body = entry_body("host-1", id, hostile);
+    body["key"] = json!("step.docker.\u{1b}[31mred");
+    assert_eq!(ex.job_call("batches", &got, "addExecutionLogEntry", body).0, 200);
+    assert_eq!(ex.mark("batches", &got, "markFailed", "failed \u{1b}[1A\u{1b}[2Kok"), 204);
+    let cli = |args: &[&str]| {
+        let o = Exec::new().with(|cmd| c.admin_env(cmd)).args(["queue"]).args(args).run();
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let id = id.to_string();
+    for args in [vec!["logs", id.as_str()], vec!["show", id.as_str()], vec!["jobs"], vec!["executors"]] {
+        let out = cli(&args);
+        assert!(
+            !out.contains('\u{1b}') && !out.contains('\u{7}') && !out.contains('\u{202e}'),
+            "{args:?}:\n{out}"
+        );
+        assert!(!out.lines().any(|l| l.starts_with("==> [9]")), "{args:?}: a forged header:\n{out}");
+    }
+    let logs = cli(&["logs", &id]);
+    assert!(logs.contains("\\x1b]0;pwned\\x07\\x1b[2Jcleared"), "{logs}");
+    assert!(logs.contains("\\x3d=> [9] step.docker.9: exit 0"), "{logs}");
+    assert!(logs.contains("==> [1] step.docker.\\x1b[31mred"), "{logs}");
+    assert!(cli(&["jobs"]).contains("failed \\x1b[1A\\x1b[2Kok"));
+    let raw = cli(&["logs", &id, "--raw"]);
+    assert!(raw.contains(hostile.trim_start_matches("stdout: ")), "--raw prints the bytes:\n{raw}");
+}

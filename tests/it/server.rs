@@ -908,3 +908,74 @@ fn admin_cli_escapes_what_a_job_controls() {
     let raw = cli(&["logs", &id, "--raw"]);
     assert!(raw.contains(hostile.trim_start_matches("stdout: ")), "--raw prints the bytes:\n{raw}");
 }
+
+/// Finding 5 of the security review: the log cap counted output only (40 entries with a 1 MiB
+/// command each grew the data directory by 40 MiB past a 16 MiB cap), and heartbeats stored any
+/// number of executor names of any size. Everything a client makes the coordinator store counts.
+#[test]
+fn every_byte_a_client_stores_counts_against_a_cap() {
+    let c = Coordinator::start();
+    let id = c.submit(Coordinator::simple_job());
+    let ex = c.executor("host-1");
+    ex.heartbeat("batches", &[]);
+    let got = ex.dequeue("batches", "").expect("a job");
+    let mut codes = Vec::new();
+    let mut refusal = String::new();
+    for i in 0..40 {
+        let mut body = entry_body("host-1", id, "");
+        body["key"] = json!(format!("step.docker.{i}"));
+        body["command"] = json!(["sh", "-c", "x".repeat(256 << 10)]);
+        let (code, text) = ex.job_call("batches", &got, "addExecutionLogEntry", body);
+        if code != 200 {
+            refusal = text;
+        }
+        codes.push(code);
+    }
+    assert_eq!(codes.iter().filter(|c| **c == 200).count(), 3, "{codes:?}");
+    assert!(codes[3..].iter().all(|c| *c == 413), "{codes:?}");
+    assert!(refusal.contains("log cap"), "{refusal}");
+    let stored: usize = c.job(id)["logs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["key"].as_str().unwrap().len() + e["command"].to_string().len())
+        .sum();
+    assert!(stored <= 1 << 20, "{stored} bytes of keys and commands stored past their cap of 1 MiB");
+    // A failure message is cut, not stored whole.
+    assert_eq!(ex.mark("batches", &got, "markFailed", &"m".repeat(1 << 20)), 204);
+    let msg = c.job(id)["failureMessage"].as_str().unwrap().to_string();
+    assert!(msg.len() < 17 << 10 && msg.ends_with("truncated at 16384 bytes]"), "{} bytes", msg.len());
+
+    // Heartbeats: a field too long, a body too large, too many names.
+    let hb = |name: &str, extra: usize| {
+        c.executor(name).post(
+            "batches/heartbeat",
+            &json!({"executorName": name, "version": "V2", "jobIds": [], "os": "linux",
+                    "architecture": "amd64", "executorVersion": "x".repeat(extra)}),
+        )
+    };
+    let (code, text) = hb("host-2", 300);
+    assert_eq!(code, 413, "{text}");
+    assert!(text.contains("executorVersion"), "{text}");
+    // A body past the limit: 413, or the connection closed while the client still sent it.
+    let big = json!({"executorName": "host-2", "version": "V2", "jobIds": [], "os": "x".repeat(1 << 20)});
+    let sent = ureq::post(&format!("{}/.executors/queue/batches/heartbeat", c.url))
+        .set("Authorization", &format!("token-executor {}", c.secret))
+        .set("Content-Type", "application/json")
+        .send_string(&big.to_string());
+    match sent {
+        Ok(r) => panic!("a 1 MiB heartbeat was accepted: {}", r.status()),
+        Err(ureq::Error::Status(code, r)) => {
+            assert_eq!(code, 413, "{}", r.into_string().unwrap_or_default())
+        }
+        Err(ureq::Error::Transport(_)) => {}
+    }
+    for i in 0..999 {
+        let (code, text) = hb(&format!("many-{i}"), 0);
+        assert_eq!(code, 200, "executor {i}: {text}");
+    }
+    let (code, text) = hb("one-too-many", 0);
+    assert_eq!(code, 413, "{text}");
+    assert!(text.contains("1000 executors"), "{text}");
+    assert_eq!(hb("many-5", 0).0, 200, "a known executor still heartbeats");
+}

@@ -148,13 +148,29 @@ fn telemetry_info(name: &str, t: &protocol::ExecutorTelemetry) -> ExecutorInfo {
     }
 }
 
+/// The largest heartbeat body: names, telemetry and the ids of the jobs an executor runs.
+const HEARTBEAT_LIMIT: usize = 256 << 10;
+
+/// Records a heartbeat; what does not fit its caps is refused with 413 and the reason.
+async fn heartbeat_store(
+    app: &Shared,
+    info: ExecutorInfo,
+    ids: Vec<(i64, String)>,
+) -> HttpResult<(store::JobRefs, store::JobRefs)> {
+    match app.store.call(move |s| s.heartbeat(&info, &ids, store::now_ms())).await {
+        Ok(r) => Ok(r),
+        Err(StoreError::OverCap(why)) => Err(http_err(StatusCode::PAYLOAD_TOO_LARGE, why)),
+        Err(e) => Err(e.into()),
+    }
+}
+
 pub(super) async fn heartbeat_single(
     State(app): State<Shared>,
     KnownQueue(queue): KnownQueue,
     _: ExecutorSecret,
     body: Body,
 ) -> HttpResult<Response> {
-    let req: protocol::HeartbeatRequestV1 = read_json(body, app.json_limit).await?;
+    let req: protocol::HeartbeatRequestV1 = read_json(body, HEARTBEAT_LIMIT).await?;
     if req.executor_name.is_empty() {
         return Err(http_err(StatusCode::BAD_REQUEST, "executorName must not be empty"));
     }
@@ -162,7 +178,7 @@ pub(super) async fn heartbeat_single(
     let mut info = telemetry_info(&req.executor_name, &req.telemetry);
     info.queue_name = Some(queue.clone());
     info.queue_names = vec![queue];
-    let (known, cancel) = db(&app, move |s| s.heartbeat(&info, &ids, store::now_ms())).await?;
+    let (known, cancel) = heartbeat_store(&app, info, ids).await?;
     let resp = protocol::HeartbeatResponse {
         known_ids: known.iter().map(|(id, _)| id.to_string()).collect(),
         cancel_ids: cancel.iter().map(|(id, _)| id.to_string()).collect(),
@@ -175,7 +191,7 @@ pub(super) async fn heartbeat_multi(
     _: ExecutorSecret,
     body: Body,
 ) -> HttpResult<Response> {
-    let req: protocol::HeartbeatRequest = read_json(body, app.json_limit).await?;
+    let req: protocol::HeartbeatRequest = read_json(body, HEARTBEAT_LIMIT).await?;
     if req.executor_name.is_empty() {
         return Err(http_err(StatusCode::BAD_REQUEST, "executorName must not be empty"));
     }
@@ -199,7 +215,7 @@ pub(super) async fn heartbeat_multi(
     }
     let mut info = telemetry_info(&req.executor_name, &req.telemetry);
     info.queue_names = req.queue_names.clone();
-    let (known, cancel) = db(&app, move |s| s.heartbeat(&info, &ids, store::now_ms())).await?;
+    let (known, cancel) = heartbeat_store(&app, info, ids).await?;
     let resp = protocol::HeartbeatResponse {
         known_ids: known.iter().map(|(id, q)| format!("{id}-{q}")).collect(),
         cancel_ids: cancel.iter().map(|(id, q)| format!("{id}-{q}")).collect(),
@@ -245,6 +261,7 @@ pub(super) async fn add_log_entry(
     match r {
         Ok(entry_id) => json_response(StatusCode::OK, &entry_id),
         Err(StoreError::UnknownJob) => Err(http_err(StatusCode::INTERNAL_SERVER_ERROR, "unknown job")),
+        Err(StoreError::OverCap(why)) => Err(http_err(StatusCode::PAYLOAD_TOO_LARGE, why)),
         Err(e) => Err(e.into()),
     }
 }
@@ -265,6 +282,7 @@ pub(super) async fn update_log_entry(
     match r {
         Ok(()) => Ok(StatusCode::NO_CONTENT.into_response()),
         Err(StoreError::UnknownJob) => Err(http_err(StatusCode::INTERNAL_SERVER_ERROR, "unknown job")),
+        Err(StoreError::OverCap(why)) => Err(http_err(StatusCode::PAYLOAD_TOO_LARGE, why)),
         Err(StoreError::UnknownEntry(entry_id)) => {
             Err(http_err(StatusCode::NOT_FOUND, format!("unknown log entry {entry_id}")))
         }
@@ -279,13 +297,30 @@ enum MarkKind {
     Failed,
 }
 
+/// The longest failure message stored; a longer one keeps its start and says it was cut.
+const MAX_FAILURE_MESSAGE: usize = 16 << 10;
+
+fn capped_failure_message(mut message: String) -> String {
+    if message.len() > MAX_FAILURE_MESSAGE {
+        let mut end = MAX_FAILURE_MESSAGE;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message
+            .push_str(&format!("\n[coordinator: failure message truncated at {MAX_FAILURE_MESSAGE} bytes]"));
+    }
+    message
+}
+
 async fn mark(app: Shared, kind: MarkKind, caller: JobCaller, body: Body) -> HttpResult<Response> {
     let req: protocol::MarkErrorRequest = read_json(body, app.json_limit).await?;
     check_op(&caller, &req.op)?;
+    let message = capped_failure_message(req.error_message);
     let outcome = match kind {
         MarkKind::Complete => Outcome::Complete,
-        MarkKind::Errored => Outcome::Errored(req.error_message),
-        MarkKind::Failed => Outcome::Failed(req.error_message),
+        MarkKind::Errored => Outcome::Errored(message),
+        MarkKind::Failed => Outcome::Failed(message),
     };
     let retries = app.cfg.max_retries;
     let id = caller.id;

@@ -116,6 +116,9 @@ pub enum StoreError {
     /// A log update of an entry the job does not have.
     #[error("unknown log entry {0}")]
     UnknownEntry(i64),
+    /// What the client asked to store does not fit its cap (the message says which).
+    #[error("{0}")]
+    OverCap(String),
     #[error("making {} readable by the coordinator only", path.display())]
     PrivateFile { path: PathBuf, source: std::io::Error },
     #[error("creating data directory {}", path.display())]
@@ -143,10 +146,10 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Whether this is the store's answer about the request (`UnknownJob`, `UnknownEntry`)
-    /// rather than a failure of the store.
+    /// Whether this is the store's answer about the request (`UnknownJob`, `UnknownEntry`,
+    /// `OverCap`) rather than a failure of the store.
     pub fn is_refusal(&self) -> bool {
-        matches!(self, StoreError::UnknownJob | StoreError::UnknownEntry(_))
+        matches!(self, StoreError::UnknownJob | StoreError::UnknownEntry(_) | StoreError::OverCap(_))
     }
 }
 

@@ -1239,3 +1239,64 @@ fn oci_other_users_cannot_touch_a_running_job() {
     assert!(log.contains("job-secret-content") && log.contains("next ran"), "{log}");
     assert!(!log.contains("INJECTED"), "{log}");
 }
+
+/// Finding 10 of the security review: after `kill -9` of `executor loop` in the middle of an OCI
+/// step, `executor janitor` on the same state directory removed nothing (the dead executor's
+/// workspace waited for its job's deadline, 30 minutes), so the orphaned container ran on. The
+/// loop holds a lifetime lock; the janitor that can take it reclaims everything at once.
+#[test]
+fn oci_janitor_reclaims_a_killed_loops_job_at_once() {
+    let test = "oci_janitor_reclaims_a_killed_loops_job_at_once";
+    if !can_run(test, "runc") {
+        return;
+    }
+    let c = crate::coordinator::Coordinator::start();
+    let f = Fixture::new("runc");
+    let prefix = format!("ocikill{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let id = c.submit(serde_json::json!({"dockerSteps": [
+        {"key": "long", "image": "busybox", "commands": ["echo started", "sleep 1000"]}
+    ]}));
+    let env = |cmd: &mut std::process::Command| {
+        c.executor_env(cmd);
+        cmd.env("EXECUTOR_QUEUE_NAME", "batches")
+            .env("EXECUTOR_RUNTIME", "oci")
+            .env("EXECUTOR_OCI_RUNTIME", "runc")
+            .env("EXECUTOR_STATE_DIR", f.state())
+            .env("EXECUTOR_VM_PREFIX", &prefix)
+            .env("EXECUTOR_MAXIMUM_RUNTIME_PER_JOB", "30m")
+            .env("EXECUTOR_HEARTBEAT_INTERVAL", "300ms");
+    };
+    let mut cmd = common::executor();
+    env(&mut cmd);
+    cmd.arg("loop").stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    let mut lp = cmd.spawn().unwrap();
+    common::wait_until("the step to start", Duration::from_secs(30), || {
+        c.job(id)["logs"].as_array().is_some_and(|l| {
+            l.iter().any(|e| {
+                e["key"] == "step.docker.long" && e["out"].as_str().unwrap_or("").contains("started")
+            })
+        })
+    });
+    lp.kill().unwrap();
+    lp.wait().unwrap();
+    let running = || {
+        let ps = std::process::Command::new("ps").args(["-eo", "args"]).output().unwrap();
+        String::from_utf8_lossy(&ps.stdout).lines().filter(|l| l.contains(&prefix)).count()
+    };
+    assert!(running() > 0, "the orphaned container runs on after the kill");
+    let mut cmd = common::executor();
+    env(&mut cmd);
+    let out = common::run(cmd.arg("janitor"));
+    common::assert_ok(&out);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(said.contains("removed workspace") && said.contains("sandbox"), "{said}");
+    let left = |dir: &str| {
+        std::fs::read_dir(f.state().join(dir))
+            .map(|r| r.flatten().filter(|e| !e.file_name().to_string_lossy().starts_with('.')).count())
+            .unwrap_or(0)
+    };
+    assert_eq!((left("workspaces"), left("sandboxes"), left("owners")), (0, 0, 0), "{said}");
+    common::wait_until("the orphan's processes to end", Duration::from_secs(10), || running() == 0);
+    let cgroups = executor::sandbox::oci::cgroup::existing_jobs();
+    assert!(!cgroups.iter().any(|n| n.starts_with(&prefix)), "{cgroups:?}");
+}

@@ -979,3 +979,49 @@ fn every_byte_a_client_stores_counts_against_a_cap() {
     assert!(text.contains("1000 executors"), "{text}");
     assert_eq!(hb("many-5", 0).0, 200, "a known executor still heartbeats");
 }
+
+/// Finding 9 of the security review, defence in depth: the coordinator stored whatever output an
+/// executor sent, secrets included, and its admin views showed registry credentials and job
+/// file contents in clear. It applies the job's `redactedValues` again to what it stores and
+/// shows (a secret split across two appends included), and shows lengths and digests instead.
+#[test]
+fn coordinator_redacts_again_and_admin_views_show_no_secret() {
+    let c = Coordinator::start();
+    let mut job = Coordinator::simple_job();
+    job["redactedValues"] = json!({"hunter2-secret": "PASSWORD_REMOVED"});
+    job["version"] = json!(2);
+    // Version 2: contents in base64 ("file-secret-content").
+    job["files"] = json!({"key.pem": {"content": "ZmlsZS1zZWNyZXQtY29udGVudA=="}});
+    job["dockerAuthConfig"] = json!({"auths": {"registry.example": {"auth": "docker-auth-secret"}}});
+    let id = c.submit(job);
+    let ex = c.executor("host-1");
+    ex.heartbeat("batches", &[]);
+    let got = ex.dequeue("batches", "").expect("a job");
+    let mut body = entry_body("host-1", id, "stdout: the value is hunter2-secret\nstdout: split hunter2-");
+    body["command"] = json!(["sh", "-c", "echo hunter2-secret"]);
+    assert_eq!(ex.job_call("batches", &got, "addExecutionLogEntry", body).0, 200);
+    let mut upd = entry_body("host-1", id, "secret here\n");
+    upd["entryId"] = json!(1);
+    upd["append"] = json!(true);
+    upd["command"] = json!(["sh", "-c", "echo hunter2-secret"]);
+    assert_eq!(ex.job_call("batches", &got, "updateExecutionLogEntry", upd).0, 204);
+    let shown = c.job(id);
+    let text = shown.to_string();
+    for secret in ["hunter2-secret", "ZmlsZS1zZWNyZXQtY29udGVudA", "docker-auth-secret"] {
+        assert!(!text.contains(secret), "{secret} in the admin view: {text}");
+    }
+    let out = shown["logs"][0]["out"].as_str().unwrap();
+    assert!(
+        out.contains("the value is PASSWORD_REMOVED") && out.contains("split PASSWORD_REMOVED here"),
+        "{out}"
+    );
+    assert_eq!(shown["logs"][0]["command"][2], "echo PASSWORD_REMOVED");
+    assert_eq!(shown["job"]["files"]["key.pem"]["content"]["bytes"], 19, "{text}");
+    assert!(shown["job"]["dockerAuthConfig"]["sha256"].is_string(), "{text}");
+    // The executor still gets what it needs.
+    assert!(got.to_string().contains("docker-auth-secret"));
+    // Nor does the follow show it.
+    let o = Exec::new().with(|cmd| c.admin_env(cmd)).args(["queue", "logs", &id.to_string(), "--json"]).run();
+    let follow = String::from_utf8_lossy(&o.stdout);
+    assert!(!follow.contains("hunter2-secret") && follow.contains("PASSWORD_REMOVED"), "{follow}");
+}

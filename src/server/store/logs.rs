@@ -5,9 +5,10 @@
 
 use rusqlite::{params, OptionalExtension, Transaction};
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use super::{Result, Store, StoreError};
+use crate::base::redact::Redactor;
 use crate::protocol::ExecutionLogEntry;
 
 /// A stored log entry with its 1-based id.
@@ -100,6 +101,38 @@ impl Store {
         )?)
     }
 
+    /// The redactor of job `id`'s `redactedValues`: the coordinator applies them again to what it
+    /// stores and shows, whatever the executor did.
+    fn job_redactor(conn: &rusqlite::Connection, id: i64) -> Result<Redactor> {
+        #[derive(serde::Deserialize)]
+        struct Secrets {
+            #[serde(default, rename = "redactedValues")]
+            redacted_values: BTreeMap<String, String>,
+        }
+        let payload: Option<String> = conn
+            .prepare_cached("SELECT payload FROM jobs WHERE id = ?1")?
+            .query_row([id], |r| r.get(0))
+            .optional()?;
+        let secrets = payload
+            .and_then(|p| serde_json::from_str::<Secrets>(&p).ok())
+            .map(|s| s.redacted_values)
+            .unwrap_or_default();
+        Ok(Redactor::new(secrets.iter()))
+    }
+
+    /// `entry` with the job's secrets replaced in its key, command and output.
+    fn redacted(entry: &ExecutionLogEntry, r: &Redactor) -> ExecutionLogEntry {
+        if r.is_empty() {
+            return entry.clone();
+        }
+        ExecutionLogEntry {
+            key: r.redact_str(&entry.key),
+            command: entry.command.as_ref().map(|c| c.iter().map(|a| r.redact_str(a)).collect()),
+            out: entry.out.as_ref().map(|o| r.redact_str(o)),
+            ..entry.clone()
+        }
+    }
+
     /// addExecutionLogEntry: returns the new 1-based entry id; `UnknownJob` when the job is not
     /// `executor`'s processing job.
     pub fn add_log(&mut self, id: i64, executor: &str, entry: &ExecutionLogEntry, cap: u64) -> Result<i64> {
@@ -107,6 +140,7 @@ impl Store {
         if !Self::owned(&tx, id, executor)? {
             return Err(StoreError::UnknownJob);
         }
+        let entry = &Self::redacted(entry, &Self::job_redactor(&tx, id)?);
         let entry_id: i64 = tx.query_row(
             "SELECT COALESCE(MAX(entry_id), 0) + 1 FROM log_entries WHERE job_id = ?1",
             [id],
@@ -160,6 +194,9 @@ impl Store {
         if !Self::owned(&tx, id, executor)? {
             return Err(StoreError::UnknownJob);
         }
+        // Each piece is redacted as it comes; a secret split across two appends is caught when
+        // the entry is read back whole (`logs`).
+        let entry = &Self::redacted(entry, &Self::job_redactor(&tx, id)?);
         let current: Option<(bool, i64)> = tx
             .query_row(
                 "SELECT truncated, LENGTH(CAST(key AS BLOB)) + COALESCE(LENGTH(CAST(command AS BLOB)), 0) \
@@ -254,11 +291,13 @@ impl Store {
             let (entry_id, data) = c?;
             appended.entry(entry_id).or_default().push_str(&data);
         }
+        let redactor = Self::job_redactor(&self.conn, id)?;
         let mut out = Vec::new();
         for (entry_id, key, command, start, exit_code, mut text, duration_ms) in rows {
             if let Some(more) = appended.remove(&entry_id) {
                 text.push_str(&more);
             }
+            let text = if redactor.is_empty() { text } else { redactor.redact_str(&text) };
             let command =
                 command.map(|c| serde_json::from_str::<Vec<String>>(&c)).transpose().map_err(|e| {
                     StoreError::Corrupt {

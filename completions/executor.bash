@@ -1876,7 +1876,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__queue__subcmd__artifacts)
-            opts="-o -h -V --output --url --ca-cert --json --help --version"
+            opts="-o -h -V --output --url --ca-cert --json --raw --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1906,7 +1906,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__queue__subcmd__cancel)
-            opts="-h -V --url --ca-cert --json --help --version"
+            opts="-h -V --url --ca-cert --json --raw --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1928,7 +1928,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__queue__subcmd__executors)
-            opts="-h -V --url --ca-cert --json --help --version"
+            opts="-h -V --url --ca-cert --json --raw --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2020,7 +2020,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__queue__subcmd__files__subcmd__ls)
-            opts="-h -V --url --ca-cert --json --help --version"
+            opts="-h -V --url --ca-cert --json --raw --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2042,7 +2042,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__queue__subcmd__files__subcmd__put)
-            opts="-h -V --url --ca-cert --json --help --version"
+            opts="-h -V --url --ca-cert --json --raw --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2302,7 +2302,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__queue__subcmd__jobs)
-            opts="-h -V --queue --state --limit --url --ca-cert --json --help --version"
+            opts="-h -V --queue --state --limit --url --ca-cert --json --raw --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2336,7 +2336,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__queue__subcmd__logs)
-            opts="-f -h -V --follow --url --ca-cert --json --help --version"
+            opts="-f -h -V --follow --url --ca-cert --json --raw --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2372,7 +2372,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__queue__subcmd__repo__subcmd__add)
-            opts="-h -V --url --ca-cert --json --help --version"
+            opts="-h -V --url --ca-cert --json --raw --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2464,7 +2464,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__queue__subcmd__repo__subcmd__ls)
-            opts="-h -V --url --ca-cert --json --help --version"
+            opts="-h -V --url --ca-cert --json --raw --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2486,7 +2486,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__queue__subcmd__repo__subcmd__rm)
-            opts="-h -V --url --ca-cert --json --help --version"
+            opts="-h -V --url --ca-cert --json --raw --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2578,7 +2578,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__queue__subcmd__show)
-            opts="-h -V --url --ca-cert --json --help --version"
+            opts="-h -V --url --ca-cert --json --raw --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2600,7 +2600,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__queue__subcmd__submit)
-            opts="-h -V --queue --url --ca-cert --json --help --version"
+            opts="-h -V --queue --url --ca-cert --json --raw --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

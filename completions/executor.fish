@@ -107,6 +107,7 @@ complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from submit" -l url -d 'Base URL of the coordinator' -r
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from submit" -l ca-cert -d 'PEM file of the CA that signed the coordinator\'s TLS certificate (default: the web PKI)' -r -F
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from submit" -l json -d 'Print JSON instead of tables'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from submit" -l raw -d 'Print job-controlled text (logs, names, failure messages) as it is, control characters included, instead of escaped'
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from submit" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from submit" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from jobs" -l queue -r
@@ -115,27 +116,32 @@ complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from jobs" -l url -d 'Base URL of the coordinator' -r
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from jobs" -l ca-cert -d 'PEM file of the CA that signed the coordinator\'s TLS certificate (default: the web PKI)' -r -F
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from jobs" -l json -d 'Print JSON instead of tables'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from jobs" -l raw -d 'Print job-controlled text (logs, names, failure messages) as it is, control characters included, instead of escaped'
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from jobs" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from jobs" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from show" -l url -d 'Base URL of the coordinator' -r
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from show" -l ca-cert -d 'PEM file of the CA that signed the coordinator\'s TLS certificate (default: the web PKI)' -r -F
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from show" -l json -d 'Print JSON instead of tables'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from show" -l raw -d 'Print job-controlled text (logs, names, failure messages) as it is, control characters included, instead of escaped'
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from show" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from show" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from logs" -l url -d 'Base URL of the coordinator' -r
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from logs" -l ca-cert -d 'PEM file of the CA that signed the coordinator\'s TLS certificate (default: the web PKI)' -r -F
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from logs" -s f -l follow
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from logs" -l json -d 'Print JSON instead of tables'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from logs" -l raw -d 'Print job-controlled text (logs, names, failure messages) as it is, control characters included, instead of escaped'
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from logs" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from logs" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from cancel" -l url -d 'Base URL of the coordinator' -r
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from cancel" -l ca-cert -d 'PEM file of the CA that signed the coordinator\'s TLS certificate (default: the web PKI)' -r -F
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from cancel" -l json -d 'Print JSON instead of tables'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from cancel" -l raw -d 'Print job-controlled text (logs, names, failure messages) as it is, control characters included, instead of escaped'
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from cancel" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from cancel" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from executors" -l url -d 'Base URL of the coordinator' -r
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from executors" -l ca-cert -d 'PEM file of the CA that signed the coordinator\'s TLS certificate (default: the web PKI)' -r -F
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from executors" -l json -d 'Print JSON instead of tables'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from executors" -l raw -d 'Print job-controlled text (logs, names, failure messages) as it is, control characters included, instead of escaped'
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from executors" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from executors" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from repo" -s h -l help -d 'Print help'
@@ -153,6 +159,7 @@ complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from artifacts" -l url -d 'Base URL of the coordinator' -r
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from artifacts" -l ca-cert -d 'PEM file of the CA that signed the coordinator\'s TLS certificate (default: the web PKI)' -r -F
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from artifacts" -l json -d 'Print JSON instead of tables'
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from artifacts" -l raw -d 'Print job-controlled text (logs, names, failure messages) as it is, control characters included, instead of escaped'
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from artifacts" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from artifacts" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from help" -f -a "serve" -d 'Run the coordinator: the executor protocol, the admin API and /metrics, backed by SQLite'

@@ -68,7 +68,7 @@ pub async fn serve(
         (GitRoute::UploadPack, &Method::POST) => {}
         _ => return error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed for this git route"),
     }
-    let mut cmd = tokio::process::Command::new("git");
+    let mut cmd = tokio::process::Command::from(crate::base::proc::command("git"));
     cmd.arg("http-backend")
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into()))

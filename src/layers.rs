@@ -113,3 +113,33 @@ fn the_checker_sees_grouped_and_inline_paths() {
     assert_eq!(module_of(Path::new("/s"), Path::new("/s/config.rs")).as_deref(), Some("config"));
     assert_eq!(layer("run_loop"), Some(8));
 }
+
+/// Finding 3 of the security review: children inherited the executor's environment (its shared
+/// secret). Every child starts from `base::proc::command`, which clears it; outside tests no
+/// file may build a `Command` any other way.
+#[test]
+fn every_child_starts_from_an_empty_environment() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut offenders = Vec::new();
+    for f in files {
+        let name = f.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if f.ends_with("base/proc.rs") || name.ends_with("tests.rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&f).unwrap();
+        let code = text.split("#[cfg(test)]").next().unwrap_or("");
+        for (n, line) in code.lines().enumerate() {
+            if line.contains("Command::new(") {
+                offenders.push(format!(
+                    "{}:{}: {}",
+                    f.strip_prefix(&src).unwrap_or(&f).display(),
+                    n + 1,
+                    line.trim()
+                ));
+            }
+        }
+    }
+    assert!(offenders.is_empty(), "start children with base::proc::command:\n{}", offenders.join("\n"));
+}

@@ -146,6 +146,9 @@ pub fn run(settings: Settings) -> Result<i32> {
     let settings = Arc::new(settings);
     let ui = Ui::new();
     let name = new_executor_name();
+    // Held until this process ends, however it ends: a janitor (another executor's, or this
+    // executor's after a restart) reclaims this one's workspaces and sandboxes at once then.
+    crate::workspace::hold_lifetime(&settings.workspaces_dir(), &name)?;
     let client = settings.client(settings.frontend_url()?, &name)?;
     let runtime = resolve_runtime(&settings)?;
     if runtime == RuntimeKind::Shell {
@@ -173,6 +176,7 @@ pub fn run(settings: Settings) -> Result<i32> {
         }
         if let Ok(s) = sig.recv_timeout(Duration::from_secs(1)) {
             ui.log(&format!("{s} before the coordinator answered: exiting"));
+            crate::workspace::release_lifetime(&settings.workspaces_dir());
             return Ok(crate::base::exit::JOB_FAILED);
         }
     }
@@ -277,6 +281,7 @@ pub fn run(settings: Settings) -> Result<i32> {
     let _ = heartbeat.join();
     let _ = janitor.join();
     ui.log(&format!("stopped after {dequeued} jobs"));
+    crate::workspace::release_lifetime(&settings.workspaces_dir());
     Ok(crate::base::exit::OK)
 }
 

@@ -613,7 +613,7 @@ fn tool_version(tool: &str, args: &[&str], prefix: &str) -> String {
     let Ok(path) = which::which(tool) else {
         return String::new();
     };
-    let child = std::process::Command::new(path)
+    let child = crate::base::proc::command(path)
         .args(args)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())

@@ -3,7 +3,10 @@
 //! hostile repository may have checked one out).
 
 use anyhow::{bail, Context, Result};
+use std::ffi::OsString;
 use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -32,57 +35,267 @@ pub fn confined(root: &Path, rel: &str) -> Result<PathBuf> {
     Ok(out)
 }
 
-/// Creates the directories of `rel` below `root` (each one checked not to be a symlink) and
-/// returns the full path of `rel`.
+/// Creates the directories of `rel` below `root` (none of them may be a symlink) and returns the
+/// full path of `rel`.
 pub fn ensure_parent(root: &Path, rel: &str) -> Result<PathBuf> {
     let full = confined(root, rel)?;
-    let parent_rel =
-        full.strip_prefix(root).ok().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
-    let mut cur = root.to_path_buf();
-    for c in parent_rel.components() {
-        cur.push(c);
-        match std::fs::symlink_metadata(&cur) {
-            Ok(m) if m.file_type().is_symlink() => {
-                bail!(
-                    "refusing to write {rel:?}: {} is a symlink",
-                    cur.strip_prefix(root).unwrap_or(&cur).display()
-                )
-            }
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => bail!(
-                "refusing to write {rel:?}: {} is not a directory",
-                cur.strip_prefix(root).unwrap_or(&cur).display()
-            ),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::create_dir(&cur).with_context(|| format!("creating {}", cur.display()))?;
-            }
-            Err(e) => return Err(e).with_context(|| format!("inspecting {}", cur.display())),
-        }
+    let tree = Beneath::open(root)?;
+    tree.create_parent(Path::new(rel)).map_err(|e| refusal("write", rel, e))?;
+    Ok(full)
+}
+
+/// Writes `content` to `rel` below `root` with `mode` (and `mtime` if given), never through a
+/// symlink.
+pub fn write_file(root: &Path, rel: &str, content: &[u8], mode: u32) -> Result<PathBuf> {
+    write_file_at(root, rel, content, mode, None)
+}
+
+/// [`write_file`] that also sets the file's modification time (for `modifiedAt`).
+pub fn write_file_at(
+    root: &Path,
+    rel: &str,
+    content: &[u8],
+    mode: u32,
+    mtime: Option<chrono::DateTime<chrono::Utc>>,
+) -> Result<PathBuf> {
+    let full = confined(root, rel)?;
+    let tree = Beneath::open(root)?;
+    let (dir, name) = tree.create_parent(Path::new(rel)).map_err(|e| refusal("write", rel, e))?;
+    let fd = crate::base::sys::open_beneath(
+        dir.as_fd(),
+        Path::new(&name),
+        libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW | libc::O_NOCTTY,
+        mode as libc::mode_t,
+    )
+    .map_err(|e| refusal("write", rel, e))?;
+    let mut f = std::fs::File::from(fd);
+    f.write_all(content).with_context(|| format!("writing {rel:?}"))?;
+    // The mode given to open() is filtered by the umask; the contract wants it exactly.
+    f.set_permissions(std::fs::Permissions::from_mode(mode)).with_context(|| format!("chmod {rel:?}"))?;
+    if let Some(t) = mtime {
+        f.set_modified(system_time(t)).with_context(|| format!("setting the mtime of {rel:?}"))?;
     }
     Ok(full)
 }
 
-/// Writes `content` to `rel` below `root` with `mode`, never through a symlink.
-pub fn write_file(root: &Path, rel: &str, content: &[u8], mode: u32) -> Result<PathBuf> {
-    let full = ensure_parent(root, rel)?;
-    if let Ok(m) = std::fs::symlink_metadata(&full) {
-        if m.file_type().is_symlink() || m.is_dir() {
-            bail!("refusing to write {rel:?}: it exists as a symlink or a directory");
+/// Why resolving `rel` below a root failed, in words that name only `rel`: never what a symlink
+/// points at, nor anything outside the root.
+fn refusal(what: &str, rel: &str, e: std::io::Error) -> anyhow::Error {
+    match e.raw_os_error() {
+        Some(libc::ELOOP) => anyhow::anyhow!("refusing to {what} {rel:?}: it goes through a symlink"),
+        Some(libc::EXDEV) => anyhow::anyhow!("refusing to {what} {rel:?}: it leaves the workspace"),
+        Some(libc::ENOTDIR) => {
+            anyhow::anyhow!("refusing to {what} {rel:?}: a component of it is not a directory")
+        }
+        Some(libc::EISDIR) => anyhow::anyhow!("refusing to {what} {rel:?}: it is a directory"),
+        _ => anyhow::anyhow!("{what} {rel:?}: {e}"),
+    }
+}
+
+/// What lstat says of an entry below a [`Beneath`] root.
+#[derive(Debug, Clone, Copy)]
+pub struct Meta {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub dev: u64,
+    pub size: u64,
+}
+
+impl Meta {
+    fn of(st: &nix::sys::stat::FileStat) -> Meta {
+        Meta {
+            mode: st.st_mode,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            dev: st.st_dev,
+            size: st.st_size.max(0) as u64,
         }
     }
-    let mut f = std::fs::OpenOptions::new()
+    pub fn is_dir(&self) -> bool {
+        self.mode & libc::S_IFMT == libc::S_IFDIR
+    }
+    pub fn is_file(&self) -> bool {
+        self.mode & libc::S_IFMT == libc::S_IFREG
+    }
+    pub fn is_symlink(&self) -> bool {
+        self.mode & libc::S_IFMT == libc::S_IFLNK
+    }
+}
+
+/// A directory (a workspace) opened once: every path below it is resolved with openat2 beneath
+/// it, following no symlink at all, so that whatever a job left there (a symlink to `/`, a
+/// directory swapped for one between two calls) never sends the host outside it. Paths are
+/// relative; the empty path is the root itself.
+pub struct Beneath {
+    root: OwnedFd,
+}
+
+impl Beneath {
+    /// Opens `root` itself (it must not be a symlink).
+    pub fn open(root: &Path) -> Result<Beneath> {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(root)
+            .with_context(|| format!("opening the directory {}", root.display()))?;
+        Ok(Beneath { root: OwnedFd::from(f) })
+    }
+
+    fn at(&self, rel: &Path, flags: libc::c_int) -> std::io::Result<OwnedFd> {
+        let rel = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
+        crate::base::sys::open_beneath(self.root.as_fd(), rel, flags, 0)
+    }
+
+    /// The entry `rel` itself (a symlink is reported as one, not followed).
+    pub fn lstat(&self, rel: &Path) -> std::io::Result<Meta> {
+        let fd = self.at(rel, libc::O_PATH | libc::O_NOFOLLOW)?;
+        Ok(Meta::of(&nix::sys::stat::fstat(fd.as_raw_fd())?))
+    }
+
+    /// [`Beneath::lstat`], with `None` when `rel` does not exist.
+    pub fn lstat_opt(&self, rel: &Path) -> std::io::Result<Option<Meta>> {
+        match self.lstat(rel) {
+            Ok(m) => Ok(Some(m)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Opens the regular file `rel` for reading (never a FIFO or device, which could block or
+    /// have effects on open).
+    pub fn open_file(&self, rel: &Path) -> std::io::Result<std::fs::File> {
+        let fd = self.at(rel, libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)?;
+        let f = std::fs::File::from(fd);
+        if !f.metadata()?.is_file() {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"));
+        }
+        Ok(f)
+    }
+
+    /// The entries of the directory `rel` (sorted by name, without `.` and `..`), each with its
+    /// lstat.
+    pub fn list(&self, rel: &Path) -> std::io::Result<Vec<(OsString, Meta)>> {
+        let fd = self.at(rel, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW)?;
+        let mut dir = nix::dir::Dir::from(fd)?;
+        let raw = dir.as_raw_fd();
+        let mut out = Vec::new();
+        for e in dir.iter() {
+            let e = e?;
+            let name = e.file_name();
+            if name.to_bytes() == b"." || name.to_bytes() == b".." {
+                continue;
+            }
+            let st = match nix::sys::stat::fstatat(Some(raw), name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+            {
+                Ok(st) => st,
+                Err(nix::errno::Errno::ENOENT) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            out.push((OsString::from_vec(name.to_bytes().to_vec()), Meta::of(&st)));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// The directory holding `rel`, open, and `rel`'s last component.
+    fn parent_of(&self, rel: &Path) -> std::io::Result<(OwnedFd, OsString)> {
+        let name = rel
+            .file_name()
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no file name"))?;
+        let parent = rel.parent().unwrap_or(Path::new(""));
+        Ok((self.at(parent, libc::O_PATH | libc::O_DIRECTORY)?, name.to_os_string()))
+    }
+
+    /// Removes the file (or symlink) `rel`, never what a symlink points at.
+    pub fn remove_file(&self, rel: &Path) -> std::io::Result<()> {
+        let (dir, name) = self.parent_of(rel)?;
+        nix::unistd::unlinkat(
+            Some(dir.as_raw_fd()),
+            name.as_os_str(),
+            nix::unistd::UnlinkatFlags::NoRemoveDir,
+        )?;
+        Ok(())
+    }
+
+    /// Changes the owner of `rel` itself (a symlink's own owner, not its target's).
+    pub fn chown(&self, rel: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+        let fd = self.at(rel, libc::O_PATH | libc::O_NOFOLLOW)?;
+        nix::unistd::fchownat(
+            Some(fd.as_raw_fd()),
+            "",
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+            nix::fcntl::AtFlags::AT_EMPTY_PATH,
+        )?;
+        Ok(())
+    }
+
+    /// Creates the directories above `rel` that are missing, each one a real directory below
+    /// the root, and returns the last one open with `rel`'s last component.
+    fn create_parent(&self, rel: &Path) -> std::io::Result<(OwnedFd, OsString)> {
+        let name = rel
+            .file_name()
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no file name"))?;
+        let mut cur = self.at(Path::new(""), libc::O_PATH | libc::O_DIRECTORY)?;
+        for c in rel.parent().unwrap_or(Path::new("")).components() {
+            let Component::Normal(c) = c else { continue };
+            match nix::sys::stat::mkdirat(
+                Some(cur.as_raw_fd()),
+                c,
+                nix::sys::stat::Mode::from_bits_truncate(0o777),
+            ) {
+                Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let next = crate::base::sys::open_beneath(
+                cur.as_fd(),
+                Path::new(c),
+                libc::O_PATH | libc::O_NOFOLLOW,
+                0,
+            )?;
+            let m = Meta::of(&nix::sys::stat::fstat(next.as_raw_fd())?);
+            if m.is_symlink() {
+                return Err(std::io::Error::from_raw_os_error(libc::ELOOP));
+            }
+            if !m.is_dir() {
+                return Err(std::io::Error::from_raw_os_error(libc::ENOTDIR));
+            }
+            cur = next;
+        }
+        Ok((cur, name.to_os_string()))
+    }
+}
+
+/// Creates `dir` (and its missing parents) readable by its owner only, and makes an existing one
+/// so: for directories that hold secrets or job data (the coordinator's data directory).
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    let m = std::fs::symlink_metadata(dir)?;
+    if !m.is_dir() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a directory"));
+    }
+    if m.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// Makes the regular file `path` readable by its owner only, creating it empty if it is missing;
+/// a symlink is refused.
+pub fn private_file(path: &Path) -> std::io::Result<()> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
         .write(true)
         .create(true)
-        .truncate(true)
-        .mode(mode)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&full)
-        .with_context(|| format!("opening {}", full.display()))?;
-    f.write_all(content).with_context(|| format!("writing {}", full.display()))?;
-    // The mode given to open() is filtered by the umask; the contract wants it exactly.
-    f.set_permissions(std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("chmod {}", full.display()))?;
-    Ok(full)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    if f.metadata()?.permissions().mode() & 0o077 != 0 {
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same directory, so that a reader
@@ -102,16 +315,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Sets a file's modification time (for `modifiedAt`).
-pub fn set_mtime(path: &Path, t: chrono::DateTime<chrono::Utc>) -> Result<()> {
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    let st = std::time::UNIX_EPOCH
-        + std::time::Duration::from_nanos(t.timestamp_nanos_opt().unwrap_or(0).max(0) as u64);
-    f.set_modified(st).with_context(|| format!("setting the mtime of {}", path.display()))
+fn system_time(t: chrono::DateTime<chrono::Utc>) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH
+        + std::time::Duration::from_nanos(t.timestamp_nanos_opt().unwrap_or(0).max(0) as u64)
 }
 
 #[cfg(test)]
@@ -144,12 +350,11 @@ mod tests {
     #[test]
     fn writes_nested_with_mode() {
         let d = tempfile::tempdir().unwrap();
-        let p = write_file(d.path(), "a/b/c.txt", b"hi", 0o777).unwrap();
-        assert_eq!(std::fs::read(&p).unwrap(), b"hi");
-        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o777);
         let t =
             chrono::DateTime::parse_from_rfc3339("2020-01-02T03:04:05Z").unwrap().with_timezone(&chrono::Utc);
-        set_mtime(&p, t).unwrap();
+        let p = write_file_at(d.path(), "a/b/c.txt", b"hi", 0o777, Some(t)).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"hi");
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o777);
         let m = std::fs::metadata(&p).unwrap().modified().unwrap();
         assert_eq!(m.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs(), t.timestamp() as u64);
     }

@@ -23,3 +23,22 @@ pub fn lock(path: &Path, exclusive: bool) -> Result<Held> {
     let how = if exclusive { nix::fcntl::FlockArg::LockExclusive } else { nix::fcntl::FlockArg::LockShared };
     nix::fcntl::Flock::lock(f, how).map_err(|(_, e)| anyhow::anyhow!("locking {}: {e}", path.display()))
 }
+
+/// Takes the exclusive lock on `path` (created if missing) if nobody holds it: `None` when
+/// another open file description holds it, shared or exclusive.
+pub fn try_lock(path: &Path) -> Result<Option<Held>> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let f = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(held) => Ok(Some(held)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, e)) => Err(anyhow::anyhow!("locking {}: {e}", path.display())),
+    }
+}

@@ -1,12 +1,50 @@
 //! Process output: which stream a piece came from, the sink that receives it, and a child's
 //! stdout and stderr read on two threads into one channel, so a caller sees output in arrival
-//! order while it also watches a deadline, a cancel or the child itself.
+//! order while it also watches a deadline, a cancel or the child itself; and [`command`], the
+//! one way to start a child, with an empty environment.
 
+use std::ffi::OsStr;
 use std::io::Read;
-use std::process::Child;
+use std::process::{Child, Command};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
+
+/// The variables every child of the executor gets from the executor's own environment: PATH,
+/// so that the operator's choice of binaries holds. Nothing else: the shared secret, tokens and
+/// settings (`EXECUTOR_*`), or whatever the service manager passed, stay in the executor.
+pub const INHERITED: &[&str] = &["PATH"];
+
+/// Proxy settings, for the children that download (`apt-get`, `debootstrap`), which pass them
+/// on explicitly with [`Inherit::inherit`].
+pub const PROXY: &[&str] =
+    &["http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"];
+
+/// `program` with an empty environment plus [`INHERITED`]: the only way this crate starts a child
+/// process (a test keeps it so). Callers add what their child needs with `.env`.
+pub fn command(program: impl AsRef<OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.env_clear();
+    cmd.inherit(INHERITED);
+    cmd
+}
+
+/// Passing named variables of the executor's environment on to a child.
+pub trait Inherit {
+    /// Adds each of `names` that the executor's environment has.
+    fn inherit(&mut self, names: &[&str]) -> &mut Self;
+}
+
+impl Inherit for Command {
+    fn inherit(&mut self, names: &[&str]) -> &mut Self {
+        for name in names {
+            if let Some(v) = std::env::var_os(name) {
+                self.env(name, v);
+            }
+        }
+        self
+    }
+}
 
 /// Which stream a piece of output came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

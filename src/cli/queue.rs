@@ -26,6 +26,10 @@ pub struct ClientArgs {
     /// Print JSON instead of tables
     #[arg(long, global = true)]
     pub json: bool,
+    /// Print job-controlled text (logs, names, failure messages) as it is, control characters
+    /// included, instead of escaped
+    #[arg(long, global = true)]
+    pub raw: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -232,6 +236,7 @@ fn options(c: ClientArgs) -> client::ClientOptions {
         token: std::env::var("EXECUTOR_QUEUE_ADMIN_TOKEN").unwrap_or_default(),
         ca_cert: c.ca_cert,
         json: c.json,
+        raw: c.raw,
     }
 }
 

@@ -128,7 +128,7 @@ pub fn validate(settings: Settings) -> Result<i32> {
     for c in checked {
         println!("ok: {c}");
     }
-    let git = std::process::Command::new("git").arg("version").env_clear().env("PATH", GIT_PATH).output();
+    let git = crate::base::proc::command("git").arg("version").env("PATH", GIT_PATH).output();
     let text = match git {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
         _ => {

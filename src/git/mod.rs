@@ -388,7 +388,7 @@ impl Git<'_> {
         let mut argv = vec!["git".to_string()];
         argv.extend(args.iter().map(|s| s.to_string()));
         let mut entry = log.start(key, Some(argv.clone()));
-        let mut cmd = Command::new("git");
+        let mut cmd = crate::base::proc::command("git");
         cmd.args(args).env_clear().stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         for (k, v) in self.base_env.iter().chain(secret_env) {
             cmd.env(k, v);

@@ -10,7 +10,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -458,7 +458,7 @@ fn run_step(port: &Port, req: RunRequest, canceled: &AtomicBool) -> Result<ExitR
 
 fn spawn_and_wait(port: &Port, req: &RunRequest, root: &Path, canceled: &AtomicBool) -> Result<ExitReport> {
     let Some((program, args)) = req.argv.split_first() else { bail!("the step has an empty command") };
-    let mut cmd = Command::new(program);
+    let mut cmd = crate::base::proc::command(program);
     cmd.args(args);
     crate::base::sys::enter_root(&mut cmd, root, &req.cwd).context("the step's root or directory")?;
     cmd.env_clear();

@@ -5,7 +5,6 @@ use anyhow::{bail, Context, Result};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use super::{ImageMeta, ImageStore, ResolvedImage};
 
@@ -30,7 +29,8 @@ pub fn build_busybox(store: &ImageStore, name: &str) -> Result<ResolvedImage> {
     fs::set_permissions(root.join("tmp"), fs::Permissions::from_mode(0o1777))?;
     fs::set_permissions(root.join("root"), fs::Permissions::from_mode(0o700))?;
     fs::copy(&busybox, root.join("bin/busybox")).with_context(|| format!("copying {}", busybox.display()))?;
-    let list = Command::new(&busybox).arg("--list").output().context("running busybox --list")?;
+    let list =
+        crate::base::proc::command(&busybox).arg("--list").output().context("running busybox --list")?;
     for applet in String::from_utf8_lossy(&list.stdout).lines() {
         let applet = applet.trim();
         if applet.is_empty() || applet == "busybox" || applet.contains('/') {
@@ -57,7 +57,8 @@ pub fn build_base(store: &ImageStore, name: &str, mirror: Option<&str>) -> Resul
         which::which("debootstrap").context("debootstrap is not installed (Debian package debootstrap)")?;
     let staging = store.staging("base")?;
     let root = staging.path().join("tree");
-    let mut cmd = Command::new(debootstrap);
+    let mut cmd = crate::base::proc::command(debootstrap);
+    crate::base::proc::Inherit::inherit(&mut cmd, crate::base::proc::PROXY);
     cmd.args(["--variant=minbase", "--include=bash,coreutils,git,ca-certificates", "bookworm"]).arg(&root);
     if let Some(m) = mirror {
         cmd.arg(m);
@@ -105,7 +106,7 @@ fn commit(store: &ImageStore, root: &Path, name: &str, source: &str) -> Result<R
 }
 
 fn is_static(path: &Path) -> Result<bool> {
-    let out = Command::new("ldd").arg(path).output();
+    let out = crate::base::proc::command("ldd").arg(path).output();
     Ok(match out {
         Ok(o) => !o.status.success() || String::from_utf8_lossy(&o.stdout).contains("not a dynamic"),
         Err(_) => true,
@@ -115,8 +116,10 @@ fn is_static(path: &Path) -> Result<bool> {
 /// Copies `bin` to `dest` inside `root` with every library `ldd` lists, at the same paths.
 fn add_binary_with_libraries(root: &Path, bin: &Path, dest: &Path) -> Result<()> {
     copy_into(root, bin, dest)?;
-    let out =
-        Command::new("ldd").arg(bin).output().with_context(|| format!("running ldd {}", bin.display()))?;
+    let out = crate::base::proc::command("ldd")
+        .arg(bin)
+        .output()
+        .with_context(|| format!("running ldd {}", bin.display()))?;
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
         let path = match line.split_once("=>") {

@@ -13,7 +13,7 @@ use std::io::Read;
 use std::os::fd::AsFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use super::{
@@ -135,7 +135,7 @@ impl Runtime for ShellRuntime {
                 .with_context(|| format!("step {}: working directory {:?}", step.key, step.dir))?;
             p.parent().map(Path::to_path_buf).unwrap_or(ws.clone())
         };
-        let mut child = Command::new("/bin/sh")
+        let mut child = crate::base::proc::command("/bin/sh")
             .arg(&script)
             .current_dir(&cwd)
             .env_clear()

@@ -101,6 +101,9 @@ fn check(cfg: &ServeConfig) -> Result<()> {
 /// Runs the server until SIGINT/SIGTERM.
 pub fn serve(cfg: ServeConfig) -> Result<()> {
     validate(&cfg)?;
+    // Everything the coordinator writes (the database, artifacts, job files) is its own alone,
+    // from the first byte, whatever started it: this process only serves.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("queue")

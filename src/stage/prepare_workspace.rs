@@ -27,6 +27,7 @@ pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
         job_uid: doc.job.uid.clone(),
         deadline: doc.deadline,
         sandbox: None,
+        lifetime_lock: false,
     };
     let (path, _cap) = workspace::create_for_job(
         &ctx.settings.workspaces_dir(),

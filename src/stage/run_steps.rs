@@ -177,28 +177,55 @@ fn stopped(ctx: &JobCtx, reason: CancelReason, key: &str) -> anyhow::Error {
     }
 }
 
-/// The batches skip protocol: after a `.pre` step, `<dir>/skip.json` may name the next step.
+/// The batches skip protocol: after a `.pre` step, `<dir>/skip.json` may name the next step. The
+/// step may have left anything there, so the file is reached beneath the workspace without
+/// following a symlink, read only if it is a small regular file, and removed as itself.
 fn skip_to(ws: &std::path::Path, dir: &str) -> Result<Option<String>> {
+    use std::io::Read;
     let rel = if dir.is_empty() { "skip.json".to_string() } else { format!("{dir}/skip.json") };
-    let path = crate::base::fs::confined(ws, &rel)?;
-    let meta = match std::fs::symlink_metadata(&path) {
-        Ok(m) => m,
-        Err(_) => return Ok(None),
+    crate::base::fs::confined(ws, &rel)?;
+    let tree = crate::base::fs::Beneath::open(ws)?;
+    let path = std::path::Path::new(&rel);
+    let refuse = |e: std::io::Error| match e.raw_os_error() {
+        Some(libc::ELOOP) | Some(libc::EXDEV) => {
+            anyhow::anyhow!("{rel} goes through a symlink or leaves the workspace: refusing to read it")
+        }
+        _ => anyhow::anyhow!("inspecting {rel}: {e}"),
     };
-    if !meta.is_file() || meta.len() > 64 << 10 {
+    let meta = match tree.lstat(path) {
+        Ok(m) => m,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => return Ok(None),
+        Err(e) => return Err(refuse(e)),
+    };
+    if meta.is_symlink() {
+        anyhow::bail!("{rel} is a symlink: refusing to read it");
+    }
+    if !meta.is_file() || meta.size > MAX_SKIP_JSON {
         anyhow::bail!("{rel} is not a small regular file");
     }
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {rel}"))?;
-    std::fs::remove_file(&path).with_context(|| format!("removing {rel}"))?;
+    let mut text = String::new();
+    tree.open_file(path)
+        .map_err(refuse)?
+        .take(MAX_SKIP_JSON + 1)
+        .read_to_string(&mut text)
+        .with_context(|| format!("reading {rel}"))?;
+    if text.len() as u64 > MAX_SKIP_JSON {
+        anyhow::bail!("{rel} is not a small regular file");
+    }
+    tree.remove_file(path).with_context(|| format!("removing {rel}"))?;
     #[derive(serde::Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct Skip {
         next_step: String,
     }
-    let skip: Skip =
-        serde_json::from_str(&text).with_context(|| format!("{rel} is not {{\"nextStep\": ...}}"))?;
+    let skip: Skip = serde_json::from_str(&text).map_err(|e| {
+        anyhow::anyhow!("{rel} is not {{\"nextStep\": ...}} (line {}, column {})", e.line(), e.column())
+    })?;
     Ok(Some(skip.next_step))
 }
+
+/// The largest `skip.json` read.
+const MAX_SKIP_JSON: u64 = 64 << 10;
 
 #[cfg(test)]
 mod tests {
@@ -215,5 +242,30 @@ mod tests {
         assert_eq!(skip_to(d.path(), "sub").unwrap().as_deref(), Some("step.2.pre"));
         assert!(!d.path().join("sub/skip.json").exists(), "skip.json is consumed");
         assert!(skip_to(d.path(), "../x").is_err());
+    }
+
+    #[test]
+    fn skip_json_never_reached_through_a_symlink() {
+        let ws = tempfile::tempdir().unwrap();
+        let host = tempfile::tempdir().unwrap();
+        let hostfile = host.path().join("skip.json");
+        std::fs::write(&hostfile, "host-only-content").unwrap();
+        // The step replaced its directory with a symlink out of the workspace, or skip.json
+        // itself with one.
+        std::os::unix::fs::symlink(host.path(), ws.path().join("sub")).unwrap();
+        std::os::unix::fs::symlink(&hostfile, ws.path().join("skip.json")).unwrap();
+        for dir in ["sub", ""] {
+            let err = format!("{:#}", skip_to(ws.path(), dir).unwrap_err());
+            assert!(err.contains("symlink"), "{err}");
+            assert!(!err.contains("host-only-content"), "{err}");
+            assert!(!err.contains(&host.path().display().to_string()), "{err}");
+            assert_eq!(std::fs::read_to_string(&hostfile).unwrap(), "host-only-content", "{dir:?}");
+        }
+        assert!(ws.path().join("skip.json").symlink_metadata().is_ok(), "the symlink stays, untouched");
+        // Not a regular file: refused without opening it (a FIFO would block).
+        nix::unistd::mkfifo(&ws.path().join("fifo-dir-skip"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        std::fs::create_dir(ws.path().join("f")).unwrap();
+        nix::unistd::mkfifo(&ws.path().join("f/skip.json"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert!(skip_to(ws.path(), "f").is_err());
     }
 }

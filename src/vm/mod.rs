@@ -91,8 +91,10 @@ fn resolve_kernel_package(name: &str) -> Result<String> {
     if name.starts_with("linux-image-") && name.chars().nth(12).is_some_and(|c| c.is_ascii_digit()) {
         return Ok(name.to_string());
     }
-    let out =
-        run_cmd(Command::new("apt-cache").args(["depends", name]), &format!("apt-cache depends {name}"))?;
+    let out = run_cmd(
+        crate::base::proc::command("apt-cache").args(["depends", name]),
+        &format!("apt-cache depends {name}"),
+    )?;
     out.lines()
         .filter_map(|l| l.trim().strip_prefix("Depends:"))
         .map(str::trim)
@@ -108,7 +110,7 @@ pub fn extract_vmlinux(vmlinuz: &Path, out: &Path) -> Result<()> {
     let mut from = 0;
     while let Some(pos) = data[from..].windows(4).position(|w| w == LZ4_LEGACY) {
         let at = from + pos;
-        let mut child = Command::new("lz4")
+        let mut child = crate::base::proc::command("lz4")
             .args(["-dc"])
             .stdin(Stdio::piped())
             .stdout(fs::File::create(out).with_context(|| format!("creating {}", out.display()))?)
@@ -137,8 +139,10 @@ fn sha256_file(h: &mut Sha256, path: &Path) -> Result<()> {
 
 /// The shared libraries `ldd` names for `exe`, as absolute paths.
 fn shared_libraries(exe: &Path) -> Result<Vec<PathBuf>> {
-    let out =
-        Command::new("ldd").arg(exe).output().with_context(|| format!("running ldd on {}", exe.display()))?;
+    let out = crate::base::proc::command("ldd")
+        .arg(exe)
+        .output()
+        .with_context(|| format!("running ldd on {}", exe.display()))?;
     let text = String::from_utf8_lossy(&out.stdout);
     let mut libs = Vec::new();
     for line in text.lines() {
@@ -172,7 +176,7 @@ fn busybox() -> Result<PathBuf> {
     for c in candidates {
         let p = Path::new(c);
         if p.is_file() {
-            let out = Command::new("ldd").arg(p).output();
+            let out = crate::base::proc::command("ldd").arg(p).output();
             let dynamic = out.map(|o| String::from_utf8_lossy(&o.stdout).contains("=>")).unwrap_or(false);
             if !dynamic {
                 return Ok(p.to_path_buf());
@@ -186,7 +190,7 @@ fn busybox() -> Result<PathBuf> {
 /// guest kernel unpacks every byte), when `strip` is there; the binary as it is otherwise.
 fn stripped(agent: &Path) -> Result<Vec<u8>> {
     let tmp = tempfile::NamedTempFile::new().context("creating a temporary file")?;
-    let ok = Command::new("strip")
+    let ok = crate::base::proc::command("strip")
         .arg("--strip-all")
         .arg("-o")
         .arg(tmp.path())
@@ -313,7 +317,13 @@ pub fn install(opts: &InstallOptions) -> Result<Vec<String>> {
             .tempdir_in(&dir)
             .with_context(|| format!("creating a temporary directory in {}", dir.display()))?;
         run_cmd(
-            Command::new("apt-get").arg("download").arg(&package).current_dir(tmp.path()),
+            crate::base::proc::Inherit::inherit(
+                &mut crate::base::proc::command("apt-get"),
+                crate::base::proc::PROXY,
+            )
+            .arg("download")
+            .arg(&package)
+            .current_dir(tmp.path()),
             "apt-get download",
         )
         .with_context(|| format!("downloading {package}"))?;
@@ -323,7 +333,7 @@ pub fn install(opts: &InstallOptions) -> Result<Vec<String>> {
             .find(|p| p.extension().is_some_and(|e| e == "deb"))
             .with_context(|| format!("apt-get download left no .deb for {package}"))?;
         let root = tmp.path().join("root");
-        run_cmd(Command::new("dpkg").arg("-x").arg(&deb).arg(&root), "dpkg -x")?;
+        run_cmd(crate::base::proc::command("dpkg").arg("-x").arg(&deb).arg(&root), "dpkg -x")?;
         fs::create_dir_all(&mod_dir).with_context(|| format!("creating {}", mod_dir.display()))?;
         let vmlinuz = root.join("boot").join(format!("vmlinuz-{version}"));
         let tmp_vmlinux = kdir.join("vmlinux.tmp");
@@ -395,7 +405,7 @@ fn ensure_vm_user() -> Result<String> {
         return Ok(format!("vm user: {VM_USER} (uid {}) already exists", u.uid));
     }
     run_cmd(
-        Command::new("useradd").args([
+        crate::base::proc::command("useradd").args([
             "--system",
             "--user-group",
             "--no-create-home",

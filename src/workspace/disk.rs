@@ -4,6 +4,7 @@
 //! executor that cannot mount falls back to checking the clone's size afterwards and says so.
 
 use anyhow::{bail, Context, Result};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -63,19 +64,20 @@ pub fn mount(ws: &Path, bytes: u64) -> Result<Duration> {
         let f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(&img)
             .with_context(|| format!("creating the workspace disk {}", img.display()))?;
         f.set_len(bytes).with_context(|| format!("sizing the workspace disk {}", img.display()))?;
         drop(f);
         let root_owner = format!("lazy_itable_init=1,nodiscard,root_owner={}:{}", md.uid(), md.gid());
-        run(Command::new("mkfs.ext4")
+        run(crate::base::proc::command("mkfs.ext4")
             .args(["-q", "-F", "-L", "workspace", "-O", "^has_journal,^resize_inode", "-m", "0", "-E"])
             .arg(&root_owner)
             .arg(&img))
         .context("running mkfs.ext4 (install e2fsprogs)")?;
         // noinit_itable: the kernel does not zero the inode tables in the background, which
         // would write them all out into the sparse image.
-        run(Command::new("mount")
+        run(crate::base::proc::command("mount")
             .args(["-t", "ext4", "-o", "loop,nosuid,nodev,noinit_itable"])
             .arg(&img)
             .arg(ws))

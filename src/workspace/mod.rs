@@ -25,6 +25,48 @@ pub struct Owner {
     pub deadline: Option<DateTime<Utc>>,
     #[serde(default)]
     pub sandbox: Option<String>,
+    /// Whether `executor` holds its lifetime lock ([`hold_lifetime`]) while it lives: then a
+    /// janitor that can take that lock knows the owner is gone and reclaims the workspace (and
+    /// so its sandbox) at once instead of waiting for the deadline.
+    #[serde(default)]
+    pub lifetime_lock: bool,
+}
+
+/// The lifetime lock this process holds, with the executor name it holds it for.
+static LIFETIME: std::sync::OnceLock<(String, crate::base::lock::Held)> = std::sync::OnceLock::new();
+
+/// Where executor `name`'s lifetime lock lives: one file per executor in `owners/`, beside the
+/// workspaces directory.
+fn lifetime_lock_path(workspaces_dir: &Path, name: &str) -> PathBuf {
+    let safe: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .collect();
+    workspaces_dir.with_file_name("owners").join(format!("{safe}.lock"))
+}
+
+/// Takes executor `name`'s lifetime lock and holds it until this process ends (the kernel drops
+/// it then, however the process dies): what lets a janitor tell a live owner from a dead one
+/// exactly. `executor loop` takes it at start, before it creates any workspace.
+pub fn hold_lifetime(workspaces_dir: &Path, name: &str) -> Result<()> {
+    let held = crate::base::lock::try_lock(&lifetime_lock_path(workspaces_dir, name))?
+        .ok_or_else(|| anyhow::anyhow!("the lifetime lock of executor {name} is held by another process"))?;
+    LIFETIME
+        .set((name.to_string(), held))
+        .map_err(|_| anyhow::anyhow!("this process already holds a lifetime lock"))
+}
+
+/// Removes this process's lifetime lock file as it exits cleanly, its jobs done (the lock itself
+/// goes with the process).
+pub fn release_lifetime(workspaces_dir: &Path) {
+    if let Some((name, _)) = LIFETIME.get() {
+        let _ = std::fs::remove_file(lifetime_lock_path(workspaces_dir, name));
+    }
+}
+
+/// Whether this process holds executor `name`'s lifetime lock.
+fn holds_lifetime(name: &str) -> bool {
+    LIFETIME.get().is_some_and(|(n, _)| n == name)
 }
 
 fn owner_path(ws: &Path) -> PathBuf {
@@ -70,14 +112,40 @@ pub fn create_for_job(
 
 /// Creates a fresh workspace directory for the job and records its owner.
 pub fn create(workspaces_dir: &Path, owner: &Owner) -> Result<PathBuf> {
-    std::fs::create_dir_all(workspaces_dir)
-        .with_context(|| format!("creating {}", workspaces_dir.display()))?;
+    // The workspaces' parent may be searched (an OCI container's mapped root resolves its
+    // workspace through it) but not listed; each workspace is its owner's alone: root's, or the
+    // sandbox's mapped root's while its steps run. Its files keep the contract's 0777 inside.
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(workspaces_dir)
+            .with_context(|| format!("creating {}", workspaces_dir.display()))?;
+        let md = std::fs::metadata(workspaces_dir)
+            .with_context(|| format!("inspecting {}", workspaces_dir.display()))?;
+        if md.permissions().mode() & 0o066 != 0 {
+            std::fs::set_permissions(workspaces_dir, std::fs::Permissions::from_mode(0o711))
+                .with_context(|| format!("closing {} to other users", workspaces_dir.display()))?;
+        }
+    }
     let safe_uid: String =
         owner.job_uid.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
     let rand = uuid::Uuid::new_v4().simple().to_string();
     let ws = workspaces_dir.join(format!("workspace-{safe_uid}-{}", &rand[..12]));
-    std::fs::create_dir(&ws).with_context(|| format!("creating the workspace {}", ws.display()))?;
-    write_owner(&ws, owner)?;
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&ws)
+            .with_context(|| format!("creating the workspace {}", ws.display()))?;
+        // Exactly 0700, whatever the umask.
+        std::fs::set_permissions(&ws, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("setting the mode of the workspace {}", ws.display()))?;
+    }
+    let owner =
+        Owner { lifetime_lock: owner.lifetime_lock || holds_lifetime(&owner.executor), ..owner.clone() };
+    write_owner(&ws, &owner)?;
     Ok(ws)
 }
 
@@ -248,11 +316,8 @@ pub fn write_files_and_scripts(
             } else {
                 &f.content
             };
-            let path = crate::base::fs::write_file(ws, rel, content, 0o777)
+            crate::base::fs::write_file_at(ws, rel, content, 0o777, f.modified_at)
                 .with_context(|| format!("writing job file {rel:?}"))?;
-            if let Some(m) = f.modified_at {
-                crate::base::fs::set_mtime(&path, m)?;
-            }
             entry.line(&format!("Wrote {rel} in {:?}", t.elapsed()));
         }
         for (rel, body) in &scripts {
@@ -284,8 +349,9 @@ pub fn janitor_lock(state_dir: &Path, exclusive: bool) -> Result<crate::base::lo
 }
 
 /// One janitor pass over the workspaces directory. A workspace is removed when its owner is
-/// `me` and its job is not in `live` (the uids of the jobs `me` runs now), or (whoever owns it) when its deadline passed more than `grace`
-/// ago, or when it has no owner record and is older than `grace`. Returns the removed paths and
+/// `me` and its job is not in `live` (the uids of the jobs `me` runs now), when its owner held a
+/// lifetime lock that this pass could take (the owner is gone), or (whoever owns it) when its
+/// deadline passed more than `grace` ago, or when it has no owner record and is older than `grace`. Returns the removed paths and
 /// the sandbox names that live workspaces claim (so the sandbox janitor keeps them).
 pub fn sweep(
     workspaces_dir: &Path,
@@ -302,6 +368,19 @@ pub fn sweep(
     };
     let now = Utc::now();
     let grace_c = chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX);
+    // Executors found gone in this pass (their lifetime lock taken), with the lock held until
+    // their workspaces are removed.
+    let mut gone: std::collections::HashMap<String, Option<crate::base::lock::Held>> =
+        std::collections::HashMap::new();
+    let mut owner_gone = |executor: &str| -> Result<bool> {
+        if let Some(held) = gone.get(executor) {
+            return Ok(held.is_some());
+        }
+        let held = crate::base::lock::try_lock(&lifetime_lock_path(workspaces_dir, executor))?;
+        let dead = held.is_some();
+        gone.insert(executor.to_string(), held);
+        Ok(dead)
+    };
     for ent in rd.flatten() {
         let path = ent.path();
         let name = ent.file_name().to_string_lossy().into_owned();
@@ -320,10 +399,13 @@ pub fn sweep(
         }
         let dead = match read_owner(&path) {
             Some(o) if o.executor == me => !live.contains(&o.job_uid),
-            Some(o) => match o.deadline {
-                Some(d) => d + grace_c < now,
-                None => false,
-            },
+            Some(o) => {
+                (o.lifetime_lock && owner_gone(&o.executor)?)
+                    || match o.deadline {
+                        Some(d) => d + grace_c < now,
+                        None => false,
+                    }
+            }
             None => ent
                 .metadata()
                 .and_then(|m| m.modified())
@@ -337,6 +419,13 @@ pub fn sweep(
             claimed.insert(s);
         }
     }
+    // A dead executor's lock file goes with its workspaces (unlinked while held: a janitor that
+    // opened it before takes the lock on the unlinked file, and also finds the owner gone).
+    for (executor, held) in gone {
+        if held.is_some() {
+            let _ = std::fs::remove_file(lifetime_lock_path(workspaces_dir, &executor));
+        }
+    }
     Ok((removed, claimed))
 }
 
@@ -347,11 +436,46 @@ mod tests {
 
     fn owner(exec: &str, uid: &str, deadline: Option<DateTime<Utc>>) -> Owner {
         Owner {
+            lifetime_lock: false,
             executor: exec.into(),
             job_uid: uid.into(),
             deadline,
             sandbox: Some(format!("sb-{exec}-{uid}")),
         }
+    }
+
+    /// Finding 10 of the security review: a crashed executor's workspace (and so its sandbox)
+    /// stayed until 60 s after its job's deadline. An owner that held a lifetime lock is gone
+    /// exactly when the lock can be taken.
+    #[test]
+    fn sweep_reclaims_a_dead_owners_workspace_at_once() {
+        let d = tempfile::tempdir().unwrap();
+        let future = Some(Utc::now() + chrono::Duration::hours(1));
+        let alive = crate::base::lock::try_lock(&lifetime_lock_path(d.path(), "alive")).unwrap().unwrap();
+        let dying = crate::base::lock::try_lock(&lifetime_lock_path(d.path(), "dying")).unwrap().unwrap();
+        let locked = |exec: &str, uid: &str| Owner { lifetime_lock: true, ..owner(exec, uid, future) };
+        let a = create(d.path(), &locked("alive", "1")).unwrap();
+        let b1 = create(d.path(), &locked("dying", "2")).unwrap();
+        let b2 = create(d.path(), &locked("dying", "3")).unwrap();
+        let (removed, claimed) = sweep(d.path(), "me", &HashSet::new(), Duration::from_secs(60)).unwrap();
+        assert!(removed.is_empty(), "{removed:?}");
+        assert_eq!(claimed.len(), 3);
+        drop(dying); // the process died: the kernel released its lock
+        let (removed, claimed) = sweep(d.path(), "me", &HashSet::new(), Duration::from_secs(60)).unwrap();
+        assert_eq!(removed.len(), 2, "{removed:?}");
+        assert!(a.exists() && !b1.exists() && !b2.exists());
+        assert!(claimed.contains("sb-alive-1") && !claimed.contains("sb-dying-2"));
+        assert!(!lifetime_lock_path(d.path(), "dying").exists(), "its lock file goes too");
+        drop(alive);
+        // A record without the flag (written by a piped stage) still waits for its deadline.
+        let piped = create(d.path(), &owner("piped", "4", future)).unwrap();
+        let (removed, _) = sweep(d.path(), "me", &HashSet::new(), Duration::from_secs(60)).unwrap();
+        assert!(piped.exists() && removed.iter().all(|r| r != &piped), "{removed:?}");
+        // This process's own lifetime lock marks the workspaces it creates.
+        hold_lifetime(d.path(), "me-now").unwrap();
+        let mine = create(d.path(), &owner("me-now", "5", future)).unwrap();
+        assert!(read_owner(&mine).unwrap().lifetime_lock);
+        assert!(crate::base::lock::try_lock(&lifetime_lock_path(d.path(), "me-now")).unwrap().is_none());
     }
 
     #[test]

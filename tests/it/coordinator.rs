@@ -239,7 +239,7 @@ pub struct ExecutorClient {
 }
 
 impl ExecutorClient {
-    fn post(&self, path: &str, body: &Value) -> (u16, String) {
+    pub fn post(&self, path: &str, body: &Value) -> (u16, String) {
         let r = self
             .agent
             .post(&format!("{}/.executors/queue/{path}", self.url))

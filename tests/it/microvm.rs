@@ -378,10 +378,40 @@ fn microvm_loop_runs_a_coordinator_job_in_a_guest_and_uploads_its_artifact() {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
     let mut lp = cmd.spawn().expect("starting executor loop");
+    // Finding 3 of the security review: QEMU (which runs as the less trusted VM user) had the
+    // executor's environment, shared secret included. Read its environment while it runs.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (stop, prefix) = (stop.clone(), prefix.clone());
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for e in std::fs::read_dir("/proc").unwrap().flatten() {
+                    let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else { continue };
+                    let args = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+                    if args.split(' ').next().is_some_and(|a| a.ends_with("qemu-system-x86_64"))
+                        && args.contains(&prefix)
+                    {
+                        if let Ok(env) = std::fs::read(e.path().join("environ")) {
+                            seen.push(String::from_utf8_lossy(&env).replace('\0', "\n"));
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            seen
+        })
+    };
     let job = c.wait_state(id, &["completed", "failed", "errored", "canceled"], Duration::from_secs(200));
     // The loop exits after its one job.
     let err = common::wait_exit_ok(&mut lp, Duration::from_secs(30));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let qemu_envs = watcher.join().unwrap();
     assert_eq!(job["state"], "completed", "{job:#}\n{err}");
+    assert!(!qemu_envs.is_empty(), "never saw the job's QEMU running");
+    for env in &qemu_envs {
+        assert!(!env.contains(&c.secret) && !env.contains("EXECUTOR_"), "QEMU's environment:\n{env}");
+    }
 
     let logs = job["logs"].as_array().unwrap();
     let boot = logs.iter().find(|e| e["key"] == "setup.microvm.start").expect("setup.microvm.start");

@@ -771,7 +771,7 @@ fn oci_probes_run_as_real_jobs_through_the_coordinator() {
 
     let job = c.wait_state(symlink, &["completed", "failed", "errored"], Duration::from_secs(60));
     let log = job_log(&job);
-    assert!(log.contains("artifact shadow-link goes through the symlink shadow-link: refusing"), "{log}");
+    assert!(log.contains("skipping symlink shadow-link") && log.contains("uploaded 0 files"), "{log}");
     assert!(!log.contains("root:"), "{log}");
 
     // Nothing of any job is left: sandboxes, cgroups, image use records, processes, workspaces.
@@ -1068,4 +1068,235 @@ fn oci_runc_uid_ranges_are_per_job() {
 #[test]
 fn oci_crun_uid_ranges_are_per_job() {
     uid_ranges_are_per_job("crun", "oci_crun_uid_ranges_are_per_job");
+}
+
+/// Finding 3 of the security review: children inherited the executor's environment, with the
+/// coordinator's shared secret in it. Every kind of child an OCI job starts (git for the clone,
+/// mkfs.ext4 and mount for the workspace disk, the OCI runtime) is wrapped by a script first in
+/// PATH that saves `/proc/self/environ` as the child starts, then execs the real program.
+#[test]
+fn oci_children_never_see_the_executors_environment() {
+    let test = "oci_children_never_see_the_executors_environment";
+    if !can_run(test, "runc") {
+        return;
+    }
+    if which::which("mkfs.ext4").is_err() {
+        common::skip(test, "ext4", "mkfs.ext4 (e2fsprogs) is needed for the workspace disk");
+        return;
+    }
+    let c = crate::coordinator::Coordinator::start();
+    let f = Fixture::new("runc");
+    let repo = f.tmp.path().join("env-repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(repo.join("README"), "hi\n").unwrap();
+    common::sh(&repo, "git init -q -b main . && git add -A && git commit -qm one");
+    let commit = common::sh(&repo, "git rev-parse HEAD");
+    Exec::new()
+        .with(|cmd| c.admin_env(cmd))
+        .args(["queue", "repo", "add", "github.com/acme/env"])
+        .arg(&repo)
+        .run();
+
+    let wrap = f.tmp.path().join("wrap");
+    let seen = f.tmp.path().join("seen");
+    std::fs::create_dir_all(&wrap).unwrap();
+    std::fs::create_dir_all(&seen).unwrap();
+    let kinds = ["git", "mkfs.ext4", "mount", "runc"];
+    for name in kinds {
+        let real = which::which(name).unwrap();
+        let script = format!(
+            "#!/bin/sh\ncat /proc/$$/environ > '{}/{name}.'$$\nexec '{}' \"$@\"\n",
+            seen.display(),
+            real.display()
+        );
+        std::fs::write(wrap.join(name), script).unwrap();
+        std::fs::set_permissions(wrap.join(name), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let id = c.submit(serde_json::json!({"repositoryName": "github.com/acme/env", "commit": commit,
+        "dockerSteps": [{"image": "busybox", "commands": ["cat README"]}]}));
+    let path = format!("{}:{}", wrap.display(), std::env::var("PATH").unwrap_or_default());
+    let marker = "unrelated-env-marker-7f3a";
+    let mut cmd = common::executor();
+    c.executor_env(&mut cmd);
+    cmd.env("PATH", &path)
+        .env("SOME_OPERATOR_TOKEN", marker)
+        .env("EXECUTOR_QUEUE_NAME", "batches")
+        .env("EXECUTOR_RUNTIME", "oci")
+        .env("EXECUTOR_OCI_RUNTIME", "runc")
+        .env("EXECUTOR_STATE_DIR", f.state())
+        .env("EXECUTOR_VM_PREFIX", format!("ocienv{}", &uuid::Uuid::new_v4().simple().to_string()[..8]))
+        .env("EXECUTOR_FIRECRACKER_DISK_SPACE", "32M")
+        .env("EXECUTOR_NUM_TOTAL_JOBS", "1")
+        .env("EXECUTOR_MAXIMUM_RUNTIME_PER_JOB", "60s")
+        .env("EXECUTOR_HEARTBEAT_INTERVAL", "300ms")
+        .arg("loop");
+    common::assert_ok(&common::run(&mut cmd));
+    let job = c.wait_state(id, &["completed", "failed", "errored"], Duration::from_secs(30));
+    assert_eq!(job["state"], "completed", "{}", job_log(&job));
+
+    for name in kinds {
+        let mut n = 0;
+        for e in std::fs::read_dir(&seen).unwrap() {
+            let e = e.unwrap();
+            if !e.file_name().to_string_lossy().starts_with(&format!("{name}.")) {
+                continue;
+            }
+            n += 1;
+            let env = String::from_utf8_lossy(&std::fs::read(e.path()).unwrap()).replace('\0', "\n");
+            for secret in [c.secret.as_str(), marker, "EXECUTOR_"] {
+                assert!(!env.contains(secret), "{name} started with {secret:?} in its environment:\n{env}");
+            }
+        }
+        assert!(n > 0, "the executor never started {name}");
+    }
+}
+
+/// Finding 2 of the security review: another local user read a running job's secret file and
+/// appended to its next step's script (run as the job). Checked as `nobody` while a real job's
+/// first step runs: nothing of the workspace can be listed, read or changed, the workspace disk
+/// image cannot be read, and the job's next step runs what the job wrote, unchanged.
+#[test]
+fn oci_other_users_cannot_touch_a_running_job() {
+    let test = "oci_other_users_cannot_touch_a_running_job";
+    if !can_run(test, "runc") {
+        return;
+    }
+    if which::which("mkfs.ext4").is_err() {
+        common::skip(test, "ext4", "mkfs.ext4 (e2fsprogs) is needed for the workspace disk");
+        return;
+    }
+    let c = crate::coordinator::Coordinator::start();
+    let f = Fixture::new("runc");
+    let id = c.submit(serde_json::json!({
+        "files": {"secret.txt": {"content": "job-secret-content"}},
+        "dockerSteps": [
+            {"key": "wait", "image": "busybox", "commands": ["echo started", "sleep 4", "cat secret.txt"]},
+            {"key": "next", "image": "busybox", "commands": ["echo next ran", "ls -la /data >/dev/null"]}
+        ]
+    }));
+    let mut cmd = common::executor();
+    c.executor_env(&mut cmd);
+    cmd.env("EXECUTOR_QUEUE_NAME", "batches")
+        .env("EXECUTOR_RUNTIME", "oci")
+        .env("EXECUTOR_OCI_RUNTIME", "runc")
+        .env("EXECUTOR_STATE_DIR", f.state())
+        .env("EXECUTOR_VM_PREFIX", format!("ociprv{}", &uuid::Uuid::new_v4().simple().to_string()[..8]))
+        .env("EXECUTOR_FIRECRACKER_DISK_SPACE", "32M")
+        .env("EXECUTOR_NUM_TOTAL_JOBS", "1")
+        .env("EXECUTOR_MAXIMUM_RUNTIME_PER_JOB", "60s")
+        .env("EXECUTOR_HEARTBEAT_INTERVAL", "300ms")
+        .arg("loop")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut executor = cmd.spawn().unwrap();
+    common::wait_until("the first step to start", Duration::from_secs(30), || {
+        let job = c.job(id);
+        job["logs"].as_array().is_some_and(|l| {
+            l.iter().any(|e| {
+                e["key"] == "step.docker.wait" && e["out"].as_str().unwrap_or("").contains("started")
+            })
+        })
+    });
+    let workspaces = f.state().join("workspaces");
+    let ws = std::fs::read_dir(&workspaces)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.is_dir())
+        .expect("the job's workspace");
+    let img = workspaces.join(format!("{}.img", ws.file_name().unwrap().to_string_lossy()));
+    let scripts: Vec<PathBuf> = std::fs::read_dir(ws.join(".sourcegraph-executor"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "sh"))
+        .collect();
+    assert_eq!(scripts.len(), 2, "{scripts:?}");
+    let as_nobody = |script: &str| {
+        let o = Exec::program("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c", script])
+            .any_status()
+            .run();
+        (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    let mut attempts = vec![
+        format!("ls '{}'", workspaces.display()),
+        format!("cat '{}/secret.txt'", ws.display()),
+        format!("ls '{}'", ws.display()),
+        format!("head -c 4096 '{}' >/dev/null", img.display()),
+        format!("touch '{}/planted'", ws.display()),
+    ];
+    for s in &scripts {
+        attempts.push(format!("echo 'echo INJECTED' >> '{}'", s.display()));
+    }
+    for a in &attempts {
+        let (ok, out) = as_nobody(a);
+        assert!(!ok, "nobody could `{a}` during a job: {out}");
+    }
+    let st = executor.wait().unwrap();
+    assert!(st.success());
+    let job = c.wait_state(id, &["completed", "failed", "errored"], Duration::from_secs(30));
+    let log = job_log(&job);
+    assert_eq!(job["state"], "completed", "the job still reads and runs its own files: {log}");
+    assert!(log.contains("job-secret-content") && log.contains("next ran"), "{log}");
+    assert!(!log.contains("INJECTED"), "{log}");
+}
+
+/// Finding 10 of the security review: after `kill -9` of `executor loop` in the middle of an OCI
+/// step, `executor janitor` on the same state directory removed nothing (the dead executor's
+/// workspace waited for its job's deadline, 30 minutes), so the orphaned container ran on. The
+/// loop holds a lifetime lock; the janitor that can take it reclaims everything at once.
+#[test]
+fn oci_janitor_reclaims_a_killed_loops_job_at_once() {
+    let test = "oci_janitor_reclaims_a_killed_loops_job_at_once";
+    if !can_run(test, "runc") {
+        return;
+    }
+    let c = crate::coordinator::Coordinator::start();
+    let f = Fixture::new("runc");
+    let prefix = format!("ocikill{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let id = c.submit(serde_json::json!({"dockerSteps": [
+        {"key": "long", "image": "busybox", "commands": ["echo started", "sleep 1000"]}
+    ]}));
+    let env = |cmd: &mut std::process::Command| {
+        c.executor_env(cmd);
+        cmd.env("EXECUTOR_QUEUE_NAME", "batches")
+            .env("EXECUTOR_RUNTIME", "oci")
+            .env("EXECUTOR_OCI_RUNTIME", "runc")
+            .env("EXECUTOR_STATE_DIR", f.state())
+            .env("EXECUTOR_VM_PREFIX", &prefix)
+            .env("EXECUTOR_MAXIMUM_RUNTIME_PER_JOB", "30m")
+            .env("EXECUTOR_HEARTBEAT_INTERVAL", "300ms");
+    };
+    let mut cmd = common::executor();
+    env(&mut cmd);
+    cmd.arg("loop").stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    let mut lp = cmd.spawn().unwrap();
+    common::wait_until("the step to start", Duration::from_secs(30), || {
+        c.job(id)["logs"].as_array().is_some_and(|l| {
+            l.iter().any(|e| {
+                e["key"] == "step.docker.long" && e["out"].as_str().unwrap_or("").contains("started")
+            })
+        })
+    });
+    lp.kill().unwrap();
+    lp.wait().unwrap();
+    let running = || {
+        let ps = std::process::Command::new("ps").args(["-eo", "args"]).output().unwrap();
+        String::from_utf8_lossy(&ps.stdout).lines().filter(|l| l.contains(&prefix)).count()
+    };
+    assert!(running() > 0, "the orphaned container runs on after the kill");
+    let mut cmd = common::executor();
+    env(&mut cmd);
+    let out = common::run(cmd.arg("janitor"));
+    common::assert_ok(&out);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(said.contains("removed workspace") && said.contains("sandbox"), "{said}");
+    let left = |dir: &str| {
+        std::fs::read_dir(f.state().join(dir))
+            .map(|r| r.flatten().filter(|e| !e.file_name().to_string_lossy().starts_with('.')).count())
+            .unwrap_or(0)
+    };
+    assert_eq!((left("workspaces"), left("sandboxes"), left("owners")), (0, 0, 0), "{said}");
+    common::wait_until("the orphan's processes to end", Duration::from_secs(10), || running() == 0);
+    let cgroups = executor::sandbox::oci::cgroup::existing_jobs();
+    assert!(!cgroups.iter().any(|n| n.starts_with(&prefix)), "{cgroups:?}");
 }

@@ -524,3 +524,45 @@ fn sigterm_to_a_stage_stops_the_step_and_records_it() {
     assert_eq!(o.status.code(), Some(1));
     c.wait_state(id, &["failed", "errored"], Duration::from_secs(5));
 }
+
+/// Finding 1 of the security review: after its steps, a job's workspace may hold symlinks out of
+/// it where the executor (root) looks next: `skip.json` after a `.pre` step and the artifact
+/// patterns. Neither may read, list or remove anything outside, nor show it in a message.
+#[test]
+fn workspace_symlinks_never_lead_the_host_outside() {
+    let c = Coordinator::start();
+    let state = tempfile::tempdir().unwrap();
+    let host = tempfile::tempdir().unwrap();
+    std::fs::create_dir(host.path().join("private")).unwrap();
+    std::fs::write(host.path().join("skip.json"), "host-only-content").unwrap();
+    std::fs::write(host.path().join("private/host-only-name"), "x").unwrap();
+    let h = host.path().display();
+    let skip = c.submit(json!({"dockerSteps": [
+        {"key": "0.pre", "image": "alpine", "dir": "sub", "commands": [format!("cd .. && rm -rf sub && ln -s {h} sub")]},
+        {"key": "1", "image": "alpine", "commands": ["true"]}
+    ]}));
+    let glob = c.submit(json!({
+        "dockerSteps": [{"image": "alpine", "commands": [format!("ln -s {h} escape"), "mkdir -p out", "echo in > out/in.txt"]}],
+        "artifacts": ["escape/private/*", "escape/**", "out/*.txt"]
+    }));
+    for _ in 0..2 {
+        let d = state.path().join("doc.json");
+        let ds = d.to_str().unwrap();
+        stage_ok(&c, state.path(), &["dequeue", "-o", ds]);
+        for s in ["prepare-workspace", "vm-boot", "run-steps", "upload", "complete"] {
+            stage(&c, state.path(), &[s, "-i", ds, "-o", ds]);
+        }
+    }
+    let job = c.wait_state(skip, &["completed", "failed", "errored"], Duration::from_secs(5));
+    let text = job.to_string();
+    assert_eq!(job["state"], "failed", "{job:#}");
+    assert!(job["failureMessage"].as_str().unwrap().contains("symlink"), "{job:#}");
+    assert!(!text.contains("host-only-content"), "{text}");
+    assert_eq!(std::fs::read_to_string(host.path().join("skip.json")).unwrap(), "host-only-content");
+
+    let job = c.wait_state(glob, &["completed"], Duration::from_secs(5));
+    let text = job.to_string();
+    assert!(!text.contains("host-only-name"), "{text}");
+    let files = c.artifacts(glob);
+    assert_eq!(files, vec![("out/in.txt".to_string(), b"in\n".to_vec())]);
+}

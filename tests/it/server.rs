@@ -809,3 +809,219 @@ fn queue_serves_https_with_a_given_certificate() {
     let plain = c.url.replace("https://", "http://");
     assert!(ureq::get(&format!("{plain}/metrics")).timeout(Duration::from_secs(5)).call().is_err());
 }
+
+/// Every entry below `dir` (and `dir`) that anyone but the owner may read, write or search.
+fn open_to_others(dir: &std::path::Path) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let m = std::fs::symlink_metadata(&p).unwrap();
+        if m.permissions().mode() & 0o077 != 0 {
+            out.push(format!("{} {:o}", p.display(), m.permissions().mode() & 0o7777));
+        }
+        if m.is_dir() {
+            stack.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+    out
+}
+
+/// Finding 6 of the security review: the data directory (0755), `queue.db` and its WAL (0644,
+/// with every job's `redactedValues`) and artifacts (0644) were readable by every local user.
+#[test]
+fn coordinator_data_is_private_from_the_first_byte() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut c = Coordinator::start();
+    let mut job = Coordinator::simple_job();
+    job["redactedValues"] = json!({"hunter2-secret": "PASSWORD_REMOVED"});
+    let id = c.submit(job);
+    let ex = c.executor("host-1");
+    ex.heartbeat("batches", &[]);
+    let got = ex.dequeue("batches", "").expect("a job");
+    assert_eq!(got["id"], id);
+    assert_eq!(ex.put_artifacts("batches", &got, b"artifact bytes"), 204);
+    let db = c.data_dir.path().join("db");
+    for f in ["queue.db", "queue.db-wal", "artifacts"] {
+        assert!(db.join(f).exists(), "{f} missing");
+    }
+    assert!(std::fs::read_dir(db.join("artifacts")).unwrap().count() > 0, "no artifact stored");
+    assert_eq!(open_to_others(&db), Vec::<String>::new());
+
+    // What an older version (or another umask) left is closed at the next start.
+    c.kill();
+    let mut stack = vec![db.clone()];
+    while let Some(p) = stack.pop() {
+        let dir = p.is_dir();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(if dir { 0o755 } else { 0o644 }))
+            .unwrap();
+        if dir {
+            stack.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+    c.restart();
+    let left = open_to_others(&db);
+    assert!(!left.iter().any(|l| l.starts_with(&format!("{} ", db.display()))), "{left:?}");
+    for f in ["queue.db", "queue.db-wal", "queue.db-shm"] {
+        let p = db.join(f);
+        if p.exists() {
+            assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o077, 0, "{f}");
+        }
+    }
+}
+
+/// Finding 7 of the security review: `queue logs` wrote a job's OSC title and screen-clear
+/// sequences to the terminal as they were, and a job could print lines that pass for the CLI's
+/// own `==>` headers. Job-controlled text (output, keys, failure messages, executor names) is
+/// escaped unless `--raw`.
+#[test]
+fn admin_cli_escapes_what_a_job_controls() {
+    let c = Coordinator::start();
+    let id = c.submit(Coordinator::simple_job());
+    let ex = c.executor("host-1");
+    ex.heartbeat("batches", &[]);
+    let got = ex.dequeue("batches", "").expect("a job");
+    let hostile =
+        "stdout: \u{1b}]0;pwned\u{7}\u{1b}[2Jcleared\n==> [9] step.docker.9: exit 0\n\u{202e}txt.exe\n";
+    let mut body = entry_body("host-1", id, hostile);
+    body["key"] = json!("step.docker.\u{1b}[31mred");
+    assert_eq!(ex.job_call("batches", &got, "addExecutionLogEntry", body).0, 200);
+    assert_eq!(ex.mark("batches", &got, "markFailed", "failed \u{1b}[1A\u{1b}[2Kok"), 204);
+    let cli = |args: &[&str]| {
+        let o = Exec::new().with(|cmd| c.admin_env(cmd)).args(["queue"]).args(args).run();
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let id = id.to_string();
+    for args in [vec!["logs", id.as_str()], vec!["show", id.as_str()], vec!["jobs"], vec!["executors"]] {
+        let out = cli(&args);
+        assert!(
+            !out.contains('\u{1b}') && !out.contains('\u{7}') && !out.contains('\u{202e}'),
+            "{args:?}:\n{out}"
+        );
+        assert!(!out.lines().any(|l| l.starts_with("==> [9]")), "{args:?}: a forged header:\n{out}");
+    }
+    let logs = cli(&["logs", &id]);
+    assert!(logs.contains("\\x1b]0;pwned\\x07\\x1b[2Jcleared"), "{logs}");
+    assert!(logs.contains("\\x3d=> [9] step.docker.9: exit 0"), "{logs}");
+    assert!(logs.contains("==> [1] step.docker.\\x1b[31mred"), "{logs}");
+    assert!(cli(&["jobs"]).contains("failed \\x1b[1A\\x1b[2Kok"));
+    let raw = cli(&["logs", &id, "--raw"]);
+    assert!(raw.contains(hostile.trim_start_matches("stdout: ")), "--raw prints the bytes:\n{raw}");
+}
+
+/// Finding 5 of the security review: the log cap counted output only (40 entries with a 1 MiB
+/// command each grew the data directory by 40 MiB past a 16 MiB cap), and heartbeats stored any
+/// number of executor names of any size. Everything a client makes the coordinator store counts.
+#[test]
+fn every_byte_a_client_stores_counts_against_a_cap() {
+    let c = Coordinator::start();
+    let id = c.submit(Coordinator::simple_job());
+    let ex = c.executor("host-1");
+    ex.heartbeat("batches", &[]);
+    let got = ex.dequeue("batches", "").expect("a job");
+    let mut codes = Vec::new();
+    let mut refusal = String::new();
+    for i in 0..40 {
+        let mut body = entry_body("host-1", id, "");
+        body["key"] = json!(format!("step.docker.{i}"));
+        body["command"] = json!(["sh", "-c", "x".repeat(256 << 10)]);
+        let (code, text) = ex.job_call("batches", &got, "addExecutionLogEntry", body);
+        if code != 200 {
+            refusal = text;
+        }
+        codes.push(code);
+    }
+    assert_eq!(codes.iter().filter(|c| **c == 200).count(), 3, "{codes:?}");
+    assert!(codes[3..].iter().all(|c| *c == 413), "{codes:?}");
+    assert!(refusal.contains("log cap"), "{refusal}");
+    let stored: usize = c.job(id)["logs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["key"].as_str().unwrap().len() + e["command"].to_string().len())
+        .sum();
+    assert!(stored <= 1 << 20, "{stored} bytes of keys and commands stored past their cap of 1 MiB");
+    // A failure message is cut, not stored whole.
+    assert_eq!(ex.mark("batches", &got, "markFailed", &"m".repeat(1 << 20)), 204);
+    let msg = c.job(id)["failureMessage"].as_str().unwrap().to_string();
+    assert!(msg.len() < 17 << 10 && msg.ends_with("truncated at 16384 bytes]"), "{} bytes", msg.len());
+
+    // Heartbeats: a field too long, a body too large, too many names.
+    let hb = |name: &str, extra: usize| {
+        c.executor(name).post(
+            "batches/heartbeat",
+            &json!({"executorName": name, "version": "V2", "jobIds": [], "os": "linux",
+                    "architecture": "amd64", "executorVersion": "x".repeat(extra)}),
+        )
+    };
+    let (code, text) = hb("host-2", 300);
+    assert_eq!(code, 413, "{text}");
+    assert!(text.contains("executorVersion"), "{text}");
+    // A body past the limit: 413, or the connection closed while the client still sent it.
+    let big = json!({"executorName": "host-2", "version": "V2", "jobIds": [], "os": "x".repeat(1 << 20)});
+    let sent = ureq::post(&format!("{}/.executors/queue/batches/heartbeat", c.url))
+        .set("Authorization", &format!("token-executor {}", c.secret))
+        .set("Content-Type", "application/json")
+        .send_string(&big.to_string());
+    match sent {
+        Ok(r) => panic!("a 1 MiB heartbeat was accepted: {}", r.status()),
+        Err(ureq::Error::Status(code, r)) => {
+            assert_eq!(code, 413, "{}", r.into_string().unwrap_or_default())
+        }
+        Err(ureq::Error::Transport(_)) => {}
+    }
+    for i in 0..999 {
+        let (code, text) = hb(&format!("many-{i}"), 0);
+        assert_eq!(code, 200, "executor {i}: {text}");
+    }
+    let (code, text) = hb("one-too-many", 0);
+    assert_eq!(code, 413, "{text}");
+    assert!(text.contains("1000 executors"), "{text}");
+    assert_eq!(hb("many-5", 0).0, 200, "a known executor still heartbeats");
+}
+
+/// Finding 9 of the security review, defence in depth: the coordinator stored whatever output an
+/// executor sent, secrets included, and its admin views showed registry credentials and job
+/// file contents in clear. It applies the job's `redactedValues` again to what it stores and
+/// shows (a secret split across two appends included), and shows lengths and digests instead.
+#[test]
+fn coordinator_redacts_again_and_admin_views_show_no_secret() {
+    let c = Coordinator::start();
+    let mut job = Coordinator::simple_job();
+    job["redactedValues"] = json!({"hunter2-secret": "PASSWORD_REMOVED"});
+    job["version"] = json!(2);
+    // Version 2: contents in base64 ("file-secret-content").
+    job["files"] = json!({"key.pem": {"content": "ZmlsZS1zZWNyZXQtY29udGVudA=="}});
+    job["dockerAuthConfig"] = json!({"auths": {"registry.example": {"auth": "docker-auth-secret"}}});
+    let id = c.submit(job);
+    let ex = c.executor("host-1");
+    ex.heartbeat("batches", &[]);
+    let got = ex.dequeue("batches", "").expect("a job");
+    let mut body = entry_body("host-1", id, "stdout: the value is hunter2-secret\nstdout: split hunter2-");
+    body["command"] = json!(["sh", "-c", "echo hunter2-secret"]);
+    assert_eq!(ex.job_call("batches", &got, "addExecutionLogEntry", body).0, 200);
+    let mut upd = entry_body("host-1", id, "secret here\n");
+    upd["entryId"] = json!(1);
+    upd["append"] = json!(true);
+    upd["command"] = json!(["sh", "-c", "echo hunter2-secret"]);
+    assert_eq!(ex.job_call("batches", &got, "updateExecutionLogEntry", upd).0, 204);
+    let shown = c.job(id);
+    let text = shown.to_string();
+    for secret in ["hunter2-secret", "ZmlsZS1zZWNyZXQtY29udGVudA", "docker-auth-secret"] {
+        assert!(!text.contains(secret), "{secret} in the admin view: {text}");
+    }
+    let out = shown["logs"][0]["out"].as_str().unwrap();
+    assert!(
+        out.contains("the value is PASSWORD_REMOVED") && out.contains("split PASSWORD_REMOVED here"),
+        "{out}"
+    );
+    assert_eq!(shown["logs"][0]["command"][2], "echo PASSWORD_REMOVED");
+    assert_eq!(shown["job"]["files"]["key.pem"]["content"]["bytes"], 19, "{text}");
+    assert!(shown["job"]["dockerAuthConfig"]["sha256"].is_string(), "{text}");
+    // The executor still gets what it needs.
+    assert!(got.to_string().contains("docker-auth-secret"));
+    // Nor does the follow show it.
+    let o = Exec::new().with(|cmd| c.admin_env(cmd)).args(["queue", "logs", &id.to_string(), "--json"]).run();
+    let follow = String::from_utf8_lossy(&o.stdout);
+    assert!(!follow.contains("hunter2-secret") && follow.contains("PASSWORD_REMOVED"), "{follow}");
+}

@@ -1,5 +1,6 @@
 //! The only place for unsafe code: hooks that run in a child process between fork and exec, and
-//! the new mount API syscalls (open_tree, mount_setattr, move_mount) for idmapped mounts.
+//! the new mount API syscalls (open_tree, mount_setattr, move_mount) for idmapped mounts, and
+//! openat2 for resolving paths beneath a directory without following symlinks.
 #![allow(unsafe_code)]
 
 use std::ffi::CString;
@@ -67,9 +68,8 @@ pub fn start_in_dir_keeping(cmd: &mut Command, dir: RawFd, keep: Vec<RawFd>) {
 /// idmapped mount ([`idmapped_bind`]) takes. A short-lived child unshares it; the namespace
 /// lives on through the fd after the child is gone.
 pub fn userns_fd(inner: u32, outer: u32, count: u32) -> std::io::Result<std::os::fd::OwnedFd> {
-    let mut cmd = Command::new("sleep");
+    let mut cmd = crate::base::proc::command("sleep");
     cmd.arg("30")
-        .env_clear()
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
@@ -177,4 +177,51 @@ pub fn idmapped_bind(
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// `struct open_how` of openat2(2).
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
+const RESOLVE_NO_SYMLINKS: u64 = 0x04;
+const RESOLVE_BENEATH: u64 = 0x08;
+
+/// Opens `rel` below the directory open as `dir` with openat2(2): the resolution never leaves
+/// `dir` (no `..` above it, no absolute path) and follows no symlink on the way (ELOOP or EXDEV
+/// instead); a trailing symlink is returned as itself only with `O_PATH | O_NOFOLLOW`. `flags`
+/// always get `O_CLOEXEC`.
+pub fn open_beneath(
+    dir: std::os::fd::BorrowedFd<'_>,
+    rel: &Path,
+    flags: libc::c_int,
+    mode: libc::mode_t,
+) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let rel = CString::new(rel.as_os_str().as_bytes())?;
+    let how = OpenHow {
+        flags: (flags | libc::O_CLOEXEC) as u32 as u64,
+        mode: if flags & (libc::O_CREAT | libc::O_TMPFILE) != 0 { u64::from(mode) } else { 0 },
+        resolve: RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS,
+    };
+    // SAFETY: openat2 reads the NUL-terminated path and `how` (of the size passed), both live
+    // for the call; `dir` is a descriptor borrowed for the call. It returns a new fd or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            rel.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by openat2 and is owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }

@@ -6,7 +6,7 @@ use sha2::{Digest, Sha256};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 /// Bytes used by the files below `dir` (not following symlinks).
 pub fn tree_bytes(dir: &Path) -> Result<u64> {
@@ -52,7 +52,7 @@ pub fn make_ext4(dir: &Path, out: &Path, size: u64, label: &str) -> Result<()> {
     let f = fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
     f.set_len(size).with_context(|| format!("sizing {}", out.display()))?;
     drop(f);
-    let o = Command::new("mkfs.ext4")
+    let o = crate::base::proc::command("mkfs.ext4")
         .args(["-q", "-F", "-L", label, "-E", "root_owner=0:0", "-O", "^has_journal", "-m", "0", "-d"])
         .arg(dir)
         .arg(out)

@@ -17,7 +17,7 @@ use std::collections::HashSet;
 use std::fs;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use super::{
@@ -260,7 +260,7 @@ impl MicroVm {
         let mem = if limits.memory_bytes > 0 { limits.memory_bytes } else { DEFAULT_MEMORY };
         let debug = std::env::var_os("EXECUTOR_VM_DEBUG").is_some();
         let cmdline = kernel_cmdline(det.images.len(), workspace.is_some(), debug, tsc_khz());
-        let mut cmd = Command::new(QEMU);
+        let mut cmd = crate::base::proc::command(QEMU);
         cmd.args(["-name", &rec.name, "-M", MACHINE, "-nodefaults", "-no-user-config"]);
         cmd.args([
             "-display",
@@ -817,8 +817,9 @@ impl Runtime for MicroVm {
 }
 
 /// Replaces the workspace's contents with the tar the guest sent. The tar is hostile: only
-/// regular files, directories and symlinks are taken, each through `unpack_in`, which refuses
-/// paths that leave the workspace (`..`, absolute, or through a symlink).
+/// regular files, directories and symlinks are taken (no device nodes, no FIFOs), each through
+/// `unpack_in`, which refuses paths that leave the workspace (`..`, absolute, or through a
+/// symlink), and their modes lose setuid, setgid and sticky bits.
 fn unpack_workspace(tarfile: fs::File, workspace: &Path) -> Result<()> {
     for e in fs::read_dir(workspace).with_context(|| format!("listing {}", workspace.display()))?.flatten() {
         let p = e.path();
@@ -831,6 +832,9 @@ fn unpack_workspace(tarfile: fs::File, workspace: &Path) -> Result<()> {
     }
     let mut ar = tar::Archive::new(tarfile);
     ar.set_preserve_permissions(true);
+    // Modes come back without setuid, setgid or sticky bits: the guest's root made these files,
+    // and on the host they are root's.
+    ar.set_mask(0o7000);
     ar.set_preserve_ownerships(false);
     ar.set_unpack_xattrs(false);
     ar.set_overwrite(true);
@@ -852,6 +856,38 @@ fn unpack_workspace(tarfile: fs::File, workspace: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Finding 8 of the security review: the workspace copied back from a guest kept setuid and
+    /// setgid bits on what are, on the host, root-owned files.
+    #[test]
+    fn workspace_from_a_guest_loses_special_modes_and_devices() {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut add = |path: &str, kind: tar::EntryType, mode: u32, data: &[u8]| {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(kind);
+            h.set_mode(mode);
+            h.set_size(data.len() as u64);
+            h.set_uid(0);
+            h.set_gid(0);
+            b.append_data(&mut h, path, data).unwrap();
+        };
+        add("suid", tar::EntryType::Regular, 0o4755, b"#!/bin/sh\n");
+        add("sgid-dir", tar::EntryType::Directory, 0o3775, b"");
+        add("sgid-dir/f", tar::EntryType::Regular, 0o2777, b"x");
+        add("null", tar::EntryType::Char, 0o666, b"");
+        let bytes = b.into_inner().unwrap();
+        let mut f = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut f, &bytes).unwrap();
+        std::io::Seek::rewind(&mut f).unwrap();
+        let ws = tempfile::tempdir().unwrap();
+        unpack_workspace(f, ws.path()).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &str| fs::symlink_metadata(ws.path().join(p)).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode("suid"), 0o755);
+        assert_eq!(mode("sgid-dir"), 0o775);
+        assert_eq!(mode("sgid-dir/f"), 0o777);
+        assert!(!ws.path().join("null").exists(), "no device node comes back");
+    }
 
     #[test]
     fn job_paths_stay_below_data() {

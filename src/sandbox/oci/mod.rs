@@ -306,7 +306,7 @@ impl OciRuntime {
 
     /// The OCI runtime command with its global flags (state root, platform).
     fn runtime_cmd(&self, which: &str, state_dir: &Path) -> Command {
-        let mut cmd = Command::new(which);
+        let mut cmd = crate::base::proc::command(which);
         cmd.arg("--root").arg(state_dir.join("runtime"));
         match which {
             "runsc" => {
@@ -396,28 +396,38 @@ impl OciRuntime {
 }
 
 /// Changes the owner of every entry below `root` (and `root`) without following symlinks or
-/// leaving the filesystem.
+/// leaving the filesystem: every path is resolved beneath `root` with no symlink on the way, so a
+/// directory swapped for a symlink while the walk runs stops the walk there instead of sending it
+/// out of the workspace.
 fn chown_tree(root: &Path, owner: impl Fn(u32, u32) -> (u32, u32)) -> Result<()> {
-    let dev =
-        fs::symlink_metadata(root).with_context(|| format!("inspecting workspace {}", root.display()))?.dev();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(p) = stack.pop() {
-        let md = match fs::symlink_metadata(&p) {
-            Ok(m) => m,
+    let tree = crate::base::fs::Beneath::open(root)
+        .with_context(|| format!("opening workspace {}", root.display()))?;
+    let top =
+        tree.lstat(Path::new("")).with_context(|| format!("inspecting workspace {}", root.display()))?;
+    let chown = |rel: &Path, md: &crate::base::fs::Meta| -> Result<()> {
+        let (u, g) = owner(md.uid, md.gid);
+        if (u, g) != (md.uid, md.gid) {
+            tree.chown(rel, u, g)
+                .with_context(|| format!("changing the owner of {} in the workspace", rel.display()))?;
+        }
+        Ok(())
+    };
+    chown(Path::new(""), &top)?;
+    let mut stack = vec![PathBuf::new()];
+    while let Some(dir) = stack.pop() {
+        let entries = match tree.list(&dir) {
+            Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e).with_context(|| format!("inspecting {}", p.display())),
+            Err(e) => return Err(e).with_context(|| format!("listing {} in the workspace", dir.display())),
         };
-        if md.dev() != dev {
-            continue;
-        }
-        let (u, g) = owner(md.uid(), md.gid());
-        if (u, g) != (md.uid(), md.gid()) {
-            std::os::unix::fs::lchown(&p, Some(u), Some(g))
-                .with_context(|| format!("changing the owner of {}", p.display()))?;
-        }
-        if md.is_dir() {
-            for e in fs::read_dir(&p).with_context(|| format!("reading {}", p.display()))? {
-                stack.push(e?.path());
+        for (name, md) in entries {
+            if md.dev != top.dev {
+                continue;
+            }
+            let rel = dir.join(name);
+            chown(&rel, &md)?;
+            if md.is_dir() {
+                stack.push(rel);
             }
         }
     }
@@ -460,7 +470,8 @@ impl Runtime for OciRuntime {
         // Every OCI runtime this host has, so an operator sees which `--oci-runtime` would work.
         for which in OCI_RUNTIMES {
             let version = which::which(which).ok().and_then(|bin| {
-                let v = Command::new(&bin).arg("--version").stdin(Stdio::null()).output().ok()?;
+                let v =
+                    crate::base::proc::command(&bin).arg("--version").stdin(Stdio::null()).output().ok()?;
                 let line = String::from_utf8_lossy(&v.stdout).lines().next().unwrap_or("").to_string();
                 Some(format!("{} ({line})", bin.display()))
             });
@@ -777,6 +788,28 @@ fn remove_dir_retrying(dir: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chown_tree_stays_inside_and_on_symlinks() {
+        if !crate::base::skip::is_root() {
+            return crate::base::skip::skip("chown_tree_stays_inside_and_on_symlinks", "root", "not root");
+        }
+        let ws = tempfile::tempdir().unwrap();
+        let host = tempfile::tempdir().unwrap();
+        std::fs::write(host.path().join("hostfile"), "x").unwrap();
+        std::fs::create_dir_all(ws.path().join("a/b")).unwrap();
+        std::fs::write(ws.path().join("a/b/f"), "x").unwrap();
+        std::os::unix::fs::symlink(host.path(), ws.path().join("a/dirlink")).unwrap();
+        std::os::unix::fs::symlink(host.path().join("hostfile"), ws.path().join("filelink")).unwrap();
+        chown_tree(ws.path(), |_, _| (54321, 54321)).unwrap();
+        for rel in ["", "a", "a/b", "a/b/f", "a/dirlink", "filelink"] {
+            let md = fs::symlink_metadata(ws.path().join(rel)).unwrap();
+            assert_eq!((md.uid(), md.gid()), (54321, 54321), "{rel:?}");
+        }
+        for p in [host.path().to_path_buf(), host.path().join("hostfile")] {
+            assert_eq!(fs::metadata(&p).unwrap().uid(), 0, "{} left alone", p.display());
+        }
+    }
 
     #[test]
     fn cpu_note_only_when_the_quota_held_the_step_back() {

@@ -163,8 +163,9 @@ pub(super) async fn list_jobs(
     json_response(StatusCode::OK, &serde_json::json!({ "jobs": jobs }))
 }
 
-/// The stored payload as the admin API shows it: `redactedValues` replaced by their count and
-/// every string with a secret in it redacted.
+/// The stored payload as the admin API shows it: `redactedValues` replaced by their count,
+/// `dockerAuthConfig` and file contents by their length and SHA-256, and every string with a
+/// secret in it redacted.
 pub(super) fn admin_payload(payload: &str) -> Result<serde_json::Value> {
     let mut v: serde_json::Value = serde_json::from_str(payload).context("stored payload is unreadable")?;
     let secrets: BTreeMap<String, String> =
@@ -178,11 +179,40 @@ pub(super) fn admin_payload(payload: &str) -> Result<serde_json::Value> {
             _ => {}
         }
     }
+    // What is, or may hold, a secret shows as its length and digest: registry credentials and
+    // the files a job writes (a key, a token file).
+    fn digest(bytes: &[u8]) -> serde_json::Value {
+        use sha2::Digest;
+        serde_json::json!({"bytes": bytes.len(), "sha256": hex::encode(sha2::Sha256::digest(bytes))})
+    }
+    let v2 = v.get("version").and_then(serde_json::Value::as_i64) == Some(2);
     if let Some(obj) = v.as_object_mut() {
         obj.remove("redactedValues");
         obj.remove("id");
         obj.remove("token");
         obj.insert("redactedValueCount".into(), secrets.len().into());
+        if let Some(auth) = obj.get_mut("dockerAuthConfig").filter(|a| !a.is_null()) {
+            *auth = digest(auth.to_string().as_bytes());
+        }
+        if let Some(files) = obj.get_mut("files").and_then(serde_json::Value::as_object_mut) {
+            for f in files.values_mut() {
+                if let Some(c) = f.as_object_mut().and_then(|f| f.remove("content")) {
+                    let text = c.as_str().map(str::to_string).unwrap_or_else(|| c.to_string());
+                    // Version 2 payloads hold the content in base64: the digest is of the bytes.
+                    let bytes = if v2 {
+                        use base64::Engine;
+                        base64::engine::general_purpose::STANDARD
+                            .decode(&text)
+                            .unwrap_or_else(|_| text.clone().into_bytes())
+                    } else {
+                        text.into_bytes()
+                    };
+                    if let Some(f) = f.as_object_mut() {
+                        f.insert("content".into(), digest(&bytes));
+                    }
+                }
+            }
+        }
     }
     walk(&mut v, &redactor);
     Ok(v)

@@ -174,13 +174,30 @@ fn keep_metrics(app: &Shared, executor: &str, text: String) {
     }
 }
 
+/// The largest heartbeat body: names, telemetry, the ids of the jobs an executor runs (256 KiB)
+/// and its metrics ([`MAX_EXECUTOR_METRICS`]).
+const HEARTBEAT_LIMIT: usize = (256 << 10) + MAX_EXECUTOR_METRICS;
+
+/// Records a heartbeat; what does not fit its caps is refused with 413 and the reason.
+async fn heartbeat_store(
+    app: &Shared,
+    info: ExecutorInfo,
+    ids: Vec<(i64, String)>,
+) -> HttpResult<(store::JobRefs, store::JobRefs)> {
+    match app.store.call(move |s| s.heartbeat(&info, &ids, store::now_ms())).await {
+        Ok(r) => Ok(r),
+        Err(StoreError::OverCap(why)) => Err(http_err(StatusCode::PAYLOAD_TOO_LARGE, why)),
+        Err(e) => Err(e.into()),
+    }
+}
+
 pub(super) async fn heartbeat_single(
     State(app): State<Shared>,
     KnownQueue(queue): KnownQueue,
     _: ExecutorSecret,
     body: Body,
 ) -> HttpResult<Response> {
-    let req: protocol::HeartbeatRequestV1 = read_json(body, app.json_limit).await?;
+    let req: protocol::HeartbeatRequestV1 = read_json(body, HEARTBEAT_LIMIT).await?;
     if req.executor_name.is_empty() {
         return Err(http_err(StatusCode::BAD_REQUEST, "executorName must not be empty"));
     }
@@ -189,7 +206,7 @@ pub(super) async fn heartbeat_single(
     let mut info = telemetry_info(&req.executor_name, &req.telemetry);
     info.queue_name = Some(queue.clone());
     info.queue_names = vec![queue];
-    let (known, cancel) = db(&app, move |s| s.heartbeat(&info, &ids, store::now_ms())).await?;
+    let (known, cancel) = heartbeat_store(&app, info, ids).await?;
     keep_metrics(&app, &req.executor_name, req.telemetry.prometheus_metrics);
     let resp = protocol::HeartbeatResponse {
         known_ids: known.iter().map(|(id, _)| id.to_string()).collect(),
@@ -203,7 +220,7 @@ pub(super) async fn heartbeat_multi(
     _: ExecutorSecret,
     body: Body,
 ) -> HttpResult<Response> {
-    let req: protocol::HeartbeatRequest = read_json(body, app.json_limit).await?;
+    let req: protocol::HeartbeatRequest = read_json(body, HEARTBEAT_LIMIT).await?;
     if req.executor_name.is_empty() {
         return Err(http_err(StatusCode::BAD_REQUEST, "executorName must not be empty"));
     }
@@ -228,7 +245,7 @@ pub(super) async fn heartbeat_multi(
     }
     let mut info = telemetry_info(&req.executor_name, &req.telemetry);
     info.queue_names = req.queue_names.clone();
-    let (known, cancel) = db(&app, move |s| s.heartbeat(&info, &ids, store::now_ms())).await?;
+    let (known, cancel) = heartbeat_store(&app, info, ids).await?;
     keep_metrics(&app, &req.executor_name, req.telemetry.prometheus_metrics);
     let resp = protocol::HeartbeatResponse {
         known_ids: known.iter().map(|(id, q)| format!("{id}-{q}")).collect(),
@@ -275,6 +292,7 @@ pub(super) async fn add_log_entry(
     match r {
         Ok(entry_id) => json_response(StatusCode::OK, &entry_id),
         Err(StoreError::UnknownJob) => Err(http_err(StatusCode::INTERNAL_SERVER_ERROR, "unknown job")),
+        Err(StoreError::OverCap(why)) => Err(http_err(StatusCode::PAYLOAD_TOO_LARGE, why)),
         Err(e) => Err(e.into()),
     }
 }
@@ -295,6 +313,7 @@ pub(super) async fn update_log_entry(
     match r {
         Ok(()) => Ok(StatusCode::NO_CONTENT.into_response()),
         Err(StoreError::UnknownJob) => Err(http_err(StatusCode::INTERNAL_SERVER_ERROR, "unknown job")),
+        Err(StoreError::OverCap(why)) => Err(http_err(StatusCode::PAYLOAD_TOO_LARGE, why)),
         Err(StoreError::UnknownEntry(entry_id)) => {
             Err(http_err(StatusCode::NOT_FOUND, format!("unknown log entry {entry_id}")))
         }
@@ -309,13 +328,30 @@ enum MarkKind {
     Failed,
 }
 
+/// The longest failure message stored; a longer one keeps its start and says it was cut.
+const MAX_FAILURE_MESSAGE: usize = 16 << 10;
+
+fn capped_failure_message(mut message: String) -> String {
+    if message.len() > MAX_FAILURE_MESSAGE {
+        let mut end = MAX_FAILURE_MESSAGE;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message
+            .push_str(&format!("\n[coordinator: failure message truncated at {MAX_FAILURE_MESSAGE} bytes]"));
+    }
+    message
+}
+
 async fn mark(app: Shared, kind: MarkKind, caller: JobCaller, body: Body) -> HttpResult<Response> {
     let req: protocol::MarkErrorRequest = read_json(body, app.json_limit).await?;
     check_op(&caller, &req.op)?;
+    let message = capped_failure_message(req.error_message);
     let outcome = match kind {
         MarkKind::Complete => Outcome::Complete,
-        MarkKind::Errored => Outcome::Errored(req.error_message),
-        MarkKind::Failed => Outcome::Failed(req.error_message),
+        MarkKind::Errored => Outcome::Errored(message),
+        MarkKind::Failed => Outcome::Failed(message),
     };
     let retries = app.cfg.max_retries;
     let id = caller.id;
@@ -427,8 +463,14 @@ pub(super) async fn put_artifacts(
 
 /// Streams `body` into `path` (fsynced). `None` when it exceeds `max` bytes.
 async fn receive_to_file(body: Body, path: &std::path::Path, max: u64) -> HttpResult<Option<(u64, String)>> {
-    let mut file =
-        tokio::fs::File::create(path).await.with_context(|| format!("creating {}", path.display()))?;
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .await
+        .with_context(|| format!("creating {}", path.display()))?;
     let mut hasher = Sha256::new();
     let mut total: u64 = 0;
     let mut body = body;

@@ -108,7 +108,7 @@ pub(super) async fn put_file(
     let dest = file_blob_path(&app, &sha);
     let size = bytes.len() as i64;
     tokio::task::spawn_blocking(move || -> Result<()> {
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        crate::base::fs::private_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
         crate::base::fs::write_atomic(&dest, &bytes)
     })
     .await

@@ -81,7 +81,7 @@ pub(super) async fn add_repo(State(app): State<Shared>, _: AdminToken, body: Bod
             format!("repository path {:?} must be absolute", req.path),
         ));
     }
-    let check = tokio::process::Command::new("git")
+    let check = tokio::process::Command::from(crate::base::proc::command("git"))
         .arg("-C")
         .arg(&path)
         .args(["rev-parse", "--git-dir"])

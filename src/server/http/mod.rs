@@ -342,7 +342,8 @@ pub async fn serve(cfg: Arc<ServeConfig>) -> Result<()> {
     let data_dir = cfg.data_dir.clone();
     let store = tokio::task::spawn_blocking(move || Store::open(&data_dir)).await??;
     let artifact_dir = cfg.data_dir.join("artifacts");
-    std::fs::create_dir_all(&artifact_dir).with_context(|| format!("creating {}", artifact_dir.display()))?;
+    crate::base::fs::private_dir(&artifact_dir)
+        .with_context(|| format!("creating the artifacts directory {}", artifact_dir.display()))?;
     // Leftovers of uploads interrupted by a crash.
     if let Ok(rd) = std::fs::read_dir(&artifact_dir) {
         for e in rd.flatten() {

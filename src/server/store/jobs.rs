@@ -56,6 +56,13 @@ pub struct Dequeued {
     pub token: String,
 }
 
+/// The most executors the coordinator keeps a row for.
+pub const MAX_EXECUTORS: i64 = 1000;
+/// How long an executor that stopped heartbeating keeps its row.
+pub const EXECUTOR_EXPIRY_MS: i64 = 24 * 3_600_000;
+/// The longest executor name or telemetry field a heartbeat may store.
+pub const MAX_EXECUTOR_FIELD: usize = 256;
+
 /// What an executor reports about itself in a heartbeat.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -241,14 +248,46 @@ impl Store {
     }
 
     /// Upserts the executor's row, refreshes the heartbeat of the listed jobs it still owns,
-    /// and returns (known, cancel) as `(id, queue)` pairs.
+    /// and returns (known, cancel) as `(id, queue)` pairs. What a heartbeat stores is bounded:
+    /// each field at most [`MAX_EXECUTOR_FIELD`] bytes, at most [`MAX_EXECUTORS`] names, the
+    /// executors silent for [`EXECUTOR_EXPIRY_MS`] dropped first (`OverCap` otherwise).
     pub fn heartbeat(
         &mut self,
         info: &ExecutorInfo,
         jobs: &[(i64, String)],
         now: i64,
     ) -> Result<(JobRefs, JobRefs)> {
+        let fields = [
+            ("executorName", &info.hostname),
+            ("os", &info.os),
+            ("architecture", &info.architecture),
+            ("dockerVersion", &info.docker_version),
+            ("executorVersion", &info.executor_version),
+            ("gitVersion", &info.git_version),
+            ("igniteVersion", &info.ignite_version),
+            ("srcCliVersion", &info.src_cli_version),
+        ];
+        for (name, value) in fields {
+            if value.len() > MAX_EXECUTOR_FIELD {
+                return Err(super::StoreError::OverCap(format!(
+                    "the heartbeat's {name} is longer than {MAX_EXECUTOR_FIELD} bytes"
+                )));
+            }
+        }
         let tx = self.conn.transaction()?;
+        tx.execute("DELETE FROM executors WHERE last_seen_at < ?1", [now - EXECUTOR_EXPIRY_MS])?;
+        let known_name =
+            tx.prepare_cached("SELECT 1 FROM executors WHERE name = ?1")?.exists([&info.hostname])?;
+        if !known_name {
+            let n: i64 = tx.query_row("SELECT COUNT(*) FROM executors", [], |r| r.get(0))?;
+            if n >= MAX_EXECUTORS {
+                return Err(super::StoreError::OverCap(format!(
+                    "the coordinator already keeps {MAX_EXECUTORS} executors seen in the last {} hours; \
+                     a new executor name is refused until one expires",
+                    EXECUTOR_EXPIRY_MS / 3_600_000
+                )));
+            }
+        }
         tx.execute(
             "INSERT INTO executors (name, queue_name, queue_names, os, architecture, docker_version, \
              executor_version, git_version, ignite_version, src_cli_version, first_seen_at, last_seen_at) \

@@ -1,11 +1,14 @@
 //! Execution log entries: add, update (replace or append, appends kept as chunks of their own)
-//! and read back, within the per-job cap on stored output.
+//! and read back, within per-job caps on what a job's log stores: its output (the configured
+//! cap, cut with a marker), the keys and commands of its entries ([`MAX_LOG_META_BYTES`], refused
+//! past it) and the number of entries ([`MAX_LOG_ENTRIES`]).
 
 use rusqlite::{params, OptionalExtension, Transaction};
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use super::{Result, Store, StoreError};
+use crate::base::redact::Redactor;
 use crate::protocol::ExecutionLogEntry;
 
 /// A stored log entry with its 1-based id.
@@ -29,6 +32,27 @@ fn cut_at_boundary(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
+/// The most log entries one job may have (a real job has a few dozen).
+pub const MAX_LOG_ENTRIES: i64 = 1000;
+
+/// The most bytes the keys and commands of one job's log entries may take together (a real
+/// entry's are well under a kilobyte). Apart from the output cap, so that a job whose output
+/// filled its cap can still log its next steps.
+pub const MAX_LOG_META_BYTES: i64 = 1 << 20;
+
+/// The bytes an entry's key and command take in the store.
+fn meta_bytes(key: &str, command: &Option<String>) -> i64 {
+    (key.len() + command.as_ref().map_or(0, String::len)) as i64
+}
+
+/// The refusal of an entry whose key and command do not fit what is left of their cap.
+fn meta_over_cap(id: i64, meta: i64, used: i64) -> StoreError {
+    StoreError::OverCap(format!(
+        "the log entry's key and command ({meta} bytes) do not fit the log cap of job {id} for keys \
+         and commands ({MAX_LOG_META_BYTES} bytes, {used} used)"
+    ))
+}
+
 /// The marker that ends a truncated entry's output.
 pub fn truncation_marker(cap: u64) -> String {
     format!("\n[executor: log truncated at {cap} bytes]\n")
@@ -38,6 +62,16 @@ impl Store {
     /// Bytes of log output the job holds (markers not counted).
     fn log_bytes(tx: &Transaction<'_>, id: i64) -> Result<i64> {
         Ok(tx.query_row("SELECT log_bytes FROM jobs WHERE id = ?1", [id], |r| r.get(0))?)
+    }
+
+    /// Bytes the keys and commands of the job's log entries hold.
+    fn meta_bytes_used(tx: &Transaction<'_>, id: i64) -> Result<i64> {
+        Ok(tx.query_row(
+            "SELECT COALESCE(SUM(LENGTH(CAST(key AS BLOB)) + COALESCE(LENGTH(CAST(command AS BLOB)), 0)), 0) \
+             FROM log_entries WHERE job_id = ?1",
+            [id],
+            |r| r.get(0),
+        )?)
     }
 
     fn set_log_bytes(tx: &Transaction<'_>, id: i64, bytes: i64) -> Result<()> {
@@ -67,6 +101,38 @@ impl Store {
         )?)
     }
 
+    /// The redactor of job `id`'s `redactedValues`: the coordinator applies them again to what it
+    /// stores and shows, whatever the executor did.
+    fn job_redactor(conn: &rusqlite::Connection, id: i64) -> Result<Redactor> {
+        #[derive(serde::Deserialize)]
+        struct Secrets {
+            #[serde(default, rename = "redactedValues")]
+            redacted_values: BTreeMap<String, String>,
+        }
+        let payload: Option<String> = conn
+            .prepare_cached("SELECT payload FROM jobs WHERE id = ?1")?
+            .query_row([id], |r| r.get(0))
+            .optional()?;
+        let secrets = payload
+            .and_then(|p| serde_json::from_str::<Secrets>(&p).ok())
+            .map(|s| s.redacted_values)
+            .unwrap_or_default();
+        Ok(Redactor::new(secrets.iter()))
+    }
+
+    /// `entry` with the job's secrets replaced in its key, command and output.
+    fn redacted(entry: &ExecutionLogEntry, r: &Redactor) -> ExecutionLogEntry {
+        if r.is_empty() {
+            return entry.clone();
+        }
+        ExecutionLogEntry {
+            key: r.redact_str(&entry.key),
+            command: entry.command.as_ref().map(|c| c.iter().map(|a| r.redact_str(a)).collect()),
+            out: entry.out.as_ref().map(|o| r.redact_str(o)),
+            ..entry.clone()
+        }
+    }
+
     /// addExecutionLogEntry: returns the new 1-based entry id; `UnknownJob` when the job is not
     /// `executor`'s processing job.
     pub fn add_log(&mut self, id: i64, executor: &str, entry: &ExecutionLogEntry, cap: u64) -> Result<i64> {
@@ -74,11 +140,23 @@ impl Store {
         if !Self::owned(&tx, id, executor)? {
             return Err(StoreError::UnknownJob);
         }
+        let entry = &Self::redacted(entry, &Self::job_redactor(&tx, id)?);
         let entry_id: i64 = tx.query_row(
             "SELECT COALESCE(MAX(entry_id), 0) + 1 FROM log_entries WHERE job_id = ?1",
             [id],
             |r| r.get(0),
         )?;
+        if entry_id > MAX_LOG_ENTRIES {
+            return Err(StoreError::OverCap(format!(
+                "job {id} already has {MAX_LOG_ENTRIES} log entries, the most a job may have"
+            )));
+        }
+        let command = entry.command.as_ref().map(serde_json::to_string).transpose()?;
+        let meta = meta_bytes(&entry.key, &command);
+        let meta_used = Self::meta_bytes_used(&tx, id)?;
+        if meta_used + meta > MAX_LOG_META_BYTES {
+            return Err(meta_over_cap(id, meta, meta_used));
+        }
         let used = Self::log_bytes(&tx, id)?;
         let (out, truncated, kept) = Self::fit(entry.out.as_deref().unwrap_or(""), cap as i64 - used, cap);
         tx.execute(
@@ -88,7 +166,7 @@ impl Store {
                 id,
                 entry_id,
                 entry.key,
-                entry.command.as_ref().map(serde_json::to_string).transpose()?,
+                command,
                 entry.start_time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
                 entry.exit_code,
                 out,
@@ -116,15 +194,27 @@ impl Store {
         if !Self::owned(&tx, id, executor)? {
             return Err(StoreError::UnknownJob);
         }
-        let current: Option<bool> = tx
+        // Each piece is redacted as it comes; a secret split across two appends is caught when
+        // the entry is read back whole (`logs`).
+        let entry = &Self::redacted(entry, &Self::job_redactor(&tx, id)?);
+        let current: Option<(bool, i64)> = tx
             .query_row(
-                "SELECT truncated FROM log_entries WHERE job_id = ?1 AND entry_id = ?2",
+                "SELECT truncated, LENGTH(CAST(key AS BLOB)) + COALESCE(LENGTH(CAST(command AS BLOB)), 0) \
+                 FROM log_entries WHERE job_id = ?1 AND entry_id = ?2",
                 params![id, entry_id],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        let Some(mut truncated) = current else { return Err(StoreError::UnknownEntry(entry_id)) };
+        let Some((mut truncated, old_meta)) = current else { return Err(StoreError::UnknownEntry(entry_id)) };
         let delta = entry.out.as_deref().unwrap_or("");
+        let command = entry.command.as_ref().map(serde_json::to_string).transpose()?;
+        let meta = meta_bytes(&entry.key, &command);
+        if meta > old_meta {
+            let others = Self::meta_bytes_used(&tx, id)? - old_meta;
+            if others + meta > MAX_LOG_META_BYTES {
+                return Err(meta_over_cap(id, meta, others));
+            }
+        }
         let used = Self::log_bytes(&tx, id)?;
         if append {
             // Past a cut nothing more is kept; otherwise the delta becomes a chunk of its own.
@@ -164,7 +254,7 @@ impl Store {
                 id,
                 entry_id,
                 entry.key,
-                entry.command.as_ref().map(serde_json::to_string).transpose()?,
+                command,
                 entry.start_time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
                 entry.exit_code,
                 truncated,
@@ -201,11 +291,13 @@ impl Store {
             let (entry_id, data) = c?;
             appended.entry(entry_id).or_default().push_str(&data);
         }
+        let redactor = Self::job_redactor(&self.conn, id)?;
         let mut out = Vec::new();
         for (entry_id, key, command, start, exit_code, mut text, duration_ms) in rows {
             if let Some(more) = appended.remove(&entry_id) {
                 text.push_str(&more);
             }
+            let text = if redactor.is_empty() { text } else { redactor.redact_str(&text) };
             let command =
                 command.map(|c| serde_json::from_str::<Vec<String>>(&c)).transpose().map_err(|e| {
                     StoreError::Corrupt {
@@ -297,6 +389,56 @@ mod tests {
         assert_eq!(s.logs(a).unwrap()[1].entry.out.as_deref(), Some("short"));
         s.update_log(a, "e", e2, &entry("+more"), true, 20).unwrap();
         assert_eq!(s.logs(a).unwrap()[1].entry.out.as_deref(), Some("short+more"));
+    }
+
+    /// Finding 5 of the security review: key and command were stored uncounted and the number
+    /// of entries was unbounded (40 entries with a 1 MiB command each grew the store by 40 MiB
+    /// past a 16 MiB cap).
+    #[test]
+    fn keys_commands_and_the_entry_count_have_caps() {
+        let mut s = Store::open_in_memory().unwrap();
+        let a = s.submit("batches", "{}", "r", 0).unwrap();
+        s.dequeue(&q(&["batches"]), "e", 1, |_| 1).unwrap().unwrap();
+        let cap = 1000;
+        let big = |key: &str, arg: usize, out: &str| ExecutionLogEntry {
+            key: key.into(),
+            command: Some(vec!["x".repeat(arg)]),
+            ..entry(out)
+        };
+        // 100 KiB commands: each one is well under the cap, eleven are not.
+        let mut stored = 0;
+        let mut refused = None;
+        for i in 0..40 {
+            match s.add_log(a, "e", &big(&format!("k{i}"), 100 << 10, ""), cap) {
+                Ok(_) => stored += 1,
+                Err(e) => {
+                    refused = Some(e);
+                    break;
+                }
+            }
+        }
+        let Some(StoreError::OverCap(why)) = refused else { panic!("never refused: {refused:?}") };
+        assert!(why.contains("log cap of job 1 for keys and commands (1048576 bytes"), "{why}");
+        assert_eq!(stored, 10, "ten entries of 2 + 102404 bytes fit 1 MiB");
+        // The output cap is apart: a job whose keys and commands took theirs still logs output.
+        s.update_log(a, "e", 1, &big("k0", 100 << 10, &"o".repeat(1200)), true, cap).unwrap();
+        let out = s.logs(a).unwrap()[0].entry.out.clone().unwrap_or_default();
+        assert_eq!(out, format!("{}{}", "o".repeat(1000), truncation_marker(cap)));
+        // An update may not grow its key or command past the cap either; a shrinking one may.
+        let err = s.update_log(a, "e", 2, &big("k1", 200 << 10, ""), false, cap).unwrap_err();
+        assert!(matches!(err, StoreError::OverCap(_)), "{err}");
+        s.update_log(a, "e", 2, &big("k1", 100 << 10, ""), false, cap).unwrap();
+        s.update_log(a, "e", 2, &big("k1", 10, ""), false, cap).unwrap();
+        s.add_log(a, "e", &big("k9", 80 << 10, ""), cap).unwrap();
+
+        // The number of entries is capped whatever their size.
+        let b = s.submit("batches", "{}", "r", 0).unwrap();
+        s.dequeue(&q(&["batches"]), "e", 1, |_| 1).unwrap().unwrap();
+        for _ in 0..MAX_LOG_ENTRIES {
+            s.add_log(b, "e", &entry(""), cap).unwrap();
+        }
+        let err = s.add_log(b, "e", &entry(""), cap).unwrap_err();
+        assert!(matches!(&err, StoreError::OverCap(w) if w.contains("1000 log entries")), "{err}");
     }
 
     #[test]

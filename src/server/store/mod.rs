@@ -126,6 +126,11 @@ pub enum StoreError {
     /// A log update of an entry the job does not have.
     #[error("unknown log entry {0}")]
     UnknownEntry(i64),
+    /// What the client asked to store does not fit its cap (the message says which).
+    #[error("{0}")]
+    OverCap(String),
+    #[error("making {} readable by the coordinator only", path.display())]
+    PrivateFile { path: PathBuf, source: std::io::Error },
     #[error("creating data directory {}", path.display())]
     CreateDir { path: PathBuf, source: std::io::Error },
     #[error("initialising database {}", path.display())]
@@ -151,10 +156,10 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Whether this is the store's answer about the request (`UnknownJob`, `UnknownEntry`)
-    /// rather than a failure of the store.
+    /// Whether this is the store's answer about the request (`UnknownJob`, `UnknownEntry`,
+    /// `OverCap`) rather than a failure of the store.
     pub fn is_refusal(&self) -> bool {
-        matches!(self, StoreError::UnknownJob | StoreError::UnknownEntry(_))
+        matches!(self, StoreError::UnknownJob | StoreError::UnknownEntry(_) | StoreError::OverCap(_))
     }
 }
 
@@ -277,9 +282,18 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) `dir/queue.db`, sets WAL mode and runs pending migrations.
     pub fn open(dir: &Path) -> Result<Store> {
-        std::fs::create_dir_all(dir)
+        // The database holds every job's `redactedValues` (its secrets): the directory and its
+        // files are the owner's alone, whatever the umask and however an older version left them.
+        // SQLite gives the WAL and the shared memory file the database file's mode.
+        crate::base::fs::private_dir(dir)
             .map_err(|source| StoreError::CreateDir { path: dir.to_path_buf(), source })?;
         let path = dir.join("queue.db");
+        for f in [path.clone(), dir.join("queue.db-wal"), dir.join("queue.db-shm")] {
+            if f == path || f.exists() {
+                crate::base::fs::private_file(&f)
+                    .map_err(|source| StoreError::PrivateFile { path: f.clone(), source })?;
+            }
+        }
         let conn = Connection::open(&path).map_err(db_err(format!("opening database {}", path.display())))?;
         Self::init(conn).map_err(|e| StoreError::Init { path, source: Box::new(e) })
     }

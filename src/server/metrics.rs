@@ -159,6 +159,84 @@ pub fn merge_executor_metrics(per_executor: &[(String, String)]) -> String {
     out
 }
 
+/// A few figures for people from one executor's heartbeat metrics (the console's executors
+/// page): jobs by outcome, running jobs, steps and boots with their mean time, log bytes sent
+/// and errors. Samples of other families, and unparsable lines, are passed over.
+pub fn executor_figures(text: &str) -> Vec<String> {
+    use crate::api::metrics as m;
+    use crate::base::metrics::line_name;
+    let mut outcomes: Vec<(String, f64)> = Vec::new();
+    let mut sums: std::collections::HashMap<&str, f64> = std::collections::HashMap::new();
+    for line in text.lines() {
+        let Some(name) = line_name(line).filter(|_| !line.starts_with('#')) else { continue };
+        let Some(value) = line.rsplit(char::is_whitespace).next().and_then(|v| v.parse::<f64>().ok()) else {
+            continue;
+        };
+        if !value.is_finite() {
+            continue;
+        }
+        if name == m::JOBS {
+            let outcome = line
+                .split("outcome=\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or("other")
+                .to_string();
+            match outcomes.iter_mut().find(|(o, _)| *o == outcome) {
+                Some((_, n)) => *n += value,
+                None => outcomes.push((outcome, value)),
+            }
+            continue;
+        }
+        for key in [
+            m::RUNNING,
+            m::LOG_BYTES,
+            m::DEQUEUE_ERRORS,
+            m::HEARTBEAT_ERRORS,
+            "executor_step_duration_seconds_count",
+            "executor_step_duration_seconds_sum",
+            "executor_sandbox_boot_duration_seconds_count",
+            "executor_sandbox_boot_duration_seconds_sum",
+        ] {
+            if name == key {
+                *sums.entry(key).or_default() += value;
+            }
+        }
+    }
+    let get = |k: &str| sums.get(k).copied();
+    let mut out = Vec::new();
+    if !outcomes.is_empty() {
+        outcomes.sort_by(|a, b| a.0.cmp(&b.0));
+        let parts: Vec<String> = outcomes.iter().map(|(o, n)| format!("{n:.0} {o}")).collect();
+        out.push(format!("jobs: {}", parts.join(", ")));
+    }
+    if let Some(n) = get(m::RUNNING) {
+        out.push(format!("running: {n:.0}"));
+    }
+    for (what, count, sum) in [
+        ("steps", "executor_step_duration_seconds_count", "executor_step_duration_seconds_sum"),
+        (
+            "boots",
+            "executor_sandbox_boot_duration_seconds_count",
+            "executor_sandbox_boot_duration_seconds_sum",
+        ),
+    ] {
+        if let (Some(c), Some(s)) = (get(count), get(sum)) {
+            if c > 0.0 {
+                out.push(format!("{what}: {c:.0}, mean {:.2} s", s / c));
+            }
+        }
+    }
+    if let Some(b) = get(m::LOG_BYTES) {
+        out.push(format!("log sent: {}", crate::base::units::format_bytes(b as u64)));
+    }
+    let errors = get(m::DEQUEUE_ERRORS).unwrap_or(0.0) + get(m::HEARTBEAT_ERRORS).unwrap_or(0.0);
+    if errors > 0.0 {
+        out.push(format!("errors: {errors:.0}"));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,5 +278,26 @@ mod tests {
         assert!(text.contains("result=\"job\",le=\"0.001\"} 1"));
         assert!(text.contains("result=\"job\",le=\"0.025\"} 2"));
         assert!(text.contains("executor_queue_active_executors 1"));
+    }
+
+    #[test]
+    fn figures_for_people_from_an_executors_metrics() {
+        let text = "# TYPE executor_jobs_total counter\n\
+executor_jobs_total{queue=\"batches\",outcome=\"completed\"} 3\n\
+executor_jobs_total{queue=\"codeintel\",outcome=\"completed\"} 2\n\
+executor_jobs_total{queue=\"batches\",outcome=\"errored\"} 1\n\
+executor_jobs_running 2\n\
+executor_step_duration_seconds_bucket{runtime=\"oci\",le=\"+Inf\"} 4\n\
+executor_step_duration_seconds_sum{runtime=\"oci\",result=\"ok\"} 3\n\
+executor_step_duration_seconds_count{runtime=\"oci\",result=\"ok\"} 4\n\
+executor_log_bytes_sent_total 2097152\n\
+executor_dequeue_errors_total 0\n\
+node_load1 NaN\n\
+garbage line\n";
+        assert_eq!(
+            executor_figures(text),
+            ["jobs: 5 completed, 1 errored", "running: 2", "steps: 4, mean 0.75 s", "log sent: 2 MiB"]
+        );
+        assert!(executor_figures("").is_empty());
     }
 }

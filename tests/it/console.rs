@@ -163,6 +163,25 @@ fn console_needs_the_admin_token_and_refuses_forms_without_csrf() {
     let page = resp.into_string().unwrap();
     assert_eq!(page.matches("<tr class=\"job\">").count(), 10);
     assert!(!page.contains(&format!("href=\"/admin/jobs/{id}\"")), "other repositories are filtered out");
+
+    // The executors page shows figures from the metrics each executor's heartbeats carry.
+    let ex = c.executor("exec-figures");
+    let metrics = "executor_jobs_total{queue=\"batches\",outcome=\"completed\"} 7\n\
+                   executor_jobs_running 1\n\
+                   executor_step_duration_seconds_sum{runtime=\"oci\",result=\"ok\"} 6\n\
+                   executor_step_duration_seconds_count{runtime=\"oci\",result=\"ok\"} 4\n";
+    let (code, body) = ex.post(
+        "batches/heartbeat",
+        &json!({"executorName": "exec-figures", "version": "V2", "jobIds": [], "os": "linux",
+                "architecture": "amd64", "executorVersion": "0.1.0", "prometheusMetrics": metrics}),
+    );
+    assert_eq!(code, 200, "{body}");
+    let (_, resp) = call(&c, "GET", "/admin/executors", Some(&other), None);
+    let page = resp.into_string().unwrap();
+    let row = page.split("<tr class=\"executor\">").find(|r| r.contains("exec-figures")).unwrap();
+    for want in ["jobs: 7 completed", "running: 1", "steps: 4, mean 1.50 s"] {
+        assert!(row.contains(want), "{want:?} in {row}");
+    }
 }
 
 /// chromedriver with one headless Chromium session; both end on drop.

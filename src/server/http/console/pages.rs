@@ -193,6 +193,12 @@ pub(in crate::server::http) async fn executors(State(app): State<Shared>, s: Con
         Ok(v) => v,
         Err(e) => return error_page(e),
     };
+    let figures: HashMap<String, Vec<String>> = {
+        let m = app.executor_metrics.lock().unwrap_or_else(|p| p.into_inner());
+        m.iter()
+            .map(|(name, (_, text))| (name.clone(), crate::server::metrics::executor_figures(text)))
+            .collect()
+    };
     let mut b = Html::fragment();
     for (title, want, id) in [("Active", true, "active-executors"), ("Inactive", false, "inactive-executors")]
     {
@@ -204,7 +210,9 @@ pub(in crate::server::http) async fn executors(State(app): State<Shared>, s: Con
             continue;
         }
         b.open("table", &[]).open("thead", &[]).open("tr", &[]);
-        for col in ["Name", "Queues", "OS / arch", "Versions", "First seen", "Last seen", "Running jobs"] {
+        for col in
+            ["Name", "Queues", "OS / arch", "Versions", "First seen", "Last seen", "Running jobs", "Figures"]
+        {
             b.elem("th", &[], col);
         }
         b.close("tr").close("thead").open("tbody", &[]);
@@ -238,6 +246,11 @@ pub(in crate::server::http) async fn executors(State(app): State<Shared>, s: Con
             for id in running.get(&i.hostname).map(Vec::as_slice).unwrap_or_default() {
                 job_link(&mut b, *id);
                 b.text(" ");
+            }
+            b.close("td");
+            b.open("td", &[("class", "figures")]);
+            for f in figures.get(&i.hostname).map(Vec::as_slice).unwrap_or_default() {
+                b.elem("div", &[], f);
             }
             b.close("td").close("tr");
         }

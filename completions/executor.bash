@@ -121,6 +121,9 @@ _executor() {
             executor__subcmd__help__subcmd__image,ls)
                 cmd="executor__subcmd__help__subcmd__image__subcmd__ls"
                 ;;
+            executor__subcmd__help__subcmd__image,pull)
+                cmd="executor__subcmd__help__subcmd__image__subcmd__pull"
+                ;;
             executor__subcmd__help__subcmd__image,rm)
                 cmd="executor__subcmd__help__subcmd__image__subcmd__rm"
                 ;;
@@ -187,6 +190,9 @@ _executor() {
             executor__subcmd__image,ls)
                 cmd="executor__subcmd__image__subcmd__ls"
                 ;;
+            executor__subcmd__image,pull)
+                cmd="executor__subcmd__image__subcmd__pull"
+                ;;
             executor__subcmd__image,rm)
                 cmd="executor__subcmd__image__subcmd__rm"
                 ;;
@@ -204,6 +210,9 @@ _executor() {
                 ;;
             executor__subcmd__image__subcmd__help,ls)
                 cmd="executor__subcmd__image__subcmd__help__subcmd__ls"
+                ;;
+            executor__subcmd__image__subcmd__help,pull)
+                cmd="executor__subcmd__image__subcmd__help__subcmd__pull"
                 ;;
             executor__subcmd__image__subcmd__help,rm)
                 cmd="executor__subcmd__image__subcmd__help__subcmd__rm"
@@ -732,7 +741,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__help__subcmd__image)
-            opts="import build-base build-busybox ls rm"
+            opts="import build-base build-busybox pull ls rm"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -788,6 +797,20 @@ _executor() {
             return 0
             ;;
         executor__subcmd__help__subcmd__image__subcmd__ls)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__help__subcmd__image__subcmd__pull)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -1180,7 +1203,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__image)
-            opts="-h -V --state-dir --help --version import build-base build-busybox ls rm help"
+            opts="-h -V --state-dir --help --version import build-base build-busybox pull ls rm help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1238,7 +1261,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__image__subcmd__help)
-            opts="import build-base build-busybox ls rm help"
+            opts="import build-base build-busybox pull ls rm help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1321,6 +1344,20 @@ _executor() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        executor__subcmd__image__subcmd__help__subcmd__pull)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         executor__subcmd__image__subcmd__help__subcmd__rm)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
@@ -1360,6 +1397,44 @@ _executor() {
                 return 0
             fi
             case "${prev}" in
+                --state-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__image__subcmd__pull)
+            opts="-h -V --always --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --state-dir --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --docker-auth-config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --registry-mirror)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --insecure-registry)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --registry-ca)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --image-max-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --state-dir)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0

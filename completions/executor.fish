@@ -42,15 +42,16 @@ complete -c executor -n "__fish_executor_needs_command" -f -a "janitor" -d 'Remo
 complete -c executor -n "__fish_executor_needs_command" -f -a "install" -d 'Install what a runtime needs on this host'
 complete -c executor -n "__fish_executor_needs_command" -f -a "test-vm" -d 'Boot a microVM, run a command in it and print the phases of the boot with their times'
 complete -c executor -n "__fish_executor_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
-complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox ls rm help" -l state-dir -d 'State directory; the store is its images/ subdirectory' -r -F
-complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox ls rm help" -s h -l help -d 'Print help'
-complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox ls rm help" -s V -l version -d 'Print version'
-complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox ls rm help" -f -a "import" -d 'Import a `docker save` or OCI image-layout tarball as NAME'
-complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox ls rm help" -f -a "build-base" -d 'Build a minimal Debian bookworm image (bash, coreutils, git, ca-certificates) with debootstrap'
-complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox ls rm help" -f -a "build-busybox" -d 'Build a tiny image from the host\'s static busybox, plus git and the libraries it links'
-complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox ls rm help" -f -a "ls" -d 'List the images in the store'
-complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox ls rm help" -f -a "rm" -d 'Remove an image name; its tree goes once no name and no live sandbox uses it'
-complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox ls rm help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox pull ls rm help" -l state-dir -d 'State directory; the store is its images/ subdirectory' -r -F
+complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox pull ls rm help" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox pull ls rm help" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox pull ls rm help" -f -a "import" -d 'Import a `docker save` or OCI image-layout tarball as NAME'
+complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox pull ls rm help" -f -a "build-base" -d 'Build a minimal Debian bookworm image (bash, coreutils, git, ca-certificates) with debootstrap'
+complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox pull ls rm help" -f -a "build-busybox" -d 'Build a tiny image from the host\'s static busybox, plus git and the libraries it links'
+complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox pull ls rm help" -f -a "pull" -d 'Pull an image from a registry over the OCI distribution protocol'
+complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox pull ls rm help" -f -a "ls" -d 'List the images in the store'
+complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox pull ls rm help" -f -a "rm" -d 'Remove an image name; its tree goes once no name and no live sandbox uses it'
+complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox pull ls rm help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from import" -l state-dir -d 'State directory; the store is its images/ subdirectory' -r -F
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from import" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from import" -s V -l version -d 'Print version'
@@ -61,6 +62,15 @@ complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from build-busybox" -l state-dir -d 'State directory; the store is its images/ subdirectory' -r -F
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from build-busybox" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from build-busybox" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from pull" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from pull" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from pull" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from pull" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from pull" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from pull" -l state-dir -d 'State directory; the store is its images/ subdirectory' -r -F
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from pull" -l always -d 'Download again even when the store has the reference'
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from pull" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from pull" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from ls" -l state-dir -d 'State directory; the store is its images/ subdirectory' -r -F
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from ls" -l json -d 'Print JSON instead of a table'
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from ls" -s h -l help -d 'Print help'
@@ -71,6 +81,7 @@ complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from help" -f -a "import" -d 'Import a `docker save` or OCI image-layout tarball as NAME'
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from help" -f -a "build-base" -d 'Build a minimal Debian bookworm image (bash, coreutils, git, ca-certificates) with debootstrap'
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from help" -f -a "build-busybox" -d 'Build a tiny image from the host\'s static busybox, plus git and the libraries it links'
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from help" -f -a "pull" -d 'Pull an image from a registry over the OCI distribution protocol'
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from help" -f -a "ls" -d 'List the images in the store'
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from help" -f -a "rm" -d 'Remove an image name; its tree goes once no name and no live sandbox uses it'
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
@@ -516,6 +527,7 @@ complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_s
 complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from image" -f -a "import" -d 'Import a `docker save` or OCI image-layout tarball as NAME'
 complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from image" -f -a "build-base" -d 'Build a minimal Debian bookworm image (bash, coreutils, git, ca-certificates) with debootstrap'
 complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from image" -f -a "build-busybox" -d 'Build a tiny image from the host\'s static busybox, plus git and the libraries it links'
+complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from image" -f -a "pull" -d 'Pull an image from a registry over the OCI distribution protocol'
 complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from image" -f -a "ls" -d 'List the images in the store'
 complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from image" -f -a "rm" -d 'Remove an image name; its tree goes once no name and no live sandbox uses it'
 complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from queue" -f -a "serve" -d 'Run the coordinator: the executor protocol, the admin API and /metrics, backed by SQLite'

@@ -17,6 +17,7 @@ pub const CAPABILITIES: &[(&str, &str)] = &[
     ("microvm", "QEMU and the tools `executor install vm` needs (TCG is enough)"),
     ("dpkg-deb", "dpkg-deb, to build and inspect the Debian package"),
     ("openssl", "the openssl command, to make test certificates"),
+    ("registry", "docker-registry, skopeo and htpasswd, for a loopback image registry"),
 ];
 
 /// The capabilities `list` (the variable's value) requires; an unknown name is an error so that
@@ -85,7 +86,7 @@ mod tests {
     fn unknown_names_are_errors() {
         let err = decide(Some("root,rnuc"), "t", "crun", "no crun").unwrap_err();
         assert!(err.contains("\"rnuc\"") && err.contains("known: root,runc"), "{err}");
-        assert!(parse("root,runc,crun,runsc,gcc,ext4,microvm,dpkg-deb,openssl").is_ok());
+        assert!(parse("root,runc,crun,runsc,gcc,ext4,microvm,dpkg-deb,openssl,registry").is_ok());
     }
 
     #[test]

@@ -36,6 +36,19 @@ pub enum ImageCommand {
         #[arg(default_value = "busybox")]
         name: String,
     },
+    /// Pull an image from a registry over the OCI distribution protocol
+    ///
+    /// REF is written as for Docker: `busybox` is `docker.io/library/busybox:latest`; pin with
+    /// `name@sha256:...`. Prints the stored reference and the digest the reference resolved to.
+    Pull {
+        /// Image reference, `name[:tag]` or `name@sha256:<hex>`
+        reference: String,
+        /// Download again even when the store has the reference
+        #[arg(long)]
+        always: bool,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
     /// List the images in the store
     Ls {
         /// Print JSON instead of a table
@@ -47,6 +60,57 @@ pub enum ImageCommand {
         /// Image name, `name` or `name:tag`
         name: String,
     },
+}
+
+/// How pulls reach registries; shared by `image pull` and the executor's automatic pulls.
+#[derive(Debug, Clone, Args)]
+pub struct RegistryArgs {
+    /// Registry credentials: the content of a Docker config.json (`{"auths": {"registry":
+    /// {"auth": "<base64 user:password>"}}}`); never logged
+    #[arg(long, env = "EXECUTOR_DOCKER_AUTH_CONFIG", hide_env_values = true, value_name = "JSON")]
+    pub docker_auth_config: Option<String>,
+    /// Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub
+    #[arg(long, env = "EXECUTOR_DOCKER_REGISTRY_MIRROR_URL", value_delimiter = ',', value_name = "URL")]
+    pub registry_mirror: Vec<String>,
+    /// Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP;
+    /// loopback registries always may
+    #[arg(long, env = "EXECUTOR_INSECURE_REGISTRIES", value_delimiter = ',', value_name = "HOST")]
+    pub insecure_registry: Vec<String>,
+    /// Extra CA certificates (PEM) trusted for registries' TLS
+    #[arg(long, env = "EXECUTOR_REGISTRY_CA", value_name = "FILE")]
+    pub registry_ca: Option<PathBuf>,
+    /// The most an image's layers may unpack to (a decompression bomb stops here)
+    #[arg(long, env = "EXECUTOR_IMAGE_MAX_SIZE", default_value = "32G", value_name = "SIZE")]
+    pub image_max_size: String,
+}
+
+impl RegistryArgs {
+    /// The pull options, with the job's own docker auth config (v2 payloads) taking precedence.
+    pub fn pull_options(
+        &self,
+        job_auth: Option<&serde_json::Value>,
+    ) -> Result<crate::image::pull::PullOptions> {
+        let mut credentials = crate::image::registry::Credentials::default();
+        if let Some(job) = job_auth {
+            credentials.add_config(job, "the job's docker auth config")?;
+        }
+        if let Some(text) = &self.docker_auth_config {
+            credentials.add_config_text(text, "EXECUTOR_DOCKER_AUTH_CONFIG")?;
+        }
+        let max_unpacked = crate::base::units::parse_size(&self.image_max_size)
+            .map_err(|e| anyhow::anyhow!("EXECUTOR_IMAGE_MAX_SIZE {:?}: {e}", self.image_max_size))?;
+        Ok(crate::image::pull::PullOptions {
+            registry: crate::image::registry::RegistryOptions {
+                credentials,
+                mirrors: self.registry_mirror.clone(),
+                insecure: self.insecure_registry.clone(),
+                ca: self.registry_ca.clone(),
+                ..Default::default()
+            },
+            max_unpacked,
+            always: false,
+        })
+    }
 }
 
 use anyhow::Result;
@@ -70,6 +134,19 @@ pub fn run(args: ImageArgs) -> Result<i32> {
         ImageCommand::BuildBusybox { name } => {
             let img = crate::image::build::build_busybox(&store, &name)?;
             writeln!(out, "{} {}", img.reference, img.digest)?;
+        }
+        ImageCommand::Pull { reference, always, registry } => {
+            let mut opts = registry.pull_options(None)?;
+            opts.always = always;
+            let pulled = crate::image::pull::pull(&store, &reference, &opts)?;
+            eprintln!(
+                "pulled {} from {}: {} downloaded in {}",
+                pulled.reference,
+                pulled.registry,
+                crate::base::units::format_bytes(pulled.bytes),
+                crate::base::units::format_duration(pulled.elapsed)
+            );
+            writeln!(out, "{} {}", pulled.reference, pulled.digest)?;
         }
         ImageCommand::Ls { json } => {
             let list = store.list()?;

@@ -85,31 +85,15 @@ pub struct RegistryArgs {
 }
 
 impl RegistryArgs {
-    /// The pull options, with the job's own docker auth config (v2 payloads) taking precedence.
-    pub fn pull_options(
-        &self,
-        job_auth: Option<&serde_json::Value>,
-    ) -> Result<crate::image::pull::PullOptions> {
-        let mut credentials = crate::image::registry::Credentials::default();
-        if let Some(job) = job_auth {
-            credentials.add_config(job, "the job's docker auth config")?;
-        }
-        if let Some(text) = &self.docker_auth_config {
-            credentials.add_config_text(text, "EXECUTOR_DOCKER_AUTH_CONFIG")?;
-        }
-        let max_unpacked = crate::base::units::parse_size(&self.image_max_size)
-            .map_err(|e| anyhow::anyhow!("EXECUTOR_IMAGE_MAX_SIZE {:?}: {e}", self.image_max_size))?;
-        Ok(crate::image::pull::PullOptions {
-            registry: crate::image::registry::RegistryOptions {
-                credentials,
-                mirrors: self.registry_mirror.clone(),
-                insecure: self.insecure_registry.clone(),
-                ca: self.registry_ca.clone(),
-                ..Default::default()
-            },
-            max_unpacked,
-            always: false,
-        })
+    /// The validated settings.
+    pub fn settings(&self) -> Result<crate::image::pull::PullSettings> {
+        crate::image::pull::PullSettings::new(
+            self.docker_auth_config.as_deref(),
+            &self.registry_mirror,
+            &self.insecure_registry,
+            self.registry_ca.as_deref(),
+            Some(&self.image_max_size),
+        )
     }
 }
 
@@ -136,7 +120,7 @@ pub fn run(args: ImageArgs) -> Result<i32> {
             writeln!(out, "{} {}", img.reference, img.digest)?;
         }
         ImageCommand::Pull { reference, always, registry } => {
-            let mut opts = registry.pull_options(None)?;
+            let mut opts = registry.settings()?.options(None)?;
             opts.always = always;
             let pulled = crate::image::pull::pull(&store, &reference, &opts)?;
             eprintln!(

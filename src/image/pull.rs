@@ -31,6 +31,98 @@ const MT_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.
 const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const MT_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 
+/// When `vm-boot` pulls a job's images (`EXECUTOR_IMAGE_PULL`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PullPolicy {
+    /// Only images the store lacks (the default).
+    #[default]
+    Missing,
+    /// Every image, every job (the store still skips layers it has).
+    Always,
+    /// Never: an image not in the store fails the job.
+    Never,
+}
+
+impl PullPolicy {
+    pub fn parse(s: &str) -> Result<PullPolicy> {
+        match s.trim() {
+            "" | "missing" => Ok(PullPolicy::Missing),
+            "always" => Ok(PullPolicy::Always),
+            "never" => Ok(PullPolicy::Never),
+            other => bail!("EXECUTOR_IMAGE_PULL {other:?} is not one of missing, always, never"),
+        }
+    }
+}
+
+/// The executor's registry settings, validated; the job's own credentials join them per pull.
+#[derive(Debug, Clone, Default)]
+pub struct PullSettings {
+    /// `EXECUTOR_DOCKER_AUTH_CONFIG`: a Docker config.json (checked when the settings load).
+    pub docker_auth_config: Option<crate::base::secret::Secret>,
+    pub mirrors: Vec<String>,
+    pub insecure: Vec<String>,
+    pub ca: Option<std::path::PathBuf>,
+    pub max_unpacked: u64,
+}
+
+impl PullSettings {
+    /// Validates the raw values (the auth config parses, the size is a size).
+    pub fn new(
+        docker_auth_config: Option<&str>,
+        mirrors: &[String],
+        insecure: &[String],
+        ca: Option<&std::path::Path>,
+        max_size: Option<&str>,
+    ) -> Result<PullSettings> {
+        let docker_auth_config =
+            docker_auth_config.filter(|t| !t.trim().is_empty()).map(crate::base::secret::Secret::new);
+        if let Some(text) = &docker_auth_config {
+            super::registry::Credentials::default()
+                .add_config_text(text.expose(), "EXECUTOR_DOCKER_AUTH_CONFIG")?;
+        }
+        let max = max_size.unwrap_or("32G");
+        let max_unpacked = crate::base::units::parse_size(max)
+            .map_err(|e| anyhow::anyhow!("EXECUTOR_IMAGE_MAX_SIZE {max:?}: {e}"))?;
+        let list = |v: &[String]| -> Vec<String> {
+            v.iter()
+                .flat_map(|s| s.split(','))
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect()
+        };
+        Ok(PullSettings {
+            docker_auth_config,
+            mirrors: list(mirrors),
+            insecure: list(insecure),
+            ca: ca.map(|p| p.to_path_buf()),
+            max_unpacked,
+        })
+    }
+
+    /// The options of one pull; the job's docker auth config (v2 payloads) wins over the
+    /// executor's.
+    pub fn options(&self, job_auth: Option<&serde_json::Value>) -> Result<PullOptions> {
+        let mut credentials = super::registry::Credentials::default();
+        if let Some(job) = job_auth {
+            credentials.add_config(job, "the job's docker auth config")?;
+        }
+        if let Some(text) = &self.docker_auth_config {
+            credentials.add_config_text(text.expose(), "EXECUTOR_DOCKER_AUTH_CONFIG")?;
+        }
+        Ok(PullOptions {
+            registry: RegistryOptions {
+                credentials,
+                mirrors: self.mirrors.clone(),
+                insecure: self.insecure.clone(),
+                ca: self.ca.clone(),
+                ..Default::default()
+            },
+            max_unpacked: self.max_unpacked,
+            always: false,
+        })
+    }
+}
+
 /// What a pull may do.
 #[derive(Debug, Clone)]
 pub struct PullOptions {

@@ -416,14 +416,9 @@ fn pulls_layers_whiteouts_zstd_and_multi_arch_from_a_plain_registry() {
     assert_eq!(blobs, 0, "blobs left after the last image went");
 }
 
-#[test]
-fn a_docker_save_image_pulls_and_runs_a_job_step() {
-    let test = "image::pull::a_docker_save_image_pulls_and_runs_a_job_step";
-    if !can_run(test) || !crate::oci::can_run(test, "runc") {
-        return;
-    }
-    let reg = Registry::start(None, None);
-    let tmp = tempfile::tempdir().unwrap();
+/// A `docker save` tarball in `dir`: the busybox layer and one more with a whiteout and
+/// `/etc/greeting`.
+fn saved_tarball(dir: &Path) -> PathBuf {
     // A docker save tarball: the busybox layer and one more with a whiteout.
     let l1 = busybox_layer();
     let l2 = Layer::new(|b| {
@@ -446,8 +441,20 @@ fn a_docker_save_image_pulls_and_runs_a_job_step() {
         file(t, &format!("{a}/layer.tar"), &l1.tar, 0o644);
         file(t, &format!("{b}/layer.tar"), &l2.tar, 0o644);
     });
-    let tarball = tmp.path().join("saved.tar");
+    let tarball = dir.join("saved.tar");
     std::fs::write(&tarball, &save.tar).unwrap();
+    tarball
+}
+
+#[test]
+fn a_docker_save_image_pulls_and_runs_a_job_step() {
+    let test = "image::pull::a_docker_save_image_pulls_and_runs_a_job_step";
+    if !can_run(test) || !crate::oci::can_run(test, "runc") {
+        return;
+    }
+    let reg = Registry::start(None, None);
+    let tmp = tempfile::tempdir().unwrap();
+    let tarball = saved_tarball(tmp.path());
     reg.push(&format!("docker-archive:{}", tarball.display()), "saved:1");
 
     let f = crate::oci::Fixture::new("runc");
@@ -678,4 +685,79 @@ fn hostile_registries_are_refused_naming_what_failed() {
     eprintln!("stopped mid-pull: {err}");
     assert!(err.contains("failed 5 times"), "{err}");
     assert!(reg.child.lock().unwrap().try_wait().unwrap().is_some(), "the registry was stopped");
+}
+
+#[test]
+fn vm_boot_pulls_a_missing_image_with_the_jobs_credentials() {
+    let test = "image::pull::vm_boot_pulls_a_missing_image_with_the_jobs_credentials";
+    if !can_run(test) || !crate::oci::can_run(test, "runc") {
+        return;
+    }
+    if which::which("htpasswd").is_err() {
+        common::skip(test, "registry", "htpasswd (apache2-utils) is not installed");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (user, pass) = ("jobuser", "job-pa55word-xyz");
+    let htpasswd = tmp.path().join("htpasswd");
+    let out = Exec::program("htpasswd").args(["-Bbn", user, pass]).run();
+    std::fs::write(&htpasswd, &out.stdout).unwrap();
+    let reg = Registry::start(None, Some((&htpasswd, user, pass)));
+    reg.push(&format!("docker-archive:{}", saved_tarball(tmp.path()).display()), "team/saved:1");
+    let reference = format!("{}/team/saved:1", reg.host());
+
+    let c = crate::coordinator::Coordinator::start();
+    let f = crate::oci::Fixture::new("runc");
+    use base64::Engine;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+    let id = c.submit(serde_json::json!({
+        "version": 2,
+        "dockerSteps": [{"key": "hello", "image": reference, "dir": "", "env": [], "commands": ["cat /etc/greeting"]}],
+        "dockerAuthConfig": {"auths": {reg.host(): {"auth": auth}}}
+    }));
+    let absent = c.submit(serde_json::json!({
+        "dockerSteps": [{"key": "x", "image": format!("{}/team/absent:1", reg.host()), "dir": "", "env": [], "commands": ["true"]}]
+    }));
+    let prefix = format!("pull{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let run_loop = |policy: &str| {
+        let mut cmd = common::executor();
+        c.executor_env(&mut cmd);
+        cmd.env("EXECUTOR_QUEUE_NAME", "batches")
+            .env("EXECUTOR_RUNTIME", "oci")
+            .env("EXECUTOR_OCI_RUNTIME", "runc")
+            .env("EXECUTOR_STATE_DIR", f.state())
+            .env("EXECUTOR_VM_PREFIX", &prefix)
+            .env("EXECUTOR_JOB_MEMORY", "200M")
+            .env("EXECUTOR_JOB_NUM_CPUS", "1")
+            .env("EXECUTOR_NUM_TOTAL_JOBS", "1")
+            .env("EXECUTOR_MAXIMUM_RUNTIME_PER_JOB", "60s")
+            .env("EXECUTOR_HEARTBEAT_INTERVAL", "300ms")
+            .env("EXECUTOR_IMAGE_PULL", policy)
+            .arg("loop");
+        common::assert_ok(&common::run(&mut cmd));
+    };
+    run_loop("missing");
+    let job = c.wait_state(id, &["completed", "failed", "errored"], Duration::from_secs(60));
+    // The coordinator's view holds the payload; what the executor wrote is the logs.
+    let text = job["logs"].to_string();
+    assert_eq!(job["state"], "completed", "{job:#}");
+    let logs = job["logs"].as_array().unwrap();
+    let pull = logs.iter().find(|e| e["key"] == "setup.image.pull").expect("a setup.image.pull entry");
+    let out = pull["out"].as_str().unwrap();
+    assert!(
+        out.contains(&format!("pulled {reference} as {reference}")) && out.contains("digest sha256:"),
+        "{out}"
+    );
+    let step = logs.iter().find(|e| e["key"] == "step.docker.hello").unwrap();
+    assert!(step["out"].as_str().unwrap().contains("hello from the registry"), "{step:#}");
+    assert!(!text.contains(pass) && !text.contains(&auth), "the job's password reached its log");
+    let refs = std::fs::read_to_string(f.state().join("images/refs.json")).unwrap();
+    assert!(refs.contains(&reference), "{refs}");
+
+    // Never pulling: the missing image fails the job, naming it.
+    run_loop("never");
+    let job = c.wait_state(absent, &["completed", "failed", "errored"], Duration::from_secs(60));
+    assert_ne!(job["state"], "completed");
+    assert!(job.to_string().contains("unknown image"), "{job:#}");
+    assert!(!job["logs"].as_array().unwrap().iter().any(|e| e["key"] == "setup.image.pull"));
 }

@@ -466,6 +466,29 @@ mod tests {
     }
 
     #[test]
+    fn docker_hub_images_try_the_mirrors_in_order_first() {
+        // Docker Hub's endpoints are decided without any request.
+        let opts = RegistryOptions {
+            mirrors: vec![" http://127.0.0.1:5001/ ".into(), String::new(), "https://mirror.example".into()],
+            ..Default::default()
+        };
+        let agent = agent(&opts).unwrap();
+        let hub = ImageName::parse("busybox").unwrap();
+        assert_eq!(
+            endpoints(&agent, &hub, &opts),
+            ["http://127.0.0.1:5001", "https://mirror.example", "https://registry-1.docker.io"]
+        );
+        let other = ImageName::parse("ghcr.io/a/b").unwrap();
+        assert_eq!(endpoints(&agent, &other, &opts), ["https://ghcr.io"], "mirrors are for Docker Hub only");
+        let mut c = Credentials::default();
+        c.add_config_text(r#"{"auths":{"127.0.0.1:5001":{"auth":"bTpw"}}}"#, "t").unwrap();
+        let opts = RegistryOptions { credentials: c, ..opts };
+        let s = Session::new(&agent, "http://127.0.0.1:5001", &hub, &opts);
+        assert_eq!(s.registry, "127.0.0.1:5001");
+        assert_eq!(s.credentials.as_ref().map(|(u, _)| u.as_str()), Some("m"), "a mirror's own credentials");
+    }
+
+    #[test]
     fn challenges_parse_with_quoted_commas() {
         let c = parse_challenge(
             r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#,

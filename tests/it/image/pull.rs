@@ -761,3 +761,115 @@ fn vm_boot_pulls_a_missing_image_with_the_jobs_credentials() {
     assert!(job.to_string().contains("unknown image"), "{job:#}");
     assert!(!job["logs"].as_array().unwrap().iter().any(|e| e["key"] == "setup.image.pull"));
 }
+
+/// A token-auth front for the registry, as Docker Hub has: without `Bearer <token>` a request is
+/// answered 401 with a `WWW-Authenticate: Bearer realm=...,service=...,scope=...` challenge;
+/// `/token` hands out the token for the right basic credentials and records the query it got.
+fn token_front(reg: &Registry, user: &str, pass: &str) -> (u16, Arc<Mutex<Vec<String>>>) {
+    use base64::Engine;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let upstream = reg.port;
+    let basic =
+        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}")));
+    let queries = Arc::new(Mutex::new(Vec::new()));
+    let seen = queries.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { break };
+            let (basic, seen) = (basic.clone(), seen.clone());
+            std::thread::spawn(move || {
+                let _ = client.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match client.read(&mut byte) {
+                        // A TLS hello: this front speaks plain HTTP only.
+                        Ok(1) if head.is_empty() && byte[0] == 0x16 => return,
+                        Ok(1) => head.push(byte[0]),
+                        _ => return,
+                    }
+                }
+                let text = String::from_utf8_lossy(&head).into_owned();
+                let path = text.split(' ').nth(1).unwrap_or("").to_string();
+                let auth = text
+                    .lines()
+                    .find_map(|l| {
+                        l.strip_prefix("Authorization: ").or_else(|| l.strip_prefix("authorization: "))
+                    })
+                    .unwrap_or("")
+                    .trim()
+                    .to_string();
+                let reply = |client: &mut TcpStream, status: &str, extra: &str, body: &str| {
+                    let _ = write!(
+                        client,
+                        "HTTP/1.1 {status}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                };
+                if let Some(query) = path.strip_prefix("/token?") {
+                    seen.lock().unwrap().push(query.to_string());
+                    if auth == basic {
+                        reply(
+                            &mut client,
+                            "200 OK",
+                            "Content-Type: application/json\r\n",
+                            r#"{"token":"tok-3141"}"#,
+                        );
+                    } else {
+                        reply(&mut client, "401 Unauthorized", "", "");
+                    }
+                } else if auth == "Bearer tok-3141" {
+                    let Ok(mut server) = TcpStream::connect(("127.0.0.1", upstream)) else { return };
+                    let head = text.replace("\r\n\r\n", "\r\nConnection: close\r\n\r\n");
+                    let _ = server.write_all(head.as_bytes());
+                    let _ = std::io::copy(&mut server, &mut client);
+                } else {
+                    let challenge = format!(
+                        "WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"test-registry\",scope=\"repository:private/demo:pull\"\r\n"
+                    );
+                    reply(&mut client, "401 Unauthorized", &challenge, "");
+                }
+            });
+        }
+    });
+    (port, queries)
+}
+
+#[test]
+fn bearer_token_auth_gets_a_token_for_the_repository() {
+    let test = "image::pull::bearer_token_auth_gets_a_token_for_the_repository";
+    if !can_run(test) {
+        return;
+    }
+    let reg = Registry::start(None, None);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut layout = Layout::new(&tmp.path().join("layout"));
+    let (digest, _) = demo_image(&mut layout, "demo");
+    reg.push(&layout.src("demo"), "private/demo:1");
+    let (user, pass) = ("tokenuser", "token-pa55word");
+    let (port, queries) = token_front(&reg, user, pass);
+    let state = tmp.path().join("state");
+    let reference = format!("127.0.0.1:{port}/private/demo:1");
+
+    let out = image(&state, &["pull", &reference], &[]).fails().run();
+    let err = stderr(&out);
+    assert!(err.contains(&format!("registry 127.0.0.1:{port}: the token service refused")), "{err}");
+
+    use base64::Engine;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+    let config = format!(r#"{{"auths":{{"127.0.0.1:{port}":{{"auth":"{auth}"}}}}}}"#);
+    let out = image(&state, &["pull", &reference], &[("EXECUTOR_DOCKER_AUTH_CONFIG", &config)])
+        .stdout_has(format!("{reference} {digest}"))
+        .run();
+    assert!(!stderr(&out).contains(pass));
+    let queries = queries.lock().unwrap().clone();
+    assert!(
+        queries
+            .iter()
+            .all(|q| q.contains("service=test-registry")
+                && q.contains("scope=repository%3Aprivate%2Fdemo%3Apull")),
+        "{queries:?}"
+    );
+    assert!(std::fs::read_to_string(state.join("images/refs.json")).unwrap().contains(&reference));
+}

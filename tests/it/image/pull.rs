@@ -551,24 +551,36 @@ fn basic_auth_registry_takes_docker_config_credentials() {
     assert_eq!(stored.trim(), "", "the password was stored");
 }
 
-/// A TCP proxy in front of the registry that kills the registry once `after` bytes went to the
-/// client: the registry stops in the middle of a pull.
-fn killing_proxy(reg: &Registry, after: u64) -> u16 {
+/// A TCP proxy in front of the registry that cuts the connection once `after` bytes went to the
+/// client, and with `kill` also kills the registry then (it stops in the middle of a pull).
+/// Counts the requests that asked for a `Range`.
+fn cutting_proxy(reg: &Registry, after: u64, kill: bool) -> (u16, Arc<AtomicU64>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let upstream = reg.port;
     let child = reg.child.clone();
     let sent = Arc::new(AtomicU64::new(0));
-    let killed = Arc::new(AtomicBool::new(false));
+    let cut = Arc::new(AtomicBool::new(false));
+    let ranges = Arc::new(AtomicU64::new(0));
+    let range_count = ranges.clone();
     std::thread::spawn(move || {
         for client in listener.incoming() {
             let Ok(mut client) = client else { break };
             let Ok(mut server) = TcpStream::connect(("127.0.0.1", upstream)) else { continue };
             let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            let ranges = ranges.clone();
             std::thread::spawn(move || {
-                let _ = std::io::copy(&mut c2, &mut s2);
+                let mut buf = [0u8; 16384];
+                while let Ok(n @ 1..) = c2.read(&mut buf) {
+                    if buf[..n].windows(13).any(|w| w.eq_ignore_ascii_case(b"\r\nrange: byte")) {
+                        ranges.fetch_add(1, Ordering::SeqCst);
+                    }
+                    if s2.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
             });
-            let (sent, killed, child) = (sent.clone(), killed.clone(), child.clone());
+            let (sent, cut, child) = (sent.clone(), cut.clone(), child.clone());
             std::thread::spawn(move || {
                 let mut buf = [0u8; 16384];
                 loop {
@@ -580,11 +592,13 @@ fn killing_proxy(reg: &Registry, after: u64) -> u16 {
                         break;
                     }
                     if sent.fetch_add(n as u64, Ordering::SeqCst) + n as u64 > after
-                        && !killed.swap(true, Ordering::SeqCst)
+                        && !cut.swap(true, Ordering::SeqCst)
                     {
-                        if let Ok(mut c) = child.lock() {
-                            let _ = c.kill();
-                            let _ = c.wait();
+                        if kill {
+                            if let Ok(mut c) = child.lock() {
+                                let _ = c.kill();
+                                let _ = c.wait();
+                            }
                         }
                         break;
                     }
@@ -593,7 +607,7 @@ fn killing_proxy(reg: &Registry, after: u64) -> u16 {
             });
         }
     });
-    port
+    (port, range_count)
 }
 
 #[test]
@@ -677,7 +691,18 @@ fn hostile_registries_are_refused_naming_what_failed() {
     let m = layout.image("amd64", &[(&big, big.clone(), TAR)]);
     layout.tag("big", OCI_MANIFEST, &m.0, m.1);
     reg.push(&layout.src("big"), "big:1");
-    let port = killing_proxy(&reg, 4 << 20);
+    // First a connection broken once mid-blob: the pull resumes with a Range and succeeds.
+    let (port, ranges) = cutting_proxy(&reg, 4 << 20, false);
+    let via = format!("127.0.0.1:{port}/big:1");
+    let resumed = tmp.path().join("resumed");
+    // skopeo compresses an uncompressed layer as it pushes it: ask the registry for the digest.
+    let (_, big_digest) = reg.manifest("big", "1");
+    image(&resumed, &["pull", &via], &[]).stdout_has(format!("{via} {big_digest}")).run();
+    assert!(ranges.load(Ordering::SeqCst) >= 1, "the broken blob transfer did not resume with a Range");
+    let store = executor::image::ImageStore::open(&resumed.join("images")).unwrap();
+    assert_eq!(std::fs::read(store.resolve(&via).unwrap().rootfs.join("big")).unwrap().len(), 24 << 20);
+    // Then the registry itself stops.
+    let (port, _) = cutting_proxy(&reg, 4 << 20, true);
     let via = format!("127.0.0.1:{port}/big:1");
     let out = image(&state, &["pull", &via], &[]).fails().run();
     let err = stderr(&out);

@@ -45,6 +45,12 @@ pub struct RawSettings {
     pub heartbeat_interval: Option<String>,
     pub artifacts_max_size: Option<String>,
     pub git_timeout: Option<String>,
+    pub image_pull: Option<String>,
+    pub docker_auth_config: Option<String>,
+    pub registry_mirrors: Vec<String>,
+    pub insecure_registries: Vec<String>,
+    pub registry_ca: Option<PathBuf>,
+    pub image_max_size: Option<String>,
 }
 
 /// Validated settings.
@@ -91,6 +97,10 @@ pub struct Settings {
     pub artifacts_max_bytes: u64,
     /// Limit for each git command of a clone.
     pub git_timeout: Duration,
+    /// When vm-boot pulls images (`EXECUTOR_IMAGE_PULL`).
+    pub image_pull: crate::image::pull::PullPolicy,
+    /// How pulls reach registries.
+    pub pull: crate::image::pull::PullSettings,
 }
 
 /// What a command needs besides the secret.
@@ -233,6 +243,14 @@ impl Settings {
             .max(Duration::from_millis(100)),
             artifacts_max_bytes,
             git_timeout: parse_duration_var("EXECUTOR_GIT_TIMEOUT", raw.git_timeout.as_deref(), "10m")?,
+            image_pull: crate::image::pull::PullPolicy::parse(raw.image_pull.as_deref().unwrap_or(""))?,
+            pull: crate::image::pull::PullSettings::new(
+                raw.docker_auth_config.as_deref(),
+                &raw.registry_mirrors,
+                &raw.insecure_registries,
+                raw.registry_ca.as_deref(),
+                raw.image_max_size.as_deref(),
+            )?,
         })
     }
 

@@ -556,21 +556,21 @@ fn error_detail(text: &str) -> String {
 }
 
 /// rustls with the public web roots plus the operator's private CA, if any.
-fn tls_config(ca: Option<&Path>) -> Result<rustls::ClientConfig> {
+/// TLS settings that trust the web PKI plus the PEM certificates in `ca` (if any).
+pub fn tls_config(ca: Option<&Path>) -> Result<rustls::ClientConfig> {
     use rustls::pki_types::{pem::PemObject, CertificateDer};
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = ca {
-        let pem =
-            std::fs::read(path).with_context(|| format!("reading the frontend CA {}", path.display()))?;
+        let pem = std::fs::read(path).with_context(|| format!("reading the CA file {}", path.display()))?;
         let mut n = 0;
         for cert in CertificateDer::pem_slice_iter(&pem) {
-            let cert = cert.with_context(|| format!("parsing the frontend CA {}", path.display()))?;
+            let cert = cert.with_context(|| format!("parsing the CA file {}", path.display()))?;
             roots.add(cert).with_context(|| format!("adding a certificate of {}", path.display()))?;
             n += 1;
         }
         if n == 0 {
-            anyhow::bail!("the frontend CA {} holds no PEM certificate", path.display());
+            anyhow::bail!("the CA file {} holds no PEM certificate", path.display());
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());

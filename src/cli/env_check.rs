@@ -27,14 +27,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
         "EXECUTOR_DOCKER_ADDITIONAL_MOUNTS",
         "a sandbox sees only its workspace: no host paths are mounted into it",
     ),
-    (
-        "EXECUTOR_DOCKER_AUTH_CONFIG",
-        "images come from the local store: `executor image import` or `executor image build-*`",
-    ),
-    (
-        "EXECUTOR_DOCKER_REGISTRY_MIRROR_URL",
-        "images come from the local store: `executor image import` or `executor image build-*`",
-    ),
     ("EXECUTOR_FIRECRACKER_IMAGE", "the microvm runtime boots the guest `executor install vm` prepares"),
     (
         "EXECUTOR_FIRECRACKER_KERNEL_IMAGE",

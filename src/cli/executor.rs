@@ -95,6 +95,12 @@ pub struct ConfigArgs {
     /// Limit for each git command of a clone [default: 10m]
     #[arg(long, env = "EXECUTOR_GIT_TIMEOUT", value_name = "DURATION")]
     pub git_timeout: Option<String>,
+    /// When vm-boot pulls a job's images from their registry: missing, always or never
+    /// [default: missing]
+    #[arg(long, env = "EXECUTOR_IMAGE_PULL", value_name = "POLICY")]
+    pub image_pull: Option<String>,
+    #[command(flatten)]
+    pub registry: super::image::RegistryArgs,
 }
 
 impl ConfigArgs {
@@ -130,6 +136,12 @@ impl ConfigArgs {
             heartbeat_interval: self.heartbeat_interval.clone(),
             artifacts_max_size: self.artifacts_max_size.clone(),
             git_timeout: self.git_timeout.clone(),
+            image_pull: self.image_pull.clone(),
+            docker_auth_config: self.registry.docker_auth_config.clone(),
+            registry_mirrors: self.registry.registry_mirror.clone(),
+            insecure_registries: self.registry.insecure_registry.clone(),
+            registry_ca: self.registry.registry_ca.clone(),
+            image_max_size: Some(self.registry.image_max_size.clone()),
         }
     }
 }

@@ -36,6 +36,19 @@ pub enum ImageCommand {
         #[arg(default_value = "busybox")]
         name: String,
     },
+    /// Pull an image from a registry over the OCI distribution protocol
+    ///
+    /// REF is written as for Docker: `busybox` is `docker.io/library/busybox:latest`; pin with
+    /// `name@sha256:...`. Prints the stored reference and the digest the reference resolved to.
+    Pull {
+        /// Image reference, `name[:tag]` or `name@sha256:<hex>`
+        reference: String,
+        /// Download again even when the store has the reference
+        #[arg(long)]
+        always: bool,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
     /// List the images in the store
     Ls {
         /// Print JSON instead of a table
@@ -47,6 +60,41 @@ pub enum ImageCommand {
         /// Image name, `name` or `name:tag`
         name: String,
     },
+}
+
+/// How pulls reach registries; shared by `image pull` and the executor's automatic pulls.
+#[derive(Debug, Clone, Args)]
+pub struct RegistryArgs {
+    /// Registry credentials: the content of a Docker config.json (`{"auths": {"registry":
+    /// {"auth": "<base64 user:password>"}}}`); never logged
+    #[arg(long, env = "EXECUTOR_DOCKER_AUTH_CONFIG", hide_env_values = true, value_name = "JSON")]
+    pub docker_auth_config: Option<String>,
+    /// Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub
+    #[arg(long, env = "EXECUTOR_DOCKER_REGISTRY_MIRROR_URL", value_delimiter = ',', value_name = "URL")]
+    pub registry_mirror: Vec<String>,
+    /// Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP;
+    /// loopback registries always may
+    #[arg(long, env = "EXECUTOR_INSECURE_REGISTRIES", value_delimiter = ',', value_name = "HOST")]
+    pub insecure_registry: Vec<String>,
+    /// Extra CA certificates (PEM) trusted for registries' TLS
+    #[arg(long, env = "EXECUTOR_REGISTRY_CA", value_name = "FILE")]
+    pub registry_ca: Option<PathBuf>,
+    /// The most an image's layers may unpack to (a decompression bomb stops here)
+    #[arg(long, env = "EXECUTOR_IMAGE_MAX_SIZE", default_value = "32G", value_name = "SIZE")]
+    pub image_max_size: String,
+}
+
+impl RegistryArgs {
+    /// The validated settings.
+    pub fn settings(&self) -> Result<crate::image::pull::PullSettings> {
+        crate::image::pull::PullSettings::new(
+            self.docker_auth_config.as_deref(),
+            &self.registry_mirror,
+            &self.insecure_registry,
+            self.registry_ca.as_deref(),
+            Some(&self.image_max_size),
+        )
+    }
 }
 
 use anyhow::Result;
@@ -70,6 +118,19 @@ pub fn run(args: ImageArgs) -> Result<i32> {
         ImageCommand::BuildBusybox { name } => {
             let img = crate::image::build::build_busybox(&store, &name)?;
             writeln!(out, "{} {}", img.reference, img.digest)?;
+        }
+        ImageCommand::Pull { reference, always, registry } => {
+            let mut opts = registry.settings()?.options(None)?;
+            opts.always = always;
+            let pulled = crate::image::pull::pull(&store, &reference, &opts)?;
+            eprintln!(
+                "pulled {} from {}: {} downloaded in {}",
+                pulled.reference,
+                pulled.registry,
+                crate::base::units::format_bytes(pulled.bytes),
+                crate::base::units::format_duration(pulled.elapsed)
+            );
+            writeln!(out, "{} {}", pulled.reference, pulled.digest)?;
         }
         ImageCommand::Ls { json } => {
             let list = store.list()?;

@@ -39,6 +39,9 @@ pub struct RunDocument {
     pub deadline: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workspace: Option<WorkspaceRecord>,
+    /// Images vm-boot pulled from their registries, with what their references resolved to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<ImageRecord>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sandbox: Option<SandboxRecord>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -191,6 +194,18 @@ pub struct StageRecord {
     pub finished_at: DateTime<Utc>,
 }
 
+/// One image pulled for the job: the reference a step names, the registry reference it
+/// normalised to, and the digest the tag resolved to (pinning it repeats the job's image).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ImageRecord {
+    pub reference: String,
+    pub resolved: String,
+    pub digest: String,
+    pub bytes: u64,
+    pub millis: u64,
+}
+
 impl RunDocument {
     /// Creates the document for a freshly dequeued job.
     pub fn new(
@@ -206,6 +221,7 @@ impl RunDocument {
             sealed_job: seal_job(job, secret)?,
             deadline,
             workspace: None,
+            images: Vec::new(),
             sandbox: None,
             steps: Vec::new(),
             artifacts: None,

@@ -101,6 +101,7 @@ fn commit(store: &ImageStore, root: &Path, name: &str, source: &str) -> Result<R
         size,
         created: super::now(),
         source: source.into(),
+        layers: Vec::new(),
     };
     store.commit_tree(root, &meta, name)
 }

@@ -45,19 +45,20 @@ struct OciManifest {
     manifests: Option<Vec<OciDescriptor>>,
 }
 
+/// The parts of an image config file (`{"config": {...}}`) the store keeps.
 #[derive(Deserialize, Default)]
-struct ImageConfigFile {
+pub(crate) struct ImageConfigFile {
     #[serde(default)]
-    config: Option<ImageConfig>,
+    pub config: Option<ImageConfig>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "PascalCase")]
-struct ImageConfig {
+pub(crate) struct ImageConfig {
     #[serde(default)]
-    env: Option<Vec<String>>,
+    pub env: Option<Vec<String>>,
     #[serde(default)]
-    working_dir: Option<String>,
+    pub working_dir: Option<String>,
 }
 
 /// Imports `file` as `name`, reporting progress on stderr when it is a terminal.
@@ -122,14 +123,7 @@ pub fn import(store: &ImageStore, name: &str, file: &Path) -> Result<ResolvedIma
             .with_context(|| format!("applying layer {} of {}", i + 1, file.display()))?;
     }
     bar.finish_and_clear();
-    // Mount points the runtime needs, so that it never has to create them in the shared tree.
-    for d in MOUNT_POINTS {
-        let p = tree.join(d);
-        if fs::symlink_metadata(&p).is_err() {
-            fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
-        }
-    }
-    super::shift_ownership(&tree)?;
+    finish_tree(&tree)?;
     let meta = ImageMeta {
         digest,
         env: cfg.env.unwrap_or_default(),
@@ -137,10 +131,23 @@ pub fn import(store: &ImageStore, name: &str, file: &Path) -> Result<ResolvedIma
         size,
         created: super::now(),
         source: "import".into(),
+        layers: Vec::new(),
     };
     let img = store.commit_tree(&tree, &meta, name)?;
     drop(staging);
     Ok(img)
+}
+
+/// Readies an unpacked tree for the store: the mount points the runtime needs (so that it never
+/// has to create them in the shared tree), and ownership shifted into the container range.
+pub(crate) fn finish_tree(tree: &Path) -> Result<()> {
+    for d in MOUNT_POINTS {
+        let p = tree.join(d);
+        if fs::symlink_metadata(&p).is_err() {
+            fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
+        }
+    }
+    super::shift_ownership(tree)
 }
 
 fn blob_path(digest: &str) -> Result<String> {

@@ -6,12 +6,19 @@
 //! - `rootfs/<hex>/`: an image's root tree, owned by the container uid range (see [`ID_BASE`]);
 //!   `rootfs/<hex>.json` its metadata. `<hex>` is the image digest without `sha256:`.
 //! - `refs.json`: `{"name:tag": "sha256:<hex>"}`, replaced atomically.
+//! - `refs.json` also holds pinned names, `registry/repo@sha256:<hex>` (what a pull's tag
+//!   resolved to).
+//! - `blobs/sha256/<hex>`: pulled layer blobs as the registry served them (verified), shared
+//!   between images; collected with the last tree that lists them.
+//! - `locks/`: one lock per pulled reference, so that concurrent pulls download once.
 //! - `users/<sandbox>`: the digests a live sandbox uses; `rm` never deletes those trees.
 //! - `tmp/`: staging for imports and builds, renamed into `rootfs/` when complete.
 //! - `.lock`: taken exclusively (flock) while refs change or trees are collected.
 
 pub mod build;
 pub mod import;
+pub mod pull;
+pub mod registry;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -57,8 +64,11 @@ pub struct ImageMeta {
     pub size: u64,
     /// RFC 3339 time of the import or build.
     pub created: String,
-    /// `import`, `build-base` or `build-busybox`.
+    /// `import`, `pull`, `build-base` or `build-busybox`.
     pub source: String,
+    /// The layer blobs (`sha256:...`, in `blobs/`) a pulled tree was made of.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<String>,
 }
 
 /// One row of `executor image ls`.
@@ -127,12 +137,28 @@ impl Reference {
     pub fn key(&self) -> String {
         format!("{}:{}", self.name, self.tag.as_deref().unwrap_or("latest"))
     }
+
+    /// The key in `refs.json`: `name@digest` when pinned, else [`key`](Self::key).
+    pub fn ref_key(&self) -> String {
+        match &self.digest {
+            Some(d) => format!("{}@{d}", self.name),
+            None => self.key(),
+        }
+    }
+}
+
+/// A `refs.json` key as name and tag; a pinned key (`name@digest`) has an empty tag.
+fn split_key(key: &str) -> (&str, &str) {
+    if let Some((name, _)) = key.split_once('@') {
+        return (name, "");
+    }
+    key.rsplit_once(':').filter(|(_, t)| !t.contains('/')).unwrap_or((key, "latest"))
 }
 
 impl ImageStore {
     /// Opens (creating if needed) the store in `dir`.
     pub fn open(dir: &Path) -> Result<ImageStore> {
-        for sub in ["", "rootfs", "tmp", "users"] {
+        for sub in ["", "rootfs", "tmp", "users", "blobs/sha256", "locks"] {
             let d = dir.join(sub);
             fs::create_dir_all(&d)
                 .with_context(|| format!("creating image store directory {}", d.display()))?;
@@ -160,6 +186,11 @@ impl ImageStore {
 
     fn tree_path(&self, digest: &str) -> PathBuf {
         self.dir.join("rootfs").join(digest.trim_start_matches("sha256:"))
+    }
+
+    /// Where a pulled blob lives (whether or not it is there).
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        self.dir.join("blobs/sha256").join(digest.trim_start_matches("sha256:"))
     }
 
     fn meta_path(&self, digest: &str) -> PathBuf {
@@ -191,14 +222,26 @@ impl ImageStore {
         serde_json::from_slice(&b).with_context(|| format!("parsing image metadata {}", path.display()))
     }
 
-    /// Resolves `name`, `name:tag` or `name@sha256:<hex>`.
+    /// Resolves `name`, `name:tag` or `name@sha256:<hex>`: as written first (images imported or
+    /// built under that name), then in its registry form (`busybox` is
+    /// `docker.io/library/busybox:latest`, as pulled).
     pub fn resolve(&self, reference: &str) -> Result<ResolvedImage> {
+        match self.resolve_exact(reference) {
+            Ok(img) => Ok(img),
+            Err(e) => match registry::ImageName::parse(reference) {
+                Ok(n) if n.canonical() != reference => self.resolve_exact(&n.canonical()).map_err(|_| e),
+                _ => Err(e),
+            },
+        }
+    }
+
+    fn resolve_exact(&self, reference: &str) -> Result<ResolvedImage> {
         let r = Reference::parse(reference)?;
         let refs = self.read_refs()?;
         let digest = match &r.digest {
+            Some(_) if refs.contains_key(&r.ref_key()) => refs[&r.ref_key()].clone(),
             Some(d) => {
-                let known =
-                    refs.iter().any(|(k, v)| v == d && k.rsplit_once(':').map(|(n, _)| n) == Some(&r.name));
+                let known = refs.iter().any(|(k, v)| v == d && split_key(k).0 == r.name);
                 if !known {
                     bail!("unknown image {reference:?}: the store has no image {} with digest {d}", r.name);
                 }
@@ -222,8 +265,18 @@ impl ImageStore {
     /// Every named image, sorted by name and tag.
     pub fn list(&self) -> Result<Vec<ImageEntry>> {
         let mut out = Vec::new();
-        for (key, digest) in self.read_refs()? {
-            let (name, tag) = key.rsplit_once(':').unwrap_or((&key, "latest"));
+        let refs = self.read_refs()?;
+        for (key, digest) in &refs {
+            let (name, tag) = split_key(key);
+            // A pinned alias of a tag of the same image is not a row of its own.
+            if tag.is_empty()
+                && refs
+                    .iter()
+                    .any(|(k, v)| v == digest && !split_key(k).1.is_empty() && split_key(k).0 == name)
+            {
+                continue;
+            }
+            let digest = digest.clone();
             let meta = self.read_meta(&digest)?;
             out.push(ImageEntry {
                 name: name.to_string(),
@@ -243,8 +296,14 @@ impl ImageStore {
         let r = Reference::parse(name)?;
         let _lock = self.lock()?;
         let mut refs = self.read_refs()?;
-        if refs.remove(&r.key()).is_none() {
+        let Some(digest) = refs.remove(&r.ref_key()) else {
             bail!("unknown image {name:?}");
+        };
+        // The pinned aliases of the name go with its last tag.
+        let tagged =
+            refs.iter().any(|(k, v)| *v == digest && split_key(k).0 == r.name && !split_key(k).1.is_empty());
+        if !tagged {
+            refs.retain(|k, v| !(*v == digest && split_key(k).0 == r.name));
         }
         self.write_refs(&refs)?;
         self.collect_locked(&refs)
@@ -254,6 +313,7 @@ impl ImageStore {
         let mut keep: HashSet<String> = refs.values().cloned().collect();
         keep.extend(self.digests_in_use()?);
         let mut removed = Vec::new();
+        let mut keep_blobs: HashSet<String> = HashSet::new();
         let dir = self.dir.join("rootfs");
         for entry in fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
             let entry = entry?;
@@ -263,6 +323,9 @@ impl ImageStore {
             }
             let digest = format!("sha256:{fname}");
             if keep.contains(&digest) {
+                if let Ok(meta) = self.read_meta(&digest) {
+                    keep_blobs.extend(meta.layers);
+                }
                 continue;
             }
             // Rename first so that a half-deleted tree is never visible under its digest.
@@ -273,7 +336,37 @@ impl ImageStore {
             fs::remove_dir_all(&doomed).with_context(|| format!("removing {}", doomed.display()))?;
             removed.push(digest);
         }
+        // Blobs no kept tree lists (partial downloads have longer names).
+        let blobs = self.dir.join("blobs/sha256");
+        for entry in fs::read_dir(&blobs).with_context(|| format!("reading {}", blobs.display()))? {
+            let entry = entry?;
+            let fname = entry.file_name().to_string_lossy().to_string();
+            if fname.len() != 64 || keep_blobs.contains(&format!("sha256:{fname}")) {
+                continue;
+            }
+            // A pull holds the blob's lock from its download until its tree is committed.
+            let Ok(f) = fs::File::open(entry.path().with_extension("lock")) else { continue };
+            if let Ok(_held) = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
         Ok(removed)
+    }
+
+    /// Points `reference` and `alias` (a pinned `name@digest`) at the tree `digest`, which must
+    /// be in the store; used when a pull finds the tree already built.
+    pub(crate) fn point(&self, reference: &str, digest: &str, alias: &str) -> Result<ResolvedImage> {
+        let _lock = self.lock()?;
+        if !self.tree_path(digest).is_dir() || !self.meta_path(digest).is_file() {
+            bail!("the store has no tree {digest}");
+        }
+        let mut refs = self.read_refs()?;
+        for key in [reference, alias] {
+            refs.insert(Reference::parse(key)?.ref_key(), digest.to_string());
+        }
+        self.write_refs(&refs)?;
+        drop(_lock);
+        self.resolve_exact(reference)
     }
 
     fn digests_in_use(&self) -> Result<Vec<String>> {
@@ -331,10 +424,20 @@ impl ImageStore {
         meta: &ImageMeta,
         reference: &str,
     ) -> Result<ResolvedImage> {
-        let r = Reference::parse(reference)?;
-        if r.digest.is_some() {
+        if Reference::parse(reference)?.digest.is_some() {
             bail!("image name {reference:?} must not carry a digest");
         }
+        self.commit_tree_as(tree, meta, reference)
+    }
+
+    /// [`commit_tree`](Self::commit_tree) under any reference, pinned ones too (pulls).
+    pub(crate) fn commit_tree_as(
+        &self,
+        tree: &Path,
+        meta: &ImageMeta,
+        reference: &str,
+    ) -> Result<ResolvedImage> {
+        let r = Reference::parse(reference)?;
         fs::set_permissions(tree, fs::Permissions::from_mode(0o755))
             .with_context(|| format!("setting the mode of {}", tree.display()))?;
         let _lock = self.lock()?;
@@ -347,11 +450,11 @@ impl ImageStore {
                 .with_context(|| format!("moving {} to {}", tree.display(), dest.display()))?;
         }
         let mut refs = self.read_refs()?;
-        refs.insert(r.key(), meta.digest.clone());
+        refs.insert(r.ref_key(), meta.digest.clone());
         self.write_refs(&refs)?;
         self.collect_locked(&refs)?;
         drop(_lock);
-        self.resolve(&r.key())
+        self.resolve_exact(&r.ref_key())
     }
 }
 
@@ -467,6 +570,7 @@ mod tests {
             size,
             created: now(),
             source: "test".into(),
+            layers: Vec::new(),
         };
         let img = store.commit_tree(&stage, &meta, "t:v1").unwrap();
         assert_eq!(img.digest, digest);

@@ -1,4 +1,5 @@
-//! `vm-boot`: starts the job's sandbox with the runtime the document names and records it.
+//! `vm-boot`: pulls the job's images the store lacks (`EXECUTOR_IMAGE_PULL`), then starts the
+//! job's sandbox with the runtime the document names and records it.
 
 use anyhow::{Context, Result};
 
@@ -7,20 +8,25 @@ use crate::document::RunDocument;
 use crate::sandbox::BootRequest;
 
 pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
-    let ws = doc.workspace.as_ref().ok_or_else(|| {
-        Incomplete("the run document has no workspace: run `executor prepare-workspace` first".into())
-    })?;
+    if doc.workspace.is_none() {
+        return Err(Incomplete(
+            "the run document has no workspace: run `executor prepare-workspace` first".into(),
+        )
+        .into());
+    }
     if doc.sandbox.is_some() {
         return Ok(());
     }
-    let runtime = ctx.runtime(doc)?;
-    let mut entry = ctx.logger.entry(&format!("setup.{}.start", runtime.name()), None)?;
     let mut images: Vec<String> = Vec::new();
     for s in &ctx.job.docker_steps {
         if !images.contains(&s.image) {
             images.push(s.image.clone());
         }
     }
+    pull_images(ctx, doc, &images)?;
+    let ws = doc.workspace.as_ref().ok_or_else(|| Incomplete("the run document has no workspace".into()))?;
+    let runtime = ctx.runtime(doc)?;
+    let mut entry = ctx.logger.entry(&format!("setup.{}.start", runtime.name()), None)?;
     let limits = ctx.settings.limits();
     let req = BootRequest {
         job_uid: &doc.job.uid,
@@ -50,6 +56,64 @@ pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
                 crate::workspace::write_owner(&ws.path, &owner)?;
             }
             doc.sandbox = Some(record);
+            Ok(())
+        }
+        Err(e) => {
+            entry.line(&format!("error: {}", ctx.redact(&format!("{e:#}"))));
+            let _ = entry.finish(1);
+            Err(e)
+        }
+    }
+}
+
+/// Pulls the images the policy asks for, one log entry (`setup.image.pull`) for all of them, and
+/// records each in the document. The shell runtime uses no image.
+fn pull_images(ctx: &JobCtx, doc: &mut RunDocument, images: &[String]) -> Result<()> {
+    use crate::image::pull::PullPolicy;
+    let policy = ctx.settings.image_pull;
+    if policy == PullPolicy::Never
+        || images.is_empty()
+        || ctx.runtime(doc)?.kind() == crate::sandbox::RuntimeKind::Shell
+    {
+        return Ok(());
+    }
+    let store = crate::image::ImageStore::open(&ctx.settings.state_dir.join("images"))?;
+    let wanted: Vec<&String> = images
+        .iter()
+        .filter(|i| policy == PullPolicy::Always || store.resolve(i).is_err())
+        .filter(|i| !doc.images.iter().any(|r| &r.reference == *i))
+        .collect();
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    let mut entry = ctx.logger.entry("setup.image.pull", None)?;
+    let result = (|| -> Result<()> {
+        let mut opts = ctx.settings.pull.options(ctx.job.docker_auth_config.as_ref())?;
+        opts.always = policy == PullPolicy::Always;
+        for image in wanted {
+            entry.line(&format!("pulling {image}"));
+            let pulled = crate::image::pull::pull(&store, image, &opts)?;
+            entry.line(&format!(
+                "pulled {image} as {} from {}: digest {}, {} downloaded in {}",
+                pulled.reference,
+                pulled.registry,
+                pulled.digest,
+                crate::base::units::format_bytes(pulled.bytes),
+                crate::base::units::format_duration(pulled.elapsed)
+            ));
+            doc.images.push(crate::document::ImageRecord {
+                reference: image.clone(),
+                resolved: pulled.reference,
+                digest: pulled.digest,
+                bytes: pulled.bytes,
+                millis: pulled.elapsed.as_millis() as u64,
+            });
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => {
+            let _ = entry.finish(0);
             Ok(())
         }
         Err(e) => {

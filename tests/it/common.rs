@@ -28,9 +28,12 @@ pub fn scrub(cmd: &mut Command) -> &mut Command {
 
 /// A command for the binary with a clean `EXECUTOR_*` environment, for tests that spawn it and
 /// talk to it while it runs; `Exec` runs it to completion.
+///
+/// Pulls are off (`EXECUTOR_IMAGE_PULL=never`) unless a test turns them on: a job naming an
+/// image the store lacks must never reach a real registry.
 pub fn executor() -> Command {
     let mut c = Command::new(bin());
-    scrub(&mut c).stdin(Stdio::null());
+    scrub(&mut c).stdin(Stdio::null()).env("EXECUTOR_IMAGE_PULL", "never");
     c
 }
 

@@ -7,6 +7,8 @@ use sha2::Digest;
 
 use crate::common::{self, Exec};
 
+mod pull;
+
 fn tar_bytes(build: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     build(&mut b);

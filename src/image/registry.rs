@@ -1,0 +1,522 @@
+//! The client side of the OCI distribution protocol: image names normalised as Docker does
+//! (`busybox` is `docker.io/library/busybox:latest`), registry endpoints (mirrors for Docker
+//! Hub, plain HTTP only on loopback or for listed insecure registries), credentials from Docker
+//! `config.json` documents, the anonymous / basic / bearer-token auth flow, and GETs with
+//! jittered retries. Credentials are [`Secret`]s: never logged, stored or put in an error.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use base64::Engine;
+
+use crate::api::RetryPolicy;
+use crate::base::secret::Secret;
+
+/// Docker Hub's name in references and its API host.
+pub const DOCKER_HUB: &str = "docker.io";
+const DOCKER_HUB_API: &str = "https://registry-1.docker.io";
+
+/// An image reference with its registry made explicit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageName {
+    /// `host[:port]`; `docker.io` for Docker Hub.
+    pub registry: String,
+    /// The repository path in the registry (`library/busybox`).
+    pub repository: String,
+    pub tag: Option<String>,
+    pub digest: Option<String>,
+}
+
+impl ImageName {
+    /// Parses and normalises a reference as Docker does.
+    pub fn parse(reference: &str) -> Result<ImageName> {
+        let r = super::Reference::parse(reference)?;
+        let (registry, repository) = match r.name.split_once('/') {
+            Some((first, rest)) if first.contains(['.', ':']) || first == "localhost" => {
+                (first.to_string(), rest.to_string())
+            }
+            _ => (DOCKER_HUB.to_string(), r.name.clone()),
+        };
+        let registry = match registry.as_str() {
+            "index.docker.io" | "registry-1.docker.io" => DOCKER_HUB.to_string(),
+            _ => registry,
+        };
+        let repository = if registry == DOCKER_HUB && !repository.contains('/') {
+            format!("library/{repository}")
+        } else {
+            repository
+        };
+        if repository.bytes().any(|b| b.is_ascii_uppercase()) || repository.contains(':') {
+            bail!("image reference {reference:?}: a repository name is lowercase, without ':'");
+        }
+        let tag = match (&r.tag, &r.digest) {
+            (None, None) => Some("latest".to_string()),
+            (t, _) => t.clone(),
+        };
+        Ok(ImageName { registry, repository, tag, digest: r.digest })
+    }
+
+    /// `registry/repository`.
+    pub fn name(&self) -> String {
+        format!("{}/{}", self.registry, self.repository)
+    }
+
+    /// `registry/repository@digest` when pinned, else `registry/repository:tag`.
+    pub fn canonical(&self) -> String {
+        match (&self.digest, &self.tag) {
+            (Some(d), _) => format!("{}@{d}", self.name()),
+            (None, Some(t)) => format!("{}:{t}", self.name()),
+            (None, None) => format!("{}:latest", self.name()),
+        }
+    }
+
+    /// What the manifest is asked for by: the digest when pinned, else the tag.
+    pub fn manifest_ref(&self) -> &str {
+        self.digest.as_deref().or(self.tag.as_deref()).unwrap_or("latest")
+    }
+}
+
+/// Whether `registry` (`host[:port]`) may be spoken to over plain HTTP: loopback hosts, and the
+/// operator's list of insecure registries (host or host:port), as dockerd decides.
+pub fn plain_http_allowed(registry: &str, insecure: &[String]) -> bool {
+    let host = host_of(registry);
+    let loopback =
+        host == "localhost" || host.parse::<std::net::IpAddr>().map(|ip| ip.is_loopback()).unwrap_or(false);
+    loopback || insecure.iter().any(|i| i.trim() == registry || i.trim() == host)
+}
+
+fn host_of(registry: &str) -> &str {
+    if let Some(rest) = registry.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    registry.rsplit_once(':').map(|(h, _)| h).unwrap_or(registry)
+}
+
+/// Registry credentials by registry (`host[:port]`), from Docker `config.json` documents.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    by_registry: BTreeMap<String, (String, Secret)>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").field("registries", &self.by_registry.keys()).finish()
+    }
+}
+
+/// The registry a `config.json` key names (`https://index.docker.io/v1/` is Docker Hub).
+fn auth_key(key: &str) -> String {
+    let k = key.trim();
+    let k = k.strip_prefix("https://").or_else(|| k.strip_prefix("http://")).unwrap_or(k);
+    let host = k.split('/').next().unwrap_or(k);
+    match host {
+        "index.docker.io" | "registry-1.docker.io" | "docker.io" => DOCKER_HUB.to_string(),
+        h => h.to_string(),
+    }
+}
+
+impl Credentials {
+    /// Adds the `auths` of a Docker `config.json` (`{"auths": {"reg": {"auth": "base64
+    /// user:pass"}}}`, or `username`/`password` fields); earlier additions win. `what` names the
+    /// document in errors, which never quote its content.
+    pub fn add_config(&mut self, json: &serde_json::Value, what: &str) -> Result<()> {
+        let Some(auths) = json.get("auths") else { return Ok(()) };
+        let auths = auths.as_object().with_context(|| format!("{what}: \"auths\" is not an object"))?;
+        for (key, entry) in auths {
+            let registry = auth_key(key);
+            let pair = if let Some(a) = entry.get("auth").and_then(|a| a.as_str()).filter(|a| !a.is_empty()) {
+                let decoded = base64::engine::general_purpose::STANDARD
+                    .decode(a.trim())
+                    .ok()
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .with_context(|| {
+                        format!("{what}: the auth of registry {registry} is not base64 user:password")
+                    })?;
+                let (user, pass) = decoded
+                    .split_once(':')
+                    .with_context(|| format!("{what}: the auth of registry {registry} has no ':'"))?;
+                (user.to_string(), Secret::new(pass))
+            } else {
+                match (
+                    entry.get("username").and_then(|u| u.as_str()),
+                    entry.get("password").and_then(|p| p.as_str()),
+                ) {
+                    (Some(u), Some(p)) => (u.to_string(), Secret::new(p)),
+                    _ => continue,
+                }
+            };
+            self.by_registry.entry(registry).or_insert(pair);
+        }
+        Ok(())
+    }
+
+    /// Parses `text` as a Docker `config.json` and adds it (see [`add_config`](Self::add_config)).
+    pub fn add_config_text(&mut self, text: &str, what: &str) -> Result<()> {
+        if text.trim().is_empty() {
+            return Ok(());
+        }
+        let v: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| anyhow::anyhow!("{what} is not JSON (line {})", e.line()))?;
+        self.add_config(&v, what)
+    }
+
+    pub fn get(&self, registry: &str) -> Option<&(String, Secret)> {
+        self.by_registry.get(&auth_key(registry))
+    }
+
+    /// Every password, for redaction.
+    pub fn secrets(&self) -> Vec<String> {
+        self.by_registry.values().map(|(_, p)| p.expose().to_string()).collect()
+    }
+}
+
+/// How a pull reaches registries.
+#[derive(Debug, Clone)]
+pub struct RegistryOptions {
+    pub credentials: Credentials,
+    /// Docker Hub mirrors (base URLs), tried in order before Docker Hub itself.
+    pub mirrors: Vec<String>,
+    /// Registries (`host` or `host:port`) that may be spoken to over plain HTTP.
+    pub insecure: Vec<String>,
+    /// Extra CA certificates (PEM) for registries' TLS.
+    pub ca: Option<PathBuf>,
+    pub retry: RetryPolicy,
+}
+
+impl Default for RegistryOptions {
+    fn default() -> Self {
+        RegistryOptions {
+            credentials: Credentials::default(),
+            mirrors: Vec::new(),
+            insecure: Vec::new(),
+            ca: None,
+            retry: RetryPolicy {
+                max_attempts: 5,
+                base: Duration::from_millis(200),
+                max: Duration::from_secs(2),
+                retry_after_max: Duration::from_secs(3),
+            },
+        }
+    }
+}
+
+/// A builder of agents shared by a pull's sessions.
+pub fn agent(opts: &RegistryOptions) -> Result<ureq::Agent> {
+    Ok(ureq::AgentBuilder::new()
+        .timeout_connect(Duration::from_secs(10))
+        .timeout_read(Duration::from_secs(60))
+        .redirects(5)
+        .user_agent(&format!("executor/{}", crate::api::VERSION))
+        .tls_config(Arc::new(crate::api::tls_config(opts.ca.as_deref())?))
+        .build())
+}
+
+/// The base URLs to try for `name`, in order.
+pub fn endpoints(agent: &ureq::Agent, name: &ImageName, opts: &RegistryOptions) -> Vec<String> {
+    if name.registry == DOCKER_HUB {
+        let mut out: Vec<String> = opts
+            .mirrors
+            .iter()
+            .map(|m| m.trim().trim_end_matches('/').to_string())
+            .filter(|m| !m.is_empty())
+            .collect();
+        out.push(DOCKER_HUB_API.to_string());
+        return out;
+    }
+    let https = format!("https://{}", name.registry);
+    if !plain_http_allowed(&name.registry, &opts.insecure) {
+        return vec![https];
+    }
+    // dockerd's rule for insecure registries: HTTPS when the registry speaks it, else HTTP. A
+    // TLS server answers plain HTTP with 400: it stays HTTPS, so that its TLS error is the one
+    // reported.
+    // The status a GET of `/v2/` answers, `None` when the transport failed.
+    let probe = |url: &str| match agent.get(&format!("{url}/v2/")).timeout(Duration::from_secs(5)).call() {
+        Ok(r) => Some(r.status()),
+        Err(ureq::Error::Status(code, _)) => Some(code),
+        Err(ureq::Error::Transport(_)) => None,
+    };
+    if probe(&https).is_some() {
+        return vec![https];
+    }
+    let http = format!("http://{}", name.registry);
+    match probe(&http) {
+        Some(code) if code != 400 => vec![http],
+        _ => vec![https],
+    }
+}
+
+/// One registry endpoint and repository, with the auth state of a pull.
+pub struct Session {
+    agent: ureq::Agent,
+    /// The base URL (`https://host:port`).
+    pub base: String,
+    /// The registry's name for messages (`host:port`, never with credentials).
+    pub registry: String,
+    repository: String,
+    credentials: Option<(String, Secret)>,
+    authorization: Mutex<Option<Secret>>,
+    retry: RetryPolicy,
+}
+
+/// A challenge from `WWW-Authenticate`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Challenge {
+    pub scheme: String,
+    pub params: BTreeMap<String, String>,
+}
+
+/// Parses `Bearer realm="https://auth",service="reg",scope="repository:a:pull,push"`.
+pub fn parse_challenge(header: &str) -> Option<Challenge> {
+    let header = header.trim();
+    let (scheme, rest) = header.split_once(' ').unwrap_or((header, ""));
+    let mut params = BTreeMap::new();
+    let mut chars = rest.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
+            chars.next();
+        }
+        let key: String = std::iter::from_fn(|| chars.next_if(|c| *c != '=')).collect();
+        if key.is_empty() || chars.next() != Some('=') {
+            break;
+        }
+        let mut value = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => value.extend(chars.next()),
+                    '"' => break,
+                    c => value.push(c),
+                }
+            }
+        } else {
+            value = std::iter::from_fn(|| chars.next_if(|c| *c != ',')).collect();
+        }
+        params.insert(key.trim().to_ascii_lowercase(), value.trim().to_string());
+    }
+    Some(Challenge { scheme: scheme.to_ascii_lowercase(), params })
+}
+
+impl Session {
+    pub fn new(agent: &ureq::Agent, base: &str, name: &ImageName, opts: &RegistryOptions) -> Session {
+        let registry = base.split("://").nth(1).unwrap_or(base).trim_end_matches('/').to_string();
+        // A mirror answers with Docker Hub's images but is its own registry for credentials.
+        let credentials = opts.credentials.get(&registry).or_else(|| opts.credentials.get(&name.registry));
+        Session {
+            agent: agent.clone(),
+            base: base.trim_end_matches('/').to_string(),
+            registry,
+            repository: name.repository.clone(),
+            credentials: credentials.cloned(),
+            authorization: Mutex::new(None),
+            retry: opts.retry,
+        }
+    }
+
+    pub fn retry(&self) -> RetryPolicy {
+        self.retry
+    }
+
+    /// GETs `/v2/<repository>/<path>`, authenticating on a 401 challenge and retrying transport
+    /// errors, 429 and 5xx. A 206 or 200 answer is returned; any other status is an error.
+    pub fn get(&self, path: &str, accept: &str, range_from: Option<u64>) -> Result<ureq::Response> {
+        let url = format!("{}/v2/{}/{path}", self.base, self.repository);
+        let mut authenticated = false;
+        let mut attempt = 0;
+        loop {
+            let mut req = self.agent.get(&url).set("Accept", accept);
+            if let Some(auth) = self.authorization.lock().ok().and_then(|a| a.clone()) {
+                req = req.set("Authorization", auth.expose());
+            }
+            if let Some(from) = range_from.filter(|f| *f > 0) {
+                req = req.set("Range", &format!("bytes={from}-"));
+            }
+            let err = match req.call() {
+                Ok(resp) => return Ok(resp),
+                Err(ureq::Error::Status(401, resp)) if !authenticated => {
+                    authenticated = true;
+                    self.authenticate(resp.header("www-authenticate").unwrap_or(""))?;
+                    continue;
+                }
+                Err(ureq::Error::Status(401, _)) => {
+                    bail!("registry {} refused the credentials for {} (401)", self.registry, self.repository)
+                }
+                Err(ureq::Error::Status(404, _)) => {
+                    bail!("registry {} has no {} {path} (404)", self.registry, self.repository)
+                }
+                Err(ureq::Error::Status(code, _)) if crate::api::retryable_status(code) => {
+                    format!("status code {code}")
+                }
+                Err(ureq::Error::Status(code, _)) => {
+                    bail!("registry {} answered {code} for {} {path}", self.registry, self.repository)
+                }
+                Err(ureq::Error::Transport(t)) => t.to_string(),
+            };
+            attempt += 1;
+            if attempt >= self.retry.max_attempts {
+                bail!(
+                    "registry {} failed {attempt} times for {} {path}: {err}",
+                    self.registry,
+                    self.repository
+                );
+            }
+            std::thread::sleep(self.retry.delay(attempt));
+        }
+    }
+
+    /// Answers a 401 challenge: basic credentials, or a bearer token from the realm.
+    fn authenticate(&self, header: &str) -> Result<()> {
+        let challenge = parse_challenge(header);
+        let basic = self.credentials.as_ref().map(|(u, p)| {
+            let raw = format!("{u}:{}", p.expose());
+            Secret::new(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw)))
+        });
+        let value = match challenge {
+            Some(c) if c.scheme == "bearer" => {
+                let realm = c
+                    .params
+                    .get("realm")
+                    .with_context(|| format!("registry {}: a bearer challenge without a realm", self.registry))?;
+                let mut req = self.agent.get(realm).timeout(Duration::from_secs(30));
+                if let Some(service) = c.params.get("service") {
+                    req = req.query("service", service);
+                }
+                let scope =
+                    c.params.get("scope").cloned().unwrap_or_else(|| format!("repository:{}:pull", self.repository));
+                req = req.query("scope", &scope);
+                if let Some(b) = &basic {
+                    req = req.set("Authorization", b.expose());
+                }
+                let resp = match req.call() {
+                    Ok(r) => r,
+                    Err(ureq::Error::Status(code @ (401 | 403), _)) => bail!(
+                        "registry {}: the token service refused the credentials for {} ({code})",
+                        self.registry,
+                        self.repository
+                    ),
+                    Err(ureq::Error::Status(code, _)) => {
+                        bail!("registry {}: the token service answered {code}", self.registry)
+                    }
+                    Err(ureq::Error::Transport(t)) => {
+                        bail!("registry {}: the token service is unreachable: {t}", self.registry)
+                    }
+                };
+                let mut body = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::Read::take(resp.into_reader(), 1 << 20), &mut body)
+                    .with_context(|| format!("registry {}: reading the token", self.registry))?;
+                let v: serde_json::Value = serde_json::from_slice(&body)
+                    .map_err(|_| anyhow::anyhow!("registry {}: the token service sent no JSON", self.registry))?;
+                let token = v
+                    .get("token")
+                    .or_else(|| v.get("access_token"))
+                    .and_then(|t| t.as_str())
+                    .with_context(|| format!("registry {}: the token service sent no token", self.registry))?;
+                Secret::new(format!("Bearer {token}"))
+            }
+            Some(c) if c.scheme == "basic" => match basic {
+                Some(b) => b,
+                None => bail!(
+                    "registry {} needs credentials for {}: none are configured (EXECUTOR_DOCKER_AUTH_CONFIG or the job's docker auth config)",
+                    self.registry,
+                    self.repository
+                ),
+            },
+            _ => bail!("registry {} asked for an unsupported authentication ({header:?})", self.registry),
+        };
+        if let Ok(mut a) = self.authorization.lock() {
+            *a = Some(value);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_normalise_like_docker() {
+        let n = ImageName::parse("busybox").unwrap();
+        assert_eq!(n.canonical(), "docker.io/library/busybox:latest");
+        let n = ImageName::parse("sourcegraph/batcheshelper:5.2.0").unwrap();
+        assert_eq!(n.canonical(), "docker.io/sourcegraph/batcheshelper:5.2.0");
+        let n = ImageName::parse("index.docker.io/library/alpine:3").unwrap();
+        assert_eq!(n.canonical(), "docker.io/library/alpine:3");
+        let n = ImageName::parse("127.0.0.1:5000/team/img:v1").unwrap();
+        assert_eq!((n.registry.as_str(), n.repository.as_str()), ("127.0.0.1:5000", "team/img"));
+        let d = format!("sha256:{}", "a".repeat(64));
+        let n = ImageName::parse(&format!("localhost/x@{d}")).unwrap();
+        assert_eq!(n.canonical(), format!("localhost/x@{d}"));
+        assert_eq!(n.manifest_ref(), d);
+        assert!(ImageName::parse("ghcr.io/Upper/x").is_err());
+    }
+
+    #[test]
+    fn plain_http_only_on_loopback_or_listed() {
+        assert!(plain_http_allowed("127.0.0.1:5000", &[]));
+        assert!(plain_http_allowed("localhost:5000", &[]));
+        assert!(plain_http_allowed("[::1]:5000", &[]));
+        assert!(!plain_http_allowed("registry.example:5000", &[]));
+        assert!(plain_http_allowed("registry.example:5000", &["registry.example".into()]));
+        assert!(!plain_http_allowed("10.0.0.1", &["10.0.0.2".into()]));
+    }
+
+    #[test]
+    fn docker_hub_images_try_the_mirrors_in_order_first() {
+        // Docker Hub's endpoints are decided without any request.
+        let opts = RegistryOptions {
+            mirrors: vec![" http://127.0.0.1:5001/ ".into(), String::new(), "https://mirror.example".into()],
+            ..Default::default()
+        };
+        let agent = agent(&opts).unwrap();
+        let hub = ImageName::parse("busybox").unwrap();
+        assert_eq!(
+            endpoints(&agent, &hub, &opts),
+            ["http://127.0.0.1:5001", "https://mirror.example", "https://registry-1.docker.io"]
+        );
+        let other = ImageName::parse("ghcr.io/a/b").unwrap();
+        assert_eq!(endpoints(&agent, &other, &opts), ["https://ghcr.io"], "mirrors are for Docker Hub only");
+        let mut c = Credentials::default();
+        c.add_config_text(r#"{"auths":{"127.0.0.1:5001":{"auth":"bTpw"}}}"#, "t").unwrap();
+        let opts = RegistryOptions { credentials: c, ..opts };
+        let s = Session::new(&agent, "http://127.0.0.1:5001", &hub, &opts);
+        assert_eq!(s.registry, "127.0.0.1:5001");
+        assert_eq!(s.credentials.as_ref().map(|(u, _)| u.as_str()), Some("m"), "a mirror's own credentials");
+    }
+
+    #[test]
+    fn challenges_parse_with_quoted_commas() {
+        let c = parse_challenge(
+            r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#,
+        )
+        .unwrap();
+        assert_eq!(c.scheme, "bearer");
+        assert_eq!(c.params["realm"], "https://auth.example/token");
+        assert_eq!(c.params["scope"], "repository:a/b:pull,push");
+        assert_eq!(parse_challenge(r#"Basic realm="x""#).unwrap().scheme, "basic");
+    }
+
+    #[test]
+    fn credentials_come_from_docker_config_and_never_print() {
+        let mut c = Credentials::default();
+        let job = r#"{"auths":{"https://index.docker.io/v1/":{"auth":"dXNlcjpodW50ZXIy"}}}"#;
+        c.add_config_text(job, "the job's docker auth config").unwrap();
+        c.add_config_text(
+            r#"{"auths":{"docker.io":{"auth":"b3RoZXI6eA=="},"r.example":{"username":"u","password":"p"}}}"#,
+            "env",
+        )
+        .unwrap();
+        let (user, pass) = c.get("docker.io").unwrap();
+        assert_eq!((user.as_str(), pass.expose()), ("user", "hunter2"), "the job's config wins");
+        assert_eq!(c.get("r.example").unwrap().1.expose(), "p");
+        assert!(!format!("{c:?}").contains("hunter2"));
+        let err = Credentials::default()
+            .add_config_text(r#"{"auths":{"r":{"auth":"not base64 hunter2"}}}"#, "env")
+            .unwrap_err();
+        assert!(!format!("{err:#}").contains("hunter2") && format!("{err:#}").contains("registry r"));
+    }
+}

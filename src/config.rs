@@ -45,6 +45,10 @@ pub struct RawSettings {
     pub heartbeat_interval: Option<String>,
     pub artifacts_max_size: Option<String>,
     pub git_timeout: Option<String>,
+    pub network: Option<String>,
+    pub network_cidr: Option<String>,
+    pub network_allow: Option<String>,
+    pub dns_servers: Option<String>,
 }
 
 /// Validated settings.
@@ -91,6 +95,8 @@ pub struct Settings {
     pub artifacts_max_bytes: u64,
     /// Limit for each git command of a clone.
     pub git_timeout: Duration,
+    /// Every job's network (`EXECUTOR_NETWORK`, `_CIDR`, `_ALLOW`, `EXECUTOR_DNS_SERVERS`).
+    pub network: crate::network::Settings,
 }
 
 /// What a command needs besides the secret.
@@ -233,6 +239,12 @@ impl Settings {
             .max(Duration::from_millis(100)),
             artifacts_max_bytes,
             git_timeout: parse_duration_var("EXECUTOR_GIT_TIMEOUT", raw.git_timeout.as_deref(), "10m")?,
+            network: crate::network::Settings::parse(
+                raw.network.as_deref(),
+                raw.network_cidr.as_deref(),
+                raw.network_allow.as_deref(),
+                raw.dns_servers.as_deref(),
+            )?,
         })
     }
 
@@ -269,6 +281,7 @@ impl Settings {
             oci_runtime: self.oci_runtime.clone(),
             vm_accel: self.vm_accel,
             vm_allow_tcg: self.vm_allow_tcg,
+            network: self.network.clone(),
         }
     }
 

@@ -95,6 +95,18 @@ pub struct ConfigArgs {
     /// Limit for each git command of a clone [default: 10m]
     #[arg(long, env = "EXECUTOR_GIT_TIMEOUT", value_name = "DURATION")]
     pub git_timeout: Option<String>,
+    /// A job's network: internet (public addresses through the egress policy) or none (loopback) [default: none]
+    #[arg(long, env = "EXECUTOR_NETWORK", value_name = "MODE")]
+    pub network: Option<String>,
+    /// The pool each job's /30 comes from [default: 10.255.0.0/16]
+    #[arg(long, env = "EXECUTOR_NETWORK_CIDR", value_name = "CIDR")]
+    pub network_cidr: Option<String>,
+    /// Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]
+    #[arg(long, env = "EXECUTOR_NETWORK_ALLOW", value_name = "LIST")]
+    pub network_allow: Option<String>,
+    /// Resolvers named in a job's resolv.conf, comma-separated [default: the host's non-loopback ones]
+    #[arg(long, env = "EXECUTOR_DNS_SERVERS", value_name = "LIST")]
+    pub dns_servers: Option<String>,
 }
 
 impl ConfigArgs {
@@ -130,6 +142,10 @@ impl ConfigArgs {
             heartbeat_interval: self.heartbeat_interval.clone(),
             artifacts_max_size: self.artifacts_max_size.clone(),
             git_timeout: self.git_timeout.clone(),
+            network: self.network.clone(),
+            network_cidr: self.network_cidr.clone(),
+            network_allow: self.network_allow.clone(),
+            dns_servers: self.dns_servers.clone(),
         }
     }
 }

@@ -32,6 +32,10 @@ pub const OCI_RUNTIMES: &[&str] = &["runc", "crun", "runsc"];
 pub const DEFAULT_OCI_RUNTIME: &str = "runc";
 /// Marks a sandbox state directory as this runtime's.
 const MARKER: &str = "oci-sandbox.json";
+/// Why runsc sandboxes stay loopback-only with `EXECUTOR_NETWORK=internet`.
+pub const RUNSC_NO_NETWORK: &str = "runsc (gVisor 2022-12) cannot join a job network on this kernel: it \
+     takes every network namespace for the host's (its root check reads /proc/sys/net/core/rmem_default, \
+     which this kernel has in every namespace) and refuses --network=sandbox";
 /// The resolv.conf a networked sandbox's steps see at /etc/resolv.conf.
 const RESOLV_CONF: &str = "resolv.conf";
 /// Present while the workspace is owned by the container's root.
@@ -321,16 +325,10 @@ impl OciRuntime {
         cmd.arg("--root").arg(state_dir.join("runtime"));
         match which {
             "runsc" => {
-                // With a job network gVisor's own stack takes over the namespace's eth0
-                // (`sandbox`); without one it has loopback only.
-                let networked = fs::read(state_dir.join(MARKER))
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<SandboxRecord>(&b).ok())
-                    .is_some_and(|r| {
-                        matches!(r.details, SandboxDetails::Oci(Some(OciDetails { network: Some(_), .. })))
-                    });
-                let network = if networked { "--network=sandbox" } else { "--network=none" };
-                cmd.args(["--platform=ptrace", network, "--oci-seccomp"]);
+                // Loopback only, also with EXECUTOR_NETWORK=internet: Debian's runsc
+                // (2022-12) takes every namespace of a 6.x kernel for the root one and refuses
+                // `--network=sandbox` (see docs/network.md).
+                cmd.args(["--platform=ptrace", "--network=none", "--oci-seccomp"]);
                 cmd.arg("--debug-log").arg(state_dir.join("runsc-logs/"));
             }
             "crun"
@@ -572,7 +570,9 @@ impl Runtime for OciRuntime {
             crate::base::fs::write_atomic(&state_dir.join(MARKER), &serde_json::to_vec_pretty(&record)?)?;
             // The network last, recorded at once: a failure here fails the job before any
             // step runs (fail closed), and what was made is in the record for the teardown.
-            if self.opts.network.mode == crate::network::Mode::Internet {
+            if self.opts.network.mode == crate::network::Mode::Internet && which == "runsc" {
+                eprintln!("executor: sandbox {name} has loopback only: {RUNSC_NO_NETWORK}");
+            } else if self.opts.network.mode == crate::network::Mode::Internet {
                 let net =
                     crate::network::setup(&self.opts.state_dir, &name, &self.opts.network, req.coordinator)
                         .context("setting up the job's network (EXECUTOR_NETWORK=internet)")?;

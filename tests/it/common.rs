@@ -27,10 +27,13 @@ pub fn scrub(cmd: &mut Command) -> &mut Command {
 }
 
 /// A command for the binary with a clean `EXECUTOR_*` environment, for tests that spawn it and
-/// talk to it while it runs; `Exec` runs it to completion.
+/// talk to it while it runs; `Exec` runs it to completion. Its jobs get loopback only
+/// (`EXECUTOR_NETWORK=none`) whatever the default: only tests/it/network.rs, inside namespaces
+/// of its own, gives a job a network.
 pub fn executor() -> Command {
     let mut c = Command::new(bin());
     scrub(&mut c).stdin(Stdio::null());
+    c.env("EXECUTOR_NETWORK", "none");
     c
 }
 

@@ -380,3 +380,42 @@ fn network_runsc_jobs_reach_the_internet_and_nothing_else() {
         "network_runsc_jobs_reach_the_internet_and_nothing_else",
     );
 }
+
+/// Outside the world above no job may have a network: the harness starts every executor with
+/// `EXECUTOR_NETWORK=none`, every script that runs jobs exports it, and no other test module
+/// asks for `internet`.
+#[test]
+fn network_every_other_job_launch_is_loopback_only() {
+    let cmd = common::executor();
+    let none =
+        cmd.get_envs().any(|(k, v)| k == "EXECUTOR_NETWORK" && v == Some(std::ffi::OsStr::new("none")));
+    assert!(none, "common::executor() must set EXECUTOR_NETWORK=none");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut checked = 0;
+    for e in std::fs::read_dir(root.join("scripts")).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if e.path().is_dir() || ["install-deps", "build-deb", "bench-network"].contains(&name.as_str()) {
+            continue;
+        }
+        let text = std::fs::read_to_string(e.path()).unwrap();
+        assert!(
+            text.contains("export EXECUTOR_NETWORK=none"),
+            "scripts/{name} runs jobs without EXECUTOR_NETWORK=none"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 5, "only {checked} scripts seen");
+    for e in std::fs::read_dir(root.join("tests/it")).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if e.path().is_dir() {
+            continue;
+        }
+        let text = std::fs::read_to_string(e.path()).unwrap();
+        if name != "network.rs" {
+            assert!(
+                !text.contains("\"internet\""),
+                "tests/it/{name} asks for a job network outside a test world"
+            );
+        }
+    }
+}

@@ -392,8 +392,10 @@ pub fn teardown(state_dir: &Path, net: &JobNetwork) -> Result<()> {
     Ok(())
 }
 
-/// Removes the networks of sandboxes that `owned` claims and that are not running: those whose
-/// slot file names them, and namespaces of that name with no slot. Returns the sandboxes.
+/// Removes the networks of sandboxes that `owned` claims and that are not running, found by
+/// the slot files of this state directory (a slot is taken before anything else is made, so a
+/// kill at any point of setup leaves one). Namespaces are never judged by name alone: another
+/// executor on the host may use the same sandbox prefix. Returns the sandboxes.
 pub fn janitor(state_dir: &Path, owned: impl Fn(&str) -> bool) -> Result<Vec<String>> {
     let mut removed = Vec::new();
     let dir = slots_dir(state_dir);
@@ -414,15 +416,6 @@ pub fn janitor(state_dir: &Path, owned: impl Fn(&str) -> bool) -> Result<Vec<Str
             };
             teardown(state_dir, &net).with_context(|| format!("removing the stale network of {name}"))?;
             removed.push(name);
-        }
-    }
-    if let Ok(rd) = fs::read_dir("/run/netns") {
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().to_string();
-            if owned(&name) && !removed.contains(&name) {
-                ip_batch(None, &format!("netns del {name}\n"), "removing a stale job namespace")?;
-                removed.push(name);
-            }
         }
     }
     Ok(removed)

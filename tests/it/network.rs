@@ -186,6 +186,16 @@ impl Drop for World {
     }
 }
 
+/// A child killed if the test fails before it does.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// One job's probe script: each probe prints `REACHED name` or `BLOCKED name` (and exits 0),
 /// bounded by short timeouts; the job also listens on 7000 for the other job's probe.
 fn probe_script(coordinator_port: &str) -> String {
@@ -314,7 +324,7 @@ fn jobs_reach_the_internet_and_nothing_else(oci: &str, test: &str) {
         let mut cmd = world.in_ns(&world.host, exe.to_str().unwrap());
         executor_env(&mut cmd, &c.url, &c.secret, oci, &state, &prefix);
         cmd.env("EXECUTOR_NUM_TOTAL_JOBS", "1").arg("loop").stdout(Stdio::null()).stderr(Stdio::null());
-        let mut lp = cmd.spawn().unwrap();
+        let mut lp = KillOnDrop(cmd.spawn().unwrap());
         common::wait_until("the long step to start", Duration::from_secs(60), || {
             c.job(id)["logs"].as_array().is_some_and(|l| {
                 l.iter().any(|e| e["key"] == "step.docker.long" && e["out"].as_str().unwrap_or("").contains("started"))
@@ -322,31 +332,47 @@ fn jobs_reach_the_internet_and_nothing_else(oci: &str, test: &str) {
         });
         if networked {
             // Anti-spoofing, past the container's missing capabilities: root in the job's namespace
-            // adds an address the job does not own; a connection from it dies, from the job's own
-            // address it works.
+            // adds an address the job does not own and sends UDP from both; the internet
+            // namespace counts what arrives (a reply would not tell: an unrouted source loses it).
             let job_ns = std::fs::read_dir("/run/netns")
                 .unwrap()
                 .flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .find(|n| n.starts_with(&prefix))
                 .expect("the long job's network namespace");
-            let try_from = |src: &str| {
-                world
-                    .in_ns(&job_ns, "curl")
-                    .args(["-s", "-m", "3", "--interface", src, &format!("http://{WEB}/hello.txt")])
-                    .output()
-                    .unwrap()
+            let counter = "add table ip probe; add chain ip probe c { type filter hook input priority 0; }; \
+                           add rule ip probe c udp dport 9999 ip saddr 10.255.0.99 counter; \
+                           add rule ip probe c udp dport 9998 counter";
+            assert!(world.in_ns(&world.internet, "nft").arg(counter).status().unwrap().success());
+            let send = |src: &str, port: u16| {
+                let py = "import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); \
+                          s.bind((sys.argv[1], 0)); s.sendto(b'x', (sys.argv[2], int(sys.argv[3])))";
+                let out = world.in_ns(&job_ns, "python3").args(["-c", py, src, WEB, &port.to_string()]).output().unwrap();
+                assert!(out.status.success(), "{out:?}");
+                std::thread::sleep(Duration::from_millis(300));
+            };
+            let counted = || {
+                let out = world.in_ns(&world.internet, "nft").args(["list", "chain", "ip", "probe", "c"]).output().unwrap();
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                let n = |port: &str| {
+                    text.lines()
+                        .find(|l| l.contains(port))
+                        .and_then(|l| l.split("packets ").nth(1))
+                        .and_then(|r| r.split_whitespace().next())
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(0)
+                };
+                (n("9999"), n("9998"))
             };
             let own = world.in_ns(&job_ns, "sh").args(["-c", "ip -4 -o addr show dev eth0"]).output().unwrap();
             let own = String::from_utf8_lossy(&own.stdout).split_whitespace().nth(3).unwrap().split('/').next().unwrap().to_string();
-            let ok = try_from(&own);
-            assert!(String::from_utf8_lossy(&ok.stdout).contains("hello-from-the-internet"), "{ok:?}");
+            send(&own, 9998);
             sh(&format!("ip -n {job_ns} addr add 10.255.0.99/32 dev eth0"));
-            let spoofed = try_from("10.255.0.99");
-            assert!(!String::from_utf8_lossy(&spoofed.stdout).contains("hello"), "a spoofed source got through: {spoofed:?}");
+            send("10.255.0.99", 9999);
+            assert_eq!(counted(), (0, 1), "from its own address one packet arrives, from a spoofed one none");
         }
-        lp.kill().unwrap();
-        lp.wait().unwrap();
+        lp.0.kill().unwrap();
+        lp.0.wait().unwrap();
         let left = world.leftovers(&prefix);
         assert_eq!(
             left.iter().any(|l| l.starts_with("netns")),

@@ -121,6 +121,7 @@ fn main() -> Result<()> {
             images: vec!["busybox".into()],
             limits: &limits,
             name_prefix: "benchoci",
+            coordinator: None,
         })?;
         let bundle = tmp.path().join(format!("bare-{which}"));
         std::fs::create_dir_all(&bundle)?;

@@ -51,6 +51,10 @@ pub struct RawSettings {
     pub insecure_registries: Vec<String>,
     pub registry_ca: Option<PathBuf>,
     pub image_max_size: Option<String>,
+    pub network: Option<String>,
+    pub network_cidr: Option<String>,
+    pub network_allow: Option<String>,
+    pub dns_servers: Option<String>,
 }
 
 /// Validated settings.
@@ -101,6 +105,8 @@ pub struct Settings {
     pub image_pull: crate::image::pull::PullPolicy,
     /// How pulls reach registries.
     pub pull: crate::image::pull::PullSettings,
+    /// Every job's network (`EXECUTOR_NETWORK`, `_CIDR`, `_ALLOW`, `EXECUTOR_DNS_SERVERS`).
+    pub network: crate::network::Settings,
 }
 
 /// What a command needs besides the secret.
@@ -251,6 +257,12 @@ impl Settings {
                 raw.registry_ca.as_deref(),
                 raw.image_max_size.as_deref(),
             )?,
+            network: crate::network::Settings::parse(
+                raw.network.as_deref(),
+                raw.network_cidr.as_deref(),
+                raw.network_allow.as_deref(),
+                raw.dns_servers.as_deref(),
+            )?,
         })
     }
 
@@ -287,6 +299,7 @@ impl Settings {
             oci_runtime: self.oci_runtime.clone(),
             vm_accel: self.vm_accel,
             vm_allow_tcg: self.vm_allow_tcg,
+            network: self.network.clone(),
         }
     }
 

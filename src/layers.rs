@@ -17,6 +17,7 @@ pub const LAYERS: &[(&str, u8)] = &[
     ("workspace", 4),
     ("image", 4),
     ("vm", 4),
+    ("network", 4),
     ("sandbox", 5),
     ("config", 6),
     ("stage", 7),

@@ -10,7 +10,7 @@
 //! | 1 wire | `protocol`, `guest`, `githttp` | the executor protocol's types, the guest agent's frames, git's smart HTTP |
 //! | 2 documents and client | `document`, `api` | the run document (and its sandbox records), the coordinator client |
 //! | 3 job I/O | `logs`, `git` | execution log entries, cloning |
-//! | 4 job resources | `workspace`, `image`, `vm` | workspaces, the image store, the microVM guest's kernel and initramfs |
+//! | 4 job resources | `workspace`, `image`, `vm`, `network` | workspaces, the image store, the microVM guest's kernel and initramfs, per-job networks |
 //! | 5 sandboxes | `sandbox` | the `Runtime` trait and its backends |
 //! | 6 settings | `config` | the executor's validated settings |
 //! | 7 work | `stage`, `server` | the pipeline stages; the coordinator beside them |
@@ -30,6 +30,7 @@ pub mod git;
 pub mod logs;
 
 pub mod image;
+pub mod network;
 pub mod vm;
 pub mod workspace;
 

@@ -19,6 +19,7 @@ pub const CAPABILITIES: &[(&str, &str)] = &[
     ("openssl", "the openssl command, to make test certificates"),
     ("chromium", "Chromium and chromedriver, for the admin console's browser tests"),
     ("registry", "docker-registry, skopeo and htpasswd, for a loopback image registry"),
+    ("netns", "network namespaces, nftables, dnsmasq and python3, for the per-job network tests"),
 ];
 
 /// The capabilities `list` (the variable's value) requires; an unknown name is an error so that
@@ -87,7 +88,9 @@ mod tests {
     fn unknown_names_are_errors() {
         let err = decide(Some("root,rnuc"), "t", "crun", "no crun").unwrap_err();
         assert!(err.contains("\"rnuc\"") && err.contains("known: root,runc"), "{err}");
-        assert!(parse("root,runc,crun,runsc,gcc,ext4,microvm,dpkg-deb,openssl,chromium,registry").is_ok());
+        assert!(
+            parse("root,runc,crun,runsc,gcc,ext4,microvm,dpkg-deb,openssl,chromium,registry,netns").is_ok()
+        );
     }
 
     #[test]

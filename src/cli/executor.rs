@@ -101,6 +101,18 @@ pub struct ConfigArgs {
     pub image_pull: Option<String>,
     #[command(flatten)]
     pub registry: super::image::RegistryArgs,
+    /// A job's network: internet (public addresses through the egress policy) or none (loopback) [default: none]
+    #[arg(long, env = "EXECUTOR_NETWORK", value_name = "MODE")]
+    pub network: Option<String>,
+    /// The pool each job's /30 comes from [default: 10.255.0.0/16]
+    #[arg(long, env = "EXECUTOR_NETWORK_CIDR", value_name = "CIDR")]
+    pub network_cidr: Option<String>,
+    /// Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]
+    #[arg(long, env = "EXECUTOR_NETWORK_ALLOW", value_name = "LIST")]
+    pub network_allow: Option<String>,
+    /// Resolvers named in a job's resolv.conf, comma-separated [default: the host's non-loopback ones]
+    #[arg(long, env = "EXECUTOR_DNS_SERVERS", value_name = "LIST")]
+    pub dns_servers: Option<String>,
 }
 
 impl ConfigArgs {
@@ -142,6 +154,10 @@ impl ConfigArgs {
             insecure_registries: self.registry.insecure_registry.clone(),
             registry_ca: self.registry.registry_ca.clone(),
             image_max_size: Some(self.registry.image_max_size.clone()),
+            network: self.network.clone(),
+            network_cidr: self.network_cidr.clone(),
+            network_allow: self.network_allow.clone(),
+            dns_servers: self.dns_servers.clone(),
         }
     }
 }

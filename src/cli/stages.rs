@@ -128,6 +128,11 @@ pub fn validate(settings: Settings) -> Result<i32> {
     for c in checked {
         println!("ok: {c}");
     }
+    let net = crate::network::check(&settings.network)
+        .map_err(|e| ExitError::new(exit::JOB_FAILED, format!("network: {e:#}")))?;
+    for c in net {
+        println!("ok: {c}");
+    }
     let git = crate::base::proc::command("git").arg("version").env("PATH", GIT_PATH).output();
     let text = match git {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),

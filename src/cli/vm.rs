@@ -95,6 +95,7 @@ pub fn runtime_options(state_dir: std::path::PathBuf, vm: &VmArgs) -> Result<Run
         oci_runtime: "runc".into(),
         vm_accel: accel,
         vm_allow_tcg: vm.allow_tcg,
+        network: crate::network::Settings::default(),
     })
 }
 

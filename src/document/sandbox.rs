@@ -193,6 +193,22 @@ pub struct OciDetails {
     /// Host uid/gid of container root: the sandbox's own range, or the image store's shared
     /// base when the host cannot make idmapped mounts.
     pub uid_base: u32,
+    /// The job's own network (`EXECUTOR_NETWORK=internet`); `None`: loopback only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<JobNetwork>,
+}
+
+/// One job's network (see `network`): its namespace (named as the sandbox), its /30 slot in
+/// the pool, the host end of its veth, its addresses and resolvers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JobNetwork {
+    pub sandbox: String,
+    pub slot: u32,
+    pub host_if: String,
+    pub gateway: std::net::Ipv4Addr,
+    pub address: std::net::Ipv4Addr,
+    pub dns: Vec<std::net::Ipv4Addr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -47,6 +47,8 @@ pub fn build_busybox(store: &ImageStore, name: &str) -> Result<ResolvedImage> {
     )?;
     fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n")?;
     fs::write(root.join("etc/hosts"), "127.0.0.1 localhost\n::1 localhost\n")?;
+    // A networked sandbox binds its own resolvers over this file (docs/network.md).
+    fs::write(root.join("etc/resolv.conf"), "")?;
     commit(store, &root, name, "build-busybox")
 }
 

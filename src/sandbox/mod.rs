@@ -35,6 +35,8 @@ pub struct BootRequest<'a> {
     pub limits: &'a Limits,
     /// Sandbox name prefix (`EXECUTOR_VM_PREFIX`, default `executor`).
     pub name_prefix: &'a str,
+    /// The coordinator's URL, which a networked sandbox may reach (uploads).
+    pub coordinator: Option<&'a str>,
 }
 
 /// One step to run inside a sandbox.
@@ -102,6 +104,8 @@ pub struct RuntimeOptions {
     pub vm_accel: microvm::Accel,
     /// microvm: `EXECUTOR_VM_ALLOW_TCG=1` lets `auto` fall back to slow software emulation.
     pub vm_allow_tcg: bool,
+    /// Every job's network (`EXECUTOR_NETWORK` and the settings beside it).
+    pub network: crate::network::Settings,
 }
 
 impl Default for RuntimeOptions {
@@ -112,6 +116,7 @@ impl Default for RuntimeOptions {
             oci_runtime: "runc".into(),
             vm_accel: microvm::Accel::Auto,
             vm_allow_tcg: false,
+            network: crate::network::Settings::default(),
         }
     }
 }

@@ -327,6 +327,7 @@ mod tests {
                 images: vec![],
                 limits: &limits,
                 name_prefix: "executor",
+                coordinator: None,
             })
             .unwrap();
         (d, rt, sb)
@@ -352,6 +353,7 @@ mod tests {
                 images: vec![],
                 limits: &limits,
                 name_prefix: "e",
+                coordinator: None,
             })
             .unwrap_err();
         assert!(err.to_string().contains("EXECUTOR_ALLOW_UNISOLATED"), "{err}");

@@ -34,6 +34,7 @@ pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
         images,
         limits: &limits,
         name_prefix: &ctx.settings.vm_prefix,
+        coordinator: Some(&doc.executor.frontend_url),
     };
     if runtime.kind() == crate::sandbox::RuntimeKind::Shell {
         entry.line(crate::sandbox::shell::WARNING);

@@ -30,10 +30,13 @@ pub fn scrub(cmd: &mut Command) -> &mut Command {
 /// talk to it while it runs; `Exec` runs it to completion.
 ///
 /// Pulls are off (`EXECUTOR_IMAGE_PULL=never`) unless a test turns them on: a job naming an
-/// image the store lacks must never reach a real registry.
+/// image the store lacks must never reach a real registry. Its jobs get loopback only
+/// (`EXECUTOR_NETWORK=none`) whatever the default: only tests/it/network.rs, inside namespaces
+/// of its own, gives a job a network.
 pub fn executor() -> Command {
     let mut c = Command::new(bin());
     scrub(&mut c).stdin(Stdio::null()).env("EXECUTOR_IMAGE_PULL", "never");
+    c.env("EXECUTOR_NETWORK", "none");
     c
 }
 

@@ -27,8 +27,19 @@ impl Coordinator {
         Self::start_with(&[])
     }
 
+    /// Listening on `listen` (an address of a test's own network namespace).
+    pub fn start_listening(listen: &str) -> Coordinator {
+        let mut c = Self::start_with_at(&[], None);
+        c.spawn(listen);
+        c
+    }
+
     /// Like `start`, with extra `serve` flags (e.g. `--stalled-max-age 1s`).
     pub fn start_with(extra_args: &[&str]) -> Coordinator {
+        Self::start_with_at(extra_args, Some("127.0.0.1:0"))
+    }
+
+    fn start_with_at(extra_args: &[&str], listen: Option<&str>) -> Coordinator {
         let mut c = Coordinator {
             url: String::new(),
             secret: random_secret("secret"),
@@ -37,7 +48,9 @@ impl Coordinator {
             child: None,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
         };
-        c.spawn("127.0.0.1:0");
+        if let Some(l) = listen {
+            c.spawn(l);
+        }
         c
     }
 

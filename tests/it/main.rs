@@ -8,6 +8,7 @@ mod coordinator;
 pub mod gitserve;
 mod image;
 mod microvm;
+mod network;
 mod oci;
 mod package;
 mod pipeline;

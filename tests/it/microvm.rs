@@ -51,6 +51,7 @@ fn runtime(state: &Path) -> MicroVm {
         oci_runtime: "runc".into(),
         vm_accel: Accel::Auto,
         vm_allow_tcg: true,
+        ..Default::default()
     })
 }
 
@@ -190,6 +191,7 @@ fn microvm_job_runs_in_a_guest_round_trips_the_workspace_and_stops_on_cancel_and
             images: vec![image.clone()],
             limits: &limits,
             name_prefix: &prefix,
+            coordinator: None,
         })
         .expect("boot");
     assert_eq!(rec.runtime(), executor::sandbox::RuntimeKind::Microvm);
@@ -293,8 +295,14 @@ fn microvm_janitor_removes_vms_no_live_job_owns_and_guest_garbage_is_refused() {
     let _dog = watchdog(state.clone(), prefix.clone(), Duration::from_secs(180));
     let rt = runtime(&state);
     let limits = Limits::default();
-    let req =
-        BootRequest { job_uid: "2", workspace: &ws, images: vec![], limits: &limits, name_prefix: &prefix };
+    let req = BootRequest {
+        job_uid: "2",
+        workspace: &ws,
+        images: vec![],
+        limits: &limits,
+        name_prefix: &prefix,
+        coordinator: None,
+    };
     let live = rt.boot(&req).expect("boot live");
     let ghost = rt.boot(&req).expect("boot ghost");
     let live_set: HashSet<String> = [live.name.clone()].into_iter().collect();

@@ -112,6 +112,7 @@ impl Fixture {
             images: vec!["busybox".into()],
             limits,
             name_prefix: prefix,
+            coordinator: None,
         };
         self.rt.boot(&req).unwrap()
     }
@@ -253,6 +254,7 @@ fn oci_unknown_image_fails_boot_naming_it() {
         images: vec!["busybox".into(), "no-such-image:1.0".into()],
         limits: &limits(),
         name_prefix: "ocitest",
+        coordinator: None,
     };
     let err = f.rt.boot(&req).unwrap_err();
     assert!(format!("{err:#}").contains("unknown image \"no-such-image:1.0\""), "{err:#}");
@@ -428,6 +430,7 @@ fn probe_suite(oci: &str, test: &str) {
             images: vec!["busybox".into(), "suid".into()],
             limits: &limits,
             name_prefix: "ocitest",
+            coordinator: None,
         })
         .unwrap();
 
@@ -995,6 +998,7 @@ fn uid_ranges_are_per_job(oci: &str, test: &str) {
             images: vec!["busybox".into()],
             limits: &limits(),
             name_prefix: "ocitest",
+            coordinator: None,
         })
         .unwrap();
     let base = |sb: &SandboxRecord| match &sb.details {

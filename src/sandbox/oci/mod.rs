@@ -32,6 +32,12 @@ pub const OCI_RUNTIMES: &[&str] = &["runc", "crun", "runsc"];
 pub const DEFAULT_OCI_RUNTIME: &str = "runc";
 /// Marks a sandbox state directory as this runtime's.
 const MARKER: &str = "oci-sandbox.json";
+/// Why runsc sandboxes stay loopback-only with `EXECUTOR_NETWORK=internet`.
+pub const RUNSC_NO_NETWORK: &str = "runsc (gVisor 2022-12) cannot join a job network on this kernel: it \
+     takes every network namespace for the host's (its root check reads /proc/sys/net/core/rmem_default, \
+     which this kernel has in every namespace) and refuses --network=sandbox";
+/// The resolv.conf a networked sandbox's steps see at /etc/resolv.conf.
+const RESOLV_CONF: &str = "resolv.conf";
 /// Present while the workspace is owned by the container's root.
 const SHIFTED: &str = "workspace-shifted";
 /// How long a kill may take before the step is reported as not stopped.
@@ -211,7 +217,16 @@ impl OciRuntime {
             max_file_bytes: d.max_file_bytes,
             max_open_files: MAX_OPEN_FILES,
         };
-        let config = spec::bundle_config(&container);
+        let rootfs = &container.rootfs;
+        let network = d.network.as_ref().map(|n| spec::StepNetwork {
+            netns: n.netns_path(),
+            // A bind mount needs its target in the read-only image; an image without one
+            // resolves no names (docs/network.md).
+            resolv_conf: fs::symlink_metadata(rootfs.join("etc/resolv.conf"))
+                .is_ok_and(|m| m.is_file())
+                .then(|| sandbox.state_dir.join(RESOLV_CONF)),
+        });
+        let config = spec::bundle_config(&container, network.as_ref());
         fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(&config)?)
             .with_context(|| format!("writing {}", bundle.join("config.json").display()))?;
         Ok((id, bundle))
@@ -310,6 +325,9 @@ impl OciRuntime {
         cmd.arg("--root").arg(state_dir.join("runtime"));
         match which {
             "runsc" => {
+                // Loopback only, also with EXECUTOR_NETWORK=internet: Debian's runsc
+                // (2022-12) takes every namespace of a 6.x kernel for the root one and refuses
+                // `--network=sandbox` (see docs/network.md).
                 cmd.args(["--platform=ptrace", "--network=none", "--oci-seccomp"]);
                 cmd.arg("--debug-log").arg(state_dir.join("runsc-logs/"));
             }
@@ -527,6 +545,7 @@ impl Runtime for OciRuntime {
             },
             cpus: limits.cpus,
             uid_base: ID_BASE,
+            network: None,
         };
         let mut record = SandboxRecord {
             name: name.clone(),
@@ -549,6 +568,20 @@ impl Runtime for OciRuntime {
             }
             record.details = SandboxDetails::Oci(Some(details.clone()));
             crate::base::fs::write_atomic(&state_dir.join(MARKER), &serde_json::to_vec_pretty(&record)?)?;
+            // The network last, recorded at once: a failure here fails the job before any
+            // step runs (fail closed), and what was made is in the record for the teardown.
+            if self.opts.network.mode == crate::network::Mode::Internet && which == "runsc" {
+                eprintln!("executor: sandbox {name} has loopback only: {RUNSC_NO_NETWORK}");
+            } else if self.opts.network.mode == crate::network::Mode::Internet {
+                let net =
+                    crate::network::setup(&self.opts.state_dir, &name, &self.opts.network, req.coordinator)
+                        .context("setting up the job's network (EXECUTOR_NETWORK=internet)")?;
+                fs::write(state_dir.join(RESOLV_CONF), net.resolv_conf())
+                    .with_context(|| format!("writing {}", state_dir.join(RESOLV_CONF).display()))?;
+                details.network = Some(net);
+                record.details = SandboxDetails::Oci(Some(details.clone()));
+                crate::base::fs::write_atomic(&state_dir.join(MARKER), &serde_json::to_vec_pretty(&record)?)?;
+            }
             Self::shift_workspace(&state_dir, &details)
         })();
         if let Err(e) = setup {
@@ -626,6 +659,9 @@ impl Runtime for OciRuntime {
             bail!("an image is still mounted in {}", roots.display());
         }
         uids::UidRanges::new(&self.opts.state_dir).release(&sandbox.name)?;
+        if let Some(net) = d.as_ref().and_then(|d| d.network.as_ref()) {
+            crate::network::teardown(&self.opts.state_dir, net)?;
+        }
         // The marker goes first: a step still finishing in another process sees the sandbox gone.
         let _ = fs::remove_file(sandbox.state_dir.join(MARKER));
         remove_dir_retrying(&sandbox.state_dir)
@@ -675,6 +711,12 @@ impl Runtime for OciRuntime {
         let freed =
             uids::UidRanges::new(&self.opts.state_dir).reclaim(|n| owned(n) && !dir.join(n).exists())?;
         for name in freed {
+            if !removed.contains(&name) {
+                removed.push(name);
+            }
+        }
+        // Networks whose sandbox record is gone or never named them (killed during setup).
+        for name in crate::network::janitor(&self.opts.state_dir, owned)? {
             if !removed.contains(&name) {
                 removed.push(name);
             }

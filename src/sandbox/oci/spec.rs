@@ -36,6 +36,15 @@ pub struct StepContainer {
     pub max_open_files: u64,
 }
 
+/// The job's network, for a step of a networked sandbox.
+#[derive(Debug, Clone)]
+pub struct StepNetwork {
+    /// The job's network namespace (`/run/netns/<sandbox>`), which the container joins.
+    pub netns: PathBuf,
+    /// The sandbox's resolv.conf, bound read-only over the image's `/etc/resolv.conf`.
+    pub resolv_conf: Option<PathBuf>,
+}
+
 /// Syscalls the seccomp filter denies with EPERM: mounting and namespaces of any kind, kernel
 /// modules and kexec, tracing other processes, bpf, the kernel keyring, perf, handle-based opens
 /// (the "shocker" escape), clock and swap changes, reboot, and other host-wide knobs.
@@ -94,12 +103,17 @@ pub const DENIED_SYSCALLS: &[&str] = &[
 const CLONE_NEWUSER: u64 = 0x1000_0000;
 
 /// The container's `config.json`, built in the order the sandbox is set up.
-pub fn bundle_config(c: &StepContainer) -> Value {
-    // 1. Namespaces: every kind, all new. The user namespace maps container root to an
-    //    unprivileged host range; the network namespace has only `lo`.
+pub fn bundle_config(c: &StepContainer, net: Option<&StepNetwork>) -> Value {
+    // 1. Namespaces: every kind, all new but the network's with a job network. The user
+    //    namespace maps container root to an unprivileged host range; the network namespace
+    //    has only `lo`, or is the job's (owned by the host's user namespace, so container root
+    //    cannot change its addresses, routes or firewall).
     let namespaces: Vec<Value> = ["user", "pid", "mount", "network", "ipc", "uts", "cgroup"]
         .iter()
-        .map(|t| json!({ "type": t }))
+        .map(|t| match net {
+            Some(n) if *t == "network" => json!({ "type": t, "path": n.netns }),
+            _ => json!({ "type": t }),
+        })
         .collect();
     let id_map = json!([{ "containerID": 0, "hostID": c.id_base, "size": ID_COUNT }]);
 
@@ -121,6 +135,19 @@ pub fn bundle_config(c: &StepContainer) -> Value {
           "options": ["nosuid", "nodev", "mode=1777", format!("size={}", c.tmp_bytes)] },
         { "destination": "/data", "type": "bind", "source": c.workspace, "options": ["rbind", "rw", "nosuid", "nodev"] },
     ]);
+    let mut mounts = mounts;
+    // sysfs can only be mounted by the owner of the network namespace: in the job's namespace
+    // (the host's) /sys is an empty read-only tmpfs instead, which shows nothing of the host.
+    if let (Some(list), Some(_)) = (mounts.as_array_mut(), net) {
+        for m in list.iter_mut().filter(|m| m["destination"] == "/sys") {
+            *m = json!({ "destination": "/sys", "type": "tmpfs", "source": "tmpfs",
+                         "options": ["nosuid", "noexec", "nodev", "ro", "size=4k"] });
+        }
+    }
+    if let (Some(list), Some(resolv)) = (mounts.as_array_mut(), net.and_then(|n| n.resolv_conf.as_ref())) {
+        list.push(json!({ "destination": "/etc/resolv.conf", "type": "bind", "source": resolv,
+                          "options": ["bind", "ro", "nosuid", "nodev", "noexec"] }));
+    }
 
     // 4. /proc and /sys: paths that reveal or change the host are masked or read-only.
     let masked = json!([
@@ -241,7 +268,7 @@ mod tests {
 
     #[test]
     fn config_isolates_every_way_the_issue_lists() {
-        let v = bundle_config(&sample());
+        let v = bundle_config(&sample(), None);
         let ns: Vec<&str> = v["linux"]["namespaces"]
             .as_array()
             .unwrap()
@@ -276,6 +303,26 @@ mod tests {
         assert!(dests.contains(&"/tmp") && dests.contains(&"/data"));
         assert_eq!(v["process"]["cwd"], "/data/repo");
         assert!(v["linux"]["readonlyPaths"].as_array().unwrap().iter().any(|p| p == "/proc/sysrq-trigger"));
+    }
+
+    #[test]
+    fn a_networked_step_joins_the_jobs_namespace() {
+        let net =
+            StepNetwork { netns: "/run/netns/sb".into(), resolv_conf: Some("/state/sb/resolv.conf".into()) };
+        let v = bundle_config(&sample(), Some(&net));
+        let ns = v["linux"]["namespaces"].as_array().unwrap();
+        let netns = ns.iter().find(|n| n["type"] == "network").unwrap();
+        assert_eq!(netns["path"], "/run/netns/sb");
+        assert!(ns.iter().filter(|n| n["type"] != "network").all(|n| n.get("path").is_none()));
+        let mounts = v["mounts"].as_array().unwrap();
+        let sys = mounts.iter().find(|m| m["destination"] == "/sys").unwrap();
+        assert_eq!(sys["type"], "tmpfs", "no sysfs of the host's network namespace");
+        let resolv = mounts.iter().find(|m| m["destination"] == "/etc/resolv.conf").unwrap();
+        assert_eq!(resolv["source"], "/state/sb/resolv.conf");
+        assert!(resolv["options"].as_array().unwrap().iter().any(|o| o == "ro"));
+        let plain = bundle_config(&sample(), None);
+        assert!(plain["linux"]["namespaces"].as_array().unwrap().iter().all(|n| n.get("path").is_none()));
+        assert!(!plain["mounts"].as_array().unwrap().iter().any(|m| m["destination"] == "/etc/resolv.conf"));
     }
 
     #[test]

@@ -469,6 +469,7 @@ fn a_docker_save_image_pulls_and_runs_a_job_step() {
         images: vec![reference.clone()],
         limits: &limits,
         name_prefix: "pulltest",
+        coordinator: None,
     };
     use executor::sandbox::Runtime;
     let sb = f.rt.boot(&req).unwrap();

@@ -1,0 +1,257 @@
+//! The egress policy as nftables scripts: the executor's table (a dispatch map from each job's
+//! host-side veth to its chain, NAT out of the host) and one chain per job, whose rules go in
+//! the order the docs list them: anti-spoofing, replies, DNS, the coordinator, operator
+//! exceptions, then every non-public destination refused, then the internet.
+
+use anyhow::{Context, Result};
+use std::net::{Ipv4Addr, ToSocketAddrs};
+use std::process::Stdio;
+
+use super::{JobNetwork, Settings, IF_PREFIX, TABLE};
+
+/// An IPv4 network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub const ANY: Cidr = Cidr { addr: Ipv4Addr::UNSPECIFIED, prefix: 0 };
+
+    /// `A.B.C.D/N` (the address masked to its network) or a bare address (a /32).
+    pub fn parse(s: &str) -> Result<Cidr> {
+        let (a, p) = s.trim().split_once('/').unwrap_or((s.trim(), "32"));
+        let addr: Ipv4Addr = a.parse().with_context(|| format!("{s:?} is not an IPv4 address or network"))?;
+        let prefix: u8 =
+            p.parse().ok().filter(|p| *p <= 32).with_context(|| format!("{s:?} has a bad prefix length"))?;
+        let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) };
+        Ok(Cidr { addr: Ipv4Addr::from(u32::from(addr) & mask), prefix })
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// An operator's exception: a network, and optionally one port (TCP and UDP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Allow {
+    pub net: Cidr,
+    pub port: Option<u16>,
+}
+
+impl Allow {
+    /// `CIDR` or `CIDR:PORT` (`10.1.2.3:5000`, `10.8.0.0/16`, `10.8.0.0/16:443`).
+    pub fn parse(s: &str) -> Result<Allow> {
+        let (net, port) = match s.rsplit_once(':') {
+            Some((n, p)) => {
+                let port: u16 =
+                    p.parse().ok().filter(|p| *p > 0).with_context(|| format!("{s:?} has a bad port"))?;
+                (n, Some(port))
+            }
+            None => (s, None),
+        };
+        Ok(Allow { net: Cidr::parse(net)?, port })
+    }
+}
+
+/// Destinations no job may reach unless allowed above them: this network, private ranges,
+/// shared address space, loopback, link-local (cloud metadata), IETF protocol assignments,
+/// benchmarking, multicast, reserved and broadcast.
+pub const REFUSED: &[&str] = &[
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.0.0.0/24",
+    "192.168.0.0/16",
+    "198.18.0.0/15",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+];
+
+const REJECT: &str = "reject with icmpx type admin-prohibited";
+
+/// The table, created once per host (network namespace) with the pool it NATs.
+pub fn table_script(pool: &super::Cidr) -> String {
+    format!(
+        "table inet {TABLE} {{
+  map jobs {{ type ifname : verdict; }}
+  chain forward {{
+    type filter hook forward priority filter; policy accept;
+    iifname vmap @jobs
+    iifname \"{IF_PREFIX}*\" drop
+    oifname \"{IF_PREFIX}*\" ct state established,related accept
+    oifname \"{IF_PREFIX}*\" drop
+  }}
+  chain input {{
+    type filter hook input priority filter; policy accept;
+    iifname vmap @jobs
+    iifname \"{IF_PREFIX}*\" drop
+  }}
+  chain postrouting {{
+    type nat hook postrouting priority srcnat; policy accept;
+    ip saddr {pool} oifname != \"{IF_PREFIX}*\" masquerade
+  }}
+}}
+"
+    )
+}
+
+/// The addresses and port of the coordinator's URL that a job could reach (none for a
+/// loopback coordinator, which no sandbox reaches).
+pub fn coordinator_target(url: &str) -> Result<Option<(Vec<Ipv4Addr>, u16)>> {
+    let (scheme, rest) =
+        url.split_once("://").with_context(|| format!("the coordinator URL {url:?} has no scheme"))?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !p.contains(']') => {
+            (h, p.parse::<u16>().with_context(|| format!("the coordinator URL {url:?} has a bad port"))?)
+        }
+        _ => (authority, if scheme == "https" { 443 } else { 80 }),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        anyhow::bail!("the coordinator URL {url:?} has no host");
+    }
+    let addrs: Vec<Ipv4Addr> = (host, port)
+        .to_socket_addrs()
+        .with_context(|| format!("resolving the coordinator's host {host}"))?
+        .filter_map(|a| match a.ip() {
+            std::net::IpAddr::V4(v) if !v.is_loopback() => Some(v),
+            _ => None,
+        })
+        .collect();
+    Ok((!addrs.is_empty()).then_some((addrs, port)))
+}
+
+fn set(items: impl IntoIterator<Item = String>) -> String {
+    format!("{{ {} }}", items.into_iter().collect::<Vec<_>>().join(", "))
+}
+
+/// The job's chain and its entry in the dispatch map, as one transaction.
+pub fn job_script(net: &JobNetwork, s: &Settings, coordinator: Option<&(Vec<Ipv4Addr>, u16)>) -> String {
+    let c = net.chain();
+    let mut rules: Vec<String> = vec![
+        // 1. IPv4 only (IPv6 is off in the sandbox), and only from the job's own address.
+        "meta nfproto ipv6 drop".into(),
+        format!("ip saddr != {} drop", net.address),
+        // 2. Replies to what the job started.
+        "ct state established,related accept".into(),
+        "ct state invalid drop".into(),
+    ];
+    // 3. DNS to the resolvers the sandbox is given.
+    if !net.dns.is_empty() {
+        rules.push(format!(
+            "ip daddr {} meta l4proto {{ tcp, udp }} th dport 53 accept",
+            set(net.dns.iter().map(|a| a.to_string()))
+        ));
+    }
+    // 4. The coordinator, for uploads.
+    if let Some((addrs, port)) = coordinator {
+        rules.push(format!("ip daddr {} tcp dport {port} accept", set(addrs.iter().map(|a| a.to_string()))));
+    }
+    // 5. The operator's exceptions.
+    for a in &s.allow {
+        match a.port {
+            Some(p) => {
+                rules.push(format!("ip daddr {} meta l4proto {{ tcp, udp }} th dport {p} accept", a.net))
+            }
+            None => rules.push(format!("ip daddr {} accept", a.net)),
+        }
+    }
+    // 6. Refused: every address of the host (any interface, the gateway too), the non-public
+    //    ranges and the other jobs' subnets, broadcast and multicast of any kind.
+    rules.push(format!("fib daddr type local {REJECT}"));
+    let mut refused: Vec<String> = REFUSED.iter().map(|s| s.to_string()).collect();
+    refused.push(s.pool.to_string());
+    rules.push(format!("ip daddr {} {REJECT}", set(refused)));
+    rules.push("fib daddr type { broadcast, multicast, anycast } drop".into());
+    rules.push("meta pkttype != unicast drop".into());
+    // 7. The public internet.
+    rules.push("accept".into());
+    let mut script = format!("add chain inet {TABLE} {c}\n");
+    for r in rules {
+        script.push_str(&format!("add rule inet {TABLE} {c} {r}\n"));
+    }
+    script.push_str(&format!("add element inet {TABLE} jobs {{ \"{}\" : jump {c} }}\n", net.host_if));
+    script
+}
+
+/// Whether the table has a chain of this name.
+pub fn has_chain(chain: &str) -> bool {
+    crate::base::proc::command("nft")
+        .args(["list", "chain", "inet", TABLE, chain])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_and_exceptions_parse() {
+        assert_eq!(Cidr::parse("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!(Cidr::parse("10.1.2.3").unwrap().to_string(), "10.1.2.3/32");
+        assert!(Cidr::parse("10.1.2.3/33").is_err());
+        assert!(Cidr::parse("fd00::1").is_err());
+        assert_eq!(Allow::parse("10.8.0.0/16:443").unwrap().port, Some(443));
+        assert_eq!(Allow::parse("10.8.0.1").unwrap().port, None);
+        assert!(Allow::parse("10.8.0.1:0").is_err());
+    }
+
+    #[test]
+    fn the_job_chain_refuses_before_it_accepts() {
+        let s = Settings::parse(
+            Some("internet"),
+            Some("10.255.0.0/16"),
+            Some("10.5.0.0/16:8080"),
+            Some("198.51.100.53"),
+        )
+        .unwrap();
+        let net = JobNetwork {
+            sandbox: "executor-x".into(),
+            slot: 3,
+            host_if: "exn3".into(),
+            gateway: "10.255.0.13".parse().unwrap(),
+            address: "10.255.0.14".parse().unwrap(),
+            dns: s.dns.clone(),
+        };
+        let coord = (vec!["192.0.2.1".parse().unwrap()], 3080);
+        let script = job_script(&net, &s, Some(&coord));
+        let pos =
+            |needle: &str| script.find(needle).unwrap_or_else(|| panic!("{needle:?} missing:\n{script}"));
+        assert!(pos("ip saddr != 10.255.0.14 drop") < pos("ct state established"));
+        assert!(pos("ip daddr { 198.51.100.53 }") < pos("fib daddr type local"));
+        assert!(pos("ip daddr { 192.0.2.1 } tcp dport 3080 accept") < pos("fib daddr type local"));
+        assert!(
+            pos("ip daddr 10.5.0.0/16 meta l4proto { tcp, udp } th dport 8080 accept") < pos("10.0.0.0/8")
+        );
+        for r in REFUSED {
+            assert!(script.contains(r), "{r}");
+        }
+        assert!(script.contains("10.255.0.0/16 }"), "other jobs' subnets are refused");
+        assert!(pos("meta nfproto ipv6 drop") < pos("add rule inet executor job3 accept"));
+        assert!(script.ends_with("add element inet executor jobs { \"exn3\" : jump job3 }\n"));
+    }
+
+    #[test]
+    fn a_loopback_coordinator_gets_no_rule() {
+        assert_eq!(coordinator_target("http://127.0.0.1:3080").unwrap(), None);
+        assert_eq!(
+            coordinator_target("http://192.0.2.1:3080").unwrap(),
+            Some((vec!["192.0.2.1".parse().unwrap()], 3080))
+        );
+        assert_eq!(coordinator_target("https://192.0.2.1").unwrap().map(|c| c.1), Some(443));
+    }
+}

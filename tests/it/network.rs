@@ -1,0 +1,447 @@
+//! Per-job networks (`EXECUTOR_NETWORK=internet`) in a world the test builds of its own network
+//! namespaces, so that no packet can leave the machine whatever the firewall does: an *executor
+//! host* namespace (the coordinator and the executor run there) whose default route leads into
+//! an *internet* namespace (documentation addresses with HTTP and DNS, and a metadata responder
+//! at 169.254.169.254), and a *corporate* namespace at 10.20.0.0/16. Real jobs in oci (runc,
+//! crun, runsc) fetch from the internet by name and address, reach the coordinator, and are
+//! refused everything else; nothing of their networks is left, also after a killed executor and
+//! a janitor pass.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common;
+
+const WEB: &str = "198.51.100.10";
+const DNS: &str = "198.51.100.53";
+const METADATA: &str = "169.254.169.254";
+const CORPORATE: &str = "10.20.0.10";
+const HOST_INTERNET_SIDE: &str = "192.0.2.1";
+const HOST_CORPORATE_SIDE: &str = "10.20.0.1";
+/// Two job subnets (/30 each): job addresses .2 and .6, gateways .1 and .5.
+const POOL: &str = "10.255.0.0/29";
+const HOST_PORT: u16 = 8000;
+
+/// Whether this machine can build the world; prints the skip notice when not.
+pub fn can_build(test: &str) -> bool {
+    if !common::is_root() {
+        common::skip(test, "root", "network namespaces need root");
+        return false;
+    }
+    for bin in ["ip", "nft", "dnsmasq", "python3", "nsenter"] {
+        if which::which(bin).is_err() {
+            common::skip(
+                test,
+                "netns",
+                &format!("{bin} is not installed (scripts/apt-packages/network.txt)"),
+            );
+            return false;
+        }
+    }
+    true
+}
+
+fn sh(script: &str) -> String {
+    let out = Command::new("sh").args(["-ec", script]).output().unwrap();
+    assert!(out.status.success(), "{script}\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The test's namespaces and the servers in them; dropping it removes everything.
+pub struct World {
+    pub host: String,
+    internet: String,
+    corporate: String,
+    pub tag: String,
+    dir: tempfile::TempDir,
+    servers: Vec<Child>,
+}
+
+impl World {
+    pub fn build() -> World {
+        let tag = uuid::Uuid::new_v4().simple().to_string()[..6].to_string();
+        let (h, i, c) = (format!("nt{tag}h"), format!("nt{tag}i"), format!("nt{tag}c"));
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut w = World {
+            host: h.clone(),
+            internet: i.clone(),
+            corporate: c.clone(),
+            tag: tag.clone(),
+            dir,
+            servers: vec![],
+        };
+        sh(&format!(
+            "ip netns add {h}; ip netns add {i}; ip netns add {c}
+             ip link add hi{tag} netns {h} type veth peer name ih{tag} netns {i}
+             ip link add hc{tag} netns {h} type veth peer name ch{tag} netns {c}
+             for n in {h} {i} {c}; do ip -n $n link set lo up; done
+             ip -n {h} addr add {HOST_INTERNET_SIDE}/24 dev hi{tag}; ip -n {h} link set hi{tag} up
+             ip -n {i} addr add 192.0.2.254/24 dev ih{tag}; ip -n {i} link set ih{tag} up
+             ip -n {h} route add default via 192.0.2.254
+             ip -n {h} addr add {HOST_CORPORATE_SIDE}/24 dev hc{tag}; ip -n {h} link set hc{tag} up
+             ip -n {c} addr add {CORPORATE}/24 dev ch{tag}; ip -n {c} link set ch{tag} up
+             ip -n {c} route add default via {HOST_CORPORATE_SIDE}
+             for a in {WEB} {DNS} {METADATA}; do ip -n {i} addr add $a/32 dev lo; done"
+        ));
+        let serve = |w: &mut World, ns: &str, name: &str, bind: &str, port: u16, file: &str, text: &str| {
+            let d = w.dir.path().join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join(file), text).unwrap();
+            let child = w
+                .in_ns(ns, "python3")
+                .args(["-m", "http.server", "--bind", bind, &port.to_string(), "--directory"])
+                .arg(&d)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            w.servers.push(child);
+        };
+        serve(&mut w, &i, "web", WEB, 80, "hello.txt", "hello-from-the-internet\n");
+        let big = w.dir.path().join("web/big.bin");
+        std::fs::write(&big, vec![7u8; 64 << 20]).unwrap();
+        serve(&mut w, &i, "metadata", METADATA, 80, "latest", "metadata-secret\n");
+        serve(&mut w, &c, "corporate", CORPORATE, 80, "secret.txt", "corporate-secret\n");
+        serve(&mut w, &h, "hostsvc", "0.0.0.0", HOST_PORT, "secret.txt", "host-secret\n");
+        let dnsmasq = w
+            .in_ns(&i, "dnsmasq")
+            .args(["-k", "--no-resolv", "--no-hosts", "--bind-interfaces", "--port=53", "--pid-file"])
+            .arg(format!("--listen-address={DNS}"))
+            .arg(format!("--address=/web.test/{WEB}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        w.servers.push(dnsmasq);
+        for (ns, probe) in [
+            (&i, format!("curl -sf -m 1 -o /dev/null http://{WEB}/hello.txt")),
+            (&i, format!("curl -sf -m 1 -o /dev/null http://{METADATA}/latest")),
+            (&c, format!("curl -sf -m 1 -o /dev/null http://{CORPORATE}/secret.txt")),
+            (&h, format!("curl -sf -m 1 -o /dev/null http://127.0.0.1:{HOST_PORT}/secret.txt")),
+            (&i, format!("busybox nslookup web.test {DNS} | grep -q {WEB}")),
+        ] {
+            common::wait_until(&format!("{probe} in {ns}"), Duration::from_secs(20), || {
+                w.in_ns(ns, "sh").args(["-c", &probe]).output().is_ok_and(|o| o.status.success())
+            });
+        }
+        w
+    }
+
+    /// A command run in namespace `ns` (only the network namespace changes: cgroups stay).
+    pub fn in_ns(&self, ns: &str, program: &str) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{ns}")).arg(program);
+        cmd.stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs `f` on a thread inside the executor host's namespace: what it starts (the
+    /// coordinator) and the sockets it opens (the test's requests) stay in the world.
+    pub fn on_host<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let ns = std::fs::File::open(format!("/run/netns/{}", self.host)).unwrap();
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                f()
+            })
+            .join()
+            .unwrap()
+        })
+    }
+
+    /// What the executor host still has of jobs: host-side veths, job chains and map entries.
+    pub fn leftovers(&self, prefix: &str) -> Vec<String> {
+        let mut left = Vec::new();
+        let links = self.in_ns(&self.host, "ip").args(["-o", "link"]).output().unwrap();
+        for l in String::from_utf8_lossy(&links.stdout).lines() {
+            if l.contains(": exn") {
+                left.push(format!("link {l}"));
+            }
+        }
+        let nft = self.in_ns(&self.host, "nft").args(["list", "table", "inet", "executor"]).output().unwrap();
+        let nft = String::from_utf8_lossy(&nft.stdout).into_owned();
+        if nft.contains("chain job") || nft.contains(": jump job") {
+            left.push(format!("nft {nft}"));
+        }
+        for e in std::fs::read_dir("/run/netns").unwrap().flatten() {
+            if e.file_name().to_string_lossy().starts_with(prefix) {
+                left.push(format!("netns {}", e.file_name().to_string_lossy()));
+            }
+        }
+        left
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        for s in &mut self.servers {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        for ns in [&self.host, &self.internet, &self.corporate] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// A child killed if the test fails before it does.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One job's probe script: each probe prints `REACHED name` or `BLOCKED name` (and exits 0),
+/// bounded by short timeouts; the job also listens on 7000 for the other job's probe.
+fn probe_script(coordinator_port: &str) -> String {
+    format!(
+        r#"p() {{ n=$1; shift; if "$@" >/tmp/o 2>&1 </dev/null; then echo "REACHED $n: $(head -c 120 /tmp/o)"; else echo "BLOCKED $n: $(head -c 120 /tmp/o)"; fi; }}
+(timeout 25 nc -l -p 7000 </dev/null >/dev/null 2>&1 &)
+me=$(ip -4 -o addr show dev eth0 | awk '{{print $4}}' | cut -d/ -f1)
+echo "job address $me"; cat /etc/resolv.conf
+p name timeout 5 wget -q -O - http://web.test/hello.txt
+p address timeout 5 wget -q -O - http://{WEB}/hello.txt
+if timeout 5 wget -S --post-data=upload -O /dev/null http://{HOST_INTERNET_SIDE}:{coordinator_port}/.executors/queue/batches/dequeue 2>&1 | grep -q 'HTTP/1'; then echo "REACHED coordinator"; else echo "BLOCKED coordinator"; fi
+p corporate timeout 3 wget -q -O - http://{CORPORATE}/secret.txt
+p metadata timeout 3 wget -q -O - http://{METADATA}/latest
+p metadata-dns nslookup web.test {METADATA}
+for a in {HOST_INTERNET_SIDE} {HOST_CORPORATE_SIDE} 10.255.0.1 10.255.0.5; do p host-$a timeout 3 wget -q -O - http://$a:{HOST_PORT}/secret.txt; done
+p host-coordinator-other-address nc -w 3 {HOST_CORPORATE_SIDE} {coordinator_port}
+p spoof-address ip addr add 10.255.0.99/32 dev eth0
+sleep 6
+for a in 10.255.0.2 10.255.0.6; do [ "$a" = "$me" ] || p other-job nc -w 3 $a 7000; done
+echo probes-done
+"#
+    )
+}
+
+fn job_log(job: &serde_json::Value) -> String {
+    job["logs"]
+        .as_array()
+        .map(|a| a.iter().map(|e| format!("[{}] {}\n", e["key"], e["out"].as_str().unwrap_or(""))).collect())
+        .unwrap_or_default()
+}
+
+fn executor_env(
+    cmd: &mut Command,
+    url: &str,
+    secret: &str,
+    oci: &str,
+    state: &std::path::Path,
+    prefix: &str,
+) {
+    common::scrub(cmd);
+    cmd.env("EXECUTOR_FRONTEND_URL", url)
+        .env("EXECUTOR_FRONTEND_PASSWORD", secret)
+        .env("EXECUTOR_QUEUE_NAME", "batches")
+        .env("EXECUTOR_RUNTIME", "oci")
+        .env("EXECUTOR_OCI_RUNTIME", oci)
+        .env("EXECUTOR_STATE_DIR", state)
+        .env("EXECUTOR_VM_PREFIX", prefix)
+        .env("EXECUTOR_NETWORK", "internet")
+        .env("EXECUTOR_NETWORK_CIDR", POOL)
+        .env("EXECUTOR_DNS_SERVERS", DNS)
+        .env("EXECUTOR_JOB_MEMORY", "300M")
+        .env("EXECUTOR_JOB_NUM_CPUS", "1")
+        .env("EXECUTOR_MAXIMUM_RUNTIME_PER_JOB", "120s")
+        .env("EXECUTOR_HEARTBEAT_INTERVAL", "300ms");
+}
+
+fn jobs_reach_the_internet_and_nothing_else(oci: &str, test: &str) {
+    if !can_build(test) || !crate::oci::can_run(test, oci) {
+        return;
+    }
+    let started = Instant::now();
+    let networked = oci != "runsc";
+    let world = World::build();
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let state = tmp.path().join("state");
+    common::Exec::new().args(["image", "build-busybox"]).env("EXECUTOR_STATE_DIR", &state).run();
+    let prefix = format!("net{}{}", &oci[..2], world.tag);
+    let exe = common::bin();
+    world.on_host(|| {
+        let c = crate::coordinator::Coordinator::start_listening(&format!("{HOST_INTERNET_SIDE}:0"));
+        let port = c.url.rsplit(':').next().unwrap().trim_end_matches('/').to_string();
+        let script = probe_script(&port);
+        let ids: Vec<i64> = (0..2)
+            .map(|_| c.submit(serde_json::json!({"dockerSteps": [
+                {"key": "probe", "image": "busybox", "dir": "", "env": [], "commands": [script]}
+            ]})))
+            .collect();
+        // Two jobs at once, so that each probes the other's sandbox while it runs.
+        let mut cmd = world.in_ns(&world.host, exe.to_str().unwrap());
+        executor_env(&mut cmd, &c.url, &c.secret, oci, &state, &prefix);
+        cmd.env("EXECUTOR_MAXIMUM_NUM_JOBS", "2").env("EXECUTOR_NUM_TOTAL_JOBS", "2").arg("loop");
+        common::assert_ok(&common::run(&mut cmd));
+        for id in ids {
+            let job = c.wait_state(id, &["completed", "failed", "errored"], Duration::from_secs(60));
+            let log = job_log(&job);
+            assert_eq!(job["state"], "completed", "{log}");
+            assert!(log.contains("probes-done"), "{log}");
+            // runsc stays loopback-only (docs/network.md): it reaches nothing at all.
+            let reached: &[&str] = if networked { &["name", "address", "coordinator"] } else { &[] };
+            assert_eq!(log.contains(&format!("nameserver {DNS}")), networked, "the job's resolv.conf:\n{log}");
+            for r in reached {
+                assert!(log.contains(&format!("REACHED {r}")), "{oci}: {r} should be reached:\n{log}");
+            }
+            assert_eq!(log.contains("hello-from-the-internet"), networked, "{log}");
+            let unreached = if networked { vec![] } else { vec!["name", "address", "coordinator"] };
+            let blocked = [
+                "corporate",
+                "metadata",
+                "metadata-dns",
+                &format!("host-{HOST_INTERNET_SIDE}"),
+                &format!("host-{HOST_CORPORATE_SIDE}"),
+                "host-10.255.0.1",
+                "host-10.255.0.5",
+                "host-coordinator-other-address",
+                "spoof-address",
+                "other-job",
+            ];
+            for b in blocked.iter().chain(&unreached) {
+                assert!(log.contains(&format!("BLOCKED {b}")), "{oci}: {b} should be blocked:\n{log}");
+                assert!(!log.contains(&format!("REACHED {b}")), "{oci}: {b} was reached:\n{log}");
+            }
+            for secret in ["corporate-secret", "metadata-secret", "host-secret"] {
+                assert!(!log.contains(secret), "{oci}: {secret} reached a job:\n{log}");
+            }
+        }
+        let left = world.leftovers(&prefix);
+        assert!(left.is_empty(), "left after the jobs: {left:?}");
+        let slots = std::fs::read_dir(state.join("network/slots")).map(|r| r.count()).unwrap_or(0);
+        assert_eq!(slots, 0, "network slots left");
+
+        // An executor killed mid-job leaves its network; `executor janitor` removes it.
+        let id = c.submit(serde_json::json!({"dockerSteps": [
+            {"key": "long", "image": "busybox", "dir": "", "env": [], "commands": ["echo started", "sleep 300"]}
+        ]}));
+        let mut cmd = world.in_ns(&world.host, exe.to_str().unwrap());
+        executor_env(&mut cmd, &c.url, &c.secret, oci, &state, &prefix);
+        cmd.env("EXECUTOR_NUM_TOTAL_JOBS", "1").arg("loop").stdout(Stdio::null()).stderr(Stdio::null());
+        let mut lp = KillOnDrop(cmd.spawn().unwrap());
+        common::wait_until("the long step to start", Duration::from_secs(60), || {
+            c.job(id)["logs"].as_array().is_some_and(|l| {
+                l.iter().any(|e| e["key"] == "step.docker.long" && e["out"].as_str().unwrap_or("").contains("started"))
+            })
+        });
+        if networked {
+            // Anti-spoofing, past the container's missing capabilities: root in the job's namespace
+            // adds an address the job does not own and sends UDP from both; the internet
+            // namespace counts what arrives (a reply would not tell: an unrouted source loses it).
+            let job_ns = std::fs::read_dir("/run/netns")
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .find(|n| n.starts_with(&prefix))
+                .expect("the long job's network namespace");
+            let counter = "add table ip probe; add chain ip probe c { type filter hook input priority 0; }; \
+                           add rule ip probe c udp dport 9999 ip saddr 10.255.0.99 counter; \
+                           add rule ip probe c udp dport 9998 counter";
+            assert!(world.in_ns(&world.internet, "nft").arg(counter).status().unwrap().success());
+            let send = |src: &str, port: u16| {
+                let py = "import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); \
+                          s.bind((sys.argv[1], 0)); s.sendto(b'x', (sys.argv[2], int(sys.argv[3])))";
+                let out = world.in_ns(&job_ns, "python3").args(["-c", py, src, WEB, &port.to_string()]).output().unwrap();
+                assert!(out.status.success(), "{out:?}");
+                std::thread::sleep(Duration::from_millis(300));
+            };
+            let counted = || {
+                let out = world.in_ns(&world.internet, "nft").args(["list", "chain", "ip", "probe", "c"]).output().unwrap();
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                let n = |port: &str| {
+                    text.lines()
+                        .find(|l| l.contains(port))
+                        .and_then(|l| l.split("packets ").nth(1))
+                        .and_then(|r| r.split_whitespace().next())
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(0)
+                };
+                (n("9999"), n("9998"))
+            };
+            let own = world.in_ns(&job_ns, "sh").args(["-c", "ip -4 -o addr show dev eth0"]).output().unwrap();
+            let own = String::from_utf8_lossy(&own.stdout).split_whitespace().nth(3).unwrap().split('/').next().unwrap().to_string();
+            send(&own, 9998);
+            sh(&format!("ip -n {job_ns} addr add 10.255.0.99/32 dev eth0"));
+            send("10.255.0.99", 9999);
+            assert_eq!(counted(), (0, 1), "from its own address one packet arrives, from a spoofed one none");
+        }
+        lp.0.kill().unwrap();
+        lp.0.wait().unwrap();
+        let left = world.leftovers(&prefix);
+        assert_eq!(
+            left.iter().any(|l| l.starts_with("netns")),
+            networked,
+            "the killed executor's job network: {left:?}"
+        );
+        let mut cmd = world.in_ns(&world.host, exe.to_str().unwrap());
+        executor_env(&mut cmd, &c.url, &c.secret, oci, &state, &prefix);
+        let out = common::run(cmd.arg("janitor"));
+        common::assert_ok(&out);
+        let left = world.leftovers(&prefix);
+        assert!(left.is_empty(), "left after the janitor: {left:?}");
+    });
+    assert!(started.elapsed() < Duration::from_secs(300), "bounded duration");
+}
+
+#[test]
+fn network_runc_jobs_reach_the_internet_and_nothing_else() {
+    jobs_reach_the_internet_and_nothing_else("runc", "network_runc_jobs_reach_the_internet_and_nothing_else");
+}
+
+#[test]
+fn network_crun_jobs_reach_the_internet_and_nothing_else() {
+    jobs_reach_the_internet_and_nothing_else("crun", "network_crun_jobs_reach_the_internet_and_nothing_else");
+}
+
+#[test]
+fn network_runsc_jobs_reach_the_internet_and_nothing_else() {
+    jobs_reach_the_internet_and_nothing_else(
+        "runsc",
+        "network_runsc_jobs_reach_the_internet_and_nothing_else",
+    );
+}
+
+/// Outside the world above no job may have a network: the harness starts every executor with
+/// `EXECUTOR_NETWORK=none`, every script that runs jobs exports it, and no other test module
+/// asks for `internet`.
+#[test]
+fn network_every_other_job_launch_is_loopback_only() {
+    let cmd = common::executor();
+    let none =
+        cmd.get_envs().any(|(k, v)| k == "EXECUTOR_NETWORK" && v == Some(std::ffi::OsStr::new("none")));
+    assert!(none, "common::executor() must set EXECUTOR_NETWORK=none");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut checked = 0;
+    for e in std::fs::read_dir(root.join("scripts")).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if e.path().is_dir() || ["install-deps", "build-deb", "bench-network"].contains(&name.as_str()) {
+            continue;
+        }
+        let text = std::fs::read_to_string(e.path()).unwrap();
+        assert!(
+            text.contains("export EXECUTOR_NETWORK=none"),
+            "scripts/{name} runs jobs without EXECUTOR_NETWORK=none"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 5, "only {checked} scripts seen");
+    for e in std::fs::read_dir(root.join("tests/it")).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if e.path().is_dir() {
+            continue;
+        }
+        let text = std::fs::read_to_string(e.path()).unwrap();
+        if name != "network.rs" {
+            assert!(
+                !text.contains("\"internet\""),
+                "tests/it/{name} asks for a job network outside a test world"
+            );
+        }
+    }
+}

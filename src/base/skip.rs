@@ -18,6 +18,7 @@ pub const CAPABILITIES: &[(&str, &str)] = &[
     ("dpkg-deb", "dpkg-deb, to build and inspect the Debian package"),
     ("openssl", "the openssl command, to make test certificates"),
     ("chromium", "Chromium and chromedriver, for the admin console's browser tests"),
+    ("fuzz", "a nightly Rust toolchain and cargo-fuzz, for the fuzz targets' smoke run"),
 ];
 
 /// The capabilities `list` (the variable's value) requires; an unknown name is an error so that
@@ -86,7 +87,7 @@ mod tests {
     fn unknown_names_are_errors() {
         let err = decide(Some("root,rnuc"), "t", "crun", "no crun").unwrap_err();
         assert!(err.contains("\"rnuc\"") && err.contains("known: root,runc"), "{err}");
-        assert!(parse("root,runc,crun,runsc,gcc,ext4,microvm,dpkg-deb,openssl,chromium").is_ok());
+        assert!(parse("root,runc,crun,runsc,gcc,ext4,microvm,dpkg-deb,openssl,chromium,fuzz").is_ok());
     }
 
     #[test]

@@ -825,7 +825,7 @@ impl Runtime for MicroVm {
 /// regular files, directories and symlinks are taken (no device nodes, no FIFOs), each through
 /// `unpack_in`, which refuses paths that leave the workspace (`..`, absolute, or through a
 /// symlink), and their modes lose setuid, setgid and sticky bits.
-fn unpack_workspace(tarfile: fs::File, workspace: &Path) -> Result<()> {
+pub fn unpack_workspace(tarfile: fs::File, workspace: &Path) -> Result<()> {
     for e in fs::read_dir(workspace).with_context(|| format!("listing {}", workspace.display()))?.flatten() {
         let p = e.path();
         let res = if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {

@@ -20,6 +20,7 @@ pub const CAPABILITIES: &[(&str, &str)] = &[
     ("chromium", "Chromium and chromedriver, for the admin console's browser tests"),
     ("registry", "docker-registry, skopeo and htpasswd, for a loopback image registry"),
     ("netns", "network namespaces, nftables, dnsmasq and python3, for the per-job network tests"),
+    ("fuzz", "a nightly Rust toolchain and cargo-fuzz, for the fuzz targets' smoke run"),
 ];
 
 /// The capabilities `list` (the variable's value) requires; an unknown name is an error so that
@@ -88,9 +89,8 @@ mod tests {
     fn unknown_names_are_errors() {
         let err = decide(Some("root,rnuc"), "t", "crun", "no crun").unwrap_err();
         assert!(err.contains("\"rnuc\"") && err.contains("known: root,runc"), "{err}");
-        assert!(
-            parse("root,runc,crun,runsc,gcc,ext4,microvm,dpkg-deb,openssl,chromium,registry,netns").is_ok()
-        );
+        assert!(parse("root,runc,crun,runsc,gcc,ext4,microvm,dpkg-deb,openssl,chromium,registry,netns,fuzz")
+            .is_ok());
     }
 
     #[test]

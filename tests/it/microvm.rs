@@ -488,3 +488,65 @@ fn test_vm_clones_a_repository_into_its_workspace() {
         .stderr_has("registering with the coordinator")
         .run();
 }
+
+/// Finding 8 of the security review: the guest's serial console (`console.log` in the VM's
+/// directory) grew with whatever the guest printed. A step that prints half a MiB more than the
+/// cap to the console leaves exactly the cap on the host, and the guest is not blocked by it.
+#[test]
+fn microvm_guest_console_cannot_grow_past_its_cap() {
+    let name = "microvm_guest_console_cannot_grow_past_its_cap";
+    if let Some(why) = missing() {
+        return common::skip(name, "microvm", &why);
+    }
+    let state = state_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let ws = tmp.path().join("workspace");
+    std::fs::create_dir_all(&ws).unwrap();
+    let cap = executor::sandbox::microvm::console::CONSOLE_CAP;
+    let flood = cap + (512 << 10);
+    std::fs::write(
+        ws.join("flood.sh"),
+        format!(
+            "for tty in /dev/ttyS0 /dev/console; do\n\
+             if [ -w $tty ]; then head -c {flood} /dev/zero | tr '\\0' x > $tty && echo flooded $tty; break; fi\n\
+             done\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(ws.join("after.sh"), "echo still-running\n").unwrap();
+    let prefix = format!("mvc{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let _dog = watchdog(state.clone(), prefix.clone(), Duration::from_secs(240));
+    let rt = runtime(&state);
+    let limits = Limits { cpus: 1, memory_bytes: 256 << 20, disk_bytes: 0, pids: 0 };
+    let rec = rt
+        .boot(&BootRequest {
+            job_uid: "1",
+            workspace: &ws,
+            images: vec![IMAGE.into()],
+            limits: &limits,
+            name_prefix: &prefix,
+            coordinator: None,
+        })
+        .expect("boot");
+    let console = rec.state_dir.join("console.log");
+    let deadline = || Cancel::with_deadline(Some(Instant::now() + Duration::from_secs(180)));
+    let t = Instant::now();
+    let mut c = Collect::default();
+    let end = rt.run_step(&rec, &step("0", IMAGE, "flood.sh", &[]), &mut c, &deadline()).unwrap();
+    let out = String::from_utf8_lossy(&c.out).into_owned();
+    assert_eq!(end, StepEnd::Exited(0), "{out}{}", String::from_utf8_lossy(&c.err));
+    assert!(out.contains("flooded /dev/"), "the step found no console to write: {out}");
+    eprintln!("{name}: {flood} bytes to the console in {:?}", t.elapsed());
+    let mut c = Collect::default();
+    let end = rt.run_step(&rec, &step("1", IMAGE, "after.sh", &[]), &mut c, &deadline()).unwrap();
+    assert_eq!(end, StepEnd::Exited(0));
+    assert!(String::from_utf8_lossy(&c.out).contains("still-running"));
+    let waited = Instant::now();
+    while std::fs::metadata(&console).unwrap().len() < cap && waited.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let size = std::fs::metadata(&console).unwrap().len();
+    assert_eq!(size, cap, "console.log holds {size} bytes after the guest printed {flood}");
+    rt.teardown(&rec).unwrap();
+    assert!(!rec.state_dir.exists());
+}

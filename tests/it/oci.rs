@@ -437,6 +437,13 @@ fn probe_suite(oci: &str, test: &str) {
     let hf = host_file.display();
     let state = f.state();
     let st = state.display();
+    // gVisor answers a refused clone3 with EPERM (its seccomp ignores a rule's own errno there) and
+    // has no personality query (EINVAL: the filter let it through); runc and crun apply the profile to the host kernel as written.
+    let (clone3, persona) = if oci == "runsc" {
+        ("clone3: EPERM", "personality-query: EINVAL")
+    } else {
+        ("clone3: ENOSYS", "personality-query: ok")
+    };
     let probes = vec![
         Probe {
             forbid: vec![secret.clone()],
@@ -482,6 +489,34 @@ fn probe_suite(oci: &str, test: &str) {
             "/data/probe userns; /data/probe clone-userns",
             &["userns: EPERM", "clone-userns: EPERM"],
             "seccomp (unshare/clone with CLONE_NEWUSER denied)",
+        ),
+        probe(
+            "syscalls outside the seccomp allow list",
+            "for c in io-uring-setup io-uring-enter io-uring-register vsock personality-rie clone-newns \
+             unshare-newns clone3 add-key keyctl; do /data/probe $c; done",
+            &[
+                "io-uring-setup: EPERM",
+                "io-uring-enter: EPERM",
+                "io-uring-register: EPERM",
+                "vsock: EPERM",
+                "personality-rie: EPERM",
+                "clone-newns: EPERM",
+                "unshare-newns: EPERM",
+                clone3,
+                "add-key: EPERM",
+                "keyctl: EPERM",
+            ],
+            "seccomp allow list (Docker's default profile as the baseline, with its clone, socket and personality filters)",
+        ),
+        probe(
+            "what the allow list keeps: sh, tar, git (dynamic), fork, sockets",
+            "/data/probe fork; /data/probe unix-socket; /data/probe personality-query; sh -c 'echo sh-$((6*7))'; \
+             mkdir -p /tmp/t && echo tarred > /tmp/t/f && tar -C /tmp -cf /tmp/t.tar t && rm -r /tmp/t && \
+             tar -C /tmp -xf /tmp/t.tar && cat /tmp/t/f; git init -q /tmp/g && \
+             git -C /tmp/g -c user.name=p -c user.email=p@p commit -q --allow-empty -m committed-$((1+1)) && \
+             git -C /tmp/g log --format=%s",
+            &["fork: ok", "unix-socket: ok", persona, "sh-42", "tarred", "committed-2"],
+            "the allow list covers what ordinary programs and the dynamic loader use",
         ),
         probe(
             "load a kernel module, kexec",

@@ -9,6 +9,7 @@
 
 pub mod cgroup;
 pub mod channel;
+pub mod console;
 pub mod disk;
 
 use anyhow::{bail, Context, Result};
@@ -293,10 +294,14 @@ impl MicroVm {
         let (kernel, initrd) = (open_ro(&manifest.vmlinux)?, open_ro(&manifest.initramfs)?);
         let dir_handle = open_ro(&dir)?;
         let image_files = det.images.iter().map(|i| open_ro(&i.disk)).collect::<Result<Vec<_>>>()?;
-        let fd_path = |f: &fs::File| format!("/proc/self/fd/{}", f.as_raw_fd());
+        let fd_path_raw = |fd: i32| format!("/proc/self/fd/{fd}");
+        let fd_path = |f: &fs::File| fd_path_raw(f.as_raw_fd());
         cmd.arg("-kernel").arg(fd_path(&kernel)).arg("-initrd").arg(fd_path(&initrd));
         cmd.args(["-append", &cmdline]);
-        cmd.args(["-serial", "file:console.log"]);
+        // The console goes through a pipe to a reader that keeps its first CONSOLE_CAP bytes.
+        let console_pipe =
+            console::start(&det.console, console::CONSOLE_CAP, user.as_ref().map(|u| (u.uid, u.gid)))?;
+        cmd.args(["-serial", &format!("file:{}", fd_path_raw(console_pipe.as_raw_fd()))]);
         if workspace.is_some() {
             cmd.args(["-drive", "id=workspace,file=workspace.ext4,format=raw,if=none"]);
             cmd.args(["-device", "virtio-blk-device,drive=workspace,serial=workspace"]);
@@ -308,7 +313,7 @@ impl MicroVm {
             cmd.args(["-device", &format!("virtio-blk-device,drive=image{i},serial=image{i}")]);
         }
         cmd.args(["-device", "virtio-serial-device"]);
-        let mut keep: Vec<i32> = vec![kernel.as_raw_fd(), initrd.as_raw_fd()];
+        let mut keep: Vec<i32> = vec![kernel.as_raw_fd(), initrd.as_raw_fd(), console_pipe.as_raw_fd()];
         keep.extend(image_files.iter().map(|f| f.as_raw_fd()));
         crate::base::sys::start_in_dir_keeping(&mut cmd, dir_handle.as_raw_fd(), keep);
         if let Some(u) = &user {
@@ -324,7 +329,7 @@ impl MicroVm {
         // Its own process group: a signal to the executor's group does not reach the VM.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let mut child = cmd.spawn().with_context(|| format!("starting {QEMU} (install qemu-system-x86)"))?;
-        drop((kernel, initrd, dir_handle, image_files));
+        drop((kernel, initrd, dir_handle, image_files, console_pipe));
         let pid = child.id() as i32;
         rec.pid = Some(pid);
         rec.details = SandboxDetails::Microvm(Some(det.clone()));
@@ -820,7 +825,7 @@ impl Runtime for MicroVm {
 /// regular files, directories and symlinks are taken (no device nodes, no FIFOs), each through
 /// `unpack_in`, which refuses paths that leave the workspace (`..`, absolute, or through a
 /// symlink), and their modes lose setuid, setgid and sticky bits.
-fn unpack_workspace(tarfile: fs::File, workspace: &Path) -> Result<()> {
+pub fn unpack_workspace(tarfile: fs::File, workspace: &Path) -> Result<()> {
     for e in fs::read_dir(workspace).with_context(|| format!("listing {}", workspace.display()))?.flatten() {
         let p = e.path();
         let res = if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {

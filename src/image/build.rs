@@ -100,6 +100,7 @@ fn commit(store: &ImageStore, root: &Path, name: &str, source: &str) -> Result<R
         digest,
         env: vec![PATH.to_string()],
         workdir: "/".into(),
+        user: String::new(),
         size,
         created: super::now(),
         source: source.into(),

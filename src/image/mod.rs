@@ -19,6 +19,7 @@ pub mod build;
 pub mod import;
 pub mod pull;
 pub mod registry;
+pub mod runas;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -49,6 +50,8 @@ pub struct ResolvedImage {
     pub env: Vec<String>,
     /// The image's configured working directory (`/` when unset).
     pub workdir: String,
+    /// The image's configured user (`name`, `uid`, `name:group`, `uid:gid`; empty: root).
+    pub user: String,
 }
 
 /// What the store records about one image tree.
@@ -60,6 +63,9 @@ pub struct ImageMeta {
     pub env: Vec<String>,
     #[serde(default)]
     pub workdir: String,
+    /// The config's `User` (empty: root).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub user: String,
     /// Bytes of file content in the tree.
     pub size: u64,
     /// RFC 3339 time of the import or build.
@@ -163,10 +169,10 @@ impl ImageStore {
             fs::create_dir_all(&d)
                 .with_context(|| format!("creating image store directory {}", d.display()))?;
         }
-        // The container's mapped root must be able to reach the trees below `rootfs/`.
+        // Only root reaches the trees: containers see them through mounts root makes.
         for sub in ["", "rootfs"] {
             let d = dir.join(sub);
-            fs::set_permissions(&d, fs::Permissions::from_mode(0o711))
+            fs::set_permissions(&d, fs::Permissions::from_mode(0o700))
                 .with_context(|| format!("setting the mode of {}", d.display()))?;
         }
         Ok(ImageStore { dir: dir.to_path_buf() })
@@ -259,7 +265,7 @@ impl ImageStore {
         }
         let canonical = if r.digest.is_some() { format!("{}@{digest}", r.name) } else { r.key() };
         let workdir = if meta.workdir.is_empty() { "/".to_string() } else { meta.workdir };
-        Ok(ResolvedImage { reference: canonical, digest, rootfs, env: meta.env, workdir })
+        Ok(ResolvedImage { reference: canonical, digest, rootfs, env: meta.env, workdir, user: meta.user })
     }
 
     /// Every named image, sorted by name and tag.
@@ -567,6 +573,7 @@ mod tests {
             digest: digest.clone(),
             env: vec!["A=1".into()],
             workdir: String::new(),
+            user: String::new(),
             size,
             created: now(),
             source: "test".into(),

@@ -387,6 +387,7 @@ fn pull_from(
         digest: manifest_digest,
         env: cfg.env.unwrap_or_default(),
         workdir: cfg.working_dir.unwrap_or_default(),
+        user: cfg.user.unwrap_or_default(),
         size,
         created: super::now(),
         source: "pull".into(),

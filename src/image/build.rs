@@ -102,6 +102,7 @@ fn commit(store: &ImageStore, root: &Path, name: &str, source: &str) -> Result<R
         workdir: "/".into(),
         user: String::new(),
         size,
+        disk: 0,
         created: super::now(),
         source: source.into(),
         layers: Vec::new(),

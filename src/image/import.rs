@@ -132,6 +132,7 @@ pub fn import(store: &ImageStore, name: &str, file: &Path) -> Result<ResolvedIma
         workdir: cfg.working_dir.unwrap_or_default(),
         user: cfg.user.unwrap_or_default(),
         size,
+        disk: 0,
         created: super::now(),
         source: "import".into(),
         layers: Vec::new(),

@@ -389,6 +389,7 @@ fn pull_from(
         workdir: cfg.working_dir.unwrap_or_default(),
         user: cfg.user.unwrap_or_default(),
         size,
+        disk: 0,
         created: super::now(),
         source: "pull".into(),
         layers: manifest.layers.iter().map(|l| l.digest.clone()).collect(),

@@ -148,12 +148,15 @@ fn writes_stay_in_the_step(oci: &str, test: &str) {
     );
     // The step's layer is at the top of the workspace, hidden and empty in the container.
     assert!(stdout.lines().any(|l| l.starts_with(".executor-root-")), "{stdout}");
-    let left: Vec<_> = std::fs::read_dir(f.workspace())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(".executor-root-"))
-        .collect();
-    assert!(left.is_empty(), "the step's layer outlived it: {left:?}");
+    // Its removal runs beside the next step (an unmount waits for an RCU grace period).
+    let left = || -> Vec<String> {
+        std::fs::read_dir(f.workspace())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".executor-root-"))
+            .collect()
+    };
+    common::wait_until("the step's layer to go", Duration::from_secs(10), || left().is_empty());
     let check = "for p in /usr/lib/pkg/file /var/lib/dpkg/info/pkg.list \"$HOME/.rc\" /usr/bin/tool; do \
                  test -e $p && echo \"still there: $p\"; done; test -e /bin/vi && echo vi-back; true";
     let (end, out) = run(&f, &sb, "busybox", check, &[]);

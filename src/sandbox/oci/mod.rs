@@ -654,7 +654,7 @@ impl Runtime for OciRuntime {
         let mut run = run?;
         // The disk is judged before the step's layer goes: what it wrote there counts.
         run.note_disk(&d);
-        rootfs::unmount_step(&root)?;
+        rootfs::unmount_step_later(root);
         Ok(judge(&d, &run, &before, &after, watch.seen, watch.inner))
     }
 
@@ -666,6 +666,7 @@ impl Runtime for OciRuntime {
         }
         // Every process of the job is gone, so nothing can swap a path while the owner changes.
         cgroup::JobCgroup::new(&sandbox.name).kill_all(50);
+        rootfs::remove_step_roots(&sandbox.name, workspace);
         chown_tree(workspace, |_, _| (d.workspace_uid, d.workspace_gid))?;
         let mode = fs::read_to_string(&marker).ok().and_then(|m| u32::from_str_radix(m.trim(), 8).ok());
         if let Some(mode) = mode {
@@ -689,7 +690,7 @@ impl Runtime for OciRuntime {
         rootfs::remove_reach(&sandbox.name)?;
         if let Some(d) = &d {
             if d.workspace.exists() {
-                rootfs::remove_layers(&d.workspace);
+                rootfs::remove_step_roots(&sandbox.name, &d.workspace);
                 self.sync_workspace(sandbox, &d.workspace)?;
             }
         }

@@ -80,7 +80,11 @@ pub fn remove_reach(sandbox: &str) -> Result<()> {
         let p = e.path();
         let res =
             if e.file_type().is_ok_and(|t| t.is_dir()) { fs::remove_dir(&p) } else { fs::remove_file(&p) };
-        res.with_context(|| format!("removing {} (still mounted?)", p.display()))?;
+        match res {
+            // A step's background unmount removed it meanwhile.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            r => r.with_context(|| format!("removing {} (still mounted?)", p.display()))?,
+        }
     }
     fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))
 }
@@ -175,6 +179,29 @@ pub fn unmount_step(root: &StepRoot) -> Result<()> {
     remove_layer(&root.layer)
 }
 
+/// [`unmount_step`] off the step's path: an unmount waits for an RCU grace period (10 to 20 ms,
+/// most of what the layer costs), which the step's end need not wait for. A layer this leaves
+/// (the process exits first) goes with [`remove_step_roots`], called by `sync_workspace` and
+/// the teardown.
+pub fn unmount_step_later(root: StepRoot) {
+    std::thread::spawn(move || {
+        let _ = unmount_step(&root);
+    });
+}
+
+/// Unmounts every step root left in the sandbox's reach directory and removes the layers left
+/// at the top of `workspace`.
+pub fn remove_step_roots(sandbox: &str, workspace: &Path) {
+    let dir = reach_dir(sandbox);
+    for p in super::mounts_below(&dir) {
+        if p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("root-")) {
+            let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
+            let _ = fs::remove_dir(&p);
+        }
+    }
+    remove_layers(workspace);
+}
+
 /// Removes a layer directory (never following a symlink inside it).
 fn remove_layer(layer: &Path) -> Result<()> {
     match fs::remove_dir_all(layer) {
@@ -192,7 +219,13 @@ pub fn remove_layers(workspace: &Path) {
         let is_layer = e.file_name().to_string_lossy().starts_with(LAYER_PREFIX)
             && e.metadata().is_ok_and(|m| m.is_dir() && m.uid() == 0 && !m.file_type().is_symlink());
         if is_layer {
-            let _ = remove_layer(&e.path());
+            // A background unmount may be removing the same tree: try again.
+            for _ in 0..10 {
+                if remove_layer(&e.path()).is_ok() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
         }
     }
 }

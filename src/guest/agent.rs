@@ -461,6 +461,12 @@ fn spawn_and_wait(port: &Port, req: &RunRequest, root: &Path, canceled: &AtomicB
     let mut cmd = crate::base::proc::command(program);
     cmd.args(args);
     crate::base::sys::enter_root(&mut cmd, root, &req.cwd).context("the step's root or directory")?;
+    if let Some(u) = &req.user {
+        // The image's user works in /data as under Docker's bind mount of a 0755 directory.
+        use std::os::unix::fs::PermissionsExt;
+        let _ = fs::set_permissions("/data", fs::Permissions::from_mode(0o755));
+        crate::base::sys::switch_user(&mut cmd, u.uid, u.gid, &u.groups);
+    }
     cmd.env_clear();
     for kv in &req.env {
         if let Some((k, v)) = kv.split_once('=') {

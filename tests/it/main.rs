@@ -11,7 +11,7 @@ mod image;
 mod microvm;
 mod network;
 mod oci;
-mod oci_root;
+pub mod oci_root;
 mod package;
 mod pipeline;
 mod server;

@@ -67,6 +67,11 @@ fn text(b: &[u8]) -> String {
 /// `staff`), /home/app owned by it, /usr/share/doc/readme, and a config with `Env`, `User: app`
 /// and `WorkingDir: /opt/app`.
 fn import_app_image(f: &Fixture) {
+    import_app_image_to(&f.state(), f.tmp.path());
+}
+
+/// [`import_app_image`] into the state directory `state`, building in `tmp`.
+pub fn import_app_image_to(state: &std::path::Path, tmp: &std::path::Path) {
     let bb_path = which::which("busybox").unwrap();
     let bb = std::fs::read(&bb_path).unwrap();
     let list = std::process::Command::new(&bb_path).arg("--list").output().unwrap();
@@ -120,9 +125,9 @@ fn import_app_image(f: &Fixture) {
         h.set_mode(0o644);
         t.append_data(&mut h, name, &data[..]).unwrap();
     }
-    let file = f.tmp.path().join("app-image.tar");
+    let file = tmp.join("app-image.tar");
     std::fs::write(&file, t.into_inner().unwrap()).unwrap();
-    Exec::new().args(["image", "import", "app:1"]).arg(&file).env("EXECUTOR_STATE_DIR", f.state()).run();
+    Exec::new().args(["image", "import", "app:1"]).arg(&file).env("EXECUTOR_STATE_DIR", state).run();
 }
 
 /// apt-get-style writes into /usr, /var and $HOME, a removed image file, read back in the same

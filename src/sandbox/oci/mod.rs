@@ -1,6 +1,6 @@
 //! The `oci` runtime: one fresh container per step, made by an OCI runtime from the distribution
-//! (`runc` by default, `crun`, or gVisor's `runsc`), with the step's image as a read-only root
-//! and the workspace at `/data`. The sandbox of a job is its state directory (the runtime's
+//! (`runc` by default, `crun`, or gVisor's `runsc`), with the step's image under a writable
+//! layer of the step's own as its root (rootfs.rs) and the workspace at `/data`. The sandbox of a job is its state directory (the runtime's
 //! container state, the bundles), its cgroup (the job's limits) and a use record in the image
 //! store; `teardown` and `janitor` remove all three.
 

@@ -575,10 +575,17 @@ fn microvm_steps_get_the_image_env_user_and_home() {
     )
     .unwrap();
     std::fs::write(ws.join("step1.sh"), "test -e \"$HOME/.rc\" && echo still-there || echo fresh\n").unwrap();
+    std::fs::write(
+        ws.join("step2.sh"),
+        "ls -A /data | grep -c executor-root; dd if=/dev/zero of=/home/app/big bs=1M count=100\n",
+    )
+    .unwrap();
     let prefix = format!("mvu{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let _dog = watchdog(state.clone(), prefix.clone(), Duration::from_secs(240));
     let rt = runtime(&state);
-    let limits = Limits { cpus: 1, memory_bytes: 512 << 20, disk_bytes: 0, pids: 0 };
+    // A 64 MiB workspace disk: the steps' layers are on it, so it caps writes to the root too
+    // (a tmpfs layer would take the 100 MiB below in the VM's memory).
+    let limits = Limits { cpus: 1, memory_bytes: 512 << 20, disk_bytes: 64 << 20, pids: 0 };
     let rec = rt
         .boot(&BootRequest {
             job_uid: "1",
@@ -596,6 +603,10 @@ fn microvm_steps_get_the_image_env_user_and_home() {
     let mut out1 = Collect::default();
     let s1 = StepSpec { key: "step.1", image: "app:1", script: "step1.sh", dir: "repo", env: &[] };
     let end1 = rt.run_step(&rec, &s1, &mut out1, &Cancel::new());
+    let mut out2 = Collect::default();
+    let s2 = StepSpec { key: "step.2", image: "app:1", script: "step2.sh", dir: "", env: &[] };
+    let end2 = rt.run_step(&rec, &s2, &mut out2, &Cancel::new());
+    let synced = rt.sync_workspace(&rec, &ws);
     let _ = rt.teardown(&rec);
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     assert_eq!(end.unwrap(), StepEnd::Exited(0), "{}", text(&out.err));
@@ -608,4 +619,14 @@ fn microvm_steps_get_the_image_env_user_and_home() {
     );
     assert_eq!(end1.unwrap(), StepEnd::Exited(0));
     assert_eq!(text(&out1.out), "fresh\n", "each step starts from the image");
+    assert_ne!(end2.unwrap(), StepEnd::Exited(0), "{}", text(&out2.err));
+    assert_eq!(text(&out2.out), "1\n", "only the running step's layer is in /data");
+    assert!(text(&out2.err).contains("No space left on device"), "{}", text(&out2.err));
+    synced.unwrap();
+    let left: Vec<_> = std::fs::read_dir(&ws)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".executor-root-"))
+        .collect();
+    assert!(left.is_empty(), "a layer came back to the host: {left:?}");
 }

@@ -109,6 +109,8 @@ pub fn image_disk(cache: &Path, digest: &str, rootfs: &Path) -> Result<PathBuf> 
         }
     };
     built?;
+    // The same image's disk under the old name (shifted owners) is never used again.
+    let _ = fs::remove_file(cache.join(format!("{safe}.ext4")));
     tmp.persist(&out).with_context(|| format!("installing {}", out.display()))?;
     Ok(out)
 }

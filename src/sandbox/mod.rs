@@ -184,6 +184,7 @@ pub fn private_state_dir(dir: &Path) -> Result<()> {
 
 /// Opens the runtime `kind`.
 pub fn open(kind: RuntimeKind, opts: &RuntimeOptions) -> Result<Box<dyn Runtime>> {
+    private_state_dir(&opts.state_dir)?;
     match kind {
         RuntimeKind::Shell => Ok(Box::new(shell::ShellRuntime::new(opts))),
         RuntimeKind::Oci => Ok(Box::new(oci::OciRuntime::new(opts.clone())?)),

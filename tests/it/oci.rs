@@ -150,6 +150,12 @@ impl Drop for Fixture {
     /// A failed test never tore its sandboxes down: no mount of it (workspace disk, image
     /// roots) may outlive its temporary directory.
     fn drop(&mut self) {
+        // Sandboxes a failed test left: their mounts outside the temporary directory first.
+        if let Ok(rd) = std::fs::read_dir(self.state().join("sandboxes")) {
+            for e in rd.flatten() {
+                let _ = executor::sandbox::oci::rootfs::remove_reach(&e.file_name().to_string_lossy());
+            }
+        }
         let _ = executor::workspace::disk::unmount(&self.workspace());
         let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         let mut points: Vec<PathBuf> = table

@@ -121,6 +121,9 @@ _executor() {
             executor__subcmd__help__subcmd__image,ls)
                 cmd="executor__subcmd__help__subcmd__image__subcmd__ls"
                 ;;
+            executor__subcmd__help__subcmd__image,prune)
+                cmd="executor__subcmd__help__subcmd__image__subcmd__prune"
+                ;;
             executor__subcmd__help__subcmd__image,pull)
                 cmd="executor__subcmd__help__subcmd__image__subcmd__pull"
                 ;;
@@ -190,6 +193,9 @@ _executor() {
             executor__subcmd__image,ls)
                 cmd="executor__subcmd__image__subcmd__ls"
                 ;;
+            executor__subcmd__image,prune)
+                cmd="executor__subcmd__image__subcmd__prune"
+                ;;
             executor__subcmd__image,pull)
                 cmd="executor__subcmd__image__subcmd__pull"
                 ;;
@@ -210,6 +216,9 @@ _executor() {
                 ;;
             executor__subcmd__image__subcmd__help,ls)
                 cmd="executor__subcmd__image__subcmd__help__subcmd__ls"
+                ;;
+            executor__subcmd__image__subcmd__help,prune)
+                cmd="executor__subcmd__image__subcmd__help__subcmd__prune"
                 ;;
             executor__subcmd__image__subcmd__help,pull)
                 cmd="executor__subcmd__image__subcmd__help__subcmd__pull"
@@ -373,7 +382,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__complete)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --image-pull --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -511,6 +520,10 @@ _executor() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --image-cache-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --docker-auth-config)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -555,7 +568,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__dequeue)
-            opts="-o -h -V --output --wait --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --image-pull --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --help --version"
+            opts="-o -h -V --output --wait --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -686,6 +699,10 @@ _executor() {
                     return 0
                     ;;
                 --image-pull)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --image-cache-size)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -821,7 +838,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__help__subcmd__image)
-            opts="import build-base build-busybox pull ls rm"
+            opts="import build-base build-busybox pull ls rm prune"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -877,6 +894,20 @@ _executor() {
             return 0
             ;;
         executor__subcmd__help__subcmd__image__subcmd__ls)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__help__subcmd__image__subcmd__prune)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -1283,7 +1314,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__image)
-            opts="-h -V --state-dir --help --version import build-base build-busybox pull ls rm help"
+            opts="-h -V --state-dir --help --version import build-base build-busybox pull ls rm prune help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1341,7 +1372,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__image__subcmd__help)
-            opts="import build-base build-busybox pull ls rm help"
+            opts="import build-base build-busybox pull ls rm prune help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1424,6 +1455,20 @@ _executor() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        executor__subcmd__image__subcmd__help__subcmd__prune)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         executor__subcmd__image__subcmd__help__subcmd__pull)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
@@ -1477,6 +1522,28 @@ _executor() {
                 return 0
             fi
             case "${prev}" in
+                --state-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__image__subcmd__prune)
+            opts="-h -V --dry-run --image-cache-size --state-dir --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --image-cache-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --state-dir)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -1623,7 +1690,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__janitor)
-            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --image-pull --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --help --version"
+            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1742,6 +1809,10 @@ _executor() {
                     return 0
                     ;;
                 --image-pull)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --image-cache-size)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1789,7 +1860,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__loop)
-            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --image-pull --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --help --version"
+            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1911,6 +1982,10 @@ _executor() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --image-cache-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --docker-auth-config)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -1955,7 +2030,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__prepare__subcmd__workspace)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --image-pull --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2090,6 +2165,10 @@ _executor() {
                     return 0
                     ;;
                 --image-pull)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --image-cache-size)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2901,7 +2980,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__run__subcmd__steps)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --image-pull --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -3036,6 +3115,10 @@ _executor() {
                     return 0
                     ;;
                 --image-pull)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --image-cache-size)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -3133,7 +3216,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__upload)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --image-pull --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -3268,6 +3351,10 @@ _executor() {
                     return 0
                     ;;
                 --image-pull)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --image-cache-size)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -3315,7 +3402,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__validate)
-            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --image-pull --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --help --version"
+            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -3437,6 +3524,10 @@ _executor() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --image-cache-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --docker-auth-config)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -3481,7 +3572,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__vm__subcmd__boot)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --image-pull --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -3616,6 +3707,10 @@ _executor() {
                     return 0
                     ;;
                 --image-pull)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --image-cache-size)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -42,16 +42,17 @@ complete -c executor -n "__fish_executor_needs_command" -f -a "janitor" -d 'Remo
 complete -c executor -n "__fish_executor_needs_command" -f -a "install" -d 'Install what a runtime needs on this host'
 complete -c executor -n "__fish_executor_needs_command" -f -a "test-vm" -d 'Boot a microVM, run a command in it and print the phases of the boot with their times'
 complete -c executor -n "__fish_executor_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
-complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox pull ls rm help" -l state-dir -d 'State directory; the store is its images/ subdirectory' -r -F
-complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox pull ls rm help" -s h -l help -d 'Print help'
-complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox pull ls rm help" -s V -l version -d 'Print version'
-complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox pull ls rm help" -f -a "import" -d 'Import a `docker save` or OCI image-layout tarball as NAME'
-complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox pull ls rm help" -f -a "build-base" -d 'Build a minimal Debian bookworm image (bash, coreutils, git, ca-certificates) with debootstrap'
-complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox pull ls rm help" -f -a "build-busybox" -d 'Build a tiny image from the host\'s static busybox, plus git and the libraries it links'
-complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox pull ls rm help" -f -a "pull" -d 'Pull an image from a registry over the OCI distribution protocol'
-complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox pull ls rm help" -f -a "ls" -d 'List the images in the store'
-complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox pull ls rm help" -f -a "rm" -d 'Remove an image name; its tree goes once no name and no live sandbox uses it'
-complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox pull ls rm help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox pull ls rm prune help" -l state-dir -d 'State directory; the store is its images/ subdirectory' -r -F
+complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox pull ls rm prune help" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox pull ls rm prune help" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox pull ls rm prune help" -f -a "import" -d 'Import a `docker save` or OCI image-layout tarball as NAME'
+complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox pull ls rm prune help" -f -a "build-base" -d 'Build a minimal Debian bookworm image (bash, coreutils, git, ca-certificates) with debootstrap'
+complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox pull ls rm prune help" -f -a "build-busybox" -d 'Build a tiny image from the host\'s static busybox, plus git and the libraries it links'
+complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox pull ls rm prune help" -f -a "pull" -d 'Pull an image from a registry over the OCI distribution protocol'
+complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox pull ls rm prune help" -f -a "ls" -d 'List the images in the store'
+complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox pull ls rm prune help" -f -a "rm" -d 'Remove an image name; its tree goes once no name and no live sandbox uses it'
+complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox pull ls rm prune help" -f -a "prune" -d 'Remove what no one needs, then least recently used pulled images until the store fits the budget; never an image a job uses. Prints what it removed and the bytes freed'
+complete -c executor -n "__fish_executor_using_subcommand image; and not __fish_seen_subcommand_from import build-base build-busybox pull ls rm prune help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from import" -l state-dir -d 'State directory; the store is its images/ subdirectory' -r -F
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from import" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from import" -s V -l version -d 'Print version'
@@ -78,12 +79,18 @@ complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from rm" -l state-dir -d 'State directory; the store is its images/ subdirectory' -r -F
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from rm" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from rm" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from prune" -l image-cache-size -d 'The budget [default: none: only unnamed trees and unneeded blobs go]' -r
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from prune" -l state-dir -d 'State directory; the store is its images/ subdirectory' -r -F
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from prune" -l dry-run -d 'Only print what would be removed'
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from prune" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from prune" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from help" -f -a "import" -d 'Import a `docker save` or OCI image-layout tarball as NAME'
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from help" -f -a "build-base" -d 'Build a minimal Debian bookworm image (bash, coreutils, git, ca-certificates) with debootstrap'
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from help" -f -a "build-busybox" -d 'Build a tiny image from the host\'s static busybox, plus git and the libraries it links'
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from help" -f -a "pull" -d 'Pull an image from a registry over the OCI distribution protocol'
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from help" -f -a "ls" -d 'List the images in the store'
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from help" -f -a "rm" -d 'Remove an image name; its tree goes once no name and no live sandbox uses it'
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from help" -f -a "prune" -d 'Remove what no one needs, then least recently used pulled images until the store fits the budget; never an image a job uses. Prints what it removed and the bytes freed'
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors repo files artifacts help" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand queue; and not __fish_seen_subcommand_from serve submit jobs show logs cancel executors repo files artifacts help" -s V -l version -d 'Print version'
@@ -218,6 +225,7 @@ complete -c executor -n "__fish_executor_using_subcommand dequeue" -l heartbeat-
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l image-pull -d 'When vm-boot pulls a job\'s images from their registry: missing, always or never [default: missing]' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l image-cache-size -d 'The most the image store may take on disk; least recently used pulled images beyond it are removed by the janitor and `image prune` [default: no budget]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
@@ -260,6 +268,7 @@ complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l 
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l image-pull -d 'When vm-boot pulls a job\'s images from their registry: missing, always or never [default: missing]' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l image-cache-size -d 'The most the image store may take on disk; least recently used pulled images beyond it are removed by the janitor and `image prune` [default: no budget]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
@@ -302,6 +311,7 @@ complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l heartbeat-
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l image-pull -d 'When vm-boot pulls a job\'s images from their registry: missing, always or never [default: missing]' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l image-cache-size -d 'The most the image store may take on disk; least recently used pulled images beyond it are removed by the janitor and `image prune` [default: no budget]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
@@ -344,6 +354,7 @@ complete -c executor -n "__fish_executor_using_subcommand run-steps" -l heartbea
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l image-pull -d 'When vm-boot pulls a job\'s images from their registry: missing, always or never [default: missing]' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l image-cache-size -d 'The most the image store may take on disk; least recently used pulled images beyond it are removed by the janitor and `image prune` [default: no budget]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
@@ -386,6 +397,7 @@ complete -c executor -n "__fish_executor_using_subcommand upload" -l heartbeat-i
 complete -c executor -n "__fish_executor_using_subcommand upload" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l image-pull -d 'When vm-boot pulls a job\'s images from their registry: missing, always or never [default: missing]' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l image-cache-size -d 'The most the image store may take on disk; least recently used pulled images beyond it are removed by the janitor and `image prune` [default: no budget]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
@@ -428,6 +440,7 @@ complete -c executor -n "__fish_executor_using_subcommand complete" -l heartbeat
 complete -c executor -n "__fish_executor_using_subcommand complete" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l image-pull -d 'When vm-boot pulls a job\'s images from their registry: missing, always or never [default: missing]' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l image-cache-size -d 'The most the image store may take on disk; least recently used pulled images beyond it are removed by the janitor and `image prune` [default: no budget]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
@@ -468,6 +481,7 @@ complete -c executor -n "__fish_executor_using_subcommand loop" -l heartbeat-int
 complete -c executor -n "__fish_executor_using_subcommand loop" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l image-pull -d 'When vm-boot pulls a job\'s images from their registry: missing, always or never [default: missing]' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l image-cache-size -d 'The most the image store may take on disk; least recently used pulled images beyond it are removed by the janitor and `image prune` [default: no budget]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
@@ -508,6 +522,7 @@ complete -c executor -n "__fish_executor_using_subcommand run" -l heartbeat-inte
 complete -c executor -n "__fish_executor_using_subcommand run" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l image-pull -d 'When vm-boot pulls a job\'s images from their registry: missing, always or never [default: missing]' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l image-cache-size -d 'The most the image store may take on disk; least recently used pulled images beyond it are removed by the janitor and `image prune` [default: no budget]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
@@ -548,6 +563,7 @@ complete -c executor -n "__fish_executor_using_subcommand validate" -l heartbeat
 complete -c executor -n "__fish_executor_using_subcommand validate" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l image-pull -d 'When vm-boot pulls a job\'s images from their registry: missing, always or never [default: missing]' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l image-cache-size -d 'The most the image store may take on disk; least recently used pulled images beyond it are removed by the janitor and `image prune` [default: no budget]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
@@ -588,6 +604,7 @@ complete -c executor -n "__fish_executor_using_subcommand janitor" -l heartbeat-
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l image-pull -d 'When vm-boot pulls a job\'s images from their registry: missing, always or never [default: missing]' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l image-cache-size -d 'The most the image store may take on disk; least recently used pulled images beyond it are removed by the janitor and `image prune` [default: no budget]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
@@ -644,6 +661,7 @@ complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_
 complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from image" -f -a "pull" -d 'Pull an image from a registry over the OCI distribution protocol'
 complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from image" -f -a "ls" -d 'List the images in the store'
 complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from image" -f -a "rm" -d 'Remove an image name; its tree goes once no name and no live sandbox uses it'
+complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from image" -f -a "prune" -d 'Remove what no one needs, then least recently used pulled images until the store fits the budget; never an image a job uses. Prints what it removed and the bytes freed'
 complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from queue" -f -a "serve" -d 'Run the coordinator: the executor protocol, the admin API and /metrics, backed by SQLite'
 complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from queue" -f -a "submit" -d 'Submit a job (the protocol\'s job JSON without id and token, plus "queue"); prints its id'
 complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from queue" -f -a "jobs" -d 'List jobs, newest first'

@@ -51,6 +51,7 @@ pub struct RawSettings {
     pub insecure_registries: Vec<String>,
     pub registry_ca: Option<PathBuf>,
     pub image_max_size: Option<String>,
+    pub image_cache_size: Option<String>,
     pub network: Option<String>,
     pub network_cidr: Option<String>,
     pub network_allow: Option<String>,
@@ -105,6 +106,8 @@ pub struct Settings {
     pub image_pull: crate::image::pull::PullPolicy,
     /// How pulls reach registries.
     pub pull: crate::image::pull::PullSettings,
+    /// The image store's budget (`EXECUTOR_IMAGE_CACHE_SIZE`); 0: none.
+    pub image_cache_bytes: u64,
     /// Every job's network (`EXECUTOR_NETWORK`, `_CIDR`, `_ALLOW`, `EXECUTOR_DNS_SERVERS`).
     pub network: crate::network::Settings,
 }
@@ -257,6 +260,7 @@ impl Settings {
                 raw.registry_ca.as_deref(),
                 raw.image_max_size.as_deref(),
             )?,
+            image_cache_bytes: parse_cache_size(raw.image_cache_size.as_deref())?,
             network: crate::network::Settings::parse(
                 raw.network.as_deref(),
                 raw.network_cidr.as_deref(),
@@ -383,6 +387,16 @@ fn parse_queues(name: Option<&str>, names: Option<&str>, needs: Needs) -> Result
             bail!("set EXECUTOR_QUEUE_NAME (--queue) or EXECUTOR_QUEUE_NAMES (--queues)")
         }
         (None, None) => Ok((Vec::new(), false)),
+    }
+}
+
+/// `EXECUTOR_IMAGE_CACHE_SIZE`: a size (`20G`), or unset, empty or `0` for no budget.
+pub fn parse_cache_size(v: Option<&str>) -> Result<u64> {
+    match v.map(str::trim).filter(|v| !v.is_empty()) {
+        None => Ok(0),
+        Some(v) => crate::base::units::parse_size(v).with_context(|| {
+            format!("EXECUTOR_IMAGE_CACHE_SIZE {v:?} is not a size (like 20G, or 0 for no budget)")
+        }),
     }
 }
 

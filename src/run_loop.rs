@@ -138,6 +138,17 @@ pub fn janitor_pass(settings: &Settings, me: &str, live: &HashSet<String>) -> Re
             }
         }
     }
+    // The image cache budget, after the sandboxes above gave back the images they used.
+    if settings.image_cache_bytes > 0 {
+        let store = crate::image::ImageStore::open(&settings.runtime_options().images_dir());
+        match store.and_then(|s| s.prune(Some(settings.image_cache_bytes), false)) {
+            Ok(r) => out.extend(r.images.iter().map(|i| {
+                let size = crate::base::units::format_bytes(i.bytes);
+                format!("image {} {} ({size}, over EXECUTOR_IMAGE_CACHE_SIZE)", i.digest, i.names.join(", "))
+            })),
+            Err(e) => out.push(format!("image prune failed: {e:#}")),
+        }
+    }
     Ok(out)
 }
 

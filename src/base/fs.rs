@@ -218,6 +218,12 @@ impl Beneath {
         Ok(())
     }
 
+    /// Changes the mode of the directory or file `rel` itself (never through a symlink).
+    pub fn chmod(&self, rel: &Path, mode: u32) -> std::io::Result<()> {
+        let fd = self.at(rel, libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)?;
+        std::fs::File::from(fd).set_permissions(std::fs::Permissions::from_mode(mode))
+    }
+
     /// Changes the owner of `rel` itself (a symlink's own owner, not its target's).
     pub fn chown(&self, rel: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
         let fd = self.at(rel, libc::O_PATH | libc::O_NOFOLLOW)?;

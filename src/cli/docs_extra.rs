@@ -86,7 +86,8 @@ then gets a container set up in this order:
 namespaces: user, pid, mount, network, ipc, uts, cgroup, all new; container uid and gid 0..65535
 map to host 2000000000..2000065535, never to host root
 .IP 2. 4
-root: the image tree, read-only
+root: the image under a writable overlay layer of the step's own (on the workspace disk, counted by
+its cap, removed when the step ends: each step is a fresh \fBdocker run --rm\fR)
 .IP 3. 4
 mounts: /proc, a private /dev (null, zero, full, random, urandom, tty, ptmx), /dev/pts, /dev/shm,
 /dev/mqueue, /sys read-only, a size-limited tmpfs /tmp, the workspace read-write at /data
@@ -104,8 +105,9 @@ capabilities: none; no_new_privs
 .IP 8. 4
 rlimits: 1024 open files, no core files, 64 KiB locked memory, files no larger than the disk cap
 .IP 9. 4
-process: container root in /data/<dir>, running the step script with only the step's
-environment plus PATH and HOME=/tmp
+process: the image config's User (resolved in the image's passwd and group) in /data/<dir>,
+running the step script with the image's Env under the step's variables, PATH, and HOME from
+the user's passwd entry (/ without one)
 .PP
 A cancel or the deadline kills the container and every process in the job cgroup within 2 s.
 \fBcomplete\fR (teardown) and \fBjanitor\fR remove containers, cgroups, bundles and image use

@@ -99,6 +99,10 @@ pub struct ConfigArgs {
     /// [default: missing]
     #[arg(long, env = "EXECUTOR_IMAGE_PULL", value_name = "POLICY")]
     pub image_pull: Option<String>,
+    /// The most the image store may take on disk; least recently used pulled images beyond it
+    /// are removed by the janitor and `image prune` [default: no budget]
+    #[arg(long, env = "EXECUTOR_IMAGE_CACHE_SIZE", value_name = "SIZE")]
+    pub image_cache_size: Option<String>,
     #[command(flatten)]
     pub registry: super::image::RegistryArgs,
     /// A job's network: internet (public addresses through the egress policy) or none (loopback) [default: none]
@@ -154,6 +158,7 @@ impl ConfigArgs {
             insecure_registries: self.registry.insecure_registry.clone(),
             registry_ca: self.registry.registry_ca.clone(),
             image_max_size: Some(self.registry.image_max_size.clone()),
+            image_cache_size: self.image_cache_size.clone(),
             network: self.network.clone(),
             network_cidr: self.network_cidr.clone(),
             network_allow: self.network_allow.clone(),

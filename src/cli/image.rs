@@ -60,6 +60,16 @@ pub enum ImageCommand {
         /// Image name, `name` or `name:tag`
         name: String,
     },
+    /// Remove what no one needs, then least recently used pulled images until the store fits
+    /// the budget; never an image a job uses. Prints what it removed and the bytes freed
+    Prune {
+        /// Only print what would be removed
+        #[arg(long)]
+        dry_run: bool,
+        /// The budget [default: none: only unnamed trees and unneeded blobs go]
+        #[arg(long = "image-cache-size", env = "EXECUTOR_IMAGE_CACHE_SIZE", value_name = "SIZE")]
+        image_cache_size: Option<String>,
+    },
 }
 
 /// How pulls reach registries; shared by `image pull` and the executor's automatic pulls.
@@ -104,6 +114,7 @@ use crate::image::ImageStore;
 
 /// Runs one `executor image` command and returns the exit status.
 pub fn run(args: ImageArgs) -> Result<i32> {
+    crate::sandbox::private_state_dir(&args.state_dir)?;
     let store = ImageStore::open(&args.state_dir.join("images"))?;
     let mut out = std::io::stdout().lock();
     match args.command {
@@ -151,6 +162,33 @@ pub fn run(args: ImageArgs) -> Result<i32> {
                     )?;
                 }
             }
+        }
+        ImageCommand::Prune { dry_run, image_cache_size } => {
+            let budget = crate::config::parse_cache_size(image_cache_size.as_deref())?;
+            // Exclusive against boots, which record the images they use under it shared.
+            let _janitor = crate::workspace::janitor_lock(&args.state_dir, true)?;
+            let report = store.prune((budget > 0).then_some(budget), dry_run)?;
+            let verb = if dry_run { "would remove" } else { "removed" };
+            let fmt = crate::base::units::format_bytes;
+            for i in &report.images {
+                let names = if i.names.is_empty() { "(no name)".to_string() } else { i.names.join(", ") };
+                writeln!(out, "{verb} image {} {names} {}", i.digest, fmt(i.bytes))?;
+            }
+            for (b, bytes) in &report.blobs {
+                writeln!(out, "{verb} blob {b} {}", fmt(*bytes))?;
+            }
+            for k in &report.kept {
+                writeln!(out, "kept {k}")?;
+            }
+            let freed = if dry_run { "would free" } else { "freed" };
+            writeln!(
+                out,
+                "{freed} {} ({} bytes); the store takes {} of {}",
+                fmt(report.freed()),
+                report.freed(),
+                fmt(report.after),
+                if budget > 0 { fmt(budget) } else { "no budget".into() }
+            )?;
         }
         ImageCommand::Rm { name } => {
             let removed = store.remove(&name)?;

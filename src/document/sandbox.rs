@@ -220,6 +220,13 @@ pub struct OciImage {
     /// directory), where the image's files belong to the sandbox's own uid range.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root: Option<PathBuf>,
+    /// The image config's `Env`, `User` and `WorkingDir`, applied to every step as Docker does.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub user: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub workdir: String,
 }
 
 /// Which accelerator QEMU uses.

@@ -403,11 +403,35 @@ fn pump(port: Port, id: u32, kind: Kind, mut r: impl Read) {
     }
 }
 
-/// Mounts the step's root: the image read-only under a tmpfs overlay (each step starts from
-/// the pristine image), the workspace at /data, and fresh /proc, /dev and /tmp.
+/// Where a step's writable layer lives: `/data/.executor-root-<id>` on the workspace disk (so
+/// the job's disk cap counts what the step writes anywhere, as with the `oci` runtime), or a
+/// tmpfs when there is no workspace.
+fn layer_name(id: u32) -> String {
+    format!(".executor-root-{id:08x}")
+}
+
+/// The directory of step `id`'s layer and mount point, and whether it is on the workspace disk.
+fn step_base(id: u32) -> (PathBuf, bool) {
+    if Path::new("/data").is_dir() {
+        (Path::new("/data").join(layer_name(id)), true)
+    } else {
+        (PathBuf::from(format!("/run/steps/{id}")), false)
+    }
+}
+
+/// Mounts the step's root: the image read-only under an overlay layer of the step's own (each
+/// step starts from the pristine image), the workspace at /data (the layer hidden under an
+/// empty read-only tmpfs there), and fresh /proc, /dev and /tmp.
 fn step_root(id: u32, image: u32) -> Result<PathBuf> {
     late_modules_loaded().context("loading the overlay module")?;
-    let base = PathBuf::from(format!("/run/steps/{id}"));
+    let (base, on_disk) = step_base(id);
+    if on_disk {
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&base)
+            .with_context(|| format!("creating {}", base.display()))?;
+    }
     let (upper, work, root) = (base.join("upper"), base.join("work"), base.join("root"));
     for d in [&upper, &work, &root] {
         fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
@@ -420,6 +444,16 @@ fn step_root(id: u32, image: u32) -> Result<PathBuf> {
     }
     mount(Some("/data"), &root.join("data"), None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
         .context("binding /data into the step's root")?;
+    if on_disk {
+        mount(
+            Some("tmpfs"),
+            &root.join("data").join(layer_name(id)),
+            Some("tmpfs"),
+            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            Some("mode=000,size=4k"),
+        )
+        .context("hiding the step's layer in /data")?;
+    }
     mount(Some("proc"), &root.join("proc"), Some("proc"), MsFlags::empty(), None::<&str>)
         .context("mounting /proc in the step's root")?;
     mount(
@@ -441,6 +475,7 @@ fn drop_step_root(root: &Path) {
     for d in ["tmp", "dev", "sys", "proc", "data", ""] {
         let _ = umount2(&root.join(d), MntFlags::MNT_DETACH);
     }
+    // The layer's directory was a mount point only in the step's /data, gone with it.
     if let Some(base) = root.parent() {
         let _ = fs::remove_dir_all(base);
     }
@@ -448,7 +483,18 @@ fn drop_step_root(root: &Path) {
 
 fn run_step(port: &Port, req: RunRequest, canceled: &AtomicBool) -> Result<ExitReport> {
     let id = req.id;
-    let root = if req.image == u32::MAX { None } else { Some(step_root(id, req.image)?) };
+    let root = if req.image == u32::MAX {
+        None
+    } else {
+        match step_root(id, req.image) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                // Nothing of a half-made root stays (in /data it would go back to the host).
+                drop_step_root(&step_base(id).0.join("root"));
+                return Err(e);
+            }
+        }
+    };
     let result = spawn_and_wait(port, &req, root.as_deref().unwrap_or(Path::new("/")), canceled);
     if let Some(r) = &root {
         drop_step_root(r);
@@ -461,6 +507,12 @@ fn spawn_and_wait(port: &Port, req: &RunRequest, root: &Path, canceled: &AtomicB
     let mut cmd = crate::base::proc::command(program);
     cmd.args(args);
     crate::base::sys::enter_root(&mut cmd, root, &req.cwd).context("the step's root or directory")?;
+    if let Some(u) = &req.user {
+        // The image's user works in /data as under Docker's bind mount of a 0755 directory.
+        use std::os::unix::fs::PermissionsExt;
+        let _ = fs::set_permissions("/data", fs::Permissions::from_mode(0o755));
+        crate::base::sys::switch_user(&mut cmd, u.uid, u.gid, &u.groups);
+    }
     cmd.env_clear();
     for kv in &req.env {
         if let Some((k, v)) = kv.split_once('=') {

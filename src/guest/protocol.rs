@@ -96,6 +96,19 @@ pub struct RunRequest {
     pub cwd: String,
     /// `NAME=value` strings: the whole environment.
     pub env: Vec<String>,
+    /// Who the step runs as (the image config's `User`); absent: root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<RunUser>,
+}
+
+/// A step's uid, gid and supplementary groups inside the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RunUser {
+    pub uid: u32,
+    pub gid: u32,
+    #[serde(default)]
+    pub groups: Vec<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

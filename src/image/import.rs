@@ -59,6 +59,8 @@ pub(crate) struct ImageConfig {
     pub env: Option<Vec<String>>,
     #[serde(default)]
     pub working_dir: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 /// Imports `file` as `name`, reporting progress on stderr when it is a terminal.
@@ -128,7 +130,9 @@ pub fn import(store: &ImageStore, name: &str, file: &Path) -> Result<ResolvedIma
         digest,
         env: cfg.env.unwrap_or_default(),
         workdir: cfg.working_dir.unwrap_or_default(),
+        user: cfg.user.unwrap_or_default(),
         size,
+        disk: 0,
         created: super::now(),
         source: "import".into(),
         layers: Vec::new(),

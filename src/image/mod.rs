@@ -9,7 +9,9 @@
 //! - `refs.json` also holds pinned names, `registry/repo@sha256:<hex>` (what a pull's tag
 //!   resolved to).
 //! - `blobs/sha256/<hex>`: pulled layer blobs as the registry served them (verified), shared
-//!   between images; collected with the last tree that lists them.
+//!   between images (a later pull of an image with the same layer does not download it); they
+//!   go with the last tree that lists them, and before any image when the store is over its
+//!   budget (prune.rs).
 //! - `locks/`: one lock per pulled reference, so that concurrent pulls download once.
 //! - `users/<sandbox>`: the digests a live sandbox uses; `rm` never deletes those trees.
 //! - `tmp/`: staging for imports and builds, renamed into `rootfs/` when complete.
@@ -17,8 +19,10 @@
 
 pub mod build;
 pub mod import;
+pub mod prune;
 pub mod pull;
 pub mod registry;
+pub mod runas;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -49,6 +53,8 @@ pub struct ResolvedImage {
     pub env: Vec<String>,
     /// The image's configured working directory (`/` when unset).
     pub workdir: String,
+    /// The image's configured user (`name`, `uid`, `name:group`, `uid:gid`; empty: root).
+    pub user: String,
 }
 
 /// What the store records about one image tree.
@@ -60,8 +66,14 @@ pub struct ImageMeta {
     pub env: Vec<String>,
     #[serde(default)]
     pub workdir: String,
+    /// The config's `User` (empty: root).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub user: String,
     /// Bytes of file content in the tree.
     pub size: u64,
+    /// Bytes the tree takes on disk (allocated blocks), measured when it was committed.
+    #[serde(default)]
+    pub disk: u64,
     /// RFC 3339 time of the import or build.
     pub created: String,
     /// `import`, `pull`, `build-base` or `build-busybox`.
@@ -163,10 +175,10 @@ impl ImageStore {
             fs::create_dir_all(&d)
                 .with_context(|| format!("creating image store directory {}", d.display()))?;
         }
-        // The container's mapped root must be able to reach the trees below `rootfs/`.
+        // Only root reaches the trees: containers see them through mounts root makes.
         for sub in ["", "rootfs"] {
             let d = dir.join(sub);
-            fs::set_permissions(&d, fs::Permissions::from_mode(0o711))
+            fs::set_permissions(&d, fs::Permissions::from_mode(0o700))
                 .with_context(|| format!("setting the mode of {}", d.display()))?;
         }
         Ok(ImageStore { dir: dir.to_path_buf() })
@@ -253,13 +265,14 @@ impl ImageStore {
             },
         };
         let meta = self.read_meta(&digest).with_context(|| format!("image {reference:?}"))?;
+        self.touch(&digest);
         let rootfs = self.tree_path(&digest);
         if !rootfs.is_dir() {
             bail!("image {reference:?} has no root tree at {}", rootfs.display());
         }
         let canonical = if r.digest.is_some() { format!("{}@{digest}", r.name) } else { r.key() };
         let workdir = if meta.workdir.is_empty() { "/".to_string() } else { meta.workdir };
-        Ok(ResolvedImage { reference: canonical, digest, rootfs, env: meta.env, workdir })
+        Ok(ResolvedImage { reference: canonical, digest, rootfs, env: meta.env, workdir, user: meta.user })
     }
 
     /// Every named image, sorted by name and tag.
@@ -328,12 +341,7 @@ impl ImageStore {
                 }
                 continue;
             }
-            // Rename first so that a half-deleted tree is never visible under its digest.
-            let doomed = self.tmp_dir().join(format!("rm-{}", uuid::Uuid::new_v4().simple()));
-            fs::rename(entry.path(), &doomed)
-                .with_context(|| format!("moving {}", entry.path().display()))?;
-            let _ = fs::remove_file(self.meta_path(&digest));
-            fs::remove_dir_all(&doomed).with_context(|| format!("removing {}", doomed.display()))?;
+            self.remove_tree(&digest)?;
             removed.push(digest);
         }
         // Blobs no kept tree lists (partial downloads have longer names).
@@ -442,6 +450,9 @@ impl ImageStore {
             .with_context(|| format!("setting the mode of {}", tree.display()))?;
         let _lock = self.lock()?;
         let dest = self.tree_path(&meta.digest);
+        let mut meta = meta.clone();
+        meta.disk = prune::tree_disk_bytes(tree)?;
+        let meta = &meta;
         if dest.exists() {
             fs::remove_dir_all(tree).with_context(|| format!("removing {}", tree.display()))?;
         } else {
@@ -567,7 +578,9 @@ mod tests {
             digest: digest.clone(),
             env: vec!["A=1".into()],
             workdir: String::new(),
+            user: String::new(),
             size,
+            disk: 0,
             created: now(),
             source: "test".into(),
             layers: Vec::new(),

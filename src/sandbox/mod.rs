@@ -158,8 +158,33 @@ pub fn choose_auto(opts: &RuntimeOptions) -> Result<(Box<dyn Runtime>, String)> 
     }
 }
 
+/// Makes the state directory private to root (0700): creates it so, and tightens an existing one
+/// that other users could search, saying so. Nothing in it needs another user's access: the OCI
+/// runtimes reach their roots and workspaces through `/run/executor-oci` (oci/rootfs.rs), QEMU
+/// gets open descriptors and its own directory's handle.
+pub fn private_state_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let before = std::fs::symlink_metadata(dir).ok().map(|m| m.permissions().mode() & 0o7777);
+    crate::base::fs::private_dir(dir).map_err(|e| {
+        anyhow::anyhow!(
+            "making the state directory {} private (0700, owned by root): {e}; set EXECUTOR_STATE_DIR \
+             to a directory that root owns",
+            dir.display()
+        )
+    })?;
+    if let Some(mode) = before.filter(|m| m & 0o077 != 0) {
+        eprintln!(
+            "executor: the state directory {} was mode {mode:04o}; it is now 0700 (other users must reach \
+             nothing of the jobs in it)",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 /// Opens the runtime `kind`.
 pub fn open(kind: RuntimeKind, opts: &RuntimeOptions) -> Result<Box<dyn Runtime>> {
+    private_state_dir(&opts.state_dir)?;
     match kind {
         RuntimeKind::Shell => Ok(Box::new(shell::ShellRuntime::new(opts))),
         RuntimeKind::Oci => Ok(Box::new(oci::OciRuntime::new(opts.clone())?)),

@@ -11,6 +11,7 @@ mod image;
 mod microvm;
 mod network;
 mod oci;
+pub mod oci_root;
 mod package;
 mod pipeline;
 mod server;

@@ -550,3 +550,83 @@ fn microvm_guest_console_cannot_grow_past_its_cap() {
     rt.teardown(&rec).unwrap();
     assert!(!rec.state_dir.exists());
 }
+
+/// The image config in a guest as under Docker (and the `oci` runtime): `Env` under the step's
+/// variables, `User` from the image's passwd and group (supplementary groups too), `HOME` from
+/// its entry, the contract's working directory over `WorkingDir`; the root is writable and each
+/// step starts from the image again.
+#[test]
+fn microvm_steps_get_the_image_env_user_and_home() {
+    let name = "microvm_steps_get_the_image_env_user_and_home";
+    if let Some(why) = missing() {
+        return common::skip(name, "microvm", &why);
+    }
+    let state = state_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    crate::oci_root::import_app_image_to(&state, tmp.path());
+    let ws = tmp.path().join("workspace");
+    std::fs::create_dir_all(ws.join("repo")).unwrap();
+    std::fs::write(ws.join("repo/input.txt"), "from the host\n").unwrap();
+    std::fs::write(
+        ws.join("step0.sh"),
+        "echo \"uid=$(id -u) gid=$(id -g) groups=$(id -G)\"; echo \"home=$HOME\"; pwd; \
+         echo \"path=$PATH mode=$APP_MODE override=$OVERRIDE\"; cat input.txt; \
+         echo mine > \"$HOME/.rc\" && cat \"$HOME/.rc\"; touch /usr/local/x 2>/dev/null || echo usr-denied\n",
+    )
+    .unwrap();
+    std::fs::write(ws.join("step1.sh"), "test -e \"$HOME/.rc\" && echo still-there || echo fresh\n").unwrap();
+    std::fs::write(
+        ws.join("step2.sh"),
+        "ls -A /data | grep -c executor-root; dd if=/dev/zero of=/home/app/big bs=1M count=100\n",
+    )
+    .unwrap();
+    let prefix = format!("mvu{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let _dog = watchdog(state.clone(), prefix.clone(), Duration::from_secs(240));
+    let rt = runtime(&state);
+    // A 64 MiB workspace disk: the steps' layers are on it, so it caps writes to the root too
+    // (a tmpfs layer would take the 100 MiB below in the VM's memory).
+    let limits = Limits { cpus: 1, memory_bytes: 512 << 20, disk_bytes: 64 << 20, pids: 0 };
+    let rec = rt
+        .boot(&BootRequest {
+            job_uid: "1",
+            workspace: &ws,
+            images: vec!["app:1".into()],
+            limits: &limits,
+            name_prefix: &prefix,
+            coordinator: None,
+        })
+        .expect("boot");
+    let env = vec!["OVERRIDE=step".to_string()];
+    let mut out = Collect::default();
+    let s0 = StepSpec { key: "step.0", image: "app:1", script: "step0.sh", dir: "repo", env: &env };
+    let end = rt.run_step(&rec, &s0, &mut out, &Cancel::new());
+    let mut out1 = Collect::default();
+    let s1 = StepSpec { key: "step.1", image: "app:1", script: "step1.sh", dir: "repo", env: &[] };
+    let end1 = rt.run_step(&rec, &s1, &mut out1, &Cancel::new());
+    let mut out2 = Collect::default();
+    let s2 = StepSpec { key: "step.2", image: "app:1", script: "step2.sh", dir: "", env: &[] };
+    let end2 = rt.run_step(&rec, &s2, &mut out2, &Cancel::new());
+    let synced = rt.sync_workspace(&rec, &ws);
+    let _ = rt.teardown(&rec);
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    assert_eq!(end.unwrap(), StepEnd::Exited(0), "{}", text(&out.err));
+    assert_eq!(
+        text(&out.out),
+        "uid=1000 gid=1000 groups=1000 50\nhome=/home/app\n/data/repo\n\
+         path=/usr/local/bin:/usr/bin:/bin mode=image override=step\nfrom the host\nmine\nusr-denied\n",
+        "{}",
+        text(&out.err)
+    );
+    assert_eq!(end1.unwrap(), StepEnd::Exited(0));
+    assert_eq!(text(&out1.out), "fresh\n", "each step starts from the image");
+    assert_ne!(end2.unwrap(), StepEnd::Exited(0), "{}", text(&out2.err));
+    assert_eq!(text(&out2.out), "1\n", "only the running step's layer is in /data");
+    assert!(text(&out2.err).contains("No space left on device"), "{}", text(&out2.err));
+    synced.unwrap();
+    let left: Vec<_> = std::fs::read_dir(&ws)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".executor-root-"))
+        .collect();
+    assert!(left.is_empty(), "a layer came back to the host: {left:?}");
+}

@@ -76,7 +76,8 @@ fn can_run_probe_jobs(test: &str) -> bool {
 impl Fixture {
     pub fn new(oci: &str) -> Fixture {
         let tmp = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        // Private like the systemd unit's state directory: the runtimes reach nothing through it.
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
         let state = tmp.path().join("state");
         Exec::new().args(["image", "build-busybox"]).env("EXECUTOR_STATE_DIR", &state).run();
         std::fs::create_dir_all(tmp.path().join("ws/repo")).unwrap();
@@ -149,6 +150,12 @@ impl Drop for Fixture {
     /// A failed test never tore its sandboxes down: no mount of it (workspace disk, image
     /// roots) may outlive its temporary directory.
     fn drop(&mut self) {
+        // Sandboxes a failed test left: their mounts outside the temporary directory first.
+        if let Ok(rd) = std::fs::read_dir(self.state().join("sandboxes")) {
+            for e in rd.flatten() {
+                let _ = executor::sandbox::oci::rootfs::remove_reach(&e.file_name().to_string_lossy());
+            }
+        }
         let _ = executor::workspace::disk::unmount(&self.workspace());
         let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         let mut points: Vec<PathBuf> = table
@@ -197,7 +204,7 @@ fn steps_run_isolated(oci: &str, test: &str) {
     let (end, out) = f.run(
         &sb,
         "echo \"$GREETING\"; pwd; id -u; cat input.txt; echo made > output.txt; env | sort; echo to-stderr >&2; \
-         touch /etc/x 2>/dev/null || echo root-is-read-only; echo tmp > /tmp/t && echo tmp-writable; \
+         echo w > /etc/x && echo root-is-writable; echo tmp > /tmp/t && echo tmp-writable; \
          git --version; exit 3",
         &env,
         &cancel,
@@ -205,7 +212,7 @@ fn steps_run_isolated(oci: &str, test: &str) {
     let stdout = out.stdout();
     assert_eq!(end, StepEnd::Exited(3), "{stdout} {}", out.stderr());
     assert!(stdout.starts_with("hello\n/data/repo\n0\nfrom the host\n"), "{stdout}");
-    assert!(stdout.contains("root-is-read-only") && stdout.contains("tmp-writable"), "{stdout}");
+    assert!(stdout.contains("root-is-writable") && stdout.contains("tmp-writable"), "{stdout}");
     assert!(stdout.contains("git version"), "{stdout}");
     assert_eq!(out.stderr(), "to-stderr\n");
     // The environment is the step's plus PATH and HOME (the shell adds PWD, SHLVL).
@@ -216,6 +223,10 @@ fn steps_run_isolated(oci: &str, test: &str) {
             "unexpected variable {v}"
         );
     }
+    // Each step is its own `docker run --rm`: a fresh root, the workspace kept.
+    let (end, out) = f.run(&sb, "cat /etc/x 2>/dev/null || echo fresh-root; ls -A /data", &[], &cancel);
+    assert_eq!(end, StepEnd::Exited(0), "{}", out.stderr());
+    assert!(out.stdout().starts_with("fresh-root\n"), "{}", out.stdout());
     f.rt.sync_workspace(&sb, &f.workspace()).unwrap();
     let out_file = f.workspace().join("repo/output.txt");
     assert_eq!(std::fs::read_to_string(&out_file).unwrap(), "made\n");

@@ -46,6 +46,24 @@ pub fn enter_root(cmd: &mut Command, root: &Path, cwd: &str) -> std::io::Result<
     Ok(())
 }
 
+/// Makes `cmd` drop to `uid`, `gid` and the supplementary `groups` after the hooks registered
+/// before this one ran ([`enter_root`]'s chroot needs root): std's own `uid`/`gid` would switch
+/// before them.
+pub fn switch_user(cmd: &mut Command, uid: u32, gid: u32, groups: &[u32]) {
+    let groups: Vec<nix::unistd::Gid> = groups.iter().map(|g| nix::unistd::Gid::from_raw(*g)).collect();
+    // SAFETY: the closure runs in the forked child before exec and only makes the setgroups,
+    // setgid and setuid syscalls through nix on values built before the fork: no allocation, no
+    // lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::setgroups(&groups)?;
+            nix::unistd::setgid(nix::unistd::Gid::from_raw(gid))?;
+            nix::unistd::setuid(nix::unistd::Uid::from_raw(uid))?;
+            Ok(())
+        });
+    }
+}
+
 /// Makes `cmd` start in the directory open as `dir` (fchdir: it needs no search permission on
 /// the directories above, which may be closed to the user the command runs as) and inherit the
 /// descriptors `keep` across exec (they are open with close-on-exec until then).

@@ -73,7 +73,8 @@ pub fn image_disk(cache: &Path, digest: &str, rootfs: &Path) -> Result<PathBuf> 
     if safe.is_empty() {
         bail!("image digest {digest:?} is not usable as a file name");
     }
-    let out = cache.join(format!("{safe}.ext4"));
+    // `.ids`: built with the image's own owners (older disks had the store's shifted ones).
+    let out = cache.join(format!("{safe}.ids.ext4"));
     if out.is_file() {
         return Ok(out);
     }
@@ -84,7 +85,32 @@ pub fn image_disk(cache: &Path, digest: &str, rootfs: &Path) -> Result<PathBuf> 
         .tempfile_in(cache)
         .with_context(|| format!("creating a temporary file in {}", cache.display()))?
         .into_temp_path();
-    make_ext4(rootfs, &tmp, size, "image")?;
+    // The store keeps trees owned by `ID_BASE + n`; the guest must see the image's own owners
+    // (a `User` of 1000 owns its home): mkfs reads the tree through an idmapped mount.
+    let src = tempfile::Builder::new()
+        .prefix(".src-")
+        .tempdir_in(cache)
+        .with_context(|| format!("creating a temporary directory in {}", cache.display()))?;
+    let ids = crate::image::ID_BASE;
+    let mapped = crate::base::sys::userns_fd(ids, 0, crate::image::ID_COUNT)
+        .and_then(|ns| crate::base::sys::idmapped_bind(rootfs, src.path(), &ns));
+    let built = match mapped {
+        Ok(()) => {
+            let r = make_ext4(src.path(), &tmp, size, "image");
+            let _ = nix::mount::umount2(src.path(), nix::mount::MntFlags::MNT_DETACH);
+            r
+        }
+        Err(e) => {
+            eprintln!(
+                "executor: image {digest}: no idmapped mount ({e}); its VM disk keeps the store's owners \
+                 (uid {ids} + n), so an image user other than root does not own its files there"
+            );
+            make_ext4(rootfs, &tmp, size, "image")
+        }
+    };
+    built?;
+    // The same image's disk under the old name (shifted owners) is never used again.
+    let _ = fs::remove_file(cache.join(format!("{safe}.ext4")));
     tmp.persist(&out).with_context(|| format!("installing {}", out.display()))?;
     Ok(out)
 }

@@ -11,6 +11,7 @@ pub mod cgroup;
 pub mod channel;
 pub mod console;
 pub mod disk;
+pub mod identity;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -373,8 +374,14 @@ impl MicroVm {
         let t = Instant::now();
         let cancel = Cancel::with_deadline(Some(Instant::now() + timeout));
         let cwd = if workspace.is_some() { "/data" } else { "/" };
-        let req =
-            RunRequest { id: 1, image: u32::MAX, argv: argv.to_vec(), cwd: cwd.into(), env: base_env() };
+        let req = RunRequest {
+            id: 1,
+            image: u32::MAX,
+            argv: argv.to_vec(),
+            cwd: cwd.into(),
+            env: base_env(),
+            user: None,
+        };
         let res = self.request(&rec, req, sink, &cancel);
         let elapsed = t.elapsed();
         let _ = self.teardown(&rec);
@@ -696,14 +703,15 @@ impl Runtime for MicroVm {
             .iter()
             .position(|i| i.reference == step.image)
             .with_context(|| format!("image {} has no disk in VM {}", step.image, sandbox.name))?;
-        let mut env = base_env();
-        env.extend(step.env.iter().cloned());
+        let (env, user) = identity::step_identity(&self.opts.images_dir(), step.image, step.env)
+            .with_context(|| format!("step {}", step.key))?;
         let req = RunRequest {
             id: rand::random::<u32>() % (u32::MAX - 1),
             image: image as u32,
             argv: vec!["/bin/sh".into(), inside_data(step.script)?],
             cwd: inside_data(step.dir)?,
             env,
+            user,
         };
         self.request(sandbox, req, sink, cancel).with_context(|| format!("running step {}", step.key))
     }

@@ -1,17 +1,18 @@
 //! The `oci` runtime: one fresh container per step, made by an OCI runtime from the distribution
-//! (`runc` by default, `crun`, or gVisor's `runsc`), with the step's image as a read-only root
-//! and the workspace at `/data`. The sandbox of a job is its state directory (the runtime's
+//! (`runc` by default, `crun`, or gVisor's `runsc`), with the step's image under a writable
+//! layer of the step's own as its root (rootfs.rs) and the workspace at `/data`. The sandbox of a job is its state directory (the runtime's
 //! container state, the bundles), its cgroup (the job's limits) and a use record in the image
 //! store; `teardown` and `janitor` remove all three.
 
 pub mod cgroup;
+pub mod rootfs;
 pub mod spec;
 pub mod uids;
 
 use anyhow::{bail, Context, Result};
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -115,7 +116,8 @@ fn judge(
 ) -> StepEnd {
     if run.least_free.is_some_and(|f| f < DISK_FULL_BELOW) {
         sink.limit_hit(&format!(
-            "workspace disk limit of {} (EXECUTOR_FIRECRACKER_DISK_SPACE): /data filled up",
+            "workspace disk limit of {} (EXECUTOR_FIRECRACKER_DISK_SPACE): /data and the step's writable \
+             root filled it up",
             crate::base::units::format_bytes(d.workspace_disk_bytes)
         ));
     }
@@ -194,8 +196,13 @@ impl OciRuntime {
         ImageStore::open(&self.opts.images_dir())
     }
 
-    /// Writes the bundle of one step container (a fresh id under the sandbox's `bundles/`).
-    fn write_bundle(sandbox: &SandboxRecord, d: &OciDetails, step: &StepSpec) -> Result<(String, PathBuf)> {
+    /// Writes the bundle of one step container (a fresh id under the sandbox's `bundles/`) and
+    /// mounts its writable root.
+    fn write_bundle(
+        sandbox: &SandboxRecord,
+        d: &OciDetails,
+        step: &StepSpec,
+    ) -> Result<(String, PathBuf, rootfs::StepRoot)> {
         let image = d.images.get(step.image).with_context(|| {
             format!("step {} names image {:?}, which the sandbox did not boot with", step.key, step.image)
         })?;
@@ -205,31 +212,43 @@ impl OciRuntime {
         let id = format!("{}-{}", sandbox.name, &uuid::Uuid::new_v4().simple().to_string()[..8]);
         let bundle = sandbox.state_dir.join("bundles").join(&id);
         fs::create_dir_all(&bundle).with_context(|| format!("creating bundle {}", bundle.display()))?;
+        let lower = image.root.clone().unwrap_or_else(|| image.rootfs.clone());
+        let user = crate::image::runas::resolve(&lower, &image.user)
+            .with_context(|| format!("step {} in image {:?}", step.key, step.image))?;
+        let env = crate::image::runas::environment(&image.env, step.env, spec::DEFAULT_PATH, &user.home);
+        let root = rootfs::mount_step(&sandbox.name, &d.workspace, &lower, &id)?;
         let container = spec::StepContainer {
-            rootfs: image.root.clone().unwrap_or_else(|| image.rootfs.clone()),
+            rootfs: root.path.clone(),
+            readonly_root: false,
+            mask: Some(root.mask.clone()),
+            uid: user.uid,
+            gid: user.gid,
+            groups: user.groups,
             id_base: d.uid_base,
-            workspace: d.workspace.clone(),
+            workspace: rootfs::reach_workspace(&sandbox.name),
+            // The contract's working directory (`-w /data/<dir>`) wins over the image's.
             cwd: if dir.is_empty() { "/data".into() } else { format!("/data/{dir}") },
             args: vec!["/bin/sh".into(), format!("/data/{script}")],
-            env: step.env.to_vec(),
+            env,
             cgroups_path: cgroup::JobCgroup::new(&sandbox.name).child_path(&id),
             tmp_bytes: d.tmp_bytes,
             max_file_bytes: d.max_file_bytes,
             max_open_files: MAX_OPEN_FILES,
         };
-        let rootfs = &container.rootfs;
         let network = d.network.as_ref().map(|n| spec::StepNetwork {
             netns: n.netns_path(),
-            // A bind mount needs its target in the read-only image; an image without one
-            // resolves no names (docs/network.md).
-            resolv_conf: fs::symlink_metadata(rootfs.join("etc/resolv.conf"))
+            // A bind mount needs a file as its target; an image whose /etc/resolv.conf is not
+            // one resolves no names (docs/network.md).
+            resolv_conf: fs::symlink_metadata(lower.join("etc/resolv.conf"))
                 .is_ok_and(|m| m.is_file())
-                .then(|| sandbox.state_dir.join(RESOLV_CONF)),
+                .then(|| rootfs::reach_dir(&sandbox.name).join(RESOLV_CONF)),
         });
         let config = spec::bundle_config(&container, network.as_ref());
-        fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(&config)?)
-            .with_context(|| format!("writing {}", bundle.join("config.json").display()))?;
-        Ok((id, bundle))
+        if let Err(e) = fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(&config)?) {
+            let _ = rootfs::unmount_step(&root);
+            return Err(e).with_context(|| format!("writing {}", bundle.join("config.json").display()));
+        }
+        Ok((id, bundle, root))
     }
 
     /// Streams the step's output until the runtime exits, watching its cgroup, the workspace
@@ -307,6 +326,7 @@ impl OciRuntime {
             // Torn down while the step ran: whatever the dying runtime wrote after the teardown
             // (its state, the bundle) is ours to remove. The teardown may be removing the same
             // tree at this moment, so a removal that races it is tried again.
+            let _ = rootfs::remove_reach(&sandbox.name);
             unmount_roots(&sandbox.state_dir);
             let _ = remove_dir_retrying(&sandbox.state_dir);
         }
@@ -375,7 +395,7 @@ impl OciRuntime {
             let userns = crate::base::sys::userns_fd(ID_BASE, base, ID_COUNT)
                 .context("making a user namespace for the idmapped image mounts")?;
             let mut images = d.images.clone();
-            for img in images.values_mut().filter(|_| d.oci_runtime != "runsc") {
+            for img in images.values_mut() {
                 let hex: String = img.digest.chars().filter(|c| c.is_ascii_hexdigit()).take(64).collect();
                 let root = state_dir.join("roots").join(hex);
                 if !root.exists() {
@@ -409,7 +429,18 @@ impl OciRuntime {
             return Ok(());
         }
         chown_tree(&d.workspace, |_, _| (d.uid_base, d.uid_base))?;
-        fs::write(&marker, b"").with_context(|| format!("writing {}", marker.display()))
+        // /data is searchable by the image's other users, as a Docker bind mount of a 0755
+        // directory is, where a directory above it (the state directory) is closed to every
+        // host user but root.
+        let mode = fs::metadata(&d.workspace)
+            .with_context(|| format!("inspecting workspace {}", d.workspace.display()))?
+            .mode()
+            & 0o7777;
+        if closed_to_others(&d.workspace) {
+            fs::set_permissions(&d.workspace, fs::Permissions::from_mode(mode | 0o755))
+                .with_context(|| format!("setting the mode of workspace {}", d.workspace.display()))?;
+        }
+        fs::write(&marker, format!("{mode:o}")).with_context(|| format!("writing {}", marker.display()))
     }
 }
 
@@ -452,22 +483,11 @@ fn chown_tree(root: &Path, owner: impl Fn(u32, u32) -> (u32, u32)) -> Result<()>
     Ok(())
 }
 
-/// Checks that every directory above `path` can be searched by the container's mapped root.
-fn check_reachable(path: &Path) -> Result<()> {
-    let mut cur = PathBuf::new();
-    for c in path.components() {
-        cur.push(c);
-        let md = fs::metadata(&cur).with_context(|| format!("inspecting {}", cur.display()))?;
-        let searchable = md.mode() & 0o001 != 0 || (md.uid() == ID_BASE && md.mode() & 0o100 != 0);
-        if md.is_dir() && !searchable {
-            bail!(
-                "{} is not searchable by the container's root (host uid {ID_BASE}): the image store must \
-                 sit below directories with o+x",
-                cur.display()
-            );
-        }
-    }
-    Ok(())
+/// Whether a directory above `path` is root's and closed to other users (no o+x).
+fn closed_to_others(path: &Path) -> bool {
+    path.ancestors()
+        .skip(1)
+        .any(|p| fs::symlink_metadata(p).is_ok_and(|m| m.is_dir() && m.uid() == 0 && m.mode() & 0o001 == 0))
 }
 
 fn safe_rel(rel: &str, what: &str) -> Result<String> {
@@ -505,7 +525,6 @@ impl Runtime for OciRuntime {
         }
         out.push(format!("cgroup layout: {:?}", cgroup::layout()));
         let store = self.store()?;
-        check_reachable(&store.dir().join("rootfs"))?;
         out.push(format!("image store {}: {} images", store.dir().display(), store.list()?.len()));
         Ok(out)
     }
@@ -513,13 +532,23 @@ impl Runtime for OciRuntime {
     fn boot(&self, req: &BootRequest) -> Result<SandboxRecord> {
         let which = self.oci_runtime.as_str();
         which::which(which).with_context(|| format!("the OCI runtime {which} is not installed"))?;
+        crate::sandbox::private_state_dir(&self.opts.state_dir)?;
         let store = self.store()?;
         // Every image first: an unknown image fails the job before anything is created.
         let mut images = BTreeMap::new();
         for r in &req.images {
             let img = store.resolve(r)?;
-            check_reachable(&img.rootfs)?;
-            images.insert(r.clone(), OciImage { digest: img.digest, rootfs: img.rootfs, root: None });
+            images.insert(
+                r.clone(),
+                OciImage {
+                    digest: img.digest,
+                    rootfs: img.rootfs,
+                    root: None,
+                    env: img.env,
+                    user: img.user,
+                    workdir: img.workdir,
+                },
+            );
         }
         let name = format!("{}-{}", req.name_prefix, uuid::Uuid::new_v4().simple());
         let state_dir = self.opts.sandboxes_dir().join(&name);
@@ -568,6 +597,7 @@ impl Runtime for OciRuntime {
             }
             record.details = SandboxDetails::Oci(Some(details.clone()));
             crate::base::fs::write_atomic(&state_dir.join(MARKER), &serde_json::to_vec_pretty(&record)?)?;
+            rootfs::make_reach(&name, req.workspace, details.uid_base)?;
             // The network last, recorded at once: a failure here fails the job before any
             // step runs (fail closed), and what was made is in the record for the teardown.
             if self.opts.network.mode == crate::network::Mode::Internet && which == "runsc" {
@@ -576,8 +606,9 @@ impl Runtime for OciRuntime {
                 let net =
                     crate::network::setup(&self.opts.state_dir, &name, &self.opts.network, req.coordinator)
                         .context("setting up the job's network (EXECUTOR_NETWORK=internet)")?;
-                fs::write(state_dir.join(RESOLV_CONF), net.resolv_conf())
-                    .with_context(|| format!("writing {}", state_dir.join(RESOLV_CONF).display()))?;
+                let resolv = rootfs::reach_dir(&name).join(RESOLV_CONF);
+                fs::write(&resolv, net.resolv_conf())
+                    .with_context(|| format!("writing {}", resolv.display()))?;
                 details.network = Some(net);
                 record.details = SandboxDetails::Oci(Some(details.clone()));
                 crate::base::fs::write_atomic(&state_dir.join(MARKER), &serde_json::to_vec_pretty(&record)?)?;
@@ -606,7 +637,7 @@ impl Runtime for OciRuntime {
     ) -> Result<StepEnd> {
         let d = Self::details(sandbox)?;
         let which = d.oci_runtime.as_str();
-        let (id, bundle) = Self::write_bundle(sandbox, &d, step)?;
+        let (id, bundle, root) = Self::write_bundle(sandbox, &d, step)?;
         let cg = cgroup::JobCgroup::new(&sandbox.name);
         let before = cg.counters();
         let mut cmd = self.runtime_cmd(which, &sandbox.state_dir);
@@ -619,9 +650,11 @@ impl Runtime for OciRuntime {
         // Whatever the step left behind (a daemon that escaped its session) dies with it.
         cg.kill_all(50);
         self.remove_step(sandbox, which, &id, &bundle);
-        let mut run = run?;
         let after = cg.counters();
+        let mut run = run?;
+        // The disk is judged before the step's layer goes: what it wrote there counts.
         run.note_disk(&d);
+        rootfs::unmount_step_later(root);
         Ok(judge(&d, &run, &before, &after, watch.seen, watch.inner))
     }
 
@@ -633,7 +666,14 @@ impl Runtime for OciRuntime {
         }
         // Every process of the job is gone, so nothing can swap a path while the owner changes.
         cgroup::JobCgroup::new(&sandbox.name).kill_all(50);
+        rootfs::remove_step_roots(&sandbox.name, workspace);
         chown_tree(workspace, |_, _| (d.workspace_uid, d.workspace_gid))?;
+        let mode = fs::read_to_string(&marker).ok().and_then(|m| u32::from_str_radix(m.trim(), 8).ok());
+        if let Some(mode) = mode {
+            let tree = crate::base::fs::Beneath::open(workspace)?;
+            tree.chmod(Path::new(""), mode)
+                .with_context(|| format!("restoring the mode of workspace {}", workspace.display()))?;
+        }
         fs::remove_file(&marker).with_context(|| format!("removing {}", marker.display()))
     }
 
@@ -646,8 +686,11 @@ impl Runtime for OciRuntime {
             self.delete_containers(&which, &sandbox.state_dir);
         }
         cg.remove()?;
+        // The steps' roots and the workspace's bind go before the workspace is given back.
+        rootfs::remove_reach(&sandbox.name)?;
         if let Some(d) = &d {
             if d.workspace.exists() {
+                rootfs::remove_step_roots(&sandbox.name, &d.workspace);
                 self.sync_workspace(sandbox, &d.workspace)?;
             }
         }

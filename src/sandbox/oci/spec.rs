@@ -9,22 +9,29 @@ use crate::image::ID_COUNT;
 
 /// The default PATH inside a step when the step's env does not set one.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-/// HOME inside a step: the writable tmpfs, since the image root is read-only.
-pub const HOME: &str = "/tmp";
 
 /// Everything a step's container is made from.
 #[derive(Debug, Clone)]
 pub struct StepContainer {
-    /// The image's read-only root tree (the sandbox's idmapped mount of it).
+    /// The step's root: the image under a writable layer of its own (rootfs.rs).
     pub rootfs: PathBuf,
+    /// Whether the root is mounted read-only.
+    pub readonly_root: bool,
+    /// The layer directory in /data, hidden under an empty read-only tmpfs.
+    pub mask: Option<String>,
+    /// The process's uid, gid and supplementary groups inside.
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
     /// Host uid/gid that container root maps to: the sandbox's own range (see uids.rs).
     pub id_base: u32,
-    /// Host directory mounted read-write at `/data`.
+    /// Host directory mounted read-write at `/data` (the reach directory's bind of it).
     pub workspace: PathBuf,
     /// Working directory inside (`/data/<dir>`).
     pub cwd: String,
     pub args: Vec<String>,
-    /// The step's own `NAME=value` environment (PATH and HOME are added when absent).
+    /// The step's whole `NAME=value` environment (image's, step's, PATH and HOME: see
+    /// `image::runas::environment`).
     pub env: Vec<String>,
     /// cgroup path of the container, below the job's cgroup.
     pub cgroups_path: String,
@@ -448,8 +455,8 @@ pub fn bundle_config(c: &StepContainer, net: Option<&StepNetwork>) -> Value {
         .collect();
     let id_map = json!([{ "containerID": 0, "hostID": c.id_base, "size": ID_COUNT }]);
 
-    // 2. Root filesystem: the image tree, read-only.
-    let root = json!({ "path": c.rootfs, "readonly": true });
+    // 2. Root filesystem: the image under the step's own writable layer (see rootfs.rs).
+    let root = json!({ "path": c.rootfs, "readonly": c.readonly_root });
 
     // 3. Mounts: kernel filesystems, a small /dev, a private tmpfs /tmp and the workspace at /data.
     let mounts = json!([
@@ -474,6 +481,10 @@ pub fn bundle_config(c: &StepContainer, net: Option<&StepNetwork>) -> Value {
             *m = json!({ "destination": "/sys", "type": "tmpfs", "source": "tmpfs",
                          "options": ["nosuid", "noexec", "nodev", "ro", "size=4k"] });
         }
+    }
+    if let (Some(list), Some(mask)) = (mounts.as_array_mut(), c.mask.as_ref()) {
+        list.push(json!({ "destination": mask, "type": "tmpfs", "source": "tmpfs",
+                          "options": ["ro", "nosuid", "nodev", "noexec", "mode=000", "size=4k"] }));
     }
     if let (Some(list), Some(resolv)) = (mounts.as_array_mut(), net.and_then(|n| n.resolv_conf.as_ref())) {
         list.push(json!({ "destination": "/etc/resolv.conf", "type": "bind", "source": resolv,
@@ -522,12 +533,16 @@ pub fn bundle_config(c: &StepContainer, net: Option<&StepNetwork>) -> Value {
         rlimits.push(json!({ "type": "RLIMIT_FSIZE", "hard": c.max_file_bytes, "soft": c.max_file_bytes }));
     }
 
-    // 9. The process: container root, the step's environment only, in /data/<dir>.
+    // 9. The process: the image's user, the image's and the step's environment, in /data/<dir>.
+    let mut user = json!({ "uid": c.uid, "gid": c.gid });
+    if !c.groups.is_empty() {
+        user["additionalGids"] = json!(c.groups);
+    }
     let process = json!({
         "terminal": false,
-        "user": { "uid": 0, "gid": 0 },
+        "user": user,
         "args": c.args,
-        "env": step_env(&c.env),
+        "env": c.env,
         "cwd": c.cwd,
         "capabilities": caps,
         "rlimits": rlimits,
@@ -580,20 +595,6 @@ pub fn seccomp_profile() -> Value {
     })
 }
 
-/// The step's environment: its own variables, plus PATH and HOME unless it sets them.
-pub fn step_env(env: &[String]) -> Vec<String> {
-    let has = |k: &str| env.iter().any(|e| e.split_once('=').map(|(n, _)| n) == Some(k));
-    let mut out = Vec::with_capacity(env.len() + 2);
-    if !has("PATH") {
-        out.push(format!("PATH={DEFAULT_PATH}"));
-    }
-    if !has("HOME") {
-        out.push(format!("HOME={HOME}"));
-    }
-    out.extend(env.iter().filter(|e| e.contains('=')).cloned());
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -601,6 +602,11 @@ mod tests {
     fn sample() -> StepContainer {
         StepContainer {
             rootfs: "/img/rootfs".into(),
+            readonly_root: false,
+            mask: Some("/data/.executor-root-1".into()),
+            uid: 0,
+            gid: 0,
+            groups: vec![],
             id_base: crate::image::ID_BASE + ID_COUNT,
             workspace: "/ws".into(),
             cwd: "/data/repo".into(),
@@ -626,7 +632,7 @@ mod tests {
         assert_eq!(v["linux"]["uidMappings"][0]["containerID"], 0);
         assert_eq!(v["linux"]["uidMappings"][0]["hostID"], crate::image::ID_BASE + ID_COUNT);
         assert_eq!(v["linux"]["gidMappings"][0]["hostID"], crate::image::ID_BASE + ID_COUNT);
-        assert_eq!(v["root"]["readonly"], true);
+        assert_eq!(v["root"]["readonly"], false);
         assert_eq!(v["process"]["noNewPrivileges"], true);
         for set in ["bounding", "effective", "inheritable", "permitted", "ambient"] {
             assert_eq!(v["process"]["capabilities"][set], json!([]), "{set}");
@@ -747,14 +753,5 @@ mod tests {
         let plain = bundle_config(&sample(), None);
         assert!(plain["linux"]["namespaces"].as_array().unwrap().iter().all(|n| n.get("path").is_none()));
         assert!(!plain["mounts"].as_array().unwrap().iter().any(|m| m["destination"] == "/etc/resolv.conf"));
-    }
-
-    #[test]
-    fn environment_is_only_the_steps_plus_path_and_home() {
-        assert_eq!(
-            step_env(&["A=1".into()]),
-            vec![format!("PATH={DEFAULT_PATH}"), "HOME=/tmp".into(), "A=1".into()]
-        );
-        assert_eq!(step_env(&["PATH=/x".into(), "HOME=/h".into()]), vec!["PATH=/x", "HOME=/h"]);
     }
 }

@@ -899,3 +899,95 @@ fn bearer_token_auth_gets_a_token_for_the_repository() {
     );
     assert!(std::fs::read_to_string(state.join("images/refs.json")).unwrap().contains(&reference));
 }
+
+/// The cache budget end to end: `image prune --dry-run` lists what would go and removes nothing;
+/// `executor janitor` under `EXECUTOR_IMAGE_CACHE_SIZE` removes the layer blobs first, then the
+/// least recently used pulled image, and keeps the built one.
+#[test]
+fn cache_budget_prunes_least_recently_used_pulled_images() {
+    let test = "image::pull::cache_budget_prunes_least_recently_used_pulled_images";
+    if !can_run(test) {
+        return;
+    }
+    let reg = Registry::start(None, None);
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let mut layout = Layout::new(&tmp.path().join("layout"));
+    demo_image(&mut layout, "demo");
+    let extra = Layer::new(|b| file(b, "big", &vec![7u8; 300_000], 0o644));
+    let bb = busybox_layer();
+    let m = layout.image("amd64", &[(&bb.tar, bb.gzip(), GZ), (&extra.tar, extra.gzip(), GZ)]);
+    layout.tag("other", OCI_MANIFEST, &m.0, m.1);
+    let host = reg.host();
+    reg.push(&layout.src("demo"), "demo:1");
+    reg.push(&layout.src("other"), "other:1");
+    image(&state, &["build-busybox"], &[]).run();
+    image(&state, &["pull", &format!("{host}/demo:1")], &[]).run();
+    std::thread::sleep(Duration::from_millis(20));
+    image(&state, &["pull", &format!("{host}/other:1")], &[]).run();
+    let blobs = || -> Vec<String> {
+        std::fs::read_dir(state.join("images/blobs/sha256"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| !n.ends_with(".lock"))
+            .collect()
+    };
+    assert!(!blobs().is_empty(), "layer blobs are kept for later pulls without a budget");
+
+    let out = image(&state, &["prune", "--dry-run", "--image-cache-size", "1"], &[]).run();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("would remove image sha256:") && text.contains(&format!("{host}/demo:1")),
+        "{text}"
+    );
+    assert!(text.contains(&format!("{host}/other:1")), "{text}");
+    assert!(text.contains("kept sha256:") && text.contains("imported or built here"), "{text}");
+    assert!(text.contains("would free ") && text.contains("would remove blob sha256:"), "{text}");
+    let list = image(&state, &["ls", "--json"], &[]).run();
+    let list: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 3, "a dry run removes nothing: {list}");
+
+    // A budget just short of what the trees take: the blobs go first, then only the least
+    // recently used pulled image.
+    let usage = dir_blocks(&state.join("images/rootfs"));
+    let out = Exec::new()
+        .arg("janitor")
+        .env("EXECUTOR_STATE_DIR", &state)
+        .env("EXECUTOR_IMAGE_CACHE_SIZE", (usage - 4096).to_string())
+        .env("EXECUTOR_FRONTEND_PASSWORD", "unused-by-the-janitor")
+        .run();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(said.contains(&format!("{host}/demo:1")) && said.contains("EXECUTOR_IMAGE_CACHE_SIZE"), "{said}");
+    assert!(!said.contains(&format!("{host}/other:1")), "{said}");
+    assert!(blobs().is_empty(), "blobs go before images over the budget: {:?}", blobs());
+    let list = image(&state, &["ls", "--json"], &[]).run();
+    let names: Vec<String> = serde_json::from_slice::<serde_json::Value>(&list.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap().to_string())
+        .collect();
+    assert!(names.contains(&"busybox".to_string()) && names.contains(&format!("{host}/other")), "{names:?}");
+    assert!(!names.contains(&format!("{host}/demo")), "{names:?}");
+}
+
+/// Allocated bytes of every entry below `dir`, as the store counts its trees.
+fn dir_blocks(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let md = std::fs::symlink_metadata(&p).unwrap();
+        if p != dir
+            && !(md.is_file() && p.extension().is_some_and(|e| e == "json") && p.parent() == Some(dir))
+        {
+            total += md.blocks() * 512;
+        }
+        if md.is_dir() {
+            stack.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+    total
+}

@@ -550,3 +550,118 @@ fn microvm_guest_console_cannot_grow_past_its_cap() {
     rt.teardown(&rec).unwrap();
     assert!(!rec.state_dir.exists());
 }
+
+/// Where a job can write outside its workspace: the step's root and /tmp (per step), and what
+/// lives as long as its VM: /dev (devtmpfs, one per kernel), the agent's own root filesystem and
+/// its /tmp and /run. The first job writes a marker to each; the check prints what it sees.
+const MARKERS: &str =
+    "/marker /tmp/marker /dev/shm/marker /proc/1/root/marker /proc/1/root/tmp/marker /proc/1/root/run/marker";
+
+/// The microVM pool (`EXECUTOR_VM_POOL_SIZE`): jobs take VMs booted ahead of them, each VM serves
+/// one job and is destroyed after it, so nothing a job leaves in its VM (root filesystem, /tmp,
+/// memory-backed files) is seen by a later job; the loop prints the pool's state, drains it when
+/// it stops, and leaves no VM behind.
+#[test]
+fn microvm_pool_gives_each_job_a_fresh_vm_booted_ahead_of_it() {
+    let name = "microvm_pool_gives_each_job_a_fresh_vm_booted_ahead_of_it";
+    if let Some(why) = missing() {
+        return common::skip(name, "microvm", &why);
+    }
+    let state = state_dir();
+    let c = crate::coordinator::Coordinator::start();
+    let prefix = format!("mvp{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let _dog = watchdog(state.clone(), prefix.clone(), Duration::from_secs(500));
+    let write = format!(
+        "for p in {MARKERS}; do mkdir -p $(dirname $p) && echo leaked > $p || echo cannot-write:$p; done; echo wrote"
+    );
+    let check =
+        format!("for p in {MARKERS}; do if [ -e $p ]; then echo SEEN:$p; else echo clean:$p; fi; done");
+    let job =
+        |steps: serde_json::Value| c.submit(serde_json::json!({"queue": "batches", "dockerSteps": steps}));
+    let step =
+        |key: &str, cmd: &str| serde_json::json!({"key": key, "image": IMAGE, "dir": "", "commands": [cmd]});
+    let tmp = tempfile::tempdir().unwrap();
+    let log_path = tmp.path().join("loop.log");
+    let mut cmd = common::executor();
+    c.executor_env(&mut cmd);
+    cmd.arg("loop")
+        .env("EXECUTOR_QUEUE_NAME", "batches")
+        .env("EXECUTOR_RUNTIME", "microvm")
+        .env("EXECUTOR_VM_ALLOW_TCG", "1")
+        .env("EXECUTOR_VM_PREFIX", &prefix)
+        .env("EXECUTOR_STATE_DIR", &state)
+        .env("EXECUTOR_VM_POOL_SIZE", "1")
+        .env("EXECUTOR_JOB_MEMORY", "512M")
+        .env("EXECUTOR_JOB_NUM_CPUS", "1")
+        .env("EXECUTOR_NUM_TOTAL_JOBS", "3")
+        .env("EXECUTOR_HEARTBEAT_INTERVAL", "1s")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap());
+    let mut lp = cmd.spawn().expect("starting executor loop");
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let ready = || log().matches("ready after").count();
+
+    // The first job writes its markers, and its second step sees those that live as long as
+    // the VM: the check can see a marker where one is left.
+    let first = job(serde_json::json!([step("write", &write), step("check", &check)]));
+    let done = ["completed", "failed", "errored", "canceled"];
+    let j1 = c.wait_state(first, &done, Duration::from_secs(200));
+    assert_eq!(j1["state"], "completed", "{j1:#}\n{}", log());
+    let mut outputs = Vec::new();
+    let mut sandboxes = Vec::new();
+    let take = |j: &serde_json::Value, outputs: &mut Vec<String>, sandboxes: &mut Vec<String>| {
+        let logs = j["logs"].as_array().unwrap();
+        let boot = logs.iter().find(|e| e["key"] == "setup.microvm.start").expect("setup.microvm.start");
+        let out = boot["out"].as_str().unwrap().to_string();
+        let sandbox = out.split("started sandbox ").nth(1).unwrap().trim().to_string();
+        sandboxes.push(sandbox);
+        let check = logs.iter().find(|e| e["key"] == "step.docker.check").expect("step.docker.check");
+        outputs.push(check["out"].as_str().unwrap().to_string());
+        out
+    };
+    // Pool VMs taken so far (the first job may have found one booted from the images of an
+    // earlier run in this state directory).
+    let mut taken = usize::from(take(&j1, &mut outputs, &mut sandboxes).contains("from the pool"));
+    let write_out = j1["logs"].as_array().unwrap().iter().find(|e| e["key"] == "step.docker.write").unwrap()
+        ["out"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(write_out.contains("wrote") && !write_out.contains("cannot-write"), "{write_out}");
+    for p in ["/dev/shm/marker", "/proc/1/root/marker", "/proc/1/root/tmp/marker", "/proc/1/root/run/marker"]
+    {
+        assert!(
+            outputs[0].contains(&format!("SEEN:{p}")),
+            "within one VM the marker {p} stays: {}",
+            outputs[0]
+        );
+    }
+
+    // Two more jobs, each once the pool has a VM ready for it.
+    for n in 0..2 {
+        common::wait_until("a pool VM ready", Duration::from_secs(200), || ready() > taken);
+        taken += 1;
+        let id = job(serde_json::json!([step("check", &check)]));
+        let j = c.wait_state(id, &done, Duration::from_secs(200));
+        assert_eq!(j["state"], "completed", "{j:#}\n{}", log());
+        let boot = take(&j, &mut outputs, &mut sandboxes);
+        assert!(boot.contains("from the pool"), "job {} took no pool VM: {boot}\n{}", n + 2, log());
+    }
+    let err = common::wait_exit_ok(&mut lp, Duration::from_secs(60));
+    let err = format!("{}{err}", log());
+    for (i, out) in outputs.iter().enumerate().skip(1) {
+        assert!(!out.contains("SEEN:"), "job {} saw what job 1 left: {out}", i + 1);
+        assert_eq!(out.matches("stdout: clean:").count(), 6, "{out}");
+    }
+    let distinct: HashSet<&String> = sandboxes.iter().collect();
+    assert_eq!(distinct.len(), 3, "each job had its own VM: {sandboxes:?}");
+    assert!(err.contains("VM pool: size 1"), "{err}");
+    assert!(err.contains("2 hits") || err.contains("3 hits"), "{err}");
+    assert!(err.contains("VM pool: destroyed"), "{err}");
+    // Nothing of the pool is left: no QEMU, no sandbox directory.
+    assert!(processes_with(&prefix).iter().all(|p| !p.contains("qemu")), "{:?}", processes_with(&prefix));
+    let left: Vec<_> = std::fs::read_dir(state.join("sandboxes"))
+        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    assert!(!left.iter().any(|n: &String| n.starts_with(&prefix)), "{left:?}");
+}

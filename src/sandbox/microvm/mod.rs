@@ -11,6 +11,7 @@ pub mod cgroup;
 pub mod channel;
 pub mod console;
 pub mod disk;
+pub mod pool;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -62,6 +63,9 @@ struct VmBoot<'a> {
     accel_reason: String,
     limits: &'a super::Limits,
     timeout: Duration,
+    /// A VM booted ahead of its job (`pool`): a blank workspace disk of this many bytes, which
+    /// the agent mounts only when told, once the host wrote the job's filesystem into it.
+    pool_disk_bytes: Option<u64>,
 }
 
 impl<'a> VmBoot<'a> {
@@ -73,7 +77,7 @@ impl<'a> VmBoot<'a> {
         limits: &'a super::Limits,
         timeout: Duration,
     ) -> Self {
-        VmBoot { workspace, images, accel, accel_reason, limits, timeout }
+        VmBoot { workspace, images, accel, accel_reason, limits, timeout, pool_disk_bytes: None }
     }
 }
 
@@ -226,7 +230,15 @@ impl MicroVm {
     }
 
     fn boot_in(&self, rec: &mut SandboxRecord, manifest: &crate::vm::Manifest, boot: &VmBoot) -> Result<()> {
-        let VmBoot { workspace, images, accel, ref accel_reason, limits, timeout: boot_timeout } = *boot;
+        let VmBoot {
+            workspace,
+            images,
+            accel,
+            ref accel_reason,
+            limits,
+            timeout: boot_timeout,
+            pool_disk_bytes,
+        } = *boot;
         let accel_reason = accel_reason.clone();
         let t0 = Instant::now();
         let dir = rec.state_dir.clone();
@@ -248,7 +260,22 @@ impl MicroVm {
             det.workspace_disk = dir.join("workspace.ext4");
             det.workspace_disk_bytes = size.next_multiple_of(1 << 20);
             disk::make_ext4(ws, &det.workspace_disk, det.workspace_disk_bytes, "workspace")?;
+        } else if let Some(size) = pool_disk_bytes {
+            // Blank and sparse: the job's filesystem is written into this same file when a job
+            // takes the VM (`pool::claim`), and the agent mounts it only then.
+            det.workspace_disk = dir.join("workspace.ext4");
+            det.workspace_disk_bytes = size.next_multiple_of(1 << 20);
+            let f = fs::File::create(&det.workspace_disk)
+                .with_context(|| format!("creating {}", det.workspace_disk.display()))?;
+            f.set_len(det.workspace_disk_bytes)
+                .with_context(|| format!("sizing {}", det.workspace_disk.display()))?;
         }
+        let has_disk = workspace.is_some() || pool_disk_bytes.is_some();
+        let workspace_mode = match (workspace.is_some(), pool_disk_bytes.is_some()) {
+            (true, _) => 1,
+            (false, true) => 2,
+            (false, false) => 0,
+        };
         for reference in images {
             let (digest, rootfs) = self.resolve_image(reference)?;
             let d = disk::image_disk(&self.vm_dir().join("images"), &digest, &rootfs)
@@ -260,7 +287,7 @@ impl MicroVm {
         let cpus = if limits.cpus > 0 { limits.cpus } else { 1 };
         let mem = if limits.memory_bytes > 0 { limits.memory_bytes } else { DEFAULT_MEMORY };
         let debug = std::env::var_os("EXECUTOR_VM_DEBUG").is_some();
-        let cmdline = kernel_cmdline(det.images.len(), workspace.is_some(), debug, tsc_khz());
+        let cmdline = kernel_cmdline(det.images.len(), workspace_mode, debug, tsc_khz());
         let mut cmd = crate::base::proc::command(QEMU);
         cmd.args(["-name", &rec.name, "-M", MACHINE, "-nodefaults", "-no-user-config"]);
         cmd.args([
@@ -284,7 +311,7 @@ impl MicroVm {
         let user = qemu_user(accel)?;
         if let Some(u) = &user {
             give_to(&dir, u, 0o700)?;
-            if workspace.is_some() {
+            if has_disk {
                 give_to(&det.workspace_disk, u, 0o600)?;
             }
             det.qemu_user = Some(u.name.clone());
@@ -302,7 +329,7 @@ impl MicroVm {
         let console_pipe =
             console::start(&det.console, console::CONSOLE_CAP, user.as_ref().map(|u| (u.uid, u.gid)))?;
         cmd.args(["-serial", &format!("file:{}", fd_path_raw(console_pipe.as_raw_fd()))]);
-        if workspace.is_some() {
+        if has_disk {
             cmd.args(["-drive", "id=workspace,file=workspace.ext4,format=raw,if=none"]);
             cmd.args(["-device", "virtio-blk-device,drive=workspace,serial=workspace"]);
         }
@@ -591,7 +618,9 @@ fn give_to(path: &Path, user: &QemuUser, mode: u32) -> Result<()> {
 ///   timer check, which then panics the guest;
 /// - `cryptomgr.notests`: the crypto self-tests cost about half a second under TCG;
 /// - `panic=-1 reboot=t` with QEMU's `-no-reboot`: a panic ends QEMU.
-fn kernel_cmdline(images: usize, workspace: bool, debug: bool, tsc_khz: Option<u64>) -> String {
+/// - `executor.workspace`: 0 no workspace disk, 1 mount it at boot, 2 mount it when the host
+///   says so (a VM booted ahead of its job).
+fn kernel_cmdline(images: usize, workspace: u8, debug: bool, tsc_khz: Option<u64>) -> String {
     let mut line = String::from("console=ttyS0");
     if !debug {
         line.push_str(" quiet");
@@ -600,7 +629,7 @@ fn kernel_cmdline(images: usize, workspace: bool, debug: bool, tsc_khz: Option<u
     if let Some(khz) = tsc_khz {
         line.push_str(&format!(" tsc_early_khz={khz}"));
     }
-    line.push_str(&format!(" executor.images={images} executor.workspace={}", u8::from(workspace)));
+    line.push_str(&format!(" executor.images={images} executor.workspace={workspace}"));
     if debug {
         line.push_str(" executor.debug=1");
     }
@@ -907,13 +936,14 @@ mod tests {
 
     #[test]
     fn kernel_cmdline_carries_the_boot_parameters() {
-        let l = kernel_cmdline(2, true, false, Some(1_996_250));
+        let l = kernel_cmdline(2, 1, false, Some(1_996_250));
         for p in ["console=ttyS0", " quiet", "panic=-1", "reboot=t", "tsc=reliable", "no_timer_check"] {
             assert!(l.contains(p), "{p} missing from {l}");
         }
         assert!(l.contains("tsc_early_khz=1996250") && l.contains("cryptomgr.notests"), "{l}");
         assert!(l.ends_with("executor.images=2 executor.workspace=1"), "{l}");
-        let d = kernel_cmdline(0, false, true, None);
+        let d = kernel_cmdline(0, 0, true, None);
+        assert!(kernel_cmdline(1, 2, false, None).ends_with("executor.workspace=2"));
         assert!(
             !d.contains("quiet") && !d.contains("tsc_early_khz") && d.ends_with("executor.debug=1"),
             "{d}"

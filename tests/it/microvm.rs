@@ -665,3 +665,78 @@ fn microvm_pool_gives_each_job_a_fresh_vm_booted_ahead_of_it() {
         .unwrap_or_default();
     assert!(!left.iter().any(|n: &String| n.starts_with(&prefix)), "{left:?}");
 }
+
+/// The pool's VMs stay while their executor lives (a janitor pass of another process leaves
+/// them), are reclaimed by the next janitor pass once it was killed (SIGKILL: no drain), and go
+/// with the loop when it stops on SIGTERM.
+#[test]
+fn microvm_pool_vms_of_a_killed_executor_are_reclaimed_and_sigterm_drains_the_pool() {
+    let name = "microvm_pool_vms_of_a_killed_executor_are_reclaimed_and_sigterm_drains_the_pool";
+    if let Some(why) = missing() {
+        return common::skip(name, "microvm", &why);
+    }
+    let state = state_dir();
+    let c = crate::coordinator::Coordinator::start();
+    let prefix = format!("mvk{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let _dog = watchdog(state.clone(), prefix.clone(), Duration::from_secs(400));
+    let tmp = tempfile::tempdir().unwrap();
+    let with_env = |cmd: &mut std::process::Command| {
+        c.executor_env(cmd);
+        cmd.env("EXECUTOR_QUEUE_NAME", "batches")
+            .env("EXECUTOR_RUNTIME", "microvm")
+            .env("EXECUTOR_VM_ALLOW_TCG", "1")
+            .env("EXECUTOR_VM_PREFIX", &prefix)
+            .env("EXECUTOR_STATE_DIR", &state)
+            .env("EXECUTOR_VM_POOL_SIZE", "1")
+            .env("EXECUTOR_JOB_MEMORY", "512M")
+            .env("EXECUTOR_JOB_NUM_CPUS", "1");
+    };
+    let start_loop = |log: &Path| {
+        let mut cmd = common::executor();
+        with_env(&mut cmd);
+        cmd.arg("loop").stdout(std::process::Stdio::null()).stderr(std::fs::File::create(log).unwrap());
+        cmd.spawn().expect("starting executor loop")
+    };
+    let janitor = || {
+        let mut cmd = common::executor();
+        with_env(&mut cmd);
+        let out = common::run(cmd.arg("janitor"));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let qemus = || processes_with(&prefix).into_iter().filter(|p| p.starts_with("qemu")).count();
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+
+    let log_a = tmp.path().join("a.log");
+    let mut a = start_loop(&log_a);
+    common::wait_until("the pool's VM ready", Duration::from_secs(200), || {
+        read(&log_a).contains("ready after")
+    });
+    assert_eq!(qemus(), 1, "{}", read(&log_a));
+    let out = janitor();
+    assert!(!out.contains(&prefix), "a live executor's pool VM was reclaimed: {out}");
+    assert_eq!(qemus(), 1);
+    // Killed: nothing drains its pool; the next janitor pass reclaims the VM.
+    a.kill().unwrap();
+    a.wait().unwrap();
+    assert_eq!(qemus(), 1, "the VM outlives its killed executor until a janitor pass");
+    let out = janitor();
+    assert!(out.contains(&format!("microvm sandbox {prefix}-")), "{out}");
+    assert_eq!(qemus(), 0, "{:?}", processes_with(&prefix));
+
+    let log_b = tmp.path().join("b.log");
+    let mut b = start_loop(&log_b);
+    common::wait_until("the pool's VM ready", Duration::from_secs(200), || {
+        read(&log_b).contains("ready after")
+    });
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(b.id() as i32), nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
+    common::wait_exit_ok(&mut b, Duration::from_secs(60));
+    let said = read(&log_b);
+    assert!(said.contains("VM pool: destroyed 1 idle VMs"), "{said}");
+    assert_eq!(qemus(), 0, "{:?}", processes_with(&prefix));
+    let left: Vec<_> = std::fs::read_dir(state.join("sandboxes"))
+        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    assert!(!left.iter().any(|n: &String| n.starts_with(&prefix)), "{left:?}");
+}

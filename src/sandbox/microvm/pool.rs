@@ -361,7 +361,8 @@ impl Pool {
         let st = self.state();
         let taken = st.ready.iter().map(|m| rss_bytes(m.rec.pid)).max().unwrap_or(0);
         let b = self.cfg.budget;
-        let committed = b.job_bytes.saturating_mul(running as u64 + 1) + Self::idle_bytes(&st) - taken;
+        let committed =
+            b.job_bytes.saturating_mul(running as u64 + 1) + Self::idle_bytes(&st).saturating_sub(taken);
         committed <= b.total_bytes
     }
 
@@ -717,10 +718,15 @@ impl Pool {
             st.booting.clone()
         };
         self.cv.notify_all();
-        if let Some(name) = &booting {
-            kill_named(name);
-        }
         if let Some(h) = self.booter.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            // Until the booter is done: its QEMU may not have started at the first try.
+            let t = Instant::now();
+            while !h.is_finished() && t.elapsed() < Duration::from_secs(30) {
+                if let Some(name) = &booting {
+                    kill_named(name);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
             let _ = h.join();
         }
         self.publish();

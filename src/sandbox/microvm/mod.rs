@@ -91,11 +91,15 @@ pub struct AgentSilent {
 
 pub struct MicroVm {
     opts: RuntimeOptions,
-    /// The agent connection this process used last (VM name, socket, channel), kept for its
-    /// next request to the same VM: a fresh connection costs the guest a port reopening and a
-    /// hello round trip. Only a connection left clean (handshake done, or request answered).
-    idle: std::sync::Mutex<Option<(String, PathBuf, Channel)>>,
 }
+
+/// Agent connections left clean (handshake done, or request answered), by VM name and socket,
+/// kept for the next request to the same VM from any runtime instance of this process (`loop`'s
+/// stages each open their own: `vm-boot`'s connection serves `run-steps`): a fresh connection
+/// costs the guest a port reopening and a hello round trip. Teardown drops a VM's connection.
+static IDLE: std::sync::Mutex<Vec<(String, PathBuf, Channel)>> = std::sync::Mutex::new(Vec::new());
+/// Most connections kept (those of VMs torn down by another process are never taken).
+const IDLE_MAX: usize = 64;
 
 impl MicroVm {
     pub fn new(mut opts: RuntimeOptions) -> Self {
@@ -103,21 +107,22 @@ impl MicroVm {
         if let Ok(abs) = std::path::absolute(&opts.state_dir) {
             opts.state_dir = abs;
         }
-        MicroVm { opts, idle: std::sync::Mutex::new(None) }
+        MicroVm { opts }
     }
 
     fn keep_idle(&self, sandbox: &SandboxRecord, socket: &Path, ch: Channel) {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        *idle = Some((sandbox.name.clone(), socket.to_path_buf(), ch));
+        let mut idle = IDLE.lock().unwrap_or_else(|p| p.into_inner());
+        idle.retain(|(name, _, _)| *name != sandbox.name);
+        if idle.len() >= IDLE_MAX {
+            idle.remove(0);
+        }
+        idle.push((sandbox.name.clone(), socket.to_path_buf(), ch));
     }
 
     fn take_idle(&self, sandbox: &SandboxRecord, socket: &Path) -> Option<Channel> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.as_ref().is_some_and(|(name, sock, _)| *name == sandbox.name && sock == socket) {
-            idle.take().map(|(_, _, ch)| ch)
-        } else {
-            None
-        }
+        let mut idle = IDLE.lock().unwrap_or_else(|p| p.into_inner());
+        let i = idle.iter().position(|(name, sock, _)| *name == sandbox.name && sock == socket)?;
+        Some(idle.remove(i).2)
     }
 
     fn vm_dir(&self) -> PathBuf {
@@ -362,7 +367,13 @@ impl MicroVm {
         rec.details = SandboxDetails::Microvm(Some(det.clone()));
         let pids = if limits.pids > 0 { limits.pids } else { 256 };
         match cgroup::Cgroup::create(&rec.name, mem + QEMU_OVERHEAD, pids, cpus) {
-            Ok(Some(cg)) => cg.add(pid).with_context(|| format!("moving QEMU {pid} into its cgroup"))?,
+            Ok(Some(cg)) => {
+                cg.add(pid).with_context(|| format!("moving QEMU {pid} into its cgroup"))?;
+                if pool_disk_bytes.is_some() {
+                    // Booted ahead of demand: it yields the CPU to the VMs of running jobs.
+                    cgroup::Cgroup::set_cpu_weight(&rec.name, true);
+                }
+            }
             Ok(None) => {}
             Err(e) => return Err(e.context(format!("creating the cgroup of VM {}", rec.name))),
         }

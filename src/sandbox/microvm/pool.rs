@@ -655,7 +655,10 @@ impl Pool {
                 if let SandboxDetails::Microvm(Some(det)) = &mut rec.details {
                     det.pool = Some(claim);
                 }
-                drop(member.ch.take());
+                // For the job's next request (its first step), from this process.
+                if let (Some(ch), Ok(det)) = (member.ch.take(), MicroVm::details(&rec)) {
+                    self.rt.keep_idle(&rec, &det.socket, ch);
+                }
                 Claim::Hit(Box::new(rec))
             }
             Err(e) => {
@@ -670,6 +673,8 @@ impl Pool {
     /// holds open, rewritten in place) and has the agent mount it.
     fn attach(&self, m: &mut Member, workspace: &Path) -> Result<PoolClaim> {
         let idle_ms = m.ready_at.elapsed().as_millis() as u64;
+        // A job's VM from now on: the CPU weight of any VM.
+        super::cgroup::Cgroup::set_cpu_weight(&m.rec.name, false);
         let det = MicroVm::details(&m.rec)?;
         let t = Instant::now();
         // The same size as the file QEMU opened (the guest's disk cannot change size), and the

@@ -658,6 +658,20 @@ fn microvm_pool_gives_each_job_a_fresh_vm_booted_ahead_of_it() {
     assert!(err.contains("VM pool: size 1"), "{err}");
     assert!(err.contains("2 hits") || err.contains("3 hits"), "{err}");
     assert!(err.contains("VM pool: destroyed"), "{err}");
+    // The pool's metrics came with the heartbeats (the coordinator labels them by executor).
+    let (st, metrics) = c.request("GET", "/metrics", None, None);
+    assert_eq!(st, 200);
+    let line = |name: &str, has: &str| {
+        metrics.lines().find(|l| l.starts_with(&format!("{name}{{")) && l.contains(has)).map(str::to_string)
+    };
+    let hits = line("executor_vm_pool_claims_total", "result=\"hit\"").unwrap_or_else(|| panic!("{metrics}"));
+    let n: f64 = hits.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(n >= 1.0, "{hits}");
+    assert!(
+        line("executor_vm_pool_boot_duration_seconds_count", "result=\"success\"").is_some(),
+        "{metrics}"
+    );
+    assert!(line("executor_vm_pool_size", "").is_some(), "{metrics}");
     // Nothing of the pool is left: no QEMU, no sandbox directory.
     assert!(processes_with(&prefix).iter().all(|p| !p.contains("qemu")), "{:?}", processes_with(&prefix));
     let left: Vec<_> = std::fs::read_dir(state.join("sandboxes"))

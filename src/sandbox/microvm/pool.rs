@@ -232,7 +232,7 @@ pub fn live_members(sandboxes: &Path) -> Result<HashSet<String>> {
     let mut gone: Vec<(String, crate::base::lock::Held)> = Vec::new();
     let mut alive: HashSet<String> = HashSet::new();
     for e in rd.flatten() {
-        let Ok(owner) = std::fs::read_to_string(e.path().join(OWNER_FILE)) else { continue };
+        let Some(owner) = read_owner_file(&e.path().join(OWNER_FILE)) else { continue };
         let owner = owner.trim().to_string();
         if alive.contains(&owner) {
             live.insert(e.file_name().to_string_lossy().into_owned());
@@ -253,6 +253,69 @@ pub fn live_members(sandboxes: &Path) -> Result<HashSet<String>> {
         let _ = std::fs::remove_file(lock_path(sandboxes, &owner));
     }
     Ok(live)
+}
+
+/// A pool VM's owner file: at most 256 bytes, never through a symlink (the directory belongs to
+/// the VM's user).
+fn read_owner_file(path: &Path) -> Option<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    if !f.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut text = String::new();
+    f.take(256).read_to_string(&mut text).ok()?;
+    Some(text.trim().to_string())
+}
+
+/// Writes the job's workspace filesystem (`mkfs.ext4 -d`) into the pool VM's disk file, in place:
+/// the same inode QEMU holds open, truncated and re-extended to the same size (the guest's disk
+/// cannot change size). The file lives in a directory that belongs to the VM's (unprivileged)
+/// user, who could have replaced it with a symlink or a hard link to a file of root's: it is
+/// opened without following a symlink, must be a regular file with one link and the size it was
+/// made with, and `mkfs` (run as root) gets that open file (`/proc/self/fd/N`), never the path.
+fn write_disk_in_place(workspace: &Path, disk: &Path, size: u64) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(disk)
+        .with_context(|| format!("opening the pool VM's disk {}", disk.display()))?;
+    let md = f.metadata().with_context(|| format!("reading {}", disk.display()))?;
+    if !md.is_file() || md.nlink() != 1 || md.len() != size {
+        bail!(
+            "{} is no longer the pool VM's disk (a regular file with one link of {size} bytes)",
+            disk.display()
+        );
+    }
+    f.set_len(0).and_then(|()| f.set_len(size)).with_context(|| format!("clearing {}", disk.display()))?;
+    let dir = std::fs::File::open(workspace).with_context(|| format!("opening {}", workspace.display()))?;
+    let mut cmd = crate::base::proc::command("mkfs.ext4");
+    cmd.args(["-q", "-F", "-L", "workspace", "-E", "root_owner=0:0", "-O", "^has_journal", "-m", "0", "-d"])
+        .arg(workspace)
+        .arg(format!("/proc/self/fd/{}", f.as_raw_fd()))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    // The disk's descriptor reaches mkfs only (cleared close-on-exec in the child alone).
+    crate::base::sys::start_in_dir_keeping(&mut cmd, dir.as_raw_fd(), vec![f.as_raw_fd()]);
+    let o = cmd.output().context("running mkfs.ext4 (install e2fsprogs)")?;
+    if !o.status.success() {
+        bail!(
+            "mkfs.ext4 -d {} into {} failed: {}",
+            workspace.display(),
+            disk.display(),
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 /// Kills the QEMU of the VM named `name`, wherever it is in its boot.
@@ -677,9 +740,7 @@ impl Pool {
         super::cgroup::Cgroup::set_cpu_weight(&m.rec.name, false);
         let det = MicroVm::details(&m.rec)?;
         let t = Instant::now();
-        // The same size as the file QEMU opened (the guest's disk cannot change size), and the
-        // same inode: make_ext4 truncates and resizes the file in place.
-        disk::make_ext4(workspace, &det.workspace_disk, det.workspace_disk_bytes, "workspace")?;
+        write_disk_in_place(workspace, &det.workspace_disk, det.workspace_disk_bytes)?;
         let disk_build_ms = t.elapsed().as_millis() as u64;
         // From now on the job's workspace owner record names this VM.
         std::fs::remove_file(m.rec.state_dir.join(OWNER_FILE))
@@ -791,6 +852,38 @@ mod tests {
         let mut other = base(512 << 20);
         other.network = "internet".into();
         assert!(!key.serves(&other, &[]));
+    }
+
+    #[test]
+    fn the_disk_is_written_in_place_and_never_through_a_link() {
+        use std::os::unix::fs::MetadataExt;
+        let d = tempfile::tempdir().unwrap();
+        let ws = d.path().join("ws");
+        std::fs::create_dir_all(&ws).unwrap();
+        std::fs::write(ws.join("f"), "job file").unwrap();
+        let disk = d.path().join("workspace.ext4");
+        let size = 64u64 << 20;
+        std::fs::File::create(&disk).unwrap().set_len(size).unwrap();
+        let ino = std::fs::metadata(&disk).unwrap().ino();
+        write_disk_in_place(&ws, &disk, size).unwrap();
+        let md = std::fs::metadata(&disk).unwrap();
+        assert_eq!((md.ino(), md.len()), (ino, size), "the same file, the same size");
+        let head = std::fs::read(&disk).unwrap();
+        assert_eq!(&head[1080..1082], &[0x53, 0xef], "an ext4 superblock");
+        // A symlink or a second hard link in its place (the VM's user owns the directory).
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        std::fs::remove_file(&disk).unwrap();
+        std::os::unix::fs::symlink(&victim, &disk).unwrap();
+        assert!(write_disk_in_place(&ws, &disk, size).is_err());
+        std::fs::remove_file(&disk).unwrap();
+        std::fs::hard_link(&victim, &disk).unwrap();
+        assert!(write_disk_in_place(&ws, &disk, size).is_err());
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        // A size other than the one QEMU knows.
+        std::fs::remove_file(&disk).unwrap();
+        std::fs::File::create(&disk).unwrap().set_len(size / 2).unwrap();
+        assert!(write_disk_in_place(&ws, &disk, size).is_err());
     }
 
     #[test]

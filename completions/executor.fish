@@ -220,6 +220,7 @@ complete -c executor -n "__fish_executor_using_subcommand dequeue" -l vm-prefix 
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l oci-runtime -d 'OCI runtime of the oci sandbox: runc, crun or runsc (gVisor) [default: runc]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l vm-accel -d 'microvm accelerator: kvm, tcg, or auto (KVM where the cached boot probe passed, else TCG if allowed) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l vm-allow-tcg -d 'Let the microvm runtime fall back to TCG software emulation (slow) where KVM does not work' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l vm-pool-size -d 'microVMs `loop` keeps booted ahead of demand, each used by one job then destroyed; unset or auto: chosen from memory, 0: off' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
@@ -263,6 +264,7 @@ complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l 
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l oci-runtime -d 'OCI runtime of the oci sandbox: runc, crun or runsc (gVisor) [default: runc]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l vm-accel -d 'microvm accelerator: kvm, tcg, or auto (KVM where the cached boot probe passed, else TCG if allowed) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l vm-allow-tcg -d 'Let the microvm runtime fall back to TCG software emulation (slow) where KVM does not work' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l vm-pool-size -d 'microVMs `loop` keeps booted ahead of demand, each used by one job then destroyed; unset or auto: chosen from memory, 0: off' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
@@ -306,6 +308,7 @@ complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l vm-prefix 
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l oci-runtime -d 'OCI runtime of the oci sandbox: runc, crun or runsc (gVisor) [default: runc]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l vm-accel -d 'microvm accelerator: kvm, tcg, or auto (KVM where the cached boot probe passed, else TCG if allowed) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l vm-allow-tcg -d 'Let the microvm runtime fall back to TCG software emulation (slow) where KVM does not work' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l vm-pool-size -d 'microVMs `loop` keeps booted ahead of demand, each used by one job then destroyed; unset or auto: chosen from memory, 0: off' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
@@ -349,6 +352,7 @@ complete -c executor -n "__fish_executor_using_subcommand run-steps" -l vm-prefi
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l oci-runtime -d 'OCI runtime of the oci sandbox: runc, crun or runsc (gVisor) [default: runc]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l vm-accel -d 'microvm accelerator: kvm, tcg, or auto (KVM where the cached boot probe passed, else TCG if allowed) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l vm-allow-tcg -d 'Let the microvm runtime fall back to TCG software emulation (slow) where KVM does not work' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l vm-pool-size -d 'microVMs `loop` keeps booted ahead of demand, each used by one job then destroyed; unset or auto: chosen from memory, 0: off' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
@@ -392,6 +396,7 @@ complete -c executor -n "__fish_executor_using_subcommand upload" -l vm-prefix -
 complete -c executor -n "__fish_executor_using_subcommand upload" -l oci-runtime -d 'OCI runtime of the oci sandbox: runc, crun or runsc (gVisor) [default: runc]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l vm-accel -d 'microvm accelerator: kvm, tcg, or auto (KVM where the cached boot probe passed, else TCG if allowed) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l vm-allow-tcg -d 'Let the microvm runtime fall back to TCG software emulation (slow) where KVM does not work' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l vm-pool-size -d 'microVMs `loop` keeps booted ahead of demand, each used by one job then destroyed; unset or auto: chosen from memory, 0: off' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
@@ -435,6 +440,7 @@ complete -c executor -n "__fish_executor_using_subcommand complete" -l vm-prefix
 complete -c executor -n "__fish_executor_using_subcommand complete" -l oci-runtime -d 'OCI runtime of the oci sandbox: runc, crun or runsc (gVisor) [default: runc]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l vm-accel -d 'microvm accelerator: kvm, tcg, or auto (KVM where the cached boot probe passed, else TCG if allowed) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l vm-allow-tcg -d 'Let the microvm runtime fall back to TCG software emulation (slow) where KVM does not work' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l vm-pool-size -d 'microVMs `loop` keeps booted ahead of demand, each used by one job then destroyed; unset or auto: chosen from memory, 0: off' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
@@ -476,6 +482,7 @@ complete -c executor -n "__fish_executor_using_subcommand loop" -l vm-prefix -d 
 complete -c executor -n "__fish_executor_using_subcommand loop" -l oci-runtime -d 'OCI runtime of the oci sandbox: runc, crun or runsc (gVisor) [default: runc]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l vm-accel -d 'microvm accelerator: kvm, tcg, or auto (KVM where the cached boot probe passed, else TCG if allowed) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l vm-allow-tcg -d 'Let the microvm runtime fall back to TCG software emulation (slow) where KVM does not work' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l vm-pool-size -d 'microVMs `loop` keeps booted ahead of demand, each used by one job then destroyed; unset or auto: chosen from memory, 0: off' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
@@ -517,6 +524,7 @@ complete -c executor -n "__fish_executor_using_subcommand run" -l vm-prefix -d '
 complete -c executor -n "__fish_executor_using_subcommand run" -l oci-runtime -d 'OCI runtime of the oci sandbox: runc, crun or runsc (gVisor) [default: runc]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l vm-accel -d 'microvm accelerator: kvm, tcg, or auto (KVM where the cached boot probe passed, else TCG if allowed) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l vm-allow-tcg -d 'Let the microvm runtime fall back to TCG software emulation (slow) where KVM does not work' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l vm-pool-size -d 'microVMs `loop` keeps booted ahead of demand, each used by one job then destroyed; unset or auto: chosen from memory, 0: off' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
@@ -558,6 +566,7 @@ complete -c executor -n "__fish_executor_using_subcommand validate" -l vm-prefix
 complete -c executor -n "__fish_executor_using_subcommand validate" -l oci-runtime -d 'OCI runtime of the oci sandbox: runc, crun or runsc (gVisor) [default: runc]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l vm-accel -d 'microvm accelerator: kvm, tcg, or auto (KVM where the cached boot probe passed, else TCG if allowed) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l vm-allow-tcg -d 'Let the microvm runtime fall back to TCG software emulation (slow) where KVM does not work' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l vm-pool-size -d 'microVMs `loop` keeps booted ahead of demand, each used by one job then destroyed; unset or auto: chosen from memory, 0: off' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
@@ -599,6 +608,7 @@ complete -c executor -n "__fish_executor_using_subcommand janitor" -l vm-prefix 
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l oci-runtime -d 'OCI runtime of the oci sandbox: runc, crun or runsc (gVisor) [default: runc]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l vm-accel -d 'microvm accelerator: kvm, tcg, or auto (KVM where the cached boot probe passed, else TCG if allowed) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l vm-allow-tcg -d 'Let the microvm runtime fall back to TCG software emulation (slow) where KVM does not work' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l vm-pool-size -d 'microVMs `loop` keeps booted ahead of demand, each used by one job then destroyed; unset or auto: chosen from memory, 0: off' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r

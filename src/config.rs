@@ -41,6 +41,7 @@ pub struct RawSettings {
     pub oci_runtime: Option<String>,
     pub vm_accel: Option<String>,
     pub vm_allow_tcg: Option<String>,
+    pub vm_pool_size: Option<String>,
     pub shutdown_grace: Option<String>,
     pub heartbeat_interval: Option<String>,
     pub artifacts_max_size: Option<String>,
@@ -94,6 +95,9 @@ pub struct Settings {
     pub vm_accel: Accel,
     /// Whether the microvm runtime may fall back to TCG (slow software emulation).
     pub vm_allow_tcg: bool,
+    /// `EXECUTOR_VM_POOL_SIZE`: microVMs `loop` keeps booted ahead of demand; `None` chooses
+    /// from memory ([`Settings::vm_pool`]).
+    pub vm_pool_size: Option<usize>,
     /// How long `loop` lets running jobs finish after SIGTERM before killing them.
     pub shutdown_grace: Duration,
     /// How often `loop` heartbeats (the contract's 5 s; lower it for faster cancels).
@@ -239,6 +243,10 @@ impl Settings {
                 .parse()
                 .map_err(|e: anyhow::Error| anyhow::anyhow!("EXECUTOR_VM_ACCEL: {e}"))?,
             vm_allow_tcg: parse_bool("EXECUTOR_VM_ALLOW_TCG", raw.vm_allow_tcg.as_deref())?,
+            vm_pool_size: match raw.vm_pool_size.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+                None | Some("auto") => None,
+                Some(v) => Some(parse_num("EXECUTOR_VM_POOL_SIZE", Some(v), 0)? as usize),
+            },
             shutdown_grace: parse_duration_var(
                 "EXECUTOR_SHUTDOWN_GRACE",
                 raw.shutdown_grace.as_deref(),
@@ -315,6 +323,23 @@ impl Settings {
             disk_bytes: parse_size(&self.disk_space).unwrap_or(0),
             pids: 0,
         }
+    }
+
+    /// The microVM pool of `loop` when it runs `runtime`: its size and the memory budget. 0 for
+    /// any other runtime; else `EXECUTOR_VM_POOL_SIZE`, or when unset (or `auto`) as many idle
+    /// VMs as fit in the budget beside `EXECUTOR_MAXIMUM_NUM_JOBS` jobs at their full size, at
+    /// most that many (`Budget::default_pool_size`).
+    pub fn vm_pool(
+        &self,
+        runtime: crate::sandbox::RuntimeKind,
+    ) -> Result<(usize, crate::sandbox::microvm::pool::Budget)> {
+        let budget = crate::sandbox::microvm::pool::Budget::for_host(&self.limits())?;
+        let size = if runtime != crate::sandbox::RuntimeKind::Microvm {
+            0
+        } else {
+            self.vm_pool_size.unwrap_or_else(|| budget.default_pool_size(self.max_jobs))
+        };
+        Ok((size, budget))
     }
 
     /// Where job workspaces live.

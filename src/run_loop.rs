@@ -14,6 +14,7 @@ use crate::api::{metrics, new_executor_name, Client};
 use crate::base::cancel::{Cancel, CancelReason};
 use crate::config::Settings;
 use crate::document::{FailureKind, RunDocument};
+use crate::sandbox::microvm::pool::{Pool, PoolSettings};
 use crate::sandbox::RuntimeKind;
 use crate::stage::{self, JobCtx, Stage};
 
@@ -126,9 +127,22 @@ pub fn resolve_runtime(settings: &Settings) -> Result<RuntimeKind> {
 /// name and `live` the uids of the jobs it runs (its own other workspaces go at once); others'
 /// go once their deadline is long past. Boots wait while a pass runs (`janitor_lock`).
 pub fn janitor_pass(settings: &Settings, me: &str, live: &HashSet<String>) -> Result<Vec<String>> {
+    janitor_pass_with(settings, me, || live.clone())
+}
+
+/// [`janitor_pass`] with the live jobs read once the janitor lock is held: a job dequeued while
+/// the pass waited for the lock (boots hold it) is live by then.
+pub fn janitor_pass_with(
+    settings: &Settings,
+    me: &str,
+    live: impl FnOnce() -> HashSet<String>,
+) -> Result<Vec<String>> {
     let grace = Duration::from_secs(60);
     let _lock = crate::workspace::janitor_lock(&settings.state_dir, true)?;
-    let (removed, claimed) = crate::workspace::sweep(&settings.workspaces_dir(), me, live, grace)?;
+    let live = &live();
+    let (removed, mut claimed) = crate::workspace::sweep(&settings.workspaces_dir(), me, live, grace)?;
+    // Pool VMs (booted ahead of demand, no job yet) of executors that still live.
+    claimed.extend(crate::sandbox::microvm::pool::live_members(&settings.runtime_options().sandboxes_dir())?);
     let mut out: Vec<String> = removed.iter().map(|p| format!("workspace {}", p.display())).collect();
     for name in RuntimeKind::ALL {
         if let Ok(rt) = crate::sandbox::open(name, &settings.runtime_options()) {
@@ -192,6 +206,7 @@ pub fn run(settings: Settings) -> Result<i32> {
         }
     }
 
+    let pool = start_pool(&settings, runtime, &name, &ui)?;
     let running = Arc::new((Mutex::new(Running::default()), Condvar::new()));
     let stop_bg = Arc::new((Mutex::new(false), Condvar::new()));
     let heartbeat = spawn_heartbeat(&settings, &client, &running, &stop_bg, &ui);
@@ -202,6 +217,7 @@ pub fn run(settings: Settings) -> Result<i32> {
     let mut signal_seen: Option<&'static str> = None;
     let mut threads: Vec<std::thread::JoinHandle<()>> = Vec::new();
     let long_poll = Duration::from_secs(2);
+    let mut over_budget = false;
     loop {
         if let Ok(s) = sig.try_recv() {
             signal_seen = Some(s);
@@ -226,13 +242,29 @@ pub fn run(settings: Settings) -> Result<i32> {
                 let _ = cv.wait_timeout(guard, Duration::from_millis(200)).unwrap_or_else(|p| p.into_inner());
                 continue;
             }
+            if let Some(p) = &pool {
+                if !p.admits(guard.jobs.len()) {
+                    if !over_budget {
+                        ui.log(&format!(
+                            "memory budget ({}) reached with {} jobs and the idle pool: waiting for a job to end",
+                            crate::base::units::format_bytes(p.budget().total_bytes),
+                            guard.jobs.len()
+                        ));
+                        over_budget = true;
+                    }
+                    let _ =
+                        cv.wait_timeout(guard, Duration::from_millis(200)).unwrap_or_else(|p| p.into_inner());
+                    continue;
+                }
+                over_budget = false;
+            }
         }
         let t = Instant::now();
         match stage::dequeue::run(&settings, &client, runtime, Some(long_poll)) {
             Ok(Some(doc)) => {
                 dequeued += 1;
                 threads.retain(|t| !t.is_finished());
-                threads.push(start_job(&settings, doc, &running, &ui)?);
+                threads.push(start_job(&settings, doc, &running, &ui, pool.as_ref())?);
                 continue;
             }
             Ok(None) if t.elapsed() >= long_poll / 2 => continue,
@@ -256,7 +288,13 @@ pub fn run(settings: Settings) -> Result<i32> {
         }
     }
 
-    // Drain.
+    // Drain: no more pool boots; the ready VMs stay for the jobs just dequeued and go with the
+    // running jobs (below).
+    if let Some(p) = &pool {
+        if p.stop_booting() {
+            ui.log("VM pool: stopped the VM booting ahead");
+        }
+    }
     let grace_end = signal_seen.map(|_| Instant::now() + settings.shutdown_grace);
     let mut killed = false;
     loop {
@@ -283,6 +321,10 @@ pub fn run(settings: Settings) -> Result<i32> {
     }
     for t in threads {
         let _ = t.join();
+    }
+    if let Some(p) = &pool {
+        let n = p.drain();
+        ui.log(&format!("VM pool: destroyed {n} idle VMs ({})", p.status()));
     }
     {
         let (m, cv) = &*stop_bg;
@@ -361,9 +403,10 @@ fn spawn_janitor(
     let (settings, me, running, stop, ui) =
         (settings.clone(), me.to_string(), running.clone(), stop.clone(), ui.clone());
     std::thread::spawn(move || loop {
-        let live: HashSet<String> =
-            running.0.lock().unwrap_or_else(|p| p.into_inner()).jobs.keys().cloned().collect();
-        match janitor_pass(&settings, &me, &live) {
+        let live = || -> HashSet<String> {
+            running.0.lock().unwrap_or_else(|p| p.into_inner()).jobs.keys().cloned().collect()
+        };
+        match janitor_pass_with(&settings, &me, live) {
             Ok(removed) => {
                 for r in removed {
                     ui.log(&format!("janitor: removed {r}"));
@@ -377,11 +420,54 @@ fn spawn_janitor(
     })
 }
 
+/// The microVM pool, when the loop runs microVMs and `EXECUTOR_VM_POOL_SIZE` (or the memory
+/// rule) asks for one; the pool boots VMs for network mode `none` only.
+fn start_pool(settings: &Settings, runtime: RuntimeKind, name: &str, ui: &Ui) -> Result<Option<Arc<Pool>>> {
+    if runtime != RuntimeKind::Microvm {
+        return Ok(None);
+    }
+    let (size, budget) = settings.vm_pool(runtime)?;
+    let fmt = crate::base::units::format_bytes;
+    if size == 0 {
+        ui.log(&format!(
+            "VM pool: off (size 0); memory budget {}, {} per job VM",
+            fmt(budget.total_bytes),
+            fmt(budget.job_bytes)
+        ));
+        return Ok(None);
+    }
+    if settings.network.mode != crate::network::Mode::None {
+        ui.log("VM pool: off (the pool boots VMs for EXECUTOR_NETWORK=none only)");
+        return Ok(None);
+    }
+    let log_ui = ui.clone();
+    let pool = Pool::start(
+        settings.runtime_options(),
+        PoolSettings {
+            size,
+            prefix: settings.vm_prefix.clone(),
+            owner: name.to_string(),
+            limits: settings.limits(),
+            network: settings.network.mode,
+            budget,
+            log: Arc::new(move |m: &str| log_ui.log(m)),
+        },
+    )?;
+    ui.log(&format!(
+        "{}; memory budget {}, {} per job VM",
+        pool.status(),
+        fmt(budget.total_bytes),
+        fmt(budget.job_bytes)
+    ));
+    Ok(Some(pool))
+}
+
 fn start_job(
     settings: &Arc<Settings>,
     doc: RunDocument,
     running: &Arc<(Mutex<Running>, Condvar)>,
     ui: &Ui,
+    pool: Option<&Arc<Pool>>,
 ) -> Result<std::thread::JoinHandle<()>> {
     let uid = doc.job.uid.clone();
     let cancel = Cancel::with_deadline(stage::deadline_instant(&doc));
@@ -389,23 +475,29 @@ fn start_job(
         let mut r = running.0.lock().unwrap_or_else(|p| p.into_inner());
         r.jobs.insert(uid.clone(), Slot { cancel: cancel.clone(), dropped: false });
         metrics::registry().set(metrics::RUNNING, &[], r.jobs.len() as f64);
+        if let Some(p) = pool {
+            p.set_running_jobs(r.jobs.len());
+        }
     }
-    let (settings, running, ui) = (settings.clone(), running.clone(), ui.clone());
+    let (settings, running, ui, pool) = (settings.clone(), running.clone(), ui.clone(), pool.cloned());
     std::thread::Builder::new()
         .name(format!("job-{uid}"))
         .spawn(move || {
-            run_job(&settings, doc, cancel, &ui);
+            run_job(&settings, doc, cancel, &ui, pool.clone());
             let (m, cv) = &*running;
             let mut r = m.lock().unwrap_or_else(|p| p.into_inner());
             r.jobs.remove(&uid);
             metrics::registry().set(metrics::RUNNING, &[], r.jobs.len() as f64);
+            if let Some(p) = &pool {
+                p.set_running_jobs(r.jobs.len());
+            }
             drop(r);
             cv.notify_all();
         })
         .context("starting a job thread")
 }
 
-fn run_job(settings: &Arc<Settings>, mut doc: RunDocument, cancel: Cancel, ui: &Ui) {
+fn run_job(settings: &Arc<Settings>, mut doc: RunDocument, cancel: Cancel, ui: &Ui, pool: Option<Arc<Pool>>) {
     let uid = doc.job.uid.clone();
     let t0 = Instant::now();
     ui.log(&format!("job {uid}: dequeued ({} steps)", doc.job.steps.len()));
@@ -416,6 +508,7 @@ fn run_job(settings: &Arc<Settings>, mut doc: RunDocument, cancel: Cancel, ui: &
             return;
         }
     };
+    ctx.vm_pool = pool.clone();
     let bar = ui.job_bar(&uid);
     if let Some(b) = bar.clone() {
         ctx.logger = ctx.logger.clone().on_entry(Arc::new(move |key: &str| b.set_message(key.to_string())));
@@ -450,6 +543,9 @@ fn run_job(settings: &Arc<Settings>, mut doc: RunDocument, cancel: Cancel, ui: &
         if lost { " (not accepted: the job is no longer ours)" } else { "" },
         t0.elapsed().as_secs_f64()
     ));
+    if let Some(p) = &pool {
+        ui.log(&p.status().to_string());
+    }
 }
 
 fn complete_with_retries(ctx: &JobCtx, doc: &mut RunDocument, ui: &Ui) -> Result<stage::StageResult> {

@@ -15,6 +15,13 @@ pub const BOOT_SECONDS: &str = "executor_sandbox_boot_duration_seconds";
 pub const LOG_BYTES: &str = "executor_log_bytes_sent_total";
 pub const DEQUEUE_ERRORS: &str = "executor_dequeue_errors_total";
 pub const HEARTBEAT_ERRORS: &str = "executor_heartbeat_errors_total";
+pub const POOL_SIZE: &str = "executor_vm_pool_size";
+pub const POOL_READY: &str = "executor_vm_pool_ready";
+pub const POOL_BOOTING: &str = "executor_vm_pool_booting";
+pub const POOL_IDLE_BYTES: &str = "executor_vm_pool_idle_resident_bytes";
+pub const POOL_CLAIMS: &str = "executor_vm_pool_claims_total";
+pub const POOL_DISCARDED: &str = "executor_vm_pool_discarded_total";
+pub const POOL_BOOT_SECONDS: &str = "executor_vm_pool_boot_duration_seconds";
 
 const STEP_BUCKETS: &[f64] =
     &[0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0];
@@ -48,6 +55,43 @@ static DEFS: &[Def] = &[
     },
     Def { name: DEQUEUE_ERRORS, help: "Dequeue requests that failed.", kind: Kind::Counter, labels: &[] },
     Def { name: HEARTBEAT_ERRORS, help: "Heartbeats that failed.", kind: Kind::Counter, labels: &[] },
+    Def {
+        name: POOL_SIZE,
+        help: "Idle microVMs the pool keeps booted ahead of demand (EXECUTOR_VM_POOL_SIZE).",
+        kind: Kind::Gauge,
+        labels: &[],
+    },
+    Def {
+        name: POOL_READY,
+        help: "Pool microVMs booted and waiting for a job.",
+        kind: Kind::Gauge,
+        labels: &[],
+    },
+    Def { name: POOL_BOOTING, help: "Pool microVMs booting now.", kind: Kind::Gauge, labels: &[] },
+    Def {
+        name: POOL_IDLE_BYTES,
+        help: "Resident memory of the idle pool microVMs (QEMU), in bytes.",
+        kind: Kind::Gauge,
+        labels: &[],
+    },
+    Def {
+        name: POOL_CLAIMS,
+        help: "microVM jobs that took a pool VM (hit) or booted their own (miss).",
+        kind: Kind::Counter,
+        labels: &["result"],
+    },
+    Def {
+        name: POOL_DISCARDED,
+        help: "Pool microVMs destroyed unused because their kernel, limits or images changed.",
+        kind: Kind::Counter,
+        labels: &[],
+    },
+    Def {
+        name: POOL_BOOT_SECONDS,
+        help: "Time to boot a pool microVM, off any job's path, by result.",
+        kind: Kind::Histogram(BOOT_BUCKETS),
+        labels: &["result"],
+    },
 ];
 
 /// This process's registry.

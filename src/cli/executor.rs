@@ -83,6 +83,9 @@ pub struct ConfigArgs {
     /// Let the microvm runtime fall back to TCG software emulation (slow) where KVM does not work
     #[arg(long = "vm-allow-tcg", env = "EXECUTOR_VM_ALLOW_TCG", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub vm_allow_tcg: Option<String>,
+    /// microVMs `loop` keeps booted ahead of demand, each used by one job then destroyed; unset or auto: chosen from memory, 0: off
+    #[arg(long = "vm-pool-size", env = "EXECUTOR_VM_POOL_SIZE", value_name = "N")]
+    pub vm_pool_size: Option<String>,
     /// After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]
     #[arg(long, env = "EXECUTOR_SHUTDOWN_GRACE", value_name = "DURATION")]
     pub shutdown_grace: Option<String>,
@@ -148,6 +151,7 @@ impl ConfigArgs {
             oci_runtime: self.oci_runtime.clone(),
             vm_accel: self.vm_accel.clone(),
             vm_allow_tcg: self.vm_allow_tcg.clone(),
+            vm_pool_size: self.vm_pool_size.clone(),
             shutdown_grace: self.shutdown_grace.clone(),
             heartbeat_interval: self.heartbeat_interval.clone(),
             artifacts_max_size: self.artifacts_max_size.clone(),

@@ -128,6 +128,22 @@ pub fn validate(settings: Settings) -> Result<i32> {
     for c in checked {
         println!("ok: {c}");
     }
+    let (pool, budget) = settings.vm_pool(rt.kind())?;
+    if rt.kind() == crate::sandbox::RuntimeKind::Microvm {
+        println!(
+            "ok: VM memory budget {} (3/4 of MemAvailable), {} per job VM (guest memory and QEMU's); \
+             VM pool size {pool}{}",
+            crate::base::units::format_bytes(budget.total_bytes),
+            crate::base::units::format_bytes(budget.job_bytes),
+            if settings.vm_pool_size.is_some() {
+                " (EXECUTOR_VM_POOL_SIZE)"
+            } else {
+                " (chosen from memory)"
+            }
+        );
+    } else {
+        println!("ok: no VM pool (runtime {})", rt.name());
+    }
     let net = crate::network::check(&settings.network)
         .map_err(|e| ExitError::new(exit::JOB_FAILED, format!("network: {e:#}")))?;
     for c in net {

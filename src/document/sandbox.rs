@@ -278,6 +278,22 @@ pub struct VmDetails {
     /// The unprivileged user QEMU runs as (none: it runs as the executor's own user).
     #[serde(default)]
     pub qemu_user: Option<String>,
+    /// Set when the VM came from the pool of VMs booted ahead of demand (and so its boot was
+    /// not on the job's path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<PoolClaim>,
+}
+
+/// How a job took a VM of the pool.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolClaim {
+    /// How long the VM had been waiting, booted, for a job.
+    pub idle_ms: u64,
+    /// Writing the job's workspace filesystem into the VM's disk.
+    pub disk_build_ms: u64,
+    /// The agent mounting it, asked over the channel of the boot.
+    pub mount_ms: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

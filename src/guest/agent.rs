@@ -143,8 +143,10 @@ fn debug_time(what: &str, since: u64) {
     }
 }
 
-/// Everything before serving: filesystems, modules, devices, disks. Returns the number of images.
-fn setup() -> Result<u32> {
+/// Everything before serving: filesystems, modules, devices, disks. Returns the number of images
+/// and whether the workspace disk waits for the host's `Mount` (a VM booted ahead of its job:
+/// `executor.workspace=2`).
+fn setup() -> Result<(u32, bool)> {
     mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, None)?;
     mount_fs("proc", "/proc", "proc", MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None)?;
     mount_fs("sysfs", "/sys", "sysfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None)?;
@@ -154,12 +156,14 @@ fn setup() -> Result<u32> {
     load_modules(MODULES_ORDER)?;
     debug_time("modules loaded", t);
     let images: u32 = cmdline_value("executor.images").and_then(|v| v.parse().ok()).unwrap_or(0);
-    if cmdline_value("executor.workspace").as_deref() == Some("1") {
+    let workspace = cmdline_value("executor.workspace");
+    if workspace.as_deref() == Some("1") {
         let dev = wait_for("the workspace disk", Duration::from_secs(30), || find_disk("workspace"))?;
         mount_fs(&dev.to_string_lossy(), "/data", "ext4", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, None)?;
     } else {
         fs::create_dir_all("/data").context("creating /data")?;
     }
+    let deferred = workspace.as_deref() == Some("2");
     debug_time("workspace mounted", t);
     for i in 0..images {
         let dev = wait_for("an image disk", Duration::from_secs(30), || find_disk(&format!("image{i}")))?;
@@ -171,7 +175,19 @@ fn setup() -> Result<u32> {
             Some("noload"),
         )?;
     }
-    Ok(images)
+    Ok((images, deferred))
+}
+
+/// Mounts the workspace disk of a VM booted ahead of its job at /data: the host wrote the job's
+/// filesystem into the disk after the guest probed it, so the blocks the kernel read then are
+/// dropped first.
+fn mount_deferred_workspace() -> Result<()> {
+    let dev = wait_for("the workspace disk", Duration::from_secs(10), || find_disk("workspace"))?;
+    let f = File::open(&dev).with_context(|| format!("opening {}", dev.display()))?;
+    crate::base::sys::flush_block_buffers(&f)
+        .with_context(|| format!("dropping the cached blocks of {}", dev.display()))?;
+    drop(f);
+    mount_fs(&dev.to_string_lossy(), "/data", "ext4", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, None)
 }
 
 /// The entry point of `executor-guest-agent`, which runs only as PID 1 (arguments the kernel
@@ -193,7 +209,7 @@ pub fn main() -> i32 {
 /// The agent's main function, as PID 1 of the guest. It never returns normally: it powers off.
 fn run() -> Result<i32> {
     let start_ms = uptime_ms();
-    let images = match setup() {
+    let (images, deferred) = match setup() {
         Ok(n) => n,
         Err(e) => {
             eprintln!("executor-guest-agent: {e:#}");
@@ -225,7 +241,7 @@ fn run() -> Result<i32> {
         let port = port.clone();
         thread::spawn(move || send(&port, &f));
     }
-    let mut agent = Agent { port, images, start_ms, ready_ms, running: None };
+    let mut agent = Agent { port, images, start_ms, ready_ms, running: None, workspace_pending: deferred };
     for frame in rx {
         agent.handle(frame);
     }
@@ -266,6 +282,9 @@ struct Agent {
     start_ms: u64,
     ready_ms: u64,
     running: Option<Running>,
+    /// The workspace disk waits for the host's `Mount`; requests that need /data are refused
+    /// until then.
+    workspace_pending: bool,
 }
 
 impl Agent {
@@ -295,11 +314,34 @@ impl Agent {
                 // The host has its answer: what only steps need loads while it goes on.
                 start_late_modules();
             }
+            Kind::Mount => {
+                let Ok(c) = frame.parse::<Control>() else { return };
+                if !self.workspace_pending {
+                    return self.error(c.id, "no workspace disk waits to be mounted".into());
+                }
+                if self.busy() {
+                    return self.error(c.id, "another request is running".into());
+                }
+                let t = uptime_ms();
+                match mount_deferred_workspace() {
+                    Ok(()) => {
+                        self.workspace_pending = false;
+                        debug_time("workspace mounted on request", t);
+                        if let Ok(f) = Frame::json(Kind::Mounted, &Control { id: c.id }) {
+                            send(&self.port, &f);
+                        }
+                    }
+                    Err(e) => self.error(c.id, format!("mounting the workspace: {e:#}")),
+                }
+            }
             Kind::Run => {
                 let req = match frame.parse::<RunRequest>() {
                     Ok(r) => r,
                     Err(e) => return self.error(0, format!("{e:#}")),
                 };
+                if self.workspace_pending {
+                    return self.error(req.id, "the workspace is not mounted yet".into());
+                }
                 if self.busy() {
                     return self.error(req.id, "another request is running".into());
                 }
@@ -335,6 +377,9 @@ impl Agent {
             }
             Kind::Sync => {
                 let Ok(c) = frame.parse::<Control>() else { return };
+                if self.workspace_pending {
+                    return self.error(c.id, "the workspace is not mounted yet".into());
+                }
                 if self.busy() {
                     return self.error(c.id, "a step is still running".into());
                 }

@@ -1,4 +1,4 @@
-//! The host <-> guest agent protocol, version 1: length-prefixed frames over the virtio-serial
+//! The host <-> guest agent protocol, version 2: length-prefixed frames over the virtio-serial
 //! port `executor.agent`. Shared by both ends so they cannot disagree; documented in
 //! docs/sandbox-microvm.md.
 //!
@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{ErrorKind, Read, Write};
 
 /// The protocol version both ends speak; a hello with another version is refused.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest frame either end accepts (kind byte plus body).
 pub const MAX_FRAME: usize = 1 << 20;
 /// Largest data chunk put into one frame.
@@ -47,6 +47,11 @@ pub enum Kind {
     Error = 11,
     /// Guest -> host: data frame with no bytes, sent every second while a request runs.
     Alive = 12,
+    /// Host -> guest: [`Control`]; a VM booted ahead of its job (`executor.workspace=2`) mounts
+    /// its workspace disk at /data now, the host having just written the job's filesystem into it.
+    Mount = 13,
+    /// Guest -> host: [`Control`]; the workspace is mounted.
+    Mounted = 14,
 }
 
 impl Kind {
@@ -65,6 +70,8 @@ impl Kind {
             10 => Shutdown,
             11 => Error,
             12 => Alive,
+            13 => Mount,
+            14 => Mounted,
             _ => return None,
         })
     }

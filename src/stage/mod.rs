@@ -70,6 +70,8 @@ pub struct JobCtx {
     pub auth: JobAuth,
     pub logger: JobLogger,
     pub cancel: Cancel,
+    /// `loop`'s pool of microVMs booted ahead of demand, which `vm-boot` takes a VM from.
+    pub vm_pool: Option<Arc<crate::sandbox::microvm::pool::Pool>>,
 }
 
 impl JobCtx {
@@ -94,7 +96,7 @@ impl JobCtx {
             doc.executor.log_append,
         );
         let cancel = cancel.unwrap_or_else(|| Cancel::with_deadline(deadline_instant(doc)));
-        Ok(JobCtx { settings, client, job, auth, logger, cancel })
+        Ok(JobCtx { settings, client, job, auth, logger, cancel, vm_pool: None })
     }
 
     pub fn redact(&self, s: &str) -> String {

@@ -551,6 +551,210 @@ fn microvm_guest_console_cannot_grow_past_its_cap() {
     assert!(!rec.state_dir.exists());
 }
 
+/// Where a job can write outside its workspace: the step's root and /tmp (per step), and what
+/// lives as long as its VM: /dev (devtmpfs, one per kernel), the agent's own root filesystem and
+/// its /tmp and /run. The first job writes a marker to each; the check prints what it sees.
+const MARKERS: &str =
+    "/marker /tmp/marker /dev/shm/marker /proc/1/root/marker /proc/1/root/tmp/marker /proc/1/root/run/marker";
+
+/// The microVM pool (`EXECUTOR_VM_POOL_SIZE`): jobs take VMs booted ahead of them, each VM serves
+/// one job and is destroyed after it, so nothing a job leaves in its VM (root filesystem, /tmp,
+/// memory-backed files) is seen by a later job; the loop prints the pool's state, drains it when
+/// it stops, and leaves no VM behind.
+#[test]
+fn microvm_pool_gives_each_job_a_fresh_vm_booted_ahead_of_it() {
+    let name = "microvm_pool_gives_each_job_a_fresh_vm_booted_ahead_of_it";
+    if let Some(why) = missing() {
+        return common::skip(name, "microvm", &why);
+    }
+    let state = state_dir();
+    let c = crate::coordinator::Coordinator::start();
+    let prefix = format!("mvp{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let _dog = watchdog(state.clone(), prefix.clone(), Duration::from_secs(500));
+    let write = format!(
+        "for p in {MARKERS}; do mkdir -p $(dirname $p) && echo leaked > $p || echo cannot-write:$p; done; echo wrote"
+    );
+    let check =
+        format!("for p in {MARKERS}; do if [ -e $p ]; then echo SEEN:$p; else echo clean:$p; fi; done");
+    let job =
+        |steps: serde_json::Value| c.submit(serde_json::json!({"queue": "batches", "dockerSteps": steps}));
+    let step =
+        |key: &str, cmd: &str| serde_json::json!({"key": key, "image": IMAGE, "dir": "", "commands": [cmd]});
+    let tmp = tempfile::tempdir().unwrap();
+    let log_path = tmp.path().join("loop.log");
+    let mut cmd = common::executor();
+    c.executor_env(&mut cmd);
+    cmd.arg("loop")
+        .env("EXECUTOR_QUEUE_NAME", "batches")
+        .env("EXECUTOR_RUNTIME", "microvm")
+        .env("EXECUTOR_VM_ALLOW_TCG", "1")
+        .env("EXECUTOR_VM_PREFIX", &prefix)
+        .env("EXECUTOR_STATE_DIR", &state)
+        .env("EXECUTOR_VM_POOL_SIZE", "1")
+        .env("EXECUTOR_JOB_MEMORY", "512M")
+        .env("EXECUTOR_JOB_NUM_CPUS", "1")
+        .env("EXECUTOR_NUM_TOTAL_JOBS", "3")
+        .env("EXECUTOR_HEARTBEAT_INTERVAL", "1s")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap());
+    let mut lp = cmd.spawn().expect("starting executor loop");
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let ready = || log().matches("ready after").count();
+
+    // The first job writes its markers, and its second step sees those that live as long as
+    // the VM: the check can see a marker where one is left.
+    let first = job(serde_json::json!([step("write", &write), step("check", &check)]));
+    let done = ["completed", "failed", "errored", "canceled"];
+    let j1 = c.wait_state(first, &done, Duration::from_secs(200));
+    assert_eq!(j1["state"], "completed", "{j1:#}\n{}", log());
+    let mut outputs = Vec::new();
+    let mut sandboxes = Vec::new();
+    let take = |j: &serde_json::Value, outputs: &mut Vec<String>, sandboxes: &mut Vec<String>| {
+        let logs = j["logs"].as_array().unwrap();
+        let boot = logs.iter().find(|e| e["key"] == "setup.microvm.start").expect("setup.microvm.start");
+        let out = boot["out"].as_str().unwrap().to_string();
+        let sandbox = out.split("started sandbox ").nth(1).unwrap().trim().to_string();
+        sandboxes.push(sandbox);
+        let check = logs.iter().find(|e| e["key"] == "step.docker.check").expect("step.docker.check");
+        outputs.push(check["out"].as_str().unwrap().to_string());
+        out
+    };
+    // Pool VMs taken so far (the first job may have found one booted from the images of an
+    // earlier run in this state directory).
+    let mut taken = usize::from(take(&j1, &mut outputs, &mut sandboxes).contains("from the pool"));
+    let write_out = j1["logs"].as_array().unwrap().iter().find(|e| e["key"] == "step.docker.write").unwrap()
+        ["out"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(write_out.contains("wrote") && !write_out.contains("cannot-write"), "{write_out}");
+    for p in ["/dev/shm/marker", "/proc/1/root/marker", "/proc/1/root/tmp/marker", "/proc/1/root/run/marker"]
+    {
+        assert!(
+            outputs[0].contains(&format!("SEEN:{p}")),
+            "within one VM the marker {p} stays: {}",
+            outputs[0]
+        );
+    }
+
+    // Two more jobs, each once the pool has a VM ready for it.
+    for n in 0..2 {
+        common::wait_until("a pool VM ready", Duration::from_secs(200), || ready() > taken);
+        taken += 1;
+        let id = job(serde_json::json!([step("check", &check)]));
+        let j = c.wait_state(id, &done, Duration::from_secs(200));
+        assert_eq!(j["state"], "completed", "{j:#}\n{}", log());
+        let boot = take(&j, &mut outputs, &mut sandboxes);
+        assert!(boot.contains("from the pool"), "job {} took no pool VM: {boot}\n{}", n + 2, log());
+    }
+    let err = common::wait_exit_ok(&mut lp, Duration::from_secs(60));
+    let err = format!("{}{err}", log());
+    for (i, out) in outputs.iter().enumerate().skip(1) {
+        assert!(!out.contains("SEEN:"), "job {} saw what job 1 left: {out}", i + 1);
+        assert_eq!(out.matches("stdout: clean:").count(), 6, "{out}");
+    }
+    let distinct: HashSet<&String> = sandboxes.iter().collect();
+    assert_eq!(distinct.len(), 3, "each job had its own VM: {sandboxes:?}");
+    assert!(err.contains("VM pool: size 1"), "{err}");
+    assert!(err.contains("2 hits") || err.contains("3 hits"), "{err}");
+    assert!(err.contains("VM pool: destroyed"), "{err}");
+    // The pool's metrics came with the heartbeats (the coordinator labels them by executor).
+    let (st, metrics) = c.request("GET", "/metrics", None, None);
+    assert_eq!(st, 200);
+    let line = |name: &str, has: &str| {
+        metrics.lines().find(|l| l.starts_with(&format!("{name}{{")) && l.contains(has)).map(str::to_string)
+    };
+    let hits = line("executor_vm_pool_claims_total", "result=\"hit\"").unwrap_or_else(|| panic!("{metrics}"));
+    let n: f64 = hits.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(n >= 1.0, "{hits}");
+    assert!(
+        line("executor_vm_pool_boot_duration_seconds_count", "result=\"success\"").is_some(),
+        "{metrics}"
+    );
+    assert!(line("executor_vm_pool_size", "").is_some(), "{metrics}");
+    // Nothing of the pool is left: no QEMU, no sandbox directory.
+    assert!(processes_with(&prefix).iter().all(|p| !p.contains("qemu")), "{:?}", processes_with(&prefix));
+    let left: Vec<_> = std::fs::read_dir(state.join("sandboxes"))
+        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    assert!(!left.iter().any(|n: &String| n.starts_with(&prefix)), "{left:?}");
+}
+
+/// The pool's VMs stay while their executor lives (a janitor pass of another process leaves
+/// them), are reclaimed by the next janitor pass once it was killed (SIGKILL: no drain), and go
+/// with the loop when it stops on SIGTERM.
+#[test]
+fn microvm_pool_vms_of_a_killed_executor_are_reclaimed_and_sigterm_drains_the_pool() {
+    let name = "microvm_pool_vms_of_a_killed_executor_are_reclaimed_and_sigterm_drains_the_pool";
+    if let Some(why) = missing() {
+        return common::skip(name, "microvm", &why);
+    }
+    let state = state_dir();
+    let c = crate::coordinator::Coordinator::start();
+    let prefix = format!("mvk{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let _dog = watchdog(state.clone(), prefix.clone(), Duration::from_secs(400));
+    let tmp = tempfile::tempdir().unwrap();
+    let with_env = |cmd: &mut std::process::Command| {
+        c.executor_env(cmd);
+        cmd.env("EXECUTOR_QUEUE_NAME", "batches")
+            .env("EXECUTOR_RUNTIME", "microvm")
+            .env("EXECUTOR_VM_ALLOW_TCG", "1")
+            .env("EXECUTOR_VM_PREFIX", &prefix)
+            .env("EXECUTOR_STATE_DIR", &state)
+            .env("EXECUTOR_VM_POOL_SIZE", "1")
+            .env("EXECUTOR_JOB_MEMORY", "512M")
+            .env("EXECUTOR_JOB_NUM_CPUS", "1");
+    };
+    let start_loop = |log: &Path| {
+        let mut cmd = common::executor();
+        with_env(&mut cmd);
+        cmd.arg("loop").stdout(std::process::Stdio::null()).stderr(std::fs::File::create(log).unwrap());
+        cmd.spawn().expect("starting executor loop")
+    };
+    let janitor = || {
+        let mut cmd = common::executor();
+        with_env(&mut cmd);
+        let out = common::run(cmd.arg("janitor"));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let qemus = || processes_with(&prefix).into_iter().filter(|p| p.starts_with("qemu")).count();
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+
+    let log_a = tmp.path().join("a.log");
+    let mut a = start_loop(&log_a);
+    common::wait_until("the pool's VM ready", Duration::from_secs(200), || {
+        read(&log_a).contains("ready after")
+    });
+    assert_eq!(qemus(), 1, "{}", read(&log_a));
+    let out = janitor();
+    assert!(!out.contains(&prefix), "a live executor's pool VM was reclaimed: {out}");
+    assert_eq!(qemus(), 1);
+    // Killed: nothing drains its pool; the next janitor pass reclaims the VM.
+    a.kill().unwrap();
+    a.wait().unwrap();
+    assert_eq!(qemus(), 1, "the VM outlives its killed executor until a janitor pass");
+    let out = janitor();
+    assert!(out.contains(&format!("microvm sandbox {prefix}-")), "{out}");
+    assert_eq!(qemus(), 0, "{:?}", processes_with(&prefix));
+
+    let log_b = tmp.path().join("b.log");
+    let mut b = start_loop(&log_b);
+    common::wait_until("the pool's VM ready", Duration::from_secs(200), || {
+        read(&log_b).contains("ready after")
+    });
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(b.id() as i32), nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
+    common::wait_exit_ok(&mut b, Duration::from_secs(60));
+    let said = read(&log_b);
+    assert!(said.contains("VM pool: destroyed 1 idle VMs"), "{said}");
+    assert_eq!(qemus(), 0, "{:?}", processes_with(&prefix));
+    let left: Vec<_> = std::fs::read_dir(state.join("sandboxes"))
+        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    assert!(!left.iter().any(|n: &String| n.starts_with(&prefix)), "{left:?}");
+}
+
 /// The image config in a guest as under Docker (and the `oci` runtime): `Env` under the step's
 /// variables, `User` from the image's passwd and group (supplementary groups too), `HOME` from
 /// its entry, the contract's working directory over `WorkingDir`; the root is writable and each

@@ -12,6 +12,7 @@ pub mod channel;
 pub mod console;
 pub mod disk;
 pub mod identity;
+pub mod pool;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -63,6 +64,9 @@ struct VmBoot<'a> {
     accel_reason: String,
     limits: &'a super::Limits,
     timeout: Duration,
+    /// A VM booted ahead of its job (`pool`): a blank workspace disk of this many bytes, which
+    /// the agent mounts only when told, once the host wrote the job's filesystem into it.
+    pool_disk_bytes: Option<u64>,
 }
 
 impl<'a> VmBoot<'a> {
@@ -74,7 +78,7 @@ impl<'a> VmBoot<'a> {
         limits: &'a super::Limits,
         timeout: Duration,
     ) -> Self {
-        VmBoot { workspace, images, accel, accel_reason, limits, timeout }
+        VmBoot { workspace, images, accel, accel_reason, limits, timeout, pool_disk_bytes: None }
     }
 }
 
@@ -88,11 +92,15 @@ pub struct AgentSilent {
 
 pub struct MicroVm {
     opts: RuntimeOptions,
-    /// The agent connection this process used last (VM name, socket, channel), kept for its
-    /// next request to the same VM: a fresh connection costs the guest a port reopening and a
-    /// hello round trip. Only a connection left clean (handshake done, or request answered).
-    idle: std::sync::Mutex<Option<(String, PathBuf, Channel)>>,
 }
+
+/// Agent connections left clean (handshake done, or request answered), by VM name and socket,
+/// kept for the next request to the same VM from any runtime instance of this process (`loop`'s
+/// stages each open their own: `vm-boot`'s connection serves `run-steps`): a fresh connection
+/// costs the guest a port reopening and a hello round trip. Teardown drops a VM's connection.
+static IDLE: std::sync::Mutex<Vec<(String, PathBuf, Channel)>> = std::sync::Mutex::new(Vec::new());
+/// Most connections kept (those of VMs torn down by another process are never taken).
+const IDLE_MAX: usize = 64;
 
 impl MicroVm {
     pub fn new(mut opts: RuntimeOptions) -> Self {
@@ -100,21 +108,22 @@ impl MicroVm {
         if let Ok(abs) = std::path::absolute(&opts.state_dir) {
             opts.state_dir = abs;
         }
-        MicroVm { opts, idle: std::sync::Mutex::new(None) }
+        MicroVm { opts }
     }
 
     fn keep_idle(&self, sandbox: &SandboxRecord, socket: &Path, ch: Channel) {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        *idle = Some((sandbox.name.clone(), socket.to_path_buf(), ch));
+        let mut idle = IDLE.lock().unwrap_or_else(|p| p.into_inner());
+        idle.retain(|(name, _, _)| *name != sandbox.name);
+        if idle.len() >= IDLE_MAX {
+            idle.remove(0);
+        }
+        idle.push((sandbox.name.clone(), socket.to_path_buf(), ch));
     }
 
     fn take_idle(&self, sandbox: &SandboxRecord, socket: &Path) -> Option<Channel> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.as_ref().is_some_and(|(name, sock, _)| *name == sandbox.name && sock == socket) {
-            idle.take().map(|(_, _, ch)| ch)
-        } else {
-            None
-        }
+        let mut idle = IDLE.lock().unwrap_or_else(|p| p.into_inner());
+        let i = idle.iter().position(|(name, sock, _)| *name == sandbox.name && sock == socket)?;
+        Some(idle.remove(i).2)
     }
 
     fn vm_dir(&self) -> PathBuf {
@@ -227,7 +236,15 @@ impl MicroVm {
     }
 
     fn boot_in(&self, rec: &mut SandboxRecord, manifest: &crate::vm::Manifest, boot: &VmBoot) -> Result<()> {
-        let VmBoot { workspace, images, accel, ref accel_reason, limits, timeout: boot_timeout } = *boot;
+        let VmBoot {
+            workspace,
+            images,
+            accel,
+            ref accel_reason,
+            limits,
+            timeout: boot_timeout,
+            pool_disk_bytes,
+        } = *boot;
         let accel_reason = accel_reason.clone();
         let t0 = Instant::now();
         let dir = rec.state_dir.clone();
@@ -249,7 +266,22 @@ impl MicroVm {
             det.workspace_disk = dir.join("workspace.ext4");
             det.workspace_disk_bytes = size.next_multiple_of(1 << 20);
             disk::make_ext4(ws, &det.workspace_disk, det.workspace_disk_bytes, "workspace")?;
+        } else if let Some(size) = pool_disk_bytes {
+            // Blank and sparse: the job's filesystem is written into this same file when a job
+            // takes the VM (`pool::claim`), and the agent mounts it only then.
+            det.workspace_disk = dir.join("workspace.ext4");
+            det.workspace_disk_bytes = size.next_multiple_of(1 << 20);
+            let f = fs::File::create(&det.workspace_disk)
+                .with_context(|| format!("creating {}", det.workspace_disk.display()))?;
+            f.set_len(det.workspace_disk_bytes)
+                .with_context(|| format!("sizing {}", det.workspace_disk.display()))?;
         }
+        let has_disk = workspace.is_some() || pool_disk_bytes.is_some();
+        let workspace_mode = match (workspace.is_some(), pool_disk_bytes.is_some()) {
+            (true, _) => 1,
+            (false, true) => 2,
+            (false, false) => 0,
+        };
         for reference in images {
             let (digest, rootfs) = self.resolve_image(reference)?;
             let d = disk::image_disk(&self.vm_dir().join("images"), &digest, &rootfs)
@@ -261,7 +293,7 @@ impl MicroVm {
         let cpus = if limits.cpus > 0 { limits.cpus } else { 1 };
         let mem = if limits.memory_bytes > 0 { limits.memory_bytes } else { DEFAULT_MEMORY };
         let debug = std::env::var_os("EXECUTOR_VM_DEBUG").is_some();
-        let cmdline = kernel_cmdline(det.images.len(), workspace.is_some(), debug, tsc_khz());
+        let cmdline = kernel_cmdline(det.images.len(), workspace_mode, debug, tsc_khz());
         let mut cmd = crate::base::proc::command(QEMU);
         cmd.args(["-name", &rec.name, "-M", MACHINE, "-nodefaults", "-no-user-config"]);
         cmd.args([
@@ -285,7 +317,7 @@ impl MicroVm {
         let user = qemu_user(accel)?;
         if let Some(u) = &user {
             give_to(&dir, u, 0o700)?;
-            if workspace.is_some() {
+            if has_disk {
                 give_to(&det.workspace_disk, u, 0o600)?;
             }
             det.qemu_user = Some(u.name.clone());
@@ -303,7 +335,7 @@ impl MicroVm {
         let console_pipe =
             console::start(&det.console, console::CONSOLE_CAP, user.as_ref().map(|u| (u.uid, u.gid)))?;
         cmd.args(["-serial", &format!("file:{}", fd_path_raw(console_pipe.as_raw_fd()))]);
-        if workspace.is_some() {
+        if has_disk {
             cmd.args(["-drive", "id=workspace,file=workspace.ext4,format=raw,if=none"]);
             cmd.args(["-device", "virtio-blk-device,drive=workspace,serial=workspace"]);
         }
@@ -336,7 +368,13 @@ impl MicroVm {
         rec.details = SandboxDetails::Microvm(Some(det.clone()));
         let pids = if limits.pids > 0 { limits.pids } else { 256 };
         match cgroup::Cgroup::create(&rec.name, mem + QEMU_OVERHEAD, pids, cpus) {
-            Ok(Some(cg)) => cg.add(pid).with_context(|| format!("moving QEMU {pid} into its cgroup"))?,
+            Ok(Some(cg)) => {
+                cg.add(pid).with_context(|| format!("moving QEMU {pid} into its cgroup"))?;
+                if pool_disk_bytes.is_some() {
+                    // Booted ahead of demand: it yields the CPU to the VMs of running jobs.
+                    cgroup::Cgroup::set_cpu_weight(&rec.name, true);
+                }
+            }
             Ok(None) => {}
             Err(e) => return Err(e.context(format!("creating the cgroup of VM {}", rec.name))),
         }
@@ -598,7 +636,9 @@ fn give_to(path: &Path, user: &QemuUser, mode: u32) -> Result<()> {
 ///   timer check, which then panics the guest;
 /// - `cryptomgr.notests`: the crypto self-tests cost about half a second under TCG;
 /// - `panic=-1 reboot=t` with QEMU's `-no-reboot`: a panic ends QEMU.
-fn kernel_cmdline(images: usize, workspace: bool, debug: bool, tsc_khz: Option<u64>) -> String {
+/// - `executor.workspace`: 0 no workspace disk, 1 mount it at boot, 2 mount it when the host
+///   says so (a VM booted ahead of its job).
+fn kernel_cmdline(images: usize, workspace: u8, debug: bool, tsc_khz: Option<u64>) -> String {
     let mut line = String::from("console=ttyS0");
     if !debug {
         line.push_str(" quiet");
@@ -607,7 +647,7 @@ fn kernel_cmdline(images: usize, workspace: bool, debug: bool, tsc_khz: Option<u
     if let Some(khz) = tsc_khz {
         line.push_str(&format!(" tsc_early_khz={khz}"));
     }
-    line.push_str(&format!(" executor.images={images} executor.workspace={}", u8::from(workspace)));
+    line.push_str(&format!(" executor.images={images} executor.workspace={workspace}"));
     if debug {
         line.push_str(" executor.debug=1");
     }
@@ -915,13 +955,14 @@ mod tests {
 
     #[test]
     fn kernel_cmdline_carries_the_boot_parameters() {
-        let l = kernel_cmdline(2, true, false, Some(1_996_250));
+        let l = kernel_cmdline(2, 1, false, Some(1_996_250));
         for p in ["console=ttyS0", " quiet", "panic=-1", "reboot=t", "tsc=reliable", "no_timer_check"] {
             assert!(l.contains(p), "{p} missing from {l}");
         }
         assert!(l.contains("tsc_early_khz=1996250") && l.contains("cryptomgr.notests"), "{l}");
         assert!(l.ends_with("executor.images=2 executor.workspace=1"), "{l}");
-        let d = kernel_cmdline(0, false, true, None);
+        let d = kernel_cmdline(0, 0, true, None);
+        assert!(kernel_cmdline(1, 2, false, None).ends_with("executor.workspace=2"));
         assert!(
             !d.contains("quiet") && !d.contains("tsc_early_khz") && d.ends_with("executor.debug=1"),
             "{d}"

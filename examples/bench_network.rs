@@ -47,11 +47,29 @@ fn main() -> Result<()> {
 
     // 1. Setup plus teardown of one job network, alone.
     let mut times = Vec::new();
-    for i in 0..runs {
+    let mut steps: Vec<(String, Vec<Duration>)> = Vec::new();
+    for i in 0..=runs {
+        let (mut st, mut tt) = (Vec::new(), Vec::new());
         let t = Instant::now();
-        let net = executor::network::setup(&state, &format!("benchnet-{i}"), &settings, None)?;
-        executor::network::teardown(&state, &net)?;
-        times.push(t.elapsed());
+        let net = executor::network::setup_timed(&state, &format!("benchnet-{i}"), &settings, None, &mut st)?;
+        executor::network::teardown_timed(&state, &net, &mut tt)?;
+        let took = t.elapsed();
+        if i == 0 {
+            // The first run makes the table and the policy chain (once per host): not counted.
+            println!("first job on this host (table and policy chain made): {:.1} ms", ms(took));
+            continue;
+        }
+        times.push(took);
+        let named = st.into_iter().map(|(k, d)| (format!("setup: {k}"), d));
+        for (k, d) in named.chain(tt.into_iter().map(|(k, d)| (format!("teardown: {k}"), d))) {
+            match steps.iter_mut().find(|(n, _)| *n == k) {
+                Some((_, v)) => v.push(d),
+                None => steps.push((k, vec![d])),
+            }
+        }
+    }
+    for (k, v) in &mut steps {
+        println!("  {k}: p50 {:.2} ms", ms(percentile(v, 0.5)));
     }
     let p50 = percentile(&mut times, 0.5);
     let p90 = percentile(&mut times, 0.9);

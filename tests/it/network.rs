@@ -197,6 +197,40 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Removes what the executor's jobs left in the world (sandboxes, cgroups, networks) when the
+/// test ends, also when it fails half-way: an `executor janitor` pass in the executor host
+/// namespace, then any namespace of the test's sandbox prefix. Declared after the `World` and
+/// the state directory, so it runs before they go.
+struct JobsGuard {
+    host: String,
+    exe: std::path::PathBuf,
+    oci: String,
+    state: std::path::PathBuf,
+    prefix: String,
+}
+
+impl Drop for JobsGuard {
+    fn drop(&mut self) {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.host)).arg(&self.exe);
+        executor_env(
+            &mut cmd,
+            "http://127.0.0.1:9",
+            "the-test-guard-needs-no-coordinator",
+            &self.oci,
+            &self.state,
+            &self.prefix,
+        );
+        let _ = cmd.arg("janitor").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        for e in std::fs::read_dir("/run/netns").into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&self.prefix) {
+                let _ = Command::new("ip").args(["netns", "del", &name]).status();
+            }
+        }
+    }
+}
+
 /// One job's probe script: each probe prints `REACHED name` or `BLOCKED name` (and exits 0),
 /// bounded by short timeouts; the job also listens on 7000 for the other job's probe.
 fn probe_script(coordinator_port: &str) -> String {
@@ -265,6 +299,13 @@ fn jobs_reach_the_internet_and_nothing_else(oci: &str, test: &str) {
     common::Exec::new().args(["image", "build-busybox"]).env("EXECUTOR_STATE_DIR", &state).run();
     let prefix = format!("net{}{}", &oci[..2], world.tag);
     let exe = common::bin();
+    let _guard = JobsGuard {
+        host: world.host.clone(),
+        exe: exe.clone(),
+        oci: oci.to_string(),
+        state: state.clone(),
+        prefix: prefix.clone(),
+    };
     world.on_host(|| {
         let c = crate::coordinator::Coordinator::start_listening(&format!("{HOST_INTERNET_SIDE}:0"));
         let port = c.url.rsplit(':').next().unwrap().trim_end_matches('/').to_string();

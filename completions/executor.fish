@@ -223,7 +223,7 @@ complete -c executor -n "__fish_executor_using_subcommand dequeue" -l registry-m
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
-complete -c executor -n "__fish_executor_using_subcommand dequeue" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: none]' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
@@ -265,7 +265,7 @@ complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l 
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
-complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: none]' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
@@ -307,7 +307,7 @@ complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l registry-m
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
-complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: none]' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
@@ -349,7 +349,7 @@ complete -c executor -n "__fish_executor_using_subcommand run-steps" -l registry
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
-complete -c executor -n "__fish_executor_using_subcommand run-steps" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: none]' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
@@ -391,7 +391,7 @@ complete -c executor -n "__fish_executor_using_subcommand upload" -l registry-mi
 complete -c executor -n "__fish_executor_using_subcommand upload" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand upload" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
-complete -c executor -n "__fish_executor_using_subcommand upload" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: none]' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
@@ -433,7 +433,7 @@ complete -c executor -n "__fish_executor_using_subcommand complete" -l registry-
 complete -c executor -n "__fish_executor_using_subcommand complete" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand complete" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
-complete -c executor -n "__fish_executor_using_subcommand complete" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: none]' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
@@ -473,7 +473,7 @@ complete -c executor -n "__fish_executor_using_subcommand loop" -l registry-mirr
 complete -c executor -n "__fish_executor_using_subcommand loop" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand loop" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
-complete -c executor -n "__fish_executor_using_subcommand loop" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: none]' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
@@ -513,7 +513,7 @@ complete -c executor -n "__fish_executor_using_subcommand run" -l registry-mirro
 complete -c executor -n "__fish_executor_using_subcommand run" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand run" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
-complete -c executor -n "__fish_executor_using_subcommand run" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: none]' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
@@ -553,7 +553,7 @@ complete -c executor -n "__fish_executor_using_subcommand validate" -l registry-
 complete -c executor -n "__fish_executor_using_subcommand validate" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand validate" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
-complete -c executor -n "__fish_executor_using_subcommand validate" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: none]' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
@@ -593,7 +593,7 @@ complete -c executor -n "__fish_executor_using_subcommand janitor" -l registry-m
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
-complete -c executor -n "__fish_executor_using_subcommand janitor" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: none]' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r

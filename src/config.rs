@@ -464,6 +464,7 @@ mod tests {
         assert_eq!(s.runtime, RuntimeChoice::Auto);
         assert_eq!(s.oci_runtime, "runc");
         assert!(!s.allow_unisolated);
+        assert_eq!(s.network.mode, crate::network::Mode::Internet, "jobs reach the internet by default");
     }
 
     #[test]

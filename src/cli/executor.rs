@@ -101,7 +101,7 @@ pub struct ConfigArgs {
     pub image_pull: Option<String>,
     #[command(flatten)]
     pub registry: super::image::RegistryArgs,
-    /// A job's network: internet (public addresses through the egress policy) or none (loopback) [default: none]
+    /// A job's network: internet (public addresses through the egress policy) or none (loopback) [default: internet]
     #[arg(long, env = "EXECUTOR_NETWORK", value_name = "MODE")]
     pub network: Option<String>,
     /// The pool each job's /30 comes from [default: 10.255.0.0/16]

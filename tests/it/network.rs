@@ -469,6 +469,9 @@ fn network_every_other_job_launch_is_loopback_only() {
     let none =
         cmd.get_envs().any(|(k, v)| k == "EXECUTOR_NETWORK" && v == Some(std::ffi::OsStr::new("none")));
     assert!(none, "common::executor() must set EXECUTOR_NETWORK=none");
+    for e in [common::Exec::new(), common::Exec::program("/bin/sh")] {
+        assert_eq!(e.env_value("EXECUTOR_NETWORK").as_deref(), Some(std::ffi::OsStr::new("none")));
+    }
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut checked = 0;
     for e in std::fs::read_dir(root.join("scripts")).unwrap().flatten() {

@@ -664,6 +664,13 @@ impl Runtime for MicroVm {
     }
 
     fn boot(&self, req: &BootRequest) -> Result<SandboxRecord> {
+        // Fail closed: a job that expects the internet is not run without it.
+        if self.opts.network.mode == crate::network::Mode::Internet {
+            bail!(
+                "the microvm runtime has no job network yet (EXECUTOR_NETWORK=internet, the default): \
+                 set EXECUTOR_NETWORK=none to run its jobs loopback-only (docs/network.md)"
+            );
+        }
         let (accel, why) = self.choose_accel()?;
         let timeout = if accel == Accel::Kvm { Duration::from_secs(20) } else { Duration::from_secs(120) };
         self.boot_retrying(

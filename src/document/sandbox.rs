@@ -271,6 +271,9 @@ pub struct VmDetails {
     /// The unprivileged user QEMU runs as (none: it runs as the executor's own user).
     #[serde(default)]
     pub qemu_user: Option<String>,
+    /// The job's network (`EXECUTOR_NETWORK=internet`): its TAP device and addresses.
+    #[serde(default)]
+    pub network: Option<JobNetwork>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

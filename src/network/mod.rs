@@ -165,6 +165,15 @@ impl JobNetwork {
     pub fn netns_path(&self) -> PathBuf {
         Path::new("/run/netns").join(&self.sandbox)
     }
+    /// The guest's network as the microVM's kernel command line carries it to the agent:
+    /// `executor.net=<address>/<prefix>,<gateway>[,<resolver>...]`.
+    pub fn guest_cmdline(&self) -> String {
+        let mut v = format!("executor.net={}/{JOB_PREFIX},{}", self.address, self.gateway);
+        for d in &self.dns {
+            v.push_str(&format!(",{d}"));
+        }
+        v
+    }
     /// The job's own chain in the table.
     pub fn chain(&self) -> String {
         format!("job{}", self.slot)
@@ -295,6 +304,51 @@ pub fn setup_timed(
     coordinator: Option<&str>,
     t: &mut Timings,
 ) -> Result<JobNetwork> {
+    take_slot_and_build(state_dir, sandbox, s, coordinator, t, |net, coord, t| build(net, s, coord, t))
+}
+
+/// The network of a microVM: the job's link is a TAP device `exn<n>` in the host's namespace
+/// (the VM is the sandbox: no namespace of its own), with the gateway address, behind the same
+/// map element and policy as a veth. Returns the TAP's descriptor for QEMU; the device goes
+/// when the last descriptor of it closes (QEMU's, when the VM ends). The guest configures
+/// the job's address itself (what [`JobNetwork`] says).
+pub fn setup_tap(
+    state_dir: &Path,
+    sandbox: &str,
+    s: &Settings,
+    coordinator: Option<&str>,
+) -> Result<(JobNetwork, std::os::fd::OwnedFd)> {
+    let mut tap = None;
+    let net = take_slot_and_build(state_dir, sandbox, s, coordinator, &mut Vec::new(), |net, coord, _| {
+        install_firewall(net, s, coord)?;
+        let mut host = netlink::Socket::route()?;
+        if host.link_index(&net.host_if).is_ok() {
+            // A dying VM's TAP of this slot, or a killed executor's: the slot is this job's.
+            host.del_link(&net.host_if)?;
+        }
+        let fd = crate::base::sys::open_tap(&net.host_if)
+            .with_context(|| format!("creating TAP device {} (/dev/net/tun)", net.host_if))?;
+        let _ = fs::write(format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", net.host_if), "1");
+        let i = host.link_index(&net.host_if)?;
+        host.add_address(i, net.gateway, JOB_PREFIX)?;
+        host.link_up(i)?;
+        fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("turning on IPv4 forwarding")?;
+        tap = Some(fd);
+        Ok(())
+    })?;
+    let tap = tap.context("the TAP device was not made")?;
+    Ok((net, tap))
+}
+
+/// Takes a slot and runs `build` on it, under the slot lock; on failure removes what was made.
+fn take_slot_and_build(
+    state_dir: &Path,
+    sandbox: &str,
+    s: &Settings,
+    coordinator: Option<&str>,
+    t: &mut Timings,
+    build: impl FnOnce(&JobNetwork, Option<&(Vec<Ipv4Addr>, u16)>, &mut Timings) -> Result<()>,
+) -> Result<JobNetwork> {
     let missing = missing();
     if !missing.is_empty() {
         bail!("the job's network cannot be set up: {}", missing.join("; "));
@@ -339,7 +393,7 @@ pub fn setup_timed(
     let Some(net) = net else {
         bail!("network pool {} is full: {} jobs have a subnet", s.pool, s.slots());
     };
-    let built = build(&net, s, coord.as_ref(), t);
+    let built = build(&net, coord.as_ref(), t);
     drop(lock);
     if let Err(e) = built {
         let _ = teardown(state_dir, &net);

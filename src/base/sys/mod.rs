@@ -253,3 +253,29 @@ pub fn open_beneath(
     // SAFETY: `fd` was just returned by openat2 and is owned by nothing else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
+
+/// Creates the TAP device `name` (no packet-info header, virtio-net headers) in the calling
+/// thread's network namespace and returns its descriptor: the device lives as long as a
+/// descriptor of it is open (QEMU's, once handed over).
+pub fn open_tap(name: &str) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    const IFF_TAP: i16 = 0x0002;
+    const IFF_NO_PI: i16 = 0x1000;
+    const IFF_VNET_HDR: i16 = 0x4000;
+    if name.is_empty() || name.len() > 15 {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "a TAP name has 1 to 15 bytes"));
+    }
+    let f: OwnedFd = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun")?.into();
+    // struct ifreq: the name (16 bytes, NUL-terminated), then the flags (a short) in a union
+    // of 24 bytes.
+    let mut ifr = [0u8; 40];
+    ifr[..name.len()].copy_from_slice(name.as_bytes());
+    ifr[16..18].copy_from_slice(&(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).to_ne_bytes());
+    // SAFETY: TUNSETIFF reads and writes a `struct ifreq` (40 bytes on Linux), which `ifr` is,
+    // and `f` is an open descriptor of /dev/net/tun that outlives the call.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), libc::TUNSETIFF as _, ifr.as_mut_ptr()) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(f)
+}

@@ -227,6 +227,7 @@ complete -c executor -n "__fish_executor_using_subcommand dequeue" -l network -d
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -s i -l input -d 'Read the run document from FILE instead of standard input' -r -F
@@ -269,6 +270,7 @@ complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l 
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -s i -l input -d 'Read the run document from FILE instead of standard input' -r -F
@@ -311,6 +313,7 @@ complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l network -d
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -s i -l input -d 'Read the run document from FILE instead of standard input' -r -F
@@ -353,6 +356,7 @@ complete -c executor -n "__fish_executor_using_subcommand run-steps" -l network 
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand upload" -s i -l input -d 'Read the run document from FILE instead of standard input' -r -F
@@ -395,6 +399,7 @@ complete -c executor -n "__fish_executor_using_subcommand upload" -l network -d 
 complete -c executor -n "__fish_executor_using_subcommand upload" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand upload" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand complete" -s i -l input -d 'Read the run document from FILE instead of standard input' -r -F
@@ -437,6 +442,7 @@ complete -c executor -n "__fish_executor_using_subcommand complete" -l network -
 complete -c executor -n "__fish_executor_using_subcommand complete" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand complete" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand loop" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
@@ -477,6 +483,7 @@ complete -c executor -n "__fish_executor_using_subcommand loop" -l network -d 'A
 complete -c executor -n "__fish_executor_using_subcommand loop" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c executor -n "__fish_executor_using_subcommand loop" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand run" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
@@ -517,6 +524,7 @@ complete -c executor -n "__fish_executor_using_subcommand run" -l network -d 'A 
 complete -c executor -n "__fish_executor_using_subcommand run" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c executor -n "__fish_executor_using_subcommand run" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand validate" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
@@ -557,6 +565,7 @@ complete -c executor -n "__fish_executor_using_subcommand validate" -l network -
 complete -c executor -n "__fish_executor_using_subcommand validate" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand validate" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
@@ -597,6 +606,7 @@ complete -c executor -n "__fish_executor_using_subcommand janitor" -l network -d
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand janitor" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm help" -s h -l help -d 'Print help'

@@ -55,6 +55,7 @@ pub struct RawSettings {
     pub network_cidr: Option<String>,
     pub network_allow: Option<String>,
     pub dns_servers: Option<String>,
+    pub network_bandwidth: Option<String>,
 }
 
 /// Validated settings.
@@ -262,7 +263,8 @@ impl Settings {
                 raw.network_cidr.as_deref(),
                 raw.network_allow.as_deref(),
                 raw.dns_servers.as_deref(),
-            )?,
+            )?
+            .with_bandwidth(raw.network_bandwidth.as_deref())?,
         })
     }
 

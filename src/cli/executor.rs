@@ -113,6 +113,9 @@ pub struct ConfigArgs {
     /// Resolvers named in a job's resolv.conf, comma-separated [default: the host's non-loopback ones]
     #[arg(long, env = "EXECUTOR_DNS_SERVERS", value_name = "LIST")]
     pub dns_servers: Option<String>,
+    /// A cap on each job's bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]
+    #[arg(long, env = "EXECUTOR_NETWORK_BANDWIDTH", value_name = "RATE")]
+    pub network_bandwidth: Option<String>,
 }
 
 impl ConfigArgs {
@@ -158,6 +161,7 @@ impl ConfigArgs {
             network_cidr: self.network_cidr.clone(),
             network_allow: self.network_allow.clone(),
             dns_servers: self.dns_servers.clone(),
+            network_bandwidth: self.network_bandwidth.clone(),
         }
     }
 }

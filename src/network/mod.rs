@@ -60,6 +60,71 @@ pub struct Settings {
     pub allow: Vec<Allow>,
     /// `EXECUTOR_DNS_SERVERS`, else the host's non-loopback upstreams (empty: no DNS).
     pub dns: Vec<Ipv4Addr>,
+    /// `EXECUTOR_NETWORK_BANDWIDTH`: caps per job (none: uncapped).
+    pub bandwidth: Option<Bandwidth>,
+}
+
+/// Caps on a job's traffic, in bits per second, as seen from the job: ingress is what it
+/// downloads, egress what it sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bandwidth {
+    pub ingress: u64,
+    pub egress: u64,
+}
+
+impl Bandwidth {
+    /// `RATE` (both directions) or `INGRESS/EGRESS`; a rate is a number with `bit`, `kbit`,
+    /// `mbit` or `gbit` (tc's units, powers of 1000), e.g. `50mbit` or `50mbit/10mbit`.
+    pub fn parse(s: &str) -> Result<Bandwidth> {
+        let rate = |r: &str| -> Result<u64> {
+            let r = r.trim().to_ascii_lowercase();
+            let split = r.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(r.len());
+            let (num, unit) = r.split_at(split);
+            let mult: u64 = match unit {
+                "bit" => 1,
+                "kbit" => 1_000,
+                "mbit" => 1_000_000,
+                "gbit" => 1_000_000_000,
+                _ => bail!(
+                    "EXECUTOR_NETWORK_BANDWIDTH: {r:?} needs a unit: bit, kbit, mbit or gbit (e.g. 50mbit)"
+                ),
+            };
+            let n: f64 = num.parse().map_err(|_| {
+                anyhow::anyhow!(
+                    "EXECUTOR_NETWORK_BANDWIDTH: {r:?} does not start with a number (e.g. 50mbit)"
+                )
+            })?;
+            let bits = (n * mult as f64) as u64;
+            if bits < 8_000 {
+                bail!("EXECUTOR_NETWORK_BANDWIDTH: {r:?} is below 8kbit, too little for any job");
+            }
+            Ok(bits)
+        };
+        match s.split_once('/') {
+            Some((i, e)) => Ok(Bandwidth { ingress: rate(i)?, egress: rate(e)? }),
+            None => {
+                let r = rate(s)?;
+                Ok(Bandwidth { ingress: r, egress: r })
+            }
+        }
+    }
+
+    /// The `tc -batch` script that caps what leaves the host through link `dev` (the job's
+    /// host-side link), i.e. the job's ingress, with a token bucket (bursts of 50 ms, at least
+    /// 32 KiB). The job's egress is capped in its policy chain instead (`policy::policy_chain`:
+    /// an nftables meter per link), since this kernel has no tc policing action.
+    pub fn tc_script(&self, dev: &str) -> String {
+        format!(
+            "qdisc add dev {dev} root tbf rate {i}bit burst {b} latency 100ms\n",
+            i = self.ingress,
+            b = Self::burst(self.ingress),
+        )
+    }
+
+    /// The burst of a rate, in bytes.
+    pub fn burst(bits: u64) -> u64 {
+        (bits / 8 / 20).max(32 << 10)
+    }
 }
 
 impl Default for Settings {
@@ -71,6 +136,7 @@ impl Default for Settings {
             pool: Cidr::parse(DEFAULT_POOL).unwrap_or(Cidr::ANY),
             allow: vec![],
             dns: vec![],
+            bandwidth: None,
         }
     }
 }
@@ -118,7 +184,13 @@ impl Settings {
         if let Some(l) = dns.iter().find(|a| a.is_loopback()) {
             bail!("EXECUTOR_DNS_SERVERS names {l}, a loopback address no sandbox can reach");
         }
-        Ok(Settings { mode, pool, allow, dns })
+        Ok(Settings { mode, pool, allow, dns, bandwidth: None })
+    }
+
+    /// The settings with `EXECUTOR_NETWORK_BANDWIDTH` (`None` or empty: uncapped).
+    pub fn with_bandwidth(mut self, raw: Option<&str>) -> Result<Settings> {
+        self.bandwidth = raw.map(str::trim).filter(|s| !s.is_empty()).map(Bandwidth::parse).transpose()?;
+        Ok(self)
     }
 
     /// How many jobs the pool holds at once.
@@ -333,6 +405,9 @@ pub fn setup_tap(
         host.add_address(i, net.gateway, JOB_PREFIX)?;
         host.link_up(i)?;
         fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("turning on IPv4 forwarding")?;
+        if let Some(b) = &s.bandwidth {
+            cap(&net.host_if, b)?;
+        }
         tap = Some(fd);
         Ok(())
     })?;
@@ -465,7 +540,18 @@ fn build(
     .context("configuring the job's side of the veth")?;
     // 4. Forwarding on, for the NAT out of the host's default route.
     fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("turning on IPv4 forwarding")?;
+    // 5. The bandwidth caps, if any.
+    if let Some(b) = &s.bandwidth {
+        timed(t, "bandwidth caps", || cap(hif, b))?;
+    }
     Ok(())
+}
+
+/// Caps link `dev` with `tc` (one process; only when caps are set).
+fn cap(dev: &str, b: &Bandwidth) -> Result<()> {
+    let mut cmd = crate::base::proc::command("tc");
+    cmd.args(["-batch", "-"]);
+    run(cmd, &format!("capping the bandwidth of {dev} (tc, iproute2)"), Some(&b.tc_script(dev)))
 }
 
 /// Removes a job's network: the namespace, which takes the veth pair with it (the kernel
@@ -679,6 +765,15 @@ pub fn check(s: &Settings) -> Result<Vec<String>> {
         s.slots()
     ));
     out.push(dns_line(&s.dns, &stubs));
+    if let Some(b) = &s.bandwidth {
+        if which::which("tc").is_err() {
+            bail!("EXECUTOR_NETWORK_BANDWIDTH needs the tc command (apt-get install iproute2)");
+        }
+        out.push(format!(
+            "network bandwidth caps: {} bit/s in, {} bit/s out per job (tc)",
+            b.ingress, b.egress
+        ));
+    }
     let fwd = fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap_or_default();
     out.push(format!(
         "network forwarding: {}",
@@ -728,6 +823,27 @@ mod tests {
         let pool = Cidr::parse("10.255.0.0/16").unwrap();
         assert_eq!(pool_conflicts(&pool, ip), vec!["10.255.3.4 on eth0".to_string()]);
         assert!(pool_conflicts(&Cidr::parse("10.254.0.0/16").unwrap(), ip).is_empty());
+    }
+
+    #[test]
+    fn bandwidth_parses_with_clear_errors() {
+        assert_eq!(
+            Bandwidth::parse("50mbit").unwrap(),
+            Bandwidth { ingress: 50_000_000, egress: 50_000_000 }
+        );
+        assert_eq!(
+            Bandwidth::parse("50mbit/10Mbit").unwrap(),
+            Bandwidth { ingress: 50_000_000, egress: 10_000_000 }
+        );
+        assert_eq!(Bandwidth::parse("1.5gbit").unwrap().ingress, 1_500_000_000);
+        for bad in ["50", "50mb", "fast", "50mbit/", "1bit", "mbit"] {
+            let e = Bandwidth::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("EXECUTOR_NETWORK_BANDWIDTH"), "{bad}: {e}");
+        }
+        let t = Bandwidth::parse("8mbit/4mbit").unwrap().tc_script("exn3");
+        assert!(t.contains("dev exn3 root tbf rate 8000000bit burst 50000 "), "{t}");
+        let s = Settings::default().with_bandwidth(Some("")).unwrap();
+        assert_eq!(s.bandwidth, None);
     }
 
     #[test]

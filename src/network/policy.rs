@@ -181,10 +181,26 @@ pub fn policy_chain(s: &Settings, coordinator: Option<&(Vec<Ipv4Addr>, u16)>) ->
     rules.push("accept".into());
     let digest = {
         use sha2::Digest;
-        let d = sha2::Sha256::digest(rules.join("\n").as_bytes());
-        d[..8].iter().map(|b| format!("{b:02x}")).collect::<String>()
+        let mut h = sha2::Sha256::new();
+        h.update(rules.join("\n").as_bytes());
+        if let Some(b) = &s.bandwidth {
+            h.update(format!("\negress {}", b.egress).as_bytes());
+        }
+        h.finalize()[..8].iter().map(|b| format!("{b:02x}")).collect::<String>()
     };
     let c = format!("policy_{digest}");
+    // 0. The job's egress cap, before anything is accepted: a meter keeps one token bucket
+    //    per job link (EXECUTOR_NETWORK_BANDWIDTH; the ingress cap is tc's, on the link).
+    if let Some(b) = &s.bandwidth {
+        rules.insert(
+            0,
+            format!(
+                "meter bw_{digest} size 65535 {{ iifname limit rate over {} bytes/second burst {} bytes }} drop",
+                b.egress / 8,
+                super::Bandwidth::burst(b.egress)
+            ),
+        );
+    }
     let mut script = format!("add chain inet {TABLE} {c}\nflush chain inet {TABLE} {c}\n");
     for r in rules {
         script.push_str(&format!("add rule inet {TABLE} {c} {r}\n"));
@@ -234,6 +250,15 @@ mod tests {
         // Other settings, another chain; the same settings, the same chain.
         assert_eq!(policy_chain(&s, Some(&coord)).0, chain);
         assert_ne!(policy_chain(&s, None).0, chain);
+        // A bandwidth cap: its own chain, the meter first.
+        let capped = s.clone().with_bandwidth(Some("8mbit/4mbit")).unwrap();
+        let (c2, script2) = policy_chain(&capped, Some(&coord));
+        assert_ne!(c2, chain);
+        let first = script2.lines().nth(2).unwrap();
+        assert!(
+            first.contains("iifname limit rate over 500000 bytes/second burst 32768 bytes } drop"),
+            "{first}"
+        );
     }
 
     #[test]

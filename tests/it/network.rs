@@ -129,6 +129,11 @@ impl World {
         w
     }
 
+    /// Puts a file on the internet namespace's web server.
+    pub fn web_file(&self, name: &str, bytes: &[u8]) {
+        std::fs::write(self.dir.path().join("web").join(name), bytes).unwrap();
+    }
+
     /// A command run in namespace `ns` (only the network namespace changes: cgroups stay).
     pub fn in_ns(&self, ns: &str, program: &str) -> Command {
         let mut cmd = Command::new("nsenter");
@@ -540,6 +545,77 @@ fn network_microvm_jobs_reach_the_internet_and_nothing_else() {
         "microvm",
         "network_microvm_jobs_reach_the_internet_and_nothing_else",
     );
+}
+
+/// `EXECUTOR_NETWORK_BANDWIDTH=8mbit/4mbit`: a job's 4 MiB download and 2 MiB upload (an HTTP
+/// POST answered once the whole body arrived) each take at least 3 s (capped they need about
+/// 4 s; uncapped, well under a second). Only
+/// the cap's side is asserted: a loaded machine makes a transfer slower, never faster.
+#[test]
+fn network_bandwidth_caps_a_jobs_download_and_upload() {
+    let test = "network_bandwidth_caps_a_jobs_download_and_upload";
+    if !can_build(test) || !crate::oci::can_run(test, "runc") || which::which("tc").is_err() {
+        return;
+    }
+    let world = World::build();
+    world.web_file("cap.bin", &vec![1u8; 4 << 20]);
+    // An HTTP sink that answers a POST once it has read the whole body.
+    let py = "import http.server as h\n\
+              class H(h.BaseHTTPRequestHandler):\n\
+              \x20def do_POST(s):\n\
+              \x20 n=int(s.headers['Content-Length'])\n\
+              \x20 while n>0: n-=len(s.rfile.read(min(n,65536)) or b'x'*n)\n\
+              \x20 s.send_response(200); s.end_headers(); s.wfile.write(b'ok')\n\
+              h.HTTPServer(('198.51.100.10',9000),H).serve_forever()\n";
+    let sink = world
+        .in_ns(&world.internet, "python3")
+        .args(["-c", py])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _sink = KillOnDrop(sink);
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let state = tmp.path().join("state");
+    common::Exec::new().args(["image", "build-busybox"]).env("EXECUTOR_STATE_DIR", &state).run();
+    let prefix = format!("netbw{}", world.tag);
+    let exe = common::bin();
+    let _guard = JobsGuard {
+        host: world.host.clone(),
+        exe: exe.clone(),
+        oci: "runc".into(),
+        state: state.clone(),
+        prefix: prefix.clone(),
+    };
+    world.on_host(|| {
+        let c = crate::coordinator::Coordinator::start_listening(&format!("{HOST_INTERNET_SIDE}:0"));
+        // Not zeros: busybox wget sends a --post-file as a C string.
+        let script = format!(
+            "s=$(date +%s); wget -q -O /dev/null http://{WEB}/cap.bin; e=$(date +%s); echo \"DOWN $((e-s))\"
+             head -c 2097152 /dev/zero | tr '\\0' x > /tmp/up
+             s=$(date +%s); wget -q -O /dev/null --post-file=/tmp/up http://{WEB}:9000/; r=$?; e=$(date +%s); echo \"UP $((e-s)) (wget: $r)\""
+        );
+        let id = c.submit(serde_json::json!({"dockerSteps": [
+            {"key": "cap", "image": "busybox", "dir": "", "env": [], "commands": [script]}
+        ]}));
+        let mut cmd = world.in_ns(&world.host, exe.to_str().unwrap());
+        executor_env(&mut cmd, &c.url, &c.secret, "runc", &state, &prefix);
+        cmd.env("EXECUTOR_NETWORK_BANDWIDTH", "8mbit/4mbit").env("EXECUTOR_NUM_TOTAL_JOBS", "1").arg("loop");
+        common::assert_ok(&common::run(&mut cmd));
+        let job = c.wait_state(id, &["completed", "failed", "errored"], Duration::from_secs(60));
+        let log = job_log(&job);
+        assert_eq!(job["state"], "completed", "{log}");
+        let secs = |what: &str| -> u64 {
+            log.lines()
+                .find_map(|l| l.strip_prefix(&format!("stdout: {what} ")))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or_else(|| panic!("no {what} figure in the log:\n{log}"))
+        };
+        assert!(secs("DOWN") >= 3, "the 4 MiB download was not capped at 8 mbit:\n{log}");
+        assert!(log.contains("(wget: 0)"), "the upload failed:\n{log}");
+        assert!(secs("UP") >= 3, "the 2 MiB upload was not capped at 4 mbit:\n{log}");
+    });
 }
 
 /// Outside the world above no job may have a network: the harness starts every executor with

@@ -260,6 +260,64 @@ echo probes-done
     )
 }
 
+/// The destination classes of `scripts/probe-sandbox`'s network table: (class, probe, expected).
+const CLASSES: &[(&str, &str, &str)] = &[
+    ("internet by name (web.test)", "name", "reached"),
+    ("internet by address (198.51.100.10)", "address", "reached"),
+    ("coordinator (192.0.2.1, its port)", "coordinator", "reached"),
+    ("corporate (10.20.0.10)", "corporate", "blocked"),
+    ("metadata HTTP (169.254.169.254)", "metadata", "blocked"),
+    ("metadata DNS (169.254.169.254:53)", "metadata-dns", "blocked"),
+    ("host port, internet side (192.0.2.1:8000)", "host-192.0.2.1", "blocked"),
+    ("host port, corporate side (10.20.0.1:8000)", "host-10.20.0.1", "blocked"),
+    ("host port, a job gateway (10.255.0.1:8000)", "host-10.255.0.1", "blocked"),
+    ("host port, the other gateway (10.255.0.5:8000)", "host-10.255.0.5", "blocked"),
+    ("coordinator's port on another host address", "host-coordinator-other-address", "blocked"),
+    ("other job (its listener)", "other-job", "blocked"),
+];
+
+/// One row per class from a job's log: class, what happened (and how), expected.
+fn table_rows(log: &str) -> Vec<(String, String, String)> {
+    CLASSES
+        .iter()
+        .map(|(class, probe, want)| {
+            let got = log
+                .lines()
+                .find_map(|l| {
+                    let l = l.strip_prefix("stdout: ").unwrap_or(l);
+                    if let Some(r) = l.strip_prefix(&format!("REACHED {probe}")) {
+                        (r.is_empty() || r.starts_with(':')).then(|| "reached".to_string())
+                    } else if let Some(r) = l.strip_prefix(&format!("BLOCKED {probe}")) {
+                        (r.is_empty() || r.starts_with(':')).then(|| {
+                            // The error's last part: "Connection refused", "No route to host"...
+                            let msg = r.trim_start_matches(':').trim();
+                            let how: String =
+                                msg.rsplit(": ").next().unwrap_or(msg).chars().take(40).collect();
+                            if how.is_empty() {
+                                "blocked".to_string()
+                            } else {
+                                format!("blocked ({how})")
+                            }
+                        })
+                    } else {
+                        None
+                    }
+                })
+                .unwrap_or_else(|| "not probed".into());
+            (class.to_string(), got, want.to_string())
+        })
+        .collect()
+}
+
+fn print_table(kind: &str, rows: &[(String, String, String)]) {
+    println!("network table ({kind})");
+    println!("{:<48} | {:<50} | expected", "destination class", "result");
+    for (c, g, w) in rows {
+        println!("{c:<48} | {g:<50} | {w}");
+    }
+    println!();
+}
+
 fn job_log(job: &serde_json::Value) -> String {
     job["logs"]
         .as_array()
@@ -360,6 +418,7 @@ fn jobs_reach_the_internet_and_nothing_else(oci: &str, test: &str) {
         executor_env(&mut cmd, &c.url, &c.secret, oci, &state, &prefix);
         cmd.env("EXECUTOR_MAXIMUM_NUM_JOBS", "2").env("EXECUTOR_NUM_TOTAL_JOBS", "2").arg("loop");
         common::assert_ok(&common::run(&mut cmd));
+        let mut table = Vec::new();
         for id in ids {
             let job = c.wait_state(
                 id,
@@ -399,6 +458,9 @@ fn jobs_reach_the_internet_and_nothing_else(oci: &str, test: &str) {
             if vm {
                 assert!(log.contains("REACHED own-ping"), "{log}");
             }
+            if table.is_empty() {
+                table = table_rows(&log);
+            }
         }
         if vm {
             let out = world
@@ -417,6 +479,11 @@ fn jobs_reach_the_internet_and_nothing_else(oci: &str, test: &str) {
             };
             assert_eq!(n("10.255.0.99"), 0, "a spoofed packet left a guest:\n{text}");
             assert!(n("echo-request") >= 2, "each guest's own ping arrives:\n{text}");
+            table.push((
+                "spoofed source (root in the guest adds one)".into(),
+                "blocked (0 packets arrived; own address: arrived)".into(),
+                "blocked".into(),
+            ));
         }
         // The kernel removes a job's veth in the background once its namespace is gone; the
         // slot's map element stays until a janitor pass (docs/network.md).
@@ -504,6 +571,11 @@ fn jobs_reach_the_internet_and_nothing_else(oci: &str, test: &str) {
             sh(&format!("ip -n {job_ns} addr add 10.255.0.99/32 dev eth0"));
             send("10.255.0.99", 9999);
             assert_eq!(counted(), (0, 1), "from its own address one packet arrives, from a spoofed one none");
+            table.push((
+                "spoofed source (root of the namespace adds one)".into(),
+                "blocked (0 packets arrived; own address: 1)".into(),
+                "blocked".into(),
+            ));
         }
         lp.0.kill().unwrap();
         lp.0.wait().unwrap();
@@ -517,6 +589,12 @@ fn jobs_reach_the_internet_and_nothing_else(oci: &str, test: &str) {
         common::assert_ok(&out);
         let left = world.leftovers(&prefix, true);
         assert!(left.is_empty(), "left after the janitor: {left:?}");
+        table.push((
+            "left behind after the jobs and a janitor pass".into(),
+            "nothing".into(),
+            "nothing".into(),
+        ));
+        print_table(oci, &table);
     });
     assert!(started.elapsed() < Duration::from_secs(if vm { 900 } else { 300 }), "bounded duration");
 }

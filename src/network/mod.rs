@@ -659,10 +659,11 @@ pub fn janitor(state_dir: &Path, owned: impl Fn(&str) -> bool) -> Result<Vec<Str
     }
     // The map elements and links of free slots: what teardowns leave for the kernel or for
     // here, and what a kill left. Under the lock, so that no setup takes a slot meanwhile.
-    if which::which("nft").is_err() || !crate::base::skip::is_root() {
+    // Only where this state directory ever had a job network: an executor without one must not
+    // judge the host's job links.
+    if !dir.is_dir() || which::which("nft").is_err() || !crate::base::skip::is_root() {
         return Ok(removed);
     }
-    fs::create_dir_all(&dir).with_context(|| format!("creating network slot directory {}", dir.display()))?;
     let _lock = crate::base::lock::lock(&state_dir.join("network").join("lock"), true)?;
     let free = |slot: u32| !dir.join(slot.to_string()).exists();
     let stale: Vec<_> = map_elements().into_iter().filter(|(slot, ..)| free(*slot)).collect();

@@ -232,10 +232,11 @@ complete -c executor -n "__fish_executor_using_subcommand dequeue" -l registry-m
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
-complete -c executor -n "__fish_executor_using_subcommand dequeue" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: none]' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -s i -l input -d 'Read the run document from FILE instead of standard input' -r -F
@@ -276,10 +277,11 @@ complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l 
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
-complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: none]' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -s i -l input -d 'Read the run document from FILE instead of standard input' -r -F
@@ -320,10 +322,11 @@ complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l registry-m
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
-complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: none]' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -s i -l input -d 'Read the run document from FILE instead of standard input' -r -F
@@ -364,10 +367,11 @@ complete -c executor -n "__fish_executor_using_subcommand run-steps" -l registry
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
-complete -c executor -n "__fish_executor_using_subcommand run-steps" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: none]' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand upload" -s i -l input -d 'Read the run document from FILE instead of standard input' -r -F
@@ -408,10 +412,11 @@ complete -c executor -n "__fish_executor_using_subcommand upload" -l registry-mi
 complete -c executor -n "__fish_executor_using_subcommand upload" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand upload" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
-complete -c executor -n "__fish_executor_using_subcommand upload" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: none]' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand upload" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand complete" -s i -l input -d 'Read the run document from FILE instead of standard input' -r -F
@@ -452,10 +457,11 @@ complete -c executor -n "__fish_executor_using_subcommand complete" -l registry-
 complete -c executor -n "__fish_executor_using_subcommand complete" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand complete" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
-complete -c executor -n "__fish_executor_using_subcommand complete" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: none]' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand complete" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand loop" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
@@ -494,10 +500,11 @@ complete -c executor -n "__fish_executor_using_subcommand loop" -l registry-mirr
 complete -c executor -n "__fish_executor_using_subcommand loop" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand loop" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
-complete -c executor -n "__fish_executor_using_subcommand loop" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: none]' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c executor -n "__fish_executor_using_subcommand loop" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand run" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
@@ -536,10 +543,11 @@ complete -c executor -n "__fish_executor_using_subcommand run" -l registry-mirro
 complete -c executor -n "__fish_executor_using_subcommand run" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand run" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
-complete -c executor -n "__fish_executor_using_subcommand run" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: none]' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c executor -n "__fish_executor_using_subcommand run" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand validate" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
@@ -578,10 +586,11 @@ complete -c executor -n "__fish_executor_using_subcommand validate" -l registry-
 complete -c executor -n "__fish_executor_using_subcommand validate" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand validate" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
-complete -c executor -n "__fish_executor_using_subcommand validate" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: none]' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand validate" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
@@ -620,10 +629,11 @@ complete -c executor -n "__fish_executor_using_subcommand janitor" -l registry-m
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
-complete -c executor -n "__fish_executor_using_subcommand janitor" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: none]' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand janitor" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm help" -s h -l help -d 'Print help'

@@ -57,6 +57,7 @@ pub struct RawSettings {
     pub network_cidr: Option<String>,
     pub network_allow: Option<String>,
     pub dns_servers: Option<String>,
+    pub network_bandwidth: Option<String>,
 }
 
 /// Validated settings.
@@ -274,7 +275,8 @@ impl Settings {
                 raw.network_cidr.as_deref(),
                 raw.network_allow.as_deref(),
                 raw.dns_servers.as_deref(),
-            )?,
+            )?
+            .with_bandwidth(raw.network_bandwidth.as_deref())?,
         })
     }
 
@@ -503,6 +505,7 @@ mod tests {
         assert_eq!(s.runtime, RuntimeChoice::Auto);
         assert_eq!(s.oci_runtime, "runc");
         assert!(!s.allow_unisolated);
+        assert_eq!(s.network.mode, crate::network::Mode::Internet, "jobs reach the internet by default");
     }
 
     #[test]

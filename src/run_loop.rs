@@ -421,7 +421,7 @@ fn spawn_janitor(
 }
 
 /// The microVM pool, when the loop runs microVMs and `EXECUTOR_VM_POOL_SIZE` (or the memory
-/// rule) asks for one; the pool boots VMs for network mode `none` only.
+/// rule) asks for one; in network mode `internet` its VMs boot with their network made.
 fn start_pool(settings: &Settings, runtime: RuntimeKind, name: &str, ui: &Ui) -> Result<Option<Arc<Pool>>> {
     if runtime != RuntimeKind::Microvm {
         return Ok(None);
@@ -436,8 +436,23 @@ fn start_pool(settings: &Settings, runtime: RuntimeKind, name: &str, ui: &Ui) ->
         ));
         return Ok(None);
     }
-    if settings.network.mode != crate::network::Mode::None {
-        ui.log("VM pool: off (the pool boots VMs for EXECUTOR_NETWORK=none only)");
+    // A networked pool VM holds an address slot while it waits: jobs keep theirs first.
+    let size = if settings.network.mode == crate::network::Mode::None {
+        size
+    } else {
+        let free = (settings.network.slots() as usize).saturating_sub(settings.max_jobs);
+        if free < size {
+            ui.log(&format!(
+                "VM pool: {size} VMs asked, {free} fit: EXECUTOR_NETWORK_CIDR {} has {} job subnets \
+                 and {} go to running jobs",
+                settings.network.pool,
+                settings.network.slots(),
+                settings.max_jobs
+            ));
+        }
+        size.min(free)
+    };
+    if size == 0 {
         return Ok(None);
     }
     let log_ui = ui.clone();
@@ -449,6 +464,7 @@ fn start_pool(settings: &Settings, runtime: RuntimeKind, name: &str, ui: &Ui) ->
             owner: name.to_string(),
             limits: settings.limits(),
             network: settings.network.mode,
+            coordinator: settings.frontend_url.clone(),
             budget,
             log: Arc::new(move |m: &str| log_ui.log(m)),
         },

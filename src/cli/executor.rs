@@ -108,7 +108,7 @@ pub struct ConfigArgs {
     pub image_cache_size: Option<String>,
     #[command(flatten)]
     pub registry: super::image::RegistryArgs,
-    /// A job's network: internet (public addresses through the egress policy) or none (loopback) [default: none]
+    /// A job's network: internet (public addresses through the egress policy) or none (loopback) [default: internet]
     #[arg(long, env = "EXECUTOR_NETWORK", value_name = "MODE")]
     pub network: Option<String>,
     /// The pool each job's /30 comes from [default: 10.255.0.0/16]
@@ -120,6 +120,9 @@ pub struct ConfigArgs {
     /// Resolvers named in a job's resolv.conf, comma-separated [default: the host's non-loopback ones]
     #[arg(long, env = "EXECUTOR_DNS_SERVERS", value_name = "LIST")]
     pub dns_servers: Option<String>,
+    /// A cap on each job's bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]
+    #[arg(long, env = "EXECUTOR_NETWORK_BANDWIDTH", value_name = "RATE")]
+    pub network_bandwidth: Option<String>,
 }
 
 impl ConfigArgs {
@@ -167,6 +170,7 @@ impl ConfigArgs {
             network_cidr: self.network_cidr.clone(),
             network_allow: self.network_allow.clone(),
             dns_servers: self.dns_servers.clone(),
+            network_bandwidth: self.network_bandwidth.clone(),
         }
     }
 }

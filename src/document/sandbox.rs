@@ -278,6 +278,9 @@ pub struct VmDetails {
     /// The unprivileged user QEMU runs as (none: it runs as the executor's own user).
     #[serde(default)]
     pub qemu_user: Option<String>,
+    /// The job's network (`EXECUTOR_NETWORK=internet`): its TAP device and addresses.
+    #[serde(default)]
+    pub network: Option<JobNetwork>,
     /// Set when the VM came from the pool of VMs booted ahead of demand (and so its boot was
     /// not on the job's path).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -35,7 +35,8 @@ fn start_late_modules() {
     STARTED.call_once(|| {
         let t = uptime_ms();
         let h = thread::spawn(move || {
-            let res = load_modules(MODULES_LATE);
+            // The job's network, if the host gave one (guest/net.rs), before the first step.
+            let res = load_modules(MODULES_LATE).and_then(|()| super::net::configure());
             debug_time("late modules loaded", t);
             res
         });
@@ -74,7 +75,7 @@ fn mount_fs(src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<
         .with_context(|| format!("mounting {fstype} on {target}"))
 }
 
-fn load_modules(list: &str) -> Result<()> {
+pub(super) fn load_modules(list: &str) -> Result<()> {
     let order = match fs::read_to_string(list) {
         Ok(o) => o,
         Err(_) => return Ok(()),
@@ -92,7 +93,7 @@ fn load_modules(list: &str) -> Result<()> {
     Ok(())
 }
 
-fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+pub(super) fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
     let start = Instant::now();
     loop {
         if let Some(v) = f() {
@@ -131,7 +132,7 @@ fn find_disk(serial: &str) -> Option<PathBuf> {
     None
 }
 
-fn cmdline_value(key: &str) -> Option<String> {
+pub(super) fn cmdline_value(key: &str) -> Option<String> {
     let cmdline = fs::read_to_string("/proc/cmdline").ok()?;
     cmdline.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('=').map(str::to_string))
 }
@@ -513,6 +514,7 @@ fn step_root(id: u32, image: u32) -> Result<PathBuf> {
         .context("mounting /dev in the step's root")?;
     mount(Some("tmpfs"), &root.join("tmp"), Some("tmpfs"), MsFlags::MS_NOSUID, Some("mode=1777"))
         .context("mounting /tmp in the step's root")?;
+    super::net::write_resolv_conf(&root)?;
     Ok(root)
 }
 

@@ -2,4 +2,5 @@
 //! `executor-guest-agent` binary, src/bin/) and the protocol it speaks with the host.
 
 pub mod agent;
+pub mod net;
 pub mod protocol;

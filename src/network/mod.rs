@@ -4,6 +4,7 @@
 //! removed by [`teardown`], and found again after a crash by [`janitor`]. docs/network.md has
 //! the rules in the same order.
 
+pub mod netlink;
 pub mod policy;
 
 use anyhow::{bail, Context, Result};
@@ -46,9 +47,8 @@ impl std::str::FromStr for Mode {
     }
 }
 
-/// The default of `EXECUTOR_NETWORK`: `none` until every runtime has the internet mode proven
-/// (see docs/network.md).
-pub const DEFAULT_MODE: Mode = Mode::None;
+/// The default of `EXECUTOR_NETWORK` (an executor configured without it): the internet.
+pub const DEFAULT_MODE: Mode = Mode::Internet;
 
 /// The network settings of every job of an executor.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,15 +60,83 @@ pub struct Settings {
     pub allow: Vec<Allow>,
     /// `EXECUTOR_DNS_SERVERS`, else the host's non-loopback upstreams (empty: no DNS).
     pub dns: Vec<Ipv4Addr>,
+    /// `EXECUTOR_NETWORK_BANDWIDTH`: caps per job (none: uncapped).
+    pub bandwidth: Option<Bandwidth>,
+}
+
+/// Caps on a job's traffic, in bits per second, as seen from the job: ingress is what it
+/// downloads, egress what it sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bandwidth {
+    pub ingress: u64,
+    pub egress: u64,
+}
+
+impl Bandwidth {
+    /// `RATE` (both directions) or `INGRESS/EGRESS`; a rate is a number with `bit`, `kbit`,
+    /// `mbit` or `gbit` (tc's units, powers of 1000), e.g. `50mbit` or `50mbit/10mbit`.
+    pub fn parse(s: &str) -> Result<Bandwidth> {
+        let rate = |r: &str| -> Result<u64> {
+            let r = r.trim().to_ascii_lowercase();
+            let split = r.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(r.len());
+            let (num, unit) = r.split_at(split);
+            let mult: u64 = match unit {
+                "bit" => 1,
+                "kbit" => 1_000,
+                "mbit" => 1_000_000,
+                "gbit" => 1_000_000_000,
+                _ => bail!(
+                    "EXECUTOR_NETWORK_BANDWIDTH: {r:?} needs a unit: bit, kbit, mbit or gbit (e.g. 50mbit)"
+                ),
+            };
+            let n: f64 = num.parse().map_err(|_| {
+                anyhow::anyhow!(
+                    "EXECUTOR_NETWORK_BANDWIDTH: {r:?} does not start with a number (e.g. 50mbit)"
+                )
+            })?;
+            let bits = (n * mult as f64) as u64;
+            if bits < 8_000 {
+                bail!("EXECUTOR_NETWORK_BANDWIDTH: {r:?} is below 8kbit, too little for any job");
+            }
+            Ok(bits)
+        };
+        match s.split_once('/') {
+            Some((i, e)) => Ok(Bandwidth { ingress: rate(i)?, egress: rate(e)? }),
+            None => {
+                let r = rate(s)?;
+                Ok(Bandwidth { ingress: r, egress: r })
+            }
+        }
+    }
+
+    /// The `tc -batch` script that caps what leaves the host through link `dev` (the job's
+    /// host-side link), i.e. the job's ingress, with a token bucket (bursts of 50 ms, at least
+    /// 32 KiB). The job's egress is capped in its policy chain instead (`policy::policy_chain`:
+    /// an nftables meter per link), since this kernel has no tc policing action.
+    pub fn tc_script(&self, dev: &str) -> String {
+        format!(
+            "qdisc add dev {dev} root tbf rate {i}bit burst {b} latency 100ms\n",
+            i = self.ingress,
+            b = Self::burst(self.ingress),
+        )
+    }
+
+    /// The burst of a rate, in bytes.
+    pub fn burst(bits: u64) -> u64 {
+        (bits / 8 / 20).max(32 << 10)
+    }
 }
 
 impl Default for Settings {
+    /// Loopback only: the library's default (runtimes built in code, tests, `vm` commands). An
+    /// executor's configuration defaults to [`DEFAULT_MODE`] through [`Settings::parse`].
     fn default() -> Self {
         Settings {
-            mode: DEFAULT_MODE,
+            mode: Mode::None,
             pool: Cidr::parse(DEFAULT_POOL).unwrap_or(Cidr::ANY),
             allow: vec![],
             dns: vec![],
+            bandwidth: None,
         }
     }
 }
@@ -116,7 +184,13 @@ impl Settings {
         if let Some(l) = dns.iter().find(|a| a.is_loopback()) {
             bail!("EXECUTOR_DNS_SERVERS names {l}, a loopback address no sandbox can reach");
         }
-        Ok(Settings { mode, pool, allow, dns })
+        Ok(Settings { mode, pool, allow, dns, bandwidth: None })
+    }
+
+    /// The settings with `EXECUTOR_NETWORK_BANDWIDTH` (`None` or empty: uncapped).
+    pub fn with_bandwidth(mut self, raw: Option<&str>) -> Result<Settings> {
+        self.bandwidth = raw.map(str::trim).filter(|s| !s.is_empty()).map(Bandwidth::parse).transpose()?;
+        Ok(self)
     }
 
     /// How many jobs the pool holds at once.
@@ -163,6 +237,15 @@ impl JobNetwork {
     pub fn netns_path(&self) -> PathBuf {
         Path::new("/run/netns").join(&self.sandbox)
     }
+    /// The guest's network as the microVM's kernel command line carries it to the agent:
+    /// `executor.net=<address>/<prefix>,<gateway>[,<resolver>...]`.
+    pub fn guest_cmdline(&self) -> String {
+        let mut v = format!("executor.net={}/{JOB_PREFIX},{}", self.address, self.gateway);
+        for d in &self.dns {
+            v.push_str(&format!(",{d}"));
+        }
+        v
+    }
     /// The job's own chain in the table.
     pub fn chain(&self) -> String {
         format!("job{}", self.slot)
@@ -204,33 +287,49 @@ fn nft(script: &str, what: &str) -> Result<()> {
     run(cmd, what, Some(script))
 }
 
-fn ip_batch(netns: Option<&str>, script: &str, what: &str) -> Result<()> {
-    let mut cmd = crate::base::proc::command("ip");
-    if let Some(n) = netns {
-        cmd.args(["-n", n]);
-    }
-    cmd.args(["-batch", "-"]);
-    run(cmd, what, Some(script))
+/// `nft list ARGS`'s output, `None` when it fails (nothing of that name).
+fn nft_list(args: &[&str]) -> Option<String> {
+    let out = crate::base::proc::command("nft")
+        .arg("list")
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Whether the executor's table exists.
 fn table_exists() -> bool {
-    crate::base::proc::command("nft")
-        .args(["list", "table", "inet", TABLE])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    nft_list(&["table", "inet", TABLE]).is_some()
+}
+
+/// Makes the table if it is missing. A table of an older layout (one chain per job) is made
+/// again when it holds no job, and is an error naming the fix when it does.
+fn ensure_table(pool: &Cidr) -> Result<()> {
+    if let Some(map) = nft_list(&["map", "inet", TABLE, "jobs"]) {
+        if map.contains(policy::MAP_TYPE) {
+            return Ok(());
+        }
+    }
+    if table_exists() {
+        let t = nft_list(&["table", "inet", TABLE]).unwrap_or_default();
+        if t.contains("elements =") {
+            bail!(
+                "nftables table inet {TABLE} has jobs of an older executor's layout: stop that executor, \
+                 run `executor janitor`, then `nft delete table inet {TABLE}`"
+            );
+        }
+        nft(&format!("delete table inet {TABLE}\n"), "removing the old-layout table inet executor")?;
+    }
+    nft(&policy::table_script(pool), "creating nftables table inet executor")
 }
 
 /// What the host lacks for the internet mode, each with its fix (empty: nothing).
 pub fn missing() -> Vec<String> {
     let mut out = Vec::new();
-    for (bin, pkg) in [("ip", "iproute2"), ("nft", "nftables")] {
-        if which::which(bin).is_err() {
-            out.push(format!("the {bin} command is not installed (apt-get install {pkg})"));
-        }
+    if which::which("nft").is_err() {
+        out.push("the nft command is not installed (apt-get install nftables)".into());
     }
     if !crate::base::skip::is_root() {
         out.push("network namespaces and nftables need root".into());
@@ -238,44 +337,139 @@ pub fn missing() -> Vec<String> {
     out
 }
 
+/// How long each step of a setup or teardown took (`scripts/bench-network` prints them).
+pub type Timings = Vec<(&'static str, std::time::Duration)>;
+
+fn timed<T>(t: &mut Timings, step: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let start = std::time::Instant::now();
+    let r = f();
+    t.push((step, start.elapsed()));
+    r
+}
+
+/// The content of a slot file: the sandbox's name, then the job's address (the janitor needs
+/// it to find the map element).
+fn slot_text(net: &JobNetwork) -> String {
+    format!("{}\n{}\n", net.sandbox, net.address)
+}
+
+fn parse_slot(text: &str) -> (String, Option<Ipv4Addr>) {
+    let mut l = text.lines();
+    let name = l.next().unwrap_or("").to_string();
+    (name, l.next().and_then(|a| a.trim().parse().ok()))
+}
+
+/// Where this process looks for a free slot first.
+static NEXT_SLOT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 /// Sets up the network of sandbox `sandbox`: the caller tears it down with [`teardown`] if a
 /// later step of the sandbox fails. Nothing is left behind when this fails.
 pub fn setup(state_dir: &Path, sandbox: &str, s: &Settings, coordinator: Option<&str>) -> Result<JobNetwork> {
+    setup_timed(state_dir, sandbox, s, coordinator, &mut Vec::new())
+}
+
+/// [`setup`], recording how long each step took.
+pub fn setup_timed(
+    state_dir: &Path,
+    sandbox: &str,
+    s: &Settings,
+    coordinator: Option<&str>,
+    t: &mut Timings,
+) -> Result<JobNetwork> {
+    take_slot_and_build(state_dir, sandbox, s, coordinator, t, |net, coord, t| build(net, s, coord, t))
+}
+
+/// The network of a microVM: the job's link is a TAP device `exn<n>` in the host's namespace
+/// (the VM is the sandbox: no namespace of its own), with the gateway address, behind the same
+/// map element and policy as a veth. Returns the TAP's descriptor for QEMU; the device goes
+/// when the last descriptor of it closes (QEMU's, when the VM ends). The guest configures
+/// the job's address itself (what [`JobNetwork`] says).
+pub fn setup_tap(
+    state_dir: &Path,
+    sandbox: &str,
+    s: &Settings,
+    coordinator: Option<&str>,
+) -> Result<(JobNetwork, std::os::fd::OwnedFd)> {
+    let mut tap = None;
+    let net = take_slot_and_build(state_dir, sandbox, s, coordinator, &mut Vec::new(), |net, coord, _| {
+        install_firewall(net, s, coord)?;
+        let mut host = netlink::Socket::route()?;
+        if host.link_index(&net.host_if).is_ok() {
+            // A dying VM's TAP of this slot, or a killed executor's: the slot is this job's.
+            host.del_link(&net.host_if)?;
+        }
+        let fd = crate::base::sys::open_tap(&net.host_if)
+            .with_context(|| format!("creating TAP device {} (/dev/net/tun)", net.host_if))?;
+        let _ = fs::write(format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", net.host_if), "1");
+        let i = host.link_index(&net.host_if)?;
+        host.add_address(i, net.gateway, JOB_PREFIX)?;
+        host.link_up(i)?;
+        fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("turning on IPv4 forwarding")?;
+        if let Some(b) = &s.bandwidth {
+            cap(&net.host_if, b)?;
+        }
+        tap = Some(fd);
+        Ok(())
+    })?;
+    let tap = tap.context("the TAP device was not made")?;
+    Ok((net, tap))
+}
+
+/// Takes a slot and runs `build` on it, under the slot lock; on failure removes what was made.
+fn take_slot_and_build(
+    state_dir: &Path,
+    sandbox: &str,
+    s: &Settings,
+    coordinator: Option<&str>,
+    t: &mut Timings,
+    build: impl FnOnce(&JobNetwork, Option<&(Vec<Ipv4Addr>, u16)>, &mut Timings) -> Result<()>,
+) -> Result<JobNetwork> {
     let missing = missing();
     if !missing.is_empty() {
         bail!("the job's network cannot be set up: {}", missing.join("; "));
     }
+    let coord = coordinator.map(policy::coordinator_target).transpose()?.flatten();
     let dir = slots_dir(state_dir);
     fs::create_dir_all(&dir).with_context(|| format!("creating network slot directory {}", dir.display()))?;
     // The table and the slot are taken under one lock, so two executors of this state
     // directory never create the table twice nor share a slot.
-    let _lock = crate::base::lock::lock(&state_dir.join("network").join("lock"), true)?;
-    let mut slot = None;
-    for n in 0..s.slots() {
-        match fs::OpenOptions::new().write(true).create_new(true).open(dir.join(n.to_string())) {
-            Ok(mut f) => {
-                f.write_all(sandbox.as_bytes()).with_context(|| format!("writing network slot {n}"))?;
-                slot = Some(n);
-                break;
+    let lock =
+        timed(t, "slot lock", || crate::base::lock::lock(&state_dir.join("network").join("lock"), true))?;
+    let mut net = None;
+    timed(t, "slot", || {
+        // Round robin from after the last slot taken, so that a slot is seldom taken again
+        // while the kernel still removes its previous job's veth (which it does in the
+        // background once the namespace is gone).
+        let start = NEXT_SLOT.load(std::sync::atomic::Ordering::Relaxed) % s.slots();
+        for n in (start..s.slots()).chain(0..start) {
+            let (gateway, address) = s.addresses(n);
+            let candidate = JobNetwork {
+                sandbox: sandbox.to_string(),
+                slot: n,
+                host_if: format!("{IF_PREFIX}{n}"),
+                gateway,
+                address,
+                dns: s.dns.clone(),
+            };
+            match fs::OpenOptions::new().write(true).create_new(true).open(dir.join(n.to_string())) {
+                Ok(mut f) => {
+                    f.write_all(slot_text(&candidate).as_bytes())
+                        .with_context(|| format!("writing network slot {n}"))?;
+                    net = Some(candidate);
+                    NEXT_SLOT.store(n + 1, std::sync::atomic::Ordering::Relaxed);
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e).with_context(|| format!("taking network slot {n}")),
             }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e).with_context(|| format!("taking network slot {n}")),
         }
-    }
-    let Some(slot) = slot else {
+        Ok(())
+    })?;
+    let Some(net) = net else {
         bail!("network pool {} is full: {} jobs have a subnet", s.pool, s.slots());
     };
-    let (gateway, address) = s.addresses(slot);
-    let net = JobNetwork {
-        sandbox: sandbox.to_string(),
-        slot,
-        host_if: format!("{IF_PREFIX}{slot}"),
-        gateway,
-        address,
-        dns: s.dns.clone(),
-    };
-    let built = build(&net, s, coordinator);
-    drop(_lock);
+    let built = build(&net, coord.as_ref(), t);
+    drop(lock);
     if let Err(e) = built {
         let _ = teardown(state_dir, &net);
         return Err(e);
@@ -283,113 +477,157 @@ pub fn setup(state_dir: &Path, sandbox: &str, s: &Settings, coordinator: Option<
     Ok(net)
 }
 
-/// The steps of [`setup`] once the slot is taken, in order.
-fn build(net: &JobNetwork, s: &Settings, coordinator: Option<&str>) -> Result<()> {
-    let ns = net.netns();
-    let hif = &net.host_if;
-    // 1. The firewall first: the job's chain and its entry in the dispatch map exist before
-    //    the link does, so no packet of the job ever passes unfiltered (fail closed).
-    let coord = coordinator.map(policy::coordinator_target).transpose()?.flatten();
-    let script = policy::job_script(net, s, coord.as_ref());
-    // One nft run when the table is there (each run costs about 10 ms); the table is made
-    // first when it is not.
-    if nft(&script, "installing the job's nftables rules").is_err() {
-        if !table_exists() {
-            nft(&policy::table_script(&s.pool), "creating nftables table inet executor")?;
-        }
-        nft(&script, "installing the job's nftables rules")?;
+/// The job's element in the map: its link and address, the jump to the settings' policy chain.
+fn install_firewall(net: &JobNetwork, s: &Settings, coord: Option<&(Vec<Ipv4Addr>, u16)>) -> Result<()> {
+    let (chain, script) = policy::policy_chain(s, coord);
+    let key = netlink::ifname_addr_key(&net.host_if, net.address);
+    let mut nf = netlink::Socket::netfilter()?;
+    if nf.add_jump_element(TABLE, "jobs", &key, &chain).is_ok() {
+        return Ok(());
     }
-    // 2. The namespace and the veth pair, the host end addressed and up, IPv6 off on it.
-    ip_batch(
-        None,
-        &format!(
-            "netns add {ns}\nlink add {hif} type veth peer name eth0 netns {ns}\n\
-             addr add {gw}/{JOB_PREFIX} dev {hif}\nlink set {hif} up\n",
-            gw = net.gateway
-        ),
-        "creating the job's network namespace and veth",
-    )?;
-    let _ = fs::write(format!("/proc/sys/net/ipv6/conf/{hif}/disable_ipv6"), "1");
-    // 3. Inside: IPv6 off, loopback and eth0 up, the job's address and its default route.
-    disable_ipv6_in(&net.netns_path())?;
-    ip_batch(
-        Some(ns),
-        &format!(
-            "link set lo up\naddr add {a}/{JOB_PREFIX} dev eth0\nlink set eth0 up\n\
-             route add default via {gw} dev eth0\n",
-            a = net.address,
-            gw = net.gateway
-        ),
-        "configuring the job's side of the veth",
-    )?;
+    // The table, the map or this policy chain is not there yet (the first job of the host or
+    // of these settings), or a killed executor left this slot's element: make them, then again.
+    ensure_table(&s.pool)?;
+    nft(&script, "installing the job policy chain")?;
+    match nf.add_jump_element(TABLE, "jobs", &key, &chain) {
+        // The slot's element from a job of other settings.
+        Err(nix::errno::Errno::EEXIST | nix::errno::Errno::EBUSY) => {
+            let _ = nf.del_element(TABLE, "jobs", &key);
+            nf.add_jump_element(TABLE, "jobs", &key, &chain)
+        }
+        r => r,
+    }
+    .with_context(|| format!("adding the job's element to nftables map inet {TABLE} jobs"))
+}
+
+/// The steps of [`setup`] once the slot is taken, in order.
+fn build(
+    net: &JobNetwork,
+    s: &Settings,
+    coord: Option<&(Vec<Ipv4Addr>, u16)>,
+    t: &mut Timings,
+) -> Result<()> {
+    let hif = &net.host_if;
+    // 1. The firewall first: the job's element in the dispatch map exists before the link
+    //    does, so no packet of the job ever passes unfiltered (fail closed).
+    timed(t, "nftables element", || install_firewall(net, s, coord))?;
+    // 2. The namespace (IPv6 off in it), the veth pair, the host end addressed and up with
+    //    IPv6 off.
+    let (ns_file, mut inside) = timed(t, "namespace", || netlink::add_netns(net.netns()))?;
+    timed(t, "veth, host side", || {
+        let mut host = netlink::Socket::route()?;
+        if host.link_index(hif).is_ok() {
+            // The slot's previous veth, still being removed by the kernel with its namespace,
+            // or left by a killed executor: the slot is this job's, so the link goes.
+            host.del_link(hif)?;
+        }
+        host.add_veth(hif, "eth0", &ns_file)?;
+        let _ = fs::write(format!("/proc/sys/net/ipv6/conf/{hif}/disable_ipv6"), "1");
+        let i = host.link_index(hif)?;
+        host.add_address(i, net.gateway, JOB_PREFIX)?;
+        host.link_up(i)
+    })
+    .context("creating the job's veth")?;
+    // 3. Inside: loopback and eth0 up, the job's address and its default route.
+    timed(t, "job side", || {
+        let lo = inside.link_index("lo")?;
+        inside.link_up(lo)?;
+        let e = inside.link_index("eth0")?;
+        inside.add_address(e, net.address, JOB_PREFIX)?;
+        inside.link_up(e)?;
+        inside.add_default_route(e, net.gateway)
+    })
+    .context("configuring the job's side of the veth")?;
     // 4. Forwarding on, for the NAT out of the host's default route.
     fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("turning on IPv4 forwarding")?;
+    // 5. The bandwidth caps, if any.
+    if let Some(b) = &s.bandwidth {
+        timed(t, "bandwidth caps", || cap(hif, b))?;
+    }
     Ok(())
 }
 
-/// Switches IPv6 off in a namespace (the sandbox gets none, so no IPv6 rule can be missed).
-fn disable_ipv6_in(netns: &Path) -> Result<()> {
-    let f =
-        fs::File::open(netns).with_context(|| format!("opening network namespace {}", netns.display()))?;
-    let t = std::thread::spawn(move || -> Result<()> {
-        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
-            .context("entering the job's namespace")?;
-        for k in ["all", "default"] {
-            // /proc/sys/net shows the namespace of the thread that opens it.
-            fs::write(format!("/proc/sys/net/ipv6/conf/{k}/disable_ipv6"), "1")
-                .with_context(|| format!("switching IPv6 off ({k}) in the job's namespace"))?;
-        }
-        Ok(())
-    });
-    t.join().map_err(|_| anyhow::anyhow!("the IPv6 thread panicked"))?
+/// Caps link `dev` with `tc` (one process; only when caps are set).
+fn cap(dev: &str, b: &Bandwidth) -> Result<()> {
+    let mut cmd = crate::base::proc::command("tc");
+    cmd.args(["-batch", "-"]);
+    run(cmd, &format!("capping the bandwidth of {dev} (tc, iproute2)"), Some(&b.tc_script(dev)))
 }
 
-/// Removes a job's network: its rules, the namespace (which takes the veth pair with it), the
-/// host link if it survived, and its slot. Missing parts are not errors.
+/// Removes a job's network: the namespace, which takes the veth pair with it (the kernel
+/// removes both ends in the background once no process uses the namespace), and its slot. The
+/// slot's map element stays: it matches only a link of this slot's name with this slot's
+/// address, which exists only while a job holds the slot, and taking an element out costs the
+/// kernel an RCU grace period (about 15 ms); [`janitor`] removes the elements of free slots.
+/// Missing parts are not errors.
 pub fn teardown(state_dir: &Path, net: &JobNetwork) -> Result<()> {
-    let mut errors = Vec::new();
-    // One transaction for the usual case; piece by piece when part is already gone.
-    let whole = format!(
-        "delete element inet {TABLE} jobs {{ \"{hif}\" }}\nflush chain inet {TABLE} {c}\ndelete chain inet {TABLE} {c}\n",
-        hif = net.host_if,
-        c = net.chain()
-    );
-    if nft(&whole, "removing the job's nftables rules").is_err() && table_exists() {
-        // Each command alone: a missing element must not stop the chain's removal.
-        for cmd in [
-            format!("delete element inet {TABLE} jobs {{ \"{}\" }}", net.host_if),
-            format!("flush chain inet {TABLE} {}", net.chain()),
-            format!("delete chain inet {TABLE} {}", net.chain()),
-        ] {
-            let present = policy::has_chain(&net.chain()) || cmd.starts_with("delete element");
-            if present {
-                let _ = nft(&cmd, "removing the job's nftables rules");
-            }
-        }
-        if policy::has_chain(&net.chain()) {
-            errors.push(format!("nftables chain {} is still there", net.chain()));
-        }
-    }
-    // The veth pair first: a deleted namespace frees its devices only later, asynchronously,
-    // and the next job of the slot needs the name. `-force` goes on past a missing part.
-    let mut cmd = crate::base::proc::command("ip");
-    cmd.args(["-force", "-batch", "-"]);
-    let _ = run(
-        cmd,
-        "removing the job's veth and namespace",
-        Some(&format!("link del {}\nnetns del {}\n", net.host_if, net.netns())),
-    );
-    if Path::new("/run/netns").join(net.netns()).exists() {
-        errors.push(format!("network namespace {} is still there", net.netns()));
-    }
+    teardown_timed(state_dir, net, &mut Vec::new())
+}
+
+/// [`teardown`], recording how long each step took.
+pub fn teardown_timed(state_dir: &Path, net: &JobNetwork, t: &mut Timings) -> Result<()> {
+    timed(t, "namespace", || netlink::del_netns(net.netns()))
+        .with_context(|| format!("removing the network of sandbox {}", net.sandbox))?;
     let slot = slots_dir(state_dir).join(net.slot.to_string());
-    if fs::read_to_string(&slot).is_ok_and(|owner| owner == net.sandbox) {
+    if fs::read_to_string(&slot).is_ok_and(|text| parse_slot(&text).0 == net.sandbox) {
         fs::remove_file(&slot).with_context(|| format!("freeing network slot {}", net.slot))?;
+    }
+    Ok(())
+}
+
+/// Removes every trace of a job's network at once: map element, veth, namespace, slot.
+fn remove_now(state_dir: &Path, net: &JobNetwork) -> Result<()> {
+    let mut errors = Vec::new();
+    if !net.address.is_unspecified() {
+        let key = netlink::ifname_addr_key(&net.host_if, net.address);
+        match netlink::Socket::netfilter().map(|mut s| s.del_element(TABLE, "jobs", &key)) {
+            Ok(Ok(())) | Ok(Err(nix::errno::Errno::ENOENT)) => {}
+            Ok(Err(e)) => errors.push(format!("its nftables map element: {e}")),
+            Err(e) => errors.push(format!("{e:#}")),
+        }
+    }
+    if let Err(e) = netlink::Socket::route().and_then(|mut s| s.del_link(&net.host_if)) {
+        errors.push(format!("{e:#}"));
+    }
+    if let Err(e) = teardown(state_dir, net) {
+        errors.push(format!("{e:#}"));
     }
     if !errors.is_empty() {
         bail!("the network of sandbox {} was not removed: {}", net.sandbox, errors.join("; "));
     }
     Ok(())
+}
+
+/// The map's elements, as (slot, link, address), from `nft list map`.
+fn map_elements() -> Vec<(u32, String, Ipv4Addr)> {
+    let text = nft_list(&["map", "inet", TABLE, "jobs"]).unwrap_or_default();
+    let Some(body) = text.split("elements = {").nth(1) else { return vec![] };
+    let mut out = Vec::new();
+    for item in body.split(',') {
+        // "exn3" . 10.255.0.14 : jump policy_...
+        let mut w = item.split_whitespace();
+        let (Some(name), Some("."), Some(addr)) = (w.next(), w.next(), w.next()) else { continue };
+        let name = name.trim_matches('"');
+        let Some(slot) = name.strip_prefix(IF_PREFIX).and_then(|n| n.parse().ok()) else { continue };
+        if let Ok(a) = addr.parse() {
+            out.push((slot, name.to_string(), a));
+        }
+    }
+    out
+}
+
+/// The host's links named `exn<slot>`.
+fn job_links() -> Vec<(u32, String)> {
+    let Ok(out) = crate::base::proc::command("ip").args(["-o", "link", "show"]).stdin(Stdio::null()).output()
+    else {
+        return vec![];
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_string())
+        .filter_map(|n| Some((n.strip_prefix(IF_PREFIX)?.parse().ok()?, n.clone())))
+        .collect()
 }
 
 /// Removes the networks of sandboxes that `owned` claims and that are not running, found by
@@ -402,7 +640,8 @@ pub fn janitor(state_dir: &Path, owned: impl Fn(&str) -> bool) -> Result<Vec<Str
     if let Ok(rd) = fs::read_dir(&dir) {
         for e in rd.flatten() {
             let Some(slot) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-            let Ok(name) = fs::read_to_string(e.path()) else { continue };
+            let Ok(text) = fs::read_to_string(e.path()) else { continue };
+            let (name, address) = parse_slot(&text);
             if !owned(&name) {
                 continue;
             }
@@ -411,17 +650,82 @@ pub fn janitor(state_dir: &Path, owned: impl Fn(&str) -> bool) -> Result<Vec<Str
                 slot,
                 host_if: format!("{IF_PREFIX}{slot}"),
                 gateway: Ipv4Addr::UNSPECIFIED,
-                address: Ipv4Addr::UNSPECIFIED,
+                address: address.unwrap_or(Ipv4Addr::UNSPECIFIED),
                 dns: vec![],
             };
-            teardown(state_dir, &net).with_context(|| format!("removing the stale network of {name}"))?;
+            remove_now(state_dir, &net).with_context(|| format!("removing the stale network of {name}"))?;
             removed.push(name);
+        }
+    }
+    // The map elements and links of free slots: what teardowns leave for the kernel or for
+    // here, and what a kill left. Under the lock, so that no setup takes a slot meanwhile.
+    // Only where this state directory ever had a job network: an executor without one must not
+    // judge the host's job links.
+    if !dir.is_dir() || which::which("nft").is_err() || !crate::base::skip::is_root() {
+        return Ok(removed);
+    }
+    let _lock = crate::base::lock::lock(&state_dir.join("network").join("lock"), true)?;
+    let free = |slot: u32| !dir.join(slot.to_string()).exists();
+    let stale: Vec<_> = map_elements().into_iter().filter(|(slot, ..)| free(*slot)).collect();
+    if !stale.is_empty() {
+        let mut nf = netlink::Socket::netfilter()?;
+        for (_, link, addr) in stale {
+            match nf.del_element(TABLE, "jobs", &netlink::ifname_addr_key(&link, addr)) {
+                Ok(()) | Err(nix::errno::Errno::ENOENT) => {}
+                Err(e) => bail!("removing the map element of free link {link}: {e}"),
+            }
+        }
+    }
+    let links: Vec<_> = job_links().into_iter().filter(|(slot, _)| free(*slot)).collect();
+    if !links.is_empty() {
+        let mut rt = netlink::Socket::route()?;
+        for (_, link) in links {
+            rt.del_link(&link)?;
         }
     }
     Ok(removed)
 }
 
-/// `validate`'s lines about the network, or an error naming what is missing.
+/// The line of `validate` about DNS: the resolvers, or why there are none and what to do.
+fn dns_line(dns: &[Ipv4Addr], stubs: &[Ipv4Addr]) -> String {
+    if !dns.is_empty() {
+        return format!("network dns: {}", dns.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", "));
+    }
+    let why = if stubs.is_empty() {
+        "/etc/resolv.conf names no IPv4 resolver: set EXECUTOR_DNS_SERVERS".to_string()
+    } else {
+        format!(
+            "/etc/resolv.conf names only the loopback stub resolver {} (systemd-resolved or similar), which no \
+             sandbox can reach: set EXECUTOR_DNS_SERVERS to the stub's upstream servers (`resolvectl status` \
+             lists them)",
+            stubs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
+        )
+    };
+    format!("network dns: NONE: {why}; until then jobs reach addresses but resolve no names")
+}
+
+/// The host's IPv4 addresses inside `pool` that are not on a job link (`ip -o -4 addr`).
+fn pool_conflicts(pool: &Cidr, ip_addr_output: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for l in ip_addr_output.lines() {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        let (Some(dev), Some(pos)) = (w.get(1), w.iter().position(|x| *x == "inet")) else { continue };
+        let Some(addr) =
+            w.get(pos + 1).and_then(|a| a.split('/').next()).and_then(|a| a.parse::<Ipv4Addr>().ok())
+        else {
+            continue;
+        };
+        let mask = if pool.prefix == 0 { 0 } else { u32::MAX << (32 - pool.prefix) };
+        if !dev.starts_with(IF_PREFIX) && u32::from(addr) & mask == u32::from(pool.addr) {
+            out.push(format!("{addr} on {dev}"));
+        }
+    }
+    out
+}
+
+/// `validate`'s lines about the network, or an error naming what is missing: root, nftables
+/// (the command and the kernel's support), the pool (not overlapping the host's addresses),
+/// forwarding, and the resolvers (a loopback stub resolver without `EXECUTOR_DNS_SERVERS`).
 pub fn check(s: &Settings) -> Result<Vec<String>> {
     let mut out = vec![format!("network: {:?}", s.mode).to_lowercase()];
     let (_, stubs) = host_resolvers(&fs::read_to_string("/etc/resolv.conf").unwrap_or_default());
@@ -430,24 +734,45 @@ pub fn check(s: &Settings) -> Result<Vec<String>> {
     }
     let missing = missing();
     if !missing.is_empty() {
-        bail!("EXECUTOR_NETWORK=internet cannot work here: {}", missing.join("; "));
+        bail!(
+            "EXECUTOR_NETWORK=internet cannot work here: {} (or set EXECUTOR_NETWORK=none for loopback-only jobs)",
+            missing.join("; ")
+        );
     }
-    out.push(format!("network pool {}: {} job subnets of /{JOB_PREFIX}", s.pool, s.slots()));
-    if s.dns.is_empty() {
-        let why = if stubs.is_empty() {
-            "/etc/resolv.conf names no IPv4 resolver".to_string()
-        } else {
-            format!(
-                "/etc/resolv.conf names only the loopback stub {} (systemd-resolved or similar), which a \
-                 sandbox cannot reach: set EXECUTOR_DNS_SERVERS to the stub's upstream servers",
-                stubs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
-            )
-        };
-        out.push(format!("network dns: none: {why}; jobs can reach addresses but resolve no names"));
-    } else {
+    if nft_list(&["tables"]).is_none() {
+        bail!(
+            "EXECUTOR_NETWORK=internet cannot work here: `nft list tables` fails (the kernel lacks nf_tables, \
+             or nftables is not permitted in this namespace)"
+        );
+    }
+    let addrs = crate::base::proc::command("ip")
+        .args(["-o", "-4", "addr", "show"])
+        .stdin(Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let conflicts = pool_conflicts(&s.pool, &addrs);
+    if !conflicts.is_empty() {
+        bail!(
+            "EXECUTOR_NETWORK_CIDR {} overlaps the host's own addresses ({}): choose a pool no network of \
+             this host uses",
+            s.pool,
+            conflicts.join(", ")
+        );
+    }
+    out.push(format!(
+        "network pool {}: {} job subnets of /{JOB_PREFIX}, free of host addresses",
+        s.pool,
+        s.slots()
+    ));
+    out.push(dns_line(&s.dns, &stubs));
+    if let Some(b) = &s.bandwidth {
+        if which::which("tc").is_err() {
+            bail!("EXECUTOR_NETWORK_BANDWIDTH needs the tc command (apt-get install iproute2)");
+        }
         out.push(format!(
-            "network dns: {}",
-            s.dns.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
+            "network bandwidth caps: {} bit/s in, {} bit/s out per job (tc)",
+            b.ingress, b.egress
         ));
     }
     let fwd = fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap_or_default();
@@ -456,8 +781,8 @@ pub fn check(s: &Settings) -> Result<Vec<String>> {
         if fwd.trim() == "1" { "on" } else { "off (the executor turns it on at the first job)" }
     ));
     out.push(format!(
-        "network table inet {TABLE}: {}",
-        if table_exists() { "present" } else { "not yet created" }
+        "network nftables: works; table inet {TABLE} {}",
+        if table_exists() { "present" } else { "not yet created (made at the first job)" }
     ));
     Ok(out)
 }
@@ -481,11 +806,45 @@ mod tests {
         assert_eq!(s.allow.len(), 2);
         assert_eq!(s.allow[0].port, Some(5000));
         assert_eq!(s.dns, vec!["198.51.100.53".parse::<Ipv4Addr>().unwrap()]);
-        assert_eq!(Settings::parse(None, None, None, Some("1.1.1.1")).unwrap().mode, DEFAULT_MODE);
+        assert_eq!(Settings::parse(None, None, None, Some("1.1.1.1")).unwrap().mode, Mode::Internet);
+        assert_eq!(Settings::default().mode, Mode::None, "runtimes made in code stay loopback-only");
         assert!(Settings::parse(Some("wifi"), None, None, Some("1.1.1.1")).is_err());
         assert!(Settings::parse(None, Some("10.0.0.0/31"), None, Some("1.1.1.1")).is_err());
         assert!(Settings::parse(None, None, None, Some("127.0.0.53")).is_err());
         assert!(Settings::parse(None, None, Some("10.0.0.1:99999"), Some("1.1.1.1")).is_err());
+    }
+
+    #[test]
+    fn validate_explains_a_loopback_stub_and_finds_pool_conflicts() {
+        let line = dns_line(&[], &["127.0.0.53".parse().unwrap()]);
+        assert!(line.contains("127.0.0.53") && line.contains("EXECUTOR_DNS_SERVERS"), "{line}");
+        assert_eq!(dns_line(&["10.0.0.2".parse().unwrap()], &[]), "network dns: 10.0.0.2");
+        let ip = "1: lo    inet 127.0.0.1/8 scope host lo\n2: eth0    inet 10.255.3.4/24 brd x\n\
+                  9: exn0    inet 10.255.0.1/30 scope global exn0\n3: eth1    inet 192.0.2.1/24\n";
+        let pool = Cidr::parse("10.255.0.0/16").unwrap();
+        assert_eq!(pool_conflicts(&pool, ip), vec!["10.255.3.4 on eth0".to_string()]);
+        assert!(pool_conflicts(&Cidr::parse("10.254.0.0/16").unwrap(), ip).is_empty());
+    }
+
+    #[test]
+    fn bandwidth_parses_with_clear_errors() {
+        assert_eq!(
+            Bandwidth::parse("50mbit").unwrap(),
+            Bandwidth { ingress: 50_000_000, egress: 50_000_000 }
+        );
+        assert_eq!(
+            Bandwidth::parse("50mbit/10Mbit").unwrap(),
+            Bandwidth { ingress: 50_000_000, egress: 10_000_000 }
+        );
+        assert_eq!(Bandwidth::parse("1.5gbit").unwrap().ingress, 1_500_000_000);
+        for bad in ["50", "50mb", "fast", "50mbit/", "1bit", "mbit"] {
+            let e = Bandwidth::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("EXECUTOR_NETWORK_BANDWIDTH"), "{bad}: {e}");
+        }
+        let t = Bandwidth::parse("8mbit/4mbit").unwrap().tc_script("exn3");
+        assert!(t.contains("dev exn3 root tbf rate 8000000bit burst 50000 "), "{t}");
+        let s = Settings::default().with_bandwidth(Some("")).unwrap();
+        assert_eq!(s.bandwidth, None);
     }
 
     #[test]

@@ -5,9 +5,8 @@
 
 use anyhow::{Context, Result};
 use std::net::{Ipv4Addr, ToSocketAddrs};
-use std::process::Stdio;
 
-use super::{JobNetwork, Settings, IF_PREFIX, TABLE};
+use super::{Settings, IF_PREFIX, TABLE};
 
 /// An IPv4 network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,21 +76,24 @@ pub const REFUSED: &[&str] = &[
 
 const REJECT: &str = "reject with icmpx type admin-prohibited";
 
-/// The table, created once per host (network namespace) with the pool it NATs.
+/// The table, created once per host (network namespace) with the pool it NATs. The map `jobs`
+/// holds one element per job, `"exn<n>" . <job address> : jump <policy chain>`: a packet of a
+/// job link with any other source (spoofed, or IPv6, which has no `ip saddr`) matches no
+/// element and is dropped by the next rule.
 pub fn table_script(pool: &super::Cidr) -> String {
     format!(
         "table inet {TABLE} {{
-  map jobs {{ type ifname : verdict; }}
+  map jobs {{ type ifname . ipv4_addr : verdict; }}
   chain forward {{
     type filter hook forward priority filter; policy accept;
-    iifname vmap @jobs
+    iifname . ip saddr vmap @jobs
     iifname \"{IF_PREFIX}*\" drop
     oifname \"{IF_PREFIX}*\" ct state established,related accept
     oifname \"{IF_PREFIX}*\" drop
   }}
   chain input {{
     type filter hook input priority filter; policy accept;
-    iifname vmap @jobs
+    iifname . ip saddr vmap @jobs
     iifname \"{IF_PREFIX}*\" drop
   }}
   chain postrouting {{
@@ -102,6 +104,9 @@ pub fn table_script(pool: &super::Cidr) -> String {
 "
     )
 }
+
+/// The map's type, as `nft list map` prints it: a table of another layout is made again.
+pub const MAP_TYPE: &str = "type ifname . ipv4_addr : verdict";
 
 /// The addresses and port of the coordinator's URL that a job could reach (none for a
 /// loopback coordinator, which no sandbox reaches).
@@ -135,29 +140,27 @@ fn set(items: impl IntoIterator<Item = String>) -> String {
     format!("{{ {} }}", items.into_iter().collect::<Vec<_>>().join(", "))
 }
 
-/// The job's chain and its entry in the dispatch map, as one transaction.
-pub fn job_script(net: &JobNetwork, s: &Settings, coordinator: Option<&(Vec<Ipv4Addr>, u16)>) -> String {
-    let c = net.chain();
+/// The policy chain shared by every job of one executor's settings: its name (`policy_` and a
+/// digest of its rules, so that executors with other settings get their own chain and a chain
+/// never changes under a job) and the nft script that (re)creates it in one transaction.
+pub fn policy_chain(s: &Settings, coordinator: Option<&(Vec<Ipv4Addr>, u16)>) -> (String, String) {
     let mut rules: Vec<String> = vec![
-        // 1. IPv4 only (IPv6 is off in the sandbox), and only from the job's own address.
-        "meta nfproto ipv6 drop".into(),
-        format!("ip saddr != {} drop", net.address),
-        // 2. Replies to what the job started.
+        // 1. Replies to what the job started. (Anti-spoofing and IPv6 are the map's key.)
         "ct state established,related accept".into(),
         "ct state invalid drop".into(),
     ];
-    // 3. DNS to the resolvers the sandbox is given.
-    if !net.dns.is_empty() {
+    // 2. DNS to the resolvers the sandbox is given.
+    if !s.dns.is_empty() {
         rules.push(format!(
             "ip daddr {} meta l4proto {{ tcp, udp }} th dport 53 accept",
-            set(net.dns.iter().map(|a| a.to_string()))
+            set(s.dns.iter().map(|a| a.to_string()))
         ));
     }
-    // 4. The coordinator, for uploads.
+    // 3. The coordinator, for uploads.
     if let Some((addrs, port)) = coordinator {
         rules.push(format!("ip daddr {} tcp dport {port} accept", set(addrs.iter().map(|a| a.to_string()))));
     }
-    // 5. The operator's exceptions.
+    // 4. The operator's exceptions.
     for a in &s.allow {
         match a.port {
             Some(p) => {
@@ -166,7 +169,7 @@ pub fn job_script(net: &JobNetwork, s: &Settings, coordinator: Option<&(Vec<Ipv4
             None => rules.push(format!("ip daddr {} accept", a.net)),
         }
     }
-    // 6. Refused: every address of the host (any interface, the gateway too), the non-public
+    // 5. Refused: every address of the host (any interface, the gateway too), the non-public
     //    ranges and the other jobs' subnets, broadcast and multicast of any kind.
     rules.push(format!("fib daddr type local {REJECT}"));
     let mut refused: Vec<String> = REFUSED.iter().map(|s| s.to_string()).collect();
@@ -174,25 +177,35 @@ pub fn job_script(net: &JobNetwork, s: &Settings, coordinator: Option<&(Vec<Ipv4
     rules.push(format!("ip daddr {} {REJECT}", set(refused)));
     rules.push("fib daddr type { broadcast, multicast, anycast } drop".into());
     rules.push("meta pkttype != unicast drop".into());
-    // 7. The public internet.
+    // 6. The public internet.
     rules.push("accept".into());
-    let mut script = format!("add chain inet {TABLE} {c}\n");
+    let digest = {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(rules.join("\n").as_bytes());
+        if let Some(b) = &s.bandwidth {
+            h.update(format!("\negress {}", b.egress).as_bytes());
+        }
+        h.finalize()[..8].iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    let c = format!("policy_{digest}");
+    // 0. The job's egress cap, before anything is accepted: a meter keeps one token bucket
+    //    per job link (EXECUTOR_NETWORK_BANDWIDTH; the ingress cap is tc's, on the link).
+    if let Some(b) = &s.bandwidth {
+        rules.insert(
+            0,
+            format!(
+                "meter bw_{digest} size 65535 {{ iifname limit rate over {} bytes/second burst {} bytes }} drop",
+                b.egress / 8,
+                super::Bandwidth::burst(b.egress)
+            ),
+        );
+    }
+    let mut script = format!("add chain inet {TABLE} {c}\nflush chain inet {TABLE} {c}\n");
     for r in rules {
         script.push_str(&format!("add rule inet {TABLE} {c} {r}\n"));
     }
-    script.push_str(&format!("add element inet {TABLE} jobs {{ \"{}\" : jump {c} }}\n", net.host_if));
-    script
-}
-
-/// Whether the table has a chain of this name.
-pub fn has_chain(chain: &str) -> bool {
-    crate::base::proc::command("nft")
-        .args(["list", "chain", "inet", TABLE, chain])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    (c, script)
 }
 
 #[cfg(test)]
@@ -211,7 +224,7 @@ mod tests {
     }
 
     #[test]
-    fn the_job_chain_refuses_before_it_accepts() {
+    fn the_policy_chain_refuses_before_it_accepts() {
         let s = Settings::parse(
             Some("internet"),
             Some("10.255.0.0/16"),
@@ -219,19 +232,11 @@ mod tests {
             Some("198.51.100.53"),
         )
         .unwrap();
-        let net = JobNetwork {
-            sandbox: "executor-x".into(),
-            slot: 3,
-            host_if: "exn3".into(),
-            gateway: "10.255.0.13".parse().unwrap(),
-            address: "10.255.0.14".parse().unwrap(),
-            dns: s.dns.clone(),
-        };
         let coord = (vec!["192.0.2.1".parse().unwrap()], 3080);
-        let script = job_script(&net, &s, Some(&coord));
+        let (chain, script) = policy_chain(&s, Some(&coord));
         let pos =
             |needle: &str| script.find(needle).unwrap_or_else(|| panic!("{needle:?} missing:\n{script}"));
-        assert!(pos("ip saddr != 10.255.0.14 drop") < pos("ct state established"));
+        assert!(pos("ct state established") < pos("ip daddr { 198.51.100.53 }"));
         assert!(pos("ip daddr { 198.51.100.53 }") < pos("fib daddr type local"));
         assert!(pos("ip daddr { 192.0.2.1 } tcp dport 3080 accept") < pos("fib daddr type local"));
         assert!(
@@ -241,8 +246,26 @@ mod tests {
             assert!(script.contains(r), "{r}");
         }
         assert!(script.contains("10.255.0.0/16 }"), "other jobs' subnets are refused");
-        assert!(pos("meta nfproto ipv6 drop") < pos("add rule inet executor job3 accept"));
-        assert!(script.ends_with("add element inet executor jobs { \"exn3\" : jump job3 }\n"));
+        assert!(script.ends_with(&format!("add rule inet executor {chain} accept\n")));
+        // Other settings, another chain; the same settings, the same chain.
+        assert_eq!(policy_chain(&s, Some(&coord)).0, chain);
+        assert_ne!(policy_chain(&s, None).0, chain);
+        // A bandwidth cap: its own chain, the meter first.
+        let capped = s.clone().with_bandwidth(Some("8mbit/4mbit")).unwrap();
+        let (c2, script2) = policy_chain(&capped, Some(&coord));
+        assert_ne!(c2, chain);
+        let first = script2.lines().nth(2).unwrap();
+        assert!(
+            first.contains("iifname limit rate over 500000 bytes/second burst 32768 bytes } drop"),
+            "{first}"
+        );
+    }
+
+    #[test]
+    fn the_table_keys_jobs_by_link_and_source_address() {
+        let t = table_script(&Cidr::parse("10.255.0.0/16").unwrap());
+        assert!(t.contains(MAP_TYPE.trim_start_matches("type ").split(" :").next().unwrap()));
+        assert!(t.contains("iifname . ip saddr vmap @jobs\n    iifname \"exn*\" drop"));
     }
 
     #[test]

@@ -26,9 +26,21 @@ pub const AGENT_BINARY: &str = "executor-guest-agent";
 /// needs, only steps (their image root is an overlay).
 pub const LATE_MODULES: &[&str] = &["overlay"];
 
+/// Modules the guest loads only for a job network, in this order (listed in `net`; guest/net.rs).
+pub const NET_MODULES: &[&str] = &["failover", "net_failover", "virtio_net"];
+
 /// Modules the guest loads, in this order (the package ships no modules.dep).
-pub const MODULES: &[&str] =
-    &["virtio_ring", "virtio", "virtio_mmio", "virtio_blk", "virtio_console", "overlay"];
+pub const MODULES: &[&str] = &[
+    "virtio_ring",
+    "virtio",
+    "virtio_mmio",
+    "virtio_blk",
+    "virtio_console",
+    "overlay",
+    "failover",
+    "net_failover",
+    "virtio_net",
+];
 
 /// What `install vm` recorded: where the kernel and initramfs are and what they were built from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -276,18 +288,24 @@ fn build_initramfs(
     for applet in ["sh", "cat", "echo", "ls", "poweroff", "uname", "sleep", "true"] {
         w.symlink(&format!("bin/{applet}"), "busybox").map_err(io)?;
     }
-    let (mut order, mut late) = (String::new(), String::new());
+    let (mut order, mut late, mut net) = (String::new(), String::new(), String::new());
     for m in modules {
         let name = m.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let bytes = fs::read(m).with_context(|| format!("reading {}", m.display()))?;
         w.file(&format!("lib/modules/executor/{name}"), 0o644, without_signature(&bytes)).map_err(io)?;
-        let list =
-            if LATE_MODULES.iter().any(|l| name == format!("{l}.ko")) { &mut late } else { &mut order };
+        let list = if LATE_MODULES.iter().any(|l| name == format!("{l}.ko")) {
+            &mut late
+        } else if NET_MODULES.iter().any(|l| name == format!("{l}.ko")) {
+            &mut net
+        } else {
+            &mut order
+        };
         list.push_str(&name);
         list.push('\n');
     }
     w.file("lib/modules/executor/order", 0o644, order.as_bytes()).map_err(io)?;
     w.file("lib/modules/executor/late", 0o644, late.as_bytes()).map_err(io)?;
+    w.file("lib/modules/executor/net", 0o644, net.as_bytes()).map_err(io)?;
     let mut f = w.finish().map_err(io)?;
     f.flush().map_err(io)?;
     Ok(())
@@ -354,8 +372,8 @@ pub fn install(opts: &InstallOptions) -> Result<Vec<String>> {
     let modules: Vec<PathBuf> = MODULES.iter().map(|m| mod_dir.join(format!("{m}.ko"))).collect();
     let mut h = Sha256::new();
     // What the build does to its inputs (2: the small agent binary, modules without signatures;
-    // 3: the late modules).
-    h.update(b"initramfs layout 3");
+    // 3: the late modules; 4: the network modules).
+    h.update(b"initramfs layout 4");
     h.update(version.as_bytes());
     for f in std::iter::once(&agent).chain(&libs).chain(std::iter::once(&bb)).chain(&modules) {
         sha256_file(&mut h, f)?;

@@ -77,11 +77,17 @@ impl Exec {
         Exec::wrap(executor())
     }
 
-    /// Any program (also with a clean `EXECUTOR_*` environment).
+    /// Any program (also with a clean `EXECUTOR_*` environment, and loopback-only jobs for an
+    /// executor it starts, as `executor()`).
     pub fn program(program: impl AsRef<OsStr>) -> Exec {
         let mut cmd = Command::new(program);
-        scrub(&mut cmd).stdin(Stdio::null());
+        scrub(&mut cmd).stdin(Stdio::null()).env("EXECUTOR_NETWORK", "none");
         Exec::wrap(cmd)
+    }
+
+    /// The value the command's environment sets for `key`.
+    pub fn env_value(&self, key: &str) -> Option<std::ffi::OsString> {
+        self.cmd.get_envs().find(|(k, _)| *k == key).and_then(|(_, v)| v.map(|v| v.to_os_string()))
     }
 
     fn wrap(cmd: Command) -> Exec {

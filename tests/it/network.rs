@@ -129,6 +129,11 @@ impl World {
         w
     }
 
+    /// Puts a file on the internet namespace's web server.
+    pub fn web_file(&self, name: &str, bytes: &[u8]) {
+        std::fs::write(self.dir.path().join("web").join(name), bytes).unwrap();
+    }
+
     /// A command run in namespace `ns` (only the network namespace changes: cgroups stay).
     pub fn in_ns(&self, ns: &str, program: &str) -> Command {
         let mut cmd = Command::new("nsenter");
@@ -151,8 +156,9 @@ impl World {
         })
     }
 
-    /// What the executor host still has of jobs: host-side veths, job chains and map entries.
-    pub fn leftovers(&self, prefix: &str) -> Vec<String> {
+    /// What the executor host still has of jobs: host-side veths, namespaces, and (with
+    /// `elements`) map elements.
+    pub fn leftovers(&self, prefix: &str, elements: bool) -> Vec<String> {
         let mut left = Vec::new();
         let links = self.in_ns(&self.host, "ip").args(["-o", "link"]).output().unwrap();
         for l in String::from_utf8_lossy(&links.stdout).lines() {
@@ -162,7 +168,7 @@ impl World {
         }
         let nft = self.in_ns(&self.host, "nft").args(["list", "table", "inet", "executor"]).output().unwrap();
         let nft = String::from_utf8_lossy(&nft.stdout).into_owned();
-        if nft.contains("chain job") || nft.contains(": jump job") {
+        if elements && nft.contains(": jump policy_") {
             left.push(format!("nft {nft}"));
         }
         for e in std::fs::read_dir("/run/netns").unwrap().flatten() {
@@ -196,6 +202,40 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Removes what the executor's jobs left in the world (sandboxes, cgroups, networks) when the
+/// test ends, also when it fails half-way: an `executor janitor` pass in the executor host
+/// namespace, then any namespace of the test's sandbox prefix. Declared after the `World` and
+/// the state directory, so it runs before they go.
+struct JobsGuard {
+    host: String,
+    exe: std::path::PathBuf,
+    oci: String,
+    state: std::path::PathBuf,
+    prefix: String,
+}
+
+impl Drop for JobsGuard {
+    fn drop(&mut self) {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.host)).arg(&self.exe);
+        executor_env(
+            &mut cmd,
+            "http://127.0.0.1:9",
+            "the-test-guard-needs-no-coordinator",
+            &self.oci,
+            &self.state,
+            &self.prefix,
+        );
+        let _ = cmd.arg("janitor").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        for e in std::fs::read_dir("/run/netns").into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&self.prefix) {
+                let _ = Command::new("ip").args(["netns", "del", &name]).status();
+            }
+        }
+    }
+}
+
 /// One job's probe script: each probe prints `REACHED name` or `BLOCKED name` (and exits 0),
 /// bounded by short timeouts; the job also listens on 7000 for the other job's probe.
 fn probe_script(coordinator_port: &str) -> String {
@@ -220,6 +260,64 @@ echo probes-done
     )
 }
 
+/// The destination classes of `scripts/probe-sandbox`'s network table: (class, probe, expected).
+const CLASSES: &[(&str, &str, &str)] = &[
+    ("internet by name (web.test)", "name", "reached"),
+    ("internet by address (198.51.100.10)", "address", "reached"),
+    ("coordinator (192.0.2.1, its port)", "coordinator", "reached"),
+    ("corporate (10.20.0.10)", "corporate", "blocked"),
+    ("metadata HTTP (169.254.169.254)", "metadata", "blocked"),
+    ("metadata DNS (169.254.169.254:53)", "metadata-dns", "blocked"),
+    ("host port, internet side (192.0.2.1:8000)", "host-192.0.2.1", "blocked"),
+    ("host port, corporate side (10.20.0.1:8000)", "host-10.20.0.1", "blocked"),
+    ("host port, a job gateway (10.255.0.1:8000)", "host-10.255.0.1", "blocked"),
+    ("host port, the other gateway (10.255.0.5:8000)", "host-10.255.0.5", "blocked"),
+    ("coordinator's port on another host address", "host-coordinator-other-address", "blocked"),
+    ("other job (its listener)", "other-job", "blocked"),
+];
+
+/// One row per class from a job's log: class, what happened (and how), expected.
+fn table_rows(log: &str) -> Vec<(String, String, String)> {
+    CLASSES
+        .iter()
+        .map(|(class, probe, want)| {
+            let got = log
+                .lines()
+                .find_map(|l| {
+                    let l = l.strip_prefix("stdout: ").unwrap_or(l);
+                    if let Some(r) = l.strip_prefix(&format!("REACHED {probe}")) {
+                        (r.is_empty() || r.starts_with(':')).then(|| "reached".to_string())
+                    } else if let Some(r) = l.strip_prefix(&format!("BLOCKED {probe}")) {
+                        (r.is_empty() || r.starts_with(':')).then(|| {
+                            // The error's last part: "Connection refused", "No route to host"...
+                            let msg = r.trim_start_matches(':').trim();
+                            let how: String =
+                                msg.rsplit(": ").next().unwrap_or(msg).chars().take(40).collect();
+                            if how.is_empty() {
+                                "blocked".to_string()
+                            } else {
+                                format!("blocked ({how})")
+                            }
+                        })
+                    } else {
+                        None
+                    }
+                })
+                .unwrap_or_else(|| "not probed".into());
+            (class.to_string(), got, want.to_string())
+        })
+        .collect()
+}
+
+fn print_table(kind: &str, rows: &[(String, String, String)]) {
+    println!("network table ({kind})");
+    println!("{:<48} | {:<50} | expected", "destination class", "result");
+    for (c, g, w) in rows {
+        println!("{c:<48} | {g:<50} | {w}");
+    }
+    println!();
+}
+
 fn job_log(job: &serde_json::Value) -> String {
     job["logs"]
         .as_array()
@@ -239,8 +337,9 @@ fn executor_env(
     cmd.env("EXECUTOR_FRONTEND_URL", url)
         .env("EXECUTOR_FRONTEND_PASSWORD", secret)
         .env("EXECUTOR_QUEUE_NAME", "batches")
-        .env("EXECUTOR_RUNTIME", "oci")
-        .env("EXECUTOR_OCI_RUNTIME", oci)
+        .env("EXECUTOR_RUNTIME", if oci == "microvm" { "microvm" } else { "oci" })
+        .env("EXECUTOR_OCI_RUNTIME", if oci == "microvm" { "runc" } else { oci })
+        .env("EXECUTOR_VM_ALLOW_TCG", "1")
         .env("EXECUTOR_STATE_DIR", state)
         .env("EXECUTOR_VM_PREFIX", prefix)
         .env("EXECUTOR_NETWORK", "internet")
@@ -248,50 +347,93 @@ fn executor_env(
         .env("EXECUTOR_DNS_SERVERS", DNS)
         .env("EXECUTOR_JOB_MEMORY", "300M")
         .env("EXECUTOR_JOB_NUM_CPUS", "1")
-        .env("EXECUTOR_MAXIMUM_RUNTIME_PER_JOB", "120s")
+        .env("EXECUTOR_MAXIMUM_RUNTIME_PER_JOB", "300s")
         .env("EXECUTOR_HEARTBEAT_INTERVAL", "300ms");
 }
 
+/// The microVM's extra probes: root in the guest may add any address, so the spoofed packet
+/// is sent from inside (the internet namespace counts what arrives), and ICMP reaches the
+/// internet.
+const VM_PROBES: &str = r#"
+p spoof-send ping -c 1 -W 2 -I 10.255.0.99 198.51.100.10
+p own-ping ping -c 1 -W 3 198.51.100.10
+"#;
+
 fn jobs_reach_the_internet_and_nothing_else(oci: &str, test: &str) {
-    if !can_build(test) || !crate::oci::can_run(test, oci) {
+    let vm = oci == "microvm";
+    if !can_build(test) {
+        return;
+    }
+    if vm {
+        if let Some(why) = crate::microvm::missing() {
+            return common::skip(test, "microvm", &why);
+        }
+    } else if !crate::oci::can_run(test, oci) {
         return;
     }
     let started = Instant::now();
-    let networked = oci != "runsc";
     let world = World::build();
     let tmp = tempfile::tempdir().unwrap();
     std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
-    let state = tmp.path().join("state");
-    common::Exec::new().args(["image", "build-busybox"]).env("EXECUTOR_STATE_DIR", &state).run();
+    // The microVM's kernel and image are installed once for every test (tests/it/microvm.rs).
+    let (state, image) = if vm {
+        (crate::microvm::state_dir(), crate::microvm::IMAGE)
+    } else {
+        let state = tmp.path().join("state");
+        common::Exec::new().args(["image", "build-busybox"]).env("EXECUTOR_STATE_DIR", &state).run();
+        (state, "busybox")
+    };
+    if vm {
+        // Counters in the internet namespace for the guest's own probes (VM_PROBES).
+        let counter = "add table ip vmprobe; add chain ip vmprobe c { type filter hook input priority 0; }; \
+                       add rule ip vmprobe c ip saddr 10.255.0.99 counter; \
+                       add rule ip vmprobe c icmp type echo-request counter";
+        assert!(world.in_ns(&world.internet, "nft").arg(counter).status().unwrap().success());
+    }
     let prefix = format!("net{}{}", &oci[..2], world.tag);
     let exe = common::bin();
+    let _guard = JobsGuard {
+        host: world.host.clone(),
+        exe: exe.clone(),
+        oci: oci.to_string(),
+        state: state.clone(),
+        prefix: prefix.clone(),
+    };
     world.on_host(|| {
         let c = crate::coordinator::Coordinator::start_listening(&format!("{HOST_INTERNET_SIDE}:0"));
         let port = c.url.rsplit(':').next().unwrap().trim_end_matches('/').to_string();
-        let script = probe_script(&port);
+        let mut script = probe_script(&port);
+        if vm {
+            script = script.replace("echo probes-done", &format!("{VM_PROBES}echo probes-done"));
+        }
         let ids: Vec<i64> = (0..2)
-            .map(|_| c.submit(serde_json::json!({"dockerSteps": [
-                {"key": "probe", "image": "busybox", "dir": "", "env": [], "commands": [script]}
-            ]})))
+            .map(|_| {
+                c.submit(serde_json::json!({"dockerSteps": [
+                    {"key": "probe", "image": image, "dir": "", "env": [], "commands": [script]}
+                ]}))
+            })
             .collect();
         // Two jobs at once, so that each probes the other's sandbox while it runs.
         let mut cmd = world.in_ns(&world.host, exe.to_str().unwrap());
         executor_env(&mut cmd, &c.url, &c.secret, oci, &state, &prefix);
         cmd.env("EXECUTOR_MAXIMUM_NUM_JOBS", "2").env("EXECUTOR_NUM_TOTAL_JOBS", "2").arg("loop");
         common::assert_ok(&common::run(&mut cmd));
+        let mut table = Vec::new();
         for id in ids {
-            let job = c.wait_state(id, &["completed", "failed", "errored"], Duration::from_secs(60));
+            let job = c.wait_state(
+                id,
+                &["completed", "failed", "errored"],
+                Duration::from_secs(if vm { 300 } else { 60 }),
+            );
             let log = job_log(&job);
             assert_eq!(job["state"], "completed", "{log}");
             assert!(log.contains("probes-done"), "{log}");
-            // runsc stays loopback-only (docs/network.md): it reaches nothing at all.
-            let reached: &[&str] = if networked { &["name", "address", "coordinator"] } else { &[] };
-            assert_eq!(log.contains(&format!("nameserver {DNS}")), networked, "the job's resolv.conf:\n{log}");
+            let reached = ["name", "address", "coordinator"];
+            assert!(log.contains(&format!("nameserver {DNS}")), "the job's resolv.conf:\n{log}");
             for r in reached {
                 assert!(log.contains(&format!("REACHED {r}")), "{oci}: {r} should be reached:\n{log}");
             }
-            assert_eq!(log.contains("hello-from-the-internet"), networked, "{log}");
-            let unreached = if networked { vec![] } else { vec!["name", "address", "coordinator"] };
+            assert!(log.contains("hello-from-the-internet"), "{log}");
             let blocked = [
                 "corporate",
                 "metadata",
@@ -301,36 +443,75 @@ fn jobs_reach_the_internet_and_nothing_else(oci: &str, test: &str) {
                 "host-10.255.0.1",
                 "host-10.255.0.5",
                 "host-coordinator-other-address",
-                "spoof-address",
+                // Root in a guest may add an address: what matters is that nothing leaves
+                // from it (spoof-send, counted below).
+                if vm { "spoof-send" } else { "spoof-address" },
                 "other-job",
             ];
-            for b in blocked.iter().chain(&unreached) {
+            for b in blocked {
                 assert!(log.contains(&format!("BLOCKED {b}")), "{oci}: {b} should be blocked:\n{log}");
                 assert!(!log.contains(&format!("REACHED {b}")), "{oci}: {b} was reached:\n{log}");
             }
             for secret in ["corporate-secret", "metadata-secret", "host-secret"] {
                 assert!(!log.contains(secret), "{oci}: {secret} reached a job:\n{log}");
             }
+            if vm {
+                assert!(log.contains("REACHED own-ping"), "{log}");
+            }
+            if table.is_empty() {
+                table = table_rows(&log);
+            }
         }
-        let left = world.leftovers(&prefix);
+        if vm {
+            let out = world
+                .in_ns(&world.internet, "nft")
+                .args(["list", "chain", "ip", "vmprobe", "c"])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let n = |what: &str| {
+                text.lines()
+                    .find(|l| l.contains(what))
+                    .and_then(|l| l.split("packets ").nth(1))
+                    .and_then(|r| r.split_whitespace().next())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            assert_eq!(n("10.255.0.99"), 0, "a spoofed packet left a guest:\n{text}");
+            assert!(n("echo-request") >= 2, "each guest's own ping arrives:\n{text}");
+            table.push((
+                "spoofed source (root in the guest adds one)".into(),
+                "blocked (0 packets arrived; own address: arrived)".into(),
+                "blocked".into(),
+            ));
+        }
+        // The kernel removes a job's veth in the background once its namespace is gone; the
+        // slot's map element stays until a janitor pass (docs/network.md).
+        let gone = Instant::now();
+        while !world.leftovers(&prefix, false).is_empty() && gone.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let left = world.leftovers(&prefix, false);
         assert!(left.is_empty(), "left after the jobs: {left:?}");
         let slots = std::fs::read_dir(state.join("network/slots")).map(|r| r.count()).unwrap_or(0);
         assert_eq!(slots, 0, "network slots left");
 
         // An executor killed mid-job leaves its network; `executor janitor` removes it.
         let id = c.submit(serde_json::json!({"dockerSteps": [
-            {"key": "long", "image": "busybox", "dir": "", "env": [], "commands": ["echo started", "sleep 300"]}
+            {"key": "long", "image": image, "dir": "", "env": [], "commands": ["echo started", "sleep 300"]}
         ]}));
         let mut cmd = world.in_ns(&world.host, exe.to_str().unwrap());
         executor_env(&mut cmd, &c.url, &c.secret, oci, &state, &prefix);
         cmd.env("EXECUTOR_NUM_TOTAL_JOBS", "1").arg("loop").stdout(Stdio::null()).stderr(Stdio::null());
         let mut lp = KillOnDrop(cmd.spawn().unwrap());
-        common::wait_until("the long step to start", Duration::from_secs(60), || {
+        common::wait_until("the long step to start", Duration::from_secs(if vm { 240 } else { 60 }), || {
             c.job(id)["logs"].as_array().is_some_and(|l| {
-                l.iter().any(|e| e["key"] == "step.docker.long" && e["out"].as_str().unwrap_or("").contains("started"))
+                l.iter().any(|e| {
+                    e["key"] == "step.docker.long" && e["out"].as_str().unwrap_or("").contains("started")
+                })
             })
         });
-        if networked {
+        if !vm {
             // Anti-spoofing, past the container's missing capabilities: root in the job's namespace
             // adds an address the job does not own and sends UDP from both; the internet
             // namespace counts what arrives (a reply would not tell: an unrouted source loses it).
@@ -347,12 +528,20 @@ fn jobs_reach_the_internet_and_nothing_else(oci: &str, test: &str) {
             let send = |src: &str, port: u16| {
                 let py = "import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); \
                           s.bind((sys.argv[1], 0)); s.sendto(b'x', (sys.argv[2], int(sys.argv[3])))";
-                let out = world.in_ns(&job_ns, "python3").args(["-c", py, src, WEB, &port.to_string()]).output().unwrap();
+                let out = world
+                    .in_ns(&job_ns, "python3")
+                    .args(["-c", py, src, WEB, &port.to_string()])
+                    .output()
+                    .unwrap();
                 assert!(out.status.success(), "{out:?}");
                 std::thread::sleep(Duration::from_millis(300));
             };
             let counted = || {
-                let out = world.in_ns(&world.internet, "nft").args(["list", "chain", "ip", "probe", "c"]).output().unwrap();
+                let out = world
+                    .in_ns(&world.internet, "nft")
+                    .args(["list", "chain", "ip", "probe", "c"])
+                    .output()
+                    .unwrap();
                 let text = String::from_utf8_lossy(&out.stdout).into_owned();
                 let n = |port: &str| {
                     text.lines()
@@ -364,29 +553,50 @@ fn jobs_reach_the_internet_and_nothing_else(oci: &str, test: &str) {
                 };
                 (n("9999"), n("9998"))
             };
-            let own = world.in_ns(&job_ns, "sh").args(["-c", "ip -4 -o addr show dev eth0"]).output().unwrap();
-            let own = String::from_utf8_lossy(&own.stdout).split_whitespace().nth(3).unwrap().split('/').next().unwrap().to_string();
+            // The job's address from its slot file (runsc's gVisor takes eth0's addresses and
+            // routes out of the namespace's own stack: they are put back for the test's sends).
+            let own = std::fs::read_dir(state.join("network/slots"))
+                .unwrap()
+                .flatten()
+                .map(|e| std::fs::read_to_string(e.path()).unwrap())
+                .find(|t| t.starts_with(&job_ns))
+                .and_then(|t| t.lines().nth(1).map(str::to_string))
+                .expect("the long job's slot");
+            let gateway = std::net::Ipv4Addr::from(u32::from(own.parse::<std::net::Ipv4Addr>().unwrap()) - 1);
+            sh(&format!(
+                "ip -n {job_ns} addr add {own}/32 dev eth0 2>/dev/null || true
+                 ip -n {job_ns} route replace default via {gateway} dev eth0 onlink"
+            ));
             send(&own, 9998);
             sh(&format!("ip -n {job_ns} addr add 10.255.0.99/32 dev eth0"));
             send("10.255.0.99", 9999);
             assert_eq!(counted(), (0, 1), "from its own address one packet arrives, from a spoofed one none");
+            table.push((
+                "spoofed source (root of the namespace adds one)".into(),
+                "blocked (0 packets arrived; own address: 1)".into(),
+                "blocked".into(),
+            ));
         }
         lp.0.kill().unwrap();
         lp.0.wait().unwrap();
-        let left = world.leftovers(&prefix);
-        assert_eq!(
-            left.iter().any(|l| l.starts_with("netns")),
-            networked,
-            "the killed executor's job network: {left:?}"
-        );
+        let left = world.leftovers(&prefix, false);
+        // The killed executor's job network: the namespace (oci), or the TAP its QEMU holds.
+        let kind = if vm { "link" } else { "netns" };
+        assert!(left.iter().any(|l| l.starts_with(kind)), "the killed executor's job network: {left:?}");
         let mut cmd = world.in_ns(&world.host, exe.to_str().unwrap());
         executor_env(&mut cmd, &c.url, &c.secret, oci, &state, &prefix);
         let out = common::run(cmd.arg("janitor"));
         common::assert_ok(&out);
-        let left = world.leftovers(&prefix);
+        let left = world.leftovers(&prefix, true);
         assert!(left.is_empty(), "left after the janitor: {left:?}");
+        table.push((
+            "left behind after the jobs and a janitor pass".into(),
+            "nothing".into(),
+            "nothing".into(),
+        ));
+        print_table(oci, &table);
     });
-    assert!(started.elapsed() < Duration::from_secs(300), "bounded duration");
+    assert!(started.elapsed() < Duration::from_secs(if vm { 900 } else { 300 }), "bounded duration");
 }
 
 #[test]
@@ -407,6 +617,92 @@ fn network_runsc_jobs_reach_the_internet_and_nothing_else() {
     );
 }
 
+#[test]
+fn network_microvm_jobs_reach_the_internet_and_nothing_else() {
+    jobs_reach_the_internet_and_nothing_else(
+        "microvm",
+        "network_microvm_jobs_reach_the_internet_and_nothing_else",
+    );
+}
+
+/// `EXECUTOR_NETWORK_BANDWIDTH=8mbit/4mbit`: a job's 4 MiB download and 2 MiB upload (an HTTP
+/// POST answered once the whole body arrived) each take at least 3 s (capped they need about
+/// 4 s; uncapped, well under a second). Only
+/// the cap's side is asserted: a loaded machine makes a transfer slower, never faster.
+#[test]
+fn network_bandwidth_caps_a_jobs_download_and_upload() {
+    let test = "network_bandwidth_caps_a_jobs_download_and_upload";
+    if !can_build(test) || !crate::oci::can_run(test, "runc") {
+        return;
+    }
+    if which::which("tc").is_err() {
+        return common::skip(
+            test,
+            "netns",
+            "tc is not installed (iproute2, scripts/apt-packages/network.txt)",
+        );
+    }
+    let world = World::build();
+    world.web_file("cap.bin", &vec![1u8; 4 << 20]);
+    // An HTTP sink that answers a POST once it has read the whole body.
+    let py = "import http.server as h\n\
+              class H(h.BaseHTTPRequestHandler):\n\
+              \x20def do_POST(s):\n\
+              \x20 n=int(s.headers['Content-Length'])\n\
+              \x20 while n>0: n-=len(s.rfile.read(min(n,65536)) or b'x'*n)\n\
+              \x20 s.send_response(200); s.end_headers(); s.wfile.write(b'ok')\n\
+              h.HTTPServer(('198.51.100.10',9000),H).serve_forever()\n";
+    let sink = world
+        .in_ns(&world.internet, "python3")
+        .args(["-c", py])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _sink = KillOnDrop(sink);
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let state = tmp.path().join("state");
+    common::Exec::new().args(["image", "build-busybox"]).env("EXECUTOR_STATE_DIR", &state).run();
+    let prefix = format!("netbw{}", world.tag);
+    let exe = common::bin();
+    let _guard = JobsGuard {
+        host: world.host.clone(),
+        exe: exe.clone(),
+        oci: "runc".into(),
+        state: state.clone(),
+        prefix: prefix.clone(),
+    };
+    world.on_host(|| {
+        let c = crate::coordinator::Coordinator::start_listening(&format!("{HOST_INTERNET_SIDE}:0"));
+        // Not zeros: busybox wget sends a --post-file as a C string.
+        let script = format!(
+            "s=$(date +%s); wget -q -O /dev/null http://{WEB}/cap.bin; e=$(date +%s); echo \"DOWN $((e-s))\"
+             head -c 2097152 /dev/zero | tr '\\0' x > /tmp/up
+             s=$(date +%s); wget -q -O /dev/null --post-file=/tmp/up http://{WEB}:9000/; r=$?; e=$(date +%s); echo \"UP $((e-s)) (wget: $r)\""
+        );
+        let id = c.submit(serde_json::json!({"dockerSteps": [
+            {"key": "cap", "image": "busybox", "dir": "", "env": [], "commands": [script]}
+        ]}));
+        let mut cmd = world.in_ns(&world.host, exe.to_str().unwrap());
+        executor_env(&mut cmd, &c.url, &c.secret, "runc", &state, &prefix);
+        cmd.env("EXECUTOR_NETWORK_BANDWIDTH", "8mbit/4mbit").env("EXECUTOR_NUM_TOTAL_JOBS", "1").arg("loop");
+        common::assert_ok(&common::run(&mut cmd));
+        let job = c.wait_state(id, &["completed", "failed", "errored"], Duration::from_secs(60));
+        let log = job_log(&job);
+        assert_eq!(job["state"], "completed", "{log}");
+        let secs = |what: &str| -> u64 {
+            log.lines()
+                .find_map(|l| l.strip_prefix(&format!("stdout: {what} ")))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or_else(|| panic!("no {what} figure in the log:\n{log}"))
+        };
+        assert!(secs("DOWN") >= 3, "the 4 MiB download was not capped at 8 mbit:\n{log}");
+        assert!(log.contains("(wget: 0)"), "the upload failed:\n{log}");
+        assert!(secs("UP") >= 3, "the 2 MiB upload was not capped at 4 mbit:\n{log}");
+    });
+}
+
 /// Outside the world above no job may have a network: the harness starts every executor with
 /// `EXECUTOR_NETWORK=none`, every script that runs jobs exports it, and no other test module
 /// asks for `internet`.
@@ -416,6 +712,9 @@ fn network_every_other_job_launch_is_loopback_only() {
     let none =
         cmd.get_envs().any(|(k, v)| k == "EXECUTOR_NETWORK" && v == Some(std::ffi::OsStr::new("none")));
     assert!(none, "common::executor() must set EXECUTOR_NETWORK=none");
+    for e in [common::Exec::new(), common::Exec::program("/bin/sh")] {
+        assert_eq!(e.env_value("EXECUTOR_NETWORK").as_deref(), Some(std::ffi::OsStr::new("none")));
+    }
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut checked = 0;
     for e in std::fs::read_dir(root.join("scripts")).unwrap().flatten() {

@@ -27,6 +27,34 @@ pub fn hide_unified_cgroup(cmd: &mut Command) {
     }
 }
 
+/// Makes `cmd` start in a private mount namespace where `/proc/sys/net` is covered by an empty
+/// read-only tmpfs. For gVisor's runsc of 2022-12, which takes a network namespace for the
+/// host's when `/proc/sys/net/core/rmem_default` exists, as it does in every namespace of a
+/// newer kernel, and then refuses to network a sandbox at all. The tmpfs holds a second, fully
+/// visible procfs (`/proc/sys/net/proc`): without one, the kernel refuses runsc's gofer, in its
+/// own user namespace, a procfs of its own while part of `/proc` is covered. The host's mount
+/// table is untouched.
+pub fn hide_net_sysctls(cmd: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec and only makes raw syscalls
+    // (unshare, mount, mkdir) through nix on short static strings, which nix passes on the
+    // stack: no allocation, no lock.
+    unsafe {
+        cmd.pre_exec(|| {
+            use nix::mount::{mount, MsFlags};
+            let none = None::<&str>;
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
+            mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)?;
+            let hardened = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+            mount(Some("tmpfs"), "/proc/sys/net", Some("tmpfs"), hardened, Some("size=4k,mode=755"))?;
+            nix::unistd::mkdir("/proc/sys/net/proc", nix::sys::stat::Mode::from_bits_truncate(0o555))?;
+            mount(Some("proc"), "/proc/sys/net/proc", Some("proc"), hardened, none)?;
+            let ro = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | hardened;
+            mount(none, "/proc/sys/net", none, ro, none)?;
+            Ok(())
+        });
+    }
+}
+
 /// Makes `cmd` start inside `root` (chroot), in `cwd` there, as the leader of a new session: how
 /// the microVM guest agent starts a step, without a helper process of its own.
 pub fn enter_root(cmd: &mut Command, root: &Path, cwd: &str) -> std::io::Result<()> {
@@ -258,4 +286,30 @@ pub fn flush_block_buffers(dev: &std::fs::File) -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Creates the TAP device `name` (no packet-info header, virtio-net headers) in the calling
+/// thread's network namespace and returns its descriptor: the device lives as long as a
+/// descriptor of it is open (QEMU's, once handed over).
+pub fn open_tap(name: &str) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    const IFF_TAP: i16 = 0x0002;
+    const IFF_NO_PI: i16 = 0x1000;
+    const IFF_VNET_HDR: i16 = 0x4000;
+    if name.is_empty() || name.len() > 15 {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "a TAP name has 1 to 15 bytes"));
+    }
+    let f: OwnedFd = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun")?.into();
+    // struct ifreq: the name (16 bytes, NUL-terminated), then the flags (a short) in a union
+    // of 24 bytes.
+    let mut ifr = [0u8; 40];
+    ifr[..name.len()].copy_from_slice(name.as_bytes());
+    ifr[16..18].copy_from_slice(&(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).to_ne_bytes());
+    // SAFETY: TUNSETIFF reads and writes a `struct ifreq` (40 bytes on Linux), which `ifr` is,
+    // and `f` is an open descriptor of /dev/net/tun that outlives the call.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), libc::TUNSETIFF as _, ifr.as_mut_ptr()) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(f)
 }

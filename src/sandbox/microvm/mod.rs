@@ -1,7 +1,8 @@
 //! The `microvm` runtime: one QEMU `microvm` machine per job. The workspace is a virtio-blk disk
 //! built from the host workspace directory, each step image a read-only disk, and the guest agent
-//! (`crate::guest`) runs the steps and streams their output over a virtio-serial port. There is no
-//! network device. QEMU runs in its own cgroup; everything coming out of the guest is treated as
+//! (`crate::guest`) runs the steps and streams their output over a virtio-serial port. A job
+//! with a network gets a virtio-net device on a TAP (net.rs); otherwise there is no network
+//! device. QEMU runs in its own cgroup; everything coming out of the guest is treated as
 //! hostile (bounded frames, timeouts, paths checked again on the host).
 //!
 //! Boot order: resolve kernel and initramfs, choose the accelerator, build the workspace disk,
@@ -12,6 +13,7 @@ pub mod channel;
 pub mod console;
 pub mod disk;
 pub mod identity;
+pub mod net;
 pub mod pool;
 
 use anyhow::{bail, Context, Result};
@@ -67,9 +69,17 @@ struct VmBoot<'a> {
     /// A VM booted ahead of its job (`pool`): a blank workspace disk of this many bytes, which
     /// the agent mounts only when told, once the host wrote the job's filesystem into it.
     pool_disk_bytes: Option<u64>,
+    /// The job's network, if it has one (net.rs).
+    network: Option<net::NetRequest<'a>>,
 }
 
 impl<'a> VmBoot<'a> {
+    /// The same boot with the job's network.
+    fn with_network(mut self, network: Option<net::NetRequest<'a>>) -> Self {
+        self.network = network;
+        self
+    }
+
     fn new(
         workspace: Option<&'a Path>,
         images: &'a [String],
@@ -78,7 +88,16 @@ impl<'a> VmBoot<'a> {
         limits: &'a super::Limits,
         timeout: Duration,
     ) -> Self {
-        VmBoot { workspace, images, accel, accel_reason, limits, timeout, pool_disk_bytes: None }
+        VmBoot {
+            workspace,
+            images,
+            accel,
+            accel_reason,
+            limits,
+            timeout,
+            pool_disk_bytes: None,
+            network: None,
+        }
     }
 }
 
@@ -244,6 +263,7 @@ impl MicroVm {
             limits,
             timeout: boot_timeout,
             pool_disk_bytes,
+            network: _,
         } = *boot;
         let accel_reason = accel_reason.clone();
         let t0 = Instant::now();
@@ -293,7 +313,15 @@ impl MicroVm {
         let cpus = if limits.cpus > 0 { limits.cpus } else { 1 };
         let mem = if limits.memory_bytes > 0 { limits.memory_bytes } else { DEFAULT_MEMORY };
         let debug = std::env::var_os("EXECUTOR_VM_DEBUG").is_some();
-        let cmdline = kernel_cmdline(det.images.len(), workspace_mode, debug, tsc_khz());
+        let mut cmdline = kernel_cmdline(det.images.len(), workspace_mode, debug, tsc_khz());
+        // The job's network, recorded at once so that a failed boot's teardown removes it.
+        let vm_net = boot.network.as_ref().map(|r| net::setup(&self.opts, &rec.name, r)).transpose()?;
+        if let Some(v) = &vm_net {
+            det.network = Some(v.net.clone());
+            rec.details = SandboxDetails::Microvm(Some(det.clone()));
+            cmdline.push(' ');
+            cmdline.push_str(&v.net.guest_cmdline());
+        }
         let mut cmd = crate::base::proc::command(QEMU);
         cmd.args(["-name", &rec.name, "-M", MACHINE, "-nodefaults", "-no-user-config"]);
         cmd.args([
@@ -347,6 +375,10 @@ impl MicroVm {
         }
         cmd.args(["-device", "virtio-serial-device"]);
         let mut keep: Vec<i32> = vec![kernel.as_raw_fd(), initrd.as_raw_fd(), console_pipe.as_raw_fd()];
+        if let Some(v) = &vm_net {
+            net::qemu_args(&mut cmd, v);
+            keep.push(v.tap.as_raw_fd());
+        }
         keep.extend(image_files.iter().map(|f| f.as_raw_fd()));
         crate::base::sys::start_in_dir_keeping(&mut cmd, dir_handle.as_raw_fd(), keep);
         if let Some(u) = &user {
@@ -362,7 +394,7 @@ impl MicroVm {
         // Its own process group: a signal to the executor's group does not reach the VM.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let mut child = cmd.spawn().with_context(|| format!("starting {QEMU} (install qemu-system-x86)"))?;
-        drop((kernel, initrd, dir_handle, image_files, console_pipe));
+        drop((kernel, initrd, dir_handle, image_files, console_pipe, vm_net));
         let pid = child.id() as i32;
         rec.pid = Some(pid);
         rec.details = SandboxDetails::Microvm(Some(det.clone()));
@@ -715,7 +747,8 @@ impl Runtime for MicroVm {
         let timeout = if accel == Accel::Kvm { Duration::from_secs(20) } else { Duration::from_secs(120) };
         self.boot_retrying(
             req.name_prefix,
-            &VmBoot::new(Some(req.workspace), &req.images, accel, why, req.limits, timeout),
+            &VmBoot::new(Some(req.workspace), &req.images, accel, why, req.limits, timeout)
+                .with_network(net::request(&self.opts, req.coordinator)),
         )
         .with_context(|| format!("booting a VM for job {}", req.job_uid))
     }
@@ -818,6 +851,9 @@ impl Runtime for MicroVm {
             kill_vm(pid, &sandbox.name);
         }
         cgroup::Cgroup::remove(&sandbox.name);
+        if let Some(n) = Self::details(sandbox).ok().and_then(|d| d.network) {
+            net::teardown(&self.opts, &n)?;
+        }
         // Only a directory of ours: the record could have been altered.
         if sandbox.state_dir.join(MARKER).is_file()
             && sandbox.state_dir.starts_with(self.opts.sandboxes_dir())
@@ -863,6 +899,13 @@ impl Runtime for MicroVm {
                         removed.push(name);
                     }
                 }
+            }
+        }
+        // Networks of VMs that are gone (a TAP goes with its QEMU; the slot and element stay).
+        let owned = |n: &str| n.starts_with(&want) && !live.contains(n);
+        for name in crate::network::janitor(&self.opts.state_dir, owned)? {
+            if !removed.contains(&name) {
+                removed.push(name);
             }
         }
         Ok(removed)

@@ -11,7 +11,8 @@
 //! A VM is keyed by everything that defines it ([`PoolKey`]): kernel, initramfs, accelerator,
 //! limits, workspace disk size, network mode and the images by digest. VMs whose key is no longer
 //! the current one (a new `install vm`, other limits, an image tag that moved) are discarded.
-//! Only network mode `none` is pooled: any other mode is a miss.
+//! In network mode `internet` a pool VM boots with its own network (TAP, slot, firewall entry)
+//! for the loop's coordinator; a job of another coordinator is a miss.
 //!
 //! Bounded: idle VMs count against the loop's memory budget ([`Budget`]); the pool is drained
 //! (every VM killed) when the loop stops; its VMs carry a `pool-owner` file naming the executor,
@@ -139,6 +140,9 @@ pub struct PoolSettings {
     pub owner: String,
     pub limits: Limits,
     pub network: crate::network::Mode,
+    /// The coordinator's URL, which a networked VM may reach: pool VMs of `internet` mode boot
+    /// with their network (TAP, slot and firewall entry) already made for it.
+    pub coordinator: Option<String>,
     pub budget: Budget,
     pub log: Log,
 }
@@ -570,7 +574,8 @@ impl Pool {
         let timeout =
             if accel == super::Accel::Kvm { Duration::from_secs(20) } else { Duration::from_secs(120) };
         let images: Vec<String> = key.images.iter().map(|(r, _)| r.clone()).collect();
-        let mut boot = VmBoot::new(None, &images, accel, why, &self.cfg.limits, timeout);
+        let mut boot = VmBoot::new(None, &images, accel, why, &self.cfg.limits, timeout)
+            .with_network(super::net::request(&self.rt.opts, self.cfg.coordinator.as_deref()));
         boot.pool_disk_bytes = Some(key.base.disk_bytes);
         let started = Instant::now();
         let mut attempt = 0;
@@ -670,11 +675,10 @@ impl Pool {
     }
 
     fn try_claim(&self, req: &BootRequest) -> Claim {
-        if self.rt.opts.network.mode != crate::network::Mode::None {
-            return Claim::Miss(format!(
-                "the pool boots VMs for network mode none, the job's is {:?}",
-                self.rt.opts.network.mode
-            ));
+        if self.rt.opts.network.mode != crate::network::Mode::None
+            && req.coordinator != self.cfg.coordinator.as_deref()
+        {
+            return Claim::Miss("the job's coordinator is not the one the pool's VMs may reach".into());
         }
         if *req.limits != self.cfg.limits {
             return Claim::Miss("the job's limits are not the pool's".into());

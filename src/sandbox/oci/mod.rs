@@ -33,10 +33,6 @@ pub const OCI_RUNTIMES: &[&str] = &["runc", "crun", "runsc"];
 pub const DEFAULT_OCI_RUNTIME: &str = "runc";
 /// Marks a sandbox state directory as this runtime's.
 const MARKER: &str = "oci-sandbox.json";
-/// Why runsc sandboxes stay loopback-only with `EXECUTOR_NETWORK=internet`.
-pub const RUNSC_NO_NETWORK: &str = "runsc (gVisor 2022-12) cannot join a job network on this kernel: it \
-     takes every network namespace for the host's (its root check reads /proc/sys/net/core/rmem_default, \
-     which this kernel has in every namespace) and refuses --network=sandbox";
 /// The resolv.conf a networked sandbox's steps see at /etc/resolv.conf.
 const RESOLV_CONF: &str = "resolv.conf";
 /// Present while the workspace is owned by the container's root.
@@ -341,13 +337,24 @@ impl OciRuntime {
 
     /// The OCI runtime command with its global flags (state root, platform).
     fn runtime_cmd(&self, which: &str, state_dir: &Path) -> Command {
+        self.runtime_cmd_net(which, state_dir, false)
+    }
+
+    /// [`Self::runtime_cmd`] for a step of a sandbox with a job network when `networked`.
+    fn runtime_cmd_net(&self, which: &str, state_dir: &Path, networked: bool) -> Command {
         let mut cmd = crate::base::proc::command(which);
         cmd.arg("--root").arg(state_dir.join("runtime"));
         match which {
+            "runsc" if networked => {
+                // gVisor's own network stack on the job's veth, in the namespace the spec
+                // names. Debian's runsc (2022-12) takes every namespace of a newer kernel for
+                // the host's (its check is whether /proc/sys/net/core/rmem_default exists) and
+                // refuses: it runs where /proc/sys/net is hidden (docs/network.md).
+                cmd.args(["--platform=ptrace", "--network=sandbox", "--oci-seccomp"]);
+                cmd.arg("--debug-log").arg(state_dir.join("runsc-logs/"));
+                crate::base::sys::hide_net_sysctls(&mut cmd);
+            }
             "runsc" => {
-                // Loopback only, also with EXECUTOR_NETWORK=internet: Debian's runsc
-                // (2022-12) takes every namespace of a 6.x kernel for the root one and refuses
-                // `--network=sandbox` (see docs/network.md).
                 cmd.args(["--platform=ptrace", "--network=none", "--oci-seccomp"]);
                 cmd.arg("--debug-log").arg(state_dir.join("runsc-logs/"));
             }
@@ -600,9 +607,7 @@ impl Runtime for OciRuntime {
             rootfs::make_reach(&name, req.workspace, details.uid_base)?;
             // The network last, recorded at once: a failure here fails the job before any
             // step runs (fail closed), and what was made is in the record for the teardown.
-            if self.opts.network.mode == crate::network::Mode::Internet && which == "runsc" {
-                eprintln!("executor: sandbox {name} has loopback only: {RUNSC_NO_NETWORK}");
-            } else if self.opts.network.mode == crate::network::Mode::Internet {
+            if self.opts.network.mode == crate::network::Mode::Internet {
                 let net =
                     crate::network::setup(&self.opts.state_dir, &name, &self.opts.network, req.coordinator)
                         .context("setting up the job's network (EXECUTOR_NETWORK=internet)")?;
@@ -640,7 +645,7 @@ impl Runtime for OciRuntime {
         let (id, bundle, root) = Self::write_bundle(sandbox, &d, step)?;
         let cg = cgroup::JobCgroup::new(&sandbox.name);
         let before = cg.counters();
-        let mut cmd = self.runtime_cmd(which, &sandbox.state_dir);
+        let mut cmd = self.runtime_cmd_net(which, &sandbox.state_dir, d.network.is_some());
         cmd.arg("run").arg("--bundle").arg(&bundle).arg(&id);
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).env_clear().env("PATH", spec::DEFAULT_PATH);
         cmd.process_group(0);

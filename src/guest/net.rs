@@ -1,0 +1,120 @@
+//! The guest's side of a job network (`EXECUTOR_NETWORK=internet`): the host puts
+//! `executor.net=<address>/<prefix>,<gateway>[,<resolver>...]` on the kernel command line and
+//! gives the VM a virtio-net device on its TAP; the agent loads the driver, switches IPv6 off,
+//! gives `eth0` the address and the default route, and writes the resolvers into each step's
+//! `/etc/resolv.conf`. Without the parameter nothing happens (loopback only).
+
+use anyhow::{bail, Context, Result};
+use std::fs;
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::time::Duration;
+
+use super::agent::{cmdline_value, load_modules, wait_for};
+
+/// The network driver and its dependencies, in load order (a list in the initramfs).
+pub const MODULES_NET: &str = "/lib/modules/executor/net";
+/// The resolv.conf steps get.
+const RESOLV_CONF: &str = "/run/resolv.conf";
+
+/// The network the host gave the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestNet {
+    pub address: Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Ipv4Addr,
+    pub dns: Vec<Ipv4Addr>,
+}
+
+impl GuestNet {
+    /// The value of `executor.net=`.
+    pub fn parse(v: &str) -> Result<GuestNet> {
+        let mut parts = v.split(',');
+        let (addr, prefix) = parts
+            .next()
+            .and_then(|a| a.split_once('/'))
+            .with_context(|| format!("executor.net={v:?} has no address/prefix"))?;
+        let address = addr.parse().with_context(|| format!("executor.net: bad address {addr:?}"))?;
+        let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 32).context("executor.net: bad prefix")?;
+        let gateway = parts
+            .next()
+            .and_then(|g| g.parse().ok())
+            .with_context(|| format!("executor.net={v:?} has no gateway"))?;
+        let dns = parts
+            .map(|d| d.parse().with_context(|| format!("executor.net: bad resolver {d:?}")))
+            .collect::<Result<_>>()?;
+        Ok(GuestNet { address, prefix, gateway, dns })
+    }
+
+    fn resolv_conf(&self) -> String {
+        let mut s = String::from("# written by the executor: the resolvers this job may reach\n");
+        for d in &self.dns {
+            s.push_str(&format!("nameserver {d}\n"));
+        }
+        s.push_str("options timeout:2 attempts:2\n");
+        s
+    }
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = crate::base::proc::command("/bin/busybox")
+        .arg("ip")
+        .args(args)
+        .output()
+        .context("running busybox ip")?;
+    if !out.status.success() {
+        bail!("ip {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Configures the network the command line names, if any (called before the first step).
+pub fn configure() -> Result<()> {
+    let Some(v) = cmdline_value("executor.net") else { return Ok(()) };
+    let n = GuestNet::parse(&v)?;
+    // IPv6 off first: the host drops it anyway, and the guest should not even try.
+    for k in ["all", "default"] {
+        let _ = fs::write(format!("/proc/sys/net/ipv6/conf/{k}/disable_ipv6"), "1");
+    }
+    load_modules(MODULES_NET).context("loading the network driver")?;
+    wait_for("the network device eth0", Duration::from_secs(30), || {
+        Path::new("/sys/class/net/eth0").exists().then_some(())
+    })?;
+    let _ = fs::write("/proc/sys/net/ipv6/conf/eth0/disable_ipv6", "1");
+    ip(&["link", "set", "lo", "up"])?;
+    ip(&["addr", "add", &format!("{}/{}", n.address, n.prefix), "dev", "eth0"])?;
+    ip(&["link", "set", "eth0", "up"])?;
+    ip(&["route", "add", "default", "via", &n.gateway.to_string(), "dev", "eth0"])?;
+    fs::write(RESOLV_CONF, n.resolv_conf()).with_context(|| format!("writing {RESOLV_CONF}"))?;
+    Ok(())
+}
+
+/// Puts the job's resolv.conf into a step's (writable) root, replacing the image's.
+pub fn write_resolv_conf(root: &Path) -> Result<()> {
+    let Ok(text) = fs::read_to_string(RESOLV_CONF) else { return Ok(()) };
+    let etc = root.join("etc");
+    fs::create_dir_all(&etc).context("creating /etc in the step's root")?;
+    let target = etc.join("resolv.conf");
+    // The image's may be a symlink (to a systemd-resolved stub): it is replaced, not followed.
+    if fs::symlink_metadata(&target).is_ok() {
+        fs::remove_file(&target).context("replacing the image's /etc/resolv.conf")?;
+    }
+    fs::write(&target, text).context("writing the step's /etc/resolv.conf")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_value_parses() {
+        let n = GuestNet::parse("10.255.0.2/30,10.255.0.1,198.51.100.53,192.0.2.53").unwrap();
+        assert_eq!(n.address, Ipv4Addr::new(10, 255, 0, 2));
+        assert_eq!((n.prefix, n.gateway), (30, Ipv4Addr::new(10, 255, 0, 1)));
+        assert_eq!(n.dns.len(), 2);
+        assert!(n.resolv_conf().contains("nameserver 198.51.100.53\nnameserver 192.0.2.53\n"));
+        assert!(GuestNet::parse("10.255.0.2/30,10.255.0.1").unwrap().dns.is_empty());
+        assert!(GuestNet::parse("10.255.0.2,10.255.0.1").is_err());
+        assert!(GuestNet::parse("10.255.0.2/30").is_err());
+    }
+}

@@ -13,5 +13,6 @@ mod network;
 mod oci;
 mod package;
 mod pipeline;
+mod replicas;
 mod server;
 mod workspace;

@@ -56,8 +56,6 @@ pub(crate) struct App {
     admin_digest: [u8; 32],
     artifact_dir: std::path::PathBuf,
     json_limit: usize,
-    /// The admin console's sessions.
-    console: console::Sessions,
     /// How often a waiting dequeue looks again without a wake-up: with PostgreSQL a
     /// notification lost while the listener reconnects must not strand it until its deadline.
     recheck: Option<Duration>,
@@ -81,7 +79,6 @@ impl App {
             executor_metrics: Default::default(),
             artifact_dir,
             json_limit,
-            console: console::Sessions::default(),
             recheck: None,
         }
     }

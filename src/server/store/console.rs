@@ -61,6 +61,35 @@ impl Store {
         self.read(|t| t.all(&sql, &params, |r| Ok(JobPageRow { row: job_row(r)?, commit: r.get(12)? })))
     }
 
+    /// Opens a console session: `digest` is the SHA-256 (hex) of the cookie's value, never the
+    /// value itself. Drops the expired sessions on the way.
+    pub fn open_session(&mut self, digest: &str, csrf: &str, expires_at: i64, now: i64) -> Result<()> {
+        self.tx(|t| {
+            t.exec("DELETE FROM console_sessions WHERE expires_at <= ?1", p![now])?;
+            t.exec(
+                "INSERT INTO console_sessions (digest, csrf, expires_at) VALUES (?1, ?2, ?3)",
+                p![digest, csrf, expires_at],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The CSRF token of the live session of this cookie digest.
+    pub fn session(&mut self, digest: &str, now: i64) -> Result<Option<String>> {
+        self.read(|t| {
+            t.opt(
+                "SELECT csrf FROM console_sessions WHERE digest = ?1 AND expires_at > ?2",
+                p![digest, now],
+                |r| r.get(0),
+            )
+        })
+    }
+
+    /// Ends a console session.
+    pub fn close_session(&mut self, digest: &str) -> Result<()> {
+        self.tx(|t| t.exec("DELETE FROM console_sessions WHERE digest = ?1", p![digest]).map(|_| ()))
+    }
+
     /// The ids of the processing jobs by executor name.
     pub fn running_by_executor(&mut self) -> Result<HashMap<String, Vec<i64>>> {
         let rows: Vec<(String, i64)> = self.read(|t| {
@@ -131,6 +160,16 @@ mod tests {
             assert!(plan.contains(index) && !plan.contains("TEMP B-TREE"), "{cond}: {plan}");
         }
     }
+
+    both_backends!(console_sessions_open_expire_and_close, |s| {
+        s.open_session("d1", "c1", 100, 0).unwrap();
+        s.open_session("d2", "c2", 50, 0).unwrap();
+        assert_eq!(s.session("d1", 10).unwrap().as_deref(), Some("c1"));
+        assert_eq!(s.session("d2", 50).unwrap(), None, "expired");
+        assert_eq!(s.session("c1", 10).unwrap(), None);
+        s.close_session("d1").unwrap();
+        assert_eq!(s.session("d1", 10).unwrap(), None);
+    });
 
     both_backends!(a_finished_job_requeues_and_a_running_one_does_not, |s| {
         use crate::server::store::{Outcome, RequeueResult};

@@ -148,6 +148,24 @@ pub(super) fn job_row(row: &Row<'_>) -> Result<JobRow> {
     })
 }
 
+/// The index of the queue to try first: at random, weighted by `weight(queue)`.
+fn weighted_pick(candidates: &[String], weight: &impl Fn(&str) -> u32) -> usize {
+    use rand::Rng;
+    if candidates.len() <= 1 {
+        return 0;
+    }
+    let total: u32 = candidates.iter().map(|q| weight(q).max(1)).sum();
+    let mut pick = rand::thread_rng().gen_range(0..total);
+    for (i, q) in candidates.iter().enumerate() {
+        let w = weight(q).max(1);
+        if pick < w {
+            return i;
+        }
+        pick -= w;
+    }
+    0
+}
+
 /// The queues among `queues` that have a queued job.
 fn nonempty_queues(t: &mut dyn Tx, queues: &[String]) -> Result<Vec<String>> {
     let mut out = Vec::new();
@@ -185,36 +203,17 @@ impl Store {
         weight: impl Fn(&str) -> u32,
     ) -> Result<Option<Dequeued>> {
         use rand::Rng;
-        let skip_locked = match self.dialect() {
-            Dialect::Sqlite => "",
-            Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
-        };
-        let pick = format!(
-            "SELECT id, payload FROM jobs WHERE queue = ?1 AND state = 'queued' ORDER BY id LIMIT 1{skip_locked}"
-        );
+        if self.dialect() == Dialect::Postgres {
+            return self.dequeue_pg(queues, executor, now, weight);
+        }
+        let pick = "SELECT id, payload FROM jobs WHERE queue = ?1 AND state = 'queued' ORDER BY id LIMIT 1";
         self.tx(|t| {
             let mut candidates = nonempty_queues(t, queues)?;
             // The picked queue first, then the others: a queue whose queued jobs other replicas
             // hold locked right now must not hide the jobs of the next.
             while !candidates.is_empty() {
-                let i = if candidates.len() == 1 {
-                    0
-                } else {
-                    let total: u32 = candidates.iter().map(|q| weight(q).max(1)).sum();
-                    let mut pick = rand::thread_rng().gen_range(0..total);
-                    let mut chosen = 0;
-                    for (i, q) in candidates.iter().enumerate() {
-                        let w = weight(q).max(1);
-                        if pick < w {
-                            chosen = i;
-                            break;
-                        }
-                        pick -= w;
-                    }
-                    chosen
-                };
-                let queue = candidates.remove(i);
-                let row: Option<(i64, String)> = t.opt(&pick, p![queue], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                let queue = candidates.remove(weighted_pick(&candidates, &weight));
+                let row: Option<(i64, String)> = t.opt(pick, p![queue], |r| Ok((r.get(0)?, r.get(1)?)))?;
                 let Some((id, payload)) = row else { continue };
                 let mut raw = [0u8; 20];
                 rand::thread_rng().fill(&mut raw);
@@ -234,6 +233,48 @@ impl Store {
             }
             Ok(None)
         })
+    }
+
+    /// PostgreSQL's dequeue: one statement per queue tried (no transaction round trips): the
+    /// oldest queued row not locked by another replica's dequeue (`FOR UPDATE SKIP LOCKED`)
+    /// becomes processing and loses its old log. With one queue there is nothing to choose, so
+    /// no look first. A statement that fails with a lost connection may run again on another
+    /// connection: at worst the first took a job whose answer never came back, which the
+    /// stalled-job reset requeues (that job never ran, so it still runs once).
+    fn dequeue_pg(
+        &mut self,
+        queues: &[String],
+        executor: &str,
+        now: i64,
+        weight: impl Fn(&str) -> u32,
+    ) -> Result<Option<Dequeued>> {
+        use rand::Rng;
+        let mut candidates =
+            if queues.len() == 1 { queues.to_vec() } else { self.read(|t| nonempty_queues(t, queues))? };
+        while !candidates.is_empty() {
+            let queue = candidates.remove(weighted_pick(&candidates, &weight));
+            let mut raw = [0u8; 20];
+            rand::thread_rng().fill(&mut raw);
+            let hash = sha256_hex(&raw);
+            let taken: Option<(i64, String)> = self.autocommit(|t| {
+                t.opt(
+                    "WITH picked AS (SELECT id FROM jobs WHERE queue = ?1 AND state = 'queued' ORDER BY id \
+                     LIMIT 1 FOR UPDATE SKIP LOCKED), \
+                     taken AS (UPDATE jobs SET state = 'processing', executor_name = ?2, token_sha256 = ?3, \
+                     started_at = ?4, last_heartbeat_at = ?4, failure_message = NULL, finished_at = NULL, \
+                     log_bytes = 0 FROM picked WHERE jobs.id = picked.id RETURNING jobs.id, jobs.payload), \
+                     entries AS (DELETE FROM log_entries WHERE job_id IN (SELECT id FROM taken)), \
+                     chunks AS (DELETE FROM log_chunks WHERE job_id IN (SELECT id FROM taken)) \
+                     SELECT id, payload FROM taken",
+                    p![queue, executor, hash, now],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+            })?;
+            if let Some((id, payload)) = taken {
+                return Ok(Some(Dequeued { id, queue, payload, token: hex::encode(raw) }));
+            }
+        }
+        Ok(None)
     }
 
     /// The job (id, queue, repository) a token belongs to, by the SHA-256 of its decoded bytes.
@@ -316,15 +357,23 @@ impl Store {
                     now
                 ],
             )?;
-            let mut known = Vec::new();
-            let mut cancel = Vec::new();
-            for (id, queue) in jobs {
-                let flag: Option<bool> = t.opt(
+            // Rows are locked in id order, as the sweep locks them, so that a heartbeat and a
+            // sweep on two PostgreSQL replicas never wait for each other in a circle.
+            let mut order: Vec<usize> = (0..jobs.len()).collect();
+            order.sort_by_key(|&i| jobs[i].0);
+            let mut flags = vec![None; jobs.len()];
+            for i in order {
+                let (id, queue) = &jobs[i];
+                flags[i] = t.opt(
                     "UPDATE jobs SET last_heartbeat_at = ?4 WHERE id = ?1 AND queue = ?2 AND executor_name = ?3 \
                      AND state = 'processing' RETURNING cancel",
                     p![id, queue, info.hostname, now],
-                    |r| r.get(0),
+                    |r| r.get::<bool>(0),
                 )?;
+            }
+            let mut known = Vec::new();
+            let mut cancel = Vec::new();
+            for ((id, queue), flag) in jobs.iter().zip(flags) {
                 if let Some(flag) = flag {
                     known.push((*id, queue.clone()));
                     if flag {
@@ -369,6 +418,17 @@ impl Store {
         max_retries: i64,
         now: i64,
     ) -> Result<bool> {
+        if *outcome == Outcome::Complete {
+            // Completed whatever the cancel flag and the counts: one statement.
+            return self.autocommit(|t| {
+                let n = t.exec(
+                    "UPDATE jobs SET state = 'completed', failure_message = NULL, finished_at = ?3, \
+                     token_sha256 = NULL WHERE id = ?1 AND executor_name = ?2 AND state = 'processing'",
+                    p![id, executor, now],
+                )?;
+                Ok(n == 1)
+            });
+        }
         self.tx(|t| {
             let sql = format!(
                 "SELECT cancel, num_failures FROM jobs WHERE id = ?1 AND executor_name = ?2 \
@@ -474,7 +534,7 @@ impl Store {
             t.exec("DELETE FROM executors WHERE last_seen_at < ?1", p![now - EXECUTOR_EXPIRY_MS])?;
             let sql = format!(
                 "SELECT id, queue, num_resets, cancel FROM jobs WHERE state = 'processing' \
-                 AND last_heartbeat_at < ?1{}",
+                 AND last_heartbeat_at < ?1 ORDER BY id{}",
                 t.for_update()
             );
             let stalled: Vec<(i64, String, i64, bool)> =

@@ -218,6 +218,23 @@ CREATE INDEX jobs_repository_id ON jobs (repository_name, id);
 CREATE INDEX jobs_executor_state ON jobs (executor_name, state);
 "#,
     },
+    // The admin console's sessions, in the store so that every replica knows every sign-in.
+    Migration {
+        sqlite: r#"
+CREATE TABLE console_sessions (
+    digest TEXT PRIMARY KEY,
+    csrf TEXT NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+"#,
+        postgres: r#"
+CREATE TABLE console_sessions (
+    digest TEXT PRIMARY KEY,
+    csrf TEXT NOT NULL,
+    expires_at BIGINT NOT NULL
+);
+"#,
+    },
 ];
 
 /// Why a store call failed. `UnknownJob` and `UnknownEntry` are answers a caller branches on;
@@ -538,6 +555,15 @@ impl Store {
             }
             Backend::Postgres(s) => s.tx(f),
         }
+    }
+
+    /// Runs `f`'s statements each in its own implicit transaction: for a call that is one
+    /// statement, which saves PostgreSQL the BEGIN and COMMIT round trips. Like [`Store::read`],
+    /// `f` may run again on another connection when the first was found closed; a statement
+    /// that committed just as its connection died then runs twice, so use it only where a
+    /// second run changes nothing (it finds its rows already changed).
+    pub(crate) fn autocommit<T>(&mut self, f: impl FnMut(&mut dyn Tx) -> Result<T>) -> Result<T> {
+        self.read(f)
     }
 
     /// Runs the reads of `f` outside a transaction (each statement sees the latest commits).

@@ -150,6 +150,24 @@ fn replicas_on_postgres_run_every_job_once_through_a_kill_and_a_restart() {
         .run();
     drop(out);
 
+    // A console sign-in through one replica holds on another (the sessions are in the store).
+    let agent = ureq::AgentBuilder::new().redirects(0).build();
+    let signed_in = agent
+        .post(&format!("{}/admin/sign-in", replicas[0].url))
+        .send_form(&[("token", peer.1.as_str())])
+        .unwrap();
+    assert_eq!(signed_in.status(), 303);
+    let cookie = signed_in.header("set-cookie").unwrap().split(';').next().unwrap().to_string();
+    let page = |r: &Coordinator, cookie: Option<&str>| {
+        let mut req = agent.get(&format!("{}/admin/jobs", r.url));
+        if let Some(c) = cookie {
+            req = req.set("Cookie", c);
+        }
+        req.call().map(|r| r.status()).unwrap_or_else(|e| panic!("console page: {e}"))
+    };
+    assert_eq!(page(&replicas[2], None), 303, "no session: to the sign-in form");
+    assert_eq!(page(&replicas[2], Some(&cookie)), 200, "the session of replica 0 on replica 2");
+
     let balancer = Balancer::start(replicas.iter().map(host_port).collect());
     let tokens: Vec<String> = (0..24).map(|i| format!("job-{i}-{}", uuid::Uuid::new_v4().simple())).collect();
     let ids: Vec<i64> = tokens.iter().map(|t| replicas[0].submit(job(t, &runs))).collect();

@@ -830,6 +830,27 @@ mod tests {
         assert_eq!(got.expect("the dequeue waited for the locked row").unwrap(), Some(b));
     }
 
+    /// The `LISTEN` thread wakes its replica once it listens, then for every job another
+    /// replica queues (a submit here, through the pool, as another replica's would be).
+    #[test]
+    fn a_submit_elsewhere_wakes_the_listener() {
+        let Some(pool) = testing::pg_pool("a_submit_elsewhere_wakes_the_listener") else { return };
+        let (tx, rx) = std::sync::mpsc::channel();
+        pg::spawn_listener(&pool, move || {
+            let _ = tx.send(());
+        })
+        .unwrap();
+        let wait = std::time::Duration::from_secs(20);
+        rx.recv_timeout(wait).expect("no wake-up once listening");
+        let mut s = Store::postgres(pool);
+        s.submit("batches", "{}", "r", 1).unwrap();
+        rx.recv_timeout(wait).expect("no wake-up for the submit");
+        let a = s.dequeue(&["batches".to_string()], "e", 2, |_| 1).unwrap().unwrap().id;
+        while rx.try_recv().is_ok() {}
+        s.mark(a, "e", &Outcome::Errored("again".into()), 5, 3).unwrap();
+        rx.recv_timeout(wait).expect("no wake-up for a retried job");
+    }
+
     /// While another replica holds the sweep lock a sweep does nothing; then it resets.
     #[test]
     fn one_replica_at_a_time_sweeps() {
@@ -879,6 +900,8 @@ mod tests {
         let text = err.to_string();
         assert!(matches!(err, StoreError::Unavailable(_)), "{text}");
         assert!(text.contains(&format!("127.0.0.1:{port}/jobsdb")) && !text.contains("hunter2"), "{text}");
+        let tls = options("postgres://queue@db.example/x?sslmode=require".into());
+        assert!(tls.config().unwrap_err().contains("no TLS client"));
         let bad = options("postgres://queue:hunter2-password@127.0.0.1:notaport/x".into());
         let why = bad.config().unwrap_err();
         assert!(!why.contains("hunter2"), "{why}");

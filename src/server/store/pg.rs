@@ -76,6 +76,11 @@ impl PgOptions {
         };
         let port = config.get_ports().first().copied().unwrap_or(5432);
         let db = config.get_dbname().unwrap_or("").to_string();
+        if config.get_ssl_mode() == postgres::config::SslMode::Require {
+            return Err("sslmode=require: this coordinator has no TLS client for PostgreSQL yet; reach the \
+                 database over a private network or a TLS tunnel, without sslmode=require"
+                .into());
+        }
         if config.get_user().is_none() {
             return Err(format!("the database URL for {host}:{port}/{db} names no user"));
         }

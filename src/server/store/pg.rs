@@ -148,7 +148,7 @@ impl PgPool {
         let (config, target) = opts.config().map_err(StoreError::Config)?;
         let pool = r2d2::Pool::builder()
             .max_size(POOL_SIZE)
-            .min_idle(Some(0))
+            .min_idle(Some(POOL_SIZE / 2))
             .connection_timeout(CONNECT_TIMEOUT)
             .test_on_check_out(false)
             .error_handler(Box::new(r2d2::NopErrorHandler))

@@ -3,7 +3,9 @@
 //! cycles per second with p50/p99 dequeue latency, and long-poll pickup latency.
 //!
 //! Environment: BENCH_URL, BENCH_SECRET, BENCH_ADMIN_TOKEN, BENCH_CLIENTS (16), BENCH_JOBS (4000),
-//! BENCH_PICKUPS (50).
+//! BENCH_PICKUPS (50). BENCH_URL may list several replicas of one coordinator, comma-separated:
+//! client `w` then talks to replica `w mod n`, submits go round the replicas, and each pickup's
+//! waiting dequeue is on another replica than its submit (the wake-up crosses replicas).
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -25,7 +27,9 @@ fn agent() -> ureq::Agent {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let url = env("BENCH_URL", "");
+    let urls: Vec<String> = env("BENCH_URL", "").split(',').map(str::to_string).collect();
+    let url = urls[0].clone();
+    let replica = |i: usize| urls[i % urls.len()].clone();
     let secret = env("BENCH_SECRET", "");
     let admin = env("BENCH_ADMIN_TOKEN", "");
     let clients: usize = env("BENCH_CLIENTS", "16").parse()?;
@@ -37,20 +41,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let exec_auth = format!("token-executor {secret}");
     let admin_auth = format!("Bearer {admin}");
     let job = r#"{"dockerSteps":[{"key":"b","image":"alpine","commands":["true"],"dir":"","env":[]}]}"#;
-    println!("coordinator {url}, {clients} clients, {jobs} jobs");
+    println!("coordinator {}, {clients} clients, {jobs} jobs", urls.join(" "));
 
     // Baseline: the same number of authenticated requests that touch no job (GET test/auth).
     let lat = Mutex::new(Vec::new());
     let t = Instant::now();
     std::thread::scope(|s| {
-        for _ in 0..clients {
-            s.spawn(|| {
+        for w in 0..clients {
+            let (lat, exec_auth, url) = (&lat, &exec_auth, replica(w));
+            s.spawn(move || {
                 let a = agent();
                 let mut mine = Vec::new();
                 for _ in 0..(jobs * 2 / clients) {
                     let t0 = Instant::now();
                     let r =
-                        a.get(&format!("{url}/.executors/test/auth")).set("Authorization", &exec_auth).call();
+                        a.get(&format!("{url}/.executors/test/auth")).set("Authorization", exec_auth).call();
                     assert!(r.is_ok(), "test/auth failed");
                     mine.push(t0.elapsed());
                 }
@@ -72,13 +77,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Submit the jobs.
     let t = Instant::now();
     std::thread::scope(|s| {
-        for _ in 0..clients {
-            s.spawn(|| {
+        for w in 0..clients {
+            let (admin_auth, url) = (&admin_auth, replica(w));
+            s.spawn(move || {
                 let a = agent();
                 for _ in 0..(jobs / clients) {
                     let r = a
                         .post(&format!("{url}/api/jobs"))
-                        .set("Authorization", &admin_auth)
+                        .set("Authorization", admin_auth)
                         .set("Content-Type", "application/json")
                         .send_string(job);
                     assert!(r.is_ok(), "submit failed");
@@ -95,7 +101,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let t = Instant::now();
     std::thread::scope(|s| {
         for w in 0..clients {
-            let (lat, done, exec_auth, url) = (&lat, &done, &exec_auth, &url);
+            let (lat, done, exec_auth, url) = (&lat, &done, &exec_auth, replica(w));
             s.spawn(move || {
                 let a = agent();
                 let name = format!("bench-{w}");
@@ -152,10 +158,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Long-poll pickup: job submitted -> waiting dequeue answered.
     let a = agent();
     let mut pick = Vec::new();
-    for _ in 0..pickups {
+    for p in 0..pickups {
         let (tx, rx) = std::sync::mpsc::channel::<Instant>();
+        let submit_url = replica(p);
         let waiter = {
-            let (url, exec_auth) = (url.clone(), exec_auth.clone());
+            let (url, exec_auth) = (replica(p + 1), exec_auth.clone());
             std::thread::spawn(move || {
                 let a = agent();
                 tx.send(Instant::now()).ok();
@@ -171,7 +178,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::thread::sleep(Duration::from_millis(20));
         let t0 = Instant::now();
         let r = a
-            .post(&format!("{url}/api/jobs"))
+            .post(&format!("{submit_url}/api/jobs"))
             .set("Authorization", &admin_auth)
             .set("Content-Type", "application/json")
             .send_string(&job.replace("{\"dockerSteps\"", "{\"queue\":\"codeintel\",\"dockerSteps\""));

@@ -21,6 +21,7 @@ pub const CAPABILITIES: &[(&str, &str)] = &[
     ("registry", "docker-registry, skopeo and htpasswd, for a loopback image registry"),
     ("netns", "network namespaces, nftables, dnsmasq and python3, for the per-job network tests"),
     ("fuzz", "a nightly Rust toolchain and cargo-fuzz, for the fuzz targets' smoke run"),
+    ("postgres", "PostgreSQL (initdb, pg_ctl) and a postgres user, for the coordinator's PostgreSQL backend"),
 ];
 
 /// The capabilities `list` (the variable's value) requires; an unknown name is an error so that

@@ -6,6 +6,7 @@ use clap::{Args, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::base::secret::Secret;
 use crate::server::{self, client};
 
 #[derive(Debug, Args)]
@@ -35,6 +36,7 @@ pub struct ClientArgs {
 #[derive(Debug, Subcommand)]
 pub enum QueueCommand {
     /// Run the coordinator: the executor protocol, the admin API and /metrics, backed by SQLite
+    /// or, for several replicas behind a load balancer, one PostgreSQL database (--database)
     ///
     /// The executors' shared secret comes from EXECUTOR_FRONTEND_PASSWORD (or --secret-file) and
     /// must be at least 20 characters; the admin API's token comes from EXECUTOR_QUEUE_ADMIN_TOKEN
@@ -153,9 +155,18 @@ pub struct ServeArgs {
     /// Address to listen on (port 0 picks a free port; see --addr-file)
     #[arg(long, default_value = "127.0.0.1:3190")]
     pub listen: String,
-    /// Directory of the SQLite database and the artifacts
+    /// Directory of the SQLite database, the artifacts and the files store (with --database: one
+    /// directory every replica shares)
     #[arg(long)]
     pub data_dir: PathBuf,
+    /// PostgreSQL database for several replicas, postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE
+    /// (default: SQLite in --data-dir)
+    #[arg(long, env = "EXECUTOR_QUEUE_DATABASE", hide_env_values = true, value_name = "URL",
+          value_parser = secret_value)]
+    pub database: Option<Secret>,
+    /// File holding the PostgreSQL password (instead of one in the --database URL)
+    #[arg(long, requires = "database", value_name = "FILE")]
+    pub database_password_file: Option<PathBuf>,
     /// Write the base URL here (atomically) once the socket listens
     #[arg(long)]
     pub addr_file: Option<PathBuf>,
@@ -194,8 +205,25 @@ pub struct ServeArgs {
     pub tls_key: Option<PathBuf>,
 }
 
+/// A command-line value kept as a secret from the start (it may carry a password).
+fn secret_value(s: &str) -> std::result::Result<Secret, String> {
+    Ok(Secret::new(s))
+}
+
 impl ServeArgs {
     pub fn into_config(self) -> Result<server::ServeConfig> {
+        let database = match self.database {
+            None => None,
+            Some(url) => {
+                let password = match &self.database_password_file {
+                    Some(path) => {
+                        server::read_secret(Some(path), "", "PostgreSQL password")?.map(Secret::new)
+                    }
+                    None => None,
+                };
+                Some(server::store::PgOptions { url, password })
+            }
+        };
         let secret =
             server::read_secret(self.secret_file.as_deref(), "EXECUTOR_FRONTEND_PASSWORD", "shared secret")?
                 .unwrap_or_default();
@@ -226,6 +254,7 @@ impl ServeArgs {
             admin_token,
             tls: self.tls_cert.zip(self.tls_key),
             active_window: self.active_window,
+            database,
         })
     }
 }

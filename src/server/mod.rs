@@ -1,5 +1,5 @@
 //! The coordinator (`executor queue ...`): an HTTP server speaking the `/.executors/` protocol
-//! plus an admin API, backed by SQLite; and the admin client the `queue` client commands use.
+//! plus an admin API, backed by SQLite or (for several replicas) PostgreSQL; and the admin client the `queue` client commands use.
 //! It knows nothing about sandboxes.
 
 pub mod client;
@@ -40,6 +40,8 @@ pub struct ServeConfig {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// An executor is active when it heartbeated within this long.
     pub active_window: Duration,
+    /// The PostgreSQL database the replicas share; `None`: SQLite in `data_dir`.
+    pub database: Option<store::PgOptions>,
 }
 
 impl std::fmt::Debug for ServeConfig {
@@ -48,6 +50,7 @@ impl std::fmt::Debug for ServeConfig {
             .field("listen", &self.listen)
             .field("data_dir", &self.data_dir)
             .field("queues", &self.queues)
+            .field("database", &self.database)
             .field("secret", &"<redacted>")
             .field("admin_token", &"<redacted>")
             .finish_non_exhaustive()
@@ -91,6 +94,9 @@ fn check(cfg: &ServeConfig) -> Result<()> {
     }
     if cfg.active_window.is_zero() {
         bail!("--active-window must be longer than zero");
+    }
+    if let Some(db) = &cfg.database {
+        db.config().map_err(|e| anyhow::anyhow!("--database: {e}"))?;
     }
     if cfg.max_resets < 0 || cfg.max_retries < 0 {
         bail!("--max-resets and --max-retries must not be negative");

@@ -15,6 +15,8 @@ pub struct Coordinator {
     pub data_dir: tempfile::TempDir,
     child: Option<Child>,
     extra_args: Vec<String>,
+    /// `--data-dir`: `data_dir/db`, or a directory several replicas share.
+    data_path: std::path::PathBuf,
 }
 
 fn random_secret(prefix: &str) -> String {
@@ -39,12 +41,36 @@ impl Coordinator {
         Self::start_with_at(extra_args, Some("127.0.0.1:0"))
     }
 
+    /// A replica on a shared PostgreSQL database and data directory, with the secrets of
+    /// `peer` (the first replica when `None`).
+    pub fn start_replica(
+        peer: Option<(&str, &str)>,
+        database: &str,
+        shared: &std::path::Path,
+        extra_args: &[&str],
+    ) -> Coordinator {
+        let data_dir = tempfile::tempdir().expect("creating the replica's own dir");
+        let mut c = Coordinator {
+            url: String::new(),
+            secret: peer.map_or_else(|| random_secret("secret"), |p| p.0.to_string()),
+            admin_token: peer.map_or_else(|| random_secret("admin"), |p| p.1.to_string()),
+            data_dir,
+            child: None,
+            extra_args: ["--database", database].iter().chain(extra_args).map(|s| s.to_string()).collect(),
+            data_path: shared.to_path_buf(),
+        };
+        c.spawn("127.0.0.1:0");
+        c
+    }
+
     fn start_with_at(extra_args: &[&str], listen: Option<&str>) -> Coordinator {
+        let data_dir = tempfile::tempdir().expect("creating the coordinator's data dir");
         let mut c = Coordinator {
             url: String::new(),
             secret: random_secret("secret"),
             admin_token: random_secret("admin"),
-            data_dir: tempfile::tempdir().expect("creating the coordinator's data dir"),
+            data_path: data_dir.path().join("db"),
+            data_dir,
             child: None,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
         };
@@ -59,7 +85,7 @@ impl Coordinator {
         let _ = std::fs::remove_file(&addr_file);
         let mut cmd = crate::common::executor();
         cmd.args(["queue", "serve", "--listen", listen, "--data-dir"])
-            .arg(self.data_dir.path().join("db"))
+            .arg(&self.data_path)
             .arg("--addr-file")
             .arg(&addr_file)
             .args(&self.extra_args)

@@ -14,5 +14,6 @@ mod oci;
 pub mod oci_root;
 mod package;
 mod pipeline;
+mod replicas;
 mod server;
 mod workspace;

@@ -115,9 +115,13 @@ async fn dequeue(
             app.metrics.dequeue_empty.observe(started.elapsed());
             return Ok(StatusCode::NO_CONTENT.into_response());
         }
+        let wake = match app.recheck {
+            Some(every) => deadline.min(Instant::now() + every),
+            None => deadline,
+        };
         tokio::select! {
             _ = &mut notified => {}
-            _ = tokio::time::sleep_until(deadline.into()) => {}
+            _ = tokio::time::sleep_until(wake.into()) => {}
             _ = shutdown.changed() => {}
         }
     }

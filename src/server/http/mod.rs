@@ -56,8 +56,9 @@ pub(crate) struct App {
     admin_digest: [u8; 32],
     artifact_dir: std::path::PathBuf,
     json_limit: usize,
-    /// The admin console's sessions.
-    console: console::Sessions,
+    /// How often a waiting dequeue looks again without a wake-up: with PostgreSQL a
+    /// notification lost while the listener reconnects must not strand it until its deadline.
+    recheck: Option<Duration>,
 }
 
 pub(crate) type Shared = Arc<App>;
@@ -78,7 +79,7 @@ impl App {
             executor_metrics: Default::default(),
             artifact_dir,
             json_limit,
-            console: console::Sessions::default(),
+            recheck: None,
         }
     }
 
@@ -99,6 +100,7 @@ impl App {
             admin_token: "admin-token-0123456789abcdef0123".into(),
             tls: None,
             active_window: super::ACTIVE_WINDOW,
+            database: None,
         };
         let store = StoreThread::start(Store::open_in_memory().unwrap()).unwrap();
         Arc::new(App::new(Arc::new(cfg), store, std::path::PathBuf::from("/nonexistent")))
@@ -120,12 +122,20 @@ fn http_err(status: StatusCode, message: impl Into<String>) -> HttpError {
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({ "error": self.message });
-        (self.status, axum::Json(body)).into_response()
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
     }
 }
 
 impl From<anyhow::Error> for HttpError {
     fn from(e: anyhow::Error) -> Self {
+        // The database is down or restarting: the client retries later; the pool reconnects.
+        if let Some(StoreError::Unavailable(why)) = e.downcast_ref::<StoreError>() {
+            return http_err(StatusCode::SERVICE_UNAVAILABLE, why.clone());
+        }
         eprintln!("executor queue: internal error: {e:#}");
         http_err(StatusCode::INTERNAL_SERVER_ERROR, format!("internal error: {e:#}"))
     }
@@ -340,23 +350,50 @@ pub async fn serve(cfg: Arc<ServeConfig>) -> Result<()> {
         None => None,
     };
     let data_dir = cfg.data_dir.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&data_dir)).await??;
+    let pool = match &cfg.database {
+        None => None,
+        Some(opts) => {
+            let pool = store::PgPool::new(opts)?;
+            crate::base::fs::private_dir(&data_dir)
+                .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
+            let (p, dir) = (pool.clone(), data_dir.clone());
+            tokio::task::spawn_blocking(move || p.prepare(&dir))
+                .await?
+                .with_context(|| format!("preparing the PostgreSQL database {}", pool.target))?;
+            Some(pool)
+        }
+    };
+    let store = match &pool {
+        None => tokio::task::spawn_blocking(move || Store::open(&data_dir)).await??,
+        Some(pool) => Store::postgres(pool.clone()),
+    };
     let artifact_dir = cfg.data_dir.join("artifacts");
     crate::base::fs::private_dir(&artifact_dir)
         .with_context(|| format!("creating the artifacts directory {}", artifact_dir.display()))?;
-    // Leftovers of uploads interrupted by a crash.
+    // Leftovers of uploads interrupted by a crash. (With several replicas sharing the
+    // directory, only old ones: another replica may be writing a young one right now.)
     if let Ok(rd) = std::fs::read_dir(&artifact_dir) {
         for e in rd.flatten() {
-            if e.file_name().to_string_lossy().starts_with(".upload-") {
+            let old = pool.is_none()
+                || e.metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > Duration::from_secs(24 * 3600)));
+            if old && e.file_name().to_string_lossy().starts_with(".upload-") {
                 let _ = std::fs::remove_file(e.path());
             }
         }
     }
-    let app = Arc::new(App::new(
-        cfg.clone(),
-        StoreThread::start(store).context("starting the store thread")?,
-        artifact_dir,
-    ));
+    let mut app =
+        App::new(cfg.clone(), StoreThread::start(store).context("starting the store thread")?, artifact_dir);
+    if pool.is_some() {
+        app.recheck = Some(PG_RECHECK);
+    }
+    let app = Arc::new(app);
+    if let Some(pool) = &pool {
+        let waker = app.clone();
+        store::pg::spawn_listener(pool, move || waker.jobs_changed.notify_waiters())
+            .context("starting the notification listener")?;
+    }
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
         .with_context(|| format!("listening on {}", cfg.listen))?;
@@ -366,13 +403,27 @@ pub async fn serve(cfg: Arc<ServeConfig>) -> Result<()> {
     if let Some(path) = &cfg.addr_file {
         write_addr_file(path, &url)?;
     }
+    let database = match &pool {
+        Some(p) => format!("PostgreSQL database {}, ", p.target),
+        None => String::new(),
+    };
     eprintln!(
-        "executor queue: serving {} on {url} (data in {})",
+        "executor queue: serving {} on {url} ({database}data in {})",
         cfg.queues.join(", "),
         cfg.data_dir.display()
     );
     tokio::spawn(stalled_resetter(app.clone()));
-    let data_dir = cfg.data_dir.clone();
+    if pool.is_none() {
+        start_checkpointer(&app, cfg.data_dir.clone()).await?;
+    }
+    serve_http(app, listener, tls).await
+}
+
+/// How often a waiting dequeue looks again on PostgreSQL without a notification.
+const PG_RECHECK: Duration = Duration::from_secs(2);
+
+/// Copies SQLite's WAL back into the database every half second, off the store thread.
+async fn start_checkpointer(app: &Shared, data_dir: std::path::PathBuf) -> Result<()> {
     let checkpointer = tokio::task::spawn_blocking(move || store::Checkpointer::open(&data_dir)).await??;
     let checkpointer = Arc::new(Mutex::new(checkpointer));
     let mut stop = app.shutdown.subscribe();
@@ -393,6 +444,14 @@ pub async fn serve(cfg: Arc<ServeConfig>) -> Result<()> {
             }
         }
     });
+    Ok(())
+}
+
+async fn serve_http(
+    app: Shared,
+    listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> Result<()> {
     let routes = router(app.clone());
     let shutdown_app = app.clone();
     let on_signal = async move {

@@ -2,9 +2,9 @@
 //! the executors they register, mark*, cancel, the stalled-job reset, artifacts and the job
 //! queries of the admin API.
 
-use rusqlite::{params, OptionalExtension, Transaction};
 use serde::Serialize;
 
+use super::db::{p, Dialect, Row, Tx};
 use super::{ms_to_rfc3339, sha256_hex, JobState, Result, Store};
 
 /// The failure message of a job whose executor stopped heartbeating too often.
@@ -131,7 +131,7 @@ pub(super) const ROW_COLS: &str =
     "id, queue, state, repository_name, failure_message, num_resets, num_failures, \
      executor_name, created_at, started_at, finished_at, cancel";
 
-pub(super) fn job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
+pub(super) fn job_row(row: &Row<'_>) -> Result<JobRow> {
     Ok(JobRow {
         id: row.get(0)?,
         queue: row.get(1)?,
@@ -142,38 +142,59 @@ pub(super) fn job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
         num_failures: row.get(6)?,
         executor_name: row.get(7)?,
         created_at: ms_to_rfc3339(row.get(8)?),
-        started_at: row.get::<_, Option<i64>>(9)?.map(ms_to_rfc3339),
-        finished_at: row.get::<_, Option<i64>>(10)?.map(ms_to_rfc3339),
-        cancel: row.get::<_, i64>(11)? != 0,
+        started_at: row.get::<Option<i64>>(9)?.map(ms_to_rfc3339),
+        finished_at: row.get::<Option<i64>>(10)?.map(ms_to_rfc3339),
+        cancel: row.get(11)?,
     })
+}
+
+/// The index of the queue to try first: at random, weighted by `weight(queue)`.
+fn weighted_pick(candidates: &[String], weight: &impl Fn(&str) -> u32) -> usize {
+    use rand::Rng;
+    if candidates.len() <= 1 {
+        return 0;
+    }
+    let total: u32 = candidates.iter().map(|q| weight(q).max(1)).sum();
+    let mut pick = rand::thread_rng().gen_range(0..total);
+    for (i, q) in candidates.iter().enumerate() {
+        let w = weight(q).max(1);
+        if pick < w {
+            return i;
+        }
+        pick -= w;
+    }
+    0
+}
+
+/// The queues among `queues` that have a queued job.
+fn nonempty_queues(t: &mut dyn Tx, queues: &[String]) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for q in queues {
+        if t.exists("SELECT 1 FROM jobs WHERE queue = ?1 AND state = 'queued' LIMIT 1", p![q])? {
+            out.push(q.clone());
+        }
+    }
+    Ok(out)
 }
 
 impl Store {
     /// Adds a queued job; `payload` is the validated job JSON without id and token.
     pub fn submit(&mut self, queue: &str, payload: &str, repository_name: &str, now: i64) -> Result<i64> {
-        self.conn.execute(
-            "INSERT INTO jobs (queue, state, payload, repository_name, created_at) VALUES (?1, 'queued', ?2, ?3, ?4)",
-            params![queue, payload, repository_name, now],
-        )?;
-        Ok(self.conn.last_insert_rowid())
-    }
-
-    /// Number of queued jobs per queue among `queues`.
-    fn queued_counts(tx: &Transaction<'_>, queues: &[String]) -> Result<Vec<(String, i64)>> {
-        let mut out = Vec::new();
-        let mut stmt =
-            tx.prepare_cached("SELECT EXISTS (SELECT 1 FROM jobs WHERE queue = ?1 AND state = 'queued')")?;
-        for q in queues {
-            let n: i64 = stmt.query_row([q], |r| r.get(0))?;
-            if n > 0 {
-                out.push((q.clone(), n));
-            }
-        }
-        Ok(out)
+        self.tx(|t| {
+            let id = t.one(
+                "INSERT INTO jobs (queue, state, payload, repository_name, created_at) \
+                 VALUES (?1, 'queued', ?2, ?3, ?4) RETURNING id",
+                p![queue, payload, repository_name, now],
+                |r| r.get(0),
+            )?;
+            t.notify_jobs()?;
+            Ok(id)
+        })
     }
 
     /// Hands the oldest queued job of one of `queues` to `executor`. With several non-empty
-    /// queues one is picked at random, weighted by `weight(queue)`.
+    /// queues one is picked at random, weighted by `weight(queue)`. On PostgreSQL the job's row
+    /// is taken with `FOR UPDATE SKIP LOCKED`: replicas dequeueing at once each get another job.
     pub fn dequeue(
         &mut self,
         queues: &[String],
@@ -182,69 +203,94 @@ impl Store {
         weight: impl Fn(&str) -> u32,
     ) -> Result<Option<Dequeued>> {
         use rand::Rng;
-        let tx = self.conn.transaction()?;
-        let candidates = Self::queued_counts(&tx, queues)?;
-        let queue = match candidates.len() {
-            0 => return Ok(None),
-            1 => candidates[0].0.clone(),
-            _ => {
-                let total: u32 = candidates.iter().map(|(q, _)| weight(q).max(1)).sum();
-                let mut pick = rand::thread_rng().gen_range(0..total);
-                let mut chosen = candidates[0].0.clone();
-                for (q, _) in &candidates {
-                    let w = weight(q).max(1);
-                    if pick < w {
-                        chosen = q.clone();
-                        break;
-                    }
-                    pick -= w;
-                }
-                chosen
-            }
-        };
-        let row: Option<(i64, String)> = tx
-            .query_row(
-                "SELECT id, payload FROM jobs WHERE queue = ?1 AND state = 'queued' ORDER BY id LIMIT 1",
-                [&queue],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        let Some((id, payload)) = row else { return Ok(None) };
-        let mut raw = [0u8; 20];
-        rand::thread_rng().fill(&mut raw);
-        let token = hex::encode(raw);
-        let changed = tx.execute(
-            "UPDATE jobs SET state = 'processing', executor_name = ?2, token_sha256 = ?3, started_at = ?4, \
-             last_heartbeat_at = ?4, failure_message = NULL, finished_at = NULL, log_bytes = 0 \
-             WHERE id = ?1 AND state = 'queued'",
-            params![id, executor, sha256_hex(&raw), now],
-        )?;
-        if changed != 1 {
-            return Ok(None);
+        if self.dialect() == Dialect::Postgres {
+            return self.dequeue_pg(queues, executor, now, weight);
         }
-        tx.execute("DELETE FROM log_entries WHERE job_id = ?1", [id])?;
-        tx.execute("DELETE FROM log_chunks WHERE job_id = ?1", [id])?;
-        tx.commit()?;
-        Ok(Some(Dequeued { id, queue, payload, token }))
+        let pick = "SELECT id, payload FROM jobs WHERE queue = ?1 AND state = 'queued' ORDER BY id LIMIT 1";
+        self.tx(|t| {
+            let mut candidates = nonempty_queues(t, queues)?;
+            // The picked queue first, then the others: a queue whose queued jobs other replicas
+            // hold locked right now must not hide the jobs of the next.
+            while !candidates.is_empty() {
+                let queue = candidates.remove(weighted_pick(&candidates, &weight));
+                let row: Option<(i64, String)> = t.opt(pick, p![queue], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                let Some((id, payload)) = row else { continue };
+                let mut raw = [0u8; 20];
+                rand::thread_rng().fill(&mut raw);
+                let token = hex::encode(raw);
+                let changed = t.exec(
+                    "UPDATE jobs SET state = 'processing', executor_name = ?2, token_sha256 = ?3, started_at = ?4, \
+                     last_heartbeat_at = ?4, failure_message = NULL, finished_at = NULL, log_bytes = 0 \
+                     WHERE id = ?1 AND state = 'queued'",
+                    p![id, executor, sha256_hex(&raw), now],
+                )?;
+                if changed != 1 {
+                    return Ok(None);
+                }
+                t.exec("DELETE FROM log_entries WHERE job_id = ?1", p![id])?;
+                t.exec("DELETE FROM log_chunks WHERE job_id = ?1", p![id])?;
+                return Ok(Some(Dequeued { id, queue, payload, token }));
+            }
+            Ok(None)
+        })
+    }
+
+    /// PostgreSQL's dequeue: one statement per queue tried (no transaction round trips): the
+    /// oldest queued row not locked by another replica's dequeue (`FOR UPDATE SKIP LOCKED`)
+    /// becomes processing and loses its old log. With one queue there is nothing to choose, so
+    /// no look first. A statement that fails with a lost connection may run again on another
+    /// connection: at worst the first took a job whose answer never came back, which the
+    /// stalled-job reset requeues (that job never ran, so it still runs once).
+    fn dequeue_pg(
+        &mut self,
+        queues: &[String],
+        executor: &str,
+        now: i64,
+        weight: impl Fn(&str) -> u32,
+    ) -> Result<Option<Dequeued>> {
+        use rand::Rng;
+        let mut candidates =
+            if queues.len() == 1 { queues.to_vec() } else { self.read(|t| nonempty_queues(t, queues))? };
+        while !candidates.is_empty() {
+            let queue = candidates.remove(weighted_pick(&candidates, &weight));
+            let mut raw = [0u8; 20];
+            rand::thread_rng().fill(&mut raw);
+            let hash = sha256_hex(&raw);
+            let taken: Option<(i64, String)> = self.autocommit(|t| {
+                t.opt(
+                    "WITH picked AS (SELECT id FROM jobs WHERE queue = ?1 AND state = 'queued' ORDER BY id \
+                     LIMIT 1 FOR UPDATE SKIP LOCKED), \
+                     taken AS (UPDATE jobs SET state = 'processing', executor_name = ?2, token_sha256 = ?3, \
+                     started_at = ?4, last_heartbeat_at = ?4, failure_message = NULL, finished_at = NULL, \
+                     log_bytes = 0 FROM picked WHERE jobs.id = picked.id RETURNING jobs.id, jobs.payload), \
+                     entries AS (DELETE FROM log_entries WHERE job_id IN (SELECT id FROM taken)), \
+                     chunks AS (DELETE FROM log_chunks WHERE job_id IN (SELECT id FROM taken)) \
+                     SELECT id, payload FROM taken",
+                    p![queue, executor, hash, now],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+            })?;
+            if let Some((id, payload)) = taken {
+                return Ok(Some(Dequeued { id, queue, payload, token: hex::encode(raw) }));
+            }
+        }
+        Ok(None)
     }
 
     /// The job (id, queue, repository) a token belongs to, by the SHA-256 of its decoded bytes.
-    pub fn job_for_token(&self, token_sha256: &str) -> Result<Option<(i64, String, String)>> {
-        Ok(self
-            .conn
-            .prepare_cached("SELECT id, queue, repository_name FROM jobs WHERE token_sha256 = ?1")?
-            .query_row([token_sha256], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .optional()?)
+    pub fn job_for_token(&mut self, token_sha256: &str) -> Result<Option<(i64, String, String)>> {
+        self.read(|t| {
+            t.opt(
+                "SELECT id, queue, repository_name FROM jobs WHERE token_sha256 = ?1",
+                p![token_sha256],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+        })
     }
 
     /// Whether an executor of this name ever heartbeated.
-    pub fn executor_known(&self, name: &str) -> Result<bool> {
-        Ok(self
-            .conn
-            .prepare_cached("SELECT 1 FROM executors WHERE name = ?1")?
-            .query_row([name], |_| Ok(()))
-            .optional()?
-            .is_some())
+    pub fn executor_known(&mut self, name: &str) -> Result<bool> {
+        self.read(|t| t.exists("SELECT 1 FROM executors WHERE name = ?1", p![name]))
     }
 
     /// Upserts the executor's row, refreshes the heartbeat of the listed jobs it still owns,
@@ -274,77 +320,90 @@ impl Store {
                 )));
             }
         }
-        let tx = self.conn.transaction()?;
-        tx.execute("DELETE FROM executors WHERE last_seen_at < ?1", [now - EXECUTOR_EXPIRY_MS])?;
-        let known_name =
-            tx.prepare_cached("SELECT 1 FROM executors WHERE name = ?1")?.exists([&info.hostname])?;
-        if !known_name {
-            let n: i64 = tx.query_row("SELECT COUNT(*) FROM executors", [], |r| r.get(0))?;
-            if n >= MAX_EXECUTORS {
-                return Err(super::StoreError::OverCap(format!(
-                    "the coordinator already keeps {MAX_EXECUTORS} executors seen in the last {} hours; \
-                     a new executor name is refused until one expires",
-                    EXECUTOR_EXPIRY_MS / 3_600_000
-                )));
+        let queue_names = serde_json::to_string(&info.queue_names)?;
+        self.tx(|t| {
+            let known_name = t.exists("SELECT 1 FROM executors WHERE name = ?1", p![info.hostname])?;
+            if !known_name {
+                // Expired executors make room only when a new name needs it: the sweep drops
+                // them otherwise (one replica at a time on PostgreSQL).
+                t.exec("DELETE FROM executors WHERE last_seen_at < ?1", p![now - EXECUTOR_EXPIRY_MS])?;
+                let n: i64 = t.one("SELECT COUNT(*) FROM executors", p![], |r| r.get(0))?;
+                if n >= MAX_EXECUTORS {
+                    return Err(super::StoreError::OverCap(format!(
+                        "the coordinator already keeps {MAX_EXECUTORS} executors seen in the last {} hours; \
+                         a new executor name is refused until one expires",
+                        EXECUTOR_EXPIRY_MS / 3_600_000
+                    )));
+                }
             }
-        }
-        tx.execute(
-            "INSERT INTO executors (name, queue_name, queue_names, os, architecture, docker_version, \
-             executor_version, git_version, ignite_version, src_cli_version, first_seen_at, last_seen_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11) \
-             ON CONFLICT (name) DO UPDATE SET queue_name = ?2, queue_names = ?3, os = ?4, architecture = ?5, \
-             docker_version = ?6, executor_version = ?7, git_version = ?8, ignite_version = ?9, \
-             src_cli_version = ?10, last_seen_at = ?11",
-            params![
-                info.hostname,
-                info.queue_name,
-                serde_json::to_string(&info.queue_names)?,
-                info.os,
-                info.architecture,
-                info.docker_version,
-                info.executor_version,
-                info.git_version,
-                info.ignite_version,
-                info.src_cli_version,
-                now
-            ],
-        )?;
-        let mut known = Vec::new();
-        let mut cancel = Vec::new();
-        {
-            let mut stmt = tx.prepare_cached(
-                "UPDATE jobs SET last_heartbeat_at = ?4 WHERE id = ?1 AND queue = ?2 AND executor_name = ?3 \
-                 AND state = 'processing' RETURNING cancel",
+            t.exec(
+                "INSERT INTO executors (name, queue_name, queue_names, os, architecture, docker_version, \
+                 executor_version, git_version, ignite_version, src_cli_version, first_seen_at, last_seen_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11) \
+                 ON CONFLICT (name) DO UPDATE SET queue_name = ?2, queue_names = ?3, os = ?4, architecture = ?5, \
+                 docker_version = ?6, executor_version = ?7, git_version = ?8, ignite_version = ?9, \
+                 src_cli_version = ?10, last_seen_at = ?11",
+                p![
+                    info.hostname,
+                    info.queue_name,
+                    queue_names,
+                    info.os,
+                    info.architecture,
+                    info.docker_version,
+                    info.executor_version,
+                    info.git_version,
+                    info.ignite_version,
+                    info.src_cli_version,
+                    now
+                ],
             )?;
-            for (id, queue) in jobs {
-                let flag: Option<i64> =
-                    stmt.query_row(params![id, queue, info.hostname, now], |r| r.get(0)).optional()?;
+            // Rows are locked in id order, as the sweep locks them, so that a heartbeat and a
+            // sweep on two PostgreSQL replicas never wait for each other in a circle.
+            let mut order: Vec<usize> = (0..jobs.len()).collect();
+            order.sort_by_key(|&i| jobs[i].0);
+            let mut flags = vec![None; jobs.len()];
+            for i in order {
+                let (id, queue) = &jobs[i];
+                flags[i] = t.opt(
+                    "UPDATE jobs SET last_heartbeat_at = ?4 WHERE id = ?1 AND queue = ?2 AND executor_name = ?3 \
+                     AND state = 'processing' RETURNING cancel",
+                    p![id, queue, info.hostname, now],
+                    |r| r.get::<bool>(0),
+                )?;
+            }
+            let mut known = Vec::new();
+            let mut cancel = Vec::new();
+            for ((id, queue), flag) in jobs.iter().zip(flags) {
                 if let Some(flag) = flag {
                     known.push((*id, queue.clone()));
-                    if flag != 0 {
+                    if flag {
                         cancel.push((*id, queue.clone()));
                     }
                 }
             }
-        }
-        tx.commit()?;
-        Ok((known, cancel))
+            Ok((known, cancel))
+        })
     }
 
-    pub(super) fn owned(tx: &Transaction<'_>, id: i64, executor: &str) -> Result<bool> {
-        Ok(tx
-            .prepare_cached(
-                "SELECT 1 FROM jobs WHERE id = ?1 AND executor_name = ?2 AND state = 'processing'",
-            )?
-            .query_row(params![id, executor], |_| Ok(()))
-            .optional()?
-            .is_some())
+    /// Whether `executor` is processing job `id`; on PostgreSQL the job's row stays locked until
+    /// the transaction ends, so that the caller's changes and a concurrent mark or sweep on
+    /// another replica take turns.
+    pub(super) fn owned(t: &mut dyn Tx, id: i64, executor: &str) -> Result<bool> {
+        let sql = format!(
+            "SELECT 1 FROM jobs WHERE id = ?1 AND executor_name = ?2 AND state = 'processing'{}",
+            t.for_update()
+        );
+        t.exists(&sql, p![id, executor])
     }
 
     /// Whether `executor` is processing job `id`.
     pub fn is_owned(&mut self, id: i64, executor: &str) -> Result<bool> {
-        let tx = self.conn.transaction()?;
-        Self::owned(&tx, id, executor)
+        self.read(|t| {
+            t.exists(
+                "SELECT 1 FROM jobs WHERE id = ?1 AND executor_name = ?2 AND state = 'processing'",
+                p![id, executor],
+            )
+        })
     }
 
     /// markComplete / markErrored / markFailed. `false` when the job is not `executor`'s or not
@@ -359,84 +418,101 @@ impl Store {
         max_retries: i64,
         now: i64,
     ) -> Result<bool> {
-        let tx = self.conn.transaction()?;
-        let row: Option<(i64, i64)> = tx
-            .query_row(
-                "SELECT cancel, num_failures FROM jobs WHERE id = ?1 AND executor_name = ?2 AND state = 'processing'",
-                params![id, executor],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        let Some((cancel, failures)) = row else { return Ok(false) };
-        let cancel = cancel != 0;
-        let (state, message, failures) = match outcome {
-            Outcome::Complete => (JobState::Completed, None, failures),
-            Outcome::Errored(m) if cancel => (JobState::Canceled, Some(m.as_str()), failures),
-            Outcome::Errored(m) if failures + 1 >= max_retries => {
-                (JobState::Failed, Some(m.as_str()), failures + 1)
+        if *outcome == Outcome::Complete {
+            // Completed whatever the cancel flag and the counts: one statement.
+            return self.autocommit(|t| {
+                let n = t.exec(
+                    "UPDATE jobs SET state = 'completed', failure_message = NULL, finished_at = ?3, \
+                     token_sha256 = NULL WHERE id = ?1 AND executor_name = ?2 AND state = 'processing'",
+                    p![id, executor, now],
+                )?;
+                Ok(n == 1)
+            });
+        }
+        self.tx(|t| {
+            let sql = format!(
+                "SELECT cancel, num_failures FROM jobs WHERE id = ?1 AND executor_name = ?2 \
+                 AND state = 'processing'{}",
+                t.for_update()
+            );
+            let row: Option<(bool, i64)> = t.opt(&sql, p![id, executor], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            let Some((cancel, failures)) = row else { return Ok(false) };
+            let (state, message, failures) = match outcome {
+                Outcome::Complete => (JobState::Completed, None, failures),
+                Outcome::Errored(m) if cancel => (JobState::Canceled, Some(m.as_str()), failures),
+                Outcome::Errored(m) if failures + 1 >= max_retries => {
+                    (JobState::Failed, Some(m.as_str()), failures + 1)
+                }
+                Outcome::Errored(m) => (JobState::Queued, Some(m.as_str()), failures + 1),
+                Outcome::Failed(m) if cancel => (JobState::Canceled, Some(m.as_str()), failures),
+                Outcome::Failed(m) => (JobState::Failed, Some(m.as_str()), failures),
+            };
+            let finished = if state == JobState::Queued { None } else { Some(now) };
+            t.exec(
+                "UPDATE jobs SET state = ?2, failure_message = ?3, num_failures = ?4, finished_at = ?5, \
+                 token_sha256 = NULL, executor_name = CASE WHEN ?2 = 'queued' THEN NULL ELSE executor_name END \
+                 WHERE id = ?1",
+                p![id, state, message, failures, finished],
+            )?;
+            if state == JobState::Queued {
+                t.notify_jobs()?;
             }
-            Outcome::Errored(m) => (JobState::Queued, Some(m.as_str()), failures + 1),
-            Outcome::Failed(m) if cancel => (JobState::Canceled, Some(m.as_str()), failures),
-            Outcome::Failed(m) => (JobState::Failed, Some(m.as_str()), failures),
-        };
-        let finished = if state == JobState::Queued { None } else { Some(now) };
-        tx.execute(
-            "UPDATE jobs SET state = ?2, failure_message = ?3, num_failures = ?4, finished_at = ?5, \
-             token_sha256 = NULL, executor_name = CASE WHEN ?2 = 'queued' THEN NULL ELSE executor_name END \
-             WHERE id = ?1",
-            params![id, state, message, failures, finished],
-        )?;
-        tx.commit()?;
-        Ok(true)
+            Ok(true)
+        })
+    }
+
+    /// The state of job `id`, its row locked on PostgreSQL until the transaction ends.
+    fn locked_state(t: &mut dyn Tx, id: i64) -> Result<Option<JobState>> {
+        let sql = format!("SELECT state FROM jobs WHERE id = ?1{}", t.for_update());
+        t.opt(&sql, p![id], |r| r.get(0))
     }
 
     /// Cancels a job: queued ones at once, processing ones through the heartbeat.
     pub fn cancel(&mut self, id: i64, now: i64) -> Result<CancelResult> {
-        let tx = self.conn.transaction()?;
-        let state: Option<JobState> =
-            tx.query_row("SELECT state FROM jobs WHERE id = ?1", [id], |r| r.get(0)).optional()?;
-        match state {
-            None => return Ok(CancelResult::NotFound),
-            Some(JobState::Queued) => {
-                tx.execute(
-                    "UPDATE jobs SET state = 'canceled', cancel = 1, finished_at = ?2 WHERE id = ?1",
-                    params![id, now],
-                )?;
+        self.tx(|t| {
+            match Self::locked_state(t, id)? {
+                None => return Ok(CancelResult::NotFound),
+                Some(JobState::Queued) => {
+                    t.exec(
+                        "UPDATE jobs SET state = 'canceled', cancel = 1, finished_at = ?2 WHERE id = ?1",
+                        p![id, now],
+                    )?;
+                }
+                Some(JobState::Processing) => {
+                    t.exec("UPDATE jobs SET cancel = 1 WHERE id = ?1", p![id])?;
+                }
+                Some(other) => return Ok(CancelResult::AlreadyFinal(other)),
             }
-            Some(JobState::Processing) => {
-                tx.execute("UPDATE jobs SET cancel = 1 WHERE id = ?1", [id])?;
-            }
-            Some(other) => return Ok(CancelResult::AlreadyFinal(other)),
-        }
-        let summary = tx.query_row(&format!("SELECT {ROW_COLS} FROM jobs WHERE id = ?1"), [id], job_row)?;
-        tx.commit()?;
-        Ok(CancelResult::Done(summary))
+            let summary = t.one(&format!("SELECT {ROW_COLS} FROM jobs WHERE id = ?1"), p![id], job_row)?;
+            Ok(CancelResult::Done(summary))
+        })
     }
 
     /// Puts a finished job (completed, failed, canceled) back in its queue as if just submitted:
     /// the next dequeue runs it again from the start (its old log goes at that dequeue).
     pub fn requeue(&mut self, id: i64) -> Result<RequeueResult> {
-        let tx = self.conn.transaction()?;
-        let state: Option<JobState> =
-            tx.query_row("SELECT state FROM jobs WHERE id = ?1", [id], |r| r.get(0)).optional()?;
-        match state {
-            None => return Ok(RequeueResult::NotFound),
-            Some(s) if !s.is_final() => return Ok(RequeueResult::NotFinal(s)),
-            Some(_) => {}
-        }
-        tx.execute(
-            "UPDATE jobs SET state = 'queued', cancel = 0, failure_message = NULL, executor_name = NULL, \
-             token_sha256 = NULL, started_at = NULL, finished_at = NULL, last_heartbeat_at = NULL, \
-             num_resets = 0, num_failures = 0 WHERE id = ?1",
-            [id],
-        )?;
-        let row = tx.query_row(&format!("SELECT {ROW_COLS} FROM jobs WHERE id = ?1"), [id], job_row)?;
-        tx.commit()?;
-        Ok(RequeueResult::Done(row))
+        self.tx(|t| {
+            match Self::locked_state(t, id)? {
+                None => return Ok(RequeueResult::NotFound),
+                Some(s) if !s.is_final() => return Ok(RequeueResult::NotFinal(s)),
+                Some(_) => {}
+            }
+            t.exec(
+                "UPDATE jobs SET state = 'queued', cancel = 0, failure_message = NULL, executor_name = NULL, \
+                 token_sha256 = NULL, started_at = NULL, finished_at = NULL, last_heartbeat_at = NULL, \
+                 num_resets = 0, num_failures = 0 WHERE id = ?1",
+                p![id],
+            )?;
+            let row = t.one(&format!("SELECT {ROW_COLS} FROM jobs WHERE id = ?1"), p![id], job_row)?;
+            t.notify_jobs()?;
+            Ok(RequeueResult::Done(row))
+        })
     }
 
     /// Requeues (or fails, past `max_resets`) every processing job whose last heartbeat is
-    /// older than `cutoff`. A cancelled job ends `canceled` instead.
+    /// older than `cutoff`. A cancelled job ends `canceled` instead. Also drops the executors
+    /// silent for [`EXECUTOR_EXPIRY_MS`]. On PostgreSQL one replica at a time sweeps (a
+    /// transaction-scoped advisory lock; the others find it taken and do nothing).
     pub fn reset_stalled(
         &mut self,
         cutoff: i64,
@@ -444,161 +520,170 @@ impl Store {
         age_text: &str,
         now: i64,
     ) -> Result<Vec<Reset>> {
-        let tx = self.conn.transaction()?;
-        let stalled: Vec<(i64, String, i64, i64)> = {
-            let mut stmt = tx.prepare_cached(
-                "SELECT id, queue, num_resets, cancel FROM jobs WHERE state = 'processing' AND last_heartbeat_at < ?1",
-            )?;
-            let rows = stmt.query_map([cutoff], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
-            rows.collect::<rusqlite::Result<_>>()?
-        };
-        let mut out = Vec::new();
-        for (id, queue, resets, cancel) in stalled {
-            let (state, message): (JobState, Option<String>) = if cancel != 0 {
-                (
-                    JobState::Canceled,
-                    Some(format!("canceled; the executor stopped heartbeating for {age_text}")),
-                )
-            } else if resets < max_resets {
-                (JobState::Queued, None)
-            } else {
-                (
-                    JobState::Failed,
-                    Some(format!(
-                        "{TOO_MANY_RESETS}: no heartbeat for {age_text}, already reset {resets} times (limit {max_resets})"
-                    )),
-                )
-            };
-            let finished = if state == JobState::Queued { None } else { Some(now) };
-            tx.execute(
-                "UPDATE jobs SET state = ?2, failure_message = ?3, finished_at = ?4, token_sha256 = NULL, \
-                 num_resets = num_resets + CASE WHEN ?2 = 'queued' THEN 1 ELSE 0 END, \
-                 executor_name = CASE WHEN ?2 = 'queued' THEN NULL ELSE executor_name END \
-                 WHERE id = ?1",
-                params![id, state, message, finished],
-            )?;
-            out.push(Reset { id, queue, new_state: state });
-        }
-        tx.commit()?;
-        Ok(out)
+        self.tx(|t| {
+            if t.dialect() == Dialect::Postgres {
+                let ours: bool = t.one(
+                    &format!("SELECT pg_try_advisory_xact_lock({})", super::pg::SWEEP_LOCK),
+                    p![],
+                    |r| r.get(0),
+                )?;
+                if !ours {
+                    return Ok(Vec::new());
+                }
+            }
+            t.exec("DELETE FROM executors WHERE last_seen_at < ?1", p![now - EXECUTOR_EXPIRY_MS])?;
+            let sql = format!(
+                "SELECT id, queue, num_resets, cancel FROM jobs WHERE state = 'processing' \
+                 AND last_heartbeat_at < ?1 ORDER BY id{}",
+                t.for_update()
+            );
+            let stalled: Vec<(i64, String, i64, bool)> =
+                t.all(&sql, p![cutoff], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+            let mut out = Vec::new();
+            for (id, queue, resets, cancel) in stalled {
+                let (state, message): (JobState, Option<String>) = if cancel {
+                    (
+                        JobState::Canceled,
+                        Some(format!("canceled; the executor stopped heartbeating for {age_text}")),
+                    )
+                } else if resets < max_resets {
+                    (JobState::Queued, None)
+                } else {
+                    (
+                        JobState::Failed,
+                        Some(format!(
+                            "{TOO_MANY_RESETS}: no heartbeat for {age_text}, already reset {resets} times (limit {max_resets})"
+                        )),
+                    )
+                };
+                let finished = if state == JobState::Queued { None } else { Some(now) };
+                t.exec(
+                    "UPDATE jobs SET state = ?2, failure_message = ?3, finished_at = ?4, token_sha256 = NULL, \
+                     num_resets = num_resets + CASE WHEN ?2 = 'queued' THEN 1 ELSE 0 END, \
+                     executor_name = CASE WHEN ?2 = 'queued' THEN NULL ELSE executor_name END \
+                     WHERE id = ?1",
+                    p![id, state, message, finished],
+                )?;
+                out.push(Reset { id, queue, new_state: state });
+            }
+            if out.iter().any(|r| r.new_state == JobState::Queued) {
+                t.notify_jobs()?;
+            }
+            Ok(out)
+        })
     }
 
     /// One job with its payload and artifact info.
-    pub fn job(&self, id: i64) -> Result<Option<JobDetail>> {
-        Ok(self
-            .conn
-            .query_row(
-                &format!(
-                    "SELECT {ROW_COLS}, payload, artifact_bytes, artifact_sha256 FROM jobs WHERE id = ?1"
-                ),
-                [id],
-                |r| {
-                    let row = job_row(r)?;
-                    let bytes: Option<i64> = r.get(13)?;
-                    let sha: Option<String> = r.get(14)?;
-                    Ok(JobDetail {
-                        row,
-                        payload: r.get(12)?,
-                        artifacts: match (bytes, sha) {
-                            (Some(bytes), Some(sha256)) => Some(ArtifactInfo { bytes, sha256 }),
-                            _ => None,
-                        },
-                    })
-                },
-            )
-            .optional()?)
+    pub fn job(&mut self, id: i64) -> Result<Option<JobDetail>> {
+        let sql =
+            format!("SELECT {ROW_COLS}, payload, artifact_bytes, artifact_sha256 FROM jobs WHERE id = ?1");
+        self.read(|t| {
+            t.opt(&sql, p![id], |r| {
+                let row = job_row(r)?;
+                let bytes: Option<i64> = r.get(13)?;
+                let sha: Option<String> = r.get(14)?;
+                Ok(JobDetail {
+                    row,
+                    payload: r.get(12)?,
+                    artifacts: match (bytes, sha) {
+                        (Some(bytes), Some(sha256)) => Some(ArtifactInfo { bytes, sha256 }),
+                        _ => None,
+                    },
+                })
+            })
+        })
     }
 
     /// The state of a job, if it exists.
-    pub fn state(&self, id: i64) -> Result<Option<JobState>> {
-        Ok(self
-            .conn
-            .prepare_cached("SELECT state FROM jobs WHERE id = ?1")?
-            .query_row([id], |r| r.get(0))
-            .optional()?)
+    pub fn state(&mut self, id: i64) -> Result<Option<JobState>> {
+        self.read(|t| t.opt("SELECT state FROM jobs WHERE id = ?1", p![id], |r| r.get(0)))
     }
 
     /// Jobs, newest first, filtered by queue and state.
-    pub fn list(&self, queue: Option<&str>, state: Option<JobState>, limit: i64) -> Result<Vec<JobRow>> {
-        let mut stmt = self.conn.prepare(&format!(
+    pub fn list(&mut self, queue: Option<&str>, state: Option<JobState>, limit: i64) -> Result<Vec<JobRow>> {
+        let sql = format!(
             "SELECT {ROW_COLS} FROM jobs WHERE (?1 IS NULL OR queue = ?1) AND (?2 IS NULL OR state = ?2) \
              ORDER BY id DESC LIMIT ?3"
-        ))?;
-        let rows = stmt.query_map(params![queue, state, limit], job_row)?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        );
+        self.read(|t| t.all(&sql, p![queue, state, limit], job_row))
     }
 
     /// Every executor row; `active` = seen within `active_ms` of `now`.
-    pub fn executors(&self, now: i64, active_ms: i64) -> Result<Vec<ExecutorRow>> {
-        let mut stmt = self.conn.prepare(
-            "SELECT rowid, name, queue_name, queue_names, os, architecture, docker_version, executor_version, \
+    pub fn executors(&mut self, now: i64, active_ms: i64) -> Result<Vec<ExecutorRow>> {
+        let rowid = match self.dialect() {
+            Dialect::Sqlite => "rowid",
+            Dialect::Postgres => "id",
+        };
+        let sql = format!(
+            "SELECT {rowid}, name, queue_name, queue_names, os, architecture, docker_version, executor_version, \
              git_version, ignite_version, src_cli_version, first_seen_at, last_seen_at FROM executors \
-             ORDER BY last_seen_at DESC",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            let queue_names: String = r.get(3)?;
-            let last: i64 = r.get(12)?;
-            Ok(ExecutorRow {
-                id: r.get(0)?,
-                info: ExecutorInfo {
-                    hostname: r.get(1)?,
-                    queue_name: r.get(2)?,
-                    queue_names: serde_json::from_str(&queue_names).unwrap_or_default(),
-                    os: r.get(4)?,
-                    architecture: r.get(5)?,
-                    docker_version: r.get(6)?,
-                    executor_version: r.get(7)?,
-                    git_version: r.get(8)?,
-                    ignite_version: r.get(9)?,
-                    src_cli_version: r.get(10)?,
-                },
-                first_seen_at: ms_to_rfc3339(r.get(11)?),
-                last_seen_at: ms_to_rfc3339(last),
-                active: now - last <= active_ms,
+             ORDER BY last_seen_at DESC"
+        );
+        self.read(|t| {
+            t.all(&sql, p![], |r| {
+                let queue_names: String = r.get(3)?;
+                let last: i64 = r.get(12)?;
+                Ok(ExecutorRow {
+                    id: r.get(0)?,
+                    info: ExecutorInfo {
+                        hostname: r.get(1)?,
+                        queue_name: r.get(2)?,
+                        queue_names: serde_json::from_str(&queue_names).unwrap_or_default(),
+                        os: r.get(4)?,
+                        architecture: r.get(5)?,
+                        docker_version: r.get(6)?,
+                        executor_version: r.get(7)?,
+                        git_version: r.get(8)?,
+                        ignite_version: r.get(9)?,
+                        src_cli_version: r.get(10)?,
+                    },
+                    first_seen_at: ms_to_rfc3339(r.get(11)?),
+                    last_seen_at: ms_to_rfc3339(last),
+                    active: now - last <= active_ms,
+                })
             })
-        })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
     }
 
-    /// Records a job's artifacts (already renamed into place by the caller under this lock).
+    /// Records a job's artifacts (already renamed into place by the caller).
     /// `false` when the job is not `executor`'s processing job.
     pub fn set_artifacts(&mut self, id: i64, executor: &str, bytes: i64, sha256: &str) -> Result<bool> {
-        let n = self.conn.execute(
-            "UPDATE jobs SET artifact_bytes = ?3, artifact_sha256 = ?4 WHERE id = ?1 AND executor_name = ?2 \
-             AND state = 'processing'",
-            params![id, executor, bytes, sha256],
-        )?;
-        Ok(n == 1)
+        self.tx(|t| {
+            let n = t.exec(
+                "UPDATE jobs SET artifact_bytes = ?3, artifact_sha256 = ?4 WHERE id = ?1 AND executor_name = ?2 \
+                 AND state = 'processing'",
+                p![id, executor, bytes, sha256],
+            )?;
+            Ok(n == 1)
+        })
     }
 
     /// (queue, state, count) for every pair with jobs.
-    pub fn counts(&self) -> Result<Vec<(String, JobState, i64)>> {
-        let mut stmt =
-            self.conn.prepare_cached("SELECT queue, state, COUNT(*) FROM jobs GROUP BY queue, state")?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    pub fn counts(&mut self) -> Result<Vec<(String, JobState, i64)>> {
+        self.read(|t| {
+            t.all("SELECT queue, state, COUNT(*) FROM jobs GROUP BY queue, state", p![], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+        })
     }
 
     /// Executors seen since `since`.
-    pub fn active_executors(&self, since: i64) -> Result<i64> {
-        Ok(self
-            .conn
-            .query_row("SELECT COUNT(*) FROM executors WHERE last_seen_at >= ?1", [since], |r| r.get(0))?)
+    pub fn active_executors(&mut self, since: i64) -> Result<i64> {
+        self.read(|t| {
+            t.one("SELECT COUNT(*) FROM executors WHERE last_seen_at >= ?1", p![since], |r| r.get(0))
+        })
     }
 
     /// The submitted payload of a job.
-    pub fn payload(&self, id: i64) -> Result<Option<String>> {
-        Ok(self
-            .conn
-            .prepare_cached("SELECT payload FROM jobs WHERE id = ?1")?
-            .query_row([id], |r| r.get(0))
-            .optional()?)
+    pub fn payload(&mut self, id: i64) -> Result<Option<String>> {
+        self.read(|t| t.opt("SELECT payload FROM jobs WHERE id = ?1", p![id], |r| r.get(0)))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::store::both_backends;
 
     fn info(name: &str) -> ExecutorInfo {
         ExecutorInfo { hostname: name.into(), queue_names: vec!["batches".into()], ..Default::default() }
@@ -608,9 +693,7 @@ mod tests {
         names.iter().map(|s| s.to_string()).collect()
     }
 
-    #[test]
-    fn dequeue_hands_each_job_once_and_tokens_are_hashed() {
-        let mut s = Store::open_in_memory().unwrap();
+    both_backends!(dequeue_hands_each_job_once_and_tokens_are_hashed, |s| {
         let a = s.submit("batches", "{}", "r", 1).unwrap();
         let b = s.submit("codeintel", "{}", "r", 1).unwrap();
         assert!(b > a, "one id sequence across queues");
@@ -627,11 +710,9 @@ mod tests {
             "token deleted"
         );
         assert!(!s.mark(a, "e1", &Outcome::Complete, 0, 3).unwrap());
-    }
+    });
 
-    #[test]
-    fn errored_ends_failed_and_cancel_ends_canceled() {
-        let mut s = Store::open_in_memory().unwrap();
+    both_backends!(errored_ends_failed_and_cancel_ends_canceled, |s| {
         let a = s.submit("batches", "{}", "r", 1).unwrap();
         s.dequeue(&q(&["batches"]), "e", 2, |_| 1).unwrap().unwrap();
         assert!(!s.mark(a, "other", &Outcome::Errored("x".into()), 0, 3).unwrap());
@@ -653,11 +734,9 @@ mod tests {
         let c = s.submit("batches", "{}", "r", 1).unwrap();
         assert!(matches!(s.cancel(c, 3).unwrap(), CancelResult::Done(j) if j.state == JobState::Canceled));
         assert!(s.dequeue(&q(&["batches"]), "e", 2, |_| 1).unwrap().is_none());
-    }
+    });
 
-    #[test]
-    fn stalled_jobs_are_reset_then_failed() {
-        let mut s = Store::open_in_memory().unwrap();
+    both_backends!(stalled_jobs_are_reset_then_failed, |s| {
         let a = s.submit("batches", "{}", "r", 0).unwrap();
         for round in 0..3 {
             s.dequeue(&q(&["batches"]), "e", 10, |_| 1).unwrap().unwrap();
@@ -668,5 +747,5 @@ mod tests {
         let j = s.job(a).unwrap().unwrap().row;
         assert_eq!(j.num_resets, 2);
         assert!(j.failure_message.unwrap().starts_with(TOO_MANY_RESETS));
-    }
+    });
 }

@@ -3,10 +3,10 @@
 //! cap, cut with a marker), the keys and commands of its entries ([`MAX_LOG_META_BYTES`], refused
 //! past it) and the number of entries ([`MAX_LOG_ENTRIES`]).
 
-use rusqlite::{params, OptionalExtension, Transaction};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 
+use super::db::{p, Tx};
 use super::{Result, Store, StoreError};
 use crate::base::redact::Redactor;
 use crate::protocol::ExecutionLogEntry;
@@ -60,22 +60,22 @@ pub fn truncation_marker(cap: u64) -> String {
 
 impl Store {
     /// Bytes of log output the job holds (markers not counted).
-    fn log_bytes(tx: &Transaction<'_>, id: i64) -> Result<i64> {
-        Ok(tx.query_row("SELECT log_bytes FROM jobs WHERE id = ?1", [id], |r| r.get(0))?)
+    fn log_bytes(t: &mut dyn Tx, id: i64) -> Result<i64> {
+        t.one("SELECT log_bytes FROM jobs WHERE id = ?1", p![id], |r| r.get(0))
     }
 
     /// Bytes the keys and commands of the job's log entries hold.
-    fn meta_bytes_used(tx: &Transaction<'_>, id: i64) -> Result<i64> {
-        Ok(tx.query_row(
-            "SELECT COALESCE(SUM(LENGTH(CAST(key AS BLOB)) + COALESCE(LENGTH(CAST(command AS BLOB)), 0)), 0) \
+    fn meta_bytes_used(t: &mut dyn Tx, id: i64) -> Result<i64> {
+        t.one(
+            "SELECT COALESCE(SUM(octet_length(key) + COALESCE(octet_length(command), 0)), 0) \
              FROM log_entries WHERE job_id = ?1",
-            [id],
+            p![id],
             |r| r.get(0),
-        )?)
+        )
     }
 
-    fn set_log_bytes(tx: &Transaction<'_>, id: i64, bytes: i64) -> Result<()> {
-        tx.execute("UPDATE jobs SET log_bytes = ?2 WHERE id = ?1", params![id, bytes])?;
+    fn set_log_bytes(t: &mut dyn Tx, id: i64, bytes: i64) -> Result<()> {
+        t.exec("UPDATE jobs SET log_bytes = ?2 WHERE id = ?1", p![id, bytes])?;
         Ok(())
     }
 
@@ -91,28 +91,26 @@ impl Store {
     }
 
     /// The output bytes one entry holds, in its row and its appended chunks, markers not counted.
-    fn entry_bytes(tx: &Transaction<'_>, id: i64, entry_id: i64, cap: u64) -> Result<i64> {
-        Ok(tx.query_row(
-            "SELECT LENGTH(CAST(out AS BLOB)) + (SELECT COALESCE(SUM(LENGTH(CAST(data AS BLOB))), 0) \
-             FROM log_chunks WHERE job_id = ?1 AND entry_id = ?2) - truncated * LENGTH(CAST(?3 AS BLOB)) \
+    fn entry_bytes(t: &mut dyn Tx, id: i64, entry_id: i64, cap: u64) -> Result<i64> {
+        t.one(
+            "SELECT octet_length(out) + (SELECT COALESCE(SUM(octet_length(data)), 0) \
+             FROM log_chunks WHERE job_id = ?1 AND entry_id = ?2) - truncated * octet_length(CAST(?3 AS TEXT)) \
              FROM log_entries WHERE job_id = ?1 AND entry_id = ?2",
-            params![id, entry_id, truncation_marker(cap)],
+            p![id, entry_id, truncation_marker(cap)],
             |r| r.get(0),
-        )?)
+        )
     }
 
     /// The redactor of job `id`'s `redactedValues`: the coordinator applies them again to what it
     /// stores and shows, whatever the executor did.
-    fn job_redactor(conn: &rusqlite::Connection, id: i64) -> Result<Redactor> {
+    fn job_redactor(t: &mut dyn Tx, id: i64) -> Result<Redactor> {
         #[derive(serde::Deserialize)]
         struct Secrets {
             #[serde(default, rename = "redactedValues")]
             redacted_values: BTreeMap<String, String>,
         }
-        let payload: Option<String> = conn
-            .prepare_cached("SELECT payload FROM jobs WHERE id = ?1")?
-            .query_row([id], |r| r.get(0))
-            .optional()?;
+        let payload: Option<String> =
+            t.opt("SELECT payload FROM jobs WHERE id = ?1", p![id], |r| r.get(0))?;
         let secrets = payload
             .and_then(|p| serde_json::from_str::<Secrets>(&p).ok())
             .map(|s| s.redacted_values)
@@ -136,47 +134,47 @@ impl Store {
     /// addExecutionLogEntry: returns the new 1-based entry id; `UnknownJob` when the job is not
     /// `executor`'s processing job.
     pub fn add_log(&mut self, id: i64, executor: &str, entry: &ExecutionLogEntry, cap: u64) -> Result<i64> {
-        let tx = self.conn.transaction()?;
-        if !Self::owned(&tx, id, executor)? {
-            return Err(StoreError::UnknownJob);
-        }
-        let entry = &Self::redacted(entry, &Self::job_redactor(&tx, id)?);
-        let entry_id: i64 = tx.query_row(
-            "SELECT COALESCE(MAX(entry_id), 0) + 1 FROM log_entries WHERE job_id = ?1",
-            [id],
-            |r| r.get(0),
-        )?;
-        if entry_id > MAX_LOG_ENTRIES {
-            return Err(StoreError::OverCap(format!(
-                "job {id} already has {MAX_LOG_ENTRIES} log entries, the most a job may have"
-            )));
-        }
-        let command = entry.command.as_ref().map(serde_json::to_string).transpose()?;
-        let meta = meta_bytes(&entry.key, &command);
-        let meta_used = Self::meta_bytes_used(&tx, id)?;
-        if meta_used + meta > MAX_LOG_META_BYTES {
-            return Err(meta_over_cap(id, meta, meta_used));
-        }
-        let used = Self::log_bytes(&tx, id)?;
-        let (out, truncated, kept) = Self::fit(entry.out.as_deref().unwrap_or(""), cap as i64 - used, cap);
-        tx.execute(
-            "INSERT INTO log_entries (job_id, entry_id, key, command, start_time, exit_code, out, truncated, duration_ms) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![
-                id,
-                entry_id,
-                entry.key,
-                command,
-                entry.start_time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
-                entry.exit_code,
-                out,
-                truncated,
-                entry.duration_ms
-            ],
-        )?;
-        Self::set_log_bytes(&tx, id, used + kept)?;
-        tx.commit()?;
-        Ok(entry_id)
+        self.tx(|t| {
+            if !Self::owned(t, id, executor)? {
+                return Err(StoreError::UnknownJob);
+            }
+            let entry = &Self::redacted(entry, &Self::job_redactor(t, id)?);
+            let entry_id: i64 = t.one(
+                "SELECT COALESCE(MAX(entry_id), 0) + 1 FROM log_entries WHERE job_id = ?1",
+                p![id],
+                |r| r.get(0),
+            )?;
+            if entry_id > MAX_LOG_ENTRIES {
+                return Err(StoreError::OverCap(format!(
+                    "job {id} already has {MAX_LOG_ENTRIES} log entries, the most a job may have"
+                )));
+            }
+            let command = entry.command.as_ref().map(serde_json::to_string).transpose()?;
+            let meta = meta_bytes(&entry.key, &command);
+            let meta_used = Self::meta_bytes_used(t, id)?;
+            if meta_used + meta > MAX_LOG_META_BYTES {
+                return Err(meta_over_cap(id, meta, meta_used));
+            }
+            let used = Self::log_bytes(t, id)?;
+            let (out, truncated, kept) = Self::fit(entry.out.as_deref().unwrap_or(""), cap as i64 - used, cap);
+            t.exec(
+                "INSERT INTO log_entries (job_id, entry_id, key, command, start_time, exit_code, out, truncated, duration_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                p![
+                    id,
+                    entry_id,
+                    entry.key,
+                    command,
+                    entry.start_time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+                    entry.exit_code,
+                    out,
+                    truncated,
+                    entry.duration_ms
+                ],
+            )?;
+            Self::set_log_bytes(t, id, used + kept)?;
+            Ok(entry_id)
+        })
     }
 
     /// updateExecutionLogEntry: replaces the entry, or with `append` appends `out` to it;
@@ -190,108 +188,97 @@ impl Store {
         append: bool,
         cap: u64,
     ) -> Result<()> {
-        let tx = self.conn.transaction()?;
-        if !Self::owned(&tx, id, executor)? {
-            return Err(StoreError::UnknownJob);
-        }
-        // Each piece is redacted as it comes; a secret split across two appends is caught when
-        // the entry is read back whole (`logs`).
-        let entry = &Self::redacted(entry, &Self::job_redactor(&tx, id)?);
-        let current: Option<(bool, i64)> = tx
-            .query_row(
-                "SELECT truncated, LENGTH(CAST(key AS BLOB)) + COALESCE(LENGTH(CAST(command AS BLOB)), 0) \
+        self.tx(|t| {
+            if !Self::owned(t, id, executor)? {
+                return Err(StoreError::UnknownJob);
+            }
+            // Each piece is redacted as it comes; a secret split across two appends is caught when
+            // the entry is read back whole (`logs`).
+            let entry = &Self::redacted(entry, &Self::job_redactor(t, id)?);
+            let current: Option<(bool, i64)> = t.opt(
+                "SELECT truncated, octet_length(key) + COALESCE(octet_length(command), 0) \
                  FROM log_entries WHERE job_id = ?1 AND entry_id = ?2",
-                params![id, entry_id],
+                p![id, entry_id],
                 |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        let Some((mut truncated, old_meta)) = current else { return Err(StoreError::UnknownEntry(entry_id)) };
-        let delta = entry.out.as_deref().unwrap_or("");
-        let command = entry.command.as_ref().map(serde_json::to_string).transpose()?;
-        let meta = meta_bytes(&entry.key, &command);
-        if meta > old_meta {
-            let others = Self::meta_bytes_used(&tx, id)? - old_meta;
-            if others + meta > MAX_LOG_META_BYTES {
-                return Err(meta_over_cap(id, meta, others));
+            )?;
+            let Some((mut truncated, old_meta)) = current else { return Err(StoreError::UnknownEntry(entry_id)) };
+            let delta = entry.out.as_deref().unwrap_or("");
+            let command = entry.command.as_ref().map(serde_json::to_string).transpose()?;
+            let meta = meta_bytes(&entry.key, &command);
+            if meta > old_meta {
+                let others = Self::meta_bytes_used(t, id)? - old_meta;
+                if others + meta > MAX_LOG_META_BYTES {
+                    return Err(meta_over_cap(id, meta, others));
+                }
             }
-        }
-        let used = Self::log_bytes(&tx, id)?;
-        if append {
-            // Past a cut nothing more is kept; otherwise the delta becomes a chunk of its own.
-            if !truncated && !delta.is_empty() {
-                let (data, cut, kept) = Self::fit(delta, cap as i64 - used, cap);
-                tx.execute(
-                    "INSERT INTO log_chunks (job_id, entry_id, seq, data) VALUES (?1, ?2, \
-                     (SELECT COALESCE(MAX(seq), 0) + 1 FROM log_chunks WHERE job_id = ?1 AND entry_id = ?2), ?3)",
-                    params![id, entry_id, data],
-                )?;
-                truncated = cut;
-                Self::set_log_bytes(&tx, id, used + kept)?;
+            let used = Self::log_bytes(t, id)?;
+            if append {
+                // Past a cut nothing more is kept; otherwise the delta becomes a chunk of its own.
+                if !truncated && !delta.is_empty() {
+                    let (data, cut, kept) = Self::fit(delta, cap as i64 - used, cap);
+                    t.exec(
+                        "INSERT INTO log_chunks (job_id, entry_id, seq, data) VALUES (?1, ?2, \
+                         (SELECT COALESCE(MAX(seq), 0) + 1 FROM log_chunks WHERE job_id = ?1 AND entry_id = ?2), ?3)",
+                        p![id, entry_id, data],
+                    )?;
+                    truncated = cut;
+                    Self::set_log_bytes(t, id, used + kept)?;
+                }
+            } else {
+                let held = Self::entry_bytes(t, id, entry_id, cap)?;
+                // A full replacement at least as long as what a cut kept keeps the cut; any other
+                // replaces the entry's output, chunks included.
+                if !(truncated && delta.len() as i64 >= held) {
+                    let others = used - held;
+                    let (out, cut, kept) = Self::fit(delta, cap as i64 - others, cap);
+                    t.exec("DELETE FROM log_chunks WHERE job_id = ?1 AND entry_id = ?2", p![id, entry_id])?;
+                    t.exec(
+                        "UPDATE log_entries SET out = ?3 WHERE job_id = ?1 AND entry_id = ?2",
+                        p![id, entry_id, out],
+                    )?;
+                    truncated = cut;
+                    Self::set_log_bytes(t, id, others + kept)?;
+                }
             }
-        } else {
-            let held = Self::entry_bytes(&tx, id, entry_id, cap)?;
-            // A full replacement at least as long as what a cut kept keeps the cut; any other
-            // replaces the entry's output, chunks included.
-            if !(truncated && delta.len() as i64 >= held) {
-                let others = used - held;
-                let (out, cut, kept) = Self::fit(delta, cap as i64 - others, cap);
-                tx.execute(
-                    "DELETE FROM log_chunks WHERE job_id = ?1 AND entry_id = ?2",
-                    params![id, entry_id],
-                )?;
-                tx.execute(
-                    "UPDATE log_entries SET out = ?3 WHERE job_id = ?1 AND entry_id = ?2",
-                    params![id, entry_id, out],
-                )?;
-                truncated = cut;
-                Self::set_log_bytes(&tx, id, others + kept)?;
-            }
-        }
-        tx.execute(
-            "UPDATE log_entries SET key = ?3, command = ?4, start_time = ?5, exit_code = ?6, \
-             truncated = ?7, duration_ms = ?8 WHERE job_id = ?1 AND entry_id = ?2",
-            params![
-                id,
-                entry_id,
-                entry.key,
-                command,
-                entry.start_time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
-                entry.exit_code,
-                truncated,
-                entry.duration_ms
-            ],
-        )?;
-        tx.commit()?;
-        Ok(())
+            t.exec(
+                "UPDATE log_entries SET key = ?3, command = ?4, start_time = ?5, exit_code = ?6, \
+                 truncated = ?7, duration_ms = ?8 WHERE job_id = ?1 AND entry_id = ?2",
+                p![
+                    id,
+                    entry_id,
+                    entry.key,
+                    command,
+                    entry.start_time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+                    entry.exit_code,
+                    truncated,
+                    entry.duration_ms
+                ],
+            )?;
+            Ok(())
+        })
     }
 
     /// A job's log entries in order.
-    pub fn logs(&self, id: i64) -> Result<Vec<StoredLogEntry>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT entry_id, key, command, start_time, exit_code, out, duration_ms FROM log_entries \
-             WHERE job_id = ?1 ORDER BY entry_id",
-        )?;
-        let rows = stmt.query_map([id], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, Option<String>>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, Option<i32>>(4)?,
-                r.get::<_, String>(5)?,
-                r.get::<_, Option<i64>>(6)?,
-            ))
+    pub fn logs(&mut self, id: i64) -> Result<Vec<StoredLogEntry>> {
+        type Raw = (i64, String, Option<String>, String, Option<i32>, String, Option<i64>);
+        let (rows, chunks, redactor) = self.read(|t| {
+            let rows: Vec<Raw> = t.all(
+                "SELECT entry_id, key, command, start_time, exit_code, out, duration_ms FROM log_entries \
+                 WHERE job_id = ?1 ORDER BY entry_id",
+                p![id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)),
+            )?;
+            let chunks: Vec<(i64, String)> = t.all(
+                "SELECT entry_id, data FROM log_chunks WHERE job_id = ?1 ORDER BY entry_id, seq",
+                p![id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            Ok((rows, chunks, Self::job_redactor(t, id)?))
         })?;
-        let rows: Vec<_> = rows.collect::<rusqlite::Result<_>>()?;
-        let mut chunks = self.conn.prepare_cached(
-            "SELECT entry_id, data FROM log_chunks WHERE job_id = ?1 ORDER BY entry_id, seq",
-        )?;
         let mut appended: HashMap<i64, String> = HashMap::new();
-        for c in chunks.query_map([id], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))? {
-            let (entry_id, data) = c?;
+        for (entry_id, data) in chunks {
             appended.entry(entry_id).or_default().push_str(&data);
         }
-        let redactor = Self::job_redactor(&self.conn, id)?;
         let mut out = Vec::new();
         for (entry_id, key, command, start, exit_code, mut text, duration_ms) in rows {
             if let Some(more) = appended.remove(&entry_id) {
@@ -330,6 +317,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::store::both_backends;
 
     fn entry(out: &str) -> ExecutionLogEntry {
         ExecutionLogEntry {
@@ -346,9 +334,7 @@ mod tests {
         names.iter().map(|s| s.to_string()).collect()
     }
 
-    #[test]
-    fn logs_append_and_cap_with_a_marker() {
-        let mut s = Store::open_in_memory().unwrap();
+    both_backends!(logs_append_and_cap_with_a_marker, |s| {
         let a = s.submit("batches", "{}", "r", 0).unwrap();
         s.dequeue(&q(&["batches"]), "e", 1, |_| 1).unwrap().unwrap();
         assert!(matches!(s.add_log(a, "x", &entry("hi"), 10), Err(StoreError::UnknownJob)));
@@ -364,11 +350,9 @@ mod tests {
         s.update_log(a, "e", e2, &entry("more"), true, 10).unwrap();
         assert_eq!(s.logs(a).unwrap()[1].entry.out, logs[1].entry.out, "nothing past the marker");
         assert!(matches!(s.update_log(a, "e", 9, &entry(""), false, 10), Err(StoreError::UnknownEntry(9))));
-    }
+    });
 
-    #[test]
-    fn appended_chunks_read_back_in_order_and_share_the_budget_with_replacements() {
-        let mut s = Store::open_in_memory().unwrap();
+    both_backends!(appended_chunks_read_back_in_order_and_share_the_budget_with_replacements, |s| {
         let a = s.submit("batches", "{}", "r", 0).unwrap();
         s.dequeue(&q(&["batches"]), "e", 1, |_| 1).unwrap().unwrap();
         let e1 = s.add_log(a, "e", &entry("a"), 20).unwrap();
@@ -389,14 +373,12 @@ mod tests {
         assert_eq!(s.logs(a).unwrap()[1].entry.out.as_deref(), Some("short"));
         s.update_log(a, "e", e2, &entry("+more"), true, 20).unwrap();
         assert_eq!(s.logs(a).unwrap()[1].entry.out.as_deref(), Some("short+more"));
-    }
+    });
 
-    /// Finding 5 of the security review: key and command were stored uncounted and the number
-    /// of entries was unbounded (40 entries with a 1 MiB command each grew the store by 40 MiB
-    /// past a 16 MiB cap).
-    #[test]
-    fn keys_commands_and_the_entry_count_have_caps() {
-        let mut s = Store::open_in_memory().unwrap();
+    // Finding 5 of the security review: key and command were stored uncounted and the number
+    // of entries was unbounded (40 entries with a 1 MiB command each grew the store by 40 MiB
+    // past a 16 MiB cap).
+    both_backends!(keys_commands_and_the_entry_count_have_caps, |s| {
         let a = s.submit("batches", "{}", "r", 0).unwrap();
         s.dequeue(&q(&["batches"]), "e", 1, |_| 1).unwrap().unwrap();
         let cap = 1000;
@@ -439,7 +421,7 @@ mod tests {
         }
         let err = s.add_log(b, "e", &entry(""), cap).unwrap_err();
         assert!(matches!(&err, StoreError::OverCap(w) if w.contains("1000 log entries")), "{err}");
-    }
+    });
 
     #[test]
     fn cut_respects_utf8() {

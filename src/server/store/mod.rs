@@ -10,9 +10,12 @@
 //! console's paged queries).
 
 mod console;
+pub(crate) mod db;
 mod jobs;
 mod logs;
+pub mod pg;
 mod repos;
+pub mod testcluster;
 
 pub use console::{JobFilter, JobPageRow};
 pub use jobs::{
@@ -20,7 +23,10 @@ pub use jobs::{
     RequeueResult, Reset, TOO_MANY_RESETS,
 };
 pub use logs::{truncation_marker, StoredLogEntry};
+pub use pg::{PgOptions, PgPool};
 pub use repos::{FileRow, RepoRow};
+
+use db::{Dialect, SqliteTx, Tx};
 
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
 use rusqlite::Connection;
@@ -28,9 +34,18 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
-/// Versioned migrations; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[
-    r#"
+/// One schema change, in the SQL of each backend. SQLite's `PRAGMA user_version` and
+/// PostgreSQL's `executor_schema` table record how many ran.
+pub(crate) struct Migration {
+    pub sqlite: &'static str,
+    pub postgres: &'static str,
+}
+
+/// The migrations of both backends, one list: the same tables, with PostgreSQL's BIGINT for
+/// SQLite's INTEGER, BIGSERIAL for AUTOINCREMENT, and an `id` column where SQLite has `rowid`.
+pub(crate) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        sqlite: r#"
 CREATE TABLE jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     queue TEXT NOT NULL,
@@ -81,7 +96,61 @@ CREATE TABLE executors (
     last_seen_at INTEGER NOT NULL
 );
 "#,
-    r#"
+        postgres: r#"
+CREATE TABLE jobs (
+    id BIGSERIAL PRIMARY KEY,
+    queue TEXT NOT NULL,
+    state TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    repository_name TEXT NOT NULL,
+    failure_message TEXT,
+    num_resets BIGINT NOT NULL DEFAULT 0,
+    num_failures BIGINT NOT NULL DEFAULT 0,
+    executor_name TEXT,
+    token_sha256 TEXT,
+    cancel BIGINT NOT NULL DEFAULT 0,
+    created_at BIGINT NOT NULL,
+    started_at BIGINT,
+    finished_at BIGINT,
+    last_heartbeat_at BIGINT,
+    log_bytes BIGINT NOT NULL DEFAULT 0,
+    artifact_bytes BIGINT,
+    artifact_sha256 TEXT
+);
+CREATE INDEX jobs_queue_state ON jobs (queue, state, id);
+CREATE INDEX jobs_state_heartbeat ON jobs (state, last_heartbeat_at);
+CREATE UNIQUE INDEX jobs_token ON jobs (token_sha256) WHERE token_sha256 IS NOT NULL;
+CREATE TABLE log_entries (
+    job_id BIGINT NOT NULL REFERENCES jobs (id),
+    entry_id BIGINT NOT NULL,
+    key TEXT NOT NULL,
+    command TEXT,
+    start_time TEXT NOT NULL,
+    exit_code BIGINT,
+    out TEXT NOT NULL DEFAULT '',
+    truncated BIGINT NOT NULL DEFAULT 0,
+    duration_ms BIGINT,
+    PRIMARY KEY (job_id, entry_id)
+);
+CREATE TABLE executors (
+    id BIGSERIAL UNIQUE,
+    name TEXT PRIMARY KEY,
+    queue_name TEXT,
+    queue_names TEXT NOT NULL,
+    os TEXT NOT NULL,
+    architecture TEXT NOT NULL,
+    docker_version TEXT NOT NULL,
+    executor_version TEXT NOT NULL,
+    git_version TEXT NOT NULL,
+    ignite_version TEXT NOT NULL,
+    src_cli_version TEXT NOT NULL,
+    first_seen_at BIGINT NOT NULL,
+    last_seen_at BIGINT NOT NULL
+);
+"#,
+    },
+    Migration {
+        sqlite: r#"
 CREATE TABLE repos (
     name TEXT PRIMARY KEY,
     path TEXT NOT NULL,
@@ -96,9 +165,26 @@ CREATE TABLE files (
     PRIMARY KEY (bucket, key)
 );
 "#,
+        postgres: r#"
+CREATE TABLE repos (
+    name TEXT PRIMARY KEY,
+    path TEXT NOT NULL,
+    added_at BIGINT NOT NULL
+);
+CREATE TABLE files (
+    bucket TEXT NOT NULL,
+    key TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size BIGINT NOT NULL,
+    created_at BIGINT NOT NULL,
+    PRIMARY KEY (bucket, key)
+);
+"#,
+    },
     // Appended log output goes into rows of its own, so an append costs its own size instead of
     // a rewrite of the entry's whole output (`log_entries.out` keeps what a full update set).
-    r#"
+    Migration {
+        sqlite: r#"
 CREATE TABLE log_chunks (
     job_id INTEGER NOT NULL,
     entry_id INTEGER NOT NULL,
@@ -107,13 +193,48 @@ CREATE TABLE log_chunks (
     PRIMARY KEY (job_id, entry_id, seq)
 );
 "#,
+        postgres: r#"
+CREATE TABLE log_chunks (
+    job_id BIGINT NOT NULL,
+    entry_id BIGINT NOT NULL,
+    seq BIGINT NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (job_id, entry_id, seq)
+);
+"#,
+    },
     // The admin console's jobs page: newest first under each filter, by index alone.
-    r#"
+    Migration {
+        sqlite: r#"
 CREATE INDEX jobs_queue_id ON jobs (queue, id);
 CREATE INDEX jobs_state_id ON jobs (state, id);
 CREATE INDEX jobs_repository_id ON jobs (repository_name, id);
 CREATE INDEX jobs_executor_state ON jobs (executor_name, state);
 "#,
+        postgres: r#"
+CREATE INDEX jobs_queue_id ON jobs (queue, id);
+CREATE INDEX jobs_state_id ON jobs (state, id);
+CREATE INDEX jobs_repository_id ON jobs (repository_name, id);
+CREATE INDEX jobs_executor_state ON jobs (executor_name, state);
+"#,
+    },
+    // The admin console's sessions, in the store so that every replica knows every sign-in.
+    Migration {
+        sqlite: r#"
+CREATE TABLE console_sessions (
+    digest TEXT PRIMARY KEY,
+    csrf TEXT NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+"#,
+        postgres: r#"
+CREATE TABLE console_sessions (
+    digest TEXT PRIMARY KEY,
+    csrf TEXT NOT NULL,
+    expires_at BIGINT NOT NULL
+);
+"#,
+    },
 ];
 
 /// Why a store call failed. `UnknownJob` and `UnknownEntry` are answers a caller branches on;
@@ -140,6 +261,20 @@ pub enum StoreError {
     /// An SQLite failure with what the store was doing.
     #[error("{what}")]
     Db { what: String, source: rusqlite::Error },
+    /// The PostgreSQL database cannot be reached (or is shutting down): the HTTP side answers
+    /// 503; the pool reconnects by itself once it is back. The message names the database's
+    /// host, port and name, never the password.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A statement PostgreSQL refused.
+    #[error("PostgreSQL database {target}")]
+    Postgres { target: String, source: postgres::Error },
+    /// The database settings do not work (the message says why).
+    #[error("{0}")]
+    Config(String),
+    /// The data directory is not the one the database's other replicas share.
+    #[error("{0}")]
+    Marker(String),
     /// A stored value that does not read back.
     #[error("{what}")]
     Corrupt { what: String, source: Box<dyn std::error::Error + Send + Sync> },
@@ -274,9 +409,79 @@ impl Checkpointer {
     }
 }
 
-/// The store: one SQLite connection. Its calls are in `jobs.rs`, `logs.rs` and `repos.rs`.
+/// The store: an SQLite connection, or a PostgreSQL session that takes a connection from the
+/// replica's pool at its first statement and gives it back when dropped. Its calls are in
+/// `jobs.rs`, `logs.rs`, `repos.rs` and `console.rs`, written once for both (see `db.rs`).
 pub struct Store {
-    conn: Connection,
+    backend: Backend,
+}
+
+enum Backend {
+    Sqlite(Connection),
+    Postgres(Box<PgSession>),
+}
+
+struct PgSession {
+    pool: PgPool,
+    conn: Option<r2d2::PooledConnection<pg::Manager>>,
+}
+
+impl PgSession {
+    fn conn(&mut self) -> Result<&mut pg::PgConn> {
+        if self.conn.is_none() {
+            self.conn = Some(self.pool.get()?);
+        }
+        Ok(self.conn.as_mut().expect("just set"))
+    }
+
+    /// A pooled connection can have died while it sat idle (a database restart): a call whose
+    /// first round trip finds it closed, before anything ran, takes the next one. The pool
+    /// drops closed connections when they come back.
+    const ATTEMPTS: u32 = pg::POOL_SIZE + 1;
+
+    fn tx<T>(&mut self, f: impl FnOnce(&mut dyn Tx) -> Result<T>) -> Result<T> {
+        let target = self.pool.target.clone();
+        let mut f = Some(f);
+        for attempt in 1.. {
+            let pg::PgConn { client, cache } = self.conn()?;
+            let (result, begun) = match client.transaction() {
+                Ok(mut tx) => {
+                    let f = f.take().expect("runs once");
+                    let r = f(&mut db::PgTx { client: &mut tx, cache, target: &target });
+                    let r = match r {
+                        Ok(v) => tx.commit().map(|_| v).map_err(|e| pg::error(e, &target)),
+                        Err(e) => Err(e),
+                    };
+                    (r, true)
+                }
+                Err(e) => (Err(pg::error(e, &target)), false),
+            };
+            if matches!(result, Err(StoreError::Unavailable(_))) {
+                self.conn = None;
+                if !begun && attempt < Self::ATTEMPTS {
+                    continue;
+                }
+            }
+            return result;
+        }
+        unreachable!("the attempts loop returns")
+    }
+
+    fn read<T>(&mut self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<T>) -> Result<T> {
+        let target = self.pool.target.clone();
+        for attempt in 1.. {
+            let pg::PgConn { client, cache } = self.conn()?;
+            let result = f(&mut db::PgTx { client, cache, target: &target });
+            if matches!(result, Err(StoreError::Unavailable(_))) {
+                self.conn = None;
+                if attempt < Self::ATTEMPTS {
+                    continue;
+                }
+            }
+            return result;
+        }
+        unreachable!("the attempts loop returns")
+    }
 }
 
 impl Store {
@@ -317,28 +522,77 @@ impl Store {
         if version as usize > MIGRATIONS.len() {
             return Err(StoreError::TooNew { found: version, known: MIGRATIONS.len() });
         }
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
             let tx = conn.transaction()?;
-            tx.execute_batch(sql).map_err(db_err(format!("running migration {}", i + 1)))?;
+            tx.execute_batch(m.sqlite).map_err(db_err(format!("running migration {}", i + 1)))?;
             tx.pragma_update(None, "user_version", (i + 1) as i64)?;
             tx.commit()?;
         }
-        Ok(Store { conn })
+        Ok(Store { backend: Backend::Sqlite(conn) })
+    }
+
+    /// A store session on the PostgreSQL pool (migrated by [`PgPool::prepare`]).
+    pub fn postgres(pool: PgPool) -> Store {
+        Store { backend: Backend::Postgres(Box::new(PgSession { pool, conn: None })) }
+    }
+
+    /// Which backend this is.
+    pub fn dialect(&self) -> Dialect {
+        match self.backend {
+            Backend::Sqlite(_) => Dialect::Sqlite,
+            Backend::Postgres(_) => Dialect::Postgres,
+        }
+    }
+
+    /// Runs `f` in one transaction: committed when it returns `Ok`, rolled back otherwise.
+    pub(crate) fn tx<T>(&mut self, f: impl FnOnce(&mut dyn Tx) -> Result<T>) -> Result<T> {
+        match &mut self.backend {
+            Backend::Sqlite(conn) => {
+                let tx = conn.transaction()?;
+                let v = f(&mut SqliteTx(&tx))?;
+                tx.commit()?;
+                Ok(v)
+            }
+            Backend::Postgres(s) => s.tx(f),
+        }
+    }
+
+    /// Runs `f`'s statements each in its own implicit transaction: for a call that is one
+    /// statement, which saves PostgreSQL the BEGIN and COMMIT round trips. Like [`Store::read`],
+    /// `f` may run again on another connection when the first was found closed; a statement
+    /// that committed just as its connection died then runs twice, so use it only where a
+    /// second run changes nothing (it finds its rows already changed).
+    pub(crate) fn autocommit<T>(&mut self, f: impl FnMut(&mut dyn Tx) -> Result<T>) -> Result<T> {
+        self.read(f)
+    }
+
+    /// Runs the reads of `f` outside a transaction (each statement sees the latest commits).
+    /// On PostgreSQL `f` may run again on another connection when the first was found closed.
+    pub(crate) fn read<T>(&mut self, mut f: impl FnMut(&mut dyn Tx) -> Result<T>) -> Result<T> {
+        match &mut self.backend {
+            Backend::Sqlite(conn) => f(&mut SqliteTx(conn)),
+            Backend::Postgres(s) => s.read(&mut f),
+        }
     }
 }
 
-type StoreTask = Box<dyn FnOnce(&mut Store) + Send>;
+pub type StoreTask = Box<dyn FnOnce(&mut Store) + Send>;
 
-/// The one thread that owns the store and runs the requests' store calls in the order they
-/// arrive. A mutex handed the connection to whichever blocked thread woke first, so under 16 busy
-/// executors some requests waited behind dozens of later ones (dequeue p99 25 ms against p50
-/// 3 ms); a queue serves them first come, first served.
-pub struct StoreThread {
-    tasks: std::sync::mpsc::Sender<StoreTask>,
+/// Runs the requests' store calls. SQLite: one thread owns the store and runs the calls in the
+/// order they arrive. A mutex handed the connection to whichever blocked thread woke first, so
+/// under 16 busy executors some requests waited behind dozens of later ones (dequeue p99 25 ms
+/// against p50 3 ms); a queue serves them first come, first served. PostgreSQL: each call runs
+/// on the blocking pool with a connection of the replica's pool (the database orders them).
+pub enum StoreThread {
+    Sqlite(std::sync::mpsc::Sender<StoreTask>),
+    Postgres(Box<PgPool>),
 }
 
 impl StoreThread {
     pub fn start(mut store: Store) -> std::io::Result<StoreThread> {
+        if let Backend::Postgres(s) = &store.backend {
+            return Ok(StoreThread::Postgres(Box::new(s.pool.clone())));
+        }
         let (tasks, rx) = std::sync::mpsc::channel::<StoreTask>();
         std::thread::Builder::new().name("queue-store".into()).spawn(move || {
             for task in rx {
@@ -346,10 +600,10 @@ impl StoreThread {
                 let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| task(&mut store)));
             }
         })?;
-        Ok(StoreThread { tasks })
+        Ok(StoreThread::Sqlite(tasks))
     }
 
-    /// Runs `f` on the store thread and waits for its answer. `f` may return any error that a
+    /// Runs `f` on a store and waits for its answer. `f` may return any error that a
     /// `StoreError` converts into, so that a caller can mix store calls with its own work.
     pub async fn call<T, E, F>(&self, f: F) -> Result<T, E>
     where
@@ -357,13 +611,99 @@ impl StoreThread {
         E: From<StoreError> + Send + 'static,
         F: FnOnce(&mut Store) -> Result<T, E> + Send + 'static,
     {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.tasks
-            .send(Box::new(move |s: &mut Store| {
-                let _ = tx.send(f(s));
-            }))
-            .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Panicked)?
+        match self {
+            StoreThread::Sqlite(tasks) => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                tasks
+                    .send(Box::new(move |s: &mut Store| {
+                        let _ = tx.send(f(s));
+                    }))
+                    .map_err(|_| StoreError::Closed)?;
+                rx.await.map_err(|_| StoreError::Panicked)?
+            }
+            StoreThread::Postgres(pool) => {
+                let pool = PgPool::clone(pool);
+                tokio::task::spawn_blocking(move || f(&mut Store::postgres(pool)))
+                    .await
+                    .map_err(|_| StoreError::Panicked)?
+            }
+        }
+    }
+}
+
+/// Runs a store test on both backends: `both_backends!(name, |s| { ... })` makes the tests
+/// `name::sqlite` (an in-memory database) and `name::postgres` (a fresh database on the test
+/// binary's throwaway cluster; skipped through the `postgres` capability without one).
+#[cfg(test)]
+macro_rules! both_backends {
+    ($name:ident, $body:expr) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            const BODY: fn(&mut $crate::server::store::Store) = $body;
+            #[test]
+            fn sqlite() {
+                BODY(&mut $crate::server::store::Store::open_in_memory().unwrap());
+            }
+            #[test]
+            fn postgres() {
+                if let Some(mut s) = $crate::server::store::testing::pg_store(module_path!()) {
+                    BODY(&mut s);
+                }
+            }
+        }
+    };
+}
+#[cfg(test)]
+pub(crate) use both_backends;
+
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+    use std::sync::OnceLock;
+
+    static CLUSTER: OnceLock<std::result::Result<testcluster::Cluster, String>> = OnceLock::new();
+
+    /// The test binary's cluster (started by the first test that asks; the reaper stops it
+    /// when the binary exits), or why there is none.
+    pub fn cluster() -> std::result::Result<&'static testcluster::Cluster, String> {
+        CLUSTER.get_or_init(testcluster::Cluster::start).as_ref().map_err(|e| e.clone())
+    }
+
+    /// A migrated store on a fresh database of the shared cluster; `None` (after the skip
+    /// notice) when PostgreSQL cannot run here.
+    pub fn pg_store(test: &str) -> Option<Store> {
+        let pool = pg_pool(test)?;
+        Some(Store::postgres(pool))
+    }
+
+    /// A migrated pool on a fresh database, as [`pg_store`].
+    pub fn pg_pool(test: &str) -> Option<PgPool> {
+        let cluster = match cluster() {
+            Ok(c) => c,
+            Err(why) => {
+                crate::base::skip::skip(test, "postgres", &why);
+                return None;
+            }
+        };
+        let name = fresh_database(cluster);
+        let pool = PgPool::new(&PgOptions {
+            url: crate::base::secret::Secret::new(cluster.url(&name)),
+            password: None,
+        })
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        pool.prepare(dir.path()).unwrap();
+        Some(pool)
+    }
+
+    /// Creates a database no other test uses; its name.
+    pub fn fresh_database(cluster: &testcluster::Cluster) -> String {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!("t{}", N.fetch_add(1, Ordering::Relaxed));
+        cluster.create_database(&name).unwrap();
+        name
     }
 }
 
@@ -393,5 +733,177 @@ mod tests {
         drop(conn);
         let Err(StoreError::Init { source, .. }) = Store::open(dir.path()) else { panic!("opened") };
         assert!(matches!(*source, StoreError::TooNew { found: 99, .. }), "{source}");
+    }
+
+    fn pg_or_skip(test: &str) -> Option<(&'static testcluster::Cluster, String)> {
+        match testing::cluster() {
+            Ok(c) => Some((c, testing::fresh_database(c))),
+            Err(why) => {
+                crate::base::skip::skip(test, "postgres", &why);
+                None
+            }
+        }
+    }
+
+    fn options(url: String) -> PgOptions {
+        PgOptions { url: crate::base::secret::Secret::new(url), password: None }
+    }
+
+    /// Three replicas starting at once on an empty database: the advisory lock makes them take
+    /// turns (without it two `CREATE TABLE`s race and one replica fails to start).
+    #[test]
+    fn replicas_starting_at_once_migrate_once() {
+        let Some((cluster, db)) = pg_or_skip("replicas_starting_at_once_migrate_once") else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let url = cluster.url(&db);
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(3));
+        let threads: Vec<_> = (0..3)
+            .map(|_| {
+                let (url, dir, barrier) = (url.clone(), dir.path().to_path_buf(), barrier.clone());
+                std::thread::spawn(move || {
+                    let pool = PgPool::new(&options(url)).unwrap();
+                    barrier.wait();
+                    pool.prepare(&dir)
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap().unwrap();
+        }
+        let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        let rows = client.query("SELECT version FROM executor_schema", &[]).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].get::<_, i64>(0), MIGRATIONS.len() as i64);
+    }
+
+    /// Eight replicas dequeueing 200 jobs at once: each job goes out once, and no dequeue comes
+    /// back empty while jobs are queued (`SKIP LOCKED` passes over the rows others hold; plain
+    /// `FOR UPDATE` would wait and then find the job taken).
+    #[test]
+    fn concurrent_dequeues_each_get_another_job() {
+        let Some(pool) = testing::pg_pool("concurrent_dequeues_each_get_another_job") else { return };
+        let mut s = Store::postgres(pool.clone());
+        for _ in 0..200 {
+            s.submit("batches", "{}", "r", 1).unwrap();
+        }
+        drop(s);
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let (pool, barrier) = (pool.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    let mut got = Vec::new();
+                    for _ in 0..25 {
+                        let mut s = Store::postgres(pool.clone());
+                        let d = s.dequeue(&["batches".to_string()], &format!("e{i}"), 2, |_| 1).unwrap();
+                        got.push(d.expect("a job was queued but the dequeue came back empty").id);
+                    }
+                    got
+                })
+            })
+            .collect();
+        let mut all: Vec<i64> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+        all.sort();
+        assert_eq!(all, (1..=200).collect::<Vec<i64>>(), "every job exactly once");
+    }
+
+    /// A job row another replica holds locked (mid-dequeue) is passed over, not waited for.
+    #[test]
+    fn a_dequeue_passes_over_a_locked_job() {
+        let Some((cluster, db)) = pg_or_skip("a_dequeue_passes_over_a_locked_job") else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let pool = PgPool::new(&options(cluster.url(&db))).unwrap();
+        pool.prepare(dir.path()).unwrap();
+        let mut s = Store::postgres(pool.clone());
+        let (a, b) = (s.submit("batches", "{}", "r", 0).unwrap(), s.submit("batches", "{}", "r", 0).unwrap());
+        let mut other = postgres::Client::connect(&cluster.url(&db), postgres::NoTls).unwrap();
+        let mut held = other.transaction().unwrap();
+        held.query("SELECT id FROM jobs WHERE id = $1 FOR UPDATE", &[&a]).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(s.dequeue(&["batches".to_string()], "e", 1, |_| 1).map(|d| d.map(|d| d.id)));
+        });
+        // A dequeue that waited for the lock would answer only after the rollback below.
+        let got = rx.recv_timeout(std::time::Duration::from_secs(20));
+        held.rollback().unwrap();
+        assert_eq!(got.expect("the dequeue waited for the locked row").unwrap(), Some(b));
+    }
+
+    /// The `LISTEN` thread wakes its replica once it listens, then for every job another
+    /// replica queues (a submit here, through the pool, as another replica's would be).
+    #[test]
+    fn a_submit_elsewhere_wakes_the_listener() {
+        let Some(pool) = testing::pg_pool("a_submit_elsewhere_wakes_the_listener") else { return };
+        let (tx, rx) = std::sync::mpsc::channel();
+        pg::spawn_listener(&pool, move || {
+            let _ = tx.send(());
+        })
+        .unwrap();
+        let wait = std::time::Duration::from_secs(20);
+        rx.recv_timeout(wait).expect("no wake-up once listening");
+        let mut s = Store::postgres(pool);
+        s.submit("batches", "{}", "r", 1).unwrap();
+        rx.recv_timeout(wait).expect("no wake-up for the submit");
+        let a = s.dequeue(&["batches".to_string()], "e", 2, |_| 1).unwrap().unwrap().id;
+        while rx.try_recv().is_ok() {}
+        s.mark(a, "e", &Outcome::Errored("again".into()), 5, 3).unwrap();
+        rx.recv_timeout(wait).expect("no wake-up for a retried job");
+    }
+
+    /// While another replica holds the sweep lock a sweep does nothing; then it resets.
+    #[test]
+    fn one_replica_at_a_time_sweeps() {
+        let Some((cluster, db)) = pg_or_skip("one_replica_at_a_time_sweeps") else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let pool = PgPool::new(&options(cluster.url(&db))).unwrap();
+        pool.prepare(dir.path()).unwrap();
+        let mut s = Store::postgres(pool.clone());
+        let a = s.submit("batches", "{}", "r", 0).unwrap();
+        s.dequeue(&["batches".to_string()], "e", 10, |_| 1).unwrap().unwrap();
+        let mut other = postgres::Client::connect(&cluster.url(&db), postgres::NoTls).unwrap();
+        other.batch_execute(&format!("SELECT pg_advisory_lock({})", pg::SWEEP_LOCK)).unwrap();
+        assert_eq!(s.reset_stalled(100, 2, "25s", 100).unwrap(), vec![]);
+        assert_eq!(s.state(a).unwrap(), Some(JobState::Processing));
+        other.batch_execute(&format!("SELECT pg_advisory_unlock({})", pg::SWEEP_LOCK)).unwrap();
+        let r = s.reset_stalled(100, 2, "25s", 100).unwrap();
+        assert_eq!(r, vec![Reset { id: a, queue: "batches".into(), new_state: JobState::Queued }]);
+    }
+
+    /// A replica whose data directory lacks the database's marker refuses to start.
+    #[test]
+    fn a_replica_on_another_data_directory_is_refused() {
+        let Some((cluster, db)) = pg_or_skip("a_replica_on_another_data_directory_is_refused") else {
+            return;
+        };
+        let (shared, local) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let pool = PgPool::new(&options(cluster.url(&db))).unwrap();
+        pool.prepare(shared.path()).unwrap();
+        pool.prepare(shared.path()).unwrap();
+        let err = pool.prepare(local.path()).unwrap_err();
+        assert!(matches!(err, StoreError::Marker(_)), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("does not exist") && text.contains("shared directory"), "{text}");
+        std::fs::write(local.path().join(pg::MARKER_FILE), "0123\n").unwrap();
+        assert!(pool.prepare(local.path()).unwrap_err().to_string().contains("another database"));
+    }
+
+    /// No server: a store call fails as `Unavailable`, naming the database but not the password.
+    #[test]
+    fn an_unreachable_database_is_unavailable_without_the_password() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let url = format!("postgres://queue:hunter2-password@127.0.0.1:{port}/jobsdb");
+        let opts = options(url);
+        assert_eq!(format!("{opts:?}"), format!("PgOptions(127.0.0.1:{port}/jobsdb)"));
+        let mut s = Store::postgres(PgPool::new(&opts).unwrap());
+        let err = s.state(1).unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{text}");
+        assert!(text.contains(&format!("127.0.0.1:{port}/jobsdb")) && !text.contains("hunter2"), "{text}");
+        let tls = options("postgres://queue@db.example/x?sslmode=require".into());
+        assert!(tls.config().unwrap_err().contains("no TLS client"));
+        let bad = options("postgres://queue:hunter2-password@127.0.0.1:notaport/x".into());
+        let why = bad.config().unwrap_err();
+        assert!(!why.contains("hunter2"), "{why}");
     }
 }

@@ -14,8 +14,7 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::{read_limited, Shared};
 
@@ -35,15 +34,12 @@ const FORM_LIMIT: usize = 16 * 1024;
 #[derive(Clone)]
 struct Session {
     csrf: String,
-    expires: Instant,
 }
 
-/// The server-side sessions, by the SHA-256 of the cookie's value (a leaked table does not
-/// leak cookies). Kept in memory: a restart signs everyone out.
-#[derive(Default)]
-pub(super) struct Sessions {
-    map: Mutex<HashMap<[u8; 32], Session>>,
-}
+/// The server-side sessions, in the store by the SHA-256 of the cookie's value (a leaked table
+/// does not leak cookies): every replica on one PostgreSQL database knows every sign-in, and a
+/// restart signs no one out.
+pub(super) struct Sessions;
 
 fn random_hex(bytes: usize) -> String {
     use rand::RngCore;
@@ -52,30 +48,31 @@ fn random_hex(bytes: usize) -> String {
     hex::encode(raw)
 }
 
+fn session_digest(id: &str) -> String {
+    hex::encode(super::auth::digest(id.as_bytes()))
+}
+
 impl Sessions {
     /// Opens a session; returns (cookie value, CSRF token).
-    fn open(&self) -> (String, String) {
+    async fn open(app: &Shared) -> super::HttpResult<(String, String)> {
         let (id, csrf) = (random_hex(32), random_hex(32));
-        let now = Instant::now();
-        if let Ok(mut map) = self.map.lock() {
-            map.retain(|_, s| s.expires > now);
-            map.insert(
-                super::auth::digest(id.as_bytes()),
-                Session { csrf: csrf.clone(), expires: now + SESSION_TTL },
-            );
-        }
-        (id, csrf)
+        let now = crate::server::store::now_ms();
+        let expires = now + SESSION_TTL.as_millis() as i64;
+        let (digest, c) = (session_digest(&id), csrf.clone());
+        super::db(app, move |s| s.open_session(&digest, &c, expires, now)).await?;
+        Ok((id, csrf))
     }
 
-    fn get(&self, id: &str) -> Option<Session> {
-        let map = self.map.lock().ok()?;
-        map.get(&super::auth::digest(id.as_bytes())).filter(|s| s.expires > Instant::now()).cloned()
+    async fn get(app: &Shared, id: &str) -> super::HttpResult<Option<Session>> {
+        let digest = session_digest(id);
+        let now = crate::server::store::now_ms();
+        let csrf = super::db(app, move |s| s.session(&digest, now)).await?;
+        Ok(csrf.map(|csrf| Session { csrf }))
     }
 
-    fn close(&self, id: &str) {
-        if let Ok(mut map) = self.map.lock() {
-            map.remove(&super::auth::digest(id.as_bytes()));
-        }
+    async fn close(app: &Shared, id: &str) -> super::HttpResult<()> {
+        let digest = session_digest(id);
+        super::db(app, move |s| s.close_session(&digest)).await
     }
 }
 
@@ -110,7 +107,8 @@ impl FromRequestParts<Shared> for ConsoleSession {
 
     async fn from_request_parts(parts: &mut Parts, app: &Shared) -> Result<Self, Response> {
         let id = cookie_value(&parts.headers).ok_or_else(|| see_other("/admin/"))?;
-        let s = app.console.get(&id).ok_or_else(|| see_other("/admin/"))?;
+        let s = Sessions::get(app, &id).await.map_err(IntoResponse::into_response)?;
+        let s = s.ok_or_else(|| see_other("/admin/"))?;
         Ok(ConsoleSession { id, csrf: s.csrf })
     }
 }
@@ -188,15 +186,15 @@ fn set_cookie(value: Option<&str>, tls: bool) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn sessions_open_close_and_compare() {
-        let s = Sessions::default();
-        let (id, csrf) = s.open();
+    #[tokio::test]
+    async fn sessions_open_close_and_compare() {
+        let app = crate::server::http::App::for_tests();
+        let (id, csrf) = Sessions::open(&app).await.unwrap();
         assert_eq!((id.len(), csrf.len()), (64, 64));
-        assert_eq!(s.get(&id).map(|x| x.csrf), Some(csrf.clone()));
-        assert!(s.get(&csrf).is_none());
-        s.close(&id);
-        assert!(s.get(&id).is_none());
+        assert_eq!(Sessions::get(&app, &id).await.unwrap().map(|x| x.csrf), Some(csrf.clone()));
+        assert!(Sessions::get(&app, &csrf).await.unwrap().is_none());
+        Sessions::close(&app, &id).await.unwrap();
+        assert!(Sessions::get(&app, &id).await.unwrap().is_none());
         assert!(same("abc", "abc") && !same("abc", "abd"));
     }
 

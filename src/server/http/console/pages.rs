@@ -86,7 +86,14 @@ fn sign_in_page(error: Option<&str>) -> String {
 
 /// `GET /admin/`: the jobs when signed in, else the sign-in form.
 pub(in crate::server::http) async fn home(State(app): State<Shared>, headers: HeaderMap) -> Response {
-    match super::cookie_value(&headers).and_then(|id| app.console.get(&id)) {
+    let session = match super::cookie_value(&headers) {
+        Some(id) => match super::Sessions::get(&app, &id).await {
+            Ok(s) => s,
+            Err(e) => return e.into_response(),
+        },
+        None => None,
+    };
+    match session {
         Some(_) => see_other("/admin/jobs"),
         None => page_response(StatusCode::OK, sign_in_page(None)),
     }
@@ -106,7 +113,10 @@ pub(in crate::server::http) async fn sign_in(State(app): State<Shared>, body: Bo
     if !super::super::auth::secret_matches(&token, &app.admin_digest) {
         return page_response(StatusCode::FORBIDDEN, sign_in_page(Some("invalid admin token")));
     }
-    let (id, _csrf) = app.console.open();
+    let (id, _csrf) = match super::Sessions::open(&app).await {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
     let mut resp = see_other("/admin/jobs");
     if let Ok(v) = HeaderValue::from_str(&set_cookie(Some(&id), app.cfg.tls.is_some())) {
         resp.headers_mut().insert(header::SET_COOKIE, v);
@@ -123,7 +133,9 @@ pub(in crate::server::http) async fn sign_out(
     if let Err(refused) = s.form(body).await {
         return refused;
     }
-    app.console.close(&s.id);
+    if let Err(e) = super::Sessions::close(&app, &s.id).await {
+        return e.into_response();
+    }
     let mut resp = see_other("/admin/");
     if let Ok(v) = HeaderValue::from_str(&set_cookie(None, app.cfg.tls.is_some())) {
         resp.headers_mut().insert(header::SET_COOKIE, v);

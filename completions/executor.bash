@@ -373,7 +373,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__complete)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --image-pull --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -507,6 +507,10 @@ _executor() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --workspace-templates)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --image-pull)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -555,7 +559,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__dequeue)
-            opts="-o -h -V --output --wait --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --image-pull --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --help --version"
+            opts="-o -h -V --output --wait --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -682,6 +686,10 @@ _executor() {
                     return 0
                     ;;
                 --git-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --workspace-templates)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1623,7 +1631,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__janitor)
-            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --image-pull --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --help --version"
+            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1738,6 +1746,10 @@ _executor() {
                     return 0
                     ;;
                 --git-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --workspace-templates)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1789,7 +1801,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__loop)
-            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --image-pull --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --help --version"
+            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1907,6 +1919,10 @@ _executor() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --workspace-templates)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --image-pull)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -1955,7 +1971,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__prepare__subcmd__workspace)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --image-pull --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2086,6 +2102,10 @@ _executor() {
                     return 0
                     ;;
                 --git-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --workspace-templates)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2901,7 +2921,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__run__subcmd__steps)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --image-pull --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -3032,6 +3052,10 @@ _executor() {
                     return 0
                     ;;
                 --git-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --workspace-templates)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -3133,7 +3157,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__upload)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --image-pull --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -3264,6 +3288,10 @@ _executor() {
                     return 0
                     ;;
                 --git-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --workspace-templates)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -3315,7 +3343,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__validate)
-            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --image-pull --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --help --version"
+            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -3433,6 +3461,10 @@ _executor() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --workspace-templates)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --image-pull)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -3481,7 +3513,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__vm__subcmd__boot)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --image-pull --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -3612,6 +3644,10 @@ _executor() {
                     return 0
                     ;;
                 --git-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --workspace-templates)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

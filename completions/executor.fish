@@ -217,6 +217,7 @@ complete -c executor -n "__fish_executor_using_subcommand dequeue" -l shutdown-g
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l workspace-templates -d 'How many workspace templates (one per repository: its workspace disk right after a clean checkout, which the next job\'s disk is copied from) to keep; 0 for none [default: 8]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l image-pull -d 'When vm-boot pulls a job\'s images from their registry: missing, always or never [default: missing]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
@@ -259,6 +260,7 @@ complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l 
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l workspace-templates -d 'How many workspace templates (one per repository: its workspace disk right after a clean checkout, which the next job\'s disk is copied from) to keep; 0 for none [default: 8]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l image-pull -d 'When vm-boot pulls a job\'s images from their registry: missing, always or never [default: missing]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
@@ -301,6 +303,7 @@ complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l shutdown-g
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l workspace-templates -d 'How many workspace templates (one per repository: its workspace disk right after a clean checkout, which the next job\'s disk is copied from) to keep; 0 for none [default: 8]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l image-pull -d 'When vm-boot pulls a job\'s images from their registry: missing, always or never [default: missing]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
@@ -343,6 +346,7 @@ complete -c executor -n "__fish_executor_using_subcommand run-steps" -l shutdown
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l workspace-templates -d 'How many workspace templates (one per repository: its workspace disk right after a clean checkout, which the next job\'s disk is copied from) to keep; 0 for none [default: 8]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l image-pull -d 'When vm-boot pulls a job\'s images from their registry: missing, always or never [default: missing]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
@@ -385,6 +389,7 @@ complete -c executor -n "__fish_executor_using_subcommand upload" -l shutdown-gr
 complete -c executor -n "__fish_executor_using_subcommand upload" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l workspace-templates -d 'How many workspace templates (one per repository: its workspace disk right after a clean checkout, which the next job\'s disk is copied from) to keep; 0 for none [default: 8]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l image-pull -d 'When vm-boot pulls a job\'s images from their registry: missing, always or never [default: missing]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
@@ -427,6 +432,7 @@ complete -c executor -n "__fish_executor_using_subcommand complete" -l shutdown-
 complete -c executor -n "__fish_executor_using_subcommand complete" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l workspace-templates -d 'How many workspace templates (one per repository: its workspace disk right after a clean checkout, which the next job\'s disk is copied from) to keep; 0 for none [default: 8]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l image-pull -d 'When vm-boot pulls a job\'s images from their registry: missing, always or never [default: missing]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
@@ -467,6 +473,7 @@ complete -c executor -n "__fish_executor_using_subcommand loop" -l shutdown-grac
 complete -c executor -n "__fish_executor_using_subcommand loop" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l workspace-templates -d 'How many workspace templates (one per repository: its workspace disk right after a clean checkout, which the next job\'s disk is copied from) to keep; 0 for none [default: 8]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l image-pull -d 'When vm-boot pulls a job\'s images from their registry: missing, always or never [default: missing]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
@@ -507,6 +514,7 @@ complete -c executor -n "__fish_executor_using_subcommand run" -l shutdown-grace
 complete -c executor -n "__fish_executor_using_subcommand run" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l workspace-templates -d 'How many workspace templates (one per repository: its workspace disk right after a clean checkout, which the next job\'s disk is copied from) to keep; 0 for none [default: 8]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l image-pull -d 'When vm-boot pulls a job\'s images from their registry: missing, always or never [default: missing]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
@@ -547,6 +555,7 @@ complete -c executor -n "__fish_executor_using_subcommand validate" -l shutdown-
 complete -c executor -n "__fish_executor_using_subcommand validate" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l workspace-templates -d 'How many workspace templates (one per repository: its workspace disk right after a clean checkout, which the next job\'s disk is copied from) to keep; 0 for none [default: 8]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l image-pull -d 'When vm-boot pulls a job\'s images from their registry: missing, always or never [default: missing]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
@@ -587,6 +596,7 @@ complete -c executor -n "__fish_executor_using_subcommand janitor" -l shutdown-g
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l workspace-templates -d 'How many workspace templates (one per repository: its workspace disk right after a clean checkout, which the next job\'s disk is copied from) to keep; 0 for none [default: 8]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l image-pull -d 'When vm-boot pulls a job\'s images from their registry: missing, always or never [default: missing]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r

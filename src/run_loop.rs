@@ -130,6 +130,10 @@ pub fn janitor_pass(settings: &Settings, me: &str, live: &HashSet<String>) -> Re
     let _lock = crate::workspace::janitor_lock(&settings.state_dir, true)?;
     let (removed, claimed) = crate::workspace::sweep(&settings.workspaces_dir(), me, live, grace)?;
     let mut out: Vec<String> = removed.iter().map(|p| format!("workspace {}", p.display())).collect();
+    match settings.templates().sweep() {
+        Ok(gone) => out.extend(gone.iter().map(|p| format!("workspace template file {}", p.display()))),
+        Err(e) => out.push(format!("workspace template janitor failed: {e:#}")),
+    }
     for name in RuntimeKind::ALL {
         if let Ok(rt) = crate::sandbox::open(name, &settings.runtime_options()) {
             match rt.janitor(&settings.vm_prefix, &claimed) {

@@ -159,6 +159,12 @@ pub fn run(settings: Settings) -> Result<i32> {
         ui.log(crate::sandbox::shell::WARNING);
     }
     let sig = signals()?;
+    // Made once, before the first job needs it; a failure only means the first job runs mkfs.
+    if let Err(e) =
+        crate::workspace::prepare_blank_disk(&settings.workspaces_dir(), settings.limits().disk_bytes)
+    {
+        ui.log(&format!("could not make the blank workspace disk ahead: {e:#}"));
+    }
     ui.log(&format!(
         "executor {name} polling {} at {} ({} runtime, up to {} jobs)",
         settings.queues.join(","),

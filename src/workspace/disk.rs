@@ -147,11 +147,21 @@ fn attach(ws: &Path, md: &std::fs::Metadata) -> Result<()> {
         // would write them all out into the sparse image. nobarrier: an fsync in the workspace
         // (git writing a ref, a job's build) does not make the loop device fsync the whole image
         // file to the host's disk; a workspace never outlives a crash of its host anyway.
-        run(crate::base::proc::command("mount")
-            .args(["-t", "ext4", "-o", "loop,nosuid,nodev,noinit_itable,nobarrier"])
-            .arg(&img)
-            .arg(ws))
-        .with_context(|| format!("mounting {} on {}", img.display(), ws.display()))?;
+        // What `mount -o loop` does, without a process: a loop device that goes with its last
+        // user (the mount, once the fd below is closed).
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&img)
+            .with_context(|| format!("opening {}", img.display()))?;
+        let (dev, held) = crate::base::sys::loop_attach(&file)
+            .with_context(|| format!("attaching {} to a loop device", img.display()))?;
+        drop(file);
+        let flags = nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV;
+        nix::mount::mount(Some(&dev), ws, Some("ext4"), flags, Some("noinit_itable,nobarrier"))
+            .with_context(|| format!("mounting {} ({}) on {}", img.display(), dev.display(), ws.display()))?;
+        drop(held);
         // The job sees an empty workspace, as without a disk (a template has none left).
         let lf = ws.join("lost+found");
         match std::fs::remove_dir(&lf) {

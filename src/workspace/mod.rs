@@ -97,6 +97,17 @@ pub fn templates_dir(workspaces_dir: &Path) -> PathBuf {
     workspaces_dir.with_file_name("templates")
 }
 
+/// Makes the blank disk image for workspaces of `disk_bytes` ahead of the first job (see
+/// [`disk::blank_image`]), where workspaces get a disk: `executor loop` calls it as it starts, so
+/// that no job waits for mkfs. Nothing to do without a cap or without root.
+pub fn prepare_blank_disk(workspaces_dir: &Path, disk_bytes: u64) -> Result<()> {
+    if disk_bytes < disk::MIN_DISK_BYTES || !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    // The workspaces' root directories are root's (created by this executor, as root).
+    disk::blank_image(&templates_dir(workspaces_dir), disk_bytes, 0, 0).map(|_| ())
+}
+
 /// [`create_for_job`], whose disk starts as a copy of the job's template when there is one
 /// (returned, for [`clone_repository_with`]), and otherwise as a copy of a blank image (see
 /// [`disk::blank_image`]). A template that cannot be copied or mounted is left aside with a line

@@ -12,8 +12,8 @@
 //! - Each has a lock file: a copy holds it shared, making or replacing or evicting one holds it
 //!   exclusively (without waiting: a busy template is left alone), so two jobs of one repository
 //!   at once both work, and no reader ever sees half a template.
-//! - The name of a template covers the repository, its directory in the workspace, the disk
-//!   size and [`disk::FORMAT`]: a change of the disk limit or of the way disks are made never
+//! - The name of a template covers the repository, its directory in the workspace, whether the
+//!   job fetches all tags, the disk size and [`disk::FORMAT`]: a change of the disk limit or of the way disks are made never
 //!   uses an old template.
 
 use anyhow::{Context, Result};
@@ -99,6 +99,9 @@ impl Templates {
             &job.repository_name,
             &repository_directory,
             &disk_bytes.to_string(),
+            // A template from a `--tags` fetch holds every tag; one from a plain fetch, only
+            // those git followed: each kind of job gets what a clone of its own would have.
+            if job.fetch_tags { "tags" } else { "" },
         ] {
             h.update(part.as_bytes());
             h.update(b"\0");
@@ -296,6 +299,9 @@ mod tests {
         assert_eq!(Some(base.clone()), t.key("http://c", &job("r", &c), 1 << 30).map(|k| k.name));
         assert_ne!(Some(base.clone()), k(&job("s", &c), 1 << 30));
         assert_ne!(Some(base.clone()), k(&job("r", &c), 2 << 30), "another disk size");
+        let mut tags = job("r", &c);
+        tags.fetch_tags = true;
+        assert_ne!(Some(base.clone()), k(&tags, 1 << 30));
         let mut sub = job("r", &c);
         sub.repository_directory = "src".into();
         assert_ne!(Some(base), k(&sub, 1 << 30));
@@ -358,6 +364,37 @@ mod tests {
         let tiny = Templates { max_bytes: 1024, ..t.clone() };
         assert_eq!(tiny.evict().unwrap(), vec![keys[1].name.clone()]);
         assert_eq!(std::fs::read_dir(&t.dir).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn the_janitor_removes_a_dead_makers_old_temporary_files_only() {
+        let d = tempfile::tempdir().unwrap();
+        let t = Templates::new(d.path().join("t"), 4, 1 << 30);
+        std::fs::create_dir_all(&t.dir).unwrap();
+        let old_tmp = t.dir.join(".abc.tmp-123");
+        let old_blank = t.dir.join(".blank-456.tmp");
+        let new_tmp = t.dir.join(".abc.tmp-789");
+        let blank = t.dir.join("blank-0123.img");
+        for p in [&old_tmp, &old_blank, &new_tmp, &blank] {
+            std::fs::write(p, "x").unwrap();
+        }
+        let long_ago = nix::sys::time::TimeSpec::new(1_000_000, 0);
+        for p in [&old_tmp, &old_blank, &blank] {
+            nix::sys::stat::utimensat(
+                None,
+                p,
+                &long_ago,
+                &long_ago,
+                nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+            )
+            .unwrap();
+        }
+        let mut removed = t.sweep().unwrap();
+        removed.sort();
+        let mut want = vec![old_tmp.clone(), old_blank.clone()];
+        want.sort();
+        assert_eq!(removed, want);
+        assert!(new_tmp.exists() && blank.exists(), "a maker at work and the blank image stay");
     }
 
     #[test]

@@ -227,6 +227,7 @@ complete -c executor -n "__fish_executor_using_subcommand dequeue" -l shutdown-g
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l workspace-templates -d 'How many workspace templates (one per repository: its workspace disk right after a clean checkout, which the next job\'s disk is copied from) to keep; 0 for none [default: 8]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l image-pull -d 'When vm-boot pulls a job\'s images from their registry: missing, always or never [default: missing]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l image-cache-size -d 'The most the image store may take on disk; least recently used pulled images beyond it are removed by the janitor and `image prune` [default: no budget]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
@@ -272,6 +273,7 @@ complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l 
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l workspace-templates -d 'How many workspace templates (one per repository: its workspace disk right after a clean checkout, which the next job\'s disk is copied from) to keep; 0 for none [default: 8]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l image-pull -d 'When vm-boot pulls a job\'s images from their registry: missing, always or never [default: missing]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l image-cache-size -d 'The most the image store may take on disk; least recently used pulled images beyond it are removed by the janitor and `image prune` [default: no budget]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
@@ -317,6 +319,7 @@ complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l shutdown-g
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l workspace-templates -d 'How many workspace templates (one per repository: its workspace disk right after a clean checkout, which the next job\'s disk is copied from) to keep; 0 for none [default: 8]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l image-pull -d 'When vm-boot pulls a job\'s images from their registry: missing, always or never [default: missing]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l image-cache-size -d 'The most the image store may take on disk; least recently used pulled images beyond it are removed by the janitor and `image prune` [default: no budget]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
@@ -362,6 +365,7 @@ complete -c executor -n "__fish_executor_using_subcommand run-steps" -l shutdown
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l workspace-templates -d 'How many workspace templates (one per repository: its workspace disk right after a clean checkout, which the next job\'s disk is copied from) to keep; 0 for none [default: 8]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l image-pull -d 'When vm-boot pulls a job\'s images from their registry: missing, always or never [default: missing]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l image-cache-size -d 'The most the image store may take on disk; least recently used pulled images beyond it are removed by the janitor and `image prune` [default: no budget]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
@@ -407,6 +411,7 @@ complete -c executor -n "__fish_executor_using_subcommand upload" -l shutdown-gr
 complete -c executor -n "__fish_executor_using_subcommand upload" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l workspace-templates -d 'How many workspace templates (one per repository: its workspace disk right after a clean checkout, which the next job\'s disk is copied from) to keep; 0 for none [default: 8]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l image-pull -d 'When vm-boot pulls a job\'s images from their registry: missing, always or never [default: missing]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l image-cache-size -d 'The most the image store may take on disk; least recently used pulled images beyond it are removed by the janitor and `image prune` [default: no budget]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
@@ -452,6 +457,7 @@ complete -c executor -n "__fish_executor_using_subcommand complete" -l shutdown-
 complete -c executor -n "__fish_executor_using_subcommand complete" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l workspace-templates -d 'How many workspace templates (one per repository: its workspace disk right after a clean checkout, which the next job\'s disk is copied from) to keep; 0 for none [default: 8]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l image-pull -d 'When vm-boot pulls a job\'s images from their registry: missing, always or never [default: missing]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l image-cache-size -d 'The most the image store may take on disk; least recently used pulled images beyond it are removed by the janitor and `image prune` [default: no budget]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
@@ -495,6 +501,7 @@ complete -c executor -n "__fish_executor_using_subcommand loop" -l shutdown-grac
 complete -c executor -n "__fish_executor_using_subcommand loop" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l workspace-templates -d 'How many workspace templates (one per repository: its workspace disk right after a clean checkout, which the next job\'s disk is copied from) to keep; 0 for none [default: 8]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l image-pull -d 'When vm-boot pulls a job\'s images from their registry: missing, always or never [default: missing]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l image-cache-size -d 'The most the image store may take on disk; least recently used pulled images beyond it are removed by the janitor and `image prune` [default: no budget]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
@@ -538,6 +545,7 @@ complete -c executor -n "__fish_executor_using_subcommand run" -l shutdown-grace
 complete -c executor -n "__fish_executor_using_subcommand run" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l workspace-templates -d 'How many workspace templates (one per repository: its workspace disk right after a clean checkout, which the next job\'s disk is copied from) to keep; 0 for none [default: 8]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l image-pull -d 'When vm-boot pulls a job\'s images from their registry: missing, always or never [default: missing]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l image-cache-size -d 'The most the image store may take on disk; least recently used pulled images beyond it are removed by the janitor and `image prune` [default: no budget]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
@@ -581,6 +589,7 @@ complete -c executor -n "__fish_executor_using_subcommand validate" -l shutdown-
 complete -c executor -n "__fish_executor_using_subcommand validate" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l workspace-templates -d 'How many workspace templates (one per repository: its workspace disk right after a clean checkout, which the next job\'s disk is copied from) to keep; 0 for none [default: 8]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l image-pull -d 'When vm-boot pulls a job\'s images from their registry: missing, always or never [default: missing]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l image-cache-size -d 'The most the image store may take on disk; least recently used pulled images beyond it are removed by the janitor and `image prune` [default: no budget]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
@@ -624,6 +633,7 @@ complete -c executor -n "__fish_executor_using_subcommand janitor" -l shutdown-g
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l workspace-templates -d 'How many workspace templates (one per repository: its workspace disk right after a clean checkout, which the next job\'s disk is copied from) to keep; 0 for none [default: 8]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l image-pull -d 'When vm-boot pulls a job\'s images from their registry: missing, always or never [default: missing]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l image-cache-size -d 'The most the image store may take on disk; least recently used pulled images beyond it are removed by the janitor and `image prune` [default: no budget]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r

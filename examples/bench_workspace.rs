@@ -1,8 +1,10 @@
 //! Benchmark behind `scripts/bench-workspace`: a sizeable repository (thousands of files and
 //! commits, made with `git fast-import`) served by a running coordinator. Prints, in one run:
 //! plain git (init + fetch of the commit + checkout) through the coordinator's git route, which is
-//! `git http-backend` behind a token check; our `prepare-workspace` cold (empty object cache); and
-//! a second job on the same repository, one commit later, with the cache (warm).
+//! `git http-backend` behind a token check; our `prepare-workspace` cold (empty object cache, no
+//! template); a second job on the same repository, one commit later, with the object cache only
+//! (`EXECUTOR_WORKSPACE_TEMPLATES=0`: the warm clone before templates); and the same with the
+//! workspace template the cold job made (when the executor runs as root, with a workspace disk).
 //!
 //! Environment: BENCH_URL, BENCH_SECRET, BENCH_ADMIN_TOKEN, BENCH_BIN (the executor binary),
 //! BENCH_WORK (a scratch directory), BENCH_FILES (4000), BENCH_COMMITS (2000), BENCH_RUNS (3).
@@ -98,10 +100,11 @@ impl Ctx {
         v["id"].as_i64().ok_or_else(|| "no id".into())
     }
 
-    fn exec(&self, state: &Path, args: &[&str]) -> Res<Duration> {
+    fn exec(&self, state: &Path, args: &[&str], templates: bool) -> Res<Duration> {
         let t = Instant::now();
         let o = Command::new(&self.bin)
             .args(args)
+            .env("EXECUTOR_WORKSPACE_TEMPLATES", if templates { "8" } else { "0" })
             .env("EXECUTOR_FRONTEND_URL", &self.url)
             .env("EXECUTOR_FRONTEND_PASSWORD", &self.secret)
             .env("EXECUTOR_QUEUE_NAME", "batches")
@@ -138,13 +141,13 @@ impl Ctx {
     }
 
     /// dequeue, then a timed prepare-workspace, then complete.
-    fn ours(&self, state: &Path, commit: &str) -> Res<Duration> {
+    fn ours(&self, state: &Path, commit: &str, templates: bool) -> Res<Duration> {
         let id = self.submit(commit)?;
         let doc = state.join("doc.json");
         let d = doc.to_string_lossy().into_owned();
-        self.exec(state, &["dequeue", "-o", &d])?;
-        let took = self.exec(state, &["prepare-workspace", "-i", &d, "-o", &d])?;
-        self.exec(state, &["complete", "-i", &d, "-o", &d])?;
+        self.exec(state, &["dequeue", "-o", &d], templates)?;
+        let took = self.exec(state, &["prepare-workspace", "-i", &d, "-o", &d], templates)?;
+        self.exec(state, &["complete", "-i", &d, "-o", &d], templates)?;
         if std::env::var_os("BENCH_VERBOSE").is_some() {
             println!("  job {id}: {} ms: {}", took.as_millis(), self.entries(id)?);
         }
@@ -253,31 +256,41 @@ fn main() -> Res<()> {
         return Err(format!("repo add: {}", String::from_utf8_lossy(&o.stderr)).into());
     }
 
-    let (mut plain, mut cold, mut warm) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut plain, mut cold, mut warm, mut tmpl) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..runs {
         plain.push(ctx.plain(&work, &c1, run).map_err(|e| format!("plain git: {e}"))?);
+        // Two executor hosts: one without templates (the warm clone before them), one with.
         let state = work.join(format!("state-{run}"));
-        std::fs::create_dir_all(&state).map_err(|e| format!("creating {}: {e}", state.display()))?;
-        cold.push(ctx.ours(&state, &c1).map_err(|e| format!("cold: {e}"))?);
+        let state_t = work.join(format!("state-t-{run}"));
+        for s in [&state, &state_t] {
+            std::fs::create_dir_all(s).map_err(|e| format!("creating {}: {e}", s.display()))?;
+        }
+        cold.push(ctx.ours(&state, &c1, false).map_err(|e| format!("cold: {e}"))?);
+        ctx.ours(&state_t, &c1, true).map_err(|e| format!("cold, making the template: {e}"))?;
         // The next job on the repository, one commit later, on the same executor host.
         let f = repo.join(format!("src/new-{run}.txt"));
         std::fs::write(&f, format!("run {run}\n")).map_err(|e| format!("writing {}: {e}", f.display()))?;
         sh(&repo, &["add", "-A"], &[])?;
         sh(&repo, &["-c", "user.name=b", "-c", "user.email=b@b", "commit", "-q", "-m", "next"], &[])?;
         let c2 = sh(&repo, &["rev-parse", "HEAD"], &[])?;
-        warm.push(ctx.ours(&state, &c2).map_err(|e| format!("warm: {e}"))?);
+        warm.push(ctx.ours(&state, &c2, false).map_err(|e| format!("warm: {e}"))?);
+        tmpl.push(ctx.ours(&state_t, &c2, true).map_err(|e| format!("warm, template: {e}"))?);
         sh(&repo, &["reset", "-q", "--hard", &c1], &[])?;
         std::fs::remove_dir_all(&state)?;
+        std::fs::remove_dir_all(&state_t)?;
     }
-    let (p, c, w) = (median(plain.clone()), median(cold.clone()), median(warm.clone()));
+    let (p, c, w, t) =
+        (median(plain.clone()), median(cold.clone()), median(warm.clone()), median(tmpl.clone()));
     let list = |v: &[Duration]| {
         v.iter().map(|d| format!("{:.0}", d.as_secs_f64() * 1000.0)).collect::<Vec<_>>().join(", ")
     };
-    println!("runs: {runs} (medians; each run in ms)");
+    println!("runs: {runs} (medians; each run in ms; prepare-workspace includes its process start)");
     println!("plain git through the git route (baseline) {p:8.0} ms   [{}]", list(&plain));
     println!("prepare-workspace, cold cache               {c:8.0} ms   [{}]", list(&cold));
-    println!("prepare-workspace, warm (next commit)       {w:8.0} ms   [{}]", list(&warm));
+    println!("prepare-workspace, warm, object cache only  {w:8.0} ms   [{}]", list(&warm));
+    println!("prepare-workspace, warm, from the template  {t:8.0} ms   [{}]", list(&tmpl));
     println!("cold / plain = {:.2}x (goal <= 1.20x)", c / p);
     println!("cold / warm  = {:.2}x (goal >= 3x)", c / w);
+    println!("plain / template warm = {:.2}x (goal >= 10x)", p / t);
     Ok(())
 }

@@ -46,6 +46,7 @@ pub struct RawSettings {
     pub heartbeat_interval: Option<String>,
     pub artifacts_max_size: Option<String>,
     pub git_timeout: Option<String>,
+    pub workspace_templates: Option<String>,
     pub image_pull: Option<String>,
     pub docker_auth_config: Option<String>,
     pub registry_mirrors: Vec<String>,
@@ -107,6 +108,8 @@ pub struct Settings {
     pub artifacts_max_bytes: u64,
     /// Limit for each git command of a clone.
     pub git_timeout: Duration,
+    /// How many workspace templates (`docs/workspace.md`) to keep; 0 makes none.
+    pub workspace_templates: usize,
     /// When vm-boot pulls images (`EXECUTOR_IMAGE_PULL`).
     pub image_pull: crate::image::pull::PullPolicy,
     /// How pulls reach registries.
@@ -127,6 +130,12 @@ pub enum Needs {
 }
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/executor";
+
+/// Workspace templates kept by default (`EXECUTOR_WORKSPACE_TEMPLATES`).
+pub const DEFAULT_WORKSPACE_TEMPLATES: u64 = 8;
+
+/// The disk all workspace templates together may take.
+pub const WORKSPACE_TEMPLATES_MAX_BYTES: u64 = 8 << 30;
 
 impl Settings {
     /// Validates `raw`, reading the secret from `EXECUTOR_FRONTEND_PASSWORD` or the password file.
@@ -261,6 +270,11 @@ impl Settings {
             .max(Duration::from_millis(100)),
             artifacts_max_bytes,
             git_timeout: parse_duration_var("EXECUTOR_GIT_TIMEOUT", raw.git_timeout.as_deref(), "10m")?,
+            workspace_templates: parse_num(
+                "EXECUTOR_WORKSPACE_TEMPLATES",
+                raw.workspace_templates.as_deref(),
+                DEFAULT_WORKSPACE_TEMPLATES,
+            )? as usize,
             image_pull: crate::image::pull::PullPolicy::parse(raw.image_pull.as_deref().unwrap_or(""))?,
             pull: crate::image::pull::PullSettings::new(
                 raw.docker_auth_config.as_deref(),
@@ -347,6 +361,15 @@ impl Settings {
     /// Where job workspaces live.
     pub fn workspaces_dir(&self) -> PathBuf {
         self.state_dir.join("workspaces")
+    }
+
+    /// The workspace templates of this state directory, within their bounds.
+    pub fn templates(&self) -> crate::workspace::template::Templates {
+        crate::workspace::template::Templates::new(
+            crate::workspace::templates_dir(&self.workspaces_dir()),
+            self.workspace_templates,
+            WORKSPACE_TEMPLATES_MAX_BYTES,
+        )
     }
 }
 

@@ -144,6 +144,10 @@ pub fn janitor_pass_with(
     // Pool VMs (booted ahead of demand, no job yet) of executors that still live.
     claimed.extend(crate::sandbox::microvm::pool::live_members(&settings.runtime_options().sandboxes_dir())?);
     let mut out: Vec<String> = removed.iter().map(|p| format!("workspace {}", p.display())).collect();
+    match settings.templates().sweep() {
+        Ok(gone) => out.extend(gone.iter().map(|p| format!("workspace template file {}", p.display()))),
+        Err(e) => out.push(format!("workspace template janitor failed: {e:#}")),
+    }
     for name in RuntimeKind::ALL {
         if let Ok(rt) = crate::sandbox::open(name, &settings.runtime_options()) {
             match rt.janitor(&settings.vm_prefix, &claimed) {
@@ -180,6 +184,12 @@ pub fn run(settings: Settings) -> Result<i32> {
         ui.log(crate::sandbox::shell::WARNING);
     }
     let sig = signals()?;
+    // Made once, before the first job needs it; a failure only means the first job runs mkfs.
+    if let Err(e) =
+        crate::workspace::prepare_blank_disk(&settings.workspaces_dir(), settings.limits().disk_bytes)
+    {
+        ui.log(&format!("could not make the blank workspace disk ahead: {e:#}"));
+    }
     ui.log(&format!(
         "executor {name} polling {} at {} ({} runtime, up to {} jobs)",
         settings.queues.join(","),

@@ -321,6 +321,57 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Copies the regular file `from` into a new file `to` (created with `mode`, never replacing
+/// one) keeping its holes: only the data extents are copied, with `copy_file_range`, which shares
+/// the blocks instead where the filesystem can (XFS, btrfs reflinks) and copies them in the
+/// kernel where it cannot (ext4). Returns the bytes of data copied. A partial copy is removed.
+pub fn copy_sparse(from: &Path, to: &Path, mode: u32) -> Result<u64> {
+    use nix::unistd::{lseek, Whence};
+    let src = std::fs::File::open(from).with_context(|| format!("opening {}", from.display()))?;
+    let len = src.metadata().with_context(|| format!("inspecting {}", from.display()))?.len();
+    let dst = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(to)
+        .with_context(|| format!("creating {}", to.display()))?;
+    let res = (|| -> Result<u64> {
+        dst.set_len(len)?;
+        let mut copied = 0u64;
+        let mut pos: i64 = 0;
+        let end = len as i64;
+        while pos < end {
+            let data = match lseek(src.as_raw_fd(), pos, Whence::SeekData) {
+                Ok(d) => d,
+                // No data after `pos`: the rest is a hole.
+                Err(nix::errno::Errno::ENXIO) => break,
+                Err(e) => return Err(e.into()),
+            };
+            let hole = lseek(src.as_raw_fd(), data, Whence::SeekHole)?.min(end);
+            let (mut off_in, mut off_out) = (data, data);
+            while off_in < hole {
+                let want = (hole - off_in) as usize;
+                let n = nix::fcntl::copy_file_range(&src, Some(&mut off_in), &dst, Some(&mut off_out), want)?;
+                if n == 0 {
+                    bail!("{} shrank while it was copied", from.display());
+                }
+                copied += n as u64;
+            }
+            pos = hole;
+        }
+        Ok(copied)
+    })();
+    match res {
+        Ok(n) => Ok(n),
+        Err(e) => {
+            drop(dst);
+            let _ = std::fs::remove_file(to);
+            Err(e.context(format!("copying {} to {}", from.display(), to.display())))
+        }
+    }
+}
+
 fn system_time(t: chrono::DateTime<chrono::Utc>) -> std::time::SystemTime {
     std::time::UNIX_EPOCH
         + std::time::Duration::from_nanos(t.timestamp_nanos_opt().unwrap_or(0).max(0) as u64)
@@ -329,6 +380,29 @@ fn system_time(t: chrono::DateTime<chrono::Utc>) -> std::time::SystemTime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sparse_copies_keep_holes_and_never_replace() {
+        use std::io::{Seek, SeekFrom};
+        use std::os::unix::fs::MetadataExt;
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        let mut f = std::fs::File::create(&src).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.write_all(b"head").unwrap();
+        f.seek(SeekFrom::Start(32 << 20)).unwrap();
+        f.write_all(&[7u8; 8192]).unwrap();
+        drop(f);
+        let dst = d.path().join("dst");
+        assert!(copy_sparse(&src, &dst, 0o600).unwrap() >= 8196);
+        assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+        let md = std::fs::metadata(&dst).unwrap();
+        assert_eq!(md.len(), 64 << 20);
+        assert!(md.blocks() * 512 < 1 << 20, "the holes stay holes: {} bytes allocated", md.blocks() * 512);
+        assert_eq!(md.permissions().mode() & 0o777, 0o600);
+        assert!(copy_sparse(&src, &dst, 0o600).is_err(), "an existing file is never replaced");
+        assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+    }
 
     #[test]
     fn refuses_escapes() {

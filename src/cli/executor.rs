@@ -98,6 +98,10 @@ pub struct ConfigArgs {
     /// Limit for each git command of a clone [default: 10m]
     #[arg(long, env = "EXECUTOR_GIT_TIMEOUT", value_name = "DURATION")]
     pub git_timeout: Option<String>,
+    /// How many workspace templates (one per repository: its workspace disk right after a clean
+    /// checkout, which the next job's disk is copied from) to keep; 0 for none [default: 8]
+    #[arg(long, env = "EXECUTOR_WORKSPACE_TEMPLATES", value_name = "N")]
+    pub workspace_templates: Option<String>,
     /// When vm-boot pulls a job's images from their registry: missing, always or never
     /// [default: missing]
     #[arg(long, env = "EXECUTOR_IMAGE_PULL", value_name = "POLICY")]
@@ -159,6 +163,7 @@ impl ConfigArgs {
             heartbeat_interval: self.heartbeat_interval.clone(),
             artifacts_max_size: self.artifacts_max_size.clone(),
             git_timeout: self.git_timeout.clone(),
+            workspace_templates: self.workspace_templates.clone(),
             image_pull: self.image_pull.clone(),
             docker_auth_config: self.registry.docker_auth_config.clone(),
             registry_mirrors: self.registry.registry_mirror.clone(),

@@ -183,6 +183,97 @@ pub fn clone(req: &CloneRequest, log: &mut dyn CommandLog) -> Result<()> {
     Ok(())
 }
 
+/// The ref that names a template's commit during the fetch of [`clone_from_template`].
+const TEMPLATE_REF: &str = "refs/executor/template";
+
+/// Brings the repository at `req.dir`, a copy of a template (the pristine checkout of an earlier
+/// commit of the same repository, made by [`clone`] or by this function in an earlier job), to
+/// `req.commit`: origin is pointed at the coordinator (`setup.git.add-remote`), the fetch
+/// (`setup.git.fetch`, the contract's argv) negotiates with the template's commit so that only
+/// new objects travel, and the checkout writes only the files that differ between the two
+/// commits, its index being valid for the copy. The object cache is not involved.
+pub fn clone_from_template(req: &CloneRequest, log: &mut dyn CommandLog) -> Result<()> {
+    validate_repository_name(&req.repository_name)?;
+    validate_commit(&req.commit)?;
+    let url = remote_url(&req.frontend_url, &req.repository_name);
+    let git = Git { req, base_env: base_env(req) };
+    let r = req.dir.to_string_lossy().into_owned();
+    settle_index(&req.dir.join(".git").join("index"))?;
+    // Git offers the server only the commits of refs (not HEAD) as common ground; without this
+    // ref the coordinator would send the whole history again.
+    git.quiet(&["-C", &r, "update-ref", TEMPLATE_REF, "HEAD"])?;
+    git.run(log, "setup.git.add-remote", &["-C", &r, "remote", "set-url", "origin", &url], &[])?;
+    let fetch = fetch_args(&r, req);
+    let fetch_refs: Vec<&str> = fetch.iter().map(String::as_str).collect();
+    git.run(log, "setup.git.fetch", &fetch_refs, &req.auth.env()).map_err(|e| missing_commit(e, req))?;
+    git.quiet(&["-C", &r, "update-ref", "-d", TEMPLATE_REF])?;
+    check_size(req)?;
+    git.run(log, "setup.git.checkout", &["-C", &r, "checkout", "--progress", "--force", &req.commit], &[])?;
+    check_size(req)?;
+    git.run(
+        log,
+        "setup.git.set-remote",
+        &["-C", &r, "remote", "set-url", "origin", &req.repository_name],
+        &[],
+    )?;
+    Ok(())
+}
+
+/// Runs `f` (which copies the workspace disk that holds the repository at `repo` into a template)
+/// with the repository's index dated one second after its own mtime, and restores its times
+/// afterwards, so that the copy carries an index git trusts without re-reading every file (see
+/// [`settle_index`]) while the job's own repository is left exactly as it was. Nothing writes
+/// to the repository meanwhile: its clone is done and no step has run.
+pub fn with_settled_index<T>(repo: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    use std::os::unix::fs::MetadataExt;
+    let index = repo.join(".git").join("index");
+    let md = match std::fs::metadata(&index) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return f(),
+        Err(e) => return Err(e).with_context(|| format!("inspecting {}", index.display())),
+    };
+    let set = |atime: nix::sys::time::TimeSpec, mtime: nix::sys::time::TimeSpec| {
+        nix::sys::stat::utimensat(
+            None,
+            &index,
+            &atime,
+            &mtime,
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+        )
+        .with_context(|| format!("dating {}", index.display()))
+    };
+    let atime = nix::sys::time::TimeSpec::new(md.atime(), md.atime_nsec());
+    let mtime = nix::sys::time::TimeSpec::new(md.mtime(), md.mtime_nsec());
+    set(atime, nix::sys::time::TimeSpec::new(md.mtime() + 1, 0))?;
+    let res = f();
+    set(atime, mtime)?;
+    res
+}
+
+/// Lets git trust the stat data of a template's index. Git re-reads every file whose mtime is
+/// not older than the index file's ("racily clean" entries, whole seconds apart here), and a
+/// checkout writes its files and its index within the same second: in a copy, that would be
+/// every file read and hashed again. The copy's files are bit for bit those the index was
+/// written for (the disk image was copied whole, with their inodes, sizes and times, before any
+/// step ran), so the index is dated one second after its own mtime; only when that second is
+/// already past, so that any later write to a file still gets a newer time than the index.
+fn settle_index(index: &Path) -> Result<()> {
+    let md = match std::fs::metadata(index) {
+        Ok(m) => m,
+        // No index: a template of a repository without files; nothing to settle.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("inspecting {}", index.display())),
+    };
+    let mtime = std::os::unix::fs::MetadataExt::mtime(&md);
+    let now = chrono::Utc::now().timestamp();
+    if now > mtime {
+        let t = nix::sys::time::TimeSpec::new(mtime + 1, 0);
+        nix::sys::stat::utimensat(None, index, &t, &t, nix::sys::stat::UtimensatFlags::NoFollowSymlink)
+            .with_context(|| format!("dating {}", index.display()))?;
+    }
+    Ok(())
+}
+
 /// One pass of the sequence, from the cache's objects or not.
 fn attempt(git: &Git, log: &mut dyn CommandLog, url: &str, cache: Option<&ObjectCache>) -> Result<()> {
     let req = git.req;
@@ -355,12 +446,15 @@ fn base_env(req: &CloneRequest) -> Vec<(String, String)> {
         ("HOME".into(), "/nonexistent".into()),
         ("LC_ALL".into(), "C".into()),
         // What `-c` would set, without changing the contract's argv: no advice noise in the logs,
+        // no `git maintenance` process after each fetch (gc is off in every workspace anyway),
         // and a parallel checkout. Writing files dominates the checkout of a large tree and waits
         // on the disk more than on a CPU: 4 workers checked out 4,000 files in 0.47-0.59 s where
         // one took 0.92-1.03 s (2 cores, loaded), so more workers than cores still pay.
         (
             "GIT_CONFIG_PARAMETERS".into(),
-            "'advice.detachedhead'='false' 'init.defaultbranch'='main' 'checkout.workers'='4'".into(),
+            "'advice.detachedhead'='false' 'init.defaultbranch'='main' 'checkout.workers'='4' \
+             'maintenance.auto'='false'"
+                .into(),
         ),
     ];
     if let Some(ca) = &req.ca_file {

@@ -29,11 +29,15 @@ pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
         sandbox: None,
         lifetime_lock: false,
     };
-    let (path, _cap) = workspace::create_for_job(
+    let disk_bytes = ctx.settings.limits().disk_bytes;
+    let templates = ctx.settings.templates();
+    let key = templates.key(ctx.client.base_url(), &ctx.job, disk_bytes);
+    let (path, _cap, from) = workspace::create_for_job_from(
         &ctx.settings.workspaces_dir(),
         &owner,
-        ctx.settings.limits().disk_bytes,
+        disk_bytes,
         &ctx.logger,
+        key.as_ref().map(|k| (&templates, k)),
     )?;
     // Recorded before anything can fail, so that `complete` removes it whatever happens next.
     doc.workspace = Some(WorkspaceRecord {
@@ -51,7 +55,9 @@ pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
         max_bytes: ctx.settings.limits().disk_bytes,
         git_timeout: ctx.settings.git_timeout,
     };
-    let cloned = workspace::clone_repository(&ctx.job, &path, &ctx.logger, &cx)?;
+    let template =
+        key.as_ref().map(|key| workspace::TemplateUse { templates: &templates, key, from, disk_bytes });
+    let cloned = workspace::clone_repository_with(&ctx.job, &path, &ctx.logger, &cx, template)?;
     let fetch = |bucket: &str, key: &str| -> Result<Vec<u8>> {
         ctx.client.fetch_file(&ctx.auth, bucket, key).map_err(|e| anyhow::anyhow!("{e}"))
     };

@@ -5,6 +5,7 @@
 
 pub mod disk;
 pub mod scripts;
+pub mod template;
 
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
@@ -86,15 +87,65 @@ pub fn create_for_job(
     disk_bytes: u64,
     logger: &JobLogger,
 ) -> Result<(PathBuf, disk::Cap)> {
+    let (ws, cap, _) = create_for_job_from(workspaces_dir, owner, disk_bytes, logger, None)?;
+    Ok((ws, cap))
+}
+
+/// Where the blank disk images and the workspace templates live: `templates/` beside the
+/// workspaces directory (outside every job's reach, 0700).
+pub fn templates_dir(workspaces_dir: &Path) -> PathBuf {
+    workspaces_dir.with_file_name("templates")
+}
+
+/// Makes the blank disk image for workspaces of `disk_bytes` ahead of the first job (see
+/// [`disk::blank_image`]), where workspaces get a disk: `executor loop` calls it as it starts, so
+/// that no job waits for mkfs. Nothing to do without a cap or without root.
+pub fn prepare_blank_disk(workspaces_dir: &Path, disk_bytes: u64) -> Result<()> {
+    if disk_bytes < disk::MIN_DISK_BYTES || !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    // The workspaces' root directories are root's (created by this executor, as root).
+    disk::blank_image(&templates_dir(workspaces_dir), disk_bytes, 0, 0).map(|_| ())
+}
+
+/// [`create_for_job`], whose disk starts as a copy of the job's template when there is one
+/// (returned, for [`clone_repository_with`]), and otherwise as a copy of a blank image (see
+/// [`disk::blank_image`]). A template that cannot be copied or mounted is left aside with a line
+/// on stderr, and the disk starts blank.
+pub fn create_for_job_from(
+    workspaces_dir: &Path,
+    owner: &Owner,
+    disk_bytes: u64,
+    logger: &JobLogger,
+    template: Option<(&template::Templates, &template::Key)>,
+) -> Result<(PathBuf, disk::Cap, Option<template::Meta>)> {
     let ws = create(workspaces_dir, owner)?;
     if disk_bytes == 0 {
-        return Ok((ws, disk::Cap::Unlimited));
+        return Ok((ws, disk::Cap::Unlimited, None));
     }
     let why_not = if !nix::unistd::geteuid().is_root() {
         "the executor is not root, so it cannot mount one".to_string()
     } else {
-        match disk::mount(&ws, disk_bytes) {
-            Ok(took) => return Ok((ws, disk::Cap::Mounted { bytes: disk_bytes, took })),
+        if let Some((templates, key)) = template {
+            let t = Instant::now();
+            let img = disk::image_path(&ws);
+            let res = templates.copy_into(key, &img).and_then(|meta| match meta {
+                Some(meta) => disk::mount_image(&ws).map(|_| Some(meta)),
+                None => Ok(None),
+            });
+            match res {
+                Ok(Some(meta)) => {
+                    return Ok((ws, disk::Cap::Mounted { bytes: disk_bytes, took: t.elapsed() }, Some(meta)))
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let _ = std::fs::remove_file(&img);
+                    eprintln!("executor: job {}: the workspace template was not used: {e:#}", owner.job_uid);
+                }
+            }
+        }
+        match disk::mount_with(&ws, disk_bytes, Some(&templates_dir(workspaces_dir))) {
+            Ok(took) => return Ok((ws, disk::Cap::Mounted { bytes: disk_bytes, took }, None)),
             Err(e) => format!("{e:#}"),
         }
     };
@@ -107,7 +158,7 @@ pub fn create_for_job(
     let mut entry = logger.entry("setup.fs.workspace", None)?;
     entry.line(&msg);
     entry.finish(0)?;
-    Ok((ws, disk::Cap::PostHoc { bytes: disk_bytes, reason: why_not }))
+    Ok((ws, disk::Cap::PostHoc { bytes: disk_bytes, reason: why_not }, None))
 }
 
 /// Creates a fresh workspace directory for the job and records its owner.
@@ -193,6 +244,31 @@ pub struct CloneContext<'a> {
 /// Clones the job's repository into the workspace (the `setup.git.*` entries, see
 /// `docs/workspace.md`). Returns whether there was a repository to clone.
 pub fn clone_repository(job: &Job, ws: &Path, logger: &JobLogger, cx: &CloneContext) -> Result<bool> {
+    clone_repository_with(job, ws, logger, cx, None)
+}
+
+/// The job's template, for [`clone_repository_with`]: which one, and the one its disk started
+/// from ([`create_for_job_from`]), if any.
+pub struct TemplateUse<'a> {
+    pub templates: &'a template::Templates,
+    pub key: &'a template::Key,
+    pub from: Option<template::Meta>,
+    /// The workspace disk's size, to start over from a blank disk when the template fails.
+    pub disk_bytes: u64,
+}
+
+/// [`clone_repository`] with templates: a disk that started from a template is brought to the
+/// job's commit by [`crate::git::clone_from_template`] (falling back to a blank disk and a full
+/// clone when that fails for any reason but a missing commit); a full clone on a disk makes the
+/// repository's template, and so does a template-based one whose template is old
+/// ([`template::REFRESH_AFTER`]). Both happen here, before the job's files, scripts and steps.
+pub fn clone_repository_with(
+    job: &Job,
+    ws: &Path,
+    logger: &JobLogger,
+    cx: &CloneContext,
+    template: Option<TemplateUse>,
+) -> Result<bool> {
     if job.repository_name.is_empty() {
         return Ok(false);
     }
@@ -225,7 +301,45 @@ pub fn clone_repository(job: &Job, ws: &Path, logger: &JobLogger, cx: &CloneCont
         workspace: ws.to_path_buf(),
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
-    crate::git::clone(&req, &mut GitLog { logger, error: None }).map_err(|e| {
+    let mut log = GitLog { logger, error: None };
+    let mut store = template.as_ref().is_some_and(|t| mounted && t.from.is_none());
+    let mut res = None;
+    if let Some(t) = template.as_ref() {
+        if let Some(from) = &t.from {
+            let started = Instant::now();
+            let r = crate::git::clone_from_template(&req, &mut log);
+            let line = match &r {
+                Ok(()) => format!(
+                    "the workspace disk started as a copy of the template of {} at {} (made {}); \
+                     brought to {} in {} ms",
+                    from.repository,
+                    from.commit,
+                    from.created_at.format("%Y-%m-%dT%H:%M:%SZ"),
+                    job.commit,
+                    started.elapsed().as_millis()
+                ),
+                Err(e) => format!("the workspace template failed ({e:#}); cloning onto a blank disk"),
+            };
+            log_line(logger, "setup.git.template", &line);
+            match r {
+                Ok(()) => {
+                    store = template::stale(from);
+                    res = Some(Ok(()));
+                }
+                Err(e) if matches!(e.downcast_ref(), Some(crate::git::CloneError::MissingCommit { .. })) => {
+                    res = Some(Err(e));
+                }
+                Err(_) => {
+                    disk::unmount(ws)?;
+                    disk::mount_with(ws, t.disk_bytes, Some(t.templates.dir()))
+                        .context("making a blank workspace disk after the template failed")?;
+                    store = true;
+                }
+            }
+        }
+    }
+    let res = res.unwrap_or_else(|| crate::git::clone(&req, &mut log));
+    res.map_err(|e| {
         if mounted && cx.max_bytes > 0 && disk::is_disk_full(&e) {
             e.context(format!(
                 "repository {} at {} does not fit in the workspace disk limit of {} \
@@ -238,7 +352,34 @@ pub fn clone_repository(job: &Job, ws: &Path, logger: &JobLogger, cx: &CloneCont
             e.context(format!("cloning {} at {}", job.repository_name, job.commit))
         }
     })?;
+    if let Some(t) = template.filter(|_| store && disk::is_mounted(ws)) {
+        let started = Instant::now();
+        let line = match t.templates.store(t.key, ws, &req.dir, &job.commit) {
+            Ok(Some(bytes)) => Some(format!(
+                "made the workspace template of {} at {} ({} of data) in {} ms",
+                job.repository_name,
+                job.commit,
+                crate::base::units::format_bytes(bytes),
+                started.elapsed().as_millis()
+            )),
+            // Another job of the repository is making or using it.
+            Ok(None) => None,
+            // The clone is done and correct; a template that could not be made only costs the next job.
+            Err(e) => Some(format!("could not make the workspace template: {e:#}")),
+        };
+        if let Some(line) = line {
+            log_line(logger, "setup.git.template", &line);
+        }
+    }
     Ok(true)
+}
+
+/// A log entry of one line, without a command.
+fn log_line(logger: &JobLogger, key: &str, line: &str) {
+    if let Ok(mut entry) = logger.entry(key, None) {
+        entry.line(line);
+        let _ = entry.finish(0);
+    }
 }
 
 /// The clone's log entries, through the job's logger.

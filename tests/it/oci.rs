@@ -1122,7 +1122,8 @@ fn oci_crun_uid_ranges_are_per_job() {
 
 /// Finding 3 of the security review: children inherited the executor's environment, with the
 /// coordinator's shared secret in it. Every kind of child an OCI job starts (git for the clone,
-/// mkfs.ext4 and mount for the workspace disk, the OCI runtime) is wrapped by a script first in
+/// mkfs.ext4 for the blank workspace disk, debugfs for the workspace template, the OCI runtime;
+/// the disk is mounted without a process) is wrapped by a script first in
 /// PATH that saves `/proc/self/environ` as the child starts, then execs the real program.
 #[test]
 fn oci_children_never_see_the_executors_environment() {
@@ -1151,7 +1152,7 @@ fn oci_children_never_see_the_executors_environment() {
     let seen = f.tmp.path().join("seen");
     std::fs::create_dir_all(&wrap).unwrap();
     std::fs::create_dir_all(&seen).unwrap();
-    let kinds = ["git", "mkfs.ext4", "mount", "runc"];
+    let kinds = ["git", "mkfs.ext4", "debugfs", "runc"];
     for name in kinds {
         let real = which::which(name).unwrap();
         let script = format!(

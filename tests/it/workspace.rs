@@ -36,9 +36,21 @@ impl Stages<'_> {
 
     /// dequeue + prepare-workspace; returns (document path, prepare's output).
     fn prepare(&self) -> (PathBuf, Output) {
+        self.prepare_env(&[])
+    }
+
+    /// [`Stages::prepare`] with more environment for prepare-workspace.
+    fn prepare_env(&self, env: &[(&str, &str)]) -> (PathBuf, Output) {
         let d = self.state.path().join(format!("doc-{}.json", uuid::Uuid::new_v4()));
         self.exec().args(["dequeue", "-o", d.to_str().unwrap()]).run();
-        let o = self.stage(&["prepare-workspace", "-i", d.to_str().unwrap(), "-o", d.to_str().unwrap()]);
+        let mut e = self.exec();
+        for (k, v) in env {
+            e = e.env(k, v);
+        }
+        let o = e
+            .args(["prepare-workspace", "-i", d.to_str().unwrap(), "-o", d.to_str().unwrap()])
+            .any_status()
+            .run();
         (d, o)
     }
 
@@ -238,9 +250,10 @@ fn missing_commit_and_files_store_and_cache() {
     assert_eq!(mtime.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs(), 1612325106);
     ex.finish(&d);
 
-    // The second job on the repository fetched into and from the object cache.
+    // The second job on the repository fetched into and from the object cache (without a
+    // workspace template, which would spare it that).
     let id = c.submit(json!({"repositoryName": "github.com/acme/w", "commit": c2, "dockerSteps": []}));
-    let (d, o) = ex.prepare();
+    let (d, o) = ex.prepare_env(&[("EXECUTOR_WORKSPACE_TEMPLATES", "0")]);
     common::assert_ok(&o);
     assert_eq!(git(&workspace(&d), &["rev-parse", "HEAD"]), c2);
     ex.finish(&d);
@@ -248,4 +261,123 @@ fn missing_commit_and_files_store_and_cache() {
     assert!(keys.iter().any(|k| k == "setup.git.cache-fetch"), "{keys:?}");
     let caches: Vec<_> = std::fs::read_dir(ex.state.path().join("cache/git")).unwrap().flatten().collect();
     assert!(caches.iter().any(|e| e.file_name().to_string_lossy().ends_with(".git")));
+}
+
+/// The output of a job's log entries with `key`, joined.
+fn log_out(job: &Value, key: &str) -> String {
+    job["logs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["key"] == key)
+        .map(|e| e["out"].as_str().unwrap_or("").to_string())
+        .collect::<Vec<_>>()
+        .join("")
+}
+
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+/// Workspace templates (docs/workspace.md): the next job of a repository starts from a copy of
+/// the first job's disk taken right after its clone, gets exactly its own commit (every file
+/// re-read, not trusted by its stat data), never sees what the first job wrote, and keeps
+/// workspace privacy; two jobs at once both work; another disk size never uses the template.
+#[test]
+fn template_clone_is_exactly_the_commit_and_private() {
+    let test = "template_clone_is_exactly_the_commit_and_private";
+    if !common::is_root() {
+        return common::skip(test, "root", "workspace disks (and so templates) need root to loop-mount");
+    }
+    let c = Coordinator::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (repo, c1, c2) = make_repo(tmp.path(), "origin");
+    register(&c, "github.com/acme/t", &repo);
+    let ex = Stages::new(&c);
+    let submit = |commit: &str| {
+        c.submit(json!({"repositoryName": "github.com/acme/t", "commit": commit, "dockerSteps": []}))
+    };
+    let done = |id| c.wait_state(id, &["completed"], std::time::Duration::from_secs(20));
+
+    // Job A (cold) makes the template, then writes into its workspace as a step would.
+    let a = submit(&c1);
+    let (da, o) = ex.prepare();
+    common::assert_ok(&o);
+    let wa = workspace(&da);
+    std::fs::write(wa.join("marker.txt"), "from job a").unwrap();
+    std::fs::write(wa.join("a.txt"), "changed by job a\n").unwrap();
+    std::fs::write(wa.join(".git/marker"), "from job a").unwrap();
+    ex.finish(&da);
+    let made = log_out(&done(a), "setup.git.template");
+    assert!(made.contains("made the workspace template"), "{made}");
+    let templates = ex.state.path().join("templates");
+    assert_eq!(mode(&templates), 0o700);
+    let images: Vec<PathBuf> = std::fs::read_dir(&templates)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "img"))
+        .collect();
+    assert!(!images.is_empty());
+    for img in &images {
+        assert_eq!(mode(img), 0o600, "{}", img.display());
+    }
+
+    // Job B, the next commit, through the template.
+    let b = submit(&c2);
+    let (db, o) = ex.prepare();
+    common::assert_ok(&o);
+    let wb = workspace(&db);
+    assert_eq!(git(&wb, &["rev-parse", "HEAD"]), c2);
+    assert!(!wb.join("marker.txt").exists() && !wb.join(".git/marker").exists(), "job a's writes leaked");
+    assert_eq!(std::fs::read_to_string(wb.join("a.txt")).unwrap(), "two\n");
+    assert_eq!(std::fs::read_to_string(wb.join("sub/s.txt")).unwrap(), "s\n");
+    assert_eq!(git(&wb, &["status", "--porcelain", "--ignored", "--untracked-files=all"]), "");
+    // Every file hashed again, ignoring the stat data the template's index carried.
+    git(&wb, &["update-index", "--really-refresh"]);
+    assert_eq!(git(&wb, &["diff", "--name-only", "HEAD"]), "");
+    assert_eq!(git(&wb, &["for-each-ref", "refs/executor"]), "", "no template ref left");
+    assert_eq!(git(&wb, &["remote", "get-url", "origin"]), "github.com/acme/t");
+    assert_eq!(mode(&wb), 0o700);
+    let mut img = wb.file_name().unwrap().to_os_string();
+    img.push(".img");
+    assert_eq!(mode(&wb.with_file_name(img)), 0o600);
+    ex.finish(&db);
+    let used = log_out(&done(b), "setup.git.template");
+    assert!(used.contains("started as a copy of the template") && used.contains(&c1), "{used}");
+
+    // Two jobs of the repository at once: both get their commit.
+    let ids = [submit(&c1), submit(&c2)];
+    let docs: Vec<PathBuf> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..2).map(|_| s.spawn(|| ex.prepare())).collect();
+        hs.into_iter()
+            .map(|h| {
+                let (d, o) = h.join().unwrap();
+                common::assert_ok(&o);
+                d
+            })
+            .collect()
+    });
+    let mut heads: Vec<String> = docs.iter().map(|d| git(&workspace(d), &["rev-parse", "HEAD"])).collect();
+    heads.sort();
+    let mut want = vec![c1.clone(), c2.clone()];
+    want.sort();
+    assert_eq!(heads, want);
+    for d in &docs {
+        assert_eq!(git(&workspace(d), &["status", "--porcelain", "--untracked-files=all"]), "");
+        ex.finish(d);
+    }
+    for id in ids {
+        done(id);
+    }
+
+    // Another disk size: the template is not used (a new one is made for that size).
+    let other = submit(&c2);
+    let (d, o) = ex.prepare_env(&[("EXECUTOR_FIRECRACKER_DISK_SPACE", "1G")]);
+    common::assert_ok(&o);
+    assert_eq!(git(&workspace(&d), &["rev-parse", "HEAD"]), c2);
+    ex.finish(&d);
+    let out = log_out(&done(other), "setup.git.template");
+    assert!(!out.contains("started as a copy") && out.contains("made the workspace template"), "{out}");
 }

@@ -471,7 +471,7 @@ impl PgSession {
         let target = self.pool.target.clone();
         for attempt in 1.. {
             let pg::PgConn { client, cache } = self.conn()?;
-            let result = f(&mut db::PgTx { client, cache, target: &target });
+            let result = f(&mut db::PgTx { client: &mut **client, cache, target: &target });
             if matches!(result, Err(StoreError::Unavailable(_))) {
                 self.conn = None;
                 if attempt < Self::ATTEMPTS {

@@ -107,8 +107,38 @@ pub fn error(e: postgres::Error, target: &str) -> StoreError {
 
 /// One pooled connection with its prepared statements.
 pub struct PgConn {
-    pub client: postgres::Client,
+    pub client: PgClient,
     pub cache: HashMap<String, postgres::Statement>,
+}
+
+/// A blocking client that may be dropped anywhere: `postgres::Client` closes its connection by
+/// running its own small runtime, which panics on a thread that drives async tasks (the pool
+/// going away in `queue serve`'s async code, for instance when a replica refuses to start); such
+/// a drop hands the client to a short-lived thread instead.
+pub struct PgClient(Option<postgres::Client>);
+
+impl std::ops::Deref for PgClient {
+    type Target = postgres::Client;
+    fn deref(&self) -> &postgres::Client {
+        self.0.as_ref().expect("a PgClient holds its client until it is dropped")
+    }
+}
+
+impl std::ops::DerefMut for PgClient {
+    fn deref_mut(&mut self) -> &mut postgres::Client {
+        self.0.as_mut().expect("a PgClient holds its client until it is dropped")
+    }
+}
+
+impl Drop for PgClient {
+    fn drop(&mut self) {
+        let Some(client) = self.0.take() else { return };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            // If the thread cannot start, the client is dropped with the closure here, which
+            // is what would have happened anyway.
+            let _ = std::thread::Builder::new().name("pg-close".into()).spawn(move || drop(client));
+        }
+    }
 }
 
 pub struct Manager {
@@ -120,7 +150,7 @@ impl r2d2::ManageConnection for Manager {
     type Error = postgres::Error;
 
     fn connect(&self) -> std::result::Result<PgConn, postgres::Error> {
-        Ok(PgConn { client: self.config.connect(postgres::NoTls)?, cache: HashMap::new() })
+        Ok(PgConn { client: PgClient(Some(self.config.connect(postgres::NoTls)?)), cache: HashMap::new() })
     }
 
     fn is_valid(&self, conn: &mut PgConn) -> std::result::Result<(), postgres::Error> {

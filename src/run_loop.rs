@@ -166,6 +166,17 @@ pub fn janitor_pass_with(
             })),
             Err(e) => out.push(format!("image prune failed: {e:#}")),
         }
+        let vm_images = crate::vm::vm_dir(&settings.state_dir).join("images");
+        let store = crate::image::ImageStore::open(&settings.runtime_options().images_dir());
+        match store
+            .and_then(|s| s.tree_digests())
+            .and_then(|d| crate::sandbox::microvm::disk::remove_orphan_image_disks(&vm_images, &d, false))
+        {
+            Ok(gone) => {
+                out.extend(gone.into_iter().map(|(f, _)| format!("VM image disk {f} (its image is gone)")))
+            }
+            Err(e) => out.push(format!("VM image disk sweep failed: {e:#}")),
+        }
     }
     Ok(out)
 }

@@ -180,6 +180,19 @@ pub fn run(args: ImageArgs) -> Result<i32> {
             for k in &report.kept {
                 writeln!(out, "kept {k}")?;
             }
+            // The microVM's disks of the removed images (copies of their trees) go with them.
+            let mut digests = store.tree_digests()?;
+            if dry_run {
+                for i in &report.images {
+                    digests.remove(&i.digest);
+                }
+            }
+            let vm_images = crate::vm::vm_dir(&args.state_dir).join("images");
+            let disks =
+                crate::sandbox::microvm::disk::remove_orphan_image_disks(&vm_images, &digests, dry_run)?;
+            for (f, bytes) in &disks {
+                writeln!(out, "{verb} VM image disk {f} {}", fmt(*bytes))?;
+            }
             let freed = if dry_run { "would free" } else { "freed" };
             writeln!(
                 out,

@@ -149,6 +149,11 @@ impl ImageStore {
     /// Removes what no one needs (trees without names or users, blobs no pull holds), then the
     /// least recently used pulled images not in use until the store takes at most `budget` bytes.
     /// With `dry_run` only reports. The caller holds the janitor lock exclusively.
+    /// The digests of every image tree in the store, named or not.
+    pub fn tree_digests(&self) -> Result<HashSet<String>> {
+        Ok(self.trees()?.into_iter().map(|t| t.digest).collect())
+    }
+
     pub fn prune(&self, budget: Option<u64>, dry_run: bool) -> Result<PruneReport> {
         let _lock = self.lock()?;
         let mut refs = self.read_refs()?;

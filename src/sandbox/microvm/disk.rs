@@ -67,9 +67,49 @@ pub fn make_ext4(dir: &Path, out: &Path, size: u64, label: &str) -> Result<()> {
     Ok(())
 }
 
+/// The file name (without extension) of the VM disk of image `digest`.
+fn disk_stem(digest: &str) -> String {
+    digest.chars().filter(|c| c.is_ascii_alphanumeric()).take(64).collect()
+}
+
+/// The VM disks under `cache` whose image is no longer in the store (`digests`: the store's
+/// trees): a disk is a copy of its image's tree, so it follows the tree out when `image prune`
+/// or the janitor's budget pass removes the image. Returns each file removed (or, with
+/// `dry_run`, that would be) and the bytes it takes on disk. A VM still running from a removed
+/// disk keeps its open file; disks being built (dot files) are left alone.
+pub fn remove_orphan_image_disks(
+    cache: &Path,
+    digests: &std::collections::HashSet<String>,
+    dry_run: bool,
+) -> Result<Vec<(String, u64)>> {
+    let rd = match fs::read_dir(cache) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", cache.display())),
+    };
+    let keep: std::collections::HashSet<String> = digests.iter().map(|d| disk_stem(d)).collect();
+    let mut out = Vec::new();
+    for entry in rd {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(stem) = name.strip_suffix(".ext4") else { continue };
+        let stem = stem.strip_suffix(".ids").unwrap_or(stem);
+        if name.starts_with('.') || keep.contains(stem) || !entry.file_type()?.is_file() {
+            continue;
+        }
+        let bytes = entry.metadata()?.blocks() * 512;
+        if !dry_run {
+            fs::remove_file(entry.path()).with_context(|| format!("removing {}", entry.path().display()))?;
+        }
+        out.push((name, bytes));
+    }
+    out.sort();
+    Ok(out)
+}
+
 /// The read-only disk of an image, built once per digest under `cache`.
 pub fn image_disk(cache: &Path, digest: &str, rootfs: &Path) -> Result<PathBuf> {
-    let safe: String = digest.chars().filter(|c| c.is_ascii_alphanumeric()).take(64).collect();
+    let safe = disk_stem(digest);
     if safe.is_empty() {
         bail!("image digest {digest:?} is not usable as a file name");
     }
@@ -113,4 +153,43 @@ pub fn image_disk(cache: &Path, digest: &str, rootfs: &Path) -> Result<PathBuf> 
     let _ = fs::remove_file(cache.join(format!("{safe}.ext4")));
     tmp.persist(&out).with_context(|| format!("installing {}", out.display()))?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_disks_of_images_gone_from_the_store_go_too() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = tmp.path().join("images");
+        fs::create_dir(&cache).unwrap();
+        let kept = format!("sha256:{}", "a".repeat(64));
+        let gone = format!("sha256:{}", "b".repeat(64));
+        let files = [
+            format!("{}.ids.ext4", disk_stem(&kept)),
+            format!("{}.ids.ext4", disk_stem(&gone)),
+            format!("{}.ext4", disk_stem(&gone)),
+            ".disk-building".to_string(),
+            "notes.txt".to_string(),
+        ];
+        for f in &files {
+            fs::write(cache.join(f), vec![1u8; 8192]).unwrap();
+        }
+        let digests: std::collections::HashSet<String> = [kept.clone()].into();
+        let want = vec![files[2].clone(), files[1].clone()];
+        let dry = remove_orphan_image_disks(&cache, &digests, true).unwrap();
+        assert_eq!(dry.iter().map(|(f, _)| f.clone()).collect::<Vec<_>>(), want);
+        assert!(dry.iter().all(|(_, b)| *b >= 8192), "{dry:?}");
+        assert!(cache.join(&files[1]).exists(), "a dry run removes nothing");
+        let done = remove_orphan_image_disks(&cache, &digests, false).unwrap();
+        assert_eq!(done, dry);
+        let mut left: Vec<String> = fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, vec![".disk-building".to_string(), "notes.txt".to_string(), files[0].clone()]);
+        assert!(remove_orphan_image_disks(&tmp.path().join("none"), &digests, false).unwrap().is_empty());
+    }
 }

@@ -69,6 +69,10 @@ fn main() -> Result<()> {
                 rootfs::unmount_step(&root)?;
                 unmounts.push(u.elapsed());
             }
+            // Steps are at least ~50 ms apart (a whole `true` step, below): let the previous
+            // layer's deferred unmount finish as it would between real steps, since mounts made
+            // back to back wait for it (the kernel's mount lock, held across an RCU grace period).
+            std::thread::sleep(Duration::from_millis(50));
         }
         rootfs::remove_step_roots(&sb.name, &d.workspace);
         std::fs::write(ws.join("step.sh"), "true\n")?;

@@ -44,7 +44,9 @@ fn main() -> Result<()> {
     std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711))?;
     // BENCH_STATE: a state directory the script prepared (`install vm` needs the host's own
     // network for its packages, which this namespace does not have).
-    let state = std::env::var_os("BENCH_STATE").map(std::path::PathBuf::from).unwrap_or_else(|| tmp.path().join("state"));
+    let state = std::env::var_os("BENCH_STATE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| tmp.path().join("state"));
     let settings = Settings::parse(Some("internet"), Some("10.255.0.0/24"), None, Some(&dns))?;
 
     // 1. Setup plus teardown of one job network, alone.

@@ -383,6 +383,8 @@ fn console_in_a_browser_shows_executors_and_follows_a_live_log() {
     b.screenshot("sign-in");
     b.type_into("#token", "not-the-admin-token-0123456789");
     b.click("#sign-in");
+    // The click returns before the answer's page is there: wait for it, as the other clicks do.
+    wait_until("the sign-in answer", Duration::from_secs(5), || !b.text("#sign-in-error").is_empty());
     assert_eq!(b.text("#sign-in-error"), "invalid admin token");
     assert!(b.current_url().ends_with("/admin/sign-in"));
     b.sign_in(&c);

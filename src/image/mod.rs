@@ -322,19 +322,32 @@ impl ImageStore {
         self.collect_locked(&refs)
     }
 
-    fn collect_locked(&self, refs: &BTreeMap<String, String>) -> Result<Vec<String>> {
-        let mut keep: HashSet<String> = refs.values().cloned().collect();
-        keep.extend(self.digests_in_use()?);
-        let mut removed = Vec::new();
-        let mut keep_blobs: HashSet<String> = HashSet::new();
+    /// Every image tree under `rootfs/` (named or not): its digest and directory.
+    fn tree_dirs(&self) -> Result<Vec<(String, PathBuf)>> {
         let dir = self.dir.join("rootfs");
+        let mut out = Vec::new();
         for entry in fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
             let entry = entry?;
             let fname = entry.file_name().to_string_lossy().to_string();
             if fname.ends_with(".json") || !entry.file_type()?.is_dir() {
                 continue;
             }
-            let digest = format!("sha256:{fname}");
+            out.push((format!("sha256:{fname}"), entry.path()));
+        }
+        Ok(out)
+    }
+
+    /// The digests of every image tree in the store, named or not.
+    pub fn tree_digests(&self) -> Result<HashSet<String>> {
+        Ok(self.tree_dirs()?.into_iter().map(|(d, _)| d).collect())
+    }
+
+    fn collect_locked(&self, refs: &BTreeMap<String, String>) -> Result<Vec<String>> {
+        let mut keep: HashSet<String> = refs.values().cloned().collect();
+        keep.extend(self.digests_in_use()?);
+        let mut removed = Vec::new();
+        let mut keep_blobs: HashSet<String> = HashSet::new();
+        for (digest, _) in self.tree_dirs()? {
             if keep.contains(&digest) {
                 if let Ok(meta) = self.read_meta(&digest) {
                     keep_blobs.extend(meta.layers);

@@ -92,22 +92,15 @@ impl ImageStore {
     }
 
     fn trees(&self) -> Result<Vec<Tree>> {
-        let dir = self.dir.join("rootfs");
         let mut out = Vec::new();
-        for entry in fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
-            let entry = entry?;
-            let fname = entry.file_name().to_string_lossy().to_string();
-            if fname.ends_with(".json") || !entry.file_type()?.is_dir() {
-                continue;
-            }
-            let digest = format!("sha256:{fname}");
+        for (digest, path) in self.tree_dirs()? {
             let meta = self.read_meta(&digest).ok();
             let used = fs::metadata(self.meta_path(&digest))
                 .and_then(|m| m.modified())
                 .unwrap_or(SystemTime::UNIX_EPOCH);
             let bytes = match meta.as_ref().map(|m| m.disk).filter(|d| *d > 0) {
                 Some(d) => d,
-                None => tree_disk_bytes(&entry.path())?,
+                None => tree_disk_bytes(&path)?,
             };
             let pullable = meta.as_ref().is_some_and(|m| m.source == "pull");
             let layers = meta.map(|m| m.layers).unwrap_or_default();
@@ -149,11 +142,6 @@ impl ImageStore {
     /// Removes what no one needs (trees without names or users, blobs no pull holds), then the
     /// least recently used pulled images not in use until the store takes at most `budget` bytes.
     /// With `dry_run` only reports. The caller holds the janitor lock exclusively.
-    /// The digests of every image tree in the store, named or not.
-    pub fn tree_digests(&self) -> Result<HashSet<String>> {
-        Ok(self.trees()?.into_iter().map(|t| t.digest).collect())
-    }
-
     pub fn prune(&self, budget: Option<u64>, dry_run: bool) -> Result<PruneReport> {
         let _lock = self.lock()?;
         let mut refs = self.read_refs()?;

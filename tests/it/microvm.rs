@@ -441,10 +441,7 @@ fn microvm_loop_runs_a_coordinator_job_in_a_guest_and_uploads_its_artifact() {
     let down = logs.iter().find(|e| e["key"] == "teardown.microvm.remove").expect("teardown.microvm.remove");
     assert_eq!(down["exitCode"], 0, "{down:#}");
     assert!(processes_with(&sandbox).is_empty(), "{:?}", processes_with(&sandbox));
-    let left: Vec<_> = std::fs::read_dir(state.join("sandboxes"))
-        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-        .unwrap_or_default();
-    assert!(!left.iter().any(|n: &String| n.starts_with(&prefix)), "{left:?}");
+    assert_no_sandbox_left(&state, &prefix);
 }
 
 /// `test-vm --repo NAME --revision REV` clones the repository from the coordinator (with the
@@ -551,6 +548,33 @@ fn microvm_guest_console_cannot_grow_past_its_cap() {
     assert!(!rec.state_dir.exists());
 }
 
+/// Asserts that no sandbox directory named with `prefix` is left in `state`.
+fn assert_no_sandbox_left(state: &Path, prefix: &str) {
+    let left: Vec<String> = std::fs::read_dir(state.join("sandboxes"))
+        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    assert!(!left.iter().any(|n| n.starts_with(prefix)), "{left:?}");
+}
+
+/// The environment of an executor on coordinator `c` running microVMs named `prefix` in `state`
+/// with a pool of one VM (512 MiB, one vCPU).
+fn pool_loop_env(
+    cmd: &mut std::process::Command,
+    c: &crate::coordinator::Coordinator,
+    prefix: &str,
+    state: &Path,
+) {
+    c.executor_env(cmd);
+    cmd.env("EXECUTOR_QUEUE_NAME", "batches")
+        .env("EXECUTOR_RUNTIME", "microvm")
+        .env("EXECUTOR_VM_ALLOW_TCG", "1")
+        .env("EXECUTOR_VM_PREFIX", prefix)
+        .env("EXECUTOR_STATE_DIR", state)
+        .env("EXECUTOR_VM_POOL_SIZE", "1")
+        .env("EXECUTOR_JOB_MEMORY", "512M")
+        .env("EXECUTOR_JOB_NUM_CPUS", "1");
+}
+
 /// Where a job can write outside its workspace: the step's root and /tmp (per step), and what
 /// lives as long as its VM: /dev (devtmpfs, one per kernel), the agent's own root filesystem and
 /// its /tmp and /run. The first job writes a marker to each; the check prints what it sees.
@@ -583,16 +607,8 @@ fn microvm_pool_gives_each_job_a_fresh_vm_booted_ahead_of_it() {
     let tmp = tempfile::tempdir().unwrap();
     let log_path = tmp.path().join("loop.log");
     let mut cmd = common::executor();
-    c.executor_env(&mut cmd);
+    pool_loop_env(&mut cmd, &c, &prefix, &state);
     cmd.arg("loop")
-        .env("EXECUTOR_QUEUE_NAME", "batches")
-        .env("EXECUTOR_RUNTIME", "microvm")
-        .env("EXECUTOR_VM_ALLOW_TCG", "1")
-        .env("EXECUTOR_VM_PREFIX", &prefix)
-        .env("EXECUTOR_STATE_DIR", &state)
-        .env("EXECUTOR_VM_POOL_SIZE", "1")
-        .env("EXECUTOR_JOB_MEMORY", "512M")
-        .env("EXECUTOR_JOB_NUM_CPUS", "1")
         .env("EXECUTOR_NUM_TOTAL_JOBS", "3")
         .env("EXECUTOR_HEARTBEAT_INTERVAL", "1s")
         .stdout(std::process::Stdio::null())
@@ -674,10 +690,7 @@ fn microvm_pool_gives_each_job_a_fresh_vm_booted_ahead_of_it() {
     assert!(line("executor_vm_pool_size", "").is_some(), "{metrics}");
     // Nothing of the pool is left: no QEMU, no sandbox directory.
     assert!(processes_with(&prefix).iter().all(|p| !p.contains("qemu")), "{:?}", processes_with(&prefix));
-    let left: Vec<_> = std::fs::read_dir(state.join("sandboxes"))
-        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-        .unwrap_or_default();
-    assert!(!left.iter().any(|n: &String| n.starts_with(&prefix)), "{left:?}");
+    assert_no_sandbox_left(&state, &prefix);
 }
 
 /// The pool's VMs stay while their executor lives (a janitor pass of another process leaves
@@ -694,17 +707,7 @@ fn microvm_pool_vms_of_a_killed_executor_are_reclaimed_and_sigterm_drains_the_po
     let prefix = format!("mvk{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let _dog = watchdog(state.clone(), prefix.clone(), Duration::from_secs(400));
     let tmp = tempfile::tempdir().unwrap();
-    let with_env = |cmd: &mut std::process::Command| {
-        c.executor_env(cmd);
-        cmd.env("EXECUTOR_QUEUE_NAME", "batches")
-            .env("EXECUTOR_RUNTIME", "microvm")
-            .env("EXECUTOR_VM_ALLOW_TCG", "1")
-            .env("EXECUTOR_VM_PREFIX", &prefix)
-            .env("EXECUTOR_STATE_DIR", &state)
-            .env("EXECUTOR_VM_POOL_SIZE", "1")
-            .env("EXECUTOR_JOB_MEMORY", "512M")
-            .env("EXECUTOR_JOB_NUM_CPUS", "1");
-    };
+    let with_env = |cmd: &mut std::process::Command| pool_loop_env(cmd, &c, &prefix, &state);
     let start_loop = |log: &Path| {
         let mut cmd = common::executor();
         with_env(&mut cmd);
@@ -749,10 +752,7 @@ fn microvm_pool_vms_of_a_killed_executor_are_reclaimed_and_sigterm_drains_the_po
     let said = read(&log_b);
     assert!(said.contains("VM pool: destroyed 1 idle VMs"), "{said}");
     assert_eq!(qemus(), 0, "{:?}", processes_with(&prefix));
-    let left: Vec<_> = std::fs::read_dir(state.join("sandboxes"))
-        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-        .unwrap_or_default();
-    assert!(!left.iter().any(|n: &String| n.starts_with(&prefix)), "{left:?}");
+    assert_no_sandbox_left(&state, &prefix);
 }
 
 /// The image config in a guest as under Docker (and the `oci` runtime): `Env` under the step's

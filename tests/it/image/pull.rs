@@ -504,6 +504,14 @@ fn tls_registry_needs_its_ca() {
         .run();
 }
 
+/// A loopback registry that takes `user` and `pass` (htpasswd basic auth; its file in `dir`).
+fn basic_auth_registry(dir: &Path, user: &str, pass: &str) -> Registry {
+    let htpasswd = dir.join("htpasswd");
+    let out = Exec::program("htpasswd").args(["-Bbn", user, pass]).run();
+    std::fs::write(&htpasswd, &out.stdout).unwrap();
+    Registry::start(None, Some((&htpasswd, user, pass)))
+}
+
 #[test]
 fn basic_auth_registry_takes_docker_config_credentials() {
     let test = "image::pull::basic_auth_registry_takes_docker_config_credentials";
@@ -516,10 +524,7 @@ fn basic_auth_registry_takes_docker_config_credentials() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let (user, pass) = ("puller", "s3cret-pa55word");
-    let htpasswd = tmp.path().join("htpasswd");
-    let out = Exec::program("htpasswd").args(["-Bbn", user, pass]).run();
-    std::fs::write(&htpasswd, &out.stdout).unwrap();
-    let reg = Registry::start(None, Some((&htpasswd, user, pass)));
+    let reg = basic_auth_registry(tmp.path(), user, pass);
     let mut layout = Layout::new(&tmp.path().join("layout"));
     let (digest, _) = demo_image(&mut layout, "demo");
     reg.push(&layout.src("demo"), "private/demo:1");
@@ -725,10 +730,7 @@ fn vm_boot_pulls_a_missing_image_with_the_jobs_credentials() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let (user, pass) = ("jobuser", "job-pa55word-xyz");
-    let htpasswd = tmp.path().join("htpasswd");
-    let out = Exec::program("htpasswd").args(["-Bbn", user, pass]).run();
-    std::fs::write(&htpasswd, &out.stdout).unwrap();
-    let reg = Registry::start(None, Some((&htpasswd, user, pass)));
+    let reg = basic_auth_registry(tmp.path(), user, pass);
     reg.push(&format!("docker-archive:{}", saved_tarball(tmp.path()).display()), "team/saved:1");
     let reference = format!("{}/team/saved:1", reg.host());
 

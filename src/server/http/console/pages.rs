@@ -722,6 +722,17 @@ pub(in crate::server::http) async fn artifacts(
     }
 }
 
+/// The job id in a console form's path, once the form passed its CSRF check.
+async fn form_job_id(
+    s: &ConsoleSession,
+    id: Result<Path<String>, PathRejection>,
+    body: Body,
+) -> Result<i64, Response> {
+    let id = job_id_param(id).map_err(error_page)?;
+    s.form(body).await?;
+    Ok(id)
+}
+
 /// `POST /admin/jobs/{id}/cancel` (CSRF).
 pub(in crate::server::http) async fn cancel(
     State(app): State<Shared>,
@@ -729,13 +740,10 @@ pub(in crate::server::http) async fn cancel(
     id: Result<Path<String>, PathRejection>,
     body: Body,
 ) -> Response {
-    let id = match job_id_param(id) {
+    let id = match form_job_id(&s, id, body).await {
         Ok(id) => id,
-        Err(e) => return error_page(e),
+        Err(refused) => return refused,
     };
-    if let Err(refused) = s.form(body).await {
-        return refused;
-    }
     match db(&app, move |st| st.cancel(id, store::now_ms())).await {
         Ok(CancelResult::NotFound) => {
             page_response(StatusCode::NOT_FOUND, message_page("Not found", &format!("no job {id}")))
@@ -759,13 +767,10 @@ pub(in crate::server::http) async fn requeue(
     id: Result<Path<String>, PathRejection>,
     body: Body,
 ) -> Response {
-    let id = match job_id_param(id) {
+    let id = match form_job_id(&s, id, body).await {
         Ok(id) => id,
-        Err(e) => return error_page(e),
+        Err(refused) => return refused,
     };
-    if let Err(refused) = s.form(body).await {
-        return refused;
-    }
     match db(&app, move |st| st.requeue(id)).await {
         Ok(RequeueResult::NotFound) => {
             page_response(StatusCode::NOT_FOUND, message_page("Not found", &format!("no job {id}")))

@@ -150,7 +150,6 @@ pub struct Client {
     secret: Secret,
     executor_name: String,
     retry: RetryPolicy,
-    telemetry: Arc<ExecutorTelemetry>,
     metrics_sources: Arc<metrics::Sources>,
 }
 
@@ -189,7 +188,6 @@ impl Client {
             secret: secret.clone(),
             executor_name: executor_name.to_string(),
             retry: RetryPolicy::default(),
-            telemetry: Arc::new(telemetry()),
             metrics_sources: Arc::new(metrics::Sources::default()),
         })
     }
@@ -398,7 +396,7 @@ impl Client {
         multi: bool,
         uids: &[String],
     ) -> Result<HeartbeatResponse, ApiError> {
-        let mut telemetry = (*self.telemetry).clone();
+        let mut telemetry = telemetry();
         telemetry.prometheus_metrics = metrics::gather(&self.metrics_sources);
         let (status, body) = if multi {
             let mut groups: Vec<QueueJobIds> = Vec::new();
@@ -581,7 +579,9 @@ pub fn tls_config(ca: Option<&Path>) -> Result<rustls::ClientConfig> {
         .with_no_client_auth())
 }
 
-/// What heartbeats report about this host; gathered once per process.
+/// What heartbeats report about this host; gathered once per process, at its first heartbeat:
+/// asking git its version costs a process, which a stage that sends no heartbeat (such as
+/// `prepare-workspace`, whose clone is on the path to the first step) should not pay.
 fn telemetry() -> ExecutorTelemetry {
     static CACHE: std::sync::OnceLock<ExecutorTelemetry> = std::sync::OnceLock::new();
     CACHE.get_or_init(gather_telemetry).clone()
@@ -623,10 +623,15 @@ fn tool_version(tool: &str, args: &[&str], prefix: &str) -> String {
         return String::new();
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    // `git version` answers in about a millisecond: poll often first, then less.
+    let mut pause = Duration::from_millis(1);
     loop {
         match child.try_wait() {
             Ok(Some(status)) if status.success() => break,
-            Ok(None) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(20));
+            }
             _ => {
                 let _ = child.kill();
                 let _ = child.wait();

@@ -50,5 +50,11 @@ mod layers;
 
 /// Parses the arguments, runs the command and returns the exit status.
 pub fn main() -> i32 {
+    // The oci runtime starts this binary under another name for its shim (no subcommand: it
+    // is nothing an operator runs).
+    let mut args = std::env::args_os();
+    if args.next().is_some_and(|a| a == sandbox::oci::shim::ARG0) {
+        return sandbox::oci::shim::main_with_args(args);
+    }
     cli::main()
 }

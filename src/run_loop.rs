@@ -550,11 +550,16 @@ fn run_job(settings: &Arc<Settings>, mut doc: RunDocument, cancel: Cancel, ui: &
     if let Some(b) = bar.clone() {
         ctx.logger = ctx.logger.clone().on_entry(Arc::new(move |key: &str| b.set_message(key.to_string())));
     }
+    // An oci sandbox needs only the workspace's directory: it boots while the repository clones.
+    let boot_early = doc.executor.runtime == crate::sandbox::RuntimeKind::Oci;
     for st in Stage::ALL {
-        let res = if st == Stage::Complete {
-            complete_with_retries(&ctx, &mut doc, ui)
-        } else {
-            stage::run_stage(st, &ctx, &mut doc)
+        let res = match st {
+            Stage::Complete => complete_with_retries(&ctx, &mut doc, ui),
+            Stage::PrepareWorkspace if boot_early => {
+                stage::prepare_and_boot(&ctx, &mut doc).map(|_| stage::StageResult::Done)
+            }
+            Stage::VmBoot if boot_early => continue,
+            _ => stage::run_stage(st, &ctx, &mut doc),
         };
         if let Err(e) = res {
             if st == Stage::Complete {

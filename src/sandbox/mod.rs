@@ -74,6 +74,12 @@ pub trait Runtime: Send + Sync {
     fn boot(&self, req: &BootRequest) -> Result<SandboxRecord>;
     /// The argv a log entry shows for a step (redacted by the caller).
     fn step_command(&self, sandbox: &SandboxRecord, step: &StepSpec) -> Vec<String>;
+    /// Makes `step`'s sandboxed process ahead, up to its start, so that [`Runtime::run_step`]
+    /// of the same step in this process only starts it; returns whether it did. Nothing of the
+    /// step runs, and the workspace may still be filling. The default makes nothing ahead.
+    fn prepare_step(&self, _sandbox: &SandboxRecord, _step: &StepSpec) -> Result<bool> {
+        Ok(false)
+    }
     /// Runs one step to its end, streaming its output; `cancel` stops it and all it started.
     fn run_step(
         &self,

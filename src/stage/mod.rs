@@ -143,6 +143,74 @@ pub fn run_stage(stage: Stage, ctx: &JobCtx, doc: &mut RunDocument) -> Result<St
         Stage::Upload => upload::run(ctx, doc),
         Stage::Complete => complete::run(ctx, doc),
     };
+    record(stage, ctx, doc, started_at, res)
+}
+
+/// The loop's `prepare-workspace` and `vm-boot` at once, for a runtime whose sandbox needs only
+/// the workspace's directory (oci): as soon as the workspace exists, the sandbox boots, its
+/// images pulled, its network made and its first step's container created, while the
+/// repository clones. Both stages are recorded as run, the clone first. `Err` as for
+/// [`run_stage`].
+pub fn prepare_and_boot(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
+    if doc.failed() {
+        return Ok(());
+    }
+    let started_at = Utc::now();
+    let created = match prepare_workspace::create(ctx, doc) {
+        Ok(Some(created)) => created,
+        Ok(None) => {
+            run_stage(Stage::PrepareWorkspace, ctx, doc)?;
+            run_stage(Stage::VmBoot, ctx, doc)?;
+            return Ok(());
+        }
+        Err(e) => {
+            record(Stage::PrepareWorkspace, ctx, doc, started_at, Err(e))?;
+            return Ok(());
+        }
+    };
+    let mut booting = doc.clone();
+    // The first step's container is made once the clone is done when it writes its layer into
+    // a workspace that the clone may still store as the repository's template (which must hold
+    // the clean checkout only), or when it starts in a directory of the repository.
+    let wait = created.may_make_template() || ctx.job.docker_steps.first().is_some_and(|s| !s.dir.is_empty());
+    let (filled_tx, filled_rx) = std::sync::mpsc::channel::<()>();
+    let (filled, booted) = std::thread::scope(|s| {
+        let booting = &mut booting;
+        let boot = s.spawn(move || {
+            let at = Utc::now();
+            let res = vm_boot::run(ctx, booting);
+            if res.is_ok() {
+                if wait {
+                    // Err once the sender is gone: the workspace is filled.
+                    let _ = filled_rx.recv();
+                }
+                run_steps::prepare_first(ctx, booting);
+            }
+            (at, res)
+        });
+        let filled = prepare_workspace::fill(ctx, doc, created);
+        drop(filled_tx);
+        (filled, boot.join())
+    });
+    // What the boot made is the document's, whatever failed, for `complete` to remove.
+    doc.sandbox = booting.sandbox.take();
+    doc.images = std::mem::take(&mut booting.images);
+    record(Stage::PrepareWorkspace, ctx, doc, started_at, filled)?;
+    let (at, res) =
+        booted.unwrap_or_else(|_| (Utc::now(), Err(anyhow::anyhow!("the sandbox's boot panicked"))));
+    record(Stage::VmBoot, ctx, doc, at, res)?;
+    Ok(())
+}
+
+/// Records how `stage`, started at `started_at`, ended: its failure (the first one wins) and its
+/// place in the history.
+fn record(
+    stage: Stage,
+    ctx: &JobCtx,
+    doc: &mut RunDocument,
+    started_at: chrono::DateTime<Utc>,
+    res: Result<()>,
+) -> Result<StageResult> {
     let out = match res {
         Ok(()) => StageResult::Done,
         Err(e) if e.downcast_ref::<Incomplete>().is_some() || stage == Stage::Complete => return Err(e),

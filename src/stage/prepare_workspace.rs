@@ -8,10 +8,35 @@ use crate::document::{FailureKind, RunDocument, WorkspaceRecord};
 use crate::workspace;
 
 pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
+    match create(ctx, doc)? {
+        Some(created) => fill(ctx, doc, created),
+        None => Ok(()),
+    }
+}
+
+/// A workspace made by [`create`], to be filled by [`fill`].
+pub struct Created {
+    path: std::path::PathBuf,
+    key: Option<workspace::template::Key>,
+    from: Option<workspace::template::Meta>,
+    disk_bytes: u64,
+}
+
+impl Created {
+    /// Whether [`fill`] may store the workspace's disk as its repository's template (it did not
+    /// start from one): nothing but the clone may write to the workspace until it has.
+    pub fn may_make_template(&self) -> bool {
+        self.key.is_some() && self.from.is_none() && self.disk_bytes > 0
+    }
+}
+
+/// Makes the job's workspace (its disk mounted, a template's copy when there is one) and records
+/// it in the document; `None` when the document's workspace already exists.
+pub fn create(ctx: &JobCtx, doc: &mut RunDocument) -> Result<Option<Created>> {
     if let Some(ws) = &doc.workspace {
         if ws.path.exists() {
             // Already prepared (the stage ran twice on this document): nothing to redo.
-            return Ok(());
+            return Ok(None);
         }
     }
     if !ctx.job.cli_steps.is_empty() {
@@ -46,6 +71,14 @@ pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
         repository_cloned: false,
         startup_script: None,
     });
+    Ok(Some(Created { path, key, from, disk_bytes }))
+}
+
+/// Clones the repository into the workspace [`create`] made and writes the job's files and
+/// scripts.
+pub fn fill(ctx: &JobCtx, doc: &mut RunDocument, created: Created) -> Result<()> {
+    let Created { path, key, from, disk_bytes } = created;
+    let templates = ctx.settings.templates();
     let cx = workspace::CloneContext {
         frontend_url: ctx.client.base_url(),
         executor_name: ctx.client.executor_name(),

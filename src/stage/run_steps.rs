@@ -19,6 +19,39 @@ pub fn step_key(key: &str, index: usize) -> String {
     }
 }
 
+/// Makes the first step's sandboxed process ahead, in this process, while the workspace may
+/// still be filling (see [`crate::sandbox::Runtime::prepare_step`]); `run` then only starts it.
+/// A failure only costs the time it saves, and is logged.
+pub fn prepare_first(ctx: &JobCtx, doc: &RunDocument) {
+    let (Some(sandbox), Some(step)) = (&doc.sandbox, ctx.job.docker_steps.first()) else {
+        return;
+    };
+    let key = step_key(&step.key, 0);
+    let script =
+        crate::workspace::scripts::script_path(ctx.job.id, 0, &ctx.job.repository_name, &ctx.job.commit);
+    let spec = StepSpec { key: &key, image: &step.image, script: &script, dir: &step.dir, env: &step.env };
+    let Ok(runtime) = ctx.runtime(doc) else { return };
+    let started = Instant::now();
+    let made = runtime.prepare_step(sandbox, &spec);
+    if matches!(made, Ok(false)) {
+        return;
+    }
+    let Ok(mut entry) = ctx.logger.entry(&format!("setup.{}.ahead", runtime.name()), None) else { return };
+    match made {
+        Ok(_) => {
+            entry.line(&format!(
+                "making the sandboxed process of {key} ahead, while the workspace fills (started in {} ms)",
+                started.elapsed().as_millis()
+            ));
+            let _ = entry.finish(0);
+        }
+        Err(e) => {
+            entry.line(&format!("{key} was not made ahead: {}", ctx.redact(&format!("{e:#}"))));
+            let _ = entry.finish(1);
+        }
+    }
+}
+
 pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
     let ws = doc.workspace.clone().ok_or_else(|| {
         Incomplete("the run document has no workspace: run `executor prepare-workspace` first".into())

@@ -1351,3 +1351,112 @@ fn oci_janitor_reclaims_a_killed_loops_job_at_once() {
     let cgroups = executor::sandbox::oci::cgroup::existing_jobs();
     assert!(!cgroups.iter().any(|n| n.starts_with(&prefix)), "{cgroups:?}");
 }
+
+/// #15: in the loop, an oci sandbox boots while the repository clones and its first step's
+/// container is made ahead (created by the shim, only started when the step runs). Four jobs on
+/// one loop: a cold one (the template is made first, the container after it) whose first step
+/// writes into a cloned file and exits 3; a warm one (from the template, the container made
+/// during the clone) that finds no other job's layer in the workspace; one whose first step
+/// starts in a directory of the repository; one canceled while its first step runs. Each step
+/// is shown as started (`<runtime> start`) rather than run, ends as `runc run` would have
+/// reported it, and nothing is left after the loop.
+fn first_step_made_ahead(oci: &str, test: &str) {
+    if !can_run(test, oci) {
+        return;
+    }
+    if which::which("mkfs.ext4").is_err() {
+        common::skip(test, "ext4", "mkfs.ext4 (e2fsprogs) is needed for the workspace disk");
+        return;
+    }
+    let c = crate::coordinator::Coordinator::start();
+    let f = Fixture::new(oci);
+    let repo = f.tmp.path().join("ahead-repo");
+    std::fs::create_dir_all(repo.join("sub")).unwrap();
+    std::fs::write(repo.join("README"), "cloned\n").unwrap();
+    std::fs::write(repo.join("sub/inner.txt"), "inner file\n").unwrap();
+    common::sh(&repo, "git init -q -b main . && git add -A && git commit -qm one");
+    let first = common::sh(&repo, "git rev-parse HEAD");
+    common::sh(&repo, "echo more >> README && git commit -qam two");
+    let second = common::sh(&repo, "git rev-parse HEAD");
+    Exec::new()
+        .with(|cmd| c.admin_env(cmd))
+        .args(["queue", "repo", "add", "github.com/acme/ahead"])
+        .arg(&repo)
+        .run();
+    let job = |commit: &str, dir: &str, commands: &[&str]| {
+        c.submit(serde_json::json!({"repositoryName": "github.com/acme/ahead", "commit": commit,
+            "dockerSteps": [{"image": "busybox", "dir": dir, "commands": commands}]}))
+    };
+    let cold = job(&first, "", &["echo appended >> README", "cat README", "exit 3"]);
+    let warm = job(
+        &second,
+        "",
+        &["echo appended >> README && echo wrote", "echo layers=$(ls -a /data | grep -c executor-root)"],
+    );
+    let in_dir = job(&second, "sub", &["cat inner.txt"]);
+    let canceled = job(&second, "", &["echo waiting", "sleep 30"]);
+    let prefix = format!("ociahd{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let mut cmd = common::executor();
+    c.executor_env(&mut cmd);
+    cmd.env("EXECUTOR_QUEUE_NAME", "batches")
+        .env("EXECUTOR_RUNTIME", "oci")
+        .env("EXECUTOR_OCI_RUNTIME", oci)
+        .env("EXECUTOR_STATE_DIR", f.state())
+        .env("EXECUTOR_VM_PREFIX", &prefix)
+        .env("EXECUTOR_FIRECRACKER_DISK_SPACE", "32M")
+        .env("EXECUTOR_NUM_TOTAL_JOBS", "4")
+        .env("EXECUTOR_MAXIMUM_RUNTIME_PER_JOB", "60s")
+        .env("EXECUTOR_HEARTBEAT_INTERVAL", "300ms")
+        .arg("loop")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut executor = cmd.spawn().unwrap();
+    common::wait_until("the last job's step to start", Duration::from_secs(60), || {
+        job_log(&c.job(canceled)).contains("waiting")
+    });
+    let (code, body) =
+        c.request("POST", &format!("/api/jobs/{canceled}/cancel"), Some(&c.admin_auth()), None);
+    assert!(code < 300, "cancel: {code} {body}");
+    assert!(executor.wait().unwrap().success());
+    let ended =
+        |id: i64| c.wait_state(id, &["completed", "failed", "errored", "canceled"], Duration::from_secs(30));
+    let entry = |job: &serde_json::Value, key: &str| {
+        job["logs"].as_array().and_then(|l| l.iter().find(|e| e["key"] == key).cloned()).unwrap_or_default()
+    };
+    for (id, state, says) in [
+        (cold, "failed", "exit code 3"),
+        (warm, "completed", "layers=1"),
+        (in_dir, "completed", "inner file"),
+        (canceled, "canceled", "waiting"),
+    ] {
+        let job = ended(id);
+        let log = format!("{}{}", job_log(&job), job["failureMessage"].as_str().unwrap_or(""));
+        assert_eq!(job["state"], state, "job {id}: {log}");
+        assert!(log.contains(says), "job {id} should say {says:?}: {log}");
+        let ahead = entry(&job, "setup.oci.ahead");
+        assert_eq!(ahead["exitCode"], 0, "job {id}'s first step was not made ahead: {log}");
+        let step = entry(&job, "step.docker.0");
+        assert_eq!(step["command"][1], "start", "job {id}'s first step was run, not started: {step}");
+    }
+    let cold_log = job_log(&ended(cold));
+    assert!(
+        cold_log.contains("stdout: cloned\nstdout: appended"),
+        "the step wrote into a file of the clone: {cold_log}"
+    );
+    let warm_log = job_log(&ended(warm));
+    assert!(warm_log.contains("workspace disk started as a copy of the template"), "{warm_log}");
+    let left = |d: &str| std::fs::read_dir(f.state().join(d)).map(|r| r.count()).unwrap_or(0);
+    assert_eq!((left("workspaces"), left("sandboxes")), (0, 0), "the loop left a workspace or a sandbox");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&prefix), "a mount of the loop's sandboxes is left:\n{mounts}");
+}
+
+#[test]
+fn oci_runc_first_step_is_made_ahead() {
+    first_step_made_ahead("runc", "oci_runc_first_step_is_made_ahead");
+}
+
+#[test]
+fn oci_crun_first_step_is_made_ahead() {
+    first_step_made_ahead("crun", "oci_crun_first_step_is_made_ahead");
+}

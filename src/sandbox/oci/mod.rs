@@ -6,6 +6,7 @@
 
 pub mod cgroup;
 pub mod rootfs;
+pub mod shim;
 pub mod spec;
 pub mod uids;
 
@@ -35,8 +36,11 @@ pub const DEFAULT_OCI_RUNTIME: &str = "runc";
 const MARKER: &str = "oci-sandbox.json";
 /// The resolv.conf a networked sandbox's steps see at /etc/resolv.conf.
 const RESOLV_CONF: &str = "resolv.conf";
-/// Present while the workspace is owned by the container's root.
+/// Present while the workspace is owned by the container's root; holds its mode before.
 const SHIFTED: &str = "workspace-shifted";
+/// Present while only the workspace's top directory is open to the container's root (a step
+/// made ahead, the clone still filling the workspace); holds its mode before.
+const OPENED: &str = "workspace-opened";
 /// How long a kill may take before the step is reported as not stopped.
 const KILL_GRACE: Duration = Duration::from_secs(2);
 /// RLIMIT_NOFILE of a step.
@@ -169,6 +173,57 @@ fn judge(
     }
 }
 
+/// A step's container made ahead ([`Runtime::prepare_step`]): created by a shim (shim.rs) that
+/// waits for the byte that starts it.
+struct Prepared {
+    sandbox: String,
+    /// What the bundle was written for: the step's key, image, script, directory and variables.
+    step: String,
+    id: String,
+    bundle: PathBuf,
+    root: rootfs::StepRoot,
+    shim: std::process::Child,
+}
+
+/// The containers made ahead in this process, until their step takes them or their sandbox goes.
+static PREPARED: std::sync::Mutex<Vec<Prepared>> = std::sync::Mutex::new(Vec::new());
+
+fn prepared() -> std::sync::MutexGuard<'static, Vec<Prepared>> {
+    PREPARED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What a prepared container must match to run `step` (hashed: the variables may hold secrets).
+fn step_fingerprint(step: &StepSpec) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(format!("{:?}", (step.key, step.image, step.script, step.dir, step.env))))
+}
+
+/// Drops the containers made ahead for `sandbox`: each shim, its input closed, deletes its
+/// unstarted container and exits; one that does not within the grace period is killed. Their
+/// roots and bundles go with the sandbox's.
+fn drop_prepared(sandbox: &str) {
+    let mine: Vec<Prepared> = {
+        let mut all = prepared();
+        let (mine, rest) = std::mem::take(&mut *all).into_iter().partition(|p| p.sandbox == sandbox);
+        *all = rest;
+        mine
+    };
+    for mut p in mine {
+        drop(p.shim.stdin.take());
+        let start = Instant::now();
+        while !matches!(p.shim.try_wait(), Ok(Some(_))) {
+            if start.elapsed() > KILL_GRACE {
+                let _ = p.shim.kill();
+                let _ = p.shim.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = rootfs::unmount_step(&p.root);
+        let _ = fs::remove_dir_all(&p.bundle);
+    }
+}
+
 /// The `oci` runtime.
 #[derive(Debug, Clone)]
 pub struct OciRuntime {
@@ -199,12 +254,22 @@ impl OciRuntime {
         d: &OciDetails,
         step: &StepSpec,
     ) -> Result<(String, PathBuf, rootfs::StepRoot)> {
+        Self::shift_workspace(&sandbox.state_dir, d)?;
+        Self::write_bundle_unshifted(sandbox, d, step)
+    }
+
+    /// [`Self::write_bundle`] without giving the workspace to the container's root: for a step
+    /// made ahead while the repository is still being cloned into the workspace.
+    fn write_bundle_unshifted(
+        sandbox: &SandboxRecord,
+        d: &OciDetails,
+        step: &StepSpec,
+    ) -> Result<(String, PathBuf, rootfs::StepRoot)> {
         let image = d.images.get(step.image).with_context(|| {
             format!("step {} names image {:?}, which the sandbox did not boot with", step.key, step.image)
         })?;
         let script = safe_rel(step.script, "step script")?;
         let dir = safe_rel(step.dir, "step directory")?;
-        Self::shift_workspace(&sandbox.state_dir, d)?;
         let id = format!("{}-{}", sandbox.name, &uuid::Uuid::new_v4().simple().to_string()[..8]);
         let bundle = sandbox.state_dir.join("bundles").join(&id);
         fs::create_dir_all(&bundle).with_context(|| format!("creating bundle {}", bundle.display()))?;
@@ -369,6 +434,27 @@ impl OciRuntime {
         cmd
     }
 
+    /// The shim (shim.rs) that makes the container `id` of `bundle` ahead with `which` (runc or
+    /// crun: runsc's networked start needs a mount namespace of its own per command), its
+    /// standard input, output and error piped, in a process group of its own.
+    fn shim_cmd(&self, which: &str, state_dir: &Path, bundle: &Path, id: &str) -> Command {
+        // The running binary itself, even after an upgrade replaced its file.
+        let exe = Path::new("/proc/self/exe");
+        let runtime = [which.into(), "--root".into(), state_dir.join("runtime").into_os_string()];
+        let mut cmd = shim::command(exe, bundle, id, &runtime);
+        // The shim's mount namespace is its runtime commands'.
+        if which == "crun"
+            && cgroup::layout() == cgroup::Layout::V1
+            && Path::new("/sys/fs/cgroup/unified").exists()
+        {
+            crate::base::sys::hide_unified_cgroup(&mut cmd);
+        }
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.env("PATH", spec::DEFAULT_PATH);
+        cmd.process_group(0);
+        cmd
+    }
+
     fn quiet(&self, mut cmd: Command) -> Result<std::process::Output> {
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         cmd.output().context("running the OCI runtime")
@@ -435,19 +521,54 @@ impl OciRuntime {
         if marker.exists() {
             return Ok(());
         }
+        let opened = state_dir.join(OPENED);
+        let mode = match fs::read_to_string(&opened) {
+            Ok(m) => m.trim().to_string(),
+            Err(_) => format!("{:o}", Self::workspace_mode(d)?),
+        };
         chown_tree(&d.workspace, |_, _| (d.uid_base, d.uid_base))?;
-        // /data is searchable by the image's other users, as a Docker bind mount of a 0755
-        // directory is, where a directory above it (the state directory) is closed to every
-        // host user but root.
-        let mode = fs::metadata(&d.workspace)
+        Self::open_to_others(d)?;
+        fs::write(&marker, mode).with_context(|| format!("writing {}", marker.display()))?;
+        match fs::remove_file(&opened) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("removing {}", opened.display()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Lets the container's root into the workspace's top directory (search permission for
+    /// others, as [`Self::shift_workspace`] gives), which a container made ahead enters as its
+    /// working directory while the clone still fills the workspace. The owner stays root's: git
+    /// refuses a repository whose top directory another user owns, and the shift before the
+    /// step starts gives the container's root the whole tree.
+    fn open_workspace_top(state_dir: &Path, d: &OciDetails) -> Result<()> {
+        let opened = state_dir.join(OPENED);
+        if state_dir.join(SHIFTED).exists() || opened.exists() {
+            return Ok(());
+        }
+        let mode = Self::workspace_mode(d)?;
+        fs::write(&opened, format!("{mode:o}")).with_context(|| format!("writing {}", opened.display()))?;
+        Self::open_to_others(d)
+    }
+
+    fn workspace_mode(d: &OciDetails) -> Result<u32> {
+        Ok(fs::metadata(&d.workspace)
             .with_context(|| format!("inspecting workspace {}", d.workspace.display()))?
             .mode()
-            & 0o7777;
+            & 0o7777)
+    }
+
+    /// /data is searchable by the image's other users, as a Docker bind mount of a 0755
+    /// directory is, where a directory above it (the state directory) is closed to every host
+    /// user but root.
+    fn open_to_others(d: &OciDetails) -> Result<()> {
         if closed_to_others(&d.workspace) {
+            let mode = Self::workspace_mode(d)?;
             fs::set_permissions(&d.workspace, fs::Permissions::from_mode(mode | 0o755))
                 .with_context(|| format!("setting the mode of workspace {}", d.workspace.display()))?;
         }
-        fs::write(&marker, format!("{mode:o}")).with_context(|| format!("writing {}", marker.display()))
+        Ok(())
     }
 }
 
@@ -618,7 +739,9 @@ impl Runtime for OciRuntime {
                 record.details = SandboxDetails::Oci(Some(details.clone()));
                 crate::base::fs::write_atomic(&state_dir.join(MARKER), &serde_json::to_vec_pretty(&record)?)?;
             }
-            Self::shift_workspace(&state_dir, &details)
+            // The workspace goes to the container's root with the first step (write_bundle), not
+            // here: the loop boots this sandbox while the repository is still being cloned.
+            Ok(())
         })();
         if let Err(e) = setup {
             let _ = self.teardown(&record);
@@ -630,7 +753,43 @@ impl Runtime for OciRuntime {
     fn step_command(&self, sandbox: &SandboxRecord, step: &StepSpec) -> Vec<String> {
         let which =
             Self::details(sandbox).map(|d| d.oci_runtime).unwrap_or_else(|_| self.oci_runtime.clone());
-        vec![which, "run".into(), step.image.to_string(), "/bin/sh".into(), format!("/data/{}", step.script)]
+        // A container made ahead is only started.
+        let fingerprint = step_fingerprint(step);
+        let ahead = prepared().iter().any(|p| p.sandbox == sandbox.name && p.step == fingerprint);
+        let verb = if ahead { "start" } else { "run" };
+        vec![which, verb.into(), step.image.to_string(), "/bin/sh".into(), format!("/data/{}", step.script)]
+    }
+
+    fn prepare_step(&self, sandbox: &SandboxRecord, step: &StepSpec) -> Result<bool> {
+        let d = Self::details(sandbox)?;
+        let which = d.oci_runtime.as_str();
+        if which == "runsc" {
+            return Ok(false);
+        }
+        Self::open_workspace_top(&sandbox.state_dir, &d)?;
+        let (id, bundle, root) = Self::write_bundle_unshifted(sandbox, &d, step)?;
+        let shim = self
+            .shim_cmd(which, &sandbox.state_dir, &bundle, &id)
+            .spawn()
+            .with_context(|| format!("starting the shim of step {}", step.key));
+        match shim {
+            Ok(shim) => {
+                prepared().push(Prepared {
+                    sandbox: sandbox.name.clone(),
+                    step: step_fingerprint(step),
+                    id,
+                    bundle,
+                    root,
+                    shim,
+                });
+                Ok(true)
+            }
+            Err(e) => {
+                let _ = rootfs::unmount_step(&root);
+                let _ = fs::remove_dir_all(&bundle);
+                Err(e)
+            }
+        }
     }
 
     fn run_step(
@@ -642,14 +801,46 @@ impl Runtime for OciRuntime {
     ) -> Result<StepEnd> {
         let d = Self::details(sandbox)?;
         let which = d.oci_runtime.as_str();
-        let (id, bundle, root) = Self::write_bundle(sandbox, &d, step)?;
         let cg = cgroup::JobCgroup::new(&sandbox.name);
-        let before = cg.counters();
-        let mut cmd = self.runtime_cmd_net(which, &sandbox.state_dir, d.network.is_some());
-        cmd.arg("run").arg("--bundle").arg(&bundle).arg(&id);
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).env_clear().env("PATH", spec::DEFAULT_PATH);
-        cmd.process_group(0);
-        let mut child = cmd.spawn().with_context(|| format!("starting {which} for step {}", step.key))?;
+        let fingerprint = step_fingerprint(step);
+        let ahead = {
+            let mut all = prepared();
+            let at = all.iter().position(|p| p.sandbox == sandbox.name && p.step == fingerprint);
+            at.map(|i| all.remove(i))
+        };
+        let (id, bundle, root, before, mut child) = match ahead {
+            Some(mut p) => {
+                if let Err(e) = Self::shift_workspace(&sandbox.state_dir, &d) {
+                    drop(p.shim.stdin.take());
+                    let _ = p.shim.wait();
+                    let _ = rootfs::unmount_step(&p.root);
+                    return Err(e);
+                }
+                let before = cg.counters();
+                // A shim that is gone (its create failed) has said why on the step's output.
+                if let Some(mut input) = p.shim.stdin.take() {
+                    use std::io::Write;
+                    let _ = input.write_all(&[shim::GO]);
+                }
+                (p.id, p.bundle, p.root, before, p.shim)
+            }
+            None => {
+                let (id, bundle, root) = Self::write_bundle(sandbox, &d, step)?;
+                let before = cg.counters();
+                let mut cmd = self.runtime_cmd_net(which, &sandbox.state_dir, d.network.is_some());
+                cmd.arg("run").arg("--bundle").arg(&bundle).arg(&id);
+                cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).env_clear().env("PATH", spec::DEFAULT_PATH);
+                cmd.process_group(0);
+                let child = match cmd.spawn() {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = rootfs::unmount_step(&root);
+                        return Err(e).with_context(|| format!("starting {which} for step {}", step.key));
+                    }
+                };
+                (id, bundle, root, before, child)
+            }
+        };
         let mut watch = FdWatch { inner: sink, tail: Vec::new(), seen: false };
         let run = self.supervise(sandbox, &d, &id, &cg, &mut child, &mut watch, cancel);
         // Whatever the step left behind (a daemon that escaped its session) dies with it.
@@ -665,8 +856,12 @@ impl Runtime for OciRuntime {
 
     fn sync_workspace(&self, sandbox: &SandboxRecord, workspace: &Path) -> Result<()> {
         let d = Self::details(sandbox)?;
-        let marker = sandbox.state_dir.join(SHIFTED);
-        if !marker.exists() || !workspace.exists() {
+        // Shifted by a step, or only opened for one made ahead that never ran.
+        let Some(marker) = [SHIFTED, OPENED].iter().map(|m| sandbox.state_dir.join(m)).find(|m| m.exists())
+        else {
+            return Ok(());
+        };
+        if !workspace.exists() {
             return Ok(());
         }
         // Every process of the job is gone, so nothing can swap a path while the owner changes.
@@ -683,6 +878,7 @@ impl Runtime for OciRuntime {
     }
 
     fn teardown(&self, sandbox: &SandboxRecord) -> Result<()> {
+        drop_prepared(&sandbox.name);
         let d = Self::details(sandbox).ok();
         let which = d.as_ref().map(|d| d.oci_runtime.clone()).unwrap_or_else(|| self.oci_runtime.clone());
         let cg = cgroup::JobCgroup::new(&sandbox.name);

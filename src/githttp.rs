@@ -1,13 +1,14 @@
-//! Git's smart HTTP protocol (v0 and v2), served by git's own `git http-backend` as a CGI
-//! program: this module only bridges an HTTP request to it and streams both bodies. Read-only:
-//! `git-receive-pack` is refused before git runs.
+//! Git's smart HTTP protocol (v0 and v2), served by `git upload-pack --stateless-rpc` as
+//! `git http-backend` runs it, without the CGI program: this module checks the request, passes
+//! its body to git (decompressed) and streams git's answer back. Read-only: `git-receive-pack`
+//! is refused before git runs.
 
 use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 use futures_util::StreamExt;
 use std::path::Path;
 use std::process::Stdio;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Which part of the protocol a request path names, relative to the repository.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,13 +29,6 @@ impl GitRoute {
         }
         None
     }
-
-    fn path_info(self) -> &'static str {
-        match self {
-            GitRoute::InfoRefs => "/info/refs",
-            GitRoute::UploadPack => "/git-upload-pack",
-        }
-    }
 }
 
 fn error(status: StatusCode, message: &str) -> Response<Body> {
@@ -46,7 +40,7 @@ fn error(status: StatusCode, message: &str) -> Response<Body> {
 }
 
 /// Serves one smart-HTTP request for the repository at `repo` (a bare repository or a work
-/// tree) through `git http-backend`.
+/// tree) with `git upload-pack`.
 pub async fn serve(
     repo: &Path,
     route: GitRoute,
@@ -68,62 +62,71 @@ pub async fn serve(
         (GitRoute::UploadPack, &Method::POST) => {}
         _ => return error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed for this git route"),
     }
+    let protocol = headers.get("git-protocol").and_then(|v| v.to_str().ok()).filter(|v| valid_protocol(v));
+    let v2 = protocol.is_some_and(|p| p.split(':').any(|kv| kv == "version=2"));
+    let request = match route {
+        GitRoute::InfoRefs => Vec::new(),
+        GitRoute::UploadPack => {
+            let kind = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+            if kind != "application/x-git-upload-pack-request" {
+                return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "not a git-upload-pack request");
+            }
+            let body = match axum::body::to_bytes(body, MAX_REQUEST).await {
+                Ok(b) => b,
+                Err(e) => return error(StatusCode::PAYLOAD_TOO_LARGE, &format!("reading the request: {e}")),
+            };
+            let encoding = headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()).unwrap_or("");
+            match encoding {
+                "" | "identity" => body.to_vec(),
+                // git compresses a request body over 1 KiB (a long negotiation).
+                "gzip" | "x-gzip" => match gunzip(&body) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        return error(StatusCode::BAD_REQUEST, &format!("decompressing the request: {e}"))
+                    }
+                },
+                other => {
+                    return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, &format!("content encoding {other:?}"))
+                }
+            }
+        }
+    };
+    // git upload-pack itself, as `git http-backend` runs it, without the two processes of the
+    // CGI program in front of it on every request.
     let mut cmd = tokio::process::Command::from(crate::base::proc::command("git"));
-    cmd.arg("http-backend")
-        .env_clear()
+    cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into()))
-        .env("GIT_PROJECT_ROOT", repo)
-        .env("GIT_HTTP_EXPORT_ALL", "1")
         .env("GIT_CONFIG_NOSYSTEM", "1")
         .env("GIT_CONFIG_GLOBAL", "/dev/null")
         .env("HOME", "/nonexistent")
-        .env("PATH_INFO", route.path_info())
-        .env("REQUEST_METHOD", method.as_str())
-        .env("QUERY_STRING", query)
-        .env("REMOTE_ADDR", "127.0.0.1")
         // Executors fetch one commit by its hash, and sparse jobs ask for a blob filter.
-        .env("GIT_CONFIG_COUNT", "3")
+        .env("GIT_CONFIG_COUNT", "2")
         .env("GIT_CONFIG_KEY_0", "uploadpack.allowAnySHA1InWant")
         .env("GIT_CONFIG_VALUE_0", "true")
         .env("GIT_CONFIG_KEY_1", "uploadpack.allowFilter")
         .env("GIT_CONFIG_VALUE_1", "true")
-        .env("GIT_CONFIG_KEY_2", "http.receivepack")
-        .env("GIT_CONFIG_VALUE_2", "false")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    for (name, env) in [
-        (header::CONTENT_TYPE, "CONTENT_TYPE"),
-        (header::CONTENT_ENCODING, "HTTP_CONTENT_ENCODING"),
-        (header::CONTENT_LENGTH, "CONTENT_LENGTH"),
-    ] {
-        if let Some(v) = headers.get(&name).and_then(|v| v.to_str().ok()) {
-            cmd.env(env, v);
-        }
+        .arg("upload-pack")
+        .arg("--stateless-rpc");
+    if route == GitRoute::InfoRefs {
+        cmd.arg("--http-backend-info-refs");
     }
-    if let Some(v) = headers.get("git-protocol").and_then(|v| v.to_str().ok()) {
-        cmd.env("HTTP_GIT_PROTOCOL", v);
+    cmd.arg(repo).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    if let Some(p) = protocol {
+        cmd.env("GIT_PROTOCOL", p);
     }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
-            return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot start git http-backend: {e}"))
+            return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot start git upload-pack: {e}"))
         }
     };
-    let (Some(mut stdin), Some(stdout), Some(mut stderr)) =
+    let (Some(mut stdin), Some(mut stdout), Some(mut stderr)) =
         (child.stdin.take(), child.stdout.take(), child.stderr.take())
     else {
-        return error(StatusCode::INTERNAL_SERVER_ERROR, "git http-backend has no pipes");
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "git upload-pack has no pipes");
     };
     tokio::spawn(async move {
-        let mut stream = body.into_data_stream();
-        while let Some(chunk) = stream.next().await {
-            let Ok(chunk) = chunk else { break };
-            if stdin.write_all(&chunk).await.is_err() {
-                break;
-            }
-        }
+        let _ = stdin.write_all(&request).await;
         let _ = stdin.shutdown().await;
     });
     tokio::spawn(async move {
@@ -132,44 +135,63 @@ pub async fn serve(
         let _ = tokio::io::copy(&mut stderr, &mut tokio::io::sink()).await;
         let text = String::from_utf8_lossy(&sink);
         for line in text.lines().filter(|l| !l.trim().is_empty()).take(20) {
-            eprintln!("git http-backend: {line}");
+            eprintln!("git upload-pack: {line}");
         }
     });
-    let mut reader = BufReader::new(stdout);
-    let mut status = StatusCode::OK;
-    let mut response_headers = HeaderMap::new();
-    loop {
-        let mut line = String::new();
-        match reader.read_line(&mut line).await {
-            Ok(0) => return error(StatusCode::BAD_GATEWAY, "git http-backend ended before its headers"),
-            Ok(_) => {}
-            Err(e) => return error(StatusCode::BAD_GATEWAY, &format!("reading git http-backend: {e}")),
-        }
-        if line.len() > 8192 {
-            return error(StatusCode::BAD_GATEWAY, "git http-backend sent an oversized header");
-        }
-        let line = line.trim_end_matches(['\r', '\n']);
-        if line.is_empty() {
-            break;
-        }
-        let Some((name, value)) = line.split_once(':') else { continue };
-        let value = value.trim();
-        if name.eq_ignore_ascii_case("status") {
-            let code = value.split_whitespace().next().and_then(|c| c.parse::<u16>().ok());
-            status = code.and_then(|c| StatusCode::from_u16(c).ok()).unwrap_or(StatusCode::BAD_GATEWAY);
-        } else if let (Ok(n), Ok(v)) =
-            (header::HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value))
-        {
-            response_headers.append(n, v);
-        }
+    // Nothing is answered before git has: a repository it refuses is an error, not an empty 200.
+    let mut first = vec![0u8; 8192];
+    let n = match stdout.read(&mut first).await {
+        Ok(n) => n,
+        Err(e) => return error(StatusCode::BAD_GATEWAY, &format!("reading git upload-pack: {e}")),
+    };
+    if n == 0 {
+        let status = child.wait().await.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("git upload-pack answered nothing ({status})"),
+        );
     }
+    first.truncate(n);
     tokio::spawn(async move {
         let _ = child.wait().await;
     });
-    let mut response = Response::new(Body::from_stream(tokio_util::io::ReaderStream::new(reader)));
-    *response.status_mut() = status;
-    *response.headers_mut() = response_headers;
+    let mut head = Vec::new();
+    if route == GitRoute::InfoRefs && !v2 {
+        head.extend_from_slice(b"001e# service=git-upload-pack\n0000");
+    }
+    head.extend_from_slice(&first);
+    let rest = tokio_util::io::ReaderStream::new(stdout);
+    let stream = futures_util::stream::once(async move { Ok::<_, std::io::Error>(bytes::Bytes::from(head)) })
+        .chain(rest);
+    let mut response = Response::new(Body::from_stream(stream));
+    let kind = match route {
+        GitRoute::InfoRefs => "application/x-git-upload-pack-advertisement",
+        GitRoute::UploadPack => "application/x-git-upload-pack-result",
+    };
+    let h = response.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache, max-age=0, must-revalidate"));
+    h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    h.insert(header::EXPIRES, HeaderValue::from_static("Fri, 01 Jan 1980 00:00:00 GMT"));
     response
+}
+
+/// Largest request body (a negotiation; compressed or not) and its decompressed size.
+const MAX_REQUEST: usize = 64 << 20;
+
+fn gunzip(data: &[u8]) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(data).take(MAX_REQUEST as u64 + 1).read_to_end(&mut out)?;
+    if out.len() > MAX_REQUEST {
+        return Err(std::io::Error::other("over 64 MiB decompressed"));
+    }
+    Ok(out)
+}
+
+/// A `Git-Protocol` header git may be given (`version=2`, colon-separated `key[=value]`).
+fn valid_protocol(v: &str) -> bool {
+    !v.is_empty() && v.len() <= 256 && v.chars().all(|c| c.is_ascii_alphanumeric() || "=:._-".contains(c))
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! Clone tests against `git http-backend` behind a minimal job-token check on loopback: every
+//! Clone tests against `git upload-pack` (githttp) behind a minimal job-token check on loopback: every
 //! clone variant, the token kept out of argv/config/logs, missing commits, a damaged cache.
 
 use super::*;
@@ -312,4 +312,45 @@ fn workspace_cap_is_enforced() {
     req.max_bytes = 256 << 10;
     let err = format!("{:#}", clone(&req, &mut MemLog::default()).unwrap_err());
     assert!(err.contains("workspace cap"), "{err}");
+}
+
+/// The git route without `git http-backend`: a protocol v0 client (what git speaks unless told
+/// otherwise, or an older git) still lists and fetches; a request body compressed as git
+/// compresses long negotiations is read; anything but an upload-pack request is refused.
+#[test]
+fn the_route_serves_v0_and_compressed_requests() {
+    let (tmp, server, commits) = setup();
+    let url = format!("{}/.executors/git/github.com/acme/widgets", server.url);
+    let auth = format!("http.extraHeader=Authorization: Bearer {TOKEN}");
+    let refs = sh(tmp.path(), &format!("git -c '{auth}' -c protocol.version=0 ls-remote '{url}'"));
+    assert!(refs.contains(&format!("{}\trefs/heads/main", commits[2])), "{refs}");
+    let v0 = tmp.path().join("v0");
+    sh(tmp.path(), &format!("git -c '{auth}' -c protocol.version=0 clone -q '{url}' '{}'", v0.display()));
+    assert_eq!(head(&v0), commits[2]);
+
+    let ls_refs = b"0014command=ls-refs\n0000";
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, ls_refs).unwrap();
+    let post = |body: &[u8], kind: &str, encoding: Option<&str>| {
+        let mut r = ureq::post(&format!("{url}/git-upload-pack"))
+            .set("Authorization", &format!("Bearer {TOKEN}"))
+            .set("Git-Protocol", "version=2")
+            .set("Content-Type", kind);
+        if let Some(e) = encoding {
+            r = r.set("Content-Encoding", e);
+        }
+        match r.send_bytes(body) {
+            Ok(resp) => (resp.status(), resp.into_string().unwrap_or_default()),
+            Err(ureq::Error::Status(code, resp)) => (code, resp.into_string().unwrap_or_default()),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let kind = "application/x-git-upload-pack-request";
+    let (code, plain) = post(ls_refs, kind, None);
+    assert_eq!(code, 200, "{plain}");
+    assert!(plain.contains(&format!("{} refs/heads/main", commits[2])), "{plain}");
+    let (code, unzipped) = post(&gz.finish().unwrap(), kind, Some("gzip"));
+    assert_eq!((code, &unzipped), (200, &plain));
+    assert_eq!(post(ls_refs, "text/plain", None).0, 415);
+    assert_eq!(post(b"not gzip", kind, Some("gzip")).0, 400);
 }

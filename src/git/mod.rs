@@ -201,12 +201,17 @@ pub fn clone_from_template(req: &CloneRequest, log: &mut dyn CommandLog) -> Resu
     settle_index(&req.dir.join(".git").join("index"))?;
     // Git offers the server only the commits of refs (not HEAD) as common ground; without this
     // ref the coordinator would send the whole history again.
-    git.quiet(&["-C", &r, "update-ref", TEMPLATE_REF, "HEAD"])?;
+    let head = std::fs::read_to_string(req.dir.join(".git").join("HEAD")).unwrap_or_default();
+    git.set_ref(
+        &req.dir,
+        TEMPLATE_REF,
+        Some(head.trim()).filter(|h| !h.starts_with("ref:")).or(Some("HEAD")),
+    )?;
     git.run(log, "setup.git.add-remote", &["-C", &r, "remote", "set-url", "origin", &url], &[])?;
     let fetch = fetch_args(&r, req);
     let fetch_refs: Vec<&str> = fetch.iter().map(String::as_str).collect();
     git.run(log, "setup.git.fetch", &fetch_refs, &req.auth.env()).map_err(|e| missing_commit(e, req))?;
-    git.quiet(&["-C", &r, "update-ref", "-d", TEMPLATE_REF])?;
+    git.set_ref(&req.dir, TEMPLATE_REF, None)?;
     check_size(req)?;
     git.run(log, "setup.git.checkout", &["-C", &r, "checkout", "--progress", "--force", &req.commit], &[])?;
     check_size(req)?;
@@ -288,7 +293,7 @@ fn attempt(git: &Git, log: &mut dyn CommandLog, url: &str, cache: Option<&Object
         // removed after the fetch. A cache missing objects of the commit's tree fails the
         // checkout, which sends the clone back to the coordinator; objects missing only from
         // older history (deleted by hand from the cache) are not noticed here.
-        git.quiet(&["-C", &r, "update-ref", cache::HINT_REF, &req.commit])?;
+        git.set_ref(&req.dir, cache::HINT_REF, Some(&req.commit))?;
     }
     git.run(log, "setup.git.add-remote", &["-C", &r, "remote", "add", "origin", url], &[])?;
     git.run(log, "setup.git.disable-gc", &["-C", &r, "config", "--local", "gc.auto", "0"], &[])?;
@@ -296,7 +301,7 @@ fn attempt(git: &Git, log: &mut dyn CommandLog, url: &str, cache: Option<&Object
     let fetch_refs: Vec<&str> = fetch.iter().map(String::as_str).collect();
     git.run(log, "setup.git.fetch", &fetch_refs, &req.auth.env()).map_err(|e| missing_commit(e, req))?;
     if cache.is_some() {
-        git.quiet(&["-C", &r, "update-ref", "-d", cache::HINT_REF])?;
+        git.set_ref(&req.dir, cache::HINT_REF, None)?;
     }
     check_size(req)?;
     if !req.sparse.is_empty() {
@@ -470,6 +475,41 @@ pub(crate) struct Git<'a> {
 }
 
 impl Git<'_> {
+    /// Points the ref `name` (`refs/…`) of the repository at `repo` at the object `value`, or
+    /// deletes it (`None`), without a git process where git keeps the repository's refs as files
+    /// and `value` is a full object name: the repository is the executor's own (a fresh clone, or
+    /// a template's copy) and nothing else runs in it, so the loose ref file is all there is to
+    /// write (no reflog is kept for refs outside heads, remotes and notes). Otherwise, and for a
+    /// `HEAD` that names a branch, `git update-ref`.
+    pub(crate) fn set_ref(&self, repo: &Path, name: &str, value: Option<&str>) -> Result<()> {
+        let git_dir = repo.join(".git");
+        let loose = git_dir.join(name);
+        let files = git_dir.join("refs").is_dir() && !git_dir.join("reftable").exists();
+        let hex = |v: &str| (v.len() == 40 || v.len() == 64) && v.chars().all(|c| c.is_ascii_hexdigit());
+        let r = repo.to_string_lossy();
+        match value {
+            Some(v) if files && hex(v) => {
+                crate::base::fs::ensure_parent(&git_dir, name)?;
+                std::fs::write(&loose, format!("{v}\n"))
+                    .with_context(|| format!("writing {}", loose.display()))
+            }
+            Some(v) => self.quiet(&["-C", &r, "update-ref", name, v]),
+            None if files => match std::fs::remove_file(&loose) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(e).with_context(|| format!("removing {}", loose.display()))
+                }
+                _ => {
+                    // As git does: no empty directory of refs is left behind (refs/executor).
+                    if let Some(dir) = loose.parent().filter(|d| *d != git_dir.join("refs")) {
+                        let _ = std::fs::remove_dir(dir);
+                    }
+                    Ok(())
+                }
+            },
+            None => self.quiet(&["-C", &r, "update-ref", "-d", name]),
+        }
+    }
+
     /// Runs `git <args>` as the log entry `key`. `secret_env` is added to the child's
     /// environment only. Fails with `failed <key>: ...` on a non-zero exit or the timeout.
     pub(crate) fn run(

@@ -21,6 +21,18 @@ pub fn mark_for(doc: &RunDocument) -> (Mark, String) {
     }
 }
 
+/// After the report, off every job's path: the spare copy of the repository's workspace
+/// template that the next job of the repository takes (template.rs). A failure costs only that.
+fn make_spare(ctx: &JobCtx) {
+    let templates = ctx.settings.templates();
+    let Some(key) = templates.key(ctx.client.base_url(), &ctx.job, ctx.settings.limits().disk_bytes) else {
+        return;
+    };
+    if let Err(e) = templates.make_spare(&key) {
+        eprintln!("executor: job {}: no spare copy of the workspace template: {e:#}", ctx.job.uid());
+    }
+}
+
 pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
     let mut sandbox_removed =
         doc.sandbox.is_none() || doc.completion.as_ref().is_some_and(|c| c.sandbox_removed);
@@ -91,6 +103,7 @@ pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
                 sandbox_removed,
                 workspace_removed,
             });
+            make_spare(ctx);
             Ok(())
         }
         Err(e) => {

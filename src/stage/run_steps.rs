@@ -26,6 +26,11 @@ pub fn prepare_first(ctx: &JobCtx, doc: &RunDocument) {
     let (Some(sandbox), Some(step)) = (&doc.sandbox, ctx.job.docker_steps.first()) else {
         return;
     };
+    // The operator's startup script runs first, as a step of its own whose end kills whatever
+    // is left in the job's cgroup.
+    if ctx.settings.vm_startup_script.is_some() {
+        return;
+    }
     let key = step_key(&step.key, 0);
     let script =
         crate::workspace::scripts::script_path(ctx.job.id, 0, &ctx.job.repository_name, &ctx.job.commit);

@@ -755,7 +755,9 @@ impl Runtime for OciRuntime {
             Self::details(sandbox).map(|d| d.oci_runtime).unwrap_or_else(|_| self.oci_runtime.clone());
         // A container made ahead is only started.
         let fingerprint = step_fingerprint(step);
-        let ahead = prepared().iter().any(|p| p.sandbox == sandbox.name && p.step == fingerprint);
+        let ahead = prepared().iter_mut().any(|p| {
+            p.sandbox == sandbox.name && p.step == fingerprint && matches!(p.shim.try_wait(), Ok(None))
+        });
         let verb = if ahead { "start" } else { "run" };
         vec![which, verb.into(), step.image.to_string(), "/bin/sh".into(), format!("/data/{}", step.script)]
     }
@@ -803,11 +805,21 @@ impl Runtime for OciRuntime {
         let which = d.oci_runtime.as_str();
         let cg = cgroup::JobCgroup::new(&sandbox.name);
         let fingerprint = step_fingerprint(step);
-        let ahead = {
+        let mut ahead = {
             let mut all = prepared();
             let at = all.iter().position(|p| p.sandbox == sandbox.name && p.step == fingerprint);
             at.map(|i| all.remove(i))
         };
+        // A shim that is gone lost its container (killed with the job's cgroup after an earlier
+        // step, or never created): the step runs as usual.
+        if let Some(mut p) = ahead.take_if(|p| !matches!(p.shim.try_wait(), Ok(None))) {
+            let _ = p.shim.wait();
+            let _ = rootfs::unmount_step(&p.root);
+            let _ = fs::remove_dir_all(&p.bundle);
+            let mut del = self.runtime_cmd(which, &sandbox.state_dir);
+            del.args(["delete", "--force", &p.id]);
+            let _ = self.quiet(del);
+        }
         let (id, bundle, root, before, mut child) = match ahead {
             Some(mut p) => {
                 if let Err(e) = Self::shift_workspace(&sandbox.state_dir, &d) {

@@ -76,9 +76,7 @@ pub fn main(runtime: &[String], bundle: &Path, id: &str) -> i32 {
         }
     }
     let pid = std::fs::read_to_string(&pid_file).ok().and_then(|s| s.trim().parse::<i32>().ok());
-    let mut go = [0u8; 1];
-    let told = matches!(std::io::stdin().read(&mut go), Ok(1) if go[0] == GO);
-    let Some(pid) = pid.filter(|_| told) else {
+    let Some(pid) = pid.filter(|&pid| told(pid)) else {
         let _ = run(&["delete", "--force", id]);
         return NOT_RUN;
     };
@@ -91,6 +89,31 @@ pub fn main(runtime: &[String], bundle: &Path, id: &str) -> i32 {
         }
     }
     wait_for(pid)
+}
+
+/// Waits for the byte that starts the step; false when the input ends first, or when the
+/// container's waiting process `pid` dies first (its cgroup was killed): the shim then exits at
+/// once, and the executor, seeing it gone, runs the step as usual.
+fn told(pid: i32) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    use std::os::fd::AsFd;
+    let stdin = std::io::stdin();
+    loop {
+        let mut fds = [PollFd::new(stdin.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(100u16)) {
+            Ok(0) | Err(nix::errno::Errno::EINTR) => {}
+            Ok(_) => {
+                let mut go = [0u8; 1];
+                return matches!(stdin.lock().read(&mut go), Ok(1) if go[0] == GO);
+            }
+            Err(_) => return false,
+        }
+        match waitpid(nix::unistd::Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => {}
+            _ => return false,
+        }
+    }
 }
 
 /// Reaps children (the container's process, and any orphan handed to the subreaper) until `pid`

@@ -165,15 +165,41 @@ async fn read_json<T: serde::de::DeserializeOwned>(body: Body, limit: usize) -> 
         .map_err(|e| http_err(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
 }
 
+/// Reads a body of at most `limit` bytes. A larger one is read to its end and dropped (up to
+/// [`DRAIN_CAP`] bytes, for at most [`DRAIN_TIME`]) before the 413: answering while the client
+/// still sends makes it see a broken pipe instead of the answer.
 pub(crate) async fn read_limited(body: Body, limit: usize) -> HttpResult<bytes::Bytes> {
-    match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            Err(http_err(StatusCode::PAYLOAD_TOO_LARGE, format!("request body is larger than {limit} bytes")))
+    let failed = |e: axum::Error| http_err(StatusCode::BAD_REQUEST, format!("reading the request body: {e}"));
+    let mut body = body;
+    let mut kept = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(failed)?.into_data() else { continue };
+        if kept.len() + data.len() <= limit {
+            kept.extend_from_slice(&data);
+            continue;
         }
-        Err(e) => Err(http_err(StatusCode::BAD_REQUEST, format!("reading the request body: {e}"))),
+        let mut seen = kept.len() + data.len();
+        let drain = async {
+            while let Some(Ok(frame)) = body.frame().await {
+                seen += frame.into_data().map(|d| d.len()).unwrap_or(0);
+                if seen > DRAIN_CAP {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
+        return Err(http_err(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body is larger than {limit} bytes"),
+        ));
     }
+    Ok(kept.freeze())
 }
+
+/// How much of a body over its limit is read and dropped before the 413.
+const DRAIN_CAP: usize = 64 << 20;
+/// How long a body over its limit is read before the 413.
+const DRAIN_TIME: Duration = Duration::from_secs(10);
 
 pub(crate) fn path_param(p: std::result::Result<Path<String>, PathRejection>) -> HttpResult<String> {
     p.map(|Path(s)| s).map_err(|e| http_err(StatusCode::BAD_REQUEST, format!("invalid path: {e}")))

@@ -74,13 +74,44 @@ pub struct JobLogger {
     append: bool,
     /// Called with each entry's key when it starts (the loop's progress view).
     on_entry: Option<EntryHook>,
+    /// Keeps the coordinator's order of the entries the order they were made in.
+    order: Arc<AddOrder>,
+}
+
+/// Entries are added to the coordinator in the background (the command an entry is for starts
+/// at once instead of after a round trip), one after the other in the order they were made,
+/// each by its own entry's updater thread when its turn comes.
+#[derive(Default)]
+struct AddOrder {
+    /// Tickets issued, and the ticket whose turn it is.
+    issued: Mutex<(u64, u64)>,
+    turn: Condvar,
+}
+
+impl AddOrder {
+    fn ticket(&self) -> u64 {
+        let mut g = self.issued.lock().unwrap_or_else(|p| p.into_inner());
+        g.0 += 1;
+        g.0 - 1
+    }
+
+    fn wait_turn(&self, ticket: u64) {
+        let g = self.issued.lock().unwrap_or_else(|p| p.into_inner());
+        let _g = self.turn.wait_while(g, |g| g.1 < ticket).unwrap_or_else(|p| p.into_inner());
+    }
+
+    fn done(&self, ticket: u64) {
+        let mut g = self.issued.lock().unwrap_or_else(|p| p.into_inner());
+        g.1 = g.1.max(ticket + 1);
+        self.turn.notify_all();
+    }
 }
 
 impl JobLogger {
     /// A logger sending full entries on every update, or deltas where `append` says the
     /// coordinator advertised the extension.
     pub fn new(transport: Arc<dyn LogTransport>, redactor: Redactor, append: bool) -> Self {
-        JobLogger { transport, redactor, append, on_entry: None }
+        JobLogger { transport, redactor, append, on_entry: None, order: Arc::default() }
     }
 
     pub fn on_entry(mut self, f: EntryHook) -> Self {
@@ -92,7 +123,9 @@ impl JobLogger {
         &self.redactor
     }
 
-    /// Adds an entry; `command` is redacted here (`None` for `setup.fs.*`-style entries).
+    /// Adds an entry; `command` is redacted here (`None` for `setup.fs.*`-style entries). The
+    /// coordinator gets it in the background, in order; a failure to add it is the entry's
+    /// failure, reported by [`LogEntry::finish`].
     pub fn entry(&self, key: &str, command: Option<Vec<String>>) -> Result<LogEntry> {
         if let Some(f) = &self.on_entry {
             f(key);
@@ -100,11 +133,12 @@ impl JobLogger {
         let command = command.map(|c| c.iter().map(|a| self.redactor.redact_str(a)).collect());
         let head =
             ExecutionLogEntry { key: key.to_string(), command, start_time: Utc::now(), ..Default::default() };
-        let id = self.transport.add(&head).map_err(|e| anyhow!("adding the log entry {key}: {e}"))?;
+        let ticket = self.order.ticket();
         let state = Arc::new(Shared {
             state: Mutex::new(State {
                 head,
-                id,
+                id: None,
+                add_error: None,
                 pending: Vec::new(),
                 full: Vec::new(),
                 truncated: false,
@@ -119,10 +153,19 @@ impl JobLogger {
             let state = state.clone();
             let transport = self.transport.clone();
             let append = self.append;
-            std::thread::Builder::new()
-                .name(format!("log-{key}"))
-                .spawn(move || ticker(&state, &*transport, append))
-                .map_err(|e| anyhow!("starting the log updater of {key}: {e}"))?
+            let order = self.order.clone();
+            let spawned = std::thread::Builder::new().name(format!("log-{key}")).spawn(move || {
+                add(&state, &*transport, &order, ticket);
+                ticker(&state, &*transport, append)
+            });
+            match spawned {
+                Ok(t) => t,
+                Err(e) => {
+                    // Its turn must still pass, or every later entry would wait for it.
+                    self.order.done(ticket);
+                    return Err(anyhow!("starting the log updater of {key}: {e}"));
+                }
+            }
         };
         Ok(LogEntry {
             shared: state,
@@ -141,7 +184,10 @@ struct Shared {
 
 struct State {
     head: ExecutionLogEntry,
-    id: i64,
+    /// The coordinator's id of the entry, once added.
+    id: Option<i64>,
+    /// Why the entry could not be added.
+    add_error: Option<String>,
     /// Framed, redacted output not yet sent.
     pending: Vec<u8>,
     /// Everything sent so far, when updates carry the whole output (bounded).
@@ -212,7 +258,8 @@ fn flush(st: &mut State, transport: &dyn LogTransport, append: bool, last: Optio
         let delta = String::from_utf8(std::mem::take(&mut st.pending))
             .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
         entry.out = if delta.is_empty() { None } else { Some(delta) };
-        return match transport.update(st.id, &entry, true) {
+        let Some(id) = st.id else { return Ok(()) };
+        return match transport.update(id, &entry, true) {
             Ok(()) => Ok(()),
             Err(e) => {
                 // Keep the delta for the next try.
@@ -236,8 +283,9 @@ fn flush(st: &mut State, transport: &dyn LogTransport, append: bool, last: Optio
         text.push_str(TRUNCATED);
     }
     entry.out = if text.is_empty() { None } else { Some(text) };
+    let Some(id) = st.id else { return Ok(()) };
     transport
-        .update(st.id, &entry, false)
+        .update(id, &entry, false)
         .map_err(|e| anyhow!("updating the log entry {}: {e}", st.head.key))?;
     st.full.extend_from_slice(&st.pending[..take]);
     st.pending.clear();
@@ -247,6 +295,20 @@ fn flush(st: &mut State, transport: &dyn LogTransport, append: bool, last: Optio
 
 /// The line that ends a full output cut at [`FULL_OUTPUT_CAP`].
 const TRUNCATED: &str = "stderr: [executor: output truncated here: more than 8 MiB]\n";
+
+/// Adds the entry to the coordinator when its turn comes; wakes whoever waits for its id.
+fn add(shared: &Shared, transport: &dyn LogTransport, order: &AddOrder, ticket: u64) {
+    order.wait_turn(ticket);
+    let head = shared.state.lock().unwrap_or_else(|p| p.into_inner()).head.clone();
+    let res = transport.add(&head);
+    order.done(ticket);
+    let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+    match res {
+        Ok(id) => st.id = Some(id),
+        Err(e) => st.add_error = Some(format!("adding the log entry {}: {e}", head.key)),
+    }
+    shared.wake.notify_all();
+}
 
 fn ticker(shared: &Shared, transport: &dyn LogTransport, append: bool) {
     let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -295,9 +357,24 @@ impl LogEntry {
     fn close(&mut self, exit_code: i32) -> Result<()> {
         let ms = self.started.elapsed().as_millis() as i64;
         let res = {
-            let mut st = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+            let st = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+            // The entry's own updater adds it first.
+            let mut st = self
+                .shared
+                .wake
+                .wait_while(st, |s| s.id.is_none() && s.add_error.is_none())
+                .unwrap_or_else(|p| p.into_inner());
             if st.closed {
                 return Ok(());
+            }
+            if let Some(e) = st.add_error.clone() {
+                st.closed = true;
+                self.shared.wake.notify_all();
+                drop(st);
+                if let Some(t) = self.ticker.take() {
+                    let _ = t.join();
+                }
+                return Err(anyhow!(e));
             }
             st.closed = true;
             let State { stdout, stderr, pending, .. } = &mut *st;
@@ -328,8 +405,21 @@ impl OutputSink for LogEntry {
             Stream::Stderr => stderr.push(data, pending),
         }
         if st.pending.len() >= PENDING_CAP {
-            // Back-pressure: the step waits while its output goes out.
-            if let Err(e) = flush(&mut st, &*self.transport, self.append, None) {
+            // Back-pressure waits for the entry to exist first.
+            st = self
+                .shared
+                .wake
+                .wait_while(st, |s| s.id.is_none() && s.add_error.is_none())
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        if st.pending.len() >= PENDING_CAP {
+            // Back-pressure: the step waits while its output goes out (nowhere, when the entry
+            // could not be added).
+            let sent = match st.add_error.clone() {
+                Some(e) => Err(anyhow!(e)),
+                None => flush(&mut st, &*self.transport, self.append, None),
+            };
+            if let Err(e) = sent {
                 st.last_error = Some(format!("{e:#}"));
                 if st.pending.len() >= 4 * PENDING_CAP {
                     // The coordinator is not taking output: keep the newest, say so.
@@ -513,5 +603,56 @@ pub mod tests {
         let updates = *t.updates.lock().unwrap();
         assert!(sent <= updates * (FULL_OUTPUT_CAP + 100), "{sent} bytes in {updates} updates");
         assert!(t.entries.lock().unwrap()[0].out.as_ref().unwrap().ends_with(TRUNCATED));
+    }
+
+    /// An entry is added in the background (its command does not wait for the round trip), and
+    /// the coordinator still gets the entries in the order they were made, even when an earlier
+    /// one's add is the slower; a failed add is the entry's failure at its end.
+    #[test]
+    fn entries_are_added_in_the_background_in_order() {
+        struct Slow(Arc<MemoryLogs>);
+        impl LogTransport for Slow {
+            fn add(&self, entry: &ExecutionLogEntry) -> Result<i64, ApiError> {
+                match entry.key.as_str() {
+                    "first" => std::thread::sleep(Duration::from_millis(300)),
+                    "refused" => {
+                        return Err(ApiError::Transport { route: "add".into(), message: "refused".into() })
+                    }
+                    _ => {}
+                }
+                self.0.add(entry)
+            }
+            fn update(&self, id: i64, entry: &ExecutionLogEntry, append: bool) -> Result<(), ApiError> {
+                self.0.update(id, entry, append)
+            }
+        }
+        let mem = Arc::new(MemoryLogs::default());
+        let log = JobLogger::new(
+            Arc::new(Slow(mem.clone())),
+            Redactor::for_job("s".repeat(24).as_str(), &BTreeMap::new()),
+            true,
+        );
+        let t = Instant::now();
+        let mut first = log.entry("first", None).unwrap();
+        let mut second = log.entry("second", None).unwrap();
+        assert!(t.elapsed() < Duration::from_millis(200), "entry() waited for the add: {:?}", t.elapsed());
+        second.line("two");
+        first.line("one");
+        second.finish(0).unwrap();
+        first.finish(0).unwrap();
+        let keys: Vec<String> = mem.entries.lock().unwrap().iter().map(|e| e.key.clone()).collect();
+        assert_eq!(keys, ["first", "second"]);
+        let out: Vec<String> =
+            mem.entries.lock().unwrap().iter().map(|e| e.out.clone().unwrap_or_default()).collect();
+        assert_eq!(out, ["stdout: one\n", "stdout: two\n"]);
+        let refused = log.entry("refused", None).unwrap();
+        let err = refused.finish(1).unwrap_err();
+        assert!(format!("{err:#}").contains("adding the log entry refused"), "{err:#}");
+        log.entry("after", None).unwrap().finish(0).unwrap();
+        assert_eq!(
+            mem.entries.lock().unwrap().last().unwrap().key,
+            "after",
+            "a refused add holds nothing up"
+        );
     }
 }

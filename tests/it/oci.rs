@@ -1167,20 +1167,9 @@ fn oci_children_never_see_the_executors_environment() {
         "dockerSteps": [{"image": "busybox", "commands": ["cat README"]}]}));
     let path = format!("{}:{}", wrap.display(), std::env::var("PATH").unwrap_or_default());
     let marker = "unrelated-env-marker-7f3a";
-    let mut cmd = common::executor();
-    c.executor_env(&mut cmd);
-    cmd.env("PATH", &path)
-        .env("SOME_OPERATOR_TOKEN", marker)
-        .env("EXECUTOR_QUEUE_NAME", "batches")
-        .env("EXECUTOR_RUNTIME", "oci")
-        .env("EXECUTOR_OCI_RUNTIME", "runc")
-        .env("EXECUTOR_STATE_DIR", f.state())
-        .env("EXECUTOR_VM_PREFIX", format!("ocienv{}", &uuid::Uuid::new_v4().simple().to_string()[..8]))
-        .env("EXECUTOR_FIRECRACKER_DISK_SPACE", "32M")
-        .env("EXECUTOR_NUM_TOTAL_JOBS", "1")
-        .env("EXECUTOR_MAXIMUM_RUNTIME_PER_JOB", "60s")
-        .env("EXECUTOR_HEARTBEAT_INTERVAL", "300ms")
-        .arg("loop");
+    let prefix = format!("ocienv{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let mut cmd = oci_loop(&c, &f, "runc", &prefix, 1);
+    cmd.env("PATH", &path).env("SOME_OPERATOR_TOKEN", marker);
     common::assert_ok(&common::run(&mut cmd));
     let job = c.wait_state(id, &["completed", "failed", "errored"], Duration::from_secs(30));
     assert_eq!(job["state"], "completed", "{}", job_log(&job));
@@ -1225,20 +1214,9 @@ fn oci_other_users_cannot_touch_a_running_job() {
             {"key": "next", "image": "busybox", "commands": ["echo next ran", "ls -la /data >/dev/null"]}
         ]
     }));
-    let mut cmd = common::executor();
-    c.executor_env(&mut cmd);
-    cmd.env("EXECUTOR_QUEUE_NAME", "batches")
-        .env("EXECUTOR_RUNTIME", "oci")
-        .env("EXECUTOR_OCI_RUNTIME", "runc")
-        .env("EXECUTOR_STATE_DIR", f.state())
-        .env("EXECUTOR_VM_PREFIX", format!("ociprv{}", &uuid::Uuid::new_v4().simple().to_string()[..8]))
-        .env("EXECUTOR_FIRECRACKER_DISK_SPACE", "32M")
-        .env("EXECUTOR_NUM_TOTAL_JOBS", "1")
-        .env("EXECUTOR_MAXIMUM_RUNTIME_PER_JOB", "60s")
-        .env("EXECUTOR_HEARTBEAT_INTERVAL", "300ms")
-        .arg("loop")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
+    let prefix = format!("ociprv{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let mut cmd = oci_loop(&c, &f, "runc", &prefix, 1);
+    cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
     let mut executor = cmd.spawn().unwrap();
     common::wait_until("the first step to start", Duration::from_secs(30), || {
         let job = c.job(id);
@@ -1352,6 +1330,30 @@ fn oci_janitor_reclaims_a_killed_loops_job_at_once() {
     assert!(!cgroups.iter().any(|n| n.starts_with(&prefix)), "{cgroups:?}");
 }
 
+/// `executor loop` for `jobs` jobs of the coordinator `c` in the oci runtime with `oci`, on the
+/// fixture's state directory, with a 32 MiB workspace disk and sandboxes named `prefix-…`.
+fn oci_loop(
+    c: &crate::coordinator::Coordinator,
+    f: &Fixture,
+    oci: &str,
+    prefix: &str,
+    jobs: usize,
+) -> std::process::Command {
+    let mut cmd = common::executor();
+    c.executor_env(&mut cmd);
+    cmd.env("EXECUTOR_QUEUE_NAME", "batches")
+        .env("EXECUTOR_RUNTIME", "oci")
+        .env("EXECUTOR_OCI_RUNTIME", oci)
+        .env("EXECUTOR_STATE_DIR", f.state())
+        .env("EXECUTOR_VM_PREFIX", prefix)
+        .env("EXECUTOR_FIRECRACKER_DISK_SPACE", "32M")
+        .env("EXECUTOR_NUM_TOTAL_JOBS", jobs.to_string())
+        .env("EXECUTOR_MAXIMUM_RUNTIME_PER_JOB", "60s")
+        .env("EXECUTOR_HEARTBEAT_INTERVAL", "300ms")
+        .arg("loop");
+    cmd
+}
+
 /// #15: in the loop, an oci sandbox boots while the repository clones and its first step's
 /// container is made ahead (created by the shim, only started when the step runs). Four jobs on
 /// one loop: a cold one (the template is made first, the container after it) whose first step
@@ -1396,20 +1398,8 @@ fn first_step_made_ahead(oci: &str, test: &str) {
     let in_dir = job(&second, "sub", &["cat inner.txt"]);
     let canceled = job(&second, "", &["echo waiting", "sleep 30"]);
     let prefix = format!("ociahd{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let mut cmd = common::executor();
-    c.executor_env(&mut cmd);
-    cmd.env("EXECUTOR_QUEUE_NAME", "batches")
-        .env("EXECUTOR_RUNTIME", "oci")
-        .env("EXECUTOR_OCI_RUNTIME", oci)
-        .env("EXECUTOR_STATE_DIR", f.state())
-        .env("EXECUTOR_VM_PREFIX", &prefix)
-        .env("EXECUTOR_FIRECRACKER_DISK_SPACE", "32M")
-        .env("EXECUTOR_NUM_TOTAL_JOBS", "4")
-        .env("EXECUTOR_MAXIMUM_RUNTIME_PER_JOB", "60s")
-        .env("EXECUTOR_HEARTBEAT_INTERVAL", "300ms")
-        .arg("loop")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
+    let mut cmd = oci_loop(&c, &f, oci, &prefix, 4);
+    cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
     let mut executor = cmd.spawn().unwrap();
     common::wait_until("the last job's step to start", Duration::from_secs(60), || {
         job_log(&c.job(canceled)).contains("waiting")

@@ -173,23 +173,20 @@ pub fn prepare_and_boot(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
     // a workspace that the clone may still store as the repository's template (which must hold
     // the clean checkout only), or when it starts in a directory of the repository.
     let wait = created.may_make_template() || ctx.job.docker_steps.first().is_some_and(|s| !s.dir.is_empty());
-    let (filled_tx, filled_rx) = std::sync::mpsc::channel::<()>();
+    let (filled_tx, filled_rx) = std::sync::mpsc::channel::<bool>();
     let (filled, booted) = std::thread::scope(|s| {
         let booting = &mut booting;
         let boot = s.spawn(move || {
             let at = Utc::now();
             let res = vm_boot::run(ctx, booting);
-            if res.is_ok() {
-                if wait {
-                    // Err once the sender is gone: the workspace is filled.
-                    let _ = filled_rx.recv();
-                }
+            // Nothing is made ahead for a job whose clone failed.
+            if res.is_ok() && (!wait || filled_rx.recv() == Ok(true)) {
                 run_steps::prepare_first(ctx, booting);
             }
             (at, res)
         });
         let filled = prepare_workspace::fill(ctx, doc, created);
-        drop(filled_tx);
+        let _ = filled_tx.send(filled.is_ok());
         (filled, boot.join())
     });
     // What the boot made is the document's, whatever failed, for `complete` to remove.

@@ -1355,8 +1355,8 @@ fn oci_loop(
 }
 
 /// #15: in the loop, an oci sandbox boots while the repository clones and its first step's
-/// container is made ahead (created by the shim, only started when the step runs). Four jobs on
-/// one loop: a cold one (the template is made first, the container after it) whose first step
+/// container is made ahead (created by the shim, only started when the step runs). Five jobs on
+/// one loop: one whose clone fails (nothing made ahead); a cold one (the template is made first, the container after it) whose first step
 /// writes into a cloned file and exits 3; a warm one (from the template, the container made
 /// during the clone) that finds no other job's layer in the workspace; one whose first step
 /// starts in a directory of the repository; one canceled while its first step runs. Each step
@@ -1389,6 +1389,8 @@ fn first_step_made_ahead(oci: &str, test: &str) {
         c.submit(serde_json::json!({"repositoryName": "github.com/acme/ahead", "commit": commit,
             "dockerSteps": [{"image": "busybox", "dir": dir, "commands": commands}]}))
     };
+    // A clone that fails first (the repository has no template yet): nothing is made ahead.
+    let missing = job(&"0".repeat(40), "", &["echo never"]);
     let cold = job(&first, "", &["echo appended >> README", "cat README", "exit 3"]);
     let warm = job(
         &second,
@@ -1398,7 +1400,7 @@ fn first_step_made_ahead(oci: &str, test: &str) {
     let in_dir = job(&second, "sub", &["cat inner.txt"]);
     let canceled = job(&second, "", &["echo waiting", "sleep 30"]);
     let prefix = format!("ociahd{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let mut cmd = oci_loop(&c, &f, oci, &prefix, 4);
+    let mut cmd = oci_loop(&c, &f, oci, &prefix, 5);
     cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
     let mut executor = cmd.spawn().unwrap();
     common::wait_until("the last job's step to start", Duration::from_secs(60), || {
@@ -1428,6 +1430,13 @@ fn first_step_made_ahead(oci: &str, test: &str) {
         let step = entry(&job, "step.docker.0");
         assert_eq!(step["command"][1], "start", "job {id}'s first step was run, not started: {step}");
     }
+    let missing = ended(missing);
+    assert_ne!(missing["state"], "completed", "{}", job_log(&missing));
+    assert!(
+        entry(&missing, "setup.oci.ahead").is_null(),
+        "made ahead for a failed clone: {}",
+        job_log(&missing)
+    );
     let cold_log = job_log(&ended(cold));
     assert!(
         cold_log.contains("stdout: cloned\nstdout: appended"),

@@ -208,20 +208,27 @@ pub fn clone_from_template(req: &CloneRequest, log: &mut dyn CommandLog) -> Resu
         Some(head.trim()).filter(|h| !h.starts_with("ref:")).or(Some("HEAD")),
     )?;
     git.run(log, "setup.git.add-remote", &["-C", &r, "remote", "set-url", "origin", &url], &[])?;
-    let fetch = fetch_args(&r, req);
-    let fetch_refs: Vec<&str> = fetch.iter().map(String::as_str).collect();
-    git.run(log, "setup.git.fetch", &fetch_refs, &req.auth.env()).map_err(|e| missing_commit(e, req))?;
+    fetch(&git, log, &r)?;
     git.set_ref(&req.dir, TEMPLATE_REF, None)?;
     check_size(req)?;
     git.run(log, "setup.git.checkout", &["-C", &r, "checkout", "--progress", "--force", &req.commit], &[])?;
     check_size(req)?;
-    git.run(
-        log,
-        "setup.git.set-remote",
-        &["-C", &r, "remote", "set-url", "origin", &req.repository_name],
-        &[],
-    )?;
-    Ok(())
+    set_remote(&git, log, &r)
+}
+
+/// The contract's `setup.git.fetch` (the job's headers in git's environment only); a commit the
+/// coordinator does not have is [`CloneError::MissingCommit`].
+fn fetch(git: &Git, log: &mut dyn CommandLog, r: &str) -> Result<()> {
+    let args = fetch_args(r, git.req);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    git.run(log, "setup.git.fetch", &args, &git.req.auth.env()).map_err(|e| missing_commit(e, git.req))
+}
+
+/// The contract's `setup.git.set-remote`: origin is left naming the repository, not the
+/// coordinator's URL.
+fn set_remote(git: &Git, log: &mut dyn CommandLog, r: &str) -> Result<()> {
+    let name = git.req.repository_name.as_str();
+    git.run(log, "setup.git.set-remote", &["-C", r, "remote", "set-url", "origin", name], &[])
 }
 
 /// Runs `f` (which copies the workspace disk that holds the repository at `repo` into a template)
@@ -297,9 +304,7 @@ fn attempt(git: &Git, log: &mut dyn CommandLog, url: &str, cache: Option<&Object
     }
     git.run(log, "setup.git.add-remote", &["-C", &r, "remote", "add", "origin", url], &[])?;
     git.run(log, "setup.git.disable-gc", &["-C", &r, "config", "--local", "gc.auto", "0"], &[])?;
-    let fetch = fetch_args(&r, req);
-    let fetch_refs: Vec<&str> = fetch.iter().map(String::as_str).collect();
-    git.run(log, "setup.git.fetch", &fetch_refs, &req.auth.env()).map_err(|e| missing_commit(e, req))?;
+    fetch(git, log, &r)?;
     if cache.is_some() {
         git.set_ref(&req.dir, cache::HINT_REF, None)?;
     }
@@ -324,13 +329,7 @@ fn attempt(git: &Git, log: &mut dyn CommandLog, url: &str, cache: Option<&Object
     let checkout_auth = if req.sparse.is_empty() { Vec::new() } else { req.auth.env() };
     git.run(log, "setup.git.checkout", &checkout, &checkout_auth)?;
     check_size(req)?;
-    git.run(
-        log,
-        "setup.git.set-remote",
-        &["-C", &r, "remote", "set-url", "origin", &req.repository_name],
-        &[],
-    )?;
-    Ok(())
+    set_remote(git, log, &r)
 }
 
 /// Removes everything inside `dir` (a failed attempt's repository), keeping `dir`.

@@ -208,19 +208,27 @@ fn drop_prepared(sandbox: &str) {
         *all = rest;
         mine
     };
-    for mut p in mine {
-        drop(p.shim.stdin.take());
+    for p in mine {
+        p.discard();
+    }
+}
+
+impl Prepared {
+    /// Closes the shim's input (it deletes its unstarted container and exits), kills it if it
+    /// has not exited within the grace period, and removes the step's root and bundle.
+    fn discard(mut self) {
+        drop(self.shim.stdin.take());
         let start = Instant::now();
-        while !matches!(p.shim.try_wait(), Ok(Some(_))) {
+        while !matches!(self.shim.try_wait(), Ok(Some(_))) {
             if start.elapsed() > KILL_GRACE {
-                let _ = p.shim.kill();
-                let _ = p.shim.wait();
+                let _ = self.shim.kill();
+                let _ = self.shim.wait();
                 break;
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        let _ = rootfs::unmount_step(&p.root);
-        let _ = fs::remove_dir_all(&p.bundle);
+        let _ = rootfs::unmount_step(&self.root);
+        let _ = fs::remove_dir_all(&self.bundle);
     }
 }
 
@@ -812,20 +820,16 @@ impl Runtime for OciRuntime {
         };
         // A shim that is gone lost its container (killed with the job's cgroup after an earlier
         // step, or never created): the step runs as usual.
-        if let Some(mut p) = ahead.take_if(|p| !matches!(p.shim.try_wait(), Ok(None))) {
-            let _ = p.shim.wait();
-            let _ = rootfs::unmount_step(&p.root);
-            let _ = fs::remove_dir_all(&p.bundle);
+        if let Some(p) = ahead.take_if(|p| !matches!(p.shim.try_wait(), Ok(None))) {
             let mut del = self.runtime_cmd(which, &sandbox.state_dir);
             del.args(["delete", "--force", &p.id]);
+            p.discard();
             let _ = self.quiet(del);
         }
         let (id, bundle, root, before, mut child) = match ahead {
             Some(mut p) => {
                 if let Err(e) = Self::shift_workspace(&sandbox.state_dir, &d) {
-                    drop(p.shim.stdin.take());
-                    let _ = p.shim.wait();
-                    let _ = rootfs::unmount_step(&p.root);
+                    p.discard();
                     return Err(e);
                 }
                 let before = cg.counters();

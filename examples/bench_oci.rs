@@ -73,7 +73,7 @@ fn bare_run(which: &str, root: &Path, bundle: &Path, id: &str) -> Result<(Durati
         cmd.args(["--platform=ptrace", "--network=none"]);
     }
     cmd.arg("run").arg("--bundle").arg(bundle).arg(id);
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let t0 = Instant::now();
     let mut child = cmd.spawn().with_context(|| format!("running {which}"))?;
     let mut out = child.stdout.take().context("no stdout")?;
@@ -82,10 +82,14 @@ fn bare_run(which: &str, root: &Path, bundle: &Path, id: &str) -> Result<(Durati
     let t = t0.elapsed();
     let mut rest = Vec::new();
     let _ = out.read_to_end(&mut rest);
-    child.wait()?;
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    let status = child.wait()?;
     let total = t0.elapsed();
     if n == 0 {
-        bail!("{which} run printed nothing");
+        bail!("{which} run printed nothing ({status}): {}", err.trim());
     }
     Ok((t, total))
 }
@@ -97,6 +101,13 @@ fn main() -> Result<()> {
     let state = tmp.path().join("state");
     let store = ImageStore::open(&state.join("images"))?;
     let img = build::build_busybox(&store, "busybox")?;
+    // The bare bundle's root is a copy outside the executor's state directory, which is private
+    // (0700, root's): the container's mapped root could not reach the store's tree in it.
+    let bare_rootfs = tmp.path().join("bare-rootfs");
+    let copied = Command::new("cp").arg("-a").arg(&img.rootfs).arg(&bare_rootfs).status()?;
+    if !copied.success() {
+        bail!("copying the image root {} for the bare bundle: {copied}", img.rootfs.display());
+    }
     let ws = tmp.path().join("ws");
     std::fs::create_dir_all(&ws)?;
     std::fs::write(ws.join("step.sh"), "echo x\n")?;
@@ -125,7 +136,7 @@ fn main() -> Result<()> {
         })?;
         let bundle = tmp.path().join(format!("bare-{which}"));
         std::fs::create_dir_all(&bundle)?;
-        std::fs::write(bundle.join("config.json"), serde_json::to_vec(&bare_config(&img.rootfs, &ws))?)?;
+        std::fs::write(bundle.join("config.json"), serde_json::to_vec(&bare_config(&bare_rootfs, &ws))?)?;
         let root = tmp.path().join(format!("bare-root-{which}"));
 
         let (mut ex, mut bare) = (Vec::new(), Vec::new());

@@ -16,6 +16,7 @@ mod logs;
 pub mod pg;
 mod repos;
 pub mod testcluster;
+pub mod time;
 
 pub use console::{JobFilter, JobPageRow};
 pub use jobs::{
@@ -374,12 +375,6 @@ impl FromSql for JobState {
 /// SHA-256 of a job token (or any secret), hex.
 pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
-}
-
-fn ms_to_rfc3339(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .unwrap_or_default()
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 /// Milliseconds since the epoch.

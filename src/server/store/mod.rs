@@ -6,8 +6,9 @@
 //! second connection (`Checkpointer`) copies the WAL back into the database file off that thread.
 //! What the calls do lives beside this file: `jobs.rs` (the job state machine, job tokens as
 //! SHA-256 only, executors, artifacts), `logs.rs` (execution log entries with the per-job size
-//! cap), `repos.rs` (served repositories and the files store) and `console.rs` (the admin
-//! console's paged queries).
+//! cap), `repos.rs` (served repositories and the files store), `console.rs` (the admin
+//! console's paged queries) and `time.rs` (times: milliseconds in the tables, `DateTime<Utc>` in
+//! the rows, RFC 3339 with milliseconds on the wire).
 
 mod console;
 pub(crate) mod db;

@@ -254,6 +254,36 @@ mod tests {
         assert!(same("abc", "abc") && !same("abc", "abd"));
     }
 
+    async fn answer(e: PageError) -> (StatusCode, Option<String>, String) {
+        let resp = e.into_response();
+        let kind = resp.headers().get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap().to_string());
+        let status = resp.status();
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+        (status, kind, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn page_errors_answer_as_the_console_always_did() {
+        let html = Some("text/html; charset=utf-8".to_string());
+        let failed = super::super::http_err(StatusCode::SERVICE_UNAVAILABLE, "store <secret> detail");
+        let (status, kind, body) = answer(PageError::Failed(failed)).await;
+        assert_eq!((status, &kind), (StatusCode::SERVICE_UNAVAILABLE, &html));
+        assert!(body.contains("the console could not answer (503 Service Unavailable)"), "{body}");
+        assert!(!body.contains("secret"), "the error page shows no detail: {body}");
+
+        let (status, kind, body) = answer(PageError::no_job(7)).await;
+        assert_eq!((status, &kind), (StatusCode::NOT_FOUND, &html));
+        assert!(
+            body.contains("<title>Not found · executor queue</title>") && body.contains("no job 7"),
+            "{body}"
+        );
+
+        let api = super::super::http_err(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
+        let (status, kind, body) = answer(PageError::Api(api)).await;
+        assert_eq!((status, kind.as_deref()), (StatusCode::PAYLOAD_TOO_LARGE, Some("application/json")));
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["error"], "body too large");
+    }
+
     #[test]
     fn the_cookie_is_found_among_others_and_set_strictly() {
         let mut h = HeaderMap::new();

@@ -17,7 +17,7 @@ mod logs;
 pub mod pg;
 mod repos;
 pub mod testcluster;
-pub mod time;
+mod time;
 
 pub use console::{JobFilter, JobPageRow};
 pub use jobs::{

@@ -11,7 +11,7 @@ pub(super) fn from_ms(ms: i64) -> DateTime<Utc> {
 }
 
 /// A time as the admin API sends it: RFC 3339, UTC, always with milliseconds.
-pub fn rfc3339(t: &DateTime<Utc>) -> String {
+fn rfc3339(t: &DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 

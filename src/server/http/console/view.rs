@@ -14,29 +14,29 @@ use crate::server::store::{
 };
 
 /// Jobs on one page of the jobs list.
-pub const PAGE_SIZE: i64 = 50;
+pub(super) const PAGE_SIZE: i64 = 50;
 
 /// One executor as the executors page lists it.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct ExecutorView {
-    pub name: String,
-    pub queues: String,
+    pub(super) name: String,
+    pub(super) queues: String,
     /// `os / architecture`.
-    pub platform: String,
-    pub versions: String,
-    pub first_seen: DateTime<Utc>,
-    pub last_seen: DateTime<Utc>,
-    pub running: Vec<i64>,
+    pub(super) platform: String,
+    pub(super) versions: String,
+    pub(super) first_seen: DateTime<Utc>,
+    pub(super) last_seen: DateTime<Utc>,
+    pub(super) running: Vec<i64>,
     /// The figures of its last metrics push, one line each.
-    pub figures: Vec<String>,
+    pub(super) figures: Vec<String>,
 }
 
 /// A section of the executors page.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct ExecutorGroup {
-    pub title: &'static str,
-    pub id: &'static str,
-    pub executors: Vec<ExecutorView>,
+    pub(super) title: &'static str,
+    pub(super) id: &'static str,
+    pub(super) executors: Vec<ExecutorView>,
 }
 
 /// The executors page: the active executors, then the inactive ones.
@@ -86,10 +86,10 @@ pub(super) fn executor_groups(
 /// started, or the clock went back).
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct Times {
-    pub created: DateTime<Utc>,
-    pub started: Option<DateTime<Utc>>,
-    pub finished: Option<DateTime<Utc>>,
-    pub duration: Option<Duration>,
+    pub(super) created: DateTime<Utc>,
+    pub(super) started: Option<DateTime<Utc>>,
+    pub(super) finished: Option<DateTime<Utc>>,
+    pub(super) duration: Option<Duration>,
 }
 
 impl Times {
@@ -122,23 +122,23 @@ fn repo_at(repo: &str, commit: &str) -> Option<String> {
 /// One row of the jobs page.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct JobListRow {
-    pub id: i64,
-    pub state: JobState,
-    pub queue: String,
-    pub repo: Option<String>,
-    pub executor: Option<String>,
-    pub times: Times,
+    pub(super) id: i64,
+    pub(super) state: JobState,
+    pub(super) queue: String,
+    pub(super) repo: Option<String>,
+    pub(super) executor: Option<String>,
+    pub(super) times: Times,
 }
 
 /// The jobs page: its filters, a page of jobs and the links to the newest and the next page.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct JobsView {
     /// The server's queues, the choices of the queue filter.
-    pub queues: Vec<String>,
-    pub filter: JobFilter,
-    pub rows: Vec<JobListRow>,
-    pub newest: String,
-    pub older: Option<String>,
+    pub(super) queues: Vec<String>,
+    pub(super) filter: JobFilter,
+    pub(super) rows: Vec<JobListRow>,
+    pub(super) newest: String,
+    pub(super) older: Option<String>,
 }
 
 /// The query string of a filter, as the page's links carry it.
@@ -199,30 +199,30 @@ impl JobsView {
 /// A step of a job as the job page lists it.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct StepView {
-    pub key: String,
-    pub image: String,
-    pub command: String,
+    pub(super) key: String,
+    pub(super) image: String,
+    pub(super) command: String,
 }
 
 /// The job page.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct JobView {
-    pub id: i64,
-    pub state: JobState,
+    pub(super) id: i64,
+    pub(super) state: JobState,
     /// A cancel was asked for and the job has not ended yet.
-    pub cancel_requested: bool,
-    pub queue: String,
-    pub repo: Option<String>,
-    pub executor: Option<String>,
-    pub times: Times,
-    pub num_resets: i64,
-    pub num_failures: i64,
-    pub failure: Option<String>,
-    pub artifacts: Option<ArtifactInfo>,
-    pub steps: Vec<StepView>,
+    pub(super) cancel_requested: bool,
+    pub(super) queue: String,
+    pub(super) repo: Option<String>,
+    pub(super) executor: Option<String>,
+    pub(super) times: Times,
+    pub(super) num_resets: i64,
+    pub(super) num_failures: i64,
+    pub(super) failure: Option<String>,
+    pub(super) artifacts: Option<ArtifactInfo>,
+    pub(super) steps: Vec<StepView>,
     /// The paths of the files the job writes (never their contents).
-    pub files: Vec<String>,
-    pub logs: Vec<StoredLogEntry>,
+    pub(super) files: Vec<String>,
+    pub(super) logs: Vec<StoredLogEntry>,
 }
 
 impl JobView {

@@ -2,8 +2,8 @@
 //! `{"error": "..."}`), request helpers, the router, the stalled-job resetter and the listener
 //! (plain or TLS). The routes live beside this file by concern: `auth.rs` (extractors),
 //! `executor_routes.rs` (the `/.executors/queue/` protocol), `admin.rs` (the admin API and
-//! `/metrics`), `follow.rs` (log follows), `git.rs` (repositories), `files.rs` (the files store) and
-//! `console/` (the admin console's pages under `/admin/`).
+//! `/metrics`), `follow.rs` (a job's log stream and the ndjson follow), `git.rs` (repositories),
+//! `files.rs` (the files store) and `console/` (the admin console's pages under `/admin/`).
 
 mod admin;
 mod auth;

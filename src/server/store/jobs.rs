@@ -5,7 +5,9 @@
 use serde::Serialize;
 
 use super::db::{p, Dialect, Row, Tx};
-use super::{ms_to_rfc3339, sha256_hex, JobState, Result, Store};
+use super::time::{self, from_ms};
+use super::{sha256_hex, JobState, Result, Store};
+use chrono::{DateTime, Utc};
 
 /// The failure message of a job whose executor stopped heartbeating too often.
 pub const TOO_MANY_RESETS: &str = "job processor died while handling this message too many times";
@@ -25,9 +27,12 @@ pub struct JobRow {
     pub num_resets: i64,
     pub num_failures: i64,
     pub executor_name: Option<String>,
-    pub created_at: String,
-    pub started_at: Option<String>,
-    pub finished_at: Option<String>,
+    #[serde(serialize_with = "time::serialize")]
+    pub created_at: DateTime<Utc>,
+    #[serde(serialize_with = "time::serialize_opt")]
+    pub started_at: Option<DateTime<Utc>>,
+    #[serde(serialize_with = "time::serialize_opt")]
+    pub finished_at: Option<DateTime<Utc>>,
     pub cancel: bool,
 }
 
@@ -86,8 +91,10 @@ pub struct ExecutorRow {
     pub id: i64,
     #[serde(flatten)]
     pub info: ExecutorInfo,
-    pub first_seen_at: String,
-    pub last_seen_at: String,
+    #[serde(serialize_with = "time::serialize")]
+    pub first_seen_at: DateTime<Utc>,
+    #[serde(serialize_with = "time::serialize")]
+    pub last_seen_at: DateTime<Utc>,
     pub active: bool,
 }
 
@@ -141,9 +148,9 @@ pub(super) fn job_row(row: &Row<'_>) -> Result<JobRow> {
         num_resets: row.get(5)?,
         num_failures: row.get(6)?,
         executor_name: row.get(7)?,
-        created_at: ms_to_rfc3339(row.get(8)?),
-        started_at: row.get::<Option<i64>>(9)?.map(ms_to_rfc3339),
-        finished_at: row.get::<Option<i64>>(10)?.map(ms_to_rfc3339),
+        created_at: from_ms(row.get(8)?),
+        started_at: row.get::<Option<i64>>(9)?.map(from_ms),
+        finished_at: row.get::<Option<i64>>(10)?.map(from_ms),
         cancel: row.get(11)?,
     })
 }
@@ -637,8 +644,8 @@ impl Store {
                         ignite_version: r.get(9)?,
                         src_cli_version: r.get(10)?,
                     },
-                    first_seen_at: ms_to_rfc3339(r.get(11)?),
-                    last_seen_at: ms_to_rfc3339(last),
+                    first_seen_at: from_ms(r.get(11)?),
+                    last_seen_at: from_ms(last),
                     active: now - last <= active_ms,
                 })
             })
@@ -734,6 +741,42 @@ mod tests {
         let c = s.submit("batches", "{}", "r", 1).unwrap();
         assert!(matches!(s.cancel(c, 3).unwrap(), CancelResult::Done(j) if j.state == JobState::Canceled));
         assert!(s.dequeue(&q(&["batches"]), "e", 2, |_| 1).unwrap().is_none());
+    });
+
+    both_backends!(rows_carry_typed_times_sent_with_milliseconds, |s| {
+        // 2026-01-02T03:04:05Z, then 7 ms and 2 s later.
+        let t0 = 1_767_323_045_000;
+        let a = s.submit("batches", "{}", "r", t0).unwrap();
+        s.dequeue(&q(&["batches"]), "e", t0 + 7, |_| 1).unwrap().unwrap();
+        assert!(s.mark(a, "e", &Outcome::Complete, 0, t0 + 2000).unwrap());
+        let j = s.job(a).unwrap().unwrap().row;
+        let at = |ms: i64| chrono::DateTime::from_timestamp_millis(ms).unwrap();
+        assert_eq!(
+            (j.created_at, j.started_at, j.finished_at),
+            (at(t0), Some(at(t0 + 7)), Some(at(t0 + 2000)))
+        );
+        let v = serde_json::to_value(&j).unwrap();
+        assert_eq!(
+            (&v["createdAt"], &v["startedAt"], &v["finishedAt"]),
+            (
+                &serde_json::json!("2026-01-02T03:04:05.000Z"),
+                &serde_json::json!("2026-01-02T03:04:05.007Z"),
+                &serde_json::json!("2026-01-02T03:04:07.000Z")
+            )
+        );
+        let queued = s.submit("batches", "{}", "r", t0).unwrap();
+        let v = serde_json::to_value(&s.job(queued).unwrap().unwrap().row).unwrap();
+        assert_eq!((v["startedAt"].is_null(), v["finishedAt"].is_null()), (true, true));
+        s.heartbeat(&info("e"), &[], t0 + 5).unwrap();
+        let e = &s.executors(t0 + 5, 1000).unwrap()[0];
+        assert_eq!((e.first_seen_at, e.last_seen_at), (at(t0 + 5), at(t0 + 5)));
+        s.add_repo("r", "/srv/r", t0).unwrap();
+        assert_eq!(s.repos().unwrap()[0].added_at, at(t0));
+        s.put_file("b", "k", "ff", 3, t0 + 1).unwrap();
+        assert_eq!(
+            serde_json::to_value(&s.files().unwrap()[0]).unwrap()["createdAt"],
+            "2026-01-02T03:04:05.001Z"
+        );
     });
 
     both_backends!(stalled_jobs_are_reset_then_failed, |s| {

@@ -6,8 +6,9 @@
 //! second connection (`Checkpointer`) copies the WAL back into the database file off that thread.
 //! What the calls do lives beside this file: `jobs.rs` (the job state machine, job tokens as
 //! SHA-256 only, executors, artifacts), `logs.rs` (execution log entries with the per-job size
-//! cap), `repos.rs` (served repositories and the files store) and `console.rs` (the admin
-//! console's paged queries).
+//! cap), `repos.rs` (served repositories and the files store), `console.rs` (the admin
+//! console's paged queries) and `time.rs` (times: milliseconds in the tables, `DateTime<Utc>` in
+//! the rows, RFC 3339 with milliseconds on the wire).
 
 mod console;
 pub(crate) mod db;
@@ -16,6 +17,7 @@ mod logs;
 pub mod pg;
 mod repos;
 pub mod testcluster;
+mod time;
 
 pub use console::{JobFilter, JobPageRow};
 pub use jobs::{
@@ -374,12 +376,6 @@ impl FromSql for JobState {
 /// SHA-256 of a job token (or any secret), hex.
 pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
-}
-
-fn ms_to_rfc3339(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .unwrap_or_default()
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 /// Milliseconds since the epoch.

@@ -4,7 +4,9 @@
 use serde::Serialize;
 
 use super::db::p;
-use super::{ms_to_rfc3339, Result, Store};
+use super::time::{self, from_ms};
+use super::{Result, Store};
+use chrono::{DateTime, Utc};
 
 /// A repository the coordinator serves over git's smart HTTP protocol.
 #[derive(Debug, Clone, Serialize)]
@@ -12,7 +14,8 @@ use super::{ms_to_rfc3339, Result, Store};
 pub struct RepoRow {
     pub name: String,
     pub path: String,
-    pub added_at: String,
+    #[serde(serialize_with = "time::serialize")]
+    pub added_at: DateTime<Utc>,
 }
 
 /// A file in the coordinator's files store.
@@ -23,7 +26,8 @@ pub struct FileRow {
     pub key: String,
     pub sha256: String,
     pub size: i64,
-    pub created_at: String,
+    #[serde(serialize_with = "time::serialize")]
+    pub created_at: DateTime<Utc>,
 }
 
 impl Store {
@@ -51,7 +55,7 @@ impl Store {
     pub fn repos(&mut self) -> Result<Vec<RepoRow>> {
         self.read(|t| {
             t.all("SELECT name, path, added_at FROM repos ORDER BY name", p![], |r| {
-                Ok(RepoRow { name: r.get(0)?, path: r.get(1)?, added_at: ms_to_rfc3339(r.get(2)?) })
+                Ok(RepoRow { name: r.get(0)?, path: r.get(1)?, added_at: from_ms(r.get(2)?) })
             })
         })
     }
@@ -86,7 +90,7 @@ impl Store {
                     key: r.get(1)?,
                     sha256: r.get(2)?,
                     size: r.get(3)?,
-                    created_at: ms_to_rfc3339(r.get(4)?),
+                    created_at: from_ms(r.get(4)?),
                 })
             })
         })

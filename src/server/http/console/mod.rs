@@ -1,12 +1,20 @@
 //! The admin console under `/admin/`: server-rendered pages (executors, jobs, a job with its
-//! live log, repositories, files) written with the escaping `html::Html` builder, a sign-in with
-//! the admin token that opens a server-side session (cookie: HttpOnly, SameSite=Strict, Secure
-//! under TLS, 12 h), a CSRF token on every form that changes state, and strict security headers
-//! on every answer. CSS and the one script (live logs) are compiled in.
+//! live log, repositories, files), a sign-in with the admin token that opens a server-side
+//! session (cookie: HttpOnly, SameSite=Strict, Secure under TLS, 12 h), a CSRF token on every
+//! form that changes state, and strict security headers on every answer. CSS and the one script
+//! (live logs) are compiled in.
+//!
+//! A page is load → view → render: a handler in `pages.rs` loads typed rows from the store,
+//! `view.rs` turns them into what the page shows, and `render.rs` writes that as HTML with the
+//! escaping `html::Html` builder. Handlers answer failures with `PageError` (here) through `?`;
+//! the live log is `events.rs`. This file owns the sessions and the answers' headers.
 
 mod ansi;
+mod events;
 mod html;
 mod pages;
+mod render;
+mod view;
 
 use axum::body::Body;
 use axum::extract::FromRequestParts;
@@ -16,11 +24,11 @@ use axum::response::{IntoResponse, Response};
 use std::collections::HashMap;
 use std::time::Duration;
 
-use super::{read_limited, Shared};
+use super::{read_limited, HttpError, Shared};
 
+pub(super) use events::job_events;
 pub(super) use pages::{
-    artifacts, asset, cancel, executors, files, home, job, job_events, jobs, repos, requeue, sign_in,
-    sign_out,
+    artifacts, asset, cancel, executors, files, home, job, jobs, repos, requeue, sign_in, sign_out,
 };
 
 /// How long a session lasts after sign-in.
@@ -115,21 +123,69 @@ impl FromRequestParts<Shared> for ConsoleSession {
 
 impl ConsoleSession {
     /// Reads a form body and checks its `csrf` field against the session's (403 otherwise).
-    async fn form(&self, body: Body) -> Result<HashMap<String, String>, Response> {
-        let bytes = read_limited(body, FORM_LIMIT).await.map_err(IntoResponse::into_response)?;
+    async fn form(&self, body: Body) -> Result<HashMap<String, String>, PageError> {
+        let bytes = read_limited(body, FORM_LIMIT).await.map_err(PageError::Api)?;
         let form: HashMap<String, String> = html::parse_form(&bytes).into_iter().collect();
         match form.get("csrf") {
             Some(token) if same(token, &self.csrf) => Ok(form),
-            _ => Err(page_response(
-                StatusCode::FORBIDDEN,
-                pages::message_page(
-                    "Refused",
-                    "missing or invalid CSRF token: reload the page and try again",
-                ),
-            )),
+            _ => Err(PageError::Refused {
+                status: StatusCode::FORBIDDEN,
+                title: "Refused",
+                message: "missing or invalid CSRF token: reload the page and try again".into(),
+            }),
         }
     }
 }
+
+/// Why a console request was not answered with the page it asked for. Each kind becomes the
+/// answer the console has always given for it.
+#[derive(Debug)]
+pub(super) enum PageError {
+    /// The store or the request failed: the error page, with the failure's status and nothing
+    /// of its message.
+    Failed(HttpError),
+    /// A failure answered as the API answers it (a JSON error): sign-in, sign-out, a form's body
+    /// and the live log, which no person reads as a page.
+    Api(HttpError),
+    /// A page of its own: not found, refused, not canceled.
+    Refused { status: StatusCode, title: &'static str, message: String },
+}
+
+impl PageError {
+    /// A 404 page for a job that does not exist.
+    fn no_job(id: i64) -> PageError {
+        PageError::Refused {
+            status: StatusCode::NOT_FOUND,
+            title: "Not found",
+            message: format!("no job {id}"),
+        }
+    }
+}
+
+impl From<HttpError> for PageError {
+    fn from(e: HttpError) -> PageError {
+        PageError::Failed(e)
+    }
+}
+
+impl IntoResponse for PageError {
+    fn into_response(self) -> Response {
+        match self {
+            PageError::Failed(e) => {
+                let status = e.into_response().status();
+                let message = format!("the console could not answer ({status})");
+                page_response(status, render::message_page("Error", &message))
+            }
+            PageError::Api(e) => e.into_response(),
+            PageError::Refused { status, title, message } => {
+                page_response(status, render::message_page(title, &message))
+            }
+        }
+    }
+}
+
+/// What a console handler answers.
+type PageResult = Result<Response, PageError>;
 
 /// The headers every console answer carries.
 fn secure(resp: &mut Response) {
@@ -196,6 +252,36 @@ mod tests {
         Sessions::close(&app, &id).await.unwrap();
         assert!(Sessions::get(&app, &id).await.unwrap().is_none());
         assert!(same("abc", "abc") && !same("abc", "abd"));
+    }
+
+    async fn answer(e: PageError) -> (StatusCode, Option<String>, String) {
+        let resp = e.into_response();
+        let kind = resp.headers().get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap().to_string());
+        let status = resp.status();
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+        (status, kind, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn page_errors_answer_as_the_console_always_did() {
+        let html = Some("text/html; charset=utf-8".to_string());
+        let failed = super::super::http_err(StatusCode::SERVICE_UNAVAILABLE, "store <secret> detail");
+        let (status, kind, body) = answer(PageError::Failed(failed)).await;
+        assert_eq!((status, &kind), (StatusCode::SERVICE_UNAVAILABLE, &html));
+        assert!(body.contains("the console could not answer (503 Service Unavailable)"), "{body}");
+        assert!(!body.contains("secret"), "the error page shows no detail: {body}");
+
+        let (status, kind, body) = answer(PageError::no_job(7)).await;
+        assert_eq!((status, &kind), (StatusCode::NOT_FOUND, &html));
+        assert!(
+            body.contains("<title>Not found · executor queue</title>") && body.contains("no job 7"),
+            "{body}"
+        );
+
+        let api = super::super::http_err(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
+        let (status, kind, body) = answer(PageError::Api(api)).await;
+        assert_eq!((status, kind.as_deref()), (StatusCode::PAYLOAD_TOO_LARGE, Some("application/json")));
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["error"], "body too large");
     }
 
     #[test]

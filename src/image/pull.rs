@@ -245,7 +245,7 @@ pub fn pull(store: &ImageStore, reference: &str, opts: &PullOptions) -> Result<P
             }
             Err(e) => {
                 if i + 1 < endpoints.len() {
-                    eprintln!("pull: {canonical}: {} failed, trying the next: {e:#}", session.registry);
+                    tracing::warn!(target: "pull", "{canonical}: {} failed, trying the next: {e:#}", session.registry);
                 }
                 last = Some(e.context(format!("pulling {canonical} from {}", session.registry)));
             }
@@ -492,15 +492,16 @@ fn download_layers(
                         locks.lock().map(|mut l| l.push(held)).ok();
                         overall.inc(l.size);
                         if !terminal {
-                            eprintln!("pull: {}: layer {short} already in the store", name.canonical());
+                            tracing::info!(target: "pull", "{}: layer {short} already in the store", name.canonical());
                         }
                     }
                     Ok((n, held)) => {
                         locks.lock().map(|mut l| l.push(held)).ok();
                         downloaded.fetch_add(n, Ordering::SeqCst);
                         if !terminal {
-                            eprintln!(
-                                "pull: {}: layer {short} downloaded ({})",
+                            tracing::info!(
+                                target: "pull",
+                                "{}: layer {short} downloaded ({})",
                                 name.canonical(),
                                 crate::base::units::format_bytes(n)
                             );

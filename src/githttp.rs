@@ -135,7 +135,7 @@ pub async fn serve(
         let _ = tokio::io::copy(&mut stderr, &mut tokio::io::sink()).await;
         let text = String::from_utf8_lossy(&sink);
         for line in text.lines().filter(|l| !l.trim().is_empty()).take(20) {
-            eprintln!("git upload-pack: {line}");
+            tracing::warn!(target: "git upload-pack", "{line}");
         }
     });
     // Nothing is answered before git has: a repository it refuses is an error, not an empty 200.

@@ -2,13 +2,15 @@
 //! them (cancelIds stop a job, a job missing from knownIds is dropped), per-job deadlines, a
 //! janitor, `EXECUTOR_NUM_TOTAL_JOBS` / `EXECUTOR_MAX_ACTIVE_TIME` for ephemeral hosts, and a
 //! graceful drain on SIGTERM/SIGINT (a grace period, then running jobs are killed and reported;
-//! a second signal is immediate). Logs go to stderr; on a terminal, a live view of the jobs.
+//! a second signal is immediate). Logs go through the log facade; on a terminal, a live view of
+//! the jobs, with the log's lines printed above it.
 
 use anyhow::{Context, Result};
 use std::collections::{HashMap, HashSet};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+use tracing::{error, info, warn};
 
 use crate::api::{metrics, new_executor_name, Client};
 use crate::base::cancel::{Cancel, CancelReason};
@@ -18,27 +20,24 @@ use crate::sandbox::microvm::pool::{Pool, PoolSettings};
 use crate::sandbox::RuntimeKind;
 use crate::stage::{self, JobCtx, Stage};
 
-/// Log lines and, on a terminal, one spinner per running job.
+/// On a terminal, one spinner per running job, with the log's lines printed above them.
 #[derive(Clone)]
 pub struct Ui {
     multi: Option<indicatif::MultiProgress>,
+    /// Sends the log's lines through `multi` while a clone of this view lives.
+    _routed: Option<Arc<crate::base::log::Routed>>,
 }
 
 impl Ui {
     pub fn new() -> Ui {
         use std::io::IsTerminal;
         let multi = std::io::stderr().is_terminal().then(indicatif::MultiProgress::new);
-        Ui { multi }
-    }
-
-    pub fn log(&self, msg: &str) {
-        let line = format!("{} executor: {msg}", chrono::Utc::now().format("%H:%M:%S%.3f"));
-        match &self.multi {
-            Some(m) => {
+        let routed = multi.clone().map(|m| {
+            Arc::new(crate::base::log::route_lines(move |line| {
                 let _ = m.println(line);
-            }
-            None => eprintln!("{line}"),
-        }
+            }))
+        });
+        Ui { multi, _routed: routed }
     }
 
     fn job_bar(&self, uid: &str) -> Option<indicatif::ProgressBar> {
@@ -192,22 +191,22 @@ pub fn run(settings: Settings) -> Result<i32> {
     let client = settings.client(settings.frontend_url()?, &name)?;
     let runtime = resolve_runtime(&settings)?;
     if runtime == RuntimeKind::Shell {
-        ui.log(crate::sandbox::shell::WARNING);
+        warn!("{}", crate::sandbox::shell::WARNING);
     }
     let sig = signals()?;
     // Made once, before the first job needs it; a failure only means the first job runs mkfs.
     if let Err(e) =
         crate::workspace::prepare_blank_disk(&settings.workspaces_dir(), settings.limits().disk_bytes)
     {
-        ui.log(&format!("could not make the blank workspace disk ahead: {e:#}"));
+        warn!("could not make the blank workspace disk ahead: {e:#}");
     }
-    ui.log(&format!(
+    info!(
         "executor {name} polling {} at {} ({} runtime, up to {} jobs)",
         settings.queues.join(","),
         client.base_url(),
         runtime,
         settings.max_jobs
-    ));
+    );
 
     // Ping until the coordinator answers: job routes need the executor to be known.
     let ping_started = Instant::now();
@@ -216,22 +215,22 @@ pub fn run(settings: Settings) -> Result<i32> {
             Ok(()) => break,
             Err(e) => {
                 if ping_started.elapsed() > Duration::from_secs(60) || e.status().is_some() {
-                    ui.log(&format!("cannot reach the coordinator yet: {e}"));
+                    warn!("cannot reach the coordinator yet: {e}");
                 }
             }
         }
         if let Ok(s) = sig.recv_timeout(Duration::from_secs(1)) {
-            ui.log(&format!("{s} before the coordinator answered: exiting"));
+            info!("{s} before the coordinator answered: exiting");
             crate::workspace::release_lifetime(&settings.workspaces_dir());
             return Ok(crate::base::exit::JOB_FAILED);
         }
     }
 
-    let pool = start_pool(&settings, runtime, &name, &ui)?;
+    let pool = start_pool(&settings, runtime, &name)?;
     let running = Arc::new((Mutex::new(Running::default()), Condvar::new()));
     let stop_bg = Arc::new((Mutex::new(false), Condvar::new()));
-    let heartbeat = spawn_heartbeat(&settings, &client, &running, &stop_bg, &ui);
-    let janitor = spawn_janitor(&settings, &name, &running, &stop_bg, &ui);
+    let heartbeat = spawn_heartbeat(&settings, &client, &running, &stop_bg);
+    let janitor = spawn_janitor(&settings, &name, &running, &stop_bg);
 
     let started = Instant::now();
     let mut dequeued: u64 = 0;
@@ -242,18 +241,15 @@ pub fn run(settings: Settings) -> Result<i32> {
     loop {
         if let Ok(s) = sig.try_recv() {
             signal_seen = Some(s);
-            ui.log(&format!(
-                "{s}: no more dequeues; draining running jobs (grace {:?})",
-                settings.shutdown_grace
-            ));
+            info!("{s}: no more dequeues; draining running jobs (grace {:?})", settings.shutdown_grace);
             break;
         }
         if settings.num_total_jobs > 0 && dequeued >= settings.num_total_jobs {
-            ui.log(&format!("dequeued {dequeued} jobs (EXECUTOR_NUM_TOTAL_JOBS): finishing"));
+            info!("dequeued {dequeued} jobs (EXECUTOR_NUM_TOTAL_JOBS): finishing");
             break;
         }
         if settings.max_active_time.is_some_and(|m| started.elapsed() >= m) {
-            ui.log("EXECUTOR_MAX_ACTIVE_TIME reached: finishing");
+            info!("EXECUTOR_MAX_ACTIVE_TIME reached: finishing");
             break;
         }
         {
@@ -266,11 +262,11 @@ pub fn run(settings: Settings) -> Result<i32> {
             if let Some(p) = &pool {
                 if !p.admits(guard.jobs.len()) {
                     if !over_budget {
-                        ui.log(&format!(
+                        info!(
                             "memory budget ({}) reached with {} jobs and the idle pool: waiting for a job to end",
                             crate::base::units::format_bytes(p.budget().total_bytes),
                             guard.jobs.len()
-                        ));
+                        );
                         over_budget = true;
                     }
                     let _ =
@@ -292,16 +288,13 @@ pub fn run(settings: Settings) -> Result<i32> {
             Ok(None) => {}
             Err(e) => {
                 metrics::registry().add(metrics::DEQUEUE_ERRORS, &[], 1.0);
-                ui.log(&format!("dequeue failed: {e}"))
+                warn!("dequeue failed: {e}")
             }
         }
         match sig.recv_timeout(settings.poll_interval) {
             Ok(s) => {
                 signal_seen = Some(s);
-                ui.log(&format!(
-                    "{s}: no more dequeues; draining running jobs (grace {:?})",
-                    settings.shutdown_grace
-                ));
+                info!("{s}: no more dequeues; draining running jobs (grace {:?})", settings.shutdown_grace);
                 break;
             }
             Err(RecvTimeoutError::Timeout) => {}
@@ -313,7 +306,7 @@ pub fn run(settings: Settings) -> Result<i32> {
     // running jobs (below).
     if let Some(p) = &pool {
         if p.stop_booting() {
-            ui.log("VM pool: stopped the VM booting ahead");
+            info!("VM pool: stopped the VM booting ahead");
         }
     }
     let grace_end = signal_seen.map(|_| Instant::now() + settings.shutdown_grace);
@@ -330,7 +323,7 @@ pub fn run(settings: Settings) -> Result<i32> {
                 Some(s) => format!("second signal ({s})"),
                 None => "grace period over".to_string(),
             };
-            ui.log(&format!("{why}: stopping {n} running jobs and reporting them"));
+            warn!("{why}: stopping {n} running jobs and reporting them");
             for slot in running.0.lock().unwrap_or_else(|p| p.into_inner()).jobs.values() {
                 slot.cancel.cancel(CancelReason::Shutdown);
             }
@@ -345,7 +338,7 @@ pub fn run(settings: Settings) -> Result<i32> {
     }
     if let Some(p) = &pool {
         let n = p.drain();
-        ui.log(&format!("VM pool: destroyed {n} idle VMs ({})", p.status()));
+        info!("VM pool: destroyed {n} idle VMs ({})", p.status());
     }
     {
         let (m, cv) = &*stop_bg;
@@ -354,7 +347,7 @@ pub fn run(settings: Settings) -> Result<i32> {
     }
     let _ = heartbeat.join();
     let _ = janitor.join();
-    ui.log(&format!("stopped after {dequeued} jobs"));
+    info!("stopped after {dequeued} jobs");
     crate::workspace::release_lifetime(&settings.workspaces_dir());
     Ok(crate::base::exit::OK)
 }
@@ -371,10 +364,8 @@ fn spawn_heartbeat(
     client: &Client,
     running: &Arc<(Mutex<Running>, Condvar)>,
     stop: &Arc<(Mutex<bool>, Condvar)>,
-    ui: &Ui,
 ) -> std::thread::JoinHandle<()> {
-    let (settings, client, running, stop, ui) =
-        (settings.clone(), client.clone(), running.clone(), stop.clone(), ui.clone());
+    let (settings, client, running, stop) = (settings.clone(), client.clone(), running.clone(), stop.clone());
     std::thread::spawn(move || loop {
         let uids: Vec<String> = {
             let r = running.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -388,7 +379,7 @@ fn spawn_heartbeat(
                 let mut r = running.0.lock().unwrap_or_else(|p| p.into_inner());
                 for id in &resp.cancel_ids {
                     if let Some(slot) = r.jobs.get(id) {
-                        ui.log(&format!("job {id}: canceled by the coordinator"));
+                        info!(job_id = %id, "canceled by the coordinator");
                         slot.cancel.cancel(CancelReason::Canceled);
                     }
                 }
@@ -396,7 +387,7 @@ fn spawn_heartbeat(
                     if !resp.known_ids.contains(uid) && !resp.cancel_ids.contains(uid) {
                         // The contract drops it from the heartbeat and lets it run; its final
                         // mark* will find it is no longer ours.
-                        ui.log(&format!("job {uid}: the coordinator no longer knows it as ours; dropped"));
+                        warn!(job_id = %uid, "the coordinator no longer knows it as ours; dropped");
                         if let Some(slot) = r.jobs.get_mut(uid) {
                             slot.dropped = true;
                         }
@@ -405,7 +396,7 @@ fn spawn_heartbeat(
             }
             Err(e) => {
                 metrics::registry().add(metrics::HEARTBEAT_ERRORS, &[], 1.0);
-                ui.log(&format!("heartbeat failed: {e}"))
+                warn!("heartbeat failed: {e}")
             }
         }
         if wait_or_stop(&stop, settings.heartbeat_interval) {
@@ -419,10 +410,8 @@ fn spawn_janitor(
     me: &str,
     running: &Arc<(Mutex<Running>, Condvar)>,
     stop: &Arc<(Mutex<bool>, Condvar)>,
-    ui: &Ui,
 ) -> std::thread::JoinHandle<()> {
-    let (settings, me, running, stop, ui) =
-        (settings.clone(), me.to_string(), running.clone(), stop.clone(), ui.clone());
+    let (settings, me, running, stop) = (settings.clone(), me.to_string(), running.clone(), stop.clone());
     std::thread::spawn(move || loop {
         let live = || -> HashSet<String> {
             running.0.lock().unwrap_or_else(|p| p.into_inner()).jobs.keys().cloned().collect()
@@ -430,10 +419,10 @@ fn spawn_janitor(
         match janitor_pass_with(&settings, &me, live) {
             Ok(removed) => {
                 for r in removed {
-                    ui.log(&format!("janitor: removed {r}"));
+                    info!("janitor: removed {r}");
                 }
             }
-            Err(e) => ui.log(&format!("janitor: {e:#}")),
+            Err(e) => warn!("janitor: {e:#}"),
         }
         if wait_or_stop(&stop, settings.cleanup_interval.max(Duration::from_secs(1))) {
             return;
@@ -443,18 +432,18 @@ fn spawn_janitor(
 
 /// The microVM pool, when the loop runs microVMs and `EXECUTOR_VM_POOL_SIZE` (or the memory
 /// rule) asks for one; in network mode `internet` its VMs boot with their network made.
-fn start_pool(settings: &Settings, runtime: RuntimeKind, name: &str, ui: &Ui) -> Result<Option<Arc<Pool>>> {
+fn start_pool(settings: &Settings, runtime: RuntimeKind, name: &str) -> Result<Option<Arc<Pool>>> {
     if runtime != RuntimeKind::Microvm {
         return Ok(None);
     }
     let (size, budget) = settings.vm_pool(runtime)?;
     let fmt = crate::base::units::format_bytes;
     if size == 0 {
-        ui.log(&format!(
+        info!(
             "VM pool: off (size 0); memory budget {}, {} per job VM",
             fmt(budget.total_bytes),
             fmt(budget.job_bytes)
-        ));
+        );
         return Ok(None);
     }
     // A networked pool VM holds an address slot while it waits: jobs keep theirs first.
@@ -463,20 +452,19 @@ fn start_pool(settings: &Settings, runtime: RuntimeKind, name: &str, ui: &Ui) ->
     } else {
         let free = (settings.network.slots() as usize).saturating_sub(settings.max_jobs);
         if free < size {
-            ui.log(&format!(
+            warn!(
                 "VM pool: {size} VMs asked, {free} fit: EXECUTOR_NETWORK_CIDR {} has {} job subnets \
                  and {} go to running jobs",
                 settings.network.pool,
                 settings.network.slots(),
                 settings.max_jobs
-            ));
+            );
         }
         size.min(free)
     };
     if size == 0 {
         return Ok(None);
     }
-    let log_ui = ui.clone();
     let pool = Pool::start(
         settings.runtime_options(),
         PoolSettings {
@@ -487,15 +475,15 @@ fn start_pool(settings: &Settings, runtime: RuntimeKind, name: &str, ui: &Ui) ->
             network: settings.network.mode,
             coordinator: settings.frontend_url.clone(),
             budget,
-            log: Arc::new(move |m: &str| log_ui.log(m)),
+            log: Arc::new(|m: &str| info!("{m}")),
         },
     )?;
-    ui.log(&format!(
+    info!(
         "{}; memory budget {}, {} per job VM",
         pool.status(),
         fmt(budget.total_bytes),
         fmt(budget.job_bytes)
-    ));
+    );
     Ok(Some(pool))
 }
 
@@ -537,11 +525,13 @@ fn start_job(
 fn run_job(settings: &Arc<Settings>, mut doc: RunDocument, cancel: Cancel, ui: &Ui, pool: Option<Arc<Pool>>) {
     let uid = doc.job.uid.clone();
     let t0 = Instant::now();
-    ui.log(&format!("job {uid}: dequeued ({} steps)", doc.job.steps.len()));
+    // Every line of the job's thread names the job.
+    let job_span = tracing::error_span!("job", job_id = %uid, runtime = %doc.executor.runtime).entered();
+    info!("dequeued ({} steps)", doc.job.steps.len());
     let mut ctx = match JobCtx::new(settings.clone(), &doc, Some(cancel)) {
         Ok(c) => c,
         Err(e) => {
-            ui.log(&format!("job {uid}: cannot start: {e:#}"));
+            error!("cannot start: {e:#}");
             return;
         }
     };
@@ -553,8 +543,9 @@ fn run_job(settings: &Arc<Settings>, mut doc: RunDocument, cancel: Cancel, ui: &
     // An oci sandbox needs only the workspace's directory: it boots while the repository clones.
     let boot_early = doc.executor.runtime == crate::sandbox::RuntimeKind::Oci;
     for st in Stage::ALL {
+        let _stage = tracing::error_span!("stage", stage = st.name()).entered();
         let res = match st {
-            Stage::Complete => complete_with_retries(&ctx, &mut doc, ui),
+            Stage::Complete => complete_with_retries(&ctx, &mut doc),
             Stage::PrepareWorkspace if boot_early => {
                 stage::prepare_and_boot(&ctx, &mut doc).map(|_| stage::StageResult::Done)
             }
@@ -563,7 +554,7 @@ fn run_job(settings: &Arc<Settings>, mut doc: RunDocument, cancel: Cancel, ui: &
         };
         if let Err(e) = res {
             if st == Stage::Complete {
-                ui.log(&format!("job {uid}: could not report: {e:#}"));
+                error!("could not report: {e:#}");
             } else {
                 doc.fail(st.name(), FailureKind::Errored, ctx.redact(&format!("{e:#}")));
             }
@@ -580,24 +571,26 @@ fn run_job(settings: &Arc<Settings>, mut doc: RunDocument, cancel: Cancel, ui: &
     let outcome = doc.completion.as_ref().map_or("not_reported", |c| c.reported.as_str());
     metrics::registry().add(metrics::JOBS, &[&doc.executor.queue, outcome], 1.0);
     let lost = doc.completion.as_ref().is_some_and(|c| !c.accepted);
-    ui.log(&format!(
-        "job {uid}: {what}{} in {:.2}s",
+    info!(
+        "{what}{} in {:.2}s",
         if lost { " (not accepted: the job is no longer ours)" } else { "" },
         t0.elapsed().as_secs_f64()
-    ));
+    );
+    // The pool's state is the loop's, not the job's.
+    drop(job_span);
     if let Some(p) = &pool {
-        ui.log(&p.status().to_string());
+        info!("{}", p.status());
     }
 }
 
-fn complete_with_retries(ctx: &JobCtx, doc: &mut RunDocument, ui: &Ui) -> Result<stage::StageResult> {
+fn complete_with_retries(ctx: &JobCtx, doc: &mut RunDocument) -> Result<stage::StageResult> {
     let mut delay = Duration::from_secs(1);
     let mut attempt = 0;
     loop {
         match stage::run_stage(Stage::Complete, ctx, doc) {
             Ok(r) => return Ok(r),
             Err(e) if attempt < 4 => {
-                ui.log(&format!("job {}: reporting failed, retrying: {e:#}", doc.job.uid));
+                warn!("reporting failed, retrying: {e:#}");
                 std::thread::sleep(delay);
                 delay *= 2;
                 attempt += 1;

@@ -116,6 +116,41 @@ pub fn retryable_status(status: u16) -> bool {
     status == 429 || (500..600).contains(&status) && status != 501
 }
 
+/// Whether TLS refused a certificate (the coordinator's, by us, or ours, by it) under a transport
+/// error: ureq carries rustls's error inside an `io::Error` of its source chain.
+fn refuses_certificate(t: &ureq::Transport) -> bool {
+    use rustls::AlertDescription as A;
+    let mut cause = std::error::Error::source(t);
+    while let Some(c) = cause {
+        let inner = c.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref());
+        let tls = c
+            .downcast_ref::<rustls::Error>()
+            .or_else(|| inner.and_then(|e| e.downcast_ref::<rustls::Error>()));
+        if let Some(e) = tls {
+            return match e {
+                rustls::Error::InvalidCertificate(_)
+                | rustls::Error::NoCertificatesPresented
+                | rustls::Error::InvalidCertRevocationList(_) => true,
+                rustls::Error::AlertReceived(a) => matches!(
+                    a,
+                    A::BadCertificate
+                        | A::UnsupportedCertificate
+                        | A::CertificateRevoked
+                        | A::CertificateExpired
+                        | A::CertificateUnknown
+                        | A::CertificateUnobtainable
+                        | A::BadCertificateStatusResponse
+                        | A::BadCertificateHashValue
+                        | A::CertificateRequired
+                ),
+                _ => false,
+            };
+        }
+        cause = c.source();
+    }
+    false
+}
+
 /// The per-job credentials of job routes.
 #[derive(Debug, Clone)]
 pub struct JobAuth {
@@ -310,7 +345,7 @@ impl Client {
                         // DNS not-found is given up after 3 attempts.
                         ureq::ErrorKind::Dns => attempt < 2,
                         // An unknown TLS authority does not get better by asking again.
-                        _ if t.to_string().to_ascii_lowercase().contains("certificate") => false,
+                        _ if refuses_certificate(&t) => false,
                         _ => true,
                     };
                     (retry, ApiError::Transport { route: route.clone(), message: t.to_string() }, None)
@@ -715,6 +750,40 @@ mod tests {
         Client::new(None, &Secret::new("a-shared-secret-of-24-chars"), url, "host-1")
             .unwrap()
             .with_retry(RetryPolicy { max_attempts: 4, base: Duration::from_millis(1), ..Default::default() })
+    }
+
+    /// A loopback server that answers each TLS hello with the fatal alert `alert`; returns its
+    /// https URL and the count of connections it had.
+    fn alerting(alert: u8) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("https://{}", l.local_addr().unwrap());
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = count.clone();
+        std::thread::spawn(move || {
+            for stream in l.incoming() {
+                let Ok(mut s) = stream else { return };
+                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = s.read(&mut [0u8; 4096]);
+                // A TLS 1.2 record: alert, fatal, then the description.
+                let _ = s.write_all(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, alert]);
+            }
+        });
+        (url, count)
+    }
+
+    #[test]
+    fn a_refused_certificate_is_not_retried_and_other_tls_failures_are() {
+        let attempts = |alert: u8| {
+            let (url, count) = alerting(alert);
+            let err = client(&url).test_auth().unwrap_err();
+            assert!(matches!(err, ApiError::Transport { .. }), "{err}");
+            (count.load(std::sync::atomic::Ordering::SeqCst), err.to_string())
+        };
+        let (n, err) = attempts(0x2a);
+        assert_eq!(n, 1, "bad_certificate is final: {err}");
+        assert!(err.contains("BadCertificate"), "{err}");
+        let (n, err) = attempts(0x28);
+        assert_eq!(n, 4, "handshake_failure is retried: {err}");
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod cancel;
 pub mod exit;
 pub mod fs;
 pub mod lock;
+pub mod log;
 pub mod metrics;
 pub mod proc;
 pub mod redact;

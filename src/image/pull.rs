@@ -31,6 +31,17 @@ const MT_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.
 const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const MT_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 
+/// A blob that is not the one its manifest describes: downloading it again does not help.
+#[derive(Debug, thiserror::Error)]
+pub enum BadBlob {
+    #[error("blob {digest} from registry {registry} is larger than its manifest says ({size} bytes)")]
+    Larger { digest: String, registry: String, size: u64 },
+    #[error("blob {digest} from registry {registry} does not match its digest (got {got}): refused")]
+    Digest { digest: String, registry: String, got: String },
+    #[error("blob {digest} from registry {registry} is {written} bytes, not the {size} its manifest says")]
+    Size { digest: String, registry: String, written: u64, size: u64 },
+}
+
 /// When `vm-boot` pulls a job's images (`EXECUTOR_IMAGE_PULL`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PullPolicy {
@@ -245,7 +256,7 @@ pub fn pull(store: &ImageStore, reference: &str, opts: &PullOptions) -> Result<P
             }
             Err(e) => {
                 if i + 1 < endpoints.len() {
-                    eprintln!("pull: {canonical}: {} failed, trying the next: {e:#}", session.registry);
+                    tracing::warn!(target: "pull", "{canonical}: {} failed, trying the next: {e:#}", session.registry);
                 }
                 last = Some(e.context(format!("pulling {canonical} from {}", session.registry)));
             }
@@ -492,15 +503,16 @@ fn download_layers(
                         locks.lock().map(|mut l| l.push(held)).ok();
                         overall.inc(l.size);
                         if !terminal {
-                            eprintln!("pull: {}: layer {short} already in the store", name.canonical());
+                            tracing::info!(target: "pull", "{}: layer {short} already in the store", name.canonical());
                         }
                     }
                     Ok((n, held)) => {
                         locks.lock().map(|mut l| l.push(held)).ok();
                         downloaded.fetch_add(n, Ordering::SeqCst);
                         if !terminal {
-                            eprintln!(
-                                "pull: {}: layer {short} downloaded ({})",
+                            tracing::info!(
+                                target: "pull",
+                                "{}: layer {short} downloaded ({})",
                                 name.canonical(),
                                 crate::base::units::format_bytes(n)
                             );
@@ -566,10 +578,8 @@ fn fetch_blob(
                 }
                 written += n as u64;
                 if size > 0 && written > size {
-                    bail!(
-                        "blob {digest} from registry {} is larger than its manifest says ({size} bytes)",
-                        session.registry
-                    );
+                    let registry = session.registry.clone();
+                    return Err(BadBlob::Larger { digest: digest.to_string(), registry, size }.into());
                 }
                 hasher.update(&buf[..n]);
                 out.write_all(&buf[..n]).with_context(|| format!("writing {}", partial.display()))?;
@@ -579,13 +589,14 @@ fn fetch_blob(
         })();
         match step {
             Ok(_) => break,
-            Err(e) if e.to_string().contains("larger than its manifest") => {
+            Err(e) if e.downcast_ref::<BadBlob>().is_some() => {
                 let _ = fs::remove_file(&partial);
                 return Err(e);
             }
             Err(e) => {
                 attempt += 1;
-                if attempt >= retry.max_attempts || e.to_string().starts_with("registry ") {
+                // The registry's own answer (or its retries, which ran out) is final.
+                if attempt >= retry.max_attempts || e.downcast_ref::<registry::RegistryError>().is_some() {
                     let _ = fs::remove_file(&partial);
                     return Err(e.context(format!("blob {digest}")));
                 }
@@ -596,19 +607,90 @@ fn fetch_blob(
     let got = format!("sha256:{}", hex::encode(hasher.finalize()));
     if got != digest {
         let _ = fs::remove_file(&partial);
-        bail!(
-            "blob {digest} from registry {} does not match its digest (got {got}): refused",
-            session.registry
+        return Err(
+            BadBlob::Digest { digest: digest.to_string(), registry: session.registry.clone(), got }.into()
         );
     }
     if size > 0 && written != size {
         let _ = fs::remove_file(&partial);
-        bail!(
-            "blob {digest} from registry {} is {written} bytes, not the {size} its manifest says",
-            session.registry
-        );
+        let registry = session.registry.clone();
+        return Err(BadBlob::Size { digest: digest.to_string(), registry, written, size }.into());
     }
     out.sync_all().ok();
     fs::rename(&partial, &dest).with_context(|| format!("moving {} into the store", partial.display()))?;
     Ok((written, lock))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
+
+    /// A registry on loopback whose `n`th answer (from 0) is `answer(n)`; returns its base URL and
+    /// the count of requests it had.
+    fn registry(answer: impl Fn(usize) -> Vec<u8> + Send + 'static) -> (String, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let count = Arc::new(AtomicUsize::new(0));
+        let seen = count.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).map(|n| n == 1).unwrap_or(false) {
+                    head.push(byte[0]);
+                }
+                let n = seen.fetch_add(1, Ordering::SeqCst);
+                let _ = conn.write_all(&answer(n));
+            }
+        });
+        (url, count)
+    }
+
+    fn ok(status: &str, body: &[u8], length: usize) -> Vec<u8> {
+        let mut r = format!("HTTP/1.1 {status}\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n")
+            .into_bytes();
+        r.extend_from_slice(body);
+        r
+    }
+
+    /// Fetches the blob `body` claims to be (with `size` from the manifest) from `url`.
+    fn fetch(url: &str, body: &[u8], size: u64) -> Result<u64> {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path()).unwrap();
+        let retry = crate::api::RetryPolicy { max_attempts: 3, base: Duration::ZERO, ..Default::default() };
+        let opts = RegistryOptions { retry, ..Default::default() };
+        let name = ImageName::parse("127.0.0.1:1/team/img:v1").unwrap();
+        let session = Session::new(&registry::agent(&opts).unwrap(), url, &name, &opts);
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(body)));
+        let bar = indicatif::ProgressBar::hidden();
+        fetch_blob(&store, &session, &digest, size, &bar, &bar).map(|(n, _)| n)
+    }
+
+    #[test]
+    fn a_blob_larger_than_its_manifest_is_not_asked_for_again() {
+        let (url, count) = registry(|_| ok("200 OK", b"0123456789", 10));
+        let err = fetch(&url, b"0123", 4).unwrap_err();
+        assert!(matches!(err.downcast_ref::<BadBlob>(), Some(BadBlob::Larger { size: 4, .. })), "{err:#}");
+        assert!(format!("{err:#}").ends_with("is larger than its manifest says (4 bytes)"), "{err:#}");
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn the_registrys_refusal_is_final_and_a_broken_transfer_is_retried() {
+        let (url, count) = registry(|_| ok("404 Not Found", b"", 0));
+        let err = fetch(&url, b"0123", 4).unwrap_err();
+        assert!(format!("{err:#}").contains("registry 127.0.0.1:"), "{err:#}");
+        assert!(format!("{err:#}").ends_with("(404)"), "{err:#}");
+        assert_eq!(count.load(Ordering::SeqCst), 1, "asked once: a 404 does not go away");
+
+        // The first answer stops after 2 of its 4 bytes; the second is whole.
+        let (url, count) =
+            registry(|n| if n == 0 { ok("200 OK", b"01", 4) } else { ok("200 OK", b"0123", 4) });
+        assert_eq!(fetch(&url, b"0123", 4).unwrap(), 4);
+        assert_eq!(count.load(Ordering::SeqCst), 2);
+    }
 }

@@ -19,6 +19,36 @@ use crate::base::secret::Secret;
 pub const DOCKER_HUB: &str = "docker.io";
 const DOCKER_HUB_API: &str = "https://registry-1.docker.io";
 
+/// What a registry answered that asking again does not change (a refusal, something it lacks, a
+/// status that is not retried, an authentication that cannot work), or retries that ran out:
+/// [`Session::get`] has done its own retries, so its caller gives up on this error.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("registry {registry} refused the credentials for {repository} (401)")]
+    Refused { registry: String, repository: String },
+    #[error("registry {registry} has no {repository} {path} (404)")]
+    Missing { registry: String, repository: String, path: String },
+    #[error("registry {registry} answered {code} for {repository} {path}")]
+    Status { registry: String, code: u16, repository: String, path: String },
+    #[error("registry {registry} failed {attempts} times for {repository} {path}: {last}")]
+    GaveUp { registry: String, attempts: u32, repository: String, path: String, last: String },
+    /// The bearer token could not be had: `problem` says how.
+    #[error("registry {registry}: {problem}")]
+    Token { registry: String, problem: String },
+    #[error("registry {registry}: reading the token")]
+    TokenRead {
+        registry: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "registry {registry} needs credentials for {repository}: none are configured (EXECUTOR_DOCKER_AUTH_CONFIG or the job's docker auth config)"
+    )]
+    NoCredentials { registry: String, repository: String },
+    #[error("registry {registry} asked for an unsupported authentication ({header:?})")]
+    UnsupportedAuth { registry: String, header: String },
+}
+
 /// An image reference with its registry made explicit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageName {
@@ -343,33 +373,52 @@ impl Session {
                     continue;
                 }
                 Err(ureq::Error::Status(401, _)) => {
-                    bail!("registry {} refused the credentials for {} (401)", self.registry, self.repository)
+                    return Err(RegistryError::Refused {
+                        registry: self.registry.clone(),
+                        repository: self.repository.clone(),
+                    }
+                    .into())
                 }
                 Err(ureq::Error::Status(404, _)) => {
-                    bail!("registry {} has no {} {path} (404)", self.registry, self.repository)
+                    return Err(RegistryError::Missing {
+                        registry: self.registry.clone(),
+                        repository: self.repository.clone(),
+                        path: path.to_string(),
+                    }
+                    .into())
                 }
                 Err(ureq::Error::Status(code, _)) if crate::api::retryable_status(code) => {
                     format!("status code {code}")
                 }
                 Err(ureq::Error::Status(code, _)) => {
-                    bail!("registry {} answered {code} for {} {path}", self.registry, self.repository)
+                    return Err(RegistryError::Status {
+                        registry: self.registry.clone(),
+                        code,
+                        repository: self.repository.clone(),
+                        path: path.to_string(),
+                    }
+                    .into())
                 }
                 Err(ureq::Error::Transport(t)) => t.to_string(),
             };
             attempt += 1;
             if attempt >= self.retry.max_attempts {
-                bail!(
-                    "registry {} failed {attempt} times for {} {path}: {err}",
-                    self.registry,
-                    self.repository
-                );
+                return Err(RegistryError::GaveUp {
+                    registry: self.registry.clone(),
+                    attempts: attempt,
+                    repository: self.repository.clone(),
+                    path: path.to_string(),
+                    last: err,
+                }
+                .into());
             }
             std::thread::sleep(self.retry.delay(attempt));
         }
     }
 
     /// Answers a 401 challenge: basic credentials, or a bearer token from the realm.
-    fn authenticate(&self, header: &str) -> Result<()> {
+    fn authenticate(&self, header: &str) -> Result<(), RegistryError> {
+        let token = |problem: String| RegistryError::Token { registry: self.registry.clone(), problem };
         let challenge = parse_challenge(header);
         let basic = self.credentials.as_ref().map(|(u, p)| {
             let raw = format!("{u}:{}", p.expose());
@@ -380,52 +429,62 @@ impl Session {
                 let realm = c
                     .params
                     .get("realm")
-                    .with_context(|| format!("registry {}: a bearer challenge without a realm", self.registry))?;
+                    .ok_or_else(|| token("a bearer challenge without a realm".into()))?;
                 let mut req = self.agent.get(realm).timeout(Duration::from_secs(30));
                 if let Some(service) = c.params.get("service") {
                     req = req.query("service", service);
                 }
-                let scope =
-                    c.params.get("scope").cloned().unwrap_or_else(|| format!("repository:{}:pull", self.repository));
+                let scope = c
+                    .params
+                    .get("scope")
+                    .cloned()
+                    .unwrap_or_else(|| format!("repository:{}:pull", self.repository));
                 req = req.query("scope", &scope);
                 if let Some(b) = &basic {
                     req = req.set("Authorization", b.expose());
                 }
                 let resp = match req.call() {
                     Ok(r) => r,
-                    Err(ureq::Error::Status(code @ (401 | 403), _)) => bail!(
-                        "registry {}: the token service refused the credentials for {} ({code})",
-                        self.registry,
-                        self.repository
-                    ),
+                    Err(ureq::Error::Status(code @ (401 | 403), _)) => {
+                        return Err(token(format!(
+                            "the token service refused the credentials for {} ({code})",
+                            self.repository
+                        )))
+                    }
                     Err(ureq::Error::Status(code, _)) => {
-                        bail!("registry {}: the token service answered {code}", self.registry)
+                        return Err(token(format!("the token service answered {code}")))
                     }
                     Err(ureq::Error::Transport(t)) => {
-                        bail!("registry {}: the token service is unreachable: {t}", self.registry)
+                        return Err(token(format!("the token service is unreachable: {t}")))
                     }
                 };
                 let mut body = Vec::new();
                 std::io::Read::read_to_end(&mut std::io::Read::take(resp.into_reader(), 1 << 20), &mut body)
-                    .with_context(|| format!("registry {}: reading the token", self.registry))?;
+                    .map_err(|source| RegistryError::TokenRead { registry: self.registry.clone(), source })?;
                 let v: serde_json::Value = serde_json::from_slice(&body)
-                    .map_err(|_| anyhow::anyhow!("registry {}: the token service sent no JSON", self.registry))?;
-                let token = v
+                    .map_err(|_| token("the token service sent no JSON".into()))?;
+                let bearer = v
                     .get("token")
                     .or_else(|| v.get("access_token"))
                     .and_then(|t| t.as_str())
-                    .with_context(|| format!("registry {}: the token service sent no token", self.registry))?;
-                Secret::new(format!("Bearer {token}"))
+                    .ok_or_else(|| token("the token service sent no token".into()))?;
+                Secret::new(format!("Bearer {bearer}"))
             }
             Some(c) if c.scheme == "basic" => match basic {
                 Some(b) => b,
-                None => bail!(
-                    "registry {} needs credentials for {}: none are configured (EXECUTOR_DOCKER_AUTH_CONFIG or the job's docker auth config)",
-                    self.registry,
-                    self.repository
-                ),
+                None => {
+                    return Err(RegistryError::NoCredentials {
+                        registry: self.registry.clone(),
+                        repository: self.repository.clone(),
+                    })
+                }
             },
-            _ => bail!("registry {} asked for an unsupported authentication ({header:?})", self.registry),
+            _ => {
+                return Err(RegistryError::UnsupportedAuth {
+                    registry: self.registry.clone(),
+                    header: header.to_string(),
+                })
+            }
         };
         if let Ok(mut a) = self.authorization.lock() {
             *a = Some(value);

@@ -140,7 +140,7 @@ pub fn create_for_job_from(
                 Ok(None) => {}
                 Err(e) => {
                     let _ = std::fs::remove_file(&img);
-                    eprintln!("executor: job {}: the workspace template was not used: {e:#}", owner.job_uid);
+                    tracing::warn!(job_id = %owner.job_uid, "the workspace template was not used: {e:#}");
                 }
             }
         }
@@ -154,7 +154,7 @@ pub fn create_for_job_from(
          is checked, after the clone, and steps are bounded per file only",
         crate::base::units::format_bytes(disk_bytes)
     );
-    eprintln!("executor: job {}: {msg}", owner.job_uid);
+    tracing::warn!(job_id = %owner.job_uid, "{msg}");
     let mut entry = logger.entry("setup.fs.workspace", None)?;
     entry.line(&msg);
     entry.finish(0)?;

@@ -136,7 +136,7 @@ impl From<anyhow::Error> for HttpError {
         if let Some(StoreError::Unavailable(why)) = e.downcast_ref::<StoreError>() {
             return http_err(StatusCode::SERVICE_UNAVAILABLE, why.clone());
         }
-        eprintln!("executor queue: internal error: {e:#}");
+        tracing::error!("internal error: {e:#}");
         http_err(StatusCode::INTERNAL_SERVER_ERROR, format!("internal error: {e:#}"))
     }
 }
@@ -301,9 +301,11 @@ async fn stalled_resetter(app: Shared) {
         match db(&app, move |s| s.reset_stalled(cutoff, max, &text, now)).await {
             Ok(resets) if !resets.is_empty() => {
                 for r in &resets {
-                    eprintln!(
-                        "executor queue: job {} ({}) stalled: no heartbeat for {age_text}; now {}",
-                        r.id, r.queue, r.new_state
+                    tracing::warn!(
+                        "job {} ({}) stalled: no heartbeat for {age_text}; now {}",
+                        r.id,
+                        r.queue,
+                        r.new_state
                     );
                 }
                 app.metrics.jobs_reset.fetch_add(resets.len() as u64, Ordering::Relaxed);
@@ -311,7 +313,7 @@ async fn stalled_resetter(app: Shared) {
                 app.logs_changed.notify_waiters();
             }
             Ok(_) => {}
-            Err(e) => eprintln!("executor queue: stalled-job sweep failed: {}", e.message),
+            Err(e) => tracing::error!("stalled-job sweep failed: {}", e.message),
         }
     }
 }
@@ -433,8 +435,8 @@ pub async fn serve(cfg: Arc<ServeConfig>) -> Result<()> {
         Some(p) => format!("PostgreSQL database {}, ", p.target),
         None => String::new(),
     };
-    eprintln!(
-        "executor queue: serving {} on {url} ({database}data in {})",
+    tracing::info!(
+        "serving {} on {url} ({database}data in {})",
         cfg.queues.join(", "),
         cfg.data_dir.display()
     );
@@ -466,7 +468,7 @@ async fn start_checkpointer(app: &Shared, data_dir: std::path::PathBuf) -> Resul
             })
             .await;
             if let Ok(Err(e)) = r {
-                eprintln!("executor queue: {e:#}");
+                tracing::error!("{e:#}");
             }
         }
     });
@@ -482,7 +484,7 @@ async fn serve_http(
     let shutdown_app = app.clone();
     let on_signal = async move {
         shutdown_signal().await;
-        eprintln!("executor queue: shutting down");
+        tracing::info!("shutting down");
         let _ = shutdown_app.shutdown.send(true);
     };
     match tls {
@@ -503,7 +505,7 @@ async fn serve_http(
                     r = listener.accept() => match r {
                         Ok(v) => v,
                         Err(e) => {
-                            eprintln!("executor queue: accept failed: {e}");
+                            tracing::warn!("accept failed: {e}");
                             tokio::time::sleep(Duration::from_millis(50)).await;
                             continue;
                         }

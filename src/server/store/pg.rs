@@ -301,7 +301,7 @@ pub fn spawn_listener(pool: &PgPool, wake: impl Fn() + Send + 'static) -> std::i
                 Ok(c) => c,
                 Err(e) => {
                     if !reported {
-                        eprintln!("executor queue: job notifications paused: {e}");
+                        tracing::warn!("job notifications paused: {e}");
                         reported = true;
                     }
                     std::thread::sleep(Duration::from_secs(1));
@@ -313,7 +313,7 @@ pub fn spawn_listener(pool: &PgPool, wake: impl Fn() + Send + 'static) -> std::i
                 continue;
             }
             if reported {
-                eprintln!("executor queue: job notifications from {} resumed", pool.target);
+                tracing::info!("job notifications from {} resumed", pool.target);
                 reported = false;
             }
             wake();

@@ -327,8 +327,8 @@ fn kill_named(name: &str) {
     let Ok(procs) = std::fs::read_dir("/proc") else { return };
     for e in procs.flatten() {
         if let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) {
-            if super::process_is(pid, name) {
-                super::kill_vm(pid, name);
+            if super::teardown::process_is(pid, name) {
+                super::teardown::kill_vm(pid, name);
             }
         }
     }

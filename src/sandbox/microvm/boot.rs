@@ -16,7 +16,7 @@ use super::qemu::{QemuConfig, AGENT_SOCKET, QEMU, WORKSPACE_DISK};
 use super::{cgroup, console, disk, net, Accel, ImageDisk, MicroVm, VmDetails, MARKER};
 use super::{DEFAULT_MEMORY, QEMU_OVERHEAD};
 use crate::guest::boot::{BootParams, WorkspaceMount};
-use crate::sandbox::{Limits, SandboxDetails, SandboxRecord};
+use crate::sandbox::{Limits, Runtime, SandboxDetails, SandboxRecord};
 
 /// What one VM boot needs besides its name.
 pub(super) struct VmBoot<'a> {
@@ -147,7 +147,6 @@ impl MicroVm {
         match self.boot_in(&mut rec, &manifest, boot) {
             Ok(()) => Ok(rec),
             Err(e) => {
-                use crate::sandbox::Runtime;
                 let _ = self.teardown(&rec);
                 Err(e)
             }

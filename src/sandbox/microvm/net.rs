@@ -2,8 +2,8 @@
 //! the host's namespace (`network::setup_tap`: the same slot, map element and policy as an oci
 //! job's veth), handed to QEMU as an open descriptor so that QEMU keeps running as its
 //! unprivileged user; the guest agent configures the address, the route and resolv.conf from
-//! the kernel command line. Kept apart from the boot code so that the VM pool (network `none`
-//! only) and this change meet in a few lines.
+//! the kernel command line (`executor.net`, see [`guest_net`]). The boot (boot.rs) records the
+//! network and hands the TAP to QEMU (qemu.rs).
 
 use anyhow::{Context, Result};
 use std::os::fd::OwnedFd;

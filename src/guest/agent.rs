@@ -15,16 +15,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use super::boot::WorkspaceMount;
+use super::devices::{debug_time, load_modules, uptime_ms, wait_for, MODULES_LATE, MODULES_ORDER};
 use super::protocol::*;
-
-/// Where the initramfs keeps the modules to load, and the file listing their load order.
-pub const MODULES_DIR: &str = "/lib/modules/executor";
-pub const MODULES_ORDER: &str = "/lib/modules/executor/order";
-/// Modules loaded in the background once the agent answered the host's first hello (overlay:
-/// steps need it, the boot does not), so that their load overlaps the host's own work.
-pub const MODULES_LATE: &str = "/lib/modules/executor/late";
 
 /// The loader of the late modules, joined by the first step that needs them.
 static LATE: Mutex<Option<thread::JoinHandle<Result<()>>>> = Mutex::new(None);
@@ -62,48 +57,10 @@ fn send(port: &Port, frame: &Frame) {
     let _ = frame.write_to(&mut *f);
 }
 
-/// Milliseconds since the kernel started (CLOCK_BOOTTIME needs no /proc).
-fn uptime_ms() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
-        .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
-        .unwrap_or(0)
-}
-
 fn mount_fs(src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> Result<()> {
     fs::create_dir_all(target).with_context(|| format!("creating {target}"))?;
     mount(Some(src), target, Some(fstype), flags, data)
         .with_context(|| format!("mounting {fstype} on {target}"))
-}
-
-pub(super) fn load_modules(list: &str) -> Result<()> {
-    let order = match fs::read_to_string(list) {
-        Ok(o) => o,
-        Err(_) => return Ok(()),
-    };
-    for name in order.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        let path = Path::new(MODULES_DIR).join(name);
-        let f = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-        let t = uptime_ms();
-        match nix::kmod::finit_module(&f, c"", nix::kmod::ModuleInitFlags::empty()) {
-            Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
-            Err(e) => bail!("loading module {name}: {e}"),
-        }
-        debug_time(&format!("module {name} loaded"), t);
-    }
-    Ok(())
-}
-
-pub(super) fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return Ok(v);
-        }
-        if start.elapsed() > limit {
-            bail!("{what} did not appear within {limit:?}");
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
 }
 
 fn find_port() -> Option<PathBuf> {
@@ -132,18 +89,6 @@ fn find_disk(serial: &str) -> Option<PathBuf> {
     None
 }
 
-pub(super) fn cmdline_value(key: &str) -> Option<String> {
-    let cmdline = fs::read_to_string("/proc/cmdline").ok()?;
-    cmdline.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('=').map(str::to_string))
-}
-
-fn debug_time(what: &str, since: u64) {
-    static DEBUG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if *DEBUG.get_or_init(|| cmdline_value("executor.debug").is_some()) {
-        eprintln!("executor-guest-agent: {what} after {} ms", uptime_ms().saturating_sub(since));
-    }
-}
-
 /// Everything before serving: filesystems, modules, devices, disks. Returns the number of images
 /// and whether the workspace disk waits for the host's `Mount` (a VM booted ahead of its job:
 /// `executor.workspace=2`).
@@ -153,18 +98,19 @@ fn setup() -> Result<(u32, bool)> {
     mount_fs("sysfs", "/sys", "sysfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None)?;
     mount_fs("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
     mount_fs("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
+    // After /proc: the parameters are read once, and kept.
+    let params = super::boot::current()?;
     let t = uptime_ms();
     load_modules(MODULES_ORDER)?;
     debug_time("modules loaded", t);
-    let images: u32 = cmdline_value("executor.images").and_then(|v| v.parse().ok()).unwrap_or(0);
-    let workspace = cmdline_value("executor.workspace");
-    if workspace.as_deref() == Some("1") {
+    let images = params.images;
+    if params.workspace == WorkspaceMount::AtBoot {
         let dev = wait_for("the workspace disk", Duration::from_secs(30), || find_disk("workspace"))?;
         mount_fs(&dev.to_string_lossy(), "/data", "ext4", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, None)?;
     } else {
         fs::create_dir_all("/data").context("creating /data")?;
     }
-    let deferred = workspace.as_deref() == Some("2");
+    let deferred = params.workspace == WorkspaceMount::OnRequest;
     debug_time("workspace mounted", t);
     for i in 0..images {
         let dev = wait_for("an image disk", Duration::from_secs(30), || find_disk(&format!("image{i}")))?;

@@ -1,6 +1,12 @@
 //! The guest side of the microVM runtime: the agent that runs as PID 1 inside each VM (the
 //! `executor-guest-agent` binary, src/bin/) and the protocol it speaks with the host.
+//!
+//! Files, bottom to top (none names a file above it): `protocol` (frames), `boot` (the kernel
+//! command line the host writes and the guest reads), `devices` (modules and devices), `net`
+//! (the job's network), `agent` (PID 1).
 
 pub mod agent;
+pub mod boot;
+pub mod devices;
 pub mod net;
 pub mod protocol;

@@ -6,54 +6,25 @@
 
 use anyhow::{bail, Context, Result};
 use std::fs;
-use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::Duration;
 
-use super::agent::{cmdline_value, load_modules, wait_for};
+use super::boot::GuestNet;
+use super::devices::{load_modules, wait_for};
 
 /// The network driver and its dependencies, in load order (a list in the initramfs).
 pub const MODULES_NET: &str = "/lib/modules/executor/net";
 /// The resolv.conf steps get.
 const RESOLV_CONF: &str = "/run/resolv.conf";
 
-/// The network the host gave the guest.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GuestNet {
-    pub address: Ipv4Addr,
-    pub prefix: u8,
-    pub gateway: Ipv4Addr,
-    pub dns: Vec<Ipv4Addr>,
-}
-
-impl GuestNet {
-    /// The value of `executor.net=`.
-    pub fn parse(v: &str) -> Result<GuestNet> {
-        let mut parts = v.split(',');
-        let (addr, prefix) = parts
-            .next()
-            .and_then(|a| a.split_once('/'))
-            .with_context(|| format!("executor.net={v:?} has no address/prefix"))?;
-        let address = addr.parse().with_context(|| format!("executor.net: bad address {addr:?}"))?;
-        let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 32).context("executor.net: bad prefix")?;
-        let gateway = parts
-            .next()
-            .and_then(|g| g.parse().ok())
-            .with_context(|| format!("executor.net={v:?} has no gateway"))?;
-        let dns = parts
-            .map(|d| d.parse().with_context(|| format!("executor.net: bad resolver {d:?}")))
-            .collect::<Result<_>>()?;
-        Ok(GuestNet { address, prefix, gateway, dns })
+/// The resolv.conf of the job's resolvers.
+fn resolv_conf(n: &GuestNet) -> String {
+    let mut s = String::from("# written by the executor: the resolvers this job may reach\n");
+    for d in &n.dns {
+        s.push_str(&format!("nameserver {d}\n"));
     }
-
-    fn resolv_conf(&self) -> String {
-        let mut s = String::from("# written by the executor: the resolvers this job may reach\n");
-        for d in &self.dns {
-            s.push_str(&format!("nameserver {d}\n"));
-        }
-        s.push_str("options timeout:2 attempts:2\n");
-        s
-    }
+    s.push_str("options timeout:2 attempts:2\n");
+    s
 }
 
 fn ip(args: &[&str]) -> Result<()> {
@@ -70,8 +41,7 @@ fn ip(args: &[&str]) -> Result<()> {
 
 /// Configures the network the command line names, if any (called before the first step).
 pub fn configure() -> Result<()> {
-    let Some(v) = cmdline_value("executor.net") else { return Ok(()) };
-    let n = GuestNet::parse(&v)?;
+    let Some(n) = &super::boot::current()?.net else { return Ok(()) };
     // IPv6 off first: the host drops it anyway, and the guest should not even try.
     for k in ["all", "default"] {
         let _ = fs::write(format!("/proc/sys/net/ipv6/conf/{k}/disable_ipv6"), "1");
@@ -85,7 +55,7 @@ pub fn configure() -> Result<()> {
     ip(&["addr", "add", &format!("{}/{}", n.address, n.prefix), "dev", "eth0"])?;
     ip(&["link", "set", "eth0", "up"])?;
     ip(&["route", "add", "default", "via", &n.gateway.to_string(), "dev", "eth0"])?;
-    fs::write(RESOLV_CONF, n.resolv_conf()).with_context(|| format!("writing {RESOLV_CONF}"))?;
+    fs::write(RESOLV_CONF, resolv_conf(n)).with_context(|| format!("writing {RESOLV_CONF}"))?;
     Ok(())
 }
 
@@ -107,14 +77,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_command_line_value_parses() {
+    fn resolv_conf_names_each_resolver() {
         let n = GuestNet::parse("10.255.0.2/30,10.255.0.1,198.51.100.53,192.0.2.53").unwrap();
-        assert_eq!(n.address, Ipv4Addr::new(10, 255, 0, 2));
-        assert_eq!((n.prefix, n.gateway), (30, Ipv4Addr::new(10, 255, 0, 1)));
-        assert_eq!(n.dns.len(), 2);
-        assert!(n.resolv_conf().contains("nameserver 198.51.100.53\nnameserver 192.0.2.53\n"));
-        assert!(GuestNet::parse("10.255.0.2/30,10.255.0.1").unwrap().dns.is_empty());
-        assert!(GuestNet::parse("10.255.0.2,10.255.0.1").is_err());
-        assert!(GuestNet::parse("10.255.0.2/30").is_err());
+        let text = resolv_conf(&n);
+        assert!(text.contains("nameserver 198.51.100.53\nnameserver 192.0.2.53\n"), "{text}");
+        assert!(text.ends_with("options timeout:2 attempts:2\n"));
     }
 }

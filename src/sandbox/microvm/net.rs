@@ -2,15 +2,15 @@
 //! the host's namespace (`network::setup_tap`: the same slot, map element and policy as an oci
 //! job's veth), handed to QEMU as an open descriptor so that QEMU keeps running as its
 //! unprivileged user; the guest agent configures the address, the route and resolv.conf from
-//! the kernel command line. Kept apart from the boot code so that the VM pool (network `none`
-//! only) and this change meet in a few lines.
+//! the kernel command line (`executor.net`, see [`guest_net`]). The boot (boot.rs) records the
+//! network and hands the TAP to QEMU (qemu.rs).
 
 use anyhow::{Context, Result};
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::process::Command;
+use std::os::fd::OwnedFd;
 
 use super::RuntimeOptions;
-use crate::network::{JobNetwork, Mode};
+use crate::guest::boot::GuestNet;
+use crate::network::{JobNetwork, Mode, JOB_PREFIX};
 
 /// What a VM boot needs to know to give the VM a network.
 #[derive(Debug, Clone, Copy)]
@@ -37,13 +37,34 @@ pub fn setup(opts: &RuntimeOptions, name: &str, req: &NetRequest) -> Result<VmNe
     Ok(VmNet { net, tap })
 }
 
-/// QEMU's arguments for the TAP (a virtio-net device on the microvm machine's MMIO bus).
-pub fn qemu_args(cmd: &mut Command, v: &VmNet) {
-    cmd.arg("-netdev").arg(format!("tap,id=net0,fd={},vhost=off", v.tap.as_raw_fd()));
-    cmd.args(["-device", "virtio-net-device,netdev=net0"]);
+/// The guest's view of a job network, as the kernel command line carries it to the agent
+/// (`crate::guest::boot`).
+pub fn guest_net(net: &JobNetwork) -> GuestNet {
+    GuestNet { address: net.address, prefix: JOB_PREFIX, gateway: net.gateway, dns: net.dns.clone() }
 }
 
 /// Removes the network of a VM that is gone (its TAP went with QEMU).
 pub fn teardown(opts: &RuntimeOptions, net: &JobNetwork) -> Result<()> {
     crate::network::teardown(&opts.state_dir, net)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `executor.net=` value the host wrote before `BootParams` carried it.
+    #[test]
+    fn the_guest_gets_the_network_value_it_always_got() {
+        let net = JobNetwork {
+            sandbox: "executor-1".into(),
+            slot: 3,
+            host_if: "ex-3".into(),
+            gateway: "10.255.0.13".parse().unwrap(),
+            address: "10.255.0.14".parse().unwrap(),
+            dns: vec!["198.51.100.53".parse().unwrap(), "192.0.2.53".parse().unwrap()],
+        };
+        let value = format!("executor.net={}", guest_net(&net).to_value());
+        assert_eq!(value, net.guest_cmdline());
+        assert_eq!(value, "executor.net=10.255.0.14/30,10.255.0.13,198.51.100.53,192.0.2.53");
+    }
 }

@@ -15,7 +15,8 @@ mod jobs;
 mod logs;
 pub mod pg;
 mod repos;
-pub mod testcluster;
+#[cfg(test)]
+use testkit::cluster as testcluster; // the throwaway PostgreSQL of the tests
 
 pub use console::{JobFilter, JobPageRow};
 pub use jobs::{

@@ -6,7 +6,7 @@
 //!
 //! | layer | modules | what they own |
 //! |---|---|---|
-//! | 0 base | `base` (fs, proc, units, lock, cancel, redact, secret, exit, skip, sys) | utilities that know no job |
+//! | 0 base | `base` (fs, proc, units, lock, cancel, redact, secret, exit, sys) | utilities that know no job |
 //! | 1 wire | `protocol`, `guest`, `githttp` | the executor protocol's types, the guest agent's frames, git's smart HTTP |
 //! | 2 documents and client | `document`, `api` | the run document (and its sandbox records), the coordinator client |
 //! | 3 job I/O | `logs`, `git` | execution log entries, cloning |

@@ -331,7 +331,7 @@ pub fn missing() -> Vec<String> {
     if which::which("nft").is_err() {
         out.push("the nft command is not installed (apt-get install nftables)".into());
     }
-    if !crate::base::skip::is_root() {
+    if !nix::unistd::geteuid().is_root() {
         out.push("network namespaces and nftables need root".into());
     }
     out
@@ -661,7 +661,7 @@ pub fn janitor(state_dir: &Path, owned: impl Fn(&str) -> bool) -> Result<Vec<Str
     // here, and what a kill left. Under the lock, so that no setup takes a slot meanwhile.
     // Only where this state directory ever had a job network: an executor without one must not
     // judge the host's job links.
-    if !dir.is_dir() || which::which("nft").is_err() || !crate::base::skip::is_root() {
+    if !dir.is_dir() || which::which("nft").is_err() || !nix::unistd::geteuid().is_root() {
         return Ok(removed);
     }
     let _lock = crate::base::lock::lock(&state_dir.join("network").join("lock"), true)?;

@@ -313,14 +313,14 @@ pub fn sh(dir: &Path, script: &str) -> String {
 }
 
 /// Says that `test` is skipped because this machine lacks `capability` (`why`); panics instead
-/// when `EXECUTOR_TEST_REQUIRE` lists the capability (see `executor::base::skip`).
+/// when `EXECUTOR_TEST_REQUIRE` lists the capability (see `testkit::skip`).
 #[track_caller]
 pub fn skip(test: &str, capability: &str, why: &str) {
-    executor::base::skip::skip(test, capability, why)
+    testkit::skip::skip(test, capability, why)
 }
 
 pub fn is_root() -> bool {
-    executor::base::skip::is_root()
+    testkit::skip::is_root()
 }
 
 /// A CA and a certificate for 127.0.0.1 made with openssl; `None` (and a skip notice) without it.
@@ -357,8 +357,8 @@ pub fn make_ca(dir: &std::path::Path, test: &str) -> Option<(String, String, Str
 /// quietly require nothing.
 #[test]
 fn executor_test_require_names_known_capabilities() {
-    if let Ok(list) = std::env::var(executor::base::skip::REQUIRE_VAR) {
-        if let Err(e) = executor::base::skip::parse(&list) {
+    if let Ok(list) = std::env::var(testkit::skip::REQUIRE_VAR) {
+        if let Err(e) = testkit::skip::parse(&list) {
             panic!("{e}");
         }
     }

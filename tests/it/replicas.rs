@@ -5,7 +5,6 @@
 
 use crate::common::{self, Exec};
 use crate::coordinator::Coordinator;
-use executor::server::store::testcluster::Cluster;
 use serde_json::{json, Value};
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
@@ -14,6 +13,7 @@ use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use testkit::cluster::Cluster;
 
 /// A TCP balancer on loopback: each connection goes to the next replica that accepts one, as a
 /// load balancer in front of the replicas would.

@@ -16,8 +16,9 @@ mod jobs;
 mod logs;
 pub mod pg;
 mod repos;
-pub mod testcluster;
 mod time;
+#[cfg(test)]
+use testkit::cluster as testcluster; // the throwaway PostgreSQL of the tests
 
 pub use console::{JobFilter, JobPageRow};
 pub use jobs::{

@@ -1,14 +1,27 @@
-//! A throwaway PostgreSQL cluster for the tests and the benchmark: `initdb` into a temporary
-//! directory and `pg_ctl` on a free loopback port (as the `postgres` user when this process is
-//! root: PostgreSQL refuses to run as root). Dropping it stops the server and removes the
-//! directory; a reaper process does the same when this process dies without dropping it (a
-//! panic that aborts, a kill, or a cluster shared through a `static`).
+//! A throwaway PostgreSQL cluster for the tests (`scripts/bench-queue` starts its own the same
+//! way, in shell): `initdb` into a temporary directory and `pg_ctl` on a free loopback port (as
+//! the `postgres` user when this process is root: PostgreSQL refuses to run as root). Dropping it
+//! stops the server and removes the directory; a reaper process does the same when this process
+//! dies without dropping it (a panic that aborts, a kill, or a cluster shared through a
+//! `static`).
 
+use std::ffi::OsStr;
 use std::io::Write;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 
-use crate::base::proc::command;
+/// `program` with an empty environment plus `PATH`, as the executor starts its children
+/// (`executor::base::proc::command`): PostgreSQL's tools read `PG*` variables, which a test's
+/// environment must not steer.
+fn command(program: impl AsRef<OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.env_clear();
+    if let Some(path) = std::env::var_os("PATH") {
+        cmd.env("PATH", path);
+    }
+    cmd
+}
 
 /// The newest installed PostgreSQL's `bin` directory (Debian's layout), if any.
 pub fn bin_dir() -> Option<PathBuf> {
@@ -39,7 +52,7 @@ impl Cluster {
     /// Creates and starts a cluster; `Err` says why it cannot (PostgreSQL missing, ...).
     pub fn start() -> Result<Cluster, String> {
         let bin = bin_dir().ok_or("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb)")?;
-        let owner = if crate::base::skip::is_root() {
+        let owner = if crate::skip::is_root() {
             let user = nix::unistd::User::from_name("postgres")
                 .map_err(|e| format!("looking up the postgres user: {e}"))?
                 .ok_or("running as root needs a postgres user to run PostgreSQL as")?;
@@ -154,7 +167,7 @@ impl Cluster {
         std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
     }
 
-    fn tool(&self, name: &str) -> std::process::Command {
+    fn tool(&self, name: &str) -> Command {
         let path = self.bin.join(name);
         match self.owner {
             Some(_) => {
@@ -166,7 +179,7 @@ impl Cluster {
         }
     }
 
-    fn run(&self, tool: &str, args: &[&std::ffi::OsStr]) -> Result<(), String> {
+    fn run(&self, tool: &str, args: &[&OsStr]) -> Result<(), String> {
         let out = self
             .tool(tool)
             .args(args)
@@ -225,5 +238,3 @@ impl Drop for Cluster {
         }
     }
 }
-
-use std::os::unix::process::CommandExt as _;

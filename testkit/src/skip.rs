@@ -46,7 +46,7 @@ pub fn parse(list: &str) -> Result<Vec<String>, String> {
 pub fn decide(list: Option<&str>, test: &str, capability: &str, why: &str) -> Result<String, String> {
     assert!(
         CAPABILITIES.iter().any(|(known, _)| *known == capability),
-        "skip for an unknown capability {capability:?}: add it to base::skip::CAPABILITIES"
+        "skip for an unknown capability {capability:?}: add it to testkit::skip::CAPABILITIES"
     );
     let required = parse(list.unwrap_or(""))?;
     if required.iter().any(|r| r == capability) {

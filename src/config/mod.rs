@@ -91,9 +91,6 @@ pub enum Needs {
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/executor";
 
-/// Workspace templates kept by default (`EXECUTOR_WORKSPACE_TEMPLATES`).
-pub const DEFAULT_WORKSPACE_TEMPLATES: u64 = 8;
-
 /// The disk all workspace templates together may take.
 pub const WORKSPACE_TEMPLATES_MAX_BYTES: u64 = 8 << 30;
 
@@ -357,7 +354,7 @@ mod tests {
         assert_eq!(s.runtime_options().oci_runtime, "runc");
         assert!(!s.allow_unisolated);
         assert_eq!(s.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
-        assert_eq!(s.workspace_templates as u64, DEFAULT_WORKSPACE_TEMPLATES);
+        assert_eq!(s.workspace_templates, 8);
         assert_eq!(s.pull.max_unpacked, 32 << 30);
         assert_eq!(s.log_level, LogLevel::Info);
         assert_eq!(s.network.mode, crate::network::Mode::Internet, "jobs reach the internet by default");

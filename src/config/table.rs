@@ -411,7 +411,7 @@ settings! {
     log_level: LogLevel = parse::log_level {
         env: "EXECUTOR_LOG_LEVEL", aliases: &["SRC_LOG_LEVEL"], value_name: "LEVEL", default: Some("info"),
         group: Group::EnvOnly,
-        help: "The most detailed log lines written: error, warn, info, debug or trace; read at startup by \
-               the log facade (SRC_LOG_LEVEL, Sourcegraph's name, also works)",
+        help: "The most detailed log lines written: error, warn, info, debug or trace (Sourcegraph's dbug \
+               and eror too); read at startup by the log facade",
     }
 }

@@ -326,8 +326,8 @@ mod tests {
         assert_eq!(run("vm_pool_size", "auto", count_or_auto).unwrap(), None);
         assert_eq!(run("vm_pool_size", "3", count_or_auto).unwrap(), Some(3));
         assert!(run("vm_pool_size", "-1", count_or_auto).is_err());
-        assert_eq!(run("keep_workspaces", " Yes ", boolean).unwrap(), true);
-        assert_eq!(run("keep_workspaces", "", boolean).unwrap(), false);
+        assert!(run("keep_workspaces", " Yes ", boolean).unwrap());
+        assert!(!run("keep_workspaces", "", boolean).unwrap());
         assert_eq!(run("heartbeat_interval", "1ms", heartbeat).unwrap(), Duration::from_millis(100));
         assert_eq!(run("max_active_time", "0", duration_or_unlimited).unwrap(), None);
         let e = run("maximum_num_jobs", "0", at_least_one).unwrap_err().to_string();

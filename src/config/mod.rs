@@ -5,13 +5,11 @@
 
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
-use std::time::Duration;
 
 use crate::api::{Client, Resources};
 use crate::base::secret::Secret;
 use crate::protocol::MIN_SECRET_LEN;
-use crate::sandbox::microvm::Accel;
-use crate::sandbox::{OciRuntime, RuntimeChoice};
+use crate::sandbox::RuntimeChoice;
 
 pub mod parse;
 pub mod table;
@@ -19,65 +17,30 @@ pub mod table;
 pub use parse::{LogLevel, Size};
 pub use table::{Raw, Values};
 
-/// Validated settings, each in its type.
+/// Validated settings, each in its type: every setting of the table through [`Values`] (so a
+/// new setting is its table entry and the code that reads `settings.<id>`), and beside them
+/// what joins several settings or comes from elsewhere.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Scheme and host checked; no trailing slash.
-    pub frontend_url: Option<String>,
+    values: Values,
     pub password: Secret,
-    /// A PEM file of extra CA certificates trusted for the coordinator.
-    pub frontend_ca: Option<PathBuf>,
-    /// One queue, or several with `multi_queue`.
+    /// One queue (`EXECUTOR_QUEUE_NAME`), or several with `multi_queue` (`EXECUTOR_QUEUE_NAMES`).
     pub queues: Vec<String>,
     pub multi_queue: bool,
-    pub poll_interval: Duration,
-    pub max_jobs: usize,
-    /// Stop after this many dequeues (0 = no limit).
-    pub num_total_jobs: u64,
-    /// Stop dequeuing after this long (`None` = no limit).
-    pub max_active_time: Option<Duration>,
-    pub max_runtime_per_job: Duration,
-    pub cleanup_interval: Duration,
-    pub keep_workspaces: bool,
-    pub job_cpus: u32,
-    pub job_memory: Size,
-    pub disk_space: Size,
-    /// `auto`, `shell`, `oci` or `microvm` (`EXECUTOR_RUNTIME`, else `EXECUTOR_USE_FIRECRACKER`).
+    /// `EXECUTOR_RUNTIME`, else what `EXECUTOR_USE_FIRECRACKER` implies, else `auto`.
     pub runtime: RuntimeChoice,
-    /// A host script run inside the sandbox before the first step.
-    pub vm_startup_script: Option<PathBuf>,
-    pub state_dir: PathBuf,
-    pub allow_unisolated: bool,
-    pub vm_prefix: String,
-    /// The OCI runtime of the `oci` sandbox.
-    pub oci_runtime: OciRuntime,
-    /// The microvm runtime's accelerator policy.
-    pub vm_accel: Accel,
-    /// Whether the microvm runtime may fall back to TCG (slow software emulation).
-    pub vm_allow_tcg: bool,
-    /// `EXECUTOR_VM_POOL_SIZE`: microVMs `loop` keeps booted ahead of demand; `None` chooses
-    /// from memory ([`Settings::vm_pool`]).
-    pub vm_pool_size: Option<usize>,
-    /// How long `loop` lets running jobs finish after SIGTERM before killing them.
-    pub shutdown_grace: Duration,
-    /// How often `loop` heartbeats (the contract's 5 s; lower it for faster cancels).
-    pub heartbeat_interval: Duration,
-    /// Largest artifact archive `upload` sends.
-    pub artifacts_max_bytes: u64,
-    /// Limit for each git command of a clone.
-    pub git_timeout: Duration,
-    /// How many workspace templates (`docs/workspace.md`) to keep; 0 makes none.
-    pub workspace_templates: usize,
-    /// When vm-boot pulls images (`EXECUTOR_IMAGE_PULL`).
-    pub image_pull: crate::image::pull::PullPolicy,
-    /// How pulls reach registries.
+    /// How pulls reach registries (the registry settings).
     pub pull: crate::image::pull::PullSettings,
-    /// The image store's budget (`EXECUTOR_IMAGE_CACHE_SIZE`); 0: none.
-    pub image_cache_bytes: u64,
-    /// Every job's network (`EXECUTOR_NETWORK`, `_CIDR`, `_ALLOW`, `EXECUTOR_DNS_SERVERS`).
+    /// Every job's network (`EXECUTOR_NETWORK`, `_CIDR`, `_ALLOW`, `_BANDWIDTH`,
+    /// `EXECUTOR_DNS_SERVERS`).
     pub network: crate::network::Settings,
-    /// The most detailed log lines written (`EXECUTOR_LOG_LEVEL`).
-    pub log_level: LogLevel,
+}
+
+impl std::ops::Deref for Settings {
+    type Target = Values;
+    fn deref(&self) -> &Values {
+        &self.values
+    }
 }
 
 /// What a command needs besides the secret.
@@ -115,8 +78,7 @@ impl Settings {
         if v.frontend_url.is_none() && needs == Needs::Coordinator {
             bail!("EXECUTOR_FRONTEND_URL (--frontend-url) is not set");
         }
-        let pull = pull_settings(&v)?;
-        let (queues, multi_queue) = match (v.queue_name, v.queue_names) {
+        let (queues, multi_queue) = match (v.queue_name.clone(), v.queue_names.clone()) {
             (Some(_), Some(_)) => bail!("set only one of EXECUTOR_QUEUE_NAME and EXECUTOR_QUEUE_NAMES"),
             (Some(q), None) => (vec![q], false),
             (None, Some(qs)) => (qs, true),
@@ -126,53 +88,20 @@ impl Settings {
             (None, None) => (Vec::new(), false),
         };
         // Sourcegraph's switch picks the runtime only when none is named.
-        let runtime = v.runtime.unwrap_or(match v.use_firecracker {
+        let runtime = v.runtime_name.unwrap_or(match v.use_firecracker {
             Some(true) => RuntimeChoice::Only(crate::sandbox::RuntimeKind::Microvm),
             Some(false) => RuntimeChoice::Only(crate::sandbox::RuntimeKind::Oci),
             None => RuntimeChoice::Auto,
         });
-        Ok(Settings {
-            pull,
-            network: crate::network::Settings::parse(
-                v.network.as_deref(),
-                v.network_cidr.as_deref(),
-                v.network_allow.as_deref(),
-                v.dns_servers.as_deref(),
-            )?
-            .with_bandwidth(v.network_bandwidth.as_deref())?,
-            frontend_url: v.frontend_url,
-            password,
-            frontend_ca: v.frontend_ca,
-            queues,
-            multi_queue,
-            poll_interval: v.poll_interval,
-            max_jobs: v.maximum_num_jobs,
-            num_total_jobs: v.num_total_jobs,
-            max_active_time: v.max_active_time,
-            max_runtime_per_job: v.maximum_runtime_per_job,
-            cleanup_interval: v.cleanup_task_interval,
-            keep_workspaces: v.keep_workspaces,
-            job_cpus: v.job_num_cpus,
-            job_memory: v.job_memory,
-            disk_space: v.disk_space,
-            runtime,
-            vm_startup_script: v.vm_startup_script,
-            state_dir: v.state_dir,
-            allow_unisolated: v.allow_unisolated,
-            vm_prefix: v.vm_prefix,
-            oci_runtime: v.oci_runtime,
-            vm_accel: v.vm_accel,
-            vm_allow_tcg: v.vm_allow_tcg,
-            vm_pool_size: v.vm_pool_size,
-            shutdown_grace: v.shutdown_grace,
-            heartbeat_interval: v.heartbeat_interval,
-            artifacts_max_bytes: v.artifacts_max_size,
-            git_timeout: v.git_timeout,
-            workspace_templates: v.workspace_templates,
-            image_pull: v.image_pull,
-            image_cache_bytes: v.image_cache_size,
-            log_level: v.log_level,
-        })
+        let pull = pull_settings(&v)?;
+        let network = crate::network::Settings::parse(
+            v.network.as_deref(),
+            v.network_cidr.as_deref(),
+            v.network_allow.as_deref(),
+            v.dns_servers.as_deref(),
+        )?
+        .with_bandwidth(v.network_bandwidth.as_deref())?;
+        Ok(Settings { values: v, password, queues, multi_queue, runtime, pull, network })
     }
 
     /// The coordinator's URL, for commands that need it.
@@ -275,7 +204,7 @@ pub fn load_password(file: Option<&std::path::Path>) -> Result<Secret> {
 /// the same ones).
 pub fn pull_settings(v: &Values) -> Result<crate::image::pull::PullSettings> {
     let mut pull = crate::image::pull::PullSettings::new(
-        v.docker_auth_config.as_deref(),
+        v.docker_auth_config.as_ref().map(Secret::expose),
         &v.registry_mirror,
         &v.insecure_registry,
         v.registry_ca.as_deref(),
@@ -287,7 +216,7 @@ pub fn pull_settings(v: &Values) -> Result<crate::image::pull::PullSettings> {
 
 /// `EXECUTOR_IMAGE_CACHE_SIZE`: a size (`20G`), or unset, empty or `0` for no budget.
 pub fn parse_cache_size(v: Option<&str>) -> Result<u64> {
-    let s = table::setting("image_cache_size").context("no setting image_cache_size")?;
+    let s = table::setting("image_cache_bytes").context("no setting image_cache_size")?;
     parse::budget(s, v.map(std::ffi::OsStr::new))
 }
 
@@ -301,6 +230,8 @@ pub fn log_level_from_env() -> Result<LogLevel> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sandbox::OciRuntime;
+    use std::time::Duration;
 
     fn pw() -> Secret {
         Secret::new("s".repeat(24))
@@ -329,7 +260,7 @@ mod tests {
                 r.set("use_firecracker", fc);
             }
             if let Some(rt) = rt {
-                r.set("runtime", rt);
+                r.set("runtime_name", rt);
             }
             assert_eq!(load(&r).unwrap().runtime, want, "{fc:?} {rt:?}");
         }
@@ -375,9 +306,12 @@ mod tests {
 
     #[test]
     fn password_never_prints() {
-        let s = load(&raw()).unwrap();
+        let mut r = raw();
+        r.set("docker_auth_config", r#"{"auths": {"r.example": {"auth": "dXNlcjpwYXNz"}}}"#);
+        let s = load(&r).unwrap();
         let shown = format!("{s:?} {}", s.password);
         assert!(!shown.contains(&"s".repeat(24)), "{shown}");
+        assert!(!shown.contains("dXNlcjpwYXNz"), "the registry credentials print: {shown}");
         assert!(shown.contains("[redacted]"));
     }
 
@@ -396,19 +330,19 @@ mod tests {
         r.set("frontend_url", "ftp://x");
         assert!(load(&r).is_err());
         let mut r = raw();
-        r.set("maximum_runtime_per_job", "10x");
+        r.set("max_runtime_per_job", "10x");
         let e = format!("{:#}", load(&r).unwrap_err());
         assert!(e.contains("EXECUTOR_MAXIMUM_RUNTIME_PER_JOB"), "{e}");
         // The one duration syntax of the project: a bare number is seconds, as for the coordinator.
         let mut r = raw();
-        r.set("poll_interval", "5").set("maximum_runtime_per_job", "1h30m");
+        r.set("poll_interval", "5").set("max_runtime_per_job", "1h30m");
         let s = load(&r).unwrap();
         assert_eq!(
             (s.poll_interval, s.max_runtime_per_job),
             (Duration::from_secs(5), Duration::from_secs(5400))
         );
         let mut r = raw();
-        r.set("runtime", "docker");
+        r.set("runtime_name", "docker");
         assert!(load(&r).is_err());
         let mut r = raw();
         r.set("use_firecracker", "maybe");

@@ -90,6 +90,11 @@ pub fn text(s: &Setting, v: Option<&OsStr>) -> Result<Option<String>> {
     Ok(raw(s, v)?.map(String::from))
 }
 
+/// Text that never prints (`None` when unset or blank).
+pub fn secret(s: &Setting, v: Option<&OsStr>) -> Result<Option<crate::base::secret::Secret>> {
+    Ok(raw(s, v)?.filter(|t| !t.trim().is_empty()).map(crate::base::secret::Secret::new))
+}
+
 /// A comma-separated list (the flag's repeats arrive joined by commas), entries as written.
 pub fn list(s: &Setting, v: Option<&OsStr>) -> Result<Vec<String>> {
     Ok(raw(s, v)?.map(|t| t.split(',').map(String::from).collect()).unwrap_or_default())
@@ -299,8 +304,8 @@ mod tests {
         assert_eq!(d.bytes, 20 << 30);
         let e = format!("{:#}", run("job_memory", "lots", size).unwrap_err());
         assert!(e.starts_with("EXECUTOR_JOB_MEMORY \"lots\""), "{e}");
-        assert_eq!(run("image_cache_size", " 0 ", budget).unwrap(), 0);
-        assert!(format!("{:#}", run("image_cache_size", "big", budget).unwrap_err()).contains("no budget"));
+        assert_eq!(run("image_cache_bytes", " 0 ", budget).unwrap(), 0);
+        assert!(format!("{:#}", run("image_cache_bytes", "big", budget).unwrap_err()).contains("no budget"));
     }
 
     #[test]
@@ -330,7 +335,7 @@ mod tests {
         assert!(!run("keep_workspaces", "", boolean).unwrap());
         assert_eq!(run("heartbeat_interval", "1ms", heartbeat).unwrap(), Duration::from_millis(100));
         assert_eq!(run("max_active_time", "0", duration_or_unlimited).unwrap(), None);
-        let e = run("maximum_num_jobs", "0", at_least_one).unwrap_err().to_string();
+        let e = run("max_jobs", "0", at_least_one).unwrap_err().to_string();
         assert_eq!(e, "EXECUTOR_MAXIMUM_NUM_JOBS must be at least 1");
     }
 }

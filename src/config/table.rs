@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::parse::{self, LogLevel, Size};
+use crate::base::secret::Secret;
 use crate::sandbox::microvm::Accel;
 use crate::sandbox::{OciRuntime, RuntimeChoice};
 
@@ -250,7 +251,7 @@ settings! {
         flag: "poll-interval", env: "EXECUTOR_QUEUE_POLL_INTERVAL", value_name: "DURATION", default: Some("1s"),
         help: "Pause between empty dequeues",
     }
-    maximum_num_jobs: usize = parse::at_least_one {
+    max_jobs: usize = parse::at_least_one {
         flag: "max-jobs", env: "EXECUTOR_MAXIMUM_NUM_JOBS", value_name: "N", default: Some("1"),
         help: "Jobs run at once by `loop`",
     }
@@ -262,11 +263,11 @@ settings! {
         flag: "max-active-time", env: "EXECUTOR_MAX_ACTIVE_TIME", value_name: "DURATION", default: Some("0"),
         help: "`loop` stops dequeuing after this long (0: no limit)",
     }
-    maximum_runtime_per_job: Duration = parse::positive_duration {
+    max_runtime_per_job: Duration = parse::positive_duration {
         flag: "max-runtime", env: "EXECUTOR_MAXIMUM_RUNTIME_PER_JOB", value_name: "DURATION", default: Some("30m"),
         help: "Deadline of each job, from its dequeue",
     }
-    cleanup_task_interval: Duration = parse::duration {
+    cleanup_interval: Duration = parse::duration {
         flag: "cleanup-interval", env: "EXECUTOR_CLEANUP_TASK_INTERVAL", value_name: "DURATION", default: Some("1m"),
         help: "Period of the janitor in `loop`",
     }
@@ -274,7 +275,7 @@ settings! {
         flag: "keep-workspaces", env: "EXECUTOR_KEEP_WORKSPACES", value_name: "BOOL", shape: Shape::Switch,
         help: "Keep workspaces after `complete`, for debugging",
     }
-    job_num_cpus: u32 = parse::number {
+    job_cpus: u32 = parse::number {
         flag: "job-cpus", env: "EXECUTOR_JOB_NUM_CPUS", aliases: &["EXECUTOR_FIRECRACKER_NUM_CPUS"],
         value_name: "N", default: Some("4"),
         help: "CPUs of each job's sandbox (0: unbounded)",
@@ -288,7 +289,7 @@ settings! {
         flag: "disk-space", env: "EXECUTOR_FIRECRACKER_DISK_SPACE", value_name: "SIZE", default: Some("20G"),
         help: "Disk space of each job's workspace",
     }
-    runtime: Option<RuntimeChoice> = parse::runtime {
+    runtime_name: Option<RuntimeChoice> = parse::runtime {
         flag: "runtime", env: "EXECUTOR_RUNTIME", value_name: "NAME", default_note: Some("auto"),
         help: "Sandbox runtime: auto, microvm, oci or shell (no isolation)",
     }
@@ -337,7 +338,7 @@ settings! {
         flag: "heartbeat-interval", env: "EXECUTOR_HEARTBEAT_INTERVAL", value_name: "DURATION", default: Some("5s"),
         help: "Heartbeat period",
     }
-    artifacts_max_size: u64 = parse::bytes {
+    artifacts_max_bytes: u64 = parse::bytes {
         flag: "artifacts-max-size", env: "EXECUTOR_ARTIFACTS_MAX_SIZE", value_name: "SIZE", default: Some("100M"),
         help: "Largest artifact archive `upload` sends",
     }
@@ -354,12 +355,12 @@ settings! {
         flag: "image-pull", env: "EXECUTOR_IMAGE_PULL", value_name: "POLICY", default: Some("missing"),
         help: "When vm-boot pulls a job's images from their registry: missing, always or never",
     }
-    image_cache_size: u64 = parse::budget {
+    image_cache_bytes: u64 = parse::budget {
         flag: "image-cache-size", env: "EXECUTOR_IMAGE_CACHE_SIZE", value_name: "SIZE", default_note: Some("no budget"),
         help: "The most the image store may take on disk; least recently used pulled images beyond it \
                are removed by the janitor and `image prune`",
     }
-    docker_auth_config: Option<String> = parse::text {
+    docker_auth_config: Option<Secret> = parse::secret {
         flag: "docker-auth-config", env: "EXECUTOR_DOCKER_AUTH_CONFIG", value_name: "JSON",
         group: Group::Registry, secret: true,
         help: "Registry credentials: the content of a Docker config.json (`{\"auths\": {\"registry\": \

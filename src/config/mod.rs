@@ -224,7 +224,10 @@ pub fn parse_cache_size(v: Option<&str>) -> Result<u64> {
 /// at startup, before the flags).
 pub fn log_level_from_env() -> Result<LogLevel> {
     let s = table::setting("log_level").context("no setting log_level")?;
-    parse::log_level(s, s.from_env().as_deref())
+    match s.from_env() {
+        Some((v, var)) => parse::log_level(&s.read_from(var), Some(&v)),
+        None => parse::log_level(s, None),
+    }
 }
 
 #[cfg(test)]

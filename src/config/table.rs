@@ -118,14 +118,15 @@ impl Setting {
         }
     }
 
-    /// This setting's raw value in the environment: its variable, else the first alias set.
-    pub fn from_env(&self) -> Option<OsString> {
+    /// This setting's raw value in the environment (its variable, else the first alias set),
+    /// with the variable it came from.
+    pub fn from_env(&self) -> Option<(OsString, &'static str)> {
         self.raw(None)
     }
 
     /// This setting's raw value in `m` (from the flag, `env`, or clap's default), else from the
-    /// first alias set in the environment.
-    fn raw(&self, m: Option<&ArgMatches>) -> Option<OsString> {
+    /// first alias set in the environment; with the variable an error about it names.
+    fn raw(&self, m: Option<&ArgMatches>) -> Option<(OsString, &'static str)> {
         let given =
             m.filter(|m| m.try_contains_id(self.id).unwrap_or(false)).and_then(|m| match self.shape {
                 Shape::Path => m.get_one::<PathBuf>(self.id).map(|p| p.clone().into_os_string()),
@@ -135,13 +136,35 @@ impl Setting {
                 Shape::Value | Shape::Switch => m.get_one::<String>(self.id).map(OsString::from),
             });
         let env = || if m.is_none() { std::env::var_os(self.env) } else { None };
-        given.or_else(env).or_else(|| self.aliases.iter().find_map(std::env::var_os))
+        given
+            .or_else(env)
+            .map(|v| (v, self.env))
+            .or_else(|| self.aliases.iter().find_map(|a| std::env::var_os(a).map(|v| (v, *a))))
+    }
+
+    /// This setting as read from `var` (one of its aliases), so that errors name that variable.
+    pub fn read_from(&self, var: &'static str) -> Setting {
+        Setting { env: var, ..*self }
     }
 }
 
-/// The raw values of one invocation, by setting id (unset settings are absent).
-#[derive(Debug, Clone, Default)]
-pub struct Raw(BTreeMap<&'static str, OsString>);
+/// The raw values of one invocation, by setting id (unset settings are absent), each with the
+/// variable it was read from.
+#[derive(Clone, Default)]
+pub struct Raw(BTreeMap<&'static str, (OsString, &'static str)>);
+
+impl std::fmt::Debug for Raw {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secret = |id: &str| setting(id).is_some_and(|s| s.secret);
+        f.debug_map()
+            .entries(
+                self.0
+                    .iter()
+                    .map(|(id, (v, _))| (id, if secret(id) { "[redacted]".into() } else { v.clone() })),
+            )
+            .finish()
+    }
+}
 
 impl Raw {
     /// The settings of `group` found in `m` (and their aliases in the environment); settings
@@ -163,7 +186,7 @@ impl Raw {
 
     /// Sets `id` as if given (for tests and callers building settings in code).
     pub fn set(&mut self, id: &'static str, value: impl Into<OsString>) -> &mut Raw {
-        self.0.insert(id, value.into());
+        self.0.insert(id, (value.into(), setting(id).map_or("", |s| s.env)));
         self
     }
 
@@ -174,7 +197,12 @@ impl Raw {
     }
 
     pub fn get(&self, id: &str) -> Option<&OsStr> {
-        self.0.get(id).map(OsString::as_os_str)
+        self.0.get(id).map(|(v, _)| v.as_os_str())
+    }
+
+    /// The variable `id`'s value was read from.
+    pub fn read_from(&self, id: &str) -> Option<&'static str> {
+        self.0.get(id).map(|(_, var)| *var)
     }
 }
 
@@ -219,7 +247,8 @@ macro_rules! settings {
                 Ok(Values { $( $field: {
                     let id = stringify!($field);
                     let s = setting(id).ok_or_else(|| anyhow::anyhow!("no setting {id}"))?;
-                    $parse(s, raw.get(id))?
+                    let s = s.read_from(raw.read_from(id).unwrap_or(s.env));
+                    $parse(&s, raw.get(id))?
                 }, )* })
             }
         }
@@ -414,5 +443,75 @@ settings! {
         group: Group::EnvOnly,
         help: "The most detailed log lines written: error, warn, info, debug or trace (Sourcegraph's dbug \
                and eror too); read at startup by the log facade",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_every_flag_setting_has_a_flag() {
+        let (mut ids, mut vars, mut flags) = (Vec::new(), Vec::new(), Vec::new());
+        for s in TABLE {
+            assert!(!ids.contains(&s.id), "{} is declared twice", s.id);
+            ids.push(s.id);
+            for name in std::iter::once(s.env).chain(s.aliases.iter().copied()) {
+                assert!(!vars.contains(&name), "{name} is read by two settings");
+                vars.push(name);
+            }
+            if !s.flag.is_empty() {
+                assert!(!flags.contains(&s.flag), "--{} is declared twice", s.flag);
+                flags.push(s.flag);
+            }
+            assert_eq!(s.flag.is_empty(), s.group == Group::EnvOnly, "{}", s.id);
+            assert!(s.env.starts_with("EXECUTOR_") && !s.help.is_empty(), "{}", s.id);
+            assert!(!s.help.ends_with('.'), "{}: help ends without a period", s.id);
+        }
+        assert!(variables().any(|v| v == "SRC_LOG_LEVEL"));
+    }
+
+    #[test]
+    fn errors_name_the_alias_a_value_came_from() {
+        let mut raw = Raw::default();
+        raw.0.insert("job_memory", ("lots".into(), "EXECUTOR_FIRECRACKER_MEMORY"));
+        let e = format!("{:#}", Values::parse(&raw).unwrap_err());
+        assert!(e.starts_with("EXECUTOR_FIRECRACKER_MEMORY \"lots\""), "{e}");
+        raw.set("job_memory", "lots");
+        let e = format!("{:#}", Values::parse(&raw).unwrap_err());
+        assert!(e.starts_with("EXECUTOR_JOB_MEMORY \"lots\""), "{e}");
+    }
+
+    #[test]
+    fn raw_values_of_secret_settings_never_print() {
+        let mut raw = Raw::default();
+        raw.set("docker_auth_config", "hunter2-credentials").set("vm_prefix", "ci");
+        let shown = format!("{raw:?}");
+        assert!(
+            !shown.contains("hunter2") && shown.contains("[redacted]") && shown.contains("ci"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn flags_parse_into_values() {
+        let cmd = clap::Command::new("t").args(args(Group::Executor));
+        let m = cmd
+            .try_get_matches_from([
+                "t",
+                "--job-memory",
+                "2G",
+                "--keep-workspaces",
+                "--registry-mirror",
+                "https://a",
+                "--registry-mirror",
+                "https://b,https://c",
+            ])
+            .unwrap();
+        let v = Values::parse(&Raw::from_matches(&m, Group::Executor)).unwrap();
+        assert_eq!(v.job_memory.bytes, 2 << 30);
+        assert!(v.keep_workspaces);
+        assert_eq!(v.registry_mirror, ["https://a", "https://b", "https://c"]);
+        assert_eq!(v.image_max_size, 32 << 30, "clap's default");
     }
 }

@@ -193,7 +193,7 @@ complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from help" -f -a "files" -d 'The files store jobs reference by bucket and key'
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from help" -f -a "artifacts" -d 'Download a job\'s artifacts tarball (stdout unless -o; never to a terminal)'
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
-complete -c executor -n "__fish_executor_using_subcommand generate-docs" -l out -d 'Directory that receives man/ and completions/' -r -F
+complete -c executor -n "__fish_executor_using_subcommand generate-docs" -l out -d 'Directory that receives man/, completions/ and docs/settings.md' -r -F
 complete -c executor -n "__fish_executor_using_subcommand generate-docs" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand generate-docs" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -s o -l output -d 'Write the new run document to FILE (atomically) instead of standard output' -r -F

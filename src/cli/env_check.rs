@@ -3,15 +3,9 @@
 //! (Sourcegraph's executor ignores unknown variables silently; an operator moving from it keeps
 //! the same environment file and should see what has no effect).
 
-/// Variables read outside the clap definitions.
-const READ_DIRECTLY: &[&str] = &[
-    "EXECUTOR_FRONTEND_PASSWORD",
-    "EXECUTOR_QUEUE_ADMIN_TOKEN",
-    "EXECUTOR_VM_DEBUG",
-    // Sourcegraph's older names, read as fallbacks of EXECUTOR_JOB_NUM_CPUS and EXECUTOR_JOB_MEMORY.
-    "EXECUTOR_FIRECRACKER_NUM_CPUS",
-    "EXECUTOR_FIRECRACKER_MEMORY",
-];
+/// Variables read outside the settings table and the clap definitions.
+const READ_DIRECTLY: &[&str] =
+    &["EXECUTOR_FRONTEND_PASSWORD", "EXECUTOR_QUEUE_ADMIN_TOKEN", "EXECUTOR_VM_DEBUG"];
 
 /// Prefixes of variables that belong to something else (the test suite).
 const OTHER_PREFIXES: &[&str] = &["EXECUTOR_TEST_"];
@@ -75,15 +69,22 @@ pub fn report(known: &[String], env: impl IntoIterator<Item = String>) -> Vec<St
     out
 }
 
-/// Every `EXECUTOR_*` variable of the command tree's flags.
+/// Every variable of the settings table (names and aliases, flag or not) and of the command
+/// tree's other flags.
 pub fn known_variables(cmd: &clap::Command) -> Vec<String> {
+    let mut out: Vec<String> = crate::config::table::variables().map(String::from).collect();
+    out.extend(flag_variables(cmd));
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn flag_variables(cmd: &clap::Command) -> Vec<String> {
     let mut out: Vec<String> =
         cmd.get_arguments().filter_map(|a| a.get_env().and_then(|e| e.to_str()).map(String::from)).collect();
     for sub in cmd.get_subcommands() {
-        out.extend(known_variables(sub));
+        out.extend(flag_variables(sub));
     }
-    out.sort();
-    out.dedup();
     out
 }
 
@@ -110,11 +111,22 @@ mod tests {
         let known = known_variables(&super::super::command());
         assert!(known.iter().any(|k| k == "EXECUTOR_QUEUE_NAME"));
         assert!(known.iter().any(|k| k == "EXECUTOR_USE_FIRECRACKER"));
+        for k in [
+            "EXECUTOR_LOG_LEVEL",
+            "SRC_LOG_LEVEL",
+            "EXECUTOR_FIRECRACKER_MEMORY",
+            "EXECUTOR_DOCKER_AUTH_CONFIG",
+        ] {
+            assert!(known.iter().any(|x| x == k), "{k} is not known");
+        }
         let env = [
             "PATH",
             "EXECUTOR_QUEUE_NAME",
             "EXECUTOR_QUEUE_NAEM",
             "EXECUTOR_FRONTEND_PASSWORD",
+            "EXECUTOR_LOG_LEVEL",
+            "EXECUTOR_FIRECRACKER_NUM_CPUS",
+            "EXECUTOR_LOG_LEVLE",
             "EXECUTOR_DOCKER_HOST_MOUNT_PATH",
             "EXECUTOR_KUBERNETES_NAMESPACE",
             "EXECUTOR_TEST_REQUIRE",
@@ -122,7 +134,8 @@ mod tests {
         ]
         .map(String::from);
         let lines = report(&known, env);
-        assert_eq!(lines.len(), 4, "{lines:#?}");
+        assert_eq!(lines.len(), 5, "{lines:#?}");
+        assert!(lines.iter().any(|l| l.ends_with("did you mean EXECUTOR_LOG_LEVEL?")), "{lines:#?}");
         assert!(lines
             .iter()
             .any(|l| l.contains("EXECUTOR_QUEUE_NAEM") && l.ends_with("did you mean EXECUTOR_QUEUE_NAME?")));

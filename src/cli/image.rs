@@ -72,38 +72,41 @@ pub enum ImageCommand {
     },
 }
 
-/// How pulls reach registries; shared by `image pull` and the executor's automatic pulls.
-#[derive(Debug, Clone, Args)]
+/// How pulls reach registries: the registry settings of the table (`config::table`), shared by
+/// `image pull` and the executor's automatic pulls.
+#[derive(Debug, Clone, Default)]
 pub struct RegistryArgs {
-    /// Registry credentials: the content of a Docker config.json (`{"auths": {"registry":
-    /// {"auth": "<base64 user:password>"}}}`); never logged
-    #[arg(long, env = "EXECUTOR_DOCKER_AUTH_CONFIG", hide_env_values = true, value_name = "JSON")]
-    pub docker_auth_config: Option<String>,
-    /// Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub
-    #[arg(long, env = "EXECUTOR_DOCKER_REGISTRY_MIRROR_URL", value_delimiter = ',', value_name = "URL")]
-    pub registry_mirror: Vec<String>,
-    /// Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP;
-    /// loopback registries always may
-    #[arg(long, env = "EXECUTOR_INSECURE_REGISTRIES", value_delimiter = ',', value_name = "HOST")]
-    pub insecure_registry: Vec<String>,
-    /// Extra CA certificates (PEM) trusted for registries' TLS
-    #[arg(long, env = "EXECUTOR_REGISTRY_CA", value_name = "FILE")]
-    pub registry_ca: Option<PathBuf>,
-    /// The most an image's layers may unpack to (a decompression bomb stops here)
-    #[arg(long, env = "EXECUTOR_IMAGE_MAX_SIZE", default_value = "32G", value_name = "SIZE")]
-    pub image_max_size: String,
+    raw: crate::config::Raw,
+}
+
+impl clap::FromArgMatches for RegistryArgs {
+    fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        Ok(RegistryArgs { raw: crate::config::Raw::from_matches(m, crate::config::table::Group::Registry) })
+    }
+    fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+impl clap::Args for RegistryArgs {
+    fn group_id() -> Option<clap::Id> {
+        Some(clap::Id::from("RegistryArgs"))
+    }
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        use crate::config::table::{args, Group, TABLE};
+        let ids: Vec<&str> = TABLE.iter().filter(|s| s.group == Group::Registry).map(|s| s.id).collect();
+        cmd.group(clap::ArgGroup::new("RegistryArgs").multiple(true).args(ids)).args(args(Group::Registry))
+    }
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
 }
 
 impl RegistryArgs {
     /// The validated settings.
     pub fn settings(&self) -> Result<crate::image::pull::PullSettings> {
-        crate::image::pull::PullSettings::new(
-            self.docker_auth_config.as_deref(),
-            &self.registry_mirror,
-            &self.insecure_registry,
-            self.registry_ca.as_deref(),
-            Some(&self.image_max_size),
-        )
+        crate::config::pull_settings(&crate::config::Values::parse(&self.raw)?)
     }
 }
 

@@ -42,7 +42,7 @@ pub enum Command {
     /// Write the man pages and shell completions generated from these definitions
     #[command(hide = true)]
     GenerateDocs {
-        /// Directory that receives man/ and completions/
+        /// Directory that receives man/, completions/ and docs/settings.md
         #[arg(long, default_value = ".")]
         out: PathBuf,
     },

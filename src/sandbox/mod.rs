@@ -12,7 +12,10 @@ pub use crate::document::sandbox::{RuntimeChoice, RuntimeKind, SandboxDetails, S
 
 pub mod microvm;
 pub mod oci;
+mod settings;
 pub mod shell;
+
+pub use settings::OciRuntime;
 
 /// Resource limits for one job's sandbox. Zero means unbounded.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -84,9 +84,7 @@ pub(crate) fn main() -> i32 {
 fn run(cli: Cli) -> anyhow::Result<i32> {
     log::install(&cli.command)?;
     if !matches!(cli.command, Command::GenerateDocs { .. }) {
-        let env = std::env::vars_os()
-            .filter_map(|(k, _)| k.into_string().ok())
-            .filter(|k| !log::VARIABLES.contains(&k.as_str()));
+        let env = std::env::vars_os().filter_map(|(k, _)| k.into_string().ok());
         for line in env_check::report(&env_check::known_variables(&command()), env) {
             eprintln!("executor: warning: {line}");
         }

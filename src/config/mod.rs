@@ -14,7 +14,7 @@ use crate::sandbox::RuntimeChoice;
 pub mod parse;
 pub mod table;
 
-pub use parse::{LogLevel, Size};
+pub use parse::{LogFormat, LogLevel, Size};
 pub use table::{Raw, Values};
 
 /// Validated settings, each in its type: every setting of the table through [`Values`] (so a
@@ -220,14 +220,20 @@ pub fn parse_cache_size(v: Option<&str>) -> Result<u64> {
     parse::budget(s, v.map(std::ffi::OsStr::new))
 }
 
-/// `EXECUTOR_LOG_LEVEL`, else `SRC_LOG_LEVEL`, from the environment (the log facade reads it
-/// at startup, before the flags).
-pub fn log_level_from_env() -> Result<LogLevel> {
-    let s = table::setting("log_level").context("no setting log_level")?;
-    match s.from_env() {
-        Some((v, var)) => parse::log_level(&s.read_from(var), Some(&v)),
-        None => parse::log_level(s, None),
-    }
+/// `EXECUTOR_LOG_LEVEL`, else `SRC_LOG_LEVEL`, and `EXECUTOR_LOG_FORMAT` from the environment:
+/// the log facade reads them at startup, before the flags.
+pub fn log_from_env() -> Result<(LogLevel, LogFormat)> {
+    let level = table::setting("log_level").context("no setting log_level")?;
+    let level = match level.from_env() {
+        Some((v, var)) => parse::log_level(&level.read_from(var), Some(&v))?,
+        None => parse::log_level(level, None)?,
+    };
+    let format = table::setting("log_format").context("no setting log_format")?;
+    let format = match format.from_env() {
+        Some((v, var)) => parse::log_format(&format.read_from(var), Some(&v))?,
+        None => parse::log_format(format, None)?,
+    };
+    Ok((level, format))
 }
 
 #[cfg(test)]

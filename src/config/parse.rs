@@ -70,6 +70,27 @@ impl FromStr for LogLevel {
     }
 }
 
+/// `EXECUTOR_LOG_FORMAT`: how log lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Today's lines: `executor: job 5: …`, with the clock for the loop.
+    #[default]
+    Human,
+    /// One JSON object a line, with every field.
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<LogFormat> {
+        Ok(match s.trim().to_ascii_lowercase().as_str() {
+            "human" => LogFormat::Human,
+            "json" => LogFormat::Json,
+            other => bail!("{other:?} is not a log format: use human or json"),
+        })
+    }
+}
+
 /// The value as text, untrimmed (`None`: unset).
 fn raw<'a>(s: &Setting, v: Option<&'a OsStr>) -> Result<Option<&'a str>> {
     v.map(|v| v.to_str().with_context(|| format!("{} is not valid UTF-8", s.env))).transpose()
@@ -287,6 +308,11 @@ pub fn log_level(s: &Setting, v: Option<&OsStr>) -> Result<LogLevel> {
     t.parse().with_context(|| format!("{} {t:?}", s.env))
 }
 
+pub fn log_format(s: &Setting, v: Option<&OsStr>) -> Result<LogFormat> {
+    let t = or_default(s, v)?;
+    t.parse().with_context(|| format!("{} {t:?}", s.env))
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::table::setting;
@@ -314,6 +340,10 @@ mod tests {
             assert_eq!(run("log_level", v, log_level).unwrap(), want, "{v}");
         }
         assert_eq!(log_level(setting("log_level").unwrap(), None).unwrap(), LogLevel::Info);
+        assert_eq!(run("log_format", "JSON", log_format).unwrap(), LogFormat::Json);
+        assert_eq!(log_format(setting("log_format").unwrap(), None).unwrap(), LogFormat::Human);
+        let e = format!("{:#}", run("log_format", "xml", log_format).unwrap_err());
+        assert!(e.starts_with("EXECUTOR_LOG_FORMAT \"xml\"") && e.contains("human or json"), "{e}");
         let e = format!("{:#}", run("log_level", "loud", log_level).unwrap_err());
         assert!(e.starts_with("EXECUTOR_LOG_LEVEL \"loud\"") && e.contains("error, warn"), "{e}");
     }

@@ -12,7 +12,7 @@ use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::parse::{self, LogLevel, Size};
+use super::parse::{self, LogFormat, LogLevel, Size};
 use crate::base::secret::Secret;
 use crate::sandbox::microvm::Accel;
 use crate::sandbox::{OciRuntime, RuntimeChoice};
@@ -443,6 +443,12 @@ settings! {
         group: Group::EnvOnly,
         help: "The most detailed log lines written: error, warn, info, debug or trace (Sourcegraph's dbug \
                and eror too); read at startup by the log facade",
+    }
+    log_format: LogFormat = parse::log_format {
+        env: "EXECUTOR_LOG_FORMAT", value_name: "FORMAT", default: Some("human"),
+        group: Group::EnvOnly,
+        help: "How log lines look: human (today's lines) or json (one object a line, with the job id, \
+               stage and runtime as fields); read at startup by the log facade",
     }
 }
 

@@ -140,14 +140,16 @@ fn mount_deferred_workspace() -> Result<()> {
 /// The entry point of `executor-guest-agent`, which runs only as PID 1 (arguments the kernel
 /// passes to init are ignored).
 pub fn main() -> i32 {
+    // The agent's lines go to the guest's console, which the host keeps as the VM's log.
+    crate::base::log::init_plain("executor-guest-agent");
     if std::process::id() != 1 {
-        eprintln!("executor-guest-agent: runs only as PID 1 inside a microVM");
+        tracing::error!("runs only as PID 1 inside a microVM");
         return 2;
     }
     match run() {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("executor-guest-agent: {e:#}");
+            tracing::error!("{e:#}");
             power_off()
         }
     }
@@ -159,14 +161,14 @@ fn run() -> Result<i32> {
     let (images, deferred) = match setup() {
         Ok(n) => n,
         Err(e) => {
-            eprintln!("executor-guest-agent: {e:#}");
+            tracing::error!("{e:#}");
             power_off();
         }
     };
     let port_path = match wait_for("the agent port", Duration::from_secs(30), find_port) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("executor-guest-agent: {e:#}");
+            tracing::error!("{e:#}");
             power_off();
         }
     };
@@ -208,7 +210,7 @@ fn read_loop(file: File, tx: mpsc::Sender<Frame>) {
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    eprintln!("executor-guest-agent: {e:#}");
+                    tracing::error!("{e:#}");
                     break;
                 }
             }

@@ -60,6 +60,6 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>
 pub fn debug_time(what: &str, since: u64) {
     static DEBUG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     if *DEBUG.get_or_init(|| super::boot::current().is_ok_and(|p| p.debug)) {
-        eprintln!("executor-guest-agent: {what} after {} ms", uptime_ms().saturating_sub(since));
+        tracing::info!("{what} after {} ms", uptime_ms().saturating_sub(since));
     }
 }

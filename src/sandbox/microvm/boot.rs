@@ -124,7 +124,7 @@ impl MicroVm {
         let name = format!("{prefix}-{}", uuid::Uuid::new_v4());
         match self.boot_vm(&name, boot) {
             Err(e) if e.downcast_ref::<AgentSilent>().is_some() => {
-                eprintln!("executor: {e:#}; booting a fresh VM");
+                tracing::warn!("{e:#}; booting a fresh VM");
                 let name = format!("{prefix}-{}", uuid::Uuid::new_v4());
                 self.boot_vm(&name, boot)
             }

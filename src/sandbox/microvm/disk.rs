@@ -141,8 +141,8 @@ pub fn image_disk(cache: &Path, digest: &str, rootfs: &Path) -> Result<PathBuf> 
             r
         }
         Err(e) => {
-            eprintln!(
-                "executor: image {digest}: no idmapped mount ({e}); its VM disk keeps the store's owners \
+            tracing::warn!(
+                "image {digest}: no idmapped mount ({e}); its VM disk keeps the store's owners \
                  (uid {ids} + n), so an image user other than root does not own its files there"
             );
             make_ext4(rootfs, &tmp, size, "image")

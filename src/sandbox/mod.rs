@@ -8,11 +8,68 @@ use std::path::{Path, PathBuf};
 
 use crate::base::cancel::{Cancel, CancelReason};
 pub use crate::base::proc::{OutputSink, Stream};
-pub use crate::document::sandbox::{RuntimeChoice, RuntimeKind, SandboxDetails, SandboxRecord};
+pub use crate::document::sandbox::{RuntimeKind, SandboxRecord};
 
 pub mod microvm;
 pub mod oci;
 pub mod shell;
+
+/// The runtime an operator asks for: one runtime, or `auto` (microvm where KVM works, else oci).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RuntimeChoice {
+    #[default]
+    Auto,
+    Only(RuntimeKind),
+}
+
+impl std::fmt::Display for RuntimeChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RuntimeChoice::Auto => f.write_str("auto"),
+            RuntimeChoice::Only(k) => k.fmt(f),
+        }
+    }
+}
+
+impl std::str::FromStr for RuntimeChoice {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(RuntimeChoice::Auto),
+            _ => match s.parse() {
+                Ok(k) => Ok(RuntimeChoice::Only(k)),
+                Err(_) => anyhow::bail!("{s:?} is not one of auto, shell, oci, microvm"),
+            },
+        }
+    }
+}
+
+/// A runtime's own record of its sandbox: the typed `details` of a [`SandboxRecord`], which the
+/// run document carries as JSON it does not read. Each runtime decodes only its own.
+pub trait RecordDetails: serde::Serialize + serde::de::DeserializeOwned {
+    /// The runtime whose records these are.
+    const RUNTIME: RuntimeKind;
+
+    /// The details `sandbox` records; `None` while it records none (a microVM before QEMU
+    /// started, an oci sandbox the janitor found without its record).
+    fn of(sandbox: &SandboxRecord) -> Result<Option<Self>> {
+        if sandbox.runtime != Self::RUNTIME {
+            anyhow::bail!("sandbox {} is a {} sandbox, not {}", sandbox.name, sandbox.runtime, Self::RUNTIME);
+        }
+        if sandbox.details.is_null() {
+            return Ok(None);
+        }
+        Self::deserialize(&sandbox.details)
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("the {} sandbox's details: {e}", Self::RUNTIME))
+    }
+
+    /// Writes these details into `sandbox`'s record.
+    fn store(&self, sandbox: &mut SandboxRecord) {
+        // These types are plain data: encoding them to a JSON value cannot fail.
+        sandbox.details = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
+    }
+}
 
 /// Resource limits for one job's sandbox. Zero means unbounded.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -207,5 +264,54 @@ pub fn open_choice(choice: RuntimeChoice, opts: &RuntimeOptions) -> Result<Box<d
             eprintln!("executor: runtime auto picked {}: {why}", rt.name());
             Ok(rt)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runtime_choices_round_trip() {
+        for k in RuntimeKind::ALL {
+            assert_eq!(k.to_string().parse::<RuntimeChoice>().unwrap(), RuntimeChoice::Only(k));
+        }
+        assert_eq!("auto".parse::<RuntimeChoice>().unwrap(), RuntimeChoice::Auto);
+        assert_eq!(RuntimeChoice::Auto.to_string(), "auto");
+        assert!("docker"
+            .parse::<RuntimeChoice>()
+            .unwrap_err()
+            .to_string()
+            .contains("auto, shell, oci, microvm"));
+    }
+
+    #[test]
+    fn each_runtime_decodes_its_own_record() {
+        let mut rec = SandboxRecord::new(RuntimeKind::Shell, "executor-1", "/s/executor-1");
+        assert_eq!(shell::ShellDetails::of(&rec).unwrap(), None);
+        shell::ShellDetails { workspace: "/w".into() }.store(&mut rec);
+        assert_eq!(rec.details, serde_json::json!({"workspace": "/w"}));
+        assert_eq!(shell::ShellDetails::of(&rec).unwrap().unwrap().workspace, Path::new("/w"));
+        // Another runtime's record is refused, not misread.
+        let err = oci::OciDetails::of(&rec).unwrap_err().to_string();
+        assert!(err.contains("is a shell sandbox, not oci"), "{err}");
+        // Details of the wrong shape name the runtime whose they were.
+        let mut wrong = SandboxRecord::new(RuntimeKind::Oci, "n", "/s");
+        wrong.details = serde_json::json!({"x": 1});
+        let err = oci::OciDetails::of(&wrong).unwrap_err().to_string();
+        assert!(err.contains("oci sandbox's details"), "{err}");
+        // A microVM record keeps its JSON shape through the typed view.
+        let booted = serde_json::json!({"runtime": "microvm", "name": "n", "stateDir": "/s", "pid": 7,
+            "details": {"accel": "kvm", "accelReason": "r", "socket": "/s/a", "console": "/s/c",
+                        "workspaceDisk": "/s/w", "workspaceDiskBytes": 1, "images": [],
+                        "phases": {"diskBuildMs": 1, "qemuStartMs": 2, "kernelBootMs": 3,
+                                   "agentReadyMs": 4, "totalMs": 10},
+                        "qemuUser": null, "network": null, "pool": {"idleMs": 5, "diskBuildMs": 6, "mountMs": 7}}});
+        let mut rec: SandboxRecord = serde_json::from_value(booted.clone()).unwrap();
+        let det = microvm::VmDetails::of(&rec).unwrap().unwrap();
+        assert_eq!(det.accel, microvm::Accel::Kvm);
+        assert_eq!(det.pool.unwrap().mount_ms, 7);
+        det.store(&mut rec);
+        assert_eq!(serde_json::to_value(&rec).unwrap(), booted);
     }
 }

@@ -105,7 +105,7 @@ impl JobCtx {
 
     /// The runtime that the document names.
     pub fn runtime(&self, doc: &RunDocument) -> Result<Box<dyn crate::sandbox::Runtime>> {
-        let kind = doc.sandbox.as_ref().map(|s| s.runtime()).unwrap_or(doc.executor.runtime);
+        let kind = doc.sandbox.as_ref().map(|s| s.runtime).unwrap_or(doc.executor.runtime);
         crate::sandbox::open(kind, &self.settings.runtime_options())
     }
 }

@@ -45,7 +45,9 @@ pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
     let pool = ctx.vm_pool.as_ref().filter(|_| runtime.kind() == crate::sandbox::RuntimeKind::Microvm);
     let booted = match pool.map(|p| p.claim(&req)) {
         Some(crate::sandbox::microvm::pool::Claim::Hit(record)) => {
-            if let crate::sandbox::SandboxDetails::Microvm(Some(d)) = &record.details {
+            if let Ok(Some(d)) =
+                <crate::sandbox::microvm::VmDetails as crate::sandbox::RecordDetails>::of(&record)
+            {
                 if let Some(c) = d.pool {
                     entry.line(&format!(
                         "took VM {} from the pool (booted ahead, idle for {} ms; workspace disk written in \

@@ -15,6 +15,7 @@ pub mod disk;
 pub mod identity;
 pub mod net;
 pub mod pool;
+mod record;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -26,13 +27,13 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use super::{
-    BootRequest, OutputSink, Runtime, RuntimeKind, RuntimeOptions, SandboxDetails, SandboxRecord, StepEnd,
+    BootRequest, OutputSink, RecordDetails, Runtime, RuntimeKind, RuntimeOptions, SandboxRecord, StepEnd,
     StepSpec, Stream,
 };
 use crate::base::cancel::Cancel;
-pub use crate::document::sandbox::{Accel, BootPhases, ImageDisk, VmDetails};
 use crate::guest::protocol::*;
 use channel::Channel;
+pub use record::{Accel, BootPhases, ImageDisk, PoolClaim, VmDetails};
 
 /// The QEMU binary; the small `-microvm` build is KVM-only, so TCG needs the full one.
 pub const QEMU: &str = "qemu-system-x86_64";
@@ -239,12 +240,7 @@ impl MicroVm {
         let dir = self.opts.sandboxes_dir().join(name);
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         fs::write(dir.join(MARKER), name).with_context(|| format!("writing {}", dir.display()))?;
-        let mut rec = SandboxRecord {
-            name: name.to_string(),
-            state_dir: dir.clone(),
-            pid: None,
-            details: SandboxDetails::Microvm(None),
-        };
+        let mut rec = SandboxRecord::new(RuntimeKind::Microvm, name, dir.clone());
         match self.boot_in(&mut rec, &manifest, boot) {
             Ok(()) => Ok(rec),
             Err(e) => {
@@ -318,7 +314,7 @@ impl MicroVm {
         let vm_net = boot.network.as_ref().map(|r| net::setup(&self.opts, &rec.name, r)).transpose()?;
         if let Some(v) = &vm_net {
             det.network = Some(v.net.clone());
-            rec.details = SandboxDetails::Microvm(Some(det.clone()));
+            det.store(rec);
             cmdline.push(' ');
             cmdline.push_str(&v.net.guest_cmdline());
         }
@@ -397,7 +393,7 @@ impl MicroVm {
         drop((kernel, initrd, dir_handle, image_files, console_pipe, vm_net));
         let pid = child.id() as i32;
         rec.pid = Some(pid);
-        rec.details = SandboxDetails::Microvm(Some(det.clone()));
+        det.store(rec);
         let pids = if limits.pids > 0 { limits.pids } else { 256 };
         match cgroup::Cgroup::create(&rec.name, mem + QEMU_OVERHEAD, pids, cpus) {
             Ok(Some(cg)) => {
@@ -421,7 +417,7 @@ impl MicroVm {
         det.phases.kernel_boot_ms = hello.start_ms;
         det.phases.agent_ready_ms = hello.ready_ms.saturating_sub(hello.start_ms);
         det.phases.total_ms = t0.elapsed().as_millis() as u64;
-        rec.details = SandboxDetails::Microvm(Some(det.clone()));
+        det.store(rec);
         self.keep_idle(rec, &socket, ch);
         Ok(())
     }
@@ -459,9 +455,9 @@ impl MicroVm {
     }
 
     fn details(sandbox: &SandboxRecord) -> Result<VmDetails> {
-        match &sandbox.details {
-            SandboxDetails::Microvm(Some(d)) => Ok(d.clone()),
-            _ => bail!("sandbox {} has no microvm details", sandbox.name),
+        match VmDetails::of(sandbox)? {
+            Some(d) => Ok(d),
+            None => bail!("sandbox {} has no microvm details", sandbox.name),
         }
     }
 

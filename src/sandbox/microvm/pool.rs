@@ -27,11 +27,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::channel::Channel;
-use super::{disk, AgentSilent, MicroVm, VmBoot, DEFAULT_MEMORY, QEMU_OVERHEAD};
+use super::{disk, AgentSilent, MicroVm, PoolClaim, VmBoot, VmDetails, DEFAULT_MEMORY, QEMU_OVERHEAD};
 use crate::api::metrics;
-use crate::document::sandbox::PoolClaim;
 use crate::guest::protocol::*;
-use crate::sandbox::{BootRequest, Limits, Runtime, RuntimeOptions, SandboxDetails, SandboxRecord};
+use crate::sandbox::{BootRequest, Limits, RecordDetails, Runtime, RuntimeOptions, SandboxRecord};
 
 /// The file in a pool VM's sandbox directory naming the executor that owns it (removed when a
 /// job takes the VM: the job's workspace owner record names it from then on).
@@ -719,8 +718,9 @@ impl Pool {
         match self.attach(&mut member, req.workspace) {
             Ok(claim) => {
                 let mut rec = member.rec.clone();
-                if let SandboxDetails::Microvm(Some(det)) = &mut rec.details {
+                if let Ok(Some(mut det)) = VmDetails::of(&rec) {
                     det.pool = Some(claim);
+                    det.store(&mut rec);
                 }
                 // For the job's next request (its first step), from this process.
                 if let (Some(ch), Ok(det)) = (member.ch.take(), MicroVm::details(&rec)) {

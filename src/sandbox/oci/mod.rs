@@ -5,6 +5,7 @@
 //! store; `teardown` and `janitor` remove all three.
 
 pub mod cgroup;
+mod record;
 pub mod rootfs;
 pub mod shim;
 pub mod spec;
@@ -21,12 +22,12 @@ use std::time::{Duration, Instant};
 
 use crate::base::cancel::Cancel;
 use crate::base::proc::PipeEvent;
-pub use crate::document::sandbox::{OciDetails, OciImage};
 use crate::image::{ImageStore, ID_BASE, ID_COUNT};
 use crate::sandbox::{
-    BootRequest, Limits, OutputSink, Runtime, RuntimeKind, RuntimeOptions, SandboxDetails, SandboxRecord,
+    BootRequest, Limits, OutputSink, RecordDetails, Runtime, RuntimeKind, RuntimeOptions, SandboxRecord,
     StepEnd, StepSpec, Stream,
 };
+pub use record::{OciDetails, OciImage};
 
 /// The OCI runtimes this backend can drive.
 pub const OCI_RUNTIMES: &[&str] = &["runc", "crun", "runsc"];
@@ -402,9 +403,9 @@ impl OciRuntime {
     }
 
     fn details(sandbox: &SandboxRecord) -> Result<OciDetails> {
-        match &sandbox.details {
-            SandboxDetails::Oci(Some(d)) => Ok(d.clone()),
-            _ => bail!("sandbox {} has no oci details", sandbox.name),
+        match OciDetails::of(sandbox)? {
+            Some(d) => Ok(d),
+            None => bail!("sandbox {} has no oci details", sandbox.name),
         }
     }
 
@@ -712,12 +713,8 @@ impl Runtime for OciRuntime {
             uid_base: ID_BASE,
             network: None,
         };
-        let mut record = SandboxRecord {
-            name: name.clone(),
-            state_dir: state_dir.clone(),
-            pid: None,
-            details: SandboxDetails::Oci(Some(details.clone())),
-        };
+        let mut record = SandboxRecord::new(RuntimeKind::Oci, name.clone(), state_dir.clone());
+        details.store(&mut record);
         // The marker goes first, so that a crash from here on leaves something the janitor finds.
         crate::base::fs::write_atomic(&state_dir.join(MARKER), &serde_json::to_vec_pretty(&record)?)?;
         let mut details = details;
@@ -731,7 +728,7 @@ impl Runtime for OciRuntime {
                      host uid {ID_BASE}, shared with every other job in the same case"
                 );
             }
-            record.details = SandboxDetails::Oci(Some(details.clone()));
+            details.store(&mut record);
             crate::base::fs::write_atomic(&state_dir.join(MARKER), &serde_json::to_vec_pretty(&record)?)?;
             rootfs::make_reach(&name, req.workspace, details.uid_base)?;
             // The network last, recorded at once: a failure here fails the job before any
@@ -744,7 +741,7 @@ impl Runtime for OciRuntime {
                 fs::write(&resolv, net.resolv_conf())
                     .with_context(|| format!("writing {}", resolv.display()))?;
                 details.network = Some(net);
-                record.details = SandboxDetails::Oci(Some(details.clone()));
+                details.store(&mut record);
                 crate::base::fs::write_atomic(&state_dir.join(MARKER), &serde_json::to_vec_pretty(&record)?)?;
             }
             // The workspace goes to the container's root with the first step (write_bundle), not
@@ -942,12 +939,7 @@ impl Runtime for OciRuntime {
                 let record: SandboxRecord =
                     match fs::read(&marker).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
                         Some(r) => r,
-                        None => SandboxRecord {
-                            name: name.clone(),
-                            state_dir: e.path(),
-                            pid: None,
-                            details: SandboxDetails::Oci(None),
-                        },
+                        None => SandboxRecord::new(RuntimeKind::Oci, name.clone(), e.path()),
                     };
                 self.teardown(&record).with_context(|| format!("removing stale sandbox {name}"))?;
                 removed.push(name);

@@ -15,7 +15,7 @@ use crate::base::cancel::{Cancel, CancelReason};
 use crate::config::Settings;
 use crate::document::{FailureKind, RunDocument};
 use crate::sandbox::microvm::pool::{Pool, PoolSettings};
-use crate::sandbox::RuntimeKind;
+use crate::sandbox::{RuntimeKind, WarmPool};
 use crate::stage::{self, JobCtx, Stage};
 
 /// Log lines and, on a terminal, one spinner per running job.
@@ -268,7 +268,7 @@ pub fn run(settings: Settings) -> Result<i32> {
                     if !over_budget {
                         ui.log(&format!(
                             "memory budget ({}) reached with {} jobs and the idle pool: waiting for a job to end",
-                            crate::base::units::format_bytes(p.budget().total_bytes),
+                            crate::base::units::format_bytes(p.budget_bytes()),
                             guard.jobs.len()
                         ));
                         over_budget = true;
@@ -345,7 +345,7 @@ pub fn run(settings: Settings) -> Result<i32> {
     }
     if let Some(p) = &pool {
         let n = p.drain();
-        ui.log(&format!("VM pool: destroyed {n} idle VMs ({})", p.status()));
+        ui.log(&format!("VM pool: destroyed {n} idle VMs ({})", p.status_line()));
     }
     {
         let (m, cv) = &*stop_bg;
@@ -442,8 +442,14 @@ fn spawn_janitor(
 }
 
 /// The microVM pool, when the loop runs microVMs and `EXECUTOR_VM_POOL_SIZE` (or the memory
-/// rule) asks for one; in network mode `internet` its VMs boot with their network made.
-fn start_pool(settings: &Settings, runtime: RuntimeKind, name: &str, ui: &Ui) -> Result<Option<Arc<Pool>>> {
+/// rule) asks for one; in network mode `internet` its VMs boot with their network made. From
+/// here on the loop and the stages see it as any runtime's [`WarmPool`].
+fn start_pool(
+    settings: &Settings,
+    runtime: RuntimeKind,
+    name: &str,
+    ui: &Ui,
+) -> Result<Option<Arc<dyn WarmPool>>> {
     if runtime != RuntimeKind::Microvm {
         return Ok(None);
     }
@@ -496,7 +502,7 @@ fn start_pool(settings: &Settings, runtime: RuntimeKind, name: &str, ui: &Ui) ->
         fmt(budget.total_bytes),
         fmt(budget.job_bytes)
     ));
-    Ok(Some(pool))
+    Ok(Some(pool as Arc<dyn WarmPool>))
 }
 
 fn start_job(
@@ -504,7 +510,7 @@ fn start_job(
     doc: RunDocument,
     running: &Arc<(Mutex<Running>, Condvar)>,
     ui: &Ui,
-    pool: Option<&Arc<Pool>>,
+    pool: Option<&Arc<dyn WarmPool>>,
 ) -> Result<std::thread::JoinHandle<()>> {
     let uid = doc.job.uid.clone();
     let cancel = Cancel::with_deadline(stage::deadline_instant(&doc));
@@ -534,7 +540,13 @@ fn start_job(
         .context("starting a job thread")
 }
 
-fn run_job(settings: &Arc<Settings>, mut doc: RunDocument, cancel: Cancel, ui: &Ui, pool: Option<Arc<Pool>>) {
+fn run_job(
+    settings: &Arc<Settings>,
+    mut doc: RunDocument,
+    cancel: Cancel,
+    ui: &Ui,
+    pool: Option<Arc<dyn WarmPool>>,
+) {
     let uid = doc.job.uid.clone();
     let t0 = Instant::now();
     ui.log(&format!("job {uid}: dequeued ({} steps)", doc.job.steps.len()));
@@ -545,13 +557,13 @@ fn run_job(settings: &Arc<Settings>, mut doc: RunDocument, cancel: Cancel, ui: &
             return;
         }
     };
-    ctx.vm_pool = pool.clone();
+    ctx.warm_pool = pool.clone();
     let bar = ui.job_bar(&uid);
     if let Some(b) = bar.clone() {
         ctx.logger = ctx.logger.clone().on_entry(Arc::new(move |key: &str| b.set_message(key.to_string())));
     }
-    // An oci sandbox needs only the workspace's directory: it boots while the repository clones.
-    let boot_early = doc.executor.runtime == crate::sandbox::RuntimeKind::Oci;
+    // A sandbox that needs only the workspace's directory boots while the repository clones.
+    let boot_early = ctx.runtime(&doc).is_ok_and(|rt| rt.boots_during_clone());
     for st in Stage::ALL {
         let res = match st {
             Stage::Complete => complete_with_retries(&ctx, &mut doc, ui),
@@ -586,7 +598,7 @@ fn run_job(settings: &Arc<Settings>, mut doc: RunDocument, cancel: Cancel, ui: &
         t0.elapsed().as_secs_f64()
     ));
     if let Some(p) = &pool {
-        ui.log(&p.status().to_string());
+        ui.log(&p.status_line());
     }
 }
 

@@ -151,6 +151,54 @@ pub trait Runtime: Send + Sync {
     fn teardown(&self, sandbox: &SandboxRecord) -> Result<()>;
     /// Removes sandboxes named with `prefix` that are not in `live`; returns their names.
     fn janitor(&self, prefix: &str, live: &HashSet<String>) -> Result<Vec<String>>;
+    /// Whether a sandbox needs only the workspace's directory, not what the clone puts in it,
+    /// so that it may boot (and make its first step ahead) while the repository clones. The
+    /// default waits for the workspace.
+    fn boots_during_clone(&self) -> bool {
+        false
+    }
+    /// A line the boot's log entry opens with (the shell runtime's warning that nothing is
+    /// isolated); none by default.
+    fn boot_warning(&self) -> Option<&'static str> {
+        None
+    }
+    /// Whether the steps run in their images, which `vm-boot` pulls first (every runtime but
+    /// the shell's).
+    fn runs_images(&self) -> bool {
+        true
+    }
+}
+
+/// How a job's request for a sandbox booted ahead of demand ended ([`WarmPool::take`]).
+#[derive(Debug)]
+pub enum WarmClaim {
+    /// A sandbox booted ahead is the job's now; `note` is the line its boot's log entry gets.
+    Hit { record: Box<SandboxRecord>, note: Option<String> },
+    /// None fits the job: it boots its own; `note` says why, for the boot's log entry.
+    Miss { note: String },
+}
+
+/// Sandboxes a runtime boots ahead of demand for one loop (the microVM pool): `vm-boot` takes
+/// one for a job instead of booting it, and the loop tells it how many jobs run, asks it whether
+/// another job fits beside it, and stops it at the end. A stage sees only this trait, whatever
+/// the runtime behind it.
+pub trait WarmPool: Send + Sync {
+    /// The runtime whose sandboxes these are: only a job of that runtime takes one.
+    fn runtime(&self) -> RuntimeKind;
+    /// A sandbox for `req`, its workspace attached, or why there is none.
+    fn take(&self, req: &BootRequest) -> WarmClaim;
+    /// Whether one more job fits in the memory budget beside `running` jobs and the idle pool.
+    fn admits(&self, running: usize) -> bool;
+    /// The memory budget the pool and the jobs share, in bytes.
+    fn budget_bytes(&self) -> u64;
+    /// Tells the pool how many jobs run now.
+    fn set_running_jobs(&self, n: usize);
+    /// Its state, as one log line.
+    fn status_line(&self) -> String;
+    /// Stops booting more; returns whether a boot was in progress.
+    fn stop_booting(&self) -> bool;
+    /// Destroys the idle sandboxes; returns how many.
+    fn drain(&self) -> usize;
 }
 
 /// Host-wide settings the runtimes need, from the executor's configuration.

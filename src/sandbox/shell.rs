@@ -275,6 +275,14 @@ impl Runtime for ShellRuntime {
         }
         Ok(removed)
     }
+
+    fn boot_warning(&self) -> Option<&'static str> {
+        Some(WARNING)
+    }
+
+    fn runs_images(&self) -> bool {
+        false
+    }
 }
 
 /// A pipe that can be read and closed in place (so stdout and stderr share one loop body).

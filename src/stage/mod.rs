@@ -70,8 +70,9 @@ pub struct JobCtx {
     pub auth: JobAuth,
     pub logger: JobLogger,
     pub cancel: Cancel,
-    /// `loop`'s pool of microVMs booted ahead of demand, which `vm-boot` takes a VM from.
-    pub vm_pool: Option<Arc<crate::sandbox::microvm::pool::Pool>>,
+    /// `loop`'s sandboxes booted ahead of demand (the runtime's, if it boots any), which
+    /// `vm-boot` takes one from.
+    pub warm_pool: Option<Arc<dyn crate::sandbox::WarmPool>>,
 }
 
 impl JobCtx {
@@ -96,7 +97,7 @@ impl JobCtx {
             doc.executor.log_append,
         );
         let cancel = cancel.unwrap_or_else(|| Cancel::with_deadline(deadline_instant(doc)));
-        Ok(JobCtx { settings, client, job, auth, logger, cancel, vm_pool: None })
+        Ok(JobCtx { settings, client, job, auth, logger, cancel, warm_pool: None })
     }
 
     pub fn redact(&self, s: &str) -> String {
@@ -147,7 +148,7 @@ pub fn run_stage(stage: Stage, ctx: &JobCtx, doc: &mut RunDocument) -> Result<St
 }
 
 /// The loop's `prepare-workspace` and `vm-boot` at once, for a runtime whose sandbox needs only
-/// the workspace's directory (oci): as soon as the workspace exists, the sandbox boots, its
+/// the workspace's directory ([`crate::sandbox::Runtime::boots_during_clone`]): as soon as the workspace exists, the sandbox boots, its
 /// images pulled, its network made and its first step's container created, while the
 /// repository clones. Both stages are recorded as run, the clone first. `Err` as for
 /// [`run_stage`].

@@ -16,6 +16,7 @@ pub mod identity;
 pub mod net;
 pub mod pool;
 mod record;
+mod warm;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};

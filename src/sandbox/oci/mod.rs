@@ -218,4 +218,10 @@ impl Runtime for OciRuntime {
     fn janitor(&self, prefix: &str, live: &HashSet<String>) -> Result<Vec<String>> {
         self.sweep(prefix, live)
     }
+
+    /// A container's root is the step's image and its workspace a bind mount of the directory:
+    /// nothing of the boot waits for the clone.
+    fn boots_during_clone(&self) -> bool {
+        true
+    }
 }

@@ -10,6 +10,8 @@ use crate::base::cancel::{Cancel, CancelReason};
 pub use crate::base::proc::{OutputSink, Stream};
 pub use crate::document::sandbox::{RuntimeKind, SandboxRecord};
 
+#[cfg(test)]
+pub mod fake;
 pub mod microvm;
 pub mod oci;
 pub mod shell;

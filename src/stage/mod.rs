@@ -9,6 +9,9 @@ pub mod run_steps;
 pub mod upload;
 pub mod vm_boot;
 
+#[cfg(test)]
+mod tests;
+
 use anyhow::{Context, Result};
 use chrono::Utc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -73,6 +76,9 @@ pub struct JobCtx {
     /// `loop`'s sandboxes booted ahead of demand (the runtime's, if it boots any), which
     /// `vm-boot` takes one from.
     pub warm_pool: Option<Arc<dyn crate::sandbox::WarmPool>>,
+    /// The runtime the stages use instead of the document's (a test's fake).
+    #[cfg(test)]
+    pub fake_runtime: Option<Arc<dyn crate::sandbox::Runtime>>,
 }
 
 impl JobCtx {
@@ -97,7 +103,17 @@ impl JobCtx {
             doc.executor.log_append,
         );
         let cancel = cancel.unwrap_or_else(|| Cancel::with_deadline(deadline_instant(doc)));
-        Ok(JobCtx { settings, client, job, auth, logger, cancel, warm_pool: None })
+        Ok(JobCtx {
+            settings,
+            client,
+            job,
+            auth,
+            logger,
+            cancel,
+            warm_pool: None,
+            #[cfg(test)]
+            fake_runtime: None,
+        })
     }
 
     pub fn redact(&self, s: &str) -> String {
@@ -105,9 +121,13 @@ impl JobCtx {
     }
 
     /// The runtime that the document names.
-    pub fn runtime(&self, doc: &RunDocument) -> Result<Box<dyn crate::sandbox::Runtime>> {
+    pub fn runtime(&self, doc: &RunDocument) -> Result<Arc<dyn crate::sandbox::Runtime>> {
+        #[cfg(test)]
+        if let Some(rt) = &self.fake_runtime {
+            return Ok(rt.clone());
+        }
         let kind = doc.sandbox.as_ref().map(|s| s.runtime).unwrap_or(doc.executor.runtime);
-        crate::sandbox::open(kind, &self.settings.runtime_options())
+        crate::sandbox::open(kind, &self.settings.runtime_options()).map(Arc::from)
     }
 }
 

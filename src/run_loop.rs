@@ -14,8 +14,7 @@ use crate::api::{metrics, new_executor_name, Client};
 use crate::base::cancel::{Cancel, CancelReason};
 use crate::config::Settings;
 use crate::document::{FailureKind, RunDocument};
-use crate::sandbox::microvm::pool::{Pool, PoolSettings};
-use crate::sandbox::{RuntimeKind, WarmPool};
+use crate::sandbox::{RuntimeKind, WarmPool, WarmPoolRequest};
 use crate::stage::{self, JobCtx, Stage};
 
 /// Log lines and, on a terminal, one spinner per running job.
@@ -141,8 +140,12 @@ pub fn janitor_pass_with(
     let _lock = crate::workspace::janitor_lock(&settings.state_dir, true)?;
     let live = &live();
     let (removed, mut claimed) = crate::workspace::sweep(&settings.workspaces_dir(), me, live, grace)?;
-    // Pool VMs (booted ahead of demand, no job yet) of executors that still live.
-    claimed.extend(crate::sandbox::microvm::pool::live_members(&settings.runtime_options().sandboxes_dir())?);
+    // Sandboxes booted ahead of demand (no job yet) of executors that still live.
+    for name in RuntimeKind::ALL {
+        if let Ok(rt) = crate::sandbox::open(name, &settings.runtime_options()) {
+            claimed.extend(rt.booted_ahead()?);
+        }
+    }
     let mut out: Vec<String> = removed.iter().map(|p| format!("workspace {}", p.display())).collect();
     match settings.templates().sweep() {
         Ok(gone) => out.extend(gone.iter().map(|p| format!("workspace template file {}", p.display()))),
@@ -441,16 +444,18 @@ fn spawn_janitor(
     })
 }
 
-/// The microVM pool, when the loop runs microVMs and `EXECUTOR_VM_POOL_SIZE` (or the memory
-/// rule) asks for one; in network mode `internet` its VMs boot with their network made. From
-/// here on the loop and the stages see it as any runtime's [`WarmPool`].
+/// The sandboxes the loop's runtime boots ahead of demand (the microVM pool), when it boots
+/// any and `EXECUTOR_VM_POOL_SIZE` (or the memory rule) asks for some; in network mode
+/// `internet` they boot with their network made. The loop and the stages see them as a
+/// [`WarmPool`].
 fn start_pool(
     settings: &Settings,
     runtime: RuntimeKind,
     name: &str,
     ui: &Ui,
 ) -> Result<Option<Arc<dyn WarmPool>>> {
-    if runtime != RuntimeKind::Microvm {
+    let rt = crate::sandbox::open(runtime, &settings.runtime_options())?;
+    if !rt.boots_ahead() {
         return Ok(None);
     }
     let (size, budget) = settings.vm_pool(runtime)?;
@@ -483,26 +488,25 @@ fn start_pool(
         return Ok(None);
     }
     let log_ui = ui.clone();
-    let pool = Pool::start(
-        settings.runtime_options(),
-        PoolSettings {
-            size,
-            prefix: settings.vm_prefix.clone(),
-            owner: name.to_string(),
-            limits: settings.limits(),
-            network: settings.network.mode,
-            coordinator: settings.frontend_url.clone(),
-            budget,
-            log: Arc::new(move |m: &str| log_ui.log(m)),
-        },
-    )?;
-    ui.log(&format!(
-        "{}; memory budget {}, {} per job VM",
-        pool.status(),
-        fmt(budget.total_bytes),
-        fmt(budget.job_bytes)
-    ));
-    Ok(Some(pool as Arc<dyn WarmPool>))
+    let pool = rt.start_warm_pool(WarmPoolRequest {
+        size,
+        prefix: settings.vm_prefix.clone(),
+        owner: name.to_string(),
+        limits: settings.limits(),
+        coordinator: settings.frontend_url.clone(),
+        budget_bytes: budget.total_bytes,
+        job_bytes: budget.job_bytes,
+        log: Arc::new(move |m: &str| log_ui.log(m)),
+    })?;
+    if let Some(p) = &pool {
+        ui.log(&format!(
+            "{}; memory budget {}, {} per job VM",
+            p.status_line(),
+            fmt(budget.total_bytes),
+            fmt(budget.job_bytes)
+        ));
+    }
+    Ok(pool)
 }
 
 fn start_job(

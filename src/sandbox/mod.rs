@@ -169,6 +169,40 @@ pub trait Runtime: Send + Sync {
     fn runs_images(&self) -> bool {
         true
     }
+    /// Whether the runtime can boot sandboxes ahead of demand for a loop
+    /// ([`Runtime::start_warm_pool`]); none by default.
+    fn boots_ahead(&self) -> bool {
+        false
+    }
+    /// Starts booting sandboxes ahead of demand for a loop, as `req` asks; `None` where the
+    /// runtime boots none.
+    fn start_warm_pool(&self, _req: WarmPoolRequest) -> Result<Option<std::sync::Arc<dyn WarmPool>>> {
+        Ok(None)
+    }
+    /// The sandboxes booted ahead of demand, for a live executor and with no job yet, in this
+    /// runtime's state: no janitor may take them for abandoned.
+    fn booted_ahead(&self) -> Result<HashSet<String>> {
+        Ok(HashSet::new())
+    }
+}
+
+/// What a loop asks of a runtime's sandboxes booted ahead of demand ([`Runtime::start_warm_pool`]).
+#[derive(Clone)]
+pub struct WarmPoolRequest {
+    /// How many idle sandboxes to keep.
+    pub size: usize,
+    /// `EXECUTOR_VM_PREFIX`: they are named `<prefix>-<uuid>` like every sandbox of the runtime.
+    pub prefix: String,
+    /// The executor's name (their owner until a job takes one).
+    pub owner: String,
+    pub limits: Limits,
+    /// The coordinator's URL, which a networked sandbox may reach.
+    pub coordinator: Option<String>,
+    /// The memory the idle sandboxes and the running jobs share, and what one job may use.
+    pub budget_bytes: u64,
+    pub job_bytes: u64,
+    /// Where the pool's own log lines go.
+    pub log: std::sync::Arc<dyn Fn(&str) + Send + Sync>,
 }
 
 /// How a job's request for a sandbox booted ahead of demand ended ([`WarmPool::take`]).

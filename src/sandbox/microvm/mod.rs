@@ -725,6 +725,21 @@ impl Runtime for MicroVm {
         RuntimeKind::Microvm
     }
 
+    fn boots_ahead(&self) -> bool {
+        true
+    }
+
+    fn start_warm_pool(
+        &self,
+        req: super::WarmPoolRequest,
+    ) -> Result<Option<std::sync::Arc<dyn super::WarmPool>>> {
+        warm::start(self, req)
+    }
+
+    fn booted_ahead(&self) -> Result<HashSet<String>> {
+        warm::live(self)
+    }
+
     fn check(&self) -> Result<Vec<String>> {
         let mut out = Vec::new();
         let qemu =

@@ -2,9 +2,38 @@
 //! loop take a VM booted ahead without naming the pool: a claim's hit or miss becomes the line
 //! the boot's log entry has always had.
 
-use super::pool::{Claim, Pool};
-use super::VmDetails;
-use crate::sandbox::{BootRequest, RecordDetails, RuntimeKind, WarmClaim, WarmPool};
+use anyhow::Result;
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use super::pool::{Budget, Claim, Pool, PoolSettings};
+use super::{MicroVm, VmDetails};
+use crate::sandbox::{BootRequest, RecordDetails, RuntimeKind, WarmClaim, WarmPool, WarmPoolRequest};
+
+/// [`crate::sandbox::Runtime::start_warm_pool`] of the microvm runtime: the pool of VMs booted
+/// ahead, in the runtime's network mode.
+pub(super) fn start(rt: &MicroVm, req: WarmPoolRequest) -> Result<Option<Arc<dyn WarmPool>>> {
+    let pool = Pool::start(
+        rt.opts.clone(),
+        PoolSettings {
+            size: req.size,
+            prefix: req.prefix,
+            owner: req.owner,
+            limits: req.limits,
+            network: rt.opts.network.mode,
+            coordinator: req.coordinator,
+            budget: Budget { total_bytes: req.budget_bytes, job_bytes: req.job_bytes },
+            log: req.log,
+        },
+    )?;
+    Ok(Some(pool as Arc<dyn WarmPool>))
+}
+
+/// [`crate::sandbox::Runtime::booted_ahead`] of the microvm runtime: the pool VMs of executors
+/// that still live.
+pub(super) fn live(rt: &MicroVm) -> Result<HashSet<String>> {
+    super::pool::live_members(&rt.opts.sandboxes_dir())
+}
 
 impl WarmPool for Pool {
     fn runtime(&self) -> RuntimeKind {

@@ -10,7 +10,7 @@ use crate::document::{EndedBy, ExecutorIdentity, FailureKind, StepRecord, Worksp
 use crate::logs::tests::MemoryLogs;
 use crate::protocol::{DockerStep, Job, VirtualMachineFile};
 use crate::sandbox::fake::{Call, FakePool, FakeRuntime, Script};
-use crate::sandbox::{RuntimeKind, SandboxRecord, StepEnd};
+use crate::sandbox::{Runtime, RuntimeKind, SandboxRecord, StepEnd};
 
 const SECRET: &str = "the-shared-secret-0123456789";
 
@@ -48,7 +48,7 @@ fn ctx_for(state: &tempfile::TempDir, job: Job, rt: &FakeRuntime) -> (JobCtx, Ru
         frontend_url: "http://127.0.0.1:1".into(),
         queue: "batches".into(),
         multi_queue: false,
-        runtime: RuntimeKind::Shell,
+        runtime: rt.kind(),
         version: "0.1.0".into(),
         log_append: true,
     };
@@ -70,7 +70,7 @@ fn booted(state: &tempfile::TempDir, ctx: &JobCtx, doc: &mut RunDocument) {
         repository_cloned: false,
         startup_script: None,
     });
-    doc.sandbox = Some(SandboxRecord::new(RuntimeKind::Shell, "executor-fake", ws));
+    doc.sandbox = Some(SandboxRecord::new(doc.executor.runtime, "executor-fake", ws));
 }
 
 fn runs(keys: &[&str]) -> Vec<Call> {
@@ -307,9 +307,9 @@ fn vm_boot_takes_a_sandbox_booted_ahead_of_its_own_runtime_only() {
     let rt = FakeRuntime::default();
     let ws = state.path().join("ws");
     std::fs::create_dir_all(&ws).unwrap();
-    let ready = SandboxRecord::new(RuntimeKind::Shell, "executor-warm", &ws);
+    let ready = SandboxRecord::new(rt.kind(), "executor-warm", &ws);
     let pool = Arc::new(FakePool {
-        runtime: RuntimeKind::Shell,
+        runtime: rt.kind(),
         ready: std::sync::Mutex::new(Some(ready.clone())),
         taken: Default::default(),
     });
@@ -341,11 +341,8 @@ fn vm_boot_takes_a_sandbox_booted_ahead_of_its_own_runtime_only() {
     assert_eq!(rt.calls(), vec![Call::Boot(vec!["alpine".into()])]);
     assert_eq!(*pool.taken.lock().unwrap(), 2);
     // Another runtime's pool is never asked.
-    let other = Arc::new(FakePool {
-        runtime: RuntimeKind::Microvm,
-        ready: Default::default(),
-        taken: Default::default(),
-    });
+    let other = RuntimeKind::ALL.into_iter().find(|k| *k != rt.kind()).unwrap();
+    let other = Arc::new(FakePool { runtime: other, ready: Default::default(), taken: Default::default() });
     boot(other.clone());
     assert_eq!(*other.taken.lock().unwrap(), 0);
 }

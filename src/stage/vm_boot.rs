@@ -82,7 +82,8 @@ pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
 }
 
 /// Pulls the images the policy asks for, one log entry (`setup.image.pull`) for all of them, and
-/// records each in the document. The shell runtime uses no image.
+/// records each in the document. A runtime that runs no image ([`crate::sandbox::Runtime::runs_images`])
+/// gets none pulled.
 fn pull_images(ctx: &JobCtx, doc: &mut RunDocument, images: &[String]) -> Result<()> {
     use crate::image::pull::PullPolicy;
     let policy = ctx.settings.image_pull;

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use executor::base::cancel::Cancel;
-use executor::sandbox::oci::{rootfs, OciRuntime};
+use executor::sandbox::oci::{rootfs, OciDetails, OciRuntime};
 use executor::sandbox::{
-    BootRequest, Limits, OutputSink, Runtime, RuntimeOptions, SandboxDetails, StepEnd, StepSpec, Stream,
+    BootRequest, Limits, OutputSink, RecordDetails, Runtime, RuntimeOptions, StepEnd, StepSpec, Stream,
 };
 
 struct Null;
@@ -50,7 +50,7 @@ fn main() -> Result<()> {
     };
     let sb = rt.boot(&req)?;
     let res = (|| -> Result<()> {
-        let SandboxDetails::Oci(Some(d)) = &sb.details else { bail!("no oci details") };
+        let Some(d) = OciDetails::of(&sb)? else { bail!("no oci details") };
         let img = d.images.get("busybox").context("busybox in the sandbox")?;
         let lower = img.root.clone().unwrap_or_else(|| img.rootfs.clone());
         // On the step's path: making and mounting the layer, and handing its removal to a

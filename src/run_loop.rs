@@ -16,8 +16,7 @@ use crate::api::{metrics, new_executor_name, Client};
 use crate::base::cancel::{Cancel, CancelReason};
 use crate::config::Settings;
 use crate::document::{FailureKind, RunDocument};
-use crate::sandbox::microvm::pool::{Pool, PoolSettings};
-use crate::sandbox::RuntimeKind;
+use crate::sandbox::{RuntimeKind, WarmPool, WarmPoolRequest};
 use crate::stage::{self, JobCtx, Stage};
 
 /// On a terminal, one spinner per running job, with the log's lines printed above them.
@@ -140,8 +139,12 @@ pub fn janitor_pass_with(
     let _lock = crate::workspace::janitor_lock(&settings.state_dir, true)?;
     let live = &live();
     let (removed, mut claimed) = crate::workspace::sweep(&settings.workspaces_dir(), me, live, grace)?;
-    // Pool VMs (booted ahead of demand, no job yet) of executors that still live.
-    claimed.extend(crate::sandbox::microvm::pool::live_members(&settings.runtime_options().sandboxes_dir())?);
+    // Sandboxes booted ahead of demand (no job yet) of executors that still live.
+    for name in RuntimeKind::ALL {
+        if let Ok(rt) = crate::sandbox::open(name, &settings.runtime_options()) {
+            claimed.extend(rt.booted_ahead()?);
+        }
+    }
     let mut out: Vec<String> = removed.iter().map(|p| format!("workspace {}", p.display())).collect();
     match settings.templates().sweep() {
         Ok(gone) => out.extend(gone.iter().map(|p| format!("workspace template file {}", p.display()))),
@@ -264,7 +267,7 @@ pub fn run(settings: Settings) -> Result<i32> {
                     if !over_budget {
                         info!(
                             "memory budget ({}) reached with {} jobs and the idle pool: waiting for a job to end",
-                            crate::base::units::format_bytes(p.budget().total_bytes),
+                            crate::base::units::format_bytes(p.budget_bytes()),
                             guard.jobs.len()
                         );
                         over_budget = true;
@@ -338,7 +341,7 @@ pub fn run(settings: Settings) -> Result<i32> {
     }
     if let Some(p) = &pool {
         let n = p.drain();
-        info!("VM pool: destroyed {n} idle VMs ({})", p.status());
+        info!("VM pool: destroyed {n} idle VMs ({})", p.status_line());
     }
     {
         let (m, cv) = &*stop_bg;
@@ -430,10 +433,13 @@ fn spawn_janitor(
     })
 }
 
-/// The microVM pool, when the loop runs microVMs and `EXECUTOR_VM_POOL_SIZE` (or the memory
-/// rule) asks for one; in network mode `internet` its VMs boot with their network made.
-fn start_pool(settings: &Settings, runtime: RuntimeKind, name: &str) -> Result<Option<Arc<Pool>>> {
-    if runtime != RuntimeKind::Microvm {
+/// The sandboxes the loop's runtime boots ahead of demand (the microVM pool), when it boots
+/// any and `EXECUTOR_VM_POOL_SIZE` (or the memory rule) asks for some; in network mode
+/// `internet` they boot with their network made. The loop and the stages see them as a
+/// [`WarmPool`].
+fn start_pool(settings: &Settings, runtime: RuntimeKind, name: &str) -> Result<Option<Arc<dyn WarmPool>>> {
+    let rt = crate::sandbox::open(runtime, &settings.runtime_options())?;
+    if !rt.boots_ahead() {
         return Ok(None);
     }
     let (size, budget) = settings.vm_pool(runtime)?;
@@ -465,26 +471,20 @@ fn start_pool(settings: &Settings, runtime: RuntimeKind, name: &str) -> Result<O
     if size == 0 {
         return Ok(None);
     }
-    let pool = Pool::start(
-        settings.runtime_options(),
-        PoolSettings {
-            size,
-            prefix: settings.vm_prefix.clone(),
-            owner: name.to_string(),
-            limits: settings.limits(),
-            network: settings.network.mode,
-            coordinator: settings.frontend_url.clone(),
-            budget,
-            log: Arc::new(|m: &str| info!("{m}")),
-        },
-    )?;
-    info!(
-        "{}; memory budget {}, {} per job VM",
-        pool.status(),
-        fmt(budget.total_bytes),
-        fmt(budget.job_bytes)
-    );
-    Ok(Some(pool))
+    let pool = rt.start_warm_pool(WarmPoolRequest {
+        size,
+        prefix: settings.vm_prefix.clone(),
+        owner: name.to_string(),
+        limits: settings.limits(),
+        coordinator: settings.frontend_url.clone(),
+        budget_bytes: budget.total_bytes,
+        job_bytes: budget.job_bytes,
+        log: Arc::new(|m: &str| info!("{m}")),
+    })?;
+    if let Some(p) = &pool {
+        info!("{}; memory budget {}, {} per job VM", p.status_line(), fmt(budget.total_bytes), fmt(budget.job_bytes));
+    }
+    Ok(pool)
 }
 
 fn start_job(
@@ -492,7 +492,7 @@ fn start_job(
     doc: RunDocument,
     running: &Arc<(Mutex<Running>, Condvar)>,
     ui: &Ui,
-    pool: Option<&Arc<Pool>>,
+    pool: Option<&Arc<dyn WarmPool>>,
 ) -> Result<std::thread::JoinHandle<()>> {
     let uid = doc.job.uid.clone();
     let cancel = Cancel::with_deadline(stage::deadline_instant(&doc));
@@ -522,7 +522,13 @@ fn start_job(
         .context("starting a job thread")
 }
 
-fn run_job(settings: &Arc<Settings>, mut doc: RunDocument, cancel: Cancel, ui: &Ui, pool: Option<Arc<Pool>>) {
+fn run_job(
+    settings: &Arc<Settings>,
+    mut doc: RunDocument,
+    cancel: Cancel,
+    ui: &Ui,
+    pool: Option<Arc<dyn WarmPool>>,
+) {
     let uid = doc.job.uid.clone();
     let t0 = Instant::now();
     // Every line of the job's thread names the job.
@@ -535,13 +541,13 @@ fn run_job(settings: &Arc<Settings>, mut doc: RunDocument, cancel: Cancel, ui: &
             return;
         }
     };
-    ctx.vm_pool = pool.clone();
+    ctx.warm_pool = pool.clone();
     let bar = ui.job_bar(&uid);
     if let Some(b) = bar.clone() {
         ctx.logger = ctx.logger.clone().on_entry(Arc::new(move |key: &str| b.set_message(key.to_string())));
     }
-    // An oci sandbox needs only the workspace's directory: it boots while the repository clones.
-    let boot_early = doc.executor.runtime == crate::sandbox::RuntimeKind::Oci;
+    // A sandbox that needs only the workspace's directory boots while the repository clones.
+    let boot_early = ctx.runtime(&doc).is_ok_and(|rt| rt.boots_during_clone());
     for st in Stage::ALL {
         let _stage = tracing::error_span!("stage", stage = st.name()).entered();
         let res = match st {
@@ -579,7 +585,7 @@ fn run_job(settings: &Arc<Settings>, mut doc: RunDocument, cancel: Cancel, ui: &
     // The pool's state is the loop's, not the job's.
     drop(job_span);
     if let Some(p) = &pool {
-        info!("{}", p.status());
+        info!("{}", p.status_line());
     }
 }
 

@@ -6,6 +6,7 @@
 
 pub mod netlink;
 pub mod policy;
+mod record;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -226,7 +227,7 @@ pub fn host_resolvers(resolv_conf: &str) -> (Vec<Ipv4Addr>, Vec<Ipv4Addr>) {
     (usable, loopback)
 }
 
-pub use crate::document::sandbox::JobNetwork;
+pub use record::JobNetwork;
 
 impl JobNetwork {
     /// The namespace's name under /run/netns.

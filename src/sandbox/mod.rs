@@ -8,14 +8,73 @@ use std::path::{Path, PathBuf};
 
 use crate::base::cancel::{Cancel, CancelReason};
 pub use crate::base::proc::{OutputSink, Stream};
-pub use crate::document::sandbox::{RuntimeChoice, RuntimeKind, SandboxDetails, SandboxRecord};
+pub use crate::document::sandbox::{RuntimeKind, SandboxRecord};
 
+#[cfg(test)]
+pub mod fake;
 pub mod microvm;
 pub mod oci;
 mod settings;
 pub mod shell;
 
 pub use settings::OciRuntime;
+
+/// The runtime an operator asks for: one runtime, or `auto` (microvm where KVM works, else oci).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RuntimeChoice {
+    #[default]
+    Auto,
+    Only(RuntimeKind),
+}
+
+impl std::fmt::Display for RuntimeChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RuntimeChoice::Auto => f.write_str("auto"),
+            RuntimeChoice::Only(k) => k.fmt(f),
+        }
+    }
+}
+
+impl std::str::FromStr for RuntimeChoice {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(RuntimeChoice::Auto),
+            _ => match s.parse() {
+                Ok(k) => Ok(RuntimeChoice::Only(k)),
+                Err(_) => anyhow::bail!("{s:?} is not one of auto, shell, oci, microvm"),
+            },
+        }
+    }
+}
+
+/// A runtime's own record of its sandbox: the typed `details` of a [`SandboxRecord`], which the
+/// run document carries as JSON it does not read. Each runtime decodes only its own.
+pub trait RecordDetails: serde::Serialize + serde::de::DeserializeOwned {
+    /// The runtime whose records these are.
+    const RUNTIME: RuntimeKind;
+
+    /// The details `sandbox` records; `None` while it records none (a microVM before QEMU
+    /// started, an oci sandbox the janitor found without its record).
+    fn of(sandbox: &SandboxRecord) -> Result<Option<Self>> {
+        if sandbox.runtime != Self::RUNTIME {
+            anyhow::bail!("sandbox {} is a {} sandbox, not {}", sandbox.name, sandbox.runtime, Self::RUNTIME);
+        }
+        if sandbox.details.is_null() {
+            return Ok(None);
+        }
+        Self::deserialize(&sandbox.details)
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("the {} sandbox's details: {e}", Self::RUNTIME))
+    }
+
+    /// Writes these details into `sandbox`'s record.
+    fn store(&self, sandbox: &mut SandboxRecord) {
+        // These types are plain data: encoding them to a JSON value cannot fail.
+        sandbox.details = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
+    }
+}
 
 /// Resource limits for one job's sandbox. Zero means unbounded.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -97,6 +156,88 @@ pub trait Runtime: Send + Sync {
     fn teardown(&self, sandbox: &SandboxRecord) -> Result<()>;
     /// Removes sandboxes named with `prefix` that are not in `live`; returns their names.
     fn janitor(&self, prefix: &str, live: &HashSet<String>) -> Result<Vec<String>>;
+    /// Whether a sandbox needs only the workspace's directory, not what the clone puts in it,
+    /// so that it may boot (and make its first step ahead) while the repository clones. The
+    /// default waits for the workspace.
+    fn boots_during_clone(&self) -> bool {
+        false
+    }
+    /// A line the boot's log entry opens with (the shell runtime's warning that nothing is
+    /// isolated); none by default.
+    fn boot_warning(&self) -> Option<&'static str> {
+        None
+    }
+    /// Whether the steps run in their images, which `vm-boot` pulls first (every runtime but
+    /// the shell's).
+    fn runs_images(&self) -> bool {
+        true
+    }
+    /// Whether the runtime can boot sandboxes ahead of demand for a loop
+    /// ([`Runtime::start_warm_pool`]); none by default.
+    fn boots_ahead(&self) -> bool {
+        false
+    }
+    /// Starts booting sandboxes ahead of demand for a loop, as `req` asks; `None` where the
+    /// runtime boots none.
+    fn start_warm_pool(&self, _req: WarmPoolRequest) -> Result<Option<std::sync::Arc<dyn WarmPool>>> {
+        Ok(None)
+    }
+    /// The sandboxes booted ahead of demand, for a live executor and with no job yet, in this
+    /// runtime's state: no janitor may take them for abandoned.
+    fn booted_ahead(&self) -> Result<HashSet<String>> {
+        Ok(HashSet::new())
+    }
+}
+
+/// What a loop asks of a runtime's sandboxes booted ahead of demand ([`Runtime::start_warm_pool`]).
+#[derive(Clone)]
+pub struct WarmPoolRequest {
+    /// How many idle sandboxes to keep.
+    pub size: usize,
+    /// `EXECUTOR_VM_PREFIX`: they are named `<prefix>-<uuid>` like every sandbox of the runtime.
+    pub prefix: String,
+    /// The executor's name (their owner until a job takes one).
+    pub owner: String,
+    pub limits: Limits,
+    /// The coordinator's URL, which a networked sandbox may reach.
+    pub coordinator: Option<String>,
+    /// The memory the idle sandboxes and the running jobs share, and what one job may use.
+    pub budget_bytes: u64,
+    pub job_bytes: u64,
+    /// Where the pool's own log lines go.
+    pub log: std::sync::Arc<dyn Fn(&str) + Send + Sync>,
+}
+
+/// How a job's request for a sandbox booted ahead of demand ended ([`WarmPool::take`]).
+#[derive(Debug)]
+pub enum WarmClaim {
+    /// A sandbox booted ahead is the job's now; `note` is the line its boot's log entry gets.
+    Hit { record: Box<SandboxRecord>, note: Option<String> },
+    /// None fits the job: it boots its own; `note` says why, for the boot's log entry.
+    Miss { note: String },
+}
+
+/// Sandboxes a runtime boots ahead of demand for one loop (the microVM pool): `vm-boot` takes
+/// one for a job instead of booting it, and the loop tells it how many jobs run, asks it whether
+/// another job fits beside it, and stops it at the end. A stage sees only this trait, whatever
+/// the runtime behind it.
+pub trait WarmPool: Send + Sync {
+    /// The runtime whose sandboxes these are: only a job of that runtime takes one.
+    fn runtime(&self) -> RuntimeKind;
+    /// A sandbox for `req`, its workspace attached, or why there is none.
+    fn take(&self, req: &BootRequest) -> WarmClaim;
+    /// Whether one more job fits in the memory budget beside `running` jobs and the idle pool.
+    fn admits(&self, running: usize) -> bool;
+    /// The memory budget the pool and the jobs share, in bytes.
+    fn budget_bytes(&self) -> u64;
+    /// Tells the pool how many jobs run now.
+    fn set_running_jobs(&self, n: usize);
+    /// Its state, as one log line.
+    fn status_line(&self) -> String;
+    /// Stops booting more; returns whether a boot was in progress.
+    fn stop_booting(&self) -> bool;
+    /// Destroys the idle sandboxes; returns how many.
+    fn drain(&self) -> usize;
 }
 
 /// Host-wide settings the runtimes need, from the executor's configuration.
@@ -210,5 +351,54 @@ pub fn open_choice(choice: RuntimeChoice, opts: &RuntimeOptions) -> Result<Box<d
             eprintln!("executor: runtime auto picked {}: {why}", rt.name());
             Ok(rt)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runtime_choices_round_trip() {
+        for k in RuntimeKind::ALL {
+            assert_eq!(k.to_string().parse::<RuntimeChoice>().unwrap(), RuntimeChoice::Only(k));
+        }
+        assert_eq!("auto".parse::<RuntimeChoice>().unwrap(), RuntimeChoice::Auto);
+        assert_eq!(RuntimeChoice::Auto.to_string(), "auto");
+        assert!("docker"
+            .parse::<RuntimeChoice>()
+            .unwrap_err()
+            .to_string()
+            .contains("auto, shell, oci, microvm"));
+    }
+
+    #[test]
+    fn each_runtime_decodes_its_own_record() {
+        let mut rec = SandboxRecord::new(RuntimeKind::Shell, "executor-1", "/s/executor-1");
+        assert_eq!(shell::ShellDetails::of(&rec).unwrap(), None);
+        shell::ShellDetails { workspace: "/w".into() }.store(&mut rec);
+        assert_eq!(rec.details, serde_json::json!({"workspace": "/w"}));
+        assert_eq!(shell::ShellDetails::of(&rec).unwrap().unwrap().workspace, Path::new("/w"));
+        // Another runtime's record is refused, not misread.
+        let err = oci::OciDetails::of(&rec).unwrap_err().to_string();
+        assert!(err.contains("is a shell sandbox, not oci"), "{err}");
+        // Details of the wrong shape name the runtime whose they were.
+        let mut wrong = SandboxRecord::new(RuntimeKind::Oci, "n", "/s");
+        wrong.details = serde_json::json!({"x": 1});
+        let err = oci::OciDetails::of(&wrong).unwrap_err().to_string();
+        assert!(err.contains("oci sandbox's details"), "{err}");
+        // A microVM record keeps its JSON shape through the typed view.
+        let booted = serde_json::json!({"runtime": "microvm", "name": "n", "stateDir": "/s", "pid": 7,
+            "details": {"accel": "kvm", "accelReason": "r", "socket": "/s/a", "console": "/s/c",
+                        "workspaceDisk": "/s/w", "workspaceDiskBytes": 1, "images": [],
+                        "phases": {"diskBuildMs": 1, "qemuStartMs": 2, "kernelBootMs": 3,
+                                   "agentReadyMs": 4, "totalMs": 10},
+                        "qemuUser": null, "network": null, "pool": {"idleMs": 5, "diskBuildMs": 6, "mountMs": 7}}});
+        let mut rec: SandboxRecord = serde_json::from_value(booted.clone()).unwrap();
+        let det = microvm::VmDetails::of(&rec).unwrap().unwrap();
+        assert_eq!(det.accel, microvm::Accel::Kvm);
+        assert_eq!(det.pool.unwrap().mount_ms, 7);
+        det.store(&mut rec);
+        assert_eq!(serde_json::to_value(&rec).unwrap(), booted);
     }
 }

@@ -17,16 +17,26 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use super::{
-    BootRequest, OutputSink, Runtime, RuntimeKind, RuntimeOptions, SandboxDetails, SandboxRecord, StepEnd,
+    BootRequest, OutputSink, RecordDetails, Runtime, RuntimeKind, RuntimeOptions, SandboxRecord, StepEnd,
     StepSpec, Stream,
 };
 use crate::base::cancel::Cancel;
-use crate::document::sandbox::ShellDetails;
 
 /// The warning printed whenever a sandbox is started by this runtime.
 pub const WARNING: &str =
     "WARNING: the shell runtime runs job steps directly on this host with NO ISOLATION \
 (development only; never use it for code you do not trust)";
+
+/// The shell runtime's record: where the steps run.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShellDetails {
+    pub workspace: PathBuf,
+}
+
+impl RecordDetails for ShellDetails {
+    const RUNTIME: RuntimeKind = RuntimeKind::Shell;
+}
 
 pub struct ShellRuntime {
     opts: RuntimeOptions,
@@ -38,9 +48,9 @@ impl ShellRuntime {
     }
 
     fn workspace(sandbox: &SandboxRecord) -> Result<PathBuf> {
-        match &sandbox.details {
-            SandboxDetails::Shell(d) => Ok(d.workspace.clone()),
-            _ => bail!("sandbox {} records no workspace", sandbox.name),
+        match ShellDetails::of(sandbox)? {
+            Some(d) => Ok(d.workspace),
+            None => bail!("sandbox {} records no workspace", sandbox.name),
         }
     }
 }
@@ -106,12 +116,9 @@ impl Runtime for ShellRuntime {
         // Marks the directory as this runtime's, for the janitor.
         std::fs::write(state_dir.join("shell"), req.job_uid)
             .with_context(|| format!("writing {}", state_dir.join("shell").display()))?;
-        Ok(SandboxRecord {
-            name,
-            state_dir,
-            pid: None,
-            details: SandboxDetails::Shell(ShellDetails { workspace: req.workspace.to_path_buf() }),
-        })
+        let mut record = SandboxRecord::new(RuntimeKind::Shell, name, state_dir);
+        ShellDetails { workspace: req.workspace.to_path_buf() }.store(&mut record);
+        Ok(record)
     }
 
     fn step_command(&self, sandbox: &SandboxRecord, step: &StepSpec) -> Vec<String> {
@@ -267,6 +274,14 @@ impl Runtime for ShellRuntime {
             }
         }
         Ok(removed)
+    }
+
+    fn boot_warning(&self) -> Option<&'static str> {
+        Some(WARNING)
+    }
+
+    fn runs_images(&self) -> bool {
+        false
     }
 }
 

@@ -37,7 +37,7 @@ pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
     let mut sandbox_removed =
         doc.sandbox.is_none() || doc.completion.as_ref().is_some_and(|c| c.sandbox_removed);
     if let (Some(sb), false) = (doc.sandbox.clone(), sandbox_removed) {
-        let mut entry = ctx.logger.entry(&format!("teardown.{}.remove", sb.runtime()), None).ok();
+        let mut entry = ctx.logger.entry(&format!("teardown.{}.remove", sb.runtime), None).ok();
         match ctx.runtime(doc).and_then(|rt| rt.teardown(&sb)) {
             Ok(()) => {
                 sandbox_removed = true;

@@ -9,6 +9,9 @@ pub mod run_steps;
 pub mod upload;
 pub mod vm_boot;
 
+#[cfg(test)]
+mod tests;
+
 use anyhow::{Context, Result};
 use chrono::Utc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -70,8 +73,12 @@ pub struct JobCtx {
     pub auth: JobAuth,
     pub logger: JobLogger,
     pub cancel: Cancel,
-    /// `loop`'s pool of microVMs booted ahead of demand, which `vm-boot` takes a VM from.
-    pub vm_pool: Option<Arc<crate::sandbox::microvm::pool::Pool>>,
+    /// `loop`'s sandboxes booted ahead of demand (the runtime's, if it boots any), which
+    /// `vm-boot` takes one from.
+    pub warm_pool: Option<Arc<dyn crate::sandbox::WarmPool>>,
+    /// The runtime the stages use instead of the document's (a test's fake).
+    #[cfg(test)]
+    pub fake_runtime: Option<Arc<dyn crate::sandbox::Runtime>>,
 }
 
 impl JobCtx {
@@ -96,7 +103,17 @@ impl JobCtx {
             doc.executor.log_append,
         );
         let cancel = cancel.unwrap_or_else(|| Cancel::with_deadline(deadline_instant(doc)));
-        Ok(JobCtx { settings, client, job, auth, logger, cancel, vm_pool: None })
+        Ok(JobCtx {
+            settings,
+            client,
+            job,
+            auth,
+            logger,
+            cancel,
+            warm_pool: None,
+            #[cfg(test)]
+            fake_runtime: None,
+        })
     }
 
     pub fn redact(&self, s: &str) -> String {
@@ -104,9 +121,13 @@ impl JobCtx {
     }
 
     /// The runtime that the document names.
-    pub fn runtime(&self, doc: &RunDocument) -> Result<Box<dyn crate::sandbox::Runtime>> {
-        let kind = doc.sandbox.as_ref().map(|s| s.runtime()).unwrap_or(doc.executor.runtime);
-        crate::sandbox::open(kind, &self.settings.runtime_options())
+    pub fn runtime(&self, doc: &RunDocument) -> Result<Arc<dyn crate::sandbox::Runtime>> {
+        #[cfg(test)]
+        if let Some(rt) = &self.fake_runtime {
+            return Ok(rt.clone());
+        }
+        let kind = doc.sandbox.as_ref().map(|s| s.runtime).unwrap_or(doc.executor.runtime);
+        crate::sandbox::open(kind, &self.settings.runtime_options()).map(Arc::from)
     }
 }
 
@@ -147,7 +168,7 @@ pub fn run_stage(stage: Stage, ctx: &JobCtx, doc: &mut RunDocument) -> Result<St
 }
 
 /// The loop's `prepare-workspace` and `vm-boot` at once, for a runtime whose sandbox needs only
-/// the workspace's directory (oci): as soon as the workspace exists, the sandbox boots, its
+/// the workspace's directory ([`crate::sandbox::Runtime::boots_during_clone`]): as soon as the workspace exists, the sandbox boots, its
 /// images pulled, its network made and its first step's container created, while the
 /// repository clones. Both stages are recorded as run, the clone first. `Err` as for
 /// [`run_stage`].

@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 
 use super::{Incomplete, JobCtx};
 use crate::document::RunDocument;
-use crate::sandbox::BootRequest;
+use crate::sandbox::{BootRequest, WarmClaim};
 
 pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
     if doc.workspace.is_none() {
@@ -36,28 +36,22 @@ pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
         name_prefix: &ctx.settings.vm_prefix,
         coordinator: Some(&doc.executor.frontend_url),
     };
-    if runtime.kind() == crate::sandbox::RuntimeKind::Shell {
-        entry.line(crate::sandbox::shell::WARNING);
+    if let Some(warning) = runtime.boot_warning() {
+        entry.line(warning);
     }
     // Held until the owner record names the new sandbox, so no janitor pass sees it unclaimed.
     let _janitor = crate::workspace::janitor_lock(&ctx.settings.state_dir, false)?;
     let started = std::time::Instant::now();
-    let pool = ctx.vm_pool.as_ref().filter(|_| runtime.kind() == crate::sandbox::RuntimeKind::Microvm);
-    let booted = match pool.map(|p| p.claim(&req)) {
-        Some(crate::sandbox::microvm::pool::Claim::Hit(record)) => {
-            if let crate::sandbox::SandboxDetails::Microvm(Some(d)) = &record.details {
-                if let Some(c) = d.pool {
-                    entry.line(&format!(
-                        "took VM {} from the pool (booted ahead, idle for {} ms; workspace disk written in \
-                         {} ms, mounted in {} ms)",
-                        record.name, c.idle_ms, c.disk_build_ms, c.mount_ms
-                    ));
-                }
+    let warm = ctx.warm_pool.as_ref().filter(|p| p.runtime() == runtime.kind());
+    let booted = match warm.map(|p| p.take(&req)) {
+        Some(WarmClaim::Hit { record, note }) => {
+            if let Some(note) = note {
+                entry.line(&ctx.redact(&note));
             }
             Ok(*record)
         }
-        Some(crate::sandbox::microvm::pool::Claim::Miss(why)) => {
-            entry.line(&format!("no VM of the pool for this job ({}): booting one", ctx.redact(&why)));
+        Some(WarmClaim::Miss { note }) => {
+            entry.line(&ctx.redact(&note));
             runtime.boot(&req)
         }
         None => runtime.boot(&req),
@@ -88,14 +82,12 @@ pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
 }
 
 /// Pulls the images the policy asks for, one log entry (`setup.image.pull`) for all of them, and
-/// records each in the document. The shell runtime uses no image.
+/// records each in the document. A runtime that runs no image ([`crate::sandbox::Runtime::runs_images`])
+/// gets none pulled.
 fn pull_images(ctx: &JobCtx, doc: &mut RunDocument, images: &[String]) -> Result<()> {
     use crate::image::pull::PullPolicy;
     let policy = ctx.settings.image_pull;
-    if policy == PullPolicy::Never
-        || images.is_empty()
-        || ctx.runtime(doc)?.kind() == crate::sandbox::RuntimeKind::Shell
-    {
+    if policy == PullPolicy::Never || images.is_empty() || !ctx.runtime(doc)?.runs_images() {
         return Ok(());
     }
     let store = crate::image::ImageStore::open(&ctx.settings.state_dir.join("images"))?;

@@ -8,9 +8,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use executor::base::cancel::{Cancel, CancelReason};
-use executor::sandbox::microvm::{Accel, MicroVm};
+use executor::sandbox::microvm::{Accel, MicroVm, VmDetails};
 use executor::sandbox::{
-    BootRequest, Limits, OutputSink, Runtime, RuntimeOptions, SandboxDetails, StepEnd, StepSpec, Stream,
+    BootRequest, Limits, OutputSink, RecordDetails, Runtime, RuntimeOptions, StepEnd, StepSpec, Stream,
 };
 
 use crate::common::{self, Exec};
@@ -194,7 +194,7 @@ fn microvm_job_runs_in_a_guest_round_trips_the_workspace_and_stops_on_cancel_and
             coordinator: None,
         })
         .expect("boot");
-    assert_eq!(rec.runtime(), executor::sandbox::RuntimeKind::Microvm);
+    assert_eq!(rec.runtime, executor::sandbox::RuntimeKind::Microvm);
     let pid = rec.pid.unwrap();
     assert!(Path::new(&format!("/proc/{pid}")).exists());
     // QEMU never holds root (`install vm` made its user): its real, effective, saved and fs uids.
@@ -208,7 +208,7 @@ fn microvm_job_runs_in_a_guest_round_trips_the_workspace_and_stops_on_cancel_and
         .collect();
     assert!(uids.len() == 4 && uids.iter().all(|&u| u != 0), "QEMU runs as root: {uids:?}");
     if nix::unistd::geteuid().is_root() {
-        let SandboxDetails::Microvm(Some(det)) = &rec.details else { panic!("{:?}", rec.details) };
+        let Some(det) = VmDetails::of(&rec).unwrap() else { panic!("{:?}", rec.details) };
         assert_eq!(det.qemu_user.as_deref(), Some("executor-vm"), "{det:?}");
         // Its directory (disks, socket, console) is its own and closed to everyone else.
         use std::os::unix::fs::MetadataExt;
@@ -324,8 +324,9 @@ fn microvm_janitor_removes_vms_no_live_job_owns_and_guest_garbage_is_refused() {
         }
     });
     let mut fake = live.clone();
-    if let SandboxDetails::Microvm(Some(det)) = &mut fake.details {
+    if let Some(mut det) = VmDetails::of(&fake).unwrap() {
         det.socket = sock.clone();
+        det.store(&mut fake);
     }
     let t = Instant::now();
     let err = rt.sync_workspace(&fake, &ws).unwrap_err();

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use executor::base::cancel::{Cancel, CancelReason};
-use executor::sandbox::oci::OciRuntime;
+use executor::sandbox::oci::{OciDetails, OciRuntime};
 use executor::sandbox::{
-    BootRequest, Limits, OutputSink, Runtime, RuntimeOptions, SandboxDetails, SandboxRecord, StepEnd,
+    BootRequest, Limits, OutputSink, RecordDetails, Runtime, RuntimeOptions, SandboxRecord, StepEnd,
     StepSpec, Stream,
 };
 
@@ -1047,8 +1047,8 @@ fn uid_ranges_are_per_job(oci: &str, test: &str) {
             coordinator: None,
         })
         .unwrap();
-    let base = |sb: &SandboxRecord| match &sb.details {
-        SandboxDetails::Oci(Some(d)) => d.uid_base,
+    let base = |sb: &SandboxRecord| match OciDetails::of(sb) {
+        Ok(Some(d)) => d.uid_base,
         other => panic!("{other:?}"),
     };
     let (ba, bb) = (base(&a), base(&b));

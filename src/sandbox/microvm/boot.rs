@@ -16,7 +16,7 @@ use super::qemu::{QemuConfig, AGENT_SOCKET, QEMU, WORKSPACE_DISK};
 use super::{cgroup, console, disk, net, Accel, ImageDisk, MicroVm, VmDetails, MARKER};
 use super::{DEFAULT_MEMORY, QEMU_OVERHEAD};
 use crate::guest::boot::{BootParams, WorkspaceMount};
-use crate::sandbox::{Limits, Runtime, SandboxDetails, SandboxRecord};
+use crate::sandbox::{Limits, RecordDetails, Runtime, RuntimeKind, SandboxRecord};
 
 /// What one VM boot needs besides its name.
 pub(super) struct VmBoot<'a> {
@@ -138,12 +138,7 @@ impl MicroVm {
         let dir = self.opts.sandboxes_dir().join(name);
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         fs::write(dir.join(MARKER), name).with_context(|| format!("writing {}", dir.display()))?;
-        let mut rec = SandboxRecord {
-            name: name.to_string(),
-            state_dir: dir.clone(),
-            pid: None,
-            details: SandboxDetails::Microvm(None),
-        };
+        let mut rec = SandboxRecord::new(RuntimeKind::Microvm, name, dir.clone());
         match self.boot_in(&mut rec, &manifest, boot) {
             Ok(()) => Ok(rec),
             Err(e) => {
@@ -194,11 +189,11 @@ impl MicroVm {
         let mut child = spawn_qemu(&dir, &config, handles, user.as_ref())?;
         let pid = child.id() as i32;
         rec.pid = Some(pid);
-        rec.details = SandboxDetails::Microvm(Some(det.clone()));
+        det.store(rec);
         place_in_cgroup(&rec.name, pid, boot)?;
         let ch = wait_for_agent(rec, &mut det, &mut child, boot.timeout)?;
         det.phases.total_ms = t0.elapsed().as_millis() as u64;
-        rec.details = SandboxDetails::Microvm(Some(det.clone()));
+        det.store(rec);
         self.keep_idle(rec, &det.socket, ch);
         Ok(())
     }
@@ -246,7 +241,7 @@ impl MicroVm {
         let vm_net = boot.network.as_ref().map(|r| net::setup(&self.opts, &rec.name, r)).transpose()?;
         if let Some(v) = &vm_net {
             det.network = Some(v.net.clone());
-            rec.details = SandboxDetails::Microvm(Some(det.clone()));
+            det.store(rec);
         }
         Ok(vm_net)
     }

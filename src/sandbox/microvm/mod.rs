@@ -21,8 +21,10 @@ pub mod identity;
 pub mod net;
 pub mod pool;
 pub mod qemu;
+mod record;
 mod requests;
 mod teardown;
+mod warm;
 mod workspace;
 
 use anyhow::{bail, Context, Result};
@@ -31,16 +33,16 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{
-    BootRequest, OutputSink, Runtime, RuntimeKind, RuntimeOptions, SandboxDetails, SandboxRecord, StepEnd,
+    BootRequest, OutputSink, RecordDetails, Runtime, RuntimeKind, RuntimeOptions, SandboxRecord, StepEnd,
     StepSpec,
 };
 use crate::base::cancel::Cancel;
-pub use crate::document::sandbox::{Accel, BootPhases, ImageDisk, VmDetails};
 use crate::guest::protocol::*;
 pub use accel::KvmProbe;
 pub use boot::AgentSilent;
 use boot::VmBoot;
 pub use qemu::{MACHINE, QEMU};
+pub use record::{Accel, BootPhases, ImageDisk, PoolClaim, VmDetails};
 use requests::inside_data;
 pub use workspace::unpack_workspace;
 
@@ -77,9 +79,9 @@ impl MicroVm {
     }
 
     fn details(sandbox: &SandboxRecord) -> Result<VmDetails> {
-        match &sandbox.details {
-            SandboxDetails::Microvm(Some(d)) => Ok(d.clone()),
-            _ => bail!("sandbox {} has no microvm details", sandbox.name),
+        match VmDetails::of(sandbox)? {
+            Some(d) => Ok(d),
+            None => bail!("sandbox {} has no microvm details", sandbox.name),
         }
     }
 }
@@ -87,6 +89,21 @@ impl MicroVm {
 impl Runtime for MicroVm {
     fn kind(&self) -> RuntimeKind {
         RuntimeKind::Microvm
+    }
+
+    fn boots_ahead(&self) -> bool {
+        true
+    }
+
+    fn start_warm_pool(
+        &self,
+        req: super::WarmPoolRequest,
+    ) -> Result<Option<std::sync::Arc<dyn super::WarmPool>>> {
+        warm::start(self, req)
+    }
+
+    fn booted_ahead(&self) -> Result<HashSet<String>> {
+        warm::live(self)
     }
 
     fn check(&self) -> Result<Vec<String>> {

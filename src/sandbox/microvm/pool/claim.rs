@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use super::super::{disk, MicroVm};
 use super::{Claim, Member, Pool, OWNER_FILE};
-use crate::document::sandbox::PoolClaim;
+use super::super::{PoolClaim, VmDetails};
 use crate::guest::protocol::*;
-use crate::sandbox::{BootRequest, SandboxDetails};
+use crate::sandbox::{BootRequest, RecordDetails};
 
 /// How long the agent may take to mount the workspace.
 const MOUNT_LIMIT: Duration = Duration::from_secs(30);
@@ -107,8 +107,9 @@ impl Pool {
         match self.attach(&mut member, req.workspace) {
             Ok(claim) => {
                 let mut rec = member.rec.clone();
-                if let SandboxDetails::Microvm(Some(det)) = &mut rec.details {
+                if let Ok(Some(mut det)) = VmDetails::of(&rec) {
                     det.pool = Some(claim);
+                    det.store(&mut rec);
                 }
                 // For the job's next request (its first step), from this process.
                 if let (Some(ch), Ok(det)) = (member.ch.take(), MicroVm::details(&rec)) {

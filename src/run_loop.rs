@@ -482,7 +482,12 @@ fn start_pool(settings: &Settings, runtime: RuntimeKind, name: &str) -> Result<O
         log: Arc::new(|m: &str| info!("{m}")),
     })?;
     if let Some(p) = &pool {
-        info!("{}; memory budget {}, {} per job VM", p.status_line(), fmt(budget.total_bytes), fmt(budget.job_bytes));
+        info!(
+            "{}; memory budget {}, {} per job VM",
+            p.status_line(),
+            fmt(budget.total_bytes),
+            fmt(budget.job_bytes)
+        );
     }
     Ok(pool)
 }

@@ -12,6 +12,7 @@ use crate::protocol::MIN_SECRET_LEN;
 use crate::sandbox::RuntimeChoice;
 
 pub mod parse;
+mod setting;
 pub mod table;
 
 pub use parse::{LogFormat, LogLevel, Size};

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use super::table::Setting;
+use super::setting::Setting;
 use crate::base::units::{parse_duration, parse_size};
 use crate::protocol::SOURCEGRAPH_QUEUES;
 use crate::sandbox::microvm::Accel;

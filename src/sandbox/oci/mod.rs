@@ -36,8 +36,6 @@ use crate::sandbox::{
     StepSpec,
 };
 pub use record::{OciDetails, OciImage};
-// rootfs.rs finds the mounts below a directory as the teardown does.
-use teardown::mounts_below;
 
 /// The OCI runtimes this backend can drive.
 pub const OCI_RUNTIMES: &[&str] = &["runc", "crun", "runsc"];

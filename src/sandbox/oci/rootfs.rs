@@ -66,7 +66,7 @@ pub fn make_reach(sandbox: &str, workspace: &Path, owner: u32) -> Result<PathBuf
 /// still not empty after the unmounts is left (never a recursive removal through a mount).
 pub fn remove_reach(sandbox: &str) -> Result<()> {
     let dir = reach_dir(sandbox);
-    let mut points = super::mounts_below(&dir);
+    let mut points = mounts_below(&dir);
     points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     for p in points {
         let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
@@ -193,7 +193,7 @@ pub fn unmount_step_later(root: StepRoot) {
 /// at the top of `workspace`.
 pub fn remove_step_roots(sandbox: &str, workspace: &Path) {
     let dir = reach_dir(sandbox);
-    for p in super::mounts_below(&dir) {
+    for p in mounts_below(&dir) {
         if p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("root-")) {
             let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
             let _ = fs::remove_dir(&p);
@@ -227,5 +227,46 @@ pub fn remove_layers(workspace: &Path) {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
         }
+    }
+}
+
+/// Mount points at or below `dir` in this mount namespace (a bind mount has the device of its
+/// source, so only the mount table tells).
+pub(super) fn mounts_below(dir: &Path) -> Vec<PathBuf> {
+    let table = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    table
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| PathBuf::from(unescape_mountinfo(m)))
+        .filter(|m| m.starts_with(dir))
+        .collect()
+}
+
+/// mountinfo writes space, tab, newline and backslash in paths as `\ooo` octal escapes.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_paths_are_unescaped() {
+        assert_eq!(unescape_mountinfo("/a\\040b/c\\134d"), "/a b/c\\d");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+        assert_eq!(unescape_mountinfo("/end\\04"), "/end\\04");
     }
 }

@@ -4,10 +4,11 @@
 
 use anyhow::{bail, Context, Result};
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use super::ahead::drop_prepared;
+use super::rootfs::mounts_below;
 use super::{cgroup, rootfs, uids, OciRuntime, MARKER};
 use crate::sandbox::{Runtime, SandboxRecord};
 
@@ -73,35 +74,6 @@ pub(super) fn unmount_roots(state_dir: &Path) {
     }
 }
 
-/// Mount points at or below `dir` in this mount namespace (a bind mount has the device of its
-/// source, so only the mount table tells).
-pub(super) fn mounts_below(dir: &Path) -> Vec<PathBuf> {
-    let table = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    table
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|m| PathBuf::from(unescape_mountinfo(m)))
-        .filter(|m| m.starts_with(dir))
-        .collect()
-}
-
-/// mountinfo writes space, tab, newline and backslash in paths as `\ooo` octal escapes.
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// Removes a directory tree that another process may be writing into or removing at the same
 /// time: a failed pass (a file appeared, an entry vanished under it) is tried again, 10 times
 /// 20 ms apart. Gone already is success.
@@ -122,13 +94,6 @@ mod tests {
     use super::*;
     use crate::image::{ID_BASE, ID_COUNT};
     use std::os::unix::fs::MetadataExt;
-
-    #[test]
-    fn mountinfo_paths_are_unescaped() {
-        assert_eq!(unescape_mountinfo("/a\\040b/c\\134d"), "/a b/c\\d");
-        assert_eq!(unescape_mountinfo("/plain"), "/plain");
-        assert_eq!(unescape_mountinfo("/end\\04"), "/end\\04");
-    }
 
     #[test]
     fn idmapped_image_mounts_belong_to_the_sandbox_range_and_go_at_teardown() {

@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::super::{disk, MicroVm};
-use super::{Claim, Member, Pool, OWNER_FILE};
 use super::super::{PoolClaim, VmDetails};
+use super::{Claim, Member, Pool, OWNER_FILE};
 use crate::guest::protocol::*;
 use crate::sandbox::{BootRequest, RecordDetails};
 

@@ -479,7 +479,6 @@ fn start_pool(settings: &Settings, runtime: RuntimeKind, name: &str) -> Result<O
         coordinator: settings.frontend_url.clone(),
         budget_bytes: budget.total_bytes,
         job_bytes: budget.job_bytes,
-        log: Arc::new(|m: &str| info!("{m}")),
     })?;
     if let Some(p) = &pool {
         info!(

@@ -48,6 +48,9 @@ fn api_exit(e: crate::api::ApiError, what: &str) -> ExitError {
 /// A stage subcommand.
 pub fn stage(stage: Stage, settings: Settings, input: Option<&Path>, output: Option<&Path>) -> Result<i32> {
     let mut doc = document::read(input)?;
+    // The stage's lines name the job and the stage, as the loop's do.
+    let _span = tracing::error_span!("job", job_id = %doc.job.uid, runtime = %doc.executor.runtime).entered();
+    let _stage = tracing::error_span!("stage", stage = stage.name()).entered();
     let settings = Arc::new(settings);
     let ctx = JobCtx::new(settings.clone(), &doc, None)?;
     let heartbeat = doc.completion.is_none().then(|| {

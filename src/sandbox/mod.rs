@@ -204,8 +204,6 @@ pub struct WarmPoolRequest {
     /// The memory the idle sandboxes and the running jobs share, and what one job may use.
     pub budget_bytes: u64,
     pub job_bytes: u64,
-    /// Where the pool's own log lines go.
-    pub log: std::sync::Arc<dyn Fn(&str) + Send + Sync>,
 }
 
 /// How a job's request for a sandbox booted ahead of demand ended ([`WarmPool::take`]).
@@ -323,8 +321,8 @@ pub fn private_state_dir(dir: &Path) -> Result<()> {
         )
     })?;
     if let Some(mode) = before.filter(|m| m & 0o077 != 0) {
-        eprintln!(
-            "executor: the state directory {} was mode {mode:04o}; it is now 0700 (other users must reach \
+        tracing::warn!(
+            "the state directory {} was mode {mode:04o}; it is now 0700 (other users must reach \
              nothing of the jobs in it)",
             dir.display()
         );
@@ -348,7 +346,7 @@ pub fn open_choice(choice: RuntimeChoice, opts: &RuntimeOptions) -> Result<Box<d
         RuntimeChoice::Only(kind) => open(kind, opts),
         RuntimeChoice::Auto => {
             let (rt, why) = choose_auto(opts)?;
-            eprintln!("executor: runtime auto picked {}: {why}", rt.name());
+            tracing::info!("runtime auto picked {}: {why}", rt.name());
             Ok(rt)
         }
     }

@@ -109,7 +109,7 @@ impl Runtime for ShellRuntime {
                 req.job_uid
             );
         }
-        eprintln!("executor: {WARNING}");
+        tracing::warn!("{WARNING}");
         let name = format!("{}-{}", req.name_prefix, uuid::Uuid::new_v4());
         let state_dir = self.opts.sandboxes_dir().join(&name);
         std::fs::create_dir_all(&state_dir).with_context(|| format!("creating {}", state_dir.display()))?;

@@ -29,7 +29,7 @@ fn make_spare(ctx: &JobCtx) {
         return;
     };
     if let Err(e) = templates.make_spare(&key) {
-        eprintln!("executor: job {}: no spare copy of the workspace template: {e:#}", ctx.job.uid());
+        tracing::warn!(job_id = %ctx.job.uid(), "no spare copy of the workspace template: {e:#}");
     }
 }
 
@@ -47,7 +47,7 @@ pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
             }
             Err(err) => {
                 let msg = ctx.redact(&format!("tearing down sandbox {}: {err:#}", sb.name));
-                eprintln!("executor: {msg}");
+                tracing::error!("{msg}");
                 if let Some(e) = entry.as_mut() {
                     e.line(&format!("error: {msg}"));
                 }
@@ -69,7 +69,7 @@ pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
             match crate::workspace::remove(&ws.path) {
                 Ok(()) => workspace_removed = true,
                 Err(err) => {
-                    eprintln!("executor: {err:#}");
+                    tracing::error!("{err:#}");
                     if let Some(e) = entry.as_mut() {
                         e.line(&format!("error: {err:#}"));
                     }
@@ -90,8 +90,8 @@ pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
     match ctx.client.mark(&ctx.auth, mark, &message) {
         Ok(accepted) => {
             if !accepted {
-                eprintln!(
-                    "executor: the coordinator no longer knows job {} as ours (reset or taken over); its {} was not recorded",
+                tracing::warn!(
+                    "the coordinator no longer knows job {} as ours (reset or taken over); its {} was not recorded",
                     doc.job.uid,
                     mark.word()
                 );

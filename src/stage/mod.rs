@@ -286,14 +286,14 @@ impl JobHeartbeat {
                 match client.heartbeat(&queues, multi, std::slice::from_ref(&uid)) {
                     Ok(r) => {
                         if r.cancel_ids.contains(&uid) {
-                            eprintln!("executor: the coordinator canceled job {uid}");
+                            tracing::info!("the coordinator canceled job {uid}");
                             cancel.cancel(CancelReason::Canceled);
                         }
                         if !r.known_ids.contains(&uid) && !lost2.swap(true, Ordering::Relaxed) {
-                            eprintln!("executor: the coordinator no longer knows job {uid} as ours");
+                            tracing::warn!("the coordinator no longer knows job {uid} as ours");
                         }
                     }
-                    Err(e) => eprintln!("executor: heartbeat for job {uid} failed: {e}"),
+                    Err(e) => tracing::warn!("heartbeat for job {uid} failed: {e}"),
                 }
                 let (m, cv) = &*stop2;
                 let guard = m.lock().unwrap_or_else(|p| p.into_inner());

@@ -47,9 +47,6 @@ pub use key::{BaseKey, PoolKey, DEFAULT_POOL_DISK};
 use owner::lock_path;
 pub use owner::{live_members, OWNER_FILE};
 
-/// A log line sink (the loop's).
-pub type Log = Arc<dyn Fn(&str) + Send + Sync>;
-
 /// Settings of the pool.
 #[derive(Clone)]
 pub struct PoolSettings {
@@ -65,7 +62,6 @@ pub struct PoolSettings {
     /// with their network (TAP, slot and firewall entry) already made for it.
     pub coordinator: Option<String>,
     pub budget: Budget,
-    pub log: Log,
 }
 
 struct Member {
@@ -168,8 +164,9 @@ impl Pool {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The pool's lines are the loop's: they name no job unless a job's thread writes them.
     fn log(&self, msg: &str) {
-        (self.cfg.log)(msg)
+        tracing::info!("{msg}")
     }
 
     pub fn size(&self) -> usize {

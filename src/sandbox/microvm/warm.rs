@@ -23,7 +23,6 @@ pub(super) fn start(rt: &MicroVm, req: WarmPoolRequest) -> Result<Option<Arc<dyn
             network: rt.opts.network.mode,
             coordinator: req.coordinator,
             budget: Budget { total_bytes: req.budget_bytes, job_bytes: req.job_bytes },
-            log: req.log,
         },
     )?;
     Ok(Some(pool as Arc<dyn WarmPool>))

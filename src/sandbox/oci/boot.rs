@@ -72,8 +72,8 @@ impl OciRuntime {
             store.add_user(&name, &digests)?;
             cg.create(&Limits { pids: if limits.pids > 0 { limits.pids } else { 4096 }, ..limits.clone() })?;
             if let Err(e) = self.map_ids(&name, &state_dir, &mut details) {
-                eprintln!(
-                    "executor: sandbox {name} gets no uid range of its own ({e:#}): its container root is \
+                tracing::warn!(
+                    "sandbox {name} gets no uid range of its own ({e:#}): its container root is \
                      host uid {ID_BASE}, shared with every other job in the same case"
                 );
             }

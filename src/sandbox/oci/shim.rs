@@ -30,8 +30,10 @@ pub const NOT_RUN: i32 = 125;
 /// The shim's arguments after `argv[0]`: `<bundle> <id> <runtime> [<runtime's global flags>…]`,
 /// as [`command`] writes them.
 pub fn main_with_args(mut args: impl Iterator<Item = std::ffi::OsString>) -> i32 {
+    // The shim's stderr is the step's own: its lines reach the step's log, named as before.
+    crate::base::log::init_plain(ARG0);
     let (Some(bundle), Some(id)) = (args.next(), args.next()) else {
-        eprintln!("{ARG0}: started without its bundle and container id");
+        tracing::error!("started without its bundle and container id");
         return NOT_RUN;
     };
     let runtime: Vec<String> = args.map(|a| a.to_string_lossy().into_owned()).collect();
@@ -49,7 +51,7 @@ pub fn command(exe: &Path, bundle: &Path, id: &str, runtime: &[std::ffi::OsStrin
 /// Runs the shim: `runtime` is the runtime's program and global flags (`runc --root …`).
 pub fn main(runtime: &[String], bundle: &Path, id: &str) -> i32 {
     let Some((program, global)) = runtime.split_first() else {
-        eprintln!("{ARG0}: no runtime given");
+        tracing::error!("no runtime given");
         return NOT_RUN;
     };
     let run = |args: &[&str]| {
@@ -58,7 +60,7 @@ pub fn main(runtime: &[String], bundle: &Path, id: &str) -> i32 {
         cmd.status()
     };
     if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
-        eprintln!("{ARG0}: cannot become a subreaper: {e}");
+        tracing::error!("cannot become a subreaper: {e}");
         return NOT_RUN;
     }
     let pid_file = bundle.join("init.pid");
@@ -67,11 +69,11 @@ pub fn main(runtime: &[String], bundle: &Path, id: &str) -> i32 {
     match run(&["create", "--bundle", &bundle_arg, "--pid-file", &pid_arg, id]) {
         Ok(st) if st.success() => {}
         Ok(st) => {
-            eprintln!("{ARG0}: {program} create failed ({st})");
+            tracing::error!("{program} create failed ({st})");
             return NOT_RUN;
         }
         Err(e) => {
-            eprintln!("{ARG0}: cannot run {program}: {e}");
+            tracing::error!("cannot run {program}: {e}");
             return NOT_RUN;
         }
     }
@@ -83,7 +85,7 @@ pub fn main(runtime: &[String], bundle: &Path, id: &str) -> i32 {
     match run(&["start", id]) {
         Ok(st) if st.success() => {}
         other => {
-            eprintln!("{ARG0}: {program} start failed ({other:?})");
+            tracing::error!("{program} start failed ({other:?})");
             let _ = run(&["delete", "--force", id]);
             return NOT_RUN;
         }
@@ -126,7 +128,7 @@ fn wait_for(pid: i32) -> i32 {
             Ok(WaitStatus::Signaled(p, sig, _)) if p.as_raw() == pid => return 128 + sig as i32,
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => {
-                eprintln!("{ARG0}: lost the step's process {pid}: {e}");
+                tracing::error!("lost the step's process {pid}: {e}");
                 return NOT_RUN;
             }
         }

@@ -210,23 +210,10 @@ pub fn run(settings: Settings) -> Result<i32> {
         runtime,
         settings.max_jobs
     );
-
-    // Ping until the coordinator answers: job routes need the executor to be known.
-    let ping_started = Instant::now();
-    loop {
-        match client.ping(&settings.queues, settings.multi_queue) {
-            Ok(()) => break,
-            Err(e) => {
-                if ping_started.elapsed() > Duration::from_secs(60) || e.status().is_some() {
-                    warn!("cannot reach the coordinator yet: {e}");
-                }
-            }
-        }
-        if let Ok(s) = sig.recv_timeout(Duration::from_secs(1)) {
-            info!("{s} before the coordinator answered: exiting");
-            crate::workspace::release_lifetime(&settings.workspaces_dir());
-            return Ok(crate::base::exit::JOB_FAILED);
-        }
+    if let Some(s) = wait_for_coordinator(&settings, &client, &sig) {
+        info!("{s} before the coordinator answered: exiting");
+        crate::workspace::release_lifetime(&settings.workspaces_dir());
+        return Ok(crate::base::exit::JOB_FAILED);
     }
 
     let pool = start_pool(&settings, runtime, &name)?;
@@ -234,112 +221,14 @@ pub fn run(settings: Settings) -> Result<i32> {
     let stop_bg = Arc::new((Mutex::new(false), Condvar::new()));
     let heartbeat = spawn_heartbeat(&settings, &client, &running, &stop_bg);
     let janitor = spawn_janitor(&settings, &name, &running, &stop_bg);
+    let l = Loop { settings: settings.clone(), ui, client, runtime, sig, pool, running };
 
-    let started = Instant::now();
-    let mut dequeued: u64 = 0;
-    let mut signal_seen: Option<&'static str> = None;
-    let mut threads: Vec<std::thread::JoinHandle<()>> = Vec::new();
-    let long_poll = Duration::from_secs(2);
-    let mut over_budget = false;
-    loop {
-        if let Ok(s) = sig.try_recv() {
-            signal_seen = Some(s);
-            info!("{s}: no more dequeues; draining running jobs (grace {:?})", settings.shutdown_grace);
-            break;
-        }
-        if settings.num_total_jobs > 0 && dequeued >= settings.num_total_jobs {
-            info!("dequeued {dequeued} jobs (EXECUTOR_NUM_TOTAL_JOBS): finishing");
-            break;
-        }
-        if settings.max_active_time.is_some_and(|m| started.elapsed() >= m) {
-            info!("EXECUTOR_MAX_ACTIVE_TIME reached: finishing");
-            break;
-        }
-        {
-            let (m, cv) = &*running;
-            let guard = m.lock().unwrap_or_else(|p| p.into_inner());
-            if guard.jobs.len() >= settings.max_jobs {
-                let _ = cv.wait_timeout(guard, Duration::from_millis(200)).unwrap_or_else(|p| p.into_inner());
-                continue;
-            }
-            if let Some(p) = &pool {
-                if !p.admits(guard.jobs.len()) {
-                    if !over_budget {
-                        info!(
-                            "memory budget ({}) reached with {} jobs and the idle pool: waiting for a job to end",
-                            crate::base::units::format_bytes(p.budget_bytes()),
-                            guard.jobs.len()
-                        );
-                        over_budget = true;
-                    }
-                    let _ =
-                        cv.wait_timeout(guard, Duration::from_millis(200)).unwrap_or_else(|p| p.into_inner());
-                    continue;
-                }
-                over_budget = false;
-            }
-        }
-        let t = Instant::now();
-        match stage::dequeue::run(&settings, &client, runtime, Some(long_poll)) {
-            Ok(Some(doc)) => {
-                dequeued += 1;
-                threads.retain(|t| !t.is_finished());
-                threads.push(start_job(&settings, doc, &running, &ui, pool.as_ref())?);
-                continue;
-            }
-            Ok(None) if t.elapsed() >= long_poll / 2 => continue,
-            Ok(None) => {}
-            Err(e) => {
-                metrics::registry().add(metrics::DEQUEUE_ERRORS, &[], 1.0);
-                warn!("dequeue failed: {e}")
-            }
-        }
-        match sig.recv_timeout(settings.poll_interval) {
-            Ok(s) => {
-                signal_seen = Some(s);
-                info!("{s}: no more dequeues; draining running jobs (grace {:?})", settings.shutdown_grace);
-                break;
-            }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => std::thread::sleep(settings.poll_interval),
-        }
-    }
-
-    // Drain: no more pool boots; the ready VMs stay for the jobs just dequeued and go with the
-    // running jobs (below).
-    if let Some(p) = &pool {
-        if p.stop_booting() {
-            info!("VM pool: stopped the VM booting ahead");
-        }
-    }
-    let grace_end = signal_seen.map(|_| Instant::now() + settings.shutdown_grace);
-    let mut killed = false;
-    loop {
-        let n = running.0.lock().unwrap_or_else(|p| p.into_inner()).jobs.len();
-        if n == 0 {
-            break;
-        }
-        let second = sig.try_recv().ok();
-        let grace_over = grace_end.is_some_and(|g| Instant::now() >= g);
-        if !killed && (second.is_some() || grace_over) {
-            let why = match second {
-                Some(s) => format!("second signal ({s})"),
-                None => "grace period over".to_string(),
-            };
-            warn!("{why}: stopping {n} running jobs and reporting them");
-            for slot in running.0.lock().unwrap_or_else(|p| p.into_inner()).jobs.values() {
-                slot.cancel.cancel(CancelReason::Shutdown);
-            }
-            killed = true;
-        }
-        let (m, cv) = &*running;
-        let guard = m.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = cv.wait_timeout(guard, Duration::from_millis(100)).unwrap_or_else(|p| p.into_inner());
-    }
-    for t in threads {
+    let done = l.dequeue_until_stopped()?;
+    l.drain(done.signal);
+    for t in done.threads {
         let _ = t.join();
     }
-    if let Some(p) = &pool {
+    if let Some(p) = &l.pool {
         let n = p.drain();
         info!("VM pool: destroyed {n} idle VMs ({})", p.status_line());
     }
@@ -350,9 +239,167 @@ pub fn run(settings: Settings) -> Result<i32> {
     }
     let _ = heartbeat.join();
     let _ = janitor.join();
-    info!("stopped after {dequeued} jobs");
+    info!("stopped after {} jobs", done.count);
     crate::workspace::release_lifetime(&settings.workspaces_dir());
     Ok(crate::base::exit::OK)
+}
+
+/// Pings until the coordinator answers (job routes need the executor to be known); the signal
+/// that came first, if one did.
+fn wait_for_coordinator(
+    settings: &Settings,
+    client: &Client,
+    sig: &Receiver<&'static str>,
+) -> Option<&'static str> {
+    let ping_started = Instant::now();
+    loop {
+        match client.ping(&settings.queues, settings.multi_queue) {
+            Ok(()) => return None,
+            Err(e) => {
+                if ping_started.elapsed() > Duration::from_secs(60) || e.status().is_some() {
+                    warn!("cannot reach the coordinator yet: {e}");
+                }
+            }
+        }
+        if let Ok(s) = sig.recv_timeout(Duration::from_secs(1)) {
+            return Some(s);
+        }
+    }
+}
+
+/// How the dequeuing ended: the jobs dequeued, the signal that stopped it (if one did) and the
+/// jobs' threads.
+struct Dequeued {
+    count: u64,
+    signal: Option<&'static str>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// What the loop's phases share once the coordinator answered.
+struct Loop {
+    settings: Arc<Settings>,
+    ui: Ui,
+    client: Client,
+    runtime: RuntimeKind,
+    sig: Receiver<&'static str>,
+    pool: Option<Arc<dyn WarmPool>>,
+    running: Arc<(Mutex<Running>, Condvar)>,
+}
+
+impl Loop {
+    /// Dequeues and starts jobs until a signal, `EXECUTOR_NUM_TOTAL_JOBS` or
+    /// `EXECUTOR_MAX_ACTIVE_TIME` stops it.
+    fn dequeue_until_stopped(&self) -> Result<Dequeued> {
+        let settings = &self.settings;
+        let started = Instant::now();
+        let mut dequeued: u64 = 0;
+        let mut threads: Vec<std::thread::JoinHandle<()>> = Vec::new();
+        let long_poll = Duration::from_secs(2);
+        let mut over_budget = false;
+        let draining = |s: &'static str| {
+            info!("{s}: no more dequeues; draining running jobs (grace {:?})", settings.shutdown_grace);
+            Some(s)
+        };
+        loop {
+            if let Ok(s) = self.sig.try_recv() {
+                return Ok(Dequeued { count: dequeued, signal: draining(s), threads });
+            }
+            if settings.num_total_jobs > 0 && dequeued >= settings.num_total_jobs {
+                info!("dequeued {dequeued} jobs (EXECUTOR_NUM_TOTAL_JOBS): finishing");
+                return Ok(Dequeued { count: dequeued, signal: None, threads });
+            }
+            if settings.max_active_time.is_some_and(|m| started.elapsed() >= m) {
+                info!("EXECUTOR_MAX_ACTIVE_TIME reached: finishing");
+                return Ok(Dequeued { count: dequeued, signal: None, threads });
+            }
+            if !self.has_room(&mut over_budget) {
+                continue;
+            }
+            let t = Instant::now();
+            match stage::dequeue::run(settings, &self.client, self.runtime, Some(long_poll)) {
+                Ok(Some(doc)) => {
+                    dequeued += 1;
+                    threads.retain(|t| !t.is_finished());
+                    threads.push(start_job(settings, doc, &self.running, &self.ui, self.pool.as_ref())?);
+                    continue;
+                }
+                Ok(None) if t.elapsed() >= long_poll / 2 => continue,
+                Ok(None) => {}
+                Err(e) => {
+                    metrics::registry().add(metrics::DEQUEUE_ERRORS, &[], 1.0);
+                    warn!("dequeue failed: {e}")
+                }
+            }
+            match self.sig.recv_timeout(settings.poll_interval) {
+                Ok(s) => return Ok(Dequeued { count: dequeued, signal: draining(s), threads }),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => std::thread::sleep(settings.poll_interval),
+            }
+        }
+    }
+
+    /// Whether another job may start now: fewer than `EXECUTOR_MAXIMUM_NUM_JOBS` run and the
+    /// pool's memory budget admits one more. Waits up to 200 ms for a job to end when not.
+    fn has_room(&self, over_budget: &mut bool) -> bool {
+        let (m, cv) = &*self.running;
+        let guard = m.lock().unwrap_or_else(|p| p.into_inner());
+        let wait = |guard| {
+            let _ = cv.wait_timeout(guard, Duration::from_millis(200)).unwrap_or_else(|p| p.into_inner());
+            false
+        };
+        if guard.jobs.len() >= self.settings.max_jobs {
+            return wait(guard);
+        }
+        if let Some(p) = &self.pool {
+            if !p.admits(guard.jobs.len()) {
+                if !*over_budget {
+                    info!(
+                        "memory budget ({}) reached with {} jobs and the idle pool: waiting for a job to end",
+                        crate::base::units::format_bytes(p.budget_bytes()),
+                        guard.jobs.len()
+                    );
+                    *over_budget = true;
+                }
+                return wait(guard);
+            }
+            *over_budget = false;
+        }
+        true
+    }
+
+    /// Waits for the running jobs to end: no more pool boots (the ready VMs stay for the jobs
+    /// just dequeued); after a signal, a second signal or the grace period's end cancels them.
+    fn drain(&self, signal_seen: Option<&'static str>) {
+        if let Some(p) = &self.pool {
+            if p.stop_booting() {
+                info!("VM pool: stopped the VM booting ahead");
+            }
+        }
+        let grace_end = signal_seen.map(|_| Instant::now() + self.settings.shutdown_grace);
+        let mut killed = false;
+        loop {
+            let n = self.running.0.lock().unwrap_or_else(|p| p.into_inner()).jobs.len();
+            if n == 0 {
+                return;
+            }
+            let second = self.sig.try_recv().ok();
+            let grace_over = grace_end.is_some_and(|g| Instant::now() >= g);
+            if !killed && (second.is_some() || grace_over) {
+                let why = match second {
+                    Some(s) => format!("second signal ({s})"),
+                    None => "grace period over".to_string(),
+                };
+                warn!("{why}: stopping {n} running jobs and reporting them");
+                for slot in self.running.0.lock().unwrap_or_else(|p| p.into_inner()).jobs.values() {
+                    slot.cancel.cancel(CancelReason::Shutdown);
+                }
+                killed = true;
+            }
+            let (m, cv) = &*self.running;
+            let guard = m.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = cv.wait_timeout(guard, Duration::from_millis(100)).unwrap_or_else(|p| p.into_inner());
+        }
+    }
 }
 
 fn wait_or_stop(stop: &(Mutex<bool>, Condvar), d: Duration) -> bool {

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// Top-level module -> layer; see the table in `lib.rs`.
-pub const LAYERS: &[(&str, u8)] = &[
+pub(crate) const LAYERS: &[(&str, u8)] = &[
     ("base", 0),
     ("protocol", 1),
     ("guest", 1),

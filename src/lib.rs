@@ -23,25 +23,25 @@ pub mod githttp;
 pub mod guest;
 pub mod protocol;
 
-pub mod api;
+mod api;
 pub mod document;
 
-pub mod git;
-pub mod logs;
+mod git;
+mod logs;
 
 pub mod image;
 pub mod network;
-pub mod vm;
+mod vm;
 pub mod workspace;
 
 pub mod sandbox;
 
-pub mod config;
+mod config;
 
 pub mod server;
-pub mod stage;
+mod stage;
 
-pub mod run_loop;
+mod run_loop;
 
 pub mod cli;
 

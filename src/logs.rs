@@ -23,13 +23,13 @@ use crate::base::redact::{Redactor, StreamRedactor};
 use crate::protocol::ExecutionLogEntry;
 
 /// How often a running entry is updated.
-pub const UPDATE_INTERVAL: Duration = Duration::from_secs(1);
+pub(crate) const UPDATE_INTERVAL: Duration = Duration::from_secs(1);
 /// Pending output above which the producer flushes (and so waits for the coordinator).
-pub const PENDING_CAP: usize = 4 << 20;
+pub(crate) const PENDING_CAP: usize = 4 << 20;
 /// Longest partial line held back before it is sent as a line of its own.
-pub const MAX_LINE: usize = 64 << 10;
+pub(crate) const MAX_LINE: usize = 64 << 10;
 /// Most output kept for full-replacement updates (coordinators without appends).
-pub const FULL_OUTPUT_CAP: usize = 8 << 20;
+pub(crate) const FULL_OUTPUT_CAP: usize = 8 << 20;
 
 /// Where log entries go.
 pub trait LogTransport: Send + Sync {
@@ -38,7 +38,7 @@ pub trait LogTransport: Send + Sync {
 }
 
 /// The coordinator, with one job's credentials.
-pub struct CoordinatorLogs {
+pub(crate) struct CoordinatorLogs {
     pub client: Client,
     pub job: JobAuth,
 }
@@ -63,7 +63,7 @@ fn count_sent(entry: &ExecutionLogEntry) {
 }
 
 /// Called with each entry's key when it starts.
-pub type EntryHook = Arc<dyn Fn(&str) + Send + Sync>;
+pub(crate) type EntryHook = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// Creates the log entries of one job.
 #[derive(Clone)]
@@ -444,14 +444,14 @@ impl Drop for LogEntry {
 }
 
 #[cfg(test)]
-pub mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
     /// Records entries in memory, as a coordinator would store them: with `sourcegraph`, as
     /// Sourcegraph does (an update replaces the entry; `append` is a field it does not know).
     #[derive(Default)]
-    pub struct MemoryLogs {
+    pub(crate) struct MemoryLogs {
         pub entries: Mutex<Vec<ExecutionLogEntry>>,
         pub sourcegraph: bool,
         pub updates: Mutex<usize>,

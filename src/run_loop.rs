@@ -21,14 +21,14 @@ use crate::stage::{self, JobCtx, Stage};
 
 /// On a terminal, one spinner per running job, with the log's lines printed above them.
 #[derive(Clone)]
-pub struct Ui {
+pub(crate) struct Ui {
     multi: Option<indicatif::MultiProgress>,
     /// Sends the log's lines through `multi` while a clone of this view lives.
     _routed: Option<Arc<crate::base::log::Routed>>,
 }
 
 impl Ui {
-    pub fn new() -> Ui {
+    pub(crate) fn new() -> Ui {
         use std::io::IsTerminal;
         let multi = std::io::stderr().is_terminal().then(indicatif::MultiProgress::new);
         let routed = multi.clone().map(|m| {
@@ -71,7 +71,7 @@ struct Running {
 }
 
 /// SIGTERM/SIGINT as messages, without blocking them for child processes.
-pub fn signals() -> Result<Receiver<&'static str>> {
+pub(crate) fn signals() -> Result<Receiver<&'static str>> {
     let (tx, rx) = std::sync::mpsc::channel();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     std::thread::Builder::new()
@@ -115,7 +115,7 @@ pub fn signals() -> Result<Receiver<&'static str>> {
 }
 
 /// The concrete runtime for `settings.runtime`, checked to work here.
-pub fn resolve_runtime(settings: &Settings) -> Result<RuntimeKind> {
+pub(crate) fn resolve_runtime(settings: &Settings) -> Result<RuntimeKind> {
     let rt = crate::sandbox::open_choice(settings.runtime, &settings.runtime_options())?;
     rt.check().with_context(|| format!("the {} runtime cannot run here", rt.name()))?;
     Ok(rt.kind())
@@ -124,13 +124,13 @@ pub fn resolve_runtime(settings: &Settings) -> Result<RuntimeKind> {
 /// One janitor pass: workspaces and sandboxes that no live job owns. `me` is this executor's
 /// name and `live` the uids of the jobs it runs (its own other workspaces go at once); others'
 /// go once their deadline is long past. Boots wait while a pass runs (`janitor_lock`).
-pub fn janitor_pass(settings: &Settings, me: &str, live: &HashSet<String>) -> Result<Vec<String>> {
+pub(crate) fn janitor_pass(settings: &Settings, me: &str, live: &HashSet<String>) -> Result<Vec<String>> {
     janitor_pass_with(settings, me, || live.clone())
 }
 
 /// [`janitor_pass`] with the live jobs read once the janitor lock is held: a job dequeued while
 /// the pass waited for the lock (boots hold it) is live by then.
-pub fn janitor_pass_with(
+pub(crate) fn janitor_pass_with(
     settings: &Settings,
     me: &str,
     live: impl FnOnce() -> HashSet<String>,
@@ -184,7 +184,7 @@ pub fn janitor_pass_with(
 }
 
 /// Runs the loop until a stop condition; returns the exit status.
-pub fn run(settings: Settings) -> Result<i32> {
+pub(crate) fn run(settings: Settings) -> Result<i32> {
     let settings = Arc::new(settings);
     let ui = Ui::new();
     let name = new_executor_name();

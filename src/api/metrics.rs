@@ -8,20 +8,20 @@ use std::time::Duration;
 
 use crate::base::metrics::{add_label, line_name, Def, Kind, Registry};
 
-pub const JOBS: &str = "executor_jobs_total";
-pub const RUNNING: &str = "executor_jobs_running";
-pub const STEP_SECONDS: &str = "executor_step_duration_seconds";
-pub const BOOT_SECONDS: &str = "executor_sandbox_boot_duration_seconds";
-pub const LOG_BYTES: &str = "executor_log_bytes_sent_total";
-pub const DEQUEUE_ERRORS: &str = "executor_dequeue_errors_total";
-pub const HEARTBEAT_ERRORS: &str = "executor_heartbeat_errors_total";
-pub const POOL_SIZE: &str = "executor_vm_pool_size";
-pub const POOL_READY: &str = "executor_vm_pool_ready";
-pub const POOL_BOOTING: &str = "executor_vm_pool_booting";
-pub const POOL_IDLE_BYTES: &str = "executor_vm_pool_idle_resident_bytes";
-pub const POOL_CLAIMS: &str = "executor_vm_pool_claims_total";
-pub const POOL_DISCARDED: &str = "executor_vm_pool_discarded_total";
-pub const POOL_BOOT_SECONDS: &str = "executor_vm_pool_boot_duration_seconds";
+pub(crate) const JOBS: &str = "executor_jobs_total";
+pub(crate) const RUNNING: &str = "executor_jobs_running";
+pub(crate) const STEP_SECONDS: &str = "executor_step_duration_seconds";
+pub(crate) const BOOT_SECONDS: &str = "executor_sandbox_boot_duration_seconds";
+pub(crate) const LOG_BYTES: &str = "executor_log_bytes_sent_total";
+pub(crate) const DEQUEUE_ERRORS: &str = "executor_dequeue_errors_total";
+pub(crate) const HEARTBEAT_ERRORS: &str = "executor_heartbeat_errors_total";
+pub(crate) const POOL_SIZE: &str = "executor_vm_pool_size";
+pub(crate) const POOL_READY: &str = "executor_vm_pool_ready";
+pub(crate) const POOL_BOOTING: &str = "executor_vm_pool_booting";
+pub(crate) const POOL_IDLE_BYTES: &str = "executor_vm_pool_idle_resident_bytes";
+pub(crate) const POOL_CLAIMS: &str = "executor_vm_pool_claims_total";
+pub(crate) const POOL_DISCARDED: &str = "executor_vm_pool_discarded_total";
+pub(crate) const POOL_BOOT_SECONDS: &str = "executor_vm_pool_boot_duration_seconds";
 
 const STEP_BUCKETS: &[f64] =
     &[0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0];
@@ -95,7 +95,7 @@ static DEFS: &[Def] = &[
 ];
 
 /// This process's registry.
-pub fn registry() -> &'static Registry {
+pub(crate) fn registry() -> &'static Registry {
     static R: OnceLock<Registry> = OnceLock::new();
     R.get_or_init(|| Registry::new(DEFS))
 }
@@ -103,20 +103,20 @@ pub fn registry() -> &'static Registry {
 /// Exporters whose metrics heartbeats forward (`NODE_EXPORTER_URL`,
 /// `DOCKER_REGISTRY_NODE_EXPORTER_URL`): base URLs without the path.
 #[derive(Clone, Debug, Default)]
-pub struct Sources {
+pub(crate) struct Sources {
     pub node_exporter: Option<String>,
     pub registry_exporter: Option<String>,
 }
 
 /// Scrape timeout of each exporter, as Sourcegraph's executor uses.
-pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Families of scraped text that are dropped.
 const DROPPED: &[&str] = &["go_", "promhttp_", "process_"];
 
 /// The text a heartbeat carries: the registry, then each configured exporter's families
 /// (scraped in parallel; a failed scrape is left out).
-pub fn gather(sources: &Sources) -> String {
+pub(crate) fn gather(sources: &Sources) -> String {
     let mut out = registry().render();
     let mut targets: Vec<(String, Option<&str>)> = Vec::new();
     if let Some(u) = &sources.node_exporter {
@@ -165,7 +165,7 @@ fn scrape(agent: &ureq::Agent, url: &str) -> Option<String> {
 }
 
 /// Scraped text without the dropped families; with `sg_instance` on each sample when given.
-pub fn filter(text: &str, instance: Option<&str>) -> String {
+pub(crate) fn filter(text: &str, instance: Option<&str>) -> String {
     let mut out = String::with_capacity(text.len());
     for line in text.lines() {
         let name = line_name(line);

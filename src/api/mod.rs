@@ -2,7 +2,7 @@
 //! headers, and jittered exponential retries (transport errors, 5xx except 501, 429; never other
 //! 4xx). Blocking (ureq), over HTTP or HTTPS (rustls, with an optional private CA).
 
-pub mod metrics;
+pub(crate) mod metrics;
 
 use std::io::Read;
 use std::path::Path;
@@ -21,13 +21,15 @@ use crate::protocol::{
 };
 
 /// The Sourcegraph release whose executor protocol this executor implements (the contract
-/// covers 5.1 to 5.3).
-pub const PROTOCOL_VERSION: &str = "5.3.0";
+/// covers 5.1 to 5.3). [`VERSION`] spells it out again (`concat!` takes only literals); a test
+/// checks that they agree.
+#[cfg(test)]
+const PROTOCOL_VERSION: &str = "5.3.0";
 
 /// The executor's version on the wire: the protocol version it speaks, which earns v2 job
 /// payloads (`>= 4.3.0`) and is compared with the instance's on Sourcegraph's admin page, with
 /// this build in the semver build metadata (ignored by every comparison): `5.3.0+executor.0.1.0`.
-pub const VERSION: &str = concat!("5.3.0+executor.", env!("CARGO_PKG_VERSION"));
+pub(crate) const VERSION: &str = concat!("5.3.0+executor.", env!("CARGO_PKG_VERSION"));
 
 /// Largest response body read (a job with inline files can be big, but not unbounded).
 const MAX_BODY: u64 = 128 << 20;
@@ -54,7 +56,7 @@ impl ApiError {
 /// What a job may use on this executor, sent with each dequeue (`numCPUs`, `memory`,
 /// `diskSpace`): codeintel turns them into the steps' `VM_*` variables.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Resources {
+pub(crate) struct Resources {
     pub num_cpus: i64,
     pub memory: String,
     pub disk_space: String,
@@ -70,13 +72,13 @@ struct Reply {
 /// The protocol extensions a coordinator advertised ([`HEADER_EXTENSIONS`]); Sourcegraph
 /// advertises none.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Extensions {
+pub(crate) struct Extensions {
     /// Log entry updates may carry deltas (`"append": true`).
     pub log_append: bool,
 }
 
 impl Extensions {
-    pub fn parse(header: &str) -> Extensions {
+    pub(crate) fn parse(header: &str) -> Extensions {
         let names = || header.split(',').map(str::trim);
         Extensions { log_append: names().any(|n| n.eq_ignore_ascii_case(EXTENSION_LOG_APPEND)) }
     }
@@ -112,7 +114,7 @@ impl RetryPolicy {
 }
 
 /// Whether a status is worth retrying.
-pub fn retryable_status(status: u16) -> bool {
+pub(crate) fn retryable_status(status: u16) -> bool {
     status == 429 || (500..600).contains(&status) && status != 501
 }
 
@@ -153,7 +155,7 @@ fn refuses_certificate(t: &ureq::Transport) -> bool {
 
 /// The per-job credentials of job routes.
 #[derive(Debug, Clone)]
-pub struct JobAuth {
+pub(crate) struct JobAuth {
     pub id: i64,
     pub token: Secret,
     /// The route's `{queue}`.
@@ -161,7 +163,7 @@ pub struct JobAuth {
 }
 
 impl JobAuth {
-    pub fn for_job(job: &Job, queue: &str) -> Self {
+    pub(crate) fn for_job(job: &Job, queue: &str) -> Self {
         JobAuth { id: job.id, token: Secret::new(job.token.clone()), queue: queue.to_string() }
     }
 }
@@ -179,7 +181,7 @@ enum Body<'a> {
 
 /// A client for one coordinator, as one executor (name).
 #[derive(Clone)]
-pub struct Client {
+pub(crate) struct Client {
     agent: ureq::Agent,
     base: String,
     secret: Secret,
@@ -195,7 +197,7 @@ impl std::fmt::Debug for Client {
 }
 
 /// `<hostname>-<uuid v4>`.
-pub fn new_executor_name() -> String {
+pub(crate) fn new_executor_name() -> String {
     let host = nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
@@ -207,7 +209,12 @@ pub fn new_executor_name() -> String {
 impl Client {
     /// A client for `base_url` (no trailing slash) that trusts the extra CA certificates in the
     /// PEM file `ca` (if any) and authenticates with the executors' shared `secret`.
-    pub fn new(ca: Option<&Path>, secret: &Secret, base_url: &str, executor_name: &str) -> Result<Client> {
+    pub(crate) fn new(
+        ca: Option<&Path>,
+        secret: &Secret,
+        base_url: &str,
+        executor_name: &str,
+    ) -> Result<Client> {
         let mut builder = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(10))
             .timeout_read(Duration::from_secs(90))
@@ -228,21 +235,22 @@ impl Client {
     }
 
     /// Exporters whose metrics each heartbeat forwards after the executor's own.
-    pub fn with_metrics_sources(mut self, sources: metrics::Sources) -> Self {
+    pub(crate) fn with_metrics_sources(mut self, sources: metrics::Sources) -> Self {
         self.metrics_sources = Arc::new(sources);
         self
     }
 
-    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+    #[cfg(test)]
+    fn with_retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
         self
     }
 
-    pub fn executor_name(&self) -> &str {
+    pub(crate) fn executor_name(&self) -> &str {
         &self.executor_name
     }
 
-    pub fn base_url(&self) -> &str {
+    pub(crate) fn base_url(&self) -> &str {
         &self.base
     }
 
@@ -378,13 +386,13 @@ impl Client {
     }
 
     /// `GET /.executors/test/auth`: whether the coordinator accepts the shared secret.
-    pub fn test_auth(&self) -> Result<(), ApiError> {
+    pub(crate) fn test_auth(&self) -> Result<(), ApiError> {
         self.call("GET", "/.executors/test/auth", Auth::Executor, Body::None, None).map(|_| ())
     }
 
     /// Dequeues one job (`None` = no job). `wait` asks for the coordinator's long poll; a
     /// coordinator that does not offer it answers at once.
-    pub fn dequeue(
+    pub(crate) fn dequeue(
         &self,
         queues: &[String],
         multi: bool,
@@ -425,7 +433,7 @@ impl Client {
     }
 
     /// Heartbeats with the running job uids (`"<id>"` or `"<id>-<queue>"`).
-    pub fn heartbeat(
+    pub(crate) fn heartbeat(
         &self,
         queues: &[String],
         multi: bool,
@@ -475,7 +483,7 @@ impl Client {
     }
 
     /// The minimal heartbeat that registers the executor before its first dequeue.
-    pub fn ping(&self, queues: &[String], multi: bool) -> Result<(), ApiError> {
+    pub(crate) fn ping(&self, queues: &[String], multi: bool) -> Result<(), ApiError> {
         if multi {
             let req = HeartbeatRequest {
                 executor_name: self.executor_name.clone(),
@@ -496,7 +504,7 @@ impl Client {
     }
 
     /// `addExecutionLogEntry`: returns the entry id.
-    pub fn add_log_entry(&self, job: &JobAuth, entry: &ExecutionLogEntry) -> Result<i64, ApiError> {
+    pub(crate) fn add_log_entry(&self, job: &JobAuth, entry: &ExecutionLogEntry) -> Result<i64, ApiError> {
         let req = AddExecutionLogEntryRequest { op: self.op(job), entry: entry.clone() };
         let path = format!("/.executors/queue/{}/addExecutionLogEntry", job.queue);
         let (_, body) = self.post_json(&path, Auth::Job(job), &req, None)?;
@@ -508,7 +516,7 @@ impl Client {
     }
 
     /// `updateExecutionLogEntry`; with `append`, `entry.out` is a delta (our extension).
-    pub fn update_log_entry(
+    pub(crate) fn update_log_entry(
         &self,
         job: &JobAuth,
         entry_id: i64,
@@ -521,7 +529,7 @@ impl Client {
     }
 
     /// markComplete / markErrored / markFailed. `Ok(false)` on 404: the job is no longer ours.
-    pub fn mark(&self, job: &JobAuth, mark: Mark, message: &str) -> Result<bool, ApiError> {
+    pub(crate) fn mark(&self, job: &JobAuth, mark: Mark, message: &str) -> Result<bool, ApiError> {
         let path = format!("/.executors/queue/{}/{}", job.queue, mark.route());
         let res = match mark {
             Mark::Complete => self.post_json(&path, Auth::Job(job), &self.op(job), None),
@@ -539,12 +547,12 @@ impl Client {
 
     /// `PUT /.executors/queue/{queue}/artifacts`: the job's artifacts as a tar.gz.
     /// `GET /.executors/files/{bucket}/{key}`: a file of the coordinator's files store.
-    pub fn fetch_file(&self, job: &JobAuth, bucket: &str, key: &str) -> Result<Vec<u8>, ApiError> {
+    pub(crate) fn fetch_file(&self, job: &JobAuth, bucket: &str, key: &str) -> Result<Vec<u8>, ApiError> {
         let path = format!("/.executors/files/{bucket}/{key}");
         self.call("GET", &path, Auth::Job(job), Body::None, None).map(|(_, body)| body)
     }
 
-    pub fn upload_artifacts(&self, job: &JobAuth, archive: &Path) -> Result<(), ApiError> {
+    pub(crate) fn upload_artifacts(&self, job: &JobAuth, archive: &Path) -> Result<(), ApiError> {
         let path = format!("/.executors/queue/{}/artifacts", job.queue);
         self.call("PUT", &path, Auth::Job(job), Body::File(archive, "application/gzip"), None).map(|_| ())
     }
@@ -552,7 +560,7 @@ impl Client {
 
 /// The kind of terminal call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mark {
+pub(crate) enum Mark {
     Complete,
     Errored,
     Failed,
@@ -567,7 +575,7 @@ impl Mark {
         }
     }
     /// The word the run document records.
-    pub fn word(self) -> &'static str {
+    pub(crate) fn word(self) -> &'static str {
         match self {
             Mark::Complete => "completed",
             Mark::Errored => "errored",
@@ -590,7 +598,7 @@ fn error_detail(text: &str) -> String {
 
 /// rustls with the public web roots plus the operator's private CA, if any.
 /// TLS settings that trust the web PKI plus the PEM certificates in `ca` (if any).
-pub fn tls_config(ca: Option<&Path>) -> Result<rustls::ClientConfig> {
+pub(crate) fn tls_config(ca: Option<&Path>) -> Result<rustls::ClientConfig> {
     use rustls::pki_types::{pem::PemObject, CertificateDer};
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());

@@ -49,10 +49,6 @@ impl Cancel {
         Cancel { inner: Arc::default(), deadline }
     }
 
-    pub fn deadline(&self) -> Option<Instant> {
-        self.deadline
-    }
-
     /// Cancels; the first reason sticks.
     pub fn cancel(&self, reason: CancelReason) {
         let mut r = self.inner.reason.lock().unwrap_or_else(|p| p.into_inner());

@@ -11,7 +11,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 /// Checks that `rel` is a plain relative path and returns it joined to `root`.
-pub fn confined(root: &Path, rel: &str) -> Result<PathBuf> {
+pub(crate) fn confined(root: &Path, rel: &str) -> Result<PathBuf> {
     let p = Path::new(rel);
     if rel.is_empty() {
         bail!("empty path");
@@ -37,7 +37,7 @@ pub fn confined(root: &Path, rel: &str) -> Result<PathBuf> {
 
 /// Creates the directories of `rel` below `root` (none of them may be a symlink) and returns the
 /// full path of `rel`.
-pub fn ensure_parent(root: &Path, rel: &str) -> Result<PathBuf> {
+pub(crate) fn ensure_parent(root: &Path, rel: &str) -> Result<PathBuf> {
     let full = confined(root, rel)?;
     let tree = Beneath::open(root)?;
     tree.create_parent(Path::new(rel)).map_err(|e| refusal("write", rel, e))?;
@@ -46,12 +46,12 @@ pub fn ensure_parent(root: &Path, rel: &str) -> Result<PathBuf> {
 
 /// Writes `content` to `rel` below `root` with `mode` (and `mtime` if given), never through a
 /// symlink.
-pub fn write_file(root: &Path, rel: &str, content: &[u8], mode: u32) -> Result<PathBuf> {
+pub(crate) fn write_file(root: &Path, rel: &str, content: &[u8], mode: u32) -> Result<PathBuf> {
     write_file_at(root, rel, content, mode, None)
 }
 
 /// [`write_file`] that also sets the file's modification time (for `modifiedAt`).
-pub fn write_file_at(
+pub(crate) fn write_file_at(
     root: &Path,
     rel: &str,
     content: &[u8],
@@ -94,7 +94,7 @@ fn refusal(what: &str, rel: &str, e: std::io::Error) -> anyhow::Error {
 
 /// What lstat says of an entry below a [`Beneath`] root.
 #[derive(Debug, Clone, Copy)]
-pub struct Meta {
+pub(crate) struct Meta {
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
@@ -112,13 +112,13 @@ impl Meta {
             size: st.st_size.max(0) as u64,
         }
     }
-    pub fn is_dir(&self) -> bool {
+    pub(crate) fn is_dir(&self) -> bool {
         self.mode & libc::S_IFMT == libc::S_IFDIR
     }
-    pub fn is_file(&self) -> bool {
+    pub(crate) fn is_file(&self) -> bool {
         self.mode & libc::S_IFMT == libc::S_IFREG
     }
-    pub fn is_symlink(&self) -> bool {
+    pub(crate) fn is_symlink(&self) -> bool {
         self.mode & libc::S_IFMT == libc::S_IFLNK
     }
 }
@@ -127,13 +127,13 @@ impl Meta {
 /// it, following no symlink at all, so that whatever a job left there (a symlink to `/`, a
 /// directory swapped for one between two calls) never sends the host outside it. Paths are
 /// relative; the empty path is the root itself.
-pub struct Beneath {
+pub(crate) struct Beneath {
     root: OwnedFd,
 }
 
 impl Beneath {
     /// Opens `root` itself (it must not be a symlink).
-    pub fn open(root: &Path) -> Result<Beneath> {
+    pub(crate) fn open(root: &Path) -> Result<Beneath> {
         let f = std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
@@ -148,23 +148,14 @@ impl Beneath {
     }
 
     /// The entry `rel` itself (a symlink is reported as one, not followed).
-    pub fn lstat(&self, rel: &Path) -> std::io::Result<Meta> {
+    pub(crate) fn lstat(&self, rel: &Path) -> std::io::Result<Meta> {
         let fd = self.at(rel, libc::O_PATH | libc::O_NOFOLLOW)?;
         Ok(Meta::of(&nix::sys::stat::fstat(fd.as_raw_fd())?))
     }
 
-    /// [`Beneath::lstat`], with `None` when `rel` does not exist.
-    pub fn lstat_opt(&self, rel: &Path) -> std::io::Result<Option<Meta>> {
-        match self.lstat(rel) {
-            Ok(m) => Ok(Some(m)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
     /// Opens the regular file `rel` for reading (never a FIFO or device, which could block or
     /// have effects on open).
-    pub fn open_file(&self, rel: &Path) -> std::io::Result<std::fs::File> {
+    pub(crate) fn open_file(&self, rel: &Path) -> std::io::Result<std::fs::File> {
         let fd = self.at(rel, libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)?;
         let f = std::fs::File::from(fd);
         if !f.metadata()?.is_file() {
@@ -175,7 +166,7 @@ impl Beneath {
 
     /// The entries of the directory `rel` (sorted by name, without `.` and `..`), each with its
     /// lstat.
-    pub fn list(&self, rel: &Path) -> std::io::Result<Vec<(OsString, Meta)>> {
+    pub(crate) fn list(&self, rel: &Path) -> std::io::Result<Vec<(OsString, Meta)>> {
         let fd = self.at(rel, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW)?;
         let mut dir = nix::dir::Dir::from(fd)?;
         let raw = dir.as_raw_fd();
@@ -208,7 +199,7 @@ impl Beneath {
     }
 
     /// Removes the file (or symlink) `rel`, never what a symlink points at.
-    pub fn remove_file(&self, rel: &Path) -> std::io::Result<()> {
+    pub(crate) fn remove_file(&self, rel: &Path) -> std::io::Result<()> {
         let (dir, name) = self.parent_of(rel)?;
         nix::unistd::unlinkat(
             Some(dir.as_raw_fd()),
@@ -219,13 +210,13 @@ impl Beneath {
     }
 
     /// Changes the mode of the directory or file `rel` itself (never through a symlink).
-    pub fn chmod(&self, rel: &Path, mode: u32) -> std::io::Result<()> {
+    pub(crate) fn chmod(&self, rel: &Path, mode: u32) -> std::io::Result<()> {
         let fd = self.at(rel, libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)?;
         std::fs::File::from(fd).set_permissions(std::fs::Permissions::from_mode(mode))
     }
 
     /// Changes the owner of `rel` itself (a symlink's own owner, not its target's).
-    pub fn chown(&self, rel: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    pub(crate) fn chown(&self, rel: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
         let fd = self.at(rel, libc::O_PATH | libc::O_NOFOLLOW)?;
         nix::unistd::fchownat(
             Some(fd.as_raw_fd()),
@@ -275,7 +266,7 @@ impl Beneath {
 
 /// Creates `dir` (and its missing parents) readable by its owner only, and makes an existing one
 /// so: for directories that hold secrets or job data (the coordinator's data directory).
-pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
     let m = std::fs::symlink_metadata(dir)?;
@@ -290,7 +281,7 @@ pub fn private_dir(dir: &Path) -> std::io::Result<()> {
 
 /// Makes the regular file `path` readable by its owner only, creating it empty if it is missing;
 /// a symlink is refused.
-pub fn private_file(path: &Path) -> std::io::Result<()> {
+pub(crate) fn private_file(path: &Path) -> std::io::Result<()> {
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -306,7 +297,7 @@ pub fn private_file(path: &Path) -> std::io::Result<()> {
 
 /// Writes `bytes` to `path` through a temporary file in the same directory, so that a reader
 /// never sees half a file and a crash leaves the old one.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -325,7 +316,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// one) keeping its holes: only the data extents are copied, with `copy_file_range`, which shares
 /// the blocks instead where the filesystem can (XFS, btrfs reflinks) and copies them in the
 /// kernel where it cannot (ext4). Returns the bytes of data copied. A partial copy is removed.
-pub fn copy_sparse(from: &Path, to: &Path, mode: u32) -> Result<u64> {
+pub(crate) fn copy_sparse(from: &Path, to: &Path, mode: u32) -> Result<u64> {
     use nix::unistd::{lseek, Whence};
     let src = std::fs::File::open(from).with_context(|| format!("opening {}", from.display()))?;
     let len = src.metadata().with_context(|| format!("inspecting {}", from.display()))?.len();

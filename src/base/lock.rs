@@ -6,11 +6,11 @@ use std::fs::File;
 use std::path::Path;
 
 /// A held lock; released when dropped (or when the process dies).
-pub type Held = nix::fcntl::Flock<File>;
+pub(crate) type Held = nix::fcntl::Flock<File>;
 
 /// Takes the lock on `path` (created if missing, with its directory), exclusive or shared,
 /// waiting as long as another holder keeps it.
-pub fn lock(path: &Path, exclusive: bool) -> Result<Held> {
+pub(crate) fn lock(path: &Path, exclusive: bool) -> Result<Held> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -26,7 +26,7 @@ pub fn lock(path: &Path, exclusive: bool) -> Result<Held> {
 
 /// Takes the exclusive lock on `path` (created if missing) if nobody holds it: `None` when
 /// another open file description holds it, shared or exclusive.
-pub fn try_lock(path: &Path) -> Result<Option<Held>> {
+pub(crate) fn try_lock(path: &Path) -> Result<Option<Held>> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }

@@ -18,18 +18,14 @@ use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::Layer;
 
-pub use tracing::level_filters::LevelFilter;
+pub(crate) use tracing::level_filters::LevelFilter;
 
 /// The field (on an event or a span) naming the job a line is about.
-pub const JOB_ID: &str = "job_id";
-/// The field naming the pipeline stage.
-pub const STAGE: &str = "stage";
-/// The field naming the sandbox runtime.
-pub const RUNTIME: &str = "runtime";
+pub(crate) const JOB_ID: &str = "job_id";
 
 /// How a line looks.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Format {
+pub(crate) enum Format {
     /// `[HH:MM:SS.mmm ]NAME: [job ID: ]MESSAGE[ key=value...]`: NAME is the program's, or the
     /// event's target where a call site names one (`tracing::info!(target: "pull", ..)`); the
     /// clock (UTC) where `time` asks for it. Span fields other than the job id are left out.
@@ -41,14 +37,17 @@ pub enum Format {
 
 /// Sends every event at `level` or above to stderr, formatted as `format`. Fails when a
 /// subscriber is already installed.
-pub fn init(format: Format, level: LevelFilter) -> Result<(), tracing::subscriber::SetGlobalDefaultError> {
+pub(crate) fn init(
+    format: Format,
+    level: LevelFilter,
+) -> Result<(), tracing::subscriber::SetGlobalDefaultError> {
     let subscriber = tracing_subscriber::registry().with(level).with(Lines::new(format, emit));
     tracing::subscriber::set_global_default(subscriber)
 }
 
 /// [`init`] for an entry point that has no command line of its own (the oci shim, the guest
 /// agent): human lines named `name`, at info, without the clock. A second call changes nothing.
-pub fn init_plain(name: &str) {
+pub(crate) fn init_plain(name: &str) {
     let _ = init(Format::Human { name: name.to_string(), time: false }, LevelFilter::INFO);
 }
 
@@ -58,11 +57,11 @@ type Sink = Arc<dyn Fn(&str) + Send + Sync>;
 static ROUTE: RwLock<Option<Sink>> = RwLock::new(None);
 
 /// Lines go through a terminal view while this lives; dropping it sends them to stderr again.
-pub struct Routed(());
+pub(crate) struct Routed(());
 
 /// Sends each line (without its newline) to `sink` until the returned guard drops: a terminal
 /// view with live progress prints lines above it instead of through it.
-pub fn route_lines(sink: impl Fn(&str) + Send + Sync + 'static) -> Routed {
+pub(crate) fn route_lines(sink: impl Fn(&str) + Send + Sync + 'static) -> Routed {
     if let Ok(mut r) = ROUTE.write() {
         *r = Some(Arc::new(sink));
     }

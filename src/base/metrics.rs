@@ -7,7 +7,7 @@ use std::sync::Mutex;
 
 /// What kind of family a [`Def`] describes.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Kind {
+pub(crate) enum Kind {
     Counter,
     Gauge,
     /// Cumulative buckets with these upper bounds (seconds or any unit), ascending.
@@ -16,7 +16,7 @@ pub enum Kind {
 
 /// One metric family: name, help text, kind and label names.
 #[derive(Clone, Copy, Debug)]
-pub struct Def {
+pub(crate) struct Def {
     pub name: &'static str,
     pub help: &'static str,
     pub kind: Kind,
@@ -31,14 +31,14 @@ enum Series {
 
 /// Families known up front (so a family with no sample yet still has its HELP and TYPE), and
 /// their series by label values.
-pub struct Registry {
+pub(crate) struct Registry {
     defs: &'static [Def],
     series: Mutex<Vec<BTreeMap<Vec<String>, Series>>>,
 }
 
 impl Registry {
     /// A registry of `defs`; a family without labels starts with its one series at zero.
-    pub fn new(defs: &'static [Def]) -> Registry {
+    pub(crate) fn new(defs: &'static [Def]) -> Registry {
         let series = defs
             .iter()
             .map(|d| {
@@ -81,7 +81,7 @@ impl Registry {
     }
 
     /// Adds `by` to a counter or a gauge.
-    pub fn add(&self, name: &str, values: &[&str], by: f64) {
+    pub(crate) fn add(&self, name: &str, values: &[&str], by: f64) {
         self.with(name, values, |_, s| {
             if let Series::Value(v) = s {
                 *v += by;
@@ -90,7 +90,7 @@ impl Registry {
     }
 
     /// Sets a gauge.
-    pub fn set(&self, name: &str, values: &[&str], to: f64) {
+    pub(crate) fn set(&self, name: &str, values: &[&str], to: f64) {
         self.with(name, values, |_, s| {
             if let Series::Value(v) = s {
                 *v = to;
@@ -99,7 +99,7 @@ impl Registry {
     }
 
     /// Records one observation in a histogram.
-    pub fn observe(&self, name: &str, values: &[&str], x: f64) {
+    pub(crate) fn observe(&self, name: &str, values: &[&str], x: f64) {
         self.with(name, values, |def, s| {
             if let (Kind::Histogram(bounds), Series::Histogram { buckets, sum, count }) = (def.kind, s) {
                 for (b, le) in buckets.iter_mut().zip(bounds) {
@@ -114,7 +114,8 @@ impl Registry {
     }
 
     /// The current value of a counter or gauge series (None before its first sample).
-    pub fn value(&self, name: &str, values: &[&str]) -> Option<f64> {
+    #[cfg(test)]
+    fn value(&self, name: &str, values: &[&str]) -> Option<f64> {
         let i = self.defs.iter().position(|d| d.name == name)?;
         let all = self.series.lock().unwrap_or_else(|p| p.into_inner());
         let key: Vec<String> = values.iter().map(|v| v.to_string()).collect();
@@ -125,7 +126,7 @@ impl Registry {
     }
 
     /// Every family in the text exposition format.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let all = self.series.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = String::new();
         for (def, series) in self.defs.iter().zip(all.iter()) {
@@ -189,13 +190,13 @@ fn number(v: f64) -> String {
 }
 
 /// A label value with `\`, `"` and newlines escaped.
-pub fn escape_label(v: &str) -> String {
+pub(crate) fn escape_label(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 /// The metric name a line of exposition text is about: a sample's name, or the name a
 /// `# HELP` / `# TYPE` line describes; None for other comments and blank lines.
-pub fn line_name(line: &str) -> Option<&str> {
+pub(crate) fn line_name(line: &str) -> Option<&str> {
     if let Some(rest) = line.strip_prefix("# HELP ").or_else(|| line.strip_prefix("# TYPE ")) {
         return rest.split_whitespace().next();
     }
@@ -208,7 +209,7 @@ pub fn line_name(line: &str) -> Option<&str> {
 
 /// A sample line with the label `key="value"` added first; comments and blank lines unchanged.
 /// A sample that already has `key` keeps its own value.
-pub fn add_label(line: &str, key: &str, value: &str) -> String {
+pub(crate) fn add_label(line: &str, key: &str, value: &str) -> String {
     let Some(name) = line_name(line).filter(|_| !line.starts_with('#')) else {
         return line.to_string();
     };

@@ -2,16 +2,16 @@
 //! import nothing else of this crate. Everything above builds on them.
 
 pub mod cancel;
-pub mod exit;
-pub mod fs;
-pub mod lock;
-pub mod log;
-pub mod metrics;
+pub(crate) mod exit;
+pub(crate) mod fs;
+pub(crate) mod lock;
+pub(crate) mod log;
+pub(crate) mod metrics;
 pub mod proc;
-pub mod redact;
-pub mod secret;
+pub(crate) mod redact;
+pub(crate) mod secret;
 pub(crate) mod sys;
-pub mod units;
+pub(crate) mod units;
 
 // The tests' capability skips live in the `testkit` dev crate; the unit tests name them here.
 #[cfg(test)]

@@ -5,9 +5,9 @@
 use std::collections::BTreeMap;
 
 /// What the shared secret becomes in logs (the contract's replacement).
-pub const SECRET_REPLACEMENT: &str = "SECRET_REMOVED";
+pub(crate) const SECRET_REPLACEMENT: &str = "SECRET_REMOVED";
 /// What a job token becomes in logs.
-pub const TOKEN_REPLACEMENT: &str = "TOKEN_REMOVED";
+pub(crate) const TOKEN_REPLACEMENT: &str = "TOKEN_REMOVED";
 
 /// A set of secrets and their replacements. Longer secrets win where two match at one place.
 #[derive(Debug, Clone)]
@@ -162,7 +162,8 @@ impl StreamRedactor {
     }
 
     /// Bytes held back because they could be the start of a secret.
-    pub fn held(&self) -> usize {
+    #[cfg(test)]
+    fn held(&self) -> usize {
         self.pending.len()
     }
 }

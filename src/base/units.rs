@@ -6,7 +6,7 @@ use std::time::Duration;
 
 /// Parses a duration: Go's syntax (`500ms`, `30s`, `1h30m`, `1.5s`, `0`) or a bare number of
 /// seconds (`5`).
-pub fn parse_duration(text: &str) -> Result<Duration> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration> {
     let s = text.trim();
     if s.is_empty() {
         bail!("empty duration");
@@ -51,7 +51,7 @@ fn checked(secs: f64, text: &str) -> Result<Duration> {
 }
 
 /// Formats a duration the way Go prints one (`30m0s`, `1.5s`, `250ms`), which also parses back.
-pub fn format_duration(d: Duration) -> String {
+pub(crate) fn format_duration(d: Duration) -> String {
     if d.is_zero() {
         return "0s".into();
     }
@@ -89,7 +89,7 @@ fn trim_fraction(s: String) -> String {
 }
 
 /// Parses a size such as `12G`, `512M`, `100MB`, `1GiB`, `1024`; `K`/`M`/`G`/`T` are powers of 1024.
-pub fn parse_size(s: &str) -> Result<u64> {
+pub(crate) fn parse_size(s: &str) -> Result<u64> {
     let t = s.trim();
     let num_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     if num_end == 0 {
@@ -109,7 +109,7 @@ pub fn parse_size(s: &str) -> Result<u64> {
 }
 
 /// A size for people: `20 GiB`, `1.5 MiB`, `1000 bytes`.
-pub fn format_bytes(bytes: u64) -> String {
+pub(crate) fn format_bytes(bytes: u64) -> String {
     const UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
     for (unit, size) in UNITS {
         if bytes >= size {

@@ -2,7 +2,7 @@
 //! say: the run document, exit statuses, the sandbox set-up order.
 
 /// Extra roff for the man page named `name` (`executor`, `executor-run-steps`, ...).
-pub fn man_section(name: &str) -> Option<&'static str> {
+pub(super) fn man_section(name: &str) -> Option<&'static str> {
     match name {
         "executor" => Some(EXIT_STATUS),
         "executor-image" => Some(OCI_SETUP_ORDER),

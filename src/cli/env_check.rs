@@ -36,7 +36,7 @@ const UNSUPPORTED: &[(&str, &str)] = &[
 ];
 
 /// One line for each variable of `env` (names) that this executor does not read.
-pub fn report(known: &[String], env: impl IntoIterator<Item = String>) -> Vec<String> {
+pub(super) fn report(known: &[String], env: impl IntoIterator<Item = String>) -> Vec<String> {
     let mut out = Vec::new();
     for name in env {
         if !name.starts_with("EXECUTOR_")
@@ -71,7 +71,7 @@ pub fn report(known: &[String], env: impl IntoIterator<Item = String>) -> Vec<St
 
 /// Every variable of the settings table (names and aliases, flag or not) and of the command
 /// tree's other flags.
-pub fn known_variables(cmd: &clap::Command) -> Vec<String> {
+pub(super) fn known_variables(cmd: &clap::Command) -> Vec<String> {
     let mut out: Vec<String> = crate::config::table::variables().map(String::from).collect();
     out.extend(flag_variables(cmd));
     out.sort();

@@ -104,7 +104,7 @@ pub enum ExecutorCommand {
 }
 
 /// Validates the flags into settings and runs the command; returns the exit status.
-pub fn run(cmd: ExecutorCommand) -> anyhow::Result<i32> {
+pub(crate) fn run(cmd: ExecutorCommand) -> anyhow::Result<i32> {
     use super::stages as cmd;
     use crate::base::exit::{ExitError, USAGE};
     use crate::config::{Needs, Settings};

@@ -116,7 +116,7 @@ use std::io::Write;
 use crate::image::ImageStore;
 
 /// Runs one `executor image` command and returns the exit status.
-pub fn run(args: ImageArgs) -> Result<i32> {
+pub(crate) fn run(args: ImageArgs) -> Result<i32> {
     crate::sandbox::private_state_dir(&args.state_dir)?;
     let store = ImageStore::open(&args.state_dir.join("images"))?;
     let mut out = std::io::stdout().lock();

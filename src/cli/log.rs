@@ -10,7 +10,7 @@ use crate::base::log::{Format, LevelFilter};
 use crate::config::{LogFormat, LogLevel};
 
 /// The facade's filter for a level of the settings table.
-pub fn level_filter(level: LogLevel) -> LevelFilter {
+pub(super) fn level_filter(level: LogLevel) -> LevelFilter {
     match level {
         LogLevel::Error => LevelFilter::ERROR,
         LogLevel::Warn => LevelFilter::WARN,
@@ -22,7 +22,7 @@ pub fn level_filter(level: LogLevel) -> LevelFilter {
 
 /// How `command`'s lines look: named as the program (`executor queue` for the coordinator), and
 /// with the clock for the loop, which runs for days.
-pub fn format(command: &Command, format: LogFormat) -> Format {
+pub(super) fn format(command: &Command, format: LogFormat) -> Format {
     if format == LogFormat::Json {
         return Format::Json;
     }
@@ -34,7 +34,7 @@ pub fn format(command: &Command, format: LogFormat) -> Format {
 
 /// Installs the subscriber for `command`, with the settings of this process's environment; a
 /// bad value is a usage error that names its variable.
-pub fn install(command: &Command) -> Result<()> {
+pub(super) fn install(command: &Command) -> Result<()> {
     let (level, fmt) = crate::config::log_from_env().map_err(|e| ExitError::new(USAGE, format!("{e:#}")))?;
     // Installed once a process; a second install (none today) keeps the first.
     let _ = crate::base::log::init(format(command, fmt), level_filter(level));

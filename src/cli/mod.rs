@@ -4,9 +4,9 @@
 pub mod docs;
 mod docs_extra;
 mod env_check;
-pub mod image;
+pub(crate) mod image;
 mod log;
-pub mod queue;
+pub(crate) mod queue;
 mod stages;
 
 use clap::{Parser, Subcommand};
@@ -14,8 +14,8 @@ use clap::{Parser, Subcommand};
 use crate::base::exit;
 use std::path::PathBuf;
 
-pub mod executor;
-pub mod vm;
+pub(crate) mod executor;
+pub(crate) mod vm;
 
 #[derive(Debug, Parser)]
 #[command(

@@ -270,7 +270,7 @@ fn options(c: ClientArgs) -> client::ClientOptions {
 }
 
 /// Runs `executor queue ...`.
-pub fn run(args: QueueArgs) -> Result<i32> {
+pub(crate) fn run(args: QueueArgs) -> Result<i32> {
     use client::ClientCommand as C;
     let (opts, cmd) = match args.command {
         QueueCommand::Serve(s) => {

@@ -15,7 +15,7 @@ use crate::document;
 use crate::stage::{run_stage, Incomplete, JobCtx, JobHeartbeat, Stage, StageResult};
 
 /// `executor dequeue`.
-pub fn dequeue(settings: Settings, output: Option<&Path>, wait: Option<Duration>) -> Result<i32> {
+pub(super) fn dequeue(settings: Settings, output: Option<&Path>, wait: Option<Duration>) -> Result<i32> {
     let runtime = crate::run_loop::resolve_runtime(&settings)
         .map_err(|e| ExitError::new(exit::USAGE, format!("{e:#}")))?;
     let client = settings.client(settings.frontend_url()?, &new_executor_name())?;
@@ -46,7 +46,12 @@ fn api_exit(e: crate::api::ApiError, what: &str) -> ExitError {
 }
 
 /// A stage subcommand.
-pub fn stage(stage: Stage, settings: Settings, input: Option<&Path>, output: Option<&Path>) -> Result<i32> {
+pub(super) fn stage(
+    stage: Stage,
+    settings: Settings,
+    input: Option<&Path>,
+    output: Option<&Path>,
+) -> Result<i32> {
     let mut doc = document::read(input)?;
     // The stage's lines name the job and the stage, as the loop's do.
     let _span = tracing::error_span!("job", job_id = %doc.job.uid, runtime = %doc.executor.runtime).entered();
@@ -105,7 +110,7 @@ pub fn stage(stage: Stage, settings: Settings, input: Option<&Path>, output: Opt
 }
 
 /// `executor validate`: prints each check; fails on the first problem.
-pub fn validate(settings: Settings) -> Result<i32> {
+pub(super) fn validate(settings: Settings) -> Result<i32> {
     let url = settings.frontend_url()?.to_string();
     println!(
         "ok: configuration (coordinator {url}, queues {}, runtime {})",
@@ -193,7 +198,7 @@ fn git_version(text: &str) -> Option<(u32, u32)> {
 }
 
 /// `executor janitor`: one pass, printing what it removed.
-pub fn janitor(settings: Settings) -> Result<i32> {
+pub(super) fn janitor(settings: Settings) -> Result<i32> {
     let removed = crate::run_loop::janitor_pass(&settings, "", &HashSet::new())?;
     for r in &removed {
         println!("removed {r}");

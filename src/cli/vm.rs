@@ -86,7 +86,7 @@ use crate::sandbox::microvm::{Accel, MicroVm};
 use crate::sandbox::{OutputSink, RuntimeOptions, StepEnd, Stream};
 
 /// The runtime options the VM flags describe.
-pub fn runtime_options(state_dir: std::path::PathBuf, vm: &VmArgs) -> Result<RuntimeOptions> {
+pub(crate) fn runtime_options(state_dir: std::path::PathBuf, vm: &VmArgs) -> Result<RuntimeOptions> {
     let accel: Accel =
         vm.accel.parse().map_err(|e: anyhow::Error| exit::ExitError::new(exit::USAGE, e.to_string()))?;
     Ok(RuntimeOptions {
@@ -99,7 +99,7 @@ pub fn runtime_options(state_dir: std::path::PathBuf, vm: &VmArgs) -> Result<Run
     })
 }
 
-pub fn install_vm(args: InstallVmArgs) -> Result<i32> {
+pub(crate) fn install_vm(args: InstallVmArgs) -> Result<i32> {
     // The manifest records absolute paths: QEMU runs in the sandbox's directory.
     let state_dir = std::path::absolute(&args.state_dir)
         .with_context(|| format!("resolving the state directory {}", args.state_dir.display()))?;
@@ -124,7 +124,7 @@ impl OutputSink for Passthrough {
     }
 }
 
-pub fn test_vm(args: TestVmArgs) -> Result<i32> {
+pub(crate) fn test_vm(args: TestVmArgs) -> Result<i32> {
     let opts = runtime_options(args.state_dir.clone(), &args.vm)?;
     let rt = MicroVm::new(opts);
     let argv = if args.command.len() == 1 {

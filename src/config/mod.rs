@@ -11,18 +11,18 @@ use crate::base::secret::Secret;
 use crate::protocol::MIN_SECRET_LEN;
 use crate::sandbox::RuntimeChoice;
 
-pub mod parse;
+pub(crate) mod parse;
 mod setting;
-pub mod table;
+pub(crate) mod table;
 
-pub use parse::{LogFormat, LogLevel, Size};
-pub use table::{Raw, Values};
+pub(crate) use parse::{LogFormat, LogLevel};
+pub(crate) use table::{Raw, Values};
 
 /// Validated settings, each in its type: every setting of the table through [`Values`] (so a
 /// new setting is its table entry and the code that reads `settings.<id>`), and beside them
 /// what joins several settings or comes from elsewhere.
 #[derive(Debug, Clone)]
-pub struct Settings {
+pub(crate) struct Settings {
     values: Values,
     pub password: Secret,
     /// One queue (`EXECUTOR_QUEUE_NAME`), or several with `multi_queue` (`EXECUTOR_QUEUE_NAMES`).
@@ -46,28 +46,28 @@ impl std::ops::Deref for Settings {
 
 /// What a command needs besides the secret.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Needs {
+pub(crate) enum Needs {
     /// The coordinator's URL and the queues (dequeue, loop, validate).
     Coordinator,
     /// Only the secret: the later stages find the URL in the run document.
     DocumentOnly,
 }
 
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/executor";
+pub(crate) const DEFAULT_STATE_DIR: &str = "/var/lib/executor";
 
 /// The disk all workspace templates together may take.
-pub const WORKSPACE_TEMPLATES_MAX_BYTES: u64 = 8 << 30;
+pub(crate) const WORKSPACE_TEMPLATES_MAX_BYTES: u64 = 8 << 30;
 
 impl Settings {
     /// Validates `raw`, reading the secret from `EXECUTOR_FRONTEND_PASSWORD` or the password file.
-    pub fn load(raw: &Raw, needs: Needs) -> Result<Settings> {
+    pub(crate) fn load(raw: &Raw, needs: Needs) -> Result<Settings> {
         let file = raw.get("password_file").map(PathBuf::from);
         let password = load_password(file.as_deref())?;
         Self::from_raw(raw, password, needs)
     }
 
     /// Validates `raw` with the secret already read.
-    pub fn from_raw(raw: &Raw, password: Secret, needs: Needs) -> Result<Settings> {
+    pub(crate) fn from_raw(raw: &Raw, password: Secret, needs: Needs) -> Result<Settings> {
         if password.expose().chars().count() < MIN_SECRET_LEN {
             bail!("the frontend password is shorter than {MIN_SECRET_LEN} characters");
         }
@@ -75,7 +75,7 @@ impl Settings {
     }
 
     /// The settings of `v`: the rules that join several settings.
-    pub fn from_values(v: Values, password: Secret, needs: Needs) -> Result<Settings> {
+    pub(crate) fn from_values(v: Values, password: Secret, needs: Needs) -> Result<Settings> {
         if v.frontend_url.is_none() && needs == Needs::Coordinator {
             bail!("EXECUTOR_FRONTEND_URL (--frontend-url) is not set");
         }
@@ -106,12 +106,12 @@ impl Settings {
     }
 
     /// The coordinator's URL, for commands that need it.
-    pub fn frontend_url(&self) -> Result<&str> {
+    pub(crate) fn frontend_url(&self) -> Result<&str> {
         self.frontend_url.as_deref().context("EXECUTOR_FRONTEND_URL (--frontend-url) is not set")
     }
 
     /// A coordinator client for `base_url` with this executor's CA and shared secret.
-    pub fn client(&self, base_url: &str, executor_name: &str) -> Result<Client> {
+    pub(crate) fn client(&self, base_url: &str, executor_name: &str) -> Result<Client> {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
         let sources = crate::api::metrics::Sources {
             node_exporter: var("NODE_EXPORTER_URL"),
@@ -122,7 +122,7 @@ impl Settings {
     }
 
     /// What a job may use here, as each dequeue reports it.
-    pub fn resources(&self) -> Resources {
+    pub(crate) fn resources(&self) -> Resources {
         Resources {
             num_cpus: self.job_cpus as i64,
             memory: self.job_memory.to_string(),
@@ -131,7 +131,7 @@ impl Settings {
     }
 
     /// The options every sandbox runtime gets.
-    pub fn runtime_options(&self) -> crate::sandbox::RuntimeOptions {
+    pub(crate) fn runtime_options(&self) -> crate::sandbox::RuntimeOptions {
         crate::sandbox::RuntimeOptions {
             state_dir: self.state_dir.clone(),
             allow_unisolated: self.allow_unisolated,
@@ -143,7 +143,7 @@ impl Settings {
     }
 
     /// Resource limits for one job's sandbox.
-    pub fn limits(&self) -> crate::sandbox::Limits {
+    pub(crate) fn limits(&self) -> crate::sandbox::Limits {
         crate::sandbox::Limits {
             cpus: self.job_cpus,
             memory_bytes: self.job_memory.bytes,
@@ -156,7 +156,7 @@ impl Settings {
     /// any other runtime; else `EXECUTOR_VM_POOL_SIZE`, or when unset (or `auto`) as many idle
     /// VMs as fit in the budget beside `EXECUTOR_MAXIMUM_NUM_JOBS` jobs at their full size, at
     /// most that many (`Budget::default_pool_size`).
-    pub fn vm_pool(
+    pub(crate) fn vm_pool(
         &self,
         runtime: crate::sandbox::RuntimeKind,
     ) -> Result<(usize, crate::sandbox::microvm::pool::Budget)> {
@@ -170,12 +170,12 @@ impl Settings {
     }
 
     /// Where job workspaces live.
-    pub fn workspaces_dir(&self) -> PathBuf {
+    pub(crate) fn workspaces_dir(&self) -> PathBuf {
         self.state_dir.join("workspaces")
     }
 
     /// The workspace templates of this state directory, within their bounds.
-    pub fn templates(&self) -> crate::workspace::template::Templates {
+    pub(crate) fn templates(&self) -> crate::workspace::template::Templates {
         crate::workspace::template::Templates::new(
             crate::workspace::templates_dir(&self.workspaces_dir()),
             self.workspace_templates,
@@ -185,7 +185,7 @@ impl Settings {
 }
 
 /// Reads the secret from `--password-file` or `EXECUTOR_FRONTEND_PASSWORD`.
-pub fn load_password(file: Option<&std::path::Path>) -> Result<Secret> {
+pub(crate) fn load_password(file: Option<&std::path::Path>) -> Result<Secret> {
     if let Some(path) = file {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading the password file {}", path.display()))?;
@@ -203,7 +203,7 @@ pub fn load_password(file: Option<&std::path::Path>) -> Result<Secret> {
 
 /// How pulls reach registries, from the registry settings of `v` (`executor image pull` reads
 /// the same ones).
-pub fn pull_settings(v: &Values) -> Result<crate::image::pull::PullSettings> {
+pub(crate) fn pull_settings(v: &Values) -> Result<crate::image::pull::PullSettings> {
     let mut pull = crate::image::pull::PullSettings::new(
         v.docker_auth_config.as_ref().map(Secret::expose),
         &v.registry_mirror,
@@ -216,21 +216,21 @@ pub fn pull_settings(v: &Values) -> Result<crate::image::pull::PullSettings> {
 }
 
 /// `EXECUTOR_IMAGE_CACHE_SIZE`: a size (`20G`), or unset, empty or `0` for no budget.
-pub fn parse_cache_size(v: Option<&str>) -> Result<u64> {
+pub(crate) fn parse_cache_size(v: Option<&str>) -> Result<u64> {
     let s = table::setting("image_cache_bytes").context("no setting image_cache_size")?;
     parse::budget(s, v.map(std::ffi::OsStr::new))
 }
 
 /// `EXECUTOR_LOG_LEVEL`, else `SRC_LOG_LEVEL`, and `EXECUTOR_LOG_FORMAT` from the environment:
 /// the log facade reads them at startup, before the flags.
-pub fn log_from_env() -> Result<(LogLevel, LogFormat)> {
+pub(crate) fn log_from_env() -> Result<(LogLevel, LogFormat)> {
     let level = table::setting("log_level").context("no setting log_level")?;
-    let level = match level.from_env() {
+    let level = match level.env_value() {
         Some((v, var)) => parse::log_level(&level.read_from(var), Some(&v))?,
         None => parse::log_level(level, None)?,
     };
     let format = table::setting("log_format").context("no setting log_format")?;
-    let format = match format.from_env() {
+    let format = match format.env_value() {
         Some((v, var)) => parse::log_format(&format.read_from(var), Some(&v))?,
         None => parse::log_format(format, None)?,
     };

@@ -15,13 +15,13 @@ use crate::sandbox::{OciRuntime, RuntimeChoice};
 
 /// A byte size as the operator wrote it (`12G`), which the coordinator also receives.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Size {
+pub(crate) struct Size {
     pub bytes: u64,
     text: String,
 }
 
 impl Size {
-    pub fn parse(text: &str) -> Result<Size> {
+    pub(crate) fn parse(text: &str) -> Result<Size> {
         Ok(Size { bytes: parse_size(text)?, text: text.trim().to_string() })
     }
 }
@@ -34,25 +34,13 @@ impl std::fmt::Display for Size {
 
 /// `EXECUTOR_LOG_LEVEL` (or Sourcegraph's `SRC_LOG_LEVEL`): the most detailed lines logged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
-pub enum LogLevel {
+pub(crate) enum LogLevel {
     Error,
     Warn,
     #[default]
     Info,
     Debug,
     Trace,
-}
-
-impl LogLevel {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            LogLevel::Error => "error",
-            LogLevel::Warn => "warn",
-            LogLevel::Info => "info",
-            LogLevel::Debug => "debug",
-            LogLevel::Trace => "trace",
-        }
-    }
 }
 
 impl FromStr for LogLevel {
@@ -72,7 +60,7 @@ impl FromStr for LogLevel {
 
 /// `EXECUTOR_LOG_FORMAT`: how log lines look.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     /// Today's lines: `executor: job 5: …`, with the clock for the loop.
     #[default]
     Human,
@@ -107,31 +95,31 @@ fn or_default<'a>(s: &'a Setting, v: Option<&'a OsStr>) -> Result<&'a str> {
 }
 
 /// The text as given.
-pub fn text(s: &Setting, v: Option<&OsStr>) -> Result<Option<String>> {
+pub(crate) fn text(s: &Setting, v: Option<&OsStr>) -> Result<Option<String>> {
     Ok(raw(s, v)?.map(String::from))
 }
 
 /// Text that never prints (`None` when unset or blank).
-pub fn secret(s: &Setting, v: Option<&OsStr>) -> Result<Option<crate::base::secret::Secret>> {
+pub(crate) fn secret(s: &Setting, v: Option<&OsStr>) -> Result<Option<crate::base::secret::Secret>> {
     Ok(raw(s, v)?.filter(|t| !t.trim().is_empty()).map(crate::base::secret::Secret::new))
 }
 
 /// A comma-separated list (the flag's repeats arrive joined by commas), entries as written.
-pub fn list(s: &Setting, v: Option<&OsStr>) -> Result<Vec<String>> {
+pub(crate) fn list(s: &Setting, v: Option<&OsStr>) -> Result<Vec<String>> {
     Ok(raw(s, v)?.map(|t| t.split(',').map(String::from).collect()).unwrap_or_default())
 }
 
-pub fn path(_: &Setting, v: Option<&OsStr>) -> Result<Option<PathBuf>> {
+pub(crate) fn path(_: &Setting, v: Option<&OsStr>) -> Result<Option<PathBuf>> {
     Ok(v.map(PathBuf::from))
 }
 
 /// A path, or `None` when unset or empty.
-pub fn nonempty_path(_: &Setting, v: Option<&OsStr>) -> Result<Option<PathBuf>> {
+pub(crate) fn nonempty_path(_: &Setting, v: Option<&OsStr>) -> Result<Option<PathBuf>> {
     Ok(v.filter(|v| !v.is_empty()).map(PathBuf::from))
 }
 
 /// An optional host file that must exist.
-pub fn existing_file(s: &Setting, v: Option<&OsStr>) -> Result<Option<PathBuf>> {
+pub(crate) fn existing_file(s: &Setting, v: Option<&OsStr>) -> Result<Option<PathBuf>> {
     match nonempty_path(s, v)? {
         Some(p) if !p.is_file() => bail!("{} {} is not a file", s.env, p.display()),
         other => Ok(other),
@@ -139,7 +127,7 @@ pub fn existing_file(s: &Setting, v: Option<&OsStr>) -> Result<Option<PathBuf>> 
 }
 
 /// An absolute directory (the default when unset).
-pub fn absolute_dir(s: &Setting, v: Option<&OsStr>) -> Result<PathBuf> {
+pub(crate) fn absolute_dir(s: &Setting, v: Option<&OsStr>) -> Result<PathBuf> {
     let dir = v.map(PathBuf::from).unwrap_or_else(|| PathBuf::from(s.default.unwrap_or("")));
     if !dir.is_absolute() {
         bail!("{} {} must be an absolute path", s.env, dir.display());
@@ -149,7 +137,7 @@ pub fn absolute_dir(s: &Setting, v: Option<&OsStr>) -> Result<PathBuf> {
 
 /// The coordinator's URL: http or https, a host, no credentials, query or fragment; returned
 /// without a trailing slash.
-pub fn url(s: &Setting, v: Option<&OsStr>) -> Result<Option<String>> {
+pub(crate) fn url(s: &Setting, v: Option<&OsStr>) -> Result<Option<String>> {
     let Some(u) = given(s, v)? else { return Ok(None) };
     let (scheme, rest) = u.split_once("://").with_context(|| format!("frontend URL {u:?} has no scheme"))?;
     if scheme != "http" && scheme != "https" {
@@ -173,12 +161,12 @@ fn check_queue(q: &str) -> Result<()> {
 }
 
 /// One of Sourcegraph's queues.
-pub fn queue(s: &Setting, v: Option<&OsStr>) -> Result<Option<String>> {
+pub(crate) fn queue(s: &Setting, v: Option<&OsStr>) -> Result<Option<String>> {
     given(s, v)?.map(|q| check_queue(q).map(|()| q.to_string())).transpose()
 }
 
 /// Sourcegraph's queues, comma-separated, each once, at least one.
-pub fn queues(s: &Setting, v: Option<&OsStr>) -> Result<Option<Vec<String>>> {
+pub(crate) fn queues(s: &Setting, v: Option<&OsStr>) -> Result<Option<Vec<String>>> {
     let Some(list) = given(s, v)? else { return Ok(None) };
     let mut qs: Vec<String> = Vec::new();
     for q in list.split(',').map(str::trim).filter(|q| !q.is_empty()) {
@@ -193,17 +181,17 @@ pub fn queues(s: &Setting, v: Option<&OsStr>) -> Result<Option<Vec<String>>> {
     Ok(Some(qs))
 }
 
-pub fn duration(s: &Setting, v: Option<&OsStr>) -> Result<Duration> {
+pub(crate) fn duration(s: &Setting, v: Option<&OsStr>) -> Result<Duration> {
     let t = or_default(s, v)?;
     parse_duration(t).with_context(|| format!("{} {t:?}", s.env))
 }
 
 /// A duration where 0 means no limit (`None`).
-pub fn duration_or_unlimited(s: &Setting, v: Option<&OsStr>) -> Result<Option<Duration>> {
+pub(crate) fn duration_or_unlimited(s: &Setting, v: Option<&OsStr>) -> Result<Option<Duration>> {
     Ok(Some(duration(s, v)?).filter(|d| !d.is_zero()))
 }
 
-pub fn positive_duration(s: &Setting, v: Option<&OsStr>) -> Result<Duration> {
+pub(crate) fn positive_duration(s: &Setting, v: Option<&OsStr>) -> Result<Duration> {
     let d = duration(s, v)?;
     if d.is_zero() {
         bail!("{} must be more than 0", s.env);
@@ -212,17 +200,17 @@ pub fn positive_duration(s: &Setting, v: Option<&OsStr>) -> Result<Duration> {
 }
 
 /// The heartbeat period, at least 100 ms.
-pub fn heartbeat(s: &Setting, v: Option<&OsStr>) -> Result<Duration> {
+pub(crate) fn heartbeat(s: &Setting, v: Option<&OsStr>) -> Result<Duration> {
     Ok(duration(s, v)?.max(Duration::from_millis(100)))
 }
 
 /// A whole number.
-pub fn number<T: FromStr>(s: &Setting, v: Option<&OsStr>) -> Result<T> {
+pub(crate) fn number<T: FromStr>(s: &Setting, v: Option<&OsStr>) -> Result<T> {
     let t = or_default(s, v)?;
     t.parse().ok().with_context(|| format!("{} {t:?} is not a whole number", s.env))
 }
 
-pub fn at_least_one(s: &Setting, v: Option<&OsStr>) -> Result<usize> {
+pub(crate) fn at_least_one(s: &Setting, v: Option<&OsStr>) -> Result<usize> {
     let n = number(s, v)?;
     if n == 0 {
         bail!("{} must be at least 1", s.env);
@@ -231,7 +219,7 @@ pub fn at_least_one(s: &Setting, v: Option<&OsStr>) -> Result<usize> {
 }
 
 /// A count, or `None` when unset or `auto`.
-pub fn count_or_auto(s: &Setting, v: Option<&OsStr>) -> Result<Option<usize>> {
+pub(crate) fn count_or_auto(s: &Setting, v: Option<&OsStr>) -> Result<Option<usize>> {
     match given(s, v)? {
         None | Some("auto") => Ok(None),
         Some(_) => number(s, v).map(Some),
@@ -239,12 +227,12 @@ pub fn count_or_auto(s: &Setting, v: Option<&OsStr>) -> Result<Option<usize>> {
 }
 
 /// A boolean; unset or blank is false.
-pub fn boolean(s: &Setting, v: Option<&OsStr>) -> Result<bool> {
+pub(crate) fn boolean(s: &Setting, v: Option<&OsStr>) -> Result<bool> {
     Ok(opt_boolean(s, v)?.unwrap_or(false))
 }
 
 /// A boolean that may be unset (`None`).
-pub fn opt_boolean(s: &Setting, v: Option<&OsStr>) -> Result<Option<bool>> {
+pub(crate) fn opt_boolean(s: &Setting, v: Option<&OsStr>) -> Result<Option<bool>> {
     match given(s, v)?.map(str::to_ascii_lowercase).as_deref() {
         None => Ok(None),
         Some("0") | Some("false") | Some("no") | Some("off") => Ok(Some(false)),
@@ -254,18 +242,18 @@ pub fn opt_boolean(s: &Setting, v: Option<&OsStr>) -> Result<Option<bool>> {
 }
 
 /// A size, kept with its text (the default when unset).
-pub fn size(s: &Setting, v: Option<&OsStr>) -> Result<Size> {
+pub(crate) fn size(s: &Setting, v: Option<&OsStr>) -> Result<Size> {
     let t = raw(s, v)?.or(s.default).unwrap_or("");
     Size::parse(t).with_context(|| format!("{} {t:?}", s.env))
 }
 
 /// A size in bytes (the default when unset).
-pub fn bytes(s: &Setting, v: Option<&OsStr>) -> Result<u64> {
+pub(crate) fn bytes(s: &Setting, v: Option<&OsStr>) -> Result<u64> {
     size(s, v).map(|z| z.bytes)
 }
 
 /// The image store's budget: a size, or unset, blank or `0` for none (0).
-pub fn budget(s: &Setting, v: Option<&OsStr>) -> Result<u64> {
+pub(crate) fn budget(s: &Setting, v: Option<&OsStr>) -> Result<u64> {
     match given(s, v)? {
         None => Ok(0),
         Some(t) => parse_size(t)
@@ -274,14 +262,14 @@ pub fn budget(s: &Setting, v: Option<&OsStr>) -> Result<u64> {
 }
 
 /// `auto` or a runtime's name, any case (`None` when unset: `EXECUTOR_USE_FIRECRACKER` decides).
-pub fn runtime(s: &Setting, v: Option<&OsStr>) -> Result<Option<RuntimeChoice>> {
+pub(crate) fn runtime(s: &Setting, v: Option<&OsStr>) -> Result<Option<RuntimeChoice>> {
     given(s, v)?
         .map(|t| t.to_ascii_lowercase().parse().map_err(|e: anyhow::Error| anyhow::anyhow!("{} {e}", s.env)))
         .transpose()
 }
 
 /// Letters, digits, `-` and `_`, at least one (the default when unset).
-pub fn name_prefix(s: &Setting, v: Option<&OsStr>) -> Result<String> {
+pub(crate) fn name_prefix(s: &Setting, v: Option<&OsStr>) -> Result<String> {
     let p = raw(s, v)?.or(s.default).unwrap_or("");
     if p.is_empty() || !p.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
         bail!("{} {p:?} must be letters, digits, '-' or '_'", s.env);
@@ -289,26 +277,26 @@ pub fn name_prefix(s: &Setting, v: Option<&OsStr>) -> Result<String> {
     Ok(p.to_string())
 }
 
-pub fn oci_runtime(s: &Setting, v: Option<&OsStr>) -> Result<OciRuntime> {
+pub(crate) fn oci_runtime(s: &Setting, v: Option<&OsStr>) -> Result<OciRuntime> {
     let t = raw(s, v)?.or(s.default).unwrap_or("").trim().to_ascii_lowercase();
     t.parse().map_err(|_| anyhow::anyhow!("{} {t:?} is not one of runc, crun, runsc", s.env))
 }
 
-pub fn accel(s: &Setting, v: Option<&OsStr>) -> Result<Accel> {
+pub(crate) fn accel(s: &Setting, v: Option<&OsStr>) -> Result<Accel> {
     let t = raw(s, v)?.or(s.default).unwrap_or("").trim();
     t.parse().map_err(|e: anyhow::Error| anyhow::anyhow!("{}: {e}", s.env))
 }
 
-pub fn pull_policy(s: &Setting, v: Option<&OsStr>) -> Result<crate::image::pull::PullPolicy> {
+pub(crate) fn pull_policy(s: &Setting, v: Option<&OsStr>) -> Result<crate::image::pull::PullPolicy> {
     crate::image::pull::PullPolicy::parse(raw(s, v)?.unwrap_or(""))
 }
 
-pub fn log_level(s: &Setting, v: Option<&OsStr>) -> Result<LogLevel> {
+pub(crate) fn log_level(s: &Setting, v: Option<&OsStr>) -> Result<LogLevel> {
     let t = or_default(s, v)?;
     t.parse().with_context(|| format!("{} {t:?}", s.env))
 }
 
-pub fn log_format(s: &Setting, v: Option<&OsStr>) -> Result<LogFormat> {
+pub(crate) fn log_format(s: &Setting, v: Option<&OsStr>) -> Result<LogFormat> {
     let t = or_default(s, v)?;
     t.parse().with_context(|| format!("{} {t:?}", s.env))
 }

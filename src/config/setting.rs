@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 /// How a setting's value is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Shape {
+pub(crate) enum Shape {
     /// One value.
     Value,
     /// A file or directory (completed as a path).
@@ -33,7 +33,7 @@ pub enum Group {
 
 /// One setting, as the table declares it.
 #[derive(Debug, Clone, Copy)]
-pub struct Setting {
+pub(crate) struct Setting {
     /// The clap id and the field of [`Values`](super::Values).
     pub id: &'static str,
     /// The long flag, without `--`.
@@ -73,12 +73,12 @@ impl Setting {
     };
 
     /// The default as `--help` and the docs show it, if any.
-    pub fn shown_default(&self) -> Option<&'static str> {
+    pub(crate) fn shown_default(&self) -> Option<&'static str> {
         self.default_note.or(self.default)
     }
 
     /// The clap argument of this setting.
-    pub fn arg(&self) -> Arg {
+    pub(crate) fn arg(&self) -> Arg {
         let mut help = self.help.to_string();
         if let (false, Some(d)) = (self.clap_default, self.shown_default()) {
             help = format!("{help} [default: {d}]");
@@ -110,7 +110,7 @@ impl Setting {
 
     /// This setting's raw value in the environment (its variable, else the first alias set),
     /// with the variable it came from.
-    pub fn from_env(&self) -> Option<(OsString, &'static str)> {
+    pub(crate) fn env_value(&self) -> Option<(OsString, &'static str)> {
         self.raw(None)
     }
 
@@ -133,7 +133,7 @@ impl Setting {
     }
 
     /// This setting as read from `var` (one of its aliases), so that errors name that variable.
-    pub fn read_from(&self, var: &'static str) -> Setting {
+    pub(crate) fn read_from(&self, var: &'static str) -> Setting {
         Setting { env: var, ..*self }
     }
 }

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::parse::{self, LogFormat, LogLevel, Size};
-pub use super::setting::{Group, Setting, Shape};
+pub(crate) use super::setting::{Group, Setting, Shape};
 use crate::base::secret::Secret;
 use crate::sandbox::microvm::Accel;
 use crate::sandbox::{OciRuntime, RuntimeChoice};
@@ -86,34 +86,35 @@ fn in_group(g: Group, of: Group) -> bool {
 }
 
 /// The clap arguments of the settings of `group`, in table order.
-pub fn args(group: Group) -> impl Iterator<Item = Arg> {
+pub(crate) fn args(group: Group) -> impl Iterator<Item = Arg> {
     TABLE.iter().filter(move |s| in_group(s.group, group)).map(Setting::arg)
 }
 
 /// Every variable the table reads (names and aliases).
-pub fn variables() -> impl Iterator<Item = &'static str> {
+pub(crate) fn variables() -> impl Iterator<Item = &'static str> {
     TABLE.iter().flat_map(|s| std::iter::once(s.env).chain(s.aliases.iter().copied()))
 }
 
 /// The setting `id`.
-pub fn setting(id: &str) -> Option<&'static Setting> {
+pub(crate) fn setting(id: &str) -> Option<&'static Setting> {
     TABLE.iter().find(|s| s.id == id)
 }
 
 /// Declares [`TABLE`] and [`Values`]: `field: Type = parser { Setting fields }` per setting.
 /// `parser(&Setting, Option<&OsStr>)` turns the raw value (absent when unset) into the type.
+/// Attributes before an entry go on its field of [`Values`].
 macro_rules! settings {
-    ($( $field:ident : $ty:ty = $parse:path { $($k:ident : $v:expr),* $(,)? } )*) => {
+    ($( $(#[$attr:meta])* $field:ident : $ty:ty = $parse:path { $($k:ident : $v:expr),* $(,)? } )*) => {
         /// Every setting, in the order `--help` lists them.
-        pub static TABLE: &[Setting] = &[ $( Setting { id: stringify!($field), $($k: $v,)* ..Setting::EMPTY } ),* ];
+        pub(crate) static TABLE: &[Setting] = &[ $( Setting { id: stringify!($field), $($k: $v,)* ..Setting::EMPTY } ),* ];
 
         /// Every setting parsed into its type.
         #[derive(Debug, Clone)]
-        pub struct Values { $( pub $field: $ty, )* }
+        pub(crate) struct Values { $( $(#[$attr])* pub(crate) $field: $ty, )* }
 
         impl Values {
             /// Runs each setting's parser on its raw value.
-            pub fn parse(raw: &Raw) -> Result<Values> {
+            pub(crate) fn parse(raw: &Raw) -> Result<Values> {
                 Ok(Values { $( $field: {
                     let id = stringify!($field);
                     let s = setting(id).ok_or_else(|| anyhow::anyhow!("no setting {id}"))?;
@@ -130,6 +131,9 @@ settings! {
         flag: "frontend-url", env: "EXECUTOR_FRONTEND_URL", value_name: "URL",
         help: "The coordinator's URL (scheme and host)",
     }
+    // Read from the raw values before the others are checked (`Settings::load` needs the secret
+    // first); parsed here too so that it is declared and documented like every setting.
+    #[allow(dead_code)]
     password_file: Option<PathBuf> = parse::path {
         flag: "password-file", env: "EXECUTOR_FRONTEND_PASSWORD_FILE", value_name: "FILE", shape: Shape::Path,
         help: "Read the shared secret from this file instead of EXECUTOR_FRONTEND_PASSWORD",
@@ -308,12 +312,16 @@ settings! {
         flag: "network-bandwidth", env: "EXECUTOR_NETWORK_BANDWIDTH", value_name: "RATE", default_note: Some("none"),
         help: "A cap on each job's bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit)",
     }
+    // The log facade reads these two from the environment at startup, before the flags
+    // (`config::log_from_env`); they are parsed here too, as every entry is.
+    #[allow(dead_code)]
     log_level: LogLevel = parse::log_level {
         env: "EXECUTOR_LOG_LEVEL", aliases: &["SRC_LOG_LEVEL"], value_name: "LEVEL", default: Some("info"),
         group: Group::EnvOnly,
         help: "The most detailed log lines written: error, warn, info, debug or trace (Sourcegraph's dbug \
                and eror too); read at startup by the log facade",
     }
+    #[allow(dead_code)]
     log_format: LogFormat = parse::log_format {
         env: "EXECUTOR_LOG_FORMAT", value_name: "FORMAT", default: Some("human"),
         group: Group::EnvOnly,

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use crate::base::cancel::CancelReason;
 use crate::base::exit::{ExitError, BAD_DOCUMENT};
 
-pub mod sandbox;
+pub(crate) mod sandbox;
 use crate::protocol::Job;
 pub use sandbox::SandboxRecord;
 

@@ -26,8 +26,6 @@ pub enum RuntimeKind {
 
 impl RuntimeKind {
     pub const ALL: [RuntimeKind; 3] = [RuntimeKind::Shell, RuntimeKind::Oci, RuntimeKind::Microvm];
-    /// The isolating runtimes, in `auto`'s order of preference; `shell` is never picked automatically.
-    pub const AUTO_ORDER: [RuntimeKind; 2] = [RuntimeKind::Microvm, RuntimeKind::Oci];
 
     pub fn name(self) -> &'static str {
         match self {

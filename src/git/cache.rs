@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use super::{CommandLog, Git, LogWriter};
 
 #[derive(Debug, Clone)]
-pub struct ObjectCache {
+pub(crate) struct ObjectCache {
     root: PathBuf,
 }
 
@@ -29,7 +29,7 @@ const MAX_PACKS: usize = 16;
 
 impl ObjectCache {
     /// A cache below `root` (`$EXECUTOR_STATE_DIR/cache/git`).
-    pub fn new(root: impl Into<PathBuf>) -> Self {
+    pub(crate) fn new(root: impl Into<PathBuf>) -> Self {
         ObjectCache { root: root.into() }
     }
 
@@ -42,12 +42,12 @@ impl ObjectCache {
     }
 
     /// The bare repository caching `repository_name` of `frontend_url`.
-    pub fn repo_dir(&self, frontend_url: &str, repository_name: &str) -> PathBuf {
+    pub(crate) fn repo_dir(&self, frontend_url: &str, repository_name: &str) -> PathBuf {
         self.root.join(format!("{}.git", Self::name(frontend_url, repository_name)))
     }
 
     /// Whether the cache holds this repository.
-    pub fn exists(&self, frontend_url: &str, repository_name: &str) -> bool {
+    pub(crate) fn exists(&self, frontend_url: &str, repository_name: &str) -> bool {
         self.repo_dir(frontend_url, repository_name).join("HEAD").is_file()
     }
 
@@ -141,7 +141,7 @@ impl ObjectCache {
     }
 
     /// Removes the cache of one repository.
-    pub fn discard(&self, frontend_url: &str, repository_name: &str) -> Result<()> {
+    pub(crate) fn discard(&self, frontend_url: &str, repository_name: &str) -> Result<()> {
         let _lock = self.lock(frontend_url, repository_name)?;
         remove_repo(&self.repo_dir(frontend_url, repository_name))
     }

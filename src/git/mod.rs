@@ -5,7 +5,7 @@
 mod cache;
 mod progress;
 
-pub use cache::ObjectCache;
+pub(crate) use cache::ObjectCache;
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -16,20 +16,20 @@ use crate::base::proc::PipeEvent;
 use crate::base::proc::Stream;
 
 /// Receives the log entries of the clone (one per git command).
-pub trait CommandLog {
+pub(crate) trait CommandLog {
     /// Starts an entry with `key` and the argv shown for it.
     fn start(&mut self, key: &str, command: Option<Vec<String>>) -> Box<dyn LogWriter + '_>;
 }
 
 /// One log entry being written.
-pub trait LogWriter {
+pub(crate) trait LogWriter {
     fn output(&mut self, stream: Stream, data: &[u8]);
     fn finish(&mut self, exit_code: i32);
 }
 
 /// How the executor authenticates to the coordinator's git routes for one job.
 #[derive(Clone)]
-pub struct GitAuth {
+pub(crate) struct GitAuth {
     /// The job's token (hex); empty on old coordinators and for `test-vm`.
     pub token: String,
     pub job_id: i64,
@@ -71,7 +71,7 @@ impl GitAuth {
 
 /// What to clone and where.
 #[derive(Debug, Clone)]
-pub struct CloneRequest {
+pub(crate) struct CloneRequest {
     /// The coordinator's base URL (`EXECUTOR_FRONTEND_URL`).
     pub frontend_url: String,
     pub repository_name: String,
@@ -97,12 +97,12 @@ pub struct CloneRequest {
 }
 
 /// The coordinator URL of a repository: `<frontend>/.executors/git/<name>`.
-pub fn remote_url(frontend_url: &str, repository_name: &str) -> String {
+pub(crate) fn remote_url(frontend_url: &str, repository_name: &str) -> String {
     format!("{}/.executors/git/{}", frontend_url.trim_end_matches('/'), repository_name.trim_matches('/'))
 }
 
 /// Checks a repository name before it is put in a URL or a cache path.
-pub fn validate_repository_name(name: &str) -> Result<()> {
+pub(crate) fn validate_repository_name(name: &str) -> Result<()> {
     if name.is_empty() || name.len() > 512 {
         bail!("repository name {name:?} must have 1 to 512 characters");
     }
@@ -119,7 +119,7 @@ pub fn validate_repository_name(name: &str) -> Result<()> {
 }
 
 /// Checks that a commit is a full or abbreviated hex object name or a plain ref name.
-pub fn validate_commit(commit: &str) -> Result<()> {
+pub(crate) fn validate_commit(commit: &str) -> Result<()> {
     if commit.is_empty() || commit.len() > 256 || commit.starts_with('-') {
         bail!("commit {commit:?} is not a revision");
     }
@@ -137,7 +137,7 @@ pub fn validate_commit(commit: &str) -> Result<()> {
 /// not, the workspace fetches from the coordinator as plain git would, and its freshly verified
 /// packs seed the cache. A cache that fails in any way is removed and the clone starts again
 /// from the coordinator, with a log line that says so.
-pub fn clone(req: &CloneRequest, log: &mut dyn CommandLog) -> Result<()> {
+pub(crate) fn clone(req: &CloneRequest, log: &mut dyn CommandLog) -> Result<()> {
     validate_repository_name(&req.repository_name)?;
     validate_commit(&req.commit)?;
     std::fs::create_dir_all(&req.dir).with_context(|| format!("creating {}", req.dir.display()))?;
@@ -192,7 +192,7 @@ const TEMPLATE_REF: &str = "refs/executor/template";
 /// (`setup.git.fetch`, the contract's argv) negotiates with the template's commit so that only
 /// new objects travel, and the checkout writes only the files that differ between the two
 /// commits, its index being valid for the copy. The object cache is not involved.
-pub fn clone_from_template(req: &CloneRequest, log: &mut dyn CommandLog) -> Result<()> {
+pub(crate) fn clone_from_template(req: &CloneRequest, log: &mut dyn CommandLog) -> Result<()> {
     validate_repository_name(&req.repository_name)?;
     validate_commit(&req.commit)?;
     let url = remote_url(&req.frontend_url, &req.repository_name);
@@ -236,7 +236,7 @@ fn set_remote(git: &Git, log: &mut dyn CommandLog, r: &str) -> Result<()> {
 /// afterwards, so that the copy carries an index git trusts without re-reading every file (see
 /// [`settle_index`]) while the job's own repository is left exactly as it was. Nothing writes
 /// to the repository meanwhile: its clone is done and no step has run.
-pub fn with_settled_index<T>(repo: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
+pub(crate) fn with_settled_index<T>(repo: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
     use std::os::unix::fs::MetadataExt;
     let index = repo.join(".git").join("index");
     let md = match std::fs::metadata(&index) {
@@ -369,7 +369,7 @@ fn fetch_args(r: &str, req: &CloneRequest) -> Vec<String> {
 
 /// A clone failure a caller branches on.
 #[derive(Debug, thiserror::Error)]
-pub enum CloneError {
+pub(crate) enum CloneError {
     /// The coordinator does not have the commit: no retry elsewhere can help.
     #[error("commit {commit} does not exist in repository {repository}: {detail}")]
     MissingCommit { commit: String, repository: String, detail: String },
@@ -415,7 +415,7 @@ fn check_size(req: &CloneRequest) -> Result<()> {
 }
 
 /// Bytes used by regular files below `dir` (symlinks not followed).
-pub fn dir_size(dir: &Path) -> u64 {
+pub(crate) fn dir_size(dir: &Path) -> u64 {
     let mut total = 0;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {

@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 
 /// What the guest does with its workspace disk (`executor.workspace`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum WorkspaceMount {
+pub(crate) enum WorkspaceMount {
     /// `0`: there is no workspace disk; /data is an empty directory.
     #[default]
     None,
@@ -40,7 +40,7 @@ impl WorkspaceMount {
 
 /// The network the host gave the guest (`executor.net=<address>/<prefix>,<gateway>[,<resolver>...]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GuestNet {
+pub(crate) struct GuestNet {
     pub address: Ipv4Addr,
     pub prefix: u8,
     pub gateway: Ipv4Addr,
@@ -49,7 +49,7 @@ pub struct GuestNet {
 
 impl GuestNet {
     /// The value of `executor.net=`.
-    pub fn parse(v: &str) -> Result<GuestNet> {
+    pub(crate) fn parse(v: &str) -> Result<GuestNet> {
         let mut parts = v.split(',');
         let (addr, prefix) = parts
             .next()
@@ -68,7 +68,7 @@ impl GuestNet {
     }
 
     /// The value of `executor.net=`, as [`GuestNet::parse`] reads it.
-    pub fn to_value(&self) -> String {
+    pub(crate) fn to_value(&self) -> String {
         let mut v = format!("{}/{},{}", self.address, self.prefix, self.gateway);
         for d in &self.dns {
             v.push_str(&format!(",{d}"));
@@ -91,7 +91,7 @@ impl GuestNet {
 ///
 /// Nothing goes to init: the agent is /init and takes no arguments from the kernel.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct BootParams {
+pub(crate) struct BootParams {
     /// `executor.images`: how many read-only image disks (`image0`...) to mount at /images/N.
     pub images: u32,
     /// `executor.workspace`.
@@ -106,7 +106,7 @@ pub struct BootParams {
 
 impl BootParams {
     /// The kernel command line carrying these parameters.
-    pub fn to_cmdline(&self) -> String {
+    pub(crate) fn to_cmdline(&self) -> String {
         let mut line = String::from("console=ttyS0");
         if !self.debug {
             line.push_str(" quiet");
@@ -131,7 +131,7 @@ impl BootParams {
 
     /// The parameters of a kernel command line (/proc/cmdline); words that are not these
     /// parameters are ignored, and a parameter that is missing takes its default.
-    pub fn parse(cmdline: &str) -> Result<BootParams> {
+    pub(crate) fn parse(cmdline: &str) -> Result<BootParams> {
         let mut p = BootParams::default();
         for word in cmdline.split_whitespace() {
             let (key, value) = word.split_once('=').unwrap_or((word, ""));
@@ -154,7 +154,7 @@ impl BootParams {
 
 /// The parameters this guest booted with (/proc/cmdline, read once); an error when the command
 /// line cannot be read or carries a malformed parameter.
-pub fn current() -> Result<&'static BootParams> {
+pub(crate) fn current() -> Result<&'static BootParams> {
     static PARAMS: std::sync::OnceLock<std::result::Result<BootParams, String>> = std::sync::OnceLock::new();
     PARAMS
         .get_or_init(|| {

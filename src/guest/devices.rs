@@ -9,21 +9,21 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 /// Where the initramfs keeps the modules to load, and the file listing their load order.
-pub const MODULES_DIR: &str = "/lib/modules/executor";
-pub const MODULES_ORDER: &str = "/lib/modules/executor/order";
+pub(crate) const MODULES_DIR: &str = "/lib/modules/executor";
+pub(crate) const MODULES_ORDER: &str = "/lib/modules/executor/order";
 /// Modules loaded in the background once the agent answered the host's first hello (overlay:
 /// steps need it, the boot does not), so that their load overlaps the host's own work.
-pub const MODULES_LATE: &str = "/lib/modules/executor/late";
+pub(crate) const MODULES_LATE: &str = "/lib/modules/executor/late";
 
 /// Milliseconds since the kernel started (CLOCK_BOOTTIME needs no /proc).
-pub fn uptime_ms() -> u64 {
+pub(crate) fn uptime_ms() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
         .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
         .unwrap_or(0)
 }
 
 /// Loads the modules a list file names, in its order (a missing list is an empty one).
-pub fn load_modules(list: &str) -> Result<()> {
+pub(crate) fn load_modules(list: &str) -> Result<()> {
     let order = match fs::read_to_string(list) {
         Ok(o) => o,
         Err(_) => return Ok(()),
@@ -42,7 +42,7 @@ pub fn load_modules(list: &str) -> Result<()> {
 }
 
 /// Polls `f` every 5 ms until it gives a value, for at most `limit`.
-pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+pub(crate) fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
     let start = Instant::now();
     loop {
         if let Some(v) = f() {
@@ -57,7 +57,7 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>
 
 /// Prints how long `what` took since `since` (`uptime_ms`) when the guest boots with
 /// `executor.debug=1`.
-pub fn debug_time(what: &str, since: u64) {
+pub(crate) fn debug_time(what: &str, since: u64) {
     static DEBUG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     if *DEBUG.get_or_init(|| super::boot::current().is_ok_and(|p| p.debug)) {
         tracing::info!("{what} after {} ms", uptime_ms().saturating_sub(since));

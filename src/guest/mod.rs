@@ -6,7 +6,7 @@
 //! (the job's network), `agent` (PID 1).
 
 pub mod agent;
-pub mod boot;
-pub mod devices;
-pub mod net;
+pub(crate) mod boot;
+pub(crate) mod devices;
+pub(crate) mod net;
 pub mod protocol;

@@ -13,7 +13,7 @@ use super::boot::GuestNet;
 use super::devices::{load_modules, wait_for};
 
 /// The network driver and its dependencies, in load order (a list in the initramfs).
-pub const MODULES_NET: &str = "/lib/modules/executor/net";
+pub(crate) const MODULES_NET: &str = "/lib/modules/executor/net";
 /// The resolv.conf steps get.
 const RESOLV_CONF: &str = "/run/resolv.conf";
 
@@ -40,7 +40,7 @@ fn ip(args: &[&str]) -> Result<()> {
 }
 
 /// Configures the network the command line names, if any (called before the first step).
-pub fn configure() -> Result<()> {
+pub(crate) fn configure() -> Result<()> {
     let Some(n) = &super::boot::current()?.net else { return Ok(()) };
     // IPv6 off first: the host drops it anyway, and the guest should not even try.
     for k in ["all", "default"] {
@@ -60,7 +60,7 @@ pub fn configure() -> Result<()> {
 }
 
 /// Puts the job's resolv.conf into a step's (writable) root, replacing the image's.
-pub fn write_resolv_conf(root: &Path) -> Result<()> {
+pub(crate) fn write_resolv_conf(root: &Path) -> Result<()> {
     let Ok(text) = fs::read_to_string(RESOLV_CONF) else { return Ok(()) };
     let etc = root.join("etc");
     fs::create_dir_all(&etc).context("creating /etc in the step's root")?;

@@ -19,10 +19,10 @@
 
 pub mod build;
 pub mod import;
-pub mod prune;
-pub mod pull;
-pub mod registry;
-pub mod runas;
+pub(crate) mod prune;
+pub(crate) mod pull;
+pub(crate) mod registry;
+pub(crate) mod runas;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};

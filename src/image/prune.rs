@@ -56,7 +56,7 @@ impl PruneReport {
 
 /// Bytes allocated to a tree: every entry's blocks, a file with several links once; never
 /// following symlinks.
-pub fn tree_disk_bytes(root: &Path) -> Result<u64> {
+pub(crate) fn tree_disk_bytes(root: &Path) -> Result<u64> {
     let mut total = 0u64;
     let mut seen = HashSet::new();
     let mut stack = vec![root.to_path_buf()];
@@ -133,7 +133,8 @@ impl ImageStore {
     }
 
     /// Bytes the store takes on disk: trees and blobs.
-    pub fn disk_usage(&self) -> Result<u64> {
+    #[cfg(test)]
+    fn disk_usage(&self) -> Result<u64> {
         let trees: u64 = self.trees()?.iter().map(|t| t.bytes).sum();
         let blobs: u64 = self.blobs()?.iter().map(|b| b.1).sum();
         Ok(trees + blobs)

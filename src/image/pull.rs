@@ -20,9 +20,9 @@ use super::registry::{self, ImageName, RegistryOptions, Session};
 use super::{ImageMeta, ImageStore, ResolvedImage};
 
 /// The largest manifest, index or config accepted.
-pub const MAX_MANIFEST: u64 = 4 << 20;
+pub(crate) const MAX_MANIFEST: u64 = 4 << 20;
 /// The most layers an image may have (Docker's own limit is 127 for overlay storage).
-pub const MAX_LAYERS: usize = 500;
+pub(crate) const MAX_LAYERS: usize = 500;
 /// Layers downloaded at once.
 const PARALLEL: usize = 3;
 
@@ -33,7 +33,7 @@ const MT_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v
 
 /// A blob that is not the one its manifest describes: downloading it again does not help.
 #[derive(Debug, thiserror::Error)]
-pub enum BadBlob {
+pub(crate) enum BadBlob {
     #[error("blob {digest} from registry {registry} is larger than its manifest says ({size} bytes)")]
     Larger { digest: String, registry: String, size: u64 },
     #[error("blob {digest} from registry {registry} does not match its digest (got {got}): refused")]
@@ -44,7 +44,7 @@ pub enum BadBlob {
 
 /// When `vm-boot` pulls a job's images (`EXECUTOR_IMAGE_PULL`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum PullPolicy {
+pub(crate) enum PullPolicy {
     /// Only images the store lacks (the default).
     #[default]
     Missing,
@@ -55,7 +55,7 @@ pub enum PullPolicy {
 }
 
 impl PullPolicy {
-    pub fn parse(s: &str) -> Result<PullPolicy> {
+    pub(crate) fn parse(s: &str) -> Result<PullPolicy> {
         match s.trim() {
             "" | "missing" => Ok(PullPolicy::Missing),
             "always" => Ok(PullPolicy::Always),
@@ -146,8 +146,7 @@ pub struct PullOptions {
 
 /// A finished pull.
 #[derive(Debug, Clone)]
-pub struct Pulled {
-    pub image: ResolvedImage,
+pub(crate) struct Pulled {
     /// `registry/repository:tag` (or `@digest`).
     pub reference: String,
     /// The digest the reference resolved to (an index's when the tag names an index).
@@ -218,7 +217,7 @@ fn sha256(bytes: &[u8]) -> String {
 
 /// Pulls `reference` into `store` and names it by its canonical reference (and, for a tag, by
 /// `name@digest` too).
-pub fn pull(store: &ImageStore, reference: &str, opts: &PullOptions) -> Result<Pulled> {
+pub(crate) fn pull(store: &ImageStore, reference: &str, opts: &PullOptions) -> Result<Pulled> {
     let name = ImageName::parse(reference)?;
     let canonical = name.canonical();
     let started = Instant::now();
@@ -229,7 +228,6 @@ pub fn pull(store: &ImageStore, reference: &str, opts: &PullOptions) -> Result<P
         if let Ok(image) = store.resolve(&canonical) {
             let digest = name.digest.clone().unwrap_or_else(|| image.digest.clone());
             return Ok(Pulled {
-                image,
                 reference: canonical,
                 digest,
                 bytes: 0,
@@ -244,9 +242,8 @@ pub fn pull(store: &ImageStore, reference: &str, opts: &PullOptions) -> Result<P
     for (i, base) in endpoints.iter().enumerate() {
         let session = Session::new(&agent, base, &name, &opts.registry);
         match pull_from(store, &session, &name, opts) {
-            Ok((image, digest, bytes)) => {
+            Ok((_, digest, bytes)) => {
                 return Ok(Pulled {
-                    image,
                     reference: canonical,
                     digest,
                     bytes,

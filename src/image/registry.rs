@@ -16,14 +16,14 @@ use crate::api::RetryPolicy;
 use crate::base::secret::Secret;
 
 /// Docker Hub's name in references and its API host.
-pub const DOCKER_HUB: &str = "docker.io";
+pub(crate) const DOCKER_HUB: &str = "docker.io";
 const DOCKER_HUB_API: &str = "https://registry-1.docker.io";
 
 /// What a registry answered that asking again does not change (a refusal, something it lacks, a
 /// status that is not retried, an authentication that cannot work), or retries that ran out:
 /// [`Session::get`] has done its own retries, so its caller gives up on this error.
 #[derive(Debug, thiserror::Error)]
-pub enum RegistryError {
+pub(crate) enum RegistryError {
     #[error("registry {registry} refused the credentials for {repository} (401)")]
     Refused { registry: String, repository: String },
     #[error("registry {registry} has no {repository} {path} (404)")]
@@ -51,7 +51,7 @@ pub enum RegistryError {
 
 /// An image reference with its registry made explicit.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageName {
+pub(crate) struct ImageName {
     /// `host[:port]`; `docker.io` for Docker Hub.
     pub registry: String,
     /// The repository path in the registry (`library/busybox`).
@@ -62,7 +62,7 @@ pub struct ImageName {
 
 impl ImageName {
     /// Parses and normalises a reference as Docker does.
-    pub fn parse(reference: &str) -> Result<ImageName> {
+    pub(crate) fn parse(reference: &str) -> Result<ImageName> {
         let r = super::Reference::parse(reference)?;
         let (registry, repository) = match r.name.split_once('/') {
             Some((first, rest)) if first.contains(['.', ':']) || first == "localhost" => {
@@ -90,12 +90,12 @@ impl ImageName {
     }
 
     /// `registry/repository`.
-    pub fn name(&self) -> String {
+    pub(crate) fn name(&self) -> String {
         format!("{}/{}", self.registry, self.repository)
     }
 
     /// `registry/repository@digest` when pinned, else `registry/repository:tag`.
-    pub fn canonical(&self) -> String {
+    pub(crate) fn canonical(&self) -> String {
         match (&self.digest, &self.tag) {
             (Some(d), _) => format!("{}@{d}", self.name()),
             (None, Some(t)) => format!("{}:{t}", self.name()),
@@ -104,14 +104,14 @@ impl ImageName {
     }
 
     /// What the manifest is asked for by: the digest when pinned, else the tag.
-    pub fn manifest_ref(&self) -> &str {
+    pub(crate) fn manifest_ref(&self) -> &str {
         self.digest.as_deref().or(self.tag.as_deref()).unwrap_or("latest")
     }
 }
 
 /// Whether `registry` (`host[:port]`) may be spoken to over plain HTTP: loopback hosts, and the
 /// operator's list of insecure registries (host or host:port), as dockerd decides.
-pub fn plain_http_allowed(registry: &str, insecure: &[String]) -> bool {
+pub(crate) fn plain_http_allowed(registry: &str, insecure: &[String]) -> bool {
     let host = host_of(registry);
     let loopback =
         host == "localhost" || host.parse::<std::net::IpAddr>().map(|ip| ip.is_loopback()).unwrap_or(false);
@@ -196,11 +196,6 @@ impl Credentials {
     pub fn get(&self, registry: &str) -> Option<&(String, Secret)> {
         self.by_registry.get(&auth_key(registry))
     }
-
-    /// Every password, for redaction.
-    pub fn secrets(&self) -> Vec<String> {
-        self.by_registry.values().map(|(_, p)| p.expose().to_string()).collect()
-    }
 }
 
 /// How a pull reaches registries.
@@ -234,7 +229,7 @@ impl Default for RegistryOptions {
 }
 
 /// A builder of agents shared by a pull's sessions.
-pub fn agent(opts: &RegistryOptions) -> Result<ureq::Agent> {
+pub(crate) fn agent(opts: &RegistryOptions) -> Result<ureq::Agent> {
     Ok(ureq::AgentBuilder::new()
         .timeout_connect(Duration::from_secs(10))
         .timeout_read(Duration::from_secs(60))
@@ -245,7 +240,7 @@ pub fn agent(opts: &RegistryOptions) -> Result<ureq::Agent> {
 }
 
 /// The base URLs to try for `name`, in order.
-pub fn endpoints(agent: &ureq::Agent, name: &ImageName, opts: &RegistryOptions) -> Vec<String> {
+pub(crate) fn endpoints(agent: &ureq::Agent, name: &ImageName, opts: &RegistryOptions) -> Vec<String> {
     if name.registry == DOCKER_HUB {
         let mut out: Vec<String> = opts
             .mirrors
@@ -280,7 +275,7 @@ pub fn endpoints(agent: &ureq::Agent, name: &ImageName, opts: &RegistryOptions) 
 }
 
 /// One registry endpoint and repository, with the auth state of a pull.
-pub struct Session {
+pub(crate) struct Session {
     agent: ureq::Agent,
     /// The base URL (`https://host:port`).
     pub base: String,
@@ -294,13 +289,13 @@ pub struct Session {
 
 /// A challenge from `WWW-Authenticate`.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Challenge {
+pub(crate) struct Challenge {
     pub scheme: String,
     pub params: BTreeMap<String, String>,
 }
 
 /// Parses `Bearer realm="https://auth",service="reg",scope="repository:a:pull,push"`.
-pub fn parse_challenge(header: &str) -> Option<Challenge> {
+pub(crate) fn parse_challenge(header: &str) -> Option<Challenge> {
     let header = header.trim();
     let (scheme, rest) = header.split_once(' ').unwrap_or((header, ""));
     let mut params = BTreeMap::new();
@@ -332,7 +327,7 @@ pub fn parse_challenge(header: &str) -> Option<Challenge> {
 }
 
 impl Session {
-    pub fn new(agent: &ureq::Agent, base: &str, name: &ImageName, opts: &RegistryOptions) -> Session {
+    pub(crate) fn new(agent: &ureq::Agent, base: &str, name: &ImageName, opts: &RegistryOptions) -> Session {
         let registry = base.split("://").nth(1).unwrap_or(base).trim_end_matches('/').to_string();
         // A mirror answers with Docker Hub's images but is its own registry for credentials.
         let credentials = opts.credentials.get(&registry).or_else(|| opts.credentials.get(&name.registry));
@@ -347,13 +342,13 @@ impl Session {
         }
     }
 
-    pub fn retry(&self) -> RetryPolicy {
+    pub(crate) fn retry(&self) -> RetryPolicy {
         self.retry
     }
 
     /// GETs `/v2/<repository>/<path>`, authenticating on a 401 challenge and retrying transport
     /// errors, 429 and 5xx. A 206 or 200 answer is returned; any other status is an error.
-    pub fn get(&self, path: &str, accept: &str, range_from: Option<u64>) -> Result<ureq::Response> {
+    pub(crate) fn get(&self, path: &str, accept: &str, range_from: Option<u64>) -> Result<ureq::Response> {
         let url = format!("{}/v2/{}/{path}", self.base, self.repository);
         let mut authenticated = false;
         let mut attempt = 0;

@@ -16,7 +16,7 @@ const MAX_GROUPS: usize = 64;
 
 /// The process identity of a step in an image.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct RunAs {
+pub(crate) struct RunAs {
     pub uid: u32,
     pub gid: u32,
     /// Supplementary groups: the groups of `/etc/group` that list the user by name.
@@ -38,7 +38,7 @@ fn read_db(root: &Path, name: &str) -> String {
 /// Resolves the config's `User` (`""`, `name`, `uid`, `name:group`, `uid:gid`) against the image
 /// tree `root`, as Docker does: a name must exist in the image, a number need not (then its gid
 /// is 0 and its home `/`).
-pub fn resolve(root: &Path, user: &str) -> Result<RunAs> {
+pub(crate) fn resolve(root: &Path, user: &str) -> Result<RunAs> {
     resolve_in(&read_db(root, "passwd"), &read_db(root, "group"), user)
 }
 
@@ -104,7 +104,12 @@ fn resolve_in(passwd: &str, group: &str, user: &str) -> Result<RunAs> {
 /// A step's environment as Docker builds it: the image's `Env`, then the step's variables (which
 /// replace the image's of the same name), `PATH` when neither sets it, and `HOME` (the user's)
 /// when neither sets it.
-pub fn environment(image_env: &[String], step_env: &[String], default_path: &str, home: &str) -> Vec<String> {
+pub(crate) fn environment(
+    image_env: &[String],
+    step_env: &[String],
+    default_path: &str,
+    home: &str,
+) -> Vec<String> {
     let name = |e: &String| e.split_once('=').map(|(n, _)| n.to_string());
     let mut out: Vec<String> = Vec::with_capacity(image_env.len() + step_env.len() + 2);
     for e in image_env.iter().chain(step_env).filter(|e| e.contains('=')) {

@@ -4,8 +4,8 @@
 //! removed by [`teardown`], and found again after a crash by [`janitor`]. docs/network.md has
 //! the rules in the same order.
 
-pub mod netlink;
-pub mod policy;
+pub(crate) mod netlink;
+pub(crate) mod policy;
 mod record;
 
 use anyhow::{bail, Context, Result};
@@ -246,10 +246,6 @@ impl JobNetwork {
             v.push_str(&format!(",{d}"));
         }
         v
-    }
-    /// The job's own chain in the table.
-    pub fn chain(&self) -> String {
-        format!("job{}", self.slot)
     }
     /// The sandbox's /etc/resolv.conf.
     pub fn resolv_conf(&self) -> String {

@@ -126,7 +126,7 @@ fn ifinfomsg(index: i32, flags: u32, change: u32) -> [u8; 16] {
 }
 
 /// A netlink socket of one protocol, bound to the network namespace of the thread that made it.
-pub struct Socket {
+pub(crate) struct Socket {
     fd: OwnedFd,
     seq: u32,
 }
@@ -143,12 +143,12 @@ impl Socket {
     }
 
     /// An rtnetlink socket (links, addresses, routes) in the calling thread's namespace.
-    pub fn route() -> Result<Socket> {
+    pub(crate) fn route() -> Result<Socket> {
         Socket::open(SockProtocol::NetlinkRoute)
     }
 
     /// An nfnetlink socket (nftables) in the calling thread's namespace.
-    pub fn netfilter() -> Result<Socket> {
+    pub(crate) fn netfilter() -> Result<Socket> {
         Socket::open(SockProtocol::NetlinkNetFilter)
     }
 
@@ -201,7 +201,7 @@ impl Socket {
     }
 
     /// The index of link `name`.
-    pub fn link_index(&mut self, name: &str) -> Result<u32> {
+    pub(crate) fn link_index(&mut self, name: &str) -> Result<u32> {
         let mut m = Msg::new(RTM_GETLINK, F_REQUEST | F_ACK);
         m.raw(&ifinfomsg(0, 0, 0)).attr_str(IFLA_IFNAME, name);
         let replies = self.request(vec![m]).with_context(|| format!("looking up link {name}"))?;
@@ -211,7 +211,7 @@ impl Socket {
     }
 
     /// A veth pair: `host` here, `peer` in the namespace open as `netns`.
-    pub fn add_veth(&mut self, host: &str, peer: &str, netns: &impl AsFd) -> Result<()> {
+    pub(crate) fn add_veth(&mut self, host: &str, peer: &str, netns: &impl AsFd) -> Result<()> {
         let mut m = Msg::new(RTM_NEWLINK, F_REQUEST | F_ACK | F_CREATE | F_EXCL);
         m.raw(&ifinfomsg(0, 0, 0)).attr_str(IFLA_IFNAME, host);
         m.begin(IFLA_LINKINFO).attr_str(IFLA_INFO_KIND, "veth").begin(IFLA_INFO_DATA).begin(VETH_INFO_PEER);
@@ -224,7 +224,7 @@ impl Socket {
     }
 
     /// Sets link `index` up.
-    pub fn link_up(&mut self, index: u32) -> Result<()> {
+    pub(crate) fn link_up(&mut self, index: u32) -> Result<()> {
         let mut m = Msg::new(RTM_NEWLINK, F_REQUEST | F_ACK);
         m.raw(&ifinfomsg(index as i32, IFF_UP, IFF_UP));
         self.request(vec![m]).with_context(|| format!("setting link {index} up"))?;
@@ -232,7 +232,7 @@ impl Socket {
     }
 
     /// Adds `addr/prefix` to link `index`.
-    pub fn add_address(&mut self, index: u32, addr: Ipv4Addr, prefix: u8) -> Result<()> {
+    pub(crate) fn add_address(&mut self, index: u32, addr: Ipv4Addr, prefix: u8) -> Result<()> {
         let mut m = Msg::new(RTM_NEWADDR, F_REQUEST | F_ACK | F_CREATE | F_EXCL);
         let mut hdr = [0u8; 8];
         hdr[0] = AF_INET;
@@ -244,7 +244,7 @@ impl Socket {
     }
 
     /// The default route via `gateway` on link `index` (main table).
-    pub fn add_default_route(&mut self, index: u32, gateway: Ipv4Addr) -> Result<()> {
+    pub(crate) fn add_default_route(&mut self, index: u32, gateway: Ipv4Addr) -> Result<()> {
         let mut m = Msg::new(RTM_NEWROUTE, F_REQUEST | F_ACK | F_CREATE | F_EXCL);
         // family, dst_len, src_len, tos, table main, protocol boot, scope universe, unicast.
         m.raw(&[AF_INET, 0, 0, 0, 254, 3, 0, 1, 0, 0, 0, 0])
@@ -255,7 +255,7 @@ impl Socket {
     }
 
     /// Deletes link `name` (a veth takes its peer with it). `Ok(false)` when there is none.
-    pub fn del_link(&mut self, name: &str) -> Result<bool> {
+    pub(crate) fn del_link(&mut self, name: &str) -> Result<bool> {
         let mut m = Msg::new(RTM_DELLINK, F_REQUEST | F_ACK);
         m.raw(&ifinfomsg(0, 0, 0)).attr_str(IFLA_IFNAME, name);
         match self.request(vec![m]) {
@@ -291,7 +291,13 @@ impl Socket {
 
     /// Adds `key : jump chain` to verdict map `set` of table `inet table` (the same element
     /// already there is not an error; one with another verdict is).
-    pub fn add_jump_element(&mut self, table: &str, set: &str, key: &[u8], chain: &str) -> Result<(), Errno> {
+    pub(crate) fn add_jump_element(
+        &mut self,
+        table: &str,
+        set: &str,
+        key: &[u8],
+        chain: &str,
+    ) -> Result<(), Errno> {
         let mut m = Socket::setelem_msg(NFT_MSG_NEWSETELEM, F_CREATE, table, set, key);
         m.begin(NFTA_SET_ELEM_DATA)
             .begin(NFTA_DATA_VERDICT)
@@ -304,7 +310,7 @@ impl Socket {
     }
 
     /// Removes the element `key` of map `set` of table `inet table`.
-    pub fn del_element(&mut self, table: &str, set: &str, key: &[u8]) -> Result<(), Errno> {
+    pub(crate) fn del_element(&mut self, table: &str, set: &str, key: &[u8]) -> Result<(), Errno> {
         let mut m = Socket::setelem_msg(NFT_MSG_DELSETELEM, 0, table, set, key);
         m.end().end();
         self.nft_batch(m)
@@ -312,7 +318,7 @@ impl Socket {
 }
 
 /// The key of an `ifname . ipv4_addr` element: the name NUL-padded to 16 bytes, the address.
-pub fn ifname_addr_key(ifname: &str, addr: Ipv4Addr) -> Vec<u8> {
+pub(crate) fn ifname_addr_key(ifname: &str, addr: Ipv4Addr) -> Vec<u8> {
     let mut k = vec![0u8; IFNAMSIZ];
     let n = ifname.len().min(IFNAMSIZ - 1);
     k[..n].copy_from_slice(&ifname.as_bytes()[..n]);
@@ -321,7 +327,7 @@ pub fn ifname_addr_key(ifname: &str, addr: Ipv4Addr) -> Vec<u8> {
 }
 
 /// Where named namespaces live (as `ip netns` keeps them).
-pub const NETNS_DIR: &str = "/run/netns";
+pub(crate) const NETNS_DIR: &str = "/run/netns";
 
 /// Makes `/run/netns` a shared mount, as `ip netns add` does, so that a namespace mounted there
 /// later is seen by every mount namespace (the containers' runtimes open it from theirs).
@@ -343,7 +349,7 @@ fn netns_dir_shared() -> Result<()> {
 
 /// A new network namespace mounted as `/run/netns/<name>` with IPv6 switched off in it
 /// (`all` and `default`), and an rtnetlink socket inside it. Nothing is left when this fails.
-pub fn add_netns(name: &str) -> Result<(fs::File, Socket)> {
+pub(crate) fn add_netns(name: &str) -> Result<(fs::File, Socket)> {
     let path = Path::new(NETNS_DIR).join(name);
     netns_dir_shared()?;
     fs::OpenOptions::new()
@@ -388,7 +394,7 @@ pub fn add_netns(name: &str) -> Result<(fs::File, Socket)> {
 
 /// Removes namespace `/run/netns/<name>` (the namespace itself goes when nothing uses it any
 /// more). `Ok(false)` when there is none.
-pub fn del_netns(name: &str) -> Result<bool> {
+pub(crate) fn del_netns(name: &str) -> Result<bool> {
     let path = Path::new(NETNS_DIR).join(name);
     if !path.exists() {
         return Ok(false);

@@ -60,7 +60,7 @@ impl Allow {
 /// Destinations no job may reach unless allowed above them: this network, private ranges,
 /// shared address space, loopback, link-local (cloud metadata), IETF protocol assignments,
 /// benchmarking, multicast, reserved and broadcast.
-pub const REFUSED: &[&str] = &[
+pub(crate) const REFUSED: &[&str] = &[
     "0.0.0.0/8",
     "10.0.0.0/8",
     "100.64.0.0/10",
@@ -80,7 +80,7 @@ const REJECT: &str = "reject with icmpx type admin-prohibited";
 /// holds one element per job, `"exn<n>" . <job address> : jump <policy chain>`: a packet of a
 /// job link with any other source (spoofed, or IPv6, which has no `ip saddr`) matches no
 /// element and is dropped by the next rule.
-pub fn table_script(pool: &super::Cidr) -> String {
+pub(crate) fn table_script(pool: &super::Cidr) -> String {
     format!(
         "table inet {TABLE} {{
   map jobs {{ type ifname . ipv4_addr : verdict; }}
@@ -106,11 +106,11 @@ pub fn table_script(pool: &super::Cidr) -> String {
 }
 
 /// The map's type, as `nft list map` prints it: a table of another layout is made again.
-pub const MAP_TYPE: &str = "type ifname . ipv4_addr : verdict";
+pub(crate) const MAP_TYPE: &str = "type ifname . ipv4_addr : verdict";
 
 /// The addresses and port of the coordinator's URL that a job could reach (none for a
 /// loopback coordinator, which no sandbox reaches).
-pub fn coordinator_target(url: &str) -> Result<Option<(Vec<Ipv4Addr>, u16)>> {
+pub(crate) fn coordinator_target(url: &str) -> Result<Option<(Vec<Ipv4Addr>, u16)>> {
     let (scheme, rest) =
         url.split_once("://").with_context(|| format!("the coordinator URL {url:?} has no scheme"))?;
     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
@@ -143,7 +143,7 @@ fn set(items: impl IntoIterator<Item = String>) -> String {
 /// The policy chain shared by every job of one executor's settings: its name (`policy_` and a
 /// digest of its rules, so that executors with other settings get their own chain and a chain
 /// never changes under a job) and the nft script that (re)creates it in one transaction.
-pub fn policy_chain(s: &Settings, coordinator: Option<&(Vec<Ipv4Addr>, u16)>) -> (String, String) {
+pub(crate) fn policy_chain(s: &Settings, coordinator: Option<&(Vec<Ipv4Addr>, u16)>) -> (String, String) {
     let mut rules: Vec<String> = vec![
         // 1. Replies to what the job started. (Anti-spoofing and IPv6 are the map's key.)
         "ct state established,related accept".into(),

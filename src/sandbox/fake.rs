@@ -16,7 +16,7 @@ use crate::base::cancel::Cancel;
 
 /// One call the fake runtime got.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Call {
+pub(crate) enum Call {
     /// `boot`, with the images asked for.
     Boot(Vec<String>),
     /// `prepare_step` of a step key.
@@ -30,7 +30,7 @@ pub enum Call {
 
 /// How the fake ends what it is asked to do. Everything succeeds unless said otherwise.
 #[derive(Debug, Clone, Default)]
-pub struct Script {
+pub(crate) struct Script {
     /// `boot` fails with this message.
     pub boot_error: Option<String>,
     /// Step key -> how the step ends (default `Exited(0)`).
@@ -45,18 +45,18 @@ pub struct Script {
 
 /// The fake runtime; clones share their calls.
 #[derive(Clone, Default)]
-pub struct FakeRuntime {
+pub(crate) struct FakeRuntime {
     pub script: Script,
     calls: Arc<Mutex<Vec<Call>>>,
 }
 
 impl FakeRuntime {
-    pub fn new(script: Script) -> FakeRuntime {
+    pub(crate) fn new(script: Script) -> FakeRuntime {
         FakeRuntime { script, calls: Arc::default() }
     }
 
     /// The calls so far, in order.
-    pub fn calls(&self) -> Vec<Call> {
+    pub(crate) fn calls(&self) -> Vec<Call> {
         self.calls.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
@@ -138,7 +138,7 @@ impl Runtime for FakeRuntime {
 }
 
 /// Sandboxes "booted ahead" for tests: each take hands out `ready` (once) or misses.
-pub struct FakePool {
+pub(crate) struct FakePool {
     pub runtime: RuntimeKind,
     pub ready: Mutex<Option<SandboxRecord>>,
     pub taken: Mutex<usize>,

@@ -11,11 +11,11 @@ pub use crate::base::proc::{OutputSink, Stream};
 pub use crate::document::sandbox::{RuntimeKind, SandboxRecord};
 
 #[cfg(test)]
-pub mod fake;
+pub(crate) mod fake;
 pub mod microvm;
 pub mod oci;
 mod settings;
-pub mod shell;
+pub(crate) mod shell;
 
 pub use settings::OciRuntime;
 

@@ -23,14 +23,14 @@ use super::{
 use crate::base::cancel::Cancel;
 
 /// The warning printed whenever a sandbox is started by this runtime.
-pub const WARNING: &str =
+pub(crate) const WARNING: &str =
     "WARNING: the shell runtime runs job steps directly on this host with NO ISOLATION \
 (development only; never use it for code you do not trust)";
 
 /// The shell runtime's record: where the steps run.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct ShellDetails {
+pub(crate) struct ShellDetails {
     pub workspace: PathBuf,
 }
 
@@ -38,12 +38,12 @@ impl RecordDetails for ShellDetails {
     const RUNTIME: RuntimeKind = RuntimeKind::Shell;
 }
 
-pub struct ShellRuntime {
+pub(crate) struct ShellRuntime {
     opts: RuntimeOptions,
 }
 
 impl ShellRuntime {
-    pub fn new(opts: &RuntimeOptions) -> Self {
+    pub(crate) fn new(opts: &RuntimeOptions) -> Self {
         ShellRuntime { opts: opts.clone() }
     }
 

@@ -10,14 +10,14 @@ const BUCKETS: &[f64] =
 
 /// A fixed-bucket histogram of durations.
 #[derive(Default)]
-pub struct Histogram {
+pub(super) struct Histogram {
     buckets: [AtomicU64; 16],
     count: AtomicU64,
     sum_micros: AtomicU64,
 }
 
 impl Histogram {
-    pub fn observe(&self, d: Duration) {
+    pub(super) fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();
         for (i, le) in BUCKETS.iter().enumerate() {
             if secs <= *le {
@@ -46,7 +46,7 @@ impl Histogram {
 
 /// The server's counters.
 #[derive(Default)]
-pub struct Metrics {
+pub(super) struct Metrics {
     /// Dequeues that returned a job: time from request to answer (long-poll wait included).
     pub dequeue_job: Histogram,
     /// Dequeues that answered 204.
@@ -57,7 +57,7 @@ pub struct Metrics {
 
 impl Metrics {
     /// Renders everything; `counts` and `active` come from the store at scrape time.
-    pub fn render(
+    pub(super) fn render(
         &self,
         counts: &[(String, super::store::JobState, i64)],
         queues: &[String],
@@ -106,7 +106,7 @@ impl Metrics {
 /// and TYPE from the first executor that described it), every sample with `executor="<name>"`
 /// added to its own labels. Families named like the coordinator's own (`executor_queue_`) are
 /// left out so that no family appears twice.
-pub fn merge_executor_metrics(per_executor: &[(String, String)]) -> String {
+pub(super) fn merge_executor_metrics(per_executor: &[(String, String)]) -> String {
     use crate::base::metrics::{add_label, line_name};
     struct Family {
         help: Option<String>,
@@ -162,7 +162,7 @@ pub fn merge_executor_metrics(per_executor: &[(String, String)]) -> String {
 /// A few figures for people from one executor's heartbeat metrics (the console's executors
 /// page): jobs by outcome, running jobs, steps and boots with their mean time, log bytes sent
 /// and errors. Samples of other families, and unparsable lines, are passed over.
-pub fn executor_figures(text: &str) -> Vec<String> {
+pub(super) fn executor_figures(text: &str) -> Vec<String> {
     use crate::api::metrics as m;
     use crate::base::metrics::line_name;
     let mut outcomes: Vec<(String, f64)> = Vec::new();

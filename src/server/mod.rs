@@ -2,7 +2,7 @@
 //! plus an admin API, backed by SQLite or (for several replicas) PostgreSQL; and the admin client the `queue` client commands use.
 //! It knows nothing about sandboxes.
 
-pub mod client;
+pub(crate) mod client;
 mod http;
 mod metrics;
 pub mod store;
@@ -20,8 +20,9 @@ pub const DEFAULT_LOG_CAP: u64 = 16 * 1024 * 1024;
 pub const DEFAULT_ARTIFACT_MAX: u64 = 100 * 1024 * 1024;
 /// Longest a dequeue may wait for a job.
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
-/// By default an executor is active when seen within this long (3 x the 5 s heartbeat).
-pub const ACTIVE_WINDOW: Duration = Duration::from_secs(15);
+/// The tests' `active_window` (3 x the 5 s heartbeat, as `--active-window`'s default).
+#[cfg(test)]
+pub(crate) const ACTIVE_WINDOW: Duration = Duration::from_secs(15);
 
 /// Everything `serve` needs, validated.
 #[derive(Clone)]

@@ -11,7 +11,7 @@ use crate::base::exit::{ExitError, TEMPFAIL};
 use crate::document::{CompletionRecord, FailureKind, RunDocument};
 
 /// The mark* call for the document's outcome, and its message.
-pub fn mark_for(doc: &RunDocument) -> (Mark, String) {
+pub(crate) fn mark_for(doc: &RunDocument) -> (Mark, String) {
     match &doc.outcome {
         None => (Mark::Complete, String::new()),
         Some(f) => match f.kind {
@@ -33,7 +33,7 @@ fn make_spare(ctx: &JobCtx) {
     }
 }
 
-pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
+pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
     let mut sandbox_removed =
         doc.sandbox.is_none() || doc.completion.as_ref().is_some_and(|c| c.sandbox_removed);
     if let (Some(sb), false) = (doc.sandbox.clone(), sandbox_removed) {

@@ -12,7 +12,7 @@ use crate::sandbox::RuntimeKind;
 
 /// Dequeues one job and returns its new document, or `None` when the coordinator has none.
 /// `runtime` is the concrete runtime name recorded for the later stages.
-pub fn run(
+pub(crate) fn run(
     settings: &Settings,
     client: &Client,
     runtime: RuntimeKind,

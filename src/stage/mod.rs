@@ -2,19 +2,18 @@
 //! opened job, logger, cancel token) and [`run_stage`], which records a failure in the document
 //! instead of losing it and makes later stages skip. `loop` and the subcommands both call these.
 
-pub mod complete;
-pub mod dequeue;
-pub mod prepare_workspace;
-pub mod run_steps;
-pub mod upload;
-pub mod vm_boot;
+pub(crate) mod complete;
+pub(crate) mod dequeue;
+pub(crate) mod prepare_workspace;
+pub(crate) mod run_steps;
+pub(crate) mod upload;
+pub(crate) mod vm_boot;
 
 #[cfg(test)]
 mod tests;
 
 use anyhow::{Context, Result};
 use chrono::Utc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,7 +27,7 @@ use crate::protocol::Job;
 
 /// The stages after `dequeue`, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stage {
+pub(crate) enum Stage {
     PrepareWorkspace,
     VmBoot,
     RunSteps,
@@ -37,10 +36,10 @@ pub enum Stage {
 }
 
 impl Stage {
-    pub const ALL: [Stage; 5] =
+    pub(crate) const ALL: [Stage; 5] =
         [Stage::PrepareWorkspace, Stage::VmBoot, Stage::RunSteps, Stage::Upload, Stage::Complete];
 
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Stage::PrepareWorkspace => "prepare-workspace",
             Stage::VmBoot => "vm-boot",
@@ -54,7 +53,7 @@ impl Stage {
 /// A failure whose kind is not the default (errored).
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
-pub struct StageFailure {
+pub(crate) struct StageFailure {
     pub kind: FailureKind,
     pub message: String,
 }
@@ -63,10 +62,10 @@ pub struct StageFailure {
 /// job is left as it was.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct Incomplete(pub String);
+pub(crate) struct Incomplete(pub String);
 
 /// Everything a stage needs about one job.
-pub struct JobCtx {
+pub(crate) struct JobCtx {
     pub settings: Arc<Settings>,
     pub client: Client,
     pub job: Job,
@@ -84,7 +83,7 @@ pub struct JobCtx {
 impl JobCtx {
     /// Opens the document's job with the shared secret and connects to its coordinator as the
     /// executor that dequeued it. `cancel` gets the document's deadline.
-    pub fn new(settings: Arc<Settings>, doc: &RunDocument, cancel: Option<Cancel>) -> Result<JobCtx> {
+    pub(crate) fn new(settings: Arc<Settings>, doc: &RunDocument, cancel: Option<Cancel>) -> Result<JobCtx> {
         let job = doc.open_job(settings.password.expose()).map_err(|e| {
             crate::base::exit::ExitError::new(
                 crate::base::exit::BAD_DOCUMENT,
@@ -116,12 +115,12 @@ impl JobCtx {
         })
     }
 
-    pub fn redact(&self, s: &str) -> String {
+    pub(crate) fn redact(&self, s: &str) -> String {
         self.logger.redactor().redact_str(s)
     }
 
     /// The runtime that the document names.
-    pub fn runtime(&self, doc: &RunDocument) -> Result<Arc<dyn crate::sandbox::Runtime>> {
+    pub(crate) fn runtime(&self, doc: &RunDocument) -> Result<Arc<dyn crate::sandbox::Runtime>> {
         #[cfg(test)]
         if let Some(rt) = &self.fake_runtime {
             return Ok(rt.clone());
@@ -132,7 +131,7 @@ impl JobCtx {
 }
 
 /// The document's deadline as an `Instant`.
-pub fn deadline_instant(doc: &RunDocument) -> Option<Instant> {
+pub(crate) fn deadline_instant(doc: &RunDocument) -> Option<Instant> {
     doc.deadline.map(|d| {
         let left = (d - Utc::now()).to_std().unwrap_or(Duration::ZERO);
         Instant::now() + left
@@ -141,7 +140,7 @@ pub fn deadline_instant(doc: &RunDocument) -> Option<Instant> {
 
 /// How a stage ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StageResult {
+pub(crate) enum StageResult {
     Done,
     /// An earlier stage had failed; nothing was done.
     Skipped,
@@ -152,7 +151,7 @@ pub enum StageResult {
 /// Runs one stage on the document: skips when an earlier one failed, records a failure,
 /// appends the stage to the history. `Err` only for [`Incomplete`] documents and for a
 /// `complete` that could not reach the coordinator.
-pub fn run_stage(stage: Stage, ctx: &JobCtx, doc: &mut RunDocument) -> Result<StageResult> {
+pub(crate) fn run_stage(stage: Stage, ctx: &JobCtx, doc: &mut RunDocument) -> Result<StageResult> {
     if stage != Stage::Complete && doc.failed() {
         return Ok(StageResult::Skipped);
     }
@@ -172,7 +171,7 @@ pub fn run_stage(stage: Stage, ctx: &JobCtx, doc: &mut RunDocument) -> Result<St
 /// images pulled, its network made and its first step's container created, while the
 /// repository clones. Both stages are recorded as run, the clone first. `Err` as for
 /// [`run_stage`].
-pub fn prepare_and_boot(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
+pub(crate) fn prepare_and_boot(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
     if doc.failed() {
         return Ok(());
     }
@@ -257,7 +256,7 @@ fn classify(ctx: &JobCtx, e: &anyhow::Error) -> (FailureKind, String) {
 }
 
 /// The contract's message for a job past its deadline.
-pub fn deadline_message(settings: &Settings) -> String {
+pub(crate) fn deadline_message(settings: &Settings) -> String {
     format!(
         "job exceeded maximum execution time of {}",
         crate::base::units::format_duration(settings.max_runtime_per_job)
@@ -265,21 +264,27 @@ pub fn deadline_message(settings: &Settings) -> String {
 }
 
 /// Heartbeats for one job while a stage process works on it (the loop has its own, for all its
-/// jobs). A `cancelIds` entry for the job cancels `cancel`. Stops when dropped.
-pub struct JobHeartbeat {
+/// jobs). A `cancelIds` entry for the job cancels `cancel`; a job missing from `knownIds` is
+/// warned about once and left to run, as the contract says (its final mark* finds it is no
+/// longer ours). Stops when dropped.
+pub(crate) struct JobHeartbeat {
     stop: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
     thread: Option<std::thread::JoinHandle<()>>,
-    pub lost: Arc<AtomicBool>,
 }
 
 impl JobHeartbeat {
-    pub fn start(client: Client, doc: &RunDocument, cancel: Cancel, interval: Duration) -> JobHeartbeat {
+    pub(crate) fn start(
+        client: Client,
+        doc: &RunDocument,
+        cancel: Cancel,
+        interval: Duration,
+    ) -> JobHeartbeat {
         let stop = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
-        let lost = Arc::new(AtomicBool::new(false));
         let queues = vec![doc.executor.queue.clone()];
         let multi = doc.executor.multi_queue;
         let uid = doc.job.uid.clone();
-        let (stop2, lost2) = (stop.clone(), lost.clone());
+        let stop2 = stop.clone();
+        let mut lost = false;
         let thread = std::thread::Builder::new()
             .name("heartbeat".into())
             .spawn(move || loop {
@@ -289,7 +294,7 @@ impl JobHeartbeat {
                             tracing::info!("the coordinator canceled job {uid}");
                             cancel.cancel(CancelReason::Canceled);
                         }
-                        if !r.known_ids.contains(&uid) && !lost2.swap(true, Ordering::Relaxed) {
+                        if !r.known_ids.contains(&uid) && !std::mem::replace(&mut lost, true) {
                             tracing::warn!("the coordinator no longer knows job {uid} as ours");
                         }
                     }
@@ -304,7 +309,7 @@ impl JobHeartbeat {
                 }
             })
             .ok();
-        JobHeartbeat { stop, thread, lost }
+        JobHeartbeat { stop, thread }
     }
 }
 

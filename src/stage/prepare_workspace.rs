@@ -7,7 +7,7 @@ use super::JobCtx;
 use crate::document::{FailureKind, RunDocument, WorkspaceRecord};
 use crate::workspace;
 
-pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
+pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
     match create(ctx, doc)? {
         Some(created) => fill(ctx, doc, created),
         None => Ok(()),
@@ -15,7 +15,7 @@ pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
 }
 
 /// A workspace made by [`create`], to be filled by [`fill`].
-pub struct Created {
+pub(crate) struct Created {
     path: std::path::PathBuf,
     key: Option<workspace::template::Key>,
     from: Option<workspace::template::Meta>,
@@ -25,14 +25,14 @@ pub struct Created {
 impl Created {
     /// Whether [`fill`] may store the workspace's disk as its repository's template (it did not
     /// start from one): nothing but the clone may write to the workspace until it has.
-    pub fn may_make_template(&self) -> bool {
+    pub(crate) fn may_make_template(&self) -> bool {
         self.key.is_some() && self.from.is_none() && self.disk_bytes > 0
     }
 }
 
 /// Makes the job's workspace (its disk mounted, a template's copy when there is one) and records
 /// it in the document; `None` when the document's workspace already exists.
-pub fn create(ctx: &JobCtx, doc: &mut RunDocument) -> Result<Option<Created>> {
+pub(crate) fn create(ctx: &JobCtx, doc: &mut RunDocument) -> Result<Option<Created>> {
     if let Some(ws) = &doc.workspace {
         if ws.path.exists() {
             // Already prepared (the stage ran twice on this document): nothing to redo.
@@ -76,7 +76,7 @@ pub fn create(ctx: &JobCtx, doc: &mut RunDocument) -> Result<Option<Created>> {
 
 /// Clones the repository into the workspace [`create`] made and writes the job's files and
 /// scripts.
-pub fn fill(ctx: &JobCtx, doc: &mut RunDocument, created: Created) -> Result<()> {
+pub(crate) fn fill(ctx: &JobCtx, doc: &mut RunDocument, created: Created) -> Result<()> {
     let Created { path, key, from, disk_bytes } = created;
     let templates = ctx.settings.templates();
     let cx = workspace::CloneContext {
@@ -123,7 +123,7 @@ fn copy_startup_script(host: &std::path::Path, ws: &std::path::Path) -> Result<S
 }
 
 /// Why a job with `cliSteps` is refused, and what to do instead.
-pub fn cli_steps_refused(id: i64) -> String {
+pub(crate) fn cli_steps_refused(id: i64) -> String {
     format!(
         "job {id} has cliSteps: the legacy `src batch exec` path, which needs a container engine inside \
          the sandbox, and this executor does not run it. Sourcegraph sends cliSteps only in v1 payloads \

@@ -11,7 +11,7 @@ use crate::document::{EndedBy, FailureKind, RunDocument, StepRecord};
 use crate::sandbox::{OutputSink, StepEnd, StepSpec};
 
 /// The log key of docker step `index`.
-pub fn step_key(key: &str, index: usize) -> String {
+pub(crate) fn step_key(key: &str, index: usize) -> String {
     if key.is_empty() {
         format!("step.docker.{index}")
     } else {
@@ -22,7 +22,7 @@ pub fn step_key(key: &str, index: usize) -> String {
 /// Makes the first step's sandboxed process ahead, in this process, while the workspace may
 /// still be filling (see [`crate::sandbox::Runtime::prepare_step`]); `run` then only starts it.
 /// A failure only costs the time it saves, and is logged.
-pub fn prepare_first(ctx: &JobCtx, doc: &RunDocument) {
+pub(crate) fn prepare_first(ctx: &JobCtx, doc: &RunDocument) {
     let (Some(sandbox), Some(step)) = (&doc.sandbox, ctx.job.docker_steps.first()) else {
         return;
     };
@@ -57,7 +57,7 @@ pub fn prepare_first(ctx: &JobCtx, doc: &RunDocument) {
     }
 }
 
-pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
+pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
     let ws = doc.workspace.clone().ok_or_else(|| {
         Incomplete("the run document has no workspace: run `executor prepare-workspace` first".into())
     })?;

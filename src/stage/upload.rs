@@ -15,7 +15,7 @@ use crate::base::redact::Redactor;
 use crate::document::{ArtifactsRecord, RunDocument};
 use crate::logs::LogEntry;
 
-pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
+pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
     if ctx.job.artifacts.is_empty() || doc.artifacts.as_ref().is_some_and(|a| a.uploaded) {
         return Ok(());
     }

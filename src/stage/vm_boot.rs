@@ -7,7 +7,7 @@ use super::{Incomplete, JobCtx};
 use crate::document::RunDocument;
 use crate::sandbox::{BootRequest, WarmClaim};
 
-pub fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
+pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
     if doc.workspace.is_none() {
         return Err(Incomplete(
             "the run document has no workspace: run `executor prepare-workspace` first".into(),

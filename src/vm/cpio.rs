@@ -3,14 +3,14 @@
 use std::io::{self, Write};
 
 /// Writes cpio `newc` entries to `W`.
-pub struct CpioWriter<W: Write> {
+pub(crate) struct CpioWriter<W: Write> {
     out: W,
     ino: u32,
     written: u64,
 }
 
 impl<W: Write> CpioWriter<W> {
-    pub fn new(out: W) -> Self {
+    pub(crate) fn new(out: W) -> Self {
         CpioWriter { out, ino: 1, written: 0 }
     }
 
@@ -38,24 +38,24 @@ impl<W: Write> CpioWriter<W> {
         self.put(&[0u8; 3][..n])
     }
 
-    pub fn dir(&mut self, name: &str) -> io::Result<()> {
+    pub(crate) fn dir(&mut self, name: &str) -> io::Result<()> {
         self.header(name, 0o040755, 0)
     }
 
-    pub fn file(&mut self, name: &str, mode: u32, data: &[u8]) -> io::Result<()> {
+    pub(crate) fn file(&mut self, name: &str, mode: u32, data: &[u8]) -> io::Result<()> {
         self.header(name, 0o100000 | (mode & 0o7777), data.len())?;
         self.put(data)?;
         self.pad()
     }
 
-    pub fn symlink(&mut self, name: &str, target: &str) -> io::Result<()> {
+    pub(crate) fn symlink(&mut self, name: &str, target: &str) -> io::Result<()> {
         self.header(name, 0o120777, target.len())?;
         self.put(target.as_bytes())?;
         self.pad()
     }
 
     /// Writes the trailer and returns the inner writer.
-    pub fn finish(mut self) -> io::Result<W> {
+    pub(crate) fn finish(mut self) -> io::Result<W> {
         self.header("TRAILER!!!", 0, 0)?;
         Ok(self.out)
     }

@@ -5,7 +5,7 @@
 //! this one, with its shared libraries), busybox and the virtio modules. Files live under `$EXECUTOR_STATE_DIR/vm`; running it again does only what is
 //! out of date.
 
-pub mod cpio;
+pub(crate) mod cpio;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -16,21 +16,21 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 /// The metapackage whose dependency names the current cloud kernel.
-pub const DEFAULT_KERNEL_PACKAGE: &str = "linux-image-cloud-amd64";
+pub(crate) const DEFAULT_KERNEL_PACKAGE: &str = "linux-image-cloud-amd64";
 
 /// The guest agent's binary name; it is built by cargo with `executor` and installed beside it
 /// (or in `../lib/executor/` relative to it, as the .deb does).
-pub const AGENT_BINARY: &str = "executor-guest-agent";
+pub(crate) const AGENT_BINARY: &str = "executor-guest-agent";
 
 /// Modules the guest loads only once it answered the host (listed in `late`): what no device
 /// needs, only steps (their image root is an overlay).
-pub const LATE_MODULES: &[&str] = &["overlay"];
+pub(crate) const LATE_MODULES: &[&str] = &["overlay"];
 
 /// Modules the guest loads only for a job network, in this order (listed in `net`; guest/net.rs).
-pub const NET_MODULES: &[&str] = &["failover", "net_failover", "virtio_net"];
+pub(crate) const NET_MODULES: &[&str] = &["failover", "net_failover", "virtio_net"];
 
 /// Modules the guest loads, in this order (the package ships no modules.dep).
-pub const MODULES: &[&str] = &[
+pub(crate) const MODULES: &[&str] = &[
     "virtio_ring",
     "virtio",
     "virtio_mmio",
@@ -45,7 +45,7 @@ pub const MODULES: &[&str] = &[
 /// What `install vm` recorded: where the kernel and initramfs are and what they were built from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Manifest {
+pub(crate) struct Manifest {
     pub kernel_package: String,
     pub kernel_version: String,
     pub vmlinux: PathBuf,
@@ -54,7 +54,7 @@ pub struct Manifest {
     pub initramfs_inputs: String,
 }
 
-pub fn vm_dir(state_dir: &Path) -> PathBuf {
+pub(crate) fn vm_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("vm")
 }
 
@@ -63,7 +63,7 @@ fn manifest_path(state_dir: &Path) -> PathBuf {
 }
 
 /// The installed kernel and initramfs, or an error saying to run `executor install vm`.
-pub fn installed(state_dir: &Path) -> Result<Manifest> {
+pub(crate) fn installed(state_dir: &Path) -> Result<Manifest> {
     let path = manifest_path(state_dir);
     let text = fs::read_to_string(&path)
         .with_context(|| format!("no guest kernel at {} (run `executor install vm`)", path.display()))?;
@@ -78,7 +78,7 @@ pub fn installed(state_dir: &Path) -> Result<Manifest> {
 
 /// Settings of `install vm`.
 #[derive(Debug, Clone)]
-pub struct InstallOptions {
+pub(crate) struct InstallOptions {
     pub state_dir: PathBuf,
     /// A `linux-image-*` package, or the metapackage to resolve.
     pub kernel_package: String,
@@ -116,7 +116,7 @@ fn resolve_kernel_package(name: &str) -> Result<String> {
 }
 
 /// Finds the LZ4 (legacy frame) payload of a bzImage and decompresses it to an ELF vmlinux.
-pub fn extract_vmlinux(vmlinuz: &Path, out: &Path) -> Result<()> {
+pub(crate) fn extract_vmlinux(vmlinuz: &Path, out: &Path) -> Result<()> {
     let data = fs::read(vmlinuz).with_context(|| format!("reading {}", vmlinuz.display()))?;
     const LZ4_LEGACY: &[u8] = &[0x02, 0x21, 0x4c, 0x18];
     let mut from = 0;
@@ -170,7 +170,7 @@ fn shared_libraries(exe: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// The guest agent binary that belongs to the running executor.
-pub fn agent_binary() -> Result<PathBuf> {
+pub(crate) fn agent_binary() -> Result<PathBuf> {
     let exe = std::env::current_exe().context("locating this executable")?;
     let dir = exe.parent().with_context(|| format!("{} has no directory", exe.display()))?;
     let candidates = [dir.join(AGENT_BINARY), dir.join("../lib/executor").join(AGENT_BINARY)];
@@ -219,7 +219,7 @@ fn stripped(agent: &Path) -> Result<Vec<u8>> {
 /// RSA check (and marks itself tainted), which costs about 100 ms of boot under TCG. The check
 /// adds nothing here: apt verified the package the modules come from, and the guest kernel is
 /// no boundary of ours (the job is root in the guest).
-pub fn without_signature(module: &[u8]) -> &[u8] {
+pub(crate) fn without_signature(module: &[u8]) -> &[u8] {
     const MAGIC: &[u8] = b"~Module signature appended~\n";
     // struct module_signature: algo, hash, id_type, signer_len, key_id_len, pad[3], sig_len (BE).
     const INFO: usize = 12;
@@ -312,7 +312,7 @@ fn build_initramfs(
 }
 
 /// Installs or refreshes the guest kernel and initramfs; returns what it did, one line each.
-pub fn install(opts: &InstallOptions) -> Result<Vec<String>> {
+pub(crate) fn install(opts: &InstallOptions) -> Result<Vec<String>> {
     let dir = vm_dir(&opts.state_dir);
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut did = Vec::new();
@@ -412,7 +412,7 @@ pub fn install(opts: &InstallOptions) -> Result<Vec<String>> {
 }
 
 /// The system account QEMU runs as when the executor runs as root.
-pub const VM_USER: &str = "executor-vm";
+pub(crate) const VM_USER: &str = "executor-vm";
 
 /// Creates [`VM_USER`] (no home, no shell, its own group) when running as root; says what it did.
 fn ensure_vm_user() -> Result<String> {

@@ -4,8 +4,8 @@
 //! size-capped filesystem is [`disk`]'s.
 
 pub mod disk;
-pub mod scripts;
-pub mod template;
+pub(crate) mod scripts;
+pub(crate) mod template;
 
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
@@ -76,21 +76,6 @@ fn owner_path(ws: &Path) -> PathBuf {
     ws.with_file_name(name)
 }
 
-/// Creates a fresh workspace for the job, records its owner and, with a cap (`disk_bytes`
-/// above 0), gives it its own filesystem of that size (see [`disk`]). Where that cannot be
-/// done (the executor is not root, no loop device) the workspace is a plain directory, the
-/// clone's size is checked afterwards instead, and the setup log entry `setup.fs.workspace`
-/// says so.
-pub fn create_for_job(
-    workspaces_dir: &Path,
-    owner: &Owner,
-    disk_bytes: u64,
-    logger: &JobLogger,
-) -> Result<(PathBuf, disk::Cap)> {
-    let (ws, cap, _) = create_for_job_from(workspaces_dir, owner, disk_bytes, logger, None)?;
-    Ok((ws, cap))
-}
-
 /// Where the blank disk images and the workspace templates live: `templates/` beside the
 /// workspaces directory (outside every job's reach, 0700).
 pub fn templates_dir(workspaces_dir: &Path) -> PathBuf {
@@ -108,8 +93,12 @@ pub fn prepare_blank_disk(workspaces_dir: &Path, disk_bytes: u64) -> Result<()> 
     disk::blank_image(&templates_dir(workspaces_dir), disk_bytes, 0, 0).map(|_| ())
 }
 
-/// [`create_for_job`], whose disk starts as a copy of the job's template when there is one
-/// (returned, for [`clone_repository_with`]), and otherwise as a copy of a blank image (see
+/// Creates a fresh workspace for the job, records its owner and, with a cap (`disk_bytes`
+/// above 0), gives it its own filesystem of that size (see [`disk`]). Where that cannot be
+/// done (the executor is not root, no loop device) the workspace is a plain directory, the
+/// clone's size is checked afterwards instead, and the setup log entry `setup.fs.workspace`
+/// says so. The disk starts as a copy of the job's template when there is one (returned, for
+/// [`clone_repository_with`]), and otherwise as a copy of a blank image (see
 /// [`disk::blank_image`]). A template that cannot be copied or mounted is left aside with a line
 /// on stderr, and the disk starts blank.
 pub fn create_for_job_from(

@@ -3,11 +3,11 @@
 //! bash where the image has it, then `set +e` and `set -x` before the step's commands.
 
 /// The directory (relative to the workspace) that holds the scripts.
-pub const SCRIPTS_DIR: &str = ".sourcegraph-executor";
+pub(crate) const SCRIPTS_DIR: &str = ".sourcegraph-executor";
 
 /// The preamble: on the first run (no argument) re-exec under bash if there is one, passing
 /// `skip-check`; then errors do not abort, commands are traced, the status is the last command's.
-pub const PREAMBLE: &str = r#"
+pub(crate) const PREAMBLE: &str = r#"
 # Only on the first run, check if we can upgrade to bash.
 if [ -z "$1" ]; then
   bash_path=$(command -p -v bash)
@@ -30,17 +30,17 @@ set -x
 "#;
 
 /// The script's file name for step `index` of job `job_id`.
-pub fn script_name(job_id: i64, index: usize, repository_name: &str, commit: &str) -> String {
+pub(crate) fn script_name(job_id: i64, index: usize, repository_name: &str, commit: &str) -> String {
     format!("{job_id}.{index}_{}@{commit}.sh", repository_name.replace('/', "_"))
 }
 
 /// The script's path relative to the workspace.
-pub fn script_path(job_id: i64, index: usize, repository_name: &str, commit: &str) -> String {
+pub(crate) fn script_path(job_id: i64, index: usize, repository_name: &str, commit: &str) -> String {
     format!("{SCRIPTS_DIR}/{}", script_name(job_id, index, repository_name, commit))
 }
 
 /// The script's body: the preamble, an empty line, the commands joined by newlines.
-pub fn script_body(commands: &[String]) -> String {
+pub(crate) fn script_body(commands: &[String]) -> String {
     let mut s = String::from(PREAMBLE);
     s.push('\n');
     s.push_str(&commands.join("\n"));

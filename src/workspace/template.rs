@@ -31,7 +31,7 @@ use crate::protocol::Job;
 
 /// A template older than this is replaced by the next job's pristine checkout, so that the
 /// difference a checkout writes stays small as the repository moves on.
-pub const REFRESH_AFTER: Duration = Duration::from_secs(10 * 60);
+pub(crate) const REFRESH_AFTER: Duration = Duration::from_secs(10 * 60);
 
 /// Temporary files older than this are a dead executor's and are removed by [`Templates::sweep`].
 const STALE_TMP: Duration = Duration::from_secs(10 * 60);
@@ -321,7 +321,7 @@ impl Templates {
 }
 
 /// Whether a template should be replaced by the pristine checkout of a job that used it.
-pub fn stale(meta: &Meta) -> bool {
+pub(crate) fn stale(meta: &Meta) -> bool {
     (Utc::now() - meta.created_at).to_std().map(|age| age > REFRESH_AFTER).unwrap_or(false)
 }
 

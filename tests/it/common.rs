@@ -11,13 +11,13 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// The `executor` binary built for this test run.
-pub fn bin() -> PathBuf {
+pub(crate) fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_executor"))
 }
 
 /// Removes every `EXECUTOR_*` variable of the test's own environment from `cmd`, so that what a
 /// test sets is all the binary sees.
-pub fn scrub(cmd: &mut Command) -> &mut Command {
+pub(crate) fn scrub(cmd: &mut Command) -> &mut Command {
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("EXECUTOR_") {
             cmd.env_remove(k);
@@ -33,7 +33,7 @@ pub fn scrub(cmd: &mut Command) -> &mut Command {
 /// image the store lacks must never reach a real registry. Its jobs get loopback only
 /// (`EXECUTOR_NETWORK=none`) whatever the default: only tests/it/network.rs, inside namespaces
 /// of its own, gives a job a network.
-pub fn executor() -> Command {
+pub(crate) fn executor() -> Command {
     let mut c = Command::new(bin());
     scrub(&mut c).stdin(Stdio::null()).env("EXECUTOR_IMAGE_PULL", "never");
     c.env("EXECUTOR_NETWORK", "none");
@@ -41,7 +41,7 @@ pub fn executor() -> Command {
 }
 
 /// Runs `cmd` to completion and returns its output, whatever its status.
-pub fn run(cmd: &mut Command) -> Output {
+pub(crate) fn run(cmd: &mut Command) -> Output {
     cmd.output().unwrap_or_else(|e| panic!("running {}: {e}", describe(cmd)))
 }
 
@@ -57,7 +57,7 @@ enum Status {
 /// a failed check panics at the caller with the command, the status, stdout and stderr.
 ///
 /// `Exec::new().args(["image", "ls"]).env("EXECUTOR_STATE_DIR", dir).stdout_has("NAME").run()`
-pub struct Exec {
+pub(crate) struct Exec {
     cmd: Command,
     stdin: Option<Vec<u8>>,
     status: Status,
@@ -73,20 +73,20 @@ impl Default for Exec {
 
 impl Exec {
     /// The `executor` binary with a clean `EXECUTOR_*` environment.
-    pub fn new() -> Exec {
+    pub(crate) fn new() -> Exec {
         Exec::wrap(executor())
     }
 
     /// Any program (also with a clean `EXECUTOR_*` environment, and loopback-only jobs for an
     /// executor it starts, as `executor()`).
-    pub fn program(program: impl AsRef<OsStr>) -> Exec {
+    pub(crate) fn program(program: impl AsRef<OsStr>) -> Exec {
         let mut cmd = Command::new(program);
         scrub(&mut cmd).stdin(Stdio::null()).env("EXECUTOR_NETWORK", "none");
         Exec::wrap(cmd)
     }
 
     /// The value the command's environment sets for `key`.
-    pub fn env_value(&self, key: &str) -> Option<std::ffi::OsString> {
+    pub(crate) fn env_value(&self, key: &str) -> Option<std::ffi::OsString> {
         self.cmd.get_envs().find(|(k, _)| *k == key).and_then(|(_, v)| v.map(|v| v.to_os_string()))
     }
 
@@ -94,76 +94,76 @@ impl Exec {
         Exec { cmd, stdin: None, status: Status::Code(0), stdout_has: Vec::new(), stderr_has: Vec::new() }
     }
 
-    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Exec {
+    pub(crate) fn arg(mut self, arg: impl AsRef<OsStr>) -> Exec {
         self.cmd.arg(arg);
         self
     }
 
-    pub fn args<I: IntoIterator<Item = S>, S: AsRef<OsStr>>(mut self, args: I) -> Exec {
+    pub(crate) fn args<I: IntoIterator<Item = S>, S: AsRef<OsStr>>(mut self, args: I) -> Exec {
         self.cmd.args(args);
         self
     }
 
-    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Exec {
+    pub(crate) fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Exec {
         self.cmd.env(key, value);
         self
     }
 
-    pub fn env_remove(mut self, key: impl AsRef<OsStr>) -> Exec {
+    pub(crate) fn env_remove(mut self, key: impl AsRef<OsStr>) -> Exec {
         self.cmd.env_remove(key);
         self
     }
 
-    pub fn current_dir(mut self, dir: impl AsRef<Path>) -> Exec {
+    pub(crate) fn current_dir(mut self, dir: impl AsRef<Path>) -> Exec {
         self.cmd.current_dir(dir);
         self
     }
 
     /// Lets a fixture configure the command (`|c| coordinator.admin_env(c)`).
-    pub fn with(mut self, f: impl FnOnce(&mut Command)) -> Exec {
+    pub(crate) fn with(mut self, f: impl FnOnce(&mut Command)) -> Exec {
         f(&mut self.cmd);
         self
     }
 
     /// Bytes for the command's stdin (otherwise it reads /dev/null).
-    pub fn stdin(mut self, bytes: impl Into<Vec<u8>>) -> Exec {
+    pub(crate) fn stdin(mut self, bytes: impl Into<Vec<u8>>) -> Exec {
         self.stdin = Some(bytes.into());
         self
     }
 
     /// Expects this exit code instead of 0.
-    pub fn status(mut self, code: i32) -> Exec {
+    pub(crate) fn status(mut self, code: i32) -> Exec {
         self.status = Status::Code(code);
         self
     }
 
     /// Expects any unsuccessful exit.
-    pub fn fails(mut self) -> Exec {
+    pub(crate) fn fails(mut self) -> Exec {
         self.status = Status::Failure;
         self
     }
 
     /// Checks no status: the test looks at the output itself.
-    pub fn any_status(mut self) -> Exec {
+    pub(crate) fn any_status(mut self) -> Exec {
         self.status = Status::Any;
         self
     }
 
     /// Expects stdout to contain `text`.
-    pub fn stdout_has(mut self, text: impl Into<String>) -> Exec {
+    pub(crate) fn stdout_has(mut self, text: impl Into<String>) -> Exec {
         self.stdout_has.push(text.into());
         self
     }
 
     /// Expects stderr to contain `text`.
-    pub fn stderr_has(mut self, text: impl Into<String>) -> Exec {
+    pub(crate) fn stderr_has(mut self, text: impl Into<String>) -> Exec {
         self.stderr_has.push(text.into());
         self
     }
 
     /// Runs the command to completion, checks what was asked, and returns its output.
     #[track_caller]
-    pub fn run(mut self) -> Output {
+    pub(crate) fn run(mut self) -> Output {
         let o = match self.stdin.take() {
             None => run(&mut self.cmd),
             Some(bytes) => {
@@ -206,7 +206,7 @@ impl Exec {
 
 /// Asserts that a command the test ran itself (spawned, or a fixture's) exited 0.
 #[track_caller]
-pub fn assert_ok(o: &Output) {
+pub(crate) fn assert_ok(o: &Output) {
     if !o.status.success() {
         panic!("expected success\n{}", report("(see the test)", o));
     }
@@ -243,7 +243,7 @@ fn report(command: &str, o: &Output) -> String {
 const POLL: Duration = Duration::from_millis(20);
 
 /// Polls `done` every 20 ms until it is true (true) or `timeout` passes (false).
-pub fn poll_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+pub(crate) fn poll_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
         if done() {
@@ -258,7 +258,7 @@ pub fn poll_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
 
 /// Polls `done` until it is true; panics with `what` (what the test waited for) after `timeout`.
 #[track_caller]
-pub fn wait_until(what: &str, timeout: Duration, done: impl FnMut() -> bool) {
+pub(crate) fn wait_until(what: &str, timeout: Duration, done: impl FnMut() -> bool) {
     if !poll_until(timeout, done) {
         panic!("timed out after {timeout:?} waiting for {what}");
     }
@@ -267,7 +267,7 @@ pub fn wait_until(what: &str, timeout: Duration, done: impl FnMut() -> bool) {
 /// Waits for `child` to exit; returns its status and its stderr (if piped). Kills it and panics
 /// with its stderr when it is still running after `within`.
 #[track_caller]
-pub fn wait_exit(child: &mut Child, within: Duration) -> (ExitStatus, String) {
+pub(crate) fn wait_exit(child: &mut Child, within: Duration) -> (ExitStatus, String) {
     let mut status = None;
     poll_until(within, || {
         status = child.try_wait().expect("waiting for the child");
@@ -289,7 +289,7 @@ pub fn wait_exit(child: &mut Child, within: Duration) -> (ExitStatus, String) {
 
 /// `wait_exit`, and asserts that the child exited 0; returns its stderr.
 #[track_caller]
-pub fn wait_exit_ok(child: &mut Child, within: Duration) -> String {
+pub(crate) fn wait_exit_ok(child: &mut Child, within: Duration) -> String {
     let (status, err) = wait_exit(child, within);
     assert!(status.success(), "expected success\nstatus: {status}\n--- stderr\n{err}\n---");
     err
@@ -298,7 +298,7 @@ pub fn wait_exit_ok(child: &mut Child, within: Duration) -> String {
 /// Runs `script` with `bash -e` in `dir`, with a git identity and no global git configuration;
 /// asserts that it succeeds and returns its trimmed stdout.
 #[track_caller]
-pub fn sh(dir: &Path, script: &str) -> String {
+pub(crate) fn sh(dir: &Path, script: &str) -> String {
     let o = Exec::program("bash")
         .arg("-ec")
         .arg(script)
@@ -315,16 +315,16 @@ pub fn sh(dir: &Path, script: &str) -> String {
 /// Says that `test` is skipped because this machine lacks `capability` (`why`); panics instead
 /// when `EXECUTOR_TEST_REQUIRE` lists the capability (see `testkit::skip`).
 #[track_caller]
-pub fn skip(test: &str, capability: &str, why: &str) {
+pub(crate) fn skip(test: &str, capability: &str, why: &str) {
     testkit::skip::skip(test, capability, why)
 }
 
-pub fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     testkit::skip::is_root()
 }
 
 /// A CA and a certificate for 127.0.0.1 made with openssl; `None` (and a skip notice) without it.
-pub fn make_ca(dir: &std::path::Path, test: &str) -> Option<(String, String, String)> {
+pub(crate) fn make_ca(dir: &std::path::Path, test: &str) -> Option<(String, String, String)> {
     let p = |name: &str| dir.join(name).to_str().unwrap().to_string();
     let (ca, cert, key) = (p("ca.pem"), p("cert.pem"), p("key.pem"));
     std::fs::write(p("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();

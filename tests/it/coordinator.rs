@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 /// A running coordinator. Dropping it kills the server.
-pub struct Coordinator {
+pub(crate) struct Coordinator {
     pub url: String,
     pub secret: String,
     pub admin_token: String,
@@ -25,25 +25,25 @@ fn random_secret(prefix: &str) -> String {
 
 impl Coordinator {
     /// 127.0.0.1:0, random secrets, default queues.
-    pub fn start() -> Coordinator {
+    pub(crate) fn start() -> Coordinator {
         Self::start_with(&[])
     }
 
     /// Listening on `listen` (an address of a test's own network namespace).
-    pub fn start_listening(listen: &str) -> Coordinator {
+    pub(crate) fn start_listening(listen: &str) -> Coordinator {
         let mut c = Self::start_with_at(&[], None);
         c.spawn(listen);
         c
     }
 
     /// Like `start`, with extra `serve` flags (e.g. `--stalled-max-age 1s`).
-    pub fn start_with(extra_args: &[&str]) -> Coordinator {
+    pub(crate) fn start_with(extra_args: &[&str]) -> Coordinator {
         Self::start_with_at(extra_args, Some("127.0.0.1:0"))
     }
 
     /// A replica on a shared PostgreSQL database and data directory, with the secrets of
     /// `peer` (the first replica when `None`).
-    pub fn start_replica(
+    pub(crate) fn start_replica(
         peer: Option<(&str, &str)>,
         database: &str,
         shared: &std::path::Path,
@@ -118,22 +118,22 @@ impl Coordinator {
     }
 
     /// The ureq agent used by the helpers (trusting the fixture's CA when TLS is on).
-    pub fn agent(&self) -> ureq::Agent {
+    pub(crate) fn agent(&self) -> ureq::Agent {
         ureq::AgentBuilder::new().timeout(Duration::from_secs(90)).build()
     }
 
     /// `Authorization` value of the admin API.
-    pub fn admin_auth(&self) -> String {
+    pub(crate) fn admin_auth(&self) -> String {
         format!("Bearer {}", self.admin_token)
     }
 
     /// `Authorization` value of the executor routes.
-    pub fn executor_auth(&self) -> String {
+    pub(crate) fn executor_auth(&self) -> String {
         format!("token-executor {}", self.secret)
     }
 
     /// Submits a job through the admin API; the queue is `job["queue"]` or batches.
-    pub fn submit(&self, job: Value) -> i64 {
+    pub(crate) fn submit(&self, job: Value) -> i64 {
         let resp = self
             .agent()
             .post(&format!("{}/api/jobs", self.url))
@@ -147,7 +147,7 @@ impl Coordinator {
     }
 
     /// GET /api/jobs/{id}.
-    pub fn job(&self, id: i64) -> Value {
+    pub(crate) fn job(&self, id: i64) -> Value {
         let resp = self
             .agent()
             .get(&format!("{}/api/jobs/{id}", self.url))
@@ -158,7 +158,7 @@ impl Coordinator {
     }
 
     /// Polls the job until its state is one of `states`; panics with the job at the timeout.
-    pub fn wait_state(&self, id: i64, states: &[&str], timeout: Duration) -> Value {
+    pub(crate) fn wait_state(&self, id: i64, states: &[&str], timeout: Duration) -> Value {
         let mut job = Value::Null;
         let reached = crate::common::poll_until(timeout, || {
             job = self.job(id);
@@ -169,7 +169,7 @@ impl Coordinator {
     }
 
     /// SIGKILLs the server.
-    pub fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -177,7 +177,7 @@ impl Coordinator {
     }
 
     /// Restarts on the same data dir, on the same port if it is still free.
-    pub fn restart(&mut self) {
+    pub(crate) fn restart(&mut self) {
         self.kill();
         let old = self.url.rsplit("://").next().unwrap_or("").to_string();
         // The old port frees up shortly after the kill; a new one does if it does not.
@@ -187,24 +187,30 @@ impl Coordinator {
     }
 
     /// Sets `EXECUTOR_FRONTEND_URL` and `EXECUTOR_FRONTEND_PASSWORD`.
-    pub fn executor_env(&self, cmd: &mut Command) {
+    pub(crate) fn executor_env(&self, cmd: &mut Command) {
         cmd.env("EXECUTOR_FRONTEND_URL", &self.url).env("EXECUTOR_FRONTEND_PASSWORD", &self.secret);
     }
 
     /// Sets `EXECUTOR_FRONTEND_URL` and `EXECUTOR_QUEUE_ADMIN_TOKEN`.
-    pub fn admin_env(&self, cmd: &mut Command) {
+    pub(crate) fn admin_env(&self, cmd: &mut Command) {
         cmd.env("EXECUTOR_FRONTEND_URL", &self.url).env("EXECUTOR_QUEUE_ADMIN_TOKEN", &self.admin_token);
     }
 
     /// A minimal valid job (no repository, one step).
-    pub fn simple_job() -> Value {
+    pub(crate) fn simple_job() -> Value {
         serde_json::json!({
             "dockerSteps": [{"key": "hello", "image": "alpine", "commands": ["echo hello"], "dir": "", "env": []}]
         })
     }
 
     /// A raw request with the given auth; returns (status, body text). Never panics on 4xx/5xx.
-    pub fn request(&self, method: &str, path: &str, auth: Option<&str>, body: Option<&str>) -> (u16, String) {
+    pub(crate) fn request(
+        &self,
+        method: &str,
+        path: &str,
+        auth: Option<&str>,
+        body: Option<&str>,
+    ) -> (u16, String) {
         let mut req = self.agent().request(method, &format!("{}{path}", self.url));
         if let Some(a) = auth {
             req = req.set("Authorization", a);
@@ -221,7 +227,7 @@ impl Coordinator {
     }
 
     /// The artifacts the coordinator holds for job `id`, as (path, bytes).
-    pub fn artifacts(&self, id: i64) -> Vec<(String, Vec<u8>)> {
+    pub(crate) fn artifacts(&self, id: i64) -> Vec<(String, Vec<u8>)> {
         use std::io::Read;
         let resp = self
             .agent()
@@ -244,7 +250,7 @@ impl Coordinator {
     }
 
     /// A protocol client acting as one executor.
-    pub fn executor(&self, name: &str) -> ExecutorClient {
+    pub(crate) fn executor(&self, name: &str) -> ExecutorClient {
         ExecutorClient {
             url: self.url.clone(),
             secret: self.secret.clone(),
@@ -270,7 +276,7 @@ fn describe(e: ureq::Error) -> String {
 }
 
 /// A minimal executor speaking the protocol, for tests.
-pub struct ExecutorClient {
+pub(crate) struct ExecutorClient {
     pub url: String,
     pub secret: String,
     pub name: String,
@@ -278,7 +284,7 @@ pub struct ExecutorClient {
 }
 
 impl ExecutorClient {
-    pub fn post(&self, path: &str, body: &Value) -> (u16, String) {
+    pub(crate) fn post(&self, path: &str, body: &Value) -> (u16, String) {
         let r = self
             .agent
             .post(&format!("{}/.executors/queue/{path}", self.url))
@@ -293,7 +299,7 @@ impl ExecutorClient {
     }
 
     /// Single-queue heartbeat with these job ids; returns the response JSON.
-    pub fn heartbeat(&self, queue: &str, ids: &[i64]) -> Value {
+    pub(crate) fn heartbeat(&self, queue: &str, ids: &[i64]) -> Value {
         let (code, body) = self.post(
             &format!("{queue}/heartbeat"),
             &serde_json::json!({"executorName": self.name, "version": "V2", "jobIds": ids, "os": "linux",
@@ -304,7 +310,7 @@ impl ExecutorClient {
     }
 
     /// Single-queue dequeue (`wait` like "5s", or "" for none); `None` on 204.
-    pub fn dequeue(&self, queue: &str, wait: &str) -> Option<Value> {
+    pub(crate) fn dequeue(&self, queue: &str, wait: &str) -> Option<Value> {
         let path =
             if wait.is_empty() { format!("{queue}/dequeue") } else { format!("{queue}/dequeue?wait={wait}") };
         let (code, body) =
@@ -317,7 +323,7 @@ impl ExecutorClient {
     }
 
     /// A job route call with the job's token; returns (status, body).
-    pub fn job_call(&self, queue: &str, job: &Value, route: &str, body: Value) -> (u16, String) {
+    pub(crate) fn job_call(&self, queue: &str, job: &Value, route: &str, body: Value) -> (u16, String) {
         let id = job["id"].as_i64().unwrap();
         let r = self
             .agent
@@ -335,7 +341,7 @@ impl ExecutorClient {
     }
 
     /// PUT the artifacts tarball of `job`; returns the status.
-    pub fn put_artifacts(&self, queue: &str, job: &Value, bytes: &[u8]) -> u16 {
+    pub(crate) fn put_artifacts(&self, queue: &str, job: &Value, bytes: &[u8]) -> u16 {
         let r = self
             .agent
             .put(&format!("{}/.executors/queue/{queue}/artifacts", self.url))
@@ -351,7 +357,7 @@ impl ExecutorClient {
     }
 
     /// markComplete / markErrored / markFailed; returns the status.
-    pub fn mark(&self, queue: &str, job: &Value, route: &str, message: &str) -> u16 {
+    pub(crate) fn mark(&self, queue: &str, job: &Value, route: &str, message: &str) -> u16 {
         let id = job["id"].as_i64().unwrap();
         self.job_call(
             queue,

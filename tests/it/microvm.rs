@@ -18,7 +18,7 @@ use crate::common::{self, Exec};
 static INSTALL: Mutex<Option<PathBuf>> = Mutex::new(None);
 
 /// Why this machine cannot boot a VM, if it cannot.
-pub fn missing() -> Option<String> {
+pub(crate) fn missing() -> Option<String> {
     for bin in ["qemu-system-x86_64", "mkfs.ext4", "apt-get", "dpkg", "lz4"] {
         if which::which(bin).is_err() {
             return Some(format!("{bin} is not installed (scripts/apt-packages/microvm.txt)"));
@@ -31,7 +31,7 @@ pub fn missing() -> Option<String> {
 }
 
 /// The shared state directory with `install vm` done once for the whole test run.
-pub fn state_dir() -> PathBuf {
+pub(crate) fn state_dir() -> PathBuf {
     let mut g = INSTALL.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(p) = &*g {
         return p.clone();
@@ -56,7 +56,7 @@ fn runtime(state: &Path) -> MicroVm {
 }
 
 /// The step image of these tests (`executor image build-busybox`).
-pub const IMAGE: &str = "microvm-busybox";
+pub(crate) const IMAGE: &str = "microvm-busybox";
 
 #[derive(Default)]
 struct Collect {

@@ -24,7 +24,7 @@ const POOL: &str = "10.255.0.0/29";
 const HOST_PORT: u16 = 8000;
 
 /// Whether this machine can build the world; prints the skip notice when not.
-pub fn can_build(test: &str) -> bool {
+pub(crate) fn can_build(test: &str) -> bool {
     if !common::is_root() {
         common::skip(test, "root", "network namespaces need root");
         return false;
@@ -49,7 +49,7 @@ fn sh(script: &str) -> String {
 }
 
 /// The test's namespaces and the servers in them; dropping it removes everything.
-pub struct World {
+pub(crate) struct World {
     pub host: String,
     internet: String,
     corporate: String,
@@ -59,7 +59,7 @@ pub struct World {
 }
 
 impl World {
-    pub fn build() -> World {
+    pub(crate) fn build() -> World {
         let tag = uuid::Uuid::new_v4().simple().to_string()[..6].to_string();
         let (h, i, c) = (format!("nt{tag}h"), format!("nt{tag}i"), format!("nt{tag}c"));
         let dir = tempfile::tempdir().unwrap();
@@ -130,12 +130,12 @@ impl World {
     }
 
     /// Puts a file on the internet namespace's web server.
-    pub fn web_file(&self, name: &str, bytes: &[u8]) {
+    pub(crate) fn web_file(&self, name: &str, bytes: &[u8]) {
         std::fs::write(self.dir.path().join("web").join(name), bytes).unwrap();
     }
 
     /// A command run in namespace `ns` (only the network namespace changes: cgroups stay).
-    pub fn in_ns(&self, ns: &str, program: &str) -> Command {
+    pub(crate) fn in_ns(&self, ns: &str, program: &str) -> Command {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{ns}")).arg(program);
         cmd.stdin(Stdio::null());
@@ -144,7 +144,7 @@ impl World {
 
     /// Runs `f` on a thread inside the executor host's namespace: what it starts (the
     /// coordinator) and the sockets it opens (the test's requests) stay in the world.
-    pub fn on_host<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+    pub(crate) fn on_host<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
         let ns = std::fs::File::open(format!("/run/netns/{}", self.host)).unwrap();
         std::thread::scope(|s| {
             s.spawn(move || {
@@ -158,7 +158,7 @@ impl World {
 
     /// What the executor host still has of jobs: host-side veths, namespaces, and (with
     /// `elements`) map elements.
-    pub fn leftovers(&self, prefix: &str, elements: bool) -> Vec<String> {
+    pub(crate) fn leftovers(&self, prefix: &str, elements: bool) -> Vec<String> {
         let mut left = Vec::new();
         let links = self.in_ns(&self.host, "ip").args(["-o", "link"]).output().unwrap();
         for l in String::from_utf8_lossy(&links.stdout).lines() {

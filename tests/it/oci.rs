@@ -17,13 +17,13 @@ use executor::sandbox::{
 use crate::common::{self, Exec};
 
 /// A state directory with the busybox image, and a workspace.
-pub struct Fixture {
+pub(crate) struct Fixture {
     pub tmp: tempfile::TempDir,
     pub rt: OciRuntime,
 }
 
 #[derive(Default)]
-pub struct Collect {
+pub(crate) struct Collect {
     pub out: Vec<u8>,
     pub err: Vec<u8>,
     pub first_at: Option<Instant>,
@@ -40,16 +40,16 @@ impl OutputSink for Collect {
 }
 
 impl Collect {
-    pub fn stdout(&self) -> String {
+    pub(crate) fn stdout(&self) -> String {
         String::from_utf8_lossy(&self.out).into_owned()
     }
-    pub fn stderr(&self) -> String {
+    pub(crate) fn stderr(&self) -> String {
         String::from_utf8_lossy(&self.err).into_owned()
     }
 }
 
 /// Whether this machine can run OCI containers; prints the skip notice when not.
-pub fn can_run(test: &str, oci: &str) -> bool {
+pub(crate) fn can_run(test: &str, oci: &str) -> bool {
     if !common::is_root() {
         common::skip(test, "root", "needs root for user-namespaced containers");
         return false;
@@ -74,7 +74,7 @@ fn can_run_probe_jobs(test: &str) -> bool {
 }
 
 impl Fixture {
-    pub fn new(oci: &str) -> Fixture {
+    pub(crate) fn new(oci: &str) -> Fixture {
         let tmp = tempfile::tempdir().unwrap();
         // Private like the systemd unit's state directory: the runtimes reach nothing through it.
         std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
@@ -85,27 +85,27 @@ impl Fixture {
         Fixture { rt: OciRuntime::new(opts).unwrap(), tmp }
     }
 
-    pub fn workspace(&self) -> PathBuf {
+    pub(crate) fn workspace(&self) -> PathBuf {
         self.tmp.path().join("ws")
     }
 
     /// Gives the workspace its own filesystem of `bytes`, as `prepare-workspace` does.
-    pub fn mount_workspace_disk(&self, bytes: u64) {
+    pub(crate) fn mount_workspace_disk(&self, bytes: u64) {
         executor::workspace::disk::mount(&self.workspace(), bytes).unwrap();
         std::fs::create_dir_all(self.workspace().join("repo")).unwrap();
     }
 
-    pub fn state(&self) -> PathBuf {
+    pub(crate) fn state(&self) -> PathBuf {
         self.tmp.path().join("state")
     }
 
-    pub fn boot(&self, limits: &Limits) -> SandboxRecord {
+    pub(crate) fn boot(&self, limits: &Limits) -> SandboxRecord {
         self.boot_as("ocitest", limits)
     }
 
     /// Boots with `prefix`: the janitor acts on every sandbox of a prefix on the host, so a test
     /// that runs it uses a prefix of its own.
-    pub fn boot_as(&self, prefix: &str, limits: &Limits) -> SandboxRecord {
+    pub(crate) fn boot_as(&self, prefix: &str, limits: &Limits) -> SandboxRecord {
         let ws = self.workspace();
         let req = BootRequest {
             job_uid: "1",
@@ -119,7 +119,7 @@ impl Fixture {
     }
 
     /// Writes `script` as a step script and runs it.
-    pub fn run(
+    pub(crate) fn run(
         &self,
         sb: &SandboxRecord,
         script: &str,
@@ -129,7 +129,7 @@ impl Fixture {
         self.run_in(sb, "busybox", script, env, cancel)
     }
 
-    pub fn run_in(
+    pub(crate) fn run_in(
         &self,
         sb: &SandboxRecord,
         image: &str,

@@ -13,7 +13,7 @@ use std::process::Command;
 /// Makes `cmd` start in a private mount namespace where the hybrid layout's cgroup v2 mount
 /// (`/sys/fs/cgroup/unified`) is detached, so that crun treats the host as plain cgroup v1.
 /// The host's own mount table is untouched.
-pub fn hide_unified_cgroup(cmd: &mut Command) {
+pub(crate) fn hide_unified_cgroup(cmd: &mut Command) {
     // SAFETY: the closure runs in the forked child before exec and only makes raw syscalls
     // (unshare, mount, umount2) through nix, which neither allocate nor take locks.
     unsafe {
@@ -34,7 +34,7 @@ pub fn hide_unified_cgroup(cmd: &mut Command) {
 /// visible procfs (`/proc/sys/net/proc`): without one, the kernel refuses runsc's gofer, in its
 /// own user namespace, a procfs of its own while part of `/proc` is covered. The host's mount
 /// table is untouched.
-pub fn hide_net_sysctls(cmd: &mut Command) {
+pub(crate) fn hide_net_sysctls(cmd: &mut Command) {
     // SAFETY: the closure runs in the forked child before exec and only makes raw syscalls
     // (unshare, mount, mkdir) through nix on short static strings, which nix passes on the
     // stack: no allocation, no lock.
@@ -57,7 +57,7 @@ pub fn hide_net_sysctls(cmd: &mut Command) {
 
 /// Makes `cmd` start inside `root` (chroot), in `cwd` there, as the leader of a new session: how
 /// the microVM guest agent starts a step, without a helper process of its own.
-pub fn enter_root(cmd: &mut Command, root: &Path, cwd: &str) -> std::io::Result<()> {
+pub(crate) fn enter_root(cmd: &mut Command, root: &Path, cwd: &str) -> std::io::Result<()> {
     let root = CString::new(root.as_os_str().as_bytes())?;
     let cwd = CString::new(cwd)?;
     // SAFETY: the closure runs in the forked child before exec and only makes raw syscalls
@@ -77,7 +77,7 @@ pub fn enter_root(cmd: &mut Command, root: &Path, cwd: &str) -> std::io::Result<
 /// Makes `cmd` drop to `uid`, `gid` and the supplementary `groups` after the hooks registered
 /// before this one ran ([`enter_root`]'s chroot needs root): std's own `uid`/`gid` would switch
 /// before them.
-pub fn switch_user(cmd: &mut Command, uid: u32, gid: u32, groups: &[u32]) {
+pub(crate) fn switch_user(cmd: &mut Command, uid: u32, gid: u32, groups: &[u32]) {
     let groups: Vec<nix::unistd::Gid> = groups.iter().map(|g| nix::unistd::Gid::from_raw(*g)).collect();
     // SAFETY: the closure runs in the forked child before exec and only makes the setgroups,
     // setgid and setuid syscalls through nix on values built before the fork: no allocation, no
@@ -95,7 +95,7 @@ pub fn switch_user(cmd: &mut Command, uid: u32, gid: u32, groups: &[u32]) {
 /// Makes `cmd` start in the directory open as `dir` (fchdir: it needs no search permission on
 /// the directories above, which may be closed to the user the command runs as) and inherit the
 /// descriptors `keep` across exec (they are open with close-on-exec until then).
-pub fn start_in_dir_keeping(cmd: &mut Command, dir: RawFd, keep: Vec<RawFd>) {
+pub(crate) fn start_in_dir_keeping(cmd: &mut Command, dir: RawFd, keep: Vec<RawFd>) {
     // SAFETY: the closure runs in the forked child before exec and only makes raw syscalls
     // (fchdir, fcntl) through nix on descriptors the parent holds open; iterating the vector
     // moved in does not allocate.
@@ -113,7 +113,7 @@ pub fn start_in_dir_keeping(cmd: &mut Command, dir: RawFd, keep: Vec<RawFd>) {
 /// A user namespace whose uid and gid maps are both `inner outer count`, held by an fd: what an
 /// idmapped mount ([`idmapped_bind`]) takes. A short-lived child unshares it; the namespace
 /// lives on through the fd after the child is gone.
-pub fn userns_fd(inner: u32, outer: u32, count: u32) -> std::io::Result<std::os::fd::OwnedFd> {
+pub(crate) fn userns_fd(inner: u32, outer: u32, count: u32) -> std::io::Result<std::os::fd::OwnedFd> {
     let mut cmd = crate::base::proc::command("sleep");
     cmd.arg("30")
         .stdin(std::process::Stdio::null())
@@ -162,7 +162,7 @@ const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 /// Bind-mounts `src` on `dst` read-only, nosuid, nodev and idmapped through `userns` (files
 /// owned by `inner + n` on disk appear owned by `outer + n`), with open_tree, mount_setattr and
 /// move_mount (Linux 5.12+).
-pub fn idmapped_bind(
+pub(crate) fn idmapped_bind(
     src: &std::path::Path,
     dst: &std::path::Path,
     userns: &std::os::fd::OwnedFd,
@@ -241,7 +241,7 @@ const RESOLVE_BENEATH: u64 = 0x08;
 /// `dir` (no `..` above it, no absolute path) and follows no symlink on the way (ELOOP or EXDEV
 /// instead); a trailing symlink is returned as itself only with `O_PATH | O_NOFOLLOW`. `flags`
 /// always get `O_CLOEXEC`.
-pub fn open_beneath(
+pub(crate) fn open_beneath(
     dir: std::os::fd::BorrowedFd<'_>,
     rel: &Path,
     flags: libc::c_int,
@@ -275,7 +275,7 @@ pub fn open_beneath(
 /// Drops the kernel's cached blocks of the block device open as `dev` (`BLKFLSBUF`): the microVM
 /// guest agent does this before mounting a workspace disk the host wrote after the guest had
 /// already probed it, so that no block read at probe time is taken for the new filesystem.
-pub fn flush_block_buffers(dev: &std::fs::File) -> std::io::Result<()> {
+pub(crate) fn flush_block_buffers(dev: &std::fs::File) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     // BLKFLSBUF is _IO(0x12, 97).
     const BLKFLSBUF: libc::c_ulong = 0x1261;
@@ -291,7 +291,7 @@ pub fn flush_block_buffers(dev: &std::fs::File) -> std::io::Result<()> {
 /// Creates the TAP device `name` (no packet-info header, virtio-net headers) in the calling
 /// thread's network namespace and returns its descriptor: the device lives as long as a
 /// descriptor of it is open (QEMU's, once handed over).
-pub fn open_tap(name: &str) -> std::io::Result<std::os::fd::OwnedFd> {
+pub(crate) fn open_tap(name: &str) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::{AsRawFd, OwnedFd};
     const IFF_TAP: i16 = 0x0002;
     const IFF_NO_PI: i16 = 0x1000;
@@ -348,7 +348,7 @@ const LO_FLAGS_AUTOCLEAR: u32 = 4;
 /// Attaches the image file `image` (open read-write) to a free loop device, which goes away by
 /// itself once nothing holds it (`LO_FLAGS_AUTOCLEAR`): the caller mounts it and drops the
 /// returned fd. What `mount -o loop` does, without starting a process.
-pub fn loop_attach(image: &std::fs::File) -> std::io::Result<(std::path::PathBuf, std::fs::File)> {
+pub(crate) fn loop_attach(image: &std::fs::File) -> std::io::Result<(std::path::PathBuf, std::fs::File)> {
     use std::os::fd::AsRawFd;
     let control = std::fs::OpenOptions::new().read(true).write(true).open("/dev/loop-control")?;
     // Another process may take the free device between the two calls: try again then.

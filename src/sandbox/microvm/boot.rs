@@ -35,12 +35,12 @@ pub(super) struct VmBoot<'a> {
 
 impl<'a> VmBoot<'a> {
     /// The same boot with the job's network.
-    pub fn with_network(mut self, network: Option<net::NetRequest<'a>>) -> Self {
+    pub(super) fn with_network(mut self, network: Option<net::NetRequest<'a>>) -> Self {
         self.network = network;
         self
     }
 
-    pub fn new(
+    pub(super) fn new(
         workspace: Option<&'a Path>,
         images: &'a [String],
         accel: Accel,

@@ -9,7 +9,7 @@ const ROOT: &str = "/sys/fs/cgroup";
 
 /// The directories made for one VM, to put QEMU in and to remove afterwards.
 #[derive(Debug, Clone, Default)]
-pub struct Cgroup {
+pub(crate) struct Cgroup {
     pub dirs: Vec<PathBuf>,
 }
 
@@ -19,7 +19,7 @@ fn write(path: &Path, value: &str) -> Result<()> {
 
 impl Cgroup {
     /// Creates `executor/<name>` with the limits; `Ok(None)` where no cgroup is writable.
-    pub fn create(name: &str, memory_bytes: u64, pids: u64, cpus: u32) -> Result<Option<Cgroup>> {
+    pub(crate) fn create(name: &str, memory_bytes: u64, pids: u64, cpus: u32) -> Result<Option<Cgroup>> {
         let root = Path::new(ROOT);
         let v2 = root.join("cgroup.controllers").is_file();
         let mut cg = Cgroup::default();
@@ -57,7 +57,7 @@ impl Cgroup {
         Ok(if cg.dirs.is_empty() { None } else { Some(cg) })
     }
 
-    pub fn add(&self, pid: i32) -> Result<()> {
+    pub(crate) fn add(&self, pid: i32) -> Result<()> {
         for d in &self.dirs {
             write(&d.join("cgroup.procs"), &pid.to_string())?;
         }
@@ -68,7 +68,7 @@ impl Cgroup {
     /// ahead of demand (its boot takes no CPU a job's VM wants), back to the default when a job
     /// takes it. v2 `cpu.weight` (default 100), v1 `cpu.shares` (default 1024); nothing where the
     /// VM has no cpu cgroup.
-    pub fn set_cpu_weight(name: &str, low: bool) {
+    pub(crate) fn set_cpu_weight(name: &str, low: bool) {
         let root = Path::new(ROOT);
         let v2 = root.join("executor").join(name).join("cpu.weight");
         if v2.is_file() {
@@ -83,7 +83,7 @@ impl Cgroup {
     }
 
     /// Removes the directories of the VM named `name` (they must be empty of processes).
-    pub fn remove(name: &str) {
+    pub(crate) fn remove(name: &str) {
         let root = Path::new(ROOT);
         for sub in ["executor", "memory/executor", "pids/executor", "cpu/executor", "cpu,cpuacct/executor"] {
             let _ = fs::remove_dir(root.join(sub).join(name));

@@ -18,7 +18,7 @@ const HELLO_RESEND: Duration = Duration::from_secs(2);
 /// How long one write to the agent may wait for the guest to take it.
 const WRITE_LIMIT: Duration = Duration::from_secs(10);
 
-pub struct Channel {
+pub(crate) struct Channel {
     stream: UnixStream,
     dec: Decoder,
 }
@@ -27,7 +27,7 @@ impl Channel {
     /// Connects to QEMU's socket, retrying until `timeout` (QEMU creates it as it starts). The
     /// socket is reached through an open handle on its directory, so that a long state directory
     /// does not hit the 108-byte limit of a socket address.
-    pub fn connect(sock: &Path, timeout: Duration) -> Result<Channel> {
+    pub(crate) fn connect(sock: &Path, timeout: Duration) -> Result<Channel> {
         let start = Instant::now();
         let dir = sock.parent().unwrap_or(Path::new("."));
         let name = sock.file_name().with_context(|| format!("{} names no socket", sock.display()))?;
@@ -51,13 +51,13 @@ impl Channel {
         }
     }
 
-    pub fn send(&mut self, frame: &Frame) -> Result<()> {
+    pub(crate) fn send(&mut self, frame: &Frame) -> Result<()> {
         let mut s = &self.stream;
         frame.write_to(&mut s)
     }
 
     /// The next frame within `timeout`; `None` when none came in time.
-    pub fn recv(&mut self, timeout: Duration) -> Result<Option<Frame>> {
+    pub(crate) fn recv(&mut self, timeout: Duration) -> Result<Option<Frame>> {
         let until = Instant::now() + timeout;
         let mut buf = vec![0u8; 64 << 10];
         loop {
@@ -86,7 +86,7 @@ impl Channel {
     /// earlier connection left in the pipe. The agent also says hello unasked (nonce 0) when it
     /// opens its port; any hello that is not the answer makes the host say its own again at once
     /// (besides every [`HELLO_RESEND`]), in case what it sent before was lost.
-    pub fn handshake(&mut self, timeout: Duration) -> Result<Hello> {
+    pub(crate) fn handshake(&mut self, timeout: Duration) -> Result<Hello> {
         let nonce: u64 = rand::random::<u64>().max(1);
         let until = Instant::now() + timeout;
         self.send(&Frame::json(

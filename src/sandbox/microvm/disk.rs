@@ -2,14 +2,13 @@
 //! mount, no root needed). Image disks are cached by the image's digest and shared read-only.
 
 use anyhow::{bail, Context, Result};
-use sha2::{Digest, Sha256};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 /// Bytes used by the files below `dir` (not following symlinks).
-pub fn tree_bytes(dir: &Path) -> Result<u64> {
+pub(crate) fn tree_bytes(dir: &Path) -> Result<u64> {
     let mut total = 0u64;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -24,31 +23,8 @@ pub fn tree_bytes(dir: &Path) -> Result<u64> {
     Ok(total)
 }
 
-/// A key that changes when any name, size or modification time below `dir` changes.
-pub fn tree_key(dir: &Path) -> Result<String> {
-    let mut h = Sha256::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let mut entries: Vec<_> =
-            fs::read_dir(&d).with_context(|| format!("listing {}", d.display()))?.flatten().collect();
-        entries.sort_by_key(|e| e.file_name());
-        for e in entries {
-            let md = e.metadata().with_context(|| format!("reading {}", e.path().display()))?;
-            h.update(e.path().as_os_str().as_encoded_bytes());
-            h.update(md.len().to_le_bytes());
-            h.update(md.mtime().to_le_bytes());
-            h.update(md.mtime_nsec().to_le_bytes());
-            h.update(md.mode().to_le_bytes());
-            if md.is_dir() {
-                stack.push(e.path());
-            }
-        }
-    }
-    Ok(hex::encode(h.finalize()))
-}
-
 /// Makes an ext4 image of `size` bytes at `out` holding a copy of `dir`.
-pub fn make_ext4(dir: &Path, out: &Path, size: u64, label: &str) -> Result<()> {
+pub(crate) fn make_ext4(dir: &Path, out: &Path, size: u64, label: &str) -> Result<()> {
     let f = fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
     f.set_len(size).with_context(|| format!("sizing {}", out.display()))?;
     drop(f);
@@ -77,7 +53,7 @@ fn disk_stem(digest: &str) -> String {
 /// or the janitor's budget pass removes the image. Returns each file removed (or, with
 /// `dry_run`, that would be) and the bytes it takes on disk. A VM still running from a removed
 /// disk keeps its open file; disks being built (dot files) are left alone.
-pub fn remove_orphan_image_disks(
+pub(crate) fn remove_orphan_image_disks(
     cache: &Path,
     digests: &std::collections::HashSet<String>,
     dry_run: bool,
@@ -108,7 +84,7 @@ pub fn remove_orphan_image_disks(
 }
 
 /// The read-only disk of an image, built once per digest under `cache`.
-pub fn image_disk(cache: &Path, digest: &str, rootfs: &Path) -> Result<PathBuf> {
+pub(crate) fn image_disk(cache: &Path, digest: &str, rootfs: &Path) -> Result<PathBuf> {
     let safe = disk_stem(digest);
     if safe.is_empty() {
         bail!("image digest {digest:?} is not usable as a file name");

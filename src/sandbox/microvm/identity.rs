@@ -12,7 +12,7 @@ use crate::guest::protocol::RunUser;
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// The environment and user of a step of image `reference` (as the job names it).
-pub fn step_identity(
+pub(crate) fn step_identity(
     images_dir: &Path,
     reference: &str,
     step_env: &[String],

@@ -13,14 +13,14 @@
 
 mod accel;
 mod boot;
-pub mod cgroup;
-pub mod channel;
+pub(crate) mod cgroup;
+pub(crate) mod channel;
 pub mod console;
-pub mod disk;
-pub mod identity;
-pub mod net;
-pub mod pool;
-pub mod qemu;
+pub(crate) mod disk;
+pub(crate) mod identity;
+pub(crate) mod net;
+pub(crate) mod pool;
+pub(crate) mod qemu;
 mod record;
 mod requests;
 mod teardown;

@@ -14,24 +14,24 @@ use crate::network::{JobNetwork, Mode, JOB_PREFIX};
 
 /// What a VM boot needs to know to give the VM a network.
 #[derive(Debug, Clone, Copy)]
-pub struct NetRequest<'a> {
+pub(crate) struct NetRequest<'a> {
     /// The job's coordinator URL, which the policy lets the job reach.
     pub coordinator: Option<&'a str>,
 }
 
 /// The request for a job VM under these options: `None` for `EXECUTOR_NETWORK=none`.
-pub fn request<'a>(opts: &RuntimeOptions, coordinator: Option<&'a str>) -> Option<NetRequest<'a>> {
+pub(crate) fn request<'a>(opts: &RuntimeOptions, coordinator: Option<&'a str>) -> Option<NetRequest<'a>> {
     (opts.network.mode == Mode::Internet).then_some(NetRequest { coordinator })
 }
 
 /// A VM's network while it boots: the record, and the TAP until QEMU holds it.
-pub struct VmNet {
+pub(crate) struct VmNet {
     pub net: JobNetwork,
     pub tap: OwnedFd,
 }
 
 /// Makes the TAP, its addresses and its firewall entry for VM `name`.
-pub fn setup(opts: &RuntimeOptions, name: &str, req: &NetRequest) -> Result<VmNet> {
+pub(crate) fn setup(opts: &RuntimeOptions, name: &str, req: &NetRequest) -> Result<VmNet> {
     let (net, tap) = crate::network::setup_tap(&opts.state_dir, name, &opts.network, req.coordinator)
         .context("setting up the VM's network (EXECUTOR_NETWORK=internet)")?;
     Ok(VmNet { net, tap })
@@ -39,12 +39,12 @@ pub fn setup(opts: &RuntimeOptions, name: &str, req: &NetRequest) -> Result<VmNe
 
 /// The guest's view of a job network, as the kernel command line carries it to the agent
 /// (`crate::guest::boot`).
-pub fn guest_net(net: &JobNetwork) -> GuestNet {
+pub(crate) fn guest_net(net: &JobNetwork) -> GuestNet {
     GuestNet { address: net.address, prefix: JOB_PREFIX, gateway: net.gateway, dns: net.dns.clone() }
 }
 
 /// Removes the network of a VM that is gone (its TAP went with QEMU).
-pub fn teardown(opts: &RuntimeOptions, net: &JobNetwork) -> Result<()> {
+pub(crate) fn teardown(opts: &RuntimeOptions, net: &JobNetwork) -> Result<()> {
     crate::network::teardown(&opts.state_dir, net)
 }
 

@@ -41,15 +41,15 @@ use crate::api::metrics;
 use crate::sandbox::{BootRequest, Limits, RuntimeOptions, SandboxRecord};
 use booter::kill_named;
 use budget::rss_bytes;
-pub use budget::{vm_bytes, Budget, IDLE_ESTIMATE};
+pub(crate) use budget::{Budget, IDLE_ESTIMATE};
 use key::wanted_path;
-pub use key::{BaseKey, PoolKey, DEFAULT_POOL_DISK};
+pub(crate) use key::PoolKey;
 use owner::lock_path;
-pub use owner::{live_members, OWNER_FILE};
+pub(crate) use owner::{live_members, OWNER_FILE};
 
 /// Settings of the pool.
 #[derive(Clone)]
-pub struct PoolSettings {
+pub(crate) struct PoolSettings {
     /// How many idle VMs to keep.
     pub size: usize,
     /// `EXECUTOR_VM_PREFIX`: the VMs are named `<prefix>-<uuid>` like every VM of the runtime.
@@ -57,7 +57,6 @@ pub struct PoolSettings {
     /// The executor's name (the owner of the VMs).
     pub owner: String,
     pub limits: Limits,
-    pub network: crate::network::Mode,
     /// The coordinator's URL, which a networked VM may reach: pool VMs of `internet` mode boot
     /// with their network (TAP, slot and firewall entry) already made for it.
     pub coordinator: Option<String>,
@@ -86,7 +85,7 @@ struct State {
 
 /// The pool's state, as `executor loop` prints it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PoolStatus {
+pub(crate) struct PoolStatus {
     pub size: usize,
     pub ready: usize,
     pub booting: usize,
@@ -111,14 +110,14 @@ impl std::fmt::Display for PoolStatus {
 }
 
 /// How a job's request for a VM ended.
-pub enum Claim {
+pub(crate) enum Claim {
     /// A pool VM, its workspace mounted.
     Hit(Box<SandboxRecord>),
     /// The job boots its own VM, for this reason.
     Miss(String),
 }
 
-pub struct Pool {
+pub(crate) struct Pool {
     rt: MicroVm,
     cfg: PoolSettings,
     state: Mutex<State>,
@@ -131,7 +130,7 @@ pub struct Pool {
 impl Pool {
     /// Starts the pool: takes its owner lock and starts the thread that keeps `cfg.size` VMs
     /// booted.
-    pub fn start(opts: RuntimeOptions, cfg: PoolSettings) -> Result<Arc<Pool>> {
+    pub(crate) fn start(opts: RuntimeOptions, cfg: PoolSettings) -> Result<Arc<Pool>> {
         let rt = MicroVm::new(opts);
         let sandboxes = rt.opts.sandboxes_dir();
         let lock = crate::base::lock::try_lock(&lock_path(&sandboxes, &cfg.owner))?.with_context(|| {
@@ -169,16 +168,12 @@ impl Pool {
         tracing::info!("{msg}")
     }
 
-    pub fn size(&self) -> usize {
-        self.cfg.size
-    }
-
-    pub fn budget(&self) -> Budget {
+    pub(crate) fn budget(&self) -> Budget {
         self.cfg.budget
     }
 
     /// Tells the pool how many jobs run now (for the memory budget).
-    pub fn set_running_jobs(&self, n: usize) {
+    pub(crate) fn set_running_jobs(&self, n: usize) {
         self.running_jobs.store(n, Ordering::SeqCst);
         self.cv.notify_all();
     }
@@ -188,7 +183,7 @@ impl Pool {
             + if st.booting.is_some() { IDLE_ESTIMATE } else { 0 }
     }
 
-    pub fn status(&self) -> PoolStatus {
+    pub(crate) fn status(&self) -> PoolStatus {
         let st = self.state();
         PoolStatus {
             size: self.cfg.size,
@@ -203,7 +198,7 @@ impl Pool {
     /// Whether the loop may take one more job with `running` jobs running: always when none
     /// runs; otherwise when the running jobs at their full size, the idle VMs at their resident
     /// memory (less one ready VM, which the job takes) and the new job fit in the budget.
-    pub fn admits(&self, running: usize) -> bool {
+    pub(crate) fn admits(&self, running: usize) -> bool {
         if running == 0 {
             return true;
         }
@@ -233,7 +228,7 @@ impl Pool {
     /// A VM for the job of `req`, its workspace written into the VM's disk and mounted, or why
     /// the job must boot its own. The caller holds the janitor lock (shared) until the job's
     /// owner record names the VM.
-    pub fn claim(&self, req: &BootRequest) -> Claim {
+    pub(crate) fn claim(&self, req: &BootRequest) -> Claim {
         let claim = self.try_claim(req);
         let r = metrics::registry();
         match &claim {
@@ -254,7 +249,7 @@ impl Pool {
     /// Stops booting (the VM booting now is killed; its boot fails at once and the booter
     /// removes what it made). The ready VMs stay for the jobs dequeued already; returns whether
     /// a boot was stopped.
-    pub fn stop_booting(&self) -> bool {
+    pub(crate) fn stop_booting(&self) -> bool {
         let booting = {
             let mut st = self.state();
             st.stopped = true;
@@ -277,7 +272,7 @@ impl Pool {
     }
 
     /// Stops booting and destroys every VM of the pool; returns how many it destroyed.
-    pub fn drain(&self) -> usize {
+    pub(crate) fn drain(&self) -> usize {
         let stopped = usize::from(self.stop_booting());
         let members = std::mem::take(&mut self.state().ready);
         let n = members.len() + stopped;

@@ -15,14 +15,14 @@ pub const QEMU: &str = "qemu-system-x86_64";
 /// guest's clock starts in 1970.
 pub const MACHINE: &str = "microvm,x-option-roms=off";
 /// The workspace disk's file in the sandbox directory.
-pub const WORKSPACE_DISK: &str = "workspace.ext4";
+pub(crate) const WORKSPACE_DISK: &str = "workspace.ext4";
 /// The agent's socket in the sandbox directory (relative: a socket address holds 108 bytes).
-pub const AGENT_SOCKET: &str = "agent.sock";
+pub(crate) const AGENT_SOCKET: &str = "agent.sock";
 
 /// Everything QEMU is told about one VM. Descriptors are the executor's own, kept open across
 /// the exec (`/proc/self/fd/N` in QEMU is the same file).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QemuConfig {
+pub(crate) struct QemuConfig {
     /// The VM's name (`-name`), by which the janitor finds its process.
     pub name: String,
     /// `Kvm`, or software emulation for anything else.
@@ -46,7 +46,7 @@ pub struct QemuConfig {
 
 impl QemuConfig {
     /// QEMU's arguments (without the program name), in the order QEMU has always been given them.
-    pub fn argv(&self) -> Vec<String> {
+    pub(crate) fn argv(&self) -> Vec<String> {
         let fd_path = |fd: i32| format!("/proc/self/fd/{fd}");
         let mut a: Vec<String> = Vec::new();
         let mut push = |args: &[&str]| a.extend(args.iter().map(|s| s.to_string()));

@@ -20,7 +20,6 @@ pub(super) fn start(rt: &MicroVm, req: WarmPoolRequest) -> Result<Option<Arc<dyn
             prefix: req.prefix,
             owner: req.owner,
             limits: req.limits,
-            network: rt.opts.network.mode,
             coordinator: req.coordinator,
             budget: Budget { total_bytes: req.budget_bytes, job_bytes: req.job_bytes },
         },

@@ -15,11 +15,11 @@ pub mod cgroup;
 mod janitor;
 mod record;
 pub mod rootfs;
-pub mod shim;
-pub mod spec;
+pub(crate) mod shim;
+pub(crate) mod spec;
 mod step;
 mod teardown;
-pub mod uids;
+pub(crate) mod uids;
 mod workspace;
 
 use anyhow::{bail, Context, Result};
@@ -52,14 +52,6 @@ const SHIFTED: &str = "workspace-shifted";
 const OPENED: &str = "workspace-opened";
 /// How long a kill may take before the step is reported as not stopped.
 const KILL_GRACE: Duration = Duration::from_secs(2);
-
-/// `EXECUTOR_OCI_RUNTIME`, or the default.
-pub fn oci_runtime_from_env() -> String {
-    std::env::var("EXECUTOR_OCI_RUNTIME")
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| DEFAULT_OCI_RUNTIME.into())
-}
 
 /// The `oci` runtime.
 #[derive(Debug, Clone)]

@@ -19,17 +19,17 @@ use std::path::Path;
 use std::process::Stdio;
 
 /// The name (`argv[0]`) the executor's binary is started under to be the shim.
-pub const ARG0: &str = "executor-oci-shim";
+pub(crate) const ARG0: &str = "executor-oci-shim";
 
 /// The byte that starts a prepared step.
-pub const GO: u8 = b'G';
+pub(crate) const GO: u8 = b'G';
 
 /// The exit code of a shim whose container never ran (create or start failed, or it was dropped).
-pub const NOT_RUN: i32 = 125;
+pub(crate) const NOT_RUN: i32 = 125;
 
 /// The shim's arguments after `argv[0]`: `<bundle> <id> <runtime> [<runtime's global flags>…]`,
 /// as [`command`] writes them.
-pub fn main_with_args(mut args: impl Iterator<Item = std::ffi::OsString>) -> i32 {
+pub(crate) fn main_with_args(mut args: impl Iterator<Item = std::ffi::OsString>) -> i32 {
     // The shim's stderr is the step's own: its lines reach the step's log, named as before.
     crate::base::log::init_plain(ARG0);
     let (Some(bundle), Some(id)) = (args.next(), args.next()) else {
@@ -41,7 +41,12 @@ pub fn main_with_args(mut args: impl Iterator<Item = std::ffi::OsString>) -> i32
 }
 
 /// The shim's command for container `id` of `bundle`, made by `runtime` (program and global flags).
-pub fn command(exe: &Path, bundle: &Path, id: &str, runtime: &[std::ffi::OsString]) -> std::process::Command {
+pub(crate) fn command(
+    exe: &Path,
+    bundle: &Path,
+    id: &str,
+    runtime: &[std::ffi::OsString],
+) -> std::process::Command {
     use std::os::unix::process::CommandExt;
     let mut cmd = crate::base::proc::command(exe);
     cmd.arg0(ARG0).arg(bundle).arg(id).args(runtime);
@@ -49,7 +54,7 @@ pub fn command(exe: &Path, bundle: &Path, id: &str, runtime: &[std::ffi::OsStrin
 }
 
 /// Runs the shim: `runtime` is the runtime's program and global flags (`runc --root …`).
-pub fn main(runtime: &[String], bundle: &Path, id: &str) -> i32 {
+pub(crate) fn main(runtime: &[String], bundle: &Path, id: &str) -> i32 {
     let Some((program, global)) = runtime.split_first() else {
         tracing::error!("no runtime given");
         return NOT_RUN;

@@ -13,20 +13,20 @@ use std::path::{Path, PathBuf};
 use crate::image::{ID_BASE, ID_COUNT};
 
 /// How many job ranges there are: ids stay below 2^32 - 2^16 (u32, and clear of `(uid_t)-1`).
-pub const SLOTS: u32 = ((u32::MAX - ID_BASE) / ID_COUNT) - 1;
+pub(crate) const SLOTS: u32 = ((u32::MAX - ID_BASE) / ID_COUNT) - 1;
 
 /// The first host id of slot `k`.
-pub fn base(slot: u32) -> u32 {
+pub(crate) fn base(slot: u32) -> u32 {
     ID_BASE + slot * ID_COUNT
 }
 
 /// The slots of one state directory.
-pub struct UidRanges {
+pub(crate) struct UidRanges {
     dir: PathBuf,
 }
 
 impl UidRanges {
-    pub fn new(state_dir: &Path) -> UidRanges {
+    pub(crate) fn new(state_dir: &Path) -> UidRanges {
         UidRanges { dir: state_dir.join("uid-ranges") }
     }
 
@@ -35,7 +35,7 @@ impl UidRanges {
     }
 
     /// Takes the lowest free slot for `sandbox`.
-    pub fn allocate(&self, sandbox: &str) -> Result<u32> {
+    pub(crate) fn allocate(&self, sandbox: &str) -> Result<u32> {
         let _lock = self.lock()?;
         for k in 1..=SLOTS {
             let p = self.dir.join(k.to_string());
@@ -49,7 +49,7 @@ impl UidRanges {
     }
 
     /// Gives back the slot of `sandbox`, if it holds one.
-    pub fn release(&self, sandbox: &str) -> Result<()> {
+    pub(crate) fn release(&self, sandbox: &str) -> Result<()> {
         let _lock = self.lock()?;
         for (k, owner) in self.slots()? {
             if owner == sandbox {
@@ -61,7 +61,7 @@ impl UidRanges {
     }
 
     /// Every taken slot and the sandbox that holds it.
-    pub fn slots(&self) -> Result<Vec<(u32, String)>> {
+    pub(crate) fn slots(&self) -> Result<Vec<(u32, String)>> {
         let rd = match fs::read_dir(&self.dir) {
             Ok(rd) => rd,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -78,7 +78,7 @@ impl UidRanges {
     }
 
     /// Frees the slots whose sandbox `gone` says no longer exists; returns the freed sandboxes.
-    pub fn reclaim(&self, gone: impl Fn(&str) -> bool) -> Result<Vec<String>> {
+    pub(crate) fn reclaim(&self, gone: impl Fn(&str) -> bool) -> Result<Vec<String>> {
         let _lock = self.lock()?;
         let mut freed = Vec::new();
         for (k, owner) in self.slots()? {

@@ -10,7 +10,7 @@ use super::print::{self, print_json, s, summary_row, table, FollowView, SUMMARY_
 use super::{AdminClient, ClientCommand, ClientOptions};
 
 /// Runs one client command; returns the exit status.
-pub fn run(opts: &ClientOptions, cmd: ClientCommand) -> Result<i32> {
+pub(crate) fn run(opts: &ClientOptions, cmd: ClientCommand) -> Result<i32> {
     let client = AdminClient::new(&opts.url, &opts.token, opts.ca_cert.as_deref())?;
     let mut stdout = std::io::stdout().lock();
     let out: &mut dyn Write = &mut stdout;

@@ -5,8 +5,7 @@
 mod command;
 mod print;
 
-pub use command::run;
-pub use print::{printable_line, OutputEscaper};
+pub(crate) use command::run;
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
@@ -17,7 +16,7 @@ use std::time::Duration;
 
 /// Where the server is and how to reach it.
 #[derive(Clone)]
-pub struct ClientOptions {
+pub(crate) struct ClientOptions {
     pub url: String,
     pub token: String,
     pub ca_cert: Option<PathBuf>,
@@ -34,7 +33,7 @@ impl std::fmt::Debug for ClientOptions {
 
 /// One client command.
 #[derive(Debug, Clone)]
-pub enum ClientCommand {
+pub(crate) enum ClientCommand {
     Submit { queue: Option<String>, file: PathBuf },
     Jobs { queue: Option<String>, state: Option<String>, limit: Option<u32> },
     Show { id: i64 },
@@ -50,7 +49,7 @@ pub enum ClientCommand {
 }
 
 /// A client of the admin API.
-pub struct AdminClient {
+pub(crate) struct AdminClient {
     base: String,
     token: String,
     agent: ureq::Agent,
@@ -78,7 +77,7 @@ fn tls_config(ca_cert: &Path) -> Result<Arc<rustls::ClientConfig>> {
 }
 
 impl AdminClient {
-    pub fn new(url: &str, token: &str, ca_cert: Option<&Path>) -> Result<AdminClient> {
+    pub(crate) fn new(url: &str, token: &str, ca_cert: Option<&Path>) -> Result<AdminClient> {
         if url.is_empty() {
             bail!("no coordinator URL: set EXECUTOR_FRONTEND_URL or pass --url");
         }
@@ -131,12 +130,12 @@ impl AdminClient {
     }
 
     /// Submits a job; returns its id.
-    pub fn submit(&self, job: &Value) -> Result<i64> {
+    pub(crate) fn submit(&self, job: &Value) -> Result<i64> {
         let v = self.json("submitting the job", self.request("POST", "/api/jobs"), Some(job))?;
         v.get("id").and_then(Value::as_i64).context("submitting the job: the answer has no id")
     }
 
-    pub fn jobs(&self, queue: Option<&str>, state: Option<&str>, limit: Option<u32>) -> Result<Value> {
+    pub(crate) fn jobs(&self, queue: Option<&str>, state: Option<&str>, limit: Option<u32>) -> Result<Value> {
         let mut req = self.request("GET", "/api/jobs");
         if let Some(q) = queue {
             req = req.query("queue", q);
@@ -150,11 +149,11 @@ impl AdminClient {
         self.json("listing jobs", req, None)
     }
 
-    pub fn job(&self, id: i64) -> Result<Value> {
+    pub(crate) fn job(&self, id: i64) -> Result<Value> {
         self.json(&format!("showing job {id}"), self.request("GET", &format!("/api/jobs/{id}")), None)
     }
 
-    pub fn cancel(&self, id: i64) -> Result<Value> {
+    pub(crate) fn cancel(&self, id: i64) -> Result<Value> {
         self.json(
             &format!("cancelling job {id}"),
             self.request("POST", &format!("/api/jobs/{id}/cancel")),
@@ -162,12 +161,17 @@ impl AdminClient {
         )
     }
 
-    pub fn executors(&self) -> Result<Value> {
+    pub(crate) fn executors(&self) -> Result<Value> {
         self.json("listing executors", self.request("GET", "/api/executors"), None)
     }
 
     /// Calls `each` for every log line (one entry state per line) until the stream ends.
-    pub fn logs(&self, id: i64, follow: bool, mut each: impl FnMut(Value) -> Result<()>) -> Result<()> {
+    pub(crate) fn logs(
+        &self,
+        id: i64,
+        follow: bool,
+        mut each: impl FnMut(Value) -> Result<()>,
+    ) -> Result<()> {
         let what = format!("reading the logs of job {id}");
         let req = self
             .request("GET", &format!("/api/jobs/{id}/logs"))
@@ -185,22 +189,22 @@ impl AdminClient {
     }
 
     /// Registers the git repository at `path` (on the coordinator's host) as `name`.
-    pub fn repo_add(&self, name: &str, path: &Path) -> Result<Value> {
+    pub(crate) fn repo_add(&self, name: &str, path: &Path) -> Result<Value> {
         let body = serde_json::json!({ "name": name, "path": path.to_string_lossy() });
         self.json(&format!("registering repository {name}"), self.request("POST", "/api/repos"), Some(&body))
     }
 
-    pub fn repos(&self) -> Result<Value> {
+    pub(crate) fn repos(&self) -> Result<Value> {
         self.json("listing repositories", self.request("GET", "/api/repos"), None)
     }
 
-    pub fn repo_rm(&self, name: &str) -> Result<()> {
+    pub(crate) fn repo_rm(&self, name: &str) -> Result<()> {
         let req = self.request("DELETE", "/api/repos").query("name", name);
         self.call(&format!("removing repository {name}"), req, None).map(|_| ())
     }
 
     /// Stores `bytes` as `bucket/key` in the coordinator's files store.
-    pub fn file_put(&self, bucket: &str, key: &str, bytes: &[u8]) -> Result<Value> {
+    pub(crate) fn file_put(&self, bucket: &str, key: &str, bytes: &[u8]) -> Result<Value> {
         let what = format!("storing file {bucket}/{key}");
         let resp = match self.request("PUT", &format!("/api/files/{bucket}/{key}")).send_bytes(bytes) {
             Ok(r) => r,
@@ -214,12 +218,12 @@ impl AdminClient {
         serde_json::from_str(&text).with_context(|| format!("{what}: the answer is not JSON"))
     }
 
-    pub fn files(&self) -> Result<Value> {
+    pub(crate) fn files(&self) -> Result<Value> {
         self.json("listing files", self.request("GET", "/api/files"), None)
     }
 
     /// Copies a job's artifacts tarball into `out`.
-    pub fn artifacts(&self, id: i64, out: &mut dyn Write) -> Result<u64> {
+    pub(crate) fn artifacts(&self, id: i64, out: &mut dyn Write) -> Result<u64> {
         let what = format!("fetching the artifacts of job {id}");
         let resp = self.call(&what, self.request("GET", &format!("/api/jobs/{id}/artifacts")), None)?;
         let mut reader = resp.into_reader();

@@ -23,7 +23,7 @@ fn escaped(c: char, out: &mut String) {
 
 /// One-line job-controlled text (a key, a name, a failure message) as a terminal may show it:
 /// every unsafe character escaped, newlines and tabs too.
-pub fn printable_line(text: &str) -> String {
+pub(crate) fn printable_line(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         if is_unsafe(c) {
@@ -39,7 +39,7 @@ pub fn printable_line(text: &str) -> String {
 /// than newline and tab are escaped, and a line may not begin with `=` (written `\x3d`), so that
 /// no output line can pass for one of the CLI's `==>` headers.
 #[derive(Debug, Clone, Copy)]
-pub struct OutputEscaper {
+pub(crate) struct OutputEscaper {
     at_line_start: bool,
 }
 
@@ -50,7 +50,7 @@ impl Default for OutputEscaper {
 }
 
 impl OutputEscaper {
-    pub fn push(&mut self, text: &str) -> String {
+    pub(crate) fn push(&mut self, text: &str) -> String {
         let mut out = String::with_capacity(text.len());
         for c in text.chars() {
             if c == '\n' || c == '\t' {

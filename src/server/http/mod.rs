@@ -372,7 +372,7 @@ fn write_addr_file(path: &std::path::Path, url: &str) -> Result<()> {
 }
 
 /// Binds, announces the address, and serves until a signal.
-pub async fn serve(cfg: Arc<ServeConfig>) -> Result<()> {
+pub(super) async fn serve(cfg: Arc<ServeConfig>) -> Result<()> {
     let tls = match &cfg.tls {
         Some((cert, key)) => Some(load_tls(cert, key)?),
         None => None,

@@ -17,14 +17,14 @@ pub enum Dialect {
 
 /// A statement parameter.
 #[derive(Debug, Clone, Copy)]
-pub enum Val<'a> {
+pub(crate) enum Val<'a> {
     Null,
     Int(i64),
     Text(&'a str),
 }
 
 /// What converts into a statement parameter.
-pub trait ToVal {
+pub(crate) trait ToVal {
     fn to_val(&self) -> Val<'_>;
 }
 
@@ -129,20 +129,20 @@ impl postgres::types::ToSql for Val<'_> {
 }
 
 /// A value read from a row, before it becomes a Rust type.
-pub enum Got<'a> {
+pub(crate) enum Got<'a> {
     Null,
     Int(i64),
     Text(&'a str),
 }
 
 /// One result row of either backend.
-pub enum Row<'a> {
+pub(crate) enum Row<'a> {
     Sqlite(&'a rusqlite::Row<'a>),
     Postgres(&'a postgres::Row),
 }
 
 /// What a column converts into.
-pub trait FromVal: Sized {
+pub(crate) trait FromVal: Sized {
     fn from_got(v: Got<'_>) -> std::result::Result<Self, String>;
 }
 
@@ -191,7 +191,7 @@ impl<T: FromVal> FromVal for Option<T> {
 
 impl Row<'_> {
     /// Column `i` as a `T`.
-    pub fn get<T: FromVal>(&self, i: usize) -> Result<T> {
+    pub(crate) fn get<T: FromVal>(&self, i: usize) -> Result<T> {
         let converted = match self {
             Row::Sqlite(r) => {
                 use rusqlite::types::ValueRef;
@@ -246,7 +246,7 @@ impl Row<'_> {
 }
 
 /// A connection (or a transaction on one) that runs the store's statements.
-pub trait Tx {
+pub(crate) trait Tx {
     fn dialect(&self) -> Dialect;
     /// Runs a statement; the number of rows it changed.
     fn exec(&mut self, sql: &str, params: &[Val<'_>]) -> Result<u64>;
@@ -261,7 +261,7 @@ pub trait Tx {
 
 impl dyn Tx + '_ {
     /// The first row of a query, if any.
-    pub fn opt<T>(
+    pub(crate) fn opt<T>(
         &mut self,
         sql: &str,
         params: &[Val<'_>],
@@ -279,7 +279,7 @@ impl dyn Tx + '_ {
     }
 
     /// The first row of a query that always returns one.
-    pub fn one<T>(
+    pub(crate) fn one<T>(
         &mut self,
         sql: &str,
         params: &[Val<'_>],
@@ -292,7 +292,7 @@ impl dyn Tx + '_ {
     }
 
     /// Every row of a query.
-    pub fn all<T>(
+    pub(crate) fn all<T>(
         &mut self,
         sql: &str,
         params: &[Val<'_>],
@@ -307,13 +307,13 @@ impl dyn Tx + '_ {
     }
 
     /// Whether a query returns a row.
-    pub fn exists(&mut self, sql: &str, params: &[Val<'_>]) -> Result<bool> {
+    pub(crate) fn exists(&mut self, sql: &str, params: &[Val<'_>]) -> Result<bool> {
         Ok(self.opt(sql, params, |_| Ok(()))?.is_some())
     }
 
     /// `" FOR UPDATE"` on PostgreSQL, where concurrent replicas need the row lock; nothing on
     /// SQLite, whose one writer already serialises the transactions.
-    pub fn for_update(&self) -> &'static str {
+    pub(crate) fn for_update(&self) -> &'static str {
         match self.dialect() {
             Dialect::Sqlite => "",
             Dialect::Postgres => " FOR UPDATE",
@@ -322,7 +322,7 @@ impl dyn Tx + '_ {
 
     /// Wakes the waiting dequeues of every replica when this transaction commits (PostgreSQL's
     /// `NOTIFY`; nothing on SQLite, whose one process wakes its own).
-    pub fn notify_jobs(&mut self) -> Result<()> {
+    pub(crate) fn notify_jobs(&mut self) -> Result<()> {
         if self.dialect() == Dialect::Postgres {
             self.exec(&format!("NOTIFY {}", super::pg::JOBS_CHANNEL), &[])?;
         }
@@ -331,7 +331,7 @@ impl dyn Tx + '_ {
 }
 
 /// SQLite: statements through the connection's prepared-statement cache.
-pub struct SqliteTx<'a>(pub &'a rusqlite::Connection);
+pub(crate) struct SqliteTx<'a>(pub &'a rusqlite::Connection);
 
 impl Tx for SqliteTx<'_> {
     fn dialect(&self) -> Dialect {
@@ -359,7 +359,7 @@ impl Tx for SqliteTx<'_> {
 }
 
 /// `?N` parameters as PostgreSQL's `$N` (the store's statements have no `?` in literals).
-pub fn pg_sql(sql: &str) -> String {
+pub(crate) fn pg_sql(sql: &str) -> String {
     let mut out = String::with_capacity(sql.len() + 8);
     let mut chars = sql.chars().peekable();
     while let Some(c) = chars.next() {
@@ -373,7 +373,7 @@ pub fn pg_sql(sql: &str) -> String {
 }
 
 /// PostgreSQL: a client (or a transaction on it) with the connection's statement cache.
-pub struct PgTx<'a, C: postgres::GenericClient> {
+pub(crate) struct PgTx<'a, C: postgres::GenericClient> {
     pub client: &'a mut C,
     pub cache: &'a mut HashMap<String, postgres::Statement>,
     /// `host:port/database`, for the errors (never the password).

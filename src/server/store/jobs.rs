@@ -10,10 +10,10 @@ use super::{sha256_hex, JobState, Result, Store};
 use chrono::{DateTime, Utc};
 
 /// The failure message of a job whose executor stopped heartbeating too often.
-pub const TOO_MANY_RESETS: &str = "job processor died while handling this message too many times";
+pub(crate) const TOO_MANY_RESETS: &str = "job processor died while handling this message too many times";
 
 /// `(job id, queue)` pairs.
-pub type JobRefs = Vec<(i64, String)>;
+pub(crate) type JobRefs = Vec<(i64, String)>;
 
 /// One job as the admin API lists it (without payload and logs).
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -62,11 +62,11 @@ pub struct Dequeued {
 }
 
 /// The most executors the coordinator keeps a row for.
-pub const MAX_EXECUTORS: i64 = 1000;
+pub(super) const MAX_EXECUTORS: i64 = 1000;
 /// How long an executor that stopped heartbeating keeps its row.
-pub const EXECUTOR_EXPIRY_MS: i64 = 24 * 3_600_000;
+pub(super) const EXECUTOR_EXPIRY_MS: i64 = 24 * 3_600_000;
 /// The longest executor name or telemetry field a heartbeat may store.
-pub const MAX_EXECUTOR_FIELD: usize = 256;
+pub(super) const MAX_EXECUTOR_FIELD: usize = 256;
 
 /// What an executor reports about itself in a heartbeat.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]

@@ -33,12 +33,12 @@ fn cut_at_boundary(s: &str, max: usize) -> &str {
 }
 
 /// The most log entries one job may have (a real job has a few dozen).
-pub const MAX_LOG_ENTRIES: i64 = 1000;
+pub(super) const MAX_LOG_ENTRIES: i64 = 1000;
 
 /// The most bytes the keys and commands of one job's log entries may take together (a real
 /// entry's are well under a kilobyte). Apart from the output cap, so that a job whose output
 /// filled its cap can still log its next steps.
-pub const MAX_LOG_META_BYTES: i64 = 1 << 20;
+pub(super) const MAX_LOG_META_BYTES: i64 = 1 << 20;
 
 /// The bytes an entry's key and command take in the store.
 fn meta_bytes(key: &str, command: &Option<String>) -> i64 {
@@ -54,7 +54,7 @@ fn meta_over_cap(id: i64, meta: i64, used: i64) -> StoreError {
 }
 
 /// The marker that ends a truncated entry's output.
-pub fn truncation_marker(cap: u64) -> String {
+pub(crate) fn truncation_marker(cap: u64) -> String {
     format!("\n[executor: log truncated at {cap} bytes]\n")
 }
 

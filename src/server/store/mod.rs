@@ -14,20 +14,19 @@ mod console;
 pub(crate) mod db;
 mod jobs;
 mod logs;
-pub mod pg;
+pub(crate) mod pg;
 mod repos;
 mod time;
 #[cfg(test)]
 use testkit::cluster as testcluster; // the throwaway PostgreSQL of the tests
 
-pub use console::{JobFilter, JobPageRow};
-pub use jobs::{
-    ArtifactInfo, CancelResult, Dequeued, ExecutorInfo, ExecutorRow, JobDetail, JobRefs, JobRow, Outcome,
-    RequeueResult, Reset, TOO_MANY_RESETS,
+pub(crate) use console::{JobFilter, JobPageRow};
+pub(crate) use jobs::{
+    ArtifactInfo, CancelResult, ExecutorInfo, ExecutorRow, JobDetail, JobRefs, JobRow, Outcome, RequeueResult,
 };
-pub use logs::{truncation_marker, StoredLogEntry};
-pub use pg::{PgOptions, PgPool};
-pub use repos::{FileRow, RepoRow};
+pub(crate) use logs::StoredLogEntry;
+pub(crate) use pg::{PgOptions, PgPool};
+pub(crate) use repos::{FileRow, RepoRow};
 
 use db::{Dialect, SqliteTx, Tx};
 
@@ -501,7 +500,8 @@ impl Store {
     }
 
     /// An in-memory store, for unit tests.
-    pub fn open_in_memory() -> Result<Store> {
+    #[cfg(test)]
+    pub(crate) fn open_in_memory() -> Result<Store> {
         Self::init(Connection::open_in_memory()?)
     }
 
@@ -663,19 +663,19 @@ pub(crate) mod testing {
 
     /// The test binary's cluster (started by the first test that asks; the reaper stops it
     /// when the binary exits), or why there is none.
-    pub fn cluster() -> std::result::Result<&'static testcluster::Cluster, String> {
+    pub(crate) fn cluster() -> std::result::Result<&'static testcluster::Cluster, String> {
         CLUSTER.get_or_init(testcluster::Cluster::start).as_ref().map_err(|e| e.clone())
     }
 
     /// A migrated store on a fresh database of the shared cluster; `None` (after the skip
     /// notice) when PostgreSQL cannot run here.
-    pub fn pg_store(test: &str) -> Option<Store> {
+    pub(crate) fn pg_store(test: &str) -> Option<Store> {
         let pool = pg_pool(test)?;
         Some(Store::postgres(pool))
     }
 
     /// A migrated pool on a fresh database, as [`pg_store`].
-    pub fn pg_pool(test: &str) -> Option<PgPool> {
+    pub(crate) fn pg_pool(test: &str) -> Option<PgPool> {
         let cluster = match cluster() {
             Ok(c) => c,
             Err(why) => {
@@ -695,7 +695,7 @@ pub(crate) mod testing {
     }
 
     /// Creates a database no other test uses; its name.
-    pub fn fresh_database(cluster: &testcluster::Cluster) -> String {
+    pub(crate) fn fresh_database(cluster: &testcluster::Cluster) -> String {
         use std::sync::atomic::{AtomicU32, Ordering};
         static N: AtomicU32 = AtomicU32::new(0);
         let name = format!("t{}", N.fetch_add(1, Ordering::Relaxed));
@@ -864,7 +864,7 @@ mod tests {
         assert_eq!(s.state(a).unwrap(), Some(JobState::Processing));
         other.batch_execute(&format!("SELECT pg_advisory_unlock({})", pg::SWEEP_LOCK)).unwrap();
         let r = s.reset_stalled(100, 2, "25s", 100).unwrap();
-        assert_eq!(r, vec![Reset { id: a, queue: "batches".into(), new_state: JobState::Queued }]);
+        assert_eq!(r, vec![jobs::Reset { id: a, queue: "batches".into(), new_state: JobState::Queued }]);
     }
 
     /// A replica whose data directory lacks the database's marker refuses to start.

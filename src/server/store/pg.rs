@@ -14,16 +14,16 @@ use super::{Result, StoreError, MIGRATIONS};
 use crate::base::secret::Secret;
 
 /// The channel `NOTIFY` wakes the replicas' dequeues on.
-pub const JOBS_CHANNEL: &str = "executor_jobs";
+pub(crate) const JOBS_CHANNEL: &str = "executor_jobs";
 /// Advisory lock keys (one 64-bit space per database; these spell "exec-mig" and "exec-swp").
-pub const MIGRATION_LOCK: i64 = 0x6578_6563_2d6d_6967;
-pub const SWEEP_LOCK: i64 = 0x6578_6563_2d73_7770;
+pub(crate) const MIGRATION_LOCK: i64 = 0x6578_6563_2d6d_6967;
+pub(crate) const SWEEP_LOCK: i64 = 0x6578_6563_2d73_7770;
 /// How long a connection attempt, and a wait for a pooled connection, may take.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// The most connections one replica holds.
-pub const POOL_SIZE: u32 = 16;
+pub(crate) const POOL_SIZE: u32 = 16;
 /// The file in the data directory that must hold the database's marker.
-pub const MARKER_FILE: &str = "database-marker";
+pub(crate) const MARKER_FILE: &str = "database-marker";
 
 /// Where the PostgreSQL database is: its URL (a secret: it may carry the password) and,
 /// apart, a password read from a file.
@@ -43,7 +43,7 @@ impl std::fmt::Debug for PgOptions {
 }
 
 /// Whether `url` names a PostgreSQL database (rather than being a mistake for one).
-pub fn is_postgres_url(url: &str) -> bool {
+pub(crate) fn is_postgres_url(url: &str) -> bool {
     url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
@@ -91,7 +91,7 @@ impl PgOptions {
 /// A PostgreSQL failure as the store reports it: a lost or refused connection (or a server
 /// shutting down) is `Unavailable`, which the HTTP side answers with 503; anything else is a
 /// failure of the statement.
-pub fn error(e: postgres::Error, target: &str) -> StoreError {
+pub(crate) fn error(e: postgres::Error, target: &str) -> StoreError {
     let unavailable = e.is_closed()
         || std::error::Error::source(&e).is_some_and(|s| s.downcast_ref::<std::io::Error>().is_some())
         || e.code().is_some_and(|c| {
@@ -292,7 +292,7 @@ fn check_marker(client: &mut postgres::Client, target: &str, data_dir: &Path) ->
 /// Starts the thread that `LISTEN`s on [`JOBS_CHANNEL`] and calls `wake` for each
 /// notification, and once after each (re)connection, since notifications sent while it was
 /// disconnected are lost. It reconnects by itself after a database restart.
-pub fn spawn_listener(pool: &PgPool, wake: impl Fn() + Send + 'static) -> std::io::Result<()> {
+pub(crate) fn spawn_listener(pool: &PgPool, wake: impl Fn() + Send + 'static) -> std::io::Result<()> {
     let pool = pool.clone();
     std::thread::Builder::new().name("queue-listen".into()).spawn(move || {
         let mut reported = false;

@@ -32,7 +32,7 @@ fn can_run(test: &str) -> bool {
 }
 
 /// A `docker-registry` on 127.0.0.1 with its storage in a temporary directory.
-pub struct Registry {
+pub(super) struct Registry {
     pub dir: tempfile::TempDir,
     pub port: u16,
     child: Arc<Mutex<Child>>,
@@ -55,7 +55,7 @@ fn free_port() -> u16 {
 
 impl Registry {
     /// Starts it; `tls` is (cert, key) PEM paths, `htpasswd` a bcrypt htpasswd file.
-    pub fn start(tls: Option<(&str, &str)>, htpasswd: Option<(&Path, &str, &str)>) -> Registry {
+    pub(super) fn start(tls: Option<(&str, &str)>, htpasswd: Option<(&Path, &str, &str)>) -> Registry {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let mut cfg = format!(
@@ -91,12 +91,12 @@ impl Registry {
         }
     }
 
-    pub fn host(&self) -> String {
+    pub(super) fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
 
     /// `skopeo copy SRC docker://HOST/DEST` (with `--all` for indexes).
-    pub fn push(&self, src: &str, dest: &str) {
+    pub(super) fn push(&self, src: &str, dest: &str) {
         let mut args = vec![
             "--insecure-policy".to_string(),
             "copy".into(),
@@ -113,7 +113,7 @@ impl Registry {
     }
 
     /// The file the registry serves blob `digest` from.
-    pub fn blob_file(&self, digest: &str) -> PathBuf {
+    pub(super) fn blob_file(&self, digest: &str) -> PathBuf {
         let hex = digest.trim_start_matches("sha256:");
         self.dir.path().join(format!("data/docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]))
     }
@@ -123,7 +123,7 @@ impl Registry {
     }
 
     /// Uploads a blob with the registry API (monolithic upload).
-    pub fn put_blob(&self, repo: &str, bytes: &[u8]) -> String {
+    pub(super) fn put_blob(&self, repo: &str, bytes: &[u8]) -> String {
         let digest = sha(bytes);
         let resp = ureq::post(&format!("{}/v2/{repo}/blobs/uploads/", self.base())).call().unwrap();
         let loc = resp.header("location").unwrap().to_string();
@@ -137,7 +137,7 @@ impl Registry {
     }
 
     /// The manifest the registry serves for `repo:tag`, and its digest.
-    pub fn manifest(&self, repo: &str, tag: &str) -> (serde_json::Value, String) {
+    pub(super) fn manifest(&self, repo: &str, tag: &str) -> (serde_json::Value, String) {
         let accept = format!("{OCI_INDEX}, {OCI_MANIFEST}");
         let resp = ureq::get(&format!("{}/v2/{repo}/manifests/{tag}", self.base()))
             .set("Accept", &accept)
@@ -149,7 +149,7 @@ impl Registry {
     }
 
     /// Puts a manifest under `tag`.
-    pub fn put_manifest(&self, repo: &str, tag: &str, media_type: &str, body: &[u8]) {
+    pub(super) fn put_manifest(&self, repo: &str, tag: &str, media_type: &str, body: &[u8]) {
         ureq::put(&format!("{}/v2/{repo}/manifests/{tag}", self.base()))
             .set("Content-Type", media_type)
             .send_bytes(body)
@@ -158,27 +158,27 @@ impl Registry {
 }
 
 /// A tar layer built in memory.
-pub struct Layer {
+pub(super) struct Layer {
     pub tar: Vec<u8>,
 }
 
 impl Layer {
-    pub fn new(build: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Layer {
+    pub(super) fn new(build: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Layer {
         let mut b = tar::Builder::new(Vec::new());
         build(&mut b);
         Layer { tar: b.into_inner().unwrap() }
     }
-    pub fn gzip(&self) -> Vec<u8> {
+    pub(super) fn gzip(&self) -> Vec<u8> {
         let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         e.write_all(&self.tar).unwrap();
         e.finish().unwrap()
     }
-    pub fn zstd(&self) -> Vec<u8> {
+    pub(super) fn zstd(&self) -> Vec<u8> {
         zstd::encode_all(&self.tar[..], 3).unwrap()
     }
 }
 
-pub fn file(b: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8], mode: u32) {
+pub(super) fn file(b: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8], mode: u32) {
     let mut h = tar::Header::new_gnu();
     h.set_size(data.len() as u64);
     h.set_mode(mode);
@@ -186,7 +186,7 @@ pub fn file(b: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8], mode: u32) {
     b.append_data(&mut h, path, data).unwrap();
 }
 
-pub fn symlink(b: &mut tar::Builder<Vec<u8>>, path: &str, target: &str) {
+pub(super) fn symlink(b: &mut tar::Builder<Vec<u8>>, path: &str, target: &str) {
     let mut h = tar::Header::new_gnu();
     h.set_size(0);
     h.set_mode(0o777);
@@ -195,7 +195,7 @@ pub fn symlink(b: &mut tar::Builder<Vec<u8>>, path: &str, target: &str) {
 }
 
 /// The host's static busybox as a layer, with `sh`, `cat` and `ls` links.
-pub fn busybox_layer() -> Layer {
+pub(super) fn busybox_layer() -> Layer {
     let bb = std::fs::read("/bin/busybox").expect("busybox-static is installed (scripts/install-deps)");
     Layer::new(|b| {
         file(b, "bin/busybox", &bb, 0o755);
@@ -209,29 +209,29 @@ pub fn busybox_layer() -> Layer {
 }
 
 /// An OCI image layout being built in a directory.
-pub struct Layout {
+pub(super) struct Layout {
     pub dir: PathBuf,
     index: Vec<String>,
 }
 
-pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub(super) const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub(super) const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 
 impl Layout {
-    pub fn new(dir: &Path) -> Layout {
+    pub(super) fn new(dir: &Path) -> Layout {
         std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
         std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
         Layout { dir: dir.to_path_buf(), index: Vec::new() }
     }
 
-    pub fn blob(&self, bytes: &[u8]) -> String {
+    pub(super) fn blob(&self, bytes: &[u8]) -> String {
         let d = sha(bytes);
         std::fs::write(self.dir.join("blobs/sha256").join(d.trim_start_matches("sha256:")), bytes).unwrap();
         d
     }
 
     /// Adds an image manifest of `layers` (tar, blob bytes, media type); returns (digest, size).
-    pub fn image(&self, arch: &str, layers: &[(&[u8], Vec<u8>, &str)]) -> (String, usize) {
+    pub(super) fn image(&self, arch: &str, layers: &[(&[u8], Vec<u8>, &str)]) -> (String, usize) {
         let diff_ids: Vec<String> = layers.iter().map(|(tar, _, _)| format!("\"{}\"", sha(tar))).collect();
         let config = format!(
             r#"{{"architecture":"{arch}","os":"linux","config":{{"Env":["PATH=/bin","FROM_IMAGE=yes"],"WorkingDir":"/work"}},"rootfs":{{"type":"layers","diff_ids":[{}]}}}}"#,
@@ -253,7 +253,7 @@ impl Layout {
     }
 
     /// Names `digest` (of `media_type`, `size` bytes) as `tag` in index.json.
-    pub fn tag(&mut self, tag: &str, media_type: &str, digest: &str, size: usize) {
+    pub(super) fn tag(&mut self, tag: &str, media_type: &str, digest: &str, size: usize) {
         self.index.push(format!(
             r#"{{"mediaType":"{media_type}","digest":"{digest}","size":{size},"annotations":{{"org.opencontainers.image.ref.name":"{tag}"}}}}"#
         ));
@@ -262,7 +262,7 @@ impl Layout {
     }
 
     /// A multi-arch index of `(digest, size, arch)`; returns (digest, size).
-    pub fn multi(&self, manifests: &[(String, usize, &str)]) -> (String, usize) {
+    pub(super) fn multi(&self, manifests: &[(String, usize, &str)]) -> (String, usize) {
         let m: Vec<String> = manifests
             .iter()
             .map(|(d, s, arch)| {
@@ -276,7 +276,7 @@ impl Layout {
         (self.blob(index.as_bytes()), index.len())
     }
 
-    pub fn src(&self, tag: &str) -> String {
+    pub(super) fn src(&self, tag: &str) -> String {
         format!("oci:{}:{tag}", self.dir.display())
     }
 }

@@ -9,12 +9,12 @@ use crate::sandbox::Limits;
 /// What an idle pool VM is assumed to hold in memory before it is measured (QEMU's resident
 /// memory after a boot under TCG was about 230 MiB with a 512 MiB guest; plus its console
 /// reader).
-pub const IDLE_ESTIMATE: u64 = 320 << 20;
+pub(crate) const IDLE_ESTIMATE: u64 = 320 << 20;
 
 /// Memory the loop may commit to VMs: running jobs at their full size (guest memory plus
 /// QEMU's overhead), idle pool VMs at their measured resident memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Budget {
+pub(crate) struct Budget {
     /// Three quarters of the host's `MemAvailable` when the loop started.
     pub total_bytes: u64,
     /// What one job's VM may grow to.
@@ -23,21 +23,21 @@ pub struct Budget {
 
 impl Budget {
     /// The budget of this host for VMs of `limits`.
-    pub fn for_host(limits: &Limits) -> Result<Budget> {
+    pub(crate) fn for_host(limits: &Limits) -> Result<Budget> {
         Ok(Budget { total_bytes: mem_available()? / 4 * 3, job_bytes: vm_bytes(limits) })
     }
 
     /// The pool size when `EXECUTOR_VM_POOL_SIZE` is not set: as many idle VMs (at
     /// [`IDLE_ESTIMATE`] each) as fit beside `max_jobs` running jobs at their full size, but no
     /// more than `max_jobs` (more jobs than that cannot start at once).
-    pub fn default_pool_size(&self, max_jobs: usize) -> usize {
+    pub(crate) fn default_pool_size(&self, max_jobs: usize) -> usize {
         let left = self.total_bytes.saturating_sub(self.job_bytes.saturating_mul(max_jobs as u64));
         ((left / IDLE_ESTIMATE) as usize).min(max_jobs)
     }
 }
 
 /// What one job's VM may use: guest memory plus QEMU's own (its cgroup's limit).
-pub fn vm_bytes(limits: &Limits) -> u64 {
+pub(crate) fn vm_bytes(limits: &Limits) -> u64 {
     (if limits.memory_bytes > 0 { limits.memory_bytes } else { DEFAULT_MEMORY }) + QEMU_OVERHEAD
 }
 

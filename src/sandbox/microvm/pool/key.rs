@@ -13,11 +13,11 @@ const MAX_IMAGES: usize = 8;
 
 /// The workspace disk of a pool VM when there is no disk limit (sparse: only what the job's
 /// files use takes space). A job whose workspace needs more is a miss.
-pub const DEFAULT_POOL_DISK: u64 = 4 << 30;
+pub(crate) const DEFAULT_POOL_DISK: u64 = 4 << 30;
 
 /// Everything that defines a pool VM but its images.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BaseKey {
+pub(crate) struct BaseKey {
     pub kernel: String,
     pub initramfs: String,
     pub accel: String,
@@ -29,7 +29,7 @@ pub struct BaseKey {
 /// Everything that defines a pool VM: a VM serves a job only when its base key is the current
 /// one and it carries each of the job's images at the digest the image store resolves now.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PoolKey {
+pub(crate) struct PoolKey {
     pub base: BaseKey,
     /// (reference, digest), sorted.
     pub images: Vec<(String, String)>,
@@ -38,7 +38,7 @@ pub struct PoolKey {
 impl PoolKey {
     /// Whether a VM of this key may serve a job that needs `images` (reference, digest) on a
     /// host whose current base key is `base`.
-    pub fn serves(&self, base: &BaseKey, images: &[(String, String)]) -> bool {
+    pub(crate) fn serves(&self, base: &BaseKey, images: &[(String, String)]) -> bool {
         self.base == *base && images.iter().all(|i| self.images.contains(i))
     }
 }
@@ -66,7 +66,7 @@ impl Pool {
     }
 
     /// The base key of a VM booted now.
-    pub fn base_key(&self) -> Result<BaseKey> {
+    pub(crate) fn base_key(&self) -> Result<BaseKey> {
         let m = crate::vm::installed(&self.rt.opts.state_dir)?;
         let (accel, _) = self.rt.choose_accel()?;
         Ok(BaseKey {

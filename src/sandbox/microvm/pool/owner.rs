@@ -10,7 +10,7 @@ use super::Pool;
 
 /// The file in a pool VM's sandbox directory naming the executor that owns it (removed when a
 /// job takes the VM: the job's workspace owner record names it from then on).
-pub const OWNER_FILE: &str = "pool-owner";
+pub(crate) const OWNER_FILE: &str = "pool-owner";
 
 pub(super) fn lock_path(sandboxes: &Path, owner: &str) -> PathBuf {
     let safe: String = owner
@@ -23,7 +23,7 @@ pub(super) fn lock_path(sandboxes: &Path, owner: &str) -> PathBuf {
 /// The names of pool VMs (in `sandboxes`) whose owning executor still lives (holds its pool
 /// lock): the janitor leaves them. The VMs of an executor that is gone are not listed, so the
 /// janitor reclaims them like any VM no job owns; the dead executor's lock file goes too.
-pub fn live_members(sandboxes: &Path) -> Result<HashSet<String>> {
+pub(crate) fn live_members(sandboxes: &Path) -> Result<HashSet<String>> {
     let mut live = HashSet::new();
     let rd = match std::fs::read_dir(sandboxes) {
         Ok(rd) => rd,

@@ -89,14 +89,14 @@ impl Style {
 
 /// A run of text in one style; `class` is empty for unstyled text.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Segment {
+pub(super) struct Segment {
     pub class: String,
     pub text: String,
 }
 
 /// The parser with its style and any unfinished escape.
 #[derive(Debug, Default)]
-pub struct Ansi {
+pub(super) struct Ansi {
     style: Style,
     pending: String,
 }
@@ -159,12 +159,12 @@ fn scan_escape(s: &str) -> Scan {
 }
 
 impl Ansi {
-    pub fn new() -> Ansi {
+    pub(super) fn new() -> Ansi {
         Ansi::default()
     }
 
     /// Parses the next chunk of output into segments (adjacent segments of one style merged).
-    pub fn feed(&mut self, input: &str) -> Vec<Segment> {
+    pub(super) fn feed(&mut self, input: &str) -> Vec<Segment> {
         let mut text = std::mem::take(&mut self.pending);
         text.push_str(input);
         let mut out: Vec<Segment> = Vec::new();

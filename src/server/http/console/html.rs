@@ -5,7 +5,7 @@
 
 /// An HTML document or fragment being written.
 #[derive(Debug, Default)]
-pub struct Html {
+pub(super) struct Html {
     buf: String,
 }
 
@@ -32,12 +32,12 @@ fn is_local_path(v: &str) -> bool {
 
 impl Html {
     /// A document: the doctype and nothing else yet.
-    pub fn document() -> Html {
+    pub(super) fn document() -> Html {
         Html { buf: String::from("<!DOCTYPE html>\n") }
     }
 
     /// An empty fragment.
-    pub fn fragment() -> Html {
+    pub(super) fn fragment() -> Html {
         Html::default()
     }
 
@@ -53,7 +53,7 @@ impl Html {
     }
 
     /// `<tag attrs>`; the caller closes it.
-    pub fn open(&mut self, tag: &'static str, attrs: &[(&'static str, &str)]) -> &mut Html {
+    pub(super) fn open(&mut self, tag: &'static str, attrs: &[(&'static str, &str)]) -> &mut Html {
         self.buf.push('<');
         self.buf.push_str(tag);
         self.attrs(attrs);
@@ -62,7 +62,7 @@ impl Html {
     }
 
     /// `</tag>`.
-    pub fn close(&mut self, tag: &'static str) -> &mut Html {
+    pub(super) fn close(&mut self, tag: &'static str) -> &mut Html {
         self.buf.push_str("</");
         self.buf.push_str(tag);
         self.buf.push('>');
@@ -70,34 +70,39 @@ impl Html {
     }
 
     /// An element without content (`<input ...>`, `<meta ...>`).
-    pub fn void(&mut self, tag: &'static str, attrs: &[(&'static str, &str)]) -> &mut Html {
+    pub(super) fn void(&mut self, tag: &'static str, attrs: &[(&'static str, &str)]) -> &mut Html {
         self.open(tag, attrs)
     }
 
     /// Escaped text.
-    pub fn text(&mut self, s: &str) -> &mut Html {
+    pub(super) fn text(&mut self, s: &str) -> &mut Html {
         escape_into(&mut self.buf, s);
         self
     }
 
     /// `<tag attrs>text</tag>`.
-    pub fn elem(&mut self, tag: &'static str, attrs: &[(&'static str, &str)], text: &str) -> &mut Html {
+    pub(super) fn elem(
+        &mut self,
+        tag: &'static str,
+        attrs: &[(&'static str, &str)],
+        text: &str,
+    ) -> &mut Html {
         self.open(tag, attrs).text(text).close(tag)
     }
 
     /// A fragment written by another builder.
-    pub fn append(&mut self, other: Html) -> &mut Html {
+    pub(super) fn append(&mut self, other: Html) -> &mut Html {
         self.buf.push_str(&other.buf);
         self
     }
 
-    pub fn finish(self) -> String {
+    pub(super) fn finish(self) -> String {
         self.buf
     }
 }
 
 /// Percent-encodes a query-string value (everything but RFC 3986's unreserved characters).
-pub fn url_encode(s: &str) -> String {
+pub(super) fn url_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
@@ -111,7 +116,7 @@ pub fn url_encode(s: &str) -> String {
 
 /// Decodes `application/x-www-form-urlencoded` (a form body or a query string); malformed
 /// escapes are kept as they are.
-pub fn parse_form(body: &[u8]) -> Vec<(String, String)> {
+pub(super) fn parse_form(body: &[u8]) -> Vec<(String, String)> {
     fn decode(s: &[u8]) -> String {
         let mut out = Vec::with_capacity(s.len());
         let mut i = 0;

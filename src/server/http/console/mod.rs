@@ -32,7 +32,7 @@ pub(super) use pages::{
 };
 
 /// How long a session lasts after sign-in.
-pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
+pub(super) const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 /// The session cookie's name.
 const COOKIE: &str = "executor_console";
 /// The largest form body the console reads.

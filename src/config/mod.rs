@@ -224,17 +224,17 @@ pub(crate) fn parse_cache_size(v: Option<&str>) -> Result<u64> {
 /// `EXECUTOR_LOG_LEVEL`, else `SRC_LOG_LEVEL`, and `EXECUTOR_LOG_FORMAT` from the environment:
 /// the log facade reads them at startup, before the flags.
 pub(crate) fn log_from_env() -> Result<(LogLevel, LogFormat)> {
-    let level = table::setting("log_level").context("no setting log_level")?;
-    let level = match level.env_value() {
-        Some((v, var)) => parse::log_level(&level.read_from(var), Some(&v))?,
-        None => parse::log_level(level, None)?,
-    };
-    let format = table::setting("log_format").context("no setting log_format")?;
-    let format = match format.env_value() {
-        Some((v, var)) => parse::log_format(&format.read_from(var), Some(&v))?,
-        None => parse::log_format(format, None)?,
-    };
-    Ok((level, format))
+    Ok((from_env("log_level", parse::log_level)?, from_env("log_format", parse::log_format)?))
+}
+
+/// Setting `id` read from the environment alone (its variable or an alias, whose name its errors
+/// then carry), or its default.
+fn from_env<T>(id: &str, parse: fn(&table::Setting, Option<&std::ffi::OsStr>) -> Result<T>) -> Result<T> {
+    let s = table::setting(id).with_context(|| format!("no setting {id}"))?;
+    match s.env_value() {
+        Some((v, var)) => parse(&s.read_from(var), Some(&v)),
+        None => parse(s, None),
+    }
 }
 
 #[cfg(test)]

@@ -1,15 +1,30 @@
-//! Execution log entries as the contract streams them: add the entry, send updates about once a
-//! second while output arrives, then a final update with `exitCode` and `durationMs`. Output is
-//! redacted on the raw bytes (a secret split across reads or lines is still caught), then framed
-//! into `stdout: ` / `stderr: ` lines.
+//! Execution log entries as the contract streams them: add the entry, send updates while output
+//! arrives, then a final update with `exitCode` and `durationMs`. Output is redacted on the raw
+//! bytes (a secret split across reads or lines is still caught), then framed into `stdout: ` /
+//! `stderr: ` lines.
 //!
 //! Every update carries the entry's whole output, as the contract says (Sourcegraph replaces the
-//! stored entry with each update and ignores fields it does not know), capped at
-//! [`FULL_OUTPUT_CAP`]. Only a coordinator that advertised the append extension at dequeue
-//! (`X-Executor-Extensions: log-append`, which only `executor queue serve` sends) gets deltas
-//! (`"append": true`) instead; a refused update is an error, never a hint to switch modes.
-//! Memory stays bounded however much a step prints: the producer waits for a flush when too
-//! much is pending.
+//! stored entry with each update and ignores fields it does not know). Only a coordinator that
+//! advertised the append extension at dequeue (`X-Executor-Extensions: log-append`, which only
+//! `executor queue serve` sends) gets deltas (`"append": true`) instead; a refused update is an
+//! error, never a hint to switch modes.
+//!
+//! Lines are kept whole up to [`MAX_LINE`] (100 MiB, the longest line Sourcegraph's executor
+//! reads): Sourcegraph JSON-decodes each `stdout:` line of a batch job's `.post` entries, and one
+//! line carries a step's whole result. A longer line is cut there, and a whole entry sent to a
+//! replacing coordinator stops at [`ENTRY_CAP`]; either cap says so on a line of its own.
+//!
+//! What a big entry costs (the figures `scripts/bench-logs` measures):
+//! - memory: each entry holds at most [`SPILL_AT`] (4 MiB) per buffer in memory (the unsent
+//!   output, and one partial line per stream); past it the bytes go to an unlinked temporary
+//!   file. Sending a whole entry reads it back for the request: about twice its size while the
+//!   request is made.
+//! - resends: a whole entry is sent at most once per [`resend_interval`] of its size: every
+//!   second up to 1 MiB, then one second per MiB (a 20 MiB entry every 20 s), at most every
+//!   [`MAX_UPDATE_INTERVAL`], plus the final update. Appends send each byte once.
+//! - the producer waits (back-pressure) only for appends, when [`PENDING_CAP`] is pending.
+
+mod spool;
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -21,15 +36,51 @@ use crate::api::{ApiError, Client, JobAuth};
 use crate::base::proc::{OutputSink, Stream};
 use crate::base::redact::{Redactor, StreamRedactor};
 use crate::protocol::ExecutionLogEntry;
+use spool::Spool;
 
-/// How often a running entry is updated.
+/// How often a running entry is updated, at least.
 pub(crate) const UPDATE_INTERVAL: Duration = Duration::from_secs(1);
-/// Pending output above which the producer flushes (and so waits for the coordinator).
+/// How seldom a running entry is resent whole, at most.
+pub(crate) const MAX_UPDATE_INTERVAL: Duration = Duration::from_secs(30);
+/// The bytes per second a whole-entry resend may average: a bigger entry waits longer.
+pub(crate) const RESEND_BYTES_PER_SECOND: usize = 1 << 20;
+/// Pending output above which the producer flushes an appending entry (and so waits).
 pub(crate) const PENDING_CAP: usize = 4 << 20;
-/// Longest partial line held back before it is sent as a line of its own.
-pub(crate) const MAX_LINE: usize = 64 << 10;
-/// Most output kept for full-replacement updates (coordinators without appends).
-pub(crate) const FULL_OUTPUT_CAP: usize = 8 << 20;
+/// Longest line kept whole: Sourcegraph's executor reads lines of up to 100 MiB.
+pub(crate) const MAX_LINE: usize = 100 << 20;
+/// Most output one entry sends a replacing coordinator (a 100 MiB line and room around it).
+pub(crate) const ENTRY_CAP: usize = 128 << 20;
+/// Bytes of one buffer kept in memory; past it they go to disk.
+pub(crate) const SPILL_AT: usize = 4 << 20;
+
+/// The caps of a logger's entries ([`JobLogger::with_limits`]; the constants above by default).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LogLimits {
+    pub max_line: usize,
+    pub entry_cap: usize,
+    pub spill_at: usize,
+}
+
+impl Default for LogLimits {
+    fn default() -> Self {
+        LogLimits { max_line: MAX_LINE, entry_cap: ENTRY_CAP, spill_at: SPILL_AT }
+    }
+}
+
+/// How long a whole entry of `len` bytes waits before it is resent.
+pub(crate) fn resend_interval(len: usize) -> Duration {
+    let secs = len / RESEND_BYTES_PER_SECOND;
+    Duration::from_secs(secs as u64).clamp(UPDATE_INTERVAL, MAX_UPDATE_INTERVAL)
+}
+
+/// `n` bytes as people read them in a marker line.
+fn size(n: usize) -> String {
+    match n {
+        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{} MiB", n >> 20),
+        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{} KiB", n >> 10),
+        n => format!("{n} bytes"),
+    }
+}
 
 /// Where log entries go.
 pub trait LogTransport: Send + Sync {
@@ -72,6 +123,7 @@ pub struct JobLogger {
     redactor: Redactor,
     /// Whether the coordinator advertised the append extension.
     append: bool,
+    limits: LogLimits,
     /// Called with each entry's key when it starts (the loop's progress view).
     on_entry: Option<EntryHook>,
     /// Keeps the coordinator's order of the entries the order they were made in.
@@ -111,11 +163,25 @@ impl JobLogger {
     /// A logger sending full entries on every update, or deltas where `append` says the
     /// coordinator advertised the extension.
     pub fn new(transport: Arc<dyn LogTransport>, redactor: Redactor, append: bool) -> Self {
-        JobLogger { transport, redactor, append, on_entry: None, order: Arc::default() }
+        JobLogger {
+            transport,
+            redactor,
+            append,
+            limits: LogLimits::default(),
+            on_entry: None,
+            order: Arc::default(),
+        }
     }
 
     pub fn on_entry(mut self, f: EntryHook) -> Self {
         self.on_entry = Some(f);
+        self
+    }
+
+    /// Other caps than the contract's (tests use small ones).
+    #[cfg(test)]
+    pub(crate) fn with_limits(mut self, limits: LogLimits) -> Self {
+        self.limits = limits;
         self
     }
 
@@ -134,16 +200,22 @@ impl JobLogger {
         let head =
             ExecutionLogEntry { key: key.to_string(), command, start_time: Utc::now(), ..Default::default() };
         let ticket = self.order.ticket();
+        let l = self.limits;
         let state = Arc::new(Shared {
             state: Mutex::new(State {
                 head,
                 id: None,
                 add_error: None,
-                pending: Vec::new(),
-                full: Vec::new(),
-                truncated: false,
-                stdout: Framer::new(self.redactor.stream(), "stdout: "),
-                stderr: Framer::new(self.redactor.stream(), "stderr: "),
+                out: Lines {
+                    text: Spool::new(l.spill_at),
+                    emitted: 0,
+                    cap: (!self.append).then_some(l.entry_cap),
+                    capped: false,
+                },
+                sent_len: 0,
+                last_sent: None,
+                stdout: Framer::new(self.redactor.stream(), "stdout: ", l),
+                stderr: Framer::new(self.redactor.stream(), "stderr: ", l),
                 last_error: None,
                 closed: false,
             }),
@@ -188,113 +260,181 @@ struct State {
     id: Option<i64>,
     /// Why the entry could not be added.
     add_error: Option<String>,
-    /// Framed, redacted output not yet sent.
-    pending: Vec<u8>,
-    /// Everything sent so far, when updates carry the whole output (bounded).
-    full: Vec<u8>,
-    truncated: bool,
+    /// Framed, redacted output: with appends what is not sent yet, otherwise all of it.
+    out: Lines,
+    /// Without appends: how much of `out` the coordinator has, and when it got it.
+    sent_len: usize,
+    last_sent: Option<Instant>,
     stdout: Framer,
     stderr: Framer,
     last_error: Option<String>,
     closed: bool,
 }
 
-/// Redacts one stream and frames it into prefixed lines.
+/// Framed lines of both streams, in the order they ended, under the entry's cap.
+struct Lines {
+    text: Spool,
+    /// Bytes framed so far (sent or not).
+    emitted: usize,
+    /// The entry's cap (replacing coordinators only: an append sends each byte once).
+    cap: Option<usize>,
+    /// The cap was reached: the marker is written and the rest is not kept.
+    capped: bool,
+}
+
+impl Lines {
+    /// One line: `prefix`, the held-back `partial` (emptied), `tail`, a newline.
+    fn line(&mut self, prefix: &str, partial: &mut Spool, tail: &[u8]) {
+        let n = prefix.len() + partial.len() + tail.len() + 1;
+        if let Some(cap) = self.cap {
+            if self.capped {
+                partial.clear();
+                return;
+            }
+            if self.emitted + n + ENTRY_CAPPED_ROOM > cap {
+                self.capped = true;
+                partial.clear();
+                let marker = format!(
+                    "stderr: [executor: output truncated here: the entry reached its cap of {}; \
+                     the rest of the step's output is not kept]\n",
+                    size(cap)
+                );
+                self.emitted += marker.len();
+                self.text.push(marker.as_bytes());
+                return;
+            }
+        }
+        self.text.push(prefix.as_bytes());
+        self.text.append(partial);
+        self.text.push(tail);
+        self.text.push(b"\n");
+        self.emitted += n;
+    }
+
+    /// A line of the executor's own, past the cap too (it is short).
+    fn note(&mut self, text: &str) {
+        self.emitted += text.len();
+        self.text.push(text.as_bytes());
+    }
+}
+
+/// Room an entry keeps under its cap for the marker that says it was reached.
+const ENTRY_CAPPED_ROOM: usize = 256;
+
+/// Redacts one stream and frames it into prefixed lines of at most `max_line` bytes.
 struct Framer {
     redactor: StreamRedactor,
     prefix: &'static str,
-    partial: Vec<u8>,
+    /// The line so far (at most `max_line` bytes).
+    partial: Spool,
+    max_line: usize,
 }
 
 impl Framer {
-    fn new(redactor: StreamRedactor, prefix: &'static str) -> Self {
-        Framer { redactor, prefix, partial: Vec::new() }
+    fn new(redactor: StreamRedactor, prefix: &'static str, l: LogLimits) -> Self {
+        Framer { redactor, prefix, partial: Spool::new(l.spill_at), max_line: l.max_line.max(1) }
     }
 
-    fn push(&mut self, data: &[u8], out: &mut Vec<u8>) {
+    fn push(&mut self, data: &[u8], out: &mut Lines) {
         let clean = self.redactor.push(data);
         self.frame(&clean, out);
     }
 
-    fn frame(&mut self, mut clean: &[u8], out: &mut Vec<u8>) {
-        while let Some(nl) = clean.iter().position(|&b| b == b'\n') {
-            out.extend_from_slice(self.prefix.as_bytes());
-            out.extend_from_slice(&self.partial);
-            out.extend_from_slice(&clean[..=nl]);
-            self.partial.clear();
-            clean = &clean[nl + 1..];
-        }
-        self.partial.extend_from_slice(clean);
-        if self.partial.len() >= MAX_LINE {
-            out.extend_from_slice(self.prefix.as_bytes());
-            out.append(&mut self.partial);
-            out.push(b'\n');
+    fn frame(&mut self, mut clean: &[u8], out: &mut Lines) {
+        while !clean.is_empty() {
+            let room = self.max_line - self.partial.len();
+            // A newline within `room + 1` bytes ends a line that fits.
+            let look = clean.len().min(room + 1);
+            if let Some(nl) = clean[..look].iter().position(|&b| b == b'\n') {
+                out.line(self.prefix, &mut self.partial, &clean[..nl]);
+                clean = &clean[nl + 1..];
+            } else if clean.len() <= room {
+                self.partial.push(clean);
+                return;
+            } else {
+                // The line goes past `max_line`: cut there, say so, and go on with the rest.
+                self.partial.push(&clean[..room]);
+                out.line(self.prefix, &mut self.partial, b"");
+                if !out.capped {
+                    out.note(&format!(
+                        "stderr: [executor: the {} line above was longer than {} and is cut there; \
+                         the rest of it follows as lines of its own]\n",
+                        self.prefix.trim_end_matches(": "),
+                        size(self.max_line)
+                    ));
+                }
+                clean = &clean[room..];
+            }
         }
     }
 
-    fn finish(&mut self, out: &mut Vec<u8>) {
+    fn finish(&mut self, out: &mut Lines) {
         let rest = self.redactor.finish();
         self.frame(&rest, out);
         if !self.partial.is_empty() {
-            out.extend_from_slice(self.prefix.as_bytes());
-            out.append(&mut self.partial);
-            out.push(b'\n');
+            out.line(self.prefix, &mut self.partial, b"");
         }
     }
 }
 
-/// Sends what is pending (and, when `last`, the exit code and duration).
+/// The bytes of a request's `out`: framed output is almost always UTF-8, and then the bytes
+/// become the string without a copy.
+fn text_of(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
+/// Sends what is pending (and, when `last`, the exit code and duration). Without appends the
+/// whole entry is sent, and a running one only once per [`resend_interval`] of its size.
 fn flush(st: &mut State, transport: &dyn LogTransport, append: bool, last: Option<(i32, i64)>) -> Result<()> {
-    if st.pending.is_empty() && last.is_none() {
-        return Ok(());
-    }
     let mut entry = st.head.clone();
     if let Some((code, ms)) = last {
         entry.exit_code = Some(code);
         entry.duration_ms = Some(ms);
     }
     if append {
-        // Framed output is almost always UTF-8: the bytes become the string without a copy.
-        let delta = String::from_utf8(std::mem::take(&mut st.pending))
-            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
-        entry.out = if delta.is_empty() { None } else { Some(delta) };
+        if st.out.text.is_empty() && last.is_none() {
+            return Ok(());
+        }
         let Some(id) = st.id else { return Ok(()) };
+        let delta = st
+            .out
+            .text
+            .read_all()
+            .map_err(|e| anyhow!("reading back the output of log entry {}: {e}", st.head.key))?;
+        st.out.text.clear();
+        entry.out = if delta.is_empty() { None } else { Some(text_of(delta)) };
         return match transport.update(id, &entry, true) {
             Ok(()) => Ok(()),
             Err(e) => {
-                // Keep the delta for the next try.
-                let mut rest = entry.out.take().map(String::into_bytes).unwrap_or_default();
-                rest.extend_from_slice(&st.pending);
-                st.pending = rest;
+                // Keep the delta for the next try (nothing was framed since: the lock is held).
+                if let Some(out) = entry.out.take() {
+                    st.out.text.push(out.as_bytes());
+                }
                 Err(anyhow!("updating the log entry {}: {e}", st.head.key))
             }
         };
     }
-    // The whole output so far, bounded; kept in `full` only once it was sent.
-    let room = FULL_OUTPUT_CAP.saturating_sub(st.full.len());
-    let take = st.pending.len().min(room);
-    let mut out = Vec::with_capacity(st.full.len() + take + 64);
-    out.extend_from_slice(&st.full);
-    out.extend_from_slice(&st.pending[..take]);
-    let truncated = st.truncated || take < st.pending.len();
-    let mut text =
-        String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
-    if truncated {
-        text.push_str(TRUNCATED);
+    let len = st.out.text.len();
+    if last.is_none() {
+        let due = st.last_sent.map_or(true, |t| t.elapsed() >= resend_interval(len));
+        if len == st.sent_len || !due {
+            return Ok(());
+        }
     }
-    entry.out = if text.is_empty() { None } else { Some(text) };
     let Some(id) = st.id else { return Ok(()) };
+    let text = st
+        .out
+        .text
+        .read_all()
+        .map_err(|e| anyhow!("reading back the output of log entry {}: {e}", st.head.key))?;
+    entry.out = if text.is_empty() { None } else { Some(text_of(text)) };
     transport
         .update(id, &entry, false)
         .map_err(|e| anyhow!("updating the log entry {}: {e}", st.head.key))?;
-    st.full.extend_from_slice(&st.pending[..take]);
-    st.pending.clear();
-    st.truncated = truncated;
+    st.sent_len = len;
+    st.last_sent = Some(Instant::now());
     Ok(())
 }
-
-/// The line that ends a full output cut at [`FULL_OUTPUT_CAP`].
-const TRUNCATED: &str = "stderr: [executor: output truncated here: more than 8 MiB]\n";
 
 /// Adds the entry to the coordinator when its turn comes; wakes whoever waits for its id.
 fn add(shared: &Shared, transport: &dyn LogTransport, order: &AddOrder, ticket: u64) {
@@ -377,9 +517,9 @@ impl LogEntry {
                 return Err(anyhow!(e));
             }
             st.closed = true;
-            let State { stdout, stderr, pending, .. } = &mut *st;
-            stdout.finish(pending);
-            stderr.finish(pending);
+            let State { stdout, stderr, out, .. } = &mut *st;
+            stdout.finish(out);
+            stderr.finish(out);
             let mut res = flush(&mut st, &*self.transport, self.append, Some((exit_code, ms)));
             if res.is_err() {
                 // One retry of the final update after a pause: it decides whether the job's log is whole.
@@ -399,35 +539,42 @@ impl LogEntry {
 impl OutputSink for LogEntry {
     fn output(&mut self, stream: Stream, data: &[u8]) {
         let mut st = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
-        let State { stdout, stderr, pending, .. } = &mut *st;
+        let State { stdout, stderr, out, .. } = &mut *st;
         match stream {
-            Stream::Stdout => stdout.push(data, pending),
-            Stream::Stderr => stderr.push(data, pending),
+            Stream::Stdout => stdout.push(data, out),
+            Stream::Stderr => stderr.push(data, out),
         }
-        if st.pending.len() >= PENDING_CAP {
-            // Back-pressure waits for the entry to exist first.
-            st = self
-                .shared
-                .wake
-                .wait_while(st, |s| s.id.is_none() && s.add_error.is_none())
-                .unwrap_or_else(|p| p.into_inner());
+        // A replacing coordinator's entry waits on disk for its next resend; appends are sent
+        // as they come, the producer waiting when too much is pending.
+        if !self.append || st.out.text.len() < PENDING_CAP {
+            return;
         }
-        if st.pending.len() >= PENDING_CAP {
-            // Back-pressure: the step waits while its output goes out (nowhere, when the entry
-            // could not be added).
-            let sent = match st.add_error.clone() {
-                Some(e) => Err(anyhow!(e)),
-                None => flush(&mut st, &*self.transport, self.append, None),
-            };
-            if let Err(e) = sent {
-                st.last_error = Some(format!("{e:#}"));
-                if st.pending.len() >= 4 * PENDING_CAP {
-                    // The coordinator is not taking output: keep the newest, say so.
-                    let drop_to = st.pending.len() - PENDING_CAP;
-                    st.pending.drain(..drop_to);
-                    st.pending.extend_from_slice(
-                        b"stderr: [executor: output dropped while the coordinator was unreachable]\n",
+        // Back-pressure waits for the entry to exist first.
+        st = self
+            .shared
+            .wake
+            .wait_while(st, |s| s.id.is_none() && s.add_error.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        if st.out.text.len() < PENDING_CAP {
+            return;
+        }
+        // The step waits while its output goes out (nowhere, when the entry could not be added).
+        let sent = match st.add_error.clone() {
+            Some(e) => Err(anyhow!(e)),
+            None => flush(&mut st, &*self.transport, self.append, None),
+        };
+        if let Err(e) = sent {
+            st.last_error = Some(format!("{e:#}"));
+            if st.out.text.len() >= 4 * PENDING_CAP {
+                // The coordinator is not taking output: keep the newest lines, say so.
+                if let Ok(all) = st.out.text.read_all() {
+                    let from = all.len() - PENDING_CAP;
+                    let from = all[from..].iter().position(|&b| b == b'\n').map_or(from, |i| from + i + 1);
+                    st.out.text.clear();
+                    st.out.note(
+                        "stderr: [executor: output dropped here while the coordinator was unreachable]\n",
                     );
+                    st.out.text.push(&all[from..]);
                 }
             }
         }
@@ -529,8 +676,7 @@ pub(crate) mod tests {
         }
         {
             let st = e.shared.state.lock().unwrap();
-            assert!(st.pending.len() < PENDING_CAP + chunk.len() + 64 * 8);
-            assert!(st.full.is_empty(), "appends work, so nothing is kept");
+            assert!(st.out.text.len() < PENDING_CAP + chunk.len() + 64 * 8);
         }
         e.finish(0).unwrap();
         let entries = t.entries.lock().unwrap();
@@ -549,19 +695,98 @@ pub(crate) mod tests {
         e.finish(0).unwrap();
     }
 
+    fn small(t: Arc<MemoryLogs>, max_line: usize, entry_cap: usize) -> JobLogger {
+        logger(t).with_limits(LogLimits { max_line, entry_cap, spill_at: 1024 })
+    }
+
     #[test]
-    fn full_replacement_is_capped() {
+    fn full_replacement_is_capped_with_a_marker_line() {
         let t = Arc::new(MemoryLogs { sourcegraph: true, ..Default::default() });
-        let l = logger(t.clone());
+        let l = small(t.clone(), 1 << 20, 64 << 10);
         let mut e = l.entry("k", None).unwrap();
-        let chunk = vec![b'y'; 1 << 20];
-        for _ in 0..12 {
-            e.output(Stream::Stdout, &chunk);
+        for i in 0..5000 {
+            e.output(Stream::Stdout, format!("line {i:04}\n").as_bytes());
         }
         e.finish(0).unwrap();
         let out = t.entries.lock().unwrap()[0].out.clone().unwrap();
-        assert!(out.len() <= FULL_OUTPUT_CAP + 100, "{}", out.len());
-        assert!(out.ends_with("truncated here: more than 8 MiB]\n"));
+        assert!(out.len() <= 64 << 10, "{}", out.len());
+        let lines: Vec<&str> = out.lines().collect();
+        let last = lines.last().unwrap();
+        assert!(
+            last.starts_with("stderr: [executor: output truncated here: the entry reached its cap of 64 KiB"),
+            "{last}"
+        );
+        assert!(
+            lines[..lines.len() - 1].iter().enumerate().all(|(i, l)| *l == format!("stdout: line {i:04}")),
+            "whole lines before the marker"
+        );
+    }
+
+    /// The line framing at its real size: a 200 KB JSON line (a batch step's result) is one
+    /// line, over more reads than any old cap, and through the spill file.
+    #[test]
+    fn a_200_kb_line_stays_one_line() {
+        for sourcegraph in [true, false] {
+            let t = Arc::new(MemoryLogs { sourcegraph, ..Default::default() });
+            let l = logger(t.clone()).with_limits(LogLimits { spill_at: 16 << 10, ..LogLimits::default() });
+            let mut e = l.entry("step.docker.step.0.post", None).unwrap();
+            let diff = "a".repeat(200_000);
+            let json = format!(
+                "{{\"operation\":\"CACHE_AFTER_STEP_RESULT\",\"metadata\":{{\"diff\":\"{diff}\"}}}}\n"
+            );
+            e.output(Stream::Stderr, b"before\n");
+            for chunk in json.as_bytes().chunks(4096) {
+                e.output(Stream::Stdout, chunk);
+                e.output(Stream::Stderr, b"progress\n");
+            }
+            e.finish(0).unwrap();
+            let out = t.entries.lock().unwrap()[0].out.clone().unwrap();
+            let stdout: Vec<&str> = out.lines().filter_map(|l| l.strip_prefix("stdout: ")).collect();
+            assert_eq!(stdout.len(), 1, "sourcegraph={sourcegraph}");
+            let v: serde_json::Value = serde_json::from_str(stdout[0]).unwrap();
+            assert_eq!(v["metadata"]["diff"].as_str().unwrap().len(), 200_000);
+            assert_eq!(out.lines().filter(|l| *l == "stderr: progress").count(), json.len().div_ceil(4096));
+        }
+    }
+
+    /// The cut at the line cap, exactly: a line of `max_line` bytes passes whole, one byte more
+    /// is cut with a marker line of its own and goes on as the next line.
+    #[test]
+    fn a_line_past_the_cap_is_cut_with_a_marker() {
+        let t = Arc::new(MemoryLogs { sourcegraph: true, ..Default::default() });
+        let l = small(t.clone(), 10, 1 << 20);
+        let mut e = l.entry("k", None).unwrap();
+        e.output(Stream::Stdout, b"0123456789\n");
+        e.output(Stream::Stdout, b"01234");
+        e.output(Stream::Stdout, b"56789");
+        e.output(Stream::Stdout, b"\nabcdefghijKLM\n");
+        e.output(Stream::Stderr, b"xxxxxxxxxxxxxxxxxxxxxx");
+        e.finish(0).unwrap();
+        let out = t.entries.lock().unwrap()[0].out.clone().unwrap();
+        let marker = |s: &str| {
+            format!("stderr: [executor: the {s} line above was longer than 10 bytes and is cut there; the rest of it follows as lines of its own]")
+        };
+        let want = [
+            "stdout: 0123456789".to_string(),
+            "stdout: 0123456789".into(),
+            "stdout: abcdefghij".into(),
+            marker("stdout"),
+            "stdout: KLM".into(),
+            "stderr: xxxxxxxxxx".into(),
+            marker("stderr"),
+            "stderr: xxxxxxxxxx".into(),
+            marker("stderr"),
+            "stderr: xx".into(),
+        ];
+        assert_eq!(out.lines().collect::<Vec<_>>(), want);
+    }
+
+    #[test]
+    fn resends_back_off_with_the_entry_size() {
+        assert_eq!(resend_interval(0), UPDATE_INTERVAL);
+        assert_eq!(resend_interval(1 << 20), UPDATE_INTERVAL);
+        assert_eq!(resend_interval(20 << 20), Duration::from_secs(20));
+        assert_eq!(resend_interval(1 << 30), MAX_UPDATE_INTERVAL);
     }
 
     /// The data loss Sourcegraph's semantics caused when updates carried deltas: every line a
@@ -587,22 +812,30 @@ pub(crate) mod tests {
         }
     }
 
-    /// What full resends cost: a step printing 10 MiB in one go sends it whole at most a few
-    /// times (the pending cap flushes at 4 MiB), so about 8 MiB (the cap) per update.
+    /// What full resends cost: a step printing 10 MiB in one go is sent whole once while it
+    /// runs (the next resend waits 10 s) and once at its end, and the entry holds no more than
+    /// its spill threshold in memory meanwhile.
     #[test]
-    fn full_resends_send_the_whole_output_bounded() {
+    fn full_resends_are_few_and_spilled() {
         let t = Arc::new(MemoryLogs { sourcegraph: true, ..Default::default() });
         let l = logger(t.clone());
         let mut e = l.entry("k", None).unwrap();
         let line = [vec![b'z'; 1023], vec![b'\n']].concat();
-        for _ in 0..(10 << 10) {
-            e.output(Stream::Stdout, &line);
+        // One write: the updater cannot send half of it.
+        e.output(Stream::Stdout, &line.repeat(10 << 10));
+        std::thread::sleep(UPDATE_INTERVAL + Duration::from_millis(500));
+        {
+            let st = e.shared.state.lock().unwrap();
+            assert!(st.out.text.spilled(), "10 MiB is on disk");
+            assert_eq!(st.sent_len, st.out.text.len(), "sent once while it runs");
         }
+        e.output(Stream::Stdout, b"one more\n");
+        std::thread::sleep(UPDATE_INTERVAL + Duration::from_millis(500));
         e.finish(0).unwrap();
-        let sent = *t.bytes_sent.lock().unwrap();
         let updates = *t.updates.lock().unwrap();
-        assert!(sent <= updates * (FULL_OUTPUT_CAP + 100), "{sent} bytes in {updates} updates");
-        assert!(t.entries.lock().unwrap()[0].out.as_ref().unwrap().ends_with(TRUNCATED));
+        assert_eq!(updates, 2, "one resend while running, one final");
+        let out = t.entries.lock().unwrap()[0].out.clone().unwrap();
+        assert_eq!(out.len(), (10 << 20) + (10 << 10) * 8 + "stdout: one more\n".len());
     }
 
     /// An entry is added in the background (its command does not wait for the round trip), and

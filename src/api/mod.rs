@@ -16,8 +16,7 @@ use crate::base::secret::Secret;
 use crate::protocol::{
     AddExecutionLogEntryRequest, DequeueRequest, ExecutionLogEntry, ExecutorTelemetry, HeartbeatRequest,
     HeartbeatRequestV1, HeartbeatResponse, Job, JobOperationRequest, MarkErrorRequest, QueueJobIds,
-    UpdateExecutionLogEntryRequest, EXTENSION_LOG_APPEND, HEADER_EXECUTOR_NAME, HEADER_EXTENSIONS,
-    HEADER_JOB_ID, SCHEME_EXECUTOR,
+    EXTENSION_LOG_APPEND, HEADER_EXECUTOR_NAME, HEADER_EXTENSIONS, HEADER_JOB_ID, SCHEME_EXECUTOR,
 };
 
 /// The Sourcegraph release whose executor protocol this executor implements (the contract
@@ -523,7 +522,19 @@ impl Client {
         entry: &ExecutionLogEntry,
         append: bool,
     ) -> Result<(), ApiError> {
-        let req = UpdateExecutionLogEntryRequest { op: self.op(job), entry_id, entry: entry.clone(), append };
+        // The protocol's request with the entry borrowed: a big entry's output is not copied.
+        #[derive(serde::Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Update<'a> {
+            #[serde(flatten)]
+            op: JobOperationRequest,
+            entry_id: i64,
+            #[serde(flatten)]
+            entry: &'a ExecutionLogEntry,
+            #[serde(skip_serializing_if = "std::ops::Not::not")]
+            append: bool,
+        }
+        let req = Update { op: self.op(job), entry_id, entry, append };
         let path = format!("/.executors/queue/{}/updateExecutionLogEntry", job.queue);
         self.post_json(&path, Auth::Job(job), &req, None).map(|_| ())
     }

@@ -41,6 +41,8 @@ pub(crate) struct Script {
     pub boots_during_clone: bool,
     /// What [`Runtime::prepare_step`] answers.
     pub makes_ahead: bool,
+    /// Step key -> a file the step writes (host path, content), as a step writes `skip.json`.
+    pub writes: HashMap<String, (std::path::PathBuf, String)>,
 }
 
 /// The fake runtime; clones share their calls.
@@ -108,6 +110,9 @@ impl Runtime for FakeRuntime {
         self.note(Call::Run(step.key.to_string()));
         if let Some(e) = self.script.errors.get(step.key) {
             bail!("{e}");
+        }
+        if let Some((path, text)) = self.script.writes.get(step.key) {
+            std::fs::write(path, text)?;
         }
         sink.output(Stream::Stdout, format!("ran {}\n", step.key).as_bytes());
         Ok(self.script.ends.get(step.key).copied().unwrap_or(StepEnd::Exited(0)))

@@ -1,6 +1,7 @@
 //! `run-steps`: runs the job's steps in order inside its sandbox, each streamed as the log entry
 //! `step.docker.<key|index>`. The first failing step ends the job; a cancel or the deadline stops
-//! the running step and everything it started.
+//! the running step and everything it started. A batch job's `.pre` step may name the next step
+//! to run in `skip.json`, or one past the last, which skips every step left and completes.
 
 use anyhow::{Context, Result};
 use std::time::Instant;
@@ -140,6 +141,16 @@ pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
                 match ctx.job.docker_steps.iter().position(|s| s.key == next) {
                     Some(j) if j > i => i = j,
                     Some(_) => {}
+                    None if past_the_end(&next, &ctx.job.docker_steps) => {
+                        // batcheshelper's way of saying a dynamic `if:` skips every step left:
+                        // Sourcegraph's executor skips them and completes the job.
+                        tracing::info!(
+                            job = ctx.job.id,
+                            "skip.json after {key} names {next}, past the last step: skipping the {} steps left",
+                            ctx.job.docker_steps.len() - i
+                        );
+                        break;
+                    }
                     None => anyhow::bail!(
                         "skip.json after {key} names step {next:?}, which the job does not have"
                     ),
@@ -213,6 +224,14 @@ fn stopped(ctx: &JobCtx, reason: CancelReason, key: &str) -> anyhow::Error {
         }
         .into(),
     }
+}
+
+/// Whether `next` names the `.pre` step of a batch step after the job's last one
+/// (`step.<N+1>.pre`, where the job's steps go up to `step.<N>.*`).
+fn past_the_end(next: &str, steps: &[crate::protocol::DockerStep]) -> bool {
+    let index = |key: &str| key.strip_prefix("step.")?.split_once('.')?.0.parse::<u64>().ok();
+    let Some(n) = next.strip_suffix(".pre").and_then(|_| index(next)) else { return false };
+    steps.iter().filter_map(|s| index(&s.key)).all(|m| m < n)
 }
 
 /// The batches skip protocol: after a `.pre` step, `<dir>/skip.json` may name the next step. The

@@ -108,6 +108,45 @@ fn steps_run_in_order_and_the_stage_is_recorded() {
     assert_eq!(keys, ["step.docker.0", "step.docker.1", "step.docker.named"]);
 }
 
+/// batcheshelper's `pre` names the step after the last one when a dynamic `if:` skips the rest:
+/// every step left is skipped and the job completes, as with Sourcegraph's executor; a name
+/// that is neither a step nor past the end is still an error.
+#[test]
+fn a_skip_past_the_last_step_completes() {
+    let keys = [
+        ("step.0.pre", ""),
+        ("step.0.run", ""),
+        ("step.0.post", ""),
+        ("step.1.pre", ""),
+        ("step.1.run", ""),
+        ("step.1.post", ""),
+    ];
+    for (next, ok) in
+        [("step.2.pre", true), ("step.7.pre", true), ("step.1.post", true), ("step.x.pre", false)]
+    {
+        let state = tempfile::tempdir().unwrap();
+        let mut script = Script::default();
+        let skip = (state.path().join("ws/skip.json"), format!(r#"{{"nextStep":"{next}"}}"#));
+        script.writes.insert("step.docker.step.0.pre".into(), skip);
+        let rt = FakeRuntime::new(script);
+        let (ctx, mut doc, _) = ctx_for(&state, job(&keys), &rt);
+        booted(&state, &ctx, &mut doc);
+        let got = run_stage(Stage::RunSteps, &ctx, &mut doc).unwrap();
+        if !ok {
+            assert_eq!(got, StageResult::Failed, "{next}");
+            assert!(doc.outcome.unwrap().message.contains("which the job does not have"));
+            continue;
+        }
+        assert_eq!(got, StageResult::Done, "{next}: {:?}", doc.outcome);
+        let want: &[&str] = if next == "step.1.post" {
+            &["step.docker.step.0.pre", "step.docker.step.1.post"]
+        } else {
+            &["step.docker.step.0.pre"]
+        };
+        assert_eq!(rt.calls(), runs(want), "{next}");
+    }
+}
+
 #[test]
 fn a_failing_step_ends_the_job_as_errored() {
     let state = tempfile::tempdir().unwrap();

@@ -47,6 +47,7 @@ fn main() -> Result<()> {
         limits: &limits,
         name_prefix: "benchlayer",
         coordinator: None,
+        endpoints: &[],
     };
     let sb = rt.boot(&req)?;
     let res = (|| -> Result<()> {

@@ -55,7 +55,8 @@ fn main() -> Result<()> {
     for i in 0..=runs {
         let (mut st, mut tt) = (Vec::new(), Vec::new());
         let t = Instant::now();
-        let net = executor::network::setup_timed(&state, &format!("benchnet-{i}"), &settings, None, &mut st)?;
+        let net =
+            executor::network::setup_timed(&state, &format!("benchnet-{i}"), &settings, None, &[], &mut st)?;
         executor::network::teardown_timed(&state, &net, &mut tt)?;
         let took = t.elapsed();
         if i == 0 {
@@ -79,7 +80,8 @@ fn main() -> Result<()> {
     let mut taps = Vec::new();
     for i in 0..runs {
         let t = Instant::now();
-        let (net, tap) = executor::network::setup_tap(&state, &format!("benchtap-{i}"), &settings, None)?;
+        let (net, tap) =
+            executor::network::setup_tap(&state, &format!("benchtap-{i}"), &settings, None, &[])?;
         let took = t.elapsed();
         // Closing the last descriptor removes the TAP (in QEMU's exit, off the job's path).
         drop(tap);
@@ -169,6 +171,7 @@ fn download_into(rt: &dyn Runtime, ws: &std::path::Path, limits: &Limits, url: &
         limits,
         name_prefix: "benchnet",
         coordinator: None,
+        endpoints: &[],
     })?;
     let step_secs = |script: &str| -> Result<f64> {
         let mut out = Collect::default();

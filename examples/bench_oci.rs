@@ -133,6 +133,7 @@ fn main() -> Result<()> {
             limits: &limits,
             name_prefix: "benchoci",
             coordinator: None,
+            endpoints: &[],
         })?;
         let bundle = tmp.path().join(format!("bare-{which}"));
         std::fs::create_dir_all(&bundle)?;

@@ -361,8 +361,15 @@ static NEXT_SLOT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::n
 
 /// Sets up the network of sandbox `sandbox`: the caller tears it down with [`teardown`] if a
 /// later step of the sandbox fails. Nothing is left behind when this fails.
-pub fn setup(state_dir: &Path, sandbox: &str, s: &Settings, coordinator: Option<&str>) -> Result<JobNetwork> {
-    setup_timed(state_dir, sandbox, s, coordinator, &mut Vec::new())
+/// The job may reach the `coordinator`'s URL and the `endpoints` its steps upload to (resolved now).
+pub fn setup(
+    state_dir: &Path,
+    sandbox: &str,
+    s: &Settings,
+    coordinator: Option<&str>,
+    endpoints: &[String],
+) -> Result<JobNetwork> {
+    setup_timed(state_dir, sandbox, s, coordinator, endpoints, &mut Vec::new())
 }
 
 /// [`setup`], recording how long each step took.
@@ -371,9 +378,12 @@ pub fn setup_timed(
     sandbox: &str,
     s: &Settings,
     coordinator: Option<&str>,
+    endpoints: &[String],
     t: &mut Timings,
 ) -> Result<JobNetwork> {
-    take_slot_and_build(state_dir, sandbox, s, coordinator, t, |net, coord, t| build(net, s, coord, t))
+    take_slot_and_build(state_dir, sandbox, s, coordinator, endpoints, t, |net, coord, t| {
+        build(net, s, coord, t)
+    })
 }
 
 /// The network of a microVM: the job's link is a TAP device `exn<n>` in the host's namespace
@@ -386,28 +396,37 @@ pub fn setup_tap(
     sandbox: &str,
     s: &Settings,
     coordinator: Option<&str>,
+    endpoints: &[String],
 ) -> Result<(JobNetwork, std::os::fd::OwnedFd)> {
     let mut tap = None;
-    let net = take_slot_and_build(state_dir, sandbox, s, coordinator, &mut Vec::new(), |net, coord, _| {
-        install_firewall(net, s, coord)?;
-        let mut host = netlink::Socket::route()?;
-        if host.link_index(&net.host_if).is_ok() {
-            // A dying VM's TAP of this slot, or a killed executor's: the slot is this job's.
-            host.del_link(&net.host_if)?;
-        }
-        let fd = crate::base::sys::open_tap(&net.host_if)
-            .with_context(|| format!("creating TAP device {} (/dev/net/tun)", net.host_if))?;
-        let _ = fs::write(format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", net.host_if), "1");
-        let i = host.link_index(&net.host_if)?;
-        host.add_address(i, net.gateway, JOB_PREFIX)?;
-        host.link_up(i)?;
-        fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("turning on IPv4 forwarding")?;
-        if let Some(b) = &s.bandwidth {
-            cap(&net.host_if, b)?;
-        }
-        tap = Some(fd);
-        Ok(())
-    })?;
+    let net = take_slot_and_build(
+        state_dir,
+        sandbox,
+        s,
+        coordinator,
+        endpoints,
+        &mut Vec::new(),
+        |net, coord, _| {
+            install_firewall(net, s, coord)?;
+            let mut host = netlink::Socket::route()?;
+            if host.link_index(&net.host_if).is_ok() {
+                // A dying VM's TAP of this slot, or a killed executor's: the slot is this job's.
+                host.del_link(&net.host_if)?;
+            }
+            let fd = crate::base::sys::open_tap(&net.host_if)
+                .with_context(|| format!("creating TAP device {} (/dev/net/tun)", net.host_if))?;
+            let _ = fs::write(format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", net.host_if), "1");
+            let i = host.link_index(&net.host_if)?;
+            host.add_address(i, net.gateway, JOB_PREFIX)?;
+            host.link_up(i)?;
+            fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("turning on IPv4 forwarding")?;
+            if let Some(b) = &s.bandwidth {
+                cap(&net.host_if, b)?;
+            }
+            tap = Some(fd);
+            Ok(())
+        },
+    )?;
     let tap = tap.context("the TAP device was not made")?;
     Ok((net, tap))
 }
@@ -418,14 +437,15 @@ fn take_slot_and_build(
     sandbox: &str,
     s: &Settings,
     coordinator: Option<&str>,
+    endpoints: &[String],
     t: &mut Timings,
-    build: impl FnOnce(&JobNetwork, Option<&(Vec<Ipv4Addr>, u16)>, &mut Timings) -> Result<()>,
+    build: impl FnOnce(&JobNetwork, &[policy::Target], &mut Timings) -> Result<()>,
 ) -> Result<JobNetwork> {
     let missing = missing();
     if !missing.is_empty() {
         bail!("the job's network cannot be set up: {}", missing.join("; "));
     }
-    let coord = coordinator.map(policy::coordinator_target).transpose()?.flatten();
+    let coord = policy::targets(coordinator, endpoints)?;
     let dir = slots_dir(state_dir);
     fs::create_dir_all(&dir).with_context(|| format!("creating network slot directory {}", dir.display()))?;
     // The table and the slot are taken under one lock, so two executors of this state
@@ -465,7 +485,7 @@ fn take_slot_and_build(
     let Some(net) = net else {
         bail!("network pool {} is full: {} jobs have a subnet", s.pool, s.slots());
     };
-    let built = build(&net, coord.as_ref(), t);
+    let built = build(&net, &coord, t);
     drop(lock);
     if let Err(e) = built {
         let _ = teardown(state_dir, &net);
@@ -475,7 +495,7 @@ fn take_slot_and_build(
 }
 
 /// The job's element in the map: its link and address, the jump to the settings' policy chain.
-fn install_firewall(net: &JobNetwork, s: &Settings, coord: Option<&(Vec<Ipv4Addr>, u16)>) -> Result<()> {
+fn install_firewall(net: &JobNetwork, s: &Settings, coord: &[policy::Target]) -> Result<()> {
     let (chain, script) = policy::policy_chain(s, coord);
     let key = netlink::ifname_addr_key(&net.host_if, net.address);
     let mut nf = netlink::Socket::netfilter()?;
@@ -498,12 +518,7 @@ fn install_firewall(net: &JobNetwork, s: &Settings, coord: Option<&(Vec<Ipv4Addr
 }
 
 /// The steps of [`setup`] once the slot is taken, in order.
-fn build(
-    net: &JobNetwork,
-    s: &Settings,
-    coord: Option<&(Vec<Ipv4Addr>, u16)>,
-    t: &mut Timings,
-) -> Result<()> {
+fn build(net: &JobNetwork, s: &Settings, coord: &[policy::Target], t: &mut Timings) -> Result<()> {
     let hif = &net.host_if;
     // 1. The firewall first: the job's element in the dispatch map exists before the link
     //    does, so no packet of the job ever passes unfiltered (fail closed).

@@ -108,32 +108,53 @@ pub(crate) fn table_script(pool: &super::Cidr) -> String {
 /// The map's type, as `nft list map` prints it: a table of another layout is made again.
 pub(crate) const MAP_TYPE: &str = "type ifname . ipv4_addr : verdict";
 
-/// The addresses and port of the coordinator's URL that a job could reach (none for a
-/// loopback coordinator, which no sandbox reaches).
-pub(crate) fn coordinator_target(url: &str) -> Result<Option<(Vec<Ipv4Addr>, u16)>> {
-    let (scheme, rest) =
-        url.split_once("://").with_context(|| format!("the coordinator URL {url:?} has no scheme"))?;
+/// Addresses and a TCP port a job may reach besides the public internet.
+pub(crate) type Target = (Vec<Ipv4Addr>, u16);
+
+/// The addresses and port of a URL that a job could reach (none for a host that resolves only
+/// to loopback, which no sandbox reaches).
+pub(crate) fn url_target(url: &str) -> Result<Option<Target>> {
+    let (scheme, rest) = url.split_once("://").with_context(|| format!("the URL {url:?} has no scheme"))?;
     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
     let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
     let (host, port) = match authority.rsplit_once(':') {
         Some((h, p)) if !p.contains(']') => {
-            (h, p.parse::<u16>().with_context(|| format!("the coordinator URL {url:?} has a bad port"))?)
+            (h, p.parse::<u16>().with_context(|| format!("the URL {url:?} has a bad port"))?)
         }
         _ => (authority, if scheme == "https" { 443 } else { 80 }),
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() {
-        anyhow::bail!("the coordinator URL {url:?} has no host");
+        anyhow::bail!("the URL {url:?} has no host");
     }
     let addrs: Vec<Ipv4Addr> = (host, port)
         .to_socket_addrs()
-        .with_context(|| format!("resolving the coordinator's host {host}"))?
+        .with_context(|| format!("resolving the host {host}"))?
         .filter_map(|a| match a.ip() {
             std::net::IpAddr::V4(v) if !v.is_loopback() => Some(v),
             _ => None,
         })
         .collect();
     Ok((!addrs.is_empty()).then_some((addrs, port)))
+}
+
+/// What a job may reach besides the public internet, resolved now (at the sandbox's boot): the
+/// coordinator (its uploads; a failure to resolve it fails the boot, as the job needs it) and
+/// the instance URLs its steps upload to (`SRC_ENDPOINT`: one that does not resolve is left
+/// out, and `vm-boot` has said so in the job's log).
+pub(crate) fn targets(coordinator: Option<&str>, endpoints: &[String]) -> Result<Vec<Target>> {
+    let mut out: Vec<Target> = Vec::new();
+    if let Some(t) = coordinator.map(url_target).transpose()?.flatten() {
+        out.push(t);
+    }
+    for url in endpoints {
+        match url_target(url) {
+            Ok(Some(t)) if !out.contains(&t) => out.push(t),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("a step's upload endpoint gets no egress allowance: {e:#}"),
+        }
+    }
+    Ok(out)
 }
 
 fn set(items: impl IntoIterator<Item = String>) -> String {
@@ -143,7 +164,7 @@ fn set(items: impl IntoIterator<Item = String>) -> String {
 /// The policy chain shared by every job of one executor's settings: its name (`policy_` and a
 /// digest of its rules, so that executors with other settings get their own chain and a chain
 /// never changes under a job) and the nft script that (re)creates it in one transaction.
-pub(crate) fn policy_chain(s: &Settings, coordinator: Option<&(Vec<Ipv4Addr>, u16)>) -> (String, String) {
+pub(crate) fn policy_chain(s: &Settings, targets: &[Target]) -> (String, String) {
     let mut rules: Vec<String> = vec![
         // 1. Replies to what the job started. (Anti-spoofing and IPv6 are the map's key.)
         "ct state established,related accept".into(),
@@ -156,8 +177,8 @@ pub(crate) fn policy_chain(s: &Settings, coordinator: Option<&(Vec<Ipv4Addr>, u1
             set(s.dns.iter().map(|a| a.to_string()))
         ));
     }
-    // 3. The coordinator, for uploads.
-    if let Some((addrs, port)) = coordinator {
+    // 3. The coordinator and the instance's upload endpoints, for uploads.
+    for (addrs, port) in targets {
         rules.push(format!("ip daddr {} tcp dport {port} accept", set(addrs.iter().map(|a| a.to_string()))));
     }
     // 4. The operator's exceptions.
@@ -233,7 +254,7 @@ mod tests {
         )
         .unwrap();
         let coord = (vec!["192.0.2.1".parse().unwrap()], 3080);
-        let (chain, script) = policy_chain(&s, Some(&coord));
+        let (chain, script) = policy_chain(&s, &[coord.clone()]);
         let pos =
             |needle: &str| script.find(needle).unwrap_or_else(|| panic!("{needle:?} missing:\n{script}"));
         assert!(pos("ct state established") < pos("ip daddr { 198.51.100.53 }"));
@@ -248,11 +269,11 @@ mod tests {
         assert!(script.contains("10.255.0.0/16 }"), "other jobs' subnets are refused");
         assert!(script.ends_with(&format!("add rule inet executor {chain} accept\n")));
         // Other settings, another chain; the same settings, the same chain.
-        assert_eq!(policy_chain(&s, Some(&coord)).0, chain);
-        assert_ne!(policy_chain(&s, None).0, chain);
+        assert_eq!(policy_chain(&s, &[coord.clone()]).0, chain);
+        assert_ne!(policy_chain(&s, &[]).0, chain);
         // A bandwidth cap: its own chain, the meter first.
         let capped = s.clone().with_bandwidth(Some("8mbit/4mbit")).unwrap();
-        let (c2, script2) = policy_chain(&capped, Some(&coord));
+        let (c2, script2) = policy_chain(&capped, &[coord.clone()]);
         assert_ne!(c2, chain);
         let first = script2.lines().nth(2).unwrap();
         assert!(
@@ -268,13 +289,36 @@ mod tests {
         assert!(t.contains("iifname . ip saddr vmap @jobs\n    iifname \"exn*\" drop"));
     }
 
+    /// A step's upload endpoint gets the coordinator's allowance (its address and port, only
+    /// those), once; one on loopback or that does not resolve gets none and fails nothing.
+    #[test]
+    fn upload_endpoints_get_the_coordinators_allowance() {
+        let s = Settings::parse(Some("internet"), Some("10.255.0.0/16"), None, None).unwrap();
+        let endpoints: Vec<String> =
+            ["https://10.9.0.7", "http://192.0.2.1:3080/x", "http://127.0.0.1:9", "nonsense"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        let t = targets(Some("http://192.0.2.1:3080"), &endpoints).unwrap();
+        assert_eq!(
+            t,
+            vec![(vec!["192.0.2.1".parse().unwrap()], 3080), (vec!["10.9.0.7".parse().unwrap()], 443)]
+        );
+        let (_, script) = policy_chain(&s, &t);
+        let accepts: Vec<&str> = script.lines().filter(|l| l.contains("tcp dport")).collect();
+        assert_eq!(accepts.len(), 2, "{script}");
+        assert!(accepts[1].ends_with("ip daddr { 10.9.0.7 } tcp dport 443 accept"), "{}", accepts[1]);
+        assert!(script.find("10.9.0.7").unwrap() < script.find("10.0.0.0/8").unwrap(), "before the refusals");
+        assert!(targets(Some("nonsense"), &[]).is_err(), "the coordinator still must resolve");
+    }
+
     #[test]
     fn a_loopback_coordinator_gets_no_rule() {
-        assert_eq!(coordinator_target("http://127.0.0.1:3080").unwrap(), None);
+        assert_eq!(url_target("http://127.0.0.1:3080").unwrap(), None);
         assert_eq!(
-            coordinator_target("http://192.0.2.1:3080").unwrap(),
+            url_target("http://192.0.2.1:3080").unwrap(),
             Some((vec!["192.0.2.1".parse().unwrap()], 3080))
         );
-        assert_eq!(coordinator_target("https://192.0.2.1").unwrap().map(|c| c.1), Some(443));
+        assert_eq!(url_target("https://192.0.2.1").unwrap().map(|c| c.1), Some(443));
     }
 }

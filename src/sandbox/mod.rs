@@ -99,6 +99,9 @@ pub struct BootRequest<'a> {
     pub name_prefix: &'a str,
     /// The coordinator's URL, which a networked sandbox may reach (uploads).
     pub coordinator: Option<&'a str>,
+    /// Other URLs the job's steps upload to (a code-intel upload's `SRC_ENDPOINT`), which a
+    /// networked sandbox may reach as it reaches the coordinator.
+    pub endpoints: &'a [String],
 }
 
 /// One step to run inside a sandbox.

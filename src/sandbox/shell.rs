@@ -343,6 +343,7 @@ mod tests {
                 limits: &limits,
                 name_prefix: "executor",
                 coordinator: None,
+                endpoints: &[],
             })
             .unwrap();
         (d, rt, sb)
@@ -369,6 +370,7 @@ mod tests {
                 limits: &limits,
                 name_prefix: "e",
                 coordinator: None,
+                endpoints: &[],
             })
             .unwrap_err();
         assert!(err.to_string().contains("EXECUTOR_ALLOW_UNISOLATED"), "{err}");

@@ -4,6 +4,7 @@
 
 pub(crate) mod complete;
 pub(crate) mod dequeue;
+pub(crate) mod endpoints;
 pub(crate) mod prepare_workspace;
 pub(crate) mod run_steps;
 pub(crate) mod upload;

@@ -28,6 +28,15 @@ pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
     let runtime = ctx.runtime(doc)?;
     let mut entry = ctx.logger.entry(&format!("setup.{}.start", runtime.name()), None)?;
     let limits = ctx.settings.limits();
+    // A sandbox of the shell runtime is the host: it reaches what the host reaches.
+    let endpoints = if runtime.kind() == crate::sandbox::RuntimeKind::Shell {
+        super::endpoints::Endpoints::default()
+    } else {
+        super::endpoints::plan(&ctx.job, ctx.settings.network.mode, &doc.executor.frontend_url)
+    };
+    for note in &endpoints.notes {
+        entry.line(&ctx.redact(note));
+    }
     let req = BootRequest {
         job_uid: &doc.job.uid,
         workspace: &ws.path,
@@ -35,6 +44,7 @@ pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
         limits: &limits,
         name_prefix: &ctx.settings.vm_prefix,
         coordinator: Some(&doc.executor.frontend_url),
+        endpoints: &endpoints.allow,
     };
     if let Some(warning) = runtime.boot_warning() {
         entry.line(warning);

@@ -192,6 +192,7 @@ fn microvm_job_runs_in_a_guest_round_trips_the_workspace_and_stops_on_cancel_and
             limits: &limits,
             name_prefix: &prefix,
             coordinator: None,
+            endpoints: &[],
         })
         .expect("boot");
     assert_eq!(rec.runtime, executor::sandbox::RuntimeKind::Microvm);
@@ -302,6 +303,7 @@ fn microvm_janitor_removes_vms_no_live_job_owns_and_guest_garbage_is_refused() {
         limits: &limits,
         name_prefix: &prefix,
         coordinator: None,
+        endpoints: &[],
     };
     let live = rt.boot(&req).expect("boot live");
     let ghost = rt.boot(&req).expect("boot ghost");
@@ -524,6 +526,7 @@ fn microvm_guest_console_cannot_grow_past_its_cap() {
             limits: &limits,
             name_prefix: &prefix,
             coordinator: None,
+            endpoints: &[],
         })
         .expect("boot");
     let console = rec.state_dir.join("console.log");
@@ -799,6 +802,7 @@ fn microvm_steps_get_the_image_env_user_and_home() {
             limits: &limits,
             name_prefix: &prefix,
             coordinator: None,
+            endpoints: &[],
         })
         .expect("boot");
     let env = vec!["OVERRIDE=step".to_string()];

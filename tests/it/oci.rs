@@ -114,6 +114,7 @@ impl Fixture {
             limits,
             name_prefix: prefix,
             coordinator: None,
+            endpoints: &[],
         };
         self.rt.boot(&req).unwrap()
     }
@@ -273,6 +274,7 @@ fn oci_unknown_image_fails_boot_naming_it() {
         limits: &limits(),
         name_prefix: "ocitest",
         coordinator: None,
+        endpoints: &[],
     };
     let err = f.rt.boot(&req).unwrap_err();
     assert!(format!("{err:#}").contains("unknown image \"no-such-image:1.0\""), "{err:#}");
@@ -449,6 +451,7 @@ fn probe_suite(oci: &str, test: &str) {
             limits: &limits,
             name_prefix: "ocitest",
             coordinator: None,
+            endpoints: &[],
         })
         .unwrap();
 
@@ -1052,6 +1055,7 @@ fn uid_ranges_are_per_job(oci: &str, test: &str) {
             limits: &limits(),
             name_prefix: "ocitest",
             coordinator: None,
+            endpoints: &[],
         })
         .unwrap();
     let base = |sb: &SandboxRecord| match OciDetails::of(sb) {

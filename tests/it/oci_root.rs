@@ -45,6 +45,7 @@ fn boot(f: &Fixture, image: &str, lim: &Limits) -> SandboxRecord {
         limits: lim,
         name_prefix: "ocirootfs",
         coordinator: None,
+        endpoints: &[],
     };
     f.rt.boot(&req).unwrap()
 }

@@ -470,6 +470,7 @@ fn a_docker_save_image_pulls_and_runs_a_job_step() {
         limits: &limits,
         name_prefix: "pulltest",
         coordinator: None,
+        endpoints: &[],
     };
     use executor::sandbox::Runtime;
     let sb = f.rt.boot(&req).unwrap();

@@ -68,6 +68,12 @@ impl Pool {
         {
             return Claim::Miss("the job's coordinator is not the one the pool's VMs may reach".into());
         }
+        if self.rt.opts.network.mode != crate::network::Mode::None && !req.endpoints.is_empty() {
+            return Claim::Miss(format!(
+                "the job's steps upload to {}, which the pool's VMs may not reach",
+                req.endpoints.join(", ")
+            ));
+        }
         if *req.limits != self.cfg.limits {
             return Claim::Miss("the job's limits are not the pool's".into());
         }

@@ -19,9 +19,11 @@
 //!   output, and one partial line per stream); past it the bytes go to an unlinked temporary
 //!   file. Sending a whole entry reads it back for the request: about twice its size while the
 //!   request is made.
-//! - resends: a whole entry is sent at most once per [`resend_interval`] of its size: every
-//!   second up to 1 MiB, then one second per MiB (a 20 MiB entry every 20 s), at most every
-//!   [`MAX_UPDATE_INTERVAL`], plus the final update. Appends send each byte once.
+//! - resends: after an update of a whole entry the next waits [`resend_interval`] of what it sent:
+//!   one second per MiB (at least [`UPDATE_INTERVAL`], at most [`MAX_UPDATE_INTERVAL`]), so a
+//!   20 MiB entry printed at once is sent twice (while it runs and at its end), and one growing
+//!   steadily to 10 MiB over 10 s is sent at 1, 2, 4 and 8 s and at its end (25 MiB; the old
+//!   8 MiB cap cost 52 MiB and lost the rest). Appends send each byte once.
 //! - the producer waits (back-pressure) only for appends, when [`PENDING_CAP`] is pending.
 
 mod spool;
@@ -67,7 +69,7 @@ impl Default for LogLimits {
     }
 }
 
-/// How long a whole entry of `len` bytes waits before it is resent.
+/// How long a running entry waits for its next update after one that sent `len` bytes.
 pub(crate) fn resend_interval(len: usize) -> Duration {
     let secs = len / RESEND_BYTES_PER_SECOND;
     Duration::from_secs(secs as u64).clamp(UPDATE_INTERVAL, MAX_UPDATE_INTERVAL)
@@ -416,7 +418,9 @@ fn flush(st: &mut State, transport: &dyn LogTransport, append: bool, last: Optio
     }
     let len = st.out.text.len();
     if last.is_none() {
-        let due = st.last_sent.map_or(true, |t| t.elapsed() >= resend_interval(len));
+        // Timed by what the last update sent: a steadily growing entry still gets updates, at
+        // 1, 2, 4, 8... s, each wait as long in seconds as the last update was in MiB.
+        let due = st.last_sent.map_or(true, |t| t.elapsed() >= resend_interval(st.sent_len));
         if len == st.sent_len || !due {
             return Ok(());
         }

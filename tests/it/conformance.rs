@@ -27,6 +27,8 @@ use crate::coordinator::Coordinator;
 /// One job as the stand-in holds it.
 struct SgJob {
     id: i64,
+    /// `batches` or `codeintel`.
+    queue: &'static str,
     /// The job without id, token or version: `files` contents are raw bytes (base64 here,
     /// converted per payload version at dequeue).
     spec: Value,
@@ -40,6 +42,9 @@ struct SgJob {
     /// The payload version sent at dequeue (0 = v1).
     payload_version: i32,
     finished_at: Option<Instant>,
+    /// A native batch job's result, as the batches store takes it at markComplete: the
+    /// `CACHE_AFTER_STEP_RESULT` event of the highest step index.
+    result: Option<Value>,
 }
 
 #[derive(Default)]
@@ -57,7 +62,8 @@ struct SgState {
     node_metrics: String,
 }
 
-/// A Sourcegraph-semantics coordinator on 127.0.0.1 (single-queue routes of `batches`).
+/// A Sourcegraph-semantics coordinator on 127.0.0.1 (single-queue routes of `batches` and
+/// `codeintel`).
 struct StandIn {
     url: String,
     secret: String,
@@ -86,10 +92,16 @@ impl StandIn {
     /// Queues a job; `spec` is the contract's Job without id/token/version, `files` contents
     /// base64.
     fn submit(&self, spec: Value) -> i64 {
+        self.submit_to("batches", spec)
+    }
+
+    fn submit_to(&self, queue: &'static str, spec: Value) -> i64 {
         let mut s = self.state.lock().unwrap();
         let id = 100 + s.jobs.len() as i64;
         s.jobs.push(SgJob {
             id,
+            queue,
+            result: None,
             spec,
             token: String::new(),
             state: "queued",
@@ -221,9 +233,12 @@ fn route(req: &Request, state: &Mutex<SgState>, secret: &str) -> (u16, String) {
     }
     // Routing is by path; a query string (our long-poll `?wait=`) is ignored, as by Go's mux.
     let path = req.path.split('?').next().unwrap_or("");
-    let Some(rest) = path.strip_prefix("/.executors/queue/batches/") else {
+    let Some((queue, rest)) = path.strip_prefix("/.executors/queue/").and_then(|r| r.split_once('/')) else {
         return err(404, "no such route");
     };
+    if !["batches", "codeintel"].contains(&queue) {
+        return err(404, "no such route");
+    }
     let body: Value = match serde_json::from_slice(&req.body) {
         Ok(v) => v,
         Err(e) => return (400, format!("invalid body: {e}")),
@@ -272,7 +287,7 @@ fn route(req: &Request, state: &Mutex<SgState>, secret: &str) -> (u16, String) {
                 None => return err(500, &format!("failed to check version {version:?}")),
             }
         };
-        let Some(job) = s.jobs.iter_mut().find(|j| j.state == "queued") else {
+        let Some(job) = s.jobs.iter_mut().find(|j| j.state == "queued" && j.queue == queue) else {
             return (204, String::new());
         };
         job.state = "processing";
@@ -316,7 +331,7 @@ fn route(req: &Request, state: &Mutex<SgState>, secret: &str) -> (u16, String) {
     let Some(owner) = s.jobs.iter().find(|j| !j.token.is_empty() && j.token == token).map(|j| j.id) else {
         return err(401, "invalid token");
     };
-    if owner != job_id {
+    if owner != job_id || s.jobs.iter().any(|j| j.id == job_id && j.queue != queue) {
         return err(403, "invalid token");
     }
     if !s.executors.contains(&executor) {
@@ -368,10 +383,48 @@ fn route(req: &Request, state: &Mutex<SgState>, secret: &str) -> (u16, String) {
             };
             job.failure = body["errorMessage"].as_str().map(String::from);
             job.finished_at = Some(Instant::now());
+            if rest == "markComplete" && queue == "batches" && job.logs.iter().any(|e| post_entry(e)) {
+                match step_result(&job.logs) {
+                    Some(r) => job.result = Some(r),
+                    None => {
+                        job.state = "failed";
+                        job.failure = Some("found no step results".into());
+                    }
+                }
+            }
             (204, String::new())
         }
         _ => err(404, "no such route"),
     }
+}
+
+/// A native batch job's result entries: their keys end in `.post`.
+fn post_entry(e: &Value) -> bool {
+    e["key"].as_str().is_some_and(|k| k.ends_with(".post"))
+}
+
+/// What the batches store reads at markComplete (`logEventsFromLogEntries`): each `stdout: `
+/// line of the `.post` entries, JSON-decoded (a line that does not decode is skipped, silently),
+/// and of the `CACHE_AFTER_STEP_RESULT` events the one of the highest step index.
+fn step_result(logs: &[Value]) -> Option<Value> {
+    let mut best: Option<Value> = None;
+    for e in logs.iter().filter(|e| post_entry(e)) {
+        for line in e["out"].as_str().unwrap_or("").lines() {
+            let Some(json) = line.strip_prefix("stdout: ") else { continue };
+            let Ok(ev) = serde_json::from_str::<Value>(json) else { continue };
+            if ev["operation"] != "CACHE_AFTER_STEP_RESULT" || ev["status"] != "SUCCESS" {
+                continue;
+            }
+            let index = ev["metadata"]["value"]["stepIndex"].as_i64().unwrap_or(-1);
+            if best
+                .as_ref()
+                .map_or(true, |b| b["metadata"]["value"]["stepIndex"].as_i64().unwrap_or(-1) < index)
+            {
+                best = Some(ev);
+            }
+        }
+    }
+    best
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -992,4 +1045,128 @@ fn executor_loop_through_our_coordinator_and_its_metrics() {
         Some(&big.to_string()),
     );
     assert_eq!(st, 413, "{body}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Real job shapes: a native batch job (`native-ssbc-execution` on) and an auto-indexing job, as
+// a 5.x instance marshals them, with busybox standing in for the step images.
+
+/// A step's result as batcheshelper's `post` prints it: one JSON event on one line, the diff
+/// (base64 in the real thing) `diff_len` bytes long.
+fn post_script(step: usize, diff_len: usize) -> String {
+    format!(
+        "d=$(head -c {diff_len} /dev/zero | tr '\\0' a); \
+         printf '{{\"operation\":\"CACHE_AFTER_STEP_RESULT\",\"timestamp\":\"2024-05-14T09:21:33Z\",\
+         \"status\":\"SUCCESS\",\"metadata\":{{\"key\":\"k{step}\",\"value\":{{\"stepIndex\":{step},\
+         \"diff\":\"%s\",\"outputs\":{{}}}}}}}}\\n' \"$d\""
+    )
+}
+
+/// The native batch payload's shape: `step.<i>.pre|run|post` triples; the first step's result
+/// is a 200 KB line, and `step.1.pre` says (as batcheshelper does when a dynamic `if:` skips
+/// the rest) that the next step is `step.2.pre`, one past the last.
+fn native_batch_job() -> Value {
+    let env = json!(["GITHUB_TOKEN=ghp_Xk29dLq7Vb3nT8sRw1Yz5Pc0Hm4Jf6Ge2Ua9"]);
+    let input =
+        base64::engine::general_purpose::STANDARD.encode(r#"{"steps":[{"run":"true"},{"run":"true"}]}"#);
+    json!({
+        "repositoryName": "", "repositoryDirectory": "", "commit": "", "fetchTags": false,
+        "shallowClone": true, "sparseCheckout": null,
+        "files": {"input.json": {"content": input}},
+        "dockerSteps": [
+            {"key": "step.0.pre", "image": "busybox", "commands": ["echo pre 0 $GITHUB_TOKEN"], "dir": ".", "env": env},
+            {"key": "step.0.run", "image": "busybox",
+             "commands": ["{ set +x; } 2>/dev/null", "echo changed > changed.txt"], "dir": "", "env": null},
+            {"key": "step.0.post", "image": "busybox", "commands": [post_script(0, 200_000)], "dir": ".", "env": env},
+            {"key": "step.1.pre", "image": "busybox",
+             "commands": ["echo '{\"nextStep\":\"step.2.pre\"}' > skip.json"], "dir": ".", "env": env},
+            {"key": "step.1.run", "image": "busybox", "commands": ["echo step-1-ran"], "dir": "", "env": null},
+            {"key": "step.1.post", "image": "busybox", "commands": [post_script(1, 10)], "dir": ".", "env": env}
+        ],
+        "cliSteps": null,
+        "redactedValues": {"ghp_Xk29dLq7Vb3nT8sRw1Yz5Pc0Hm4Jf6Ge2Ua9": "${{ secrets.GITHUB_TOKEN }}"},
+        "dockerAuthConfig": {}
+    })
+}
+
+/// The auto-indexing payload's shape: pre-index, indexer, and the upload step with the
+/// instance's `SRC_ENDPOINT` and the executor token its `src` sends.
+fn codeintel_job() -> Value {
+    let vm = json!(["VM_CPUS=4", "VM_MEM=12.0 GB", "VM_MEM_GB=12", "VM_MEM_MB=12288", "VM_DISK=20.0 GB"]);
+    json!({
+        "repositoryName": "", "repositoryDirectory": "", "commit": "", "fetchTags": false,
+        "shallowClone": true, "sparseCheckout": null, "files": {},
+        "dockerSteps": [
+            {"key": "pre-index.0", "image": "busybox", "commands": ["echo pre-index"], "dir": "", "env": vm},
+            {"key": "indexer", "image": "busybox", "commands": ["echo index > index.scip"], "dir": "", "env": vm},
+            {"key": "upload", "image": "busybox",
+             "commands": ["echo would upload index.scip to $SRC_ENDPOINT"], "dir": "",
+             "env": ["SRC_ENDPOINT=https://sourcegraph.acme.internal",
+                     "SRC_HEADER_AUTHORIZATION=token-executor 0b2f5c9e7a1d4e8f6c3b9a2d5e7f1c4a"]}
+        ],
+        "cliSteps": null,
+        "redactedValues": {
+            "0b2f5c9e7a1d4e8f6c3b9a2d5e7f1c4a": "PASSWORD_REMOVED",
+            "token-executor 0b2f5c9e7a1d4e8f6c3b9a2d5e7f1c4a": "token-executor REDACTED"
+        },
+        "dockerAuthConfig": {}
+    })
+}
+
+/// A native batch job's 200 KB result line arrives whole, so the instance finds the step's
+/// result (it fails a job with none, and takes a lower step's result when a higher one is cut);
+/// a skip past the last step completes the job; an auto-indexing job without network says in
+/// its log why its upload cannot reach the instance.
+#[test]
+fn sourcegraph_job_shapes_run_to_the_end() {
+    let test = "sourcegraph_job_shapes_run_to_the_end";
+    let Some(f) = oci_fixture(test) else { return };
+    let sg = StandIn::start();
+    let batch = sg.submit_to("batches", native_batch_job());
+    let ci = sg.submit_to("codeintel", codeintel_job());
+    for (queue, id) in [("batches", batch), ("codeintel", ci)] {
+        let log = f.tmp.path().join(format!("executor-{queue}.log"));
+        let mut child = spawn_executor(
+            "run",
+            &sg.url,
+            &sg.secret,
+            &f.state(),
+            &log,
+            &[("EXECUTOR_NUM_TOTAL_JOBS", "1".into()), ("EXECUTOR_QUEUE_NAME", queue.into())],
+        );
+        wait_exit_logged(&mut child, &log, Duration::from_secs(180));
+        assert!(sg.with_job(id, |j| j.finished_at.is_some()), "{queue} job {id} did not finish");
+    }
+    let s = sg.state.lock().unwrap();
+    let job = |id: i64| s.jobs.iter().find(|j| j.id == id).unwrap();
+
+    let b = job(batch);
+    assert_eq!(b.state, "completed", "{:?}\n{:#?}", b.failure, b.logs);
+    let result = b.result.as_ref().expect("the instance found a step result");
+    assert_eq!(result["metadata"]["value"]["stepIndex"], 0);
+    assert_eq!(result["metadata"]["value"]["diff"].as_str().map(str::len), Some(200_000));
+    let post = entry_out(&b.logs, "step.docker.step.0.post");
+    assert_eq!(post.lines().filter(|l| l.starts_with("stdout: ")).count(), 1, "one result line");
+    let keys: Vec<&str> = b.logs.iter().filter_map(|e| e["key"].as_str()).collect();
+    assert!(keys.contains(&"step.docker.step.1.pre"), "{keys:?}");
+    assert!(
+        !keys.iter().any(|k| *k == "step.docker.step.1.run" || *k == "step.docker.step.1.post"),
+        "the steps past the skip ran: {keys:?}"
+    );
+    assert!(entry_out(&b.logs, "step.docker.step.0.pre").contains("${{ secrets.GITHUB_TOKEN }}"));
+
+    let c = job(ci);
+    assert_eq!(c.state, "completed", "{:?}\n{:#?}", c.failure, c.logs);
+    let boot = entry_out(&c.logs, "setup.oci.start");
+    assert!(
+        boot.contains(
+            "step.docker.upload uploads to SRC_ENDPOINT=https://sourcegraph.acme.internal, but the job has \
+             no network (EXECUTOR_NETWORK=none): the upload cannot reach the instance. Set \
+             EXECUTOR_NETWORK=internet on this executor."
+        ),
+        "{boot}"
+    );
+    let upload = entry_out(&c.logs, "step.docker.upload");
+    assert!(upload.contains("would upload index.scip to https://sourcegraph.acme.internal"), "{upload}");
+    assert!(!format!("{:?}", c.logs).contains("0b2f5c9e7a1d4e8f6c3b9a2d5e7f1c4a"), "the token is redacted");
 }

@@ -744,3 +744,95 @@ fn network_every_other_job_launch_is_loopback_only() {
         }
     }
 }
+
+/// A code-intel upload step posts to `SRC_ENDPOINT`, the instance's `executors.frontendURL`,
+/// which need not be the coordinator's URL: a job whose step names one on a private address
+/// reaches that address and port as it reaches the coordinator, and nothing else is newly
+/// allowed (not the same host on another port, not the host, not the metadata address, not the
+/// next job). A job whose `SRC_ENDPOINT` is loopback says in its log why its upload cannot work.
+#[test]
+fn network_an_upload_step_reaches_its_src_endpoint_and_nothing_else() {
+    let test = "network_an_upload_step_reaches_its_src_endpoint_and_nothing_else";
+    if !can_build(test) || !crate::oci::can_run(test, "runc") {
+        return;
+    }
+    let world = World::build();
+    // The same corporate host on a port the endpoint does not name.
+    let other = world
+        .in_ns(&world.corporate, "python3")
+        .args(["-m", "http.server", "--bind", CORPORATE, "8081", "--directory"])
+        .arg(world.dir.path().join("corporate"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _other = KillOnDrop(other);
+    let probe = format!("curl -sf -m 1 -o /dev/null http://{CORPORATE}:8081/secret.txt");
+    common::wait_until("the second corporate server", Duration::from_secs(20), || {
+        world.in_ns(&world.corporate, "sh").args(["-c", &probe]).output().is_ok_and(|o| o.status.success())
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let state = tmp.path().join("state");
+    common::Exec::new().args(["image", "build-busybox"]).env("EXECUTOR_STATE_DIR", &state).run();
+    let prefix = format!("netup{}", world.tag);
+    let exe = common::bin();
+    let _guard = JobsGuard {
+        host: world.host.clone(),
+        exe: exe.clone(),
+        oci: "runc".into(),
+        state: state.clone(),
+        prefix: prefix.clone(),
+    };
+    let script = format!(
+        "p() {{ if timeout 5 wget -q -O - \"$2\" >/dev/null 2>&1; then echo \"REACHED $1\"; else echo \"BLOCKED $1\"; fi; }}
+         p endpoint \"$SRC_ENDPOINT/secret.txt\"
+         p corporate http://{CORPORATE}/secret.txt
+         p endpoint-other-port http://{CORPORATE}:8081/secret.txt
+         p host http://{HOST_CORPORATE_SIDE}:{HOST_PORT}/secret.txt
+         p metadata http://{METADATA}/latest
+         p internet http://{WEB}/hello.txt"
+    );
+    world.on_host(|| {
+        let c = crate::coordinator::Coordinator::start_listening(&format!("{HOST_INTERNET_SIDE}:0"));
+        let step = |endpoint: &str| {
+            serde_json::json!({"dockerSteps": [
+                {"key": "indexer", "image": "busybox", "dir": "", "env": [], "commands": ["true"]},
+                {"key": "upload", "image": "busybox", "dir": "", "commands": [script.clone()],
+                 "env": [format!("SRC_ENDPOINT={endpoint}"), "SRC_HEADER_AUTHORIZATION=token-executor x"]}
+            ]})
+        };
+        let upload = c.submit(step(&format!("http://{CORPORATE}")));
+        let loopback = c.submit(step(&format!("http://127.0.0.1:{HOST_PORT}")));
+        let mut cmd = world.in_ns(&world.host, exe.to_str().unwrap());
+        executor_env(&mut cmd, &c.url, &c.secret, "runc", &state, &prefix);
+        cmd.env("EXECUTOR_NUM_TOTAL_JOBS", "2").env("EXECUTOR_MAXIMUM_NUM_JOBS", "1").arg("loop");
+        common::assert_ok(&common::run(&mut cmd));
+        let states = ["completed", "failed", "errored"];
+        let up = job_log(&c.wait_state(upload, &states, Duration::from_secs(60)));
+        let lo = job_log(&c.wait_state(loopback, &states, Duration::from_secs(60)));
+        eprintln!("upload job:\n{up}\nloopback job:\n{lo}");
+        for (log, want) in [
+            (&up, "REACHED endpoint"),
+            (&up, "BLOCKED endpoint-other-port"),
+            (&up, "BLOCKED host"),
+            (&up, "BLOCKED metadata"),
+            (&up, "REACHED internet"),
+            (&up, "REACHED corporate"),
+            (&lo, "BLOCKED endpoint"),
+            (&lo, "BLOCKED corporate"),
+            (&lo, "BLOCKED endpoint-other-port"),
+            (&lo, "REACHED internet"),
+        ] {
+            assert!(log.contains(&format!("stdout: {want}\n")), "{want}:\n{log}");
+        }
+        assert!(
+            lo.contains(&format!(
+                "step.docker.upload uploads to SRC_ENDPOINT=http://127.0.0.1:{HOST_PORT}, which resolves only to \
+                 loopback"
+            )),
+            "{lo}"
+        );
+        assert!(!up.contains("cannot"), "no warning for a reachable endpoint:\n{up}");
+    });
+}

@@ -420,7 +420,7 @@ fn flush(st: &mut State, transport: &dyn LogTransport, append: bool, last: Optio
     if last.is_none() {
         // Timed by what the last update sent: a steadily growing entry still gets updates, at
         // 1, 2, 4, 8... s, each wait as long in seconds as the last update was in MiB.
-        let due = st.last_sent.map_or(true, |t| t.elapsed() >= resend_interval(st.sent_len));
+        let due = st.last_sent.is_none_or(|t| t.elapsed() >= resend_interval(st.sent_len));
         if len == st.sent_len || !due {
             return Ok(());
         }

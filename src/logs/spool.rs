@@ -50,18 +50,18 @@ impl Spool {
             }
             if self.file.is_some() {
                 let mem = std::mem::take(&mut self.mem);
-                self.to_file(&mem);
+                self.write_file(&mem);
             }
         }
         if self.file.is_some() && !self.refused && self.mem.is_empty() {
-            self.to_file(data);
+            self.write_file(data);
         } else {
             self.mem.extend_from_slice(data);
         }
     }
 
     /// Writes `data` after the file's bytes, or keeps it in memory when the disk refuses.
-    fn to_file(&mut self, data: &[u8]) {
+    fn write_file(&mut self, data: &[u8]) {
         let Some(f) = &mut self.file else {
             self.mem.extend_from_slice(data);
             return;

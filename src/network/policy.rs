@@ -254,7 +254,7 @@ mod tests {
         )
         .unwrap();
         let coord = (vec!["192.0.2.1".parse().unwrap()], 3080);
-        let (chain, script) = policy_chain(&s, &[coord.clone()]);
+        let (chain, script) = policy_chain(&s, std::slice::from_ref(&coord));
         let pos =
             |needle: &str| script.find(needle).unwrap_or_else(|| panic!("{needle:?} missing:\n{script}"));
         assert!(pos("ct state established") < pos("ip daddr { 198.51.100.53 }"));
@@ -269,11 +269,11 @@ mod tests {
         assert!(script.contains("10.255.0.0/16 }"), "other jobs' subnets are refused");
         assert!(script.ends_with(&format!("add rule inet executor {chain} accept\n")));
         // Other settings, another chain; the same settings, the same chain.
-        assert_eq!(policy_chain(&s, &[coord.clone()]).0, chain);
+        assert_eq!(policy_chain(&s, std::slice::from_ref(&coord)).0, chain);
         assert_ne!(policy_chain(&s, &[]).0, chain);
         // A bandwidth cap: its own chain, the meter first.
         let capped = s.clone().with_bandwidth(Some("8mbit/4mbit")).unwrap();
-        let (c2, script2) = policy_chain(&capped, &[coord.clone()]);
+        let (c2, script2) = policy_chain(&capped, std::slice::from_ref(&coord));
         assert_ne!(c2, chain);
         let first = script2.lines().nth(2).unwrap();
         assert!(

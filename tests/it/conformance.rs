@@ -383,7 +383,7 @@ fn route(req: &Request, state: &Mutex<SgState>, secret: &str) -> (u16, String) {
             };
             job.failure = body["errorMessage"].as_str().map(String::from);
             job.finished_at = Some(Instant::now());
-            if rest == "markComplete" && queue == "batches" && job.logs.iter().any(|e| post_entry(e)) {
+            if rest == "markComplete" && queue == "batches" && job.logs.iter().any(post_entry) {
                 match step_result(&job.logs) {
                     Some(r) => job.result = Some(r),
                     None => {
@@ -418,7 +418,7 @@ fn step_result(logs: &[Value]) -> Option<Value> {
             let index = ev["metadata"]["value"]["stepIndex"].as_i64().unwrap_or(-1);
             if best
                 .as_ref()
-                .map_or(true, |b| b["metadata"]["value"]["stepIndex"].as_i64().unwrap_or(-1) < index)
+                .is_none_or(|b| b["metadata"]["value"]["stepIndex"].as_i64().unwrap_or(-1) < index)
             {
                 best = Some(ev);
             }

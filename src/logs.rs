@@ -404,17 +404,33 @@ fn flush(st: &mut State, transport: &dyn LogTransport, append: bool, last: Optio
             .read_all()
             .map_err(|e| anyhow!("reading back the output of log entry {}: {e}", st.head.key))?;
         st.out.text.clear();
-        entry.out = if delta.is_empty() { None } else { Some(text_of(delta)) };
-        return match transport.update(id, &entry, true) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                // Keep the delta for the next try (nothing was framed since: the lock is held).
-                if let Some(out) = entry.out.take() {
-                    st.out.text.push(out.as_bytes());
-                }
-                Err(anyhow!("updating the log entry {}: {e}", st.head.key))
+        // In requests of at most PENDING_CAP (a 100 MiB line must fit the coordinator's body
+        // limit): appended, the pieces make the line whole again. Cut between characters, and
+        // the exit code goes with the last piece only.
+        let mut rest = &delta[..];
+        loop {
+            let mut n = rest.len().min(PENDING_CAP);
+            while n > 0 && n < rest.len() && (rest[n] & 0xC0) == 0x80 {
+                n -= 1;
             }
-        };
+            let piece = &rest[..n];
+            let mut e = entry.clone();
+            if n < rest.len() {
+                e.exit_code = None;
+                e.duration_ms = None;
+            }
+            e.out = if piece.is_empty() { None } else { Some(text_of(piece.to_vec())) };
+            if let Err(err) = transport.update(id, &e, true) {
+                // Keep what was not sent for the next try (nothing was framed since: the lock
+                // is held).
+                st.out.text.push(rest);
+                return Err(anyhow!("updating the log entry {}: {err}", st.head.key));
+            }
+            rest = &rest[n..];
+            if rest.is_empty() {
+                return Ok(());
+            }
+        }
     }
     let len = st.out.text.len();
     if last.is_none() {
@@ -686,6 +702,23 @@ pub(crate) mod tests {
         let entries = t.entries.lock().unwrap();
         assert_eq!(entries[0].out.as_ref().unwrap().len(), 300 * 64 * (999 + 1 + 8));
         assert!(*t.updates.lock().unwrap() >= 4);
+    }
+
+    /// Appends carry a line longer than one request in several: the coordinator's body limit
+    /// holds, and the appended pieces make the line whole, a character cut never.
+    #[test]
+    fn appends_carry_a_long_line_in_pieces() {
+        let t = Arc::new(MemoryLogs::default());
+        let l = logger(t.clone());
+        let mut e = l.entry("k", None).unwrap();
+        let line = "é".repeat(5 << 20);
+        e.output(Stream::Stdout, line.as_bytes());
+        e.output(Stream::Stdout, b"\n");
+        e.finish(0).unwrap();
+        let out = t.entries.lock().unwrap()[0].out.clone().unwrap();
+        assert_eq!(out, format!("stdout: {line}\n"));
+        assert!(*t.updates.lock().unwrap() >= 3, "10 MiB in pieces of at most 4 MiB");
+        assert_eq!(t.entries.lock().unwrap()[0].exit_code, Some(0));
     }
 
     #[test]

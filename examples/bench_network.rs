@@ -55,8 +55,13 @@ fn main() -> Result<()> {
     for i in 0..=runs {
         let (mut st, mut tt) = (Vec::new(), Vec::new());
         let t = Instant::now();
-        let net =
-            executor::network::setup_timed(&state, &format!("benchnet-{i}"), &settings, None, &[], &mut st)?;
+        let net = executor::network::setup_timed(
+            &state,
+            &format!("benchnet-{i}"),
+            &settings,
+            Default::default(),
+            &mut st,
+        )?;
         executor::network::teardown_timed(&state, &net, &mut tt)?;
         let took = t.elapsed();
         if i == 0 {
@@ -81,7 +86,7 @@ fn main() -> Result<()> {
     for i in 0..runs {
         let t = Instant::now();
         let (net, tap) =
-            executor::network::setup_tap(&state, &format!("benchtap-{i}"), &settings, None, &[])?;
+            executor::network::setup_tap(&state, &format!("benchtap-{i}"), &settings, Default::default())?;
         let took = t.elapsed();
         // Closing the last descriptor removes the TAP (in QEMU's exit, off the job's path).
         drop(tap);

@@ -16,7 +16,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-pub use policy::{Allow, Cidr};
+pub use policy::{Allow, Cidr, Reach};
 
 /// The executor's table.
 pub const TABLE: &str = "executor";
@@ -361,15 +361,8 @@ static NEXT_SLOT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::n
 
 /// Sets up the network of sandbox `sandbox`: the caller tears it down with [`teardown`] if a
 /// later step of the sandbox fails. Nothing is left behind when this fails.
-/// The job may reach the `coordinator`'s URL and the `endpoints` its steps upload to (resolved now).
-pub fn setup(
-    state_dir: &Path,
-    sandbox: &str,
-    s: &Settings,
-    coordinator: Option<&str>,
-    endpoints: &[String],
-) -> Result<JobNetwork> {
-    setup_timed(state_dir, sandbox, s, coordinator, endpoints, &mut Vec::new())
+pub fn setup(state_dir: &Path, sandbox: &str, s: &Settings, reach: Reach) -> Result<JobNetwork> {
+    setup_timed(state_dir, sandbox, s, reach, &mut Vec::new())
 }
 
 /// [`setup`], recording how long each step took.
@@ -377,13 +370,10 @@ pub fn setup_timed(
     state_dir: &Path,
     sandbox: &str,
     s: &Settings,
-    coordinator: Option<&str>,
-    endpoints: &[String],
+    reach: Reach,
     t: &mut Timings,
 ) -> Result<JobNetwork> {
-    take_slot_and_build(state_dir, sandbox, s, coordinator, endpoints, t, |net, coord, t| {
-        build(net, s, coord, t)
-    })
+    take_slot_and_build(state_dir, sandbox, s, reach, t, |net, coord, t| build(net, s, coord, t))
 }
 
 /// The network of a microVM: the job's link is a TAP device `exn<n>` in the host's namespace
@@ -395,38 +385,29 @@ pub fn setup_tap(
     state_dir: &Path,
     sandbox: &str,
     s: &Settings,
-    coordinator: Option<&str>,
-    endpoints: &[String],
+    reach: Reach,
 ) -> Result<(JobNetwork, std::os::fd::OwnedFd)> {
     let mut tap = None;
-    let net = take_slot_and_build(
-        state_dir,
-        sandbox,
-        s,
-        coordinator,
-        endpoints,
-        &mut Vec::new(),
-        |net, coord, _| {
-            install_firewall(net, s, coord)?;
-            let mut host = netlink::Socket::route()?;
-            if host.link_index(&net.host_if).is_ok() {
-                // A dying VM's TAP of this slot, or a killed executor's: the slot is this job's.
-                host.del_link(&net.host_if)?;
-            }
-            let fd = crate::base::sys::open_tap(&net.host_if)
-                .with_context(|| format!("creating TAP device {} (/dev/net/tun)", net.host_if))?;
-            let _ = fs::write(format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", net.host_if), "1");
-            let i = host.link_index(&net.host_if)?;
-            host.add_address(i, net.gateway, JOB_PREFIX)?;
-            host.link_up(i)?;
-            fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("turning on IPv4 forwarding")?;
-            if let Some(b) = &s.bandwidth {
-                cap(&net.host_if, b)?;
-            }
-            tap = Some(fd);
-            Ok(())
-        },
-    )?;
+    let net = take_slot_and_build(state_dir, sandbox, s, reach, &mut Vec::new(), |net, coord, _| {
+        install_firewall(net, s, coord)?;
+        let mut host = netlink::Socket::route()?;
+        if host.link_index(&net.host_if).is_ok() {
+            // A dying VM's TAP of this slot, or a killed executor's: the slot is this job's.
+            host.del_link(&net.host_if)?;
+        }
+        let fd = crate::base::sys::open_tap(&net.host_if)
+            .with_context(|| format!("creating TAP device {} (/dev/net/tun)", net.host_if))?;
+        let _ = fs::write(format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", net.host_if), "1");
+        let i = host.link_index(&net.host_if)?;
+        host.add_address(i, net.gateway, JOB_PREFIX)?;
+        host.link_up(i)?;
+        fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("turning on IPv4 forwarding")?;
+        if let Some(b) = &s.bandwidth {
+            cap(&net.host_if, b)?;
+        }
+        tap = Some(fd);
+        Ok(())
+    })?;
     let tap = tap.context("the TAP device was not made")?;
     Ok((net, tap))
 }
@@ -436,8 +417,7 @@ fn take_slot_and_build(
     state_dir: &Path,
     sandbox: &str,
     s: &Settings,
-    coordinator: Option<&str>,
-    endpoints: &[String],
+    reach: Reach,
     t: &mut Timings,
     build: impl FnOnce(&JobNetwork, &[policy::Target], &mut Timings) -> Result<()>,
 ) -> Result<JobNetwork> {
@@ -445,7 +425,7 @@ fn take_slot_and_build(
     if !missing.is_empty() {
         bail!("the job's network cannot be set up: {}", missing.join("; "));
     }
-    let coord = policy::targets(coordinator, endpoints)?;
+    let coord = policy::targets(reach)?;
     let dir = slots_dir(state_dir);
     fs::create_dir_all(&dir).with_context(|| format!("creating network slot directory {}", dir.display()))?;
     // The table and the slot are taken under one lock, so two executors of this state

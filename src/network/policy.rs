@@ -138,16 +138,25 @@ pub(crate) fn url_target(url: &str) -> Result<Option<Target>> {
     Ok((!addrs.is_empty()).then_some((addrs, port)))
 }
 
+/// The URLs a job may reach besides the public internet.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Reach<'a> {
+    /// The coordinator's (its uploads).
+    pub coordinator: Option<&'a str>,
+    /// The instance URLs the job's steps upload to (`SRC_ENDPOINT`).
+    pub endpoints: &'a [String],
+}
+
 /// What a job may reach besides the public internet, resolved now (at the sandbox's boot): the
-/// coordinator (its uploads; a failure to resolve it fails the boot, as the job needs it) and
-/// the instance URLs its steps upload to (`SRC_ENDPOINT`: one that does not resolve is left
-/// out, and `vm-boot` has said so in the job's log).
-pub(crate) fn targets(coordinator: Option<&str>, endpoints: &[String]) -> Result<Vec<Target>> {
+/// coordinator (a failure to resolve it fails the boot, as the job needs it) and the upload
+/// endpoints (one that does not resolve is left out, and `vm-boot` has said so in the job's
+/// log).
+pub(crate) fn targets(reach: Reach) -> Result<Vec<Target>> {
     let mut out: Vec<Target> = Vec::new();
-    if let Some(t) = coordinator.map(url_target).transpose()?.flatten() {
+    if let Some(t) = reach.coordinator.map(url_target).transpose()?.flatten() {
         out.push(t);
     }
-    for url in endpoints {
+    for url in reach.endpoints {
         match url_target(url) {
             Ok(Some(t)) if !out.contains(&t) => out.push(t),
             Ok(_) => {}
@@ -299,7 +308,7 @@ mod tests {
                 .iter()
                 .map(|s| s.to_string())
                 .collect();
-        let t = targets(Some("http://192.0.2.1:3080"), &endpoints).unwrap();
+        let t = targets(Reach { coordinator: Some("http://192.0.2.1:3080"), endpoints: &endpoints }).unwrap();
         assert_eq!(
             t,
             vec![(vec!["192.0.2.1".parse().unwrap()], 3080), (vec!["10.9.0.7".parse().unwrap()], 443)]
@@ -309,7 +318,8 @@ mod tests {
         assert_eq!(accepts.len(), 2, "{script}");
         assert!(accepts[1].ends_with("ip daddr { 10.9.0.7 } tcp dport 443 accept"), "{}", accepts[1]);
         assert!(script.find("10.9.0.7").unwrap() < script.find("10.0.0.0/8").unwrap(), "before the refusals");
-        assert!(targets(Some("nonsense"), &[]).is_err(), "the coordinator still must resolve");
+        let bad = Reach { coordinator: Some("nonsense"), endpoints: &[] };
+        assert!(targets(bad).is_err(), "the coordinator still must resolve");
     }
 
     #[test]

@@ -104,6 +104,13 @@ pub struct BootRequest<'a> {
     pub endpoints: &'a [String],
 }
 
+impl<'a> BootRequest<'a> {
+    /// What the job's network may reach besides the public internet.
+    pub(crate) fn reach(&self) -> crate::network::Reach<'a> {
+        crate::network::Reach { coordinator: self.coordinator, endpoints: self.endpoints }
+    }
+}
+
 /// One step to run inside a sandbox.
 #[derive(Debug, Clone)]
 pub struct StepSpec<'a> {

@@ -126,7 +126,7 @@ impl Runtime for MicroVm {
         self.boot_retrying(
             req.name_prefix,
             &VmBoot::new(Some(req.workspace), &req.images, accel, why, req.limits, timeout)
-                .with_network(net::request(&self.opts, req.coordinator, req.endpoints)),
+                .with_network(net::request(&self.opts, req.reach())),
         )
         .with_context(|| format!("booting a VM for job {}", req.job_uid))
     }

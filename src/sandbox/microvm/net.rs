@@ -10,24 +10,18 @@ use std::os::fd::OwnedFd;
 
 use super::RuntimeOptions;
 use crate::guest::boot::GuestNet;
-use crate::network::{JobNetwork, Mode, JOB_PREFIX};
+use crate::network::{JobNetwork, Mode, Reach, JOB_PREFIX};
 
 /// What a VM boot needs to know to give the VM a network.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct NetRequest<'a> {
-    /// The job's coordinator URL, which the policy lets the job reach.
-    pub coordinator: Option<&'a str>,
-    /// The instance URLs the job's steps upload to, which the policy lets it reach too.
-    pub endpoints: &'a [String],
+    /// The job's coordinator URL and upload endpoints, which the policy lets the job reach.
+    pub reach: Reach<'a>,
 }
 
 /// The request for a job VM under these options: `None` for `EXECUTOR_NETWORK=none`.
-pub(crate) fn request<'a>(
-    opts: &RuntimeOptions,
-    coordinator: Option<&'a str>,
-    endpoints: &'a [String],
-) -> Option<NetRequest<'a>> {
-    (opts.network.mode == Mode::Internet).then_some(NetRequest { coordinator, endpoints })
+pub(crate) fn request<'a>(opts: &RuntimeOptions, reach: Reach<'a>) -> Option<NetRequest<'a>> {
+    (opts.network.mode == Mode::Internet).then_some(NetRequest { reach })
 }
 
 /// A VM's network while it boots: the record, and the TAP until QEMU holds it.
@@ -38,9 +32,8 @@ pub(crate) struct VmNet {
 
 /// Makes the TAP, its addresses and its firewall entry for VM `name`.
 pub(crate) fn setup(opts: &RuntimeOptions, name: &str, req: &NetRequest) -> Result<VmNet> {
-    let (net, tap) =
-        crate::network::setup_tap(&opts.state_dir, name, &opts.network, req.coordinator, req.endpoints)
-            .context("setting up the VM's network (EXECUTOR_NETWORK=internet)")?;
+    let (net, tap) = crate::network::setup_tap(&opts.state_dir, name, &opts.network, req.reach)
+        .context("setting up the VM's network (EXECUTOR_NETWORK=internet)")?;
     Ok(VmNet { net, tap })
 }
 

@@ -83,14 +83,8 @@ impl OciRuntime {
             // The network last, recorded at once: a failure here fails the job before any
             // step runs (fail closed), and what was made is in the record for the teardown.
             if self.opts.network.mode == crate::network::Mode::Internet {
-                let net = crate::network::setup(
-                    &self.opts.state_dir,
-                    &name,
-                    &self.opts.network,
-                    req.coordinator,
-                    req.endpoints,
-                )
-                .context("setting up the job's network (EXECUTOR_NETWORK=internet)")?;
+                let net = crate::network::setup(&self.opts.state_dir, &name, &self.opts.network, req.reach())
+                    .context("setting up the job's network (EXECUTOR_NETWORK=internet)")?;
                 let resolv = rootfs::reach_dir(&name).join(RESOLV_CONF);
                 fs::write(&resolv, net.resolv_conf())
                     .with_context(|| format!("writing {}", resolv.display()))?;

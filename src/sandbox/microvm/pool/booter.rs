@@ -92,8 +92,12 @@ impl Pool {
         let (accel, why) = self.rt.choose_accel()?;
         let timeout = if accel == Accel::Kvm { Duration::from_secs(20) } else { Duration::from_secs(120) };
         let images: Vec<String> = key.images.iter().map(|(r, _)| r.clone()).collect();
-        let mut boot = VmBoot::new(None, &images, accel, why, &self.cfg.limits, timeout)
-            .with_network(super::super::net::request(&self.rt.opts, self.cfg.coordinator.as_deref(), &[]));
+        let mut boot = VmBoot::new(None, &images, accel, why, &self.cfg.limits, timeout).with_network(
+            super::super::net::request(
+                &self.rt.opts,
+                crate::network::Reach { coordinator: self.cfg.coordinator.as_deref(), endpoints: &[] },
+            ),
+        );
         boot.pool_disk_bytes = Some(key.base.disk_bytes);
         let started = Instant::now();
         let mut attempt = 0;

@@ -7,7 +7,7 @@ use std::fs;
 use std::time::{Duration, Instant};
 
 use super::qemu::QEMU;
-use super::{cgroup, net, MicroVm, MARKER};
+use super::{cgroup, jail, net, MicroVm, MARKER};
 use crate::sandbox::SandboxRecord;
 
 impl MicroVm {
@@ -23,6 +23,8 @@ impl MicroVm {
         if let Some(n) = Self::details(sandbox).ok().and_then(|d| d.network) {
             net::teardown(&self.opts, &n)?;
         }
+        // QEMU is gone: its uid may serve another VM.
+        jail::release(&self.opts.state_dir, &sandbox.name)?;
         // Only a directory of ours: the record could have been altered.
         if sandbox.state_dir.join(MARKER).is_file()
             && sandbox.state_dir.starts_with(self.opts.sandboxes_dir())
@@ -74,6 +76,12 @@ impl MicroVm {
         }
         // Networks of VMs that are gone (a TAP goes with its QEMU; the slot and element stay).
         let owned = |n: &str| n.starts_with(&want) && !live.contains(n);
+        let dir = self.opts.sandboxes_dir();
+        for name in jail::reclaim(&self.opts.state_dir, |n| owned(n) && !dir.join(n).exists())? {
+            if !removed.contains(&name) {
+                removed.push(name);
+            }
+        }
         for name in crate::network::janitor(&self.opts.state_dir, owned)? {
             if !removed.contains(&name) {
                 removed.push(name);

@@ -183,3 +183,165 @@ fn microvm_pool_vm_carries_only_its_jobs_images() {
     assert_eq!(wanted, format!(r#"{{"images":["{IMAGE}"]}}"#));
     let _ = runtime(&state).janitor(&prefix, &HashSet::new());
 }
+
+/// Two namespaces of nobody's, each linked to the executor host, for the forwarding check;
+/// removed when dropped.
+struct Foreign(Vec<String>);
+
+impl Drop for Foreign {
+    fn drop(&mut self) {
+        for ns in &self.0 {
+            let _ = std::process::Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// Sends forged ARP requests for `gateway` from link `eth0` of namespace `ns`: senders
+/// 203.0.113.`from`..`to`, each with its own made-up MAC address.
+fn forge_arp(world: &crate::network::World, ns: &str, gateway: &str, from: u8, to: u8) {
+    let py = "import socket,struct,sys\n\
+              s=socket.socket(socket.AF_PACKET, socket.SOCK_RAW); s.bind(('eth0', 0))\n\
+              for i in range(int(sys.argv[2]), int(sys.argv[3])):\n\
+              \x20mac=bytes([2,0,0,0,0,i]); sip=socket.inet_aton('203.0.113.%d' % i)\n\
+              \x20arp=struct.pack('!HHBBH',1,0x0800,6,4,1)+mac+sip+b'\\0'*6+socket.inet_aton(sys.argv[1])\n\
+              \x20s.send(b'\\xff'*6+mac+b'\\x08\\x06'+arp)\n";
+    let out = world
+        .in_ns(ns, "python3")
+        .args(["-c", py, gateway, &from.to_string(), &to.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+/// The forged neighbours the executor host learnt.
+fn forged_neighbours(world: &crate::network::World) -> Vec<String> {
+    let out = world.in_ns(&world.host, "ip").args(["neigh", "show"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("203.0.113."))
+        .map(str::to_string)
+        .collect()
+}
+
+/// In a namespace world, one runc job with the network, on an executor host whose forwarding
+/// was off: while it runs, forged ARP from the job's end of its link teaches the host no
+/// neighbour; after it, the host holds no connection-tracking entry of the job's address, and a
+/// packet between two foreign namespaces linked to the host is not forwarded (the executor
+/// turned forwarding on). Each check is then shown to depend on its rule: without the ARP
+/// filter the forged neighbours appear, without the forward chain's last rule the packet
+/// passes.
+#[test]
+fn network_job_links_forge_no_arp_leave_no_flows_and_route_nothing_else() {
+    use crate::network::{executor_env, sh, JobsGuard, World, HOST_INTERNET_SIDE, WEB};
+    let test = "network_job_links_forge_no_arp_leave_no_flows_and_route_nothing_else";
+    if !crate::network::can_build(test) || !crate::oci::can_run(test, "runc") {
+        return;
+    }
+    let world = World::build();
+    let h = world.host.clone();
+    let tag = world.tag.clone();
+    sh(&format!("nsenter --net=/run/netns/{h} sh -c 'echo 0 > /proc/sys/net/ipv4/ip_forward'"));
+    let (fa, fb) = (format!("nt{tag}fa"), format!("nt{tag}fb"));
+    let _foreign = Foreign(vec![fa.clone(), fb.clone()]);
+    sh(&format!(
+        "ip netns add {fa}; ip netns add {fb}
+         ip link add ha{tag} netns {h} type veth peer name ah{tag} netns {fa}
+         ip link add hb{tag} netns {h} type veth peer name bh{tag} netns {fb}
+         ip -n {h} addr add 10.30.0.1/24 dev ha{tag}; ip -n {h} link set ha{tag} up
+         ip -n {h} addr add 10.40.0.1/24 dev hb{tag}; ip -n {h} link set hb{tag} up
+         ip -n {fa} addr add 10.30.0.2/24 dev ah{tag}; ip -n {fa} link set ah{tag} up
+         ip -n {fb} addr add 10.40.0.2/24 dev bh{tag}; ip -n {fb} link set bh{tag} up
+         ip -n {fa} route add default via 10.30.0.1; ip -n {fb} route add default via 10.40.0.1"
+    ));
+    let tmp = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let state = tmp.path().join("state");
+    Exec::new().args(["image", "build-busybox"]).env("EXECUTOR_STATE_DIR", &state).run();
+    let prefix = format!("neths{tag}");
+    let exe = common::bin();
+    let _guard = JobsGuard {
+        host: h.clone(),
+        exe: exe.clone(),
+        oci: "runc".into(),
+        state: state.clone(),
+        prefix: prefix.clone(),
+    };
+    let ping = |from: &str| {
+        world.in_ns(from, "ping").args(["-c", "1", "-W", "1", "10.40.0.2"]).output().unwrap().status.success()
+    };
+    world.on_host(|| {
+        let c = crate::coordinator::Coordinator::start_listening(&format!("{HOST_INTERNET_SIDE}:0"));
+        let script = format!("wget -q -O - http://{WEB}/hello.txt; echo fetched; sleep 20");
+        let id = c.submit(serde_json::json!({"dockerSteps": [
+            {"key": "net", "image": "busybox", "dir": "", "env": [], "commands": [script]}
+        ]}));
+        let mut cmd = world.in_ns(&h, exe.to_str().unwrap());
+        executor_env(&mut cmd, &c.url, &c.secret, "runc", &state, &prefix);
+        cmd.env("EXECUTOR_NUM_TOTAL_JOBS", "1").arg("loop").stdout(std::process::Stdio::null());
+        cmd.stderr(std::process::Stdio::null());
+        let mut lp = crate::network::KillOnDrop(cmd.spawn().unwrap());
+        common::wait_until("the job to fetch", Duration::from_secs(60), || {
+            c.job(id)["logs"]
+                .as_array()
+                .is_some_and(|l| l.iter().any(|e| e["out"].as_str().unwrap_or("").contains("fetched")))
+        });
+        let job_ns = std::fs::read_dir("/run/netns")
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .find(|n| n.starts_with(&prefix))
+            .expect("the job's network namespace");
+        let slot = std::fs::read_dir(state.join("network/slots"))
+            .unwrap()
+            .flatten()
+            .map(|e| std::fs::read_to_string(e.path()).unwrap())
+            .find(|t| t.starts_with(&job_ns))
+            .expect("the job's slot");
+        let own: std::net::Ipv4Addr = slot.lines().nth(1).unwrap().parse().unwrap();
+        let gateway = std::net::Ipv4Addr::from(u32::from(own) - 1).to_string();
+        // While the job runs, the host tracks its fetch.
+        let ct = world.in_ns(&h, "cat").arg("/proc/net/nf_conntrack").output().unwrap();
+        let ct = String::from_utf8_lossy(&ct.stdout).into_owned();
+        assert!(
+            ct.contains(&format!("src={own} ")),
+            "no connection-tracking entry of the job's fetch:\n{ct}"
+        );
+        forge_arp(&world, &job_ns, &gateway, 1, 40);
+        let forged = forged_neighbours(&world);
+        assert!(forged.is_empty(), "forged ARP taught the host neighbours: {forged:?}");
+        // The control: without the filter the same ARP is learnt.
+        sh(&format!("nsenter --net=/run/netns/{h} nft flush chain arp executor input"));
+        forge_arp(&world, &job_ns, &gateway, 41, 45);
+        assert!(!forged_neighbours(&world).is_empty(), "the forged ARP did not reach the host at all");
+
+        common::wait_exit_ok(&mut lp.0, Duration::from_secs(90));
+        let job = c.wait_state(id, &["completed", "failed", "errored"], Duration::from_secs(30));
+        assert_eq!(job["state"], "completed", "{job:#}");
+        // The job's flows (its HTTP fetch, in TIME_WAIT for two minutes) are gone with it.
+        let ct = world.in_ns(&h, "cat").arg("/proc/net/nf_conntrack").output().unwrap();
+        let ct = String::from_utf8_lossy(&ct.stdout).into_owned();
+        let mine: Vec<&str> = ct.lines().filter(|l| l.contains(&format!("={own} "))).collect();
+        assert!(mine.is_empty(), "connection-tracking entries of the job's address {own}: {mine:?}");
+        let fwd = world.in_ns(&h, "cat").arg("/proc/sys/net/ipv4/ip_forward").output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&fwd.stdout).trim(), "1", "the executor turned forwarding on");
+        assert!(!ping(&fa), "the executor host forwarded a packet between two foreign namespaces");
+        // The control: without the forward chain's last rule the same packet passes.
+        let chain = world
+            .in_ns(&h, "nft")
+            .args(["-a", "list", "chain", "inet", "executor", "forward"])
+            .output()
+            .unwrap();
+        let chain = String::from_utf8_lossy(&chain.stdout).into_owned();
+        let handle = chain
+            .lines()
+            .find(|l| l.contains("not a job's"))
+            .and_then(|l| l.rsplit("handle ").next())
+            .unwrap_or_else(|| panic!("no final drop in the forward chain:\n{chain}"))
+            .trim()
+            .to_string();
+        sh(&format!("nsenter --net=/run/netns/{h} nft delete rule inet executor forward handle {handle}"));
+        assert!(ping(&fa), "the foreign namespaces do not reach each other even without the rule");
+    });
+}

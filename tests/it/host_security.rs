@@ -345,3 +345,19 @@ fn network_job_links_forge_no_arp_leave_no_flows_and_route_nothing_else() {
         assert!(ping(&fa), "the foreign namespaces do not reach each other even without the rule");
     });
 }
+
+/// `/metrics` answers only with the admin token: a job's network may reach the coordinator's
+/// port (for uploads), and neither no token, the executor secret nor a job token opens it.
+#[test]
+fn queue_metrics_are_refused_without_the_admin_token() {
+    let c = crate::coordinator::Coordinator::start();
+    let (code, _) = c.request("GET", "/metrics", None, None);
+    assert_eq!(code, 401);
+    let (code, _) = c.request("GET", "/metrics", Some(&format!("token-executor {}", c.secret)), None);
+    assert_eq!(code, 401);
+    let (code, _) = c.request("GET", "/metrics", Some("Bearer not-the-admin-token-at-all"), None);
+    assert_ne!(code, 200);
+    let (code, text) = c.request("GET", "/metrics", Some(&c.admin_auth()), None);
+    assert_eq!(code, 200);
+    assert!(text.contains("executor_queue_active_executors"), "{text}");
+}

@@ -677,7 +677,7 @@ fn microvm_pool_gives_each_job_a_fresh_vm_booted_ahead_of_it() {
     assert!(err.contains("2 hits") || err.contains("3 hits"), "{err}");
     assert!(err.contains("VM pool: destroyed"), "{err}");
     // The pool's metrics came with the heartbeats (the coordinator labels them by executor).
-    let (st, metrics) = c.request("GET", "/metrics", None, None);
+    let (st, metrics) = c.request("GET", "/metrics", Some(&c.admin_auth()), None);
     assert_eq!(st, 200);
     let line = |name: &str, has: &str| {
         metrics.lines().find(|l| l.starts_with(&format!("{name}{{")) && l.contains(has)).map(str::to_string)

@@ -181,7 +181,58 @@ fn microvm_pool_vm_carries_only_its_jobs_images() {
     }
     let wanted = std::fs::read_to_string(state.join("vm/pool-images.json")).unwrap();
     assert_eq!(wanted, format!(r#"{{"images":["{IMAGE}"]}}"#));
+    // The VMs' QEMUs were the loop's children, reaped before their cgroups went: none is left.
+    let left = vm_cgroups(&prefix);
     let _ = runtime(&state).janitor(&prefix, &HashSet::new());
+    assert!(left.is_empty(), "cgroups left by the loop's VMs: {left:?}");
+}
+
+/// The VM cgroups named with `prefix`, of every hierarchy.
+fn vm_cgroups(prefix: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for sub in ["executor", "memory/executor", "pids/executor", "cpu/executor", "cpu,cpuacct/executor"] {
+        let dir = Path::new("/sys/fs/cgroup").join(sub);
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if e.file_name().to_string_lossy().starts_with(prefix) {
+                out.push(e.path().display().to_string());
+            }
+        }
+    }
+    out
+}
+
+/// An empty VM cgroup of a VM that is gone (a boot killed between its cgroup and its record)
+/// is removed by the janitor; a live VM's stays.
+#[test]
+fn microvm_janitor_removes_empty_vm_cgroups() {
+    let name = "microvm_janitor_removes_empty_vm_cgroups";
+    if !common::is_root() {
+        return common::skip(name, "root", "cgroups need root");
+    }
+    let state = tempfile::tempdir().unwrap();
+    let prefix = format!("mvc{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let (gone, live) = (format!("{prefix}-gone"), format!("{prefix}-live"));
+    let mut made = Vec::new();
+    for sub in ["executor", "memory/executor", "pids/executor", "cpu/executor"] {
+        let parent = Path::new("/sys/fs/cgroup").join(sub);
+        if parent.parent().is_some_and(|p| p.join("cgroup.procs").is_file()) {
+            for n in [&gone, &live] {
+                if std::fs::create_dir_all(parent.join(n)).is_ok() {
+                    made.push(parent.join(n));
+                }
+            }
+        }
+    }
+    if made.is_empty() {
+        return common::skip(name, "cgroup", "no writable cgroup hierarchy");
+    }
+    let removed = runtime(state.path()).janitor(&prefix, &HashSet::from([live.clone()])).unwrap();
+    let left = vm_cgroups(&prefix);
+    for d in &made {
+        let _ = std::fs::remove_dir(d);
+    }
+    assert!(removed.contains(&gone), "{removed:?}");
+    assert!(left.iter().all(|l| l.ends_with(&live)) && !left.is_empty(), "{left:?}");
 }
 
 /// Two namespaces of nobody's, each linked to the executor host, for the forwarding check;

@@ -152,7 +152,7 @@ pub(super) fn validate(settings: Settings) -> Result<i32> {
     } else {
         println!("ok: no VM pool (runtime {})", rt.name());
     }
-    let net = crate::network::check(&settings.network)
+    let net = crate::network::check(&settings.network, &settings.state_dir)
         .map_err(|e| ExitError::new(exit::JOB_FAILED, format!("network: {e:#}")))?;
     for c in net {
         println!("ok: {c}");

@@ -4,9 +4,12 @@
 //! removed by [`teardown`], and found again after a crash by [`janitor`]. docs/network.md has
 //! the rules in the same order.
 
+pub(crate) mod conntrack;
+pub(crate) mod guard;
 pub(crate) mod netlink;
 pub(crate) mod policy;
 mod record;
+mod validate;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -17,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 pub use policy::{Allow, Cidr, Reach};
+pub use validate::check;
 
 /// The executor's table.
 pub const TABLE: &str = "executor";
@@ -319,6 +323,7 @@ fn ensure_table(pool: &Cidr) -> Result<()> {
         }
         nft(&format!("delete table inet {TABLE}\n"), "removing the old-layout table inet executor")?;
     }
+    guard::table_made();
     nft(&policy::table_script(pool), "creating nftables table inet executor")
 }
 
@@ -373,7 +378,9 @@ pub fn setup_timed(
     reach: Reach,
     t: &mut Timings,
 ) -> Result<JobNetwork> {
-    take_slot_and_build(state_dir, sandbox, s, reach, t, |net, coord, t| build(net, s, coord, t))
+    take_slot_and_build(state_dir, sandbox, s, reach, t, |net, coord, t| {
+        build(state_dir, net, s, coord, t)
+    })
 }
 
 /// The network of a microVM: the job's link is a TAP device `exn<n>` in the host's namespace
@@ -401,7 +408,7 @@ pub fn setup_tap(
         let i = host.link_index(&net.host_if)?;
         host.add_address(i, net.gateway, JOB_PREFIX)?;
         host.link_up(i)?;
-        fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("turning on IPv4 forwarding")?;
+        guard::enable_forwarding(state_dir)?;
         if let Some(b) = &s.bandwidth {
             cap(&net.host_if, b)?;
         }
@@ -434,10 +441,16 @@ fn take_slot_and_build(
         timed(t, "slot lock", || crate::base::lock::lock(&state_dir.join("network").join("lock"), true))?;
     let mut net = None;
     timed(t, "slot", || {
-        // Round robin from after the last slot taken, so that a slot is seldom taken again
-        // while the kernel still removes its previous job's veth (which it does in the
-        // background once the namespace is gone).
-        let start = NEXT_SLOT.load(std::sync::atomic::Ordering::Relaxed) % s.slots();
+        // Round robin from after the last slot taken, by any process of this state directory
+        // (`network/next-slot`), so that a slot just freed is handed out last: its previous
+        // job's veth may still be going (the kernel removes it in the background once the
+        // namespace is gone), and what the previous job left elsewhere has the longest to go.
+        let next_file = state_dir.join("network").join("next-slot");
+        let start = fs::read_to_string(&next_file)
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok())
+            .unwrap_or_else(|| NEXT_SLOT.load(std::sync::atomic::Ordering::Relaxed))
+            % s.slots();
         for n in (start..s.slots()).chain(0..start) {
             let (gateway, address) = s.addresses(n);
             let candidate = JobNetwork {
@@ -454,6 +467,7 @@ fn take_slot_and_build(
                         .with_context(|| format!("writing network slot {n}"))?;
                     net = Some(candidate);
                     NEXT_SLOT.store(n + 1, std::sync::atomic::Ordering::Relaxed);
+                    let _ = crate::base::fs::write_atomic(&next_file, (n + 1).to_string().as_bytes());
                     break;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
@@ -478,6 +492,8 @@ fn take_slot_and_build(
 fn install_firewall(net: &JobNetwork, s: &Settings, coord: &[policy::Target]) -> Result<()> {
     let (chain, script) = policy::policy_chain(s, coord);
     let key = netlink::ifname_addr_key(&net.host_if, net.address);
+    // ARP from the link is let in only from the job's address (guard.rs).
+    guard::allow_arp(&key)?;
     let mut nf = netlink::Socket::netfilter()?;
     if nf.add_jump_element(TABLE, "jobs", &key, &chain).is_ok() {
         return Ok(());
@@ -498,7 +514,13 @@ fn install_firewall(net: &JobNetwork, s: &Settings, coord: &[policy::Target]) ->
 }
 
 /// The steps of [`setup`] once the slot is taken, in order.
-fn build(net: &JobNetwork, s: &Settings, coord: &[policy::Target], t: &mut Timings) -> Result<()> {
+fn build(
+    state_dir: &Path,
+    net: &JobNetwork,
+    s: &Settings,
+    coord: &[policy::Target],
+    t: &mut Timings,
+) -> Result<()> {
     let hif = &net.host_if;
     // 1. The firewall first: the job's element in the dispatch map exists before the link
     //    does, so no packet of the job ever passes unfiltered (fail closed).
@@ -530,8 +552,9 @@ fn build(net: &JobNetwork, s: &Settings, coord: &[policy::Target], t: &mut Timin
         inside.add_default_route(e, net.gateway)
     })
     .context("configuring the job's side of the veth")?;
-    // 4. Forwarding on, for the NAT out of the host's default route.
-    fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("turning on IPv4 forwarding")?;
+    // 4. Forwarding on, for the NAT out of the host's default route (where the executor turns
+    //    it on, nothing but jobs' traffic is forwarded: guard.rs).
+    timed(t, "forwarding", || guard::enable_forwarding(state_dir))?;
     // 5. The bandwidth caps, if any.
     if let Some(b) = &s.bandwidth {
         timed(t, "bandwidth caps", || cap(hif, b))?;
@@ -560,6 +583,12 @@ pub fn teardown(state_dir: &Path, net: &JobNetwork) -> Result<()> {
 pub fn teardown_timed(state_dir: &Path, net: &JobNetwork, t: &mut Timings) -> Result<()> {
     timed(t, "namespace", || netlink::del_netns(net.netns()))
         .with_context(|| format!("removing the network of sandbox {}", net.sandbox))?;
+    // The job's flows would follow its address to the slot's next job.
+    if !net.address.is_unspecified() {
+        if let Err(e) = timed(t, "conntrack", || conntrack::forget(net.address)) {
+            tracing::warn!("forgetting the connection-tracking entries of sandbox {}: {e:#}", net.sandbox);
+        }
+    }
     let slot = slots_dir(state_dir).join(net.slot.to_string());
     if fs::read_to_string(&slot).is_ok_and(|text| parse_slot(&text).0 == net.sandbox) {
         fs::remove_file(&slot).with_context(|| format!("freeing network slot {}", net.slot))?;
@@ -576,6 +605,9 @@ fn remove_now(state_dir: &Path, net: &JobNetwork) -> Result<()> {
             Ok(Ok(())) | Ok(Err(nix::errno::Errno::ENOENT)) => {}
             Ok(Err(e)) => errors.push(format!("its nftables map element: {e}")),
             Err(e) => errors.push(format!("{e:#}")),
+        }
+        if let Err(e) = guard::forget_arp(&key) {
+            errors.push(format!("{e:#}"));
         }
     }
     if let Err(e) = netlink::Socket::route().and_then(|mut s| s.del_link(&net.host_if)) {
@@ -662,10 +694,12 @@ pub fn janitor(state_dir: &Path, owned: impl Fn(&str) -> bool) -> Result<Vec<Str
     if !stale.is_empty() {
         let mut nf = netlink::Socket::netfilter()?;
         for (_, link, addr) in stale {
-            match nf.del_element(TABLE, "jobs", &netlink::ifname_addr_key(&link, addr)) {
+            let key = netlink::ifname_addr_key(&link, addr);
+            match nf.del_element(TABLE, "jobs", &key) {
                 Ok(()) | Err(nix::errno::Errno::ENOENT) => {}
                 Err(e) => bail!("removing the map element of free link {link}: {e}"),
             }
+            guard::forget_arp(&key)?;
         }
     }
     let links: Vec<_> = job_links().into_iter().filter(|(slot, _)| free(*slot)).collect();
@@ -676,107 +710,6 @@ pub fn janitor(state_dir: &Path, owned: impl Fn(&str) -> bool) -> Result<Vec<Str
         }
     }
     Ok(removed)
-}
-
-/// The line of `validate` about DNS: the resolvers, or why there are none and what to do.
-fn dns_line(dns: &[Ipv4Addr], stubs: &[Ipv4Addr]) -> String {
-    if !dns.is_empty() {
-        return format!("network dns: {}", dns.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", "));
-    }
-    let why = if stubs.is_empty() {
-        "/etc/resolv.conf names no IPv4 resolver: set EXECUTOR_DNS_SERVERS".to_string()
-    } else {
-        format!(
-            "/etc/resolv.conf names only the loopback stub resolver {} (systemd-resolved or similar), which no \
-             sandbox can reach: set EXECUTOR_DNS_SERVERS to the stub's upstream servers (`resolvectl status` \
-             lists them)",
-            stubs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
-        )
-    };
-    format!("network dns: NONE: {why}; until then jobs reach addresses but resolve no names")
-}
-
-/// The host's IPv4 addresses inside `pool` that are not on a job link (`ip -o -4 addr`).
-fn pool_conflicts(pool: &Cidr, ip_addr_output: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    for l in ip_addr_output.lines() {
-        let w: Vec<&str> = l.split_whitespace().collect();
-        let (Some(dev), Some(pos)) = (w.get(1), w.iter().position(|x| *x == "inet")) else { continue };
-        let Some(addr) =
-            w.get(pos + 1).and_then(|a| a.split('/').next()).and_then(|a| a.parse::<Ipv4Addr>().ok())
-        else {
-            continue;
-        };
-        let mask = if pool.prefix == 0 { 0 } else { u32::MAX << (32 - pool.prefix) };
-        if !dev.starts_with(IF_PREFIX) && u32::from(addr) & mask == u32::from(pool.addr) {
-            out.push(format!("{addr} on {dev}"));
-        }
-    }
-    out
-}
-
-/// `validate`'s lines about the network, or an error naming what is missing: root, nftables
-/// (the command and the kernel's support), the pool (not overlapping the host's addresses),
-/// forwarding, and the resolvers (a loopback stub resolver without `EXECUTOR_DNS_SERVERS`).
-pub fn check(s: &Settings) -> Result<Vec<String>> {
-    let mut out = vec![format!("network: {:?}", s.mode).to_lowercase()];
-    let (_, stubs) = host_resolvers(&fs::read_to_string("/etc/resolv.conf").unwrap_or_default());
-    if s.mode == Mode::None {
-        return Ok(out);
-    }
-    let missing = missing();
-    if !missing.is_empty() {
-        bail!(
-            "EXECUTOR_NETWORK=internet cannot work here: {} (or set EXECUTOR_NETWORK=none for loopback-only jobs)",
-            missing.join("; ")
-        );
-    }
-    if nft_list(&["tables"]).is_none() {
-        bail!(
-            "EXECUTOR_NETWORK=internet cannot work here: `nft list tables` fails (the kernel lacks nf_tables, \
-             or nftables is not permitted in this namespace)"
-        );
-    }
-    let addrs = crate::base::proc::command("ip")
-        .args(["-o", "-4", "addr", "show"])
-        .stdin(Stdio::null())
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    let conflicts = pool_conflicts(&s.pool, &addrs);
-    if !conflicts.is_empty() {
-        bail!(
-            "EXECUTOR_NETWORK_CIDR {} overlaps the host's own addresses ({}): choose a pool no network of \
-             this host uses",
-            s.pool,
-            conflicts.join(", ")
-        );
-    }
-    out.push(format!(
-        "network pool {}: {} job subnets of /{JOB_PREFIX}, free of host addresses",
-        s.pool,
-        s.slots()
-    ));
-    out.push(dns_line(&s.dns, &stubs));
-    if let Some(b) = &s.bandwidth {
-        if which::which("tc").is_err() {
-            bail!("EXECUTOR_NETWORK_BANDWIDTH needs the tc command (apt-get install iproute2)");
-        }
-        out.push(format!(
-            "network bandwidth caps: {} bit/s in, {} bit/s out per job (tc)",
-            b.ingress, b.egress
-        ));
-    }
-    let fwd = fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap_or_default();
-    out.push(format!(
-        "network forwarding: {}",
-        if fwd.trim() == "1" { "on" } else { "off (the executor turns it on at the first job)" }
-    ));
-    out.push(format!(
-        "network nftables: works; table inet {TABLE} {}",
-        if table_exists() { "present" } else { "not yet created (made at the first job)" }
-    ));
-    Ok(out)
 }
 
 #[cfg(test)]
@@ -804,18 +737,6 @@ mod tests {
         assert!(Settings::parse(None, Some("10.0.0.0/31"), None, Some("1.1.1.1")).is_err());
         assert!(Settings::parse(None, None, None, Some("127.0.0.53")).is_err());
         assert!(Settings::parse(None, None, Some("10.0.0.1:99999"), Some("1.1.1.1")).is_err());
-    }
-
-    #[test]
-    fn validate_explains_a_loopback_stub_and_finds_pool_conflicts() {
-        let line = dns_line(&[], &["127.0.0.53".parse().unwrap()]);
-        assert!(line.contains("127.0.0.53") && line.contains("EXECUTOR_DNS_SERVERS"), "{line}");
-        assert_eq!(dns_line(&["10.0.0.2".parse().unwrap()], &[]), "network dns: 10.0.0.2");
-        let ip = "1: lo    inet 127.0.0.1/8 scope host lo\n2: eth0    inet 10.255.3.4/24 brd x\n\
-                  9: exn0    inet 10.255.0.1/30 scope global exn0\n3: eth1    inet 192.0.2.1/24\n";
-        let pool = Cidr::parse("10.255.0.0/16").unwrap();
-        assert_eq!(pool_conflicts(&pool, ip), vec!["10.255.3.4 on eth0".to_string()]);
-        assert!(pool_conflicts(&Cidr::parse("10.254.0.0/16").unwrap(), ip).is_empty());
     }
 
     #[test]

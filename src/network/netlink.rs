@@ -47,7 +47,9 @@ const NFNL_MSG_BATCH_BEGIN: u16 = 16;
 const NFNL_MSG_BATCH_END: u16 = 17;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
-const NFPROTO_INET: u8 = 1;
+pub(crate) const NFPROTO_INET: u8 = 1;
+pub(crate) const NFPROTO_ARP: u8 = 3;
+const F_DUMP: u16 = 0x300;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
@@ -64,13 +66,16 @@ const NFT_JUMP: i32 = -3;
 const IFNAMSIZ: usize = 16;
 
 /// One netlink message being built: the header, a fixed struct, then attributes.
-struct Msg {
+pub(crate) struct Msg {
     buf: Vec<u8>,
     nests: Vec<usize>,
 }
 
+pub(crate) const F_REQUEST_ACK: u16 = F_REQUEST | F_ACK;
+pub(crate) const F_REQUEST_DUMP: u16 = F_REQUEST | F_DUMP;
+
 impl Msg {
-    fn new(kind: u16, flags: u16) -> Msg {
+    pub(crate) fn new(kind: u16, flags: u16) -> Msg {
         let mut buf = vec![0u8; 16];
         buf[4..6].copy_from_slice(&kind.to_ne_bytes());
         buf[6..8].copy_from_slice(&flags.to_ne_bytes());
@@ -81,12 +86,12 @@ impl Msg {
             self.buf.push(0);
         }
     }
-    fn raw(&mut self, b: &[u8]) -> &mut Msg {
+    pub(crate) fn raw(&mut self, b: &[u8]) -> &mut Msg {
         self.buf.extend_from_slice(b);
         self.pad();
         self
     }
-    fn attr(&mut self, kind: u16, data: &[u8]) -> &mut Msg {
+    pub(crate) fn attr(&mut self, kind: u16, data: &[u8]) -> &mut Msg {
         self.buf.extend_from_slice(&((4 + data.len()) as u16).to_ne_bytes());
         self.buf.extend_from_slice(&kind.to_ne_bytes());
         self.raw(data)
@@ -276,9 +281,9 @@ impl Socket {
         self.request(vec![batch(NFNL_MSG_BATCH_BEGIN), m, batch(NFNL_MSG_BATCH_END)]).map(|_| ())
     }
 
-    fn setelem_msg(kind: u16, flags: u16, table: &str, set: &str, key: &[u8]) -> Msg {
+    fn setelem_msg(kind: u16, flags: u16, family: u8, table: &str, set: &str, key: &[u8]) -> Msg {
         let mut m = Msg::new((NFNL_SUBSYS_NFTABLES << 8) | kind, F_REQUEST | F_ACK | flags);
-        m.raw(&[NFPROTO_INET, 0, 0, 0])
+        m.raw(&[family, 0, 0, 0])
             .attr_str(NFTA_SET_ELEM_LIST_TABLE, table)
             .attr_str(NFTA_SET_ELEM_LIST_SET, set)
             .begin(NFTA_SET_ELEM_LIST_ELEMENTS)
@@ -298,7 +303,7 @@ impl Socket {
         key: &[u8],
         chain: &str,
     ) -> Result<(), Errno> {
-        let mut m = Socket::setelem_msg(NFT_MSG_NEWSETELEM, F_CREATE, table, set, key);
+        let mut m = Socket::setelem_msg(NFT_MSG_NEWSETELEM, F_CREATE, NFPROTO_INET, table, set, key);
         m.begin(NFTA_SET_ELEM_DATA)
             .begin(NFTA_DATA_VERDICT)
             .attr(NFTA_VERDICT_CODE, &NFT_JUMP.to_be_bytes())
@@ -311,9 +316,106 @@ impl Socket {
 
     /// Removes the element `key` of map `set` of table `inet table`.
     pub(crate) fn del_element(&mut self, table: &str, set: &str, key: &[u8]) -> Result<(), Errno> {
-        let mut m = Socket::setelem_msg(NFT_MSG_DELSETELEM, 0, table, set, key);
+        self.del_element_of(NFPROTO_INET, table, set, key)
+    }
+
+    /// Removes the element `key` of set or map `set` of table `table` of `family`.
+    pub(crate) fn del_element_of(
+        &mut self,
+        family: u8,
+        table: &str,
+        set: &str,
+        key: &[u8],
+    ) -> Result<(), Errno> {
+        let mut m = Socket::setelem_msg(NFT_MSG_DELSETELEM, 0, family, table, set, key);
         m.end().end();
         self.nft_batch(m)
+    }
+
+    /// Adds `key` to plain set `set` of table `table` of `family` (already there: not an
+    /// error).
+    pub(crate) fn add_element_of(
+        &mut self,
+        family: u8,
+        table: &str,
+        set: &str,
+        key: &[u8],
+    ) -> Result<(), Errno> {
+        let mut m = Socket::setelem_msg(NFT_MSG_NEWSETELEM, F_CREATE, family, table, set, key);
+        m.end().end();
+        self.nft_batch(m)
+    }
+
+    /// Sends a dump request and returns every message of the answer (until `NLMSG_DONE`), each
+    /// as its type and payload.
+    pub(crate) fn dump(&mut self, m: Msg) -> Result<Vec<(u16, Vec<u8>)>, Errno> {
+        self.seq = self.seq.wrapping_add(1);
+        let seq = self.seq;
+        send(self.fd.as_raw_fd(), &m.finish(seq), MsgFlags::empty())?;
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let n = recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+            let mut at = 0;
+            while at + 16 <= n {
+                let len = u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap_or_default()) as usize;
+                if len < 16 || at + len > n {
+                    return Err(Errno::EBADMSG);
+                }
+                let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
+                let payload = &buf[at + 16..at + len];
+                match kind {
+                    NLMSG_DONE => return Ok(out),
+                    NLMSG_ERROR if payload.len() >= 4 => {
+                        let code = i32::from_ne_bytes(payload[0..4].try_into().unwrap_or_default());
+                        if code != 0 {
+                            return Err(Errno::from_raw(-code));
+                        }
+                    }
+                    _ => out.push((kind, payload.to_vec())),
+                }
+                at += (len + 3) & !3;
+            }
+        }
+    }
+
+    /// Sends `msgs` (each flagged `F_ACK`) and returns the kernel's answer to each in order:
+    /// `Ok` or its error.
+    pub(crate) fn each(&mut self, msgs: Vec<Msg>) -> Result<Vec<Result<(), Errno>>, Errno> {
+        let mut seqs = Vec::new();
+        let mut out = Vec::new();
+        for m in msgs {
+            self.seq = self.seq.wrapping_add(1);
+            seqs.push(self.seq);
+            out.extend_from_slice(&m.finish(self.seq));
+        }
+        let mut answers: Vec<Option<Result<(), Errno>>> = vec![None; seqs.len()];
+        if seqs.is_empty() {
+            return Ok(vec![]);
+        }
+        send(self.fd.as_raw_fd(), &out, MsgFlags::empty())?;
+        let mut buf = vec![0u8; 65536];
+        while answers.iter().any(Option::is_none) {
+            let n = recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+            let mut at = 0;
+            while at + 16 <= n {
+                let len = u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap_or_default()) as usize;
+                if len < 16 || at + len > n {
+                    return Err(Errno::EBADMSG);
+                }
+                let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
+                let seq = u32::from_ne_bytes(buf[at + 8..at + 12].try_into().unwrap_or_default());
+                let payload = &buf[at + 16..at + len];
+                if kind == NLMSG_ERROR && payload.len() >= 4 {
+                    let code = i32::from_ne_bytes(payload[0..4].try_into().unwrap_or_default());
+                    if let Some(i) = seqs.iter().position(|s| *s == seq) {
+                        answers[i] = Some(if code == 0 { Ok(()) } else { Err(Errno::from_raw(-code)) });
+                    }
+                }
+                at += (len + 3) & !3;
+            }
+        }
+        Ok(answers.into_iter().map(|a| a.unwrap_or(Ok(()))).collect())
     }
 }
 

@@ -1023,7 +1023,7 @@ fn executor_loop_through_our_coordinator_and_its_metrics() {
     check_main_logs(job["logs"].as_array().unwrap(), "our coordinator");
 
     // /metrics: the coordinator's own families and the executor's, labelled.
-    let (st, text) = c.request("GET", "/metrics", None, None);
+    let (st, text) = c.request("GET", "/metrics", Some(&c.admin_auth()), None);
     assert_eq!(st, 200);
     let samples = parse_prometheus(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
     let steps: Vec<&Sample> =

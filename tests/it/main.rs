@@ -7,6 +7,7 @@ mod console;
 mod coordinator;
 mod fuzz;
 pub mod gitserve;
+mod host_security;
 mod image;
 mod microvm;
 mod network;

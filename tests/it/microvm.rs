@@ -44,7 +44,7 @@ pub(crate) fn state_dir() -> PathBuf {
     dir
 }
 
-fn runtime(state: &Path) -> MicroVm {
+pub(crate) fn runtime(state: &Path) -> MicroVm {
     MicroVm::new(RuntimeOptions {
         state_dir: state.to_path_buf(),
         allow_unisolated: false,
@@ -74,7 +74,7 @@ impl OutputSink for Collect {
 }
 
 /// Kills the test's VMs if the test is still running after `limit`.
-fn watchdog(state: PathBuf, prefix: String, limit: Duration) -> std::sync::mpsc::Sender<()> {
+pub(crate) fn watchdog(state: PathBuf, prefix: String, limit: Duration) -> std::sync::mpsc::Sender<()> {
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     std::thread::spawn(move || {
         if rx.recv_timeout(limit) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
@@ -198,7 +198,8 @@ fn microvm_job_runs_in_a_guest_round_trips_the_workspace_and_stops_on_cancel_and
     assert_eq!(rec.runtime, executor::sandbox::RuntimeKind::Microvm);
     let pid = rec.pid.unwrap();
     assert!(Path::new(&format!("/proc/{pid}")).exists());
-    // QEMU never holds root (`install vm` made its user): its real, effective, saved and fs uids.
+    // QEMU never holds root (a uid of its own, tests/it/host_security.rs): its real, effective,
+    // saved and fs uids.
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let uids: Vec<u32> = status
         .lines()
@@ -210,7 +211,7 @@ fn microvm_job_runs_in_a_guest_round_trips_the_workspace_and_stops_on_cancel_and
     assert!(uids.len() == 4 && uids.iter().all(|&u| u != 0), "QEMU runs as root: {uids:?}");
     if nix::unistd::geteuid().is_root() {
         let Some(det) = VmDetails::of(&rec).unwrap() else { panic!("{:?}", rec.details) };
-        assert_eq!(det.qemu_user.as_deref(), Some("executor-vm"), "{det:?}");
+        assert_eq!(det.qemu_user, Some(format!("uid {}", uids[0])), "{det:?}");
         // Its directory (disks, socket, console) is its own and closed to everyone else.
         use std::os::unix::fs::MetadataExt;
         let md = std::fs::metadata(&rec.state_dir).unwrap();
@@ -562,7 +563,7 @@ fn assert_no_sandbox_left(state: &Path, prefix: &str) {
 
 /// The environment of an executor on coordinator `c` running microVMs named `prefix` in `state`
 /// with a pool of one VM (512 MiB, one vCPU).
-fn pool_loop_env(
+pub(crate) fn pool_loop_env(
     cmd: &mut std::process::Command,
     c: &crate::coordinator::Coordinator,
     prefix: &str,
@@ -679,7 +680,7 @@ fn microvm_pool_gives_each_job_a_fresh_vm_booted_ahead_of_it() {
     assert!(err.contains("2 hits") || err.contains("3 hits"), "{err}");
     assert!(err.contains("VM pool: destroyed"), "{err}");
     // The pool's metrics came with the heartbeats (the coordinator labels them by executor).
-    let (st, metrics) = c.request("GET", "/metrics", None, None);
+    let (st, metrics) = c.request("GET", "/metrics", Some(&c.admin_auth()), None);
     assert_eq!(st, 200);
     let line = |name: &str, has: &str| {
         metrics.lines().find(|l| l.starts_with(&format!("{name}{{")) && l.contains(has)).map(str::to_string)

@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 
 use crate::common;
 
-const WEB: &str = "198.51.100.10";
+pub(crate) const WEB: &str = "198.51.100.10";
 const DNS: &str = "198.51.100.53";
 const METADATA: &str = "169.254.169.254";
 const CORPORATE: &str = "10.20.0.10";
-const HOST_INTERNET_SIDE: &str = "192.0.2.1";
+pub(crate) const HOST_INTERNET_SIDE: &str = "192.0.2.1";
 const HOST_CORPORATE_SIDE: &str = "10.20.0.1";
 /// Two job subnets (/30 each): job addresses .2 and .6, gateways .1 and .5.
 const POOL: &str = "10.255.0.0/29";
@@ -42,7 +42,7 @@ pub(crate) fn can_build(test: &str) -> bool {
     true
 }
 
-fn sh(script: &str) -> String {
+pub(crate) fn sh(script: &str) -> String {
     let out = Command::new("sh").args(["-ec", script]).output().unwrap();
     assert!(out.status.success(), "{script}\n{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -193,7 +193,7 @@ impl Drop for World {
 }
 
 /// A child killed if the test fails before it does.
-struct KillOnDrop(Child);
+pub(crate) struct KillOnDrop(pub Child);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
@@ -206,12 +206,12 @@ impl Drop for KillOnDrop {
 /// test ends, also when it fails half-way: an `executor janitor` pass in the executor host
 /// namespace, then any namespace of the test's sandbox prefix. Declared after the `World` and
 /// the state directory, so it runs before they go.
-struct JobsGuard {
-    host: String,
-    exe: std::path::PathBuf,
-    oci: String,
-    state: std::path::PathBuf,
-    prefix: String,
+pub(crate) struct JobsGuard {
+    pub host: String,
+    pub exe: std::path::PathBuf,
+    pub oci: String,
+    pub state: std::path::PathBuf,
+    pub prefix: String,
 }
 
 impl Drop for JobsGuard {
@@ -325,7 +325,7 @@ fn job_log(job: &serde_json::Value) -> String {
         .unwrap_or_default()
 }
 
-fn executor_env(
+pub(crate) fn executor_env(
     cmd: &mut Command,
     url: &str,
     secret: &str,

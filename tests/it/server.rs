@@ -776,7 +776,7 @@ fn queue_metrics_count_jobs_and_executors() {
     ex.heartbeat("batches", &[]);
     ex.dequeue("batches", "").unwrap();
     ex.dequeue("codeintel", "");
-    let (code, text) = c.request("GET", "/metrics", None, None);
+    let (code, text) = c.request("GET", "/metrics", Some(&c.admin_auth()), None);
     assert_eq!(code, 200);
     assert!(text.contains("executor_queue_jobs{queue=\"batches\",state=\"queued\"} 1"), "{text}");
     assert!(text.contains("executor_queue_jobs{queue=\"batches\",state=\"processing\"} 1"));

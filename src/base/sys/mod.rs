@@ -3,7 +3,7 @@
 //! openat2 for resolving paths beneath a directory without following symlinks.
 #![allow(unsafe_code)]
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::os::fd::RawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
@@ -105,6 +105,166 @@ pub(crate) fn start_in_dir_keeping(cmd: &mut Command, dir: RawFd, keep: Vec<RawF
             for fd in &keep {
                 nix::fcntl::fcntl(*fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))?;
             }
+            Ok(())
+        });
+    }
+}
+
+/// One step of building a jail's root ([`jail`]), every path absolute in the host's view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum JailOp {
+    /// A tmpfs (small, `mode=755`) mounted on an existing directory.
+    Tmpfs(std::path::PathBuf),
+    Mkdir(std::path::PathBuf),
+    /// An empty file, to bind a file or a device node over.
+    Touch(std::path::PathBuf),
+    /// `at` is a symbolic link to `target`.
+    Symlink {
+        target: std::path::PathBuf,
+        at: std::path::PathBuf,
+    },
+    /// `src` bound on `dst`, then made read-only (and nosuid) unless `writable`; `nodev` and
+    /// `noexec` too unless it is a device node.
+    Bind {
+        src: std::path::PathBuf,
+        dst: std::path::PathBuf,
+        writable: bool,
+        device: bool,
+    },
+    /// A procfs of its own with `hidepid=2` (a process sees only its user's processes).
+    Proc(std::path::PathBuf),
+}
+
+/// What [`jail`] does: `ops` build the new root at `root` (an empty directory, covered by the
+/// first op's tmpfs), which then becomes `/`, read-only; the process starts in `cwd` there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct JailPlan {
+    pub root: std::path::PathBuf,
+    pub ops: Vec<JailOp>,
+    pub cwd: std::path::PathBuf,
+}
+
+/// Makes `cmd` start jailed as Firecracker's jailer starts Firecracker, for QEMU: in new mount,
+/// network, IPC and UTS namespaces, its root the tmpfs `plan` builds (nothing of the host's
+/// filesystem but what the plan binds), with `no_new_privs`, then as `uid`/`gid` with no
+/// supplementary groups. Register it after any hook that uses a descriptor of the host's tree
+/// ([`start_in_dir_keeping`]): the plan's `cwd` replaces the working directory.
+pub(crate) fn jail(cmd: &mut Command, plan: &JailPlan, uid: u32, gid: u32) -> std::io::Result<()> {
+    let c = |p: &Path| CString::new(p.as_os_str().as_bytes());
+    enum Op {
+        Tmpfs(CString),
+        Mkdir(CString),
+        Touch(CString),
+        Symlink(CString, CString),
+        Bind(CString, CString, bool, bool),
+        Proc(CString),
+    }
+    let mut ops = Vec::with_capacity(plan.ops.len());
+    for op in &plan.ops {
+        ops.push(match op {
+            JailOp::Tmpfs(p) => Op::Tmpfs(c(p)?),
+            JailOp::Mkdir(p) => Op::Mkdir(c(p)?),
+            JailOp::Touch(p) => Op::Touch(c(p)?),
+            JailOp::Symlink { target, at } => Op::Symlink(c(target)?, c(at)?),
+            JailOp::Bind { src, dst, writable, device } => Op::Bind(c(src)?, c(dst)?, *writable, *device),
+            JailOp::Proc(p) => Op::Proc(c(p)?),
+        });
+    }
+    let root = c(&plan.root)?;
+    let cwd = c(&plan.cwd)?;
+    // SAFETY: the closure runs in the forked child before exec and only makes raw syscalls
+    // (unshare, mount, mkdir, open, symlink, pivot_root, umount2, chdir, prctl, setgroups,
+    // setgid, setuid) through nix on C strings built before the fork, which nix passes as they
+    // are: no allocation, no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            use nix::mount::{mount, umount2, MntFlags, MsFlags};
+            use nix::sched::CloneFlags;
+            use nix::sys::stat::Mode;
+            let none = None::<&CStr>;
+            nix::sched::unshare(
+                CloneFlags::CLONE_NEWNS
+                    | CloneFlags::CLONE_NEWNET
+                    | CloneFlags::CLONE_NEWIPC
+                    | CloneFlags::CLONE_NEWUTS,
+            )?;
+            mount(none, c"/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)?;
+            let hardened = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+            for op in &ops {
+                match op {
+                    Op::Tmpfs(p) => mount(
+                        Some(c"tmpfs"),
+                        p.as_c_str(),
+                        Some(c"tmpfs"),
+                        MsFlags::MS_NOSUID,
+                        Some(c"size=64k,mode=755"),
+                    )?,
+                    Op::Mkdir(p) => nix::unistd::mkdir(p.as_c_str(), Mode::from_bits_truncate(0o755))?,
+                    Op::Touch(p) => {
+                        let fd = nix::fcntl::open(
+                            p.as_c_str(),
+                            nix::fcntl::OFlag::O_CREAT
+                                | nix::fcntl::OFlag::O_WRONLY
+                                | nix::fcntl::OFlag::O_CLOEXEC,
+                            Mode::from_bits_truncate(0o644),
+                        )?;
+                        nix::unistd::close(fd)?;
+                    }
+                    Op::Symlink(target, at) => {
+                        nix::unistd::symlinkat(target.as_c_str(), None, at.as_c_str())?
+                    }
+                    Op::Bind(src, dst, writable, device) => {
+                        mount(
+                            Some(src.as_c_str()),
+                            dst.as_c_str(),
+                            none,
+                            MsFlags::MS_BIND | MsFlags::MS_REC,
+                            none,
+                        )?;
+                        let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID;
+                        if !*writable {
+                            flags |= MsFlags::MS_RDONLY;
+                        }
+                        if !*device {
+                            flags |= MsFlags::MS_NODEV;
+                        }
+                        mount(none, dst.as_c_str(), none, flags, none)?;
+                    }
+                    Op::Proc(p) => {
+                        mount(Some(c"proc"), p.as_c_str(), Some(c"proc"), hardened, Some(c"hidepid=2"))?
+                    }
+                }
+            }
+            nix::unistd::chdir(root.as_c_str())?;
+            nix::unistd::pivot_root(c".", c".")?;
+            umount2(c".", MntFlags::MNT_DETACH)?;
+            nix::unistd::chdir(c"/")?;
+            mount(
+                none,
+                c"/",
+                none,
+                MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID,
+                none,
+            )?;
+            nix::unistd::chdir(cwd.as_c_str())?;
+            nix::sys::prctl::set_no_new_privs()?;
+            nix::unistd::setgroups(&[])?;
+            nix::unistd::setgid(nix::unistd::Gid::from_raw(gid))?;
+            nix::unistd::setuid(nix::unistd::Uid::from_raw(uid))?;
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+/// Makes `cmd` start with `no_new_privs`: nothing it executes gains privileges (setuid bits,
+/// file capabilities).
+pub(crate) fn no_new_privs(cmd: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec and only makes the prctl
+    // syscall through nix: no allocation, no lock.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_no_new_privs()?;
             Ok(())
         });
     }

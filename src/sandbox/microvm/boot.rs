@@ -12,6 +12,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use super::channel::Channel;
+use super::jail::{self, QemuUser};
 use super::qemu::{QemuConfig, AGENT_SOCKET, QEMU, WORKSPACE_DISK};
 use super::{cgroup, console, disk, net, Accel, ImageDisk, MicroVm, VmDetails, MARKER};
 use super::{DEFAULT_MEMORY, QEMU_OVERHEAD};
@@ -95,13 +96,6 @@ pub struct AgentSilent {
     pub vm: String,
 }
 
-/// The account QEMU runs as.
-struct QemuUser {
-    name: String,
-    uid: u32,
-    gid: u32,
-}
-
 /// What QEMU is handed open; each stays open in the executor until QEMU has started.
 struct Handles {
     kernel: fs::File,
@@ -171,7 +165,7 @@ impl MicroVm {
         };
         let vm_net = self.make_network(rec, boot, &mut det)?;
         params.net = vm_net.as_ref().map(|v| net::guest_net(&v.net));
-        let user = hand_to_qemu_user(&dir, boot, &mut det)?;
+        let user = hand_to_qemu_user(&self.opts.state_dir, &rec.name, &dir, boot, &mut det)?;
         let handles = open_handles(manifest, &dir, &det, user.as_ref(), vm_net)?;
         let config = QemuConfig {
             name: rec.name.clone(),
@@ -186,7 +180,9 @@ impl MicroVm {
             image_fds: handles.images.iter().map(|f| f.as_raw_fd()).collect(),
             tap_fd: handles.net.as_ref().map(|v| v.tap.as_raw_fd()),
         };
-        let mut child = spawn_qemu(&dir, &config, handles, user.as_ref())?;
+        let jail_root =
+            user.as_ref().filter(|u| u.jailed).map(|_| jail::root_dir(&self.opts.state_dir)).transpose()?;
+        let mut child = spawn_qemu(&dir, &config, handles, user.as_ref(), jail_root.as_deref(), boot.accel)?;
         let pid = child.id() as i32;
         rec.pid = Some(pid);
         det.store(rec);
@@ -247,11 +243,17 @@ impl MicroVm {
     }
 }
 
-/// Step 3: QEMU runs as the VM user where there is one (see `qemu_user`); it reaches nothing of
-/// the host by path but its own sandbox directory (its working directory, entered by an open
-/// handle, so the directories above may stay closed to it) and its workspace disk.
-fn hand_to_qemu_user(dir: &Path, boot: &VmBoot, det: &mut VmDetails) -> Result<Option<QemuUser>> {
-    let user = qemu_user(boot.accel)?;
+/// Step 3: QEMU runs as a uid of its own where the executor is root (jail.rs), which owns its
+/// sandbox directory and its workspace disk; in its jail it reaches nothing of the host by path
+/// but that directory.
+fn hand_to_qemu_user(
+    state_dir: &Path,
+    name: &str,
+    dir: &Path,
+    boot: &VmBoot,
+    det: &mut VmDetails,
+) -> Result<Option<QemuUser>> {
+    let user = jail::qemu_user(state_dir, name, boot.accel)?;
     if let Some(u) = &user {
         give_to(dir, u, 0o700)?;
         if boot.workspace_mount() != WorkspaceMount::None {
@@ -281,10 +283,19 @@ fn open_handles(
     Ok(Handles { kernel, initrd, dir, images, console, net })
 }
 
-/// Step 5: starts QEMU in the sandbox directory, as its user, in its own process group (a
-/// signal to the executor's group does not reach the VM), keeping only the handed-over
-/// descriptors; its output goes to `qemu.log`. The handles close here once QEMU has them.
-fn spawn_qemu(dir: &Path, config: &QemuConfig, handles: Handles, user: Option<&QemuUser>) -> Result<Child> {
+/// Step 5: starts QEMU in the sandbox directory, in its jail as its own user (jail.rs; with only
+/// `no_new_privs` for an unprivileged executor), under its seccomp filter (`-sandbox`), in its
+/// own process group (a signal to the executor's group does not reach the VM), keeping only the
+/// handed-over descriptors; its output goes to `qemu.log`. The handles close here once QEMU has
+/// them.
+fn spawn_qemu(
+    dir: &Path,
+    config: &QemuConfig,
+    handles: Handles,
+    user: Option<&QemuUser>,
+    jail_root: Option<&Path>,
+    accel: Accel,
+) -> Result<Child> {
     let mut cmd = crate::base::proc::command(QEMU);
     cmd.args(config.argv());
     let h = &handles;
@@ -292,9 +303,18 @@ fn spawn_qemu(dir: &Path, config: &QemuConfig, handles: Handles, user: Option<&Q
     keep.extend(h.net.as_ref().map(|v| v.tap.as_raw_fd()));
     keep.extend(h.images.iter().map(|f| f.as_raw_fd()));
     crate::base::sys::start_in_dir_keeping(&mut cmd, h.dir.as_raw_fd(), keep);
-    if let Some(u) = user {
-        std::os::unix::process::CommandExt::uid(&mut cmd, u.uid);
-        std::os::unix::process::CommandExt::gid(&mut cmd, u.gid);
+    match (user, jail_root) {
+        (Some(u), Some(root)) => {
+            let plan = jail::plan(root, dir, accel);
+            crate::base::sys::jail(&mut cmd, &plan, u.uid, u.gid)
+                .with_context(|| format!("preparing the jail of QEMU in {}", dir.display()))?;
+        }
+        (Some(u), None) => {
+            std::os::unix::process::CommandExt::uid(&mut cmd, u.uid);
+            std::os::unix::process::CommandExt::gid(&mut cmd, u.gid);
+            crate::base::sys::no_new_privs(&mut cmd);
+        }
+        (None, _) => crate::base::sys::no_new_privs(&mut cmd),
     }
     let log =
         fs::File::create(dir.join("qemu.log")).with_context(|| format!("creating {}", dir.display()))?;
@@ -393,28 +413,6 @@ fn tsc_khz() -> Option<u64> {
     let info = fs::read_to_string("/proc/cpuinfo").ok()?;
     let mhz: f64 = info.lines().find(|l| l.starts_with("cpu MHz"))?.split(':').nth(1)?.trim().parse().ok()?;
     Some((mhz * 1000.0) as u64)
-}
-
-/// The user QEMU runs as: none when the executor is not root (QEMU then runs as the executor's
-/// own unprivileged user); the VM user `install vm` made, when the executor is root. Under KVM its
-/// group is `kvm` where that group exists, for /dev/kvm. A root executor without that user is
-/// refused rather than giving QEMU root.
-fn qemu_user(accel: Accel) -> Result<Option<QemuUser>> {
-    if !nix::unistd::geteuid().is_root() {
-        return Ok(None);
-    }
-    let name = crate::vm::VM_USER;
-    let u = nix::unistd::User::from_name(name)
-        .ok()
-        .flatten()
-        .with_context(|| format!("no user {name} for QEMU to run as (run `executor install vm` as root)"))?;
-    let mut gid = u.gid.as_raw();
-    if accel == Accel::Kvm {
-        if let Ok(Some(g)) = nix::unistd::Group::from_name("kvm") {
-            gid = g.gid.as_raw();
-        }
-    }
-    Ok(Some(QemuUser { name: name.to_string(), uid: u.uid.as_raw(), gid }))
 }
 
 /// Hands `path` to the QEMU user with `mode`: its sandbox directory and its workspace disk.

@@ -6,6 +6,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 const ROOT: &str = "/sys/fs/cgroup";
+/// Where VM cgroups are made: the unified hierarchy's, then each v1 controller's.
+const PARENTS: [&str; 5] =
+    ["executor", "memory/executor", "pids/executor", "cpu/executor", "cpu,cpuacct/executor"];
 
 /// The directories made for one VM, to put QEMU in and to remove afterwards.
 #[derive(Debug, Clone, Default)]
@@ -82,11 +85,64 @@ impl Cgroup {
         }
     }
 
-    /// Removes the directories of the VM named `name` (they must be empty of processes).
+    /// Removes the directories of the VM named `name` (they must be empty of processes; a
+    /// process just killed may take a moment to leave, so a busy directory is tried again for up
+    /// to a second).
     pub(crate) fn remove(name: &str) {
         let root = Path::new(ROOT);
-        for sub in ["executor", "memory/executor", "pids/executor", "cpu/executor", "cpu,cpuacct/executor"] {
-            let _ = fs::remove_dir(root.join(sub).join(name));
+        for sub in PARENTS {
+            let dir = root.join(sub).join(name);
+            for _ in 0..50 {
+                match fs::remove_dir(&dir) {
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                        std::thread::sleep(std::time::Duration::from_millis(20))
+                    }
+                    _ => break,
+                }
+            }
         }
+    }
+
+    /// Removes the empty cgroups `executor/<prefix>...` of every controller that `keep` does not
+    /// claim (a cgroup with a process in it stays: the kernel refuses); returns their names.
+    pub(crate) fn sweep_empty(prefix: &str, keep: impl Fn(&str) -> bool) -> Vec<String> {
+        Self::sweep_empty_in(Path::new(ROOT), prefix, keep)
+    }
+
+    fn sweep_empty_in(root: &Path, prefix: &str, keep: impl Fn(&str) -> bool) -> Vec<String> {
+        let mut removed = Vec::new();
+        for sub in PARENTS {
+            let Ok(rd) = fs::read_dir(root.join(sub)) else { continue };
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !name.starts_with(prefix) || keep(&name) || !e.path().is_dir() {
+                    continue;
+                }
+                if fs::remove_dir(e.path()).is_ok() && !removed.contains(&name) {
+                    removed.push(name);
+                }
+            }
+        }
+        removed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sweep_removes_only_empty_unclaimed_cgroups_of_its_prefix() {
+        let d = tempfile::tempdir().unwrap();
+        for dir in ["executor/vm-a", "memory/executor/vm-a", "executor/vm-live", "executor/other-b"] {
+            fs::create_dir_all(d.path().join(dir)).unwrap();
+        }
+        // Not empty: a plain directory with a file stands in for a cgroup with a process.
+        fs::create_dir_all(d.path().join("pids/executor/vm-busy/x")).unwrap();
+        let removed = Cgroup::sweep_empty_in(d.path(), "vm-", |n| n == "vm-live");
+        assert_eq!(removed, ["vm-a"]);
+        assert!(!d.path().join("memory/executor/vm-a").exists());
+        assert!(d.path().join("executor/vm-live").exists() && d.path().join("executor/other-b").exists());
+        assert!(d.path().join("pids/executor/vm-busy").exists());
     }
 }

@@ -18,6 +18,7 @@ pub(crate) mod channel;
 pub mod console;
 pub(crate) mod disk;
 pub(crate) mod identity;
+mod jail;
 pub(crate) mod net;
 pub(crate) mod pool;
 pub(crate) mod qemu;

@@ -2,7 +2,7 @@
 //! already running when the job is dequeued: the boot (seconds under TCG) moves off the job's
 //! path. Each VM serves exactly one job and is destroyed after it; none is ever reused.
 //!
-//! A pool VM boots with the step images of recent jobs as its read-only disks and a blank sparse
+//! A pool VM boots with the step images of the last job as its read-only disks and a blank sparse
 //! workspace disk that its agent does not mount (`executor.workspace=2`). A job that takes it has
 //! its workspace filesystem written into that same disk file (QEMU holds it open; the guest has
 //! not read it beyond the kernel's probe) and the agent, told with a `Mount` request over the
@@ -42,7 +42,7 @@ use crate::sandbox::{BootRequest, Limits, RuntimeOptions, SandboxRecord};
 use booter::kill_named;
 use budget::rss_bytes;
 pub(crate) use budget::{Budget, IDLE_ESTIMATE};
-use key::wanted_path;
+use key::read_wanted;
 pub(crate) use key::PoolKey;
 use owner::lock_path;
 pub(crate) use owner::{live_members, OWNER_FILE};
@@ -76,7 +76,8 @@ struct State {
     ready: Vec<Member>,
     /// The name of the VM being booted.
     booting: Option<String>,
-    /// Image references of recent jobs, most recent first.
+    /// The image references of the last job that asked (sorted): the next VMs carry exactly
+    /// these.
     wanted: Vec<String>,
     stopped: bool,
     hits: u64,
@@ -136,10 +137,7 @@ impl Pool {
         let lock = crate::base::lock::try_lock(&lock_path(&sandboxes, &cfg.owner))?.with_context(|| {
             format!("the VM pool lock of executor {} is held by another process", cfg.owner)
         })?;
-        let wanted: Vec<String> = std::fs::read(wanted_path(&rt.opts.state_dir))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
+        let wanted = read_wanted(&rt.opts.state_dir);
         let pool = Arc::new(Pool {
             rt,
             cfg,

@@ -51,6 +51,8 @@ impl QemuConfig {
         let mut a: Vec<String> = Vec::new();
         let mut push = |args: &[&str]| a.extend(args.iter().map(|s| s.to_string()));
         push(&["-name", &self.name, "-M", MACHINE, "-nodefaults", "-no-user-config"]);
+        // QEMU's own seccomp filter, before anything else it is told.
+        push(&["-sandbox", super::jail::SANDBOX]);
         push(&[
             "-display",
             "none",
@@ -111,7 +113,7 @@ mod tests {
     }
 
     /// The argv the runtime gave QEMU before the builder existed, for one VM with a workspace
-    /// and two images under TCG: pinned word for word.
+    /// and two images under TCG, with QEMU's seccomp filter since issue 24: pinned word for word.
     #[test]
     fn the_argv_is_the_one_qemu_always_got() {
         let want = [
@@ -121,6 +123,8 @@ mod tests {
             "microvm,x-option-roms=off",
             "-nodefaults",
             "-no-user-config",
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             "-display",
             "none",
             "-no-reboot",

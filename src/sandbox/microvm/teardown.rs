@@ -7,7 +7,7 @@ use std::fs;
 use std::time::{Duration, Instant};
 
 use super::qemu::QEMU;
-use super::{cgroup, net, MicroVm, MARKER};
+use super::{cgroup, jail, net, MicroVm, MARKER};
 use crate::sandbox::SandboxRecord;
 
 impl MicroVm {
@@ -23,6 +23,8 @@ impl MicroVm {
         if let Some(n) = Self::details(sandbox).ok().and_then(|d| d.network) {
             net::teardown(&self.opts, &n)?;
         }
+        // QEMU is gone: its uid may serve another VM.
+        jail::release(&self.opts.state_dir, &sandbox.name)?;
         // Only a directory of ours: the record could have been altered.
         if sandbox.state_dir.join(MARKER).is_file()
             && sandbox.state_dir.starts_with(self.opts.sandboxes_dir())
@@ -74,6 +76,19 @@ impl MicroVm {
         }
         // Networks of VMs that are gone (a TAP goes with its QEMU; the slot and element stay).
         let owned = |n: &str| n.starts_with(&want) && !live.contains(n);
+        let dir = self.opts.sandboxes_dir();
+        for name in jail::reclaim(&self.opts.state_dir, |n| owned(n) && !dir.join(n).exists())? {
+            if !removed.contains(&name) {
+                removed.push(name);
+            }
+        }
+        // Empty cgroups of VMs that are gone (a boot killed between its cgroup and its record).
+        let keep = |n: &str| live.contains(n) || dir.join(n).exists();
+        for name in cgroup::Cgroup::sweep_empty(&want, keep) {
+            if !removed.contains(&name) {
+                removed.push(name);
+            }
+        }
         for name in crate::network::janitor(&self.opts.state_dir, owned)? {
             if !removed.contains(&name) {
                 removed.push(name);
@@ -90,19 +105,47 @@ pub(super) fn process_is(pid: i32, name: &str) -> bool {
     args.windows(2).any(|w| w[0] == b"-name" && w[1] == name.as_bytes())
 }
 
-/// Kills the QEMU of VM `name` and waits (up to 5 s) for it to be gone.
+/// Whether `pid` is an exited QEMU that this process started and has not reaped: a zombie
+/// (its command line is gone, its name stays) whose parent is this process. Its pid cannot be
+/// another process's until it is reaped.
+fn our_dead_qemu(pid: i32) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    // "pid (comm) state ppid ...": the name may hold spaces and parentheses; the last ')' ends it.
+    let Some((head, rest)) = stat.rsplit_once(')') else { return false };
+    let comm = head.split_once('(').map(|(_, c)| c).unwrap_or("");
+    let mut w = rest.split_whitespace();
+    let (state, ppid) = (w.next(), w.next().and_then(|p| p.parse::<u32>().ok()));
+    state == Some("Z") && ppid == Some(std::process::id()) && QEMU.starts_with(comm)
+}
+
+/// Kills the QEMU of VM `name`, reaps it when this process started it (the loop starts the
+/// VMs of its pool and of its jobs: a zombie stays in its cgroup, which then cannot go), and
+/// waits (up to 5 s) for it to be gone.
 pub(super) fn kill_vm(pid: i32, name: &str) {
     use nix::sys::signal::{kill, Signal};
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
     use nix::unistd::Pid;
+    let p = Pid::from_raw(pid);
     if !process_is(pid, name) {
+        // Already exited by itself (a guest that powered off): reap it if it is ours.
+        if our_dead_qemu(pid) {
+            let _ = waitpid(p, Some(WaitPidFlag::WNOHANG));
+        }
         return;
     }
-    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    let _ = kill(p, Signal::SIGKILL);
     let start = Instant::now();
+    let mut ours = true;
     while start.elapsed() < Duration::from_secs(5) {
-        // Reaps it when it is our child; otherwise waits for its parent (init) to.
-        let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
-        if !process_is(pid, name) {
+        if ours {
+            match waitpid(p, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => {}
+                Ok(_) => return,
+                // Not our child: its parent (init, for a VM of an ended stage) reaps it.
+                Err(_) => ours = false,
+            }
+        }
+        if !ours && !process_is(pid, name) {
             return;
         }
         std::thread::sleep(Duration::from_millis(10));

@@ -1,5 +1,5 @@
 //! The workspace coming back from a VM: the agent sends /data as a tar, bounded by the size of
-//! the workspace disk, and the host unpacks it as hostile input.
+//! the workspace disk, and the host unpacks it as hostile input, as it streams in.
 
 use anyhow::{bail, Context, Result};
 use std::fs;
@@ -11,50 +11,84 @@ use crate::guest::protocol::*;
 use crate::sandbox::SandboxRecord;
 
 impl MicroVm {
-    /// Copies the VM's /data back into the host's workspace (the agent sends it as a tar).
+    /// Copies the VM's /data back into the host's workspace: the agent sends it as a tar, which
+    /// is unpacked as it streams in (nothing of it is buffered on the host) and refused past the
+    /// size of the VM's workspace disk.
     pub(super) fn fetch_workspace(&self, sandbox: &SandboxRecord, workspace: &Path) -> Result<()> {
         let det = Self::details(sandbox)?;
-        let limit = det.workspace_disk_bytes.max(64 << 20) * 2;
+        let limit = det.workspace_disk_bytes.max(64 << 20);
         let mut ch = self.connect(sandbox)?;
         let id = rand::random::<u32>() % (u32::MAX - 1);
         ch.send(&Frame::json(Kind::Sync, &Control { id })?)?;
-        let mut tarfile = tempfile::tempfile_in(&sandbox.state_dir)
-            .with_context(|| format!("creating a temporary file in {}", sandbox.state_dir.display()))?;
-        let mut total = 0u64;
-        let mut last_seen = Instant::now();
-        loop {
-            if last_seen.elapsed() > SILENCE_LIMIT {
+        let stream = SyncStream {
+            ch,
+            id,
+            vm: sandbox.name.clone(),
+            buf: Vec::new(),
+            at: 0,
+            total: 0,
+            limit,
+            last_seen: Instant::now(),
+            ended: false,
+        };
+        unpack_workspace(stream, workspace)
+    }
+}
+
+/// The agent's `SyncData` frames of one request as a byte stream, ending at its `SyncEnd`; an
+/// error past `limit` bytes, after `SILENCE_LIMIT` of silence, or on the agent's error.
+struct SyncStream {
+    ch: super::channel::Channel,
+    id: u32,
+    vm: String,
+    buf: Vec<u8>,
+    at: usize,
+    total: u64,
+    limit: u64,
+    last_seen: Instant,
+    ended: bool,
+}
+
+impl SyncStream {
+    fn fill(&mut self) -> Result<()> {
+        while self.at >= self.buf.len() && !self.ended {
+            if self.last_seen.elapsed() > SILENCE_LIMIT {
                 bail!(
                     "the agent of VM {} was silent for {SILENCE_LIMIT:?} while sending the workspace",
-                    sandbox.name
+                    self.vm
                 );
             }
-            let Some(f) = ch.recv(Duration::from_millis(200))? else { continue };
+            let Some(f) = self.ch.recv(Duration::from_millis(200))? else { continue };
             match f.kind {
                 Kind::SyncData => {
                     let (fid, data) = f.split_data()?;
-                    if fid != id {
+                    if fid != self.id {
                         continue;
                     }
-                    last_seen = Instant::now();
-                    total += data.len() as u64;
-                    if total > limit {
-                        bail!("VM {} sent more than {limit} bytes of workspace", sandbox.name);
+                    self.last_seen = Instant::now();
+                    self.total += data.len() as u64;
+                    if self.total > self.limit {
+                        bail!(
+                            "VM {} sent more than {} bytes of workspace (the size of its disk)",
+                            self.vm,
+                            self.limit
+                        );
                     }
-                    std::io::Write::write_all(&mut tarfile, data).context("buffering the workspace")?;
+                    self.buf = data.to_vec();
+                    self.at = 0;
                 }
                 Kind::SyncEnd => {
                     let end: SyncEnd = f.parse()?;
-                    if end.id == id {
-                        break;
+                    if end.id == self.id {
+                        self.ended = true;
                     }
                 }
                 Kind::Error => {
                     let r: ErrorReport = f.parse()?;
-                    if r.id == id {
+                    if r.id == self.id {
                         bail!(
                             "the agent of VM {} could not send the workspace: {}",
-                            sandbox.name,
+                            self.vm,
                             printable(&r.message)
                         );
                     }
@@ -62,8 +96,17 @@ impl MicroVm {
                 _ => {}
             }
         }
-        std::io::Seek::rewind(&mut tarfile).context("rewinding the workspace tar")?;
-        unpack_workspace(tarfile, workspace)
+        Ok(())
+    }
+}
+
+impl std::io::Read for SyncStream {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        self.fill().map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+        let n = out.len().min(self.buf.len() - self.at);
+        out[..n].copy_from_slice(&self.buf[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
     }
 }
 
@@ -71,7 +114,7 @@ impl MicroVm {
 /// regular files, directories and symlinks are taken (no device nodes, no FIFOs), each through
 /// `unpack_in`, which refuses paths that leave the workspace (`..`, absolute, or through a
 /// symlink), and their modes lose setuid, setgid and sticky bits.
-pub fn unpack_workspace(tarfile: fs::File, workspace: &Path) -> Result<()> {
+pub fn unpack_workspace(tar: impl std::io::Read, workspace: &Path) -> Result<()> {
     for e in fs::read_dir(workspace).with_context(|| format!("listing {}", workspace.display()))?.flatten() {
         let p = e.path();
         let res = if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
@@ -81,7 +124,7 @@ pub fn unpack_workspace(tarfile: fs::File, workspace: &Path) -> Result<()> {
         };
         res.with_context(|| format!("clearing {}", p.display()))?;
     }
-    let mut ar = tar::Archive::new(tarfile);
+    let mut ar = tar::Archive::new(tar);
     ar.set_preserve_permissions(true);
     // Modes come back without setuid, setgid or sticky bits: the guest's root made these files,
     // and on the host they are root's.
@@ -107,6 +150,68 @@ pub fn unpack_workspace(tarfile: fs::File, workspace: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stream of `tar` sent by a stand-in agent in 1 KiB frames, with a frame of another
+    /// request in between, then its end.
+    fn stream_of(tar: Vec<u8>, limit: u64) -> (SyncStream, std::thread::JoinHandle<()>, tempfile::TempDir) {
+        let d = tempfile::tempdir().unwrap();
+        let sock = d.path().join("agent.sock");
+        let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let agent = std::thread::spawn(move || {
+            let (mut c, _) = l.accept().unwrap();
+            Frame::data(Kind::SyncData, 9, b"another request's bytes").write_to(&mut c).unwrap();
+            for chunk in tar.chunks(1024) {
+                if Frame::data(Kind::SyncData, 7, chunk).write_to(&mut c).is_err() {
+                    return;
+                }
+            }
+            let _ = Frame::json(Kind::SyncEnd, &SyncEnd { id: 7, bytes: 0 }).unwrap().write_to(&mut c);
+        });
+        let ch = super::super::channel::Channel::connect(&sock, Duration::from_secs(5)).unwrap();
+        let s = SyncStream {
+            ch,
+            id: 7,
+            vm: "vm-1".into(),
+            buf: Vec::new(),
+            at: 0,
+            total: 0,
+            limit,
+            last_seen: Instant::now(),
+            ended: false,
+        };
+        (s, agent, d)
+    }
+
+    fn tar_of(files: &[(&str, usize)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, size) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(*size as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, name, &vec![b'x'; *size][..]).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    /// Low finding of issue 24: the workspace tar was buffered on the host up to twice the disk
+    /// size. It is unpacked as its frames arrive, and refused past the disk's size.
+    #[test]
+    fn the_workspace_streams_in_and_stops_at_the_disk_size() {
+        let tar = tar_of(&[("a.txt", 3000), ("dir/b.txt", 10)]);
+        let (s, agent, _d) = stream_of(tar.clone(), tar.len() as u64);
+        let ws = tempfile::tempdir().unwrap();
+        unpack_workspace(s, ws.path()).unwrap();
+        agent.join().unwrap();
+        assert_eq!(fs::read(ws.path().join("a.txt")).unwrap().len(), 3000);
+        assert_eq!(fs::read_to_string(ws.path().join("dir/b.txt")).unwrap(), "x".repeat(10));
+        // One byte over the disk's size: refused while streaming.
+        let (s, agent, _d) = stream_of(tar_of(&[("big", 64 << 10)]), 32 << 10);
+        let ws = tempfile::tempdir().unwrap();
+        let e = format!("{:#}", unpack_workspace(s, ws.path()).unwrap_err());
+        assert!(e.contains("sent more than 32768 bytes of workspace"), "{e}");
+        drop(agent);
+    }
 
     /// Finding 8 of the security review: the workspace copied back from a guest kept setuid and
     /// setgid bits on what are, on the host, root-owned files.

@@ -1,5 +1,5 @@
 //! The admin API under `/api/jobs` and `/api/executors` (submit, list, show, cancel, artifacts,
-//! executors), and the unauthenticated `/metrics`. Submitted jobs are validated here.
+//! executors), and `/metrics` (admin token). Submitted jobs are validated here.
 
 use anyhow::{Context, Result};
 use axum::body::Body;
@@ -304,7 +304,10 @@ pub(super) async fn artifacts_of(app: &Shared, id: i64) -> HttpResult<Response> 
 /// How long an executor's last metrics stay on `/metrics` after its last heartbeat.
 const EXECUTOR_METRICS_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(300);
 
-pub(super) async fn metrics(State(app): State<Shared>) -> HttpResult<Response> {
+/// `/metrics` wants the admin token: every job's network may reach the coordinator's port (for
+/// uploads), and the text names executors, queues and load. Prometheus sends it with
+/// `authorization: {type: Bearer, credentials_file: ...}` (docs/coordinator.md).
+pub(super) async fn metrics(State(app): State<Shared>, _: AdminToken) -> HttpResult<Response> {
     let since = store::now_ms() - app.cfg.active_window.as_millis() as i64;
     let (counts, active) = db(&app, move |s| Ok((s.counts()?, s.active_executors(since)?))).await?;
     let mut text = app.metrics.render(&counts, &app.cfg.queues, active);

@@ -1,4 +1,4 @@
-//! A job taking a pool VM: the VM must match the job's key, images and workspace size; the
+//! A job taking a pool VM: the VM must match the job's key, exact image set and workspace size; the
 //! job's workspace filesystem is written in place into the VM's blank disk, and the agent,
 //! told over the channel of the boot, mounts it.
 
@@ -100,7 +100,9 @@ impl Pool {
                 });
             }
             let Some(i) = st.ready.iter().position(|m| m.key.serves(&base, &images)) else {
-                return Claim::Miss("no ready VM of the pool has the job's kernel, limits and images".into());
+                return Claim::Miss(
+                    "no ready VM of the pool has the job's kernel, limits and exactly its images".into(),
+                );
             };
             if used + (64 << 20) > st.ready[i].key.base.disk_bytes {
                 return Claim::Miss(format!(

@@ -1,15 +1,15 @@
 //! What defines a pool VM ([`PoolKey`]: kernel, initramfs, accelerator, limits, disk size,
-//! network mode and images by digest), and the images the pool boots its next VMs with: those
-//! of recent jobs, remembered across restarts in `vm/pool-images.json`.
+//! network mode and its exact set of images by digest), and the images the pool boots its next
+//! VMs with: the set of the last job that asked, remembered across restarts in
+//! `vm/pool-images.json`. A VM serves only a job naming exactly its images: every image disk is
+//! readable by root in the guest, so a VM must never carry an image its job did not name (one
+//! pulled with another job's credentials, say).
 
 use anyhow::Result;
 use std::path::{Path, PathBuf};
 
 use super::Pool;
 use crate::sandbox::Limits;
-
-/// Most step images a pool VM carries (the most recently used first).
-const MAX_IMAGES: usize = 8;
 
 /// The workspace disk of a pool VM when there is no disk limit (sparse: only what the job's
 /// files use takes space). A job whose workspace needs more is a miss.
@@ -27,7 +27,7 @@ pub(crate) struct BaseKey {
 }
 
 /// Everything that defines a pool VM: a VM serves a job only when its base key is the current
-/// one and it carries each of the job's images at the digest the image store resolves now.
+/// one and its images are exactly the job's, at the digests the image store resolves now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct PoolKey {
     pub base: BaseKey,
@@ -36,10 +36,11 @@ pub(crate) struct PoolKey {
 }
 
 impl PoolKey {
-    /// Whether a VM of this key may serve a job that needs `images` (reference, digest) on a
-    /// host whose current base key is `base`.
+    /// Whether a VM of this key may serve a job that needs `images` (reference, digest; sorted
+    /// and without duplicates, as [`Pool::resolve`] gives them) on a host whose current base
+    /// key is `base`: the same base and the very same images, no more.
     pub(crate) fn serves(&self, base: &BaseKey, images: &[(String, String)]) -> bool {
-        self.base == *base && images.iter().all(|i| self.images.contains(i))
+        self.base == *base && self.images == images
     }
 }
 
@@ -54,6 +55,35 @@ fn file_id(p: &Path) -> String {
 
 pub(super) fn wanted_path(state_dir: &Path) -> PathBuf {
     crate::vm::vm_dir(state_dir).join("pool-images.json")
+}
+
+/// `vm/pool-images.json`: `{"images": [...]}`, the one set the next VMs boot with. The file of
+/// an older executor (a bare list: the union of several jobs' references) is not read.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Wanted {
+    images: Vec<String>,
+}
+
+pub(super) fn read_wanted(state_dir: &Path) -> Vec<String> {
+    std::fs::read(wanted_path(state_dir))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Wanted>(&b).ok())
+        .map(|w| image_set(&w.images))
+        .unwrap_or_default()
+}
+
+fn write_wanted(state_dir: &Path, images: &[String]) {
+    if let Ok(bytes) = serde_json::to_vec(&Wanted { images: images.to_vec() }) {
+        let _ = crate::base::fs::write_atomic(&wanted_path(state_dir), &bytes);
+    }
+}
+
+/// A job's image references as one set: sorted, without duplicates.
+pub(super) fn image_set(images: &[String]) -> Vec<String> {
+    let mut v = images.to_vec();
+    v.sort();
+    v.dedup();
+    v
 }
 
 impl Pool {
@@ -95,23 +125,15 @@ impl Pool {
         Ok(PoolKey { base: self.base_key()?, images: self.resolve(&wanted) })
     }
 
-    /// Remembers a job's images (most recent first), for the VMs booted next.
+    /// Remembers a job's image set, and only it, for the VMs booted next: VMs of the previous
+    /// set are discarded by the booter (they could serve no job but one naming that set).
     pub(super) fn want(&self, images: &[String]) {
         let mut st = self.state();
-        let mut wanted: Vec<String> = images.to_vec();
-        for w in &st.wanted {
-            if !wanted.contains(w) {
-                wanted.push(w.clone());
-            }
-        }
-        wanted.truncate(MAX_IMAGES);
+        let wanted = image_set(images);
         if wanted != st.wanted {
             st.wanted = wanted.clone();
             drop(st);
-            let path = wanted_path(&self.rt.opts.state_dir);
-            if let Ok(bytes) = serde_json::to_vec(&wanted) {
-                let _ = crate::base::fs::write_atomic(&path, &bytes);
-            }
+            write_wanted(&self.rt.opts.state_dir, &wanted);
             self.cv.notify_all();
         }
     }
@@ -139,21 +161,41 @@ mod tests {
             base: base(512 << 20),
             images: vec![img("alpine", "sha256:a"), img("busybox", "sha256:b")],
         };
-        assert!(key.serves(&base(512 << 20), &[img("busybox", "sha256:b")]));
-        assert!(key.serves(&base(512 << 20), &[]));
+        let both = [img("alpine", "sha256:a"), img("busybox", "sha256:b")];
+        assert!(key.serves(&base(512 << 20), &both));
+        // A job naming fewer images than the VM carries would see the others' disks: a miss.
+        assert!(!key.serves(&base(512 << 20), &[img("busybox", "sha256:b")]));
+        assert!(!key.serves(&base(512 << 20), &[]));
         // An image tag that moved to another digest, an image it lacks, other limits, another
         // kernel or initramfs, another network mode: all misses.
-        assert!(!key.serves(&base(512 << 20), &[img("busybox", "sha256:new")]));
-        assert!(!key.serves(&base(512 << 20), &[img("debian", "sha256:d")]));
-        assert!(!key.serves(&base(1 << 30), &[]));
+        assert!(!key.serves(&base(512 << 20), &[img("alpine", "sha256:a"), img("busybox", "sha256:new")]));
+        assert!(!key.serves(&base(512 << 20), &[img("alpine", "sha256:a"), img("debian", "sha256:d")]));
+        assert!(!key.serves(&base(1 << 30), &both));
         let mut other = base(512 << 20);
         other.kernel = "6.1 vmlinux 1 9.9".into();
-        assert!(!key.serves(&other, &[]));
+        assert!(!key.serves(&other, &both));
         let mut other = base(512 << 20);
         other.initramfs = "def initramfs 4 5.6".into();
-        assert!(!key.serves(&other, &[]));
+        assert!(!key.serves(&other, &both));
         let mut other = base(512 << 20);
         other.network = "internet".into();
-        assert!(!key.serves(&other, &[]));
+        assert!(!key.serves(&other, &both));
+        let empty = PoolKey { base: base(512 << 20), images: vec![] };
+        assert!(empty.serves(&base(512 << 20), &[]) && !empty.serves(&base(512 << 20), &both[..1]));
+    }
+
+    #[test]
+    fn the_pool_remembers_one_jobs_image_set() {
+        let set = image_set(&["b".into(), "a".into(), "b".into()]);
+        assert_eq!(set, ["a", "b"]);
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(crate::vm::vm_dir(d.path())).unwrap();
+        // The file of an older executor: a union of many jobs' references, dropped.
+        std::fs::write(wanted_path(d.path()), br#"["a","b","c"]"#).unwrap();
+        assert!(read_wanted(d.path()).is_empty());
+        write_wanted(d.path(), &set);
+        assert_eq!(read_wanted(d.path()), set);
+        let text = std::fs::read_to_string(wanted_path(d.path())).unwrap();
+        assert_eq!(text, r#"{"images":["a","b"]}"#);
     }
 }

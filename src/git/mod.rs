@@ -438,8 +438,9 @@ fn log_line(log: &mut dyn CommandLog, key: &str, line: &str) {
     w.finish(0);
 }
 
-/// The environment of every git command: nothing of the host's but PATH, and no host or user
-/// git configuration.
+/// The environment of every git command: nothing of the host's but PATH, the proxy variables
+/// and the trust store (`base::http::git_env`: git reaches the coordinator as the executor's own
+/// client does), and no host or user git configuration.
 fn base_env(req: &CloneRequest) -> Vec<(String, String)> {
     let mut env = vec![
         ("PATH".to_string(), std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into())),
@@ -461,9 +462,7 @@ fn base_env(req: &CloneRequest) -> Vec<(String, String)> {
                 .into(),
         ),
     ];
-    if let Some(ca) = &req.ca_file {
-        env.push(("GIT_SSL_CAINFO".into(), ca.to_string_lossy().into_owned()));
-    }
+    env.extend(crate::base::http::git_env(req.ca_file.as_deref()));
     env
 }
 

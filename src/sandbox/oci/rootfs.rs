@@ -143,7 +143,13 @@ pub struct StepRoot {
 /// workspace, at `root-<id>` in the reach directory. The upper layer's top is made
 /// with the image root's owner and mode, so the merged root looks like the image's, and holds
 /// `etc` (see [`EtcFiles`]).
-pub fn mount_step(sandbox: &str, workspace: &Path, lower: &Path, id: &str, etc: &EtcFiles) -> Result<StepRoot> {
+pub fn mount_step(
+    sandbox: &str,
+    workspace: &Path,
+    lower: &Path,
+    id: &str,
+    etc: &EtcFiles,
+) -> Result<StepRoot> {
     let name = format!("{LAYER_PREFIX}{}", id.rsplit('-').next().unwrap_or(id));
     let layer = workspace.join(&name);
     // A fresh name in the workspace's top directory, which only this (root) process changes
@@ -223,7 +229,8 @@ fn write_etc(upper: &Path, lower: &Path, lower_md: &fs::Metadata, files: &EtcFil
         .with_context(|| format!("changing the owner of {}", etc.display()))?;
     fs::set_permissions(&etc, fs::Permissions::from_mode(mode))
         .with_context(|| format!("setting the mode of {}", etc.display()))?;
-    for (name, text) in [("resolv.conf", &files.resolv_conf), ("hosts", &files.hosts), ("hostname", &files.hostname)]
+    for (name, text) in
+        [("resolv.conf", &files.resolv_conf), ("hosts", &files.hosts), ("hostname", &files.hostname)]
     {
         let path = etc.join(name);
         let mut f = fs::OpenOptions::new()

@@ -201,8 +201,9 @@ impl OciRuntime {
             netns: n.netns_path(),
             // A bind mount needs a file as its target: the root has one unless the image's /etc
             // is no directory (see rootfs::EtcFiles).
-            resolv_conf: (root.etc || fs::symlink_metadata(lower.join("etc/resolv.conf")).is_ok_and(|m| m.is_file()))
-                .then(|| rootfs::reach_dir(&sandbox.name).join(RESOLV_CONF)),
+            resolv_conf: (root.etc
+                || fs::symlink_metadata(lower.join("etc/resolv.conf")).is_ok_and(|m| m.is_file()))
+            .then(|| rootfs::reach_dir(&sandbox.name).join(RESOLV_CONF)),
         });
         let config = spec::bundle_config(&container, network.as_ref());
         if let Err(e) = fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(&config)?) {

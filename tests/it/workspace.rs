@@ -310,6 +310,46 @@ fn shallow_job_is_served_from_the_cache() {
     }
 }
 
+/// Shallow jobs (Sourcegraph's) get workspace templates of their own: the second shallow job
+/// starts from the first one's pristine shallow checkout, and is still exactly a depth-1 clone of
+/// its commit.
+#[test]
+fn shallow_jobs_start_from_a_shallow_template() {
+    let test = "shallow_jobs_start_from_a_shallow_template";
+    if !common::is_root() {
+        return common::skip(test, "root", "workspace disks (and so templates) need root to loop-mount");
+    }
+    let c = Coordinator::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (repo, c1, c2) = make_repo(tmp.path(), "origin");
+    register(&c, "github.com/acme/s", &repo);
+    let ex = Stages::new(&c);
+    let submit = |commit: &str| {
+        c.submit(json!({"repositoryName": "github.com/acme/s", "commit": commit, "shallowClone": true,
+            "dockerSteps": []}))
+    };
+    let done = |id| c.wait_state(id, &["completed"], std::time::Duration::from_secs(20));
+    let a = submit(&c1);
+    let (d, o) = ex.prepare();
+    common::assert_ok(&o);
+    ex.finish(&d);
+    assert!(log_out(&done(a), "setup.git.template").contains("made the workspace template"));
+    let b = submit(&c2);
+    let (d, o) = ex.prepare();
+    common::assert_ok(&o);
+    let ws = workspace(&d);
+    assert_eq!(git(&ws, &["rev-parse", "HEAD"]), c2);
+    assert_eq!(git(&ws, &["rev-parse", "--is-shallow-repository"]), "true");
+    assert_eq!(git(&ws, &["rev-list", "--count", "HEAD"]), "1");
+    git(&ws, &["fsck", "--full", "--strict"]);
+    assert_eq!(git(&ws, &["status", "--porcelain", "--ignored", "--untracked-files=all"]), "");
+    assert_eq!(git(&ws, &["ls-tree", "-r", "HEAD"]), git(&repo, &["ls-tree", "-r", &c2]));
+    assert_eq!(git(&ws, &["for-each-ref"]), "", "no ref left");
+    ex.finish(&d);
+    let used = log_out(&done(b), "setup.git.template");
+    assert!(used.contains("started as a copy of the template") && used.contains(&c1), "{used}");
+}
+
 /// The output of a job's log entries with `key`, joined.
 fn log_out(job: &Value, key: &str) -> String {
     job["logs"]

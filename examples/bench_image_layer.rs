@@ -57,9 +57,10 @@ fn main() -> Result<()> {
         // On the step's path: making and mounting the layer, and handing its removal to a
         // thread (what run_step does). Beside it: the removal itself, done in the foreground.
         let (mut layer, mut mounts, mut unmounts) = (Vec::new(), Vec::new(), Vec::new());
+        let etc = rootfs::EtcFiles::new("sandbox", None, String::new());
         for i in 0..runs * 5 {
             let t = Instant::now();
-            let root = rootfs::mount_step(&sb.name, &d.workspace, &lower, &format!("bench-{i:08x}"))?;
+            let root = rootfs::mount_step(&sb.name, &d.workspace, &lower, &format!("bench-{i:08x}"), &etc)?;
             let m = t.elapsed();
             if i % 2 == 0 {
                 rootfs::unmount_step_later(root);

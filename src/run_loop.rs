@@ -251,13 +251,33 @@ fn wait_for_coordinator(
     client: &Client,
     sig: &Receiver<&'static str>,
 ) -> Option<&'static str> {
-    let ping_started = Instant::now();
+    // The first failure says what failed and what to set, once; the retries that follow are
+    // quiet unless the failure changes (a fixed proxy that now meets a certificate problem).
+    let mut said: Option<String> = None;
     loop {
         match client.ping(&settings.queues, settings.multi_queue) {
-            Ok(()) => return None,
+            Ok(()) => {
+                if said.is_some() {
+                    info!("reached the coordinator at {}", client.base_url());
+                }
+                return None;
+            }
             Err(e) => {
-                if ping_started.elapsed() > Duration::from_secs(60) || e.status().is_some() {
-                    warn!("cannot reach the coordinator yet: {e}");
+                let advice = e.advice();
+                if said.as_ref() != Some(&advice.clone().unwrap_or_default()) {
+                    match &advice {
+                        Some(a) => warn!(
+                            "cannot reach the coordinator at {} ({e}): {a}; retrying every second",
+                            client.base_url()
+                        ),
+                        None => warn!(
+                            "cannot reach the coordinator at {} ({e}); retrying every second",
+                            client.base_url()
+                        ),
+                    }
+                    said = Some(advice.unwrap_or_default());
+                } else {
+                    tracing::debug!("cannot reach the coordinator yet: {e}");
                 }
             }
         }

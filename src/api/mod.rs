@@ -1,6 +1,8 @@
 //! The coordinator client: one function per route of the executor protocol, the contract's auth
 //! headers, and jittered exponential retries (transport errors, 5xx except 501, 429; never other
-//! 4xx). Blocking (ureq), over HTTP or HTTPS (rustls, with an optional private CA).
+//! 4xx). Blocking (ureq), over HTTP or HTTPS, trusting and proxying as every client of the
+//! executor does (`base::http`: the web roots, the system trust store, an optional private CA;
+//! `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY`).
 
 pub(crate) mod metrics;
 
@@ -9,9 +11,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use rand::Rng;
 
+use crate::base::http;
 use crate::base::secret::Secret;
 use crate::protocol::{
     AddExecutionLogEntryRequest, DequeueRequest, ExecutionLogEntry, ExecutorTelemetry, HeartbeatRequest,
@@ -41,13 +44,36 @@ pub enum ApiError {
     Status { route: String, status: u16, detail: String },
     #[error("{route}: {message}")]
     Transport { route: String, message: String },
+    /// The coordinator was not reached: `kind` says how it failed, `advice` what to set.
+    #[error("{route}: {kind}: {message}")]
+    Unreachable { route: String, kind: &'static str, message: String, advice: String },
 }
 
 impl ApiError {
     pub fn status(&self) -> Option<u16> {
         match self {
             ApiError::Status { status, .. } => Some(*status),
-            ApiError::Transport { .. } => None,
+            ApiError::Transport { .. } | ApiError::Unreachable { .. } => None,
+        }
+    }
+
+    /// What the operator checks or sets about this failure, when there is something to say.
+    pub(crate) fn advice(&self) -> Option<String> {
+        match self {
+            ApiError::Unreachable { advice, .. } => Some(advice.clone()),
+            ApiError::Status { status: 401 | 403, .. } => Some(
+                "the coordinator refuses the shared secret: check EXECUTOR_FRONTEND_PASSWORD (the \
+                 instance's executors.accessToken)"
+                    .into(),
+            ),
+            ApiError::Status { status: 407, .. } => Some(
+                "the proxy asks for credentials: put them in the proxy URL (http://user:password@host:port)"
+                    .into(),
+            ),
+            ApiError::Status { status: 404, .. } => {
+                Some("check EXECUTOR_FRONTEND_URL: it is the instance's root URL, without a path".into())
+            }
+            _ => None,
         }
     }
 }
@@ -117,41 +143,6 @@ pub(crate) fn retryable_status(status: u16) -> bool {
     status == 429 || (500..600).contains(&status) && status != 501
 }
 
-/// Whether TLS refused a certificate (the coordinator's, by us, or ours, by it) under a transport
-/// error: ureq carries rustls's error inside an `io::Error` of its source chain.
-fn refuses_certificate(t: &ureq::Transport) -> bool {
-    use rustls::AlertDescription as A;
-    let mut cause = std::error::Error::source(t);
-    while let Some(c) = cause {
-        let inner = c.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref());
-        let tls = c
-            .downcast_ref::<rustls::Error>()
-            .or_else(|| inner.and_then(|e| e.downcast_ref::<rustls::Error>()));
-        if let Some(e) = tls {
-            return match e {
-                rustls::Error::InvalidCertificate(_)
-                | rustls::Error::NoCertificatesPresented
-                | rustls::Error::InvalidCertRevocationList(_) => true,
-                rustls::Error::AlertReceived(a) => matches!(
-                    a,
-                    A::BadCertificate
-                        | A::UnsupportedCertificate
-                        | A::CertificateRevoked
-                        | A::CertificateExpired
-                        | A::CertificateUnknown
-                        | A::CertificateUnobtainable
-                        | A::BadCertificateStatusResponse
-                        | A::BadCertificateHashValue
-                        | A::CertificateRequired
-                ),
-                _ => false,
-            };
-        }
-        cause = c.source();
-    }
-    false
-}
-
 /// The per-job credentials of job routes.
 #[derive(Debug, Clone)]
 pub(crate) struct JobAuth {
@@ -182,6 +173,8 @@ enum Body<'a> {
 #[derive(Clone)]
 pub(crate) struct Client {
     agent: ureq::Agent,
+    /// The proxy (`host:port`) the agent goes through, for messages.
+    proxy: Option<String>,
     base: String,
     secret: Secret,
     executor_name: String,
@@ -214,17 +207,18 @@ impl Client {
         base_url: &str,
         executor_name: &str,
     ) -> Result<Client> {
-        let mut builder = ureq::AgentBuilder::new()
-            .timeout_connect(Duration::from_secs(10))
-            .timeout_read(Duration::from_secs(90))
-            .timeout_write(Duration::from_secs(90))
-            .redirects(0)
-            .user_agent(&format!("executor/{VERSION}"));
-        if base_url.starts_with("https://") {
-            builder = builder.tls_config(Arc::new(tls_config(ca)?));
-        }
+        let make = || {
+            ureq::AgentBuilder::new()
+                .timeout_connect(Duration::from_secs(10))
+                .timeout_read(Duration::from_secs(90))
+                .timeout_write(Duration::from_secs(90))
+                .redirects(0)
+                .user_agent(&format!("executor/{VERSION}"))
+        };
+        let agents = http::Agents::new(make, base_url.starts_with("https://"), ca)?;
         Ok(Client {
-            agent: builder.build(),
+            agent: agents.for_url(base_url).clone(),
+            proxy: agents.proxy_for(base_url),
             base: base_url.trim_end_matches('/').to_string(),
             secret: secret.clone(),
             executor_name: executor_name.to_string(),
@@ -344,6 +338,7 @@ impl Client {
                     )
                 }
                 Err(ureq::Error::Transport(t)) => {
+                    let failure = http::Failure::of(&t);
                     let retry = match t.kind() {
                         ureq::ErrorKind::InvalidUrl
                         | ureq::ErrorKind::UnknownScheme
@@ -352,10 +347,10 @@ impl Client {
                         // DNS not-found is given up after 3 attempts.
                         ureq::ErrorKind::Dns => attempt < 2,
                         // An unknown TLS authority does not get better by asking again.
-                        _ if refuses_certificate(&t) => false,
+                        _ if failure == http::Failure::Certificate => false,
                         _ => true,
                     };
-                    (retry, ApiError::Transport { route: route.clone(), message: t.to_string() }, None)
+                    (retry, self.unreachable(&route, &url, failure, &t), None)
                 }
             };
             attempt += 1;
@@ -367,6 +362,21 @@ impl Client {
                 _ => self.retry.delay(attempt),
             };
             std::thread::sleep(delay);
+        }
+    }
+
+    /// A transport failure, with what to set about it.
+    fn unreachable(&self, route: &str, url: &str, failure: http::Failure, t: &ureq::Transport) -> ApiError {
+        let target = match http::Target::parse(url) {
+            Some(t) if t.host.contains(':') => format!("[{}]:{}", t.host, t.port),
+            Some(t) => format!("{}:{}", t.host, t.port),
+            None => url.to_string(),
+        };
+        ApiError::Unreachable {
+            route: route.to_string(),
+            kind: failure.word(),
+            message: t.to_string(),
+            advice: failure.advice(&target, self.proxy.as_deref(), "EXECUTOR_FRONTEND_CA"),
         }
     }
 
@@ -607,32 +617,6 @@ fn error_detail(text: &str) -> String {
     }
 }
 
-/// rustls with the public web roots plus the operator's private CA, if any.
-/// TLS settings that trust the web PKI plus the PEM certificates in `ca` (if any).
-pub(crate) fn tls_config(ca: Option<&Path>) -> Result<rustls::ClientConfig> {
-    use rustls::pki_types::{pem::PemObject, CertificateDer};
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = ca {
-        let pem = std::fs::read(path).with_context(|| format!("reading the CA file {}", path.display()))?;
-        let mut n = 0;
-        for cert in CertificateDer::pem_slice_iter(&pem) {
-            let cert = cert.with_context(|| format!("parsing the CA file {}", path.display()))?;
-            roots.add(cert).with_context(|| format!("adding a certificate of {}", path.display()))?;
-            n += 1;
-        }
-        if n == 0 {
-            anyhow::bail!("the CA file {} holds no PEM certificate", path.display());
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .context("configuring TLS")?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
-}
-
 /// What heartbeats report about this host; gathered once per process, at its first heartbeat:
 /// asking git its version costs a process, which a stage that sends no heartbeat (such as
 /// `prepare-workspace`, whose clone is on the path to the first step) should not pay.
@@ -795,7 +779,7 @@ mod tests {
         let attempts = |alert: u8| {
             let (url, count) = alerting(alert);
             let err = client(&url).test_auth().unwrap_err();
-            assert!(matches!(err, ApiError::Transport { .. }), "{err}");
+            assert!(matches!(err, ApiError::Unreachable { .. }), "{err}");
             (count.load(std::sync::atomic::Ordering::SeqCst), err.to_string())
         };
         let (n, err) = attempts(0x2a);
@@ -897,7 +881,8 @@ mod tests {
         let url = format!("http://{}", l.local_addr().unwrap());
         drop(l);
         let err = client(&url).test_auth().unwrap_err();
-        assert!(matches!(err, ApiError::Transport { .. }), "{err}");
+        assert!(matches!(err, ApiError::Unreachable { kind: "connection refused", .. }), "{err}");
+        assert!(err.advice().unwrap().contains("HTTPS_PROXY"), "{err}");
         assert!(!err.to_string().contains("a-shared-secret"), "{err}");
     }
 }

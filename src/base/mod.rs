@@ -4,6 +4,7 @@
 pub mod cancel;
 pub(crate) mod exit;
 pub(crate) mod fs;
+pub(crate) mod http;
 pub(crate) mod lock;
 pub(crate) mod log;
 pub(crate) mod metrics;

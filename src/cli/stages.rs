@@ -127,7 +127,10 @@ pub(super) fn validate(settings: Settings) -> Result<i32> {
             )
             .into())
         }
-        Err(e) => return Err(ExitError::new(exit::TEMPFAIL, format!("reaching the coordinator at {url}: {e}")).into()),
+        Err(e) => {
+            let advice = e.advice().map(|a| format!(": {a}")).unwrap_or_default();
+            return Err(ExitError::new(exit::TEMPFAIL, format!("reaching the coordinator at {url}: {e}{advice}")).into());
+        }
     }
     let rt = crate::sandbox::open_choice(settings.runtime, &settings.runtime_options())
         .map_err(|e| ExitError::new(exit::JOB_FAILED, format!("runtime {}: {e:#}", settings.runtime)))?;

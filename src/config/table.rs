@@ -140,7 +140,8 @@ settings! {
     }
     frontend_ca: Option<PathBuf> = parse::nonempty_path {
         flag: "frontend-ca", env: "EXECUTOR_FRONTEND_CA", value_name: "FILE", shape: Shape::Path,
-        help: "PEM file of CA certificates trusted for an https coordinator, besides the public roots",
+        help: "PEM file of CA certificates trusted for an https coordinator, besides the public roots and the \
+               system trust store (SSL_CERT_FILE, SSL_CERT_DIR)",
     }
     queue_name: Option<String> = parse::queue {
         flag: "queue", env: "EXECUTOR_QUEUE_NAME", value_name: "NAME",
@@ -283,7 +284,8 @@ settings! {
     registry_ca: Option<PathBuf> = parse::path {
         flag: "registry-ca", env: "EXECUTOR_REGISTRY_CA", value_name: "FILE", shape: Shape::Path,
         group: Group::Registry,
-        help: "Extra CA certificates (PEM) trusted for registries' TLS",
+        help: "Extra CA certificates (PEM) trusted for registries' TLS, besides the public roots and the system \
+               trust store",
     }
     image_max_size: u64 = parse::bytes {
         flag: "image-max-size", env: "EXECUTOR_IMAGE_MAX_SIZE", value_name: "SIZE", default: Some("32G"),

@@ -70,13 +70,27 @@ impl ObjectCache {
         let _lock = self.lock(&req.frontend_url, &req.repository_name)?;
         let dir = self.repo_dir(&req.frontend_url, &req.repository_name);
         let d = dir.to_string_lossy().into_owned();
+        self.fetch(git, log, url, &d)?;
+        let (n, bytes) = copy_objects(&dir.join("objects"), objects)?;
+        let mut w = log.start("setup.git.cache", None);
+        let line = format!("copied {n} object files ({bytes} bytes) from the object cache\n");
+        w.output(crate::base::proc::Stream::Stdout, line.as_bytes());
+        w.finish(0);
+        Ok(())
+    }
+
+    /// The cache's own fetch of the job's commit from the coordinator (the caller holds the
+    /// lock), which leaves `refs/executor/<commit>` naming it; repacks a cache of many packs.
+    fn fetch(&self, git: &Git, log: &mut dyn CommandLog, url: &str, d: &str) -> Result<()> {
+        let req = git.req;
+        let dir = Path::new(d);
         let refspec = format!("+{}:refs/executor/{}", req.commit, req.commit);
         git.run(
             log,
             "setup.git.cache-fetch",
             &[
                 "-C",
-                &d,
+                d,
                 "-c",
                 "protocol.version=2",
                 "fetch",
@@ -90,14 +104,59 @@ impl ObjectCache {
         )
         .map_err(|e| super::missing_commit(e, req))?;
         let object = format!("{}^{{commit}}", req.commit);
-        git.quiet(&["-C", &d, "cat-file", "-e", &object])
+        git.quiet(&["-C", d, "cat-file", "-e", &object])
             .context("the cache lacks the commit after its fetch")?;
         if count_packs(&dir.join("objects"))? > MAX_PACKS {
-            git.quiet(&["-C", &d, "repack", "-a", "-d", "-q"]).context("repacking the object cache")?;
+            git.quiet(&["-C", d, "repack", "-a", "-d", "-q"]).context("repacking the object cache")?;
         }
-        let (n, bytes) = copy_objects(&dir.join("objects"), objects)?;
+        Ok(())
+    }
+
+    /// Fetches the job's commit at depth 1 into the repository at `repo` from the cache, first
+    /// bringing the cache to the commit from the coordinator (`url`) when it lacks it. The
+    /// commit counts as present only with the ref the cache's own fetch (or its seed) wrote
+    /// for it, which git wrote after checking that the commit's history is complete there.
+    pub(crate) fn shallow_into(
+        &self,
+        git: &Git,
+        log: &mut dyn CommandLog,
+        url: &str,
+        repo: &str,
+    ) -> Result<()> {
+        let req = git.req;
+        let _lock = self.lock(&req.frontend_url, &req.repository_name)?;
+        let dir = self.repo_dir(&req.frontend_url, &req.repository_name);
+        let d = dir.to_string_lossy().into_owned();
+        let hint = format!("refs/executor/{}", req.commit);
+        let has =
+            git.quiet(&["-C", &d, "rev-parse", "--verify", "--quiet", &format!("{hint}^{{commit}}")]).is_ok();
+        if !has {
+            self.fetch(git, log, url, &d)?;
+        }
+        let from = format!("file://{d}");
+        git.run(
+            log,
+            "setup.git.cache-shallow",
+            &[
+                "-C",
+                repo,
+                "-c",
+                "protocol.version=2",
+                "fetch",
+                "--no-tags",
+                "--no-write-fetch-head",
+                "--depth=1",
+                &from,
+                &req.commit,
+            ],
+            &[],
+        )?;
         let mut w = log.start("setup.git.cache", None);
-        let line = format!("copied {n} object files ({bytes} bytes) from the object cache\n");
+        let line = if has {
+            "made the shallow clone from the object cache, which had the commit\n"
+        } else {
+            "made the shallow clone from the object cache, brought to the commit first\n"
+        };
         w.output(crate::base::proc::Stream::Stdout, line.as_bytes());
         w.finish(0);
         Ok(())

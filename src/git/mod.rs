@@ -131,12 +131,15 @@ pub(crate) fn validate_commit(commit: &str) -> Result<()> {
 
 /// Runs the clone sequence; each git command is one log entry.
 ///
-/// With the object cache (full clones of a commit hash): when the cache holds the repository,
-/// it is brought up to date from the coordinator (only new objects travel) and its packs are
-/// copied into the workspace before the fetch, which then finds the commit locally. When it does
-/// not, the workspace fetches from the coordinator as plain git would, and its freshly verified
-/// packs seed the cache. A cache that fails in any way is removed and the clone starts again
-/// from the coordinator, with a log line that says so.
+/// With the object cache (clones of a commit hash, not sparse): when the cache holds the
+/// repository, it is brought up to date from the coordinator (only new objects travel) and its
+/// packs are copied into the workspace before the fetch, which then finds the commit locally.
+/// A shallow clone (every Sourcegraph job) is made from the cache alone, without the network
+/// when the cache has the commit ([`shallow_from_cache`]). When the cache lacks the repository,
+/// the workspace fetches from the coordinator as plain git would, and a full clone's freshly
+/// verified packs seed the cache (a shallow one's cannot: the cache keeps whole histories). A
+/// cache that fails in any way is removed and the clone starts again from the coordinator, with
+/// a log line that says so.
 pub(crate) fn clone(req: &CloneRequest, log: &mut dyn CommandLog) -> Result<()> {
     validate_repository_name(&req.repository_name)?;
     validate_commit(&req.commit)?;
@@ -146,10 +149,18 @@ pub(crate) fn clone(req: &CloneRequest, log: &mut dyn CommandLog) -> Result<()> 
     let cache = req
         .cache
         .as_ref()
-        .filter(|_| !req.shallow && req.sparse.is_empty() && cache::is_object_name(&req.commit));
+        // A shallow fetch with `--tags` brings the tags' own commits: left to the coordinator.
+        .filter(|_| {
+            req.sparse.is_empty() && cache::is_object_name(&req.commit) && !(req.shallow && req.fetch_tags)
+        });
     if let Some(cache) = cache {
         if cache.exists(&req.frontend_url, &req.repository_name) {
-            match attempt(&git, log, &url, Some(cache)) {
+            let res = if req.shallow {
+                shallow_from_cache(&git, log, &url, cache)
+            } else {
+                attempt(&git, log, &url, Some(cache))
+            };
+            match res {
                 Ok(()) => return Ok(()),
                 Err(e) if is_missing_commit(&e) => return Err(e),
                 Err(e) => {
@@ -168,7 +179,7 @@ pub(crate) fn clone(req: &CloneRequest, log: &mut dyn CommandLog) -> Result<()> 
         }
     }
     attempt(&git, log, &url, None)?;
-    if let Some(cache) = cache {
+    if let Some(cache) = cache.filter(|_| !req.shallow) {
         match cache.seed(&git, req) {
             Ok(Some(bytes)) => log_line(
                 log,
@@ -332,6 +343,25 @@ fn attempt(git: &Git, log: &mut dyn CommandLog, url: &str, cache: Option<&Object
     set_remote(git, log, &r)
 }
 
+/// A shallow clone made from the object cache: the cache is brought to the commit from the
+/// coordinator only when it lacks it (`setup.git.cache-fetch`), then the workspace fetches the
+/// commit at depth 1 from the cache itself (`setup.git.cache-shallow`, git's own shallow
+/// fetch over `file://`, so `.git/shallow` names the commit and only the commit and its tree
+/// travel, as from the coordinator), and the contract's remaining steps follow without a fetch
+/// from the coordinator.
+fn shallow_from_cache(git: &Git, log: &mut dyn CommandLog, url: &str, cache: &ObjectCache) -> Result<()> {
+    let req = git.req;
+    let r = req.dir.to_string_lossy().into_owned();
+    git.run(log, "setup.git.init", &["-C", &r, "init"], &[])?;
+    cache.shallow_into(git, log, url, &r)?;
+    git.run(log, "setup.git.add-remote", &["-C", &r, "remote", "add", "origin", url], &[])?;
+    git.run(log, "setup.git.disable-gc", &["-C", &r, "config", "--local", "gc.auto", "0"], &[])?;
+    check_size(req)?;
+    git.run(log, "setup.git.checkout", &["-C", &r, "checkout", "--progress", "--force", &req.commit], &[])?;
+    check_size(req)?;
+    set_remote(git, log, &r)
+}
+
 /// Removes everything inside `dir` (a failed attempt's repository), keeping `dir`.
 fn empty_dir(dir: &Path) -> Result<()> {
     for e in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
@@ -438,8 +468,9 @@ fn log_line(log: &mut dyn CommandLog, key: &str, line: &str) {
     w.finish(0);
 }
 
-/// The environment of every git command: nothing of the host's but PATH, and no host or user
-/// git configuration.
+/// The environment of every git command: nothing of the host's but PATH, the proxy variables
+/// and the trust store (`base::http::git_env`: git reaches the coordinator as the executor's own
+/// client does), and no host or user git configuration.
 fn base_env(req: &CloneRequest) -> Vec<(String, String)> {
     let mut env = vec![
         ("PATH".to_string(), std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into())),
@@ -461,9 +492,7 @@ fn base_env(req: &CloneRequest) -> Vec<(String, String)> {
                 .into(),
         ),
     ];
-    if let Some(ca) = &req.ca_file {
-        env.push(("GIT_SSL_CAINFO".into(), ca.to_string_lossy().into_owned()));
-    }
+    env.extend(crate::base::http::git_env(req.ca_file.as_deref()));
     env
 }
 

@@ -6,13 +6,14 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use base64::Engine;
 
 use crate::api::RetryPolicy;
+use crate::base::http::Agents;
 use crate::base::secret::Secret;
 
 /// Docker Hub's name in references and its API host.
@@ -228,19 +229,22 @@ impl Default for RegistryOptions {
     }
 }
 
-/// A builder of agents shared by a pull's sessions.
-pub(crate) fn agent(opts: &RegistryOptions) -> Result<ureq::Agent> {
-    Ok(ureq::AgentBuilder::new()
-        .timeout_connect(Duration::from_secs(10))
-        .timeout_read(Duration::from_secs(60))
-        .redirects(5)
-        .user_agent(&format!("executor/{}", crate::api::VERSION))
-        .tls_config(Arc::new(crate::api::tls_config(opts.ca.as_deref())?))
-        .build())
+/// The agents shared by a pull's sessions: TLS roots and proxies as every client of the
+/// executor has them (`base::http`), the registry CA added; each URL goes through the proxy
+/// `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` choose for it.
+pub(crate) fn agent(opts: &RegistryOptions) -> Result<Agents> {
+    let make = || {
+        ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(10))
+            .timeout_read(Duration::from_secs(60))
+            .redirects(5)
+            .user_agent(&format!("executor/{}", crate::api::VERSION))
+    };
+    Agents::new(make, true, opts.ca.as_deref())
 }
 
 /// The base URLs to try for `name`, in order.
-pub(crate) fn endpoints(agent: &ureq::Agent, name: &ImageName, opts: &RegistryOptions) -> Vec<String> {
+pub(crate) fn endpoints(agent: &Agents, name: &ImageName, opts: &RegistryOptions) -> Vec<String> {
     if name.registry == DOCKER_HUB {
         let mut out: Vec<String> = opts
             .mirrors
@@ -259,7 +263,12 @@ pub(crate) fn endpoints(agent: &ureq::Agent, name: &ImageName, opts: &RegistryOp
     // TLS server answers plain HTTP with 400: it stays HTTPS, so that its TLS error is the one
     // reported.
     // The status a GET of `/v2/` answers, `None` when the transport failed.
-    let probe = |url: &str| match agent.get(&format!("{url}/v2/")).timeout(Duration::from_secs(5)).call() {
+    let probe = |url: &str| match agent
+        .for_url(url)
+        .get(&format!("{url}/v2/"))
+        .timeout(Duration::from_secs(5))
+        .call()
+    {
         Ok(r) => Some(r.status()),
         Err(ureq::Error::Status(code, _)) => Some(code),
         Err(ureq::Error::Transport(_)) => None,
@@ -276,7 +285,7 @@ pub(crate) fn endpoints(agent: &ureq::Agent, name: &ImageName, opts: &RegistryOp
 
 /// One registry endpoint and repository, with the auth state of a pull.
 pub(crate) struct Session {
-    agent: ureq::Agent,
+    agent: Agents,
     /// The base URL (`https://host:port`).
     pub base: String,
     /// The registry's name for messages (`host:port`, never with credentials).
@@ -327,7 +336,7 @@ pub(crate) fn parse_challenge(header: &str) -> Option<Challenge> {
 }
 
 impl Session {
-    pub(crate) fn new(agent: &ureq::Agent, base: &str, name: &ImageName, opts: &RegistryOptions) -> Session {
+    pub(crate) fn new(agent: &Agents, base: &str, name: &ImageName, opts: &RegistryOptions) -> Session {
         let registry = base.split("://").nth(1).unwrap_or(base).trim_end_matches('/').to_string();
         // A mirror answers with Docker Hub's images but is its own registry for credentials.
         let credentials = opts.credentials.get(&registry).or_else(|| opts.credentials.get(&name.registry));
@@ -353,7 +362,7 @@ impl Session {
         let mut authenticated = false;
         let mut attempt = 0;
         loop {
-            let mut req = self.agent.get(&url).set("Accept", accept);
+            let mut req = self.agent.for_url(&url).get(&url).set("Accept", accept);
             if let Some(auth) = self.authorization.lock().ok().and_then(|a| a.clone()) {
                 req = req.set("Authorization", auth.expose());
             }
@@ -425,7 +434,7 @@ impl Session {
                     .params
                     .get("realm")
                     .ok_or_else(|| token("a bearer challenge without a realm".into()))?;
-                let mut req = self.agent.get(realm).timeout(Duration::from_secs(30));
+                let mut req = self.agent.for_url(realm).get(realm).timeout(Duration::from_secs(30));
                 if let Some(service) = c.params.get("service") {
                     req = req.query("service", service);
                 }

@@ -14,7 +14,7 @@
 //!   exclusively (without waiting: a busy template is left alone), so two jobs of one repository
 //!   at once both work, and no reader ever sees half a template.
 //! - The name of a template covers the repository, its directory in the workspace, whether the
-//!   job fetches all tags, the disk size and [`disk::FORMAT`]: a change of the disk limit or of the way disks are made never
+//!   job fetches all tags, whether it is shallow, the disk size and [`disk::FORMAT`]: a change of the disk limit or of the way disks are made never
 //!   uses an old template.
 
 use anyhow::{Context, Result};
@@ -78,14 +78,15 @@ impl Templates {
     }
 
     /// The template of the job's repository, for a workspace disk of `disk_bytes`; `None` for a
-    /// job that does not use templates: no repository, a shallow or sparse clone, or a ref rather
-    /// than a commit hash (as for the object cache), or templates turned off.
+    /// job that does not use templates: no repository, a sparse clone, or a ref rather than a
+    /// commit hash (as for the object cache), or templates turned off. Shallow clones (every
+    /// Sourcegraph job) have templates of their own: a shallow template serves only shallow
+    /// jobs, whose depth-1 fetch then brings only the objects the template's commit lacks.
     pub fn key(&self, frontend_url: &str, job: &Job, disk_bytes: u64) -> Option<Key> {
         let full_commit = (job.commit.len() == 40 || job.commit.len() == 64)
             && job.commit.chars().all(|c| c.is_ascii_hexdigit());
         if self.max_count == 0
             || job.repository_name.is_empty()
-            || job.shallow_clone
             || !job.sparse_checkout.is_empty()
             || !full_commit
             || disk_bytes == 0
@@ -103,6 +104,8 @@ impl Templates {
             // A template from a `--tags` fetch holds every tag; one from a plain fetch, only
             // those git followed: each kind of job gets what a clone of its own would have.
             if job.fetch_tags { "tags" } else { "" },
+            // A shallow template has one commit and no history; a full one serves full jobs.
+            if job.shallow_clone { "shallow" } else { "" },
         ] {
             h.update(part.as_bytes());
             h.update(b"\0");
@@ -352,13 +355,14 @@ mod tests {
         assert_ne!(Some(base.clone()), k(&tags, 1 << 30));
         let mut sub = job("r", &c);
         sub.repository_directory = "src".into();
-        assert_ne!(Some(base), k(&sub, 1 << 30));
+        assert_ne!(Some(base.clone()), k(&sub, 1 << 30));
         assert!(k(&job("r", "main"), 1 << 30).is_none(), "a ref");
         assert!(k(&job("", &c), 1 << 30).is_none());
         assert!(k(&job("r", &c), 0).is_none(), "no disk");
         let mut shallow = job("r", &c);
         shallow.shallow_clone = true;
-        assert!(k(&shallow, 1 << 30).is_none());
+        let shallow = k(&shallow, 1 << 30).expect("shallow clones have templates");
+        assert_ne!(shallow, base, "of their own");
         let mut sparse = job("r", &c);
         sparse.sparse_checkout = vec!["a/*".into()];
         assert!(k(&sparse, 1 << 30).is_none());

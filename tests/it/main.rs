@@ -15,6 +15,7 @@ mod oci;
 pub mod oci_root;
 mod package;
 mod pipeline;
+mod proxy;
 mod replicas;
 mod server;
 mod workspace;

@@ -703,6 +703,48 @@ fn network_bandwidth_caps_a_jobs_download_and_upload() {
     });
 }
 
+/// `docker run` parity: an image without any `/etc` (`FROM scratch`, distroless) still gets
+/// the job network's `/etc/resolv.conf`, and so resolves names, as it would under Docker.
+#[test]
+fn network_an_image_without_etc_resolves_names() {
+    let test = "network_an_image_without_etc_resolves_names";
+    if !can_build(test) || !crate::oci::can_run(test, "runc") {
+        return;
+    }
+    let world = World::build();
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let state = tmp.path().join("state");
+    crate::oci::import_scratch_image(&state, "scratch");
+    let prefix = format!("netetc{}", world.tag);
+    let exe = common::bin();
+    let _guard = JobsGuard {
+        host: world.host.clone(),
+        exe: exe.clone(),
+        oci: "runc".into(),
+        state: state.clone(),
+        prefix: prefix.clone(),
+    };
+    world.on_host(|| {
+        let c = crate::coordinator::Coordinator::start_listening(&format!("{HOST_INTERNET_SIDE}:0"));
+        // busybox's own resolver (its static glibc's getaddrinfo needs NSS modules the image
+        // lacks: that is the binary's business, not the container's).
+        let script = "cat /etc/resolv.conf; nslookup -type=a web.test && echo RESOLVED";
+        let id = c.submit(serde_json::json!({"dockerSteps": [
+            {"key": "dns", "image": "scratch", "dir": "", "env": [], "commands": [script]}
+        ]}));
+        let mut cmd = world.in_ns(&world.host, exe.to_str().unwrap());
+        executor_env(&mut cmd, &c.url, &c.secret, "runc", &state, &prefix);
+        cmd.env("EXECUTOR_NUM_TOTAL_JOBS", "1").arg("loop");
+        common::assert_ok(&common::run(&mut cmd));
+        let job = c.wait_state(id, &["completed", "failed", "errored"], Duration::from_secs(60));
+        let log = job_log(&job);
+        assert_eq!(job["state"], "completed", "{log}");
+        assert!(log.contains(&format!("nameserver {DNS}")), "{log}");
+        assert!(log.contains(&format!("Address: {WEB}")) && log.contains("RESOLVED"), "{log}");
+    });
+}
+
 /// Outside the world above no job may have a network: the harness starts every executor with
 /// `EXECUTOR_NETWORK=none`, every script that runs jobs exports it, and no other test module
 /// asks for `internet`.

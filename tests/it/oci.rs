@@ -1470,3 +1470,93 @@ fn oci_runc_first_step_is_made_ahead() {
 fn oci_crun_first_step_is_made_ahead() {
     first_step_made_ahead("crun", "oci_crun_first_step_is_made_ahead");
 }
+
+/// Imports `name`, an image of nothing but a static busybox and a few of its applets: no `/etc`
+/// at all, as a `FROM scratch` image or a distroless one.
+pub(crate) fn import_scratch_image(state: &Path, name: &str) {
+    let bb = std::fs::read(which::which("busybox").unwrap()).unwrap();
+    let mut layer = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(bb.len() as u64);
+    h.set_mode(0o755);
+    h.set_entry_type(tar::EntryType::Regular);
+    layer.append_data(&mut h, "bin/busybox", &bb[..]).unwrap();
+    for applet in ["sh", "cat", "ls", "hostname", "nslookup", "wget", "echo", "stat"] {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        layer.append_link(&mut h, format!("bin/{applet}"), "busybox").unwrap();
+    }
+    let layer = layer.into_inner().unwrap();
+    let mut t = tar::Builder::new(Vec::new());
+    for (file, data) in [
+        ("manifest.json", br#"[{"Config":"c.json","Layers":["l/layer.tar"]}]"#.to_vec()),
+        ("c.json", br#"{"config":{"Env":["PATH=/bin"]}}"#.to_vec()),
+        ("l/layer.tar", layer),
+    ] {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        t.append_data(&mut h, file, &data[..]).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join(format!("{name}.tar"));
+    std::fs::write(&file, t.into_inner().unwrap()).unwrap();
+    Exec::new().args(["image", "import", name]).arg(&file).env("EXECUTOR_STATE_DIR", state).run();
+}
+
+/// `docker run` parity: a step always has `/etc/resolv.conf`, `/etc/hosts` and `/etc/hostname`,
+/// even in an image without any `/etc`, root's and writable as under Docker, and the image keeps
+/// nothing of what a step wrote there.
+fn etc_files_exist_in_an_image_without_etc(oci: &str, test: &str) {
+    if !can_run(test, oci) {
+        return;
+    }
+    let f = Fixture::new(oci);
+    import_scratch_image(&f.state(), "scratch");
+    let ws = f.workspace();
+    let limits = limits();
+    let req = BootRequest {
+        job_uid: "etc",
+        workspace: &ws,
+        images: vec!["scratch".into()],
+        limits: &limits,
+        name_prefix: "ocitest",
+        coordinator: None,
+    };
+    let sb = f.rt.boot(&req).unwrap();
+    let script = "cat /etc/hostname /etc/hosts /etc/resolv.conf; echo host=$(hostname); \
+                  stat -c '%n %u %a' /etc/hosts /etc/hostname /etc/resolv.conf; \
+                  echo changed > /etc/hosts && echo writable";
+    for _ in 0..2 {
+        let (end, out) = f.run_in(&sb, "scratch", script, &[], &Cancel::new());
+        let text = out.stdout();
+        assert_eq!(end, StepEnd::Exited(0), "{text}\n{}", out.stderr());
+        assert!(text.starts_with("sandbox\n127.0.0.1\tlocalhost\n"), "{text}");
+        assert!(text.contains("\n127.0.1.1\tsandbox\n"), "{text}");
+        assert!(text.contains("EXECUTOR_NETWORK=none"), "{text}");
+        assert!(text.contains("host=sandbox\n"), "{text}");
+        for name in ["/etc/hosts 0 644", "/etc/hostname 0 644", "/etc/resolv.conf 0 644"] {
+            assert!(text.contains(name), "{name}: {text}");
+        }
+        // The second step sees the generated file again, not the first one's change.
+        assert!(text.contains("writable"), "{text}");
+    }
+    f.rt.teardown(&sb).unwrap();
+    assert_clean(&f, &sb);
+}
+
+#[test]
+fn oci_runc_etc_files_exist_in_an_image_without_etc() {
+    etc_files_exist_in_an_image_without_etc("runc", "oci_runc_etc_files_exist_in_an_image_without_etc");
+}
+
+#[test]
+fn oci_crun_etc_files_exist_in_an_image_without_etc() {
+    etc_files_exist_in_an_image_without_etc("crun", "oci_crun_etc_files_exist_in_an_image_without_etc");
+}
+
+#[test]
+fn oci_runsc_etc_files_exist_in_an_image_without_etc() {
+    etc_files_exist_in_an_image_without_etc("runsc", "oci_runsc_etc_files_exist_in_an_image_without_etc");
+}

@@ -263,6 +263,93 @@ fn missing_commit_and_files_store_and_cache() {
     assert!(caches.iter().any(|e| e.file_name().to_string_lossy().ends_with(".git")));
 }
 
+/// Sourcegraph's shape: every job is `shallowClone: true`. A shallow job of a commit the object
+/// cache has is made from the cache without asking the coordinator for anything (the test
+/// removes the repository from the coordinator first), and it is exactly what a depth-1 clone
+/// is: the commit's tree, `.git/shallow` naming the commit, no older object, and `git fsck`
+/// clean.
+#[test]
+fn shallow_job_is_served_from_the_cache() {
+    let c = Coordinator::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (repo, c1, c2) = make_repo(tmp.path(), "origin");
+    register(&c, "github.com/acme/w", &repo);
+    let ex = Stages::new(&c);
+    let no_templates = [("EXECUTOR_WORKSPACE_TEMPLATES", "0")];
+    // A full clone seeds the cache.
+    c.submit(json!({"repositoryName": "github.com/acme/w", "commit": c2, "dockerSteps": []}));
+    let (d, o) = ex.prepare_env(&no_templates);
+    common::assert_ok(&o);
+    ex.finish(&d);
+
+    // The coordinator no longer serves the repository: only the cache can.
+    Exec::new().with(|cmd| c.admin_env(cmd)).args(["queue", "repo", "rm", "github.com/acme/w"]).run();
+    let id = c.submit(
+        json!({"repositoryName": "github.com/acme/w", "commit": c2, "shallowClone": true, "dockerSteps": []}),
+    );
+    let (d, o) = ex.prepare_env(&no_templates);
+    common::assert_ok(&o);
+    let ws = workspace(&d);
+    assert_eq!(git(&ws, &["rev-parse", "HEAD"]), c2);
+    assert_eq!(git(&ws, &["rev-parse", "--is-shallow-repository"]), "true");
+    assert_eq!(std::fs::read_to_string(ws.join(".git/shallow")).unwrap().trim(), c2);
+    assert_eq!(git(&ws, &["rev-list", "--count", "HEAD"]), "1");
+    git(&ws, &["fsck", "--full", "--strict"]);
+    assert_eq!(git(&ws, &["status", "--porcelain"]), "");
+    assert_eq!(git(&ws, &["ls-tree", "-r", "HEAD"]), git(&repo, &["ls-tree", "-r", &c2]));
+    // Only what a depth-1 clone has: the commit, its two trees and two blobs; not the parent.
+    let objects = git(&ws, &["cat-file", "--batch-all-objects", "--batch-check"]);
+    assert_eq!(objects.lines().count(), 5, "{objects}");
+    assert!(!objects.contains(&c1), "{objects}");
+    assert_eq!(git(&ws, &["remote", "get-url", "origin"]), "github.com/acme/w");
+    ex.finish(&d);
+    let keys = log_keys(&c.wait_state(id, &["completed"], std::time::Duration::from_secs(10)));
+    assert!(keys.iter().any(|k| k == "setup.git.cache-shallow"), "{keys:?}");
+    for k in ["setup.git.fetch", "setup.git.cache-fetch"] {
+        assert!(!keys.iter().any(|x| x == k), "{k} asked the coordinator: {keys:?}");
+    }
+}
+
+/// Shallow jobs (Sourcegraph's) get workspace templates of their own: the second shallow job
+/// starts from the first one's pristine shallow checkout, and is still exactly a depth-1 clone of
+/// its commit.
+#[test]
+fn shallow_jobs_start_from_a_shallow_template() {
+    let test = "shallow_jobs_start_from_a_shallow_template";
+    if !common::is_root() {
+        return common::skip(test, "root", "workspace disks (and so templates) need root to loop-mount");
+    }
+    let c = Coordinator::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (repo, c1, c2) = make_repo(tmp.path(), "origin");
+    register(&c, "github.com/acme/s", &repo);
+    let ex = Stages::new(&c);
+    let submit = |commit: &str| {
+        c.submit(json!({"repositoryName": "github.com/acme/s", "commit": commit, "shallowClone": true,
+            "dockerSteps": []}))
+    };
+    let done = |id| c.wait_state(id, &["completed"], std::time::Duration::from_secs(20));
+    let a = submit(&c1);
+    let (d, o) = ex.prepare();
+    common::assert_ok(&o);
+    ex.finish(&d);
+    assert!(log_out(&done(a), "setup.git.template").contains("made the workspace template"));
+    let b = submit(&c2);
+    let (d, o) = ex.prepare();
+    common::assert_ok(&o);
+    let ws = workspace(&d);
+    assert_eq!(git(&ws, &["rev-parse", "HEAD"]), c2);
+    assert_eq!(git(&ws, &["rev-parse", "--is-shallow-repository"]), "true");
+    assert_eq!(git(&ws, &["rev-list", "--count", "HEAD"]), "1");
+    git(&ws, &["fsck", "--full", "--strict"]);
+    assert_eq!(git(&ws, &["status", "--porcelain", "--ignored", "--untracked-files=all"]), "");
+    assert_eq!(git(&ws, &["ls-tree", "-r", "HEAD"]), git(&repo, &["ls-tree", "-r", &c2]));
+    assert_eq!(git(&ws, &["for-each-ref"]), "", "no ref left");
+    ex.finish(&d);
+    let used = log_out(&done(b), "setup.git.template");
+    assert!(used.contains("started as a copy of the template") && used.contains(&c1), "{used}");
+}
+
 /// The output of a job's log entries with `key`, joined.
 fn log_out(job: &Value, key: &str) -> String {
     job["logs"]

@@ -6,6 +6,8 @@
 //!   `.executor-root-<id>` at the top of the workspace, on the job's workspace disk, so the disk
 //!   cap counts what a step writes anywhere. That directory belongs to host root (mode 0700), is
 //!   hidden in the container under an empty read-only tmpfs, and is removed when the step ends.
+//!   Its upper layer starts with the `/etc/resolv.conf`, `/etc/hosts` and `/etc/hostname` that
+//!   `docker run` always gives a container ([`EtcFiles`]), whether the image has them or not.
 //! - **The reach directory** `/run/executor-oci/<sandbox>`: the state directory is 0700, so the
 //!   container's mapped root cannot resolve paths inside it. Host root mounts what the runtime
 //!   needs (the workspace at `data`, each step's overlay at `root-<id>`) in this directory, which
@@ -13,7 +15,7 @@
 
 use anyhow::{bail, Context, Result};
 use std::fs;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// The parent of every sandbox's reach directory.
@@ -98,11 +100,39 @@ pub fn reach_sandboxes(owned: impl Fn(&str) -> bool) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The files `docker run` always provides in `/etc` (Sourcegraph's steps get them): written into
+/// the step's upper layer before the overlay is mounted, so they shadow the image's own without
+/// touching the image, exist in an image that has no `/etc` at all (`FROM scratch`,
+/// distroless), and are the container root's to change, as under Docker.
+#[derive(Debug, Clone)]
+pub struct EtcFiles {
+    pub resolv_conf: String,
+    pub hosts: String,
+    pub hostname: String,
+}
+
+impl EtcFiles {
+    /// The files of a container called `hostname`, whose own address is `address` (the job
+    /// network's, or `None` on loopback only), resolving with `resolv_conf`.
+    pub fn new(hostname: &str, address: Option<std::net::Ipv4Addr>, resolv_conf: String) -> EtcFiles {
+        // Docker's /etc/hosts, with Debian's 127.0.1.1 for the name of a container without a
+        // network (Docker leaves the name out then, so that `hostname -i` fails).
+        let own = address.map_or_else(|| "127.0.1.1".to_string(), |a| a.to_string());
+        let hosts = format!(
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\nfe00::0\tip6-localnet\n\
+             ff00::0\tip6-mcastprefix\nff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n{own}\t{hostname}\n"
+        );
+        EtcFiles { resolv_conf, hosts, hostname: format!("{hostname}\n") }
+    }
+}
+
 /// One step's writable root, mounted.
 #[derive(Debug)]
 pub struct StepRoot {
     /// The overlay mount: the container's root.
     pub path: PathBuf,
+    /// Whether the root has the [`EtcFiles`] (not when the image's `/etc` is no directory).
+    pub etc: bool,
     /// The layer directory in the workspace (host path).
     layer: PathBuf,
     /// The layer directory as the container sees it (hidden under a tmpfs there).
@@ -111,8 +141,15 @@ pub struct StepRoot {
 
 /// Mounts the writable root of step `id`: `lower` (the image) under a fresh layer in the
 /// workspace, at `root-<id>` in the reach directory. The upper layer's top is made
-/// with the image root's owner and mode, so the merged root looks like the image's.
-pub fn mount_step(sandbox: &str, workspace: &Path, lower: &Path, id: &str) -> Result<StepRoot> {
+/// with the image root's owner and mode, so the merged root looks like the image's, and holds
+/// `etc` (see [`EtcFiles`]).
+pub fn mount_step(
+    sandbox: &str,
+    workspace: &Path,
+    lower: &Path,
+    id: &str,
+    etc: &EtcFiles,
+) -> Result<StepRoot> {
     let name = format!("{LAYER_PREFIX}{}", id.rsplit('-').next().unwrap_or(id));
     let layer = workspace.join(&name);
     // A fresh name in the workspace's top directory, which only this (root) process changes
@@ -121,7 +158,7 @@ pub fn mount_step(sandbox: &str, workspace: &Path, lower: &Path, id: &str) -> Re
         .mode(0o700)
         .create(&layer)
         .with_context(|| format!("creating the step's writable layer {}", layer.display()))?;
-    let res = (|| -> Result<PathBuf> {
+    let res = (|| -> Result<(PathBuf, bool)> {
         let upper = layer.join("upper");
         let work = layer.join("work");
         fs::create_dir(&upper).with_context(|| format!("creating {}", upper.display()))?;
@@ -132,6 +169,7 @@ pub fn mount_step(sandbox: &str, workspace: &Path, lower: &Path, id: &str) -> Re
             .with_context(|| format!("changing the owner of {}", upper.display()))?;
         fs::set_permissions(&upper, fs::Permissions::from_mode(lower_md.mode() & 0o7777))
             .with_context(|| format!("setting the mode of {}", upper.display()))?;
+        let wrote_etc = write_etc(&upper, lower, &lower_md, etc)?;
         let merged = reach_dir(sandbox).join(format!("root-{id}"));
         fs::create_dir(&merged).with_context(|| format!("creating {}", merged.display()))?;
         for p in [lower, &upper, &work] {
@@ -160,16 +198,54 @@ pub fn mount_step(sandbox: &str, workspace: &Path, lower: &Path, id: &str) -> Re
         .with_context(|| {
             format!("mounting the step's writable root (overlay {opts}) on {}", merged.display())
         })?;
-        Ok(merged)
+        Ok((merged, wrote_etc))
     })();
     match res {
-        Ok(path) => Ok(StepRoot { path, layer, mask: format!("/data/{name}") }),
+        Ok((path, etc)) => Ok(StepRoot { path, etc, layer, mask: format!("/data/{name}") }),
         Err(e) => {
             let _ = fs::remove_dir(reach_dir(sandbox).join(format!("root-{id}")));
             let _ = fs::remove_dir_all(&layer);
             Err(e)
         }
     }
+}
+
+/// Writes `files` into `upper/etc` (a fresh upper layer, which nothing else can have changed),
+/// the directory with the owner and mode of the image's `/etc` (or of its root when it has none)
+/// so that the merged `/etc` looks like the image's, the files 0644 and the container root's.
+/// An image whose `/etc` is no directory (a symlink) keeps it: `false`.
+fn write_etc(upper: &Path, lower: &Path, lower_md: &fs::Metadata, files: &EtcFiles) -> Result<bool> {
+    use std::io::Write;
+    let image_etc = lower.join("etc");
+    let (uid, gid, mode) = match fs::symlink_metadata(&image_etc) {
+        Ok(m) if m.is_dir() => (m.uid(), m.gid(), m.mode() & 0o7777),
+        Ok(_) => return Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (lower_md.uid(), lower_md.gid(), 0o755),
+        Err(e) => return Err(e).with_context(|| format!("inspecting {}", image_etc.display())),
+    };
+    let etc = upper.join("etc");
+    fs::DirBuilder::new().mode(0o700).create(&etc).with_context(|| format!("creating {}", etc.display()))?;
+    std::os::unix::fs::chown(&etc, Some(uid), Some(gid))
+        .with_context(|| format!("changing the owner of {}", etc.display()))?;
+    fs::set_permissions(&etc, fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", etc.display()))?;
+    for (name, text) in
+        [("resolv.conf", &files.resolv_conf), ("hosts", &files.hosts), ("hostname", &files.hostname)]
+    {
+        let path = etc.join(name);
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        f.write_all(text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+        f.set_permissions(fs::Permissions::from_mode(0o644))
+            .with_context(|| format!("setting the mode of {}", path.display()))?;
+        std::os::unix::fs::fchown(&f, Some(lower_md.uid()), Some(lower_md.gid()))
+            .with_context(|| format!("changing the owner of {}", path.display()))?;
+    }
+    Ok(true)
 }
 
 /// Unmounts a step's root and removes its layer (every process of the step is gone by now).
@@ -262,6 +338,55 @@ fn unescape_mountinfo(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn etc_files() -> EtcFiles {
+        EtcFiles::new("sandbox", None, "# none\n".into())
+    }
+
+    #[test]
+    fn etc_files_name_localhost_and_the_container() {
+        let f = etc_files();
+        assert_eq!(f.hostname, "sandbox\n");
+        assert!(f.hosts.starts_with("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost"), "{}", f.hosts);
+        assert!(f.hosts.ends_with("\n127.0.1.1\tsandbox\n"), "{}", f.hosts);
+        let net = EtcFiles::new("sandbox", Some(std::net::Ipv4Addr::new(10, 255, 0, 2)), String::new());
+        assert!(net.hosts.ends_with("\n10.255.0.2\tsandbox\n"), "{}", net.hosts);
+    }
+
+    #[test]
+    fn etc_is_written_into_the_upper_layer_like_the_images() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (lower, upper) = (tmp.path().join("lower"), tmp.path().join("upper"));
+        fs::create_dir(&lower).unwrap();
+        // An image without /etc: the directory gets the root's owner and 0755.
+        fs::create_dir(&upper).unwrap();
+        let md = fs::metadata(&lower).unwrap();
+        assert!(write_etc(&upper, &lower, &md, &etc_files()).unwrap());
+        let etc = fs::metadata(upper.join("etc")).unwrap();
+        assert_eq!((etc.uid(), etc.mode() & 0o7777), (md.uid(), 0o755));
+        for (name, text) in [("resolv.conf", "# none\n"), ("hostname", "sandbox\n")] {
+            assert_eq!(fs::read_to_string(upper.join("etc").join(name)).unwrap(), text);
+            let m = fs::metadata(upper.join("etc").join(name)).unwrap();
+            assert_eq!((m.uid(), m.mode() & 0o7777), (md.uid(), 0o644));
+        }
+        assert!(fs::read_to_string(upper.join("etc/hosts")).unwrap().contains("localhost"));
+        // An image with /etc: its mode is kept, so the merged /etc looks like the image's.
+        fs::create_dir(lower.join("etc")).unwrap();
+        fs::set_permissions(lower.join("etc"), fs::Permissions::from_mode(0o751)).unwrap();
+        fs::write(lower.join("etc/hosts"), "image's own\n").unwrap();
+        fs::remove_dir_all(&upper).unwrap();
+        fs::create_dir(&upper).unwrap();
+        assert!(write_etc(&upper, &lower, &md, &etc_files()).unwrap());
+        assert_eq!(fs::metadata(upper.join("etc")).unwrap().mode() & 0o7777, 0o751);
+        assert!(fs::read_to_string(upper.join("etc/hosts")).unwrap().contains("127.0.0.1\tlocalhost"));
+        // An /etc that is a symlink is left as the image has it.
+        fs::remove_dir_all(lower.join("etc")).unwrap();
+        std::os::unix::fs::symlink("/", lower.join("etc")).unwrap();
+        fs::remove_dir_all(&upper).unwrap();
+        fs::create_dir(&upper).unwrap();
+        assert!(!write_etc(&upper, &lower, &md, &etc_files()).unwrap());
+        assert!(!upper.join("etc").exists());
+    }
 
     #[test]
     fn mountinfo_paths_are_unescaped() {

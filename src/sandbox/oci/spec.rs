@@ -10,6 +10,9 @@ use crate::image::ID_COUNT;
 /// The default PATH inside a step when the step's env does not set one.
 pub(crate) const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// The container's host name (`/etc/hostname`, and its line in `/etc/hosts`).
+pub(crate) const HOSTNAME: &str = "sandbox";
+
 /// Everything a step's container is made from.
 #[derive(Debug, Clone)]
 pub(crate) struct StepContainer {
@@ -556,7 +559,7 @@ pub(crate) fn bundle_config(c: &StepContainer, net: Option<&StepNetwork>) -> Val
         "ociVersion": "1.0.2",
         "process": process,
         "root": root,
-        "hostname": "sandbox",
+        "hostname": HOSTNAME,
         "mounts": mounts,
         "linux": {
             "namespaces": namespaces,

@@ -170,7 +170,15 @@ impl OciRuntime {
         let user = crate::image::runas::resolve(&lower, &image.user)
             .with_context(|| format!("step {} in image {:?}", step.key, step.image))?;
         let env = crate::image::runas::environment(&image.env, step.env, spec::DEFAULT_PATH, &user.home);
-        let root = rootfs::mount_step(&sandbox.name, &d.workspace, &lower, &id)?;
+        let etc = rootfs::EtcFiles::new(
+            spec::HOSTNAME,
+            d.network.as_ref().map(|n| n.address),
+            match &d.network {
+                Some(n) => n.resolv_conf(),
+                None => "# written by the executor: this job has no network (EXECUTOR_NETWORK=none)\n".into(),
+            },
+        );
+        let root = rootfs::mount_step(&sandbox.name, &d.workspace, &lower, &id, &etc)?;
         let container = spec::StepContainer {
             rootfs: root.path.clone(),
             readonly_root: false,
@@ -191,11 +199,11 @@ impl OciRuntime {
         };
         let network = d.network.as_ref().map(|n| spec::StepNetwork {
             netns: n.netns_path(),
-            // A bind mount needs a file as its target; an image whose /etc/resolv.conf is not
-            // one resolves no names (docs/network.md).
-            resolv_conf: fs::symlink_metadata(lower.join("etc/resolv.conf"))
-                .is_ok_and(|m| m.is_file())
-                .then(|| rootfs::reach_dir(&sandbox.name).join(RESOLV_CONF)),
+            // A bind mount needs a file as its target: the root has one unless the image's /etc
+            // is no directory (see rootfs::EtcFiles).
+            resolv_conf: (root.etc
+                || fs::symlink_metadata(lower.join("etc/resolv.conf")).is_ok_and(|m| m.is_file()))
+            .then(|| rootfs::reach_dir(&sandbox.name).join(RESOLV_CONF)),
         });
         let config = spec::bundle_config(&container, network.as_ref());
         if let Err(e) = fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(&config)?) {

@@ -11,7 +11,6 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 /// Where the server is and how to reach it.
@@ -55,27 +54,6 @@ pub(crate) struct AdminClient {
     agent: ureq::Agent,
 }
 
-fn tls_config(ca_cert: &Path) -> Result<Arc<rustls::ClientConfig>> {
-    use rustls::pki_types::{pem::PemObject, CertificateDer};
-    let pem =
-        std::fs::read(ca_cert).with_context(|| format!("reading CA certificate {}", ca_cert.display()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&pem) {
-        let cert = cert.with_context(|| format!("parsing CA certificate {}", ca_cert.display()))?;
-        roots.add(cert).with_context(|| format!("adding CA certificate {}", ca_cert.display()))?;
-    }
-    if roots.is_empty() {
-        bail!("no certificate in {}", ca_cert.display());
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .context("configuring TLS")?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
-}
-
 impl AdminClient {
     pub(crate) fn new(url: &str, token: &str, ca_cert: Option<&Path>) -> Result<AdminClient> {
         if url.is_empty() {
@@ -84,14 +62,13 @@ impl AdminClient {
         if token.is_empty() {
             bail!("no admin token: set EXECUTOR_QUEUE_ADMIN_TOKEN");
         }
-        let mut builder = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(10));
-        if let Some(ca) = ca_cert {
-            builder = builder.tls_config(tls_config(ca)?);
-        }
+        // The same trust (web roots, the system store, `--ca-cert`) and proxies as the executor.
+        let make = || ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(10));
+        let agents = crate::base::http::Agents::new(make, url.starts_with("https://"), ca_cert)?;
         Ok(AdminClient {
             base: url.trim_end_matches('/').to_string(),
             token: token.to_string(),
-            agent: builder.build(),
+            agent: agents.for_url(url).clone(),
         })
     }
 

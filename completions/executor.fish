@@ -66,6 +66,8 @@ complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from pull" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from pull" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from pull" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from pull" -l private-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be at private, loopback, link-local or this host\'s addresses; pulls refuse other such destinations, as the job\'s egress policy does (insecure registries and mirrors are listed too)' -r
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from pull" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from pull" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from pull" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from pull" -l state-dir -d 'State directory; the store is its images/ subdirectory' -r -F
@@ -233,6 +235,8 @@ complete -c executor -n "__fish_executor_using_subcommand dequeue" -l image-cach
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l private-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be at private, loopback, link-local or this host\'s addresses; pulls refuse other such destinations, as the job\'s egress policy does (insecure registries and mirrors are listed too)' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
@@ -279,6 +283,8 @@ complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l 
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l private-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be at private, loopback, link-local or this host\'s addresses; pulls refuse other such destinations, as the job\'s egress policy does (insecure registries and mirrors are listed too)' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
@@ -325,6 +331,8 @@ complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l image-cach
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l private-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be at private, loopback, link-local or this host\'s addresses; pulls refuse other such destinations, as the job\'s egress policy does (insecure registries and mirrors are listed too)' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
@@ -371,6 +379,8 @@ complete -c executor -n "__fish_executor_using_subcommand run-steps" -l image-ca
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l private-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be at private, loopback, link-local or this host\'s addresses; pulls refuse other such destinations, as the job\'s egress policy does (insecure registries and mirrors are listed too)' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
@@ -417,6 +427,8 @@ complete -c executor -n "__fish_executor_using_subcommand upload" -l image-cache
 complete -c executor -n "__fish_executor_using_subcommand upload" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l private-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be at private, loopback, link-local or this host\'s addresses; pulls refuse other such destinations, as the job\'s egress policy does (insecure registries and mirrors are listed too)' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand upload" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
@@ -463,6 +475,8 @@ complete -c executor -n "__fish_executor_using_subcommand complete" -l image-cac
 complete -c executor -n "__fish_executor_using_subcommand complete" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l private-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be at private, loopback, link-local or this host\'s addresses; pulls refuse other such destinations, as the job\'s egress policy does (insecure registries and mirrors are listed too)' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand complete" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
@@ -507,6 +521,8 @@ complete -c executor -n "__fish_executor_using_subcommand loop" -l image-cache-s
 complete -c executor -n "__fish_executor_using_subcommand loop" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l private-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be at private, loopback, link-local or this host\'s addresses; pulls refuse other such destinations, as the job\'s egress policy does (insecure registries and mirrors are listed too)' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand loop" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
@@ -551,6 +567,8 @@ complete -c executor -n "__fish_executor_using_subcommand run" -l image-cache-si
 complete -c executor -n "__fish_executor_using_subcommand run" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l private-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be at private, loopback, link-local or this host\'s addresses; pulls refuse other such destinations, as the job\'s egress policy does (insecure registries and mirrors are listed too)' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand run" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
@@ -595,6 +613,8 @@ complete -c executor -n "__fish_executor_using_subcommand validate" -l image-cac
 complete -c executor -n "__fish_executor_using_subcommand validate" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l private-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be at private, loopback, link-local or this host\'s addresses; pulls refuse other such destinations, as the job\'s egress policy does (insecure registries and mirrors are listed too)' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand validate" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
@@ -639,6 +659,8 @@ complete -c executor -n "__fish_executor_using_subcommand janitor" -l image-cach
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l private-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be at private, loopback, link-local or this host\'s addresses; pulls refuse other such destinations, as the job\'s egress policy does (insecure registries and mirrors are listed too)' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r

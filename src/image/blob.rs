@@ -234,7 +234,9 @@ pub(crate) fn fetch_blob(
                 }
                 written += n as u64;
                 if size > 0 && written > size {
-                    return Err(BadBlob::Larger { digest: digest.to_string(), registry: registry(), size }.into());
+                    return Err(
+                        BadBlob::Larger { digest: digest.to_string(), registry: registry(), size }.into()
+                    );
                 }
                 if !budget.take(n as u64) {
                     let cap = crate::base::units::format_bytes(budget.cap);

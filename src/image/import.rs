@@ -96,23 +96,24 @@ pub fn import(store: &ImageStore, name: &str, file: &Path) -> Result<ResolvedIma
         let m = ms.into_iter().next().context("manifest.json lists no image")?;
         let config_path = safe_join(&src, &m.config)?;
         let digest = sha256_file(&config_path)?;
-        let layers = m
-            .layers
-            .iter()
-            .map(|l| Ok((safe_join(&src, l)?, String::new())))
-            .collect::<Result<Vec<_>>>()?;
-        let cfg: ConfigRootFs = serde_json::from_slice(&read_limited(&config_path)?)
-            .map_err(|e| anyhow::anyhow!("the image config of {} does not parse (line {})", file.display(), e.line()))?;
+        let layers =
+            m.layers.iter().map(|l| Ok((safe_join(&src, l)?, String::new()))).collect::<Result<Vec<_>>>()?;
+        let cfg: ConfigRootFs = serde_json::from_slice(&read_limited(&config_path)?).map_err(|e| {
+            anyhow::anyhow!("the image config of {} does not parse (line {})", file.display(), e.line())
+        })?;
+        // The tree is keyed by the config's digest: a config that names its layers' digests
+        // (every real one does) gets them checked; one that names none can be no other image's.
         let diff_ids = cfg.rootfs.unwrap_or_default().diff_ids;
-        if diff_ids.len() != layers.len() {
-            bail!(
-                "the image config of {} lists {} layer digests for {} layers",
+        let diff_ids: Vec<Option<String>> = match diff_ids.len() {
+            0 => vec![None; layers.len()],
+            n if n == layers.len() => diff_ids.into_iter().map(Some).collect(),
+            n => bail!(
+                "the image config of {} lists {n} layer digests for {} layers",
                 file.display(),
-                diff_ids.len(),
                 layers.len()
-            );
-        }
-        (digest, config_path, layers, diff_ids.into_iter().map(Some).collect::<Vec<_>>())
+            ),
+        };
+        (digest, config_path, layers, diff_ids)
     } else if src.join("index.json").is_file() {
         let index: OciIndex = read_json(&src, "index.json")?;
         let mut desc = index.manifests.into_iter().next().context("index.json lists no manifest")?;
@@ -142,8 +143,9 @@ pub fn import(store: &ImageStore, name: &str, file: &Path) -> Result<ResolvedIma
         );
     };
 
-    let cfg: ImageConfigFile = serde_json::from_slice(&read_limited(&config_path)?)
-        .map_err(|e| anyhow::anyhow!("the image config of {} does not parse (line {})", file.display(), e.line()))?;
+    let cfg: ImageConfigFile = serde_json::from_slice(&read_limited(&config_path)?).map_err(|e| {
+        anyhow::anyhow!("the image config of {} does not parse (line {})", file.display(), e.line())
+    })?;
     let cfg = cfg.config.unwrap_or_default();
 
     let total: u64 = layers.iter().filter_map(|(l, _)| fs::metadata(l).ok()).map(|m| m.len()).sum();
@@ -164,7 +166,11 @@ pub fn import(store: &ImageStore, name: &str, file: &Path) -> Result<ResolvedIma
         if let Some(want) = diff_id {
             let got = format!("sha256:{}", hex::encode(sha2::Digest::finalize(hasher.take())));
             if &got != want {
-                bail!("layer {} of {} does not match its digest {want} in the image config: refused", i + 1, file.display());
+                bail!(
+                    "layer {} of {} does not match its digest {want} in the image config: refused",
+                    i + 1,
+                    file.display()
+                );
             }
         }
     }
@@ -385,7 +391,10 @@ pub fn apply_layer(reader: impl Read + 'static, root: &Path) -> Result<u64> {
         if let Some(hidden) = fname.strip_prefix(".wh.") {
             // `.wh..` and `.wh...` would hide the directory itself or its parent.
             if hidden.is_empty() || hidden == "." || hidden == ".." {
-                bail!("refusing whiteout {:?}: it names no entry of its directory", rel.display().to_string());
+                bail!(
+                    "refusing whiteout {:?}: it names no entry of its directory",
+                    rel.display().to_string()
+                );
             }
             remove_any(&path.with_file_name(hidden))?;
             continue;

@@ -17,10 +17,10 @@
 //! - `tmp/`: staging for imports and builds, renamed into `rootfs/` when complete.
 //! - `.lock`: taken exclusively (flock) while refs change or trees are collected.
 
-pub mod build;
-pub mod import;
 pub(crate) mod blob;
+pub mod build;
 pub(crate) mod destination;
+pub mod import;
 pub(crate) mod prune;
 pub(crate) mod pull;
 pub(crate) mod registry;

@@ -228,7 +228,12 @@ fn sha256(bytes: &[u8]) -> String {
 /// `name@digest` too). A stored image that is marked private (pulled with a job's own
 /// credentials) is served only after the registry accepted this pull's credentials for its
 /// manifest. `cancel` is the job's: the pull stops when it fires.
-pub(crate) fn pull(store: &ImageStore, reference: &str, opts: &PullOptions, cancel: &Cancel) -> Result<Pulled> {
+pub(crate) fn pull(
+    store: &ImageStore,
+    reference: &str,
+    opts: &PullOptions,
+    cancel: &Cancel,
+) -> Result<Pulled> {
     let name = ImageName::parse(reference)?;
     let canonical = name.canonical();
     let started = Instant::now();
@@ -301,7 +306,9 @@ pub(crate) fn pull(store: &ImageStore, reference: &str, opts: &PullOptions, canc
 fn authorised(session: &Session, name: &ImageName) -> Result<()> {
     let accept = [MT_OCI_INDEX, MT_DOCKER_LIST, MT_OCI_MANIFEST, MT_DOCKER_MANIFEST].join(", ");
     fetch_document(session, &format!("manifests/{}", name.manifest_ref()), &accept, name.digest.as_deref())
-        .with_context(|| format!("{} was pulled with other credentials: not served to this job", name.canonical()))?;
+        .with_context(|| {
+        format!("{} was pulled with other credentials: not served to this job", name.canonical())
+    })?;
     Ok(())
 }
 
@@ -327,7 +334,9 @@ fn fetch_document(
         if let Some(e) = session.stopped() {
             return Err(e.into());
         }
-        let n = reader.read(&mut buf).with_context(|| format!("reading {path} from registry {}", session.registry))?;
+        let n = reader
+            .read(&mut buf)
+            .with_context(|| format!("reading {path} from registry {}", session.registry))?;
         if n == 0 {
             break;
         }
@@ -443,7 +452,8 @@ fn pull_from(
     for (i, l) in manifest.layers.iter().enumerate() {
         let blob = store.blob_path(&l.digest);
         let f = fs::File::open(&blob).with_context(|| format!("opening layer blob {}", blob.display()))?;
-        let capped = Capped { inner: decompress(f, &l.media_type)?, left: budget.clone(), cap: opts.max_unpacked };
+        let capped =
+            Capped { inner: decompress(f, &l.media_type)?, left: budget.clone(), cap: opts.max_unpacked };
         size += super::import::apply_layer(capped, &tree).with_context(|| {
             format!(
                 "applying layer {} ({}/{}) of {}",
@@ -571,10 +581,7 @@ mod tests {
     #[test]
     fn layers_decompress_once_by_media_type() {
         assert_eq!(compression("application/vnd.oci.image.layer.v1.tar+gzip"), Some(Compression::Gzip));
-        assert_eq!(
-            compression("application/vnd.docker.image.rootfs.diff.tar.gzip"),
-            Some(Compression::Gzip)
-        );
+        assert_eq!(compression("application/vnd.docker.image.rootfs.diff.tar.gzip"), Some(Compression::Gzip));
         assert_eq!(compression("application/vnd.oci.image.layer.v1.tar+zstd"), Some(Compression::Zstd));
         assert_eq!(compression("application/vnd.oci.image.layer.v1.tar"), Some(Compression::Plain));
         assert_eq!(compression(""), Some(Compression::Sniff));

@@ -51,16 +51,11 @@ pub(crate) enum RegistryError {
         "registry {registry} needs credentials for {repository}: none are configured (EXECUTOR_DOCKER_AUTH_CONFIG or the job's docker auth config)"
     )]
     NoCredentials { registry: String, repository: String },
-    #[error("registry {registry} asked for an unsupported authentication ({scheme})")]
-    UnsupportedAuth { registry: String, scheme: String },
+    #[error("registry {registry} asked for an unsupported authentication scheme")]
+    UnsupportedAuth { registry: String },
     /// A destination the rules refuse (the registry itself, a redirect or the token realm).
-    #[error("registry {registry}: {what} {source}")]
-    Destination {
-        registry: String,
-        what: &'static str,
-        #[source]
-        source: Refused,
-    },
+    #[error("registry {registry}: {what}: {refused}")]
+    Destination { registry: String, what: &'static str, refused: Refused },
     /// A redirect this client does not follow.
     #[error("registry {registry}: {problem}")]
     Redirect { registry: String, problem: &'static str },
@@ -502,8 +497,8 @@ impl Session {
         self.stop.reason().map(|reason| RegistryError::Stopped { registry: self.registry.clone(), reason })
     }
 
-    fn refused(&self, what: &'static str, source: Refused) -> RegistryError {
-        RegistryError::Destination { registry: self.registry.clone(), what, source }
+    fn refused(&self, what: &'static str, refused: Refused) -> RegistryError {
+        RegistryError::Destination { registry: self.registry.clone(), what, refused }
     }
 
     /// One GET of `url`, following redirects here: each hop's destination is checked, plain
@@ -523,7 +518,7 @@ impl Session {
             }
             self.destinations
                 .check_url(&url.to_url())
-                .map_err(|r| CallError::Registry(self.refused("a request to", r)))?;
+                .map_err(|r| CallError::Registry(self.refused("a request", r)))?;
             if url.scheme == "http" && !plain_http_allowed(&url.netloc(), &self.insecure) {
                 return Err(CallError::Redirect("a redirect to plain HTTP, which this registry may not use"));
             }
@@ -640,8 +635,8 @@ impl Session {
                     .params
                     .get("realm")
                     .ok_or_else(|| token("a bearer challenge without a realm".into()))?;
-                let realm_url =
-                    Url::parse(realm).ok_or_else(|| token("the bearer realm is not an http(s) URL".into()))?;
+                let realm_url = Url::parse(realm)
+                    .ok_or_else(|| token("the bearer realm is not an http(s) URL".into()))?;
                 self.destinations.check_url(realm).map_err(|r| self.refused("the token realm", r))?;
                 if realm_url.scheme == "http" && !plain_http_allowed(&realm_url.netloc(), &self.insecure) {
                     return Err(token("the bearer realm is plain HTTP on a host that may not use it".into()));
@@ -694,7 +689,10 @@ impl Session {
                         return Err(token(format!("the token service answered {code}")))
                     }
                     Err(ureq::Error::Transport(t)) => {
-                        return Err(token(format!("the token service is unreachable: {}", describe_transport(&t))))
+                        return Err(token(format!(
+                            "the token service is unreachable: {}",
+                            describe_transport(&t)
+                        )))
                     }
                 };
                 let mut body = Vec::new();
@@ -721,17 +719,8 @@ impl Session {
                     })
                 }
             },
-            other => {
-                // Only the scheme's name, cut short: never the rest of what the registry sent.
-                let scheme: String = other
-                    .map(|c| c.scheme)
-                    .unwrap_or_default()
-                    .chars()
-                    .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
-                    .take(20)
-                    .collect();
-                return Err(RegistryError::UnsupportedAuth { registry: self.registry.clone(), scheme });
-            }
+            // Nothing of what the registry sent is repeated.
+            _ => return Err(RegistryError::UnsupportedAuth { registry: self.registry.clone() }),
         };
         if let Ok(mut a) = self.authorization.lock() {
             *a = Some(value);

@@ -211,7 +211,7 @@ impl Credentials {
     }
 
     /// Whether the credentials for `registry` are the job's own.
-    pub(crate) fn from_job(&self, registry: &str) -> bool {
+    pub(crate) fn is_jobs(&self, registry: &str) -> bool {
         self.from_job.contains(&auth_key(registry))
     }
 
@@ -447,8 +447,8 @@ impl Session {
         let registry = base.split("://").nth(1).unwrap_or(base).trim_end_matches('/').to_string();
         // A mirror answers with Docker Hub's images but is its own registry for credentials.
         let (credentials, job_credentials) = match opts.credentials.get(&registry) {
-            Some(c) => (Some(c), opts.credentials.from_job(&registry)),
-            None => (opts.credentials.get(&name.registry), opts.credentials.from_job(&name.registry)),
+            Some(c) => (Some(c), opts.credentials.is_jobs(&registry)),
+            None => (opts.credentials.get(&name.registry), opts.credentials.is_jobs(&name.registry)),
         };
         Session {
             agent: agent.clone(),

@@ -250,13 +250,13 @@ fn image_import_refuses_tampered_blobs() {
             }
         })
     };
-    let cases: Vec<(&str, Box<dyn Fn(&str, &[u8]) -> bool>)> = vec![
-        // A gzipped layer blob.
-        ("layer", Box::new(|p: &str, d: &[u8]| p.starts_with("blobs/") && d.starts_with(&[0x1f, 0x8b]))),
-        ("config", Box::new(|p: &str, _: &[u8]| p.ends_with(&sha(CONFIG.as_bytes())))),
-    ];
+    // A gzipped layer blob, then the config.
+    let layer = |p: &str, d: &[u8]| p.starts_with("blobs/") && d.starts_with(&[0x1f, 0x8b]);
+    let config = |p: &str, _: &[u8]| p.ends_with(&sha(CONFIG.as_bytes()));
+    type Pick<'a> = &'a dyn Fn(&str, &[u8]) -> bool;
+    let cases: [(&str, Pick); 2] = [("layer", &layer), ("config", &config)];
     for (what, pick) in cases {
-        let file = write(tmp.path(), &format!("{what}.tar"), &tamper(&*pick));
+        let file = write(tmp.path(), &format!("{what}.tar"), &tamper(pick));
         let out = image(&state, &["import", &format!("tampered-{what}"), file.to_str().unwrap()]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{what}: {stderr}");

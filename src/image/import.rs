@@ -157,7 +157,7 @@ pub fn import(store: &ImageStore, name: &str, file: &Path) -> Result<ResolvedIma
     for (i, ((layer, media_type), diff_id)) in layers.iter().zip(&diff_ids).enumerate() {
         bar.set_message(format!("layer {}/{}", i + 1, layers.len()));
         let f = fs::File::open(layer).with_context(|| format!("opening layer {}", layer.display()))?;
-        let tar = super::pull::decompress(f, media_type)
+        let tar = super::layer::decompress(f, media_type)
             .with_context(|| format!("layer {} of {}", i + 1, file.display()))?;
         let hasher = std::rc::Rc::new(std::cell::RefCell::new(<sha2::Sha256 as sha2::Digest>::new()));
         let hashed = Hashed { inner: tar, hasher: hasher.clone() };

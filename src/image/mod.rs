@@ -21,6 +21,7 @@ pub(crate) mod blob;
 pub mod build;
 pub(crate) mod destination;
 pub mod import;
+pub(crate) mod layer;
 pub(crate) mod prune;
 pub(crate) mod pull;
 pub(crate) mod registry;

@@ -136,7 +136,8 @@ pub(crate) fn run(args: ImageArgs) -> Result<i32> {
         ImageCommand::Pull { reference, always, registry } => {
             let mut opts = registry.settings()?.options(None)?;
             opts.always = always;
-            let pulled = crate::image::pull::pull(&store, &reference, &opts)?;
+            let pulled =
+                crate::image::pull::pull(&store, &reference, &opts, &crate::base::cancel::Cancel::new())?;
             eprintln!(
                 "pulled {} from {}: {} downloaded in {}",
                 pulled.reference,

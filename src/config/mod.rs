@@ -212,6 +212,8 @@ pub(crate) fn pull_settings(v: &Values) -> Result<crate::image::pull::PullSettin
         None,
     )?;
     pull.max_unpacked = v.image_max_size;
+    pull.private = v.private_registry.clone();
+    pull.timeout = v.image_pull_timeout;
     Ok(pull)
 }
 

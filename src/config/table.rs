@@ -281,6 +281,18 @@ settings! {
         help: "Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; \
                loopback registries always may",
     }
+    private_registry: Vec<String> = parse::list {
+        flag: "private-registry", env: "EXECUTOR_PRIVATE_REGISTRIES", value_name: "HOST",
+        shape: Shape::List, group: Group::Registry,
+        help: "Registries (`host` or `host:port`, comma-separated) that may be at private, loopback, \
+               link-local or this host's addresses; pulls refuse other such destinations, as the job's \
+               egress policy does (insecure registries and mirrors are listed too)",
+    }
+    image_pull_timeout: Duration = parse::duration {
+        flag: "image-pull-timeout", env: "EXECUTOR_IMAGE_PULL_TIMEOUT", value_name: "DURATION", default: Some("30m"),
+        group: Group::Registry,
+        help: "The most one image pull may take (a job's own deadline stops it sooner)",
+    }
     registry_ca: Option<PathBuf> = parse::path {
         flag: "registry-ca", env: "EXECUTOR_REGISTRY_CA", value_name: "FILE", shape: Shape::Path,
         group: Group::Registry,

@@ -106,6 +106,7 @@ fn commit(store: &ImageStore, root: &Path, name: &str, source: &str) -> Result<R
         created: super::now(),
         source: source.into(),
         layers: Vec::new(),
+        private: false,
     };
     store.commit_tree(root, &meta, name)
 }

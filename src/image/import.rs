@@ -1,6 +1,9 @@
 //! `executor image import`: a `docker save` tarball or an OCI image-layout tarball becomes a tree
 //! in the store. Layers are applied in order with whiteouts; entries that would escape the root,
-//! device nodes and hard links out of the tree are refused.
+//! device nodes, hard links out of the tree and whiteouts of `.` or `..` are refused. Every blob
+//! of an OCI layout (manifests, config, layers) is checked against its digest, and every layer
+//! of a `docker save` tarball against its config's `diff_ids`, before the tree is keyed by them:
+//! an imported tarball cannot stand in for an image a later pull or import names by digest.
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
@@ -35,6 +38,19 @@ struct OciDescriptor {
     digest: String,
     #[serde(default)]
     media_type: String,
+}
+
+/// The config's `rootfs.diff_ids`: the digests of the uncompressed layer tars.
+#[derive(Deserialize, Default)]
+struct RootFs {
+    #[serde(default)]
+    diff_ids: Vec<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct ConfigRootFs {
+    #[serde(default)]
+    rootfs: Option<RootFs>,
 }
 
 #[derive(Deserialize)]
@@ -73,20 +89,38 @@ pub fn import(store: &ImageStore, name: &str, file: &Path) -> Result<ResolvedIma
     fs::create_dir(&tree)?;
     unpack_outer(file, &src).with_context(|| format!("reading image tarball {}", file.display()))?;
 
-    let (digest, config_path, layers) = if src.join("manifest.json").is_file() {
+    // Each layer with its media type ("" for a docker save layer, told by its magic bytes) and
+    // the digest its uncompressed tar must have (docker save), if any.
+    let (digest, config_path, layers, diff_ids) = if src.join("manifest.json").is_file() {
         let ms: Vec<DockerManifest> = read_json(&src, "manifest.json")?;
         let m = ms.into_iter().next().context("manifest.json lists no image")?;
         let config_path = safe_join(&src, &m.config)?;
         let digest = sha256_file(&config_path)?;
-        let layers = m.layers.iter().map(|l| safe_join(&src, l)).collect::<Result<Vec<_>>>()?;
-        (digest, config_path, layers)
+        let layers =
+            m.layers.iter().map(|l| Ok((safe_join(&src, l)?, String::new()))).collect::<Result<Vec<_>>>()?;
+        let cfg: ConfigRootFs = serde_json::from_slice(&read_limited(&config_path)?).map_err(|e| {
+            anyhow::anyhow!("the image config of {} does not parse (line {})", file.display(), e.line())
+        })?;
+        // The tree is keyed by the config's digest: a config that names its layers' digests
+        // (every real one does) gets them checked; one that names none can be no other image's.
+        let diff_ids = cfg.rootfs.unwrap_or_default().diff_ids;
+        let diff_ids: Vec<Option<String>> = match diff_ids.len() {
+            0 => vec![None; layers.len()],
+            n if n == layers.len() => diff_ids.into_iter().map(Some).collect(),
+            n => bail!(
+                "the image config of {} lists {n} layer digests for {} layers",
+                file.display(),
+                layers.len()
+            ),
+        };
+        (digest, config_path, layers, diff_ids)
     } else if src.join("index.json").is_file() {
         let index: OciIndex = read_json(&src, "index.json")?;
         let mut desc = index.manifests.into_iter().next().context("index.json lists no manifest")?;
         // A nested index (multi-platform): take its first manifest.
         let mut manifest: OciManifest;
         loop {
-            manifest = read_json(&src, &blob_path(&desc.digest)?)?;
+            manifest = read_verified_json(&src, &desc.digest)?;
             match manifest.manifests.take() {
                 Some(list) if desc.media_type.contains("index") || manifest.layers.is_empty() => {
                     desc = list.into_iter().next().context("nested image index lists no manifest")?;
@@ -94,13 +128,14 @@ pub fn import(store: &ImageStore, name: &str, file: &Path) -> Result<ResolvedIma
                 _ => break,
             }
         }
-        let config_path = safe_join(&src, &blob_path(&manifest.config.digest)?)?;
+        let config_path = verified_blob(&src, &manifest.config.digest)?;
         let layers = manifest
             .layers
             .iter()
-            .map(|l| safe_join(&src, &blob_path(&l.digest)?))
+            .map(|l| Ok((verified_blob(&src, &l.digest)?, l.media_type.clone())))
             .collect::<Result<Vec<_>>>()?;
-        (desc.digest, config_path, layers)
+        let none = vec![None; layers.len()];
+        (desc.digest, config_path, layers, none)
     } else {
         bail!(
             "{} is neither a docker save tarball (manifest.json) nor an OCI layout (index.json)",
@@ -108,21 +143,36 @@ pub fn import(store: &ImageStore, name: &str, file: &Path) -> Result<ResolvedIma
         );
     };
 
-    let cfg: ImageConfigFile = serde_json::from_slice(&read_limited(&config_path)?)
-        .with_context(|| format!("parsing the image config of {}", file.display()))?;
+    let cfg: ImageConfigFile = serde_json::from_slice(&read_limited(&config_path)?).map_err(|e| {
+        anyhow::anyhow!("the image config of {} does not parse (line {})", file.display(), e.line())
+    })?;
     let cfg = cfg.config.unwrap_or_default();
 
-    let total: u64 = layers.iter().filter_map(|l| fs::metadata(l).ok()).map(|m| m.len()).sum();
+    let total: u64 = layers.iter().filter_map(|(l, _)| fs::metadata(l).ok()).map(|m| m.len()).sum();
     let bar = indicatif::ProgressBar::with_draw_target(Some(total), indicatif::ProgressDrawTarget::stderr());
     if let Ok(style) = indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes}") {
         bar.set_style(style.progress_chars("=> "));
     }
     let mut size = 0;
-    for (i, layer) in layers.iter().enumerate() {
+    for (i, ((layer, media_type), diff_id)) in layers.iter().zip(&diff_ids).enumerate() {
         bar.set_message(format!("layer {}/{}", i + 1, layers.len()));
         let f = fs::File::open(layer).with_context(|| format!("opening layer {}", layer.display()))?;
-        size += apply_layer(bar.wrap_read(BufReader::new(f)), &tree)
+        let tar = super::layer::decompress(f, media_type)
+            .with_context(|| format!("layer {} of {}", i + 1, file.display()))?;
+        let hasher = std::rc::Rc::new(std::cell::RefCell::new(<sha2::Sha256 as sha2::Digest>::new()));
+        let hashed = Hashed { inner: tar, hasher: hasher.clone() };
+        size += apply_layer(bar.wrap_read(hashed), &tree)
             .with_context(|| format!("applying layer {} of {}", i + 1, file.display()))?;
+        if let Some(want) = diff_id {
+            let got = format!("sha256:{}", hex::encode(sha2::Digest::finalize(hasher.take())));
+            if &got != want {
+                bail!(
+                    "layer {} of {} does not match its digest {want} in the image config: refused",
+                    i + 1,
+                    file.display()
+                );
+            }
+        }
     }
     bar.finish_and_clear();
     finish_tree(&tree)?;
@@ -136,6 +186,7 @@ pub fn import(store: &ImageStore, name: &str, file: &Path) -> Result<ResolvedIma
         created: super::now(),
         source: "import".into(),
         layers: Vec::new(),
+        private: false,
     };
     let img = store.commit_tree(&tree, &meta, name)?;
     drop(staging);
@@ -164,6 +215,40 @@ fn blob_path(digest: &str) -> Result<String> {
         }
         _ => bail!("malformed digest {digest:?}"),
     }
+}
+
+/// Reads a stream and hashes what it yields (the uncompressed tar of a layer).
+struct Hashed {
+    inner: Box<dyn Read>,
+    hasher: std::rc::Rc<std::cell::RefCell<sha2::Sha256>>,
+}
+
+impl Read for Hashed {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        sha2::Digest::update(&mut *self.hasher.borrow_mut(), &buf[..n]);
+        Ok(n)
+    }
+}
+
+/// The path of the layout's blob `digest`, after checking that its content has that digest.
+fn verified_blob(root: &Path, digest: &str) -> Result<PathBuf> {
+    let path = safe_join(root, &blob_path(digest)?)?;
+    if !digest.starts_with("sha256:") {
+        bail!("blob {digest:?}: only sha256 digests are supported");
+    }
+    let got = sha256_file(&path)?;
+    if got != digest {
+        bail!("blob {digest} of the OCI layout does not match its digest (got {got}): refused");
+    }
+    Ok(path)
+}
+
+/// A JSON blob of the layout, checked against its digest.
+fn read_verified_json<T: serde::de::DeserializeOwned>(root: &Path, digest: &str) -> Result<T> {
+    let path = verified_blob(root, digest)?;
+    serde_json::from_slice(&read_limited(&path)?)
+        .map_err(|e| anyhow::anyhow!("blob {digest} does not parse (line {})", e.line()))
 }
 
 fn read_limited(path: &Path) -> Result<Vec<u8>> {
@@ -281,9 +366,11 @@ fn remove_any(path: &Path) -> Result<()> {
     }
 }
 
-/// Applies one layer (plain or gzipped tar) onto `root`; returns the bytes of file content.
+/// Applies one layer onto `root`; returns the bytes of file content. `reader` yields the plain
+/// tar (the caller decompressed it, once): it is read to its end, so a cap or a hash around it
+/// sees every byte.
 pub fn apply_layer(reader: impl Read + 'static, root: &Path) -> Result<u64> {
-    let mut ar = tar::Archive::new(maybe_gunzip(BufReader::new(reader))?);
+    let mut ar = tar::Archive::new(BufReader::new(reader));
     let mut size = 0;
     for entry in ar.entries()? {
         let mut entry = entry?;
@@ -302,6 +389,13 @@ pub fn apply_layer(reader: impl Read + 'static, root: &Path) -> Result<u64> {
             continue;
         }
         if let Some(hidden) = fname.strip_prefix(".wh.") {
+            // `.wh..` and `.wh...` would hide the directory itself or its parent.
+            if hidden.is_empty() || hidden == "." || hidden == ".." {
+                bail!(
+                    "refusing whiteout {:?}: it names no entry of its directory",
+                    rel.display().to_string()
+                );
+            }
             remove_any(&path.with_file_name(hidden))?;
             continue;
         }
@@ -378,6 +472,8 @@ pub fn apply_layer(reader: impl Read + 'static, root: &Path) -> Result<u64> {
                 .with_context(|| format!("setting the mode of {}", path.display()))?;
         }
     }
+    // The end-of-archive blocks and anything after them: read, so that the cap counts them.
+    std::io::copy(&mut ar.into_inner(), &mut std::io::sink()).context("reading the layer to its end")?;
     Ok(size)
 }
 
@@ -446,6 +542,9 @@ mod tests {
             (layer(|b| raw(b, tar::EntryType::Char, "dev/mem", "")), "device node"),
             (layer(|b| raw(b, tar::EntryType::Block, "dev/sda", "")), "device node"),
             (layer(|b| raw(b, tar::EntryType::Link, "x", "../../etc/shadow")), "out of the image tree"),
+            (layer(|b| file(b, "etc/.wh..", b"")), "refusing whiteout"),
+            (layer(|b| file(b, "etc/sub/.wh...", b"")), "refusing whiteout"),
+            (layer(|b| file(b, ".wh.", b"")), "refusing whiteout"),
             (
                 layer(|b| {
                     raw(b, tar::EntryType::Symlink, "up", "/");

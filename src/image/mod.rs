@@ -17,8 +17,11 @@
 //! - `tmp/`: staging for imports and builds, renamed into `rootfs/` when complete.
 //! - `.lock`: taken exclusively (flock) while refs change or trees are collected.
 
+pub(crate) mod blob;
 pub mod build;
+pub(crate) mod destination;
 pub mod import;
+pub(crate) mod layer;
 pub(crate) mod prune;
 pub(crate) mod pull;
 pub(crate) mod registry;
@@ -81,6 +84,10 @@ pub struct ImageMeta {
     /// The layer blobs (`sha256:...`, in `blobs/`) a pulled tree was made of.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub layers: Vec<String>,
+    /// Pulled with a job's own registry credentials: a later pull serves it only after the
+    /// registry accepted that pull's credentials.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub private: bool,
 }
 
 /// One row of `executor image ls`.
@@ -374,6 +381,28 @@ impl ImageStore {
         Ok(removed)
     }
 
+    /// Whether the tree `digest` was pulled with a job's own credentials.
+    pub(crate) fn is_private(&self, digest: &str) -> bool {
+        self.read_meta(digest).map(|m| m.private).unwrap_or(false)
+    }
+
+    /// Whether `reference` names a stored image that is private (see [`ImageMeta::private`]).
+    pub(crate) fn is_private_reference(&self, reference: &str) -> bool {
+        self.resolve(reference).map(|i| self.is_private(&i.digest)).unwrap_or(false)
+    }
+
+    /// Marks the tree `reference` names as private (see [`ImageMeta::private`]).
+    pub(crate) fn mark_private(&self, reference: &str) -> Result<()> {
+        let digest = self.resolve_exact(reference)?.digest;
+        let _lock = self.lock()?;
+        let mut meta = self.read_meta(&digest)?;
+        if !meta.private {
+            meta.private = true;
+            crate::base::fs::write_atomic(&self.meta_path(&digest), &serde_json::to_vec_pretty(&meta)?)?;
+        }
+        Ok(())
+    }
+
     /// Points `reference` and `alias` (a pinned `name@digest`) at the tree `digest`, which must
     /// be in the store; used when a pull finds the tree already built.
     pub(crate) fn point(&self, reference: &str, digest: &str, alias: &str) -> Result<ResolvedImage> {
@@ -597,6 +626,7 @@ mod tests {
             created: now(),
             source: "test".into(),
             layers: Vec::new(),
+            private: false,
         };
         let img = store.commit_tree(&stage, &meta, "t:v1").unwrap();
         assert_eq!(img.digest, digest);

@@ -235,6 +235,7 @@ mod tests {
             created: crate::image::now(),
             source: source.into(),
             layers: vec![],
+            private: false,
         };
         store.commit_tree_as(&stage, &meta, name).unwrap();
         digest
@@ -323,6 +324,7 @@ mod tests {
             created: crate::image::now(),
             source: "pull".into(),
             layers: vec![layer.clone()],
+            private: false,
         };
         store.commit_tree_as(&stage, &meta, "reg.example/x:1").unwrap();
         assert!(store.prune(None, false).unwrap().blobs.is_empty() && held.exists());

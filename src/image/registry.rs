@@ -3,6 +3,10 @@
 //! Hub, plain HTTP only on loopback or for listed insecure registries), credentials from Docker
 //! `config.json` documents, the anonymous / basic / bearer-token auth flow, and GETs with
 //! jittered retries. Credentials are [`Secret`]s: never logged, stored or put in an error.
+//!
+//! Every request goes where [`super::destination`] allows (checked again on each redirect,
+//! which this client follows itself, and for the token realm); an error names the registry and a
+//! status or a fixed description, never what a registry's answer said.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -12,8 +16,10 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use base64::Engine;
 
+use super::destination::{Destinations, Refused, Url};
 use crate::api::RetryPolicy;
-use crate::base::http::Agents;
+use crate::base::cancel::Cancel;
+use crate::base::http::{Agents, ProxyEnv};
 use crate::base::secret::Secret;
 
 /// Docker Hub's name in references and its API host.
@@ -46,8 +52,17 @@ pub(crate) enum RegistryError {
         "registry {registry} needs credentials for {repository}: none are configured (EXECUTOR_DOCKER_AUTH_CONFIG or the job's docker auth config)"
     )]
     NoCredentials { registry: String, repository: String },
-    #[error("registry {registry} asked for an unsupported authentication ({header:?})")]
-    UnsupportedAuth { registry: String, header: String },
+    #[error("registry {registry} asked for an unsupported authentication scheme")]
+    UnsupportedAuth { registry: String },
+    /// A destination the rules refuse (the registry itself, a redirect or the token realm).
+    #[error("registry {registry}: {what}: {refused}")]
+    Destination { registry: String, what: &'static str, refused: Refused },
+    /// A redirect this client does not follow.
+    #[error("registry {registry}: {problem}")]
+    Redirect { registry: String, problem: &'static str },
+    /// The job was cancelled, or the pull's deadline passed.
+    #[error("registry {registry}: the pull stopped ({reason})")]
+    Stopped { registry: String, reason: String },
 }
 
 /// An image reference with its registry made explicit.
@@ -130,6 +145,8 @@ fn host_of(registry: &str) -> &str {
 #[derive(Clone, Default)]
 pub struct Credentials {
     by_registry: BTreeMap<String, (String, Secret)>,
+    /// The registries whose credentials came from the job (not the executor's settings).
+    from_job: std::collections::BTreeSet<String>,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -184,6 +201,21 @@ impl Credentials {
         Ok(())
     }
 
+    /// [`add_config`](Self::add_config) for the job's own docker auth config: images pulled
+    /// with these credentials are private to jobs the registry accepts.
+    pub fn add_job_config(&mut self, json: &serde_json::Value, what: &str) -> Result<()> {
+        let before: Vec<String> = self.by_registry.keys().cloned().collect();
+        self.add_config(json, what)?;
+        let added: Vec<String> = self.by_registry.keys().filter(|k| !before.contains(k)).cloned().collect();
+        self.from_job.extend(added);
+        Ok(())
+    }
+
+    /// Whether the credentials for `registry` are the job's own.
+    pub(crate) fn is_jobs(&self, registry: &str) -> bool {
+        self.from_job.contains(&auth_key(registry))
+    }
+
     /// Parses `text` as a Docker `config.json` and adds it (see [`add_config`](Self::add_config)).
     pub fn add_config_text(&mut self, text: &str, what: &str) -> Result<()> {
         if text.trim().is_empty() {
@@ -207,6 +239,9 @@ pub struct RegistryOptions {
     pub mirrors: Vec<String>,
     /// Registries (`host` or `host:port`) that may be spoken to over plain HTTP.
     pub insecure: Vec<String>,
+    /// Registries (`host` or `host:port`) that may be at private, loopback, link-local or this
+    /// host's addresses (the insecure registries and the mirrors may be too).
+    pub private: Vec<String>,
     /// Extra CA certificates (PEM) for registries' TLS.
     pub ca: Option<PathBuf>,
     pub retry: RetryPolicy,
@@ -218,6 +253,7 @@ impl Default for RegistryOptions {
             credentials: Credentials::default(),
             mirrors: Vec::new(),
             insecure: Vec::new(),
+            private: Vec::new(),
             ca: None,
             retry: RetryPolicy {
                 max_attempts: 5,
@@ -229,18 +265,56 @@ impl Default for RegistryOptions {
     }
 }
 
+/// The destinations the operator listed: private registries, insecure ones, the mirrors, and
+/// the proxies of this process's environment (behind a proxy the resolver sees its address).
+pub(crate) fn destinations(opts: &RegistryOptions) -> Destinations {
+    let env = ProxyEnv::from_env();
+    let proxies: Vec<String> = [env.http, env.https].into_iter().flatten().collect();
+    Destinations::new(opts.private.iter().chain(&opts.insecure).chain(&opts.mirrors).chain(&proxies))
+}
+
 /// The agents shared by a pull's sessions: TLS roots and proxies as every client of the
 /// executor has them (`base::http`), the registry CA added; each URL goes through the proxy
-/// `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` choose for it.
+/// `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` choose for it. Their resolver hands the connection
+/// only the addresses the destination rules allow; redirects are followed by [`Session`],
+/// which checks each one.
 pub(crate) fn agent(opts: &RegistryOptions) -> Result<Agents> {
+    let destinations = destinations(opts);
     let make = || {
         ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(10))
-            .timeout_read(Duration::from_secs(60))
-            .redirects(5)
+            .timeout_read(Duration::from_secs(30))
+            .redirects(0)
+            .resolver(destinations.resolver())
             .user_agent(&format!("executor/{}", crate::api::VERSION))
     };
     Agents::new(make, true, opts.ca.as_deref())
+}
+
+/// Most redirects one request follows.
+const MAX_REDIRECTS: usize = 5;
+
+/// A transport error as a fixed description: its kind, and the cause our side saw (a refused
+/// destination, a TLS or socket error), never the URL or anything the other side sent.
+pub(crate) fn describe_transport(t: &ureq::Transport) -> String {
+    use std::error::Error;
+    let kind = t.kind();
+    let mut cause = t.source();
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            if let Some(r) = io.get_ref().and_then(|i| i.downcast_ref::<Refused>()) {
+                return format!("the destination was refused: {r}");
+            }
+        }
+        cause = c.source();
+    }
+    match kind {
+        ureq::ErrorKind::BadStatus | ureq::ErrorKind::BadHeader => format!("{kind} (not an HTTP answer)"),
+        _ => match t.source() {
+            Some(s) => format!("{kind}: {s}"),
+            None => kind.to_string(),
+        },
+    }
 }
 
 /// The base URLs to try for `name`, in order.
@@ -294,6 +368,52 @@ pub(crate) struct Session {
     credentials: Option<(String, Secret)>,
     authorization: Mutex<Option<Secret>>,
     retry: RetryPolicy,
+    destinations: Destinations,
+    insecure: Vec<String>,
+    /// The job's cancel and the pull's deadline.
+    stop: Stop,
+    /// Whether `credentials` are the job's own, and whether they were sent.
+    job_credentials: bool,
+    sent_job_credentials: std::sync::atomic::AtomicBool,
+}
+
+/// When a pull stops: the job's cancel (coordinator, deadline, shutdown) and the pull's own
+/// deadline.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Stop {
+    pub cancel: Cancel,
+    pub deadline: Option<std::time::Instant>,
+}
+
+impl Stop {
+    /// Why to stop now, if at all.
+    pub(crate) fn reason(&self) -> Option<String> {
+        if let Some(r) = self.cancel.check() {
+            return Some(format!("the job's {r}"));
+        }
+        match self.deadline {
+            Some(d) if std::time::Instant::now() >= d => Some("the pull's deadline passed".into()),
+            _ => None,
+        }
+    }
+
+    /// The time left to the deadline; `None` when there is none.
+    pub(crate) fn left(&self) -> Option<Duration> {
+        self.deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()))
+    }
+
+    /// Sleeps `delay`, or less when the job is cancelled; whether to go on.
+    pub(crate) fn sleep(&self, delay: Duration) -> bool {
+        let delay = self.left().map_or(delay, |l| l.min(delay));
+        self.cancel.wait(delay).is_none() && self.reason().is_none()
+    }
+}
+
+/// How one [`Session::call`] failed.
+enum CallError {
+    Ureq(Box<ureq::Error>),
+    Registry(RegistryError),
+    Redirect(&'static str),
 }
 
 /// A challenge from `WWW-Authenticate`.
@@ -339,7 +459,10 @@ impl Session {
     pub(crate) fn new(agent: &Agents, base: &str, name: &ImageName, opts: &RegistryOptions) -> Session {
         let registry = base.split("://").nth(1).unwrap_or(base).trim_end_matches('/').to_string();
         // A mirror answers with Docker Hub's images but is its own registry for credentials.
-        let credentials = opts.credentials.get(&registry).or_else(|| opts.credentials.get(&name.registry));
+        let (credentials, job_credentials) = match opts.credentials.get(&registry) {
+            Some(c) => (Some(c), opts.credentials.is_jobs(&registry)),
+            None => (opts.credentials.get(&name.registry), opts.credentials.is_jobs(&name.registry)),
+        };
         Session {
             agent: agent.clone(),
             base: base.trim_end_matches('/').to_string(),
@@ -348,11 +471,91 @@ impl Session {
             credentials: credentials.cloned(),
             authorization: Mutex::new(None),
             retry: opts.retry,
+            destinations: destinations(opts),
+            insecure: opts.insecure.clone(),
+            stop: Stop::default(),
+            job_credentials: job_credentials && credentials.is_some(),
+            sent_job_credentials: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Whether this session presented the job's own credentials (to the registry or its token
+    /// service): what it pulled is then private to jobs the registry accepts.
+    pub(crate) fn sent_job_credentials(&self) -> bool {
+        self.sent_job_credentials.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn note_credentials_sent(&self) {
+        if self.job_credentials {
+            self.sent_job_credentials.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// The session stops when `stop` says so.
+    pub(crate) fn with_stop(mut self, stop: Stop) -> Session {
+        self.stop = stop;
+        self
     }
 
     pub(crate) fn retry(&self) -> RetryPolicy {
         self.retry
+    }
+
+    pub(crate) fn stop(&self) -> &Stop {
+        &self.stop
+    }
+
+    /// The error of a pull that stopped, when it did.
+    pub(crate) fn stopped(&self) -> Option<RegistryError> {
+        self.stop.reason().map(|reason| RegistryError::Stopped { registry: self.registry.clone(), reason })
+    }
+
+    fn refused(&self, what: &'static str, refused: Refused) -> RegistryError {
+        RegistryError::Destination { registry: self.registry.clone(), what, refused }
+    }
+
+    /// One GET of `url`, following redirects here: each hop's destination is checked, plain
+    /// HTTP only to a registry that may speak it, and `authorization` goes only to the
+    /// registry's own origin (a blob store a registry redirects to gets no registry token).
+    fn call(
+        &self,
+        url: &str,
+        headers: &[(&str, String)],
+        authorization: Option<&Secret>,
+    ) -> Result<ureq::Response, CallError> {
+        let origin = Url::parse(&self.base).map(|u| u.origin());
+        let mut url = Url::parse(url).ok_or(CallError::Redirect("a URL that is not http(s)"))?;
+        for _ in 0..=MAX_REDIRECTS {
+            if let Some(e) = self.stopped() {
+                return Err(CallError::Registry(e));
+            }
+            self.destinations
+                .check_url(&url.to_url())
+                .map_err(|r| CallError::Registry(self.refused("a request", r)))?;
+            if url.scheme == "http" && !plain_http_allowed(&url.netloc(), &self.insecure) {
+                return Err(CallError::Redirect("a redirect to plain HTTP, which this registry may not use"));
+            }
+            let target = url.to_url();
+            let mut req = self.agent.for_url(&target).get(&target);
+            if let Some(left) = self.stop.left() {
+                req = req.timeout(left.max(Duration::from_millis(1)));
+            }
+            for (k, v) in headers {
+                req = req.set(k, v);
+            }
+            if let Some(auth) = authorization.filter(|_| Some(url.origin()) == origin) {
+                req = req.set("Authorization", auth.expose());
+            }
+            match req.call() {
+                Ok(resp) if (300..400).contains(&resp.status()) => {
+                    let next = resp.header("location").and_then(|l| url.join(l));
+                    url = next.ok_or(CallError::Redirect("a redirect without a usable Location"))?;
+                }
+                Ok(resp) => return Ok(resp),
+                Err(e) => return Err(CallError::Ureq(Box::new(e))),
+            }
+        }
+        Err(CallError::Redirect("more than 5 redirects"))
     }
 
     /// GETs `/v2/<repository>/<path>`, authenticating on a 401 challenge and retrying transport
@@ -362,28 +565,33 @@ impl Session {
         let mut authenticated = false;
         let mut attempt = 0;
         loop {
-            let mut req = self.agent.for_url(&url).get(&url).set("Accept", accept);
-            if let Some(auth) = self.authorization.lock().ok().and_then(|a| a.clone()) {
-                req = req.set("Authorization", auth.expose());
-            }
+            let mut headers = vec![("Accept", accept.to_string())];
             if let Some(from) = range_from.filter(|f| *f > 0) {
-                req = req.set("Range", &format!("bytes={from}-"));
+                headers.push(("Range", format!("bytes={from}-")));
             }
-            let err = match req.call() {
+            let auth = self.authorization.lock().ok().and_then(|a| a.clone());
+            let err = match self.call(&url, &headers, auth.as_ref()) {
                 Ok(resp) => return Ok(resp),
-                Err(ureq::Error::Status(401, resp)) if !authenticated => {
+                Err(CallError::Registry(e)) => return Err(e.into()),
+                Err(CallError::Redirect(problem)) => {
+                    return Err(RegistryError::Redirect { registry: self.registry.clone(), problem }.into())
+                }
+                Err(CallError::Ureq(e)) => *e,
+            };
+            let err = match err {
+                ureq::Error::Status(401, resp) if !authenticated => {
                     authenticated = true;
                     self.authenticate(resp.header("www-authenticate").unwrap_or(""))?;
                     continue;
                 }
-                Err(ureq::Error::Status(401, _)) => {
+                ureq::Error::Status(401, _) => {
                     return Err(RegistryError::Refused {
                         registry: self.registry.clone(),
                         repository: self.repository.clone(),
                     }
                     .into())
                 }
-                Err(ureq::Error::Status(404, _)) => {
+                ureq::Error::Status(404, _) => {
                     return Err(RegistryError::Missing {
                         registry: self.registry.clone(),
                         repository: self.repository.clone(),
@@ -391,10 +599,10 @@ impl Session {
                     }
                     .into())
                 }
-                Err(ureq::Error::Status(code, _)) if crate::api::retryable_status(code) => {
+                ureq::Error::Status(code, _) if crate::api::retryable_status(code) => {
                     format!("status code {code}")
                 }
-                Err(ureq::Error::Status(code, _)) => {
+                ureq::Error::Status(code, _) => {
                     return Err(RegistryError::Status {
                         registry: self.registry.clone(),
                         code,
@@ -403,8 +611,11 @@ impl Session {
                     }
                     .into())
                 }
-                Err(ureq::Error::Transport(t)) => t.to_string(),
+                ureq::Error::Transport(t) => describe_transport(&t),
             };
+            if let Some(e) = self.stopped() {
+                return Err(e.into());
+            }
             attempt += 1;
             if attempt >= self.retry.max_attempts {
                 return Err(RegistryError::GaveUp {
@@ -416,7 +627,11 @@ impl Session {
                 }
                 .into());
             }
-            std::thread::sleep(self.retry.delay(attempt));
+            if !self.stop.sleep(self.retry.delay(attempt)) {
+                if let Some(e) = self.stopped() {
+                    return Err(e.into());
+                }
+            }
         }
     }
 
@@ -434,7 +649,35 @@ impl Session {
                     .params
                     .get("realm")
                     .ok_or_else(|| token("a bearer challenge without a realm".into()))?;
-                let mut req = self.agent.for_url(realm).get(realm).timeout(Duration::from_secs(30));
+                let realm_url = Url::parse(realm)
+                    .ok_or_else(|| token("the bearer realm is not an http(s) URL".into()))?;
+                self.destinations.check_url(realm).map_err(|r| self.refused("the token realm", r))?;
+                if realm_url.scheme == "http" && !plain_http_allowed(&realm_url.netloc(), &self.insecure) {
+                    return Err(token("the bearer realm is plain HTTP on a host that may not use it".into()));
+                }
+                // Credentials go only to an HTTPS realm (plain HTTP only where the registry
+                // itself is spoken to over it) on the registry's own site.
+                if basic.is_some() {
+                    let registry_url = Url::parse(&self.base);
+                    let registry_http = registry_url.as_ref().is_some_and(|u| u.scheme == "http");
+                    let registry_host = registry_url.map(|u| u.host).unwrap_or_default();
+                    if realm_url.scheme != "https" && !registry_http {
+                        return Err(token(
+                            "the bearer realm is not HTTPS: the credentials are not sent there".into(),
+                        ));
+                    }
+                    if !super::destination::same_site(&registry_host, &realm_url.host) {
+                        return Err(token(format!(
+                            "the bearer realm {} is not on the registry's own site: the credentials are not sent there",
+                            realm_url.host
+                        )));
+                    }
+                }
+                let realm = realm_url.to_url();
+                let mut req = self.agent.for_url(&realm).get(&realm).timeout(Duration::from_secs(30));
+                if let Some(left) = self.stop.left() {
+                    req = req.timeout(left.clamp(Duration::from_millis(1), Duration::from_secs(30)));
+                }
                 if let Some(service) = c.params.get("service") {
                     req = req.query("service", service);
                 }
@@ -446,9 +689,11 @@ impl Session {
                 req = req.query("scope", &scope);
                 if let Some(b) = &basic {
                     req = req.set("Authorization", b.expose());
+                    self.note_credentials_sent();
                 }
                 let resp = match req.call() {
-                    Ok(r) => r,
+                    Ok(r) if r.status() == 200 => r,
+                    Ok(r) => return Err(token(format!("the token service answered {}", r.status()))),
                     Err(ureq::Error::Status(code @ (401 | 403), _)) => {
                         return Err(token(format!(
                             "the token service refused the credentials for {} ({code})",
@@ -459,7 +704,10 @@ impl Session {
                         return Err(token(format!("the token service answered {code}")))
                     }
                     Err(ureq::Error::Transport(t)) => {
-                        return Err(token(format!("the token service is unreachable: {t}")))
+                        return Err(token(format!(
+                            "the token service is unreachable: {}",
+                            describe_transport(&t)
+                        )))
                     }
                 };
                 let mut body = Vec::new();
@@ -475,7 +723,10 @@ impl Session {
                 Secret::new(format!("Bearer {bearer}"))
             }
             Some(c) if c.scheme == "basic" => match basic {
-                Some(b) => b,
+                Some(b) => {
+                    self.note_credentials_sent();
+                    b
+                }
                 None => {
                     return Err(RegistryError::NoCredentials {
                         registry: self.registry.clone(),
@@ -483,12 +734,8 @@ impl Session {
                     })
                 }
             },
-            _ => {
-                return Err(RegistryError::UnsupportedAuth {
-                    registry: self.registry.clone(),
-                    header: header.to_string(),
-                })
-            }
+            // Nothing of what the registry sent is repeated.
+            _ => return Err(RegistryError::UnsupportedAuth { registry: self.registry.clone() }),
         };
         if let Ok(mut a) = self.authorization.lock() {
             *a = Some(value);

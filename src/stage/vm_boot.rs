@@ -97,13 +97,24 @@ pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
 fn pull_images(ctx: &JobCtx, doc: &mut RunDocument, images: &[String]) -> Result<()> {
     use crate::image::pull::PullPolicy;
     let policy = ctx.settings.image_pull;
-    if policy == PullPolicy::Never || images.is_empty() || !ctx.runtime(doc)?.runs_images() {
+    if images.is_empty() || !ctx.runtime(doc)?.runs_images() {
         return Ok(());
     }
     let store = crate::image::ImageStore::open(&ctx.settings.state_dir.join("images"))?;
+    // An image pulled with another job's credentials is this job's only once its registry
+    // accepted this job's credentials for it: pulled again (the store keeps its layers).
+    let private = |i: &String| store.is_private_reference(i);
+    if policy == PullPolicy::Never {
+        if let Some(i) = images.iter().find(|i| private(i)) {
+            anyhow::bail!(
+                "image {i} was pulled with another job's registry credentials: with EXECUTOR_IMAGE_PULL=never this job's access cannot be checked"
+            );
+        }
+        return Ok(());
+    }
     let wanted: Vec<&String> = images
         .iter()
-        .filter(|i| policy == PullPolicy::Always || store.resolve(i).is_err())
+        .filter(|i| policy == PullPolicy::Always || store.resolve(i).is_err() || private(i))
         .filter(|i| !doc.images.iter().any(|r| &r.reference == *i))
         .collect();
     if wanted.is_empty() {
@@ -113,9 +124,10 @@ fn pull_images(ctx: &JobCtx, doc: &mut RunDocument, images: &[String]) -> Result
     let result = (|| -> Result<()> {
         let mut opts = ctx.settings.pull.options(ctx.job.docker_auth_config.as_ref())?;
         opts.always = policy == PullPolicy::Always;
+        opts.deadline = super::deadline_instant(doc);
         for image in wanted {
             entry.line(&format!("pulling {image}"));
-            let pulled = crate::image::pull::pull(&store, image, &opts)?;
+            let pulled = crate::image::pull::pull(&store, image, &opts, &ctx.cancel)?;
             entry.line(&format!(
                 "pulled {image} as {} from {}: digest {}, {} downloaded in {}",
                 pulled.reference,

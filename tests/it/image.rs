@@ -7,6 +7,7 @@ use sha2::Digest;
 
 use crate::common::{self, Exec};
 
+mod hostile;
 mod pull;
 
 fn tar_bytes(build: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
@@ -198,6 +199,9 @@ fn image_import_refuses_hostile_tarballs() {
             }),
             "is a symlink",
         ),
+        // A whiteout of `..` would remove the layer's parent directory.
+        ("whiteout-parent", tar_bytes(|b| add(b, "etc/sub/.wh...", b"", 0o644)), "refusing whiteout"),
+        ("whiteout-self", tar_bytes(|b| add(b, "etc/.wh..", b"", 0o644)), "refusing whiteout"),
     ];
     for (name, layer, want) in cases {
         let manifest = r#"[{"Config":"c.json","Layers":["l/layer.tar"]}]"#;
@@ -217,6 +221,79 @@ fn image_import_refuses_hostile_tarballs() {
     let out = image(&state, &["ls", "--json"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
     assert_eq!(std::fs::read_dir(state.join("images/tmp")).unwrap().count(), 0, "staging left behind");
+}
+
+/// An OCI layout whose blobs do not match the digests that name them (a layer, the config, the
+/// manifest) is refused, so that it can never stand in for the image those digests name; and a
+/// docker save layer that is not the one its config's `diff_ids` names is refused too.
+#[test]
+fn image_import_refuses_tampered_blobs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let (good, _) = oci_layout();
+    // Rewrites the archive, replacing the content of the entries `pick` chooses.
+    let tamper = |pick: &dyn Fn(&str, &[u8]) -> bool| -> Vec<u8> {
+        let mut ar = tar::Archive::new(std::io::Cursor::new(good.clone()));
+        tar_bytes(|b| {
+            for e in ar.entries().unwrap() {
+                let mut e = e.unwrap();
+                let path = e.path().unwrap().to_string_lossy().into_owned();
+                let mut data = Vec::new();
+                std::io::Read::read_to_end(&mut e, &mut data).unwrap();
+                if pick(&path, &data) {
+                    data = tar_bytes(|l| add(l, "etc/poison", b"from a tampered tarball", 0o644));
+                    if path.ends_with(&sha(CONFIG.as_bytes())) || data.is_empty() {
+                        data = br#"{"config":{"Env":["POISON=1"]}}"#.to_vec();
+                    }
+                }
+                add(b, &path, &data, 0o644);
+            }
+        })
+    };
+    // A gzipped layer blob, then the config.
+    let layer = |p: &str, d: &[u8]| p.starts_with("blobs/") && d.starts_with(&[0x1f, 0x8b]);
+    let config = |p: &str, _: &[u8]| p.ends_with(&sha(CONFIG.as_bytes()));
+    type Pick<'a> = &'a dyn Fn(&str, &[u8]) -> bool;
+    let cases: [(&str, Pick); 2] = [("layer", &layer), ("config", &config)];
+    for (what, pick) in cases {
+        let file = write(tmp.path(), &format!("{what}.tar"), &tamper(pick));
+        let out = image(&state, &["import", &format!("tampered-{what}"), file.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{what}: {stderr}");
+        assert!(stderr.contains("does not match its digest"), "{what}: {stderr}");
+    }
+    let out = image(&state, &["ls", "--json"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
+
+    // docker save: the second layer is not the tar its config's diff_ids names.
+    let (l1, l2) = layers();
+    let config = format!(
+        r#"{{"config":{{}},"rootfs":{{"type":"layers","diff_ids":["sha256:{}","sha256:{}"]}}}}"#,
+        sha(&l1),
+        sha(&l2)
+    );
+    let evil = tar_bytes(|b| add(b, "etc/poison", b"x", 0o644));
+    let manifest = r#"[{"Config":"c.json","Layers":["a/layer.tar","b/layer.tar"]}]"#;
+    let t = tar_bytes(|b| {
+        add(b, "manifest.json", manifest.as_bytes(), 0o644);
+        add(b, "c.json", config.as_bytes(), 0o644);
+        add(b, "a/layer.tar", &l1, 0o644);
+        add(b, "b/layer.tar", &evil, 0o644);
+    });
+    let file = write(tmp.path(), "saved.tar", &t);
+    let out = image(&state, &["import", "saved", file.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("layer 2") && stderr.contains("does not match its digest"), "{stderr}");
+    // The honest one imports.
+    let t = tar_bytes(|b| {
+        add(b, "manifest.json", manifest.as_bytes(), 0o644);
+        add(b, "c.json", config.as_bytes(), 0o644);
+        add(b, "a/layer.tar", &l1, 0o644);
+        add(b, "b/layer.tar", &l2, 0o644);
+    });
+    let file = write(tmp.path(), "honest.tar", &t);
+    image_ok(&state, &["import", "saved", file.to_str().unwrap()]);
 }
 
 #[test]

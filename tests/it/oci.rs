@@ -1523,6 +1523,7 @@ fn etc_files_exist_in_an_image_without_etc(oci: &str, test: &str) {
         limits: &limits,
         name_prefix: "ocitest",
         coordinator: None,
+        endpoints: &[],
     };
     let sb = f.rt.boot(&req).unwrap();
     let script = "cat /etc/hostname /etc/hosts /etc/resolv.conf; echo host=$(hostname); \

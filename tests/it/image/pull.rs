@@ -302,8 +302,13 @@ fn demo_image(layout: &mut Layout, tag: &str) -> (String, usize) {
 }
 
 /// `executor image ARGS` on `state`, with `env`.
+/// The test registries are on loopback, which a pull reaches only where the operator listed it.
 fn image(state: &Path, args: &[&str], env: &[(&str, &str)]) -> Exec {
-    let mut e = Exec::new().arg("image").args(args).env("EXECUTOR_STATE_DIR", state);
+    let mut e = Exec::new()
+        .arg("image")
+        .args(args)
+        .env("EXECUTOR_STATE_DIR", state)
+        .env("EXECUTOR_PRIVATE_REGISTRIES", "127.0.0.1");
     for (k, v) in env {
         e = e.env(k, v);
     }
@@ -388,7 +393,9 @@ fn pulls_layers_whiteouts_zstd_and_multi_arch_from_a_plain_registry() {
     let children: Vec<_> = (0..3)
         .map(|_| {
             let mut c = common::executor();
-            c.args(["image", "pull", &demo2]).env("EXECUTOR_STATE_DIR", &state);
+            c.args(["image", "pull", &demo2])
+                .env("EXECUTOR_STATE_DIR", &state)
+                .env("EXECUTOR_PRIVATE_REGISTRIES", "127.0.0.1");
             c.stdout(Stdio::piped()).stderr(Stdio::piped());
             c.spawn().unwrap()
         })
@@ -747,6 +754,10 @@ fn vm_boot_pulls_a_missing_image_with_the_jobs_credentials() {
     let absent = c.submit(serde_json::json!({
         "dockerSteps": [{"key": "x", "image": format!("{}/team/absent:1", reg.host()), "dir": "", "env": [], "commands": ["true"]}]
     }));
+    // A later job that names the private image without credentials.
+    let stranger = c.submit(serde_json::json!({
+        "dockerSteps": [{"key": "x", "image": reference, "dir": "", "env": [], "commands": ["cat /etc/greeting"]}]
+    }));
     let prefix = format!("pull{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let run_loop = |policy: &str| {
         let mut cmd = common::executor();
@@ -762,6 +773,7 @@ fn vm_boot_pulls_a_missing_image_with_the_jobs_credentials() {
             .env("EXECUTOR_MAXIMUM_RUNTIME_PER_JOB", "60s")
             .env("EXECUTOR_HEARTBEAT_INTERVAL", "300ms")
             .env("EXECUTOR_IMAGE_PULL", policy)
+            .env("EXECUTOR_PRIVATE_REGISTRIES", reg.host())
             .arg("loop");
         common::assert_ok(&common::run(&mut cmd));
     };
@@ -789,6 +801,15 @@ fn vm_boot_pulls_a_missing_image_with_the_jobs_credentials() {
     assert_ne!(job["state"], "completed");
     assert!(job.to_string().contains("unknown image"), "{job:#}");
     assert!(!job["logs"].as_array().unwrap().iter().any(|e| e["key"] == "setup.image.pull"));
+
+    // The image the first job pulled with its credentials is not served to a job without them.
+    run_loop("missing");
+    let job = c.wait_state(stranger, &["completed", "failed", "errored"], Duration::from_secs(60));
+    assert_ne!(job["state"], "completed", "a private image served without credentials: {job:#}");
+    let text = job["logs"].to_string();
+    assert!(text.contains("was pulled with other credentials: not served to this job"), "{job:#}");
+    assert!(text.contains("needs credentials"), "{job:#}");
+    assert!(!text.contains("hello from the registry"), "{job:#}");
 }
 
 /// A token-auth front for the registry, as Docker Hub has: without `Bearer <token>` a request is

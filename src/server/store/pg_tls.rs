@@ -517,8 +517,11 @@ mod server_tests {
             ],
         );
         let ext = format!("{name}.ext");
-        std::fs::write(dir.join(&ext), san.map_or_else(|| "extendedKeyUsage=clientAuth\n".into(), |s| format!("subjectAltName={s}\n")))
-            .unwrap();
+        std::fs::write(
+            dir.join(&ext),
+            san.map_or_else(|| "extendedKeyUsage=clientAuth\n".into(), |s| format!("subjectAltName={s}\n")),
+        )
+        .unwrap();
         openssl(
             dir,
             &[

@@ -17,4 +17,5 @@ mod package;
 mod pipeline;
 mod replicas;
 mod server;
+mod soak;
 mod workspace;

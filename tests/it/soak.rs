@@ -25,7 +25,8 @@ fn soak_mixed_jobs_on_oci_end_right_and_leave_nothing() {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "scripts/soak 16 failed ({}):\n{text}", out.status);
     assert!(text.contains("16 of 16 jobs finished"), "{text}");
-    for what in ["mounts", "loops", "netns", "cgroups", "nft", "processes", "workspaces and sandbox records"] {
+    for what in ["mounts", "loops", "netns", "cgroups", "nft", "processes", "workspaces and sandbox records"]
+    {
         assert!(text.contains(&format!("  {what}: 0\n")), "{what} left:\n{text}");
     }
 }

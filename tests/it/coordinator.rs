@@ -154,7 +154,8 @@ impl Coordinator {
             .set("Authorization", &self.admin_auth())
             .call()
             .unwrap_or_else(|e| panic!("reading job {id}: {}", describe(e)));
-        serde_json::from_str(&resp.into_string().unwrap()).unwrap()
+        // Read as a stream: `into_string` refuses more than 10 MB, and a job holds its log.
+        serde_json::from_reader(std::io::BufReader::new(resp.into_reader())).unwrap()
     }
 
     /// Polls the job until its state is one of `states`; panics with the job at the timeout.

@@ -1,6 +1,7 @@
 //! The one integration test binary: drives the real `executor` binary and real servers on
 //! loopback. Each area has its own module.
 
+mod backends;
 mod common;
 mod conformance;
 mod console;
@@ -18,4 +19,5 @@ mod pipeline;
 mod proxy;
 mod replicas;
 mod server;
+mod soak;
 mod workspace;

@@ -53,7 +53,10 @@ fn queue_walks_a_job_through_its_life() {
     assert_eq!(ex.put_artifacts("batches", &got, art), 204, "a second PUT replaces the first");
 
     assert_eq!(ex.mark("batches", &got, "markComplete", ""), 204);
-    assert_eq!(ex.mark("batches", &got, "markComplete", ""), 401, "token deleted at mark*");
+    // A retried completion succeeds again; the spent token opens nothing else.
+    assert_eq!(ex.mark("batches", &got, "markComplete", ""), 204, "a retried markComplete");
+    assert_eq!(ex.mark("batches", &got, "markFailed", "late"), 401, "token spent at mark*");
+    assert_eq!(ex.put_artifacts("batches", &got, b"late"), 401, "token spent at mark*");
 
     let shown = c.job(id);
     assert_eq!(shown["state"], "completed");

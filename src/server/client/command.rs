@@ -29,11 +29,13 @@ pub(crate) fn run(opts: &ClientOptions, cmd: ClientCommand) -> Result<i32> {
             show(out, json, &v, |v| Ok(print::jobs_table(v, raw)))?;
         }
         ClientCommand::Show { id } => {
-            let v = client.job(id)?;
             if json {
-                print_json(&v)?;
+                print_json(&client.job(id)?)?;
             } else {
-                print::print_job(&v, out, raw)?;
+                // The fields first, then the log entry by entry as it streams in: the text view
+                // never holds a big job's whole log.
+                print::print_job(&client.job_fields(id)?, out, raw)?;
+                client.logs(id, false, |e| print::print_log_entry(&e, out, raw))?;
             }
         }
         ClientCommand::Logs { id, follow } => {

@@ -100,10 +100,12 @@ impl AdminClient {
         }
     }
 
+    /// The answer parsed as it is read: `into_string` refuses answers over 10 MB, and a job's
+    /// answer holds its whole log.
     fn json(&self, what: &str, req: ureq::Request, body: Option<&Value>) -> Result<Value> {
         let resp = self.call(what, req, body)?;
-        let text = resp.into_string().with_context(|| format!("{what}: reading the coordinator's answer"))?;
-        serde_json::from_str(&text).with_context(|| format!("{what}: the coordinator's answer is not JSON"))
+        let reader = std::io::BufReader::with_capacity(64 << 10, resp.into_reader());
+        serde_json::from_reader(reader).with_context(|| format!("{what}: reading the coordinator's answer"))
     }
 
     /// Submits a job; returns its id.
@@ -128,6 +130,12 @@ impl AdminClient {
 
     pub(crate) fn job(&self, id: i64) -> Result<Value> {
         self.json(&format!("showing job {id}"), self.request("GET", &format!("/api/jobs/{id}")), None)
+    }
+
+    /// The job without its log entries (`logs` streams them).
+    pub(crate) fn job_fields(&self, id: i64) -> Result<Value> {
+        let req = self.request("GET", &format!("/api/jobs/{id}")).query("logs", "false");
+        self.json(&format!("showing job {id}"), req, None)
     }
 
     pub(crate) fn cancel(&self, id: i64) -> Result<Value> {

@@ -139,7 +139,7 @@ fn shown(v: &Value, key: &str, raw: bool) -> String {
     }
 }
 
-fn print_log_entry(e: &Value, out: &mut dyn Write, raw: bool) -> Result<()> {
+pub(super) fn print_log_entry(e: &Value, out: &mut dyn Write, raw: bool) -> Result<()> {
     let exit = match e.get("exitCode") {
         Some(Value::Number(n)) => format!("exit {n}"),
         _ => "running".into(),
@@ -226,7 +226,8 @@ pub(super) fn jobs_table(v: &Value, raw: bool) -> String {
     table(SUMMARY_HEADERS, &rows, raw)
 }
 
-/// `queue show`: the job's fields, its artifacts and its log entries.
+/// `queue show`: the job's fields, its artifacts and the log entries it holds (none when it
+/// was fetched without them).
 pub(super) fn print_job(v: &Value, out: &mut dyn Write, raw: bool) -> Result<()> {
     let fields = [
         "id",

@@ -218,30 +218,47 @@ pub(super) fn admin_payload(payload: &str) -> Result<serde_json::Value> {
     Ok(v)
 }
 
+/// `GET /api/jobs/{id}`: the job, its payload as the admin API shows it, its artifacts and
+/// (unless `?logs=false`, for a client that streams them from `/logs`) its log entries,
+/// serialised straight from the rows: a job with tens of megabytes of log is one copy of it.
 pub(super) async fn show_job(
     State(app): State<Shared>,
     _: AdminToken,
     id: std::result::Result<Path<String>, PathRejection>,
+    query: std::result::Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> HttpResult<Response> {
     let id = job_id_param(id)?;
+    let with_logs = match query_params(query)?.get("logs").map(String::as_str) {
+        None | Some("true") | Some("1") => true,
+        Some("false") | Some("0") => false,
+        Some(other) => {
+            return Err(http_err(StatusCode::BAD_REQUEST, format!("invalid logs value {other:?}")))
+        }
+    };
     let found = db(&app, move |s| match s.job(id)? {
-        Some(job) => Ok(Some((job, s.logs(id)?))),
+        Some(job) => Ok(Some((job, if with_logs { Some(s.logs(id)?) } else { None }))),
         None => Ok(None),
     })
     .await?;
     let Some((job, logs)) = found else {
         return Err(http_err(StatusCode::NOT_FOUND, format!("no job {id}")));
     };
-    let mut v = serde_json::to_value(&job.row).map_err(|e| anyhow::anyhow!("encoding job {id}: {e}"))?;
-    if let Some(obj) = v.as_object_mut() {
-        obj.insert("job".into(), admin_payload(&job.payload)?);
-        obj.insert("logs".into(), serde_json::to_value(&logs).map_err(|e| anyhow::anyhow!("{e}"))?);
-        obj.insert(
-            "artifacts".into(),
-            serde_json::to_value(&job.artifacts).map_err(|e| anyhow::anyhow!("{e}"))?,
-        );
+    #[derive(serde::Serialize)]
+    struct JobView<'a> {
+        #[serde(flatten)]
+        row: &'a store::JobRow,
+        job: serde_json::Value,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        logs: Option<&'a [store::StoredLogEntry]>,
+        artifacts: &'a Option<store::ArtifactInfo>,
     }
-    json_response(StatusCode::OK, &v)
+    let view = JobView {
+        row: &job.row,
+        job: admin_payload(&job.payload)?,
+        logs: logs.as_deref(),
+        artifacts: &job.artifacts,
+    };
+    json_response(StatusCode::OK, &view)
 }
 
 pub(super) async fn cancel_job(

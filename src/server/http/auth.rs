@@ -131,46 +131,66 @@ impl FromRequestParts<Shared> for JobCaller {
     type Rejection = HttpError;
 
     async fn from_request_parts(parts: &mut Parts, app: &Shared) -> HttpResult<Self> {
-        let KnownQueue(queue) = KnownQueue::from_request_parts(parts, app).await?;
-        let headers = &parts.headers;
-        let (scheme, token) = parse_auth(headers)?;
-        let (id, executor) = job_headers(headers)?;
-        let bearer = scheme.eq_ignore_ascii_case("bearer");
-        if !bearer && scheme != protocol::SCHEME_EXECUTOR {
-            return Err(http_err(
-                StatusCode::UNAUTHORIZED,
-                format!("unknown Authorization scheme {scheme:?}"),
-            ));
-        }
-        let hash = if bearer { Some(token_hash(&token)?) } else { None };
-        // One store round trip for both lookups.
-        let name = executor.clone();
-        let (found, known) = db(app, move |s| {
-            let found = match hash {
-                Some(h) => s.job_for_token(&h)?,
-                None => None,
-            };
-            Ok((found, s.executor_known(&name)?))
-        })
-        .await?;
-        if bearer {
-            let Some((token_job, token_queue, _repo)) = found else {
-                return Err(http_err(StatusCode::UNAUTHORIZED, "invalid token"));
-            };
-            if token_job != id || token_queue != queue {
-                return Err(http_err(StatusCode::FORBIDDEN, "invalid token"));
-            }
-        } else if !secret_matches(&token, &app.secret_digest) {
-            return Err(http_err(StatusCode::FORBIDDEN, "invalid executor credentials"));
-        }
-        if !known {
-            return Err(http_err(
-                StatusCode::UNAUTHORIZED,
-                format!("unknown executor {executor:?}; heartbeat first"),
-            ));
-        }
-        Ok(JobCaller { id, executor })
+        job_caller(parts, app, false).await
     }
+}
+
+/// The caller of markComplete: a [`JobCaller`], or the retry of a completion that committed
+/// (its answer lost with the connection), whose job's token is spent: the completed job still
+/// knows the token's digest, and the retry is answered as the first call was.
+pub(super) struct CompletingCaller(pub JobCaller);
+
+#[axum::async_trait]
+impl FromRequestParts<Shared> for CompletingCaller {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &Shared) -> HttpResult<Self> {
+        job_caller(parts, app, true).await.map(CompletingCaller)
+    }
+}
+
+async fn job_caller(parts: &mut Parts, app: &Shared, completed_ok: bool) -> HttpResult<JobCaller> {
+    let KnownQueue(queue) = KnownQueue::from_request_parts(parts, app).await?;
+    let headers = &parts.headers;
+    let (scheme, token) = parse_auth(headers)?;
+    let (id, executor) = job_headers(headers)?;
+    let bearer = scheme.eq_ignore_ascii_case("bearer");
+    if !bearer && scheme != protocol::SCHEME_EXECUTOR {
+        return Err(http_err(StatusCode::UNAUTHORIZED, format!("unknown Authorization scheme {scheme:?}")));
+    }
+    let hash = if bearer { Some(token_hash(&token)?) } else { None };
+    // One store round trip for both lookups.
+    let name = executor.clone();
+    let (found, known) = db(app, move |s| {
+        let found = match hash {
+            Some(h) => match s.job_for_token(&h)? {
+                None if completed_ok => {
+                    s.completed_with_token(id, &h)?.map(|queue| (id, queue, String::new()))
+                }
+                found => found,
+            },
+            None => None,
+        };
+        Ok((found, s.executor_known(&name)?))
+    })
+    .await?;
+    if bearer {
+        let Some((token_job, token_queue, _repo)) = found else {
+            return Err(http_err(StatusCode::UNAUTHORIZED, "invalid token"));
+        };
+        if token_job != id || token_queue != queue {
+            return Err(http_err(StatusCode::FORBIDDEN, "invalid token"));
+        }
+    } else if !secret_matches(&token, &app.secret_digest) {
+        return Err(http_err(StatusCode::FORBIDDEN, "invalid executor credentials"));
+    }
+    if !known {
+        return Err(http_err(
+            StatusCode::UNAUTHORIZED,
+            format!("unknown executor {executor:?}; heartbeat first"),
+        ));
+    }
+    Ok(JobCaller { id, executor })
 }
 
 /// The caller of a route outside a queue (git, files): `Authorization: Bearer <job token>` with

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 
-use super::auth::{ExecutorSecret, JobCaller, KnownQueue};
+use super::auth::{CompletingCaller, ExecutorSecret, JobCaller, KnownQueue};
 use super::{db, http_err, json_response, query_params, read_json, HttpError, HttpResult, Shared};
 use crate::protocol::{self, Job};
 use crate::server::store::{self, ExecutorInfo, Outcome, StoreError};
@@ -373,7 +373,7 @@ async fn mark(app: Shared, kind: MarkKind, caller: JobCaller, body: Body) -> Htt
 
 pub(super) async fn mark_complete(
     State(app): State<Shared>,
-    caller: JobCaller,
+    CompletingCaller(caller): CompletingCaller,
     body: Body,
 ) -> HttpResult<Response> {
     mark(app, MarkKind::Complete, caller, body).await

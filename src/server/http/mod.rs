@@ -385,9 +385,22 @@ pub(super) async fn serve(cfg: Arc<ServeConfig>) -> Result<()> {
             crate::base::fs::private_dir(&data_dir)
                 .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
             let (p, dir) = (pool.clone(), data_dir.clone());
-            tokio::task::spawn_blocking(move || p.prepare(&dir))
-                .await?
-                .with_context(|| format!("preparing the PostgreSQL database {}", pool.target))?;
+            match tokio::task::spawn_blocking(move || p.prepare(&dir)).await? {
+                Ok(()) => {}
+                // The database is down (or not up yet): serve anyway, answering 503 until a
+                // background attempt prepares it. A wrong marker or a newer schema still stop
+                // the replica here, before it serves.
+                Err(StoreError::Unavailable(why)) => {
+                    tracing::warn!(
+                        "starting without the database, answering 503 until it is reachable: {why}"
+                    );
+                    tokio::spawn(prepare_later(pool.clone(), data_dir.clone()));
+                }
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("preparing the PostgreSQL database {}", pool.target))
+                }
+            }
             Some(pool)
         }
     };
@@ -445,6 +458,31 @@ pub(super) async fn serve(cfg: Arc<ServeConfig>) -> Result<()> {
         start_checkpointer(&app, cfg.data_dir.clone()).await?;
     }
     serve_http(app, listener, tls).await
+}
+
+/// Prepares the database of a replica that started without it, once it is reachable. A
+/// failure other than "unavailable" (another database's marker, a newer schema) would serve
+/// wrong answers: the replica stops.
+async fn prepare_later(pool: store::PgPool, data_dir: std::path::PathBuf) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (p, dir) = (pool.clone(), data_dir.clone());
+        match tokio::task::spawn_blocking(move || p.prepare(&dir)).await {
+            Ok(Ok(())) => {
+                tracing::info!("the PostgreSQL database {} is reachable: serving", pool.target);
+                return;
+            }
+            Ok(Err(StoreError::Unavailable(_))) => {}
+            Ok(Err(e)) => {
+                tracing::error!("preparing the PostgreSQL database {}: {e:#}; stopping", pool.target);
+                std::process::exit(1); // as `main` ends on an error
+            }
+            Err(e) => {
+                tracing::error!("preparing the PostgreSQL database {}: {e}; stopping", pool.target);
+                std::process::exit(1); // as `main` ends on an error
+            }
+        }
+    }
 }
 
 /// How often a waiting dequeue looks again on PostgreSQL without a notification.

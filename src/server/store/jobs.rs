@@ -295,6 +295,18 @@ impl Store {
         })
     }
 
+    /// The queue of completed job `id` if `token_sha256` is the digest of the token it completed
+    /// with: only a retried markComplete may use a finished job's token.
+    pub fn completed_with_token(&mut self, id: i64, token_sha256: &str) -> Result<Option<String>> {
+        self.read(|t| {
+            t.opt(
+                "SELECT queue FROM jobs WHERE id = ?1 AND state = 'completed' AND done_token_sha256 = ?2",
+                p![id, token_sha256],
+                |r| r.get(0),
+            )
+        })
+    }
+
     /// Whether an executor of this name ever heartbeated.
     pub fn executor_known(&mut self, name: &str) -> Result<bool> {
         self.read(|t| t.exists("SELECT 1 FROM executors WHERE name = ?1", p![name]))
@@ -426,14 +438,21 @@ impl Store {
         now: i64,
     ) -> Result<bool> {
         if *outcome == Outcome::Complete {
-            // Completed whatever the cancel flag and the counts: one statement.
+            // Completed whatever the cancel flag and the counts: one statement. A retry of a
+            // completion that committed (its answer lost with the connection) finds the job
+            // completed by this executor, and succeeds again.
             return self.autocommit(|t| {
                 let n = t.exec(
                     "UPDATE jobs SET state = 'completed', failure_message = NULL, finished_at = ?3, \
-                     token_sha256 = NULL WHERE id = ?1 AND executor_name = ?2 AND state = 'processing'",
+                     done_token_sha256 = token_sha256, token_sha256 = NULL \
+                     WHERE id = ?1 AND executor_name = ?2 AND state = 'processing'",
                     p![id, executor, now],
                 )?;
-                Ok(n == 1)
+                Ok(n == 1
+                    || t.exists(
+                        "SELECT 1 FROM jobs WHERE id = ?1 AND executor_name = ?2 AND state = 'completed'",
+                        p![id, executor],
+                    )?)
             });
         }
         self.tx(|t| {
@@ -608,9 +627,11 @@ impl Store {
 
     /// Jobs, newest first, filtered by queue and state.
     pub fn list(&mut self, queue: Option<&str>, state: Option<JobState>, limit: i64) -> Result<Vec<JobRow>> {
+        // The casts give PostgreSQL the parameters' type: `$1 IS NULL` alone has none, and it
+        // refuses the statement ("could not determine data type of parameter $1").
         let sql = format!(
-            "SELECT {ROW_COLS} FROM jobs WHERE (?1 IS NULL OR queue = ?1) AND (?2 IS NULL OR state = ?2) \
-             ORDER BY id DESC LIMIT ?3"
+            "SELECT {ROW_COLS} FROM jobs WHERE (CAST(?1 AS TEXT) IS NULL OR queue = ?1) \
+             AND (CAST(?2 AS TEXT) IS NULL OR state = ?2) ORDER BY id DESC LIMIT ?3"
         );
         self.read(|t| t.all(&sql, p![queue, state, limit], job_row))
     }
@@ -716,7 +737,29 @@ mod tests {
             s.job_for_token(&sha256_hex(&hex::decode(&d.token).unwrap())).unwrap().is_none(),
             "token deleted"
         );
-        assert!(!s.mark(a, "e1", &Outcome::Complete, 0, 3).unwrap());
+        // A retried completion succeeds again; another executor's does not, nor a failure.
+        assert!(s.mark(a, "e1", &Outcome::Complete, 0, 3).unwrap());
+        assert_eq!(s.state(a).unwrap(), Some(JobState::Completed));
+        assert!(!s.mark(a, "e2", &Outcome::Complete, 0, 3).unwrap());
+        assert!(!s.mark(a, "e1", &Outcome::Failed("late".into()), 0, 3).unwrap());
+        let digest = sha256_hex(&hex::decode(&d.token).unwrap());
+        assert_eq!(s.completed_with_token(a, &digest).unwrap().as_deref(), Some("batches"));
+        assert_eq!(s.completed_with_token(b, &digest).unwrap(), None);
+    });
+
+    // PostgreSQL refused the list with one filter unset ("could not determine data type").
+    both_backends!(lists_filter_by_queue_and_state_each_alone_or_together, |s| {
+        let a = s.submit("batches", "{}", "r", 1).unwrap();
+        let b = s.submit("codeintel", "{}", "r", 1).unwrap();
+        let c = s.submit("batches", "{}", "r", 1).unwrap();
+        s.cancel(c, 2).unwrap();
+        let ids = |rows: Vec<JobRow>| rows.into_iter().map(|r| r.id).collect::<Vec<_>>();
+        assert_eq!(ids(s.list(None, None, 10).unwrap()), vec![c, b, a]);
+        assert_eq!(ids(s.list(None, None, 2).unwrap()), vec![c, b]);
+        assert_eq!(ids(s.list(Some("batches"), None, 10).unwrap()), vec![c, a]);
+        assert_eq!(ids(s.list(None, Some(JobState::Canceled), 10).unwrap()), vec![c]);
+        assert_eq!(ids(s.list(Some("batches"), Some(JobState::Queued), 10).unwrap()), vec![a]);
+        assert_eq!(ids(s.list(Some("codeintel"), Some(JobState::Completed), 10).unwrap()), Vec::<i64>::new());
     });
 
     both_backends!(errored_ends_failed_and_cancel_ends_canceled, |s| {

@@ -15,6 +15,7 @@ pub(crate) mod db;
 mod jobs;
 mod logs;
 pub(crate) mod pg;
+pub(crate) mod pg_tls;
 mod repos;
 mod time;
 #[cfg(test)]
@@ -236,6 +237,13 @@ CREATE TABLE console_sessions (
     expires_at BIGINT NOT NULL
 );
 "#,
+    },
+    // A completed job keeps the digest of the token it completed with, so that a markComplete
+    // retried after its commit (the answer was lost with the connection) is recognised and
+    // answered with success. Only markComplete accepts it; the job routes, git and files refuse.
+    Migration {
+        sqlite: "ALTER TABLE jobs ADD COLUMN done_token_sha256 TEXT;",
+        postgres: "ALTER TABLE jobs ADD COLUMN done_token_sha256 TEXT;",
     },
 ];
 
@@ -897,8 +905,8 @@ mod tests {
         let text = err.to_string();
         assert!(matches!(err, StoreError::Unavailable(_)), "{text}");
         assert!(text.contains(&format!("127.0.0.1:{port}/jobsdb")) && !text.contains("hunter2"), "{text}");
-        let tls = options("postgres://queue@db.example/x?sslmode=require".into());
-        assert!(tls.config().unwrap_err().contains("no TLS client"));
+        let tls = options("postgres://queue@db.example/x?sslmode=verify-full".into());
+        assert!(tls.config().unwrap_err().contains("needs sslrootcert"));
         let bad = options("postgres://queue:hunter2-password@127.0.0.1:notaport/x".into());
         let why = bad.config().unwrap_err();
         assert!(!why.contains("hunter2"), "{why}");

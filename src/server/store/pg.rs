@@ -10,6 +10,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::pg_tls::{self, MakeRustls};
 use super::{Result, StoreError, MIGRATIONS};
 use crate::base::secret::Secret;
 
@@ -51,13 +52,20 @@ impl PgOptions {
     /// The client configuration with the store's timeouts, and `host:port/database` for
     /// messages (never the password).
     pub fn config(&self) -> std::result::Result<(postgres::Config, String), String> {
+        self.client().map(|(config, target, _)| (config, target))
+    }
+
+    /// The client configuration, `host:port/database`, and the TLS connector the URL's
+    /// `sslmode` and certificates ask for (see `pg_tls`).
+    pub(crate) fn client(&self) -> std::result::Result<(postgres::Config, String, MakeRustls), String> {
         let url = self.url.expose();
         if !is_postgres_url(url) {
             return Err("the database URL must start with postgres:// or postgresql://".into());
         }
+        let (url, tls) = pg_tls::split_url(url)?;
         // The parser's own messages may quote the URL, password included: say what is wrong
         // without them.
-        let mut config = postgres::Config::from_str(url).map_err(|_| {
+        let mut config = postgres::Config::from_str(&url).map_err(|_| {
             "the database URL does not parse: expected postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE"
                 .to_string()
         })?;
@@ -76,15 +84,12 @@ impl PgOptions {
         };
         let port = config.get_ports().first().copied().unwrap_or(5432);
         let db = config.get_dbname().unwrap_or("").to_string();
-        if config.get_ssl_mode() == postgres::config::SslMode::Require {
-            return Err("sslmode=require: this coordinator has no TLS client for PostgreSQL yet; reach the \
-                 database over a private network or a TLS tunnel, without sslmode=require"
-                .into());
-        }
+        config.ssl_mode(tls.mode.client_mode());
         if config.get_user().is_none() {
             return Err(format!("the database URL for {host}:{port}/{db} names no user"));
         }
-        Ok((config, format!("{host}:{port}/{db}")))
+        let connector = MakeRustls::new(pg_tls::client_config(&tls)?);
+        Ok((config, format!("{host}:{port}/{db}"), connector))
     }
 }
 
@@ -99,11 +104,44 @@ pub(crate) fn error(e: postgres::Error, target: &str) -> StoreError {
             c.starts_with("08") || c.starts_with("57P") || c == "53300"
         });
     if unavailable {
-        StoreError::Unavailable(format!("the PostgreSQL database {target} is unavailable: {e}"))
+        StoreError::Unavailable(format!("the PostgreSQL database {target} is unavailable: {}", chain(&e)))
     } else {
         StoreError::Postgres { target: target.to_string(), source: e }
     }
 }
+
+/// The error with its causes: "error performing TLS handshake" alone does not say that the
+/// certificate names another host.
+fn chain(e: &postgres::Error) -> String {
+    let mut why = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !why.ends_with(&text) {
+            why = format!("{why}: {text}");
+        }
+        cause = c.source();
+    }
+    why
+}
+
+/// A connection that could not be made (a refused TLS handshake included): the database is
+/// unavailable to this replica, whatever the reason, which the message gives.
+fn connect_error(e: postgres::Error, target: &str) -> StoreError {
+    StoreError::Unavailable(format!("the PostgreSQL database {target} is unavailable: {}", chain(&e)))
+}
+
+/// Why the pool could not make a connection (the error with its causes).
+#[derive(Debug)]
+pub struct ConnectError(String);
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConnectError {}
 
 /// One pooled connection with its prepared statements.
 pub struct PgConn {
@@ -143,18 +181,20 @@ impl Drop for PgClient {
 
 pub struct Manager {
     config: postgres::Config,
+    tls: MakeRustls,
 }
 
 impl r2d2::ManageConnection for Manager {
     type Connection = PgConn;
-    type Error = postgres::Error;
+    type Error = ConnectError;
 
-    fn connect(&self) -> std::result::Result<PgConn, postgres::Error> {
-        Ok(PgConn { client: PgClient(Some(self.config.connect(postgres::NoTls)?)), cache: HashMap::new() })
+    fn connect(&self) -> std::result::Result<PgConn, ConnectError> {
+        let client = self.config.connect(self.tls.clone()).map_err(|e| ConnectError(chain(&e)))?;
+        Ok(PgConn { client: PgClient(Some(client)), cache: HashMap::new() })
     }
 
-    fn is_valid(&self, conn: &mut PgConn) -> std::result::Result<(), postgres::Error> {
-        conn.client.simple_query("").map(|_| ())
+    fn is_valid(&self, conn: &mut PgConn) -> std::result::Result<(), ConnectError> {
+        conn.client.simple_query("").map(|_| ()).map_err(|e| ConnectError(chain(&e)))
     }
 
     fn has_broken(&self, conn: &mut PgConn) -> bool {
@@ -167,6 +207,10 @@ impl r2d2::ManageConnection for Manager {
 pub struct PgPool {
     pub(super) pool: r2d2::Pool<Manager>,
     pub(super) config: postgres::Config,
+    tls: MakeRustls,
+    /// Set once [`PgPool::prepare`] succeeded: until then the schema may be behind, and every
+    /// store call is `Unavailable` (a replica that started while its database was down).
+    ready: Arc<std::sync::atomic::AtomicBool>,
     /// `host:port/database`, for messages.
     pub target: Arc<str>,
 }
@@ -175,19 +219,26 @@ impl PgPool {
     /// A pool on `opts` (no connection is made yet). A checkout waits at most
     /// [`CONNECT_TIMEOUT`] for a free or new connection.
     pub fn new(opts: &PgOptions) -> Result<PgPool> {
-        let (config, target) = opts.config().map_err(StoreError::Config)?;
+        let (config, target, tls) = opts.client().map_err(StoreError::Config)?;
         let pool = r2d2::Pool::builder()
             .max_size(POOL_SIZE)
             .min_idle(Some(POOL_SIZE / 2))
             .connection_timeout(CONNECT_TIMEOUT)
             .test_on_check_out(false)
             .error_handler(Box::new(r2d2::NopErrorHandler))
-            .build_unchecked(Manager { config: config.clone() });
-        Ok(PgPool { pool, config, target: target.into() })
+            .build_unchecked(Manager { config: config.clone(), tls: tls.clone() });
+        Ok(PgPool { pool, config, tls, ready: Default::default(), target: target.into() })
     }
 
-    /// A connection from the pool, or `Unavailable` after [`CONNECT_TIMEOUT`].
+    /// A connection from the pool, or `Unavailable` after [`CONNECT_TIMEOUT`] (at once before
+    /// the database was prepared).
     pub fn get(&self) -> Result<r2d2::PooledConnection<Manager>> {
+        if !self.is_ready() {
+            return Err(StoreError::Unavailable(format!(
+                "the PostgreSQL database {} is unavailable: not reached since this coordinator started",
+                self.target
+            )));
+        }
         self.pool.get().map_err(|e| {
             StoreError::Unavailable(format!("the PostgreSQL database {} is unavailable: {e}", self.target))
         })
@@ -195,7 +246,7 @@ impl PgPool {
 
     /// A connection of its own, outside the pool.
     pub fn connect(&self) -> Result<postgres::Client> {
-        self.config.connect(postgres::NoTls).map_err(|e| error(e, &self.target))
+        self.config.connect(self.tls.clone()).map_err(|e| connect_error(e, &self.target))
     }
 
     /// Runs the pending migrations under an advisory lock, so replicas starting at once take
@@ -209,7 +260,14 @@ impl PgPool {
         let unlocked =
             client.batch_execute(&format!("SELECT pg_advisory_unlock({MIGRATION_LOCK})")).map_err(e);
         done?;
-        unlocked
+        unlocked?;
+        self.ready.store(true, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    /// Whether [`PgPool::prepare`] succeeded.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 

@@ -147,6 +147,10 @@ pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
             }
         }
     }
+    // A legacy batch job's `src batch exec`, after the docker steps as the contract orders them.
+    if !ctx.job.cli_steps.is_empty() {
+        super::cli_steps::run(ctx, doc, &*runtime, &sandbox)?;
+    }
     Ok(())
 }
 
@@ -199,7 +203,7 @@ impl OutputSink for LimitNotes<'_> {
     }
 }
 
-fn stopped(ctx: &JobCtx, reason: CancelReason, key: &str) -> anyhow::Error {
+pub(crate) fn stopped(ctx: &JobCtx, reason: CancelReason, key: &str) -> anyhow::Error {
     match reason {
         CancelReason::Canceled => {
             StageFailure { kind: FailureKind::Canceled, message: "job canceled".into() }.into()

@@ -1,14 +1,15 @@
 //! The one integration test binary: drives the real `executor` binary and real servers on
 //! loopback. Each area has its own module.
 
+mod clisteps;
 mod common;
-mod conformance;
+pub(crate) mod conformance;
 mod console;
 mod coordinator;
 mod fuzz;
 pub mod gitserve;
 mod image;
-mod microvm;
+pub(crate) mod microvm;
 mod network;
 mod oci;
 pub mod oci_root;

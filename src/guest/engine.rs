@@ -1,6 +1,6 @@
 //! A step in the guest's container engine (a `cliSteps` job's `src`, as Sourcegraph's Firecracker
 //! executors run it): its root is the engine's disk (a Debian tree with podman, see
-//! `crate::vm::engine`) with the `src` disk stacked above it, run as root and privileged inside
+//! `executor install vm --engine`) with the `src` disk stacked above it, run as root and privileged inside
 //! the VM (the VM is the boundary). The engine's store lives on the workspace disk beside the
 //! step's layer (hidden from /data like it), and the step images the host pulled are loaded into
 //! it from their read-only disks before the step starts, so the guest needs no registry.

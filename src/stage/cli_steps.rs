@@ -11,7 +11,7 @@ use std::time::Instant;
 use super::JobCtx;
 use crate::document::{EndedBy, RunDocument, StepRecord};
 use crate::protocol::Job;
-use crate::sandbox::{CliStepSpec, Runtime, SandboxRecord, StepEnd};
+use crate::sandbox::{CliStepSpec, StepEnd};
 
 /// The log key of cliStep `index`.
 pub(crate) fn step_key(key: &str, index: usize) -> String {
@@ -63,12 +63,14 @@ pub(crate) fn step_images(job: &Job, workspace: &std::path::Path) -> Result<Vec<
 
 /// Runs the job's cliSteps after its docker steps, each `src <command…>` as its own log entry;
 /// the first that fails ends the job (`failed to perform src-cli step: …`).
-pub(crate) fn run(
-    ctx: &JobCtx,
-    doc: &mut RunDocument,
-    runtime: &dyn Runtime,
-    sandbox: &SandboxRecord,
-) -> Result<()> {
+pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
+    if ctx.job.cli_steps.is_empty() {
+        return Ok(());
+    }
+    let sandbox = doc.sandbox.clone().ok_or_else(|| {
+        super::Incomplete("the run document has no sandbox: run `executor vm-boot` first".into())
+    })?;
+    let runtime = ctx.runtime(doc)?;
     for (i, step) in ctx.job.cli_steps.iter().enumerate() {
         let key = step_key(&step.key, i);
         if doc.steps.iter().any(|s| s.key == key && s.exit_code == Some(0)) {
@@ -78,9 +80,9 @@ pub(crate) fn run(
             return Err(super::run_steps::stopped(ctx, reason, &key));
         }
         let spec = CliStepSpec { key: &key, args: &step.command, dir: &step.dir, env: &step.env };
-        let mut entry = ctx.logger.entry(&key, Some(runtime.cli_step_command(sandbox, &spec)))?;
+        let mut entry = ctx.logger.entry(&key, Some(runtime.cli_step_command(&sandbox, &spec)))?;
         let started = Instant::now();
-        let end = runtime.run_cli_step(sandbox, &spec, &mut entry, &ctx.cancel);
+        let end = runtime.run_cli_step(&sandbox, &spec, &mut entry, &ctx.cancel);
         let (code, ended_by) = match &end {
             Ok(StepEnd::Exited(c)) => (*c, None),
             Ok(StepEnd::Signaled(s)) => (128 + s, Some(EndedBy::Killed)),

@@ -160,7 +160,9 @@ pub(crate) fn run_stage(stage: Stage, ctx: &JobCtx, doc: &mut RunDocument) -> Re
     let res = match stage {
         Stage::PrepareWorkspace => prepare_workspace::run(ctx, doc),
         Stage::VmBoot => vm_boot::run(ctx, doc),
-        Stage::RunSteps => run_steps::run(ctx, doc),
+        // A legacy batch job's `src batch exec` comes after the docker steps, as the contract
+        // orders them.
+        Stage::RunSteps => run_steps::run(ctx, doc).and_then(|()| cli_steps::run(ctx, doc)),
         Stage::Upload => upload::run(ctx, doc),
         Stage::Complete => complete::run(ctx, doc),
     };

@@ -147,10 +147,6 @@ pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
             }
         }
     }
-    // A legacy batch job's `src batch exec`, after the docker steps as the contract orders them.
-    if !ctx.job.cli_steps.is_empty() {
-        super::cli_steps::run(ctx, doc, &*runtime, &sandbox)?;
-    }
     Ok(())
 }
 

@@ -25,7 +25,7 @@ pub(crate) const PACKAGES: &[&str] =
     &["podman", "podman-docker", "netavark", "crun", "conmon", "git", "ca-certificates", "tar"];
 
 /// What the engine's configuration changes, so that a change rebuilds the disk.
-const LAYOUT: &str = "engine layout 1";
+const LAYOUT: &str = "engine layout 2";
 
 /// The files written into the tree after debootstrap: (path, contents).
 pub(crate) const CONFIG_FILES: &[(&str, &str)] = &[
@@ -39,7 +39,11 @@ pub(crate) const CONFIG_FILES: &[(&str, &str)] = &[
          [engine]\n\
          cgroup_manager = \"cgroupfs\"\n\
          events_logger = \"file\"\n\
-         runtime = \"crun\"\n",
+         runtime = \"crun\"\n\
+         [network]\n\
+         # netavark, not the CNI plugins this tree does not have (containers use no network\n\
+         # of their own, but podman reads the backend's configuration at every start).\n\
+         network_backend = \"netavark\"\n",
     ),
     (
         "etc/containers/storage.conf",

@@ -124,7 +124,23 @@ fn load_images(port: &Port, id: u32, root: &Path, images: &[EngineImage]) -> Res
         let p = port.clone();
         std::thread::spawn(move || pump(p, id, Kind::Stderr, e))
     });
+    // The host takes 30 s of silence for a dead agent: the load, tens of seconds under TCG,
+    // says it is alive every second as a step does.
+    let (stop, ticks) = std::sync::mpsc::channel::<()>();
+    let ticker = {
+        let p = port.clone();
+        std::thread::spawn(move || loop {
+            send(&p, &Frame::data(Kind::Alive, id, b""));
+            if ticks.recv_timeout(std::time::Duration::from_secs(1))
+                != Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+            {
+                return;
+            }
+        })
+    };
     let status = child.wait().context("waiting for the engine's image load");
+    drop(stop);
+    let _ = ticker.join();
     if let Some(t) = err {
         let _ = t.join();
     }

@@ -23,44 +23,7 @@ use crate::conformance::StandIn;
 /// that runs each step's `run` in its `container` through `docker run` with the repository at
 /// /work, printing src's JSON log events, one per line, with each line of the container's
 /// output in a `TASK_STEP` event.
-pub(crate) const STAND_IN_SRC: &str = r#"#!/bin/sh
-set -eu
-case "${1:-} ${2:-}" in
-"version -client-only") echo "Current version: 0.0.0-stand-in"; exit 0 ;;
-"batch exec") shift 2 ;;
-*) echo "stand-in src: unsupported: $*" >&2; exit 2 ;;
-esac
-input=input.json; repo=repository; tmp=.src-tmp
-while [ $# -gt 0 ]; do
-  case "$1" in
-  -f) input=$2; shift 2 ;;
-  -repo) repo=$2; shift 2 ;;
-  -tmp) tmp=$2; shift 2 ;;
-  *) shift ;;
-  esac
-done
-ts() { date -u +%Y-%m-%dT%H:%M:%SZ; }
-event() { echo "{\"operation\":\"$1\",\"timestamp\":\"$(ts)\",\"status\":\"$2\"$3}"; }
-mkdir -p "$repo" "$tmp"
-event EXECUTING_TASKS STARTED ""
-tr -d '\n' < "$input" | sed -e 's/.*"steps":\[//' -e 's/\].*//' -e 's/},{/}\n{/g' > "$tmp/steps"
-echo >> "$tmp/steps"
-i=0
-while IFS= read -r step; do
-  [ -n "$step" ] || continue
-  i=$((i+1))
-  container=$(printf '%s' "$step" | sed -n 's/.*"container":"\([^"]*\)".*/\1/p')
-  run=$(printf '%s' "$step" | sed -n 's/.*"run":"\([^"]*\)".*/\1/p')
-  { docker run --rm -v "$PWD/$repo:/work" -w /work --entrypoint /bin/sh "$container" -c "$run" 2>&1; echo $? > "$tmp/rc"; } |
-  while IFS= read -r line; do
-    out=$(printf '%s' "$line" | sed -e 's/\\/\\\\/g' -e 's/"/\\"/g')
-    event TASK_STEP PROGRESS ",\"metadata\":{\"step\":$i,\"out\":\"stdout: $out\"}"
-  done
-  rc=$(cat "$tmp/rc")
-  if [ "$rc" != 0 ]; then event TASK_STEP FAILURE ",\"metadata\":{\"step\":$i}"; exit "$rc"; fi
-done < "$tmp/steps"
-event EXECUTING_TASKS SUCCESS ""
-"#;
+pub(crate) const STAND_IN_SRC: &str = include_str!("fixtures/stand-in-src.sh");
 
 /// The legacy batches payload (tests/it/fixtures/batches-legacy.json, as a default instance
 /// sends it) as the stand-in instance holds a job; with `spec`, its `input.json` is that batch

@@ -1759,7 +1759,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__install__subcmd__vm)
-            opts="-h -V --state-dir --kernel-package --force --engine --help --version"
+            opts="-h -V --state-dir --kernel-package --force --engine --engine-mirror --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1770,6 +1770,10 @@ _executor() {
                     return 0
                     ;;
                 --kernel-package)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --engine-mirror)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -655,6 +655,7 @@ complete -c executor -n "__fish_executor_using_subcommand install; and not __fis
 complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm src-cli help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from vm" -l state-dir -d 'State directory (vm/ is created below it)' -r -F
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from vm" -l kernel-package -d 'Kernel package: a linux-image-<version>-cloud-amd64 package or the metapackage naming one' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from vm" -l engine-mirror -d 'The Debian mirror the engine\'s packages come from' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from vm" -l force -d 'Rebuild even what is up to date'
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from vm" -l engine -d 'Also build the guest\'s container engine (podman, from Debian\'s packages with debootstrap) that cliSteps jobs run `src batch exec` with'
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from vm" -s h -l help -d 'Print help (see more with \'--help\')'

@@ -37,6 +37,9 @@ pub struct InstallVmArgs {
     /// that cliSteps jobs run `src batch exec` with
     #[arg(long)]
     pub engine: bool,
+    /// The Debian mirror the engine's packages come from
+    #[arg(long, value_name = "URL", default_value = crate::vm::engine::DEFAULT_MIRROR)]
+    pub engine_mirror: String,
 }
 
 /// Settings shared by commands that boot VMs.
@@ -122,7 +125,7 @@ pub(crate) fn install_vm(args: InstallVmArgs) -> Result<i32> {
         eprintln!("install vm: {line}");
     }
     if args.engine {
-        for line in crate::vm::engine::install(&state_dir, args.force)? {
+        for line in crate::vm::engine::install(&state_dir, &args.engine_mirror, args.force)? {
             eprintln!("install vm: {line}");
         }
     }

@@ -16,7 +16,7 @@ use std::process::Stdio;
 
 /// The Debian release the engine's tree is made from (the host's own, as in platform.md).
 pub(crate) const SUITE: &str = "bookworm";
-/// Where debootstrap fetches from unless `EXECUTOR_ENGINE_MIRROR` names another mirror.
+/// Where debootstrap fetches from unless `install vm --engine-mirror` names another mirror.
 pub(crate) const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
 /// The packages the engine's tree holds besides debootstrap's minimal base. `netavark` only
 /// satisfies containers-common's dependency on a network stack: containers share the VM's
@@ -141,7 +141,7 @@ pub(crate) fn mkfs_of(dir: &Path, out: &Path, label: &str) -> Result<()> {
 }
 
 /// Installs or refreshes the engine's disk; returns what it did, one line each.
-pub(crate) fn install(state_dir: &Path, force: bool) -> Result<Vec<String>> {
+pub(crate) fn install(state_dir: &Path, mirror: &str, force: bool) -> Result<Vec<String>> {
     let dir = engine_dir(state_dir);
     let debs = dir.join("debs");
     fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
@@ -149,7 +149,6 @@ pub(crate) fn install(state_dir: &Path, force: bool) -> Result<Vec<String>> {
         bail!("building the guest's container engine needs root (debootstrap)");
     }
     which::which("debootstrap").context("debootstrap not found (install the debootstrap package)")?;
-    let mirror = std::env::var("EXECUTOR_ENGINE_MIRROR").unwrap_or_else(|_| DEFAULT_MIRROR.to_string());
     let inputs = format!("{LAYOUT} {SUITE} {}", PACKAGES.join(","));
     if let Ok(m) = installed(state_dir) {
         if m.inputs == inputs && !force {
@@ -171,7 +170,7 @@ pub(crate) fn install(state_dir: &Path, force: bool) -> Result<Vec<String>> {
         .arg(format!("--include={}", PACKAGES.join(",")))
         .args([SUITE])
         .arg(&root)
-        .arg(&mirror),
+        .arg(mirror),
         "debootstrap",
     )
     .with_context(|| format!("making the engine's Debian tree from {mirror}"))?;

@@ -73,7 +73,16 @@ fn df_quote(s: &str) -> String {
 pub(crate) fn load_script(images: &[EngineImage]) -> String {
     let mut s = String::from("set -e\n");
     for img in images {
-        let Some((first, rest)) = img.names.split_first() else { continue };
+        // podman names an imported image by name and tag only: one named by digest cannot be
+        // loaded under that name (docs/sandbox-microvm.md), which the step's log says.
+        let (pinned, names): (Vec<&String>, Vec<&String>) = img.names.iter().partition(|n| n.contains('@'));
+        for p in pinned {
+            let note = format!(
+                "executor: image {p} is named by digest, which the guest's engine cannot load it under"
+            );
+            s.push_str(&format!("echo {} >&2\n", sh_quote(&note)));
+        }
+        let Some((first, rest)) = names.split_first() else { continue };
         let mut changes = Vec::new();
         for kv in &img.env {
             if let Some((k, v)) = kv.split_once('=') {
@@ -176,6 +185,10 @@ pub(crate) fn unmount_below(root: &Path) {
 mod tests {
     use super::*;
 
+    fn img2() -> EngineImage {
+        EngineImage { disk: 0, names: vec![], env: vec![], workdir: String::new(), user: String::new() }
+    }
+
     #[test]
     fn the_load_script_quotes_what_the_image_config_holds() {
         let img = EngineImage {
@@ -202,5 +215,11 @@ mod tests {
         );
         assert!(s.contains("podman tag 'docker.io/library/alpine:3.19' 'alpine:3.19' >&2"), "{s}");
         assert_eq!(load_script(&[]), "set -e\n");
+        let pinned = EngineImage {
+            names: vec![format!("docker.io/library/node@sha256:{}", "a".repeat(64))],
+            ..img2()
+        };
+        let s = load_script(&[pinned]);
+        assert!(s.contains("is named by digest") && !s.contains("podman import"), "{s}");
     }
 }

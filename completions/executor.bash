@@ -130,6 +130,9 @@ _executor() {
             executor__subcmd__help__subcmd__image,rm)
                 cmd="executor__subcmd__help__subcmd__image__subcmd__rm"
                 ;;
+            executor__subcmd__help__subcmd__install,src-cli)
+                cmd="executor__subcmd__help__subcmd__install__subcmd__src__subcmd__cli"
+                ;;
             executor__subcmd__help__subcmd__install,vm)
                 cmd="executor__subcmd__help__subcmd__install__subcmd__vm"
                 ;;
@@ -229,11 +232,17 @@ _executor() {
             executor__subcmd__install,help)
                 cmd="executor__subcmd__install__subcmd__help"
                 ;;
+            executor__subcmd__install,src-cli)
+                cmd="executor__subcmd__install__subcmd__src__subcmd__cli"
+                ;;
             executor__subcmd__install,vm)
                 cmd="executor__subcmd__install__subcmd__vm"
                 ;;
             executor__subcmd__install__subcmd__help,help)
                 cmd="executor__subcmd__install__subcmd__help__subcmd__help"
+                ;;
+            executor__subcmd__install__subcmd__help,src-cli)
+                cmd="executor__subcmd__install__subcmd__help__subcmd__src__subcmd__cli"
                 ;;
             executor__subcmd__install__subcmd__help,vm)
                 cmd="executor__subcmd__install__subcmd__help__subcmd__vm"
@@ -990,8 +999,22 @@ _executor() {
             return 0
             ;;
         executor__subcmd__help__subcmd__install)
-            opts="vm"
+            opts="vm src-cli"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__help__subcmd__install__subcmd__src__subcmd__cli)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -1660,7 +1683,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__install)
-            opts="-h -V --help --version vm help"
+            opts="-h -V --help --version vm src-cli help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1674,7 +1697,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__install__subcmd__help)
-            opts="vm help"
+            opts="vm src-cli help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1688,6 +1711,20 @@ _executor() {
             return 0
             ;;
         executor__subcmd__install__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__install__subcmd__help__subcmd__src__subcmd__cli)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -1715,8 +1752,38 @@ _executor() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        executor__subcmd__install__subcmd__src__subcmd__cli)
+            opts="-h -V --state-dir --frontend-url --frontend-ca --from --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --state-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --frontend-url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --frontend-ca)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --from)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         executor__subcmd__install__subcmd__vm)
-            opts="-h -V --state-dir --kernel-package --force --help --version"
+            opts="-h -V --state-dir --kernel-package --force --engine --engine-mirror --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1727,6 +1794,10 @@ _executor() {
                     return 0
                     ;;
                 --kernel-package)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --engine-mirror)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

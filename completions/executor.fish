@@ -670,16 +670,26 @@ complete -c executor -n "__fish_executor_using_subcommand janitor" -l dns-server
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand janitor" -s V -l version -d 'Print version'
-complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm help" -s h -l help -d 'Print help'
-complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm help" -s V -l version -d 'Print version'
-complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm help" -f -a "vm" -d 'Fetch the guest kernel from Debian\'s packages and build the initramfs with the guest agent'
-complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm src-cli help" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm src-cli help" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm src-cli help" -f -a "vm" -d 'Fetch the guest kernel from Debian\'s packages and build the initramfs with the guest agent'
+complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm src-cli help" -f -a "src-cli" -d 'Fetch Sourcegraph\'s src-cli from the instance for the guests of cliSteps jobs'
+complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm src-cli help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from vm" -l state-dir -d 'State directory (vm/ is created below it)' -r -F
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from vm" -l kernel-package -d 'Kernel package: a linux-image-<version>-cloud-amd64 package or the metapackage naming one' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from vm" -l engine-mirror -d 'The Debian mirror the engine\'s packages come from' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from vm" -l force -d 'Rebuild even what is up to date'
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from vm" -l engine -d 'Also build the guest\'s container engine (podman, from Debian\'s packages with debootstrap) that cliSteps jobs run `src batch exec` with'
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from vm" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from vm" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from src-cli" -l state-dir -d 'State directory (vm/src-cli/ is created below it)' -r -F
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from src-cli" -l frontend-url -d 'The Sourcegraph instance to fetch src from (<URL>/.api/src-cli/src_linux_amd64)' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from src-cli" -l frontend-ca -d 'PEM file of CA certificates trusted for an https instance' -r -F
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from src-cli" -l from -d 'Install this file as src instead of fetching it' -r -F
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from src-cli" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from src-cli" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from help" -f -a "vm" -d 'Fetch the guest kernel from Debian\'s packages and build the initramfs with the guest agent'
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from help" -f -a "src-cli" -d 'Fetch Sourcegraph\'s src-cli from the instance for the guests of cliSteps jobs'
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c executor -n "__fish_executor_using_subcommand test-vm" -l state-dir -d 'State directory holding vm/ (see `executor install vm`)' -r -F
 complete -c executor -n "__fish_executor_using_subcommand test-vm" -l accel -d 'Accelerator: kvm, tcg, or auto (KVM where the cached boot probe passed, else TCG if allowed)' -r
@@ -727,3 +737,4 @@ complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_
 complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from queue" -f -a "files" -d 'The files store jobs reference by bucket and key'
 complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from queue" -f -a "artifacts" -d 'Download a job\'s artifacts tarball (stdout unless -o; never to a terminal)'
 complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from install" -f -a "vm" -d 'Fetch the guest kernel from Debian\'s packages and build the initramfs with the guest agent'
+complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from install" -f -a "src-cli" -d 'Fetch Sourcegraph\'s src-cli from the instance for the guests of cliSteps jobs'

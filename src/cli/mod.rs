@@ -7,6 +7,7 @@ mod env_check;
 pub(crate) mod image;
 mod log;
 pub(crate) mod queue;
+pub(crate) mod src_cli;
 mod stages;
 
 use clap::{Parser, Subcommand};
@@ -94,6 +95,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Image(args) => image::run(args),
         Command::Executor(cmd) => executor::run(*cmd),
         Command::Install(vm::InstallCommand::Vm(args)) => vm::install_vm(args),
+        Command::Install(vm::InstallCommand::SrcCli(args)) => src_cli::install_src_cli(args),
         Command::TestVm(args) => vm::test_vm(args),
         Command::Queue(args) => queue::run(args),
     }

@@ -139,6 +139,11 @@ pub(super) fn validate(settings: Settings) -> Result<i32> {
     for c in checked {
         println!("ok: {c}");
     }
+    // cliSteps (a default instance's batch changes) need src and an engine in the sandbox.
+    match rt.cli_steps() {
+        Ok(lines) => lines.iter().for_each(|l| println!("ok: cliSteps: {l}")),
+        Err(e) => println!("note: cliSteps jobs will be failed: {e:#}"),
+    }
     let (pool, budget) = settings.vm_pool(rt.kind())?;
     if rt.kind() == crate::sandbox::RuntimeKind::Microvm {
         println!(

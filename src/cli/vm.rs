@@ -14,6 +14,12 @@ pub enum InstallCommand {
     /// holding this binary as the guest agent. Files go to $EXECUTOR_STATE_DIR/vm. Running it again
     /// redoes only what is out of date, and says what it did.
     Vm(InstallVmArgs),
+    /// Fetch Sourcegraph's src-cli from the instance for the guests of cliSteps jobs
+    ///
+    /// Downloads <EXECUTOR_FRONTEND_URL>/.api/src-cli/src_linux_amd64, checks it against the
+    /// instance's .sha256 when it offers one (a mismatch installs nothing), or takes --from FILE;
+    /// installs it under $EXECUTOR_STATE_DIR/vm/src-cli with a small disk that cliSteps VMs attach.
+    SrcCli(super::src_cli::InstallSrcCliArgs),
 }
 
 #[derive(Debug, Args)]
@@ -27,6 +33,13 @@ pub struct InstallVmArgs {
     /// Rebuild even what is up to date
     #[arg(long)]
     pub force: bool,
+    /// Also build the guest's container engine (podman, from Debian's packages with debootstrap)
+    /// that cliSteps jobs run `src batch exec` with
+    #[arg(long)]
+    pub engine: bool,
+    /// The Debian mirror the engine's packages come from
+    #[arg(long, value_name = "URL", default_value = crate::vm::engine::DEFAULT_MIRROR)]
+    pub engine_mirror: String,
 }
 
 /// Settings shared by commands that boot VMs.
@@ -104,12 +117,17 @@ pub(crate) fn install_vm(args: InstallVmArgs) -> Result<i32> {
     let state_dir = std::path::absolute(&args.state_dir)
         .with_context(|| format!("resolving the state directory {}", args.state_dir.display()))?;
     let did = crate::vm::install(&crate::vm::InstallOptions {
-        state_dir,
+        state_dir: state_dir.clone(),
         kernel_package: args.kernel_package,
         force: args.force,
     })?;
     for line in did {
         eprintln!("install vm: {line}");
+    }
+    if args.engine {
+        for line in crate::vm::engine::install(&state_dir, &args.engine_mirror, args.force)? {
+            eprintln!("install vm: {line}");
+        }
     }
     Ok(exit::OK)
 }

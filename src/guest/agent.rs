@@ -7,7 +7,7 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -20,6 +20,7 @@ use std::time::Duration;
 use super::boot::WorkspaceMount;
 use super::devices::{debug_time, load_modules, uptime_ms, wait_for, MODULES_LATE, MODULES_ORDER};
 use super::protocol::*;
+use super::root::{pump, send, step_base, step_root, Port};
 
 /// The loader of the late modules, joined by the first step that needs them.
 static LATE: Mutex<Option<thread::JoinHandle<Result<()>>>> = Mutex::new(None);
@@ -47,14 +48,6 @@ fn late_modules_loaded() -> Result<()> {
         Some(h) => h.join().map_err(|_| anyhow::anyhow!("loading the late modules panicked"))?,
         None => Ok(()),
     }
-}
-
-type Port = Arc<Mutex<File>>;
-
-fn send(port: &Port, frame: &Frame) {
-    // A write fails while no host is connected; the host resynchronises with a hello.
-    let mut f = port.lock().unwrap_or_else(|p| p.into_inner());
-    let _ = frame.write_to(&mut *f);
 }
 
 fn mount_fs(src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> Result<()> {
@@ -364,7 +357,7 @@ impl Agent {
 
 /// Kills every process of the guest but the agent: the guest runs one job, so "every process
 /// of the step" is everything else. Kernel threads ignore the signal.
-fn kill_all() {
+pub(crate) fn kill_all() {
     let Ok(dir) = fs::read_dir("/proc") else { return };
     for e in dir.flatten() {
         if let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) {
@@ -376,7 +369,7 @@ fn kill_all() {
 }
 
 /// Collects orphans that were re-parented to the agent (PID 1).
-fn reap() {
+pub(crate) fn reap() {
     use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
     while let Ok(s) = waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
         if s == WaitStatus::StillAlive {
@@ -385,88 +378,9 @@ fn reap() {
     }
 }
 
-fn pump(port: Port, id: u32, kind: Kind, mut r: impl Read) {
-    let mut buf = vec![0u8; MAX_CHUNK];
-    loop {
-        match r.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => send(&port, &Frame::data(kind, id, &buf[..n])),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return,
-        }
-    }
-}
-
-/// Where a step's writable layer lives: `/data/.executor-root-<id>` on the workspace disk (so
-/// the job's disk cap counts what the step writes anywhere, as with the `oci` runtime), or a
-/// tmpfs when there is no workspace.
-fn layer_name(id: u32) -> String {
-    format!(".executor-root-{id:08x}")
-}
-
-/// The directory of step `id`'s layer and mount point, and whether it is on the workspace disk.
-fn step_base(id: u32) -> (PathBuf, bool) {
-    if Path::new("/data").is_dir() {
-        (Path::new("/data").join(layer_name(id)), true)
-    } else {
-        (PathBuf::from(format!("/run/steps/{id}")), false)
-    }
-}
-
-/// Mounts the step's root: the image read-only under an overlay layer of the step's own (each
-/// step starts from the pristine image), the workspace at /data (the layer hidden under an
-/// empty read-only tmpfs there), and fresh /proc, /dev and /tmp.
-fn step_root(id: u32, image: u32) -> Result<PathBuf> {
-    late_modules_loaded().context("loading the overlay module")?;
-    let (base, on_disk) = step_base(id);
-    if on_disk {
-        use std::os::unix::fs::DirBuilderExt;
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&base)
-            .with_context(|| format!("creating {}", base.display()))?;
-    }
-    let (upper, work, root) = (base.join("upper"), base.join("work"), base.join("root"));
-    for d in [&upper, &work, &root] {
-        fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-    }
-    let opts = format!("lowerdir=/images/{image},upperdir={},workdir={}", upper.display(), work.display());
-    mount(Some("overlay"), &root, Some("overlay"), MsFlags::empty(), Some(opts.as_str()))
-        .context("mounting the step's root overlay")?;
-    for d in ["data", "proc", "sys", "dev", "tmp"] {
-        fs::create_dir_all(root.join(d)).with_context(|| format!("creating /{d} in the step's root"))?;
-    }
-    mount(Some("/data"), &root.join("data"), None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-        .context("binding /data into the step's root")?;
-    if on_disk {
-        mount(
-            Some("tmpfs"),
-            &root.join("data").join(layer_name(id)),
-            Some("tmpfs"),
-            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-            Some("mode=000,size=4k"),
-        )
-        .context("hiding the step's layer in /data")?;
-    }
-    mount(Some("proc"), &root.join("proc"), Some("proc"), MsFlags::empty(), None::<&str>)
-        .context("mounting /proc in the step's root")?;
-    mount(
-        Some("sysfs"),
-        &root.join("sys"),
-        Some("sysfs"),
-        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID,
-        None::<&str>,
-    )
-    .context("mounting /sys in the step's root")?;
-    mount(Some("devtmpfs"), &root.join("dev"), Some("devtmpfs"), MsFlags::MS_NOSUID, None::<&str>)
-        .context("mounting /dev in the step's root")?;
-    mount(Some("tmpfs"), &root.join("tmp"), Some("tmpfs"), MsFlags::MS_NOSUID, Some("mode=1777"))
-        .context("mounting /tmp in the step's root")?;
-    super::net::write_resolv_conf(&root)?;
-    Ok(root)
-}
-
 fn drop_step_root(root: &Path) {
+    // What the step's engine mounted below its root (its containers' layers) goes first.
+    super::engine::unmount_below(root);
     for d in ["tmp", "dev", "sys", "proc", "data", ""] {
         let _ = umount2(&root.join(d), MntFlags::MNT_DETACH);
     }
@@ -478,11 +392,17 @@ fn drop_step_root(root: &Path) {
 
 fn run_step(port: &Port, req: RunRequest, canceled: &AtomicBool) -> Result<ExitReport> {
     let id = req.id;
-    let root = if req.image == u32::MAX {
-        None
-    } else {
-        match step_root(id, req.image) {
-            Ok(r) => Some(r),
+    if req.image != u32::MAX {
+        late_modules_loaded().context("loading the overlay module")?;
+    }
+    let made = match &req.engine {
+        _ if req.image == u32::MAX => Ok(None),
+        Some(engine) => super::engine::engine_root(port, id, req.image, engine).map(Some),
+        None => step_root(id, &format!("/images/{}", req.image)).map(Some),
+    };
+    let root = {
+        match made {
+            Ok(r) => r,
             Err(e) => {
                 // Nothing of a half-made root stays (in /data it would go back to the host).
                 drop_step_root(&step_base(id).0.join("root"));

@@ -106,6 +106,37 @@ pub struct RunRequest {
     /// Who the step runs as (the image config's `User`); absent: root.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<RunUser>,
+    /// A step that runs in the guest's container engine (a `cliSteps` job's `src`): `image` is
+    /// then the engine's disk, stacked under these disks, and these images are loaded into the
+    /// engine first (guest/engine.rs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<EngineSetup>,
+}
+
+/// What a step in the guest's container engine needs besides the engine's disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EngineSetup {
+    /// Disks stacked above the engine's in the step's root, highest first (the `src` binary).
+    pub upper: Vec<u32>,
+    /// Step images to load into the engine's store before the step starts.
+    pub images: Vec<EngineImage>,
+}
+
+/// One image handed to the guest's engine: an image disk, the name it is loaded under and
+/// the parts of its config the engine keeps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EngineImage {
+    pub disk: u32,
+    /// The names it is loaded under (the reference as the batch spec wrote it, normalized).
+    pub names: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<String>,
+    #[serde(default)]
+    pub workdir: String,
+    #[serde(default)]
+    pub user: String,
 }
 
 /// A step's uid, gid and supplementary groups inside the guest.

@@ -124,6 +124,34 @@ pub struct StepSpec<'a> {
     pub env: &'a [String],
 }
 
+/// One step of a `cliSteps` job (Sourcegraph's legacy batch path): `src <args>` in `dir`, with
+/// a container engine beside it that the step images were handed to.
+#[derive(Debug, Clone)]
+pub struct CliStepSpec<'a> {
+    pub key: &'a str,
+    /// The arguments to `src` (the step's `command`).
+    pub args: &'a [String],
+    /// Working directory relative to the workspace.
+    pub dir: &'a str,
+    /// `NAME=value` strings added to a minimal PATH and HOME.
+    pub env: &'a [String],
+}
+
+/// Why a runtime without a container engine in its sandbox refuses a `cliSteps` job, and what
+/// helps: the instance decides between cliSteps and native steps by a feature flag, not by the
+/// executor's version.
+pub(crate) fn cli_steps_advice(runtime: &str) -> String {
+    format!(
+        "the {runtime} runtime cannot run cliSteps: they are `src batch exec`, which runs each batch \
+         step's container through a container engine inside the sandbox, and no engine can nest in \
+         this runtime's sandboxes. Sourcegraph sends a server-side batch change as cliSteps while the \
+         instance's `native-ssbc-execution` feature flag is off (its default). Either turn that \
+         feature flag on (Site admin > Feature flags: the jobs then come as native docker steps, \
+         which every runtime runs), or run the batches queue on an executor with \
+         EXECUTOR_RUNTIME=microvm (after `executor install vm --engine` and `executor install src-cli`)"
+    )
+}
+
 /// How a step ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StepEnd {
@@ -160,6 +188,31 @@ pub trait Runtime: Send + Sync {
         sink: &mut dyn OutputSink,
         cancel: &Cancel,
     ) -> Result<StepEnd>;
+    /// Whether `cliSteps` jobs run here (`src` beside a container engine in the sandbox);
+    /// returns what it checked, or an error saying why not and what helps.
+    fn cli_steps(&self) -> Result<Vec<String>> {
+        anyhow::bail!("{}", cli_steps_advice(self.name()))
+    }
+    /// Starts the sandbox of a `cliSteps` job ([`Runtime::cli_steps`]).
+    fn boot_cli_steps(&self, _req: &BootRequest) -> Result<SandboxRecord> {
+        anyhow::bail!("{}", cli_steps_advice(self.name()))
+    }
+    /// The argv a log entry shows for a cliStep (redacted by the caller).
+    fn cli_step_command(&self, sandbox: &SandboxRecord, step: &CliStepSpec) -> Vec<String> {
+        let mut argv = vec![self.name().to_string(), sandbox.name.clone(), "src".into()];
+        argv.extend(step.args.iter().cloned());
+        argv
+    }
+    /// Runs one cliStep to its end, streaming its output ([`Runtime::cli_steps`]).
+    fn run_cli_step(
+        &self,
+        _sandbox: &SandboxRecord,
+        _step: &CliStepSpec,
+        _sink: &mut dyn OutputSink,
+        _cancel: &Cancel,
+    ) -> Result<StepEnd> {
+        anyhow::bail!("{}", cli_steps_advice(self.name()))
+    }
     /// Makes what the steps wrote visible in the host workspace (a no-op where it already is).
     fn sync_workspace(&self, sandbox: &SandboxRecord, workspace: &Path) -> Result<()>;
     /// Stops the sandbox and removes what it left; safe to call twice.

@@ -2,6 +2,7 @@
 //! opened job, logger, cancel token) and [`run_stage`], which records a failure in the document
 //! instead of losing it and makes later stages skip. `loop` and the subcommands both call these.
 
+pub(crate) mod cli_steps;
 pub(crate) mod complete;
 pub(crate) mod dequeue;
 pub(crate) mod endpoints;
@@ -160,7 +161,9 @@ pub(crate) fn run_stage(stage: Stage, ctx: &JobCtx, doc: &mut RunDocument) -> Re
     let res = match stage {
         Stage::PrepareWorkspace => prepare_workspace::run(ctx, doc),
         Stage::VmBoot => vm_boot::run(ctx, doc),
-        Stage::RunSteps => run_steps::run(ctx, doc),
+        // A legacy batch job's `src batch exec` comes after the docker steps, as the contract
+        // orders them.
+        Stage::RunSteps => run_steps::run(ctx, doc).and_then(|()| cli_steps::run(ctx, doc)),
         Stage::Upload => upload::run(ctx, doc),
         Stage::Complete => complete::run(ctx, doc),
     };

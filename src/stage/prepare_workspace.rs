@@ -40,12 +40,28 @@ pub(crate) fn create(ctx: &JobCtx, doc: &mut RunDocument) -> Result<Option<Creat
         }
     }
     if !ctx.job.cli_steps.is_empty() {
-        let message = cli_steps_refused(ctx.job.id);
-        if let Ok(mut entry) = ctx.logger.entry("setup.cli-steps", None) {
-            entry.line(&message);
-            let _ = entry.finish(1);
+        // A runtime with no container engine in its sandbox fails the job at once, saying what
+        // helps; one that has it says what it will use.
+        let checked = ctx.runtime(doc).and_then(|rt| rt.cli_steps());
+        let entry = ctx.logger.entry("setup.cli-steps", None).ok();
+        match checked {
+            Ok(lines) => {
+                if let Some(mut entry) = entry {
+                    for l in lines {
+                        entry.line(&l);
+                    }
+                    let _ = entry.finish(0);
+                }
+            }
+            Err(e) => {
+                let message = format!("job {} has cliSteps: {e:#}", ctx.job.id);
+                if let Some(mut entry) = entry {
+                    entry.line(&message);
+                    let _ = entry.finish(1);
+                }
+                return Err(super::StageFailure { kind: FailureKind::Failed, message }.into());
+            }
         }
-        return Err(super::StageFailure { kind: FailureKind::Failed, message }.into());
     }
     let owner = workspace::Owner {
         executor: doc.executor.name.clone(),
@@ -120,15 +136,4 @@ fn copy_startup_script(host: &std::path::Path, ws: &std::path::Path) -> Result<S
     crate::base::fs::ensure_parent(ws, &rel)?;
     crate::base::fs::write_file(ws, &rel, &body, 0o755)?;
     Ok(rel)
-}
-
-/// Why a job with `cliSteps` is refused, and what to do instead.
-pub(crate) fn cli_steps_refused(id: i64) -> String {
-    format!(
-        "job {id} has cliSteps: the legacy `src batch exec` path, which needs a container engine inside \
-         the sandbox, and this executor does not run it. Sourcegraph sends cliSteps only in v1 payloads \
-         (instances before 4.3, or executors reporting an older version); from 4.3 on, batch changes run \
-         natively as docker steps (batcheshelper pre/run/post), which this executor runs: upgrade the \
-         instance, and check that nothing rewrites the executor's version"
-    )
 }

@@ -210,7 +210,7 @@ impl OutputSink for LimitNotes<'_> {
     }
 }
 
-fn stopped(ctx: &JobCtx, reason: CancelReason, key: &str) -> anyhow::Error {
+pub(crate) fn stopped(ctx: &JobCtx, reason: CancelReason, key: &str) -> anyhow::Error {
     match reason {
         CancelReason::Canceled => {
             StageFailure { kind: FailureKind::Canceled, message: "job canceled".into() }.into()

@@ -381,3 +381,25 @@ fn vm_boot_takes_a_sandbox_booted_ahead_of_its_own_runtime_only() {
     boot(other.clone());
     assert_eq!(*other.taken.lock().unwrap(), 0);
 }
+
+#[test]
+fn a_cli_steps_job_fails_at_once_with_the_advice_where_the_runtime_has_no_engine() {
+    let state = tempfile::tempdir().unwrap();
+    let rt = FakeRuntime::default();
+    let job: Job = serde_json::from_str(include_str!("../../tests/it/fixtures/batches-legacy.json")).unwrap();
+    let (ctx, mut doc, logs) = ctx_for(&state, job, &rt);
+    assert_eq!(run_stage(Stage::PrepareWorkspace, &ctx, &mut doc).unwrap(), StageResult::Failed);
+    let failure = doc.outcome.clone().unwrap();
+    assert_eq!(failure.kind, FailureKind::Failed);
+    for advice in
+        ["native-ssbc-execution", "EXECUTOR_RUNTIME=microvm", "the fake runtime cannot run cliSteps"]
+    {
+        assert!(failure.message.contains(advice), "{}", failure.message);
+    }
+    assert!(doc.workspace.is_none(), "nothing was made for a job that cannot run");
+    drop(ctx);
+    let entries = logs.entries.lock().unwrap();
+    let entry = entries.iter().find(|e| e.key == "setup.cli-steps").expect("a setup.cli-steps entry");
+    assert!(entry.out.as_deref().unwrap_or("").contains("native-ssbc-execution"), "{entry:?}");
+    assert_eq!(entry.exit_code, Some(1));
+}

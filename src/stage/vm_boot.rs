@@ -23,6 +23,16 @@ pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
             images.push(s.image.clone());
         }
     }
+    let cli = !ctx.job.cli_steps.is_empty();
+    if cli {
+        // What `src batch exec` will run through the guest's engine, pulled here like any image.
+        let ws = doc.workspace.as_ref().map(|w| w.path.clone()).unwrap_or_default();
+        for i in super::cli_steps::step_images(&ctx.job, &ws)? {
+            if !images.contains(&i) {
+                images.push(i);
+            }
+        }
+    }
     pull_images(ctx, doc, &images)?;
     let ws = doc.workspace.as_ref().ok_or_else(|| Incomplete("the run document has no workspace".into()))?;
     let runtime = ctx.runtime(doc)?;
@@ -52,7 +62,8 @@ pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
     // Held until the owner record names the new sandbox, so no janitor pass sees it unclaimed.
     let _janitor = crate::workspace::janitor_lock(&ctx.settings.state_dir, false)?;
     let started = std::time::Instant::now();
-    let warm = ctx.warm_pool.as_ref().filter(|p| p.runtime() == runtime.kind());
+    // A cliSteps VM carries the engine's disks, which no VM booted ahead has.
+    let warm = ctx.warm_pool.as_ref().filter(|p| p.runtime() == runtime.kind() && !cli);
     let booted = match warm.map(|p| p.take(&req)) {
         Some(WarmClaim::Hit { record, note }) => {
             if let Some(note) = note {
@@ -64,6 +75,7 @@ pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
             entry.line(&ctx.redact(&note));
             runtime.boot(&req)
         }
+        None if cli => runtime.boot_cli_steps(&req),
         None => runtime.boot(&req),
     }
     .with_context(|| format!("starting the {} sandbox", runtime.name()));

@@ -6,6 +6,8 @@
 //! out of date.
 
 pub(crate) mod cpio;
+pub(crate) mod engine;
+pub(crate) mod src_cli;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};

@@ -2,7 +2,7 @@
 //! contract's semantics (not from our server's), and the real `executor run` against it with
 //! real steps in the oci runtime: every output line kept, v2 payloads, binary files exact,
 //! metrics in heartbeats that a strict Prometheus text parser accepts, cancel honoured, and the
-//! Sourcegraph names (`executor run`, the startup script, typo warnings, cliSteps advice). The
+//! Sourcegraph names (`executor run`, the startup script, typo warnings, cliSteps advice on oci). The
 //! same job also runs through our own coordinator, whose `/metrics` then carries the
 //! executor's metrics with an `executor` label.
 
@@ -25,20 +25,20 @@ use crate::coordinator::Coordinator;
 // The stand-in coordinator.
 
 /// One job as the stand-in holds it.
-struct SgJob {
-    id: i64,
+pub(crate) struct SgJob {
+    pub(crate) id: i64,
     /// `batches` or `codeintel`.
     queue: &'static str,
     /// The job without id, token or version: `files` contents are raw bytes (base64 here,
     /// converted per payload version at dequeue).
     spec: Value,
     token: String,
-    state: &'static str,
+    pub(crate) state: &'static str,
     worker: String,
     cancel: bool,
     /// `execution_logs`: entries as the contract's ExecutionLogEntry (unknown fields dropped).
-    logs: Vec<Value>,
-    failure: Option<String>,
+    pub(crate) logs: Vec<Value>,
+    pub(crate) failure: Option<String>,
     /// The payload version sent at dequeue (0 = v1).
     payload_version: i32,
     finished_at: Option<Instant>,
@@ -48,7 +48,7 @@ struct SgJob {
 }
 
 #[derive(Default)]
-struct SgState {
+pub(crate) struct SgState {
     jobs: Vec<SgJob>,
     /// Executors that heartbeated (the `executor_heartbeats` rows).
     executors: Vec<String>,
@@ -60,18 +60,20 @@ struct SgState {
     append_fields_seen: usize,
     /// What node_exporter answers on `/node/metrics`.
     node_metrics: String,
+    /// What `/.api/src-cli/src_linux_amd64` serves, and its `.sha256` (404 when `None`).
+    pub(crate) src_cli: Option<(String, Option<String>)>,
 }
 
 /// A Sourcegraph-semantics coordinator on 127.0.0.1 (single-queue routes of `batches` and
 /// `codeintel`).
-struct StandIn {
-    url: String,
-    secret: String,
-    state: Arc<Mutex<SgState>>,
+pub(crate) struct StandIn {
+    pub(crate) url: String,
+    pub(crate) secret: String,
+    pub(crate) state: Arc<Mutex<SgState>>,
 }
 
 impl StandIn {
-    fn start() -> StandIn {
+    pub(crate) fn start() -> StandIn {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let secret = format!("sg-secret-{}", uuid::Uuid::new_v4().simple());
@@ -91,7 +93,7 @@ impl StandIn {
 
     /// Queues a job; `spec` is the contract's Job without id/token/version, `files` contents
     /// base64.
-    fn submit(&self, spec: Value) -> i64 {
+    pub(crate) fn submit(&self, spec: Value) -> i64 {
         self.submit_to("batches", spec)
     }
 
@@ -115,7 +117,7 @@ impl StandIn {
         id
     }
 
-    fn with_job<T>(&self, id: i64, f: impl FnOnce(&mut SgJob) -> T) -> T {
+    pub(crate) fn with_job<T>(&self, id: i64, f: impl FnOnce(&mut SgJob) -> T) -> T {
         let mut s = self.state.lock().unwrap();
         f(s.jobs.iter_mut().find(|j| j.id == id).unwrap())
     }
@@ -230,6 +232,14 @@ fn route(req: &Request, state: &Mutex<SgState>, secret: &str) -> (u16, String) {
     let mut s = state.lock().unwrap();
     if req.method == "GET" && req.path == "/node/metrics" {
         return (200, s.node_metrics.clone());
+    }
+    // Every instance serves src-cli's binary; recent ones a checksum beside it.
+    if req.method == "GET" && req.path.starts_with("/.api/src-cli/src_linux_amd64") {
+        return match (&s.src_cli, req.path.strip_prefix("/.api/src-cli/src_linux_amd64")) {
+            (Some((body, _)), Some("")) => (200, body.clone()),
+            (Some((_, Some(sum))), Some(".sha256")) => (200, sum.clone()),
+            _ => err(404, "not found"),
+        };
     }
     // Routing is by path; a query string (our long-poll `?wait=`) is ignored, as by Go's mux.
     let path = req.path.split('?').next().unwrap_or("");
@@ -875,9 +885,7 @@ fn executor_run_against_a_sourcegraph_stand_in() {
     let bin = base64::engine::general_purpose::STANDARD.encode(all_bytes());
     let main = sg.submit(json!({"files": {"bin.dat": {"content": bin}}, "dockerSteps": main_steps(),
         "repositoryName": "", "commit": "", "redactedValues": {}}));
-    let cli = sg.submit(
-        json!({"dockerSteps": [], "cliSteps": [{"command": ["batch", "exec"], "dir": "", "env": []}]}),
-    );
+    let cli = sg.submit(crate::clisteps::legacy_spec(None));
     let cancel = sg.submit(json!({"dockerSteps": [
         {"key": "long", "image": "busybox", "dir": "", "env": [], "commands": ["echo started", "sleep 60"]}]}));
 
@@ -936,12 +944,16 @@ fn executor_run_against_a_sourcegraph_stand_in() {
     assert!(pos("setup.startup-script") < pos("step.docker.count"), "{keys:?}");
     assert!(entry_out(&m.logs, "setup.startup-script").contains("stdout: startup-script-ran"));
 
-    // cliSteps: failed with the advice, in the failure and in the log.
+    // cliSteps (the legacy batches payload, what a default instance sends): failed with the
+    // advice that helps, the feature flag or the microvm runtime, in the failure and in the log.
     let c = job(cli);
     assert_eq!(c.state, "failed");
-    let advice = "batch changes run natively as docker steps";
-    assert!(c.failure.as_deref().unwrap_or("").contains(advice), "{:?}", c.failure);
-    assert!(entry_out(&c.logs, "setup.cli-steps").contains(advice), "{:#?}", c.logs);
+    for advice in ["native-ssbc-execution", "EXECUTOR_RUNTIME=microvm", "the oci runtime cannot run cliSteps"]
+    {
+        assert!(c.failure.as_deref().unwrap_or("").contains(advice), "{:?}", c.failure);
+        assert!(entry_out(&c.logs, "setup.cli-steps").contains(advice), "{:#?}", c.logs);
+    }
+    assert!(!c.failure.as_deref().unwrap_or("").contains("upgrade"), "{:?}", c.failure);
 
     // Cancel: markFailed, soon.
     let k = job(cancel);

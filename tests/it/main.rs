@@ -2,15 +2,16 @@
 //! loopback. Each area has its own module.
 
 mod backends;
+mod clisteps;
 mod common;
-mod conformance;
+pub(crate) mod conformance;
 mod console;
 mod coordinator;
 mod fuzz;
 pub mod gitserve;
 mod host_security;
 mod image;
-mod microvm;
+pub(crate) mod microvm;
 mod network;
 mod oci;
 pub mod oci_root;

@@ -32,12 +32,20 @@ pub(super) struct VmBoot<'a> {
     pub pool_disk_bytes: Option<u64>,
     /// The job's network, if it has one (net.rs).
     pub network: Option<net::NetRequest<'a>>,
+    /// Disks attached after the images' (a cliSteps VM's engine and src, engine.rs).
+    pub extra_disks: Vec<ImageDisk>,
 }
 
 impl<'a> VmBoot<'a> {
     /// The same boot with the job's network.
     pub(super) fn with_network(mut self, network: Option<net::NetRequest<'a>>) -> Self {
         self.network = network;
+        self
+    }
+
+    /// The same boot with more read-only disks after the images'.
+    pub(super) fn with_extra_disks(mut self, disks: Vec<ImageDisk>) -> Self {
+        self.extra_disks = disks;
         self
     }
 
@@ -58,6 +66,7 @@ impl<'a> VmBoot<'a> {
             timeout,
             pool_disk_bytes: None,
             network: None,
+            extra_disks: Vec::new(),
         }
     }
 
@@ -223,6 +232,7 @@ impl MicroVm {
                 .with_context(|| format!("building the disk of image {reference}"))?;
             det.images.push(ImageDisk { reference: reference.clone(), digest, disk: d });
         }
+        det.images.extend(boot.extra_disks.iter().cloned());
         Ok(())
     }
 

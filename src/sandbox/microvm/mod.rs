@@ -8,7 +8,8 @@
 //! One file per operation: `accel` (KVM or TCG), `boot` (the boot's steps), `qemu` (QEMU's
 //! command line, pure), `requests` (talking to the agent), `workspace` (the workspace coming
 //! back), `teardown` (a VM's end and the janitor's sweep), `pool` (VMs booted ahead); below them
-//! `disk`, `console`, `cgroup`, `channel`, `identity` and `net`. This file holds the runtime
+//! `disk`, `console`, `cgroup`, `channel`, `identity` and `net`; `engine` runs a cliSteps
+//! job's `src` in the guest's container engine. This file holds the runtime
 //! and its `Runtime` implementation.
 
 mod accel;
@@ -17,6 +18,7 @@ pub(crate) mod cgroup;
 pub(crate) mod channel;
 pub mod console;
 pub(crate) mod disk;
+mod engine;
 pub(crate) mod identity;
 mod jail;
 pub(crate) mod net;
@@ -34,8 +36,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{
-    BootRequest, OutputSink, RecordDetails, Runtime, RuntimeKind, RuntimeOptions, SandboxRecord, StepEnd,
-    StepSpec,
+    BootRequest, CliStepSpec, OutputSink, RecordDetails, Runtime, RuntimeKind, RuntimeOptions, SandboxRecord,
+    StepEnd, StepSpec,
 };
 use crate::base::cancel::Cancel;
 use crate::guest::protocol::*;
@@ -164,8 +166,33 @@ impl Runtime for MicroVm {
             cwd: inside_data(step.dir)?,
             env,
             user,
+            engine: None,
         };
         self.request(sandbox, req, sink, cancel).with_context(|| format!("running step {}", step.key))
+    }
+
+    fn cli_steps(&self) -> Result<Vec<String>> {
+        self.cli_steps_check()
+    }
+
+    fn boot_cli_steps(&self, req: &BootRequest) -> Result<SandboxRecord> {
+        self.boot_cli(req)
+    }
+
+    fn cli_step_command(&self, sandbox: &SandboxRecord, step: &CliStepSpec) -> Vec<String> {
+        let mut argv = vec!["microvm".into(), sandbox.name.clone(), "engine".into(), "src".into()];
+        argv.extend(step.args.iter().cloned());
+        argv
+    }
+
+    fn run_cli_step(
+        &self,
+        sandbox: &SandboxRecord,
+        step: &CliStepSpec,
+        sink: &mut dyn OutputSink,
+        cancel: &Cancel,
+    ) -> Result<StepEnd> {
+        self.run_cli(sandbox, step, sink, cancel)
     }
 
     fn sync_workspace(&self, sandbox: &SandboxRecord, workspace: &Path) -> Result<()> {

@@ -62,6 +62,7 @@ impl MicroVm {
             cwd: cwd.into(),
             env: base_env(),
             user: None,
+            engine: None,
         };
         let res = self.request(&rec, req, sink, &cancel);
         let elapsed = t.elapsed();

@@ -5,6 +5,7 @@ mod common;
 mod conformance;
 mod console;
 mod coordinator;
+mod dropin;
 mod fuzz;
 pub mod gitserve;
 mod image;

@@ -1,0 +1,116 @@
+//! `executor install all|image|iptables-rules|ignite|cni`: Sourcegraph's install commands, each
+//! doing this executor's equivalent or saying what replaces it and exiting 0, so that an
+//! operator's provisioning scripts written for Sourcegraph's binary keep working.
+
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+
+use super::executor::ConfigArgs;
+use super::vm::{InstallCommand, InstallVmArgs};
+use crate::base::exit;
+
+#[derive(Debug, Args)]
+pub struct InstallAllArgs {
+    /// Kernel package of the microVM guest (as `install vm --kernel-package`)
+    #[arg(long, default_value = crate::vm::DEFAULT_KERNEL_PACKAGE)]
+    pub kernel_package: String,
+    /// Rebuild the guest even when it is up to date
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
+/// Sourcegraph's three VM images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum VmImage {
+    /// The Firecracker VM's root filesystem: here, the microVM guest's initramfs
+    ExecutorVm,
+    /// ignite's sandbox container: nothing here (QEMU runs in the job's own jail)
+    Sandbox,
+    /// The guest kernel
+    Kernel,
+}
+
+#[derive(Debug, Args)]
+pub struct InstallImageArgs {
+    /// Which image (Sourcegraph's names)
+    #[arg(value_enum)]
+    pub image: VmImage,
+    #[command(flatten)]
+    pub vm: InstallVmArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct InstallRulesArgs {
+    /// Accepted as Sourcegraph's flag; the table is made again whenever its layout is not this
+    /// executor's, so there is nothing more to recreate
+    #[arg(long)]
+    pub recreate_chain: bool,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ReplacedArgs {
+    /// Accepted as Sourcegraph's flag; nothing is installed
+    #[arg(long, value_name = "DIR")]
+    pub bin_dir: Option<std::path::PathBuf>,
+}
+
+/// What replaces ignite (Sourcegraph's Firecracker manager).
+pub(crate) const IGNITE_REPLACED: &str = "ignite is not used: the microvm runtime boots QEMU microVMs \
+     itself (KVM where it works); `executor install vm` installs the guest kernel and initramfs";
+
+/// What replaces the CNI plugins.
+pub(crate) const CNI_REPLACED: &str = "the CNI plugins are not used: the executor makes each job's \
+     network namespace, link and nftables rules itself (EXECUTOR_NETWORK); `executor install \
+     iptables-rules` makes the table ahead";
+
+/// What replaces ignite's sandbox image.
+pub(crate) const SANDBOX_REPLACED: &str = "the sandbox image is not used: each QEMU process runs in \
+     the job's own jail, with nothing to pull";
+
+/// One of the install commands besides `install vm`.
+pub(crate) fn run(cmd: InstallCommand) -> Result<i32> {
+    match cmd {
+        InstallCommand::Vm(args) => super::vm::install_vm(args),
+        InstallCommand::All(args) => install_all(args),
+        InstallCommand::Image(args) => match args.image {
+            VmImage::ExecutorVm | VmImage::Kernel => {
+                eprintln!("install image: the microVM guest (kernel and initramfs) replaces the VM images");
+                super::vm::install_vm(args.vm)
+            }
+            VmImage::Sandbox => replaced("image sandbox", SANDBOX_REPLACED),
+        },
+        InstallCommand::IptablesRules(args) => {
+            let net = crate::config::Settings::network_only(&args.config.raw)?;
+            eprintln!("install iptables-rules: {}", crate::network::install_table(&net)?);
+            Ok(exit::OK)
+        }
+        InstallCommand::Ignite(_) => replaced("ignite", IGNITE_REPLACED),
+        InstallCommand::Cni(_) => replaced("cni", CNI_REPLACED),
+    }
+}
+
+fn replaced(what: &str, why: &str) -> Result<i32> {
+    eprintln!("install {what}: nothing to do: {why}");
+    Ok(exit::OK)
+}
+
+/// Sourcegraph's `install all` (ignite, cni, src-cli, iptables rules, the images), in this
+/// executor's terms: what replaces ignite, the CNI plugins and the sandbox image is said; the
+/// guest and the network table are installed. An install command added later joins this list.
+fn install_all(args: InstallAllArgs) -> Result<i32> {
+    replaced("ignite", IGNITE_REPLACED)?;
+    replaced("cni", CNI_REPLACED)?;
+    let net = crate::config::Settings::network_only(&args.config.raw)?;
+    eprintln!("install iptables-rules: {}", crate::network::install_table(&net)?);
+    let state_dir = crate::config::Values::parse(&args.config.raw)?.state_dir;
+    super::vm::install_vm(InstallVmArgs {
+        state_dir,
+        kernel_package: args.kernel_package,
+        force: args.force,
+    })?;
+    replaced("image sandbox", SANDBOX_REPLACED)
+}

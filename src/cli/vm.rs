@@ -216,6 +216,7 @@ fn clone_for_test_vm(args: &TestVmArgs, repo: &str, rev: &str) -> Result<tempfil
         cache_dir: None,
         max_bytes: 0,
         git_timeout: Duration::from_secs(600),
+        cancel: None,
     };
     crate::workspace::clone_repository(&job, ws.path(), &logger, &cx)
         .with_context(|| format!("cloning {repo} at {rev}"))?;

@@ -192,3 +192,97 @@ fn a_forced_stop_leaves_the_job_to_the_coordinator_which_requeues_it() {
         common::wait_exit_ok(&mut second, Duration::from_secs(15));
     }
 }
+
+/// A TCP proxy on loopback in front of `upstream` (`host:port`) that sends what the upstream
+/// answers at about `bytes_per_s` per connection: a slow link for the clone and the fetches,
+/// while the small answers of the other routes still arrive at once.
+fn throttled_proxy(upstream: String, bytes_per_s: usize) -> String {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for client in l.incoming().flatten() {
+            let Ok(server) = std::net::TcpStream::connect(&upstream) else { continue };
+            let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c_in, &mut s_out);
+                let _ = s_out.shutdown(std::net::Shutdown::Write);
+            });
+            let (mut s_in, mut c_out) = (server, client);
+            std::thread::spawn(move || {
+                let chunk = 4096;
+                let mut buf = vec![0u8; chunk];
+                loop {
+                    match s_in.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if c_out.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                            std::thread::sleep(Duration::from_secs_f64(n as f64 / bytes_per_s as f64));
+                        }
+                    }
+                }
+                let _ = c_out.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// A cancel during the clone and during a file fetch, over a slow link, ends the job within
+/// 2 s (git killed, the fetch abandoned), and the job's log says which command was interrupted.
+#[test]
+fn cancel_during_a_slow_clone_or_file_fetch_ends_within_2s() {
+    let c = Coordinator::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("big");
+    std::fs::create_dir_all(&repo).unwrap();
+    common::sh(
+        &repo,
+        "git init -q -b main . && head -c 3000000 /dev/urandom > big.bin && git add -A && git commit -qm big",
+    );
+    let commit = common::sh(&repo, "git rev-parse HEAD");
+    let big = tmp.path().join("big.bin");
+    std::fs::copy(repo.join("big.bin"), &big).unwrap();
+    let admin = |args: &[&str]| Exec::new().with(|cmd| c.admin_env(cmd)).arg("queue").args(args).run();
+    admin(&["repo", "add", "github.com/acme/big", repo.to_str().unwrap()]);
+    admin(&["files", "put", "batch-changes", "spec/big.bin", big.to_str().unwrap()]);
+
+    let upstream = c.url.trim_start_matches("http://").trim_end_matches('/').to_string();
+    let slow = throttled_proxy(upstream, 64 << 10);
+    let state = tempfile::tempdir().unwrap();
+    let mut ex = spawn(
+        &c,
+        state.path(),
+        &["run"],
+        &[("EXECUTOR_FRONTEND_URL", &slow), ("EXECUTOR_NUM_TOTAL_JOBS", "2")],
+    );
+    let jobs = [
+        (
+            json!({"repositoryName": "github.com/acme/big", "commit": commit, "dockerSteps": [{"image": "alpine", "commands": ["true"]}]}),
+            "setup.git.fetch",
+        ),
+        (
+            json!({"files": {"big.bin": {"bucket": "batch-changes", "key": "spec/big.bin"}}, "dockerSteps": [{"image": "alpine", "commands": ["true"]}]}),
+            "setup.fs.extras",
+        ),
+    ];
+    for (job, key) in jobs {
+        let id = c.submit(job);
+        common::wait_until(&format!("job {id} to start {key}"), Duration::from_secs(30), || {
+            entry(&c.job(id), key).is_some()
+        });
+        std::thread::sleep(Duration::from_millis(700));
+        let t = Instant::now();
+        let (code, body) = c.request("POST", &format!("/api/jobs/{id}/cancel"), Some(&c.admin_auth()), None);
+        assert!(code < 300, "cancel: {code} {body}");
+        let job = c.wait_state(id, &["canceled"], Duration::from_secs(10));
+        let took = t.elapsed();
+        assert!(took < Duration::from_secs(2), "{key}: canceled after {took:?}");
+        let out = entry(&job, key).unwrap()["out"].as_str().unwrap_or("").to_string();
+        assert!(out.contains("interrupted: the job was canceled"), "{key}: {out}");
+        assert!(entry(&job, "step.docker.0").is_none(), "{job:#}");
+    }
+    common::wait_exit_ok(&mut ex, Duration::from_secs(15));
+}

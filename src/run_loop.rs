@@ -564,6 +564,11 @@ fn start_job(
 ) -> Result<std::thread::JoinHandle<()>> {
     let uid = doc.job.uid.clone();
     let cancel = Cancel::with_deadline(stage::deadline_instant(&doc));
+    // Sourcegraph's gauges: running jobs by queue, and job VMs (one per microvm job).
+    let queue = doc.executor.queue.clone();
+    let vms = if doc.executor.runtime == RuntimeKind::Microvm { 1.0 } else { 0.0 };
+    metrics::registry().add(metrics::SG_PROCESSOR_HANDLERS, &[&queue], 1.0);
+    metrics::registry().add(metrics::SG_VMS, &[], vms);
     {
         let mut r = running.0.lock().unwrap_or_else(|p| p.into_inner());
         r.jobs.insert(uid.clone(), Slot { cancel: cancel.clone(), dropped: false });
@@ -577,6 +582,8 @@ fn start_job(
         .name(format!("job-{uid}"))
         .spawn(move || {
             run_job(&settings, doc, cancel, &ui, pool.clone());
+            metrics::registry().add(metrics::SG_PROCESSOR_HANDLERS, &[&queue], -1.0);
+            metrics::registry().add(metrics::SG_VMS, &[], -vms);
             let (m, cv) = &*running;
             let mut r = m.lock().unwrap_or_else(|p| p.into_inner());
             r.jobs.remove(&uid);
@@ -644,6 +651,7 @@ fn run_job(
     };
     let outcome = doc.completion.as_ref().map_or("not_reported", |c| c.reported.as_str());
     metrics::registry().add(metrics::JOBS, &[&doc.executor.queue, outcome], 1.0);
+    metrics::job_done(&doc.executor.queue, outcome, t0.elapsed().as_secs_f64());
     let lost = doc.completion.as_ref().is_some_and(|c| !c.accepted);
     info!(
         "{what}{} in {:.2}s",

@@ -215,7 +215,7 @@ complete -c executor -n "__fish_executor_using_subcommand dequeue" -l job-memory
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l use-firecracker -d 'Sourcegraph\'s switch: true picks microvm, false oci, when --runtime is not given' -r
-complete -c executor -n "__fish_executor_using_subcommand dequeue" -l vm-startup-script -d 'A script run inside the sandbox before the first step (in the first step\'s image), logged as setup.startup-script' -r -F
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l vm-startup-script -d 'A script run before the first step, logged as setup.startup-script: on microvm as root in the guest (as Sourcegraph), elsewhere in the first step\'s image' -r -F
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
@@ -261,7 +261,7 @@ complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l 
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l use-firecracker -d 'Sourcegraph\'s switch: true picks microvm, false oci, when --runtime is not given' -r
-complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l vm-startup-script -d 'A script run inside the sandbox before the first step (in the first step\'s image), logged as setup.startup-script' -r -F
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l vm-startup-script -d 'A script run before the first step, logged as setup.startup-script: on microvm as root in the guest (as Sourcegraph), elsewhere in the first step\'s image' -r -F
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
@@ -307,7 +307,7 @@ complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l job-memory
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l use-firecracker -d 'Sourcegraph\'s switch: true picks microvm, false oci, when --runtime is not given' -r
-complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l vm-startup-script -d 'A script run inside the sandbox before the first step (in the first step\'s image), logged as setup.startup-script' -r -F
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l vm-startup-script -d 'A script run before the first step, logged as setup.startup-script: on microvm as root in the guest (as Sourcegraph), elsewhere in the first step\'s image' -r -F
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
@@ -353,7 +353,7 @@ complete -c executor -n "__fish_executor_using_subcommand run-steps" -l job-memo
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l use-firecracker -d 'Sourcegraph\'s switch: true picks microvm, false oci, when --runtime is not given' -r
-complete -c executor -n "__fish_executor_using_subcommand run-steps" -l vm-startup-script -d 'A script run inside the sandbox before the first step (in the first step\'s image), logged as setup.startup-script' -r -F
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l vm-startup-script -d 'A script run before the first step, logged as setup.startup-script: on microvm as root in the guest (as Sourcegraph), elsewhere in the first step\'s image' -r -F
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
@@ -399,7 +399,7 @@ complete -c executor -n "__fish_executor_using_subcommand upload" -l job-memory 
 complete -c executor -n "__fish_executor_using_subcommand upload" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l use-firecracker -d 'Sourcegraph\'s switch: true picks microvm, false oci, when --runtime is not given' -r
-complete -c executor -n "__fish_executor_using_subcommand upload" -l vm-startup-script -d 'A script run inside the sandbox before the first step (in the first step\'s image), logged as setup.startup-script' -r -F
+complete -c executor -n "__fish_executor_using_subcommand upload" -l vm-startup-script -d 'A script run before the first step, logged as setup.startup-script: on microvm as root in the guest (as Sourcegraph), elsewhere in the first step\'s image' -r -F
 complete -c executor -n "__fish_executor_using_subcommand upload" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand upload" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
@@ -445,7 +445,7 @@ complete -c executor -n "__fish_executor_using_subcommand complete" -l job-memor
 complete -c executor -n "__fish_executor_using_subcommand complete" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l use-firecracker -d 'Sourcegraph\'s switch: true picks microvm, false oci, when --runtime is not given' -r
-complete -c executor -n "__fish_executor_using_subcommand complete" -l vm-startup-script -d 'A script run inside the sandbox before the first step (in the first step\'s image), logged as setup.startup-script' -r -F
+complete -c executor -n "__fish_executor_using_subcommand complete" -l vm-startup-script -d 'A script run before the first step, logged as setup.startup-script: on microvm as root in the guest (as Sourcegraph), elsewhere in the first step\'s image' -r -F
 complete -c executor -n "__fish_executor_using_subcommand complete" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand complete" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
@@ -489,7 +489,7 @@ complete -c executor -n "__fish_executor_using_subcommand loop" -l job-memory -d
 complete -c executor -n "__fish_executor_using_subcommand loop" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l use-firecracker -d 'Sourcegraph\'s switch: true picks microvm, false oci, when --runtime is not given' -r
-complete -c executor -n "__fish_executor_using_subcommand loop" -l vm-startup-script -d 'A script run inside the sandbox before the first step (in the first step\'s image), logged as setup.startup-script' -r -F
+complete -c executor -n "__fish_executor_using_subcommand loop" -l vm-startup-script -d 'A script run before the first step, logged as setup.startup-script: on microvm as root in the guest (as Sourcegraph), elsewhere in the first step\'s image' -r -F
 complete -c executor -n "__fish_executor_using_subcommand loop" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand loop" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
@@ -534,7 +534,7 @@ complete -c executor -n "__fish_executor_using_subcommand run" -l job-memory -d 
 complete -c executor -n "__fish_executor_using_subcommand run" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l use-firecracker -d 'Sourcegraph\'s switch: true picks microvm, false oci, when --runtime is not given' -r
-complete -c executor -n "__fish_executor_using_subcommand run" -l vm-startup-script -d 'A script run inside the sandbox before the first step (in the first step\'s image), logged as setup.startup-script' -r -F
+complete -c executor -n "__fish_executor_using_subcommand run" -l vm-startup-script -d 'A script run before the first step, logged as setup.startup-script: on microvm as root in the guest (as Sourcegraph), elsewhere in the first step\'s image' -r -F
 complete -c executor -n "__fish_executor_using_subcommand run" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand run" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
@@ -579,7 +579,7 @@ complete -c executor -n "__fish_executor_using_subcommand validate" -l job-memor
 complete -c executor -n "__fish_executor_using_subcommand validate" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l use-firecracker -d 'Sourcegraph\'s switch: true picks microvm, false oci, when --runtime is not given' -r
-complete -c executor -n "__fish_executor_using_subcommand validate" -l vm-startup-script -d 'A script run inside the sandbox before the first step (in the first step\'s image), logged as setup.startup-script' -r -F
+complete -c executor -n "__fish_executor_using_subcommand validate" -l vm-startup-script -d 'A script run before the first step, logged as setup.startup-script: on microvm as root in the guest (as Sourcegraph), elsewhere in the first step\'s image' -r -F
 complete -c executor -n "__fish_executor_using_subcommand validate" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand validate" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
@@ -623,7 +623,7 @@ complete -c executor -n "__fish_executor_using_subcommand janitor" -l job-memory
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l use-firecracker -d 'Sourcegraph\'s switch: true picks microvm, false oci, when --runtime is not given' -r
-complete -c executor -n "__fish_executor_using_subcommand janitor" -l vm-startup-script -d 'A script run inside the sandbox before the first step (in the first step\'s image), logged as setup.startup-script' -r -F
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l vm-startup-script -d 'A script run before the first step, logged as setup.startup-script: on microvm as root in the guest (as Sourcegraph), elsewhere in the first step\'s image' -r -F
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
@@ -682,7 +682,7 @@ complete -c executor -n "__fish_executor_using_subcommand install; and __fish_se
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l use-firecracker -d 'Sourcegraph\'s switch: true picks microvm, false oci, when --runtime is not given' -r
-complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l vm-startup-script -d 'A script run inside the sandbox before the first step (in the first step\'s image), logged as setup.startup-script' -r -F
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l vm-startup-script -d 'A script run before the first step, logged as setup.startup-script: on microvm as root in the guest (as Sourcegraph), elsewhere in the first step\'s image' -r -F
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
@@ -732,7 +732,7 @@ complete -c executor -n "__fish_executor_using_subcommand install; and __fish_se
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l use-firecracker -d 'Sourcegraph\'s switch: true picks microvm, false oci, when --runtime is not given' -r
-complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l vm-startup-script -d 'A script run inside the sandbox before the first step (in the first step\'s image), logged as setup.startup-script' -r -F
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l vm-startup-script -d 'A script run before the first step, logged as setup.startup-script: on microvm as root in the guest (as Sourcegraph), elsewhere in the first step\'s image' -r -F
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r

@@ -202,7 +202,7 @@ settings! {
     }
     vm_startup_script: Option<PathBuf> = parse::existing_file {
         flag: "vm-startup-script", env: "EXECUTOR_VM_STARTUP_SCRIPT_PATH", value_name: "FILE", shape: Shape::Path,
-        help: "A script run inside the sandbox before the first step (in the first step's image), logged as setup.startup-script",
+        help: "A script run before the first step, logged as setup.startup-script: on microvm as root in the guest (as Sourcegraph), elsewhere in the first step's image",
     }
     state_dir: PathBuf = parse::absolute_dir {
         flag: "state-dir", env: "EXECUTOR_STATE_DIR", value_name: "DIR", shape: Shape::Path,

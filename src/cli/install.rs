@@ -3,11 +3,35 @@
 //! operator's provisioning scripts written for Sourcegraph's binary keep working.
 
 use anyhow::Result;
-use clap::{Args, ValueEnum};
+use clap::{Args, Subcommand, ValueEnum};
 
 use super::executor::ConfigArgs;
-use super::vm::{InstallCommand, InstallVmArgs};
+use super::vm::InstallVmArgs;
 use crate::base::exit;
+
+/// What `executor install` installs.
+#[derive(Debug, Subcommand)]
+pub enum InstallCommand {
+    /// Fetch the guest kernel from Debian's packages and build the initramfs with the guest agent
+    ///
+    /// Downloads a linux-image-*-cloud-amd64 package with `apt-get download`, unpacks it with
+    /// `dpkg -x`, extracts an uncompressed vmlinux and the virtio modules, and builds an initramfs
+    /// holding this binary as the guest agent. Files go to $EXECUTOR_STATE_DIR/vm. Running it again
+    /// redoes only what is out of date, and says what it did.
+    Vm(InstallVmArgs),
+    /// Everything this host needs, as Sourcegraph's `install all`: the microVM guest
+    /// (`install vm`) and the network's nftables table (`install iptables-rules`)
+    All(InstallAllArgs),
+    /// Sourcegraph's VM images: `executor-vm` and `kernel` are the microVM guest (`install vm`);
+    /// `sandbox` has no equivalent to install
+    Image(InstallImageArgs),
+    /// The jobs' network isolation: this executor's nftables table (Sourcegraph's iptables rules)
+    IptablesRules(InstallRulesArgs),
+    /// Sourcegraph's Firecracker manager: not used here (QEMU microVMs); says what replaces it
+    Ignite(ReplacedArgs),
+    /// Sourcegraph's CNI plugins: not used here (the executor makes each job's network itself)
+    Cni(ReplacedArgs),
+}
 
 #[derive(Debug, Args)]
 pub struct InstallAllArgs {
@@ -71,7 +95,7 @@ pub(crate) const CNI_REPLACED: &str = "the CNI plugins are not used: the executo
 pub(crate) const SANDBOX_REPLACED: &str = "the sandbox image is not used: each QEMU process runs in \
      the job's own jail, with nothing to pull";
 
-/// One of the install commands besides `install vm`.
+/// An install command.
 pub(crate) fn run(cmd: InstallCommand) -> Result<i32> {
     match cmd {
         InstallCommand::Vm(args) => super::vm::install_vm(args),

@@ -5,7 +5,7 @@ pub mod docs;
 mod docs_extra;
 mod env_check;
 pub(crate) mod image;
-mod install;
+pub(crate) mod install;
 mod log;
 pub(crate) mod queue;
 mod stages;
@@ -51,7 +51,7 @@ pub enum Command {
     Executor(Box<executor::ExecutorCommand>),
     /// Install what a runtime needs on this host
     #[command(subcommand)]
-    Install(vm::InstallCommand),
+    Install(install::InstallCommand),
     /// Boot a microVM, run a command in it and print the phases of the boot with their times
     TestVm(vm::TestVmArgs),
 }
@@ -105,7 +105,6 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::GenerateDocs { out } => docs::generate(&out).map(|_| exit::OK),
         Command::Image(args) => image::run(args),
         Command::Executor(cmd) => executor::run(*cmd),
-        Command::Install(vm::InstallCommand::Vm(args)) => vm::install_vm(args),
         Command::Install(cmd) => install::run(cmd),
         Command::TestVm(args) => vm::test_vm(args),
         Command::Queue(args) => queue::run(args),

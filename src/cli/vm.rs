@@ -1,32 +1,8 @@
 //! The microVM commands, `install vm` and `test-vm`: their clap types and what runs them. (The
 //! guest agent is its own binary, `executor-guest-agent`.)
 
-use clap::{Args, Subcommand};
+use clap::Args;
 use std::path::PathBuf;
-
-/// What `executor install` installs.
-#[derive(Debug, Subcommand)]
-pub enum InstallCommand {
-    /// Fetch the guest kernel from Debian's packages and build the initramfs with the guest agent
-    ///
-    /// Downloads a linux-image-*-cloud-amd64 package with `apt-get download`, unpacks it with
-    /// `dpkg -x`, extracts an uncompressed vmlinux and the virtio modules, and builds an initramfs
-    /// holding this binary as the guest agent. Files go to $EXECUTOR_STATE_DIR/vm. Running it again
-    /// redoes only what is out of date, and says what it did.
-    Vm(InstallVmArgs),
-    /// Everything this host needs, as Sourcegraph's `install all`: the microVM guest
-    /// (`install vm`) and the network's nftables table (`install iptables-rules`)
-    All(super::install::InstallAllArgs),
-    /// Sourcegraph's VM images: `executor-vm` and `kernel` are the microVM guest (`install vm`);
-    /// `sandbox` has no equivalent to install
-    Image(super::install::InstallImageArgs),
-    /// The jobs' network isolation: this executor's nftables table (Sourcegraph's iptables rules)
-    IptablesRules(super::install::InstallRulesArgs),
-    /// Sourcegraph's Firecracker manager: not used here (QEMU microVMs); says what replaces it
-    Ignite(super::install::ReplacedArgs),
-    /// Sourcegraph's CNI plugins: not used here (the executor makes each job's network itself)
-    Cni(super::install::ReplacedArgs),
-}
 
 #[derive(Debug, Args)]
 pub struct InstallVmArgs {

@@ -66,8 +66,6 @@ complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from pull" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from pull" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from pull" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
-complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from pull" -l private-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be at private, loopback, link-local or this host\'s addresses; pulls refuse other such destinations, as the job\'s egress policy does (insecure registries and mirrors are listed too)' -r
-complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from pull" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from pull" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from pull" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from pull" -l state-dir -d 'State directory; the store is its images/ subdirectory' -r -F
@@ -209,7 +207,7 @@ complete -c executor -n "__fish_executor_using_subcommand dequeue" -l poll-inter
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l max-jobs -d 'Jobs run at once by `loop` [default: 1]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l num-total-jobs -d '`loop` stops after dequeuing this many jobs (0: no limit) [default: 0]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l max-active-time -d '`loop` stops dequeuing after this long (0: no limit) [default: 0]' -r
-complete -c executor -n "__fish_executor_using_subcommand dequeue" -l max-runtime -d 'Deadline of each job, from its dequeue [default: 30m]' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l max-runtime -d 'Deadline of each job, from its dequeue (0: none, as in Sourcegraph\'s executor) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l cleanup-interval -d 'Period of the janitor in `loop` [default: 1m]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l keep-workspaces -d 'Keep workspaces after `complete`, for debugging' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l job-cpus -d 'CPUs of each job\'s sandbox (0: unbounded) [default: 4]' -r
@@ -217,7 +215,7 @@ complete -c executor -n "__fish_executor_using_subcommand dequeue" -l job-memory
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l use-firecracker -d 'Sourcegraph\'s switch: true picks microvm, false oci, when --runtime is not given' -r
-complete -c executor -n "__fish_executor_using_subcommand dequeue" -l vm-startup-script -d 'A script run inside the sandbox before the first step (in the first step\'s image), logged as setup.startup-script' -r -F
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l vm-startup-script -d 'A script run before the first step, logged as setup.startup-script: on microvm as root in the guest (as Sourcegraph), elsewhere in the first step\'s image' -r -F
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
@@ -225,7 +223,7 @@ complete -c executor -n "__fish_executor_using_subcommand dequeue" -l oci-runtim
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l vm-accel -d 'microvm accelerator: kvm, tcg, or auto (KVM where the cached boot probe passed, else TCG if allowed) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l vm-allow-tcg -d 'Let the microvm runtime fall back to TCG software emulation (slow) where KVM does not work' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l vm-pool-size -d 'microVMs `loop` keeps booted ahead of demand, each used by one job then destroyed; unset or auto: chosen from memory, 0: off' -r
-complete -c executor -n "__fish_executor_using_subcommand dequeue" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l shutdown-grace -d 'After SIGTERM, SIGINT or SIGHUP, how long `loop` waits for running jobs to end; then (or on a second signal) it stops them and exits without reporting them, so that the coordinator requeues them [default: until the jobs end]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
@@ -235,8 +233,6 @@ complete -c executor -n "__fish_executor_using_subcommand dequeue" -l image-cach
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
-complete -c executor -n "__fish_executor_using_subcommand dequeue" -l private-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be at private, loopback, link-local or this host\'s addresses; pulls refuse other such destinations, as the job\'s egress policy does (insecure registries and mirrors are listed too)' -r
-complete -c executor -n "__fish_executor_using_subcommand dequeue" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
@@ -257,7 +253,7 @@ complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l 
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l max-jobs -d 'Jobs run at once by `loop` [default: 1]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l num-total-jobs -d '`loop` stops after dequeuing this many jobs (0: no limit) [default: 0]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l max-active-time -d '`loop` stops dequeuing after this long (0: no limit) [default: 0]' -r
-complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l max-runtime -d 'Deadline of each job, from its dequeue [default: 30m]' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l max-runtime -d 'Deadline of each job, from its dequeue (0: none, as in Sourcegraph\'s executor) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l cleanup-interval -d 'Period of the janitor in `loop` [default: 1m]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l keep-workspaces -d 'Keep workspaces after `complete`, for debugging' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l job-cpus -d 'CPUs of each job\'s sandbox (0: unbounded) [default: 4]' -r
@@ -265,7 +261,7 @@ complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l 
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l use-firecracker -d 'Sourcegraph\'s switch: true picks microvm, false oci, when --runtime is not given' -r
-complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l vm-startup-script -d 'A script run inside the sandbox before the first step (in the first step\'s image), logged as setup.startup-script' -r -F
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l vm-startup-script -d 'A script run before the first step, logged as setup.startup-script: on microvm as root in the guest (as Sourcegraph), elsewhere in the first step\'s image' -r -F
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
@@ -273,7 +269,7 @@ complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l 
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l vm-accel -d 'microvm accelerator: kvm, tcg, or auto (KVM where the cached boot probe passed, else TCG if allowed) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l vm-allow-tcg -d 'Let the microvm runtime fall back to TCG software emulation (slow) where KVM does not work' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l vm-pool-size -d 'microVMs `loop` keeps booted ahead of demand, each used by one job then destroyed; unset or auto: chosen from memory, 0: off' -r
-complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l shutdown-grace -d 'After SIGTERM, SIGINT or SIGHUP, how long `loop` waits for running jobs to end; then (or on a second signal) it stops them and exits without reporting them, so that the coordinator requeues them [default: until the jobs end]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
@@ -283,8 +279,6 @@ complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l 
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
-complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l private-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be at private, loopback, link-local or this host\'s addresses; pulls refuse other such destinations, as the job\'s egress policy does (insecure registries and mirrors are listed too)' -r
-complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
@@ -305,7 +299,7 @@ complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l poll-inter
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l max-jobs -d 'Jobs run at once by `loop` [default: 1]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l num-total-jobs -d '`loop` stops after dequeuing this many jobs (0: no limit) [default: 0]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l max-active-time -d '`loop` stops dequeuing after this long (0: no limit) [default: 0]' -r
-complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l max-runtime -d 'Deadline of each job, from its dequeue [default: 30m]' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l max-runtime -d 'Deadline of each job, from its dequeue (0: none, as in Sourcegraph\'s executor) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l cleanup-interval -d 'Period of the janitor in `loop` [default: 1m]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l keep-workspaces -d 'Keep workspaces after `complete`, for debugging' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l job-cpus -d 'CPUs of each job\'s sandbox (0: unbounded) [default: 4]' -r
@@ -313,7 +307,7 @@ complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l job-memory
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l use-firecracker -d 'Sourcegraph\'s switch: true picks microvm, false oci, when --runtime is not given' -r
-complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l vm-startup-script -d 'A script run inside the sandbox before the first step (in the first step\'s image), logged as setup.startup-script' -r -F
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l vm-startup-script -d 'A script run before the first step, logged as setup.startup-script: on microvm as root in the guest (as Sourcegraph), elsewhere in the first step\'s image' -r -F
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
@@ -321,7 +315,7 @@ complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l oci-runtim
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l vm-accel -d 'microvm accelerator: kvm, tcg, or auto (KVM where the cached boot probe passed, else TCG if allowed) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l vm-allow-tcg -d 'Let the microvm runtime fall back to TCG software emulation (slow) where KVM does not work' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l vm-pool-size -d 'microVMs `loop` keeps booted ahead of demand, each used by one job then destroyed; unset or auto: chosen from memory, 0: off' -r
-complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l shutdown-grace -d 'After SIGTERM, SIGINT or SIGHUP, how long `loop` waits for running jobs to end; then (or on a second signal) it stops them and exits without reporting them, so that the coordinator requeues them [default: until the jobs end]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
@@ -331,8 +325,6 @@ complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l image-cach
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
-complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l private-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be at private, loopback, link-local or this host\'s addresses; pulls refuse other such destinations, as the job\'s egress policy does (insecure registries and mirrors are listed too)' -r
-complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
@@ -353,7 +345,7 @@ complete -c executor -n "__fish_executor_using_subcommand run-steps" -l poll-int
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l max-jobs -d 'Jobs run at once by `loop` [default: 1]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l num-total-jobs -d '`loop` stops after dequeuing this many jobs (0: no limit) [default: 0]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l max-active-time -d '`loop` stops dequeuing after this long (0: no limit) [default: 0]' -r
-complete -c executor -n "__fish_executor_using_subcommand run-steps" -l max-runtime -d 'Deadline of each job, from its dequeue [default: 30m]' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l max-runtime -d 'Deadline of each job, from its dequeue (0: none, as in Sourcegraph\'s executor) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l cleanup-interval -d 'Period of the janitor in `loop` [default: 1m]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l keep-workspaces -d 'Keep workspaces after `complete`, for debugging' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l job-cpus -d 'CPUs of each job\'s sandbox (0: unbounded) [default: 4]' -r
@@ -361,7 +353,7 @@ complete -c executor -n "__fish_executor_using_subcommand run-steps" -l job-memo
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l use-firecracker -d 'Sourcegraph\'s switch: true picks microvm, false oci, when --runtime is not given' -r
-complete -c executor -n "__fish_executor_using_subcommand run-steps" -l vm-startup-script -d 'A script run inside the sandbox before the first step (in the first step\'s image), logged as setup.startup-script' -r -F
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l vm-startup-script -d 'A script run before the first step, logged as setup.startup-script: on microvm as root in the guest (as Sourcegraph), elsewhere in the first step\'s image' -r -F
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
@@ -369,7 +361,7 @@ complete -c executor -n "__fish_executor_using_subcommand run-steps" -l oci-runt
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l vm-accel -d 'microvm accelerator: kvm, tcg, or auto (KVM where the cached boot probe passed, else TCG if allowed) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l vm-allow-tcg -d 'Let the microvm runtime fall back to TCG software emulation (slow) where KVM does not work' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l vm-pool-size -d 'microVMs `loop` keeps booted ahead of demand, each used by one job then destroyed; unset or auto: chosen from memory, 0: off' -r
-complete -c executor -n "__fish_executor_using_subcommand run-steps" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l shutdown-grace -d 'After SIGTERM, SIGINT or SIGHUP, how long `loop` waits for running jobs to end; then (or on a second signal) it stops them and exits without reporting them, so that the coordinator requeues them [default: until the jobs end]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
@@ -379,8 +371,6 @@ complete -c executor -n "__fish_executor_using_subcommand run-steps" -l image-ca
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
-complete -c executor -n "__fish_executor_using_subcommand run-steps" -l private-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be at private, loopback, link-local or this host\'s addresses; pulls refuse other such destinations, as the job\'s egress policy does (insecure registries and mirrors are listed too)' -r
-complete -c executor -n "__fish_executor_using_subcommand run-steps" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
@@ -401,7 +391,7 @@ complete -c executor -n "__fish_executor_using_subcommand upload" -l poll-interv
 complete -c executor -n "__fish_executor_using_subcommand upload" -l max-jobs -d 'Jobs run at once by `loop` [default: 1]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l num-total-jobs -d '`loop` stops after dequeuing this many jobs (0: no limit) [default: 0]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l max-active-time -d '`loop` stops dequeuing after this long (0: no limit) [default: 0]' -r
-complete -c executor -n "__fish_executor_using_subcommand upload" -l max-runtime -d 'Deadline of each job, from its dequeue [default: 30m]' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l max-runtime -d 'Deadline of each job, from its dequeue (0: none, as in Sourcegraph\'s executor) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l cleanup-interval -d 'Period of the janitor in `loop` [default: 1m]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l keep-workspaces -d 'Keep workspaces after `complete`, for debugging' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l job-cpus -d 'CPUs of each job\'s sandbox (0: unbounded) [default: 4]' -r
@@ -409,7 +399,7 @@ complete -c executor -n "__fish_executor_using_subcommand upload" -l job-memory 
 complete -c executor -n "__fish_executor_using_subcommand upload" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l use-firecracker -d 'Sourcegraph\'s switch: true picks microvm, false oci, when --runtime is not given' -r
-complete -c executor -n "__fish_executor_using_subcommand upload" -l vm-startup-script -d 'A script run inside the sandbox before the first step (in the first step\'s image), logged as setup.startup-script' -r -F
+complete -c executor -n "__fish_executor_using_subcommand upload" -l vm-startup-script -d 'A script run before the first step, logged as setup.startup-script: on microvm as root in the guest (as Sourcegraph), elsewhere in the first step\'s image' -r -F
 complete -c executor -n "__fish_executor_using_subcommand upload" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand upload" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
@@ -417,7 +407,7 @@ complete -c executor -n "__fish_executor_using_subcommand upload" -l oci-runtime
 complete -c executor -n "__fish_executor_using_subcommand upload" -l vm-accel -d 'microvm accelerator: kvm, tcg, or auto (KVM where the cached boot probe passed, else TCG if allowed) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l vm-allow-tcg -d 'Let the microvm runtime fall back to TCG software emulation (slow) where KVM does not work' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l vm-pool-size -d 'microVMs `loop` keeps booted ahead of demand, each used by one job then destroyed; unset or auto: chosen from memory, 0: off' -r
-complete -c executor -n "__fish_executor_using_subcommand upload" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l shutdown-grace -d 'After SIGTERM, SIGINT or SIGHUP, how long `loop` waits for running jobs to end; then (or on a second signal) it stops them and exits without reporting them, so that the coordinator requeues them [default: until the jobs end]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
@@ -427,8 +417,6 @@ complete -c executor -n "__fish_executor_using_subcommand upload" -l image-cache
 complete -c executor -n "__fish_executor_using_subcommand upload" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
-complete -c executor -n "__fish_executor_using_subcommand upload" -l private-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be at private, loopback, link-local or this host\'s addresses; pulls refuse other such destinations, as the job\'s egress policy does (insecure registries and mirrors are listed too)' -r
-complete -c executor -n "__fish_executor_using_subcommand upload" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand upload" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
@@ -449,7 +437,7 @@ complete -c executor -n "__fish_executor_using_subcommand complete" -l poll-inte
 complete -c executor -n "__fish_executor_using_subcommand complete" -l max-jobs -d 'Jobs run at once by `loop` [default: 1]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l num-total-jobs -d '`loop` stops after dequeuing this many jobs (0: no limit) [default: 0]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l max-active-time -d '`loop` stops dequeuing after this long (0: no limit) [default: 0]' -r
-complete -c executor -n "__fish_executor_using_subcommand complete" -l max-runtime -d 'Deadline of each job, from its dequeue [default: 30m]' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l max-runtime -d 'Deadline of each job, from its dequeue (0: none, as in Sourcegraph\'s executor) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l cleanup-interval -d 'Period of the janitor in `loop` [default: 1m]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l keep-workspaces -d 'Keep workspaces after `complete`, for debugging' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l job-cpus -d 'CPUs of each job\'s sandbox (0: unbounded) [default: 4]' -r
@@ -457,7 +445,7 @@ complete -c executor -n "__fish_executor_using_subcommand complete" -l job-memor
 complete -c executor -n "__fish_executor_using_subcommand complete" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l use-firecracker -d 'Sourcegraph\'s switch: true picks microvm, false oci, when --runtime is not given' -r
-complete -c executor -n "__fish_executor_using_subcommand complete" -l vm-startup-script -d 'A script run inside the sandbox before the first step (in the first step\'s image), logged as setup.startup-script' -r -F
+complete -c executor -n "__fish_executor_using_subcommand complete" -l vm-startup-script -d 'A script run before the first step, logged as setup.startup-script: on microvm as root in the guest (as Sourcegraph), elsewhere in the first step\'s image' -r -F
 complete -c executor -n "__fish_executor_using_subcommand complete" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand complete" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
@@ -465,7 +453,7 @@ complete -c executor -n "__fish_executor_using_subcommand complete" -l oci-runti
 complete -c executor -n "__fish_executor_using_subcommand complete" -l vm-accel -d 'microvm accelerator: kvm, tcg, or auto (KVM where the cached boot probe passed, else TCG if allowed) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l vm-allow-tcg -d 'Let the microvm runtime fall back to TCG software emulation (slow) where KVM does not work' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l vm-pool-size -d 'microVMs `loop` keeps booted ahead of demand, each used by one job then destroyed; unset or auto: chosen from memory, 0: off' -r
-complete -c executor -n "__fish_executor_using_subcommand complete" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l shutdown-grace -d 'After SIGTERM, SIGINT or SIGHUP, how long `loop` waits for running jobs to end; then (or on a second signal) it stops them and exits without reporting them, so that the coordinator requeues them [default: until the jobs end]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
@@ -475,8 +463,6 @@ complete -c executor -n "__fish_executor_using_subcommand complete" -l image-cac
 complete -c executor -n "__fish_executor_using_subcommand complete" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
-complete -c executor -n "__fish_executor_using_subcommand complete" -l private-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be at private, loopback, link-local or this host\'s addresses; pulls refuse other such destinations, as the job\'s egress policy does (insecure registries and mirrors are listed too)' -r
-complete -c executor -n "__fish_executor_using_subcommand complete" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand complete" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
@@ -495,7 +481,7 @@ complete -c executor -n "__fish_executor_using_subcommand loop" -l poll-interval
 complete -c executor -n "__fish_executor_using_subcommand loop" -l max-jobs -d 'Jobs run at once by `loop` [default: 1]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l num-total-jobs -d '`loop` stops after dequeuing this many jobs (0: no limit) [default: 0]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l max-active-time -d '`loop` stops dequeuing after this long (0: no limit) [default: 0]' -r
-complete -c executor -n "__fish_executor_using_subcommand loop" -l max-runtime -d 'Deadline of each job, from its dequeue [default: 30m]' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l max-runtime -d 'Deadline of each job, from its dequeue (0: none, as in Sourcegraph\'s executor) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l cleanup-interval -d 'Period of the janitor in `loop` [default: 1m]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l keep-workspaces -d 'Keep workspaces after `complete`, for debugging' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l job-cpus -d 'CPUs of each job\'s sandbox (0: unbounded) [default: 4]' -r
@@ -503,7 +489,7 @@ complete -c executor -n "__fish_executor_using_subcommand loop" -l job-memory -d
 complete -c executor -n "__fish_executor_using_subcommand loop" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l use-firecracker -d 'Sourcegraph\'s switch: true picks microvm, false oci, when --runtime is not given' -r
-complete -c executor -n "__fish_executor_using_subcommand loop" -l vm-startup-script -d 'A script run inside the sandbox before the first step (in the first step\'s image), logged as setup.startup-script' -r -F
+complete -c executor -n "__fish_executor_using_subcommand loop" -l vm-startup-script -d 'A script run before the first step, logged as setup.startup-script: on microvm as root in the guest (as Sourcegraph), elsewhere in the first step\'s image' -r -F
 complete -c executor -n "__fish_executor_using_subcommand loop" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand loop" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
@@ -511,7 +497,7 @@ complete -c executor -n "__fish_executor_using_subcommand loop" -l oci-runtime -
 complete -c executor -n "__fish_executor_using_subcommand loop" -l vm-accel -d 'microvm accelerator: kvm, tcg, or auto (KVM where the cached boot probe passed, else TCG if allowed) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l vm-allow-tcg -d 'Let the microvm runtime fall back to TCG software emulation (slow) where KVM does not work' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l vm-pool-size -d 'microVMs `loop` keeps booted ahead of demand, each used by one job then destroyed; unset or auto: chosen from memory, 0: off' -r
-complete -c executor -n "__fish_executor_using_subcommand loop" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l shutdown-grace -d 'After SIGTERM, SIGINT or SIGHUP, how long `loop` waits for running jobs to end; then (or on a second signal) it stops them and exits without reporting them, so that the coordinator requeues them [default: until the jobs end]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
@@ -521,8 +507,6 @@ complete -c executor -n "__fish_executor_using_subcommand loop" -l image-cache-s
 complete -c executor -n "__fish_executor_using_subcommand loop" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
-complete -c executor -n "__fish_executor_using_subcommand loop" -l private-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be at private, loopback, link-local or this host\'s addresses; pulls refuse other such destinations, as the job\'s egress policy does (insecure registries and mirrors are listed too)' -r
-complete -c executor -n "__fish_executor_using_subcommand loop" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand loop" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
@@ -530,6 +514,7 @@ complete -c executor -n "__fish_executor_using_subcommand loop" -l network-cidr 
 complete -c executor -n "__fish_executor_using_subcommand loop" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l verify -d 'Run `validate`\'s checks first and exit 1 when one fails, as Sourcegraph\'s `run --verify`'
 complete -c executor -n "__fish_executor_using_subcommand loop" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c executor -n "__fish_executor_using_subcommand loop" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand run" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
@@ -541,7 +526,7 @@ complete -c executor -n "__fish_executor_using_subcommand run" -l poll-interval 
 complete -c executor -n "__fish_executor_using_subcommand run" -l max-jobs -d 'Jobs run at once by `loop` [default: 1]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l num-total-jobs -d '`loop` stops after dequeuing this many jobs (0: no limit) [default: 0]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l max-active-time -d '`loop` stops dequeuing after this long (0: no limit) [default: 0]' -r
-complete -c executor -n "__fish_executor_using_subcommand run" -l max-runtime -d 'Deadline of each job, from its dequeue [default: 30m]' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l max-runtime -d 'Deadline of each job, from its dequeue (0: none, as in Sourcegraph\'s executor) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l cleanup-interval -d 'Period of the janitor in `loop` [default: 1m]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l keep-workspaces -d 'Keep workspaces after `complete`, for debugging' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l job-cpus -d 'CPUs of each job\'s sandbox (0: unbounded) [default: 4]' -r
@@ -549,7 +534,7 @@ complete -c executor -n "__fish_executor_using_subcommand run" -l job-memory -d 
 complete -c executor -n "__fish_executor_using_subcommand run" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l use-firecracker -d 'Sourcegraph\'s switch: true picks microvm, false oci, when --runtime is not given' -r
-complete -c executor -n "__fish_executor_using_subcommand run" -l vm-startup-script -d 'A script run inside the sandbox before the first step (in the first step\'s image), logged as setup.startup-script' -r -F
+complete -c executor -n "__fish_executor_using_subcommand run" -l vm-startup-script -d 'A script run before the first step, logged as setup.startup-script: on microvm as root in the guest (as Sourcegraph), elsewhere in the first step\'s image' -r -F
 complete -c executor -n "__fish_executor_using_subcommand run" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand run" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
@@ -557,7 +542,7 @@ complete -c executor -n "__fish_executor_using_subcommand run" -l oci-runtime -d
 complete -c executor -n "__fish_executor_using_subcommand run" -l vm-accel -d 'microvm accelerator: kvm, tcg, or auto (KVM where the cached boot probe passed, else TCG if allowed) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l vm-allow-tcg -d 'Let the microvm runtime fall back to TCG software emulation (slow) where KVM does not work' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l vm-pool-size -d 'microVMs `loop` keeps booted ahead of demand, each used by one job then destroyed; unset or auto: chosen from memory, 0: off' -r
-complete -c executor -n "__fish_executor_using_subcommand run" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l shutdown-grace -d 'After SIGTERM, SIGINT or SIGHUP, how long `loop` waits for running jobs to end; then (or on a second signal) it stops them and exits without reporting them, so that the coordinator requeues them [default: until the jobs end]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
@@ -567,8 +552,6 @@ complete -c executor -n "__fish_executor_using_subcommand run" -l image-cache-si
 complete -c executor -n "__fish_executor_using_subcommand run" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
-complete -c executor -n "__fish_executor_using_subcommand run" -l private-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be at private, loopback, link-local or this host\'s addresses; pulls refuse other such destinations, as the job\'s egress policy does (insecure registries and mirrors are listed too)' -r
-complete -c executor -n "__fish_executor_using_subcommand run" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand run" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
@@ -576,6 +559,7 @@ complete -c executor -n "__fish_executor_using_subcommand run" -l network-cidr -
 complete -c executor -n "__fish_executor_using_subcommand run" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l verify -d 'Run `validate`\'s checks first and exit 1 when one fails, as Sourcegraph\'s `run --verify`'
 complete -c executor -n "__fish_executor_using_subcommand run" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c executor -n "__fish_executor_using_subcommand run" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand validate" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
@@ -587,7 +571,7 @@ complete -c executor -n "__fish_executor_using_subcommand validate" -l poll-inte
 complete -c executor -n "__fish_executor_using_subcommand validate" -l max-jobs -d 'Jobs run at once by `loop` [default: 1]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l num-total-jobs -d '`loop` stops after dequeuing this many jobs (0: no limit) [default: 0]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l max-active-time -d '`loop` stops dequeuing after this long (0: no limit) [default: 0]' -r
-complete -c executor -n "__fish_executor_using_subcommand validate" -l max-runtime -d 'Deadline of each job, from its dequeue [default: 30m]' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l max-runtime -d 'Deadline of each job, from its dequeue (0: none, as in Sourcegraph\'s executor) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l cleanup-interval -d 'Period of the janitor in `loop` [default: 1m]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l keep-workspaces -d 'Keep workspaces after `complete`, for debugging' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l job-cpus -d 'CPUs of each job\'s sandbox (0: unbounded) [default: 4]' -r
@@ -595,7 +579,7 @@ complete -c executor -n "__fish_executor_using_subcommand validate" -l job-memor
 complete -c executor -n "__fish_executor_using_subcommand validate" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l use-firecracker -d 'Sourcegraph\'s switch: true picks microvm, false oci, when --runtime is not given' -r
-complete -c executor -n "__fish_executor_using_subcommand validate" -l vm-startup-script -d 'A script run inside the sandbox before the first step (in the first step\'s image), logged as setup.startup-script' -r -F
+complete -c executor -n "__fish_executor_using_subcommand validate" -l vm-startup-script -d 'A script run before the first step, logged as setup.startup-script: on microvm as root in the guest (as Sourcegraph), elsewhere in the first step\'s image' -r -F
 complete -c executor -n "__fish_executor_using_subcommand validate" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand validate" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
@@ -603,7 +587,7 @@ complete -c executor -n "__fish_executor_using_subcommand validate" -l oci-runti
 complete -c executor -n "__fish_executor_using_subcommand validate" -l vm-accel -d 'microvm accelerator: kvm, tcg, or auto (KVM where the cached boot probe passed, else TCG if allowed) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l vm-allow-tcg -d 'Let the microvm runtime fall back to TCG software emulation (slow) where KVM does not work' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l vm-pool-size -d 'microVMs `loop` keeps booted ahead of demand, each used by one job then destroyed; unset or auto: chosen from memory, 0: off' -r
-complete -c executor -n "__fish_executor_using_subcommand validate" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l shutdown-grace -d 'After SIGTERM, SIGINT or SIGHUP, how long `loop` waits for running jobs to end; then (or on a second signal) it stops them and exits without reporting them, so that the coordinator requeues them [default: until the jobs end]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
@@ -613,8 +597,6 @@ complete -c executor -n "__fish_executor_using_subcommand validate" -l image-cac
 complete -c executor -n "__fish_executor_using_subcommand validate" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
-complete -c executor -n "__fish_executor_using_subcommand validate" -l private-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be at private, loopback, link-local or this host\'s addresses; pulls refuse other such destinations, as the job\'s egress policy does (insecure registries and mirrors are listed too)' -r
-complete -c executor -n "__fish_executor_using_subcommand validate" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand validate" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
@@ -633,7 +615,7 @@ complete -c executor -n "__fish_executor_using_subcommand janitor" -l poll-inter
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l max-jobs -d 'Jobs run at once by `loop` [default: 1]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l num-total-jobs -d '`loop` stops after dequeuing this many jobs (0: no limit) [default: 0]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l max-active-time -d '`loop` stops dequeuing after this long (0: no limit) [default: 0]' -r
-complete -c executor -n "__fish_executor_using_subcommand janitor" -l max-runtime -d 'Deadline of each job, from its dequeue [default: 30m]' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l max-runtime -d 'Deadline of each job, from its dequeue (0: none, as in Sourcegraph\'s executor) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l cleanup-interval -d 'Period of the janitor in `loop` [default: 1m]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l keep-workspaces -d 'Keep workspaces after `complete`, for debugging' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l job-cpus -d 'CPUs of each job\'s sandbox (0: unbounded) [default: 4]' -r
@@ -641,7 +623,7 @@ complete -c executor -n "__fish_executor_using_subcommand janitor" -l job-memory
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l use-firecracker -d 'Sourcegraph\'s switch: true picks microvm, false oci, when --runtime is not given' -r
-complete -c executor -n "__fish_executor_using_subcommand janitor" -l vm-startup-script -d 'A script run inside the sandbox before the first step (in the first step\'s image), logged as setup.startup-script' -r -F
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l vm-startup-script -d 'A script run before the first step, logged as setup.startup-script: on microvm as root in the guest (as Sourcegraph), elsewhere in the first step\'s image' -r -F
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
@@ -649,7 +631,7 @@ complete -c executor -n "__fish_executor_using_subcommand janitor" -l oci-runtim
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l vm-accel -d 'microvm accelerator: kvm, tcg, or auto (KVM where the cached boot probe passed, else TCG if allowed) [default: auto]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l vm-allow-tcg -d 'Let the microvm runtime fall back to TCG software emulation (slow) where KVM does not work' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l vm-pool-size -d 'microVMs `loop` keeps booted ahead of demand, each used by one job then destroyed; unset or auto: chosen from memory, 0: off' -r
-complete -c executor -n "__fish_executor_using_subcommand janitor" -l shutdown-grace -d 'After SIGTERM, how long `loop` lets running jobs finish before killing them [default: 30s]' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l shutdown-grace -d 'After SIGTERM, SIGINT or SIGHUP, how long `loop` waits for running jobs to end; then (or on a second signal) it stops them and exits without reporting them, so that the coordinator requeues them [default: until the jobs end]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
@@ -659,8 +641,6 @@ complete -c executor -n "__fish_executor_using_subcommand janitor" -l image-cach
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
-complete -c executor -n "__fish_executor_using_subcommand janitor" -l private-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be at private, loopback, link-local or this host\'s addresses; pulls refuse other such destinations, as the job\'s egress policy does (insecure registries and mirrors are listed too)' -r
-complete -c executor -n "__fish_executor_using_subcommand janitor" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
@@ -670,26 +650,128 @@ complete -c executor -n "__fish_executor_using_subcommand janitor" -l dns-server
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand janitor" -s V -l version -d 'Print version'
-complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm src-cli help" -s h -l help -d 'Print help'
-complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm src-cli help" -s V -l version -d 'Print version'
-complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm src-cli help" -f -a "vm" -d 'Fetch the guest kernel from Debian\'s packages and build the initramfs with the guest agent'
-complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm src-cli help" -f -a "src-cli" -d 'Fetch Sourcegraph\'s src-cli from the instance for the guests of cliSteps jobs'
-complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm src-cli help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm all image iptables-rules ignite cni help" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm all image iptables-rules ignite cni help" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm all image iptables-rules ignite cni help" -f -a "vm" -d 'Fetch the guest kernel from Debian\'s packages and build the initramfs with the guest agent'
+complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm all image iptables-rules ignite cni help" -f -a "all" -d 'Everything this host needs, as Sourcegraph\'s `install all`: the microVM guest (`install vm`) and the network\'s nftables table (`install iptables-rules`)'
+complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm all image iptables-rules ignite cni help" -f -a "image" -d 'Sourcegraph\'s VM images: `executor-vm` and `kernel` are the microVM guest (`install vm`); `sandbox` has no equivalent to install'
+complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm all image iptables-rules ignite cni help" -f -a "iptables-rules" -d 'The jobs\' network isolation: this executor\'s nftables table (Sourcegraph\'s iptables rules)'
+complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm all image iptables-rules ignite cni help" -f -a "ignite" -d 'Sourcegraph\'s Firecracker manager: not used here (QEMU microVMs); says what replaces it'
+complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm all image iptables-rules ignite cni help" -f -a "cni" -d 'Sourcegraph\'s CNI plugins: not used here (the executor makes each job\'s network itself)'
+complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm all image iptables-rules ignite cni help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from vm" -l state-dir -d 'State directory (vm/ is created below it)' -r -F
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from vm" -l kernel-package -d 'Kernel package: a linux-image-<version>-cloud-amd64 package or the metapackage naming one' -r
-complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from vm" -l engine-mirror -d 'The Debian mirror the engine\'s packages come from' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from vm" -l force -d 'Rebuild even what is up to date'
-complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from vm" -l engine -d 'Also build the guest\'s container engine (podman, from Debian\'s packages with debootstrap) that cliSteps jobs run `src batch exec` with'
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from vm" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from vm" -s V -l version -d 'Print version'
-complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from src-cli" -l state-dir -d 'State directory (vm/src-cli/ is created below it)' -r -F
-complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from src-cli" -l frontend-url -d 'The Sourcegraph instance to fetch src from (<URL>/.api/src-cli/src_linux_amd64)' -r
-complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from src-cli" -l frontend-ca -d 'PEM file of CA certificates trusted for an https instance' -r -F
-complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from src-cli" -l from -d 'Install this file as src instead of fetching it' -r -F
-complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from src-cli" -s h -l help -d 'Print help (see more with \'--help\')'
-complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from src-cli" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l kernel-package -d 'Kernel package of the microVM guest (as `install vm --kernel-package`)' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l password-file -d 'Read the shared secret from this file instead of EXECUTOR_FRONTEND_PASSWORD' -r -F
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l frontend-ca -d 'PEM file of CA certificates trusted for an https coordinator, besides the public roots' -r -F
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l queue -d 'The queue to take jobs from (batches or codeintel)' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l queues -d 'Several queues, comma-separated (multi-queue mode)' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l poll-interval -d 'Pause between empty dequeues [default: 1s]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l max-jobs -d 'Jobs run at once by `loop` [default: 1]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l num-total-jobs -d '`loop` stops after dequeuing this many jobs (0: no limit) [default: 0]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l max-active-time -d '`loop` stops dequeuing after this long (0: no limit) [default: 0]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l max-runtime -d 'Deadline of each job, from its dequeue (0: none, as in Sourcegraph\'s executor) [default: 30m]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l cleanup-interval -d 'Period of the janitor in `loop` [default: 1m]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l keep-workspaces -d 'Keep workspaces after `complete`, for debugging' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l job-cpus -d 'CPUs of each job\'s sandbox (0: unbounded) [default: 4]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l job-memory -d 'Memory of each job\'s sandbox, like 12G (0: unbounded) [default: 12G]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l use-firecracker -d 'Sourcegraph\'s switch: true picks microvm, false oci, when --runtime is not given' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l vm-startup-script -d 'A script run before the first step, logged as setup.startup-script: on microvm as root in the guest (as Sourcegraph), elsewhere in the first step\'s image' -r -F
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l oci-runtime -d 'OCI runtime of the oci sandbox: runc, crun or runsc (gVisor) [default: runc]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l vm-accel -d 'microvm accelerator: kvm, tcg, or auto (KVM where the cached boot probe passed, else TCG if allowed) [default: auto]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l vm-allow-tcg -d 'Let the microvm runtime fall back to TCG software emulation (slow) where KVM does not work' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l vm-pool-size -d 'microVMs `loop` keeps booted ahead of demand, each used by one job then destroyed; unset or auto: chosen from memory, 0: off' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l shutdown-grace -d 'After SIGTERM, SIGINT or SIGHUP, how long `loop` waits for running jobs to end; then (or on a second signal) it stops them and exits without reporting them, so that the coordinator requeues them [default: until the jobs end]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l workspace-templates -d 'How many workspace templates (one per repository: its workspace disk right after a clean checkout, which the next job\'s disk is copied from) to keep; 0 for none [default: 8]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l image-pull -d 'When vm-boot pulls a job\'s images from their registry: missing, always or never [default: missing]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l image-cache-size -d 'The most the image store may take on disk; least recently used pulled images beyond it are removed by the janitor and `image prune` [default: no budget]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l force -d 'Rebuild the guest even when it is up to date'
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from image" -l state-dir -d 'State directory (vm/ is created below it)' -r -F
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from image" -l kernel-package -d 'Kernel package: a linux-image-<version>-cloud-amd64 package or the metapackage naming one' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from image" -l force -d 'Rebuild even what is up to date'
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from image" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from image" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l password-file -d 'Read the shared secret from this file instead of EXECUTOR_FRONTEND_PASSWORD' -r -F
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l frontend-ca -d 'PEM file of CA certificates trusted for an https coordinator, besides the public roots' -r -F
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l queue -d 'The queue to take jobs from (batches or codeintel)' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l queues -d 'Several queues, comma-separated (multi-queue mode)' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l poll-interval -d 'Pause between empty dequeues [default: 1s]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l max-jobs -d 'Jobs run at once by `loop` [default: 1]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l num-total-jobs -d '`loop` stops after dequeuing this many jobs (0: no limit) [default: 0]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l max-active-time -d '`loop` stops dequeuing after this long (0: no limit) [default: 0]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l max-runtime -d 'Deadline of each job, from its dequeue (0: none, as in Sourcegraph\'s executor) [default: 30m]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l cleanup-interval -d 'Period of the janitor in `loop` [default: 1m]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l keep-workspaces -d 'Keep workspaces after `complete`, for debugging' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l job-cpus -d 'CPUs of each job\'s sandbox (0: unbounded) [default: 4]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l job-memory -d 'Memory of each job\'s sandbox, like 12G (0: unbounded) [default: 12G]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l disk-space -d 'Disk space of each job\'s workspace [default: 20G]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l runtime -d 'Sandbox runtime: auto, microvm, oci or shell (no isolation) [default: auto]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l use-firecracker -d 'Sourcegraph\'s switch: true picks microvm, false oci, when --runtime is not given' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l vm-startup-script -d 'A script run before the first step, logged as setup.startup-script: on microvm as root in the guest (as Sourcegraph), elsewhere in the first step\'s image' -r -F
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l state-dir -d 'Where workspaces, sandboxes and images live [default: /var/lib/executor]' -r -F
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l allow-unisolated -d 'Allow the shell runtime, which runs steps on this host without any isolation' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l vm-prefix -d 'Prefix of sandbox names; the janitor only touches sandboxes with it [default: executor]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l oci-runtime -d 'OCI runtime of the oci sandbox: runc, crun or runsc (gVisor) [default: runc]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l vm-accel -d 'microvm accelerator: kvm, tcg, or auto (KVM where the cached boot probe passed, else TCG if allowed) [default: auto]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l vm-allow-tcg -d 'Let the microvm runtime fall back to TCG software emulation (slow) where KVM does not work' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l vm-pool-size -d 'microVMs `loop` keeps booted ahead of demand, each used by one job then destroyed; unset or auto: chosen from memory, 0: off' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l shutdown-grace -d 'After SIGTERM, SIGINT or SIGHUP, how long `loop` waits for running jobs to end; then (or on a second signal) it stops them and exits without reporting them, so that the coordinator requeues them [default: until the jobs end]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l heartbeat-interval -d 'Heartbeat period [default: 5s]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l artifacts-max-size -d 'Largest artifact archive `upload` sends [default: 100M]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l git-timeout -d 'Limit for each git command of a clone [default: 10m]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l workspace-templates -d 'How many workspace templates (one per repository: its workspace disk right after a clean checkout, which the next job\'s disk is copied from) to keep; 0 for none [default: 8]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l image-pull -d 'When vm-boot pulls a job\'s images from their registry: missing, always or never [default: missing]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l image-cache-size -d 'The most the image store may take on disk; least recently used pulled images beyond it are removed by the janitor and `image prune` [default: no budget]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l recreate-chain -d 'Accepted as Sourcegraph\'s flag; the table is made again whenever its layout is not this executor\'s, so there is nothing more to recreate'
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from ignite" -l bin-dir -d 'Accepted as Sourcegraph\'s flag; nothing is installed' -r -F
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from ignite" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from ignite" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from cni" -l bin-dir -d 'Accepted as Sourcegraph\'s flag; nothing is installed' -r -F
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from cni" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from cni" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from help" -f -a "vm" -d 'Fetch the guest kernel from Debian\'s packages and build the initramfs with the guest agent'
-complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from help" -f -a "src-cli" -d 'Fetch Sourcegraph\'s src-cli from the instance for the guests of cliSteps jobs'
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from help" -f -a "all" -d 'Everything this host needs, as Sourcegraph\'s `install all`: the microVM guest (`install vm`) and the network\'s nftables table (`install iptables-rules`)'
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from help" -f -a "image" -d 'Sourcegraph\'s VM images: `executor-vm` and `kernel` are the microVM guest (`install vm`); `sandbox` has no equivalent to install'
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from help" -f -a "iptables-rules" -d 'The jobs\' network isolation: this executor\'s nftables table (Sourcegraph\'s iptables rules)'
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from help" -f -a "ignite" -d 'Sourcegraph\'s Firecracker manager: not used here (QEMU microVMs); says what replaces it'
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from help" -f -a "cni" -d 'Sourcegraph\'s CNI plugins: not used here (the executor makes each job\'s network itself)'
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c executor -n "__fish_executor_using_subcommand test-vm" -l state-dir -d 'State directory holding vm/ (see `executor install vm`)' -r -F
 complete -c executor -n "__fish_executor_using_subcommand test-vm" -l accel -d 'Accelerator: kvm, tcg, or auto (KVM where the cached boot probe passed, else TCG if allowed)' -r
@@ -737,4 +819,8 @@ complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_
 complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from queue" -f -a "files" -d 'The files store jobs reference by bucket and key'
 complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from queue" -f -a "artifacts" -d 'Download a job\'s artifacts tarball (stdout unless -o; never to a terminal)'
 complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from install" -f -a "vm" -d 'Fetch the guest kernel from Debian\'s packages and build the initramfs with the guest agent'
-complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from install" -f -a "src-cli" -d 'Fetch Sourcegraph\'s src-cli from the instance for the guests of cliSteps jobs'
+complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from install" -f -a "all" -d 'Everything this host needs, as Sourcegraph\'s `install all`: the microVM guest (`install vm`) and the network\'s nftables table (`install iptables-rules`)'
+complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from install" -f -a "image" -d 'Sourcegraph\'s VM images: `executor-vm` and `kernel` are the microVM guest (`install vm`); `sandbox` has no equivalent to install'
+complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from install" -f -a "iptables-rules" -d 'The jobs\' network isolation: this executor\'s nftables table (Sourcegraph\'s iptables rules)'
+complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from install" -f -a "ignite" -d 'Sourcegraph\'s Firecracker manager: not used here (QEMU microVMs); says what replaces it'
+complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from install" -f -a "cni" -d 'Sourcegraph\'s CNI plugins: not used here (the executor makes each job\'s network itself)'

@@ -527,6 +527,7 @@ impl LogEntry {
             if st.closed {
                 return Ok(());
             }
+            crate::api::metrics::command_done(&st.head.key, exit_code, ms);
             if let Some(e) = st.add_error.clone() {
                 st.closed = true;
                 self.shared.wake.notify_all();

@@ -1,9 +1,11 @@
 //! `executor loop`: the stages in-process for up to N jobs at once, with one heartbeat for all of
 //! them (cancelIds stop a job, a job missing from knownIds is dropped), per-job deadlines, a
-//! janitor, `EXECUTOR_NUM_TOTAL_JOBS` / `EXECUTOR_MAX_ACTIVE_TIME` for ephemeral hosts, and a
-//! graceful drain on SIGTERM/SIGINT (a grace period, then running jobs are killed and reported;
-//! a second signal is immediate). Logs go through the log facade; on a terminal, a live view of
-//! the jobs, with the log's lines printed above it.
+//! janitor, `EXECUTOR_NUM_TOTAL_JOBS` / `EXECUTOR_MAX_ACTIVE_TIME` for ephemeral hosts, and
+//! Sourcegraph's shutdown on SIGTERM/SIGINT/SIGHUP: no more dequeues, the running jobs run to
+//! their end; past `EXECUTOR_SHUTDOWN_GRACE` (unset: no limit) or on a second signal they are
+//! stopped and torn down but not reported, so that the coordinator's stalled-job reset requeues
+//! them (both Sourcegraph queues never retry an errored job). Logs go through the log facade; on
+//! a terminal, a live view of the jobs, with the log's lines printed above it.
 
 use anyhow::{Context, Result};
 use std::collections::{HashMap, HashSet};
@@ -70,7 +72,8 @@ struct Running {
     jobs: HashMap<String, Slot>,
 }
 
-/// SIGTERM/SIGINT as messages, without blocking them for child processes.
+/// SIGTERM/SIGINT/SIGHUP as messages, without blocking them for child processes (SIGHUP is
+/// Sourcegraph's stop signal too; left alone it would kill the process and strand its jobs).
 pub(crate) fn signals() -> Result<Receiver<&'static str>> {
     let (tx, rx) = std::sync::mpsc::channel();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
@@ -86,19 +89,23 @@ pub(crate) fn signals() -> Result<Receiver<&'static str>> {
             };
             rt.block_on(async move {
                 use tokio::signal::unix::{signal, SignalKind};
-                let (mut term, mut int) =
-                    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-                        (Ok(t), Ok(i)) => (t, i),
-                        (Err(e), _) | (_, Err(e)) => {
-                            let _ = ready_tx.send(Err(e.to_string()));
-                            return;
-                        }
-                    };
+                let (mut term, mut int, mut hup) = match (
+                    signal(SignalKind::terminate()),
+                    signal(SignalKind::interrupt()),
+                    signal(SignalKind::hangup()),
+                ) {
+                    (Ok(t), Ok(i), Ok(h)) => (t, i, h),
+                    (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
                 let _ = ready_tx.send(Ok(()));
                 loop {
                     let name = tokio::select! {
                         _ = term.recv() => "SIGTERM",
                         _ = int.recv() => "SIGINT",
+                        _ = hup.recv() => "SIGHUP",
                     };
                     if tx.send(name).is_err() {
                         return;
@@ -317,7 +324,13 @@ impl Loop {
         let long_poll = Duration::from_secs(2);
         let mut over_budget = false;
         let draining = |s: &'static str| {
-            info!("{s}: no more dequeues; draining running jobs (grace {:?})", settings.shutdown_grace);
+            let until = match settings.shutdown_grace {
+                Some(g) => {
+                    format!("for up to {} (EXECUTOR_SHUTDOWN_GRACE)", crate::base::units::format_duration(g))
+                }
+                None => "until they end".to_string(),
+            };
+            info!("{s}: no more dequeues; waiting for the running jobs {until}; a second signal stops them");
             Some(s)
         };
         loop {
@@ -388,14 +401,15 @@ impl Loop {
     }
 
     /// Waits for the running jobs to end: no more pool boots (the ready VMs stay for the jobs
-    /// just dequeued); after a signal, a second signal or the grace period's end cancels them.
+    /// just dequeued); after a signal, a second signal or the grace period's end stops them,
+    /// unreported: `complete` tears them down and leaves them to the coordinator's requeue.
     fn drain(&self, signal_seen: Option<&'static str>) {
         if let Some(p) = &self.pool {
             if p.stop_booting() {
                 info!("VM pool: stopped the VM booting ahead");
             }
         }
-        let grace_end = signal_seen.map(|_| Instant::now() + self.settings.shutdown_grace);
+        let grace_end = signal_seen.and_then(|_| self.settings.shutdown_grace.map(|g| Instant::now() + g));
         let mut killed = false;
         loop {
             let n = self.running.0.lock().unwrap_or_else(|p| p.into_inner()).jobs.len();
@@ -409,7 +423,10 @@ impl Loop {
                     Some(s) => format!("second signal ({s})"),
                     None => "grace period over".to_string(),
                 };
-                warn!("{why}: stopping {n} running jobs and reporting them");
+                warn!(
+                    "{why}: stopping {n} running jobs without reporting them; the coordinator requeues \
+                     them once their heartbeat stops (its stalled-job reset)"
+                );
                 for slot in self.running.0.lock().unwrap_or_else(|p| p.into_inner()).jobs.values() {
                     slot.cancel.cancel(CancelReason::Shutdown);
                 }
@@ -567,6 +584,11 @@ fn start_job(
 ) -> Result<std::thread::JoinHandle<()>> {
     let uid = doc.job.uid.clone();
     let cancel = Cancel::with_deadline(stage::deadline_instant(&doc));
+    // Sourcegraph's gauges: running jobs by queue, and job VMs (one per microvm job).
+    let queue = doc.executor.queue.clone();
+    let vms = if doc.executor.runtime == RuntimeKind::Microvm { 1.0 } else { 0.0 };
+    metrics::registry().add(metrics::SG_PROCESSOR_HANDLERS, &[&queue], 1.0);
+    metrics::registry().add(metrics::SG_VMS, &[], vms);
     {
         let mut r = running.0.lock().unwrap_or_else(|p| p.into_inner());
         r.jobs.insert(uid.clone(), Slot { cancel: cancel.clone(), dropped: false });
@@ -580,6 +602,8 @@ fn start_job(
         .name(format!("job-{uid}"))
         .spawn(move || {
             run_job(&settings, doc, cancel, &ui, pool.clone());
+            metrics::registry().add(metrics::SG_PROCESSOR_HANDLERS, &[&queue], -1.0);
+            metrics::registry().add(metrics::SG_VMS, &[], -vms);
             let (m, cv) = &*running;
             let mut r = m.lock().unwrap_or_else(|p| p.into_inner());
             r.jobs.remove(&uid);
@@ -647,6 +671,7 @@ fn run_job(
     };
     let outcome = doc.completion.as_ref().map_or("not_reported", |c| c.reported.as_str());
     metrics::registry().add(metrics::JOBS, &[&doc.executor.queue, outcome], 1.0);
+    metrics::job_done(&doc.executor.queue, outcome, t0.elapsed().as_secs_f64());
     let lost = doc.completion.as_ref().is_some_and(|c| !c.accepted);
     info!(
         "{what}{} in {:.2}s",

@@ -23,6 +23,36 @@ pub(crate) const POOL_CLAIMS: &str = "executor_vm_pool_claims_total";
 pub(crate) const POOL_DISCARDED: &str = "executor_vm_pool_discarded_total";
 pub(crate) const POOL_BOOT_SECONDS: &str = "executor_vm_pool_boot_duration_seconds";
 
+// Sourcegraph's names (its executor's workerutil, command and API client metrics), which its
+// Executor dashboard and alerts read (monitoring/definitions/executor.go): each `_total` counts
+// every operation, `_errors_total` the failed ones, `_duration_seconds` times the successful ones.
+pub(crate) const SG_PROCESSOR: &str = "src_executor_processor_total";
+pub(crate) const SG_PROCESSOR_ERRORS: &str = "src_executor_processor_errors_total";
+pub(crate) const SG_PROCESSOR_SECONDS: &str = "src_executor_processor_duration_seconds";
+pub(crate) const SG_PROCESSOR_HANDLERS: &str = "src_executor_processor_handlers";
+pub(crate) const SG_COMMAND: &str = "src_apiworker_command_total";
+pub(crate) const SG_COMMAND_ERRORS: &str = "src_apiworker_command_errors_total";
+pub(crate) const SG_COMMAND_SECONDS: &str = "src_apiworker_command_duration_seconds";
+pub(crate) const SG_QUEUE_CLIENT: &str = "src_apiworker_apiclient_queue_total";
+pub(crate) const SG_QUEUE_CLIENT_ERRORS: &str = "src_apiworker_apiclient_queue_errors_total";
+pub(crate) const SG_QUEUE_CLIENT_SECONDS: &str = "src_apiworker_apiclient_queue_duration_seconds";
+pub(crate) const SG_FILES_CLIENT: &str = "src_apiworker_apiclient_files_total";
+pub(crate) const SG_FILES_CLIENT_ERRORS: &str = "src_apiworker_apiclient_files_errors_total";
+pub(crate) const SG_FILES_CLIENT_SECONDS: &str = "src_apiworker_apiclient_files_duration_seconds";
+pub(crate) const SG_VMS: &str = "src_executor_vms_total";
+
+/// Sourcegraph's job duration buckets (30 s to 1 h).
+const SG_JOB_BUCKETS: &[f64] =
+    &[30.0, 60.0, 150.0, 300.0, 450.0, 600.0, 900.0, 1200.0, 1800.0, 2700.0, 3600.0];
+/// Prometheus's default buckets, which Sourcegraph's operation metrics use.
+const SG_OP_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// One of Sourcegraph's RED families: (total, errors, duration).
+type Red = (&'static str, &'static str, &'static str);
+const SG_COMMAND_RED: Red = (SG_COMMAND, SG_COMMAND_ERRORS, SG_COMMAND_SECONDS);
+const SG_QUEUE_RED: Red = (SG_QUEUE_CLIENT, SG_QUEUE_CLIENT_ERRORS, SG_QUEUE_CLIENT_SECONDS);
+const SG_FILES_RED: Red = (SG_FILES_CLIENT, SG_FILES_CLIENT_ERRORS, SG_FILES_CLIENT_SECONDS);
+
 const STEP_BUCKETS: &[f64] =
     &[0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0];
 const BOOT_BUCKETS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
@@ -92,7 +122,149 @@ static DEFS: &[Def] = &[
         kind: Kind::Histogram(BOOT_BUCKETS),
         labels: &["result"],
     },
+    Def {
+        name: SG_PROCESSOR,
+        help: "Jobs handled, by queue (Sourcegraph's name).",
+        kind: Kind::Counter,
+        labels: &["queue"],
+    },
+    Def {
+        name: SG_PROCESSOR_ERRORS,
+        help: "Jobs that ended errored or failed, by queue (Sourcegraph's name).",
+        kind: Kind::Counter,
+        labels: &["queue"],
+    },
+    Def {
+        name: SG_PROCESSOR_SECONDS,
+        help: "Duration of the jobs that completed, by queue (Sourcegraph's name).",
+        kind: Kind::Histogram(SG_JOB_BUCKETS),
+        labels: &["queue"],
+    },
+    Def {
+        name: SG_PROCESSOR_HANDLERS,
+        help: "Jobs running now, by queue (Sourcegraph's name).",
+        kind: Kind::Gauge,
+        labels: &["queue"],
+    },
+    Def {
+        name: SG_COMMAND,
+        help:
+            "Commands of jobs (log entries: setup.*, exec for steps, teardown.*), by op (Sourcegraph's name).",
+        kind: Kind::Counter,
+        labels: &["op"],
+    },
+    Def {
+        name: SG_COMMAND_ERRORS,
+        help: "Commands that failed, by op (Sourcegraph's name).",
+        kind: Kind::Counter,
+        labels: &["op"],
+    },
+    Def {
+        name: SG_COMMAND_SECONDS,
+        help: "Duration of the commands that succeeded, by op (Sourcegraph's name).",
+        kind: Kind::Histogram(SG_OP_BUCKETS),
+        labels: &["op"],
+    },
+    Def {
+        name: SG_QUEUE_CLIENT,
+        help: "Requests to the coordinator's queue routes, by op (Sourcegraph's name).",
+        kind: Kind::Counter,
+        labels: &["op"],
+    },
+    Def {
+        name: SG_QUEUE_CLIENT_ERRORS,
+        help: "Failed requests to the coordinator's queue routes, by op (Sourcegraph's name).",
+        kind: Kind::Counter,
+        labels: &["op"],
+    },
+    Def {
+        name: SG_QUEUE_CLIENT_SECONDS,
+        help: "Duration of successful requests to the queue routes, by op (Sourcegraph's name).",
+        kind: Kind::Histogram(SG_OP_BUCKETS),
+        labels: &["op"],
+    },
+    Def {
+        name: SG_FILES_CLIENT,
+        help: "Requests to the coordinator's files routes, by op (Sourcegraph's name).",
+        kind: Kind::Counter,
+        labels: &["op"],
+    },
+    Def {
+        name: SG_FILES_CLIENT_ERRORS,
+        help: "Failed requests to the coordinator's files routes, by op (Sourcegraph's name).",
+        kind: Kind::Counter,
+        labels: &["op"],
+    },
+    Def {
+        name: SG_FILES_CLIENT_SECONDS,
+        help: "Duration of successful requests to the files routes, by op (Sourcegraph's name).",
+        kind: Kind::Histogram(SG_OP_BUCKETS),
+        labels: &["op"],
+    },
+    Def {
+        name: SG_VMS,
+        help: "Job microVMs running now (Sourcegraph's name; 0 under other runtimes).",
+        kind: Kind::Gauge,
+        labels: &[],
+    },
 ];
+
+fn red((total, errors, seconds): Red, op: &str, ok: bool, secs: f64) {
+    let r = registry();
+    r.add(total, &[op], 1.0);
+    if ok {
+        r.observe(seconds, &[op], secs);
+    } else {
+        r.add(errors, &[op], 1.0);
+    }
+}
+
+/// A job's log entry ended: Sourcegraph's command metrics, its steps under the op `exec`.
+pub(crate) fn command_done(key: &str, exit_code: i32, ms: i64) {
+    let op = if key.starts_with("step.") { "exec" } else { key };
+    red(SG_COMMAND_RED, op, exit_code == 0, ms as f64 / 1000.0);
+}
+
+/// A request to the coordinator ended: Sourcegraph's API client metrics for the routes its
+/// executor names (`route` is `METHOD /path`).
+pub(crate) fn request_done(route: &str, ok: bool, secs: f64) {
+    let path = route.split_once(' ').map_or(route, |(_, p)| p);
+    if path.starts_with("/.executors/files/") {
+        return red(SG_FILES_RED, "Get", ok, secs);
+    }
+    let Some(last) = path.strip_prefix("/.executors/queue/").and_then(|p| p.rsplit('/').next()) else {
+        return;
+    };
+    let op = match last {
+        "dequeue" => "Dequeue",
+        "heartbeat" => "Heartbeat",
+        "addExecutionLogEntry" => "AddExecutionLogEntry",
+        "updateExecutionLogEntry" => "UpdateExecutionLogEntry",
+        "markComplete" => "MarkComplete",
+        "markErrored" => "MarkErrored",
+        "markFailed" => "MarkFailed",
+        _ => return,
+    };
+    red(SG_QUEUE_RED, op, ok, secs);
+}
+
+/// A job ended as `outcome` (`completed`, `errored`, `failed` or `not_reported`) after `secs`:
+/// Sourcegraph's processor metrics. A job left unreported (the executor stopped) is counted
+/// neither way: the coordinator requeues it.
+pub(crate) fn job_done(queue: &str, outcome: &str, secs: f64) {
+    let r = registry();
+    match outcome {
+        "completed" => {
+            r.add(SG_PROCESSOR, &[queue], 1.0);
+            r.observe(SG_PROCESSOR_SECONDS, &[queue], secs);
+        }
+        "errored" | "failed" => {
+            r.add(SG_PROCESSOR, &[queue], 1.0);
+            r.add(SG_PROCESSOR_ERRORS, &[queue], 1.0);
+        }
+        _ => {}
+    }
+}
 
 /// This process's registry.
 pub(crate) fn registry() -> &'static Registry {
@@ -187,6 +359,149 @@ pub(crate) fn filter(text: &str, instance: Option<&str>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The Executor dashboard's queries on the executor's own metrics, as Sourcegraph's
+    /// monitoring generator writes them (monitoring/definitions/executor.go and the shared
+    /// Standard/Workerutil constructors: `sum%s(increase(src_%s_total{%s}[5m]))`, ...), with the
+    /// executor groups' filters. `sg_job` and `sg_instance` are added by the instance to every
+    /// sample of a heartbeat, never by an executor.
+    const DASHBOARD: &[&str] = &[
+        r#"sum(src_executor_processor_handlers{queue=~"${queue:regex}",sg_job=~"^sourcegraph-executors.*"})"#,
+        r#"sum(increase(src_executor_processor_total{queue=~"${queue:regex}",sg_job=~"^sourcegraph-executors.*"}[5m]))"#,
+        r#"histogram_quantile(0.99, sum by (le)(rate(src_executor_processor_duration_seconds_bucket{queue=~"${queue:regex}",sg_job=~"^sourcegraph-executors.*"}[5m])))"#,
+        r#"sum(increase(src_executor_processor_errors_total{queue=~"${queue:regex}",sg_job=~"^sourcegraph-executors.*"}[5m]))"#,
+        r#"sum(increase(src_executor_processor_errors_total{queue=~"${queue:regex}",sg_job=~"^sourcegraph-executors.*"}[5m])) / (sum(increase(src_executor_processor_total{queue=~"${queue:regex}",sg_job=~"^sourcegraph-executors.*"}[5m])) + sum(increase(src_executor_processor_errors_total{queue=~"${queue:regex}",sg_job=~"^sourcegraph-executors.*"}[5m]))) * 100"#,
+        r#"sum by (op)(increase(src_apiworker_apiclient_queue_total{sg_job=~"^sourcegraph-executors.*"}[5m]))"#,
+        r#"histogram_quantile(0.99, sum by (le,op)(rate(src_apiworker_apiclient_queue_duration_seconds_bucket{sg_job=~"^sourcegraph-executors.*"}[5m])))"#,
+        r#"sum by (op)(increase(src_apiworker_apiclient_queue_errors_total{sg_job=~"^sourcegraph-executors.*"}[5m]))"#,
+        r#"sum by (op)(increase(src_apiworker_apiclient_files_total{sg_job=~"^sourcegraph-executors.*"}[5m]))"#,
+        r#"histogram_quantile(0.99, sum by (le,op)(rate(src_apiworker_apiclient_files_duration_seconds_bucket{sg_job=~"^sourcegraph-executors.*"}[5m])))"#,
+        r#"sum by (op)(increase(src_apiworker_apiclient_files_errors_total{sg_job=~"^sourcegraph-executors.*"}[5m]))"#,
+        r#"sum by (op)(increase(src_apiworker_command_total{op=~"setup.*",sg_job=~"^sourcegraph-executors.*"}[5m]))"#,
+        r#"histogram_quantile(0.99, sum by (le,op)(rate(src_apiworker_command_duration_seconds_bucket{op=~"setup.*",sg_job=~"^sourcegraph-executors.*"}[5m])))"#,
+        r#"sum by (op)(increase(src_apiworker_command_errors_total{op=~"setup.*",sg_job=~"^sourcegraph-executors.*"}[5m]))"#,
+        r#"sum by (op)(increase(src_apiworker_command_total{op=~"exec.*",sg_job=~"^sourcegraph-executors.*"}[5m]))"#,
+        r#"histogram_quantile(0.99, sum by (le,op)(rate(src_apiworker_command_duration_seconds_bucket{op=~"exec.*",sg_job=~"^sourcegraph-executors.*"}[5m])))"#,
+        r#"sum by (op)(increase(src_apiworker_command_total{op=~"teardown.*",sg_job=~"^sourcegraph-executors.*"}[5m]))"#,
+        r#"sum by (op)(increase(src_apiworker_command_errors_total{op=~"teardown.*",sg_job=~"^sourcegraph-executors.*"}[5m]))"#,
+        r#"sum(src_executor_vms_total{sg_job=~"^sourcegraph-executors.*"})"#,
+    ];
+
+    /// A metric name and its label matchers.
+    type Selector = (String, Vec<(String, String)>);
+
+    /// Each `src_…{matchers}` selector of a query, and the labels of its `by (…)` clauses.
+    fn selectors(q: &str) -> (Vec<Selector>, Vec<String>) {
+        let mut sels = Vec::new();
+        let mut rest = q;
+        while let Some(i) = rest.find("src_") {
+            let tail = &rest[i..];
+            let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
+            let name = tail[..end].to_string();
+            let mut matchers = Vec::new();
+            if let Some(b) = tail[end..].strip_prefix('{') {
+                // The selector ends at the first `}` outside a quoted value.
+                let mut quoted = false;
+                let close = b
+                    .char_indices()
+                    .find(|(_, c)| {
+                        quoted ^= *c == '"';
+                        *c == '}' && !quoted
+                    })
+                    .map_or(b.len(), |(i, _)| i);
+                for m in b[..close].split("\",").filter(|m| !m.is_empty()) {
+                    let (k, v) = m.split_once("=~").or_else(|| m.split_once('=')).unwrap();
+                    matchers.push((k.trim().to_string(), v.trim().trim_matches('"').to_string()));
+                }
+            }
+            sels.push((name, matchers));
+            rest = &tail[end..];
+        }
+        let mut by = Vec::new();
+        let mut rest = q;
+        while let Some(i) = rest.find("by (") {
+            let tail = &rest[i + 4..];
+            let (inner, after) = tail.split_once(')').unwrap();
+            by.extend(inner.split(',').map(|l| l.trim().to_string()));
+            rest = after;
+        }
+        (sels, by)
+    }
+
+    #[test]
+    fn sourcegraph_dashboard_queries_find_these_metrics() {
+        // One job of each kind of work the dashboard shows.
+        command_done("setup.git.fetch", 0, 120);
+        command_done("step.docker.0", 1, 900);
+        command_done("step.docker.1", 0, 700);
+        command_done("teardown.fs", 0, 3);
+        command_done("setup.git.checkout", 128, 40);
+        command_done("teardown.shell.remove", 1, 2);
+        request_done("POST /.executors/queue/batches/dequeue", true, 0.01);
+        request_done("POST /.executors/queue/batches/markErrored", false, 0.01);
+        request_done("GET /.executors/files/batch-changes/spec/x", true, 0.02);
+        request_done("GET /.executors/files/batch-changes/spec/y", false, 0.02);
+        request_done("PUT /.executors/queue/batches/artifacts", true, 0.02);
+        job_done("batches", "completed", 42.0);
+        job_done("batches", "errored", 1.0);
+        registry().add(SG_PROCESSOR_HANDLERS, &["batches"], 1.0);
+        registry().add(SG_VMS, &[], 1.0);
+        let text = registry().render();
+        let samples: Vec<Selector> = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .map(|l| {
+                let (series, _) = l.rsplit_once(' ').unwrap();
+                let (name, labels) = series.split_once('{').unwrap_or((series, "}"));
+                let labels = labels
+                    .trim_end_matches('}')
+                    .split("\",")
+                    .filter(|p| !p.is_empty())
+                    .map(|p| {
+                        let (k, v) = p.split_once('=').unwrap();
+                        (k.to_string(), v.trim_matches('"').to_string())
+                    })
+                    .collect();
+                (name.to_string(), labels)
+            })
+            .collect();
+        let from_instance = ["sg_job", "sg_instance"];
+        for q in DASHBOARD {
+            let (sels, by) = selectors(q);
+            assert!(!sels.is_empty(), "{q}");
+            for (name, matchers) in sels {
+                let family = name.trim_end_matches("_bucket");
+                let def = DEFS
+                    .iter()
+                    .find(|d| d.name == family)
+                    .unwrap_or_else(|| panic!("no family {family}: {q}"));
+                for l in by.iter().filter(|l| *l != "le" && !from_instance.contains(&l.as_str())) {
+                    assert!(def.labels.contains(&l.as_str()), "{family} lacks label {l}: {q}");
+                }
+                // A sample of the family that the query's matchers select.
+                let found = samples.iter().any(|(n, labels)| {
+                    n == &name
+                        && matchers.iter().filter(|(k, _)| !from_instance.contains(&k.as_str())).all(
+                            |(k, v)| {
+                                let got = labels.iter().find(|(lk, _)| lk == k).map(|(_, lv)| lv.as_str());
+                                match (got, v.as_str()) {
+                                    (Some(_), "${queue:regex}") => true,
+                                    (Some(g), pat) if pat.ends_with(".*") => {
+                                        g.starts_with(pat.trim_end_matches(".*"))
+                                    }
+                                    (Some(g), pat) => g == pat,
+                                    (None, _) => false,
+                                }
+                            },
+                        )
+                });
+                assert!(found, "no sample of {name} matches {matchers:?} ({q}):\n{text}");
+            }
+        }
+        // Only the routes Sourcegraph's clients name are counted.
+        assert!(!text.contains("artifacts"), "{text}");
+        assert!(text.contains("src_apiworker_command_total{op=\"exec\"} "), "{text}");
+    }
     use std::io::{BufRead, BufReader, Write};
 
     #[test]

@@ -268,6 +268,22 @@ impl Client {
         timeout: Option<Duration>,
     ) -> Result<Reply, ApiError> {
         let route = format!("{method} {}", path.split('?').next().unwrap_or(path));
+        let started = std::time::Instant::now();
+        let res = self.call_attempts(method, path, auth, body, timeout, route.clone());
+        metrics::request_done(&route, res.is_ok(), started.elapsed().as_secs_f64());
+        res
+    }
+
+    /// [`Client::call_reply`]'s attempts, retried by the client's policy.
+    fn call_attempts(
+        &self,
+        method: &str,
+        path: &str,
+        auth: Auth,
+        body: Body,
+        timeout: Option<Duration>,
+        route: String,
+    ) -> Result<Reply, ApiError> {
         let url = format!("{}{}", self.base, path);
         let mut attempt = 0;
         loop {

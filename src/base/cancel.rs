@@ -26,6 +26,22 @@ impl std::fmt::Display for CancelReason {
     }
 }
 
+impl CancelReason {
+    /// Why the work stopped, in the words a job's log gives.
+    pub fn describe(self) -> &'static str {
+        match self {
+            CancelReason::Canceled => "the job was canceled",
+            CancelReason::Deadline => "the job reached its deadline",
+            CancelReason::Shutdown => "the executor is shutting down",
+        }
+    }
+}
+
+/// Work stopped by a [`Cancel`] (a caller branches on it: no retry, no fallback).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("interrupted: {}", .0.describe())]
+pub struct Interrupted(pub CancelReason);
+
 #[derive(Debug, Default)]
 struct Inner {
     reason: Mutex<Option<CancelReason>>,
@@ -88,6 +104,42 @@ impl Cancel {
     }
 }
 
+impl Cancel {
+    /// Runs the blocking `f` on a thread of its own and returns its result, or [`Interrupted`]
+    /// within 100 ms of a cancel or the deadline. For calls that cannot be interrupted where
+    /// they block (an HTTP request in flight): `f` is then left to end by itself (at its own
+    /// timeout) and its result is dropped, so it must own what it uses.
+    pub fn run_abandonable<T: Send + 'static>(
+        &self,
+        name: &str,
+        f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+    ) -> anyhow::Result<T> {
+        if let Some(reason) = self.check() {
+            return Err(Interrupted(reason).into());
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                let _ = tx.send(f());
+            })
+            .map_err(|e| anyhow::anyhow!("starting the {name} thread: {e}"))?;
+        loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(r) => return r,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    anyhow::bail!("the {name} thread ended without an answer")
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if let Some(reason) = self.check() {
+                        return Err(Interrupted(reason).into());
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,6 +154,29 @@ mod tests {
         c.cancel(CancelReason::Shutdown);
         assert_eq!(t.join().unwrap(), Some(CancelReason::Canceled));
         assert_eq!(c.check(), Some(CancelReason::Canceled));
+    }
+
+    #[test]
+    fn a_blocking_call_is_abandoned_at_a_cancel() {
+        let c = Cancel::new();
+        assert_eq!(c.run_abandonable("quick", || Ok(7)).unwrap(), 7);
+        let c2 = c.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            c2.cancel(CancelReason::Canceled);
+        });
+        let t = Instant::now();
+        let e = c
+            .run_abandonable("slow", || {
+                std::thread::sleep(Duration::from_secs(5));
+                Ok(())
+            })
+            .unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        assert_eq!(e.downcast_ref::<Interrupted>(), Some(&Interrupted(CancelReason::Canceled)));
+        assert_eq!(e.to_string(), "interrupted: the job was canceled");
+        let late = Cancel::with_deadline(Some(Instant::now()));
+        assert!(late.run_abandonable("late", || Ok(1)).is_err(), "a token already past is not run");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Reports `EXECUTOR_*` variables this executor does not read: a typo is named with the closest
-//! known variable, and a Sourcegraph variable deliberately not supported with what to use instead
-//! (Sourcegraph's executor ignores unknown variables silently; an operator moving from it keeps
-//! the same environment file and should see what has no effect).
+//! known variable, and a Sourcegraph variable deliberately not supported (its `EXECUTOR_*` ones
+//! and its Kubernetes runtime's `KUBERNETES_*` ones) with what to use instead (Sourcegraph's
+//! executor ignores unknown variables silently; an operator moving from it keeps the same
+//! environment file and should see what has no effect).
 
 /// Variables read outside the settings table and the clap definitions.
 const READ_DIRECTLY: &[&str] =
@@ -30,20 +31,92 @@ const UNSUPPORTED: &[(&str, &str)] = &[
         "EXECUTOR_FIRECRACKER_SANDBOX_IMAGE",
         "the microvm runtime boots the guest `executor install vm` prepares",
     ),
-    ("EXECUTOR_FIRECRACKER_BANDWIDTH_INGRESS", "sandboxes have no network device to shape"),
-    ("EXECUTOR_FIRECRACKER_BANDWIDTH_EGRESS", "sandboxes have no network device to shape"),
-    ("EXECUTOR_KUBERNETES_", "there is no Kubernetes runtime: use EXECUTOR_RUNTIME=oci or microvm"),
+    ("EXECUTOR_KUBERNETES_", NO_KUBERNETES),
 ];
 
-/// One line for each variable of `env` (names) that this executor does not read.
-pub(super) fn report(known: &[String], env: impl IntoIterator<Item = String>) -> Vec<String> {
+const NO_KUBERNETES: &str = "there is no Kubernetes runtime: jobs run in this executor's own sandboxes \
+     (EXECUTOR_RUNTIME=oci or microvm), wherever it runs";
+
+/// Variables of Sourcegraph's Kubernetes runtime without the `EXECUTOR_` prefix (its config.go).
+const SOURCEGRAPH_KUBERNETES: &[&str] = &[
+    "KUBERNETES_JOB_DEADLINE",
+    "KUBERNETES_KEEP_JOBS",
+    "KUBERNETES_RUN_AS_USER",
+    "KUBERNETES_RUN_AS_GROUP",
+    "KUBERNETES_FS_GROUP",
+    "KUBERNETES_SINGLE_JOB_POD",
+    "KUBERNETES_JOB_VOLUME_TYPE",
+    "KUBERNETES_JOB_VOLUME_SIZE",
+    "KUBERNETES_ADDITIONAL_JOB_VOLUMES",
+    "KUBERNETES_ADDITIONAL_JOB_VOLUME_MOUNTS",
+    "KUBERNETES_SINGLE_JOB_STEP_IMAGE",
+    "KUBERNETES_GIT_CA_CERT",
+    "KUBERNETES_JOB_ANNOTATIONS",
+    "KUBERNETES_JOB_POD_ANNOTATIONS",
+    "KUBERNETES_IMAGE_PULL_SECRETS",
+];
+
+/// What replaces a Sourcegraph variable whose advice depends on its value: the Firecracker
+/// bandwidth caps (bytes per second) become `EXECUTOR_NETWORK_BANDWIDTH` (bits per second, one
+/// value for both directions or `INGRESS/EGRESS`).
+fn with_value(name: &str, value: &str, env: &[(String, String)]) -> Option<String> {
+    let get = |n: &str| env.iter().find(|(k, _)| k == n).map(|(_, v)| v.trim().to_string());
+    let mbit =
+        |v: &str| v.parse::<u64>().ok().map(|bytes| format!("{}mbit", (bytes * 8).div_ceil(1_000_000)));
+    match name {
+        "EXECUTOR_FIRECRACKER_BANDWIDTH_INGRESS" | "EXECUTOR_FIRECRACKER_BANDWIDTH_EGRESS" => {
+            let (i, e) = (
+                get("EXECUTOR_FIRECRACKER_BANDWIDTH_INGRESS").as_deref().and_then(mbit),
+                get("EXECUTOR_FIRECRACKER_BANDWIDTH_EGRESS").as_deref().and_then(mbit),
+            );
+            let rate = match (i, e) {
+                (Some(i), Some(e)) if i == e => i,
+                (Some(i), Some(e)) => format!("{i}/{e}"),
+                (Some(r), None) | (None, Some(r)) => r,
+                (None, None) => {
+                    return Some(format!(
+                    "{name}={value:?} is a Sourcegraph setting this executor does not read: cap each job's \
+                     network with EXECUTOR_NETWORK_BANDWIDTH (bits per second, e.g. 4200mbit)"
+                ))
+                }
+            };
+            Some(format!(
+                "{name} is a Sourcegraph setting this executor does not read: set \
+                 EXECUTOR_NETWORK_BANDWIDTH={rate} instead (the same cap per job, in bits per second)"
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// One line for each variable of `env` (names and values) that this executor does not read.
+pub(super) fn report(known: &[String], env: impl IntoIterator<Item = (String, String)>) -> Vec<String> {
+    let env: Vec<(String, String)> = env.into_iter().collect();
     let mut out = Vec::new();
-    for name in env {
+    let set = |n: &str| env.iter().any(|(k, v)| k == n && !v.is_empty());
+    if set("KUBERNETES_SERVICE_HOST") && set("KUBERNETES_SERVICE_PORT") {
+        out.push(format!(
+            "running in a Kubernetes pod, where Sourcegraph's executor would use its Kubernetes runtime: \
+             {NO_KUBERNETES}"
+        ));
+    }
+    for (name, value) in &env {
+        if SOURCEGRAPH_KUBERNETES.contains(&name.as_str()) {
+            out.push(format!(
+                "{name} is a Sourcegraph setting this executor does not support: {NO_KUBERNETES}"
+            ));
+            continue;
+        }
+        let name = name.clone();
         if !name.starts_with("EXECUTOR_")
             || known.contains(&name)
             || READ_DIRECTLY.contains(&name.as_str())
             || OTHER_PREFIXES.iter().any(|p| name.starts_with(p))
         {
+            continue;
+        }
+        if let Some(line) = with_value(&name, value, &env) {
+            out.push(line);
             continue;
         }
         let unsupported =
@@ -132,7 +205,7 @@ mod tests {
             "EXECUTOR_TEST_REQUIRE",
             "EXECUTOR_COMPLETELY_DIFFERENT_THING",
         ]
-        .map(String::from);
+        .map(|n| (n.to_string(), "1".to_string()));
         let lines = report(&known, env);
         assert_eq!(lines.len(), 5, "{lines:#?}");
         assert!(lines.iter().any(|l| l.ends_with("did you mean EXECUTOR_LOG_LEVEL?")), "{lines:#?}");
@@ -148,6 +221,37 @@ mod tests {
         assert!(lines
             .iter()
             .any(|l| l == "EXECUTOR_COMPLETELY_DIFFERENT_THING is not a variable this executor reads"));
+    }
+
+    #[test]
+    fn kubernetes_and_bandwidth_settings_say_what_replaces_them() {
+        let known = known_variables(&super::super::command());
+        let env = [
+            ("KUBERNETES_SERVICE_HOST", "10.0.0.1"),
+            ("KUBERNETES_SERVICE_PORT", "443"),
+            ("KUBERNETES_PORT_443_TCP", "tcp://10.0.0.1:443"),
+            ("KUBERNETES_JOB_DEADLINE", "1200"),
+            ("EXECUTOR_FIRECRACKER_BANDWIDTH_INGRESS", "524288000"),
+            ("EXECUTOR_FIRECRACKER_BANDWIDTH_EGRESS", "125000000"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let lines = report(&known, env);
+        assert_eq!(lines.len(), 4, "{lines:#?}");
+        assert!(lines
+            .iter()
+            .any(|l| l.starts_with("running in a Kubernetes pod") && l.contains("EXECUTOR_RUNTIME")));
+        assert!(lines.iter().any(|l| l.starts_with("KUBERNETES_JOB_DEADLINE is a Sourcegraph setting")
+            && l.contains("EXECUTOR_RUNTIME")));
+        // 524288000 bytes/s is 4194.304 Mbit/s; 125000000 bytes/s is 1000 Mbit/s.
+        assert!(
+            lines.iter().any(|l| l.starts_with("EXECUTOR_FIRECRACKER_BANDWIDTH_INGRESS")
+                && l.contains("EXECUTOR_NETWORK_BANDWIDTH=4195mbit/1000mbit")),
+            "{lines:#?}"
+        );
+        // Only the pod's own variables: one line, nothing about them one by one.
+        let pod = [("KUBERNETES_SERVICE_HOST", "h"), ("KUBERNETES_SERVICE_PORT", "443")]
+            .map(|(k, v)| (k.to_string(), v.to_string()));
+        assert_eq!(report(&known, pod).len(), 1);
     }
 
     #[test]

@@ -72,6 +72,15 @@ pub struct StageArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+pub struct LoopArgs {
+    /// Run `validate`'s checks first and exit 1 when one fails, as Sourcegraph's `run --verify`
+    #[arg(long)]
+    pub verify: bool,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct ConfigOnly {
     #[command(flatten)]
     pub config: ConfigArgs,
@@ -94,9 +103,10 @@ pub enum ExecutorCommand {
     Complete(StageArgs),
     /// Run jobs continuously: the stages in-process, with heartbeats, cancellation and draining
     ///
-    /// `executor run` is the same command, under the name Sourcegraph's executor gives it.
+    /// `executor run` is the same command, under the name Sourcegraph's executor gives it, and a
+    /// bare `executor` runs it too.
     #[command(visible_alias = "run")]
-    Loop(ConfigOnly),
+    Loop(LoopArgs),
     /// Check the configuration, the coordinator's acceptance of the secret and the runtime's tools
     Validate(ConfigOnly),
     /// Remove workspaces and sandboxes that no live job owns (one pass)
@@ -128,7 +138,13 @@ pub(crate) fn run(cmd: ExecutorCommand) -> anyhow::Result<i32> {
         ExecutorCommand::RunSteps(a) => stage(Stage::RunSteps, a, load),
         ExecutorCommand::Upload(a) => stage(Stage::Upload, a, load),
         ExecutorCommand::Complete(a) => stage(Stage::Complete, a, load),
-        ExecutorCommand::Loop(a) => crate::run_loop::run(load(&a.config, Needs::Coordinator)?),
+        ExecutorCommand::Loop(a) => {
+            let settings = load(&a.config, Needs::Coordinator)?;
+            if a.verify {
+                cmd::validate(settings.clone())?;
+            }
+            crate::run_loop::run(settings)
+        }
         ExecutorCommand::Validate(a) => cmd::validate(load(&a.config, Needs::Coordinator)?),
         ExecutorCommand::Janitor(a) => cmd::janitor(load(&a.config, Needs::DocumentOnly)?),
     }

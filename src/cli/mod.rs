@@ -5,6 +5,7 @@ pub mod docs;
 mod docs_extra;
 mod env_check;
 pub(crate) mod image;
+pub(crate) mod install;
 mod log;
 pub(crate) mod queue;
 pub(crate) mod src_cli;
@@ -51,7 +52,7 @@ pub enum Command {
     Executor(Box<executor::ExecutorCommand>),
     /// Install what a runtime needs on this host
     #[command(subcommand)]
-    Install(vm::InstallCommand),
+    Install(install::InstallCommand),
     /// Boot a microVM, run a command in it and print the phases of the boot with their times
     TestVm(vm::TestVmArgs),
 }
@@ -61,9 +62,19 @@ pub fn command() -> clap::Command {
     <Cli as clap::CommandFactory>::command()
 }
 
+/// The arguments as clap reads them: a bare `executor` is `executor run`, as Sourcegraph's
+/// binary (whose unit says `ExecStart=/usr/local/bin/executor`) runs its executor when given no
+/// command.
+fn args(mut argv: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    if argv.len() == 1 {
+        argv.push("run".into());
+    }
+    argv
+}
+
 /// Parses the arguments, runs the command and returns the exit status.
 pub(crate) fn main() -> i32 {
-    let cli = match <Cli as clap::Parser>::try_parse() {
+    let cli = match <Cli as clap::Parser>::try_parse_from(args(std::env::args_os().collect())) {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
@@ -85,7 +96,8 @@ pub(crate) fn main() -> i32 {
 fn run(cli: Cli) -> anyhow::Result<i32> {
     log::install(&cli.command)?;
     if !matches!(cli.command, Command::GenerateDocs { .. }) {
-        let env = std::env::vars_os().filter_map(|(k, _)| k.into_string().ok());
+        let env = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.to_string_lossy().into_owned())));
         for line in env_check::report(&env_check::known_variables(&command()), env) {
             eprintln!("executor: warning: {line}");
         }
@@ -94,8 +106,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::GenerateDocs { out } => docs::generate(&out).map(|_| exit::OK),
         Command::Image(args) => image::run(args),
         Command::Executor(cmd) => executor::run(*cmd),
-        Command::Install(vm::InstallCommand::Vm(args)) => vm::install_vm(args),
-        Command::Install(vm::InstallCommand::SrcCli(args)) => src_cli::install_src_cli(args),
+        Command::Install(cmd) => install::run(cmd),
         Command::TestVm(args) => vm::test_vm(args),
         Command::Queue(args) => queue::run(args),
     }

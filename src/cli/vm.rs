@@ -1,26 +1,8 @@
 //! The microVM commands, `install vm` and `test-vm`: their clap types and what runs them. (The
 //! guest agent is its own binary, `executor-guest-agent`.)
 
-use clap::{Args, Subcommand};
+use clap::Args;
 use std::path::PathBuf;
-
-/// What `executor install` installs.
-#[derive(Debug, Subcommand)]
-pub enum InstallCommand {
-    /// Fetch the guest kernel from Debian's packages and build the initramfs with the guest agent
-    ///
-    /// Downloads a linux-image-*-cloud-amd64 package with `apt-get download`, unpacks it with
-    /// `dpkg -x`, extracts an uncompressed vmlinux and the virtio modules, and builds an initramfs
-    /// holding this binary as the guest agent. Files go to $EXECUTOR_STATE_DIR/vm. Running it again
-    /// redoes only what is out of date, and says what it did.
-    Vm(InstallVmArgs),
-    /// Fetch Sourcegraph's src-cli from the instance for the guests of cliSteps jobs
-    ///
-    /// Downloads <EXECUTOR_FRONTEND_URL>/.api/src-cli/src_linux_amd64, checks it against the
-    /// instance's .sha256 when it offers one (a mismatch installs nothing), or takes --from FILE;
-    /// installs it under $EXECUTOR_STATE_DIR/vm/src-cli with a small disk that cliSteps VMs attach.
-    SrcCli(super::src_cli::InstallSrcCliArgs),
-}
 
 #[derive(Debug, Args)]
 pub struct InstallVmArgs {
@@ -222,6 +204,7 @@ fn clone_for_test_vm(args: &TestVmArgs, repo: &str, rev: &str) -> Result<tempfil
         cache_dir: None,
         max_bytes: 0,
         git_timeout: Duration::from_secs(600),
+        cancel: None,
     };
     crate::workspace::clone_repository(&job, ws.path(), &logger, &cx)
         .with_context(|| format!("cloning {repo} at {rev}"))?;

@@ -44,6 +44,16 @@ impl std::ops::Deref for Settings {
     }
 }
 
+fn network_of(v: &Values) -> Result<crate::network::Settings> {
+    crate::network::Settings::parse(
+        v.network.as_deref(),
+        v.network_cidr.as_deref(),
+        v.network_allow.as_deref(),
+        v.dns_servers.as_deref(),
+    )?
+    .with_bandwidth(v.network_bandwidth.as_deref())
+}
+
 /// What a command needs besides the secret.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Needs {
@@ -95,14 +105,14 @@ impl Settings {
             None => RuntimeChoice::Auto,
         });
         let pull = pull_settings(&v)?;
-        let network = crate::network::Settings::parse(
-            v.network.as_deref(),
-            v.network_cidr.as_deref(),
-            v.network_allow.as_deref(),
-            v.dns_servers.as_deref(),
-        )?
-        .with_bandwidth(v.network_bandwidth.as_deref())?;
+        let network = network_of(&v)?;
         Ok(Settings { values: v, password, queues, multi_queue, runtime, pull, network })
+    }
+
+    /// Only the jobs' network settings of `raw`, for commands that need no secret
+    /// (`install iptables-rules`).
+    pub(crate) fn network_only(raw: &Raw) -> Result<crate::network::Settings> {
+        network_of(&Values::parse(raw)?)
     }
 
     /// The coordinator's URL, for commands that need it.
@@ -286,7 +296,8 @@ mod tests {
         assert!(!s.multi_queue);
         assert_eq!(s.poll_interval, Duration::from_secs(1));
         assert_eq!(s.max_jobs, 1);
-        assert_eq!(s.max_runtime_per_job, Duration::from_secs(1800));
+        assert_eq!(s.max_runtime_per_job, Some(Duration::from_secs(1800)));
+        assert_eq!(s.shutdown_grace, None, "the jobs end first, as in Sourcegraph's executor");
         assert_eq!(s.max_active_time, None);
         assert_eq!(s.job_cpus, 4);
         assert_eq!(s.limits().memory_bytes, 12 << 30);
@@ -351,8 +362,16 @@ mod tests {
         let s = load(&r).unwrap();
         assert_eq!(
             (s.poll_interval, s.max_runtime_per_job),
-            (Duration::from_secs(5), Duration::from_secs(5400))
+            (Duration::from_secs(5), Some(Duration::from_secs(5400)))
         );
+        // Sourcegraph's executor takes 0 as "no deadline"; so does this one.
+        let mut r = raw();
+        r.set("max_runtime_per_job", "0").set("shutdown_grace", "90s");
+        let s = load(&r).unwrap();
+        assert_eq!((s.max_runtime_per_job, s.shutdown_grace), (None, Some(Duration::from_secs(90))));
+        let mut r = raw();
+        r.set("shutdown_grace", "unlimited");
+        assert_eq!(load(&r).unwrap().shutdown_grace, None);
         let mut r = raw();
         r.set("runtime_name", "docker");
         assert!(load(&r).is_err());

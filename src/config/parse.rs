@@ -191,12 +191,12 @@ pub(crate) fn duration_or_unlimited(s: &Setting, v: Option<&OsStr>) -> Result<Op
     Ok(Some(duration(s, v)?).filter(|d| !d.is_zero()))
 }
 
-pub(crate) fn positive_duration(s: &Setting, v: Option<&OsStr>) -> Result<Duration> {
-    let d = duration(s, v)?;
-    if d.is_zero() {
-        bail!("{} must be more than 0", s.env);
+/// A duration, or `None` when unset, blank or `unlimited` (no limit).
+pub(crate) fn duration_or_forever(s: &Setting, v: Option<&OsStr>) -> Result<Option<Duration>> {
+    match given(s, v)? {
+        None | Some("unlimited") => Ok(None),
+        Some(_) => duration(s, v).map(Some),
     }
-    Ok(d)
 }
 
 /// The heartbeat period, at least 100 ms.

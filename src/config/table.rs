@@ -167,9 +167,9 @@ settings! {
         flag: "max-active-time", env: "EXECUTOR_MAX_ACTIVE_TIME", value_name: "DURATION", default: Some("0"),
         help: "`loop` stops dequeuing after this long (0: no limit)",
     }
-    max_runtime_per_job: Duration = parse::positive_duration {
+    max_runtime_per_job: Option<Duration> = parse::duration_or_unlimited {
         flag: "max-runtime", env: "EXECUTOR_MAXIMUM_RUNTIME_PER_JOB", value_name: "DURATION", default: Some("30m"),
-        help: "Deadline of each job, from its dequeue",
+        help: "Deadline of each job, from its dequeue (0: none, as in Sourcegraph's executor)",
     }
     cleanup_interval: Duration = parse::duration {
         flag: "cleanup-interval", env: "EXECUTOR_CLEANUP_TASK_INTERVAL", value_name: "DURATION", default: Some("1m"),
@@ -203,7 +203,7 @@ settings! {
     }
     vm_startup_script: Option<PathBuf> = parse::existing_file {
         flag: "vm-startup-script", env: "EXECUTOR_VM_STARTUP_SCRIPT_PATH", value_name: "FILE", shape: Shape::Path,
-        help: "A script run inside the sandbox before the first step (in the first step's image), logged as setup.startup-script",
+        help: "A script run before the first step, logged as setup.startup-script: on microvm as root in the guest (as Sourcegraph), elsewhere in the first step's image",
     }
     state_dir: PathBuf = parse::absolute_dir {
         flag: "state-dir", env: "EXECUTOR_STATE_DIR", value_name: "DIR", shape: Shape::Path,
@@ -234,9 +234,12 @@ settings! {
         flag: "vm-pool-size", env: "EXECUTOR_VM_POOL_SIZE", value_name: "N",
         help: "microVMs `loop` keeps booted ahead of demand, each used by one job then destroyed; unset or auto: chosen from memory, 0: off",
     }
-    shutdown_grace: Duration = parse::duration {
-        flag: "shutdown-grace", env: "EXECUTOR_SHUTDOWN_GRACE", value_name: "DURATION", default: Some("30s"),
-        help: "After SIGTERM, how long `loop` lets running jobs finish before killing them",
+    shutdown_grace: Option<Duration> = parse::duration_or_forever {
+        flag: "shutdown-grace", env: "EXECUTOR_SHUTDOWN_GRACE", value_name: "DURATION",
+        default_note: Some("until the jobs end"),
+        help: "After SIGTERM, SIGINT or SIGHUP, how long `loop` waits for running jobs to end; then (or on a \
+               second signal) it stops them and exits without reporting them, so that the coordinator \
+               requeues them",
     }
     heartbeat_interval: Duration = parse::heartbeat {
         flag: "heartbeat-interval", env: "EXECUTOR_HEARTBEAT_INTERVAL", value_name: "DURATION", default: Some("5s"),

@@ -117,6 +117,7 @@ fn request(server: &Server, ws: &Path, commit: &str) -> CloneRequest {
         max_bytes: 0,
         workspace: ws.to_path_buf(),
         progress: false,
+        cancel: None,
     }
 }
 

@@ -94,6 +94,9 @@ pub(crate) struct CloneRequest {
     pub workspace: PathBuf,
     /// Show a progress bar on stderr (a terminal).
     pub progress: bool,
+    /// The job's cancel and deadline: a running git command is killed within 200 ms of either
+    /// ([`CloneError::Interrupted`]); `None` for clones outside a job.
+    pub cancel: Option<crate::base::cancel::Cancel>,
 }
 
 /// The coordinator URL of a repository: `<frontend>/.executors/git/<name>`.
@@ -162,7 +165,7 @@ pub(crate) fn clone(req: &CloneRequest, log: &mut dyn CommandLog) -> Result<()> 
             };
             match res {
                 Ok(()) => return Ok(()),
-                Err(e) if is_missing_commit(&e) => return Err(e),
+                Err(e) if is_missing_commit(&e) || is_interrupted(&e) => return Err(e),
                 Err(e) => {
                     log_line(
                         log,
@@ -403,6 +406,15 @@ pub(crate) enum CloneError {
     /// The coordinator does not have the commit: no retry elsewhere can help.
     #[error("commit {commit} does not exist in repository {repository}: {detail}")]
     MissingCommit { commit: String, repository: String, detail: String },
+    /// The job was canceled, or reached its deadline, while git ran `key`; git was killed. Not
+    /// a reason to drop the cache or a template, nor to clone again.
+    #[error("{key} interrupted: {}", reason.describe())]
+    Interrupted { key: String, reason: crate::base::cancel::CancelReason },
+}
+
+/// Whether `e` is [`CloneError::Interrupted`].
+pub(crate) fn is_interrupted(e: &anyhow::Error) -> bool {
+    matches!(e.downcast_ref::<CloneError>(), Some(CloneError::Interrupted { .. }))
 }
 
 fn is_missing_commit(e: &anyhow::Error) -> bool {
@@ -570,7 +582,13 @@ impl Git<'_> {
         // Keeps only the tail of stderr for the error message.
         let mut tail: Vec<u8> = Vec::new();
         let mut timed_out = false;
+        let mut interrupted = None;
         loop {
+            if let Some(reason) = self.req.cancel.as_ref().and_then(|c| c.check()) {
+                interrupted = Some(reason);
+                kill_group(&child);
+                break;
+            }
             let left = self.req.step_timeout.saturating_sub(started.elapsed());
             match pipes.next(left.min(Duration::from_millis(200))) {
                 PipeEvent::Data(stream, data) => {
@@ -597,6 +615,11 @@ impl Git<'_> {
         let status = child.wait().with_context(|| format!("waiting for git ({key})"))?;
         bar.finish();
         let code = status.code().unwrap_or(-1);
+        if let Some(reason) = interrupted {
+            entry.output(Stream::Stderr, format!("interrupted: {}\n", reason.describe()).as_bytes());
+            entry.finish(code);
+            return Err(CloneError::Interrupted { key: key.to_string(), reason }.into());
+        }
         if timed_out {
             entry.output(Stream::Stderr, format!("timed out after {:?}\n", self.req.step_timeout).as_bytes());
             entry.finish(code);
@@ -649,6 +672,7 @@ mod tests {
             max_bytes: 0,
             workspace: "/w".into(),
             progress: false,
+            cancel: None,
         }
     }
 

@@ -327,6 +327,25 @@ fn ensure_table(pool: &Cidr) -> Result<()> {
     nft(&policy::table_script(pool), "creating nftables table inet executor")
 }
 
+/// `executor install iptables-rules`: makes the executor's nftables table ahead of the first
+/// job (each job's setup makes it too when it is missing); a line saying what it did.
+pub fn install_table(s: &Settings) -> Result<String> {
+    if s.mode == Mode::None {
+        return Ok("EXECUTOR_NETWORK=none: jobs get loopback only, so no nftables table is needed".into());
+    }
+    let missing = missing();
+    if !missing.is_empty() {
+        bail!("the jobs' network cannot be set up here: {}", missing.join("; "));
+    }
+    let existed = table_exists();
+    ensure_table(&s.pool)?;
+    Ok(format!(
+        "nftables table inet {TABLE} {} (job pool {}; Sourcegraph's iptables rules and CNI chain are not used)",
+        if existed { "is in place" } else { "created" },
+        s.pool
+    ))
+}
+
 /// What the host lacks for the internet mode, each with its fix (empty: nothing).
 pub fn missing() -> Vec<String> {
     let mut out = Vec::new();

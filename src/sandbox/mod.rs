@@ -111,6 +111,12 @@ impl<'a> BootRequest<'a> {
     }
 }
 
+/// The key of the operator's startup script (`EXECUTOR_VM_STARTUP_SCRIPT_PATH`), run by
+/// `run-steps` as a step of its own before the job's steps. A runtime with a machine of its own
+/// (the microVM's guest) runs it there, as root and outside any step image, as Sourcegraph runs
+/// it on its VMs; the others run it as a step of the first step's image.
+pub const STARTUP_SCRIPT_KEY: &str = "setup.startup-script";
+
 /// One step to run inside a sandbox.
 #[derive(Debug, Clone)]
 pub struct StepSpec<'a> {

@@ -33,6 +33,15 @@ fn make_spare(ctx: &JobCtx) {
     }
 }
 
+/// Whether the job was stopped by the executor's own shutdown (`loop` past its grace period, or
+/// a second signal): it is not reported, as Sourcegraph's executor does not report it, so that
+/// the coordinator's stalled-job reset gives it to another executor instead of failing it for
+/// good (an errored job is never retried by Sourcegraph's queues). A job that ended before the
+/// stop is reported as usual.
+fn left_for_requeue(ctx: &JobCtx, doc: &RunDocument) -> bool {
+    ctx.cancel.check() == Some(crate::base::cancel::CancelReason::Shutdown) && doc.outcome.is_some()
+}
+
 pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
     let mut sandbox_removed =
         doc.sandbox.is_none() || doc.completion.as_ref().is_some_and(|c| c.sandbox_removed);
@@ -84,6 +93,14 @@ pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
     if let Some(c) = doc.completion.as_mut() {
         c.sandbox_removed = sandbox_removed;
         c.workspace_removed = workspace_removed;
+        return Ok(());
+    }
+    if left_for_requeue(ctx, doc) {
+        tracing::warn!(
+            "job {} left unmarked: the executor stopped it while shutting down; the coordinator \
+             requeues it once its heartbeat stops",
+            doc.job.uid
+        );
         return Ok(());
     }
     let (mark, message) = mark_for(doc);

@@ -37,7 +37,9 @@ pub(crate) fn run(
         version: VERSION.to_string(),
         log_append: extensions.log_append,
     };
-    let deadline = chrono::Duration::from_std(settings.max_runtime_per_job).ok().map(|d| Utc::now() + d);
+    // EXECUTOR_MAXIMUM_RUNTIME_PER_JOB=0: no deadline, as in Sourcegraph's executor.
+    let deadline =
+        settings.max_runtime_per_job.and_then(|d| chrono::Duration::from_std(d).ok()).map(|d| Utc::now() + d);
     let doc = RunDocument::new(identity, &job, settings.password.expose(), deadline).map_err(|e| {
         ApiError::Transport {
             route: "dequeue".into(),

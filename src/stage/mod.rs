@@ -261,10 +261,13 @@ fn classify(ctx: &JobCtx, e: &anyhow::Error) -> (FailureKind, String) {
 
 /// The contract's message for a job past its deadline.
 pub(crate) fn deadline_message(settings: &Settings) -> String {
-    format!(
-        "job exceeded maximum execution time of {}",
-        crate::base::units::format_duration(settings.max_runtime_per_job)
-    )
+    match settings.max_runtime_per_job {
+        Some(d) => {
+            format!("job exceeded maximum execution time of {}", crate::base::units::format_duration(d))
+        }
+        // A document made by an executor with a deadline, resumed by one without.
+        None => "job exceeded maximum execution time".into(),
+    }
 }
 
 /// Heartbeats for one job while a stage process works on it (the loop has its own, for all its

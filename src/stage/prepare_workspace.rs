@@ -103,12 +103,19 @@ pub(crate) fn fill(ctx: &JobCtx, doc: &mut RunDocument, created: Created) -> Res
         cache_dir: Some(ctx.settings.state_dir.join("cache").join("git")),
         max_bytes: ctx.settings.limits().disk_bytes,
         git_timeout: ctx.settings.git_timeout,
+        cancel: Some(&ctx.cancel),
     };
     let template =
         key.as_ref().map(|key| workspace::TemplateUse { templates: &templates, key, from, disk_bytes });
     let cloned = workspace::clone_repository_with(&ctx.job, &path, &ctx.logger, &cx, template)?;
+    // A fetch in flight is abandoned at a cancel or the deadline (ureq cannot be interrupted
+    // mid-read): the job moves on within 100 ms, the request ends at its own timeout.
     let fetch = |bucket: &str, key: &str| -> Result<Vec<u8>> {
-        ctx.client.fetch_file(&ctx.auth, bucket, key).map_err(|e| anyhow::anyhow!("{e}"))
+        let (client, auth, bucket, key) =
+            (ctx.client.clone(), ctx.auth.clone(), bucket.to_string(), key.to_string());
+        ctx.cancel.run_abandonable("file-fetch", move || {
+            client.fetch_file(&auth, &bucket, &key).map_err(|e| anyhow::anyhow!("{e}"))
+        })
     };
     let scripts = workspace::write_files_and_scripts(&ctx.job, &path, &ctx.logger, &fetch)?;
     let startup_script = match &ctx.settings.vm_startup_script {

@@ -161,8 +161,9 @@ pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
     Ok(())
 }
 
-/// Runs the operator's startup script (entry `setup.startup-script`) in the first step's image,
-/// from the workspace root, with no environment of the job's.
+/// Runs the operator's startup script (entry `setup.startup-script`) from the workspace root,
+/// with no environment of the job's: in the first step's image, or where the runtime has a
+/// machine of its own, there as root ([`crate::sandbox::STARTUP_SCRIPT_KEY`]).
 fn run_startup_script(
     ctx: &JobCtx,
     runtime: &dyn crate::sandbox::Runtime,
@@ -170,7 +171,7 @@ fn run_startup_script(
     script: &str,
 ) -> Result<()> {
     let Some(first) = ctx.job.docker_steps.first() else { return Ok(()) };
-    let key = "setup.startup-script";
+    let key = crate::sandbox::STARTUP_SCRIPT_KEY;
     let spec = StepSpec { key, image: &first.image, script, dir: "", env: &[] };
     let mut entry = ctx.logger.entry(key, Some(runtime.step_command(sandbox, &spec)))?;
     let end = runtime.run_step(sandbox, &spec, &mut entry, &ctx.cancel);

@@ -228,6 +228,8 @@ pub struct CloneContext<'a> {
     /// Workspace size cap in bytes (0 = none).
     pub max_bytes: u64,
     pub git_timeout: std::time::Duration,
+    /// The job's cancel and deadline, which stop the clone's git commands.
+    pub cancel: Option<&'a crate::base::cancel::Cancel>,
 }
 
 /// Clones the job's repository into the workspace (the `setup.git.*` entries, see
@@ -289,6 +291,7 @@ pub fn clone_repository_with(
         max_bytes: if mounted { 0 } else { cx.max_bytes },
         workspace: ws.to_path_buf(),
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        cancel: cx.cancel.cloned(),
     };
     let mut log = GitLog { logger, error: None };
     let mut store = template.as_ref().is_some_and(|t| mounted && t.from.is_none());
@@ -307,15 +310,21 @@ pub fn clone_repository_with(
                     job.commit,
                     started.elapsed().as_millis()
                 ),
+                Err(e) if crate::git::is_interrupted(e) => String::new(),
                 Err(e) => format!("the workspace template failed ({e:#}); cloning onto a blank disk"),
             };
-            log_line(logger, "setup.git.template", &line);
+            if !line.is_empty() {
+                log_line(logger, "setup.git.template", &line);
+            }
             match r {
                 Ok(()) => {
                     store = template::stale(from);
                     res = Some(Ok(()));
                 }
-                Err(e) if matches!(e.downcast_ref(), Some(crate::git::CloneError::MissingCommit { .. })) => {
+                Err(e)
+                    if crate::git::is_interrupted(&e)
+                        || matches!(e.downcast_ref(), Some(crate::git::CloneError::MissingCommit { .. })) =>
+                {
                     res = Some(Err(e));
                 }
                 Err(_) => {
@@ -690,6 +699,7 @@ mod clone_tests {
             cache_dir: None,
             max_bytes: 0,
             git_timeout: std::time::Duration::from_secs(5),
+            cancel: None,
         };
         for bad in ["../out", "/abs", "a/../../b"] {
             let job = Job {

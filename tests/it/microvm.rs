@@ -840,3 +840,54 @@ fn microvm_steps_get_the_image_env_user_and_home() {
         .collect();
     assert!(left.is_empty(), "a layer came back to the host: {left:?}");
 }
+
+/// The operator's startup script runs as Sourcegraph runs it on its VMs: as root in the guest
+/// itself (outside the step image), before the job's steps; what it writes there stays for the
+/// VM's life (the guest is the job's alone).
+#[test]
+fn microvm_startup_script_runs_as_root_in_the_guest() {
+    let name = "microvm_startup_script_runs_as_root_in_the_guest";
+    if let Some(why) = missing() {
+        return common::skip(name, "microvm", &why);
+    }
+    let state = state_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    crate::oci_root::import_app_image_to(&state, tmp.path());
+    let ws = tmp.path().join("workspace");
+    std::fs::create_dir_all(&ws).unwrap();
+    std::fs::write(
+        ws.join("startup.sh"),
+        "echo \"uid=$(id -u)\"; test -d /home/app && echo in-image || echo in-guest; pwd\n",
+    )
+    .unwrap();
+    std::fs::write(ws.join("step0.sh"), "echo \"uid=$(id -u)\"; test -d /home/app && echo in-image\n")
+        .unwrap();
+    let prefix = format!("mvs{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let _dog = watchdog(state.clone(), prefix.clone(), Duration::from_secs(240));
+    let rt = runtime(&state);
+    let limits = Limits { cpus: 1, memory_bytes: 512 << 20, disk_bytes: 0, pids: 0 };
+    let rec = rt
+        .boot(&BootRequest {
+            job_uid: "1",
+            workspace: &ws,
+            images: vec!["app:1".into()],
+            limits: &limits,
+            name_prefix: &prefix,
+            coordinator: None,
+            endpoints: &[],
+        })
+        .expect("boot");
+    let key = executor::sandbox::STARTUP_SCRIPT_KEY;
+    let mut out = Collect::default();
+    let s = StepSpec { key, image: "app:1", script: "startup.sh", dir: "", env: &[] };
+    let end = rt.run_step(&rec, &s, &mut out, &Cancel::new());
+    let mut out0 = Collect::default();
+    let s0 = StepSpec { key: "step.0", image: "app:1", script: "step0.sh", dir: "", env: &[] };
+    let end0 = rt.run_step(&rec, &s0, &mut out0, &Cancel::new());
+    let _ = rt.teardown(&rec);
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    assert_eq!(end.unwrap(), StepEnd::Exited(0), "{}", text(&out.err));
+    assert_eq!(text(&out.out), "uid=0\nin-guest\n/data\n", "{}", text(&out.err));
+    assert_eq!(end0.unwrap(), StepEnd::Exited(0), "{}", text(&out0.err));
+    assert_eq!(text(&out0.out), "uid=1000\nin-image\n", "the job's steps still run in their image");
+}

@@ -163,7 +163,7 @@ impl MicroVm {
     }
 }
 
-fn base_env() -> Vec<String> {
+pub(super) fn base_env() -> Vec<String> {
     vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(), "HOME=/root".into()]
 }
 

@@ -145,6 +145,9 @@ _executor() {
             executor__subcmd__help__subcmd__install,iptables-rules)
                 cmd="executor__subcmd__help__subcmd__install__subcmd__iptables__subcmd__rules"
                 ;;
+            executor__subcmd__help__subcmd__install,src-cli)
+                cmd="executor__subcmd__help__subcmd__install__subcmd__src__subcmd__cli"
+                ;;
             executor__subcmd__help__subcmd__install,vm)
                 cmd="executor__subcmd__help__subcmd__install__subcmd__vm"
                 ;;
@@ -259,6 +262,9 @@ _executor() {
             executor__subcmd__install,iptables-rules)
                 cmd="executor__subcmd__install__subcmd__iptables__subcmd__rules"
                 ;;
+            executor__subcmd__install,src-cli)
+                cmd="executor__subcmd__install__subcmd__src__subcmd__cli"
+                ;;
             executor__subcmd__install,vm)
                 cmd="executor__subcmd__install__subcmd__vm"
                 ;;
@@ -279,6 +285,9 @@ _executor() {
                 ;;
             executor__subcmd__install__subcmd__help,iptables-rules)
                 cmd="executor__subcmd__install__subcmd__help__subcmd__iptables__subcmd__rules"
+                ;;
+            executor__subcmd__install__subcmd__help,src-cli)
+                cmd="executor__subcmd__install__subcmd__help__subcmd__src__subcmd__cli"
                 ;;
             executor__subcmd__install__subcmd__help,vm)
                 cmd="executor__subcmd__install__subcmd__help__subcmd__vm"
@@ -427,7 +436,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__complete)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -589,6 +598,14 @@ _executor() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --private-registry)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --image-pull-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --registry-ca)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -625,7 +642,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__dequeue)
-            opts="-o -h -V --output --wait --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --help --version"
+            opts="-o -h -V --output --wait --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -780,6 +797,14 @@ _executor() {
                     return 0
                     ;;
                 --insecure-registry)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --private-registry)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --image-pull-timeout)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1019,7 +1044,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__help__subcmd__install)
-            opts="vm all image iptables-rules ignite cni"
+            opts="vm src-cli all image iptables-rules ignite cni"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1089,6 +1114,20 @@ _executor() {
             return 0
             ;;
         executor__subcmd__help__subcmd__install__subcmd__iptables__subcmd__rules)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__help__subcmd__install__subcmd__src__subcmd__cli)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -1695,7 +1734,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__image__subcmd__pull)
-            opts="-h -V --always --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --state-dir --help --version"
+            opts="-h -V --always --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --state-dir --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1710,6 +1749,14 @@ _executor() {
                     return 0
                     ;;
                 --insecure-registry)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --private-registry)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --image-pull-timeout)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1751,7 +1798,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__install)
-            opts="-h -V --help --version vm all image iptables-rules ignite cni help"
+            opts="-h -V --help --version vm src-cli all image iptables-rules ignite cni help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1765,7 +1812,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__install__subcmd__all)
-            opts="-h -V --kernel-package --force --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --help --version"
+            opts="-h -V --kernel-package --force --engine --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1915,6 +1962,14 @@ _executor() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --private-registry)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --image-pull-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --registry-ca)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -1969,7 +2024,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__install__subcmd__help)
-            opts="vm all image iptables-rules ignite cni help"
+            opts="vm src-cli all image iptables-rules ignite cni help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2066,6 +2121,20 @@ _executor() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        executor__subcmd__install__subcmd__help__subcmd__src__subcmd__cli)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         executor__subcmd__install__subcmd__help__subcmd__vm)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
@@ -2099,7 +2168,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__install__subcmd__image)
-            opts="-h -V --state-dir --kernel-package --force --help --version executor-vm sandbox kernel"
+            opts="-h -V --state-dir --kernel-package --force --engine --engine-mirror --help --version executor-vm sandbox kernel"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2113,6 +2182,10 @@ _executor() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --engine-mirror)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -2121,7 +2194,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__install__subcmd__iptables__subcmd__rules)
-            opts="-h -V --recreate-chain --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --help --version"
+            opts="-h -V --recreate-chain --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2267,6 +2340,14 @@ _executor() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --private-registry)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --image-pull-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --registry-ca)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -2302,8 +2383,38 @@ _executor() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        executor__subcmd__install__subcmd__src__subcmd__cli)
+            opts="-h -V --state-dir --frontend-url --frontend-ca --from --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --state-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --frontend-url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --frontend-ca)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --from)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         executor__subcmd__install__subcmd__vm)
-            opts="-h -V --state-dir --kernel-package --force --help --version"
+            opts="-h -V --state-dir --kernel-package --force --engine --engine-mirror --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2317,6 +2428,10 @@ _executor() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --engine-mirror)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -2325,7 +2440,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__janitor)
-            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --help --version"
+            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2468,6 +2583,14 @@ _executor() {
                     return 0
                     ;;
                 --insecure-registry)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --private-registry)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --image-pull-timeout)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2507,7 +2630,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__loop)
-            opts="-h -V --verify --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --help --version"
+            opts="-h -V --verify --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2653,6 +2776,14 @@ _executor() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --private-registry)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --image-pull-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --registry-ca)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -2689,7 +2820,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__prepare__subcmd__workspace)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2848,6 +2979,14 @@ _executor() {
                     return 0
                     ;;
                 --insecure-registry)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --private-registry)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --image-pull-timeout)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -3659,7 +3798,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__run__subcmd__steps)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -3818,6 +3957,14 @@ _executor() {
                     return 0
                     ;;
                 --insecure-registry)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --private-registry)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --image-pull-timeout)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -3907,7 +4054,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__upload)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -4066,6 +4213,14 @@ _executor() {
                     return 0
                     ;;
                 --insecure-registry)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --private-registry)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --image-pull-timeout)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -4105,7 +4260,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__validate)
-            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --help --version"
+            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -4251,6 +4406,14 @@ _executor() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --private-registry)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --image-pull-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --registry-ca)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -4287,7 +4450,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__vm__subcmd__boot)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -4446,6 +4609,14 @@ _executor() {
                     return 0
                     ;;
                 --insecure-registry)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --private-registry)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --image-pull-timeout)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

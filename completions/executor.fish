@@ -66,7 +66,9 @@ complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from pull" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from pull" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from pull" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
-complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from pull" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from pull" -l private-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be at private, loopback, link-local or this host\'s addresses; pulls refuse other such destinations, as the job\'s egress policy does (insecure registries and mirrors are listed too)' -r
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from pull" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
+complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from pull" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS, besides the public roots and the system trust store' -r -F
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from pull" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from pull" -l state-dir -d 'State directory; the store is its images/ subdirectory' -r -F
 complete -c executor -n "__fish_executor_using_subcommand image; and __fish_seen_subcommand_from pull" -l always -d 'Download again even when the store has the reference'
@@ -200,7 +202,7 @@ complete -c executor -n "__fish_executor_using_subcommand dequeue" -s o -l outpu
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l wait -d 'Wait up to DURATION for a job, with the coordinator\'s long poll where it offers one' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l password-file -d 'Read the shared secret from this file instead of EXECUTOR_FRONTEND_PASSWORD' -r -F
-complete -c executor -n "__fish_executor_using_subcommand dequeue" -l frontend-ca -d 'PEM file of CA certificates trusted for an https coordinator, besides the public roots' -r -F
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l frontend-ca -d 'PEM file of CA certificates trusted for an https coordinator, besides the public roots and the system trust store (SSL_CERT_FILE, SSL_CERT_DIR)' -r -F
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l queue -d 'The queue to take jobs from (batches or codeintel)' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l queues -d 'Several queues, comma-separated (multi-queue mode)' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l poll-interval -d 'Pause between empty dequeues [default: 1s]' -r
@@ -233,7 +235,9 @@ complete -c executor -n "__fish_executor_using_subcommand dequeue" -l image-cach
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
-complete -c executor -n "__fish_executor_using_subcommand dequeue" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l private-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be at private, loopback, link-local or this host\'s addresses; pulls refuse other such destinations, as the job\'s egress policy does (insecure registries and mirrors are listed too)' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS, besides the public roots and the system trust store' -r -F
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
@@ -246,7 +250,7 @@ complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -s 
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -s o -l output -d 'Write the updated run document to FILE (atomically) instead of standard output' -r -F
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l password-file -d 'Read the shared secret from this file instead of EXECUTOR_FRONTEND_PASSWORD' -r -F
-complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l frontend-ca -d 'PEM file of CA certificates trusted for an https coordinator, besides the public roots' -r -F
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l frontend-ca -d 'PEM file of CA certificates trusted for an https coordinator, besides the public roots and the system trust store (SSL_CERT_FILE, SSL_CERT_DIR)' -r -F
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l queue -d 'The queue to take jobs from (batches or codeintel)' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l queues -d 'Several queues, comma-separated (multi-queue mode)' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l poll-interval -d 'Pause between empty dequeues [default: 1s]' -r
@@ -279,7 +283,9 @@ complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l 
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
-complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l private-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be at private, loopback, link-local or this host\'s addresses; pulls refuse other such destinations, as the job\'s egress policy does (insecure registries and mirrors are listed too)' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS, besides the public roots and the system trust store' -r -F
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
@@ -292,7 +298,7 @@ complete -c executor -n "__fish_executor_using_subcommand vm-boot" -s i -l input
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -s o -l output -d 'Write the updated run document to FILE (atomically) instead of standard output' -r -F
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l password-file -d 'Read the shared secret from this file instead of EXECUTOR_FRONTEND_PASSWORD' -r -F
-complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l frontend-ca -d 'PEM file of CA certificates trusted for an https coordinator, besides the public roots' -r -F
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l frontend-ca -d 'PEM file of CA certificates trusted for an https coordinator, besides the public roots and the system trust store (SSL_CERT_FILE, SSL_CERT_DIR)' -r -F
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l queue -d 'The queue to take jobs from (batches or codeintel)' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l queues -d 'Several queues, comma-separated (multi-queue mode)' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l poll-interval -d 'Pause between empty dequeues [default: 1s]' -r
@@ -325,7 +331,9 @@ complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l image-cach
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
-complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l private-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be at private, loopback, link-local or this host\'s addresses; pulls refuse other such destinations, as the job\'s egress policy does (insecure registries and mirrors are listed too)' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS, besides the public roots and the system trust store' -r -F
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
@@ -338,7 +346,7 @@ complete -c executor -n "__fish_executor_using_subcommand run-steps" -s i -l inp
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -s o -l output -d 'Write the updated run document to FILE (atomically) instead of standard output' -r -F
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l password-file -d 'Read the shared secret from this file instead of EXECUTOR_FRONTEND_PASSWORD' -r -F
-complete -c executor -n "__fish_executor_using_subcommand run-steps" -l frontend-ca -d 'PEM file of CA certificates trusted for an https coordinator, besides the public roots' -r -F
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l frontend-ca -d 'PEM file of CA certificates trusted for an https coordinator, besides the public roots and the system trust store (SSL_CERT_FILE, SSL_CERT_DIR)' -r -F
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l queue -d 'The queue to take jobs from (batches or codeintel)' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l queues -d 'Several queues, comma-separated (multi-queue mode)' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l poll-interval -d 'Pause between empty dequeues [default: 1s]' -r
@@ -371,7 +379,9 @@ complete -c executor -n "__fish_executor_using_subcommand run-steps" -l image-ca
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
-complete -c executor -n "__fish_executor_using_subcommand run-steps" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l private-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be at private, loopback, link-local or this host\'s addresses; pulls refuse other such destinations, as the job\'s egress policy does (insecure registries and mirrors are listed too)' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS, besides the public roots and the system trust store' -r -F
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
@@ -384,7 +394,7 @@ complete -c executor -n "__fish_executor_using_subcommand upload" -s i -l input 
 complete -c executor -n "__fish_executor_using_subcommand upload" -s o -l output -d 'Write the updated run document to FILE (atomically) instead of standard output' -r -F
 complete -c executor -n "__fish_executor_using_subcommand upload" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l password-file -d 'Read the shared secret from this file instead of EXECUTOR_FRONTEND_PASSWORD' -r -F
-complete -c executor -n "__fish_executor_using_subcommand upload" -l frontend-ca -d 'PEM file of CA certificates trusted for an https coordinator, besides the public roots' -r -F
+complete -c executor -n "__fish_executor_using_subcommand upload" -l frontend-ca -d 'PEM file of CA certificates trusted for an https coordinator, besides the public roots and the system trust store (SSL_CERT_FILE, SSL_CERT_DIR)' -r -F
 complete -c executor -n "__fish_executor_using_subcommand upload" -l queue -d 'The queue to take jobs from (batches or codeintel)' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l queues -d 'Several queues, comma-separated (multi-queue mode)' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l poll-interval -d 'Pause between empty dequeues [default: 1s]' -r
@@ -417,7 +427,9 @@ complete -c executor -n "__fish_executor_using_subcommand upload" -l image-cache
 complete -c executor -n "__fish_executor_using_subcommand upload" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
-complete -c executor -n "__fish_executor_using_subcommand upload" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
+complete -c executor -n "__fish_executor_using_subcommand upload" -l private-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be at private, loopback, link-local or this host\'s addresses; pulls refuse other such destinations, as the job\'s egress policy does (insecure registries and mirrors are listed too)' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS, besides the public roots and the system trust store' -r -F
 complete -c executor -n "__fish_executor_using_subcommand upload" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
@@ -430,7 +442,7 @@ complete -c executor -n "__fish_executor_using_subcommand complete" -s i -l inpu
 complete -c executor -n "__fish_executor_using_subcommand complete" -s o -l output -d 'Write the updated run document to FILE (atomically) instead of standard output' -r -F
 complete -c executor -n "__fish_executor_using_subcommand complete" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l password-file -d 'Read the shared secret from this file instead of EXECUTOR_FRONTEND_PASSWORD' -r -F
-complete -c executor -n "__fish_executor_using_subcommand complete" -l frontend-ca -d 'PEM file of CA certificates trusted for an https coordinator, besides the public roots' -r -F
+complete -c executor -n "__fish_executor_using_subcommand complete" -l frontend-ca -d 'PEM file of CA certificates trusted for an https coordinator, besides the public roots and the system trust store (SSL_CERT_FILE, SSL_CERT_DIR)' -r -F
 complete -c executor -n "__fish_executor_using_subcommand complete" -l queue -d 'The queue to take jobs from (batches or codeintel)' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l queues -d 'Several queues, comma-separated (multi-queue mode)' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l poll-interval -d 'Pause between empty dequeues [default: 1s]' -r
@@ -463,7 +475,9 @@ complete -c executor -n "__fish_executor_using_subcommand complete" -l image-cac
 complete -c executor -n "__fish_executor_using_subcommand complete" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
-complete -c executor -n "__fish_executor_using_subcommand complete" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
+complete -c executor -n "__fish_executor_using_subcommand complete" -l private-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be at private, loopback, link-local or this host\'s addresses; pulls refuse other such destinations, as the job\'s egress policy does (insecure registries and mirrors are listed too)' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS, besides the public roots and the system trust store' -r -F
 complete -c executor -n "__fish_executor_using_subcommand complete" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
@@ -474,7 +488,7 @@ complete -c executor -n "__fish_executor_using_subcommand complete" -s h -l help
 complete -c executor -n "__fish_executor_using_subcommand complete" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand loop" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l password-file -d 'Read the shared secret from this file instead of EXECUTOR_FRONTEND_PASSWORD' -r -F
-complete -c executor -n "__fish_executor_using_subcommand loop" -l frontend-ca -d 'PEM file of CA certificates trusted for an https coordinator, besides the public roots' -r -F
+complete -c executor -n "__fish_executor_using_subcommand loop" -l frontend-ca -d 'PEM file of CA certificates trusted for an https coordinator, besides the public roots and the system trust store (SSL_CERT_FILE, SSL_CERT_DIR)' -r -F
 complete -c executor -n "__fish_executor_using_subcommand loop" -l queue -d 'The queue to take jobs from (batches or codeintel)' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l queues -d 'Several queues, comma-separated (multi-queue mode)' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l poll-interval -d 'Pause between empty dequeues [default: 1s]' -r
@@ -507,7 +521,9 @@ complete -c executor -n "__fish_executor_using_subcommand loop" -l image-cache-s
 complete -c executor -n "__fish_executor_using_subcommand loop" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
-complete -c executor -n "__fish_executor_using_subcommand loop" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
+complete -c executor -n "__fish_executor_using_subcommand loop" -l private-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be at private, loopback, link-local or this host\'s addresses; pulls refuse other such destinations, as the job\'s egress policy does (insecure registries and mirrors are listed too)' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS, besides the public roots and the system trust store' -r -F
 complete -c executor -n "__fish_executor_using_subcommand loop" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
@@ -519,7 +535,7 @@ complete -c executor -n "__fish_executor_using_subcommand loop" -s h -l help -d 
 complete -c executor -n "__fish_executor_using_subcommand loop" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand run" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l password-file -d 'Read the shared secret from this file instead of EXECUTOR_FRONTEND_PASSWORD' -r -F
-complete -c executor -n "__fish_executor_using_subcommand run" -l frontend-ca -d 'PEM file of CA certificates trusted for an https coordinator, besides the public roots' -r -F
+complete -c executor -n "__fish_executor_using_subcommand run" -l frontend-ca -d 'PEM file of CA certificates trusted for an https coordinator, besides the public roots and the system trust store (SSL_CERT_FILE, SSL_CERT_DIR)' -r -F
 complete -c executor -n "__fish_executor_using_subcommand run" -l queue -d 'The queue to take jobs from (batches or codeintel)' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l queues -d 'Several queues, comma-separated (multi-queue mode)' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l poll-interval -d 'Pause between empty dequeues [default: 1s]' -r
@@ -552,7 +568,9 @@ complete -c executor -n "__fish_executor_using_subcommand run" -l image-cache-si
 complete -c executor -n "__fish_executor_using_subcommand run" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
-complete -c executor -n "__fish_executor_using_subcommand run" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
+complete -c executor -n "__fish_executor_using_subcommand run" -l private-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be at private, loopback, link-local or this host\'s addresses; pulls refuse other such destinations, as the job\'s egress policy does (insecure registries and mirrors are listed too)' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS, besides the public roots and the system trust store' -r -F
 complete -c executor -n "__fish_executor_using_subcommand run" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
@@ -564,7 +582,7 @@ complete -c executor -n "__fish_executor_using_subcommand run" -s h -l help -d '
 complete -c executor -n "__fish_executor_using_subcommand run" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand validate" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l password-file -d 'Read the shared secret from this file instead of EXECUTOR_FRONTEND_PASSWORD' -r -F
-complete -c executor -n "__fish_executor_using_subcommand validate" -l frontend-ca -d 'PEM file of CA certificates trusted for an https coordinator, besides the public roots' -r -F
+complete -c executor -n "__fish_executor_using_subcommand validate" -l frontend-ca -d 'PEM file of CA certificates trusted for an https coordinator, besides the public roots and the system trust store (SSL_CERT_FILE, SSL_CERT_DIR)' -r -F
 complete -c executor -n "__fish_executor_using_subcommand validate" -l queue -d 'The queue to take jobs from (batches or codeintel)' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l queues -d 'Several queues, comma-separated (multi-queue mode)' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l poll-interval -d 'Pause between empty dequeues [default: 1s]' -r
@@ -597,7 +615,9 @@ complete -c executor -n "__fish_executor_using_subcommand validate" -l image-cac
 complete -c executor -n "__fish_executor_using_subcommand validate" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
-complete -c executor -n "__fish_executor_using_subcommand validate" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
+complete -c executor -n "__fish_executor_using_subcommand validate" -l private-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be at private, loopback, link-local or this host\'s addresses; pulls refuse other such destinations, as the job\'s egress policy does (insecure registries and mirrors are listed too)' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS, besides the public roots and the system trust store' -r -F
 complete -c executor -n "__fish_executor_using_subcommand validate" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
@@ -608,7 +628,7 @@ complete -c executor -n "__fish_executor_using_subcommand validate" -s h -l help
 complete -c executor -n "__fish_executor_using_subcommand validate" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l password-file -d 'Read the shared secret from this file instead of EXECUTOR_FRONTEND_PASSWORD' -r -F
-complete -c executor -n "__fish_executor_using_subcommand janitor" -l frontend-ca -d 'PEM file of CA certificates trusted for an https coordinator, besides the public roots' -r -F
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l frontend-ca -d 'PEM file of CA certificates trusted for an https coordinator, besides the public roots and the system trust store (SSL_CERT_FILE, SSL_CERT_DIR)' -r -F
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l queue -d 'The queue to take jobs from (batches or codeintel)' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l queues -d 'Several queues, comma-separated (multi-queue mode)' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l poll-interval -d 'Pause between empty dequeues [default: 1s]' -r
@@ -641,7 +661,9 @@ complete -c executor -n "__fish_executor_using_subcommand janitor" -l image-cach
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
-complete -c executor -n "__fish_executor_using_subcommand janitor" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l private-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be at private, loopback, link-local or this host\'s addresses; pulls refuse other such destinations, as the job\'s egress policy does (insecure registries and mirrors are listed too)' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS, besides the public roots and the system trust store' -r -F
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
@@ -650,24 +672,33 @@ complete -c executor -n "__fish_executor_using_subcommand janitor" -l dns-server
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand janitor" -s V -l version -d 'Print version'
-complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm all image iptables-rules ignite cni help" -s h -l help -d 'Print help'
-complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm all image iptables-rules ignite cni help" -s V -l version -d 'Print version'
-complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm all image iptables-rules ignite cni help" -f -a "vm" -d 'Fetch the guest kernel from Debian\'s packages and build the initramfs with the guest agent'
-complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm all image iptables-rules ignite cni help" -f -a "all" -d 'Everything this host needs, as Sourcegraph\'s `install all`: the microVM guest (`install vm`) and the network\'s nftables table (`install iptables-rules`)'
-complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm all image iptables-rules ignite cni help" -f -a "image" -d 'Sourcegraph\'s VM images: `executor-vm` and `kernel` are the microVM guest (`install vm`); `sandbox` has no equivalent to install'
-complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm all image iptables-rules ignite cni help" -f -a "iptables-rules" -d 'The jobs\' network isolation: this executor\'s nftables table (Sourcegraph\'s iptables rules)'
-complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm all image iptables-rules ignite cni help" -f -a "ignite" -d 'Sourcegraph\'s Firecracker manager: not used here (QEMU microVMs); says what replaces it'
-complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm all image iptables-rules ignite cni help" -f -a "cni" -d 'Sourcegraph\'s CNI plugins: not used here (the executor makes each job\'s network itself)'
-complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm all image iptables-rules ignite cni help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm src-cli all image iptables-rules ignite cni help" -s h -l help -d 'Print help'
+complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm src-cli all image iptables-rules ignite cni help" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm src-cli all image iptables-rules ignite cni help" -f -a "vm" -d 'Fetch the guest kernel from Debian\'s packages and build the initramfs with the guest agent'
+complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm src-cli all image iptables-rules ignite cni help" -f -a "src-cli" -d 'Fetch Sourcegraph\'s src-cli from the instance for the guests of cliSteps jobs'
+complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm src-cli all image iptables-rules ignite cni help" -f -a "all" -d 'Everything this host needs, as Sourcegraph\'s `install all`: the microVM guest (`install vm`), the network\'s nftables table (`install iptables-rules`) and src-cli from the instance (`install src-cli`, when EXECUTOR_FRONTEND_URL is set)'
+complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm src-cli all image iptables-rules ignite cni help" -f -a "image" -d 'Sourcegraph\'s VM images: `executor-vm` and `kernel` are the microVM guest (`install vm`); `sandbox` has no equivalent to install'
+complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm src-cli all image iptables-rules ignite cni help" -f -a "iptables-rules" -d 'The jobs\' network isolation: this executor\'s nftables table (Sourcegraph\'s iptables rules)'
+complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm src-cli all image iptables-rules ignite cni help" -f -a "ignite" -d 'Sourcegraph\'s Firecracker manager: not used here (QEMU microVMs); says what replaces it'
+complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm src-cli all image iptables-rules ignite cni help" -f -a "cni" -d 'Sourcegraph\'s CNI plugins: not used here (the executor makes each job\'s network itself)'
+complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm src-cli all image iptables-rules ignite cni help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from vm" -l state-dir -d 'State directory (vm/ is created below it)' -r -F
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from vm" -l kernel-package -d 'Kernel package: a linux-image-<version>-cloud-amd64 package or the metapackage naming one' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from vm" -l engine-mirror -d 'The Debian mirror the engine\'s packages come from' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from vm" -l force -d 'Rebuild even what is up to date'
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from vm" -l engine -d 'Also build the guest\'s container engine (podman, from Debian\'s packages with debootstrap) that cliSteps jobs run `src batch exec` with'
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from vm" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from vm" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from src-cli" -l state-dir -d 'State directory (vm/src-cli/ is created below it)' -r -F
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from src-cli" -l frontend-url -d 'The Sourcegraph instance to fetch src from (<URL>/.api/src-cli/src_linux_amd64)' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from src-cli" -l frontend-ca -d 'PEM file of CA certificates trusted for an https instance' -r -F
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from src-cli" -l from -d 'Install this file as src instead of fetching it' -r -F
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from src-cli" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from src-cli" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l kernel-package -d 'Kernel package of the microVM guest (as `install vm --kernel-package`)' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l password-file -d 'Read the shared secret from this file instead of EXECUTOR_FRONTEND_PASSWORD' -r -F
-complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l frontend-ca -d 'PEM file of CA certificates trusted for an https coordinator, besides the public roots' -r -F
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l frontend-ca -d 'PEM file of CA certificates trusted for an https coordinator, besides the public roots and the system trust store (SSL_CERT_FILE, SSL_CERT_DIR)' -r -F
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l queue -d 'The queue to take jobs from (batches or codeintel)' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l queues -d 'Several queues, comma-separated (multi-queue mode)' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l poll-interval -d 'Pause between empty dequeues [default: 1s]' -r
@@ -700,7 +731,9 @@ complete -c executor -n "__fish_executor_using_subcommand install; and __fish_se
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
-complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l private-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be at private, loopback, link-local or this host\'s addresses; pulls refuse other such destinations, as the job\'s egress policy does (insecure registries and mirrors are listed too)' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS, besides the public roots and the system trust store' -r -F
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
@@ -708,16 +741,19 @@ complete -c executor -n "__fish_executor_using_subcommand install; and __fish_se
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l force -d 'Rebuild the guest even when it is up to date'
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l engine -d 'Also build the guest\'s container engine for cliSteps jobs (as `install vm --engine`)'
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from image" -l state-dir -d 'State directory (vm/ is created below it)' -r -F
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from image" -l kernel-package -d 'Kernel package: a linux-image-<version>-cloud-amd64 package or the metapackage naming one' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from image" -l engine-mirror -d 'The Debian mirror the engine\'s packages come from' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from image" -l force -d 'Rebuild even what is up to date'
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from image" -l engine -d 'Also build the guest\'s container engine (podman, from Debian\'s packages with debootstrap) that cliSteps jobs run `src batch exec` with'
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from image" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from image" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l password-file -d 'Read the shared secret from this file instead of EXECUTOR_FRONTEND_PASSWORD' -r -F
-complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l frontend-ca -d 'PEM file of CA certificates trusted for an https coordinator, besides the public roots' -r -F
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l frontend-ca -d 'PEM file of CA certificates trusted for an https coordinator, besides the public roots and the system trust store (SSL_CERT_FILE, SSL_CERT_DIR)' -r -F
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l queue -d 'The queue to take jobs from (batches or codeintel)' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l queues -d 'Several queues, comma-separated (multi-queue mode)' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l poll-interval -d 'Pause between empty dequeues [default: 1s]' -r
@@ -750,7 +786,9 @@ complete -c executor -n "__fish_executor_using_subcommand install; and __fish_se
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l docker-auth-config -d 'Registry credentials: the content of a Docker config.json (`{"auths": {"registry": {"auth": "<base64 user:password>"}}}`); never logged' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l registry-mirror -d 'Docker Hub mirrors (base URLs, comma-separated), tried in order before Docker Hub' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l insecure-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be reached over plain HTTP; loopback registries always may' -r
-complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS' -r -F
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l private-registry -d 'Registries (`host` or `host:port`, comma-separated) that may be at private, loopback, link-local or this host\'s addresses; pulls refuse other such destinations, as the job\'s egress policy does (insecure registries and mirrors are listed too)' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS, besides the public roots and the system trust store' -r -F
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
@@ -767,7 +805,8 @@ complete -c executor -n "__fish_executor_using_subcommand install; and __fish_se
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from cni" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from cni" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from help" -f -a "vm" -d 'Fetch the guest kernel from Debian\'s packages and build the initramfs with the guest agent'
-complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from help" -f -a "all" -d 'Everything this host needs, as Sourcegraph\'s `install all`: the microVM guest (`install vm`) and the network\'s nftables table (`install iptables-rules`)'
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from help" -f -a "src-cli" -d 'Fetch Sourcegraph\'s src-cli from the instance for the guests of cliSteps jobs'
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from help" -f -a "all" -d 'Everything this host needs, as Sourcegraph\'s `install all`: the microVM guest (`install vm`), the network\'s nftables table (`install iptables-rules`) and src-cli from the instance (`install src-cli`, when EXECUTOR_FRONTEND_URL is set)'
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from help" -f -a "image" -d 'Sourcegraph\'s VM images: `executor-vm` and `kernel` are the microVM guest (`install vm`); `sandbox` has no equivalent to install'
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from help" -f -a "iptables-rules" -d 'The jobs\' network isolation: this executor\'s nftables table (Sourcegraph\'s iptables rules)'
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from help" -f -a "ignite" -d 'Sourcegraph\'s Firecracker manager: not used here (QEMU microVMs); says what replaces it'
@@ -819,7 +858,8 @@ complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_
 complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from queue" -f -a "files" -d 'The files store jobs reference by bucket and key'
 complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from queue" -f -a "artifacts" -d 'Download a job\'s artifacts tarball (stdout unless -o; never to a terminal)'
 complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from install" -f -a "vm" -d 'Fetch the guest kernel from Debian\'s packages and build the initramfs with the guest agent'
-complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from install" -f -a "all" -d 'Everything this host needs, as Sourcegraph\'s `install all`: the microVM guest (`install vm`) and the network\'s nftables table (`install iptables-rules`)'
+complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from install" -f -a "src-cli" -d 'Fetch Sourcegraph\'s src-cli from the instance for the guests of cliSteps jobs'
+complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from install" -f -a "all" -d 'Everything this host needs, as Sourcegraph\'s `install all`: the microVM guest (`install vm`), the network\'s nftables table (`install iptables-rules`) and src-cli from the instance (`install src-cli`, when EXECUTOR_FRONTEND_URL is set)'
 complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from install" -f -a "image" -d 'Sourcegraph\'s VM images: `executor-vm` and `kernel` are the microVM guest (`install vm`); `sandbox` has no equivalent to install'
 complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from install" -f -a "iptables-rules" -d 'The jobs\' network isolation: this executor\'s nftables table (Sourcegraph\'s iptables rules)'
 complete -c executor -n "__fish_executor_using_subcommand help; and __fish_seen_subcommand_from install" -f -a "ignite" -d 'Sourcegraph\'s Firecracker manager: not used here (QEMU microVMs); says what replaces it'

@@ -53,44 +53,46 @@ fn fetch(agent: &ureq::Agent, url: &str, max: u64) -> Result<Option<Vec<u8>>> {
 pub(crate) fn install_src_cli(args: InstallSrcCliArgs) -> Result<i32> {
     let state_dir = std::path::absolute(&args.state_dir)
         .with_context(|| format!("resolving the state directory {}", args.state_dir.display()))?;
-    let did = match (&args.from, args.frontend_url.as_deref().filter(|u| !u.is_empty())) {
-        (Some(file), _) => {
-            let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-            crate::vm::src_cli::install(&state_dir, &bytes, None, &file.display().to_string())?
-        }
-        (None, Some(url)) => {
-            let base = url.trim_end_matches('/');
-            // The system trust store, the frontend CA and the proxies, as for the coordinator.
-            let make = || {
-                ureq::AgentBuilder::new()
-                    .timeout_connect(Duration::from_secs(10))
-                    .timeout_read(Duration::from_secs(120))
-                    .user_agent(&format!("executor/{}", env!("CARGO_PKG_VERSION")))
-            };
-            let agents =
-                crate::base::http::Agents::new(make, base.starts_with("https://"), args.frontend_ca.as_deref())?;
-            let url = format!("{base}{SRC_ROUTE}");
-            let agent = agents.for_url(&url);
-            let bytes = fetch(agent, &url, MAX_SRC)?
-                .with_context(|| format!("{url} answered 404: the instance serves no src-cli"))?;
-            let sum_url = format!("{url}.sha256");
-            let want = match fetch(agent, &sum_url, 4096)? {
-                Some(text) => Some(
-                    parse_sha256(&String::from_utf8_lossy(&text))
-                        .with_context(|| format!("reading {sum_url}"))?,
-                ),
-                None => None,
-            };
-            crate::vm::src_cli::install(&state_dir, &bytes, want.as_deref(), &url)?
-        }
-        (None, None) => {
-            return Err(exit::ExitError::new(
+    let did =
+        match (&args.from, args.frontend_url.as_deref().filter(|u| !u.is_empty())) {
+            (Some(file), _) => {
+                let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+                crate::vm::src_cli::install(&state_dir, &bytes, None, &file.display().to_string())?
+            }
+            (None, Some(url)) => {
+                let base = url.trim_end_matches('/');
+                // The system trust store, the frontend CA and the proxies, as for the coordinator.
+                let make = || {
+                    ureq::AgentBuilder::new()
+                        .timeout_connect(Duration::from_secs(10))
+                        .timeout_read(Duration::from_secs(120))
+                        .user_agent(&format!("executor/{}", env!("CARGO_PKG_VERSION")))
+                };
+                let agents = crate::base::http::Agents::new(
+                    make,
+                    base.starts_with("https://"),
+                    args.frontend_ca.as_deref(),
+                )?;
+                let url = format!("{base}{SRC_ROUTE}");
+                let agent = agents.for_url(&url);
+                let bytes = fetch(agent, &url, MAX_SRC)?
+                    .with_context(|| format!("{url} answered 404: the instance serves no src-cli"))?;
+                let sum_url = format!("{url}.sha256");
+                let want = match fetch(agent, &sum_url, 4096)? {
+                    Some(text) => Some(
+                        parse_sha256(&String::from_utf8_lossy(&text))
+                            .with_context(|| format!("reading {sum_url}"))?,
+                    ),
+                    None => None,
+                };
+                crate::vm::src_cli::install(&state_dir, &bytes, want.as_deref(), &url)?
+            }
+            (None, None) => return Err(exit::ExitError::new(
                 exit::USAGE,
                 "install src-cli needs the instance (EXECUTOR_FRONTEND_URL, --frontend-url) or --from FILE",
             )
-            .into())
-        }
-    };
+            .into()),
+        };
     for line in did {
         eprintln!("install src-cli: {line}");
     }

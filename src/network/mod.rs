@@ -397,9 +397,7 @@ pub fn setup_timed(
     reach: Reach,
     t: &mut Timings,
 ) -> Result<JobNetwork> {
-    take_slot_and_build(state_dir, sandbox, s, reach, t, |net, coord, t| {
-        build(state_dir, net, s, coord, t)
-    })
+    take_slot_and_build(state_dir, sandbox, s, reach, t, |net, coord, t| build(state_dir, net, s, coord, t))
 }
 
 /// The network of a microVM: the job's link is a TAP device `exn<n>` in the host's namespace

@@ -264,6 +264,8 @@ fn cli_steps_run_src_with_a_real_container_engine_in_the_microvm() {
         .env("EXECUTOR_VM_POOL_SIZE", "0")
         .env("EXECUTOR_NETWORK", "none")
         .env("EXECUTOR_IMAGE_PULL", "missing")
+        // The test's registry is on loopback: pulls go there only when the operator lists it.
+        .env("EXECUTOR_PRIVATE_REGISTRIES", format!("127.0.0.1:{}", reg.port))
         .env("EXECUTOR_STATE_DIR", &state)
         .env("EXECUTOR_VM_PREFIX", format!("cli{}", &uuid::Uuid::new_v4().simple().to_string()[..8]))
         .env("EXECUTOR_JOB_MEMORY", "1G")

@@ -126,6 +126,15 @@ impl IntoResponse for HttpError {
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
+        // A refusal made before the request's body was read: the server drops the connection
+        // after answering, so say so, or a client's pool reuses it and its next request on it
+        // fails with an unexpected EOF.
+        if matches!(
+            self.status,
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::PAYLOAD_TOO_LARGE
+        ) {
+            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         resp
     }
 }

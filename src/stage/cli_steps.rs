@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use std::time::Instant;
 
 use super::JobCtx;
-use crate::document::{EndedBy, RunDocument, StepRecord};
+use crate::document::{RunDocument, StepRecord};
 use crate::protocol::Job;
 use crate::sandbox::{CliStepSpec, StepEnd};
 
@@ -83,15 +83,7 @@ pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
         let mut entry = ctx.logger.entry(&key, Some(runtime.cli_step_command(&sandbox, &spec)))?;
         let started = Instant::now();
         let end = runtime.run_cli_step(&sandbox, &spec, &mut entry, &ctx.cancel);
-        let (code, ended_by) = match &end {
-            Ok(StepEnd::Exited(c)) => (*c, None),
-            Ok(StepEnd::Signaled(s)) => (128 + s, Some(EndedBy::Killed)),
-            Ok(StepEnd::Stopped(r)) => (-1, Some(EndedBy::Stopped(*r))),
-            Err(_) => (-1, None),
-        };
-        if let Err(e) = &end {
-            entry.line(&format!("error: {}", ctx.redact(&format!("{e:#}"))));
-        }
+        let (code, ended_by) = super::run_steps::close_entry(ctx, &end, &mut entry);
         let flushed = entry.finish(code);
         let duration_ms = started.elapsed().as_millis() as i64;
         doc.steps.push(StepRecord { key: key.clone(), exit_code: Some(code), duration_ms, ended_by });

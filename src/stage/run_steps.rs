@@ -110,15 +110,7 @@ pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
             &[runtime.name(), result],
             started.elapsed().as_secs_f64(),
         );
-        let (code, ended_by) = match &end {
-            Ok(StepEnd::Exited(c)) => (*c, None),
-            Ok(StepEnd::Signaled(s)) => (128 + s, Some(EndedBy::Killed)),
-            Ok(StepEnd::Stopped(r)) => (-1, Some(EndedBy::Stopped(*r))),
-            Err(_) => (-1, None),
-        };
-        if let Err(e) = &end {
-            entry.line(&format!("error: {}", ctx.redact(&format!("{e:#}"))));
-        }
+        let (code, ended_by) = super::run_steps::close_entry(ctx, &end, &mut entry);
         let flushed = entry.finish(code);
         doc.steps.push(StepRecord { key: key.clone(), exit_code: Some(code), duration_ms, ended_by });
         match end.with_context(|| format!("running {key}"))? {
@@ -208,6 +200,24 @@ impl OutputSink for LimitNotes<'_> {
     fn limit_hit(&mut self, what: &str) {
         self.entry.limit_hit(what);
         self.hit.push(what.to_string());
+    }
+}
+
+/// A step's exit code and how it ended, as its log entry and the run document record them; an
+/// error of the runtime's is said on the entry's last line (redacted).
+pub(crate) fn close_entry(
+    ctx: &JobCtx,
+    end: &Result<StepEnd>,
+    entry: &mut crate::logs::LogEntry,
+) -> (i32, Option<EndedBy>) {
+    if let Err(e) = end {
+        entry.line(&format!("error: {}", ctx.redact(&format!("{e:#}"))));
+    }
+    match end {
+        Ok(StepEnd::Exited(c)) => (*c, None),
+        Ok(StepEnd::Signaled(s)) => (128 + s, Some(EndedBy::Killed)),
+        Ok(StepEnd::Stopped(r)) => (-1, Some(EndedBy::Stopped(*r))),
+        Err(_) => (-1, None),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The base layer: small utilities that know nothing of jobs, sandboxes or coordinators, and
 //! import nothing else of this crate. Everything above builds on them.
 
+pub(crate) mod addr;
 pub mod cancel;
 pub(crate) mod exit;
 pub(crate) mod fs;

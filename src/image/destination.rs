@@ -10,27 +10,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 
-/// IPv4 networks no job may reach (the job policy's list, `network::policy::REFUSED`).
-const REFUSED_V4: &[(Ipv4Addr, u8)] = &[
-    (Ipv4Addr::new(0, 0, 0, 0), 8),
-    (Ipv4Addr::new(10, 0, 0, 0), 8),
-    (Ipv4Addr::new(100, 64, 0, 0), 10),
-    (Ipv4Addr::new(127, 0, 0, 0), 8),
-    (Ipv4Addr::new(169, 254, 0, 0), 16),
-    (Ipv4Addr::new(172, 16, 0, 0), 12),
-    (Ipv4Addr::new(192, 0, 0, 0), 24),
-    (Ipv4Addr::new(192, 168, 0, 0), 16),
-    (Ipv4Addr::new(198, 18, 0, 0), 15),
-    (Ipv4Addr::new(224, 0, 0, 0), 4),
-    (Ipv4Addr::new(240, 0, 0, 0), 4),
-];
-
-fn refused_v4(ip: Ipv4Addr) -> bool {
-    REFUSED_V4.iter().any(|(net, prefix)| {
-        let mask = if *prefix == 0 { 0 } else { u32::MAX << (32 - prefix) };
-        u32::from(ip) & mask == u32::from(*net)
-    })
-}
+use crate::base::addr::refused_v4;
 
 /// An IPv4 address carried inside an IPv6 one (mapped, compatible, NAT64, 6to4), which reaches
 /// the IPv4 host it names.

@@ -57,23 +57,6 @@ impl Allow {
     }
 }
 
-/// Destinations no job may reach unless allowed above them: this network, private ranges,
-/// shared address space, loopback, link-local (cloud metadata), IETF protocol assignments,
-/// benchmarking, multicast, reserved and broadcast.
-pub(crate) const REFUSED: &[&str] = &[
-    "0.0.0.0/8",
-    "10.0.0.0/8",
-    "100.64.0.0/10",
-    "127.0.0.0/8",
-    "169.254.0.0/16",
-    "172.16.0.0/12",
-    "192.0.0.0/24",
-    "192.168.0.0/16",
-    "198.18.0.0/15",
-    "224.0.0.0/4",
-    "240.0.0.0/4",
-];
-
 const REJECT: &str = "reject with icmpx type admin-prohibited";
 
 /// The table, created once per host (network namespace) with the pool it NATs. The map `jobs`
@@ -202,7 +185,8 @@ pub(crate) fn policy_chain(s: &Settings, targets: &[Target]) -> (String, String)
     // 5. Refused: every address of the host (any interface, the gateway too), the non-public
     //    ranges and the other jobs' subnets, broadcast and multicast of any kind.
     rules.push(format!("fib daddr type local {REJECT}"));
-    let mut refused: Vec<String> = REFUSED.iter().map(|s| s.to_string()).collect();
+    // Destinations no job may reach unless allowed above them (`base::addr`).
+    let mut refused = crate::base::addr::refused_v4_cidrs();
     refused.push(s.pool.to_string());
     rules.push(format!("ip daddr {} {REJECT}", set(refused)));
     rules.push("fib daddr type { broadcast, multicast, anycast } drop".into());
@@ -272,8 +256,8 @@ mod tests {
         assert!(
             pos("ip daddr 10.5.0.0/16 meta l4proto { tcp, udp } th dport 8080 accept") < pos("10.0.0.0/8")
         );
-        for r in REFUSED {
-            assert!(script.contains(r), "{r}");
+        for r in crate::base::addr::refused_v4_cidrs() {
+            assert!(script.contains(&r), "{r}");
         }
         assert!(script.contains("10.255.0.0/16 }"), "other jobs' subnets are refused");
         assert!(script.ends_with(&format!("add rule inet executor {chain} accept\n")));

@@ -271,6 +271,15 @@ pub fn summarize(job: &Job, secret: &str) -> JobSummary {
                 commands: s.commands.iter().map(|c| redactor.redact_str(c)).collect(),
                 env_names: s.env.iter().map(|e| e.split('=').next().unwrap_or("").to_string()).collect(),
             })
+            // Sourcegraph's legacy batch jobs carry `src` invocations instead of docker steps; their
+            // keys are those of the steps' log entries (`step.src.KEY`).
+            .chain(job.cli_steps.iter().enumerate().map(|(i, s)| StepSummary {
+                key: format!("src.{}", if s.key.is_empty() { i.to_string() } else { s.key.clone() }),
+                image: String::new(),
+                dir: s.dir.clone(),
+                commands: vec![redactor.redact_str(&format!("src {}", s.command.join(" ")))],
+                env_names: s.env.iter().map(|e| e.split('=').next().unwrap_or("").to_string()).collect(),
+            }))
             .collect(),
         artifacts: job.artifacts.clone(),
     }
@@ -408,6 +417,23 @@ mod tests {
         assert_eq!(doc.open_job(&secret).unwrap(), job());
         let err = doc.open_job(&"t".repeat(24)).unwrap_err().to_string();
         assert!(err.contains("shared secret"), "{err}");
+    }
+
+    #[test]
+    fn summary_lists_cli_steps_redacted() {
+        let mut j = job();
+        j.docker_steps.clear();
+        j.cli_steps.push(crate::protocol::CliStep {
+            key: "batch-exec".into(),
+            command: vec!["batch".into(), "exec".into(), "-token".into(), "hunter2hunter2".into()],
+            dir: ".".into(),
+            env: vec!["SRC_TOKEN=x".into()],
+        });
+        let s = summarize(&j, &"s".repeat(24));
+        assert_eq!(s.steps.len(), 1);
+        assert_eq!(s.steps[0].key, "src.batch-exec");
+        assert_eq!(s.steps[0].commands, vec!["src batch exec -token PASSWORD_REMOVED".to_string()]);
+        assert_eq!(s.steps[0].env_names, vec!["SRC_TOKEN".to_string()]);
     }
 
     #[test]

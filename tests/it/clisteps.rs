@@ -287,6 +287,7 @@ fn cli_steps_run_src_with_a_real_container_engine_in_the_microvm() {
     eprintln!("clisteps: job {state_of} in {:.1}s", started.elapsed().as_secs_f64());
     assert!(exited, "the executor did not exit:\n{stderr}");
     assert_eq!(state_of, "completed", "{failure:?}\n{logs:#?}\n{stderr}");
+    assert!(stderr.contains("dequeued (1 steps)"), "the dequeue line counts the cliSteps:\n{stderr}");
     let keys: Vec<&str> = logs.iter().map(|e| e["key"].as_str().unwrap_or("")).collect();
     let entry = logs.iter().find(|e| e["key"] == "step.src.batch-exec").unwrap_or_else(|| panic!("{keys:?}"));
     let out = entry["out"].as_str().unwrap_or("");

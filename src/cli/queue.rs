@@ -203,6 +203,17 @@ pub struct ServeArgs {
     /// PEM private key of --tls-cert
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// File holding a read-only token for /metrics and /api/queues, for an autoscaler (instead
+    /// of EXECUTOR_QUEUE_METRICS_TOKEN; default: those need the admin token)
+    #[arg(long, value_name = "FILE")]
+    pub metrics_token_file: Option<PathBuf>,
+    /// The order of a queue's jobs: fair (round-robin across tenants: a job's "tenant", else its
+    /// repository) or fifo (oldest first)
+    #[arg(long, default_value = "fair", value_parser = ["fair", "fifo"])]
+    pub dequeue_order: String,
+    /// With the fair order, at most this many running jobs per tenant in each queue (0: no cap)
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub tenant_max_running: i64,
 }
 
 /// A command-line value kept as a secret from the start (it may carry a password).
@@ -233,6 +244,11 @@ impl ServeArgs {
             "admin token",
         )?
         .unwrap_or_default();
+        let metrics_token = server::read_secret(
+            self.metrics_token_file.as_deref(),
+            "EXECUTOR_QUEUE_METRICS_TOKEN",
+            "metrics token",
+        )?;
         let queues = if self.queues.is_empty() {
             server::DEFAULT_QUEUES.iter().map(|s| s.to_string()).collect()
         } else {
@@ -255,6 +271,9 @@ impl ServeArgs {
             tls: self.tls_cert.zip(self.tls_key),
             active_window: self.active_window,
             database,
+            metrics_token,
+            fair_dequeue: self.dequeue_order == "fair",
+            tenant_max_running: self.tenant_max_running,
         })
     }
 }

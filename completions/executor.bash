@@ -3672,7 +3672,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__queue__subcmd__serve)
-            opts="-h -V --listen --data-dir --database --database-password-file --addr-file --queue --stalled-max-age --active-window --max-resets --max-retries --log-cap-bytes --artifact-max-bytes --secret-file --admin-token-file --tls-cert --tls-key --help --version"
+            opts="-h -V --listen --data-dir --database --database-password-file --addr-file --queue --stalled-max-age --active-window --max-resets --max-retries --log-cap-bytes --artifact-max-bytes --secret-file --admin-token-file --tls-cert --tls-key --metrics-token-file --dequeue-order --tenant-max-running --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -3739,6 +3739,18 @@ _executor() {
                     return 0
                     ;;
                 --tls-key)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --metrics-token-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --dequeue-order)
+                    COMPREPLY=($(compgen -W "fair fifo" -- "${cur}"))
+                    return 0
+                    ;;
+                --tenant-max-running)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

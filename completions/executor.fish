@@ -123,6 +123,10 @@ complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l admin-token-file -d 'File holding the admin API token (instead of EXECUTOR_QUEUE_ADMIN_TOKEN)' -r -F
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l tls-cert -d 'PEM certificate chain: serve HTTPS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l tls-key -d 'PEM private key of --tls-cert' -r -F
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l metrics-token-file -d 'File holding a read-only token for /metrics and /api/queues, for an autoscaler (instead of EXECUTOR_QUEUE_METRICS_TOKEN; default: those need the admin token)' -r -F
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l dequeue-order -d 'The order of a queue\'s jobs: fair (round-robin across tenants: a job\'s "tenant", else its repository) or fifo (oldest first)' -r -f -a "fair\t''
+fifo\t''"
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l tenant-max-running -d 'With the fair order, at most this many running jobs per tenant in each queue (0: no cap)' -r
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from submit" -l queue -d 'Queue to submit to (overrides "queue" in the file; default batches)' -r

@@ -298,11 +298,16 @@ impl Store {
             let mut raw = [0u8; 20];
             rand::thread_rng().fill(&mut raw);
             let hash = sha256_hex(&raw);
-            let taken: Option<(i64, String)> = self.autocommit(|t| {
-                if let DequeueOrder::Fair(fair) = order {
-                    return queues::take_pg(t, &queue, executor, &hash, now, fair);
+            let taken: Option<(i64, String)> = match order {
+                DequeueOrder::Fair(fair) if fair.max_running > 0 => self.tx(|t| {
+                    queues::lock_capped_queue(t, &queue)?;
+                    queues::take_pg(t, &queue, executor, &hash, now, fair)
+                })?,
+                DequeueOrder::Fair(fair) => {
+                    self.autocommit(|t| queues::take_pg(t, &queue, executor, &hash, now, fair))?
                 }
-                t.opt(
+                DequeueOrder::Fifo => self.autocommit(|t| {
+                    t.opt(
                     "WITH picked AS (SELECT id FROM jobs WHERE queue = ?1 AND state = 'queued' ORDER BY id \
                      LIMIT 1 FOR UPDATE SKIP LOCKED), \
                      taken AS (UPDATE jobs SET state = 'processing', executor_name = ?2, token_sha256 = ?3, \
@@ -314,7 +319,8 @@ impl Store {
                     p![queue, executor, hash, now],
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
-            })?;
+                })?,
+            };
             if let Some((id, payload)) = taken {
                 return Ok(Some(Dequeued { id, queue, payload, token: hex::encode(raw) }));
             }

@@ -27,7 +27,8 @@ pub enum DequeueOrder {
 /// cursor is this replica's own, in memory: a shared row would be written by every dequeue, and
 /// on PostgreSQL concurrent dequeues would wait for each other's commit on its lock. So on
 /// PostgreSQL dequeues running at the same instant may serve one tenant twice in a round (each
-/// still gets another job), and a restart starts the round over.
+/// still gets another job), and a restart starts the round over. The cap is exact on both
+/// (see [`lock_capped_queue`]).
 pub struct Fairness {
     /// At most this many running jobs per tenant in a queue; 0: no cap.
     pub max_running: i64,
@@ -109,6 +110,19 @@ pub(super) fn dequeue_pg_sql(capped: bool) -> String {
          chunks AS (DELETE FROM log_chunks WHERE job_id IN (SELECT id FROM taken)) \
          SELECT id, payload, tenant FROM taken"
     )
+}
+
+/// The first key of the capped dequeue's lock (PostgreSQL's two-key advisory locks, a space
+/// apart from the one-key locks of `pg.rs`); the second is the queue name's hash.
+const CAP_LOCK: i32 = 0x6578_6361;
+
+/// PostgreSQL with a per-tenant cap: takes the queue's capped-dequeue lock for the rest of the
+/// transaction. The dequeue statement after it starts with a snapshot that holds every capped
+/// dequeue of the queue committed before, so that two replicas never both see a tenant's last
+/// free slot (concurrent dequeues of a capped queue take turns; uncapped ones never wait).
+pub(super) fn lock_capped_queue(t: &mut dyn Tx, queue: &str) -> Result<()> {
+    t.exec(&format!("SELECT pg_advisory_xact_lock({CAP_LOCK}, hashtext(?1))"), p![queue])?;
+    Ok(())
 }
 
 /// Runs [`dequeue_pg_sql`] for `queue`; `(id, payload)` of the job taken, the cursor advanced.
@@ -360,5 +374,41 @@ mod tests {
         all.sort();
         want.sort();
         assert_eq!(all, want, "every job exactly once");
+    }
+
+    /// Eight replicas dequeueing at once with a cap of one running job per tenant: ten tenants,
+    /// so ten jobs go out, one each, however the dequeues interleave.
+    #[test]
+    fn concurrent_capped_dequeues_keep_the_cap() {
+        let test = "concurrent_capped_dequeues_keep_the_cap";
+        let Some(pool) = crate::server::store::testing::pg_pool(test) else { return };
+        let mut s = Store::postgres(pool.clone());
+        for i in 0..100 {
+            s.submit_for("batches", "{}", "r", &format!("t{}", i % 10), 1).unwrap();
+        }
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let (pool, barrier) = (pool.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    let order = fair(1);
+                    barrier.wait();
+                    let mut n = 0;
+                    let mut s = Store::postgres(pool);
+                    while s
+                        .dequeue_in(&["batches".to_string()], &format!("e{i}"), 2, |_| 1, &order)
+                        .unwrap()
+                        .is_some()
+                    {
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        let taken: i64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(taken, 10);
+        let g = s.queue_gauges(&["batches".to_string()], 2, 0).unwrap();
+        assert_eq!((g[0].running, g[0].queued), (10, 90));
     }
 }

@@ -142,3 +142,47 @@ pub fn serve(cfg: ServeConfig) -> Result<()> {
         .context("starting the async runtime")?;
     rt.block_on(http::serve(Arc::new(cfg)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> ServeConfig {
+        ServeConfig {
+            listen: "127.0.0.1:0".into(),
+            data_dir: PathBuf::from("/nonexistent"),
+            addr_file: None,
+            queues: vec!["batches".into()],
+            stalled_max_age: Duration::from_secs(25),
+            max_resets: 3,
+            max_retries: 0,
+            log_cap_bytes: 1 << 20,
+            artifact_max_bytes: 1 << 20,
+            secret: "executor-secret-0123456789abcdef".into(),
+            admin_token: "admin-token-0123456789abcdef0123".into(),
+            tls: None,
+            active_window: ACTIVE_WINDOW,
+            database: None,
+            metrics_token: Some("metrics-token-0123456789abcdef".into()),
+            fair_dequeue: true,
+            tenant_max_running: 2,
+        }
+    }
+
+    #[test]
+    fn the_metrics_token_and_the_tenant_cap_are_checked() {
+        check(&cfg()).unwrap();
+        let err = |f: fn(&mut ServeConfig)| {
+            let mut c = cfg();
+            f(&mut c);
+            format!("{:#}", check(&c).unwrap_err())
+        };
+        assert!(err(|c| c.metrics_token = Some("short".into())).contains("at least 20"));
+        assert!(err(|c| c.metrics_token = Some(c.admin_token.clone())).contains("must differ"));
+        assert!(err(|c| c.metrics_token = Some(c.secret.clone())).contains("must differ"));
+        assert!(err(|c| c.tenant_max_running = -1).contains("negative"));
+        assert!(err(|c| c.fair_dequeue = false).contains("fair order"));
+        let text = format!("{:?}", cfg());
+        assert!(!text.contains("metrics-token-0123"), "{text}");
+    }
+}

@@ -90,6 +90,12 @@ pub enum QueueCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Each queue's queued jobs, oldest queued job's age, running jobs and executors (what an
+    /// autoscaler reads from /api/queues)
+    Queues {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Register, list and remove the git repositories the coordinator serves to jobs
     #[command(subcommand)]
     Repo(RepoCommand),
@@ -304,6 +310,7 @@ pub(crate) fn run(args: QueueArgs) -> Result<i32> {
         QueueCommand::Logs { id, follow, client } => (options(client), C::Logs { id, follow }),
         QueueCommand::Cancel { id, client } => (options(client), C::Cancel { id }),
         QueueCommand::Executors { client } => (options(client), C::Executors),
+        QueueCommand::Queues { client } => (options(client), C::Queues),
         QueueCommand::Artifacts { id, output, client } => (options(client), C::Artifacts { id, output }),
         QueueCommand::Repo(RepoCommand::Add { name, path, client }) => {
             (options(client), C::RepoAdd { name, path })

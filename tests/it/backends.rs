@@ -247,6 +247,12 @@ fn fleet_signals(c: &Coordinator, ex: &ExecutorClient) {
         "{all}"
     );
     assert_eq!(c.request("GET", "/api/queues/nope", Some(&reader), None).0, 404);
+    assert_eq!(ok_json(c, &["queues"])["queues"][1]["queued"], 1);
+    let text = ok(c, &["queues"]);
+    let rows: Vec<Vec<&str>> = text.lines().map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(rows[0], ["QUEUE", "QUEUED", "OLDEST", "RUNNING", "EXECUTORS"], "{text}");
+    assert_eq!((rows[1][0], rows[1][1], rows[1][4]), ("batches", "0", "1"), "{text}");
+    assert_eq!((rows[2][0], rows[2][1], rows[2][3], rows[2][4]), ("codeintel", "1", "0", "0"), "{text}");
     assert_eq!(
         c.request("GET", "/api/jobs", Some(&reader), None).0,
         403,

@@ -277,8 +277,10 @@ impl Store {
     }
 
     /// PostgreSQL's dequeue: one statement per queue tried (no transaction round trips): the
-    /// oldest queued row not locked by another replica's dequeue (`FOR UPDATE SKIP LOCKED`)
-    /// becomes processing and loses its old log. With one queue there is nothing to choose, so
+    /// oldest queued row not locked by another replica's dequeue (`FOR UPDATE SKIP LOCKED`),
+    /// or in the fair order the first such row after the cursor in (tenant, id) order, becomes
+    /// processing and loses its old log (with a tenant cap: in a transaction behind the queue's
+    /// cap lock, `queues.rs`). With one queue there is nothing to choose, so
     /// no look first. A statement that fails with a lost connection may run again on another
     /// connection: at worst the first took a job whose answer never came back, which the
     /// stalled-job reset requeues (that job never ran, so it still runs once).

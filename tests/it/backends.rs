@@ -247,6 +247,8 @@ fn fleet_signals(c: &Coordinator, ex: &ExecutorClient) {
         "{all}"
     );
     assert_eq!(c.request("GET", "/api/queues/nope", Some(&reader), None).0, 404);
+    assert_eq!(c.request("GET", "/api/queues", None, None).0, 401);
+    assert_eq!(c.request("GET", "/api/queues", Some("Bearer not-the-metrics-token-at-all"), None).0, 403);
     assert_eq!(ok_json(c, &["queues"])["queues"][1]["queued"], 1);
     let text = ok(c, &["queues"]);
     let rows: Vec<Vec<&str>> = text.lines().map(|l| l.split_whitespace().collect()).collect();

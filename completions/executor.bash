@@ -169,6 +169,9 @@ _executor() {
             executor__subcmd__help__subcmd__queue,logs)
                 cmd="executor__subcmd__help__subcmd__queue__subcmd__logs"
                 ;;
+            executor__subcmd__help__subcmd__queue,queues)
+                cmd="executor__subcmd__help__subcmd__queue__subcmd__queues"
+                ;;
             executor__subcmd__help__subcmd__queue,repo)
                 cmd="executor__subcmd__help__subcmd__queue__subcmd__repo"
                 ;;
@@ -313,6 +316,9 @@ _executor() {
             executor__subcmd__queue,logs)
                 cmd="executor__subcmd__queue__subcmd__logs"
                 ;;
+            executor__subcmd__queue,queues)
+                cmd="executor__subcmd__queue__subcmd__queues"
+                ;;
             executor__subcmd__queue,repo)
                 cmd="executor__subcmd__queue__subcmd__repo"
                 ;;
@@ -363,6 +369,9 @@ _executor() {
                 ;;
             executor__subcmd__queue__subcmd__help,logs)
                 cmd="executor__subcmd__queue__subcmd__help__subcmd__logs"
+                ;;
+            executor__subcmd__queue__subcmd__help,queues)
+                cmd="executor__subcmd__queue__subcmd__help__subcmd__queues"
                 ;;
             executor__subcmd__queue__subcmd__help,repo)
                 cmd="executor__subcmd__queue__subcmd__help__subcmd__repo"
@@ -1198,7 +1207,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__help__subcmd__queue)
-            opts="serve submit jobs show logs cancel executors repo files artifacts"
+            opts="serve submit jobs show logs cancel executors queues repo files artifacts"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1310,6 +1319,20 @@ _executor() {
             return 0
             ;;
         executor__subcmd__help__subcmd__queue__subcmd__logs)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__help__subcmd__queue__subcmd__queues)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -3026,7 +3049,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__queue)
-            opts="-h -V --help --version serve submit jobs show logs cancel executors repo files artifacts help"
+            opts="-h -V --help --version serve submit jobs show logs cancel executors queues repo files artifacts help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -3228,7 +3251,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__queue__subcmd__help)
-            opts="serve submit jobs show logs cancel executors repo files artifacts help"
+            opts="serve submit jobs show logs cancel executors queues repo files artifacts help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -3354,6 +3377,20 @@ _executor() {
             return 0
             ;;
         executor__subcmd__queue__subcmd__help__subcmd__logs)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__help__subcmd__queues)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -3501,6 +3538,28 @@ _executor() {
             ;;
         executor__subcmd__queue__subcmd__logs)
             opts="-f -h -V --follow --url --ca-cert --json --raw --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --ca-cert)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__queues)
+            opts="-h -V --url --ca-cert --json --raw --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -3672,7 +3731,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__queue__subcmd__serve)
-            opts="-h -V --listen --data-dir --database --database-password-file --addr-file --queue --stalled-max-age --active-window --max-resets --max-retries --log-cap-bytes --artifact-max-bytes --secret-file --admin-token-file --tls-cert --tls-key --help --version"
+            opts="-h -V --listen --data-dir --database --database-password-file --addr-file --queue --stalled-max-age --active-window --max-resets --max-retries --log-cap-bytes --artifact-max-bytes --secret-file --admin-token-file --tls-cert --tls-key --metrics-token-file --dequeue-order --tenant-max-running --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -3739,6 +3798,18 @@ _executor() {
                     return 0
                     ;;
                 --tls-key)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --metrics-token-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --dequeue-order)
+                    COMPREPLY=($(compgen -W "fair fifo" -- "${cur}"))
+                    return 0
+                    ;;
+                --tenant-max-running)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

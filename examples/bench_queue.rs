@@ -3,7 +3,8 @@
 //! cycles per second with p50/p99 dequeue latency, and long-poll pickup latency.
 //!
 //! Environment: BENCH_URL, BENCH_SECRET, BENCH_ADMIN_TOKEN, BENCH_CLIENTS (16), BENCH_JOBS (4000),
-//! BENCH_PICKUPS (50). BENCH_URL may list several replicas of one coordinator, comma-separated:
+//! BENCH_PICKUPS (50), BENCH_TENANTS (16: the jobs' `tenant`s, in turn, which the coordinator's
+//! fair order takes turns across). BENCH_URL may list several replicas of one coordinator, comma-separated:
 //! client `w` then talks to replica `w mod n`, submits go round the replicas, and each pickup's
 //! waiting dequeue is on another replica than its submit (the wake-up crosses replicas).
 
@@ -35,13 +36,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let clients: usize = env("BENCH_CLIENTS", "16").parse()?;
     let jobs: usize = env("BENCH_JOBS", "4000").parse()?;
     let pickups: usize = env("BENCH_PICKUPS", "50").parse()?;
+    let tenants: usize = env("BENCH_TENANTS", "16").parse::<usize>()?.max(1);
     if url.is_empty() || secret.is_empty() || admin.is_empty() {
         return Err("set BENCH_URL, BENCH_SECRET and BENCH_ADMIN_TOKEN (scripts/bench-queue does)".into());
     }
     let exec_auth = format!("token-executor {secret}");
     let admin_auth = format!("Bearer {admin}");
     let job = r#"{"dockerSteps":[{"key":"b","image":"alpine","commands":["true"],"dir":"","env":[]}]}"#;
-    println!("coordinator {}, {clients} clients, {jobs} jobs", urls.join(" "));
+    println!("coordinator {}, {clients} clients, {jobs} jobs of {tenants} tenants", urls.join(" "));
 
     // Baseline: the same number of authenticated requests that touch no job (GET test/auth).
     let lat = Mutex::new(Vec::new());
@@ -81,12 +83,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let (admin_auth, url) = (&admin_auth, replica(w));
             s.spawn(move || {
                 let a = agent();
-                for _ in 0..(jobs / clients) {
+                for i in 0..(jobs / clients) {
+                    let tenant = (w * (jobs / clients) + i) % tenants;
+                    let body = job
+                        .replace("{\"dockerSteps\"", &format!("{{\"tenant\":\"t{tenant}\",\"dockerSteps\""));
                     let r = a
                         .post(&format!("{url}/api/jobs"))
                         .set("Authorization", admin_auth)
                         .set("Content-Type", "application/json")
-                        .send_string(job);
+                        .send_string(&body);
                     assert!(r.is_ok(), "submit failed");
                 }
             });

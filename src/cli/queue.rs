@@ -90,6 +90,12 @@ pub enum QueueCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Each queue's queued jobs, oldest queued job's age, running jobs and executors (what an
+    /// autoscaler reads from /api/queues)
+    Queues {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Register, list and remove the git repositories the coordinator serves to jobs
     #[command(subcommand)]
     Repo(RepoCommand),
@@ -203,6 +209,17 @@ pub struct ServeArgs {
     /// PEM private key of --tls-cert
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// File holding a read-only token for /metrics and /api/queues, for an autoscaler (instead
+    /// of EXECUTOR_QUEUE_METRICS_TOKEN; default: those need the admin token)
+    #[arg(long, value_name = "FILE")]
+    pub metrics_token_file: Option<PathBuf>,
+    /// The order of a queue's jobs: fair (round-robin across tenants: a job's "tenant", else its
+    /// repository) or fifo (oldest first)
+    #[arg(long, default_value = "fair", value_parser = ["fair", "fifo"])]
+    pub dequeue_order: String,
+    /// With the fair order, at most this many running jobs per tenant in each queue (0: no cap)
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub tenant_max_running: i64,
 }
 
 /// A command-line value kept as a secret from the start (it may carry a password).
@@ -233,6 +250,11 @@ impl ServeArgs {
             "admin token",
         )?
         .unwrap_or_default();
+        let metrics_token = server::read_secret(
+            self.metrics_token_file.as_deref(),
+            "EXECUTOR_QUEUE_METRICS_TOKEN",
+            "metrics token",
+        )?;
         let queues = if self.queues.is_empty() {
             server::DEFAULT_QUEUES.iter().map(|s| s.to_string()).collect()
         } else {
@@ -255,6 +277,9 @@ impl ServeArgs {
             tls: self.tls_cert.zip(self.tls_key),
             active_window: self.active_window,
             database,
+            metrics_token,
+            fair_dequeue: self.dequeue_order == "fair",
+            tenant_max_running: self.tenant_max_running,
         })
     }
 }
@@ -285,6 +310,7 @@ pub(crate) fn run(args: QueueArgs) -> Result<i32> {
         QueueCommand::Logs { id, follow, client } => (options(client), C::Logs { id, follow }),
         QueueCommand::Cancel { id, client } => (options(client), C::Cancel { id }),
         QueueCommand::Executors { client } => (options(client), C::Executors),
+        QueueCommand::Queues { client } => (options(client), C::Queues),
         QueueCommand::Artifacts { id, output, client } => (options(client), C::Artifacts { id, output }),
         QueueCommand::Repo(RepoCommand::Add { name, path, client }) => {
             (options(client), C::RepoAdd { name, path })

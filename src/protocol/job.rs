@@ -31,6 +31,9 @@ pub struct Job {
     /// v2 only; kept as raw JSON (`{"auths": {...}}`).
     pub docker_auth_config: Option<serde_json::Value>,
     pub artifacts: Vec<String>,
+    /// Our extension (Sourcegraph ignores it): the key our coordinator's fair dequeue takes
+    /// turns across within a queue; empty: the repository.
+    pub tenant: String,
 }
 
 impl Job {
@@ -140,6 +143,8 @@ struct WireJob {
     docker_auth_config: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     artifacts: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    tenant: String,
 }
 
 fn is_zero(v: &i32) -> bool {
@@ -198,6 +203,7 @@ impl Serialize for Job {
                 None
             },
             artifacts: if self.artifacts.is_empty() { None } else { Some(self.artifacts.clone()) },
+            tenant: self.tenant.clone(),
         };
         wire.serialize(s)
     }
@@ -249,6 +255,7 @@ impl<'de> Deserialize<'de> for Job {
             redacted_values: w.redacted_values.unwrap_or_default(),
             docker_auth_config: if v2 { w.docker_auth_config.filter(|v| !v.is_null()) } else { None },
             artifacts: w.artifacts.unwrap_or_default(),
+            tenant: w.tenant,
         })
     }
 }
@@ -285,6 +292,10 @@ mod tests {
         assert!(v.get("version").is_none());
         assert!(v.get("dockerAuthConfig").is_none());
         assert_eq!(v["files"]["a"]["content"], "aGk=");
+        assert!(v.get("tenant").is_none(), "no tenant, no field: the payload stays Sourcegraph's");
+        let with: Job = serde_json::from_str(r#"{"id":7,"tenant":"team-a"}"#).unwrap();
+        assert_eq!(with.tenant, "team-a");
+        assert_eq!(serde_json::to_value(&with).unwrap()["tenant"], "team-a");
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Prometheus text metrics of the coordinator: jobs per queue and state, dequeue latency,
-//! active executors, and a few counters. No client library: the exposition format is simple.
+//! Prometheus text metrics of the coordinator: jobs per queue and state, each queue's
+//! autoscaling gauges, dequeue latency, active executors, and a few counters. No client library: the exposition format is simple.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -62,6 +62,7 @@ impl Metrics {
         counts: &[(String, super::store::JobState, i64)],
         queues: &[String],
         active: i64,
+        gauges: &[super::store::QueueGauge],
     ) -> String {
         let mut out = String::new();
         out.push_str(
@@ -71,6 +72,28 @@ impl Metrics {
             for s in super::store::JobState::ALL {
                 let n = counts.iter().find(|(cq, cs, _)| cq == q && *cs == s).map(|c| c.2).unwrap_or(0);
                 let _ = writeln!(out, "executor_queue_jobs{{queue=\"{q}\",state=\"{s}\"}} {n}");
+            }
+        }
+        // What autoscalers scale on, one family each (docs/coordinator.md).
+        type Figure = fn(&super::store::QueueGauge) -> f64;
+        let families: [(&str, &str, Figure); 4] = [
+            ("executor_queue_depth", "Queued jobs per queue.", |g| g.queued as f64),
+            (
+                "executor_queue_oldest_queued_age_seconds",
+                "Age of the oldest queued job per queue (0 with none queued).",
+                |g| g.oldest_queued_seconds,
+            ),
+            ("executor_queue_running_jobs", "Jobs executors are running, per queue.", |g| g.running as f64),
+            (
+                "executor_queue_executors",
+                "Executors seen within the active window that take jobs from the queue.",
+                |g| g.executors as f64,
+            ),
+        ];
+        for (name, help, figure) in families {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for g in gauges {
+                let _ = writeln!(out, "{name}{{queue=\"{}\"}} {}", g.name, figure(g));
             }
         }
         out.push_str(
@@ -272,7 +295,20 @@ mod tests {
             &[("batches".into(), crate::server::store::JobState::Queued, 3)],
             &["batches".into()],
             1,
+            &[crate::server::store::QueueGauge {
+                name: "batches".into(),
+                queued: 3,
+                oldest_queued_seconds: 12.5,
+                running: 2,
+                executors: 0,
+            }],
         );
+        assert!(
+            text.contains("# TYPE executor_queue_depth gauge\nexecutor_queue_depth{queue=\"batches\"} 3\n")
+        );
+        assert!(text.contains("executor_queue_oldest_queued_age_seconds{queue=\"batches\"} 12.5\n"));
+        assert!(text.contains("executor_queue_running_jobs{queue=\"batches\"} 2\n"));
+        assert!(text.contains("executor_queue_executors{queue=\"batches\"} 0\n"));
         assert!(text.contains("executor_queue_jobs{queue=\"batches\",state=\"queued\"} 3"), "{text}");
         assert!(text.contains("executor_queue_jobs{queue=\"batches\",state=\"failed\"} 0"));
         assert!(text.contains("result=\"job\",le=\"0.001\"} 1"));

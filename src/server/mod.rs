@@ -43,6 +43,13 @@ pub struct ServeConfig {
     pub active_window: Duration,
     /// The PostgreSQL database the replicas share; `None`: SQLite in `data_dir`.
     pub database: Option<store::PgOptions>,
+    /// A read-only token for `/metrics` and `/api/queues` (an autoscaler's), besides the admin
+    /// token; `None`: the admin token only.
+    pub metrics_token: Option<String>,
+    /// Round-robin across tenants within a queue (`false`: oldest first).
+    pub fair_dequeue: bool,
+    /// With the fair order, at most this many running jobs per tenant and queue; 0: no cap.
+    pub tenant_max_running: i64,
 }
 
 impl std::fmt::Debug for ServeConfig {
@@ -54,6 +61,9 @@ impl std::fmt::Debug for ServeConfig {
             .field("database", &self.database)
             .field("secret", &"<redacted>")
             .field("admin_token", &"<redacted>")
+            .field("metrics_token", &self.metrics_token.as_ref().map(|_| "<redacted>"))
+            .field("fair_dequeue", &self.fair_dequeue)
+            .field("tenant_max_running", &self.tenant_max_running)
             .finish_non_exhaustive()
     }
 }
@@ -84,6 +94,20 @@ fn check(cfg: &ServeConfig) -> Result<()> {
     }
     if cfg.admin_token == cfg.secret {
         bail!("the admin token must differ from the executors' shared secret");
+    }
+    if let Some(t) = &cfg.metrics_token {
+        if t.chars().count() < min {
+            bail!("the metrics token (EXECUTOR_QUEUE_METRICS_TOKEN or --metrics-token-file) must be at least {min} characters");
+        }
+        if *t == cfg.secret || *t == cfg.admin_token {
+            bail!("the metrics token must differ from the shared secret and the admin token");
+        }
+    }
+    if cfg.tenant_max_running < 0 {
+        bail!("--tenant-max-running must not be negative");
+    }
+    if cfg.tenant_max_running > 0 && !cfg.fair_dequeue {
+        bail!("--tenant-max-running needs the fair order (--dequeue-order fair)");
     }
     if cfg.queues.is_empty() {
         bail!("at least one queue is needed");
@@ -117,4 +141,48 @@ pub fn serve(cfg: ServeConfig) -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     rt.block_on(http::serve(Arc::new(cfg)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> ServeConfig {
+        ServeConfig {
+            listen: "127.0.0.1:0".into(),
+            data_dir: PathBuf::from("/nonexistent"),
+            addr_file: None,
+            queues: vec!["batches".into()],
+            stalled_max_age: Duration::from_secs(25),
+            max_resets: 3,
+            max_retries: 0,
+            log_cap_bytes: 1 << 20,
+            artifact_max_bytes: 1 << 20,
+            secret: "executor-secret-0123456789abcdef".into(),
+            admin_token: "admin-token-0123456789abcdef0123".into(),
+            tls: None,
+            active_window: ACTIVE_WINDOW,
+            database: None,
+            metrics_token: Some("metrics-token-0123456789abcdef".into()),
+            fair_dequeue: true,
+            tenant_max_running: 2,
+        }
+    }
+
+    #[test]
+    fn the_metrics_token_and_the_tenant_cap_are_checked() {
+        check(&cfg()).unwrap();
+        let err = |f: fn(&mut ServeConfig)| {
+            let mut c = cfg();
+            f(&mut c);
+            format!("{:#}", check(&c).unwrap_err())
+        };
+        assert!(err(|c| c.metrics_token = Some("short".into())).contains("at least 20"));
+        assert!(err(|c| c.metrics_token = Some(c.admin_token.clone())).contains("must differ"));
+        assert!(err(|c| c.metrics_token = Some(c.secret.clone())).contains("must differ"));
+        assert!(err(|c| c.tenant_max_running = -1).contains("negative"));
+        assert!(err(|c| c.fair_dequeue = false).contains("fair order"));
+        let text = format!("{:?}", cfg());
+        assert!(!text.contains("metrics-token-0123"), "{text}");
+    }
 }

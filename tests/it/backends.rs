@@ -1,7 +1,8 @@
 //! One walk through the coordinator's features, run against SQLite and against PostgreSQL (a
 //! throwaway cluster this test starts): every admin API route, every `executor queue`
 //! subcommand and every console page, with filters, paging, cancel, requeue, artifacts, files,
-//! repositories, executors, sessions and metrics; a job with a 20 MB log shown by `queue show`
+//! repositories, executors, sessions, metrics and the autoscaling gauges (fair turns across
+//! tenants, a queue without executors); a job with a 20 MB log shown by `queue show`
 //! (text and JSON); a retried markComplete; and a replica that starts while its database is
 //! down, answers 503, and recovers.
 
@@ -172,6 +173,7 @@ fn walk(c: &Coordinator) {
     let (code, metrics) = c.request("GET", "/metrics", Some(&c.admin_auth()), None);
     assert_eq!(code, 200, "{metrics}");
     assert!(metrics.lines().any(|l| l.contains("completed") && l.ends_with(" 1")), "{metrics}");
+    fleet_signals(c, &ex);
 
     // The console: a session, every page, a requeue from the job's page.
     let agent = ureq::AgentBuilder::new().redirects(0).build();
@@ -218,9 +220,93 @@ fn walk(c: &Coordinator) {
     assert_eq!(code, 200);
 }
 
+/// The autoscaling gauges (`/api/queues` with the read-only metrics token, `/metrics`) follow
+/// submits and dequeues; codeintel, which no executor serves, keeps its job queued; within a
+/// queue the tenants take turns.
+fn fleet_signals(c: &Coordinator, ex: &ExecutorClient) {
+    // The walk took longer than the active window: the executor says it is still there.
+    ex.heartbeat("batches", &[]);
+    let reader = format!("Bearer {METRICS_TOKEN}");
+    let gauge = |queue: &str| -> Value {
+        let (code, body) = c.request("GET", &format!("/api/queues/{queue}"), Some(&reader), None);
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    };
+    let (code, body) = c.request("GET", "/api/queues", Some(&reader), None);
+    assert_eq!(code, 200, "{body}");
+    let all: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(all["queues"][1]["name"], "codeintel", "{all}");
+    assert_eq!(
+        (&all["queues"][1]["queued"], &all["queues"][1]["executors"]),
+        (&json!(1), &json!(0)),
+        "{all}"
+    );
+    assert_eq!(
+        (&all["queues"][0]["queued"], &all["queues"][0]["executors"]),
+        (&json!(0), &json!(1)),
+        "{all}"
+    );
+    assert_eq!(c.request("GET", "/api/queues/nope", Some(&reader), None).0, 404);
+    assert_eq!(c.request("GET", "/api/queues", None, None).0, 401);
+    assert_eq!(c.request("GET", "/api/queues", Some("Bearer not-the-metrics-token-at-all"), None).0, 403);
+    assert_eq!(ok_json(c, &["queues"])["queues"][1]["queued"], 1);
+    let text = ok(c, &["queues"]);
+    let rows: Vec<Vec<&str>> = text.lines().map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(rows[0], ["QUEUE", "QUEUED", "OLDEST", "RUNNING", "EXECUTORS"], "{text}");
+    assert_eq!((rows[1][0], rows[1][1], rows[1][4]), ("batches", "0", "1"), "{text}");
+    assert_eq!((rows[2][0], rows[2][1], rows[2][3], rows[2][4]), ("codeintel", "1", "0", "0"), "{text}");
+    assert_eq!(
+        c.request("GET", "/api/jobs", Some(&reader), None).0,
+        403,
+        "the metrics token opens nothing else"
+    );
+
+    let job = |tenant: &str| {
+        let mut j = Coordinator::simple_job();
+        j["tenant"] = json!(tenant);
+        c.submit(j)
+    };
+    let (a1, _a2, b1) = (job("team-a"), job("team-a"), job("team-b"));
+    assert_eq!((&gauge("batches")["queued"], &gauge("batches")["running"]), (&json!(3), &json!(0)));
+    let got = [
+        ex.dequeue("batches", "").expect("a job")["id"].clone(),
+        ex.dequeue("batches", "").expect("a job")["id"].clone(),
+    ];
+    assert_eq!(got, [json!(a1), json!(b1)], "team-b's job before team-a's second");
+    let g = gauge("batches");
+    assert_eq!((&g["queued"], &g["running"]), (&json!(1), &json!(2)), "{g}");
+    assert!(g["oldestQueuedSeconds"].as_f64().unwrap() >= 0.0, "{g}");
+    let (code, metrics) = c.request("GET", "/metrics", Some(&reader), None);
+    assert_eq!(code, 200, "{metrics}");
+    for line in [
+        "executor_queue_depth{queue=\"batches\"} 1",
+        "executor_queue_running_jobs{queue=\"batches\"} 2",
+        "executor_queue_executors{queue=\"batches\"} 1",
+        "executor_queue_depth{queue=\"codeintel\"} 1",
+        "executor_queue_executors{queue=\"codeintel\"} 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
+    }
+}
+
+/// The walk's read-only metrics token (passed in a file).
+const METRICS_TOKEN: &str = "metrics-token-0123456789abcdef";
+
+/// [`SERVE_ARGS`] with the metrics token's file, which lives as long as the directory.
+fn serve_args() -> (tempfile::TempDir, Vec<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("metrics-token");
+    std::fs::write(&file, format!("{METRICS_TOKEN}\n")).unwrap();
+    let mut args: Vec<String> = SERVE_ARGS.iter().map(|s| s.to_string()).collect();
+    args.extend(["--metrics-token-file".to_string(), file.display().to_string()]);
+    (dir, args)
+}
+
 #[test]
 fn every_feature_on_sqlite() {
-    walk(&Coordinator::start_with(SERVE_ARGS));
+    let (_dir, args) = serve_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    walk(&Coordinator::start_with(&args));
 }
 
 #[test]
@@ -231,7 +317,9 @@ fn every_feature_on_postgres() {
     };
     cluster.create_database("walk").unwrap();
     let shared = tempfile::tempdir().unwrap();
-    walk(&Coordinator::start_replica(None, &cluster.url("walk"), shared.path(), SERVE_ARGS));
+    let (_dir, args) = serve_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    walk(&Coordinator::start_replica(None, &cluster.url("walk"), shared.path(), &args));
 }
 
 /// A replica started while its database is down serves 503 (naming the database), and serves

@@ -58,6 +58,10 @@ pub(crate) fn run(opts: &ClientOptions, cmd: ClientCommand) -> Result<i32> {
             let v = client.executors()?;
             show(out, json, &v, |v| Ok(print::executors_table(v, raw)))?;
         }
+        ClientCommand::Queues => {
+            let v = client.queues()?;
+            show(out, json, &v, |v| Ok(print::queues_table(v, raw)))?;
+        }
         ClientCommand::RepoAdd { name, path } => {
             let abs = std::fs::canonicalize(&path)
                 .with_context(|| format!("repository path {}", path.display()))?;

@@ -39,6 +39,7 @@ pub(crate) enum ClientCommand {
     Logs { id: i64, follow: bool },
     Cancel { id: i64 },
     Executors,
+    Queues,
     Artifacts { id: i64, output: Option<PathBuf> },
     RepoAdd { name: String, path: PathBuf },
     RepoLs,
@@ -148,6 +149,10 @@ impl AdminClient {
 
     pub(crate) fn executors(&self) -> Result<Value> {
         self.json("listing executors", self.request("GET", "/api/executors"), None)
+    }
+
+    pub(crate) fn queues(&self) -> Result<Value> {
+        self.json("listing queues", self.request("GET", "/api/queues"), None)
     }
 
     /// Calls `each` for every log line (one entry state per line) until the stream ends.

@@ -277,6 +277,17 @@ pub(super) fn executors_table(v: &Value, raw: bool) -> String {
     table(&["HOSTNAME", "QUEUES", "PLATFORM", "VERSION", "ACTIVE", "LAST SEEN"], &rows, raw)
 }
 
+/// `queue queues`: the oldest queued job's age in whole seconds.
+pub(super) fn queues_table(v: &Value, raw: bool) -> String {
+    let row = |q: &Value| {
+        let age = q["oldestQueuedSeconds"].as_f64().map_or("-".to_string(), |a| format!("{:.0}s", a.floor()));
+        vec![s(q, "name"), s(q, "queued"), age, s(q, "running"), s(q, "executors")]
+    };
+    let rows: Vec<Vec<String>> =
+        v["queues"].as_array().map(|a| a.iter().map(row).collect()).unwrap_or_default();
+    table(&["QUEUE", "QUEUED", "OLDEST", "RUNNING", "EXECUTORS"], &rows, raw)
+}
+
 /// `queue repo ls`.
 pub(super) fn repos_table(v: &Value, raw: bool) -> String {
     let rows: Vec<Vec<String>> = v["repos"]

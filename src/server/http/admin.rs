@@ -1,5 +1,6 @@
 //! The admin API under `/api/jobs` and `/api/executors` (submit, list, show, cancel, artifacts,
-//! executors), and `/metrics` (admin token). Submitted jobs are validated here.
+//! executors), and `/metrics` and `/api/queues` (admin or metrics token). Submitted jobs are
+//! validated here.
 
 use anyhow::{Context, Result};
 use axum::body::Body;
@@ -10,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 
-use super::auth::AdminToken;
+use super::auth::{AdminToken, MetricsReader};
 use super::{db, http_err, job_id_param, json_response, query_params, read_json, HttpResult, Shared};
 use crate::protocol::Job;
 use crate::server::store::{self, CancelResult, JobState};
@@ -32,6 +33,7 @@ const JOB_FIELDS: &[&str] = &[
     "redactedValues",
     "dockerAuthConfig",
     "artifacts",
+    "tenant",
 ];
 
 /// A relative path that stays inside the workspace.
@@ -51,11 +53,24 @@ fn check_relative(what: &str, p: &str, allow_empty: bool) -> std::result::Result
     Ok(())
 }
 
-/// Validates a submitted job. Returns (queue, normalised payload, repository name).
+/// The longest `tenant` a job may carry.
+const MAX_TENANT: usize = 256;
+
+/// A submitted job, validated: its queue, normalised payload, repository name and tenant key
+/// (its `tenant`, else its repository).
+#[derive(Debug)]
+struct Submission {
+    queue: String,
+    payload: String,
+    repository: String,
+    tenant: String,
+}
+
+/// Validates a submitted job.
 fn validate_submission(
     value: serde_json::Value,
     queues: &[String],
-) -> std::result::Result<(String, String, String), String> {
+) -> std::result::Result<Submission, String> {
     let serde_json::Value::Object(mut obj) = value else {
         return Err("the job must be a JSON object".into());
     };
@@ -108,19 +123,26 @@ fn validate_submission(
     if !job.repository_name.is_empty() && job.commit.is_empty() {
         return Err("commit must be set when repositoryName is".into());
     }
+    if job.tenant.len() > MAX_TENANT || job.tenant.chars().any(char::is_control) {
+        return Err(format!("tenant must be at most {MAX_TENANT} bytes without control characters"));
+    }
     job.version = 2;
     job.id = 0;
     job.token = String::new();
     job.queue = String::new();
     let payload = serde_json::to_string(&job).map_err(|e| format!("encoding the job: {e}"))?;
-    Ok((queue, payload, job.repository_name))
+    let tenant = if job.tenant.is_empty() { job.repository_name.clone() } else { job.tenant };
+    Ok(Submission { queue, payload, repository: job.repository_name, tenant })
 }
 
 pub(super) async fn submit_job(State(app): State<Shared>, _: AdminToken, body: Body) -> HttpResult<Response> {
     let value: serde_json::Value = read_json(body, app.json_limit).await?;
-    let (queue, payload, repo) =
+    let sub =
         validate_submission(value, &app.cfg.queues).map_err(|e| http_err(StatusCode::BAD_REQUEST, e))?;
-    let id = db(&app, move |s| s.submit(&queue, &payload, &repo, store::now_ms())).await?;
+    let id = db(&app, move |s| {
+        s.submit_for(&sub.queue, &sub.payload, &sub.repository, &sub.tenant, store::now_ms())
+    })
+    .await?;
     app.metrics.jobs_submitted.fetch_add(1, Ordering::Relaxed);
     app.jobs_changed.notify_waiters();
     json_response(StatusCode::CREATED, &serde_json::json!({ "id": id }))
@@ -321,13 +343,42 @@ pub(super) async fn artifacts_of(app: &Shared, id: i64) -> HttpResult<Response> 
 /// How long an executor's last metrics stay on `/metrics` after its last heartbeat.
 const EXECUTOR_METRICS_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(300);
 
-/// `/metrics` wants the admin token: every job's network may reach the coordinator's port (for
-/// uploads), and the text names executors, queues and load. Prometheus sends it with
-/// `authorization: {type: Bearer, credentials_file: ...}` (docs/coordinator.md).
-pub(super) async fn metrics(State(app): State<Shared>, _: AdminToken) -> HttpResult<Response> {
+/// Each served queue's gauges now.
+async fn gauges(app: &Shared) -> HttpResult<Vec<store::QueueGauge>> {
+    let now = store::now_ms();
+    let since = now - app.cfg.active_window.as_millis() as i64;
+    let queues = app.cfg.queues.clone();
+    db(app, move |s| s.queue_gauges(&queues, now, since)).await
+}
+
+/// `GET /api/queues`: each queue's depth, oldest queued job, running jobs and executors, for
+/// an autoscaler (KEDA's `metrics-api` scaler: docs/coordinator.md).
+pub(super) async fn list_queues(State(app): State<Shared>, _: MetricsReader) -> HttpResult<Response> {
+    json_response(StatusCode::OK, &serde_json::json!({ "queues": gauges(&app).await? }))
+}
+
+/// `GET /api/queues/{queue}`: one queue's gauges.
+pub(super) async fn show_queue(
+    State(app): State<Shared>,
+    _: MetricsReader,
+    queue: std::result::Result<Path<String>, PathRejection>,
+) -> HttpResult<Response> {
+    let queue = super::path_param(queue)?;
+    match gauges(&app).await?.into_iter().find(|g| g.name == queue) {
+        Some(g) => json_response(StatusCode::OK, &g),
+        None => Err(http_err(StatusCode::NOT_FOUND, format!("unknown queue {queue:?}"))),
+    }
+}
+
+/// `/metrics` wants the admin token or the read-only metrics token: every job's network may
+/// reach the coordinator's port (for uploads), and the text names executors, queues and load.
+/// Prometheus sends it with `authorization: {type: Bearer, credentials_file: ...}`
+/// (docs/coordinator.md).
+pub(super) async fn metrics(State(app): State<Shared>, _: MetricsReader) -> HttpResult<Response> {
     let since = store::now_ms() - app.cfg.active_window.as_millis() as i64;
     let (counts, active) = db(&app, move |s| Ok((s.counts()?, s.active_executors(since)?))).await?;
-    let mut text = app.metrics.render(&counts, &app.cfg.queues, active);
+    let gauges = gauges(&app).await?;
+    let mut text = app.metrics.render(&counts, &app.cfg.queues, active, &gauges);
     let latest: Vec<(String, String)> = {
         let mut m = app.executor_metrics.lock().unwrap_or_else(|p| p.into_inner());
         // An executor silent for this long is gone; its last numbers go with it.
@@ -355,9 +406,12 @@ mod tests {
         let qs = vec!["batches".to_string(), "codeintel".to_string()];
         let ok = serde_json::json!({"repositoryName": "r", "commit": "c",
             "dockerSteps": [{"image": "alpine", "commands": ["true"], "dir": "", "env": ["A=b"]}]});
-        let (q, payload, repo) = validate_submission(ok.clone(), &qs).unwrap();
-        assert_eq!((q.as_str(), repo.as_str()), ("batches", "r"));
-        assert!(payload.contains("\"version\":2"));
+        let sub = validate_submission(ok.clone(), &qs).unwrap();
+        assert_eq!((sub.queue.as_str(), sub.repository.as_str(), sub.tenant.as_str()), ("batches", "r", "r"));
+        assert!(sub.payload.contains("\"version\":2"));
+        let mut team = ok.clone();
+        team["tenant"] = "team-a".into();
+        assert_eq!(validate_submission(team, &qs).unwrap().tenant, "team-a");
         let bad = |patch: serde_json::Value| {
             let mut v = ok.clone();
             for (k, val) in patch.as_object().unwrap() {
@@ -372,6 +426,8 @@ mod tests {
         assert!(bad(serde_json::json!({"repositoryDirectory": "/etc"})).contains("relative"));
         assert!(bad(serde_json::json!({"dockerStep": []})).contains("unknown job field"));
         assert!(bad(serde_json::json!({"dockerSteps": 3})).contains("invalid job"));
+        assert!(bad(serde_json::json!({"tenant": "a\nb"})).contains("tenant"));
+        assert!(bad(serde_json::json!({"tenant": "t".repeat(257)})).contains("tenant"));
         assert!(validate_submission(serde_json::json!([1]), &qs).is_err());
     }
 

@@ -1,8 +1,9 @@
 //! Authentication as axum extractors: the executors' shared secret (`ExecutorSecret`), a job's
 //! caller on a queue route (`JobCaller`: the job's token or the shared secret), a job's token on
-//! the git and files routes (`JobToken`), and the admin token (`AdminToken`). A handler names the
-//! one it needs among its arguments; extractors run in argument order, so a handler lists them
-//! in the order its checks are answered.
+//! the git and files routes (`JobToken`), the admin token (`AdminToken`), and the admin or
+//! read-only metrics token (`MetricsReader`). A handler names the one it needs among its
+//! arguments; extractors run in argument order, so a handler lists them in the order its checks
+//! are answered.
 
 use axum::extract::{FromRequestParts, Path};
 use axum::http::request::Parts;
@@ -115,6 +116,30 @@ impl FromRequestParts<Shared> for AdminToken {
             return Err(http_err(StatusCode::FORBIDDEN, "invalid admin token"));
         }
         Ok(AdminToken)
+    }
+}
+
+/// A reader of `/metrics` and `/api/queues`: `Authorization: Bearer <token>` with the admin
+/// token or the read-only metrics token (an autoscaler's, which opens nothing else).
+pub(super) struct MetricsReader;
+
+#[axum::async_trait]
+impl FromRequestParts<Shared> for MetricsReader {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &Shared) -> HttpResult<Self> {
+        let (scheme, token) = parse_auth(&parts.headers)?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(http_err(
+                StatusCode::UNAUTHORIZED,
+                "metrics need Authorization: Bearer <metrics or admin token>",
+            ));
+        }
+        let metrics = app.metrics_digest.as_ref().is_some_and(|d| secret_matches(&token, d));
+        if !metrics && !secret_matches(&token, &app.admin_digest) {
+            return Err(http_err(StatusCode::FORBIDDEN, "invalid metrics token"));
+        }
+        Ok(MetricsReader)
     }
 }
 

@@ -91,8 +91,8 @@ async fn dequeue(
         let notified = app.jobs_changed.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let (qs, name) = (queues.clone(), req.executor_name.clone());
-        let got = db(&app, move |s| s.dequeue(&qs, &name, store::now_ms(), queue_weight)).await?;
+        let (qs, name, order) = (queues.clone(), req.executor_name.clone(), app.order.clone());
+        let got = db(&app, move |s| s.dequeue_in(&qs, &name, store::now_ms(), queue_weight, &order)).await?;
         if let Some(d) = got {
             let mut job: Job = serde_json::from_str(&d.payload)
                 .with_context(|| format!("stored payload of job {} is unreadable", d.id))?;

@@ -31,7 +31,10 @@ use tokio::sync::{watch, Notify};
 use super::metrics::Metrics;
 use super::store::{self, Store, StoreError, StoreThread};
 use super::ServeConfig;
-use admin::{cancel_job, get_artifacts, list_executors, list_jobs, metrics, show_job, submit_job};
+use admin::{
+    cancel_job, get_artifacts, list_executors, list_jobs, list_queues, metrics, show_job, show_queue,
+    submit_job,
+};
 use executor_routes::{
     add_log_entry, dequeue_multi, dequeue_single, heartbeat_multi, heartbeat_single, mark_complete,
     mark_errored, mark_failed, put_artifacts, test_auth, update_log_entry,
@@ -54,6 +57,10 @@ pub(crate) struct App {
     executor_metrics: std::sync::Mutex<std::collections::HashMap<String, (i64, String)>>,
     secret_digest: [u8; 32],
     admin_digest: [u8; 32],
+    /// The read-only metrics token's digest, if one is set.
+    metrics_digest: Option<[u8; 32]>,
+    /// The order of each queue's jobs (with the fair order's cursors).
+    order: store::DequeueOrder,
     artifact_dir: std::path::PathBuf,
     json_limit: usize,
     /// How often a waiting dequeue looks again without a wake-up: with PostgreSQL a
@@ -70,6 +77,12 @@ impl App {
         App {
             secret_digest: auth::digest(cfg.secret.as_bytes()),
             admin_digest: auth::digest(cfg.admin_token.as_bytes()),
+            metrics_digest: cfg.metrics_token.as_ref().map(|t| auth::digest(t.as_bytes())),
+            order: if cfg.fair_dequeue {
+                store::DequeueOrder::Fair(Arc::new(store::Fairness::new(cfg.tenant_max_running)))
+            } else {
+                store::DequeueOrder::Fifo
+            },
             cfg,
             store,
             jobs_changed: Notify::new(),
@@ -101,6 +114,9 @@ impl App {
             tls: None,
             active_window: super::ACTIVE_WINDOW,
             database: None,
+            metrics_token: None,
+            fair_dequeue: true,
+            tenant_max_running: 0,
         };
         let store = StoreThread::start(Store::open_in_memory().unwrap()).unwrap();
         Arc::new(App::new(Arc::new(cfg), store, std::path::PathBuf::from("/nonexistent")))
@@ -269,6 +285,8 @@ fn router(app: Shared) -> Router {
         .route("/api/files", get(list_files))
         .route("/api/files/:bucket/*key", put(put_file))
         .route("/metrics", get(metrics))
+        .route("/api/queues", get(list_queues))
+        .route("/api/queues/:queue", get(show_queue))
         .route("/admin", get(|| async { console_redirect() }))
         .route("/admin/", get(console::home))
         .route("/admin/sign-in", post(console::sign_in))

@@ -5,6 +5,7 @@
 use serde::Serialize;
 
 use super::db::{p, Dialect, Row, Tx};
+use super::queues::{self, DequeueOrder};
 use super::time::{self, from_ms};
 use super::{sha256_hex, JobState, Result, Store};
 use chrono::{DateTime, Utc};
@@ -185,13 +186,26 @@ fn nonempty_queues(t: &mut dyn Tx, queues: &[String]) -> Result<Vec<String>> {
 }
 
 impl Store {
-    /// Adds a queued job; `payload` is the validated job JSON without id and token.
+    /// Adds a queued job; `payload` is the validated job JSON without id and token. Its tenant
+    /// (for the fair order) is its repository.
     pub fn submit(&mut self, queue: &str, payload: &str, repository_name: &str, now: i64) -> Result<i64> {
+        self.submit_for(queue, payload, repository_name, repository_name, now)
+    }
+
+    /// [`Store::submit`] with the job's tenant key for the fair order.
+    pub fn submit_for(
+        &mut self,
+        queue: &str,
+        payload: &str,
+        repository_name: &str,
+        tenant: &str,
+        now: i64,
+    ) -> Result<i64> {
         self.tx(|t| {
             let id = t.one(
-                "INSERT INTO jobs (queue, state, payload, repository_name, created_at) \
-                 VALUES (?1, 'queued', ?2, ?3, ?4) RETURNING id",
-                p![queue, payload, repository_name, now],
+                "INSERT INTO jobs (queue, state, payload, repository_name, tenant, created_at) \
+                 VALUES (?1, 'queued', ?2, ?3, ?4, ?5) RETURNING id",
+                p![queue, payload, repository_name, tenant, now],
                 |r| r.get(0),
             )?;
             t.notify_jobs()?;
@@ -199,9 +213,7 @@ impl Store {
         })
     }
 
-    /// Hands the oldest queued job of one of `queues` to `executor`. With several non-empty
-    /// queues one is picked at random, weighted by `weight(queue)`. On PostgreSQL the job's row
-    /// is taken with `FOR UPDATE SKIP LOCKED`: replicas dequeueing at once each get another job.
+    /// Hands the oldest queued job of one of `queues` to `executor` ([`DequeueOrder::Fifo`]).
     pub fn dequeue(
         &mut self,
         queues: &[String],
@@ -209,18 +221,40 @@ impl Store {
         now: i64,
         weight: impl Fn(&str) -> u32,
     ) -> Result<Option<Dequeued>> {
+        self.dequeue_in(queues, executor, now, weight, &DequeueOrder::Fifo)
+    }
+
+    /// Hands a queued job of one of `queues` to `executor`: with several non-empty queues one
+    /// is picked at random, weighted by `weight(queue)`; within it, the job `order` names (see
+    /// `queues.rs`). On PostgreSQL the job's row is taken with `FOR UPDATE SKIP LOCKED`:
+    /// replicas dequeueing at once each get another job.
+    pub fn dequeue_in(
+        &mut self,
+        queues: &[String],
+        executor: &str,
+        now: i64,
+        weight: impl Fn(&str) -> u32,
+        order: &DequeueOrder,
+    ) -> Result<Option<Dequeued>> {
         use rand::Rng;
         if self.dialect() == Dialect::Postgres {
-            return self.dequeue_pg(queues, executor, now, weight);
+            return self.dequeue_pg(queues, executor, now, weight, order);
         }
         let pick = "SELECT id, payload FROM jobs WHERE queue = ?1 AND state = 'queued' ORDER BY id LIMIT 1";
         self.tx(|t| {
             let mut candidates = nonempty_queues(t, queues)?;
             // The picked queue first, then the others: a queue whose queued jobs other replicas
-            // hold locked right now must not hide the jobs of the next.
+            // hold locked right now (or whose tenants are all at their cap) must not hide the
+            // jobs of the next.
             while !candidates.is_empty() {
                 let queue = candidates.remove(weighted_pick(&candidates, &weight));
-                let row: Option<(i64, String)> = t.opt(pick, p![queue], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                let row: Option<(i64, String)> = match order {
+                    DequeueOrder::Fifo => t.opt(pick, p![queue], |r| Ok((r.get(0)?, r.get(1)?)))?,
+                    DequeueOrder::Fair(fair) => queues::pick_sqlite(t, &queue, fair)?.map(|(id, payload, tenant)| {
+                        fair.advance(&queue, &tenant);
+                        (id, payload)
+                    }),
+                };
                 let Some((id, payload)) = row else { continue };
                 let mut raw = [0u8; 20];
                 rand::thread_rng().fill(&mut raw);
@@ -243,8 +277,10 @@ impl Store {
     }
 
     /// PostgreSQL's dequeue: one statement per queue tried (no transaction round trips): the
-    /// oldest queued row not locked by another replica's dequeue (`FOR UPDATE SKIP LOCKED`)
-    /// becomes processing and loses its old log. With one queue there is nothing to choose, so
+    /// oldest queued row not locked by another replica's dequeue (`FOR UPDATE SKIP LOCKED`),
+    /// or in the fair order the first such row after the cursor in (tenant, id) order, becomes
+    /// processing and loses its old log (with a tenant cap: in a transaction behind the queue's
+    /// cap lock, `queues.rs`). With one queue there is nothing to choose, so
     /// no look first. A statement that fails with a lost connection may run again on another
     /// connection: at worst the first took a job whose answer never came back, which the
     /// stalled-job reset requeues (that job never ran, so it still runs once).
@@ -254,6 +290,7 @@ impl Store {
         executor: &str,
         now: i64,
         weight: impl Fn(&str) -> u32,
+        order: &DequeueOrder,
     ) -> Result<Option<Dequeued>> {
         use rand::Rng;
         let mut candidates =
@@ -263,8 +300,16 @@ impl Store {
             let mut raw = [0u8; 20];
             rand::thread_rng().fill(&mut raw);
             let hash = sha256_hex(&raw);
-            let taken: Option<(i64, String)> = self.autocommit(|t| {
-                t.opt(
+            let taken: Option<(i64, String)> = match order {
+                DequeueOrder::Fair(fair) if fair.max_running > 0 => self.tx(|t| {
+                    queues::lock_capped_queue(t, &queue)?;
+                    queues::take_pg(t, &queue, executor, &hash, now, fair)
+                })?,
+                DequeueOrder::Fair(fair) => {
+                    self.autocommit(|t| queues::take_pg(t, &queue, executor, &hash, now, fair))?
+                }
+                DequeueOrder::Fifo => self.autocommit(|t| {
+                    t.opt(
                     "WITH picked AS (SELECT id FROM jobs WHERE queue = ?1 AND state = 'queued' ORDER BY id \
                      LIMIT 1 FOR UPDATE SKIP LOCKED), \
                      taken AS (UPDATE jobs SET state = 'processing', executor_name = ?2, token_sha256 = ?3, \
@@ -276,7 +321,8 @@ impl Store {
                     p![queue, executor, hash, now],
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
-            })?;
+                })?,
+            };
             if let Some((id, payload)) = taken {
                 return Ok(Some(Dequeued { id, queue, payload, token: hex::encode(raw) }));
             }

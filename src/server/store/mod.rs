@@ -7,8 +7,9 @@
 //! What the calls do lives beside this file: `jobs.rs` (the job state machine, job tokens as
 //! SHA-256 only, executors, artifacts), `logs.rs` (execution log entries with the per-job size
 //! cap), `repos.rs` (served repositories and the files store), `console.rs` (the admin
-//! console's paged queries) and `time.rs` (times: milliseconds in the tables, `DateTime<Utc>` in
-//! the rows, RFC 3339 with milliseconds on the wire).
+//! console's paged queries), `queues.rs` (the fair dequeue's pick and the per-queue gauges)
+//! and `time.rs` (times: milliseconds in the tables, `DateTime<Utc>` in the rows, RFC 3339
+//! with milliseconds on the wire).
 
 mod console;
 pub(crate) mod db;
@@ -16,6 +17,7 @@ mod jobs;
 mod logs;
 pub(crate) mod pg;
 pub(crate) mod pg_tls;
+mod queues;
 mod repos;
 mod time;
 #[cfg(test)]
@@ -27,6 +29,7 @@ pub(crate) use jobs::{
 };
 pub(crate) use logs::StoredLogEntry;
 pub(crate) use pg::{PgOptions, PgPool};
+pub(crate) use queues::{DequeueOrder, Fairness, QueueGauge};
 pub(crate) use repos::{FileRow, RepoRow};
 
 use db::{Dialect, SqliteTx, Tx};
@@ -244,6 +247,23 @@ CREATE TABLE console_sessions (
     Migration {
         sqlite: "ALTER TABLE jobs ADD COLUMN done_token_sha256 TEXT;",
         postgres: "ALTER TABLE jobs ADD COLUMN done_token_sha256 TEXT;",
+    },
+    // Fair dequeue (migration 7): each job's tenant key (its `tenant` field, else its
+    // repository), and partial indexes on the queued jobs by tenant (the round-robin pick seeks
+    // the next tenant and its oldest job) and on the running jobs by tenant (the per-tenant cap).
+    Migration {
+        sqlite: r#"
+ALTER TABLE jobs ADD COLUMN tenant TEXT NOT NULL DEFAULT '';
+UPDATE jobs SET tenant = repository_name;
+CREATE INDEX jobs_queued_tenant ON jobs (queue, tenant, id) WHERE state = 'queued';
+CREATE INDEX jobs_processing_tenant ON jobs (queue, tenant) WHERE state = 'processing';
+"#,
+        postgres: r#"
+ALTER TABLE jobs ADD COLUMN tenant TEXT NOT NULL DEFAULT '';
+UPDATE jobs SET tenant = repository_name;
+CREATE INDEX jobs_queued_tenant ON jobs (queue, tenant, id) WHERE state = 'queued';
+CREATE INDEX jobs_processing_tenant ON jobs (queue, tenant) WHERE state = 'processing';
+"#,
     },
 ];
 

@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering;
 
 use super::auth::AdminToken;
 use super::{db, http_err, job_id_param, json_response, query_params, read_json, HttpResult, Shared};
+use crate::base::trace;
 use crate::protocol::Job;
 use crate::server::store::{self, CancelResult, JobState};
 
@@ -32,6 +33,7 @@ const JOB_FIELDS: &[&str] = &[
     "redactedValues",
     "dockerAuthConfig",
     "artifacts",
+    "traceparent",
 ];
 
 /// A relative path that stays inside the workspace.
@@ -51,10 +53,12 @@ fn check_relative(what: &str, p: &str, allow_empty: bool) -> std::result::Result
     Ok(())
 }
 
-/// Validates a submitted job. Returns (queue, normalised payload, repository name).
+/// Validates a submitted job, lets `stamp` add what the coordinator adds (its queue is the
+/// first argument). Returns (queue, normalised payload, repository name).
 fn validate_submission(
     value: serde_json::Value,
     queues: &[String],
+    stamp: impl FnOnce(&str, &mut Job),
 ) -> std::result::Result<(String, String, String), String> {
     let serde_json::Value::Object(mut obj) = value else {
         return Err("the job must be a JSON object".into());
@@ -108,19 +112,53 @@ fn validate_submission(
     if !job.repository_name.is_empty() && job.commit.is_empty() {
         return Err("commit must be set when repositoryName is".into());
     }
+    if !job.traceparent.is_empty() && !crate::base::trace::valid_traceparent(&job.traceparent) {
+        return Err("traceparent must be a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)".into());
+    }
     job.version = 2;
     job.id = 0;
     job.token = String::new();
     job.queue = String::new();
+    stamp(&queue, &mut job);
     let payload = serde_json::to_string(&job).map_err(|e| format!("encoding the job: {e}"))?;
     Ok((queue, payload, job.repository_name))
 }
 
-pub(super) async fn submit_job(State(app): State<Shared>, _: AdminToken, body: Body) -> HttpResult<Response> {
+pub(super) async fn submit_job(
+    State(app): State<Shared>,
+    _: AdminToken,
+    headers: axum::http::HeaderMap,
+    body: Body,
+) -> HttpResult<Response> {
     let value: serde_json::Value = read_json(body, app.json_limit).await?;
-    let (queue, payload, repo) =
-        validate_submission(value, &app.cfg.queues).map_err(|e| http_err(StatusCode::BAD_REQUEST, e))?;
+    // The submit span continues the submitter's trace (its `traceparent` header, else the job's
+    // field); the job carries the submit span's context (or the submitter's, when this
+    // coordinator exports no traces) and its submit time to the executor.
+    let header =
+        headers.get("traceparent").and_then(|v| v.to_str().ok()).filter(|v| trace::valid_traceparent(v));
+    let mut submit = None;
+    let (queue, payload, repo) = validate_submission(value, &app.cfg.queues, |queue, job| {
+        let now = chrono::Utc::now();
+        job.queued_at = Some(now);
+        let parent = header.map(str::to_string).or(Some(std::mem::take(&mut job.traceparent)));
+        let span = trace::Trace::start(
+            "submit",
+            parent.as_deref(),
+            trace::SpanKind::Producer,
+            now.into(),
+            vec![
+                trace::KeyValue::new("executor.queue", queue.to_string()),
+                trace::KeyValue::new("executor.repository", job.repository_name.clone()),
+            ],
+        );
+        job.traceparent = span.traceparent().or(parent).unwrap_or_default();
+        submit = Some(span);
+    })
+    .map_err(|e| http_err(StatusCode::BAD_REQUEST, e))?;
     let id = db(&app, move |s| s.submit(&queue, &payload, &repo, store::now_ms())).await?;
+    if let Some(span) = &submit {
+        span.set("executor.job.id", id);
+    }
     app.metrics.jobs_submitted.fetch_add(1, Ordering::Relaxed);
     app.jobs_changed.notify_waiters();
     json_response(StatusCode::CREATED, &serde_json::json!({ "id": id }))
@@ -355,7 +393,7 @@ mod tests {
         let qs = vec!["batches".to_string(), "codeintel".to_string()];
         let ok = serde_json::json!({"repositoryName": "r", "commit": "c",
             "dockerSteps": [{"image": "alpine", "commands": ["true"], "dir": "", "env": ["A=b"]}]});
-        let (q, payload, repo) = validate_submission(ok.clone(), &qs).unwrap();
+        let (q, payload, repo) = validate_submission(ok.clone(), &qs, |_, _| {}).unwrap();
         assert_eq!((q.as_str(), repo.as_str()), ("batches", "r"));
         assert!(payload.contains("\"version\":2"));
         let bad = |patch: serde_json::Value| {
@@ -363,7 +401,7 @@ mod tests {
             for (k, val) in patch.as_object().unwrap() {
                 v[k] = val.clone();
             }
-            validate_submission(v, &qs).unwrap_err()
+            validate_submission(v, &qs, |_, _| {}).unwrap_err()
         };
         assert!(bad(serde_json::json!({"queue": "nope"})).contains("unknown queue"));
         assert!(bad(serde_json::json!({"token": "abc"})).contains("token"));
@@ -372,7 +410,7 @@ mod tests {
         assert!(bad(serde_json::json!({"repositoryDirectory": "/etc"})).contains("relative"));
         assert!(bad(serde_json::json!({"dockerStep": []})).contains("unknown job field"));
         assert!(bad(serde_json::json!({"dockerSteps": 3})).contains("invalid job"));
-        assert!(validate_submission(serde_json::json!([1]), &qs).is_err());
+        assert!(validate_submission(serde_json::json!([1]), &qs, |_, _| {}).is_err());
     }
 
     #[test]

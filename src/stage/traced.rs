@@ -1,4 +1,4 @@
-//! A job's trace as `loop` runs it (see `docs/observability.md`): the `job` span, a child of
+//! A job's trace as `loop` runs it (see `docs/tracing.md`): the `job` span, a child of
 //! the coordinator's submit span where the payload names one, with the queue wait and the
 //! dequeue recorded from their timestamps; the stages, and what they do inside, are its
 //! children through [`crate::base::trace::span`].

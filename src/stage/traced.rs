@@ -21,18 +21,29 @@ fn attributes(ctx: &JobCtx, doc: &RunDocument) -> Vec<KeyValue> {
 }
 
 /// Starts the job's trace: `asked` is when the dequeue that returned it was sent, `got` when
-/// its answer came. The span starts at the submit (the coordinator's `queuedAt`) when known,
-/// at `asked` otherwise (a Sourcegraph job: no queue wait is known).
+/// its answer came. The span starts at the submit (the coordinator's `queuedAt`) or at `asked`,
+/// whichever came first (a long poll may wait for the submit); a job without `queuedAt` (a
+/// Sourcegraph job) has no queue wait, nor has one whose `queuedAt` is later than its dequeue
+/// (a skewed clock).
 pub(crate) fn start(ctx: &JobCtx, doc: &RunDocument, asked: SystemTime, got: SystemTime) -> Trace {
-    let queued = ctx.job.queued_at.map(SystemTime::from).filter(|q| *q <= asked);
+    let (begin, queued) = window(ctx.job.queued_at.map(SystemTime::from), asked, got);
     let parent = Some(ctx.job.traceparent.as_str()).filter(|p| !p.is_empty());
-    let trace =
-        Trace::start("job", parent, SpanKind::Consumer, queued.unwrap_or(asked), attributes(ctx, doc));
+    let trace = Trace::start("job", parent, SpanKind::Consumer, begin, attributes(ctx, doc));
     if let Some(q) = queued {
         trace.record("queue-wait", q, got, Vec::new());
     }
     trace.record("dequeue", asked, got, Vec::new());
     trace
+}
+
+/// When the job's span begins, and when its queue wait does (if it has one).
+fn window(
+    queued_at: Option<SystemTime>,
+    asked: SystemTime,
+    got: SystemTime,
+) -> (SystemTime, Option<SystemTime>) {
+    let queued = queued_at.filter(|q| *q <= got);
+    (queued.map_or(asked, |q| q.min(asked)), queued)
 }
 
 /// Ends the job's trace with its outcome.
@@ -48,5 +59,22 @@ pub(crate) fn finish(trace: Trace, doc: &RunDocument) {
 pub(crate) fn stage_outcome(span: &crate::base::trace::Span, stage: &str, doc: &RunDocument) {
     if let Some(f) = doc.outcome.as_ref().filter(|f| f.stage == stage) {
         span.fail(&f.message);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn the_job_span_begins_at_the_submit_or_the_dequeue_whichever_came_first() {
+        let t = |s: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
+        // Queued before the long poll began, or while it waited.
+        assert_eq!(window(Some(t(1)), t(5), t(9)), (t(1), Some(t(1))));
+        assert_eq!(window(Some(t(7)), t(5), t(9)), (t(5), Some(t(7))));
+        // A Sourcegraph job, and a coordinator clock ahead of ours.
+        assert_eq!(window(None, t(5), t(9)), (t(5), None));
+        assert_eq!(window(Some(t(10)), t(5), t(9)), (t(5), None));
     }
 }

@@ -37,13 +37,21 @@ pub(crate) fn enabled() -> bool {
     tracer().is_some()
 }
 
-/// Whether `s` is a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`, ids not all zero).
+/// Whether `s` is a W3C `traceparent` of version 00: `00-<32 hex>-<16 hex>-<2 hex>`, lowercase,
+/// neither id all zeros. (OpenTelemetry's parser takes ids of any length.)
 pub(crate) fn valid_traceparent(s: &str) -> bool {
-    remote_parent(s).is_some()
+    let hex = |p: &str, n: usize| p.len() == n && p.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let zero = |p: &str| p.bytes().all(|b| b == b'0');
+    let parts: Vec<&str> = s.split('-').collect();
+    matches!(parts.as_slice(), [v, t, p, f]
+        if *v == "00" && hex(t, 32) && hex(p, 16) && hex(f, 2) && !zero(t) && !zero(p))
 }
 
 /// The remote span a `traceparent` names, as a context to start children in.
 fn remote_parent(traceparent: &str) -> Option<Context> {
+    if !valid_traceparent(traceparent) {
+        return None;
+    }
     let carrier = HashMap::from([("traceparent".to_string(), traceparent.to_string())]);
     let cx = TraceContextPropagator::new().extract(&carrier);
     cx.span().span_context().is_valid().then_some(cx)
@@ -227,6 +235,9 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
             "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",
             "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-abc-def-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
         ] {
             assert!(!valid_traceparent(bad), "{bad}");
         }

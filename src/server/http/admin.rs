@@ -411,6 +411,19 @@ mod tests {
         assert!(bad(serde_json::json!({"dockerStep": []})).contains("unknown job field"));
         assert!(bad(serde_json::json!({"dockerSteps": 3})).contains("invalid job"));
         assert!(validate_submission(serde_json::json!([1]), &qs, |_, _| {}).is_err());
+        // The trace context: a submitter's traceparent is checked; queuedAt is the server's.
+        assert!(bad(serde_json::json!({"traceparent": "00-abc-def-01"})).contains("W3C traceparent"));
+        assert!(bad(serde_json::json!({"queuedAt": "2026-01-01T00:00:00Z"})).contains("unknown job field"));
+        let mut traced = ok.clone();
+        traced["traceparent"] = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into();
+        let (_, payload, _) = validate_submission(traced, &qs, |q, job| {
+            assert_eq!(q, "batches");
+            job.queued_at = Some(chrono::Utc::now());
+        })
+        .unwrap();
+        let stored: Job = serde_json::from_str(&payload).unwrap();
+        assert!(stored.queued_at.is_some());
+        assert_eq!(stored.traceparent, "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
     }
 
     #[test]

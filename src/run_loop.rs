@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use std::collections::{HashMap, HashSet};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use tracing::{error, info, warn};
 
 use crate::api::{metrics, new_executor_name, Client};
@@ -348,12 +348,20 @@ impl Loop {
             if !self.has_room(&mut over_budget) {
                 continue;
             }
-            let t = Instant::now();
+            let (t, asked) = (Instant::now(), SystemTime::now());
             match stage::dequeue::run(settings, &self.client, self.runtime, Some(long_poll)) {
                 Ok(Some(doc)) => {
                     dequeued += 1;
                     threads.retain(|t| !t.is_finished());
-                    threads.push(start_job(settings, doc, &self.running, &self.ui, self.pool.as_ref())?);
+                    let asked = (asked, SystemTime::now());
+                    threads.push(start_job(
+                        settings,
+                        doc,
+                        asked,
+                        &self.running,
+                        &self.ui,
+                        self.pool.as_ref(),
+                    )?);
                     continue;
                 }
                 Ok(None) if t.elapsed() >= long_poll / 2 => continue,
@@ -575,9 +583,11 @@ fn start_pool(settings: &Settings, runtime: RuntimeKind, name: &str) -> Result<O
     Ok(pool)
 }
 
+/// `asked`: when the dequeue was sent and when its job came, for the job's trace.
 fn start_job(
     settings: &Arc<Settings>,
     doc: RunDocument,
+    asked: (SystemTime, SystemTime),
     running: &Arc<(Mutex<Running>, Condvar)>,
     ui: &Ui,
     pool: Option<&Arc<dyn WarmPool>>,
@@ -601,7 +611,7 @@ fn start_job(
     std::thread::Builder::new()
         .name(format!("job-{uid}"))
         .spawn(move || {
-            run_job(&settings, doc, cancel, &ui, pool.clone());
+            run_job(&settings, doc, asked, cancel, &ui, pool.clone());
             metrics::registry().add(metrics::SG_PROCESSOR_HANDLERS, &[&queue], -1.0);
             metrics::registry().add(metrics::SG_VMS, &[], -vms);
             let (m, cv) = &*running;
@@ -620,6 +630,7 @@ fn start_job(
 fn run_job(
     settings: &Arc<Settings>,
     mut doc: RunDocument,
+    asked: (SystemTime, SystemTime),
     cancel: Cancel,
     ui: &Ui,
     pool: Option<Arc<dyn WarmPool>>,
@@ -637,6 +648,8 @@ fn run_job(
         }
     };
     ctx.warm_pool = pool.clone();
+    let trace = stage::traced::start(&ctx, &doc, asked.0, asked.1);
+    let traced = trace.enter();
     let bar = ui.job_bar(&uid);
     if let Some(b) = bar.clone() {
         ctx.logger = ctx.logger.clone().on_entry(Arc::new(move |key: &str| b.set_message(key.to_string())));
@@ -664,6 +677,8 @@ fn run_job(
     if let Some(b) = bar {
         b.finish_and_clear();
     }
+    drop(traced);
+    stage::traced::finish(trace, &doc);
     let what = match (&doc.completion, &doc.outcome) {
         (Some(c), Some(f)) => format!("{} ({}: {})", c.reported, f.stage, f.message),
         (Some(c), None) => c.reported.clone(),

@@ -13,6 +13,7 @@ pub mod proc;
 pub(crate) mod redact;
 pub(crate) mod secret;
 pub(crate) mod sys;
+pub(crate) mod trace;
 pub(crate) mod units;
 
 // The tests' capability skips live in the `testkit` dev crate; the unit tests name them here.

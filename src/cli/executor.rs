@@ -143,6 +143,7 @@ pub(crate) fn run(cmd: ExecutorCommand) -> anyhow::Result<i32> {
             if a.verify {
                 cmd::validate(settings.clone())?;
             }
+            let _traces = super::install_traces("executor")?;
             crate::run_loop::run(settings)
         }
         ExecutorCommand::Validate(a) => cmd::validate(load(&a.config, Needs::Coordinator)?),

@@ -93,6 +93,14 @@ pub(crate) fn main() -> i32 {
     }
 }
 
+/// Starts sending this process's traces where `EXECUTOR_OTLP_ENDPOINT` says, as `service`
+/// (nothing when unset); the spans still queued are sent when the returned value drops.
+fn install_traces(service: &'static str) -> anyhow::Result<crate::base::trace::Installed> {
+    let usage = |e: anyhow::Error| exit::ExitError::new(exit::USAGE, format!("{e:#}"));
+    let endpoint = crate::config::otlp_from_env().map_err(usage)?;
+    Ok(crate::base::trace::install(service, endpoint.as_deref()).map_err(usage)?)
+}
+
 fn run(cli: Cli) -> anyhow::Result<i32> {
     log::install(&cli.command)?;
     if !matches!(cli.command, Command::GenerateDocs { .. }) {

@@ -299,7 +299,9 @@ pub(crate) fn run(args: QueueArgs) -> Result<i32> {
     use client::ClientCommand as C;
     let (opts, cmd) = match args.command {
         QueueCommand::Serve(s) => {
-            server::serve(s.into_config()?)?;
+            let config = s.into_config()?;
+            let _traces = super::install_traces("executor-queue")?;
+            server::serve(config)?;
             return Ok(crate::base::exit::OK);
         }
         QueueCommand::Submit { queue, file, client } => (options(client), C::Submit { queue, file }),

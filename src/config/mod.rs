@@ -239,6 +239,12 @@ pub(crate) fn log_from_env() -> Result<(LogLevel, LogFormat)> {
     Ok((from_env("log_level", parse::log_level)?, from_env("log_format", parse::log_format)?))
 }
 
+/// `EXECUTOR_OTLP_ENDPOINT`, else `OTEL_EXPORTER_OTLP_ENDPOINT`: where `loop` and `queue serve`
+/// send traces, read at startup; `None`: no traces.
+pub(crate) fn otlp_from_env() -> Result<Option<String>> {
+    from_env("otlp_endpoint", parse::text)
+}
+
 /// Setting `id` read from the environment alone (its variable or an alias, whose name its errors
 /// then carry), or its default.
 fn from_env<T>(id: &str, parse: fn(&table::Setting, Option<&std::ffi::OsStr>) -> Result<T>) -> Result<T> {

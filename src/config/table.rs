@@ -344,6 +344,14 @@ settings! {
         group: Group::EnvOnly,
         help: "How log lines look: human (today's lines) or json (one object a line, with the job id, \
                stage and runtime as fields); read at startup by the log facade",
+    }    // Read at startup by `loop` and `queue serve` (`config::otlp_from_env`), as the log settings.
+    #[allow(dead_code)]
+    otlp_endpoint: Option<String> = parse::text {
+        env: "EXECUTOR_OTLP_ENDPOINT", aliases: &["OTEL_EXPORTER_OTLP_ENDPOINT"], value_name: "URL",
+        group: Group::EnvOnly, default_note: Some("off"),
+        help: "An OpenTelemetry collector's OTLP/HTTP base URL (spans go to URL/v1/traces, with the headers of \
+               OTEL_EXPORTER_OTLP_HEADERS): `loop` sends one trace per job, `queue serve` a span per submit; \
+               unset: no traces",
     }
 }
 

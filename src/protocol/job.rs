@@ -12,6 +12,8 @@ pub const ZERO_TIME: &str = "0001-01-01T00:00:00Z";
 /// A job as dequeued. `version == 2` selects the v2 wire format.
 ///
 /// Our extension: `artifacts`, paths or globs relative to the workspace that `upload` packs.
+/// Our coordinator's trace context (`traceparent`, `queuedAt`) rides along too; Sourcegraph
+/// sends neither, and ignores them.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Job {
     pub version: i32,
@@ -34,6 +36,11 @@ pub struct Job {
     /// Our extension (Sourcegraph ignores it): the key our coordinator's fair dequeue takes
     /// turns across within a queue; empty: the repository.
     pub tenant: String,
+    /// The W3C `traceparent` of the coordinator's submit span (empty: none), which an
+    /// executor's trace of the job continues.
+    pub traceparent: String,
+    /// When the job was submitted, by the coordinator's clock (its trace's queue wait).
+    pub queued_at: Option<DateTime<Utc>>,
 }
 
 impl Job {
@@ -145,6 +152,10 @@ struct WireJob {
     artifacts: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     tenant: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    traceparent: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    queued_at: Option<DateTime<Utc>>,
 }
 
 fn is_zero(v: &i32) -> bool {
@@ -204,6 +215,8 @@ impl Serialize for Job {
             },
             artifacts: if self.artifacts.is_empty() { None } else { Some(self.artifacts.clone()) },
             tenant: self.tenant.clone(),
+            traceparent: self.traceparent.clone(),
+            queued_at: self.queued_at,
         };
         wire.serialize(s)
     }
@@ -256,6 +269,8 @@ impl<'de> Deserialize<'de> for Job {
             docker_auth_config: if v2 { w.docker_auth_config.filter(|v| !v.is_null()) } else { None },
             artifacts: w.artifacts.unwrap_or_default(),
             tenant: w.tenant,
+            traceparent: w.traceparent,
+            queued_at: w.queued_at,
         })
     }
 }
@@ -296,6 +311,20 @@ mod tests {
         let with: Job = serde_json::from_str(r#"{"id":7,"tenant":"team-a"}"#).unwrap();
         assert_eq!(with.tenant, "team-a");
         assert_eq!(serde_json::to_value(&with).unwrap()["tenant"], "team-a");
+    }
+
+    #[test]
+    fn trace_context_is_sent_only_when_set() {
+        let job: Job = serde_json::from_str(r#"{"id":7}"#).unwrap();
+        let v = serde_json::to_value(&job).unwrap();
+        assert!(v.get("traceparent").is_none() && v.get("queuedAt").is_none(), "{v}");
+        let raw = r#"{"id":7,"traceparent":"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "queuedAt":"2026-01-02T03:04:05.678Z"}"#;
+        let job: Job = serde_json::from_str(raw).unwrap();
+        assert_eq!(job.traceparent, "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        assert_eq!(job.queued_at.unwrap().timestamp_millis(), 1767323045678);
+        let again: Job = serde_json::from_value(serde_json::to_value(&job).unwrap()).unwrap();
+        assert_eq!(again, job);
     }
 
     #[test]

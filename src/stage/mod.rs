@@ -8,6 +8,7 @@ pub(crate) mod dequeue;
 pub(crate) mod endpoints;
 pub(crate) mod prepare_workspace;
 pub(crate) mod run_steps;
+pub(crate) mod traced;
 pub(crate) mod upload;
 pub(crate) mod vm_boot;
 
@@ -158,6 +159,7 @@ pub(crate) fn run_stage(stage: Stage, ctx: &JobCtx, doc: &mut RunDocument) -> Re
         return Ok(StageResult::Skipped);
     }
     let started_at = Utc::now();
+    let span = crate::base::trace::span(stage.name());
     let res = match stage {
         Stage::PrepareWorkspace => prepare_workspace::run(ctx, doc),
         Stage::VmBoot => vm_boot::run(ctx, doc),
@@ -167,7 +169,9 @@ pub(crate) fn run_stage(stage: Stage, ctx: &JobCtx, doc: &mut RunDocument) -> Re
         Stage::Upload => upload::run(ctx, doc),
         Stage::Complete => complete::run(ctx, doc),
     };
-    record(stage, ctx, doc, started_at, res)
+    let out = record(stage, ctx, doc, started_at, res);
+    traced::stage_outcome(&span, stage.name(), doc);
+    out
 }
 
 /// The loop's `prepare-workspace` and `vm-boot` at once, for a runtime whose sandbox needs only
@@ -180,6 +184,8 @@ pub(crate) fn prepare_and_boot(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()
         return Ok(());
     }
     let started_at = Utc::now();
+    // The boot's span is the job's child, beside the clone's stage, not inside it.
+    let job_span = crate::base::trace::current();
     let created = match prepare_workspace::create(ctx, doc) {
         Ok(Some(created)) => created,
         Ok(None) => {
@@ -201,15 +207,25 @@ pub(crate) fn prepare_and_boot(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()
     let (filled, booted) = std::thread::scope(|s| {
         let booting = &mut booting;
         let boot = s.spawn(move || {
+            let _job = job_span.attach();
+            let span = crate::base::trace::span(Stage::VmBoot.name());
             let at = Utc::now();
             let res = vm_boot::run(ctx, booting);
+            if let Err(e) = &res {
+                span.fail(&ctx.redact(&format!("{e:#}")));
+            }
             // Nothing is made ahead for a job whose clone failed.
             if res.is_ok() && (!wait || filled_rx.recv() == Ok(true)) {
                 run_steps::prepare_first(ctx, booting);
             }
             (at, res)
         });
+        let prepare = crate::base::trace::span_at(Stage::PrepareWorkspace.name(), started_at.into());
         let filled = prepare_workspace::fill(ctx, doc, created);
+        if let Err(e) = &filled {
+            prepare.fail(&ctx.redact(&format!("{e:#}")));
+        }
+        drop(prepare);
         let _ = filled_tx.send(filled.is_ok());
         (filled, boot.join())
     });

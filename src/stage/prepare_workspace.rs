@@ -105,9 +105,30 @@ pub(crate) fn fill(ctx: &JobCtx, doc: &mut RunDocument, created: Created) -> Res
         git_timeout: ctx.settings.git_timeout,
         cancel: Some(&ctx.cancel),
     };
+    let cloning = !ctx.job.repository_name.is_empty();
+    let span = if cloning { crate::base::trace::span("clone") } else { crate::base::trace::Span::none() };
+    if span.recording() {
+        // Whether the clone starts from the repository's workspace template, and whether the
+        // object cache already holds the repository.
+        let template = match (&key, &from) {
+            (Some(_), Some(_)) => "hit",
+            (Some(_), None) => "miss",
+            (None, _) => "off",
+        };
+        span.set("executor.clone.template", template);
+        let cached = cx.cache_dir.clone().map(crate::git::ObjectCache::new).map(|c| {
+            if c.exists(cx.frontend_url, &ctx.job.repository_name) {
+                "hit"
+            } else {
+                "miss"
+            }
+        });
+        span.set("executor.clone.cache", cached.unwrap_or("off"));
+    }
     let template =
         key.as_ref().map(|key| workspace::TemplateUse { templates: &templates, key, from, disk_bytes });
     let cloned = workspace::clone_repository_with(&ctx.job, &path, &ctx.logger, &cx, template)?;
+    drop(span);
     // A fetch in flight is abandoned at a cancel or the deadline (ureq cannot be interrupted
     // mid-read): the job moves on within 100 ms, the request ends at its own timeout.
     let fetch = |bucket: &str, key: &str| -> Result<Vec<u8>> {

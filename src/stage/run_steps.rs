@@ -96,6 +96,8 @@ pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
         };
         let mut entry = ctx.logger.entry(&key, Some(runtime.step_command(&sandbox, &spec)))?;
         let started = Instant::now();
+        let span = crate::base::trace::span(key.clone());
+        span.set("executor.step.index", i as i64);
         let mut noted = LimitNotes { entry: &mut entry, hit: Vec::new() };
         let end = runtime.run_step(&sandbox, &spec, &mut noted, &ctx.cancel);
         let because = if noted.hit.is_empty() {
@@ -111,6 +113,8 @@ pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
             started.elapsed().as_secs_f64(),
         );
         let (code, ended_by) = super::run_steps::close_entry(ctx, &end, &mut entry);
+        span.set("executor.step.exit_code", code as i64);
+        drop(span);
         let flushed = entry.finish(code);
         doc.steps.push(StepRecord { key: key.clone(), exit_code: Some(code), duration_ms, ended_by });
         match end.with_context(|| format!("running {key}"))? {

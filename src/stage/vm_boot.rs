@@ -2,6 +2,7 @@
 //! job's sandbox with the runtime the document names and records it.
 
 use anyhow::{Context, Result};
+use std::sync::Arc;
 
 use super::{Incomplete, JobCtx};
 use crate::document::RunDocument;
@@ -64,7 +65,14 @@ pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
     let started = std::time::Instant::now();
     // A cliSteps VM carries the engine's disks, which no VM booted ahead has.
     let warm = ctx.warm_pool.as_ref().filter(|p| p.runtime() == runtime.kind() && !cli);
-    let booted = match warm.map(|p| p.take(&req)) {
+    let claim = |p: &Arc<dyn crate::sandbox::WarmPool>| {
+        let span = crate::base::trace::span("pool-claim");
+        let claim = p.take(&req);
+        span.set("executor.pool.hit", matches!(claim, WarmClaim::Hit { .. }));
+        claim
+    };
+    let boot = || crate::base::trace::span("boot");
+    let booted = match warm.map(claim) {
         Some(WarmClaim::Hit { record, note }) => {
             if let Some(note) = note {
                 entry.line(&ctx.redact(&note));
@@ -73,10 +81,17 @@ pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
         }
         Some(WarmClaim::Miss { note }) => {
             entry.line(&ctx.redact(&note));
+            let _span = boot();
             runtime.boot(&req)
         }
-        None if cli => runtime.boot_cli_steps(&req),
-        None => runtime.boot(&req),
+        None if cli => {
+            let _span = boot();
+            runtime.boot_cli_steps(&req)
+        }
+        None => {
+            let _span = boot();
+            runtime.boot(&req)
+        }
     }
     .with_context(|| format!("starting the {} sandbox", runtime.name()));
     crate::api::metrics::registry().observe(
@@ -139,7 +154,11 @@ fn pull_images(ctx: &JobCtx, doc: &mut RunDocument, images: &[String]) -> Result
         opts.deadline = super::deadline_instant(doc);
         for image in wanted {
             entry.line(&format!("pulling {image}"));
+            let span = crate::base::trace::span("image-pull");
+            span.set("executor.image", image.clone());
             let pulled = crate::image::pull::pull(&store, image, &opts, &ctx.cancel)?;
+            span.set("executor.image.bytes", pulled.bytes as i64);
+            drop(span);
             entry.line(&format!(
                 "pulled {image} as {} from {}: digest {}, {} downloaded in {}",
                 pulled.reference,

@@ -15,11 +15,12 @@ pub(crate) fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_executor"))
 }
 
-/// Removes every `EXECUTOR_*` variable of the test's own environment from `cmd`, so that what a
-/// test sets is all the binary sees.
+/// Removes every `EXECUTOR_*` variable (and `OTEL_EXPORTER_OTLP_ENDPOINT`) of the test's own
+/// environment from `cmd`, so that what a test sets is all the binary sees.
 pub(crate) fn scrub(cmd: &mut Command) -> &mut Command {
     for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("EXECUTOR_") {
+        // The collector OpenTelemetry's own variable names would get every test's traces.
+        if k.to_string_lossy().starts_with("EXECUTOR_") || k == "OTEL_EXPORTER_OTLP_ENDPOINT" {
             cmd.env_remove(k);
         }
     }

@@ -15,6 +15,7 @@ pub(crate) struct Coordinator {
     pub data_dir: tempfile::TempDir,
     child: Option<Child>,
     extra_args: Vec<String>,
+    env: Vec<(String, String)>,
     /// `--data-dir`: `data_dir/db`, or a directory several replicas share.
     data_path: std::path::PathBuf,
 }
@@ -41,6 +42,14 @@ impl Coordinator {
         Self::start_with_at(extra_args, Some("127.0.0.1:0"))
     }
 
+    /// [`Coordinator::start`] with these variables set for `queue serve`.
+    pub(crate) fn start_with_env(env: &[(&str, &str)]) -> Coordinator {
+        let mut c = Self::start_with_at(&[], None);
+        c.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        c.spawn("127.0.0.1:0");
+        c
+    }
+
     /// A replica on a shared PostgreSQL database and data directory, with the secrets of
     /// `peer` (the first replica when `None`).
     pub(crate) fn start_replica(
@@ -57,6 +66,7 @@ impl Coordinator {
             data_dir,
             child: None,
             extra_args: ["--database", database].iter().chain(extra_args).map(|s| s.to_string()).collect(),
+            env: Vec::new(),
             data_path: shared.to_path_buf(),
         };
         c.spawn("127.0.0.1:0");
@@ -73,6 +83,7 @@ impl Coordinator {
             data_dir,
             child: None,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
         };
         if let Some(l) = listen {
             c.spawn(l);
@@ -89,6 +100,7 @@ impl Coordinator {
             .arg("--addr-file")
             .arg(&addr_file)
             .args(&self.extra_args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("EXECUTOR_FRONTEND_PASSWORD", &self.secret)
             .env("EXECUTOR_QUEUE_ADMIN_TOKEN", &self.admin_token)
             .stdout(Stdio::null())

@@ -22,4 +22,5 @@ mod proxy;
 mod replicas;
 mod server;
 mod soak;
+mod trace;
 mod workspace;

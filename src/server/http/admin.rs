@@ -13,6 +13,7 @@ use std::sync::atomic::Ordering;
 
 use super::auth::{AdminToken, MetricsReader};
 use super::{db, http_err, job_id_param, json_response, query_params, read_json, HttpResult, Shared};
+use crate::base::trace;
 use crate::protocol::Job;
 use crate::server::store::{self, CancelResult, JobState};
 
@@ -34,6 +35,7 @@ const JOB_FIELDS: &[&str] = &[
     "dockerAuthConfig",
     "artifacts",
     "tenant",
+    "traceparent",
 ];
 
 /// A relative path that stays inside the workspace.
@@ -66,10 +68,12 @@ struct Submission {
     tenant: String,
 }
 
-/// Validates a submitted job.
+/// Validates a submitted job, lets `stamp` add what the coordinator adds (its queue is the
+/// first argument).
 fn validate_submission(
     value: serde_json::Value,
     queues: &[String],
+    stamp: impl FnOnce(&str, &mut Job),
 ) -> std::result::Result<Submission, String> {
     let serde_json::Value::Object(mut obj) = value else {
         return Err("the job must be a JSON object".into());
@@ -126,23 +130,57 @@ fn validate_submission(
     if job.tenant.len() > MAX_TENANT || job.tenant.chars().any(char::is_control) {
         return Err(format!("tenant must be at most {MAX_TENANT} bytes without control characters"));
     }
+    if !job.traceparent.is_empty() && !crate::base::trace::valid_traceparent(&job.traceparent) {
+        return Err("traceparent must be a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)".into());
+    }
     job.version = 2;
     job.id = 0;
     job.token = String::new();
     job.queue = String::new();
+    stamp(&queue, &mut job);
     let payload = serde_json::to_string(&job).map_err(|e| format!("encoding the job: {e}"))?;
     let tenant = if job.tenant.is_empty() { job.repository_name.clone() } else { job.tenant };
     Ok(Submission { queue, payload, repository: job.repository_name, tenant })
 }
 
-pub(super) async fn submit_job(State(app): State<Shared>, _: AdminToken, body: Body) -> HttpResult<Response> {
+pub(super) async fn submit_job(
+    State(app): State<Shared>,
+    _: AdminToken,
+    headers: axum::http::HeaderMap,
+    body: Body,
+) -> HttpResult<Response> {
     let value: serde_json::Value = read_json(body, app.json_limit).await?;
-    let sub =
-        validate_submission(value, &app.cfg.queues).map_err(|e| http_err(StatusCode::BAD_REQUEST, e))?;
+    // The submit span continues the submitter's trace (its `traceparent` header, else the job's
+    // field); the job carries the submit span's context (or the submitter's, when this
+    // coordinator exports no traces) and its submit time to the executor.
+    let header =
+        headers.get("traceparent").and_then(|v| v.to_str().ok()).filter(|v| trace::valid_traceparent(v));
+    let mut submit = None;
+    let sub = validate_submission(value, &app.cfg.queues, |queue, job| {
+        let now = chrono::Utc::now();
+        job.queued_at = Some(now);
+        let parent = header.map(str::to_string).or(Some(std::mem::take(&mut job.traceparent)));
+        let span = trace::Trace::start(
+            "submit",
+            parent.as_deref(),
+            trace::SpanKind::Producer,
+            now.into(),
+            vec![
+                trace::KeyValue::new("executor.queue", queue.to_string()),
+                trace::KeyValue::new("executor.repository", job.repository_name.clone()),
+            ],
+        );
+        job.traceparent = span.traceparent().or(parent).unwrap_or_default();
+        submit = Some(span);
+    })
+    .map_err(|e| http_err(StatusCode::BAD_REQUEST, e))?;
     let id = db(&app, move |s| {
         s.submit_for(&sub.queue, &sub.payload, &sub.repository, &sub.tenant, store::now_ms())
     })
     .await?;
+    if let Some(span) = &submit {
+        span.set("executor.job.id", id);
+    }
     app.metrics.jobs_submitted.fetch_add(1, Ordering::Relaxed);
     app.jobs_changed.notify_waiters();
     json_response(StatusCode::CREATED, &serde_json::json!({ "id": id }))
@@ -406,18 +444,18 @@ mod tests {
         let qs = vec!["batches".to_string(), "codeintel".to_string()];
         let ok = serde_json::json!({"repositoryName": "r", "commit": "c",
             "dockerSteps": [{"image": "alpine", "commands": ["true"], "dir": "", "env": ["A=b"]}]});
-        let sub = validate_submission(ok.clone(), &qs).unwrap();
+        let sub = validate_submission(ok.clone(), &qs, |_, _| {}).unwrap();
         assert_eq!((sub.queue.as_str(), sub.repository.as_str(), sub.tenant.as_str()), ("batches", "r", "r"));
         assert!(sub.payload.contains("\"version\":2"));
         let mut team = ok.clone();
         team["tenant"] = "team-a".into();
-        assert_eq!(validate_submission(team, &qs).unwrap().tenant, "team-a");
+        assert_eq!(validate_submission(team, &qs, |_, _| {}).unwrap().tenant, "team-a");
         let bad = |patch: serde_json::Value| {
             let mut v = ok.clone();
             for (k, val) in patch.as_object().unwrap() {
                 v[k] = val.clone();
             }
-            validate_submission(v, &qs).unwrap_err()
+            validate_submission(v, &qs, |_, _| {}).unwrap_err()
         };
         assert!(bad(serde_json::json!({"queue": "nope"})).contains("unknown queue"));
         assert!(bad(serde_json::json!({"token": "abc"})).contains("token"));
@@ -428,7 +466,21 @@ mod tests {
         assert!(bad(serde_json::json!({"dockerSteps": 3})).contains("invalid job"));
         assert!(bad(serde_json::json!({"tenant": "a\nb"})).contains("tenant"));
         assert!(bad(serde_json::json!({"tenant": "t".repeat(257)})).contains("tenant"));
-        assert!(validate_submission(serde_json::json!([1]), &qs).is_err());
+        assert!(validate_submission(serde_json::json!([1]), &qs, |_, _| {}).is_err());
+        // The trace context: a submitter's traceparent is checked; queuedAt is the server's.
+        assert!(bad(serde_json::json!({"traceparent": "00-abc-def-01"})).contains("W3C traceparent"));
+        assert!(bad(serde_json::json!({"queuedAt": "2026-01-01T00:00:00Z"})).contains("unknown job field"));
+        let mut traced = ok.clone();
+        traced["traceparent"] = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into();
+        let payload = validate_submission(traced, &qs, |q, job| {
+            assert_eq!(q, "batches");
+            job.queued_at = Some(chrono::Utc::now());
+        })
+        .unwrap()
+        .payload;
+        let stored: Job = serde_json::from_str(&payload).unwrap();
+        assert!(stored.queued_at.is_some());
+        assert_eq!(stored.traceparent, "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
     }
 
     #[test]

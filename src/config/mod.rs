@@ -233,6 +233,13 @@ pub(crate) fn parse_cache_size(v: Option<&str>) -> Result<u64> {
     parse::budget(s, v.map(std::ffi::OsStr::new))
 }
 
+/// A budget setting of the table (`cache_bytes`) given to a command outside the executor's
+/// settings (`executor cache prune --cache-size`).
+pub(crate) fn parse_size_setting(id: &str, v: Option<&str>) -> Result<u64> {
+    let s = table::setting(id).with_context(|| format!("no setting {id}"))?;
+    parse::budget(s, v.map(std::ffi::OsStr::new))
+}
+
 /// `EXECUTOR_LOG_LEVEL`, else `SRC_LOG_LEVEL`, and `EXECUTOR_LOG_FORMAT` from the environment:
 /// the log facade reads them at startup, before the flags.
 pub(crate) fn log_from_env() -> Result<(LogLevel, LogFormat)> {

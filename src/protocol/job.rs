@@ -31,6 +31,31 @@ pub struct Job {
     /// v2 only; kept as raw JSON (`{"auths": {...}}`).
     pub docker_auth_config: Option<serde_json::Value>,
     pub artifacts: Vec<String>,
+    /// Our extension (Sourcegraph sends none and ignores it): dependency caches the job's steps
+    /// read and, for a trusted job, refresh (docs/caches.md).
+    pub caches: Vec<CacheDecl>,
+}
+
+/// One dependency cache a job declares: `paths` (absolute in the step's root, or relative to the
+/// workspace) kept between jobs of the repository whose `key` is the same.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheDecl {
+    #[serde(default)]
+    pub key: CacheKeyDecl,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub paths: Vec<String>,
+}
+
+/// What a cache's key is made of besides the repository, the step images and the architecture:
+/// a `prefix` naming it and the content of `files` (workspace-relative, as cloned).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheKeyDecl {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub files: Vec<String>,
+    #[serde(default)]
+    pub prefix: String,
 }
 
 impl Job {
@@ -140,6 +165,8 @@ struct WireJob {
     docker_auth_config: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     artifacts: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    caches: Option<Vec<CacheDecl>>,
 }
 
 fn is_zero(v: &i32) -> bool {
@@ -198,6 +225,7 @@ impl Serialize for Job {
                 None
             },
             artifacts: if self.artifacts.is_empty() { None } else { Some(self.artifacts.clone()) },
+            caches: if self.caches.is_empty() { None } else { Some(self.caches.clone()) },
         };
         wire.serialize(s)
     }
@@ -249,6 +277,7 @@ impl<'de> Deserialize<'de> for Job {
             redacted_values: w.redacted_values.unwrap_or_default(),
             docker_auth_config: if v2 { w.docker_auth_config.filter(|v| !v.is_null()) } else { None },
             artifacts: w.artifacts.unwrap_or_default(),
+            caches: w.caches.unwrap_or_default(),
         })
     }
 }
@@ -285,6 +314,20 @@ mod tests {
         assert!(v.get("version").is_none());
         assert!(v.get("dockerAuthConfig").is_none());
         assert_eq!(v["files"]["a"]["content"], "aGk=");
+    }
+
+    #[test]
+    fn caches_are_our_extension_and_round_trip() {
+        let raw = r#"{"id":7,"caches":[{"key":{"files":["package-lock.json"],"prefix":"npm"},
+            "paths":["/root/.npm","node_modules"]}]}"#;
+        let job: Job = serde_json::from_str(raw).unwrap();
+        assert_eq!(job.caches[0].key.files, ["package-lock.json"]);
+        assert_eq!(job.caches[0].key.prefix, "npm");
+        assert_eq!(job.caches[0].paths, ["/root/.npm", "node_modules"]);
+        let back = serde_json::to_value(&job).unwrap();
+        assert_eq!(serde_json::from_value::<Job>(back).unwrap(), job);
+        let none: Job = serde_json::from_str(r#"{"id":7}"#).unwrap();
+        assert!(serde_json::to_value(&none).unwrap().get("caches").is_none());
     }
 
     #[test]

@@ -32,6 +32,7 @@ const JOB_FIELDS: &[&str] = &[
     "redactedValues",
     "dockerAuthConfig",
     "artifacts",
+    "caches",
 ];
 
 /// A relative path that stays inside the workspace.

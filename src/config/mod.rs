@@ -106,6 +106,10 @@ impl Settings {
         });
         let pull = pull_settings(&v)?;
         let network = network_of(&v)?;
+        // A rules file that does not parse fails at startup, not at each job.
+        if let Some(rules) = &v.cache_rules {
+            crate::cache::rules::CacheRules::load(Some(rules))?;
+        }
         Ok(Settings { values: v, password, queues, multi_queue, runtime, pull, network })
     }
 
@@ -293,6 +297,19 @@ mod tests {
             }
             assert_eq!(load(&r).unwrap().runtime, want, "{fc:?} {rt:?}");
         }
+    }
+
+    #[test]
+    fn a_cache_rules_file_that_does_not_parse_fails_at_startup() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("rules.json");
+        std::fs::write(&f, r#"[{"image": "x*", "prefix": "p", "paths": ["/proc/x"]}]"#).unwrap();
+        let mut r = raw();
+        r.set("cache_rules", &f);
+        let e = format!("{:#}", load(&r).unwrap_err());
+        assert!(e.contains("cache rules") && e.contains("/proc"), "{e}");
+        std::fs::write(&f, r#"[{"image": "x*", "prefix": "p", "paths": ["/root/.p"]}]"#).unwrap();
+        load(&r).unwrap();
     }
 
     #[test]

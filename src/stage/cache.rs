@@ -133,6 +133,7 @@ pub(crate) fn setup(
     }
     let versions: Vec<_> = records.iter().filter_map(|r| r.version.clone()).collect();
     store.lease(&sandbox.name, &versions)?;
+    let before = sandbox.clone();
     let started = Instant::now();
     match runtime.attach_caches(sandbox, &mounts) {
         Ok(attached) => {
@@ -168,7 +169,9 @@ pub(crate) fn setup(
                 "caches not attached, the job runs without them: {}",
                 ctx.redact(&format!("{e:#}"))
             ));
-            doc.sandbox = Some(sandbox.clone());
+            // The steps get none of what was attached before the failure; the teardown removes
+            // it with the rest of the sandbox's mounts.
+            *sandbox = before;
             let _ = store.release(&sandbox.name);
             entry.finish(0)
         }

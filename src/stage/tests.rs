@@ -456,3 +456,32 @@ fn teardown_cache_saves_only_trusted_successful_jobs() {
     assert_eq!(said.len(), 3);
     assert!(said[1].out.as_deref().unwrap_or("").contains("not the default branch"), "{said:?}");
 }
+
+/// `setup.cache` on a runtime that attaches no caches: the job runs without them, the entry
+/// says why, nothing stays leased and the sandbox's record is the one before.
+#[test]
+fn setup_cache_without_runtime_support_runs_the_job_without_caches() {
+    let state = tempfile::tempdir().unwrap();
+    let rt = FakeRuntime::default();
+    let mut j = job(&[("a", "")]);
+    j.caches = vec![crate::protocol::CacheDecl {
+        key: crate::protocol::CacheKeyDecl { files: vec!["lock".into()], prefix: "p".into() },
+        paths: vec!["/root/.p".into()],
+    }];
+    let (ctx, mut doc, logs) = ctx_for(&state, j, &rt);
+    booted(&state, &ctx, &mut doc);
+    assert!(super::cache::applies(&ctx));
+    let mut sandbox = doc.sandbox.clone().unwrap();
+    super::cache::setup(&ctx, &mut doc, &rt, &mut sandbox).unwrap();
+    assert!(doc.caches.is_empty());
+    assert_eq!(doc.sandbox.as_ref(), Some(&sandbox));
+    let leases = state.path().join("caches/leases");
+    assert_eq!(std::fs::read_dir(&leases).map(|r| r.count()).unwrap_or(0), 0);
+    let entries = logs.entries.lock().unwrap();
+    let entry = entries.iter().find(|e| e.key == "setup.cache").expect("a setup.cache entry");
+    let out = entry.out.as_deref().unwrap_or("");
+    assert!(
+        out.contains("miss (no version yet)") && out.contains("does not attach dependency caches"),
+        "{out}"
+    );
+}

@@ -174,6 +174,14 @@ pub(crate) fn janitor_pass_with(
         })),
         Err(e) => out.push(format!("cache janitor failed: {e:#}")),
     }
+    // A few versions a pass are read in full against their manifests, each about once a day: a
+    // corrupted one is a miss from then on, and the next pass removes it.
+    match caches.verify_due(Duration::from_secs(24 * 3600), 4) {
+        Ok(bad) => {
+            out.extend(bad.iter().map(|(v, why)| format!("cache version {v} marked corrupted ({why})")))
+        }
+        Err(e) => out.push(format!("cache verification failed: {e:#}")),
+    }
     // The image cache budget, after the sandboxes above gave back the images they used.
     if settings.image_cache_bytes > 0 {
         let store = crate::image::ImageStore::open(&settings.runtime_options().images_dir());

@@ -251,30 +251,33 @@ impl CacheStore {
     /// Checks every version's tree against its manifest; a version that differs is marked bad
     /// (every later lookup misses). Returns `(version, why)` for each one found bad now.
     pub(crate) fn verify(&self) -> Result<Vec<(String, String)>> {
+        self.verify_due(std::time::Duration::ZERO, usize::MAX)
+    }
+
+    /// [`CacheStore::verify`] of at most `limit` versions not checked within `max_age` (the
+    /// janitor's share of the work: every version is read in full now and then, never all at
+    /// once). A version that matches is stamped `verified`.
+    pub(crate) fn verify_due(
+        &self,
+        max_age: std::time::Duration,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>> {
         let mut bad = Vec::new();
-        for (_, version) in self.versions()? {
-            if version.join("bad").exists() {
-                continue;
-            }
-            let why = match read_meta(&version) {
-                Err(e) => Some(format!("{e:#}")),
-                Ok(meta) => match tree::manifest(&version.join("tree")) {
-                    Err(e) => Some(format!("{e:#}")),
-                    Ok((manifest, _, _)) => {
-                        let stored = fs::read(version.join("manifest")).unwrap_or_default();
-                        if hex::encode(Sha256::digest(&stored)) != meta.manifest_sha256 {
-                            Some("the manifest does not match its recorded hash".into())
-                        } else if manifest != stored {
-                            Some("the tree does not match its manifest".into())
-                        } else {
-                            None
-                        }
-                    }
-                },
-            };
-            if let Some(why) = why {
-                let _ = fs::write(version.join("bad"), &why);
-                bad.push((version_name(&version), why));
+        let recent = |v: &Path| {
+            fs::metadata(v.join("verified"))
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age < max_age)
+        };
+        let due = self.versions()?.into_iter().filter(|(_, v)| !v.join("bad").exists() && !recent(v));
+        for (_, version) in due.take(limit) {
+            match check(&version) {
+                Some(why) => {
+                    let _ = fs::write(version.join("bad"), &why);
+                    bad.push((version_name(&version), why));
+                }
+                None => touch(&version.join("verified")),
             }
         }
         Ok(bad)
@@ -298,6 +301,26 @@ impl CacheStore {
         }
         out.sort();
         Ok(out)
+    }
+}
+
+/// Why `version`'s tree does not match its manifest, or `None` when it does.
+fn check(version: &Path) -> Option<String> {
+    let meta = match read_meta(version) {
+        Ok(m) => m,
+        Err(e) => return Some(format!("{e:#}")),
+    };
+    let manifest = match tree::manifest(&version.join("tree")) {
+        Ok((m, _, _)) => m,
+        Err(e) => return Some(format!("{e:#}")),
+    };
+    let stored = fs::read(version.join("manifest")).unwrap_or_default();
+    if hex::encode(Sha256::digest(&stored)) != meta.manifest_sha256 {
+        Some("the manifest does not match its recorded hash".into())
+    } else if manifest != stored {
+        Some("the tree does not match its manifest".into())
+    } else {
+        None
     }
 }
 

@@ -126,7 +126,12 @@ fn promote_merges_uppers_and_verify_marks_corruption() {
     assert_eq!(std::fs::read_to_string(v1.join("tree/p0/b")).unwrap(), "bb", "never changed under a job");
     assert!(v1.exists(), "a leased version stays");
     // Corruption: the constant-time check catches a broken meta at once, the full check a file.
+    // The janitor's share checks each version once within its period.
+    assert!(store.verify_due(std::time::Duration::from_secs(3600), 1).unwrap().is_empty());
+    let stamped = |v: &std::path::Path| v.join("verified").exists();
+    assert_eq!([stamped(&v1), stamped(&v2)].iter().filter(|s| **s).count(), 1, "one a pass");
     assert!(store.verify().unwrap().is_empty());
+    assert!(stamped(&v1) && stamped(&v2));
     std::fs::remove_file(v2.join("tree/p0/c")).unwrap();
     std::fs::write(v2.join("tree/p0/c"), "tampered").unwrap();
     let bad = store.verify().unwrap();

@@ -21,6 +21,7 @@ pub(crate) const LAYERS: &[(&str, u8)] = &[
     ("vm", 4),
     ("network", 4),
     ("sandbox", 5),
+    ("cache", 5),
     ("config", 6),
     ("stage", 7),
     ("server", 7),

@@ -11,7 +11,7 @@
 //! | 2 documents and client | `document`, `api` | the run document (and its sandbox records), the coordinator client |
 //! | 3 job I/O | `logs`, `git` | execution log entries, cloning |
 //! | 4 job resources | `workspace`, `image`, `vm`, `network` | workspaces, the image store, the microVM guest's kernel and initramfs, per-job networks |
-//! | 5 sandboxes | `sandbox` | the `Runtime` trait and its backends |
+//! | 5 sandboxes | `sandbox`, `cache` | the `Runtime` trait and its backends; the dependency caches they attach |
 //! | 6 settings | `config` | the executor's validated settings |
 //! | 7 work | `stage`, `server` | the pipeline stages; the coordinator beside them |
 //! | 8 the loop | `run_loop` | many jobs at once, heartbeats, janitor, shutdown |
@@ -34,6 +34,7 @@ pub mod network;
 mod vm;
 pub mod workspace;
 
+mod cache;
 pub mod sandbox;
 
 mod config;

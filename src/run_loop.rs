@@ -165,6 +165,23 @@ pub(crate) fn janitor_pass_with(
             }
         }
     }
+    // The dependency caches: leases of sandboxes gone, replaced and corrupted versions, the budget.
+    let sandboxes = settings.runtime_options().sandboxes_dir();
+    let caches = crate::cache::CacheStore::new(&settings.state_dir);
+    match caches.prune(settings.cache_bytes, false, |s| !sandboxes.join(s).exists()) {
+        Ok(gone) => out.extend(gone.iter().map(|g| {
+            format!("cache version {} ({}, {})", g.version, crate::base::units::format_bytes(g.bytes), g.why)
+        })),
+        Err(e) => out.push(format!("cache janitor failed: {e:#}")),
+    }
+    // A few versions a pass are read in full against their manifests, each about once a day: a
+    // corrupted one is a miss from then on, and the next pass removes it.
+    match caches.verify_due(Duration::from_secs(24 * 3600), 4) {
+        Ok(bad) => {
+            out.extend(bad.iter().map(|(v, why)| format!("cache version {v} marked corrupted ({why})")))
+        }
+        Err(e) => out.push(format!("cache verification failed: {e:#}")),
+    }
     // The image cache budget, after the sandboxes above gave back the images they used.
     if settings.image_cache_bytes > 0 {
         let store = crate::image::ImageStore::open(&settings.runtime_options().images_dir());

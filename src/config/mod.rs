@@ -106,6 +106,10 @@ impl Settings {
         });
         let pull = pull_settings(&v)?;
         let network = network_of(&v)?;
+        // A rules file that does not parse fails at startup, not at each job.
+        if let Some(rules) = &v.cache_rules {
+            crate::cache::rules::CacheRules::load(Some(rules))?;
+        }
         Ok(Settings { values: v, password, queues, multi_queue, runtime, pull, network })
     }
 
@@ -233,6 +237,13 @@ pub(crate) fn parse_cache_size(v: Option<&str>) -> Result<u64> {
     parse::budget(s, v.map(std::ffi::OsStr::new))
 }
 
+/// A budget setting of the table (`cache_bytes`) given to a command outside the executor's
+/// settings (`executor cache prune --cache-size`).
+pub(crate) fn parse_size_setting(id: &str, v: Option<&str>) -> Result<u64> {
+    let s = table::setting(id).with_context(|| format!("no setting {id}"))?;
+    parse::budget(s, v.map(std::ffi::OsStr::new))
+}
+
 /// `EXECUTOR_LOG_LEVEL`, else `SRC_LOG_LEVEL`, and `EXECUTOR_LOG_FORMAT` from the environment:
 /// the log facade reads them at startup, before the flags.
 pub(crate) fn log_from_env() -> Result<(LogLevel, LogFormat)> {
@@ -292,6 +303,19 @@ mod tests {
             }
             assert_eq!(load(&r).unwrap().runtime, want, "{fc:?} {rt:?}");
         }
+    }
+
+    #[test]
+    fn a_cache_rules_file_that_does_not_parse_fails_at_startup() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("rules.json");
+        std::fs::write(&f, r#"[{"image": "x*", "prefix": "p", "paths": ["/proc/x"]}]"#).unwrap();
+        let mut r = raw();
+        r.set("cache_rules", &f);
+        let e = format!("{:#}", load(&r).unwrap_err());
+        assert!(e.contains("cache rules") && e.contains("/proc"), "{e}");
+        std::fs::write(&f, r#"[{"image": "x*", "prefix": "p", "paths": ["/root/.p"]}]"#).unwrap();
+        load(&r).unwrap();
     }
 
     #[test]

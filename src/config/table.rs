@@ -353,6 +353,25 @@ settings! {
                OTEL_EXPORTER_OTLP_HEADERS): `loop` sends one trace per job, `queue serve` a span per submit; \
                unset: no traces",
     }
+    caches: Option<bool> = parse::opt_boolean {
+        flag: "caches", env: "EXECUTOR_CACHES", value_name: "BOOL", default_note: Some("true"),
+        help: "Attach dependency caches to jobs that declare them or match a cache rule (docs/caches.md)",
+    }
+    cache_rules: Option<PathBuf> = parse::existing_file {
+        flag: "cache-rules", env: "EXECUTOR_CACHE_RULES", value_name: "FILE",
+        default_note: Some("the shipped rules for Sourcegraph's indexers"),
+        help: "A JSON list of {image, prefix, files, paths}: the caches of jobs that declare none, by step image",
+    }
+    cache_bytes: u64 = parse::budget {
+        flag: "cache-size", env: "EXECUTOR_CACHE_SIZE", value_name: "SIZE", default_note: Some("no budget"),
+        help: "The most the dependency caches may take on disk; least recently used versions beyond it \
+               (never one a running job uses) are removed by the janitor, each save and `cache prune`",
+    }
+    cache_trusted_queues: Vec<String> = parse::list {
+        flag: "cache-trusted-queues", env: "EXECUTOR_CACHE_TRUSTED_QUEUES", value_name: "LIST",
+        help: "Queues whose successful jobs save their caches whatever their commit (besides commits at the \
+               tip of their repository's default branch), comma-separated",
+    }
 }
 
 #[cfg(test)]

@@ -56,6 +56,38 @@ pub struct RunDocument {
     /// Stages that ran on this document, in order.
     #[serde(default)]
     pub history: Vec<StageRecord>,
+    /// The dependency caches `run-steps` attached, which `complete` saves or not.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub caches: Vec<CacheRecord>,
+}
+
+/// One dependency cache of the job (docs/caches.md): what its key was made of, whether a
+/// version was found and attached, where the job's writes to it collect, and its save.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CacheRecord {
+    pub key: String,
+    pub repository: String,
+    pub prefix: String,
+    pub paths: Vec<String>,
+    /// The version attached (its directory in the store); `None` on a miss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<PathBuf>,
+    /// Why there was no version (`no version yet`, `corrupted: ...`), on a miss.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub miss: String,
+    /// The overlay upper directory of each path, once attached, and the first host id of the
+    /// range its owners are in.
+    #[serde(default)]
+    pub uppers: Vec<PathBuf>,
+    #[serde(default)]
+    pub uid_base: u32,
+    /// Whether a successful end saves what the job wrote, and why (or why not).
+    pub trusted: bool,
+    pub trust: String,
+    /// What `complete` did: `saved ...`, `not saved: ...`; `None` until it ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved: Option<String>,
 }
 
 /// Who holds the job: everything a later stage needs to talk to the coordinator again,
@@ -228,6 +260,7 @@ impl RunDocument {
             outcome: None,
             completion: None,
             history: Vec::new(),
+            caches: Vec::new(),
         })
     }
 

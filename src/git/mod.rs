@@ -484,6 +484,10 @@ fn log_line(log: &mut dyn CommandLog, key: &str, line: &str) {
 /// and the trust store (`base::http::git_env`: git reaches the coordinator as the executor's own
 /// client does), and no host or user git configuration.
 fn base_env(req: &CloneRequest) -> Vec<(String, String)> {
+    base_env_for(req.ca_file.as_deref())
+}
+
+fn base_env_for(ca_file: Option<&Path>) -> Vec<(String, String)> {
     let mut env = vec![
         ("PATH".to_string(), std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into())),
         ("GIT_TERMINAL_PROMPT".into(), "0".into()),
@@ -504,8 +508,48 @@ fn base_env(req: &CloneRequest) -> Vec<(String, String)> {
                 .into(),
         ),
     ];
-    env.extend(crate::base::http::git_env(req.ca_file.as_deref()));
+    env.extend(crate::base::http::git_env(ca_file));
     env
+}
+
+/// The commit the repository's default branch (the coordinator's `HEAD`) points at, asked with
+/// `git ls-remote` and the job's credentials; `None` when the coordinator advertises no `HEAD`.
+/// Bounded by `timeout`.
+pub(crate) fn default_branch_tip(
+    frontend_url: &str,
+    repository_name: &str,
+    auth: &GitAuth,
+    ca_file: Option<&Path>,
+    timeout: Duration,
+) -> Result<Option<String>> {
+    validate_repository_name(repository_name)?;
+    let url = remote_url(frontend_url, repository_name);
+    let mut cmd = crate::base::proc::command("git");
+    cmd.args(["ls-remote", "--", &url, "HEAD"]).env_clear().envs(base_env_for(ca_file)).envs(auth.env());
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().context("running git ls-remote")?;
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().context("waiting for git ls-remote")? {
+            break s;
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!("git ls-remote of {repository_name} took longer than {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let mut out = String::new();
+    if let Some(mut o) = child.stdout.take() {
+        std::io::Read::read_to_string(&mut o, &mut out).context("reading git ls-remote's output")?;
+    }
+    if !status.success() {
+        anyhow::bail!("git ls-remote of {repository_name} failed ({status})");
+    }
+    Ok(out.lines().find_map(|l| l.strip_suffix("\tHEAD")).map(|c| c.trim().to_string()))
 }
 
 /// Runs git commands with the clone's environment, timeouts and logging.

@@ -41,6 +41,31 @@ pub struct Job {
     pub traceparent: String,
     /// When the job was submitted, by the coordinator's clock (its trace's queue wait).
     pub queued_at: Option<DateTime<Utc>>,
+    /// Our extension (Sourcegraph sends none and ignores it): dependency caches the job's steps
+    /// read and, for a trusted job, refresh (docs/caches.md).
+    pub caches: Vec<CacheDecl>,
+}
+
+/// One dependency cache a job declares: `paths` (absolute in the step's root, or relative to the
+/// workspace) kept between jobs of the repository whose `key` is the same.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheDecl {
+    #[serde(default)]
+    pub key: CacheKeyDecl,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub paths: Vec<String>,
+}
+
+/// What a cache's key is made of besides the repository, the step images and the architecture:
+/// a `prefix` naming it and the content of `files` (workspace-relative, as cloned).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheKeyDecl {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub files: Vec<String>,
+    #[serde(default)]
+    pub prefix: String,
 }
 
 impl Job {
@@ -156,6 +181,8 @@ struct WireJob {
     traceparent: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     queued_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    caches: Option<Vec<CacheDecl>>,
 }
 
 fn is_zero(v: &i32) -> bool {
@@ -217,6 +244,7 @@ impl Serialize for Job {
             tenant: self.tenant.clone(),
             traceparent: self.traceparent.clone(),
             queued_at: self.queued_at,
+            caches: if self.caches.is_empty() { None } else { Some(self.caches.clone()) },
         };
         wire.serialize(s)
     }
@@ -271,6 +299,7 @@ impl<'de> Deserialize<'de> for Job {
             tenant: w.tenant,
             traceparent: w.traceparent,
             queued_at: w.queued_at,
+            caches: w.caches.unwrap_or_default(),
         })
     }
 }
@@ -325,6 +354,20 @@ mod tests {
         assert_eq!(job.queued_at.unwrap().timestamp_millis(), 1767323045678);
         let again: Job = serde_json::from_value(serde_json::to_value(&job).unwrap()).unwrap();
         assert_eq!(again, job);
+    }
+
+    #[test]
+    fn caches_are_our_extension_and_round_trip() {
+        let raw = r#"{"id":7,"caches":[{"key":{"files":["package-lock.json"],"prefix":"npm"},
+            "paths":["/root/.npm","node_modules"]}]}"#;
+        let job: Job = serde_json::from_str(raw).unwrap();
+        assert_eq!(job.caches[0].key.files, ["package-lock.json"]);
+        assert_eq!(job.caches[0].key.prefix, "npm");
+        assert_eq!(job.caches[0].paths, ["/root/.npm", "node_modules"]);
+        let back = serde_json::to_value(&job).unwrap();
+        assert_eq!(serde_json::from_value::<Job>(back).unwrap(), job);
+        let none: Job = serde_json::from_str(r#"{"id":7}"#).unwrap();
+        assert!(serde_json::to_value(&none).unwrap().get("caches").is_none());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 mod job;
 
-pub use job::{CliStep, DockerStep, Job, VirtualMachineFile, ZERO_TIME};
+pub use job::{CacheDecl, CacheKeyDecl, CliStep, DockerStep, Job, VirtualMachineFile, ZERO_TIME};
 
 use serde::{Deserialize, Deserializer, Serialize};
 

@@ -158,6 +158,26 @@ pub(crate) fn cli_steps_advice(runtime: &str) -> String {
     )
 }
 
+/// One path of a dependency cache to attach to every step of a sandbox (docs/caches.md).
+#[derive(Debug, Clone)]
+pub struct CacheMount {
+    /// Where the steps see it: absolute in the step's root, or relative to the workspace.
+    pub target: String,
+    /// The cache version's tree for this path (owned by the image store's id range, as image
+    /// trees are); `None` starts empty.
+    pub lower: Option<PathBuf>,
+}
+
+/// What a runtime made for one [`CacheMount`]: `upper` collects what the steps write there; once
+/// the sandbox is torn down it holds an overlay upper layer (whiteouts, opaque directories) whose
+/// owners are in the range whose first id is `uid_base`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AttachedCache {
+    pub upper: PathBuf,
+    pub uid_base: u32,
+}
+
 /// How a step ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StepEnd {
@@ -218,6 +238,15 @@ pub trait Runtime: Send + Sync {
         _cancel: &Cancel,
     ) -> Result<StepEnd> {
         anyhow::bail!("{}", cli_steps_advice(self.name()))
+    }
+    /// Attaches dependency caches to every later step of `sandbox` (before the first), in time
+    /// independent of their size, and records them in its record. The default attaches none.
+    fn attach_caches(
+        &self,
+        _sandbox: &mut SandboxRecord,
+        _mounts: &[CacheMount],
+    ) -> Result<Vec<AttachedCache>> {
+        anyhow::bail!("the {} runtime does not attach dependency caches", self.name())
     }
     /// Makes what the steps wrote visible in the host workspace (a no-op where it already is).
     fn sync_workspace(&self, sandbox: &SandboxRecord, workspace: &Path) -> Result<()>;

@@ -66,6 +66,8 @@ pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
             let _ = e.finish(if sandbox_removed { 0 } else { 1 });
         }
     }
+    // What the job wrote to its caches is in the workspace, which goes next.
+    super::cache::teardown(ctx, doc, sandbox_removed);
     let mut workspace_removed =
         doc.workspace.is_none() || doc.completion.as_ref().is_some_and(|c| c.workspace_removed);
     if let (Some(ws), false) = (doc.workspace.clone(), workspace_removed) {

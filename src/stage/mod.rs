@@ -2,6 +2,7 @@
 //! opened job, logger, cancel token) and [`run_stage`], which records a failure in the document
 //! instead of losing it and makes later stages skip. `loop` and the subcommands both call these.
 
+mod cache;
 pub(crate) mod cli_steps;
 pub(crate) mod complete;
 pub(crate) mod dequeue;

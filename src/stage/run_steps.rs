@@ -32,6 +32,10 @@ pub(crate) fn prepare_first(ctx: &JobCtx, doc: &RunDocument) {
     if ctx.settings.vm_startup_script.is_some() {
         return;
     }
+    // A step's spec binds the job's caches, attached once the workspace is cloned.
+    if super::cache::applies(ctx) {
+        return;
+    }
     let key = step_key(&step.key, 0);
     let script =
         crate::workspace::scripts::script_path(ctx.job.id, 0, &ctx.job.repository_name, &ctx.job.commit);
@@ -62,7 +66,7 @@ pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
     let ws = doc.workspace.clone().ok_or_else(|| {
         Incomplete("the run document has no workspace: run `executor prepare-workspace` first".into())
     })?;
-    let sandbox = doc
+    let mut sandbox = doc
         .sandbox
         .clone()
         .ok_or_else(|| Incomplete("the run document has no sandbox: run `executor vm-boot` first".into()))?;
@@ -78,6 +82,10 @@ pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
     // A document resumed after an interruption restarts after the steps already done.
     let mut i = doc.steps.iter().take_while(|s| s.exit_code == Some(0)).count();
     doc.steps.truncate(i);
+    if i == 0 {
+        super::cache::setup(ctx, doc, &*runtime, &mut sandbox)?;
+    }
+    let sandbox = sandbox;
     if let (0, Some(script)) = (i, &ws.startup_script) {
         run_startup_script(ctx, &*runtime, &sandbox, script)?;
     }

@@ -403,3 +403,85 @@ fn a_cli_steps_job_fails_at_once_with_the_advice_where_the_runtime_has_no_engine
     assert!(entry.out.as_deref().unwrap_or("").contains("native-ssbc-execution"), "{entry:?}");
     assert_eq!(entry.exit_code, Some(1));
 }
+
+/// `teardown.cache`: only a trusted job that succeeded and wrote something saves; every other
+/// says why not, and nothing reaches the store; a second run of `complete` says nothing again.
+#[test]
+fn teardown_cache_saves_only_trusted_successful_jobs() {
+    use crate::cache::{CacheStore, Lookup};
+    let state = tempfile::tempdir().unwrap();
+    let rt = FakeRuntime::default();
+    let (ctx, mut doc, logs) = ctx_for(&state, job(&[("a", "")]), &rt);
+    booted(&state, &ctx, &mut doc);
+    let upper = state.path().join("upper");
+    std::fs::create_dir_all(&upper).unwrap();
+    std::fs::write(upper.join("pkg"), "p").unwrap();
+    let record = |key: &str, trusted: bool| crate::document::CacheRecord {
+        key: key.repeat(32),
+        repository: "r".into(),
+        prefix: "p".into(),
+        paths: vec!["/root/.p".into()],
+        version: None,
+        miss: "no version yet".into(),
+        uppers: vec![upper.clone()],
+        uid_base: nix::unistd::geteuid().as_raw(),
+        trusted,
+        trust: if trusted { "queue batches is trusted".into() } else { "not the default branch".into() },
+        saved: None,
+    };
+    let store = CacheStore::new(state.path());
+    // A failed job saves nothing, trusted or not.
+    doc.caches = vec![record("aa", true)];
+    doc.fail("run-steps", FailureKind::Failed, "step failed");
+    super::cache::teardown(&ctx, &mut doc, true);
+    assert_eq!(doc.caches[0].saved.as_deref(), Some("not saved: the job did not succeed"));
+    doc.outcome = None;
+    // An untrusted job that succeeded: not saved, and why; a trusted one saves.
+    doc.caches = vec![record("bb", false), record("cc", true)];
+    super::cache::teardown(&ctx, &mut doc, true);
+    let saved: Vec<_> = doc.caches.iter().map(|c| c.saved.clone().unwrap()).collect();
+    assert_eq!(saved[0], "not saved: the job is not trusted: not the default branch");
+    assert!(saved[1].starts_with("saved a new version, 1 bytes in "), "{saved:?}");
+    assert!(matches!(store.lookup(&"bb".repeat(32)), Lookup::Miss { .. }));
+    assert!(matches!(store.lookup(&"cc".repeat(32)), Lookup::Hit { .. }));
+    // The sandbox still up (its overlay may be mounted): never saved.
+    doc.caches = vec![record("dd", true)];
+    super::cache::teardown(&ctx, &mut doc, false);
+    assert_eq!(doc.caches[0].saved.as_deref(), Some("not saved: the sandbox was not torn down"));
+    let before = logs.entries.lock().unwrap().len();
+    super::cache::teardown(&ctx, &mut doc, true);
+    assert_eq!(logs.entries.lock().unwrap().len(), before, "done once per document");
+    let entries = logs.entries.lock().unwrap();
+    let said: Vec<_> = entries.iter().filter(|e| e.key == "teardown.cache").collect();
+    assert_eq!(said.len(), 3);
+    assert!(said[1].out.as_deref().unwrap_or("").contains("not the default branch"), "{said:?}");
+}
+
+/// `setup.cache` on a runtime that attaches no caches: the job runs without them, the entry
+/// says why, nothing stays leased and the sandbox's record is the one before.
+#[test]
+fn setup_cache_without_runtime_support_runs_the_job_without_caches() {
+    let state = tempfile::tempdir().unwrap();
+    let rt = FakeRuntime::default();
+    let mut j = job(&[("a", "")]);
+    j.caches = vec![crate::protocol::CacheDecl {
+        key: crate::protocol::CacheKeyDecl { files: vec!["lock".into()], prefix: "p".into() },
+        paths: vec!["/root/.p".into()],
+    }];
+    let (ctx, mut doc, logs) = ctx_for(&state, j, &rt);
+    booted(&state, &ctx, &mut doc);
+    assert!(super::cache::applies(&ctx));
+    let mut sandbox = doc.sandbox.clone().unwrap();
+    super::cache::setup(&ctx, &mut doc, &rt, &mut sandbox).unwrap();
+    assert!(doc.caches.is_empty());
+    assert_eq!(doc.sandbox.as_ref(), Some(&sandbox));
+    let leases = state.path().join("caches/leases");
+    assert_eq!(std::fs::read_dir(&leases).map(|r| r.count()).unwrap_or(0), 0);
+    let entries = logs.entries.lock().unwrap();
+    let entry = entries.iter().find(|e| e.key == "setup.cache").expect("a setup.cache entry");
+    let out = entry.out.as_deref().unwrap_or("");
+    assert!(
+        out.contains("miss (no version yet)") && out.contains("does not attach dependency caches"),
+        "{out}"
+    );
+}

@@ -2,6 +2,7 @@
 //! loopback. Each area has its own module.
 
 mod backends;
+mod cache;
 mod clisteps;
 mod common;
 pub(crate) mod conformance;

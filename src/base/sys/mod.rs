@@ -537,3 +537,12 @@ pub(crate) fn loop_attach(image: &std::fs::File) -> std::io::Result<(std::path::
     }
     Err(std::io::Error::other("no free loop device after 16 tries"))
 }
+
+/// The value of the extended attribute `name` of `path` itself (never a symlink's target), into
+/// `buf`: its length, or `None` when it has none or it cannot be read.
+pub(crate) fn lgetxattr(path: &std::ffi::CStr, name: &std::ffi::CStr, buf: &mut [u8]) -> Option<usize> {
+    // SAFETY: both strings are NUL-terminated and live across the call; the kernel writes at
+    // most `buf.len()` bytes into `buf`, which is valid and exclusively borrowed.
+    let n = unsafe { libc::lgetxattr(path.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    usize::try_from(n).ok()
+}

@@ -61,6 +61,7 @@ impl OciRuntime {
             cpus: limits.cpus,
             uid_base: ID_BASE,
             network: None,
+            caches: Vec::new(),
         };
         let mut record = SandboxRecord::new(RuntimeKind::Oci, name.clone(), state_dir.clone());
         details.store(&mut record);

@@ -5,12 +5,14 @@
 //! job's limits) and a use record in the image store; `teardown` and `janitor` remove all three.
 //!
 //! One file per operation, as youki has one per container operation: boot.rs (the sandbox made),
+//! caches.rs (dependency caches attached),
 //! step.rs (one step run and judged), ahead.rs (a step's container made ahead), workspace.rs (the
 //! workspace handed to the containers and back), teardown.rs and janitor.rs. This file holds the
 //! runtime itself, the OCI runtime's command lines, and the [`Runtime`] impl dispatching to them.
 
 mod ahead;
 mod boot;
+mod caches;
 pub mod cgroup;
 mod janitor;
 mod record;
@@ -32,10 +34,10 @@ use std::time::Duration;
 use crate::base::cancel::Cancel;
 use crate::image::{ImageStore, ID_BASE};
 use crate::sandbox::{
-    BootRequest, OutputSink, RecordDetails, Runtime, RuntimeKind, RuntimeOptions, SandboxRecord, StepEnd,
-    StepSpec,
+    AttachedCache, BootRequest, CacheMount, OutputSink, RecordDetails, Runtime, RuntimeKind, RuntimeOptions,
+    SandboxRecord, StepEnd, StepSpec,
 };
-pub use record::{OciDetails, OciImage};
+pub use record::{OciCache, OciDetails, OciImage};
 
 /// The OCI runtimes this backend can drive.
 pub const OCI_RUNTIMES: &[&str] = &["runc", "crun", "runsc"];
@@ -195,6 +197,14 @@ impl Runtime for OciRuntime {
         cancel: &Cancel,
     ) -> Result<StepEnd> {
         self.run_one_step(sandbox, step, sink, cancel)
+    }
+
+    fn attach_caches(
+        &self,
+        sandbox: &mut SandboxRecord,
+        mounts: &[CacheMount],
+    ) -> Result<Vec<AttachedCache>> {
+        self.attach(sandbox, mounts)
     }
 
     fn sync_workspace(&self, sandbox: &SandboxRecord, workspace: &Path) -> Result<()> {

@@ -34,6 +34,22 @@ pub struct OciDetails {
     /// The job's own network (`EXECUTOR_NETWORK=internet`); `None`: loopback only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<JobNetwork>,
+    /// The dependency caches attached to every step (caches.rs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub caches: Vec<OciCache>,
+}
+
+/// One cache path attached to the steps: an overlay of the cache's tree under a layer of the
+/// job's own, bound at `target` in each step's container.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OciCache {
+    /// Absolute in the step's root, or relative to the workspace.
+    pub target: String,
+    /// The overlay, in the reach directory.
+    pub merged: PathBuf,
+    /// The layer directory's name at the top of the workspace (upper and work in it).
+    pub layer: String,
 }
 
 impl RecordDetails for OciDetails {

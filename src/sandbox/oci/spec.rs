@@ -44,6 +44,10 @@ pub(crate) struct StepContainer {
     pub max_file_bytes: u64,
     /// RLIMIT_NOFILE.
     pub max_open_files: u64,
+    /// The job's dependency caches: (destination, overlay) bound read-write, and their layer
+    /// directories in /data, hidden as `mask` is (caches.rs).
+    pub caches: Vec<(String, PathBuf)>,
+    pub cache_masks: Vec<String>,
 }
 
 /// The job's network, for a step of a networked sandbox.
@@ -487,9 +491,15 @@ pub(crate) fn bundle_config(c: &StepContainer, net: Option<&StepNetwork>) -> Val
                          "options": ["nosuid", "noexec", "nodev", "ro", "size=4k"] });
         }
     }
-    if let (Some(list), Some(mask)) = (mounts.as_array_mut(), c.mask.as_ref()) {
-        list.push(json!({ "destination": mask, "type": "tmpfs", "source": "tmpfs",
-                          "options": ["ro", "nosuid", "nodev", "noexec", "mode=000", "size=4k"] }));
+    if let Some(list) = mounts.as_array_mut() {
+        for (dest, source) in &c.caches {
+            list.push(json!({ "destination": dest, "type": "bind", "source": source,
+                              "options": ["rbind", "rw", "nosuid", "nodev"] }));
+        }
+        for mask in c.mask.iter().chain(&c.cache_masks) {
+            list.push(json!({ "destination": mask, "type": "tmpfs", "source": "tmpfs",
+                              "options": ["ro", "nosuid", "nodev", "noexec", "mode=000", "size=4k"] }));
+        }
     }
     if let (Some(list), Some(resolv)) = (mounts.as_array_mut(), net.and_then(|n| n.resolv_conf.as_ref())) {
         list.push(json!({ "destination": "/etc/resolv.conf", "type": "bind", "source": resolv,
@@ -609,6 +619,8 @@ mod tests {
             rootfs: "/img/rootfs".into(),
             readonly_root: false,
             mask: Some("/data/.executor-root-1".into()),
+            caches: vec![("/root/.npm".into(), "/run/executor-oci/sb/cache-0".into())],
+            cache_masks: vec!["/data/.executor-cache-0".into()],
             uid: 0,
             gid: 0,
             groups: vec![],
@@ -646,6 +658,8 @@ mod tests {
         let dests: Vec<&str> =
             v["mounts"].as_array().unwrap().iter().map(|m| m["destination"].as_str().unwrap()).collect();
         assert!(dests.contains(&"/tmp") && dests.contains(&"/data"));
+        let at = |d: &str| dests.iter().position(|x| *x == d).unwrap();
+        assert!(at("/data") < at("/root/.npm") && at("/data") < at("/data/.executor-cache-0"), "{dests:?}");
         assert_eq!(v["process"]["cwd"], "/data/repo");
         assert!(v["linux"]["readonlyPaths"].as_array().unwrap().iter().any(|p| p == "/proc/sysrq-trigger"));
     }

@@ -179,6 +179,7 @@ impl OciRuntime {
             },
         );
         let root = rootfs::mount_step(&sandbox.name, &d.workspace, &lower, &id, &etc)?;
+        let (caches, cache_masks) = super::caches::step_mounts(&d.caches);
         let container = spec::StepContainer {
             rootfs: root.path.clone(),
             readonly_root: false,
@@ -196,6 +197,8 @@ impl OciRuntime {
             tmp_bytes: d.tmp_bytes,
             max_file_bytes: d.max_file_bytes,
             max_open_files: MAX_OPEN_FILES,
+            caches,
+            cache_masks,
         };
         let network = d.network.as_ref().map(|n| spec::StepNetwork {
             netns: n.netns_path(),

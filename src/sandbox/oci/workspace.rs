@@ -22,7 +22,9 @@ impl OciRuntime {
             Ok(m) => m.trim().to_string(),
             Err(_) => format!("{:o}", Self::workspace_mode(d)?),
         };
-        chown_tree(&d.workspace, |_, _| (d.uid_base, d.uid_base))?;
+        // The caches' layers are host root's (their upper directories the container root's already).
+        let layers: Vec<String> = d.caches.iter().map(|c| c.layer.clone()).collect();
+        chown_tree(&d.workspace, &layers, |_, _| (d.uid_base, d.uid_base))?;
         Self::open_to_others(d)?;
         fs::write(&marker, mode).with_context(|| format!("writing {}", marker.display()))?;
         match fs::remove_file(&opened) {
@@ -80,7 +82,10 @@ impl OciRuntime {
         // Every process of the job is gone, so nothing can swap a path while the owner changes.
         cgroup::JobCgroup::new(&sandbox.name).kill_all(50);
         rootfs::remove_step_roots(&sandbox.name, workspace);
-        chown_tree(workspace, |_, _| (d.workspace_uid, d.workspace_gid))?;
+        // The caches' layers keep the job's owners: what is promoted from them is shifted from
+        // the sandbox's range (cache/tree.rs).
+        let layers: Vec<String> = d.caches.iter().map(|c| c.layer.clone()).collect();
+        chown_tree(workspace, &layers, |_, _| (d.workspace_uid, d.workspace_gid))?;
         let mode = fs::read_to_string(&marker).ok().and_then(|m| u32::from_str_radix(m.trim(), 8).ok());
         if let Some(mode) = mode {
             let tree = crate::base::fs::Beneath::open(workspace)?;
@@ -94,8 +99,8 @@ impl OciRuntime {
 /// Changes the owner of every entry below `root` (and `root`) without following symlinks or
 /// leaving the filesystem: every path is resolved beneath `root` with no symlink on the way, so a
 /// directory swapped for a symlink while the walk runs stops the walk there instead of sending it
-/// out of the workspace.
-fn chown_tree(root: &Path, owner: impl Fn(u32, u32) -> (u32, u32)) -> Result<()> {
+/// out of the workspace. The top-level entries named in `skip` are left as they are.
+fn chown_tree(root: &Path, skip: &[String], owner: impl Fn(u32, u32) -> (u32, u32)) -> Result<()> {
     let tree = crate::base::fs::Beneath::open(root)
         .with_context(|| format!("opening workspace {}", root.display()))?;
     let top =
@@ -117,7 +122,7 @@ fn chown_tree(root: &Path, owner: impl Fn(u32, u32) -> (u32, u32)) -> Result<()>
             Err(e) => return Err(e).with_context(|| format!("listing {} in the workspace", dir.display())),
         };
         for (name, md) in entries {
-            if md.dev != top.dev {
+            if md.dev != top.dev || (dir.as_os_str().is_empty() && skip.iter().any(|s| name == s.as_str())) {
                 continue;
             }
             let rel = dir.join(name);
@@ -153,7 +158,7 @@ mod tests {
         std::fs::write(ws.path().join("a/b/f"), "x").unwrap();
         std::os::unix::fs::symlink(host.path(), ws.path().join("a/dirlink")).unwrap();
         std::os::unix::fs::symlink(host.path().join("hostfile"), ws.path().join("filelink")).unwrap();
-        chown_tree(ws.path(), |_, _| (54321, 54321)).unwrap();
+        chown_tree(ws.path(), &[], |_, _| (54321, 54321)).unwrap();
         for rel in ["", "a", "a/b", "a/b/f", "a/dirlink", "filelink"] {
             let md = fs::symlink_metadata(ws.path().join(rel)).unwrap();
             assert_eq!((md.uid(), md.gid()), (54321, 54321), "{rel:?}");

@@ -36,6 +36,7 @@ const JOB_FIELDS: &[&str] = &[
     "artifacts",
     "tenant",
     "traceparent",
+    "caches",
 ];
 
 /// A relative path that stays inside the workspace.

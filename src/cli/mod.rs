@@ -1,6 +1,7 @@
 //! Every clap type of the binary. Nothing outside `cli` knows clap: each command's flags are
 //! turned into the settings structs of the module that does the work.
 
+mod debug;
 pub mod docs;
 mod docs_extra;
 mod env_check;
@@ -55,6 +56,8 @@ pub enum Command {
     Install(install::InstallCommand),
     /// Boot a microVM, run a command in it and print the phases of the boot with their times
     TestVm(vm::TestVmArgs),
+    /// A shell in the sandbox kept for a failed job on this host (EXECUTOR_KEEP_FAILED)
+    Debug(debug::DebugArgs),
 }
 
 /// The clap command tree, for the generated man pages and completions.
@@ -109,5 +112,6 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Install(cmd) => install::run(cmd),
         Command::TestVm(args) => vm::test_vm(args),
         Command::Queue(args) => queue::run(args),
+        Command::Debug(args) => debug::run(args),
     }
 }

@@ -85,6 +85,12 @@ pub enum QueueCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Release a job's sandbox kept for debugging (the executor does at its next heartbeat)
+    Release {
+        id: i64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// List the executors that heartbeated, with their versions and whether they are active
     Executors {
         #[command(flatten)]
@@ -285,6 +291,7 @@ pub(crate) fn run(args: QueueArgs) -> Result<i32> {
         QueueCommand::Logs { id, follow, client } => (options(client), C::Logs { id, follow }),
         QueueCommand::Cancel { id, client } => (options(client), C::Cancel { id }),
         QueueCommand::Executors { client } => (options(client), C::Executors),
+        QueueCommand::Release { id, client } => (options(client), C::Release { id }),
         QueueCommand::Artifacts { id, output, client } => (options(client), C::Artifacts { id, output }),
         QueueCommand::Repo(RepoCommand::Add { name, path, client }) => {
             (options(client), C::RepoAdd { name, path })

@@ -31,6 +31,10 @@ pub struct Job {
     /// v2 only; kept as raw JSON (`{"auths": {...}}`).
     pub docker_auth_config: Option<serde_json::Value>,
     pub artifacts: Vec<String>,
+    /// Our coordinator's per-queue keep policy (`queue serve --keep-failed`): how long a failed
+    /// job's sandbox may be kept for `executor debug`, at most the executor's own
+    /// `EXECUTOR_KEEP_FAILED`; 0 keeps none. Absent (Sourcegraph): the executor's setting.
+    pub keep_failed_seconds: Option<u64>,
 }
 
 impl Job {
@@ -140,6 +144,8 @@ struct WireJob {
     docker_auth_config: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     artifacts: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    keep_failed_seconds: Option<u64>,
 }
 
 fn is_zero(v: &i32) -> bool {
@@ -198,6 +204,7 @@ impl Serialize for Job {
                 None
             },
             artifacts: if self.artifacts.is_empty() { None } else { Some(self.artifacts.clone()) },
+            keep_failed_seconds: self.keep_failed_seconds,
         };
         wire.serialize(s)
     }
@@ -249,6 +256,7 @@ impl<'de> Deserialize<'de> for Job {
             redacted_values: w.redacted_values.unwrap_or_default(),
             docker_auth_config: if v2 { w.docker_auth_config.filter(|v| !v.is_null()) } else { None },
             artifacts: w.artifacts.unwrap_or_default(),
+            keep_failed_seconds: w.keep_failed_seconds,
         })
     }
 }

@@ -117,7 +117,8 @@ fn chown_tree(root: &Path, owner: impl Fn(u32, u32) -> (u32, u32)) -> Result<()>
             Err(e) => return Err(e).with_context(|| format!("listing {} in the workspace", dir.display())),
         };
         for (name, md) in entries {
-            if md.dev != top.dev {
+            // The kept layer keeps its owners (what the failed step left, as it left it).
+            if md.dev != top.dev || (dir.as_os_str().is_empty() && name == rootfs::KEPT_LAYER) {
                 continue;
             }
             let rel = dir.join(name);

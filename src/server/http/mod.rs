@@ -12,6 +12,7 @@ mod executor_routes;
 mod files;
 mod follow;
 mod git;
+mod kept;
 
 use anyhow::{Context, Result};
 use axum::body::Body;
@@ -257,6 +258,8 @@ fn router(app: Shared) -> Router {
         .route("/.executors/queue/:queue/markErrored", post(mark_errored))
         .route("/.executors/queue/:queue/markFailed", post(mark_failed))
         .route("/.executors/queue/:queue/artifacts", put(put_artifacts))
+        .route("/.executors/queue/:queue/debugAttach", post(kept::debug_attach))
+        .route("/api/jobs/:id/release", post(kept::release_job))
         .route("/api/jobs", post(submit_job).get(list_jobs))
         .route("/api/jobs/:id", get(show_job))
         .route("/api/jobs/:id/logs", get(job_logs))

@@ -4041,7 +4041,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__queue__subcmd__serve)
-            opts="-h -V --listen --data-dir --database --database-password-file --addr-file --queue --stalled-max-age --active-window --max-resets --max-retries --log-cap-bytes --artifact-max-bytes --secret-file --admin-token-file --tls-cert --tls-key --help --version"
+            opts="-h -V --listen --data-dir --database --database-password-file --addr-file --queue --stalled-max-age --active-window --max-resets --max-retries --log-cap-bytes --artifact-max-bytes --secret-file --admin-token-file --tls-cert --tls-key --keep-failed --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -4108,6 +4108,10 @@ _executor() {
                     return 0
                     ;;
                 --tls-key)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --keep-failed)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -125,6 +125,7 @@ complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l admin-token-file -d 'File holding the admin API token (instead of EXECUTOR_QUEUE_ADMIN_TOKEN)' -r -F
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l tls-cert -d 'PEM certificate chain: serve HTTPS' -r -F
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l tls-key -d 'PEM private key of --tls-cert' -r -F
+complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -l keep-failed -d 'A queue\'s keep policy, QUEUE=DURATION (repeatable): its failed jobs\' sandboxes are kept for `executor debug` this long at most (0: never), within each executor\'s own EXECUTOR_KEEP_FAILED' -r
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from serve" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand queue; and __fish_seen_subcommand_from submit" -l queue -d 'Queue to submit to (overrides "queue" in the file; default batches)' -r

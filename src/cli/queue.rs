@@ -1,7 +1,7 @@
 //! The clap types of `executor queue ...` (the coordinator and its admin client), and their
 //! conversion into `server::ServeConfig` / `server::client::ClientCommand`.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -209,6 +209,26 @@ pub struct ServeArgs {
     /// PEM private key of --tls-cert
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// A queue's keep policy, QUEUE=DURATION (repeatable): its failed jobs' sandboxes are kept
+    /// for `executor debug` this long at most (0: never), within each executor's own
+    /// EXECUTOR_KEEP_FAILED
+    #[arg(long = "keep-failed", value_name = "QUEUE=DURATION")]
+    pub keep_failed: Vec<String>,
+}
+
+/// `--keep-failed` values by queue; every queue named must be served.
+fn keep_policy(values: &[String], queues: &[String]) -> Result<std::collections::BTreeMap<String, Duration>> {
+    let mut out = std::collections::BTreeMap::new();
+    for v in values {
+        let (q, d) =
+            v.split_once('=').with_context(|| format!("--keep-failed {v:?} is not QUEUE=DURATION"))?;
+        if !queues.iter().any(|s| s == q) {
+            anyhow::bail!("--keep-failed {v:?} names queue {q:?}, which is not served");
+        }
+        let d = crate::base::units::parse_duration(d).with_context(|| format!("--keep-failed {v:?}"))?;
+        out.insert(q.to_string(), d);
+    }
+    Ok(out)
 }
 
 /// A command-line value kept as a secret from the start (it may carry a password).
@@ -246,7 +266,9 @@ impl ServeArgs {
             q.dedup();
             q
         };
+        let keep_failed = keep_policy(&self.keep_failed, &queues)?;
         Ok(server::ServeConfig {
+            keep_failed,
             listen: self.listen,
             data_dir: self.data_dir,
             addr_file: self.addr_file,
@@ -304,4 +326,21 @@ pub(crate) fn run(args: QueueArgs) -> Result<i32> {
         QueueCommand::Files(FilesCommand::Ls { client }) => (options(client), C::FileLs),
     };
     client::run(&opts, cmd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_policies_name_served_queues() {
+        let queues = vec!["batches".to_string(), "codeintel".to_string()];
+        let p = keep_policy(&["batches=10m".into(), "codeintel=0".into()], &queues).unwrap();
+        assert_eq!(p["batches"], Duration::from_secs(600));
+        assert_eq!(p["codeintel"], Duration::ZERO);
+        let e = format!("{:#}", keep_policy(&["other=1m".into()], &queues).unwrap_err());
+        assert!(e.contains("not served"), "{e}");
+        assert!(keep_policy(&["batches".into()], &queues).is_err());
+        assert!(keep_policy(&["batches=soon".into()], &queues).is_err());
+    }
 }

@@ -43,6 +43,8 @@ pub struct ServeConfig {
     pub active_window: Duration,
     /// The PostgreSQL database the replicas share; `None`: SQLite in `data_dir`.
     pub database: Option<store::PgOptions>,
+    /// Per-queue keep policy (`--keep-failed`), sent with each job as `keepFailedSeconds`.
+    pub keep_failed: std::collections::BTreeMap<String, Duration>,
 }
 
 impl std::fmt::Debug for ServeConfig {

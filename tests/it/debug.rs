@@ -82,7 +82,8 @@ fn a_failed_oci_job_is_kept_attached_and_released() {
     }
     let f = crate::oci::Fixture::new("runc");
     let state = f.state();
-    let c = Coordinator::start();
+    // The queue's policy shortens the executor's 10 minutes.
+    let c = Coordinator::start_with(&["--keep-failed", "batches=5m"]);
     let log = f.tmp.path().join("executor.log");
     let mut child = spawn_loop(&c, &state, &log);
     let wait = |what: &str, done: &mut dyn FnMut() -> bool| {
@@ -99,6 +100,10 @@ fn a_failed_oci_job_is_kept_attached_and_released() {
     c.wait_state(b, &["failed"], Duration::from_secs(90));
     wait("job b was not kept", &mut || kept_file(&state, b).exists());
     assert!(!kept_file(&state, ok).exists(), "a successful job is never kept");
+    let k: Value = serde_json::from_slice(&std::fs::read(kept_file(&state, b)).unwrap()).unwrap();
+    let at = |f: &str| chrono::DateTime::parse_from_rfc3339(k[f].as_str().unwrap()).unwrap();
+    assert_eq!((at("until") - at("keptAt")).num_seconds(), 300, "{k}");
+    assert!(!k.to_string().contains(SECRET), "{k}");
     wait("the coordinator never learnt that b is kept", &mut || {
         c.job(b)["kept"]["message"].as_str().is_some_and(|m| m.contains("kept for debugging on"))
     });

@@ -98,6 +98,7 @@ async fn dequeue(
                 .with_context(|| format!("stored payload of job {} is unreadable", d.id))?;
             job.id = d.id;
             job.token = d.token;
+            job.keep_failed_seconds = app.cfg.keep_failed.get(&d.queue).map(|k| k.as_secs());
             job.queue = if multi { d.queue } else { String::new() };
             job.version = if v2 { 2 } else { 0 };
             app.metrics.dequeue_job.observe(started.elapsed());

@@ -102,6 +102,7 @@ impl App {
             tls: None,
             active_window: super::ACTIVE_WINDOW,
             database: None,
+            keep_failed: Default::default(),
         };
         let store = StoreThread::start(Store::open_in_memory().unwrap()).unwrap();
         Arc::new(App::new(Arc::new(cfg), store, std::path::PathBuf::from("/nonexistent")))

@@ -67,6 +67,8 @@ fn spawn_loop(c: &Coordinator, state: &Path, log: &Path) -> Loop {
         .env("EXECUTOR_JOB_MEMORY", "256M")
         .env("EXECUTOR_JOB_NUM_CPUS", "1")
         .env("EXECUTOR_HEARTBEAT_INTERVAL", "300ms")
+        // Janitor passes while jobs are kept: a kept sandbox is owned, not stale.
+        .env("EXECUTOR_CLEANUP_TASK_INTERVAL", "1s")
         .env("EXECUTOR_KEEP_FAILED", "10m")
         .env("EXECUTOR_KEEP_FAILED_MAX", "1")
         .stdout(Stdio::null())
@@ -109,6 +111,9 @@ fn a_failed_oci_job_is_kept_attached_and_released() {
     });
     let shown = queue(&c, &["show", &b.to_string()]);
     assert!(shown.contains(&format!("run `executor debug {b}` on that host")), "{shown}");
+
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(kept_file(&state, b).exists(), "a janitor pass left the kept sandbox alone");
 
     // The shell sees what the step left, its environment less the secret, and no network; its
     // exit status comes back.

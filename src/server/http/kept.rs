@@ -85,7 +85,7 @@ pub(super) async fn debug_attach(
         Ok(entry_id) => json_response(StatusCode::OK, &entry_id),
         Err(StoreError::UnknownJob) => Err(http_err(
             StatusCode::CONFLICT,
-            format!("job {} is not kept on {}", req.job_id, req.executor_name),
+            format!("job {} did not fail on {}", req.job_id, req.executor_name),
         )),
         Err(StoreError::OverCap(why)) => Err(http_err(StatusCode::PAYLOAD_TOO_LARGE, why)),
         Err(e) => Err(e.into()),

@@ -103,8 +103,8 @@ impl Store {
         self.kept_on(id)
     }
 
-    /// Records an `executor debug` attach in job `id`'s log; `UnknownJob` unless the job is kept
-    /// on `executor`.
+    /// Records an `executor debug` attach in job `id`'s log; `UnknownJob` unless `executor` ran
+    /// the job and keeps it (or its heartbeat has yet to say so: the job failed there).
     pub fn add_attach_log(
         &mut self,
         id: i64,
@@ -113,7 +113,11 @@ impl Store {
         cap: u64,
     ) -> Result<i64> {
         self.add_log_if(id, entry, cap, |t| {
-            t.exists("SELECT 1 FROM jobs WHERE id = ?1 AND kept_on = ?2", p![id, executor])
+            t.exists(
+                "SELECT 1 FROM jobs WHERE id = ?1 AND executor_name = ?2 \
+                 AND (kept_on = ?2 OR state IN ('failed', 'errored'))",
+                p![id, executor],
+            )
         })
     }
 }

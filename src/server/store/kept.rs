@@ -131,6 +131,9 @@ mod tests {
         let id = s.submit("batches", "{}", "r", 1).unwrap();
         s.dequeue(&["batches".to_string()], "e1", 2, |_| 1).unwrap().unwrap();
         assert!(s.mark(id, "e1", &Outcome::Failed("step failed".into()), 0, 3).unwrap());
+        let entry =
+            ExecutionLogEntry { key: "debug.attach".into(), out: Some("x".into()), ..Default::default() };
+        assert!(s.add_attach_log(id, "e1", &entry, 1 << 20).is_ok(), "before its heartbeat says kept");
         let until = chrono::Utc::now().timestamp_millis() + 600_000;
         assert!(s.heartbeat_kept("e2", &[(id, "batches".into(), until)]).unwrap().is_empty());
         assert_eq!(s.kept_on(id).unwrap(), None, "another executor's word is ignored");
@@ -139,8 +142,6 @@ mod tests {
         assert_eq!((k.executor.as_str(), k.release_requested), ("e1", false));
         assert!(k.message.starts_with("kept for debugging on e1 until "), "{}", k.message);
         assert!(k.message.ends_with(&format!("run `executor debug {id}` on that host")), "{}", k.message);
-        let entry =
-            ExecutionLogEntry { key: "debug.attach".into(), out: Some("x".into()), ..Default::default() };
         assert!(matches!(s.add_attach_log(id, "e2", &entry, 1 << 20), Err(StoreError::UnknownJob)));
         assert!(s.add_attach_log(id, "e1", &entry, 1 << 20).unwrap() > 0);
         assert!(s.request_release(id).unwrap().unwrap().release_requested);

@@ -129,6 +129,20 @@ fn a_failed_oci_job_is_kept_attached_and_released() {
         "stderr: {}",
         String::from_utf8_lossy(&o.stderr)
     );
+    // Interactive: a shell on a terminal (`script` gives the attach a pty), its status passed on.
+    if which::which("script").is_ok() {
+        let o = Exec::program("script")
+            .args(["-qec", &format!("{} debug {b}", common::bin().display()), "/dev/null"])
+            .env("EXECUTOR_STATE_DIR", &state)
+            .env("EXECUTOR_FRONTEND_PASSWORD", &c.secret)
+            .stdin("tty; echo TERM=$TERM; exit 4\n")
+            .status(4)
+            .run();
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(out.contains("/dev/pts/") && out.contains("TERM=xterm"), "{out}");
+    } else {
+        common::skip(test, "script", "util-linux's script gives the interactive attach a terminal");
+    }
     let listed = debug(&c, &state).arg("--list").run();
     assert!(String::from_utf8_lossy(&listed.stdout).contains(&format!("{b} ")), "{listed:?}");
     // The attach is in the job's log, redacted.

@@ -46,12 +46,15 @@ pub(crate) fn keep_if_failed(ctx: &JobCtx, doc: &RunDocument) -> bool {
         return false;
     }
     let Some(i) = failed_step(ctx, doc) else { return false };
+    if ctx.settings.keep_failed_max == 0 {
+        return false;
+    }
     let Ok(mut entry) = ctx.logger.entry("teardown.keep", None) else { return false };
     let state_dir = &ctx.settings.state_dir;
     let opts = ctx.settings.runtime_options();
     let disk = kept::disk_usage(&ws.path);
     let (max, max_disk) = (ctx.settings.keep_failed_max, ctx.settings.keep_failed_disk);
-    if max == 0 || disk > max_disk {
+    if disk > max_disk {
         entry.line(&format!(
             "not kept for debugging: its {} are more than EXECUTOR_KEEP_FAILED_DISK ({})",
             crate::base::units::format_bytes(disk),

@@ -22,6 +22,9 @@ _executor() {
             executor,complete)
                 cmd="executor__subcmd__complete"
                 ;;
+            executor,debug)
+                cmd="executor__subcmd__debug"
+                ;;
             executor,dequeue)
                 cmd="executor__subcmd__dequeue"
                 ;;
@@ -102,6 +105,9 @@ _executor() {
                 ;;
             executor__subcmd__help,complete)
                 cmd="executor__subcmd__help__subcmd__complete"
+                ;;
+            executor__subcmd__help,debug)
+                cmd="executor__subcmd__help__subcmd__debug"
                 ;;
             executor__subcmd__help,dequeue)
                 cmd="executor__subcmd__help__subcmd__dequeue"
@@ -219,6 +225,9 @@ _executor() {
                 ;;
             executor__subcmd__help__subcmd__queue,queues)
                 cmd="executor__subcmd__help__subcmd__queue__subcmd__queues"
+                ;;
+            executor__subcmd__help__subcmd__queue,release)
+                cmd="executor__subcmd__help__subcmd__queue__subcmd__release"
                 ;;
             executor__subcmd__help__subcmd__queue,repo)
                 cmd="executor__subcmd__help__subcmd__queue__subcmd__repo"
@@ -367,6 +376,9 @@ _executor() {
             executor__subcmd__queue,queues)
                 cmd="executor__subcmd__queue__subcmd__queues"
                 ;;
+            executor__subcmd__queue,release)
+                cmd="executor__subcmd__queue__subcmd__release"
+                ;;
             executor__subcmd__queue,repo)
                 cmd="executor__subcmd__queue__subcmd__repo"
                 ;;
@@ -420,6 +432,9 @@ _executor() {
                 ;;
             executor__subcmd__queue__subcmd__help,queues)
                 cmd="executor__subcmd__queue__subcmd__help__subcmd__queues"
+                ;;
+            executor__subcmd__queue__subcmd__help,release)
+                cmd="executor__subcmd__queue__subcmd__help__subcmd__release"
                 ;;
             executor__subcmd__queue__subcmd__help,repo)
                 cmd="executor__subcmd__queue__subcmd__help__subcmd__repo"
@@ -479,7 +494,7 @@ _executor() {
 
     case "${cmd}" in
         executor)
-            opts="-h -V --help --version image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop run validate janitor install test-vm cache help"
+            opts="-h -V --help --version image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop run validate janitor install test-vm cache debug help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -671,7 +686,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__complete)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --keep-failed --keep-failed-max --keep-failed-disk --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -885,6 +900,240 @@ _executor() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --keep-failed)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --keep-failed-max)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --keep-failed-disk)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__debug)
+            opts="-h -V --command --list --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --keep-failed --keep-failed-max --keep-failed-disk --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --command)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --frontend-url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --password-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --frontend-ca)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --queue)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --queues)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --poll-interval)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-jobs)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --num-total-jobs)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-active-time)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-runtime)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --cleanup-interval)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --keep-workspaces)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --job-cpus)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --job-memory)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --disk-space)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --runtime)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --use-firecracker)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --vm-startup-script)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --state-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --allow-unisolated)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --vm-prefix)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --oci-runtime)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --vm-accel)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --vm-allow-tcg)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --vm-pool-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --shutdown-grace)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --heartbeat-interval)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --artifacts-max-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --git-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --workspace-templates)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --image-pull)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --image-cache-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --docker-auth-config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --registry-mirror)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --insecure-registry)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --private-registry)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --image-pull-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --registry-ca)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --image-max-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --network)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --network-cidr)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --network-allow)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --dns-servers)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --network-bandwidth)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --caches)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --cache-rules)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --cache-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --cache-trusted-queues)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --keep-failed)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --keep-failed-max)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --keep-failed-disk)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -893,7 +1142,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__dequeue)
-            opts="-o -h -V --output --wait --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --help --version"
+            opts="-o -h -V --output --wait --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --keep-failed --keep-failed-max --keep-failed-disk --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1103,6 +1352,18 @@ _executor() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --keep-failed)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --keep-failed-max)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --keep-failed-disk)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1129,7 +1390,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__help)
-            opts="image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor install test-vm cache help"
+            opts="image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor install test-vm cache debug help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1213,6 +1474,20 @@ _executor() {
             return 0
             ;;
         executor__subcmd__help__subcmd__complete)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__help__subcmd__debug)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -1535,7 +1810,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__help__subcmd__queue)
-            opts="serve submit jobs show logs cancel executors queues repo files artifacts"
+            opts="serve submit jobs show logs cancel release executors queues repo files artifacts"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1661,6 +1936,20 @@ _executor() {
             return 0
             ;;
         executor__subcmd__help__subcmd__queue__subcmd__queues)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__help__subcmd__queue__subcmd__release)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -2163,7 +2452,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__install__subcmd__all)
-            opts="-h -V --kernel-package --force --engine --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --help --version"
+            opts="-h -V --kernel-package --force --engine --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --keep-failed --keep-failed-max --keep-failed-disk --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2362,6 +2651,18 @@ _executor() {
                     return 0
                     ;;
                 --cache-trusted-queues)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --keep-failed)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --keep-failed-max)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --keep-failed-disk)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2561,7 +2862,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__install__subcmd__iptables__subcmd__rules)
-            opts="-h -V --recreate-chain --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --help --version"
+            opts="-h -V --recreate-chain --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --keep-failed --keep-failed-max --keep-failed-disk --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2756,6 +3057,18 @@ _executor() {
                     return 0
                     ;;
                 --cache-trusted-queues)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --keep-failed)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --keep-failed-max)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --keep-failed-disk)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2823,7 +3136,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__janitor)
-            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --help --version"
+            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --keep-failed --keep-failed-max --keep-failed-disk --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -3018,6 +3331,18 @@ _executor() {
                     return 0
                     ;;
                 --cache-trusted-queues)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --keep-failed)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --keep-failed-max)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --keep-failed-disk)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -3029,7 +3354,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__loop)
-            opts="-h -V --verify --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --help --version"
+            opts="-h -V --verify --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --keep-failed --keep-failed-max --keep-failed-disk --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -3227,6 +3552,18 @@ _executor() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --keep-failed)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --keep-failed-max)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --keep-failed-disk)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -3235,7 +3572,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__prepare__subcmd__workspace)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --keep-failed --keep-failed-max --keep-failed-disk --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -3449,6 +3786,18 @@ _executor() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --keep-failed)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --keep-failed-max)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --keep-failed-disk)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -3457,7 +3806,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__queue)
-            opts="-h -V --help --version serve submit jobs show logs cancel executors queues repo files artifacts help"
+            opts="-h -V --help --version serve submit jobs show logs cancel release executors queues repo files artifacts help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -3659,7 +4008,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__queue__subcmd__help)
-            opts="serve submit jobs show logs cancel executors queues repo files artifacts help"
+            opts="serve submit jobs show logs cancel release executors queues repo files artifacts help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -3799,6 +4148,20 @@ _executor() {
             return 0
             ;;
         executor__subcmd__queue__subcmd__help__subcmd__queues)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        executor__subcmd__queue__subcmd__help__subcmd__release)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -3988,6 +4351,28 @@ _executor() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        executor__subcmd__queue__subcmd__release)
+            opts="-h -V --url --ca-cert --json --raw --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --ca-cert)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         executor__subcmd__queue__subcmd__repo)
             opts="-h -V --help --version add ls rm help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -4139,7 +4524,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__queue__subcmd__serve)
-            opts="-h -V --listen --data-dir --database --database-password-file --addr-file --queue --stalled-max-age --active-window --max-resets --max-retries --log-cap-bytes --artifact-max-bytes --secret-file --admin-token-file --tls-cert --tls-key --metrics-token-file --dequeue-order --tenant-max-running --help --version"
+            opts="-h -V --listen --data-dir --database --database-password-file --addr-file --queue --stalled-max-age --active-window --max-resets --max-retries --log-cap-bytes --artifact-max-bytes --secret-file --admin-token-file --tls-cert --tls-key --metrics-token-file --dequeue-order --tenant-max-running --keep-failed --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -4221,6 +4606,10 @@ _executor() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --keep-failed)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -4277,7 +4666,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__run__subcmd__steps)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --keep-failed --keep-failed-max --keep-failed-disk --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -4488,6 +4877,18 @@ _executor() {
                     return 0
                     ;;
                 --cache-trusted-queues)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --keep-failed)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --keep-failed-max)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --keep-failed-disk)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -4549,7 +4950,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__upload)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --keep-failed --keep-failed-max --keep-failed-disk --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -4760,6 +5161,18 @@ _executor() {
                     return 0
                     ;;
                 --cache-trusted-queues)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --keep-failed)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --keep-failed-max)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --keep-failed-disk)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -4771,7 +5184,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__validate)
-            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --help --version"
+            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --keep-failed --keep-failed-max --keep-failed-disk --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -4969,6 +5382,18 @@ _executor() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --keep-failed)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --keep-failed-max)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --keep-failed-disk)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -4977,7 +5402,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__vm__subcmd__boot)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --keep-failed --keep-failed-max --keep-failed-disk --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -5188,6 +5613,18 @@ _executor() {
                     return 0
                     ;;
                 --cache-trusted-queues)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --keep-failed)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --keep-failed-max)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --keep-failed-disk)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -144,7 +144,18 @@ pub(crate) fn janitor_pass_with(
 ) -> Result<Vec<String>> {
     let grace = Duration::from_secs(60);
     let _lock = crate::workspace::janitor_lock(&settings.state_dir, true)?;
-    let live = &live();
+    // Sandboxes kept for `executor debug` whose time is up (or over the caps) go first; the
+    // others' workspaces and sandboxes are owned as a live job's are.
+    let kept = crate::sandbox::kept::sweep(
+        &settings.runtime_options(),
+        chrono::Utc::now(),
+        &HashSet::new(),
+        settings.keep_failed_max,
+        settings.keep_failed_disk,
+    );
+    let mut live = live();
+    live.extend(kept.live);
+    let live = &live;
     let (removed, mut claimed) = crate::workspace::sweep(&settings.workspaces_dir(), me, live, grace)?;
     // Sandboxes booted ahead of demand (no job yet) of executors that still live.
     for name in RuntimeKind::ALL {
@@ -152,7 +163,8 @@ pub(crate) fn janitor_pass_with(
             claimed.extend(rt.booted_ahead()?);
         }
     }
-    let mut out: Vec<String> = removed.iter().map(|p| format!("workspace {}", p.display())).collect();
+    let mut out: Vec<String> = kept.released;
+    out.extend(removed.iter().map(|p| format!("workspace {}", p.display())));
     match settings.templates().sweep() {
         Ok(gone) => out.extend(gone.iter().map(|p| format!("workspace template file {}", p.display()))),
         Err(e) => out.push(format!("workspace template janitor failed: {e:#}")),
@@ -243,7 +255,7 @@ pub(crate) fn run(settings: Settings) -> Result<i32> {
     let pool = start_pool(&settings, runtime, &name)?;
     let running = Arc::new((Mutex::new(Running::default()), Condvar::new()));
     let stop_bg = Arc::new((Mutex::new(false), Condvar::new()));
-    let heartbeat = spawn_heartbeat(&settings, &client, &running, &stop_bg);
+    let heartbeat = spawn_heartbeat(&settings, &client, &name, &running, &stop_bg);
     let janitor = spawn_janitor(&settings, &name, &running, &stop_bg);
     let l = Loop { settings: settings.clone(), ui, client, runtime, sig, pool, running };
 
@@ -263,6 +275,10 @@ pub(crate) fn run(settings: Settings) -> Result<i32> {
     }
     let _ = heartbeat.join();
     let _ = janitor.join();
+    // Nothing stays kept for debugging past the executor that kept it.
+    for line in crate::sandbox::kept::release_all(&settings.runtime_options(), &name) {
+        info!("released {line}");
+    }
     info!("stopped after {} jobs", done.count);
     crate::workspace::release_lifetime(&settings.workspaces_dir());
     Ok(crate::base::exit::OK)
@@ -474,10 +490,12 @@ fn wait_or_stop(stop: &(Mutex<bool>, Condvar), d: Duration) -> bool {
 fn spawn_heartbeat(
     settings: &Arc<Settings>,
     client: &Client,
+    me: &str,
     running: &Arc<(Mutex<Running>, Condvar)>,
     stop: &Arc<(Mutex<bool>, Condvar)>,
 ) -> std::thread::JoinHandle<()> {
     let (settings, client, running, stop) = (settings.clone(), client.clone(), running.clone(), stop.clone());
+    let me = me.to_string();
     std::thread::spawn(move || loop {
         let uids: Vec<String> = {
             let r = running.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -486,8 +504,10 @@ fn spawn_heartbeat(
             v.sort();
             v
         };
-        match client.heartbeat(&settings.queues, settings.multi_queue, &uids) {
+        let kept = kept_jobs(&settings, &me);
+        match client.heartbeat_kept(&settings.queues, settings.multi_queue, &uids, &kept) {
             Ok(resp) => {
+                release_kept(&settings, &resp.release_ids);
                 let mut r = running.0.lock().unwrap_or_else(|p| p.into_inner());
                 for id in &resp.cancel_ids {
                     if let Some(slot) = r.jobs.get(id) {
@@ -515,6 +535,37 @@ fn spawn_heartbeat(
             return;
         }
     })
+}
+
+/// The jobs this executor keeps for debugging, for its heartbeat.
+fn kept_jobs(settings: &Settings, me: &str) -> Vec<crate::protocol::KeptJob> {
+    crate::sandbox::kept::list(&settings.state_dir)
+        .into_iter()
+        .filter(|k| k.executor == me)
+        .map(|k| crate::protocol::KeptJob {
+            id: k.job_uid,
+            until: k.until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        })
+        .collect()
+}
+
+/// Releases the kept sandboxes the coordinator asked to release (`executor queue release`).
+fn release_kept(settings: &Settings, uids: &[String]) {
+    if uids.is_empty() {
+        return;
+    }
+    let Ok(_lock) = crate::workspace::janitor_lock(&settings.state_dir, true) else { return };
+    let release: HashSet<String> = uids.iter().cloned().collect();
+    let swept = crate::sandbox::kept::sweep(
+        &settings.runtime_options(),
+        chrono::Utc::now(),
+        &release,
+        settings.keep_failed_max,
+        settings.keep_failed_disk,
+    );
+    for line in swept.released {
+        info!("released {line}");
+    }
 }
 
 fn spawn_janitor(

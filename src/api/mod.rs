@@ -464,8 +464,19 @@ impl Client {
         multi: bool,
         uids: &[String],
     ) -> Result<HeartbeatResponse, ApiError> {
+        self.heartbeat_with(queues, multi, uids, Vec::new())
+    }
+
+    fn heartbeat_with(
+        &self,
+        queues: &[String],
+        multi: bool,
+        uids: &[String],
+        kept: Vec<crate::protocol::KeptJob>,
+    ) -> Result<HeartbeatResponse, ApiError> {
         let mut telemetry = telemetry();
         telemetry.prometheus_metrics = metrics::gather(&self.metrics_sources);
+        telemetry.kept_jobs = kept;
         let (status, body) = if multi {
             let mut groups: Vec<QueueJobIds> = Vec::new();
             for uid in uids {
@@ -505,6 +516,32 @@ impl Client {
             route: "POST heartbeat".into(),
             message: format!("the heartbeat answer does not decode: {e}"),
         })
+    }
+
+    /// [`Self::heartbeat`] that also reports the jobs kept for debugging here (our extension).
+    pub(crate) fn heartbeat_kept(
+        &self,
+        queues: &[String],
+        multi: bool,
+        uids: &[String],
+        kept: &[crate::protocol::KeptJob],
+    ) -> Result<HeartbeatResponse, ApiError> {
+        self.heartbeat_with(queues, multi, uids, kept.to_vec())
+    }
+
+    /// Records an `executor debug` attach in the kept job's log (our extension); `false` when
+    /// the coordinator has no such route (Sourcegraph) or no longer knows the job.
+    pub(crate) fn debug_attach(
+        &self,
+        queue: &str,
+        attach: &crate::protocol::DebugAttach,
+    ) -> Result<bool, ApiError> {
+        match self.post_json(&format!("/.executors/queue/{queue}/debugAttach"), Auth::Executor, attach, None)
+        {
+            Ok(_) => Ok(true),
+            Err(ApiError::Status { status: 404, .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// The minimal heartbeat that registers the executor before its first dequeue.
@@ -658,6 +695,7 @@ fn gather_telemetry() -> ExecutorTelemetry {
         docker_version: String::new(),
         ignite_version: String::new(),
         prometheus_metrics: String::new(),
+        kept_jobs: Vec::new(),
     }
 }
 

@@ -2,6 +2,7 @@
 //! turned into the settings structs of the module that does the work.
 
 mod cache;
+mod debug;
 pub mod docs;
 mod docs_extra;
 mod env_check;
@@ -58,6 +59,8 @@ pub enum Command {
     TestVm(vm::TestVmArgs),
     /// Manage the host's dependency caches (list, remove, prune, verify)
     Cache(cache::CacheArgs),
+    /// A shell in the sandbox kept for a failed job on this host (EXECUTOR_KEEP_FAILED)
+    Debug(debug::DebugArgs),
 }
 
 /// The clap command tree, for the generated man pages and completions.
@@ -121,5 +124,6 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::TestVm(args) => vm::test_vm(args),
         Command::Queue(args) => queue::run(args),
         Command::Cache(args) => cache::run(args),
+        Command::Debug(args) => debug::run(args),
     }
 }

@@ -1,7 +1,7 @@
 //! The clap types of `executor queue ...` (the coordinator and its admin client), and their
 //! conversion into `server::ServeConfig` / `server::client::ClientCommand`.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -81,6 +81,12 @@ pub enum QueueCommand {
     },
     /// Cancel a job (a running one ends when its executor notices)
     Cancel {
+        id: i64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Release a job's sandbox kept for debugging (the executor does at its next heartbeat)
+    Release {
         id: i64,
         #[command(flatten)]
         client: ClientArgs,
@@ -220,6 +226,26 @@ pub struct ServeArgs {
     /// With the fair order, at most this many running jobs per tenant in each queue (0: no cap)
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub tenant_max_running: i64,
+    /// A queue's keep policy, QUEUE=DURATION (repeatable): its failed jobs' sandboxes are kept
+    /// for `executor debug` this long at most (0: never), within each executor's own
+    /// EXECUTOR_KEEP_FAILED
+    #[arg(long = "keep-failed", value_name = "QUEUE=DURATION")]
+    pub keep_failed: Vec<String>,
+}
+
+/// `--keep-failed` values by queue; every queue named must be served.
+fn keep_policy(values: &[String], queues: &[String]) -> Result<std::collections::BTreeMap<String, Duration>> {
+    let mut out = std::collections::BTreeMap::new();
+    for v in values {
+        let (q, d) =
+            v.split_once('=').with_context(|| format!("--keep-failed {v:?} is not QUEUE=DURATION"))?;
+        if !queues.iter().any(|s| s == q) {
+            anyhow::bail!("--keep-failed {v:?} names queue {q:?}, which is not served");
+        }
+        let d = crate::base::units::parse_duration(d).with_context(|| format!("--keep-failed {v:?}"))?;
+        out.insert(q.to_string(), d);
+    }
+    Ok(out)
 }
 
 /// A command-line value kept as a secret from the start (it may carry a password).
@@ -262,7 +288,9 @@ impl ServeArgs {
             q.dedup();
             q
         };
+        let keep_failed = keep_policy(&self.keep_failed, &queues)?;
         Ok(server::ServeConfig {
+            keep_failed,
             listen: self.listen,
             data_dir: self.data_dir,
             addr_file: self.addr_file,
@@ -313,6 +341,7 @@ pub(crate) fn run(args: QueueArgs) -> Result<i32> {
         QueueCommand::Cancel { id, client } => (options(client), C::Cancel { id }),
         QueueCommand::Executors { client } => (options(client), C::Executors),
         QueueCommand::Queues { client } => (options(client), C::Queues),
+        QueueCommand::Release { id, client } => (options(client), C::Release { id }),
         QueueCommand::Artifacts { id, output, client } => (options(client), C::Artifacts { id, output }),
         QueueCommand::Repo(RepoCommand::Add { name, path, client }) => {
             (options(client), C::RepoAdd { name, path })
@@ -325,4 +354,21 @@ pub(crate) fn run(args: QueueArgs) -> Result<i32> {
         QueueCommand::Files(FilesCommand::Ls { client }) => (options(client), C::FileLs),
     };
     client::run(&opts, cmd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_policies_name_served_queues() {
+        let queues = vec!["batches".to_string(), "codeintel".to_string()];
+        let p = keep_policy(&["batches=10m".into(), "codeintel=0".into()], &queues).unwrap();
+        assert_eq!(p["batches"], Duration::from_secs(600));
+        assert_eq!(p["codeintel"], Duration::ZERO);
+        let e = format!("{:#}", keep_policy(&["other=1m".into()], &queues).unwrap_err());
+        assert!(e.contains("not served"), "{e}");
+        assert!(keep_policy(&["batches".into()], &queues).is_err());
+        assert!(keep_policy(&["batches=soon".into()], &queues).is_err());
+    }
 }

@@ -153,6 +153,7 @@ impl Settings {
             vm_accel: self.vm_accel,
             vm_allow_tcg: self.vm_allow_tcg,
             network: self.network.clone(),
+            keep_failed: self.keep_failed.is_some(),
         }
     }
 

@@ -372,6 +372,19 @@ settings! {
         help: "Queues whose successful jobs save their caches whatever their commit (besides commits at the \
                tip of their repository's default branch), comma-separated",
     }
+    keep_failed: Option<Duration> = parse::duration_or_unlimited {
+        flag: "keep-failed", env: "EXECUTOR_KEEP_FAILED", value_name: "DURATION", default: Some("0"),
+        help: "Keep a failed oci job's sandbox this long for `executor debug JOB` (network off, secrets out \
+               of its environment); 0: never. A coordinator's per-queue policy may shorten it",
+    }
+    keep_failed_max: usize = parse::number {
+        flag: "keep-failed-max", env: "EXECUTOR_KEEP_FAILED_MAX", value_name: "N", default: Some("3"),
+        help: "The most sandboxes kept for debugging at once; the oldest is released first",
+    }
+    keep_failed_disk: u64 = parse::bytes {
+        flag: "keep-failed-disk", env: "EXECUTOR_KEEP_FAILED_DISK", value_name: "SIZE", default: Some("20G"),
+        help: "The most disk all sandboxes kept for debugging may hold; the oldest is released first",
+    }
 }
 
 #[cfg(test)]

@@ -44,6 +44,10 @@ pub struct Job {
     /// Our extension (Sourcegraph sends none and ignores it): dependency caches the job's steps
     /// read and, for a trusted job, refresh (docs/caches.md).
     pub caches: Vec<CacheDecl>,
+    /// Our coordinator's per-queue keep policy (`queue serve --keep-failed`): how long a failed
+    /// job's sandbox may be kept for `executor debug`, at most the executor's own
+    /// `EXECUTOR_KEEP_FAILED`; 0 keeps none. Absent (Sourcegraph): the executor's setting.
+    pub keep_failed_seconds: Option<u64>,
 }
 
 /// One dependency cache a job declares: `paths` (absolute in the step's root, or relative to the
@@ -183,6 +187,8 @@ struct WireJob {
     queued_at: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     caches: Option<Vec<CacheDecl>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    keep_failed_seconds: Option<u64>,
 }
 
 fn is_zero(v: &i32) -> bool {
@@ -245,6 +251,7 @@ impl Serialize for Job {
             traceparent: self.traceparent.clone(),
             queued_at: self.queued_at,
             caches: if self.caches.is_empty() { None } else { Some(self.caches.clone()) },
+            keep_failed_seconds: self.keep_failed_seconds,
         };
         wire.serialize(s)
     }
@@ -300,6 +307,7 @@ impl<'de> Deserialize<'de> for Job {
             traceparent: w.traceparent,
             queued_at: w.queued_at,
             caches: w.caches.unwrap_or_default(),
+            keep_failed_seconds: w.keep_failed_seconds,
         })
     }
 }

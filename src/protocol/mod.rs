@@ -68,6 +68,38 @@ pub struct ExecutorTelemetry {
     pub src_cli_version: String,
     #[serde(default)]
     pub prometheus_metrics: String,
+    /// Our extension (Sourcegraph ignores it): the jobs whose sandboxes this executor keeps for
+    /// `executor debug`, so that the coordinator shows them and can ask for their release.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kept_jobs: Vec<KeptJob>,
+}
+
+/// A job whose sandbox an executor keeps for debugging, as its heartbeat reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeptJob {
+    /// `"<id>"` or `"<id>-<queue>"`.
+    pub id: String,
+    /// RFC 3339: when the executor releases it.
+    pub until: String,
+}
+
+/// Our extension: one `executor debug` attach to a kept job's sandbox, recorded in the job's log
+/// (`POST /.executors/queue/{queue}/debugAttach`, executor secret). Sourcegraph has no such route.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DebugAttach {
+    pub executor_name: String,
+    pub job_id: i64,
+    /// The host user who attached.
+    pub who: String,
+    /// RFC 3339.
+    pub started_at: String,
+    pub duration_ms: u64,
+    /// The `--command` run; none for an interactive shell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    pub exit_code: i32,
 }
 
 /// Single-queue heartbeat body (`POST /.executors/queue/{queue}/heartbeat`). `jobIds` are
@@ -143,6 +175,10 @@ pub struct HeartbeatRequest {
 pub struct HeartbeatResponse {
     pub known_ids: Vec<String>,
     pub cancel_ids: Vec<String>,
+    /// Our coordinator's extension: kept jobs whose sandboxes the executor should release now
+    /// (`executor queue release`). Absent from Sourcegraph's answer and from ours when empty.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub release_ids: Vec<String>,
 }
 
 impl<'de> Deserialize<'de> for HeartbeatResponse {
@@ -153,6 +189,7 @@ impl<'de> Deserialize<'de> for HeartbeatResponse {
             let list = match k.to_ascii_lowercase().as_str() {
                 "knownids" => &mut out.known_ids,
                 "cancelids" => &mut out.cancel_ids,
+                "releaseids" => &mut out.release_ids,
                 _ => continue,
             };
             *list = lenient_list(v).map_err(serde::de::Error::custom)?;

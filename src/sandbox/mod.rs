@@ -12,6 +12,7 @@ pub use crate::document::sandbox::{RuntimeKind, SandboxRecord};
 
 #[cfg(test)]
 pub(crate) mod fake;
+pub mod kept;
 pub mod microvm;
 pub mod oci;
 mod settings;
@@ -285,6 +286,23 @@ pub trait Runtime: Send + Sync {
     fn booted_ahead(&self) -> Result<HashSet<String>> {
         Ok(HashSet::new())
     }
+    /// Keeps the sandbox of a failed job for `executor debug` instead of tearing it down:
+    /// nothing of it runs, its network is gone, its failed step's state stays; returns the
+    /// record to keep (`teardown` of it releases it). The default keeps nothing.
+    fn keep(&self, sandbox: &SandboxRecord) -> Result<SandboxRecord> {
+        anyhow::bail!("the {} runtime cannot keep sandbox {} for debugging", self.name(), sandbox.name)
+    }
+    /// Runs `command` (an interactive shell when `None`, on a terminal when `tty`) in the kept
+    /// sandbox in the state its failed `step` left, with no network; returns its exit status.
+    fn debug(
+        &self,
+        sandbox: &SandboxRecord,
+        _step: &kept::KeptStep,
+        _command: Option<&str>,
+        _tty: bool,
+    ) -> Result<i32> {
+        anyhow::bail!("the {} runtime cannot attach to kept sandbox {}", self.name(), sandbox.name)
+    }
 }
 
 /// What a loop asks of a runtime's sandboxes booted ahead of demand ([`Runtime::start_warm_pool`]).
@@ -352,6 +370,9 @@ pub struct RuntimeOptions {
     pub vm_allow_tcg: bool,
     /// Every job's network (`EXECUTOR_NETWORK` and the settings beside it).
     pub network: crate::network::Settings,
+    /// Failed sandboxes may be kept for `executor debug` (`EXECUTOR_KEEP_FAILED`): a failed
+    /// step's writable root is kept until the sandbox goes.
+    pub keep_failed: bool,
 }
 
 impl Default for RuntimeOptions {
@@ -363,6 +384,7 @@ impl Default for RuntimeOptions {
             vm_accel: microvm::Accel::Auto,
             vm_allow_tcg: false,
             network: crate::network::Settings::default(),
+            keep_failed: false,
         }
     }
 }

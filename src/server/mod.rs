@@ -50,6 +50,8 @@ pub struct ServeConfig {
     pub fair_dequeue: bool,
     /// With the fair order, at most this many running jobs per tenant and queue; 0: no cap.
     pub tenant_max_running: i64,
+    /// Per-queue keep policy (`--keep-failed`), sent with each job as `keepFailedSeconds`.
+    pub keep_failed: std::collections::BTreeMap<String, Duration>,
 }
 
 impl std::fmt::Debug for ServeConfig {
@@ -166,6 +168,7 @@ mod tests {
             metrics_token: Some("metrics-token-0123456789abcdef".into()),
             fair_dequeue: true,
             tenant_max_running: 2,
+            keep_failed: Default::default(),
         }
     }
 

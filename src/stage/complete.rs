@@ -43,8 +43,10 @@ fn left_for_requeue(ctx: &JobCtx, doc: &RunDocument) -> bool {
 }
 
 pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
+    // Kept for `executor debug`: the sandbox and the workspace are the kept registry's now.
+    let kept = super::keep::keep_if_failed(ctx, doc);
     let mut sandbox_removed =
-        doc.sandbox.is_none() || doc.completion.as_ref().is_some_and(|c| c.sandbox_removed);
+        kept || doc.sandbox.is_none() || doc.completion.as_ref().is_some_and(|c| c.sandbox_removed);
     if let (Some(sb), false) = (doc.sandbox.clone(), sandbox_removed) {
         let mut entry = ctx.logger.entry(&format!("teardown.{}.remove", sb.runtime), None).ok();
         match ctx.runtime(doc).and_then(|rt| rt.teardown(&sb)) {
@@ -69,7 +71,7 @@ pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
     // What the job wrote to its caches is in the workspace, which goes next.
     super::cache::teardown(ctx, doc, sandbox_removed);
     let mut workspace_removed =
-        doc.workspace.is_none() || doc.completion.as_ref().is_some_and(|c| c.workspace_removed);
+        kept || doc.workspace.is_none() || doc.completion.as_ref().is_some_and(|c| c.workspace_removed);
     if let (Some(ws), false) = (doc.workspace.clone(), workspace_removed) {
         let mut entry = ctx.logger.entry("teardown.fs", None).ok();
         if ctx.settings.keep_workspaces {

@@ -7,6 +7,7 @@ pub(crate) mod cli_steps;
 pub(crate) mod complete;
 pub(crate) mod dequeue;
 pub(crate) mod endpoints;
+pub(crate) mod keep;
 pub(crate) mod prepare_workspace;
 pub(crate) mod run_steps;
 pub(crate) mod traced;

@@ -8,6 +8,7 @@ mod common;
 pub(crate) mod conformance;
 mod console;
 mod coordinator;
+mod debug;
 mod dropin;
 mod fuzz;
 pub mod gitserve;

@@ -7,13 +7,15 @@
 //! One file per operation, as youki has one per container operation: boot.rs (the sandbox made),
 //! caches.rs (dependency caches attached),
 //! step.rs (one step run and judged), ahead.rs (a step's container made ahead), workspace.rs (the
-//! workspace handed to the containers and back), teardown.rs and janitor.rs. This file holds the
+//! workspace handed to the containers and back), teardown.rs and janitor.rs, debug.rs (a failed
+//! job's sandbox kept, and `executor debug` attached to it). This file holds the
 //! runtime itself, the OCI runtime's command lines, and the [`Runtime`] impl dispatching to them.
 
 mod ahead;
 mod boot;
 mod caches;
 pub mod cgroup;
+mod debug;
 mod janitor;
 mod record;
 pub mod rootfs;
@@ -217,6 +219,20 @@ impl Runtime for OciRuntime {
 
     fn janitor(&self, prefix: &str, live: &HashSet<String>) -> Result<Vec<String>> {
         self.sweep(prefix, live)
+    }
+
+    fn keep(&self, sandbox: &SandboxRecord) -> Result<SandboxRecord> {
+        self.keep_sandbox(sandbox)
+    }
+
+    fn debug(
+        &self,
+        sandbox: &SandboxRecord,
+        step: &crate::sandbox::kept::KeptStep,
+        command: Option<&str>,
+        tty: bool,
+    ) -> Result<i32> {
+        self.attach_debug(sandbox, step, command, tty)
     }
 
     /// A container's root is the step's image and its workspace a bind mount of the directory:

@@ -278,6 +278,77 @@ pub fn remove_step_roots(sandbox: &str, workspace: &Path) {
     remove_layers(workspace);
 }
 
+/// The failed step's layer kept for `executor debug` at the top of the workspace, host root's
+/// (mode 0700) like every layer, and hidden in a debug container as the step's own layer is.
+pub const KEPT_LAYER: &str = ".executor-kept";
+
+/// Unmounts a failed step's root and keeps its layer as the sandbox's [`KEPT_LAYER`] (replacing
+/// an earlier one), with what the step wrote into its root, for `executor debug`.
+pub fn keep_step(root: StepRoot, workspace: &Path) -> Result<()> {
+    let _ = nix::mount::umount2(&root.path, nix::mount::MntFlags::MNT_DETACH);
+    let _ = fs::remove_dir(&root.path);
+    let kept = workspace.join(KEPT_LAYER);
+    remove_layer(&kept)?;
+    fs::rename(&root.layer, &kept)
+        .with_context(|| format!("keeping the failed step's layer as {}", kept.display()))?;
+    // A layer made ahead was given to the container's root with the workspace; the kept one is
+    // host root's alone, as a layer is meant to be.
+    std::os::unix::fs::lchown(&kept, Some(0), Some(0))
+        .with_context(|| format!("changing the owner of {}", kept.display()))?;
+    fs::set_permissions(&kept, fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("setting the mode of {}", kept.display()))
+}
+
+/// Mounts the kept layer (see [`keep_step`]) over `lower` as the root of debug container `id`:
+/// what the failed step wrote is there as it left it, and what the debug shell writes adds to it.
+pub fn mount_kept(sandbox: &str, workspace: &Path, lower: &Path, id: &str) -> Result<StepRoot> {
+    let layer = workspace.join(KEPT_LAYER);
+    let md = fs::symlink_metadata(&layer)
+        .with_context(|| format!("the kept layer {} (was the sandbox kept?)", layer.display()))?;
+    if !md.is_dir() || md.uid() != 0 {
+        bail!("{} is not the executor's kept layer", layer.display());
+    }
+    // A fresh work directory: a volatile overlay refuses one that an earlier mount used.
+    let work = layer.join("work");
+    remove_layer(&work)?;
+    fs::create_dir(&work).with_context(|| format!("creating {}", work.display()))?;
+    let merged = reach_dir(sandbox).join(format!("root-{id}"));
+    fs::create_dir(&merged).with_context(|| format!("creating {}", merged.display()))?;
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={},volatile",
+        lower.display(),
+        layer.join("upper").display(),
+        work.display()
+    );
+    if opts.contains('\\') || lower.to_string_lossy().contains([',', ':']) {
+        let _ = fs::remove_dir(&merged);
+        bail!("cannot use {} in an overlay mount: the path has a comma, colon or backslash", lower.display());
+    }
+    if let Err(e) = nix::mount::mount(
+        Some("overlay"),
+        &merged,
+        Some("overlay"),
+        nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+        Some(opts.as_str()),
+    ) {
+        let _ = fs::remove_dir(&merged);
+        return Err(e)
+            .with_context(|| format!("mounting the kept root (overlay {opts}) on {}", merged.display()));
+    }
+    Ok(StepRoot { path: merged, etc: true, layer, mask: format!("/data/{KEPT_LAYER}") })
+}
+
+/// Unmounts a debug container's root, keeping the layer.
+pub fn unmount_kept(root: &StepRoot) {
+    let _ = nix::mount::umount2(&root.path, nix::mount::MntFlags::MNT_DETACH);
+    let _ = fs::remove_dir(&root.path);
+}
+
+/// Removes the kept layer of `workspace`, if any.
+pub fn remove_kept(workspace: &Path) -> Result<()> {
+    remove_layer(&workspace.join(KEPT_LAYER))
+}
+
 /// Removes a layer directory (never following a symlink inside it).
 fn remove_layer(layer: &Path) -> Result<()> {
     match fs::remove_dir_all(layer) {

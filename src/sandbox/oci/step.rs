@@ -373,8 +373,17 @@ impl OciRuntime {
         let mut run = run?;
         // The disk is judged before the step's layer goes: what it wrote there counts.
         run.note_disk(&d);
-        rootfs::unmount_step_later(root);
-        Ok(judge(&d, &run, &before, &after, watch.seen, watch.inner))
+        let end = judge(&d, &run, &before, &after, watch.seen, watch.inner);
+        let failed = matches!(end, StepEnd::Exited(c) if c != 0) || matches!(end, StepEnd::Signaled(_));
+        if failed && self.opts.keep_failed {
+            // Kept for `executor debug` until the sandbox goes (kept.rs).
+            if let Err(e) = rootfs::keep_step(root, &d.workspace) {
+                tracing::warn!("step {}: its layer is not kept for debugging: {e:#}", step.key);
+            }
+        } else {
+            rootfs::unmount_step_later(root);
+        }
+        Ok(end)
     }
 
     /// Stops a running step: the runtime's kill, then SIGKILL to every process in the job's

@@ -29,6 +29,7 @@ impl OciRuntime {
             if d.workspace.exists() {
                 rootfs::remove_step_roots(&sandbox.name, &d.workspace);
                 self.sync_workspace(sandbox, &d.workspace)?;
+                rootfs::remove_kept(&d.workspace)?;
             }
         }
         self.store()?.remove_user(&sandbox.name)?;
@@ -49,7 +50,7 @@ impl OciRuntime {
     }
 
     /// Deletes every container of the sandbox (they are its steps) by their state directories.
-    fn delete_containers(&self, which: &str, state_dir: &Path) {
+    pub(super) fn delete_containers(&self, which: &str, state_dir: &Path) {
         let mut ids = Vec::new();
         if let Ok(out) = self.quiet({
             let mut c = self.runtime_cmd(which, state_dir);

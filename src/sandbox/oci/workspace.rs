@@ -122,7 +122,11 @@ fn chown_tree(root: &Path, skip: &[String], owner: impl Fn(u32, u32) -> (u32, u3
             Err(e) => return Err(e).with_context(|| format!("listing {} in the workspace", dir.display())),
         };
         for (name, md) in entries {
-            if md.dev != top.dev || (dir.as_os_str().is_empty() && skip.iter().any(|s| name == s.as_str())) {
+            // The kept layer keeps its owners (what the failed step left, as it left it).
+            if md.dev != top.dev
+                || (dir.as_os_str().is_empty()
+                    && (name == rootfs::KEPT_LAYER || skip.iter().any(|s| name == s.as_str())))
+            {
                 continue;
             }
             let rel = dir.join(name);

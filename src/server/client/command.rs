@@ -54,6 +54,15 @@ pub(crate) fn run(opts: &ClientOptions, cmd: ClientCommand) -> Result<i32> {
             let v = client.cancel(id)?;
             show(out, json, &v, |v| Ok(table(SUMMARY_HEADERS, &[summary_row(v)], raw)))?;
         }
+        ClientCommand::Release { id } => {
+            let v = client.release(id)?;
+            show(out, json, &v, |v| {
+                Ok(format!(
+                    "asked {} to release the sandbox of job {id} at its next heartbeat\n",
+                    s(v, "executor")
+                ))
+            })?;
+        }
         ClientCommand::Executors => {
             let v = client.executors()?;
             show(out, json, &v, |v| Ok(print::executors_table(v, raw)))?;

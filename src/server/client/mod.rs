@@ -40,6 +40,7 @@ pub(crate) enum ClientCommand {
     Cancel { id: i64 },
     Executors,
     Queues,
+    Release { id: i64 },
     Artifacts { id: i64, output: Option<PathBuf> },
     RepoAdd { name: String, path: PathBuf },
     RepoLs,
@@ -143,6 +144,15 @@ impl AdminClient {
         self.json(
             &format!("cancelling job {id}"),
             self.request("POST", &format!("/api/jobs/{id}/cancel")),
+            None,
+        )
+    }
+
+    /// Asks the executor keeping job `id`'s sandbox for debugging to release it.
+    pub(crate) fn release(&self, id: i64) -> Result<Value> {
+        self.json(
+            &format!("releasing the kept sandbox of job {id}"),
+            self.request("POST", &format!("/api/jobs/{id}/release")),
             None,
         )
     }

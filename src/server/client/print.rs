@@ -250,6 +250,10 @@ pub(super) fn print_job(v: &Value, out: &mut dyn Write, raw: bool) -> Result<()>
         }
         _ => writeln!(out, "artifacts: none")?,
     }
+    if v["kept"]["message"].is_string() {
+        // The executor's name is the executor's word: escaped as job text is.
+        writeln!(out, "{}", shown(&v["kept"], "message", raw))?;
+    }
     for e in v["logs"].as_array().map(Vec::as_slice).unwrap_or_default() {
         print_log_entry(e, out, raw)?;
     }

@@ -297,11 +297,11 @@ pub(super) async fn show_job(
         }
     };
     let found = db(&app, move |s| match s.job(id)? {
-        Some(job) => Ok(Some((job, if with_logs { Some(s.logs(id)?) } else { None }))),
+        Some(job) => Ok(Some((job, if with_logs { Some(s.logs(id)?) } else { None }, s.kept_on(id)?))),
         None => Ok(None),
     })
     .await?;
-    let Some((job, logs)) = found else {
+    let Some((job, logs, kept)) = found else {
         return Err(http_err(StatusCode::NOT_FOUND, format!("no job {id}")));
     };
     #[derive(serde::Serialize)]
@@ -312,12 +312,15 @@ pub(super) async fn show_job(
         #[serde(skip_serializing_if = "Option::is_none")]
         logs: Option<&'a [store::StoredLogEntry]>,
         artifacts: &'a Option<store::ArtifactInfo>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        kept: Option<&'a store::KeptOn>,
     }
     let view = JobView {
         row: &job.row,
         job: admin_payload(&job.payload)?,
         logs: logs.as_deref(),
         artifacts: &job.artifacts,
+        kept: kept.as_ref(),
     };
     json_response(StatusCode::OK, &view)
 }

@@ -98,6 +98,7 @@ async fn dequeue(
                 .with_context(|| format!("stored payload of job {} is unreadable", d.id))?;
             job.id = d.id;
             job.token = d.token;
+            job.keep_failed_seconds = app.cfg.keep_failed.get(&d.queue).map(|k| k.as_secs());
             job.queue = if multi { d.queue } else { String::new() };
             job.version = if v2 { 2 } else { 0 };
             app.metrics.dequeue_job.observe(started.elapsed());
@@ -210,11 +211,19 @@ pub(super) async fn heartbeat_single(
     let mut info = telemetry_info(&req.executor_name, &req.telemetry);
     info.queue_name = Some(queue.clone());
     info.queue_names = vec![queue];
-    let (known, cancel) = heartbeat_store(&app, info, ids).await?;
+    let (known, cancel) = heartbeat_store(&app, info.clone(), ids).await?;
+    let release_ids = super::kept::heartbeat_kept(
+        &app,
+        &req.executor_name,
+        &req.telemetry.kept_jobs,
+        info.queue_name.as_deref(),
+    )
+    .await?;
     keep_metrics(&app, &req.executor_name, req.telemetry.prometheus_metrics);
     let resp = protocol::HeartbeatResponse {
         known_ids: known.iter().map(|(id, _)| id.to_string()).collect(),
         cancel_ids: cancel.iter().map(|(id, _)| id.to_string()).collect(),
+        release_ids,
     };
     json_response(StatusCode::OK, &resp)
 }
@@ -250,10 +259,13 @@ pub(super) async fn heartbeat_multi(
     let mut info = telemetry_info(&req.executor_name, &req.telemetry);
     info.queue_names = req.queue_names.clone();
     let (known, cancel) = heartbeat_store(&app, info, ids).await?;
+    let release_ids =
+        super::kept::heartbeat_kept(&app, &req.executor_name, &req.telemetry.kept_jobs, None).await?;
     keep_metrics(&app, &req.executor_name, req.telemetry.prometheus_metrics);
     let resp = protocol::HeartbeatResponse {
         known_ids: known.iter().map(|(id, q)| format!("{id}-{q}")).collect(),
         cancel_ids: cancel.iter().map(|(id, q)| format!("{id}-{q}")).collect(),
+        release_ids,
     };
     json_response(StatusCode::OK, &resp)
 }

@@ -12,6 +12,7 @@ mod executor_routes;
 mod files;
 mod follow;
 mod git;
+mod kept;
 
 use anyhow::{Context, Result};
 use axum::body::Body;
@@ -117,6 +118,7 @@ impl App {
             metrics_token: None,
             fair_dequeue: true,
             tenant_max_running: 0,
+            keep_failed: Default::default(),
         };
         let store = StoreThread::start(Store::open_in_memory().unwrap()).unwrap();
         Arc::new(App::new(Arc::new(cfg), store, std::path::PathBuf::from("/nonexistent")))
@@ -273,6 +275,8 @@ fn router(app: Shared) -> Router {
         .route("/.executors/queue/:queue/markErrored", post(mark_errored))
         .route("/.executors/queue/:queue/markFailed", post(mark_failed))
         .route("/.executors/queue/:queue/artifacts", put(put_artifacts))
+        .route("/.executors/queue/:queue/debugAttach", post(kept::debug_attach))
+        .route("/api/jobs/:id/release", post(kept::release_job))
         .route("/api/jobs", post(submit_job).get(list_jobs))
         .route("/api/jobs/:id", get(show_job))
         .route("/api/jobs/:id/logs", get(job_logs))

@@ -134,8 +134,19 @@ impl Store {
     /// addExecutionLogEntry: returns the new 1-based entry id; `UnknownJob` when the job is not
     /// `executor`'s processing job.
     pub fn add_log(&mut self, id: i64, executor: &str, entry: &ExecutionLogEntry, cap: u64) -> Result<i64> {
+        self.add_log_if(id, entry, cap, |t| Self::owned(t, id, executor))
+    }
+
+    /// [`Self::add_log`] where `allowed` says whether the job takes the entry.
+    pub(super) fn add_log_if(
+        &mut self,
+        id: i64,
+        entry: &ExecutionLogEntry,
+        cap: u64,
+        allowed: impl FnOnce(&mut dyn Tx) -> Result<bool>,
+    ) -> Result<i64> {
         self.tx(|t| {
-            if !Self::owned(t, id, executor)? {
+            if !allowed(t)? {
                 return Err(StoreError::UnknownJob);
             }
             let entry = &Self::redacted(entry, &Self::job_redactor(t, id)?);

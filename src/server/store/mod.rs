@@ -14,6 +14,7 @@
 mod console;
 pub(crate) mod db;
 mod jobs;
+mod kept;
 mod logs;
 pub(crate) mod pg;
 pub(crate) mod pg_tls;
@@ -27,6 +28,7 @@ pub(crate) use console::{JobFilter, JobPageRow};
 pub(crate) use jobs::{
     ArtifactInfo, CancelResult, ExecutorInfo, ExecutorRow, JobDetail, JobRefs, JobRow, Outcome, RequeueResult,
 };
+pub(crate) use kept::KeptOn;
 pub(crate) use logs::StoredLogEntry;
 pub(crate) use pg::{PgOptions, PgPool};
 pub(crate) use queues::{DequeueOrder, Fairness, QueueGauge};
@@ -263,6 +265,23 @@ ALTER TABLE jobs ADD COLUMN tenant TEXT NOT NULL DEFAULT '';
 UPDATE jobs SET tenant = repository_name;
 CREATE INDEX jobs_queued_tenant ON jobs (queue, tenant, id) WHERE state = 'queued';
 CREATE INDEX jobs_processing_tenant ON jobs (queue, tenant) WHERE state = 'processing';
+"#,
+    },
+    // A failed job whose sandbox an executor keeps for `executor debug` (its heartbeat says
+    // so: kept.rs), until when, and an admin's request to release it (`executor queue release`),
+    // which the executor's next heartbeat answer carries.
+    Migration {
+        sqlite: r#"
+ALTER TABLE jobs ADD COLUMN kept_on TEXT;
+ALTER TABLE jobs ADD COLUMN kept_until INTEGER;
+ALTER TABLE jobs ADD COLUMN kept_release INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX jobs_kept_on ON jobs (kept_on);
+"#,
+        postgres: r#"
+ALTER TABLE jobs ADD COLUMN kept_on TEXT;
+ALTER TABLE jobs ADD COLUMN kept_until BIGINT;
+ALTER TABLE jobs ADD COLUMN kept_release BIGINT NOT NULL DEFAULT 0;
+CREATE INDEX jobs_kept_on ON jobs (kept_on);
 "#,
     },
 ];

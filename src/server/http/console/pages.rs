@@ -145,12 +145,13 @@ pub(in crate::server::http) async fn job(
 ) -> PageResult {
     let id = job_id_param(id)?;
     let found = db(&app, move |st| match st.job(id)? {
-        Some(job) => Ok(Some((job, st.logs(id)?))),
+        Some(job) => Ok(Some((job, st.logs(id)?, st.kept_on(id)?))),
         None => Ok(None),
     })
     .await?;
-    let (job, logs) = found.ok_or_else(|| PageError::no_job(id))?;
-    let view = JobView::new(job, logs, chrono::Utc::now()).map_err(|e| PageError::Failed(e.into()))?;
+    let (job, logs, kept) = found.ok_or_else(|| PageError::no_job(id))?;
+    let mut view = JobView::new(job, logs, chrono::Utc::now()).map_err(|e| PageError::Failed(e.into()))?;
+    view.kept = kept.map(|k| k.message);
     ok(render::job_page(&view, &s.csrf))
 }
 

@@ -250,6 +250,9 @@ pub(super) fn job_page(v: &JobView, csrf: &str) -> String {
     if let Some(m) = &v.failure {
         b.elem("dt", &[], "Failure").elem("dd", &[("id", "failure")], m);
     }
+    if let Some(m) = &v.kept {
+        b.elem("dt", &[], "Debug").elem("dd", &[("id", "kept")], m);
+    }
     b.elem("dt", &[], "Artifacts").open("dd", &[]);
     match &v.artifacts {
         Some(a) => {
@@ -427,7 +430,24 @@ mod tests {
             }],
             files: vec!["<b>f</b>".into()],
             logs: vec![log(1, "step.0", "hello\n", Some(0), Some(1500)), log(2, "step.1", "", None, None)],
+            kept: None,
         }
+    }
+
+    #[test]
+    fn a_kept_job_shows_where_and_the_command() {
+        let mut v = job(JobState::Failed);
+        v.kept = Some(
+            "kept for debugging on <h> until 2026-01-02T03:04:05Z: run `executor debug 42` on that host"
+                .into(),
+        );
+        let html = job_page(&v, "c");
+        assert!(
+            html.contains("id=\"kept\"") && html.contains("run `executor debug 42` on that host"),
+            "{html}"
+        );
+        assert!(!html.contains("<h>") && html.contains("&lt;h&gt;"), "{html}");
+        assert!(!job_page(&job(JobState::Failed), "c").contains("id=\"kept\""));
     }
 
     #[test]

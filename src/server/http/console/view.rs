@@ -223,6 +223,8 @@ pub(super) struct JobView {
     /// The paths of the files the job writes (never their contents).
     pub(super) files: Vec<String>,
     pub(super) logs: Vec<StoredLogEntry>,
+    /// "kept for debugging on <executor> until <time>" with the command to run there.
+    pub(super) kept: Option<String>,
 }
 
 impl JobView {
@@ -267,6 +269,7 @@ impl JobView {
             steps,
             files: payload.files.keys().cloned().collect(),
             logs,
+            kept: None,
         })
     }
 

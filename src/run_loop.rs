@@ -246,6 +246,13 @@ pub(crate) fn run(settings: Settings) -> Result<i32> {
         runtime,
         settings.max_jobs
     );
+    // The microvm runtime runs cliSteps with the installed src-cli: its version is the one the
+    // instance should see in heartbeats.
+    if runtime == RuntimeKind::Microvm {
+        if let Ok(src) = crate::vm::src_cli::installed(&settings.state_dir) {
+            crate::api::report_src_cli_version(src.version);
+        }
+    }
     if let Some(s) = wait_for_coordinator(&settings, &client, &sig) {
         info!("{s} before the coordinator answered: exiting");
         crate::workspace::release_lifetime(&settings.workspaces_dir());

@@ -678,6 +678,16 @@ fn telemetry() -> ExecutorTelemetry {
     CACHE.get_or_init(gather_telemetry).clone()
 }
 
+/// The version of the `src` this executor's jobs run when that is not the one on PATH (the
+/// microvm runtime runs the one `executor install src-cli` put in the state directory); set by
+/// the loop before its first heartbeat.
+static SRC_CLI_VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Reports `version` as the heartbeats' `srcCliVersion` instead of asking the `src` on PATH.
+pub(crate) fn report_src_cli_version(version: String) {
+    let _ = SRC_CLI_VERSION.set(version);
+}
+
 fn gather_telemetry() -> ExecutorTelemetry {
     let arch = match std::env::consts::ARCH {
         "x86_64" => "amd64",
@@ -689,8 +699,11 @@ fn gather_telemetry() -> ExecutorTelemetry {
         architecture: arch.into(),
         executor_version: VERSION.into(),
         git_version: tool_version("git", &["version"], "git version "),
-        // Only when src-cli is installed: jobs of this executor never call it themselves.
-        src_cli_version: tool_version("src", &["version", "-client-only"], "Current version: "),
+        // Only when src-cli is installed: the one in the state directory, else the one on PATH.
+        src_cli_version: match SRC_CLI_VERSION.get() {
+            Some(v) => v.clone(),
+            None => tool_version("src", &["version", "-client-only"], "Current version: "),
+        },
         // No Docker daemon and no ignite: steps run in this executor's own sandboxes.
         docker_version: String::new(),
         ignite_version: String::new(),

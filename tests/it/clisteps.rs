@@ -288,6 +288,9 @@ fn cli_steps_run_src_with_a_real_container_engine_in_the_microvm() {
     assert!(exited, "the executor did not exit:\n{stderr}");
     assert_eq!(state_of, "completed", "{failure:?}\n{logs:#?}\n{stderr}");
     assert!(stderr.contains("dequeued (1 steps)"), "the dequeue line counts the cliSteps:\n{stderr}");
+    // Heartbeats report the src-cli the jobs run (the installed one; none is on PATH here).
+    let hb = sg.state.lock().unwrap().heartbeats.last().cloned().expect("no heartbeat");
+    assert_eq!(hb["srcCliVersion"], "0.0.0-stand-in", "{hb}");
     let keys: Vec<&str> = logs.iter().map(|e| e["key"].as_str().unwrap_or("")).collect();
     let entry = logs.iter().find(|e| e["key"] == "step.src.batch-exec").unwrap_or_else(|| panic!("{keys:?}"));
     let out = entry["out"].as_str().unwrap_or("");

@@ -53,7 +53,7 @@ pub(crate) struct SgState {
     /// Executors that heartbeated (the `executor_heartbeats` rows).
     executors: Vec<String>,
     /// Every heartbeat body after the ping.
-    heartbeats: Vec<Value>,
+    pub(crate) heartbeats: Vec<Value>,
     /// The `version` of every dequeue request.
     dequeue_versions: Vec<String>,
     /// Update bodies that carried an `append` field (ignored, as Sourcegraph ignores it).

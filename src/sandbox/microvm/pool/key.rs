@@ -53,6 +53,15 @@ fn file_id(p: &Path) -> String {
     }
 }
 
+/// The kernel's and the initramfs' parts of a key, as installed now.
+pub(crate) fn installed_ids(state_dir: &Path) -> Result<(String, String)> {
+    let m = crate::vm::installed(state_dir)?;
+    Ok((
+        format!("{} {}", m.kernel_version, file_id(&m.vmlinux)),
+        format!("{} {}", m.initramfs_inputs, file_id(&m.initramfs)),
+    ))
+}
+
 pub(super) fn wanted_path(state_dir: &Path) -> PathBuf {
     crate::vm::vm_dir(state_dir).join("pool-images.json")
 }
@@ -97,11 +106,11 @@ impl Pool {
 
     /// The base key of a VM booted now.
     pub(crate) fn base_key(&self) -> Result<BaseKey> {
-        let m = crate::vm::installed(&self.rt.opts.state_dir)?;
+        let (kernel, initramfs) = installed_ids(&self.rt.opts.state_dir)?;
         let (accel, _) = self.rt.choose_accel()?;
         Ok(BaseKey {
-            kernel: format!("{} {}", m.kernel_version, file_id(&m.vmlinux)),
-            initramfs: format!("{} {}", m.initramfs_inputs, file_id(&m.initramfs)),
+            kernel,
+            initramfs,
             accel: accel.to_string(),
             limits: self.cfg.limits.clone(),
             disk_bytes: self.disk_bytes(),

@@ -1,0 +1,163 @@
+//! The pool's VMs from snapshots (snapshot.rs): the template of the pool's key is saved once,
+//! every pool VM is restored from it, and a job that finds no ready VM has one restored on its
+//! path rather than booted. A save or restore that fails is said in the log and the VM boots
+//! cold, its record saying why (`VmDetails::cold_boot`); a restore that failed removes the
+//! snapshot, so that the next refill saves a fresh one.
+
+use anyhow::{bail, Result};
+use std::time::Instant;
+
+use super::super::snapshot::{self, Snapshot};
+use super::super::{MicroVm, VmBoot, VmDetails};
+use super::{Claim, Member, Pool, PoolKey};
+use crate::sandbox::{BootRequest, RecordDetails, SandboxRecord};
+
+impl Pool {
+    /// The snapshot VMs of `key` are restored from, saved now if there is none; or why VMs of
+    /// `key` boot cold. A key whose save failed is not tried again until the key changes.
+    pub(super) fn snapshot_for(&self, key: &PoolKey, boot: &VmBoot) -> Result<Snapshot, String> {
+        if boot.network.is_some() {
+            return Err("VMs with a network boot cold: their address is set at boot".into());
+        }
+        if let Some((k, why)) = &self.state().save_failed {
+            if k == key {
+                return Err(why.clone());
+            }
+        }
+        let state_dir = &self.rt.opts.state_dir;
+        match snapshot::find(state_dir, key) {
+            Ok(Some(s)) => return Ok(s),
+            Ok(None) => {}
+            Err(e) => return Err(format!("{e:#}")),
+        }
+        let name = format!("{}-{}", self.cfg.prefix, uuid::Uuid::new_v4());
+        self.state().booting = Some(name.clone());
+        self.publish();
+        let taken = self.own(&name).and_then(|()| self.rt.take_snapshot(&name, boot, key));
+        let _ = std::fs::remove_dir_all(self.rt.opts.sandboxes_dir().join(&name));
+        self.state().booting = None;
+        match taken {
+            Ok(s) => {
+                self.log(&format!(
+                    "VM pool: saved snapshot {} ({}; template booted in {} ms, saved in {} ms)",
+                    s.id,
+                    crate::base::units::format_bytes(s.meta.bytes),
+                    s.meta.boot_ms,
+                    s.meta.save_ms
+                ));
+                Ok(s)
+            }
+            Err(e) => {
+                let why = format!("saving a snapshot failed: {e:#}");
+                self.log(&format!("VM pool: {why}; booting VMs cold"));
+                self.state().save_failed = Some((key.clone(), why.clone()));
+                Err(why)
+            }
+        }
+    }
+
+    /// Restores VM `name` from `snap`, or boots it cold when there is none or the restore
+    /// fails; the record says which, and why.
+    pub(super) fn restore_or_boot(
+        &self,
+        name: &str,
+        boot: &VmBoot,
+        key: &PoolKey,
+        snap: Result<&Snapshot, String>,
+    ) -> Result<SandboxRecord> {
+        let why = match snap {
+            Ok(s) => {
+                let mut restore = boot.clone();
+                restore.restore = Some(s);
+                match self.own(name).and_then(|()| self.rt.boot_vm(name, &restore)) {
+                    Ok(rec) => return Ok(rec),
+                    Err(e) => {
+                        let _ = std::fs::remove_dir_all(self.rt.opts.sandboxes_dir().join(name));
+                        snapshot::remove(&self.rt.opts.state_dir, key);
+                        let why = format!("restoring snapshot {} failed: {e:#}", s.id);
+                        self.log(&format!("VM pool: {why}; removed it, booting VM {name} cold"));
+                        why
+                    }
+                }
+            }
+            Err(why) => why,
+        };
+        let mut rec = self.own(name).and_then(|()| self.rt.boot_vm(name, boot))?;
+        if let Ok(Some(mut det)) = VmDetails::of(&rec) {
+            det.cold_boot = Some(why);
+            det.store(&mut rec);
+        }
+        Ok(rec)
+    }
+
+    /// A job found no ready VM (`why`): one is restored for it from the snapshot of its key, its
+    /// workspace attached, when such a snapshot exists; otherwise the job boots its own.
+    pub(super) fn restore_for_job(&self, req: &BootRequest, key: PoolKey, why: String) -> Claim {
+        let images = key_images(&key);
+        let boot = match self.member_boot(&key, &images) {
+            Ok(b) => b,
+            Err(e) => return Claim::Miss(format!("{why}; {e:#}")),
+        };
+        if boot.network.is_some() {
+            return Claim::Miss(why);
+        }
+        let snap = match snapshot::find(&self.rt.opts.state_dir, &key) {
+            Ok(Some(s)) => s,
+            Ok(None) => return Claim::Miss(format!("{why}; no snapshot of the job's key yet")),
+            Err(e) => return Claim::Miss(format!("{why}; {e:#}")),
+        };
+        let t = Instant::now();
+        let name = format!("{}-{}", self.cfg.prefix, uuid::Uuid::new_v4());
+        let mut restore = boot.clone();
+        restore.restore = Some(&snap);
+        let rec = match self.own(&name).and_then(|()| self.rt.boot_vm(&name, &restore)) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(self.rt.opts.sandboxes_dir().join(&name));
+                snapshot::remove(&self.rt.opts.state_dir, &key);
+                return Claim::Miss(format!("{why}; restoring snapshot {} failed: {e:#}", snap.id));
+            }
+        };
+        let socket = MicroVm::details(&rec).map(|d| d.socket).unwrap_or_default();
+        let ch = self.rt.take_idle(&rec, &socket);
+        let mut member = Member { rec, key, ch, ready_at: Instant::now() };
+        let restore_ms = t.elapsed().as_millis() as u64;
+        match self.attach(&mut member, req.workspace) {
+            Ok(mut claim) => {
+                claim.on_demand_ms = Some(restore_ms);
+                Claim::Hit(Box::new(self.hand_over(member, claim)))
+            }
+            Err(e) => {
+                let name = member.rec.name.clone();
+                self.destroy(member);
+                Claim::Miss(format!("{why}; attaching the workspace to restored VM {name} failed: {e:#}"))
+            }
+        }
+    }
+
+    /// The boot of a VM of `key` with `images` (its images by reference, [`key_images`]).
+    pub(super) fn member_boot<'a>(&'a self, key: &PoolKey, images: &'a [String]) -> Result<VmBoot<'a>> {
+        let (accel, why) = self.rt.choose_accel()?;
+        if accel.to_string() != key.base.accel {
+            bail!("the accelerator changed");
+        }
+        let timeout = if accel == super::super::Accel::Kvm {
+            std::time::Duration::from_secs(20)
+        } else {
+            std::time::Duration::from_secs(120)
+        };
+        let mut boot = VmBoot::new(None, images, accel, why, &self.cfg.limits, timeout).with_network(
+            super::super::net::request(
+                &self.rt.opts,
+                crate::network::Reach { coordinator: self.cfg.coordinator.as_deref(), endpoints: &[] },
+            ),
+        );
+        boot.pool_disk_bytes = Some(key.base.disk_bytes);
+        Ok(boot)
+    }
+}
+
+/// The image references of a key, in its order.
+pub(super) fn key_images(key: &PoolKey) -> Vec<String> {
+    key.images.iter().map(|(r, _)| r.clone()).collect()
+}

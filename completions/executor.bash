@@ -436,7 +436,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__complete)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --vm-snapshots --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -634,6 +634,10 @@ _executor() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --vm-snapshots)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -642,7 +646,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__dequeue)
-            opts="-o -h -V --output --wait --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --help --version"
+            opts="-o -h -V --output --wait --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --vm-snapshots --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -833,6 +837,10 @@ _executor() {
                     return 0
                     ;;
                 --network-bandwidth)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --vm-snapshots)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1812,7 +1820,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__install__subcmd__all)
-            opts="-h -V --kernel-package --force --engine --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --help --version"
+            opts="-h -V --kernel-package --force --engine --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --vm-snapshots --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1995,6 +2003,10 @@ _executor() {
                     return 0
                     ;;
                 --network-bandwidth)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --vm-snapshots)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2194,7 +2206,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__install__subcmd__iptables__subcmd__rules)
-            opts="-h -V --recreate-chain --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --help --version"
+            opts="-h -V --recreate-chain --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --vm-snapshots --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2373,6 +2385,10 @@ _executor() {
                     return 0
                     ;;
                 --network-bandwidth)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --vm-snapshots)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2440,7 +2456,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__janitor)
-            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --help --version"
+            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --vm-snapshots --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2619,6 +2635,10 @@ _executor() {
                     return 0
                     ;;
                 --network-bandwidth)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --vm-snapshots)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2630,7 +2650,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__loop)
-            opts="-h -V --verify --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --help --version"
+            opts="-h -V --verify --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --vm-snapshots --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2812,6 +2832,10 @@ _executor() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --vm-snapshots)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -2820,7 +2844,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__prepare__subcmd__workspace)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --vm-snapshots --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -3015,6 +3039,10 @@ _executor() {
                     return 0
                     ;;
                 --network-bandwidth)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --vm-snapshots)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -3798,7 +3826,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__run__subcmd__steps)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --vm-snapshots --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -3993,6 +4021,10 @@ _executor() {
                     return 0
                     ;;
                 --network-bandwidth)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --vm-snapshots)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -4054,7 +4086,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__upload)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --vm-snapshots --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -4249,6 +4281,10 @@ _executor() {
                     return 0
                     ;;
                 --network-bandwidth)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --vm-snapshots)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -4260,7 +4296,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__validate)
-            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --help --version"
+            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --vm-snapshots --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -4442,6 +4478,10 @@ _executor() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --vm-snapshots)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -4450,7 +4490,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__vm__subcmd__boot)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --vm-snapshots --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -4645,6 +4685,10 @@ _executor() {
                     return 0
                     ;;
                 --network-bandwidth)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --vm-snapshots)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

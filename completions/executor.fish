@@ -244,6 +244,7 @@ complete -c executor -n "__fish_executor_using_subcommand dequeue" -l network-ci
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l vm-snapshots -d 'Restore the VM pool\'s VMs from a snapshot of one booted template per pool key instead of booting each (default true; false: every VM boots)' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -s i -l input -d 'Read the run document from FILE instead of standard input' -r -F
@@ -292,6 +293,7 @@ complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l 
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l vm-snapshots -d 'Restore the VM pool\'s VMs from a snapshot of one booted template per pool key instead of booting each (default true; false: every VM boots)' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -s i -l input -d 'Read the run document from FILE instead of standard input' -r -F
@@ -340,6 +342,7 @@ complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l network-ci
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l vm-snapshots -d 'Restore the VM pool\'s VMs from a snapshot of one booted template per pool key instead of booting each (default true; false: every VM boots)' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -s i -l input -d 'Read the run document from FILE instead of standard input' -r -F
@@ -388,6 +391,7 @@ complete -c executor -n "__fish_executor_using_subcommand run-steps" -l network-
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l vm-snapshots -d 'Restore the VM pool\'s VMs from a snapshot of one booted template per pool key instead of booting each (default true; false: every VM boots)' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand upload" -s i -l input -d 'Read the run document from FILE instead of standard input' -r -F
@@ -436,6 +440,7 @@ complete -c executor -n "__fish_executor_using_subcommand upload" -l network-cid
 complete -c executor -n "__fish_executor_using_subcommand upload" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l vm-snapshots -d 'Restore the VM pool\'s VMs from a snapshot of one booted template per pool key instead of booting each (default true; false: every VM boots)' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand upload" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand complete" -s i -l input -d 'Read the run document from FILE instead of standard input' -r -F
@@ -484,6 +489,7 @@ complete -c executor -n "__fish_executor_using_subcommand complete" -l network-c
 complete -c executor -n "__fish_executor_using_subcommand complete" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l vm-snapshots -d 'Restore the VM pool\'s VMs from a snapshot of one booted template per pool key instead of booting each (default true; false: every VM boots)' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand complete" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand loop" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
@@ -530,6 +536,7 @@ complete -c executor -n "__fish_executor_using_subcommand loop" -l network-cidr 
 complete -c executor -n "__fish_executor_using_subcommand loop" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l vm-snapshots -d 'Restore the VM pool\'s VMs from a snapshot of one booted template per pool key instead of booting each (default true; false: every VM boots)' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l verify -d 'Run `validate`\'s checks first and exit 1 when one fails, as Sourcegraph\'s `run --verify`'
 complete -c executor -n "__fish_executor_using_subcommand loop" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c executor -n "__fish_executor_using_subcommand loop" -s V -l version -d 'Print version'
@@ -577,6 +584,7 @@ complete -c executor -n "__fish_executor_using_subcommand run" -l network-cidr -
 complete -c executor -n "__fish_executor_using_subcommand run" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l vm-snapshots -d 'Restore the VM pool\'s VMs from a snapshot of one booted template per pool key instead of booting each (default true; false: every VM boots)' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l verify -d 'Run `validate`\'s checks first and exit 1 when one fails, as Sourcegraph\'s `run --verify`'
 complete -c executor -n "__fish_executor_using_subcommand run" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c executor -n "__fish_executor_using_subcommand run" -s V -l version -d 'Print version'
@@ -624,6 +632,7 @@ complete -c executor -n "__fish_executor_using_subcommand validate" -l network-c
 complete -c executor -n "__fish_executor_using_subcommand validate" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l vm-snapshots -d 'Restore the VM pool\'s VMs from a snapshot of one booted template per pool key instead of booting each (default true; false: every VM boots)' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand validate" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
@@ -670,6 +679,7 @@ complete -c executor -n "__fish_executor_using_subcommand janitor" -l network-ci
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l vm-snapshots -d 'Restore the VM pool\'s VMs from a snapshot of one booted template per pool key instead of booting each (default true; false: every VM boots)' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand janitor" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm src-cli all image iptables-rules ignite cni help" -s h -l help -d 'Print help'
@@ -740,6 +750,7 @@ complete -c executor -n "__fish_executor_using_subcommand install; and __fish_se
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l vm-snapshots -d 'Restore the VM pool\'s VMs from a snapshot of one booted template per pool key instead of booting each (default true; false: every VM boots)' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l force -d 'Rebuild the guest even when it is up to date'
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l engine -d 'Also build the guest\'s container engine for cliSteps jobs (as `install vm --engine`)'
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -s h -l help -d 'Print help'
@@ -795,6 +806,7 @@ complete -c executor -n "__fish_executor_using_subcommand install; and __fish_se
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l network-bandwidth -d 'A cap on each job\'s bandwidth: RATE for both directions, or INGRESS/EGRESS as seen from the job (e.g. 50mbit/10mbit) [default: none]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l vm-snapshots -d 'Restore the VM pool\'s VMs from a snapshot of one booted template per pool key instead of booting each (default true; false: every VM boots)' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l recreate-chain -d 'Accepted as Sourcegraph\'s flag; the table is made again whenever its layout is not this executor\'s, so there is nothing more to recreate'
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -s V -l version -d 'Print version'

@@ -91,6 +91,7 @@ pub(crate) fn runtime_options(state_dir: std::path::PathBuf, vm: &VmArgs) -> Res
         vm_accel: accel,
         vm_allow_tcg: vm.allow_tcg,
         network: crate::network::Settings::default(),
+        vm_snapshots: true,
     })
 }
 

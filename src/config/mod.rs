@@ -149,6 +149,7 @@ impl Settings {
             vm_accel: self.vm_accel,
             vm_allow_tcg: self.vm_allow_tcg,
             network: self.network.clone(),
+            vm_snapshots: self.vm_snapshots.unwrap_or(true),
         }
     }
 

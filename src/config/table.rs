@@ -345,6 +345,11 @@ settings! {
         help: "How log lines look: human (today's lines) or json (one object a line, with the job id, \
                stage and runtime as fields); read at startup by the log facade",
     }
+    vm_snapshots: Option<bool> = parse::opt_boolean {
+        flag: "vm-snapshots", env: "EXECUTOR_VM_SNAPSHOTS", value_name: "BOOL",
+        help: "Restore the VM pool's VMs from a snapshot of one booted template per pool key instead of \
+               booting each (default true; false: every VM boots)",
+    }
 }
 
 #[cfg(test)]

@@ -323,6 +323,8 @@ pub struct RuntimeOptions {
     pub vm_allow_tcg: bool,
     /// Every job's network (`EXECUTOR_NETWORK` and the settings beside it).
     pub network: crate::network::Settings,
+    /// microvm: `EXECUTOR_VM_SNAPSHOTS` (default true): pool VMs are restored from a snapshot.
+    pub vm_snapshots: bool,
 }
 
 impl Default for RuntimeOptions {
@@ -334,6 +336,7 @@ impl Default for RuntimeOptions {
             vm_accel: microvm::Accel::Auto,
             vm_allow_tcg: false,
             network: crate::network::Settings::default(),
+            vm_snapshots: true,
         }
     }
 }

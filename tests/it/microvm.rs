@@ -945,6 +945,8 @@ fn microvm_pool_vms_restored_from_one_snapshot_are_unique_and_a_corrupt_one_boot
         (seen, format!("{}{err}", log()))
     };
 
+    // The pool's first VMs carry the jobs' image (as after an earlier job named it).
+    std::fs::write(state.join("vm/pool-images.json"), format!(r#"{{"images":["{IMAGE}"]}}"#)).unwrap();
     let (seen, log1) = run_loop(2, "loop1.log");
     let mut probes = Vec::new();
     for (start, out) in &seen {

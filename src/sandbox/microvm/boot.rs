@@ -175,6 +175,10 @@ impl MicroVm {
             ..Default::default()
         };
         self.build_disks(&dir, boot, &mut det)?;
+        if let Some(snap) = boot.restore {
+            let disks: Vec<std::path::PathBuf> = det.images.iter().map(|i| i.disk.clone()).collect();
+            super::snapshot::check_disks(snap, &disks)?;
+        }
         det.phases.disk_build_ms = t0.elapsed().as_millis() as u64;
         let mut params = BootParams {
             images: det.images.len() as u32,

@@ -85,8 +85,8 @@ struct State {
     stopped: bool,
     hits: u64,
     misses: u64,
-    /// The key whose snapshot could not be saved, and why: its VMs boot cold.
-    save_failed: Option<(PoolKey, String)>,
+    /// The key whose snapshot could not be saved, why, and when: its VMs boot cold for a while.
+    save_failed: Option<(PoolKey, String, Instant)>,
     /// The key the booter filled the pool for last.
     last_key: Option<PoolKey>,
 }

@@ -12,15 +12,22 @@ use super::super::{MicroVm, VmBoot, VmDetails};
 use super::{Claim, Member, Pool, PoolKey};
 use crate::sandbox::{BootRequest, RecordDetails, SandboxRecord};
 
+/// How long the VMs of a key whose snapshot could not be saved boot cold before a save is tried
+/// again.
+const SAVE_RETRY: std::time::Duration = std::time::Duration::from_secs(300);
+
 impl Pool {
     /// The snapshot VMs of `key` are restored from, saved now if there is none; or why VMs of
-    /// `key` boot cold. A key whose save failed is not tried again until the key changes.
+    /// `key` boot cold. A key whose save failed is tried again only after [`SAVE_RETRY`].
     pub(super) fn snapshot_for(&self, key: &PoolKey, boot: &VmBoot) -> Result<Snapshot, String> {
+        if !self.rt.opts.vm_snapshots {
+            return Err("snapshots are off (EXECUTOR_VM_SNAPSHOTS=false)".into());
+        }
         if boot.network.is_some() {
             return Err("VMs with a network boot cold: their address is set at boot".into());
         }
-        if let Some((k, why)) = &self.state().save_failed {
-            if k == key {
+        if let Some((k, why, when)) = &self.state().save_failed {
+            if k == key && when.elapsed() < SAVE_RETRY {
                 return Err(why.clone());
             }
         }
@@ -50,7 +57,7 @@ impl Pool {
             Err(e) => {
                 let why = format!("saving a snapshot failed: {e:#}");
                 self.log(&format!("VM pool: {why}; booting VMs cold"));
-                self.state().save_failed = Some((key.clone(), why.clone()));
+                self.state().save_failed = Some((key.clone(), why.clone(), Instant::now()));
                 Err(why)
             }
         }
@@ -98,7 +105,7 @@ impl Pool {
             Ok(b) => b,
             Err(e) => return Claim::Miss(format!("{why}; {e:#}")),
         };
-        if boot.network.is_some() {
+        if boot.network.is_some() || !self.rt.opts.vm_snapshots {
             return Claim::Miss(why);
         }
         let snap = match snapshot::find(&self.rt.opts.state_dir, &key) {

@@ -54,6 +54,9 @@ pub(crate) struct Meta {
     pub qemu: String,
     pub bytes: u64,
     pub sha256: String,
+    /// The image disk files the template had open ([`disk_id`]): the guest's page cache holds
+    /// blocks of them, so a restore needs the very same files.
+    pub image_disks: Vec<String>,
     /// Booting and saving the template.
     pub boot_ms: u64,
     pub save_ms: u64,
@@ -194,7 +197,10 @@ pub(crate) fn prune(state_dir: &Path, current: &dyn Fn(&Meta) -> bool) -> Vec<St
 }
 
 /// `validate`'s line: whether snapshots work here and what the pool does with them.
-pub(crate) fn support(network: crate::network::Mode) -> String {
+pub(crate) fn support(network: crate::network::Mode, enabled: bool) -> String {
+    if !enabled {
+        return "snapshots: off (EXECUTOR_VM_SNAPSHOTS=false); pool VMs boot".into();
+    }
     let qemu = match qemu_version() {
         Ok(v) => v,
         Err(e) => return format!("snapshots: unavailable ({e:#}); pool VMs boot cold"),
@@ -240,6 +246,27 @@ fn install(state_dir: &Path, tmp: &Path, key: &PoolKey, meta: &Meta) -> Result<S
     Ok(Snapshot { id, dir, meta: meta.clone() })
 }
 
+/// An image disk file's identity: path, inode, size and modification time.
+pub(crate) fn disk_id(p: &Path) -> Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(p).with_context(|| format!("reading {}", p.display()))?;
+    Ok(format!("{} {} {} {}.{}", p.display(), m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
+}
+
+/// Checks that a restore gets the image disk files its template had.
+pub(crate) fn check_disks(snap: &Snapshot, disks: &[PathBuf]) -> Result<()> {
+    let now = disks.iter().map(|d| disk_id(d)).collect::<Result<Vec<_>>>()?;
+    if now != snap.meta.image_disks {
+        anyhow::bail!("the image disks of snapshot {} changed since it was saved", snap.id);
+    }
+    Ok(())
+}
+
+/// Lowercase hex.
+pub(crate) fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,6 +299,7 @@ mod tests {
             sha256: hex(&sha2::Sha256::digest(stream)),
             boot_ms: 1,
             save_ms: 1,
+            image_disks: vec![],
         }
     }
 
@@ -323,9 +351,4 @@ mod tests {
         assert!(removed.contains(&ids[0]) && !removed.contains(&ids[1]), "{removed:?}");
         assert_eq!(list(d.path()).len(), KEEP);
     }
-}
-
-/// Lowercase hex.
-pub(crate) fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }

@@ -72,18 +72,37 @@ impl MicroVm {
         key: &PoolKey,
     ) -> Result<Snapshot> {
         let t0 = Instant::now();
+        let started = std::time::SystemTime::now();
         let mut template = boot.clone();
         template.template = true;
         let rec = self.boot_vm(name, &template)?;
         let boot_ms = t0.elapsed().as_millis() as u64;
+        // The image disks the guest mounted: files made before the template started (one
+        // replaced while it booted may not be the file QEMU opened) and unchanged by the save.
+        let disks: Vec<std::path::PathBuf> = MicroVm::details(&rec)
+            .map(|d| d.images.iter().map(|i| i.disk.clone()).collect())
+            .unwrap_or_default();
+        let ids = || disks.iter().map(|d| super::disk_id(d)).collect::<Result<Vec<_>>>();
+        let fresh = disks
+            .iter()
+            .any(|d| std::fs::metadata(d).and_then(|m| m.modified()).map_or(true, |m| m >= started));
+        let before = ids();
         // The template keeps no connection: the host talks to each restored VM anew.
         if let Ok(det) = MicroVm::details(&rec) {
             drop(self.take_idle(&rec, &det.socket));
         }
         let tmp = super::snapshots_dir(&self.opts.state_dir).join(format!("tmp-{}", uuid::Uuid::new_v4()));
-        let saved = std::fs::create_dir_all(&tmp)
-            .with_context(|| format!("creating {}", tmp.display()))
-            .and_then(|()| save(&rec.state_dir, &tmp.join(STATE)));
+        let saved = (|| {
+            if fresh {
+                bail!("an image disk was made while the template booted");
+            }
+            std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            let saved = save(&rec.state_dir, &tmp.join(STATE))?;
+            if ids()? != before? {
+                bail!("an image disk changed while the template was saved");
+            }
+            Ok(saved)
+        })();
         let _ = self.teardown(&rec);
         let (bytes, sha256, save_ms) = match saved {
             Ok(s) => s,
@@ -92,6 +111,7 @@ impl MicroVm {
                 return Err(e.context(format!("saving template VM {name}")));
             }
         };
+        let image_disks = ids()?;
         let meta = Meta {
             key: super::key_text(key),
             kernel: key.base.kernel.clone(),
@@ -102,6 +122,7 @@ impl MicroVm {
             sha256,
             boot_ms,
             save_ms,
+            image_disks,
         };
         super::install(&self.opts.state_dir, &tmp, key, &meta).inspect_err(|_| {
             let _ = std::fs::remove_dir_all(&tmp);

@@ -640,9 +640,10 @@ fn microvm_pool_gives_each_job_a_fresh_vm_booted_ahead_of_it() {
         outputs.push(check["out"].as_str().unwrap().to_string());
         out
     };
-    // Pool VMs taken so far (the first job may have found one booted from the images of an
-    // earlier run in this state directory).
-    let mut taken = usize::from(take(&j1, &mut outputs, &mut sandboxes).contains("from the pool"));
+    // Pool VMs taken so far that came ready into the pool ("ready after": booted or restored
+    // ahead; the first job may have found one from the images of an earlier run in this state
+    // directory). A VM restored on the job's path went to the job straight away.
+    let mut taken = usize::from(take(&j1, &mut outputs, &mut sandboxes).contains(" ahead"));
     let write_out = j1["logs"].as_array().unwrap().iter().find(|e| e["key"] == "step.docker.write").unwrap()
         ["out"]
         .as_str()

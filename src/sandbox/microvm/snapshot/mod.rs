@@ -311,6 +311,20 @@ mod tests {
     }
 
     #[test]
+    fn validate_says_what_the_pool_does_with_snapshots() {
+        use crate::network::Mode;
+        assert!(support(Mode::None, false).contains("off (EXECUTOR_VM_SNAPSHOTS=false)"));
+        let none = support(Mode::None, true);
+        let internet = support(Mode::Internet, true);
+        if qemu_version().is_ok() {
+            assert!(none.contains("QEMU") && none.contains("restores its VMs"), "{none}");
+            assert!(internet.contains("with a job network pool VMs boot cold"), "{internet}");
+        } else {
+            assert!(none.contains("unavailable") && internet.contains("unavailable"));
+        }
+    }
+
+    #[test]
     fn keys_have_their_own_snapshot() {
         assert_eq!(key_id(&key(1 << 29)), key_id(&key(1 << 29)));
         assert_ne!(key_id(&key(1 << 29)), key_id(&key(1 << 30)));

@@ -44,9 +44,7 @@ use booter::kill_named;
 use budget::rss_bytes;
 pub(crate) use budget::{Budget, IDLE_ESTIMATE};
 use key::read_wanted;
-#[cfg(test)]
-pub(crate) use key::BaseKey;
-pub(crate) use key::{installed_ids, PoolKey};
+pub(crate) use key::PoolKey;
 use owner::lock_path;
 pub(crate) use owner::{live_members, OWNER_FILE};
 

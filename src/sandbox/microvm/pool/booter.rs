@@ -53,7 +53,7 @@ impl Pool {
                     drop(st);
                     // Another kernel, initramfs or limits: that key's snapshot serves nothing now (another
                     // image set's stays, for a job naming it again, until the janitor's budget).
-                    super::super::snapshot::remove(&self.rt.opts.state_dir, &old);
+                    super::super::snapshot::remove(&self.rt.opts.state_dir, &super::restore::snap_key(&old));
                 }
             }
             for m in stale {

@@ -44,24 +44,6 @@ impl PoolKey {
     }
 }
 
-/// A file's identity for a key: path, size and modification time.
-fn file_id(p: &Path) -> String {
-    use std::os::unix::fs::MetadataExt;
-    match std::fs::metadata(p) {
-        Ok(m) => format!("{} {} {}.{}", p.display(), m.len(), m.mtime(), m.mtime_nsec()),
-        Err(_) => format!("{} missing", p.display()),
-    }
-}
-
-/// The kernel's and the initramfs' parts of a key, as installed now.
-pub(crate) fn installed_ids(state_dir: &Path) -> Result<(String, String)> {
-    let m = crate::vm::installed(state_dir)?;
-    Ok((
-        format!("{} {}", m.kernel_version, file_id(&m.vmlinux)),
-        format!("{} {}", m.initramfs_inputs, file_id(&m.initramfs)),
-    ))
-}
-
 pub(super) fn wanted_path(state_dir: &Path) -> PathBuf {
     crate::vm::vm_dir(state_dir).join("pool-images.json")
 }
@@ -106,7 +88,7 @@ impl Pool {
 
     /// The base key of a VM booted now.
     pub(crate) fn base_key(&self) -> Result<BaseKey> {
-        let (kernel, initramfs) = installed_ids(&self.rt.opts.state_dir)?;
+        let (kernel, initramfs) = super::super::snapshot::installed_ids(&self.rt.opts.state_dir)?;
         let (accel, _) = self.rt.choose_accel()?;
         Ok(BaseKey {
             kernel,

@@ -4,13 +4,13 @@
 //! cold, its record saying why (`VmDetails::cold_boot`); a restore that failed removes the
 //! snapshot, so that the next refill saves a fresh one.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use std::time::Instant;
 
 use super::super::snapshot::{self, Snapshot};
 use super::super::{MicroVm, VmBoot, VmDetails};
 use super::{Claim, Member, Pool, PoolKey};
-use crate::sandbox::{BootRequest, RecordDetails, SandboxRecord};
+use crate::sandbox::{BootRequest, RecordDetails, Runtime, SandboxRecord};
 
 /// How long the VMs of a key whose snapshot could not be saved boot cold before a save is tried
 /// again.
@@ -32,7 +32,7 @@ impl Pool {
             }
         }
         let state_dir = &self.rt.opts.state_dir;
-        match snapshot::find(state_dir, key) {
+        match snapshot::find(state_dir, &snap_key(key)) {
             Ok(Some(s)) => return Ok(s),
             Ok(None) => {}
             Err(e) => return Err(format!("{e:#}")),
@@ -40,7 +40,7 @@ impl Pool {
         let name = format!("{}-{}", self.cfg.prefix, uuid::Uuid::new_v4());
         self.state().booting = Some(name.clone());
         self.publish();
-        let taken = self.own(&name).and_then(|()| self.rt.take_snapshot(&name, boot, key));
+        let taken = self.own(&name).and_then(|()| self.take_snapshot(&name, boot, key));
         let _ = std::fs::remove_dir_all(self.rt.opts.sandboxes_dir().join(&name));
         self.state().booting = None;
         match taken {
@@ -80,7 +80,7 @@ impl Pool {
                     Ok(rec) => return Ok(rec),
                     Err(e) => {
                         let _ = std::fs::remove_dir_all(self.rt.opts.sandboxes_dir().join(name));
-                        snapshot::remove(&self.rt.opts.state_dir, key);
+                        snapshot::remove(&self.rt.opts.state_dir, &snap_key(key));
                         let why = format!("restoring snapshot {} failed: {e:#}", s.id);
                         self.log(&format!("VM pool: {why}; removed it, booting VM {name} cold"));
                         why
@@ -108,7 +108,7 @@ impl Pool {
         if boot.network.is_some() || !self.rt.opts.vm_snapshots {
             return Claim::Miss(why);
         }
-        let snap = match snapshot::find(&self.rt.opts.state_dir, &key) {
+        let snap = match snapshot::find(&self.rt.opts.state_dir, &snap_key(&key)) {
             Ok(Some(s)) => s,
             Ok(None) => return Claim::Miss(format!("{why}; no snapshot of the job's key yet")),
             Err(e) => return Claim::Miss(format!("{why}; {e:#}")),
@@ -121,7 +121,7 @@ impl Pool {
             Ok(r) => r,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(self.rt.opts.sandboxes_dir().join(&name));
-                snapshot::remove(&self.rt.opts.state_dir, &key);
+                snapshot::remove(&self.rt.opts.state_dir, &snap_key(&key));
                 return Claim::Miss(format!("{why}; restoring snapshot {} failed: {e:#}", snap.id));
             }
         };
@@ -140,6 +140,68 @@ impl Pool {
                 Claim::Miss(format!("{why}; attaching the workspace to restored VM {name} failed: {e:#}"))
             }
         }
+    }
+
+    /// Boots the template VM `name` for `key` with `boot` (made a template here), saves it
+    /// into a new snapshot and tears it down. A save that fails anywhere leaves no snapshot.
+    fn take_snapshot(&self, name: &str, boot: &VmBoot, key: &PoolKey) -> Result<Snapshot> {
+        let t0 = Instant::now();
+        let started = std::time::SystemTime::now();
+        let mut template = boot.clone();
+        template.template = true;
+        let rec = self.rt.boot_vm(name, &template)?;
+        let boot_ms = t0.elapsed().as_millis() as u64;
+        // The template keeps no connection: the host talks to each restored VM anew.
+        let det = MicroVm::details(&rec).ok();
+        if let Some(d) = &det {
+            drop(self.rt.take_idle(&rec, &d.socket));
+        }
+        // The image disks the guest mounted: files made before the template started (one
+        // replaced while it booted may not be the file QEMU opened) and unchanged by the save.
+        let disks: Vec<std::path::PathBuf> =
+            det.map(|d| d.images.iter().map(|i| i.disk.clone()).collect()).unwrap_or_default();
+        let ids = || disks.iter().map(|d| snapshot::disk_id(d)).collect::<Result<Vec<_>>>();
+        let fresh = disks
+            .iter()
+            .any(|d| std::fs::metadata(d).and_then(|m| m.modified()).map_or(true, |m| m >= started));
+        let tmp =
+            snapshot::snapshots_dir(&self.rt.opts.state_dir).join(format!("tmp-{}", uuid::Uuid::new_v4()));
+        let saved = (|| {
+            if fresh {
+                bail!("an image disk was made while the template booted");
+            }
+            let before = ids()?;
+            std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            let saved = snapshot::save(&rec.state_dir, &tmp.join(snapshot::STATE))?;
+            if ids()? != before {
+                bail!("an image disk changed while the template was saved");
+            }
+            Ok((saved, before))
+        })();
+        let _ = self.rt.teardown(&rec);
+        let ((bytes, sha256, save_ms), image_disks) = match saved {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(e.context(format!("saving template VM {name}")));
+            }
+        };
+        let sk = snap_key(key);
+        let meta = snapshot::Meta {
+            key: sk.text.clone(),
+            kernel: sk.kernel.clone(),
+            initramfs: sk.initramfs.clone(),
+            images: sk.images.clone(),
+            qemu: snapshot::qemu_version()?,
+            bytes,
+            sha256,
+            image_disks,
+            boot_ms,
+            save_ms,
+        };
+        snapshot::install(&self.rt.opts.state_dir, &tmp, &sk, &meta).inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&tmp);
+        })
     }
 
     /// The boot of a VM of `key` with `images` (its images by reference, [`key_images`]).
@@ -161,6 +223,16 @@ impl Pool {
         );
         boot.pool_disk_bytes = Some(key.base.disk_bytes);
         Ok(boot)
+    }
+}
+
+/// What the snapshot of a pool key is of.
+pub(super) fn snap_key(key: &PoolKey) -> snapshot::Key {
+    snapshot::Key {
+        text: format!("{key:?}"),
+        kernel: key.base.kernel.clone(),
+        initramfs: key.base.initramfs.clone(),
+        images: key.images.clone(),
     }
 }
 

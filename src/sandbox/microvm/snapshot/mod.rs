@@ -32,12 +32,12 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-use super::pool::PoolKey;
 pub(super) use feed::feed;
+pub(crate) use save::save;
 
 /// How many snapshots (one per key) are kept.
 pub(crate) const KEEP: usize = 4;
-const STATE: &str = "state";
+pub(crate) const STATE: &str = "state";
 const META: &str = "meta.json";
 
 /// What a snapshot is, as `meta.json` says.
@@ -80,15 +80,21 @@ pub(crate) fn snapshots_dir(state_dir: &Path) -> PathBuf {
     crate::vm::vm_dir(state_dir).join("snapshots")
 }
 
-/// The key as text: what `meta.json` records and compares.
-pub(crate) fn key_text(key: &PoolKey) -> String {
-    format!("{key:?}")
+/// What a snapshot is of: the pool key as text (compared whole) and the parts the janitor
+/// judges (the pool makes it from its key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Key {
+    pub text: String,
+    pub kernel: String,
+    pub initramfs: String,
+    /// (reference, digest) of its image disks.
+    pub images: Vec<(String, String)>,
 }
 
 /// A key's directory name: the first 16 hex digits of the SHA-256 of its text.
-pub(crate) fn key_id(key: &PoolKey) -> String {
+pub(crate) fn key_id(key: &Key) -> String {
     use sha2::Digest;
-    let d = sha2::Sha256::digest(key_text(key).as_bytes());
+    let d = sha2::Sha256::digest(key.text.as_bytes());
     d.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
@@ -113,7 +119,7 @@ pub(crate) fn qemu_version() -> Result<String> {
 
 /// The snapshot of `key`, if one was saved by this QEMU; a directory that is not a whole
 /// snapshot (no meta, another key, a stream of another size) is removed.
-pub(crate) fn find(state_dir: &Path, key: &PoolKey) -> Result<Option<Snapshot>> {
+pub(crate) fn find(state_dir: &Path, key: &Key) -> Result<Option<Snapshot>> {
     let id = key_id(key);
     let dir = snapshots_dir(state_dir).join(&id);
     let Some(meta) = read_meta(&dir) else {
@@ -123,7 +129,7 @@ pub(crate) fn find(state_dir: &Path, key: &PoolKey) -> Result<Option<Snapshot>> 
         return Ok(None);
     };
     let len = std::fs::metadata(dir.join(STATE)).map(|m| m.len()).ok();
-    if meta.key != key_text(key) || len != Some(meta.bytes) || meta.qemu != qemu_version()? {
+    if meta.key != key.text || len != Some(meta.bytes) || meta.qemu != qemu_version()? {
         tracing::info!("removing snapshot {id}: not the current key's, QEMU's or whole");
         remove_dir(&dir);
         return Ok(None);
@@ -152,7 +158,7 @@ fn touch(dir: &Path) {
 }
 
 /// Removes the snapshot of `key` (a restore from it failed, or the pool moved to another key).
-pub(crate) fn remove(state_dir: &Path, key: &PoolKey) {
+pub(crate) fn remove(state_dir: &Path, key: &Key) {
     remove_dir(&snapshots_dir(state_dir).join(key_id(key)));
 }
 
@@ -221,7 +227,7 @@ pub(crate) fn support(network: crate::network::Mode, enabled: bool) -> String {
 /// images resolves to the same digest in the image store (limits and image sets are the
 /// pool's to judge: it removes the snapshot of a key it moved away from).
 pub(crate) fn janitor(rt: &super::MicroVm) -> Vec<String> {
-    let ids = super::pool::installed_ids(&rt.opts.state_dir).ok();
+    let ids = installed_ids(&rt.opts.state_dir).ok();
     let qemu = qemu_version().ok();
     let removed = prune(&rt.opts.state_dir, &|m: &Meta| {
         ids.as_ref().is_some_and(|(k, i)| *k == m.kernel && *i == m.initramfs)
@@ -236,7 +242,7 @@ pub(crate) fn janitor(rt: &super::MicroVm) -> Vec<String> {
 
 /// Writes a finished snapshot into place: the stream and meta written in `tmp` are renamed to
 /// the key's directory in one step (a reader sees a whole snapshot or none).
-fn install(state_dir: &Path, tmp: &Path, key: &PoolKey, meta: &Meta) -> Result<Snapshot> {
+pub(crate) fn install(state_dir: &Path, tmp: &Path, key: &Key, meta: &Meta) -> Result<Snapshot> {
     let id = key_id(key);
     let bytes = serde_json::to_vec_pretty(meta).context("encoding a snapshot's meta")?;
     std::fs::write(tmp.join(META), bytes).with_context(|| format!("writing {}", tmp.display()))?;
@@ -244,6 +250,24 @@ fn install(state_dir: &Path, tmp: &Path, key: &PoolKey, meta: &Meta) -> Result<S
     remove_dir(&dir);
     std::fs::rename(tmp, &dir).with_context(|| format!("moving the snapshot into {}", dir.display()))?;
     Ok(Snapshot { id, dir, meta: meta.clone() })
+}
+
+/// A file's identity for a key: path, size and modification time.
+fn file_id(p: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(p) {
+        Ok(m) => format!("{} {} {}.{}", p.display(), m.len(), m.mtime(), m.mtime_nsec()),
+        Err(_) => format!("{} missing", p.display()),
+    }
+}
+
+/// The kernel's and the initramfs' parts of a key, as installed now.
+pub(crate) fn installed_ids(state_dir: &Path) -> Result<(String, String)> {
+    let m = crate::vm::installed(state_dir)?;
+    Ok((
+        format!("{} {}", m.kernel_version, file_id(&m.vmlinux)),
+        format!("{} {}", m.initramfs_inputs, file_id(&m.initramfs)),
+    ))
 }
 
 /// An image disk file's identity: path, inode, size and modification time.
@@ -270,29 +294,21 @@ pub(crate) fn hex(b: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sandbox::microvm::pool::BaseKey;
-    use crate::sandbox::Limits;
-
-    fn key(mem: u64) -> PoolKey {
-        PoolKey {
-            base: BaseKey {
-                kernel: "6.1 vmlinux 1 2.3".into(),
-                initramfs: "abc initramfs 4 5.6".into(),
-                accel: "tcg".into(),
-                limits: Limits { cpus: 1, memory_bytes: mem, disk_bytes: 0, pids: 0 },
-                disk_bytes: 4 << 30,
-                network: "none".into(),
-            },
+    fn key(mem: u64) -> Key {
+        Key {
+            text: format!("kernel 6.1, memory {mem}, busybox sha256:b"),
+            kernel: "6.1 vmlinux 1 2.3".into(),
+            initramfs: "abc initramfs 4 5.6".into(),
             images: vec![("busybox".into(), "sha256:b".into())],
         }
     }
 
-    fn meta(k: &PoolKey, stream: &[u8]) -> Meta {
+    fn meta(k: &Key, stream: &[u8]) -> Meta {
         use sha2::Digest;
         Meta {
-            key: key_text(k),
-            kernel: k.base.kernel.clone(),
-            initramfs: k.base.initramfs.clone(),
+            key: k.text.clone(),
+            kernel: k.kernel.clone(),
+            initramfs: k.initramfs.clone(),
             images: k.images.clone(),
             qemu: qemu_version().unwrap_or_default(),
             bytes: stream.len() as u64,
@@ -303,7 +319,7 @@ mod tests {
         }
     }
 
-    fn save(state: &Path, k: &PoolKey, stream: &[u8]) -> Snapshot {
+    fn save(state: &Path, k: &Key, stream: &[u8]) -> Snapshot {
         let tmp = snapshots_dir(state).join(format!("tmp-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&tmp).unwrap();
         std::fs::write(tmp.join(STATE), stream).unwrap();
@@ -358,7 +374,7 @@ mod tests {
         std::fs::File::open(&dead).unwrap().set_modified(std::time::UNIX_EPOCH).unwrap();
         // The key of the last one is no longer configured (its memory limit, say).
         let gone = ids.last().unwrap().clone();
-        let gone_key = key_text(&key((KEEP as u64 + 2) << 28));
+        let gone_key = key((KEEP as u64 + 2) << 28).text;
         let removed = prune(d.path(), &|m: &Meta| m.key != gone_key);
         assert!(removed.contains(&gone) && removed.contains(&"tmp-dead".to_string()), "{removed:?}");
         // Of the KEEP + 1 current ones, the least recently used goes.

@@ -1,7 +1,6 @@
-//! Saving a template VM: boot it (`executor.template=1`, with a QMP monitor), then over QMP have
-//! QEMU migrate it into a socket of its sandbox directory, whose stream the executor writes to
-//! the snapshot's file while it hashes it; then the template is torn down. A save that fails
-//! anywhere leaves no snapshot.
+//! Saving a running template VM (booted by the pool with `executor.template=1` and a QMP
+//! monitor, pool/restore.rs): over QMP QEMU migrates it into a socket of its sandbox directory,
+//! whose stream the executor writes to the snapshot's file while it hashes it.
 
 use anyhow::{bail, Context, Result};
 use sha2::Digest;
@@ -10,12 +9,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::super::boot::VmBoot;
 use super::super::qemu::QMP_SOCKET;
-use super::super::MicroVm;
-use super::{Meta, Snapshot, STATE};
-use crate::sandbox::microvm::pool::PoolKey;
-use crate::sandbox::Runtime;
 
 /// The socket QEMU migrates the template into, in its sandbox directory.
 const SAVE_SOCKET: &str = "save.sock";
@@ -62,77 +56,9 @@ impl Qmp {
     }
 }
 
-impl MicroVm {
-    /// Boots the template VM `name` for `key` with `boot` (made a template here), saves it into
-    /// a new snapshot and tears it down.
-    pub(in super::super) fn take_snapshot(
-        &self,
-        name: &str,
-        boot: &VmBoot,
-        key: &PoolKey,
-    ) -> Result<Snapshot> {
-        let t0 = Instant::now();
-        let started = std::time::SystemTime::now();
-        let mut template = boot.clone();
-        template.template = true;
-        let rec = self.boot_vm(name, &template)?;
-        let boot_ms = t0.elapsed().as_millis() as u64;
-        // The image disks the guest mounted: files made before the template started (one
-        // replaced while it booted may not be the file QEMU opened) and unchanged by the save.
-        let disks: Vec<std::path::PathBuf> = MicroVm::details(&rec)
-            .map(|d| d.images.iter().map(|i| i.disk.clone()).collect())
-            .unwrap_or_default();
-        let ids = || disks.iter().map(|d| super::disk_id(d)).collect::<Result<Vec<_>>>();
-        let fresh = disks
-            .iter()
-            .any(|d| std::fs::metadata(d).and_then(|m| m.modified()).map_or(true, |m| m >= started));
-        let before = ids();
-        // The template keeps no connection: the host talks to each restored VM anew.
-        if let Ok(det) = MicroVm::details(&rec) {
-            drop(self.take_idle(&rec, &det.socket));
-        }
-        let tmp = super::snapshots_dir(&self.opts.state_dir).join(format!("tmp-{}", uuid::Uuid::new_v4()));
-        let saved = (|| {
-            if fresh {
-                bail!("an image disk was made while the template booted");
-            }
-            std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-            let saved = save(&rec.state_dir, &tmp.join(STATE))?;
-            if ids()? != before? {
-                bail!("an image disk changed while the template was saved");
-            }
-            Ok(saved)
-        })();
-        let _ = self.teardown(&rec);
-        let (bytes, sha256, save_ms) = match saved {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&tmp);
-                return Err(e.context(format!("saving template VM {name}")));
-            }
-        };
-        let image_disks = ids()?;
-        let meta = Meta {
-            key: super::key_text(key),
-            kernel: key.base.kernel.clone(),
-            initramfs: key.base.initramfs.clone(),
-            images: key.images.clone(),
-            qemu: super::qemu_version()?,
-            bytes,
-            sha256,
-            boot_ms,
-            save_ms,
-            image_disks,
-        };
-        super::install(&self.opts.state_dir, &tmp, key, &meta).inspect_err(|_| {
-            let _ = std::fs::remove_dir_all(&tmp);
-        })
-    }
-}
-
 /// Migrates the running template of sandbox directory `dir` into `out`; returns the stream's
 /// size, its SHA-256 and the time the save took.
-fn save(dir: &Path, out: &Path) -> Result<(u64, String, u64)> {
+pub(crate) fn save(dir: &Path, out: &Path) -> Result<(u64, String, u64)> {
     use std::os::unix::fs::PermissionsExt;
     let t = Instant::now();
     let sock = dir.join(SAVE_SOCKET);

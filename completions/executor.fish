@@ -274,6 +274,7 @@ complete -c executor -n "__fish_executor_using_subcommand dequeue" -l cache-trus
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l keep-failed -d 'Keep a failed oci job\'s sandbox this long for `executor debug JOB` (network off, secrets out of its environment); 0: never. A coordinator\'s per-queue policy may shorten it [default: 0]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l keep-failed-max -d 'The most sandboxes kept for debugging at once; the oldest is released first [default: 3]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l keep-failed-disk -d 'The most disk all sandboxes kept for debugging may hold; the oldest is released first [default: 20G]' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l vm-snapshots -d 'Restore the VM pool\'s VMs from a snapshot of one booted template per pool key instead of booting each (default true; false: every VM boots)' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -s i -l input -d 'Read the run document from FILE instead of standard input' -r -F
@@ -329,6 +330,7 @@ complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l 
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l keep-failed -d 'Keep a failed oci job\'s sandbox this long for `executor debug JOB` (network off, secrets out of its environment); 0: never. A coordinator\'s per-queue policy may shorten it [default: 0]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l keep-failed-max -d 'The most sandboxes kept for debugging at once; the oldest is released first [default: 3]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l keep-failed-disk -d 'The most disk all sandboxes kept for debugging may hold; the oldest is released first [default: 20G]' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l vm-snapshots -d 'Restore the VM pool\'s VMs from a snapshot of one booted template per pool key instead of booting each (default true; false: every VM boots)' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -s i -l input -d 'Read the run document from FILE instead of standard input' -r -F
@@ -384,6 +386,7 @@ complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l cache-trus
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l keep-failed -d 'Keep a failed oci job\'s sandbox this long for `executor debug JOB` (network off, secrets out of its environment); 0: never. A coordinator\'s per-queue policy may shorten it [default: 0]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l keep-failed-max -d 'The most sandboxes kept for debugging at once; the oldest is released first [default: 3]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l keep-failed-disk -d 'The most disk all sandboxes kept for debugging may hold; the oldest is released first [default: 20G]' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l vm-snapshots -d 'Restore the VM pool\'s VMs from a snapshot of one booted template per pool key instead of booting each (default true; false: every VM boots)' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -s i -l input -d 'Read the run document from FILE instead of standard input' -r -F
@@ -439,6 +442,7 @@ complete -c executor -n "__fish_executor_using_subcommand run-steps" -l cache-tr
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l keep-failed -d 'Keep a failed oci job\'s sandbox this long for `executor debug JOB` (network off, secrets out of its environment); 0: never. A coordinator\'s per-queue policy may shorten it [default: 0]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l keep-failed-max -d 'The most sandboxes kept for debugging at once; the oldest is released first [default: 3]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l keep-failed-disk -d 'The most disk all sandboxes kept for debugging may hold; the oldest is released first [default: 20G]' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l vm-snapshots -d 'Restore the VM pool\'s VMs from a snapshot of one booted template per pool key instead of booting each (default true; false: every VM boots)' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand upload" -s i -l input -d 'Read the run document from FILE instead of standard input' -r -F
@@ -494,6 +498,7 @@ complete -c executor -n "__fish_executor_using_subcommand upload" -l cache-trust
 complete -c executor -n "__fish_executor_using_subcommand upload" -l keep-failed -d 'Keep a failed oci job\'s sandbox this long for `executor debug JOB` (network off, secrets out of its environment); 0: never. A coordinator\'s per-queue policy may shorten it [default: 0]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l keep-failed-max -d 'The most sandboxes kept for debugging at once; the oldest is released first [default: 3]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l keep-failed-disk -d 'The most disk all sandboxes kept for debugging may hold; the oldest is released first [default: 20G]' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l vm-snapshots -d 'Restore the VM pool\'s VMs from a snapshot of one booted template per pool key instead of booting each (default true; false: every VM boots)' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand upload" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand complete" -s i -l input -d 'Read the run document from FILE instead of standard input' -r -F
@@ -549,6 +554,7 @@ complete -c executor -n "__fish_executor_using_subcommand complete" -l cache-tru
 complete -c executor -n "__fish_executor_using_subcommand complete" -l keep-failed -d 'Keep a failed oci job\'s sandbox this long for `executor debug JOB` (network off, secrets out of its environment); 0: never. A coordinator\'s per-queue policy may shorten it [default: 0]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l keep-failed-max -d 'The most sandboxes kept for debugging at once; the oldest is released first [default: 3]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l keep-failed-disk -d 'The most disk all sandboxes kept for debugging may hold; the oldest is released first [default: 20G]' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l vm-snapshots -d 'Restore the VM pool\'s VMs from a snapshot of one booted template per pool key instead of booting each (default true; false: every VM boots)' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand complete" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand loop" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
@@ -602,6 +608,7 @@ complete -c executor -n "__fish_executor_using_subcommand loop" -l cache-trusted
 complete -c executor -n "__fish_executor_using_subcommand loop" -l keep-failed -d 'Keep a failed oci job\'s sandbox this long for `executor debug JOB` (network off, secrets out of its environment); 0: never. A coordinator\'s per-queue policy may shorten it [default: 0]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l keep-failed-max -d 'The most sandboxes kept for debugging at once; the oldest is released first [default: 3]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l keep-failed-disk -d 'The most disk all sandboxes kept for debugging may hold; the oldest is released first [default: 20G]' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l vm-snapshots -d 'Restore the VM pool\'s VMs from a snapshot of one booted template per pool key instead of booting each (default true; false: every VM boots)' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l verify -d 'Run `validate`\'s checks first and exit 1 when one fails, as Sourcegraph\'s `run --verify`'
 complete -c executor -n "__fish_executor_using_subcommand loop" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c executor -n "__fish_executor_using_subcommand loop" -s V -l version -d 'Print version'
@@ -656,6 +663,7 @@ complete -c executor -n "__fish_executor_using_subcommand run" -l cache-trusted-
 complete -c executor -n "__fish_executor_using_subcommand run" -l keep-failed -d 'Keep a failed oci job\'s sandbox this long for `executor debug JOB` (network off, secrets out of its environment); 0: never. A coordinator\'s per-queue policy may shorten it [default: 0]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l keep-failed-max -d 'The most sandboxes kept for debugging at once; the oldest is released first [default: 3]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l keep-failed-disk -d 'The most disk all sandboxes kept for debugging may hold; the oldest is released first [default: 20G]' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l vm-snapshots -d 'Restore the VM pool\'s VMs from a snapshot of one booted template per pool key instead of booting each (default true; false: every VM boots)' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l verify -d 'Run `validate`\'s checks first and exit 1 when one fails, as Sourcegraph\'s `run --verify`'
 complete -c executor -n "__fish_executor_using_subcommand run" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c executor -n "__fish_executor_using_subcommand run" -s V -l version -d 'Print version'
@@ -710,6 +718,7 @@ complete -c executor -n "__fish_executor_using_subcommand validate" -l cache-tru
 complete -c executor -n "__fish_executor_using_subcommand validate" -l keep-failed -d 'Keep a failed oci job\'s sandbox this long for `executor debug JOB` (network off, secrets out of its environment); 0: never. A coordinator\'s per-queue policy may shorten it [default: 0]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l keep-failed-max -d 'The most sandboxes kept for debugging at once; the oldest is released first [default: 3]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l keep-failed-disk -d 'The most disk all sandboxes kept for debugging may hold; the oldest is released first [default: 20G]' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l vm-snapshots -d 'Restore the VM pool\'s VMs from a snapshot of one booted template per pool key instead of booting each (default true; false: every VM boots)' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand validate" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l frontend-url -d 'The coordinator\'s URL (scheme and host)' -r
@@ -763,6 +772,7 @@ complete -c executor -n "__fish_executor_using_subcommand janitor" -l cache-trus
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l keep-failed -d 'Keep a failed oci job\'s sandbox this long for `executor debug JOB` (network off, secrets out of its environment); 0: never. A coordinator\'s per-queue policy may shorten it [default: 0]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l keep-failed-max -d 'The most sandboxes kept for debugging at once; the oldest is released first [default: 3]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l keep-failed-disk -d 'The most disk all sandboxes kept for debugging may hold; the oldest is released first [default: 20G]' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l vm-snapshots -d 'Restore the VM pool\'s VMs from a snapshot of one booted template per pool key instead of booting each (default true; false: every VM boots)' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand janitor" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand install; and not __fish_seen_subcommand_from vm src-cli all image iptables-rules ignite cni help" -s h -l help -d 'Print help'
@@ -840,6 +850,7 @@ complete -c executor -n "__fish_executor_using_subcommand install; and __fish_se
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l keep-failed -d 'Keep a failed oci job\'s sandbox this long for `executor debug JOB` (network off, secrets out of its environment); 0: never. A coordinator\'s per-queue policy may shorten it [default: 0]' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l keep-failed-max -d 'The most sandboxes kept for debugging at once; the oldest is released first [default: 3]' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l keep-failed-disk -d 'The most disk all sandboxes kept for debugging may hold; the oldest is released first [default: 20G]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l vm-snapshots -d 'Restore the VM pool\'s VMs from a snapshot of one booted template per pool key instead of booting each (default true; false: every VM boots)' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l force -d 'Rebuild the guest even when it is up to date'
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l engine -d 'Also build the guest\'s container engine for cliSteps jobs (as `install vm --engine`)'
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -s h -l help -d 'Print help'
@@ -902,6 +913,7 @@ complete -c executor -n "__fish_executor_using_subcommand install; and __fish_se
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l keep-failed -d 'Keep a failed oci job\'s sandbox this long for `executor debug JOB` (network off, secrets out of its environment); 0: never. A coordinator\'s per-queue policy may shorten it [default: 0]' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l keep-failed-max -d 'The most sandboxes kept for debugging at once; the oldest is released first [default: 3]' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l keep-failed-disk -d 'The most disk all sandboxes kept for debugging may hold; the oldest is released first [default: 20G]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l vm-snapshots -d 'Restore the VM pool\'s VMs from a snapshot of one booted template per pool key instead of booting each (default true; false: every VM boots)' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l recreate-chain -d 'Accepted as Sourcegraph\'s flag; the table is made again whenever its layout is not this executor\'s, so there is nothing more to recreate'
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -s V -l version -d 'Print version'
@@ -1012,6 +1024,7 @@ complete -c executor -n "__fish_executor_using_subcommand debug" -l cache-truste
 complete -c executor -n "__fish_executor_using_subcommand debug" -l keep-failed -d 'Keep a failed oci job\'s sandbox this long for `executor debug JOB` (network off, secrets out of its environment); 0: never. A coordinator\'s per-queue policy may shorten it [default: 0]' -r
 complete -c executor -n "__fish_executor_using_subcommand debug" -l keep-failed-max -d 'The most sandboxes kept for debugging at once; the oldest is released first [default: 3]' -r
 complete -c executor -n "__fish_executor_using_subcommand debug" -l keep-failed-disk -d 'The most disk all sandboxes kept for debugging may hold; the oldest is released first [default: 20G]' -r
+complete -c executor -n "__fish_executor_using_subcommand debug" -l vm-snapshots -d 'Restore the VM pool\'s VMs from a snapshot of one booted template per pool key instead of booting each (default true; false: every VM boots)' -r
 complete -c executor -n "__fish_executor_using_subcommand debug" -l list -d 'List the sandboxes kept for debugging on this host, and until when'
 complete -c executor -n "__fish_executor_using_subcommand debug" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand debug" -s V -l version -d 'Print version'

@@ -92,6 +92,7 @@ pub(crate) fn runtime_options(state_dir: std::path::PathBuf, vm: &VmArgs) -> Res
         vm_allow_tcg: vm.allow_tcg,
         network: crate::network::Settings::default(),
         keep_failed: false,
+        vm_snapshots: true,
     })
 }
 

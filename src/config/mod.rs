@@ -154,6 +154,7 @@ impl Settings {
             vm_allow_tcg: self.vm_allow_tcg,
             network: self.network.clone(),
             keep_failed: self.keep_failed.is_some(),
+            vm_snapshots: self.vm_snapshots.unwrap_or(true),
         }
     }
 

@@ -385,6 +385,11 @@ settings! {
         flag: "keep-failed-disk", env: "EXECUTOR_KEEP_FAILED_DISK", value_name: "SIZE", default: Some("20G"),
         help: "The most disk all sandboxes kept for debugging may hold; the oldest is released first",
     }
+    vm_snapshots: Option<bool> = parse::opt_boolean {
+        flag: "vm-snapshots", env: "EXECUTOR_VM_SNAPSHOTS", value_name: "BOOL",
+        help: "Restore the VM pool's VMs from a snapshot of one booted template per pool key instead of \
+               booting each (default true; false: every VM boots)",
+    }
 }
 
 #[cfg(test)]

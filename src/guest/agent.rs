@@ -85,7 +85,7 @@ fn find_disk(serial: &str) -> Option<PathBuf> {
 /// Everything before serving: filesystems, modules, devices, disks. Returns the number of images
 /// and whether the workspace disk waits for the host's `Mount` (a VM booted ahead of its job:
 /// `executor.workspace=2`).
-fn setup() -> Result<(u32, bool)> {
+fn setup() -> Result<(u32, bool, bool)> {
     mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, None)?;
     mount_fs("proc", "/proc", "proc", MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None)?;
     mount_fs("sysfs", "/sys", "sysfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None)?;
@@ -115,7 +115,10 @@ fn setup() -> Result<(u32, bool)> {
             Some("noload"),
         )?;
     }
-    Ok((images, deferred))
+    // A cold-booted VM's own machine id; a template's is replaced by the host's `Reseed` in
+    // each VM restored from it.
+    super::identity::set_machine_id(&super::identity::new_machine_id()?)?;
+    Ok((images, deferred, params.template))
 }
 
 /// Mounts the workspace disk of a VM booted ahead of its job at /data: the host wrote the job's
@@ -151,7 +154,7 @@ pub fn main() -> i32 {
 /// The agent's main function, as PID 1 of the guest. It never returns normally: it powers off.
 fn run() -> Result<i32> {
     let start_ms = uptime_ms();
-    let (images, deferred) = match setup() {
+    let (images, deferred, template) = match setup() {
         Ok(n) => n,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -183,7 +186,15 @@ fn run() -> Result<i32> {
         let port = port.clone();
         thread::spawn(move || send(&port, &f));
     }
-    let mut agent = Agent { port, images, start_ms, ready_ms, running: None, workspace_pending: deferred };
+    let mut agent = Agent {
+        port,
+        images,
+        start_ms,
+        ready_ms,
+        running: None,
+        workspace_pending: deferred,
+        reseed_pending: template,
+    };
     for frame in rx {
         agent.handle(frame);
     }
@@ -227,6 +238,9 @@ struct Agent {
     /// The workspace disk waits for the host's `Mount`; requests that need /data are refused
     /// until then.
     workspace_pending: bool,
+    /// A VM of a snapshot template (`executor.template=1`): its RNG state, clock and machine id
+    /// are the snapshot's until the host's `Reseed`; `Mount` and `Run` are refused until then.
+    reseed_pending: bool,
 }
 
 impl Agent {
@@ -256,8 +270,26 @@ impl Agent {
                 // The host has its answer: what only steps need loads while it goes on.
                 start_late_modules();
             }
+            Kind::Reseed => {
+                let Ok(r) = frame.parse::<Reseed>() else { return };
+                if self.busy() {
+                    return self.error(r.id, "another request is running".into());
+                }
+                match super::identity::reseed(&r) {
+                    Ok(()) => {
+                        self.reseed_pending = false;
+                        if let Ok(f) = Frame::json(Kind::Reseeded, &Control { id: r.id }) {
+                            send(&self.port, &f);
+                        }
+                    }
+                    Err(e) => self.error(r.id, format!("reseeding the VM: {e:#}")),
+                }
+            }
             Kind::Mount => {
                 let Ok(c) = frame.parse::<Control>() else { return };
+                if self.reseed_pending {
+                    return self.error(c.id, "the VM was not reseeded after its restore".into());
+                }
                 if !self.workspace_pending {
                     return self.error(c.id, "no workspace disk waits to be mounted".into());
                 }
@@ -281,6 +313,9 @@ impl Agent {
                     Ok(r) => r,
                     Err(e) => return self.error(0, format!("{e:#}")),
                 };
+                if self.reseed_pending {
+                    return self.error(req.id, "the VM was not reseeded after its restore".into());
+                }
                 if self.workspace_pending {
                     return self.error(req.id, "the workspace is not mounted yet".into());
                 }

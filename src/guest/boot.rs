@@ -102,6 +102,9 @@ pub(crate) struct BootParams {
     pub tsc_khz: Option<u64>,
     /// `executor.net`: the job's network (guest/net.rs), if it has one.
     pub net: Option<GuestNet>,
+    /// `executor.template=1`: a VM booted to be saved as a snapshot; it and every VM restored
+    /// from it wait for the host's `Reseed` before any job request (guest/identity.rs).
+    pub template: bool,
 }
 
 impl BootParams {
@@ -126,6 +129,9 @@ impl BootParams {
         if let Some(n) = &self.net {
             line.push_str(&format!(" executor.net={}", n.to_value()));
         }
+        if self.template {
+            line.push_str(" executor.template=1");
+        }
         line
     }
 
@@ -142,6 +148,7 @@ impl BootParams {
                 "executor.workspace" => p.workspace = WorkspaceMount::from_code(value)?,
                 "executor.debug" => p.debug = true,
                 "executor.net" => p.net = Some(GuestNet::parse(value)?),
+                "executor.template" => p.template = value == "1",
                 "tsc_early_khz" => {
                     p.tsc_khz = Some(value.parse().with_context(|| format!("tsc_early_khz={value:?}"))?)
                 }
@@ -190,6 +197,7 @@ mod tests {
                 debug: false,
                 tsc_khz: Some(1_996_250),
                 net: None,
+                template: false,
             },
             BootParams {
                 images: 8,
@@ -197,8 +205,10 @@ mod tests {
                 debug: true,
                 tsc_khz: None,
                 net: Some(net()),
+                template: true,
             },
             BootParams { net: Some(GuestNet { dns: vec![], ..net() }), ..Default::default() },
+            BootParams { template: true, workspace: WorkspaceMount::OnRequest, ..Default::default() },
         ];
         for p in cases {
             assert_eq!(BootParams::parse(&p.to_cmdline()).unwrap(), p, "{}", p.to_cmdline());
@@ -225,6 +235,7 @@ mod tests {
             debug: true,
             tsc_khz: None,
             net: Some(net()),
+            template: false,
         };
         assert_eq!(
             d.to_cmdline(),

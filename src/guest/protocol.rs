@@ -52,6 +52,12 @@ pub enum Kind {
     Mount = 13,
     /// Guest -> host: [`Control`]; the workspace is mounted.
     Mounted = 14,
+    /// Host -> guest: [`Reseed`]; a VM restored from a snapshot takes fresh entropy, the host's
+    /// clock and its own machine id (guest/identity.rs). A template's agent
+    /// (`executor.template=1`) refuses `Mount` and `Run` until it had one.
+    Reseed = 15,
+    /// Guest -> host: [`Control`]; the VM is reseeded.
+    Reseeded = 16,
 }
 
 impl Kind {
@@ -72,6 +78,8 @@ impl Kind {
             12 => Alive,
             13 => Mount,
             14 => Mounted,
+            15 => Reseed,
+            16 => Reseeded,
             _ => return None,
         })
     }
@@ -153,6 +161,20 @@ pub struct RunUser {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Control {
     pub id: u32,
+}
+
+/// What makes a VM restored from a snapshot its own: host randomness, the host's clock and a
+/// machine id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Reseed {
+    pub id: u32,
+    /// 64 bytes from the host's RNG, hex.
+    pub seed: String,
+    /// The host's clock, milliseconds since the Unix epoch.
+    pub unix_ms: u64,
+    /// 32 lowercase hex digits (`/etc/machine-id`).
+    pub machine_id: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -99,5 +99,6 @@ pub(crate) fn step_root(id: u32, lower: &str) -> Result<PathBuf> {
     mount(Some("tmpfs"), &root.join("tmp"), Some("tmpfs"), MsFlags::MS_NOSUID, Some("mode=1777"))
         .context("mounting /tmp in the step's root")?;
     super::net::write_resolv_conf(&root)?;
+    super::identity::write_machine_id(&root)?;
     Ok(root)
 }

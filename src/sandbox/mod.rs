@@ -373,6 +373,8 @@ pub struct RuntimeOptions {
     /// Failed sandboxes may be kept for `executor debug` (`EXECUTOR_KEEP_FAILED`): a failed
     /// step's writable root is kept until the sandbox goes.
     pub keep_failed: bool,
+    /// microvm: `EXECUTOR_VM_SNAPSHOTS` (default true): pool VMs are restored from a snapshot.
+    pub vm_snapshots: bool,
 }
 
 impl Default for RuntimeOptions {
@@ -385,6 +387,7 @@ impl Default for RuntimeOptions {
             vm_allow_tcg: false,
             network: crate::network::Settings::default(),
             keep_failed: false,
+            vm_snapshots: true,
         }
     }
 }

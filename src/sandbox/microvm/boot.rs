@@ -4,7 +4,7 @@
 //! fails anywhere is torn down whole (`boot_vm`); one whose agent never said hello is tried once
 //! more (`boot_retrying`).
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use std::fs;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
@@ -14,12 +14,14 @@ use std::time::{Duration, Instant};
 use super::channel::Channel;
 use super::jail::{self, QemuUser};
 use super::qemu::{QemuConfig, AGENT_SOCKET, QEMU, WORKSPACE_DISK};
+use super::snapshot::Snapshot;
 use super::{cgroup, console, disk, net, Accel, ImageDisk, MicroVm, VmDetails, MARKER};
 use super::{DEFAULT_MEMORY, QEMU_OVERHEAD};
 use crate::guest::boot::{BootParams, WorkspaceMount};
 use crate::sandbox::{Limits, RecordDetails, Runtime, RuntimeKind, SandboxRecord};
 
 /// What one VM boot needs besides its name.
+#[derive(Clone)]
 pub(super) struct VmBoot<'a> {
     pub workspace: Option<&'a Path>,
     pub images: &'a [String],
@@ -34,6 +36,11 @@ pub(super) struct VmBoot<'a> {
     pub network: Option<net::NetRequest<'a>>,
     /// Disks attached after the images' (a cliSteps VM's engine and src, engine.rs).
     pub extra_disks: Vec<ImageDisk>,
+    /// A snapshot template (snapshot.rs): booted with `executor.template=1` and a QMP monitor.
+    pub template: bool,
+    /// Restore this snapshot instead of booting: the template's command line, its stream fed
+    /// through `-incoming`, then the agent reseeded.
+    pub restore: Option<&'a Snapshot>,
 }
 
 impl<'a> VmBoot<'a> {
@@ -67,6 +74,8 @@ impl<'a> VmBoot<'a> {
             pool_disk_bytes: None,
             network: None,
             extra_disks: Vec::new(),
+            template: false,
+            restore: None,
         }
     }
 
@@ -116,6 +125,8 @@ struct Handles {
     console: OwnedFd,
     /// The job network's TAP.
     net: Option<net::VmNet>,
+    /// A restore's pipe (read end), its saved state coming through it.
+    incoming: Option<OwnedFd>,
 }
 
 impl MicroVm {
@@ -164,6 +175,10 @@ impl MicroVm {
             ..Default::default()
         };
         self.build_disks(&dir, boot, &mut det)?;
+        if let Some(snap) = boot.restore {
+            let disks: Vec<std::path::PathBuf> = det.images.iter().map(|i| i.disk.clone()).collect();
+            super::snapshot::check_disks(snap, &disks)?;
+        }
         det.phases.disk_build_ms = t0.elapsed().as_millis() as u64;
         let mut params = BootParams {
             images: det.images.len() as u32,
@@ -171,11 +186,22 @@ impl MicroVm {
             debug: std::env::var_os("EXECUTOR_VM_DEBUG").is_some(),
             tsc_khz: tsc_khz(),
             net: None,
+            // A restore gets the template's line: the guest is the template's.
+            template: boot.template || boot.restore.is_some(),
         };
         let vm_net = self.make_network(rec, boot, &mut det)?;
         params.net = vm_net.as_ref().map(|v| net::guest_net(&v.net));
         let user = hand_to_qemu_user(&self.opts.state_dir, &rec.name, &dir, boot, &mut det)?;
-        let handles = open_handles(manifest, &dir, &det, user.as_ref(), vm_net)?;
+        let (incoming, feed_end) = match boot.restore {
+            Some(_) => {
+                let (r, w) =
+                    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("making the restore pipe")?;
+                (Some(r), Some(fs::File::from(w)))
+            }
+            None => (None, None),
+        };
+        let mut handles = open_handles(manifest, &dir, &det, user.as_ref(), vm_net)?;
+        handles.incoming = incoming;
         let config = QemuConfig {
             name: rec.name.clone(),
             accel: boot.accel,
@@ -188,6 +214,8 @@ impl MicroVm {
             workspace_disk: boot.workspace_mount() != WorkspaceMount::None,
             image_fds: handles.images.iter().map(|f| f.as_raw_fd()).collect(),
             tap_fd: handles.net.as_ref().map(|v| v.tap.as_raw_fd()),
+            monitor: boot.template,
+            incoming_fd: handles.incoming.as_ref().map(|f| f.as_raw_fd()),
         };
         let jail_root =
             user.as_ref().filter(|u| u.jailed).map(|_| jail::root_dir(&self.opts.state_dir)).transpose()?;
@@ -196,7 +224,16 @@ impl MicroVm {
         rec.pid = Some(pid);
         det.store(rec);
         place_in_cgroup(&rec.name, pid, boot)?;
-        let ch = wait_for_agent(rec, &mut det, &mut child, boot.timeout)?;
+        if let (Some(snap), Some(to)) = (boot.restore, feed_end) {
+            let t = Instant::now();
+            super::snapshot::feed(snap, to).map_err(|e| qemu_failed(&dir, &mut child, e))?;
+            det.restored =
+                Some(super::Restored { snapshot: snap.id.clone(), feed_ms: t.elapsed().as_millis() as u64 });
+        }
+        let mut ch = wait_for_agent(rec, &mut det, &mut child, boot.timeout)?;
+        if boot.restore.is_some() {
+            reseed(&rec.name, &mut ch)?;
+        }
         det.phases.total_ms = t0.elapsed().as_millis() as u64;
         det.store(rec);
         self.keep_idle(rec, &det.socket, ch);
@@ -290,7 +327,7 @@ fn open_handles(
     let dir = open_ro(dir)?;
     let images = det.images.iter().map(|i| open_ro(&i.disk)).collect::<Result<Vec<_>>>()?;
     let console = console::start(&det.console, console::CONSOLE_CAP, user.map(|u| (u.uid, u.gid)))?;
-    Ok(Handles { kernel, initrd, dir, images, console, net })
+    Ok(Handles { kernel, initrd, dir, images, console, net, incoming: None })
 }
 
 /// Step 5: starts QEMU in the sandbox directory, in its jail as its own user (jail.rs; with only
@@ -312,6 +349,7 @@ fn spawn_qemu(
     let mut keep: Vec<i32> = vec![h.kernel.as_raw_fd(), h.initrd.as_raw_fd(), h.console.as_raw_fd()];
     keep.extend(h.net.as_ref().map(|v| v.tap.as_raw_fd()));
     keep.extend(h.images.iter().map(|f| f.as_raw_fd()));
+    keep.extend(h.incoming.as_ref().map(|f| f.as_raw_fd()));
     crate::base::sys::start_in_dir_keeping(&mut cmd, h.dir.as_raw_fd(), keep);
     match (user, jail_root) {
         (Some(u), Some(root)) => {
@@ -371,6 +409,30 @@ fn wait_for_agent(
     det.phases.kernel_boot_ms = hello.start_ms;
     det.phases.agent_ready_ms = hello.ready_ms.saturating_sub(hello.start_ms);
     Ok(ch)
+}
+
+/// Makes a restored VM its own before anything else reaches it: host entropy, clock and machine
+/// id (guest/identity.rs); its agent refuses any job until this is done.
+fn reseed(name: &str, ch: &mut Channel) -> Result<()> {
+    use crate::guest::protocol::{ErrorReport, Frame, Kind};
+    const ID: u32 = u32::MAX - 1;
+    let r = crate::guest::identity::host_reseed(ID)?;
+    ch.send(&Frame::json(Kind::Reseed, &r)?)?;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(30) {
+        let Some(f) = ch.recv(Duration::from_secs(30))? else { continue };
+        match f.kind {
+            Kind::Reseeded => return Ok(()),
+            Kind::Error => {
+                let e: ErrorReport = f.parse()?;
+                if e.id == ID {
+                    bail!("the agent of VM {name}: {}", super::printable(&e.message));
+                }
+            }
+            _ => {}
+        }
+    }
+    bail!("the agent of VM {name} did not confirm its reseed")
 }
 
 /// The last `lines` lines of at most the last 64 KiB of a file, joined with "; ".

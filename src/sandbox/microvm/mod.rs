@@ -7,7 +7,8 @@
 //!
 //! One file per operation: `accel` (KVM or TCG), `boot` (the boot's steps), `qemu` (QEMU's
 //! command line, pure), `requests` (talking to the agent), `workspace` (the workspace coming
-//! back), `teardown` (a VM's end and the janitor's sweep), `pool` (VMs booted ahead); below them
+//! back), `teardown` (a VM's end and the janitor's sweep), `pool` (VMs booted ahead), `snapshot` (pool
+//! VMs restored from a saved template); below them
 //! `disk`, `console`, `cgroup`, `channel`, `identity` and `net`; `engine` runs a cliSteps
 //! job's `src` in the guest's container engine. This file holds the runtime
 //! and its `Runtime` implementation.
@@ -26,6 +27,7 @@ pub(crate) mod pool;
 pub(crate) mod qemu;
 mod record;
 mod requests;
+pub(crate) mod snapshot;
 mod teardown;
 mod warm;
 mod workspace;
@@ -45,7 +47,7 @@ pub use accel::KvmProbe;
 pub use boot::AgentSilent;
 use boot::VmBoot;
 pub use qemu::{MACHINE, QEMU};
-pub use record::{Accel, BootPhases, ImageDisk, PoolClaim, VmDetails};
+pub use record::{Accel, BootPhases, ImageDisk, PoolClaim, Restored, VmDetails};
 use requests::inside_data;
 pub use workspace::unpack_workspace;
 
@@ -120,6 +122,7 @@ impl Runtime for MicroVm {
         out.push(format!("guest kernel {}: {}", m.kernel_version, m.vmlinux.display()));
         let (accel, why) = self.choose_accel()?;
         out.push(format!("accelerator: {accel} ({why})"));
+        out.push(snapshot::support(self.opts.network.mode, self.opts.vm_snapshots));
         Ok(out)
     }
 
@@ -219,7 +222,9 @@ impl Runtime for MicroVm {
     }
 
     fn janitor(&self, prefix: &str, live: &HashSet<String>) -> Result<Vec<String>> {
-        self.sweep(prefix, live)
+        let removed = self.sweep(prefix, live)?;
+        snapshot::janitor(self);
+        Ok(removed)
     }
 }
 

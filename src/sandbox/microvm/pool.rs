@@ -21,14 +21,15 @@
 
 //!
 //! One file per concern: `key` (what defines a VM, which images), `budget` (memory), `owner`
-//! (the owner file and lock), `booter` (the thread that keeps the pool filled), `claim` (a job
-//! taking a VM). This file holds the pool's state and its public face.
+//! (the owner file and lock), `booter` (the thread that keeps the pool filled), `restore` (VMs
+//! restored from the key's snapshot), `claim` (a job taking a VM). This file holds the pool's state and its public face.
 
 mod booter;
 mod budget;
 mod claim;
 mod key;
 mod owner;
+mod restore;
 
 use anyhow::{Context, Result};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -82,6 +83,10 @@ struct State {
     stopped: bool,
     hits: u64,
     misses: u64,
+    /// The key whose snapshot could not be saved, why, and when: its VMs boot cold for a while.
+    save_failed: Option<(PoolKey, String, Instant)>,
+    /// The key the booter filled the pool for last.
+    last_key: Option<PoolKey>,
 }
 
 /// The pool's state, as `executor loop` prints it.

@@ -18,6 +18,8 @@ pub const MACHINE: &str = "microvm,x-option-roms=off";
 pub(crate) const WORKSPACE_DISK: &str = "workspace.ext4";
 /// The agent's socket in the sandbox directory (relative: a socket address holds 108 bytes).
 pub(crate) const AGENT_SOCKET: &str = "agent.sock";
+/// The QMP monitor's socket of a snapshot template VM, in its sandbox directory.
+pub(crate) const QMP_SOCKET: &str = "qmp.sock";
 
 /// Everything QEMU is told about one VM. Descriptors are the executor's own, kept open across
 /// the exec (`/proc/self/fd/N` in QEMU is the same file).
@@ -42,6 +44,12 @@ pub(crate) struct QemuConfig {
     pub image_fds: Vec<i32>,
     /// The job network's TAP (net.rs), if the VM has a network.
     pub tap_fd: Option<i32>,
+    /// A snapshot template (snapshot.rs): a QMP monitor ([`QMP_SOCKET`]) through which the
+    /// host saves it.
+    pub monitor: bool,
+    /// A VM restored from a snapshot: the read end of the pipe its saved state comes through
+    /// (`-incoming fd:N`). The rest of the command line is the template's, device for device.
+    pub incoming_fd: Option<i32>,
 }
 
 impl QemuConfig {
@@ -88,6 +96,12 @@ impl QemuConfig {
         }
         push(&["-chardev", &format!("socket,id=agent,path={AGENT_SOCKET},server=on,wait=off")]);
         push(&["-device", &format!("virtserialport,chardev=agent,name={PORT_NAME}")]);
+        if self.monitor {
+            push(&["-qmp", &format!("unix:{QMP_SOCKET},server=on,wait=off")]);
+        }
+        if let Some(fd) = self.incoming_fd {
+            push(&["-incoming", &format!("fd:{fd}")]);
+        }
         a
     }
 }
@@ -109,6 +123,8 @@ mod tests {
             workspace_disk: true,
             image_fds: vec![8, 9],
             tap_fd: None,
+            monitor: false,
+            incoming_fd: None,
         }
     }
 
@@ -217,6 +233,21 @@ mod tests {
         c.workspace_disk = false;
         c.image_fds.clear();
         assert!(after(&c.argv(), "-drive").is_empty());
+    }
+
+    #[test]
+    fn a_template_has_a_monitor_and_a_restore_its_incoming_stream_last() {
+        let mut c = config();
+        let plain = c.argv();
+        c.monitor = true;
+        let t = c.argv();
+        assert_eq!(&t[..plain.len()], &plain[..], "the template's devices are the VM's");
+        assert_eq!(&t[plain.len()..], ["-qmp", "unix:qmp.sock,server=on,wait=off"]);
+        c.monitor = false;
+        c.incoming_fd = Some(12);
+        let r = c.argv();
+        assert_eq!(&r[..plain.len()], &plain[..], "a restore has the template's devices");
+        assert_eq!(&r[plain.len()..], ["-incoming", "fd:12"]);
     }
 
     #[test]

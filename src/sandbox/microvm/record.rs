@@ -64,6 +64,22 @@ pub struct VmDetails {
     /// not on the job's path).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<PoolClaim>,
+    /// Set when the VM was restored from a snapshot rather than booted (snapshot.rs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored: Option<Restored>,
+    /// Why a VM that could have been restored from a snapshot was booted instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cold_boot: Option<String>,
+}
+
+/// A VM restored from a snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Restored {
+    /// The snapshot's id (its key's).
+    pub snapshot: String,
+    /// Feeding its saved state to QEMU, checksum checked.
+    pub feed_ms: u64,
 }
 
 impl RecordDetails for VmDetails {
@@ -80,6 +96,10 @@ pub struct PoolClaim {
     pub disk_build_ms: u64,
     /// The agent mounting it, asked over the channel of the boot.
     pub mount_ms: u64,
+    /// Set when no VM was ready and one was restored from a snapshot on the job's path: the
+    /// restore's time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_demand_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -41,13 +41,7 @@ impl WarmPool for Pool {
     fn take(&self, req: &BootRequest) -> WarmClaim {
         match self.claim(req) {
             Claim::Hit(record) => {
-                let note = VmDetails::of(&record).ok().flatten().and_then(|d| d.pool).map(|c| {
-                    format!(
-                        "took VM {} from the pool (booted ahead, idle for {} ms; workspace disk written in \
-                         {} ms, mounted in {} ms)",
-                        record.name, c.idle_ms, c.disk_build_ms, c.mount_ms
-                    )
-                });
+                let note = VmDetails::of(&record).ok().flatten().and_then(|d| hit_note(&record.name, &d));
                 WarmClaim::Hit { record, note }
             }
             Claim::Miss(why) => WarmClaim::Miss { note: miss_note(&why) },
@@ -79,6 +73,27 @@ impl WarmPool for Pool {
     }
 }
 
+/// The boot log's line for a job that took a VM of the pool: how the VM came to be (restored
+/// from a snapshot, or booted and why not restored) and what taking it cost.
+fn hit_note(name: &str, d: &VmDetails) -> Option<String> {
+    let c = d.pool?;
+    let how = match (&d.restored, &d.cold_boot, c.on_demand_ms) {
+        (Some(r), _, Some(ms)) => format!(
+            "no VM was ready: restored from snapshot {} on the job's path in {ms} ms, its state checked in {} ms",
+            r.snapshot, r.feed_ms
+        ),
+        (Some(r), _, None) => {
+            format!("restored ahead from snapshot {}, idle for {} ms", r.snapshot, c.idle_ms)
+        }
+        (None, Some(why), _) => format!("booted ahead cold ({why}), idle for {} ms", c.idle_ms),
+        (None, None, _) => format!("booted ahead, idle for {} ms", c.idle_ms),
+    };
+    Some(format!(
+        "took VM {name} from the pool ({how}; workspace disk written in {} ms, mounted in {} ms)",
+        c.disk_build_ms, c.mount_ms
+    ))
+}
+
 /// The boot log's line for a job that found no VM of the pool.
 fn miss_note(why: &str) -> String {
     format!("no VM of the pool for this job ({why}): booting one")
@@ -87,6 +102,31 @@ fn miss_note(why: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hit_says_how_its_vm_came_to_be() {
+        let mut d = VmDetails {
+            pool: Some(crate::sandbox::microvm::PoolClaim {
+                idle_ms: 5,
+                disk_build_ms: 6,
+                mount_ms: 7,
+                on_demand_ms: None,
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            hit_note("vm-1", &d).unwrap(),
+            "took VM vm-1 from the pool (booted ahead, idle for 5 ms; workspace disk written in 6 ms, mounted in 7 ms)"
+        );
+        d.cold_boot = Some("restoring snapshot k failed: snapshot k is corrupted".into());
+        assert!(hit_note("vm-1", &d).unwrap().contains("booted ahead cold (restoring snapshot k failed"));
+        d.restored = Some(crate::sandbox::microvm::Restored { snapshot: "k".into(), feed_ms: 40 });
+        assert!(hit_note("vm-1", &d).unwrap().contains("restored ahead from snapshot k, idle for 5 ms"));
+        d.pool.as_mut().unwrap().on_demand_ms = Some(300);
+        assert!(hit_note("vm-1", &d)
+            .unwrap()
+            .contains("restored from snapshot k on the job's path in 300 ms"));
+    }
 
     #[test]
     fn a_miss_reads_as_it_always_did() {

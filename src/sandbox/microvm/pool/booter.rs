@@ -5,7 +5,7 @@ use anyhow::{bail, Result};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::super::{Accel, AgentSilent, MicroVm, VmBoot};
+use super::super::{AgentSilent, MicroVm};
 use super::{Member, Pool, PoolKey};
 use crate::api::metrics;
 use crate::sandbox::Runtime;
@@ -47,6 +47,15 @@ impl Pool {
                 st.ready = keep;
                 stale
             };
+            {
+                let mut st = self.state();
+                if let Some(old) = st.last_key.replace(key.clone()).filter(|old| old.base != key.base) {
+                    drop(st);
+                    // Another kernel, initramfs or limits: that key's snapshot serves nothing now (another
+                    // image set's stays, for a job naming it again, until the janitor's budget).
+                    super::super::snapshot::remove(&self.rt.opts.state_dir, &super::restore::snap_key(&old));
+                }
+            }
             for m in stale {
                 self.log(&format!(
                     "VM pool: discarding VM {} (booted for another kernel, limits or images)",
@@ -89,16 +98,12 @@ impl Pool {
     }
 
     pub(super) fn boot_member(&self, key: &PoolKey) -> Result<()> {
-        let (accel, why) = self.rt.choose_accel()?;
-        let timeout = if accel == Accel::Kvm { Duration::from_secs(20) } else { Duration::from_secs(120) };
-        let images: Vec<String> = key.images.iter().map(|(r, _)| r.clone()).collect();
-        let mut boot = VmBoot::new(None, &images, accel, why, &self.cfg.limits, timeout).with_network(
-            super::super::net::request(
-                &self.rt.opts,
-                crate::network::Reach { coordinator: self.cfg.coordinator.as_deref(), endpoints: &[] },
-            ),
-        );
-        boot.pool_disk_bytes = Some(key.base.disk_bytes);
+        let images = super::restore::key_images(key);
+        let boot = self.member_boot(key, &images)?;
+        let snap = self.snapshot_for(key, &boot);
+        if self.state().stopped {
+            bail!("the pool is stopping");
+        }
         let started = Instant::now();
         let mut attempt = 0;
         let rec = loop {
@@ -111,7 +116,7 @@ impl Pool {
                 st.booting = Some(name.clone());
             }
             self.publish();
-            let res = self.own(&name).and_then(|()| self.rt.boot_vm(&name, &boot));
+            let res = self.restore_or_boot(&name, &boot, key, snap.as_ref().map_err(|e| e.clone()));
             if res.is_err() {
                 // A boot that failed before QEMU started leaves the directory without its marker.
                 let _ = std::fs::remove_dir_all(self.rt.opts.sandboxes_dir().join(&name));

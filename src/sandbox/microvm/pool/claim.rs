@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use super::super::{disk, MicroVm};
 use super::super::{PoolClaim, VmDetails};
-use super::{Claim, Member, Pool, OWNER_FILE};
+use super::{Claim, Member, Pool, PoolKey, OWNER_FILE};
 use crate::guest::protocol::*;
-use crate::sandbox::{BootRequest, RecordDetails};
+use crate::sandbox::{BootRequest, RecordDetails, SandboxRecord};
 
 /// How long the agent may take to mount the workspace.
 const MOUNT_LIMIT: Duration = Duration::from_secs(30);
@@ -90,19 +90,26 @@ impl Pool {
             Ok(u) => u,
             Err(e) => return Claim::Miss(format!("{e:#}")),
         };
+        if used + (64 << 20) > base.disk_bytes {
+            return Claim::Miss(format!(
+                "the workspace ({}) does not fit the pool's disks",
+                crate::base::units::format_bytes(used)
+            ));
+        }
         let mut member = {
             let mut st = self.state();
-            if st.ready.is_empty() {
-                return Claim::Miss(if st.booting.is_some() {
+            let why: String = if st.ready.is_empty() {
+                if st.booting.is_some() {
                     "no VM of the pool is ready yet (one is booting)".into()
                 } else {
                     "no VM of the pool is ready".into()
-                });
-            }
+                }
+            } else {
+                "no ready VM of the pool has the job's kernel, limits and exactly its images".into()
+            };
             let Some(i) = st.ready.iter().position(|m| m.key.serves(&base, &images)) else {
-                return Claim::Miss(
-                    "no ready VM of the pool has the job's kernel, limits and exactly its images".into(),
-                );
+                drop(st);
+                return self.restore_for_job(req, PoolKey { base, images }, why);
             };
             if used + (64 << 20) > st.ready[i].key.base.disk_bytes {
                 return Claim::Miss(format!(
@@ -113,24 +120,27 @@ impl Pool {
             st.ready.remove(i)
         };
         match self.attach(&mut member, req.workspace) {
-            Ok(claim) => {
-                let mut rec = member.rec.clone();
-                if let Ok(Some(mut det)) = VmDetails::of(&rec) {
-                    det.pool = Some(claim);
-                    det.store(&mut rec);
-                }
-                // For the job's next request (its first step), from this process.
-                if let (Some(ch), Ok(det)) = (member.ch.take(), MicroVm::details(&rec)) {
-                    self.rt.keep_idle(&rec, &det.socket, ch);
-                }
-                Claim::Hit(Box::new(rec))
-            }
+            Ok(claim) => Claim::Hit(Box::new(self.hand_over(member, claim))),
             Err(e) => {
                 let why = format!("attaching the workspace to pool VM {} failed: {e:#}", member.rec.name);
                 self.destroy(member);
                 Claim::Miss(why)
             }
         }
+    }
+
+    /// The record of a VM a job took, with how it took it; the channel stays open for the job's
+    /// first step.
+    pub(super) fn hand_over(&self, mut member: Member, claim: PoolClaim) -> SandboxRecord {
+        let mut rec = member.rec.clone();
+        if let Ok(Some(mut det)) = VmDetails::of(&rec) {
+            det.pool = Some(claim);
+            det.store(&mut rec);
+        }
+        if let (Some(ch), Ok(det)) = (member.ch.take(), MicroVm::details(&rec)) {
+            self.rt.keep_idle(&rec, &det.socket, ch);
+        }
+        rec
     }
 
     /// Writes the job's workspace filesystem into the VM's workspace disk (the same file QEMU
@@ -172,7 +182,7 @@ impl Pool {
             }
         }
         m.ch = Some(ch);
-        Ok(PoolClaim { idle_ms, disk_build_ms, mount_ms: t.elapsed().as_millis() as u64 })
+        Ok(PoolClaim { idle_ms, disk_build_ms, mount_ms: t.elapsed().as_millis() as u64, on_demand_ms: None })
     }
 }
 

@@ -44,15 +44,6 @@ impl PoolKey {
     }
 }
 
-/// A file's identity for a key: path, size and modification time.
-fn file_id(p: &Path) -> String {
-    use std::os::unix::fs::MetadataExt;
-    match std::fs::metadata(p) {
-        Ok(m) => format!("{} {} {}.{}", p.display(), m.len(), m.mtime(), m.mtime_nsec()),
-        Err(_) => format!("{} missing", p.display()),
-    }
-}
-
 pub(super) fn wanted_path(state_dir: &Path) -> PathBuf {
     crate::vm::vm_dir(state_dir).join("pool-images.json")
 }
@@ -97,11 +88,11 @@ impl Pool {
 
     /// The base key of a VM booted now.
     pub(crate) fn base_key(&self) -> Result<BaseKey> {
-        let m = crate::vm::installed(&self.rt.opts.state_dir)?;
+        let (kernel, initramfs) = super::super::snapshot::installed_ids(&self.rt.opts.state_dir)?;
         let (accel, _) = self.rt.choose_accel()?;
         Ok(BaseKey {
-            kernel: format!("{} {}", m.kernel_version, file_id(&m.vmlinux)),
-            initramfs: format!("{} {}", m.initramfs_inputs, file_id(&m.initramfs)),
+            kernel,
+            initramfs,
             accel: accel.to_string(),
             limits: self.cfg.limits.clone(),
             disk_bytes: self.disk_bytes(),

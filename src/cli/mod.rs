@@ -55,6 +55,12 @@ pub enum Command {
     Install(install::InstallCommand),
     /// Boot a microVM, run a command in it and print the phases of the boot with their times
     TestVm(vm::TestVmArgs),
+    /// Serve one allowlist job's DNS (started and stopped by the job's network)
+    #[command(hide = true)]
+    NetworkResolver {
+        /// The resolver's configuration, written by the job's network setup
+        config: PathBuf,
+    },
 }
 
 /// The clap command tree, for the generated man pages and completions.
@@ -109,5 +115,6 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Install(cmd) => install::run(cmd),
         Command::TestVm(args) => vm::test_vm(args),
         Command::Queue(args) => queue::run(args),
+        Command::NetworkResolver { config } => crate::network::dns::serve_main(&config).map(|()| exit::OK),
     }
 }

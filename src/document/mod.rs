@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use crate::base::cancel::CancelReason;
 use crate::base::exit::{ExitError, BAD_DOCUMENT};
 
+pub mod egress;
 pub(crate) mod sandbox;
 use crate::protocol::Job;
 pub use sandbox::SandboxRecord;
@@ -56,6 +57,9 @@ pub struct RunDocument {
     /// Stages that ran on this document, in order.
     #[serde(default)]
     pub history: Vec<StageRecord>,
+    /// What an `allowlist` job asked of DNS and connected to (`teardown.network.egress`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<egress::Egress>,
 }
 
 /// Who holds the job: everything a later stage needs to talk to the coordinator again,
@@ -228,6 +232,7 @@ impl RunDocument {
             outcome: None,
             completion: None,
             history: Vec::new(),
+            egress: None,
         })
     }
 

@@ -56,6 +56,7 @@ const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_DATA: u16 = 2;
+const NFTA_SET_ELEM_TIMEOUT: u16 = 4;
 const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
@@ -342,6 +343,26 @@ impl Socket {
         key: &[u8],
     ) -> Result<(), Errno> {
         let mut m = Socket::setelem_msg(NFT_MSG_NEWSETELEM, F_CREATE, family, table, set, key);
+        m.end().end();
+        self.nft_batch(m)
+    }
+
+    /// Puts `key` into set `set` of table `inet table` for `timeout_ms` from now: an element
+    /// already there is taken out first, so that its timeout starts again (a kernel keeps the
+    /// old timeout of an element added again).
+    pub(crate) fn put_timed_element(
+        &mut self,
+        table: &str,
+        set: &str,
+        key: &[u8],
+        timeout_ms: u64,
+    ) -> Result<(), Errno> {
+        match self.del_element_of(NFPROTO_INET, table, set, key) {
+            Ok(()) | Err(Errno::ENOENT) => {}
+            Err(e) => return Err(e),
+        }
+        let mut m = Socket::setelem_msg(NFT_MSG_NEWSETELEM, F_CREATE, NFPROTO_INET, table, set, key);
+        m.attr(NFTA_SET_ELEM_TIMEOUT, &timeout_ms.to_be_bytes());
         m.end().end();
         self.nft_batch(m)
     }

@@ -12,6 +12,9 @@ pub const ZERO_TIME: &str = "0001-01-01T00:00:00Z";
 /// A job as dequeued. `version == 2` selects the v2 wire format.
 ///
 /// Our extension: `artifacts`, paths or globs relative to the workspace that `upload` packs.
+///
+/// Our extension: `networkAllowHosts`, the names the job may reach (`EXECUTOR_NETWORK_ALLOW_HOSTS`
+/// syntax), which bound the executor's own list: a job narrows, never widens.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Job {
     pub version: i32,
@@ -31,6 +34,7 @@ pub struct Job {
     /// v2 only; kept as raw JSON (`{"auths": {...}}`).
     pub docker_auth_config: Option<serde_json::Value>,
     pub artifacts: Vec<String>,
+    pub network_allow_hosts: Option<Vec<String>>,
 }
 
 impl Job {
@@ -140,6 +144,8 @@ struct WireJob {
     docker_auth_config: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     artifacts: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    network_allow_hosts: Option<Vec<String>>,
 }
 
 fn is_zero(v: &i32) -> bool {
@@ -198,6 +204,7 @@ impl Serialize for Job {
                 None
             },
             artifacts: if self.artifacts.is_empty() { None } else { Some(self.artifacts.clone()) },
+            network_allow_hosts: self.network_allow_hosts.clone(),
         };
         wire.serialize(s)
     }
@@ -249,6 +256,7 @@ impl<'de> Deserialize<'de> for Job {
             redacted_values: w.redacted_values.unwrap_or_default(),
             docker_auth_config: if v2 { w.docker_auth_config.filter(|v| !v.is_null()) } else { None },
             artifacts: w.artifacts.unwrap_or_default(),
+            network_allow_hosts: w.network_allow_hosts,
         })
     }
 }

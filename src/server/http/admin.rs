@@ -32,6 +32,7 @@ const JOB_FIELDS: &[&str] = &[
     "redactedValues",
     "dockerAuthConfig",
     "artifacts",
+    "networkAllowHosts",
 ];
 
 /// A relative path that stays inside the workspace.
@@ -85,6 +86,9 @@ fn validate_submission(
     let mut job: Job =
         serde_json::from_value(serde_json::Value::Object(obj)).map_err(|e| format!("invalid job: {e}"))?;
     check_relative("repositoryDirectory", &job.repository_directory, true)?;
+    for h in job.network_allow_hosts.iter().flatten() {
+        crate::network::hosts::HostRule::parse(h).map_err(|e| format!("networkAllowHosts: {e:#}"))?;
+    }
     for path in job.files.keys() {
         check_relative("file path", path, false)?;
     }

@@ -309,7 +309,8 @@ settings! {
     }
     network: Option<String> = parse::text {
         flag: "network", env: "EXECUTOR_NETWORK", value_name: "MODE", default_note: Some("internet"),
-        help: "A job's network: internet (public addresses through the egress policy) or none (loopback)",
+        help: "A job's network: internet (public addresses through the egress policy), allowlist (only the names of \
+               EXECUTOR_NETWORK_ALLOW_HOSTS, through a resolver of the executor's) or none (loopback)",
     }
     network_cidr: Option<String> = parse::text {
         flag: "network-cidr", env: "EXECUTOR_NETWORK_CIDR", value_name: "CIDR",

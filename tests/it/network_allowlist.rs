@@ -163,8 +163,21 @@ fn network_allowlist_jobs_reach_only_allowed_names() {
             "dockerSteps": step(SCRIPT_B),
             "networkAllowHosts": ["web.test", "evil.test"],
         }));
+        let allowlist = |cmd: &mut std::process::Command| {
+            executor_env(cmd, &c.url, &c.secret, "runc", &state, &prefix);
+            cmd.env("EXECUTOR_NETWORK", "allowlist")
+                .env("EXECUTOR_NETWORK_ALLOW_HOSTS", HOSTS)
+                .env("EXECUTOR_DNS_SERVERS", UPSTREAM);
+        };
         let mut cmd = world.in_ns(&world.host, exe.to_str().unwrap());
-        executor_env(&mut cmd, &c.url, &c.secret, "runc", &state, &prefix);
+        allowlist(&mut cmd);
+        let v = common::run(cmd.arg("validate"));
+        let text = format!("{}{}", String::from_utf8_lossy(&v.stdout), String::from_utf8_lossy(&v.stderr));
+        assert!(v.status.success(), "{text}");
+        assert!(text.contains(&format!("network allowlist: {}", HOSTS.replace(',', ", "))), "{text}");
+        assert!(text.contains("nftables sets with timeouts, dynamic sets and fib work"), "{text}");
+        let mut cmd = world.in_ns(&world.host, exe.to_str().unwrap());
+        allowlist(&mut cmd);
         cmd.env("EXECUTOR_NETWORK", "allowlist")
             .env("EXECUTOR_NETWORK_ALLOW_HOSTS", HOSTS)
             .env("EXECUTOR_DNS_SERVERS", UPSTREAM)

@@ -70,8 +70,7 @@ pub(crate) fn start(state_dir: &Path, cfg: &ResolverConfig) -> Result<u32> {
     crate::base::fs::write_atomic(&conf, &serde_json::to_vec(cfg)?)
         .with_context(|| format!("writing {}", conf.display()))?;
     let _ = fs::remove_file(&cfg.log);
-    let exe = std::env::current_exe().context("locating this executable")?;
-    let mut child = crate::base::proc::command(exe)
+    let mut child = crate::base::proc::command(executor_binary()?)
         .arg("network-resolver")
         .arg(&conf)
         .stdin(std::process::Stdio::null())
@@ -101,6 +100,22 @@ pub(crate) fn start(state_dir: &Path, cfg: &ResolverConfig) -> Result<u32> {
     // The child is reaped by `stop` (or by init once this process ends).
     std::mem::forget(child);
     Ok(pid)
+}
+
+/// The `executor` binary: this one, or (for a program linking the library, such as the
+/// benchmarks under target/*/examples) the one beside it or one directory up.
+fn executor_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating this executable")?;
+    if exe.file_name().is_some_and(|n| n == "executor") {
+        return Ok(exe);
+    }
+    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    [dir.join("executor"), dir.join("../executor")].into_iter().find(|p| p.is_file()).with_context(|| {
+        format!(
+            "no executor binary beside {} to serve the job's DNS (executor network-resolver)",
+            exe.display()
+        )
+    })
 }
 
 /// Stops a sandbox's resolver, if it runs; its log stays for the egress record.

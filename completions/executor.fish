@@ -240,7 +240,7 @@ complete -c executor -n "__fish_executor_using_subcommand dequeue" -l private-re
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS, besides the public roots and the system trust store' -r -F
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
-complete -c executor -n "__fish_executor_using_subcommand dequeue" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
+complete -c executor -n "__fish_executor_using_subcommand dequeue" -l network -d 'A job\'s network: internet (public addresses through the egress policy), allowlist (only the names of EXECUTOR_NETWORK_ALLOW_HOSTS, through a resolver of the executor\'s) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand dequeue" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
@@ -292,7 +292,7 @@ complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l 
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS, besides the public roots and the system trust store' -r -F
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
-complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
+complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l network -d 'A job\'s network: internet (public addresses through the egress policy), allowlist (only the names of EXECUTOR_NETWORK_ALLOW_HOSTS, through a resolver of the executor\'s) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand prepare-workspace" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
@@ -344,7 +344,7 @@ complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l private-re
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS, besides the public roots and the system trust store' -r -F
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
-complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
+complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l network -d 'A job\'s network: internet (public addresses through the egress policy), allowlist (only the names of EXECUTOR_NETWORK_ALLOW_HOSTS, through a resolver of the executor\'s) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand vm-boot" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
@@ -396,7 +396,7 @@ complete -c executor -n "__fish_executor_using_subcommand run-steps" -l private-
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS, besides the public roots and the system trust store' -r -F
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
-complete -c executor -n "__fish_executor_using_subcommand run-steps" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
+complete -c executor -n "__fish_executor_using_subcommand run-steps" -l network -d 'A job\'s network: internet (public addresses through the egress policy), allowlist (only the names of EXECUTOR_NETWORK_ALLOW_HOSTS, through a resolver of the executor\'s) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand run-steps" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
@@ -448,7 +448,7 @@ complete -c executor -n "__fish_executor_using_subcommand upload" -l private-reg
 complete -c executor -n "__fish_executor_using_subcommand upload" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS, besides the public roots and the system trust store' -r -F
 complete -c executor -n "__fish_executor_using_subcommand upload" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
-complete -c executor -n "__fish_executor_using_subcommand upload" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
+complete -c executor -n "__fish_executor_using_subcommand upload" -l network -d 'A job\'s network: internet (public addresses through the egress policy), allowlist (only the names of EXECUTOR_NETWORK_ALLOW_HOSTS, through a resolver of the executor\'s) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand upload" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
@@ -500,7 +500,7 @@ complete -c executor -n "__fish_executor_using_subcommand complete" -l private-r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS, besides the public roots and the system trust store' -r -F
 complete -c executor -n "__fish_executor_using_subcommand complete" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
-complete -c executor -n "__fish_executor_using_subcommand complete" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
+complete -c executor -n "__fish_executor_using_subcommand complete" -l network -d 'A job\'s network: internet (public addresses through the egress policy), allowlist (only the names of EXECUTOR_NETWORK_ALLOW_HOSTS, through a resolver of the executor\'s) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand complete" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
@@ -550,7 +550,7 @@ complete -c executor -n "__fish_executor_using_subcommand loop" -l private-regis
 complete -c executor -n "__fish_executor_using_subcommand loop" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS, besides the public roots and the system trust store' -r -F
 complete -c executor -n "__fish_executor_using_subcommand loop" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
-complete -c executor -n "__fish_executor_using_subcommand loop" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
+complete -c executor -n "__fish_executor_using_subcommand loop" -l network -d 'A job\'s network: internet (public addresses through the egress policy), allowlist (only the names of EXECUTOR_NETWORK_ALLOW_HOSTS, through a resolver of the executor\'s) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand loop" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
@@ -601,7 +601,7 @@ complete -c executor -n "__fish_executor_using_subcommand run" -l private-regist
 complete -c executor -n "__fish_executor_using_subcommand run" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS, besides the public roots and the system trust store' -r -F
 complete -c executor -n "__fish_executor_using_subcommand run" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
-complete -c executor -n "__fish_executor_using_subcommand run" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
+complete -c executor -n "__fish_executor_using_subcommand run" -l network -d 'A job\'s network: internet (public addresses through the egress policy), allowlist (only the names of EXECUTOR_NETWORK_ALLOW_HOSTS, through a resolver of the executor\'s) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand run" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
@@ -652,7 +652,7 @@ complete -c executor -n "__fish_executor_using_subcommand validate" -l private-r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS, besides the public roots and the system trust store' -r -F
 complete -c executor -n "__fish_executor_using_subcommand validate" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
-complete -c executor -n "__fish_executor_using_subcommand validate" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
+complete -c executor -n "__fish_executor_using_subcommand validate" -l network -d 'A job\'s network: internet (public addresses through the egress policy), allowlist (only the names of EXECUTOR_NETWORK_ALLOW_HOSTS, through a resolver of the executor\'s) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand validate" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
@@ -702,7 +702,7 @@ complete -c executor -n "__fish_executor_using_subcommand janitor" -l private-re
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS, besides the public roots and the system trust store' -r -F
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
-complete -c executor -n "__fish_executor_using_subcommand janitor" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
+complete -c executor -n "__fish_executor_using_subcommand janitor" -l network -d 'A job\'s network: internet (public addresses through the egress policy), allowlist (only the names of EXECUTOR_NETWORK_ALLOW_HOSTS, through a resolver of the executor\'s) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand janitor" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
@@ -776,7 +776,7 @@ complete -c executor -n "__fish_executor_using_subcommand install; and __fish_se
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS, besides the public roots and the system trust store' -r -F
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
-complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l network -d 'A job\'s network: internet (public addresses through the egress policy), allowlist (only the names of EXECUTOR_NETWORK_ALLOW_HOSTS, through a resolver of the executor\'s) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from all" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r
@@ -835,7 +835,7 @@ complete -c executor -n "__fish_executor_using_subcommand install; and __fish_se
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l image-pull-timeout -d 'The most one image pull may take (a job\'s own deadline stops it sooner) [default: 30m]' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l registry-ca -d 'Extra CA certificates (PEM) trusted for registries\' TLS, besides the public roots and the system trust store' -r -F
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l image-max-size -d 'The most an image\'s layers may unpack to (a decompression bomb stops here)' -r
-complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l network -d 'A job\'s network: internet (public addresses through the egress policy) or none (loopback) [default: internet]' -r
+complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l network -d 'A job\'s network: internet (public addresses through the egress policy), allowlist (only the names of EXECUTOR_NETWORK_ALLOW_HOSTS, through a resolver of the executor\'s) or none (loopback) [default: internet]' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l network-cidr -d 'The pool each job\'s /30 comes from [default: 10.255.0.0/16]' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l network-allow -d 'Destinations jobs may reach despite the policy, comma-separated CIDR[:PORT]' -r
 complete -c executor -n "__fish_executor_using_subcommand install; and __fish_seen_subcommand_from iptables-rules" -l dns-servers -d 'Resolvers named in a job\'s resolv.conf, comma-separated [default: the host\'s non-loopback ones]' -r

@@ -328,6 +328,31 @@ mod tests {
         );
     }
 
+    /// The allowlist chain: DNS only to the job's own resolver, the refusals before the names'
+    /// sets, nothing else accepted, and the sets made with the chain.
+    #[test]
+    fn the_allowlist_chain_accepts_only_answers_after_the_refusals() {
+        let s = Settings::parse(Some("allowlist"), None, Some("10.5.0.0/16"), Some("198.51.100.53"))
+            .unwrap()
+            .with_hosts(Some("web.test,port.test:8080"), super::super::DnsLimits::default())
+            .unwrap();
+        let (chain, script) = policy_chain(&s, &[]);
+        let pos =
+            |needle: &str| script.find(needle).unwrap_or_else(|| panic!("{needle:?} missing:\n{script}"));
+        assert!(pos("add set inet executor egress_hosts") < pos("add chain"));
+        assert!(
+            pos("th dport 53 fib daddr . iif type local accept") < pos("th dport 53 add @egress_refused")
+        );
+        assert!(!script.contains("ip daddr { 198.51.100.53 }"), "no DNS to the upstream from the job");
+        assert!(pos("10.0.0.0/8") < pos("ip saddr . ip daddr @egress_hosts"), "the refusals win");
+        assert!(pos("ip daddr 10.5.0.0/16 accept") < pos("10.0.0.0/8"), "operator exceptions stay");
+        assert!(pos("@egress_hosts") < pos("ip saddr . ip daddr . th dport @egress_ports"));
+        assert!(script.ends_with(&format!("add rule inet executor {chain} {REJECT}\n")), "{script}");
+        assert!(!script.contains(&format!("{chain} accept\n")), "nothing else is accepted");
+        let internet = Settings { mode: super::super::Mode::Internet, ..s.clone() };
+        assert_ne!(policy_chain(&internet, &[]).0, chain);
+    }
+
     #[test]
     fn the_table_keys_jobs_by_link_and_source_address() {
         let t = table_script(&Cidr::parse("10.255.0.0/16").unwrap());

@@ -111,8 +111,10 @@ pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
     // Held until the owner record names the new sandbox, so no janitor pass sees it unclaimed.
     let _janitor = crate::workspace::janitor_lock(&ctx.settings.state_dir, false)?;
     let started = std::time::Instant::now();
-    // A cliSteps VM carries the engine's disks, which no VM booted ahead has.
-    let warm = ctx.warm_pool.as_ref().filter(|p| p.runtime() == runtime.kind() && !cli);
+    // A cliSteps VM carries the engine's disks, which no VM booted ahead has; a job with its own
+    // allowed hosts needs its own resolver's list, which no VM booted ahead has either.
+    let own_hosts = ctx.job.network_allow_hosts.is_some();
+    let warm = ctx.warm_pool.as_ref().filter(|p| p.runtime() == runtime.kind() && !cli && !own_hosts);
     let booted = match warm.map(|p| p.take(&req)) {
         Some(WarmClaim::Hit { record, note }) => {
             if let Some(note) = note {

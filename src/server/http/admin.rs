@@ -377,6 +377,15 @@ mod tests {
         assert!(bad(serde_json::json!({"dockerStep": []})).contains("unknown job field"));
         assert!(bad(serde_json::json!({"dockerSteps": 3})).contains("invalid job"));
         assert!(validate_submission(serde_json::json!([1]), &qs).is_err());
+        assert!(bad(serde_json::json!({"networkAllowHosts": ["ok.test", "bad host"]}))
+            .contains("networkAllowHosts"));
+        let mut hosts = ok.clone();
+        hosts["networkAllowHosts"] = serde_json::json!(["*.github.com", "proxy.golang.org:443"]);
+        let (_, payload, _) = validate_submission(hosts, &qs).unwrap();
+        assert!(
+            payload.contains(r#""networkAllowHosts":["*.github.com","proxy.golang.org:443"]"#),
+            "{payload}"
+        );
     }
 
     #[test]

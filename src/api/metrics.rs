@@ -444,6 +444,15 @@ mod tests {
     }
 
     #[test]
+    fn egress_records_count_by_kind_and_verdict() {
+        egress_done(&[("dns".into(), "refused".into(), 2), ("connection".into(), "accepted".into(), 5)]);
+        egress_done(&[("dns".into(), "refused".into(), 1)]);
+        let text = registry().render();
+        assert!(text.contains(r#"executor_egress_total{kind="dns",verdict="refused"} 3"#), "{text}");
+        assert!(text.contains(r#"executor_egress_total{kind="connection",verdict="accepted"} 5"#), "{text}");
+    }
+
+    #[test]
     fn sourcegraph_dashboard_queries_find_these_metrics() {
         // One job of each kind of work the dashboard shows.
         command_done("setup.git.fetch", 0, 120);

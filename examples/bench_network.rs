@@ -267,21 +267,43 @@ fn allowlist(
     limits: &Limits,
     tmp: &std::path::Path,
 ) -> Result<()> {
-    use executor::network::{setup, teardown, teardown_timed, DnsLimits};
+    use executor::network::{setup, teardown_timed, DnsLimits};
     let allow = Settings { mode: Mode::Allowlist, ..internet.clone() }
         .with_hosts(Some("web.test"), DnsLimits { grace_s: 600, rate: 100_000, max_name: 128 })?;
     // 1. Setup plus teardown, with the resolver and without, alternating.
     let (mut with, mut without) = (Vec::new(), Vec::new());
+    let mut steps: Vec<(String, Vec<Duration>)> = Vec::new();
     for i in 0..=runs {
         for (s, v) in [(&allow, &mut with), (internet, &mut without)] {
+            let (mut st, mut tt) = (Vec::new(), Vec::new());
             let t = Instant::now();
-            let net = setup(state, &format!("benchal-{i}"), s, Default::default())?;
-            teardown(state, &net)?;
+            let net = executor::network::setup_timed(
+                state,
+                &format!("benchal-{i}"),
+                s,
+                Default::default(),
+                &mut st,
+            )?;
+            teardown_timed(state, &net, &mut tt)?;
+            let took = t.elapsed();
             let _ = executor::network::egress::take(state, &net.sandbox);
-            if i > 0 {
-                v.push(t.elapsed());
+            if i == 0 {
+                continue;
+            }
+            v.push(took);
+            if s.mode == Mode::Allowlist {
+                let named = st.into_iter().map(|(k, d)| (format!("setup: {k}"), d));
+                for (k, d) in named.chain(tt.into_iter().map(|(k, d)| (format!("teardown: {k}"), d))) {
+                    match steps.iter_mut().find(|(n, _)| *n == k) {
+                        Some((_, v)) => v.push(d),
+                        None => steps.push((k, vec![d])),
+                    }
+                }
             }
         }
+    }
+    for (k, v) in &mut steps {
+        println!("  allowlist {k}: p50 {:.2} ms", ms(percentile(v, 0.5)));
     }
     println!(
         "allowlist: network setup+teardown per job with its resolver: p50 {:.1} ms, p90 {:.1} ms; \

@@ -23,7 +23,7 @@ const AF_INET: u8 = 2;
 const NLA_TYPE_MASK: u16 = 0x3fff;
 
 /// The attributes of a netlink payload: (type without flags, the whole attribute, its data).
-fn attrs(mut b: &[u8]) -> Vec<(u16, &[u8], &[u8])> {
+pub(crate) fn attrs(mut b: &[u8]) -> Vec<(u16, &[u8], &[u8])> {
     let mut out = Vec::new();
     while b.len() >= 4 {
         let len = u16::from_ne_bytes([b[0], b[1]]) as usize;

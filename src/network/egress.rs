@@ -13,8 +13,8 @@ use std::fs;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use super::dns::{self, key_hosts, key_ports};
-use super::{netlink, nft_list, TABLE};
+use super::dns;
+use super::{netlink, TABLE};
 
 use super::dns::Question;
 use crate::document::egress::{Connection, Egress, Lookup, ROWS};
@@ -27,30 +27,6 @@ fn record_file(state_dir: &Path, sandbox: &str) -> PathBuf {
     state_dir.join("network").join("egress").join(format!("{sandbox}.json"))
 }
 
-/// The job's elements of a set, from `nft list set`: each element's fields after the job's
-/// address (`A . B . tcp . 80` gives `[B, tcp, 80]`).
-fn elements_of(set: &str, job: Ipv4Addr) -> Vec<Vec<String>> {
-    let text = nft_list(&["set", "inet", TABLE, set]).unwrap_or_default();
-    let Some(body) = text.split("elements = {").nth(1) else { return vec![] };
-    let body = body.split('}').next().unwrap_or("");
-    let job = job.to_string();
-    body.split(',')
-        .filter_map(|e| {
-            let e = e.split(" timeout ").next()?.split(" expires ").next()?;
-            let f: Vec<String> = e.split(" . ").map(|s| s.trim().to_string()).collect();
-            (f.first() == Some(&job)).then(|| f[1..].to_vec())
-        })
-        .collect()
-}
-
-fn proto_number(p: &str) -> Option<u8> {
-    match p {
-        "tcp" | "6" => Some(6),
-        "udp" | "17" => Some(17),
-        other => other.parse().ok(),
-    }
-}
-
 fn proto_name(n: u8) -> String {
     match n {
         6 => "tcp".into(),
@@ -59,22 +35,14 @@ fn proto_name(n: u8) -> String {
     }
 }
 
-/// The connections of one of the two record sets, each as (address, protocol, port), and
-/// their keys for the delete.
-fn connections_in(set: &str, job: Ipv4Addr) -> Vec<((Ipv4Addr, u8, u16), Vec<u8>)> {
-    elements_of(set, job)
-        .into_iter()
-        .filter_map(|f| {
-            let (a, p, port) = (
-                f.first()?.parse::<Ipv4Addr>().ok()?,
-                proto_number(f.get(1)?)?,
-                f.get(2)?.parse::<u16>().ok()?,
-            );
-            let mut key = key_hosts(job, a);
-            key.extend_from_slice(&[p, 0, 0, 0]);
-            key.extend_from_slice(&port.to_be_bytes());
-            key.extend_from_slice(&[0, 0]);
-            Some(((a, p, port), key))
+/// The job's connections in one of the two record sets, each as (address, protocol, port),
+/// and their keys for the delete (`job . address . protocol . port`, each field 4 bytes).
+fn connections_in(keys: &[Vec<u8>], job: Ipv4Addr) -> Vec<((Ipv4Addr, u8, u16), Vec<u8>)> {
+    keys.iter()
+        .filter(|k| k.len() == 16 && k[..4] == job.octets())
+        .map(|k| {
+            let a = Ipv4Addr::new(k[4], k[5], k[6], k[7]);
+            ((a, k[8], u16::from_be_bytes([k[12], k[13]])), k.clone())
         })
         .collect()
 }
@@ -104,7 +72,8 @@ pub(crate) fn gather(state_dir: &Path, sandbox: &str, job: Ipv4Addr) -> Result<(
     }
     let mut nf = netlink::Socket::netfilter()?;
     for (set, verdict) in [(SET_REFUSED, "refused"), (SET_SEEN, "accepted")] {
-        for ((address, p, port), key) in connections_in(set, job) {
+        let keys = nf.set_keys(TABLE, set).unwrap_or_default();
+        for ((address, p, port), key) in connections_in(&keys, job) {
             rec.connections_total += 1;
             *counts.entry(("connection".into(), verdict.into())).or_default() += 1;
             if rec.connections.len() < ROWS {
@@ -120,16 +89,11 @@ pub(crate) fn gather(state_dir: &Path, sandbox: &str, job: Ipv4Addr) -> Result<(
         }
     }
     // What the resolver let the job reach: the slot's next job must not inherit it.
-    for f in elements_of(dns::SET_HOSTS, job) {
-        if let Some(a) = f.first().and_then(|a| a.parse().ok()) {
-            let _ = nf.del_element_of(netlink::NFPROTO_INET, TABLE, dns::SET_HOSTS, &key_hosts(job, a));
-        }
-    }
-    for f in elements_of(dns::SET_PORTS, job) {
-        if let (Some(a), Some(p)) =
-            (f.first().and_then(|a| a.parse().ok()), f.get(1).and_then(|p| p.parse().ok()))
-        {
-            let _ = nf.del_element_of(netlink::NFPROTO_INET, TABLE, dns::SET_PORTS, &key_ports(job, a, p));
+    for set in [dns::SET_HOSTS, dns::SET_PORTS] {
+        for key in nf.set_keys(TABLE, set).unwrap_or_default() {
+            if key.len() >= 8 && key[..4] == job.octets() {
+                let _ = nf.del_element_of(netlink::NFPROTO_INET, TABLE, set, &key);
+            }
         }
     }
     let mut verdicts: Vec<(String, String, usize)> =
@@ -158,9 +122,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn protocols_read_by_name_or_number() {
-        assert_eq!(proto_number("tcp"), Some(6));
-        assert_eq!(proto_number("17"), Some(17));
+    fn the_jobs_connections_are_read_from_the_set_keys() {
+        let job = Ipv4Addr::new(10, 255, 0, 2);
+        let mut mine = vec![10, 255, 0, 2, 198, 51, 100, 10];
+        mine.extend_from_slice(&[6, 0, 0, 0, 0, 80, 0, 0]);
+        let mut other = vec![10, 255, 0, 6, 198, 51, 100, 10];
+        other.extend_from_slice(&[17, 0, 0, 0, 0, 53, 0, 0]);
+        let got = connections_in(&[mine.clone(), other, vec![1, 2, 3]], job);
+        assert_eq!(got, vec![((Ipv4Addr::new(198, 51, 100, 10), 6, 80), mine)]);
+        assert_eq!(proto_name(6), "tcp");
         assert_eq!(proto_name(17), "udp");
     }
 }

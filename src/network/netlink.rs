@@ -47,6 +47,7 @@ const NFNL_MSG_BATCH_BEGIN: u16 = 16;
 const NFNL_MSG_BATCH_END: u16 = 17;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
+const NFT_MSG_GETSETELEM: u16 = 13;
 pub(crate) const NFPROTO_INET: u8 = 1;
 pub(crate) const NFPROTO_ARP: u8 = 3;
 const F_DUMP: u16 = 0x300;
@@ -365,6 +366,38 @@ impl Socket {
         m.attr(NFTA_SET_ELEM_TIMEOUT, &timeout_ms.to_be_bytes());
         m.end().end();
         self.nft_batch(m)
+    }
+
+    /// The keys of every element of set `set` of table `inet table` (a dump over netlink, with
+    /// no `nft` process).
+    pub(crate) fn set_keys(&mut self, table: &str, set: &str) -> Result<Vec<Vec<u8>>, Errno> {
+        let mut m = Msg::new((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM, F_REQUEST_DUMP);
+        m.raw(&[NFPROTO_INET, 0, 0, 0])
+            .attr_str(NFTA_SET_ELEM_LIST_TABLE, table)
+            .attr_str(NFTA_SET_ELEM_LIST_SET, set);
+        let attrs = super::conntrack::attrs;
+        let mut keys = Vec::new();
+        for (_, payload) in self.dump(m)? {
+            // After the 4-byte nfgenmsg: the list's attributes, its elements nested in them.
+            for (k, _, list) in attrs(payload.get(4..).unwrap_or_default()) {
+                if k != NFTA_SET_ELEM_LIST_ELEMENTS {
+                    continue;
+                }
+                for (_, _, elem) in attrs(list) {
+                    for (ek, _, key) in attrs(elem) {
+                        if ek != NFTA_SET_ELEM_KEY {
+                            continue;
+                        }
+                        for (dk, _, value) in attrs(key) {
+                            if dk == NFTA_DATA_VALUE {
+                                keys.push(value.to_vec());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(keys)
     }
 
     /// Sends a dump request and returns every message of the answer (until `NLMSG_DONE`), each

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use super::hosts::HostRule;
 
-pub(crate) use serve::{key_hosts, key_ports, Question, SET_HOSTS, SET_PORTS};
+pub(crate) use serve::{Question, SET_HOSTS, SET_PORTS};
 
 /// What one job's resolver serves, written by setup as `<sandbox>.json` beside its log.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -64,6 +64,24 @@ const NFTA_VERDICT_CODE: u16 = 1;
 const NFTA_VERDICT_CHAIN: u16 = 2;
 const NFT_JUMP: i32 = -3;
 
+/// An attribute type without its nested and byte-order flags.
+const NLA_TYPE_MASK: u16 = 0x3fff;
+
+/// The attributes of a netlink payload: (type without flags, the whole attribute, its data).
+pub(crate) fn attrs(mut b: &[u8]) -> Vec<(u16, &[u8], &[u8])> {
+    let mut out = Vec::new();
+    while b.len() >= 4 {
+        let len = u16::from_ne_bytes([b[0], b[1]]) as usize;
+        if len < 4 || len > b.len() {
+            break;
+        }
+        let kind = u16::from_ne_bytes([b[2], b[3]]) & NLA_TYPE_MASK;
+        out.push((kind, &b[..len], &b[4..len]));
+        b = &b[((len + 3) & !3).min(b.len())..];
+    }
+    out
+}
+
 /// Interface names are at most 15 bytes and a NUL.
 const IFNAMSIZ: usize = 16;
 
@@ -375,7 +393,6 @@ impl Socket {
         m.raw(&[NFPROTO_INET, 0, 0, 0])
             .attr_str(NFTA_SET_ELEM_LIST_TABLE, table)
             .attr_str(NFTA_SET_ELEM_LIST_SET, set);
-        let attrs = super::conntrack::attrs;
         let mut keys = Vec::new();
         for (_, payload) in self.dump(m)? {
             // After the 4-byte nfgenmsg: the list's attributes, its elements nested in them.

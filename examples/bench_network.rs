@@ -1,7 +1,10 @@
 //! Benchmark for scripts/bench-network, run inside the script's *executor host* namespace: a
 //! job network's setup plus teardown (p50, p90), and an HTTP download from the script's
 //! *internet* namespace into an oci job (runc, crun) against the same download made directly
-//! from the executor host namespace, in the same run.
+//! from the executor host namespace, in the same run. Then the allowlist mode against
+//! `internet`, in the same run: setup plus teardown, a DNS lookup through the job's resolver
+//! against one straight to the upstream, a download by name into a runc job, and the egress
+//! record's cost for a job that made 1,000 connections.
 
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
@@ -143,6 +146,8 @@ fn main() -> Result<()> {
         );
     }
 
+    allowlist(&state, &settings, &dns, runs, &url, mb, &limits, tmp.path())?;
+
     // 3. The microVM (reported, no goal: QEMU's TCG here), when the script installed the guest
     // into the state directory (BENCH_VM=1).
     if std::env::var("BENCH_VM").is_ok_and(|v| v == "1") {
@@ -202,4 +207,192 @@ fn download_into(rt: &dyn Runtime, ws: &std::path::Path, limits: &Limits, url: &
     let job_mbs = job();
     rt.teardown(&sb)?;
     job_mbs
+}
+
+/// A thread's work inside the network namespace at `netns`.
+fn in_netns<T: Send>(netns: &std::path::Path, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    let ns = std::fs::File::open(netns)?;
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the namespace thread panicked"))?
+    })
+}
+
+/// `n` A lookups of `name` at `server` from inside `netns`, each timed.
+fn lookups(
+    netns: &std::path::Path,
+    server: std::net::Ipv4Addr,
+    name: &str,
+    n: usize,
+) -> Result<Vec<Duration>> {
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RecordType};
+    in_netns(netns, || {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+        sock.connect((server, 53))?;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 2048];
+        for i in 0..n {
+            let mut q = Message::new();
+            q.set_id(i as u16)
+                .set_recursion_desired(true)
+                .add_query(Query::query(Name::from_ascii(name)?, RecordType::A));
+            let bytes = q.to_vec()?;
+            let t = Instant::now();
+            sock.send(&bytes)?;
+            let got = sock.recv(&mut buf).with_context(|| format!("no answer from {server}"))?;
+            out.push(t.elapsed());
+            if Message::from_vec(&buf[..got])?.answers().is_empty() {
+                bail!("{server} gave no address for {name}");
+            }
+        }
+        Ok(out)
+    })
+}
+
+/// `EXECUTOR_NETWORK=allowlist` against `internet`, each figure beside its baseline.
+#[allow(clippy::too_many_arguments)]
+fn allowlist(
+    state: &std::path::Path,
+    internet: &Settings,
+    dns: &str,
+    runs: usize,
+    url: &str,
+    mb: f64,
+    limits: &Limits,
+    tmp: &std::path::Path,
+) -> Result<()> {
+    use executor::network::{setup, teardown_timed, DnsLimits};
+    let allow = Settings { mode: Mode::Allowlist, ..internet.clone() }
+        .with_hosts(Some("web.test"), DnsLimits { grace_s: 600, rate: 100_000, max_name: 128 })?;
+    // 1. Setup plus teardown, with the resolver and without, alternating.
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    let mut steps: Vec<(String, Vec<Duration>)> = Vec::new();
+    for i in 0..=runs {
+        for (s, v) in [(&allow, &mut with), (internet, &mut without)] {
+            let (mut st, mut tt) = (Vec::new(), Vec::new());
+            let t = Instant::now();
+            let net = executor::network::setup_timed(
+                state,
+                &format!("benchal-{i}"),
+                s,
+                Default::default(),
+                &mut st,
+            )?;
+            teardown_timed(state, &net, &mut tt)?;
+            let took = t.elapsed();
+            let _ = executor::network::egress::take(state, &net.sandbox);
+            if i == 0 {
+                continue;
+            }
+            v.push(took);
+            if s.mode == Mode::Allowlist {
+                let named = st.into_iter().map(|(k, d)| (format!("setup: {k}"), d));
+                for (k, d) in named.chain(tt.into_iter().map(|(k, d)| (format!("teardown: {k}"), d))) {
+                    match steps.iter_mut().find(|(n, _)| *n == k) {
+                        Some((_, v)) => v.push(d),
+                        None => steps.push((k, vec![d])),
+                    }
+                }
+            }
+        }
+    }
+    for (k, v) in &mut steps {
+        println!("  allowlist {k}: p50 {:.2} ms", ms(percentile(v, 0.5)));
+    }
+    println!(
+        "allowlist: network setup+teardown per job with its resolver: p50 {:.1} ms, p90 {:.1} ms; \
+         internet (baseline, same run): p50 {:.1} ms ({runs} runs each; goal p50 < 15 ms)",
+        ms(percentile(&mut with, 0.5)),
+        ms(percentile(&mut with, 0.9)),
+        ms(percentile(&mut without, 0.5))
+    );
+    // 2. A lookup through the job's resolver against one straight to the upstream.
+    let n = (runs * 10).max(10);
+    let upstream: std::net::Ipv4Addr = dns.parse()?;
+    let a = setup(state, "benchal-dns-a", &allow, Default::default())?;
+    let d = setup(state, "benchal-dns-d", internet, Default::default())?;
+    let mut through = lookups(&a.netns_path(), a.gateway, "web.test", n).context("through the resolver")?;
+    let mut direct = lookups(&d.netns_path(), upstream, "web.test", n).context("straight to the upstream")?;
+    // 4. (below) reuses the allowlist network: 1,000 flows, then its teardown.
+    let mut connect_times = Vec::new();
+    for net in [&a, &d] {
+        connect_times.push(in_netns(&net.netns_path(), || {
+            let t = Instant::now();
+            for i in 0..100 {
+                drop(
+                    std::net::TcpStream::connect_timeout(
+                        &"198.51.100.10:80".parse()?,
+                        Duration::from_secs(2),
+                    )
+                    .with_context(|| format!("connection {i} to 198.51.100.10:80 after {:?}", t.elapsed()))?,
+                );
+            }
+            Ok(t.elapsed())
+        })?);
+    }
+    in_netns(&a.netns_path(), || {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        for port in 30000..31000u16 {
+            sock.send_to(b"x", ("198.51.100.10", port))?;
+        }
+        Ok(())
+    })?;
+    std::thread::sleep(Duration::from_millis(200));
+    let mut ta = Vec::new();
+    teardown_timed(state, &a, &mut ta)?;
+    let rec = executor::network::egress::take(state, &a.sandbox);
+    let mut td = Vec::new();
+    teardown_timed(state, &d, &mut td)?;
+    println!(
+        "allowlist: DNS lookup through the job's resolver: p50 {:.2} ms, p90 {:.2} ms; straight to the \
+         upstream from an internet job (baseline, same run): p50 {:.2} ms, p90 {:.2} ms ({n} lookups each)",
+        ms(percentile(&mut through, 0.5)),
+        ms(percentile(&mut through, 0.9)),
+        ms(percentile(&mut direct, 0.5)),
+        ms(percentile(&mut direct, 0.9))
+    );
+    let step =
+        |t: &Vec<(&str, Duration)>, k: &str| t.iter().find(|(n, _)| *n == k).map_or(0.0, |(_, d)| ms(*d));
+    println!(
+        "allowlist: 100 TCP connections one after another: {:.0} ms; internet (baseline, same run): {:.0} ms",
+        ms(connect_times[0]),
+        ms(connect_times[1])
+    );
+    println!(
+        "allowlist: egress record of a job with {} connections recorded (1,000 UDP flows + 1 TCP \
+         destination): gathered in {:.1} ms at teardown (whole teardown {:.1} ms; an internet job's \
+         teardown, baseline: {:.1} ms)",
+        rec.as_ref().map_or(0, |r| r.connections_total),
+        step(&ta, "egress record"),
+        ta.iter().map(|(_, d)| ms(*d)).sum::<f64>(),
+        td.iter().map(|(_, d)| ms(*d)).sum::<f64>()
+    );
+    // 3. A download by name into a runc job, allowlist against internet.
+    let by_name = url.replacen("198.51.100.10", "web.test", 1);
+    let mut got = Vec::new();
+    for s in [&allow, internet] {
+        let opts = RuntimeOptions {
+            state_dir: state.to_path_buf(),
+            oci_runtime: "runc".into(),
+            network: s.clone(),
+            ..Default::default()
+        };
+        let rt = OciRuntime::new(opts)?;
+        let which = format!("{:?}", s.mode).to_lowercase();
+        got.push(download_into(&rt, &tmp.join(format!("ws-al-{which}")), limits, &by_name, mb)?);
+    }
+    println!(
+        "allowlist: download {mb:.0} MiB by name into a runc job: {:.0} MiB/s; internet (baseline, \
+         same run): {:.0} MiB/s = {:.2}x (goal >= 0.9x)",
+        got[0],
+        got[1],
+        got[0] / got[1]
+    );
+    Ok(())
 }

@@ -22,6 +22,7 @@ pub(crate) const POOL_IDLE_BYTES: &str = "executor_vm_pool_idle_resident_bytes";
 pub(crate) const POOL_CLAIMS: &str = "executor_vm_pool_claims_total";
 pub(crate) const POOL_DISCARDED: &str = "executor_vm_pool_discarded_total";
 pub(crate) const POOL_BOOT_SECONDS: &str = "executor_vm_pool_boot_duration_seconds";
+pub(crate) const EGRESS: &str = "executor_egress_total";
 
 // Sourcegraph's names (its executor's workerutil, command and API client metrics), which its
 // Executor dashboard and alerts read (monitoring/definitions/executor.go): each `_total` counts
@@ -207,6 +208,12 @@ static DEFS: &[Def] = &[
         kind: Kind::Gauge,
         labels: &[],
     },
+    Def {
+        name: EGRESS,
+        help: "DNS questions (kind dns) and connections (kind connection) of allowlist jobs, by verdict.",
+        kind: Kind::Counter,
+        labels: &["kind", "verdict"],
+    },
 ];
 
 fn red((total, errors, seconds): Red, op: &str, ok: bool, secs: f64) {
@@ -216,6 +223,14 @@ fn red((total, errors, seconds): Red, op: &str, ok: bool, secs: f64) {
         r.observe(seconds, &[op], secs);
     } else {
         r.add(errors, &[op], 1.0);
+    }
+}
+
+/// An allowlist job's egress record: its DNS questions and connections by verdict.
+/// `verdicts`: (kind, verdict, count).
+pub(crate) fn egress_done(verdicts: &[(String, String, usize)]) {
+    for (kind, verdict, n) in verdicts {
+        registry().add(EGRESS, &[kind, verdict], *n as f64);
     }
 }
 
@@ -426,6 +441,15 @@ mod tests {
             rest = after;
         }
         (sels, by)
+    }
+
+    #[test]
+    fn egress_records_count_by_kind_and_verdict() {
+        egress_done(&[("dns".into(), "refused".into(), 2), ("connection".into(), "accepted".into(), 5)]);
+        egress_done(&[("dns".into(), "refused".into(), 1)]);
+        let text = registry().render();
+        assert!(text.contains(r#"executor_egress_total{kind="dns",verdict="refused"} 3"#), "{text}");
+        assert!(text.contains(r#"executor_egress_total{kind="connection",verdict="accepted"} 5"#), "{text}");
     }
 
     #[test]

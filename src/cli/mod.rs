@@ -61,6 +61,12 @@ pub enum Command {
     Cache(cache::CacheArgs),
     /// A shell in the sandbox kept for a failed job on this host (EXECUTOR_KEEP_FAILED)
     Debug(debug::DebugArgs),
+    /// Serve one allowlist job's DNS (started and stopped by the job's network)
+    #[command(hide = true)]
+    NetworkResolver {
+        /// The resolver's configuration, written by the job's network setup
+        config: PathBuf,
+    },
 }
 
 /// The clap command tree, for the generated man pages and completions.
@@ -125,5 +131,6 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Queue(args) => queue::run(args),
         Command::Cache(args) => cache::run(args),
         Command::Debug(args) => debug::run(args),
+        Command::NetworkResolver { config } => crate::network::dns::serve_main(&config).map(|()| exit::OK),
     }
 }

@@ -51,7 +51,15 @@ fn network_of(v: &Values) -> Result<crate::network::Settings> {
         v.network_allow.as_deref(),
         v.dns_servers.as_deref(),
     )?
-    .with_bandwidth(v.network_bandwidth.as_deref())
+    .with_bandwidth(v.network_bandwidth.as_deref())?
+    .with_hosts(
+        v.network_allow_hosts.as_deref(),
+        crate::network::DnsLimits {
+            grace_s: v.network_dns_grace.as_secs(),
+            rate: v.network_dns_rate.min(u32::MAX as usize) as u32,
+            max_name: v.network_dns_max_name,
+        },
+    )
 }
 
 /// What a command needs besides the secret.

@@ -309,7 +309,8 @@ settings! {
     }
     network: Option<String> = parse::text {
         flag: "network", env: "EXECUTOR_NETWORK", value_name: "MODE", default_note: Some("internet"),
-        help: "A job's network: internet (public addresses through the egress policy) or none (loopback)",
+        help: "A job's network: internet (public addresses through the egress policy), allowlist (only the names of \
+               EXECUTOR_NETWORK_ALLOW_HOSTS, through a resolver of the executor's) or none (loopback)",
     }
     network_cidr: Option<String> = parse::text {
         flag: "network-cidr", env: "EXECUTOR_NETWORK_CIDR", value_name: "CIDR",
@@ -389,6 +390,25 @@ settings! {
         flag: "vm-snapshots", env: "EXECUTOR_VM_SNAPSHOTS", value_name: "BOOL",
         help: "Restore the VM pool's VMs from a snapshot of one booted template per pool key instead of \
                booting each (default true; false: every VM boots)",
+    }
+    network_allow_hosts: Option<String> = parse::text {
+        flag: "network-allow-hosts", env: "EXECUTOR_NETWORK_ALLOW_HOSTS", value_name: "NAMES", default_note: Some("none"),
+        help: "With EXECUTOR_NETWORK=allowlist, the names jobs may resolve and reach, comma-separated: NAME or \
+               *.NAME (the names below it), either with :PORT (e.g. registry.npmjs.org,*.github.com,proxy.golang.org:443)",
+    }
+    network_dns_grace: Duration = parse::duration {
+        flag: "network-dns-grace", env: "EXECUTOR_NETWORK_DNS_GRACE", value_name: "DURATION", default: Some("30s"),
+        help: "With EXECUTOR_NETWORK=allowlist, how long an answer's addresses stay reachable past its TTL",
+    }
+    network_dns_rate: usize = parse::at_least_one {
+        flag: "network-dns-rate", env: "EXECUTOR_NETWORK_DNS_RATE", value_name: "N", default: Some("50"),
+        help: "With EXECUTOR_NETWORK=allowlist, DNS questions per second a job's resolver answers (a burst of \
+               as many); more are refused and logged (bounds DNS tunnelling)",
+    }
+    network_dns_max_name: usize = parse::at_least_one {
+        flag: "network-dns-max-name", env: "EXECUTOR_NETWORK_DNS_MAX_NAME", value_name: "N", default: Some("128"),
+        help: "With EXECUTOR_NETWORK=allowlist, the longest name (characters) a job's resolver forwards; longer \
+               ones are refused and logged (bounds DNS tunnelling)",
     }
 }
 

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use crate::base::cancel::CancelReason;
 use crate::base::exit::{ExitError, BAD_DOCUMENT};
 
+pub mod egress;
 pub(crate) mod sandbox;
 use crate::protocol::Job;
 pub use sandbox::SandboxRecord;
@@ -59,6 +60,9 @@ pub struct RunDocument {
     /// The dependency caches `run-steps` attached, which `complete` saves or not.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub caches: Vec<CacheRecord>,
+    /// What an `allowlist` job asked of DNS and connected to (`teardown.network.egress`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<egress::Egress>,
 }
 
 /// One dependency cache of the job (docs/caches.md): what its key was made of, whether a
@@ -261,6 +265,7 @@ impl RunDocument {
             completion: None,
             history: Vec::new(),
             caches: Vec::new(),
+            egress: None,
         })
     }
 

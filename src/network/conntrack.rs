@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use nix::errno::Errno;
 use std::net::Ipv4Addr;
 
-use super::netlink::{Msg, Socket, F_REQUEST_ACK, F_REQUEST_DUMP};
+use super::netlink::{attrs, Msg, Socket, F_REQUEST_ACK, F_REQUEST_DUMP};
 
 const NFNL_SUBSYS_CTNETLINK: u16 = 1;
 const IPCTNL_MSG_CT_GET: u16 = 1;
@@ -20,22 +20,6 @@ const CTA_TUPLE_IP: u16 = 1;
 const CTA_IP_V4_SRC: u16 = 1;
 const CTA_IP_V4_DST: u16 = 2;
 const AF_INET: u8 = 2;
-const NLA_TYPE_MASK: u16 = 0x3fff;
-
-/// The attributes of a netlink payload: (type without flags, the whole attribute, its data).
-fn attrs(mut b: &[u8]) -> Vec<(u16, &[u8], &[u8])> {
-    let mut out = Vec::new();
-    while b.len() >= 4 {
-        let len = u16::from_ne_bytes([b[0], b[1]]) as usize;
-        if len < 4 || len > b.len() {
-            break;
-        }
-        let kind = u16::from_ne_bytes([b[2], b[3]]) & NLA_TYPE_MASK;
-        out.push((kind, &b[..len], &b[4..len]));
-        b = &b[((len + 3) & !3).min(b.len())..];
-    }
-    out
-}
 
 /// The source and destination of a tuple attribute's data.
 fn tuple_addrs(tuple: &[u8]) -> Vec<Ipv4Addr> {

@@ -4,8 +4,12 @@
 //! removed by [`teardown`], and found again after a crash by [`janitor`]. docs/network.md has
 //! the rules in the same order.
 
+mod bandwidth;
 pub(crate) mod conntrack;
+pub(crate) mod dns;
+pub mod egress;
 pub(crate) mod guard;
+pub mod hosts;
 pub(crate) mod netlink;
 pub(crate) mod policy;
 mod record;
@@ -19,6 +23,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+pub use bandwidth::Bandwidth;
 pub use policy::{Allow, Cidr, Reach};
 pub use validate::check;
 
@@ -39,6 +44,9 @@ pub enum Mode {
     None,
     /// The public internet through the egress policy.
     Internet,
+    /// Only the names of `EXECUTOR_NETWORK_ALLOW_HOSTS`, through the job's own resolver
+    /// (`dns`), after the same refusals as `internet`.
+    Allowlist,
 }
 
 impl std::str::FromStr for Mode {
@@ -47,7 +55,8 @@ impl std::str::FromStr for Mode {
         match s.trim() {
             "none" => Ok(Mode::None),
             "internet" => Ok(Mode::Internet),
-            other => bail!("network mode {other:?} is unknown (want internet or none)"),
+            "allowlist" => Ok(Mode::Allowlist),
+            other => bail!("network mode {other:?} is unknown (want internet, allowlist or none)"),
         }
     }
 }
@@ -67,68 +76,23 @@ pub struct Settings {
     pub dns: Vec<Ipv4Addr>,
     /// `EXECUTOR_NETWORK_BANDWIDTH`: caps per job (none: uncapped).
     pub bandwidth: Option<Bandwidth>,
+    /// `EXECUTOR_NETWORK_ALLOW_HOSTS`: the names an `allowlist` job may reach.
+    pub hosts: Vec<hosts::HostRule>,
+    /// The bounds of an `allowlist` job's resolver.
+    pub dns_limits: DnsLimits,
 }
 
-/// Caps on a job's traffic, in bits per second, as seen from the job: ingress is what it
-/// downloads, egress what it sends.
+/// `EXECUTOR_NETWORK_DNS_GRACE`, `_RATE` and `_MAX_NAME`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Bandwidth {
-    pub ingress: u64,
-    pub egress: u64,
+pub struct DnsLimits {
+    pub grace_s: u64,
+    pub rate: u32,
+    pub max_name: usize,
 }
 
-impl Bandwidth {
-    /// `RATE` (both directions) or `INGRESS/EGRESS`; a rate is a number with `bit`, `kbit`,
-    /// `mbit` or `gbit` (tc's units, powers of 1000), e.g. `50mbit` or `50mbit/10mbit`.
-    pub fn parse(s: &str) -> Result<Bandwidth> {
-        let rate = |r: &str| -> Result<u64> {
-            let r = r.trim().to_ascii_lowercase();
-            let split = r.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(r.len());
-            let (num, unit) = r.split_at(split);
-            let mult: u64 = match unit {
-                "bit" => 1,
-                "kbit" => 1_000,
-                "mbit" => 1_000_000,
-                "gbit" => 1_000_000_000,
-                _ => bail!(
-                    "EXECUTOR_NETWORK_BANDWIDTH: {r:?} needs a unit: bit, kbit, mbit or gbit (e.g. 50mbit)"
-                ),
-            };
-            let n: f64 = num.parse().map_err(|_| {
-                anyhow::anyhow!(
-                    "EXECUTOR_NETWORK_BANDWIDTH: {r:?} does not start with a number (e.g. 50mbit)"
-                )
-            })?;
-            let bits = (n * mult as f64) as u64;
-            if bits < 8_000 {
-                bail!("EXECUTOR_NETWORK_BANDWIDTH: {r:?} is below 8kbit, too little for any job");
-            }
-            Ok(bits)
-        };
-        match s.split_once('/') {
-            Some((i, e)) => Ok(Bandwidth { ingress: rate(i)?, egress: rate(e)? }),
-            None => {
-                let r = rate(s)?;
-                Ok(Bandwidth { ingress: r, egress: r })
-            }
-        }
-    }
-
-    /// The `tc -batch` script that caps what leaves the host through link `dev` (the job's
-    /// host-side link), i.e. the job's ingress, with a token bucket (bursts of 50 ms, at least
-    /// 32 KiB). The job's egress is capped in its policy chain instead (`policy::policy_chain`:
-    /// an nftables meter per link), since this kernel has no tc policing action.
-    pub fn tc_script(&self, dev: &str) -> String {
-        format!(
-            "qdisc add dev {dev} root tbf rate {i}bit burst {b} latency 100ms\n",
-            i = self.ingress,
-            b = Self::burst(self.ingress),
-        )
-    }
-
-    /// The burst of a rate, in bytes.
-    pub fn burst(bits: u64) -> u64 {
-        (bits / 8 / 20).max(32 << 10)
+impl Default for DnsLimits {
+    fn default() -> Self {
+        DnsLimits { grace_s: 30, rate: 50, max_name: 128 }
     }
 }
 
@@ -142,6 +106,8 @@ impl Default for Settings {
             allow: vec![],
             dns: vec![],
             bandwidth: None,
+            hosts: vec![],
+            dns_limits: DnsLimits::default(),
         }
     }
 }
@@ -189,12 +155,35 @@ impl Settings {
         if let Some(l) = dns.iter().find(|a| a.is_loopback()) {
             bail!("EXECUTOR_DNS_SERVERS names {l}, a loopback address no sandbox can reach");
         }
-        Ok(Settings { mode, pool, allow, dns, bandwidth: None })
+        Ok(Settings {
+            mode,
+            pool,
+            allow,
+            dns,
+            bandwidth: None,
+            hosts: vec![],
+            dns_limits: DnsLimits::default(),
+        })
     }
 
     /// The settings with `EXECUTOR_NETWORK_BANDWIDTH` (`None` or empty: uncapped).
     pub fn with_bandwidth(mut self, raw: Option<&str>) -> Result<Settings> {
         self.bandwidth = raw.map(str::trim).filter(|s| !s.is_empty()).map(Bandwidth::parse).transpose()?;
+        Ok(self)
+    }
+
+    /// The settings with `EXECUTOR_NETWORK_ALLOW_HOSTS` and the resolver's bounds; the names
+    /// need the `allowlist` mode.
+    pub fn with_hosts(mut self, raw: Option<&str>, limits: DnsLimits) -> Result<Settings> {
+        self.hosts = hosts::parse_list(raw.unwrap_or("")).context("EXECUTOR_NETWORK_ALLOW_HOSTS")?;
+        if !self.hosts.is_empty() && self.mode != Mode::Allowlist {
+            bail!(
+                "EXECUTOR_NETWORK_ALLOW_HOSTS is set but EXECUTOR_NETWORK is {:?}: the names apply only to \
+                 EXECUTOR_NETWORK=allowlist",
+                self.mode
+            );
+        }
+        self.dns_limits = limits;
         Ok(self)
     }
 
@@ -476,7 +465,8 @@ fn take_slot_and_build(
                 host_if: format!("{IF_PREFIX}{n}"),
                 gateway,
                 address,
-                dns: s.dns.clone(),
+                // An allowlist job asks its own resolver, on its gateway, and nothing else.
+                dns: if s.mode == Mode::Allowlist { vec![gateway] } else { s.dns.clone() },
             };
             match fs::OpenOptions::new().write(true).create_new(true).open(dir.join(n.to_string())) {
                 Ok(mut f) => {
@@ -498,11 +488,40 @@ fn take_slot_and_build(
     };
     let built = build(&net, &coord, t);
     drop(lock);
+    let built = built.and_then(|()| {
+        if s.mode != Mode::Allowlist {
+            return Ok(());
+        }
+        timed(t, "resolver", || start_resolver(state_dir, &net, s)).map(|_| ())
+    });
     if let Err(e) = built {
         let _ = teardown(state_dir, &net);
         return Err(e);
     }
     Ok(net)
+}
+
+/// Starts the job's resolver on its gateway (`dns`), forwarding to the settings' upstreams.
+fn start_resolver(state_dir: &Path, net: &JobNetwork, s: &Settings) -> Result<u32> {
+    if s.dns.is_empty() {
+        bail!(
+            "EXECUTOR_NETWORK=allowlist needs an upstream resolver: set EXECUTOR_DNS_SERVERS (the host's \
+             /etc/resolv.conf names none a job's resolver can use)"
+        );
+    }
+    let cfg = dns::ResolverConfig {
+        sandbox: net.sandbox.clone(),
+        listen: net.gateway,
+        job: net.address,
+        host_if: net.host_if.clone(),
+        upstream: s.dns.clone(),
+        hosts: s.hosts.clone(),
+        grace_s: s.dns_limits.grace_s,
+        rate: s.dns_limits.rate,
+        max_name: s.dns_limits.max_name,
+        log: dns::log_file(state_dir, &net.sandbox),
+    };
+    dns::start(state_dir, &cfg)
 }
 
 /// The job's element in the map: its link and address, the jump to the settings' policy chain.
@@ -598,8 +617,18 @@ pub fn teardown(state_dir: &Path, net: &JobNetwork) -> Result<()> {
 
 /// [`teardown`], recording how long each step took.
 pub fn teardown_timed(state_dir: &Path, net: &JobNetwork, t: &mut Timings) -> Result<()> {
+    // An allowlist job's resolver first: its log is complete once it is gone.
+    timed(t, "resolver", || {
+        dns::stop(state_dir, &net.sandbox);
+        Ok(())
+    })?;
     timed(t, "namespace", || netlink::del_netns(net.netns()))
         .with_context(|| format!("removing the network of sandbox {}", net.sandbox))?;
+    if !net.address.is_unspecified() {
+        if let Err(e) = timed(t, "egress record", || egress::gather(state_dir, &net.sandbox, net.address)) {
+            tracing::warn!("gathering the egress record of sandbox {}: {e:#}", net.sandbox);
+        }
+    }
     // The job's flows would follow its address to the slot's next job.
     if !net.address.is_unspecified() {
         if let Err(e) = timed(t, "conntrack", || conntrack::forget(net.address)) {
@@ -633,6 +662,8 @@ fn remove_now(state_dir: &Path, net: &JobNetwork) -> Result<()> {
     if let Err(e) = teardown(state_dir, net) {
         errors.push(format!("{e:#}"));
     }
+    // No `complete` will take the record of a network the janitor removes.
+    let _ = egress::take(state_dir, &net.sandbox);
     if !errors.is_empty() {
         bail!("the network of sandbox {} was not removed: {}", net.sandbox, errors.join("; "));
     }
@@ -754,27 +785,6 @@ mod tests {
         assert!(Settings::parse(None, Some("10.0.0.0/31"), None, Some("1.1.1.1")).is_err());
         assert!(Settings::parse(None, None, None, Some("127.0.0.53")).is_err());
         assert!(Settings::parse(None, None, Some("10.0.0.1:99999"), Some("1.1.1.1")).is_err());
-    }
-
-    #[test]
-    fn bandwidth_parses_with_clear_errors() {
-        assert_eq!(
-            Bandwidth::parse("50mbit").unwrap(),
-            Bandwidth { ingress: 50_000_000, egress: 50_000_000 }
-        );
-        assert_eq!(
-            Bandwidth::parse("50mbit/10Mbit").unwrap(),
-            Bandwidth { ingress: 50_000_000, egress: 10_000_000 }
-        );
-        assert_eq!(Bandwidth::parse("1.5gbit").unwrap().ingress, 1_500_000_000);
-        for bad in ["50", "50mb", "fast", "50mbit/", "1bit", "mbit"] {
-            let e = Bandwidth::parse(bad).unwrap_err().to_string();
-            assert!(e.contains("EXECUTOR_NETWORK_BANDWIDTH"), "{bad}: {e}");
-        }
-        let t = Bandwidth::parse("8mbit/4mbit").unwrap().tc_script("exn3");
-        assert!(t.contains("dev exn3 root tbf rate 8000000bit burst 50000 "), "{t}");
-        let s = Settings::default().with_bandwidth(Some("")).unwrap();
-        assert_eq!(s.bandwidth, None);
     }
 
     #[test]

@@ -47,6 +47,7 @@ const NFNL_MSG_BATCH_BEGIN: u16 = 16;
 const NFNL_MSG_BATCH_END: u16 = 17;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
+const NFT_MSG_GETSETELEM: u16 = 13;
 pub(crate) const NFPROTO_INET: u8 = 1;
 pub(crate) const NFPROTO_ARP: u8 = 3;
 const F_DUMP: u16 = 0x300;
@@ -56,11 +57,30 @@ const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_DATA: u16 = 2;
+const NFTA_SET_ELEM_TIMEOUT: u16 = 4;
 const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
 const NFTA_VERDICT_CHAIN: u16 = 2;
 const NFT_JUMP: i32 = -3;
+
+/// An attribute type without its nested and byte-order flags.
+const NLA_TYPE_MASK: u16 = 0x3fff;
+
+/// The attributes of a netlink payload: (type without flags, the whole attribute, its data).
+pub(crate) fn attrs(mut b: &[u8]) -> Vec<(u16, &[u8], &[u8])> {
+    let mut out = Vec::new();
+    while b.len() >= 4 {
+        let len = u16::from_ne_bytes([b[0], b[1]]) as usize;
+        if len < 4 || len > b.len() {
+            break;
+        }
+        let kind = u16::from_ne_bytes([b[2], b[3]]) & NLA_TYPE_MASK;
+        out.push((kind, &b[..len], &b[4..len]));
+        b = &b[((len + 3) & !3).min(b.len())..];
+    }
+    out
+}
 
 /// Interface names are at most 15 bytes and a NUL.
 const IFNAMSIZ: usize = 16;
@@ -344,6 +364,57 @@ impl Socket {
         let mut m = Socket::setelem_msg(NFT_MSG_NEWSETELEM, F_CREATE, family, table, set, key);
         m.end().end();
         self.nft_batch(m)
+    }
+
+    /// Puts `key` into set `set` of table `inet table` for `timeout_ms` from now: an element
+    /// already there is taken out first, so that its timeout starts again (a kernel keeps the
+    /// old timeout of an element added again).
+    pub(crate) fn put_timed_element(
+        &mut self,
+        table: &str,
+        set: &str,
+        key: &[u8],
+        timeout_ms: u64,
+    ) -> Result<(), Errno> {
+        match self.del_element_of(NFPROTO_INET, table, set, key) {
+            Ok(()) | Err(Errno::ENOENT) => {}
+            Err(e) => return Err(e),
+        }
+        let mut m = Socket::setelem_msg(NFT_MSG_NEWSETELEM, F_CREATE, NFPROTO_INET, table, set, key);
+        m.attr(NFTA_SET_ELEM_TIMEOUT, &timeout_ms.to_be_bytes());
+        m.end().end();
+        self.nft_batch(m)
+    }
+
+    /// The keys of every element of set `set` of table `inet table` (a dump over netlink, with
+    /// no `nft` process).
+    pub(crate) fn set_keys(&mut self, table: &str, set: &str) -> Result<Vec<Vec<u8>>, Errno> {
+        let mut m = Msg::new((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM, F_REQUEST_DUMP);
+        m.raw(&[NFPROTO_INET, 0, 0, 0])
+            .attr_str(NFTA_SET_ELEM_LIST_TABLE, table)
+            .attr_str(NFTA_SET_ELEM_LIST_SET, set);
+        let mut keys = Vec::new();
+        for (_, payload) in self.dump(m)? {
+            // After the 4-byte nfgenmsg: the list's attributes, its elements nested in them.
+            for (k, _, list) in attrs(payload.get(4..).unwrap_or_default()) {
+                if k != NFTA_SET_ELEM_LIST_ELEMENTS {
+                    continue;
+                }
+                for (_, _, elem) in attrs(list) {
+                    for (ek, _, key) in attrs(elem) {
+                        if ek != NFTA_SET_ELEM_KEY {
+                            continue;
+                        }
+                        for (dk, _, value) in attrs(key) {
+                            if dk == NFTA_DATA_VALUE {
+                                keys.push(value.to_vec());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(keys)
     }
 
     /// Sends a dump request and returns every message of the answer (until `NLMSG_DONE`), each

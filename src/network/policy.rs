@@ -162,8 +162,18 @@ pub(crate) fn policy_chain(s: &Settings, targets: &[Target]) -> (String, String)
         "ct state established,related accept".into(),
         "ct state invalid drop".into(),
     ];
-    // 2. DNS to the resolvers the sandbox is given.
-    if !s.dns.is_empty() {
+    let allowlist = s.mode == super::Mode::Allowlist;
+    // What an allowlist job's chain records of the connections it starts (`egress.rs`).
+    let seen = |set: &str| format!("add @{set} {{ ip saddr . ip daddr . meta l4proto . th dport }}");
+    // 2. DNS: an allowlist job's own resolver on its gateway (an address of the link the packet
+    //    came in by), and no other; else the resolvers the sandbox is given.
+    if allowlist {
+        rules.push("meta l4proto { tcp, udp } th dport 53 fib daddr . iif type local accept".into());
+        rules.push(format!(
+            "meta l4proto {{ tcp, udp }} th dport 53 {} {REJECT}",
+            seen(super::egress::SET_REFUSED)
+        ));
+    } else if !s.dns.is_empty() {
         rules.push(format!(
             "ip daddr {} meta l4proto {{ tcp, udp }} th dport 53 accept",
             set(s.dns.iter().map(|a| a.to_string()))
@@ -191,8 +201,27 @@ pub(crate) fn policy_chain(s: &Settings, targets: &[Target]) -> (String, String)
     rules.push(format!("ip daddr {} {REJECT}", set(refused)));
     rules.push("fib daddr type { broadcast, multicast, anycast } drop".into());
     rules.push("meta pkttype != unicast drop".into());
-    // 6. The public internet.
-    rules.push("accept".into());
+    if allowlist {
+        // 6. The addresses the job's resolver answered for its allowed names (any port, or
+        //    the name's port), each recorded; everything else refused and recorded.
+        let hosts = super::dns::SET_HOSTS;
+        let ports = super::dns::SET_PORTS;
+        let seen_set = super::egress::SET_SEEN;
+        rules.push(format!(
+            "meta l4proto {{ tcp, udp }} ip saddr . ip daddr @{hosts} {} accept",
+            seen(seen_set)
+        ));
+        rules.push(format!("ip saddr . ip daddr @{hosts} accept"));
+        rules.push(format!(
+            "meta l4proto {{ tcp, udp }} ip saddr . ip daddr . th dport @{ports} {} accept",
+            seen(seen_set)
+        ));
+        rules.push(format!("meta l4proto {{ tcp, udp }} {} {REJECT}", seen(super::egress::SET_REFUSED)));
+        rules.push(REJECT.into());
+    } else {
+        // 6. The public internet.
+        rules.push("accept".into());
+    }
     let digest = {
         use sha2::Digest;
         let mut h = sha2::Sha256::new();
@@ -215,11 +244,35 @@ pub(crate) fn policy_chain(s: &Settings, targets: &[Target]) -> (String, String)
             ),
         );
     }
-    let mut script = format!("add chain inet {TABLE} {c}\nflush chain inet {TABLE} {c}\n");
+    let mut script = String::new();
+    if allowlist {
+        script.push_str(&sets_script());
+    }
+    script.push_str(&format!("add chain inet {TABLE} {c}\nflush chain inet {TABLE} {c}\n"));
     for r in rules {
         script.push_str(&format!("add rule inet {TABLE} {c} {r}\n"));
     }
     (c, script)
+}
+
+/// The sets of the allowlist jobs, shared by all of them and keyed by the job's address first:
+/// what their resolvers let them reach (with the answers' timeouts), and what their chains
+/// saw (an hour at most, 64Ki elements; teardown takes a job's out).
+fn sets_script() -> String {
+    let (hosts, ports) = (super::dns::SET_HOSTS, super::dns::SET_PORTS);
+    let (seen, refused) = (super::egress::SET_SEEN, super::egress::SET_REFUSED);
+    let mut s = format!(
+        "add set inet {TABLE} {hosts} {{ type ipv4_addr . ipv4_addr; flags timeout; }}
+add set inet {TABLE} {ports} {{ type ipv4_addr . ipv4_addr . inet_service; flags timeout; }}
+"
+    );
+    for set in [seen, refused] {
+        s.push_str(&format!(
+            "add set inet {TABLE} {set} {{ type ipv4_addr . ipv4_addr . inet_proto . inet_service; \
+             flags dynamic,timeout; timeout 1h; size 65536; }}\n"
+        ));
+    }
+    s
 }
 
 #[cfg(test)]
@@ -273,6 +326,31 @@ mod tests {
             first.contains("iifname limit rate over 500000 bytes/second burst 32768 bytes } drop"),
             "{first}"
         );
+    }
+
+    /// The allowlist chain: DNS only to the job's own resolver, the refusals before the names'
+    /// sets, nothing else accepted, and the sets made with the chain.
+    #[test]
+    fn the_allowlist_chain_accepts_only_answers_after_the_refusals() {
+        let s = Settings::parse(Some("allowlist"), None, Some("10.5.0.0/16"), Some("198.51.100.53"))
+            .unwrap()
+            .with_hosts(Some("web.test,port.test:8080"), super::super::DnsLimits::default())
+            .unwrap();
+        let (chain, script) = policy_chain(&s, &[]);
+        let pos =
+            |needle: &str| script.find(needle).unwrap_or_else(|| panic!("{needle:?} missing:\n{script}"));
+        assert!(pos("add set inet executor egress_hosts") < pos("add chain"));
+        assert!(
+            pos("th dport 53 fib daddr . iif type local accept") < pos("th dport 53 add @egress_refused")
+        );
+        assert!(!script.contains("ip daddr { 198.51.100.53 }"), "no DNS to the upstream from the job");
+        assert!(pos("10.0.0.0/8") < pos("ip saddr . ip daddr @egress_hosts"), "the refusals win");
+        assert!(pos("ip daddr 10.5.0.0/16 accept") < pos("10.0.0.0/8"), "operator exceptions stay");
+        assert!(pos("@egress_hosts") < pos("ip saddr . ip daddr . th dport @egress_ports"));
+        assert!(script.ends_with(&format!("add rule inet executor {chain} {REJECT}\n")), "{script}");
+        assert!(!script.contains(&format!("{chain} accept\n")), "nothing else is accepted");
+        let internet = Settings { mode: super::super::Mode::Internet, ..s.clone() };
+        assert_ne!(policy_chain(&internet, &[]).0, chain);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `validate`'s lines about the network: root, nftables, the pool against the host's addresses,
 //! the resolvers, the bandwidth caps, forwarding and the table.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use std::fs;
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -58,16 +58,17 @@ pub fn check(s: &Settings, state_dir: &Path) -> Result<Vec<String>> {
     if s.mode == Mode::None {
         return Ok(out);
     }
+    let mode = format!("{:?}", s.mode).to_lowercase();
     let missing = missing();
     if !missing.is_empty() {
         bail!(
-            "EXECUTOR_NETWORK=internet cannot work here: {} (or set EXECUTOR_NETWORK=none for loopback-only jobs)",
+            "EXECUTOR_NETWORK={mode} cannot work here: {} (or set EXECUTOR_NETWORK=none for loopback-only jobs)",
             missing.join("; ")
         );
     }
     if nft_list(&["tables"]).is_none() {
         bail!(
-            "EXECUTOR_NETWORK=internet cannot work here: `nft list tables` fails (the kernel lacks nf_tables, \
+            "EXECUTOR_NETWORK={mode} cannot work here: `nft list tables` fails (the kernel lacks nf_tables, \
              or nftables is not permitted in this namespace)"
         );
     }
@@ -92,6 +93,9 @@ pub fn check(s: &Settings, state_dir: &Path) -> Result<Vec<String>> {
         s.slots()
     ));
     out.push(dns_line(&s.dns, &stubs));
+    if s.mode == Mode::Allowlist {
+        out.extend(allowlist_lines(s)?);
+    }
     if let Some(b) = &s.bandwidth {
         if which::which("tc").is_err() {
             bail!("EXECUTOR_NETWORK_BANDWIDTH needs the tc command (apt-get install iproute2)");
@@ -107,6 +111,51 @@ pub fn check(s: &Settings, state_dir: &Path) -> Result<Vec<String>> {
         if table_exists() { "present" } else { "not yet created (made at the first job)" }
     ));
     Ok(out)
+}
+
+/// The allowlist mode's lines: an upstream for the jobs' resolvers, the names, the bounds, and
+/// the kernel's support for what the jobs' chains use (sets with timeouts filled from the
+/// packet path, `fib` by the incoming link), checked with `nft --check` in a scratch table.
+fn allowlist_lines(s: &Settings) -> Result<Vec<String>> {
+    if s.dns.is_empty() {
+        bail!(
+            "EXECUTOR_NETWORK=allowlist needs an upstream resolver for the jobs' resolvers: set \
+             EXECUTOR_DNS_SERVERS"
+        );
+    }
+    let scratch = "executor_validate";
+    let script = format!(
+        "table inet {scratch} {{
+  set h {{ type ipv4_addr . ipv4_addr; flags timeout; }}
+  set seen {{ type ipv4_addr . ipv4_addr . inet_proto . inet_service; flags dynamic,timeout; timeout 1h; size 65536; }}
+  chain c {{
+    meta l4proto {{ tcp, udp }} th dport 53 fib daddr . iif type local accept
+    meta l4proto {{ tcp, udp }} ip saddr . ip daddr @h add @seen {{ ip saddr . ip daddr . meta l4proto . th dport }} accept
+  }}
+}}
+"
+    );
+    let mut cmd = crate::base::proc::command("nft");
+    cmd.args(["--check", "-f", "-"]);
+    super::run(cmd, "checking the allowlist's nftables rules", Some(&script)).context(
+        "EXECUTOR_NETWORK=allowlist cannot work here: the kernel's nftables lacks sets with timeouts, \
+         dynamic sets or fib",
+    )?;
+    let names = if s.hosts.is_empty() {
+        "none (jobs reach only the coordinator and EXECUTOR_NETWORK_ALLOW)".to_string()
+    } else {
+        s.hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>().join(", ")
+    };
+    let l = &s.dns_limits;
+    Ok(vec![
+        format!("network allowlist: {names}"),
+        format!(
+            "network allowlist resolver: one per job on its gateway, forwarding to the upstreams above; \
+             answers reachable for their TTL + {}s; at most {} questions/s and names of {} characters",
+            l.grace_s, l.rate, l.max_name
+        ),
+        "network allowlist rules: nftables sets with timeouts, dynamic sets and fib work".into(),
+    ])
 }
 
 #[cfg(test)]

@@ -14,6 +14,9 @@ pub const ZERO_TIME: &str = "0001-01-01T00:00:00Z";
 /// Our extension: `artifacts`, paths or globs relative to the workspace that `upload` packs.
 /// Our coordinator's trace context (`traceparent`, `queuedAt`) rides along too; Sourcegraph
 /// sends neither, and ignores them.
+///
+/// Our extension: `networkAllowHosts`, the names the job may reach (`EXECUTOR_NETWORK_ALLOW_HOSTS`
+/// syntax), which bound the executor's own list: a job narrows, never widens.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Job {
     pub version: i32,
@@ -48,6 +51,7 @@ pub struct Job {
     /// job's sandbox may be kept for `executor debug`, at most the executor's own
     /// `EXECUTOR_KEEP_FAILED`; 0 keeps none. Absent (Sourcegraph): the executor's setting.
     pub keep_failed_seconds: Option<u64>,
+    pub network_allow_hosts: Option<Vec<String>>,
 }
 
 /// One dependency cache a job declares: `paths` (absolute in the step's root, or relative to the
@@ -189,6 +193,8 @@ struct WireJob {
     caches: Option<Vec<CacheDecl>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     keep_failed_seconds: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    network_allow_hosts: Option<Vec<String>>,
 }
 
 fn is_zero(v: &i32) -> bool {
@@ -252,6 +258,7 @@ impl Serialize for Job {
             queued_at: self.queued_at,
             caches: if self.caches.is_empty() { None } else { Some(self.caches.clone()) },
             keep_failed_seconds: self.keep_failed_seconds,
+            network_allow_hosts: self.network_allow_hosts.clone(),
         };
         wire.serialize(s)
     }
@@ -308,6 +315,7 @@ impl<'de> Deserialize<'de> for Job {
             queued_at: w.queued_at,
             caches: w.caches.unwrap_or_default(),
             keep_failed_seconds: w.keep_failed_seconds,
+            network_allow_hosts: w.network_allow_hosts,
         })
     }
 }

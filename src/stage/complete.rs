@@ -42,6 +42,20 @@ fn left_for_requeue(ctx: &JobCtx, doc: &RunDocument) -> bool {
     ctx.cancel.check() == Some(crate::base::cancel::CancelReason::Shutdown) && doc.outcome.is_some()
 }
 
+/// An allowlist job's egress record, which its network's teardown gathered: the
+/// `teardown.network.egress` entry, the run document and the metrics.
+fn egress_record(ctx: &JobCtx, doc: &mut RunDocument, sandbox: &str) {
+    let Some(rec) = crate::network::egress::take(&ctx.settings.state_dir, sandbox) else { return };
+    if let Ok(mut e) = ctx.logger.entry("teardown.network.egress", None) {
+        for l in rec.lines() {
+            e.line(&ctx.redact(&l));
+        }
+        let _ = e.finish(0);
+    }
+    crate::api::metrics::egress_done(&rec.verdicts);
+    doc.egress = Some(rec);
+}
+
 pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
     // Kept for `executor debug`: the sandbox and the workspace are the kept registry's now.
     let kept = super::keep::keep_if_failed(ctx, doc);
@@ -70,6 +84,9 @@ pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
     }
     // What the job wrote to its caches is in the workspace, which goes next.
     super::cache::teardown(ctx, doc, sandbox_removed);
+    if let Some(sb) = doc.sandbox.as_ref().filter(|_| sandbox_removed) {
+        egress_record(ctx, doc, &sb.name.clone());
+    }
     let mut workspace_removed =
         kept || doc.workspace.is_none() || doc.completion.as_ref().is_some_and(|c| c.workspace_removed);
     if let (Some(ws), false) = (doc.workspace.clone(), workspace_removed) {

@@ -8,6 +8,52 @@ use super::{Incomplete, JobCtx};
 use crate::document::RunDocument;
 use crate::sandbox::{BootRequest, WarmClaim};
 
+/// The runtime that boots the job's sandbox: the executor's, or one whose network is bounded
+/// by the job's own `networkAllowHosts` (our coordinator's extension), which narrows and never
+/// widens: an `allowlist` executor keeps the job's names its own list covers, an `internet`
+/// one gives the job only its names, a `none` one ignores them. Lines for the log entry say
+/// what was left out.
+fn runtime_for_job(
+    ctx: &JobCtx,
+    doc: &RunDocument,
+) -> Result<(std::sync::Arc<dyn crate::sandbox::Runtime>, Vec<String>)> {
+    use crate::network::{hosts, Mode};
+    let Some(list) = ctx.job.network_allow_hosts.as_deref() else { return Ok((ctx.runtime(doc)?, vec![])) };
+    let mut opts = ctx.settings.runtime_options();
+    let mut notes = Vec::new();
+    match opts.network.mode {
+        Mode::None => {
+            notes.push(
+                "the job's networkAllowHosts is ignored: EXECUTOR_NETWORK=none gives it no network".into(),
+            );
+            return Ok((ctx.runtime(doc)?, notes));
+        }
+        Mode::Internet => {
+            let mut rules = Vec::new();
+            for raw in list {
+                match hosts::HostRule::parse(raw) {
+                    Ok(r) => rules.push(r),
+                    Err(e) => notes.push(format!("network: left out {e:#}")),
+                }
+            }
+            opts.network.mode = Mode::Allowlist;
+            opts.network.hosts = rules;
+        }
+        Mode::Allowlist => {
+            let (kept, refused) = hosts::narrow(&opts.network.hosts, Some(list));
+            for r in refused {
+                notes.push(format!("network: left out {r}"));
+            }
+            opts.network.hosts = kept;
+        }
+    }
+    notes.push(format!(
+        "network: allowlist of this job: {}",
+        opts.network.hosts.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ")
+    ));
+    Ok((std::sync::Arc::from(crate::sandbox::open(doc.executor.runtime, &opts)?), notes))
+}
+
 pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
     if doc.workspace.is_none() {
         return Err(Incomplete(
@@ -36,8 +82,11 @@ pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
     }
     pull_images(ctx, doc, &images)?;
     let ws = doc.workspace.as_ref().ok_or_else(|| Incomplete("the run document has no workspace".into()))?;
-    let runtime = ctx.runtime(doc)?;
+    let (runtime, net_notes) = runtime_for_job(ctx, doc)?;
     let mut entry = ctx.logger.entry(&format!("setup.{}.start", runtime.name()), None)?;
+    for note in &net_notes {
+        entry.line(&ctx.redact(note));
+    }
     let limits = ctx.settings.limits();
     // A sandbox of the shell runtime is the host: it reaches what the host reaches.
     let endpoints = if runtime.kind() == crate::sandbox::RuntimeKind::Shell {
@@ -63,8 +112,10 @@ pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
     // Held until the owner record names the new sandbox, so no janitor pass sees it unclaimed.
     let _janitor = crate::workspace::janitor_lock(&ctx.settings.state_dir, false)?;
     let started = std::time::Instant::now();
-    // A cliSteps VM carries the engine's disks, which no VM booted ahead has.
-    let warm = ctx.warm_pool.as_ref().filter(|p| p.runtime() == runtime.kind() && !cli);
+    // A cliSteps VM carries the engine's disks, which no VM booted ahead has; a job with its own
+    // allowed hosts needs its own resolver's list, which no VM booted ahead has either.
+    let own_hosts = ctx.job.network_allow_hosts.is_some();
+    let warm = ctx.warm_pool.as_ref().filter(|p| p.runtime() == runtime.kind() && !cli && !own_hosts);
     let claim = |p: &Arc<dyn crate::sandbox::WarmPool>| {
         let span = crate::base::trace::span("pool-claim");
         let claim = p.take(&req);

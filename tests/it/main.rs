@@ -16,6 +16,7 @@ mod host_security;
 mod image;
 pub(crate) mod microvm;
 mod network;
+mod network_allowlist;
 mod oci;
 pub mod oci_root;
 mod package;

@@ -51,7 +51,7 @@ pub(crate) fn sh(script: &str) -> String {
 /// The test's namespaces and the servers in them; dropping it removes everything.
 pub(crate) struct World {
     pub host: String,
-    internet: String,
+    pub internet: String,
     corporate: String,
     pub tag: String,
     dir: tempfile::TempDir,

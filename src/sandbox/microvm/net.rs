@@ -21,7 +21,7 @@ pub(crate) struct NetRequest<'a> {
 
 /// The request for a job VM under these options: `None` for `EXECUTOR_NETWORK=none`.
 pub(crate) fn request<'a>(opts: &RuntimeOptions, reach: Reach<'a>) -> Option<NetRequest<'a>> {
-    (opts.network.mode == Mode::Internet).then_some(NetRequest { reach })
+    (opts.network.mode != Mode::None).then_some(NetRequest { reach })
 }
 
 /// A VM's network while it boots: the record, and the TAP until QEMU holds it.

@@ -83,7 +83,7 @@ impl OciRuntime {
             rootfs::make_reach(&name, req.workspace, details.uid_base)?;
             // The network last, recorded at once: a failure here fails the job before any
             // step runs (fail closed), and what was made is in the record for the teardown.
-            if self.opts.network.mode == crate::network::Mode::Internet {
+            if self.opts.network.mode != crate::network::Mode::None {
                 let net = crate::network::setup(&self.opts.state_dir, &name, &self.opts.network, req.reach())
                     .context("setting up the job's network (EXECUTOR_NETWORK=internet)")?;
                 let resolv = rootfs::reach_dir(&name).join(RESOLV_CONF);

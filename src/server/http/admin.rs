@@ -37,6 +37,7 @@ const JOB_FIELDS: &[&str] = &[
     "tenant",
     "traceparent",
     "caches",
+    "networkAllowHosts",
 ];
 
 /// A relative path that stays inside the workspace.
@@ -105,6 +106,9 @@ fn validate_submission(
     let mut job: Job =
         serde_json::from_value(serde_json::Value::Object(obj)).map_err(|e| format!("invalid job: {e}"))?;
     check_relative("repositoryDirectory", &job.repository_directory, true)?;
+    for h in job.network_allow_hosts.iter().flatten() {
+        crate::network::hosts::HostRule::parse(h).map_err(|e| format!("networkAllowHosts: {e:#}"))?;
+    }
     for path in job.files.keys() {
         check_relative("file path", path, false)?;
     }
@@ -485,6 +489,15 @@ mod tests {
         let stored: Job = serde_json::from_str(&payload).unwrap();
         assert!(stored.queued_at.is_some());
         assert_eq!(stored.traceparent, "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        assert!(bad(serde_json::json!({"networkAllowHosts": ["ok.test", "bad host"]}))
+            .contains("networkAllowHosts"));
+        let mut hosts = ok.clone();
+        hosts["networkAllowHosts"] = serde_json::json!(["*.github.com", "proxy.golang.org:443"]);
+        let payload = validate_submission(hosts, &qs, |_, _| {}).unwrap().payload;
+        assert!(
+            payload.contains(r#""networkAllowHosts":["*.github.com","proxy.golang.org:443"]"#),
+            "{payload}"
+        );
     }
 
     #[test]

@@ -1,0 +1,136 @@
+//! The egress record of an `allowlist` job, gathered at teardown: every DNS question from the
+//! resolver's log, and every connection the job started from two dynamic nftables sets that its
+//! chain fills in the kernel (`egress_seen`, accepted; `egress_refused`, refused), with the
+//! name each address came from. The kernel does the per-connection work (one set update per new
+//! flow, no copy to user space), and teardown reads the sets once; the job's elements of every
+//! set go with it, so the slot's next job starts clean. The record waits in the state directory
+//! for the `complete` stage, which logs it (`teardown.network.egress`), keeps it in the run
+//! document and counts it in the metrics.
+
+use anyhow::{Context, Result};
+use std::collections::HashMap;
+use std::fs;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use super::dns;
+use super::{netlink, TABLE};
+
+use super::dns::Question;
+use crate::document::egress::{Connection, Egress, Lookup, ROWS};
+
+/// The set of connections an allowlist job started and its chain accepted.
+pub(crate) const SET_SEEN: &str = "egress_seen";
+/// The set of connections it started and its chain refused.
+pub(crate) const SET_REFUSED: &str = "egress_refused";
+fn record_file(state_dir: &Path, sandbox: &str) -> PathBuf {
+    state_dir.join("network").join("egress").join(format!("{sandbox}.json"))
+}
+
+fn proto_name(n: u8) -> String {
+    match n {
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        n => n.to_string(),
+    }
+}
+
+/// The job's connections in one of the two record sets, each as (address, protocol, port),
+/// and their keys for the delete (`job . address . protocol . port`, each field 4 bytes).
+fn connections_in(keys: &[Vec<u8>], job: Ipv4Addr) -> Vec<((Ipv4Addr, u8, u16), Vec<u8>)> {
+    keys.iter()
+        .filter(|k| k.len() == 16 && k[..4] == job.octets())
+        .map(|k| {
+            let a = Ipv4Addr::new(k[4], k[5], k[6], k[7]);
+            ((a, k[8], u16::from_be_bytes([k[12], k[13]])), k.clone())
+        })
+        .collect()
+}
+
+/// Gathers the egress record of a job whose resolver has stopped, removes the job's elements
+/// from every egress set, and keeps the record for [`take`]. Nothing when the job had no
+/// resolver (not an allowlist job).
+pub(crate) fn gather(state_dir: &Path, sandbox: &str, job: Ipv4Addr) -> Result<()> {
+    let log = dns::log_file(state_dir, sandbox);
+    let Ok(text) = fs::read_to_string(&log) else { return Ok(()) };
+    let mut rec = Egress::default();
+    let mut counts: HashMap<(String, String), usize> = HashMap::new();
+    let mut names: HashMap<Ipv4Addr, String> = HashMap::new();
+    for line in text.lines() {
+        rec.lookups_total += 1;
+        let Ok(q) = serde_json::from_str::<Question>(line) else {
+            *counts.entry(("dns".into(), "not listed".into())).or_default() += 1;
+            continue;
+        };
+        *counts.entry(("dns".into(), q.verdict.clone())).or_default() += 1;
+        for a in &q.answers {
+            names.insert(*a, q.name.clone());
+        }
+        if rec.lookups.len() < ROWS {
+            rec.lookups.push(Lookup { name: q.name, kind: q.kind, verdict: q.verdict, answers: q.answers });
+        }
+    }
+    let mut nf = netlink::Socket::netfilter()?;
+    for (set, verdict) in [(SET_REFUSED, "refused"), (SET_SEEN, "accepted")] {
+        let keys = nf.set_keys(TABLE, set).unwrap_or_default();
+        for ((address, p, port), key) in connections_in(&keys, job) {
+            rec.connections_total += 1;
+            *counts.entry(("connection".into(), verdict.into())).or_default() += 1;
+            if rec.connections.len() < ROWS {
+                rec.connections.push(Connection {
+                    address,
+                    port,
+                    protocol: proto_name(p),
+                    name: names.get(&address).cloned(),
+                    verdict: verdict.into(),
+                });
+            }
+            let _ = nf.del_element_of(netlink::NFPROTO_INET, TABLE, set, &key);
+        }
+    }
+    // What the resolver let the job reach: the slot's next job must not inherit it.
+    for set in [dns::SET_HOSTS, dns::SET_PORTS] {
+        for key in nf.set_keys(TABLE, set).unwrap_or_default() {
+            if key.len() >= 8 && key[..4] == job.octets() {
+                let _ = nf.del_element_of(netlink::NFPROTO_INET, TABLE, set, &key);
+            }
+        }
+    }
+    let mut verdicts: Vec<(String, String, usize)> =
+        counts.into_iter().map(|((k, v), n)| (k, v, n)).collect();
+    verdicts.sort();
+    rec.verdicts = verdicts;
+    let file = record_file(state_dir, sandbox);
+    if let Some(d) = file.parent() {
+        fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    crate::base::fs::write_atomic(&file, &serde_json::to_vec(&rec)?)?;
+    let _ = fs::remove_file(&log);
+    Ok(())
+}
+
+/// The egress record that a teardown of `sandbox` gathered, taken out of the state directory.
+pub fn take(state_dir: &Path, sandbox: &str) -> Option<Egress> {
+    let file = record_file(state_dir, sandbox);
+    let rec = serde_json::from_slice(&fs::read(&file).ok()?).ok();
+    let _ = fs::remove_file(&file);
+    rec
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_jobs_connections_are_read_from_the_set_keys() {
+        let job = Ipv4Addr::new(10, 255, 0, 2);
+        let mut mine = vec![10, 255, 0, 2, 198, 51, 100, 10];
+        mine.extend_from_slice(&[6, 0, 0, 0, 0, 80, 0, 0]);
+        let mut other = vec![10, 255, 0, 6, 198, 51, 100, 10];
+        other.extend_from_slice(&[17, 0, 0, 0, 0, 53, 0, 0]);
+        let got = connections_in(&[mine.clone(), other, vec![1, 2, 3]], job);
+        assert_eq!(got, vec![((Ipv4Addr::new(198, 51, 100, 10), 6, 80), mine)]);
+        assert_eq!(proto_name(6), "tcp");
+        assert_eq!(proto_name(17), "udp");
+    }
+}

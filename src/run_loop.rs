@@ -698,6 +698,7 @@ fn start_job(
             }
             drop(r);
             cv.notify_all();
+            crate::base::sys::release_free_memory();
         })
         .context("starting a job thread")
 }

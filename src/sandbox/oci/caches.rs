@@ -105,27 +105,9 @@ fn mount_cache(sandbox: &str, workspace: &Path, lower: &Path, name: &str, i: usi
         .with_context(|| format!("setting the mode of {}", upper.display()))?;
     let merged = rootfs::reach_dir(sandbox).join(format!("cache-{i}"));
     fs::create_dir(&merged).with_context(|| format!("creating {}", merged.display()))?;
-    for p in [lower, &upper, &work] {
-        if p.to_string_lossy().contains([',', ':', '\\']) {
-            bail!("cannot use {} in an overlay mount: the path has a comma, colon or backslash", p.display());
-        }
-    }
-    // volatile: nothing needs to reach the disk before the promotion reads the upper layer, and
-    // a layer of a crashed host is thrown away with its workspace.
-    let opts = format!(
-        "lowerdir={},upperdir={},workdir={},volatile",
-        lower.display(),
-        upper.display(),
-        work.display()
-    );
-    nix::mount::mount(
-        Some("overlay"),
-        &merged,
-        Some("overlay"),
-        nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
-        Some(opts.as_str()),
-    )
-    .with_context(|| format!("mounting the cache overlay ({opts}) on {}", merged.display()))?;
+    // Nothing needs to reach the disk before the promotion reads the upper layer, and a layer of
+    // a crashed host is thrown away with its workspace.
+    rootfs::mount_overlay(lower, &upper, &work, &merged, "the cache overlay")?;
     Ok(upper)
 }
 

@@ -172,32 +172,8 @@ pub fn mount_step(
         let wrote_etc = write_etc(&upper, lower, &lower_md, etc)?;
         let merged = reach_dir(sandbox).join(format!("root-{id}"));
         fs::create_dir(&merged).with_context(|| format!("creating {}", merged.display()))?;
-        for p in [lower, &upper, &work] {
-            let s = p.to_string_lossy();
-            if s.contains([',', ':', '\\']) {
-                bail!(
-                    "cannot use {} in an overlay mount: the path has a comma, colon or backslash",
-                    p.display()
-                );
-            }
-        }
-        // volatile: the layer is thrown away with the step, so nothing is ever synced to disk.
-        let opts = format!(
-            "lowerdir={},upperdir={},workdir={},volatile",
-            lower.display(),
-            upper.display(),
-            work.display()
-        );
-        nix::mount::mount(
-            Some("overlay"),
-            &merged,
-            Some("overlay"),
-            nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
-            Some(opts.as_str()),
-        )
-        .with_context(|| {
-            format!("mounting the step's writable root (overlay {opts}) on {}", merged.display())
-        })?;
+        // The layer is thrown away with the step, so nothing is ever synced to disk.
+        mount_overlay(lower, &upper, &work, &merged, "the step's writable root")?;
         Ok((merged, wrote_etc))
     })();
     match res {
@@ -314,28 +290,42 @@ pub fn mount_kept(sandbox: &str, workspace: &Path, lower: &Path, id: &str) -> Re
     fs::create_dir(&work).with_context(|| format!("creating {}", work.display()))?;
     let merged = reach_dir(sandbox).join(format!("root-{id}"));
     fs::create_dir(&merged).with_context(|| format!("creating {}", merged.display()))?;
+    if let Err(e) = mount_overlay(lower, &layer.join("upper"), &work, &merged, "the kept root") {
+        let _ = fs::remove_dir(&merged);
+        return Err(e);
+    }
+    Ok(StepRoot { path: merged, etc: true, layer, mask: format!("/data/{KEPT_LAYER}") })
+}
+
+/// Mounts `upper` (with its overlay work directory `work`) over `lower` on `merged`, nosuid and
+/// nodev; `what` names the mount in errors. The mount is volatile: each caller's upper layer is
+/// thrown away with its step or workspace, or read by the executor before a crash could matter.
+pub(super) fn mount_overlay(
+    lower: &Path,
+    upper: &Path,
+    work: &Path,
+    merged: &Path,
+    what: &str,
+) -> Result<()> {
+    for p in [lower, upper, work] {
+        if p.to_string_lossy().contains([',', ':', '\\']) {
+            bail!("cannot use {} in an overlay mount: the path has a comma, colon or backslash", p.display());
+        }
+    }
     let opts = format!(
         "lowerdir={},upperdir={},workdir={},volatile",
         lower.display(),
-        layer.join("upper").display(),
+        upper.display(),
         work.display()
     );
-    if opts.contains('\\') || lower.to_string_lossy().contains([',', ':']) {
-        let _ = fs::remove_dir(&merged);
-        bail!("cannot use {} in an overlay mount: the path has a comma, colon or backslash", lower.display());
-    }
-    if let Err(e) = nix::mount::mount(
+    nix::mount::mount(
         Some("overlay"),
-        &merged,
+        merged,
         Some("overlay"),
         nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
         Some(opts.as_str()),
-    ) {
-        let _ = fs::remove_dir(&merged);
-        return Err(e)
-            .with_context(|| format!("mounting the kept root (overlay {opts}) on {}", merged.display()));
-    }
-    Ok(StepRoot { path: merged, etc: true, layer, mask: format!("/data/{KEPT_LAYER}") })
+    )
+    .with_context(|| format!("mounting {what} (overlay {opts}) on {}", merged.display()))
 }
 
 /// Unmounts a debug container's root, keeping the layer.

@@ -761,7 +761,9 @@ fn network_every_other_job_launch_is_loopback_only() {
     let mut checked = 0;
     for e in std::fs::read_dir(root.join("scripts")).unwrap().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if e.path().is_dir() || ["install-deps", "build-deb", "bench-network"].contains(&name.as_str()) {
+        // bench-network and bench-cache run their executor inside a world of namespaces they make.
+        let worlds = ["install-deps", "build-deb", "bench-network", "bench-cache"];
+        if e.path().is_dir() || worlds.contains(&name.as_str()) {
             continue;
         }
         let text = std::fs::read_to_string(e.path()).unwrap();

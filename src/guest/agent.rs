@@ -275,7 +275,13 @@ impl Agent {
                 if self.busy() {
                     return self.error(r.id, "another request is running".into());
                 }
-                match super::identity::reseed(&r) {
+                // Entropy, clock and machine id first; then the VM's own address, once the
+                // template's device (loaded with the late modules) is there.
+                let res = super::identity::reseed(&r).and_then(|()| match &r.net {
+                    Some(net) => late_modules_loaded().and_then(|()| super::net::readdress(net)),
+                    None => Ok(()),
+                });
+                match res {
                     Ok(()) => {
                         self.reseed_pending = false;
                         if let Ok(f) = Frame::json(Kind::Reseeded, &Control { id: r.id }) {

@@ -102,6 +102,10 @@ pub(crate) struct BootParams {
     pub tsc_khz: Option<u64>,
     /// `executor.net`: the job's network (guest/net.rs), if it has one.
     pub net: Option<GuestNet>,
+    /// `executor.nic=1`: the VM has a network device whose address comes later, with the
+    /// host's `Reseed` (a snapshot template and every VM restored from it: the command line is
+    /// the template's, so it cannot carry each VM's own address).
+    pub nic: bool,
     /// `executor.template=1`: a VM booted to be saved as a snapshot; it and every VM restored
     /// from it wait for the host's `Reseed` before any job request (guest/identity.rs).
     pub template: bool,
@@ -129,6 +133,9 @@ impl BootParams {
         if let Some(n) = &self.net {
             line.push_str(&format!(" executor.net={}", n.to_value()));
         }
+        if self.nic {
+            line.push_str(" executor.nic=1");
+        }
         if self.template {
             line.push_str(" executor.template=1");
         }
@@ -148,6 +155,7 @@ impl BootParams {
                 "executor.workspace" => p.workspace = WorkspaceMount::from_code(value)?,
                 "executor.debug" => p.debug = true,
                 "executor.net" => p.net = Some(GuestNet::parse(value)?),
+                "executor.nic" => p.nic = value == "1",
                 "executor.template" => p.template = value == "1",
                 "tsc_early_khz" => {
                     p.tsc_khz = Some(value.parse().with_context(|| format!("tsc_early_khz={value:?}"))?)
@@ -197,6 +205,7 @@ mod tests {
                 debug: false,
                 tsc_khz: Some(1_996_250),
                 net: None,
+                nic: false,
                 template: false,
             },
             BootParams {
@@ -205,10 +214,12 @@ mod tests {
                 debug: true,
                 tsc_khz: None,
                 net: Some(net()),
+                nic: false,
                 template: true,
             },
             BootParams { net: Some(GuestNet { dns: vec![], ..net() }), ..Default::default() },
             BootParams { template: true, workspace: WorkspaceMount::OnRequest, ..Default::default() },
+            BootParams { template: true, nic: true, ..Default::default() },
         ];
         for p in cases {
             assert_eq!(BootParams::parse(&p.to_cmdline()).unwrap(), p, "{}", p.to_cmdline());
@@ -235,6 +246,7 @@ mod tests {
             debug: true,
             tsc_khz: None,
             net: Some(net()),
+            nic: false,
             template: false,
         };
         assert_eq!(

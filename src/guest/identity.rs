@@ -87,16 +87,22 @@ pub(crate) fn reseed(r: &Reseed) -> Result<()> {
     set_machine_id(&r.machine_id)
 }
 
-/// The host's side: a `Reseed` with 64 bytes of the host's randomness, its clock and a fresh
-/// machine id, from the host's RNG.
-pub(crate) fn host_reseed(id: u32) -> Result<Reseed> {
+/// The host's side: a `Reseed` with 64 bytes of the host's randomness, its clock, a fresh
+/// machine id from the host's RNG, and the VM's network, if it has one.
+pub(crate) fn host_reseed(id: u32, net: Option<&super::boot::GuestNet>) -> Result<Reseed> {
     let mut seed = [0u8; 64];
     read_random(&mut seed)?;
     let unix_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .context("reading the host's clock")?
         .as_millis() as u64;
-    Ok(Reseed { id, seed: hex(&seed), unix_ms, machine_id: new_machine_id()? })
+    Ok(Reseed {
+        id,
+        seed: hex(&seed),
+        unix_ms,
+        machine_id: new_machine_id()?,
+        net: net.map(|n| n.to_value()),
+    })
 }
 
 #[cfg(test)]
@@ -115,13 +121,19 @@ mod tests {
 
     #[test]
     fn a_host_reseed_is_fresh_and_well_formed() {
-        let a = host_reseed(1).unwrap();
-        let b = host_reseed(2).unwrap();
+        let a = host_reseed(1, None).unwrap();
+        let b = host_reseed(2, None).unwrap();
         assert_ne!(a.seed, b.seed);
         assert_ne!(a.machine_id, b.machine_id);
         assert_eq!(unhex(&a.seed).unwrap().len(), 64);
         assert!(unhex("zz").is_err() && unhex("abc").is_err());
         assert!(a.unix_ms > 1_700_000_000_000);
+        assert_eq!(a.net, None);
+        let n = super::super::boot::GuestNet::parse("10.255.0.6/30,10.255.0.5,192.0.2.53").unwrap();
+        let c = host_reseed(3, Some(&n)).unwrap();
+        assert_eq!(c.net.as_deref(), Some("10.255.0.6/30,10.255.0.5,192.0.2.53"));
+        let wire = serde_json::to_string(&a).unwrap();
+        assert!(!wire.contains("net"), "a VM without a network gets no net field: {wire}");
     }
 
     #[test]

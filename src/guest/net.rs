@@ -3,6 +3,11 @@
 //! gives the VM a virtio-net device on its TAP; the agent loads the driver, switches IPv6 off,
 //! gives `eth0` the address and the default route, and writes the resolvers into each step's
 //! `/etc/resolv.conf`. Without the parameter nothing happens (loopback only).
+//!
+//! A snapshot template with a network boots with `executor.nic=1` instead: the driver loads and
+//! `eth0` comes up without an address, and each VM restored from the template gets its own
+//! address, route and resolvers with the host's `Reseed` ([`readdress`]), after the kernel's
+//! entropy and before any job request.
 
 use anyhow::{bail, Context, Result};
 use std::fs;
@@ -39,9 +44,13 @@ fn ip(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// Configures the network the command line names, if any (called before the first step).
+/// Configures the network the command line names, if any (called before the first step); for
+/// `executor.nic=1` only the device, its address coming with the host's `Reseed`.
 pub(crate) fn configure() -> Result<()> {
-    let Some(n) = &super::boot::current()?.net else { return Ok(()) };
+    let params = super::boot::current()?;
+    if params.net.is_none() && !params.nic {
+        return Ok(());
+    }
     // IPv6 off first: the host drops it anyway, and the guest should not even try.
     for k in ["all", "default"] {
         let _ = fs::write(format!("/proc/sys/net/ipv6/conf/{k}/disable_ipv6"), "1");
@@ -52,11 +61,33 @@ pub(crate) fn configure() -> Result<()> {
     })?;
     let _ = fs::write("/proc/sys/net/ipv6/conf/eth0/disable_ipv6", "1");
     ip(&["link", "set", "lo", "up"])?;
+    match &params.net {
+        Some(n) => address(n),
+        None => ip(&["link", "set", "eth0", "up"]),
+    }
+}
+
+/// Gives `eth0` the address, the default route and the resolvers of `n`.
+fn address(n: &GuestNet) -> Result<()> {
     ip(&["addr", "add", &format!("{}/{}", n.address, n.prefix), "dev", "eth0"])?;
     ip(&["link", "set", "eth0", "up"])?;
     ip(&["route", "add", "default", "via", &n.gateway.to_string(), "dev", "eth0"])?;
     fs::write(RESOLV_CONF, resolv_conf(n)).with_context(|| format!("writing {RESOLV_CONF}"))?;
     Ok(())
+}
+
+/// A VM restored from a template (`executor.nic=1`) takes its own network, `value` as
+/// `executor.net=` writes it: whatever `eth0` held is flushed (addresses, routes and the
+/// neighbours, whose gateway was the template's TAP), then the address, the route and the
+/// resolvers are set as a cold boot sets them.
+pub(crate) fn readdress(value: &str) -> Result<()> {
+    if !super::boot::current()?.nic {
+        bail!("the host sent a network for a VM booted without a network device");
+    }
+    let n = GuestNet::parse(value)?;
+    ip(&["addr", "flush", "dev", "eth0"])?;
+    ip(&["neigh", "flush", "dev", "eth0"])?;
+    address(&n)
 }
 
 /// Puts the job's resolv.conf into a step's (writable) root, replacing the image's.

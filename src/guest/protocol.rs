@@ -163,8 +163,8 @@ pub struct Control {
     pub id: u32,
 }
 
-/// What makes a VM restored from a snapshot its own: host randomness, the host's clock and a
-/// machine id.
+/// What makes a VM restored from a snapshot its own: host randomness, the host's clock, a
+/// machine id and, for a VM with a network device, its own address.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Reseed {
@@ -175,6 +175,11 @@ pub struct Reseed {
     pub unix_ms: u64,
     /// 32 lowercase hex digits (`/etc/machine-id`).
     pub machine_id: String,
+    /// The VM's network as `executor.net=` writes it (`<address>/<prefix>,<gateway>[,<resolver>
+    /// ...]`), for a VM booted with `executor.nic=1`: the template's command line names no
+    /// address, each restored VM gets its own here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -417,50 +417,115 @@ fn jobs_reach_the_internet_and_nothing_else(oci: &str, test: &str) {
         let mut cmd = world.in_ns(&world.host, exe.to_str().unwrap());
         executor_env(&mut cmd, &c.url, &c.secret, oci, &state, &prefix);
         cmd.env("EXECUTOR_MAXIMUM_NUM_JOBS", "2").env("EXECUTOR_NUM_TOTAL_JOBS", "2").arg("loop");
+        if vm {
+            // Booted cold here; the pool's VMs restored from a snapshot are probed below.
+            cmd.env("EXECUTOR_VM_POOL_SIZE", "0");
+        }
         common::assert_ok(&common::run(&mut cmd));
         let mut table = Vec::new();
-        for id in ids {
-            let job = c.wait_state(
-                id,
-                &["completed", "failed", "errored"],
-                Duration::from_secs(if vm { 300 } else { 60 }),
-            );
-            let log = job_log(&job);
-            assert_eq!(job["state"], "completed", "{log}");
-            assert!(log.contains("probes-done"), "{log}");
-            let reached = ["name", "address", "coordinator"];
-            assert!(log.contains(&format!("nameserver {DNS}")), "the job's resolv.conf:\n{log}");
-            for r in reached {
-                assert!(log.contains(&format!("REACHED {r}")), "{oci}: {r} should be reached:\n{log}");
+        let check_jobs = |ids: Vec<i64>, table: &mut Vec<(String, String, String)>| -> Vec<String> {
+            let mut logs = Vec::new();
+            for id in ids {
+                let job = c.wait_state(
+                    id,
+                    &["completed", "failed", "errored"],
+                    Duration::from_secs(if vm { 300 } else { 60 }),
+                );
+                let log = job_log(&job);
+                assert_eq!(job["state"], "completed", "{log}");
+                assert!(log.contains("probes-done"), "{log}");
+                let reached = ["name", "address", "coordinator"];
+                assert!(log.contains(&format!("nameserver {DNS}")), "the job's resolv.conf:\n{log}");
+                for r in reached {
+                    assert!(log.contains(&format!("REACHED {r}")), "{oci}: {r} should be reached:\n{log}");
+                }
+                assert!(log.contains("hello-from-the-internet"), "{log}");
+                let blocked = [
+                    "corporate",
+                    "metadata",
+                    "metadata-dns",
+                    &format!("host-{HOST_INTERNET_SIDE}"),
+                    &format!("host-{HOST_CORPORATE_SIDE}"),
+                    "host-10.255.0.1",
+                    "host-10.255.0.5",
+                    "host-coordinator-other-address",
+                    // Root in a guest may add an address: what matters is that nothing leaves
+                    // from it (spoof-send, counted below).
+                    if vm { "spoof-send" } else { "spoof-address" },
+                    "other-job",
+                ];
+                for b in blocked {
+                    assert!(log.contains(&format!("BLOCKED {b}")), "{oci}: {b} should be blocked:\n{log}");
+                    assert!(!log.contains(&format!("REACHED {b}")), "{oci}: {b} was reached:\n{log}");
+                }
+                for secret in ["corporate-secret", "metadata-secret", "host-secret"] {
+                    assert!(!log.contains(secret), "{oci}: {secret} reached a job:\n{log}");
+                }
+                if vm {
+                    assert!(log.contains("REACHED own-ping"), "{log}");
+                }
+                if table.is_empty() {
+                    *table = table_rows(&log);
+                }
+                logs.push(log);
             }
-            assert!(log.contains("hello-from-the-internet"), "{log}");
-            let blocked = [
-                "corporate",
-                "metadata",
-                "metadata-dns",
-                &format!("host-{HOST_INTERNET_SIDE}"),
-                &format!("host-{HOST_CORPORATE_SIDE}"),
-                "host-10.255.0.1",
-                "host-10.255.0.5",
-                "host-coordinator-other-address",
-                // Root in a guest may add an address: what matters is that nothing leaves
-                // from it (spoof-send, counted below).
-                if vm { "spoof-send" } else { "spoof-address" },
-                "other-job",
-            ];
-            for b in blocked {
-                assert!(log.contains(&format!("BLOCKED {b}")), "{oci}: {b} should be blocked:\n{log}");
-                assert!(!log.contains(&format!("REACHED {b}")), "{oci}: {b} was reached:\n{log}");
+            logs
+        };
+        check_jobs(ids, &mut table);
+        if vm {
+            // The pool's VMs (its default): restored from a template that booted with a network
+            // device and no address; each restored VM gets its own address at restore. One job
+            // at a time: the world's two slots are the running job's and the pool's next VM's.
+            let out = tmp.path().join("pool-loop.log");
+            let mut cmd = world.in_ns(&world.host, exe.to_str().unwrap());
+            executor_env(&mut cmd, &c.url, &c.secret, oci, &state, &prefix);
+            cmd.env("EXECUTOR_MAXIMUM_NUM_JOBS", "1")
+                .env("EXECUTOR_NUM_TOTAL_JOBS", "2")
+                .env("EXECUTOR_VM_POOL_SIZE", "1")
+                .arg("loop")
+                .stdout(std::fs::File::create(&out).unwrap())
+                .stderr(std::fs::File::create(tmp.path().join("pool-loop.err")).unwrap());
+            // The image set the pool boots with is the last job's, remembered in this file
+            // across restarts: as on a host that ran this image before.
+            let wanted = serde_json::json!({ "images": [image] }).to_string();
+            std::fs::write(state.join("vm/pool-images.json"), wanted).unwrap();
+            let mut lp = KillOnDrop(cmd.spawn().unwrap());
+            let snapshots = state.join("vm/snapshots");
+            let waited = Instant::now();
+            let loop_err = || std::fs::read_to_string(tmp.path().join("pool-loop.err")).unwrap_or_default();
+            while !std::fs::read_dir(&snapshots).into_iter().flatten().flatten().any(|e| {
+                std::fs::read_to_string(e.path().join("meta.json"))
+                    .is_ok_and(|m| m.contains("internet") && m.contains(image))
+            }) {
+                let exited = lp.0.try_wait().unwrap();
+                assert!(
+                    exited.is_none() && waited.elapsed() < Duration::from_secs(300),
+                    "no networked snapshot after {:?} (loop: {exited:?}):\n{}",
+                    waited.elapsed(),
+                    loop_err()
+                );
+                std::thread::sleep(Duration::from_millis(200));
             }
-            for secret in ["corporate-secret", "metadata-secret", "host-secret"] {
-                assert!(!log.contains(secret), "{oci}: {secret} reached a job:\n{log}");
+            let ids: Vec<i64> = (0..2)
+                .map(|_| {
+                    c.submit(serde_json::json!({"dockerSteps": [
+                        {"key": "probe", "image": image, "dir": "", "env": [], "commands": [script]}
+                    ]}))
+                })
+                .collect();
+            let logs = check_jobs(ids, &mut table);
+            for log in &logs {
+                let line = log.lines().find(|l| l.contains("from snapshot"));
+                assert!(line.is_some_and(|l| l.contains("restored")), "a restored VM:\n{log}");
+                eprintln!("networked pool VM: {}", line.unwrap_or_default());
             }
-            if vm {
-                assert!(log.contains("REACHED own-ping"), "{log}");
-            }
-            if table.is_empty() {
-                table = table_rows(&log);
-            }
+            let status = lp.0.wait().unwrap();
+            assert!(status.success(), "the pool's loop: {status}\n{}", loop_err());
+            table.push((
+                "the same probes in 2 VMs restored from one snapshot".into(),
+                "as above, each VM its address given at restore".into(),
+                "as above".into(),
+            ));
         }
         if vm {
             let out = world

@@ -186,11 +186,19 @@ impl MicroVm {
             debug: std::env::var_os("EXECUTOR_VM_DEBUG").is_some(),
             tsc_khz: tsc_khz(),
             net: None,
+            nic: false,
             // A restore gets the template's line: the guest is the template's.
             template: boot.template || boot.restore.is_some(),
         };
         let vm_net = self.make_network(rec, boot, &mut det)?;
-        params.net = vm_net.as_ref().map(|v| net::guest_net(&v.net));
+        let guest_net = vm_net.as_ref().map(|v| net::guest_net(&v.net));
+        if params.template {
+            // One line for the template and every VM restored from it: the device only, each
+            // VM's own address coming with its `Reseed`.
+            params.nic = guest_net.is_some();
+        } else {
+            params.net = guest_net.clone();
+        }
         let user = hand_to_qemu_user(&self.opts.state_dir, &rec.name, &dir, boot, &mut det)?;
         let (incoming, feed_end) = match boot.restore {
             Some(_) => {
@@ -232,7 +240,7 @@ impl MicroVm {
         }
         let mut ch = wait_for_agent(rec, &mut det, &mut child, boot.timeout)?;
         if boot.restore.is_some() {
-            reseed(&rec.name, &mut ch)?;
+            reseed(&rec.name, &mut ch, guest_net.as_ref())?;
         }
         det.phases.total_ms = t0.elapsed().as_millis() as u64;
         det.store(rec);
@@ -411,12 +419,13 @@ fn wait_for_agent(
     Ok(ch)
 }
 
-/// Makes a restored VM its own before anything else reaches it: host entropy, clock and machine
-/// id (guest/identity.rs); its agent refuses any job until this is done.
-fn reseed(name: &str, ch: &mut Channel) -> Result<()> {
+/// Makes a restored VM its own before anything else reaches it: host entropy, clock, machine
+/// id (guest/identity.rs) and its own network (guest/net.rs); its agent refuses any job until
+/// this is done.
+fn reseed(name: &str, ch: &mut Channel, net: Option<&crate::guest::boot::GuestNet>) -> Result<()> {
     use crate::guest::protocol::{ErrorReport, Frame, Kind};
     const ID: u32 = u32::MAX - 1;
-    let r = crate::guest::identity::host_reseed(ID)?;
+    let r = crate::guest::identity::host_reseed(ID, net)?;
     ch.send(&Frame::json(Kind::Reseed, &r)?)?;
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(30) {

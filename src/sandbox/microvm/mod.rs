@@ -122,7 +122,7 @@ impl Runtime for MicroVm {
         out.push(format!("guest kernel {}: {}", m.kernel_version, m.vmlinux.display()));
         let (accel, why) = self.choose_accel()?;
         out.push(format!("accelerator: {accel} ({why})"));
-        out.push(snapshot::support(self.opts.network.mode, self.opts.vm_snapshots));
+        out.push(snapshot::support(self.opts.vm_snapshots));
         Ok(out)
     }
 

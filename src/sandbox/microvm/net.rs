@@ -30,11 +30,24 @@ pub(crate) struct VmNet {
     pub tap: OwnedFd,
 }
 
+/// A VM's network could not be made (no free slot, say): the host's doing, not the VM's, so a
+/// restore that fails with it says nothing about the snapshot.
+#[derive(Debug, thiserror::Error)]
+#[error("setting up the VM's network (EXECUTOR_NETWORK={mode})")]
+pub(crate) struct NetSetupFailed {
+    mode: String,
+}
+
 /// Makes the TAP, its addresses and its firewall entry for VM `name`.
 pub(crate) fn setup(opts: &RuntimeOptions, name: &str, req: &NetRequest) -> Result<VmNet> {
     let (net, tap) = crate::network::setup_tap(&opts.state_dir, name, &opts.network, req.reach)
-        .context("setting up the VM's network (EXECUTOR_NETWORK=internet)")?;
+        .context(NetSetupFailed { mode: format!("{:?}", opts.network.mode).to_lowercase() })?;
     Ok(VmNet { net, tap })
+}
+
+/// Whether `e` is a failure to make a VM's network ([`NetSetupFailed`]).
+pub(crate) fn is_setup_failure(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<NetSetupFailed>().is_some()
 }
 
 /// The guest's view of a job network, as the kernel command line carries it to the agent
@@ -51,6 +64,22 @@ pub(crate) fn teardown(opts: &RuntimeOptions, net: &JobNetwork) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A restore that failed for want of a network is told apart from one the snapshot failed,
+    /// through any context added above it.
+    #[test]
+    fn a_network_failure_is_known_through_its_context() {
+        let e = Err::<(), _>(anyhow::anyhow!("no free network slot"))
+            .context(NetSetupFailed { mode: "internet".into() })
+            .context("booting VM x")
+            .unwrap_err();
+        assert!(is_setup_failure(&e));
+        assert_eq!(
+            format!("{e:#}"),
+            "booting VM x: setting up the VM's network (EXECUTOR_NETWORK=internet): no free network slot"
+        );
+        assert!(!is_setup_failure(&anyhow::anyhow!("the snapshot's SHA-256 does not match")));
+    }
 
     /// The `executor.net=` value the host wrote before `BootParams` carried it.
     #[test]

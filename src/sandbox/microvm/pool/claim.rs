@@ -63,17 +63,19 @@ fn write_disk_in_place(workspace: &Path, disk: &Path, size: u64) -> Result<()> {
 
 impl Pool {
     pub(super) fn try_claim(&self, req: &BootRequest) -> Claim {
-        if self.rt.opts.network.mode != crate::network::Mode::None
-            && req.coordinator != self.cfg.coordinator.as_deref()
-        {
-            return Claim::Miss("the job's coordinator is not the one the pool's VMs may reach".into());
-        }
-        if self.rt.opts.network.mode != crate::network::Mode::None && !req.endpoints.is_empty() {
-            return Claim::Miss(format!(
+        // A ready VM's network was made for the pool's coordinator alone; a VM restored on the
+        // job's path gets the job's own.
+        let networked = self.rt.opts.network.mode != crate::network::Mode::None;
+        let unreachable = if networked && req.coordinator != self.cfg.coordinator.as_deref() {
+            Some("the job's coordinator is not the one the pool's VMs may reach".to_string())
+        } else if networked && !req.endpoints.is_empty() {
+            Some(format!(
                 "the job's steps upload to {}, which the pool's VMs may not reach",
                 req.endpoints.join(", ")
-            ));
-        }
+            ))
+        } else {
+            None
+        };
         if *req.limits != self.cfg.limits {
             return Claim::Miss("the job's limits are not the pool's".into());
         }
@@ -95,6 +97,9 @@ impl Pool {
                 "the workspace ({}) does not fit the pool's disks",
                 crate::base::units::format_bytes(used)
             ));
+        }
+        if let Some(why) = unreachable {
+            return self.restore_for_job(req, PoolKey { base, images }, why);
         }
         let mut member = {
             let mut st = self.state();

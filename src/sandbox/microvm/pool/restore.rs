@@ -23,9 +23,6 @@ impl Pool {
         if !self.rt.opts.vm_snapshots {
             return Err("snapshots are off (EXECUTOR_VM_SNAPSHOTS=false)".into());
         }
-        if boot.network.is_some() {
-            return Err("VMs with a network boot cold: their address is set at boot".into());
-        }
         if let Some((k, why, when)) = &self.state().save_failed {
             if k == key && when.elapsed() < SAVE_RETRY {
                 return Err(why.clone());
@@ -78,6 +75,9 @@ impl Pool {
                 restore.restore = Some(s);
                 match self.own(name).and_then(|()| self.rt.boot_vm(name, &restore)) {
                     Ok(rec) => return Ok(rec),
+                    // No network for the VM: a cold boot would find none either, and the
+                    // snapshot is not at fault.
+                    Err(e) if super::super::net::is_setup_failure(&e) => return Err(e),
                     Err(e) => {
                         let _ = std::fs::remove_dir_all(self.rt.opts.sandboxes_dir().join(name));
                         snapshot::remove(&self.rt.opts.state_dir, &snap_key(key));
@@ -98,14 +98,15 @@ impl Pool {
     }
 
     /// A job found no ready VM (`why`): one is restored for it from the snapshot of its key, its
-    /// workspace attached, when such a snapshot exists; otherwise the job boots its own.
+    /// workspace attached and its network made for what the job may reach, when such a snapshot
+    /// exists; otherwise the job boots its own.
     pub(super) fn restore_for_job(&self, req: &BootRequest, key: PoolKey, why: String) -> Claim {
         let images = key_images(&key);
-        let boot = match self.member_boot(&key, &images) {
+        let boot = match self.member_boot_reaching(&key, &images, req.reach()) {
             Ok(b) => b,
             Err(e) => return Claim::Miss(format!("{why}; {e:#}")),
         };
-        if boot.network.is_some() || !self.rt.opts.vm_snapshots {
+        if !self.rt.opts.vm_snapshots {
             return Claim::Miss(why);
         }
         let snap = match snapshot::find(&self.rt.opts.state_dir, &snap_key(&key)) {
@@ -119,6 +120,10 @@ impl Pool {
         restore.restore = Some(&snap);
         let rec = match self.own(&name).and_then(|()| self.rt.boot_vm(&name, &restore)) {
             Ok(r) => r,
+            Err(e) if super::super::net::is_setup_failure(&e) => {
+                let _ = std::fs::remove_dir_all(self.rt.opts.sandboxes_dir().join(&name));
+                return Claim::Miss(format!("{why}; {e:#}"));
+            }
             Err(e) => {
                 let _ = std::fs::remove_dir_all(self.rt.opts.sandboxes_dir().join(&name));
                 snapshot::remove(&self.rt.opts.state_dir, &snap_key(&key));
@@ -204,8 +209,20 @@ impl Pool {
         })
     }
 
-    /// The boot of a VM of `key` with `images` (its images by reference, [`key_images`]).
+    /// The boot of a VM of `key` with `images` (its images by reference, [`key_images`]), whose
+    /// network (if any) reaches the pool's coordinator.
     pub(super) fn member_boot<'a>(&'a self, key: &PoolKey, images: &'a [String]) -> Result<VmBoot<'a>> {
+        let reach = crate::network::Reach { coordinator: self.cfg.coordinator.as_deref(), endpoints: &[] };
+        self.member_boot_reaching(key, images, reach)
+    }
+
+    /// [`Pool::member_boot`] with a network that reaches `reach`.
+    fn member_boot_reaching<'a>(
+        &'a self,
+        key: &PoolKey,
+        images: &'a [String],
+        reach: crate::network::Reach<'a>,
+    ) -> Result<VmBoot<'a>> {
         let (accel, why) = self.rt.choose_accel()?;
         if accel.to_string() != key.base.accel {
             bail!("the accelerator changed");
@@ -215,12 +232,8 @@ impl Pool {
         } else {
             std::time::Duration::from_secs(120)
         };
-        let mut boot = VmBoot::new(None, images, accel, why, &self.cfg.limits, timeout).with_network(
-            super::super::net::request(
-                &self.rt.opts,
-                crate::network::Reach { coordinator: self.cfg.coordinator.as_deref(), endpoints: &[] },
-            ),
-        );
+        let mut boot = VmBoot::new(None, images, accel, why, &self.cfg.limits, timeout)
+            .with_network(super::super::net::request(&self.rt.opts, reach));
         boot.pool_disk_bytes = Some(key.base.disk_bytes);
         Ok(boot)
     }

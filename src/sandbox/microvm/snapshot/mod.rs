@@ -203,7 +203,7 @@ pub(crate) fn prune(state_dir: &Path, current: &dyn Fn(&Meta) -> bool) -> Vec<St
 }
 
 /// `validate`'s line: whether snapshots work here and what the pool does with them.
-pub(crate) fn support(network: crate::network::Mode, enabled: bool) -> String {
+pub(crate) fn support(enabled: bool) -> String {
     if !enabled {
         return "snapshots: off (EXECUTOR_VM_SNAPSHOTS=false); pool VMs boot".into();
     }
@@ -214,12 +214,11 @@ pub(crate) fn support(network: crate::network::Mode, enabled: bool) -> String {
     let what =
         "QMP migrate to a stream, restore with -incoming fd, RAM copied from the stream (no mapped-ram, \
                 no shared template RAM on this QEMU), checked by SHA-256";
-    if network != crate::network::Mode::None {
-        return format!(
-            "snapshots: {qemu}: {what}; with a job network pool VMs boot cold (their address is set at boot)"
-        );
-    }
-    format!("snapshots: {qemu}: {what}; the pool saves one template per key and restores its VMs from it, and a job that finds no ready VM has one restored")
+    format!(
+        "snapshots: {qemu}: {what}; the pool saves one template per key and restores its VMs from it \
+         (each VM's own address, entropy, clock and machine id given at restore), and a job that finds \
+         no ready VM has one restored"
+    )
 }
 
 /// The janitor's pass with what it can judge: a snapshot is of a key still configured while its
@@ -328,15 +327,13 @@ mod tests {
 
     #[test]
     fn validate_says_what_the_pool_does_with_snapshots() {
-        use crate::network::Mode;
-        assert!(support(Mode::None, false).contains("off (EXECUTOR_VM_SNAPSHOTS=false)"));
-        let none = support(Mode::None, true);
-        let internet = support(Mode::Internet, true);
+        assert!(support(false).contains("off (EXECUTOR_VM_SNAPSHOTS=false)"));
+        let on = support(true);
         if qemu_version().is_ok() {
-            assert!(none.contains("QEMU") && none.contains("restores its VMs"), "{none}");
-            assert!(internet.contains("with a job network pool VMs boot cold"), "{internet}");
+            assert!(on.contains("QEMU") && on.contains("restores its VMs"), "{on}");
+            assert!(on.contains("own address"), "{on}");
         } else {
-            assert!(none.contains("unavailable") && internet.contains("unavailable"));
+            assert!(on.contains("unavailable"), "{on}");
         }
     }
 

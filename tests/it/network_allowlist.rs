@@ -27,7 +27,9 @@ for a in sys.argv[2:]:
 threading.Event().wait()
 "#;
 
-fn script_a() -> String {
+/// Job A's probes; `lookups` questions in a row trip the resolver's rate (more in a VM, whose
+/// emulated CPU asks more slowly).
+fn script_a(lookups: u32) -> String {
     let long = "x".repeat(60);
     format!(
         r#"p() {{ n=$1; shift; if "$@" >/tmp/o 2>&1 </dev/null; then echo "REACHED $n: $(head -c 200 /tmp/o | tr '\n' ' ')"; else echo "BLOCKED $n: $(head -c 200 /tmp/o | tr '\n' ' ')"; fi; }}
@@ -45,7 +47,7 @@ p outside-dns nslookup web.test {OUTSIDE_DNS}
 p too-long nslookup {long}.cdn.test
 sleep 4
 p expired timeout 3 wget -q -O - http://198.51.100.11/hello.txt
-i=0; while [ $i -lt 40 ]; do nslookup web.test >/dev/null 2>&1; i=$((i+1)); done
+i=0; while [ $i -lt {lookups} ]; do nslookup web.test >/dev/null 2>&1; i=$((i+1)); done
 echo probes-done
 "#
     )
@@ -92,8 +94,36 @@ fn has(lines: &[String], want: &str, log: &str) {
 
 #[test]
 fn network_allowlist_jobs_reach_only_allowed_names() {
-    let test = "network_allowlist_jobs_reach_only_allowed_names";
-    if !can_build(test) || !crate::oci::can_run(test, "runc") {
+    allowlist_jobs("runc", "network_allowlist_jobs_reach_only_allowed_names");
+}
+
+#[test]
+fn network_allowlist_crun_jobs_reach_only_allowed_names() {
+    allowlist_jobs("crun", "network_allowlist_crun_jobs_reach_only_allowed_names");
+}
+
+/// gVisor's own network stack in the job's namespace: the same chain and resolver outside it.
+#[test]
+fn network_allowlist_runsc_jobs_reach_only_allowed_names() {
+    allowlist_jobs("runsc", "network_allowlist_runsc_jobs_reach_only_allowed_names");
+}
+
+/// The same probes in microVMs: the guest's resolv.conf, the TAP's chain and the record.
+#[test]
+fn network_allowlist_microvm_jobs_reach_only_allowed_names() {
+    allowlist_jobs("microvm", "network_allowlist_microvm_jobs_reach_only_allowed_names");
+}
+
+fn allowlist_jobs(rt: &str, test: &str) {
+    let vm = rt == "microvm";
+    if !can_build(test) {
+        return;
+    }
+    if vm {
+        if let Some(why) = crate::microvm::missing() {
+            return common::skip(test, "microvm", &why);
+        }
+    } else if !crate::oci::can_run(test, rt) {
         return;
     }
     let world = World::build();
@@ -144,27 +174,34 @@ fn network_allowlist_jobs_reach_only_allowed_names() {
         );
         world.in_ns(&i, "sh").args(["-c", &probe]).output().is_ok_and(|o| o.status.success())
     });
-    let state = tmp.path().join("state");
-    common::Exec::new().args(["image", "build-busybox"]).env("EXECUTOR_STATE_DIR", &state).run();
-    let prefix = format!("nal{}", world.tag);
+    // The microVM's kernel and image are installed once for every test (tests/it/microvm.rs).
+    let (state, image) = if vm {
+        (crate::microvm::state_dir(), crate::microvm::IMAGE)
+    } else {
+        let state = tmp.path().join("state");
+        common::Exec::new().args(["image", "build-busybox"]).env("EXECUTOR_STATE_DIR", &state).run();
+        (state, "busybox")
+    };
+    let prefix = format!("na{}{}", &rt[..2], world.tag);
     let exe = common::bin();
+    let wait = Duration::from_secs(if vm { 300 } else { 60 });
     let _guard = JobsGuard {
         host: world.host.clone(),
         exe: exe.clone(),
-        oci: "runc".into(),
+        oci: rt.into(),
         state: state.clone(),
         prefix: prefix.clone(),
     };
     world.on_host(|| {
         let c = crate::coordinator::Coordinator::start_listening(&format!("{}:0", crate::network::HOST_INTERNET_SIDE));
-        let step = |script: &str| serde_json::json!([{"key": "probe", "image": "busybox", "dir": "", "env": [], "commands": [script]}]);
-        let a = c.submit(serde_json::json!({"dockerSteps": step(&script_a())}));
+        let step = |script: &str| serde_json::json!([{"key": "probe", "image": image, "dir": "", "env": [], "commands": [script]}]);
+        let a = c.submit(serde_json::json!({"dockerSteps": step(&script_a(if vm { 150 } else { 40 }))}));
         let b = c.submit(serde_json::json!({
             "dockerSteps": step(SCRIPT_B),
             "networkAllowHosts": ["web.test", "evil.test"],
         }));
         let allowlist = |cmd: &mut std::process::Command| {
-            executor_env(cmd, &c.url, &c.secret, "runc", &state, &prefix);
+            executor_env(cmd, &c.url, &c.secret, rt, &state, &prefix);
             cmd.env("EXECUTOR_NETWORK", "allowlist")
                 .env("EXECUTOR_NETWORK_ALLOW_HOSTS", HOSTS)
                 .env("EXECUTOR_DNS_SERVERS", UPSTREAM);
@@ -186,10 +223,12 @@ fn network_allowlist_jobs_reach_only_allowed_names() {
             .env("EXECUTOR_NETWORK_DNS_MAX_NAME", "40")
             .env("EXECUTOR_MAXIMUM_NUM_JOBS", "2")
             .env("EXECUTOR_NUM_TOTAL_JOBS", "2")
+            // The world has two job slots, both for these jobs: no pool VM holds one.
+            .env("EXECUTOR_VM_POOL_SIZE", "0")
             .arg("loop");
         common::assert_ok(&common::run(&mut cmd));
 
-        let job = c.wait_state(a, &["completed", "failed", "errored"], Duration::from_secs(60));
+        let job = c.wait_state(a, &["completed", "failed", "errored"], wait);
         let log = job_log(&job);
         assert_eq!(job["state"], "completed", "{log}");
         assert!(log.contains("probes-done"), "{log}");
@@ -216,7 +255,7 @@ fn network_allowlist_jobs_reach_only_allowed_names() {
         has(&rec, "refused tcp 198.51.100.14:80 -", &log);
         has(&rec, &format!("refused udp {OUTSIDE_DNS}:53 -"), &log);
 
-        let job = c.wait_state(b, &["completed", "failed", "errored"], Duration::from_secs(60));
+        let job = c.wait_state(b, &["completed", "failed", "errored"], wait);
         let log = job_log(&job);
         assert_eq!(job["state"], "completed", "{log}");
         expect(&log, &["name"], &["widen", "narrowed"]);
@@ -225,7 +264,9 @@ fn network_allowlist_jobs_reach_only_allowed_names() {
 
         // Nothing of the jobs is left: no resolver, none of their set elements.
         let procs = sh("ps -eo args");
-        assert!(!procs.contains(&*state.to_string_lossy()), "a resolver is left:\n{procs}");
+        let state_text = state.to_string_lossy();
+        let left = procs.lines().any(|l| l.contains("network-resolver") && l.contains(&*state_text));
+        assert!(!left, "a resolver is left:\n{procs}");
         for set in ["egress_hosts", "egress_ports", "egress_seen", "egress_refused"] {
             let out = world.in_ns(&world.host, "nft").args(["list", "set", "inet", "executor", set]).output().unwrap();
             let text = String::from_utf8_lossy(&out.stdout).into_owned();

@@ -264,6 +264,18 @@ impl Beneath {
     }
 }
 
+/// Removes what `path` names, a directory with all it holds or anything else, without
+/// following a symlink; nothing there is not an error.
+pub(crate) fn remove_any(path: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(md) if md.is_dir() => {
+            std::fs::remove_dir_all(path).with_context(|| format!("removing {}", path.display()))
+        }
+        Ok(_) => std::fs::remove_file(path).with_context(|| format!("removing {}", path.display())),
+        Err(_) => Ok(()),
+    }
+}
+
 /// Creates `dir` (and its missing parents) readable by its owner only, and makes an existing one
 /// so: for directories that hold secrets or job data (the coordinator's data directory).
 pub(crate) fn private_dir(dir: &Path) -> std::io::Result<()> {

@@ -95,16 +95,6 @@ fn is_opaque(path: &Path) -> bool {
     crate::base::sys::lgetxattr(&c, name, &mut v).is_some_and(|n| n >= 1 && v[0] == b'y')
 }
 
-fn remove_any(path: &Path) -> Result<()> {
-    match fs::symlink_metadata(path) {
-        Ok(md) if md.is_dir() => {
-            fs::remove_dir_all(path).with_context(|| format!("removing {}", path.display()))
-        }
-        Ok(_) => fs::remove_file(path).with_context(|| format!("removing {}", path.display())),
-        Err(_) => Ok(()),
-    }
-}
-
 /// Applies the overlay upper layer `upper` onto the tree `dst` (see the module doc).
 pub(super) fn apply_upper(upper: &Path, dst: &Path, uid_base: u32) -> Result<()> {
     let Ok(top) = fs::symlink_metadata(upper) else { return Ok(()) };
@@ -118,21 +108,21 @@ pub(super) fn apply_upper(upper: &Path, dst: &Path, uid_base: u32) -> Result<()>
         let md = fs::symlink_metadata(&from).with_context(|| format!("inspecting {}", from.display()))?;
         let t = md.file_type();
         if is_whiteout(&md) {
-            remove_any(&to)?;
+            crate::base::fs::remove_any(&to)?;
         } else if t.is_dir() {
             let keep = !is_opaque(&from) && fs::symlink_metadata(&to).is_ok_and(|m| m.is_dir());
             if !keep {
-                remove_any(&to)?;
+                crate::base::fs::remove_any(&to)?;
                 fs::create_dir(&to).with_context(|| format!("creating {}", to.display()))?;
             }
             apply_upper(&from, &to, uid_base)?;
         } else if t.is_symlink() {
-            remove_any(&to)?;
+            crate::base::fs::remove_any(&to)?;
             let target = fs::read_link(&from).with_context(|| format!("reading {}", from.display()))?;
             std::os::unix::fs::symlink(&target, &to).with_context(|| format!("creating {}", to.display()))?;
             set_owner_mode(&to, &md, uid_base)?;
         } else if t.is_file() {
-            remove_any(&to)?;
+            crate::base::fs::remove_any(&to)?;
             copy_file(&from, &to)?;
             set_owner_mode(&to, &md, uid_base)?;
         }

@@ -356,16 +356,6 @@ fn check_parents(root: &Path, rel: &Path) -> Result<()> {
     Ok(())
 }
 
-fn remove_any(path: &Path) -> Result<()> {
-    match fs::symlink_metadata(path) {
-        Ok(md) if md.is_dir() => {
-            fs::remove_dir_all(path).with_context(|| format!("removing {}", path.display()))
-        }
-        Ok(_) => fs::remove_file(path).with_context(|| format!("removing {}", path.display())),
-        Err(_) => Ok(()),
-    }
-}
-
 /// Applies one layer onto `root`; returns the bytes of file content. `reader` yields the plain
 /// tar (the caller decompressed it, once): it is read to its end, so a cap or a hash around it
 /// sees every byte.
@@ -383,7 +373,7 @@ pub fn apply_layer(reader: impl Read + 'static, root: &Path) -> Result<u64> {
             let dir = path.parent().unwrap_or(root);
             if let Ok(rd) = fs::read_dir(dir) {
                 for e in rd {
-                    remove_any(&e?.path())?;
+                    crate::base::fs::remove_any(&e?.path())?;
                 }
             }
             continue;
@@ -396,7 +386,7 @@ pub fn apply_layer(reader: impl Read + 'static, root: &Path) -> Result<u64> {
                     rel.display().to_string()
                 );
             }
-            remove_any(&path.with_file_name(hidden))?;
+            crate::base::fs::remove_any(&path.with_file_name(hidden))?;
             continue;
         }
         let header = entry.header();
@@ -409,21 +399,21 @@ pub fn apply_layer(reader: impl Read + 'static, root: &Path) -> Result<u64> {
         match kind {
             tar::EntryType::Directory => {
                 if fs::symlink_metadata(&path).map(|m| !m.is_dir()).unwrap_or(false) {
-                    remove_any(&path)?;
+                    crate::base::fs::remove_any(&path)?;
                 }
                 if !path.exists() {
                     fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
                 }
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
-                remove_any(&path)?;
+                crate::base::fs::remove_any(&path)?;
                 let mut out =
                     fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
                 size += std::io::copy(&mut entry, &mut out)?;
             }
             tar::EntryType::Symlink => {
                 let target = entry.link_name()?.context("symlink without a target")?.into_owned();
-                remove_any(&path)?;
+                crate::base::fs::remove_any(&path)?;
                 std::os::unix::fs::symlink(&target, &path)
                     .with_context(|| format!("creating symlink {}", path.display()))?;
             }
@@ -449,7 +439,7 @@ pub fn apply_layer(reader: impl Read + 'static, root: &Path) -> Result<u64> {
                 if md.is_dir() {
                     bail!("refusing hard link {:?} to a directory", rel.display().to_string());
                 }
-                remove_any(&path)?;
+                crate::base::fs::remove_any(&path)?;
                 fs::hard_link(&src, &path)
                     .with_context(|| format!("creating hard link {}", path.display()))?;
                 continue;
@@ -458,7 +448,7 @@ pub fn apply_layer(reader: impl Read + 'static, root: &Path) -> Result<u64> {
                 bail!("refusing device node {:?}", rel.display().to_string())
             }
             tar::EntryType::Fifo => {
-                remove_any(&path)?;
+                crate::base::fs::remove_any(&path)?;
                 nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600))
                     .with_context(|| format!("creating fifo {}", path.display()))?;
             }

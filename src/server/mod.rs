@@ -145,11 +145,11 @@ pub fn serve(cfg: ServeConfig) -> Result<()> {
     rt.block_on(http::serve(Arc::new(cfg)))
 }
 
+/// The configuration of unit tests: one queue, `batches`, on loopback, fair dequeue, no
+/// database, no TLS.
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn cfg() -> ServeConfig {
+impl ServeConfig {
+    pub(crate) fn for_tests() -> ServeConfig {
         ServeConfig {
             listen: "127.0.0.1:0".into(),
             data_dir: PathBuf::from("/nonexistent"),
@@ -165,10 +165,23 @@ mod tests {
             tls: None,
             active_window: ACTIVE_WINDOW,
             database: None,
-            metrics_token: Some("metrics-token-0123456789abcdef".into()),
+            metrics_token: None,
             fair_dequeue: true,
-            tenant_max_running: 2,
+            tenant_max_running: 0,
             keep_failed: Default::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> ServeConfig {
+        ServeConfig {
+            metrics_token: Some("metrics-token-0123456789abcdef".into()),
+            tenant_max_running: 2,
+            ..ServeConfig::for_tests()
         }
     }
 

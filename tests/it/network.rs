@@ -359,16 +359,25 @@ p spoof-send ping -c 1 -W 2 -I 10.255.0.99 198.51.100.10
 p own-ping ping -c 1 -W 3 198.51.100.10
 "#;
 
+/// Whether `test` can build its world and run jobs on `rt` (an OCI runtime, or `microvm`);
+/// otherwise it has said why it skips.
+pub(crate) fn can_run_on(test: &str, rt: &str) -> bool {
+    if !can_build(test) {
+        return false;
+    }
+    if rt == "microvm" {
+        if let Some(why) = crate::microvm::missing() {
+            common::skip(test, "microvm", &why);
+            return false;
+        }
+        return true;
+    }
+    crate::oci::can_run(test, rt)
+}
+
 fn jobs_reach_the_internet_and_nothing_else(oci: &str, test: &str) {
     let vm = oci == "microvm";
-    if !can_build(test) {
-        return;
-    }
-    if vm {
-        if let Some(why) = crate::microvm::missing() {
-            return common::skip(test, "microvm", &why);
-        }
-    } else if !crate::oci::can_run(test, oci) {
+    if !can_run_on(test, oci) {
         return;
     }
     let started = Instant::now();

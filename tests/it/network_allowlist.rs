@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use crate::common;
-use crate::network::{can_build, executor_env, sh, JobsGuard, KillOnDrop, World, WEB};
+use crate::network::{can_run_on, executor_env, sh, JobsGuard, KillOnDrop, World, WEB};
 
 /// The executor's upstream resolver, in the *internet* namespace.
 const UPSTREAM: &str = "198.51.100.54";
@@ -116,14 +116,7 @@ fn network_allowlist_microvm_jobs_reach_only_allowed_names() {
 
 fn allowlist_jobs(rt: &str, test: &str) {
     let vm = rt == "microvm";
-    if !can_build(test) {
-        return;
-    }
-    if vm {
-        if let Some(why) = crate::microvm::missing() {
-            return common::skip(test, "microvm", &why);
-        }
-    } else if !crate::oci::can_run(test, rt) {
+    if !can_run_on(test, rt) {
         return;
     }
     let world = World::build();

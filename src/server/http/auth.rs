@@ -96,6 +96,15 @@ impl FromRequestParts<Shared> for ExecutorSecret {
     }
 }
 
+/// The token of `Authorization: Bearer <token>`; 401 with `needs` for another scheme or none.
+fn bearer(parts: &Parts, needs: &str) -> HttpResult<String> {
+    let (scheme, token) = parse_auth(&parts.headers)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(http_err(StatusCode::UNAUTHORIZED, needs));
+    }
+    Ok(token)
+}
+
 /// The admin API's caller: `Authorization: Bearer <admin token>` (401 for another scheme, 403
 /// for another token).
 pub(super) struct AdminToken;
@@ -105,13 +114,7 @@ impl FromRequestParts<Shared> for AdminToken {
     type Rejection = HttpError;
 
     async fn from_request_parts(parts: &mut Parts, app: &Shared) -> HttpResult<Self> {
-        let (scheme, token) = parse_auth(&parts.headers)?;
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return Err(http_err(
-                StatusCode::UNAUTHORIZED,
-                "the admin API needs Authorization: Bearer <admin token>",
-            ));
-        }
+        let token = bearer(parts, "the admin API needs Authorization: Bearer <admin token>")?;
         if !secret_matches(&token, &app.admin_digest) {
             return Err(http_err(StatusCode::FORBIDDEN, "invalid admin token"));
         }
@@ -128,13 +131,7 @@ impl FromRequestParts<Shared> for MetricsReader {
     type Rejection = HttpError;
 
     async fn from_request_parts(parts: &mut Parts, app: &Shared) -> HttpResult<Self> {
-        let (scheme, token) = parse_auth(&parts.headers)?;
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return Err(http_err(
-                StatusCode::UNAUTHORIZED,
-                "metrics need Authorization: Bearer <metrics or admin token>",
-            ));
-        }
+        let token = bearer(parts, "metrics need Authorization: Bearer <metrics or admin token>")?;
         let metrics = app.metrics_digest.as_ref().is_some_and(|d| secret_matches(&token, d));
         if !metrics && !secret_matches(&token, &app.admin_digest) {
             return Err(http_err(StatusCode::FORBIDDEN, "invalid metrics token"));

@@ -100,26 +100,7 @@ impl App {
     /// An app on an in-memory store serving `batches`, for unit tests.
     #[cfg(test)]
     fn for_tests() -> Shared {
-        let cfg = ServeConfig {
-            listen: "127.0.0.1:0".into(),
-            data_dir: std::path::PathBuf::from("/nonexistent"),
-            addr_file: None,
-            queues: vec!["batches".into()],
-            stalled_max_age: Duration::from_secs(25),
-            max_resets: 3,
-            max_retries: 0,
-            log_cap_bytes: 1 << 20,
-            artifact_max_bytes: 1 << 20,
-            secret: "executor-secret-0123456789abcdef".into(),
-            admin_token: "admin-token-0123456789abcdef0123".into(),
-            tls: None,
-            active_window: super::ACTIVE_WINDOW,
-            database: None,
-            metrics_token: None,
-            fair_dequeue: true,
-            tenant_max_running: 0,
-            keep_failed: Default::default(),
-        };
+        let cfg = ServeConfig::for_tests();
         let store = StoreThread::start(Store::open_in_memory().unwrap()).unwrap();
         Arc::new(App::new(Arc::new(cfg), store, std::path::PathBuf::from("/nonexistent")))
     }

@@ -253,6 +253,9 @@ pub(crate) fn run(settings: Settings) -> Result<i32> {
             crate::api::report_src_cli_version(src.version);
         }
     }
+    // An allowlist job's resolver waits ahead of it (network/dns).
+    let _spare = (settings.network.mode == crate::network::Mode::Allowlist && runtime != RuntimeKind::Shell)
+        .then(|| crate::network::dns::keep_spare(&settings.state_dir));
     if let Some(s) = wait_for_coordinator(&settings, &client, &sig) {
         info!("{s} before the coordinator answered: exiting");
         crate::workspace::release_lifetime(&settings.workspaces_dir());

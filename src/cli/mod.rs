@@ -65,7 +65,11 @@ pub enum Command {
     #[command(hide = true)]
     NetworkResolver {
         /// The resolver's configuration, written by the job's network setup
-        config: PathBuf,
+        #[arg(required_unless_present = "spare")]
+        config: Option<PathBuf>,
+        /// Start ahead of a job: read the configuration's path (a file of DIR) from stdin
+        #[arg(long, value_name = "DIR", conflicts_with = "config")]
+        spare: Option<PathBuf>,
     },
 }
 
@@ -131,6 +135,11 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Queue(args) => queue::run(args),
         Command::Cache(args) => cache::run(args),
         Command::Debug(args) => debug::run(args),
-        Command::NetworkResolver { config } => crate::network::dns::serve_main(&config).map(|()| exit::OK),
+        Command::NetworkResolver { config, spare } => match (config, spare) {
+            (_, Some(dir)) => crate::network::dns::serve_spare(&dir),
+            (Some(config), None) => crate::network::dns::serve_main(&config),
+            (None, None) => unreachable!("clap requires CONFIG without --spare"),
+        }
+        .map(|()| exit::OK),
     }
 }

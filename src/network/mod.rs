@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 pub use bandwidth::Bandwidth;
+pub use dns::{keep_spare as keep_spare_resolver, SpareGuard};
 pub use policy::{Allow, Cidr, Reach};
 pub use validate::check;
 

@@ -60,34 +60,132 @@ fn config_file(state_dir: &Path, sandbox: &str) -> PathBuf {
     dir(state_dir).join(format!("{sandbox}.json"))
 }
 
-/// Starts the resolver of a job and waits until it listens. The process is in a group of its
-/// own, so that a signal to the stage that started it does not reach it.
-pub(crate) fn start(state_dir: &Path, cfg: &ResolverConfig) -> Result<u32> {
+/// A resolver started ahead of the next allowlist job ([`keep_spare`]): `executor
+/// network-resolver --spare DIR`, waiting for its configuration's path on its stdin. Starting
+/// the process (exec, the runtime's start) is most of a resolver's start: a process that lives
+/// across jobs (`executor loop`) keeps one spare, and a job's network takes it.
+struct Spare {
+    state_dir: PathBuf,
+    child: std::process::Child,
+}
+
+static SPARE: std::sync::Mutex<Option<Spare>> = std::sync::Mutex::new(None);
+/// The state directory whose jobs get spares, once [`keep_spare`] was called.
+static SPARE_FOR: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+
+/// Keeps a spare resolver for the allowlist jobs of `state_dir` until the guard is dropped
+/// (held by `executor loop`; a stage run alone starts its job's resolver itself). Should this
+/// process die first, the spare ends with it: its stdin closes.
+#[must_use]
+pub fn keep_spare(state_dir: &Path) -> SpareGuard {
+    *SPARE_FOR.lock().unwrap_or_else(|p| p.into_inner()) = Some(state_dir.to_path_buf());
+    refill_spare();
+    SpareGuard(())
+}
+
+/// Stops keeping spares when dropped, and ends the one that waits.
+pub struct SpareGuard(());
+
+impl Drop for SpareGuard {
+    fn drop(&mut self) {
+        *SPARE_FOR.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let spare = SPARE.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(mut s) = spare {
+            let _ = s.child.kill();
+            let _ = s.child.wait();
+        }
+    }
+}
+
+/// Starts a spare in the background, if spares are kept and none waits.
+fn refill_spare() {
+    let Some(state_dir) = SPARE_FOR.lock().unwrap_or_else(|p| p.into_inner()).clone() else { return };
+    std::thread::spawn(move || {
+        let child = match spawn(&state_dir, None) {
+            Ok(c) => c,
+            Err(e) => return tracing::warn!("starting a spare resolver: {e:#}"),
+        };
+        // Kept only while spares still are (the guard may have gone meanwhile), and one at a time.
+        let wanted = SPARE_FOR.lock().unwrap_or_else(|p| p.into_inner()).as_ref() == Some(&state_dir);
+        let mut slot = SPARE.lock().unwrap_or_else(|p| p.into_inner());
+        match slot.as_ref() {
+            None if wanted => *slot = Some(Spare { state_dir, child }),
+            _ => {
+                drop(slot);
+                let mut c = child;
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    });
+}
+
+/// `executor network-resolver` for `conf`, or a spare (`None`) that reads its configuration's
+/// path from stdin. The process is in a group of its own, so that a signal to the stage that
+/// started it does not reach it.
+fn spawn(state_dir: &Path, conf: Option<&Path>) -> Result<std::process::Child> {
     use std::os::unix::process::CommandExt;
+    let mut cmd = crate::base::proc::command(executor_binary()?);
+    cmd.arg("network-resolver");
+    match conf {
+        Some(c) => cmd.arg(c).stdin(std::process::Stdio::null()),
+        None => cmd.arg("--spare").arg(dir(state_dir)).stdin(std::process::Stdio::piped()),
+    };
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .context("starting the job's resolver (executor network-resolver)")
+}
+
+/// The spare of `state_dir`, handed `conf`, once it said it listens; `None` when there is no
+/// spare or it failed (it is killed, and the caller starts a resolver as it would without).
+fn take_spare(state_dir: &Path, conf: &Path) -> Option<u32> {
+    use std::io::Write;
+    let spare = {
+        let mut slot = SPARE.lock().unwrap_or_else(|p| p.into_inner());
+        match slot.take() {
+            Some(s) if s.state_dir == state_dir => s,
+            other => {
+                *slot = other;
+                return None;
+            }
+        }
+    };
+    refill_spare();
+    let mut child = spare.child;
+    let handed = child.stdin.take().is_some_and(|mut i| writeln!(i, "{}", conf.display()).is_ok());
+    if handed && ready(&mut child) {
+        return Some(child.id());
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+/// Whether the resolver said `ready` on its stdout (it does once it listens).
+fn ready(child: &mut std::process::Child) -> bool {
+    let mut line = String::new();
+    let read = child.stdout.take().map(|o| std::io::BufReader::new(o).read_line(&mut line));
+    matches!(read, Some(Ok(n)) if n > 0) && line.trim() == "ready"
+}
+
+/// Starts the resolver of a job (the spare, where one waits) and waits until it listens.
+pub(crate) fn start(state_dir: &Path, cfg: &ResolverConfig) -> Result<u32> {
     let d = dir(state_dir);
     fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
     let conf = config_file(state_dir, &cfg.sandbox);
     crate::base::fs::write_atomic(&conf, &serde_json::to_vec(cfg)?)
         .with_context(|| format!("writing {}", conf.display()))?;
     let _ = fs::remove_file(&cfg.log);
-    let mut child = crate::base::proc::command(executor_binary()?)
-        .arg("network-resolver")
-        .arg(&conf)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .process_group(0)
-        .spawn()
-        .context("starting the job's resolver (executor network-resolver)")?;
+    if let Some(pid) = take_spare(state_dir, &conf) {
+        fs::write(pid_file(state_dir, &cfg.sandbox), pid.to_string())
+            .context("writing the resolver's pid file")?;
+        return Ok(pid);
+    }
+    let mut child = spawn(state_dir, Some(&conf))?;
     let pid = child.id();
-    let mut line = String::new();
-    let ready = child
-        .stdout
-        .take()
-        .map(|o| std::io::BufReader::new(o).read_line(&mut line))
-        .transpose()
-        .context("waiting for the job's resolver")?;
-    if ready.unwrap_or(0) == 0 || line.trim() != "ready" {
+    if !ready(&mut child) {
         let _ = child.kill();
         let status = child.wait().ok();
         bail!(
@@ -126,19 +224,19 @@ pub(crate) fn stop(state_dir: &Path, sandbox: &str) {
     let pf = pid_file(state_dir, sandbox);
     let conf = config_file(state_dir, sandbox);
     if let Some(pid) = fs::read_to_string(&pf).ok().and_then(|t| t.trim().parse::<i32>().ok()) {
-        // Only the process that serves this sandbox's configuration (a pid can be reused).
+        // Only a resolver of this state directory (a pid can be reused): one started for this
+        // sandbox's configuration names it, a spare names the directory.
         let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let ours = String::from_utf8_lossy(&cmdline).contains(&*conf.to_string_lossy());
+        let ours = String::from_utf8_lossy(&cmdline).contains(&*dir(state_dir).to_string_lossy());
         if ours && kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok() {
-            for _ in 0..200 {
+            // A killed process is gone in well under a millisecond: polled every 100 µs, for
+            // 200 ms at most.
+            let tick = Duration::from_micros(100);
+            for _ in 0..2000 {
                 match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
-                    Ok(nix::sys::wait::WaitStatus::StillAlive) => {
-                        std::thread::sleep(Duration::from_millis(1))
-                    }
+                    Ok(nix::sys::wait::WaitStatus::StillAlive) => std::thread::sleep(tick),
                     // Not this process's child: gone when /proc says so.
-                    Err(_) if Path::new(&format!("/proc/{pid}")).exists() => {
-                        std::thread::sleep(Duration::from_millis(1))
-                    }
+                    Err(_) if Path::new(&format!("/proc/{pid}")).exists() => std::thread::sleep(tick),
                     _ => break,
                 }
             }
@@ -146,6 +244,20 @@ pub(crate) fn stop(state_dir: &Path, sandbox: &str) {
     }
     let _ = fs::remove_file(&pf);
     let _ = fs::remove_file(&conf);
+}
+
+/// `executor network-resolver --spare DIR`: waits for a configuration's path (a file of DIR) on
+/// stdin, then serves it; stdin closed first (the process that keeps spares ended) ends it.
+pub(crate) fn serve_spare(dir: &Path) -> Result<()> {
+    let mut line = String::new();
+    if std::io::stdin().lock().read_line(&mut line).context("reading the configuration's path")? == 0 {
+        return Ok(());
+    }
+    let config = PathBuf::from(line.trim_end_matches('\n'));
+    if config.parent() != Some(dir) {
+        bail!("{} is not a resolver configuration of {}", config.display(), dir.display());
+    }
+    serve_main(&config)
 }
 
 /// `executor network-resolver CONFIG`: serves until the job's link is gone or it is killed.

@@ -3732,12 +3732,16 @@ _executor() {
             return 0
             ;;
         executor__subcmd__network__subcmd__resolver)
-            opts="-h -V --help --version"
+            opts="-h -V --spare --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --spare)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;

@@ -1081,6 +1081,7 @@ complete -c executor -n "__fish_executor_using_subcommand debug" -l network-dns-
 complete -c executor -n "__fish_executor_using_subcommand debug" -l list -d 'List the sandboxes kept for debugging on this host, and until when'
 complete -c executor -n "__fish_executor_using_subcommand debug" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand debug" -s V -l version -d 'Print version'
+complete -c executor -n "__fish_executor_using_subcommand network-resolver" -l spare -d 'Start ahead of a job: read the configuration\'s path (a file of DIR) from stdin' -r -F
 complete -c executor -n "__fish_executor_using_subcommand network-resolver" -s h -l help -d 'Print help'
 complete -c executor -n "__fish_executor_using_subcommand network-resolver" -s V -l version -d 'Print version'
 complete -c executor -n "__fish_executor_using_subcommand help; and not __fish_seen_subcommand_from image queue generate-docs dequeue prepare-workspace vm-boot run-steps upload complete loop validate janitor install test-vm cache debug network-resolver help" -f -a "image" -d 'Manage the local image store (import, build, list, remove)'

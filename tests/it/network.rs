@@ -359,6 +359,11 @@ p spoof-send ping -c 1 -W 2 -I 10.255.0.99 198.51.100.10
 p own-ping ping -c 1 -W 3 198.51.100.10
 "#;
 
+/// Held by a networked microVM test for its whole run: those tests share the installed VM's
+/// state directory (tests/it/microvm.rs), and with it the job network's slot files, while each
+/// world has the same two slots.
+pub(crate) static VM_NETWORK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Whether `test` can build its world and run jobs on `rt` (an OCI runtime, or `microvm`);
 /// otherwise it has said why it skips.
 pub(crate) fn can_run_on(test: &str, rt: &str) -> bool {
@@ -380,6 +385,7 @@ fn jobs_reach_the_internet_and_nothing_else(oci: &str, test: &str) {
     if !can_run_on(test, oci) {
         return;
     }
+    let _vm_network = vm.then(|| VM_NETWORK.lock().unwrap_or_else(|p| p.into_inner()));
     let started = Instant::now();
     let world = World::build();
     let tmp = tempfile::tempdir().unwrap();

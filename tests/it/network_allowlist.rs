@@ -119,6 +119,7 @@ fn allowlist_jobs(rt: &str, test: &str) {
     if !can_run_on(test, rt) {
         return;
     }
+    let _vm_network = vm.then(|| crate::network::VM_NETWORK.lock().unwrap_or_else(|p| p.into_inner()));
     let world = World::build();
     let tmp = tempfile::tempdir().unwrap();
     std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o711)).unwrap();

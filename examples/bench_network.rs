@@ -270,23 +270,23 @@ fn allowlist(
     use executor::network::{setup, teardown_timed, DnsLimits};
     let allow = Settings { mode: Mode::Allowlist, ..internet.clone() }
         .with_hosts(Some("web.test"), DnsLimits { grace_s: 600, rate: 100_000, max_name: 128 })?;
+    // One job's network made and removed: the time, and the setup's and teardown's steps.
+    use executor::network::Timings;
+    let once = |name: &str, s: &Settings| -> Result<(Duration, Timings, Timings)> {
+        let (mut st, mut tt) = (Vec::new(), Vec::new());
+        let t = Instant::now();
+        let net = executor::network::setup_timed(state, name, s, Default::default(), &mut st)?;
+        teardown_timed(state, &net, &mut tt)?;
+        let took = t.elapsed();
+        let _ = executor::network::egress::take(state, &net.sandbox);
+        Ok((took, st, tt))
+    };
     // 1. Setup plus teardown, with the resolver and without, alternating.
     let (mut with, mut without) = (Vec::new(), Vec::new());
     let mut steps: Vec<(String, Vec<Duration>)> = Vec::new();
     for i in 0..=runs {
         for (s, v) in [(&allow, &mut with), (internet, &mut without)] {
-            let (mut st, mut tt) = (Vec::new(), Vec::new());
-            let t = Instant::now();
-            let net = executor::network::setup_timed(
-                state,
-                &format!("benchal-{i}"),
-                s,
-                Default::default(),
-                &mut st,
-            )?;
-            teardown_timed(state, &net, &mut tt)?;
-            let took = t.elapsed();
-            let _ = executor::network::egress::take(state, &net.sandbox);
+            let (took, st, tt) = once(&format!("benchal-{i}"), s)?;
             if i == 0 {
                 continue;
             }
@@ -313,18 +313,7 @@ fn allowlist(
         let _spare = executor::network::keep_spare_resolver(state);
         for i in 0..=runs {
             std::thread::sleep(Duration::from_millis(50));
-            let (mut st, mut tt) = (Vec::new(), Vec::new());
-            let t = Instant::now();
-            let net = executor::network::setup_timed(
-                state,
-                &format!("benchsp-{i}"),
-                &allow,
-                Default::default(),
-                &mut st,
-            )?;
-            teardown_timed(state, &net, &mut tt)?;
-            let took = t.elapsed();
-            let _ = executor::network::egress::take(state, &net.sandbox);
+            let (took, st, _) = once(&format!("benchsp-{i}"), &allow)?;
             if i > 0 {
                 spared.push(took);
                 spare_start.extend(st.into_iter().filter(|(k, _)| *k == "resolver").map(|(_, d)| d));

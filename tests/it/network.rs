@@ -364,6 +364,17 @@ p own-ping ping -c 1 -W 3 198.51.100.10
 /// world has the same two slots.
 pub(crate) static VM_NETWORK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// The state directory and step image of a test's jobs: the installed microVM's, shared by
+/// every test (tests/it/microvm.rs), or a fresh one under `tmp` with a busybox image.
+pub(crate) fn job_state(vm: bool, tmp: &std::path::Path) -> (std::path::PathBuf, &'static str) {
+    if vm {
+        return (crate::microvm::state_dir(), crate::microvm::IMAGE);
+    }
+    let state = tmp.join("state");
+    common::Exec::new().args(["image", "build-busybox"]).env("EXECUTOR_STATE_DIR", &state).run();
+    (state, "busybox")
+}
+
 /// Whether `test` can build its world and run jobs on `rt` (an OCI runtime, or `microvm`);
 /// otherwise it has said why it skips.
 pub(crate) fn can_run_on(test: &str, rt: &str) -> bool {
@@ -390,14 +401,7 @@ fn jobs_reach_the_internet_and_nothing_else(oci: &str, test: &str) {
     let world = World::build();
     let tmp = tempfile::tempdir().unwrap();
     std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
-    // The microVM's kernel and image are installed once for every test (tests/it/microvm.rs).
-    let (state, image) = if vm {
-        (crate::microvm::state_dir(), crate::microvm::IMAGE)
-    } else {
-        let state = tmp.path().join("state");
-        common::Exec::new().args(["image", "build-busybox"]).env("EXECUTOR_STATE_DIR", &state).run();
-        (state, "busybox")
-    };
+    let (state, image) = job_state(vm, tmp.path());
     if vm {
         // Counters in the internet namespace for the guest's own probes (VM_PROBES).
         let counter = "add table ip vmprobe; add chain ip vmprobe c { type filter hook input priority 0; }; \

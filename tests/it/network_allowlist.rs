@@ -168,14 +168,7 @@ fn allowlist_jobs(rt: &str, test: &str) {
         );
         world.in_ns(&i, "sh").args(["-c", &probe]).output().is_ok_and(|o| o.status.success())
     });
-    // The microVM's kernel and image are installed once for every test (tests/it/microvm.rs).
-    let (state, image) = if vm {
-        (crate::microvm::state_dir(), crate::microvm::IMAGE)
-    } else {
-        let state = tmp.path().join("state");
-        common::Exec::new().args(["image", "build-busybox"]).env("EXECUTOR_STATE_DIR", &state).run();
-        (state, "busybox")
-    };
+    let (state, image) = crate::network::job_state(vm, tmp.path());
     let prefix = format!("na{}{}", &rt[..2], world.tag);
     let exe = common::bin();
     let wait = Duration::from_secs(if vm { 300 } else { 60 });

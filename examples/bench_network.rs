@@ -56,30 +56,14 @@ fn main() -> Result<()> {
     let mut times = Vec::new();
     let mut steps: Vec<(String, Vec<Duration>)> = Vec::new();
     for i in 0..=runs {
-        let (mut st, mut tt) = (Vec::new(), Vec::new());
-        let t = Instant::now();
-        let net = executor::network::setup_timed(
-            &state,
-            &format!("benchnet-{i}"),
-            &settings,
-            Default::default(),
-            &mut st,
-        )?;
-        executor::network::teardown_timed(&state, &net, &mut tt)?;
-        let took = t.elapsed();
+        let (took, st, tt) = net_round(&state, &format!("benchnet-{i}"), &settings)?;
         if i == 0 {
             // The first run makes the table and the policy chain (once per host): not counted.
             println!("first job on this host (table and policy chain made): {:.1} ms", ms(took));
             continue;
         }
         times.push(took);
-        let named = st.into_iter().map(|(k, d)| (format!("setup: {k}"), d));
-        for (k, d) in named.chain(tt.into_iter().map(|(k, d)| (format!("teardown: {k}"), d))) {
-            match steps.iter_mut().find(|(n, _)| *n == k) {
-                Some((_, v)) => v.push(d),
-                None => steps.push((k, vec![d])),
-            }
-        }
+        add_steps(&mut steps, st, tt);
     }
     for (k, v) in &mut steps {
         println!("  {k}: p50 {:.2} ms", ms(percentile(v, 0.5)));
@@ -255,6 +239,36 @@ fn lookups(
     })
 }
 
+/// One job's network made and removed: the time, and the setup's and teardown's steps.
+fn net_round(
+    state: &std::path::Path,
+    name: &str,
+    s: &Settings,
+) -> Result<(Duration, executor::network::Timings, executor::network::Timings)> {
+    let (mut st, mut tt) = (Vec::new(), Vec::new());
+    let t = Instant::now();
+    let net = executor::network::setup_timed(state, name, s, Default::default(), &mut st)?;
+    executor::network::teardown_timed(state, &net, &mut tt)?;
+    let took = t.elapsed();
+    let _ = executor::network::egress::take(state, &net.sandbox);
+    Ok((took, st, tt))
+}
+
+/// Adds one round's setup and teardown steps to the named series.
+fn add_steps(
+    steps: &mut Vec<(String, Vec<Duration>)>,
+    st: executor::network::Timings,
+    tt: executor::network::Timings,
+) {
+    let named = st.into_iter().map(|(k, d)| (format!("setup: {k}"), d));
+    for (k, d) in named.chain(tt.into_iter().map(|(k, d)| (format!("teardown: {k}"), d))) {
+        match steps.iter_mut().find(|(n, _)| *n == k) {
+            Some((_, v)) => v.push(d),
+            None => steps.push((k, vec![d])),
+        }
+    }
+}
+
 /// `EXECUTOR_NETWORK=allowlist` against `internet`, each figure beside its baseline.
 #[allow(clippy::too_many_arguments)]
 fn allowlist(
@@ -270,35 +284,18 @@ fn allowlist(
     use executor::network::{setup, teardown_timed, DnsLimits};
     let allow = Settings { mode: Mode::Allowlist, ..internet.clone() }
         .with_hosts(Some("web.test"), DnsLimits { grace_s: 600, rate: 100_000, max_name: 128 })?;
-    // One job's network made and removed: the time, and the setup's and teardown's steps.
-    use executor::network::Timings;
-    let once = |name: &str, s: &Settings| -> Result<(Duration, Timings, Timings)> {
-        let (mut st, mut tt) = (Vec::new(), Vec::new());
-        let t = Instant::now();
-        let net = executor::network::setup_timed(state, name, s, Default::default(), &mut st)?;
-        teardown_timed(state, &net, &mut tt)?;
-        let took = t.elapsed();
-        let _ = executor::network::egress::take(state, &net.sandbox);
-        Ok((took, st, tt))
-    };
     // 1. Setup plus teardown, with the resolver and without, alternating.
     let (mut with, mut without) = (Vec::new(), Vec::new());
     let mut steps: Vec<(String, Vec<Duration>)> = Vec::new();
     for i in 0..=runs {
         for (s, v) in [(&allow, &mut with), (internet, &mut without)] {
-            let (took, st, tt) = once(&format!("benchal-{i}"), s)?;
+            let (took, st, tt) = net_round(state, &format!("benchal-{i}"), s)?;
             if i == 0 {
                 continue;
             }
             v.push(took);
             if s.mode == Mode::Allowlist {
-                let named = st.into_iter().map(|(k, d)| (format!("setup: {k}"), d));
-                for (k, d) in named.chain(tt.into_iter().map(|(k, d)| (format!("teardown: {k}"), d))) {
-                    match steps.iter_mut().find(|(n, _)| *n == k) {
-                        Some((_, v)) => v.push(d),
-                        None => steps.push((k, vec![d])),
-                    }
-                }
+                add_steps(&mut steps, st, tt);
             }
         }
     }
@@ -313,7 +310,7 @@ fn allowlist(
         let _spare = executor::network::keep_spare_resolver(state);
         for i in 0..=runs {
             std::thread::sleep(Duration::from_millis(50));
-            let (took, st, _) = once(&format!("benchsp-{i}"), &allow)?;
+            let (took, st, _) = net_round(state, &format!("benchsp-{i}"), &allow)?;
             if i > 0 {
                 spared.push(took);
                 spare_start.extend(st.into_iter().filter(|(k, _)| *k == "resolver").map(|(_, d)| d));

@@ -4,6 +4,7 @@
 //! the job's id range to the store's, and the manifest that the integrity check compares.
 //! Nothing here follows a symlink: an upper layer is the job's, and may hold anything.
 
+use crate::base::fs::remove_any;
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 use std::fs;
@@ -108,21 +109,21 @@ pub(super) fn apply_upper(upper: &Path, dst: &Path, uid_base: u32) -> Result<()>
         let md = fs::symlink_metadata(&from).with_context(|| format!("inspecting {}", from.display()))?;
         let t = md.file_type();
         if is_whiteout(&md) {
-            crate::base::fs::remove_any(&to)?;
+            remove_any(&to)?;
         } else if t.is_dir() {
             let keep = !is_opaque(&from) && fs::symlink_metadata(&to).is_ok_and(|m| m.is_dir());
             if !keep {
-                crate::base::fs::remove_any(&to)?;
+                remove_any(&to)?;
                 fs::create_dir(&to).with_context(|| format!("creating {}", to.display()))?;
             }
             apply_upper(&from, &to, uid_base)?;
         } else if t.is_symlink() {
-            crate::base::fs::remove_any(&to)?;
+            remove_any(&to)?;
             let target = fs::read_link(&from).with_context(|| format!("reading {}", from.display()))?;
             std::os::unix::fs::symlink(&target, &to).with_context(|| format!("creating {}", to.display()))?;
             set_owner_mode(&to, &md, uid_base)?;
         } else if t.is_file() {
-            crate::base::fs::remove_any(&to)?;
+            remove_any(&to)?;
             copy_file(&from, &to)?;
             set_owner_mode(&to, &md, uid_base)?;
         }

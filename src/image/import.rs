@@ -5,6 +5,7 @@
 //! of a `docker save` tarball against its config's `diff_ids`, before the tree is keyed by them:
 //! an imported tarball cannot stand in for an image a later pull or import names by digest.
 
+use crate::base::fs::remove_any;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use std::fs;
@@ -373,7 +374,7 @@ pub fn apply_layer(reader: impl Read + 'static, root: &Path) -> Result<u64> {
             let dir = path.parent().unwrap_or(root);
             if let Ok(rd) = fs::read_dir(dir) {
                 for e in rd {
-                    crate::base::fs::remove_any(&e?.path())?;
+                    remove_any(&e?.path())?;
                 }
             }
             continue;
@@ -386,7 +387,7 @@ pub fn apply_layer(reader: impl Read + 'static, root: &Path) -> Result<u64> {
                     rel.display().to_string()
                 );
             }
-            crate::base::fs::remove_any(&path.with_file_name(hidden))?;
+            remove_any(&path.with_file_name(hidden))?;
             continue;
         }
         let header = entry.header();
@@ -399,21 +400,21 @@ pub fn apply_layer(reader: impl Read + 'static, root: &Path) -> Result<u64> {
         match kind {
             tar::EntryType::Directory => {
                 if fs::symlink_metadata(&path).map(|m| !m.is_dir()).unwrap_or(false) {
-                    crate::base::fs::remove_any(&path)?;
+                    remove_any(&path)?;
                 }
                 if !path.exists() {
                     fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
                 }
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
-                crate::base::fs::remove_any(&path)?;
+                remove_any(&path)?;
                 let mut out =
                     fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
                 size += std::io::copy(&mut entry, &mut out)?;
             }
             tar::EntryType::Symlink => {
                 let target = entry.link_name()?.context("symlink without a target")?.into_owned();
-                crate::base::fs::remove_any(&path)?;
+                remove_any(&path)?;
                 std::os::unix::fs::symlink(&target, &path)
                     .with_context(|| format!("creating symlink {}", path.display()))?;
             }
@@ -439,7 +440,7 @@ pub fn apply_layer(reader: impl Read + 'static, root: &Path) -> Result<u64> {
                 if md.is_dir() {
                     bail!("refusing hard link {:?} to a directory", rel.display().to_string());
                 }
-                crate::base::fs::remove_any(&path)?;
+                remove_any(&path)?;
                 fs::hard_link(&src, &path)
                     .with_context(|| format!("creating hard link {}", path.display()))?;
                 continue;
@@ -448,7 +449,7 @@ pub fn apply_layer(reader: impl Read + 'static, root: &Path) -> Result<u64> {
                 bail!("refusing device node {:?}", rel.display().to_string())
             }
             tar::EntryType::Fifo => {
-                crate::base::fs::remove_any(&path)?;
+                remove_any(&path)?;
                 nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600))
                     .with_context(|| format!("creating fifo {}", path.display()))?;
             }

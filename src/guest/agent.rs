@@ -20,7 +20,7 @@ use std::time::Duration;
 use super::boot::WorkspaceMount;
 use super::devices::{debug_time, load_modules, uptime_ms, wait_for, MODULES_LATE, MODULES_ORDER};
 use super::protocol::*;
-use super::root::{pump, send, step_base, step_root, Port};
+use super::root::{keep_layer, kept_root, pump, send, step_base, step_root, Port};
 
 /// The loader of the late modules, joined by the first step that needs them.
 static LATE: Mutex<Option<thread::JoinHandle<Result<()>>>> = Mutex::new(None);
@@ -227,6 +227,9 @@ struct Running {
     id: u32,
     canceled: Arc<AtomicBool>,
     done: Arc<AtomicBool>,
+    /// The request's standard input ([`RunRequest::stdin`]): each `Stdin` frame's bytes, an
+    /// empty one closing it.
+    stdin: Option<mpsc::Sender<Vec<u8>>>,
 }
 
 struct Agent {
@@ -334,11 +337,19 @@ impl Agent {
                 reap();
                 let canceled = Arc::new(AtomicBool::new(false));
                 let done = Arc::new(AtomicBool::new(false));
-                self.running = Some(Running { id: req.id, canceled: canceled.clone(), done: done.clone() });
+                let (stdin, input) = match req.stdin {
+                    true => {
+                        let (tx, rx) = mpsc::channel();
+                        (Some(tx), Some(rx))
+                    }
+                    false => (None, None),
+                };
+                self.running =
+                    Some(Running { id: req.id, canceled: canceled.clone(), done: done.clone(), stdin });
                 let port = self.port.clone();
                 thread::spawn(move || {
                     let id = req.id;
-                    let frame = match run_step(&port, req, &canceled) {
+                    let frame = match run_step(&port, req, input, &canceled) {
                         Ok(report) => Frame::json(Kind::Exit, &report),
                         Err(e) => Frame::json(Kind::Error, &ErrorReport { id, message: format!("{e:#}") }),
                     };
@@ -348,6 +359,14 @@ impl Agent {
                         send(&port, &f);
                     }
                 });
+            }
+            Kind::Stdin => {
+                let Ok((id, bytes)) = frame.split_data() else { return };
+                if let Some(r) = &self.running {
+                    if let (true, Some(tx)) = (r.id == id, &r.stdin) {
+                        let _ = tx.send(bytes.to_vec());
+                    }
+                }
             }
             Kind::Cancel => {
                 let Ok(c) = frame.parse::<Control>() else { return };
@@ -371,6 +390,7 @@ impl Agent {
                     id: c.id,
                     canceled: Arc::new(AtomicBool::new(false)),
                     done: done.clone(),
+                    stdin: None,
                 });
                 let port = self.port.clone();
                 thread::spawn(move || {
@@ -419,46 +439,106 @@ pub(crate) fn reap() {
     }
 }
 
+/// Unmounts a step's root and removes its layer.
 fn drop_step_root(root: &Path) {
-    // What the step's engine mounted below its root (its containers' layers) goes first.
-    super::engine::unmount_below(root);
-    for d in ["tmp", "dev", "sys", "proc", "data", ""] {
-        let _ = umount2(&root.join(d), MntFlags::MNT_DETACH);
-    }
+    unmount_step_root(root);
     // The layer's directory was a mount point only in the step's /data, gone with it.
     if let Some(base) = root.parent() {
         let _ = fs::remove_dir_all(base);
     }
 }
 
-fn run_step(port: &Port, req: RunRequest, canceled: &AtomicBool) -> Result<ExitReport> {
+/// Unmounts a step's root, its layer left as it is.
+fn unmount_step_root(root: &Path) {
+    // What the step's engine mounted below its root (its containers' layers) goes first.
+    super::engine::unmount_below(root);
+    for d in ["dev/pts", "tmp", "dev", "sys", "proc", "data", ""] {
+        let _ = umount2(&root.join(d), MntFlags::MNT_DETACH);
+    }
+}
+
+fn run_step(
+    port: &Port,
+    req: RunRequest,
+    stdin: Option<mpsc::Receiver<Vec<u8>>>,
+    canceled: &AtomicBool,
+) -> Result<ExitReport> {
     let id = req.id;
     if req.image != u32::MAX {
         late_modules_loaded().context("loading the overlay module")?;
     }
+    let kept = req.kept && req.image != u32::MAX && req.engine.is_none();
     let made = match &req.engine {
         _ if req.image == u32::MAX => Ok(None),
         Some(engine) => super::engine::engine_root(port, id, req.image, engine).map(Some),
+        None if kept => kept_root(&format!("/images/{}", req.image)).map(Some),
         None => step_root(id, &format!("/images/{}", req.image)).map(Some),
     };
     let root = {
         match made {
             Ok(r) => r,
             Err(e) => {
-                // Nothing of a half-made root stays (in /data it would go back to the host).
-                drop_step_root(&step_base(id).0.join("root"));
+                // Nothing of a half-made root stays (in /data it would go back to the host); the
+                // kept layer does.
+                if kept {
+                    unmount_step_root(&Path::new("/data").join(KEPT_LAYER).join("root"));
+                } else {
+                    drop_step_root(&step_base(id).0.join("root"));
+                }
                 return Err(e);
             }
         }
     };
-    let result = spawn_and_wait(port, &req, root.as_deref().unwrap_or(Path::new("/")), canceled);
+    if req.tty.is_some() {
+        mount_ptys(root.as_deref())?;
+    }
+    let result = spawn_and_wait(port, &req, root.as_deref().unwrap_or(Path::new("/")), stdin, canceled);
     if let Some(r) = &root {
-        drop_step_root(r);
+        let failed = result.as_ref().is_ok_and(|e| e.code != Some(0) && !e.canceled);
+        if kept {
+            unmount_step_root(r);
+        } else if req.keep_failed && req.engine.is_none() && failed && step_base(id).1 {
+            // Kept for `executor debug` until the VM goes.
+            unmount_step_root(r);
+            if let Err(e) = keep_layer(&step_base(id).0) {
+                tracing::error!("keeping the failed step's layer: {e:#}");
+                drop_step_root(r);
+            }
+        } else {
+            drop_step_root(r);
+        }
     }
     result
 }
 
-fn spawn_and_wait(port: &Port, req: &RunRequest, root: &Path, canceled: &AtomicBool) -> Result<ExitReport> {
+/// The guest's pseudo-terminals (devpts at /dev/pts, mounted once), bound into a step's root.
+fn mount_ptys(root: Option<&Path>) -> Result<()> {
+    let pts = Path::new("/dev/pts");
+    if !pts.join("ptmx").exists() {
+        fs::create_dir_all(pts).context("creating /dev/pts")?;
+        mount(
+            Some("devpts"),
+            pts,
+            Some("devpts"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("ptmxmode=0666,mode=0620"),
+        )
+        .context("mounting /dev/pts")?;
+    }
+    let Some(root) = root else { return Ok(()) };
+    let inside = root.join("dev/pts");
+    fs::create_dir_all(&inside).context("creating /dev/pts in the step's root")?;
+    mount(Some(pts), &inside, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .context("binding /dev/pts into the step's root")
+}
+
+fn spawn_and_wait(
+    port: &Port,
+    req: &RunRequest,
+    root: &Path,
+    stdin: Option<mpsc::Receiver<Vec<u8>>>,
+    canceled: &AtomicBool,
+) -> Result<ExitReport> {
     let Some((program, args)) = req.argv.split_first() else { bail!("the step has an empty command") };
     let mut cmd = crate::base::proc::command(program);
     cmd.args(args);
@@ -477,8 +557,30 @@ fn spawn_and_wait(port: &Port, req: &RunRequest, root: &Path, canceled: &AtomicB
             }
         }
     }
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = match cmd.spawn() {
+    // On a terminal: the pty's far end as all three streams and the controlling terminal, its
+    // near end read as the output and written with the input.
+    let pty = match req.tty {
+        Some(size) => {
+            let ws = nix::pty::Winsize { ws_row: size.rows, ws_col: size.cols, ws_xpixel: 0, ws_ypixel: 0 };
+            let p = nix::pty::openpty(Some(&ws), None).context("opening a terminal")?;
+            let far = |fd: &std::os::fd::OwnedFd| {
+                fd.try_clone().map(Stdio::from).context("duplicating the terminal")
+            };
+            cmd.stdin(far(&p.slave)?).stdout(far(&p.slave)?).stderr(far(&p.slave)?);
+            crate::base::sys::controlling_terminal(&mut cmd);
+            Some(File::from(p.master))
+        }
+        None => {
+            let input = if stdin.is_some() { Stdio::piped() } else { Stdio::null() };
+            cmd.stdin(input).stdout(Stdio::piped()).stderr(Stdio::piped());
+            None
+        }
+    };
+    let spawned = cmd.spawn();
+    // The parent's copies of the terminal's far end close: its near end reads EOF once the step's
+    // processes are gone.
+    drop(cmd);
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
             // As a shell says it: on the step's stderr, with status 127.
@@ -487,11 +589,32 @@ fn spawn_and_wait(port: &Port, req: &RunRequest, root: &Path, canceled: &AtomicB
             return Ok(ExitReport { id: req.id, code: Some(127), signal: None, canceled: false });
         }
     };
-    let out = child.stdout.take().map(|o| {
-        let p = port.clone();
-        let id = req.id;
-        thread::spawn(move || pump(p, id, Kind::Stdout, o))
-    });
+    let input: Option<Box<dyn Write + Send>> = match (&pty, child.stdin.take()) {
+        (Some(t), _) => Some(Box::new(t.try_clone().context("duplicating the terminal")?)),
+        (None, Some(i)) => Some(Box::new(i)),
+        (None, None) => None,
+    };
+    if let (Some(mut w), Some(rx)) = (input, stdin) {
+        // Detached: it ends with the request's input (an empty frame, or the next request).
+        thread::spawn(move || {
+            for bytes in rx {
+                if bytes.is_empty() || w.write_all(&bytes).and_then(|_| w.flush()).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    let out = match pty {
+        Some(t) => {
+            let (p, id) = (port.clone(), req.id);
+            Some(thread::spawn(move || pump(p, id, Kind::Stdout, t)))
+        }
+        None => child.stdout.take().map(|o| {
+            let p = port.clone();
+            let id = req.id;
+            thread::spawn(move || pump(p, id, Kind::Stdout, o))
+        }),
+    };
     let err = child.stderr.take().map(|o| {
         let p = port.clone();
         let id = req.id;
@@ -560,7 +683,8 @@ fn sync_data(port: &Port, id: u32) -> Result<u64> {
         tar.follow_symlinks(false);
         for e in fs::read_dir("/data").context("listing /data")?.flatten() {
             let name = e.file_name();
-            if name == "lost+found" {
+            // The kept layer (a failed step's, for `executor debug`) stays in the VM.
+            if name == "lost+found" || name == KEPT_LAYER {
                 continue;
             }
             let path = e.path();

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{ErrorKind, Read, Write};
 
 /// The protocol version both ends speak; a hello with another version is refused.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest frame either end accepts (kind byte plus body).
 pub const MAX_FRAME: usize = 1 << 20;
 /// Largest data chunk put into one frame.
@@ -58,6 +58,9 @@ pub enum Kind {
     Reseed = 15,
     /// Guest -> host: [`Control`]; the VM is reseeded.
     Reseeded = 16,
+    /// Host -> guest: data frame, bytes for the standard input of a request run with
+    /// [`RunRequest::stdin`]; one with no bytes closes it.
+    Stdin = 17,
 }
 
 impl Kind {
@@ -80,6 +83,7 @@ impl Kind {
             14 => Mounted,
             15 => Reseed,
             16 => Reseeded,
+            17 => Stdin,
             _ => return None,
         })
     }
@@ -99,7 +103,7 @@ pub struct Hello {
     pub ready_ms: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RunRequest {
     pub id: u32,
@@ -119,6 +123,36 @@ pub struct RunRequest {
     /// engine first (guest/engine.rs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine: Option<EngineSetup>,
+    /// A step that fails (exits non-zero or is killed) leaves its writable layer as the VM's
+    /// kept layer ([`KEPT_LAYER`] at the top of /data, replacing an earlier one) for
+    /// `executor debug` (`EXECUTOR_KEEP_FAILED`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub keep_failed: bool,
+    /// Runs over the kept layer instead of a fresh one, and leaves it there (`executor debug`):
+    /// what the failed step wrote is there as it left it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub kept: bool,
+    /// Standard input comes in [`Kind::Stdin`] frames; otherwise it is /dev/null.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub stdin: bool,
+    /// Runs on a terminal of this size, its output (both streams) coming as `Stdout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<TtySize>,
+}
+
+/// The kept layer's directory at the top of /data (see [`RunRequest::keep_failed`]).
+pub const KEPT_LAYER: &str = ".executor-kept";
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// A terminal's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TtySize {
+    pub rows: u16,
+    pub cols: u16,
 }
 
 /// What a step in the guest's container engine needs besides the engine's disk.

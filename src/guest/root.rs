@@ -2,14 +2,14 @@
 //! out in, and the overlay root a step runs in (its image disk under a layer of its own, the
 //! workspace at /data). Shared by the agent (agent.rs) and the engine's steps (engine.rs).
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use nix::mount::{mount, MsFlags};
 use std::fs::{self, File};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use super::protocol::{Frame, Kind, MAX_CHUNK};
+use super::protocol::{Frame, Kind, KEPT_LAYER, MAX_CHUNK};
 
 /// The agent's port, shared by the threads that answer the host.
 pub(crate) type Port = Arc<Mutex<File>>;
@@ -62,6 +62,37 @@ pub(crate) fn step_root(id: u32, lower: &str) -> Result<PathBuf> {
             .create(&base)
             .with_context(|| format!("creating {}", base.display()))?;
     }
+    layer_root(&base, on_disk.then(|| layer_name(id)).as_deref(), lower)
+}
+
+/// Mounts a root over the kept layer (`/data/.executor-kept`, left by a failed step run with
+/// `keep_failed`) for `executor debug`: what the step wrote is there as it left it, and what the
+/// shell writes adds to it. A fresh overlay work directory: the last one may be half used.
+pub(crate) fn kept_root(lower: &str) -> Result<PathBuf> {
+    let base = Path::new("/data").join(KEPT_LAYER);
+    if !base.join("upper").is_dir() {
+        bail!("no failed step's layer is kept in this VM");
+    }
+    let work = base.join("work");
+    if work.exists() {
+        fs::remove_dir_all(&work).with_context(|| format!("removing {}", work.display()))?;
+    }
+    layer_root(&base, Some(KEPT_LAYER), lower)
+}
+
+/// Makes a failed step's layer (`base`, its root unmounted) the kept layer, replacing an
+/// earlier one.
+pub(crate) fn keep_layer(base: &Path) -> Result<()> {
+    let kept = Path::new("/data").join(KEPT_LAYER);
+    if kept.exists() {
+        fs::remove_dir_all(&kept).with_context(|| format!("removing {}", kept.display()))?;
+    }
+    fs::rename(base, &kept).with_context(|| format!("keeping {} as {}", base.display(), kept.display()))
+}
+
+/// Mounts a step's root over the layer in `base`: `hidden` names it at the top of /data, where
+/// an empty read-only tmpfs covers it.
+fn layer_root(base: &Path, hidden: Option<&str>, lower: &str) -> Result<PathBuf> {
     let (upper, work, root) = (base.join("upper"), base.join("work"), base.join("root"));
     for d in [&upper, &work, &root] {
         fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
@@ -74,10 +105,10 @@ pub(crate) fn step_root(id: u32, lower: &str) -> Result<PathBuf> {
     }
     mount(Some("/data"), &root.join("data"), None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
         .context("binding /data into the step's root")?;
-    if on_disk {
+    if let Some(name) = hidden {
         mount(
             Some("tmpfs"),
-            &root.join("data").join(layer_name(id)),
+            &root.join("data").join(name),
             Some("tmpfs"),
             MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
             Some("mode=000,size=4k"),

@@ -13,6 +13,7 @@ use super::run_steps::step_key;
 use super::JobCtx;
 use crate::document::{EndedBy, FailureKind, RunDocument};
 use crate::sandbox::kept::{self, KeptSandbox, KeptStep};
+use crate::sandbox::RuntimeKind;
 
 /// How long this job's sandbox may be kept: the executor's setting, at most the queue's policy.
 pub(crate) fn keep_for(host: Option<Duration>, queue_policy: Option<u64>) -> Option<Duration> {
@@ -52,7 +53,9 @@ pub(crate) fn keep_if_failed(ctx: &JobCtx, doc: &RunDocument) -> bool {
     let Ok(mut entry) = ctx.logger.entry("teardown.keep", None) else { return false };
     let state_dir = &ctx.settings.state_dir;
     let opts = ctx.settings.runtime_options();
-    let disk = kept::disk_usage(&ws.path);
+    // The workspace, and a VM's disks beside it (an oci sandbox's layer is in its workspace).
+    let vm_disks = if sb.runtime == RuntimeKind::Microvm { kept::disk_usage(&sb.state_dir) } else { 0 };
+    let disk = kept::disk_usage(&ws.path) + vm_disks;
     let (max, max_disk) = (ctx.settings.keep_failed_max, ctx.settings.keep_failed_disk);
     if disk > max_disk {
         entry.line(&format!(

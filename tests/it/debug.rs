@@ -176,3 +176,108 @@ fn a_failed_oci_job_is_kept_attached_and_released() {
     let gone = debug(&c, &state).args([&e.to_string(), "--command", "true"]).fails().run();
     assert!(String::from_utf8_lossy(&gone.stderr).contains("no sandbox is kept for job"));
 }
+
+/// The QEMU of a kept VM (its pid from the registry) and whether it is stopped (`T`).
+fn qemu_stopped(state: &Path, id: i64) -> (i32, bool) {
+    let k: Value = serde_json::from_slice(&std::fs::read(kept_file(state, id)).unwrap()).unwrap();
+    let pid = k["sandbox"]["pid"].as_i64().expect("a kept VM's pid") as i32;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state_char = stat.rsplit(')').next().and_then(|s| s.split_whitespace().next()).unwrap_or("");
+    (pid, state_char == "T")
+}
+
+/// The same on `microvm`: the failed job's VM is kept paused with the failed step's layer in it;
+/// an attach resumes it, runs in the step's image over that layer (its stdin forwarded, a
+/// terminal when it has one) and pauses it again; the coordinator's release kills it.
+#[test]
+fn a_failed_microvm_job_is_kept_paused_attached_and_released() {
+    let test = "a_failed_microvm_job_is_kept_paused_attached_and_released";
+    if let Some(why) = crate::microvm::missing() {
+        return common::skip(test, "microvm", &why);
+    }
+    let state = crate::microvm::state_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let c = Coordinator::start_with(&["--keep-failed", "batches=5m"]);
+    let log = tmp.path().join("executor.log");
+    let prefix = format!("dbv{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let _dog = crate::microvm::watchdog(state.clone(), prefix.clone(), Duration::from_secs(400));
+    let mut cmd = common::executor();
+    crate::microvm::pool_loop_env(&mut cmd, &c, &prefix, &state);
+    cmd.arg("run")
+        .env("EXECUTOR_HEARTBEAT_INTERVAL", "300ms")
+        .env("EXECUTOR_CLEANUP_TASK_INTERVAL", "1s")
+        .env("EXECUTOR_KEEP_FAILED", "10m")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let mut child = Loop(cmd.spawn().expect("starting the executor"));
+    let wait = |what: &str, done: &mut dyn FnMut() -> bool| {
+        if !common::poll_until(Duration::from_secs(240), done) {
+            panic!("{what}\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+        }
+    };
+    let mut job = failing_job("from-vm");
+    job["dockerSteps"][0]["image"] = json!(crate::microvm::IMAGE);
+    let b = c.submit(job);
+    c.wait_state(b, &["failed"], Duration::from_secs(240));
+    wait("the VM of job b was not kept", &mut || kept_file(&state, b).exists());
+    let (pid, stopped) = qemu_stopped(&state, b);
+    assert!(stopped, "a kept VM is paused (QEMU {pid})");
+    wait("the coordinator never learnt that b is kept", &mut || c.job(b)["kept"].is_object());
+    let debug = || {
+        Exec::new()
+            .arg("debug")
+            .env("EXECUTOR_STATE_DIR", &state)
+            .env("EXECUTOR_FRONTEND_PASSWORD", &c.secret)
+            .env("EXECUTOR_RUNTIME", "microvm")
+    };
+
+    // What the step left, its environment less the secret, only loopback; the status comes back.
+    let script = format!(
+        "cat /data/out.txt /layer.txt; echo PLAIN=$PLAIN TOKEN=${{TOKEN:-unset}}; pwd; \
+         ls /sys/class/net; echo {SECRET} >/dev/null; exit 7"
+    );
+    let o = debug().args([&b.to_string(), "--command", &script]).status(7).run();
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "from-vm\nin-the-layer\nPLAIN=visible TOKEN=unset\n/data\nlo\n",
+        "stderr: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(qemu_stopped(&state, b), (pid, true), "paused again after the attach");
+    // Standard input reaches the command; what it writes stays for the next attach.
+    let o = debug()
+        .args([&b.to_string(), "--command", "read x; echo got-$x | tee /second.txt"])
+        .stdin("abc\n")
+        .run();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "got-abc\n");
+    let o = debug().args([&b.to_string(), "--command", "cat /second.txt /layer.txt"]).run();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "got-abc\nin-the-layer\n");
+    // Interactive: a terminal in the guest, its status passed on.
+    if which::which("script").is_ok() {
+        let o = Exec::program("script")
+            .args(["-qec", &format!("{} debug {b}", common::bin().display()), "/dev/null"])
+            .env("EXECUTOR_STATE_DIR", &state)
+            .env("EXECUTOR_FRONTEND_PASSWORD", &c.secret)
+            .stdin("tty; echo TERM=$TERM; exit 4\n")
+            .status(4)
+            .run();
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(out.contains("/dev/pts/") && out.contains("TERM=xterm"), "{out}");
+    } else {
+        common::skip(test, "script", "util-linux's script gives the interactive attach a terminal");
+    }
+    let logs = c.job(b)["logs"].to_string();
+    assert!(logs.contains("debug.attach") && logs.contains("exit status 7"), "{logs}");
+    assert!(!logs.contains(SECRET), "{logs}");
+
+    // The coordinator's release kills the VM and frees everything.
+    assert!(queue(&c, &["release", &b.to_string()]).contains("at its next heartbeat"));
+    wait("the release never reached the executor", &mut || !kept_file(&state, b).exists());
+    wait("the kept VM's QEMU still runs", &mut || {
+        std::fs::read_to_string(format!("/proc/{pid}/cmdline")).map_or(true, |c| !c.contains(&prefix))
+    });
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.0.id() as i32), nix::sys::signal::SIGTERM)
+        .unwrap();
+    let (status, _) = common::wait_exit(&mut child.0, Duration::from_secs(60));
+    assert!(status.success(), "{}", std::fs::read_to_string(&log).unwrap_or_default());
+}

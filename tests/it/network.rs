@@ -964,3 +964,81 @@ fn network_an_upload_step_reaches_its_src_endpoint_and_nothing_else() {
         assert!(!up.contains("cannot"), "no warning for a reachable endpoint:\n{up}");
     });
 }
+
+/// A failed job's sandbox kept for `executor debug` (`EXECUTOR_KEEP_FAILED`) loses its network
+/// when it is kept: the job reached the internet, the debug shell does not, and the host has no
+/// link or namespace of it left while it is kept.
+fn a_kept_sandbox_has_no_network(rt: &str, test: &str) {
+    let vm = rt == "microvm";
+    if !can_run_on(test, rt) {
+        return;
+    }
+    let _vm_network = vm.then(|| VM_NETWORK.lock().unwrap_or_else(|p| p.into_inner()));
+    let world = World::build();
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let (state, image) = job_state(vm, tmp.path());
+    let prefix = format!("kn{}{}", &rt[..2], world.tag);
+    let exe = common::bin();
+    let _guard = JobsGuard {
+        host: world.host.clone(),
+        exe: exe.clone(),
+        oci: rt.to_string(),
+        state: state.clone(),
+        prefix: prefix.clone(),
+    };
+    world.on_host(|| {
+        let c = crate::coordinator::Coordinator::start_listening(&format!("{HOST_INTERNET_SIDE}:0"));
+        let probe = format!(
+            "if timeout 5 wget -q -O - http://{WEB}/hello.txt >/dev/null 2>&1; then echo REACHED; else echo BLOCKED; fi"
+        );
+        let id = c.submit(serde_json::json!({"dockerSteps": [{"key": "fail", "image": image, "dir": "",
+            "env": [], "commands": [format!("{probe}; echo left > /data/out.txt; exit 3")]}]}));
+        let mut cmd = world.in_ns(&world.host, exe.to_str().unwrap());
+        executor_env(&mut cmd, &c.url, &c.secret, rt, &state, &prefix);
+        let log = tmp.path().join("executor.log");
+        cmd.env("EXECUTOR_KEEP_FAILED", "10m")
+            .env("EXECUTOR_VM_POOL_SIZE", "0")
+            .arg("run")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        let mut lp = KillOnDrop(cmd.spawn().unwrap());
+        let job = c.wait_state(id, &["completed", "failed", "errored"], Duration::from_secs(300));
+        let out = job_log(&job);
+        assert_eq!(job["state"], "failed", "{out}");
+        assert!(out.contains("REACHED"), "the job had the internet: {out}");
+        let kept = state.join("kept").join(format!("{id}.json"));
+        assert!(
+            common::poll_until(Duration::from_secs(60), || kept.exists()),
+            "not kept: {out}\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        // (The free slot's map element stays until a janitor pass, as after any job.)
+        let left = world.leftovers(&prefix, false);
+        assert!(left.is_empty(), "a kept sandbox holds no network: {left:?}");
+        let mut dbg = world.in_ns(&world.host, exe.to_str().unwrap());
+        common::scrub(&mut dbg);
+        let o = dbg
+            .args(["debug", &id.to_string(), "--command", &format!("cat /data/out.txt; {probe}")])
+            .env("EXECUTOR_STATE_DIR", &state)
+            .env("EXECUTOR_FRONTEND_PASSWORD", &c.secret)
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&o.stdout), "left\nBLOCKED\n", "{o:?}");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(lp.0.id() as i32), nix::sys::signal::SIGTERM)
+            .unwrap();
+        let (status, _) = common::wait_exit(&mut lp.0, Duration::from_secs(60));
+        assert!(status.success(), "{}", std::fs::read_to_string(&log).unwrap_or_default());
+        assert!(!kept.exists(), "released at shutdown");
+    });
+}
+
+#[test]
+fn network_a_kept_runc_sandbox_has_no_network() {
+    a_kept_sandbox_has_no_network("runc", "network_a_kept_runc_sandbox_has_no_network");
+}
+
+#[test]
+fn network_a_kept_microvm_has_no_network() {
+    a_kept_sandbox_has_no_network("microvm", "network_a_kept_microvm_has_no_network");
+}

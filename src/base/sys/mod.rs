@@ -74,6 +74,29 @@ pub(crate) fn enter_root(cmd: &mut Command, root: &Path, cwd: &str) -> std::io::
     Ok(())
 }
 
+/// The size (rows, columns) of the terminal open as `fd`, if it is one.
+pub(crate) fn window_size(fd: i32) -> Option<(u16, u16)> {
+    let mut ws = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCGWINSZ writes one `winsize` into the struct it is given, which lives here.
+    let r = unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) };
+    (r == 0 && ws.ws_row > 0 && ws.ws_col > 0).then_some((ws.ws_row, ws.ws_col))
+}
+
+/// Makes standard input the controlling terminal of `cmd` (a terminal's far end), after the
+/// hooks registered before this one ran ([`enter_root`]'s `setsid`).
+pub(crate) fn controlling_terminal(cmd: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec and makes one ioctl on fd 0: no
+    // allocation, no lock.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Makes `cmd` drop to `uid`, `gid` and the supplementary `groups` after the hooks registered
 /// before this one ran ([`enter_root`]'s chroot needs root): std's own `uid`/`gid` would switch
 /// before them.

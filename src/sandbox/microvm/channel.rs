@@ -51,6 +51,12 @@ impl Channel {
         }
     }
 
+    /// A second handle that writes to the agent, for another thread (frames written through
+    /// it must not interleave with [`Channel::send`]'s).
+    pub(crate) fn writer(&self) -> Result<UnixStream> {
+        self.stream.try_clone().context("duplicating the agent socket")
+    }
+
     pub(crate) fn send(&mut self, frame: &Frame) -> Result<()> {
         let mut s = &self.stream;
         frame.write_to(&mut s)
@@ -119,7 +125,8 @@ impl Channel {
                     }
                     if h.version != PROTOCOL_VERSION {
                         bail!(
-                            "the guest agent speaks protocol {} (host speaks {PROTOCOL_VERSION})",
+                            "the guest agent speaks protocol {} (host speaks {PROTOCOL_VERSION}): its \
+                             initramfs was built by another executor version; run `executor install vm`",
                             h.version
                         );
                     }

@@ -125,6 +125,7 @@ impl MicroVm {
             env,
             user: None,
             engine: Some(EngineSetup { upper: vec![src], images }),
+            ..RunRequest::default()
         };
         self.request(sandbox, req, sink, cancel).with_context(|| format!("running step {}", step.key))
     }

@@ -18,6 +18,7 @@ mod boot;
 pub(crate) mod cgroup;
 pub(crate) mod channel;
 pub mod console;
+mod debug;
 pub(crate) mod disk;
 mod engine;
 pub(crate) mod identity;
@@ -164,6 +165,7 @@ impl Runtime for MicroVm {
                 env: requests::base_env(),
                 user: None,
                 engine: None,
+                ..RunRequest::default()
             };
             return self
                 .request(sandbox, req, sink, cancel)
@@ -185,6 +187,8 @@ impl Runtime for MicroVm {
             env,
             user,
             engine: None,
+            keep_failed: self.opts.keep_failed,
+            ..RunRequest::default()
         };
         self.request(sandbox, req, sink, cancel).with_context(|| format!("running step {}", step.key))
     }
@@ -219,6 +223,20 @@ impl Runtime for MicroVm {
 
     fn teardown(&self, sandbox: &SandboxRecord) -> Result<()> {
         self.remove_vm(sandbox)
+    }
+
+    fn keep(&self, sandbox: &SandboxRecord) -> Result<SandboxRecord> {
+        self.keep_vm(sandbox)
+    }
+
+    fn debug(
+        &self,
+        sandbox: &SandboxRecord,
+        step: &super::kept::KeptStep,
+        command: Option<&str>,
+        tty: bool,
+    ) -> Result<i32> {
+        self.attach_debug(sandbox, step, command, tty)
     }
 
     fn janitor(&self, prefix: &str, live: &HashSet<String>) -> Result<Vec<String>> {

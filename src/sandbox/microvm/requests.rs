@@ -63,6 +63,7 @@ impl MicroVm {
             env: base_env(),
             user: None,
             engine: None,
+            ..RunRequest::default()
         };
         let res = self.request(&rec, req, sink, &cancel);
         let elapsed = t.elapsed();

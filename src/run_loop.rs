@@ -456,8 +456,9 @@ impl Loop {
     /// unreported: `complete` tears them down and leaves them to the coordinator's requeue.
     fn drain(&self, signal_seen: Option<&'static str>) {
         if let Some(p) = &self.pool {
-            if p.stop_booting() {
-                info!("VM pool: stopped the VM booting ahead");
+            let n = p.stop_booting();
+            if n > 0 {
+                info!("VM pool: stopped {n} VMs being made ahead");
             }
         }
         let grace_end = signal_seen.and_then(|_| self.settings.shutdown_grace.map(|g| Instant::now() + g));
@@ -649,6 +650,7 @@ fn start_pool(settings: &Settings, runtime: RuntimeKind, name: &str) -> Result<O
         coordinator: settings.frontend_url.clone(),
         budget_bytes: budget.total_bytes,
         job_bytes: budget.job_bytes,
+        concurrency: settings.vm_pool_restores(),
     })?;
     if let Some(p) = &pool {
         info!(

@@ -98,7 +98,12 @@ static DEFS: &[Def] = &[
         kind: Kind::Gauge,
         labels: &[],
     },
-    Def { name: POOL_BOOTING, help: "Pool microVMs booting now.", kind: Kind::Gauge, labels: &[] },
+    Def {
+        name: POOL_BOOTING,
+        help: "Pool microVMs being booted or restored now.",
+        kind: Kind::Gauge,
+        labels: &[],
+    },
     Def {
         name: POOL_IDLE_BYTES,
         help: "Resident memory of the idle pool microVMs (QEMU), in bytes.",

@@ -148,14 +148,15 @@ pub(super) fn validate(settings: Settings) -> Result<i32> {
     if rt.kind() == crate::sandbox::RuntimeKind::Microvm {
         println!(
             "ok: VM memory budget {} (3/4 of MemAvailable), {} per job VM (guest memory and QEMU's); \
-             VM pool size {pool}{}",
+             VM pool size {pool}{}, up to {} restored at once",
             crate::base::units::format_bytes(budget.total_bytes),
             crate::base::units::format_bytes(budget.job_bytes),
             if settings.vm_pool_size.is_some() {
                 " (EXECUTOR_VM_POOL_SIZE)"
             } else {
                 " (chosen from memory)"
-            }
+            },
+            settings.vm_pool_restores()
         );
     } else {
         println!("ok: no VM pool (runtime {})", rt.name());

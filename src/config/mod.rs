@@ -193,6 +193,13 @@ impl Settings {
         Ok((size, budget))
     }
 
+    /// How many pool VMs `loop` restores from a snapshot at once: `EXECUTOR_VM_POOL_RESTORES`,
+    /// or when unset (or `auto`) the host's CPU count, at most 4
+    /// (`pool::default_restores`).
+    pub(crate) fn vm_pool_restores(&self) -> usize {
+        self.vm_pool_restores.unwrap_or_else(crate::sandbox::microvm::pool::default_restores)
+    }
+
     /// Where job workspaces live.
     pub(crate) fn workspaces_dir(&self) -> PathBuf {
         self.state_dir.join("workspaces")

@@ -226,6 +226,14 @@ pub(crate) fn count_or_auto(s: &Setting, v: Option<&OsStr>) -> Result<Option<usi
     }
 }
 
+/// A count of at least 1, or `None` when unset or `auto`.
+pub(crate) fn at_least_one_or_auto(s: &Setting, v: Option<&OsStr>) -> Result<Option<usize>> {
+    match given(s, v)? {
+        None | Some("auto") => Ok(None),
+        Some(_) => at_least_one(s, v).map(Some),
+    }
+}
+
 /// A boolean; unset or blank is false.
 pub(crate) fn boolean(s: &Setting, v: Option<&OsStr>) -> Result<bool> {
     Ok(opt_boolean(s, v)?.unwrap_or(false))
@@ -349,6 +357,9 @@ mod tests {
         assert_eq!(run("vm_pool_size", "auto", count_or_auto).unwrap(), None);
         assert_eq!(run("vm_pool_size", "3", count_or_auto).unwrap(), Some(3));
         assert!(run("vm_pool_size", "-1", count_or_auto).is_err());
+        assert_eq!(run("vm_pool_restores", "auto", at_least_one_or_auto).unwrap(), None);
+        assert_eq!(run("vm_pool_restores", "2", at_least_one_or_auto).unwrap(), Some(2));
+        assert!(run("vm_pool_restores", "0", at_least_one_or_auto).is_err());
         assert!(run("keep_workspaces", " Yes ", boolean).unwrap());
         assert!(!run("keep_workspaces", "", boolean).unwrap());
         assert_eq!(run("heartbeat_interval", "1ms", heartbeat).unwrap(), Duration::from_millis(100));

@@ -234,6 +234,11 @@ settings! {
         flag: "vm-pool-size", env: "EXECUTOR_VM_POOL_SIZE", value_name: "N",
         help: "microVMs `loop` keeps booted ahead of demand, each used by one job then destroyed; unset or auto: chosen from memory, 0: off",
     }
+    vm_pool_restores: Option<usize> = parse::at_least_one_or_auto {
+        flag: "vm-pool-restores", env: "EXECUTOR_VM_POOL_RESTORES", value_name: "N",
+        help: "How many pool VMs `loop` restores from a snapshot at once (cold boots go one at a time), \
+               within the memory budget; unset or auto: the host's CPU count, at most 4",
+    }
     shutdown_grace: Option<Duration> = parse::duration_or_forever {
         flag: "shutdown-grace", env: "EXECUTOR_SHUTDOWN_GRACE", value_name: "DURATION",
         default_note: Some("until the jobs end"),

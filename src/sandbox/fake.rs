@@ -179,8 +179,8 @@ impl super::WarmPool for FakePool {
         "fake pool".into()
     }
 
-    fn stop_booting(&self) -> bool {
-        false
+    fn stop_booting(&self) -> usize {
+        0
     }
 
     fn drain(&self) -> usize {

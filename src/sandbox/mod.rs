@@ -320,6 +320,9 @@ pub struct WarmPoolRequest {
     /// The memory the idle sandboxes and the running jobs share, and what one job may use.
     pub budget_bytes: u64,
     pub job_bytes: u64,
+    /// How many sandboxes it may make at once where making one is cheap (microVMs restored from
+    /// a snapshot; cold boots go one at a time).
+    pub concurrency: usize,
 }
 
 /// How a job's request for a sandbox booted ahead of demand ended ([`WarmPool::take`]).
@@ -348,8 +351,8 @@ pub trait WarmPool: Send + Sync {
     fn set_running_jobs(&self, n: usize);
     /// Its state, as one log line.
     fn status_line(&self) -> String;
-    /// Stops booting more; returns whether a boot was in progress.
-    fn stop_booting(&self) -> bool;
+    /// Stops booting more; returns how many sandboxes were being made (and were stopped).
+    fn stop_booting(&self) -> usize;
     /// Destroys the idle sandboxes; returns how many.
     fn drain(&self) -> usize;
 }

@@ -893,11 +893,29 @@ fn microvm_startup_script_runs_as_root_in_the_guest() {
     assert_eq!(text(&out0.out), "uid=1000\nin-image\n", "the job's steps still run in their image");
 }
 
+/// The pool's VMs made, from its log: (start, ready) in ms of the day, from each "VM NAME ready
+/// after S s" line (its clock and S).
+fn ready_intervals(log: &str) -> Vec<(i64, i64)> {
+    log.lines()
+        .filter_map(|l| {
+            let (clock, rest) = l.split_once(' ')?;
+            let secs: f64 = rest.split("ready after ").nth(1)?.split(' ').next()?.parse().ok()?;
+            let mut hms = clock.split(':');
+            let (h, m): (i64, i64) = (hms.next()?.parse().ok()?, hms.next()?.parse().ok()?);
+            let s: f64 = hms.next()?.parse().ok()?;
+            let end = (h * 3600 + m * 60) * 1000 + (s * 1000.0) as i64;
+            Some((end - (secs * 1000.0) as i64, end))
+        })
+        .collect()
+}
+
 /// Pool VMs come from a snapshot of the pool's key (issue 25): two VMs restored from one
 /// snapshot read different `/dev/urandom` bytes and machine ids and the host's clock; the
 /// janitor removes a snapshot whose kernel is no longer installed; a corrupted snapshot is
 /// detected, the VM boots cold and the job's start entry says why. Limits of their own (448 MiB)
-/// give this test its own key, hence its own snapshot.
+/// give this test its own key, hence its own snapshot. The pool is of 2, restoring 2 at once:
+/// its VMs' restores overlap in time; a corrupted snapshot fails both restores started together,
+/// and their cold boots go one at a time.
 #[test]
 fn microvm_pool_vms_restored_from_one_snapshot_are_unique_and_a_corrupt_one_boots_cold() {
     let name = "microvm_pool_vms_restored_from_one_snapshot_are_unique_and_a_corrupt_one_boots_cold";
@@ -918,6 +936,8 @@ fn microvm_pool_vms_restored_from_one_snapshot_are_unique_and_a_corrupt_one_boot
         let mut cmd = common::executor();
         pool_loop_env(&mut cmd, &c, &prefix, &state);
         cmd.arg("loop")
+            .env("EXECUTOR_VM_POOL_SIZE", "2")
+            .env("EXECUTOR_VM_POOL_RESTORES", "2")
             .env("EXECUTOR_JOB_MEMORY", "448M")
             .env("EXECUTOR_NUM_TOTAL_JOBS", jobs.to_string())
             .stdout(std::process::Stdio::null())
@@ -964,6 +984,12 @@ fn microvm_pool_vms_restored_from_one_snapshot_are_unique_and_a_corrupt_one_boot
     }
     assert_ne!(probes[0].0, probes[1].0, "two restores of one snapshot read the same random bytes");
     assert_ne!(probes[0].1, probes[1].1, "two restores of one snapshot have one machine id");
+    // The pool of 2 filled by restores at once: the first VM's (after its template was saved)
+    // and the second's, started as the snapshot appeared, overlap in time.
+    let made = ready_intervals(&log1);
+    assert!(made.len() >= 2, "{log1}");
+    let ((s0, e0), (s1, e1)) = (made[0], made[1]);
+    assert!(s0.max(s1) < e0.min(e1), "the first two restores did not overlap: {made:?}\n{log1}");
     let id = log1
         .split("saved snapshot ")
         .nth(1)
@@ -990,6 +1016,7 @@ fn microvm_pool_vms_restored_from_one_snapshot_are_unique_and_a_corrupt_one_boot
     bytes[mid] ^= 0x55;
     std::fs::write(snap.join("state"), &bytes).unwrap();
     let (seen, log2) = run_loop(1, "loop2.log");
+    assert!(log2.contains(&format!("restoring 2 VMs at once from snapshot {id}")), "{log2}");
     let start = &seen[0].0;
     assert!(
         start.contains("booted ahead cold (restoring snapshot") && start.contains("is corrupted"),

@@ -14,8 +14,12 @@
 //! In network mode `internet` a pool VM boots with its own network (TAP, slot, firewall entry)
 //! for the loop's coordinator; a job of another coordinator is a miss.
 //!
+//! Refilled several at a time: VMs restored from the key's snapshot are made up to
+//! [`PoolSettings::restores`] at once (each counted in the budget as an idle VM from its start);
+//! a cold boot (no snapshot yet, or the template being saved) goes alone ([`booter::to_start`]).
+//!
 //! Bounded: idle VMs count against the loop's memory budget ([`Budget`]); the pool is drained
-//! (every VM killed) when the loop stops; its VMs carry a `pool-owner` file naming the executor,
+//! (every VM killed, those being made too) when the loop stops; its VMs carry a `pool-owner` file naming the executor,
 //! whose pool lock (`sandboxes/pool-<executor>.lock`) is held while it lives, so that a janitor
 //! reclaims the VMs of an executor that was killed ([`live_members`]).
 
@@ -40,6 +44,7 @@ use super::channel::Channel;
 use super::MicroVm;
 use crate::api::metrics;
 use crate::sandbox::{BootRequest, Limits, RuntimeOptions, SandboxRecord};
+pub(crate) use booter::default_restores;
 use booter::kill_named;
 use budget::rss_bytes;
 pub(crate) use budget::{Budget, IDLE_ESTIMATE};
@@ -62,6 +67,9 @@ pub(crate) struct PoolSettings {
     /// with their network (TAP, slot and firewall entry) already made for it.
     pub coordinator: Option<String>,
     pub budget: Budget,
+    /// `EXECUTOR_VM_POOL_RESTORES`: how many VMs may be restored from a snapshot at once (at
+    /// least 1; cold boots go one at a time).
+    pub restores: usize,
 }
 
 struct Member {
@@ -75,8 +83,13 @@ struct Member {
 #[derive(Default)]
 struct State {
     ready: Vec<Member>,
-    /// The name of the VM being booted.
-    booting: Option<String>,
+    /// The VMs being made (booted, restored, or booted as a template and saved), by the slot of
+    /// the thread making each: the name of its VM now (a retry or a template has another).
+    making: std::collections::HashMap<u64, String>,
+    /// The slot of the next VM to make.
+    next_slot: u64,
+    /// After a failed boot or restore, no VM is started before this.
+    backoff_until: Option<Instant>,
     /// The image references of the last job that asked (sorted): the next VMs carry exactly
     /// these.
     wanted: Vec<String>,
@@ -130,6 +143,11 @@ pub(crate) struct Pool {
     cv: Condvar,
     running_jobs: AtomicUsize,
     booter: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The threads making VMs (one per VM being made), started by the booter.
+    makers: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Held by a cold boot (a template's or a VM's): cold boots go one at a time, even when a
+    /// failed restore falls back to one beside other restores.
+    cold: Mutex<()>,
     _lock: crate::base::lock::Held,
 }
 
@@ -150,6 +168,8 @@ impl Pool {
             cv: Condvar::new(),
             running_jobs: AtomicUsize::new(0),
             booter: Mutex::new(None),
+            makers: Mutex::new(Vec::new()),
+            cold: Mutex::new(()),
             _lock: lock,
         });
         pool.publish();
@@ -182,8 +202,7 @@ impl Pool {
     }
 
     fn idle_bytes(st: &State) -> u64 {
-        st.ready.iter().map(|m| rss_bytes(m.rec.pid)).sum::<u64>()
-            + if st.booting.is_some() { IDLE_ESTIMATE } else { 0 }
+        st.ready.iter().map(|m| rss_bytes(m.rec.pid)).sum::<u64>() + IDLE_ESTIMATE * st.making.len() as u64
     }
 
     pub(crate) fn status(&self) -> PoolStatus {
@@ -191,7 +210,7 @@ impl Pool {
         PoolStatus {
             size: self.cfg.size,
             ready: st.ready.len(),
-            booting: usize::from(st.booting.is_some()),
+            booting: st.making.len(),
             hits: st.hits,
             misses: st.misses,
             idle_bytes: Self::idle_bytes(&st),
@@ -213,10 +232,10 @@ impl Pool {
         committed <= b.total_bytes
     }
 
-    fn room_for_one_more(&self, st: &State) -> bool {
-        let b = self.cfg.budget;
-        let running = self.running_jobs.load(Ordering::SeqCst) as u64;
-        b.job_bytes.saturating_mul(running) + Self::idle_bytes(st) + IDLE_ESTIMATE <= b.total_bytes
+    /// How many more idle VMs (at [`IDLE_ESTIMATE`] each) fit in the budget beside the running
+    /// jobs at their full size, the ready VMs and the VMs being made.
+    fn room(&self, st: &State) -> usize {
+        self.cfg.budget.room(self.running_jobs.load(Ordering::SeqCst), Self::idle_bytes(st))
     }
 
     fn publish(&self) {
@@ -249,34 +268,49 @@ impl Pool {
         claim
     }
 
-    /// Stops booting (the VM booting now is killed; its boot fails at once and the booter
-    /// removes what it made). The ready VMs stay for the jobs dequeued already; returns whether
-    /// a boot was stopped.
-    pub(crate) fn stop_booting(&self) -> bool {
-        let booting = {
+    /// Stops booting (every VM being made is killed; its boot or restore fails at once and its
+    /// thread removes what it made). The ready VMs stay for the jobs dequeued already; returns
+    /// how many VMs being made were stopped.
+    pub(crate) fn stop_booting(&self) -> usize {
+        let stopped = {
             let mut st = self.state();
             st.stopped = true;
-            st.booting.clone()
+            st.making.len()
         };
         self.cv.notify_all();
-        if let Some(h) = self.booter.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            // Until the booter is done: its QEMU may not have started at the first try.
-            let t = Instant::now();
-            while !h.is_finished() && t.elapsed() < Duration::from_secs(30) {
-                if let Some(name) = &booting {
-                    kill_named(name);
-                }
-                std::thread::sleep(Duration::from_millis(50));
+        // The booter first (it starts no maker once stopped), then every maker it started.
+        let mut threads: Vec<_> =
+            self.booter.lock().unwrap_or_else(|p| p.into_inner()).take().into_iter().collect();
+        let t = Instant::now();
+        loop {
+            threads.extend(self.makers.lock().unwrap_or_else(|p| p.into_inner()).drain(..));
+            threads.retain(|h| !h.is_finished());
+            if threads.is_empty() || t.elapsed() > Duration::from_secs(30) {
+                break;
             }
+            // Until each is done: a QEMU may not have started at the first try, and a retry or
+            // a template has a name of its own.
+            let names: Vec<String> = self.state().making.values().cloned().collect();
+            for name in &names {
+                kill_named(name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for h in threads {
+            let _ = h.join();
+        }
+        // A maker the booter started as it saw the stop (it fails at once).
+        let late: Vec<_> = self.makers.lock().unwrap_or_else(|p| p.into_inner()).drain(..).collect();
+        for h in late {
             let _ = h.join();
         }
         self.publish();
-        booting.is_some()
+        stopped
     }
 
     /// Stops booting and destroys every VM of the pool; returns how many it destroyed.
     pub(crate) fn drain(&self) -> usize {
-        let stopped = usize::from(self.stop_booting());
+        let stopped = self.stop_booting();
         let members = std::mem::take(&mut self.state().ready);
         let n = members.len() + stopped;
         for m in members {

@@ -22,6 +22,7 @@ pub(super) fn start(rt: &MicroVm, req: WarmPoolRequest) -> Result<Option<Arc<dyn
             limits: req.limits,
             coordinator: req.coordinator,
             budget: Budget { total_bytes: req.budget_bytes, job_bytes: req.job_bytes },
+            restores: req.concurrency.max(1),
         },
     )?;
     Ok(Some(pool as Arc<dyn WarmPool>))
@@ -64,7 +65,7 @@ impl WarmPool for Pool {
         self.status().to_string()
     }
 
-    fn stop_booting(&self) -> bool {
+    fn stop_booting(&self) -> usize {
         Pool::stop_booting(self)
     }
 

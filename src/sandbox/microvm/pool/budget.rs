@@ -34,6 +34,13 @@ impl Budget {
         let left = self.total_bytes.saturating_sub(self.job_bytes.saturating_mul(max_jobs as u64));
         ((left / IDLE_ESTIMATE) as usize).min(max_jobs)
     }
+
+    /// How many more idle VMs (at [`IDLE_ESTIMATE`] each) fit beside `running` jobs at their
+    /// full size and `idle_bytes` of VMs ready or being made.
+    pub(crate) fn room(&self, running: usize, idle_bytes: u64) -> usize {
+        let committed = self.job_bytes.saturating_mul(running as u64).saturating_add(idle_bytes);
+        (self.total_bytes.saturating_sub(committed) / IDLE_ESTIMATE) as usize
+    }
 }
 
 /// What one job's VM may use: guest memory plus QEMU's own (its cgroup's limit).
@@ -79,5 +86,16 @@ mod tests {
         assert_eq!(big.default_pool_size(2), 0);
         assert_eq!(Budget { total_bytes: gib, job_bytes: gib }.default_pool_size(1), 0);
         assert_eq!(vm_bytes(&Limits::default()), DEFAULT_MEMORY + QEMU_OVERHEAD);
+    }
+
+    #[test]
+    fn room_counts_jobs_and_every_vm_ready_or_being_made() {
+        let b = Budget { total_bytes: 10 * IDLE_ESTIMATE, job_bytes: 3 * IDLE_ESTIMATE };
+        assert_eq!(b.room(0, 0), 10);
+        assert_eq!(b.room(2, 0), 4);
+        // Two VMs being made (each at the estimate) and one ready of half the estimate.
+        assert_eq!(b.room(2, 2 * IDLE_ESTIMATE + IDLE_ESTIMATE / 2), 1);
+        assert_eq!(b.room(3, 2 * IDLE_ESTIMATE), 0);
+        assert_eq!(b.room(4, 0), 0, "jobs over the budget leave no room, never a wrap");
     }
 }

@@ -104,10 +104,10 @@ impl Pool {
         let mut member = {
             let mut st = self.state();
             let why: String = if st.ready.is_empty() {
-                if st.booting.is_some() {
-                    "no VM of the pool is ready yet (one is booting)".into()
-                } else {
-                    "no VM of the pool is ready".into()
+                match st.making.len() {
+                    0 => "no VM of the pool is ready".into(),
+                    1 => "no VM of the pool is ready yet (one is booting)".into(),
+                    n => format!("no VM of the pool is ready yet ({n} are being made)"),
                 }
             } else {
                 "no ready VM of the pool has the job's kernel, limits and exactly its images".into()

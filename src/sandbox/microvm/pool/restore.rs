@@ -17,16 +17,26 @@ use crate::sandbox::{BootRequest, RecordDetails, Runtime, SandboxRecord};
 const SAVE_RETRY: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl Pool {
-    /// The snapshot VMs of `key` are restored from, saved now if there is none; or why VMs of
+    /// Why the VMs of `key` boot cold for now: its snapshot could not be saved less than
+    /// [`SAVE_RETRY`] ago.
+    pub(super) fn save_failed_recently(&self, key: &PoolKey) -> Option<String> {
+        match &self.state().save_failed {
+            Some((k, why, when)) if k == key && when.elapsed() < SAVE_RETRY => Some(why.clone()),
+            _ => None,
+        }
+    }
+
+    /// The snapshot VMs of `key` are restored from, saved now if there is none (its template
+    /// made as slot `slot`'s VM, under the cold lock: one cold boot at a time); or why VMs of
     /// `key` boot cold. A key whose save failed is tried again only after [`SAVE_RETRY`].
-    pub(super) fn snapshot_for(&self, key: &PoolKey, boot: &VmBoot) -> Result<Snapshot, String> {
+    pub(super) fn snapshot_for(&self, slot: u64, key: &PoolKey, boot: &VmBoot) -> Result<Snapshot, String> {
         if !self.rt.opts.vm_snapshots {
             return Err("snapshots are off (EXECUTOR_VM_SNAPSHOTS=false)".into());
         }
-        if let Some((k, why, when)) = &self.state().save_failed {
-            if k == key && when.elapsed() < SAVE_RETRY {
-                return Err(why.clone());
-            }
+        let _cold = self.cold.lock().unwrap_or_else(|p| p.into_inner());
+        // Looked at under the cold lock: another maker may have saved it (or failed to) meanwhile.
+        if let Some(why) = self.save_failed_recently(key) {
+            return Err(why);
         }
         let state_dir = &self.rt.opts.state_dir;
         match snapshot::find(state_dir, &snap_key(key)) {
@@ -35,13 +45,16 @@ impl Pool {
             Err(e) => return Err(format!("{e:#}")),
         }
         let name = format!("{}-{}", self.cfg.prefix, uuid::Uuid::new_v4());
-        self.state().booting = Some(name.clone());
+        if self.making_as(slot, &name).is_err() {
+            return Err("the pool is stopping".into());
+        }
         self.publish();
         let taken = self.own(&name).and_then(|()| self.take_snapshot(&name, boot, key));
         let _ = std::fs::remove_dir_all(self.rt.opts.sandboxes_dir().join(&name));
-        self.state().booting = None;
         match taken {
             Ok(s) => {
+                // The booter restores the pool's other VMs from it now, beside this one's.
+                self.cv.notify_all();
                 self.log(&format!(
                     "VM pool: saved snapshot {} ({}; template booted in {} ms, saved in {} ms)",
                     s.id,
@@ -60,10 +73,24 @@ impl Pool {
         }
     }
 
-    /// Restores VM `name` from `snap`, or boots it cold when there is none or the restore
-    /// fails; the record says which, and why.
+    /// Removes the snapshot of `key` a restore from `failed` found at fault, unless it is
+    /// another one already: VMs restored at once from one snapshot may all fail, and the first
+    /// of them to fail saves a fresh one that the others must not remove.
+    fn discard_snapshot(&self, key: &PoolKey, failed: &Snapshot) {
+        let sk = snap_key(key);
+        if let Ok(Some(now)) = snapshot::find(&self.rt.opts.state_dir, &sk) {
+            if now.meta.sha256 == failed.meta.sha256 {
+                snapshot::remove(&self.rt.opts.state_dir, &sk);
+            }
+        }
+    }
+
+    /// Restores VM `name` (slot `slot`'s) from `snap`, or boots it cold when there is none or
+    /// the restore fails (under the cold lock: one cold boot at a time); the record says which,
+    /// and why.
     pub(super) fn restore_or_boot(
         &self,
+        slot: u64,
         name: &str,
         boot: &VmBoot,
         key: &PoolKey,
@@ -83,9 +110,9 @@ impl Pool {
                     if e.downcast_ref::<super::super::AgentSilent>().is_some() && !self.state().stopped {
                         self.log(&format!("VM pool: {e:#}; saving a fresh snapshot for VM {name}"));
                         let _ = std::fs::remove_dir_all(self.rt.opts.sandboxes_dir().join(name));
-                        snapshot::remove(&self.rt.opts.state_dir, &snap_key(key));
-                        if let Ok(fresh) = self.snapshot_for(key, boot) {
-                            self.state().booting = Some(name.to_string());
+                        self.discard_snapshot(key, s);
+                        if let Ok(fresh) = self.snapshot_for(slot, key, boot) {
+                            self.making_as(slot, name)?;
                             let mut again = boot.clone();
                             again.restore = Some(&fresh);
                             again.timeout = restore_timeout(boot);
@@ -98,9 +125,11 @@ impl Pool {
                     // No network for the VM: a cold boot would find none either, and the
                     // snapshot is not at fault.
                     Err(e) if super::super::net::is_setup_failure(&e) => return Err(e),
+                    // Killed by the pool's stop: the snapshot is not at fault either.
+                    Err(e) if self.state().stopped => return Err(e),
                     Err(e) => {
                         let _ = std::fs::remove_dir_all(self.rt.opts.sandboxes_dir().join(name));
-                        snapshot::remove(&self.rt.opts.state_dir, &snap_key(key));
+                        self.discard_snapshot(key, s);
                         let why = format!("restoring snapshot {} failed: {e:#}", s.id);
                         self.log(&format!("VM pool: {why}; removed it, booting VM {name} cold"));
                         why
@@ -109,6 +138,8 @@ impl Pool {
             }
             Err(why) => why,
         };
+        let _cold = self.cold.lock().unwrap_or_else(|p| p.into_inner());
+        self.making_as(slot, name)?;
         let mut rec = self.own(name).and_then(|()| self.rt.boot_vm(name, boot))?;
         if let Ok(Some(mut det)) = VmDetails::of(&rec) {
             det.cold_boot = Some(why);
@@ -147,7 +178,7 @@ impl Pool {
             }
             Err(e) => {
                 let _ = std::fs::remove_dir_all(self.rt.opts.sandboxes_dir().join(&name));
-                snapshot::remove(&self.rt.opts.state_dir, &snap_key(&key));
+                self.discard_snapshot(&key, &snap);
                 return Claim::Miss(format!("{why}; restoring snapshot {} failed: {e:#}", snap.id));
             }
         };

@@ -692,7 +692,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__complete)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --keep-failed --keep-failed-max --keep-failed-disk --vm-snapshots --network-allow-hosts --network-dns-grace --network-dns-rate --network-dns-max-name --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --vm-pool-restores --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --keep-failed --keep-failed-max --keep-failed-disk --vm-snapshots --network-allow-hosts --network-dns-grace --network-dns-rate --network-dns-max-name --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -811,6 +811,10 @@ _executor() {
                     return 0
                     ;;
                 --vm-pool-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --vm-pool-restores)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -946,7 +950,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__debug)
-            opts="-h -V --command --list --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --keep-failed --keep-failed-max --keep-failed-disk --vm-snapshots --network-allow-hosts --network-dns-grace --network-dns-rate --network-dns-max-name --help --version"
+            opts="-h -V --command --list --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --vm-pool-restores --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --keep-failed --keep-failed-max --keep-failed-disk --vm-snapshots --network-allow-hosts --network-dns-grace --network-dns-rate --network-dns-max-name --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1053,6 +1057,10 @@ _executor() {
                     return 0
                     ;;
                 --vm-pool-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --vm-pool-restores)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1188,7 +1196,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__dequeue)
-            opts="-o -h -V --output --wait --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --keep-failed --keep-failed-max --keep-failed-disk --vm-snapshots --network-allow-hosts --network-dns-grace --network-dns-rate --network-dns-max-name --help --version"
+            opts="-o -h -V --output --wait --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --vm-pool-restores --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --keep-failed --keep-failed-max --keep-failed-disk --vm-snapshots --network-allow-hosts --network-dns-grace --network-dns-rate --network-dns-max-name --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1303,6 +1311,10 @@ _executor() {
                     return 0
                     ;;
                 --vm-pool-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --vm-pool-restores)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2532,7 +2544,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__install__subcmd__all)
-            opts="-h -V --kernel-package --force --engine --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --keep-failed --keep-failed-max --keep-failed-disk --vm-snapshots --network-allow-hosts --network-dns-grace --network-dns-rate --network-dns-max-name --help --version"
+            opts="-h -V --kernel-package --force --engine --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --vm-pool-restores --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --keep-failed --keep-failed-max --keep-failed-disk --vm-snapshots --network-allow-hosts --network-dns-grace --network-dns-rate --network-dns-max-name --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2639,6 +2651,10 @@ _executor() {
                     return 0
                     ;;
                 --vm-pool-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --vm-pool-restores)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2962,7 +2978,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__install__subcmd__iptables__subcmd__rules)
-            opts="-h -V --recreate-chain --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --keep-failed --keep-failed-max --keep-failed-disk --vm-snapshots --network-allow-hosts --network-dns-grace --network-dns-rate --network-dns-max-name --help --version"
+            opts="-h -V --recreate-chain --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --vm-pool-restores --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --keep-failed --keep-failed-max --keep-failed-disk --vm-snapshots --network-allow-hosts --network-dns-grace --network-dns-rate --network-dns-max-name --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -3065,6 +3081,10 @@ _executor() {
                     return 0
                     ;;
                 --vm-pool-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --vm-pool-restores)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -3256,7 +3276,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__janitor)
-            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --keep-failed --keep-failed-max --keep-failed-disk --vm-snapshots --network-allow-hosts --network-dns-grace --network-dns-rate --network-dns-max-name --help --version"
+            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --vm-pool-restores --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --keep-failed --keep-failed-max --keep-failed-disk --vm-snapshots --network-allow-hosts --network-dns-grace --network-dns-rate --network-dns-max-name --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -3359,6 +3379,10 @@ _executor() {
                     return 0
                     ;;
                 --vm-pool-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --vm-pool-restores)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -3494,7 +3518,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__loop)
-            opts="-h -V --verify --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --keep-failed --keep-failed-max --keep-failed-disk --vm-snapshots --network-allow-hosts --network-dns-grace --network-dns-rate --network-dns-max-name --help --version"
+            opts="-h -V --verify --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --vm-pool-restores --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --keep-failed --keep-failed-max --keep-failed-disk --vm-snapshots --network-allow-hosts --network-dns-grace --network-dns-rate --network-dns-max-name --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -3597,6 +3621,10 @@ _executor() {
                     return 0
                     ;;
                 --vm-pool-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --vm-pool-restores)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -3750,7 +3778,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__prepare__subcmd__workspace)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --keep-failed --keep-failed-max --keep-failed-disk --vm-snapshots --network-allow-hosts --network-dns-grace --network-dns-rate --network-dns-max-name --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --vm-pool-restores --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --keep-failed --keep-failed-max --keep-failed-disk --vm-snapshots --network-allow-hosts --network-dns-grace --network-dns-rate --network-dns-max-name --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -3869,6 +3897,10 @@ _executor() {
                     return 0
                     ;;
                 --vm-pool-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --vm-pool-restores)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -4864,7 +4896,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__run__subcmd__steps)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --keep-failed --keep-failed-max --keep-failed-disk --vm-snapshots --network-allow-hosts --network-dns-grace --network-dns-rate --network-dns-max-name --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --vm-pool-restores --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --keep-failed --keep-failed-max --keep-failed-disk --vm-snapshots --network-allow-hosts --network-dns-grace --network-dns-rate --network-dns-max-name --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -4983,6 +5015,10 @@ _executor() {
                     return 0
                     ;;
                 --vm-pool-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --vm-pool-restores)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -5168,7 +5204,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__upload)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --keep-failed --keep-failed-max --keep-failed-disk --vm-snapshots --network-allow-hosts --network-dns-grace --network-dns-rate --network-dns-max-name --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --vm-pool-restores --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --keep-failed --keep-failed-max --keep-failed-disk --vm-snapshots --network-allow-hosts --network-dns-grace --network-dns-rate --network-dns-max-name --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -5287,6 +5323,10 @@ _executor() {
                     return 0
                     ;;
                 --vm-pool-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --vm-pool-restores)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -5422,7 +5462,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__validate)
-            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --keep-failed --keep-failed-max --keep-failed-disk --vm-snapshots --network-allow-hosts --network-dns-grace --network-dns-rate --network-dns-max-name --help --version"
+            opts="-h -V --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --vm-pool-restores --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --keep-failed --keep-failed-max --keep-failed-disk --vm-snapshots --network-allow-hosts --network-dns-grace --network-dns-rate --network-dns-max-name --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -5525,6 +5565,10 @@ _executor() {
                     return 0
                     ;;
                 --vm-pool-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --vm-pool-restores)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -5660,7 +5704,7 @@ _executor() {
             return 0
             ;;
         executor__subcmd__vm__subcmd__boot)
-            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --keep-failed --keep-failed-max --keep-failed-disk --vm-snapshots --network-allow-hosts --network-dns-grace --network-dns-rate --network-dns-max-name --help --version"
+            opts="-i -o -h -V --input --output --frontend-url --password-file --frontend-ca --queue --queues --poll-interval --max-jobs --num-total-jobs --max-active-time --max-runtime --cleanup-interval --keep-workspaces --job-cpus --job-memory --disk-space --runtime --use-firecracker --vm-startup-script --state-dir --allow-unisolated --vm-prefix --oci-runtime --vm-accel --vm-allow-tcg --vm-pool-size --vm-pool-restores --shutdown-grace --heartbeat-interval --artifacts-max-size --git-timeout --workspace-templates --image-pull --image-cache-size --docker-auth-config --registry-mirror --insecure-registry --private-registry --image-pull-timeout --registry-ca --image-max-size --network --network-cidr --network-allow --dns-servers --network-bandwidth --caches --cache-rules --cache-size --cache-trusted-queues --keep-failed --keep-failed-max --keep-failed-disk --vm-snapshots --network-allow-hosts --network-dns-grace --network-dns-rate --network-dns-max-name --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -5779,6 +5823,10 @@ _executor() {
                     return 0
                     ;;
                 --vm-pool-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --vm-pool-restores)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -72,55 +72,6 @@ struct Running {
     jobs: HashMap<String, Slot>,
 }
 
-/// SIGTERM/SIGINT/SIGHUP as messages, without blocking them for child processes (SIGHUP is
-/// Sourcegraph's stop signal too; left alone it would kill the process and strand its jobs).
-pub(crate) fn signals() -> Result<Receiver<&'static str>> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e.to_string()));
-                    return;
-                }
-            };
-            rt.block_on(async move {
-                use tokio::signal::unix::{signal, SignalKind};
-                let (mut term, mut int, mut hup) = match (
-                    signal(SignalKind::terminate()),
-                    signal(SignalKind::interrupt()),
-                    signal(SignalKind::hangup()),
-                ) {
-                    (Ok(t), Ok(i), Ok(h)) => (t, i, h),
-                    (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
-                        let _ = ready_tx.send(Err(e.to_string()));
-                        return;
-                    }
-                };
-                let _ = ready_tx.send(Ok(()));
-                loop {
-                    let name = tokio::select! {
-                        _ = term.recv() => "SIGTERM",
-                        _ = int.recv() => "SIGINT",
-                        _ = hup.recv() => "SIGHUP",
-                    };
-                    if tx.send(name).is_err() {
-                        return;
-                    }
-                }
-            });
-        })
-        .context("starting the signal handler")?;
-    match ready_rx.recv() {
-        Ok(Ok(())) => Ok(rx),
-        Ok(Err(e)) => anyhow::bail!("installing signal handlers: {e}"),
-        Err(_) => anyhow::bail!("installing signal handlers failed"),
-    }
-}
-
 /// The concrete runtime for `settings.runtime`, checked to work here.
 pub(crate) fn resolve_runtime(settings: &Settings) -> Result<RuntimeKind> {
     let rt = crate::sandbox::open_choice(settings.runtime, &settings.runtime_options())?;
@@ -232,7 +183,7 @@ pub(crate) fn run(settings: Settings) -> Result<i32> {
     if runtime == RuntimeKind::Shell {
         warn!("{}", crate::sandbox::shell::WARNING);
     }
-    let sig = signals()?;
+    let sig = crate::base::cancel::signals()?;
     // Made once, before the first job needs it; a failure only means the first job runs mkfs.
     if let Err(e) =
         crate::workspace::prepare_blank_disk(&settings.workspaces_dir(), settings.limits().disk_bytes)

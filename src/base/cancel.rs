@@ -140,6 +140,55 @@ impl Cancel {
     }
 }
 
+/// SIGTERM/SIGINT/SIGHUP as messages, without blocking them for child processes (SIGHUP is
+/// Sourcegraph's stop signal too; left alone it would kill the process and strand its jobs).
+pub(crate) fn signals() -> anyhow::Result<std::sync::mpsc::Receiver<&'static str>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                use tokio::signal::unix::{signal, SignalKind};
+                let (mut term, mut int, mut hup) = match (
+                    signal(SignalKind::terminate()),
+                    signal(SignalKind::interrupt()),
+                    signal(SignalKind::hangup()),
+                ) {
+                    (Ok(t), Ok(i), Ok(h)) => (t, i, h),
+                    (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                loop {
+                    let name = tokio::select! {
+                        _ = term.recv() => "SIGTERM",
+                        _ = int.recv() => "SIGINT",
+                        _ = hup.recv() => "SIGHUP",
+                    };
+                    if tx.send(name).is_err() {
+                        return;
+                    }
+                }
+            });
+        })
+        .map_err(|e| anyhow::anyhow!("starting the signal handler: {e}"))?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok(rx),
+        Ok(Err(e)) => anyhow::bail!("installing signal handlers: {e}"),
+        Err(_) => anyhow::bail!("installing signal handlers failed"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

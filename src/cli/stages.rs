@@ -63,7 +63,7 @@ pub(super) fn stage(
     });
     // SIGTERM/SIGINT stop the stage's work (a running step and all it started) and the failure
     // is recorded, instead of leaving the job to the stalled-job reset.
-    if let Ok(sig) = crate::run_loop::signals() {
+    if let Ok(sig) = crate::base::cancel::signals() {
         let cancel = ctx.cancel.clone();
         std::thread::spawn(move || {
             if let Ok(s) = sig.recv() {

@@ -380,8 +380,9 @@ settings! {
     }
     keep_failed: Option<Duration> = parse::duration_or_unlimited {
         flag: "keep-failed", env: "EXECUTOR_KEEP_FAILED", value_name: "DURATION", default: Some("0"),
-        help: "Keep a failed oci job's sandbox this long for `executor debug JOB` (network off, secrets out \
-               of its environment); 0: never. A coordinator's per-queue policy may shorten it",
+        help: "Keep a failed job's sandbox (an oci container's layer, a paused microVM) this long for \
+               `executor debug JOB` (network off, secrets out of its environment); 0: never. A \
+               coordinator's per-queue policy may shorten it",
     }
     keep_failed_max: usize = parse::number {
         flag: "keep-failed-max", env: "EXECUTOR_KEEP_FAILED_MAX", value_name: "N", default: Some("3"),

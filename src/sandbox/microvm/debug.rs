@@ -168,7 +168,7 @@ impl MicroVm {
                 }
             }
         });
-        let stop = crate::run_loop::signals().ok();
+        let stop = crate::base::cancel::signals().ok();
         let res = self.attached(sandbox, &mut ch, id, stop.as_ref());
         drop(raw);
         drop(ch);

@@ -204,6 +204,11 @@ pub(crate) fn run(settings: Settings) -> Result<i32> {
             crate::api::report_src_cli_version(src.version);
         }
     }
+    // The end of each job network's teardown (its flows forgotten, its resolver reaped) runs
+    // off the job's path, its slot taken until it is done; what is queued finishes before this
+    // returns (network/cleanup.rs).
+    let _cleanup = (settings.network.mode != crate::network::Mode::None && runtime != RuntimeKind::Shell)
+        .then(|| crate::network::defer_cleanup(&settings.state_dir));
     // An allowlist job's resolver waits ahead of it (network/dns).
     let _spare = (settings.network.mode == crate::network::Mode::Allowlist && runtime != RuntimeKind::Shell)
         .then(|| crate::network::dns::keep_spare(&settings.state_dir));

@@ -88,14 +88,7 @@ pub(crate) fn gather(state_dir: &Path, sandbox: &str, job: Ipv4Addr) -> Result<(
             let _ = nf.del_element_of(netlink::NFPROTO_INET, TABLE, set, &key);
         }
     }
-    // What the resolver let the job reach: the slot's next job must not inherit it.
-    for set in [dns::SET_HOSTS, dns::SET_PORTS] {
-        for key in nf.set_keys(TABLE, set).unwrap_or_default() {
-            if key.len() >= 8 && key[..4] == job.octets() {
-                let _ = nf.del_element_of(netlink::NFPROTO_INET, TABLE, set, &key);
-            }
-        }
-    }
+    forget_answers_with(&mut nf, job);
     let mut verdicts: Vec<(String, String, usize)> =
         counts.into_iter().map(|((k, v), n)| (k, v, n)).collect();
     verdicts.sort();
@@ -107,6 +100,23 @@ pub(crate) fn gather(state_dir: &Path, sandbox: &str, job: Ipv4Addr) -> Result<(
     crate::base::fs::write_atomic(&file, &serde_json::to_vec(&rec)?)?;
     let _ = fs::remove_file(&log);
     Ok(())
+}
+
+/// Takes the job's elements out of the sets its resolver fills (what the resolver let it
+/// reach): the slot's next job must not inherit them.
+pub(crate) fn forget_answers(job: Ipv4Addr) -> Result<()> {
+    forget_answers_with(&mut netlink::Socket::netfilter()?, job);
+    Ok(())
+}
+
+fn forget_answers_with(nf: &mut netlink::Socket, job: Ipv4Addr) {
+    for set in [dns::SET_HOSTS, dns::SET_PORTS] {
+        for key in nf.set_keys(TABLE, set).unwrap_or_default() {
+            if key.len() >= 8 && key[..4] == job.octets() {
+                let _ = nf.del_element_of(netlink::NFPROTO_INET, TABLE, set, &key);
+            }
+        }
+    }
 }
 
 /// The egress record that a teardown of `sandbox` gathered, taken out of the state directory.

@@ -5,6 +5,7 @@
 //! the rules in the same order.
 
 mod bandwidth;
+mod cleanup;
 pub(crate) mod conntrack;
 pub(crate) mod dns;
 pub mod egress;
@@ -24,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 pub use bandwidth::Bandwidth;
+pub use cleanup::{defer_cleanup, CleanupGuard};
 pub use dns::{keep_spare as keep_spare_resolver, SpareGuard};
 pub use policy::{Allow, Cidr, Reach};
 pub use validate::check;
@@ -485,6 +487,12 @@ fn take_slot_and_build(
         Ok(())
     })?;
     let Some(net) = net else {
+        // Slots whose teardown's deferred end is still running are taken until it is done
+        // (cleanup.rs): worth waiting for, the lock held, before calling the pool full.
+        if cleanup::wait_idle() {
+            drop(lock);
+            return take_slot_and_build(state_dir, sandbox, s, reach, t, build);
+        }
         bail!("network pool {} is full: {} jobs have a subnet", s.pool, s.slots());
     };
     let built = build(&net, &coord, t);
@@ -611,17 +619,28 @@ fn cap(dev: &str, b: &Bandwidth) -> Result<()> {
 /// slot's map element stays: it matches only a link of this slot's name with this slot's
 /// address, which exists only while a job holds the slot, and taking an element out costs the
 /// kernel an RCU grace period (about 15 ms); [`janitor`] removes the elements of free slots.
-/// Missing parts are not errors.
+/// The address's connection-tracking entries are forgotten before the slot is free; in a
+/// process that holds [`defer_cleanup`]'s guard that, and reaping the resolver, happen after
+/// this returns (`cleanup.rs`). Missing parts are not errors.
 pub fn teardown(state_dir: &Path, net: &JobNetwork) -> Result<()> {
     teardown_timed(state_dir, net, &mut Vec::new())
 }
 
 /// [`teardown`], recording how long each step took.
 pub fn teardown_timed(state_dir: &Path, net: &JobNetwork, t: &mut Timings) -> Result<()> {
-    // An allowlist job's resolver first: its log is complete once it is gone.
-    timed(t, "resolver", || {
-        dns::stop(state_dir, &net.sandbox);
-        Ok(())
+    teardown_with(state_dir, net, t, cleanup::deferring(state_dir))
+}
+
+fn teardown_with(state_dir: &Path, net: &JobNetwork, t: &mut Timings, defer: bool) -> Result<()> {
+    // An allowlist job's resolver first: signalled, it answers nothing more. Inline its log is
+    // complete once it is gone; deferred, the cleanup takes out of the sets whatever it still
+    // wrote after the record was read, before the slot is free.
+    let resolver = timed(t, "resolver", || {
+        let pid = dns::kill(state_dir, &net.sandbox);
+        if !defer {
+            pid.into_iter().for_each(dns::reap);
+        }
+        Ok(pid)
     })?;
     timed(t, "namespace", || netlink::del_netns(net.netns()))
         .with_context(|| format!("removing the network of sandbox {}", net.sandbox))?;
@@ -630,14 +649,41 @@ pub fn teardown_timed(state_dir: &Path, net: &JobNetwork, t: &mut Timings) -> Re
             tracing::warn!("gathering the egress record of sandbox {}: {e:#}", net.sandbox);
         }
     }
+    if defer {
+        let task = cleanup::Task {
+            state_dir: state_dir.to_path_buf(),
+            net: net.clone(),
+            resolver,
+            forget: conntrack::forget,
+        };
+        if cleanup::defer(task) {
+            return Ok(());
+        }
+        // Nothing defers any more (the guard went meanwhile): inline, as a stage alone.
+        if let Some(pid) = resolver {
+            dns::reap(pid);
+            let _ = egress::forget_answers(net.address);
+        }
+    }
     // The job's flows would follow its address to the slot's next job.
     if !net.address.is_unspecified() {
         if let Err(e) = timed(t, "conntrack", || conntrack::forget(net.address)) {
             tracing::warn!("forgetting the connection-tracking entries of sandbox {}: {e:#}", net.sandbox);
         }
     }
+    free_slot(state_dir, net)
+}
+
+/// Whether the slot file of `net` still names its sandbox.
+fn slot_is(state_dir: &Path, net: &JobNetwork) -> bool {
     let slot = slots_dir(state_dir).join(net.slot.to_string());
-    if fs::read_to_string(&slot).is_ok_and(|text| parse_slot(&text).0 == net.sandbox) {
+    fs::read_to_string(slot).is_ok_and(|text| parse_slot(&text).0 == net.sandbox)
+}
+
+/// Frees the slot of `net`, if it still names its sandbox.
+fn free_slot(state_dir: &Path, net: &JobNetwork) -> Result<()> {
+    if slot_is(state_dir, net) {
+        let slot = slots_dir(state_dir).join(net.slot.to_string());
         fs::remove_file(&slot).with_context(|| format!("freeing network slot {}", net.slot))?;
     }
     Ok(())
@@ -660,7 +706,8 @@ fn remove_now(state_dir: &Path, net: &JobNetwork) -> Result<()> {
     if let Err(e) = netlink::Socket::route().and_then(|mut s| s.del_link(&net.host_if)) {
         errors.push(format!("{e:#}"));
     }
-    if let Err(e) = teardown(state_dir, net) {
+    // Inline: the janitor frees the slot only once the flows are forgotten.
+    if let Err(e) = teardown_with(state_dir, net, &mut Vec::new(), false) {
         errors.push(format!("{e:#}"));
     }
     // No `complete` will take the record of a network the janitor removes.
@@ -715,7 +762,8 @@ pub fn janitor(state_dir: &Path, owned: impl Fn(&str) -> bool) -> Result<Vec<Str
             let Some(slot) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
             let Ok(text) = fs::read_to_string(e.path()) else { continue };
             let (name, address) = parse_slot(&text);
-            if !owned(&name) {
+            // A slot whose teardown's deferred end still runs is that cleanup's (cleanup.rs).
+            if !owned(&name) || cleanup::is_pending(&name) {
                 continue;
             }
             let net = JobNetwork {

@@ -1041,4 +1041,92 @@ fn network_a_kept_runc_sandbox_has_no_network() {
 #[test]
 fn network_a_kept_microvm_has_no_network() {
     a_kept_sandbox_has_no_network("microvm", "network_a_kept_microvm_has_no_network");
+
+/// A process that defers the end of its teardowns (`executor loop`) frees a job's slot only
+/// once the host has forgotten the job's flows. In a pool of one slot: the network set up right
+/// after a teardown gets the same address (its setup waits for the pending cleanup rather than
+/// calling the pool full) and none of the old job's flows; and at the moment a torn-down
+/// network's slot file goes, the host tracks none of its flows. Checked: with the slot freed
+/// when the teardown returns and the flows forgotten on a thread, the job's TCP connection
+/// (TIME_WAIT for two minutes) and UDP packet are still tracked when the slot is free.
+#[test]
+fn network_a_deferred_teardown_frees_its_slot_only_once_its_flows_are_gone() {
+    let test = "network_a_deferred_teardown_frees_its_slot_only_once_its_flows_are_gone";
+    if !can_build(test) {
+        return;
+    }
+    let world = World::build();
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let state = tmp.path().join("state");
+    let prefix = format!("ntdf{}", world.tag);
+    let _namespaces = NetnsOfPrefix(prefix.clone());
+    world.on_host(|| {
+        use executor::network::{defer_cleanup, setup, teardown, JobNetwork, Settings};
+        // The host's table as this thread (in the executor host's namespace) sees it, at once.
+        let flows_of = |addr: std::net::Ipv4Addr| -> Vec<String> {
+            let ct = std::fs::read_to_string("/proc/thread-self/net/nf_conntrack").unwrap();
+            ct.lines().filter(|l| l.contains(&format!("={addr} "))).map(str::to_string).collect()
+        };
+        // A job's flows: an HTTP fetch from the internet namespace and a UDP packet.
+        let make_flows = |net: &JobNetwork| {
+            let ns = std::fs::File::open(net.netns_path()).unwrap();
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                let web = format!("{WEB}:80").parse().unwrap();
+                let mut c = std::net::TcpStream::connect_timeout(&web, Duration::from_secs(5)).unwrap();
+                c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                c.write_all(b"GET /hello.txt HTTP/1.0\r\n\r\n").unwrap();
+                let mut body = String::new();
+                let _ = c.read_to_string(&mut body);
+                assert!(body.contains("hello-from-the-internet"), "{body}");
+                std::net::UdpSocket::bind("0.0.0.0:0").unwrap().send_to(b"x", format!("{WEB}:9")).unwrap();
+            })
+            .join()
+            .unwrap();
+            let flows = flows_of(net.address);
+            assert!(flows.len() >= 2, "the job's flows are not tracked: {flows:?}");
+        };
+        // One /30: one slot, so the next network can only have the same address.
+        let s = Settings::parse(Some("internet"), Some("10.255.0.0/30"), None, Some(DNS)).unwrap();
+        let slot = state.join("network/slots/0");
+        let guard = defer_cleanup(&state);
+        let a = setup(&state, &format!("{prefix}-a"), &s, Default::default()).unwrap();
+        make_flows(&a);
+        teardown(&state, &a).unwrap();
+        let b = setup(&state, &format!("{prefix}-b"), &s, Default::default())
+            .expect("the next network of a pool of one slot, once the old job's flows are forgotten");
+        assert_eq!(b.address, a.address);
+        let left = flows_of(b.address);
+        assert!(left.is_empty(), "the slot's next job inherits the old job's flows: {left:?}");
+        make_flows(&b);
+        teardown(&state, &b).unwrap();
+        // The moment the slot is free, the flows are gone.
+        let t = Instant::now();
+        while slot.exists() {
+            assert!(t.elapsed() < Duration::from_secs(10), "the slot was never freed");
+            std::hint::spin_loop();
+        }
+        let left = flows_of(b.address);
+        assert!(left.is_empty(), "the slot was free with the job's flows still tracked: {left:?}");
+        // Dropping the guard waits for what is queued: then no slot is taken.
+        drop(guard);
+        let slots: Vec<_> = std::fs::read_dir(state.join("network/slots")).unwrap().flatten().collect();
+        assert!(slots.is_empty(), "slots left after the cleanup: {slots:?}");
+    });
+}
+
+/// Removes the test's job namespaces (by the sandbox prefix) if it fails half-way.
+struct NetnsOfPrefix(String);
+
+impl Drop for NetnsOfPrefix {
+    fn drop(&mut self) {
+        for e in std::fs::read_dir("/run/netns").into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&self.0) {
+                let _ = Command::new("ip").args(["netns", "del", &name]).status();
+            }
+        }
+    }
 }

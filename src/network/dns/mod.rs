@@ -216,34 +216,44 @@ fn executor_binary() -> Result<PathBuf> {
     })
 }
 
-/// Stops a sandbox's resolver, if it runs; its log stays for the egress record.
-pub(crate) fn stop(state_dir: &Path, sandbox: &str) {
+/// Sends a sandbox's resolver, if it runs, SIGKILL, and removes its pid file and
+/// configuration; returns its pid for [`reap`]. Once the signal is sent it answers no further
+/// question (what it was writing may still land until [`reap`] returns).
+pub(crate) fn kill(state_dir: &Path, sandbox: &str) -> Option<i32> {
     use nix::sys::signal::{kill, Signal};
-    use nix::sys::wait::{waitpid, WaitPidFlag};
     use nix::unistd::Pid;
     let pf = pid_file(state_dir, sandbox);
     let conf = config_file(state_dir, sandbox);
+    let mut killed = None;
     if let Some(pid) = fs::read_to_string(&pf).ok().and_then(|t| t.trim().parse::<i32>().ok()) {
         // Only a resolver of this state directory (a pid can be reused): one started for this
         // sandbox's configuration names it, a spare names the directory.
         let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let ours = String::from_utf8_lossy(&cmdline).contains(&*dir(state_dir).to_string_lossy());
         if ours && kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok() {
-            // A killed process is gone in well under a millisecond: polled every 100 µs, for
-            // 200 ms at most.
-            let tick = Duration::from_micros(100);
-            for _ in 0..2000 {
-                match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
-                    Ok(nix::sys::wait::WaitStatus::StillAlive) => std::thread::sleep(tick),
-                    // Not this process's child: gone when /proc says so.
-                    Err(_) if Path::new(&format!("/proc/{pid}")).exists() => std::thread::sleep(tick),
-                    _ => break,
-                }
-            }
+            killed = Some(pid);
         }
     }
     let _ = fs::remove_file(&pf);
     let _ = fs::remove_file(&conf);
+    killed
+}
+
+/// Waits until a resolver [`kill`] signalled is gone (reaped, when it is this process's child).
+pub(crate) fn reap(pid: i32) {
+    use nix::sys::wait::{waitpid, WaitPidFlag};
+    use nix::unistd::Pid;
+    // A killed process is gone in well under a millisecond: polled every 100 µs, for 200 ms at
+    // most.
+    let tick = Duration::from_micros(100);
+    for _ in 0..2000 {
+        match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+            Ok(nix::sys::wait::WaitStatus::StillAlive) => std::thread::sleep(tick),
+            // Not this process's child: gone when /proc says so.
+            Err(_) if Path::new(&format!("/proc/{pid}")).exists() => std::thread::sleep(tick),
+            _ => break,
+        }
+    }
 }
 
 /// `executor network-resolver --spare DIR`: waits for a configuration's path (a file of DIR) on

@@ -1041,6 +1041,7 @@ fn network_a_kept_runc_sandbox_has_no_network() {
 #[test]
 fn network_a_kept_microvm_has_no_network() {
     a_kept_sandbox_has_no_network("microvm", "network_a_kept_microvm_has_no_network");
+}
 
 /// A process that defers the end of its teardowns (`executor loop`) frees a job's slot only
 /// once the host has forgotten the job's flows. In a pool of one slot: the network set up right

@@ -272,13 +272,19 @@ impl MicroVm {
                 .with_context(|| format!("sizing {}", det.workspace_disk.display()))?;
         }
         for reference in boot.images {
-            let (digest, rootfs) = self.resolve_image(reference)?;
-            let d = disk::image_disk(&self.vm_dir().join("images"), &digest, &rootfs)
-                .with_context(|| format!("building the disk of image {reference}"))?;
+            let (digest, d) = self.image_disk(reference)?;
             det.images.push(ImageDisk { reference: reference.clone(), digest, disk: d });
         }
         det.images.extend(boot.extra_disks.iter().cloned());
         Ok(())
+    }
+
+    /// The digest and read-only disk of image `reference`, the disk built if it is not yet.
+    pub(super) fn image_disk(&self, reference: &str) -> Result<(String, std::path::PathBuf)> {
+        let (digest, rootfs) = self.resolve_image(reference)?;
+        let d = disk::image_disk(&self.vm_dir().join("images"), &digest, &rootfs)
+            .with_context(|| format!("building the disk of image {reference}"))?;
+        Ok((digest, d))
     }
 
     /// Step 2, the job's network (a TAP), recorded at once so that a failed boot's teardown

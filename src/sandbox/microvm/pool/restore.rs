@@ -202,6 +202,12 @@ impl Pool {
     /// Boots the template VM `name` for `key` with `boot` (made a template here), saves it
     /// into a new snapshot and tears it down. A save that fails anywhere leaves no snapshot.
     fn take_snapshot(&self, name: &str, boot: &VmBoot, key: &PoolKey) -> Result<Snapshot> {
+        // The image disks first: one built by the template's own boot would be newer than its
+        // start, and the check below could not tell it from a disk replaced while it booted
+        // (every first template on a fresh state directory would fail).
+        for reference in boot.images {
+            self.rt.image_disk(reference)?;
+        }
         let t0 = Instant::now();
         let started = std::time::SystemTime::now();
         let mut template = boot.clone();

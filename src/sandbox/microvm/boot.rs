@@ -39,8 +39,10 @@ pub(super) struct VmBoot<'a> {
     /// A snapshot template (snapshot.rs): booted with `executor.template=1` and a QMP monitor.
     pub template: bool,
     /// Restore this snapshot instead of booting: the template's command line, its stream fed
-    /// through `-incoming`, then the agent reseeded.
+    /// through `-incoming`, its RAM mapped copy-on-write, then the agent reseeded.
     pub restore: Option<&'a Snapshot>,
+    /// A template's RAM (snapshot/ram.rs), which the template writes into.
+    pub template_ram: Option<std::sync::Arc<OwnedFd>>,
 }
 
 impl<'a> VmBoot<'a> {
@@ -76,6 +78,7 @@ impl<'a> VmBoot<'a> {
             extra_disks: Vec::new(),
             template: false,
             restore: None,
+            template_ram: None,
         }
     }
 
@@ -97,7 +100,7 @@ impl<'a> VmBoot<'a> {
         }
     }
 
-    fn memory_bytes(&self) -> u64 {
+    pub(super) fn memory_bytes(&self) -> u64 {
         if self.limits.memory_bytes > 0 {
             self.limits.memory_bytes
         } else {
@@ -127,6 +130,8 @@ struct Handles {
     net: Option<net::VmNet>,
     /// A restore's pipe (read end), its saved state coming through it.
     incoming: Option<OwnedFd>,
+    /// The guest's RAM (a template's, or the snapshot's that a restore maps).
+    ram: Option<std::sync::Arc<OwnedFd>>,
 }
 
 impl MicroVm {
@@ -210,6 +215,10 @@ impl MicroVm {
         };
         let mut handles = open_handles(manifest, &dir, &det, user.as_ref(), vm_net)?;
         handles.incoming = incoming;
+        handles.ram = match boot.restore {
+            Some(snap) => Some(super::snapshot::ram::load(snap)?),
+            None => boot.template_ram.clone(),
+        };
         let config = QemuConfig {
             name: rec.name.clone(),
             accel: boot.accel,
@@ -222,9 +231,11 @@ impl MicroVm {
             workspace_disk: boot.workspace_mount() != WorkspaceMount::None,
             image_fds: handles.images.iter().map(|f| f.as_raw_fd()).collect(),
             tap_fd: handles.net.as_ref().map(|v| v.tap.as_raw_fd()),
-            monitor: boot.template,
+            monitor: boot.template || boot.restore.is_some(),
             incoming_fd: handles.incoming.as_ref().map(|f| f.as_raw_fd()),
+            ram: handles.ram.as_ref().map(|f| (f.as_raw_fd(), boot.restore.is_none())),
         };
+        let incoming_fd = config.incoming_fd;
         let jail_root =
             user.as_ref().filter(|u| u.jailed).map(|_| jail::root_dir(&self.opts.state_dir)).transpose()?;
         let mut child = spawn_qemu(&dir, &config, handles, user.as_ref(), jail_root.as_deref(), boot.accel)?;
@@ -232,8 +243,9 @@ impl MicroVm {
         rec.pid = Some(pid);
         det.store(rec);
         place_in_cgroup(&rec.name, pid, boot)?;
-        if let (Some(snap), Some(to)) = (boot.restore, feed_end) {
+        if let (Some(snap), Some(to), Some(fd)) = (boot.restore, feed_end, incoming_fd) {
             let t = Instant::now();
+            start_incoming(&dir, fd).map_err(|e| qemu_failed(&dir, &mut child, e))?;
             super::snapshot::feed(snap, to).map_err(|e| qemu_failed(&dir, &mut child, e))?;
             det.restored =
                 Some(super::Restored { snapshot: snap.id.clone(), feed_ms: t.elapsed().as_millis() as u64 });
@@ -341,7 +353,27 @@ fn open_handles(
     let dir = open_ro(dir)?;
     let images = det.images.iter().map(|i| open_ro(&i.disk)).collect::<Result<Vec<_>>>()?;
     let console = console::start(&det.console, console::CONSOLE_CAP, user.map(|u| (u.uid, u.gid)))?;
-    Ok(Handles { kernel, initrd, dir, images, console, net, incoming: None })
+    Ok(Handles { kernel, initrd, dir, images, console, net, incoming: None, ram: None })
+}
+
+/// Starts a restored VM's incoming migration from descriptor `fd` over QMP, with shared RAM left
+/// out of the stream as the template left it out (`-incoming defer`: a capability must be set
+/// before the stream starts).
+fn start_incoming(dir: &Path, fd: i32) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let handle = fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+    let sock = Path::new("/proc/self/fd").join(handle.as_raw_fd().to_string()).join(super::qemu::QMP_SOCKET);
+    let t = Instant::now();
+    let mut qmp = loop {
+        match super::snapshot::Qmp::connect(&sock) {
+            Ok(q) => break q,
+            Err(_) if t.elapsed() < Duration::from_secs(30) => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) => return Err(e).context("reaching the restoring QEMU's monitor"),
+        }
+    };
+    qmp.cmd("migrate-set-capabilities", super::snapshot::ignore_shared())?;
+    qmp.cmd("migrate-incoming", serde_json::json!({"uri": format!("fd:{fd}")}))?;
+    Ok(())
 }
 
 /// Step 5: starts QEMU in the sandbox directory, in its jail as its own user (jail.rs; with only
@@ -364,6 +396,7 @@ fn spawn_qemu(
     keep.extend(h.net.as_ref().map(|v| v.tap.as_raw_fd()));
     keep.extend(h.images.iter().map(|f| f.as_raw_fd()));
     keep.extend(h.incoming.as_ref().map(|f| f.as_raw_fd()));
+    keep.extend(h.ram.as_ref().map(|f| f.as_raw_fd()));
     crate::base::sys::start_in_dir_keeping(&mut cmd, h.dir.as_raw_fd(), keep);
     match (user, jail_root) {
         (Some(u), Some(root)) => {

@@ -48,8 +48,14 @@ pub(crate) struct QemuConfig {
     /// host saves it.
     pub monitor: bool,
     /// A VM restored from a snapshot: the read end of the pipe its saved state comes through
-    /// (`-incoming fd:N`). The rest of the command line is the template's, device for device.
+    /// (`-incoming fd:N`; with `ram`, `-incoming defer` and the host starts it over QMP once
+    /// `x-ignore-shared` is set). The rest of the command line is the template's, device for
+    /// device.
     pub incoming_fd: Option<i32>,
+    /// The guest's RAM in a file of the executor's (snapshot/ram.rs): its descriptor, and whether
+    /// the guest writes into it (`share=on`, a template) or into pages of its own (`share=off`,
+    /// copy-on-write: a restored VM).
+    pub ram: Option<(i32, bool)>,
 }
 
 impl QemuConfig {
@@ -58,7 +64,11 @@ impl QemuConfig {
         let fd_path = |fd: i32| format!("/proc/self/fd/{fd}");
         let mut a: Vec<String> = Vec::new();
         let mut push = |args: &[&str]| a.extend(args.iter().map(|s| s.to_string()));
-        push(&["-name", &self.name, "-M", MACHINE, "-nodefaults", "-no-user-config"]);
+        let machine = match self.ram {
+            Some(_) => format!("{MACHINE},memory-backend=ram0"),
+            None => MACHINE.to_string(),
+        };
+        push(&["-name", &self.name, "-M", &machine, "-nodefaults", "-no-user-config"]);
         // QEMU's own seccomp filter, before anything else it is told.
         push(&["-sandbox", super::jail::SANDBOX]);
         push(&[
@@ -70,6 +80,17 @@ impl QemuConfig {
             "-smp",
             &self.cpus.to_string(),
         ]);
+        if let Some((fd, shared)) = self.ram {
+            let share = if shared { "on" } else { "off" };
+            push(&[
+                "-object",
+                &format!(
+                    "memory-backend-file,id=ram0,size={}M,mem-path={},share={share}",
+                    self.memory_bytes >> 20,
+                    fd_path(fd)
+                ),
+            ]);
+        }
         match self.accel {
             Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
             _ => push(&["-accel", "tcg", "-cpu", "max"]),
@@ -99,8 +120,10 @@ impl QemuConfig {
         if self.monitor {
             push(&["-qmp", &format!("unix:{QMP_SOCKET},server=on,wait=off")]);
         }
-        if let Some(fd) = self.incoming_fd {
-            push(&["-incoming", &format!("fd:{fd}")]);
+        match (self.incoming_fd, self.ram) {
+            (Some(_), Some(_)) => push(&["-incoming", "defer"]),
+            (Some(fd), None) => push(&["-incoming", &format!("fd:{fd}")]),
+            (None, _) => {}
         }
         a
     }
@@ -125,6 +148,7 @@ mod tests {
             tap_fd: None,
             monitor: false,
             incoming_fd: None,
+            ram: None,
         }
     }
 
@@ -248,6 +272,37 @@ mod tests {
         let r = c.argv();
         assert_eq!(&r[..plain.len()], &plain[..], "a restore has the template's devices");
         assert_eq!(&r[plain.len()..], ["-incoming", "fd:12"]);
+    }
+
+    /// The template writes into the executor's RAM file, a restored VM maps it privately and
+    /// waits for the host to start its incoming migration; both name the same backend.
+    #[test]
+    fn shared_ram_is_the_backend_of_template_and_restore_alike() {
+        let mut c = config();
+        c.monitor = true;
+        c.ram = Some((20, true));
+        let t = c.argv();
+        assert_eq!(after(&t, "-M"), ["microvm,x-option-roms=off,memory-backend=ram0"]);
+        assert_eq!(
+            after(&t, "-object"),
+            ["memory-backend-file,id=ram0,size=512M,mem-path=/proc/self/fd/20,share=on"]
+        );
+        assert!(after(&t, "-incoming").is_empty());
+        c.ram = Some((20, false));
+        c.incoming_fd = Some(12);
+        let r = c.argv();
+        assert_eq!(
+            after(&r, "-object"),
+            ["memory-backend-file,id=ram0,size=512M,mem-path=/proc/self/fd/20,share=off"]
+        );
+        assert_eq!(after(&r, "-incoming"), ["defer"]);
+        let strip = |a: &[String]| -> Vec<String> {
+            a.iter()
+                .filter(|x| !x.contains("share=") && *x != "-object" && *x != "-incoming" && *x != "defer")
+                .cloned()
+                .collect()
+        };
+        assert_eq!(strip(&t), strip(&r), "the same devices");
     }
 
     #[test]

@@ -212,6 +212,9 @@ impl Pool {
         let started = std::time::SystemTime::now();
         let mut template = boot.clone();
         template.template = true;
+        let ram_size = template.memory_bytes();
+        let ram = snapshot::ram::template_ram(ram_size)?;
+        template.template_ram = Some(ram.clone());
         let rec = self.rt.boot_vm(name, &template)?;
         let boot_ms = t0.elapsed().as_millis() as u64;
         // The template keeps no connection: the host talks to each restored VM anew.
@@ -242,7 +245,10 @@ impl Pool {
             Ok((saved, before))
         })();
         let _ = self.rt.teardown(&rec);
-        let ((bytes, sha256, save_ms), image_disks) = match saved {
+        // QEMU is gone: its RAM, sealed now, goes beside the stream.
+        let saved =
+            saved.and_then(|s| Ok((s, snapshot::ram::save(&ram, ram_size, &tmp.join(snapshot::ram::RAM))?)));
+        let (((bytes, sha256, save_ms), image_disks), (ram_bytes, ram_sha256)) = match saved {
             Ok(s) => s,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&tmp);
@@ -261,6 +267,8 @@ impl Pool {
             image_disks,
             boot_ms,
             save_ms,
+            ram_bytes,
+            ram_sha256,
         };
         snapshot::install(&self.rt.opts.state_dir, &tmp, &sk, &meta).inspect_err(|_| {
             let _ = std::fs::remove_dir_all(&tmp);

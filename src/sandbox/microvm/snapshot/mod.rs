@@ -3,17 +3,19 @@
 //! that key restored from it (`-incoming`) instead of booted: under TCG a restore takes a few
 //! hundred milliseconds where a boot takes seconds.
 //!
-//! A snapshot is a directory `vm/snapshots/<key id>/` with the stream (`state`) and what it is
-//! (`meta.json`: the key, QEMU's version, the stream's size and SHA-256). The stream is checked
+//! A snapshot is a directory `vm/snapshots/<key id>/` with the stream (`state`: the devices'
+//! state), the template's RAM (`ram`, ram.rs) and what it is (`meta.json`: the key, QEMU's
+//! version, the stream's and the RAM's sizes and SHA-256). The stream is checked
 //! while it is fed to the restoring QEMU, and its last bytes are held back until the checksum
 //! matched (feed.rs): QEMU never starts a guest from a corrupted file; the restore fails, the
 //! snapshot is removed and the VM boots cold, and the job's start entry says why.
 //!
-//! Guest RAM travels in the stream (only the pages the guest touched; zero pages are a flag).
-//! Mapping the saved RAM copy-on-write from a shared file (`memory-backend-file`, `share=off`,
-//! `x-ignore-shared`) would share those pages between VMs, but QEMU 7.2 opens such a file
-//! read-write unless `readonly=on`, which 7.2 maps read-only (the `rom=` split came in 8.2): every
-//! VM's QEMU could then write into the template that all later VMs start from. Not done.
+//! Guest RAM is not in the stream: the template's RAM is a memfd of the executor's, sealed once
+//! the template quit, and every restored VM maps it copy-on-write (`memory-backend-file`,
+//! `share=off`, `x-ignore-shared` on both ends of the migration; ram.rs). QEMU 7.2 opens such a
+//! file read-write (its `readonly=on` would map the guest's RAM read-only, and `rom=` came in
+//! 8.2): the seal is what keeps a VM's QEMU from writing into the template all later VMs start
+//! from.
 //!
 //! Each restored VM is made its own before it takes a job: the template boots with
 //! `executor.template=1`, whose agent refuses any job until the host's `Reseed` (fresh host
@@ -26,6 +28,8 @@
 //! those of a key it moved away from.
 
 mod feed;
+mod qmp;
+pub(crate) mod ram;
 mod save;
 
 use anyhow::{Context, Result};
@@ -33,6 +37,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 pub(super) use feed::feed;
+pub(crate) use qmp::{ignore_shared, Qmp};
 pub(crate) use save::save;
 
 /// How many snapshots (one per key) are kept.
@@ -60,6 +65,12 @@ pub(crate) struct Meta {
     /// Booting and saving the template.
     pub boot_ms: u64,
     pub save_ms: u64,
+    /// The template's RAM (ram.rs): its non-zero pages' bytes and checksum. A snapshot without
+    /// them (an older executor's, whose stream held the RAM) is not restored.
+    #[serde(default)]
+    pub ram_bytes: u64,
+    #[serde(default)]
+    pub ram_sha256: String,
 }
 
 /// A snapshot on disk.
@@ -129,7 +140,8 @@ pub(crate) fn find(state_dir: &Path, key: &Key) -> Result<Option<Snapshot>> {
         return Ok(None);
     };
     let len = std::fs::metadata(dir.join(STATE)).map(|m| m.len()).ok();
-    if meta.key != key.text || len != Some(meta.bytes) || meta.qemu != qemu_version()? {
+    let ram = meta.ram_sha256.is_empty() || !dir.join(ram::RAM).is_file();
+    if meta.key != key.text || len != Some(meta.bytes) || meta.qemu != qemu_version()? || ram {
         tracing::info!("removing snapshot {id}: not the current key's, QEMU's or whole");
         remove_dir(&dir);
         return Ok(None);
@@ -159,7 +171,9 @@ fn touch(dir: &Path) {
 
 /// Removes the snapshot of `key` (a restore from it failed, or the pool moved to another key).
 pub(crate) fn remove(state_dir: &Path, key: &Key) {
-    remove_dir(&snapshots_dir(state_dir).join(key_id(key)));
+    let id = key_id(key);
+    ram::forget(&id);
+    remove_dir(&snapshots_dir(state_dir).join(id));
 }
 
 /// The snapshots on disk: (id, directory, meta or none, last use), oldest use first.
@@ -188,6 +202,7 @@ pub(crate) fn prune(state_dir: &Path, current: &dyn Fn(&Meta) -> bool) -> Vec<St
             None => used.elapsed().map(|d| d.as_secs() > 600).unwrap_or(true),
         };
         if stale {
+            ram::forget(&id);
             remove_dir(&dir);
             removed.push(id);
         } else if meta.is_some() {
@@ -196,6 +211,7 @@ pub(crate) fn prune(state_dir: &Path, current: &dyn Fn(&Meta) -> bool) -> Vec<St
     }
     let extra = kept.len().saturating_sub(KEEP);
     for (id, dir) in kept.into_iter().take(extra) {
+        ram::forget(&id);
         remove_dir(&dir);
         removed.push(id);
     }
@@ -211,9 +227,8 @@ pub(crate) fn support(enabled: bool) -> String {
         Ok(v) => v,
         Err(e) => return format!("snapshots: unavailable ({e:#}); pool VMs boot cold"),
     };
-    let what =
-        "QMP migrate to a stream, restore with -incoming fd, RAM copied from the stream (no mapped-ram, \
-                no shared template RAM on this QEMU), checked by SHA-256";
+    let what = "QMP migrate of the devices to a stream, the template's RAM a sealed memfd that restored VMs \
+         map copy-on-write (memory-backend-file share=off, x-ignore-shared), both checked by SHA-256";
     format!(
         "snapshots: {qemu}: {what}; the pool saves one template per key and restores its VMs from it \
          (each VM's own address, entropy, clock and machine id given at restore), and a job that finds \
@@ -229,7 +244,8 @@ pub(crate) fn janitor(rt: &super::MicroVm) -> Vec<String> {
     let ids = installed_ids(&rt.opts.state_dir).ok();
     let qemu = qemu_version().ok();
     let removed = prune(&rt.opts.state_dir, &|m: &Meta| {
-        ids.as_ref().is_some_and(|(k, i)| *k == m.kernel && *i == m.initramfs)
+        !m.ram_sha256.is_empty()
+            && ids.as_ref().is_some_and(|(k, i)| *k == m.kernel && *i == m.initramfs)
             && qemu.as_deref() == Some(m.qemu.as_str())
             && m.images.iter().all(|(r, d)| rt.resolve_image(r).is_ok_and(|(digest, _)| digest == *d))
     });
@@ -315,6 +331,8 @@ mod tests {
             boot_ms: 1,
             save_ms: 1,
             image_disks: vec![],
+            ram_bytes: 0,
+            ram_sha256: "0".repeat(64),
         }
     }
 
@@ -322,6 +340,7 @@ mod tests {
         let tmp = snapshots_dir(state).join(format!("tmp-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&tmp).unwrap();
         std::fs::write(tmp.join(STATE), stream).unwrap();
+        std::fs::write(tmp.join(ram::RAM), b"").unwrap();
         install(state, &tmp, k, &meta(k, stream)).unwrap()
     }
 

@@ -1,60 +1,22 @@
 //! Saving a running template VM (booted by the pool with `executor.template=1` and a QMP
 //! monitor, pool/restore.rs): over QMP QEMU migrates it into a socket of its sandbox directory,
-//! whose stream the executor writes to the snapshot's file while it hashes it.
+//! whose stream the executor writes to the snapshot's file while it hashes it. The stream holds
+//! the devices' state only: the guest's RAM is shared (`x-ignore-shared`, ram.rs).
 
 use anyhow::{bail, Context, Result};
 use sha2::Digest;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::super::qemu::QMP_SOCKET;
+use super::qmp::Qmp;
 
 /// The socket QEMU migrates the template into, in its sandbox directory.
 const SAVE_SOCKET: &str = "save.sock";
 /// How long a save may take under TCG (a few seconds on an idle host).
 const SAVE_LIMIT: Duration = Duration::from_secs(120);
-
-/// A QMP connection: one command at a time, events skipped.
-struct Qmp {
-    r: BufReader<UnixStream>,
-    w: UnixStream,
-}
-
-impl Qmp {
-    fn connect(sock: &Path) -> Result<Qmp> {
-        let s = UnixStream::connect(sock).context("connecting to QEMU's monitor")?;
-        s.set_read_timeout(Some(Duration::from_secs(30)))?;
-        let mut q = Qmp { r: BufReader::new(s.try_clone()?), w: s };
-        q.read()?;
-        q.cmd("qmp_capabilities", serde_json::json!({}))?;
-        Ok(q)
-    }
-
-    fn read(&mut self) -> Result<serde_json::Value> {
-        let mut line = String::new();
-        if self.r.read_line(&mut line).context("reading QEMU's monitor")? == 0 {
-            bail!("QEMU's monitor closed");
-        }
-        serde_json::from_str(&line).context("QEMU's monitor said something that is not JSON")
-    }
-
-    fn cmd(&mut self, execute: &str, arguments: serde_json::Value) -> Result<serde_json::Value> {
-        let mut line = serde_json::to_vec(&serde_json::json!({"execute": execute, "arguments": arguments}))?;
-        line.push(b'\n');
-        self.w.write_all(&line).context("writing to QEMU's monitor")?;
-        loop {
-            let v = self.read()?;
-            if let Some(r) = v.get("return") {
-                return Ok(r.clone());
-            }
-            if let Some(e) = v.get("error") {
-                bail!("QEMU refused {execute}: {}", e.get("desc").and_then(|d| d.as_str()).unwrap_or("?"));
-            }
-        }
-    }
-}
 
 /// Migrates the running template of sandbox directory `dir` into `out`; returns the stream's
 /// size, its SHA-256 and the time the save took.
@@ -79,6 +41,8 @@ pub(crate) fn save(dir: &Path, out: &Path) -> Result<(u64, String, u64)> {
         "migrate-set-parameters",
         serde_json::json!({"max-bandwidth": 1u64 << 40, "downtime-limit": 2000}),
     )?;
+    // The guest's RAM is the template's memfd (ram.rs): it stays out of the stream.
+    qmp.cmd("migrate-set-capabilities", super::qmp::ignore_shared())?;
     listener.set_nonblocking(true)?;
     qmp.cmd("migrate", serde_json::json!({"uri": format!("unix:{SAVE_SOCKET}")}))?;
     let conn = loop {

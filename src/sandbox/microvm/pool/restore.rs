@@ -270,9 +270,11 @@ impl Pool {
             ram_bytes,
             ram_sha256,
         };
-        snapshot::install(&self.rt.opts.state_dir, &tmp, &sk, &meta).inspect_err(|_| {
+        let snap = snapshot::install(&self.rt.opts.state_dir, &tmp, &sk, &meta).inspect_err(|_| {
             let _ = std::fs::remove_dir_all(&tmp);
-        })
+        })?;
+        snapshot::ram::remember(&snap.id, &snap.meta.ram_sha256, ram);
+        Ok(snap)
     }
 
     /// The boot of a VM of `key` with `images` (its images by reference, [`key_images`]), whose

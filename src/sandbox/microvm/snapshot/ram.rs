@@ -144,13 +144,19 @@ pub(crate) fn load(snap: &Snapshot) -> Result<Arc<OwnedFd>> {
         .into());
     }
     seal(&fd)?;
+    remember(&snap.id, &snap.meta.ram_sha256, fd.clone());
+    Ok(fd)
+}
+
+/// Keeps a just-saved template's sealed RAM as snapshot `id`'s, so that this process's restores
+/// need not load it back from the file it was written to.
+pub(crate) fn remember(id: &str, sha256: &str, fd: Arc<OwnedFd>) {
     let mut loaded = LOADED.lock().unwrap_or_else(|p| p.into_inner());
-    loaded.retain(|(id, _, _)| *id != snap.id);
+    loaded.retain(|(i, _, _)| i != id);
     if loaded.len() >= super::KEEP {
         loaded.remove(0);
     }
-    loaded.push((snap.id.clone(), snap.meta.ram_sha256.clone(), fd.clone()));
-    Ok(fd)
+    loaded.push((id.to_string(), sha256.to_string(), fd));
 }
 
 /// Drops the loaded RAM of snapshot `id` (removed: VMs already restored keep their mapping).

@@ -23,6 +23,7 @@ pub(crate) const POOL_CLAIMS: &str = "executor_vm_pool_claims_total";
 pub(crate) const POOL_DISCARDED: &str = "executor_vm_pool_discarded_total";
 pub(crate) const POOL_BOOT_SECONDS: &str = "executor_vm_pool_boot_duration_seconds";
 pub(crate) const EGRESS: &str = "executor_egress_total";
+pub(crate) const EGRESS_BYTES: &str = "executor_egress_bytes_total";
 
 // Sourcegraph's names (its executor's workerutil, command and API client metrics), which its
 // Executor dashboard and alerts read (monitoring/definitions/executor.go): each `_total` counts
@@ -219,6 +220,12 @@ static DEFS: &[Def] = &[
         kind: Kind::Counter,
         labels: &["kind", "verdict"],
     },
+    Def {
+        name: EGRESS_BYTES,
+        help: "Bytes of the accepted connections of allowlist jobs (IP packets, headers included), sent by the jobs or received by them.",
+        kind: Kind::Counter,
+        labels: &["direction"],
+    },
 ];
 
 fn red((total, errors, seconds): Red, op: &str, ok: bool, secs: f64) {
@@ -232,11 +239,13 @@ fn red((total, errors, seconds): Red, op: &str, ok: bool, secs: f64) {
 }
 
 /// An allowlist job's egress record: its DNS questions and connections by verdict.
-/// `verdicts`: (kind, verdict, count).
-pub(crate) fn egress_done(verdicts: &[(String, String, usize)]) {
+/// `verdicts`: (kind, verdict, count); `bytes`: (sent, received) over its accepted connections.
+pub(crate) fn egress_done(verdicts: &[(String, String, usize)], bytes: (u64, u64)) {
     for (kind, verdict, n) in verdicts {
         registry().add(EGRESS, &[kind, verdict], *n as f64);
     }
+    registry().add(EGRESS_BYTES, &["sent"], bytes.0 as f64);
+    registry().add(EGRESS_BYTES, &["received"], bytes.1 as f64);
 }
 
 /// A job's log entry ended: Sourcegraph's command metrics, its steps under the op `exec`.
@@ -450,11 +459,16 @@ mod tests {
 
     #[test]
     fn egress_records_count_by_kind_and_verdict() {
-        egress_done(&[("dns".into(), "refused".into(), 2), ("connection".into(), "accepted".into(), 5)]);
-        egress_done(&[("dns".into(), "refused".into(), 1)]);
+        egress_done(
+            &[("dns".into(), "refused".into(), 2), ("connection".into(), "accepted".into(), 5)],
+            (100, 4096),
+        );
+        egress_done(&[("dns".into(), "refused".into(), 1)], (20, 0));
         let text = registry().render();
         assert!(text.contains(r#"executor_egress_total{kind="dns",verdict="refused"} 3"#), "{text}");
         assert!(text.contains(r#"executor_egress_total{kind="connection",verdict="accepted"} 5"#), "{text}");
+        assert!(text.contains(r#"executor_egress_bytes_total{direction="sent"} 120"#), "{text}");
+        assert!(text.contains(r#"executor_egress_bytes_total{direction="received"} 4096"#), "{text}");
     }
 
     #[test]

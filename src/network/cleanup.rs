@@ -182,6 +182,10 @@ fn run(task: &Task) {
             }
         }
     }
+    if task.resolver.is_some() {
+        // A late reply counted after the record was read (nothing marks its flow any more).
+        let _ = egress::forget_received(net.address);
+    }
     if let Err(e) = super::free_slot(&task.state_dir, net) {
         tracing::warn!("{e:#}");
     }

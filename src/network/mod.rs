@@ -302,6 +302,12 @@ fn table_exists() -> bool {
 fn ensure_table(pool: &Cidr) -> Result<()> {
     if let Some(map) = nft_list(&["map", "inet", TABLE, "jobs"]) {
         if map.contains(policy::MAP_TYPE) {
+            // A table of an executor before the byte counts: its forward chain gets the rule
+            // that counts what recorded flows receive (once; idempotent only by this check).
+            let forward = nft_list(&["chain", "inet", TABLE, "forward"]).unwrap_or_default();
+            if !forward.contains(&format!("@{}", egress::SET_RECEIVED)) {
+                nft(&policy::received_upgrade_script(), "counting the bytes recorded flows receive")?;
+            }
             return Ok(());
         }
     }
@@ -669,6 +675,10 @@ fn teardown_with(state_dir: &Path, net: &JobNetwork, t: &mut Timings, defer: boo
     if !net.address.is_unspecified() {
         if let Err(e) = timed(t, "conntrack", || conntrack::forget(net.address)) {
             tracing::warn!("forgetting the connection-tracking entries of sandbox {}: {e:#}", net.sandbox);
+        }
+        if resolver.is_some() {
+            // A late reply counted after the record was read (nothing marks its flow now).
+            let _ = egress::forget_received(net.address);
         }
     }
     free_slot(state_dir, net)

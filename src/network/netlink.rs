@@ -58,6 +58,12 @@ const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_DATA: u16 = 2;
 const NFTA_SET_ELEM_TIMEOUT: u16 = 4;
+const NFTA_SET_ELEM_EXPR: u16 = 7;
+const NFTA_SET_ELEM_EXPRESSIONS: u16 = 11;
+const NFTA_EXPR_NAME: u16 = 1;
+const NFTA_EXPR_DATA: u16 = 2;
+const NFTA_COUNTER_BYTES: u16 = 1;
+const NFTA_COUNTER_PACKETS: u16 = 2;
 const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
@@ -80,6 +86,65 @@ pub(crate) fn attrs(mut b: &[u8]) -> Vec<(u16, &[u8], &[u8])> {
         b = &b[((len + 3) & !3).min(b.len())..];
     }
     out
+}
+
+/// One element of a set, as a dump gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SetElement {
+    pub key: Vec<u8>,
+    /// Its counter's (bytes, packets), when it has one.
+    pub counter: Option<(u64, u64)>,
+}
+
+/// The elements of one `NFT_MSG_NEWSETELEM` message of a dump (its attributes after the
+/// nfgenmsg): each element's key and its counter, whether the kernel nests it as the one
+/// expression (`NFTA_SET_ELEM_EXPR`) or in a list of them (`NFTA_SET_ELEM_EXPRESSIONS`).
+pub(crate) fn set_elements_of(list_attrs: &[u8]) -> Vec<SetElement> {
+    let mut out = Vec::new();
+    for (k, _, list) in attrs(list_attrs) {
+        if k != NFTA_SET_ELEM_LIST_ELEMENTS {
+            continue;
+        }
+        for (_, _, elem) in attrs(list) {
+            let (mut key, mut counter) = (None, None);
+            for (ek, _, v) in attrs(elem) {
+                match ek {
+                    NFTA_SET_ELEM_KEY => {
+                        key = attrs(v)
+                            .into_iter()
+                            .find(|(dk, _, _)| *dk == NFTA_DATA_VALUE)
+                            .map(|a| a.2.to_vec())
+                    }
+                    NFTA_SET_ELEM_EXPR => counter = counter.or(counter_of(v)),
+                    NFTA_SET_ELEM_EXPRESSIONS => {
+                        for (_, _, e) in attrs(v).into_iter().filter(|a| a.0 == NFTA_LIST_ELEM) {
+                            counter = counter.or(counter_of(e));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(key) = key {
+                out.push(SetElement { key, counter });
+            }
+        }
+    }
+    out
+}
+
+/// A `counter` expression's (bytes, packets): its name, then its data (64-bit big-endian).
+fn counter_of(expr: &[u8]) -> Option<(u64, u64)> {
+    let a = attrs(expr);
+    a.iter().find(|x| x.0 == NFTA_EXPR_NAME).filter(|x| x.2.split(|b| *b == 0).next() == Some(b"counter"))?;
+    let data = a.iter().find(|x| x.0 == NFTA_EXPR_DATA)?.2;
+    let be64 = |want: u16| {
+        attrs(data)
+            .into_iter()
+            .find(|x| x.0 == want)
+            .and_then(|x| x.2.try_into().ok())
+            .map(u64::from_be_bytes)
+    };
+    Some((be64(NFTA_COUNTER_BYTES)?, be64(NFTA_COUNTER_PACKETS)?))
 }
 
 /// Interface names are at most 15 bytes and a NUL.
@@ -389,32 +454,21 @@ impl Socket {
     /// The keys of every element of set `set` of table `inet table` (a dump over netlink, with
     /// no `nft` process).
     pub(crate) fn set_keys(&mut self, table: &str, set: &str) -> Result<Vec<Vec<u8>>, Errno> {
+        Ok(self.set_elements(table, set)?.into_iter().map(|e| e.key).collect())
+    }
+
+    /// Every element of an `inet` set: its key and, for an element made with a `counter`, its
+    /// bytes and packets.
+    pub(crate) fn set_elements(&mut self, table: &str, set: &str) -> Result<Vec<SetElement>, Errno> {
         let mut m = Msg::new((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM, F_REQUEST_DUMP);
         m.raw(&[NFPROTO_INET, 0, 0, 0])
             .attr_str(NFTA_SET_ELEM_LIST_TABLE, table)
             .attr_str(NFTA_SET_ELEM_LIST_SET, set);
-        let mut keys = Vec::new();
+        let mut out = Vec::new();
         for (_, payload) in self.dump(m)? {
-            // After the 4-byte nfgenmsg: the list's attributes, its elements nested in them.
-            for (k, _, list) in attrs(payload.get(4..).unwrap_or_default()) {
-                if k != NFTA_SET_ELEM_LIST_ELEMENTS {
-                    continue;
-                }
-                for (_, _, elem) in attrs(list) {
-                    for (ek, _, key) in attrs(elem) {
-                        if ek != NFTA_SET_ELEM_KEY {
-                            continue;
-                        }
-                        for (dk, _, value) in attrs(key) {
-                            if dk == NFTA_DATA_VALUE {
-                                keys.push(value.to_vec());
-                            }
-                        }
-                    }
-                }
-            }
+            out.extend(set_elements_of(payload.get(4..).unwrap_or_default()));
         }
-        Ok(keys)
+        Ok(out)
     }
 
     /// Sends a dump request and returns every message of the answer (until `NLMSG_DONE`), each
@@ -596,6 +650,52 @@ mod tests {
         assert_eq!(u16::from_ne_bytes([b[32], b[33]]), 4 + 12);
         assert_eq!(u16::from_ne_bytes([b[34], b[35]]), IFLA_LINKINFO | NLA_F_NESTED);
         assert_eq!(u16::from_ne_bytes([b[36], b[37]]), 4 + 5);
+    }
+
+    /// A dump's elements as the kernel nests them: a counter as the one expression, one in a
+    /// list of expressions, none, and a counter of another expression's name is no counter.
+    #[test]
+    fn set_elements_are_read_with_their_counters() {
+        let counter = |m: &mut Msg, name: &str, bytes: u64, packets: u64| {
+            m.attr_str(NFTA_EXPR_NAME, name)
+                .begin(NFTA_EXPR_DATA)
+                .attr(NFTA_COUNTER_BYTES, &bytes.to_be_bytes())
+                .attr(NFTA_COUNTER_PACKETS, &packets.to_be_bytes())
+                .attr(3, &[0; 4])
+                .end();
+        };
+        let key = |m: &mut Msg, k: &[u8]| {
+            m.begin(NFTA_SET_ELEM_KEY).attr(NFTA_DATA_VALUE, k).end();
+        };
+        let mut m = Msg::new(NFT_MSG_NEWSETELEM, 0);
+        m.attr_str(NFTA_SET_ELEM_LIST_TABLE, "executor").begin(NFTA_SET_ELEM_LIST_ELEMENTS);
+        m.begin(NFTA_LIST_ELEM);
+        key(&mut m, &[1; 16]);
+        m.attr(NFTA_SET_ELEM_TIMEOUT, &[0; 8]).begin(NFTA_SET_ELEM_EXPR);
+        counter(&mut m, "counter", 1_048_576 + 7, 900);
+        m.end().end();
+        m.begin(NFTA_LIST_ELEM);
+        m.begin(NFTA_SET_ELEM_EXPRESSIONS).begin(NFTA_LIST_ELEM);
+        counter(&mut m, "quota", 5, 5);
+        m.end().begin(NFTA_LIST_ELEM);
+        counter(&mut m, "counter", 60, 1);
+        m.end().end();
+        key(&mut m, &[2; 16]);
+        m.end();
+        m.begin(NFTA_LIST_ELEM);
+        key(&mut m, &[3; 16]);
+        m.end();
+        m.end();
+        let b = m.finish(1);
+        let got = set_elements_of(&b[16..]);
+        assert_eq!(
+            got,
+            vec![
+                SetElement { key: vec![1; 16], counter: Some((1_048_583, 900)) },
+                SetElement { key: vec![2; 16], counter: Some((60, 1)) },
+                SetElement { key: vec![3; 16], counter: None },
+            ]
+        );
     }
 
     #[test]

@@ -64,11 +64,14 @@ const REJECT: &str = "reject with icmpx type admin-prohibited";
 /// job link with any other source (spoofed, or IPv6, which has no `ip saddr`) matches no
 /// element and is dropped by the next rule.
 pub(crate) fn table_script(pool: &super::Cidr) -> String {
+    let received = super::egress::SET_RECEIVED;
     format!(
         "table inet {TABLE} {{
   map jobs {{ type ifname . ipv4_addr : verdict; }}
+  set {received} {{ {RECORD_SET} }}
   chain forward {{
     type filter hook forward priority filter; policy accept;
+    {}
     iifname . ip saddr vmap @jobs
     iifname \"{IF_PREFIX}*\" drop
     oifname \"{IF_PREFIX}*\" ct state established,related accept
@@ -84,7 +87,38 @@ pub(crate) fn table_script(pool: &super::Cidr) -> String {
     ip saddr {pool} oifname != \"{IF_PREFIX}*\" masquerade
   }}
 }}
-"
+",
+        received_rule()
+    )
+}
+
+/// The type and bounds of the record's sets (`egress.rs`): one element per job, address,
+/// protocol and port, an hour at most (a use starts it again), 64Ki elements for all jobs.
+const RECORD_SET: &str =
+    "type ipv4_addr . ipv4_addr . inet_proto . inet_service; flags dynamic,timeout; timeout 1h; size 65536;";
+
+/// The conntrack mark's bit of a flow whose first packet an allowlist chain recorded as
+/// accepted: the rest of its packets, both ways, go to the record's byte counters. Other bits
+/// of the mark are left as they are.
+pub(crate) const RECORDED: u32 = 0x4000_0000;
+
+/// The forward chain's first rule: the bytes of every reply to a recorded flow, counted per
+/// job, address, protocol and port (the reply's source), as the job's chain keys what it sent.
+pub(crate) fn received_rule() -> String {
+    format!(
+        "oifname \"{IF_PREFIX}*\" ct mark & {RECORDED:#x} == {RECORDED:#x} meta l4proto {{ tcp, udp }} \
+         update @{} {{ ip daddr . ip saddr . meta l4proto . th sport counter }}",
+        super::egress::SET_RECEIVED
+    )
+}
+
+/// What a table of an executor before the byte counts gets: the received bytes' set, and its
+/// rule first in the forward chain.
+pub(crate) fn received_upgrade_script() -> String {
+    format!(
+        "add set inet {TABLE} {} {{ {RECORD_SET} }}\ninsert rule inet {TABLE} forward {}\n",
+        super::egress::SET_RECEIVED,
+        received_rule()
     )
 }
 
@@ -163,8 +197,23 @@ pub(crate) fn policy_chain(s: &Settings, targets: &[Target]) -> (String, String)
         "ct state invalid drop".into(),
     ];
     let allowlist = s.mode == super::Mode::Allowlist;
-    // What an allowlist job's chain records of the connections it starts (`egress.rs`).
-    let seen = |set: &str| format!("add @{set} {{ ip saddr . ip daddr . meta l4proto . th dport }}");
+    // What an allowlist job's chain records of the connections it starts (`egress.rs`): the
+    // first packet of each flow goes into one of the sets with a counter of its own bytes, and
+    // an accepted flow is marked so that its later packets count too.
+    let key = "ip saddr . ip daddr . meta l4proto . th dport";
+    let seen = |set: &str| format!("add @{set} {{ {key} counter }}");
+    let accepted = format!("{} ct mark set ct mark | {RECORDED:#x}", seen(super::egress::SET_SEEN));
+    if allowlist {
+        // 0. The bytes the job sends on a recorded flow, every packet after the first.
+        rules.insert(
+            0,
+            format!(
+                "ct mark & {RECORDED:#x} == {RECORDED:#x} ct state established meta l4proto {{ tcp, udp }} \
+                 update @{} {{ {key} counter }}",
+                super::egress::SET_SEEN
+            ),
+        );
+    }
     // 2. DNS: an allowlist job's own resolver on its gateway (an address of the link the packet
     //    came in by), and no other; else the resolvers the sandbox is given.
     if allowlist {
@@ -206,15 +255,10 @@ pub(crate) fn policy_chain(s: &Settings, targets: &[Target]) -> (String, String)
         //    the name's port), each recorded; everything else refused and recorded.
         let hosts = super::dns::SET_HOSTS;
         let ports = super::dns::SET_PORTS;
-        let seen_set = super::egress::SET_SEEN;
-        rules.push(format!(
-            "meta l4proto {{ tcp, udp }} ip saddr . ip daddr @{hosts} {} accept",
-            seen(seen_set)
-        ));
+        rules.push(format!("meta l4proto {{ tcp, udp }} ip saddr . ip daddr @{hosts} {accepted} accept"));
         rules.push(format!("ip saddr . ip daddr @{hosts} accept"));
         rules.push(format!(
-            "meta l4proto {{ tcp, udp }} ip saddr . ip daddr . th dport @{ports} {} accept",
-            seen(seen_set)
+            "meta l4proto {{ tcp, udp }} ip saddr . ip daddr . th dport @{ports} {accepted} accept"
         ));
         rules.push(format!("meta l4proto {{ tcp, udp }} {} {REJECT}", seen(super::egress::SET_REFUSED)));
         rules.push(REJECT.into());
@@ -261,16 +305,14 @@ pub(crate) fn policy_chain(s: &Settings, targets: &[Target]) -> (String, String)
 fn sets_script() -> String {
     let (hosts, ports) = (super::dns::SET_HOSTS, super::dns::SET_PORTS);
     let (seen, refused) = (super::egress::SET_SEEN, super::egress::SET_REFUSED);
+    let received = super::egress::SET_RECEIVED;
     let mut s = format!(
         "add set inet {TABLE} {hosts} {{ type ipv4_addr . ipv4_addr; flags timeout; }}
 add set inet {TABLE} {ports} {{ type ipv4_addr . ipv4_addr . inet_service; flags timeout; }}
 "
     );
-    for set in [seen, refused] {
-        s.push_str(&format!(
-            "add set inet {TABLE} {set} {{ type ipv4_addr . ipv4_addr . inet_proto . inet_service; \
-             flags dynamic,timeout; timeout 1h; size 65536; }}\n"
-        ));
+    for set in [seen, refused, received] {
+        s.push_str(&format!("add set inet {TABLE} {set} {{ {RECORD_SET} }}\n"));
     }
     s
 }
@@ -348,6 +390,14 @@ mod tests {
         assert!(pos("ip daddr 10.5.0.0/16 accept") < pos("10.0.0.0/8"), "operator exceptions stay");
         assert!(pos("@egress_hosts") < pos("ip saddr . ip daddr . th dport @egress_ports"));
         assert!(script.ends_with(&format!("add rule inet executor {chain} {REJECT}\n")), "{script}");
+        // The bytes: the first packet of a flow counted where it is judged (and an accepted
+        // flow marked), the rest of an accepted flow's before the replies' accept.
+        assert!(pos("update @egress_seen") < pos("ct state established,related accept"), "{script}");
+        let marked =
+            script.lines().filter(|l| l.contains("counter } ct mark set ct mark | 0x40000000 accept"));
+        assert_eq!(marked.count(), 2, "{script}");
+        assert!(pos("add @egress_refused { ip saddr . ip daddr . meta l4proto . th dport counter }") > 0);
+        assert!(pos("add set inet executor egress_received") < pos("add chain"));
         assert!(!script.contains(&format!("{chain} accept\n")), "nothing else is accepted");
         let internet = Settings { mode: super::super::Mode::Internet, ..s.clone() };
         assert_ne!(policy_chain(&internet, &[]).0, chain);
@@ -358,6 +408,11 @@ mod tests {
         let t = table_script(&Cidr::parse("10.255.0.0/16").unwrap());
         assert!(t.contains(MAP_TYPE.trim_start_matches("type ").split(" :").next().unwrap()));
         assert!(t.contains("iifname . ip saddr vmap @jobs\n    iifname \"exn*\" drop"));
+        // What replies bring to a recorded flow, counted before the replies' accept.
+        assert!(t.find("@egress_received").unwrap() < t.find("ct state established,related accept").unwrap());
+        assert!(t.find("set egress_received").unwrap() < t.find("chain forward").unwrap());
+        assert!(received_upgrade_script()
+            .contains(&format!("insert rule inet executor forward {}", received_rule())));
     }
 
     /// A step's upload endpoint gets the coordinator's allowance (its address and port, only

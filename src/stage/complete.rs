@@ -52,7 +52,7 @@ fn egress_record(ctx: &JobCtx, doc: &mut RunDocument, sandbox: &str) {
         }
         let _ = e.finish(0);
     }
-    crate::api::metrics::egress_done(&rec.verdicts);
+    crate::api::metrics::egress_done(&rec.verdicts, (rec.bytes_sent_total, rec.bytes_received_total));
     doc.egress = Some(rec);
 }
 

@@ -1118,6 +1118,66 @@ fn network_a_deferred_teardown_frees_its_slot_only_once_its_flows_are_gone() {
     });
 }
 
+/// The table as an executor from before the byte counts made it.
+const TABLE_BEFORE_BYTES: &str = r#"table inet executor {
+  map jobs { type ifname . ipv4_addr : verdict; }
+  chain forward {
+    type filter hook forward priority filter; policy accept;
+    iifname . ip saddr vmap @jobs
+    iifname "exn*" drop
+    oifname "exn*" ct state established,related accept
+    oifname "exn*" drop
+  }
+  chain input {
+    type filter hook input priority filter; policy accept;
+    iifname . ip saddr vmap @jobs
+    iifname "exn*" drop
+  }
+  chain postrouting {
+    type nat hook postrouting priority srcnat; policy accept;
+    ip saddr 10.255.0.0/29 oifname != "exn*" masquerade
+  }
+}"#;
+
+/// A table of an executor from before the byte counts gets the rule that counts what allowlist
+/// jobs receive, and its set, at the first job of a new policy chain: first in the forward
+/// chain, and once, whatever chains come after.
+#[test]
+fn network_an_older_table_gets_the_received_bytes_rule_once() {
+    let test = "network_an_older_table_gets_the_received_bytes_rule_once";
+    if !can_build(test) {
+        return;
+    }
+    let world = World::build();
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let state = tmp.path().join("state");
+    let prefix = format!("ntup{}", world.tag);
+    let _namespaces = NetnsOfPrefix(prefix.clone());
+    world.on_host(|| {
+        use executor::network::{setup, teardown, Settings};
+        // This thread's children are in the executor host's namespace, as is the executor's nft.
+        sh(&format!(
+            "nft delete table inet executor 2>/dev/null || true; nft -f - <<'EOF'\n{TABLE_BEFORE_BYTES}\nEOF"
+        ));
+        let forward = || sh("nft list chain inet executor forward");
+        assert!(!forward().contains("egress_received"), "{}", forward());
+        for (i, allow) in [None, Some("10.5.0.0/16")].into_iter().enumerate() {
+            // Other settings each time: another policy chain, made at its first job.
+            let s = Settings::parse(Some("internet"), Some(POOL), allow, Some(DNS)).unwrap();
+            let net = setup(&state, &format!("{prefix}-{i}"), &s, Default::default()).unwrap();
+            teardown(&state, &net).unwrap();
+            let f = forward();
+            assert_eq!(f.matches("update @egress_received").count(), 1, "{f}");
+            let (rule, replies) =
+                (f.find("@egress_received").unwrap(), f.find("ct state established").unwrap());
+            assert!(rule < replies, "the count comes before the replies' accept:\n{f}");
+        }
+        let set = sh("nft list set inet executor egress_received");
+        assert!(set.contains("flags dynamic,timeout") && set.contains("size 65536"), "{set}");
+    });
+}
+
 /// Removes the test's job namespaces (by the sandbox prefix) if it fails half-way.
 struct NetnsOfPrefix(String);
 

@@ -15,6 +15,8 @@ const UPSTREAM: &str = "198.51.100.54";
 /// The outside resolver a job must not reach (the world's own).
 const OUTSIDE_DNS: &str = "198.51.100.53";
 const HOSTS: &str = "web.test,two.test,*.cdn.test,port.test:8080";
+/// The size of the file job B downloads from web.test, whose bytes its record must show.
+const DOWNLOAD: usize = 1 << 20;
 
 const SERVERS: &str = r#"
 import http.server, sys, threading, functools
@@ -55,6 +57,7 @@ echo probes-done
 
 const SCRIPT_B: &str = r#"p() { n=$1; shift; if "$@" >/tmp/o 2>&1 </dev/null; then echo "REACHED $n: $(head -c 200 /tmp/o | tr '\n' ' ')"; else echo "BLOCKED $n: $(head -c 200 /tmp/o | tr '\n' ' ')"; fi; }
 p name timeout 5 wget -q -O - http://web.test/hello.txt
+p download timeout 30 wget -q -O /dev/null http://web.test/bytes.bin
 p widen nslookup evil.test
 p narrowed nslookup two.test
 echo probes-done
@@ -127,6 +130,7 @@ fn allowlist_jobs(rt: &str, test: &str) {
     sh(&format!(
         "for a in {UPSTREAM} 198.51.100.11 198.51.100.12 198.51.100.13 198.51.100.14; do ip -n {i} addr add $a/32 dev lo; done"
     ));
+    world.web_file("bytes.bin", &vec![b'x'; DOWNLOAD]);
     let web = tmp.path().join("web");
     std::fs::create_dir_all(&web).unwrap();
     std::fs::write(web.join("hello.txt"), "hello-from-the-internet\n").unwrap();
@@ -245,16 +249,26 @@ fn allowlist_jobs(rt: &str, test: &str) {
         let job = c.wait_state(b, &["completed", "failed", "errored"], wait);
         let log = job_log(&job);
         assert_eq!(job["state"], "completed", "{log}");
-        expect(&log, &["name"], &["widen", "narrowed"]);
+        expect(&log, &["name", "download"], &["widen", "narrowed"]);
         assert!(log.contains("left out evil.test (not within"), "a job cannot widen the list:\n{log}");
-        has(&egress(&log), "refused A two.test", &log);
+        let rec = egress(&log);
+        has(&rec, "refused A two.test", &log);
+        // The bytes of its two flows to web.test: the download's whole body (and more, the
+        // headers) came in; the requests went out (at least the two SYNs and a request line).
+        let row = rec.iter().find(|l| l.starts_with("accepted tcp 198.51.100.10:80 web.test ")).unwrap_or_else(|| panic!("no row:\n{log}"));
+        let n: Vec<u64> = row.split(' ').skip(4).map(|w| w.parse().unwrap_or_else(|_| panic!("{row}"))).collect();
+        let (sent, received) = (n[0], n[1]);
+        eprintln!("job B's record of web.test, a {DOWNLOAD}-byte download and a small one: {row}");
+        assert!((DOWNLOAD as u64..2 * DOWNLOAD as u64).contains(&received), "received {received}: {row}\n{log}");
+        assert!((150..DOWNLOAD as u64 / 4).contains(&sent), "sent {sent}: {row}\n{log}");
+        has(&rec, &format!("{sent} bytes sent, {received} received"), &log);
 
         // Nothing of the jobs is left: no resolver, none of their set elements.
         let procs = sh("ps -eo args");
         let state_text = state.to_string_lossy();
         let left = procs.lines().any(|l| l.contains("network-resolver") && l.contains(&*state_text));
         assert!(!left, "a resolver is left:\n{procs}");
-        for set in ["egress_hosts", "egress_ports", "egress_seen", "egress_refused"] {
+        for set in ["egress_hosts", "egress_ports", "egress_seen", "egress_refused", "egress_received"] {
             let out = world.in_ns(&world.host, "nft").args(["list", "set", "inet", "executor", set]).output().unwrap();
             let text = String::from_utf8_lossy(&out.stdout).into_owned();
             assert!(out.status.success() && !text.contains("10.255.0."), "set {set} keeps job elements:\n{text}");

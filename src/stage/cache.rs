@@ -172,7 +172,13 @@ pub(crate) fn before_boot(ctx: &JobCtx, doc: &RunDocument, runtime: &dyn Runtime
     let Some(mut looked) = look_up(ctx, doc)? else { return Ok(None) };
     let Some(mut entry) = looked.entry.take() else { return Ok(None) };
     let store = store(ctx);
-    let holder = format!("{}{}", crate::cache::BOOT_LEASE_PREFIX, doc.job.uid);
+    let uid: String = doc
+        .job
+        .uid
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+        .collect();
+    let holder = format!("{}{uid}", crate::cache::BOOT_LEASE_PREFIX);
     let versions: Vec<_> = looked.records.iter().filter_map(|r| r.version.clone()).collect();
     store.lease(&holder, &versions)?;
     looked.holder = Some(holder);

@@ -101,3 +101,69 @@ impl MicroVm {
 fn version_of(disk: &Path) -> Option<PathBuf> {
     disk.parent().map(Path::to_path_buf)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sandbox::microvm::VmDetails;
+    use crate::sandbox::RuntimeKind;
+
+    /// Each cache path's bind names the VM's disk of its version (by the disk's directory) and
+    /// its directory in the tree; a miss names none; a hit whose disk the VM lacks is refused;
+    /// the uppers are in the host workspace's layers, whiteouts as files.
+    #[test]
+    fn binds_name_the_disk_of_each_version() {
+        let vm = MicroVm::new(crate::sandbox::RuntimeOptions::default());
+        let v = PathBuf::from("/s/caches/entries/k/v-1");
+        let det = VmDetails {
+            images: vec![
+                ImageDisk {
+                    reference: "busybox".into(),
+                    digest: "sha256:x".into(),
+                    disk: "/s/vm/images/x.ext4".into(),
+                },
+                ImageDisk { reference: CACHE_DISK.into(), digest: String::new(), disk: v.join("disk.ext4") },
+            ],
+            ..Default::default()
+        };
+        let mut sb = SandboxRecord::new(RuntimeKind::Microvm, "vm-1", PathBuf::from("/s/sandboxes/vm-1"));
+        det.store(&mut sb);
+        let ws = PathBuf::from("/s/workspaces/1");
+        let mounts = [
+            CacheMount { target: "/root/.npm".into(), lower: Some(v.join("tree/p0")), workspace: ws.clone() },
+            CacheMount {
+                target: "node_modules".into(),
+                lower: Some(v.join("tree/p1")),
+                workspace: ws.clone(),
+            },
+            CacheMount { target: "/root/.go".into(), lower: None, workspace: ws.clone() },
+        ];
+        let mut other = sb.clone();
+        let attached = vm.attach(&mut sb, &mounts).unwrap();
+        assert_eq!(attached[1].upper, ws.join(".executor-cache-1/upper"));
+        assert!(attached.iter().all(|a| a.whiteout_files && a.uid_base == 0));
+        let binds = VmDetails::of(&sb).unwrap().unwrap().caches;
+        let want = |target: &str, disk, sub: &str, layer: &str| CacheBind {
+            target: target.into(),
+            disk,
+            sub: sub.into(),
+            layer: layer.into(),
+        };
+        assert_eq!(
+            binds,
+            vec![
+                want("/root/.npm", Some(1), "p0", ".executor-cache-0"),
+                want("node_modules", Some(1), "p1", ".executor-cache-1"),
+                want("/root/.go", None, "p2", ".executor-cache-2"),
+            ]
+        );
+        assert!(vm.attach(&mut sb, &mounts).is_err(), "attached once");
+        let lost = [CacheMount {
+            target: "/x".into(),
+            lower: Some(PathBuf::from("/s/caches/entries/k/v-2/tree/p0")),
+            workspace: ws,
+        }];
+        let err = vm.attach(&mut other, &lost).unwrap_err();
+        assert!(format!("{err:#}").contains("without the disk of cache"), "{err:#}");
+    }
+}

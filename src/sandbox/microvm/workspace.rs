@@ -218,6 +218,26 @@ mod tests {
         b.into_inner().unwrap()
     }
 
+    /// The cache layers a guest sends replace the workspace's and nothing else: the rest of the
+    /// workspace stays, and an entry outside a layer is refused.
+    #[test]
+    fn cache_layers_replace_only_themselves() {
+        let ws = tempfile::tempdir().unwrap();
+        fs::create_dir_all(ws.path().join(".executor-cache-0/upper")).unwrap();
+        fs::write(ws.path().join(".executor-cache-0/upper/stale"), "s").unwrap();
+        fs::write(ws.path().join("kept.txt"), "k").unwrap();
+        let tar = tar_of(&[(".executor-cache-0/upper/pkg", 3), (".executor-cache-0/upper/.wh.gone", 0)]);
+        unpack_cache_layers(&tar[..], ws.path()).unwrap();
+        assert!(!ws.path().join(".executor-cache-0/upper/stale").exists());
+        assert_eq!(fs::read(ws.path().join(".executor-cache-0/upper/pkg")).unwrap(), b"xxx");
+        assert!(ws.path().join(".executor-cache-0/upper/.wh.gone").is_file());
+        assert!(ws.path().join("kept.txt").exists());
+        let tar = tar_of(&[(".executor-cache-1/upper/a", 1), ("src/evil.sh", 1)]);
+        let err = unpack_cache_layers(&tar[..], ws.path()).unwrap_err();
+        assert!(format!("{err:#}").contains("which is not in one"), "{err:#}");
+        assert!(!ws.path().join("src").exists());
+    }
+
     /// Low finding of issue 24: the workspace tar was buffered on the host up to twice the disk
     /// size. It is unpacked as its frames arrive, and refused past the disk's size.
     #[test]

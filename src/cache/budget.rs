@@ -59,7 +59,8 @@ impl CacheStore {
                 repository: meta.as_ref().map(|m| m.repository.clone()).unwrap_or_default(),
                 prefix: meta.as_ref().map(|m| m.prefix.clone()).unwrap_or_default(),
                 paths: meta.as_ref().map(|m| m.paths.clone()).unwrap_or_default(),
-                bytes: meta.as_ref().map_or_else(|| du(&dir), |m| m.bytes),
+                // The microVM disk counts with its tree (its blocks on the host's disk).
+                bytes: meta.as_ref().map_or_else(|| du(&dir), |m| m.bytes + disk_bytes(&dir)),
                 files: meta.as_ref().map_or(0, |m| m.files),
                 current,
                 bad,
@@ -110,7 +111,15 @@ impl CacheStore {
     pub(crate) fn prune(&self, budget: u64, all: bool, gone: impl Fn(&str) -> bool) -> Result<Vec<Evicted>> {
         let _lock = self.lock()?;
         let (_, holders) = self.leased();
-        for h in holders.iter().filter(|h| gone(h)) {
+        let lapsed = |h: &str| {
+            fs::metadata(self.leases().join(format!("{h}.json")))
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > super::BOOT_LEASE_LIFE)
+        };
+        let stale = |h: &str| if h.starts_with(super::BOOT_LEASE_PREFIX) { lapsed(h) } else { gone(h) };
+        for h in holders.iter().filter(|h| stale(h)) {
             let _ = fs::remove_file(self.leases().join(format!("{h}.json")));
         }
         let (leased, _) = self.leased();
@@ -121,6 +130,15 @@ impl CacheStore {
                 let old = v.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
                 if n.starts_with(".tmp-") && old.is_some_and(|a| a.as_secs() > 3600) {
                     let _ = fs::remove_dir_all(v.path());
+                }
+                // A microVM disk whose build was cut short.
+                for t in fs::read_dir(v.path()).into_iter().flatten().flatten() {
+                    let old = t.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+                    if t.file_name().to_string_lossy().starts_with(".disk-")
+                        && old.is_some_and(|a| a.as_secs() > 3600)
+                    {
+                        let _ = fs::remove_file(t.path());
+                    }
                 }
             }
         }
@@ -149,6 +167,12 @@ impl CacheStore {
 
 fn last_used(dir: &Path) -> Option<SystemTime> {
     fs::metadata(dir.join("used")).or_else(|_| fs::metadata(dir)).and_then(|m| m.modified()).ok()
+}
+
+/// The bytes a version's microVM disk takes on the host's disk (none without one).
+fn disk_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(dir.join(super::VM_DISK)).map_or(0, |m| m.blocks() * 512)
 }
 
 /// The bytes of the files below `dir` (a version whose meta is unreadable).

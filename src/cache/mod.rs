@@ -11,8 +11,13 @@
 //!   `entries/<key>/current` names the version a lookup finds, replaced atomically;
 //!   `v-<id>/used` is touched at every hit (its mtime orders the LRU eviction); `v-<id>/bad`
 //!   marks a version whose tree no longer matches its manifest (a miss from then on).
+//!   `v-<id>/disk.ext4` is the version's read-only disk for the microVM runtime (its tree as an
+//!   ext4 image, made once when a microVM job first needs it or promotes it; `disk.sha256` is its
+//!   hash), counted in the version's size and removed with it.
 //! - `leases/<sandbox>.json`: the versions a running job has attached; no eviction, removal or
-//!   promotion ever touches a leased version.
+//!   promotion ever touches a leased version. `leases/boot-<job>.json` holds a microVM job's
+//!   versions from its lookup until its VM exists (then its sandbox holds them), and lapses
+//!   after an hour.
 //! - `.lock`: promotion, eviction and leases change the store under this exclusive lock.
 //!
 //! rules.rs maps a job (its declarations, or the operator's rules for its step images) to
@@ -30,6 +35,19 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use rules::CacheSpec;
+
+/// A version's read-only disk for the microVM runtime, and its sha256 (see the module doc).
+pub(crate) const VM_DISK: &str = "disk.ext4";
+pub(crate) const VM_DISK_SHA256: &str = "disk.sha256";
+/// The lease holder names of jobs whose sandbox does not exist yet (`boot-<job>`).
+pub(crate) const BOOT_LEASE_PREFIX: &str = "boot-";
+/// How long a lease of a job whose sandbox never came to be holds its versions.
+const BOOT_LEASE_LIFE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// The sha256 of a file, hex.
+pub(crate) fn sha256_file(path: &Path) -> Result<String> {
+    tree::hash_file(path)
+}
 
 /// A cache version's lookup result for one job.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,10 +200,15 @@ impl CacheStore {
         base: Option<&Path>,
         uppers: &[PathBuf],
         uid_base: u32,
+        whiteout_files: bool,
         job: &str,
     ) -> Result<Option<u64>> {
         if uppers.iter().all(|u| tree::is_empty_dir(u)) {
             return Ok(None);
+        }
+        // A version built on a base that went would lose the base's files.
+        if let Some(b) = base.filter(|b| !b.join("tree").is_dir()) {
+            anyhow::bail!("the version it was based on ({}) is gone", version_name(b));
         }
         let entry = self.entries().join(&spec.key);
         fs::create_dir_all(&entry).with_context(|| format!("creating {}", entry.display()))?;
@@ -200,7 +223,7 @@ impl CacheStore {
                     Some(lower) => tree::link_copy(&lower, &dst)?,
                     None => tree::make_dir_like(upper, &dst, uid_base)?,
                 }
-                tree::apply_upper(upper, &dst, uid_base)?;
+                tree::apply_upper(upper, &dst, uid_base, whiteout_files)?;
             }
             let (manifest, bytes, files) = tree::manifest(&tree_dir)?;
             fs::write(tmp.join("manifest"), &manifest)
@@ -304,6 +327,39 @@ impl CacheStore {
     }
 }
 
+/// The read-only disk of the cache version `version` for the microVM runtime (`disk.ext4`, its
+/// sha256 in `disk.sha256` for [`CacheStore::verify`]), made once by `build` (which writes an
+/// image of the tree, its first argument, to the file its third names; the second is a scratch
+/// directory) and then reused: attaching never copies the cache. Returns the disk and, when it
+/// was made now, how long that took. The caller holds a lease on the version.
+pub(crate) fn vm_disk(
+    version: &Path,
+    build: &dyn Fn(&Path, &Path, &Path) -> Result<()>,
+) -> Result<(PathBuf, Option<std::time::Duration>)> {
+    let out = version.join(VM_DISK);
+    if out.is_file() {
+        return Ok((out, None));
+    }
+    // One builder per version: two disks of one tree differ (mkfs's UUID and times), and the
+    // recorded sha256 must be the installed disk's.
+    let _lock = crate::base::lock::lock(&version.join(".disk.lock"), true)?;
+    if out.is_file() {
+        return Ok((out, None));
+    }
+    let t = std::time::Instant::now();
+    let tmp = tempfile::Builder::new()
+        .prefix(".disk-")
+        .tempfile_in(version)
+        .with_context(|| format!("creating a temporary file in {}", version.display()))?
+        .into_temp_path();
+    build(&version.join("tree"), version, &tmp)
+        .with_context(|| format!("making the disk of cache version {}", version_name(version)))?;
+    let sha = sha256_file(&tmp)?;
+    crate::base::fs::write_atomic(&version.join(VM_DISK_SHA256), sha.as_bytes())?;
+    tmp.persist(&out).with_context(|| format!("installing {}", out.display()))?;
+    Ok((out, Some(t.elapsed())))
+}
+
 /// Why `version`'s tree does not match its manifest, or `None` when it does.
 fn check(version: &Path) -> Option<String> {
     let meta = match read_meta(version) {
@@ -320,7 +376,21 @@ fn check(version: &Path) -> Option<String> {
     } else if manifest != stored {
         Some("the tree does not match its manifest".into())
     } else {
-        None
+        check_disk(version)
+    }
+}
+
+/// Why the version's microVM disk does not match its recorded hash, if it has one.
+fn check_disk(version: &Path) -> Option<String> {
+    let disk = version.join(VM_DISK);
+    if !disk.exists() {
+        return None;
+    }
+    let recorded = fs::read_to_string(version.join(VM_DISK_SHA256)).unwrap_or_default();
+    match sha256_file(&disk) {
+        Ok(h) if h == recorded.trim() => None,
+        Ok(_) => Some("the microVM disk does not match its recorded hash".into()),
+        Err(e) => Some(format!("{e:#}")),
     }
 }
 

@@ -102,7 +102,7 @@ fn promote_merges_uppers_and_verify_marks_corruption() {
     std::fs::write(up.path().join("pkg/a"), "aaa").unwrap();
     std::fs::write(up.path().join("b"), "bb").unwrap();
     let uid_base = nix::unistd::geteuid().as_raw();
-    let bytes = store.promote(&spec(&key), None, &[up.path().to_path_buf()], uid_base, "1").unwrap();
+    let bytes = store.promote(&spec(&key), None, &[up.path().to_path_buf()], uid_base, false, "1").unwrap();
     assert_eq!(bytes, Some(5));
     let Lookup::Hit { version: v1, bytes } = store.lookup(&key) else { panic!("a hit") };
     assert_eq!(bytes, 5);
@@ -110,7 +110,7 @@ fn promote_merges_uppers_and_verify_marks_corruption() {
     // A job that changed nothing saves nothing.
     let empty = tempfile::tempdir().unwrap();
     assert_eq!(
-        store.promote(&spec(&key), Some(&v1), &[empty.path().to_path_buf()], uid_base, "2").unwrap(),
+        store.promote(&spec(&key), Some(&v1), &[empty.path().to_path_buf()], uid_base, false, "2").unwrap(),
         None
     );
     // A second job rewrites `b` and adds `c` over v1, which a running job still holds.
@@ -118,7 +118,7 @@ fn promote_merges_uppers_and_verify_marks_corruption() {
     let up2 = tempfile::tempdir().unwrap();
     std::fs::write(up2.path().join("b"), "new").unwrap();
     std::fs::write(up2.path().join("c"), "c").unwrap();
-    store.promote(&spec(&key), Some(&v1), &[up2.path().to_path_buf()], uid_base, "3").unwrap();
+    store.promote(&spec(&key), Some(&v1), &[up2.path().to_path_buf()], uid_base, false, "3").unwrap();
     let Lookup::Hit { version: v2, .. } = store.lookup(&key) else { panic!("a hit") };
     assert_ne!(v1, v2);
     assert_eq!(std::fs::read_to_string(v2.join("tree/p0/b")).unwrap(), "new");
@@ -158,7 +158,7 @@ fn whiteouts_and_broken_meta() {
     std::fs::write(up.path().join("dir/x"), "x").unwrap();
     std::fs::write(up.path().join("gone"), "g").unwrap();
     let me = nix::unistd::geteuid().as_raw();
-    store.promote(&spec(&key), None, &[up.path().to_path_buf()], me, "1").unwrap();
+    store.promote(&spec(&key), None, &[up.path().to_path_buf()], me, false, "1").unwrap();
     let Lookup::Hit { version: v1, .. } = store.lookup(&key) else { panic!("a hit") };
     if nix::unistd::geteuid().is_root() {
         // A whiteout (what overlayfs leaves for a deleted lower file) deletes in the new version.
@@ -170,7 +170,7 @@ fn whiteouts_and_broken_meta() {
             0,
         )
         .unwrap();
-        store.promote(&spec(&key), Some(&v1), &[up2.path().to_path_buf()], me, "2").unwrap();
+        store.promote(&spec(&key), Some(&v1), &[up2.path().to_path_buf()], me, false, "2").unwrap();
         let Lookup::Hit { version: v2, .. } = store.lookup(&key) else { panic!("a hit") };
         assert!(!v2.join("tree/p0/gone").exists());
         assert!(v2.join("tree/p0/dir/x").exists());
@@ -200,7 +200,7 @@ fn eviction_keeps_leased_versions_within_budget() {
         let up = tempfile::tempdir().unwrap();
         std::fs::write(up.path().join("f"), vec![b'x'; 1000]).unwrap();
         let key = k.repeat(32);
-        store.promote(&spec(&key), None, &[up.path().to_path_buf()], me, &i.to_string()).unwrap();
+        store.promote(&spec(&key), None, &[up.path().to_path_buf()], me, false, &i.to_string()).unwrap();
         let Lookup::Hit { version, .. } = store.lookup(&key) else { panic!("a hit") };
         versions.push(version);
         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -213,4 +213,61 @@ fn eviction_keeps_leased_versions_within_budget() {
     // Once its sandbox is gone, the janitor drops the lease and may evict it.
     let gone = store.prune(500, false, |_| true).unwrap();
     assert_eq!(gone.len(), 1, "{gone:?}");
+}
+
+/// An upper layer that came back from a guest (whiteouts as `.wh.<name>` files, opaque
+/// directories with `.wh..wh..opq`) applies as the overlay layer it was; a base version gone
+/// under a promotion fails it rather than saving the upper alone; a version's microVM disk
+/// counts in its size and a changed one is found by `verify`; a job's lease before its sandbox
+/// exists holds until it lapses.
+#[test]
+fn guest_uppers_disks_and_boot_leases() {
+    let d = tempfile::tempdir().unwrap();
+    let store = CacheStore::new(d.path());
+    let key = "ef".repeat(32);
+    let me = nix::unistd::geteuid().as_raw();
+    let up = tempfile::tempdir().unwrap();
+    for dir in ["keep", "opq"] {
+        std::fs::create_dir(up.path().join(dir)).unwrap();
+        std::fs::write(up.path().join(dir).join("old"), "o").unwrap();
+    }
+    std::fs::write(up.path().join("gone"), "g").unwrap();
+    store.promote(&spec(&key), None, &[up.path().to_path_buf()], me, true, "1").unwrap();
+    let Lookup::Hit { version: v1, .. } = store.lookup(&key) else { panic!("a hit") };
+    let up2 = tempfile::tempdir().unwrap();
+    let u = up2.path();
+    std::fs::write(u.join(".wh.gone"), "").unwrap();
+    std::fs::write(u.join(".wh.."), "").unwrap();
+    std::fs::create_dir(u.join("opq")).unwrap();
+    std::fs::write(u.join("opq/.wh..wh..opq"), "").unwrap();
+    std::fs::write(u.join("opq/new"), "n").unwrap();
+    std::fs::create_dir(u.join("keep")).unwrap();
+    std::fs::write(u.join("keep/new"), "n").unwrap();
+    store.promote(&spec(&key), Some(&v1), &[u.to_path_buf()], me, true, "2").unwrap();
+    let Lookup::Hit { version: v2, .. } = store.lookup(&key) else { panic!("a hit") };
+    let t = v2.join("tree/p0");
+    assert!(!t.join("gone").exists() && !t.join(".wh.gone").exists());
+    assert!(t.join("keep/old").exists() && t.join("keep/new").exists());
+    assert!(
+        !t.join("opq/old").exists() && t.join("opq/new").exists() && !t.join("opq/.wh..wh..opq").exists()
+    );
+    assert!(t.join(".wh..").is_file(), "`..` is never a whiteout's name: kept as a plain file");
+    assert!(d.path().exists());
+    // The base went (v1 was replaced and not leased): a promotion on it fails.
+    assert!(!v1.exists());
+    let err = store.promote(&spec(&key), Some(&v1), &[u.to_path_buf()], me, true, "3").unwrap_err();
+    assert!(format!("{err:#}").contains("is gone"), "{err:#}");
+    // A microVM disk counts, and verify finds one changed.
+    let before = store.list().unwrap()[0].bytes;
+    std::fs::write(v2.join(VM_DISK), vec![7u8; 8192]).unwrap();
+    std::fs::write(v2.join(VM_DISK_SHA256), sha256_file(&v2.join(VM_DISK)).unwrap()).unwrap();
+    assert!(store.list().unwrap()[0].bytes >= before + 8192);
+    assert!(store.verify().unwrap().is_empty());
+    std::fs::write(v2.join(VM_DISK), vec![8u8; 8192]).unwrap();
+    let bad = store.verify().unwrap();
+    assert!(bad[0].1.contains("microVM disk"), "{bad:?}");
+    // A boot lease holds even though no sandbox of its name exists.
+    store.lease("boot-7-q", std::slice::from_ref(&v2)).unwrap();
+    store.prune(0, false, |_| true).unwrap();
+    assert!(v2.exists(), "held by the job until its VM exists");
 }

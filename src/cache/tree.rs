@@ -96,8 +96,33 @@ fn is_opaque(path: &Path) -> bool {
     crate::base::sys::lgetxattr(&c, name, &mut v).is_some_and(|n| n >= 1 && v[0] == b'y')
 }
 
-/// Applies the overlay upper layer `upper` onto the tree `dst` (see the module doc).
-pub(super) fn apply_upper(upper: &Path, dst: &Path, uid_base: u32) -> Result<()> {
+/// What a name of an upper layer that came back from a guest means: the OCI layer format's
+/// opaque marker, a whiteout of a name (never `.`, `..` or empty), or itself.
+enum WhiteoutFile<'a> {
+    Opaque,
+    Whiteout(&'a std::ffi::OsStr),
+    Plain,
+}
+
+fn whiteout_file(name: &std::ffi::OsStr) -> WhiteoutFile<'_> {
+    use crate::guest::protocol::{OPAQUE_MARKER, WHITEOUT_PREFIX};
+    use std::os::unix::ffi::OsStrExt;
+    let b = name.as_bytes();
+    if b == OPAQUE_MARKER.as_bytes() {
+        return WhiteoutFile::Opaque;
+    }
+    match b.strip_prefix(WHITEOUT_PREFIX.as_bytes()) {
+        Some(rest) if !rest.is_empty() && rest != b"." && rest != b".." => {
+            WhiteoutFile::Whiteout(std::ffi::OsStr::from_bytes(rest))
+        }
+        _ => WhiteoutFile::Plain,
+    }
+}
+
+/// Applies the overlay upper layer `upper` onto the tree `dst` (see the module doc). With
+/// `whiteout_files` (an upper that came back from a guest as a tar), its whiteouts and opaque
+/// directories are the OCI layer format's files instead of devices and extended attributes.
+pub(super) fn apply_upper(upper: &Path, dst: &Path, uid_base: u32, whiteout_files: bool) -> Result<()> {
     let Ok(top) = fs::symlink_metadata(upper) else { return Ok(()) };
     if !top.is_dir() {
         return Ok(());
@@ -108,15 +133,27 @@ pub(super) fn apply_upper(upper: &Path, dst: &Path, uid_base: u32) -> Result<()>
         let (from, to) = (e.path(), dst.join(e.file_name()));
         let md = fs::symlink_metadata(&from).with_context(|| format!("inspecting {}", from.display()))?;
         let t = md.file_type();
-        if is_whiteout(&md) {
+        let name = e.file_name();
+        let marker = if whiteout_files { whiteout_file(&name) } else { WhiteoutFile::Plain };
+        if let WhiteoutFile::Whiteout(gone) = marker {
+            // A single name of this directory: the parent `dst` is a directory this walk made
+            // or kept, never a symlink.
+            remove_any(&dst.join(gone))?;
+        } else if matches!(marker, WhiteoutFile::Opaque) {
+            // Applied with its directory, below.
+        } else if is_whiteout(&md) {
             remove_any(&to)?;
         } else if t.is_dir() {
-            let keep = !is_opaque(&from) && fs::symlink_metadata(&to).is_ok_and(|m| m.is_dir());
+            let opaque = is_opaque(&from)
+                || (whiteout_files
+                    && fs::symlink_metadata(from.join(crate::guest::protocol::OPAQUE_MARKER))
+                        .is_ok_and(|m| m.is_file()));
+            let keep = !opaque && fs::symlink_metadata(&to).is_ok_and(|m| m.is_dir());
             if !keep {
                 remove_any(&to)?;
                 fs::create_dir(&to).with_context(|| format!("creating {}", to.display()))?;
             }
-            apply_upper(&from, &to, uid_base)?;
+            apply_upper(&from, &to, uid_base, whiteout_files)?;
         } else if t.is_symlink() {
             remove_any(&to)?;
             let target = fs::read_link(&from).with_context(|| format!("reading {}", from.display()))?;
@@ -195,7 +232,7 @@ pub(super) fn manifest(tree: &Path) -> Result<(Vec<u8>, u64, u64)> {
     Ok((out, bytes, files))
 }
 
-fn hash_file(path: &Path) -> Result<String> {
+pub(super) fn hash_file(path: &Path) -> Result<String> {
     let mut f = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 64 << 10];

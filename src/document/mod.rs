@@ -86,6 +86,9 @@ pub struct CacheRecord {
     pub uppers: Vec<PathBuf>,
     #[serde(default)]
     pub uid_base: u32,
+    /// The uppers hold whiteouts as the OCI layer format's files (they came back from a guest).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub whiteout_files: bool,
     /// Whether a successful end saves what the job wrote, and why (or why not).
     pub trusted: bool,
     pub trust: String,

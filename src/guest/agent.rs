@@ -378,7 +378,7 @@ impl Agent {
                 }
             }
             Kind::Sync => {
-                let Ok(c) = frame.parse::<Control>() else { return };
+                let Ok(c) = frame.parse::<SyncRequest>() else { return };
                 if self.workspace_pending {
                     return self.error(c.id, "the workspace is not mounted yet".into());
                 }
@@ -394,7 +394,7 @@ impl Agent {
                 });
                 let port = self.port.clone();
                 thread::spawn(move || {
-                    let frame = match sync_data(&port, c.id) {
+                    let frame = match sync_data(&port, c.id, c.caches_only) {
                         Ok(bytes) => Frame::json(Kind::SyncEnd, &SyncEnd { id: c.id, bytes }),
                         Err(e) => {
                             Frame::json(Kind::Error, &ErrorReport { id: c.id, message: format!("{e:#}") })
@@ -474,6 +474,18 @@ fn run_step(
         None if kept => kept_root(&format!("/images/{}", req.image)).map(Some),
         None => step_root(id, &format!("/images/{}", req.image)).map(Some),
     };
+    // The job's caches, in a docker step's root (neither an engine's nor a debug shell's).
+    let binds: &[CacheBind] = if req.engine.is_none() && !kept { &req.caches } else { &[] };
+    let made = match made {
+        Ok(Some(r)) if !binds.is_empty() => match super::caches::bind(&r, binds) {
+            Ok(()) => Ok(Some(r)),
+            Err(e) => {
+                super::caches::unbind(&r, binds);
+                Err(e.context("attaching the job's caches"))
+            }
+        },
+        other => other,
+    };
     let root = {
         match made {
             Ok(r) => r,
@@ -494,6 +506,7 @@ fn run_step(
     }
     let result = spawn_and_wait(port, &req, root.as_deref().unwrap_or(Path::new("/")), stdin, canceled);
     if let Some(r) = &root {
+        super::caches::unbind(r, binds);
         let failed = result.as_ref().is_ok_and(|e| e.code != Some(0) && !e.canceled);
         if kept {
             unmount_step_root(r);
@@ -648,8 +661,9 @@ fn spawn_and_wait(
     })
 }
 
-/// Streams a tar of /data to the host in `SyncData` frames, after flushing the disk.
-fn sync_data(port: &Port, id: u32) -> Result<u64> {
+/// Streams a tar of /data (or only of its cache layers) to the host in `SyncData` frames, after
+/// flushing the disk.
+fn sync_data(port: &Port, id: u32, caches_only: bool) -> Result<u64> {
     nix::unistd::sync();
     struct Chunker<'a> {
         port: &'a Port,
@@ -688,7 +702,13 @@ fn sync_data(port: &Port, id: u32) -> Result<u64> {
                 continue;
             }
             let path = e.path();
-            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            let dir = e.file_type().map(|t| t.is_dir()).unwrap_or(false);
+            let layer = dir && name.to_string_lossy().starts_with(CACHE_LAYER_PREFIX);
+            if layer {
+                super::caches::append_layer(&mut tar, Path::new(&name), &path)?;
+            } else if caches_only {
+                continue;
+            } else if dir {
                 tar.append_dir_all(&name, &path).with_context(|| format!("packing {}", path.display()))?;
             } else {
                 tar.append_path_with_name(&path, &name)

@@ -35,7 +35,7 @@ pub enum Kind {
     Exit = 5,
     /// Host -> guest: [`Control`] naming the request to stop.
     Cancel = 6,
-    /// Host -> guest: [`Control`]; the guest answers with `SyncData` frames and one `SyncEnd`.
+    /// Host -> guest: [`SyncRequest`]; the guest answers with `SyncData` frames and one `SyncEnd`.
     Sync = 7,
     /// Guest -> host: data frame, a piece of a tar stream of `/data`.
     SyncData = 8,
@@ -138,7 +138,47 @@ pub struct RunRequest {
     /// Runs on a terminal of this size, its output (both streams) coming as `Stdout`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tty: Option<TtySize>,
+    /// The job's dependency caches (docs/caches.md), bound into the step's root at their paths:
+    /// each an overlay the agent mounts once per VM (guest/caches.rs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub caches: Vec<CacheBind>,
 }
+
+/// One path of a dependency cache in the guest: an overlay whose lower is directory `sub` of
+/// image disk `disk` (a cache version's read-only disk; none: empty) and whose upper and work
+/// directories are in `/data/<layer>` (so the workspace disk counts what the steps write, and
+/// the layer comes back to the host with the workspace), bound at `target` in every step's root
+/// (absolute in the root, or relative to /data).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CacheBind {
+    pub target: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<u32>,
+    /// `p<N>`: the version tree's directory of this path.
+    pub sub: String,
+    /// `.executor-cache-<N>`.
+    pub layer: String,
+}
+
+/// A `Sync`: the tar of /data, or with `cachesOnly` only the cache layers (`.executor-cache-*`)
+/// that a promotion needs. In both, a cache layer's overlay whiteouts come as empty files named
+/// `.wh.<name>` and an opaque directory holds an empty `.wh..wh..opq` (the OCI layer format):
+/// the host keeps only files, directories and symlinks of what a guest sends.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SyncRequest {
+    pub id: u32,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub caches_only: bool,
+}
+
+/// The prefix of a cache layer's directory at the top of /data (host and guest).
+pub const CACHE_LAYER_PREFIX: &str = ".executor-cache-";
+/// The OCI layer format's whiteout prefix and opaque marker, which a cache layer's whiteouts
+/// travel as from the guest.
+pub const WHITEOUT_PREFIX: &str = ".wh.";
+pub const OPAQUE_MARKER: &str = ".wh..wh..opq";
 
 /// The kept layer's directory at the top of /data (see [`RunRequest::keep_failed`]).
 pub const KEPT_LAYER: &str = ".executor-kept";

@@ -167,6 +167,9 @@ pub struct CacheMount {
     /// The cache version's tree for this path (owned by the image store's id range, as image
     /// trees are); `None` starts empty.
     pub lower: Option<PathBuf>,
+    /// The job's workspace on the host, where a runtime whose layers live in its sandbox brings
+    /// them back.
+    pub workspace: PathBuf,
 }
 
 /// What a runtime made for one [`CacheMount`]: `upper` collects what the steps write there; once
@@ -177,6 +180,10 @@ pub struct CacheMount {
 pub struct AttachedCache {
     pub upper: PathBuf,
     pub uid_base: u32,
+    /// The upper layer's whiteouts and opaque directories come as the OCI layer format's files
+    /// (`.wh.<name>`, `.wh..wh..opq`): it came back from a guest as a tar.
+    #[serde(default)]
+    pub whiteout_files: bool,
 }
 
 /// How a step ended.
@@ -248,6 +255,30 @@ pub trait Runtime: Send + Sync {
         _mounts: &[CacheMount],
     ) -> Result<Vec<AttachedCache>> {
         anyhow::bail!("the {} runtime does not attach dependency caches", self.name())
+    }
+    /// Whether the caches a job hits must be given to its sandbox at the boot, as read-only
+    /// disks of their versions ([`Runtime::boot_with_cache_disks`]); the runtime then attaches
+    /// them in `vm-boot`, right after the boot. None by default: they attach to a running sandbox.
+    fn cache_disks_at_boot(&self) -> bool {
+        false
+    }
+    /// Makes the read-only disk of a cache version's `tree` at `out` (`scratch`: a directory
+    /// beside it for temporary files), for [`Runtime::boot_with_cache_disks`].
+    fn make_cache_disk(&self, _tree: &Path, _scratch: &Path, _out: &Path) -> Result<()> {
+        anyhow::bail!("the {} runtime takes no cache disks", self.name())
+    }
+    /// Starts a sandbox for one job with the read-only disks of the cache versions it hit
+    /// (`disks`, see [`Runtime::cache_disks_at_boot`]).
+    fn boot_with_cache_disks(&self, req: &BootRequest, disks: &[PathBuf]) -> Result<SandboxRecord> {
+        if !disks.is_empty() {
+            anyhow::bail!("the {} runtime takes no cache disks", self.name());
+        }
+        self.boot(req)
+    }
+    /// Brings what the steps wrote to the caches into the host workspace, before the sandbox
+    /// goes (a no-op where it is there already).
+    fn fetch_cache_layers(&self, _sandbox: &SandboxRecord, _workspace: &Path) -> Result<()> {
+        Ok(())
     }
     /// Makes what the steps wrote visible in the host workspace (a no-op where it already is).
     fn sync_workspace(&self, sandbox: &SandboxRecord, workspace: &Path) -> Result<()>;

@@ -5,6 +5,7 @@
 //! successful job wrote to a new version, evicts beyond the budget and gives the lease back.
 
 use anyhow::Result;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::JobCtx;
@@ -12,6 +13,7 @@ use crate::base::units::format_bytes;
 use crate::cache::rules::{self, CacheRules, CacheSpec};
 use crate::cache::{CacheStore, Lookup};
 use crate::document::{CacheRecord, RunDocument};
+use crate::logs::LogEntry;
 use crate::sandbox::{CacheMount, Runtime, SandboxRecord};
 
 fn load_rules(ctx: &JobCtx) -> Result<CacheRules> {
@@ -56,23 +58,30 @@ fn trust(ctx: &JobCtx, doc: &RunDocument) -> (bool, String) {
     }
 }
 
-/// `setup.cache`: attaches the job's caches to `sandbox` and records them in `doc`. A cache
-/// that cannot be attached costs only itself: the job runs without it, and the entry says why.
-/// A declaration the job got wrong fails the job.
-pub(crate) fn setup(
-    ctx: &JobCtx,
-    doc: &mut RunDocument,
-    runtime: &dyn Runtime,
-    sandbox: &mut SandboxRecord,
-) -> Result<()> {
+/// The lookups of a job's caches, before they are attached: what the document will record and
+/// what the runtime is asked to attach.
+pub(crate) struct Looked {
+    /// `setup.cache`, while open.
+    entry: Option<LogEntry>,
+    records: Vec<CacheRecord>,
+    mounts: Vec<CacheMount>,
+    /// A microVM job's: the read-only disks of the versions it hit, for its boot, and the lease
+    /// holder that keeps them until its VM exists.
+    pub(crate) disks: Vec<PathBuf>,
+    holder: Option<String>,
+}
+
+/// Opens `setup.cache` and looks the job's caches up (`None`: the job has none). A declaration
+/// the job got wrong fails the job.
+fn look_up(ctx: &JobCtx, doc: &RunDocument) -> Result<Option<Looked>> {
     if ctx.settings.caches == Some(false) || !doc.caches.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let rules = load_rules(ctx)?;
     if !rules::any(&ctx.job, &rules) {
-        return Ok(());
+        return Ok(None);
     }
-    let Some(ws) = doc.workspace.as_ref().map(|w| w.path.clone()) else { return Ok(()) };
+    let Some(ws) = doc.workspace.as_ref().map(|w| w.path.clone()) else { return Ok(None) };
     let mut entry = ctx.logger.entry("setup.cache", None)?;
     let images = crate::image::ImageStore::open(&ctx.settings.runtime_options().images_dir()).ok();
     let digest = |r: &str| {
@@ -115,7 +124,7 @@ pub(crate) fn setup(
         }
         for (i, p) in spec.paths.iter().enumerate() {
             let lower = version.as_ref().map(|v| v.join("tree").join(format!("p{i}"))).filter(|t| t.is_dir());
-            mounts.push(CacheMount { target: p.clone(), lower });
+            mounts.push(CacheMount { target: p.clone(), lower, workspace: ws.clone() });
         }
         records.push(CacheRecord {
             key: spec.key.clone(),
@@ -126,13 +135,141 @@ pub(crate) fn setup(
             miss,
             uppers: Vec::new(),
             uid_base: 0,
+            whiteout_files: false,
             trusted,
             trust: why.clone(),
             saved: None,
         });
     }
-    let versions: Vec<_> = records.iter().filter_map(|r| r.version.clone()).collect();
+    Ok(Some(Looked { entry: Some(entry), records, mounts, disks: Vec::new(), holder: None }))
+}
+
+/// `setup.cache`: attaches the job's caches to `sandbox` and records them in `doc`. A cache
+/// that cannot be attached costs only itself: the job runs without it, and the entry says why.
+/// A declaration the job got wrong fails the job. A runtime that takes them as disks at its
+/// boot has them attached by `vm-boot` ([`before_boot`]).
+pub(crate) fn setup(
+    ctx: &JobCtx,
+    doc: &mut RunDocument,
+    runtime: &dyn Runtime,
+    sandbox: &mut SandboxRecord,
+) -> Result<()> {
+    if runtime.cache_disks_at_boot() {
+        return Ok(());
+    }
+    let Some(looked) = look_up(ctx, doc)? else { return Ok(()) };
+    let versions: Vec<_> = looked.records.iter().filter_map(|r| r.version.clone()).collect();
+    store(ctx).lease(&sandbox.name, &versions)?;
+    attach(ctx, doc, runtime, sandbox, looked)
+}
+
+/// `setup.cache` of a runtime that takes the caches a job hits as read-only disks at its boot
+/// ([`Runtime::cache_disks_at_boot`]): the lookups, a lease until the sandbox exists, and each
+/// hit version's disk, made now if it was never made (that costs this job a copy of the cache,
+/// once per version, and the entry says so). [`after_boot`] attaches them (`setup.cache.attach`).
+/// A declaration the job got wrong fails the job.
+pub(crate) fn before_boot(ctx: &JobCtx, doc: &RunDocument, runtime: &dyn Runtime) -> Result<Option<Looked>> {
+    let Some(mut looked) = look_up(ctx, doc)? else { return Ok(None) };
+    let Some(mut entry) = looked.entry.take() else { return Ok(None) };
+    let store = store(ctx);
+    let uid: String = doc
+        .job
+        .uid
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+        .collect();
+    let holder = format!("{}{uid}", crate::cache::BOOT_LEASE_PREFIX);
+    let versions: Vec<_> = looked.records.iter().filter_map(|r| r.version.clone()).collect();
+    store.lease(&holder, &versions)?;
+    looked.holder = Some(holder);
+    let mut first = 0;
+    for r in &mut looked.records {
+        let n = r.paths.len();
+        let Some(version) = r.version.clone() else {
+            first += n;
+            continue;
+        };
+        match crate::cache::vm_disk(&version, &|t, s, o| runtime.make_cache_disk(t, s, o)) {
+            Ok((disk, built)) => {
+                if let Some(t) = built {
+                    entry.line(&format!(
+                        "cache {} key {}: made the version's read-only disk in {} ms (once per version)",
+                        r.prefix,
+                        r.key,
+                        t.as_millis()
+                    ));
+                }
+                looked.disks.push(disk);
+            }
+            Err(e) => {
+                // This cache costs only itself: the job runs without its version.
+                entry.line(&format!(
+                    "cache {} key {}: its version's disk could not be made, the job runs without it: {}",
+                    r.prefix,
+                    r.key,
+                    ctx.redact(&format!("{e:#}"))
+                ));
+                r.version = None;
+                r.miss = "its microVM disk could not be made".into();
+                for m in &mut looked.mounts[first..first + n] {
+                    m.lower = None;
+                }
+            }
+        }
+        first += n;
+    }
+    entry.line(&if looked.disks.is_empty() {
+        "nothing hit: no cache disk, the job may take a VM booted ahead".to_string()
+    } else {
+        format!(
+            "{} read-only cache disks for the VM's boot (a VM of its own: no VM booted ahead has them)",
+            looked.disks.len()
+        )
+    });
+    let _ = entry.finish(0);
+    Ok(Some(looked))
+}
+
+/// The end of [`before_boot`] once the sandbox is up: its own lease replaces the job's, and the
+/// caches are attached.
+pub(crate) fn after_boot(
+    ctx: &JobCtx,
+    doc: &mut RunDocument,
+    runtime: &dyn Runtime,
+    looked: Looked,
+) -> Result<()> {
+    let Some(mut sandbox) = doc.sandbox.clone() else { return Ok(()) };
+    let store = store(ctx);
+    let versions: Vec<_> = looked.records.iter().filter_map(|r| r.version.clone()).collect();
     store.lease(&sandbox.name, &versions)?;
+    if let Some(h) = &looked.holder {
+        let _ = store.release(h);
+    }
+    attach(ctx, doc, runtime, &mut sandbox, looked)
+}
+
+/// The end of [`before_boot`] when no sandbox came to be.
+pub(crate) fn boot_failed(ctx: &JobCtx, looked: Looked) {
+    if let Some(h) = &looked.holder {
+        let _ = store(ctx).release(h);
+    }
+}
+
+/// Has the runtime attach what was looked up, records it in `doc` and closes `setup.cache` (or,
+/// after a boot with cache disks, `setup.cache.attach`).
+fn attach(
+    ctx: &JobCtx,
+    doc: &mut RunDocument,
+    runtime: &dyn Runtime,
+    sandbox: &mut SandboxRecord,
+    looked: Looked,
+) -> Result<()> {
+    let Looked { entry, mut records, mounts, .. } = looked;
+    let mut entry = match entry {
+        Some(e) => e,
+        None => ctx.logger.entry("setup.cache.attach", None)?,
+    };
+    let store = store(ctx);
     let before = sandbox.clone();
     let started = Instant::now();
     match runtime.attach_caches(sandbox, &mounts) {
@@ -143,6 +280,7 @@ pub(crate) fn setup(
                     if let Some(a) = it.next() {
                         r.uppers.push(a.upper);
                         r.uid_base = a.uid_base;
+                        r.whiteout_files = a.whiteout_files;
                     }
                 }
             }
@@ -152,6 +290,10 @@ pub(crate) fn setup(
                 records.len(),
                 started.elapsed().as_secs_f64() * 1000.0
             ));
+            if runtime.cache_disks_at_boot() {
+                entry.line("the guest mounts each overlay at the first step");
+            }
+            let (trusted, why) = records.first().map(|r| (r.trusted, r.trust.clone())).unwrap_or_default();
             entry.line(&format!(
                 "{} ({why})",
                 if trusted {
@@ -178,15 +320,33 @@ pub(crate) fn setup(
     }
 }
 
+/// Before the sandbox goes: brings what the steps wrote to the caches a successful, trusted
+/// job saves into the host workspace (the microVM's layers live in its guest). Returns why it
+/// could not, for `teardown.cache` to say.
+pub(crate) fn fetch_layers(ctx: &JobCtx, doc: &RunDocument) -> Option<String> {
+    let saves = doc.outcome.is_none() && doc.caches.iter().any(|c| c.trusted && c.saved.is_none());
+    let (Some(sb), Some(ws), true) = (&doc.sandbox, &doc.workspace, saves) else { return None };
+    let res = ctx.runtime(doc).and_then(|rt| rt.fetch_cache_layers(sb, &ws.path));
+    res.err().map(|e| ctx.redact(&format!("bringing its layer back from the sandbox: {e:#}")))
+}
+
 /// `teardown.cache`: after the sandbox is gone, saves the caches of a trusted job that
 /// succeeded, says why not otherwise, and gives back the lease. Runs once per document.
-pub(crate) fn teardown(ctx: &JobCtx, doc: &mut RunDocument, sandbox_removed: bool) {
+pub(crate) fn teardown(
+    ctx: &JobCtx,
+    doc: &mut RunDocument,
+    sandbox_removed: bool,
+    unfetched: Option<String>,
+) {
     if doc.caches.iter().all(|c| c.saved.is_some()) {
         return;
     }
     let Ok(mut entry) = ctx.logger.entry("teardown.cache", None) else { return };
     let store = store(ctx);
     let job = doc.job.uid.clone();
+    // A runtime that boots with cache disks gets a saved version's disk made now, off the next
+    // job's path.
+    let disks = ctx.runtime(doc).ok().filter(|rt| rt.cache_disks_at_boot());
     for c in doc.caches.iter_mut().filter(|c| c.saved.is_none()) {
         let not = if doc.outcome.is_some() {
             Some("the job did not succeed".to_string())
@@ -197,7 +357,7 @@ pub(crate) fn teardown(ctx: &JobCtx, doc: &mut RunDocument, sandbox_removed: boo
         } else if c.uppers.len() != c.paths.len() {
             Some("it was not attached".to_string())
         } else {
-            None
+            unfetched.clone()
         };
         let said = match not {
             Some(why) => format!("not saved: {why}"),
@@ -210,11 +370,17 @@ pub(crate) fn teardown(ctx: &JobCtx, doc: &mut RunDocument, sandbox_removed: boo
                     made_of: Vec::new(),
                 };
                 let started = Instant::now();
-                match store.promote(&spec, c.version.as_deref(), &c.uppers, c.uid_base, &job) {
+                let promoted =
+                    store.promote(&spec, c.version.as_deref(), &c.uppers, c.uid_base, c.whiteout_files, &job);
+                match promoted {
                     Ok(Some(bytes)) => format!(
-                        "saved a new version, {} in {} ms",
+                        "saved a new version, {} in {} ms{}",
                         format_bytes(bytes),
-                        started.elapsed().as_millis()
+                        started.elapsed().as_millis(),
+                        match &disks {
+                            Some(rt) => vm_disk(&store, &c.key, &**rt),
+                            None => String::new(),
+                        }
                     ),
                     Ok(None) => "not saved: the job changed nothing in it".to_string(),
                     Err(e) => format!("not saved: {}", ctx.redact(&format!("{e:#}"))),
@@ -241,4 +407,15 @@ pub(crate) fn teardown(ctx: &JobCtx, doc: &mut RunDocument, sandbox_removed: boo
         }
     }
     let _ = entry.finish(0);
+}
+
+/// Makes the microVM disk of the version a microVM job just saved, so that the next job of the
+/// key does not make it on its path; says how it went.
+fn vm_disk(store: &CacheStore, key: &str, runtime: &dyn Runtime) -> String {
+    let Lookup::Hit { version, .. } = store.lookup(key) else { return String::new() };
+    match crate::cache::vm_disk(&version, &|t, s, o| runtime.make_cache_disk(t, s, o)) {
+        Ok((_, Some(t))) => format!(", its microVM disk made in {} ms", t.as_millis()),
+        Ok((_, None)) => String::new(),
+        Err(e) => format!(", its microVM disk not made ({e:#}): the next job makes it"),
+    }
 }

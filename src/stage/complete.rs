@@ -61,6 +61,8 @@ pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
     let kept = super::keep::keep_if_failed(ctx, doc);
     let mut sandbox_removed =
         kept || doc.sandbox.is_none() || doc.completion.as_ref().is_some_and(|c| c.sandbox_removed);
+    // What a microVM's steps wrote to the caches is in its guest, which goes next.
+    let unfetched = if sandbox_removed { None } else { super::cache::fetch_layers(ctx, doc) };
     if let (Some(sb), false) = (doc.sandbox.clone(), sandbox_removed) {
         let mut entry = ctx.logger.entry(&format!("teardown.{}.remove", sb.runtime), None).ok();
         match ctx.runtime(doc).and_then(|rt| rt.teardown(&sb)) {
@@ -83,7 +85,7 @@ pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
         }
     }
     // What the job wrote to its caches is in the workspace, which goes next.
-    super::cache::teardown(ctx, doc, sandbox_removed);
+    super::cache::teardown(ctx, doc, sandbox_removed, unfetched);
     if let Some(sb) = doc.sandbox.as_ref().filter(|_| sandbox_removed) {
         egress_record(ctx, doc, &sb.name.clone());
     }

@@ -425,6 +425,7 @@ fn teardown_cache_saves_only_trusted_successful_jobs() {
         miss: "no version yet".into(),
         uppers: vec![upper.clone()],
         uid_base: nix::unistd::geteuid().as_raw(),
+        whiteout_files: false,
         trusted,
         trust: if trusted { "queue batches is trusted".into() } else { "not the default branch".into() },
         saved: None,
@@ -433,12 +434,12 @@ fn teardown_cache_saves_only_trusted_successful_jobs() {
     // A failed job saves nothing, trusted or not.
     doc.caches = vec![record("aa", true)];
     doc.fail("run-steps", FailureKind::Failed, "step failed");
-    super::cache::teardown(&ctx, &mut doc, true);
+    super::cache::teardown(&ctx, &mut doc, true, None);
     assert_eq!(doc.caches[0].saved.as_deref(), Some("not saved: the job did not succeed"));
     doc.outcome = None;
     // An untrusted job that succeeded: not saved, and why; a trusted one saves.
     doc.caches = vec![record("bb", false), record("cc", true)];
-    super::cache::teardown(&ctx, &mut doc, true);
+    super::cache::teardown(&ctx, &mut doc, true, None);
     let saved: Vec<_> = doc.caches.iter().map(|c| c.saved.clone().unwrap()).collect();
     assert_eq!(saved[0], "not saved: the job is not trusted: not the default branch");
     assert!(saved[1].starts_with("saved a new version, 1 bytes in "), "{saved:?}");
@@ -446,10 +447,10 @@ fn teardown_cache_saves_only_trusted_successful_jobs() {
     assert!(matches!(store.lookup(&"cc".repeat(32)), Lookup::Hit { .. }));
     // The sandbox still up (its overlay may be mounted): never saved.
     doc.caches = vec![record("dd", true)];
-    super::cache::teardown(&ctx, &mut doc, false);
+    super::cache::teardown(&ctx, &mut doc, false, None);
     assert_eq!(doc.caches[0].saved.as_deref(), Some("not saved: the sandbox was not torn down"));
     let before = logs.entries.lock().unwrap().len();
-    super::cache::teardown(&ctx, &mut doc, true);
+    super::cache::teardown(&ctx, &mut doc, true, None);
     assert_eq!(logs.entries.lock().unwrap().len(), before, "done once per document");
     let entries = logs.entries.lock().unwrap();
     let said: Vec<_> = entries.iter().filter(|e| e.key == "teardown.cache").collect();

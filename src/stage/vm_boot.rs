@@ -81,8 +81,15 @@ pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
         }
     }
     pull_images(ctx, doc, &images)?;
-    let ws = doc.workspace.as_ref().ok_or_else(|| Incomplete("the run document has no workspace".into()))?;
     let (runtime, net_notes) = runtime_for_job(ctx, doc)?;
+    // The caches a job hits come to a microVM as disks at its boot: looked up first.
+    let caches = if runtime.cache_disks_at_boot() && !cli {
+        super::cache::before_boot(ctx, doc, &*runtime)?
+    } else {
+        None
+    };
+    let disks = caches.as_ref().map(|c| c.disks.clone()).unwrap_or_default();
+    let ws = doc.workspace.as_ref().ok_or_else(|| Incomplete("the run document has no workspace".into()))?;
     let mut entry = ctx.logger.entry(&format!("setup.{}.start", runtime.name()), None)?;
     for note in &net_notes {
         entry.line(&ctx.redact(note));
@@ -113,9 +120,16 @@ pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
     let _janitor = crate::workspace::janitor_lock(&ctx.settings.state_dir, false)?;
     let started = std::time::Instant::now();
     // A cliSteps VM carries the engine's disks, which no VM booted ahead has; a job with its own
-    // allowed hosts needs its own resolver's list, which no VM booted ahead has either.
+    // allowed hosts needs its own resolver's list, which no VM booted ahead has either; nor has
+    // any the disks of the caches a job hit.
     let own_hosts = ctx.job.network_allow_hosts.is_some();
-    let warm = ctx.warm_pool.as_ref().filter(|p| p.runtime() == runtime.kind() && !cli && !own_hosts);
+    let warm = ctx
+        .warm_pool
+        .as_ref()
+        .filter(|p| p.runtime() == runtime.kind() && !cli && !own_hosts && disks.is_empty());
+    if !disks.is_empty() && ctx.warm_pool.is_some() {
+        entry.line("booting a VM of its own: the caches the job hit are disks given at the boot");
+    }
     let claim = |p: &Arc<dyn crate::sandbox::WarmPool>| {
         let span = crate::base::trace::span("pool-claim");
         let claim = p.take(&req);
@@ -141,7 +155,7 @@ pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
         }
         None => {
             let _span = boot();
-            runtime.boot(&req)
+            runtime.boot_with_cache_disks(&req, &disks)
         }
     }
     .with_context(|| format!("starting the {} sandbox", runtime.name()));
@@ -159,11 +173,17 @@ pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
                 crate::workspace::write_owner(&ws.path, &owner)?;
             }
             doc.sandbox = Some(record);
-            Ok(())
+            match caches {
+                Some(c) => super::cache::after_boot(ctx, doc, &*runtime, c),
+                None => Ok(()),
+            }
         }
         Err(e) => {
             entry.line(&format!("error: {}", ctx.redact(&format!("{e:#}"))));
             let _ = entry.finish(1);
+            if let Some(c) = caches {
+                super::cache::boot_failed(ctx, c);
+            }
             Err(e)
         }
     }

@@ -170,3 +170,169 @@ fn oci_caches_hit_miss_trust_and_integrity() {
     let left = |dir: &str| std::fs::read_dir(f.state().join(dir)).map(|r| r.count()).unwrap_or(0);
     assert_eq!((left("sandboxes"), left("workspaces"), left("caches/leases")), (0, 0, 0));
 }
+
+/// Dependency caches on the `microvm` runtime (docs/caches.md, "On microvm"), through the
+/// coordinator and the real loop with a pool of one VM, one job at a time: a trusted job that
+/// misses fills both paths and saves (its version's read-only disk made at the save); a
+/// trusted job that hits sees the files (its VM booted with the version's disk, not taken from
+/// the pool), adds one and deletes one (a whiteout that must travel back from the guest) and
+/// saves; an untrusted job hits that version and its writes are never saved; a job whose
+/// lockfile changed misses.
+#[test]
+fn microvm_caches_hit_miss_trust_and_whiteouts() {
+    let test = "microvm_caches_hit_miss_trust_and_whiteouts";
+    if let Some(why) = crate::microvm::missing() {
+        return common::skip(test, "microvm", &why);
+    }
+    let state = crate::microvm::state_dir();
+    let c = crate::coordinator::Coordinator::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("cached-repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(repo.join("lock.txt"), "deps v1\n").unwrap();
+    common::sh(&repo, "git init -q -b main . && git add -A && git commit -qm one");
+    let old = common::sh(&repo, "git rev-parse HEAD");
+    // A branch whose lockfile changed: another key (and not the default branch's tip).
+    common::sh(&repo, "git checkout -qb bump && echo 'deps v2' > lock.txt && git commit -qam bump");
+    let bumped = common::sh(&repo, "git rev-parse HEAD");
+    common::sh(&repo, "git checkout -q main && echo readme > README && git add -A && git commit -qm two");
+    let tip = common::sh(&repo, "git rev-parse HEAD");
+    // A repository name of its own: the key is never another test run's.
+    let name = format!("github.com/acme/vmcached{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
+    Exec::new().with(|cmd| c.admin_env(cmd)).args(["queue", "repo", "add", &name]).arg(&repo).run();
+    let prefix = format!("mvc{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let _dog = crate::microvm::watchdog(state.clone(), prefix.clone(), Duration::from_secs(500));
+    let submit = |commit: &str, script: &str| {
+        c.submit(json!({"repositoryName": name, "commit": commit,
+            "dockerSteps": [{"key": "s", "image": crate::microvm::IMAGE, "dir": "", "env": [], "commands": [script]}],
+            "caches": [{"key": {"files": ["lock.txt"], "prefix": "dep"}, "paths": ["/root/.dep", "deps"]}]}))
+    };
+    let a = submit(
+        &tip,
+        "test ! -e /root/.dep/pkg && echo cached > /root/.dep/pkg && mkdir /root/.dep/d && echo x > /root/.dep/d/x \
+         && echo mod > deps/mod && ! ls /data/.executor-cache-0/upper 2>/dev/null && echo wrote",
+    );
+    let b = submit(
+        &tip,
+        "cat /root/.dep/pkg /root/.dep/d/x deps/mod && echo extra > /root/.dep/extra && rm /root/.dep/d/x",
+    );
+    let untrusted =
+        submit(&old, "cat /root/.dep/extra && test ! -e /root/.dep/d/x && echo whiteout-seen && echo poison > /root/.dep/pkg");
+    let changed = submit(&bumped, "test ! -e /root/.dep/pkg && echo fresh");
+    let log_path = tmp.path().join("loop.log");
+    let mut cmd = common::executor();
+    crate::microvm::pool_loop_env(&mut cmd, &c, &prefix, &state);
+    cmd.arg("loop")
+        .env("EXECUTOR_NUM_TOTAL_JOBS", "4")
+        .env("EXECUTOR_HEARTBEAT_INTERVAL", "1s")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap());
+    let mut lp = cmd.spawn().expect("starting executor loop");
+    let loop_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let done = |id: i64| {
+        let job = c.wait_state(id, &["completed", "failed", "errored", "canceled"], Duration::from_secs(240));
+        assert_eq!(job["state"], "completed", "{}\n{}", log(&job), loop_log());
+        eprintln!("job {id}: setup.cache: {}", entry(&job, "setup.cache"));
+        eprintln!("job {id}: setup.cache.attach: {}", entry(&job, "setup.cache.attach"));
+        eprintln!("job {id}: teardown.cache: {}", entry(&job, "teardown.cache"));
+        let took = |key: &str| {
+            job["logs"]
+                .as_array()
+                .and_then(|a| a.iter().find(|e| e["key"] == key))
+                .map(|e| e["durationMs"].clone())
+        };
+        eprintln!(
+            "job {id}: setup.microvm.start ({:?} ms): {}",
+            took("setup.microvm.start"),
+            entry(&job, "setup.microvm.start")
+        );
+        eprintln!(
+            "job {id}: setup.cache {:?} ms, setup.cache.attach {:?} ms, step {:?} ms",
+            took("setup.cache"),
+            took("setup.cache.attach"),
+            took("step.docker.s")
+        );
+        job
+    };
+
+    let a = done(a);
+    assert!(entry(&a, "step.docker.s").contains("wrote"), "{}", log(&a));
+    let setup = entry(&a, "setup.cache");
+    assert!(
+        setup.contains("miss (no version yet)") && setup.contains("nothing hit: no cache disk"),
+        "{setup}"
+    );
+    let attach = entry(&a, "setup.cache.attach");
+    assert!(attach.contains("attached 2 paths of 1 caches in"), "{}", log(&a));
+    let said = entry(&a, "teardown.cache");
+    assert!(said.contains("saved a new version") && said.contains("its microVM disk made in"), "{said}");
+
+    let b = done(b);
+    let setup = entry(&b, "setup.cache");
+    assert!(
+        setup.contains(": hit, ") && setup.contains("1 read-only cache disks for the VM's boot"),
+        "{setup}"
+    );
+    assert!(
+        !setup.contains("made the version's read-only disk"),
+        "made at the save, not on the job's path: {setup}"
+    );
+    let out = entry(&b, "step.docker.s");
+    assert!(
+        out.contains("stdout: cached") && out.contains("stdout: x") && out.contains("stdout: mod"),
+        "{out}"
+    );
+    assert!(entry(&b, "teardown.cache").contains("saved a new version"), "{}", log(&b));
+    assert!(entry(&b, "setup.microvm.start").contains("booting a VM of its own"), "{}", log(&b));
+
+    let untrusted = done(untrusted);
+    assert!(entry(&untrusted, "setup.cache").contains(": hit, "), "{}", log(&untrusted));
+    let out = entry(&untrusted, "step.docker.s");
+    assert!(out.contains("stdout: extra") && out.contains("whiteout-seen"), "{out}");
+    assert!(
+        entry(&untrusted, "teardown.cache").contains("not saved: the job is not trusted"),
+        "{}",
+        log(&untrusted)
+    );
+
+    let changed = done(changed);
+    assert!(entry(&changed, "setup.cache").contains("miss (no version yet)"), "{}", log(&changed));
+    assert!(entry(&changed, "step.docker.s").contains("fresh"), "{}", log(&changed));
+    common::wait_exit_ok(&mut lp, Duration::from_secs(60));
+
+    // The store holds b's version: a's files, b's addition, b's deletion, no poison; its disk
+    // counted in its size; nothing leased once the jobs are gone.
+    let ls = Exec::new().env("EXECUTOR_STATE_DIR", &state).args(["cache", "ls", "--json"]).run();
+    let listed: Value = serde_json::from_slice(&ls.stdout).unwrap();
+    // (The version b replaced, held by b itself while it saved, goes at the next janitor pass.)
+    let mine: Vec<&Value> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["repository"] == name.as_str() && v["current"] == true && v["paths"][0] == "/root/.dep")
+        .filter(|v| v["files"] == 3)
+        .collect();
+    assert_eq!(mine.len(), 1, "{listed:#}");
+    let version = state.join("caches/entries").join(mine[0]["version"].as_str().unwrap());
+    let tree = version.join("tree");
+    assert_eq!(std::fs::read_to_string(tree.join("p0/pkg")).unwrap(), "cached\n");
+    assert_eq!(std::fs::read_to_string(tree.join("p0/extra")).unwrap(), "extra\n");
+    assert_eq!(std::fs::read_to_string(tree.join("p1/mod")).unwrap(), "mod\n");
+    assert!(tree.join("p0/d").is_dir() && !tree.join("p0/d/x").exists(), "the whiteout came back");
+    let disk = std::fs::metadata(version.join("disk.ext4")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert!(mine[0]["bytes"].as_u64().unwrap() >= disk.blocks() * 512, "{listed:#}");
+    Exec::new().env("EXECUTOR_STATE_DIR", &state).args(["cache", "verify"]).run();
+    let leases: Vec<String> = std::fs::read_dir(state.join("caches/leases"))
+        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    assert!(!leases.iter().any(|l| l.starts_with(&prefix) || l.starts_with("boot-")), "{leases:?}");
+    let key = mine[0]["key"].as_str().unwrap();
+    let gone = Exec::new().env("EXECUTOR_STATE_DIR", &state).args(["cache", "rm", &key[..12]]).run();
+    assert!(
+        String::from_utf8_lossy(&gone.stdout).contains("removed"),
+        "{}",
+        String::from_utf8_lossy(&gone.stdout)
+    );
+    assert!(!version.exists());
+}

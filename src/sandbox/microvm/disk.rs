@@ -101,34 +101,48 @@ pub(crate) fn image_disk(cache: &Path, digest: &str, rootfs: &Path) -> Result<Pa
         .tempfile_in(cache)
         .with_context(|| format!("creating a temporary file in {}", cache.display()))?
         .into_temp_path();
-    // The store keeps trees owned by `ID_BASE + n`; the guest must see the image's own owners
-    // (a `User` of 1000 owns its home): mkfs reads the tree through an idmapped mount.
+    make_ext4_own_ids(rootfs, cache, &tmp, size, "image").with_context(|| format!("image {digest}"))?;
+    // The same image's disk under the old name (shifted owners) is never used again.
+    let _ = fs::remove_file(cache.join(format!("{safe}.ext4")));
+    tmp.persist(&out).with_context(|| format!("installing {}", out.display()))?;
+    Ok(out)
+}
+
+/// Makes an ext4 image of `size` bytes at `out` of `tree`, a tree of the store owned by its id
+/// range (`ID_BASE + n`, images and cache versions alike), read through an idmapped mount at a
+/// temporary directory in `scratch` so that the guest sees the owners `n` (a `User` of 1000 owns
+/// its home). Without an idmapped mount the disk keeps the store's owners, and says so.
+fn make_ext4_own_ids(tree: &Path, scratch: &Path, out: &Path, size: u64, label: &str) -> Result<()> {
     let src = tempfile::Builder::new()
         .prefix(".src-")
-        .tempdir_in(cache)
-        .with_context(|| format!("creating a temporary directory in {}", cache.display()))?;
+        .tempdir_in(scratch)
+        .with_context(|| format!("creating a temporary directory in {}", scratch.display()))?;
     let ids = crate::image::ID_BASE;
     let mapped = crate::base::sys::userns_fd(ids, 0, crate::image::ID_COUNT)
-        .and_then(|ns| crate::base::sys::idmapped_bind(rootfs, src.path(), &ns));
-    let built = match mapped {
+        .and_then(|ns| crate::base::sys::idmapped_bind(tree, src.path(), &ns));
+    match mapped {
         Ok(()) => {
-            let r = make_ext4(src.path(), &tmp, size, "image");
+            let r = make_ext4(src.path(), out, size, label);
             let _ = nix::mount::umount2(src.path(), nix::mount::MntFlags::MNT_DETACH);
             r
         }
         Err(e) => {
             tracing::warn!(
-                "image {digest}: no idmapped mount ({e}); its VM disk keeps the store's owners \
-                 (uid {ids} + n), so an image user other than root does not own its files there"
+                "{}: no idmapped mount ({e}); its VM disk keeps the store's owners (uid {ids} + n), \
+                 so a user other than root does not own its files there",
+                tree.display()
             );
-            make_ext4(rootfs, &tmp, size, "image")
+            make_ext4(tree, out, size, label)
         }
-    };
-    built?;
-    // The same image's disk under the old name (shifted owners) is never used again.
-    let _ = fs::remove_file(cache.join(format!("{safe}.ext4")));
-    tmp.persist(&out).with_context(|| format!("installing {}", out.display()))?;
-    Ok(out)
+    }
+}
+
+/// Makes the read-only disk of a cache version's `tree` at `out` (a file the caller installs;
+/// `scratch` is a directory of the same filesystem for the temporary mount point), owners as
+/// the guest sees them.
+pub(crate) fn cache_tree_disk(tree: &Path, scratch: &Path, out: &Path) -> Result<()> {
+    let size = (tree_bytes(tree)? * 5 / 4 + (32 << 20)).next_multiple_of(1 << 20);
+    make_ext4_own_ids(tree, scratch, out, size, "cache")
 }
 
 #[cfg(test)]

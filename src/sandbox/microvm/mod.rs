@@ -7,7 +7,7 @@
 //!
 //! One file per operation: `accel` (KVM or TCG), `boot` (the boot's steps), `qemu` (QEMU's
 //! command line, pure), `requests` (talking to the agent), `workspace` (the workspace coming
-//! back), `teardown` (a VM's end and the janitor's sweep), `pool` (VMs booted ahead), `snapshot` (pool
+//! back), `teardown` (a VM's end and the janitor's sweep), `caches` (dependency caches as disks), `pool` (VMs booted ahead), `snapshot` (pool
 //! VMs restored from a saved template); below them
 //! `disk`, `console`, `cgroup`, `channel`, `identity` and `net`; `engine` runs a cliSteps
 //! job's `src` in the guest's container engine. This file holds the runtime
@@ -15,6 +15,7 @@
 
 mod accel;
 mod boot;
+mod caches;
 pub(crate) mod cgroup;
 pub(crate) mod channel;
 pub mod console;
@@ -188,6 +189,7 @@ impl Runtime for MicroVm {
             user,
             engine: None,
             keep_failed: self.opts.keep_failed,
+            caches: det.caches.clone(),
             ..RunRequest::default()
         };
         self.request(sandbox, req, sink, cancel).with_context(|| format!("running step {}", step.key))
@@ -215,6 +217,33 @@ impl Runtime for MicroVm {
         cancel: &Cancel,
     ) -> Result<StepEnd> {
         self.run_cli(sandbox, step, sink, cancel)
+    }
+
+    fn cache_disks_at_boot(&self) -> bool {
+        true
+    }
+
+    fn make_cache_disk(&self, tree: &Path, scratch: &Path, out: &Path) -> Result<()> {
+        disk::cache_tree_disk(tree, scratch, out)
+    }
+
+    fn boot_with_cache_disks(&self, req: &BootRequest, disks: &[PathBuf]) -> Result<SandboxRecord> {
+        if disks.is_empty() {
+            return self.boot(req);
+        }
+        self.boot_with_caches(req, disks)
+    }
+
+    fn attach_caches(
+        &self,
+        sandbox: &mut SandboxRecord,
+        mounts: &[super::CacheMount],
+    ) -> Result<Vec<super::AttachedCache>> {
+        self.attach(sandbox, mounts)
+    }
+
+    fn fetch_cache_layers(&self, sandbox: &SandboxRecord, workspace: &Path) -> Result<()> {
+        self.fetch_layers(sandbox, workspace)
     }
 
     fn sync_workspace(&self, sandbox: &SandboxRecord, workspace: &Path) -> Result<()> {

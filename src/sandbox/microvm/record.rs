@@ -70,6 +70,9 @@ pub struct VmDetails {
     /// Why a VM that could have been restored from a snapshot was booted instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cold_boot: Option<String>,
+    /// The job's dependency caches, given to every step (caches.rs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub caches: Vec<crate::guest::protocol::CacheBind>,
 }
 
 /// A VM restored from a snapshot.

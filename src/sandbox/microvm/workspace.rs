@@ -15,12 +15,18 @@ impl MicroVm {
     /// is unpacked as it streams in (nothing of it is buffered on the host) and refused past the
     /// size of the VM's workspace disk.
     pub(super) fn fetch_workspace(&self, sandbox: &SandboxRecord, workspace: &Path) -> Result<()> {
+        unpack_workspace(self.sync_stream(sandbox, false)?, workspace)
+    }
+
+    /// Asks the agent for the tar of /data (or of its cache layers only), as a stream bounded by
+    /// the size of the VM's workspace disk.
+    pub(super) fn sync_stream(&self, sandbox: &SandboxRecord, caches_only: bool) -> Result<SyncStream> {
         let det = Self::details(sandbox)?;
         let limit = det.workspace_disk_bytes.max(64 << 20);
         let mut ch = self.connect(sandbox)?;
         let id = rand::random::<u32>() % (u32::MAX - 1);
-        ch.send(&Frame::json(Kind::Sync, &Control { id })?)?;
-        let stream = SyncStream {
+        ch.send(&Frame::json(Kind::Sync, &SyncRequest { id, caches_only })?)?;
+        Ok(SyncStream {
             ch,
             id,
             vm: sandbox.name.clone(),
@@ -30,14 +36,13 @@ impl MicroVm {
             limit,
             last_seen: Instant::now(),
             ended: false,
-        };
-        unpack_workspace(stream, workspace)
+        })
     }
 }
 
 /// The agent's `SyncData` frames of one request as a byte stream, ending at its `SyncEnd`; an
 /// error past `limit` bytes, after `SILENCE_LIMIT` of silence, or on the agent's error.
-struct SyncStream {
+pub(super) struct SyncStream {
     ch: super::channel::Channel,
     id: u32,
     vm: String,
@@ -124,6 +129,22 @@ pub fn unpack_workspace(tar: impl std::io::Read, workspace: &Path) -> Result<()>
         };
         res.with_context(|| format!("clearing {}", p.display()))?;
     }
+    unpack_entries(tar, workspace, false)
+}
+
+/// Replaces the workspace's cache layers (`.executor-cache-*` at its top) with the tar of them
+/// the guest sent, as hostile as the workspace's (`unpack_workspace`); an entry outside a cache
+/// layer is refused.
+pub(crate) fn unpack_cache_layers(tar: impl std::io::Read, workspace: &Path) -> Result<()> {
+    for e in fs::read_dir(workspace).with_context(|| format!("listing {}", workspace.display()))?.flatten() {
+        if e.file_name().to_string_lossy().starts_with(CACHE_LAYER_PREFIX) {
+            crate::base::fs::remove_any(&e.path())?;
+        }
+    }
+    unpack_entries(tar, workspace, true)
+}
+
+fn unpack_entries(tar: impl std::io::Read, workspace: &Path, layers_only: bool) -> Result<()> {
     let mut ar = tar::Archive::new(tar);
     ar.set_preserve_permissions(true);
     // Modes come back without setuid, setgid or sticky bits: the guest's root made these files,
@@ -139,6 +160,9 @@ pub fn unpack_workspace(tar: impl std::io::Read, workspace: &Path) -> Result<()>
             continue;
         }
         let path = entry.path().map(|p| p.display().to_string()).unwrap_or_default();
+        if layers_only && !path.starts_with(CACHE_LAYER_PREFIX) {
+            bail!("the VM's cache layers hold {path:?}, which is not in one");
+        }
         let inside = entry.unpack_in(workspace).with_context(|| format!("unpacking {path} from the VM"))?;
         if !inside {
             bail!("the VM's workspace holds {path:?}, which leaves the workspace");
@@ -192,6 +216,26 @@ mod tests {
             b.append_data(&mut h, name, &vec![b'x'; *size][..]).unwrap();
         }
         b.into_inner().unwrap()
+    }
+
+    /// The cache layers a guest sends replace the workspace's and nothing else: the rest of the
+    /// workspace stays, and an entry outside a layer is refused.
+    #[test]
+    fn cache_layers_replace_only_themselves() {
+        let ws = tempfile::tempdir().unwrap();
+        fs::create_dir_all(ws.path().join(".executor-cache-0/upper")).unwrap();
+        fs::write(ws.path().join(".executor-cache-0/upper/stale"), "s").unwrap();
+        fs::write(ws.path().join("kept.txt"), "k").unwrap();
+        let tar = tar_of(&[(".executor-cache-0/upper/pkg", 3), (".executor-cache-0/upper/.wh.gone", 0)]);
+        unpack_cache_layers(&tar[..], ws.path()).unwrap();
+        assert!(!ws.path().join(".executor-cache-0/upper/stale").exists());
+        assert_eq!(fs::read(ws.path().join(".executor-cache-0/upper/pkg")).unwrap(), b"xxx");
+        assert!(ws.path().join(".executor-cache-0/upper/.wh.gone").is_file());
+        assert!(ws.path().join("kept.txt").exists());
+        let tar = tar_of(&[(".executor-cache-1/upper/a", 1), ("src/evil.sh", 1)]);
+        let err = unpack_cache_layers(&tar[..], ws.path()).unwrap_err();
+        assert!(format!("{err:#}").contains("which is not in one"), "{err:#}");
+        assert!(!ws.path().join("src").exists());
     }
 
     /// Low finding of issue 24: the workspace tar was buffered on the host up to twice the disk

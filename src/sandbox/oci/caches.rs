@@ -18,8 +18,8 @@ use super::{rootfs, OciCache, OciRuntime, MARKER};
 use crate::image::{ID_BASE, ID_COUNT};
 use crate::sandbox::{AttachedCache, CacheMount, RecordDetails, SandboxRecord};
 
-/// The prefix of a cache layer's directory at the top of the workspace.
-pub(crate) const CACHE_LAYER_PREFIX: &str = ".executor-cache-";
+/// The prefix of a cache layer's directory at the top of the workspace (the guest's too).
+pub(crate) use crate::guest::protocol::CACHE_LAYER_PREFIX;
 
 impl OciRuntime {
     pub(super) fn attach(
@@ -71,7 +71,7 @@ impl OciRuntime {
                     merged: rootfs::reach_dir(&sandbox.name).join(format!("cache-{i}")),
                     layer,
                 });
-                out.push(AttachedCache { upper, uid_base: d.uid_base });
+                out.push(AttachedCache { upper, uid_base: d.uid_base, whiteout_files: false });
             }
             Ok(())
         })();

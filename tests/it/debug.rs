@@ -45,6 +45,23 @@ fn queue(c: &Coordinator, args: &[&str]) -> String {
     String::from_utf8_lossy(&o.run().stdout).into_owned()
 }
 
+/// `executor debug JOB` with no command, on a terminal (`script` gives the attach a pty): a shell
+/// whose `tty` is a pseudo-terminal, `TERM` set, and its exit status passed on.
+fn interactive_attach(test: &str, c: &Coordinator, state: &Path, job: i64) {
+    if which::which("script").is_err() {
+        return common::skip(test, "script", "util-linux's script gives the interactive attach a terminal");
+    }
+    let o = Exec::program("script")
+        .args(["-qec", &format!("{} debug {job}", common::bin().display()), "/dev/null"])
+        .env("EXECUTOR_STATE_DIR", state)
+        .env("EXECUTOR_FRONTEND_PASSWORD", &c.secret)
+        .stdin("tty; echo TERM=$TERM; exit 4\n")
+        .status(4)
+        .run();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("/dev/pts/") && out.contains("TERM=xterm"), "{out}");
+}
+
 /// The executor, killed when a check panics.
 struct Loop(Child);
 
@@ -130,19 +147,7 @@ fn a_failed_oci_job_is_kept_attached_and_released() {
         String::from_utf8_lossy(&o.stderr)
     );
     // Interactive: a shell on a terminal (`script` gives the attach a pty), its status passed on.
-    if which::which("script").is_ok() {
-        let o = Exec::program("script")
-            .args(["-qec", &format!("{} debug {b}", common::bin().display()), "/dev/null"])
-            .env("EXECUTOR_STATE_DIR", &state)
-            .env("EXECUTOR_FRONTEND_PASSWORD", &c.secret)
-            .stdin("tty; echo TERM=$TERM; exit 4\n")
-            .status(4)
-            .run();
-        let out = String::from_utf8_lossy(&o.stdout);
-        assert!(out.contains("/dev/pts/") && out.contains("TERM=xterm"), "{out}");
-    } else {
-        common::skip(test, "script", "util-linux's script gives the interactive attach a terminal");
-    }
+    interactive_attach(test, &c, &state, b);
     let listed = debug(&c, &state).arg("--list").run();
     assert!(String::from_utf8_lossy(&listed.stdout).contains(&format!("{b} ")), "{listed:?}");
     // The attach is in the job's log, redacted.
@@ -253,19 +258,7 @@ fn a_failed_microvm_job_is_kept_paused_attached_and_released() {
     let o = debug().args([&b.to_string(), "--command", "cat /second.txt /layer.txt"]).run();
     assert_eq!(String::from_utf8_lossy(&o.stdout), "got-abc\nin-the-layer\n");
     // Interactive: a terminal in the guest, its status passed on.
-    if which::which("script").is_ok() {
-        let o = Exec::program("script")
-            .args(["-qec", &format!("{} debug {b}", common::bin().display()), "/dev/null"])
-            .env("EXECUTOR_STATE_DIR", &state)
-            .env("EXECUTOR_FRONTEND_PASSWORD", &c.secret)
-            .stdin("tty; echo TERM=$TERM; exit 4\n")
-            .status(4)
-            .run();
-        let out = String::from_utf8_lossy(&o.stdout);
-        assert!(out.contains("/dev/pts/") && out.contains("TERM=xterm"), "{out}");
-    } else {
-        common::skip(test, "script", "util-linux's script gives the interactive attach a terminal");
-    }
+    interactive_attach(test, &c, &state, b);
     let logs = c.job(b)["logs"].to_string();
     assert!(logs.contains("debug.attach") && logs.contains("exit status 7"), "{logs}");
     assert!(!logs.contains(SECRET), "{logs}");

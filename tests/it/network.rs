@@ -1056,12 +1056,7 @@ fn network_a_deferred_teardown_frees_its_slot_only_once_its_flows_are_gone() {
     if !can_build(test) {
         return;
     }
-    let world = World::build();
-    let tmp = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
-    let state = tmp.path().join("state");
-    let prefix = format!("ntdf{}", world.tag);
-    let _namespaces = NetnsOfPrefix(prefix.clone());
+    let (world, _tmp, state, prefix, _namespaces) = host_world("ntdf");
     world.on_host(|| {
         use executor::network::{defer_cleanup, setup, teardown, JobNetwork, Settings};
         // The host's table as this thread (in the executor host's namespace) sees it, at once.
@@ -1148,12 +1143,7 @@ fn network_an_older_table_gets_the_received_bytes_rule_once() {
     if !can_build(test) {
         return;
     }
-    let world = World::build();
-    let tmp = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
-    let state = tmp.path().join("state");
-    let prefix = format!("ntup{}", world.tag);
-    let _namespaces = NetnsOfPrefix(prefix.clone());
+    let (world, _tmp, state, prefix, _namespaces) = host_world("ntup");
     world.on_host(|| {
         use executor::network::{setup, teardown, Settings};
         // This thread's children are in the executor host's namespace, as is the executor's nft.
@@ -1176,6 +1166,19 @@ fn network_an_older_table_gets_the_received_bytes_rule_once() {
         let set = sh("nft list set inet executor egress_received");
         assert!(set.contains("flags dynamic,timeout") && set.contains("size 65536"), "{set}");
     });
+}
+
+/// A world for a test that makes job networks itself in its executor host namespace: the world,
+/// a temporary directory (0711) holding the state directory, the sandbox prefix (`tag` and the
+/// world's), and the guard of the job namespaces of that prefix.
+fn host_world(tag: &str) -> (World, tempfile::TempDir, std::path::PathBuf, String, NetnsOfPrefix) {
+    let world = World::build();
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let state = tmp.path().join("state");
+    let prefix = format!("{tag}{}", world.tag);
+    let guard = NetnsOfPrefix(prefix.clone());
+    (world, tmp, state, prefix, guard)
 }
 
 /// Removes the test's job namespaces (by the sandbox prefix) if it fails half-way.

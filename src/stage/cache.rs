@@ -20,6 +20,32 @@ fn load_rules(ctx: &JobCtx) -> Result<CacheRules> {
     CacheRules::load(ctx.settings.cache_rules.as_deref())
 }
 
+/// What every step of a job with caches is told of them, as GitHub's `cache-hit` output tells a
+/// workflow (so that a job may skip an install whose result it already has):
+/// `EXECUTOR_CACHE_HIT_<PREFIX>` is `true` when that cache's key hit a saved version, `false`
+/// otherwise (the prefix upper-cased, each character not a letter or digit an underscore), and
+/// `EXECUTOR_CACHE_HIT` is `true` when every cache of the job hit. Nothing for a job without
+/// caches.
+pub(crate) fn step_env(caches: &[CacheRecord]) -> Vec<String> {
+    if caches.is_empty() {
+        return Vec::new();
+    }
+    let mut env: Vec<String> = caches
+        .iter()
+        .map(|c| {
+            let name: String = c
+                .prefix
+                .chars()
+                .map(|ch| if ch.is_ascii_alphanumeric() { ch.to_ascii_uppercase() } else { '_' })
+                .collect();
+            format!("EXECUTOR_CACHE_HIT_{name}={}", c.version.is_some())
+        })
+        .collect();
+    env.dedup();
+    env.push(format!("EXECUTOR_CACHE_HIT={}", caches.iter().all(|c| c.version.is_some())));
+    env
+}
+
 /// Whether the job gets caches (then no step is made ahead: its spec needs their mounts).
 pub(crate) fn applies(ctx: &JobCtx) -> bool {
     ctx.settings.caches != Some(false) && load_rules(ctx).is_ok_and(|r| rules::any(&ctx.job, &r))
@@ -417,5 +443,32 @@ fn vm_disk(store: &CacheStore, key: &str, runtime: &dyn Runtime) -> String {
         Ok((_, Some(t))) => format!(", its microVM disk made in {} ms", t.as_millis()),
         Ok((_, None)) => String::new(),
         Err(e) => format!(", its microVM disk not made ({e:#}): the next job makes it"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(prefix: &str, hit: bool) -> CacheRecord {
+        let mut v = serde_json::json!({"key": "k", "repository": "r", "prefix": prefix, "paths": ["p"],
+            "trusted": false, "trust": ""});
+        if hit {
+            v["version"] = serde_json::json!("/state/caches/v-1");
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn steps_are_told_which_caches_hit() {
+        assert!(step_env(&[]).is_empty(), "a job without caches gets nothing");
+        assert_eq!(
+            step_env(&[record("npm", true), record("go-mod", false)]),
+            ["EXECUTOR_CACHE_HIT_NPM=true", "EXECUTOR_CACHE_HIT_GO_MOD=false", "EXECUTOR_CACHE_HIT=false"]
+        );
+        assert_eq!(
+            step_env(&[record("pip", true)]),
+            ["EXECUTOR_CACHE_HIT_PIP=true", "EXECUTOR_CACHE_HIT=true"]
+        );
     }
 }

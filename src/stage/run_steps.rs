@@ -86,6 +86,7 @@ pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
         super::cache::setup(ctx, doc, &*runtime, &mut sandbox)?;
     }
     let sandbox = sandbox;
+    let cache_env = super::cache::step_env(&doc.caches);
     if let (0, Some(script)) = (i, &ws.startup_script) {
         run_startup_script(ctx, &*runtime, &sandbox, script)?;
     }
@@ -95,13 +96,10 @@ pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
             return Err(stopped(ctx, reason, &step_key(&step.key, i)));
         }
         let key = step_key(&step.key, i);
-        let spec = StepSpec {
-            key: &key,
-            image: &step.image,
-            script: &ws.scripts[i],
-            dir: &step.dir,
-            env: &step.env,
-        };
+        // Whether each cache hit comes first: the job's own variables win.
+        let env: Vec<String> = cache_env.iter().chain(&step.env).cloned().collect();
+        let spec =
+            StepSpec { key: &key, image: &step.image, script: &ws.scripts[i], dir: &step.dir, env: &env };
         let mut entry = ctx.logger.entry(&key, Some(runtime.step_command(&sandbox, &spec)))?;
         let started = Instant::now();
         let span = crate::base::trace::span(key.clone());

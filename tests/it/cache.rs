@@ -78,13 +78,21 @@ fn oci_caches_hit_miss_trust_and_integrity() {
         REPO,
         &tip,
         "test ! -e /root/.dep/pkg && echo cached > /root/.dep/pkg && echo mod > deps/mod && \
-         ! ls /data/.executor-cache-0/upper 2>/dev/null && echo wrote",
+         ! ls /data/.executor-cache-0/upper 2>/dev/null && echo wrote && \
+         echo hit=$EXECUTOR_CACHE_HIT dep=$EXECUTOR_CACHE_HIT_DEP",
     );
-    let b = submit(REPO, &tip, "cat /root/.dep/pkg deps/mod && echo extra > /root/.dep/extra");
+    let b = submit(
+        REPO,
+        &tip,
+        "cat /root/.dep/pkg deps/mod && echo extra > /root/.dep/extra && \
+         echo hit=$EXECUTOR_CACHE_HIT dep=$EXECUTOR_CACHE_HIT_DEP",
+    );
     let untrusted = submit(REPO, &old, "cat /root/.dep/extra && echo poison > /root/.dep/pkg");
     run_loop(3, 1);
     let a = done(a);
     assert!(entry(&a, "step.docker.s").contains("wrote"), "{}", log(&a));
+    // The steps are told whether the caches hit (GitHub's `cache-hit`).
+    assert!(entry(&a, "step.docker.s").contains("hit=false dep=false"), "{}", log(&a));
     let setup = entry(&a, "setup.cache");
     assert!(setup.contains("miss (no version yet)") && setup.contains("file lock.txt sha256:"), "{setup}");
     assert!(setup.contains("attached 2 paths of 1 caches in"), "{setup}");
@@ -93,6 +101,7 @@ fn oci_caches_hit_miss_trust_and_integrity() {
     assert!(entry(&b, "setup.cache").contains(": hit, "), "{}", log(&b));
     let out = entry(&b, "step.docker.s");
     assert!(out.contains("stdout: cached") && out.contains("stdout: mod"), "{}", log(&b));
+    assert!(out.contains("hit=true dep=true"), "{}", log(&b));
     let untrusted = done(untrusted);
     assert!(entry(&untrusted, "setup.cache").contains(": hit, "), "{}", log(&untrusted));
     assert!(entry(&untrusted, "step.docker.s").contains("extra"), "{}", log(&untrusted));
@@ -257,6 +266,8 @@ fn microvm_caches_hit_miss_trust_and_whiteouts() {
 
     let a = done(a);
     assert!(entry(&a, "step.docker.s").contains("wrote"), "{}", log(&a));
+    // The steps are told whether the caches hit (GitHub's `cache-hit`).
+    assert!(entry(&a, "step.docker.s").contains("hit=false dep=false"), "{}", log(&a));
     let setup = entry(&a, "setup.cache");
     assert!(
         setup.contains("miss (no version yet)") && setup.contains("nothing hit: no cache disk"),

@@ -219,11 +219,13 @@ fn microvm_caches_hit_miss_trust_and_whiteouts() {
     let a = submit(
         &tip,
         "test ! -e /root/.dep/pkg && echo cached > /root/.dep/pkg && mkdir /root/.dep/d && echo x > /root/.dep/d/x \
-         && echo mod > deps/mod && ! ls /data/.executor-cache-0/upper 2>/dev/null && echo wrote",
+         && echo mod > deps/mod && ! ls /data/.executor-cache-0/upper 2>/dev/null && echo wrote \
+         && echo hit=$EXECUTOR_CACHE_HIT dep=$EXECUTOR_CACHE_HIT_DEP",
     );
     let b = submit(
         &tip,
-        "cat /root/.dep/pkg /root/.dep/d/x deps/mod && echo extra > /root/.dep/extra && rm /root/.dep/d/x",
+        "cat /root/.dep/pkg /root/.dep/d/x deps/mod && echo extra > /root/.dep/extra && rm /root/.dep/d/x \
+         && echo hit=$EXECUTOR_CACHE_HIT dep=$EXECUTOR_CACHE_HIT_DEP",
     );
     let untrusted =
         submit(&old, "cat /root/.dep/extra && test ! -e /root/.dep/d/x && echo whiteout-seen && echo poison > /root/.dep/pkg");
@@ -284,6 +286,7 @@ fn microvm_caches_hit_miss_trust_and_whiteouts() {
         setup.contains(": hit, ") && setup.contains("1 read-only cache disks for the VM's boot"),
         "{setup}"
     );
+    assert!(entry(&b, "step.docker.s").contains("hit=true dep=true"), "{}", log(&b));
     assert!(
         !setup.contains("made the version's read-only disk"),
         "made at the save, not on the job's path: {setup}"

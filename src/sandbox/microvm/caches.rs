@@ -10,9 +10,7 @@
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use super::boot::VmBoot;
 use super::{ImageDisk, MicroVm};
 use crate::guest::protocol::{CacheBind, CACHE_LAYER_PREFIX};
 use crate::sandbox::{AttachedCache, BootRequest, CacheMount, RecordDetails, SandboxRecord};
@@ -32,14 +30,7 @@ impl MicroVm {
                 disk: d.clone(),
             })
             .collect();
-        let (accel, why) = self.choose_accel()?;
-        let timeout =
-            if accel == super::Accel::Kvm { Duration::from_secs(20) } else { Duration::from_secs(120) };
-        let boot = VmBoot::new(Some(req.workspace), &req.images, accel, why, req.limits, timeout)
-            .with_network(super::net::request(&self.opts, req.reach()))
-            .with_extra_disks(extra);
-        self.boot_retrying(req.name_prefix, &boot)
-            .with_context(|| format!("booting a VM for job {}", req.job_uid))
+        self.boot_job(req, extra)
     }
 
     /// Records the caches in the VM's details for every later step (see the module doc).

@@ -6,9 +6,7 @@
 //! first, so the guest needs no registry.
 
 use anyhow::{Context, Result};
-use std::time::Duration;
 
-use super::boot::VmBoot;
 use super::requests::inside_data;
 use super::{ImageDisk, MicroVm};
 use crate::base::cancel::Cancel;
@@ -69,14 +67,7 @@ impl MicroVm {
     /// Boots the VM of a cliSteps job: the step images' disks, then the engine's and src's.
     pub(super) fn boot_cli(&self, req: &BootRequest) -> Result<SandboxRecord> {
         let extra = self.engine_disks()?;
-        let (accel, why) = self.choose_accel()?;
-        let timeout =
-            if accel == super::Accel::Kvm { Duration::from_secs(20) } else { Duration::from_secs(120) };
-        let boot = VmBoot::new(Some(req.workspace), &req.images, accel, why, req.limits, timeout)
-            .with_network(super::net::request(&self.opts, req.reach()))
-            .with_extra_disks(extra);
-        self.boot_retrying(req.name_prefix, &boot)
-            .with_context(|| format!("booting a VM for job {}", req.job_uid))
+        self.boot_job(req, extra)
     }
 
     /// Runs `src <args>` in the engine's root of the VM, after loading the step images.

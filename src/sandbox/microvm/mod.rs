@@ -85,6 +85,18 @@ impl MicroVm {
         Ok((img.digest, img.rootfs))
     }
 
+    /// Boots the VM of a job: its workspace, its step images' disks, then `extra` (a cliSteps
+    /// job's engine and src, the caches it hit), and its network.
+    fn boot_job(&self, req: &BootRequest, extra: Vec<ImageDisk>) -> Result<SandboxRecord> {
+        let (accel, why) = self.choose_accel()?;
+        let timeout = if accel == Accel::Kvm { Duration::from_secs(20) } else { Duration::from_secs(120) };
+        let boot = VmBoot::new(Some(req.workspace), &req.images, accel, why, req.limits, timeout)
+            .with_network(net::request(&self.opts, req.reach()))
+            .with_extra_disks(extra);
+        self.boot_retrying(req.name_prefix, &boot)
+            .with_context(|| format!("booting a VM for job {}", req.job_uid))
+    }
+
     fn details(sandbox: &SandboxRecord) -> Result<VmDetails> {
         match VmDetails::of(sandbox)? {
             Some(d) => Ok(d),
@@ -129,14 +141,7 @@ impl Runtime for MicroVm {
     }
 
     fn boot(&self, req: &BootRequest) -> Result<SandboxRecord> {
-        let (accel, why) = self.choose_accel()?;
-        let timeout = if accel == Accel::Kvm { Duration::from_secs(20) } else { Duration::from_secs(120) };
-        self.boot_retrying(
-            req.name_prefix,
-            &VmBoot::new(Some(req.workspace), &req.images, accel, why, req.limits, timeout)
-                .with_network(net::request(&self.opts, req.reach())),
-        )
-        .with_context(|| format!("booting a VM for job {}", req.job_uid))
+        self.boot_job(req, Vec::new())
     }
 
     fn step_command(&self, sandbox: &SandboxRecord, step: &StepSpec) -> Vec<String> {

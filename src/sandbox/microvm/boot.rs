@@ -215,6 +215,8 @@ impl MicroVm {
         };
         let mut handles = open_handles(manifest, &dir, &det, user.as_ref(), vm_net)?;
         handles.incoming = incoming;
+        // A restore's stream and RAM are checked before QEMU starts.
+        let stream = boot.restore.map(super::snapshot::stream).transpose()?;
         handles.ram = match boot.restore {
             Some(snap) => Some(super::snapshot::ram::load(snap)?),
             None => boot.template_ram.clone(),
@@ -243,10 +245,10 @@ impl MicroVm {
         rec.pid = Some(pid);
         det.store(rec);
         place_in_cgroup(&rec.name, pid, boot)?;
-        if let (Some(snap), Some(to), Some(fd)) = (boot.restore, feed_end, incoming_fd) {
+        if let (Some(snap), Some(stream), Some(to), Some(fd)) = (boot.restore, stream, feed_end, incoming_fd) {
             let t = Instant::now();
             start_incoming(&dir, fd).map_err(|e| qemu_failed(&dir, &mut child, e))?;
-            super::snapshot::feed(snap, to).map_err(|e| qemu_failed(&dir, &mut child, e))?;
+            super::snapshot::feed(&stream, to).map_err(|e| qemu_failed(&dir, &mut child, e))?;
             det.restored =
                 Some(super::Restored { snapshot: snap.id.clone(), feed_ms: t.elapsed().as_millis() as u64 });
         }

@@ -5,10 +5,10 @@
 //!
 //! A snapshot is a directory `vm/snapshots/<key id>/` with the stream (`state`: the devices'
 //! state), the template's RAM (`ram`, ram.rs) and what it is (`meta.json`: the key, QEMU's
-//! version, the stream's and the RAM's sizes and SHA-256). The stream is checked
-//! while it is fed to the restoring QEMU, and its last bytes are held back until the checksum
-//! matched (feed.rs): QEMU never starts a guest from a corrupted file; the restore fails, the
-//! snapshot is removed and the VM boots cold, and the job's start entry says why.
+//! version, the stream's and the RAM's sizes and SHA-256). Both are read once per process and
+//! checked before a restoring QEMU starts (feed.rs, ram.rs, loaded.rs): QEMU never starts a
+//! guest from a corrupted file; the restore fails, the snapshot is removed and the VM boots
+//! cold, and the job's start entry says why (every VM restored from it at once says the same).
 //!
 //! Guest RAM is not in the stream: the template's RAM is a memfd of the executor's, sealed once
 //! the template quit, and every restored VM maps it copy-on-write (`memory-backend-file`,
@@ -28,6 +28,7 @@
 //! those of a key it moved away from.
 
 mod feed;
+mod loaded;
 mod qmp;
 pub(crate) mod ram;
 mod save;
@@ -36,7 +37,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-pub(super) use feed::feed;
+pub(super) use feed::{feed, stream};
 pub(crate) use qmp::{ignore_shared, Qmp};
 pub(crate) use save::save;
 
@@ -169,10 +170,16 @@ fn touch(dir: &Path) {
     }
 }
 
+/// Drops what this process kept of snapshot `id`'s stream and RAM.
+fn forget(id: &str) {
+    ram::forget(id);
+    feed::forget(id);
+}
+
 /// Removes the snapshot of `key` (a restore from it failed, or the pool moved to another key).
 pub(crate) fn remove(state_dir: &Path, key: &Key) {
     let id = key_id(key);
-    ram::forget(&id);
+    forget(&id);
     remove_dir(&snapshots_dir(state_dir).join(id));
 }
 
@@ -202,7 +209,7 @@ pub(crate) fn prune(state_dir: &Path, current: &dyn Fn(&Meta) -> bool) -> Vec<St
             None => used.elapsed().map(|d| d.as_secs() > 600).unwrap_or(true),
         };
         if stale {
-            ram::forget(&id);
+            forget(&id);
             remove_dir(&dir);
             removed.push(id);
         } else if meta.is_some() {
@@ -211,7 +218,7 @@ pub(crate) fn prune(state_dir: &Path, current: &dyn Fn(&Meta) -> bool) -> Vec<St
     }
     let extra = kept.len().saturating_sub(KEEP);
     for (id, dir) in kept.into_iter().take(extra) {
-        ram::forget(&id);
+        forget(&id);
         remove_dir(&dir);
         removed.push(id);
     }

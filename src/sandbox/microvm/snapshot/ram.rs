@@ -24,9 +24,10 @@ use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use super::feed::Corrupt;
+use super::loaded::Loaded;
 use super::Snapshot;
 
 /// The RAM's file in a snapshot's directory.
@@ -35,8 +36,9 @@ const PAGE: usize = 4096;
 /// How much is read at a time.
 const CHUNK: usize = 1 << 20;
 
-/// The sealed RAM of each snapshot this process restored from, by snapshot id and checksum.
-static LOADED: Mutex<Vec<(String, String, Arc<OwnedFd>)>> = Mutex::new(Vec::new());
+/// The sealed RAM of each snapshot this process restored from (or a corrupted verdict), by
+/// snapshot id and checksum.
+static LOADED: Loaded<Arc<OwnedFd>> = Loaded::new();
 
 /// A fresh memfd of `size` bytes for a template's RAM.
 pub(crate) fn template_ram(size: u64) -> Result<Arc<OwnedFd>> {
@@ -118,50 +120,38 @@ pub(crate) fn save(ram: &OwnedFd, size: u64, out: &Path) -> Result<(u64, String)
 
 /// The sealed RAM of `snap`, loaded from its file once per process with its checksum checked.
 pub(crate) fn load(snap: &Snapshot) -> Result<Arc<OwnedFd>> {
-    {
-        let loaded = LOADED.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, _, fd)) =
-            loaded.iter().find(|(id, sum, _)| *id == snap.id && *sum == snap.meta.ram_sha256)
-        {
-            return Ok(fd.clone());
+    LOADED.get(&snap.id, &snap.meta.ram_sha256, || {
+        let path = snap.dir.join(RAM);
+        let from = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        let size = from.metadata().with_context(|| format!("reading {}", path.display()))?.len();
+        let fd = template_ram(size)?;
+        let to = File::from(fd.try_clone().context("duplicating a snapshot's RAM")?);
+        let (bytes, sum) =
+            pages(&from, size, |off, p| to.write_all_at(p, off).context("filling a snapshot's RAM"))?;
+        if (bytes, sum.as_str()) != (snap.meta.ram_bytes, snap.meta.ram_sha256.as_str()) {
+            return Err(Corrupt {
+                id: snap.id.clone(),
+                what: format!(
+                    "its RAM has {bytes} bytes of SHA-256 {sum} where {} bytes of {} were saved",
+                    snap.meta.ram_bytes, snap.meta.ram_sha256
+                ),
+            }
+            .into());
         }
-    }
-    let path = snap.dir.join(RAM);
-    let from = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    let size = from.metadata().with_context(|| format!("reading {}", path.display()))?.len();
-    let fd = template_ram(size)?;
-    let to = File::from(fd.try_clone().context("duplicating a snapshot's RAM")?);
-    let (bytes, sum) =
-        pages(&from, size, |off, p| to.write_all_at(p, off).context("filling a snapshot's RAM"))?;
-    if (bytes, sum.as_str()) != (snap.meta.ram_bytes, snap.meta.ram_sha256.as_str()) {
-        return Err(Corrupt {
-            id: snap.id.clone(),
-            what: format!(
-                "its RAM has {bytes} bytes of SHA-256 {sum} where {} bytes of {} were saved",
-                snap.meta.ram_bytes, snap.meta.ram_sha256
-            ),
-        }
-        .into());
-    }
-    seal(&fd)?;
-    remember(&snap.id, &snap.meta.ram_sha256, fd.clone());
-    Ok(fd)
+        seal(&fd)?;
+        Ok(fd)
+    })
 }
 
 /// Keeps a just-saved template's sealed RAM as snapshot `id`'s, so that this process's restores
 /// need not load it back from the file it was written to.
 pub(crate) fn remember(id: &str, sha256: &str, fd: Arc<OwnedFd>) {
-    let mut loaded = LOADED.lock().unwrap_or_else(|p| p.into_inner());
-    loaded.retain(|(i, _, _)| i != id);
-    if loaded.len() >= super::KEEP {
-        loaded.remove(0);
-    }
-    loaded.push((id.to_string(), sha256.to_string(), fd));
+    LOADED.remember(id, sha256, fd);
 }
 
 /// Drops the loaded RAM of snapshot `id` (removed: VMs already restored keep their mapping).
 pub(crate) fn forget(id: &str) {
-    LOADED.lock().unwrap_or_else(|p| p.into_inner()).retain(|(i, _, _)| i != id);
+    LOADED.forget(id);
 }
 
 /// A memfd's bytes in use, for tests.

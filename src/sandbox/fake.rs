@@ -154,7 +154,7 @@ impl super::WarmPool for FakePool {
         self.runtime
     }
 
-    fn take(&self, _req: &BootRequest) -> super::WarmClaim {
+    fn take(&self, _req: &BootRequest, _cache_disks: &[std::path::PathBuf]) -> super::WarmClaim {
         *self.taken.lock().unwrap_or_else(|p| p.into_inner()) += 1;
         match self.ready.lock().unwrap_or_else(|p| p.into_inner()).take() {
             Some(record) => super::WarmClaim::Hit {

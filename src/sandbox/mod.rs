@@ -372,8 +372,10 @@ pub enum WarmClaim {
 pub trait WarmPool: Send + Sync {
     /// The runtime whose sandboxes these are: only a job of that runtime takes one.
     fn runtime(&self) -> RuntimeKind;
-    /// A sandbox for `req`, its workspace attached, or why there is none.
-    fn take(&self, req: &BootRequest) -> WarmClaim;
+    /// A sandbox for `req`, its workspace attached, or why there is none; `cache_disks`: the
+    /// disks of the cache versions the job hit ([`Runtime::cache_disks_at_boot`]), which the
+    /// sandbox must carry, exactly those.
+    fn take(&self, req: &BootRequest, cache_disks: &[PathBuf]) -> WarmClaim;
     /// Whether one more job fits in the memory budget beside `running` jobs and the idle pool.
     fn admits(&self, running: usize) -> bool;
     /// The memory budget the pool and the jobs share, in bytes.

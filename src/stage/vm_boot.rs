@@ -120,19 +120,13 @@ pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
     let _janitor = crate::workspace::janitor_lock(&ctx.settings.state_dir, false)?;
     let started = std::time::Instant::now();
     // A cliSteps VM carries the engine's disks, which no VM booted ahead has; a job with its own
-    // allowed hosts needs its own resolver's list, which no VM booted ahead has either; nor has
-    // any the disks of the caches a job hit.
+    // allowed hosts needs its own resolver's list, which no VM booted ahead has either. The
+    // disks of the caches a job hit are the pool's to match (its next VMs carry them).
     let own_hosts = ctx.job.network_allow_hosts.is_some();
-    let warm = ctx
-        .warm_pool
-        .as_ref()
-        .filter(|p| p.runtime() == runtime.kind() && !cli && !own_hosts && disks.is_empty());
-    if !disks.is_empty() && ctx.warm_pool.is_some() {
-        entry.line("booting a VM of its own: the caches the job hit are disks given at the boot");
-    }
+    let warm = ctx.warm_pool.as_ref().filter(|p| p.runtime() == runtime.kind() && !cli && !own_hosts);
     let claim = |p: &Arc<dyn crate::sandbox::WarmPool>| {
         let span = crate::base::trace::span("pool-claim");
-        let claim = p.take(&req);
+        let claim = p.take(&req, &disks);
         span.set("executor.pool.hit", matches!(claim, WarmClaim::Hit { .. }));
         claim
     };
@@ -147,7 +141,12 @@ pub(crate) fn run(ctx: &JobCtx, doc: &mut RunDocument) -> Result<()> {
         Some(WarmClaim::Miss { note }) => {
             entry.line(&ctx.redact(&note));
             let _span = boot();
-            runtime.boot(&req)
+            if disks.is_empty() {
+                runtime.boot(&req)
+            } else {
+                entry.line("booting a VM of its own with the disks of the caches the job hit");
+                runtime.boot_with_cache_disks(&req, &disks)
+            }
         }
         None if cli => {
             let _span = boot();

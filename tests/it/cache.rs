@@ -186,7 +186,7 @@ fn oci_caches_hit_miss_trust_and_integrity() {
 /// trusted job that hits sees the files (its VM booted with the version's disk, not taken from
 /// the pool), adds one and deletes one (a whiteout that must travel back from the guest) and
 /// saves; an untrusted job hits that version and its writes are never saved; a job whose
-/// lockfile changed misses.
+/// lockfile changed misses. Owners a step gave come back in the version and its disk.
 #[test]
 fn microvm_caches_hit_miss_trust_and_whiteouts() {
     let test = "microvm_caches_hit_miss_trust_and_whiteouts";
@@ -220,11 +220,13 @@ fn microvm_caches_hit_miss_trust_and_whiteouts() {
         &tip,
         "test ! -e /root/.dep/pkg && echo cached > /root/.dep/pkg && mkdir /root/.dep/d && echo x > /root/.dep/d/x \
          && echo mod > deps/mod && ! ls /data/.executor-cache-0/upper 2>/dev/null && echo wrote \
+         && echo o > /root/.dep/owned && chown 1234:1235 /root/.dep/owned \
          && echo hit=$EXECUTOR_CACHE_HIT dep=$EXECUTOR_CACHE_HIT_DEP",
     );
     let b = submit(
         &tip,
         "cat /root/.dep/pkg /root/.dep/d/x deps/mod && echo extra > /root/.dep/extra && rm /root/.dep/d/x \
+         && stat -c owner=%u:%g /root/.dep/owned \
          && echo hit=$EXECUTOR_CACHE_HIT dep=$EXECUTOR_CACHE_HIT_DEP",
     );
     let untrusted =
@@ -296,6 +298,8 @@ fn microvm_caches_hit_miss_trust_and_whiteouts() {
         out.contains("stdout: cached") && out.contains("stdout: x") && out.contains("stdout: mod"),
         "{out}"
     );
+    // The owner a's step gave its file came back through the save and the version's disk.
+    assert!(out.contains("stdout: owner=1234:1235"), "{out}");
     assert!(entry(&b, "teardown.cache").contains("saved a new version"), "{}", log(&b));
     assert!(entry(&b, "setup.microvm.start").contains("booting a VM of its own"), "{}", log(&b));
 
@@ -324,7 +328,7 @@ fn microvm_caches_hit_miss_trust_and_whiteouts() {
         .unwrap()
         .iter()
         .filter(|v| v["repository"] == name.as_str() && v["current"] == true && v["paths"][0] == "/root/.dep")
-        .filter(|v| v["files"] == 3)
+        .filter(|v| v["files"] == 4)
         .collect();
     assert_eq!(mine.len(), 1, "{listed:#}");
     let version = state.join("caches/entries").join(mine[0]["version"].as_str().unwrap());
@@ -333,8 +337,11 @@ fn microvm_caches_hit_miss_trust_and_whiteouts() {
     assert_eq!(std::fs::read_to_string(tree.join("p0/extra")).unwrap(), "extra\n");
     assert_eq!(std::fs::read_to_string(tree.join("p1/mod")).unwrap(), "mod\n");
     assert!(tree.join("p0/d").is_dir() && !tree.join("p0/d/x").exists(), "the whiteout came back");
-    let disk = std::fs::metadata(version.join("disk.ext4")).unwrap();
     use std::os::unix::fs::MetadataExt;
+    let owned = std::fs::symlink_metadata(tree.join("p0/owned")).unwrap();
+    let base = 2_000_000_000; // the image store's id range (image::ID_BASE)
+    assert_eq!((owned.uid() - base, owned.gid() - base), (1234, 1235));
+    let disk = std::fs::metadata(version.join("disk.ext4")).unwrap();
     assert!(mine[0]["bytes"].as_u64().unwrap() >= disk.blocks() * 512, "{listed:#}");
     Exec::new().env("EXECUTOR_STATE_DIR", &state).args(["cache", "verify"]).run();
     let leases: Vec<String> = std::fs::read_dir(state.join("caches/leases"))
@@ -349,4 +356,106 @@ fn microvm_caches_hit_miss_trust_and_whiteouts() {
         String::from_utf8_lossy(&gone.stdout)
     );
     assert!(!version.exists());
+}
+
+/// A stream of jobs whose caches hit on microvm takes pool VMs: the first hit boots a VM of its
+/// own with its cache disks, the pool then makes its next VMs with exactly those disks (a
+/// template saved and VMs restored from it), and the next hit takes one; a job of another
+/// repository never gets a VM carrying them (its VM has one disk fewer).
+#[test]
+fn microvm_cache_hits_take_pool_vms_that_carry_their_disks() {
+    let test = "microvm_cache_hits_take_pool_vms_that_carry_their_disks";
+    if let Some(why) = crate::microvm::missing() {
+        return common::skip(test, "microvm", &why);
+    }
+    let state = crate::microvm::state_dir();
+    let c = crate::coordinator::Coordinator::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut names = Vec::new();
+    let mut tips = Vec::new();
+    for r in ["streamed", "other"] {
+        let repo = tmp.path().join(r);
+        std::fs::create_dir_all(&repo).unwrap();
+        std::fs::write(repo.join("lock.txt"), "deps v1\n").unwrap();
+        common::sh(&repo, "git init -q -b main . && git add -A && git commit -qm one");
+        tips.push(common::sh(&repo, "git rev-parse HEAD"));
+        let name = format!("github.com/acme/{r}{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
+        Exec::new().with(|cmd| c.admin_env(cmd)).args(["queue", "repo", "add", &name]).arg(&repo).run();
+        names.push(name);
+    }
+    let prefix = format!("mvp{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let _dog = crate::microvm::watchdog(state.clone(), prefix.clone(), Duration::from_secs(500));
+    // Each step prints how many virtio disks its VM has.
+    let disks = "echo disks=$(grep -c ' vd[a-z]*$' /proc/partitions)";
+    let submit = |repo: usize, script: &str| {
+        c.submit(json!({"repositoryName": names[repo], "commit": tips[repo],
+            "dockerSteps": [{"key": "s", "image": crate::microvm::IMAGE, "dir": "", "env": [],
+                "commands": [format!("{script} && {disks}")]}],
+            "caches": [{"key": {"files": ["lock.txt"], "prefix": "dep"}, "paths": ["/root/.dep"]}]}))
+    };
+    let a = submit(0, "echo cached > /root/.dep/pkg");
+    let b_id = submit(0, "cat /root/.dep/pkg");
+    let log_path = tmp.path().join("loop.log");
+    let mut cmd = common::executor();
+    crate::microvm::pool_loop_env(&mut cmd, &c, &prefix, &state);
+    cmd.arg("loop")
+        .env("EXECUTOR_NUM_TOTAL_JOBS", "4")
+        .env("EXECUTOR_HEARTBEAT_INTERVAL", "1s")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap());
+    let mut lp = cmd.spawn().expect("starting executor loop");
+    let loop_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let done = |id: i64| {
+        let job = c.wait_state(id, &["completed", "failed", "errored", "canceled"], Duration::from_secs(240));
+        assert_eq!(job["state"], "completed", "{}\n{}", log(&job), loop_log());
+        eprintln!("job {id}: setup.microvm.start: {}", entry(&job, "setup.microvm.start"));
+        job
+    };
+    let count = |job: &Value| -> usize {
+        let out = entry(job, "step.docker.s");
+        out.split("stdout: disks=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{out}"))
+    };
+    let a = done(a);
+    assert!(entry(&a, "teardown.cache").contains("saved a new version"), "{}", log(&a));
+    let b = done(b_id);
+    assert!(entry(&b, "setup.cache").contains(": hit, "), "{}", log(&b));
+    assert!(entry(&b, "step.docker.s").contains("stdout: cached"), "{}", log(&b));
+    assert!(entry(&b, "teardown.cache").contains("not saved: the job changed nothing"), "{}", log(&b));
+    let start = entry(&b, "setup.microvm.start");
+    assert!(start.contains("booting a VM of its own with the disks of the caches"), "{start}");
+    assert_eq!(count(&b), count(&a) + 1, "{}\n{}", log(&a), log(&b));
+
+    // The pool turns to VMs carrying the version's disk: a template of that key saved, a VM
+    // restored from it and ready.
+    let after = |from: usize, what: &str| loop_log()[from..].find(what).map(|i| from + i);
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    let ready = loop {
+        let dequeued = after(0, &format!("job {b_id}: dequeued")).unwrap_or_else(|| panic!("{}", loop_log()));
+        if let Some(r) = after(dequeued, "saved snapshot ").and_then(|s| after(s, " ready after ")) {
+            break r;
+        }
+        assert!(std::time::Instant::now() < deadline, "no VM with the cache disk got ready\n{}", loop_log());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!("ready: {}", loop_log()[ready..].lines().next().unwrap_or_default());
+    let c3 = done(submit(0, "cat /root/.dep/pkg"));
+    let start = entry(&c3, "setup.microvm.start");
+    assert!(start.contains("took VM") && start.contains("from the pool"), "{start}\n{}", loop_log());
+    assert!(entry(&c3, "step.docker.s").contains("stdout: cached"), "{}", log(&c3));
+    assert_eq!(count(&c3), count(&b), "{}", log(&c3));
+
+    // Another repository's job misses its cache and gets no VM with the first one's disk.
+    let d = done(submit(1, "test ! -e /root/.dep/pkg"));
+    assert!(entry(&d, "setup.cache").contains("miss"), "{}", log(&d));
+    assert_eq!(count(&d), count(&a), "{}\n{}", log(&d), loop_log());
+    common::wait_exit_ok(&mut lp, Duration::from_secs(60));
+    assert!(
+        crate::microvm::processes_with(&prefix).iter().all(|p| !p.contains("qemu")),
+        "{:?}",
+        crate::microvm::processes_with(&prefix)
+    );
 }

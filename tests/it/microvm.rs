@@ -341,7 +341,7 @@ fn microvm_janitor_removes_vms_no_live_job_owns_and_guest_garbage_is_refused() {
 }
 
 /// Processes whose command line carries `needle`.
-fn processes_with(needle: &str) -> Vec<String> {
+pub(crate) fn processes_with(needle: &str) -> Vec<String> {
     let mut found = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         if !e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {

@@ -245,7 +245,8 @@ impl MicroVm {
         rec.pid = Some(pid);
         det.store(rec);
         place_in_cgroup(&rec.name, pid, boot)?;
-        if let (Some(snap), Some(stream), Some(to), Some(fd)) = (boot.restore, stream, feed_end, incoming_fd) {
+        if let (Some(snap), Some(stream), Some(to), Some(fd)) = (boot.restore, stream, feed_end, incoming_fd)
+        {
             let t = Instant::now();
             start_incoming(&dir, fd).map_err(|e| qemu_failed(&dir, &mut child, e))?;
             super::snapshot::feed(&stream, to).map_err(|e| qemu_failed(&dir, &mut child, e))?;

@@ -22,15 +22,7 @@ const CACHE_DISK: &str = "executor cache";
 impl MicroVm {
     /// Boots the VM of a job whose caches hit: its images' disks, then each cache version's.
     pub(super) fn boot_with_caches(&self, req: &BootRequest, disks: &[PathBuf]) -> Result<SandboxRecord> {
-        let extra = disks
-            .iter()
-            .map(|d| ImageDisk {
-                reference: CACHE_DISK.into(),
-                digest: version_of(d).map(|v| v.display().to_string()).unwrap_or_default(),
-                disk: d.clone(),
-            })
-            .collect();
-        self.boot_job(req, extra)
+        self.boot_job(req, self::disks(disks))
     }
 
     /// Records the caches in the VM's details for every later step (see the module doc).
@@ -68,8 +60,8 @@ impl MicroVm {
             let layer = format!("{CACHE_LAYER_PREFIX}{i}");
             out.push(AttachedCache {
                 upper: m.workspace.join(&layer).join("upper"),
-                // The guest's owners come back as the host's root (the workspace tar keeps none).
-                uid_base: 0,
+                // The guest's owners come back in the image store's range (workspace.rs).
+                uid_base: crate::image::ID_BASE,
                 whiteout_files: true,
             });
             binds.push(CacheBind { target: m.target.clone(), disk, sub, layer });
@@ -86,6 +78,18 @@ impl MicroVm {
         }
         super::workspace::unpack_cache_layers(self.sync_stream(sandbox, true)?, workspace)
     }
+}
+
+/// The cache version disks `disks` as a VM's disks (after its images').
+pub(super) fn disks(disks: &[PathBuf]) -> Vec<ImageDisk> {
+    disks
+        .iter()
+        .map(|d| ImageDisk {
+            reference: CACHE_DISK.into(),
+            digest: version_of(d).map(|v| v.display().to_string()).unwrap_or_default(),
+            disk: d.clone(),
+        })
+        .collect()
 }
 
 /// The cache version directory a disk belongs to (`<version>/disk.ext4`).
@@ -132,7 +136,7 @@ mod tests {
         let mut other = sb.clone();
         let attached = vm.attach(&mut sb, &mounts).unwrap();
         assert_eq!(attached[1].upper, ws.join(".executor-cache-1/upper"));
-        assert!(attached.iter().all(|a| a.whiteout_files && a.uid_base == 0));
+        assert!(attached.iter().all(|a| a.whiteout_files && a.uid_base == crate::image::ID_BASE));
         let binds = VmDetails::of(&sb).unwrap().unwrap().caches;
         let want = |target: &str, disk, sub: &str, layer: &str| CacheBind {
             target: target.into(),

@@ -93,6 +93,9 @@ struct State {
     /// The image references of the last job that asked (sorted): the next VMs carry exactly
     /// these.
     wanted: Vec<String>,
+    /// The disks of the cache versions the last job hit, in its caches' order: the next VMs
+    /// carry exactly these.
+    wanted_caches: Vec<std::path::PathBuf>,
     stopped: bool,
     hits: u64,
     misses: u64,
@@ -250,8 +253,8 @@ impl Pool {
     /// A VM for the job of `req`, its workspace written into the VM's disk and mounted, or why
     /// the job must boot its own. The caller holds the janitor lock (shared) until the job's
     /// owner record names the VM.
-    pub(crate) fn claim(&self, req: &BootRequest) -> Claim {
-        let claim = self.try_claim(req);
+    pub(crate) fn claim(&self, req: &BootRequest, cache_disks: &[std::path::PathBuf]) -> Claim {
+        let claim = self.try_claim(req, cache_disks);
         let r = metrics::registry();
         match &claim {
             Claim::Hit(_) => {

@@ -39,8 +39,8 @@ impl WarmPool for Pool {
         RuntimeKind::Microvm
     }
 
-    fn take(&self, req: &BootRequest) -> WarmClaim {
-        match self.claim(req) {
+    fn take(&self, req: &BootRequest, cache_disks: &[std::path::PathBuf]) -> WarmClaim {
+        match self.claim(req, cache_disks) {
             Claim::Hit(record) => {
                 let note = VmDetails::of(&record).ok().flatten().and_then(|d| hit_note(&record.name, &d));
                 WarmClaim::Hit { record, note }

@@ -167,6 +167,18 @@ fn unpack_entries(tar: impl std::io::Read, workspace: &Path, layers_only: bool) 
         if !inside {
             bail!("the VM's workspace holds {path:?}, which leaves the workspace");
         }
+        if layers_only {
+            // A cache keeps the guest's owners: in the image store's id range, as the guest's
+            // own id n is the store's ID_BASE + n (an id beyond the range is root's).
+            let h = entry.header();
+            let id = |v: std::io::Result<u64>| {
+                let n = v.unwrap_or(0);
+                crate::image::ID_BASE + if n < crate::image::ID_COUNT as u64 { n as u32 } else { 0 }
+            };
+            let dest = workspace.join(path.trim_end_matches('/'));
+            std::os::unix::fs::lchown(&dest, Some(id(h.uid())), Some(id(h.gid())))
+                .with_context(|| format!("setting the owner of {path} from the VM"))?;
+        }
     }
     Ok(())
 }
@@ -232,6 +244,30 @@ mod tests {
         assert_eq!(fs::read(ws.path().join(".executor-cache-0/upper/pkg")).unwrap(), b"xxx");
         assert!(ws.path().join(".executor-cache-0/upper/.wh.gone").is_file());
         assert!(ws.path().join("kept.txt").exists());
+        // The guest's owners, in the image store's range (one beyond the guest's ids: root).
+        use std::os::unix::fs::MetadataExt;
+        let owner = |p: &str| {
+            let md = fs::symlink_metadata(ws.path().join(p)).unwrap();
+            (md.uid() - crate::image::ID_BASE, md.gid() - crate::image::ID_BASE)
+        };
+        assert_eq!(owner(".executor-cache-0/upper/pkg"), (0, 0));
+        if nix::unistd::geteuid().is_root() {
+            let mut b = tar::Builder::new(Vec::new());
+            for (name, uid, gid) in
+                [(".executor-cache-2/upper/n", 1000, 1001), (".executor-cache-2/upper/m", 1 << 20, 7)]
+            {
+                let mut h = tar::Header::new_gnu();
+                h.set_size(1);
+                h.set_mode(0o644);
+                h.set_uid(uid);
+                h.set_gid(gid);
+                h.set_cksum();
+                b.append_data(&mut h, name, &b"x"[..]).unwrap();
+            }
+            unpack_cache_layers(&b.into_inner().unwrap()[..], ws.path()).unwrap();
+            assert_eq!(owner(".executor-cache-2/upper/n"), (1000, 1001));
+            assert_eq!(owner(".executor-cache-2/upper/m"), (0, 7));
+        }
         let tar = tar_of(&[(".executor-cache-1/upper/a", 1), ("src/evil.sh", 1)]);
         let err = unpack_cache_layers(&tar[..], ws.path()).unwrap_err();
         assert!(format!("{err:#}").contains("which is not in one"), "{err:#}");

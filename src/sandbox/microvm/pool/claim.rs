@@ -62,7 +62,7 @@ fn write_disk_in_place(workspace: &Path, disk: &Path, size: u64) -> Result<()> {
 }
 
 impl Pool {
-    pub(super) fn try_claim(&self, req: &BootRequest) -> Claim {
+    pub(super) fn try_claim(&self, req: &BootRequest, caches: &[std::path::PathBuf]) -> Claim {
         // A ready VM's network was made for the pool's coordinator alone; a VM restored on the
         // job's path gets the job's own.
         let networked = self.rt.opts.network.mode != crate::network::Mode::None;
@@ -79,7 +79,7 @@ impl Pool {
         if *req.limits != self.cfg.limits {
             return Claim::Miss("the job's limits are not the pool's".into());
         }
-        self.want(&req.images);
+        self.want(&req.images, caches);
         let base = match self.base_key() {
             Ok(b) => b,
             Err(e) => return Claim::Miss(format!("{e:#}")),
@@ -99,7 +99,7 @@ impl Pool {
             ));
         }
         if let Some(why) = unreachable {
-            return self.restore_for_job(req, PoolKey { base, images }, why);
+            return self.restore_for_job(req, PoolKey { base, images, caches: caches.to_vec() }, why);
         }
         let mut member = {
             let mut st = self.state();
@@ -110,11 +110,12 @@ impl Pool {
                     n => format!("no VM of the pool is ready yet ({n} are being made)"),
                 }
             } else {
-                "no ready VM of the pool has the job's kernel, limits and exactly its images".into()
+                "no ready VM of the pool has the job's kernel, limits and exactly its images and cache disks"
+                    .into()
             };
-            let Some(i) = st.ready.iter().position(|m| m.key.serves(&base, &images)) else {
+            let Some(i) = st.ready.iter().position(|m| m.key.serves(&base, &images, caches)) else {
                 drop(st);
-                return self.restore_for_job(req, PoolKey { base, images }, why);
+                return self.restore_for_job(req, PoolKey { base, images, caches: caches.to_vec() }, why);
             };
             if used + (64 << 20) > st.ready[i].key.base.disk_bytes {
                 return Claim::Miss(format!(

@@ -3,7 +3,10 @@
 //! VMs with: the set of the last job that asked, remembered across restarts in
 //! `vm/pool-images.json`. A VM serves only a job naming exactly its images: every image disk is
 //! readable by root in the guest, so a VM must never carry an image its job did not name (one
-//! pulled with another job's credentials, say).
+//! pulled with another job's credentials, say). The same holds for the disks of dependency
+//! caches (caches.rs): the next VMs carry those the last job hit, in memory only, and a VM
+//! carrying them serves only a job that hit exactly those cache versions (another repository's
+//! job never sees them).
 
 use anyhow::Result;
 use std::path::{Path, PathBuf};
@@ -33,14 +36,17 @@ pub(crate) struct PoolKey {
     pub base: BaseKey,
     /// (reference, digest), sorted.
     pub images: Vec<(String, String)>,
+    /// The read-only disks of the cache versions a job hit, in its caches' order.
+    pub caches: Vec<PathBuf>,
 }
 
 impl PoolKey {
     /// Whether a VM of this key may serve a job that needs `images` (reference, digest; sorted
     /// and without duplicates, as [`Pool::resolve`] gives them) on a host whose current base
-    /// key is `base`: the same base and the very same images, no more.
-    pub(crate) fn serves(&self, base: &BaseKey, images: &[(String, String)]) -> bool {
-        self.base == *base && self.images == images
+    /// key is `base` and whose caches hit the versions of the disks `caches`: the same base,
+    /// the very same images and cache disks, no more.
+    pub(crate) fn serves(&self, base: &BaseKey, images: &[(String, String)], caches: &[PathBuf]) -> bool {
+        self.base == *base && self.images == images && self.caches == caches
     }
 }
 
@@ -111,20 +117,36 @@ impl Pool {
         out
     }
 
+    /// The key of the VMs to make now: the wanted images, and the wanted cache disks while
+    /// each of them still exists (a version evicted or replaced is wanted no more).
     pub(super) fn current_key(&self) -> Result<PoolKey> {
-        let wanted = self.state().wanted.clone();
-        Ok(PoolKey { base: self.base_key()?, images: self.resolve(&wanted) })
+        let (wanted, mut caches) = {
+            let st = self.state();
+            (st.wanted.clone(), st.wanted_caches.clone())
+        };
+        if !caches.iter().all(|d| d.is_file()) {
+            caches.clear();
+            self.state().wanted_caches.clear();
+        }
+        Ok(PoolKey { base: self.base_key()?, images: self.resolve(&wanted), caches })
     }
 
-    /// Remembers a job's image set, and only it, for the VMs booted next: VMs of the previous
-    /// set are discarded by the booter (they could serve no job but one naming that set).
-    pub(super) fn want(&self, images: &[String]) {
+    /// Remembers a job's image set and the disks of the caches it hit, and only them, for the
+    /// VMs booted next: VMs of the previous set are discarded by the booter (they could serve no
+    /// job but one naming that set and hitting those caches).
+    pub(super) fn want(&self, images: &[String], caches: &[PathBuf]) {
         let mut st = self.state();
         let wanted = image_set(images);
+        let changed = wanted != st.wanted || caches != st.wanted_caches;
+        st.wanted_caches = caches.to_vec();
         if wanted != st.wanted {
             st.wanted = wanted.clone();
             drop(st);
             write_wanted(&self.rt.opts.state_dir, &wanted);
+        } else {
+            drop(st);
+        }
+        if changed {
             self.cv.notify_all();
         }
     }
@@ -151,28 +173,41 @@ mod tests {
         let key = PoolKey {
             base: base(512 << 20),
             images: vec![img("alpine", "sha256:a"), img("busybox", "sha256:b")],
+            caches: vec![],
         };
         let both = [img("alpine", "sha256:a"), img("busybox", "sha256:b")];
-        assert!(key.serves(&base(512 << 20), &both));
+        assert!(key.serves(&base(512 << 20), &both, &[]));
         // A job naming fewer images than the VM carries would see the others' disks: a miss.
-        assert!(!key.serves(&base(512 << 20), &[img("busybox", "sha256:b")]));
-        assert!(!key.serves(&base(512 << 20), &[]));
+        assert!(!key.serves(&base(512 << 20), &[img("busybox", "sha256:b")], &[]));
+        assert!(!key.serves(&base(512 << 20), &[], &[]));
         // An image tag that moved to another digest, an image it lacks, other limits, another
         // kernel or initramfs, another network mode: all misses.
-        assert!(!key.serves(&base(512 << 20), &[img("alpine", "sha256:a"), img("busybox", "sha256:new")]));
-        assert!(!key.serves(&base(512 << 20), &[img("alpine", "sha256:a"), img("debian", "sha256:d")]));
-        assert!(!key.serves(&base(1 << 30), &both));
+        assert!(!key.serves(
+            &base(512 << 20),
+            &[img("alpine", "sha256:a"), img("busybox", "sha256:new")],
+            &[]
+        ));
+        assert!(!key.serves(&base(512 << 20), &[img("alpine", "sha256:a"), img("debian", "sha256:d")], &[]));
+        assert!(!key.serves(&base(1 << 30), &both, &[]));
         let mut other = base(512 << 20);
         other.kernel = "6.1 vmlinux 1 9.9".into();
-        assert!(!key.serves(&other, &both));
+        assert!(!key.serves(&other, &both, &[]));
         let mut other = base(512 << 20);
         other.initramfs = "def initramfs 4 5.6".into();
-        assert!(!key.serves(&other, &both));
+        assert!(!key.serves(&other, &both, &[]));
         let mut other = base(512 << 20);
         other.network = "internet".into();
-        assert!(!key.serves(&other, &both));
-        let empty = PoolKey { base: base(512 << 20), images: vec![] };
-        assert!(empty.serves(&base(512 << 20), &[]) && !empty.serves(&base(512 << 20), &both[..1]));
+        assert!(!key.serves(&other, &both, &[]));
+        let empty = PoolKey { base: base(512 << 20), images: vec![], caches: vec![] };
+        assert!(empty.serves(&base(512 << 20), &[], &[]) && !empty.serves(&base(512 << 20), &both[..1], &[]));
+        // Cache disks: exactly the job's hits, in its order; none for a job that hit none.
+        let v = |n: &str| PathBuf::from(format!("/s/caches/entries/k/{n}/disk.ext4"));
+        let cached = PoolKey { base: base(512 << 20), images: vec![], caches: vec![v("v-1"), v("v-2")] };
+        assert!(cached.serves(&base(512 << 20), &[], &[v("v-1"), v("v-2")]));
+        assert!(!cached.serves(&base(512 << 20), &[], &[]));
+        assert!(!cached.serves(&base(512 << 20), &[], &[v("v-1")]));
+        assert!(!cached.serves(&base(512 << 20), &[], &[v("v-2"), v("v-1")]));
+        assert!(!empty.serves(&base(512 << 20), &[], &[v("v-1")]));
     }
 
     #[test]

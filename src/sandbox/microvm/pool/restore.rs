@@ -303,7 +303,7 @@ impl Pool {
         let mut boot = VmBoot::new(None, images, accel, why, &self.cfg.limits, timeout)
             .with_network(super::super::net::request(&self.rt.opts, reach));
         boot.pool_disk_bytes = Some(key.base.disk_bytes);
-        Ok(boot)
+        Ok(boot.with_extra_disks(super::super::caches::disks(&key.caches)))
     }
 }
 

@@ -47,7 +47,9 @@ pub(crate) fn feed(stream: &[u8], mut to: impl Write) -> Result<u64> {
 /// size and checksum.
 fn checked(id: &str, from: impl Read, sha256: &str, bytes: u64) -> Result<Vec<u8>> {
     let mut out = Vec::with_capacity(bytes.min(64 << 20) as usize);
-    from.take(bytes.saturating_add(1)).read_to_end(&mut out).with_context(|| format!("reading snapshot {id}"))?;
+    from.take(bytes.saturating_add(1))
+        .read_to_end(&mut out)
+        .with_context(|| format!("reading snapshot {id}"))?;
     if out.len() as u64 != bytes {
         let what = match out.len() as u64 > bytes {
             true => format!("more than the {bytes} bytes saved"),
@@ -80,7 +82,10 @@ mod tests {
         let e = checked("k", &bad[..], &sum(&stream), n).unwrap_err();
         assert!(format!("{e:#}").contains("SHA-256"), "{e:#}");
         let e = checked("k", &stream[..1000], &sum(&stream), n).unwrap_err();
-        assert!(e.downcast_ref::<Corrupt>().is_some() && format!("{e:#}").contains("1000 bytes where"), "{e:#}");
+        assert!(
+            e.downcast_ref::<Corrupt>().is_some() && format!("{e:#}").contains("1000 bytes where"),
+            "{e:#}"
+        );
         let e = checked("k", &stream[..], &sum(&stream), n - 1).unwrap_err();
         assert!(format!("{e:#}").contains("more than the"), "{e:#}");
         let mut out = Vec::new();

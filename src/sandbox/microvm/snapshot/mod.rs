@@ -244,9 +244,10 @@ pub(crate) fn support(enabled: bool) -> String {
 }
 
 /// The janitor's pass with what it can judge: a snapshot is of a key still configured while its
-/// kernel and initramfs are the installed ones, its QEMU the one on the host, and each of its
-/// images resolves to the same digest in the image store (limits and image sets are the
-/// pool's to judge: it removes the snapshot of a key it moved away from).
+/// kernel and initramfs are the installed ones, its QEMU the one on the host, each of its
+/// images resolves to the same digest in the image store, and each disk its template had is
+/// still the same file (a cache version's disk goes with its version); limits and image sets
+/// are the pool's to judge: it removes the snapshot of a key it moved away from.
 pub(crate) fn janitor(rt: &super::MicroVm) -> Vec<String> {
     let ids = installed_ids(&rt.opts.state_dir).ok();
     let qemu = qemu_version().ok();
@@ -255,6 +256,7 @@ pub(crate) fn janitor(rt: &super::MicroVm) -> Vec<String> {
             && ids.as_ref().is_some_and(|(k, i)| *k == m.kernel && *i == m.initramfs)
             && qemu.as_deref() == Some(m.qemu.as_str())
             && m.images.iter().all(|(r, d)| rt.resolve_image(r).is_ok_and(|(digest, _)| digest == *d))
+            && m.image_disks.iter().all(|id| disk_unchanged(id))
     });
     for id in &removed {
         tracing::info!("janitor: removed VM snapshot {id}");
@@ -297,6 +299,13 @@ pub(crate) fn disk_id(p: &Path) -> Result<String> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(p).with_context(|| format!("reading {}", p.display()))?;
     Ok(format!("{} {} {} {}.{}", p.display(), m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
+}
+
+/// Whether the disk of identity `id` ([`disk_id`]) is still that file.
+fn disk_unchanged(id: &str) -> bool {
+    // The path may hold spaces; the four fields after it do not.
+    let path = id.rsplitn(4, ' ').nth(3).unwrap_or_default();
+    !path.is_empty() && disk_id(Path::new(path)).is_ok_and(|now| now == id)
 }
 
 /// Checks that a restore gets the image disk files its template had.
@@ -403,5 +412,21 @@ mod tests {
         // Of the KEEP + 1 current ones, the least recently used goes.
         assert!(removed.contains(&ids[0]) && !removed.contains(&ids[1]), "{removed:?}");
         assert_eq!(list(d.path()).len(), KEEP);
+    }
+
+    #[test]
+    fn a_disk_is_unchanged_while_it_is_the_same_file() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("cache v-1").join("disk.ext4");
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::fs::write(&f, b"ext4").unwrap();
+        let id = disk_id(&f).unwrap();
+        assert!(disk_unchanged(&id));
+        // Made again (another file at the same path), then gone with its version.
+        std::fs::remove_file(&f).unwrap();
+        std::fs::write(&f, b"ext4!").unwrap();
+        assert!(!disk_unchanged(&id));
+        std::fs::remove_file(&f).unwrap();
+        assert!(!disk_unchanged(&id) && !disk_unchanged("") && !disk_unchanged("x y"));
     }
 }

@@ -408,7 +408,9 @@ fn microvm_cache_hits_take_pool_vms_that_carry_their_disks() {
     let done = |id: i64| {
         let job = c.wait_state(id, &["completed", "failed", "errored", "canceled"], Duration::from_secs(240));
         assert_eq!(job["state"], "completed", "{}\n{}", log(&job), loop_log());
-        eprintln!("job {id}: setup.microvm.start: {}", entry(&job, "setup.microvm.start"));
+        let ms = job["logs"].as_array().and_then(|a| a.iter().find(|e| e["key"] == "setup.microvm.start"));
+        let ms = ms.map(|e| e["durationMs"].clone()).unwrap_or_default();
+        eprintln!("job {id}: setup.microvm.start ({ms} ms): {}", entry(&job, "setup.microvm.start"));
         job
     };
     let count = |job: &Value| -> usize {

@@ -27,6 +27,24 @@ fn log(job: &Value) -> String {
         .unwrap_or_default()
 }
 
+/// `executor loop` on microvm with a pool of one VM, for `jobs` jobs, its log in `log`.
+fn pool_loop(
+    c: &crate::coordinator::Coordinator,
+    prefix: &str,
+    state: &std::path::Path,
+    jobs: usize,
+    log: &std::path::Path,
+) -> std::process::Child {
+    let mut cmd = common::executor();
+    crate::microvm::pool_loop_env(&mut cmd, c, prefix, state);
+    cmd.arg("loop")
+        .env("EXECUTOR_NUM_TOTAL_JOBS", jobs.to_string())
+        .env("EXECUTOR_HEARTBEAT_INTERVAL", "1s")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap());
+    cmd.spawn().expect("starting executor loop")
+}
+
 #[test]
 fn oci_caches_hit_miss_trust_and_integrity() {
     let test = "oci_caches_hit_miss_trust_and_integrity";
@@ -233,14 +251,7 @@ fn microvm_caches_hit_miss_trust_and_whiteouts() {
         submit(&old, "cat /root/.dep/extra && test ! -e /root/.dep/d/x && echo whiteout-seen && echo poison > /root/.dep/pkg");
     let changed = submit(&bumped, "test ! -e /root/.dep/pkg && echo fresh");
     let log_path = tmp.path().join("loop.log");
-    let mut cmd = common::executor();
-    crate::microvm::pool_loop_env(&mut cmd, &c, &prefix, &state);
-    cmd.arg("loop")
-        .env("EXECUTOR_NUM_TOTAL_JOBS", "4")
-        .env("EXECUTOR_HEARTBEAT_INTERVAL", "1s")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap());
-    let mut lp = cmd.spawn().expect("starting executor loop");
+    let mut lp = pool_loop(&c, &prefix, &state, 4, &log_path);
     let loop_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     let done = |id: i64| {
         let job = c.wait_state(id, &["completed", "failed", "errored", "canceled"], Duration::from_secs(240));
@@ -396,14 +407,7 @@ fn microvm_cache_hits_take_pool_vms_that_carry_their_disks() {
     let a = submit(0, "echo cached > /root/.dep/pkg");
     let b_id = submit(0, "cat /root/.dep/pkg");
     let log_path = tmp.path().join("loop.log");
-    let mut cmd = common::executor();
-    crate::microvm::pool_loop_env(&mut cmd, &c, &prefix, &state);
-    cmd.arg("loop")
-        .env("EXECUTOR_NUM_TOTAL_JOBS", "4")
-        .env("EXECUTOR_HEARTBEAT_INTERVAL", "1s")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap());
-    let mut lp = cmd.spawn().expect("starting executor loop");
+    let mut lp = pool_loop(&c, &prefix, &state, 4, &log_path);
     let loop_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     let done = |id: i64| {
         let job = c.wait_state(id, &["completed", "failed", "errored", "canceled"], Duration::from_secs(240));

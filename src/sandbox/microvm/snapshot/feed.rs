@@ -8,16 +8,8 @@ use sha2::Digest;
 use std::io::{Read, Write};
 use std::sync::Arc;
 
-use super::loaded::Loaded;
+use super::loaded::{Corrupt, Loaded};
 use super::Snapshot;
-
-/// The snapshot's stream is not what was saved.
-#[derive(Debug, thiserror::Error)]
-#[error("snapshot {id} is corrupted: {what}")]
-pub(crate) struct Corrupt {
-    pub id: String,
-    pub what: String,
-}
 
 /// The checked streams (and corrupted verdicts) by snapshot id and stream checksum.
 static STREAMS: Loaded<Arc<Vec<u8>>> = Loaded::new();

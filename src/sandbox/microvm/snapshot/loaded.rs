@@ -7,7 +7,13 @@
 use anyhow::Result;
 use std::sync::Mutex;
 
-use super::feed::Corrupt;
+/// A snapshot's stream or RAM is not what was saved.
+#[derive(Debug, thiserror::Error)]
+#[error("snapshot {id} is corrupted: {what}")]
+pub(crate) struct Corrupt {
+    pub id: String,
+    pub what: String,
+}
 
 /// How many entries are kept: the values of [`super::KEEP`] snapshots and as many verdicts.
 const ENTRIES: usize = 2 * super::KEEP;

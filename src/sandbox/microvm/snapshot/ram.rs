@@ -26,8 +26,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use super::feed::Corrupt;
-use super::loaded::Loaded;
+use super::loaded::{Corrupt, Loaded};
 use super::Snapshot;
 
 /// The RAM's file in a snapshot's directory.

@@ -435,13 +435,13 @@ fn microvm_cache_hits_take_pool_vms_that_carry_their_disks() {
     assert!(start.contains("booting a VM of its own with the disks of the caches"), "{start}");
     assert_eq!(count(&b), count(&a) + 1, "{}\n{}", log(&a), log(&b));
 
-    // The pool turns to VMs carrying the version's disk: a template of that key saved, a VM
-    // restored from it and ready.
+    // The pool turns to VMs carrying the version's disk (a template of that key saved, a VM
+    // restored from it) once a VM it was making for the key before is discarded.
     let after = |from: usize, what: &str| loop_log()[from..].find(what).map(|i| from + i);
-    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
     let ready = loop {
         let dequeued = after(0, &format!("job {b_id}: dequeued")).unwrap_or_else(|| panic!("{}", loop_log()));
-        if let Some(r) = after(dequeued, "saved snapshot ").and_then(|s| after(s, " ready after ")) {
+        if let Some(r) = after(dequeued, "ready, carrying 1 cache disk)") {
             break r;
         }
         assert!(std::time::Instant::now() < deadline, "no VM with the cache disk got ready\n{}", loop_log());

@@ -279,7 +279,12 @@ impl Pool {
         let (ready, size) = (st.ready.len(), self.cfg.size);
         drop(st);
         self.publish();
-        self.log(&format!("VM pool: VM {name} ready after {secs:.1} s ({ready} of {size} ready)"));
+        let caches = match key.caches.len() {
+            0 => String::new(),
+            1 => ", carrying 1 cache disk".to_string(),
+            n => format!(", carrying {n} cache disks"),
+        };
+        self.log(&format!("VM pool: VM {name} ready after {secs:.1} s ({ready} of {size} ready{caches})"));
         Ok(())
     }
 

@@ -276,6 +276,16 @@ pub(crate) fn remove_any(path: &Path) -> Result<()> {
     }
 }
 
+/// Sets the access and modification times of what `path` names (a symlink itself, never what
+/// it points at) to `(seconds, nanoseconds)` since the epoch: the times a layer or a cache
+/// records for its entries, which tools compare (Python's bytecode cache holds its source's
+/// mtime, make compares them, git's index trusts them).
+pub(crate) fn set_times(path: &Path, (secs, nsecs): (i64, i64)) -> Result<()> {
+    let t = nix::sys::time::TimeSpec::new(secs, nsecs);
+    nix::sys::stat::utimensat(None, path, &t, &t, nix::sys::stat::UtimensatFlags::NoFollowSymlink)
+        .with_context(|| format!("dating {}", path.display()))
+}
+
 /// Creates `dir` (and its missing parents) readable by its owner only, and makes an existing one
 /// so: for directories that hold secrets or job data (the coordinator's data directory).
 pub(crate) fn private_dir(dir: &Path) -> std::io::Result<()> {

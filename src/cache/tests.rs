@@ -101,12 +101,23 @@ fn promote_merges_uppers_and_verify_marks_corruption() {
     std::fs::create_dir(up.path().join("pkg")).unwrap();
     std::fs::write(up.path().join("pkg/a"), "aaa").unwrap();
     std::fs::write(up.path().join("b"), "bb").unwrap();
+    // The times the job wrote are kept, a directory's too (bytecode caches compare them).
+    let set = crate::base::fs::set_times;
+    set(&up.path().join("pkg/a"), (1_000_000, 7)).unwrap();
+    set(&up.path().join("pkg"), (2_000_000, 0)).unwrap();
+    let mtime = |p: std::path::PathBuf| {
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::symlink_metadata(p).unwrap();
+        (md.mtime(), md.mtime_nsec())
+    };
     let uid_base = nix::unistd::geteuid().as_raw();
     let bytes = store.promote(&spec(&key), None, &[up.path().to_path_buf()], uid_base, false, "1").unwrap();
     assert_eq!(bytes, Some(5));
     let Lookup::Hit { version: v1, bytes } = store.lookup(&key) else { panic!("a hit") };
     assert_eq!(bytes, 5);
     assert_eq!(std::fs::read_to_string(v1.join("tree/p0/pkg/a")).unwrap(), "aaa");
+    assert_eq!(mtime(v1.join("tree/p0/pkg/a")), (1_000_000, 7));
+    assert_eq!(mtime(v1.join("tree/p0/pkg")), (2_000_000, 0));
     // A job that changed nothing saves nothing.
     let empty = tempfile::tempdir().unwrap();
     assert_eq!(
@@ -118,11 +129,14 @@ fn promote_merges_uppers_and_verify_marks_corruption() {
     let up2 = tempfile::tempdir().unwrap();
     std::fs::write(up2.path().join("b"), "new").unwrap();
     std::fs::write(up2.path().join("c"), "c").unwrap();
+    set(&up2.path().join("c"), (3_000_000, 0)).unwrap();
     store.promote(&spec(&key), Some(&v1), &[up2.path().to_path_buf()], uid_base, false, "3").unwrap();
     let Lookup::Hit { version: v2, .. } = store.lookup(&key) else { panic!("a hit") };
     assert_ne!(v1, v2);
     assert_eq!(std::fs::read_to_string(v2.join("tree/p0/b")).unwrap(), "new");
     assert_eq!(std::fs::read_to_string(v2.join("tree/p0/pkg/a")).unwrap(), "aaa");
+    assert_eq!(mtime(v2.join("tree/p0/pkg")), (2_000_000, 0), "a directory copied from v1");
+    assert_eq!(mtime(v2.join("tree/p0/c")), (3_000_000, 0));
     assert_eq!(std::fs::read_to_string(v1.join("tree/p0/b")).unwrap(), "bb", "never changed under a job");
     assert!(v1.exists(), "a leased version stays");
     // Corruption: the constant-time check catches a broken meta at once, the full check a file.

@@ -42,6 +42,12 @@ fn set_owner_mode(path: &Path, md: &fs::Metadata, uid_base: u32) -> Result<()> {
     Ok(())
 }
 
+/// Gives `path` the times of `md` (a cache keeps the mtimes its job wrote: Python's bytecode
+/// cache and make compare them). A directory is dated after its entries are in place.
+fn date_like(path: &Path, md: &fs::Metadata) -> Result<()> {
+    crate::base::fs::set_times(path, (md.mtime(), md.mtime_nsec()))
+}
+
 /// Creates `dst` with `like`'s owner (shifted) and mode, or the store's root and 0755 when
 /// `like` is not a directory.
 pub(super) fn make_dir_like(like: &Path, dst: &Path, uid_base: u32) -> Result<()> {
@@ -57,8 +63,8 @@ pub(super) fn make_dir_like(like: &Path, dst: &Path, uid_base: u32) -> Result<()
     }
 }
 
-/// Copies the version tree `src` to `dst`: directories made anew (owner and mode kept), files
-/// hard-linked, symlinks recreated.
+/// Copies the version tree `src` to `dst`: directories made anew (owner, mode and times kept),
+/// files hard-linked, symlinks recreated.
 pub(super) fn link_copy(src: &Path, dst: &Path) -> Result<()> {
     let md = fs::symlink_metadata(src).with_context(|| format!("inspecting {}", src.display()))?;
     fs::create_dir(dst).with_context(|| format!("creating {}", dst.display()))?;
@@ -74,12 +80,13 @@ pub(super) fn link_copy(src: &Path, dst: &Path) -> Result<()> {
             std::os::unix::fs::symlink(&target, &to).with_context(|| format!("creating {}", to.display()))?;
             let md = fs::symlink_metadata(&from).with_context(|| format!("inspecting {}", from.display()))?;
             set_owner_mode(&to, &md, ID_BASE)?;
+            date_like(&to, &md)?;
         } else {
             fs::hard_link(&from, &to)
                 .with_context(|| format!("linking {} to {}", to.display(), from.display()))?;
         }
     }
-    Ok(())
+    date_like(dst, &md)
 }
 
 /// Whether `md` is an overlay whiteout (a character device 0:0).
@@ -159,14 +166,16 @@ pub(super) fn apply_upper(upper: &Path, dst: &Path, uid_base: u32, whiteout_file
             let target = fs::read_link(&from).with_context(|| format!("reading {}", from.display()))?;
             std::os::unix::fs::symlink(&target, &to).with_context(|| format!("creating {}", to.display()))?;
             set_owner_mode(&to, &md, uid_base)?;
+            date_like(&to, &md)?;
         } else if t.is_file() {
             remove_any(&to)?;
             copy_file(&from, &to)?;
             set_owner_mode(&to, &md, uid_base)?;
+            date_like(&to, &md)?;
         }
         // FIFOs, sockets and devices are not kept.
     }
-    Ok(())
+    date_like(dst, &top)
 }
 
 fn copy_file(from: &Path, to: &Path) -> Result<()> {

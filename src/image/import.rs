@@ -363,8 +363,11 @@ fn check_parents(root: &Path, rel: &Path) -> Result<()> {
 pub fn apply_layer(reader: impl Read + 'static, root: &Path) -> Result<u64> {
     let mut ar = tar::Archive::new(BufReader::new(reader));
     let mut size = 0;
+    // A directory is dated once its entries are in place: adding one changes its mtime.
+    let mut dirs = Vec::new();
     for entry in ar.entries()? {
         let mut entry = entry?;
+        let times = entry_times(&mut entry);
         let raw = entry.path()?.into_owned();
         let Some(rel) = normalize(&raw)? else { continue };
         check_parents(root, &rel)?;
@@ -462,10 +465,45 @@ pub fn apply_layer(reader: impl Read + 'static, root: &Path) -> Result<u64> {
             fs::set_permissions(&path, fs::Permissions::from_mode(mode))
                 .with_context(|| format!("setting the mode of {}", path.display()))?;
         }
+        if kind == tar::EntryType::Directory {
+            dirs.push((path, times));
+        } else {
+            crate::base::fs::set_times(&path, times)?;
+        }
+    }
+    for (dir, times) in dirs.iter().rev() {
+        // Gone if a later entry of this layer replaced it; a path below the root, checked above.
+        if fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir()) {
+            crate::base::fs::set_times(dir, *times)?;
+        }
     }
     // The end-of-archive blocks and anything after them: read, so that the cap counts them.
     std::io::copy(&mut ar.into_inner(), &mut std::io::sink()).context("reading the layer to its end")?;
     Ok(size)
+}
+
+/// The modification time a layer gives an entry, as (seconds, nanoseconds): a PAX `mtime`
+/// record where there is one (it may carry a fraction), else the header's whole seconds.
+fn entry_times<R: Read>(entry: &mut tar::Entry<R>) -> (i64, i64) {
+    let header = entry.header().mtime().map(|s| (s.min(i64::MAX as u64) as i64, 0)).unwrap_or((0, 0));
+    let Ok(Some(pax)) = entry.pax_extensions() else { return header };
+    for ext in pax.flatten() {
+        if ext.key() != Ok("mtime") {
+            continue;
+        }
+        let Ok(v) = ext.value() else { break };
+        let (whole, frac) = v.split_once('.').unwrap_or((v, ""));
+        let Ok(secs) = whole.parse::<i64>() else { break };
+        let digits: String = frac.chars().take(9).collect();
+        let nanos = format!("{digits:0<9}").parse::<i64>().unwrap_or(0);
+        // -1.5 is 2 s before the epoch plus 0.5 s.
+        return if whole.starts_with('-') && nanos > 0 {
+            (secs - 1, 1_000_000_000 - nanos)
+        } else {
+            (secs, nanos)
+        };
+    }
+    header
 }
 
 #[cfg(test)]
@@ -523,6 +561,46 @@ mod tests {
         assert!(!r.join("opt/x/1").exists());
         assert!(r.join("opt/x/2").exists());
         assert_eq!(fs::read_link(r.join("etc/passwd-link")).unwrap(), Path::new("/etc/passwd"));
+    }
+
+    /// Entries keep the times their layer gives them, a directory too although entries are
+    /// written into it after it (Python's bytecode cache is valid only for its source's mtime);
+    /// a symlink is dated itself, and a PAX record's fraction is kept.
+    #[test]
+    fn layers_keep_their_entries_times() {
+        use std::os::unix::fs::MetadataExt;
+        let dated = |b: &mut tar::Builder<Vec<u8>>, kind: tar::EntryType, path: &str, mtime: u64| {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(if kind == tar::EntryType::Regular { 1 } else { 0 });
+            h.set_mode(0o755);
+            h.set_entry_type(kind);
+            h.set_mtime(mtime);
+            if kind == tar::EntryType::Symlink {
+                h.set_link_name("/nowhere").unwrap();
+            }
+            let data: &[u8] = if kind == tar::EntryType::Regular { b"x" } else { b"" };
+            b.append_data(&mut h, path, data).unwrap();
+        };
+        let l = layer(|b| {
+            dated(b, tar::EntryType::Directory, "lib", 1_000);
+            dated(b, tar::EntryType::Regular, "lib/a.py", 2_000);
+            dated(b, tar::EntryType::Symlink, "lib/l", 3_000);
+            b.append_pax_extensions([("mtime", &b"1700000000.25"[..])]).unwrap();
+            dated(b, tar::EntryType::Regular, "lib/b.py", 4_000);
+            b.append_pax_extensions([("mtime", &b"-1.5"[..])]).unwrap();
+            dated(b, tar::EntryType::Regular, "lib/c.py", 5_000);
+        });
+        let root = tempfile::tempdir().unwrap();
+        apply_layer(std::io::Cursor::new(l), root.path()).unwrap();
+        let times = |p: &str| {
+            let md = fs::symlink_metadata(root.path().join(p)).unwrap();
+            (md.mtime(), md.mtime_nsec())
+        };
+        assert_eq!(times("lib"), (1_000, 0));
+        assert_eq!(times("lib/a.py"), (2_000, 0));
+        assert_eq!(times("lib/l"), (3_000, 0));
+        assert_eq!(times("lib/b.py"), (1_700_000_000, 250_000_000));
+        assert_eq!(times("lib/c.py"), (-2, 500_000_000));
     }
 
     #[test]

@@ -92,7 +92,8 @@ pub fn import(store: &ImageStore, name: &str, file: &Path) -> Result<ResolvedIma
 
     // Each layer with its media type ("" for a docker save layer, told by its magic bytes) and
     // the digest its uncompressed tar must have (docker save), if any.
-    let (digest, config_path, layers, diff_ids) = if src.join("manifest.json").is_file() {
+    let is_docker_save = src.join("manifest.json").is_file();
+    let (digest, config_path, layers, diff_ids) = if is_docker_save {
         let ms: Vec<DockerManifest> = read_json(&src, "manifest.json")?;
         let m = ms.into_iter().next().context("manifest.json lists no image")?;
         let config_path = safe_join(&src, &m.config)?;
@@ -103,7 +104,8 @@ pub fn import(store: &ImageStore, name: &str, file: &Path) -> Result<ResolvedIma
             anyhow::anyhow!("the image config of {} does not parse (line {})", file.display(), e.line())
         })?;
         // The tree is keyed by the config's digest: a config that names its layers' digests
-        // (every real one does) gets them checked; one that names none can be no other image's.
+        // (every real one does) gets them checked; one that names none is keyed by its layers'
+        // digests too (below), so that two such images with one config never share a tree.
         let diff_ids = cfg.rootfs.unwrap_or_default().diff_ids;
         let diff_ids: Vec<Option<String>> = match diff_ids.len() {
             0 => vec![None; layers.len()],
@@ -155,6 +157,7 @@ pub fn import(store: &ImageStore, name: &str, file: &Path) -> Result<ResolvedIma
         bar.set_style(style.progress_chars("=> "));
     }
     let mut size = 0;
+    let mut layer_digests = Vec::new();
     for (i, ((layer, media_type), diff_id)) in layers.iter().zip(&diff_ids).enumerate() {
         bar.set_message(format!("layer {}/{}", i + 1, layers.len()));
         let f = fs::File::open(layer).with_context(|| format!("opening layer {}", layer.display()))?;
@@ -164,8 +167,9 @@ pub fn import(store: &ImageStore, name: &str, file: &Path) -> Result<ResolvedIma
         let hashed = Hashed { inner: tar, hasher: hasher.clone() };
         size += apply_layer(bar.wrap_read(hashed), &tree)
             .with_context(|| format!("applying layer {} of {}", i + 1, file.display()))?;
+        let got = format!("sha256:{}", hex::encode(sha2::Digest::finalize(hasher.take())));
+        layer_digests.push(got.clone());
         if let Some(want) = diff_id {
-            let got = format!("sha256:{}", hex::encode(sha2::Digest::finalize(hasher.take())));
             if &got != want {
                 bail!(
                     "layer {} of {} does not match its digest {want} in the image config: refused",
@@ -177,6 +181,15 @@ pub fn import(store: &ImageStore, name: &str, file: &Path) -> Result<ResolvedIma
     }
     bar.finish_and_clear();
     finish_tree(&tree)?;
+    let digest = if is_docker_save && diff_ids.iter().all(Option::is_none) && !layers.is_empty() {
+        let joined = std::iter::once(digest.as_str()).chain(layer_digests.iter().map(String::as_str));
+        format!(
+            "sha256:{}",
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(joined.collect::<Vec<_>>().join("\n")))
+        )
+    } else {
+        digest
+    };
     let meta = ImageMeta {
         digest,
         env: cfg.env.unwrap_or_default(),

@@ -175,6 +175,45 @@ fn image_import_docker_save_and_oci_layout_then_ls_and_rm() {
     assert_eq!(store.list().unwrap().len(), 1);
 }
 
+/// Two `docker save` tarballs whose configs are the same and name no layer digests (hand-made
+/// images do that) are two images: each keeps its own tree, and its files keep their times.
+#[test]
+fn image_import_same_config_other_layers_is_another_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let docker = write(tmp.path(), "docker.tar", &docker_save());
+    let other_layer = tar_bytes(|b| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(5);
+        h.set_mode(0o644);
+        h.set_mtime(1_234_567_890);
+        b.append_data(&mut h, "etc/other", &b"other"[..]).unwrap();
+    });
+    let manifest = format!(r#"[{{"Config":"c.json","Layers":["{}/layer.tar"]}}]"#, sha(&other_layer));
+    let other = write(
+        tmp.path(),
+        "other.tar",
+        &tar_bytes(|b| {
+            add(b, "manifest.json", manifest.as_bytes(), 0o644);
+            add(b, "c.json", CONFIG.as_bytes(), 0o644);
+            add(b, &format!("{}/layer.tar", sha(&other_layer)), &other_layer, 0o644);
+        }),
+    );
+    image_ok(&state, &["import", "demo:1", docker.to_str().unwrap()]);
+    image_ok(&state, &["import", "demo:2", other.to_str().unwrap()]);
+    let store = executor::image::ImageStore::open(&state.join("images")).unwrap();
+    let (one, two) = (store.resolve("demo:1").unwrap(), store.resolve("demo:2").unwrap());
+    assert_ne!(one.digest, two.digest);
+    assert_eq!(std::fs::read_to_string(one.rootfs.join("etc/new")).unwrap(), "new");
+    assert!(!one.rootfs.join("etc/other").exists());
+    assert!(!two.rootfs.join("etc/new").exists());
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(two.rootfs.join("etc/other")).unwrap().mtime(), 1_234_567_890);
+    // The same tarball again is the same image.
+    image_ok(&state, &["import", "demo:3", other.to_str().unwrap()]);
+    assert_eq!(store.resolve("demo:3").unwrap().digest, two.digest);
+}
+
 #[test]
 fn image_import_refuses_hostile_tarballs() {
     let tmp = tempfile::tempdir().unwrap();

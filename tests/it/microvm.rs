@@ -781,7 +781,8 @@ fn microvm_steps_get_the_image_env_user_and_home() {
         ws.join("step0.sh"),
         "echo \"uid=$(id -u) gid=$(id -g) groups=$(id -G)\"; echo \"home=$HOME\"; pwd; \
          echo \"path=$PATH mode=$APP_MODE override=$OVERRIDE\"; cat input.txt; \
-         echo mine > \"$HOME/.rc\" && cat \"$HOME/.rc\"; touch /usr/local/x 2>/dev/null || echo usr-denied\n",
+         echo mine > \"$HOME/.rc\" && cat \"$HOME/.rc\"; touch /usr/local/x 2>/dev/null || echo usr-denied; \
+         stat -c %Y /usr/share/doc/readme\n",
     )
     .unwrap();
     std::fs::write(ws.join("step1.sh"), "test -e \"$HOME/.rc\" && echo still-there || echo fresh\n").unwrap();
@@ -824,7 +825,8 @@ fn microvm_steps_get_the_image_env_user_and_home() {
     assert_eq!(
         text(&out.out),
         "uid=1000 gid=1000 groups=1000 50\nhome=/home/app\n/data/repo\n\
-         path=/usr/local/bin:/usr/bin:/bin mode=image override=step\nfrom the host\nmine\nusr-denied\n",
+         path=/usr/local/bin:/usr/bin:/bin mode=image override=step\nfrom the host\nmine\nusr-denied\n\
+         1500000000\n",
         "{}",
         text(&out.err)
     );

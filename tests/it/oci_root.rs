@@ -71,6 +71,9 @@ fn import_app_image(f: &Fixture) {
     import_app_image_to(&f.state(), f.tmp.path());
 }
 
+/// The modification time of the app image's files: a step sees it (layers keep their times).
+const IMAGE_MTIME: u64 = 1_500_000_000;
+
 /// [`import_app_image`] into the state directory `state`, building in `tmp`.
 pub fn import_app_image_to(state: &std::path::Path, tmp: &std::path::Path) {
     let bb_path = which::which("busybox").unwrap();
@@ -84,6 +87,7 @@ pub fn import_app_image_to(state: &std::path::Path, tmp: &std::path::Path) {
         h.set_uid(uid);
         h.set_gid(uid);
         h.set_entry_type(kind);
+        h.set_mtime(IMAGE_MTIME);
         layer.append_data(&mut h, path, data).unwrap();
     };
     for d in
@@ -207,14 +211,15 @@ fn image_config_honoured(oci: &str, test: &str) {
     let script = "echo \"uid=$(id -u) gid=$(id -g) groups=$(id -G)\"; echo \"home=$HOME\"; pwd; \
                   echo \"path=$PATH mode=$APP_MODE override=$OVERRIDE step=$STEP_ONLY\"; cat input.txt; \
                   echo mine > \"$HOME/.rc\" && cat \"$HOME/.rc\"; echo t > /tmp/t && echo tmp-ok; \
-                  touch /usr/local/x 2>/dev/null || echo usr-denied; cat /usr/share/doc/readme";
+                  touch /usr/local/x 2>/dev/null || echo usr-denied; cat /usr/share/doc/readme; \
+                  stat -c %Y /usr/share/doc/readme";
     let (end, out) = run(&f, &sb, "app:1", script, &env);
     assert_eq!(end, StepEnd::Exited(0), "{} {}", text(&out.out), text(&out.err));
     assert_eq!(
         text(&out.out),
         "uid=1000 gid=1000 groups=1000 50\nhome=/home/app\n/data/repo\n\
          path=/usr/local/bin:/usr/bin:/bin mode=image override=step step=1\nfrom the host\nmine\ntmp-ok\n\
-         usr-denied\nfrom the image\n",
+         usr-denied\nfrom the image\n1500000000\n",
         "{}",
         text(&out.err)
     );

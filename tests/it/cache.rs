@@ -97,13 +97,14 @@ fn oci_caches_hit_miss_trust_and_integrity() {
         &tip,
         "test ! -e /root/.dep/pkg && echo cached > /root/.dep/pkg && echo mod > deps/mod && \
          ! ls /data/.executor-cache-0/upper 2>/dev/null && echo wrote && \
+         touch -d @1500000000 /root/.dep/pkg && \
          echo hit=$EXECUTOR_CACHE_HIT dep=$EXECUTOR_CACHE_HIT_DEP",
     );
     let b = submit(
         REPO,
         &tip,
         "cat /root/.dep/pkg deps/mod && echo extra > /root/.dep/extra && \
-         echo hit=$EXECUTOR_CACHE_HIT dep=$EXECUTOR_CACHE_HIT_DEP",
+         stat -c mtime=%Y /root/.dep/pkg && echo hit=$EXECUTOR_CACHE_HIT dep=$EXECUTOR_CACHE_HIT_DEP",
     );
     let untrusted = submit(REPO, &old, "cat /root/.dep/extra && echo poison > /root/.dep/pkg");
     run_loop(3, 1);
@@ -120,6 +121,8 @@ fn oci_caches_hit_miss_trust_and_integrity() {
     let out = entry(&b, "step.docker.s");
     assert!(out.contains("stdout: cached") && out.contains("stdout: mod"), "{}", log(&b));
     assert!(out.contains("hit=true dep=true"), "{}", log(&b));
+    // The time a's step gave its file came through the save (bytecode caches compare them).
+    assert!(out.contains("stdout: mtime=1500000000"), "{out}");
     let untrusted = done(untrusted);
     assert!(entry(&untrusted, "setup.cache").contains(": hit, "), "{}", log(&untrusted));
     assert!(entry(&untrusted, "step.docker.s").contains("extra"), "{}", log(&untrusted));
@@ -239,12 +242,12 @@ fn microvm_caches_hit_miss_trust_and_whiteouts() {
         "test ! -e /root/.dep/pkg && echo cached > /root/.dep/pkg && mkdir /root/.dep/d && echo x > /root/.dep/d/x \
          && echo mod > deps/mod && ! ls /data/.executor-cache-0/upper 2>/dev/null && echo wrote \
          && echo o > /root/.dep/owned && chown 1234:1235 /root/.dep/owned \
-         && echo hit=$EXECUTOR_CACHE_HIT dep=$EXECUTOR_CACHE_HIT_DEP",
+         && touch -d @1500000000 /root/.dep/owned && echo hit=$EXECUTOR_CACHE_HIT dep=$EXECUTOR_CACHE_HIT_DEP",
     );
     let b = submit(
         &tip,
         "cat /root/.dep/pkg /root/.dep/d/x deps/mod && echo extra > /root/.dep/extra && rm /root/.dep/d/x \
-         && stat -c owner=%u:%g /root/.dep/owned \
+         && stat -c 'owner=%u:%g mtime=%Y' /root/.dep/owned \
          && echo hit=$EXECUTOR_CACHE_HIT dep=$EXECUTOR_CACHE_HIT_DEP",
     );
     let untrusted =
@@ -310,7 +313,7 @@ fn microvm_caches_hit_miss_trust_and_whiteouts() {
         "{out}"
     );
     // The owner a's step gave its file came back through the save and the version's disk.
-    assert!(out.contains("stdout: owner=1234:1235"), "{out}");
+    assert!(out.contains("stdout: owner=1234:1235 mtime=1500000000"), "{out}");
     assert!(entry(&b, "teardown.cache").contains("saved a new version"), "{}", log(&b));
     assert!(entry(&b, "setup.microvm.start").contains("booting a VM of its own"), "{}", log(&b));
 
@@ -352,6 +355,7 @@ fn microvm_caches_hit_miss_trust_and_whiteouts() {
     let owned = std::fs::symlink_metadata(tree.join("p0/owned")).unwrap();
     let base = 2_000_000_000; // the image store's id range (image::ID_BASE)
     assert_eq!((owned.uid() - base, owned.gid() - base), (1234, 1235));
+    assert_eq!(owned.mtime(), 1_500_000_000);
     let disk = std::fs::metadata(version.join("disk.ext4")).unwrap();
     assert!(mine[0]["bytes"].as_u64().unwrap() >= disk.blocks() * 512, "{listed:#}");
     Exec::new().env("EXECUTOR_STATE_DIR", &state).args(["cache", "verify"]).run();

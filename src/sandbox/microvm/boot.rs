@@ -449,8 +449,11 @@ fn wait_for_agent(
     timeout: Duration,
 ) -> Result<Channel> {
     let t_spawn = Instant::now();
-    let mut ch = Channel::connect(&det.socket, Duration::from_secs(10))
-        .map_err(|e| qemu_failed(&rec.state_dir, child, e))?;
+    let qemu = &mut *child;
+    let connected = Channel::connect_while(&det.socket, Duration::from_secs(10), || {
+        !matches!(qemu.try_wait(), Ok(Some(_)))
+    });
+    let mut ch = connected.map_err(|e| qemu_failed(&rec.state_dir, child, e))?;
     det.phases.qemu_start_ms = t_spawn.elapsed().as_millis() as u64;
     let hello = ch
         .handshake(timeout)

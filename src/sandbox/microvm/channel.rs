@@ -28,6 +28,16 @@ impl Channel {
     /// socket is reached through an open handle on its directory, so that a long state directory
     /// does not hit the 108-byte limit of a socket address.
     pub(crate) fn connect(sock: &Path, timeout: Duration) -> Result<Channel> {
+        Self::connect_while(sock, timeout, || true)
+    }
+
+    /// [`connect`](Self::connect) that gives up as soon as `alive` says the socket's server is
+    /// gone (a QEMU that exited, or was killed by a pool that stops, accepts nothing ever).
+    pub(crate) fn connect_while(
+        sock: &Path,
+        timeout: Duration,
+        mut alive: impl FnMut() -> bool,
+    ) -> Result<Channel> {
         let start = Instant::now();
         let dir = sock.parent().unwrap_or(Path::new("."));
         let name = sock.file_name().with_context(|| format!("{} names no socket", sock.display()))?;
@@ -42,7 +52,7 @@ impl Channel {
                         .context("setting the agent socket timeout")?;
                     return Ok(Channel { stream, dec: Decoder::new() });
                 }
-                Err(e) if start.elapsed() >= timeout => {
+                Err(e) if start.elapsed() >= timeout || !alive() => {
                     return Err(e)
                         .with_context(|| format!("connecting to the agent socket {}", sock.display()))
                 }
@@ -134,5 +144,31 @@ impl Channel {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A socket whose server is gone refuses every connection: `connect_while` stops trying as
+    /// soon as `alive` says so, not at its timeout (an hour here).
+    #[test]
+    fn connect_gives_up_when_the_server_is_gone() {
+        let d = tempfile::tempdir().unwrap();
+        let sock = d.path().join("agent.sock");
+        drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+        let mut asked = 0;
+        let res = Channel::connect_while(&sock, Duration::from_secs(3600), || {
+            asked += 1;
+            asked < 3
+        });
+        let err = format!("{:#}", res.err().expect("no server"));
+        assert!(err.contains("connecting to the agent socket"), "{err}");
+        assert_eq!(asked, 3);
+        // A live server is reached whatever `alive` would say.
+        let l = std::os::unix::net::UnixListener::bind(d.path().join("live.sock")).unwrap();
+        assert!(Channel::connect_while(&d.path().join("live.sock"), Duration::from_secs(1), || false).is_ok());
+        drop(l);
     }
 }

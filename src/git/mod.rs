@@ -293,9 +293,7 @@ fn settle_index(index: &Path) -> Result<()> {
     let mtime = std::os::unix::fs::MetadataExt::mtime(&md);
     let now = chrono::Utc::now().timestamp();
     if now > mtime {
-        let t = nix::sys::time::TimeSpec::new(mtime + 1, 0);
-        nix::sys::stat::utimensat(None, index, &t, &t, nix::sys::stat::UtimensatFlags::NoFollowSymlink)
-            .with_context(|| format!("dating {}", index.display()))?;
+        crate::base::fs::set_times(index, (mtime + 1, 0))?;
     }
     Ok(())
 }

@@ -168,7 +168,6 @@ pub fn import(store: &ImageStore, name: &str, file: &Path) -> Result<ResolvedIma
         size += apply_layer(bar.wrap_read(hashed), &tree)
             .with_context(|| format!("applying layer {} of {}", i + 1, file.display()))?;
         let got = format!("sha256:{}", hex::encode(sha2::Digest::finalize(hasher.take())));
-        layer_digests.push(got.clone());
         if let Some(want) = diff_id {
             if &got != want {
                 bail!(
@@ -178,15 +177,13 @@ pub fn import(store: &ImageStore, name: &str, file: &Path) -> Result<ResolvedIma
                 );
             }
         }
+        layer_digests.push(got);
     }
     bar.finish_and_clear();
     finish_tree(&tree)?;
     let digest = if is_docker_save && diff_ids.iter().all(Option::is_none) && !layers.is_empty() {
-        let joined = std::iter::once(digest.as_str()).chain(layer_digests.iter().map(String::as_str));
-        format!(
-            "sha256:{}",
-            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(joined.collect::<Vec<_>>().join("\n")))
-        )
+        let keyed = format!("{digest}\n{}", layer_digests.join("\n"));
+        format!("sha256:{}", hex::encode(<sha2::Sha256 as sha2::Digest>::digest(keyed)))
     } else {
         digest
     };

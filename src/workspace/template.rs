@@ -383,15 +383,7 @@ mod tests {
         };
         std::fs::write(t.meta_path(&key.name), serde_json::to_vec(&meta).unwrap()).unwrap();
         std::fs::write(t.lock_path(&key.name), "").unwrap();
-        let ts = nix::sys::time::TimeSpec::new(used, 0);
-        nix::sys::stat::utimensat(
-            None,
-            &t.lock_path(&key.name),
-            &ts,
-            &ts,
-            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
-        )
-        .unwrap();
+        crate::base::fs::set_times(&t.lock_path(&key.name), (used, 0)).unwrap();
     }
 
     #[test]
@@ -430,16 +422,8 @@ mod tests {
         for p in [&old_tmp, &old_blank, &new_tmp, &blank] {
             std::fs::write(p, "x").unwrap();
         }
-        let long_ago = nix::sys::time::TimeSpec::new(1_000_000, 0);
         for p in [&old_tmp, &old_blank, &blank] {
-            nix::sys::stat::utimensat(
-                None,
-                p,
-                &long_ago,
-                &long_ago,
-                nix::sys::stat::UtimensatFlags::NoFollowSymlink,
-            )
-            .unwrap();
+            crate::base::fs::set_times(p, (1_000_000, 0)).unwrap();
         }
         let mut removed = t.sweep().unwrap();
         removed.sort();

@@ -558,6 +558,12 @@ impl LogEntry {
 }
 
 impl OutputSink for LogEntry {
+    /// A line of its own among the step's, as the entry's other notes are.
+    fn note(&mut self, line: &str) {
+        let mut st = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.out.note(&format!("stderr: [executor: {line}]\n"));
+    }
+
     fn output(&mut self, stream: Stream, data: &[u8]) {
         let mut st = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
         let State { stdout, stderr, out, .. } = &mut *st;

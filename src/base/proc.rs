@@ -61,6 +61,8 @@ pub trait OutputSink {
     fn limit_hit(&mut self, what: &str) {
         self.output(Stream::Stderr, format!("\nexecutor: the step hit the job's {what}\n").as_bytes());
     }
+    /// A line of the executor's about the step (not the step's output); by default dropped.
+    fn note(&mut self, _line: &str) {}
 }
 
 /// What [`Pipes::next`] saw.

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::boot::WorkspaceMount;
 use super::devices::{debug_time, load_modules, uptime_ms, wait_for, MODULES_LATE, MODULES_ORDER};
@@ -476,6 +476,7 @@ fn run_step(
     };
     // The job's caches, in a docker step's root (neither an engine's nor a debug shell's).
     let binds: &[CacheBind] = if req.engine.is_none() && !kept { &req.caches } else { &[] };
+    let attaching = Instant::now();
     let made = match made {
         Ok(Some(r)) if !binds.is_empty() => match super::caches::bind(&r, binds) {
             Ok(()) => Ok(Some(r)),
@@ -486,6 +487,7 @@ fn run_step(
         },
         other => other,
     };
+    let caches_us = (!binds.is_empty()).then(|| attaching.elapsed().as_micros() as u64);
     let root = {
         match made {
             Ok(r) => r,
@@ -504,7 +506,8 @@ fn run_step(
     if req.tty.is_some() {
         mount_ptys(root.as_deref())?;
     }
-    let result = spawn_and_wait(port, &req, root.as_deref().unwrap_or(Path::new("/")), stdin, canceled);
+    let result = spawn_and_wait(port, &req, root.as_deref().unwrap_or(Path::new("/")), stdin, canceled)
+        .map(|r| ExitReport { caches_us, ..r });
     if let Some(r) = &root {
         super::caches::unbind(r, binds);
         let failed = result.as_ref().is_ok_and(|e| e.code != Some(0) && !e.canceled);
@@ -599,7 +602,13 @@ fn spawn_and_wait(
             // As a shell says it: on the step's stderr, with status 127.
             let msg = format!("executor-guest-agent: cannot start {program} in {}: {e}\n", req.cwd);
             send(port, &Frame::data(Kind::Stderr, req.id, msg.as_bytes()));
-            return Ok(ExitReport { id: req.id, code: Some(127), signal: None, canceled: false });
+            return Ok(ExitReport {
+                id: req.id,
+                code: Some(127),
+                signal: None,
+                canceled: false,
+                caches_us: None,
+            });
         }
     };
     let input: Option<Box<dyn Write + Send>> = match (&pty, child.stdin.take()) {
@@ -658,6 +667,7 @@ fn spawn_and_wait(
         code: status.code(),
         signal: status.signal(),
         canceled: canceled.load(Ordering::SeqCst),
+        caches_us: None,
     })
 }
 

@@ -267,6 +267,10 @@ pub struct ExitReport {
     /// True when the step was stopped by a cancel request.
     #[serde(default)]
     pub canceled: bool,
+    /// Microseconds the guest took to attach the job's caches in the step's root (the first
+    /// step of a VM mounts each cache's overlay, later ones bind it); none without caches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caches_us: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -448,5 +452,18 @@ mod tests {
         assert!(Frame::data(Kind::Stdout, 1, b"").split_data().unwrap().1.is_empty());
         assert!(Frame { kind: Kind::Stdout, body: vec![1] }.split_data().is_err());
         assert!(Frame { kind: Kind::Exit, body: b"{nope".to_vec() }.parse::<ExitReport>().is_err());
+    }
+
+    #[test]
+    fn an_exit_says_how_long_the_caches_took_only_when_there_were_some() {
+        let with = ExitReport { id: 3, code: Some(0), signal: None, canceled: false, caches_us: Some(1500) };
+        let f = Frame::json(Kind::Exit, &with).unwrap();
+        assert!(String::from_utf8_lossy(&f.body).contains("\"cachesUs\":1500"));
+        assert_eq!(f.parse::<ExitReport>().unwrap(), with);
+        // An agent of this protocol built before the field: no figure, not an error.
+        let older = Frame { kind: Kind::Exit, body: br#"{"id":3,"code":0,"signal":null}"#.to_vec() };
+        assert_eq!(older.parse::<ExitReport>().unwrap().caches_us, None);
+        let none = ExitReport { caches_us: None, ..with };
+        assert!(!String::from_utf8_lossy(&Frame::json(Kind::Exit, &none).unwrap().body).contains("caches"));
     }
 }

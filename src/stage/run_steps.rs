@@ -211,6 +211,9 @@ impl OutputSink for LimitNotes<'_> {
         self.entry.limit_hit(what);
         self.hit.push(what.to_string());
     }
+    fn note(&mut self, line: &str) {
+        self.entry.note(line);
+    }
 }
 
 /// A step's exit code and how it ended, as its log entry and the run document record them; an

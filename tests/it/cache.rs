@@ -314,6 +314,13 @@ fn microvm_caches_hit_miss_trust_and_whiteouts() {
     );
     // The owner a's step gave its file came back through the save and the version's disk.
     assert!(out.contains("stdout: owner=1234:1235 mtime=1500000000"), "{out}");
+    // The guest's part of the attach (the overlay mounted at the first step) is in the log.
+    let guest_ms = out
+        .split("[executor: caches attached in the guest in ")
+        .nth(1)
+        .and_then(|r| r.split(" ms]").next())
+        .and_then(|ms| ms.parse::<f64>().ok());
+    assert!(guest_ms.is_some_and(|ms| ms < 10_000.0), "{out}");
     assert!(entry(&b, "teardown.cache").contains("saved a new version"), "{}", log(&b));
     assert!(entry(&b, "setup.microvm.start").contains("booting a VM of its own"), "{}", log(&b));
 

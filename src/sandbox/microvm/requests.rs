@@ -140,6 +140,9 @@ impl MicroVm {
                     if let Some((reason, _)) = canceled {
                         return Ok(StepEnd::Stopped(reason));
                     }
+                    if let Some(us) = r.caches_us {
+                        sink.note(&format!("caches attached in the guest in {:.1} ms", us as f64 / 1000.0));
+                    }
                     let end = match (r.code, r.signal) {
                         (Some(c), _) => StepEnd::Exited(c),
                         (None, Some(s)) => StepEnd::Signaled(s),

@@ -129,6 +129,14 @@ fn look_up(ctx: &JobCtx, doc: &RunDocument) -> Result<Option<Looked>> {
     let mut mounts = Vec::new();
     let mut records = Vec::new();
     for spec in &specs {
+        // The cache's overlay would hide what the repository has at a path of the workspace.
+        if let Some((p, what)) = spec.paths.iter().find_map(|p| in_clone(&ws, p).map(|w| (p, w))) {
+            entry.line(&format!(
+                "cache {} key {}: not used: the repository has {what} at {p}, which the cache would hide",
+                spec.prefix, spec.key
+            ));
+            continue;
+        }
         let (version, miss) = match store.lookup(&spec.key) {
             Lookup::Hit { version, bytes } => {
                 entry.line(&format!(
@@ -167,7 +175,54 @@ fn look_up(ctx: &JobCtx, doc: &RunDocument) -> Result<Option<Looked>> {
             saved: None,
         });
     }
+    if records.is_empty() {
+        // Every cache was left out (the entry says why): the job has none.
+        let _ = entry.finish(0);
+        return Ok(None);
+    }
     Ok(Some(Looked { entry: Some(entry), records, mounts, disks: Vec::new(), holder: None }))
+}
+
+/// What the clone put at a cache path relative to the workspace `ws` (`None`: nothing, or an
+/// empty directory; absolute paths are the image's). Resolved beneath `ws` without following a
+/// symlink: one on the way is something the repository has there too.
+fn in_clone(ws: &std::path::Path, rel: &str) -> Option<String> {
+    use std::os::fd::AsFd;
+    if rel.starts_with('/') {
+        return None;
+    }
+    let dir = match std::fs::File::open(ws) {
+        Ok(d) => d,
+        Err(e) => return Some(format!("a workspace that cannot be read ({e})")),
+    };
+    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW;
+    match crate::base::sys::open_beneath(dir.as_fd(), std::path::Path::new(rel), flags, 0) {
+        Ok(fd) => {
+            match std::fs::read_dir(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd))) {
+                Ok(mut entries) => entries.next().map(|_| "files".to_string()),
+                Err(e) => Some(format!("a directory that cannot be read ({e})")),
+            }
+        }
+        Err(e) => match e.raw_os_error() {
+            Some(libc::ENOENT) => None,
+            // A file on the way or at the end, or a symlink at the end (O_NOFOLLOW).
+            Some(libc::ENOTDIR) => {
+                let at = crate::base::sys::open_beneath(
+                    dir.as_fd(),
+                    std::path::Path::new(rel),
+                    libc::O_PATH | libc::O_NOFOLLOW,
+                    0,
+                );
+                let link = at.is_ok_and(|fd| {
+                    nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&fd))
+                        .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFLNK)
+                });
+                Some(if link { "a symlink" } else { "a file" }.to_string())
+            }
+            Some(libc::ELOOP | libc::EXDEV) => Some("a symlink".to_string()),
+            _ => Some(format!("something that cannot be opened ({e})")),
+        },
+    }
 }
 
 /// `setup.cache`: attaches the job's caches to `sandbox` and records them in `doc`. A cache
@@ -457,6 +512,28 @@ mod tests {
             v["version"] = serde_json::json!("/state/caches/v-1");
         }
         serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn a_cache_path_where_the_clone_has_something_is_not_used() {
+        let ws = tempfile::tempdir().unwrap();
+        let p = ws.path();
+        std::fs::create_dir_all(p.join("empty")).unwrap();
+        std::fs::create_dir_all(p.join("vendor/lib")).unwrap();
+        std::fs::write(p.join("vendor/lib/a.js"), "a").unwrap();
+        std::fs::write(p.join("file"), "f").unwrap();
+        std::os::unix::fs::symlink("/etc", p.join("link")).unwrap();
+        std::os::unix::fs::symlink("vendor", p.join("dirlink")).unwrap();
+        assert_eq!(in_clone(p, "/root/.npm"), None, "absolute paths are the image's");
+        assert_eq!(in_clone(p, "node_modules"), None);
+        assert_eq!(in_clone(p, "a/b/node_modules"), None);
+        assert_eq!(in_clone(p, "empty"), None);
+        assert_eq!(in_clone(p, "vendor").as_deref(), Some("files"));
+        assert_eq!(in_clone(p, "vendor/lib").as_deref(), Some("files"));
+        assert_eq!(in_clone(p, "file").as_deref(), Some("a file"));
+        assert_eq!(in_clone(p, "file/x").as_deref(), Some("a file"));
+        assert_eq!(in_clone(p, "link").as_deref(), Some("a symlink"));
+        assert_eq!(in_clone(p, "dirlink/lib").as_deref(), Some("a symlink"));
     }
 
     #[test]

@@ -172,7 +172,8 @@ fn oci_caches_hit_miss_trust_and_integrity() {
     assert_eq!(bad["bad"], "corrupted: the tree does not match its manifest", "{listed:#}");
 
     // Loop 3: the corrupted key misses (the loop's janitor removed the version); a changed
-    // lockfile (a new tip) is another key.
+    // lockfile (a new tip) is another key; a repository with files of its own at a cache's
+    // relative path does not get that cache (its overlay would hide them).
     let corrupted = submit(REPO, &tip, "test ! -e /root/.dep/extra && echo fresh");
     common::sh(&repo, "echo 'deps v2' > lock.txt && git commit -qam three");
     let changed = submit(
@@ -180,7 +181,14 @@ fn oci_caches_hit_miss_trust_and_integrity() {
         &common::sh(&repo, "git rev-parse HEAD"),
         "test ! -e /root/.dep/pkg && echo new | tee /root/.dep/pkg",
     );
-    run_loop(2, 1);
+    // (On a branch of its own: the changed lockfile's commit stays the default branch's tip.)
+    common::sh(&repo, "git checkout -qb vendored && mkdir deps && echo vendored > deps/kept && git add -A && git commit -qm four");
+    let vendored = submit(
+        REPO,
+        &common::sh(&repo, "git rev-parse HEAD && git checkout -q main"),
+        "cat deps/kept && echo hit=${EXECUTOR_CACHE_HIT:-none}",
+    );
+    run_loop(3, 1);
     let corrupted = done(corrupted);
     let setup = entry(&corrupted, "setup.cache");
     assert!(setup.contains("miss (") && !setup.contains("hit"), "{setup}");
@@ -188,6 +196,15 @@ fn oci_caches_hit_miss_trust_and_integrity() {
     let changed = done(changed);
     assert!(entry(&changed, "setup.cache").contains("miss (no version yet)"), "{}", log(&changed));
     assert!(entry(&changed, "teardown.cache").contains("saved a new version"), "{}", log(&changed));
+    let vendored = done(vendored);
+    let setup = entry(&vendored, "setup.cache");
+    assert!(
+        setup.contains("not used: the repository has files at deps, which the cache would hide"),
+        "{setup}"
+    );
+    assert!(!setup.contains("attached"), "the job has no caches: {setup}");
+    let out = entry(&vendored, "step.docker.s");
+    assert!(out.contains("stdout: vendored") && out.contains("stdout: hit=none"), "{}", log(&vendored));
 
     // Prune to a budget of one byte: every version goes (none is in use), and nothing of the
     // jobs is left.

@@ -187,38 +187,24 @@ fn look_up(ctx: &JobCtx, doc: &RunDocument) -> Result<Option<Looked>> {
 /// empty directory; absolute paths are the image's). Resolved beneath `ws` without following a
 /// symlink: one on the way is something the repository has there too.
 fn in_clone(ws: &std::path::Path, rel: &str) -> Option<String> {
-    use std::os::fd::AsFd;
     if rel.starts_with('/') {
         return None;
     }
-    let dir = match std::fs::File::open(ws) {
-        Ok(d) => d,
-        Err(e) => return Some(format!("a workspace that cannot be read ({e})")),
+    let ws = match crate::base::fs::Beneath::open(ws) {
+        Ok(b) => b,
+        Err(e) => return Some(format!("a workspace that cannot be read ({e:#})")),
     };
-    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW;
-    match crate::base::sys::open_beneath(dir.as_fd(), std::path::Path::new(rel), flags, 0) {
-        Ok(fd) => {
-            match std::fs::read_dir(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd))) {
-                Ok(mut entries) => entries.next().map(|_| "files".to_string()),
-                Err(e) => Some(format!("a directory that cannot be read ({e})")),
-            }
-        }
+    let rel = std::path::Path::new(rel);
+    match ws.lstat(rel) {
+        Ok(m) if m.is_symlink() => Some("a symlink".to_string()),
+        Ok(m) if !m.is_dir() => Some("a file".to_string()),
+        Ok(_) => match ws.list(rel) {
+            Ok(entries) => (!entries.is_empty()).then(|| "files".to_string()),
+            Err(e) => Some(format!("a directory that cannot be read ({e})")),
+        },
         Err(e) => match e.raw_os_error() {
             Some(libc::ENOENT) => None,
-            // A file on the way or at the end, or a symlink at the end (O_NOFOLLOW).
-            Some(libc::ENOTDIR) => {
-                let at = crate::base::sys::open_beneath(
-                    dir.as_fd(),
-                    std::path::Path::new(rel),
-                    libc::O_PATH | libc::O_NOFOLLOW,
-                    0,
-                );
-                let link = at.is_ok_and(|fd| {
-                    nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&fd))
-                        .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFLNK)
-                });
-                Some(if link { "a symlink" } else { "a file" }.to_string())
-            }
+            Some(libc::ENOTDIR) => Some("a file".to_string()),
             Some(libc::ELOOP | libc::EXDEV) => Some("a symlink".to_string()),
             _ => Some(format!("something that cannot be opened ({e})")),
         },
